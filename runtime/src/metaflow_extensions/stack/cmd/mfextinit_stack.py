@@ -1,0 +1,3 @@
+"""Adds ``metaflow stack ...`` to Metaflow's command line."""
+
+CMDS_DESC = [("stack", ".stack_cli.cli")]

@@ -1,0 +1,210 @@
+"""``metaflow stack``: images, the local registry, the doctor and the local stack.
+
+Thin glue: every command calls the runtime and prints its result. A
+``StackError`` becomes two lines (``error:`` and ``fix:``) and exit code 1,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from metaflow._vendor import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from metaflow_stack.errors import StackError
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ``StackError`` into a one-line error and its fix."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StackError as exc:
+            _err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+            if exc.fix:
+                _err.print(f"[bold]fix:[/] {escape(exc.fix)}", highlight=False)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            _err.print("interrupted")
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+@cli.group(help="Metaflow Stack: images, registry, local stack and environment checks.")
+def stack() -> None:
+    pass
+
+
+@stack.command(help="Show what this machine has for each capability, and how to fix what it lacks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option(
+    "--require",
+    default="",
+    help="Comma-separated check names that must pass (exit 1 otherwise), e.g. 'Docker engine,BuildKit'.",
+)
+@_friendly
+def doctor(as_json: bool, require: str) -> None:
+    from metaflow_stack.doctor import run_checks
+
+    checks = run_checks()
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        table = Table(title="metaflow stack doctor")
+        for column in ("check", "status", "found", "needed for", "fix"):
+            table.add_column(column, overflow="fold")
+        for c in checks:
+            status = "[green]ok[/]" if c.ok else "[yellow]missing[/]"
+            table.add_row(c.name, status, escape(c.detail), escape(c.needed_for), escape(c.fix))
+        _out.print(table)
+    wanted = {name.strip() for name in require.split(",") if name.strip()}
+    unknown = wanted - {c.name for c in checks}
+    if unknown:
+        raise StackError(
+            f"unknown check(s): {', '.join(sorted(unknown))}",
+            fix=f"choose from: {', '.join(c.name for c in checks)}",
+        )
+    failing = [c.name for c in checks if c.name in wanted and not c.ok]
+    if failing:
+        raise StackError(f"required check(s) failing: {', '.join(failing)}", fix="apply the fixes in the table")
+
+
+@stack.group(help="List, build, push and pull the images capabilities run in.")
+def images() -> None:
+    pass
+
+
+def _names(names: tuple[str, ...]) -> list[str]:
+    from metaflow_stack import catalog
+
+    return [catalog.get(n).name for n in names] if names else catalog.names()
+
+
+@images.command(name="list", help="List the catalog's images and whether each is built here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@_friendly
+def list_images(as_json: bool) -> None:
+    from metaflow_stack import images as runtime_images
+
+    infos = runtime_images.listing()
+    if as_json:
+        click.echo(json.dumps([info.__dict__ for info in infos], indent=2))
+        return
+    table = Table(title="images")
+    for column in ("image", "reference", "built", "base", "description"):
+        table.add_column(column, overflow="fold")
+    for info in infos:
+        table.add_row(info.name, info.ref, "yes" if info.present else "no", info.base, escape(info.description))
+    _out.print(table)
+
+
+@images.command(help="Build images (all when none are named); skipped when the tag is already built.")
+@click.argument("names", nargs=-1)
+@click.option("--push", is_flag=True, help="Push each image to the configured registry after building it.")
+@click.option("--force", is_flag=True, help="Build even when an image with the same tag exists.")
+@_friendly
+def build(names: tuple[str, ...], push: bool, force: bool) -> None:
+    from metaflow_stack import images as runtime_images
+
+    for name in _names(names):
+        click.echo(runtime_images.build(name, push=push, force=force, console=_err))
+
+
+@images.command(help="Push built images to the configured registry (METAFLOW_STACK_REGISTRY).")
+@click.argument("names", nargs=-1)
+@_friendly
+def push(names: tuple[str, ...]) -> None:
+    from metaflow_stack import images as runtime_images
+
+    for name in _names(names):
+        click.echo(runtime_images.push_image(name, console=_err))
+
+
+@images.command(help="Pull published images from the configured registry.")
+@click.argument("names", nargs=-1)
+@_friendly
+def pull(names: tuple[str, ...]) -> None:
+    from metaflow_stack import images as runtime_images
+
+    for name in _names(names):
+        click.echo(runtime_images.pull_image(name, console=_err))
+
+
+@images.command(help="Build the local Debian and Python base images (for machines no registry serves).")
+@_friendly
+def bootstrap() -> None:
+    from metaflow_stack import base_images
+    from metaflow_stack.engines.docker import require_engine
+
+    base_images.bootstrap(require_engine(), _err)
+    click.echo(base_images.LOCAL_PYTHON)
+
+
+@stack.group(help="A local image registry (CNCF Distribution) on 127.0.0.1.")
+def registry() -> None:
+    pass
+
+
+@registry.command(name="up", help="Start the local registry unless it already answers.")
+@click.option("--port", default=5000, show_default=True, help="Port on 127.0.0.1.")
+@_friendly
+def registry_up(port: int) -> None:
+    from metaflow_stack.registry import LocalRegistry
+
+    local = LocalRegistry.default()
+    address = LocalRegistry(home=local.home, port=port).start()
+    click.echo(address)
+    _err.print(f"export METAFLOW_STACK_REGISTRY={address} to publish and pull images there", highlight=False)
+
+
+@registry.command(name="down", help="Stop the local registry started by `registry up`.")
+@_friendly
+def registry_down() -> None:
+    from metaflow_stack.registry import LocalRegistry
+
+    stopped = LocalRegistry.default().stop()
+    _err.print("registry stopped" if stopped else "no local registry was running")
+
+
+@stack.command(help="Bring up the local stack and run the hello demo (in the base image when Docker answers).")
+@click.option("--no-docker", is_flag=True, help="Run on the embedded defaults even when Docker answers.")
+@_friendly
+def up(no_docker: bool) -> None:
+    from metaflow_stack import demo
+
+    result = demo.run(_err, use_docker=not no_docker)
+    _out.print(f"[green]ok[/] {result.pathspec} ran in {result.where}: {result.message}", highlight=False)
+
+
+@stack.command(help="Stop what `up` and `registry up` started and remove leftover job containers.")
+@_friendly
+def down() -> None:
+    from metaflow_stack.engines.docker import DockerEngine
+    from metaflow_stack.errors import DockerUnavailableError
+    from metaflow_stack.registry import LocalRegistry
+
+    if LocalRegistry.default().stop():
+        _err.print("registry stopped")
+    try:
+        removed = DockerEngine().cleanup()
+    except DockerUnavailableError:
+        removed = 0
+    _err.print(f"removed {removed} leftover job container(s)")

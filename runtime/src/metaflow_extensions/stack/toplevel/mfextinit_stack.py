@@ -1,0 +1,3 @@
+"""Metaflow's entry point for the names Metaflow Stack adds to ``metaflow``."""
+
+toplevel = "stack_toplevel"

@@ -1,0 +1,12 @@
+"""Names Metaflow Stack adds to the ``metaflow`` namespace.
+
+Metaflow copies this module's public globals into ``metaflow`` and reads
+``__mf_extensions__``/``__version__`` for its version string
+(``2.19.x+stack(0.1.0)``). Importing the runtime here also puts it in every
+code package (it sets ``METAFLOW_PACKAGE_POLICY = "include"``).
+"""
+
+import metaflow_stack
+
+__mf_extensions__ = "stack"
+__version__ = metaflow_stack.__version__

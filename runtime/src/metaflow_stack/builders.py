@@ -1,0 +1,181 @@
+"""Run one BuildKit build, by whichever route this machine's Docker offers.
+
+BuildKit is required: Dockerfiles mount the CA bundle as a build secret
+(``RUN --mount=type=secret,id=pipca``), so it never lands in a layer. Two
+routes reach BuildKit:
+
+* the buildx plugin (Docker Desktop, CI runners), driven through
+  python-on-whales;
+* a classic client whose ``docker build`` talks to the engine's built-in
+  BuildKit when ``DOCKER_BUILDKIT=1`` (Docker 20.10 to 22.x, Debian's
+  ``docker.io``); python-on-whales' ``legacy_build`` cannot pass ``--secret``,
+  so that route calls the client directly.
+
+Either way the image is tagged only after the whole build succeeded, so a
+failed build leaves no half-tagged image behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_on_whales.exceptions import DockerException
+from rich.console import Console
+
+from metaflow_stack import settings
+from metaflow_stack.engines.docker import client
+from metaflow_stack.errors import ImageBuildError, ToolMissingError
+
+#: The build secret id Dockerfiles mount the CA bundle under.
+CA_SECRET_ID = "pipca"
+
+_TAIL_LINES = 25
+_STEP = re.compile(r"^#(\d+) \[([^\]]+)\] (.*)$")
+_STEP_ERROR = re.compile(r"^#(\d+) ERROR")
+
+
+@dataclass
+class BuildRequest:
+    """One image build: its staged context, the tag to give it, and its inputs."""
+
+    context: Path
+    tag: str
+    build_args: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    dockerfile: str = "Dockerfile"
+
+    def secret(self) -> str | None:
+        """The ``--secret`` value carrying the CA bundle, when the environment names one."""
+        bundle = settings.load().ca_bundle
+        return f"id={CA_SECRET_ID},src={bundle}" if bundle else None
+
+
+class _StepTracker:
+    """Follows BuildKit's plain progress output to name the step that failed."""
+
+    def __init__(self, on_step: Callable[[str], None]) -> None:
+        self._titles: dict[str, str] = {}
+        self._on_step = on_step
+        self.failed: str | None = None
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+
+    def feed(self, line: str) -> None:
+        self.tail.append(line)
+        if match := _STEP.match(line):
+            number, where, title = match.groups()
+            if number not in self._titles:
+                self._titles[number] = f"[{where}] {title}"
+                self._on_step(self._titles[number])
+        elif match := _STEP_ERROR.match(line):
+            self.failed = self._titles.get(match.group(1), line)
+
+    def error(self, image: str, fallback: str) -> ImageBuildError:
+        last = next(reversed(self._titles.values()), fallback) if self._titles else fallback
+        return ImageBuildError(image, self.failed or last, "\n".join(self.tail))
+
+
+@functools.cache
+def _classic_buildkit_client(configured: str) -> str | None:
+    """A ``docker`` client on PATH whose ``build`` reaches the engine's BuildKit."""
+    candidates = [configured] if configured else _docker_binaries()
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    for binary in candidates:
+        try:
+            help_text = subprocess.run(
+                [binary, "build", "--help"], env=env, capture_output=True, text=True, timeout=20
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "--secret" in help_text:
+            return binary
+    return None
+
+
+def _docker_binaries() -> list[str]:
+    """Every distinct ``docker`` executable on PATH, in PATH order."""
+    found: list[str] = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("docker", path=directory)
+        if candidate and os.path.realpath(candidate) not in map(os.path.realpath, found):
+            found.append(candidate)
+    return found
+
+
+def route() -> str:
+    """``buildx`` or ``classic:<client>``: how builds reach BuildKit here."""
+    if client().buildx.is_installed():
+        return "buildx"
+    classic = _classic_buildkit_client(settings.load().docker_client)
+    if classic:
+        return f"classic:{classic}"
+    raise ToolMissingError(
+        "no route to BuildKit: the docker client has no buildx plugin and no classic client supports BuildKit",
+        fix="install the buildx plugin (package docker-buildx-plugin or docker-buildx), "
+        "or set METAFLOW_STACK_DOCKER_CLIENT to a docker client of version 20.10 to 22.x",
+    )
+
+
+def build(request: BuildRequest, console: Console) -> None:
+    """Build and tag ``request.tag``, printing each build step as it starts."""
+    tracker = _StepTracker(lambda step: console.print(f"  {step}", markup=False, highlight=False, soft_wrap=True))
+    how = route()
+    try:
+        if how == "buildx":
+            _build_buildx(request, tracker)
+        else:
+            _build_classic(request, tracker, how.split(":", 1)[1])
+    except (DockerException, subprocess.CalledProcessError) as exc:
+        raise tracker.error(request.tag, fallback=str(exc)) from None
+
+
+def _feed(tracker: _StepTracker, lines: Iterable[str]) -> None:
+    for line in lines:
+        tracker.feed(line.rstrip("\n"))
+
+
+def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> None:
+    secret = request.secret()
+    logs = client().buildx.build(
+        request.context,
+        file=request.context / request.dockerfile,
+        build_args=request.build_args,
+        labels=request.labels,
+        secrets=[secret] if secret else [],
+        tags=[request.tag],
+        load=True,
+        progress="plain",
+        stream_logs=True,
+    )
+    _feed(tracker, logs)
+
+
+def _build_classic(request: BuildRequest, tracker: _StepTracker, binary: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
+        iidfile = Path(tmp) / "iid"
+        command = [binary, "build", "--progress=plain", "--iidfile", str(iidfile)]
+        command += ["--file", str(request.context / request.dockerfile)]
+        for key, value in request.build_args.items():
+            command += ["--build-arg", f"{key}={value}"]
+        for key, value in request.labels.items():
+            command += ["--label", f"{key}={value}"]
+        if secret := request.secret():
+            command += ["--secret", secret]
+        command.append(str(request.context))
+        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as process:
+            assert process.stdout is not None
+            _feed(tracker, process.stdout)
+        if process.returncode != 0:
+            raise subprocess.CalledProcessError(process.returncode, command)
+        client().image.tag(iidfile.read_text().strip(), request.tag)

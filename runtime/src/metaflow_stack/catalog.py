@@ -1,0 +1,168 @@
+"""Which image serves which capability, and what goes into building it.
+
+An image's tag is a hash of everything that determines its content: the files
+of its staged build context (its folder under ``images/`` plus the project
+sources it copies in, the lock file among them) and the base image it builds
+from. The same sources on any machine give the same tag, so a published image
+can be found by computing the tag locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow_stack import settings
+from metaflow_stack.errors import StackError, UnknownImageError
+
+#: Files under an included source tree that never belong in a build context.
+_IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", "node_modules"}
+_IGNORED_SUFFIXES = (".pyc", ".egg-info")
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of the catalog.
+
+    ``includes`` maps project paths (relative to the project root) to paths in
+    the staged build context, so a Dockerfile can ``COPY runtime/ ...`` without
+    the whole repository becoming its context.
+    """
+
+    name: str
+    description: str
+    capabilities: tuple[str, ...]
+    includes: tuple[tuple[str, str], ...] = ()
+
+    def context_dir(self) -> Path:
+        """The image's own folder under ``images/``."""
+        return images_root() / self.name
+
+
+_RUNTIME_SOURCES = (
+    ("runtime/pyproject.toml", "runtime/pyproject.toml"),
+    ("runtime/README.md", "runtime/README.md"),
+    ("runtime/requirements.lock", "runtime/requirements.lock"),
+    ("runtime/src", "runtime/src"),
+)
+
+_CATALOG: dict[str, ImageEntry] = {
+    entry.name: entry
+    for entry in (
+        ImageEntry(
+            name="base",
+            description="Python 3.11, uv, Metaflow and the Metaflow Stack runtime; runs as a non-root user",
+            capabilities=("core", "flow"),
+            includes=_RUNTIME_SOURCES,
+        ),
+    )
+}
+
+
+def project_root() -> Path:
+    """The Metaflow Stack source tree that holds ``images/``."""
+    return images_root().parent
+
+
+def images_root() -> Path:
+    """The folder holding one build context per image.
+
+    ``STACK_IMAGES_DIR`` names it explicitly; otherwise the source checkout
+    this runtime was installed from (an editable install) is used.
+    """
+    configured = settings.load().images_dir
+    if configured is not None:
+        if not (configured / "base" / "Dockerfile").is_file():
+            raise StackError(
+                f"METAFLOW_STACK_IMAGES_DIR={configured} holds no images/base/Dockerfile",
+                fix="point METAFLOW_STACK_IMAGES_DIR at the images/ folder of a Metaflow Stack checkout",
+            )
+        return configured
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "images" / "base" / "Dockerfile").is_file() and (parent / "runtime").is_dir():
+            return parent / "images"
+    raise StackError(
+        "no image build contexts found: this runtime was not installed from a Metaflow Stack checkout",
+        fix="set METAFLOW_STACK_REGISTRY to pull published images, "
+        "or METAFLOW_STACK_IMAGES_DIR to a checkout's images/ folder to build them",
+    )
+
+
+def names() -> list[str]:
+    """Every image name in the catalog, sorted."""
+    return sorted(_CATALOG)
+
+
+def get(name: str) -> ImageEntry:
+    """The entry for an image name or a capability name."""
+    if name in _CATALOG:
+        return _CATALOG[name]
+    for entry in _CATALOG.values():
+        if name in entry.capabilities:
+            return entry
+    known = ", ".join(names())
+    capabilities = ", ".join(sorted(c for e in _CATALOG.values() for c in e.capabilities))
+    raise UnknownImageError(f"unknown image or capability {name!r}; images: {known}; capabilities: {capabilities}")
+
+
+def _wanted(path: Path) -> bool:
+    if _IGNORED_PARTS.intersection(path.parts):
+        return False
+    return not any(part.endswith(_IGNORED_SUFFIXES) for part in path.parts)
+
+
+def _copy(source: Path, dest: Path) -> None:
+    if source.is_dir():
+        for item in sorted(source.rglob("*")):
+            relative = item.relative_to(source)
+            if item.is_file() and _wanted(relative):
+                target = dest / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target)
+    elif source.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest)
+    else:
+        raise StackError(f"the build context of an image needs {source}, which is missing")
+
+
+@contextmanager
+def staged_context(entry: ImageEntry) -> Iterator[Path]:
+    """A temporary build context: the image's folder plus its included sources."""
+    root = project_root()
+    with tempfile.TemporaryDirectory(prefix=f"stack-{entry.name}-") as tmp:
+        staged = Path(tmp)
+        _copy(entry.context_dir(), staged)
+        for source, dest in entry.includes:
+            _copy(root / source, staged / dest)
+        yield staged
+
+
+def context_hash(context: Path, base_image: str) -> str:
+    """A digest of a staged context's files (paths, modes and bytes) and the base image."""
+    digest = hashlib.sha256()
+    digest.update(f"base={base_image}\n".encode())
+    for item in sorted(p for p in context.rglob("*") if p.is_file()):
+        relative = item.relative_to(context).as_posix()
+        executable = item.stat().st_mode & 0o111 != 0
+        digest.update(f"{relative}\0{int(executable)}\0".encode())
+        digest.update(hashlib.sha256(item.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def tag_for(context: Path, base_image: str) -> str:
+    """The reproducible tag of an image built from ``context`` on ``base_image``."""
+    return context_hash(context, base_image)[:16]
+
+
+def repository(entry: ImageEntry, registry: str | None = None) -> str:
+    """The image's repository name, under the configured registry when there is one."""
+    config = settings.load()
+    registry = config.registry if registry is None else registry
+    name = f"{config.image_namespace}/{entry.name}"
+    return f"{registry}/{name}" if registry else name

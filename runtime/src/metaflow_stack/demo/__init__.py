@@ -1,0 +1,109 @@
+"""The demo ``just up`` runs: the hello flow, in the base image when Docker answers.
+
+Without a Docker engine the same flow runs as a local process on the embedded
+defaults (local datastore, local metadata), so the first command works on any
+machine with Python. Either way the run is read back through Metaflow's Client
+API, which proves it was recorded, not just printed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from metaflow_stack import images, settings
+from metaflow_stack.engines import JobSpec, Mount
+from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.errors import DockerUnavailableError, StackError
+
+FLOW_FILE = Path(__file__).with_name("hello_flow.py")
+_IN_IMAGE_DIR = "/opt/stack-demo"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Where the hello flow ran and what it recorded."""
+
+    where: str
+    pathspec: str
+    message: str
+
+
+def demo_root() -> Path:
+    """The folder holding the demo's ``.metaflow`` datastore."""
+    return settings.load().state_dir / "demo"
+
+
+def _username() -> str:
+    from metaflow.util import get_username
+
+    return get_username() or "stack"
+
+
+def _flow_args(datastore: Path) -> list[str]:
+    return ["--datastore", "local", "--metadata", "local", "--datastore-root", str(datastore), "run"]
+
+
+def _run_in_image(datastore: Path, console: Console) -> tuple[int, str]:
+    engine = DockerEngine()
+    ref = images.resolve("flow", console=console)
+    job = engine.launch(
+        JobSpec(
+            image=ref,
+            command=["python", f"{_IN_IMAGE_DIR}/{FLOW_FILE.name}", *_flow_args(datastore)],
+            env={"USER": _username(), "HOME": "/tmp"},
+            mounts=[
+                Mount(str(FLOW_FILE.parent), _IN_IMAGE_DIR),
+                Mount(str(datastore), str(datastore), read_only=False),
+            ],
+            # The host user's ids keep the datastore's files theirs; the job
+            # holds no capabilities either way (JobSpec's defaults).
+            user=f"{os.getuid()}:{os.getgid()}",
+            labels={"io.metaflow-stack.demo": "hello"},
+        )
+    )
+    try:
+        for line in job.logs(follow=True):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return job.wait(), f"image {ref}"
+    finally:
+        job.remove()
+
+
+def _run_locally(datastore: Path, console: Console) -> tuple[int, str]:
+    env = {**os.environ, "USER": _username()}
+    command = [sys.executable, str(FLOW_FILE), *_flow_args(datastore)]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            console.print(line.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+    return process.returncode, "a local process (embedded defaults: no Docker engine answered)"
+
+
+def run(console: Console, *, use_docker: bool = True) -> DemoResult:
+    """Run the hello flow and read its result back through the Client API."""
+    root = demo_root()
+    datastore = root / ".metaflow"
+    datastore.mkdir(parents=True, exist_ok=True)
+    exit_code, where = None, ""
+    if use_docker:
+        try:
+            exit_code, where = _run_in_image(datastore, console)
+        except DockerUnavailableError as exc:
+            console.print(f"[yellow]{exc.message}[/]: running the demo as a local process instead")
+    if exit_code is None:
+        exit_code, where = _run_locally(datastore, console)
+    if exit_code != 0:
+        raise StackError(f"the hello flow failed with exit code {exit_code}", fix="see its output above")
+
+    from metaflow import Flow, metadata, namespace
+
+    metadata(f"local@{root}")
+    namespace(None)
+    latest = Flow("HelloFlow").latest_run
+    return DemoResult(where=where, pathspec=latest.pathspec, message=latest["hello"].task.data.message)

@@ -1,0 +1,92 @@
+"""The one launcher interface every engine implements.
+
+A caller describes a job once (``JobSpec``) and gets back a ``Job`` it can
+wait on, stream logs from and kill, whichever engine runs it: local Docker
+today, Ray, Nomad, Kubernetes and Gramine as they arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from metaflow_stack.errors import StackError
+
+#: Label every launched job carries, so leftovers can be found and removed.
+JOB_LABEL = "io.metaflow-stack.job"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path made visible to a job at ``target``."""
+
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclass
+class JobSpec:
+    """What to run and with which limits; engines map it to their own terms."""
+
+    image: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    cpu: float | None = None
+    memory: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    network: str | None = None
+    #: Secure by default: no Linux capabilities and no privilege escalation.
+    cap_drop: tuple[str, ...] = ("ALL",)
+    no_new_privileges: bool = True
+
+
+class Job(Protocol):
+    """A launched job."""
+
+    id: str
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the job ends and return its exit code."""
+        ...
+
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """The job's output lines (stdout and stderr), following new ones if asked."""
+        ...
+
+    def kill(self) -> None:
+        """Stop the job now and release what it holds."""
+        ...
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once the job has ended, else ``None``."""
+        ...
+
+
+class Engine(Protocol):
+    """Something that runs jobs."""
+
+    name: str
+
+    def launch(self, spec: JobSpec) -> Job:
+        """Start a job described by ``spec``."""
+        ...
+
+    def cleanup(self, labels: dict[str, str] | None = None) -> int:
+        """Remove the jobs this engine launched that carry ``labels``; return how many."""
+        ...
+
+
+def get_engine(name: str = "docker") -> Engine:
+    """The engine called ``name``."""
+    if name == "docker":
+        from metaflow_stack.engines.docker import DockerEngine
+
+        return DockerEngine()
+    raise StackError(f"unknown engine {name!r}; engines: docker")

@@ -1,0 +1,143 @@
+"""Jobs as containers on the local Docker engine, through python-on-whales."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from python_on_whales import DockerClient
+from python_on_whales.client_config import ClientNotFoundError
+from python_on_whales.exceptions import DockerException, NoSuchContainer
+
+from metaflow_stack import settings
+from metaflow_stack.engines import JOB_LABEL, JobSpec
+from metaflow_stack.errors import DockerUnavailableError, StackError
+
+#: The message (and fix) every caller shows when no engine answers.
+NO_ENGINE_FIX = (
+    "start a Docker engine (Docker Desktop, `sudo systemctl start docker`, or `sudo dockerd &`), "
+    "then check that `docker info` answers"
+)
+
+_POLL_SECONDS = 0.1
+
+
+def client() -> DockerClient:
+    """A client for the configured ``docker`` binary."""
+    binary = settings.load().docker_client or "docker"
+    return DockerClient(client_call=[binary])
+
+
+def engine_version(docker: DockerClient | None = None) -> str:
+    """The engine's server version; raises ``DockerUnavailableError`` when none answers."""
+    docker = docker or client()
+    try:
+        return docker.system.info().server_version or "unknown"
+    except ClientNotFoundError as exc:
+        raise DockerUnavailableError("the docker command is not installed", fix=NO_ENGINE_FIX) from exc
+    except DockerException as exc:
+        raise DockerUnavailableError("no Docker engine answers", fix=NO_ENGINE_FIX) from exc
+
+
+def require_engine() -> DockerClient:
+    """A client whose engine answers, or the one error every caller shows."""
+    docker = client()
+    engine_version(docker)
+    return docker
+
+
+def _lines(chunks: Iterator[tuple[str, bytes]]) -> Iterator[str]:
+    """Reassemble streamed output chunks into lines, per stream."""
+    pending: dict[str, bytes] = {}
+    for source, chunk in chunks:
+        buffered = pending.get(source, b"") + chunk
+        *complete, rest = buffered.split(b"\n")
+        pending[source] = rest
+        for line in complete:
+            yield line.decode(errors="replace")
+    for rest in pending.values():
+        if rest:
+            yield rest.decode(errors="replace")
+
+
+class DockerJob:
+    """One container; it stays until ``remove()`` so its exit code can be read."""
+
+    def __init__(self, docker: DockerClient, container_id: str) -> None:
+        self._docker = docker
+        self.id = container_id
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the container exits; ``TimeoutError`` after ``timeout`` seconds."""
+        if timeout is None:
+            return int(self._docker.container.wait(self.id))
+        deadline = time.monotonic() + timeout
+        while (code := self.exit_code) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id[:12]} still running after {timeout}s")
+            time.sleep(_POLL_SECONDS)
+        return code
+
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """Output lines of the container, stdout and stderr interleaved as written."""
+        return _lines(self._docker.container.logs(self.id, follow=follow, stream=True))
+
+    def kill(self) -> None:
+        """Kill the container if it still runs, then remove it."""
+        with contextlib.suppress(NoSuchContainer):
+            self._docker.container.remove(self.id, force=True)
+
+    def remove(self) -> None:
+        """Remove the (ended) container."""
+        self.kill()
+
+    @property
+    def exit_code(self) -> int | None:
+        state = self._docker.container.inspect(self.id).state
+        return None if state.running or state.status == "created" else int(state.exit_code)
+
+
+class DockerEngine:
+    """Runs ``JobSpec``s as containers."""
+
+    name = "docker"
+
+    def __init__(self) -> None:
+        self._docker = require_engine()
+
+    def launch(self, spec: JobSpec) -> DockerJob:
+        """Start a detached container for ``spec``."""
+        labels = {JOB_LABEL: "true", **spec.labels}
+        try:
+            container = self._docker.run(
+                spec.image,
+                spec.command,
+                detach=True,
+                envs=spec.env,
+                volumes=[(m.source, m.target, "ro" if m.read_only else "rw") for m in spec.mounts],
+                workdir=spec.workdir,
+                user=spec.user,
+                cpus=spec.cpu,
+                memory=spec.memory,
+                labels=labels,
+                name=spec.name,
+                networks=[spec.network] if spec.network else [],
+                cap_drop=list(spec.cap_drop),
+                security_options=["no-new-privileges"] if spec.no_new_privileges else [],
+            )
+        except DockerException as exc:
+            raise StackError(
+                f"could not start a container from {spec.image}: {exc.stderr or exc}".strip(),
+                fix="check the image name with `metaflow stack images list` and the job's limits",
+            ) from exc
+        return DockerJob(self._docker, container.id)
+
+    def cleanup(self, labels: dict[str, str] | None = None) -> int:
+        """Remove every container this runtime launched that carries ``labels``."""
+        wanted = {JOB_LABEL: "true", **(labels or {})}
+        filters = [("label", f"{k}={v}") for k, v in wanted.items()]
+        containers = self._docker.container.list(all=True, filters=filters)
+        if containers:
+            self._docker.container.remove(containers, force=True)
+        return len(containers)

@@ -1,0 +1,61 @@
+"""One family of errors for every user-facing failure.
+
+Each error carries the one-line fix the user should apply, so CLIs print
+``error: <message>`` and ``fix: <fix>`` without a traceback and decorators
+fail with the same words.
+"""
+
+from __future__ import annotations
+
+
+class StackError(Exception):
+    """A failure the user can act on; ``fix`` says how."""
+
+    code = "stack_error"
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.message if not self.fix else f"{self.message} (fix: {self.fix})"
+
+
+class UnknownImageError(StackError):
+    """A capability or image name that the catalog does not know."""
+
+    code = "unknown_image"
+
+
+class DockerUnavailableError(StackError):
+    """No Docker engine answers, so nothing can be built or launched."""
+
+    code = "docker_unavailable"
+
+
+class ImageBuildError(StackError):
+    """A build step failed; ``step`` and ``log_tail`` say where and why."""
+
+    code = "image_build_failed"
+
+    def __init__(self, image: str, step: str, log_tail: str) -> None:
+        super().__init__(
+            f"building {image} failed at: {step}\n{log_tail}",
+            fix="correct the failing step above and run the build again",
+        )
+        self.image = image
+        self.step = step
+        self.log_tail = log_tail
+
+
+class RegistryError(StackError):
+    """The configured image registry cannot be reached or refused a request."""
+
+    code = "registry_error"
+
+
+class ToolMissingError(StackError):
+    """A command-line tool the operation needs is not installed."""
+
+    code = "tool_missing"

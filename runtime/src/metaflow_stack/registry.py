@@ -1,0 +1,147 @@
+"""A local image registry (CNCF Distribution) on 127.0.0.1, and registry health checks.
+
+The registry runs as a plain process from the Distribution binary
+(``registry``, or ``docker-registry`` as Debian packages it) with a config file
+written here, so it works on a machine no registry serves; its storage lives
+under the state directory and survives restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from metaflow_stack import settings
+from metaflow_stack.errors import RegistryError, ToolMissingError
+
+_BINARIES = ("registry", "docker-registry")
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]")
+
+_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+http:
+  addr: {host}:{port}
+"""
+
+
+def _base_url(registry: str) -> str:
+    scheme = "http" if registry.startswith(_LOOPBACK_HOSTS) else "https"
+    return f"{scheme}://{registry}"
+
+
+def ping(registry: str, timeout: float = 3.0) -> bool:
+    """Whether a registry answers the Distribution API at ``registry`` (host:port)."""
+    try:
+        response = httpx.get(f"{_base_url(registry)}/v2/", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code in (200, 401)
+
+
+def tags(registry: str, repository: str) -> list[str]:
+    """The tags a registry holds for ``repository``."""
+    response = httpx.get(f"{_base_url(registry)}/v2/{repository}/tags/list", timeout=10)
+    if response.status_code == 404:
+        return []
+    response.raise_for_status()
+    return sorted(response.json().get("tags") or [])
+
+
+@dataclass(frozen=True)
+class LocalRegistry:
+    """A Distribution registry process bound to ``host:port``, its files under ``home``."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 5000
+
+    @classmethod
+    def default(cls) -> LocalRegistry:
+        """The registry ``just registry`` starts: 127.0.0.1:5000 under the state directory."""
+        return cls(home=settings.load().state_dir / "registry")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.home / "registry.pid"
+
+    def running_pid(self) -> int | None:
+        """The PID of this registry's process, when it runs."""
+        try:
+            pid = int(self._pidfile.read_text())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+    def start(self, wait_seconds: float = 15.0) -> str:
+        """Start the registry unless it already answers; return its address."""
+        if ping(self.address, timeout=1.0):
+            return self.address
+        binary = next((b for b in map(shutil.which, _BINARIES) if b), None)
+        if binary is None:
+            raise ToolMissingError(
+                "the Distribution registry binary is not installed",
+                fix="install it (`sudo apt-get install docker-registry` on Debian), "
+                "or point METAFLOW_STACK_REGISTRY at an existing registry",
+            )
+        storage = self.home / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = self.home / "config.yml"
+        config.write_text(_CONFIG.format(storage=storage, host=self.host, port=self.port))
+        log = (self.home / "registry.log").open("ab")
+        process = subprocess.Popen(
+            [binary, "serve", str(config)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives the command that started it, off its terminal
+        )
+        self._pidfile.write_text(str(process.pid))
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if ping(self.address, timeout=0.5):
+                return self.address
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RegistryError(
+            f"the registry did not start on {self.address}; see {self.home / 'registry.log'}",
+            fix=f"free port {self.port} or choose another with --port",
+        )
+
+    def stop(self) -> bool:
+        """Stop the registry this object started; return whether one was running."""
+        pid = self.running_pid()
+        self._pidfile.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            with contextlib.suppress(ChildProcessError):  # reap it when this process started it
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        return True

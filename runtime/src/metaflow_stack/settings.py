@@ -1,0 +1,70 @@
+"""The one place settings are read, the way Metaflow reads its own.
+
+Each setting ``X`` comes from ``METAFLOW_STACK_X`` in the environment, then
+the project's ``.metaflow/config.json``, then ``$METAFLOW_HOME/config.json``,
+then the default here. Settings are read on every call rather than frozen at
+import, so a long-lived process (a server, a test session) sees changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow.metaflow_config_funcs import from_conf
+
+#: The public Python base image, used whenever a registry can serve it.
+PUBLIC_BASE_IMAGE = "python:3.11-slim"
+
+#: Environment variables that may name a CA bundle, in order of preference.
+CA_BUNDLE_VARIABLES = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of every Metaflow Stack setting."""
+
+    registry: str
+    image_namespace: str
+    base_image: str
+    ca_bundle: Path | None
+    images_dir: Path | None
+    state_dir: Path
+    docker_client: str
+
+    def as_metaflow_config(self) -> dict[str, str]:
+        """The settings as ``STACK_*`` names for ``metaflow.metaflow_config``."""
+        return {
+            "STACK_REGISTRY": self.registry,
+            "STACK_IMAGE_NAMESPACE": self.image_namespace,
+            "STACK_BASE_IMAGE": self.base_image,
+            "STACK_CA_BUNDLE": str(self.ca_bundle or ""),
+            "STACK_IMAGES_DIR": str(self.images_dir or ""),
+            "STACK_STATE_DIR": str(self.state_dir),
+            "STACK_DOCKER_CLIENT": self.docker_client,
+        }
+
+
+def _ca_bundle(configured: str) -> Path | None:
+    """The CA bundle to hand to builds: configured, else named by the environment."""
+    candidates = [configured] if configured else [os.environ.get(v, "") for v in CA_BUNDLE_VARIABLES]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def load() -> Settings:
+    """Read every setting now."""
+    images_dir = from_conf("STACK_IMAGES_DIR", "")
+    state_dir = from_conf("STACK_STATE_DIR", "") or str(Path.home() / ".cache" / "metaflow-stack")
+    return Settings(
+        registry=from_conf("STACK_REGISTRY", "").rstrip("/"),
+        image_namespace=from_conf("STACK_IMAGE_NAMESPACE", "metaflow-stack"),
+        base_image=from_conf("STACK_BASE_IMAGE", ""),
+        ca_bundle=_ca_bundle(from_conf("STACK_CA_BUNDLE", "")),
+        images_dir=Path(images_dir) if images_dir else None,
+        state_dir=Path(state_dir),
+        docker_client=from_conf("STACK_DOCKER_CLIENT", ""),
+    )
