@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaflow.metaflow_config_funcs import from_conf
-
 #: The public Python base image, used whenever a registry can serve it.
 PUBLIC_BASE_IMAGE = "python:3.11-slim"
 
@@ -57,6 +55,10 @@ def _ca_bundle(configured: str) -> Path | None:
 
 def load() -> Settings:
     """Read every setting now."""
+    # Imported here: importing metaflow loads the extension's config module,
+    # which calls this function, so this module must not import metaflow first.
+    from metaflow.metaflow_config_funcs import from_conf
+
     images_dir = from_conf("STACK_IMAGES_DIR", "")
     state_dir = from_conf("STACK_STATE_DIR", "") or str(Path.home() / ".cache" / "metaflow-stack")
     return Settings(

@@ -1,0 +1,53 @@
+# Metaflow Stack tasks. Run through ./just on a fresh machine: it creates
+# .venv (uv, just, the runtime and its dev tools) on first use.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export PATH := justfile_directory() / ".venv/bin" + ":" + env("PATH")
+
+# List the recipes.
+default:
+    @just --list
+
+# Bring up the local stack and run the demo flow (in the base image when Docker answers).
+up: _venv
+    metaflow stack up
+
+# Stop what `up` and `registry` started and remove leftover job containers.
+down: _venv
+    metaflow stack down
+
+# Lint, then run the whole test suite; docker-marked tests run when an engine answers.
+test *args: lint
+    pytest --junitxml=.stack/test-results/junit.xml {{ args }}
+
+# ruff (lint and format), actionlint over workflows, hadolint over Dockerfiles.
+lint: _venv
+    ruff check .
+    ruff format --check .
+    actionlint -no-color .github/workflows/*.yml
+    hadolint --no-color images/*/Dockerfile
+
+# Build the catalog's images (all, or the ones named).
+images *names: _venv
+    metaflow stack images build {{ names }}
+
+# Start the local image registry on 127.0.0.1.
+registry port="5000": _venv
+    metaflow stack registry up --port {{ port }}
+
+# What this machine has for each capability, and how to fix what it lacks.
+doctor: _venv
+    metaflow stack doctor
+
+# Run every benchmark under bench/ and print their tables.
+bench: _venv
+    for script in bench/*.py; do python "$script"; done
+
+# Re-lock the runtime's dependencies (the lock is part of every image's tag).
+lock: _venv
+    uv pip compile runtime/pyproject.toml -o runtime/requirements.lock --python-version 3.11 --python-platform linux --quiet
+
+[private]
+_venv:
+    @./just --version >/dev/null

@@ -1,0 +1,133 @@
+"""Shared fixtures: real Docker, a real registry, an isolated Metaflow Stack state.
+
+Tests that need a tool this machine lacks are skipped with a reason naming
+the tool, unless ``STACK_TEST_REQUIRE`` lists it (as CI does): then the
+missing tool is a failure, so CI cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+#: Environment under which no Docker engine answers.
+DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+#: Label on every container a test launches, so the session removes them all.
+TEST_LABEL = "io.metaflow-stack.test"
+
+
+def _required() -> set[str]:
+    return {t.strip() for t in os.environ.get("STACK_TEST_REQUIRE", "").split(",") if t.strip()}
+
+
+def need(tool: str, available: bool, why: str) -> None:
+    """Skip (or, when CI requires ``tool``, fail) unless ``tool`` is available."""
+    if available:
+        return
+    message = f"{tool} unavailable: {why}"
+    if tool in _required():
+        pytest.fail(f"{message} (STACK_TEST_REQUIRE lists {tool})")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _metaflow_user() -> None:
+    """Metaflow refuses to run without a user name (and as plain root)."""
+    from metaflow.util import get_username
+
+    if not get_username():
+        os.environ["METAFLOW_USER"] = "tester"
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private state directory for the whole session (registry storage, demo datastore)."""
+    path = tmp_path_factory.mktemp("stack-state")
+    os.environ["METAFLOW_STACK_STATE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[object]:
+    """A python-on-whales client whose engine answers; test containers are removed after."""
+    from metaflow_stack.engines.docker import DockerEngine, require_engine
+    from metaflow_stack.errors import DockerUnavailableError
+
+    try:
+        docker, reason = require_engine(), ""
+    except DockerUnavailableError as exc:
+        docker, reason = None, exc.message
+    need("docker", docker is not None, reason)
+    yield docker
+    DockerEngine().cleanup({TEST_LABEL: "true"})
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_engine: object, state_dir: Path) -> str:
+    """The base image, built (or found up to date) once per session."""
+    from metaflow_stack import images
+
+    return images.build("base")
+
+
+@pytest.fixture(scope="session")
+def local_registry(state_dir: Path) -> Iterator[str]:
+    """A real Distribution registry on a free 127.0.0.1 port, configured as the stack's registry."""
+    from metaflow_stack.registry import LocalRegistry
+
+    need(
+        "docker-registry",
+        any(shutil.which(b) for b in ("registry", "docker-registry")),
+        "the Distribution registry binary is not installed",
+    )
+    registry = LocalRegistry(home=state_dir / "test-registry", port=free_port())
+    address = registry.start()
+    previous = os.environ.get("METAFLOW_STACK_REGISTRY")
+    os.environ["METAFLOW_STACK_REGISTRY"] = address
+    yield address
+    registry.stop()
+    if previous is None:
+        os.environ.pop("METAFLOW_STACK_REGISTRY", None)
+    else:
+        os.environ["METAFLOW_STACK_REGISTRY"] = previous
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``metaflow`` console script of this environment."""
+    return subprocess.run(
+        [str(VENV_BIN / "metaflow"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def json_stdout(result: subprocess.CompletedProcess[str]) -> object:
+    """The JSON a ``metaflow`` command printed, after the banner Metaflow itself prints on stdout."""
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(("[", "{")))
+    return json.loads("\n".join(lines[start:]))
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The last line a command printed on stdout."""
+    return result.stdout.strip().splitlines()[-1]

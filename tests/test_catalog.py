@@ -1,0 +1,68 @@
+"""The catalog maps capabilities to images with reproducible, content-derived tags."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from metaflow_stack import catalog
+from metaflow_stack.errors import UnknownImageError
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _tag(entry: catalog.ImageEntry, base: str = "python:3.11-slim") -> str:
+    with catalog.staged_context(entry) as context:
+        return catalog.tag_for(context, base)
+
+
+def test_capability_and_image_name_resolve_to_the_same_entry() -> None:
+    assert catalog.get("core") is catalog.get("base")
+
+
+def test_unknown_name_lists_the_known_images_and_capabilities() -> None:
+    with pytest.raises(UnknownImageError) as error:
+        catalog.get("no-such-image")
+    message = str(error.value)
+    assert "'no-such-image'" in message
+    assert "images: base" in message
+    assert "core" in message
+
+
+def test_same_sources_give_the_same_tag() -> None:
+    entry = catalog.get("base")
+    assert _tag(entry) == _tag(entry)
+
+
+def test_tag_changes_with_the_base_image() -> None:
+    entry = catalog.get("base")
+    assert _tag(entry, "python:3.11-slim") != _tag(entry, "local/python:3.11-bookworm")
+
+
+def test_staged_context_holds_the_dockerfile_and_runtime_sources_only() -> None:
+    with catalog.staged_context(catalog.get("base")) as context:
+        files = {p.relative_to(context).as_posix() for p in context.rglob("*") if p.is_file()}
+    assert "Dockerfile" in files
+    assert "runtime/requirements.lock" in files
+    assert "runtime/src/metaflow_stack/catalog.py" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+
+
+def test_tag_changes_when_a_runtime_source_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = tmp_path / "checkout"
+    shutil.copytree(PROJECT / "images", checkout / "images")
+    shutil.copytree(PROJECT / "runtime", checkout / "runtime", ignore=shutil.ignore_patterns("*.egg-info"))
+    monkeypatch.setenv("METAFLOW_STACK_IMAGES_DIR", str(checkout / "images"))
+    entry = catalog.get("base")
+    before = _tag(entry)
+    with (checkout / "runtime/src/metaflow_stack/catalog.py").open("a") as source:
+        source.write("\n# changed\n")
+    assert _tag(entry) != before
+
+
+def test_images_dir_without_a_base_image_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METAFLOW_STACK_IMAGES_DIR", str(tmp_path))
+    with pytest.raises(Exception, match="holds no images/base/Dockerfile"):
+        catalog.images_root()

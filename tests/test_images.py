@@ -1,0 +1,92 @@
+"""Images build through BuildKit, run as a non-root user, and fail cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import json_stdout, last_line, run_cli
+from rich.console import Console
+
+from metaflow_stack import builders, settings
+from metaflow_stack.errors import ImageBuildError
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def _in_image(docker, image: str, script: str) -> str:
+    return docker.run(image, ["sh", "-c", script], remove=True)
+
+
+def test_base_image_runs_python_311_metaflow_and_the_runtime(docker_engine, base_image: str) -> None:
+    output = _in_image(
+        docker_engine,
+        base_image,
+        "python -c 'import sys, metaflow, metaflow_stack; print(sys.version_info[:2], metaflow_stack.__version__)'"
+        " && uv --version",
+    )
+    assert "(3, 11)" in output
+    assert "uv " in output
+
+
+def test_base_image_runs_as_a_non_root_user(docker_engine, base_image: str) -> None:
+    assert _in_image(docker_engine, base_image, "id -u") != "0"
+    assert docker_engine.image.inspect(base_image).config.user == "1000:1000"
+
+
+def test_base_image_carries_oci_labels(docker_engine, base_image: str) -> None:
+    labels = docker_engine.image.inspect(base_image).config.labels
+    assert labels["org.opencontainers.image.title"] == "metaflow-stack base"
+    assert labels["org.opencontainers.image.base.name"]
+    assert labels["org.opencontainers.image.version"]
+
+
+def test_ca_bundle_never_lands_in_the_image(docker_engine, base_image: str) -> None:
+    bundle = settings.load().ca_bundle
+    if bundle is None:
+        pytest.skip("no CA bundle is named by this environment, so none was passed to the build")
+    digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    size = bundle.stat().st_size
+    find_same_size = f"find / -xdev -type f -size {size}c -exec sha256sum {{}} + 2>/dev/null || true"
+    same_size = _in_image(docker_engine, base_image, f"ls /run/secrets 2>/dev/null; {find_same_size}")
+    assert digest not in same_size
+    assert "pipca" not in same_size
+    env = docker_engine.image.inspect(base_image).config.env
+    assert not [e for e in env if e.startswith(("PIP_CERT", "SSL_CERT_FILE"))]
+
+
+def test_rebuilding_unchanged_sources_is_a_no_op(base_image: str) -> None:
+    result = run_cli("stack", "images", "build", "base")
+    assert result.returncode == 0, result.stderr
+    assert last_line(result) == base_image
+    assert "is up to date" in result.stderr
+
+
+def test_images_list_shows_the_built_base(base_image: str) -> None:
+    result = run_cli("stack", "images", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = {info["name"]: info for info in json_stdout(result)}
+    assert listed["base"]["ref"] == base_image
+    assert listed["base"]["present"] is True
+
+
+def test_failed_build_names_the_step_shows_the_log_and_tags_nothing(
+    docker_engine, base_image: str, tmp_path: Path
+) -> None:
+    (tmp_path / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo preparing\nRUN echo 'about to fail' && exit 3\n")
+    tag = f"metaflow-stack/test-broken:{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ImageBuildError) as error:
+        builders.build(builders.BuildRequest(context=tmp_path, tag=tag), Console(quiet=True))
+    assert "exit 3" in error.value.step
+    assert "about to fail" in error.value.log_tail
+    assert not docker_engine.image.exists(tag)
+
+
+def test_unknown_image_is_one_line_naming_the_known_ones() -> None:
+    result = run_cli("stack", "images", "build", "nope")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: unknown image or capability 'nope'" in result.stderr
+    assert "images: base" in result.stderr
