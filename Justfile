@@ -9,8 +9,9 @@ export PATH := justfile_directory() / ".venv/bin" + ":" + env("PATH")
 default:
     @just --list
 
-# Bring up the local stack and run the demo flow (in the base image when Docker answers).
+# Check this machine, bring up the local stack and run the demo flow (in the base image when Docker answers).
 up: _venv
+    metaflow stack doctor
     metaflow stack up
 
 # Stop what `up` and `registry` started and remove leftover job containers.
