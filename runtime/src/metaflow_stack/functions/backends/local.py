@@ -1,0 +1,170 @@
+"""Run the function in persistent worker processes, in its captured environment.
+
+The environment is recreated once (uv, cached by digest). Each worker loads
+the function and its model once, then serves calls over a pair of pipes; the
+caller blocks in the kernel while a worker computes, so it burns no CPU
+waiting. Any thread may call: a call takes an idle worker from a queue, so N
+workers serve N calls at once. A worker that dies fails only the call in
+flight with ``WorkerCrashedError`` and is restarted by the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from metaflow_stack.functions import codecs, environment, loader, protocol
+from metaflow_stack.functions.errors import FunctionError, RemoteFunctionError, WorkerCrashedError
+from metaflow_stack.functions.reference import FunctionReference
+
+
+class _Worker:
+    def __init__(self, python: Path, reference_file: Path, base: str | None, codec: str) -> None:
+        self._command = [
+            str(python),
+            "-u",
+            "-m",
+            "metaflow_stack.functions.worker",
+            str(reference_file),
+            base or "",
+            codec,
+        ]
+        self._env = {**os.environ, "PYTHONPATH": str(loader.runtime_snapshot())}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            self._command, env=self._env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
+        kind, payload = self._receive()
+        if kind == protocol.LOAD_FAILED:
+            error = json.loads(payload)
+            self.stop()
+            raise FunctionError(
+                f"the function failed to load in its environment: {error['type']}: {error['message']}\n"
+                f"{error['traceback']}"
+            )
+
+    def _receive(self) -> tuple[int, bytes]:
+        assert self._process is not None and self._process.stdout is not None
+        try:
+            return protocol.read_frame(self._process.stdout)
+        except protocol.ChannelClosed:
+            code = self._process.wait()
+            self._process = None
+            raise WorkerCrashedError(
+                f"the function's worker process exited with code {code} during the call",
+                fix="the next call starts a new worker; check the function for crashes (stderr shows its output)",
+            ) from None
+
+    def request(self, kind: int, payload: bytes) -> bytes:
+        if self._process is None or self._process.poll() is not None:
+            self.start()
+        assert self._process is not None and self._process.stdin is not None
+        try:
+            protocol.write_frame(self._process.stdin, kind, payload)
+        except BrokenPipeError:
+            self._process = None
+            raise WorkerCrashedError("the function's worker process was gone when the call was sent") from None
+        status, body = self._receive()
+        if status == protocol.RAISED:
+            error = json.loads(body)
+            raise RemoteFunctionError(error["type"], error["message"], error["traceback"])
+        return body
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            for stream in (self._process.stdin, self._process.stdout):
+                if stream is not None:
+                    stream.close()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+class LocalBackend:
+    """A pool of worker processes in the function's environment."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        reference: FunctionReference,
+        base: str | None,
+        codec: str,
+        workers: int = 1,
+        console: Console | None = None,
+    ) -> None:
+        if workers < 1:
+            raise FunctionError(f"workers must be at least 1, not {workers}")
+        same = environment.matches_current(reference.environment)
+        python = Path(sys.executable) if same else environment.materialize(reference.environment, console)
+        self._dir = tempfile.TemporaryDirectory(prefix="stack-fn-")
+        reference_file = Path(self._dir.name) / "reference.json"
+        reference_file.write_text(reference.to_json())
+        self._in = codecs.create(codec, reference.input_schema)
+        self._out = codecs.create(codec, reference.output_schema)
+        self._workers = [_Worker(python, reference_file, base, codec) for _ in range(workers)]
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        errors: list[BaseException] = []
+        starters = [threading.Thread(target=_capturing(w.start, errors)) for w in self._workers]
+        for starter in starters:  # workers load in parallel
+            starter.start()
+        for starter in starters:
+            starter.join()
+        if errors:
+            self.close()
+            raise errors[0]
+        for worker in self._workers:
+            self._idle.put(worker)
+
+    def _roundtrip(self, kind: int, payload: bytes) -> bytes:
+        worker = self._idle.get()
+        try:
+            return worker.request(kind, payload)
+        finally:
+            self._idle.put(worker)
+
+    def call(self, value: Any) -> Any:
+        return self._out.decode(self._roundtrip(protocol.CALL, self._in.encode(value)))
+
+    def call_batch(self, values: list[Any]) -> list[Any]:
+        return self._out.decode_batch(self._roundtrip(protocol.BATCH, self._in.encode_batch(values)))
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [w.pid for w in self._workers]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        self._dir.cleanup()
+
+
+def _capturing(start: Callable[[], None], errors: list[BaseException]) -> Callable[[], None]:
+    """``start``, recording its exception instead of losing it in a thread."""
+
+    def run() -> None:
+        try:
+            start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    return run

@@ -1,0 +1,125 @@
+"""Capture a function's environment at bind time and recreate it where it runs.
+
+Capture records the Python version and the exact pins of every distribution
+installed in the binding environment that an index can provide (local and
+editable installs are listed as omitted; the runtime itself travels with the
+worker, as Metaflow's own code travels in a code package). Recreation builds
+a virtualenv with uv once per environment digest, in a cache under the state
+directory, guarded by a file lock so concurrent callers build it once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from rich.console import Console
+
+from metaflow_stack import settings
+from metaflow_stack.functions.errors import EnvironmentBuildError
+from metaflow_stack.functions.reference import EnvironmentRef
+
+#: Distributions never pinned: the runtime travels with the worker; pip is not needed.
+_NEVER_PINNED = {"metaflow-stack", "pip"}
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _installed_from_index(dist: importlib.metadata.Distribution) -> bool:
+    direct_url = dist.read_text("direct_url.json")
+    if not direct_url:
+        return True
+    info = json.loads(direct_url)
+    return not ("dir_info" in info or info.get("url", "").startswith("file:"))
+
+
+def digest_of(python: str, packages: list[str]) -> str:
+    """The environment's identity: Python minor version and pins."""
+    minor = ".".join(python.split(".")[:2])
+    return hashlib.sha256("\n".join([f"python=={minor}", *packages]).encode()).hexdigest()
+
+
+def capture() -> EnvironmentRef:
+    """The binding environment: this interpreter and its installed distributions."""
+    pins: dict[str, str] = {}
+    omitted: set[str] = set()
+    for dist in importlib.metadata.distributions():
+        name = _canonical(dist.metadata["Name"] or "")
+        if not name or name in pins or name in _NEVER_PINNED:
+            continue
+        if _installed_from_index(dist):
+            pins[name] = f"{name}=={dist.version}"
+        else:
+            omitted.add(name)
+    packages = sorted(pins.values())
+    python = platform.python_version()
+    return EnvironmentRef(
+        python=python,
+        platform=sysconfig.get_platform(),
+        source="binding-environment",
+        packages=packages,
+        omitted=sorted(omitted - set(pins)),
+        digest=digest_of(python, packages),
+    )
+
+
+def matches_current(env: EnvironmentRef) -> bool:
+    """Whether this interpreter already is the captured environment (same digest)."""
+    return capture().digest == env.digest
+
+
+def _uv() -> str:
+    from uv import find_uv_bin
+
+    return find_uv_bin()
+
+
+def materialize(env: EnvironmentRef, console: Console | None = None) -> Path:
+    """The Python executable of the recreated environment, built on first use."""
+    console = console or Console(stderr=True)
+    cache = settings.load().state_dir / "envs"
+    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / env.digest[:20]
+    python = root / "bin" / "python"
+    ready = root / ".ready"
+    if ready.exists():
+        return python
+    with (cache / f"{env.digest[:20]}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; others wait, then find it ready
+        if ready.exists():
+            return python
+        shutil.rmtree(root, ignore_errors=True)
+        minor = ".".join(env.python.split(".")[:2])
+        requirements = root.with_suffix(".txt")
+        requirements.write_text("\n".join(env.packages) + "\n")
+        with console.status(f"creating the function environment {env.digest[:12]} ({len(env.packages)} packages)"):
+            _run([_uv(), "venv", "--quiet", "--python", minor, "--python-preference", "system", str(root)])
+            _run([_uv(), "pip", "install", "--quiet", "--python", str(python), "-r", str(requirements)])
+        ready.write_text(env.digest)
+        console.print(f"function environment {env.digest[:12]} ready", highlight=False)
+    return python
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise EnvironmentBuildError(
+            f"recreating the function environment failed: {' '.join(command[1:3])}\n{tail}",
+            fix="check that the pinned packages are available from your package index for this platform",
+        )
+
+
+def current_python() -> Path:
+    """This interpreter, for callers that run the function in the same environment."""
+    return Path(sys.executable)

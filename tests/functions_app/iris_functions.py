@@ -1,0 +1,59 @@
+"""Functions bound to IrisTrainFlow's train task in the tests (written as a user would)."""
+
+from metaflow import FunctionParameters, json_function
+from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
+
+
+@json_function
+def predict(data: dict, params: FunctionParameters) -> dict:
+    """Run inference using the bound model."""
+    features = [data[f] for f in params.feature_names]
+    prediction = params.model.predict([features])[0]
+    return {"prediction": int(prediction)}
+
+
+class Flower(TypedDict):
+    sepal_length: float
+    sepal_width: float
+    petal_length: float
+    petal_width: float
+
+
+@json_function
+def predict_typed(data: Flower, params: FunctionParameters) -> dict:
+    """Same model, with a typed input the schema checks before the call."""
+    features = [data["sepal_length"], data["sepal_width"], data["petal_length"], data["petal_width"]]
+    return {"prediction": int(params.model.predict([features])[0])}
+
+
+@json_function
+def echo(data: dict, params: FunctionParameters) -> dict:
+    return data
+
+
+@json_function
+def fail(data: dict, params: FunctionParameters) -> dict:
+    raise ValueError(f"refusing {data.get('why', 'this input')}")
+
+
+@json_function
+def crash(data: dict, params: FunctionParameters) -> dict:
+    import os
+
+    os._exit(9)
+
+
+@json_function
+def missing_artifact(data: dict, params: FunctionParameters) -> dict:
+    return {"value": params.no_such_artifact}
+
+
+@json_function
+def where(data: dict, params: FunctionParameters) -> dict:
+    """Report the interpreter and a pinned package's version: proves where it ran."""
+    import importlib.metadata
+    import os
+    import sys
+
+    package = data.get("package", "packaging")
+    return {"python": sys.executable, "pid": os.getpid(), "version": importlib.metadata.version(package)}
