@@ -11,14 +11,18 @@ directory, guarded by a file lock so concurrent callers build it once.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -49,11 +53,17 @@ def digest_of(python: str, packages: list[str]) -> str:
     return hashlib.sha256("\n".join([f"python=={minor}", *packages]).encode()).hexdigest()
 
 
+def _site_packages() -> list[str]:
+    """The environment's own package folders (not whatever else is on sys.path: Ray adds its vendored folder)."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+
+
 def capture() -> EnvironmentRef:
-    """The binding environment: this interpreter and its installed distributions."""
+    """The binding environment: this interpreter and the distributions installed in it."""
     pins: dict[str, str] = {}
     omitted: set[str] = set()
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=_site_packages()):
         name = _canonical(dist.metadata["Name"] or "")
         if not name or name in pins or name in _NEVER_PINNED:
             continue
@@ -73,9 +83,14 @@ def capture() -> EnvironmentRef:
     )
 
 
+@functools.cache
+def _current_digest() -> str:
+    return capture().digest
+
+
 def matches_current(env: EnvironmentRef) -> bool:
     """Whether this interpreter already is the captured environment (same digest)."""
-    return capture().digest == env.digest
+    return _current_digest() == env.digest
 
 
 def _uv() -> str:
@@ -120,6 +135,73 @@ def _run(command: list[str]) -> None:
         )
 
 
-def current_python() -> Path:
-    """This interpreter, for callers that run the function in the same environment."""
-    return Path(sys.executable)
+def _runtime_packages() -> dict[str, Path]:
+    """The runtime's two packages: ``metaflow_stack`` and its Metaflow extension."""
+    import importlib.util
+
+    import metaflow_stack
+
+    extension = importlib.util.find_spec("metaflow_extensions.stack")
+    assert extension is not None and extension.submodule_search_locations
+    return {
+        "metaflow_stack": Path(metaflow_stack.__file__).parent,
+        "metaflow_extensions/stack": Path(next(iter(extension.submodule_search_locations))),
+    }
+
+
+@functools.cache
+def runtime_snapshot() -> Path:
+    """A copy of this runtime for worker processes in other environments.
+
+    Workers run in the function's own environment, where metaflow-stack is not
+    installed; like Metaflow's code package carries Metaflow, the worker's
+    ``PYTHONPATH`` carries the runtime and its extension (so the function's
+    ``from metaflow import FunctionParameters`` works there). The copy is
+    keyed by the runtime's content.
+    """
+    import hashlib
+
+    files = {
+        f"{name}/{path.relative_to(root).as_posix()}": path
+        for name, root in _runtime_packages().items()
+        for path in sorted(root.rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].read_bytes())
+    target = settings.load().state_dir / "runtime" / digest.hexdigest()[:20]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=target.parent))
+        for name, path in files.items():
+            dest = staging / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """Where a function's worker runs: a Python and what its ``PYTHONPATH`` needs."""
+
+    python: Path
+    pythonpath: str | None
+
+    def env(self) -> dict[str, str]:
+        """The worker's environment variables."""
+        env = dict(os.environ)
+        if self.pythonpath:
+            env["PYTHONPATH"] = self.pythonpath
+        return env
+
+
+def interpreter(env: EnvironmentRef, console: Console | None = None) -> Interpreter:
+    """This interpreter when it is the captured environment, else the recreated one plus the runtime."""
+    if matches_current(env):
+        return Interpreter(Path(sys.executable), None)
+    return Interpreter(materialize(env, console), str(runtime_snapshot()))

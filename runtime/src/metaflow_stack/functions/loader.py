@@ -7,7 +7,6 @@ reference into the state directory; artifacts stay lazy.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import shutil
@@ -65,35 +64,3 @@ def load(reference: FunctionReference, base: str | None) -> tuple[Callable[..., 
     artifact_store = BlobStore.of(reference.task.store, base)
     params = FunctionParameters(reference.task.pathspec, reference.task.artifacts, artifact_store.load)
     return target, params
-
-
-@functools.cache
-def runtime_snapshot() -> Path:
-    """A copy of this runtime's package for worker processes in other environments.
-
-    Workers run in the function's own environment, where metaflow-stack is not
-    installed; like Metaflow's code package carries Metaflow, the worker's
-    path carries the runtime. The copy is keyed by the runtime's content.
-    """
-    import hashlib
-
-    import metaflow_stack
-
-    package = Path(metaflow_stack.__file__).parent
-    files = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    target = settings.load().state_dir / "runtime" / digest.hexdigest()[:20]
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=target.parent))
-        for path in files:
-            dest = staging / "metaflow_stack" / path.relative_to(package)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -7,6 +7,9 @@ code package (it sets ``METAFLOW_PACKAGE_POLICY = "include"``).
 """
 
 import metaflow_stack
+from metaflow_stack.functions import FunctionParameters, JsonFunction, function_from_json, json_function
 
 __mf_extensions__ = "stack"
 __version__ = metaflow_stack.__version__
+
+__all__ = ["FunctionParameters", "JsonFunction", "function_from_json", "json_function"]

@@ -11,10 +11,8 @@ flight with ``WorkerCrashedError`` and is restarted by the next call.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -23,23 +21,16 @@ from typing import Any
 
 from rich.console import Console
 
-from metaflow_stack.functions import codecs, environment, loader, protocol
+from metaflow_stack.functions import codecs, environment, protocol
 from metaflow_stack.functions.errors import FunctionError, RemoteFunctionError, WorkerCrashedError
 from metaflow_stack.functions.reference import FunctionReference
 
 
 class _Worker:
-    def __init__(self, python: Path, reference_file: Path, base: str | None, codec: str) -> None:
-        self._command = [
-            str(python),
-            "-u",
-            "-m",
-            "metaflow_stack.functions.worker",
-            str(reference_file),
-            base or "",
-            codec,
-        ]
-        self._env = {**os.environ, "PYTHONPATH": str(loader.runtime_snapshot())}
+    def __init__(self, where: environment.Interpreter, reference_file: Path, base: str | None, codec: str) -> None:
+        module = "metaflow_stack.functions.worker"
+        self._command = [str(where.python), "-u", "-m", module, str(reference_file), base or "", codec]
+        self._env = where.env()
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -114,14 +105,13 @@ class LocalBackend:
     ) -> None:
         if workers < 1:
             raise FunctionError(f"workers must be at least 1, not {workers}")
-        same = environment.matches_current(reference.environment)
-        python = Path(sys.executable) if same else environment.materialize(reference.environment, console)
+        where = environment.interpreter(reference.environment, console)
         self._dir = tempfile.TemporaryDirectory(prefix="stack-fn-")
         reference_file = Path(self._dir.name) / "reference.json"
         reference_file.write_text(reference.to_json())
         self._in = codecs.create(codec, reference.input_schema)
         self._out = codecs.create(codec, reference.output_schema)
-        self._workers = [_Worker(python, reference_file, base, codec) for _ in range(workers)]
+        self._workers = [_Worker(where, reference_file, base, codec) for _ in range(workers)]
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         errors: list[BaseException] = []
         starters = [threading.Thread(target=_capturing(w.start, errors)) for w in self._workers]

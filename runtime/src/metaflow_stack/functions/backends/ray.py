@@ -1,0 +1,140 @@
+"""Run the function in Ray actors, in its captured environment, with real resource requests.
+
+Each replica is an actor created with ``num_cpus``, ``num_gpus`` and
+``memory`` as asked. When the function's environment differs from the
+caller's, the actors run the recreated environment's interpreter through
+Ray's ``py_executable`` runtime environment (that environment must hold the
+same Ray version, as any environment captured from a Ray user does). The
+runtime reaches the actors on ``PYTHONPATH``, as it does local workers.
+Connects to ``RAY_ADDRESS`` when set, else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import threading
+import traceback
+from typing import Any
+
+from metaflow_stack.functions import codecs, environment, loader, protocol
+from metaflow_stack.functions.errors import FunctionError, RemoteFunctionError
+from metaflow_stack.functions.reference import FunctionReference
+
+
+class FunctionActor:
+    """Loads the function once; answers encoded calls (the same payloads as local workers)."""
+
+    def __init__(self, reference_json: str, base: str | None, codec: str) -> None:
+        from metaflow_stack.functions import reference
+
+        ref = reference.parse(reference_json)
+        self._fn, self._params = loader.load(ref, base)
+        self._in = codecs.create(codec, ref.input_schema)
+        self._out = codecs.create(codec, ref.output_schema)
+
+    def _answer(self, compute: Any) -> tuple[int, bytes]:
+        try:
+            return protocol.OK, compute()
+        except Exception as exc:
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+            return protocol.RAISED, json.dumps(error).encode()
+
+    def call(self, payload: bytes) -> tuple[int, bytes]:
+        return self._answer(lambda: self._out.encode(self._fn(self._in.decode(payload), self._params)))
+
+    def call_batch(self, payload: bytes) -> tuple[int, bytes]:
+        return self._answer(
+            lambda: self._out.encode_batch([self._fn(v, self._params) for v in self._in.decode_batch(payload)])
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Where this actor runs and what Ray assigned it (for checks and debugging)."""
+        import ray
+
+        return {
+            "python": sys.executable,
+            "pid": os.getpid(),
+            "resources": ray.get_runtime_context().get_assigned_resources(),
+        }
+
+
+class RayBackend:
+    """A fixed set of actor replicas, called round-robin."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        reference: FunctionReference,
+        base: str | None,
+        codec: str,
+        *,
+        replicas: int = 1,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        memory: int | None = None,
+        address: str | None = None,
+        start_timeout: float = 300,
+    ) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise FunctionError("the ray backend needs Ray", fix="pip install 'metaflow-stack[ray]'") from exc
+        if replicas < 1:
+            raise FunctionError(f"replicas must be at least 1, not {replicas}")
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(
+                address=address or os.environ.get("RAY_ADDRESS"),
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+        where = environment.interpreter(reference.environment)
+        runtime_env: dict[str, Any] = {}
+        if where.pythonpath:  # another environment: its interpreter, with the runtime on its path
+            runtime_env = {"py_executable": str(where.python), "env_vars": {"PYTHONPATH": where.pythonpath}}
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": runtime_env}
+        if memory is not None:
+            options["memory"] = memory
+        actor_class = ray.remote(FunctionActor).options(**options)
+        self._actors = [actor_class.remote(reference.to_json(), base, codec) for _ in range(replicas)]
+        try:
+            self.descriptions = ray.get([a.describe.remote() for a in self._actors], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise FunctionError(
+                f"Ray could not start {replicas} actor(s) with {num_cpus} CPU, {num_gpus} GPU each "
+                f"within {start_timeout:.0f}s; available: {ray.available_resources()}",
+                fix="ask for fewer replicas or resources, or close other functions holding them",
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            raise FunctionError(f"the function failed to load in its Ray actors: {exc}") from exc
+        self._in = codecs.create(codec, reference.input_schema)
+        self._out = codecs.create(codec, reference.output_schema)
+        self._next = itertools.cycle(self._actors)
+        self._lock = threading.Lock()
+
+    def _roundtrip(self, method: str, payload: bytes) -> bytes:
+        with self._lock:
+            actor = next(self._next)
+        status, body = self._ray.get(getattr(actor, method).remote(payload))
+        if status == protocol.RAISED:
+            error = json.loads(body)
+            raise RemoteFunctionError(error["type"], error["message"], error["traceback"])
+        return body
+
+    def call(self, value: Any) -> Any:
+        return self._out.decode(self._roundtrip("call", self._in.encode(value)))
+
+    def call_batch(self, values: list[Any]) -> list[Any]:
+        return self._out.decode_batch(self._roundtrip("call_batch", self._in.encode_batch(values)))
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
