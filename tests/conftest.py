@@ -13,12 +13,34 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
+FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Metaflow reads its S3 endpoint when it is first imported: point it at the
+# test S3 server (started on demand by the ``s3_bucket`` fixture) before that.
+_S3_PORT = free_port()
+os.environ.setdefault("METAFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{_S3_PORT}")
+for _name, _value in (
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+):
+    os.environ.setdefault(_name, _value)
+sys.path.insert(0, str(FUNCTIONS_APP))
 VENV_BIN = Path(sys.executable).parent
 #: Environment under which no Docker engine answers.
 DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
@@ -38,13 +60,6 @@ def need(tool: str, available: bool, why: str) -> None:
     if tool in _required():
         pytest.fail(f"{message} (STACK_TEST_REQUIRE lists {tool})")
     pytest.skip(message)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -131,3 +146,56 @@ def json_stdout(result: subprocess.CompletedProcess[str]) -> object:
 def last_line(result: subprocess.CompletedProcess[str]) -> str:
     """The last line a command printed on stdout."""
     return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def iris_run(tmp_path_factory: pytest.TempPathFactory, state_dir: Path) -> Path:
+    """A real run of IrisTrainFlow on the local datastore; returns the folder holding ``.metaflow``."""
+    from metaflow import metadata, namespace
+
+    root = tmp_path_factory.mktemp("iris")
+    shutil.copy(FUNCTIONS_APP / "train_flow.py", root)
+    result = subprocess.run(
+        [sys.executable, "train_flow.py", "--datastore-root", str(root / ".metaflow"), "run"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata(f"local@{root}")
+    namespace(None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_task(iris_run: Path):
+    """The ``train`` task of that run (a ``metaflow.Task``)."""
+    from metaflow import Flow
+
+    return Flow("IrisTrainFlow").latest_run["train"].task
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(state_dir: Path) -> Iterator[str]:
+    """A bucket on a real S3-compatible server (moto) on 127.0.0.1; yields ``s3://bucket``."""
+    import boto3
+
+    server = shutil.which("moto_server", path=str(VENV_BIN)) or shutil.which("moto_server")
+    need("moto_server", server is not None, "install the dev extra (moto[server])")
+    log = (state_dir / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(_S3_PORT)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+    )
+    endpoint = os.environ["METAFLOW_S3_ENDPOINT_URL"]
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(100):
+        try:
+            client.list_buckets()
+            break
+        except Exception:  # not listening yet
+            time.sleep(0.1)
+    client.create_bucket(Bucket="functions")
+    yield "s3://functions"
+    process.terminate()
+    process.wait(timeout=10)

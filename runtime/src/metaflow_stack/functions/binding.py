@@ -46,6 +46,11 @@ def json_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _module_files(fn: Callable[..., Any]) -> tuple[str, dict[str, Path]]:
     """The importable module name of ``fn`` and the files that make it importable."""
+    if "<locals>" in fn.__qualname__:
+        raise BindError(
+            f"{fn.__qualname__} is defined inside another function, so it cannot be imported elsewhere",
+            fix="define it at the top level of a module",
+        )
     module = inspect.getmodule(fn)
     source = inspect.getsourcefile(fn) if module is not None else None
     if module is None or source is None:
@@ -123,7 +128,8 @@ def bind(
 
     if isinstance(task, str):
         task = ClientTask(task)
-    if not task.finished or not task.successful:
+    # Metaflow records each attempt's outcome as metadata: no artifact is unpickled to check it.
+    if task.metadata_dict.get("attempt_ok") != "True":
         raise BindError(
             f"task {task.pathspec} did not finish successfully",
             fix="bind to a task whose run succeeded (task.successful is True)",

@@ -8,7 +8,6 @@ module; validation compiles the schema (fastjsonschema) once per load.
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -34,13 +33,25 @@ def derive(fn: Callable[..., Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{fn.__qualname__} takes {len(parameters)} arguments; a function takes (data, params)",
             fix="define it as def f(data: dict, params: FunctionParameters) -> dict",
         )
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as exc:  # unresolvable forward references and the like
-        raise BindError(f"cannot resolve the type hints of {fn.__qualname__}: {exc}") from exc
-    data = hints.get(parameters[0].name, inspect.Parameter.empty)
-    result = hints.get("return", inspect.Parameter.empty)
+    annotations = inspect.get_annotations(fn)
+    data = _resolve(fn, annotations.get(parameters[0].name, inspect.Parameter.empty))
+    result = _resolve(fn, annotations.get("return", inspect.Parameter.empty))
     return _schema_of(data), _schema_of(result)
+
+
+def _resolve(fn: Callable[..., Any], annotation: Any) -> Any:
+    """An annotation's type; string annotations (``from __future__ import annotations``) are evaluated
+    in the function's module, as ``typing.get_type_hints`` does, one at a time so that an unresolvable
+    ``params`` annotation does not matter."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, fn.__globals__, {})
+    except Exception as exc:
+        raise BindError(
+            f"cannot resolve the type hint {annotation!r} of {fn.__qualname__}: {exc}",
+            fix="import the type at the top of the function's module",
+        ) from exc
 
 
 class Validator:
