@@ -41,6 +41,10 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 sys.path.insert(0, str(FUNCTIONS_APP))
+
+# Metaflow refuses to run without a user name, and as plain root; $USER is read on every call.
+if not any(os.environ.get(v, "root") != "root" for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+    os.environ["USER"] = "tester"
 VENV_BIN = Path(sys.executable).parent
 #: Environment under which no Docker engine answers.
 DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
@@ -60,15 +64,6 @@ def need(tool: str, available: bool, why: str) -> None:
     if tool in _required():
         pytest.fail(f"{message} (STACK_TEST_REQUIRE lists {tool})")
     pytest.skip(message)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _metaflow_user() -> None:
-    """Metaflow refuses to run without a user name (and as plain root)."""
-    from metaflow.util import get_username
-
-    if not get_username():
-        os.environ["METAFLOW_USER"] = "tester"
 
 
 @pytest.fixture(scope="session")
