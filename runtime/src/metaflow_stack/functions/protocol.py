@@ -30,12 +30,19 @@ def write_frame(stream: BinaryIO, kind: int, payload: bytes) -> None:
     stream.flush()
 
 
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    """Exactly ``size`` bytes: a pipe hands out large payloads in pieces."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < size:
+        got = stream.readinto(view[filled:])
+        if not got:
+            raise ChannelClosed
+        filled += got
+    return bytes(buffer)
+
+
 def read_frame(stream: BinaryIO) -> tuple[int, bytes]:
-    header = stream.read(HEADER.size)
-    if len(header) < HEADER.size:
-        raise ChannelClosed
-    kind, length = HEADER.unpack(header)
-    payload = stream.read(length)
-    if len(payload) < length:
-        raise ChannelClosed
-    return kind, payload
+    kind, length = HEADER.unpack(_read_exact(stream, HEADER.size))
+    return kind, _read_exact(stream, length)

@@ -51,6 +51,7 @@ class _Worker:
         try:
             return protocol.read_frame(self._process.stdout)
         except protocol.ChannelClosed:
+            self._process.kill()  # no-op when it already exited; ends a worker that broke the protocol
             code = self._process.wait()
             self._process = None
             raise WorkerCrashedError(
