@@ -92,5 +92,5 @@ def test_a_folder_without_a_reference_is_a_clear_error(tmp_path: Path) -> None:
 
     from metaflow_stack.functions.errors import FunctionError
 
-    with pytest.raises(FunctionError, match="no reference.json"):
+    with pytest.raises(FunctionError, match=r"no reference\.json"):
         function_from_json(str(tmp_path), backend="inprocess")
