@@ -24,7 +24,7 @@ FLOWER = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_w
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "function-reference.schema.json"
 
 
-@pytest.mark.parametrize("backend", ["inprocess", "local"])
+@pytest.mark.parametrize("backend", ["inprocess", "local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_the_three_snippets_work_verbatim(train_task, backend: str) -> None:
     from metaflow import JsonFunction, Task  # snippet 2
 
@@ -39,6 +39,10 @@ def test_the_three_snippets_work_verbatim(train_task, backend: str) -> None:
     results = [fn(record) for record in batch_data]
     assert results == [{"prediction": 0}, {"prediction": 2}]
     fn.close()
+    if backend == "ray":
+        import ray
+
+        ray.shutdown()
 
 
 def test_results_match_the_model_called_directly(train_task) -> None:

@@ -150,7 +150,7 @@ def bind(
             artifacts=_artifacts(task, ds_type, ds_root, attempt),
             code_package=_code_package(task),
         ),
-        environment=environment.capture(),
+        environment=environment.from_task(task) or environment.capture(),
         store=store,
         input_schema=input_schema,
         output_schema=output_schema,

@@ -24,6 +24,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -77,6 +78,94 @@ def capture() -> EnvironmentRef:
         python=python,
         platform=sysconfig.get_platform(),
         source="binding-environment",
+        packages=packages,
+        omitted=sorted(omitted - set(pins)),
+        digest=digest_of(python, packages),
+    )
+
+
+#: What a worker needs in any environment: Metaflow (to read the blob store) and the runtime's own imports.
+WORKER_REQUIREMENTS = ("metaflow", "pydantic", "orjson", "msgpack", "fastavro", "fastjsonschema")
+
+
+def _closure(names: tuple[str, ...]) -> dict[str, str]:
+    """Pins of ``names`` and everything they require, as installed in this environment."""
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}
+    pending = list(names)
+    while pending:
+        name = _canonical(pending.pop())
+        if name in pins:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins[name] = f"{name}=={dist.version}"
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return pins
+
+
+def _pin_from_url(url: str) -> tuple[str, str] | None:
+    """``(name, version)`` of a wheel, sdist or conda package URL, as Metaflow's solvers record them."""
+    from packaging.utils import parse_sdist_filename, parse_wheel_filename
+
+    filename = url.split("#", 1)[0].rsplit("/", 1)[-1]
+    try:
+        if filename.endswith(".whl"):
+            name, version, *_ = parse_wheel_filename(filename)
+        elif filename.endswith((".tar.gz", ".zip")):
+            name, version = parse_sdist_filename(filename)
+        elif filename.endswith((".conda", ".tar.bz2")):
+            name, version, _ = filename.removesuffix(".conda").removesuffix(".tar.bz2").rsplit("-", 2)
+        else:
+            return None
+    except ValueError:
+        return None
+    return _canonical(str(name)), str(version)
+
+
+def from_task(task: Any) -> EnvironmentRef | None:
+    """The task's own ``@pypi``/``@conda`` environment, when it ran in one.
+
+    Metaflow records the solved environment (package URLs per kind) in the
+    code package's manifest and exposes it as ``Task.environment_info``. PyPI
+    packages become exact pins; conda packages that are not Python
+    distributions (compilers, C libraries) cannot be recreated with uv and are
+    listed as omitted; Python's version comes from the conda solve. The
+    worker's own requirements are added from this environment when the task's
+    lacks them.
+    """
+    info = task.environment_info
+    if not isinstance(info, dict) or not info:  # plain tasks report a string, or nothing
+        return None
+    pins: dict[str, str] = {}
+    omitted: set[str] = set()
+    python = None
+    for kind in ("conda", "pypi"):
+        for package in info.get(kind) or []:
+            parsed = _pin_from_url(package.get("url", ""))
+            if parsed is None:
+                continue
+            name, version = parsed
+            if kind == "conda" and name == "python":
+                python = version
+            elif kind == "pypi":
+                pins[name] = f"{name}=={version}"
+            else:
+                omitted.add(name)
+    for name, pin in _closure(WORKER_REQUIREMENTS).items():
+        pins.setdefault(name, pin)
+    python = python or task.metadata_dict.get("python_version") or platform.python_version()
+    packages = sorted(pins.values())
+    return EnvironmentRef(
+        python=python,
+        platform=sysconfig.get_platform(),
+        source="task-environment",
         packages=packages,
         omitted=sorted(omitted - set(pins)),
         digest=digest_of(python, packages),
