@@ -129,15 +129,3 @@ def test_every_codec_returns_the_golden_answers(references, golden, codec: str) 
     with function_from_json(references["echo"], backend="inprocess", codec=codec) as echo:
         open_values = ECHOES if codec != "arrow" else ECHOES[1:2]  # Arrow needs one schema per batch
         assert [echo(e) for e in open_values] == [golden["echo"][ECHOES.index(e)] for e in open_values]
-
-
-@pytest.mark.slow
-def test_ray_actors_hold_the_resources_asked_for(references, ray_session) -> None:
-    from metaflow import function_from_json
-
-    from metaflow_stack.functions.errors import FunctionError
-
-    with function_from_json(references["echo"], backend="ray", replicas=2, num_cpus=0.5) as fn:
-        assert [d["resources"] for d in fn.backend.descriptions] == [{"CPU": 0.5}, {"CPU": 0.5}]
-    with pytest.raises(FunctionError, match="Ray could not start 1 actor"):
-        function_from_json(references["echo"], backend="ray", num_cpus=64, start_timeout=5)
