@@ -25,10 +25,6 @@ LOCK_FILE = "requirements.lock"
 BLOBS = "blobs"
 
 
-def _is_location(text: str) -> bool:
-    return text.startswith("s3://") or (not text.lstrip().startswith("{") and Path(text).exists())
-
-
 def _read(location: str, name: str) -> bytes:
     storage = storage_for(location)
     with storage.load_bytes([name]) as loaded:
@@ -44,17 +40,27 @@ def _write(location: str, files: dict[str, bytes]) -> None:
 
 
 def resolve_reference(source: str | dict[str, Any] | FunctionReference) -> tuple[FunctionReference, str | None]:
-    """The reference and, for a bundle, its location (where its blobs are)."""
+    """The reference and, for a bundle, its location (where its blobs are).
+
+    ``source`` is a reference (model, dict or JSON text), a file holding one,
+    or a bundle: its folder, its ``reference.json``, or an ``s3://`` URL.
+    """
     if isinstance(source, FunctionReference):
         return source, None
-    if isinstance(source, str) and _is_location(source):
-        location = source.rstrip("/")
-        if location.endswith(REFERENCE_FILE):
-            location = location[: -len(REFERENCE_FILE)].rstrip("/")
+    if not isinstance(source, str) or source.lstrip().startswith("{"):
+        return references.parse(source), None
+    path = Path(source)
+    if source.startswith("s3://") or path.is_dir() or path.name == REFERENCE_FILE:
+        location = source.rstrip("/").removesuffix(REFERENCE_FILE).rstrip("/")
         if not location.startswith("s3://"):
             location = str(Path(location).resolve())
         return references.parse(_read(location, REFERENCE_FILE)), location
-    return references.parse(source), None
+    if path.is_file():
+        return references.parse(path.read_text(encoding="utf-8")), None
+    raise FunctionError(
+        f"no reference file or bundle at {source}",
+        fix="pass the JSON from JsonFunction(...).reference, a file holding it, or a bundle folder or s3:// URL",
+    )
 
 
 def export(ref: FunctionReference, destination: str, *, include_artifacts: bool = True, base: str | None = None) -> str:

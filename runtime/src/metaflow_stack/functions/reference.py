@@ -115,7 +115,13 @@ class FunctionReference(_Model):
 
 def parse(document: str | bytes | dict[str, Any]) -> FunctionReference:
     """Read a reference, refusing versions this runtime does not know."""
-    data = json.loads(document) if isinstance(document, str | bytes) else document
+    try:
+        data = json.loads(document) if isinstance(document, str | bytes) else document
+    except json.JSONDecodeError as exc:
+        raise UnsupportedReferenceError(
+            f"the reference is neither JSON nor an existing bundle path ({exc})",
+            fix="pass the JSON from JsonFunction(...).reference, a file holding it, or a bundle folder or s3:// URL",
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UnsupportedReferenceError(
             "this is not a Metaflow Stack function reference (its 'format' is not " + repr(FORMAT) + ")",

@@ -7,40 +7,18 @@ never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
-from typing import Any
 
 from metaflow._vendor import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from metaflow_extensions.stack.cmd.cli_errors import friendly as _friendly
 from metaflow_stack.errors import StackError
 
 _out = Console()
 _err = Console(stderr=True)
-
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ``StackError`` into a one-line error and its fix."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StackError as exc:
-            _err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
-            if exc.fix:
-                _err.print(f"[bold]fix:[/] {escape(exc.fix)}", highlight=False)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            _err.print("interrupted")
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group()

@@ -1,0 +1,252 @@
+"""An ASGI app that serves one bound function: ``create_app(reference)``.
+
+A thin adapter in front of ``function_from_json``: the function (and its
+model) loads once at start-up, requests are decoded by the codec their
+``Content-Type`` names, validated against the reference's input schema (a 422
+naming the field before the function runs), and answered in the codec the
+``Accept`` header asks for. Every error is JSON ``{code, message, details}``;
+a function that raises gives a 500 with an error id, its traceback only in the
+server log. The OpenAPI document carries the function's own schemas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from metaflow_stack.functions import codecs
+from metaflow_stack.functions.backends import Function, function_from_json
+from metaflow_stack.functions.bundle import resolve_reference
+from metaflow_stack.functions.errors import FunctionError, InvalidInputError, RemoteFunctionError
+
+log = logging.getLogger("metaflow_stack.serving")
+
+#: Content types the server reads and writes, and the codec behind each.
+CONTENT_TYPES = {"application/json": "json", "application/msgpack": "msgpack", "application/avro": "avro"}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the server runs the function and what it accepts."""
+
+    backend: str = "local"
+    workers: int = 1
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_concurrency: int = 64
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message, "details": details}, status_code=status)
+
+
+def _openapi_schemas(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """Move a JSON Schema's ``$defs`` into OpenAPI components and point its refs there."""
+    schema = dict(schema)
+    for name, definition in schema.pop("$defs", {}).items():
+        components[name] = definition
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else rewrite(v))
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name in list(components):
+        components[name] = rewrite(components[name])
+    return rewrite(schema)
+
+
+def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
+    """The app serving ``reference`` (JSON, a bundle location, or a parsed reference)."""
+    options = options or ServeOptions()
+    ref, _ = resolve_reference(reference)  # read here for the schemas; loaded again at start-up
+    registry = CollectorRegistry()
+    requests = Counter("function_requests", "Requests by route and status", ["route", "status"], registry=registry)
+    latency = Histogram("function_request_seconds", "Request latency by route", ["route"], registry=registry)
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Loaded once per server process, in a thread so start-up stays responsive to health checks.
+        state["function"] = await asyncio.to_thread(function_from_json, ref, options.backend, workers=options.workers)
+        state["codecs"] = {
+            name: (codecs.create(name, ref.input_schema), codecs.create(name, ref.output_schema))
+            for name in CONTENT_TYPES.values()
+        }
+        state["slots"] = asyncio.Semaphore(options.max_concurrency)
+        yield
+        function: Function = state.pop("function")
+        await asyncio.to_thread(function.close)
+
+    app = FastAPI(
+        title=f"{ref.name} (Metaflow Stack function)",
+        description=f"Bound to task {ref.task.pathspec}.",
+        version=ref.digest[:12],
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(_ApiError)
+    async def api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.details)
+
+    def codec_for(header: str | None, default: str = "application/json") -> str:
+        media = (header or default).split(";")[0].strip().lower()
+        if media in ("", "*/*"):
+            media = default
+        if media not in CONTENT_TYPES:
+            raise _ApiError(
+                415,
+                "unsupported_media_type",
+                f"unsupported content type {media!r}",
+                {"supported": sorted(CONTENT_TYPES)},
+            )
+        return media
+
+    async def body(request: Request) -> tuple[str, bytes]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
+            raise _ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
+        media = codec_for(request.headers.get("content-type"))
+        data = await request.body()
+        if len(data) > options.max_body_bytes:
+            raise _ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
+        return media, data
+
+    async def invoke(request: Request, route: str, batch: bool) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            media, data = await body(request)
+            answer_media = codec_for(request.headers.get("accept"), default=media)
+            decoder = state["codecs"][CONTENT_TYPES[media]][0]
+            encoder = state["codecs"][CONTENT_TYPES[answer_media]][1]
+            try:
+                value = decoder.decode_batch(data) if batch else decoder.decode(data)
+            except Exception as exc:  # each codec raises its own parse errors
+                raise _ApiError(400, "malformed_body", f"the body is not valid {media}: {exc}") from None
+            if batch and not isinstance(value, list):
+                raise _ApiError(422, "invalid_input", "a batch body must be an array", {"field": "input"})
+            function: Function = state["function"]
+            async with state["slots"]:
+                try:
+                    result = await (function.abatch(value) if batch else function.acall(value))
+                except InvalidInputError as exc:
+                    raise _ApiError(422, "invalid_input", exc.message, {"field": exc.field}) from None
+                except RemoteFunctionError as exc:
+                    error_id = uuid.uuid4().hex[:16]
+                    log.error("function %s raised (error id %s)\n%s", ref.name, error_id, exc.remote_traceback)
+                    raise _ApiError(
+                        500, "function_raised", f"the function raised {exc.exc_type}", {"error_id": error_id}
+                    ) from None
+                except FunctionError as exc:
+                    error_id = uuid.uuid4().hex[:16]
+                    log.error("function %s failed (error id %s): %s", ref.name, error_id, exc)
+                    raise _ApiError(503, exc.code, exc.message, {"error_id": error_id}) from None
+            payload = encoder.encode_batch(result) if batch else encoder.encode(result)
+            status = 200
+            return Response(payload, media_type=answer_media)
+        except _ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            requests.labels(route, str(status)).inc()
+            latency.labels(route).observe(time.perf_counter() - started)
+
+    components: dict[str, Any] = {}
+    input_schema = _openapi_schemas(ref.input_schema or {}, components)
+    output_schema = _openapi_schemas(ref.output_schema or {}, components)
+    error_schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {}},
+        "required": ["code", "message"],
+    }
+    components["Error"] = error_schema
+    errors = {
+        str(code): {
+            "description": text,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for code, text in (
+            (400, "malformed body"),
+            (413, "body too large"),
+            (415, "unsupported content type"),
+            (422, "input does not match the schema"),
+            (500, "the function raised"),
+        )
+    }
+
+    def documented(schema: dict[str, Any]) -> dict[str, Any]:
+        return {media: {"schema": schema} for media in CONTENT_TYPES}
+
+    @app.post(
+        "/invoke",
+        summary=f"Call {ref.name} on one input",
+        openapi_extra={"requestBody": {"required": True, "content": documented(input_schema)}},
+        responses={200: {"description": "the function's result", "content": documented(output_schema)}, **errors},
+    )
+    async def invoke_one(request: Request) -> Response:
+        return await invoke(request, "/invoke", batch=False)
+
+    @app.post(
+        "/invoke/batch",
+        summary=f"Call {ref.name} on an array of inputs",
+        openapi_extra={
+            "requestBody": {"required": True, "content": documented({"type": "array", "items": input_schema})}
+        },
+        responses={
+            200: {
+                "description": "one result per input, in order",
+                "content": documented({"type": "array", "items": output_schema}),
+            },
+            **errors,
+        },
+    )
+    async def invoke_batch(request: Request) -> Response:
+        return await invoke(request, "/invoke/batch", batch=True)
+
+    @app.get("/health", summary="Liveness: the server process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: the function is loaded", responses={503: errors["500"]})
+    async def ready() -> Response:
+        if "function" not in state:
+            return _error(503, "not_ready", "the function is still loading")
+        return JSONResponse({"status": "ready", "function": ref.name, "backend": options.backend})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = default_openapi()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

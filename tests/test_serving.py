@@ -1,0 +1,166 @@
+"""A bound function served over HTTP: schemas in OpenAPI, 4xx JSON for bad input, metrics."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import pytest
+from conftest import VENV_BIN, free_port
+
+FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
+
+
+@pytest.fixture(scope="module")
+def client(train_task):
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving import create_app
+
+    reference = JsonFunction(iris_functions.predict_typed, task=train_task).reference
+    with TestClient(create_app(reference)) as test_client:
+        yield test_client
+
+
+def _is_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and body["message"]
+    return body
+
+
+def test_invoke_and_batch_return_the_predictions(client) -> None:
+    assert client.post("/invoke", json=FLOWER).json() == {"prediction": 2}
+    assert client.post("/invoke/batch", json=[FLOWER, FLOWER]).json() == [{"prediction": 2}] * 2
+
+
+def test_msgpack_and_avro_are_negotiated(client) -> None:
+    response = client.post(
+        "/invoke",
+        content=msgpack.packb(FLOWER),
+        headers={"content-type": "application/msgpack", "accept": "application/msgpack"},
+    )
+    assert response.headers["content-type"] == "application/msgpack"
+    assert msgpack.unpackb(response.content) == {"prediction": 2}
+    json_answer = client.post(
+        "/invoke",
+        content=msgpack.packb(FLOWER),
+        headers={"content-type": "application/msgpack", "accept": "application/json"},
+    )
+    assert json_answer.json() == {"prediction": 2}
+
+
+def test_openapi_carries_the_functions_schemas(client) -> None:
+    document = client.get("/openapi.json").json()
+    request = document["paths"]["/invoke"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(request["required"]) == {"sepal_length", "sepal_width", "petal_length", "petal_width"}
+    assert request["properties"]["petal_width"]["type"] == "number"
+    assert "422" in document["paths"]["/invoke"]["post"]["responses"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_invalid_input_is_a_422_naming_the_field(client) -> None:
+    body = _is_error(client.post("/invoke", json={**FLOWER, "petal_width": "wide"}), 422, "invalid_input")
+    assert body["details"]["field"] == "input.petal_width"
+    missing = {k: v for k, v in FLOWER.items() if k != "sepal_length"}
+    assert _is_error(client.post("/invoke", json=missing), 422, "invalid_input")["details"]["field"] == (
+        "input.sepal_length"
+    )
+    _is_error(client.post("/invoke/batch", json=FLOWER), 422, "invalid_input")
+
+
+def test_malformed_unknown_and_oversize_bodies_are_4xx_json(client) -> None:
+    _is_error(
+        client.post("/invoke", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "malformed_body",
+    )
+    _is_error(
+        client.post("/invoke", content=b"a,b", headers={"content-type": "text/csv"}), 415, "unsupported_media_type"
+    )
+    _is_error(
+        client.post("/invoke", content=b"[" + b"1," * 6_000_000 + b"1]", headers={"content-type": "application/json"}),
+        413,
+        "payload_too_large",
+    )
+
+
+def test_health_ready_and_metrics(client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
+    client.post("/invoke", json=FLOWER)
+    metrics = client.get("/metrics").text
+    assert 'function_requests_total{route="/invoke",status="200"}' in metrics
+    assert 'function_requests_total{route="/invoke",status="422"}' in metrics
+
+
+def test_function_exception_is_a_500_with_an_error_id_and_no_traceback(train_task) -> None:
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving import create_app
+
+    reference = JsonFunction(iris_functions.fail, task=train_task).reference
+    with TestClient(create_app(reference)) as failing:
+        body = _is_error(failing.post("/invoke", json={"why": "bad"}), 500, "function_raised")
+    assert len(body["details"]["error_id"]) == 16
+    assert "Traceback" not in str(body)
+
+
+def test_user_written_fastapi_form_works_verbatim(train_task) -> None:
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    reference = JsonFunction(iris_functions.predict, task=train_task).reference
+
+    from fastapi import FastAPI
+    from metaflow import function_from_json
+
+    app = FastAPI()
+    fn = function_from_json(reference)
+
+    @app.post("/predict")
+    def predict(payload: dict):
+        return fn(payload)
+
+    with TestClient(app) as user_client:
+        assert user_client.post("/predict", json=FLOWER).json() == {"prediction": 2}
+    fn.close()
+
+
+@pytest.mark.slow
+def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -> None:
+    import iris_functions
+    from metaflow import JsonFunction
+
+    reference_file = tmp_path / "predict.json"
+    reference_file.write_text(JsonFunction(iris_functions.predict, task=train_task).reference)
+    port = free_port()
+    log = tmp_path / "server.log"
+    server = subprocess.Popen(
+        [str(VENV_BIN / "metaflow"), "function", "serve", str(reference_file), "--port", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # uvicorn drains requests and runs the shutdown hook (closing the workers) before it exits
+    assert "Application shutdown complete." in log.read_text()
