@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import msgpack
 import pytest
-from conftest import VENV_BIN, free_port
+from conftest import VENV_BIN, free_port, need
 
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 
@@ -135,13 +138,11 @@ def test_user_written_fastapi_form_works_verbatim(train_task) -> None:
     fn.close()
 
 
-@pytest.mark.slow
-def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -> None:
-    import iris_functions
-    from metaflow import JsonFunction
-
+@contextlib.contextmanager
+def _served(reference: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``metaflow function serve`` on a free 127.0.0.1 port; yields its URL and log file."""
     reference_file = tmp_path / "predict.json"
-    reference_file.write_text(JsonFunction(iris_functions.predict, task=train_task).reference)
+    reference_file.write_text(reference)
     port = free_port()
     log = tmp_path / "server.log"
     server = subprocess.Popen(
@@ -149,8 +150,8 @@ def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -158,9 +159,46 @@ def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+        yield url, log
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -> None:
+    import iris_functions
+    from metaflow import JsonFunction
+
+    with _served(JsonFunction(iris_functions.predict, task=train_task).reference, tmp_path) as (url, log):
+        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
     # uvicorn drains requests and runs the shutdown hook (closing the workers) before it exits
     assert "Application shutdown complete." in log.read_text()
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(train_task, tmp_path: Path) -> None:
+    import iris_functions
+    from metaflow import JsonFunction
+
+    schemathesis = shutil.which("st", path=str(VENV_BIN))
+    need("schemathesis", schemathesis is not None, "install the dev extra (schemathesis)")
+    with _served(JsonFunction(iris_functions.predict_typed, task=train_task).reference, tmp_path) as (url, _):
+        result = subprocess.run(
+            [
+                str(schemathesis),
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "40",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "Tested: 5" in result.stdout  # every operation, each with generated cases
+    assert " failed" not in result.stdout.split("Test cases:")[1]
