@@ -194,3 +194,61 @@ def s3_bucket(state_dir: Path) -> Iterator[str]:
     yield "s3://functions"
     process.terminate()
     process.wait(timeout=10)
+
+
+#: ``packaging`` version the second (binding) virtualenv pins; the test environment has another.
+BINDING_ENV_PACKAGING = "23.2"
+
+_BIND_SCRIPT = """
+import sys
+from metaflow import JsonFunction, Task, metadata, namespace
+sys.path.insert(0, sys.argv[2])
+import iris_functions
+metadata("local@" + sys.argv[1])
+namespace(None)
+print(JsonFunction(getattr(iris_functions, sys.argv[4]), task=Task(sys.argv[3])).reference)
+"""
+
+
+@pytest.fixture(scope="session")
+def binding_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, small virtualenv: the runtime, scikit-learn, and an older ``packaging``; returns its python."""
+    from uv import find_uv_bin
+
+    env = tmp_path_factory.mktemp("binding-env") / "venv"
+    constraints = env.parent / "constraints.txt"  # the runtime's lock, less the package pinned differently
+    lock = (PROJECT / "runtime" / "requirements.lock").read_text().splitlines()
+    constraints.write_text("\n".join(line for line in lock if not line.startswith("packaging==")))
+    uv = find_uv_bin()
+    subprocess.run([uv, "venv", "--quiet", "--python", "3.11", str(env)], check=True)
+    subprocess.run(
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(env / "bin" / "python"),
+            "-c",
+            str(constraints),
+            "-e",
+            str(PROJECT / "runtime"),
+            "scikit-learn",
+            f"packaging=={BINDING_ENV_PACKAGING}",
+        ],
+        check=True,
+        timeout=600,
+    )
+    return env / "bin" / "python"
+
+
+def bind_in(python: Path, run_root: Path, function: str, task: str) -> str:
+    """The reference of ``iris_functions.<function>`` bound to ``task`` by another environment's Python."""
+    result = subprocess.run(
+        [str(python), "-c", _BIND_SCRIPT, str(run_root), str(FUNCTIONS_APP), task, function],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return result.stdout

@@ -8,54 +8,12 @@ environment with uv and the function reports the version it sees there.
 from __future__ import annotations
 
 import importlib.metadata
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import FUNCTIONS_APP, PROJECT
-
-PINNED = "23.2"
-
-BIND_SCRIPT = """
-import sys
-from metaflow import JsonFunction, Task, metadata, namespace
-sys.path.insert(0, sys.argv[2])
-import iris_functions
-metadata("local@" + sys.argv[1])
-namespace(None)
-print(JsonFunction(iris_functions.where, task=Task(sys.argv[3])).reference)
-"""
-
-
-@pytest.fixture(scope="module")
-def binding_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second virtualenv: the runtime, scikit-learn, and an older ``packaging``."""
-    from uv import find_uv_bin
-
-    assert importlib.metadata.version("packaging") != PINNED, "the caller must differ from the pin"
-    env = tmp_path_factory.mktemp("binding-env") / "venv"
-    uv = find_uv_bin()
-    subprocess.run([uv, "venv", "--quiet", "--python", "3.11", str(env)], check=True)
-    subprocess.run(
-        [
-            uv,
-            "pip",
-            "install",
-            "--quiet",
-            "--python",
-            str(env / "bin" / "python"),
-            "-c",
-            str(PROJECT / "runtime" / "requirements.lock"),
-            "-e",
-            str(PROJECT / "runtime"),
-            "scikit-learn",
-            f"packaging=={PINNED}",
-        ],
-        check=True,
-        timeout=600,
-    )
-    return env / "bin" / "python"
+from conftest import BINDING_ENV_PACKAGING as PINNED
+from conftest import bind_in
 
 
 @pytest.mark.slow
@@ -64,14 +22,8 @@ def test_function_runs_in_its_captured_environment(binding_env: Path, iris_run: 
 
     from metaflow_stack import settings
 
-    bound = subprocess.run(
-        [str(binding_env), "-c", BIND_SCRIPT, str(iris_run), str(FUNCTIONS_APP), train_task.pathspec],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    reference = bound.stdout
+    assert importlib.metadata.version("packaging") != PINNED, "the caller must differ from the pin"
+    reference = bind_in(binding_env, iris_run, "where", train_task.pathspec)
     assert f'"packaging=={PINNED}"' in reference
 
     with function_from_json(reference, backend="local") as fn:

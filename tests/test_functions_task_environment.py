@@ -64,7 +64,7 @@ def test_a_task_without_its_own_environment_uses_the_binding_environment(train_t
 
 
 def test_worker_requirements_are_pinned_with_their_dependencies() -> None:
-    pins = environment._closure(environment.WORKER_REQUIREMENTS)
+    pins = environment.closure(environment.WORKER_REQUIREMENTS)
     assert {"metaflow", "pydantic", "orjson", "requests", "boto3"} <= set(pins)
 
 

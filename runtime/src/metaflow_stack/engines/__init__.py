@@ -41,6 +41,8 @@ class JobSpec:
     labels: dict[str, str] = field(default_factory=dict)
     name: str | None = None
     network: str | None = None
+    #: Container port -> host port, published on 127.0.0.1 only.
+    ports: dict[int, int] = field(default_factory=dict)
     #: Secure by default: no Linux capabilities and no privilege escalation.
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True

@@ -123,6 +123,7 @@ class DockerEngine:
                 labels=labels,
                 name=spec.name,
                 networks=[spec.network] if spec.network else [],
+                publish=[(f"127.0.0.1:{host}", container) for container, host in spec.ports.items()],
                 cap_drop=list(spec.cap_drop),
                 security_options=["no-new-privileges"] if spec.no_new_privileges else [],
             )

@@ -88,7 +88,7 @@ def capture() -> EnvironmentRef:
 WORKER_REQUIREMENTS = ("metaflow", "pydantic", "orjson", "msgpack", "fastavro", "fastjsonschema")
 
 
-def _closure(names: tuple[str, ...]) -> dict[str, str]:
+def closure(names: tuple[str, ...]) -> dict[str, str]:
     """Pins of ``names`` and everything they require, as installed in this environment."""
     from packaging.requirements import Requirement
 
@@ -158,7 +158,7 @@ def from_task(task: Any) -> EnvironmentRef | None:
                 pins[name] = f"{name}=={version}"
             else:
                 omitted.add(name)
-    for name, pin in _closure(WORKER_REQUIREMENTS).items():
+    for name, pin in closure(WORKER_REQUIREMENTS).items():
         pins.setdefault(name, pin)
     python = python or task.metadata_dict.get("python_version") or platform.python_version()
     packages = sorted(pins.values())

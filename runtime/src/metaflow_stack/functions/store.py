@@ -83,9 +83,16 @@ def pack_files(files: dict[str, Path]) -> bytes:
 
 
 def unpack(archive: bytes, dest: Path, *, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
-    """Extract a tar.gz into ``dest`` (no paths outside it); return the member names."""
+    """Extract a tar.gz into ``dest`` (no paths outside it, no links); return the member names."""
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         members = [m for m in tar.getmembers() if not m.name.lstrip("./").startswith(skip_prefixes)]
-        tar.extractall(dest, members=members, filter="data")
-        names = [m.name for m in members if m.isfile()]
-    return names
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # Python before 3.11.4 (Debian bookworm's 3.11.2) has no extraction filters
+            root = dest.resolve()
+            for member in members:
+                target = (dest / member.name).resolve()
+                if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+                    raise FunctionError(f"refusing archive member {member.name!r}: a link or a path outside")
+            tar.extractall(dest, members=members)
+        return [m.name for m in members if m.isfile()]

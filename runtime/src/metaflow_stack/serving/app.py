@@ -89,7 +89,9 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loaded once per server process, in a thread so start-up stays responsive to health checks.
-        state["function"] = await asyncio.to_thread(function_from_json, ref, options.backend, workers=options.workers)
+        state["function"] = await asyncio.to_thread(
+            function_from_json, reference, options.backend, workers=options.workers
+        )
         state["codecs"] = {
             name: (codecs.create(name, ref.input_schema), codecs.create(name, ref.output_schema))
             for name in CONTENT_TYPES.values()

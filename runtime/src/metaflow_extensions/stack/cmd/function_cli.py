@@ -35,3 +35,15 @@ def serve(ref: str, host: str, port: int, workers: int, backend: str) -> None:
 
     app = create_app(ref, ServeOptions(backend=backend, workers=workers))
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+
+
+@function.command(name="build-image", help="Build the image serving REF, in the environment it was bound in.")
+@click.argument("ref")
+@click.option("--kind", default="fastapi", show_default=True, type=click.Choice(["fastapi"]))
+@friendly
+def build_image(ref: str, kind: str) -> None:
+    from rich.console import Console
+
+    from metaflow_stack.serving.image import build_image as build
+
+    click.echo(build(ref, kind, Console(stderr=True)))
