@@ -252,3 +252,18 @@ def bind_in(python: Path, run_root: Path, function: str, task: str) -> str:
         timeout=300,
     )
     return result.stdout
+
+
+def wait_ready(url: str, seconds: float = 120) -> bool:
+    """Whether ``url``/ready answered 200 within ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False

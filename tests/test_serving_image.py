@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, bind_in, free_port, last_line, run_cli
+from conftest import TEST_LABEL, bind_in, free_port, last_line, run_cli, wait_ready
 
 from metaflow_stack.engines import JobSpec, get_engine
 
@@ -56,14 +55,7 @@ def test_the_container_serves_the_function(image: str) -> None:
     job = get_engine("docker").launch(JobSpec(image=image, command=[], ports={8000: port}, labels={TEST_LABEL: "true"}))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
+        if not wait_ready(url):
             pytest.fail("the container never became ready:\n" + "\n".join(job.logs()))
         assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
         invalid = httpx.post(f"{url}/invoke", json={"sepal_length": 1})

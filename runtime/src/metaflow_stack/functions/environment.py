@@ -60,6 +60,18 @@ def _site_packages() -> list[str]:
     return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
 
 
+def _environment(python: str, source: str, pins: dict[str, str], omitted: set[str]) -> EnvironmentRef:
+    packages = sorted(pins.values())
+    return EnvironmentRef(
+        python=python,
+        platform=sysconfig.get_platform(),
+        source=source,
+        packages=packages,
+        omitted=sorted(omitted - set(pins)),
+        digest=digest_of(python, packages),
+    )
+
+
 def capture() -> EnvironmentRef:
     """The binding environment: this interpreter and the distributions installed in it."""
     pins: dict[str, str] = {}
@@ -72,16 +84,7 @@ def capture() -> EnvironmentRef:
             pins[name] = f"{name}=={dist.version}"
         else:
             omitted.add(name)
-    packages = sorted(pins.values())
-    python = platform.python_version()
-    return EnvironmentRef(
-        python=python,
-        platform=sysconfig.get_platform(),
-        source="binding-environment",
-        packages=packages,
-        omitted=sorted(omitted - set(pins)),
-        digest=digest_of(python, packages),
-    )
+    return _environment(platform.python_version(), "binding-environment", pins, omitted)
 
 
 #: What a worker needs in any environment: Metaflow (to read the blob store) and the runtime's own imports.
@@ -161,15 +164,7 @@ def from_task(task: Any) -> EnvironmentRef | None:
     for name, pin in closure(WORKER_REQUIREMENTS).items():
         pins.setdefault(name, pin)
     python = python or task.metadata_dict.get("python_version") or platform.python_version()
-    packages = sorted(pins.values())
-    return EnvironmentRef(
-        python=python,
-        platform=sysconfig.get_platform(),
-        source="task-environment",
-        packages=packages,
-        omitted=sorted(omitted - set(pins)),
-        digest=digest_of(python, packages),
-    )
+    return _environment(python, "task-environment", pins, omitted)
 
 
 @functools.cache
