@@ -47,3 +47,32 @@ def build_image(ref: str, kind: str) -> None:
     from metaflow_stack.serving.image import build_image as build
 
     click.echo(build(ref, kind, Console(stderr=True)))
+
+
+@function.command(help="Run REF over a .jsonl or .parquet file with Ray Data; rerunning resumes where it stopped.")
+@click.argument("ref")
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder of part-NNNNN.jsonl results.")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--concurrency", default=1, show_default=True, type=int, help="Actors in the pool.")
+@click.option("--num-cpus", default=1.0, show_default=True, type=float, help="CPUs per actor.")
+@click.option("--num-gpus", default=0.0, show_default=True, type=float, help="GPUs per actor.")
+@click.option("--shard-size", default=10_000, show_default=True, type=int, help="Records per output part.")
+@friendly
+def batch(
+    ref: str,
+    input_path: str,
+    output: str,
+    batch_size: int,
+    concurrency: int,
+    num_cpus: float,
+    num_gpus: float,
+    shard_size: int,
+) -> None:
+    from pathlib import Path
+
+    from metaflow_stack.serving.batch import BatchOptions, run_batch
+
+    options = BatchOptions(batch_size, concurrency, num_cpus, num_gpus, shard_size)
+    counts = run_batch(ref, Path(input_path), Path(output), options)
+    click.echo(f"{counts['done']} shard(s) written, {counts['skipped']} already done, in {output}")

@@ -1,0 +1,122 @@
+"""Ray Data batch inference: the same answers as in-process, and crash-safe reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, run_cli
+
+from metaflow_stack.serving.batch import read_results
+
+pytestmark = pytest.mark.slow
+RECORDS = 100_000
+
+
+@pytest.fixture(scope="module")
+def batch_input(train_task, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """A saved reference, 100k flowers as JSON Lines, and the in-process answers."""
+    import iris_functions
+    from metaflow import JsonFunction, function_from_json
+
+    folder = tmp_path_factory.mktemp("batch")
+    reference = folder / "predict.json"
+    reference.write_text(JsonFunction(iris_functions.predict, task=train_task).reference)
+    rng = random.Random(7)
+    flowers = [
+        {
+            "sepal_length": rng.uniform(4, 8),
+            "sepal_width": rng.uniform(2, 4.5),
+            "petal_length": rng.uniform(1, 7),
+            "petal_width": rng.uniform(0.1, 2.5),
+        }
+        for _ in range(RECORDS)
+    ]
+    data = folder / "flowers.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in flowers))
+    with function_from_json(str(reference), backend="inprocess") as fn:
+        expected = fn.batch(flowers)
+    yield reference, data, expected
+    import ray
+
+    ray.shutdown()
+
+
+def test_batch_over_100k_records_equals_the_in_process_results(batch_input, tmp_path: Path) -> None:
+    reference, data, expected = batch_input
+    result = run_cli(
+        "function",
+        "batch",
+        str(reference),
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--concurrency",
+        "2",
+        "--num-cpus",
+        "0.5",
+        "--batch-size",
+        "2048",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "10 shard(s) written, 0 already done" in result.stdout
+    assert read_results(tmp_path / "out") == expected
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_records(batch_input, tmp_path: Path) -> None:
+    reference, data, expected = batch_input
+    output = tmp_path / "out"
+    command = [
+        str(VENV_BIN / "metaflow"),
+        "function",
+        "batch",
+        str(reference),
+        "--input",
+        str(data),
+        "--output",
+        str(output),
+        "--shard-size",
+        "5000",
+        "--batch-size",
+        "500",
+    ]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(output.glob("part-*.jsonl"))) < 3:
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole run, Ray workers included, mid-flight
+    first.wait()
+    done_before = len(list(output.glob("part-*.jsonl")))
+    assert 0 < done_before < RECORDS // 5000
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{done_before} already done" in second.stdout
+    assert read_results(output) == expected  # every record exactly once, in order
+    assert not list(output.glob("*.tmp"))
+
+
+def test_rerunning_with_another_shard_size_is_refused(batch_input, tmp_path: Path) -> None:
+    reference, data, _ = batch_input
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "_batch.json").write_text(json.dumps({"input": "other", "reference": "", "shard_size": 1, "records": 1}))
+    result = run_cli("function", "batch", str(reference), "--input", str(data), "--output", str(output))
+    assert result.returncode == 1
+    assert "holds a batch run of other input" in result.stderr
+
+
+def test_malformed_input_line_is_named(batch_input, tmp_path: Path) -> None:
+    reference, _, _ = batch_input
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sepal_length": 1}\n{oops\n')
+    result = run_cli("function", "batch", str(reference), "--input", str(bad), "--output", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert f"{bad}:2 is not JSON" in " ".join(result.stderr.split())
