@@ -1,0 +1,251 @@
+"""Online and batch serving of a bound scikit-learn model, against the limit and a peer.
+
+Online: requests/s and p50/p99 latency at concurrency 1, 8 and 64 (one server
+worker each, async httpx client on the same machine) for
+``metaflow function serve`` (in-process backend, as in the image), a plain
+FastAPI app calling the same model in-process (the limit), and Ray Serve with
+a FastAPI ingress and one replica (the peer). Batch: records/s of
+``metaflow function batch`` against plain Ray Data ``map_batches`` running
+the same model over the same records with the same actor pool.
+
+    python bench/serving.py [--seconds 5] [--records 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from functions_call import APP, train
+from rich.console import Console
+from rich.table import Table
+
+FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
+
+PLAIN_APP = """
+import pickle
+from fastapi import FastAPI
+app = FastAPI()
+with open({model!r}, "rb") as f:
+    model = pickle.load(f)
+NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+@app.post("/invoke")
+def invoke(data: dict) -> dict:
+    return {{"prediction": int(model.predict([[data[n] for n in NAMES]])[0])}}
+"""
+
+RAY_SERVE_APP = """
+import pickle, sys, time
+from fastapi import FastAPI
+from ray import serve
+api = FastAPI()
+NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+@serve.deployment(num_replicas=1)
+@serve.ingress(api)
+class Predict:
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            self.model = pickle.load(f)
+
+    @api.post("/invoke")
+    def invoke(self, data: dict) -> dict:
+        return {{"prediction": int(self.model.predict([[data[n] for n in NAMES]])[0])}}
+
+serve.start(http_options={{"host": "127.0.0.1", "port": {port}}})
+serve.run(Predict.bind({model!r}), route_prefix="/")
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"{url}/invoke", json=FLOWER, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} never answered")
+
+
+async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                response = await client.post(f"{url}/invoke", json=FLOWER, timeout=30)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
+    }
+
+
+def online(console: Console, work: Path, reference: Path, model: Path, seconds: float) -> None:
+    (work / "plain_app.py").write_text(PLAIN_APP.format(model=str(model)))
+    servers = {
+        "metaflow function serve (ours)": lambda port: [
+            str(Path(sys.executable).parent / "metaflow"),
+            "function",
+            "serve",
+            str(reference),
+            "--backend",
+            "inprocess",
+            "--port",
+            str(port),
+        ],
+        "plain FastAPI, model in-process (limit)": lambda port: [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "plain_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        "Ray Serve, FastAPI ingress, 1 replica (peer)": lambda port: [
+            sys.executable,
+            "-c",
+            RAY_SERVE_APP.format(port=port, model=str(model)),
+        ],
+    }
+    table = Table(title=f"online: POST /invoke, sklearn predict, {seconds:.0f} s per cell")
+    for column in ("server", "concurrency", "requests/s", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for name, command in servers.items():
+        port = free_port()
+        process = subprocess.Popen(
+            command(port), cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}")
+            for concurrency in (1, 8, 64):
+                m = asyncio.run(load(f"http://127.0.0.1:{port}", concurrency, seconds))
+                table.add_row(name, str(concurrency), f"{m['rps']:.0f}", f"{m['p50']:.1f}", f"{m['p99']:.1f}")
+        finally:
+            os.killpg(process.pid, 15)
+            process.wait(timeout=60)
+    console.print(table)
+
+
+def batch(console: Console, work: Path, reference: Path, model: Path, records: int) -> None:
+    import ray
+
+    from metaflow_stack.serving.batch import BatchOptions, run_batch
+
+    rng = random.Random(3)
+    flowers = [
+        {
+            "sepal_length": rng.uniform(4, 8),
+            "sepal_width": rng.uniform(2, 4.5),
+            "petal_length": rng.uniform(1, 7),
+            "petal_width": rng.uniform(0.1, 2.5),
+        }
+        for _ in range(records)
+    ]
+    data = work / "flowers.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in flowers))
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    class PlainPredict:
+        def __init__(self) -> None:
+            import pickle
+
+            self.model = pickle.loads(model.read_bytes())
+
+        def __call__(self, rows: dict) -> dict:
+            import numpy
+
+            names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+            out = [int(self.model.predict([[row[n] for n in names]])[0]) for row in rows["record"]]
+            return {"prediction": numpy.array(out)}
+
+    options = BatchOptions(batch_size=1024, concurrency=2, num_cpus=1, shard_size=10_000)
+    started = time.perf_counter()
+    ray.data.from_items([{"record": f} for f in flowers]).map_batches(
+        PlainPredict,
+        batch_size=options.batch_size,
+        concurrency=options.concurrency,
+        num_cpus=options.num_cpus,
+        batch_format="numpy",
+    ).materialize()
+    plain = records / (time.perf_counter() - started)
+    started = time.perf_counter()
+    run_batch(str(reference), data, work / "out", options)
+    ours = records / (time.perf_counter() - started)
+    ray.shutdown()
+
+    table = Table(title=f"batch: {records} records, 2 actors, batch size 1024")
+    for column in ("runner", "records/s", "vs plain"):
+        table.add_column(column, justify="left" if column == "runner" else "right")
+    table.add_row("plain Ray Data map_batches (limit)", f"{plain:.0f}", "100%")
+    table.add_row("metaflow function batch (ours, reading JSONL, writing parts)", f"{ours:.0f}", f"{ours / plain:.0%}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--records", type=int, default=50_000)
+    args = parser.parse_args()
+    console = Console()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    os.environ["METAFLOW_STACK_STATE_DIR"] = str(work / "state")
+    sys.path.insert(0, str(APP))
+    run_id = train(work)
+
+    import pickle
+
+    import iris_functions
+    from metaflow import JsonFunction, Run, metadata, namespace
+
+    metadata(f"local@{work}")
+    namespace(None)
+    task = Run(f"IrisTrainFlow/{run_id}")["train"].task
+    reference = work / "predict.json"
+    reference.write_text(JsonFunction(iris_functions.predict, task=task).reference)
+    model = work / "model.pkl"
+    model.write_bytes(pickle.dumps(task.data.model))
+
+    online(console, work, reference, model, args.seconds)
+    batch(console, work, reference, model, args.records)
+
+
+if __name__ == "__main__":
+    main()
