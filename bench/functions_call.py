@@ -44,20 +44,25 @@ PEER = {
 }
 
 
-def train(root: Path) -> str:
-    shutil.copy(APP / "train_flow.py", root)
-    env = {**os.environ, "USER": os.environ.get("USER") or "bench"}
-    if env["USER"] == "root":
-        env["USER"] = "bench"
-    os.environ["USER"] = env["USER"]
+def trained_task(prefix: str) -> tuple[Path, Any]:
+    """A fresh state and datastore in a temporary folder, IrisTrainFlow run there, and its train task."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["METAFLOW_STACK_STATE_DIR"] = str(work / "state")
+    if os.environ.get("USER", "root") == "root":
+        os.environ["USER"] = "bench"  # Metaflow refuses to run without a user name, and as root
+    sys.path.insert(0, str(APP))
+    shutil.copy(APP / "train_flow.py", work)
     subprocess.run(
-        [sys.executable, "train_flow.py", "--datastore-root", str(root / ".metaflow"), "run", "--run-id-file", "id"],
-        cwd=root,
-        env=env,
+        [sys.executable, "train_flow.py", "--datastore-root", str(work / ".metaflow"), "run", "--run-id-file", "id"],
+        cwd=work,
         check=True,
         capture_output=True,
     )
-    return (root / "id").read_text().strip()
+    from metaflow import Run, metadata, namespace
+
+    metadata(f"local@{work}")
+    namespace(None)
+    return work, Run(f"IrisTrainFlow/{(work / 'id').read_text().strip()}")["train"].task
 
 
 def measure(call: Callable[[Any], Any], payload: Any, calls: int, threads: int) -> dict[str, float]:
@@ -95,19 +100,13 @@ def main() -> None:
     console = Console()
     scale = 0.1 if args.quick else 1.0
 
-    work = Path(tempfile.mkdtemp(prefix="bench-functions-"))
-    os.environ["METAFLOW_STACK_STATE_DIR"] = str(work / "state")
-    sys.path.insert(0, str(APP))
-    run_id = train(work)
+    work, task = trained_task("bench-functions-")
 
     import iris_functions
-    from metaflow import JsonFunction, Run, function_from_json, metadata, namespace
+    from metaflow import JsonFunction, function_from_json
 
     from metaflow_stack.functions import environment
 
-    metadata(f"local@{work}")
-    namespace(None)
-    task = Run(f"IrisTrainFlow/{run_id}")["train"].task
     echo_ref = JsonFunction(iris_functions.echo, task=task).reference
     predict_ref = JsonFunction(iris_functions.predict, task=task).reference
 

@@ -17,16 +17,14 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from functions_call import APP, train
+from functions_call import trained_task
 from rich.console import Console
 from rich.table import Table
 
@@ -164,19 +162,11 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
 
 def batch(console: Console, work: Path, reference: Path, model: Path, records: int) -> None:
     import ray
+    from flowers import random_flowers
 
     from metaflow_stack.serving.batch import BatchOptions, run_batch
 
-    rng = random.Random(3)
-    flowers = [
-        {
-            "sepal_length": rng.uniform(4, 8),
-            "sepal_width": rng.uniform(2, 4.5),
-            "petal_length": rng.uniform(1, 7),
-            "petal_width": rng.uniform(0.1, 2.5),
-        }
-        for _ in range(records)
-    ]
+    flowers = random_flowers(records, seed=3)
     data = work / "flowers.jsonl"
     data.write_text("".join(json.dumps(f) + "\n" for f in flowers))
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -225,19 +215,13 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    os.environ["METAFLOW_STACK_STATE_DIR"] = str(work / "state")
-    sys.path.insert(0, str(APP))
-    run_id = train(work)
+    work, task = trained_task("bench-serving-")
 
     import pickle
 
     import iris_functions
-    from metaflow import JsonFunction, Run, metadata, namespace
+    from metaflow import JsonFunction
 
-    metadata(f"local@{work}")
-    namespace(None)
-    task = Run(f"IrisTrainFlow/{run_id}")["train"].task
     reference = work / "predict.json"
     reference.write_text(JsonFunction(iris_functions.predict, task=task).reference)
     model = work / "model.pkl"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN, run_cli
+from flowers import random_flowers
 
 from metaflow_stack.serving.batch import read_results
 
@@ -28,16 +28,7 @@ def batch_input(train_task, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
     folder = tmp_path_factory.mktemp("batch")
     reference = folder / "predict.json"
     reference.write_text(JsonFunction(iris_functions.predict, task=train_task).reference)
-    rng = random.Random(7)
-    flowers = [
-        {
-            "sepal_length": rng.uniform(4, 8),
-            "sepal_width": rng.uniform(2, 4.5),
-            "petal_length": rng.uniform(1, 7),
-            "petal_width": rng.uniform(0.1, 2.5),
-        }
-        for _ in range(RECORDS)
-    ]
+    flowers = random_flowers(RECORDS, seed=7)
     data = folder / "flowers.jsonl"
     data.write_text("".join(json.dumps(f) + "\n" for f in flowers))
     with function_from_json(str(reference), backend="inprocess") as fn:
