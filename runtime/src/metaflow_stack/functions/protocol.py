@@ -6,8 +6,12 @@ payload bytes. Reads block in the kernel until data arrives: nobody spins.
 
 from __future__ import annotations
 
+import json
 import struct
+import traceback
 from typing import BinaryIO
+
+from metaflow_stack.functions.errors import RemoteFunctionError
 
 HEADER = struct.Struct(">BI")
 
@@ -46,3 +50,14 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
 def read_frame(stream: BinaryIO) -> tuple[int, bytes]:
     kind, length = HEADER.unpack(_read_exact(stream, HEADER.size))
     return kind, _read_exact(stream, length)
+
+
+def error_payload(exc: BaseException) -> bytes:
+    """A raised exception as the payload of a RAISED or LOAD_FAILED frame (call inside ``except``)."""
+    return json.dumps({"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}).encode()
+
+
+def remote_error(payload: bytes) -> RemoteFunctionError:
+    """The caller-side error for a RAISED payload."""
+    error = json.loads(payload)
+    return RemoteFunctionError(error["type"], error["message"], error["traceback"])

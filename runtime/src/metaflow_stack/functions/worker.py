@@ -7,15 +7,9 @@ The protocol owns the original stdout; the function's own prints go to stderr.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
-
-
-def _error_payload(exc: BaseException) -> bytes:
-    return json.dumps({"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}).encode()
 
 
 def main(reference_file: str, base: str, codec_name: str) -> None:
@@ -32,7 +26,7 @@ def main(reference_file: str, base: str, codec_name: str) -> None:
         requests = codecs.create(codec_name, ref.input_schema)
         responses = codecs.create(codec_name, ref.output_schema)
     except BaseException as exc:
-        protocol.write_frame(protocol_out, protocol.LOAD_FAILED, _error_payload(exc))
+        protocol.write_frame(protocol_out, protocol.LOAD_FAILED, protocol.error_payload(exc))
         return
     protocol.write_frame(protocol_out, protocol.READY, b"")
 
@@ -47,7 +41,7 @@ def main(reference_file: str, base: str, codec_name: str) -> None:
             else:
                 result = responses.encode(fn(requests.decode(payload), params))
         except Exception as exc:
-            protocol.write_frame(protocol_out, protocol.RAISED, _error_payload(exc))
+            protocol.write_frame(protocol_out, protocol.RAISED, protocol.error_payload(exc))
             continue
         protocol.write_frame(protocol_out, protocol.OK, result)
 

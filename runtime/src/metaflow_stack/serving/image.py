@@ -20,6 +20,7 @@ from rich.console import Console
 
 from metaflow_stack import base_images, builders, catalog, settings
 from metaflow_stack.engines.docker import require_engine
+from metaflow_stack.errors import UnknownImageError
 from metaflow_stack.functions import environment
 from metaflow_stack.functions.bundle import export, resolve_reference
 from metaflow_stack.functions.reference import FunctionReference
@@ -48,8 +49,6 @@ def build_image(source: Any, kind: str = "fastapi", console: Console | None = No
     """Build (or find up to date) the serving image of a reference; return its local reference."""
     console = console or Console(stderr=True)
     if kind not in KINDS:
-        from metaflow_stack.errors import UnknownImageError
-
         raise UnknownImageError(f"unknown image kind {kind!r}; kinds: {', '.join(KINDS)}")
     ref, base = resolve_reference(source)
     docker = require_engine()

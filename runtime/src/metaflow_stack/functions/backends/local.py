@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from metaflow_stack.functions import codecs, environment, protocol
-from metaflow_stack.functions.errors import FunctionError, RemoteFunctionError, WorkerCrashedError
+from metaflow_stack.functions.errors import FunctionError, WorkerCrashedError
 from metaflow_stack.functions.reference import FunctionReference
 
 
@@ -70,8 +70,7 @@ class _Worker:
             raise WorkerCrashedError("the function's worker process was gone when the call was sent") from None
         status, body = self._receive()
         if status == protocol.RAISED:
-            error = json.loads(body)
-            raise RemoteFunctionError(error["type"], error["message"], error["traceback"])
+            raise protocol.remote_error(body)
         return body
 
     @property

@@ -12,15 +12,13 @@ Connects to ``RAY_ADDRESS`` when set, else starts a local Ray.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 import threading
-import traceback
 from typing import Any
 
 from metaflow_stack.functions import codecs, environment, loader, protocol
-from metaflow_stack.functions.errors import FunctionError, RemoteFunctionError
+from metaflow_stack.functions.errors import FunctionError
 from metaflow_stack.functions.reference import FunctionReference
 
 
@@ -39,8 +37,7 @@ class FunctionActor:
         try:
             return protocol.OK, compute()
         except Exception as exc:
-            error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-            return protocol.RAISED, json.dumps(error).encode()
+            return protocol.RAISED, protocol.error_payload(exc)
 
     def call(self, payload: bytes) -> tuple[int, bytes]:
         return self._answer(lambda: self._out.encode(self._fn(self._in.decode(payload), self._params)))
@@ -124,8 +121,7 @@ class RayBackend:
             actor = next(self._next)
         status, body = self._ray.get(getattr(actor, method).remote(payload))
         if status == protocol.RAISED:
-            error = json.loads(body)
-            raise RemoteFunctionError(error["type"], error["message"], error["traceback"])
+            raise protocol.remote_error(body)
         return body
 
     def call(self, value: Any) -> Any:
