@@ -170,6 +170,33 @@ def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_concurrent_calls_are_batched_and_a_failing_input_fails_alone(train_task, tmp_path: Path) -> None:
+    import asyncio
+
+    import iris_functions
+    from metaflow import JsonFunction
+
+    inputs = [{"i": i, "fail": i % 8 == 3} for i in range(48)]
+
+    async def call_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            return await asyncio.gather(*(http.post("/invoke", json=value) for value in inputs))
+
+    with _served(JsonFunction(iris_functions.slow_echo, task=train_task).reference, tmp_path) as (url, _):
+        responses = asyncio.run(call_all(url))
+        metrics = httpx.get(f"{url}/metrics").text
+    for value, response in zip(inputs, responses, strict=True):
+        if value["fail"]:
+            assert _is_error(response, 500, "function_raised")["details"]["error_id"]
+        else:
+            assert response.json() == value
+    calls = float(
+        next(line.split()[-1] for line in metrics.splitlines() if line.startswith("function_batch_size_count"))
+    )
+    assert calls < len(inputs), metrics  # requests that arrived together shared calls
+
+
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(train_task, tmp_path: Path) -> None:
     import iris_functions
     from metaflow import JsonFunction

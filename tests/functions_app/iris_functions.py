@@ -57,3 +57,14 @@ def where(data: dict, params: FunctionParameters) -> dict:
 
     package = data.get("package", "packaging")
     return {"python": sys.executable, "pid": os.getpid(), "version": importlib.metadata.version(package)}
+
+
+@json_function
+def slow_echo(data: dict, params: FunctionParameters) -> dict:
+    """Echo after a pause (so concurrent requests queue up); raise when asked to."""
+    import time
+
+    time.sleep(0.02)
+    if data.get("fail"):
+        raise ValueError("asked to fail")
+    return data

@@ -34,10 +34,11 @@ class Function:
     def __init__(self, reference: FunctionReference, backend: Backend) -> None:
         self.reference = reference
         self.backend = backend
-        self._validate = Validator(reference.input_schema)
+        #: Raises ``InvalidInputError`` naming the field when a value does not match the input schema.
+        self.validate = Validator(reference.input_schema)
 
     def __call__(self, data: Any) -> Any:
-        self._validate(data)
+        self.validate(data)
         return self.backend.call(data)
 
     def batch(self, records: Any) -> Any:
@@ -48,7 +49,7 @@ class Function:
         if not isinstance(records, list):
             raise FunctionError(f"a batch is a list or an Arrow table, not {type(records).__name__}")
         for index, record in enumerate(records):
-            self._validate(record, where=f"input[{index}]")
+            self.validate(record, where=f"input[{index}]")
         results = self.backend.call_batch(records)
         if table is None:
             return results
@@ -60,7 +61,7 @@ class Function:
 
     async def acall(self, data: Any) -> Any:
         """``await fn.acall(x)``: the call runs off the event loop."""
-        self._validate(data)
+        self.validate(data)
         return await asyncio.to_thread(self.backend.call, data)
 
     async def abatch(self, records: Any) -> Any:

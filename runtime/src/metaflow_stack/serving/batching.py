@@ -1,0 +1,103 @@
+"""Adaptive request batching: concurrent ``/invoke`` calls share one trip to the function.
+
+No timer, so an idle server adds no latency: each dispatcher takes the first
+waiting request and everything queued behind it (up to ``max_batch_size``)
+and sends them as one batch. Batches grow only while every dispatcher is busy,
+which is exactly when per-call overhead (a thread hop, a pipe round trip, an
+actor call) is what limits throughput. One dispatcher per function worker
+keeps every worker fed.
+
+A batch that raises is retried item by item, so one bad input fails only its
+own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from metaflow_stack.functions.backends import Function
+from metaflow_stack.functions.errors import RemoteFunctionError
+
+
+@dataclass
+class _Pending:
+    value: Any
+    done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class AdaptiveBatcher:
+    """Queues validated inputs and answers each with its own result or exception."""
+
+    def __init__(
+        self,
+        function: Function,
+        dispatchers: int,
+        max_batch_size: int,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self._function = function
+        self._max = max_batch_size
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._dispatch()) for _ in range(max(1, dispatchers))]
+
+    async def call(self, value: Any) -> Any:
+        """The function's result for ``value`` (already validated against its schema)."""
+        pending = _Pending(value)
+        await self._queue.put(pending)
+        return await pending.done
+
+    async def _dispatch(self) -> None:
+        backend = self._function.backend
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._on_batch(len(batch))
+            if len(batch) == 1:
+                await _settle(batch[0], asyncio.to_thread(backend.call, batch[0].value))
+                continue
+            try:
+                results = await asyncio.to_thread(backend.call_batch, [p.value for p in batch])
+            except RemoteFunctionError:
+                for pending in batch:  # find which input raised; the others still get their answer
+                    await _settle(pending, asyncio.to_thread(backend.call, pending.value))
+                continue
+            except Exception as exc:  # the backend itself failed: every request in the batch learns why
+                for pending in batch:
+                    _resolve(pending, exception=exc)
+                continue
+            for pending, result in zip(batch, results, strict=True):
+                _resolve(pending, result=result)
+
+    async def close(self) -> None:
+        """Stop the dispatchers; requests still queued get a cancellation."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while not self._queue.empty():
+            self._queue.get_nowait().done.cancel()
+
+
+def _resolve(pending: _Pending, result: Any = None, exception: BaseException | None = None) -> None:
+    if pending.done.done():  # the client went away and its request was cancelled
+        return
+    if exception is not None:
+        pending.done.set_exception(exception)
+    else:
+        pending.done.set_result(result)
+
+
+async def _settle(pending: _Pending, call: Awaitable[Any]) -> None:
+    try:
+        result = await call
+    except Exception as exc:
+        _resolve(pending, exception=exc)
+    else:
+        _resolve(pending, result=result)
