@@ -2,7 +2,8 @@
 
 Online: requests/s and p50/p99 latency at concurrency 1, 8 and 64 (one server
 worker each, async httpx client on the same machine) for
-``metaflow function serve`` (in-process backend, as in the image), a plain
+``metaflow function serve`` (in-process backend, as in the image; with and
+without adaptive batching), a plain
 FastAPI app calling the same model in-process (the limit), and Ray Serve with
 a FastAPI ingress and one replica (the peer). Batch: records/s of
 ``metaflow function batch`` against plain Ray Data ``map_batches`` running
@@ -114,9 +115,11 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
 
 def online(console: Console, work: Path, reference: Path, model: Path, seconds: float) -> None:
     (work / "plain_app.py").write_text(PLAIN_APP.format(model=str(model)))
-    servers = {
-        "metaflow function serve (ours)": lambda port: [
-            str(Path(sys.executable).parent / "metaflow"),
+
+    def ours(*options: str):
+        metaflow = str(Path(sys.executable).parent / "metaflow")
+        return lambda port: [
+            metaflow,
             "function",
             "serve",
             str(reference),
@@ -124,7 +127,12 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
             "inprocess",
             "--port",
             str(port),
-        ],
+            *options,
+        ]
+
+    servers = {
+        "metaflow function serve (ours, adaptive batching)": ours(),
+        "metaflow function serve (ours, --max-batch-size 1)": ours("--max-batch-size", "1"),
         "plain FastAPI, model in-process (limit)": lambda port: [
             sys.executable,
             "-m",

@@ -22,7 +22,7 @@ def client(train_task):
     from fastapi.testclient import TestClient
     from metaflow import JsonFunction
 
-    from metaflow_stack.serving import create_app
+    from metaflow_stack.serving.app import create_app
 
     reference = JsonFunction(iris_functions.predict_typed, task=train_task).reference
     with TestClient(create_app(reference)) as test_client:
@@ -106,7 +106,7 @@ def test_function_exception_is_a_500_with_an_error_id_and_no_traceback(train_tas
     from fastapi.testclient import TestClient
     from metaflow import JsonFunction
 
-    from metaflow_stack.serving import create_app
+    from metaflow_stack.serving.app import create_app
 
     reference = JsonFunction(iris_functions.fail, task=train_task).reference
     with TestClient(create_app(reference)) as failing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from conftest import TEST_LABEL, bind_in, free_port, last_line, run_cli, wait_ready
 
-from metaflow_stack.engines import JobSpec, get_engine
+from metaflow_stack.engines import JobSpec, Mount, get_engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -64,3 +65,65 @@ def test_the_container_serves_the_function(image: str) -> None:
         assert {"/invoke", "/invoke/batch", "/health", "/ready", "/metrics"} <= set(paths)
     finally:
         job.kill()
+
+
+def test_push_publishes_the_image_under_the_same_name(local_registry: str, image: str, reference_file: Path) -> None:
+    result = run_cli("function", "build-image", str(reference_file), "--push")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_line(result) == f"{local_registry}/{image}"
+    name, tag = image.rsplit(":", 1)
+    assert tag in httpx.get(f"http://{local_registry}/v2/{name}/tags/list").json()["tags"]
+
+
+def test_the_ray_image_runs_a_batch_in_the_functions_environment(
+    docker_engine, reference_file: Path, train_task, tmp_path: Path
+) -> None:
+    import iris_functions
+    from metaflow import JsonFunction
+
+    built = run_cli("function", "build-image", str(reference_file), "--kind", "ray")
+    assert built.returncode == 0, built.stderr[-3000:]
+    ray_image = last_line(built)
+    assert "/function-ray-predict-typed:" in ray_image
+    assert last_line(run_cli("function", "build-image", str(reference_file), "--kind", "ray")) == ray_image
+
+    flowers = [{**FLOWER, "petal_length": 1.0 + i / 10} for i in range(60)]
+    data = tmp_path / "data"
+    data.mkdir(mode=0o777)
+    data.chmod(0o777)  # the image's uid 1000 writes the results here
+    (data / "flowers.jsonl").write_text("".join(json.dumps(f) + "\n" for f in flowers))
+    job = get_engine("docker").launch(
+        JobSpec(
+            image=ray_image,
+            command=["--input", "/data/flowers.jsonl", "--output", "/data/out", "--shard-size", "25"],
+            mounts=[Mount(str(data), "/data", read_only=False)],
+            labels={TEST_LABEL: "true"},
+        )
+    )
+    try:
+        assert job.wait(timeout=300) == 0, "\n".join(job.logs())
+    finally:
+        job.kill()
+    from metaflow_stack.functions.backends import function_from_json
+    from metaflow_stack.serving.batch import read_results
+
+    with function_from_json(JsonFunction(iris_functions.predict_typed, task=train_task).reference, "inprocess") as fn:
+        assert read_results(data / "out") == [fn(f) for f in flowers]
+
+
+def test_deploy_to_docker_runs_the_server_here_and_a_redeploy_replaces_it(
+    docker_engine, image: str, reference_file: Path
+) -> None:
+    port, name = free_port(), "function-deploy-test"
+    try:
+        for _ in range(2):
+            result = run_cli("function", "deploy", str(reference_file), "--port", str(port), "--name", name)
+            assert result.returncode == 0, result.stderr[-3000:]
+            url = last_line(result)
+            assert url == f"http://127.0.0.1:{port}"
+            assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+        (container,) = docker_engine.container.list(filters=[("name", name)])
+        assert container.config.image == image
+        assert container.host_config.cap_drop == ["ALL"]
+    finally:
+        docker_engine.container.remove(name, force=True)

@@ -52,6 +52,8 @@ class BuildRequest:
     build_args: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     dockerfile: str = "Dockerfile"
+    #: The stage to build, for a Dockerfile that makes several images.
+    target: str | None = None
 
     def secret(self) -> str | None:
         """The ``--secret`` value carrying the CA bundle, when the environment names one."""
@@ -151,6 +153,7 @@ def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> None:
         labels=request.labels,
         secrets=[secret] if secret else [],
         tags=[request.tag],
+        target=request.target,
         load=True,
         progress="plain",
         stream_logs=True,
@@ -163,6 +166,8 @@ def _build_classic(request: BuildRequest, tracker: _StepTracker, binary: str) ->
         iidfile = Path(tmp) / "iid"
         command = [binary, "build", "--progress=plain", "--iidfile", str(iidfile)]
         command += ["--file", str(request.context / request.dockerfile)]
+        if request.target:
+            command += ["--target", request.target]
         for key, value in request.build_args.items():
             command += ["--build-arg", f"{key}={value}"]
         for key, value in request.labels.items():

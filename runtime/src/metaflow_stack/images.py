@@ -79,12 +79,18 @@ def _registry_ref(local_ref: str) -> str:
 
 def push_image(name: str, *, console: Console | None = None) -> str:
     """Push the local image for ``name`` to the configured registry; return the remote reference."""
-    console = console or _stderr
     docker = require_engine()
     _, _, ref = _plan(name, docker, probe_registry=False)
-    remote = _registry_ref(ref)
     if not docker.image.exists(ref):
         raise RegistryError(f"{ref} is not built here", fix=f"run `metaflow stack images build {name}` first")
+    return push_reference(ref, console=console)
+
+
+def push_reference(ref: str, *, console: Console | None = None) -> str:
+    """Push the local image ``ref`` to the configured registry under the same name; return the remote reference."""
+    console = console or _stderr
+    docker = require_engine()
+    remote = _registry_ref(ref)
     docker.image.tag(ref, remote)
     try:
         with console.status(f"pushing {remote}"):

@@ -168,16 +168,27 @@ def from_task(task: Any) -> EnvironmentRef | None:
 
 
 @functools.cache
-def _current_digest() -> str:
-    return capture().digest
+def _current() -> tuple[str, frozenset[str]]:
+    here = capture()
+    return _minor(here.python), frozenset(here.packages)
+
+
+def _minor(python: str) -> str:
+    return ".".join(python.split(".")[:2])
 
 
 def matches_current(env: EnvironmentRef) -> bool:
-    """Whether this interpreter already is the captured environment (same digest)."""
-    return _current_digest() == env.digest
+    """Whether this interpreter has the captured environment: its Python and every pin, exactly.
+
+    Packages beyond the pins (a serving image's web server, Ray in a batch
+    image) do not matter: the function imports the same versions it was bound with.
+    """
+    python, packages = _current()
+    return python == _minor(env.python) and set(env.packages) <= packages
 
 
-def _uv() -> str:
+def uv_binary() -> str:
+    """The uv executable this runtime ships with."""
     from uv import find_uv_bin
 
     return find_uv_bin()
@@ -202,8 +213,8 @@ def materialize(env: EnvironmentRef, console: Console | None = None) -> Path:
         requirements = root.with_suffix(".txt")
         requirements.write_text("\n".join(env.packages) + "\n")
         with console.status(f"creating the function environment {env.digest[:12]} ({len(env.packages)} packages)"):
-            _run([_uv(), "venv", "--quiet", "--python", minor, "--python-preference", "system", str(root)])
-            _run([_uv(), "pip", "install", "--quiet", "--python", str(python), "-r", str(requirements)])
+            _run([uv_binary(), "venv", "--quiet", "--python", minor, "--python-preference", "system", str(root)])
+            _run([uv_binary(), "pip", "install", "--quiet", "--python", str(python), "-r", str(requirements)])
         ready.write_text(env.digest)
         console.print(f"function environment {env.digest[:12]} ready", highlight=False)
     return python

@@ -1,5 +1,5 @@
-"""Serve a bound function over HTTP (FastAPI): ``create_app(reference)``."""
+"""Serve a bound function: online over HTTP (``app.create_app``), in batch with Ray Data (``batch.run_batch``),
+from images built from its reference (``image``), deployed here or to a cluster (``deploy``).
 
-from metaflow_stack.serving.app import ServeOptions, create_app
-
-__all__ = ["ServeOptions", "create_app"]
+Nothing is imported here: the batch image has Ray but no FastAPI, the server image FastAPI but no Ray.
+"""

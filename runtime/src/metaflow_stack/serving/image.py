@@ -1,83 +1,126 @@
-"""Build the image that serves one function: ``images/function-fastapi`` from a reference.
+"""Build the image that runs one function, from ``images/function``: its ``fastapi`` stage (online) or ``ray`` (batch).
 
 The build context is staged from the reference: the function's exact pins
-(plus the serving packages at this environment's versions when the function's
-environment lacks them) as ``requirements.lock``, the runtime as it travels to
-foreign workers, and a self-contained bundle with the artifacts. The tag is a
-hash of what decides the image's content (Dockerfile, base, lock, runtime,
-reference digest), so the same reference always gives the same tag.
+(plus the kind's own packages, FastAPI or Ray Data, at this environment's
+versions when the function's environment lacks them) as
+``requirements.lock``, the runtime as it travels to foreign workers, and a
+self-contained bundle with the artifacts. The tag is a hash of what decides
+the image's content (Dockerfile, base, lock, runtime, reference digest), so
+the same reference always gives the same tag. ``push`` publishes it to the
+configured registry under the same name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from metaflow_stack import base_images, builders, catalog, settings
+from metaflow_stack import base_images, builders, catalog, images, settings
 from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import UnknownImageError
 from metaflow_stack.functions import environment
 from metaflow_stack.functions.bundle import export, resolve_reference
+from metaflow_stack.functions.errors import EnvironmentBuildError
 from metaflow_stack.functions.reference import FunctionReference
 
-KINDS = {"fastapi": "function-fastapi"}
-#: What the served image needs beyond the function's own environment.
-SERVING_REQUIREMENTS = ("fastapi", "uvicorn", "prometheus-client")
+#: The build context every kind's image is staged from; each kind is a stage of its Dockerfile.
+CONTEXT = "function"
 
 
-def requirements(ref: FunctionReference) -> str:
-    """The image's lock: the function's pins, then serving packages it lacks."""
-    pins = {line.split("==", 1)[0]: line for line in ref.environment.packages}
-    for name, pin in environment.closure(SERVING_REQUIREMENTS).items():
-        pins.setdefault(name, pin)
-    return "\n".join(sorted(pins.values())) + "\n"
+@dataclass(frozen=True)
+class ImageKind:
+    """One way to run a function from an image: the image's name and what it adds to the function's environment."""
+
+    image: str
+    requirements: tuple[str, ...]
 
 
-def _tag(dockerfile: bytes, base: str, lock: str, runtime: Path, ref: FunctionReference) -> str:
+KINDS = {
+    "fastapi": ImageKind("function-fastapi", ("fastapi", "uvicorn", "prometheus-client")),
+    "ray": ImageKind("function-ray", ("ray[data]",)),
+}
+
+
+def requirements(ref: FunctionReference, kind: str = "fastapi") -> str:
+    """The image's lock: the function's exact pins plus the kind's packages, resolved by uv.
+
+    The kind's packages take whatever versions fit the function's pins (an old
+    ``packaging`` pin means an older Ray), resolved as of the moment the
+    function was bound, so the same reference gives the same lock later.
+    """
+    with tempfile.TemporaryDirectory(prefix="stack-function-lock-") as tmp:
+        wanted = Path(tmp) / "requirements.in"
+        wanted.write_text("\n".join([*ref.environment.packages, *KINDS[kind].requirements]) + "\n")
+        python = ".".join(ref.environment.python.split(".")[:2])
+        command = [environment.uv_binary(), "pip", "compile", str(wanted), "--python-version", python]
+        command += ["--python-platform", "linux", "--exclude-newer", ref.created_at]
+        result = subprocess.run(
+            [*command, "--no-header", "--no-annotate", "--quiet"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if result.returncode != 0:
+        raise EnvironmentBuildError(
+            f"the function's environment cannot take the {kind} image's packages "
+            f"({', '.join(KINDS[kind].requirements)}): {result.stderr.strip()}",
+            fix="rebind the function in an environment whose pins are compatible, or choose another --kind",
+        )
+    return result.stdout
+
+
+def _tag(dockerfile: bytes, kind: str, base: str, lock: str, runtime: Path, ref: FunctionReference) -> str:
     digest = hashlib.sha256()
-    for part in (dockerfile, base.encode(), lock.encode(), runtime.name.encode(), ref.digest.encode()):
+    for part in (dockerfile, kind.encode(), base.encode(), lock.encode(), runtime.name.encode(), ref.digest.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
 
 
-def build_image(source: Any, kind: str = "fastapi", console: Console | None = None) -> str:
-    """Build (or find up to date) the serving image of a reference; return its local reference."""
+def build_image(source: Any, kind: str = "fastapi", push: bool = False, console: Console | None = None) -> str:
+    """Build (or find up to date) a reference's image; return its local reference, or the pushed one."""
     console = console or Console(stderr=True)
     if kind not in KINDS:
         raise UnknownImageError(f"unknown image kind {kind!r}; kinds: {', '.join(KINDS)}")
     ref, base = resolve_reference(source)
     docker = require_engine()
     base_image = base_images.choose(docker)
-    context_dir = catalog.images_root() / KINDS[kind]
+    context_dir = catalog.images_root() / CONTEXT
     dockerfile = (context_dir / "Dockerfile").read_bytes()
-    lock = requirements(ref)
+    lock = requirements(ref, kind)
     runtime = environment.runtime_snapshot()
-    name = f"{settings.load().image_namespace}/{KINDS[kind]}-{ref.name.replace('_', '-').lower()}"
-    image = f"{name}:{_tag(dockerfile, base_image, lock, runtime, ref)}"
+    name = f"{settings.load().image_namespace}/{KINDS[kind].image}-{ref.name.replace('_', '-').lower()}"
+    image = f"{name}:{_tag(dockerfile, kind, base_image, lock, runtime, ref)}"
     if docker.image.exists(image):
         console.print(f"{image} is up to date")
-        return image
-    base_images.ensure(base_image, docker, console)
-    with tempfile.TemporaryDirectory(prefix="stack-function-image-") as tmp:
-        context = Path(tmp)
-        shutil.copytree(context_dir, context, dirs_exist_ok=True)
-        (context / "requirements.lock").write_text(lock)
-        shutil.copytree(runtime, context / "runtime")
-        export(ref, str(context / "bundle"), include_artifacts=True, base=base)
-        for path in context.rglob("*"):  # the image's non-root user reads everything; staging files are private
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        request = builders.BuildRequest(
-            context=context,
-            tag=image,
-            build_args={"BASE_IMAGE": base_image},
-            labels={"io.metaflow-stack.function": ref.name, "io.metaflow-stack.task": ref.task.pathspec},
-        )
-        with console.status(f"building {image}"):
-            builders.build(request, console)
-    console.print(f"built {image}")
-    return image
+    else:
+        base_images.ensure(base_image, docker, console)
+        with tempfile.TemporaryDirectory(prefix="stack-function-image-") as tmp:
+            context = Path(tmp)
+            shutil.copytree(context_dir, context, dirs_exist_ok=True)
+            (context / "requirements.lock").write_text(lock)
+            shutil.copytree(runtime, context / "runtime")
+            export(ref, str(context / "bundle"), include_artifacts=True, base=base)
+            for path in context.rglob("*"):  # the image's non-root user reads everything; staging files are private
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            request = builders.BuildRequest(
+                context=context,
+                tag=image,
+                build_args={"BASE_IMAGE": base_image},
+                target=kind,
+                labels={
+                    "io.metaflow-stack.function": ref.name,
+                    "io.metaflow-stack.task": ref.task.pathspec,
+                    "io.metaflow-stack.kind": kind,
+                },
+            )
+            with console.status(f"building {image}"):
+                builders.build(request, console)
+        console.print(f"built {image}")
+    return images.push_reference(image, console=console) if push else image

@@ -27,26 +27,95 @@ def function() -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="Function worker processes.")
 @click.option("--backend", default="local", show_default=True, type=click.Choice(["inprocess", "local", "ray"]))
+@click.option(
+    "--max-concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="METAFLOW_STACK_SERVE_MAX_CONCURRENCY",
+    help="Requests in flight.",
+)
+@click.option(
+    "--max-batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="METAFLOW_STACK_SERVE_MAX_BATCH_SIZE",
+    help="Concurrent requests one call to the function may take together; 1 turns batching off.",
+)
 @friendly
-def serve(ref: str, host: str, port: int, workers: int, backend: str) -> None:
+def serve(
+    ref: str, host: str, port: int, workers: int, backend: str, max_concurrency: int, max_batch_size: int
+) -> None:
     import uvicorn
 
-    from metaflow_stack.serving import ServeOptions, create_app
+    from metaflow_stack.serving.app import ServeOptions, create_app
 
-    app = create_app(ref, ServeOptions(backend=backend, workers=workers))
+    options = ServeOptions(backend, workers, max_concurrency=max_concurrency, max_batch_size=max_batch_size)
+    app = create_app(ref, options)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 
 
-@function.command(name="build-image", help="Build the image serving REF, in the environment it was bound in.")
+@function.command(name="build-image", help="Build the image running REF, in the environment it was bound in.")
 @click.argument("ref")
-@click.option("--kind", default="fastapi", show_default=True, type=click.Choice(["fastapi"]))
+@click.option(
+    "--kind",
+    default="fastapi",
+    show_default=True,
+    type=click.Choice(["fastapi", "ray"]),
+    help="fastapi: an HTTP server (function-fastapi); ray: a Ray Data batch runner (function-ray).",
+)
+@click.option("--push", is_flag=True, help="Also push it to the configured registry (METAFLOW_STACK_REGISTRY).")
 @friendly
-def build_image(ref: str, kind: str) -> None:
+def build_image(ref: str, kind: str, push: bool) -> None:
     from rich.console import Console
 
     from metaflow_stack.serving.image import build_image as build
 
-    click.echo(build(ref, kind, Console(stderr=True)))
+    click.echo(build(ref, kind, push=push, console=Console(stderr=True)))
+
+
+@function.command(help="Deploy REF's server: run it here (docker), or render it for a cluster (kubernetes, nomad).")
+@click.argument("ref")
+@click.option("--target", default="docker", show_default=True, type=click.Choice(["docker", "kubernetes", "nomad"]))
+@click.option("--image", help="Deploy this image instead of building REF's function-fastapi image.")
+@click.option("--name", help="Container, release or job name  [default: function-<function name>]")
+@click.option("--namespace", default="default", show_default=True, help="Kubernetes or Nomad namespace.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(0))
+@click.option("--cpu", default=0.5, show_default=True, type=click.FloatRange(0.01), help="CPUs per replica.")
+@click.option("--memory", default=1024, show_default=True, type=click.IntRange(64), help="MiB per replica.")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--port", default=8000, show_default=True, type=int, help="docker: host port, on 127.0.0.1.")
+@click.option("--output", type=click.Path(file_okay=False), help="kubernetes, nomad: where the rendered files go.")
+@click.option("--apply", is_flag=True, help="kubernetes: kubectl apply; nomad: register with NOMAD_ADDR.")
+@friendly
+def deploy(
+    ref: str,
+    target: str,
+    image: str | None,
+    name: str | None,
+    namespace: str,
+    replicas: int,
+    cpu: float,
+    memory: int,
+    max_batch_size: int,
+    port: int,
+    output: str | None,
+    apply: bool,
+) -> None:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from metaflow_stack.serving.deploy import DeployOptions
+    from metaflow_stack.serving.deploy import deploy as run_deploy
+
+    where = Path(output) if output else None
+    options = DeployOptions(target, image, name, namespace, replicas, cpu, memory, max_batch_size, port, where, apply)
+    console = Console(stderr=True)
+    done = run_deploy(ref, options, console)
+    console.print(f"next: {done.next_step}")
+    click.echo(done.url or done.files[0])
 
 
 @function.command(help="Run REF over a .jsonl or .parquet file with Ray Data; rerunning resumes where it stopped.")

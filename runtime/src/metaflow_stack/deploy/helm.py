@@ -1,0 +1,117 @@
+"""Render a chart from ``infra/helm`` offline and validate every manifest against Kubernetes' schemas.
+
+Helm's own engine renders (through ``helm-python-sdk``, no helm binary), the
+chart's ``values.schema.json`` checks the values first, and each manifest is
+validated in strict mode against the Kubernetes API schemas of the target
+version (``kubernetes-validate``), so an invalid release fails here, naming
+the object and the field, before anything reaches a cluster.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metaflow_stack.deploy import infra_root, require, write_atomically
+from metaflow_stack.errors import StackError, ToolMissingError
+
+#: The Kubernetes version manifests are validated against unless told otherwise.
+KUBERNETES_VERSION = "1.30"
+
+
+@dataclass
+class Release:
+    """A rendered, validated release: what ``kubectl apply`` takes, and what only ``helm test`` runs."""
+
+    name: str
+    namespace: str
+    manifests: list[dict[str, Any]]
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+    notes: str = ""
+
+    def to_yaml(self) -> str:
+        """The manifests as one multi-document YAML stream (hooks left out)."""
+        import yaml
+
+        return "---\n".join(yaml.safe_dump(m, sort_keys=False) for m in self.manifests)
+
+
+def chart_dir(chart: str) -> Path:
+    """The folder of ``chart`` under ``infra/helm``."""
+    path = infra_root() / "helm" / chart
+    if not (path / "Chart.yaml").is_file():
+        raise StackError(f"no chart {chart!r} under {path.parent}", fix="check the chart name")
+    return path
+
+
+def render(
+    chart: str,
+    values: dict[str, Any],
+    release: str,
+    namespace: str = "default",
+    kubernetes_version: str = KUBERNETES_VERSION,
+) -> Release:
+    """Render ``chart`` with ``values`` as ``release`` and validate every manifest."""
+    helm = require("helm_python")
+    validator = require("kubernetes_validate")
+    import yaml
+
+    try:
+        helm.validate_release_name(release)
+    except helm.HelmError as exc:
+        message = f"{release!r} is not a valid release name: {exc}"
+        raise StackError(message, fix="use lowercase letters, digits and '-', at most 53 characters") from None
+    loaded = helm.Chart.load(chart_dir(chart))
+    try:
+        merged = loaded.merge_values(values)
+        loaded.validate_schema(merged)
+        rendered = loaded.render(merged, name=release, namespace=namespace, is_install=True)
+    except helm.HelmError as exc:
+        raise StackError(f"chart {chart} refused the values: {exc}", fix="correct the values named above") from None
+
+    result = Release(release, namespace, [])
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            result.notes = text.strip()
+            continue
+        for manifest in yaml.safe_load_all(text):
+            if not manifest:
+                continue
+            where = f"{path}: {manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"
+            try:
+                validator.validate(manifest, kubernetes_version, strict=True)
+            except validator.ValidationError as exc:
+                field_path = ".".join(str(p) for p in exc.path) or "(top level)"
+                raise StackError(
+                    f"{where} is not valid Kubernetes {kubernetes_version}: {field_path}: {exc.message}",
+                    fix=f"correct the chart's template or values for {field_path}",
+                ) from None
+            annotations = manifest.get("metadata", {}).get("annotations") or {}
+            (result.hooks if "helm.sh/hook" in annotations else result.manifests).append(manifest)
+    return result
+
+
+def write(release: Release, folder: Path, values: dict[str, Any]) -> list[Path]:
+    """Write the manifests (for ``kubectl apply``) and the values (for ``helm install -f``)."""
+    import yaml
+
+    return [
+        write_atomically(folder / "kubernetes.yaml", release.to_yaml()),
+        write_atomically(folder / "values.yaml", yaml.safe_dump(values, sort_keys=False)),
+    ]
+
+
+def apply(manifests: Path, namespace: str) -> str:
+    """``kubectl apply`` the written manifests to the current context; return kubectl's report."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise ToolMissingError("kubectl is not on PATH", fix="install kubectl, or apply the written manifests yourself")
+    result = subprocess.run(
+        [kubectl, "apply", "--namespace", namespace, "-f", str(manifests)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise StackError(f"kubectl apply failed: {result.stderr.strip()}", fix="check the current kubectl context")
+    return result.stdout.strip()

@@ -1,0 +1,275 @@
+"""`metaflow function deploy` for clusters: the Helm chart and the Nomad job, rendered and validated offline.
+
+A real cluster runs them where one exists: the kind and Nomad tests at the end
+run when `kind` / `nomad` are on PATH (the GitHub workflow installs both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import free_port, last_line, need, run_cli
+
+from metaflow_stack.deploy import helm, nomad
+from metaflow_stack.errors import StackError
+
+PULUMI_PROGRAM = Path(__file__).resolve().parents[1] / "infra" / "pulumi"
+IMAGE = "registry.example/metaflow-stack/function-fastapi-predict:0123456789abcdef"
+FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
+
+
+@pytest.fixture(scope="module")
+def reference_file(train_task, tmp_path_factory) -> Path:
+    import iris_functions
+    from metaflow import JsonFunction
+
+    path = tmp_path_factory.mktemp("deploy") / "predict.json"
+    path.write_text(JsonFunction(iris_functions.predict_typed, task=train_task).reference)
+    return path
+
+
+def _deploy(reference_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("function", "deploy", str(reference_file), *args)
+
+
+def test_kubernetes_target_renders_a_validated_release(reference_file: Path, tmp_path: Path) -> None:
+    result = _deploy(
+        reference_file, "--target", "kubernetes", "--image", IMAGE, "--output", str(tmp_path), "--replicas", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert last_line(result) == str(tmp_path / "kubernetes.yaml")
+    assert "kubectl apply" in result.stderr
+    manifests = {m["kind"]: m for m in yaml.safe_load_all((tmp_path / "kubernetes.yaml").read_text())}
+    assert set(manifests) == {"Deployment", "Service", "ServiceAccount"}  # the helm test pod is a hook, not applied
+    deployment = manifests["Deployment"]
+    assert deployment["metadata"]["name"] == "function-predict-typed"
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == IMAGE
+    assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["METAFLOW_STACK_SERVE_MAX_BATCH_SIZE"] == "32"
+    values = yaml.safe_load((tmp_path / "values.yaml").read_text())
+    assert values["image"] == {"repository": IMAGE.rsplit(":", 1)[0], "tag": IMAGE.rsplit(":", 1)[1]}
+
+
+def test_every_template_of_the_chart_validates_and_lints_clean() -> None:
+    import helm_python
+
+    values = {
+        "image": {"repository": "r/function-fastapi-x", "tag": "t"},
+        "function": "x",
+        "autoscaling": {"enabled": True},
+        "podDisruptionBudget": {"enabled": True},
+        "env": {"LOG_LEVEL": "debug"},
+    }
+    release = helm.render("function-server", values, "fn-x", "ml")
+    kinds = sorted(m["kind"] for m in release.manifests)
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert [h["kind"] for h in release.hooks] == ["Pod"]
+    assert "port-forward svc/fn-x" in release.notes
+    report = helm_python.lint(helm.chart_dir("function-server"), values, strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"function": "x"}, "/image/repository"),  # the chart's values.schema.json
+        ({"function": "x", "image": {"repository": "r", "tag": "t"}, "replicaCount": "two"}, "/replicaCount"),
+        # passes the values schema, but a Deployment's cpu request must be a quantity: Kubernetes' schema says so
+        (
+            {"function": "x", "image": {"repository": "r", "tag": "t"}, "resources": {"requests": {"cpu": [1]}}},
+            "resources.requests.cpu",
+        ),
+    ],
+)
+def test_invalid_values_are_refused_naming_the_field(values: dict, named: str) -> None:
+    with pytest.raises(StackError) as refused:
+        helm.render("function-server", values, "fn-x")
+    assert named in refused.value.message
+
+
+def test_a_bad_kubernetes_deploy_writes_nothing(reference_file: Path, tmp_path: Path) -> None:
+    result = _deploy(
+        reference_file, "--target", "kubernetes", "--image", "no-tag-here", "--output", str(tmp_path / "out")
+    )
+    assert result.returncode == 1
+    assert "names no tag" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_nomad_target_renders_a_checked_job(reference_file: Path, tmp_path: Path) -> None:
+    import hcl2
+
+    result = _deploy(reference_file, "--target", "nomad", "--image", IMAGE, "--output", str(tmp_path), "--cpu", "2")
+    assert result.returncode == 0, result.stderr
+    job_file = Path(last_line(result))
+    job = hcl2.loads(job_file.read_text())
+    assert list(job["job"][0]) == ['"function-predict-typed"']  # the job ID is the deployment's name
+    variables = hcl2.loads((tmp_path / "function-server.vars.hcl").read_text())
+    assert variables["image"] == json.dumps(IMAGE) and variables["cpu"] == 2000
+    assert f"-var-file={tmp_path / 'function-server.vars.hcl'}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"image": "i", "name": "n", "function": "f", "instances": "two"},
+            "'instances' of function-server.nomad.hcl must be a number",
+        ),
+        ({"image": "i", "name": "n", "function": "f", "replicas": 2}, "declares no variable 'replicas'"),
+        ({"function": "f"}, "needs variable(s) image, name"),
+        ({"image": "i", "name": "bad name!", "function": "f"}, "is not a Nomad job ID"),
+    ],
+)
+def test_nomad_variables_are_checked_against_the_job(variables: dict, message: str) -> None:
+    with pytest.raises(StackError) as refused:
+        nomad.render("function-server", variables)
+    assert message in refused.value.message
+
+
+def test_a_template_sequence_in_a_value_stays_literal() -> None:
+    job = nomad.render("function-server", {"image": "i", "name": "n", "function": "${attr.kernel.name}"})
+    assert 'function = "$${attr.kernel.name}"' in job.var_file()
+
+
+def test_nomad_apply_without_an_agent_names_nomad_addr(reference_file: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NOMAD_ADDR"}
+    result = run_cli(
+        "function",
+        "deploy",
+        str(reference_file),
+        "--target",
+        "nomad",
+        "--image",
+        IMAGE,
+        "--output",
+        str(tmp_path),
+        "--apply",
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "error: NOMAD_ADDR is not set" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None:
+    import pulumi
+
+    class Mocks(pulumi.runtime.Mocks):
+        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+            return f"{args.name}-id", args.inputs
+
+        def call(self, args: pulumi.runtime.MockCallArgs):
+            return {}
+
+    pulumi.runtime.set_mocks(Mocks(), preview=False)
+    sys.path.insert(0, str(PULUMI_PROGRAM))
+    from components.function_server import FunctionServer, FunctionServerArgs
+
+    server = FunctionServer("function-predict", FunctionServerArgs(image=IMAGE, function="predict", replicas=2))
+
+    def check(outputs: list) -> None:
+        chart, values, namespace, url = outputs
+        assert Path(chart) == helm.chart_dir("function-server")
+        assert values["image"]["tag"] == "0123456789abcdef" and values["replicaCount"] == 2
+        assert namespace == "default"
+        assert url == "http://function-predict.default.svc.cluster.local"
+
+    done = pulumi.Output.all(server.release.chart, server.release.values, server.release.namespace, server.service_url)
+    pulumi.runtime.test(lambda: done.apply(check))()
+
+    with pytest.raises(StackError, match="names no tag"):
+        FunctionServer("broken", FunctionServerArgs(image="no-tag", function="predict"))
+
+
+# -- real clusters: run where the tools are (the GitHub workflow installs kind and Nomad) --
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_nomad_agent_runs_the_deployed_server(docker_engine, reference_file: Path, tmp_path: Path) -> None:
+    need(
+        "nomad",
+        bool(shutil.which("nomad") and os.environ.get("NOMAD_ADDR")),
+        "no Nomad agent (nomad on PATH, NOMAD_ADDR)",
+    )
+    import nomad as python_nomad
+
+    result = _deploy(reference_file, "--target", "nomad", "--output", str(tmp_path), "--apply", "--name", "function-it")
+    assert result.returncode == 0, result.stderr
+    check = subprocess.run(
+        ["nomad", "job", "validate", f"-var-file={tmp_path / 'function-server.vars.hcl'}", last_line(result)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    client = python_nomad.Nomad(address=os.environ["NOMAD_ADDR"])
+    try:
+        deadline = time.monotonic() + 300
+        url = None
+        while url is None and time.monotonic() < deadline:
+            for allocation in client.job.get_allocations("function-it"):
+                if allocation["ClientStatus"] == "running":
+                    detail = client.allocation.get_allocation(allocation["ID"])
+                    port = detail["AllocatedResources"]["Shared"]["Ports"][0]
+                    url = f"http://{port['HostIP']}:{port['Value']}"
+            time.sleep(2)
+        assert url, "the allocation never ran"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+    finally:
+        client.job.deregister_job("function-it", purge=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_kind_cluster_runs_the_deployed_server(docker_engine, reference_file: Path, tmp_path: Path) -> None:
+    need("kind", bool(shutil.which("kind") and shutil.which("kubectl")), "no kind cluster (kind and kubectl on PATH)")
+    built = run_cli("function", "build-image", str(reference_file))
+    assert built.returncode == 0, built.stderr[-3000:]
+    image = last_line(built)
+    subprocess.run(["kind", "load", "docker-image", image], check=True)
+    result = _deploy(reference_file, "--target", "kubernetes", "--image", image, "--output", str(tmp_path), "--apply")
+    assert result.returncode == 0, result.stderr
+    name = "function-predict-typed"
+    try:
+        subprocess.run(["kubectl", "rollout", "status", f"deployment/{name}", "--timeout=300s"], check=True)
+        port = free_port()
+        forward = subprocess.Popen(["kubectl", "port-forward", f"svc/{name}", f"{port}:80"])
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    answer = httpx.post(f"http://127.0.0.1:{port}/invoke", json=FLOWER)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(1)
+            assert answer.json() == {"prediction": 2}
+        finally:
+            forward.terminate()
+    finally:
+        subprocess.run(["kubectl", "delete", "-f", str(tmp_path / "kubernetes.yaml")], check=False)
