@@ -1,11 +1,11 @@
 """Online and batch serving of a bound scikit-learn model, against the limit and a peer.
 
-Online: requests/s and p50/p99 latency at concurrency 1, 8 and 64 (one server
-worker each, async httpx client on the same machine) for
-``metaflow function serve`` (in-process backend, as in the image; with and
-without adaptive batching), a plain
-FastAPI app calling the same model in-process (the limit), and Ray Serve with
-a FastAPI ingress and one replica (the peer). Batch: records/s of
+Online: requests/s and p50/p99 latency at concurrency 1, 8 and 64 (one
+server worker each, closed-loop aiohttp clients on the same machine, after a
+warm-up) for ``metaflow function serve`` (in-process backend, as in the
+image; with and without adaptive batching), a plain FastAPI app calling the
+same model in-process (the limit), and Ray Serve with a FastAPI ingress and
+one replica (the peer). Batch: records/s of
 ``metaflow function batch`` against plain Ray Data ``map_batches`` running
 the same model over the same records with the same actor pool.
 
@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 from functions_call import trained_task
 from rich.console import Console
@@ -91,15 +92,17 @@ def wait_ready(url: str, seconds: float = 180) -> None:
 
 
 async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """Closed-loop load from ``concurrency`` clients; aiohttp, because httpx's pool is what saturates first at 64."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
 
         async def worker() -> None:
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                response = await client.post(f"{url}/invoke", json=FLOWER, timeout=30)
-                response.raise_for_status()
+                async with session.post(f"{url}/invoke", json=FLOWER) as response:
+                    await response.read()
+                    response.raise_for_status()
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -159,6 +162,7 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
         )
         try:
             wait_ready(f"http://127.0.0.1:{port}")
+            asyncio.run(load(f"http://127.0.0.1:{port}", 8, 2))  # warm-up: imports, first predictions, connections
             for concurrency in (1, 8, 64):
                 m = asyncio.run(load(f"http://127.0.0.1:{port}", concurrency, seconds))
                 table.add_row(name, str(concurrency), f"{m['rps']:.0f}", f"{m['p50']:.1f}", f"{m['p99']:.1f}")
