@@ -261,13 +261,14 @@ def test_kind_cluster_runs_the_deployed_server(docker_engine, reference_file: Pa
         port = free_port()
         forward = subprocess.Popen(["kubectl", "port-forward", f"svc/{name}", f"{port}:80"])
         try:
+            answer = None
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while answer is None and time.monotonic() < deadline:
                 try:
                     answer = httpx.post(f"http://127.0.0.1:{port}/invoke", json=FLOWER)
-                    break
                 except httpx.HTTPError:
                     time.sleep(1)
+            assert answer is not None, "the port-forward never answered"
             assert answer.json() == {"prediction": 2}
         finally:
             forward.terminate()
