@@ -27,6 +27,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from metaflow_stack import api_errors
+from metaflow_stack.api_errors import ApiError, error_response
 from metaflow_stack.functions import codecs
 from metaflow_stack.functions.backends import Function, function_from_json
 from metaflow_stack.functions.bundle import resolve_reference
@@ -49,16 +51,6 @@ class ServeOptions:
     max_concurrency: int = 64
     #: Concurrent ``/invoke`` requests share one call to the function, up to this many; 1 turns it off.
     max_batch_size: int = 32
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
-
-
-def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message, "details": details}, status_code=status)
 
 
 def _openapi_schemas(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
@@ -126,16 +118,14 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    @app.exception_handler(_ApiError)
-    async def api_error(request: Request, exc: _ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, exc.details)
+    api_errors.install(app)
 
     def codec_for(header: str | None, default: str = "application/json") -> str:
         media = (header or default).split(";")[0].strip().lower()
         if media in ("", "*/*"):
             media = default
         if media not in CONTENT_TYPES:
-            raise _ApiError(
+            raise ApiError(
                 415,
                 "unsupported_media_type",
                 f"unsupported content type {media!r}",
@@ -146,11 +136,11 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
     async def body(request: Request) -> tuple[str, bytes]:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise _ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
+            raise ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
         media = codec_for(request.headers.get("content-type"))
         data = await request.body()
         if len(data) > options.max_body_bytes:
-            raise _ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
+            raise ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
         return media, data
 
     async def invoke(request: Request, route: str, batch: bool) -> Response:
@@ -164,9 +154,9 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
             try:
                 value = decoder.decode_batch(data) if batch else decoder.decode(data)
             except Exception as exc:  # each codec raises its own parse errors
-                raise _ApiError(400, "malformed_body", f"the body is not valid {media}: {exc}") from None
+                raise ApiError(400, "malformed_body", f"the body is not valid {media}: {exc}") from None
             if batch and not isinstance(value, list):
-                raise _ApiError(422, "invalid_input", "a batch body must be an array", {"field": "input"})
+                raise ApiError(422, "invalid_input", "a batch body must be an array", {"field": "input"})
             function: Function = state["function"]
             async with state["slots"]:
                 try:
@@ -176,21 +166,21 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
                         function.validate(value)
                         result = await state["call"](value)
                 except InvalidInputError as exc:
-                    raise _ApiError(422, "invalid_input", exc.message, {"field": exc.field}) from None
+                    raise ApiError(422, "invalid_input", exc.message, {"field": exc.field}) from None
                 except RemoteFunctionError as exc:
                     error_id = uuid.uuid4().hex[:16]
                     log.error("function %s raised (error id %s)\n%s", ref.name, error_id, exc.remote_traceback)
-                    raise _ApiError(
+                    raise ApiError(
                         500, "function_raised", f"the function raised {exc.exc_type}", {"error_id": error_id}
                     ) from None
                 except FunctionError as exc:
                     error_id = uuid.uuid4().hex[:16]
                     log.error("function %s failed (error id %s): %s", ref.name, error_id, exc)
-                    raise _ApiError(503, exc.code, exc.message, {"error_id": error_id}) from None
+                    raise ApiError(503, exc.code, exc.message, {"error_id": error_id}) from None
             payload = encoder.encode_batch(result) if batch else encoder.encode(result)
             status = 200
             return Response(payload, media_type=answer_media)
-        except _ApiError as exc:
+        except ApiError as exc:
             status = exc.status
             raise
         finally:
@@ -256,7 +246,7 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
     @app.get("/ready", summary="Readiness: the function is loaded", responses={503: errors["500"]})
     async def ready() -> Response:
         if "function" not in state:
-            return _error(503, "not_ready", "the function is still loading")
+            return error_response(503, "not_ready", "the function is still loading")
         return JSONResponse({"status": "ready", "function": ref.name, "backend": options.backend})
 
     @app.get("/metrics", summary="Prometheus metrics")

@@ -1,0 +1,105 @@
+"""``metaflow service``: run and migrate the metadata service.
+
+Thin glue over ``metaflow_stack.service``. Options also read
+``METAFLOW_STACK_SERVICE_*`` variables, so a container or a job spec sets
+them without a command line; the auth key is only ever read that way or from
+a prompt-free option, never logged.
+"""
+
+from __future__ import annotations
+
+from metaflow._vendor import click
+
+from metaflow_extensions.stack.cmd.cli_errors import friendly
+
+
+def _default_database() -> str:
+    from metaflow_stack.settings import load
+
+    return str(load().state_dir / "metadata.db")
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+@cli.group(help="The metadata service: Metaflow's REST API with pages, filters and events.")
+def service() -> None:
+    pass
+
+
+_database = click.option(
+    "--database",
+    envvar="METAFLOW_STACK_SERVICE_DATABASE",
+    help="A SQLite file path or postgresql://user:pass@host/db [default: metadata.db in the stack's state folder].",
+)
+
+
+@service.command(help="Serve the metadata service (point METAFLOW_SERVICE_URL at it).")
+@_database
+@click.option("--read-database", envvar="METAFLOW_STACK_SERVICE_READ_DATABASE", help="A read replica for reads.")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="METAFLOW_STACK_SERVICE_HOST")
+@click.option("--port", default=8080, show_default=True, type=int, envvar="METAFLOW_STACK_SERVICE_PORT")
+@click.option(
+    "--nats-url",
+    envvar="METAFLOW_STACK_SERVICE_NATS_URL",
+    help="Publish events to NATS JetStream (nats://host:4222); without it events stay in this process.",
+)
+@click.option(
+    "--heartbeat-cutoff",
+    default=360,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="METAFLOW_STACK_SERVICE_HEARTBEAT_CUTOFF",
+    help="Seconds without a heartbeat after which a run or task is no longer running.",
+)
+@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+@friendly
+def serve(
+    database: str | None,
+    read_database: str | None,
+    host: str,
+    port: int,
+    nats_url: str | None,
+    heartbeat_cutoff: int,
+    log_level: str,
+) -> None:
+    import os
+
+    import uvicorn
+
+    from metaflow_stack.service.app import ServiceConfig, create_app
+
+    config = ServiceConfig(
+        database_url=database or _default_database(),
+        read_database_url=read_database,
+        auth_key=os.environ.get("METAFLOW_STACK_SERVICE_AUTH_KEY") or None,
+        nats_url=nats_url,
+        heartbeat_cutoff_s=heartbeat_cutoff,
+    )
+    click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(config.database_url)})", err=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+@service.command(help="Create or upgrade the service's schema, then exit.")
+@_database
+@friendly
+def migrate(database: str | None) -> None:
+    from metaflow_stack.service.database import connect
+    from metaflow_stack.service.database import migrate as run_migrations
+
+    db = connect(database or _default_database())
+    try:
+        run_migrations(db)
+    finally:
+        db.dispose()
+    click.echo(f"schema up to date: {_redacted(db.url)}", err=True)
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    from metaflow_stack.service.database import normalize_url
+
+    return make_url(normalize_url(url)).render_as_string(hide_password=True)

@@ -1,0 +1,255 @@
+"""The metadata service's HTTP API: ``create_app(config)``.
+
+Every route Metaflow's ``ServiceMetadataProvider`` calls, answering as service
+2.5.x does (same paths, shapes and ``METADATA_SERVICE_VERSION`` header), so
+the stock client works unchanged. What is new is opt-in: query parameters on
+collections (``pages``), run summaries and failures, the event stream; the
+``/ping`` response advertises them in ``X-Capabilities``.
+
+Errors are JSON ``{code, message, details}``: 400 naming the bad parameter,
+404 for unknown routes and objects, 401 without the configured key, 413 for
+oversize bodies, 503 (with ``Retry-After``) while the database is unreachable.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from metaflow_stack import api_errors
+from metaflow_stack.api_errors import error_response
+from metaflow_stack.service import pages
+from metaflow_stack.service.database import connect, migrate
+from metaflow_stack.service.events import EventHub
+from metaflow_stack.service.store import Store
+
+#: The reference service version whose behaviour this one keeps; clients gate features on it.
+SERVICE_VERSION = "2.5.1"
+VERSION_HEADER = "METADATA_SERVICE_VERSION"
+CAPABILITIES = ("pagination", "filters", "summary", "failures", "run-tasks", "artifact-search", "events", "run-end")
+
+#: A request body parsed as JSON, whatever its shape; the store checks the shape.
+JsonBody = Annotated[Any, Body()]
+
+#: Routes open without the auth key: liveness and readiness probes.
+_OPEN = {"/healthcheck"}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the service stores, authenticates and publishes."""
+
+    database_url: str
+    read_database_url: str | None = None
+    #: When set, every request but ``/healthcheck`` needs ``x-api-key: <auth_key>``.
+    auth_key: str | None = None
+    #: ``nats://...`` publishes events to NATS JetStream; None keeps them in this process.
+    nats_url: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: A run or task whose heartbeat is older than this is no longer running.
+    heartbeat_cutoff_s: int = 360
+    migrate: bool = True
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The service for ``config``: migrates the schema and starts the event relay on start-up."""
+    database = connect(config.database_url, config.read_database_url)
+    hub = EventHub(database, config.nats_url)
+    store = Store(database, on_commit=hub.wake)
+    queries = pages.Queries(database, config.heartbeat_cutoff_s, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.migrate:
+            migrate(database)
+        await hub.start()
+        yield
+        await hub.stop()
+        database.dispose()
+
+    app = FastAPI(
+        title="Metaflow Stack metadata service",
+        version=SERVICE_VERSION,
+        lifespan=lifespan,
+        max_body_size=config.max_body_bytes,
+    )
+    app.state.store, app.state.hub, app.state.queries = store, hub, queries
+    api_errors.install(app)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeoutError)
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        response = error_response(503, "database_unavailable", "the database is unreachable; nothing was written")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.middleware("http")
+    async def headers_and_auth(request: Request, call_next: Any) -> Response:
+        if config.auth_key and request.url.path not in _OPEN:
+            given = request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), config.auth_key.encode()):
+                response: Response = error_response(401, "unauthorized", "missing or wrong x-api-key header")
+                response.headers[VERSION_HEADER] = SERVICE_VERSION
+                return response
+        response = await call_next(request)
+        response.headers[VERSION_HEADER] = SERVICE_VERSION
+        return response
+
+    # -- admin --------------------------------------------------------------
+
+    @app.get("/ping")
+    def ping() -> Response:
+        return Response("pong", media_type="text/plain", headers={"X-Capabilities": ",".join(CAPABILITIES)})
+
+    @app.get("/version")
+    def version() -> Response:
+        return Response(SERVICE_VERSION, media_type="text/plain")
+
+    @app.get("/healthcheck")
+    def healthcheck() -> dict[str, Any]:
+        return {"status": "UP", "database": queries.ping(), "events": hub.describe()}
+
+    # -- flows and runs -----------------------------------------------------
+
+    @app.get("/flows")
+    def flows(request: Request) -> Response:
+        return queries.collection(request, "flows", store.list_all, None)
+
+    @app.get("/flows/{flow_id}")
+    def get_flow(flow_id: str) -> dict[str, Any]:
+        return store.get_flow(flow_id)
+
+    @app.post("/flows/{flow_id}")
+    def create_flow(flow_id: str, body: JsonBody = None) -> dict[str, Any]:
+        return store.create_flow(flow_id, body or {})
+
+    @app.get("/flows/{flow_id}/runs")
+    def runs(request: Request, flow_id: str) -> Response:
+        return queries.collection(request, "runs", store.list_all, flow_id)
+
+    @app.post("/flows/{flow_id}/run")
+    def create_run(flow_id: str, body: JsonBody = None) -> dict[str, Any]:
+        return store.create_run(flow_id, body or {})
+
+    @app.get("/flows/{flow_id}/runs/{run}")
+    def get_run(flow_id: str, run: str) -> dict[str, Any]:
+        return store.get_run(flow_id, run)
+
+    @app.post("/flows/{flow_id}/runs/{run}/heartbeat")
+    def run_heartbeat(flow_id: str, run: str, body: JsonBody = None) -> dict[str, Any]:
+        return store.run_heartbeat(flow_id, run, body)
+
+    @app.patch("/flows/{flow_id}/runs/{run}/tag/mutate")
+    def mutate_tags(flow_id: str, run: str, body: JsonBody = None) -> dict[str, Any]:
+        return store.mutate_tags(flow_id, run, body or {})
+
+    @app.get("/flows/{flow_id}/runs/{run}/metadata")
+    def run_metadata(request: Request, flow_id: str, run: str) -> Response:
+        return queries.collection(request, "run-metadata", store.list_all, flow_id, run)
+
+    @app.get("/flows/{flow_id}/runs/{run}/summary")
+    def summary(flow_id: str, run: str) -> dict[str, Any]:
+        return queries.summary(flow_id, run)
+
+    @app.get("/flows/{flow_id}/runs/{run}/failures")
+    def failures(request: Request, flow_id: str, run: str) -> Response:
+        return queries.failures(request, flow_id, run)
+
+    @app.get("/flows/{flow_id}/runs/{run}/tasks")
+    def run_tasks(request: Request, flow_id: str, run: str) -> Response:
+        return queries.run_tasks(request, flow_id, run)
+
+    @app.get("/flows/{flow_id}/runs/{run}/artifacts")
+    def run_artifacts(request: Request, flow_id: str, run: str) -> Response:
+        return queries.artifacts(request, flow_id, run)
+
+    @app.get("/flows/{flow_id}/artifacts")
+    def flow_artifacts(request: Request, flow_id: str) -> Response:
+        return queries.artifacts(request, flow_id, None)
+
+    # -- steps --------------------------------------------------------------
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps")
+    def steps(flow_id: str, run: str) -> list[dict[str, Any]]:
+        return store.list_all("steps", flow_id, run)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}")
+    def get_step(flow_id: str, run: str, step_name: str) -> dict[str, Any]:
+        return store.get_step(flow_id, run, step_name)
+
+    @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/step")
+    def create_step(flow_id: str, run: str, step_name: str, body: JsonBody = None) -> dict[str, Any]:
+        return store.create_step(flow_id, run, step_name, body or {})
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/artifacts")
+    def step_artifacts(request: Request, flow_id: str, run: str, step_name: str) -> Response:
+        return queries.artifacts(request, flow_id, run, step_name)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/filtered_tasks")
+    def filtered_tasks(
+        flow_id: str, run: str, step_name: str, metadata_field_name: str | None = None, pattern: str | None = None
+    ) -> list[str]:
+        return store.filtered_tasks(flow_id, run, step_name, metadata_field_name, pattern)
+
+    # -- tasks --------------------------------------------------------------
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks")
+    def tasks(request: Request, flow_id: str, run: str, step_name: str) -> Response:
+        return queries.step_tasks(request, flow_id, run, step_name)
+
+    @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/task")
+    def create_task(flow_id: str, run: str, step_name: str, body: JsonBody = None) -> dict[str, Any]:
+        return store.create_task(flow_id, run, step_name, body or {})
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}")
+    def get_task(flow_id: str, run: str, step_name: str, task: str) -> dict[str, Any]:
+        return store.get_task(flow_id, run, step_name, task)
+
+    @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/heartbeat")
+    def task_heartbeat(flow_id: str, run: str, step_name: str, task: str) -> dict[str, Any]:
+        return store.task_heartbeat(flow_id, run, step_name, task)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/metadata")
+    def task_metadata(flow_id: str, run: str, step_name: str, task: str) -> list[dict[str, Any]]:
+        return store.task_metadata(flow_id, run, step_name, task)
+
+    @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/metadata")
+    def add_metadata(flow_id: str, run: str, step_name: str, task: str, body: JsonBody = None) -> dict[str, int]:
+        return store.add_metadata(flow_id, run, step_name, task, body)
+
+    @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifact")
+    def add_artifacts(flow_id: str, run: str, step_name: str, task: str, body: JsonBody = None) -> dict[str, int]:
+        return store.add_artifacts(flow_id, run, step_name, task, body)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts")
+    def task_artifacts(request: Request, flow_id: str, run: str, step_name: str, task: str) -> Response:
+        return queries.artifacts(request, flow_id, run, step_name, task)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/attempt/{attempt}/artifacts")
+    def attempt_artifacts(flow_id: str, run: str, step_name: str, task: str, attempt: int) -> list[dict[str, Any]]:
+        return store.artifacts(flow_id, run, step_name, task, attempt)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts/{name}")
+    def get_artifact(flow_id: str, run: str, step_name: str, task: str, name: str) -> dict[str, Any]:
+        return store.artifact(flow_id, run, step_name, task, name, None)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts/{name}/attempt/{attempt}")
+    def get_artifact_attempt(flow_id: str, run: str, step_name: str, task: str, name: str, attempt: int) -> dict:
+        return store.artifact(flow_id, run, step_name, task, name, attempt)
+
+    # -- events -------------------------------------------------------------
+
+    @app.get("/events")
+    async def events(request: Request) -> Response:
+        return await hub.stream(request)
+
+    return app

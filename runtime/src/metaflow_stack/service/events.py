@@ -1,0 +1,281 @@
+"""Events: the relay that publishes the outbox, and the SSE stream subscribers read.
+
+The relay numbers committed outbox rows in the order it sees them (``seq``
+across everything, ``run_seq`` within a run: writes that depend on each other
+commit one after the other, so a run's events keep their causal order),
+publishes them, then marks them published. A broker that is down only delays
+events: they stay in the outbox and go out, in order, when it is back.
+
+Two buses. Embedded: subscribers in this process get events straight from the
+relay. Production: NATS JetStream, stream ``METAFLOW_EVENTS`` on subjects
+``metaflow.events.<flow>.<run>`` (durable, replayable by any consumer, each
+message de-duplicated by its ``seq`` in ``Nats-Msg-Id``); every service
+replica feeds its subscribers from the subject, so a client may connect to
+any replica.
+
+``GET /events?flow=&run=&since=`` streams as server-sent events (``id`` is the
+``seq``, so a browser's ``Last-Event-ID`` resumes). Replay after ``since``
+comes from the database the service reads (a replica, perhaps); when a live
+event shows a gap the reader has not caught up with, the stream waits until
+the reader's newest ``seq`` (the watermark) covers it, then fills the gap:
+nothing is dropped, nothing repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy import func, select, text, update
+
+from metaflow_stack.api_errors import ApiError, bad_parameter
+from metaflow_stack.service import schema as s
+from metaflow_stack.service.database import Database
+
+log = logging.getLogger("metaflow_stack.service.events")
+
+STREAM = "METAFLOW_EVENTS"
+SUBJECT_PREFIX = "metaflow.events"
+_RELAY_LOCK = 7_300_002
+_BATCH = 500
+#: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
+WATERMARK_TIMEOUT_S = 30.0
+
+
+def subject(flow_id: str, run_number: int | None) -> str:
+    return f"{SUBJECT_PREFIX}.{flow_id}.{run_number if run_number is not None else '_'}"
+
+
+def _event(row: Any) -> dict[str, Any]:
+    return {
+        "seq": row["seq"],
+        "run_seq": row["run_seq"],
+        "kind": row["kind"],
+        "flow_id": row["flow_id"],
+        "run_number": row["run_number"],
+        "ts_epoch": row["ts_epoch"],
+        "body": row["body"],
+    }
+
+
+class EventHub:
+    """Relays the outbox to the bus and fans events out to this process's streams."""
+
+    def __init__(self, database: Database, nats_url: str | None) -> None:
+        self.db = database
+        self.nats_url = nats_url
+        self._subscribers: set[asyncio.Queue] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._nats: Any = None
+        self._jetstream: Any = None
+        self.published = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._relay(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._nats is not None:
+            with contextlib.suppress(Exception):
+                await self._nats.close()
+
+    def wake(self) -> None:
+        """Called after each committed write, from any thread."""
+        if self._loop is not None and self._wakeup is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def describe(self) -> dict[str, Any]:
+        return {"bus": "nats" if self.nats_url else "in-process", "published": self.published, "error": self.last_error}
+
+    # -- relay --------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        backoff = 0.1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+            self._wakeup.clear()
+            try:
+                while batch := await asyncio.to_thread(self._number):
+                    await self._publish(batch)
+                    await asyncio.to_thread(self._mark, [e["id"] for e in batch])
+                    self.published += len(batch)
+                self.last_error, backoff = None, 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker or database is down: the outbox keeps the events
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("event relay paused: %s (retrying in %.1fs)", self.last_error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wakeup.set()
+
+    def _number(self) -> list[dict[str, Any]]:
+        """Give unnumbered outbox rows their ``seq``/``run_seq``; return the unpublished, in ``seq`` order."""
+        e = s.events.c
+        with self.db.writer.begin() as conn:
+            if self.db.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _RELAY_LOCK})
+            fresh = conn.execute(select(e.id, e.run_number).where(e.seq.is_(None)).order_by(e.id).limit(_BATCH)).all()
+            if fresh:
+                seq = conn.execute(select(func.coalesce(func.max(e.seq), 0))).scalar_one()
+                for event_id, run_number in fresh:
+                    seq += 1
+                    run_seq = None
+                    if run_number is not None:
+                        run_seq = conn.execute(
+                            update(s.runs)
+                            .where(s.runs.c.run_number == run_number)
+                            .values(event_seq=s.runs.c.event_seq + 1)
+                            .returning(s.runs.c.event_seq)
+                        ).scalar_one()
+                    conn.execute(update(s.events).where(e.id == event_id).values(seq=seq, run_seq=run_seq))
+            pending = conn.execute(
+                select(s.events).where(e.published.is_(False), e.seq.is_not(None)).order_by(e.seq).limit(_BATCH)
+            ).mappings()
+            return [{"id": row["id"], **_event(row)} for row in pending]
+
+    def _mark(self, ids: list[int]) -> None:
+        with self.db.writer.begin() as conn:
+            conn.execute(update(s.events).where(s.events.c.id.in_(ids)).values(published=True))
+
+    async def _publish(self, batch: list[dict[str, Any]]) -> None:
+        if not self.nats_url:
+            for event in batch:
+                self._fan_out({k: v for k, v in event.items() if k != "id"})
+            return
+        jetstream = await self._connect()
+        for event in batch:
+            payload = {k: v for k, v in event.items() if k != "id"}
+            await jetstream.publish(
+                subject(event["flow_id"], event["run_number"]),
+                json.dumps(payload).encode(),
+                stream=STREAM,
+                headers={"Nats-Msg-Id": str(event["seq"])},
+            )
+
+    async def _connect(self) -> Any:
+        """The JetStream context, (re)connecting and declaring the stream; raises while NATS is down."""
+        import nats
+        from nats.js.api import StreamConfig
+
+        if self._nats is None or self._nats.is_closed:
+            self._nats = await nats.connect(
+                self.nats_url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True
+            )
+            self._jetstream = None
+            await self._nats.subscribe(f"{SUBJECT_PREFIX}.>", cb=self._on_message)
+        if self._jetstream is None:
+            jetstream = self._nats.jetstream(timeout=2)
+            await jetstream.add_stream(StreamConfig(name=STREAM, subjects=[f"{SUBJECT_PREFIX}.>"]))
+            self._jetstream = jetstream
+        return self._jetstream
+
+    async def _on_message(self, message: Any) -> None:
+        self._fan_out(json.loads(message.data))
+
+    def _fan_out(self, event: dict[str, Any]) -> None:
+        for queue in list(self._subscribers):
+            queue.put_nowait(event)
+
+    # -- streams ------------------------------------------------------------
+
+    async def stream(self, request: Request) -> EventSourceResponse:
+        """``GET /events``: ``flow``, ``run`` (its number) and ``since`` (a ``seq``) are optional."""
+        query = request.query_params
+        unknown = set(query) - {"flow", "run", "since"}
+        if unknown:
+            raise bad_parameter(sorted(unknown)[0], "unknown parameter; /events accepts flow, run and since")
+        flow = query.get("flow")
+        run = query.get("run")
+        if run is not None and not run.isdigit():
+            raise bad_parameter("run", "must be a run number")
+        since_text = query.get("since") or request.headers.get("last-event-id")
+        if since_text is not None and not since_text.isdigit():
+            raise bad_parameter("since", "must be a sequence number")
+        if self.nats_url:
+            try:
+                await self._connect()  # the live subscription feeds this replica's streams
+            except Exception as exc:
+                raise ApiError(503, "broker_unavailable", f"NATS is unreachable: {exc}") from None
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.add(queue)
+        scope = (flow, int(run) if run else None)
+        since = int(since_text) if since_text is not None else None
+        return EventSourceResponse(self._events(request, queue, scope, since))
+
+    async def _events(
+        self, request: Request, queue: asyncio.Queue, scope: tuple[str | None, int | None], since: int | None
+    ) -> AsyncIterator[ServerSentEvent]:
+        try:
+            last = since
+            if since is not None:
+                for event in await asyncio.to_thread(self._replay, scope, since, None):
+                    yield _sse(event)
+                    last = event["seq"]
+            while not await request.is_disconnected():
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=15)
+                except TimeoutError:
+                    yield ServerSentEvent(comment="keep-alive")
+                    continue
+                if last is not None and event["seq"] <= last:
+                    continue  # already sent, or a duplicate publish
+                if last is not None and event["seq"] > last + 1:
+                    for missed in await asyncio.to_thread(self._replay, scope, last, event["seq"] - 1):
+                        yield _sse(missed)
+                last = event["seq"]
+                if _in_scope(event, scope):
+                    yield _sse(event)
+        finally:
+            self._subscribers.discard(queue)
+
+    def _watermark(self) -> int:
+        with self.db.reader.connect() as conn:
+            return conn.execute(select(func.coalesce(func.max(s.events.c.seq), 0))).scalar_one()
+
+    def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int | None) -> list[dict[str, Any]]:
+        """Events after ``after`` (through ``upto``, waiting for a lagging reader to show them)."""
+        import time
+
+        deadline = time.monotonic() + WATERMARK_TIMEOUT_S
+        while upto is not None and self._watermark() < upto:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the database replica did not reach event {upto} in {WATERMARK_TIMEOUT_S:.0f}s")
+            time.sleep(0.05)
+        e = s.events.c
+        query = select(s.events).where(e.seq > after)
+        if upto is not None:
+            query = query.where(e.seq <= upto)
+        flow, run = scope
+        if flow is not None:
+            query = query.where(e.flow_id == flow)
+        if run is not None:
+            query = query.where(e.run_number == run)
+        with self.db.reader.connect() as conn:
+            return [_event(r) for r in conn.execute(query.order_by(e.seq)).mappings()]
+
+
+def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bool:
+    flow, run = scope
+    return (flow is None or event["flow_id"] == flow) and (run is None or event["run_number"] == run)
+
+
+def _sse(event: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=event, event=event["kind"], id=str(event["seq"]))

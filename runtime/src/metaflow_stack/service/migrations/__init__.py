@@ -1,0 +1,1 @@
+"""Alembic revisions for the metadata service's schema (``database.migrate`` runs them)."""

@@ -1,0 +1,172 @@
+"""The metadata service's tables: one schema for SQLite and PostgreSQL.
+
+Shaped after Metaflow's own service (flows, runs, steps, tasks, metadata,
+artifacts) with three differences that make reads cheap:
+
+- tasks keep their latest ``attempt`` and its ``attempt_ok`` (written in the
+  same transaction as the metadata row that carries them), so status filters,
+  summaries and failure lists are one indexed query instead of a join over
+  every metadata row;
+- runs keep ``end_status`` for the same reason, and ``event_seq``, the last
+  ``run_seq`` the relay handed out for the run;
+- ``events`` is the transactional outbox: a write and its event commit together,
+  and the relay numbers and publishes events in commit order.
+
+Every listing has an index that ends in its keyset (sort key, then id), so the
+deepest page costs what the first does. Change a table only through a new
+alembic revision under ``migrations/versions``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+#: JSON on SQLite, JSONB (indexable, ``?|`` / ``?&``) on PostgreSQL.
+Json = JSON().with_variant(JSONB(), "postgresql")
+#: SQLite only auto-increments an ``INTEGER PRIMARY KEY``; PostgreSQL gets a 64-bit identity.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+NAME = String(255)
+
+
+def _common() -> list[Column]:
+    return [
+        Column("user_name", NAME),
+        Column("ts_epoch", BigInteger, nullable=False),
+        # Nullable: Metaflow's service stores what the client sent, null included.
+        Column("tags", Json),
+        Column("system_tags", Json),
+    ]
+
+
+flows = Table(
+    "flows",
+    metadata,
+    Column("flow_id", NAME, primary_key=True),
+    *_common(),
+    Index("ix_flows_keyset", "ts_epoch", "flow_id"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_number", Id, primary_key=True, autoincrement=True),
+    Column("flow_id", NAME, ForeignKey("flows.flow_id"), nullable=False),
+    Column("run_id", NAME),
+    *_common(),
+    Column("last_heartbeat_ts", BigInteger),
+    Column("end_status", String(16)),
+    Column("finished_at", BigInteger),
+    Column("event_seq", BigInteger, nullable=False, server_default="0"),
+    UniqueConstraint("flow_id", "run_id", name="uq_runs_run_id"),
+    Index("ix_runs_keyset", "flow_id", "ts_epoch", "run_number"),
+    Index("ix_runs_user", "flow_id", "user_name", "ts_epoch", "run_number"),
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("run_number", Id, ForeignKey("runs.run_number"), primary_key=True),
+    Column("step_name", NAME, primary_key=True),
+    Column("flow_id", NAME, nullable=False),
+    Column("run_id", NAME),
+    *_common(),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("task_id", Id, primary_key=True, autoincrement=True),
+    Column("flow_id", NAME, nullable=False),
+    Column("run_number", Id, nullable=False),
+    Column("run_id", NAME),
+    Column("step_name", NAME, nullable=False),
+    Column("task_name", NAME),
+    *_common(),
+    Column("last_heartbeat_ts", BigInteger),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("attempt_ok", Boolean),
+    Column("finished_at", BigInteger),
+    ForeignKeyConstraint(["run_number", "step_name"], ["steps.run_number", "steps.step_name"]),
+    UniqueConstraint("run_number", "step_name", "task_name", name="uq_tasks_task_name"),
+    Index("ix_tasks_step", "run_number", "step_name", "task_id"),
+    Index("ix_tasks_run_status", "run_number", "attempt_ok", "task_id"),
+)
+
+metadata_rows = Table(
+    "metadata",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("flow_id", NAME, nullable=False),
+    Column("run_number", Id, nullable=False),
+    Column("run_id", NAME),
+    Column("step_name", NAME, nullable=False),
+    Column("task_id", Id, ForeignKey("tasks.task_id"), nullable=False),
+    Column("task_name", NAME),
+    Column("field_name", NAME, nullable=False),
+    Column("value", Text, nullable=False),
+    Column("type", NAME, nullable=False),
+    Column("attempt_id", Integer),
+    *_common(),
+    Index("ix_metadata_task", "task_id", "id"),
+    Index("ix_metadata_field", "run_number", "step_name", "field_name"),
+)
+
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("flow_id", NAME, nullable=False),
+    Column("run_number", Id, nullable=False),
+    Column("run_id", NAME),
+    Column("step_name", NAME, nullable=False),
+    Column("task_id", Id, ForeignKey("tasks.task_id"), nullable=False),
+    Column("task_name", NAME),
+    Column("attempt_id", Integer, nullable=False),
+    Column("name", NAME, nullable=False),
+    Column("location", Text),
+    Column("ds_type", NAME),
+    Column("sha", NAME),
+    Column("type", NAME),
+    Column("content_type", NAME),
+    Column("size", BigInteger),
+    Column("python_type", NAME),
+    *_common(),
+    UniqueConstraint("task_id", "attempt_id", "name", name="uq_artifacts_name"),
+    Index("ix_artifacts_run_name", "run_number", "name", "id"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("flow_id", NAME, nullable=False),
+    Column("run_number", Id),
+    Column("kind", String(32), nullable=False),
+    Column("body", Json, nullable=False),
+    Column("ts_epoch", BigInteger, nullable=False),
+    # Assigned by the relay in publish order: ``seq`` across everything, ``run_seq`` within the run.
+    Column("seq", BigInteger, unique=True),
+    Column("run_seq", BigInteger),
+    Column("published", Boolean, nullable=False, server_default=false()),
+    Index("ix_events_unpublished", "published", "id"),
+    Index("ix_events_run", "run_number", "run_seq"),
+)
