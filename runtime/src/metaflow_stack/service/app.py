@@ -79,8 +79,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         title="Metaflow Stack metadata service",
         version=SERVICE_VERSION,
         lifespan=lifespan,
-        max_body_size=config.max_body_bytes,
     )
+    app.router.max_body_size = config.max_body_bytes
     app.state.store, app.state.hub, app.state.queries = store, hub, queries
     api_errors.install(app)
 
@@ -100,7 +100,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 response: Response = error_response(401, "unauthorized", "missing or wrong x-api-key header")
                 response.headers[VERSION_HEADER] = SERVICE_VERSION
                 return response
-        response = await call_next(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > config.max_body_bytes:
+            # Refused before reading, as JSON; FastAPI's own limit still cuts off a chunked body.
+            response = error_response(413, "payload_too_large", f"body over {config.max_body_bytes} bytes")
+        else:
+            response = await call_next(request)
         response.headers[VERSION_HEADER] = SERVICE_VERSION
         return response
 
