@@ -48,6 +48,7 @@ bench: _venv
 # Re-lock the runtime's dependencies (the lock is part of every image's tag).
 lock: _venv
     uv pip compile runtime/pyproject.toml -o runtime/requirements.lock --python-version 3.11 --python-platform linux --quiet
+    uv pip compile runtime/pyproject.toml --extra service -o runtime/requirements-service.lock --python-version 3.11 --python-platform linux --quiet
 
 [private]
 _venv:

@@ -267,3 +267,7 @@ def wait_ready(url: str, seconds: float = 120) -> bool:
             pass
         time.sleep(0.2)
     return False
+
+
+# The metadata service's servers (PostgreSQL, a lagging replica, NATS, the service), as fixtures for every module.
+from service_servers import lagging_replica, nats_server, postgres, service_factory  # noqa: E402, F401

@@ -5,12 +5,14 @@ serve``), all on free 127.0.0.1 ports."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,6 +90,17 @@ class PostgresServer:
         return self.url(name)
 
 
+@contextlib.contextmanager
+def _postgres_root(prefix: str) -> Iterator[Path]:
+    """A folder the ``postgres`` account can reach (pytest's own temp folders are private to root)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _owned_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
@@ -97,11 +110,14 @@ def _owned_dir(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL primary (trust auth on loopback, fsync on) for the session."""
     need("postgresql", _pg_bin("initdb") is not None, "initdb/pg_ctl not found (apt-get install postgresql)")
-    root = tmp_path_factory.mktemp("pg")
-    root.chmod(0o755)
+    with _postgres_root("stack-pg-") as root:
+        yield from _primary(root)
+
+
+def _primary(root: Path) -> Iterator[PostgresServer]:
     data = _owned_dir(root / "primary")
     subprocess.run(
         _as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-U", "metaflow", "--auth=trust", "-E", "UTF8"]),
@@ -119,10 +135,13 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
 
 
 @pytest.fixture(scope="session")
-def lagging_replica(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def lagging_replica(postgres: PostgresServer) -> Iterator[PostgresServer]:
     """A hot-standby streaming replica of ``postgres`` that applies every change 700 ms late."""
-    root = tmp_path_factory.mktemp("pg-replica")
-    root.chmod(0o755)
+    with _postgres_root("stack-pg-replica-") as root:
+        yield from _replica(postgres, root)
+
+
+def _replica(postgres: PostgresServer, root: Path) -> Iterator[PostgresServer]:
     data = _owned_dir(root / "replica")
     data.chmod(0o700)
     subprocess.run(

@@ -1,25 +1,53 @@
-"""`metaflow stack up` runs the hello flow, in the base image or on the embedded defaults."""
+"""`metaflow stack up` starts the metadata service and runs the hello flow
+recorded by it: in the base image beside PostgreSQL and NATS containers, or on
+the embedded defaults (a local process, SQLite, in-process events)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
-from conftest import DEAD_ENGINE_ENV, last_line, run_cli
+from conftest import DEAD_ENGINE_ENV, free_port, run_cli
 
 
-def test_up_without_docker_runs_the_demo_locally(state_dir) -> None:
-    result = run_cli("stack", "up", env=DEAD_ENGINE_ENV)
-    assert result.returncode == 0, result.stderr
-    assert "no Docker engine answers" in result.stderr
-    line = last_line(result)
-    assert line.startswith("ok HelloFlow/")
-    assert "a local process" in line
+def _ok_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("ok "))
+
+
+def test_up_without_docker_runs_the_service_on_sqlite_and_the_demo(state_dir) -> None:
+    env = {**DEAD_ENGINE_ENV, "METAFLOW_STACK_SERVICE_PORT": str(free_port())}
+    result = run_cli("stack", "up", env=env)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "no Docker engine answers" in result.stderr
+        assert "SQLite" in result.stderr and "events in-process" in result.stderr
+        line = _ok_line(result.stdout)
+        assert line.startswith("ok HelloFlow/") and "a local process" in line
+        url = f"http://127.0.0.1:{env['METAFLOW_STACK_SERVICE_PORT']}"
+        run = line.split()[1].split("/")[1]
+        summary = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/summary").json()
+        assert summary["status"] == "completed"
+        assert f"METAFLOW_SERVICE_URL={url}" in result.stdout
+        again = run_cli("stack", "up", env=env)  # finds the running service
+        assert again.returncode == 0, again.stderr
+    finally:
+        down = run_cli("stack", "down", env=env)
+    assert "metadata service stopped" in down.stderr
 
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_up_runs_the_demo_in_the_base_image(base_image: str, state_dir) -> None:
-    result = run_cli("stack", "up")
-    assert result.returncode == 0, result.stderr
-    line = " ".join(result.stdout.split())
-    assert f"ran in image {base_image}" in line
-    assert "hello from" in line
+def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, state_dir) -> None:
+    env = {"METAFLOW_STACK_SERVICE_PORT": str(free_port())}
+    result = run_cli("stack", "up", env=env)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "PostgreSQL" in result.stderr and "NATS JetStream" in result.stderr
+        line = " ".join(result.stdout.split())
+        assert f"ran in image {base_image}" in line
+        assert "hello from" in line
+        url = f"http://127.0.0.1:{env['METAFLOW_STACK_SERVICE_PORT']}"
+        health = httpx.get(f"{url}/healthcheck").json()
+        assert health["events"]["bus"] == "nats" and health["events"]["error"] is None
+        assert httpx.get(f"{url}/flows/HelloFlow/runs", params={"status:eq": "completed"}).json()
+    finally:
+        run_cli("stack", "down", env=env)

@@ -60,6 +60,22 @@ _CATALOG: dict[str, ImageEntry] = {
             capabilities=("core", "flow"),
             includes=_RUNTIME_SOURCES,
         ),
+        ImageEntry(
+            name="metadata-service",
+            description="The metadata service (metaflow service serve): SQLite, or PostgreSQL and NATS",
+            capabilities=("service",),
+            includes=(*_RUNTIME_SOURCES, ("runtime/requirements-service.lock", "runtime/requirements-service.lock")),
+        ),
+        ImageEntry(
+            name="postgres",
+            description="PostgreSQL 15 from Debian's packages, the local stack's service database",
+            capabilities=("service-database",),
+        ),
+        ImageEntry(
+            name="nats",
+            description="NATS with JetStream from Debian's packages, the local stack's event broker",
+            capabilities=("service-events",),
+        ),
     )
 }
 

@@ -1,9 +1,11 @@
 """The demo ``just up`` runs: the hello flow, in the base image when Docker answers.
 
 Without a Docker engine the same flow runs as a local process on the embedded
-defaults (local datastore, local metadata), so the first command works on any
-machine with Python. Either way the run is read back through Metaflow's Client
-API, which proves it was recorded, not just printed.
+defaults (local datastore), so the first command works on any machine with
+Python. The run is recorded by the local metadata service when one is given
+(``just up`` starts it first), else in local metadata; either way it is read
+back through Metaflow's Client API, which proves it was recorded, not just
+printed.
 """
 
 from __future__ import annotations
@@ -45,18 +47,23 @@ def _username() -> str:
     return get_username() or "stack"
 
 
-def _flow_args(datastore: Path) -> list[str]:
-    return ["--datastore", "local", "--metadata", "local", "--datastore-root", str(datastore), "run"]
+def _flow_args(datastore: Path, service_url: str | None) -> list[str]:
+    metadata = "service" if service_url else "local"
+    return ["--datastore", "local", "--metadata", metadata, "--datastore-root", str(datastore), "run"]
 
 
-def _run_in_image(datastore: Path, console: Console) -> tuple[int, str]:
+def _metadata_env(service_url: str | None) -> dict[str, str]:
+    return {"METAFLOW_SERVICE_URL": service_url} if service_url else {}
+
+
+def _run_in_image(datastore: Path, service_url: str | None, console: Console) -> tuple[int, str]:
     engine = DockerEngine()
     ref = images.resolve("flow", console=console)
     job = engine.launch(
         JobSpec(
             image=ref,
-            command=["python", f"{_IN_IMAGE_DIR}/{FLOW_FILE.name}", *_flow_args(datastore)],
-            env={"USER": _username(), "HOME": "/tmp"},
+            command=["python", f"{_IN_IMAGE_DIR}/{FLOW_FILE.name}", *_flow_args(datastore, service_url)],
+            env={"USER": _username(), "HOME": "/tmp", **_metadata_env(service_url)},
             mounts=[
                 Mount(str(FLOW_FILE.parent), _IN_IMAGE_DIR),
                 Mount(str(datastore), str(datastore), read_only=False),
@@ -65,6 +72,8 @@ def _run_in_image(datastore: Path, console: Console) -> tuple[int, str]:
             # holds no capabilities either way (JobSpec's defaults).
             user=f"{os.getuid()}:{os.getgid()}",
             labels={"io.metaflow-stack.demo": "hello"},
+            # The service answers on the host's loopback only.
+            network="host" if service_url else None,
         )
     )
     try:
@@ -75,9 +84,9 @@ def _run_in_image(datastore: Path, console: Console) -> tuple[int, str]:
         job.remove()
 
 
-def _run_locally(datastore: Path, console: Console) -> tuple[int, str]:
-    env = {**os.environ, "USER": _username()}
-    command = [sys.executable, str(FLOW_FILE), *_flow_args(datastore)]
+def _run_locally(datastore: Path, service_url: str | None, console: Console) -> tuple[int, str]:
+    env = {**os.environ, "USER": _username(), **_metadata_env(service_url)}
+    command = [sys.executable, str(FLOW_FILE), *_flow_args(datastore, service_url)]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -85,25 +94,25 @@ def _run_locally(datastore: Path, console: Console) -> tuple[int, str]:
     return process.returncode, "a local process (embedded defaults: no Docker engine answered)"
 
 
-def run(console: Console, *, use_docker: bool = True) -> DemoResult:
-    """Run the hello flow and read its result back through the Client API."""
+def run(console: Console, *, use_docker: bool = True, service_url: str | None = None) -> DemoResult:
+    """Run the hello flow (recorded by the service at ``service_url``, if given) and read it back."""
     root = demo_root()
     datastore = root / ".metaflow"
     datastore.mkdir(parents=True, exist_ok=True)
     exit_code, where = None, ""
     if use_docker:
         try:
-            exit_code, where = _run_in_image(datastore, console)
+            exit_code, where = _run_in_image(datastore, service_url, console)
         except DockerUnavailableError as exc:
             console.print(f"[yellow]{exc.message}[/]: running the demo as a local process instead")
     if exit_code is None:
-        exit_code, where = _run_locally(datastore, console)
+        exit_code, where = _run_locally(datastore, service_url, console)
     if exit_code != 0:
         raise StackError(f"the hello flow failed with exit code {exit_code}", fix="see its output above")
 
     from metaflow import Flow, metadata, namespace
 
-    metadata(f"local@{root}")
+    metadata(f"service@{service_url}" if service_url else f"local@{root}")
     namespace(None)
     latest = Flow("HelloFlow").latest_run
     return DemoResult(where=where, pathspec=latest.pathspec, message=latest["hello"].task.data.message)

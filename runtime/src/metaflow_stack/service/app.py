@@ -14,13 +14,14 @@ oversize bodies, 503 (with ``Retry-After``) while the database is unreachable.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Request, Response
+from fastapi import Body, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -28,7 +29,7 @@ from metaflow_stack import api_errors
 from metaflow_stack.api_errors import error_response
 from metaflow_stack.service import pages
 from metaflow_stack.service.database import connect, migrate
-from metaflow_stack.service.events import EventHub
+from metaflow_stack.service.events import EventHub, Subscription
 from metaflow_stack.service.store import Store
 
 #: The reference service version whose behaviour this one keeps; clients gate features on it.
@@ -38,6 +39,14 @@ CAPABILITIES = ("pagination", "filters", "summary", "failures", "run-tasks", "ar
 
 #: A request body parsed as JSON, whatever its shape; the store checks the shape.
 JsonBody = Annotated[Any, Body()]
+
+
+async def _subscribe(request: Request) -> Subscription:
+    """Validates ``/events``' parameters before the stream starts, so mistakes are a 400."""
+    return await request.app.state.hub.subscribe(request)
+
+
+EventSubscription = Annotated[Subscription, Depends(_subscribe)]
 
 #: Routes open without the auth key: liveness and readiness probes.
 _OPEN = {"/healthcheck"}
@@ -253,8 +262,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     # -- events -------------------------------------------------------------
 
-    @app.get("/events")
-    async def events(request: Request) -> Response:
-        return await hub.stream(request)
+    @app.get("/events", response_class=EventSourceResponse)
+    async def events(request: Request, subscription: EventSubscription) -> AsyncIterable[ServerSentEvent]:
+        async for event in hub.events(request, subscription):
+            yield event
 
     return app

@@ -97,11 +97,20 @@ def connect(url: str, read_url: str | None = None) -> Database:
 
 
 def migrate(database: Database, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (alembic), once even if several servers start at once."""
+    """Bring the schema up to ``revision`` (alembic), once even if several servers start at once."""
+    _alembic(database, command.upgrade, revision)
+
+
+def downgrade(database: Database, revision: str) -> None:
+    """Take the schema back down to ``revision`` (``base`` drops every table)."""
+    _alembic(database, command.downgrade, revision)
+
+
+def _alembic(database: Database, action, revision: str) -> None:
     config = Config()
     config.set_main_option("script_location", "metaflow_stack.service:migrations")
     with database.writer.begin() as connection:
         if database.dialect == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        action(config, revision)

@@ -28,10 +28,11 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.sse import ServerSentEvent
 from sqlalchemy import func, select, text, update
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
@@ -46,6 +47,15 @@ _RELAY_LOCK = 7_300_002
 _BATCH = 500
 #: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
 WATERMARK_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Subscription:
+    """One ``/events`` client: its buffer of live events, its scope and where it resumes."""
+
+    queue: asyncio.Queue
+    scope: tuple[str | None, int | None]
+    since: int | None
 
 
 def subject(flow_id: str, run_number: int | None) -> str:
@@ -196,44 +206,42 @@ class EventHub:
 
     # -- streams ------------------------------------------------------------
 
-    async def stream(self, request: Request) -> EventSourceResponse:
-        """``GET /events``: ``flow``, ``run`` (its number) and ``since`` (a ``seq``) are optional."""
+    async def subscribe(self, request: Request) -> Subscription:
+        """Check ``/events``' parameters (``flow``, ``run`` number, ``since`` seq) and start buffering."""
         query = request.query_params
         unknown = set(query) - {"flow", "run", "since"}
         if unknown:
             raise bad_parameter(sorted(unknown)[0], "unknown parameter; /events accepts flow, run and since")
-        flow = query.get("flow")
         run = query.get("run")
         if run is not None and not run.isdigit():
             raise bad_parameter("run", "must be a run number")
-        since_text = query.get("since") or request.headers.get("last-event-id")
-        if since_text is not None and not since_text.isdigit():
+        since = query.get("since") or request.headers.get("last-event-id")
+        if since is not None and not since.isdigit():
             raise bad_parameter("since", "must be a sequence number")
         if self.nats_url:
             try:
                 await self._connect()  # the live subscription feeds this replica's streams
             except Exception as exc:
                 raise ApiError(503, "broker_unavailable", f"NATS is unreachable: {exc}") from None
-        queue: asyncio.Queue = asyncio.Queue()
-        self._subscribers.add(queue)
-        scope = (flow, int(run) if run else None)
-        since = int(since_text) if since_text is not None else None
-        return EventSourceResponse(self._events(request, queue, scope, since))
+        subscription = Subscription(
+            asyncio.Queue(), (query.get("flow"), int(run) if run else None), int(since) if since else None
+        )
+        self._subscribers.add(subscription.queue)
+        return subscription
 
-    async def _events(
-        self, request: Request, queue: asyncio.Queue, scope: tuple[str | None, int | None], since: int | None
-    ) -> AsyncIterator[ServerSentEvent]:
+    async def events(self, request: Request, subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
+        """Replay after ``since``, then live events, filling any gap from the (possibly lagging) reader."""
+        queue, scope = subscription.queue, subscription.scope
         try:
-            last = since
-            if since is not None:
-                for event in await asyncio.to_thread(self._replay, scope, since, None):
+            last = subscription.since
+            if last is not None:
+                for event in await asyncio.to_thread(self._replay, scope, last, None):
                     yield _sse(event)
                     last = event["seq"]
             while not await request.is_disconnected():
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=15)
+                    event = await asyncio.wait_for(queue.get(), timeout=5)
                 except TimeoutError:
-                    yield ServerSentEvent(comment="keep-alive")
                     continue
                 if last is not None and event["seq"] <= last:
                     continue  # already sent, or a duplicate publish

@@ -34,6 +34,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -79,6 +80,10 @@ runs = Table(
     UniqueConstraint("flow_id", "run_id", name="uq_runs_run_id"),
     Index("ix_runs_keyset", "flow_id", "ts_epoch", "run_number"),
     Index("ix_runs_user", "flow_id", "user_name", "ts_epoch", "run_number"),
+)
+# Tag filters test the union of user and system tags with ?| / ?& (PostgreSQL only).
+Index("ix_runs_all_tags", text("(tags || system_tags)"), postgresql_using="gin", _table=runs).ddl_if(
+    dialect="postgresql"
 )
 
 steps = Table(

@@ -317,8 +317,6 @@ class Store:
                 )
             if values:
                 conn.execute(insert(s.metadata_rows), values)
-            for datum in values:
-                self._track_attempt(conn, run_row, task_row, datum)
             outbox.add(
                 conn,
                 flow_id,
@@ -326,6 +324,8 @@ class Store:
                 "metadata",
                 {**rows.task(task_row, run_row), "fields": [d["field_name"] for d in values]},
             )
+            for datum in values:
+                self._track_attempt(conn, run_row, task_row, datum)
         return {"metadata_created": len(values)}
 
     def _track_attempt(self, conn: Connection, run_row: RowMapping, task_row: RowMapping, datum: dict) -> None:

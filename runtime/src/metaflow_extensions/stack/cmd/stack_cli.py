@@ -162,14 +162,32 @@ def registry_down() -> None:
     _err.print("registry stopped" if stopped else "no local registry was running")
 
 
-@stack.command(help="Bring up the local stack and run the hello demo (in the base image when Docker answers).")
+@stack.command(
+    help="Bring up the local stack (the metadata service: SQLite, or PostgreSQL and NATS with Docker) "
+    "and run the hello demo recorded by it."
+)
 @click.option("--no-docker", is_flag=True, help="Run on the embedded defaults even when Docker answers.")
+@click.option(
+    "--service-port",
+    default=8080,
+    show_default=True,
+    type=int,
+    envvar="METAFLOW_STACK_SERVICE_PORT",
+    help="Port of the metadata service on 127.0.0.1.",
+)
 @_friendly
-def up(no_docker: bool) -> None:
+def up(no_docker: bool, service_port: int) -> None:
     from metaflow_stack import demo
+    from metaflow_stack.service.local import LocalService
 
-    result = demo.run(_err, use_docker=not no_docker)
+    service = LocalService(port=service_port).start(_err, use_docker=not no_docker)
+    _err.print(f"metadata service on {service.url}: {service.storage}, events {service.events}", highlight=False)
+    result = demo.run(_err, use_docker=not no_docker, service_url=service.url)
     _out.print(f"[green]ok[/] {result.pathspec} ran in {result.where}: {result.message}", highlight=False)
+    _out.print(
+        f"point Metaflow at the service: export METAFLOW_DEFAULT_METADATA=service METAFLOW_SERVICE_URL={service.url}",
+        highlight=False,
+    )
 
 
 @stack.command(help="Stop what `up` and `registry up` started and remove leftover job containers.")
@@ -178,7 +196,10 @@ def down() -> None:
     from metaflow_stack.engines.docker import DockerEngine
     from metaflow_stack.errors import DockerUnavailableError
     from metaflow_stack.registry import LocalRegistry
+    from metaflow_stack.service.local import LocalService
 
+    if LocalService().stop():
+        _err.print("metadata service stopped (its data is kept)")
     if LocalRegistry.default().stop():
         _err.print("registry stopped")
     try:

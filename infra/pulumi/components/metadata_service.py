@@ -1,0 +1,66 @@
+"""``MetadataService``: the metadata service on Kubernetes from its metadata-service image.
+
+Installs the ``metadata-service`` Helm chart as an atomic release. Secrets
+(the PostgreSQL URL, the auth key) stay in Kubernetes Secrets the component
+only names. The values are rendered and validated offline at construction, so
+a wrong combination (several replicas on SQLite, several without NATS) fails
+at ``pulumi preview`` with the chart's own message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as kubernetes
+
+from metaflow_stack.deploy import helm
+
+CHART = "metadata-service"
+
+
+@dataclass(frozen=True)
+class MetadataServiceArgs:
+    """Where the service keeps its data and publishes its events."""
+
+    image: str
+    #: A Secret holding ``database-url`` (postgresql://...); empty runs one replica on SQLite.
+    database_secret: str = ""
+    nats_url: str = ""
+    #: A Secret holding ``auth-key``; clients then send it as x-api-key.
+    auth_secret: str = ""
+    replicas: int = 2
+    namespace: str = "default"
+
+    def values(self) -> dict[str, Any]:
+        repository, _, tag = self.image.rpartition(":")
+        return {
+            "image": {"repository": repository, "tag": tag},
+            "database": {"existingSecret": self.database_secret},
+            "nats": {"url": self.nats_url},
+            "auth": {"existingSecret": self.auth_secret},
+            "replicaCount": self.replicas,
+        }
+
+
+class MetadataService(pulumi.ComponentResource):
+    """A Helm release of ``infra/helm/metadata-service`` and the URL Metaflow should use in the cluster."""
+
+    def __init__(self, name: str, args: MetadataServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("metaflow-stack:service:MetadataService", name, None, opts)
+        values = args.values()
+        helm.render(CHART, values, name, args.namespace)  # offline validation; raises naming the field
+        self.release = kubernetes.helm.v3.Release(
+            name,
+            kubernetes.helm.v3.ReleaseArgs(
+                name=name,
+                chart=str(helm.chart_dir(CHART)),
+                namespace=args.namespace,
+                values=values,
+                atomic=True,
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.service_url = pulumi.Output.concat("http://", name, ".", args.namespace, ".svc.cluster.local:8080")
+        self.register_outputs({"service_url": self.service_url, "release": self.release.name})

@@ -1,0 +1,201 @@
+"""The local stack's metadata service, as ``just up`` starts it.
+
+Without Docker: ``metaflow service serve`` as a background process on
+127.0.0.1, SQLite in the state folder, events in process (the embedded
+default). With Docker: the ``metadata-service`` image beside ``postgres`` and
+``nats`` containers (images built here from Debian's packages) on a private
+network; only the service is published, on 127.0.0.1. Data lives in named
+volumes, so ``down`` then ``up`` keeps it. The database password is generated
+once, kept in the state folder (mode 0600) and handed over as an environment
+variable at run time: it is in no image and no log.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from metaflow_stack import settings
+from metaflow_stack.errors import DockerUnavailableError, StackError
+
+DEFAULT_PORT = 8080
+NETWORK = "metaflow-stack"
+#: Containers of the Docker flavour, in start order; ``down`` removes them (volumes stay).
+CONTAINERS = ("metaflow-stack-postgres", "metaflow-stack-nats", "metaflow-stack-metadata-service")
+_LABEL = {"io.metaflow-stack.service": "local"}
+
+
+@dataclass(frozen=True)
+class RunningService:
+    """Where the local service answers and what it runs on."""
+
+    url: str
+    storage: str
+    events: str
+
+
+class LocalService:
+    """Starts and stops the local stack's metadata service."""
+
+    def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
+        self.home = home or settings.load().state_dir / "service"
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.home / "service.pid"
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self, console: Console, *, use_docker: bool = True) -> RunningService:
+        """Start the service (or find it running); Docker gives it PostgreSQL and NATS."""
+        if use_docker:
+            try:
+                return self._start_containers(console)
+            except DockerUnavailableError as exc:
+                console.print(f"[yellow]{exc.message}[/]: running the metadata service on SQLite instead")
+        return self._start_process(console)
+
+    # -- embedded: a process on SQLite ---------------------------------------
+
+    def _start_process(self, console: Console) -> RunningService:
+        database = self.home / "metadata.db"
+        running = RunningService(self.url, f"SQLite ({database})", "in-process")
+        if self.healthy():
+            return running
+        self.home.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(Path(sys.executable).with_name("metaflow")),
+            "service",
+            "serve",
+            "--database",
+            str(database),
+            "--port",
+            str(self.port),
+        ]
+        with (self.home / "service.log").open("ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self._pidfile.write_text(str(process.pid))
+        self._wait(console, lambda: process.poll() is None)
+        return running
+
+    # -- Docker: PostgreSQL and NATS beside the service -----------------------
+
+    def _password(self) -> str:
+        path = self.home / "postgres-password"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
+    def _start_containers(self, console: Console) -> RunningService:
+        from metaflow_stack import images
+        from metaflow_stack.engines import JobSpec, Mount
+        from metaflow_stack.engines.docker import DockerEngine, require_engine
+
+        docker = require_engine()
+        running = RunningService(self.url, "PostgreSQL (container metaflow-stack-postgres)", "NATS JetStream")
+        if self.healthy():
+            return running
+        refs = {name: images.build(name, console=console) for name in ("postgres", "nats", "metadata-service")}
+        if not docker.network.exists(NETWORK):
+            docker.network.create(NETWORK)
+        for name in CONTAINERS:
+            if docker.container.exists(name):
+                docker.container.remove(name, force=True)
+        password = self._password()
+        engine = DockerEngine()
+        specs = [
+            JobSpec(
+                image=refs["postgres"],
+                command=[],
+                name=CONTAINERS[0],
+                network=NETWORK,
+                env={"POSTGRES_PASSWORD": password},
+                mounts=[Mount("metaflow-stack-pgdata", "/var/lib/postgresql/data", read_only=False)],
+                labels=_LABEL,
+            ),
+            JobSpec(
+                image=refs["nats"],
+                command=[],
+                name=CONTAINERS[1],
+                network=NETWORK,
+                mounts=[Mount("metaflow-stack-natsdata", "/data", read_only=False)],
+                labels=_LABEL,
+            ),
+            JobSpec(
+                image=refs["metadata-service"],
+                command=[],
+                name=CONTAINERS[2],
+                network=NETWORK,
+                env={
+                    "METAFLOW_STACK_SERVICE_DATABASE": f"postgresql://metaflow:{password}@{CONTAINERS[0]}:5432/metaflow",
+                    "METAFLOW_STACK_SERVICE_NATS_URL": f"nats://{CONTAINERS[1]}:4222",
+                },
+                ports={8080: self.port},
+                labels=_LABEL,
+            ),
+        ]
+        for spec in specs:
+            engine.launch(spec)
+        self._wait(console, lambda: docker.container.inspect(CONTAINERS[2]).state.running, seconds=180)
+        return running
+
+    def _wait(self, console: Console, alive, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        with console.status(f"waiting for the metadata service on {self.url}"):
+            while time.monotonic() < deadline:
+                if self.healthy():
+                    return
+                if not alive():
+                    break
+                time.sleep(0.3)
+        raise StackError(
+            f"the metadata service did not answer on {self.url}",
+            fix=f"see {self.home / 'service.log'} (or `docker logs {CONTAINERS[2]}`); "
+            f"is port {self.port} taken? set METAFLOW_STACK_SERVICE_PORT",
+        )
+
+    # -- stopping -----------------------------------------------------------
+
+    def stop(self) -> bool:
+        """Stop what ``start`` started (the process, or the containers); data is kept."""
+        stopped = False
+        if self._pidfile.exists():
+            try:
+                os.kill(int(self._pidfile.read_text()), signal.SIGTERM)
+                stopped = True
+            except (ProcessLookupError, ValueError):
+                pass
+            self._pidfile.unlink()
+        try:
+            from metaflow_stack.engines.docker import require_engine
+
+            docker = require_engine()
+        except DockerUnavailableError:
+            return stopped
+        present = [name for name in CONTAINERS if docker.container.exists(name)]
+        if present:
+            docker.container.remove(present, force=True)
+        return stopped or bool(present)

@@ -1,0 +1,110 @@
+"""The metadata service's Helm chart, Nomad job and Pulumi component, checked
+offline: rendered by Helm's engine and validated against Kubernetes 1.30, the
+Nomad job parsed with its variables, the Pulumi component under mocks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from metaflow_stack.deploy import helm, nomad
+from metaflow_stack.errors import StackError
+
+PULUMI_PROGRAM = Path(__file__).resolve().parents[1] / "infra" / "pulumi"
+IMAGE = {"repository": "registry.example/metaflow-stack/metadata-service", "tag": "0123456789abcdef"}
+
+
+def _env(manifest: dict) -> dict:
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_production_values_use_secrets_nats_and_several_replicas() -> None:
+    values = {
+        "image": IMAGE,
+        "database": {"existingSecret": "metaflow-db", "readSecretKey": "read-url"},
+        "nats": {"url": "nats://nats:4222"},
+        "auth": {"existingSecret": "metaflow-auth"},
+    }
+    release = helm.render("metadata-service", values, "metadata")
+    kinds = {m["kind"]: m for m in release.manifests}
+    assert set(kinds) == {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
+    deployment = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 2
+    env = _env(deployment)
+    assert env["METAFLOW_STACK_SERVICE_DATABASE"] == {"secretKeyRef": {"name": "metaflow-db", "key": "database-url"}}
+    assert env["METAFLOW_STACK_SERVICE_READ_DATABASE"]["secretKeyRef"]["key"] == "read-url"
+    assert env["METAFLOW_STACK_SERVICE_AUTH_KEY"]["secretKeyRef"]["name"] == "metaflow-auth"
+    assert env["METAFLOW_STACK_SERVICE_NATS_URL"] == "nats://nats:4222"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert [h["kind"] for h in release.hooks] == ["Pod"]
+    assert "METAFLOW_SERVICE_URL=http://metadata.default:8080" in release.notes
+
+
+def test_sqlite_runs_one_replica_on_a_volume() -> None:
+    release = helm.render("metadata-service", {"image": IMAGE, "replicaCount": 1}, "metadata")
+    kinds = {m["kind"]: m for m in release.manifests}
+    assert "PersistentVolumeClaim" in kinds and "PodDisruptionBudget" not in kinds
+    assert kinds["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert "METAFLOW_STACK_SERVICE_DATABASE" not in _env(kinds["Deployment"])  # the image's SQLite default
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"image": IMAGE}, "SQLite allows one replica"),
+        ({"image": IMAGE, "database": {"existingSecret": "db"}}, "several replicas need NATS"),
+        ({"image": {"repository": "", "tag": "x"}, "replicaCount": 1}, "repository"),
+        ({"image": IMAGE, "replicaCount": 1, "nats": {"url": "http://wrong"}}, "nats"),
+    ],
+)
+def test_wrong_values_are_refused_naming_the_problem(values: dict, message: str) -> None:
+    with pytest.raises(StackError, match=message):
+        helm.render("metadata-service", values, "metadata")
+
+
+def test_the_nomad_job_takes_an_image_and_keeps_secrets_in_nomad_variables() -> None:
+    job = nomad.render("metadata-service", {"image": "r/metadata-service:abc", "nats_url": "nats://n:4222"})
+    assert 'image = "r/metadata-service:abc"' in job.var_file()
+    assert 'nomadVar "nomad/jobs/${var.name}"' in job.hcl
+    assert "database_url" not in job.var_file()
+    with pytest.raises(StackError, match="needs variable"):
+        nomad.render("metadata-service", {})
+    with pytest.raises(StackError, match="instances"):
+        nomad.render("metadata-service", {"image": "r/x:1", "instances": "two"})
+
+
+def test_the_pulumi_component_installs_the_chart() -> None:
+    import pulumi
+
+    class Mocks(pulumi.runtime.Mocks):
+        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+            return f"{args.name}-id", args.inputs
+
+        def call(self, args: pulumi.runtime.MockCallArgs):
+            return {}
+
+    pulumi.runtime.set_mocks(Mocks(), preview=False)
+    sys.path.insert(0, str(PULUMI_PROGRAM))
+    from components.metadata_service import MetadataService, MetadataServiceArgs
+
+    image = f"{IMAGE['repository']}:{IMAGE['tag']}"
+    service = MetadataService(
+        "metadata-service", MetadataServiceArgs(image=image, database_secret="db", nats_url="nats://nats:4222")
+    )
+
+    def check(outputs: list) -> None:
+        chart, values, url = outputs
+        assert Path(chart) == helm.chart_dir("metadata-service")
+        assert values["image"] == IMAGE and values["replicaCount"] == 2
+        assert values["database"]["existingSecret"] == "db"
+        assert url == "http://metadata-service.default.svc.cluster.local:8080"
+
+    done = pulumi.Output.all(service.release.chart, service.release.values, service.service_url)
+    pulumi.runtime.test(lambda: done.apply(check))()
+    with pytest.raises(StackError, match="SQLite allows one replica"):
+        MetadataService("broken", MetadataServiceArgs(image=image))
