@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from metaflow_stack.service.devservers import free_port
+
 PROJECT = Path(__file__).resolve().parents[1]
 FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Metaflow reads its S3 endpoint when it is first imported: point it at the

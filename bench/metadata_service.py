@@ -1,0 +1,443 @@
+"""The metadata service at scale, against what Metaflow users have today.
+
+On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
+
+- pages of 100k runs: the first and the deepest page end to end over HTTP,
+  the keyset query beside the OFFSET query upstream's master uses, and the
+  unpaginated listing the stock client asks for;
+- the failed tasks of a 10k-task foreach: one ``/failures`` request, against
+  the metadata requests the stock Client API makes (``Task.successful`` on
+  every task; its datastore reads are not counted);
+- writes with events at 1 and 8 writer processes: this service's outbox (the
+  row and its event in one transaction, the relay publishing meanwhile) against
+  the same insert with the reference UI backend's ``pg_notify`` trigger and a
+  listener draining it;
+- event fan-out: outbox events delivered to 8 SSE subscribers.
+
+    python bench/metadata_service.py [--runs 100000] [--tasks 10000] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import requests
+from rich.console import Console
+from rich.table import Table
+
+from metaflow_stack.service.database import connect, migrate
+from metaflow_stack.service.devservers import free_port, nats_server, postgres_cluster
+from metaflow_stack.service.events import EventHub
+from metaflow_stack.service.pages import _encode_cursor
+
+console = Console(stderr=True)
+FLOW = "BenchFlow"
+TAGS = '["team:bench"]'
+SYSTEM_TAGS = '["user:bench", "runtime:dev", "metaflow_version:2.19.39"]'
+
+NOTIFY_SCHEMA = """
+CREATE TABLE metadata_v3 (
+    flow_id VARCHAR(255), run_number BIGINT, run_id VARCHAR(255), step_name VARCHAR(255),
+    task_id BIGINT, task_name VARCHAR(255), id BIGSERIAL, field_name VARCHAR(255), value TEXT,
+    type VARCHAR(255), user_name VARCHAR(255), ts_epoch BIGINT, tags JSONB, system_tags JSONB,
+    PRIMARY KEY (id, flow_id, run_number, step_name, task_id, field_name)
+);
+CREATE FUNCTION notify_ui() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('notify', json_build_object(
+        'table', TG_TABLE_NAME, 'operation', TG_OP,
+        'data', json_build_object('flow_id', NEW.flow_id, 'run_number', NEW.run_number,
+            'step_name', NEW.step_name, 'task_id', NEW.task_id, 'field_name', NEW.field_name,
+            'value', NEW.value, 'tags', NEW.tags))::text);
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+CREATE TRIGGER notify_ui AFTER INSERT ON metadata_v3 FOR EACH ROW EXECUTE PROCEDURE notify_ui();
+"""
+
+
+def median_ms(call, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def copy_rows(cur, table: str, columns: str, rows) -> None:
+    """``COPY table (columns) FROM STDIN`` of ``rows``."""
+    with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def load(url: str, runs: int, tasks: int) -> int:
+    """``runs`` runs of one flow, and one more run with a ``tasks``-task foreach of which 3 failed."""
+    now = int(time.time() * 1000) - runs * 10
+    common = "user_name, ts_epoch, tags, system_tags"
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        copy_rows(cur, "flows", f"flow_id, {common}", [(FLOW, "bench", now, "[]", "[]")])
+        copy_rows(
+            cur,
+            "runs",
+            f"flow_id, {common}, end_status",
+            ((FLOW, "bench", now + i * 10, TAGS, SYSTEM_TAGS, "completed") for i in range(runs)),
+        )
+        cur.execute(
+            f"INSERT INTO runs (flow_id, {common}, end_status) VALUES (%s, 'bench', %s, %s, %s, 'failed') "
+            "RETURNING run_number",
+            (FLOW, now + runs * 10, TAGS, SYSTEM_TAGS),
+        )
+        run = cur.fetchone()[0]
+        copy_rows(
+            cur, "steps", f"run_number, step_name, flow_id, {common}", [(run, "work", FLOW, "bench", now, "[]", "[]")]
+        )
+        failed = {tasks // 4, tasks // 2, tasks - 7}
+        copy_rows(
+            cur,
+            "tasks",
+            f"flow_id, run_number, step_name, {common}, attempt, attempt_ok, finished_at",
+            ((FLOW, run, "work", "bench", now + i, "[]", "[]", 0, i not in failed, now + i + 5) for i in range(tasks)),
+        )
+        cur.execute("SELECT task_id FROM tasks WHERE run_number = %s ORDER BY task_id", (run,))
+        ids = [r[0] for r in cur.fetchall()]
+
+        def metadata_rows():
+            tags = '["attempt_id:0"]'
+            for i, task_id in enumerate(ids):
+                fields = [("attempt", "0", "attempt"), ("attempt_ok", str(i not in failed), "internal_attempt_status")]
+                if i in failed:
+                    fields.append(
+                        ("exception", json.dumps({"type": "ValueError", "message": f"item {i}"}), "exception")
+                    )
+                for field, value, kind in fields:
+                    yield (FLOW, run, "work", task_id, field, value, kind, 0, "bench", now, tags, "[]")
+
+        copy_rows(
+            cur,
+            "metadata",
+            f"flow_id, run_number, step_name, task_id, field_name, value, type, attempt_id, {common}",
+            metadata_rows(),
+        )
+        base = ("bench", now, "[]", "[]")
+        copy_rows(
+            cur,
+            "artifacts",
+            f"flow_id, run_number, step_name, task_id, attempt_id, name, location, ds_type, sha, type, {common}",
+            (
+                (FLOW, run, "work", task_id, 0, name, ":root:/nowhere", "local", name, "metaflow.artifact", *base)
+                for task_id in ids
+                for name in ("name", "_success")
+            ),
+        )
+        conn.commit()
+        cur.execute("ANALYZE")
+    return run
+
+
+def start_service(url: str, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    metaflow = str(Path(sys.executable).with_name("metaflow"))
+    process = subprocess.Popen(
+        [metaflow, "service", "serve", "--database", url, "--port", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the service did not start: {log.read_text()[-2000:]}")
+
+
+# -- pages and failures ---------------------------------------------------------
+
+
+def pages(url: str, base: str, runs: int) -> list[tuple[str, str, str, str]]:
+    http = httpx.Client(base_url=base, timeout=120)
+    database = connect(url)
+    with database.reader.connect() as conn:
+        ts, number = conn.exec_driver_sql(
+            "SELECT ts_epoch, run_number FROM runs WHERE flow_id = %(f)s ORDER BY ts_epoch DESC, run_number DESC "
+            "OFFSET %(o)s LIMIT 1",
+            {"f": FLOW, "o": runs - 50},
+        ).one()
+    deepest = _encode_cursor([ts, number])
+
+    def first() -> None:
+        assert len(http.get("/flows/BenchFlow/runs", params={"_limit": 50}).json()) == 50
+
+    def deep() -> None:
+        assert len(http.get("/flows/BenchFlow/runs", params={"_limit": 50, "_cursor": deepest}).json()) == 50
+
+    first_ms, deep_ms = median_ms(first, 50), median_ms(deep, 50)
+    keyset_sql = (
+        "SELECT * FROM runs WHERE flow_id = %(f)s AND (ts_epoch, run_number) < (%(t)s, %(n)s) "
+        "ORDER BY ts_epoch DESC, run_number DESC LIMIT 50"
+    )
+    offset_sql = (
+        "SELECT * FROM runs WHERE flow_id = %(f)s ORDER BY ts_epoch DESC, run_number DESC LIMIT 50 OFFSET %(o)s"
+    )
+    with psycopg.connect(url) as conn:
+        keyset_ms = median_ms(lambda: conn.execute(keyset_sql, {"f": FLOW, "t": ts, "n": number}).fetchall(), 50)
+        offset_ms = median_ms(lambda: conn.execute(offset_sql, {"f": FLOW, "o": runs - 50}).fetchall(), 50)
+    sizes = []
+
+    def whole() -> None:
+        sizes.append(len(http.get("/flows/BenchFlow/runs").content))
+
+    whole_ms = median_ms(whole, 3)
+    database.dispose()
+    return [
+        (
+            "first page of 50 (HTTP)",
+            f"{first_ms:.1f} ms",
+            f"{whole_ms:,.0f} ms for all {runs + 1:,} runs ({sizes[0] / 1e6:.1f} MB)",
+            "< 20 ms",
+        ),
+        (
+            "deepest page of 50 (HTTP)",
+            f"{deep_ms:.1f} ms",
+            "(no pages in the stock client)",
+            f"≤ first ({first_ms:.1f} ms), < 20 ms",
+        ),
+        ("deepest page, SQL only", f"{keyset_ms:.2f} ms keyset", f"{offset_ms:.2f} ms OFFSET", "keyset ≤ OFFSET"),
+    ]
+
+
+def failures(base: str, run: int, tasks: int) -> list[tuple[str, str, str, str]]:
+    http = httpx.Client(base_url=base, timeout=120)
+
+    def ours() -> None:
+        assert len(http.get(f"/flows/{FLOW}/runs/{run}/failures").json()) == 3
+
+    ours_ms = median_ms(ours, 20)
+    session = requests.Session()  # what Metaflow's client uses
+    started = time.perf_counter()
+    listed = session.get(f"{base}/flows/{FLOW}/runs/{run}/steps/work/tasks").json()
+    count = 1
+    failed = []
+    for task in listed:
+        artifact = session.get(f"{base}/flows/{FLOW}/runs/{run}/steps/work/tasks/{task['task_id']}/artifacts/_success")
+        count += 1
+        if artifact.status_code != 200:
+            failed.append(task)
+    stock_ms = (time.perf_counter() - started) * 1000
+    return [
+        (
+            f"find the failed tasks of a {tasks:,}-task foreach",
+            f"1 request, {ours_ms:.1f} ms",
+            f"{count:,} requests, {stock_ms:,.0f} ms (metadata only)",
+            "1 request, < 50 ms",
+        )
+    ]
+
+
+# -- writes with events ---------------------------------------------------------
+
+
+def _writer(url: str, mode: str, seconds: float, run: int, task: int, queue) -> None:
+    done = 0
+    with psycopg.connect(url, autocommit=mode == "notify") as conn:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            if mode == "notify":
+                conn.execute(
+                    "INSERT INTO metadata_v3 (flow_id, run_number, step_name, task_id, field_name, value, type, "
+                    "user_name, ts_epoch, tags, system_tags) VALUES ('F', 1, 'work', 1, 'attempt', '0', 'attempt', "
+                    "'bench', 0, '[\"attempt_id:0\"]', '[]')"
+                )
+            else:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO metadata (flow_id, run_number, step_name, task_id, field_name, value, type, "
+                        "attempt_id, user_name, ts_epoch, tags, system_tags) VALUES (%s, %s, 'work', %s, 'attempt', "
+                        "'0', 'attempt', 0, 'bench', 0, '[\"attempt_id:0\"]', '[]')",
+                        (FLOW, run, task),
+                    )
+                    conn.execute(
+                        "INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) "
+                        "VALUES (%s, %s, 'metadata', '{\"fields\": [\"attempt\"]}', 0)",
+                        (FLOW, run),
+                    )
+            done += 1
+    queue.put(done)
+
+
+def write_rate(url: str, mode: str, writers: int, seconds: float, run: int, task: int) -> float:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_writer, args=(url, mode, seconds, run, task, queue)) for _ in range(writers)]
+    for p in processes:
+        p.start()
+    total = sum(queue.get() for _ in processes)
+    for p in processes:
+        p.join()
+    return total / seconds
+
+
+def _listen(url: str, stop: threading.Event) -> None:
+    """What the reference UI backend does: LISTEN and drain notifications."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("LISTEN notify")
+        while not stop.is_set():
+            for _ in conn.notifies(timeout=0.2):
+                pass
+
+
+def _relay(url: str, nats_url: str | None, stop: threading.Event) -> None:
+    async def main() -> None:
+        hub = EventHub(connect(url), nats_url)
+        await hub.start()
+        while not stop.is_set():
+            hub.wake()
+            await asyncio.sleep(0.05)
+        await hub.stop()
+
+    asyncio.run(main())
+
+
+def writes(pg, ours_url: str, nats_url: str | None, seconds: float, run: int) -> list[tuple[str, str, str, str]]:
+    notify_url = pg.create_database()
+    with psycopg.connect(notify_url, autocommit=True) as conn:
+        conn.execute(NOTIFY_SCHEMA)
+    with psycopg.connect(ours_url) as conn:
+        task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
+    rows = []
+    for writers in (1, 8):
+        stop = threading.Event()
+        listener = threading.Thread(target=_listen, args=(notify_url, stop), daemon=True)
+        listener.start()
+        notify = write_rate(notify_url, "notify", writers, seconds, run, task)
+        stop.set()
+        listener.join()
+        stop = threading.Event()
+        relay = threading.Thread(target=_relay, args=(ours_url, nats_url, stop), daemon=True)
+        relay.start()
+        ours = write_rate(ours_url, "outbox", writers, seconds, run, task)
+        stop.set()
+        relay.join()
+        bus = "NATS JetStream" if nats_url else "in-process bus"
+        rows.append(
+            (
+                f"writes with events, {writers} writer(s), rows/s",
+                f"{ours:,.0f} (outbox, relay to {bus})",
+                f"{notify:,.0f} (pg_notify trigger)",
+                f"{ours / notify:.2f}x" + (" (goal ≥ 2x)" if writers == 8 else ""),
+            )
+        )
+    return rows
+
+
+# -- fan-out --------------------------------------------------------------------
+
+
+def fan_out(url: str, base: str, events: int, subscribers: int) -> list[tuple[str, str, str, str]]:
+    with psycopg.connect(url) as conn:
+        start_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        pending = conn.execute("SELECT count(*) FROM events WHERE seq IS NULL").fetchone()[0]
+    counts = [0] * subscribers
+    ready = threading.Barrier(subscribers + 1)
+    total = events + pending
+
+    def read(i: int) -> None:
+        with httpx.stream("GET", f"{base}/events", timeout=httpx.Timeout(10, read=120)) as response:
+            ready.wait()
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    counts[i] += 1
+                    if counts[i] >= total:
+                        return
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(subscribers)]
+    for thread in readers:
+        thread.start()
+    ready.wait()
+    time.sleep(0.5)
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        copy_rows(cur, "events", "flow_id, kind, body, ts_epoch", ((FLOW, "metadata", "{}", 0) for _ in range(events)))
+    started = time.perf_counter()
+    httpx.post(f"{base}/flows/FanOut", json={})  # a write wakes the relay at once
+    for thread in readers:
+        thread.join(timeout=120)
+    elapsed = time.perf_counter() - started
+    delivered = sum(counts)
+    assert start_seq >= 0 and delivered >= subscribers * events
+    return [
+        (
+            f"event fan-out to {subscribers} SSE subscribers",
+            f"{delivered / elapsed:,.0f} events/s delivered ({events / elapsed:,.0f}/s each)",
+            "(pg_notify: one LISTEN connection per backend process)",
+            "",
+        )
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--events", type=int, default=20_000)
+    args = parser.parse_args()
+    table = Table(title="metadata service (PostgreSQL, same machine, same run)")
+    for column in ("measurement", "this service", "stock Metaflow service / client", "goal"):
+        table.add_column(column)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-metadata-"))
+    try:
+        with postgres_cluster() as pg:
+            url = pg.create_database()
+            migrate(connect(url))
+            with console.status(f"loading {args.runs:,} runs and a {args.tasks:,}-task run"):
+                run = load(url, args.runs, args.tasks)
+            process, base = start_service(url, workdir / "service.log")
+            try:
+                with console.status("pages"):
+                    rows = pages(url, base, args.runs)
+                with console.status("failures"):
+                    rows += failures(base, run, args.tasks)
+                with console.status("fan-out"):
+                    rows += fan_out(url, base, args.events, 8)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            nats_context = nats_server(workdir) if shutil.which("nats-server") else None
+            with console.status("writes"):
+                if nats_context is not None:
+                    with nats_context as nats:
+                        rows += writes(pg, url, nats.url, args.seconds, run)
+                else:
+                    rows += writes(pg, url, None, args.seconds, run)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    print(f"(cpus: {os.cpu_count()})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Throwaway PostgreSQL clusters and NATS servers from locally installed binaries.
+
+For the test suite, the benchmarks and trying the service by hand: each server
+listens on 127.0.0.1 only, on a free port, in a folder of its own, with trust
+authentication (so never for data that matters). PostgreSQL refuses to run as
+root, so as root its tools run as the ``postgres`` account.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow_stack.errors import ToolMissingError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def postgres_binary(name: str) -> str | None:
+    """``initdb``, ``pg_ctl``, ...: on PATH, else in Debian's versioned folder."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(_as_postgres_user(command), capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:2])} failed: {result.stderr.strip()[-2000:]}")
+
+
+def _owned(path: Path, mode: int = 0o700) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres", "postgres")
+    path.chmod(mode)
+    return path
+
+
+@dataclass
+class PostgresServer:
+    """One PostgreSQL cluster (a primary, or a streaming replica of one) on 127.0.0.1."""
+
+    data: Path
+    port: int
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://metaflow@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
+        _run(
+            [
+                postgres_binary("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.data / "server.log"),
+                "-w",
+                "-o",
+                options,
+                "start",
+            ]
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            _run([postgres_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def create_database(self) -> str:
+        """A fresh, empty database; returns its URL."""
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def replica(self, folder: Path, apply_delay_ms: int = 0) -> PostgresServer:
+        """A hot-standby streaming replica in ``folder``, applying changes ``apply_delay_ms`` late; started."""
+        data = _owned(folder / "data")
+        _run(
+            [
+                postgres_binary("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "metaflow",
+                "-D",
+                str(data),
+                "-R",
+            ]
+        )
+        with (data / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"recovery_min_apply_delay = '{apply_delay_ms}ms'\nhot_standby = on\n")
+        replica = PostgresServer(data=data, port=free_port())
+        replica.start()
+        return replica
+
+
+@contextlib.contextmanager
+def postgres_cluster(prefix: str = "stack-pg-") -> Iterator[PostgresServer]:
+    """A new, started PostgreSQL cluster (user ``metaflow``, fsync on); removed afterwards."""
+    if postgres_binary("initdb") is None:
+        raise ToolMissingError("PostgreSQL's initdb is not installed", fix="apt-get install postgresql")
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)  # reachable by the postgres account
+    servers: list[PostgresServer] = []
+    try:
+        data = _owned(root / "primary")
+        _run([postgres_binary("initdb"), "-D", str(data), "-U", "metaflow", "--auth=trust", "-E", "UTF8"])
+        server = PostgresServer(data=data, port=free_port())
+        server.start()
+        servers.append(server)
+        yield server
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replica_of(primary: PostgresServer, apply_delay_ms: int) -> Iterator[PostgresServer]:
+    """A streaming replica of ``primary`` that applies every change ``apply_delay_ms`` late."""
+    root = Path(tempfile.mkdtemp(prefix="stack-pg-replica-"))
+    root.chmod(0o755)
+    replica = None
+    try:
+        replica = primary.replica(root, apply_delay_ms)
+        yield replica
+    finally:
+        if replica is not None:
+            replica.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class NatsServer:
+    """nats-server with JetStream on 127.0.0.1; ``stop`` then ``start`` keeps its port and store."""
+
+    port: int
+    store: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            raise ToolMissingError("nats-server is not installed", fix="apt-get install nats-server")
+        self.store.mkdir(parents=True, exist_ok=True)
+        with (self.store.parent / "nats.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def nats_server(folder: Path) -> Iterator[NatsServer]:
+    """A started nats-server with JetStream storing under ``folder``."""
+    server = NatsServer(port=free_port(), store=folder / "jetstream")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
