@@ -14,14 +14,13 @@ oversize bodies, 503 (with ``Retry-After``) while the database is unreachable.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -262,9 +261,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     # -- events -------------------------------------------------------------
 
-    @app.get("/events", response_class=EventSourceResponse)
-    async def events(request: Request, subscription: EventSubscription) -> AsyncIterable[ServerSentEvent]:
-        async for event in hub.events(request, subscription):
-            yield event
+    @app.get("/events", response_class=StreamingResponse)
+    async def events(request: Request, subscription: EventSubscription) -> StreamingResponse:
+        return StreamingResponse(
+            hub.events(request, subscription),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     return app

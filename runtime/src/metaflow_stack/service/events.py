@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.sse import ServerSentEvent
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.service import schema as s
@@ -44,7 +43,10 @@ log = logging.getLogger("metaflow_stack.service.events")
 STREAM = "METAFLOW_EVENTS"
 SUBJECT_PREFIX = "metaflow.events"
 _RELAY_LOCK = 7_300_002
-_BATCH = 500
+_BATCH = 2000
+PUBLISH_TIMEOUT_S = 5.0
+#: A comment line on an idle stream, so proxies keep it open and a gone client is noticed.
+KEEP_ALIVE_S = 15.0
 #: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
 WATERMARK_TIMEOUT_S = 30.0
 
@@ -84,7 +86,10 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._nats: Any = None
+        #: The NATS subscription feeding this process's streams, held only while some stream is open.
+        self._live: Any = None
         self._jetstream: Any = None
         self.published = 0
         self.last_error: str | None = None
@@ -97,6 +102,7 @@ class EventHub:
         self._task = asyncio.create_task(self._relay(), name="outbox-relay")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -117,9 +123,10 @@ class EventHub:
 
     async def _relay(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # unlike wait_for, never swallows a cancellation
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 while batch := await asyncio.to_thread(self._number):
@@ -130,6 +137,9 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker or database is down: the outbox keeps the events
+                if asyncio.current_task().cancelling():
+                    # nats-py turns a cancellation inside publish_async into its own error.
+                    raise asyncio.CancelledError from exc
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("event relay paused: %s (retrying in %.1fs)", self.last_error, backoff)
                 await asyncio.sleep(backoff)
@@ -145,17 +155,24 @@ class EventHub:
             fresh = conn.execute(select(e.id, e.run_number).where(e.seq.is_(None)).order_by(e.id).limit(_BATCH)).all()
             if fresh:
                 seq = conn.execute(select(func.coalesce(func.max(e.seq), 0))).scalar_one()
+                runs = {n for _, n in fresh if n is not None}
+                run_seq = dict(
+                    conn.execute(
+                        select(s.runs.c.run_number, s.runs.c.event_seq).where(s.runs.c.run_number.in_(runs))
+                    ).all()
+                )
+                numbered = []
                 for event_id, run_number in fresh:
                     seq += 1
-                    run_seq = None
                     if run_number is not None:
-                        run_seq = conn.execute(
-                            update(s.runs)
-                            .where(s.runs.c.run_number == run_number)
-                            .values(event_seq=s.runs.c.event_seq + 1)
-                            .returning(s.runs.c.event_seq)
-                        ).scalar_one()
-                    conn.execute(update(s.events).where(e.id == event_id).values(seq=seq, run_seq=run_seq))
+                        run_seq[run_number] += 1
+                    numbered.append({"b_id": event_id, "seq": seq, "run_seq": run_seq.get(run_number)})
+                conn.execute(update(s.events).where(e.id == bindparam("b_id")), numbered)
+                if run_seq:
+                    conn.execute(
+                        update(s.runs).where(s.runs.c.run_number == bindparam("b_run")),
+                        [{"b_run": n, "event_seq": value} for n, value in run_seq.items()],
+                    )
             pending = conn.execute(
                 select(s.events).where(e.published.is_(False), e.seq.is_not(None)).order_by(e.seq).limit(_BATCH)
             ).mappings()
@@ -171,14 +188,25 @@ class EventHub:
                 self._fan_out({k: v for k, v in event.items() if k != "id"})
             return
         jetstream = await self._connect()
+        acks = []
         for event in batch:
+            # Sent in order on one connection; acknowledgements are awaited together below.
             payload = {k: v for k, v in event.items() if k != "id"}
-            await jetstream.publish(
-                subject(event["flow_id"], event["run_number"]),
-                json.dumps(payload).encode(),
-                stream=STREAM,
-                headers={"Nats-Msg-Id": str(event["seq"])},
+            acks.append(
+                await jetstream.publish_async(
+                    subject(event["flow_id"], event["run_number"]),
+                    json.dumps(payload).encode(),
+                    stream=STREAM,
+                    headers={"Nats-Msg-Id": str(event["seq"])},
+                )
             )
+        # Any failure leaves the batch unpublished: it is sent again, and NATS drops the duplicates.
+        done, waiting = await asyncio.wait(acks, timeout=PUBLISH_TIMEOUT_S)
+        for ack in waiting:
+            ack.cancel()
+        failed = next((a.exception() for a in done if a.exception()), None)
+        if waiting or failed:
+            raise failed or TimeoutError(f"{len(waiting)} events unacknowledged after {PUBLISH_TIMEOUT_S:.0f}s")
 
     async def _connect(self) -> Any:
         """The JetStream context, (re)connecting and declaring the stream; raises while NATS is down."""
@@ -189,8 +217,7 @@ class EventHub:
             self._nats = await nats.connect(
                 self.nats_url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True
             )
-            self._jetstream = None
-            await self._nats.subscribe(f"{SUBJECT_PREFIX}.>", cb=self._on_message)
+            self._jetstream, self._live = None, None
         if self._jetstream is None:
             jetstream = self._nats.jetstream(timeout=2)
             await jetstream.add_stream(StreamConfig(name=STREAM, subjects=[f"{SUBJECT_PREFIX}.>"]))
@@ -198,11 +225,14 @@ class EventHub:
         return self._jetstream
 
     async def _on_message(self, message: Any) -> None:
-        self._fan_out(json.loads(message.data))
+        self._fan_out(json.loads(message.data), message.data.decode())
 
-    def _fan_out(self, event: dict[str, Any]) -> None:
-        for queue in list(self._subscribers):
-            queue.put_nowait(event)
+    def _fan_out(self, event: dict[str, Any], encoded: str | None = None) -> None:
+        """Hand ``event`` to every open stream, encoded once for all of them."""
+        if self._subscribers:
+            item = (event, _frame(event, encoded))
+            for queue in list(self._subscribers):
+                queue.put_nowait(item)
 
     # -- streams ------------------------------------------------------------
 
@@ -220,7 +250,9 @@ class EventHub:
             raise bad_parameter("since", "must be a sequence number")
         if self.nats_url:
             try:
-                await self._connect()  # the live subscription feeds this replica's streams
+                await self._connect()
+                if self._live is None:  # the live subscription feeds this replica's streams
+                    self._live = await self._nats.subscribe(f"{SUBJECT_PREFIX}.>", cb=self._on_message)
             except Exception as exc:
                 raise ApiError(503, "broker_unavailable", f"NATS is unreachable: {exc}") from None
         subscription = Subscription(
@@ -229,30 +261,42 @@ class EventHub:
         self._subscribers.add(subscription.queue)
         return subscription
 
-    async def events(self, request: Request, subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
+    async def events(self, request: Request, subscription: Subscription) -> AsyncIterator[bytes]:
         """Replay after ``since``, then live events, filling any gap from the (possibly lagging) reader."""
         queue, scope = subscription.queue, subscription.scope
         try:
             last = subscription.since
             if last is not None:
                 for event in await asyncio.to_thread(self._replay, scope, last, None):
-                    yield _sse(event)
+                    yield _frame(event)
                     last = event["seq"]
             while not await request.is_disconnected():
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=5)
+                    async with asyncio.timeout(KEEP_ALIVE_S):
+                        items = [await queue.get()]
                 except TimeoutError:
+                    yield b": keep-alive\n\n"
                     continue
-                if last is not None and event["seq"] <= last:
-                    continue  # already sent, or a duplicate publish
-                if last is not None and event["seq"] > last + 1:
-                    for missed in await asyncio.to_thread(self._replay, scope, last, event["seq"] - 1):
-                        yield _sse(missed)
-                last = event["seq"]
-                if _in_scope(event, scope):
-                    yield _sse(event)
+                while not queue.empty() and len(items) < _BATCH:  # whatever else is queued goes in one write
+                    items.append(queue.get_nowait())
+                chunk = []
+                for event, frame in items:
+                    if last is not None and event["seq"] <= last:
+                        continue  # already sent, or a duplicate publish
+                    if last is not None and event["seq"] > last + 1:
+                        missed = await asyncio.to_thread(self._replay, scope, last, event["seq"] - 1)
+                        chunk += [_frame(m) for m in missed]
+                    last = event["seq"]
+                    if _in_scope(event, scope):
+                        chunk.append(frame)
+                if chunk:
+                    yield b"".join(chunk)
         finally:
             self._subscribers.discard(queue)
+            if not self._subscribers and self._live is not None:
+                live, self._live = self._live, None
+                with contextlib.suppress(Exception):
+                    await live.unsubscribe()
 
     def _watermark(self) -> int:
         with self.db.reader.connect() as conn:
@@ -285,5 +329,7 @@ def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bo
     return (flow is None or event["flow_id"] == flow) and (run is None or event["run_number"] == run)
 
 
-def _sse(event: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=event, event=event["kind"], id=str(event["seq"]))
+def _frame(event: dict[str, Any], encoded: str | None = None) -> bytes:
+    """One server-sent event (``event``, ``id``, ``data`` lines), encoded once for every stream."""
+    data = encoded or json.dumps(event)
+    return f"event: {event['kind']}\nid: {event['seq']}\ndata: {data}\n\n".encode()
