@@ -79,7 +79,12 @@ def test_the_nomad_job_takes_an_image_and_keeps_secrets_in_nomad_variables() -> 
 
 
 def test_the_pulumi_component_installs_the_chart() -> None:
+    import asyncio
+
     import pulumi
+
+    # Pulumi's mocks run on the main thread's event loop; an earlier test may have closed it.
+    asyncio.set_event_loop(asyncio.new_event_loop())
 
     class Mocks(pulumi.runtime.Mocks):
         def new_resource(self, args: pulumi.runtime.MockResourceArgs):
