@@ -80,3 +80,14 @@ def test_a_page_walk_under_concurrent_inserts_sees_every_run_once(database_url: 
     assert len(seen) == len(set(seen)), "no run twice"
     assert set(before) <= set(seen), "every run that existed when the walk began"
     assert set(seen) <= set(before) | set(inserted)
+
+
+def test_serve_names_an_unreachable_database_in_one_line() -> None:
+    from conftest import free_port, run_cli
+
+    result = run_cli("service", "serve", "--database", f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    assert result.returncode == 1
+    assert "error: cannot use the database postgresql+psycopg://nobody@127.0.0.1" in result.stderr
+    assert "fix: check --database" in result.stderr and "Traceback" not in result.stderr
+    wrong = run_cli("service", "migrate", "--database", "mysql://x/y")
+    assert wrong.returncode == 1 and "unsupported database URL scheme 'mysql'" in wrong.stderr

@@ -71,14 +71,17 @@ def serve(
 
     from metaflow_stack.service.app import ServiceConfig, create_app
 
+    url = database or _default_database()
+    _migrate(url)  # here, so an unreachable database is one line, not a server's traceback
     config = ServiceConfig(
-        database_url=database or _default_database(),
+        database_url=url,
         read_database_url=read_database,
         auth_key=os.environ.get("METAFLOW_STACK_SERVICE_AUTH_KEY") or None,
         nats_url=nats_url,
         heartbeat_cutoff_s=heartbeat_cutoff,
+        migrate=False,
     )
-    click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(config.database_url)})", err=True)
+    click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(url)})", err=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 
@@ -86,15 +89,29 @@ def serve(
 @_database
 @friendly
 def migrate(database: str | None) -> None:
+    url = database or _default_database()
+    _migrate(url)
+    click.echo(f"schema up to date: {_redacted(url)}", err=True)
+
+
+def _migrate(url: str) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from metaflow_stack.errors import StackError
     from metaflow_stack.service.database import connect
     from metaflow_stack.service.database import migrate as run_migrations
 
-    db = connect(database or _default_database())
+    db = connect(url)
     try:
         run_migrations(db)
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise StackError(
+            f"cannot use the database {_redacted(url)}: {reason}",
+            fix="check --database (METAFLOW_STACK_SERVICE_DATABASE) and that the database server runs",
+        ) from None
     finally:
         db.dispose()
-    click.echo(f"schema up to date: {_redacted(db.url)}", err=True)
 
 
 def _redacted(url: str) -> str:
