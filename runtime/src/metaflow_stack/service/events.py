@@ -8,10 +8,13 @@ events: they stay in the outbox and go out, in order, when it is back.
 
 Two buses. Embedded: subscribers in this process get events straight from the
 relay. Production: NATS JetStream, stream ``METAFLOW_EVENTS`` on subjects
-``metaflow.events.<flow>.<run>`` (durable, replayable by any consumer, each
-message de-duplicated by its ``seq`` in ``Nats-Msg-Id``); every service
-replica feeds its subscribers from the subject, so a client may connect to
-any replica.
+``metaflow.events.<flow>.<run>`` (durable, replayable by any consumer). A
+message is a JSON array of up to ``MESSAGE_EVENTS`` consecutive events of one
+run, its ``Nats-Msg-Id`` the ``first-last`` seq range: publishing per event
+cost the relay more CPU than the writes it follows. Delivery is at least
+once (a retried batch may regroup its tail), so consumers skip any ``seq``
+they have seen, as the streams here do; every service replica feeds its
+subscribers from the subject, so a client may connect to any replica.
 
 ``GET /events?flow=&run=&since=`` streams as server-sent events (``id`` is the
 ``seq``, so a browser's ``Last-Event-ID`` resumes). Replay after ``since``
@@ -45,6 +48,8 @@ SUBJECT_PREFIX = "metaflow.events"
 _RELAY_LOCK = 7_300_002
 _BATCH = 2000
 PUBLISH_TIMEOUT_S = 5.0
+#: Events of one run per NATS message, at most (a message stays well under NATS's 1 MB default).
+MESSAGE_EVENTS = 256
 #: A comment line on an idle stream, so proxies keep it open and a gone client is noticed.
 KEEP_ALIVE_S = 15.0
 #: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
@@ -189,15 +194,16 @@ class EventHub:
             return
         jetstream = await self._connect()
         acks = []
-        for event in batch:
-            # Sent in order on one connection; acknowledgements are awaited together below.
-            payload = {k: v for k, v in event.items() if k != "id"}
+        for group in _runs_of(batch):
+            # One message per stretch of a run's events, sent in order on one connection;
+            # acknowledgements are awaited together below.
+            payload = json.dumps([{k: v for k, v in event.items() if k != "id"} for event in group])
             acks.append(
                 await jetstream.publish_async(
-                    subject(event["flow_id"], event["run_number"]),
-                    json.dumps(payload).encode(),
+                    subject(group[0]["flow_id"], group[0]["run_number"]),
+                    payload.encode(),
                     stream=STREAM,
-                    headers={"Nats-Msg-Id": str(event["seq"])},
+                    headers={"Nats-Msg-Id": f"{group[0]['seq']}-{group[-1]['seq']}"},
                 )
             )
         # Any failure leaves the batch unpublished: it is sent again, and NATS drops the duplicates.
@@ -225,7 +231,8 @@ class EventHub:
         return self._jetstream
 
     async def _on_message(self, message: Any) -> None:
-        self._fan_out(json.loads(message.data), message.data.decode())
+        for event in json.loads(message.data):
+            self._fan_out(event)
 
     def _fan_out(self, event: dict[str, Any], encoded: str | None = None) -> None:
         """Hand ``event`` to every open stream, encoded once for all of them."""
@@ -322,6 +329,19 @@ class EventHub:
             query = query.where(e.run_number == run)
         with self.db.reader.connect() as conn:
             return [_event(r) for r in conn.execute(query.order_by(e.seq)).mappings()]
+
+
+def _runs_of(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive events of one run, at most ``MESSAGE_EVENTS`` together: one NATS message each."""
+    groups: list[list[dict[str, Any]]] = []
+    for event in batch:
+        last = groups[-1][-1] if groups else None
+        same = last is not None and (last["flow_id"], last["run_number"]) == (event["flow_id"], event["run_number"])
+        if same and len(groups[-1]) < MESSAGE_EVENTS:
+            groups[-1].append(event)
+        else:
+            groups.append([event])
+    return groups
 
 
 def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bool:
