@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -311,8 +312,6 @@ class EventHub:
 
     def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int | None) -> list[dict[str, Any]]:
         """Events after ``after`` (through ``upto``, waiting for a lagging reader to show them)."""
-        import time
-
         deadline = time.monotonic() + WATERMARK_TIMEOUT_S
         while upto is not None and self._watermark() < upto:
             if time.monotonic() > deadline:
