@@ -50,4 +50,5 @@ def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, st
         assert health["events"]["bus"] == "nats" and health["events"]["error"] is None
         assert httpx.get(f"{url}/flows/HelloFlow/runs", params={"status:eq": "completed"}).json()
     finally:
-        run_cli("stack", "down", env=env)
+        down = run_cli("stack", "down", "--purge", env=env)
+    assert "its data deleted" in down.stderr

@@ -5,13 +5,15 @@ Without Docker: ``metaflow service serve`` as a background process on
 default). With Docker: the ``metadata-service`` image beside ``postgres`` and
 ``nats`` containers (images built here from Debian's packages) on a private
 network; only the service is published, on 127.0.0.1. Data lives in named
-volumes, so ``down`` then ``up`` keeps it. The database password is generated
-once, kept in the state folder (mode 0600) and handed over as an environment
-variable at run time: it is in no image and no log.
+volumes belonging to the state folder, so ``down`` then ``up`` keeps it and
+``down --purge`` drops it. The database password is generated once, kept in
+the state folder (mode 0600) beside the volumes it opens, and handed over as
+an environment variable at run time: it is in no image and no log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -53,6 +55,12 @@ class LocalService:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def volumes(self) -> dict[str, str]:
+        """The named volumes of this state folder's PostgreSQL and NATS data."""
+        suffix = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
+        return {"postgres": f"metaflow-stack-pgdata-{suffix}", "nats": f"metaflow-stack-natsdata-{suffix}"}
 
     @property
     def _pidfile(self) -> Path:
@@ -133,7 +141,7 @@ class LocalService:
                 name=CONTAINERS[0],
                 network=NETWORK,
                 env={"POSTGRES_PASSWORD": password},
-                mounts=[Mount("metaflow-stack-pgdata", "/var/lib/postgresql/data", read_only=False)],
+                mounts=[Mount(self.volumes["postgres"], "/var/lib/postgresql/data", read_only=False)],
                 labels=_LABEL,
             ),
             JobSpec(
@@ -141,7 +149,7 @@ class LocalService:
                 command=[],
                 name=CONTAINERS[1],
                 network=NETWORK,
-                mounts=[Mount("metaflow-stack-natsdata", "/data", read_only=False)],
+                mounts=[Mount(self.volumes["nats"], "/data", read_only=False)],
                 labels=_LABEL,
             ),
             JobSpec(
@@ -157,10 +165,25 @@ class LocalService:
                 labels=_LABEL,
             ),
         ]
-        for spec in specs:
+        for spec in specs[:2]:
             engine.launch(spec)
+        # The service migrates at start and exits if PostgreSQL is still creating its cluster.
+        self._wait_healthy(docker, CONTAINERS[0], console)
+        engine.launch(specs[2])
         self._wait(console, lambda: docker.container.inspect(CONTAINERS[2]).state.running, seconds=180)
         return running
+
+    def _wait_healthy(self, docker, name: str, console: Console, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        with console.status(f"waiting for {name}"):
+            while time.monotonic() < deadline:
+                state = docker.container.inspect(name).state
+                if state.health is not None and state.health.status == "healthy":
+                    return
+                if not state.running:
+                    break
+                time.sleep(0.5)
+        raise StackError(f"{name} did not become healthy", fix=f"see `docker logs {name}`")
 
     def _wait(self, console: Console, alive, seconds: float = 60) -> None:
         deadline = time.monotonic() + seconds
@@ -179,8 +202,8 @@ class LocalService:
 
     # -- stopping -----------------------------------------------------------
 
-    def stop(self) -> bool:
-        """Stop what ``start`` started (the process, or the containers); data is kept."""
+    def stop(self, purge: bool = False) -> bool:
+        """Stop what ``start`` started (the process, or the containers); ``purge`` also drops the data."""
         stopped = False
         if self._pidfile.exists():
             try:
@@ -198,4 +221,10 @@ class LocalService:
         present = [name for name in CONTAINERS if docker.container.exists(name)]
         if present:
             docker.container.remove(present, force=True)
+        if purge:
+            volumes = [v for v in self.volumes.values() if docker.volume.exists(v)]
+            if volumes:
+                docker.volume.remove(volumes)
+            (self.home / "metadata.db").unlink(missing_ok=True)
+            (self.home / "postgres-password").unlink(missing_ok=True)
         return stopped or bool(present)

@@ -191,15 +191,16 @@ def up(no_docker: bool, service_port: int) -> None:
 
 
 @stack.command(help="Stop what `up` and `registry up` started and remove leftover job containers.")
+@click.option("--purge", is_flag=True, help="Also delete the metadata service's data (database and broker volumes).")
 @_friendly
-def down() -> None:
+def down(purge: bool) -> None:
     from metaflow_stack.engines.docker import DockerEngine
     from metaflow_stack.errors import DockerUnavailableError
     from metaflow_stack.registry import LocalRegistry
     from metaflow_stack.service.local import LocalService
 
-    if LocalService().stop():
-        _err.print("metadata service stopped (its data is kept)")
+    if LocalService().stop(purge=purge):
+        _err.print("metadata service stopped" + (" and its data deleted" if purge else " (its data is kept)"))
     if LocalRegistry.default().stop():
         _err.print("registry stopped")
     try:
