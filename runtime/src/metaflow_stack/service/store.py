@@ -112,8 +112,9 @@ class Store:
         self.on_commit()
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
-        with self.db.reader.connect() as conn:
+    def read(self, primary: bool = False) -> Iterator[Connection]:
+        """A read on the replica, or on the primary where a client reads what it just wrote."""
+        with (self.db.writer if primary else self.db.reader).connect() as conn:
             yield conn
 
     # -- lookups ------------------------------------------------------------
@@ -467,9 +468,12 @@ class Store:
         return {"tags": sorted(tags)}
 
     # -- reads (unpaginated, as the reference service answers them) ---------
+    # Single objects come from the primary: Metaflow's client reads each one right after
+    # creating it (get-or-create, and the GET that follows a 409), which a lagging replica
+    # would answer with a 404.
 
     def get_flow(self, flow_id: str) -> dict[str, Any]:
-        with self.read() as conn:
+        with self.read(primary=True) as conn:
             row = (
                 conn.execute(select(s.flows).where(s.flows.c.flow_id == check_id("flow_id", flow_id)))
                 .mappings()
@@ -480,11 +484,11 @@ class Store:
         return rows.flow(row)
 
     def get_run(self, flow_id: str, run: str) -> dict[str, Any]:
-        with self.read() as conn:
+        with self.read(primary=True) as conn:
             return rows.run(self.find_run(conn, flow_id, run))
 
     def get_step(self, flow_id: str, run: str, step_name: str) -> dict[str, Any]:
-        with self.read() as conn:
+        with self.read(primary=True) as conn:
             run_row = self.find_run(conn, flow_id, run)
             row = (
                 conn.execute(
@@ -500,7 +504,7 @@ class Store:
         return rows.step(row, run_row)
 
     def get_task(self, flow_id: str, run: str, step_name: str, task: str) -> dict[str, Any]:
-        with self.read() as conn:
+        with self.read(primary=True) as conn:
             run_row = self.find_run(conn, flow_id, run)
             return rows.task(self.find_task(conn, run_row, step_name, task), run_row)
 
