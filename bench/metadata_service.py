@@ -108,14 +108,14 @@ def load(url: str, runs: int, tasks: int) -> int:
         )
         run = cur.fetchone()[0]
         copy_rows(
-            cur, "steps", f"run_number, step_name, flow_id, {common}", [(run, "work", FLOW, "bench", now, "[]", "[]")]
+            cur, "steps", f"run_number, step_name, flow_id, {common}", [(run, "fan", FLOW, "bench", now, "[]", "[]")]
         )
         failed = {tasks // 4, tasks // 2, tasks - 7}
         copy_rows(
             cur,
             "tasks",
             f"flow_id, run_number, step_name, {common}, attempt, attempt_ok, finished_at",
-            ((FLOW, run, "work", "bench", now + i, "[]", "[]", 0, i not in failed, now + i + 5) for i in range(tasks)),
+            ((FLOW, run, "fan", "bench", now + i, "[]", "[]", 0, i not in failed, now + i + 5) for i in range(tasks)),
         )
         cur.execute("SELECT task_id FROM tasks WHERE run_number = %s ORDER BY task_id", (run,))
         ids = [r[0] for r in cur.fetchall()]
@@ -129,7 +129,7 @@ def load(url: str, runs: int, tasks: int) -> int:
                         ("exception", json.dumps({"type": "ValueError", "message": f"item {i}"}), "exception")
                     )
                 for field, value, kind in fields:
-                    yield (FLOW, run, "work", task_id, field, value, kind, 0, "bench", now, tags, "[]")
+                    yield (FLOW, run, "fan", task_id, field, value, kind, 0, "bench", now, tags, "[]")
 
         copy_rows(
             cur,
@@ -143,7 +143,7 @@ def load(url: str, runs: int, tasks: int) -> int:
             "artifacts",
             f"flow_id, run_number, step_name, task_id, attempt_id, name, location, ds_type, sha, type, {common}",
             (
-                (FLOW, run, "work", task_id, 0, name, ":root:/nowhere", "local", name, "metaflow.artifact", *base)
+                (FLOW, run, "fan", task_id, 0, name, ":root:/nowhere", "local", name, "metaflow.artifact", *base)
                 for task_id in ids
                 for name in ("name", "_success")
             ),
@@ -237,11 +237,11 @@ def failures(base: str, run: int, tasks: int) -> list[tuple[str, str, str, str]]
     ours_ms = median_ms(ours, 20)
     session = requests.Session()  # what Metaflow's client uses
     started = time.perf_counter()
-    listed = session.get(f"{base}/flows/{FLOW}/runs/{run}/steps/work/tasks").json()
+    listed = session.get(f"{base}/flows/{FLOW}/runs/{run}/steps/fan/tasks").json()
     count = 1
     failed = []
     for task in listed:
-        artifact = session.get(f"{base}/flows/{FLOW}/runs/{run}/steps/work/tasks/{task['task_id']}/artifacts/_success")
+        artifact = session.get(f"{base}/flows/{FLOW}/runs/{run}/steps/fan/tasks/{task['task_id']}/artifacts/_success")
         count += 1
         if artifact.status_code != 200:
             failed.append(task)
@@ -262,7 +262,7 @@ def failures(base: str, run: int, tasks: int) -> list[tuple[str, str, str, str]]
 #: One metadata row, as Metaflow's client writes it when a task attempt starts.
 _ROW = (
     "(flow_id, run_number, step_name, task_id, field_name, value, type, user_name, ts_epoch, tags, system_tags) "
-    "VALUES ('{flow}', {run}, 'work', {task}, 'attempt', '0', 'attempt', 'bench', 0, '[\"attempt_id:0\"]', '[]')"
+    "VALUES ('{flow}', {run}, 'fan', {task}, 'attempt', '0', 'attempt', 'bench', 0, '[\"attempt_id:0\"]', '[]')"
 )
 WRITES = {
     # The reference service's insert; the UI backend's trigger NOTIFYs in the same transaction.

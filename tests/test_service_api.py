@@ -203,7 +203,7 @@ def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
     number = run["run_number"]
     start = new_task(client, "F", number, "start")
     attempt(client, start, 0, True)
-    work = [new_task(client, "F", number, "work") for _ in range(4)]
+    work = [new_task(client, "F", number, "fan") for _ in range(4)]
     attempt(client, work[0], 0, True)
     attempt(client, work[1], 0, False, {"type": "RuntimeError", "message": "flaky"})
     attempt(client, work[1], 1, True)  # retried, then fine
@@ -212,14 +212,14 @@ def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
     summary = client.get(f"/flows/F/runs/{number}/summary").json()
     assert summary["status"] == "running"
     steps = {s["step_name"]: s for s in summary["steps"]}
-    assert steps["work"] == {"step_name": "work", "total": 4, "completed": 2, "failed": 1, "running": 1, "killed": 0}
+    assert steps["fan"] == {"step_name": "fan", "total": 4, "completed": 2, "failed": 1, "running": 1, "killed": 0}
     assert summary["first_failure"]["task_id"] == work[2]["task_id"]
     assert summary["first_failure"]["exception"] == {"type": "ValueError", "message": "bad item"}
     failures = client.get(f"/flows/F/runs/{number}/failures").json()
     assert [(f["task_id"], f["attempt"]) for f in failures] == [(work[2]["task_id"], 0)]
     failed = client.get(f"/flows/F/runs/{number}/tasks", params={"status:eq": "failed"}).json()
     assert [t["task_id"] for t in failed] == [work[2]["task_id"]]
-    step_page = client.get(f"/flows/F/runs/{number}/steps/work/tasks", params={"status:eq": "completed"}).json()
+    step_page = client.get(f"/flows/F/runs/{number}/steps/fan/tasks", params={"status:eq": "completed"}).json()
     assert [t["task_id"] for t in step_page] == [work[0]["task_id"], work[1]["task_id"]]
     # The runtime exits (this project's client says so): with a failed task the run has failed.
     assert client.post(f"/flows/F/runs/{number}/heartbeat", json={"ended": True}).json() == {"wait_time_in_seconds": 10}
@@ -233,8 +233,8 @@ def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
 
 def test_artifacts_latest_attempt_by_attempt_and_searched(client: TestClient) -> None:
     run = new_run(client)
-    task = new_task(client, "F", run["run_number"], "work")
-    path = f"/flows/F/runs/{run['run_number']}/steps/work/tasks/{task['task_id']}"
+    task = new_task(client, "F", run["run_number"], "fan")
+    path = f"/flows/F/runs/{run['run_number']}/steps/fan/tasks/{task['task_id']}"
 
     def art(name: str, attempt_id: int, size: int | None = None, python_type: str | None = None) -> dict:
         return {
@@ -282,17 +282,17 @@ def test_tag_mutation_rules(client: TestClient) -> None:
 
 def test_filtered_tasks_match_metadata_values(client: TestClient) -> None:
     run = new_run(client)
-    tasks = [new_task(client, "F", run["run_number"], "work") for _ in range(3)]
+    tasks = [new_task(client, "F", run["run_number"], "fan") for _ in range(3)]
     for i, task in enumerate(tasks):
-        path = f"/flows/F/runs/{run['run_number']}/steps/work/tasks/{task['task_id']}/metadata"
+        path = f"/flows/F/runs/{run['run_number']}/steps/fan/tasks/{task['task_id']}/metadata"
         client.post(path, json=[{"field_name": "foreach-index", "value": str(i), "type": "x", "tags": []}])
     found = client.get(
-        f"/flows/F/runs/{run['run_number']}/steps/work/filtered_tasks",
+        f"/flows/F/runs/{run['run_number']}/steps/fan/filtered_tasks",
         params={"metadata_field_name": "foreach-index", "pattern": "^(?:[02])$"},
     ).json()
     assert found == [
-        f"F/{run['run_number']}/work/{tasks[0]['task_id']}",
-        f"F/{run['run_number']}/work/{tasks[2]['task_id']}",
+        f"F/{run['run_number']}/fan/{tasks[0]['task_id']}",
+        f"F/{run['run_number']}/fan/{tasks[2]['task_id']}",
     ]
 
 
@@ -302,11 +302,11 @@ def test_a_run_whose_heartbeat_stops_is_killed_after_the_cutoff(tmp_path: Path) 
     config = ServiceConfig(database_url=str(tmp_path / "m.db"), heartbeat_cutoff_s=1)
     with TestClient(create_app(config)) as client:
         run = new_run(client)
-        task = new_task(client, "F", run["run_number"], "work")
+        task = new_task(client, "F", run["run_number"], "fan")
         attempt(client, task, 0, None)
         assert client.get(f"/flows/F/runs/{run['run_number']}/summary").json()["status"] == "running"
         time.sleep(2.2)  # no heartbeat, as after `kill -9` of the runtime
         summary = client.get(f"/flows/F/runs/{run['run_number']}/summary").json()
         assert summary["status"] == "killed"
-        assert {s["step_name"]: s["killed"] for s in summary["steps"]}["work"] == 1
+        assert {s["step_name"]: s["killed"] for s in summary["steps"]}["fan"] == 1
         assert client.get("/flows/F/runs", params={"status:eq": "killed"}).json()[0]["run_number"] == run["run_number"]

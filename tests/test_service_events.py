@@ -23,10 +23,10 @@ def _write_runs(url: str, flow: str, runs: int, tasks: int) -> list[int]:
             number = http.post(f"/flows/{flow}/run", json={"system_tags": ["metaflow_version:2.19.0"]}).json()[
                 "run_number"
             ]
-            http.post(f"/flows/{flow}/runs/{number}/steps/work/step", json={})
+            http.post(f"/flows/{flow}/runs/{number}/steps/fan/step", json={})
             for _ in range(tasks):
-                task = http.post(f"/flows/{flow}/runs/{number}/steps/work/task", json={}).json()["task_id"]
-                path = f"/flows/{flow}/runs/{number}/steps/work/tasks/{task}/metadata"
+                task = http.post(f"/flows/{flow}/runs/{number}/steps/fan/task", json={}).json()["task_id"]
+                path = f"/flows/{flow}/runs/{number}/steps/fan/tasks/{task}/metadata"
                 tags = ["attempt_id:0"]
                 assert (
                     http.post(
