@@ -30,6 +30,8 @@ from functions_call import trained_task
 from rich.console import Console
 from rich.table import Table
 
+from metaflow_stack.service.devservers import free_port
+
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 
 PLAIN_APP = """
@@ -69,14 +71,6 @@ print("ready", flush=True)
 while True:
     time.sleep(3600)
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, seconds: float = 180) -> None:

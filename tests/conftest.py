@@ -263,5 +263,29 @@ def wait_ready(url: str, seconds: float = 120) -> bool:
     return False
 
 
+#: The Pulumi program under infra/pulumi, whose components the deploy tests import.
+PULUMI_PROGRAM = PROJECT / "infra" / "pulumi"
+
+
+def pulumi_offline() -> None:
+    """Pulumi's own offline test mode for ``infra/pulumi``'s components: every resource is echoed back."""
+    import asyncio
+
+    import pulumi
+
+    class Mocks(pulumi.runtime.Mocks):
+        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+            return f"{args.name}-id", args.inputs
+
+        def call(self, args: pulumi.runtime.MockCallArgs):
+            return {}
+
+    # The mocks run on the main thread's event loop; an earlier test may have closed it.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_mocks(Mocks(), preview=False)
+    if str(PULUMI_PROGRAM) not in sys.path:
+        sys.path.insert(0, str(PULUMI_PROGRAM))
+
+
 # The metadata service's servers (PostgreSQL, a lagging replica, NATS, the service), as fixtures for every module.
 from service_servers import lagging_replica, nats_server, postgres, service_factory  # noqa: E402, F401

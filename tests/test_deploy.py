@@ -10,19 +10,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from conftest import free_port, last_line, need, run_cli
+from conftest import free_port, last_line, need, pulumi_offline, run_cli
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
 
-PULUMI_PROGRAM = Path(__file__).resolve().parents[1] / "infra" / "pulumi"
 IMAGE = "registry.example/metaflow-stack/function-fastapi-predict:0123456789abcdef"
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 
@@ -173,15 +171,7 @@ def test_nomad_apply_without_an_agent_names_nomad_addr(reference_file: Path, tmp
 def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None:
     import pulumi
 
-    class Mocks(pulumi.runtime.Mocks):
-        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
-            return f"{args.name}-id", args.inputs
-
-        def call(self, args: pulumi.runtime.MockCallArgs):
-            return {}
-
-    pulumi.runtime.set_mocks(Mocks(), preview=False)
-    sys.path.insert(0, str(PULUMI_PROGRAM))
+    pulumi_offline()
     from components.function_server import FunctionServer, FunctionServerArgs
 
     server = FunctionServer("function-predict", FunctionServerArgs(image=IMAGE, function="predict", replicas=2))

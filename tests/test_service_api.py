@@ -201,6 +201,7 @@ def test_runs_page_newest_first_and_filter_on_the_server(client: TestClient) -> 
 def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
     run = new_run(client)
     number = run["run_number"]
+    new_task(client, "F", number, "_parameters")  # Metaflow's internal step: never in a summary
     start = new_task(client, "F", number, "start")
     attempt(client, start, 0, True)
     work = [new_task(client, "F", number, "fan") for _ in range(4)]
@@ -212,6 +213,7 @@ def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
     summary = client.get(f"/flows/F/runs/{number}/summary").json()
     assert summary["status"] == "running"
     steps = {s["step_name"]: s for s in summary["steps"]}
+    assert list(steps) == ["start", "fan"]
     assert steps["fan"] == {"step_name": "fan", "total": 4, "completed": 2, "failed": 1, "running": 1, "killed": 0}
     assert summary["first_failure"]["task_id"] == work[2]["task_id"]
     assert summary["first_failure"]["exception"] == {"type": "ValueError", "message": "bad item"}

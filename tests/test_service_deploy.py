@@ -4,15 +4,14 @@ Nomad job parsed with its variables, the Pulumi component under mocks."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import pulumi_offline
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
 
-PULUMI_PROGRAM = Path(__file__).resolve().parents[1] / "infra" / "pulumi"
 IMAGE = {"repository": "registry.example/metaflow-stack/metadata-service", "tag": "0123456789abcdef"}
 
 
@@ -79,22 +78,9 @@ def test_the_nomad_job_takes_an_image_and_keeps_secrets_in_nomad_variables() -> 
 
 
 def test_the_pulumi_component_installs_the_chart() -> None:
-    import asyncio
-
     import pulumi
 
-    # Pulumi's mocks run on the main thread's event loop; an earlier test may have closed it.
-    asyncio.set_event_loop(asyncio.new_event_loop())
-
-    class Mocks(pulumi.runtime.Mocks):
-        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
-            return f"{args.name}-id", args.inputs
-
-        def call(self, args: pulumi.runtime.MockCallArgs):
-            return {}
-
-    pulumi.runtime.set_mocks(Mocks(), preview=False)
-    sys.path.insert(0, str(PULUMI_PROGRAM))
+    pulumi_offline()
     from components.metadata_service import MetadataService, MetadataServiceArgs
 
     image = f"{IMAGE['repository']}:{IMAGE['tag']}"

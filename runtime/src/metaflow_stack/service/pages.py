@@ -283,7 +283,10 @@ class Queries:
     # -- run views ----------------------------------------------------------
 
     def summary(self, flow_id: str, run: str) -> dict[str, Any]:
-        """Per-step task counts by status, the first failure and the duration, in one request."""
+        """Per-step task counts by status, the first failure and the duration, in one request.
+
+        Metaflow's internal steps (``_parameters``) are left out, as its Client API leaves them out.
+        """
         t = s.tasks.c
         status = task_status(self._cutoff_ms()).label("status")
         with self.db.reader.connect() as conn:
@@ -295,11 +298,13 @@ class Queries:
             counts = conn.execute(
                 select(t.step_name, status, func.count())
                 .select_from(s.tasks.join(s.runs, s.runs.c.run_number == t.run_number))
-                .where(t.run_number == number)
+                .where(t.run_number == number, ~t.step_name.startswith("_", autoescape=True))
                 .group_by(t.step_name, status)
             ).all()
             order = conn.execute(
-                select(s.steps.c.step_name).where(s.steps.c.run_number == number).order_by(s.steps.c.ts_epoch)
+                select(s.steps.c.step_name)
+                .where(s.steps.c.run_number == number, ~s.steps.c.step_name.startswith("_", autoescape=True))
+                .order_by(s.steps.c.ts_epoch)
             ).scalars()
             first = conn.execute(self._failed(number).order_by(t.finished_at, t.task_id).limit(1)).mappings().first()
         per_step: dict[str, dict[str, int]] = {name: dict.fromkeys(("total", *STATUSES), 0) for name in order}

@@ -21,6 +21,16 @@ def task_key(task: RowMapping) -> Any:
     return task["task_name"] if task["task_name"] is not None else task["task_id"]
 
 
+def _task_ids(row: RowMapping) -> dict[str, Any]:
+    """The four ids a task-level row answers with, in the reference service's key order."""
+    return {
+        "flow_id": row["flow_id"],
+        "run_number": run_key(row),
+        "step_name": row["step_name"],
+        "task_id": task_key(row),
+    }
+
+
 def flow(row: RowMapping) -> dict[str, Any]:
     return {k: row[k] for k in ("flow_id", "user_name", "ts_epoch", "tags", "system_tags")}
 
@@ -51,10 +61,7 @@ def step(row: RowMapping, tags: RowMapping) -> dict[str, Any]:
 
 def task(row: RowMapping, tags: RowMapping) -> dict[str, Any]:
     return {
-        "flow_id": row["flow_id"],
-        "run_number": run_key(row),
-        "step_name": row["step_name"],
-        "task_id": task_key(row),
+        **_task_ids(row),
         "user_name": row["user_name"],
         "ts_epoch": row["ts_epoch"],
         "tags": tags["tags"],
@@ -66,10 +73,7 @@ def task(row: RowMapping, tags: RowMapping) -> dict[str, Any]:
 def metadatum(row: RowMapping) -> dict[str, Any]:
     return {
         "id": row["id"],
-        "flow_id": row["flow_id"],
-        "run_number": run_key(row),
-        "step_name": row["step_name"],
-        "task_id": task_key(row),
+        **_task_ids(row),
         "field_name": row["field_name"],
         "value": row["value"],
         "type": row["type"],
@@ -82,10 +86,7 @@ def metadatum(row: RowMapping) -> dict[str, Any]:
 
 def artifact(row: RowMapping, tags: RowMapping) -> dict[str, Any]:
     return {
-        "flow_id": row["flow_id"],
-        "run_number": run_key(row),
-        "step_name": row["step_name"],
-        "task_id": task_key(row),
+        **_task_ids(row),
         "name": row["name"],
         "location": row["location"],
         "ds_type": row["ds_type"],

@@ -58,6 +58,18 @@ def _common() -> list[Column]:
     ]
 
 
+def _task_ref() -> list[Column]:
+    """A task-level row's copy of its ids: no join to answer with exposed ids."""
+    return [
+        Column("flow_id", NAME, nullable=False),
+        Column("run_number", Id, nullable=False),
+        Column("run_id", NAME),
+        Column("step_name", NAME, nullable=False),
+        Column("task_id", Id, ForeignKey("tasks.task_id"), nullable=False),
+        Column("task_name", NAME),
+    ]
+
+
 flows = Table(
     "flows",
     metadata,
@@ -120,12 +132,7 @@ metadata_rows = Table(
     "metadata",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("flow_id", NAME, nullable=False),
-    Column("run_number", Id, nullable=False),
-    Column("run_id", NAME),
-    Column("step_name", NAME, nullable=False),
-    Column("task_id", Id, ForeignKey("tasks.task_id"), nullable=False),
-    Column("task_name", NAME),
+    *_task_ref(),
     Column("field_name", NAME, nullable=False),
     Column("value", Text, nullable=False),
     Column("type", NAME, nullable=False),
@@ -139,12 +146,7 @@ artifacts = Table(
     "artifacts",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("flow_id", NAME, nullable=False),
-    Column("run_number", Id, nullable=False),
-    Column("run_id", NAME),
-    Column("step_name", NAME, nullable=False),
-    Column("task_id", Id, ForeignKey("tasks.task_id"), nullable=False),
-    Column("task_name", NAME),
+    *_task_ref(),
     Column("attempt_id", Integer, nullable=False),
     Column("name", NAME, nullable=False),
     Column("location", Text),

@@ -82,6 +82,11 @@ def _attempt_of(tags: list[str] | None) -> int | None:
     return None
 
 
+def _under(run: RowMapping, step_name: str) -> dict[str, Any]:
+    """The ids a step's, task's, metadatum's or artifact's row copies from its run."""
+    return {"flow_id": run["flow_id"], "run_number": run["run_number"], "run_id": run["run_id"], "step_name": step_name}
+
+
 def _integrity_error(exc: IntegrityError, what: str) -> ApiError:
     sqlstate = getattr(exc.orig, "sqlstate", None)
     text = str(exc.orig).lower()
@@ -190,11 +195,7 @@ class Store:
         check_id("step_name", step_name)
         with self.write(f"step {flow_id}/{run}/{step_name}") as conn:
             run_row = self.find_run(conn, flow_id, run)
-            values = {
-                "flow_id": flow_id,
-                "run_number": run_row["run_number"],
-                "run_id": run_row["run_id"],
-                "step_name": step_name,
+            values = _under(run_row, step_name) | {
                 "user_name": body.get("user_name", ""),
                 "ts_epoch": now_ms(),
                 "tags": _strings(body, "tags"),
@@ -218,11 +219,7 @@ class Store:
         beats = heartbeat_capable(system_tags)
         with self.write(f"task {flow_id}/{run}/{step_name}/{task_name or '(new)'}") as conn:
             run_row = self.find_run(conn, flow_id, run)
-            values = {
-                "flow_id": flow_id,
-                "run_number": run_row["run_number"],
-                "run_id": run_row["run_id"],
-                "step_name": step_name,
+            values = _under(run_row, step_name) | {
                 "task_name": task_name,
                 "user_name": body.get("user_name"),
                 "ts_epoch": now_ms(),
@@ -295,11 +292,7 @@ class Store:
             raise bad_parameter("body", "must be a JSON array of metadata objects")
         with self.write(f"metadata of {flow_id}/{run}/{step_name}/{task}") as conn:
             run_row, task_row = self._task_for_write(conn, flow_id, run, step_name, task)
-            ids = {k: run_row[k] for k in ("flow_id", "run_number", "run_id")} | {
-                "step_name": step_name,
-                "task_id": task_row["task_id"],
-                "task_name": task_row["task_name"],
-            }
+            ids = _under(run_row, step_name) | {"task_id": task_row["task_id"], "task_name": task_row["task_name"]}
             values = []
             for datum in body:
                 tags = _strings(datum, "tags")
@@ -384,6 +377,7 @@ class Store:
             raise bad_parameter("body", "must be a JSON array of artifact objects")
         with self.write(f"artifacts of {flow_id}/{run}/{step_name}/{task}") as conn:
             run_row, task_row = self._task_for_write(conn, flow_id, run, step_name, task)
+            ids = _under(run_row, step_name) | {"task_id": task_row["task_id"], "task_name": task_row["task_name"]}
             values = []
             for art in body:
                 attempt = art.get("attempt_id", 0)
@@ -393,13 +387,8 @@ class Store:
                 if size is not None and (not isinstance(size, int) or size < 0):
                     raise bad_parameter("size", "must be a non-negative integer")
                 values.append(
-                    {
-                        "flow_id": flow_id,
-                        "run_number": run_row["run_number"],
-                        "run_id": run_row["run_id"],
-                        "step_name": step_name,
-                        "task_id": task_row["task_id"],
-                        "task_name": task_row["task_name"],
+                    ids
+                    | {
                         "attempt_id": attempt,
                         "name": str(art.get("name", " ")),
                         "location": art.get("location", " "),
