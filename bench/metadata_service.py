@@ -42,7 +42,7 @@ from rich.table import Table
 from metaflow_stack.service.database import connect, migrate
 from metaflow_stack.service.devservers import free_port, nats_server, postgres_cluster
 from metaflow_stack.service.events import EventHub
-from metaflow_stack.service.pages import _encode_cursor
+from metaflow_stack.service.pages import encode_cursor
 
 console = Console(stderr=True)
 FLOW = "BenchFlow"
@@ -185,7 +185,7 @@ def pages(url: str, base: str, runs: int) -> list[tuple[str, str, str, str]]:
             "OFFSET %(o)s LIMIT 1",
             {"f": FLOW, "o": runs - 50},
         ).one()
-    deepest = _encode_cursor([ts, number])
+    deepest = encode_cursor([ts, number])
 
     def first() -> None:
         assert len(http.get("/flows/BenchFlow/runs", params={"_limit": 50}).json()) == 50

@@ -54,6 +54,7 @@ class Service:
     url: str
     process: subprocess.Popen
     log: Path
+    database: str
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -69,6 +70,7 @@ def start_service(
     read_database: str | None = None,
     env: dict[str, str] | None = None,
     heartbeat_cutoff: int = 360,
+    log_roots: tuple[str, ...] = (),
 ) -> Service:
     """Start the service on a free port and wait until its database answers."""
     port = free_port()
@@ -87,6 +89,8 @@ def start_service(
         command += ["--nats-url", nats_url]
     if read_database:
         command += ["--read-database", read_database]
+    for root in log_roots:
+        command += ["--log-root", root]
     with log.open("ab") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
@@ -98,7 +102,7 @@ def start_service(
             raise RuntimeError(f"the service exited: {log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200:
-                return Service(url, process, log)
+                return Service(url, process, log, database)
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
@@ -124,17 +128,23 @@ def service_factory(tmp_path: Path) -> Iterator:
 
 
 def run_flow(
-    root: Path, *args: str, service_url: str | None, env: dict[str, str] | None = None
+    root: Path,
+    *args: str,
+    service_url: str | None,
+    env: dict[str, str] | None = None,
+    flow: str = "fan_flow.py",
+    datastore: tuple[str, ...] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``fan_flow.py`` in ``root`` on the local datastore, recording to the service (or locally)."""
-    shutil.copy(FLOWS / "fan_flow.py", root)
+    """Run ``flow`` in ``root`` (on the local datastore unless ``datastore`` gives other options),
+    recording to the service (or locally)."""
+    shutil.copy(FLOWS / flow, root)
     metadata = (
         {"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": service_url}
         if service_url
         else {"METAFLOW_DEFAULT_METADATA": "local"}
     )
     return subprocess.run(
-        [sys.executable, "fan_flow.py", "--datastore-root", str(root / ".metaflow"), *args],
+        [sys.executable, flow, *(datastore or ("--datastore-root", str(root / ".metaflow"))), *args],
         cwd=root,
         capture_output=True,
         text=True,

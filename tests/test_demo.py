@@ -13,6 +13,14 @@ def _ok_line(stdout: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith("ok "))
 
 
+def _hello_says(url: str, run: str) -> str:
+    """The last line the demo's hello step printed, as the service's logs route reads it."""
+    task = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/steps/hello/tasks").json()[0]["task_id"]
+    logs = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/steps/hello/tasks/{task}/logs/stdout", params={"tail": 1})
+    assert logs.status_code == 200, logs.text
+    return logs.json()["lines"][-1]["text"]
+
+
 def test_up_without_docker_runs_the_service_on_sqlite_and_the_demo(state_dir) -> None:
     env = {**DEAD_ENGINE_ENV, "METAFLOW_STACK_SERVICE_PORT": str(free_port())}
     result = run_cli("stack", "up", env=env)
@@ -26,6 +34,7 @@ def test_up_without_docker_runs_the_service_on_sqlite_and_the_demo(state_dir) ->
         run = line.split()[1].split("/")[1]
         summary = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/summary").json()
         assert summary["status"] == "completed"
+        assert _hello_says(url, run).startswith("hello from")
         assert f"METAFLOW_SERVICE_URL={url}" in result.stdout
         again = run_cli("stack", "up", env=env)  # finds the running service
         assert again.returncode == 0, again.stderr
@@ -49,6 +58,8 @@ def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, st
         health = httpx.get(f"{url}/healthcheck").json()
         assert health["events"]["bus"] == "nats" and health["events"]["error"] is None
         assert httpx.get(f"{url}/flows/HelloFlow/runs", params={"status:eq": "completed"}).json()
+        run = _ok_line(result.stdout).split()[1].split("/")[1]
+        assert _hello_says(url, run).startswith("hello from")
     finally:
         down = run_cli("stack", "down", "--purge", env=env)
     assert "its data deleted" in down.stderr

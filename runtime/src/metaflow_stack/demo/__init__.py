@@ -41,6 +41,11 @@ def demo_root() -> Path:
     return settings.load().state_dir / "demo"
 
 
+def demo_datastore() -> Path:
+    """The demo's local datastore root: where its artifacts and logs are."""
+    return demo_root() / ".metaflow"
+
+
 def _username() -> str:
     from metaflow.util import get_username
 
@@ -97,7 +102,7 @@ def _run_locally(datastore: Path, service_url: str | None, console: Console) -> 
 def run(console: Console, *, use_docker: bool = True, service_url: str | None = None) -> DemoResult:
     """Run the hello flow (recorded by the service at ``service_url``, if given) and read it back."""
     root = demo_root()
-    datastore = root / ".metaflow"
+    datastore = demo_datastore()
     datastore.mkdir(parents=True, exist_ok=True)
     exit_code, where = None, ""
     if use_docker:

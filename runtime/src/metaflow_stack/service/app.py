@@ -3,7 +3,8 @@
 Every route Metaflow's ``ServiceMetadataProvider`` calls, answering as service
 2.5.x does (same paths, shapes and ``METADATA_SERVICE_VERSION`` header), so
 the stock client works unchanged. What is new is opt-in: query parameters on
-collections (``pages``), run summaries and failures, the event stream; the
+collections (``pages``), run summaries and failures, bounded task logs
+(``logs``), the event stream; the
 ``/ping`` response advertises them in ``X-Capabilities``.
 
 Errors are JSON ``{code, message, details}``: 400 naming the bad parameter,
@@ -29,12 +30,24 @@ from metaflow_stack.api_errors import error_response
 from metaflow_stack.service import pages
 from metaflow_stack.service.database import connect, migrate
 from metaflow_stack.service.events import EventHub, Subscription
+from metaflow_stack.service.log_files import LogFiles
+from metaflow_stack.service.logs import TaskLogs
 from metaflow_stack.service.store import Store
 
 #: The reference service version whose behaviour this one keeps; clients gate features on it.
 SERVICE_VERSION = "2.5.1"
 VERSION_HEADER = "METADATA_SERVICE_VERSION"
-CAPABILITIES = ("pagination", "filters", "summary", "failures", "run-tasks", "artifact-search", "events", "run-end")
+CAPABILITIES = (
+    "pagination",
+    "filters",
+    "summary",
+    "failures",
+    "run-tasks",
+    "artifact-search",
+    "logs",
+    "events",
+    "run-end",
+)
 
 #: A request body parsed as JSON, whatever its shape; the store checks the shape.
 JsonBody = Annotated[Any, Body()]
@@ -65,6 +78,8 @@ class ServiceConfig:
     #: A run or task whose heartbeat is older than this is no longer running.
     heartbeat_cutoff_s: int = 360
     migrate: bool = True
+    #: Datastore roots (folders, ``s3://bucket/prefix``) whose task logs the service may read.
+    log_roots: tuple[str, ...] = ()
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -73,6 +88,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     hub = EventHub(database, config.nats_url)
     store = Store(database, on_commit=hub.wake)
     queries = pages.Queries(database, config.heartbeat_cutoff_s, store)
+    logs = TaskLogs(store, LogFiles(config.log_roots))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -258,6 +274,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts/{name}/attempt/{attempt}")
     def get_artifact_attempt(flow_id: str, run: str, step_name: str, task: str, name: str, attempt: int) -> dict:
         return store.artifact(flow_id, run, step_name, task, name, attempt)
+
+    @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/logs/{stream}")
+    def task_logs(request: Request, flow_id: str, run: str, step_name: str, task: str, stream: str) -> Response:
+        return logs.answer(request, flow_id, run, step_name, task, stream)
 
     # -- events -------------------------------------------------------------
 

@@ -4,7 +4,9 @@ Without Docker: ``metaflow service serve`` as a background process on
 127.0.0.1, SQLite in the state folder, events in process (the embedded
 default). With Docker: the ``metadata-service`` image beside ``postgres`` and
 ``nats`` containers (images built here from Debian's packages) on a private
-network; only the service is published, on 127.0.0.1. Data lives in named
+network; only the service is published, on 127.0.0.1. Either way the service
+reads task logs under the given datastore roots (the container gets local ones
+mounted read-only and runs as the host user, so it reads what that user can). Data lives in named
 volumes belonging to the state folder, so ``down`` then ``up`` keeps it and
 ``down --purge`` drops it. The database password is generated once, kept in
 the state folder (mode 0600) beside the volumes it opens, and handed over as
@@ -48,9 +50,11 @@ class RunningService:
 class LocalService:
     """Starts and stops the local stack's metadata service."""
 
-    def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
+    def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT, log_roots: tuple[str, ...] = ()) -> None:
         self.home = home or settings.load().state_dir / "service"
         self.port = port
+        #: Datastore roots whose task logs the service may read (local folders are mounted read-only).
+        self.log_roots = log_roots
 
     @property
     def url(self) -> str:
@@ -97,6 +101,7 @@ class LocalService:
             str(database),
             "--port",
             str(self.port),
+            *[arg for root in self.log_roots for arg in ("--log-root", root)],
         ]
         with (self.home / "service.log").open("ab") as log:
             process = subprocess.Popen(
@@ -121,6 +126,10 @@ class LocalService:
         from metaflow_stack import images
         from metaflow_stack.engines import JobSpec, Mount
         from metaflow_stack.engines.docker import DockerEngine, require_engine
+
+        for root in self.log_roots:
+            if not root.startswith("s3://"):
+                Path(root).mkdir(parents=True, exist_ok=True)
 
         docker = require_engine()
         running = RunningService(self.url, "PostgreSQL (container metaflow-stack-postgres)", "NATS JetStream")
@@ -160,8 +169,12 @@ class LocalService:
                 env={
                     "METAFLOW_STACK_SERVICE_DATABASE": f"postgresql://metaflow:{password}@{CONTAINERS[0]}:5432/metaflow",
                     "METAFLOW_STACK_SERVICE_NATS_URL": f"nats://{CONTAINERS[1]}:4222",
+                    "METAFLOW_STACK_SERVICE_LOG_ROOTS": " ".join(self.log_roots),
                 },
                 ports={8080: self.port},
+                # Local datastores at their own paths, read-only, read as their owner (no capabilities).
+                mounts=[Mount(root, root) for root in self.log_roots if not root.startswith("s3://")],
+                user=f"{os.getuid()}:{os.getgid()}",
                 labels=_LABEL,
             ),
         ]

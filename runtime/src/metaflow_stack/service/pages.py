@@ -54,7 +54,7 @@ class Params:
                     raise bad_parameter("_limit", f"must be an integer from 1 to {MAX_LIMIT}")
                 params.limit = int(value)
             elif name == "_cursor":
-                params.cursor = _decode_cursor(value)
+                params.cursor = decode_cursor(value)
             elif name in accepted:
                 params.filters[name] = [v for v in value.split(",") if v != ""]
                 if not params.filters[name]:
@@ -71,11 +71,12 @@ class Params:
         return [int(v) for v in values]
 
 
-def _encode_cursor(values: list[Any]) -> str:
+def encode_cursor(values: list[Any]) -> str:
+    """An opaque cursor over a row's sort key (or a log's offsets): URL-safe, no padding."""
     return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(text: str) -> list[Any]:
+def decode_cursor(text: str) -> list[Any]:
     try:
         values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except ValueError:
@@ -143,7 +144,7 @@ class Queries:
         headers = {"X-Limit": str(params.limit)}
         if len(found) > params.limit:
             found = found[: params.limit]
-            headers["X-Next-Cursor"] = _encode_cursor([found[-1][k.key] for k in keys])
+            headers["X-Next-Cursor"] = encode_cursor([found[-1][k.key] for k in keys])
         return JSONResponse([shape(r) for r in found], headers=headers)
 
     def _tags(self, params: Params) -> list[ColumnElement[bool]]:

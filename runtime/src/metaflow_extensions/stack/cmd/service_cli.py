@@ -54,6 +54,14 @@ _database = click.option(
     envvar="METAFLOW_STACK_SERVICE_HEARTBEAT_CUTOFF",
     help="Seconds without a heartbeat after which a run or task is no longer running.",
 )
+@click.option(
+    "--log-root",
+    "log_roots",
+    multiple=True,
+    envvar="METAFLOW_STACK_SERVICE_LOG_ROOTS",
+    help="A datastore root (folder or s3://bucket/prefix) whose task logs the logs route may read; "
+    "repeat it, or list roots separated by spaces in the variable. Without one, logs are not served.",
+)
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 @friendly
 def serve(
@@ -63,6 +71,7 @@ def serve(
     port: int,
     nats_url: str | None,
     heartbeat_cutoff: int,
+    log_roots: tuple[str, ...],
     log_level: str,
 ) -> None:
     import os
@@ -80,6 +89,7 @@ def serve(
         nats_url=nats_url,
         heartbeat_cutoff_s=heartbeat_cutoff,
         migrate=False,
+        log_roots=log_roots,
     )
     click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(url)})", err=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

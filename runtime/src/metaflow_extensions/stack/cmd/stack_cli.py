@@ -8,6 +8,7 @@ never a traceback.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from metaflow._vendor import click
 from rich.console import Console
@@ -175,12 +176,21 @@ def registry_down() -> None:
     envvar="METAFLOW_STACK_SERVICE_PORT",
     help="Port of the metadata service on 127.0.0.1.",
 )
+@click.option(
+    "--log-root",
+    "log_roots",
+    multiple=True,
+    envvar="METAFLOW_STACK_SERVICE_LOG_ROOTS",
+    help="Another datastore root (folder or s3://bucket/prefix) whose task logs the service may serve; "
+    "the demo's is always served.",
+)
 @_friendly
-def up(no_docker: bool, service_port: int) -> None:
+def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
     from metaflow_stack import demo
     from metaflow_stack.service.local import LocalService
 
-    service = LocalService(port=service_port).start(_err, use_docker=not no_docker)
+    roots = (str(demo.demo_datastore()), *(str(Path(r).resolve()) if "://" not in r else r for r in log_roots))
+    service = LocalService(port=service_port, log_roots=roots).start(_err, use_docker=not no_docker)
     _err.print(f"metadata service on {service.url}: {service.storage}, events {service.events}", highlight=False)
     result = demo.run(_err, use_docker=not no_docker, service_url=service.url)
     _out.print(f"[green]ok[/] {result.pathspec} ran in {result.where}: {result.message}", highlight=False)
