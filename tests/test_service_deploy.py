@@ -26,6 +26,7 @@ def test_production_values_use_secrets_nats_and_several_replicas() -> None:
         "database": {"existingSecret": "metaflow-db", "readSecretKey": "read-url"},
         "nats": {"url": "nats://nats:4222"},
         "auth": {"existingSecret": "metaflow-auth"},
+        "logs": {"roots": ["s3://flows/metaflow", "s3://archive/mf"]},
     }
     release = helm.render("metadata-service", values, "metadata")
     kinds = {m["kind"]: m for m in release.manifests}
@@ -37,6 +38,7 @@ def test_production_values_use_secrets_nats_and_several_replicas() -> None:
     assert env["METAFLOW_STACK_SERVICE_READ_DATABASE"]["secretKeyRef"]["key"] == "read-url"
     assert env["METAFLOW_STACK_SERVICE_AUTH_KEY"]["secretKeyRef"]["name"] == "metaflow-auth"
     assert env["METAFLOW_STACK_SERVICE_NATS_URL"] == "nats://nats:4222"
+    assert env["METAFLOW_STACK_SERVICE_LOG_ROOTS"] == "s3://flows/metaflow s3://archive/mf"
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -59,6 +61,7 @@ def test_sqlite_runs_one_replica_on_a_volume() -> None:
         ({"image": IMAGE, "database": {"existingSecret": "db"}}, "several replicas need NATS"),
         ({"image": {"repository": "", "tag": "x"}, "replicaCount": 1}, "repository"),
         ({"image": IMAGE, "replicaCount": 1, "nats": {"url": "http://wrong"}}, "nats"),
+        ({"image": IMAGE, "replicaCount": 1, "logs": {"roots": ["/data/metaflow"]}}, "logs"),
     ],
 )
 def test_wrong_values_are_refused_naming_the_problem(values: dict, message: str) -> None:
@@ -67,8 +70,12 @@ def test_wrong_values_are_refused_naming_the_problem(values: dict, message: str)
 
 
 def test_the_nomad_job_takes_an_image_and_keeps_secrets_in_nomad_variables() -> None:
-    job = nomad.render("metadata-service", {"image": "r/metadata-service:abc", "nats_url": "nats://n:4222"})
+    job = nomad.render(
+        "metadata-service",
+        {"image": "r/metadata-service:abc", "nats_url": "nats://n:4222", "log_roots": ["s3://flows/metaflow"]},
+    )
     assert 'image = "r/metadata-service:abc"' in job.var_file()
+    assert 'log_roots = ["s3://flows/metaflow"]' in job.var_file()
     assert 'nomadVar "nomad/jobs/${var.name}"' in job.hcl
     assert "database_url" not in job.var_file()
     with pytest.raises(StackError, match="needs variable"):
@@ -85,7 +92,10 @@ def test_the_pulumi_component_installs_the_chart() -> None:
 
     image = f"{IMAGE['repository']}:{IMAGE['tag']}"
     service = MetadataService(
-        "metadata-service", MetadataServiceArgs(image=image, database_secret="db", nats_url="nats://nats:4222")
+        "metadata-service",
+        MetadataServiceArgs(
+            image=image, database_secret="db", nats_url="nats://nats:4222", log_roots=("s3://flows/metaflow",)
+        ),
     )
 
     def check(outputs: list) -> None:
@@ -93,6 +103,7 @@ def test_the_pulumi_component_installs_the_chart() -> None:
         assert Path(chart) == helm.chart_dir("metadata-service")
         assert values["image"] == IMAGE and values["replicaCount"] == 2
         assert values["database"]["existingSecret"] == "db"
+        assert values["logs"] == {"roots": ["s3://flows/metaflow"]}
         assert url == "http://metadata-service.default.svc.cluster.local:8080"
 
     done = pulumi.Output.all(service.release.chart, service.release.values, service.service_url)

@@ -39,6 +39,12 @@ variable "nats_url" {
   description = "NATS JetStream for events (nats://host:4222); empty keeps events in each process."
 }
 
+variable "log_roots" {
+  type        = list(string)
+  default     = []
+  description = "Datastore roots (s3://bucket/prefix, or folders the client mounts) whose task logs the service may read."
+}
+
 variable "heartbeat_cutoff" {
   type    = number
   default = 360
@@ -126,6 +132,7 @@ job "metadata-service" {
       env {
         METAFLOW_STACK_SERVICE_NATS_URL        = var.nats_url
         METAFLOW_STACK_SERVICE_HEARTBEAT_CUTOFF = var.heartbeat_cutoff
+        METAFLOW_STACK_SERVICE_LOG_ROOTS        = join(" ", var.log_roots)
       }
 
       kill_timeout = "15s"

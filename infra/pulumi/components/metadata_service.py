@@ -32,6 +32,8 @@ class MetadataServiceArgs:
     auth_secret: str = ""
     replicas: int = 2
     namespace: str = "default"
+    #: S3 prefixes (s3://bucket/prefix) whose task logs the service may read.
+    log_roots: tuple[str, ...] = ()
 
     def values(self) -> dict[str, Any]:
         repository, _, tag = self.image.rpartition(":")
@@ -41,6 +43,7 @@ class MetadataServiceArgs:
             "nats": {"url": self.nats_url},
             "auth": {"existingSecret": self.auth_secret},
             "replicaCount": self.replicas,
+            "logs": {"roots": list(self.log_roots)},
         }
 
 
