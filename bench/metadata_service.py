@@ -12,9 +12,11 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
   row and its event in one transaction, the relay publishing meanwhile) against
   the same insert with the reference UI backend's ``pg_notify`` trigger and a
   listener draining it;
-- event fan-out: outbox events delivered to 8 SSE subscribers.
+- event fan-out: outbox events delivered to 8 SSE subscribers;
+- the last 100 lines of a 1 GB task log: one ``tail=100`` request, against
+  Metaflow's Client API (``Task.loglines``, which reads the whole log).
 
-    python bench/metadata_service.py [--runs 100000] [--tasks 10000] [--seconds 5]
+    python bench/metadata_service.py [--runs 100000] [--tasks 10000] [--seconds 5] [--log-mb 1024]
 """
 
 from __future__ import annotations
@@ -153,11 +155,11 @@ def load(url: str, runs: int, tasks: int) -> int:
     return run
 
 
-def start_service(url: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_service(url: str, log: Path, log_root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     metaflow = str(Path(sys.executable).with_name("metaflow"))
     process = subprocess.Popen(
-        [metaflow, "service", "serve", "--database", url, "--port", str(port)],
+        [metaflow, "service", "serve", "--database", url, "--port", str(port), "--log-root", str(log_root)],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -252,6 +254,80 @@ def failures(base: str, run: int, tasks: int) -> list[tuple[str, str, str, str]]
             f"1 request, {ours_ms:.1f} ms",
             f"{count:,} requests, {stock_ms:,.0f} ms (metadata only)",
             "1 request, < 50 ms",
+        )
+    ]
+
+
+# -- logs -------------------------------------------------------------------------
+
+
+def write_log(path: Path, megabytes: int) -> int:
+    """A ``megabytes`` MB mflog file, as Metaflow's runtime writes one; returns its line count."""
+    from datetime import datetime, timedelta
+
+    from metaflow.mflog.mflog import decorate
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start, lines, written = datetime(2026, 11, 23), 0, 0
+    with path.open("wb") as out:
+        while written < megabytes * 1024 * 1024:
+            block = b"".join(
+                decorate(
+                    b"runtime",
+                    b"step output line %09d: loss=0.%06d" % (lines + i, i),
+                    now=start + timedelta(microseconds=lines + i),
+                )
+                + b"\n"
+                for i in range(1000)
+            )
+            out.write(block)
+            written += len(block)
+            lines += 1000
+    return lines
+
+
+def _client_tail(base: str, pathspec: str, queue) -> None:
+    """Metaflow's Client API in a process of its own: the last 100 lines of the task's stdout."""
+    from metaflow import Task, metadata, namespace
+
+    metadata(f"service@{base}")
+    namespace(None)
+    started = time.perf_counter()
+    last = list(Task(pathspec, attempt=0).loglines("stdout"))[-100:]
+    queue.put(((time.perf_counter() - started) * 1000, last[-1][1]))
+
+
+def logs(base: str, run: int, log_root: Path, megabytes: int) -> list[tuple[str, str, str, str]]:
+    http = httpx.Client(base_url=base, timeout=600)
+    task = http.get(f"/flows/{FLOW}/runs/{run}/steps/fan/tasks", params={"_limit": 1}).json()[0]["task_id"]
+    where = [
+        {"field_name": name, "value": value, "type": name, "tags": ["attempt_id:0"]}
+        for name, value in (("ds-type", "local"), ("ds-root", str(log_root)))
+    ]
+    assert http.post(f"/flows/{FLOW}/runs/{run}/steps/fan/tasks/{task}/metadata", json=where).status_code == 200
+    lines = write_log(log_root / FLOW / str(run) / "fan" / str(task) / "0.runtime_stdout.log", megabytes)
+    route = f"/flows/{FLOW}/runs/{run}/steps/fan/tasks/{task}/logs/stdout"
+    answers = []
+
+    def tail() -> None:
+        answers.append(http.get(route, params={"tail": 100}).json())
+
+    ours_ms = median_ms(tail, 20)
+    last = answers[-1]
+    assert len(last["lines"]) == 100 and last["lines"][-1]["text"].startswith(f"step output line {lines - 1:09d}")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    client = context.Process(target=_client_tail, args=(base, f"{FLOW}/{run}/fan/{task}", queue))
+    client.start()
+    stock_ms, stock_last = queue.get()
+    client.join()
+    assert stock_last == last["lines"][-1]["text"], (stock_last, last["lines"][-1])
+    return [
+        (
+            f"last 100 lines of a {megabytes:,} MB task log",
+            f"{ours_ms:.1f} ms, {last['bytes_read'] / 1024:.0f} KiB read",
+            f"{stock_ms:,.0f} ms, {last['size'] / 1e6:,.0f} MB read (Task.loglines)",
+            "≤ 1 MB read, < 500 ms",
         )
     ]
 
@@ -411,6 +487,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--log-mb", type=int, default=1024, help="size of the task log whose tail is read")
     args = parser.parse_args()
     table = Table(title="metadata service (PostgreSQL, same machine, same run)")
     for column in ("measurement", "this service", "stock Metaflow service / client", "goal"):
@@ -422,7 +499,7 @@ def main() -> None:
             migrate(connect(url))
             with console.status(f"loading {args.runs:,} runs and a {args.tasks:,}-task run"):
                 run = load(url, args.runs, args.tasks)
-            process, base = start_service(url, workdir / "service.log")
+            process, base = start_service(url, workdir / "service.log", workdir / "datastore")
             try:
                 with console.status("pages"):
                     rows = pages(url, base, args.runs)
@@ -430,6 +507,8 @@ def main() -> None:
                     rows += failures(base, run, args.tasks)
                 with console.status("fan-out"):
                     rows += fan_out(url, base, args.events, 8)
+                with console.status(f"logs: writing a {args.log_mb:,} MB log, then reading its tail"):
+                    rows += logs(base, run, workdir / "datastore", args.log_mb)
             finally:
                 process.terminate()
                 process.wait(timeout=30)
