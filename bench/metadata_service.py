@@ -346,7 +346,7 @@ WRITES = {
     # This service: the row and its outbox event, committed together.
     "outbox": "WITH m AS (INSERT INTO metadata "
     + _ROW
-    + " RETURNING run_number) INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) "
+    + " RETURNING run_number) INSERT INTO outbox (flow_id, run_number, kind, body, ts_epoch) "
     "SELECT '{flow}', run_number, 'metadata', '{{\"fields\": [\"attempt\"]}}', 0 FROM m",
     # The same row with no event at all: the ceiling.
     "plain": "INSERT INTO metadata " + _ROW,
@@ -478,7 +478,7 @@ def fan_out(url: str, base: str, events: int, subscribers: int) -> list[tuple[st
 
 def _fill_outbox(url: str, events: int) -> None:
     with psycopg.connect(url) as conn, conn.cursor() as cur:
-        copy_rows(cur, "events", "flow_id, kind, body, ts_epoch", ((FLOW, "metadata", "{}", 0) for _ in range(events)))
+        copy_rows(cur, "outbox", "flow_id, kind, body, ts_epoch", ((FLOW, "metadata", "{}", 0) for _ in range(events)))
 
 
 def main() -> None:

@@ -157,3 +157,34 @@ def test_a_stream_reading_a_lagging_replica_waits_and_drops_nothing(service_fact
     events = live.wait_for(expected, seconds=90)
     assert len(events) == expected
     _check_order(events, runs, 2)
+
+
+def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+    from sqlalchemy import text
+
+    from metaflow_stack.service.app import ServiceConfig, create_app
+
+    app = create_app(ServiceConfig(database_url=str(tmp_path / "m.db")))
+    db = app.state.store.db
+
+    def published() -> list[int]:
+        deadline = time.monotonic() + 10
+        with db.reader.connect() as conn:  # the writer's pool is the relay's
+            while conn.execute(text("SELECT count(*) FROM outbox")).scalar() or (
+                conn.execute(text("SELECT last_seq - published_seq FROM relay_state")).scalar()
+            ):
+                assert time.monotonic() < deadline, "the relay publishes the outbox"
+                time.sleep(0.05)
+                conn.rollback()
+            return conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all()
+
+    with TestClient(app) as client:
+        for flow in ("A", "B", "C"):
+            assert client.post(f"/flows/{flow}", json={}).status_code == 200
+        assert published() == [1, 2, 3]
+        assert app.state.hub.prune(retention_s=3600) == 0  # young events stay
+        time.sleep(0.01)  # the events are now older than "0 s ago", to the millisecond
+        assert app.state.hub.prune(retention_s=0) == 3
+        assert client.post("/flows/D", json={}).status_code == 200
+        assert published() == [4]  # numbers are never handed out twice

@@ -10,12 +10,12 @@ import httpx
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from metaflow_stack.service.database import connect, downgrade, migrate
 from metaflow_stack.service.schema import metadata
 
-TABLES = {"flows", "runs", "steps", "tasks", "metadata", "artifacts", "events"}
+TABLES = {"flows", "runs", "steps", "tasks", "metadata", "artifacts", "outbox", "events", "relay_state"}
 
 
 def _database_url(kind: str, tmp_path: Path, postgres) -> str:
@@ -42,6 +42,40 @@ def test_migrations_build_exactly_the_schema_and_reverse(database_url: str) -> N
         with database.writer.connect() as conn:
             assert not TABLES & set(inspect(conn).get_table_names())
         migrate(database)
+    finally:
+        database.dispose()
+
+
+def test_revision_0002_moves_events_without_losing_or_renumbering_any(database_url: str) -> None:
+    """0001's in-place outbox becomes an outbox and a numbered log, and back, rows intact."""
+    database = connect(database_url)
+    event = "'F', NULL, 'flow', '{}', 0"
+    try:
+        migrate(database, "0001")
+        with database.writer.begin() as conn:
+            for seq, published in ((1, True), (2, True), (3, False)):
+                conn.execute(
+                    text(
+                        "INSERT INTO events (flow_id, run_number, kind, body, ts_epoch, seq, published) "
+                        f"VALUES ({event}, :seq, :published)"
+                    ),
+                    {"seq": seq, "published": published},
+                )
+            conn.execute(text(f"INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})"))
+        migrate(database)
+        with database.writer.connect() as conn:
+            assert conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all() == [1, 2, 3]
+            assert conn.execute(text("SELECT count(*) FROM outbox")).scalar() == 1
+            assert conn.execute(text("SELECT last_seq, published_seq FROM relay_state")).one() == (3, 2)
+        downgrade(database, "0001")
+        with database.writer.connect() as conn:
+            rows = conn.execute(text("SELECT seq, published FROM events ORDER BY id")).all()
+            assert [(seq, bool(published)) for seq, published in rows] == [
+                (1, True),
+                (2, True),
+                (3, False),
+                (None, False),
+            ]
     finally:
         database.dispose()
 

@@ -29,7 +29,7 @@ from metaflow_stack import api_errors
 from metaflow_stack.api_errors import error_response
 from metaflow_stack.service import pages
 from metaflow_stack.service.database import connect, migrate
-from metaflow_stack.service.events import EventHub, Subscription
+from metaflow_stack.service.events import DEFAULT_RETENTION_S, EventHub, Subscription
 from metaflow_stack.service.log_files import LogFiles
 from metaflow_stack.service.logs import TaskLogs
 from metaflow_stack.service.store import Store
@@ -80,12 +80,14 @@ class ServiceConfig:
     migrate: bool = True
     #: Datastore roots (folders, ``s3://bucket/prefix``) whose task logs the service may read.
     log_roots: tuple[str, ...] = ()
+    #: Published events older than this are pruned from the log and the JetStream stream.
+    event_retention_s: float = DEFAULT_RETENTION_S
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The service for ``config``: migrates the schema and starts the event relay on start-up."""
     database = connect(config.database_url, config.read_database_url)
-    hub = EventHub(database, config.nats_url)
+    hub = EventHub(database, config.nats_url, config.event_retention_s)
     store = Store(database, on_commit=hub.wake)
     queries = pages.Queries(database, config.heartbeat_cutoff_s, store)
     logs = TaskLogs(store, LogFiles(config.log_roots))

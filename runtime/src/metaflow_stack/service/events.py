@@ -1,10 +1,12 @@
 """Events: the relay that publishes the outbox, and the SSE stream subscribers read.
 
-The relay numbers committed outbox rows in the order it sees them (``seq``
-across everything, ``run_seq`` within a run: writes that depend on each other
-commit one after the other, so a run's events keep their causal order),
-publishes them, then marks them published. A broker that is down only delays
-events: they stay in the outbox and go out, in order, when it is back.
+The relay moves committed outbox rows into the event log, numbered in the
+order it sees them (``seq`` across everything, ``run_seq`` within a run:
+writes that depend on each other commit one after the other, so a run's
+events keep their causal order), publishes them, then records how far it
+published. A broker that is down only delays events: they wait in the log and
+go out, in order, when it is back. Published events older than the retention
+are pruned from the log.
 
 Two buses. Embedded: subscribers in this process get events straight from the
 relay. Production: NATS JetStream, stream ``METAFLOW_EVENTS`` on subjects
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.service import schema as s
@@ -55,6 +57,8 @@ MESSAGE_EVENTS = 256
 KEEP_ALIVE_S = 15.0
 #: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
 WATERMARK_TIMEOUT_S = 30.0
+DEFAULT_RETENTION_S = 30 * 86400.0
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass
@@ -85,9 +89,12 @@ def _event(row: Any) -> dict[str, Any]:
 class EventHub:
     """Relays the outbox to the bus and fans events out to this process's streams."""
 
-    def __init__(self, database: Database, nats_url: str | None) -> None:
+    def __init__(self, database: Database, nats_url: str | None, retention_s: float = DEFAULT_RETENTION_S) -> None:
         self.db = database
         self.nats_url = nats_url
+        #: Published events older than this leave the log (and the JetStream stream).
+        self.retention_s = retention_s
+        self._next_prune = 0.0
         self._subscribers: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -137,8 +144,11 @@ class EventHub:
             try:
                 while batch := await asyncio.to_thread(self._number):
                     await self._publish(batch)
-                    await asyncio.to_thread(self._mark, [e["id"] for e in batch])
+                    await asyncio.to_thread(self._mark, batch[-1]["seq"])
                     self.published += len(batch)
+                if time.monotonic() >= self._next_prune:
+                    await asyncio.to_thread(self.prune, self.retention_s)
+                    self._next_prune = time.monotonic() + PRUNE_EVERY_S
                 self.last_error, backoff = None, 0.1
             except asyncio.CancelledError:
                 raise
@@ -153,52 +163,72 @@ class EventHub:
                 self._wakeup.set()
 
     def _number(self) -> list[dict[str, Any]]:
-        """Give unnumbered outbox rows their ``seq``/``run_seq``; return the unpublished, in ``seq`` order."""
-        e = s.events.c
+        """Move committed outbox rows into the event log, numbered; return what is unpublished, in order.
+
+        Appending (one insert and one delete per batch) rather than numbering
+        rows in place keeps the relay's cost off the writers: no event row is
+        ever rewritten, and the outbox stays a handful of rows.
+        """
+        o, e, state = s.outbox.c, s.events.c, s.relay_state.c
         with self.db.writer.begin() as conn:
             if self.db.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _RELAY_LOCK})
-            fresh = conn.execute(select(e.id, e.run_number).where(e.seq.is_(None)).order_by(e.id).limit(_BATCH)).all()
+            seq, published = conn.execute(select(state.last_seq, state.published_seq)).one()
+            fresh = conn.execute(select(s.outbox).order_by(o.id).limit(_BATCH)).mappings().all()
             if fresh:
-                seq = conn.execute(select(func.coalesce(func.max(e.seq), 0))).scalar_one()
-                runs = {n for _, n in fresh if n is not None}
+                runs = {row["run_number"] for row in fresh if row["run_number"] is not None}
                 run_seq = dict(
                     conn.execute(
                         select(s.runs.c.run_number, s.runs.c.event_seq).where(s.runs.c.run_number.in_(runs))
                     ).all()
                 )
                 numbered = []
-                for event_id, run_number in fresh:
+                for row in fresh:
                     seq += 1
-                    if run_number is not None:
-                        run_seq[run_number] += 1
-                    numbered.append({"b_id": event_id, "seq": seq, "run_seq": run_seq.get(run_number)})
-                conn.execute(update(s.events).where(e.id == bindparam("b_id")), numbered)
+                    number = row["run_number"]
+                    if number is not None:
+                        run_seq[number] += 1
+                    numbered.append(_event({**row, "seq": seq, "run_seq": run_seq.get(number)}))
+                conn.execute(insert(s.events), numbered)
+                conn.execute(delete(s.outbox).where(o.id.in_([row["id"] for row in fresh])))
+                conn.execute(update(s.relay_state).values(last_seq=seq))
                 if run_seq:
                     conn.execute(
                         update(s.runs).where(s.runs.c.run_number == bindparam("b_run")),
                         [{"b_run": n, "event_seq": value} for n, value in run_seq.items()],
                     )
-            pending = conn.execute(
-                select(s.events).where(e.published.is_(False), e.seq.is_not(None)).order_by(e.seq).limit(_BATCH)
-            ).mappings()
-            return [{"id": row["id"], **_event(row)} for row in pending]
+                if numbered[0]["seq"] == published + 1:
+                    return numbered  # nothing was waiting: this batch is what to publish
+            if seq == published:
+                return []
+            pending = conn.execute(select(s.events).where(e.seq > published).order_by(e.seq).limit(_BATCH))
+            return [_event(row) for row in pending.mappings()]
 
-    def _mark(self, ids: list[int]) -> None:
+    def _mark(self, upto: int) -> None:
+        """Record that every event through ``upto`` is published (never moving backwards)."""
+        state = s.relay_state.c
         with self.db.writer.begin() as conn:
-            conn.execute(update(s.events).where(s.events.c.id.in_(ids)).values(published=True))
+            conn.execute(update(s.relay_state).where(state.published_seq < upto).values(published_seq=upto))
+
+    def prune(self, retention_s: float) -> int:
+        """Delete published events older than ``retention_s`` from the log; returns how many."""
+        cutoff = int((time.time() - retention_s) * 1000)
+        e = s.events.c
+        with self.db.writer.begin() as conn:
+            published = conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
+            return conn.execute(delete(s.events).where(e.seq <= published, e.ts_epoch < cutoff)).rowcount
 
     async def _publish(self, batch: list[dict[str, Any]]) -> None:
         if not self.nats_url:
             for event in batch:
-                self._fan_out({k: v for k, v in event.items() if k != "id"})
+                self._fan_out(event)
             return
         jetstream = await self._connect()
         acks = []
         for group in _runs_of(batch):
             # One message per stretch of a run's events, sent in order on one connection;
             # acknowledgements are awaited together below.
-            payload = json.dumps([{k: v for k, v in event.items() if k != "id"} for event in group])
+            payload = json.dumps(group)
             acks.append(
                 await jetstream.publish_async(
                     subject(group[0]["flow_id"], group[0]["run_number"]),
@@ -219,6 +249,7 @@ class EventHub:
         """The JetStream context, (re)connecting and declaring the stream; raises while NATS is down."""
         import nats
         from nats.js.api import StreamConfig
+        from nats.js.errors import BadRequestError
 
         if self._nats is None or self._nats.is_closed:
             self._nats = await nats.connect(
@@ -227,7 +258,11 @@ class EventHub:
             self._jetstream, self._live = None, None
         if self._jetstream is None:
             jetstream = self._nats.jetstream(timeout=2)
-            await jetstream.add_stream(StreamConfig(name=STREAM, subjects=[f"{SUBJECT_PREFIX}.>"]))
+            config = StreamConfig(name=STREAM, subjects=[f"{SUBJECT_PREFIX}.>"], max_age=self.retention_s)
+            try:
+                await jetstream.add_stream(config)
+            except BadRequestError:  # declared before with other settings (another retention)
+                await jetstream.update_stream(config)
             self._jetstream = jetstream
         return self._jetstream
 

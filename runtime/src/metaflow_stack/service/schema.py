@@ -9,8 +9,10 @@ artifacts) with three differences that make reads cheap:
   every metadata row;
 - runs keep ``end_status`` for the same reason, and ``event_seq``, the last
   ``run_seq`` the relay handed out for the run;
-- ``events`` is the transactional outbox: a write and its event commit together,
-  and the relay numbers and publishes events in commit order.
+- events go through a transactional outbox: a write and its event commit
+  together (``outbox``); the relay moves them, numbered in commit order, into
+  ``events`` (append-only, so numbering never rewrites a row) and records how
+  far it published in ``relay_state``.
 
 Every listing has an index that ends in its keyset (sort key, then id), so the
 deepest page costs what the first does. Change a table only through a new
@@ -29,11 +31,11 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     UniqueConstraint,
-    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -161,8 +163,9 @@ artifacts = Table(
     Index("ix_artifacts_run_name", "run_number", "name", "id"),
 )
 
-events = Table(
-    "events",
+#: The transactional outbox: a write's events, committed with it, waiting for the relay.
+outbox = Table(
+    "outbox",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("flow_id", NAME, nullable=False),
@@ -170,10 +173,29 @@ events = Table(
     Column("kind", String(32), nullable=False),
     Column("body", Json, nullable=False),
     Column("ts_epoch", BigInteger, nullable=False),
-    # Assigned by the relay in publish order: ``seq`` across everything, ``run_seq`` within the run.
-    Column("seq", BigInteger, unique=True),
+)
+
+#: The event log: outbox rows the relay numbered (``seq`` across everything, ``run_seq``
+#: within the run) in the order it took them, kept for replay until pruned.
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Id, autoincrement=False, nullable=False),
     Column("run_seq", BigInteger),
-    Column("published", Boolean, nullable=False, server_default=false()),
-    Index("ix_events_unpublished", "published", "id"),
+    Column("flow_id", NAME, nullable=False),
+    Column("run_number", Id),
+    Column("kind", String(32), nullable=False),
+    Column("body", Json, nullable=False),
+    Column("ts_epoch", BigInteger, nullable=False),
+    PrimaryKeyConstraint("seq", name="events_seq_pkey"),
     Index("ix_events_run", "run_number", "run_seq"),
+)
+
+#: One row: the last ``seq`` handed out and the last one published.
+relay_state = Table(
+    "relay_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("published_seq", BigInteger, nullable=False),
 )

@@ -62,6 +62,14 @@ _database = click.option(
     help="A datastore root (folder or s3://bucket/prefix) whose task logs the logs route may read; "
     "repeat it, or list roots separated by spaces in the variable. Without one, logs are not served.",
 )
+@click.option(
+    "--event-retention-days",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    envvar="METAFLOW_STACK_SERVICE_EVENT_RETENTION_DAYS",
+    help="Published events older than this leave the event log and the JetStream stream (replay reaches this far).",
+)
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 @friendly
 def serve(
@@ -72,6 +80,7 @@ def serve(
     nats_url: str | None,
     heartbeat_cutoff: int,
     log_roots: tuple[str, ...],
+    event_retention_days: float,
     log_level: str,
 ) -> None:
     import os
@@ -90,6 +99,7 @@ def serve(
         heartbeat_cutoff_s=heartbeat_cutoff,
         migrate=False,
         log_roots=log_roots,
+        event_retention_s=event_retention_days * 86400,
     )
     click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(url)})", err=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
