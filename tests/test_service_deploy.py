@@ -1,13 +1,20 @@
 """The metadata service's Helm chart, Nomad job and Pulumi component, checked
 offline: rendered by Helm's engine and validated against Kubernetes 1.30, the
-Nomad job parsed with its variables, the Pulumi component under mocks."""
+Nomad job parsed with its variables, the Pulumi component under mocks; and,
+where kind runs (the GitHub ``clusters`` job), the chart installed in a
+cluster recording a real flow."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import pulumi_offline
+from conftest import free_port, last_line, need, pulumi_offline, run_cli
+from service_servers import run_flow
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
@@ -110,3 +117,43 @@ def test_the_pulumi_component_installs_the_chart() -> None:
     pulumi.runtime.test(lambda: done.apply(check))()
     with pytest.raises(StackError, match="SQLite allows one replica"):
         MetadataService("broken", MetadataServiceArgs(image=image))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_kind_cluster_runs_the_chart_and_records_a_flow(docker_engine, tmp_path: Path) -> None:
+    need("kind", bool(shutil.which("kind") and shutil.which("kubectl")), "no kind cluster (kind and kubectl on PATH)")
+    built = run_cli("stack", "images", "build", "metadata-service")
+    assert built.returncode == 0, built.stderr[-3000:]
+    image = last_line(built)
+    subprocess.run(["kind", "load", "docker-image", image], check=True)  # the cluster: KIND_CLUSTER_NAME
+    repository, _, tag = image.rpartition(":")
+    values = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}, "replicaCount": 1}
+    manifests = tmp_path / "metadata-service.yaml"
+    manifests.write_text(helm.render("metadata-service", values, "metadata").to_yaml())
+    subprocess.run(["kubectl", "apply", "-f", str(manifests)], check=True)
+    forward = None
+    try:
+        subprocess.run(["kubectl", "rollout", "status", "deployment/metadata", "--timeout=300s"], check=True)
+        port = free_port()
+        forward = subprocess.Popen(["kubectl", "port-forward", "svc/metadata", f"{port}:8080"])
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthcheck", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the port-forward never answered"
+            time.sleep(1)
+        done = run_flow(tmp_path, "run", "--width", "3", "--run-id-file", "run-id", service_url=url)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = (tmp_path / "run-id").read_text()
+        summary = httpx.get(f"{url}/flows/FanFlow/runs/{run}/summary").json()
+        assert summary["status"] == "completed"
+        assert {step["step_name"]: step["completed"] for step in summary["steps"]}["work"] == 3
+    finally:
+        if forward is not None:
+            forward.terminate()
+        subprocess.run(["kubectl", "delete", "-f", str(manifests)], check=False)
