@@ -58,6 +58,8 @@ KEEP_ALIVE_S = 15.0
 #: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
 WATERMARK_TIMEOUT_S = 30.0
 DEFAULT_RETENTION_S = 30 * 86400.0
+#: Queued to a stream to end it.
+_CLOSE: Any = object()
 PRUNE_EVERY_S = 3600.0
 
 
@@ -128,6 +130,12 @@ class EventHub:
         """Called after each committed write, from any thread."""
         if self._loop is not None and self._wakeup is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def close_streams(self) -> None:
+        """End every open stream (from any thread), so a stopping server is not held up by them."""
+        if self._loop is not None:
+            for queue in list(self._subscribers):
+                self._loop.call_soon_threadsafe(queue.put_nowait, _CLOSE)
 
     def describe(self) -> dict[str, Any]:
         return {"bus": "nats" if self.nats_url else "in-process", "published": self.published, "error": self.last_error}
@@ -322,8 +330,9 @@ class EventHub:
                     continue
                 while not queue.empty() and len(items) < _BATCH:  # whatever else is queued goes in one write
                     items.append(queue.get_nowait())
+                closing = _CLOSE in items
                 chunk = []
-                for event, frame in items:
+                for event, frame in (item for item in items if item is not _CLOSE):
                     if last is not None and event["seq"] <= last:
                         continue  # already sent, or a duplicate publish
                     if last is not None and event["seq"] > last + 1:
@@ -334,6 +343,8 @@ class EventHub:
                         chunk.append(frame)
                 if chunk:
                     yield b"".join(chunk)
+                if closing:  # the server is stopping: the client resumes elsewhere with Last-Event-ID
+                    return
         finally:
             self._subscribers.discard(queue)
             if not self._subscribers and self._live is not None:

@@ -101,8 +101,17 @@ def serve(
         log_roots=log_roots,
         event_retention_s=event_retention_days * 86400,
     )
+    app = create_app(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # Event streams never end by themselves; ending them lets in-flight requests finish promptly.
+            app.state.hub.close_streams()
+            super().handle_exit(sig, frame)
+
     click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(url)})", err=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    Server(uvicorn_config).run()
 
 
 @service.command(help="Create or upgrade the service's schema, then exit.")
