@@ -106,9 +106,10 @@ def _check_service_runs(root: Path, url: str, local_view: dict) -> list[str]:
     assert summary["status"] == "completed"
     assert {s["step_name"]: s["completed"] for s in summary["steps"]}["work"] == WIDTH
     failures = httpx.get(f"{url}/flows/FanFlow/runs/{ids[1]}/failures").json()
-    assert [(f["step_name"], f["attempt"], f["exception"]) for f in failures] == [
-        ("work", 1, {"type": "ValueError", "message": "item 2 is bad"})
+    assert [(f["step_name"], f["attempt"], f["exception"]["type"], f["exception"]["message"]) for f in failures] == [
+        ("work", 1, "ValueError", "item 2 is bad")
     ]
+    assert failures[0]["exception"]["traceback"][-1] == "ValueError: item 2 is bad"
     assert httpx.get(f"{url}/flows/FanFlow/runs/{ids[1]}").json()["run_number"] == int(ids[1])
     statuses = httpx.get(f"{url}/flows/FanFlow/runs", params={"_limit": 10}).json()
     assert [r["status"] for r in statuses] == ["completed", "failed", "completed"]  # newest first

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from typing import Any
 
 from metaflow.metadata_provider import MetaDatum
@@ -86,7 +87,11 @@ class StackServiceMetadataProvider(ServiceMetadataProvider):
         raised = sys.exc_info()[1]
         if failing and raised is not None and "failures" in self.capabilities():
             # attempt_ok is written in a `finally` while the task's exception propagates.
-            detail = {"type": _qualified_name(type(raised)), "message": str(raised)[:4000]}
+            detail = {
+                "type": _qualified_name(type(raised)),
+                "message": str(raised)[:4000],
+                "traceback": _traceback_tail(raised),
+            }
             metadata = [
                 *metadata,
                 MetaDatum(field="exception", value=json.dumps(detail), type="exception", tags=failing[0].tags),
@@ -154,3 +159,9 @@ def _artifact_info(provider: Any, run_id, step_name, task_id, attempt_id, sample
         return dict(task._info)
     except Exception:
         return {}  # never fail a task over search metadata
+
+
+def _traceback_tail(raised: BaseException, lines: int = 20) -> list[str]:
+    """The last lines of the exception's traceback, each at most 300 characters."""
+    text = "".join(traceback.format_exception(raised)).rstrip("\n").splitlines()
+    return [line[:300] for line in text[-lines:]]

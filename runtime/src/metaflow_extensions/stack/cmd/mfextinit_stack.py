@@ -1,3 +1,8 @@
-"""Adds ``metaflow stack``, ``metaflow function`` and ``metaflow service`` to Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service`` and ``agent`` to Metaflow's command line."""
 
-CMDS_DESC = [("stack", ".stack_cli.cli"), ("function", ".function_cli.cli"), ("service", ".service_cli.cli")]
+CMDS_DESC = [
+    ("stack", ".stack_cli.cli"),
+    ("function", ".function_cli.cli"),
+    ("service", ".service_cli.cli"),
+    ("agent", ".agent_cli.cli"),
+]

@@ -1,0 +1,99 @@
+"""What the agent queries answer: small, JSON-serializable, explicit about their bounds.
+
+Every list says whether more exists (``truncated``), how to get it
+(``next_cursor``) and which requested bounds were lowered to the maximum
+(``clamped``), so an agent never mistakes a window for the whole.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Clamp(BaseModel):
+    """A requested bound above the maximum, and the one used instead."""
+
+    parameter: str
+    requested: int
+    used: int
+
+
+class Bounded(BaseModel):
+    truncated: bool = Field(description="more results exist beyond these")
+    next_cursor: str | None = Field(None, description="pass as cursor to get the next ones")
+    clamped: list[Clamp] = Field(default_factory=list)
+
+
+class RunInfo(BaseModel):
+    pathspec: str
+    status: str = Field(description="running, completed, failed or killed")
+    user: str | None
+    tags: list[str]
+    system_tags: list[str]
+    started_at: int = Field(description="epoch milliseconds")
+    finished_at: int | None = Field(description="epoch milliseconds; null while running")
+
+
+class RunList(Bounded):
+    runs: list[RunInfo]
+
+
+class Failure(BaseModel):
+    pathspec: str
+    step_name: str
+    attempt: int | None
+    finished_at: int | None
+    type: str | None = Field(description="the exception's qualified class name, when recorded")
+    message: str | None
+    traceback: list[str] = Field(default_factory=list, description="the last lines of the traceback, when recorded")
+
+
+class FailureList(Bounded):
+    run: str
+    failures: list[Failure]
+
+
+class StepCounts(BaseModel):
+    step_name: str
+    total: int
+    running: int
+    completed: int
+    failed: int
+    killed: int
+
+
+class RunSummary(BaseModel):
+    pathspec: str
+    status: str
+    started_at: int
+    finished_at: int | None
+    duration_ms: int
+    steps: list[StepCounts]
+    first_failure: Failure | None
+
+
+class ArtifactInfo(BaseModel):
+    pathspec: str = Field(description="the task holding the artifact")
+    name: str
+    attempt: int
+    size: int | None = Field(description="bytes as stored (compressed pickle), when recorded")
+    python_type: str | None = Field(description="the value's type, when recorded; never read by unpickling")
+
+
+class ArtifactList(Bounded):
+    artifacts: list[ArtifactInfo]
+
+
+class LogLine(BaseModel):
+    ts: str | None
+    source: str
+    text: str
+
+
+class LogWindow(Bounded):
+    pathspec: str
+    stream: str
+    attempt: int
+    lines: list[LogLine]
+    size: int = Field(description="bytes of the whole log")
+    bytes_read: int = Field(description="bytes read from the datastore to answer")

@@ -1,0 +1,146 @@
+"""Agent queries (``metaflow_stack.agent``, ``metaflow agent``) on real runs
+recorded by the metadata service: right answers, one request each, bounds
+stated, nothing unpickled, and mistakes answered as structured errors."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import json_stdout, run_cli
+from service_servers import Service, run_flow, start_service
+
+from metaflow_stack.agent import AgentError, Queries, connect
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Runs:
+    service: Service
+    done: str
+    failed: str
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    """FanFlow twice against the service: a completed run, and one whose item 2 fails every attempt."""
+    root = tmp_path_factory.mktemp("agent-runs")
+    service = start_service(str(root / "metadata.db"), root / "service.log", log_roots=(str(root / ".metaflow"),))
+    try:
+        done = run_flow(root, "run", "--width", "4", "--run-id-file", "done", service_url=service.url)
+        assert done.returncode == 0, done.stderr[-3000:]
+        failing = run_flow(
+            root, "run", "--width", "4", "--run-id-file", "failed", service_url=service.url, env={"FAN_FAIL_AT": "2"}
+        )
+        assert failing.returncode != 0
+        yield Runs(service, f"FanFlow/{(root / 'done').read_text()}", f"FanFlow/{(root / 'failed').read_text()}")
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def queries(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queries]:
+    """Queries on the service, in a process where unpickling anything fails the test."""
+    with connect(runs.service.url) as connected:
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise AssertionError("an agent query unpickled something")
+
+        monkeypatch.setattr(pickle, "loads", refuse)
+        monkeypatch.setattr(pickle, "load", refuse)
+        connected.requests = 0
+        yield connected
+
+
+def test_runs_by_status_time_and_tags(runs: Runs, queries: Queries) -> None:
+    failed = queries.list_runs("FanFlow", status="failed")
+    assert [r.pathspec for r in failed.runs] == [runs.failed] and not failed.truncated
+    every = queries.list_runs("FanFlow", since="1h", limit=1)
+    assert [r.pathspec for r in every.runs] == [runs.failed] and every.truncated  # newest first, one more
+    rest = queries.list_runs("FanFlow", since="1h", limit=1, cursor=every.next_cursor)
+    assert [(r.pathspec, r.status) for r in rest.runs] == [(runs.done, "completed")]
+    assert queries.list_runs("FanFlow", until="2000-01-01T00:00:00").runs == []
+    assert queries.list_runs("FanFlow", tags=["no-such-tag"]).runs == []
+    assert queries.requests == 5  # one request per query
+
+
+def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) -> None:
+    found = queries.failures(runs.failed)
+    assert len(found.failures) == 1 and queries.requests == 1
+    failure = found.failures[0]
+    assert (failure.step_name, failure.attempt, failure.type, failure.message) == (
+        "work",
+        1,
+        "ValueError",
+        "item 2 is bad",
+    )
+    assert failure.traceback[-1] == "ValueError: item 2 is bad" and any(
+        "fan_flow.py" in line for line in failure.traceback
+    )
+    summary = queries.run_summary(runs.failed)
+    assert summary.status == "failed" and summary.first_failure == failure
+    assert {s.step_name: s.failed for s in summary.steps}["work"] == 1
+    assert queries.run_summary(runs.done).status == "completed"
+    assert queries.requests == 3
+
+
+def test_artifacts_are_described_without_loading_them(runs: Runs, queries: Queries) -> None:
+    start = queries.search_artifacts(runs.done, name="items", step="start").artifacts
+    assert len(start) == 1 and start[0].python_type == "list" and start[0].size > 0
+    listed = queries.artifact_info(start[0].pathspec)
+    assert "items" in {a.name for a in listed.artifacts}
+    values = queries.search_artifacts("FanFlow", name="value", python_type="int")
+    assert len(values.artifacts) == 4 + 3  # every item of the completed run, all but item 2 of the failed one
+    assert queries.search_artifacts("FanFlow", name="value", min_size=10**9).artifacts == []
+    assert queries.requests == 4
+
+
+def test_logs_tail_and_grep_of_the_failing_task(runs: Runs, queries: Queries) -> None:
+    failure = queries.failures(runs.failed).failures[0]
+    tail = queries.logs(failure.pathspec, tail=3)
+    assert tail.stream == "stderr" and tail.attempt == 1
+    assert any("item 2 is bad" in line.text for line in tail.lines) and tail.bytes_read <= 64 * 1024
+    first = queries.logs(failure.pathspec, attempt=0, grep="ValueError")
+    assert first.attempt == 0 and first.lines and all("ValueError" in line.text for line in first.lines)
+    assert queries.requests == 3
+
+
+def test_mistakes_are_structured_errors(runs: Runs, queries: Queries) -> None:
+    with pytest.raises(AgentError) as missing:
+        queries.failures("FanFlow/999999")
+    assert missing.value.code == "not_found" and "FanFlow/999999" in missing.value.message
+    for call, code in [
+        (lambda: queries.failures("FanFlow"), "bad_parameter"),
+        (lambda: queries.list_runs("FanFlow", status="exploded"), "bad_parameter"),
+        (lambda: queries.list_runs("FanFlow", since="last tuesday"), "bad_parameter"),
+        (lambda: queries.logs(f"{runs.done}/start/1", stream="stdlog"), "bad_parameter"),
+        (lambda: queries.list_runs("FanFlow", limit=0), "bad_parameter"),
+    ]:
+        with pytest.raises(AgentError) as error:
+            call()
+        assert error.value.code == code
+    clamped = queries.list_runs("FanFlow", limit=50_000)
+    assert [c.model_dump() for c in clamped.clamped] == [{"parameter": "limit", "requested": 50_000, "used": 1000}]
+
+
+def test_the_cli_prints_json_answers_and_json_errors(runs: Runs) -> None:
+    env = {"METAFLOW_SERVICE_URL": runs.service.url}
+    answered = run_cli("agent", "failures", runs.failed, "--json", env=env)
+    assert answered.returncode == 0, answered.stderr
+    assert json_stdout(answered)["failures"][0]["type"] == "ValueError"
+    missing = run_cli("agent", "summary", "FanFlow/999999", "--json", env=env)
+    assert missing.returncode == 1 and json_stdout(missing)["error"]["code"] == "not_found"
+    plain = run_cli("agent", "summary", "FanFlow/999999", env=env)
+    assert plain.returncode == 1 and "error: run FanFlow/999999 does not exist" in plain.stderr
+    assert "Traceback" not in plain.stderr
+
+
+def test_connect_names_the_fix_without_a_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("METAFLOW_SERVICE_URL", raising=False)
+    with pytest.raises(AgentError) as unreachable:
+        connect("http://127.0.0.1:9")
+    assert unreachable.value.code == "service_unavailable" and "just up" in unreachable.value.fix
