@@ -4,6 +4,7 @@ stated, nothing unpickled, and mistakes answered as structured errors."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,3 +145,29 @@ def test_connect_names_the_fix_without_a_service(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(AgentError) as unreachable:
         connect("http://127.0.0.1:9")
     assert unreachable.value.code == "service_unavailable" and "just up" in unreachable.value.fix
+
+
+def test_the_mcp_server_answers_the_same_over_stdio(runs: Runs) -> None:
+    import asyncio
+
+    from conftest import VENV_BIN
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    server = StdioServerParameters(
+        command=str(VENV_BIN / "metaflow-stack-mcp"), env={"METAFLOW_SERVICE_URL": runs.service.url}
+    )
+
+    async def session() -> tuple[set[str], dict, object]:
+        async with Client(server) as client:
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            found = await client.call_tool("failures", {"run": runs.failed})
+            missing = await client.call_tool("run_summary", {"run": "FanFlow/999999"})
+            return tools, found.structured_content, missing
+
+    tools, found, missing = asyncio.run(session())
+    assert tools == {"list_runs", "run_summary", "failures", "artifact_info", "search_artifacts", "logs"}
+    assert found["failures"][0]["message"] == "item 2 is bad"
+    assert missing.is_error
+    text = missing.content[0].text  # the SDK prefixes the tool's error with "Error executing tool ...: "
+    assert json.loads(text[text.index("{") :])["error"]["code"] == "not_found"
