@@ -10,17 +10,17 @@ error whose text is ``{"error": {code, message, fix}}``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import typing
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from metaflow_stack.agent.models import ArtifactList, FailureList, LogWindow, RunList, RunSummary
 from metaflow_stack.agent.queries import AgentError, Queries, connect
-
-T = TypeVar("T")
 
 INSTRUCTIONS = """Query Metaflow runs recorded by the Metaflow Stack metadata service.
 Pathspecs: a flow is "Flow", a run "Flow/123", a task "Flow/123/step/456".
@@ -29,83 +29,40 @@ exception and traceback tail; logs reads a bounded window of a task's log. Every
 is one request to the service and says when it is truncated: pass next_cursor back as cursor."""
 
 
+#: The ``Queries`` methods served as tools, under their own names, signatures and docstrings.
+TOOLS = ("list_runs", "run_summary", "failures", "artifact_info", "search_artifacts", "logs")
+
+
 def build(service_url: str | None = None) -> MCPServer:
     """The server; each tool is one query on the service at ``service_url`` (or the configured one)."""
     server = MCPServer("metaflow-stack", instructions=INSTRUCTIONS, log_level="WARNING")
     connected: list[Queries] = []
 
-    def ask(query: Callable[[Queries], T]) -> T:
-        try:
-            if not connected:
-                connected.append(connect(service_url))
-            return query(connected[0])
-        except AgentError as exc:
-            raise ToolError(json.dumps(exc.to_dict())) from None
+    def tool(name: str) -> Callable[..., Any]:
+        method = getattr(Queries, name)
 
-    @server.tool()
-    def list_runs(
-        flow: str,
-        status: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-        tags: list[str] | None = None,
-        limit: int = 20,
-        cursor: str | None = None,
-    ) -> RunList:
-        """A flow's runs, newest first. status: running, completed, failed or killed. since/until: ISO 8601,
-        epoch seconds, or "30m"/"24h"/"7d" ago. tags: every one must be on the run. limit: at most 1000."""
-        return ask(lambda q: q.list_runs(flow, status, since, until, tags or (), limit, cursor))
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                if not connected:
+                    connected.append(connect(service_url))
+                return method(connected[0], *args, **kwargs)
+            except AgentError as exc:
+                raise ToolError(json.dumps(exc.to_dict())) from None
 
-    @server.tool()
-    def run_summary(run: str) -> RunSummary:
-        """A run ("Flow/123"): status, duration, task counts per step by status, and its first failure."""
-        return ask(lambda q: q.run_summary(run))
-
-    @server.tool()
-    def failures(run: str, limit: int = 20, cursor: str | None = None) -> FailureList:
-        """The failed tasks of a run ("Flow/123") with attempt, exception type, message and traceback tail."""
-        return ask(lambda q: q.failures(run, limit, cursor))
-
-    @server.tool()
-    def artifact_info(task: str, limit: int = 200, cursor: str | None = None) -> ArtifactList:
-        """A task's ("Flow/123/step/456") artifacts: names, stored sizes and Python types. Loads no values."""
-        return ask(lambda q: q.artifact_info(task, limit, cursor))
-
-    @server.tool()
-    def search_artifacts(
-        scope: str,
-        name: str | None = None,
-        name_contains: str | None = None,
-        python_type: str | None = None,
-        min_size: int | None = None,
-        max_size: int | None = None,
-        step: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> ArtifactList:
-        """Artifacts across a flow ("Flow") or a run ("Flow/123") by exact name, name fragment, Python type
-        (as recorded: "int", "dict", "pandas.core.frame.DataFrame"), stored size in bytes, or step."""
-        return ask(
-            lambda q: q.search_artifacts(
-                scope, name, name_contains, python_type, min_size, max_size, step, limit, cursor
-            )
+        # The tool's parameters are the method's, less ``self``, with their annotations resolved.
+        hints = typing.get_type_hints(method)
+        signature = inspect.signature(method)
+        call.__signature__ = signature.replace(
+            parameters=[p.replace(annotation=hints[p.name]) for p in list(signature.parameters.values())[1:]],
+            return_annotation=hints["return"],
         )
+        del call.__wrapped__
+        call.__annotations__ = {k: v for k, v in hints.items() if k != "self"}
+        return call
 
-    @server.tool()
-    def logs(
-        task: str,
-        stream: str = "stderr",
-        tail: int | None = 50,
-        head: int | None = None,
-        grep: str | None = None,
-        max_bytes: int = 64 * 1024,
-        attempt: int | None = None,
-        cursor: str | None = None,
-    ) -> LogWindow:
-        """A window of a task's ("Flow/123/step/456") log: the last `tail` lines (default 50 of stderr),
-        or the first `head`; grep keeps lines matching a regular expression; attempt defaults to the latest."""
-        return ask(lambda q: q.logs(task, stream, tail, head, grep, max_bytes, attempt, cursor))
-
+    for name in TOOLS:
+        server.tool(name=name)(tool(name))
     return server
 
 

@@ -170,7 +170,8 @@ class Queries:
         limit: int = 20,
         cursor: str | None = None,
     ) -> RunList:
-        """The flow's runs, newest first, filtered by status, start time and tags (all of them)."""
+        """A flow's runs, newest first. status: running, completed, failed or killed; since/until (start time):
+        ISO 8601, epoch seconds, or "30m"/"24h"/"7d" ago; tags: every one must be on the run; limit: at most 1000."""
         clamped: list[Clamp] = []
         if status is not None and status not in STATUSES:
             raise AgentError("bad_parameter", f"status {status!r} is not one of {', '.join(STATUSES)}")
@@ -199,7 +200,7 @@ class Queries:
         return RunList(runs=runs, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def run_summary(self, run: str) -> RunSummary:
-        """Per-step task counts by status, the first failure and the duration."""
+        """A run ("Flow/123"): status, duration, task counts per step by status, and its first failure."""
         flow, number = _path(run, 2, "run")
         body = self._get(f"/flows/{flow}/runs/{number}/summary", what=f"run {run}").json()
         return RunSummary(
@@ -213,7 +214,7 @@ class Queries:
         )
 
     def failures(self, run: str, limit: int = 20, cursor: str | None = None) -> FailureList:
-        """The run's failed tasks (latest attempt failed), each with its exception and traceback tail."""
+        """A run's ("Flow/123") failed tasks: attempt, exception type, message and traceback tail of each."""
         flow, number = _path(run, 2, "run")
         clamped: list[Clamp] = []
         params = {"_limit": _bound("limit", limit, MAX_FAILURES, clamped), "_cursor": cursor}
@@ -245,7 +246,7 @@ class Queries:
         return ArtifactList(artifacts=artifacts, truncated=after is not None, next_cursor=after)
 
     def artifact_info(self, task: str, limit: int = 200, cursor: str | None = None) -> ArtifactList:
-        """The task's artifacts (latest attempt): names, sizes and types, without loading any."""
+        """A task's ("Flow/123/step/456") artifacts, latest attempt: names, stored sizes, Python types; loads none."""
         flow, run, step, task_id = _path(task, 4, "task")
         clamped: list[Clamp] = []
         params = {"_limit": _bound("limit", limit, MAX_ARTIFACTS, clamped), "_cursor": cursor}
@@ -265,7 +266,8 @@ class Queries:
         limit: int = 50,
         cursor: str | None = None,
     ) -> ArtifactList:
-        """Artifacts across a flow (``Flow``) or a run (``Flow/run``) by name, type and size; none is loaded."""
+        """Artifacts across a flow ("Flow") or a run ("Flow/123") by exact name, name fragment, Python type as
+        recorded ("int", "dict", "pandas.core.frame.DataFrame"), stored size in bytes, or step; none is loaded."""
         pieces = scope.strip("/").split("/")
         if len(pieces) not in (1, 2) or not all(pieces):
             raise AgentError("bad_parameter", f"scope {scope!r} is not a flow (Flow) or a run (Flow/run)")
@@ -298,7 +300,8 @@ class Queries:
         attempt: int | None = None,
         cursor: str | None = None,
     ) -> LogWindow:
-        """A window of the task's log: the last ``tail`` lines (default), or the first ``head``, maybe grepped."""
+        """A window of a task's ("Flow/123/step/456") log: the last `tail` lines (default 50 of stderr) or the
+        first `head`; grep keeps lines matching a regular expression; attempt defaults to the latest."""
         flow, run, step, task_id = _path(task, 4, "task")
         if stream not in ("stdout", "stderr"):
             raise AgentError("bad_parameter", f"stream {stream!r} is not stdout or stderr")
