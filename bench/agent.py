@@ -7,7 +7,10 @@ counts every HTTP request Metaflow's service provider makes and every
 unpickle) and with the agent queries (which count their requests). Datastore
 reads are not requests; the Client API's are listed as what it unpickles.
 
-    python bench/agent.py [--width 1000] [--fail 3]
+    python bench/agent.py [--width 1000] [--fail 3] [--routes]
+
+``--routes`` also prints, per question, the routes the Client API requested
+and how often (docs/agent-audit.md is built from them).
 """
 
 from __future__ import annotations
@@ -69,16 +72,22 @@ if __name__ == "__main__":
 
 #: The stock Client API's answer to each question, run in a process that counts requests and unpickles.
 STOCK = """
-import json, pickle, sys, time
+import json, pickle, re, sys, time
+from collections import Counter
+from urllib.parse import urlsplit
 import requests
 from metaflow import Flow, Run, namespace
 
 namespace(None)
 counts = {"requests": 0, "unpickles": 0}
+paths = Counter()
 send = requests.Session.request
-def counted(self, *args, **kwargs):
+def counted(self, method, url, *args, **kwargs):
     counts["requests"] += 1
-    return send(self, *args, **kwargs)
+    # The route, ids left out: what the audit lists.
+    route = re.sub(r"/[0-9]+(?=/|$)", "/{id}", urlsplit(url).path).replace("/AgentBenchFlow", "/{flow}")
+    paths[f"{method} {route}"] += 1
+    return send(self, method, url, *args, **kwargs)
 requests.Session.request = counted
 loads = pickle.loads
 def counted_loads(*args, **kwargs):
@@ -111,7 +120,7 @@ def stderr_tail(task):
 question, argument = sys.argv[1], sys.argv[2]
 started = time.perf_counter()
 answer = globals()[question](argument) if argument != "-" else globals()[question]()
-print(json.dumps({"ms": (time.perf_counter() - started) * 1000, "size": len(answer), **counts}))
+print(json.dumps({"ms": (time.perf_counter() - started) * 1000, "paths": paths, **counts}))
 """
 
 
@@ -155,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1000, help="tasks in the foreach")
     parser.add_argument("--fail", type=int, default=3, help="how many of its last tasks fail")
+    parser.add_argument("--routes", action="store_true", help="list the Client API's requests by route")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     process, url = start_service(str(root / "metadata.db"), root / "service.log", root / ".metaflow")
@@ -174,6 +184,9 @@ def main() -> None:
         table = Table(title=f"agent questions on a {args.width}-task run (same machine, same run)")
         for column in ("question", "Client API requests", "ms", "unpickles", "agent requests", "ms"):
             table.add_column(column)
+        routes = Table(title="the Client API's requests by route")
+        for column in ("question", "requests", "route"):
+            routes.add_column(column)
         for label, name, argument, call in questions:
             with console.status(label):
                 theirs = stock(url, root, name, argument)
@@ -186,7 +199,11 @@ def main() -> None:
                 f"{mine['requests']:,}",
                 f"{mine['ms']:,.1f}",
             )
+            for route, count in sorted(theirs["paths"].items(), key=lambda item: -item[1]):
+                routes.add_row(label, f"{count:,}", route)
         Console().print(table)
+        if args.routes:
+            Console(width=160).print(routes)
     finally:
         process.terminate()
         process.wait(timeout=30)
