@@ -154,10 +154,10 @@ def stock(url: str, root: Path, question: str, argument: str) -> dict:
 
 def ours(url: str, call) -> dict:
     with connect(url) as queries:
-        queries.requests = 0
+        queries.source.requests = 0
         started = time.perf_counter()
         call(queries)
-        return {"ms": (time.perf_counter() - started) * 1000, "requests": queries.requests, "unpickles": 0}
+        return {"ms": (time.perf_counter() - started) * 1000, "requests": queries.source.requests, "unpickles": 0}
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def queries(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queries]:
 
         monkeypatch.setattr(pickle, "loads", refuse)
         monkeypatch.setattr(pickle, "load", refuse)
-        connected.requests = 0
+        connected.source.requests = 0
         yield connected
 
 
@@ -66,12 +66,12 @@ def test_runs_by_status_time_and_tags(runs: Runs, queries: Queries) -> None:
     assert [(r.pathspec, r.status) for r in rest.runs] == [(runs.done, "completed")]
     assert queries.list_runs("FanFlow", until="2000-01-01T00:00:00").runs == []
     assert queries.list_runs("FanFlow", tags=["no-such-tag"]).runs == []
-    assert queries.requests == 5  # one request per query
+    assert queries.source.requests == 5  # one request per query
 
 
 def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) -> None:
     found = queries.failures(runs.failed)
-    assert len(found.failures) == 1 and queries.requests == 1
+    assert len(found.failures) == 1 and queries.source.requests == 1
     failure = found.failures[0]
     assert (failure.step_name, failure.attempt, failure.type, failure.message) == (
         "work",
@@ -86,7 +86,7 @@ def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) 
     assert summary.status == "failed" and summary.first_failure == failure
     assert {s.step_name: s.failed for s in summary.steps}["work"] == 1
     assert queries.run_summary(runs.done).status == "completed"
-    assert queries.requests == 3
+    assert queries.source.requests == 3
 
 
 def test_artifacts_are_described_without_loading_them(runs: Runs, queries: Queries) -> None:
@@ -97,7 +97,7 @@ def test_artifacts_are_described_without_loading_them(runs: Runs, queries: Queri
     values = queries.search_artifacts("FanFlow", name="value", python_type="int")
     assert len(values.artifacts) == 4 + 3  # every item of the completed run, all but item 2 of the failed one
     assert queries.search_artifacts("FanFlow", name="value", min_size=10**9).artifacts == []
-    assert queries.requests == 4
+    assert queries.source.requests == 4
 
 
 def test_logs_tail_and_grep_of_the_failing_task(runs: Runs, queries: Queries) -> None:
@@ -107,7 +107,7 @@ def test_logs_tail_and_grep_of_the_failing_task(runs: Runs, queries: Queries) ->
     assert any("item 2 is bad" in line.text for line in tail.lines) and tail.bytes_read <= 64 * 1024
     first = queries.logs(failure.pathspec, attempt=0, grep="ValueError")
     assert first.attempt == 0 and first.lines and all("ValueError" in line.text for line in first.lines)
-    assert queries.requests == 3
+    assert queries.source.requests == 3
 
 
 def test_mistakes_are_structured_errors(runs: Runs, queries: Queries) -> None:
@@ -171,3 +171,50 @@ def test_the_mcp_server_answers_the_same_over_stdio(runs: Runs) -> None:
     assert missing.is_error
     text = missing.content[0].text  # the SDK prefixes the tool's error with "Error executing tool ...: "
     assert json.loads(text[text.index("{") :])["error"]["code"] == "not_found"
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same two FanFlow runs under local metadata: no service anywhere."""
+    root = tmp_path_factory.mktemp("agent-local")
+    done = run_flow(root, "run", "--width", "4", "--run-id-file", "done", service_url=None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failing = run_flow(
+        root, "run", "--width", "4", "--run-id-file", "failed", service_url=None, env={"FAN_FAIL_AT": "2"}
+    )
+    assert failing.returncode != 0
+    return root
+
+
+def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    from metaflow_stack.agent.local_source import LocalSource
+
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("an agent query unpickled something"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("an agent query unpickled something"))
+    monkeypatch.delenv("METAFLOW_SERVICE_URL", raising=False)
+    monkeypatch.setattr(LocalStorage, "SYSROOT_VAR", None)
+    monkeypatch.chdir(local_runs)
+    queries = connect()  # no service configured: the .metaflow folder found from here
+    assert isinstance(queries.source, LocalSource) and queries.source.root == local_runs / ".metaflow"
+    done, failed = (f"FanFlow/{(local_runs / name).read_text()}" for name in ("done", "failed"))
+
+    assert [r.pathspec for r in queries.list_runs("FanFlow", status="failed").runs] == [failed]
+    assert [r.pathspec for r in queries.list_runs("FanFlow", since="1h").runs] == [failed, done]
+    found = queries.failures(failed).failures
+    assert [(f.step_name, f.attempt, f.type, f.message) for f in found] == [("work", 1, "ValueError", "item 2 is bad")]
+    assert found[0].traceback[-1] == "ValueError: item 2 is bad"
+    summary = queries.run_summary(failed)
+    assert summary.status == "failed" and summary.first_failure == found[0]
+    assert {s.step_name: (s.completed, s.failed) for s in summary.steps}["work"] == (3, 1)
+    assert queries.run_summary(done).status == "completed"
+
+    start = queries.search_artifacts(done, name="items", step="start").artifacts
+    assert len(start) == 1 and start[0].python_type == "list" and start[0].size > 0
+    assert "items" in {a.name for a in queries.artifact_info(start[0].pathspec).artifacts}
+    assert len(queries.search_artifacts("FanFlow", name="value", python_type="int").artifacts) == 4 + 3
+    assert any("item 2 is bad" in line.text for line in queries.logs(found[0].pathspec, tail=3).lines)
+    with pytest.raises(AgentError) as missing:
+        queries.failures("FanFlow/12345")
+    assert missing.value.code == "not_found"

@@ -3,7 +3,7 @@
 Its own console script, not a ``metaflow`` subcommand: Metaflow's command
 line prints a banner on stdout, which would corrupt the JSON-RPC stream. The
 service is found as ``metaflow agent`` finds it (``METAFLOW_SERVICE_URL`` or
-Metaflow's configuration), on the first tool call, so a client can start the
+Metaflow's configuration; else the local datastore), on the first tool call, so a client can start the
 server before the service is up. A query that cannot be answered is a tool
 error whose text is ``{"error": {code, message, fix}}``.
 """

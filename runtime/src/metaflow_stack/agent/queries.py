@@ -1,15 +1,18 @@
-"""Bounded queries of Metaflow runs for scripts and agents, one request each.
+"""Bounded queries of Metaflow runs for scripts and agents.
 
 Metaflow's Client API answers "which tasks of this run failed, and why" by
 visiting every task (two metadata requests each, then unpickling
-``_exception``), and shows a log by downloading all of it. These queries ask
-the metadata service's opt-in routes instead (``/failures``, ``/summary``,
-paged and filtered listings, artifact search, bounded logs), so each costs one
-request whatever the run's size, and nothing is ever unpickled.
+``_exception``), and shows a log by downloading all of it. ``Queries`` asks
+the same questions of a source that can answer them cheaply: the metadata
+service's opt-in routes (``service_source``: one request each, whatever the
+run's size) or, without a service, the local datastore's small metadata
+files (``local_source``). Nothing is ever unpickled.
 
-Errors are ``AgentError``: a stable ``code`` (``not_found``,
-``bad_parameter``, ``service_unavailable``, ``service_too_old``), a message
-naming the path or parameter, and the fix.
+``Queries`` checks and bounds every parameter once, for both sources; bounds
+over the maximum are lowered and reported in ``clamped``. Errors are
+``AgentError``: a stable ``code`` (``not_found``, ``bad_parameter``,
+``service_unavailable``, ``service_too_old``), a message naming the path or
+parameter, and the fix.
 """
 
 from __future__ import annotations
@@ -17,23 +20,20 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import httpx
+from pathlib import Path
+from typing import Any, Protocol
 
 from metaflow_stack.agent.models import (
     ArtifactInfo,
     ArtifactList,
     Clamp,
-    Failure,
     FailureList,
-    LogLine,
     LogWindow,
     RunInfo,
     RunList,
     RunSummary,
-    StepCounts,
 )
 from metaflow_stack.errors import StackError
 
@@ -43,8 +43,6 @@ MAX_ARTIFACTS = 1000
 MAX_LOG_LINES = 10_000
 MAX_LOG_BYTES = 16 * 1024 * 1024
 STATUSES = ("running", "completed", "failed", "killed")
-#: What the service must advertise on ``/ping`` for these queries.
-NEEDED = ("pagination", "filters", "summary", "failures", "artifact-search", "logs")
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -60,7 +58,7 @@ class AgentError(StackError):
         return {"error": {"code": self.code, "message": self.message, "fix": self.fix}}
 
 
-def _bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
+def bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
     if value < 1:
         raise AgentError("bad_parameter", f"{name} must be at least 1, not {value}")
     if value > maximum:
@@ -69,9 +67,9 @@ def _bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
     return value
 
 
-def _path(pathspec: str, parts: int, what: str) -> list[str]:
+def pathspec_parts(pathspec: str, parts: int, what: str) -> list[str]:
     pieces = pathspec.strip("/").split("/")
-    if len(pieces) != parts or not all(pieces):
+    if len(pieces) != parts or not all(pieces) or ".." in pieces:
         shape = "/".join(("Flow", "run", "step", "task")[:parts])
         raise AgentError("bad_parameter", f"{what} {pathspec!r} is not a pathspec like {shape}")
     return pieces
@@ -94,71 +92,53 @@ def epoch_ms(value: datetime | int | float | str, name: str) -> int:
         ) from None
 
 
-def _failure(row: dict[str, Any]) -> Failure:
-    exception = row.get("exception") or {}
-    return Failure(
-        pathspec=row["pathspec"],
-        step_name=row["step_name"],
-        attempt=row["attempt"],
-        finished_at=row["finished_at"],
-        type=exception.get("type"),
-        message=exception.get("message"),
-        traceback=exception.get("traceback") or [],
-    )
+@dataclass(frozen=True)
+class ArtifactScope:
+    """Where to look for artifacts: a flow, a run, a step of a run, or one task."""
+
+    flow: str
+    run: str | None = None
+    step: str | None = None
+    task: str | None = None
+
+
+class Source(Protocol):
+    """Where answers come from; parameters arrive checked and bounded, ids split from pathspecs.
+
+    Listing methods return one page and the cursor of the next (None on the last).
+    """
+
+    def runs(
+        self, flow: str, status: str | None, low: int | None, high: int | None, tags: list[str], limit: int, cursor
+    ) -> tuple[list[RunInfo], str | None]: ...
+
+    def summary(self, flow: str, run: str) -> RunSummary: ...
+
+    def failures(self, flow: str, run: str, limit: int, cursor: str | None) -> tuple[list, str | None]: ...
+
+    def artifacts(
+        self, scope: ArtifactScope, filters: dict[str, Any], limit: int, cursor: str | None
+    ) -> tuple[list[ArtifactInfo], str | None]: ...
+
+    def logs(self, parts: list[str], stream: str, window: dict[str, Any]) -> LogWindow: ...
+
+    def close(self) -> None: ...
 
 
 class Queries:
-    """The queries, against the metadata service at ``url``; ``requests`` counts what they cost."""
+    """The queries an agent asks, on ``source``."""
 
-    def __init__(self, url: str, auth_key: str | None = None, timeout_s: float = 30) -> None:
-        self.url = url.rstrip("/")
-        headers = {"x-api-key": auth_key} if auth_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
-        self.requests = 0
+    def __init__(self, source: Source) -> None:
+        self.source = source
 
     def close(self) -> None:
-        self._http.close()
+        self.source.close()
 
     def __enter__(self) -> Queries:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _get(self, path: str, params: dict[str, Any] | None = None, what: str = "") -> httpx.Response:
-        self.requests += 1
-        try:
-            response = self._http.get(path, params={k: v for k, v in (params or {}).items() if v is not None})
-        except httpx.HTTPError as exc:
-            raise AgentError(
-                "service_unavailable",
-                f"the metadata service at {self.url} did not answer: {exc}",
-                "start it (`just up`) or point METAFLOW_SERVICE_URL at a running one",
-            ) from None
-        if response.status_code == 404:
-            fix = "check the pathspec (flow, run, step, task)"
-            raise AgentError("not_found", f"{what or path} does not exist", fix)
-        if response.status_code >= 400:
-            try:
-                detail = response.json()
-            except ValueError:
-                detail = {"message": response.text[:300]}
-            code = "bad_parameter" if response.status_code == 400 else detail.get("code", "service_error")
-            raise AgentError(code, f"{what or path}: {detail.get('message')}")
-        return response
-
-    def check(self) -> None:
-        """Refuse a service that lacks the routes these queries use (one request)."""
-        advertised = set(self._get("/ping").headers.get("X-Capabilities", "").split(","))
-        missing = [c for c in NEEDED if c not in advertised]
-        if missing:
-            raise AgentError(
-                "service_too_old",
-                f"the metadata service at {self.url} lacks {', '.join(missing)}",
-                "run this project's metadata service (`metaflow service serve`)",
-            )
-
-    # -- runs ---------------------------------------------------------------
 
     def list_runs(
         self,
@@ -175,84 +155,36 @@ class Queries:
         clamped: list[Clamp] = []
         if status is not None and status not in STATUSES:
             raise AgentError("bad_parameter", f"status {status!r} is not one of {', '.join(STATUSES)}")
-        params = {
-            "_limit": _bound("limit", limit, MAX_RUNS, clamped),
-            "_cursor": cursor,
-            "status:eq": status,
-            "ts_epoch:ge": epoch_ms(since, "since") if since is not None else None,
-            "ts_epoch:le": epoch_ms(until, "until") if until is not None else None,
-            "_tags:all": ",".join(tags) or None,
-        }
-        response = self._get(f"/flows/{_path(flow, 1, 'flow')[0]}/runs", params, f"flow {flow}")
-        runs = [
-            RunInfo(
-                pathspec=f"{row['flow_id']}/{row['run_number']}",
-                status=row["status"],
-                user=row["user_name"],
-                tags=row["tags"] or [],
-                system_tags=row["system_tags"] or [],
-                started_at=row["ts_epoch"],
-                finished_at=row["finished_at"],
-            )
-            for row in response.json()
-        ]
-        after = response.headers.get("X-Next-Cursor")
+        runs, after = self.source.runs(
+            pathspec_parts(flow, 1, "flow")[0],
+            status,
+            epoch_ms(since, "since") if since is not None else None,
+            epoch_ms(until, "until") if until is not None else None,
+            list(tags),
+            bound("limit", limit, MAX_RUNS, clamped),
+            cursor,
+        )
         return RunList(runs=runs, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def run_summary(self, run: str) -> RunSummary:
         """A run ("Flow/123"): status, duration, task counts per step by status, and its first failure."""
-        flow, number = _path(run, 2, "run")
-        body = self._get(f"/flows/{flow}/runs/{number}/summary", what=f"run {run}").json()
-        return RunSummary(
-            pathspec=f"{flow}/{body['run_number']}",
-            status=body["status"],
-            started_at=body["ts_epoch"],
-            finished_at=body["finished_at"],
-            duration_ms=body["duration_ms"],
-            steps=[StepCounts(**step) for step in body["steps"]],
-            first_failure=_failure(body["first_failure"]) if body["first_failure"] else None,
-        )
+        return self.source.summary(*pathspec_parts(run, 2, "run"))
 
     def failures(self, run: str, limit: int = 20, cursor: str | None = None) -> FailureList:
         """A run's ("Flow/123") failed tasks: attempt, exception type, message and traceback tail of each."""
-        flow, number = _path(run, 2, "run")
         clamped: list[Clamp] = []
-        params = {"_limit": _bound("limit", limit, MAX_FAILURES, clamped), "_cursor": cursor}
-        response = self._get(f"/flows/{flow}/runs/{number}/failures", params, f"run {run}")
-        after = response.headers.get("X-Next-Cursor")
-        return FailureList(
-            run=run,
-            failures=[_failure(row) for row in response.json()],
-            truncated=after is not None,
-            next_cursor=after,
-            clamped=clamped,
-        )
-
-    # -- artifacts ----------------------------------------------------------
-
-    def _artifacts(self, path: str, params: dict[str, Any], what: str) -> ArtifactList:
-        response = self._get(path, params, what)
-        artifacts = [
-            ArtifactInfo(
-                pathspec=f"{row['flow_id']}/{row['run_number']}/{row['step_name']}/{row['task_id']}",
-                name=row["name"],
-                attempt=row["attempt_id"],
-                size=row["size"],
-                python_type=row["python_type"],
-            )
-            for row in response.json()
-        ]
-        after = response.headers.get("X-Next-Cursor")
-        return ArtifactList(artifacts=artifacts, truncated=after is not None, next_cursor=after)
+        flow, number = pathspec_parts(run, 2, "run")
+        found, after = self.source.failures(flow, number, bound("limit", limit, MAX_FAILURES, clamped), cursor)
+        return FailureList(run=run, failures=found, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def artifact_info(self, task: str, limit: int = 200, cursor: str | None = None) -> ArtifactList:
         """A task's ("Flow/123/step/456") artifacts, latest attempt: names, stored sizes, Python types; loads none."""
-        flow, run, step, task_id = _path(task, 4, "task")
         clamped: list[Clamp] = []
-        params = {"_limit": _bound("limit", limit, MAX_ARTIFACTS, clamped), "_cursor": cursor}
-        found = self._artifacts(f"/flows/{flow}/runs/{run}/steps/{step}/tasks/{task_id}/artifacts", params, task)
-        found.clamped = clamped
-        return found
+        flow, run, step, task_id = pathspec_parts(task, 4, "task")
+        found, after = self.source.artifacts(
+            ArtifactScope(flow, run, step, task_id), {}, bound("limit", limit, MAX_ARTIFACTS, clamped), cursor
+        )
+        return ArtifactList(artifacts=found, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def search_artifacts(
         self,
@@ -269,25 +201,23 @@ class Queries:
         """Artifacts across a flow ("Flow") or a run ("Flow/123") by exact name, name fragment, Python type as
         recorded ("int", "dict", "pandas.core.frame.DataFrame"), stored size in bytes, or step; none is loaded."""
         pieces = scope.strip("/").split("/")
-        if len(pieces) not in (1, 2) or not all(pieces):
+        if len(pieces) not in (1, 2) or not all(pieces) or ".." in pieces:
             raise AgentError("bad_parameter", f"scope {scope!r} is not a flow (Flow) or a run (Flow/run)")
-        path = f"/flows/{pieces[0]}" + (f"/runs/{pieces[1]}" if len(pieces) == 2 else "") + "/artifacts"
         clamped: list[Clamp] = []
-        params = {
-            "_limit": _bound("limit", limit, MAX_ARTIFACTS, clamped),
-            "_cursor": cursor,
-            "name:eq": name,
-            "name:co": name_contains,
-            "type:eq": python_type,
-            "size:ge": min_size,
-            "size:le": max_size,
-            "step:eq": step,
+        filters = {
+            "name": name,
+            "name_contains": name_contains,
+            "python_type": python_type,
+            "min_size": min_size,
+            "max_size": max_size,
         }
-        found = self._artifacts(path, params, scope)
-        found.clamped = clamped
-        return found
-
-    # -- logs ---------------------------------------------------------------
+        found, after = self.source.artifacts(
+            ArtifactScope(pieces[0], pieces[1] if len(pieces) == 2 else None, step),
+            {k: v for k, v in filters.items() if v is not None},
+            bound("limit", limit, MAX_ARTIFACTS, clamped),
+            cursor,
+        )
+        return ArtifactList(artifacts=found, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def logs(
         self,
@@ -302,47 +232,55 @@ class Queries:
     ) -> LogWindow:
         """A window of a task's ("Flow/123/step/456") log: the last `tail` lines (default 50 of stderr) or the
         first `head`; grep keeps lines matching a regular expression; attempt defaults to the latest."""
-        flow, run, step, task_id = _path(task, 4, "task")
+        parts = pathspec_parts(task, 4, "task")
         if stream not in ("stdout", "stderr"):
             raise AgentError("bad_parameter", f"stream {stream!r} is not stdout or stderr")
+        if grep is not None:
+            try:
+                re.compile(grep)
+            except re.error as exc:
+                raise AgentError("bad_parameter", f"grep {grep!r} is not a regular expression: {exc}") from None
         clamped: list[Clamp] = []
-        window = {"head": head} if head is not None or cursor is not None else {"tail": tail or 50}
-        params = {
-            **{k: _bound(k, v, MAX_LOG_LINES, clamped) for k, v in window.items() if v is not None},
+        forward = head is not None or cursor is not None
+        window = {
+            ("head" if forward else "tail"): bound(
+                "head" if forward else "tail", (head if forward else tail) or 50, MAX_LOG_LINES, clamped
+            ),
             "grep": grep,
-            "max_bytes": _bound("max_bytes", max_bytes, MAX_LOG_BYTES, clamped),
+            "max_bytes": bound("max_bytes", max_bytes, MAX_LOG_BYTES, clamped),
             "attempt": attempt,
             "_cursor": cursor,
         }
-        response = self._get(f"/flows/{flow}/runs/{run}/steps/{step}/tasks/{task_id}/logs/{stream}", params, task)
-        body = response.json()
-        after = response.headers.get("X-Next-Cursor")
-        return LogWindow(
-            pathspec=body["pathspec"],
-            stream=stream,
-            attempt=body["attempt"],
-            lines=[LogLine(**line) for line in body["lines"]],
-            size=body["size"],
-            bytes_read=body["bytes_read"],
-            truncated=body["truncated"] or after is not None,
-            next_cursor=after,
-            clamped=clamped,
-        )
+        answer = self.source.logs(parts, stream, window)
+        answer.clamped = clamped
+        return answer
 
 
 def connect(service_url: str | None = None) -> Queries:
-    """Queries against ``service_url``, else Metaflow's configured service; checks its capabilities."""
+    """Queries on ``service_url`` or the configured service (its capabilities checked); without one,
+    on the local datastore Metaflow would use here (``METAFLOW_DATASTORE_SYSROOT_LOCAL``, or the nearest
+    ``.metaflow`` folder up from the working directory)."""
     url = service_url or os.environ.get("METAFLOW_SERVICE_URL")
     if not url:
         from metaflow.metaflow_config import SERVICE_URL
 
         url = SERVICE_URL
-    if not url:
+    if url:
+        from metaflow_stack.agent.service_source import ServiceSource
+
+        source = ServiceSource(url, os.environ.get("METAFLOW_SERVICE_AUTH_KEY"))
+        source.check()
+        return Queries(source)
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    from metaflow_stack.agent.local_source import LocalSource
+
+    root = LocalStorage.get_datastore_root_from_config(lambda *args, **kwargs: None, create_on_absent=False)
+    if root is None or not os.path.isdir(root):
         raise AgentError(
             "service_unavailable",
-            "no metadata service is configured; these queries read it",
-            "`just up` starts one and prints the METAFLOW_SERVICE_URL to export",
+            "no metadata service is configured and no local datastore (.metaflow) was found here",
+            "`just up` starts a service and prints the METAFLOW_SERVICE_URL to export; or run this where "
+            "your flows ran",
         )
-    queries = Queries(url, os.environ.get("METAFLOW_SERVICE_AUTH_KEY"))
-    queries.check()
-    return queries
+    return Queries(LocalSource(Path(root)))

@@ -263,6 +263,18 @@ def read_window(files: list[LogFile], query: LogQuery) -> _Window:
     return _Window(lines, truncated, offsets, more=any(o < size for o, size in zip(offsets, sizes, strict=True)))
 
 
+def rendered(lines: list[_Line]) -> list[dict[str, Any]]:
+    """Lines as the logs route answers them: ``ts`` (mflog's UTC stamp), ``source``, ``text``."""
+    return [
+        {
+            "ts": line.ts.decode() + "Z" if line.ts else None,
+            "source": LOG_SOURCES[line.source],
+            "text": line.text.decode(errors="replace"),
+        }
+        for line in lines
+    ]
+
+
 class TaskLogs:
     """Answers the logs route: finds the task's datastore in its metadata, reads a window."""
 
@@ -299,14 +311,7 @@ class TaskLogs:
             "pathspec": pathspec,
             "stream": stream,
             "attempt": attempt,
-            "lines": [
-                {
-                    "ts": line.ts.decode() + "Z" if line.ts else None,
-                    "source": LOG_SOURCES[line.source],
-                    "text": line.text.decode(errors="replace"),
-                }
-                for line in window.lines
-            ],
+            "lines": rendered(window.lines),
             "truncated": window.truncated,
             "size": sum(file.size() for file in files),
             "bytes_read": meter.bytes_read,

@@ -107,7 +107,7 @@ class StackServiceMetadataProvider(ServiceMetadataProvider):
         for row in data:
             details = info.get(row["name"], {})
             row["size"] = details.get("size")
-            row["python_type"] = _type_name(details.get("type"))
+            row["python_type"] = type_name(details.get("type"))
         self._request(self._monitor, url, "POST", data)
 
     def start_run_heartbeat(self, flow_id, run_id):
@@ -127,7 +127,7 @@ def _encode(query: dict[str, str]) -> str:
     return urlencode(query, safe=":,")
 
 
-def _type_name(recorded: str | None) -> str | None:
+def type_name(recorded: str | None) -> str | None:
     """``list`` from the ``<class 'list'>`` Metaflow records."""
     match = re.fullmatch(r"<class '(.+)'>", recorded or "")
     return match.group(1) if match else recorded
