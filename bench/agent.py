@@ -2,12 +2,14 @@
 
 Runs a real foreach flow (``--width`` tasks, the last ``--fail`` of which
 raise) recorded by the metadata service on SQLite, then answers the same
-questions twice: with the stock Client API (in a process of its own that
-counts every HTTP request Metaflow's service provider makes and every
-unpickle) and with the agent queries (which count their requests). Datastore
+questions three ways: with the stock Client API and with the peer,
+metaflow-mcp-server 0.5.0's tools (each in a process of its own that counts
+every HTTP request Metaflow's service provider makes and every unpickle; the
+peer in a throwaway environment, as it needs mcp 1.x), and with the agent
+queries (which count their requests). Datastore
 reads are not requests; the Client API's are listed as what it unpickles.
 
-    python bench/agent.py [--width 1000] [--fail 3] [--routes]
+    python bench/agent.py [--width 1000] [--fail 3] [--routes] [--no-peer]
 
 ``--routes`` also prints, per question, the routes the Client API requested
 and how often (docs/agent-audit.md is built from them).
@@ -117,7 +119,32 @@ def stderr_tail(task):
     from metaflow import Task
     return Task(task).stderr.splitlines()[-50:]
 
+# The peer: metaflow-mcp-server's tools, called as the functions they are (in its own environment).
+def peer(tool, *args, **kwargs):
+    import metaflow_mcp_server.server as server
+    answer = getattr(server, tool)(*args, **kwargs)
+    if '"error"' in answer[:200]:
+        raise RuntimeError(answer[:2000])
+    return answer
+
+def peer_recent_failed():
+    return peer("search_runs", "AgentBenchFlow", last_n=20, status="failed")
+
+def peer_failures(run):
+    return peer("get_run", run, summary=True)
+
+def peer_artifacts(task):
+    return peer("list_artifacts", task)
+
+def peer_search(run):
+    return peer("search_artifacts", "AgentBenchFlow", "value", last_n_runs=1)
+
+def peer_stderr_tail(task):
+    return peer("get_task_logs", task, stdout=False, tail=50)
+
 question, argument = sys.argv[1], sys.argv[2]
+if question.startswith("peer_"):
+    import metaflow_mcp_server.server  # its import (mcp, pydantic) is not the question's cost
 started = time.perf_counter()
 answer = globals()[question](argument) if argument != "-" else globals()[question]()
 print(json.dumps({"ms": (time.perf_counter() - started) * 1000, "paths": paths, **counts}))
@@ -134,7 +161,20 @@ def run_flow(root: Path, url: str, width: int, fail: int) -> str:
     return f"AgentBenchFlow/{(root / 'run-id').read_text()}"
 
 
-def stock(url: str, root: Path, question: str, argument: str) -> dict:
+def peer_python(root: Path) -> str:
+    """A throwaway environment for metaflow-mcp-server: it needs mcp 1.x, this project mcp 2.x."""
+    import metaflow
+
+    uv = str(Path(sys.executable).with_name("uv"))
+    venv = root / "peer-venv"
+    subprocess.run([uv, "venv", "-q", str(venv), "--python", sys.executable], check=True)
+    packages = ["metaflow-mcp-server==0.5.0", "mcp<2", f"metaflow=={metaflow.__version__.split('+')[0]}"]
+    subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *packages], check=True)
+    return str(venv / "bin" / "python")
+
+
+def client(python: str, url: str, root: Path, question: str, argument: str) -> dict:
+    """One question answered in a process of its own (stock Client API or the peer), counted."""
     env = {
         **os.environ,
         "METAFLOW_DEFAULT_METADATA": "service",
@@ -145,7 +185,7 @@ def stock(url: str, root: Path, question: str, argument: str) -> dict:
     }
     (root / "no-extensions").mkdir(exist_ok=True)
     result = subprocess.run(
-        [sys.executable, "-c", STOCK, question, argument], env=env, capture_output=True, text=True, timeout=7200
+        [python, "-c", STOCK, question, argument], env=env, capture_output=True, text=True, timeout=7200
     )
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
@@ -165,12 +205,17 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1000, help="tasks in the foreach")
     parser.add_argument("--fail", type=int, default=3, help="how many of its last tasks fail")
     parser.add_argument("--routes", action="store_true", help="list the Client API's requests by route")
+    parser.add_argument("--no-peer", action="store_true", help="skip metaflow-mcp-server (needs its packages)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     process, url = start_service(str(root / "metadata.db"), root / "service.log", root / ".metaflow")
     try:
         with console.status(f"running a {args.width}-task foreach whose last {args.fail} tasks fail"):
             run = run_flow(root, url, args.width, args.fail)
+        peer = None
+        if not args.no_peer:
+            with console.status("installing metaflow-mcp-server beside its mcp 1.x"):
+                peer = peer_python(root)
         with connect(url) as queries:
             failed = queries.failures(run, limit=1).failures[0].pathspec
             some = queries.search_artifacts(run, name="value", limit=1).artifacts[0].pathspec
@@ -182,23 +227,22 @@ def main() -> None:
             ("last 50 lines of a failed task's stderr", "stderr_tail", failed, lambda q: q.logs(failed, tail=50)),
         ]
         table = Table(title=f"agent questions on a {args.width}-task run (same machine, same run)")
-        for column in ("question", "Client API requests", "ms", "unpickles", "agent requests", "ms"):
+        columns = ["question", "Client API requests", "ms", "unpickles"]
+        columns += [] if peer is None else ["metaflow-mcp-server requests", "ms", "unpickles"]
+        for column in [*columns, "agent requests", "ms"]:
             table.add_column(column)
         routes = Table(title="the Client API's requests by route")
         for column in ("question", "requests", "route"):
             routes.add_column(column)
         for label, name, argument, call in questions:
             with console.status(label):
-                theirs = stock(url, root, name, argument)
+                theirs = client(sys.executable, url, root, name, argument)
+                peers = client(peer, url, root, f"peer_{name}", argument) if peer else None
                 mine = ours(url, call)
-            table.add_row(
-                label,
-                f"{theirs['requests']:,}",
-                f"{theirs['ms']:,.0f}",
-                f"{theirs['unpickles']:,}",
-                f"{mine['requests']:,}",
-                f"{mine['ms']:,.1f}",
-            )
+            cells = [label, f"{theirs['requests']:,}", f"{theirs['ms']:,.0f}", f"{theirs['unpickles']:,}"]
+            if peers is not None:
+                cells += [f"{peers['requests']:,}", f"{peers['ms']:,.0f}", f"{peers['unpickles']:,}"]
+            table.add_row(*cells, f"{mine['requests']:,}", f"{mine['ms']:,.1f}")
             for route, count in sorted(theirs["paths"].items(), key=lambda item: -item[1]):
                 routes.add_row(label, f"{count:,}", route)
         Console().print(table)
