@@ -27,6 +27,7 @@ import heapq
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from fastapi import Request
@@ -60,8 +61,6 @@ class LogQuery:
     lines: int = DEFAULT_LINES
     from_end: bool = False
     grep: re.Pattern[bytes] | None = None
-    #: ``grep`` when a range with no match anywhere in it can be skipped unparsed (no anchors, no lookbehind).
-    skim: re.Pattern[bytes] | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     attempt: int | None = None
     cursor: list[int] | None = None
@@ -84,17 +83,21 @@ class LogQuery:
         attempt = _integer(given, "attempt", 0, 1000, None)
         if cursor is not None and attempt is not None and attempt != cursor[0]:
             raise bad_parameter("_cursor", f"belongs to attempt {cursor[0]}, not {attempt}")
-        grep = _pattern(given.get("grep"))
-        anchored = grep is not None and any(token in grep.pattern for token in (b"^", b"$", b"\\A", b"\\Z", b"(?<"))
         return cls(
             lines=_integer(given, "tail" if "tail" in given else "head", 1, MAX_LINES, DEFAULT_LINES),
             from_end="tail" in given,
-            grep=grep,
-            skim=None if anchored else grep,
+            grep=_pattern(given.get("grep")),
             max_bytes=_integer(given, "max_bytes", 1, MAX_MAX_BYTES, DEFAULT_MAX_BYTES),
             attempt=attempt if attempt is not None else (cursor[0] if cursor else None),
             cursor=cursor,
         )
+
+    @cached_property
+    def skim(self) -> re.Pattern[bytes] | None:
+        """``grep`` when a range with no match anywhere in it can be skipped unparsed (no anchors, no lookbehind)."""
+        if self.grep is None or any(token in self.grep.pattern for token in (b"^", b"$", b"\\A", b"\\Z", b"(?<")):
+            return None
+        return self.grep
 
     @property
     def scan_budget(self) -> int:
