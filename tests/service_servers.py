@@ -134,6 +134,7 @@ def run_flow(
     env: dict[str, str] | None = None,
     flow: str = "fan_flow.py",
     datastore: tuple[str, ...] | None = None,
+    timeout: int = 900,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``flow`` in ``root`` (on the local datastore unless ``datastore`` gives other options),
     recording to the service (or locally)."""
@@ -148,6 +149,6 @@ def run_flow(
         cwd=root,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **metadata, **(env or {})},
     )

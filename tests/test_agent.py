@@ -43,16 +43,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         service.stop()
 
 
+def refuse_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, unpickling anything in this process fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an agent query unpickled something")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+
+
 @pytest.fixture
 def queries(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Queries]:
     """Queries on the service, in a process where unpickling anything fails the test."""
     with connect(runs.service.url) as connected:
-
-        def refuse(*args: object, **kwargs: object) -> None:
-            raise AssertionError("an agent query unpickled something")
-
-        monkeypatch.setattr(pickle, "loads", refuse)
-        monkeypatch.setattr(pickle, "load", refuse)
+        refuse_unpickling(monkeypatch)
         connected.source.requests = 0
         yield connected
 
@@ -191,8 +196,7 @@ def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeyp
 
     from metaflow_stack.agent.local_source import LocalSource
 
-    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("an agent query unpickled something"))
-    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("an agent query unpickled something"))
+    refuse_unpickling(monkeypatch)
     monkeypatch.delenv("METAFLOW_SERVICE_URL", raising=False)
     monkeypatch.setattr(LocalStorage, "SYSROOT_VAR", None)
     monkeypatch.chdir(local_runs)
@@ -218,3 +222,65 @@ def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeyp
     with pytest.raises(AgentError) as missing:
         queries.failures("FanFlow/12345")
     assert missing.value.code == "not_found"
+
+
+WIDE = 1000
+WIDE_FAILING = (997, 998, 999)
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, str]]:
+    """A 1000-task foreach whose items 997-999 fail every attempt (and item 1 its first), on the service."""
+    root = tmp_path_factory.mktemp("agent-wide")
+    (root / "barrier").mkdir()
+    service = start_service(str(root / "metadata.db"), root / "service.log", log_roots=(str(root / ".metaflow"),))
+    try:
+        failing = ",".join(map(str, WIDE_FAILING))
+        ran = run_flow(
+            root,
+            *("run", "--width", str(WIDE), "--max-num-splits", str(WIDE + 1), "--run-id-file", "run-id"),
+            service_url=service.url,
+            env={"FAN_FAIL_AT": failing, "FAN_BARRIER": str(root / "barrier")},
+            timeout=2400,
+        )
+        assert ran.returncode != 0 and "item 999 is bad" in ran.stdout + ran.stderr, ran.stderr[-3000:]
+        yield service, f"FanFlow/{(root / 'run-id').read_text()}"
+    finally:
+        service.stop()
+
+
+def test_a_1000_task_foreach_with_3_failures(wide_run: tuple[Service, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every answer about the wide run is right and costs one request, however many tasks the run has."""
+    from metaflow import Run, get_metadata, metadata
+
+    service, run = wide_run
+    previous = get_metadata()
+    metadata(service.url)
+    try:  # the Client API's answer, two requests and an unpickle a task
+        expected = {task.pathspec for task in Run(run, _namespace_check=False)["work"] if not task.successful}
+    finally:
+        metadata(previous)
+    assert len(expected) == len(WIDE_FAILING) and get_metadata() == previous
+
+    refuse_unpickling(monkeypatch)
+    with connect(service.url) as queries:
+        found = queries.failures(run)
+        assert {f.pathspec for f in found.failures} == expected and not found.truncated
+        assert {f.message for f in found.failures} == {f"item {item} is bad" for item in WIDE_FAILING}
+        assert all(f.type == "ValueError" and f.attempt == 1 for f in found.failures)
+        assert all(f.traceback[-1] == f"ValueError: {f.message}" for f in found.failures)
+
+        summary = queries.run_summary(run)
+        work = {s.step_name: s for s in summary.steps}["work"]
+        assert summary.status == "failed" and summary.first_failure in found.failures
+        assert (work.total, work.completed, work.failed, work.running) == (WIDE, WIDE - 3, 3, 0)
+        assert [r.pathspec for r in queries.list_runs("FanFlow", status="failed").runs] == [run]
+
+        values = queries.search_artifacts(run, name="value", limit=1000)
+        assert len(values.artifacts) == WIDE - 3 and not values.truncated
+        assert {a.python_type for a in values.artifacts} == {"int"}
+        assert "value" in {a.name for a in queries.artifact_info(values.artifacts[0].pathspec).artifacts}
+
+        tail = queries.logs(found.failures[0].pathspec, tail=20)
+        assert any(found.failures[0].message in line.text for line in tail.lines) and tail.bytes_read <= 64 * 1024
+        assert queries.source.requests == 7  # one per question, on a run of 1,000 tasks
