@@ -245,7 +245,7 @@ def main() -> None:
             table.add_row(*cells, f"{mine['requests']:,}", f"{mine['ms']:,.1f}")
             for route, count in sorted(theirs["paths"].items(), key=lambda item: -item[1]):
                 routes.add_row(label, f"{count:,}", route)
-        Console().print(table)
+        Console(width=160).print(table)
         if args.routes:
             Console(width=160).print(routes)
     finally:
