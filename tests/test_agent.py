@@ -91,7 +91,11 @@ def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) 
     assert summary.status == "failed" and summary.first_failure == failure
     assert {s.step_name: s.failed for s in summary.steps}["work"] == 1
     assert queries.run_summary(runs.done).status == "completed"
-    assert queries.source.requests == 3
+    failed = queries.run_tasks(runs.failed, step="work", status="failed")
+    assert [(t.pathspec, t.attempt, t.status) for t in failed.tasks] == [(failure.pathspec, 1, "failed")]
+    every = queries.run_tasks(runs.done, limit=2)
+    assert [t.step_name for t in every.tasks] == ["start", "work"] and every.truncated
+    assert queries.source.requests == 5
 
 
 def test_artifacts_are_described_without_loading_them(runs: Runs, queries: Queries) -> None:
@@ -171,7 +175,7 @@ def test_the_mcp_server_answers_the_same_over_stdio(runs: Runs) -> None:
             return tools, found.structured_content, missing
 
     tools, found, missing = asyncio.run(session())
-    assert tools == {"list_runs", "run_summary", "failures", "artifact_info", "search_artifacts", "logs"}
+    assert tools == {"list_runs", "run_summary", "failures", "run_tasks", "artifact_info", "search_artifacts", "logs"}
     assert found["failures"][0]["message"] == "item 2 is bad"
     assert missing.is_error
     text = missing.content[0].text  # the SDK prefixes the tool's error with "Error executing tool ...: "
@@ -213,6 +217,9 @@ def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeyp
     assert summary.status == "failed" and summary.first_failure == found[0]
     assert {s.step_name: (s.completed, s.failed) for s in summary.steps}["work"] == (3, 1)
     assert queries.run_summary(done).status == "completed"
+    work = queries.run_tasks(failed, step="work").tasks
+    assert [t.foreach for t in work] == [[f"items={i}"] for i in range(4)]
+    assert [t.status for t in work] == ["completed", "completed", "failed", "completed"]
 
     start = queries.search_artifacts(done, name="items", step="start").artifacts
     assert len(start) == 1 and start[0].python_type == "list" and start[0].size > 0

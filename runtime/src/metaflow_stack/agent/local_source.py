@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metaflow_stack.agent.models import ArtifactInfo, Failure, LogLine, LogWindow, RunInfo, RunSummary, StepCounts
+from metaflow_stack.agent.models import (
+    ArtifactInfo,
+    Failure,
+    LogLine,
+    LogWindow,
+    RunInfo,
+    RunSummary,
+    StepCounts,
+    TaskInfo,
+)
 from metaflow_stack.agent.queries import STATUSES, AgentError, ArtifactScope
 from metaflow_stack.service.log_files import LogFiles, ReadMeter
 from metaflow_stack.service.logs import LogQuery, read_window, rendered
@@ -206,6 +215,30 @@ class LocalSource:
         failed = [(step, task.name, attempt, finished) for step, task, attempt, ok, finished in scan if ok is False]
         window, after = _page(failed, _offset(cursor), limit)
         return [self._failure((flow, run, step, task), attempt, end) for step, task, attempt, end in window], after
+
+    def tasks(
+        self, flow: str, run: str, step: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[TaskInfo], str | None]:
+        scan = self._scan(self._folder(flow, run, what=f"run {flow}/{run}"))
+        chosen = [
+            (name, task, attempt, ok, finished)
+            for name, task, attempt, ok, finished in scan
+            if (step is None or name == step) and (status is None or self._status(ok) == status)
+        ]
+        window, after = _page(chosen, _offset(cursor), limit)
+        return [self._task(flow, run, *row) for row in window], after
+
+    def _task(self, flow: str, run: str, step: str, task: Path, attempt: int, ok: bool | None, end: int | None):
+        stacks = sorted(task.glob("_meta/sysmeta_foreach-stack_*.json"))
+        return TaskInfo(
+            pathspec=f"{flow}/{run}/{step}/{task.name}",
+            step_name=step,
+            attempt=attempt,
+            status=self._status(ok),
+            started_at=self._json(task / "_meta" / "_self.json")["ts_epoch"],
+            finished_at=end,
+            foreach=self._json(stacks[-1])["value"] if stacks else [],
+        )
 
     def _described(self, run: str, step: str, task: Path) -> list[ArtifactInfo]:
         """The artifacts of the task's latest finished attempt, from its ``data.json`` (no value is read)."""

@@ -25,12 +25,13 @@ from metaflow_stack.agent.queries import AgentError, Queries, connect
 INSTRUCTIONS = """Query Metaflow runs recorded by the Metaflow Stack metadata service.
 Pathspecs: a flow is "Flow", a run "Flow/123", a task "Flow/123/step/456".
 Start with list_runs (filter by status) or run_summary; failures gives each failed task's
-exception and traceback tail; logs reads a bounded window of a task's log. Every answer
-is one request to the service and says when it is truncated: pass next_cursor back as cursor."""
+exception and traceback tail; run_tasks lists tasks with status and foreach items; logs
+reads a bounded window of a task's log. Every answer is one request to the service and
+says when it is truncated: pass next_cursor back as cursor."""
 
 
 #: The ``Queries`` methods served as tools, under their own names, signatures and docstrings.
-TOOLS = ("list_runs", "run_summary", "failures", "artifact_info", "search_artifacts", "logs")
+TOOLS = ("list_runs", "run_summary", "failures", "run_tasks", "artifact_info", "search_artifacts", "logs")
 
 
 def build(service_url: str | None = None) -> MCPServer:

@@ -84,6 +84,23 @@ class ArtifactList(Bounded):
     artifacts: list[ArtifactInfo]
 
 
+class TaskInfo(BaseModel):
+    pathspec: str
+    step_name: str
+    attempt: int = Field(description="the latest attempt")
+    status: str = Field(description="running, completed, failed or killed")
+    started_at: int = Field(description="epoch milliseconds")
+    finished_at: int | None = Field(description="epoch milliseconds; null while running")
+    foreach: list[str] = Field(
+        default_factory=list, description='the foreach items leading to the task, outermost first: "items=3"'
+    )
+
+
+class TaskList(Bounded):
+    run: str
+    tasks: list[TaskInfo]
+
+
 class LogLine(BaseModel):
     ts: str | None
     source: str

@@ -34,11 +34,14 @@ from metaflow_stack.agent.models import (
     RunInfo,
     RunList,
     RunSummary,
+    TaskInfo,
+    TaskList,
 )
 from metaflow_stack.errors import StackError
 
 MAX_RUNS = 1000
 MAX_FAILURES = 1000
+MAX_TASKS = 10_000
 MAX_ARTIFACTS = 1000
 MAX_LOG_LINES = 10_000
 MAX_LOG_BYTES = 16 * 1024 * 1024
@@ -65,6 +68,11 @@ def bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
         clamped.append(Clamp(parameter=name, requested=value, used=maximum))
         return maximum
     return value
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise AgentError("bad_parameter", f"status {status!r} is not one of {', '.join(STATUSES)}")
 
 
 def pathspec_parts(pathspec: str, parts: int, what: str) -> list[str]:
@@ -116,6 +124,10 @@ class Source(Protocol):
 
     def failures(self, flow: str, run: str, limit: int, cursor: str | None) -> tuple[list, str | None]: ...
 
+    def tasks(
+        self, flow: str, run: str, step: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[TaskInfo], str | None]: ...
+
     def artifacts(
         self, scope: ArtifactScope, filters: dict[str, Any], limit: int, cursor: str | None
     ) -> tuple[list[ArtifactInfo], str | None]: ...
@@ -153,8 +165,7 @@ class Queries:
         """A flow's runs, newest first. status: running, completed, failed or killed; since/until (start time):
         ISO 8601, epoch seconds, or "30m"/"24h"/"7d" ago; tags: every one must be on the run; limit: at most 1000."""
         clamped: list[Clamp] = []
-        if status is not None and status not in STATUSES:
-            raise AgentError("bad_parameter", f"status {status!r} is not one of {', '.join(STATUSES)}")
+        _check_status(status)
         runs, after = self.source.runs(
             pathspec_parts(flow, 1, "flow")[0],
             status,
@@ -176,6 +187,17 @@ class Queries:
         flow, number = pathspec_parts(run, 2, "run")
         found, after = self.source.failures(flow, number, bound("limit", limit, MAX_FAILURES, clamped), cursor)
         return FailureList(run=run, failures=found, truncated=after is not None, next_cursor=after, clamped=clamped)
+
+    def run_tasks(
+        self, run: str, step: str | None = None, status: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> TaskList:
+        """A run's ("Flow/123") tasks in order, or one step's: latest attempt, status, start and end, and the
+        foreach items that led to each ("items=3"); status: running, completed, failed or killed."""
+        clamped: list[Clamp] = []
+        flow, number = pathspec_parts(run, 2, "run")
+        _check_status(status)
+        found, after = self.source.tasks(flow, number, step, status, bound("limit", limit, MAX_TASKS, clamped), cursor)
+        return TaskList(run=run, tasks=found, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def artifact_info(self, task: str, limit: int = 200, cursor: str | None = None) -> ArtifactList:
         """A task's ("Flow/123/step/456") artifacts, latest attempt: names, stored sizes, Python types; loads none."""

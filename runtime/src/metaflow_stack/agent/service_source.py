@@ -9,7 +9,16 @@ from typing import Any
 
 import httpx
 
-from metaflow_stack.agent.models import ArtifactInfo, Failure, LogLine, LogWindow, RunInfo, RunSummary, StepCounts
+from metaflow_stack.agent.models import (
+    ArtifactInfo,
+    Failure,
+    LogLine,
+    LogWindow,
+    RunInfo,
+    RunSummary,
+    StepCounts,
+    TaskInfo,
+)
 from metaflow_stack.agent.queries import AgentError, ArtifactScope
 
 #: What the service must advertise on ``/ping`` for these answers.
@@ -124,6 +133,24 @@ class ServiceSource:
         params = {"_limit": limit, "_cursor": cursor}
         response = self._get(f"/flows/{flow}/runs/{run}/failures", params, f"run {flow}/{run}")
         return [_failure(row) for row in response.json()], response.headers.get("X-Next-Cursor")
+
+    def tasks(
+        self, flow: str, run: str, step: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[TaskInfo], str | None]:
+        params = {"_limit": limit, "_cursor": cursor, "step:eq": step, "status:eq": status}
+        response = self._get(f"/flows/{flow}/runs/{run}/tasks", params, f"run {flow}/{run}")
+        tasks = [
+            TaskInfo(
+                pathspec=f"{row['flow_id']}/{row['run_number']}/{row['step_name']}/{row['task_id']}",
+                step_name=row["step_name"],
+                attempt=row["attempt"],
+                status=row["status"],
+                started_at=row["ts_epoch"],
+                finished_at=row["finished_at"],
+            )
+            for row in response.json()
+        ]
+        return tasks, response.headers.get("X-Next-Cursor")
 
     def artifacts(
         self, scope: ArtifactScope, filters: dict[str, Any], limit: int, cursor: str | None

@@ -230,6 +230,8 @@ class Queries:
         steps = [step_name] if step_name else params.filters.get("step:eq")
         if steps:
             query = query.where(t.step_name.in_(steps))
+        else:  # a run's tasks, as Metaflow's Client API lists them: without its internal steps (``_parameters``)
+            query = query.where(~t.step_name.startswith("_", autoescape=True))
         if _statuses(params):
             query = query.where(status.in_(_statuses(params)))
         return self._page(query, [t.task_id], params, _task_with_status)

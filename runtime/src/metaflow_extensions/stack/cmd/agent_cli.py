@@ -91,6 +91,17 @@ def failures(queries, run: str, limit: int, cursor) -> Any:
     return queries.failures(run, limit=limit, cursor=cursor)
 
 
+@agent.command(help="A run's tasks (or one step's) with attempt, status, times and foreach items.")
+@click.argument("run")
+@click.option("--step", help="Only this step.")
+@click.option("--status", type=click.Choice(["running", "completed", "failed", "killed"]))
+@_limit(default=100)
+@_cursor
+@_answer
+def tasks(queries, run: str, step, status, limit: int, cursor) -> Any:
+    return queries.run_tasks(run, step=step, status=status, limit=limit, cursor=cursor)
+
+
 @agent.command(help="A task's artifacts: names, sizes and Python types, without loading any.")
 @click.argument("task")
 @_limit(default=200)
