@@ -71,7 +71,9 @@ def test_runs_by_status_time_and_tags(runs: Runs, queries: Queries) -> None:
     assert [(r.pathspec, r.status) for r in rest.runs] == [(runs.done, "completed")]
     assert queries.list_runs("FanFlow", until="2000-01-01T00:00:00").runs == []
     assert queries.list_runs("FanFlow", tags=["no-such-tag"]).runs == []
-    assert queries.source.requests == 5  # one request per query
+    assert len(queries.list_runs("FanFlow", user=failed.runs[0].user).runs) == 2
+    assert queries.list_runs("FanFlow", user="nobody-ran-this").runs == []
+    assert queries.source.requests == 7  # one request per query
 
 
 def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) -> None:
@@ -210,6 +212,7 @@ def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeyp
 
     assert [r.pathspec for r in queries.list_runs("FanFlow", status="failed").runs] == [failed]
     assert [r.pathspec for r in queries.list_runs("FanFlow", since="1h").runs] == [failed, done]
+    assert queries.list_runs("FanFlow", user="nobody-ran-this").runs == []
     found = queries.failures(failed).failures
     assert [(f.step_name, f.attempt, f.type, f.message) for f in found] == [("work", 1, "ValueError", "item 2 is bad")]
     assert found[0].traceback[-1] == "ValueError: item 2 is bad"

@@ -136,7 +136,15 @@ class LocalSource:
     # -- answers ------------------------------------------------------------
 
     def runs(
-        self, flow: str, status: str | None, low: int | None, high: int | None, tags: list[str], limit: int, cursor
+        self,
+        flow: str,
+        status: str | None,
+        low: int | None,
+        high: int | None,
+        tags: list[str],
+        user: str | None,
+        limit: int,
+        cursor: str | None,
     ) -> tuple[list[RunInfo], str | None]:
         offset = _offset(cursor)
         candidates = []
@@ -147,7 +155,7 @@ class LocalSource:
             row = self._json(meta)
             every_tag = set(row.get("tags") or []) | set(row.get("system_tags") or [])
             outside = (low is not None and row["ts_epoch"] < low) or (high is not None and row["ts_epoch"] > high)
-            if not outside and set(tags) <= every_tag:
+            if not outside and set(tags) <= every_tag and user in (None, row.get("user_name")):
                 candidates.append((row, folder))
         candidates.sort(key=lambda item: item[0]["ts_epoch"], reverse=True)
         found = []
@@ -254,8 +262,9 @@ class LocalSource:
                 attempt=attempts[0],
                 size=(info.get(name) or {}).get("size"),
                 python_type=type_name((info.get(name) or {}).get("type")),
+                sha=sha,
             )
-            for name in data.get("objects") or {}
+            for name, sha in (data.get("objects") or {}).items()
         ]
 
     def artifacts(

@@ -78,6 +78,7 @@ class ArtifactInfo(BaseModel):
     attempt: int
     size: int | None = Field(description="bytes as stored (compressed pickle), when recorded")
     python_type: str | None = Field(description="the value's type, when recorded; never read by unpickling")
+    sha: str | None = Field(None, description="content hash: equal hashes hold equal values, in any run")
 
 
 class ArtifactList(Bounded):

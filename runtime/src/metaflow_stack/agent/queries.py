@@ -117,7 +117,15 @@ class Source(Protocol):
     """
 
     def runs(
-        self, flow: str, status: str | None, low: int | None, high: int | None, tags: list[str], limit: int, cursor
+        self,
+        flow: str,
+        status: str | None,
+        low: int | None,
+        high: int | None,
+        tags: list[str],
+        user: str | None,
+        limit: int,
+        cursor: str | None,
     ) -> tuple[list[RunInfo], str | None]: ...
 
     def summary(self, flow: str, run: str) -> RunSummary: ...
@@ -161,9 +169,11 @@ class Queries:
         tags: tuple[str, ...] | list[str] = (),
         limit: int = 20,
         cursor: str | None = None,
+        user: str | None = None,
     ) -> RunList:
         """A flow's runs, newest first. status: running, completed, failed or killed; since/until (start time):
-        ISO 8601, epoch seconds, or "30m"/"24h"/"7d" ago; tags: every one must be on the run; limit: at most 1000."""
+        ISO 8601, epoch seconds, or "30m"/"24h"/"7d" ago; tags: every one must be on the run; user: who ran it;
+        limit: at most 1000."""
         clamped: list[Clamp] = []
         _check_status(status)
         runs, after = self.source.runs(
@@ -172,6 +182,7 @@ class Queries:
             epoch_ms(since, "since") if since is not None else None,
             epoch_ms(until, "until") if until is not None else None,
             list(tags),
+            user,
             bound("limit", limit, MAX_RUNS, clamped),
             cursor,
         )

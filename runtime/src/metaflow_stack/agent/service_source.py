@@ -92,7 +92,15 @@ class ServiceSource:
             )
 
     def runs(
-        self, flow: str, status: str | None, low: int | None, high: int | None, tags: list[str], limit: int, cursor
+        self,
+        flow: str,
+        status: str | None,
+        low: int | None,
+        high: int | None,
+        tags: list[str],
+        user: str | None,
+        limit: int,
+        cursor: str | None,
     ) -> tuple[list[RunInfo], str | None]:
         params = {
             "_limit": limit,
@@ -101,6 +109,7 @@ class ServiceSource:
             "ts_epoch:ge": low,
             "ts_epoch:le": high,
             "_tags:all": ",".join(tags) or None,
+            "user:eq": user,
         }
         response = self._get(f"/flows/{flow}/runs", params, f"flow {flow}")
         runs = [
@@ -171,6 +180,7 @@ class ServiceSource:
                 attempt=row["attempt_id"],
                 size=row["size"],
                 python_type=row["python_type"],
+                sha=row["sha"],
             )
             for row in response.json()
         ]

@@ -68,11 +68,14 @@ _cursor = click.option("--cursor", help="The next_cursor of the previous answer.
 @click.option("--since", help="Started at or after: ISO 8601, epoch seconds, or 30m/24h/7d ago.")
 @click.option("--until", help="Started at or before, in the same forms.")
 @click.option("--tag", "tags", multiple=True, help="A tag every run must have (repeat for more).")
+@click.option("--user", help="Only runs by this user.")
 @_limit(default=20)
 @_cursor
 @_answer
-def runs(queries, flow: str, status, since, until, tags, limit: int, cursor) -> Any:
-    return queries.list_runs(flow, status=status, since=since, until=until, tags=tags, limit=limit, cursor=cursor)
+def runs(queries, flow: str, status, since, until, tags, user, limit: int, cursor) -> Any:
+    return queries.list_runs(
+        flow, status=status, since=since, until=until, tags=tags, user=user, limit=limit, cursor=cursor
+    )
 
 
 @agent.command(help="A run's status, duration, per-step task counts by status and first failure.")

@@ -1,8 +1,9 @@
-"""Adds ``metaflow stack``, ``function``, ``service`` and ``agent`` to Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service``, ``agent`` and ``ui`` to Metaflow's command line."""
 
 CMDS_DESC = [
     ("stack", ".stack_cli.cli"),
     ("function", ".function_cli.cli"),
     ("service", ".service_cli.cli"),
     ("agent", ".agent_cli.cli"),
+    ("ui", ".ui_cli.cli"),
 ]

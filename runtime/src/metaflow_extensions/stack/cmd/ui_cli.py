@@ -1,0 +1,80 @@
+"""``metaflow ui``: the Metaflow Stack UI on this machine, on a local datastore.
+
+Thin glue over ``metaflow_stack.ui``: find the datastore, bind a socket on
+127.0.0.1 (so the port is known, and a busy port is one line, before the
+server starts), print the URL, open a browser when one is there, serve.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from metaflow._vendor import click
+
+from metaflow_extensions.stack.cmd.cli_errors import friendly
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+@cli.command(help="Serve the Metaflow Stack UI: runs, live DAGs, timelines, logs and artifacts.")
+@click.option("--port", default=8324, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes your runs).")
+@click.option(
+    "--datastore-root",
+    type=click.Path(file_okay=False),
+    help="A local datastore (.metaflow folder) [default: the one Metaflow would use here].",
+)
+@click.option("--no-browser", is_flag=True, help="Only print the URL.")
+@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+@friendly
+def ui(port: int, host: str, datastore_root: str | None, no_browser: bool, log_level: str) -> None:
+    import uvicorn
+
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.ui.app import create_app
+    from metaflow_stack.ui.local_runs import LocalRuns
+
+    root = Path(datastore_root) if datastore_root else _configured_root()
+    if not root.is_dir():
+        raise StackError(
+            f"no Metaflow datastore at {root}",
+            fix="run a flow here first (python flow.py run), or pass --datastore-root DIR",
+        )
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise StackError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port (0: any free one)"
+        ) from None
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
+    click.echo(f"Metaflow Stack UI on {url} (datastore: {root.resolve()})", err=True)
+    if not no_browser and _has_display():
+        import webbrowser
+
+        webbrowser.open(url)
+    app = create_app(LocalRuns(root.resolve()))
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _configured_root() -> Path:
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    found = LocalStorage.get_datastore_root_from_config(lambda *args, **kwargs: None, create_on_absent=False)
+    return Path(found) if found else Path.cwd() / ".metaflow"
+
+
+def _has_display() -> bool:
+    """A desktop to open a browser on (macOS, Windows, or an X/Wayland session)."""
+    return (
+        os.name == "nt"
+        or os.uname().sysname == "Darwin"
+        or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    )

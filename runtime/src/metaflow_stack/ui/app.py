@@ -1,0 +1,212 @@
+"""The UI's HTTP server: a JSON API over a run source, a live feed, and the built front end.
+
+Everything is read on request from the source (today a local datastore,
+``LocalRuns``): nothing is cached or copied, so the UI is never behind the
+files. ``/api/events`` streams the pathspecs of runs as they change (the
+front end refetches what it shows). Artifact values are only ever rendered
+through ``previews`` (plain data, bounded); the server never runs an
+artifact's code. Unknown API paths and bad parameters answer JSON errors;
+any other path serves the front end, which shows its own not-found page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.sse import EventSourceResponse
+from starlette.staticfiles import StaticFiles
+
+from metaflow_stack import __version__
+from metaflow_stack.agent.queries import MAX_RUNS, MAX_TASKS, AgentError, Queries
+from metaflow_stack.api_errors import ApiError, install
+from metaflow_stack.service.pages import decode_cursor, encode_cursor
+from metaflow_stack.ui.changes import Changes, watch
+from metaflow_stack.ui.local_runs import LocalRuns
+from metaflow_stack.ui.previews import MAX_PREVIEW_BYTES
+
+#: Where the built front end lands (``ui/`` builds into it; the wheel ships it).
+STATIC = Path(__file__).parent / "static"
+#: Artifacts up to this stored size get their preview in the task's answer; larger ones on request.
+INLINE_PREVIEW_BYTES = 16 * 1024
+
+_STATUS = {"not_found": 404, "bad_parameter": 400, "bad_artifact": 422}
+
+_NOT_BUILT = """<!doctype html><title>Metaflow Stack UI</title>
+<p>The UI's web assets are not built in this installation. Run <code>just ui</code> (needs Node 20)
+or install a released <code>metaflow-stack</code> wheel. The JSON API is served under <code>/api</code>.</p>"""
+
+
+def _answer(call: Callable[[], Any]) -> Any:
+    """``call()``, with the source's ``AgentError`` as a JSON error of the matching status."""
+    try:
+        return call()
+    except AgentError as exc:
+        raise ApiError(_STATUS.get(exc.code, 502), exc.code, exc.message, {"fix": exc.fix}) from None
+
+
+def _runs_of_flows(
+    queries: Queries, flows: list[str], filters: dict[str, Any], limit: int, cursor: str | None
+) -> dict[str, Any]:
+    """Runs of several flows merged newest first; the cursor is the offset into that order."""
+    offset = decode_cursor(cursor)[0] if cursor else 0
+    if not isinstance(offset, int) or offset < 0:
+        raise AgentError("bad_parameter", "cursor: not one this listing issued")
+    wanted = min(offset + limit + 1, MAX_RUNS)
+    merged = [run for flow in flows for run in queries.list_runs(flow, limit=wanted, **filters).runs]
+    merged.sort(key=lambda run: run.started_at, reverse=True)
+    more = len(merged) > offset + limit
+    return {
+        "runs": merged[offset : offset + limit],
+        "next_cursor": encode_cursor([offset + limit]) if more else None,
+    }
+
+
+def create_app(source: LocalRuns, static: Path = STATIC, live: bool = True) -> FastAPI:
+    """The UI on ``source``; ``live`` watches its root and feeds ``/api/events``."""
+    queries = Queries(source)
+    changes = Changes()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(source.root, changes, stop)) if live else None
+        try:
+            yield
+        finally:
+            stop.set()
+            if watcher is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(watcher, timeout=5)
+
+    app = FastAPI(title="Metaflow Stack UI", version=__version__, lifespan=lifespan, docs_url="/api/docs")
+    install(app)
+
+    @app.get("/api/source")
+    def describe() -> dict[str, Any]:
+        return {"kind": "local", "where": str(source.root), "version": __version__, "live": live}
+
+    @app.get("/api/flows")
+    def flows() -> list[str]:
+        return _answer(source.flows)
+
+    @app.get("/api/runs")
+    def runs(
+        flow: str | None = None,
+        status: str | None = None,
+        user: str | None = None,
+        tag: Annotated[list[str], Query()] = [],  # noqa: B006 (FastAPI copies defaults)
+        since: str | None = None,
+        until: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """Runs newest first, of one flow or of every flow, filtered; ``next_cursor`` for the next page."""
+
+        def listed() -> dict[str, Any]:
+            filters = {"status": status, "user": user, "tags": tag, "since": since, "until": until}
+            names = [flow] if flow else source.flows()
+            if len(names) == 1:
+                page = queries.list_runs(names[0], limit=limit, cursor=cursor, **filters)
+                return {"runs": page.runs, "next_cursor": page.next_cursor}
+            return _runs_of_flows(queries, names, filters, limit, cursor)
+
+        return _answer(listed)
+
+    @app.get("/api/runs/{flow}/{run}")
+    def run_page(flow: str, run: str) -> dict[str, Any]:
+        """Everything the run page draws: summary, graph (or why not), parameters and every task."""
+
+        def gathered() -> dict[str, Any]:
+            summary = queries.run_summary(f"{flow}/{run}")
+            tasks, cursor = [], None
+            while True:
+                page = queries.run_tasks(f"{flow}/{run}", limit=MAX_TASKS, cursor=cursor)
+                tasks += page.tasks
+                if not (cursor := page.next_cursor):
+                    break
+            try:
+                graph, graph_error = source.graph(flow, run), None
+            except AgentError as exc:
+                graph, graph_error = None, exc.to_dict()
+            return {"summary": summary, "graph": graph, "graph_error": graph_error, "tasks": tasks}
+
+        return _answer(gathered)
+
+    @app.get("/api/tasks/{flow}/{run}/{step}/{task}")
+    def task_page(flow: str, run: str, step: str, task: str) -> dict[str, Any]:
+        """A task's attempts, metadata and artifacts; small plain-data values come previewed."""
+
+        def gathered() -> dict[str, Any]:
+            parts = [flow, run, step, task]
+            detail = source.task_detail(parts)
+            listed = queries.artifact_info("/".join(parts), limit=1000).artifacts
+            artifacts = []
+            for artifact in listed:
+                small = artifact.size is not None and artifact.size <= INLINE_PREVIEW_BYTES
+                preview = source.preview(flow, artifact.sha, artifact.size) if small and artifact.sha else None
+                artifacts.append({**artifact.model_dump(), "preview": preview})
+            return {**detail, "artifacts": artifacts}
+
+        return _answer(gathered)
+
+    @app.get("/api/artifacts/{flow}/{run}/{step}/{task}/{name}")
+    def artifact_preview(flow: str, run: str, step: str, task: str, name: str) -> dict[str, Any]:
+        """One artifact's preview (plain data up to 1 MiB stored; otherwise why not)."""
+
+        def previewed() -> dict[str, Any]:
+            found = [a for a in queries.artifact_info(f"{flow}/{run}/{step}/{task}", limit=1000).artifacts]
+            artifact = next((a for a in found if a.name == name), None)
+            if artifact is None or artifact.sha is None:
+                raise AgentError("not_found", f"artifact {name} of {flow}/{run}/{step}/{task} does not exist")
+            return {
+                **artifact.model_dump(),
+                "preview": source.preview(flow, artifact.sha, artifact.size),
+                "limit_bytes": MAX_PREVIEW_BYTES,
+            }
+
+        return _answer(previewed)
+
+    @app.get("/api/logs/{flow}/{run}/{step}/{task}/{stream}")
+    def logs(
+        flow: str,
+        run: str,
+        step: str,
+        task: str,
+        stream: str,
+        tail: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        attempt: int | None = None,
+        cursor: str | None = None,
+    ) -> Any:
+        """The last ``tail`` lines, or with ``cursor`` the lines after it (following a running task)."""
+        pathspec = f"{flow}/{run}/{step}/{task}"
+        if cursor:
+            return _answer(lambda: queries.logs(pathspec, stream, head=tail, cursor=cursor, attempt=attempt))
+        return _answer(lambda: queries.logs(pathspec, stream, tail=tail, attempt=attempt, max_bytes=1024 * 1024))
+
+    @app.get("/api/events", response_class=EventSourceResponse)
+    async def events() -> AsyncIterator[dict[str, list[str]]]:
+        """``{"runs": ["Flow/123", ...]}`` whenever files of those runs change."""
+        async with changes.subscribe() as queue:
+            while True:
+                yield {"runs": await queue.get()}
+
+    @app.get("/api/{rest:path}", include_in_schema=False)
+    def unknown_api(rest: str) -> None:
+        raise ApiError(404, "not_found", f"no API route /api/{rest}")
+
+    index = static / "index.html"
+    if (static / "assets").is_dir():
+        app.mount("/assets", StaticFiles(directory=static / "assets"), name="assets")
+
+    @app.get("/{rest:path}", include_in_schema=False, response_model=None)
+    def front_end(rest: str) -> FileResponse | HTMLResponse:
+        """The single-page front end for every other path (it routes, and shows its own 404)."""
+        return FileResponse(index) if index.is_file() else HTMLResponse(_NOT_BUILT)
+
+    return app
