@@ -5,7 +5,10 @@ stated, nothing unpickled, and mistakes answered as structured errors."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +242,7 @@ WIDE_FAILING = (997, 998, 999)
 
 
 @pytest.fixture(scope="module")
-def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, str]]:
+def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, str, Path]]:
     """A 1000-task foreach whose items 997-999 fail every attempt (and item 1 its first), on the service."""
     root = tmp_path_factory.mktemp("agent-wide")
     (root / "barrier").mkdir()
@@ -254,29 +257,51 @@ def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service
             timeout=2400,
         )
         assert ran.returncode != 0 and "item 999 is bad" in ran.stdout + ran.stderr, ran.stderr[-3000:]
-        yield service, f"FanFlow/{(root / 'run-id').read_text()}"
+        yield service, f"FanFlow/{(root / 'run-id').read_text()}", root / ".metaflow"
     finally:
         service.stop()
 
 
-def test_a_1000_task_foreach_with_3_failures(wide_run: tuple[Service, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every answer about the wide run is right and costs one request, however many tasks the run has."""
-    from metaflow import Run, get_metadata, metadata
+def stock_failures(url: str, run: str, datastore: Path) -> dict[str, str]:
+    """The referee: the failed tasks and their exceptions as Metaflow's Client API finds them (its own process)."""
+    from conftest import VENV_BIN
 
-    service, run = wide_run
-    previous = get_metadata()
-    metadata(service.url)
-    try:  # the Client API's answer, two requests and an unpickle a task
-        expected = {task.pathspec for task in Run(run, _namespace_check=False)["work"] if not task.successful}
-    finally:
-        metadata(previous)
-    assert len(expected) == len(WIDE_FAILING) and get_metadata() == previous
+    script = (
+        "import json, sys\nfrom metaflow import Run, namespace\nnamespace(None)\n"
+        "print(json.dumps({t.pathspec: str(t.exception) for t in Run(sys.argv[1])['work'] if not t.successful}))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", script, run],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={
+            **os.environ,
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "METAFLOW_DEFAULT_METADATA": "service",
+            "METAFLOW_SERVICE_URL": url,
+            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(datastore.parent),
+        },
+    )
+    assert found.returncode == 0, found.stderr[-3000:]
+    return json.loads(found.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(3600)  # the run alone takes about 12 minutes on 2 cores
+def test_a_1000_task_foreach_with_3_failures(
+    wide_run: tuple[Service, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every answer about the wide run is right and costs one request, however many tasks the run has."""
+    service, run, datastore = wide_run
+    expected = stock_failures(service.url, run, datastore)
+    assert len(expected) == len(WIDE_FAILING)
 
     refuse_unpickling(monkeypatch)
     with connect(service.url) as queries:
         found = queries.failures(run)
-        assert {f.pathspec for f in found.failures} == expected and not found.truncated
+        assert {f.pathspec for f in found.failures} == set(expected) and not found.truncated
         assert {f.message for f in found.failures} == {f"item {item} is bad" for item in WIDE_FAILING}
+        assert all(f.message in expected[f.pathspec] for f in found.failures)
         assert all(f.type == "ValueError" and f.attempt == 1 for f in found.failures)
         assert all(f.traceback[-1] == f"ValueError: {f.message}" for f in found.failures)
 
