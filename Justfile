@@ -10,7 +10,7 @@ default:
     @just --list
 
 # Check this machine, bring up the local stack and run the demo flow (in the base image when Docker answers).
-up: _venv
+up: _venv ui
     metaflow stack doctor
     metaflow stack up
 
@@ -19,8 +19,24 @@ down: _venv
     metaflow stack down
 
 # Lint, then run the whole test suite; docker-marked tests run when an engine answers.
-test *args: lint
+test *args: lint ui
     pytest --junitxml=.stack/test-results/junit.xml {{ args }}
+
+# Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).
+ui: _venv
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v npm >/dev/null; then
+        echo "npm not found: the UI serves its API only (fix: install Node 20 with npm, then run ./just ui)" >&2
+        exit 0
+    fi
+    stamp=runtime/src/metaflow_stack/ui/static/.source-hash
+    want=$(find ui -path ui/node_modules -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then exit 0; fi
+    echo "building the UI (ui/ -> runtime/src/metaflow_stack/ui/static)" >&2
+    npm install --prefix ui --no-audit --no-fund --loglevel=error  # `npm ci` refuses locks that omit other platforms' optional packages
+    npm run --prefix ui --silent build -- --logLevel warn
+    echo "$want" > "$stamp"
 
 # ruff (lint and format), actionlint over workflows, hadolint over Dockerfiles.
 lint: _venv

@@ -1,0 +1,148 @@
+// The UI backend's JSON API (metaflow_stack.ui.app), typed.
+
+export type Status = "running" | "completed" | "failed" | "killed";
+
+export interface RunInfo {
+  pathspec: string;
+  status: Status;
+  user: string | null;
+  tags: string[];
+  system_tags: string[];
+  started_at: number;
+  finished_at: number | null;
+}
+
+export interface StepCounts {
+  step_name: string;
+  total: number;
+  running: number;
+  completed: number;
+  failed: number;
+  killed: number;
+}
+
+export interface Failure {
+  pathspec: string;
+  step_name: string;
+  attempt: number | null;
+  type: string | null;
+  message: string | null;
+  traceback: string[];
+}
+
+export interface RunSummary {
+  pathspec: string;
+  status: Status;
+  started_at: number;
+  finished_at: number | null;
+  duration_ms: number;
+  steps: StepCounts[];
+  first_failure: Failure | null;
+}
+
+export interface TaskInfo {
+  pathspec: string;
+  step_name: string;
+  attempt: number;
+  status: Status;
+  started_at: number;
+  finished_at: number | null;
+  foreach: string[];
+}
+
+export interface GraphStep {
+  type: string;
+  next: string[];
+  foreach_artifact: string | null;
+  matching_join: string | null;
+  doc: string | null;
+  decorators: string[];
+}
+
+export interface Graph {
+  start_step: string;
+  end_step: string;
+  file: string | null;
+  doc: string | null;
+  parameters: Record<string, string>;
+  steps: Record<string, GraphStep>;
+}
+
+export interface ApiError {
+  code: string;
+  message: string;
+  details?: { fix?: string } | null;
+}
+
+export interface RunPage {
+  summary: RunSummary;
+  graph: Graph | null;
+  graph_error: { error: ApiError } | null;
+  tasks: TaskInfo[];
+}
+
+export interface Artifact {
+  pathspec: string;
+  name: string;
+  attempt: number;
+  size: number | null;
+  python_type: string | null;
+  sha: string | null;
+  preview: string | null;
+}
+
+export interface Attempt {
+  attempt: number;
+  started_at: number | null;
+  finished_at: number | null;
+  ok: boolean | null;
+}
+
+export interface TaskPage {
+  pathspec: string;
+  attempts: Attempt[];
+  metadata: { field: string; value: unknown; type: string; attempt: number }[];
+  artifacts: Artifact[];
+}
+
+export interface LogLine {
+  ts: string | null;
+  source: string;
+  text: string;
+}
+
+export interface LogWindow {
+  pathspec: string;
+  stream: string;
+  attempt: number;
+  lines: LogLine[];
+  size: number;
+  truncated: boolean;
+  next_cursor: string | null;
+}
+
+export class RequestError extends Error {
+  constructor(
+    readonly status: number,
+    readonly body: ApiError,
+  ) {
+    super(body.message);
+  }
+}
+
+export async function getJson<T>(path: string): Promise<T> {
+  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  let body: unknown;
+  try {
+    body = await response.json();
+  } catch {
+    throw new RequestError(response.status, { code: "bad_response", message: `${path}: not JSON` });
+  }
+  if (!response.ok) throw new RequestError(response.status, body as ApiError);
+  return body as T;
+}
+
+/** `/api/...` path segments of a pathspec, each encoded. */
+export function apiPath(prefix: string, pathspec: string): string {
+  return `/api/${prefix}/${pathspec.split("/").map(encodeURIComponent).join("/")}`;
+}

@@ -1,0 +1,106 @@
+// A task: attempts, artifacts with sizes, types and safe previews, metadata, and its logs.
+import { Link, useParams } from "react-router-dom";
+
+import { apiPath, type TaskPage } from "../api";
+import { Logs } from "../components/Logs";
+import { ErrorBox } from "../components/Status";
+import { bytes, duration, when } from "../format";
+import { useLive } from "../live";
+
+export function Task() {
+  const { flow = "", run = "", step = "", task = "" } = useParams();
+  const pathspec = `${flow}/${run}/${step}/${task}`;
+  const page = useLive<TaskPage>(apiPath("tasks", pathspec), `${flow}/${run}`);
+  if (page.error) return <main><ErrorBox title={`Task ${pathspec}`} error={page.error.body} /></main>;
+  if (!page.data) return <main className="muted">Loading {pathspec}…</main>;
+  const { attempts, artifacts, metadata } = page.data;
+  const user = artifacts.filter((a) => !a.name.startsWith("_"));
+  const internal = artifacts.filter((a) => a.name.startsWith("_"));
+  const running = attempts.length > 0 && attempts[0].ok === null;
+
+  return (
+    <main>
+      <h1>
+        <Link to={`/${flow}/${run}`}>
+          {flow}/{run}
+        </Link>{" "}
+        / {step} / {task}
+      </h1>
+      <h2>Attempts</h2>
+      <table className="kv" data-attempts={attempts.length}>
+        <thead>
+          <tr>
+            <th>Attempt</th>
+            <th>Outcome</th>
+            <th>Started</th>
+            <th>Duration</th>
+          </tr>
+        </thead>
+        <tbody>
+          {attempts.map((attempt) => (
+            <tr key={attempt.attempt}>
+              <td>{attempt.attempt}</td>
+              <td>
+                <span className={`badge status-${attempt.ok === null ? "running" : attempt.ok ? "completed" : "failed"}`}>
+                  {attempt.ok === null ? "running" : attempt.ok ? "succeeded" : "failed"}
+                </span>
+              </td>
+              <td>{when(attempt.started_at)}</td>
+              <td>{attempt.started_at && attempt.finished_at ? duration(attempt.finished_at - attempt.started_at) : "–"}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <h2>Artifacts</h2>
+      <ArtifactTable artifacts={user} />
+      <details>
+        <summary>Metaflow's own artifacts ({internal.length})</summary>
+        <ArtifactTable artifacts={internal} />
+      </details>
+      <h2>Logs</h2>
+      <Logs pathspec={pathspec} running={running} version={page.version} />
+      <details>
+        <summary>Metadata ({metadata.length})</summary>
+        <table className="kv">
+          <tbody>
+            {metadata.map((datum, i) => (
+              <tr key={i}>
+                <th>{datum.field}</th>
+                <td>{typeof datum.value === "string" ? datum.value : JSON.stringify(datum.value)}</td>
+                <td className="muted">attempt {datum.attempt}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </details>
+    </main>
+  );
+}
+
+function ArtifactTable({ artifacts }: { artifacts: TaskPage["artifacts"] }) {
+  if (artifacts.length === 0) return <p className="muted">None.</p>;
+  return (
+    <table className="artifacts">
+      <thead>
+        <tr>
+          <th>Name</th>
+          <th>Type</th>
+          <th>Size</th>
+          <th>Value</th>
+        </tr>
+      </thead>
+      <tbody>
+        {artifacts.map((artifact) => (
+          <tr key={artifact.name} data-artifact={artifact.name}>
+            <td>{artifact.name}</td>
+            <td>
+              <code>{artifact.python_type ?? "?"}</code>
+            </td>
+            <td>{bytes(artifact.size)}</td>
+            <td>{artifact.preview === null ? <span className="muted">(larger than 16 KiB)</span> : <code className="preview">{artifact.preview}</code>}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
