@@ -120,7 +120,9 @@ class LocalSource:
         return "running" if ok is None else ("completed" if ok else "failed")
 
     def _tasks(self, run: Path) -> list[tuple[str, Path]]:
-        return [(step.name, task) for step in self._children(run) for task in self._children(step)]
+        """Every task of the run, steps in the order they started (as the service lists them)."""
+        steps = sorted(self._children(run), key=lambda step: self._json(step / "_meta" / "_self.json")["ts_epoch"])
+        return [(step.name, task) for step in steps for task in self._children(step)]
 
     def _scan(self, run: Path) -> list[tuple[str, Path, int, bool | None, int | None]]:
         """Every task of the run: step, folder, latest attempt, outcome, end time."""
@@ -132,6 +134,12 @@ class LocalSource:
         if any(step == "end" and ok for step, _, _, ok, _ in scan):
             return "completed"
         return "failed" if any(ok is False for _, _, _, ok, _ in scan) else "running"
+
+    @staticmethod
+    def _finished_at(scan: list[tuple[str, Path, int, bool | None, int | None]], state: str) -> int | None:
+        """When the run's last task ended; None while it runs."""
+        ended = [finished for *_, finished in scan if finished is not None]
+        return max(ended) if ended and state != "running" else None
 
     # -- answers ------------------------------------------------------------
 
@@ -160,7 +168,8 @@ class LocalSource:
         candidates.sort(key=lambda item: item[0]["ts_epoch"], reverse=True)
         found = []
         for row, folder in candidates:  # statuses cost a scan of the run: only as many as the page needs
-            state = self._run_status(self._scan(folder))
+            scan = self._scan(folder)
+            state = self._run_status(scan)
             if status is None or state == status:
                 found.append(
                     RunInfo(
@@ -170,7 +179,7 @@ class LocalSource:
                         tags=row.get("tags") or [],
                         system_tags=row.get("system_tags") or [],
                         started_at=row["ts_epoch"],
-                        finished_at=None,
+                        finished_at=self._finished_at(scan, state),
                     )
                 )
             if len(found) > offset + limit:
@@ -205,9 +214,8 @@ class LocalSource:
             (finished or 0, step, task.name, attempt) for step, task, attempt, ok, finished in scan if ok is False
         ]
         first = min(failed, default=None)
-        ended = [finished for *_, finished in scan if finished is not None]
         state = self._run_status(scan)
-        finished_at = max(ended) if ended and state != "running" else None
+        finished_at = self._finished_at(scan, state)
         return RunSummary(
             pathspec=f"{flow}/{run}",
             status=state,

@@ -1,0 +1,73 @@
+"""A branch beside a nested foreach, for the UI: the DAG's shape, per-item
+statuses, a parameter to compare, and an artifact whose unpickling would run
+code (``Sneaky``: loading it creates ``$UI_SNEAKY_MARKER``). With ``$UI_GATE``
+naming a file, every ``leaf`` task waits while that file exists, so a test
+can watch the run while it is running."""
+
+import os
+import time
+from pathlib import Path
+
+from metaflow import FlowSpec, Parameter, step
+
+
+def _sneaky_restore(marker: str) -> str:
+    Path(marker).touch()  # proof that something unpickled the artifact
+    return "restored"
+
+
+class Sneaky:
+    def __reduce__(self):
+        return (_sneaky_restore, (os.environ.get("UI_SNEAKY_MARKER", "/nonexistent/marker"),))
+
+
+class BranchForeachFlow(FlowSpec):
+    alpha = Parameter("alpha", default=0.5, type=float)
+
+    @step
+    def start(self):
+        self.next(self.fan, self.side)
+
+    @step
+    def fan(self):
+        self.items = ["a", "b", "c"]
+        self.next(self.each, foreach="items")
+
+    @step
+    def each(self):
+        self.inner = [1, 2]
+        self.next(self.leaf, foreach="inner")
+
+    @step
+    def leaf(self):
+        gate = os.environ.get("UI_GATE")
+        while gate and Path(gate).exists():
+            time.sleep(0.2)
+        self.score = self.alpha * self.input
+        print(f"leaf {self.input} scored {self.score}")
+        self.next(self.inner_join)
+
+    @step
+    def inner_join(self, inputs):
+        self.next(self.fan_join)
+
+    @step
+    def fan_join(self, inputs):
+        self.next(self.join)
+
+    @step
+    def side(self):
+        self.sneaky = Sneaky()
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    BranchForeachFlow()

@@ -1,0 +1,242 @@
+"""``metaflow ui`` on a real local datastore: its JSON API, and the front end
+in Debian's Chromium (Playwright): the DAG of a branch + nested foreach flow,
+live updates of a running flow, dark mode, bad paths. Screenshots land in
+``.stack/test-results/ui``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import PROJECT, VENV_BIN, need
+from service_servers import run_flow
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = PROJECT / ".stack" / "test-results" / "ui"
+FLOW = "branch_foreach_flow.py"
+STEPS = {"start", "fan", "each", "leaf", "inner_join", "fan_join", "side", "join", "end"}
+EDGES = {
+    "start->fan",
+    "start->side",
+    "fan->each",
+    "each->leaf",
+    "leaf->inner_join",
+    "inner_join->fan_join",
+    "fan_join->join",
+    "side->join",
+    "join->end",
+}
+
+
+@dataclass
+class Ui:
+    url: str
+    root: Path
+    runs: list[str]
+    marker: Path
+
+
+def wait_until_it_answers(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(url).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _flow_env(root: Path, **extra: str) -> dict[str, str]:
+    return {"UI_SNEAKY_MARKER": str(root / "sneaky-was-unpickled"), **extra}
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
+    """Two finished runs (alpha 0.5 and 0.9) on local metadata, and ``metaflow ui`` serving them."""
+    root = tmp_path_factory.mktemp("ui")
+    runs = []
+    for alpha in ("0.5", "0.9"):
+        done = run_flow(
+            root, "run", "--alpha", alpha, "--run-id-file", "run-id", service_url=None, flow=FLOW, env=_flow_env(root)
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(f"BranchForeachFlow/{(root / 'run-id').read_text()}")
+    server = subprocess.Popen(
+        [str(VENV_BIN / "metaflow"), "ui", "--port", "0", "--no-browser", "--datastore-root", str(root / ".metaflow")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+    )
+    try:
+        line = ""
+        while "UI on" not in line:
+            line = server.stderr.readline()
+            assert line or server.poll() is None, "metaflow ui exited before it served"
+        url = re.search(r"http://\S+/", line)[0].rstrip("/")
+        wait_until_it_answers(f"{url}/api/source")
+        yield Ui(url, root, runs, root / "sneaky-was-unpickled")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_api_lists_runs_and_draws_the_recorded_graph(ui: Ui) -> None:
+    listed = httpx.get(f"{ui.url}/api/runs", params={"flow": "BranchForeachFlow"}).json()
+    assert [run["pathspec"] for run in listed["runs"]] == ui.runs[::-1]  # newest first
+    assert {run["status"] for run in listed["runs"]} == {"completed"}
+    assert all(run["finished_at"] > run["started_at"] for run in listed["runs"])
+    assert httpx.get(f"{ui.url}/api/runs", params={"status": "failed"}).json()["runs"] == []
+
+    page = httpx.get(f"{ui.url}/api/runs/{ui.runs[1]}").json()
+    steps = page["graph"]["steps"]
+    assert set(steps) == STEPS
+    assert {f"{name}->{after}" for name, step in steps.items() for after in step["next"]} == EDGES
+    assert steps["fan"]["type"] == "split-foreach" and steps["fan"]["foreach_artifact"] == "items"
+    assert page["graph"]["parameters"] == {"alpha": "0.9"}
+    leaves = [task for task in page["tasks"] if task["step_name"] == "leaf"]
+    assert sorted(tuple(task["foreach"]) for task in leaves) == [
+        (f"items={item}", f"inner={inner}") for item in "abc" for inner in (1, 2)
+    ]  # each item named by its value, outermost first
+    assert page["summary"]["status"] == "completed" and len(page["tasks"]) == 18
+    order = [step["step_name"] for step in page["summary"]["steps"]]
+    assert order[0] == "start" and order[-1] == "end" and order.index("each") < order.index("leaf")
+
+
+def test_previews_show_plain_data_and_never_run_artifact_code(ui: Ui) -> None:
+    page = httpx.get(f"{ui.url}/api/runs/{ui.runs[0]}").json()
+    fan, side = (next(t for t in page["tasks"] if t["step_name"] == name)["pathspec"] for name in ("fan", "side"))
+    items = {a["name"]: a for a in httpx.get(f"{ui.url}/api/tasks/{fan}").json()["artifacts"]}["items"]
+    assert items["preview"] == "['a', 'b', 'c']" and items["python_type"] == "list" and items["size"] > 0
+    sneaky = httpx.get(f"{ui.url}/api/artifacts/{side}/sneaky").json()
+    assert sneaky["preview"].startswith("(not previewed: needs ") and "_sneaky_restore" in sneaky["preview"]
+    assert not ui.marker.exists(), "the UI server ran an artifact's code"
+    task = httpx.get(f"{ui.url}/api/tasks/{side}").json()
+    assert [a["ok"] for a in task["attempts"]] == [True]
+    assert {"ds-type", "attempt_ok"} <= {m["field"] for m in task["metadata"]}
+
+
+def test_bad_paths_and_parameters_are_json_errors(ui: Ui) -> None:
+    missing = httpx.get(f"{ui.url}/api/runs/BranchForeachFlow/123456")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    assert "BranchForeachFlow/123456" in missing.json()["message"]
+    bad = httpx.get(f"{ui.url}/api/runs", params={"limit": 0})
+    assert bad.status_code == 400 and bad.json()["code"] == "bad_parameter"
+    assert httpx.get(f"{ui.url}/api/runs", params={"status": "exploded"}).status_code == 400
+    assert httpx.get(f"{ui.url}/api/no/such/route").status_code == 404
+    page = httpx.get(f"{ui.url}/no/such/page")
+    assert page.status_code == 200 and 'id="root"' in page.text  # the front end routes it, to its own 404 page
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    need("chromium", CHROMIUM.exists(), "install Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        yield browser
+        browser.close()
+
+
+def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -> None:
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{ui.url}/{ui.runs[1]}")
+    page.wait_for_selector("svg.dag [data-step='end']")
+    assert {node.get_attribute("data-step") for node in page.query_selector_all("svg.dag [data-step]")} == STEPS
+    assert {edge.get_attribute("data-edge") for edge in page.query_selector_all("svg.dag [data-edge]")} == EDGES
+    assert {n.get_attribute("data-status") for n in page.query_selector_all("svg.dag [data-step]")} == {"completed"}
+    assert page.locator("[data-step='leaf'] [data-items]").get_attribute("data-items") == "6"
+    assert page.locator("[data-step='leaf'] rect.item").count() == 6
+    assert page.locator("[data-parameter='alpha'] code").inner_text() == "0.9"
+    assert page.locator("svg.timeline [data-bar]").count() == 18
+    page.screenshot(path=SHOTS / "run-page.png", full_page=True)
+
+    page.locator("[data-step='leaf'] rect.item").first.click()  # an item's log, on the same page
+    page.wait_for_selector("[data-logs] .log-text")
+    assert "scored" in page.locator("[data-logs] .log-text").inner_text()
+    page.close()
+
+
+def test_dark_mode_follows_the_system_and_the_toggle_persists(ui: Ui, chromium) -> None:
+    dark = chromium.new_context(color_scheme="dark", viewport={"width": 1400, "height": 900})
+    page = dark.new_page()
+    page.goto(f"{ui.url}/")
+    page.wait_for_selector("[data-run]")
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    page.screenshot(path=SHOTS / "runs-dark.png")
+    page.click("[data-theme-toggle]")
+    assert page.evaluate("document.documentElement.dataset.theme") == "light"
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") != background
+    page.reload()
+    page.wait_for_selector("[data-run]")
+    assert page.evaluate("document.documentElement.dataset.theme") == "light"  # the choice outlives the page
+    page.screenshot(path=SHOTS / "runs-light.png")
+    dark.close()
+    light = chromium.new_context(color_scheme="light")
+    fresh = light.new_page()
+    fresh.goto(f"{ui.url}/")
+    assert fresh.evaluate("document.documentElement.dataset.theme") == "light"
+    light.close()
+
+
+def test_an_unknown_page_says_so(ui: Ui, chromium) -> None:
+    page = chromium.new_page()
+    page.goto(f"{ui.url}/no/such/page/at/all/here")
+    assert page.locator("h1").inner_text() == "Not found"
+    page.goto(f"{ui.url}/BranchForeachFlow/123456")
+    page.wait_for_selector("[role='alert']")
+    assert "does not exist" in page.locator("[role='alert']").inner_text()
+    page.close()
+
+
+def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
+    gate = ui.root / "gate"
+    gate.touch()
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    env |= _flow_env(ui.root, UI_GATE=str(gate))
+    flow = subprocess.Popen(
+        [sys.executable, FLOW, "--datastore-root", str(ui.root / ".metaflow"), "run", "--run-id-file", "live-id"],
+        cwd=ui.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (ui.root / "live-id").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        run = f"BranchForeachFlow/{(ui.root / 'live-id').read_text()}"
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui.url}/{run}")
+        page.wait_for_selector("[data-step='leaf'][data-status='running']", timeout=120_000)
+        page.evaluate("window.__stillTheSamePage = true")
+        page.screenshot(path=SHOTS / "run-page-live.png", full_page=True)
+        gate.unlink()
+        page.wait_for_selector("[data-step='end'][data-status='completed']", timeout=120_000)
+        assert page.evaluate("window.__stillTheSamePage") is True  # updated in place, never reloaded
+        assert page.locator("h1 [data-status]").get_attribute("data-status") == "completed"
+        page.close()
+        assert flow.wait(timeout=120) == 0
+    finally:
+        gate.unlink(missing_ok=True)
+        if flow.poll() is None:
+            flow.terminate()
+            flow.wait(timeout=30)
