@@ -21,7 +21,8 @@ from service_servers import run_flow
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's Chromium here; CI elsewhere names its own Chrome.
+CHROMIUM = Path(os.environ.get("STACK_TEST_CHROMIUM", "/usr/bin/chromium"))
 SHOTS = PROJECT / ".stack" / "test-results" / "ui"
 FLOW = "branch_foreach_flow.py"
 STEPS = {"start", "fan", "each", "leaf", "inner_join", "fan_join", "side", "join", "end"}
