@@ -241,3 +241,28 @@ def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
         if flow.poll() is None:
             flow.terminate()
             flow.wait(timeout=30)
+
+
+def test_two_runs_compare_by_parameter_metric_result_and_timing(ui: Ui, chromium) -> None:
+    older, newer = ui.runs
+    compared = httpx.get(f"{ui.url}/api/compare", params={"a": older, "b": newer}).json()
+    assert compared["parameters"] == [{"name": "alpha", "a": "0.5", "b": "0.9", "changed": True}]
+    accuracy = {m["name"]: m for m in compared["metrics"]}["accuracy"]
+    assert (accuracy["a"], accuracy["b"], round(accuracy["delta"], 4)) == (0.85, 0.89, 0.04)
+    results = {r["name"]: r for r in compared["results"]}
+    assert results["model_name"]["same"] and not results["accuracy"]["same"]
+    assert {s["step"] for s in compared["steps"]} == STEPS
+    missing = httpx.get(f"{ui.url}/api/compare", params={"a": older, "b": "BranchForeachFlow/123456"})
+    assert missing.status_code == 404 and "123456" in missing.json()["message"]
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{ui.url}/?flow=BranchForeachFlow")
+    page.check(f"[data-run='{older}'] input[type=checkbox]")
+    page.check(f"[data-run='{newer}'] input[type=checkbox]")
+    page.click("[data-compare]")
+    changed = page.wait_for_selector("[data-compare-parameter='alpha'][data-changed='true']")
+    assert "0.5" in changed.inner_text() and "0.9" in changed.inner_text()
+    assert "+0.04" in page.locator("[data-metric='accuracy']").inner_text()
+    assert page.locator("[data-result='model_name']").get_attribute("data-same") == "true"
+    page.screenshot(path=SHOTS / "compare.png", full_page=True)
+    page.close()

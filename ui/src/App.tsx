@@ -1,5 +1,6 @@
 import { Link, Route, Routes } from "react-router-dom";
 
+import { Compare } from "./pages/Compare";
 import { Run } from "./pages/Run";
 import { Runs } from "./pages/Runs";
 import { Task } from "./pages/Task";
@@ -33,6 +34,7 @@ export function App() {
       </header>
       <Routes>
         <Route path="/" element={<Runs />} />
+        <Route path="/compare" element={<Compare />} />
         <Route path="/:flow/:run" element={<Run />} />
         <Route path="/:flow/:run/:step/:task" element={<Task />} />
         <Route path="*" element={<NotFound />} />

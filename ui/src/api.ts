@@ -146,3 +146,19 @@ export async function getJson<T>(path: string): Promise<T> {
 export function apiPath(prefix: string, pathspec: string): string {
   return `/api/${prefix}/${pathspec.split("/").map(encodeURIComponent).join("/")}`;
 }
+
+export interface ComparedResult {
+  name: string;
+  a: Artifact | null;
+  b: Artifact | null;
+  same: boolean;
+}
+
+export interface Comparison {
+  a: RunSummary;
+  b: RunSummary;
+  parameters: { name: string; a: string | null; b: string | null; changed: boolean }[];
+  results: ComparedResult[];
+  metrics: { name: string; a: number; b: number; delta: number; relative: number | null }[];
+  steps: { step: string; a_ms: number | null; b_ms: number | null }[];
+}

@@ -1,6 +1,6 @@
 // The runs list: filters in the URL (shareable), newest first, pages by cursor, live.
 import { useEffect, useState } from "react";
-import { Link, useSearchParams } from "react-router-dom";
+import { Link, useNavigate, useSearchParams } from "react-router-dom";
 
 import { getJson, type RunInfo } from "../api";
 import { ErrorBox, StatusBadge } from "../components/Status";
@@ -13,6 +13,8 @@ export function Runs() {
   const [params, setParams] = useSearchParams();
   const [flows, setFlows] = useState<string[]>([]);
   const [cursors, setCursors] = useState<(string | null)[]>([null]);
+  const [picked, setPicked] = useState<string[]>([]);
+  const navigate = useNavigate();
   const query = new URLSearchParams();
   for (const name of FILTERS) {
     const value = params.get(name);
@@ -79,6 +81,15 @@ export function Runs() {
           <table className="runs">
             <thead>
               <tr>
+                <th>
+                  <button
+                    disabled={picked.length !== 2}
+                    data-compare
+                    onClick={() => navigate(`/compare?${new URLSearchParams({ a: picked[0], b: picked[1] })}`)}
+                  >
+                    Compare
+                  </button>
+                </th>
                 <th>Run</th>
                 <th>Status</th>
                 <th>User</th>
@@ -90,6 +101,16 @@ export function Runs() {
             <tbody>
               {runs.data.runs.map((run) => (
                 <tr key={run.pathspec} data-run={run.pathspec}>
+                  <td>
+                    <input
+                      type="checkbox"
+                      aria-label={`pick ${run.pathspec} to compare`}
+                      checked={picked.includes(run.pathspec)}
+                      onChange={(e) =>
+                        setPicked(e.target.checked ? [...picked, run.pathspec].slice(-2) : picked.filter((p) => p !== run.pathspec))
+                      }
+                    />
+                  </td>
                   <td>
                     <Link to={`/${run.pathspec}`}>{run.pathspec}</Link>
                   </td>

@@ -23,10 +23,11 @@ from fastapi.sse import EventSourceResponse
 from starlette.staticfiles import StaticFiles
 
 from metaflow_stack import __version__
-from metaflow_stack.agent.queries import MAX_RUNS, MAX_TASKS, AgentError, Queries
+from metaflow_stack.agent.queries import MAX_RUNS, AgentError, Queries
 from metaflow_stack.api_errors import ApiError, install
 from metaflow_stack.service.pages import decode_cursor, encode_cursor
 from metaflow_stack.ui.changes import Changes, watch
+from metaflow_stack.ui.compare import all_tasks, compare
 from metaflow_stack.ui.local_runs import LocalRuns
 from metaflow_stack.ui.previews import MAX_PREVIEW_BYTES
 
@@ -124,12 +125,7 @@ def create_app(source: LocalRuns, static: Path = STATIC, live: bool = True) -> F
 
         def gathered() -> dict[str, Any]:
             summary = queries.run_summary(f"{flow}/{run}")
-            tasks, cursor = [], None
-            while True:
-                page = queries.run_tasks(f"{flow}/{run}", limit=MAX_TASKS, cursor=cursor)
-                tasks += page.tasks
-                if not (cursor := page.next_cursor):
-                    break
+            tasks = all_tasks(queries, f"{flow}/{run}")
             try:
                 graph, graph_error = source.graph(flow, run), None
             except AgentError as exc:
@@ -137,6 +133,11 @@ def create_app(source: LocalRuns, static: Path = STATIC, live: bool = True) -> F
             return {"summary": summary, "graph": graph, "graph_error": graph_error, "tasks": tasks}
 
         return _answer(gathered)
+
+    @app.get("/api/compare")
+    def compare_runs(a: str, b: str) -> dict[str, Any]:
+        """Run ``a`` (the baseline) against run ``b``: parameters, results, metric and timing deltas."""
+        return _answer(lambda: compare(queries, source, a, b))
 
     @app.get("/api/tasks/{flow}/{run}/{step}/{task}")
     def task_page(flow: str, run: str, step: str, task: str) -> dict[str, Any]:
