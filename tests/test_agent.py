@@ -98,6 +98,7 @@ def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) 
     assert queries.run_summary(runs.done).status == "completed"
     failed = queries.run_tasks(runs.failed, step="work", status="failed")
     assert [(t.pathspec, t.attempt, t.status) for t in failed.tasks] == [(failure.pathspec, 1, "failed")]
+    assert failed.tasks[0].foreach == ["items=2"]
     every = queries.run_tasks(runs.done, limit=2)
     assert [t.step_name for t in every.tasks] == ["start", "work"] and every.truncated
     assert queries.source.requests == 5

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import PROJECT, VENV_BIN, need
-from service_servers import run_flow
+from service_servers import run_flow, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,16 @@ class Ui:
     root: Path
     runs: list[str]
     marker: Path
+    service_url: str | None
+
+    def flow_env(self, **extra: str) -> dict[str, str]:
+        """The flow's environment: where it records, and where its sneaky artifact would leave a mark."""
+        metadata = (
+            {"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": self.service_url}
+            if self.service_url
+            else {"METAFLOW_DEFAULT_METADATA": "local"}
+        )
+        return {**metadata, "UI_SNEAKY_MARKER": str(self.marker), **extra}
 
 
 def wait_until_it_answers(url: str, timeout_s: float = 30) -> None:
@@ -59,39 +69,53 @@ def wait_until_it_answers(url: str, timeout_s: float = 30) -> None:
             time.sleep(0.1)
 
 
-def _flow_env(root: Path, **extra: str) -> dict[str, str]:
-    return {"UI_SNEAKY_MARKER": str(root / "sneaky-was-unpickled"), **extra}
-
-
-@pytest.fixture(scope="module")
-def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
-    """Two finished runs (alpha 0.5 and 0.9) on local metadata, and ``metaflow ui`` serving them."""
-    root = tmp_path_factory.mktemp("ui")
-    runs = []
-    for alpha in ("0.5", "0.9"):
-        done = run_flow(
-            root, "run", "--alpha", alpha, "--run-id-file", "run-id", service_url=None, flow=FLOW, env=_flow_env(root)
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(f"BranchForeachFlow/{(root / 'run-id').read_text()}")
-    server = subprocess.Popen(
-        [str(VENV_BIN / "metaflow"), "ui", "--port", "0", "--no-browser", "--datastore-root", str(root / ".metaflow")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
-    )
+@pytest.fixture(scope="module", params=["local", "service"])
+def ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
+    """Two finished runs (alpha 0.5 and 0.9) and ``metaflow ui`` serving them: from the local datastore,
+    or from the metadata service that recorded them (values read from the datastore root)."""
+    root = tmp_path_factory.mktemp(f"ui-{request.param}")
+    service = None
+    if request.param == "service":
+        service = start_service(str(root / "metadata.db"), root / "service.log", log_roots=(str(root / ".metaflow"),))
+    shell = Ui("", root, [], root / "sneaky-was-unpickled", service.url if service else None)
+    command = [str(VENV_BIN / "metaflow"), "ui", "--port", "0", "--no-browser"]
+    command += ["--datastore-root", str(root / ".metaflow")] + (["--service-url", service.url] if service else [])
+    server = None
     try:
+        for alpha in ("0.5", "0.9"):
+            done = run_flow(
+                root,
+                "run",
+                "--alpha",
+                alpha,
+                "--run-id-file",
+                "run-id",
+                service_url=shell.service_url,
+                flow=FLOW,
+                env=shell.flow_env(),
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            shell.runs.append(f"BranchForeachFlow/{(root / 'run-id').read_text()}")
+        server = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+        )
         line = ""
         while "UI on" not in line:
             line = server.stderr.readline()
             assert line or server.poll() is None, "metaflow ui exited before it served"
-        url = re.search(r"http://\S+/", line)[0].rstrip("/")
-        wait_until_it_answers(f"{url}/api/source")
-        yield Ui(url, root, runs, root / "sneaky-was-unpickled")
+        shell.url = re.search(r"http://\S+/", line)[0].rstrip("/")
+        wait_until_it_answers(f"{shell.url}/api/source")
+        yield shell
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        if service is not None:
+            service.stop()
 
 
 def test_the_api_lists_runs_and_draws_the_recorded_graph(ui: Ui) -> None:
@@ -139,6 +163,27 @@ def test_bad_paths_and_parameters_are_json_errors(ui: Ui) -> None:
     assert httpx.get(f"{ui.url}/api/no/such/route").status_code == 404
     page = httpx.get(f"{ui.url}/no/such/page")
     assert page.status_code == 200 and 'id="root"' in page.text  # the front end routes it, to its own 404 page
+
+
+def test_a_value_the_ui_may_not_read_is_an_error_on_that_artifact_only(ui: Ui) -> None:
+    from fastapi.testclient import TestClient
+
+    from metaflow_stack.ui.app import create_app
+    from metaflow_stack.ui.blobs import Blobs
+    from metaflow_stack.ui.local_runs import LocalRuns
+    from metaflow_stack.ui.service_runs import ServiceRuns
+
+    if ui.service_url:
+        source = ServiceRuns(ui.service_url, ())  # no datastore root allowed
+    else:
+        source = LocalRuns(ui.root / ".metaflow")
+        source.blobs = Blobs((str(ui.root / "elsewhere"),))
+    with TestClient(create_app(source, live=False)) as client:
+        fan = next(t for t in client.get(f"/api/runs/{ui.runs[0]}").json()["tasks"] if t["step_name"] == "fan")
+        task = client.get(f"/api/tasks/{fan['pathspec']}")
+    assert task.status_code == 200
+    items = {a["name"]: a for a in task.json()["artifacts"]}["items"]
+    assert items["preview"].startswith("(not readable: ") and items["size"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +256,7 @@ def test_an_unknown_page_says_so(ui: Ui, chromium) -> None:
 def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
     gate = ui.root / "gate"
     gate.touch()
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
-    env |= _flow_env(ui.root, UI_GATE=str(gate))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **ui.flow_env(UI_GATE=str(gate))}
     flow = subprocess.Popen(
         [sys.executable, FLOW, "--datastore-root", str(ui.root / ".metaflow"), "run", "--run-id-file", "live-id"],
         cwd=ui.root,

@@ -156,6 +156,7 @@ class ServiceSource:
                 status=row["status"],
                 started_at=row["ts_epoch"],
                 finished_at=row["finished_at"],
+                foreach=row.get("foreach") or [],
             )
             for row in response.json()
         ]

@@ -147,14 +147,18 @@ class LogFiles:
         )
 
     def _s3(self) -> object:
-        """One boto3 client, on Metaflow's S3 endpoint setting (an S3-compatible store when set)."""
         if self._s3_client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._s3_client = boto3.client(
-                "s3",
-                endpoint_url=os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None,
-                config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
-            )
+            self._s3_client = s3_client()
         return self._s3_client
+
+
+def s3_client() -> object:
+    """A boto3 client on Metaflow's S3 endpoint setting (an S3-compatible store when set)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None,
+        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+    )

@@ -13,6 +13,7 @@ key and every listing's index ends in that key.
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import time
@@ -217,12 +218,21 @@ class Queries:
             run_row = Store.find_run(conn, flow_id, run)
         t = s.tasks.c
         status = task_status(self._cutoff_ms())
+        m = s.metadata_rows.c
+        foreach = (  # the task's latest foreach-stack metadatum: one index lookup per task
+            select(m.value)
+            .where(m.task_id == t.task_id, m.field_name == "foreach-stack")
+            .order_by(m.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
         query = (
             select(
                 s.tasks,
                 status.label("status"),
                 s.runs.c.tags.label("run_tags"),
                 s.runs.c.system_tags.label("run_system_tags"),
+                foreach.label("foreach_stack"),
             )
             .join(s.runs, s.runs.c.run_number == t.run_number)
             .where(t.run_number == run_row["run_number"], *_ranges(params, t.ts_epoch, "ts_epoch"))
@@ -360,7 +370,18 @@ def _run_tags(row: Any) -> dict[str, Any]:
 
 def _task_with_status(row: Any) -> dict[str, Any]:
     extra = {k: row[k] for k in ("status", "attempt", "finished_at")}
-    return rows.task(row, _run_tags(row)) | extra
+    return rows.task(row, _run_tags(row)) | extra | {"foreach": _foreach(row["foreach_stack"])}
+
+
+def _foreach(value: str | None) -> list[str]:
+    """A stored ``foreach-stack`` value (the repr of a list of ``var=item``) as that list."""
+    if not value or not value.startswith("["):
+        return []
+    try:
+        stack = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(item) for item in stack] if isinstance(stack, list) else []
 
 
 def _artifact_with_details(row: Any) -> dict[str, Any]:

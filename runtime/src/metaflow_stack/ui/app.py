@@ -1,9 +1,9 @@
 """The UI's HTTP server: a JSON API over a run source, a live feed, and the built front end.
 
-Everything is read on request from the source (today a local datastore,
-``LocalRuns``): nothing is cached or copied, so the UI is never behind the
-files. ``/api/events`` streams the pathspecs of runs as they change (the
-front end refetches what it shows). Artifact values are only ever rendered
+Everything is read on request from the source (a local datastore,
+``LocalRuns``, or the metadata service, ``ServiceRuns``): nothing is cached
+or copied, so the UI is never behind. ``/api/events`` streams the pathspecs
+of runs as they change (the front end refetches what it shows). Artifact values are only ever rendered
 through ``previews`` (plain data, bounded); the server never runs an
 artifact's code. Unknown API paths and bad parameters answer JSON errors;
 any other path serves the front end, which shows its own not-found page.
@@ -26,10 +26,14 @@ from metaflow_stack import __version__
 from metaflow_stack.agent.queries import MAX_RUNS, AgentError, Queries
 from metaflow_stack.api_errors import ApiError, install
 from metaflow_stack.service.pages import decode_cursor, encode_cursor
-from metaflow_stack.ui.changes import Changes, watch
+from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.compare import all_tasks, compare
 from metaflow_stack.ui.local_runs import LocalRuns
 from metaflow_stack.ui.previews import MAX_PREVIEW_BYTES
+from metaflow_stack.ui.service_runs import ServiceRuns
+
+#: Where the UI reads: a local datastore, or the metadata service.
+UiSource = LocalRuns | ServiceRuns
 
 #: Where the built front end lands (``ui/`` builds into it; the wheel ships it).
 STATIC = Path(__file__).parent / "static"
@@ -68,29 +72,31 @@ def _runs_of_flows(
     }
 
 
-def create_app(source: LocalRuns, static: Path = STATIC, live: bool = True) -> FastAPI:
-    """The UI on ``source``; ``live`` watches its root and feeds ``/api/events``."""
+def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> FastAPI:
+    """The UI on ``source``; ``live`` follows its changes and feeds ``/api/events``."""
     queries = Queries(source)
     changes = Changes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        watcher = asyncio.create_task(watch(source.root, changes, stop)) if live else None
+        follower = asyncio.create_task(source.follow(changes, stop)) if live else None
         try:
             yield
         finally:
             stop.set()
-            if watcher is not None:
+            if follower is not None:
+                await asyncio.wait({follower}, timeout=1)
+                follower.cancel()  # a stream waiting on its next event does not see stop
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(watcher, timeout=5)
+                    await follower
 
     app = FastAPI(title="Metaflow Stack UI", version=__version__, lifespan=lifespan, docs_url="/api/docs")
     install(app)
 
     @app.get("/api/source")
     def describe() -> dict[str, Any]:
-        return {"kind": "local", "where": str(source.root), "version": __version__, "live": live}
+        return {**source.describe(), "version": __version__, "live": live}
 
     @app.get("/api/flows")
     def flows() -> list[str]:

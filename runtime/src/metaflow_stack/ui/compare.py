@@ -13,7 +13,7 @@ from typing import Any
 
 from metaflow_stack.agent.models import TaskInfo
 from metaflow_stack.agent.queries import MAX_TASKS, Queries, pathspec_parts
-from metaflow_stack.ui.local_runs import LocalRuns
+from metaflow_stack.ui.details import Details
 
 #: Recorded Python types whose previews are numbers.
 NUMERIC = {"int", "float", "numpy.float64", "numpy.float32", "numpy.int64", "numpy.int32"}
@@ -29,7 +29,7 @@ def all_tasks(queries: Queries, run: str) -> list[TaskInfo]:
             return tasks
 
 
-def _side(queries: Queries, source: LocalRuns, run: str) -> dict[str, Any]:
+def _side(queries: Queries, source: Details, run: str) -> dict[str, Any]:
     flow, number = pathspec_parts(run, 2, "run")
     summary = queries.run_summary(run)
     graph = source.graph(flow, number)
@@ -63,7 +63,7 @@ def _number(artifact: dict[str, Any] | None) -> float | None:
         return None
 
 
-def compare(queries: Queries, source: LocalRuns, a: str, b: str) -> dict[str, Any]:
+def compare(queries: Queries, source: Details, a: str, b: str) -> dict[str, Any]:
     """Run ``a`` (the baseline) against run ``b``."""
     left, right = _side(queries, source, a), _side(queries, source, b)
     names = list(dict.fromkeys([*left["parameters"], *right["parameters"]]))

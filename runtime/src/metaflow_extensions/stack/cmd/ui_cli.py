@@ -1,6 +1,6 @@
-"""``metaflow ui``: the Metaflow Stack UI on this machine, on a local datastore.
+"""``metaflow ui``: the Metaflow Stack UI on this machine, on a local datastore or the metadata service.
 
-Thin glue over ``metaflow_stack.ui``: find the datastore, bind a socket on
+Thin glue over ``metaflow_stack.ui``: pick the source, bind a socket on
 127.0.0.1 (so the port is known, and a busy port is one line, before the
 server starts), print the URL, open a browser when one is there, serve.
 """
@@ -26,25 +26,27 @@ def cli() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes your runs).")
 @click.option(
     "--datastore-root",
-    type=click.Path(file_okay=False),
-    help="A local datastore (.metaflow folder) [default: the one Metaflow would use here].",
+    "datastore_roots",
+    multiple=True,
+    help="The local datastore (.metaflow folder) to show [default: the one Metaflow would use here]; with "
+    "--service-url, the datastore roots (folders or s3://bucket/prefix) whose values may be previewed (repeat).",
+)
+@click.option(
+    "--service-url",
+    help="Show the runs this project's metadata service records (and follow its event stream) instead.",
 )
 @click.option("--no-browser", is_flag=True, help="Only print the URL.")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 @friendly
-def ui(port: int, host: str, datastore_root: str | None, no_browser: bool, log_level: str) -> None:
+def ui(
+    port: int, host: str, datastore_roots: tuple[str, ...], service_url: str | None, no_browser: bool, log_level: str
+) -> None:
     import uvicorn
 
     from metaflow_stack.errors import StackError
     from metaflow_stack.ui.app import create_app
-    from metaflow_stack.ui.local_runs import LocalRuns
 
-    root = Path(datastore_root) if datastore_root else _configured_root()
-    if not root.is_dir():
-        raise StackError(
-            f"no Metaflow datastore at {root}",
-            fix="run a flow here first (python flow.py run), or pass --datastore-root DIR",
-        )
+    source, where = _source(datastore_roots, service_url)
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         listener.bind((host, port))
@@ -54,14 +56,41 @@ def ui(port: int, host: str, datastore_root: str | None, no_browser: bool, log_l
             f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port (0: any free one)"
         ) from None
     url = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
-    click.echo(f"Metaflow Stack UI on {url} (datastore: {root.resolve()})", err=True)
+    click.echo(f"Metaflow Stack UI on {url} ({where})", err=True)
     if not no_browser and _has_display():
         import webbrowser
 
         webbrowser.open(url)
-    app = create_app(LocalRuns(root.resolve()))
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
+    config = uvicorn.Config(create_app(source), log_level=log_level, timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[listener])
+
+
+def _source(datastore_roots: tuple[str, ...], service_url: str | None) -> tuple[object, str]:
+    """The UI's source and a few words saying where it reads."""
+    from metaflow_stack.agent.queries import AgentError
+    from metaflow_stack.errors import StackError
+
+    if service_url:
+        from metaflow_stack.ui.service_runs import ServiceRuns
+
+        source = ServiceRuns(service_url, datastore_roots, os.environ.get("METAFLOW_SERVICE_AUTH_KEY") or None)
+        try:
+            source.check()
+        except AgentError as exc:
+            raise StackError(exc.message, fix=exc.fix) from None
+        roots = ", ".join(datastore_roots) or "none: no previews"
+        return source, f"metadata service: {service_url}; values read from: {roots}"
+    from metaflow_stack.ui.local_runs import LocalRuns
+
+    if len(datastore_roots) > 1:
+        raise StackError("one --datastore-root at a time without --service-url", fix="pass one .metaflow folder")
+    root = Path(datastore_roots[0]) if datastore_roots else _configured_root()
+    if not root.is_dir():
+        raise StackError(
+            f"no Metaflow datastore at {root}",
+            fix="run a flow here first (python flow.py run), or pass --datastore-root DIR",
+        )
+    return LocalRuns(root.resolve()), f"datastore: {root.resolve()}"
 
 
 def _configured_root() -> Path:

@@ -1,0 +1,74 @@
+"""Artifact values from the datastore roots the UI may read.
+
+Metaflow stores each value once, content-addressed: ``<root>/<flow>/data/
+<sha[:2]>/<sha>``, a gzip-compressed pickle (raw when its ``_meta`` file
+says ``cas_raw``). A run's metadata names its root, but a client chooses
+what it records, so only roots the operator allowed are read (local
+folders, or ``s3://bucket/prefix`` through boto3). Reads stop at
+``MAX_PICKLE_BYTES`` decompressed, so a small blob cannot inflate without
+bound.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+from metaflow_stack.agent.queries import AgentError
+from metaflow_stack.service.log_files import s3_client
+from metaflow_stack.ui.previews import MAX_PICKLE_BYTES
+
+
+class Blobs:
+    """Reads artifact blobs by hash under ``roots``."""
+
+    def __init__(self, roots: tuple[str, ...]) -> None:
+        self.roots = roots
+        self.reads = 0
+        self._s3: object | None = None
+
+    def read(self, flow: str, sha: str) -> bytes:
+        """The pickle of ``sha`` in ``flow``'s store under the first root that has it."""
+        if not sha.isalnum() or "/" in flow or flow.startswith("."):
+            raise AgentError("bad_parameter", f"artifact {flow}/{sha} is not a flow and a content hash")
+        for root in self.roots:
+            found = self._s3_read(root, flow, sha) if root.startswith("s3://") else self._local_read(root, flow, sha)
+            if found is not None:
+                self.reads += 1
+                return found
+        raise AgentError("not_found", f"the value {sha} of {flow} is in none of {', '.join(self.roots)}")
+
+    @staticmethod
+    def _local_read(root: str, flow: str, sha: str) -> bytes | None:
+        path = Path(root, flow, "data", sha[:2], sha)
+        if not path.is_file():
+            return None
+        meta = path.with_name(f"{sha}_meta")
+        raw = meta.is_file() and bool(json.loads(meta.read_text()).get("cas_raw"))
+        if raw:
+            with path.open("rb") as stream:
+                return stream.read(MAX_PICKLE_BYTES + 1)
+        with gzip.open(path) as stream:
+            return stream.read(MAX_PICKLE_BYTES + 1)
+
+    def _s3_read(self, root: str, flow: str, sha: str) -> bytes | None:
+        bucket, _, prefix = root.removeprefix("s3://").partition("/")
+        key = "/".join(p for p in (prefix.strip("/"), flow, "data", sha[:2], sha) if p)
+        if self._s3 is None:
+            self._s3 = s3_client()
+        try:  # never more than the cap: a compressed value is no bigger than its pickle
+            ranged = self._s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_PICKLE_BYTES}")
+            body = ranged["Body"].read()
+        except self._s3.exceptions.NoSuchKey:
+            return None
+        except Exception as exc:  # botocore's errors: unreachable store, refused credentials
+            raise AgentError("datastore_unavailable", f"cannot read s3://{bucket}/{key}: {exc}") from None
+        if body[:2] != b"\x1f\x8b":  # stored raw
+            return body
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(body)) as stream:
+                return stream.read(MAX_PICKLE_BYTES + 1)
+        except EOFError:  # the range cut a value bigger than any preview
+            return b"\0" * (MAX_PICKLE_BYTES + 1)

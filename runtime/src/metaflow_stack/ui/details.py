@@ -1,0 +1,75 @@
+"""What the UI shows beyond the agent's answers, whatever the source: the
+run's graph and parameters, and previews of values.
+
+Metaflow records the flow's structure for every run as the ``_graph_info``
+artifact of the run's ``_parameters`` task, written as plain data, so it is
+read with ``plain_loads`` like any preview; the parameters are that task's
+other artifacts. A source says where that task's artifacts are
+(``parameters_artifacts``) and how values are read (``blobs``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaflow_stack.agent.queries import AgentError
+from metaflow_stack.ui.blobs import Blobs
+from metaflow_stack.ui.previews import MAX_PICKLE_BYTES, MAX_PREVIEW_BYTES, NotPlainData, plain_loads, render
+
+
+class Details:
+    """Graphs, parameters and previews; subclasses are the sources."""
+
+    blobs: Blobs
+
+    def parameters_artifacts(self, flow: str, run: str) -> dict[str, tuple[str, int | None]]:
+        """The ``_parameters`` task's artifacts: name to (content hash, stored size)."""
+        raise NotImplementedError
+
+    def preview(self, flow: str, sha: str, size: int | None) -> str:
+        """A bounded rendering of a plain-data value, or why it is not shown."""
+        if size is not None and size > MAX_PREVIEW_BYTES:
+            return f"(not previewed: {size:,} bytes stored)"
+        try:
+            data = self.blobs.read(flow, sha)
+        except AgentError as exc:  # shown on that artifact: the rest of the page still renders
+            return f"(not readable: {exc.message})"
+        if len(data) > MAX_PICKLE_BYTES:
+            return "(not previewed: larger than 8 MiB)"
+        try:
+            return render(plain_loads(data))
+        except NotPlainData as exc:
+            return f"(not previewed: needs {exc})"
+
+    def graph(self, flow: str, run: str) -> dict[str, Any]:
+        """The flow's structure as recorded for this run (steps with types, next steps, joins) and its
+        parameters, rendered."""
+        artifacts = self.parameters_artifacts(flow, run)
+        if "_graph_info" not in artifacts:
+            raise AgentError("not_found", f"run {flow}/{run} has no recorded graph")
+        try:
+            info = plain_loads(self.blobs.read(flow, artifacts["_graph_info"][0]))
+        except NotPlainData as exc:
+            raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not plain data ({exc})") from None
+        parameters = {}
+        for parameter in info.get("parameters") or []:
+            found = artifacts.get(parameter["name"])
+            parameters[parameter["name"]] = self.preview(flow, *found) if found else "(not recorded)"
+        return {
+            "start_step": info.get("start_step", "start"),
+            "end_step": info.get("end_step", "end"),
+            "file": info.get("file"),
+            "doc": info.get("doc"),
+            "parameters": parameters,
+            "steps": {
+                name: {
+                    "type": step.get("type"),
+                    "next": step.get("next") or [],
+                    "foreach_artifact": step.get("foreach_artifact"),
+                    "matching_join": step.get("matching_join"),
+                    "doc": step.get("doc"),
+                    "decorators": [d.get("name") for d in step.get("decorators") or []],
+                }
+                for name, step in (info.get("steps") or {}).items()
+            },
+        }
