@@ -6,20 +6,27 @@ artifacts (``<run>/<step>/<task>/_meta/sysmeta_attempt_ok_<ms>.json``,
 read only such files and byte ranges of logs, never an artifact: a task's
 status is its latest ``attempt_ok``, a failure's exception is the traceback
 at the end of its stderr. Without heartbeats locally, a task that never
-reported is ``running``.
+reported is ``running`` while ``Liveness`` sees its process or fresh files,
+and ``killed`` after that.
 
-Costs grow with the run (one directory listing and a few small files per
-task) but stay bounded by what is read: ``files_read`` counts them.
+Costs grow with the run (two directory listings and a few small files per
+task) but stay bounded by what is read: ``files_read`` counts them. Parsed
+files are remembered by path and modification time (Metaflow writes each
+once, but for a run's ``_self.json`` when its tags change), so pages that
+ask again, as a live UI does, pay for listings and new files only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.models import (
     ArtifactInfo,
     Failure,
@@ -39,6 +46,8 @@ from metaflow_stack.service.provider import type_name
 _ATTEMPT_TAG = re.compile(r"^attempt_id:(\d+)$")
 #: Lines of a failed attempt's stderr searched for its traceback.
 _TRACEBACK_WINDOW = 80
+#: Parsed small files remembered (about a kilobyte each): a few thousand-task runs' worth.
+_PARSED_FILES = 100_000
 
 
 def _offset(cursor: str | None) -> int:
@@ -71,22 +80,55 @@ def _exception(lines: list[str]) -> tuple[str | None, str | None, list[str]]:
     return kind or None, message or None, [line[:300] for line in block[-20:]]
 
 
-class LocalSource:
-    """Answers from the files under ``root`` (a ``.metaflow`` folder)."""
+@dataclass(frozen=True)
+class _Row:
+    """One task of a scanned run: its latest attempt, outcome (None: none yet), end time and status."""
 
-    def __init__(self, root: Path) -> None:
+    step: str
+    folder: Path
+    attempt: int
+    ok: bool | None
+    finished: int | None
+    status: str
+
+
+class LocalSource:
+    """Answers from the files under ``root`` (a ``.metaflow`` folder); ``liveness`` tells running from killed."""
+
+    def __init__(self, root: Path, liveness: Liveness | None = None) -> None:
         self.root = Path(root)
         self.files_read = 0
+        self.liveness = liveness or Liveness()
         self._logs = LogFiles((str(self.root),))
+        self._parsed: dict[str, tuple[int, Any]] = {}
+        #: Tasks whose latest attempt succeeded and runs whose end step did: nothing changes them again.
+        self._succeeded: dict[str, tuple[int, bool | None, int | None]] = {}
+        self._completed: dict[str, int | None] = {}
+        self._foreach_stacks: dict[str, list[str]] = {}
 
     def close(self) -> None:
         pass
 
     # -- files --------------------------------------------------------------
 
-    def _json(self, path: Path) -> Any:
+    def _json(self, path: Path | str) -> Any:
+        key = str(path)
+        stamp = os.stat(key).st_mtime_ns
+        known = self._parsed.get(key)
+        if known is not None and known[0] == stamp:
+            return known[1]
         self.files_read += 1
-        return json.loads(path.read_text())
+        with open(key, encoding="utf-8") as stream:
+            value = json.load(stream)
+        _remember(self._parsed, key, (stamp, value))
+        return value
+
+    @staticmethod
+    def _names(folder: Path) -> list[str]:
+        try:
+            return os.listdir(folder)
+        except FileNotFoundError:
+            return []
 
     def _folder(self, *parts: str, what: str) -> Path:
         folder = self.root.joinpath(*parts)
@@ -96,49 +138,78 @@ class LocalSource:
 
     @staticmethod
     def _children(folder: Path) -> list[Path]:
-        return sorted(
-            (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name != "data"),
-            key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
-        )
+        with os.scandir(folder) as entries:  # the directory's own entry types: no stat per child
+            names = [e.name for e in entries if e.is_dir() and not e.name.startswith("_") and e.name != "data"]
+        names.sort(key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
+        return [folder / name for name in names]
 
     def _state(self, task: Path) -> tuple[int, bool | None, int | None]:
         """The task's latest attempt, whether it succeeded (None: no outcome yet), and when it ended."""
+        key = str(task)
+        if key in self._succeeded:
+            return self._succeeded[key]
         latest: tuple[int, bool | None, int | None] = (0, None, None)
-        for path in task.glob("_meta/sysmeta_attempt_ok_*.json"):
-            datum = self._json(path)
+        meta = task / "_meta"
+        for name in self._names(meta):
+            if not (name.startswith("sysmeta_attempt_ok_") and name.endswith(".json")):
+                continue
+            datum = self._json(meta / name)
             attempts = [int(m[1]) for tag in datum.get("tags") or [] if (m := _ATTEMPT_TAG.match(tag))]
             attempt = attempts[0] if attempts else 0
             if attempt >= latest[0]:
                 latest = (attempt, datum["value"] == "True", datum["ts_epoch"])
-        started = [int(p.name.split(".")[0]) for p in task.glob("*.attempt.json")]
+        started = [int(name.split(".")[0]) for name in self._names(task) if name.endswith(".attempt.json")]
         if started and max(started) > latest[0]:
             return max(started), None, None  # a newer attempt has not reported yet
+        if latest[1]:
+            _remember(self._succeeded, key, latest)
         return latest
 
-    @staticmethod
-    def _status(ok: bool | None) -> str:
-        return "running" if ok is None else ("completed" if ok else "failed")
+    def _status(self, task: Path, ok: bool | None) -> str:
+        if ok is not None:
+            return "completed" if ok else "failed"
+        return "running" if self.liveness.task_alive(task) else "killed"
 
     def _tasks(self, run: Path) -> list[tuple[str, Path]]:
         """Every task of the run, steps in the order they started (as the service lists them)."""
         steps = sorted(self._children(run), key=lambda step: self._json(step / "_meta" / "_self.json")["ts_epoch"])
         return [(step.name, task) for step in steps for task in self._children(step)]
 
-    def _scan(self, run: Path) -> list[tuple[str, Path, int, bool | None, int | None]]:
-        """Every task of the run: step, folder, latest attempt, outcome, end time."""
-        return [(step, task, *self._state(task)) for step, task in self._tasks(run)]
+    def _scan(self, run: Path) -> list[_Row]:
+        """Every task of the run, with its status."""
+        rows = []
+        for step, task in self._tasks(run):
+            attempt, ok, finished = self._state(task)
+            rows.append(_Row(step, task, attempt, ok, finished, self._status(task, ok)))
+        return rows
 
-    @staticmethod
-    def _run_status(scan: list[tuple[str, Path, int, bool | None, int | None]]) -> str:
-        """``completed`` once ``end`` succeeded; ``failed`` if a task failed; else ``running``."""
-        if any(step == "end" and ok for step, _, _, ok, _ in scan):
+    def _run_status(self, run: Path, scan: list[_Row]) -> str:
+        """``completed`` once ``end`` succeeded; ``failed`` if a task failed; ``running`` while a task runs
+        or the run's process is alive between steps; else ``killed``."""
+        if any(row.step == "end" and row.ok for row in scan):
             return "completed"
-        return "failed" if any(ok is False for _, _, _, ok, _ in scan) else "running"
+        if any(row.ok is False for row in scan):
+            return "failed"
+        if any(row.status == "running" for row in scan):
+            return "running"
+        return "running" if self.liveness.run_alive(run, [row.folder for row in scan]) else "killed"
+
+    def _run_outcome(self, run: Path) -> tuple[str, int | None]:
+        """The run's status and end time; a completed run's are remembered, never to change."""
+        key = str(run)
+        if key in self._completed:
+            return "completed", self._completed[key]
+        scan = self._scan(run)
+        state = self._run_status(run, scan)
+        finished_at = self._finished_at(scan, state)
+        if state == "completed":
+            _remember(self._completed, key, finished_at)
+        return state, finished_at
 
     @staticmethod
-    def _finished_at(scan: list[tuple[str, Path, int, bool | None, int | None]], state: str) -> int | None:
+    def _finished_at(scan: list[_Row], state: str) -> int | None:
         """When the run's last task ended; None while it runs."""
-        ended = [finished for *_, finished in scan if finished is not None]
+        ended = [row.finished for row in scan if row.finished is not None]
         return max(ended) if ended and state != "running" else None
 
     # -- answers ------------------------------------------------------------
@@ -157,10 +228,10 @@ class LocalSource:
         offset = _offset(cursor)
         candidates = []
         for folder in self._children(self._folder(flow, what=f"flow {flow}")):
-            meta = folder / "_meta" / "_self.json"
-            if not meta.is_file():
+            try:
+                row = self._json(folder / "_meta" / "_self.json")
+            except FileNotFoundError:  # a run folder Metaflow is still creating
                 continue
-            row = self._json(meta)
             every_tag = set(row.get("tags") or []) | set(row.get("system_tags") or [])
             outside = (low is not None and row["ts_epoch"] < low) or (high is not None and row["ts_epoch"] > high)
             if not outside and set(tags) <= every_tag and user in (None, row.get("user_name")):
@@ -168,8 +239,7 @@ class LocalSource:
         candidates.sort(key=lambda item: item[0]["ts_epoch"], reverse=True)
         found = []
         for row, folder in candidates:  # statuses cost a scan of the run: only as many as the page needs
-            scan = self._scan(folder)
-            state = self._run_status(scan)
+            state, finished_at = self._run_outcome(folder)
             if status is None or state == status:
                 found.append(
                     RunInfo(
@@ -179,7 +249,7 @@ class LocalSource:
                         tags=row.get("tags") or [],
                         system_tags=row.get("system_tags") or [],
                         started_at=row["ts_epoch"],
-                        finished_at=self._finished_at(scan, state),
+                        finished_at=finished_at,
                     )
                 )
             if len(found) > offset + limit:
@@ -206,15 +276,13 @@ class LocalSource:
         started = self._json(folder / "_meta" / "_self.json")["ts_epoch"]
         scan = self._scan(folder)
         steps: dict[str, dict[str, int]] = {}
-        for step, _, _, ok, _ in scan:
-            counts = steps.setdefault(step, dict.fromkeys(("total", *STATUSES), 0))
-            counts[self._status(ok)] += 1
+        for row in scan:
+            counts = steps.setdefault(row.step, dict.fromkeys(("total", *STATUSES), 0))
+            counts[row.status] += 1
             counts["total"] += 1
-        failed = [
-            (finished or 0, step, task.name, attempt) for step, task, attempt, ok, finished in scan if ok is False
-        ]
+        failed = [(row.finished or 0, row.step, row.folder.name, row.attempt) for row in scan if row.ok is False]
         first = min(failed, default=None)
-        state = self._run_status(scan)
+        state = self._run_status(folder, scan)
         finished_at = self._finished_at(scan, state)
         return RunSummary(
             pathspec=f"{flow}/{run}",
@@ -228,32 +296,35 @@ class LocalSource:
 
     def failures(self, flow: str, run: str, limit: int, cursor: str | None) -> tuple[list[Failure], str | None]:
         scan = self._scan(self._folder(flow, run, what=f"run {flow}/{run}"))
-        failed = [(step, task.name, attempt, finished) for step, task, attempt, ok, finished in scan if ok is False]
+        failed = [row for row in scan if row.ok is False]
         window, after = _page(failed, _offset(cursor), limit)
-        return [self._failure((flow, run, step, task), attempt, end) for step, task, attempt, end in window], after
+        answers = [self._failure((flow, run, row.step, row.folder.name), row.attempt, row.finished) for row in window]
+        return answers, after
 
     def tasks(
         self, flow: str, run: str, step: str | None, status: str | None, limit: int, cursor: str | None
     ) -> tuple[list[TaskInfo], str | None]:
         scan = self._scan(self._folder(flow, run, what=f"run {flow}/{run}"))
-        chosen = [
-            (name, task, attempt, ok, finished)
-            for name, task, attempt, ok, finished in scan
-            if (step is None or name == step) and (status is None or self._status(ok) == status)
-        ]
+        chosen = [row for row in scan if step in (None, row.step) and status in (None, row.status)]
         window, after = _page(chosen, _offset(cursor), limit)
-        return [self._task(flow, run, *row) for row in window], after
+        return [self._task(flow, run, row) for row in window], after
 
-    def _task(self, flow: str, run: str, step: str, task: Path, attempt: int, ok: bool | None, end: int | None):
-        stacks = sorted(task.glob("_meta/sysmeta_foreach-stack_*.json"))
+    def _task(self, flow: str, run: str, row: _Row) -> TaskInfo:
+        stack = self._foreach_stacks.get(str(row.folder))
+        if stack is None:
+            meta = row.folder / "_meta"
+            found = sorted(meta / n for n in self._names(meta) if n.startswith("sysmeta_foreach-stack_"))
+            stack = self._json(found[-1])["value"] if found else []
+            if row.ok is not None:  # recorded when the task started: final once it has an outcome
+                _remember(self._foreach_stacks, str(row.folder), stack)
         return TaskInfo(
-            pathspec=f"{flow}/{run}/{step}/{task.name}",
-            step_name=step,
-            attempt=attempt,
-            status=self._status(ok),
-            started_at=self._json(task / "_meta" / "_self.json")["ts_epoch"],
-            finished_at=end,
-            foreach=self._json(stacks[-1])["value"] if stacks else [],
+            pathspec=f"{flow}/{run}/{row.step}/{row.folder.name}",
+            step_name=row.step,
+            attempt=row.attempt,
+            status=row.status,
+            started_at=self._json(row.folder / "_meta" / "_self.json")["ts_epoch"],
+            finished_at=row.finished,
+            foreach=stack,
         )
 
     def _described(self, run: str, step: str, task: Path) -> list[ArtifactInfo]:
@@ -325,10 +396,18 @@ class LocalSource:
         )
 
 
+def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
+    """``cache[key] = value``, dropping the oldest entry once the cache holds ``_PARSED_FILES``."""
+    if len(cache) >= _PARSED_FILES:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def _keep(artifact: ArtifactInfo, filters: dict[str, Any]) -> bool:
     size = artifact.size if artifact.size is not None else -1
     return (
         filters.get("name", artifact.name) == artifact.name
+        and filters.get("sha", artifact.sha) == artifact.sha
         and filters.get("name_contains", "") in artifact.name
         and filters.get("python_type", artifact.python_type) == artifact.python_type
         and size >= filters.get("min_size", -1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.local_source import LocalSource
 from metaflow_stack.agent.queries import AgentError
 from metaflow_stack.ui.blobs import Blobs
@@ -17,8 +18,8 @@ from metaflow_stack.ui.details import Details
 class LocalRuns(Details, LocalSource):
     """Everything the UI reads, from the files under ``root``."""
 
-    def __init__(self, root: Any) -> None:
-        super().__init__(root)
+    def __init__(self, root: Any, liveness: Liveness | None = None) -> None:
+        super().__init__(root, liveness)
         self.blobs = Blobs((str(self.root),))
 
     def describe(self) -> dict[str, str]:
