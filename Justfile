@@ -65,6 +65,7 @@ bench: _venv
 lock: _venv
     uv pip compile runtime/pyproject.toml -o runtime/requirements.lock --python-version 3.11 --python-platform linux --quiet
     uv pip compile runtime/pyproject.toml --extra service -o runtime/requirements-service.lock --python-version 3.11 --python-platform linux --quiet
+    uv pip compile runtime/pyproject.toml --extra ui -o runtime/requirements-ui.lock --python-version 3.11 --python-platform linux --quiet
 
 [private]
 _venv:

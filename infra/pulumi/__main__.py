@@ -1,15 +1,19 @@
-"""`pulumi up`: the metadata service and/or one bound function on the current Kubernetes context.
+"""`pulumi up`: the metadata service, its UI and/or one bound function on the current Kubernetes context.
 
-Set ``metadata-service:image`` to deploy the service, ``function:image`` and
-``function:name`` to serve a function; either or both.
+Set ``metadata-service:image`` to deploy the service, ``ui:image`` for the UI
+(on that service, or on ``ui:serviceUrl``), ``function:image`` and
+``function:name`` to serve a function; any of them.
 """
 
 import pulumi
 from components.function_server import FunctionServer, FunctionServerArgs
-from components.metadata_service import MetadataService, MetadataServiceArgs
+from components.metadata_service import MetadataService, MetadataServiceArgs, cluster_url
+from components.ui import Ui, UiArgs
 
+service_url = ""
 service_config = pulumi.Config("metadata-service")
 if service_config.get("image"):
+    namespace = service_config.get("namespace") or "default"
     service = MetadataService(
         "metadata-service",
         MetadataServiceArgs(
@@ -18,10 +22,26 @@ if service_config.get("image"):
             nats_url=service_config.get("natsUrl") or "",
             auth_secret=service_config.get("authSecret") or "",
             replicas=service_config.get_int("replicas") or 2,
-            namespace=service_config.get("namespace") or "default",
+            namespace=namespace,
         ),
     )
+    service_url = cluster_url("metadata-service", namespace)
     pulumi.export("metadata_service_url", service.service_url)
+
+ui_config = pulumi.Config("ui")
+if ui_config.get("image"):
+    ui = Ui(
+        "metaflow-ui",
+        UiArgs(
+            image=ui_config.require("image"),
+            service_url=ui_config.get("serviceUrl") or service_url or ui_config.require("serviceUrl"),
+            datastore_roots=tuple((ui_config.get("datastoreRoots") or "").split()),
+            auth_secret=ui_config.get("authSecret") or service_config.get("authSecret") or "",
+            replicas=ui_config.get_int("replicas") or 1,
+            namespace=ui_config.get("namespace") or service_config.get("namespace") or "default",
+        ),
+    )
+    pulumi.export("ui_url", ui.url)
 
 function_config = pulumi.Config("function")
 if function_config.get("image"):

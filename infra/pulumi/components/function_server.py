@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_kubernetes as kubernetes
 
-from metaflow_stack.deploy import helm
+from components.release import chart_release
 from metaflow_stack.serving.deploy import CHART, DeployOptions, chart_values
 
 
@@ -40,18 +39,6 @@ class FunctionServer(pulumi.ComponentResource):
             replicas=args.replicas, cpu=args.cpu, memory_mb=args.memory_mb, max_batch_size=args.max_batch_size
         )
         values = chart_values(args.function, args.image, sizes)
-        helm.render(CHART, values, name, args.namespace)  # offline validation; raises naming the field
-        self.release = kubernetes.helm.v3.Release(
-            name,
-            kubernetes.helm.v3.ReleaseArgs(
-                name=name,
-                chart=str(helm.chart_dir(CHART)),
-                namespace=args.namespace,
-                values=values,
-                atomic=True,  # a failed upgrade rolls back instead of leaving a half-applied release
-                wait_for_jobs=True,
-            ),
-            opts=pulumi.ResourceOptions(parent=self),
-        )
+        self.release = chart_release(self, name, CHART, args.namespace, values, wait_for_jobs=True)
         self.service_url = pulumi.Output.concat("http://", name, ".", args.namespace, ".svc.cluster.local")
         self.register_outputs({"service_url": self.service_url, "release": self.release.name})

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
-import pulumi_kubernetes as kubernetes
 
-from metaflow_stack.deploy import helm
+from components.release import chart_release
 
 CHART = "metadata-service"
+
+
+def cluster_url(name: str, namespace: str) -> str:
+    """Where Metaflow and the UI reach the release ``name`` inside the cluster."""
+    return f"http://{name}.{namespace}.svc.cluster.local:8080"
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,6 @@ class MetadataService(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: MetadataServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("metaflow-stack:service:MetadataService", name, None, opts)
-        values = args.values()
-        helm.render(CHART, values, name, args.namespace)  # offline validation; raises naming the field
-        self.release = kubernetes.helm.v3.Release(
-            name,
-            kubernetes.helm.v3.ReleaseArgs(
-                name=name,
-                chart=str(helm.chart_dir(CHART)),
-                namespace=args.namespace,
-                values=values,
-                atomic=True,
-            ),
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        self.service_url = pulumi.Output.concat("http://", name, ".", args.namespace, ".svc.cluster.local:8080")
+        self.release = chart_release(self, name, CHART, args.namespace, args.values())
+        self.service_url = pulumi.Output.from_input(cluster_url(name, args.namespace))
         self.register_outputs({"service_url": self.service_url, "release": self.release.name})

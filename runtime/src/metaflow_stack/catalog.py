@@ -67,6 +67,12 @@ _CATALOG: dict[str, ImageEntry] = {
             includes=(*_RUNTIME_SOURCES, ("runtime/requirements-service.lock", "runtime/requirements-service.lock")),
         ),
         ImageEntry(
+            name="ui",
+            description="The UI (metaflow ui) with its built front end, on the metadata service or a mounted datastore",
+            capabilities=("ui",),
+            includes=(*_RUNTIME_SOURCES, ("runtime/requirements-ui.lock", "runtime/requirements-ui.lock")),
+        ),
+        ImageEntry(
             name="postgres",
             description="PostgreSQL 15 from Debian's packages, the local stack's service database",
             capabilities=("service-database",),
