@@ -310,3 +310,33 @@ def test_two_runs_compare_by_parameter_metric_result_and_timing(ui: Ui, chromium
     assert page.locator("[data-result='model_name']").get_attribute("data-same") == "true"
     page.screenshot(path=SHOTS / "compare.png", full_page=True)
     page.close()
+
+
+def test_lineage_follows_a_value_through_the_dag_and_into_other_runs(ui: Ui, chromium) -> None:
+    older, newer = ui.runs
+    tasks = httpx.get(f"{ui.url}/api/runs/{older}").json()["tasks"]
+    fan, start = (next(t["pathspec"] for t in tasks if t["step_name"] == name) for name in ("fan", "start"))
+    items = httpx.get(f"{ui.url}/api/lineage/{fan}/items").json()
+    assert items["produced_in"] == ["fan"]
+    assert {"each", "leaf"} <= set(items["carried_into"]) and "side" not in items["carried_into"]
+    roles = {s["step"]: s["role"] for s in items["steps"]}
+    assert (roles["start"], roles["side"], roles["inner_join"]) == ("absent", "absent", "absent")  # joins merge nothing
+    elsewhere = {r["pathspec"].rsplit("/", 1)[0] for r in items["elsewhere"]["records"]}
+    assert {f"{newer}/fan", f"{newer}/each", f"{newer}/leaf"} <= elsewhere  # the same list, by hash, in other runs
+    assert {path.rsplit("/", 1)[1] for path in elsewhere} == {"fan", "each", "leaf"}
+
+    alpha = httpx.get(f"{ui.url}/api/lineage/{start}/alpha").json()
+    assert alpha["produced_in"] == ["_parameters"] and "start" in alpha["carried_into"]
+    assert not any(r["pathspec"].startswith(newer) for r in alpha["elsewhere"]["records"])  # 0.9 there, not 0.5
+    missing = httpx.get(f"{ui.url}/api/lineage/{fan}/no_such_artifact")
+    assert missing.status_code == 404 and "no_such_artifact" in missing.json()["message"]
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{ui.url}/{fan}")
+    page.click("[data-lineage-link='items']")
+    page.wait_for_selector("[data-step='fan'][data-role='produced']")
+    assert page.locator("[data-step='each']").get_attribute("data-role") == "carried"
+    assert page.locator("[data-step='side']").get_attribute("data-role") == "absent"
+    page.wait_for_selector(f"[data-elsewhere-run='{newer}'] [data-elsewhere-step='leaf']")
+    page.screenshot(path=SHOTS / "lineage.png", full_page=True)
+    page.close()

@@ -1,6 +1,7 @@
 import { Link, Route, Routes } from "react-router-dom";
 
 import { Compare } from "./pages/Compare";
+import { Lineage } from "./pages/Lineage";
 import { Run } from "./pages/Run";
 import { Runs } from "./pages/Runs";
 import { Task } from "./pages/Task";
@@ -35,6 +36,7 @@ export function App() {
       <Routes>
         <Route path="/" element={<Runs />} />
         <Route path="/compare" element={<Compare />} />
+        <Route path="/lineage/:flow/:run/:step/:task/:name" element={<Lineage />} />
         <Route path="/:flow/:run" element={<Run />} />
         <Route path="/:flow/:run/:step/:task" element={<Task />} />
         <Route path="*" element={<NotFound />} />

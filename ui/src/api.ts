@@ -162,3 +162,13 @@ export interface Comparison {
   metrics: { name: string; a: number; b: number; delta: number; relative: number | null }[];
   steps: { step: string; a_ms: number | null; b_ms: number | null }[];
 }
+
+export type LineageRole = "produced" | "carried" | "absent";
+
+export interface Lineage {
+  artifact: Omit<Artifact, "preview">;
+  steps: { step: string; role: LineageRole; values: { sha: string; tasks: number; new: boolean }[] }[];
+  produced_in: string[];
+  carried_into: string[];
+  elsewhere: { records: Omit<Artifact, "preview">[]; truncated: boolean; flows_searched: number } | null;
+}

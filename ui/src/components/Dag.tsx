@@ -13,7 +13,18 @@ function itemLabel(task: TaskInfo): string {
   return `${task.foreach.join(" / ")} · ${task.status} · ${task.pathspec}`;
 }
 
-export function Dag({ graph, tasks, onSelect }: { graph: Graph; tasks: TaskInfo[]; onSelect: (task: TaskInfo) => void }) {
+export function Dag({
+  graph,
+  tasks,
+  onSelect,
+  roles,
+}: {
+  graph: Graph;
+  tasks: TaskInfo[];
+  onSelect: (task: TaskInfo) => void;
+  /** An artifact's lineage: each step's role (produced, carried, absent), drawn as its outline. */
+  roles?: Record<string, string>;
+}) {
   const placed = useMemo(() => layout(graph, stepStates(graph, tasks)), [graph, tasks]);
   return (
     <svg
@@ -42,7 +53,14 @@ export function Dag({ graph, tasks, onSelect }: { graph: Graph; tasks: TaskInfo[
         const shown = node.tasks.slice(0, MAX_ITEM_CELLS);
         const single = !node.inForeach && node.tasks.length === 1 ? node.tasks[0] : null;
         return (
-          <g key={node.name} className={`step status-${node.status}`} data-step={node.name} data-status={node.status} transform={`translate(${node.x},${node.y})`}>
+          <g
+            key={node.name}
+            className={`step status-${node.status}${roles ? ` role-${roles[node.name] ?? "absent"}` : ""}`}
+            data-step={node.name}
+            data-status={node.status}
+            data-role={roles ? (roles[node.name] ?? "absent") : undefined}
+            transform={`translate(${node.x},${node.y})`}
+          >
             <rect className="step-box" width={node.width} height={node.height} rx={8} />
             <text className="step-name" x={12} y={22}>
               {single ? <Link to={`/${single.pathspec}`}>{node.name}</Link> : node.name}

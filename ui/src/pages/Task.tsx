@@ -52,10 +52,10 @@ export function Task() {
         </tbody>
       </table>
       <h2>Artifacts</h2>
-      <ArtifactTable artifacts={user} />
+      <ArtifactTable artifacts={user} task={pathspec} />
       <details>
         <summary>Metaflow's own artifacts ({internal.length})</summary>
-        <ArtifactTable artifacts={internal} />
+        <ArtifactTable artifacts={internal} task={pathspec} />
       </details>
       <h2>Logs</h2>
       <Logs pathspec={pathspec} running={running} version={page.version} />
@@ -77,7 +77,7 @@ export function Task() {
   );
 }
 
-function ArtifactTable({ artifacts }: { artifacts: TaskPage["artifacts"] }) {
+function ArtifactTable({ artifacts, task }: { artifacts: TaskPage["artifacts"]; task: string }) {
   if (artifacts.length === 0) return <p className="muted">None.</p>;
   return (
     <table className="artifacts">
@@ -87,6 +87,7 @@ function ArtifactTable({ artifacts }: { artifacts: TaskPage["artifacts"] }) {
           <th>Type</th>
           <th>Size</th>
           <th>Value</th>
+          <th />
         </tr>
       </thead>
       <tbody>
@@ -98,6 +99,11 @@ function ArtifactTable({ artifacts }: { artifacts: TaskPage["artifacts"] }) {
             </td>
             <td>{bytes(artifact.size)}</td>
             <td>{artifact.preview === null ? <span className="muted">(larger than 16 KiB)</span> : <code className="preview">{artifact.preview}</code>}</td>
+            <td>
+              <Link to={`/lineage/${task}/${encodeURIComponent(artifact.name)}`} data-lineage-link={artifact.name}>
+                lineage
+              </Link>
+            </td>
           </tr>
         ))}
       </tbody>

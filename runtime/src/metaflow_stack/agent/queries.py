@@ -228,11 +228,13 @@ class Queries:
         min_size: int | None = None,
         max_size: int | None = None,
         step: str | None = None,
+        sha: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> ArtifactList:
         """Artifacts across a flow ("Flow") or a run ("Flow/123") by exact name, name fragment, Python type as
-        recorded ("int", "dict", "pandas.core.frame.DataFrame"), stored size in bytes, or step; none is loaded."""
+        recorded ("int", "dict", "pandas.core.frame.DataFrame"), stored size in bytes, step, or content hash
+        (sha: every place the same value was stored); none is loaded."""
         pieces = scope.strip("/").split("/")
         if len(pieces) not in (1, 2) or not all(pieces) or ".." in pieces:
             raise AgentError("bad_parameter", f"scope {scope!r} is not a flow (Flow) or a run (Flow/run)")
@@ -243,6 +245,7 @@ class Queries:
             "python_type": python_type,
             "min_size": min_size,
             "max_size": max_size,
+            "sha": sha,
         }
         found, after = self.source.artifacts(
             ArtifactScope(pieces[0], pieces[1] if len(pieces) == 2 else None, step),

@@ -30,6 +30,7 @@ _FILTERS = {
     "python_type": "type:eq",
     "min_size": "size:ge",
     "max_size": "size:le",
+    "sha": "sha:eq",
 }
 
 

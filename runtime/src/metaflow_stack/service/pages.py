@@ -262,7 +262,7 @@ class Queries:
         """Artifact rows (never their values) by name, type and size; latest attempt of each task."""
         if not request.query_params and run is not None:
             return JSONResponse(self.store.artifacts(flow_id, run, step_name, task))
-        accepted = {"name:eq", "name:co", "type:eq", "content_type:eq"} | {f"size:{op}" for op in _RANGE_OPS}
+        accepted = {"name:eq", "name:co", "type:eq", "content_type:eq", "sha:eq"} | {f"size:{op}" for op in _RANGE_OPS}
         if step_name is None:
             accepted.add("step:eq")
         params = Params.parse(request, accepted)
@@ -286,7 +286,13 @@ class Queries:
         steps = [step_name] if step_name else params.filters.get("step:eq")
         if steps:
             query = query.where(a.step_name.in_(steps))
-        for name, column in (("name:eq", a.name), ("type:eq", a.python_type), ("content_type:eq", a.content_type)):
+        equal = (
+            ("name:eq", a.name),
+            ("type:eq", a.python_type),
+            ("content_type:eq", a.content_type),
+            ("sha:eq", a.sha),
+        )
+        for name, column in equal:
             if name in params.filters:
                 query = query.where(column.in_(params.filters[name]))
         if "name:co" in params.filters:

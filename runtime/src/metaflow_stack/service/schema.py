@@ -161,6 +161,7 @@ artifacts = Table(
     *_common(),
     UniqueConstraint("task_id", "attempt_id", "name", name="uq_artifacts_name"),
     Index("ix_artifacts_run_name", "run_number", "name", "id"),
+    Index("ix_artifacts_flow_sha", "flow_id", "sha", "id"),  # where one value went (lineage)
 )
 
 #: The transactional outbox: a write's events, committed with it, waiting for the relay.

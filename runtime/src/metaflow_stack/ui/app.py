@@ -28,6 +28,7 @@ from metaflow_stack.api_errors import ApiError, install
 from metaflow_stack.service.pages import decode_cursor, encode_cursor
 from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.compare import all_tasks, compare
+from metaflow_stack.ui.lineage import lineage
 from metaflow_stack.ui.local_runs import LocalRuns
 from metaflow_stack.ui.previews import MAX_PREVIEW_BYTES
 from metaflow_stack.ui.service_runs import ServiceRuns
@@ -178,6 +179,11 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
             }
 
         return _answer(previewed)
+
+    @app.get("/api/lineage/{flow}/{run}/{step}/{task}/{name}")
+    def artifact_lineage(flow: str, run: str, step: str, task: str, name: str) -> dict[str, Any]:
+        """Where the artifact's value was produced and carried in its run's DAG, and other runs holding it."""
+        return _answer(lambda: lineage(queries, source, f"{flow}/{run}/{step}/{task}", name))
 
     @app.get("/api/logs/{flow}/{run}/{step}/{task}/{stream}")
     def logs(

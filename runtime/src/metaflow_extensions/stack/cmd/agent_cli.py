@@ -114,7 +114,7 @@ def artifacts(queries, task: str, limit: int, cursor) -> Any:
     return queries.artifact_info(task, limit=limit, cursor=cursor)
 
 
-@agent.command(help="Artifacts across a flow (Flow) or run (Flow/run) by name, type and size; none is loaded.")
+@agent.command(help="Artifacts across a flow (Flow) or run (Flow/run) by name, type, size or hash; none is loaded.")
 @click.argument("scope")
 @click.option("--name", help="Exactly this name.")
 @click.option("--name-contains", help="Names containing this text.")
@@ -122,6 +122,7 @@ def artifacts(queries, task: str, limit: int, cursor) -> Any:
 @click.option("--min-size", type=int, help="At least this many bytes (as stored).")
 @click.option("--max-size", type=int, help="At most this many bytes (as stored).")
 @click.option("--step", help="Only this step.")
+@click.option("--sha", help="Only this value, by content hash (where else a value went).")
 @_limit(default=50)
 @_cursor
 @_answer
