@@ -20,7 +20,7 @@ from metaflow.mflog import mflog
 from service_servers import FLOWS, Service, run_flow, start_service
 
 from metaflow_stack.service.log_files import LogFiles, ReadMeter
-from metaflow_stack.service.logs import LogQuery, read_window
+from metaflow_stack.service.log_windows import LogQuery, read_window
 
 LINES = 3000
 

@@ -340,3 +340,24 @@ def test_lineage_follows_a_value_through_the_dag_and_into_other_runs(ui: Ui, chr
     page.wait_for_selector(f"[data-elsewhere-run='{newer}'] [data-elsewhere-step='leaf']")
     page.screenshot(path=SHOTS / "lineage.png", full_page=True)
     page.close()
+
+
+def test_a_tasks_card_is_listed_and_shown_sandboxed(ui: Ui, chromium) -> None:
+    tasks = httpx.get(f"{ui.url}/api/runs/{ui.runs[0]}").json()["tasks"]
+    fan, side = (next(t["pathspec"] for t in tasks if t["step_name"] == name) for name in ("fan", "side"))
+    listed = httpx.get(f"{ui.url}/api/tasks/{fan}").json()
+    assert [(c["type"], c["id"]) for c in listed["cards"]] == [("blank", "summary")] and listed["cards_error"] is None
+    assert httpx.get(f"{ui.url}/api/tasks/{side}").json()["cards"] == []
+    card = httpx.get(f"{ui.url}/api/cards/{fan}/{listed['cards'][0]['file']}")
+    assert card.status_code == 200 and card.headers["content-type"].startswith("text/html")
+    assert card.headers["content-security-policy"].startswith("sandbox allow-scripts;") and "<html" in card.text
+    assert httpx.get(f"{ui.url}/api/cards/{fan}/blank-summary-0000.html").status_code == 404
+    assert httpx.get(f"{ui.url}/api/cards/{fan}/..%2F..%2Fsecret.html").status_code in (400, 404)
+
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{ui.url}/{fan}")
+    frame = page.frame_locator("iframe[title='card summary']")
+    frame.get_by_text("Fanning out over 3 items").wait_for(timeout=30_000)  # the card's own scripts drew it
+    assert page.locator("iframe[title='card summary']").get_attribute("sandbox") == "allow-scripts"
+    page.screenshot(path=SHOTS / "task-card.png", full_page=True)
+    page.close()

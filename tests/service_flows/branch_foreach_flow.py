@@ -1,5 +1,5 @@
 """A branch beside a nested foreach, for the UI: the DAG's shape, per-item
-statuses, a parameter to compare, and an artifact whose unpickling would run
+statuses, a parameter to compare, a card, and an artifact whose unpickling would run
 code (``Sneaky``: loading it creates ``$UI_SNEAKY_MARKER``). With ``$UI_GATE``
 naming a file, every ``leaf`` task waits while that file exists, so a test
 can watch the run while it is running."""
@@ -8,7 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from metaflow import FlowSpec, Parameter, step
+from metaflow import FlowSpec, Parameter, card, current, step
+from metaflow.cards import Markdown
 
 
 def _sneaky_restore(marker: str) -> str:
@@ -28,9 +29,11 @@ class BranchForeachFlow(FlowSpec):
     def start(self):
         self.next(self.fan, self.side)
 
+    @card(type="blank", id="summary")
     @step
     def fan(self):
         self.items = ["a", "b", "c"]
+        current.card["summary"].append(Markdown(f"## Fanning out over {len(self.items)} items"))
         self.next(self.each, foreach="items")
 
     @step

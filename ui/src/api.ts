@@ -98,11 +98,20 @@ export interface Attempt {
   ok: boolean | null;
 }
 
+export interface Card {
+  file: string;
+  type: string;
+  id: string | null;
+  hash: string;
+}
+
 export interface TaskPage {
   pathspec: string;
   attempts: Attempt[];
   metadata: { field: string; value: unknown; type: string; attempt: number }[];
   artifacts: Artifact[];
+  cards: Card[];
+  cards_error: { error: ApiError } | null;
 }
 
 export interface LogLine {

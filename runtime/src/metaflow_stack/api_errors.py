@@ -7,12 +7,11 @@ parses an HTML page or a bare string.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+if TYPE_CHECKING:  # FastAPI only where a server is installed: ApiError itself needs nothing
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
 
 
 class ApiError(Exception):
@@ -29,11 +28,15 @@ def bad_parameter(name: str, message: str) -> ApiError:
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
     return JSONResponse({"code": code, "message": message, "details": details}, status_code=status)
 
 
 def install(app: FastAPI) -> None:
     """Answer ``ApiError``, unknown routes and validation failures as JSON."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -13,7 +13,7 @@ export function Task() {
   const page = useLive<TaskPage>(apiPath("tasks", pathspec), `${flow}/${run}`);
   if (page.error) return <main><ErrorBox title={`Task ${pathspec}`} error={page.error.body} /></main>;
   if (!page.data) return <main className="muted">Loading {pathspec}…</main>;
-  const { attempts, artifacts, metadata } = page.data;
+  const { attempts, artifacts, metadata, cards, cards_error } = page.data;
   const user = artifacts.filter((a) => !a.name.startsWith("_"));
   const internal = artifacts.filter((a) => a.name.startsWith("_"));
   const running = attempts.length > 0 && attempts[0].ok === null;
@@ -57,6 +57,29 @@ export function Task() {
         <summary>Metaflow's own artifacts ({internal.length})</summary>
         <ArtifactTable artifacts={internal} task={pathspec} />
       </details>
+      {(cards.length > 0 || cards_error) && (
+        <>
+          <h2>Cards</h2>
+          {cards_error && <ErrorBox title="The cards could not be listed" error={cards_error.error} />}
+          {cards.map((card) => (
+            <figure key={card.file} className="card-frame" data-card={card.id ?? card.type}>
+              <figcaption>
+                {card.type}
+                {card.id ? ` · ${card.id}` : ""}{" "}
+                <a href={`${apiPath("cards", pathspec)}/${encodeURIComponent(card.file)}`} target="_blank" rel="noreferrer">
+                  open
+                </a>
+              </figcaption>
+              {/* A card is the flow's own page with its own scripts: framed sandboxed, in an opaque origin. */}
+              <iframe
+                title={`card ${card.id ?? card.type}`}
+                sandbox="allow-scripts"
+                src={`${apiPath("cards", pathspec)}/${encodeURIComponent(card.file)}`}
+              />
+            </figure>
+          ))}
+        </>
+      )}
       <h2>Logs</h2>
       <Logs pathspec={pathspec} running={running} version={page.version} />
       <details>

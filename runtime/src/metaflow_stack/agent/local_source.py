@@ -38,9 +38,9 @@ from metaflow_stack.agent.models import (
     TaskInfo,
 )
 from metaflow_stack.agent.queries import STATUSES, AgentError, ArtifactScope
+from metaflow_stack.cursors import decode_cursor, encode_cursor
 from metaflow_stack.service.log_files import LogFiles, ReadMeter
-from metaflow_stack.service.logs import LogQuery, read_window, rendered
-from metaflow_stack.service.pages import decode_cursor, encode_cursor
+from metaflow_stack.service.log_windows import LogQuery, read_window, rendered
 from metaflow_stack.service.provider import type_name
 
 _ATTEMPT_TAG = re.compile(r"^attempt_id:(\d+)$")

@@ -14,7 +14,6 @@ key and every listing's index ends in that key.
 from __future__ import annotations
 
 import ast
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from sqlalchemy import ColumnElement, Select, and_, false, func, literal, or_, s
 from sqlalchemy.dialects.postgresql import JSONB, array
 
 from metaflow_stack.api_errors import bad_parameter
+from metaflow_stack.cursors import decode_cursor, encode_cursor
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
@@ -70,21 +70,6 @@ class Params:
         if not all(v.lstrip("-").isdigit() for v in values):
             raise bad_parameter(name, "must be integers (epoch milliseconds for ts_epoch)")
         return [int(v) for v in values]
-
-
-def encode_cursor(values: list[Any]) -> str:
-    """An opaque cursor over a row's sort key (or a log's offsets): URL-safe, no padding."""
-    return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def decode_cursor(text: str) -> list[Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except ValueError:
-        raise bad_parameter("_cursor", "not a cursor this service issued") from None
-    if not isinstance(values, list) or not all(isinstance(v, int | str) for v in values):
-        raise bad_parameter("_cursor", "not a cursor this service issued")
-    return values
 
 
 def _ranges(params: Params, column: ColumnElement, name: str) -> list[ColumnElement[bool]]:

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.sse import EventSourceResponse
 from starlette.staticfiles import StaticFiles
 
 from metaflow_stack import __version__
 from metaflow_stack.agent.queries import MAX_RUNS, AgentError, Queries
 from metaflow_stack.api_errors import ApiError, install
-from metaflow_stack.service.pages import decode_cursor, encode_cursor
+from metaflow_stack.cursors import decode_cursor, encode_cursor
+from metaflow_stack.ui.cards import CARD_POLICY, Cards
 from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.compare import all_tasks, compare
 from metaflow_stack.ui.lineage import lineage
@@ -41,7 +42,7 @@ STATIC = Path(__file__).parent / "static"
 #: Artifacts up to this stored size get their preview in the task's answer; larger ones on request.
 INLINE_PREVIEW_BYTES = 16 * 1024
 
-_STATUS = {"not_found": 404, "bad_parameter": 400, "bad_artifact": 422}
+_STATUS = {"not_found": 404, "bad_parameter": 400, "bad_artifact": 422, "too_large": 413}
 
 _NOT_BUILT = """<!doctype html><title>Metaflow Stack UI</title>
 <p>The UI's web assets are not built in this installation. Run <code>just ui</code> (needs Node 20)
@@ -77,6 +78,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
     """The UI on ``source``; ``live`` follows its changes and feeds ``/api/events``."""
     queries = Queries(source)
     changes = Changes()
+    cards = Cards(source.blobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -159,7 +161,11 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
                 small = artifact.size is not None and artifact.size <= INLINE_PREVIEW_BYTES
                 preview = source.preview(flow, artifact.sha, artifact.size) if small and artifact.sha else None
                 artifacts.append({**artifact.model_dump(), "preview": preview})
-            return {**detail, "artifacts": artifacts}
+            try:
+                listed_cards, cards_error = cards.list(*parts), None
+            except AgentError as exc:  # shown where the cards would be: the rest of the page still renders
+                listed_cards, cards_error = [], exc.to_dict()
+            return {**detail, "artifacts": artifacts, "cards": listed_cards, "cards_error": cards_error}
 
         return _answer(gathered)
 
@@ -179,6 +185,13 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
             }
 
         return _answer(previewed)
+
+    @app.get("/api/cards/{flow}/{run}/{step}/{task}/{file}", response_class=HTMLResponse)
+    def card(flow: str, run: str, step: str, task: str, file: str) -> Response:
+        """One card's HTML, sandboxed: its scripts run in an opaque origin with no network."""
+        body = _answer(lambda: cards.read(flow, run, step, task, file))
+        headers = {"Content-Security-Policy": CARD_POLICY, "X-Content-Type-Options": "nosniff"}
+        return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/api/lineage/{flow}/{run}/{step}/{task}/{name}")
     def artifact_lineage(flow: str, run: str, step: str, task: str, name: str) -> dict[str, Any]:

@@ -15,10 +15,17 @@ import gzip
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from metaflow_stack.agent.queries import AgentError
 from metaflow_stack.service.log_files import s3_client
 from metaflow_stack.ui.previews import MAX_PICKLE_BYTES
+
+
+def s3_location(root: str, *parts: str) -> tuple[str, str]:
+    """The bucket and key of ``parts`` under an ``s3://bucket/prefix`` root."""
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    return bucket, "/".join(p for p in (prefix.strip("/"), *parts) if p)
 
 
 class Blobs:
@@ -27,7 +34,7 @@ class Blobs:
     def __init__(self, roots: tuple[str, ...]) -> None:
         self.roots = roots
         self.reads = 0
-        self._s3: object | None = None
+        self._s3: Any = None
 
     def read(self, flow: str, sha: str) -> bytes:
         """The pickle of ``sha`` in ``flow``'s store under the first root that has it."""
@@ -53,15 +60,18 @@ class Blobs:
         with gzip.open(path) as stream:
             return stream.read(MAX_PICKLE_BYTES + 1)
 
-    def _s3_read(self, root: str, flow: str, sha: str) -> bytes | None:
-        bucket, _, prefix = root.removeprefix("s3://").partition("/")
-        key = "/".join(p for p in (prefix.strip("/"), flow, "data", sha[:2], sha) if p)
+    def s3(self) -> Any:
+        """The S3 client for ``s3://`` roots, made on first use."""
         if self._s3 is None:
             self._s3 = s3_client()
+        return self._s3
+
+    def _s3_read(self, root: str, flow: str, sha: str) -> bytes | None:
+        bucket, key = s3_location(root, flow, "data", sha[:2], sha)
         try:  # never more than the cap: a compressed value is no bigger than its pickle
-            ranged = self._s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_PICKLE_BYTES}")
+            ranged = self.s3().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_PICKLE_BYTES}")
             body = ranged["Body"].read()
-        except self._s3.exceptions.NoSuchKey:
+        except self.s3().exceptions.NoSuchKey:
             return None
         except Exception as exc:  # botocore's errors: unreachable store, refused credentials
             raise AgentError("datastore_unavailable", f"cannot read s3://{bucket}/{key}: {exc}") from None

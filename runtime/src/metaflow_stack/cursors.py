@@ -1,0 +1,25 @@
+"""Opaque page cursors, one format for the service, the agent and the UI: a row's sort key (or a log's
+offsets) as URL-safe base64 JSON without padding. Free of server dependencies, so every client can use it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from metaflow_stack.api_errors import bad_parameter
+
+
+def encode_cursor(values: list[Any]) -> str:
+    """An opaque cursor over a row's sort key (or a log's offsets): URL-safe, no padding."""
+    return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> list[Any]:
+    try:
+        values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except ValueError:
+        raise bad_parameter("_cursor", "not a cursor this service issued") from None
+    if not isinstance(values, list) or not all(isinstance(v, int | str) for v in values):
+        raise bad_parameter("_cursor", "not a cursor this service issued")
+    return values
