@@ -46,6 +46,10 @@ class JobSpec:
     #: Secure by default: no Linux capabilities and no privilege escalation.
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True
+    #: A read-only root file system (``tmpfs`` paths stay writable), and a cap on processes.
+    read_only: bool = False
+    tmpfs: tuple[str, ...] = ()
+    pids_limit: int | None = None
 
 
 class Job(Protocol):

@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from python_on_whales import DockerClient
+from python_on_whales import Container, DockerClient
 from python_on_whales.client_config import ClientNotFoundError
 from python_on_whales.exceptions import DockerException, NoSuchContainer
 
@@ -47,18 +47,18 @@ def require_engine() -> DockerClient:
     return docker
 
 
-def _lines(chunks: Iterator[tuple[str, bytes]]) -> Iterator[str]:
-    """Reassemble streamed output chunks into lines, per stream."""
+def _lines(chunks: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
+    """Reassemble streamed output chunks into (stream, line) pairs, per stream."""
     pending: dict[str, bytes] = {}
     for source, chunk in chunks:
         buffered = pending.get(source, b"") + chunk
         *complete, rest = buffered.split(b"\n")
         pending[source] = rest
         for line in complete:
-            yield line.decode(errors="replace")
-    for rest in pending.values():
+            yield source, line.decode(errors="replace")
+    for source, rest in pending.items():
         if rest:
-            yield rest.decode(errors="replace")
+            yield source, rest.decode(errors="replace")
 
 
 class DockerJob:
@@ -81,6 +81,10 @@ class DockerJob:
 
     def logs(self, follow: bool = False) -> Iterator[str]:
         """Output lines of the container, stdout and stderr interleaved as written."""
+        return (line for _, line in self.streams(follow))
+
+    def streams(self, follow: bool = False) -> Iterator[tuple[str, str]]:
+        """Output lines of the container with the stream each came on (``stdout`` or ``stderr``)."""
         return _lines(self._docker.container.logs(self.id, follow=follow, stream=True))
 
     def kill(self) -> None:
@@ -126,6 +130,9 @@ class DockerEngine:
                 publish=[(f"127.0.0.1:{host}", container) for container, host in spec.ports.items()],
                 cap_drop=list(spec.cap_drop),
                 security_options=["no-new-privileges"] if spec.no_new_privileges else [],
+                read_only=spec.read_only,
+                tmpfs=list(spec.tmpfs),
+                pids_limit=spec.pids_limit,
             )
         except DockerException as exc:
             raise StackError(
@@ -134,11 +141,18 @@ class DockerEngine:
             ) from exc
         return DockerJob(self._docker, container.id)
 
-    def cleanup(self, labels: dict[str, str] | None = None) -> int:
-        """Remove every container this runtime launched that carries ``labels``."""
+    def containers(self, labels: dict[str, str | None] | None = None) -> list[Container]:
+        """The containers this runtime launched that carry ``labels`` (a None value: any value)."""
         wanted = {JOB_LABEL: "true", **(labels or {})}
-        filters = [("label", f"{k}={v}") for k, v in wanted.items()]
-        containers = self._docker.container.list(all=True, filters=filters)
+        filters = [("label", k if v is None else f"{k}={v}") for k, v in wanted.items()]
+        return self._docker.container.list(all=True, filters=filters)
+
+    def remove(self, containers: list[Container]) -> int:
+        """Remove ``containers``, running or not; how many."""
         if containers:
             self._docker.container.remove(containers, force=True)
         return len(containers)
+
+    def cleanup(self, labels: dict[str, str] | None = None) -> int:
+        """Remove every container this runtime launched that carries ``labels``."""
+        return self.remove(self.containers(labels))

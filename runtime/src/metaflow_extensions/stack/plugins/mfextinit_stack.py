@@ -3,6 +3,11 @@
 ``service`` replaces Metaflow's own service metadata provider with a subclass
 that uses the service's pages, filters and run-end signal when the service
 advertises them, and behaves exactly like the stock one when it does not.
+``@devcontainer`` runs a step's tasks in Docker containers, through its
+``devcontainer step`` trampoline.
 """
 
 METADATA_PROVIDERS_DESC = [("service", "metaflow_stack.service.provider.StackServiceMetadataProvider")]
+
+STEP_DECORATORS_DESC = [("devcontainer", ".devcontainer.devcontainer_decorator.DevcontainerDecorator")]
+CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli")]

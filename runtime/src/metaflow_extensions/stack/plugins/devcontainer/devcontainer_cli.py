@@ -1,0 +1,111 @@
+"""``devcontainer step``: the trampoline Metaflow's runtime launches for a ``@devcontainer`` task.
+
+It rebuilds the real step command from its own options (as Metaflow's
+``kubernetes step`` does), runs it in a container through
+``metaflow_stack.devcontainer.launch`` and exits with the container's code;
+202 (Metaflow's "do not retry") when the container could not start at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from metaflow import util
+from metaflow._vendor import click
+from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+#: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
+_INPUT_PATHS_CHUNK = 30 * 1024
+#: What the step inside needs from the host's environment (the container starts with nothing else).
+_FORWARDED = ("USER", "USERNAME", "METAFLOW_USER", "LANG", "TZ")
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+@cli.group(help="Run steps in Docker devcontainer sandboxes.")
+def devcontainer() -> None:
+    pass
+
+
+@devcontainer.command(help="Run one task of a @devcontainer step in its container (Metaflow calls this).")
+@click.argument("step-name")
+@click.argument("code-package-metadata")
+@click.argument("code-package-sha")
+@click.argument("code-package-url")
+@click.option("--image", required=True)
+@click.option("--network", default="none")
+@click.option("--cpu", type=float, default=None)
+@click.option("--memory", default=None)
+@click.option("--read-only/--no-read-only", default=True)
+@click.option("--pids", type=int, default=512)
+@click.option("--run-id")
+@click.option("--task-id")
+@click.option("--input-paths")
+@click.option("--split-index")
+@click.option("--clone-path")
+@click.option("--clone-run-id")
+@click.option("--tag", multiple=True, default=None)
+@click.option("--namespace", default=None)
+@click.option("--retry-count", default=0)
+@click.option("--max-user-code-retries", default=0)
+@click.option("--ubf-context", default=None)
+@click.pass_context
+def step(
+    ctx,
+    step_name: str,
+    code_package_metadata: str,
+    code_package_sha: str,
+    code_package_url: str,
+    image: str,
+    network: str,
+    cpu: float | None,
+    memory: str | None,
+    read_only: bool,
+    pids: int,
+    **kwargs,
+) -> None:
+    from metaflow_stack.devcontainer.launch import run_step
+    from metaflow_stack.devcontainer.policy import SandboxPolicy
+    from metaflow_stack.errors import StackError
+
+    kwargs.pop("ubf_context", None)
+    env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
+    env.update(
+        METAFLOW_CODE_METADATA=code_package_metadata,
+        METAFLOW_CODE_SHA=code_package_sha,
+        METAFLOW_CODE_URL=code_package_url,
+        METAFLOW_CODE_DS="local",
+        METAFLOW_DEVCONTAINER_WORKLOAD="1",
+        METAFLOW_FLOW_FILENAME=os.path.basename(sys.argv[0]),
+    )
+    if kwargs.get("input_paths"):
+        paths = kwargs["input_paths"]
+        chunks = {
+            f"METAFLOW_INPUT_PATHS_{i // _INPUT_PATHS_CHUNK}": paths[i : i + _INPUT_PATHS_CHUNK]
+            for i in range(0, len(paths), _INPUT_PATHS_CHUNK)
+        }
+        env.update(chunks)
+        kwargs["input_paths"] = "".join(f"${{{name}}}" for name in chunks)
+    step_cli = "python -u {flow} {top} step {step} {args}".format(
+        flow=os.path.basename(sys.argv[0]),
+        top=" ".join(util.dict_to_cli_options(ctx.parent.parent.params)),
+        step=step_name,
+        args=" ".join(util.dict_to_cli_options(kwargs)),
+    )
+    datastore_root = Path(ctx.obj.flow_datastore.datastore_root)
+    pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
+    try:
+        policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
+        code = run_step(image, step_cli, Path(code_package_url), datastore_root, env, policy, pathspec)
+    except StackError as exc:
+        click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+    except KeyboardInterrupt:
+        click.echo(f"{pathspec}: stopped; its container was removed", err=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+    sys.exit(code)

@@ -1,0 +1,107 @@
+"""One task's step command in a container: the code package unpacked in a private tmpfs, the
+local datastore bind-mounted at the same path (so metadata and artifacts land where Metaflow
+reads them, with no copy back), output relayed line by line, the exit code returned.
+
+The container is removed whatever happens: when the step ends, when it fails to start, and when
+the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline killed outright
+(SIGKILL) cannot clean up: its container carries the trampoline's host and pid, and the next
+``@devcontainer`` task launched on this machine removes containers whose trampoline is gone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
+from metaflow_stack.engines import JobSpec, Mount
+from metaflow_stack.engines.docker import DockerEngine
+
+#: Where the code package is mounted and unpacked inside the container.
+PACKAGE = "/mf/job.tar"
+WORKDIR = "/tmp/metaflow"
+#: Labels every step container carries: its task, and the trampoline (host:pid) waiting on it.
+LABEL = "io.metaflow-stack.devcontainer"
+OWNER = "io.metaflow-stack.devcontainer.owner"
+
+
+def _script(step_cli: str) -> str:
+    """The container's shell: unpack the package, put its Metaflow first on the path, run the step."""
+    return (
+        f"mkdir -p {WORKDIR} && cd {WORKDIR} && tar -xzf {PACKAGE} -C . --warning=no-timestamp"
+        f" && export PYTHONPATH={WORKDIR}/.mf_code METAFLOW_EXTRACTED_ROOT={WORKDIR} HOME=/tmp"
+        f" && exec {step_cli}"
+    )
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` while the container runs, so it is removed on the way out
+    (only the main thread may set handlers: elsewhere the caller owns the signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_step(
+    image: str,
+    step_cli: str,
+    package: Path,
+    datastore_root: Path,
+    env: dict[str, str],
+    policy: SandboxPolicy,
+    pathspec: str,
+) -> int:
+    """Run ``step_cli`` in a container of ``image`` under ``policy``; its exit code."""
+    spec = JobSpec(
+        image=image,
+        command=["sh", "-c", _script(step_cli)],
+        env=env,
+        mounts=[Mount(str(datastore_root), str(datastore_root), read_only=False), Mount(str(package), PACKAGE)],
+        workdir="/tmp",
+        user=host_user(),
+        cpu=policy.cpu,
+        memory=policy.memory,
+        labels={LABEL: pathspec, OWNER: f"{socket.gethostname()}:{os.getpid()}"},
+        network=policy.network,
+        read_only=policy.read_only,
+        tmpfs=("/tmp",),
+        pids_limit=policy.pids,
+    )
+    engine = DockerEngine()
+    remove_orphans(engine)
+    with _stopped_by_signals():
+        job = engine.launch(spec)
+        try:
+            for stream, line in job.streams(follow=True):
+                print(line, file=sys.stderr if stream == "stderr" else sys.stdout, flush=True)
+            return job.wait()
+        finally:
+            job.remove()
+
+
+def remove_orphans(engine: DockerEngine) -> int:
+    """Remove step containers whose trampoline on this host no longer runs; how many."""
+    import psutil
+
+    here = socket.gethostname()
+    orphans = []
+    for container in engine.containers({LABEL: None}):
+        host, _, pid = container.config.labels.get(OWNER, "").rpartition(":")
+        if host == here and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            orphans.append(container)
+    return engine.remove(orphans)

@@ -1,0 +1,68 @@
+"""A foreach whose items run in @devcontainer sandboxes: item 2 fails its first attempt (so @retry
+runs it again in a new container), ``--fail-item N`` makes item N fail for good, ``--sleep S`` keeps
+each item busy (a test kills the run meanwhile). Each item records what it saw inside."""
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from metaflow import FlowSpec, Parameter, current, devcontainer, retry, step
+
+
+def _memory_limit() -> str:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        if Path(path).exists():
+            return Path(path).read_text().strip()
+    return "unknown"
+
+
+def _network() -> str:
+    """ "none" when no route leaves the container (only a loopback), else "routed"."""
+    try:
+        socket.create_connection(("192.0.2.1", 80), timeout=1).close()  # TEST-NET: never answers
+    except OSError as exc:
+        return "none" if "unreachable" in str(exc).lower() else "routed"
+    return "routed"
+
+
+class DevcontainerFlow(FlowSpec):
+    fail_item = Parameter("fail-item", default=0, type=int)
+    sleep = Parameter("sleep", default=0.0, type=float)
+
+    @step
+    def start(self):
+        self.items = [1, 2, 3]
+        self.next(self.each, foreach="items")
+
+    @retry(times=1)
+    @devcontainer(cpu=1, memory="512m")
+    @step
+    def each(self):
+        self.in_container = os.path.exists("/.dockerenv")
+        self.hostname = socket.gethostname()
+        self.uid = os.getuid()
+        self.memory_limit = _memory_limit()
+        self.network = _network()
+        self.root_writable = os.access("/", os.W_OK)
+        time.sleep(self.sleep)
+        print(f"item {self.input} in {self.hostname}")
+        if self.input == 2 and current.retry_count == 0:
+            raise RuntimeError("item 2 fails its first attempt")
+        if self.input == self.fail_item:
+            raise ValueError(f"item {self.input} always fails")
+        self.value = self.input * 10
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.values = sorted(i.value for i in inputs)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    DevcontainerFlow()

@@ -1,0 +1,176 @@
+"""``@devcontainer`` on real runs in Docker: a foreach whose items run in sandboxed containers (a
+retried item, a failing one), the sandbox's limits seen from inside, and no container left behind,
+also when the run is stopped while its items run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN
+from service_servers import FLOWS
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+FLOW = "devcontainer_flow.py"
+LABEL = "io.metaflow-stack.devcontainer"
+
+
+def flow_command(root: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    shutil.copy(FLOWS / FLOW, root)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    return [sys.executable, FLOW, "--datastore-root", str(root / ".metaflow"), "run", *args], env
+
+
+def step_containers(docker_engine) -> list:
+    return docker_engine.container.list(all=True, filters=[("label", LABEL)])
+
+
+def run_of(root: Path):
+    from metaflow import Flow, metadata, namespace
+
+    metadata(f"local@{root}")
+    namespace(None)
+    return Flow("DevcontainerFlow").latest_run
+
+
+def test_items_run_sandboxed_in_containers_and_a_failed_attempt_is_retried(docker_engine, tmp_path: Path) -> None:
+    command, env = flow_command(tmp_path, "--max-workers", "3")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = run_of(tmp_path)
+    assert run.successful and run["join"].task.data.values == [10, 20, 30]
+    items = list(run["each"])
+    assert len(items) == 3
+    for task in items:
+        assert task.data.in_container and task.data.hostname != os.uname().nodename
+        assert task.data.uid == os.getuid()
+        assert task.data.memory_limit == str(512 * 1024 * 1024)
+        assert task.data.network == "none" and task.data.root_writable is False
+    retried = next(t for t in items if t.index == 1)  # item 2
+    assert retried.current_attempt == 1 and "item 2 in" in retried.stdout
+    assert step_containers(docker_engine) == []
+
+
+def test_a_failing_item_fails_the_run_with_its_exception(docker_engine, tmp_path: Path) -> None:
+    command, env = flow_command(tmp_path, "--fail-item", "3")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and "item 3 always fails" in done.stdout + done.stderr
+    run = run_of(tmp_path)
+    failed = [t for t in run["each"] if not t.successful]
+    assert len(failed) == 1 and "item 3 always fails" in failed[0].stderr
+    assert step_containers(docker_engine) == []
+
+
+def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path) -> None:
+    command, env = flow_command(tmp_path, "--sleep", "300")
+    flow = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while len(step_containers(docker_engine)) < 3:
+            assert flow.poll() is None and time.monotonic() < deadline, "the items never started"
+            time.sleep(0.5)
+        os.killpg(flow.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the runtime and every task
+        assert flow.wait(timeout=120) != 0
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    deadline = time.monotonic() + 30
+    while step_containers(docker_engine) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert step_containers(docker_engine) == []
+
+
+def test_containers_of_a_killed_trampoline_are_removed_by_the_next_launch(docker_engine, base_image: str) -> None:
+    import socket
+
+    from metaflow_stack.devcontainer.launch import LABEL as STEP
+    from metaflow_stack.devcontainer.launch import OWNER, remove_orphans
+    from metaflow_stack.engines import JobSpec
+    from metaflow_stack.engines.docker import DockerEngine
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nothing runs as any more: a trampoline SIGKILLed mid-step
+    engine = DockerEngine()
+    owners = {"orphan": f"{socket.gethostname()}:{gone.pid}", "alive": f"{socket.gethostname()}:{os.getpid()}"}
+    jobs = {
+        name: engine.launch(JobSpec(image=base_image, command=["sleep", "60"], labels={STEP: name, OWNER: owner}))
+        for name, owner in owners.items()
+    }
+    try:
+        assert remove_orphans(engine) == 1
+        assert [c.config.labels[STEP] for c in step_containers(docker_engine)] == ["alive"]
+    finally:
+        for job in jobs.values():
+            job.remove()
+
+
+def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str, tmp_path: Path) -> None:
+    import tarfile
+    import threading
+
+    from metaflow_stack.devcontainer.launch import run_step
+    from metaflow_stack.devcontainer.policy import SandboxPolicy
+
+    package = tmp_path / "job.tar"
+    with tarfile.open(package, "w:gz"):
+        pass  # an empty code package: the step below needs none
+    datastore = tmp_path / ".metaflow"
+    datastore.mkdir()
+    policy = SandboxPolicy(network="none", cpu=1.5, memory="256m", pids=64)
+    codes: list[int] = []
+    worker = threading.Thread(
+        target=lambda: codes.append(run_step(base_image, "sleep 3", package, datastore, {}, policy, "F/1/s/1"))
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := step_containers(docker_engine)):
+            assert time.monotonic() < deadline, "the container never started"
+            time.sleep(0.2)
+        host = found[0].host_config
+        assert (host.nano_cpus, host.memory, host.pids_limit) == (1_500_000_000, 256 * 1024 * 1024, 64)
+        assert host.readonly_rootfs and host.network_mode == "none" and host.cap_drop == ["ALL"]
+        assert "no-new-privileges" in host.security_opt
+        assert found[0].config.user == f"{os.getuid()}:{os.getgid()}"
+    finally:
+        worker.join(timeout=60)
+    assert codes == [0] and step_containers(docker_engine) == []
+
+
+BAD_FLOW = """
+from metaflow import FlowSpec, devcontainer, step
+
+
+class BadSandboxFlow(FlowSpec):
+    @devcontainer(network="wifi")
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    BadSandboxFlow()
+"""
+
+
+def test_a_wrong_setting_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "bad_flow.py").write_text(BAD_FLOW)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    command = [sys.executable, "bad_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "network='wifi' is not one of none, bridge" in done.stderr and 'network="none"' in done.stderr
+    assert not (tmp_path / ".metaflow" / "BadSandboxFlow").exists()  # refused before anything ran
