@@ -248,6 +248,11 @@ def bind_in(python: Path, run_root: Path, function: str, task: str) -> str:
     return result.stdout
 
 
+#: Seconds a served function's first call may take: it loads the function's artifacts (lazy by design),
+#: several seconds for a scikit-learn model on 2 busy cores, more than httpx's default 5 s.
+FIRST_CALL_S = 60
+
+
 def wait_ready(url: str, seconds: float = 120) -> bool:
     """Whether ``url``/ready answered 200 within ``seconds``."""
     import httpx

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, last_line, need, pulumi_offline, run_cli
+from conftest import FIRST_CALL_S, free_port, last_line, need, pulumi_offline, run_cli
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
@@ -230,7 +230,7 @@ def test_nomad_agent_runs_the_deployed_server(docker_engine, reference_file: Pat
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+        assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
     finally:
         client.job.deregister_job("function-it", purge=True)
 

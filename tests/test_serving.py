@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import msgpack
 import pytest
-from conftest import VENV_BIN, free_port, need, wait_ready
+from conftest import FIRST_CALL_S, VENV_BIN, free_port, need, wait_ready
 
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 
@@ -164,7 +164,7 @@ def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -
     from metaflow import JsonFunction
 
     with _served(JsonFunction(iris_functions.predict, task=train_task).reference, tmp_path) as (url, log):
-        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+        assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
     # uvicorn drains requests and runs the shutdown hook (closing the workers) before it exits
     assert "Application shutdown complete." in log.read_text()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, bind_in, free_port, last_line, run_cli, wait_ready
+from conftest import FIRST_CALL_S, TEST_LABEL, bind_in, free_port, last_line, run_cli, wait_ready
 
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 
@@ -58,7 +58,7 @@ def test_the_container_serves_the_function(image: str) -> None:
         url = f"http://127.0.0.1:{port}"
         if not wait_ready(url):
             pytest.fail("the container never became ready:\n" + "\n".join(job.logs()))
-        assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+        assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
         invalid = httpx.post(f"{url}/invoke", json={"sepal_length": 1})
         assert invalid.status_code == 422 and invalid.json()["details"]["field"] == "input.sepal_width"
         paths = httpx.get(f"{url}/openapi.json").json()["paths"]
@@ -121,7 +121,7 @@ def test_deploy_to_docker_runs_the_server_here_and_a_redeploy_replaces_it(
             assert result.returncode == 0, result.stderr[-3000:]
             url = last_line(result)
             assert url == f"http://127.0.0.1:{port}"
-            assert httpx.post(f"{url}/invoke", json=FLOWER).json() == {"prediction": 2}
+            assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
         (container,) = docker_engine.container.list(filters=[("name", name)])
         assert container.config.image == image
         assert container.host_config.cap_drop == ["ALL"]

@@ -42,6 +42,8 @@ class DevcontainerDecorator(StepDecorator):
         "read_only": True,
         "pids": 512,
     }
+    #: The default image's reference, resolved once per run (its tag hashes the image's sources).
+    default_image: ClassVar[str | None] = None
     package_url: ClassVar[str | None] = None
     package_sha: ClassVar[str | None] = None
     package_metadata: ClassVar[str | None] = None
@@ -77,10 +79,13 @@ class DevcontainerDecorator(StepDecorator):
 
         self.package = package
         if self.attributes["image"] is None:
-            try:  # once per run and step: built here, with progress, if it is not here yet
-                self.attributes["image"] = images.resolve("base")
-            except StackError as exc:
-                raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+            cls = type(self)
+            if cls.default_image is None:
+                try:  # once per run: built here, with progress, if it is not here yet
+                    cls.default_image = images.resolve("base")
+                except StackError as exc:
+                    raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+            self.attributes["image"] = cls.default_image
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
         if not is_cloned:
