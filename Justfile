@@ -3,7 +3,7 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-export PATH := justfile_directory() / ".venv/bin" + ":" + env("PATH")
+export PATH := justfile_directory() / ".venv/bin" + ":" + justfile_directory() / ".stack/tools/node_modules/.bin" + ":" + env("PATH")
 
 # List the recipes.
 default:
@@ -19,7 +19,7 @@ down: _venv
     metaflow stack down
 
 # Lint, then run the whole test suite; docker-marked tests run when an engine answers.
-test *args: lint ui
+test *args: lint ui devcontainer-cli
     pytest --junitxml=.stack/test-results/junit.xml {{ args }}
 
 # Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).
@@ -37,6 +37,17 @@ ui: _venv
     npm install --prefix ui --no-audit --no-fund --loglevel=error  # `npm ci` refuses locks that omit other platforms' optional packages
     npm run --prefix ui --silent build -- --logLevel warn
     echo "$want" > "$stamp"
+
+# Install the Dev Containers CLI (for @devcontainer configs with features) under .stack/tools.
+devcontainer-cli:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v npm >/dev/null; then
+        echo "npm not found: @devcontainer configs with features need the Dev Containers CLI (fix: install Node 20 with npm)" >&2
+        exit 0
+    fi
+    if [ -x .stack/tools/node_modules/.bin/devcontainer ]; then exit 0; fi
+    npm install --prefix .stack/tools --no-audit --no-fund --loglevel=error @devcontainers/cli@0.89.0
 
 # ruff (lint and format), actionlint over workflows, hadolint over Dockerfiles.
 lint: _venv

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
+from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.engines import JobSpec, Mount
 from metaflow_stack.engines.docker import DockerEngine
 
@@ -30,12 +31,15 @@ LABEL = "io.metaflow-stack.devcontainer"
 OWNER = "io.metaflow-stack.devcontainer.owner"
 
 
-def _script(step_cli: str) -> str:
-    """The container's shell: unpack the package, put its Metaflow first on the path, run the step."""
+def _script(step_cli: str, setup: list[str]) -> str:
+    """The container's shell: unpack the package, run the configuration's lifecycle commands in it
+    (the package is the step's workspace), put the package's Metaflow first on the path, run the step."""
+    lifecycle = "".join(f" && ( {line} )" for line in setup)
     return (
         f"mkdir -p {WORKDIR} && cd {WORKDIR} && tar -xzf {PACKAGE} -C . --warning=no-timestamp"
-        f" && export PYTHONPATH={WORKDIR}/.mf_code METAFLOW_EXTRACTED_ROOT={WORKDIR} HOME=/tmp"
-        f" && exec {step_cli}"
+        f" && export HOME=/tmp{lifecycle}"
+        f" && export PYTHONPATH={WORKDIR}/.mf_code METAFLOW_EXTRACTED_ROOT={WORKDIR}"
+        f" && exec $(command -v python3 || command -v python) -u {step_cli}"
     )
 
 
@@ -65,22 +69,36 @@ def run_step(
     env: dict[str, str],
     policy: SandboxPolicy,
     pathspec: str,
+    container: TaskContainer | None = None,
 ) -> int:
-    """Run ``step_cli`` in a container of ``image`` under ``policy``; its exit code."""
+    """Run ``step_cli`` (the step's arguments, after the interpreter) in a container of ``image``
+    under ``policy``, with what a devcontainer.json adds (``container``); its exit code.
+
+    The decorator's own limits win over the file's ``runArgs``; the step's Metaflow variables win
+    over the file's environment."""
+    container = container or TaskContainer()
     spec = JobSpec(
         image=image,
-        command=["sh", "-c", _script(step_cli)],
-        env=env,
-        mounts=[Mount(str(datastore_root), str(datastore_root), read_only=False), Mount(str(package), PACKAGE)],
+        command=["sh", "-c", _script(step_cli, container.setup)],
+        env={**container.env, **env},
+        mounts=[
+            *container.mounts,
+            Mount(str(datastore_root), str(datastore_root), read_only=False),
+            Mount(str(package), PACKAGE),
+        ],
         workdir="/tmp",
-        user=host_user(),
-        cpu=policy.cpu,
-        memory=policy.memory,
-        labels={LABEL: pathspec, OWNER: f"{socket.gethostname()}:{os.getpid()}"},
+        user=container.user or host_user(),
+        cpu=policy.cpu or container.cpu,
+        memory=policy.memory or container.memory,
+        labels={**container.labels, LABEL: pathspec, OWNER: f"{socket.gethostname()}:{os.getpid()}"},
         network=policy.network,
         read_only=policy.read_only,
         tmpfs=("/tmp",),
-        pids_limit=policy.pids,
+        pids_limit=container.pids or policy.pids,
+        shm_size=container.shm_size,
+        hostname=container.hostname,
+        init=container.init,
+        ulimits=container.ulimits,
     )
     engine = DockerEngine()
     remove_orphans(engine)

@@ -19,7 +19,7 @@ JOB_LABEL = "io.metaflow-stack.job"
 
 @dataclass(frozen=True)
 class Mount:
-    """A host path made visible to a job at ``target``."""
+    """A host path (or a named volume of the engine) made visible to a job at ``target``."""
 
     source: str
     target: str
@@ -50,6 +50,11 @@ class JobSpec:
     read_only: bool = False
     tmpfs: tuple[str, ...] = ()
     pids_limit: int | None = None
+    #: Docker's ``--shm-size``, ``--hostname``, ``--init`` and ``--ulimit`` (``nofile=1024:2048``).
+    shm_size: str | None = None
+    hostname: str | None = None
+    init: bool = False
+    ulimits: list[str] = field(default_factory=list)
 
 
 class Job(Protocol):

@@ -133,6 +133,10 @@ class DockerEngine:
                 read_only=spec.read_only,
                 tmpfs=list(spec.tmpfs),
                 pids_limit=spec.pids_limit,
+                shm_size=spec.shm_size,
+                hostname=spec.hostname,
+                init=spec.init,
+                ulimit=spec.ulimits,
             )
         except DockerException as exc:
             raise StackError(

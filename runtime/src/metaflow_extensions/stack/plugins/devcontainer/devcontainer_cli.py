@@ -43,6 +43,7 @@ def devcontainer() -> None:
 @click.option("--memory", default=None)
 @click.option("--read-only/--no-read-only", default=True)
 @click.option("--pids", type=int, default=512)
+@click.option("--container-json", default=None, help="What a devcontainer.json adds to the container (JSON).")
 @click.option("--run-id")
 @click.option("--task-id")
 @click.option("--input-paths")
@@ -67,10 +68,12 @@ def step(
     memory: str | None,
     read_only: bool,
     pids: int,
+    container_json: str | None,
     **kwargs,
 ) -> None:
     from metaflow_stack.devcontainer.launch import run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
+    from metaflow_stack.devcontainer.task_container import TaskContainer
     from metaflow_stack.errors import StackError
 
     kwargs.pop("ubf_context", None)
@@ -91,7 +94,7 @@ def step(
         }
         env.update(chunks)
         kwargs["input_paths"] = "".join(f"${{{name}}}" for name in chunks)
-    step_cli = "python -u {flow} {top} step {step} {args}".format(
+    step_cli = "{flow} {top} step {step} {args}".format(
         flow=os.path.basename(sys.argv[0]),
         top=" ".join(util.dict_to_cli_options(ctx.parent.parent.params)),
         step=step_name,
@@ -101,7 +104,8 @@ def step(
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     try:
         policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
-        code = run_step(image, step_cli, Path(code_package_url), datastore_root, env, policy, pathspec)
+        container = TaskContainer.model_validate_json(container_json) if container_json else None
+        code = run_step(image, step_cli, Path(code_package_url), datastore_root, env, policy, pathspec, container)
     except StackError as exc:
         click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)

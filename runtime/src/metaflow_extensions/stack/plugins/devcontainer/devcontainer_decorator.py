@@ -11,7 +11,9 @@ exits with its code, so ``@retry``, ``@catch`` and foreach work unchanged
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 from metaflow.decorators import StepDecorator
@@ -26,7 +28,8 @@ class DevcontainerException(MetaflowException):
 
 
 class DevcontainerDecorator(StepDecorator):
-    """Run this step in a container of ``image`` (default: the stack's ``base`` image, built if needed).
+    """Run this step in a container of ``image`` (default: the stack's ``base`` image, built if needed),
+    or of the image a devcontainer.json describes (``config``, relative to the flow's file).
 
     network: "none" (default) or "bridge"; read_only: a read-only root file system (default True);
     cpu, memory ("2g"), pids (default 512): limits. The container runs as the host user with every
@@ -35,6 +38,7 @@ class DevcontainerDecorator(StepDecorator):
 
     name = "devcontainer"
     defaults: ClassVar[dict[str, Any]] = {
+        "config": None,
         "image": None,
         "network": "none",
         "cpu": None,
@@ -47,8 +51,13 @@ class DevcontainerDecorator(StepDecorator):
     package_url: ClassVar[str | None] = None
     package_sha: ClassVar[str | None] = None
     package_metadata: ClassVar[str | None] = None
+    #: Per devcontainer.json (path and digest): its image and task settings, prepared once per run.
+    prepared: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {}
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
+        self.flow_datastore, self.step, self.config = flow_datastore, step, None
+        if os.environ.get("METAFLOW_DEVCONTAINER_WORKLOAD") == "1":
+            return  # inside the container: the host checked everything before launching it
         from metaflow_stack.devcontainer.policy import SandboxPolicy
         from metaflow_stack.errors import StackError
 
@@ -68,17 +77,35 @@ class DevcontainerDecorator(StepDecorator):
                 memory=str(self.attributes["memory"]) if self.attributes["memory"] is not None else None,
                 pids=int(self.attributes["pids"]),
             )
+            self.config = self._check_config(flow)
         except StackError as exc:
             raise DevcontainerException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
-        self.flow_datastore = flow_datastore
-        self.step = step
+
+    def _check_config(self, flow) -> tuple[Path, Any, str] | None:
+        """The step's devcontainer.json, read and checked now so a mistake stops the run before it starts."""
+        from metaflow_stack.devcontainer import spec, task_container
+        from metaflow_stack.errors import StackError
+
+        if self.attributes["config"] is None:
+            return None
+        if self.attributes["image"] is not None:
+            raise StackError("give config= or image=, not both", fix="put the image in the devcontainer.json")
+        path = Path(sys.modules[flow.__module__].__file__).parent / self.attributes["config"]
+        config, digest = spec.load(path)
+        task_container.from_config(config, path, spec.workspace_folder(path), [])  # runArgs and mounts
+        return path, config, digest
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
         from metaflow_stack import images
         from metaflow_stack.errors import StackError
 
         self.package = package
-        if self.attributes["image"] is None:
+        if self.config is not None:
+            try:
+                self.attributes["image"], self.container_json = self._prepare(*self.config)
+            except StackError as exc:
+                raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+        elif self.attributes["image"] is None:
             cls = type(self)
             if cls.default_image is None:
                 try:  # once per run: built here, with progress, if it is not here yet
@@ -86,6 +113,20 @@ class DevcontainerDecorator(StepDecorator):
                 except StackError as exc:
                     raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
             self.attributes["image"] = cls.default_image
+
+    @classmethod
+    def _prepare(cls, path: Path, config, digest: str) -> tuple[str, str]:
+        """Once per run and file: its host command, its image, its task settings as JSON."""
+        from metaflow_stack.devcontainer import image, lifecycle, spec, task_container
+
+        key = (str(path), digest)
+        if key not in cls.prepared:
+            workspace = spec.workspace_folder(path)
+            lifecycle.initialize(config, path, workspace)
+            ref, metadata = image.build(config, path, workspace, digest)
+            container = task_container.from_config(config, path, workspace, metadata)
+            cls.prepared[key] = ref, container.model_dump_json()
+        return cls.prepared[key]
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
         if not is_cloned:
@@ -96,6 +137,8 @@ class DevcontainerDecorator(StepDecorator):
             return  # a @catch fallback attempt: run locally, as Metaflow's own compute decorators do
         cli_args.commands = ["devcontainer", "step"]
         cli_args.command_args += [self.package_metadata, self.package_sha, self.package_url]
+        if self.config is not None:
+            cli_args.command_options["container-json"] = self.container_json
         for option in OPTIONS:
             value = self.attributes[option]
             if option == "read_only":

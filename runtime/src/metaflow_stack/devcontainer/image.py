@@ -1,0 +1,151 @@
+"""The image a devcontainer.json describes, built once per run.
+
+A configuration with features is built by the Dev Containers CLI (``devcontainer build``), which
+knows how to install them; one without is built (``build.dockerfile``) or taken (``image``)
+directly through the engine. Either way tasks then start plain containers of the result under the
+sandbox policy: the CLI's ``up``/``exec`` cost about a second a task and cannot drop the
+container's privileges. A Dockerfile that declares ``ARG BASE_IMAGE`` and is not given one gets the
+stack's ``base`` image, the convention every image of the stack follows; a file can also name it
+as ``${localEnv:METAFLOW_STACK_BASE_IMAGE}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import deque
+from pathlib import Path
+
+from rich.console import Console
+
+from metaflow_stack import builders
+from metaflow_stack.devcontainer.spec import FILE_NAMES, DevcontainerConfig, substitute
+from metaflow_stack.engines.docker import require_engine
+from metaflow_stack.errors import ImageBuildError, StackError, ToolMissingError
+
+#: The label the Dev Containers CLI stores merged feature and configuration settings under.
+METADATA_LABEL = "devcontainer.metadata"
+REPOSITORY = "metaflow-stack-devcontainer"
+CLI_FIX = "install the Dev Containers CLI (npm install -g @devcontainers/cli, or ./just devcontainer-cli)"
+#: Names the stack's base image for configurations (``${localEnv:METAFLOW_STACK_BASE_IMAGE}``).
+BASE_VARIABLE = "METAFLOW_STACK_BASE_IMAGE"
+_BASE_ARG = re.compile(r"^\s*ARG\s+BASE_IMAGE\b", re.MULTILINE | re.IGNORECASE)
+_TAIL = 25
+
+
+def cli_binary() -> str | None:
+    """The Dev Containers CLI: the ``STACK_DEVCONTAINER_CLI`` setting, else ``devcontainer`` on PATH."""
+    from metaflow.metaflow_config_funcs import from_conf
+
+    return from_conf("STACK_DEVCONTAINER_CLI", "") or shutil.which("devcontainer")
+
+
+def _tag(config: DevcontainerConfig, workspace: Path, digest: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", (config.name or workspace.name).lower()).strip("-") or "config"
+    return f"{REPOSITORY}/{slug}:{digest}"
+
+
+def _base_image(wanted: bool) -> None:
+    """Name the stack's base image in ``METAFLOW_STACK_BASE_IMAGE`` (built now if needed) when a
+    configuration refers to it, so ``${localEnv:METAFLOW_STACK_BASE_IMAGE}`` works for the CLI too."""
+    if wanted and not os.environ.get(BASE_VARIABLE):
+        from metaflow_stack import images
+
+        os.environ[BASE_VARIABLE] = images.resolve("base")
+
+
+def _build_args(config: DevcontainerConfig, dockerfile: Path, workspace: Path) -> dict[str, str]:
+    args = {name: substitute(value, workspace) for name, value in config.build.args.items()}
+    if "BASE_IMAGE" not in args and _BASE_ARG.search(dockerfile.read_text()):
+        _base_image(True)
+        args["BASE_IMAGE"] = os.environ[BASE_VARIABLE]
+    return args
+
+
+def _cli_build(config_path: Path, workspace: Path, tag: str, console: Console) -> None:
+    """``devcontainer build``, its progress on one status line, its log tail on failure."""
+    binary = cli_binary()
+    if binary is None:
+        raise ToolMissingError(f"{config_path}: features need the Dev Containers CLI (not installed)", fix=CLI_FIX)
+    if config_path.name not in FILE_NAMES:
+        raise StackError(
+            f"{config_path}: the Dev Containers CLI reads only files named {' or '.join(FILE_NAMES)}",
+            fix="rename the file",
+        )
+    command = [
+        binary,
+        "build",
+        "--workspace-folder",
+        str(workspace),
+        "--config",
+        str(config_path),
+        "--image-name",
+        tag,
+        "--log-format",
+        "text",
+    ]
+    tail: deque[str] = deque(maxlen=_TAIL)
+    with console.status(f"building {tag} with the Dev Containers CLI") as status:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip():
+                tail.append(line.rstrip())
+                status.update(f"building {tag}: {line.strip()[:100]}")
+        code = process.wait()
+    if code != 0:
+        outcome = next((line for line in reversed(tail) if line.startswith('{"outcome"')), "")
+        step = json.loads(outcome).get("message", "devcontainer build") if outcome else "devcontainer build"
+        raise ImageBuildError(tag, step, "\n".join(tail))
+
+
+def _present(ref: str, config_path: Path) -> None:
+    """Pull ``ref`` when it is not here, or say why it cannot be had."""
+    docker = require_engine()
+    if docker.image.exists(ref):
+        return
+    try:
+        docker.image.pull(ref, quiet=True)
+    except Exception as exc:  # python-on-whales raises DockerException for every pull failure
+        raise StackError(
+            f"{config_path}: image {ref} is not on this machine and could not be pulled",
+            fix=f"build or pull {ref} first, or set METAFLOW_STACK_REGISTRY",
+        ) from exc
+
+
+def build(
+    config: DevcontainerConfig, config_path: Path, workspace: Path, digest: str, console: Console | None = None
+) -> tuple[str, list[dict]]:
+    """The image to run ``config``'s tasks in, and the settings its features recorded in it."""
+    console = console or Console(stderr=True)
+    tag = _tag(config, workspace, digest)
+    _base_image(BASE_VARIABLE in config_path.read_text())
+    built_by_cli = bool(config.features)
+    if built_by_cli:
+        _cli_build(config_path, workspace, tag, console)
+    elif config.build is not None:
+        dockerfile = (config_path.parent / config.build.dockerfile).resolve()
+        context = (config_path.parent / config.build.context).resolve()
+        if not dockerfile.is_file():
+            raise StackError(f"{config_path}: build.dockerfile: no file {dockerfile}", fix="correct the path")
+        request = builders.BuildRequest(
+            context=context,
+            tag=tag,
+            build_args=_build_args(config, dockerfile, workspace),
+            dockerfile=str(dockerfile),
+            target=config.build.target,
+        )
+        with console.status(f"building {tag}"):
+            builders.build(request, console)
+    else:
+        tag = substitute(config.image, workspace)
+        _present(tag, config_path)
+    labels = require_engine().image.inspect(tag).config.labels or {}
+    metadata = json.loads(labels.get(METADATA_LABEL, "[]"))
+    metadata = metadata if isinstance(metadata, list) else [metadata]
+    if built_by_cli and metadata and "id" not in metadata[-1]:
+        metadata = metadata[:-1]  # the CLI records the file's own settings last; they are read from the file
+    return tag, metadata
