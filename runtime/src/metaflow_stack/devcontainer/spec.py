@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from metaflow_stack.errors import StackError
 
 REFERENCE = "https://containers.dev/implementors/json_reference/"
+FEATURE_REFERENCE = "https://containers.dev/implementors/features/"
 #: The names the Dev Containers CLI accepts for a configuration file.
 FILE_NAMES = ("devcontainer.json", ".devcontainer.json")
 #: Lifecycle commands in the order the specification runs them. ``initializeCommand`` runs on the
@@ -154,4 +155,62 @@ def load(path: str | os.PathLike[str]) -> tuple[DevcontainerConfig, str]:
             f"{path}: {_explain(exc)}",
             fix=f"correct that field (the specification: {REFERENCE})",
         ) from None
+    for ref in config.features:
+        if ref.startswith(("./", "../")):
+            folder = (path.parent / ref).resolve()
+            if not (folder / "devcontainer-feature.json").is_file():
+                raise StackError(
+                    f"{path}: features: {ref!r} has no {folder / 'devcontainer-feature.json'}",
+                    fix="a local feature is a folder next to the file, with devcontainer-feature.json and install.sh",
+                )
+            load_feature(folder)
     return config, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FeatureOption(_Strict):
+    """One option of a feature: a string or a boolean, with its default."""
+
+    type: Literal["string", "boolean"]
+    default: str | bool
+    description: str | None = None
+    proposals: list[str] | None = None
+    enum: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _default_fits(self) -> FeatureOption:
+        if isinstance(self.default, bool) != (self.type == "boolean"):
+            raise ValueError(f"default {self.default!r} is not a {self.type}")
+        return self
+
+
+class FeatureManifest(_Strict):
+    """devcontainer-feature.json: the fields the specification requires and the ones tools act on."""
+
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+    version: Annotated[str, StringConstraints(pattern=r"^\d+\.\d+\.\d+([-+].*)?$")]
+    name: str | None = None
+    description: str | None = None
+    options: dict[str, FeatureOption] = Field(default_factory=dict)
+    containerEnv: dict[str, str] = Field(default_factory=dict)
+    installsAfter: list[str] = Field(default_factory=list)
+    dependsOn: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    onCreateCommand: Command | None = None
+    updateContentCommand: Command | None = None
+    postCreateCommand: Command | None = None
+    postStartCommand: Command | None = None
+
+
+def load_feature(folder: str | os.PathLike[str]) -> FeatureManifest:
+    """The checked manifest of the feature in ``folder``: its id names the folder, ``install.sh`` runs it."""
+    folder = Path(folder)
+    path = folder / "devcontainer-feature.json"
+    try:
+        manifest = FeatureManifest.model_validate(json5.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        detail = _explain(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise StackError(f"{path}: {detail}", fix=f"correct it (the specification: {FEATURE_REFERENCE})") from None
+    if manifest.id != folder.name:
+        raise StackError(f"{path}: id {manifest.id!r} is not the folder's name {folder.name!r}", fix="rename one")
+    if not (folder / "install.sh").is_file():
+        raise StackError(f"{folder}: no install.sh", fix="a feature runs its install.sh at build time: add it")
+    return manifest

@@ -1,4 +1,4 @@
-"""Adds ``metaflow stack``, ``function``, ``service``, ``agent`` and ``ui`` to Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui`` and ``devcontainer`` to Metaflow's command line."""
 
 CMDS_DESC = [
     ("stack", ".stack_cli.cli"),
@@ -6,4 +6,5 @@ CMDS_DESC = [
     ("service", ".service_cli.cli"),
     ("agent", ".agent_cli.cli"),
     ("ui", ".ui_cli.cli"),
+    ("devcontainer", ".devcontainer_cli.cli"),
 ]

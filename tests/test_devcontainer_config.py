@@ -1,0 +1,292 @@
+"""``@devcontainer(config=...)`` on real runs: a devcontainer.json built directly (Dockerfile, build
+args, environment, mounts, runArgs, lifecycle commands) and by the Dev Containers CLI (a local
+feature); a step's environment captured by ``metaflow devcontainer generate`` and run; the project's
+feature checked against the specification's rules and installed; and the errors a user meets when
+the file, the build or the engine is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, need
+
+REPO = Path(__file__).parents[1]
+PROJECT = Path(__file__).parent / "devcontainer_project"
+FEATURE = REPO / "devcontainers" / "src" / "metaflow-stack"
+
+#: Read in a subprocess (Metaflow's client keeps one datastore root per process): the named
+#: artifacts of the latest run's start step.
+ARTIFACTS = """
+import json, sys
+from metaflow import Flow, metadata, namespace
+metadata("local@" + sys.argv[1])
+namespace(None)
+run = Flow(sys.argv[2]).latest_run
+print(json.dumps({"successful": run.successful, **{n: getattr(run["start"].task.data, n) for n in sys.argv[3:]}}))
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = f"{VENV_BIN}:{REPO / '.stack/tools/node_modules/.bin'}:{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "METAFLOW_DEFAULT_METADATA": "local", **extra}
+
+
+def run_flow(root: Path, flow_file: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, flow_file, "--datastore-root", str(root / ".metaflow"), "run"]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def artifacts(root: Path, flow: str, *names: str) -> dict:
+    command = [sys.executable, "-c", ARTIFACTS, str(root), flow, *names]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(PROJECT, root)
+    return root
+
+
+def cli_installed() -> None:
+    from metaflow_stack.devcontainer.image import CLI_FIX
+
+    found = shutil.which("devcontainer", path=_env()["PATH"])
+    need("devcontainer-cli", found is not None, f"the Dev Containers CLI is not on PATH ({CLI_FIX})")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_step_runs_in_the_image_and_with_the_settings_of_its_devcontainer_json(docker_engine, project: Path) -> None:
+    done = run_flow(project, "configured_flow.py", _env(DEVCONTAINER_TEST_VALUE="from the host"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = artifacts(project, "ConfiguredFlow", "greeting", "env", "data", "created", "shm")
+    assert run["successful"]
+    assert run["greeting"] == "hello from the build"  # build.args reached the Dockerfile
+    assert run["env"] == {"FROM_CONFIG": "yes", "FROM_HOST": "from the host"}  # ${localEnv:...}
+    assert run["data"] == "mounted data"  # mounts, with ${localWorkspaceFolder}
+    assert run["created"] == ["created", "post-created"]  # onCreateCommand, then postCreateCommand
+    assert run["shm"] == 128 * 1024 * 1024  # runArgs --shm-size
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_config_with_features_is_built_by_the_dev_containers_cli(docker_engine, project: Path) -> None:
+    cli_installed()
+    done = run_flow(project, "featured_flow.py", _env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = artifacts(project, "FeaturedFlow", "greeting", "env", "lifecycle")
+    assert run["greeting"] == "hello from a feature"  # the feature's install.sh, with its option
+    assert run["env"] == {"GREETER": "installed", "FROM_REMOTE_ENV": "yes"}
+    assert run["lifecycle"] == ["feature-post-create", "started"]  # the feature's command runs first
+
+
+PYPI_FLOW = """
+from metaflow import FlowSpec, environment, pypi, step
+
+
+class TrainFlow(FlowSpec):
+    @environment(vars={"MODEL_KIND": "tiny"})
+    @pypi(packages={"tomli-w": "1.0.0"}, python="3.11")
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+"""
+
+#: The same step, run in the container generated from its @pypi and @environment settings.
+GENERATED_FLOW = """
+import os
+
+from metaflow import FlowSpec, devcontainer, step
+
+
+class GeneratedFlow(FlowSpec):
+    @devcontainer(config=".devcontainer/trainflow-start/devcontainer.json")
+    @step
+    def start(self):
+        import tomli_w
+
+        self.toml = tomli_w.dumps({"kind": os.environ["MODEL_KIND"]})
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    GeneratedFlow()
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_step_runs_in_a_devcontainer_generated_from_its_pypi_settings(docker_engine, tmp_path: Path) -> None:
+    (tmp_path / "train_flow.py").write_text(PYPI_FLOW)
+    (tmp_path / "generated_flow.py").write_text(GENERATED_FLOW)
+    metaflow = [str(VENV_BIN / "metaflow"), "devcontainer", "generate", "train_flow.py"]
+    done = subprocess.run(metaflow, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "TrainFlow.start: wrote .devcontainer/trainflow-start/devcontainer.json" in done.stdout
+    assert "uv pip install" in (tmp_path / ".devcontainer/trainflow-start/Dockerfile").read_text()
+
+    done = run_flow(tmp_path, "generated_flow.py", _env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert artifacts(tmp_path, "GeneratedFlow", "toml")["toml"] == 'kind = "tiny"\n'
+
+    again = subprocess.run(metaflow, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "Traceback" not in again.stderr and "--force" in again.stderr
+
+
+def test_generate_names_the_feature_for_another_python(tmp_path: Path) -> None:
+    from metaflow_stack.devcontainer import spec
+
+    (tmp_path / "train_flow.py").write_text(PYPI_FLOW.replace('python="3.11"', 'python="3.12.4"'))
+    command = [str(VENV_BIN / "metaflow"), "devcontainer", "generate", "train_flow.py", "--out", "env"]
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config, _ = spec.load(tmp_path / "env" / "devcontainer.json")  # valid, its local feature too
+    assert config.image == "python:3.12-slim"
+    assert config.features == {"./metaflow-stack": {"packages": "tomli-w==1.0.0"}}
+    assert config.containerEnv == {"MODEL_KIND": "tiny"}
+
+
+def test_the_project_feature_follows_the_feature_specification() -> None:
+    from metaflow_stack.devcontainer import spec
+
+    manifest = spec.load_feature(FEATURE)
+    assert manifest.id == "metaflow-stack" and set(manifest.options) == {"version", "packages", "wheels"}
+    assert manifest.containerEnv["PATH"].startswith("/opt/metaflow-stack/bin:")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_project_feature_installs_metaflow_and_the_runtime(docker_engine, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from metaflow_stack import base_images
+
+    cli_installed()
+    folder = tmp_path / "ws" / ".devcontainer"
+    shutil.copytree(FEATURE, folder / "metaflow-stack")
+    wheels = folder / "metaflow-stack" / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    for args in (
+        [
+            "download",
+            "--only-binary=:all:",
+            "-d",
+            str(wheels),
+            "-r",
+            str(REPO / "runtime/requirements.lock"),
+            "tomli-w",
+        ],
+        ["wheel", "--no-deps", "-w", str(wheels), str(REPO / "runtime")],
+    ):
+        done = subprocess.run(pip + args, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    python = base_images.choose(docker_engine)  # a plain Python 3.11, with neither Metaflow nor the runtime
+    base_images.ensure(python, docker_engine, Console(stderr=True))
+    config = {"image": python, "features": {"./metaflow-stack": {"wheels": "wheels", "packages": "tomli-w"}}}
+    (folder / "devcontainer.json").write_text(json.dumps(config))
+    tag = "metaflow-stack-test/feature:latest"
+    build = ["devcontainer", "build", "--workspace-folder", str(folder.parent), "--image-name", tag]
+    done = subprocess.run(build, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    try:
+        check = "import metaflow, metaflow_stack, tomli_w; print(metaflow_stack.__version__)"
+        out = docker_engine.run(tag, ["python", "-c", check], remove=True)
+        assert out.strip().splitlines()[-1] == __import__("metaflow_stack").__version__
+    finally:
+        docker_engine.image.remove(tag, force=True)
+
+
+BAD_CONFIG_FLOW = """
+from metaflow import FlowSpec, devcontainer, step
+
+
+class BadConfigFlow(FlowSpec):
+    @devcontainer(config="dc/devcontainer.json")
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    BadConfigFlow()
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        (
+            '{"image": "x", "build": {"dockerfile": 3}}',
+            "build.dockerfile: Input should be a valid string (rule: string_type)",
+        ),
+        ('{"build": {"context": "."}}', "build.dockerfile: Field required (rule: missing)"),
+        (
+            '{"image": "x", "mounts": [{"type": "bind", "target": 4}]}',
+            "mounts[0].target: Input should be a valid string",
+        ),
+        (
+            '{"image": "x", "runArgs": ["--privileged"]}',
+            "runArgs: --privileged is not allowed in a @devcontainer sandbox",
+        ),
+        ('{"image": "x", "dockerComposeFile": "c.yml"}', "dockerComposeFile is not supported"),
+        ('{\n  // a comment is fine\n  "image": "x" "y"\n}', "not valid JSON with comments: line 3"),
+        ('{"image": "x", "features": {"./nope": {}}}', "nope/devcontainer-feature.json"),
+    ],
+)
+def test_an_invalid_devcontainer_json_is_one_line_naming_file_field_and_rule(
+    tmp_path: Path, config: str, said: str
+) -> None:
+    (tmp_path / "dc").mkdir()
+    (tmp_path / "dc" / "devcontainer.json").write_text(config)
+    (tmp_path / "bad_flow.py").write_text(BAD_CONFIG_FLOW)
+    done = run_flow(tmp_path, "bad_flow.py", _env())
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"{tmp_path / 'dc' / 'devcontainer.json'}" in done.stderr and said in done.stderr
+    assert not (tmp_path / ".metaflow" / "BadConfigFlow").exists()  # refused before anything ran
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_failing_image_build_names_the_step_and_its_log(docker_engine, tmp_path: Path) -> None:
+    (tmp_path / "dc").mkdir()
+    (tmp_path / "dc" / "Dockerfile").write_text(
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo about to fail && exit 3\n"
+    )
+    (tmp_path / "dc" / "devcontainer.json").write_text('{"build": {"dockerfile": "Dockerfile"}}')
+    (tmp_path / "bad_flow.py").write_text(BAD_CONFIG_FLOW)
+    done = run_flow(tmp_path, "bad_flow.py", _env())
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "failed at: [2/2] RUN echo about to fail && exit 3" in done.stderr
+    assert "about to fail" in done.stderr.split("failed at:")[1]  # the log tail
+
+
+def test_no_docker_engine_gives_the_doctor_message(tmp_path: Path) -> None:
+    from metaflow_stack.engines.docker import NO_ENGINE_FIX
+
+    (tmp_path / "dc").mkdir()
+    (tmp_path / "dc" / "devcontainer.json").write_text('{"image": "x"}')
+    (tmp_path / "bad_flow.py").write_text(BAD_CONFIG_FLOW)
+    done = run_flow(tmp_path, "bad_flow.py", _env(METAFLOW_STACK_DOCKER_CLIENT=str(tmp_path / "no-docker")))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "the docker command is not installed" in done.stderr and NO_ENGINE_FIX in done.stderr
