@@ -53,7 +53,7 @@ def _flow_class(flow_file: Path):
     try:
         names = runpy.run_path(str(flow_file), run_name="__metaflow_stack_generate__")
     except Exception as exc:
-        raise StackError(f"{flow_file}: importing it failed: {exc!r}", fix="run the flow once to see the error") from exc
+        raise StackError(f"{flow_file}: importing it failed: {exc!r}", fix="run the flow to see the error") from exc
     flows = [v for v in names.values() if isinstance(v, type) and issubclass(v, FlowSpec) and v is not FlowSpec]
     flows = [v for v in flows if v.__module__ == "__metaflow_stack_generate__"] or flows
     if len(flows) != 1:
@@ -80,7 +80,7 @@ def environments(flow_file: Path, step: str | None) -> list[StepEnvironment]:
     base = {k: v for d in flow_decos.get("pypi_base", []) for k, v in (d.attributes.get("packages") or {}).items()}
     base_python = next((d.attributes.get("python") for d in flow_decos.get("pypi_base", [])), None)
     if flow_decos.get("conda_base"):
-        raise StackError(f"{cls.__name__}: @conda_base is not captured yet", fix="use @pypi_base, or write the Dockerfile")
+        raise StackError(f"{cls.__name__}: @conda_base is not captured yet", fix="use @pypi_base (or a Dockerfile)")
     found = []
     for name in [step] if step else sorted(steps):
         env = StepEnvironment(cls.__name__, name, python=base_python, packages=dict(base))
@@ -131,7 +131,8 @@ def _dockerfile(env: StepEnvironment) -> str:
             "USER root",
             "# The build machine's CA bundle, when it needs one, is a build secret: it never lands in a layer.",
             "RUN --mount=type=secret,id=pipca \\",
-            "    if [ -s /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca SSL_CERT_FILE=/run/secrets/pipca; fi; \\",
+            "    if [ -s /run/secrets/pipca ]; then \\",
+            "        export PIP_CERT=/run/secrets/pipca SSL_CERT_FILE=/run/secrets/pipca; fi; \\",
             f"    {install} {requirements}",
         ]
         lines += ["USER 1000:1000"] if env.image is None else []

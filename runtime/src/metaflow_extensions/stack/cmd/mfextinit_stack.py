@@ -1,4 +1,5 @@
-"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui`` and ``devcontainer`` to Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui`` and ``devcontainer`` to
+Metaflow's command line."""
 
 CMDS_DESC = [
     ("stack", ".stack_cli.cli"),
