@@ -71,8 +71,9 @@ def start_service(
     env: dict[str, str] | None = None,
     heartbeat_cutoff: int = 360,
     log_roots: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
 ) -> Service:
-    """Start the service on a free port and wait until its database answers."""
+    """Start the service on a free port of ``host`` and wait until its database answers."""
     port = free_port()
     command = [
         str(VENV_BIN / "metaflow"),
@@ -84,6 +85,8 @@ def start_service(
         str(port),
         "--heartbeat-cutoff",
         str(heartbeat_cutoff),
+        "--host",
+        host,
     ]
     if nats_url:
         command += ["--nats-url", nats_url]
@@ -95,7 +98,7 @@ def start_service(
         process = subprocess.Popen(
             command, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -144,16 +144,20 @@ def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str
 
     from metaflow_stack.devcontainer.launch import run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
+    from metaflow_stack.engines import Mount
 
     package = tmp_path / "job.tar"
     with tarfile.open(package, "w:gz"):
         pass  # an empty code package: the step below needs none
     datastore = tmp_path / ".metaflow"
     datastore.mkdir()
+    stores = [Mount(str(datastore), str(datastore), read_only=False)]
     policy = SandboxPolicy(network="none", cpu=1.5, memory="256m", pids=64)
     codes: list[int] = []
     worker = threading.Thread(
-        target=lambda: codes.append(run_step(base_image, "sleep 3", package, datastore, {}, policy, "F/1/s/1"))
+        target=lambda: codes.append(
+            run_step(base_image, "-c 'import time; time.sleep(3)'", package, stores, {}, policy, "F/1/s/1")
+        )
     )
     worker.start()
     try:

@@ -65,14 +65,15 @@ def run_step(
     image: str,
     step_cli: str,
     package: Path,
-    datastore_root: Path,
+    stores: list[Mount],
     env: dict[str, str],
     policy: SandboxPolicy,
     pathspec: str,
     container: TaskContainer | None = None,
 ) -> int:
     """Run ``step_cli`` (the step's arguments, after the interpreter) in a container of ``image``
-    under ``policy``, with what a devcontainer.json adds (``container``); its exit code.
+    under ``policy``, with the run's datastore and metadata reachable (``stores``: what to mount) and
+    what a devcontainer.json adds (``container``); its exit code.
 
     The decorator's own limits win over the file's ``runArgs``; the step's Metaflow variables win
     over the file's environment."""
@@ -83,7 +84,7 @@ def run_step(
         env={**container.env, **env},
         mounts=[
             *container.mounts,
-            Mount(str(datastore_root), str(datastore_root), read_only=False),
+            *stores,
             Mount(str(package), PACKAGE),
         ],
         workdir="/tmp",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from metaflow import util
 from metaflow._vendor import click
@@ -71,6 +70,7 @@ def step(
     container_json: str | None,
     **kwargs,
 ) -> None:
+    from metaflow_stack.devcontainer import stores
     from metaflow_stack.devcontainer.launch import run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
@@ -78,11 +78,12 @@ def step(
 
     kwargs.pop("ubf_context", None)
     env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
+    datastore, metadata = ctx.obj.flow_datastore.TYPE, ctx.obj.metadata.TYPE
     env.update(
         METAFLOW_CODE_METADATA=code_package_metadata,
         METAFLOW_CODE_SHA=code_package_sha,
         METAFLOW_CODE_URL=code_package_url,
-        METAFLOW_CODE_DS="local",
+        METAFLOW_CODE_DS=datastore,
         METAFLOW_DEVCONTAINER_WORKLOAD="1",
         METAFLOW_FLOW_FILENAME=os.path.basename(sys.argv[0]),
     )
@@ -100,12 +101,13 @@ def step(
         step=step_name,
         args=" ".join(util.dict_to_cli_options(kwargs)),
     )
-    datastore_root = Path(ctx.obj.flow_datastore.datastore_root)
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     try:
         policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
+        stores.check(datastore, network, metadata)
+        mounts, package = _stores(ctx.obj.flow_datastore, datastore, metadata, env, code_package_url, code_package_sha)
         container = TaskContainer.model_validate_json(container_json) if container_json else None
-        code = run_step(image, step_cli, Path(code_package_url), datastore_root, env, policy, pathspec, container)
+        code = run_step(image, step_cli, package, mounts, env, policy, pathspec, container)
     except StackError as exc:
         click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
@@ -113,3 +115,26 @@ def step(
         click.echo(f"{pathspec}: stopped; its container was removed", err=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     sys.exit(code)
+
+
+def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str], url: str, sha: str):
+    """Mounts and variables (added to ``env``) that reach the run's datastore and metadata; the package file."""
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    from metaflow_stack import settings
+    from metaflow_stack.devcontainer import stores
+    from metaflow_stack.engines import Mount
+
+    env.update(stores.environment(datastore, metadata))
+    local_root = None
+    if datastore == "local":
+        root = flow_datastore.datastore_root
+        mounts = [Mount(root, root, read_only=False)]
+    else:
+        if metadata == "local":
+            local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
+            env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
+        mounts = []
+    mounts += stores.mounts(datastore, metadata, local_root)
+    cache = settings.load().state_dir / "devcontainer" / "packages"
+    return mounts, stores.package_file(flow_datastore, url, sha, cache)

@@ -16,11 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
+from metaflow._vendor import click
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 
 #: The options the trampoline takes, in the decorator's words.
 OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids")
+
+
+def _metadata_type() -> str | None:
+    """The run's metadata provider (``local``, ``service``): Metaflow's command holds it, hooks are not told."""
+    context = click.get_current_context(silent=True)
+    metadata = getattr(getattr(context, "obj", None), "metadata", None)
+    return getattr(metadata, "TYPE", None)
 
 
 class DevcontainerException(MetaflowException):
@@ -58,14 +66,10 @@ class DevcontainerDecorator(StepDecorator):
         self.flow_datastore, self.step, self.config = flow_datastore, step, None
         if os.environ.get("METAFLOW_DEVCONTAINER_WORKLOAD") == "1":
             return  # inside the container: the host checked everything before launching it
+        from metaflow_stack.devcontainer import stores
         from metaflow_stack.devcontainer.policy import SandboxPolicy
         from metaflow_stack.errors import StackError
 
-        if flow_datastore.TYPE != "local":
-            raise DevcontainerException(
-                f"step {step}: @devcontainer runs with the local datastore for now, not {flow_datastore.TYPE} "
-                "(fix: run with --datastore local)"
-            )
         others = [d.name for d in decos if d.name in ("kubernetes", "batch", "nomad", "worker_pool")]
         if others:
             raise DevcontainerException(f"step {step}: @devcontainer cannot be combined with @{others[0]}")
@@ -77,6 +81,7 @@ class DevcontainerDecorator(StepDecorator):
                 memory=str(self.attributes["memory"]) if self.attributes["memory"] is not None else None,
                 pids=int(self.attributes["pids"]),
             )
+            stores.check(flow_datastore.TYPE, self.policy.network, _metadata_type())
             self.config = self._check_config(flow)
         except StackError as exc:
             raise DevcontainerException(f"step {step}: {exc.message} (fix: {exc.fix})") from None

@@ -1,0 +1,121 @@
+"""What a step's container needs to reach the run's datastore and metadata, wherever they live.
+
+* A local datastore is mounted at its own path (see ``launch``): no network needed.
+* An S3 datastore is reached over the network (``network="bridge"``) with the host's S3 settings
+  and AWS credentials (the variables, or ``~/.aws`` mounted read-only); the code package is fetched
+  once per machine into a host cache and mounted like a local one.
+* Local metadata beside an S3 datastore is the host's ``.metaflow`` folder, mounted at its path.
+* A metadata service is reached at its URL, which must be an address a container can reach: a
+  service on the host's loopback is not (it binds 127.0.0.1 by default, for safety).
+
+Credentials travel as the container's environment, never in an image or a log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from metaflow_stack.engines import Mount
+from metaflow_stack.errors import StackError
+
+DATASTORES = ("local", "s3")
+#: AWS variables a step in a container needs to read and write S3 as the host does.
+AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+#: Metaflow settings (whatever set them: variables or config files) the step inside needs.
+S3_SETTINGS = ("S3_ENDPOINT_URL", "S3_VERIFY_CERTIFICATE", "DATASTORE_SYSROOT_S3", "DATATOOLS_S3ROOT")
+SERVICE_SETTINGS = ("SERVICE_URL", "SERVICE_AUTH_KEY", "SERVICE_HEADERS")
+AWS_DIR = "/mf/aws"
+
+
+def check(datastore: str, network: str, metadata: str | None = None) -> None:
+    """Refuse a combination a sandboxed step could not work in (``metadata``: when it is known)."""
+    if datastore not in DATASTORES:
+        raise StackError(
+            f"@devcontainer runs with the {' or '.join(DATASTORES)} datastore, not {datastore}",
+            fix="run with --datastore local or --datastore s3",
+        )
+    if datastore != "local" and network == "none":
+        raise StackError(
+            f"an {datastore} datastore is reached over the network, and this step has none",
+            fix='use @devcontainer(network="bridge")',
+        )
+    if metadata == "service":
+        if network == "none":
+            raise StackError(
+                "the metadata service is reached over the network, and this step has none",
+                fix='use @devcontainer(network="bridge")',
+            )
+        from metaflow.metaflow_config import SERVICE_URL
+
+        host = urlparse(SERVICE_URL or "").hostname or ""
+        if host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+            raise StackError(
+                f"the metadata service at {SERVICE_URL} is on this machine's loopback, which a container cannot reach",
+                fix="serve it where containers reach it (metaflow service serve --host <the Docker bridge's address>)"
+                " and point METAFLOW_SERVICE_URL there",
+            )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def environment(datastore: str, metadata: str) -> dict[str, str]:
+    """The variables the step inside needs for ``datastore`` and ``metadata``."""
+    from metaflow import metaflow_config
+
+    names = (S3_SETTINGS if datastore == "s3" else ()) + (SERVICE_SETTINGS if metadata == "service" else ())
+    env = {}
+    for name in names:
+        value = getattr(metaflow_config, name, None)
+        if value not in (None, "", {}):
+            env[f"METAFLOW_{name}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+    if datastore == "s3":
+        env.update({name: os.environ[name] for name in AWS_VARIABLES if name in os.environ})
+        if aws_dir().is_dir():
+            env.update(AWS_CONFIG_FILE=f"{AWS_DIR}/config", AWS_SHARED_CREDENTIALS_FILE=f"{AWS_DIR}/credentials")
+    return env
+
+
+def aws_dir() -> Path:
+    return Path(os.environ.get("AWS_CONFIG_FILE", Path.home() / ".aws" / "config")).parent
+
+
+def mounts(datastore: str, metadata: str, local_root: str | None) -> list[Mount]:
+    """Host folders the step inside needs: AWS's settings (read-only), local metadata's root."""
+    found = []
+    if datastore == "s3" and aws_dir().is_dir():
+        found.append(Mount(str(aws_dir()), AWS_DIR, read_only=True))
+    if datastore != "local" and metadata == "local" and local_root:
+        found.append(Mount(local_root, local_root, read_only=False))
+    return found
+
+
+def package_file(flow_datastore, url: str, sha: str, cache: Path) -> Path:
+    """The code package as a host file: the local datastore's own, else fetched once into ``cache``."""
+    if flow_datastore.TYPE == "local":
+        return Path(url)
+    target = cache / f"{sha}.tgz"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        [(_, blob)] = list(flow_datastore.load_data([sha]))
+        with tempfile.NamedTemporaryFile(dir=cache, delete=False) as partial:
+            partial.write(blob)
+        os.replace(partial.name, target)  # whole or not at all: concurrent tasks may fetch it too
+    return target
