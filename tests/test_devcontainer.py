@@ -105,7 +105,7 @@ def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path) ->
     while step_containers(docker_engine) and time.monotonic() < deadline:
         time.sleep(0.5)
     # A task Metaflow's runtime SIGKILLed before it cleaned up (a busy machine) leaves an orphan, which the
-    # next launch on this machine removes: what is left after that must be nothing.
+    # next run on this machine removes: what is left after that must be nothing.
     from metaflow_stack.devcontainer.launch import remove_orphans
     from metaflow_stack.engines.docker import DockerEngine
 
@@ -113,7 +113,7 @@ def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path) ->
     assert step_containers(docker_engine) == []
 
 
-def test_containers_of_a_killed_trampoline_are_removed_by_the_next_launch(docker_engine, base_image: str) -> None:
+def test_containers_of_a_killed_trampoline_are_removed_by_the_next_run(docker_engine, base_image: str) -> None:
     import socket
 
     from metaflow_stack.devcontainer.launch import LABEL as STEP
@@ -139,16 +139,14 @@ def test_containers_of_a_killed_trampoline_are_removed_by_the_next_launch(docker
 
 
 def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str, tmp_path: Path) -> None:
-    import tarfile
     import threading
 
     from metaflow_stack.devcontainer.launch import run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.engines import Mount
 
-    package = tmp_path / "job.tar"
-    with tarfile.open(package, "w:gz"):
-        pass  # an empty code package: the step below needs none
+    code = tmp_path / "code"
+    code.mkdir()  # an empty code package: the step below needs none
     datastore = tmp_path / ".metaflow"
     datastore.mkdir()
     stores = [Mount(str(datastore), str(datastore), read_only=False)]
@@ -156,7 +154,7 @@ def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str
     codes: list[int] = []
     worker = threading.Thread(
         target=lambda: codes.append(
-            run_step(base_image, "-c 'import time; time.sleep(3)'", package, stores, {}, policy, "F/1/s/1")
+            run_step(base_image, "-c 'import time; time.sleep(3)'", code, stores, {}, policy, "F/1/s/1")
         )
     )
     worker.start()

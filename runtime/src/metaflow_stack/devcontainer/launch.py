@@ -1,11 +1,11 @@
-"""One task's step command in a container: the code package unpacked in a private tmpfs, the
-local datastore bind-mounted at the same path (so metadata and artifacts land where Metaflow
-reads them, with no copy back), output relayed line by line, the exit code returned.
+"""One task's step command in a container: the code package (unpacked once per machine) mounted
+read-only, the local datastore bind-mounted at the same path (so metadata and artifacts land where
+Metaflow reads them, with no copy back), output relayed line by line, the exit code returned.
 
 The container is removed whatever happens: when the step ends, when it fails to start, and when
 the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline killed outright
 (SIGKILL) cannot clean up: its container carries the trampoline's host and pid, and the next
-``@devcontainer`` task launched on this machine removes containers whose trampoline is gone."""
+``@devcontainer`` run started on this machine removes containers whose trampoline is gone."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.engines import JobSpec, Mount
 from metaflow_stack.engines.docker import DockerEngine
 
-#: Where the code package is mounted and unpacked inside the container.
-PACKAGE = "/mf/job.tar"
+#: Where the unpacked code package is mounted (read-only), and the task's writable working folder.
+CODE = "/mf/code"
 WORKDIR = "/tmp/metaflow"
 #: Labels every step container carries: its task, and the trampoline (host:pid) waiting on it.
 LABEL = "io.metaflow-stack.devcontainer"
@@ -32,13 +32,13 @@ OWNER = "io.metaflow-stack.devcontainer.owner"
 
 
 def _script(step_cli: str, setup: list[str]) -> str:
-    """The container's shell: unpack the package, run the configuration's lifecycle commands in it
-    (the package is the step's workspace), put the package's Metaflow first on the path, run the step."""
+    """The container's shell: run the configuration's lifecycle commands in the code package (the
+    step's workspace, read-only), put the package's Metaflow first on the path, run the step from a
+    writable working folder."""
     lifecycle = "".join(f" && ( {line} )" for line in setup)
     return (
-        f"mkdir -p {WORKDIR} && cd {WORKDIR} && tar -xzf {PACKAGE} -C . --warning=no-timestamp"
-        f" && export HOME=/tmp{lifecycle}"
-        f" && export PYTHONPATH={WORKDIR}/.mf_code METAFLOW_EXTRACTED_ROOT={WORKDIR}"
+        f"export HOME=/tmp && mkdir -p {WORKDIR} && cd {CODE}{lifecycle} && cd {WORKDIR}"
+        f" && export PYTHONPATH={CODE}/.mf_code METAFLOW_EXTRACTED_ROOT={CODE}"
         f" && exec $(command -v python3 || command -v python) -u {step_cli}"
     )
 
@@ -64,14 +64,14 @@ def _stopped_by_signals() -> Iterator[None]:
 def run_step(
     image: str,
     step_cli: str,
-    package: Path,
+    code: Path,
     stores: list[Mount],
     env: dict[str, str],
     policy: SandboxPolicy,
     pathspec: str,
     container: TaskContainer | None = None,
 ) -> int:
-    """Run ``step_cli`` (the step's arguments, after the interpreter) in a container of ``image``
+    """Run ``step_cli`` (the interpreter's arguments: the flow file under ``CODE``, ...) in a container of ``image``
     under ``policy``, with the run's datastore and metadata reachable (``stores``: what to mount) and
     what a devcontainer.json adds (``container``); its exit code.
 
@@ -85,7 +85,7 @@ def run_step(
         mounts=[
             *container.mounts,
             *stores,
-            Mount(str(package), PACKAGE),
+            Mount(str(code), CODE),
         ],
         workdir="/tmp",
         user=container.user or host_user(),
@@ -102,7 +102,6 @@ def run_step(
         ulimits=container.ulimits,
     )
     engine = DockerEngine()
-    remove_orphans(engine)
     with _stopped_by_signals():
         job = engine.launch(spec)
         try:

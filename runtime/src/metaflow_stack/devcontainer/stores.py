@@ -2,8 +2,7 @@
 
 * A local datastore is mounted at its own path (see ``launch``): no network needed.
 * An S3 datastore is reached over the network (``network="bridge"``) with the host's S3 settings
-  and AWS credentials (the variables, or ``~/.aws`` mounted read-only); the code package is fetched
-  once per machine into a host cache and mounted like a local one.
+  and AWS credentials (the variables, or ``~/.aws`` mounted read-only).
 * Local metadata beside an S3 datastore is the host's ``.metaflow`` folder, mounted at its path.
 * A metadata service is reached at its URL, which must be an address a container can reach: a
   service on the host's loopback is not (it binds 127.0.0.1 by default, for safety).
@@ -16,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -105,17 +103,3 @@ def mounts(datastore: str, metadata: str, local_root: str | None) -> list[Mount]
     if datastore != "local" and metadata == "local" and local_root:
         found.append(Mount(local_root, local_root, read_only=False))
     return found
-
-
-def package_file(flow_datastore, url: str, sha: str, cache: Path) -> Path:
-    """The code package as a host file: the local datastore's own, else fetched once into ``cache``."""
-    if flow_datastore.TYPE == "local":
-        return Path(url)
-    target = cache / f"{sha}.tgz"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        [(_, blob)] = list(flow_datastore.load_data([sha]))
-        with tempfile.NamedTemporaryFile(dir=cache, delete=False) as partial:
-            partial.write(blob)
-        os.replace(partial.name, target)  # whole or not at all: concurrent tasks may fetch it too
-    return target

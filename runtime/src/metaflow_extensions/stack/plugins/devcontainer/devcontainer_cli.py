@@ -71,7 +71,7 @@ def step(
     **kwargs,
 ) -> None:
     from metaflow_stack.devcontainer import stores
-    from metaflow_stack.devcontainer.launch import run_step
+    from metaflow_stack.devcontainer.launch import CODE, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
     from metaflow_stack.errors import StackError
@@ -95,7 +95,8 @@ def step(
         }
         env.update(chunks)
         kwargs["input_paths"] = "".join(f"${{{name}}}" for name in chunks)
-    step_cli = "{flow} {top} step {step} {args}".format(
+    step_cli = "{code}/{flow} {top} step {step} {args}".format(
+        code=CODE,
         flow=os.path.basename(sys.argv[0]),
         top=" ".join(util.dict_to_cli_options(ctx.parent.parent.params)),
         step=step_name,
@@ -118,11 +119,11 @@ def step(
 
 
 def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str], url: str, sha: str):
-    """Mounts and variables (added to ``env``) that reach the run's datastore and metadata; the package file."""
+    """Mounts and variables (added to ``env``) that reach the run's datastore and metadata; the code's folder."""
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
     from metaflow_stack import settings
-    from metaflow_stack.devcontainer import stores
+    from metaflow_stack.devcontainer import code, stores
     from metaflow_stack.engines import Mount
 
     env.update(stores.environment(datastore, metadata))
@@ -136,5 +137,5 @@ def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str], 
             env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
         mounts = []
     mounts += stores.mounts(datastore, metadata, local_root)
-    cache = settings.load().state_dir / "devcontainer" / "packages"
-    return mounts, stores.package_file(flow_datastore, url, sha, cache)
+    cache = settings.load().state_dir / "devcontainer" / "code"
+    return mounts, code.unpacked(flow_datastore, url, sha, cache)

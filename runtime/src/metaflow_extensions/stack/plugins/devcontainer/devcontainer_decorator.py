@@ -61,6 +61,7 @@ class DevcontainerDecorator(StepDecorator):
     package_metadata: ClassVar[str | None] = None
     #: Per devcontainer.json (path and digest): its image and task settings, prepared once per run.
     prepared: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {}
+    swept: ClassVar[bool] = False
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step, self.config = flow_datastore, step, None
@@ -105,6 +106,7 @@ class DevcontainerDecorator(StepDecorator):
         from metaflow_stack.errors import StackError
 
         self.package = package
+        self._sweep_once()
         if self.config is not None:
             try:
                 self.attributes["image"], self.container_json = self._prepare(*self.config)
@@ -118,6 +120,20 @@ class DevcontainerDecorator(StepDecorator):
                 except StackError as exc:
                     raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
             self.attributes["image"] = cls.default_image
+
+    @classmethod
+    def _sweep_once(cls) -> None:
+        """Remove the containers of earlier runs' trampolines that were killed outright, once per run."""
+        from metaflow_stack.devcontainer.launch import remove_orphans
+        from metaflow_stack.engines.docker import DockerEngine
+        from metaflow_stack.errors import StackError
+
+        if not cls.swept:
+            try:
+                remove_orphans(DockerEngine())
+            except StackError as exc:
+                raise DevcontainerException(f"{exc.message} (fix: {exc.fix})") from None
+            cls.swept = True
 
     @classmethod
     def _prepare(cls, path: Path, config, digest: str) -> tuple[str, str]:

@@ -1,0 +1,60 @@
+"""The code package, unpacked and compiled to bytecode once per machine and mounted read-only into
+every task's container: a task then starts no unpacking and imports Metaflow from bytecode, where
+unpacking in each container and compiling Metaflow's sources afresh cost about a second a task.
+
+Folders are named by the package's content hash and made whole before they appear (unpacked and
+compiled under a temporary name, then renamed), so tasks starting together never see half a
+package. The bytecode is the host Python's; an image with another Python version reads the
+sources instead (the mount is read-only, so no task writes into what others share).
+"""
+
+from __future__ import annotations
+
+import compileall
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+#: Unpacked packages kept per machine; the least recently used beyond this are removed.
+KEEP = 16
+
+
+def _blob(flow_datastore, url: str, sha: str) -> bytes:
+    if flow_datastore.TYPE == "local":
+        return Path(url).read_bytes()
+    [(_, blob)] = list(flow_datastore.load_data([sha]))
+    return blob
+
+
+def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
+    """The folder holding the package ``sha`` (at ``url`` in ``flow_datastore``), unpacked and compiled."""
+    target = cache / sha
+    if target.is_dir():
+        os.utime(target)  # used now: kept by the pruning below
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
+    try:
+        archive = staging / "package.tgz"
+        archive.write_bytes(_blob(flow_datastore, url, sha))
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging / "code", filter="data")
+        archive.unlink()
+        compileall.compile_dir(staging / "code", quiet=2, workers=0)
+        try:
+            (staging / "code").rename(target)
+        except OSError:
+            if not target.is_dir():  # another task made it first: theirs is the same
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune(cache)
+    return target
+
+
+def _prune(cache: Path) -> None:
+    folders = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")), key=os.path.getmtime)
+    for old in folders[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
