@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from metaflow_stack import builders, settings
+from metaflow_stack.devcontainer.image import CLI_FIX
 from metaflow_stack.engines import docker as docker_engine
 from metaflow_stack.errors import StackError
 from metaflow_stack.registry import ping
@@ -169,7 +170,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
         "Dev Containers CLI",
         ["devcontainer", "--version"],
         "@devcontainer with features",
-        "npm install -g @devcontainers/cli",
+        CLI_FIX,
     ),
     _chromium,
 )

@@ -29,7 +29,7 @@ from metaflow_stack.errors import ImageBuildError, StackError, ToolMissingError
 #: The label the Dev Containers CLI stores merged feature and configuration settings under.
 METADATA_LABEL = "devcontainer.metadata"
 REPOSITORY = "metaflow-stack-devcontainer"
-CLI_FIX = "install the Dev Containers CLI (npm install -g @devcontainers/cli, or ./just devcontainer-cli)"
+CLI_FIX = "npm install -g @devcontainers/cli (or ./just devcontainer-cli in this project)"
 #: Names the stack's base image for configurations (``${localEnv:METAFLOW_STACK_BASE_IMAGE}``).
 BASE_VARIABLE = "METAFLOW_STACK_BASE_IMAGE"
 _BASE_ARG = re.compile(r"^\s*ARG\s+BASE_IMAGE\b", re.MULTILINE | re.IGNORECASE)

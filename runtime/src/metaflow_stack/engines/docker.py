@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -61,6 +63,19 @@ def _lines(chunks: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
             yield source, rest.decode(errors="replace")
 
 
+@contextlib.contextmanager
+def _env_file(env: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """The job's environment in a file only this user can read, removed once the container is created:
+    values on ``docker run``'s command line would be visible to every user of the machine (``ps``).
+    Docker's env files hold one line a variable; the rare multi-line value stays on the command line."""
+    single = {k: v for k, v in env.items() if "\n" not in v}
+    with tempfile.NamedTemporaryFile("w", prefix="stack-env-", suffix=".list") as handle:
+        os.chmod(handle.name, 0o600)
+        handle.write("".join(f"{k}={v}\n" for k, v in single.items()))
+        handle.flush()
+        yield handle.name, {k: v for k, v in env.items() if k not in single}
+
+
 class DockerJob:
     """One container; it stays until ``remove()`` so its exit code can be read."""
 
@@ -112,13 +127,18 @@ class DockerEngine:
 
     def launch(self, spec: JobSpec) -> DockerJob:
         """Start a detached container for ``spec``."""
+        with _env_file(spec.env) as (env_file, rest):
+            return self._launch(spec, env_file, rest)
+
+    def _launch(self, spec: JobSpec, env_file: str, env: dict[str, str]) -> DockerJob:
         labels = {JOB_LABEL: "true", **spec.labels}
         try:
             container = self._docker.run(
                 spec.image,
                 spec.command,
                 detach=True,
-                envs=spec.env,
+                env_files=[env_file],
+                envs=env,
                 volumes=[(m.source, m.target, "ro" if m.read_only else "rw") for m in spec.mounts],
                 workdir=spec.workdir,
                 user=spec.user,

@@ -42,7 +42,6 @@ def devcontainer() -> None:
 @click.option("--memory", default=None)
 @click.option("--read-only/--no-read-only", default=True)
 @click.option("--pids", type=int, default=512)
-@click.option("--container-json", default=None, help="What a devcontainer.json adds to the container (JSON).")
 @click.option("--run-id")
 @click.option("--task-id")
 @click.option("--input-paths")
@@ -67,7 +66,6 @@ def step(
     memory: str | None,
     read_only: bool,
     pids: int,
-    container_json: str | None,
     **kwargs,
 ) -> None:
     from metaflow_stack.devcontainer import stores
@@ -75,6 +73,8 @@ def step(
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
     from metaflow_stack.errors import StackError
+
+    from .devcontainer_decorator import TASK_CONTAINER_VARIABLE
 
     kwargs.pop("ubf_context", None)
     env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
@@ -107,6 +107,7 @@ def step(
         policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
         stores.check(datastore, network, metadata)
         mounts, package = _stores(ctx.obj.flow_datastore, datastore, metadata, env, code_package_url, code_package_sha)
+        container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
         container = TaskContainer.model_validate_json(container_json) if container_json else None
         code = run_step(image, step_cli, package, mounts, env, policy, pathspec, container)
     except StackError as exc:

@@ -20,6 +20,8 @@ from metaflow._vendor import click
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 
+#: Carries what a devcontainer.json adds to each task's container to the trampoline, as JSON.
+TASK_CONTAINER_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_TASK"
 #: The options the trampoline takes, in the decorator's words.
 OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids")
 
@@ -158,8 +160,8 @@ class DevcontainerDecorator(StepDecorator):
             return  # a @catch fallback attempt: run locally, as Metaflow's own compute decorators do
         cli_args.commands = ["devcontainer", "step"]
         cli_args.command_args += [self.package_metadata, self.package_sha, self.package_url]
-        if self.config is not None:
-            cli_args.command_options["container-json"] = self.container_json
+        if self.config is not None:  # in the environment: a command line is visible to every user (ps)
+            cli_args.env[TASK_CONTAINER_VARIABLE] = self.container_json
         for option in OPTIONS:
             value = self.attributes[option]
             if option == "read_only":
