@@ -294,3 +294,32 @@ def pulumi_offline() -> None:
 
 # The metadata service's servers (PostgreSQL, a lagging replica, NATS, the service), as fixtures for every module.
 from service_servers import lagging_replica, nats_server, postgres, service_factory  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def bridge_address() -> str:
+    """The Docker bridge's address on this machine: where a container on the default network reaches
+    the host. Test servers listen there (the stack's own bind 127.0.0.1 unless told otherwise)."""
+    from metaflow_stack.engines.docker import require_engine
+    from metaflow_stack.errors import DockerUnavailableError
+
+    try:
+        docker = require_engine()
+    except DockerUnavailableError as exc:
+        need("docker", False, exc.message)
+    return docker.network.inspect("bridge").ipam.config[0]["Gateway"]
+
+
+@pytest.fixture(scope="session")
+def bridge_s3(bridge_address: str) -> Iterator[str]:
+    """moto's S3 server on the bridge address with a bucket; yields its endpoint."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address=bridge_address, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sandbox")
+    yield endpoint
+    server.stop()

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -51,40 +50,13 @@ print(json.dumps({"successful": run.successful, "in_container": run["start"].tas
 """
 
 
-@pytest.fixture(scope="module")
-def bridge_address() -> str:
-    from metaflow_stack.engines.docker import require_engine
-    from metaflow_stack.errors import DockerUnavailableError
-
-    try:
-        docker = require_engine()
-    except DockerUnavailableError as exc:
-        pytest.skip(f"docker unavailable: {exc.message}")
-    return docker.network.inspect("bridge").ipam.config[0]["Gateway"]
-
-
-@pytest.fixture(scope="module")
-def bridge_s3(bridge_address: str) -> Iterator[str]:
-    """moto's S3 server on the bridge address with a bucket; yields its endpoint."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address=bridge_address, port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sandbox")
-    yield endpoint
-    server.stop()
-
-
-def _run(root: Path, env: dict[str, str], *top: str) -> subprocess.CompletedProcess:
-    (root / "s3_flow.py").write_text(S3_FLOW)
+def run_s3_flow(root: Path, env: dict[str, str], *top: str, flow: str = S3_FLOW) -> subprocess.CompletedProcess:
+    (root / "s3_flow.py").write_text(flow)
     command = [sys.executable, "s3_flow.py", *top, "run"]
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
 
 
-def _env(endpoint: str, **extra: str) -> dict[str, str]:
+def s3_env(endpoint: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
@@ -95,7 +67,7 @@ def _env(endpoint: str, **extra: str) -> dict[str, str]:
     }
 
 
-def _read(root: Path, env: dict[str, str]) -> dict:
+def read_s3_run(root: Path, env: dict[str, str]) -> dict:
     done = subprocess.run([sys.executable, "-c", READ], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -104,10 +76,10 @@ def _read(root: Path, env: dict[str, str]) -> dict:
 @pytest.mark.docker
 @pytest.mark.slow
 def test_a_sandboxed_step_reads_and_writes_an_s3_datastore(docker_engine, bridge_s3: str, tmp_path: Path) -> None:
-    env = _env(bridge_s3)
-    done = _run(tmp_path, env, "--datastore", "s3")
+    env = s3_env(bridge_s3)
+    done = run_s3_flow(tmp_path, env, "--datastore", "s3")
     assert done.returncode == 0, done.stderr[-4000:]
-    run = _read(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
+    run = read_s3_run(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
     assert run["successful"] and run["in_container"] and run["total"] == 10
     # the container's local metadata landed in the host's .metaflow, beside the runtime's
     assert list((tmp_path / ".metaflow" / "S3SandboxFlow").glob("*/start/*/_meta/*attempt*"))
@@ -120,10 +92,10 @@ def test_a_sandboxed_step_records_in_the_metadata_service(
 ) -> None:
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address)
     try:
-        env = _env(bridge_s3, METAFLOW_SERVICE_URL=service.url, METAFLOW_DEFAULT_METADATA="service")
-        done = _run(tmp_path, env, "--datastore", "s3", "--metadata", "service")
+        env = s3_env(bridge_s3, METAFLOW_SERVICE_URL=service.url, METAFLOW_DEFAULT_METADATA="service")
+        done = run_s3_flow(tmp_path, env, "--datastore", "s3", "--metadata", "service")
         assert done.returncode == 0, done.stderr[-4000:]
-        run = _read(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
+        run = read_s3_run(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
         assert run["successful"] and run["in_container"] and run["total"] == 10
         runs = httpx.get(f"{service.url}/flows/S3SandboxFlow/runs", timeout=10).json()
         run_id = runs[0]["run_number"]
@@ -150,7 +122,7 @@ def test_a_store_the_sandbox_cannot_reach_is_refused_in_one_line(
     flow = S3_FLOW if "service" in top else S3_FLOW.replace('network="bridge"', 'network="none"')
     (tmp_path / "s3_flow.py").write_text(flow)
     command = [sys.executable, "s3_flow.py", *top, "run"]
-    full_env = _env("http://127.0.0.1:9", **env)
+    full_env = s3_env("http://127.0.0.1:9", **env)
     done = subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert said in done.stdout + done.stderr

@@ -44,7 +44,7 @@ def _script(step_cli: str, setup: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
+def stopped_by_signals() -> Iterator[None]:
     """Turn SIGTERM into ``KeyboardInterrupt`` while the container runs, so it is removed on the way out
     (only the main thread may set handlers: elsewhere the caller owns the signals)."""
     if threading.current_thread() is not threading.main_thread():
@@ -102,7 +102,7 @@ def run_step(
         ulimits=container.ulimits,
     )
     engine = DockerEngine()
-    with _stopped_by_signals():
+    with stopped_by_signals():
         job = engine.launch(spec)
         try:
             for stream, line in job.streams(follow=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from metaflow import util
 from metaflow._vendor import click
@@ -36,7 +37,10 @@ def devcontainer() -> None:
 @click.argument("code-package-metadata")
 @click.argument("code-package-sha")
 @click.argument("code-package-url")
-@click.option("--image", required=True)
+@click.option("--image", default=None)
+@click.option("--backend", default="docker")
+@click.option("--provider", default=None)
+@click.option("--config", default=None)
 @click.option("--network", default="none")
 @click.option("--cpu", type=float, default=None)
 @click.option("--memory", default=None)
@@ -60,7 +64,10 @@ def step(
     code_package_metadata: str,
     code_package_sha: str,
     code_package_url: str,
-    image: str,
+    image: str | None,
+    backend: str,
+    provider: str | None,
+    config: str | None,
     network: str,
     cpu: float | None,
     memory: str | None,
@@ -68,7 +75,7 @@ def step(
     pids: int,
     **kwargs,
 ) -> None:
-    from metaflow_stack.devcontainer import stores
+    from metaflow_stack.devcontainer import devpod, stores
     from metaflow_stack.devcontainer.launch import CODE, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
@@ -95,8 +102,7 @@ def step(
         }
         env.update(chunks)
         kwargs["input_paths"] = "".join(f"${{{name}}}" for name in chunks)
-    step_cli = "{code}/{flow} {top} step {step} {args}".format(
-        code=CODE,
+    step_args = "{flow} {top} step {step} {args}".format(
         flow=os.path.basename(sys.argv[0]),
         top=" ".join(util.dict_to_cli_options(ctx.parent.parent.params)),
         step=step_name,
@@ -104,12 +110,27 @@ def step(
     )
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     try:
-        policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
-        stores.check(datastore, network, metadata)
-        mounts, package = _stores(ctx.obj.flow_datastore, datastore, metadata, env, code_package_url, code_package_sha)
-        container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
-        container = TaskContainer.model_validate_json(container_json) if container_json else None
-        code = run_step(image, step_cli, package, mounts, env, policy, pathspec, container)
+        if backend == "devpod":
+            devpod.check(datastore, metadata)
+            env.update(stores.environment(datastore, metadata))
+            code = devpod.run_step(
+                step_args,
+                _code(ctx.obj.flow_datastore, code_package_url, code_package_sha),
+                env,
+                pathspec,
+                int(kwargs["retry_count"]),
+                config=Path(config) if config else None,
+                image=image,
+                provider=provider,
+            )
+        else:
+            policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
+            stores.check(datastore, network, metadata)
+            mounts = _stores(ctx.obj.flow_datastore, datastore, metadata, env)
+            package = _code(ctx.obj.flow_datastore, code_package_url, code_package_sha)
+            container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
+            container = TaskContainer.model_validate_json(container_json) if container_json else None
+            code = run_step(image, f"{CODE}/{step_args}", package, mounts, env, policy, pathspec, container)
     except StackError as exc:
         click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
@@ -119,12 +140,11 @@ def step(
     sys.exit(code)
 
 
-def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str], url: str, sha: str):
-    """Mounts and variables (added to ``env``) that reach the run's datastore and metadata; the code's folder."""
+def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str]) -> list:
+    """Mounts and variables (added to ``env``) that reach the run's datastore and metadata from a local container."""
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
-    from metaflow_stack import settings
-    from metaflow_stack.devcontainer import code, stores
+    from metaflow_stack.devcontainer import stores
     from metaflow_stack.engines import Mount
 
     env.update(stores.environment(datastore, metadata))
@@ -137,6 +157,12 @@ def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str], 
             local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
             env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
         mounts = []
-    mounts += stores.mounts(datastore, metadata, local_root)
-    cache = settings.load().state_dir / "devcontainer" / "code"
-    return mounts, code.unpacked(flow_datastore, url, sha, cache)
+    return mounts + stores.mounts(datastore, metadata, local_root)
+
+
+def _code(flow_datastore, url: str, sha: str) -> Path:
+    """The code package, unpacked once per machine."""
+    from metaflow_stack import settings
+    from metaflow_stack.devcontainer import code
+
+    return code.unpacked(flow_datastore, url, sha, settings.load().state_dir / "devcontainer" / "code")

@@ -23,7 +23,9 @@ from metaflow.exception import MetaflowException
 #: Carries what a devcontainer.json adds to each task's container to the trampoline, as JSON.
 TASK_CONTAINER_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_TASK"
 #: The options the trampoline takes, in the decorator's words.
-OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids")
+OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids", "backend", "provider")
+#: Where a step's container runs: this machine's Docker engine, or a DevPod workspace.
+BACKENDS = ("docker", "devpod")
 
 
 def _metadata_type() -> str | None:
@@ -44,6 +46,8 @@ class DevcontainerDecorator(StepDecorator):
     network: "none" (default) or "bridge"; read_only: a read-only root file system (default True);
     cpu, memory ("2g"), pids (default 512): limits. The container runs as the host user with every
     capability dropped and no privilege escalation; the local datastore is mounted at its own path.
+    backend: "docker" (default) or "devpod" (a DevPod workspace per task, on ``provider`` or DevPod's
+    default one; the provider makes the container, so the sandbox settings above do not apply).
     """
 
     name = "devcontainer"
@@ -55,6 +59,8 @@ class DevcontainerDecorator(StepDecorator):
         "memory": None,
         "read_only": True,
         "pids": 512,
+        "backend": "docker",
+        "provider": None,
     }
     #: The default image's reference, resolved once per run (its tag hashes the image's sources).
     default_image: ClassVar[str | None] = None
@@ -69,7 +75,6 @@ class DevcontainerDecorator(StepDecorator):
         self.flow_datastore, self.step, self.config = flow_datastore, step, None
         if os.environ.get("METAFLOW_DEVCONTAINER_WORKLOAD") == "1":
             return  # inside the container: the host checked everything before launching it
-        from metaflow_stack.devcontainer import stores
         from metaflow_stack.devcontainer.policy import SandboxPolicy
         from metaflow_stack.errors import StackError
 
@@ -84,10 +89,28 @@ class DevcontainerDecorator(StepDecorator):
                 memory=str(self.attributes["memory"]) if self.attributes["memory"] is not None else None,
                 pids=int(self.attributes["pids"]),
             )
-            stores.check(flow_datastore.TYPE, self.policy.network, _metadata_type())
+            self._check_backend(flow_datastore.TYPE, _metadata_type())
             self.config = self._check_config(flow)
         except StackError as exc:
             raise DevcontainerException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
+
+    def _check_backend(self, datastore: str, metadata: str | None) -> None:
+        from metaflow_stack.devcontainer import devpod, stores
+        from metaflow_stack.errors import StackError
+
+        backend = self.attributes["backend"]
+        if backend not in BACKENDS:
+            raise StackError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}", fix='use backend="docker"')
+        if backend == "docker":
+            stores.check(datastore, self.policy.network, metadata)
+            return
+        devpod.binary()
+        devpod.check(datastore, metadata)
+        if self.attributes["config"] is None and self.attributes["image"] is None:
+            raise StackError(
+                "a DevPod workspace needs image= or config=: this machine's base image is not where the provider runs",
+                fix="give config= (a devcontainer.json) or image= (a published image)",
+            )
 
     def _check_config(self, flow) -> tuple[Path, Any, str] | None:
         """The step's devcontainer.json, read and checked now so a mistake stops the run before it starts."""
@@ -108,6 +131,8 @@ class DevcontainerDecorator(StepDecorator):
         from metaflow_stack.errors import StackError
 
         self.package = package
+        if self.attributes["backend"] != "docker":
+            return  # the workspace's provider builds and runs the container
         self._sweep_once()
         if self.config is not None:
             try:
@@ -160,8 +185,11 @@ class DevcontainerDecorator(StepDecorator):
             return  # a @catch fallback attempt: run locally, as Metaflow's own compute decorators do
         cli_args.commands = ["devcontainer", "step"]
         cli_args.command_args += [self.package_metadata, self.package_sha, self.package_url]
-        if self.config is not None:  # in the environment: a command line is visible to every user (ps)
+        if self.config is not None and self.attributes["backend"] == "docker":
+            # in the environment: a command line is visible to every user (ps)
             cli_args.env[TASK_CONTAINER_VARIABLE] = self.container_json
+        elif self.config is not None:
+            cli_args.command_options["config"] = str(self.config[0])
         for option in OPTIONS:
             value = self.attributes[option]
             if option == "read_only":

@@ -1,0 +1,102 @@
+"""One task's step in a DevPod workspace: ``devpod up`` on a folder holding the step's
+devcontainer.json and its code, ``devpod ssh --command`` to run the step (its output is the
+task's, its exit status the task's), ``devpod delete`` whatever happens.
+
+DevPod's provider decides where the workspace runs (this machine's Docker, a Kubernetes cluster, a
+cloud VM), so the step reaches its datastore and metadata over the network: an S3 datastore and the
+metadata service. The provider also makes the container, so the sandbox policy of the local
+backend does not apply there. Each task gets its own workspace, so attempts never share state;
+``devpod up`` costs seconds to minutes, which suits long steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from metaflow_stack.devcontainer.launch import stopped_by_signals
+from metaflow_stack.errors import StackError, ToolMissingError
+
+INSTALL_FIX = "install the DevPod CLI (https://devpod.sh/docs/getting-started/install) and add a provider"
+#: The longest workspace id DevPod accepts.
+_MAX_ID = 48
+
+
+def binary() -> str:
+    """The DevPod CLI: the ``STACK_DEVPOD_CLI`` setting, else ``devpod`` on PATH."""
+    from metaflow.metaflow_config_funcs import from_conf
+
+    found = from_conf("STACK_DEVPOD_CLI", "") or shutil.which("devpod")
+    if not found:
+        raise ToolMissingError("@devcontainer(backend='devpod') needs the DevPod CLI (not on PATH)", INSTALL_FIX)
+    return found
+
+
+def check(datastore: str, metadata: str | None) -> None:
+    """A DevPod workspace may run on another machine: it reaches the run's stores over the network."""
+    if datastore != "s3" or metadata not in (None, "service"):
+        raise StackError(
+            "a DevPod workspace may run on another machine, where this machine's local datastore and metadata are not",
+            fix="run with --datastore s3 --metadata service",
+        )
+
+
+def workspace_id(pathspec: str, attempt: int) -> str:
+    """A DevPod workspace id for one attempt of one task: short, lowercase, unique."""
+    digest = hashlib.sha256(f"{pathspec}/{attempt}".encode()).hexdigest()[:16]
+    return f"mf-{digest}"[:_MAX_ID]
+
+
+def stage(code: Path, config_dir: Path | None, image: str | None, into: Path) -> Path:
+    """The workspace's source folder: the code package's files and ``.devcontainer/`` (the step's
+    configuration folder, or one naming ``image``)."""
+    shutil.copytree(code, into, symlinks=True)
+    target = into / ".devcontainer"
+    if config_dir is not None:
+        shutil.copytree(config_dir, target, dirs_exist_ok=True)
+    else:
+        target.mkdir(exist_ok=True)
+        (target / "devcontainer.json").write_text(json.dumps({"image": image}))
+    return into
+
+
+def run_step(
+    step_cli: str,
+    code: Path,
+    env: dict[str, str],
+    pathspec: str,
+    attempt: int,
+    *,
+    config: Path | None,
+    image: str | None,
+    provider: str | None,
+) -> int:
+    """Run ``step_cli`` (the interpreter's arguments, relative to the code's folder) in a new DevPod
+    workspace; its exit status. The workspace is deleted on exit, failure and SIGTERM/SIGINT."""
+    devpod = binary()
+    ident = workspace_id(pathspec, attempt)
+    global_flags = ["--provider", provider] if provider else []
+    with tempfile.TemporaryDirectory(prefix="devpod-") as scratch, stopped_by_signals():
+        source = stage(code, config.parent if config else None, image, Path(scratch) / "workspace")
+        config_path = f".devcontainer/{config.name}" if config else ".devcontainer/devcontainer.json"
+        up = [devpod, "up", str(source), "--id", ident, "--ide", "none", "--devcontainer-path", config_path]
+        try:
+            done = subprocess.run(up + global_flags, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
+                raise StackError(f"devpod up failed for {pathspec}:\n{tail}", fix="correct what the log above says")
+            script = (
+                "export PYTHONPATH=$PWD/.mf_code METAFLOW_EXTRACTED_ROOT=$PWD"
+                f" && exec $(command -v python3 || command -v python) -u {step_cli}"
+            )
+            ssh = [devpod, "ssh", ident, "--silent", "--start-services=false", "--agent-forwarding=false"]
+            ssh += [flag for name in env for flag in ("--send-env", name)] + ["--command", script]
+            # the values travel in this process's environment (--send-env), never on a command line
+            return subprocess.run(ssh, env={**os.environ, **env}).returncode
+        finally:
+            subprocess.run([devpod, "delete", ident, "--force", "--ignore-not-found"], capture_output=True, text=True)

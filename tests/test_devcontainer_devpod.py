@@ -1,0 +1,77 @@
+"""``@devcontainer(backend="devpod")``: a step in a DevPod workspace (DevPod's Docker provider, an S3
+datastore and the metadata service, both on the Docker bridge's address), and the one-line
+refusals. DevPod is not on these machines: the workspace test skips naming it here and runs in the
+GitHub workflow's ``devpod`` job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, need
+from service_servers import start_service
+from test_devcontainer_stores import S3_FLOW, read_s3_run, run_s3_flow, s3_env
+
+DEVPOD_FLOW = S3_FLOW.replace('@devcontainer(network="bridge")', "@devcontainer({args})")
+
+
+def devpod_installed() -> None:
+    from metaflow_stack.devcontainer.devpod import INSTALL_FIX
+
+    need("devpod", shutil.which("devpod") is not None, f"the DevPod CLI is not on PATH ({INSTALL_FIX})")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_step_runs_in_a_devpod_workspace_that_is_deleted_after(
+    docker_engine, base_image: str, bridge_s3: str, bridge_address: str, tmp_path: Path
+) -> None:
+    devpod_installed()
+    (tmp_path / ".devcontainer").mkdir()
+    (tmp_path / ".devcontainer" / "devcontainer.json").write_text(json.dumps({"image": base_image}))
+    flow = DEVPOD_FLOW.format(args='backend="devpod", provider="docker", config=".devcontainer/devcontainer.json"')
+    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address)
+    try:
+        env = s3_env(bridge_s3, METAFLOW_SERVICE_URL=service.url, METAFLOW_DEFAULT_METADATA="service")
+        done = run_s3_flow(tmp_path, env, "--datastore", "s3", "--metadata", "service", flow=flow)
+        assert done.returncode == 0, done.stderr[-4000:]
+        run = read_s3_run(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
+        assert run["successful"] and run["in_container"] and run["total"] == 10
+    finally:
+        service.stop()
+    listed = subprocess.run(["devpod", "list", "--output", "json"], capture_output=True, text=True, timeout=60)
+    assert not [w for w in json.loads(listed.stdout or "[]") if w.get("id", "").startswith("mf-")]
+
+
+@pytest.mark.parametrize(
+    ("args", "top", "said"),
+    [
+        ('backend="kubernetes"', (), "backend='kubernetes' is not one of docker, devpod"),
+        ('backend="devpod", image="x"', (), "the DevPod CLI"),
+    ],
+)
+def test_a_wrong_backend_is_refused_in_one_line(tmp_path: Path, args: str, top: tuple[str, ...], said: str) -> None:
+    (tmp_path / "s3_flow.py").write_text(DEVPOD_FLOW.format(args=args))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:/usr/bin:/bin", "METAFLOW_DEFAULT_METADATA": "local"}
+    env.pop("METAFLOW_STACK_DEVPOD_CLI", None)
+    command = [sys.executable, "s3_flow.py", *top, "run"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert said in done.stdout + done.stderr
+
+
+def test_a_devpod_step_needs_stores_another_machine_reaches() -> None:
+    from metaflow_stack.devcontainer import devpod
+    from metaflow_stack.errors import StackError
+
+    devpod.check("s3", "service")  # the combination that works anywhere
+    for datastore, metadata in (("local", "service"), ("s3", "local")):
+        with pytest.raises(StackError, match="--datastore s3 --metadata service"):
+            devpod.check(datastore, metadata)
+    ident = devpod.workspace_id("F/1/s/2", 0)
+    assert ident != devpod.workspace_id("F/1/s/2", 1) and len(ident) <= 48 and ident == ident.lower()
