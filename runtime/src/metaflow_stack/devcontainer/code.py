@@ -21,7 +21,8 @@ from pathlib import Path
 KEEP = 16
 
 
-def _blob(flow_datastore, url: str, sha: str) -> bytes:
+def package_bytes(flow_datastore, url: str, sha: str) -> bytes:
+    """The code package's archive, from the local datastore's file or fetched from the datastore."""
     if flow_datastore.TYPE == "local":
         return Path(url).read_bytes()
     [(_, blob)] = list(flow_datastore.load_data([sha]))
@@ -38,7 +39,7 @@ def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
     try:
         archive = staging / "package.tgz"
-        archive.write_bytes(_blob(flow_datastore, url, sha))
+        archive.write_bytes(package_bytes(flow_datastore, url, sha))
         with tarfile.open(archive) as tar:
             tar.extractall(staging / "code", filter="data")
         archive.unlink()

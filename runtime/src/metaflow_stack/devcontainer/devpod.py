@@ -37,15 +37,6 @@ def binary() -> str:
     return found
 
 
-def check(datastore: str, metadata: str | None) -> None:
-    """A DevPod workspace may run on another machine: it reaches the run's stores over the network."""
-    if datastore != "s3" or metadata not in (None, "service"):
-        raise StackError(
-            "a DevPod workspace may run on another machine, where this machine's local datastore and metadata are not",
-            fix="run with --datastore s3 --metadata service",
-        )
-
-
 def workspace_id(pathspec: str, attempt: int) -> str:
     """A DevPod workspace id for one attempt of one task: short, lowercase, unique."""
     digest = hashlib.sha256(f"{pathspec}/{attempt}".encode()).hexdigest()[:16]

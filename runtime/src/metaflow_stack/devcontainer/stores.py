@@ -66,6 +66,15 @@ def check(datastore: str, network: str, metadata: str | None = None) -> None:
             )
 
 
+def check_remote(backend: str, datastore: str, metadata: str | None) -> None:
+    """A workspace on another machine reaches the run's stores over the network: S3 and the service."""
+    if datastore != "s3" or metadata not in (None, "service"):
+        raise StackError(
+            f"a {backend} workspace runs on another machine, where this machine's local datastore and metadata are not",
+            fix="run with --datastore s3 --metadata service",
+        )
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

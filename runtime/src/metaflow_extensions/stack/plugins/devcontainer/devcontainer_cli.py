@@ -75,7 +75,8 @@ def step(
     pids: int,
     **kwargs,
 ) -> None:
-    from metaflow_stack.devcontainer import devpod, stores
+    from metaflow_stack.devcontainer import daytona_sandbox, devpod, stores
+    from metaflow_stack.devcontainer.code import package_bytes
     from metaflow_stack.devcontainer.launch import CODE, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
@@ -110,24 +111,25 @@ def step(
     )
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     try:
-        if backend == "devpod":
-            devpod.check(datastore, metadata)
+        if backend != "docker":  # a workspace on another machine: S3 and the service, reached with their settings
+            stores.check_remote(backend, datastore, metadata)
             env.update(stores.environment(datastore, metadata))
+        config_path = Path(config) if config else None
+        flow_datastore = ctx.obj.flow_datastore
+        if backend == "daytona":
+            package = package_bytes(flow_datastore, code_package_url, code_package_sha)
+            sizes = {"cpu": cpu, "memory": memory}
+            code = daytona_sandbox.run_step(step_args, package, env, pathspec, config=config_path, image=image, **sizes)
+        elif backend == "devpod":
+            unpacked, attempt = _code(flow_datastore, code_package_url, code_package_sha), int(kwargs["retry_count"])
             code = devpod.run_step(
-                step_args,
-                _code(ctx.obj.flow_datastore, code_package_url, code_package_sha),
-                env,
-                pathspec,
-                int(kwargs["retry_count"]),
-                config=Path(config) if config else None,
-                image=image,
-                provider=provider,
+                step_args, unpacked, env, pathspec, attempt, config=config_path, image=image, provider=provider
             )
         else:
             policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
             stores.check(datastore, network, metadata)
-            mounts = _stores(ctx.obj.flow_datastore, datastore, metadata, env)
-            package = _code(ctx.obj.flow_datastore, code_package_url, code_package_sha)
+            mounts = _stores(flow_datastore, datastore, metadata, env)
+            package = _code(flow_datastore, code_package_url, code_package_sha)
             container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
             container = TaskContainer.model_validate_json(container_json) if container_json else None
             code = run_step(image, f"{CODE}/{step_args}", package, mounts, env, policy, pathspec, container)

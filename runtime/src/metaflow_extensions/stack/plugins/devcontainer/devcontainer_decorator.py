@@ -24,8 +24,8 @@ from metaflow.exception import MetaflowException
 TASK_CONTAINER_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_TASK"
 #: The options the trampoline takes, in the decorator's words.
 OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids", "backend", "provider")
-#: Where a step's container runs: this machine's Docker engine, or a DevPod workspace.
-BACKENDS = ("docker", "devpod")
+#: Where a step's container runs: this machine's Docker engine, a DevPod workspace, a Daytona sandbox.
+BACKENDS = ("docker", "devpod", "daytona")
 
 
 def _metadata_type() -> str | None:
@@ -46,8 +46,9 @@ class DevcontainerDecorator(StepDecorator):
     network: "none" (default) or "bridge"; read_only: a read-only root file system (default True);
     cpu, memory ("2g"), pids (default 512): limits. The container runs as the host user with every
     capability dropped and no privilege escalation; the local datastore is mounted at its own path.
-    backend: "docker" (default) or "devpod" (a DevPod workspace per task, on ``provider`` or DevPod's
-    default one; the provider makes the container, so the sandbox settings above do not apply).
+    backend: "docker" (default), "devpod" (a DevPod workspace per task, on ``provider`` or DevPod's
+    default one; the provider makes the container, so the sandbox settings above do not apply) or
+    "daytona" (a Daytona sandbox per task, sized by cpu and memory).
     """
 
     name = "devcontainer"
@@ -95,7 +96,7 @@ class DevcontainerDecorator(StepDecorator):
             raise DevcontainerException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
 
     def _check_backend(self, datastore: str, metadata: str | None) -> None:
-        from metaflow_stack.devcontainer import devpod, stores
+        from metaflow_stack.devcontainer import daytona_sandbox, devpod, stores
         from metaflow_stack.errors import StackError
 
         backend = self.attributes["backend"]
@@ -104,11 +105,13 @@ class DevcontainerDecorator(StepDecorator):
         if backend == "docker":
             stores.check(datastore, self.policy.network, metadata)
             return
-        devpod.binary()
-        devpod.check(datastore, metadata)
+        devpod.binary() if backend == "devpod" else daytona_sandbox.require()
+        stores.check_remote(backend, datastore, metadata)
+        if backend == "daytona":
+            stores.check(datastore, self.policy.network, metadata)  # the sandbox's network is blocked with "none"
         if self.attributes["config"] is None and self.attributes["image"] is None:
             raise StackError(
-                "a DevPod workspace needs image= or config=: this machine's base image is not where the provider runs",
+                f"a {backend} workspace needs image= or config=: this machine's base image is not where it runs",
                 fix="give config= (a devcontainer.json) or image= (a published image)",
             )
 

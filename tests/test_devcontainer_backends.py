@@ -1,7 +1,9 @@
-"""``@devcontainer(backend="devpod")``: a step in a DevPod workspace (DevPod's Docker provider, an S3
-datastore and the metadata service, both on the Docker bridge's address), and the one-line
-refusals. DevPod is not on these machines: the workspace test skips naming it here and runs in the
-GitHub workflow's ``devpod`` job."""
+"""``@devcontainer(backend="devpod"|"daytona")``: a step in a DevPod workspace (DevPod's Docker
+provider, an S3 datastore and the metadata service, both on the Docker bridge's address), a step in
+a Daytona sandbox, and the one-line refusals. DevPod and Daytona are not on these machines: the
+workspace test skips naming DevPod here and runs in the GitHub workflow's ``devpod`` job; the
+sandbox test needs a Daytona account and stores its cloud reaches, named by variables, and skips
+naming what is missing wherever they are not set."""
 
 from __future__ import annotations
 
@@ -51,8 +53,9 @@ def test_a_step_runs_in_a_devpod_workspace_that_is_deleted_after(
 @pytest.mark.parametrize(
     ("args", "top", "said"),
     [
-        ('backend="kubernetes"', (), "backend='kubernetes' is not one of docker, devpod"),
+        ('backend="kubernetes"', (), "backend='kubernetes' is not one of docker, devpod, daytona"),
         ('backend="devpod", image="x"', (), "the DevPod CLI"),
+        ('backend="daytona", image="x"', (), "Daytona's SDK"),
     ],
 )
 def test_a_wrong_backend_is_refused_in_one_line(tmp_path: Path, args: str, top: tuple[str, ...], said: str) -> None:
@@ -65,13 +68,46 @@ def test_a_wrong_backend_is_refused_in_one_line(tmp_path: Path, args: str, top: 
     assert said in done.stdout + done.stderr
 
 
-def test_a_devpod_step_needs_stores_another_machine_reaches() -> None:
-    from metaflow_stack.devcontainer import devpod
+def test_a_remote_step_needs_stores_another_machine_reaches() -> None:
+    from metaflow_stack.devcontainer import daytona_sandbox, devpod, stores
     from metaflow_stack.errors import StackError
 
-    devpod.check("s3", "service")  # the combination that works anywhere
+    stores.check_remote("devpod", "s3", "service")  # the combination that works anywhere
     for datastore, metadata in (("local", "service"), ("s3", "local")):
         with pytest.raises(StackError, match="--datastore s3 --metadata service"):
-            devpod.check(datastore, metadata)
+            stores.check_remote("daytona", datastore, metadata)
+    assert [daytona_sandbox._gigabytes(m) for m in ("512m", "2g", "3000m", None)] == [1, 2, 3, None]
     ident = devpod.workspace_id("F/1/s/2", 0)
     assert ident != devpod.workspace_id("F/1/s/2", 1) and len(ident) <= 48 and ident == ident.lower()
+
+
+#: Where a Daytona sandbox's step keeps its data: stores Daytona's cloud reaches, named by variables.
+DAYTONA_NEEDS = (
+    "DAYTONA_API_KEY",
+    "STACK_TEST_DAYTONA_S3_ROOT",
+    "STACK_TEST_DAYTONA_SERVICE_URL",
+    "STACK_TEST_DAYTONA_IMAGE",
+)
+
+
+@pytest.mark.slow
+def test_a_step_runs_in_a_daytona_sandbox(tmp_path: Path) -> None:
+    import importlib.util
+
+    need("daytona", importlib.util.find_spec("daytona") is not None, "pip install 'metaflow-stack[daytona]'")
+    missing = [name for name in DAYTONA_NEEDS if not os.environ.get(name)]
+    need("daytona", not missing, f"set {', '.join(missing)} (an account, and stores its cloud reaches)")
+    flow = DEVPOD_FLOW.format(
+        args=f'backend="daytona", network="bridge", image="{os.environ["STACK_TEST_DAYTONA_IMAGE"]}"'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "METAFLOW_DATASTORE_SYSROOT_S3": os.environ["STACK_TEST_DAYTONA_S3_ROOT"],
+        "METAFLOW_SERVICE_URL": os.environ["STACK_TEST_DAYTONA_SERVICE_URL"],
+        "METAFLOW_DEFAULT_METADATA": "service",
+    }
+    done = run_s3_flow(tmp_path, env, "--datastore", "s3", "--metadata", "service", flow=flow)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = read_s3_run(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
+    assert run["successful"] and run["total"] == 10
