@@ -35,7 +35,9 @@ def test_a_step_runs_in_a_devpod_workspace_that_is_deleted_after(
 ) -> None:
     devpod_installed()
     (tmp_path / ".devcontainer").mkdir()
-    (tmp_path / ".devcontainer" / "devcontainer.json").write_text(json.dumps({"image": base_image}))
+    # DevPod's ssh sessions take remoteEnv; the base image's Python environment comes first on PATH
+    config = {"image": base_image, "remoteEnv": {"PATH": "/opt/stack/bin:${containerEnv:PATH}"}}
+    (tmp_path / ".devcontainer" / "devcontainer.json").write_text(json.dumps(config))
     flow = DEVPOD_FLOW.format(args='backend="devpod", provider="docker", config=".devcontainer/devcontainer.json"')
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address)
     try:
