@@ -68,13 +68,14 @@ def cli_installed() -> None:
 def test_a_step_runs_in_the_image_and_with_the_settings_of_its_devcontainer_json(docker_engine, project: Path) -> None:
     done = run_flow(project, "configured_flow.py", _env(DEVCONTAINER_TEST_VALUE="from the host"))
     assert done.returncode == 0, done.stderr[-4000:]
-    run = artifacts(project, "ConfiguredFlow", "greeting", "env", "data", "created", "shm")
+    run = artifacts(project, "ConfiguredFlow", "greeting", "env", "data", "created", "shm", "extended_path")
     assert run["successful"]
     assert run["greeting"] == "hello from the build"  # build.args reached the Dockerfile
     assert run["env"] == {"FROM_CONFIG": "yes", "FROM_HOST": "from the host"}  # ${localEnv:...}
     assert run["data"] == "mounted data"  # mounts, with ${localWorkspaceFolder}
     assert run["created"] == ["created", "post-created"]  # onCreateCommand, then postCreateCommand
     assert run["shm"] == 128 * 1024 * 1024  # runArgs --shm-size
+    assert run["extended_path"].startswith("/opt/stack/bin:") and run["extended_path"].endswith(":/extra")  # remoteEnv
 
 
 @pytest.mark.docker

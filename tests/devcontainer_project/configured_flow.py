@@ -13,6 +13,7 @@ class ConfiguredFlow(FlowSpec):
     def start(self):
         self.greeting = Path("/etc/greeting").read_text().strip()
         self.env = {name: os.environ.get(name) for name in ("FROM_CONFIG", "FROM_HOST")}
+        self.extended_path = os.environ["EXTENDED_PATH"]
         self.data = Path("/data/input.txt").read_text().strip()
         self.created = Path("/tmp/created").read_text().split()
         self.shm = os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize

@@ -80,11 +80,11 @@ def run_step(
     from metaflow_stack.devcontainer import spec, task_container
 
     source, parsed = sandbox_image(config, image)
-    setup: list[str] = []
+    settings = task_container.TaskContainer()
     if parsed is not None:
         settings = task_container.from_config(parsed, config, spec.workspace_folder(config), [])
         env = {**settings.env, **env}
-        setup, cpu, memory = settings.setup, cpu or settings.cpu, memory or settings.memory
+        cpu, memory = cpu or settings.cpu, memory or settings.memory
     resources = Resources(cpu=math.ceil(cpu) if cpu else None, memory=_gigabytes(memory))
     client = Daytona()
     with stopped_by_signals():
@@ -96,9 +96,8 @@ def run_step(
         )
         try:
             sandbox.fs.upload_file(package, f"{WORKDIR}.tgz")
-            lifecycle = "".join(f" && ( {line} )" for line in setup)
             script = (
-                f"mkdir -p {WORKDIR} && cd {WORKDIR} && tar -xzf {WORKDIR}.tgz{lifecycle}"
+                f"mkdir -p {WORKDIR} && cd {WORKDIR} && tar -xzf {WORKDIR}.tgz{settings.prelude()}"
                 f" && export PYTHONPATH={WORKDIR}/.mf_code METAFLOW_EXTRACTED_ROOT={WORKDIR}"
                 f" && exec $(command -v python3 || command -v python) -u {step_args}"
             )

@@ -31,13 +31,12 @@ LABEL = "io.metaflow-stack.devcontainer"
 OWNER = "io.metaflow-stack.devcontainer.owner"
 
 
-def _script(step_cli: str, setup: list[str]) -> str:
-    """The container's shell: run the configuration's lifecycle commands in the code package (the
-    step's workspace, read-only), put the package's Metaflow first on the path, run the step from a
-    writable working folder."""
-    lifecycle = "".join(f" && ( {line} )" for line in setup)
+def _script(step_cli: str, container: TaskContainer) -> str:
+    """The container's shell: set the configuration's remoteEnv and run its lifecycle commands in the
+    code package (the step's workspace, read-only), put the package's Metaflow first on the path,
+    run the step from a writable working folder."""
     return (
-        f"export HOME=/tmp && mkdir -p {WORKDIR} && cd {CODE}{lifecycle} && cd {WORKDIR}"
+        f"export HOME=/tmp && mkdir -p {WORKDIR} && cd {CODE}{container.prelude()} && cd {WORKDIR}"
         f" && export PYTHONPATH={CODE}/.mf_code METAFLOW_EXTRACTED_ROOT={CODE}"
         f" && exec $(command -v python3 || command -v python) -u {step_cli}"
     )
@@ -80,7 +79,7 @@ def run_step(
     container = container or TaskContainer()
     spec = JobSpec(
         image=image,
-        command=["sh", "-c", _script(step_cli, container.setup)],
+        command=["sh", "-c", _script(step_cli, container)],
         env={**container.env, **env},
         mounts=[
             *container.mounts,

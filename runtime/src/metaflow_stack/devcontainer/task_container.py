@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -45,6 +47,8 @@ class TaskContainer(BaseModel):
     mounts: list[Mount] = Field(default_factory=list)
     #: The user inside, when the configuration pins one (``updateRemoteUserUID: false``); else the host's.
     user: str | None = None
+    #: Shell statements setting ``remoteEnv`` (which may refer to the container's own variables).
+    exports: list[str] = Field(default_factory=list)
     #: Shell commands run before the step: the lifecycle commands of the image's features, then the file's.
     setup: list[str] = Field(default_factory=list)
     cpu: float | None = None
@@ -55,6 +59,27 @@ class TaskContainer(BaseModel):
     init: bool = False
     ulimits: list[str] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
+
+    def prelude(self) -> str:
+        """What the container's shell runs before the step, each part joined on with ``&&``:
+        ``remoteEnv`` exported in this shell, then every lifecycle command in a subshell."""
+        return "".join(f" && {line}" for line in self.exports) + "".join(f" && ( {line} )" for line in self.setup)
+
+
+_CONTAINER_ENV = re.compile(r"\$\{containerEnv:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _export(name: str, value: str | None) -> str:
+    """``remoteEnv``'s ``NAME: value`` as a shell statement; ``${containerEnv:X}`` reads the container's ``X``."""
+    if value is None:
+        return f"unset {name}"
+    parts, last = [], 0
+    for match in _CONTAINER_ENV.finditer(value):
+        parts += [shlex.quote(value[last : match.start()]), f'"${{{match.group(1)}}}"']
+        last = match.end()
+    parts.append(shlex.quote(value[last:]))
+    empty = shlex.quote("")
+    return f"export {name}=" + ("".join(p for p in parts if p != empty) or empty)
 
 
 def _run_args_parser() -> argparse.ArgumentParser:
@@ -119,12 +144,14 @@ def from_config(
                 f"{where}: remoteUser {user!r} is root, and a @devcontainer sandbox runs as a non-root user",
                 fix="name a non-root user, or drop updateRemoteUserUID so the step runs as you",
             )
-    env: dict[str, str] = {}
-    for entry in [*image_metadata, config.model_dump()]:
-        for name, value in {**(entry.get("containerEnv") or {}), **(entry.get("remoteEnv") or {})}.items():
-            if value is not None:
-                env[name] = substitute(value, workspace)
+    # The features' containerEnv is in the image already (the CLI bakes it in as ENV); the file's is set here.
+    env = {name: substitute(value, workspace) for name, value in config.containerEnv.items()}
     env.update({k: substitute(v, workspace) for k, v in _key_values(args.env).items()})
+    exports = [
+        _export(name, None if value is None else substitute(value, workspace))
+        for entry in [*image_metadata, config.model_dump()]
+        for name, value in (entry.get("remoteEnv") or {}).items()
+    ]
     setup = [
         line
         for entry in [*image_metadata, config.model_dump()]
@@ -136,6 +163,7 @@ def from_config(
         env=env,
         mounts=[_mount(m, f"{where}: mounts[{i}]", workspace) for i, m in enumerate(config.mounts)],
         user=user,
+        exports=exports,
         setup=setup,
         cpu=args.cpus,
         memory=args.memory,
