@@ -201,3 +201,67 @@ def test_a_wrong_setting_is_one_line_naming_the_fix(tmp_path: Path) -> None:
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "network='wifi' is not one of none, bridge" in done.stderr and 'network="none"' in done.stderr
     assert not (tmp_path / ".metaflow" / "BadSandboxFlow").exists()  # refused before anything ran
+
+
+CATCH_FLOW = """
+import os
+import socket
+import time
+
+from metaflow import FlowSpec, catch, current, devcontainer, step, timeout
+
+
+class CaughtSandboxFlow(FlowSpec):
+    @catch(var="too_slow")
+    @timeout(seconds=5)
+    @devcontainer
+    @step
+    def start(self):
+        self.first_attempt_in_container = os.path.exists("/.dockerenv")
+        time.sleep(120)
+        self.next(self.offline)
+
+    @catch(var="no_network")
+    @devcontainer
+    @step
+    def offline(self):
+        socket.create_connection(("192.0.2.1", 80), timeout=5).close()  # no route in the sandbox
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    CaughtSandboxFlow()
+"""
+
+CAUGHT = """
+import json, sys
+from metaflow import Flow, metadata, namespace
+metadata("local@" + sys.argv[1])
+namespace(None)
+run = Flow("CaughtSandboxFlow").latest_run
+start, offline = run["start"].task, run["offline"].task
+caught = {name: [getattr(task.data, name).type, str(getattr(task.data, name))] for name, task in
+          (("too_slow", start), ("no_network", offline))}
+print(json.dumps({"successful": run.successful, **caught}))
+"""
+
+
+def test_timeout_and_catch_work_in_the_sandbox_and_a_socket_cannot_leave_it(docker_engine, tmp_path: Path) -> None:
+    (tmp_path / "caught_flow.py").write_text(CATCH_FLOW)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    command = [sys.executable, "caught_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    read = subprocess.run([sys.executable, "-c", CAUGHT, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-3000:]
+    run = json.loads(read.stdout.strip().splitlines()[-1])
+    assert run["successful"]
+    kind, trace = run["too_slow"]  # @timeout fired in the container, @catch kept its exception
+    assert kind == "metaflow.plugins.timeout_decorator.TimeoutException" and "/mf/code/caught_flow.py" in trace
+    kind, trace = run["no_network"]  # network="none": the connection could not leave
+    assert kind == "builtins.OSError" and "Network is unreachable" in trace
+    assert step_containers(docker_engine) == []
