@@ -90,6 +90,15 @@ def test_a_config_with_features_is_built_by_the_dev_containers_cli(docker_engine
     assert run["lifecycle"] == ["feature-post-create", "started"]  # the feature's command runs first
 
 
+@pytest.mark.docker
+@pytest.mark.slow
+def test_features_given_to_the_decorator_are_built_the_same_way(docker_engine, project: Path) -> None:
+    cli_installed()
+    done = run_flow(project, "inline_features_flow.py", _env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert artifacts(project, "InlineFeaturesFlow", "greeting")["greeting"] == "hello from the decorator"
+
+
 PYPI_FLOW = """
 from metaflow import FlowSpec, environment, pypi, step
 
@@ -291,3 +300,11 @@ def test_no_docker_engine_gives_the_doctor_message(tmp_path: Path) -> None:
     done = run_flow(tmp_path, "bad_flow.py", _env(METAFLOW_STACK_DOCKER_CLIENT=str(tmp_path / "no-docker")))
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "the docker command is not installed" in done.stderr and NO_ENGINE_FIX in done.stderr
+
+
+def test_a_missing_feature_folder_is_one_line(tmp_path: Path) -> None:
+    flow = BAD_CONFIG_FLOW.replace('config="dc/devcontainer.json"', 'features={"./nope": {}}')
+    (tmp_path / "bad_flow.py").write_text(flow)
+    done = run_flow(tmp_path, "bad_flow.py", _env())
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "features: './nope' has no devcontainer-feature.json" in done.stderr

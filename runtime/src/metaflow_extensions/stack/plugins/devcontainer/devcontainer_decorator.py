@@ -28,6 +28,12 @@ OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids", "backend", 
 BACKENDS = ("docker", "devpod", "daytona")
 
 
+def _inline_cache() -> Path:
+    from metaflow_stack import settings
+
+    return settings.load().state_dir / "devcontainer" / "inline"
+
+
 def _metadata_type() -> str | None:
     """The run's metadata provider (``local``, ``service``): Metaflow's command holds it, hooks are not told."""
     context = click.get_current_context(silent=True)
@@ -41,7 +47,8 @@ class DevcontainerException(MetaflowException):
 
 class DevcontainerDecorator(StepDecorator):
     """Run this step in a container of ``image`` (default: the stack's ``base`` image, built if needed),
-    or of the image a devcontainer.json describes (``config``, relative to the flow's file).
+    or of the image a devcontainer.json describes (``config``, relative to the flow's file); features:
+    Development Container features to add to the image ({"./folder" or a published id: options}).
 
     network: "none" (default) or "bridge"; read_only: a read-only root file system (default True);
     cpu, memory ("2g"), pids (default 512): limits. The container runs as the host user with every
@@ -55,6 +62,7 @@ class DevcontainerDecorator(StepDecorator):
     defaults: ClassVar[dict[str, Any]] = {
         "config": None,
         "image": None,
+        "features": None,
         "network": "none",
         "cpu": None,
         "memory": None,
@@ -117,14 +125,21 @@ class DevcontainerDecorator(StepDecorator):
 
     def _check_config(self, flow) -> tuple[Path, Any, str] | None:
         """The step's devcontainer.json, read and checked now so a mistake stops the run before it starts."""
-        from metaflow_stack.devcontainer import spec, task_container
+        from metaflow_stack.devcontainer import inline, spec, task_container
         from metaflow_stack.errors import StackError
 
-        if self.attributes["config"] is None:
+        flow_dir = Path(sys.modules[flow.__module__].__file__).parent
+        if self.attributes["features"]:
+            if self.attributes["config"] is not None:
+                raise StackError("give config= or features=, not both", fix="put the features in the devcontainer.json")
+            path = inline.write(self.attributes["image"], self.attributes["features"], flow_dir, _inline_cache())
+            self.attributes["image"] = None  # it is in the configuration now
+        elif self.attributes["config"] is None:
             return None
-        if self.attributes["image"] is not None:
+        elif self.attributes["image"] is not None:
             raise StackError("give config= or image=, not both", fix="put the image in the devcontainer.json")
-        path = Path(sys.modules[flow.__module__].__file__).parent / self.attributes["config"]
+        else:
+            path = flow_dir / self.attributes["config"]
         config, digest = spec.load(path)
         task_container.from_config(config, path, spec.workspace_folder(path), [])  # runArgs and mounts
         return path, config, digest
