@@ -1,5 +1,6 @@
-"""A step run in an image the Dev Containers CLI built with a local feature: the feature's install
-script, its environment and its lifecycle command, then the file's own."""
+"""Steps run in images the Dev Containers CLI built with a local feature: named in a devcontainer.json
+(the feature's install script, its environment and its lifecycle command, then the file's own),
+then given to the decorator itself, on the stack's base image."""
 
 import os
 from pathlib import Path
@@ -14,6 +15,12 @@ class FeaturedFlow(FlowSpec):
         self.greeting = Path("/usr/local/share/greeting").read_text().strip()
         self.env = {name: os.environ.get(name) for name in ("GREETER", "FROM_REMOTE_ENV")}
         self.lifecycle = Path("/tmp/lifecycle").read_text().split()
+        self.next(self.inline)
+
+    @devcontainer(features={"./.devcontainer/with-features/greeter": {"greeting": "hello from the decorator"}})
+    @step
+    def inline(self):
+        self.inline_greeting = Path("/usr/local/share/greeting").read_text().strip()
         self.next(self.end)
 
     @step
