@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,10 +78,10 @@ def run_step(
         config_path = f".devcontainer/{config.name}" if config else ".devcontainer/devcontainer.json"
         up = [devpod, "up", str(source), "--id", ident, "--ide", "none", "--devcontainer-path", config_path]
         try:
-            done = subprocess.run(up + global_flags, capture_output=True, text=True)
+            # its progress (building, pulling, starting) goes to the task's log as it happens
+            done = subprocess.run(up + global_flags, stdout=sys.stderr, stderr=sys.stderr)
             if done.returncode != 0:
-                tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-                raise StackError(f"devpod up failed for {pathspec}:\n{tail}", fix="correct what the log above says")
+                raise StackError(f"devpod up failed for {pathspec} (its log is above)", fix="correct what the log says")
             script = (
                 "export PYTHONPATH=$PWD/.mf_code METAFLOW_EXTRACTED_ROOT=$PWD"
                 f" && exec $(command -v python3 || command -v python) -u {step_cli}"
