@@ -1,4 +1,5 @@
-"""``@devcontainer``: run a step's tasks in Docker containers on this machine, sandboxed.
+"""``@devcontainer``: run a step's tasks in containers: sandboxed in Docker on this machine (the
+default), or in DevPod workspaces or Daytona sandboxes (``backend=``).
 
 Follows Metaflow's compute-decorator contract: the runtime launches each
 task as ``devcontainer step ...`` (the trampoline in ``devcontainer_cli``)
