@@ -100,7 +100,7 @@ def run_step(
         init=container.init,
         ulimits=container.ulimits,
     )
-    engine = DockerEngine()
+    engine = DockerEngine(probe=False)  # the run's start probed it (and swept orphans)
     with stopped_by_signals():
         job = engine.launch(spec)
         try:

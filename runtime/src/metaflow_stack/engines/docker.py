@@ -122,8 +122,10 @@ class DockerEngine:
 
     name = "docker"
 
-    def __init__(self) -> None:
-        self._docker = require_engine()
+    def __init__(self, probe: bool = True) -> None:
+        """``probe=False`` skips asking the engine first (a caller that knows it answered moments ago);
+        an engine gone since then still fails ``launch`` with the engine's own words."""
+        self._docker = require_engine() if probe else client()
 
     def launch(self, spec: JobSpec) -> DockerJob:
         """Start a detached container for ``spec``."""
