@@ -173,12 +173,13 @@ def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str
     assert codes == [0] and step_containers(docker_engine) == []
 
 
-BAD_FLOW = """
+#: One sandboxed step and an end; ``{args}`` are the decorator's arguments.
+ONE_STEP_FLOW = """
 from metaflow import FlowSpec, devcontainer, step
 
 
-class BadSandboxFlow(FlowSpec):
-    @devcontainer(network="wifi")
+class OneStepFlow(FlowSpec):
+    @devcontainer({args})
     @step
     def start(self):
         self.next(self.end)
@@ -189,18 +190,18 @@ class BadSandboxFlow(FlowSpec):
 
 
 if __name__ == "__main__":
-    BadSandboxFlow()
+    OneStepFlow()
 """
 
 
 def test_a_wrong_setting_is_one_line_naming_the_fix(tmp_path: Path) -> None:
-    (tmp_path / "bad_flow.py").write_text(BAD_FLOW)
+    (tmp_path / "bad_flow.py").write_text(ONE_STEP_FLOW.format(args='network="wifi"'))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     command = [sys.executable, "bad_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "network='wifi' is not one of none, bridge" in done.stderr and 'network="none"' in done.stderr
-    assert not (tmp_path / ".metaflow" / "BadSandboxFlow").exists()  # refused before anything ran
+    assert not (tmp_path / ".metaflow" / "OneStepFlow").exists()  # refused before anything ran
 
 
 CATCH_FLOW = """

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN, need
+from test_devcontainer import ONE_STEP_FLOW
 
 REPO = Path(__file__).parents[1]
 PROJECT = Path(__file__).parent / "devcontainer_project"
@@ -217,24 +218,7 @@ def test_the_project_feature_installs_metaflow_and_the_runtime(docker_engine, tm
         docker_engine.image.remove(tag, force=True)
 
 
-BAD_CONFIG_FLOW = """
-from metaflow import FlowSpec, devcontainer, step
-
-
-class BadConfigFlow(FlowSpec):
-    @devcontainer(config="dc/devcontainer.json")
-    @step
-    def start(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-
-if __name__ == "__main__":
-    BadConfigFlow()
-"""
+BAD_CONFIG_FLOW = ONE_STEP_FLOW.format(args='config="dc/devcontainer.json"')
 
 
 @pytest.mark.parametrize(
@@ -267,7 +251,7 @@ def test_an_invalid_devcontainer_json_is_one_line_naming_file_field_and_rule(
     done = run_flow(tmp_path, "bad_flow.py", _env())
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert f"{tmp_path / 'dc' / 'devcontainer.json'}" in done.stderr and said in done.stderr
-    assert not (tmp_path / ".metaflow" / "BadConfigFlow").exists()  # refused before anything ran
+    assert not (tmp_path / ".metaflow" / "OneStepFlow").exists()  # refused before anything ran
 
 
 @pytest.mark.docker
