@@ -82,7 +82,7 @@ def step(
     from metaflow_stack.devcontainer.task_container import TaskContainer
     from metaflow_stack.errors import StackError
 
-    from .devcontainer_decorator import TASK_CONTAINER_VARIABLE
+    from .devcontainer_decorator import CHECKED_VARIABLE, TASK_CONTAINER_VARIABLE
 
     kwargs.pop("ubf_context", None)
     env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
@@ -92,7 +92,7 @@ def step(
         METAFLOW_CODE_SHA=code_package_sha,
         METAFLOW_CODE_URL=code_package_url,
         METAFLOW_CODE_DS=datastore,
-        METAFLOW_DEVCONTAINER_WORKLOAD="1",
+        **{CHECKED_VARIABLE: "1"},
         METAFLOW_FLOW_FILENAME=os.path.basename(sys.argv[0]),
     )
     if kwargs.get("input_paths"):
@@ -111,9 +111,7 @@ def step(
     )
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     try:
-        if backend != "docker":  # a workspace on another machine: S3 and the service, reached with their settings
-            stores.check_remote(backend, datastore, metadata)
-            env.update(stores.environment(datastore, metadata))
+        env.update(stores.environment(datastore, metadata))  # the combination was checked at the run's start
         config_path = Path(config) if config else None
         flow_datastore = ctx.obj.flow_datastore
         if backend == "daytona":
@@ -127,7 +125,6 @@ def step(
             )
         else:
             policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
-            stores.check(datastore, network, metadata)
             mounts = _stores(flow_datastore, datastore, metadata, env)
             package = _code(flow_datastore, code_package_url, code_package_sha)
             container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
@@ -143,13 +140,12 @@ def step(
 
 
 def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str]) -> list:
-    """Mounts and variables (added to ``env``) that reach the run's datastore and metadata from a local container."""
+    """Mounts (and variables, added to ``env``) that reach the run's datastore and metadata from a local container."""
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
     from metaflow_stack.devcontainer import stores
     from metaflow_stack.engines import Mount
 
-    env.update(stores.environment(datastore, metadata))
     local_root = None
     if datastore == "local":
         root = flow_datastore.datastore_root

@@ -23,8 +23,8 @@ from metaflow.exception import MetaflowException
 
 #: Carries what a devcontainer.json adds to each task's container to the trampoline, as JSON.
 TASK_CONTAINER_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_TASK"
-#: Set for the trampoline's process, whose step_init has nothing left to check.
-TRAMPOLINE_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_TRAMPOLINE"
+#: Set for a task's trampoline and its container: the run's start checked everything step_init would.
+CHECKED_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_CHECKED"
 #: The options the trampoline takes, in the decorator's words.
 OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids", "backend", "provider")
 #: Where a step's container runs: this machine's Docker engine, a DevPod workspace, a Daytona sandbox.
@@ -85,7 +85,7 @@ class DevcontainerDecorator(StepDecorator):
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step, self.config = flow_datastore, step, None
-        if os.environ.get(TRAMPOLINE_VARIABLE) or os.environ.get("METAFLOW_DEVCONTAINER_WORKLOAD") == "1":
+        if os.environ.get(CHECKED_VARIABLE):
             return  # in a task's trampoline or container: the run's start checked everything already
         from metaflow_stack.devcontainer.policy import SandboxPolicy
         from metaflow_stack.errors import StackError
@@ -205,7 +205,7 @@ class DevcontainerDecorator(StepDecorator):
         if retry_count > max_user_code_retries:
             return  # a @catch fallback attempt: run locally, as Metaflow's own compute decorators do
         cli_args.commands = ["devcontainer", "step"]
-        cli_args.env[TRAMPOLINE_VARIABLE] = "1"
+        cli_args.env[CHECKED_VARIABLE] = "1"
         cli_args.command_args += [self.package_metadata, self.package_sha, self.package_url]
         if self.config is not None and self.attributes["backend"] == "docker":
             # in the environment: a command line is visible to every user (ps)
