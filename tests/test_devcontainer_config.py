@@ -94,36 +94,46 @@ def test_a_config_with_features_is_built_by_the_dev_containers_cli(docker_engine
     assert inline["inline_greeting"] == "hello from the decorator"
 
 
-PYPI_FLOW = """
-from metaflow import FlowSpec, environment, pypi, step
+#: A two-step flow for ``generate``: ``{flow}`` and ``{start}``/``{end}`` are decorator lines.
+CAPTURED_FLOW = """
+from metaflow import FlowSpec, conda, conda_base, environment, pypi, step
 
 
-class TrainFlow(FlowSpec):
-    @environment(vars={"MODEL_KIND": "tiny"})
-    @pypi(packages={"tomli-w": "1.0.0"}, python="3.11")
+{flow}
+class {name}(FlowSpec):
+    {start}
     @step
     def start(self):
         self.next(self.end)
 
+    {end}
     @step
     def end(self):
         pass
 """
 
-#: The same step, run in the container generated from its @pypi and @environment settings.
-GENERATED_FLOW = """
+PYPI_FLOW = CAPTURED_FLOW.format(
+    name="TrainFlow",
+    flow="",
+    start='@environment(vars={"MODEL_KIND": "tiny"})\n    @pypi(packages={"tomli-w": "1.0.0"}, python="3.11")',
+    end="",
+)
+
+#: A step run in a generated container: ``{config}`` names its devcontainer.json, ``{body}`` is the
+#: step's code (indented for it), recording what the tests check.
+GENERATED_TEMPLATE = """
 import os
+import subprocess
+import sys
 
 from metaflow import FlowSpec, devcontainer, step
 
 
-class GeneratedFlow(FlowSpec):
-    @devcontainer(config=".devcontainer/trainflow-start/devcontainer.json")
+class {name}(FlowSpec):
+    @devcontainer(config="{config}")
     @step
     def start(self):
-        import tomli_w
-
-        self.toml = tomli_w.dumps({"kind": os.environ["MODEL_KIND"]})
+{body}
         self.next(self.end)
 
     @step
@@ -132,8 +142,17 @@ class GeneratedFlow(FlowSpec):
 
 
 if __name__ == "__main__":
-    GeneratedFlow()
+    {name}()
 """
+
+#: The @pypi step, run in the container generated from its @pypi and @environment settings.
+GENERATED_FLOW = GENERATED_TEMPLATE.format(
+    name="GeneratedFlow",
+    config=".devcontainer/trainflow-start/devcontainer.json",
+    body="""        import tomli_w
+
+        self.toml = tomli_w.dumps({"kind": os.environ["MODEL_KIND"]})""",
+)
 
 
 @pytest.mark.docker
@@ -172,48 +191,70 @@ def test_the_project_feature_follows_the_feature_specification() -> None:
     from metaflow_stack.devcontainer import spec
 
     manifest = spec.load_feature(FEATURE)
-    assert manifest.id == "metaflow-stack" and set(manifest.options) == {"version", "packages", "wheels"}
+    assert manifest.id == "metaflow-stack"
+    assert set(manifest.options) == {"version", "packages", "wheels", "systemSitePackages"}
     assert manifest.containerEnv["PATH"].startswith("/opt/metaflow-stack/bin:")
 
 
-@pytest.mark.docker
-@pytest.mark.slow
-def test_the_project_feature_installs_metaflow_and_the_runtime(docker_engine, tmp_path: Path) -> None:
-    from rich.console import Console
-
-    from metaflow_stack import base_images
-
-    cli_installed()
-    folder = tmp_path / "ws" / ".devcontainer"
-    shutil.copytree(FEATURE, folder / "metaflow-stack")
-    wheels = folder / "metaflow-stack" / "wheels"
+def feature_with_wheels(feature: Path, *requirements: str) -> str:
+    """Put the wheels of the runtime, its locked dependencies and ``requirements`` in ``feature``'s
+    ``wheels`` folder (the runtime is not on the package index); the folder's option value."""
+    wheels = feature / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    lock = ["-r", str(REPO / "runtime/requirements.lock")]
     for args in (
-        [
-            "download",
-            "--only-binary=:all:",
-            "-d",
-            str(wheels),
-            "-r",
-            str(REPO / "runtime/requirements.lock"),
-            "tomli-w",
-        ],
+        ["download", "--only-binary=:all:", "-d", str(wheels), *lock, *requirements],
         ["wheel", "--no-deps", "-w", str(wheels), str(REPO / "runtime")],
     ):
         done = subprocess.run(pip + args, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+    return wheels.name
+
+
+#: Puts a module into the image's own site-packages, which only ``systemSitePackages`` lets the
+#: feature's environment see, from another stage mounted for one step: the way generated conda
+#: Dockerfiles mount micromamba, which only BuildKit builds.
+SYSTEM_PACKAGE_DOCKERFILE = """
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE} AS probe
+RUN echo 'WHERE = "system"' > /tmp/stack_probe.py
+FROM ${BASE_IMAGE}
+RUN --mount=type=bind,from=probe,source=/tmp,target=/probe \\
+    cp /probe/stack_probe.py "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_project_feature_installs_metaflow_and_the_runtime(
+    docker_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from metaflow_stack import base_images
+    from metaflow_stack.devcontainer import image, spec
+
+    cli_installed()
+    folder = tmp_path / "ws" / ".devcontainer"
+    shutil.copytree(FEATURE, folder / "metaflow-stack")
+    options = {"wheels": feature_with_wheels(folder / "metaflow-stack", "tomli-w"), "packages": "tomli-w"}
     python = base_images.choose(docker_engine)  # a plain Python 3.11, with neither Metaflow nor the runtime
     base_images.ensure(python, docker_engine, Console(stderr=True))
-    config = {"image": python, "features": {"./metaflow-stack": {"wheels": "wheels", "packages": "tomli-w"}}}
+    (folder / "Dockerfile").write_text(SYSTEM_PACKAGE_DOCKERFILE)
+    config = {
+        "name": "feature-test",
+        "build": {"dockerfile": "Dockerfile", "args": {"BASE_IMAGE": python}},
+        "features": {"./metaflow-stack": {**options, "systemSitePackages": True}},
+    }
     (folder / "devcontainer.json").write_text(json.dumps(config))
-    tag = "metaflow-stack-test/feature:latest"
-    build = ["devcontainer", "build", "--workspace-folder", str(folder.parent), "--image-name", tag]
-    done = subprocess.run(build, env=_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    monkeypatch.setenv("PATH", _env()["PATH"])  # the CLI, as a flow's run finds it
+    config_file = folder / "devcontainer.json"
+    loaded, digest = spec.load(config_file)
+    tag, _ = image.build(loaded, config_file, folder.parent, digest)  # through the CLI, as a step's is
     try:
-        check = "import metaflow, metaflow_stack, tomli_w; print(metaflow_stack.__version__)"
+        check = "import metaflow, metaflow_stack, tomli_w, stack_probe as p; print(metaflow_stack.__version__, p.WHERE)"
         out = docker_engine.run(tag, ["python", "-c", check], remove=True)
-        assert out.strip().splitlines()[-1] == __import__("metaflow_stack").__version__
+        assert out.strip().splitlines()[-1] == f"{__import__('metaflow_stack').__version__} system"
     finally:
         docker_engine.image.remove(tag, force=True)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from metaflow_stack import builders
+from metaflow_stack import builders, settings
 from metaflow_stack.devcontainer.spec import FILE_NAMES, DevcontainerConfig, substitute
 from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import ImageBuildError, StackError, ToolMissingError
@@ -65,6 +65,20 @@ def _build_args(config: DevcontainerConfig, dockerfile: Path, workspace: Path) -
     return args
 
 
+def _cli_docker() -> tuple[list[str], dict[str, str]]:
+    """The docker client the CLI is to use, and what its environment needs.
+
+    With no buildx plugin the CLI would fall back to the legacy builder, which cannot build the
+    ``RUN --mount`` steps the stack's Dockerfiles (generated ones included) use; it gets the
+    classic client that reaches the engine's BuildKit instead, as the stack's own builds do.
+    """
+    how = builders.route()
+    if how.startswith("classic:"):
+        return ["--docker-path", how.removeprefix("classic:")], {"DOCKER_BUILDKIT": "1"}
+    configured = settings.load().docker_client
+    return (["--docker-path", configured] if configured else []), {}
+
+
 def _cli_build(config_path: Path, workspace: Path, tag: str, console: Console) -> None:
     """``devcontainer build``, its progress on one status line, its log tail on failure."""
     binary = cli_binary()
@@ -75,9 +89,11 @@ def _cli_build(config_path: Path, workspace: Path, tag: str, console: Console) -
             f"{config_path}: the Dev Containers CLI reads only files named {' or '.join(FILE_NAMES)}",
             fix="rename the file",
         )
+    docker_path, docker_env = _cli_docker()
     command = [
         binary,
         "build",
+        *docker_path,
         "--workspace-folder",
         str(workspace),
         "--config",
@@ -89,7 +105,8 @@ def _cli_build(config_path: Path, workspace: Path, tag: str, console: Console) -
     ]
     tail: deque[str] = deque(maxlen=_TAIL)
     with console.status(f"building {tag} with the Dev Containers CLI") as status:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, **docker_env}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
         for line in process.stdout:
             if line.strip():

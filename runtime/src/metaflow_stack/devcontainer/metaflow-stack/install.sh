@@ -1,13 +1,15 @@
 #!/bin/sh
 # Installs Metaflow and the Metaflow Stack runtime into /opt/metaflow-stack.
-# Options arrive as VERSION, PACKAGES and WHEELS (the Development Container
-# features convention); the script runs as root at image build time.
+# Options arrive as VERSION, PACKAGES, WHEELS and SYSTEMSITEPACKAGES (the
+# Development Container features convention); the script runs as root at image
+# build time.
 set -eu
 
 VENV=/opt/metaflow-stack
 VERSION="${VERSION:-latest}"
 PACKAGES="${PACKAGES:-}"
 WHEELS="${WHEELS:-}"
+SYSTEMSITEPACKAGES="${SYSTEMSITEPACKAGES:-false}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 python_ok() {
@@ -25,7 +27,12 @@ if ! python_ok; then
     python_ok || { echo "metaflow-stack feature: needs Python 3.11 or newer with venv (add the python feature first)" >&2; exit 1; }
 fi
 
-python3 -m venv "$VENV"
+if [ "$SYSTEMSITEPACKAGES" = "true" ]; then
+    echo "metaflow-stack feature: the environment sees $(command -v python3)'s packages"
+    python3 -m venv --system-site-packages "$VENV"
+else
+    python3 -m venv "$VENV"
+fi
 if [ "$VERSION" = "latest" ]; then requirement=metaflow-stack; else requirement="metaflow-stack==$VERSION"; fi
 if [ -n "$WHEELS" ]; then
     case "$WHEELS" in /*) wheels="$WHEELS" ;; *) wheels="$HERE/$WHEELS" ;; esac
