@@ -1,12 +1,18 @@
 """``metaflow devcontainer generate``: a step's environment, captured as a devcontainer.json.
 
-From the step's ``@pypi`` (and the flow's ``@pypi_base``), ``@environment`` and ``@devcontainer``
-settings it writes ``<out>/devcontainer.json`` plus what builds it:
+From the step's ``@pypi``/``@conda`` (and the flow's ``@pypi_base``/``@conda_base``),
+``@environment`` and ``@devcontainer`` settings it writes ``<out>/devcontainer.json`` plus what
+builds it:
 
-* on the stack's base image's Python (3.11, or no Python named), a ``Dockerfile`` on the base image
-  that installs the packages: built directly, with the build machine's CA bundle as a secret;
-* on another Python, the Python image of that version with the ``metaflow-stack`` feature (copied
-  next to the file) installing Metaflow, the runtime and the packages: built by the Dev Containers CLI.
+* ``@pypi`` on the stack's base image's Python (3.11, or no Python named): a ``Dockerfile`` on the
+  base image that installs the packages, built directly, with the build machine's CA bundle as a
+  secret;
+* ``@pypi`` on another Python: the Python image of that version with the ``metaflow-stack`` feature
+  (copied next to the file) installing Metaflow, the runtime and the packages, built by the Dev
+  Containers CLI;
+* ``@conda``: a ``Dockerfile`` in which micromamba (borrowed from its image for the one build step,
+  never left in the result) creates the conda environment at ``/opt/conda``, plus the feature
+  installing Metaflow and the runtime in a virtual environment that sees the conda packages.
 
 The same file opens in VS Code, Codespaces, DevPod or Daytona, and runs the step with
 ``@devcontainer(config=...)``. Nothing is written unless everything was understood; an existing
@@ -16,9 +22,11 @@ folder is replaced only with ``force``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +35,11 @@ from metaflow_stack.errors import StackError
 
 #: The base image's Python, major.minor.
 BASE_PYTHON = "3.11"
+#: The oldest Python the runtime (and so a step's container) supports.
+MIN_PYTHON = (3, 11)
+#: Where a generated conda environment's micromamba comes from, and the image it is put on.
+MICROMAMBA_IMAGE = "mambaorg/micromamba:2.3.3"
+CONDA_IMAGE = "debian:bookworm-slim"
 FEATURE = Path(__file__).parent / "metaflow-stack"
 _OPERATOR = re.compile(r"^\s*(==|>=|<=|~=|!=|>|<|@)")
 
@@ -43,6 +56,8 @@ class StepEnvironment:
     image: str | None = None
     run_args: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    #: The conda packages, when the step's environment is a conda one (``@conda``/``@conda_base``).
+    conda: dict[str, str] | None = None
 
 
 def _flow_class(flow_file: Path):
@@ -68,46 +83,86 @@ def _requirement(name: str, version: str) -> str:
     return f"{name}{version}" if _OPERATOR.match(version) else f"{name}=={version}"
 
 
+def _packages(attributes: dict) -> dict[str, str]:
+    """A ``@pypi``/``@conda`` decorator's packages (``@conda``'s legacy ``libraries`` under them)."""
+    return {**(attributes.get("libraries") or {}), **(attributes.get("packages") or {})}
+
+
+def _enabled(deco) -> bool:
+    return str(deco.attributes.get("disabled")).lower() != "true"
+
+
+def _flow_environment(flow_decos: dict) -> tuple[dict[str, str], dict[str, str] | None, str | None, list[str]]:
+    """What ``@pypi_base`` and ``@conda_base`` give every step: pypi packages, conda packages, Python, sources."""
+    pypi: dict[str, str] = {}
+    conda: dict[str, str] | None = None
+    python, sources = None, []
+    for name in ("pypi_base", "conda_base"):
+        for deco in filter(_enabled, flow_decos.get(name, [])):
+            if name == "conda_base":
+                conda = {**(conda or {}), **_packages(deco.attributes)}
+            else:
+                pypi.update(_packages(deco.attributes))
+            python = deco.attributes.get("python") or python
+            sources.append(f"@{name}")
+    return pypi, conda, python, sources
+
+
+def _apply(env: StepEnvironment, deco) -> bool:
+    """Fold one step decorator into ``env``; whether it was one ``generate`` captures."""
+    attributes = deco.attributes
+    if deco.name in ("pypi", "conda"):
+        if not _enabled(deco):
+            env.packages, env.conda, env.python = {}, None, None
+            return True
+        if deco.name == "conda":
+            env.conda = {**(env.conda or {}), **_packages(attributes)}
+        else:
+            env.packages.update(_packages(attributes))
+        env.python = attributes.get("python") or env.python
+    elif deco.name == "environment":
+        env.env.update({k: str(v) for k, v in (attributes.get("vars") or {}).items()})
+    elif deco.name == "devcontainer":
+        if attributes.get("config"):
+            raise StackError(f"{env.flow}.{env.step} already names a devcontainer.json", fix="edit that file")
+        env.image = attributes.get("image")
+        env.run_args += [f"--cpus={attributes['cpu']}"] if attributes.get("cpu") else []
+        env.run_args += [f"--memory={attributes['memory']}"] if attributes.get("memory") else []
+    else:
+        return False
+    return True
+
+
+def _check(env: StepEnvironment) -> None:
+    where = f"{env.flow}.{env.step}"
+    if env.conda and env.packages:
+        raise StackError(f"{where} has both PyPI and conda packages", fix="use one of @pypi or @conda (as Metaflow)")
+    if env.python and tuple(int(p) for p in re.findall(r"\d+", str(env.python))[:2]) < MIN_PYTHON:
+        raise StackError(
+            f"{where} asks for Python {env.python}; the runtime needs {'.'.join(map(str, MIN_PYTHON))} or newer",
+            fix="raise the step's python= version",
+        )
+
+
 def environments(flow_file: Path, step: str | None) -> list[StepEnvironment]:
-    """The environment of ``step``, or of every step that carries ``@pypi``/``@environment``/``@devcontainer``."""
+    """The environment of ``step``, or of every step that carries one of the decorators it captures."""
     from metaflow.flowspec import FlowStateItems
 
     cls = _flow_class(flow_file)
     steps = {name: getattr(cls, name) for name in dir(cls) if getattr(getattr(cls, name), "is_step", False)}
     if step is not None and step not in steps:
         raise StackError(f"{cls.__name__} has no step {step!r}", fix=f"pick one of: {', '.join(sorted(steps))}")
-    flow_decos = cls._flow_state[FlowStateItems.FLOW_DECORATORS]
-    base = {k: v for d in flow_decos.get("pypi_base", []) for k, v in (d.attributes.get("packages") or {}).items()}
-    base_python = next((d.attributes.get("python") for d in flow_decos.get("pypi_base", [])), None)
-    if flow_decos.get("conda_base"):
-        raise StackError(f"{cls.__name__}: @conda_base is not captured yet", fix="use @pypi_base (or a Dockerfile)")
+    pypi, conda, python, sources = _flow_environment(cls._flow_state[FlowStateItems.FLOW_DECORATORS])
     found = []
     for name in [step] if step else sorted(steps):
-        env = StepEnvironment(cls.__name__, name, python=base_python, packages=dict(base))
-        env.sources += ["@pypi_base"] if base or base_python else []
-        for deco in steps[name].decorators:
-            attributes = deco.attributes
-            if deco.name == "conda":
-                raise StackError(f"{cls.__name__}.{name}: @conda is not captured yet", fix="use @pypi for this step")
-            if deco.name == "pypi":
-                env.packages.update(attributes.get("packages") or {})
-                env.python = attributes.get("python") or env.python
-            elif deco.name == "environment":
-                env.env.update({k: str(v) for k, v in (attributes.get("vars") or {}).items()})
-            elif deco.name == "devcontainer":
-                if attributes.get("config"):
-                    raise StackError(f"{cls.__name__}.{name} already names a devcontainer.json", fix="edit that file")
-                env.image = attributes.get("image")
-                env.run_args += [f"--cpus={attributes['cpu']}"] if attributes.get("cpu") else []
-                env.run_args += [f"--memory={attributes['memory']}"] if attributes.get("memory") else []
-            else:
-                continue
-            env.sources.append(f"@{deco.name}")
+        env = StepEnvironment(cls.__name__, name, python, dict(pypi), sources=list(sources), conda=conda)
+        env.sources += [f"@{deco.name}" for deco in steps[name].decorators if _apply(env, deco)]
+        _check(env)
         if env.sources or step:
             found.append(env)
     if not found:
         raise StackError(
-            f"no step of {cls.__name__} carries @pypi, @environment or @devcontainer",
+            f"no step of {cls.__name__} carries @pypi, @conda, @environment or @devcontainer",
             fix="name a step with --step to capture the base image alone",
         )
     return found
@@ -128,7 +183,7 @@ def _dockerfile(env: StepEnvironment) -> str:
         requirements = " ".join(f'"{_requirement(n, v)}"' for n, v in sorted(env.packages.items()))
         install = "uv pip install" if env.image is None else "python3 -m pip install --no-cache-dir"
         lines += [
-            "USER root",
+            "USER 0:0",
             "# The build machine's CA bundle, when it needs one, is a build secret: it never lands in a layer.",
             "RUN --mount=type=secret,id=pipca \\",
             "    if [ -s /run/secrets/pipca ]; then \\",
@@ -139,12 +194,45 @@ def _dockerfile(env: StepEnvironment) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _conda_dockerfile(env: StepEnvironment) -> str:
+    python = str(env.python or "{}.{}".format(*sys.version_info[:2]))
+    specs = [f"python={python}" if python.count(".") < 2 else f"python=={python}"]
+    specs += [_requirement(n, v) for n, v in sorted((env.conda or {}).items())]
+    channels = [c.strip() for c in os.environ.get("CONDA_CHANNELS", "conda-forge").split(",") if c.strip()]
+    create = [
+        "/micromamba/bin/micromamba create --yes --root-prefix /tmp/mamba --prefix /opt/conda --override-channels",
+        *[f"--channel {c}" for c in channels],
+        *[f'"{spec}"' for spec in specs],
+    ]
+    lines = [
+        f"# Generated by `metaflow devcontainer generate` from {env.flow}.{env.step}.",
+        "# micromamba creates the conda environment at /opt/conda; it is mounted from its image for",
+        "# that one step only, and the packages' cache goes with it.",
+        f"FROM {MICROMAMBA_IMAGE} AS micromamba",
+        f"FROM {env.image or CONDA_IMAGE}",
+        *(["USER 0:0"] if env.image else []),
+        "ENV PATH=/opt/conda/bin:$PATH",
+        "# The build machine's CA bundle, when it needs one, is a build secret: it never lands in a layer.",
+        "RUN --mount=type=bind,from=micromamba,source=/,target=/micromamba \\",
+        "    --mount=type=secret,id=pipca \\",
+        "    export MAMBA_SSL_VERIFY=/micromamba/etc/ssl/certs/ca-certificates.crt; \\",
+        "    if [ -s /run/secrets/pipca ]; then export MAMBA_SSL_VERIFY=/run/secrets/pipca; fi; \\",
+        "    " + " \\\n        ".join(create) + " \\",
+        "    && rm -rf /tmp/mamba",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:
     """The devcontainer.json of ``env`` and the other files it needs (name -> text)."""
     config: dict = {"name": f"{env.flow}.{env.step}".lower()}
     files: dict[str, str] = {}
     python = env.python and ".".join(str(env.python).split(".")[:2])
-    if python in (None, BASE_PYTHON) or env.image is not None:
+    if env.conda is not None:
+        config["build"] = {"dockerfile": "Dockerfile", "context": "."}
+        config["features"] = {f"./{FEATURE.name}": {"systemSitePackages": True}}
+        files["Dockerfile"] = _conda_dockerfile(env)
+    elif python in (None, BASE_PYTHON) or env.image is not None:
         config["build"] = {"dockerfile": "Dockerfile", "context": "."}
         files["Dockerfile"] = _dockerfile(env)
     else:

@@ -25,7 +25,10 @@ def devcontainer() -> None:
 
 @devcontainer.command(help="Write a devcontainer.json (and its Dockerfile or feature) from a step's settings.")
 @click.argument("flow_file", type=click.Path())
-@click.option("--step", help="The step to capture [default: every step with @pypi, @environment or @devcontainer].")
+@click.option(
+    "--step",
+    help="The step to capture [default: every step with @pypi, @conda, @environment or @devcontainer].",
+)
 @click.option(
     "--out",
     type=click.Path(),
