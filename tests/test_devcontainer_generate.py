@@ -74,6 +74,30 @@ def test_conda_settings_become_a_micromamba_dockerfile_and_the_feature(tmp_path:
     assert "FROM ${BASE_IMAGE}" in end and "micromamba" not in end
 
 
+@pytest.mark.parametrize(
+    ("flow", "start", "conda", "python"),
+    [
+        ('@conda_base(packages={"jq": "1.7.1"}, disabled=True)', '@conda(packages={"zstd": "1.5.6"})', None, None),
+        (
+            '@conda_base(packages={"jq": "1.7.1"}, python="3.12", disabled=True)',
+            '@conda(packages={"zstd": "1.5.6"}, disabled=False)',
+            {"jq": "1.7.1", "zstd": "1.5.6"},
+            "3.12",
+        ),
+        ('@conda_base(python="3.12")', '@pypi(packages={"tomli-w": "1.0.0"})', None, "3.12"),
+    ],
+    ids=["base-disabled", "step-enabled", "pypi-on-conda-python"],
+)
+def test_conda_settings_merge_as_metaflow_merges_them(
+    tmp_path: Path, flow: str, start: str, conda: dict | None, python: str | None
+) -> None:
+    from metaflow_stack.devcontainer.generate import environments
+
+    (tmp_path / "flow.py").write_text(CAPTURED_FLOW.format(name="Flow", flow=flow, start=start, end=""))
+    (env,) = environments(tmp_path / "flow.py", "start")
+    assert (env.conda, env.python) == (conda, python)
+
+
 def test_conda_channels_follow_the_conda_channels_variable(tmp_path: Path) -> None:
     (tmp_path / "flow.py").write_text(CONDA_FLOW)
     command = [str(VENV_BIN / "metaflow"), "devcontainer", "generate", "flow.py", "--step", "start", "--out", "env"]

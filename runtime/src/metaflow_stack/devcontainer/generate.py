@@ -56,7 +56,7 @@ class StepEnvironment:
     image: str | None = None
     run_args: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-    #: The conda packages, when the step's environment is a conda one (``@conda``/``@conda_base``).
+    #: The conda packages of a step with any (``@conda``/``@conda_base``): its environment is a conda one.
     conda: dict[str, str] | None = None
 
 
@@ -88,39 +88,23 @@ def _packages(attributes: dict) -> dict[str, str]:
     return {**(attributes.get("libraries") or {}), **(attributes.get("packages") or {})}
 
 
-def _enabled(deco) -> bool:
-    return str(deco.attributes.get("disabled")).lower() != "true"
-
-
-def _flow_environment(flow_decos: dict) -> tuple[dict[str, str], dict[str, str] | None, str | None, list[str]]:
-    """What ``@pypi_base`` and ``@conda_base`` give every step: pypi packages, conda packages, Python, sources."""
-    pypi: dict[str, str] = {}
-    conda: dict[str, str] | None = None
-    python, sources = None, []
-    for name in ("pypi_base", "conda_base"):
-        for deco in filter(_enabled, flow_decos.get(name, [])):
-            if name == "conda_base":
-                conda = {**(conda or {}), **_packages(deco.attributes)}
-            else:
-                pypi.update(_packages(deco.attributes))
-            python = deco.attributes.get("python") or python
-            sources.append(f"@{name}")
-    return pypi, conda, python, sources
+def _resolve(kind: str, bases: list, own) -> tuple[dict[str, str] | None, str | None, list[str]]:
+    """A step's ``@pypi`` or ``@conda`` environment as Metaflow merges it with the flow's
+    ``@pypi_base``/``@conda_base``: the packages (None when there is none, or it is disabled), the
+    Python, and the decorators it came from."""
+    base = bases[0].attributes if bases else {}
+    mine = own.attributes if own is not None else {}
+    sources = ([f"@{kind}_base"] if bases else []) + ([f"@{kind}"] if own is not None else [])
+    disabled = mine.get("disabled") if mine.get("disabled") is not None else base.get("disabled")
+    if not sources or str(disabled).lower() == "true":
+        return None, None, sources
+    return {**_packages(base), **_packages(mine)}, mine.get("python") or base.get("python"), sources
 
 
 def _apply(env: StepEnvironment, deco) -> bool:
-    """Fold one step decorator into ``env``; whether it was one ``generate`` captures."""
+    """Fold one ``@environment`` or ``@devcontainer`` into ``env``; whether ``deco`` was one."""
     attributes = deco.attributes
-    if deco.name in ("pypi", "conda"):
-        if not _enabled(deco):
-            env.packages, env.conda, env.python = {}, None, None
-            return True
-        if deco.name == "conda":
-            env.conda = {**(env.conda or {}), **_packages(attributes)}
-        else:
-            env.packages.update(_packages(attributes))
-        env.python = attributes.get("python") or env.python
-    elif deco.name == "environment":
+    if deco.name == "environment":
         env.env.update({k: str(v) for k, v in (attributes.get("vars") or {}).items()})
     elif deco.name == "devcontainer":
         if attributes.get("config"):
@@ -152,11 +136,15 @@ def environments(flow_file: Path, step: str | None) -> list[StepEnvironment]:
     steps = {name: getattr(cls, name) for name in dir(cls) if getattr(getattr(cls, name), "is_step", False)}
     if step is not None and step not in steps:
         raise StackError(f"{cls.__name__} has no step {step!r}", fix=f"pick one of: {', '.join(sorted(steps))}")
-    pypi, conda, python, sources = _flow_environment(cls._flow_state[FlowStateItems.FLOW_DECORATORS])
+    flow_decos = cls._flow_state[FlowStateItems.FLOW_DECORATORS]
     found = []
     for name in [step] if step else sorted(steps):
-        env = StepEnvironment(cls.__name__, name, python, dict(pypi), sources=list(sources), conda=conda)
-        env.sources += [f"@{deco.name}" for deco in steps[name].decorators if _apply(env, deco)]
+        decos = {deco.name: deco for deco in steps[name].decorators}
+        pypi, pypi_python, pypi_from = _resolve("pypi", flow_decos.get("pypi_base", []), decos.get("pypi"))
+        conda, conda_python, conda_from = _resolve("conda", flow_decos.get("conda_base", []), decos.get("conda"))
+        # as in Metaflow: @pypi's Python, falling back on @conda's; conda packages make a conda environment
+        env = StepEnvironment(cls.__name__, name, pypi_python or conda_python, pypi or {}, conda=conda or None)
+        env.sources = pypi_from + conda_from + [f"@{d.name}" for d in steps[name].decorators if _apply(env, d)]
         _check(env)
         if env.sources or step:
             found.append(env)
