@@ -251,6 +251,7 @@ def test_the_project_feature_installs_metaflow_and_the_runtime(
     config_file = folder / "devcontainer.json"
     loaded, digest = spec.load(config_file)
     tag, _ = image.build(loaded, config_file, folder.parent, digest)  # through the CLI, as a step's is
+    assert not (folder / "devcontainer-lock.json").exists()  # local features only: nothing to pin
     try:
         check = "import metaflow, metaflow_stack, tomli_w, stack_probe as p; print(metaflow_stack.__version__, p.WHERE)"
         out = docker_engine.run(tag, ["python", "-c", check], remove=True)

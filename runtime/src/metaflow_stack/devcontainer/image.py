@@ -79,8 +79,11 @@ def _cli_docker() -> tuple[list[str], dict[str, str]]:
     return (["--docker-path", configured] if configured else []), {}
 
 
-def _cli_build(config_path: Path, workspace: Path, tag: str, console: Console) -> None:
-    """``devcontainer build``, its progress on one status line, its log tail on failure."""
+def _cli_build(config: DevcontainerConfig, config_path: Path, workspace: Path, tag: str, console: Console) -> None:
+    """``devcontainer build``, its progress on one status line, its log tail on failure.
+
+    A lockfile pins published features; with local features only there is nothing to pin, and the
+    CLI would still leave an empty ``devcontainer-lock.json`` in the user's folder, so it is told not to."""
     binary = cli_binary()
     if binary is None:
         raise ToolMissingError(f"{config_path}: features need the Dev Containers CLI (not installed)", fix=CLI_FIX)
@@ -102,6 +105,7 @@ def _cli_build(config_path: Path, workspace: Path, tag: str, console: Console) -
         tag,
         "--log-format",
         "text",
+        *(["--no-lockfile"] if all(ref.startswith(".") for ref in config.features) else []),
     ]
     tail: deque[str] = deque(maxlen=_TAIL)
     with console.status(f"building {tag} with the Dev Containers CLI") as status:
@@ -142,7 +146,7 @@ def build(
     _base_image(BASE_VARIABLE in config_path.read_text())
     built_by_cli = bool(config.features)
     if built_by_cli:
-        _cli_build(config_path, workspace, tag, console)
+        _cli_build(config, config_path, workspace, tag, console)
     elif config.build is not None:
         dockerfile = (config_path.parent / config.build.dockerfile).resolve()
         context = (config_path.parent / config.build.context).resolve()
