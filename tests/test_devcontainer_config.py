@@ -96,7 +96,7 @@ def test_a_config_with_features_is_built_by_the_dev_containers_cli(docker_engine
 
 #: A two-step flow for ``generate``: ``{flow}`` and ``{start}``/``{end}`` are decorator lines.
 CAPTURED_FLOW = """
-from metaflow import FlowSpec, conda, conda_base, environment, pypi, step
+from metaflow import FlowSpec, conda, conda_base, devcontainer, environment, pypi, step
 
 
 {flow}
@@ -213,7 +213,8 @@ def feature_with_wheels(feature: Path, *requirements: str) -> str:
 
 #: Puts a module into the image's own site-packages, which only ``systemSitePackages`` lets the
 #: feature's environment see, from another stage mounted for one step: the way generated conda
-#: Dockerfiles mount micromamba, which only BuildKit builds.
+#: Dockerfiles mount micromamba, which only BuildKit builds; it ends, as they do, as a uid the image
+#: has no account for.
 SYSTEM_PACKAGE_DOCKERFILE = """
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE} AS probe
@@ -221,6 +222,7 @@ RUN echo 'WHERE = "system"' > /tmp/stack_probe.py
 FROM ${BASE_IMAGE}
 RUN --mount=type=bind,from=probe,source=/tmp,target=/probe \\
     cp /probe/stack_probe.py "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+USER 1000:1000
 """
 
 

@@ -107,9 +107,22 @@ def test_conda_channels_follow_the_conda_channels_variable(tmp_path: Path) -> No
     assert "--channel conda-forge \\\n        --channel bioconda \\\n" in (tmp_path / "env" / "Dockerfile").read_text()
 
 
-@pytest.mark.parametrize("flow", [PYPI_FLOW, CONDA_FLOW], ids=["pypi", "conda"])
-def test_generated_dockerfiles_pass_hadolint(tmp_path: Path, flow: str) -> None:
-    done = generate(tmp_path, flow, "--step", "start", "--out", "env")
+#: Both kinds of environment on an image the step names: installed as root, left as a non-root user.
+ON_AN_IMAGE = CAPTURED_FLOW.format(
+    name="ImageFlow",
+    flow="",
+    start='@devcontainer(image="python:3.12-slim")\n    @conda(packages={"jq": "1.7.1"})',
+    end='@devcontainer(image="python:3.12-slim")\n    @pypi(packages={"tomli-w": "1.0.0"})',
+)
+
+
+@pytest.mark.parametrize(
+    ("flow", "step"),
+    [(PYPI_FLOW, "start"), (CONDA_FLOW, "start"), (ON_AN_IMAGE, "start"), (ON_AN_IMAGE, "end")],
+    ids=["pypi", "conda", "conda-on-image", "pypi-on-image"],
+)
+def test_generated_dockerfiles_pass_hadolint(tmp_path: Path, flow: str, step: str) -> None:
+    done = generate(tmp_path, flow, "--step", step, "--out", "env")
     assert done.returncode == 0, done.stderr
     lint = subprocess.run([_tool("hadolint"), "--no-color", str(tmp_path / "env" / "Dockerfile")], capture_output=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
