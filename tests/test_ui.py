@@ -202,6 +202,8 @@ def chromium() -> Iterator[object]:
 
 
 def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -> None:
+    from playwright.sync_api import expect
+
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{ui.url}/{ui.runs[1]}")
     page.wait_for_selector("svg.dag [data-step='end']")
@@ -215,8 +217,7 @@ def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -
     page.screenshot(path=SHOTS / "run-page.png", full_page=True)
 
     page.locator("[data-step='leaf'] rect.item").first.click()  # an item's log, on the same page
-    page.wait_for_selector("[data-logs] .log-text")
-    assert "scored" in page.locator("[data-logs] .log-text").inner_text()
+    expect(page.locator("[data-logs] .log-text[data-loaded='stdout']")).to_contain_text("scored")
     page.close()
 
 

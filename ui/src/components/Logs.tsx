@@ -1,31 +1,37 @@
 // A task's log: its last 1000 lines, refetched whenever the run changes (``version``) so a running task's
-// output appears as the datastore receives it.
+// output appears as the datastore receives it. Until the first answer for this task and stream arrives the
+// panel says it is loading, so an empty log is never claimed before it has been read.
 import { useEffect, useState } from "react";
 
 import { apiPath, getJson, type LogWindow, RequestError } from "../api";
 import { ErrorBox } from "./Status";
 
+interface Shown {
+  source: string;
+  log: LogWindow;
+}
+
 export function Logs({ pathspec, running, version }: { pathspec: string; running: boolean; version: number }) {
   const [stream, setStream] = useState<"stdout" | "stderr">("stdout");
-  const [lines, setLines] = useState<string[]>([]);
+  const [shown, setShown] = useState<Shown | null>(null);
   const [error, setError] = useState<RequestError | null>(null);
-  const [truncated, setTruncated] = useState(false);
+  const source = `${apiPath("logs", pathspec)}/${stream}`;
 
   useEffect(() => {
     let live = true;
-    getJson<LogWindow>(`${apiPath("logs", pathspec)}/${stream}?tail=1000`)
-      .then((window) => {
+    getJson<LogWindow>(`${source}?tail=1000`)
+      .then((log) => {
         if (!live) return;
-        setLines(window.lines.map((line) => line.text));
-        setTruncated(window.size > 0 && window.truncated);
+        setShown({ source, log });
         setError(null);
       })
       .catch((reason) => live && setError(reason as RequestError));
     return () => {
       live = false;
     };
-  }, [pathspec, stream, version]);
+  }, [source, version]);
 
+  const log = shown?.source === source ? shown.log : null;
   return (
     <section className="logs" data-logs={pathspec}>
       <div className="tabs">
@@ -38,10 +44,14 @@ export function Logs({ pathspec, running, version }: { pathspec: string; running
       </div>
       {error ? (
         <ErrorBox title="The log could not be read" error={error.body} />
+      ) : log === null ? (
+        <pre className="log-text" aria-busy="true">
+          <span className="muted">loading…</span>
+        </pre>
       ) : (
-        <pre className="log-text">
-          {truncated && <span className="muted">… earlier lines not shown{"\n"}</span>}
-          {lines.length === 0 ? <span className="muted">(empty)</span> : lines.join("\n")}
+        <pre className="log-text" data-loaded={log.stream}>
+          {log.size > 0 && log.truncated && <span className="muted">… earlier lines not shown{"\n"}</span>}
+          {log.lines.length === 0 ? <span className="muted">(empty)</span> : log.lines.map((l) => l.text).join("\n")}
         </pre>
       )}
     </section>
