@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,8 @@ def test_generate_names_the_feature_for_another_python(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     config, _ = spec.load(tmp_path / "env" / "devcontainer.json")  # valid, its local feature too
     assert config.image == "python:3.12-slim"
-    assert config.features == {"./metaflow-stack": {"packages": "tomli-w==1.0.0"}}
+    packages = f"metaflow=={version('metaflow')} tomli-w==1.0.0"  # Metaflow and the runtime as on the host
+    assert config.features == {"./metaflow-stack": {"version": version("metaflow-stack"), "packages": packages}}
     assert config.containerEnv == {"MODEL_KIND": "tiny"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,8 @@ def test_conda_settings_become_a_micromamba_dockerfile_and_the_feature(tmp_path:
     assert "CondaFlow.start: wrote .devcontainer/condaflow-start/devcontainer.json" in done.stdout
     folder = tmp_path / ".devcontainer" / "condaflow-start"
     config, _ = spec.load(folder / "devcontainer.json")  # valid, its local feature too
-    assert config.features == {"./metaflow-stack": {"systemSitePackages": True}}
+    pinned = {"version": version("metaflow-stack"), "packages": f"metaflow=={version('metaflow')}"}
+    assert config.features == {"./metaflow-stack": {"systemSitePackages": True, **pinned}}  # the host's versions
     assert config.containerEnv == {"MODEL_KIND": "tiny"}
     assert config.customizations["metaflow"]["from"] == ["@conda_base", "@conda", "@environment"]
     dockerfile = (folder / "Dockerfile").read_text()
@@ -72,6 +74,17 @@ def test_conda_settings_become_a_micromamba_dockerfile_and_the_feature(tmp_path:
     # @conda(disabled=True) leaves the step on the base image, as Metaflow runs it without conda.
     end = (tmp_path / ".devcontainer" / "condaflow-end" / "Dockerfile").read_text()
     assert "FROM ${BASE_IMAGE}" in end and "micromamba" not in end
+
+
+def test_the_feature_keeps_a_metaflow_the_step_names_and_pins_only_released_runtimes(monkeypatch) -> None:
+    import metaflow_stack
+    from metaflow_stack.devcontainer import generate as generated
+
+    step = generated.StepEnvironment("F", "start", python="3.12", packages={"metaflow": "2.19.0", "rich": ""})
+    config, _ = generated.render(step)
+    assert config["features"]["./metaflow-stack"]["packages"] == "metaflow==2.19.0 rich"
+    monkeypatch.setattr(metaflow_stack, "__version__", "0.2.0.dev3+g1234")  # a development build: nothing to pin
+    assert "version" not in generated.render(step)[0]["features"]["./metaflow-stack"]
 
 
 @pytest.mark.parametrize(

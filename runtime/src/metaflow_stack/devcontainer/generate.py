@@ -215,11 +215,31 @@ def _conda_dockerfile(env: StepEnvironment) -> str:
         f"FROM {MICROMAMBA_IMAGE} AS micromamba",
         f"FROM {env.image or CONDA_IMAGE}",
         "ENV PATH=/opt/conda/bin:$PATH",
-        *_install(
-            create, trust="MAMBA_SSL_VERIFY", mounts=("--mount=type=bind,from=micromamba,source=/,target=/micromamba",)
-        ),
+        *_install(create, trust="MAMBA_SSL_VERIFY", mounts=(_MICROMAMBA_MOUNT,)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _feature(packages: dict[str, str], **options: object) -> dict[str, dict]:
+    """The ``metaflow-stack`` feature entry installing ``packages`` too, pinned to the Metaflow and
+    runtime generating it, so the container gets the versions the flow was written against rather
+    than whatever is newest when it is built (a step that names its own Metaflow keeps it; a runtime
+    that is no release, a local or development build, leaves the feature's default)."""
+    from importlib.metadata import version
+
+    from packaging.version import InvalidVersion, Version
+
+    from metaflow_stack import __version__
+
+    pins = {} if "metaflow" in packages else {"metaflow": version("metaflow")}
+    requirements = " ".join(_requirement(n, v) for n, v in sorted({**pins, **packages}.items()))
+    try:
+        release = Version(__version__)
+    except InvalidVersion:
+        release = None
+    if release is not None and not (release.local or release.is_devrelease):
+        options["version"] = __version__
+    return {f"./{FEATURE.name}": {**options, "packages": requirements}}
 
 
 def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:
@@ -229,15 +249,14 @@ def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:
     python = env.python and ".".join(str(env.python).split(".")[:2])
     if env.conda is not None:
         config["build"] = {"dockerfile": "Dockerfile", "context": "."}
-        config["features"] = {f"./{FEATURE.name}": {"systemSitePackages": True}}
+        config["features"] = _feature({}, systemSitePackages=True)
         files["Dockerfile"] = _conda_dockerfile(env)
     elif python in (None, BASE_PYTHON) or env.image is not None:
         config["build"] = {"dockerfile": "Dockerfile", "context": "."}
         files["Dockerfile"] = _dockerfile(env)
     else:
-        requirements = " ".join(_requirement(n, v) for n, v in sorted(env.packages.items()))
         config["image"] = f"python:{python}-slim"
-        config["features"] = {f"./{FEATURE.name}": {"packages": requirements} if requirements else {}}
+        config["features"] = _feature(env.packages)
     if env.env:
         config["containerEnv"] = env.env
     if env.run_args:
