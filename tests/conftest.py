@@ -272,8 +272,12 @@ def wait_ready(url: str, seconds: float = 120) -> bool:
 PULUMI_PROGRAM = PROJECT / "infra" / "pulumi"
 
 
-def pulumi_offline() -> None:
-    """Pulumi's own offline test mode for ``infra/pulumi``'s components: every resource is echoed back."""
+@pytest.fixture
+def pulumi_offline() -> Iterator[None]:
+    """Pulumi's own offline test mode for ``infra/pulumi``'s components: every resource is echoed back.
+
+    The mocks run on an event loop of the test's own; afterwards the registrations a test never awaited
+    (a component refused half-way, say) are cancelled and the loop closed, rather than destroyed pending."""
     import asyncio
 
     import pulumi
@@ -285,11 +289,17 @@ def pulumi_offline() -> None:
         def call(self, args: pulumi.runtime.MockCallArgs):
             return {}
 
-    # The mocks run on the main thread's event loop; an earlier test may have closed it.
-    asyncio.set_event_loop(asyncio.new_event_loop())
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     pulumi.runtime.set_mocks(Mocks(), preview=False)
     if str(PULUMI_PROGRAM) not in sys.path:
         sys.path.insert(0, str(PULUMI_PROGRAM))
+    yield
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
 
 
 # The metadata service's servers (PostgreSQL, a lagging replica, NATS, the service), as fixtures for every module.

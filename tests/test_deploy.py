@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import FIRST_CALL_S, free_port, last_line, need, pulumi_offline, run_cli
+from conftest import FIRST_CALL_S, free_port, last_line, need, run_cli
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
@@ -168,10 +168,9 @@ def test_nomad_apply_without_an_agent_names_nomad_addr(reference_file: Path, tmp
     assert "error: NOMAD_ADDR is not set" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.usefixtures("pulumi_offline")
 def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None:
     import pulumi
-
-    pulumi_offline()
     from components.function_server import FunctionServer, FunctionServerArgs
 
     server = FunctionServer("function-predict", FunctionServerArgs(image=IMAGE, function="predict", replicas=2))

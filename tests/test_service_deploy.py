@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, last_line, need, pulumi_offline, run_cli
+from conftest import free_port, last_line, need, run_cli
 from service_servers import run_flow
 
 from metaflow_stack.deploy import helm, nomad
@@ -91,10 +91,9 @@ def test_the_nomad_job_takes_an_image_and_keeps_secrets_in_nomad_variables() -> 
         nomad.render("metadata-service", {"image": "r/x:1", "instances": "two"})
 
 
+@pytest.mark.usefixtures("pulumi_offline")
 def test_the_pulumi_component_installs_the_chart() -> None:
     import pulumi
-
-    pulumi_offline()
     from components.metadata_service import MetadataService, MetadataServiceArgs
 
     image = f"{IMAGE['repository']}:{IMAGE['tag']}"

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, free_port, pulumi_offline
+from conftest import TEST_LABEL, free_port
 from service_servers import run_flow
 
 from metaflow_stack.deploy import helm
@@ -71,10 +71,9 @@ def test_wrong_values_are_refused_naming_the_problem(values: dict, message: str)
         helm.render("ui", values, "metaflow-ui")
 
 
+@pytest.mark.usefixtures("pulumi_offline")
 def test_the_pulumi_component_installs_the_chart() -> None:
     import pulumi
-
-    pulumi_offline()
     from components.ui import Ui, UiArgs
 
     image = f"{IMAGE['repository']}:{IMAGE['tag']}"
