@@ -83,6 +83,8 @@ def test_the_feature_keeps_a_metaflow_the_step_names_and_pins_only_released_runt
     step = generated.StepEnvironment("F", "start", python="3.12", packages={"metaflow": "2.19.0", "rich": ""})
     config, _ = generated.render(step)
     assert config["features"]["./metaflow-stack"]["packages"] == "metaflow==2.19.0 rich"
+    spelled = generated.StepEnvironment("F", "start", python="3.12", packages={"MetaFlow": "2.19.0"})
+    assert generated.render(spelled)[0]["features"]["./metaflow-stack"]["packages"] == "MetaFlow==2.19.0"
     monkeypatch.setattr(metaflow_stack, "__version__", "0.2.0.dev3+g1234")  # a development build: nothing to pin
     assert "version" not in generated.render(step)[0]["features"]["./metaflow-stack"]
 

@@ -227,11 +227,13 @@ def _feature(packages: dict[str, str], **options: object) -> dict[str, dict]:
     that is no release, a local or development build, leaves the feature's default)."""
     from importlib.metadata import version
 
+    from packaging.utils import canonicalize_name
     from packaging.version import InvalidVersion, Version
 
     from metaflow_stack import __version__
 
-    pins = {} if "metaflow" in packages else {"metaflow": version("metaflow")}
+    named = {canonicalize_name(name) for name in packages}
+    pins = {} if "metaflow" in named else {"metaflow": version("metaflow")}
     requirements = " ".join(_requirement(n, v) for n, v in sorted({**pins, **packages}.items()))
     try:
         release = Version(__version__)
