@@ -75,8 +75,9 @@ bench: _venv
 # Re-lock the runtime's dependencies (the lock is part of every image's tag).
 lock: _venv
     uv pip compile runtime/pyproject.toml -o runtime/requirements.lock --python-version 3.11 --python-platform linux --quiet
-    uv pip compile runtime/pyproject.toml --extra service -o runtime/requirements-service.lock --python-version 3.11 --python-platform linux --quiet
-    uv pip compile runtime/pyproject.toml --extra ui -o runtime/requirements-ui.lock --python-version 3.11 --python-platform linux --quiet
+    # The extras' locks are constrained by the core lock, so a package the images share has one version in all.
+    uv pip compile runtime/pyproject.toml --extra service -c runtime/requirements.lock -o runtime/requirements-service.lock --python-version 3.11 --python-platform linux --quiet
+    uv pip compile runtime/pyproject.toml --extra ui -c runtime/requirements.lock -o runtime/requirements-ui.lock --python-version 3.11 --python-platform linux --quiet
 
 [private]
 _venv:

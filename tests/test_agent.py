@@ -153,6 +153,14 @@ def test_the_cli_prints_json_answers_and_json_errors(runs: Runs) -> None:
     plain = run_cli("agent", "summary", "FanFlow/999999", env=env)
     assert plain.returncode == 1 and "error: run FanFlow/999999 does not exist" in plain.stderr
     assert "Traceback" not in plain.stderr
+    # A cursor no listing issued is the user's mistake: one JSON error naming it, or one line, never a traceback.
+    mangled = run_cli("agent", "runs", "FanFlow", "--json", "--cursor", "%%%", env=env)
+    assert mangled.returncode == 1 and json_stdout(mangled)["error"]["code"] == "bad_parameter"
+    assert "_cursor" in json_stdout(mangled)["error"]["message"] and "Traceback" not in mangled.stderr
+    line = run_cli("agent", "runs", "FanFlow", "--cursor", "%%%", env=env)
+    assert line.returncode == 1 and "_cursor: not a cursor" in line.stderr and "Traceback" not in line.stderr
+    slow = run_cli("agent", "logs", f"{runs.failed}/start/1", "--grep", "(x)\\1", "--json", env=env)
+    assert slow.returncode == 1 and json_stdout(slow)["error"]["code"] == "bad_parameter"
 
 
 def test_connect_names_the_fix_without_a_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

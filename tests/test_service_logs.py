@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -163,6 +165,35 @@ def test_bad_requests_are_400s_naming_the_parameter(local_run: LogRun) -> None:
         assert response.json()["details"] == {"parameter": parameter}
     missing = httpx.get(f"{local_run.url}/flows/LogFlow/runs/{local_run.run_id}/steps/start/tasks/999/logs/stdout")
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+
+
+@pytest.mark.slow
+def test_a_catastrophic_grep_does_not_stall_the_service(local_run: LogRun) -> None:
+    # ``(x+)+y`` on "out 00049 xxx...x" (49 x's, no y) backtracks for hours in Python's re, holding the GIL;
+    # RE2 matches it in linear time, so the scan ends and the service answers everything else meanwhile.
+    pings: list[float] = []
+    with ThreadPoolExecutor(1) as pool:
+        grepped = pool.submit(local_run.logs, "start", grep="(x+)+y")
+        while not grepped.done():
+            started = time.monotonic()
+            assert httpx.get(f"{local_run.url}/ping", timeout=5).status_code == 200
+            pings.append(time.monotonic() - started)
+        assert _texts(grepped.result(timeout=30)) == []
+    assert max(pings) < 1.0, pings
+    found = _texts(local_run.logs("start", grep="(x+)+$", head=2))
+    assert found == ["out 00001 x", "out 00002 xx"]
+
+
+@pytest.mark.slow
+def test_patterns_that_need_backtracking_are_refused_naming_the_field(local_run: LogRun) -> None:
+    refused = local_run.logs("start", grep=r"(x)\1")
+    assert refused.status_code == 400 and refused.json()["details"] == {"parameter": "grep"}
+    assert "RE2" in refused.json()["fix"]
+    step = f"{local_run.url}/flows/LogFlow/runs/{local_run.run_id}/steps/start"
+    lookahead = httpx.get(f"{step}/filtered_tasks", params={"metadata_field_name": "attempt", "pattern": "(?=0)"})
+    assert lookahead.status_code == 400 and lookahead.json()["details"] == {"parameter": "pattern"}
+    matched = httpx.get(f"{step}/filtered_tasks", params={"metadata_field_name": "attempt", "pattern": "^0$"})
+    assert matched.status_code == 200 and matched.json() == [f"LogFlow/{local_run.run_id}/{local_run.task('start')}"]
 
 
 @pytest.mark.slow

@@ -1,46 +1,79 @@
-"""One JSON error shape for every HTTP server in the stack: ``{code, message, details}``.
+"""One JSON error shape for every HTTP server in the stack: ``{code, message, fix, details}``.
 
-Handlers raise ``ApiError``; ``install`` makes FastAPI answer it, unknown
-routes, wrong methods and malformed requests in that shape, so no client ever
-parses an HTML page or a bare string.
+Library code raises the ``StackError`` family (``errors``); this module is
+the HTTP edge that maps it, by its ``code``, to a status. ``ApiError`` is for
+the few errors that only exist at that edge (a route's own 404, a 503 while
+the database is down). ``install`` makes FastAPI answer these, unknown
+routes, wrong methods and malformed requests in that shape, so no client
+ever parses an HTML page or a bare string.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # FastAPI only where a server is installed: ApiError itself needs nothing
+from metaflow_stack.errors import InvalidInput, StackError
+
+if TYPE_CHECKING:  # FastAPI only where a server is installed: the errors themselves need nothing
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+#: The status each stable code answers with; a code not listed is a server-side failure (500).
+STATUS = {
+    "bad_parameter": 400,
+    "unregistered": 400,
+    "integrity_error": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "payload_too_large": 413,
+    "bad_artifact": 422,
+    "system_tag": 422,
+    "service_error": 502,
+    "service_too_old": 502,
+    "service_unavailable": 503,
+    "broker_unavailable": 503,
+    "database_unavailable": 503,
+}
 
-class ApiError(Exception):
+
+class ApiError(StackError):
     """An error answered as ``status`` with a stable ``code`` and a sentence."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
+    def __init__(self, status: int, code: str, message: str, details: Any = None, fix: str | None = None) -> None:
+        super().__init__(message, fix)
+        self.status, self.code, self.details = status, code, details
 
 
-def bad_parameter(name: str, message: str) -> ApiError:
+def bad_parameter(name: str, message: str) -> InvalidInput:
     """A 400 naming the query parameter, path segment or body field at fault."""
-    return ApiError(400, "bad_parameter", f"{name}: {message}", {"parameter": name})
+    return InvalidInput(name, message)
 
 
-def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, details: Any = None, fix: str | None = None) -> JSONResponse:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"code": code, "message": message, "details": details}, status_code=status)
+    return JSONResponse({"code": code, "message": message, "fix": fix, "details": details}, status_code=status)
+
+
+def stack_error_response(exc: StackError) -> JSONResponse:
+    """``exc`` as its JSON error: the status its code maps to, the field it names."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.fix)
+    details = {"parameter": exc.field} if isinstance(exc, InvalidInput) else None
+    return error_response(STATUS.get(exc.code, 500), exc.code, exc.message, details, exc.fix)
 
 
 def install(app: FastAPI) -> None:
-    """Answer ``ApiError``, unknown routes and validation failures as JSON."""
+    """Answer the ``StackError`` family, unknown routes and validation failures as JSON."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+    @app.exception_handler(StackError)
+    async def stack_error(request: Request, exc: StackError) -> JSONResponse:
+        return stack_error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -7,7 +7,7 @@ import base64
 import json
 from typing import Any
 
-from metaflow_stack.api_errors import bad_parameter
+from metaflow_stack.errors import InvalidInput
 
 
 def encode_cursor(values: list[Any]) -> str:
@@ -16,10 +16,12 @@ def encode_cursor(values: list[Any]) -> str:
 
 
 def decode_cursor(text: str) -> list[Any]:
+    """The values of a cursor ``encode_cursor`` made; ``InvalidInput`` for anything else."""
+    refused = InvalidInput("_cursor", "not a cursor this service issued", "drop it to start from the first page")
     try:
         values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except ValueError:
-        raise bad_parameter("_cursor", "not a cursor this service issued") from None
+        raise refused from None
     if not isinstance(values, list) or not all(isinstance(v, int | str) for v in values):
-        raise bad_parameter("_cursor", "not a cursor this service issued")
+        raise refused
     return values

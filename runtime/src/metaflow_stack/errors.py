@@ -9,7 +9,12 @@ from __future__ import annotations
 
 
 class StackError(Exception):
-    """A failure the user can act on; ``fix`` says how."""
+    """A failure the user can act on; ``fix`` says how, ``code`` is stable for programs.
+
+    This is the one family below every edge: servers answer it as a JSON
+    error whose status follows the code (``api_errors``), CLIs print it as
+    one line (or one JSON object with ``--json``), never as a traceback.
+    """
 
     code = "stack_error"
 
@@ -20,6 +25,20 @@ class StackError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.fix else f"{self.message} (fix: {self.fix})"
+
+    def to_dict(self) -> dict[str, dict[str, str | None]]:
+        """The error as one JSON object, as ``--json`` commands print it."""
+        return {"error": {"code": self.code, "message": self.message, "fix": self.fix}}
+
+
+class InvalidInput(StackError):
+    """A value the user gave that cannot be used; ``field`` names the parameter, field or path segment."""
+
+    code = "bad_parameter"
+
+    def __init__(self, field: str, message: str, fix: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", fix)
+        self.field = field
 
 
 class UnknownImageError(StackError):

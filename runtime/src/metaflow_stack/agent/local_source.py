@@ -39,6 +39,7 @@ from metaflow_stack.agent.models import (
 )
 from metaflow_stack.agent.queries import STATUSES, AgentError, ArtifactScope
 from metaflow_stack.cursors import decode_cursor, encode_cursor
+from metaflow_stack.patterns import compile_pattern
 from metaflow_stack.service.log_files import LogFiles, ReadMeter
 from metaflow_stack.service.log_windows import LogQuery, read_window, rendered
 from metaflow_stack.service.provider import type_name
@@ -376,7 +377,7 @@ class LocalSource:
         query = LogQuery(
             lines=window.get("head") or window.get("tail"),
             from_end="tail" in window,
-            grep=re.compile(grep.encode()) if grep is not None else None,
+            grep=compile_pattern(grep) if grep is not None else None,
             max_bytes=window["max_bytes"],
             cursor=cursor,
         )

@@ -38,6 +38,7 @@ from metaflow_stack.agent.models import (
     TaskList,
 )
 from metaflow_stack.errors import StackError
+from metaflow_stack.patterns import compile_pattern
 
 MAX_RUNS = 1000
 MAX_FAILURES = 1000
@@ -56,9 +57,6 @@ class AgentError(StackError):
     def __init__(self, code: str, message: str, fix: str | None = None) -> None:
         super().__init__(message, fix)
         self.code = code
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "fix": self.fix}}
 
 
 def bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
@@ -272,10 +270,7 @@ class Queries:
         if stream not in ("stdout", "stderr"):
             raise AgentError("bad_parameter", f"stream {stream!r} is not stdout or stderr")
         if grep is not None:
-            try:
-                re.compile(grep)
-            except re.error as exc:
-                raise AgentError("bad_parameter", f"grep {grep!r} is not a regular expression: {exc}") from None
+            compile_pattern(grep)  # refused here, before any request
         clamped: list[Clamp] = []
         forward = head is not None or cursor is not None
         window = {

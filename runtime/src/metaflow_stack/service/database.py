@@ -8,6 +8,7 @@ writes always go to the primary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.patterns import compile_pattern
 
 #: Held while migrating, so replicas that start together migrate once.
 _MIGRATION_LOCK = 7_300_001
@@ -69,6 +71,8 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
+        # Replaces SQLAlchemy's REGEXP, which runs Python's backtracking ``re`` on a user's pattern.
+        dbapi_connection.create_function("regexp", 2, _regexp, deterministic=True)
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
@@ -77,6 +81,16 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+_compiled = functools.lru_cache(maxsize=64)(compile_pattern)
+
+
+def _regexp(pattern: str, value: str | None) -> bool | None:
+    """SQLite's ``value REGEXP pattern``, matched by RE2 in time linear in the value."""
+    if value is None:
+        return None
+    return _compiled(pattern, "pattern").search(value.encode()) is not None
 
 
 def _engine(url: str, immediate: bool) -> Engine:

@@ -10,7 +10,6 @@ cursor then continues the scan). Free of server dependencies.
 from __future__ import annotations
 
 import heapq
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +20,7 @@ from metaflow.mflog.mflog import LINE_PARSER
 
 from metaflow_stack.api_errors import bad_parameter
 from metaflow_stack.cursors import decode_cursor
+from metaflow_stack.patterns import compile_pattern
 from metaflow_stack.service.log_files import LogFile
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 MAX_MAX_BYTES = 16 * 1024 * 1024
 #: How far one ``grep`` request scans each source before it answers with a cursor.
 GREP_SCAN_BYTES = 256 * 1024 * 1024
-MAX_PATTERN = 256
 _CHUNK = 64 * 1024
 _ACCEPTED = ("head", "tail", "grep", "max_bytes", "attempt", "_cursor")
 
@@ -43,7 +42,8 @@ class LogQuery:
 
     lines: int = DEFAULT_LINES
     from_end: bool = False
-    grep: re.Pattern[bytes] | None = None
+    #: An RE2 pattern over bytes (``patterns``): linear in the text, whatever the user wrote.
+    grep: Any = None
     max_bytes: int = DEFAULT_MAX_BYTES
     attempt: int | None = None
     cursor: list[int] | None = None
@@ -69,14 +69,14 @@ class LogQuery:
         return cls(
             lines=_integer(given, "tail" if "tail" in given else "head", 1, MAX_LINES, DEFAULT_LINES),
             from_end="tail" in given,
-            grep=_pattern(given.get("grep")),
+            grep=compile_pattern(given["grep"]) if "grep" in given else None,
             max_bytes=_integer(given, "max_bytes", 1, MAX_MAX_BYTES, DEFAULT_MAX_BYTES),
             attempt=attempt if attempt is not None else (cursor[0] if cursor else None),
             cursor=cursor,
         )
 
     @cached_property
-    def skim(self) -> re.Pattern[bytes] | None:
+    def skim(self) -> Any:
         """``grep`` when a range with no match anywhere in it can be skipped unparsed (no anchors, no lookbehind)."""
         if self.grep is None or any(token in self.grep.pattern for token in (b"^", b"$", b"\\A", b"\\Z", b"(?<")):
             return None
@@ -95,17 +95,6 @@ def _integer(given: dict[str, str], name: str, low: int, high: int, default: int
     if not value.isdigit() or not low <= int(value) <= high:
         raise bad_parameter(name, f"must be an integer from {low} to {high}")
     return int(value)
-
-
-def _pattern(text: str | None) -> re.Pattern[bytes] | None:
-    if text is None:
-        return None
-    if not text or len(text) > MAX_PATTERN:
-        raise bad_parameter("grep", f"must be a regular expression of 1 to {MAX_PATTERN} characters")
-    try:
-        return re.compile(text.encode())
-    except re.error as exc:
-        raise bad_parameter("grep", f"not a regular expression: {exc}") from None
 
 
 @dataclass(slots=True)
@@ -127,7 +116,7 @@ def _split(body: bytes, start: int) -> Iterator[tuple[bytes, int]]:
         offset = stop
 
 
-def _lines(body: bytes, start: int, source: int, match: re.Pattern[bytes] | None) -> list[_Line]:
+def _lines(body: bytes, start: int, source: int, match: Any) -> list[_Line]:
     """The (matching) lines of ``body``; a line mflog did not write keeps its text and no timestamp."""
     found = []
     for raw, end in _split(body, start):

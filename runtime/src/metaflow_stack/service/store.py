@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
+from metaflow_stack.patterns import compile_pattern
 from metaflow_stack.service import outbox, rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
@@ -28,6 +29,8 @@ from metaflow_stack.service.status import failed_task_exists
 
 #: Seconds between heartbeats the service asks clients for.
 HEARTBEAT_INTERVAL_S = 10
+#: How long PostgreSQL may match one ``filtered_tasks`` pattern.
+PATTERN_TIMEOUT_MS = 5000
 
 _ID = re.compile(r"^[^\s/\x00-\x1f]{1,255}$")
 _ATTEMPT_TAG = re.compile(r"^attempt_id:(\d+)$")
@@ -607,14 +610,17 @@ class Store:
     def filtered_tasks(
         self, flow_id: str, run: str, step_name: str, field: str | None, pattern: str | None
     ) -> list[str]:
-        """Pathspecs of the step's tasks with a metadata ``field`` whose value matches ``pattern``."""
+        """Pathspecs of the step's tasks with a metadata ``field`` whose value matches ``pattern``.
+
+        SQLite matches with RE2 (``database``); PostgreSQL with its own engine, under a statement
+        timeout, so no pattern holds a connection for long on either.
+        """
         if pattern:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise bad_parameter("pattern", f"not a regular expression: {exc}") from None
+            compile_pattern(pattern, "pattern")  # RE2's syntax, refused here with the reason
         m = s.metadata_rows.c
         with self.read() as conn:
+            if pattern and self.db.dialect == "postgresql":
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {PATTERN_TIMEOUT_MS}")
             try:
                 run_row = self.find_run(conn, flow_id, run)
             except ApiError as exc:
@@ -628,6 +634,11 @@ class Store:
                 query = query.where(m.field_name == field)
             if pattern:
                 query = query.where(m.value.regexp_match(pattern))
-            found = conn.execute(query.distinct().order_by(m.task_id)).all()
+            try:
+                found = conn.execute(query.distinct().order_by(m.task_id)).all()
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != "57014":  # query_canceled: the timeout above
+                    raise
+                raise bad_parameter("pattern", f"matching took over {PATTERN_TIMEOUT_MS} ms; simplify it") from None
         prefix = f"{flow_id}/{rows.run_key(run_row)}/{step_name}"
         return [f"{prefix}/{name or task_id}" for task_id, name in found]

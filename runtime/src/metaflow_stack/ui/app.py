@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,19 +43,9 @@ STATIC = Path(__file__).parent / "static"
 #: Artifacts up to this stored size get their preview in the task's answer; larger ones on request.
 INLINE_PREVIEW_BYTES = 16 * 1024
 
-_STATUS = {"not_found": 404, "bad_parameter": 400, "bad_artifact": 422, "too_large": 413}
-
 _NOT_BUILT = """<!doctype html><title>Metaflow Stack UI</title>
 <p>The UI's web assets are not built in this installation. Run <code>just ui</code> (needs Node 20)
 or install a released <code>metaflow-stack</code> wheel. The JSON API is served under <code>/api</code>.</p>"""
-
-
-def _answer(call: Callable[[], Any]) -> Any:
-    """``call()``, with the source's ``AgentError`` as a JSON error of the matching status."""
-    try:
-        return call()
-    except AgentError as exc:
-        raise ApiError(_STATUS.get(exc.code, 502), exc.code, exc.message, {"fix": exc.fix}) from None
 
 
 def _runs_of_flows(
@@ -104,7 +94,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
 
     @app.get("/api/flows")
     def flows() -> list[str]:
-        return _answer(source.flows)
+        return source.flows()
 
     @app.get("/api/runs")
     def runs(
@@ -127,7 +117,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
                 return {"runs": page.runs, "next_cursor": page.next_cursor}
             return _runs_of_flows(queries, names, filters, limit, cursor)
 
-        return _answer(listed)
+        return listed()
 
     @app.get("/api/runs/{flow}/{run}")
     def run_page(flow: str, run: str) -> dict[str, Any]:
@@ -142,12 +132,12 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
                 graph, graph_error = None, exc.to_dict()
             return {"summary": summary, "graph": graph, "graph_error": graph_error, "tasks": tasks}
 
-        return _answer(gathered)
+        return gathered()
 
     @app.get("/api/compare")
     def compare_runs(a: str, b: str) -> dict[str, Any]:
         """Run ``a`` (the baseline) against run ``b``: parameters, results, metric and timing deltas."""
-        return _answer(lambda: compare(queries, source, a, b))
+        return compare(queries, source, a, b)
 
     @app.get("/api/tasks/{flow}/{run}/{step}/{task}")
     def task_page(flow: str, run: str, step: str, task: str) -> dict[str, Any]:
@@ -168,7 +158,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
                 listed_cards, cards_error = [], exc.to_dict()
             return {**detail, "artifacts": artifacts, "cards": listed_cards, "cards_error": cards_error}
 
-        return _answer(gathered)
+        return gathered()
 
     @app.get("/api/artifacts/{flow}/{run}/{step}/{task}/{name}")
     def artifact_preview(flow: str, run: str, step: str, task: str, name: str) -> dict[str, Any]:
@@ -185,19 +175,19 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
                 "limit_bytes": MAX_PREVIEW_BYTES,
             }
 
-        return _answer(previewed)
+        return previewed()
 
     @app.get("/api/cards/{flow}/{run}/{step}/{task}/{file}", response_class=HTMLResponse)
     def card(flow: str, run: str, step: str, task: str, file: str) -> Response:
         """One card's HTML, sandboxed: its scripts run in an opaque origin with no network."""
-        body = _answer(lambda: cards.read(flow, run, step, task, file))
+        body = cards.read(flow, run, step, task, file)
         headers = {"Content-Security-Policy": CARD_POLICY, "X-Content-Type-Options": "nosniff"}
         return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/api/lineage/{flow}/{run}/{step}/{task}/{name}")
     def artifact_lineage(flow: str, run: str, step: str, task: str, name: str) -> dict[str, Any]:
         """Where the artifact's value was produced and carried in its run's DAG, and other runs holding it."""
-        return _answer(lambda: lineage(queries, source, f"{flow}/{run}/{step}/{task}", name))
+        return lineage(queries, source, f"{flow}/{run}/{step}/{task}", name)
 
     @app.get("/api/logs/{flow}/{run}/{step}/{task}/{stream}")
     def logs(
@@ -213,8 +203,8 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
         """The last ``tail`` lines, or with ``cursor`` the lines after it (following a running task)."""
         pathspec = f"{flow}/{run}/{step}/{task}"
         if cursor:
-            return _answer(lambda: queries.logs(pathspec, stream, head=tail, cursor=cursor, attempt=attempt))
-        return _answer(lambda: queries.logs(pathspec, stream, tail=tail, attempt=attempt, max_bytes=1024 * 1024))
+            return queries.logs(pathspec, stream, head=tail, cursor=cursor, attempt=attempt)
+        return queries.logs(pathspec, stream, tail=tail, attempt=attempt, max_bytes=1024 * 1024)
 
     @app.get("/api/events", response_class=EventSourceResponse)
     async def events() -> AsyncIterator[dict[str, list[str]]]:

@@ -18,6 +18,7 @@ from metaflow._vendor import click
 from rich.console import Console
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_stack.errors import StackError
 
 _out = Console()
 
@@ -30,12 +31,12 @@ def _answer(query: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(query)
     @friendly
     def command(as_json: bool, service_url: str | None, **kwargs: Any) -> None:
-        from metaflow_stack.agent import AgentError, connect
+        from metaflow_stack.agent import connect
 
         try:
             with connect(service_url) as queries:
                 result = query(queries, **kwargs)
-        except AgentError as exc:
+        except StackError as exc:
             if not as_json:
                 raise
             print(json.dumps(exc.to_dict()))
