@@ -14,7 +14,7 @@ up: _venv ui
     metaflow stack doctor
     metaflow stack up
 
-# Stop what `up` and `registry` started and remove leftover job containers.
+# Stop what `up` and `registry` started (running steps and deployed servers of other runs keep running).
 down: _venv
     metaflow stack down
 

@@ -119,6 +119,15 @@ def test_creation_conflicts_and_missing_parents(client: TestClient) -> None:
         ("get", "/flows/F/runs/1/steps/start/tasks/1/artifacts/a/attempt/x", None, "attempt"),
         ("patch", "/flows/F/runs/1/tag/mutate", {"tags_to_add": "x"}, "tags_to_add"),
         ("get", "/events?since=abc", None, "since"),
+        ("post", "/flows/F", {"user_name": {"a": 1}}, "user_name"),
+        ("post", "/flows/a..b", {}, "flow_id"),
+        ("post", "/flows/F/runs/1/steps/not a step/step", {}, "step_name"),
+        ("post", "/flows/F/runs/1/steps/start/task", {"task_id": ["x"]}, "task_id"),
+        ("post", "/flows/F/runs/1/steps/start/tasks/1/metadata", {"field_name": "x"}, "body"),
+        ("post", "/flows/F/runs/1/steps/start/tasks/1/metadata", [{"field_name": "x" * 300}], "0.field_name"),
+        ("post", "/flows/F/runs/1/steps/start/tasks/1/artifact", [{"name": "a", "size": -1}], "0.size"),
+        ("post", "/flows/F/runs/1/steps/start/tasks/1/artifact", [{"name": "a", "location": {}}], "0.location"),
+        ("post", "/flows/F/runs/1/heartbeat", {"ended": "soon"}, "ended"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(

@@ -5,11 +5,13 @@ while the database replica a stream reads from lags behind."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
 import httpx
 import pytest
+from conftest import need
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +108,23 @@ def test_sse_delivers_every_write_in_order_and_resumes(service_factory) -> None:
     assert {e["run_number"] for e in scoped} == {one_run} and len(scoped) == _events_per_run(3)
 
 
+async def _stored(nats_url: str, expected: int) -> list[tuple[dict, str]]:
+    """The first ``expected`` events JetStream holds, in order, each with the subject it was stored on."""
+    import nats
+
+    connection = await nats.connect(nats_url)
+    jetstream = connection.jetstream()
+    subscription = await jetstream.subscribe("metaflow.events.>", ordered_consumer=True)
+    found: dict[int, tuple[dict, str]] = {}
+    while len(found) < expected:
+        message = await subscription.next_msg(timeout=10)
+        for event in json.loads(message.data):  # a message holds a stretch of one run's events
+            assert event["seq"] > max(found, default=0) or event["seq"] in found, "never out of order"
+            found.setdefault(event["seq"], (event, message.subject))
+    await connection.close()
+    return list(found.values())
+
+
 def test_writes_succeed_while_nats_is_down_and_events_follow_in_order(service_factory, nats_server) -> None:
     import asyncio
 
@@ -125,22 +144,7 @@ def test_writes_succeed_while_nats_is_down_and_events_follow_in_order(service_fa
     assert len(events) == expected
     _check_order(events, first + during + after, 2)
 
-    async def stored() -> list[dict]:
-        import nats
-
-        connection = await nats.connect(nats_server.url)
-        jetstream = connection.jetstream()
-        subscription = await jetstream.subscribe("metaflow.events.>", ordered_consumer=True)
-        found: dict[int, dict] = {}
-        while len(found) < expected:
-            message = await subscription.next_msg(timeout=10)
-            for event in json.loads(message.data):  # a message holds a stretch of one run's events
-                assert event["seq"] > max(found, default=0) or event["seq"] in found, "never out of order"
-                found.setdefault(event["seq"], event)
-        await connection.close()
-        return list(found.values())
-
-    durable = asyncio.run(stored())
+    durable = [event for event, _ in asyncio.run(_stored(nats_server.url, expected))]
     assert [e["seq"] for e in durable] == list(range(1, expected + 1)), "JetStream holds every event, in order"
 
 
@@ -188,3 +192,107 @@ def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> N
         assert app.state.hub.prune(retention_s=0) == 3
         assert client.post("/flows/D", json={}).status_code == 200
         assert published() == [4]  # numbers are never handed out twice
+
+
+def test_an_event_the_broker_refuses_is_parked_and_the_ones_after_it_go_out(service_factory, tmp_path) -> None:
+    import asyncio
+
+    from metaflow_stack.service.devservers import nats_server
+    from metaflow_stack.service.events import subject_token
+
+    need("nats-server", shutil.which("nats-server") is not None, "apt-get install nats-server")
+    with nats_server(tmp_path / "nats", max_payload=4096) as broker:
+        service = service_factory(nats_url=broker.url)
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            assert http.post("/flows/Big", json={}).status_code == 200
+            # Its run event (8 KB of tags) is over the broker's 4 KB limit: refused, whatever the retries.
+            big = http.post("/flows/Big/run", json={"tags": ["t" * 1000 + str(i) for i in range(8)]}).json()
+            # Flow names are Python identifiers, not always NATS tokens: this one travels encoded.
+            assert http.post("/flows/Flüsse", json={}).status_code == 200
+            small = http.post("/flows/Flüsse/run", json={}).json()["run_number"]
+            stored = asyncio.run(_stored(broker.url, 3))
+            assert [(event["kind"], event["flow_id"]) for event, _ in stored] == [
+                ("flow", "Big"),
+                ("flow", "Flüsse"),
+                ("run", "Flüsse"),
+            ]
+            assert stored[2][1] == f"metaflow.events.{subject_token('Flüsse')}.{small}"
+            assert subject_token("Flüsse").startswith("~") and "." not in subject_token("a..b")
+
+            parked = http.get("/admin/parked-events").json()["events"]
+            assert [(e["kind"], e["body"]["run_number"]) for e in parked] == [("run", big["run_number"])]
+            assert "MaxPayloadError" in parked[0]["reason"]
+            metrics = http.get("/metrics").text
+            assert "metaflow_service_events_parked_total 1.0" in metrics
+            assert "metaflow_service_relay_up 1.0" in metrics
+            # The log keeps the parked event: a stream replaying from it still sees everything, in order.
+            replayed = Collector(service.url, since="0").wait_for(4)
+            assert [e["seq"] for e in replayed] == [1, 2, 3, 4]
+
+
+def test_a_stream_too_slow_for_its_buffer_is_told_where_to_resume(tmp_path) -> None:
+    import asyncio
+
+    from starlette.requests import Request
+
+    from metaflow_stack.service.database import connect, migrate
+    from metaflow_stack.service.events import STREAM_BUFFER, EventHub
+
+    async def connected() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": True}
+
+    async def scenario() -> list[bytes]:
+        database = connect(str(tmp_path / "m.db"))
+        migrate(database)
+        hub = EventHub(database, None)
+        request = Request({"type": "http", "query_string": b"since=", "headers": []}, connected)
+        subscription = await hub.subscribe(Request({"type": "http", "query_string": b"", "headers": []}))
+        subscription.since = 0  # replays the (empty) log first, then reads its buffer
+        event = {"seq": 1, "run_seq": 1, "kind": "run", "flow_id": "F", "run_number": 1, "ts_epoch": 0, "body": {}}
+        for seq in range(1, STREAM_BUFFER + 2):  # the stream reads none of them meanwhile
+            hub._fan_out({**event, "seq": seq})
+        assert hub.overflows == 1 and subscription.queue.qsize() == 1  # the buffer was dropped, not grown
+        return [chunk async for chunk in hub.events(request, subscription)]
+
+    frames = asyncio.run(scenario())
+    assert frames == [b'event: resume\ndata: {"since": 0, "reason": "more than 10000 events unread"}\n\n']
+
+
+def test_replaying_a_million_events_streams_in_bounded_memory(service_factory, tmp_path) -> None:
+    import psutil
+    from sqlalchemy import insert, update
+
+    from metaflow_stack.service import schema as s
+    from metaflow_stack.service.database import connect, migrate
+
+    total = 1_000_000
+    database = connect(str(tmp_path / "big.db"))
+    migrate(database)
+    now = int(time.time() * 1000)  # young enough that the service's pruning keeps them
+    with database.writer.begin() as conn:
+        for start in range(1, total + 1, 50_000):
+            rows = [
+                {"seq": seq, "run_seq": seq, "flow_id": "F", "run_number": 1, "kind": "x", "body": {}, "ts_epoch": now}
+                for seq in range(start, min(start + 50_000, total + 1))
+            ]
+            conn.execute(insert(s.events), rows)
+        conn.execute(update(s.relay_state).values(last_seq=total, published_seq=total))
+    database.dispose()
+
+    service = service_factory(str(tmp_path / "big.db"))
+    server = psutil.Process(service.process.pid)
+    before, peak, seen, last = server.memory_info().rss, 0, 0, b""
+    started = time.monotonic()
+    with httpx.stream("GET", f"{service.url}/events", params={"since": "0"}, timeout=httpx.Timeout(10, read=60)) as sse:
+        for chunk in sse.iter_bytes():
+            if not seen:
+                first_byte_s = time.monotonic() - started
+            seen += (last[-4:] + chunk).count(b"\nid: ")  # a frame's id line may straddle two chunks
+            last = (last + chunk)[-200:]
+            if seen % 50_000 < 1000:
+                peak = max(peak, server.memory_info().rss)
+            if seen >= total or time.monotonic() - started > 300:
+                break
+    assert seen == total and b"id: 1000000\n" in last
+    assert first_byte_s < 5, "the first page goes out before the rest is read"
+    assert peak - before < 150 * 1024 * 1024, f"the service grew by {(peak - before) >> 20} MiB"

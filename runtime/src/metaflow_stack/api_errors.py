@@ -84,7 +84,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        name = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        where = tuple(first.get("loc", ()))
+        # A field inside the body is named by its path ("0.size"); the body as a whole is "body".
+        name = ".".join(str(p) for p in where if p not in ("body", "query", "path")) or ".".join(map(str, where[:1]))
         return error_response(
             400, "bad_parameter", f"{name or 'request'}: {first.get('msg', 'invalid')}", {"parameter": name}
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from metaflow_stack import images, settings
-from metaflow_stack.engines import JobSpec, Mount
+from metaflow_stack.engines import STACK_UP, JobSpec, Mount
 from metaflow_stack.engines.docker import DockerEngine
 from metaflow_stack.errors import DockerUnavailableError, StackError
 
@@ -77,6 +77,7 @@ def _run_in_image(datastore: Path, service_url: str | None, console: Console) ->
             # holds no capabilities either way (JobSpec's defaults).
             user=f"{os.getuid()}:{os.getgid()}",
             labels={"io.metaflow-stack.demo": "hello"},
+            owner=STACK_UP,
             # The service answers on the host's loopback only.
             network="host" if service_url else None,
         )

@@ -91,6 +91,7 @@ def run_step(
         cpu=policy.cpu or container.cpu,
         memory=policy.memory or container.memory,
         labels={**container.labels, LABEL: pathspec, OWNER: f"{socket.gethostname()}:{os.getpid()}"},
+        owner="devcontainer",
         network=policy.network,
         read_only=policy.read_only,
         tmpfs=("/tmp",),

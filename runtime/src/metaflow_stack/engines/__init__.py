@@ -15,6 +15,10 @@ from metaflow_stack.errors import StackError
 
 #: Label every launched job carries, so leftovers can be found and removed.
 JOB_LABEL = "io.metaflow-stack.job"
+#: Label naming what started a job (``JobSpec.owner``): cleanup removes one owner's jobs, never all.
+OWNER_LABEL = "io.metaflow-stack.owner"
+#: The owner of what ``metaflow stack up`` starts, the only jobs ``metaflow stack down`` removes.
+STACK_UP = "stack-up"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class JobSpec:
     cpu: float | None = None
     memory: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    #: What started the job (``STACK_UP``, ``devcontainer``, ``function-server``, ...), as a label.
+    owner: str = "user"
     name: str | None = None
     network: str | None = None
     #: Container port -> host port, published on 127.0.0.1 only.

@@ -13,7 +13,7 @@ from python_on_whales.client_config import ClientNotFoundError
 from python_on_whales.exceptions import DockerException, NoSuchContainer
 
 from metaflow_stack import settings
-from metaflow_stack.engines import JOB_LABEL, JobSpec
+from metaflow_stack.engines import JOB_LABEL, OWNER_LABEL, JobSpec
 from metaflow_stack.errors import DockerUnavailableError, StackError
 
 #: The message (and fix) every caller shows when no engine answers.
@@ -133,7 +133,7 @@ class DockerEngine:
             return self._launch(spec, env_file, rest)
 
     def _launch(self, spec: JobSpec, env_file: str, env: dict[str, str]) -> DockerJob:
-        labels = {JOB_LABEL: "true", **spec.labels}
+        labels = {JOB_LABEL: "true", OWNER_LABEL: spec.owner, **spec.labels}
         try:
             container = self._docker.run(
                 spec.image,

@@ -18,20 +18,25 @@ import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, Depends, FastAPI, Request, Response
+import fastapi
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client import generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from metaflow_stack import api_errors
 from metaflow_stack.api_errors import error_response
 from metaflow_stack.service import pages
+from metaflow_stack.service.bodies import ArtifactBody, Created, Metadatum, RunBody, RunHeartbeat, TagMutation, TaskBody
 from metaflow_stack.service.database import connect, migrate
 from metaflow_stack.service.events import DEFAULT_RETENTION_S, EventHub, Subscription
 from metaflow_stack.service.log_files import LogFiles
 from metaflow_stack.service.logs import TaskLogs
+from metaflow_stack.service.metrics import registry_for
 from metaflow_stack.service.store import Store
 
 #: The reference service version whose behaviour this one keeps; clients gate features on it.
@@ -49,8 +54,10 @@ CAPABILITIES = (
     "run-end",
 )
 
-#: A request body parsed as JSON, whatever its shape; the store checks the shape.
-JsonBody = Annotated[Any, Body()]
+T = TypeVar("T")
+
+#: A request body checked against its model (``bodies``) before the route runs: a 400 names the field.
+Body = Annotated[T, fastapi.Body()]
 
 
 async def _subscribe(request: Request) -> Subscription:
@@ -108,6 +115,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     )
     app.router.max_body_size = config.max_body_bytes
     app.state.store, app.state.hub, app.state.queries = store, hub, queries
+    registry = registry_for(hub)
     api_errors.install(app)
 
     @app.exception_handler(OperationalError)
@@ -149,6 +157,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def healthcheck() -> dict[str, Any]:
         return {"status": "UP", "database": queries.ping(), "events": hub.describe()}
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/admin/parked-events")
+    def parked_events(
+        after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> dict[str, Any]:
+        """Events the broker refused, oldest first, each with the broker's answer; page with ``after``."""
+        parked = hub.parked_events(after, limit)
+        return {"events": parked, "next_after": parked[-1]["seq"] if len(parked) == limit else None}
+
     # -- flows and runs -----------------------------------------------------
 
     @app.get("/flows")
@@ -160,28 +180,28 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return store.get_flow(flow_id)
 
     @app.post("/flows/{flow_id}")
-    def create_flow(flow_id: str, body: JsonBody = None) -> dict[str, Any]:
-        return store.create_flow(flow_id, body or {})
+    def create_flow(flow_id: str, body: Body[Created] = None) -> dict[str, Any]:
+        return store.create_flow(flow_id, body or Created())
 
     @app.get("/flows/{flow_id}/runs")
     def runs(request: Request, flow_id: str) -> Response:
         return queries.collection(request, "runs", store.list_all, flow_id)
 
     @app.post("/flows/{flow_id}/run")
-    def create_run(flow_id: str, body: JsonBody = None) -> dict[str, Any]:
-        return store.create_run(flow_id, body or {})
+    def create_run(flow_id: str, body: Body[RunBody] = None) -> dict[str, Any]:
+        return store.create_run(flow_id, body or RunBody())
 
     @app.get("/flows/{flow_id}/runs/{run}")
     def get_run(flow_id: str, run: str) -> dict[str, Any]:
         return store.get_run(flow_id, run)
 
     @app.post("/flows/{flow_id}/runs/{run}/heartbeat")
-    def run_heartbeat(flow_id: str, run: str, body: JsonBody = None) -> dict[str, Any]:
-        return store.run_heartbeat(flow_id, run, body)
+    def run_heartbeat(flow_id: str, run: str, body: Body[RunHeartbeat] = None) -> dict[str, Any]:
+        return store.run_heartbeat(flow_id, run, body or RunHeartbeat())
 
     @app.patch("/flows/{flow_id}/runs/{run}/tag/mutate")
-    def mutate_tags(flow_id: str, run: str, body: JsonBody = None) -> dict[str, Any]:
-        return store.mutate_tags(flow_id, run, body or {})
+    def mutate_tags(flow_id: str, run: str, body: Body[TagMutation] = None) -> dict[str, Any]:
+        return store.mutate_tags(flow_id, run, body or TagMutation())
 
     @app.get("/flows/{flow_id}/runs/{run}/metadata")
     def run_metadata(request: Request, flow_id: str, run: str) -> Response:
@@ -218,8 +238,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return store.get_step(flow_id, run, step_name)
 
     @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/step")
-    def create_step(flow_id: str, run: str, step_name: str, body: JsonBody = None) -> dict[str, Any]:
-        return store.create_step(flow_id, run, step_name, body or {})
+    def create_step(flow_id: str, run: str, step_name: str, body: Body[Created] = None) -> dict[str, Any]:
+        return store.create_step(flow_id, run, step_name, body or Created())
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/artifacts")
     def step_artifacts(request: Request, flow_id: str, run: str, step_name: str) -> Response:
@@ -238,8 +258,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return queries.step_tasks(request, flow_id, run, step_name)
 
     @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/task")
-    def create_task(flow_id: str, run: str, step_name: str, body: JsonBody = None) -> dict[str, Any]:
-        return store.create_task(flow_id, run, step_name, body or {})
+    def create_task(flow_id: str, run: str, step_name: str, body: Body[TaskBody] = None) -> dict[str, Any]:
+        return store.create_task(flow_id, run, step_name, body or TaskBody())
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}")
     def get_task(flow_id: str, run: str, step_name: str, task: str) -> dict[str, Any]:
@@ -254,11 +274,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return store.task_metadata(flow_id, run, step_name, task)
 
     @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/metadata")
-    def add_metadata(flow_id: str, run: str, step_name: str, task: str, body: JsonBody = None) -> dict[str, int]:
+    def add_metadata(flow_id: str, run: str, step_name: str, task: str, body: Body[list[Metadatum]]) -> dict[str, int]:
         return store.add_metadata(flow_id, run, step_name, task, body)
 
     @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifact")
-    def add_artifacts(flow_id: str, run: str, step_name: str, task: str, body: JsonBody = None) -> dict[str, int]:
+    def add_artifacts(
+        flow_id: str, run: str, step_name: str, task: str, body: Body[list[ArtifactBody]]
+    ) -> dict[str, int]:
         return store.add_artifacts(flow_id, run, step_name, task, body)
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts")

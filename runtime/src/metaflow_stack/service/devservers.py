@@ -176,6 +176,8 @@ class NatsServer:
     port: int
     store: Path
     process: subprocess.Popen | None = None
+    #: The largest message the server takes (its ``max_payload``); None keeps NATS's 1 MB.
+    max_payload: int | None = None
 
     @property
     def url(self) -> str:
@@ -186,9 +188,14 @@ class NatsServer:
         if binary is None:
             raise ToolMissingError("nats-server is not installed", fix="apt-get install nats-server")
         self.store.mkdir(parents=True, exist_ok=True)
+        command = [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
+        if self.max_payload is not None:  # settable only in a configuration file
+            config = self.store.parent / "nats.conf"
+            config.write_text(f"max_payload: {self.max_payload}\n")
+            command += ["-c", str(config)]
         with (self.store.parent / "nats.log").open("ab") as log:
             self.process = subprocess.Popen(
-                [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+                command,
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
@@ -202,9 +209,9 @@ class NatsServer:
 
 
 @contextlib.contextmanager
-def nats_server(folder: Path) -> Iterator[NatsServer]:
+def nats_server(folder: Path, max_payload: int | None = None) -> Iterator[NatsServer]:
     """A started nats-server with JetStream storing under ``folder``."""
-    server = NatsServer(port=free_port(), store=folder / "jetstream")
+    server = NatsServer(port=free_port(), store=folder / "jetstream", max_payload=max_payload)
     server.start()
     try:
         yield server

@@ -23,15 +23,32 @@ subscribers from the subject, so a client may connect to any replica.
 comes from the database the service reads (a replica, perhaps); when a live
 event shows a gap the reader has not caught up with, the stream waits until
 the reader's newest ``seq`` (the watermark) covers it, then fills the gap:
-nothing is dropped, nothing repeats.
+nothing is dropped, nothing repeats. Memory per stream is bounded: replay
+and gap fills are read in pages of ``REPLAY_PAGE``, and a stream buffers at
+most ``STREAM_BUFFER`` live events; a consumer too slow for that gets a
+``resume`` event naming its last ``seq`` and the stream ends, so it
+reconnects from there (a browser's EventSource does so by itself) and reads
+the rest from the log instead of from this process's memory.
+
+An event the broker refuses outright (over its payload limit, say) is
+parked: recorded with the broker's answer in ``parked_events``, counted, and
+listed at ``/admin/parked-events``; the relay moves on, so one bad event
+never holds back the ones after it. A broker that is down is not a refusal:
+that still waits.
+
+Subjects are made of tokens NATS accepts whatever the ids: a flow name made
+only of ``[A-Za-z0-9_-]`` (every ASCII Python identifier) is its own token,
+anything else is ``~`` and its UTF-8 in URL-safe base64 (``subject_token``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,6 +60,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
+from metaflow_stack.service.store import now_ms
 
 log = logging.getLogger("metaflow_stack.service.events")
 
@@ -60,20 +78,45 @@ WATERMARK_TIMEOUT_S = 30.0
 DEFAULT_RETENTION_S = 30 * 86400.0
 #: Queued to a stream to end it.
 _CLOSE: Any = object()
+#: Queued to a stream whose buffer overflowed: it tells the client where to resume, and ends.
+_OVERFLOW: Any = object()
 PRUNE_EVERY_S = 3600.0
+#: Events read from the log per query when replaying or filling a gap.
+REPLAY_PAGE = 1000
+#: Live events one stream may hold while its client has not read them.
+STREAM_BUFFER = 10_000
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass
 class Subscription:
-    """One ``/events`` client: its buffer of live events, its scope and where it resumes."""
+    """One ``/events`` client: its bounded buffer of live events, its scope and where it resumes."""
 
     queue: asyncio.Queue
     scope: tuple[str | None, int | None]
     since: int | None
 
 
+def subject_token(value: str) -> str:
+    """``value`` as one NATS subject token (never empty, and never with ``.``, ``*``, ``>`` or spaces)."""
+    if _TOKEN.fullmatch(value):
+        return value
+    return "~" + base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
 def subject(flow_id: str, run_number: int | None) -> str:
-    return f"{SUBJECT_PREFIX}.{flow_id}.{run_number if run_number is not None else '_'}"
+    return f"{SUBJECT_PREFIX}.{subject_token(flow_id)}.{run_number if run_number is not None else '_'}"
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether the broker refused this message for good (resending it would be refused again)."""
+    from nats.errors import MaxPayloadError
+    from nats.js.errors import APIError
+
+    if isinstance(error, MaxPayloadError):
+        return True
+    code = getattr(error, "code", None) if isinstance(error, APIError) else None
+    return isinstance(code, int) and 400 <= code < 500 and code != 408
 
 
 def _event(row: Any) -> dict[str, Any]:
@@ -98,6 +141,8 @@ class EventHub:
         self.retention_s = retention_s
         self._next_prune = 0.0
         self._subscribers: set[asyncio.Queue] = set()
+        self.parked = 0
+        self.overflows = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -138,7 +183,13 @@ class EventHub:
                 self._loop.call_soon_threadsafe(queue.put_nowait, _CLOSE)
 
     def describe(self) -> dict[str, Any]:
-        return {"bus": "nats" if self.nats_url else "in-process", "published": self.published, "error": self.last_error}
+        return {
+            "bus": "nats" if self.nats_url else "in-process",
+            "published": self.published,
+            "parked": self.parked,
+            "streams": len(self._subscribers),
+            "error": self.last_error,
+        }
 
     # -- relay --------------------------------------------------------------
 
@@ -232,26 +283,76 @@ class EventHub:
                 self._fan_out(event)
             return
         jetstream = await self._connect()
-        acks = []
-        for group in _runs_of(batch):
-            # One message per stretch of a run's events, sent in order on one connection;
-            # acknowledgements are awaited together below.
-            payload = json.dumps(group)
-            acks.append(
-                await jetstream.publish_async(
-                    subject(group[0]["flow_id"], group[0]["run_number"]),
-                    payload.encode(),
-                    stream=STREAM,
-                    headers={"Nats-Msg-Id": f"{group[0]['seq']}-{group[-1]['seq']}"},
-                )
-            )
-        # Any failure leaves the batch unpublished: it is sent again, and NATS drops the duplicates.
-        done, waiting = await asyncio.wait(acks, timeout=PUBLISH_TIMEOUT_S)
+        groups = _runs_of(batch)
+        # One message per stretch of a run's events, sent in order on one connection;
+        # acknowledgements are awaited together below.
+        outcomes = [await self._send(jetstream, group) for group in groups]
+        acks = [outcome for outcome in outcomes if isinstance(outcome, asyncio.Future)]
+        _, waiting = await asyncio.wait(acks, timeout=PUBLISH_TIMEOUT_S) if acks else (set(), set())
         for ack in waiting:
             ack.cancel()
-        failed = next((a.exception() for a in done if a.exception()), None)
-        if waiting or failed:
-            raise failed or TimeoutError(f"{len(waiting)} events unacknowledged after {PUBLISH_TIMEOUT_S:.0f}s")
+        if waiting:
+            raise TimeoutError(f"{len(waiting)} messages unacknowledged after {PUBLISH_TIMEOUT_S:.0f}s")
+        refused = []
+        for group, outcome in zip(groups, outcomes, strict=True):
+            error = outcome if isinstance(outcome, BaseException) else outcome.exception()
+            if error is None:
+                continue
+            if not _refused(error):
+                # The batch stays unpublished: it is sent again, and NATS drops the duplicates.
+                raise error
+            refused.append(group)
+        for group in refused:
+            await self._one_by_one(jetstream, group)
+
+    @staticmethod
+    async def _send(jetstream: Any, group: list[dict[str, Any]]) -> asyncio.Future | BaseException:
+        """Publish ``group`` as one message: its acknowledgement to await, or the client's refusal."""
+        from nats.errors import MaxPayloadError
+
+        try:
+            return await jetstream.publish_async(
+                subject(group[0]["flow_id"], group[0]["run_number"]),
+                json.dumps(group).encode(),
+                stream=STREAM,
+                headers={"Nats-Msg-Id": f"{group[0]['seq']}-{group[-1]['seq']}"},
+            )
+        except MaxPayloadError as exc:
+            return exc
+
+    async def _one_by_one(self, jetstream: Any, group: list[dict[str, Any]]) -> None:
+        """Each event of a refused message alone; the ones refused again are parked."""
+        for event in group:
+            outcome = await self._send(jetstream, [event])
+            if isinstance(outcome, asyncio.Future):
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await asyncio.wait([outcome])
+                outcome = outcome.exception()
+            if outcome is None:
+                continue
+            if not _refused(outcome):
+                raise outcome
+            await asyncio.to_thread(self._park, event, f"{type(outcome).__name__}: {outcome}")
+
+    def _park(self, event: dict[str, Any], reason: str) -> None:
+        """Set ``event`` aside with the broker's ``reason`` (once, however often it is refused)."""
+        log.error("event %s (%s of %s) parked: %s", event["seq"], event["kind"], event["flow_id"], reason)
+        row = {**event, "reason": reason[:2000], "parked_at": now_ms()}
+        with self.db.writer.begin() as conn:
+            known = conn.execute(select(s.parked_events.c.seq).where(s.parked_events.c.seq == event["seq"])).first()
+            if known is None:
+                conn.execute(insert(s.parked_events).values(row))
+                self.parked += 1
+
+    def parked_events(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Parked events after ``after`` (a ``seq``), oldest first, with why each was refused."""
+        p = s.parked_events.c
+        query = select(s.parked_events).where(p.seq > after).order_by(p.seq).limit(limit)
+        with self.db.reader.connect() as conn:
+            return [
+                {**_event(row), "reason": row["reason"], "parked_at": row["parked_at"]}
+                for row in conn.execute(query).mappings()
+            ]
 
     async def _connect(self) -> Any:
         """The JetStream context, (re)connecting and declaring the stream; raises while NATS is down."""
@@ -279,11 +380,22 @@ class EventHub:
             self._fan_out(event)
 
     def _fan_out(self, event: dict[str, Any], encoded: str | None = None) -> None:
-        """Hand ``event`` to every open stream, encoded once for all of them."""
+        """Hand ``event`` to every open stream, encoded once for all of them; a full buffer overflows."""
         if self._subscribers:
             item = (event, _frame(event, encoded))
             for queue in list(self._subscribers):
-                queue.put_nowait(item)
+                try:
+                    queue.put_nowait(item)
+                except asyncio.QueueFull:
+                    self._overflow(queue)
+
+    def _overflow(self, queue: asyncio.Queue) -> None:
+        """Drop what a slow stream buffered and end it with where to resume; the log still has it all."""
+        self.overflows += 1
+        self._subscribers.discard(queue)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(_OVERFLOW)
 
     # -- streams ------------------------------------------------------------
 
@@ -307,7 +419,9 @@ class EventHub:
             except Exception as exc:
                 raise ApiError(503, "broker_unavailable", f"NATS is unreachable: {exc}") from None
         subscription = Subscription(
-            asyncio.Queue(), (query.get("flow"), int(run) if run else None), int(since) if since else None
+            asyncio.Queue(STREAM_BUFFER),
+            (query.get("flow"), int(run) if run else None),
+            int(since) if since is not None else None,
         )
         self._subscribers.add(subscription.queue)
         return subscription
@@ -318,9 +432,9 @@ class EventHub:
         try:
             last = subscription.since
             if last is not None:
-                for event in await asyncio.to_thread(self._replay, scope, last, None):
-                    yield _frame(event)
-                    last = event["seq"]
+                async for page in self._pages(scope, last, None):
+                    yield b"".join(_frame(event) for event in page)
+                    last = page[-1]["seq"]
             while not await request.is_disconnected():
                 try:
                     async with asyncio.timeout(KEEP_ALIVE_S):
@@ -330,14 +444,19 @@ class EventHub:
                     continue
                 while not queue.empty() and len(items) < _BATCH:  # whatever else is queued goes in one write
                     items.append(queue.get_nowait())
+                if _OVERFLOW in items:  # too slow to keep up: resume from the log, not from this buffer
+                    resume = json.dumps({"since": last, "reason": f"more than {STREAM_BUFFER} events unread"})
+                    yield f"event: resume\ndata: {resume}\n\n".encode()
+                    return
                 closing = _CLOSE in items
                 chunk = []
                 for event, frame in (item for item in items if item is not _CLOSE):
                     if last is not None and event["seq"] <= last:
                         continue  # already sent, or a duplicate publish
                     if last is not None and event["seq"] > last + 1:
-                        missed = await asyncio.to_thread(self._replay, scope, last, event["seq"] - 1)
-                        chunk += [_frame(m) for m in missed]
+                        async for page in self._pages(scope, last, event["seq"] - 1):
+                            yield b"".join(chunk + [_frame(m) for m in page])
+                            chunk = []
                     last = event["seq"]
                     if _in_scope(event, scope):
                         chunk.append(frame)
@@ -356,8 +475,20 @@ class EventHub:
         with self.db.reader.connect() as conn:
             return conn.execute(select(func.coalesce(func.max(s.events.c.seq), 0))).scalar_one()
 
+    async def _pages(
+        self, scope: tuple[str | None, int | None], after: int, upto: int | None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The log's events after ``after`` (through ``upto``) in scope, a page at a time."""
+        while True:
+            page = await asyncio.to_thread(self._replay, scope, after, upto)
+            if page:
+                yield page
+                after = page[-1]["seq"]
+            if len(page) < REPLAY_PAGE:
+                return
+
     def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int | None) -> list[dict[str, Any]]:
-        """Events after ``after`` (through ``upto``, waiting for a lagging reader to show them)."""
+        """A page of events after ``after`` (through ``upto``, waiting for a lagging reader to show them)."""
         deadline = time.monotonic() + WATERMARK_TIMEOUT_S
         while upto is not None and self._watermark() < upto:
             if time.monotonic() > deadline:
@@ -373,7 +504,7 @@ class EventHub:
         if run is not None:
             query = query.where(e.run_number == run)
         with self.db.reader.connect() as conn:
-            return [_event(r) for r in conn.execute(query.order_by(e.seq)).mappings()]
+            return [_event(r) for r in conn.execute(query.order_by(e.seq).limit(REPLAY_PAGE)).mappings()]
 
 
 def _runs_of(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -124,7 +124,7 @@ class LocalService:
 
     def _start_containers(self, console: Console) -> RunningService:
         from metaflow_stack import images
-        from metaflow_stack.engines import JobSpec, Mount
+        from metaflow_stack.engines import STACK_UP, JobSpec, Mount
         from metaflow_stack.engines.docker import DockerEngine, require_engine
 
         for root in self.log_roots:
@@ -152,6 +152,7 @@ class LocalService:
                 env={"POSTGRES_PASSWORD": password},
                 mounts=[Mount(self.volumes["postgres"], "/var/lib/postgresql/data", read_only=False)],
                 labels=_LABEL,
+                owner=STACK_UP,
             ),
             JobSpec(
                 image=refs["nats"],
@@ -160,6 +161,7 @@ class LocalService:
                 network=NETWORK,
                 mounts=[Mount(self.volumes["nats"], "/data", read_only=False)],
                 labels=_LABEL,
+                owner=STACK_UP,
             ),
             JobSpec(
                 image=refs["metadata-service"],
@@ -176,6 +178,7 @@ class LocalService:
                 mounts=[Mount(root, root) for root in self.log_roots if not root.startswith("s3://")],
                 user=f"{os.getuid()}:{os.getgid()}",
                 labels=_LABEL,
+                owner=STACK_UP,
             ),
         ]
         for spec in specs[:2]:

@@ -176,20 +176,37 @@ outbox = Table(
     Column("ts_epoch", BigInteger, nullable=False),
 )
 
+def _numbered_event() -> list[Column]:
+    """An event as the relay numbered it: the event log's columns, and a parked event's."""
+    return [
+        Column("seq", Id, autoincrement=False, nullable=False),
+        Column("run_seq", BigInteger),
+        Column("flow_id", NAME, nullable=False),
+        Column("run_number", Id),
+        Column("kind", String(32), nullable=False),
+        Column("body", Json, nullable=False),
+        Column("ts_epoch", BigInteger, nullable=False),
+    ]
+
+
 #: The event log: outbox rows the relay numbered (``seq`` across everything, ``run_seq``
 #: within the run) in the order it took them, kept for replay until pruned.
 events = Table(
     "events",
     metadata,
-    Column("seq", Id, autoincrement=False, nullable=False),
-    Column("run_seq", BigInteger),
-    Column("flow_id", NAME, nullable=False),
-    Column("run_number", Id),
-    Column("kind", String(32), nullable=False),
-    Column("body", Json, nullable=False),
-    Column("ts_epoch", BigInteger, nullable=False),
+    *_numbered_event(),
     PrimaryKeyConstraint("seq", name="events_seq_pkey"),
     Index("ix_events_run", "run_number", "run_seq"),
+)
+
+#: Events the broker refused (``reason`` is its answer), set aside so the relay goes on.
+parked_events = Table(
+    "parked_events",
+    metadata,
+    *_numbered_event(),
+    Column("reason", Text, nullable=False),
+    Column("parked_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("seq", name="parked_events_seq_pkey"),
 )
 
 #: One row: the last ``seq`` handed out and the last one published.

@@ -24,6 +24,15 @@ from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.patterns import compile_pattern
 from metaflow_stack.service import outbox, rows
 from metaflow_stack.service import schema as s
+from metaflow_stack.service.bodies import (
+    ArtifactBody,
+    Created,
+    Metadatum,
+    RunBody,
+    RunHeartbeat,
+    TagMutation,
+    TaskBody,
+)
 from metaflow_stack.service.database import Database
 from metaflow_stack.service.status import failed_task_exists
 
@@ -34,6 +43,9 @@ PATTERN_TIMEOUT_MS = 5000
 
 _ID = re.compile(r"^[^\s/\x00-\x1f]{1,255}$")
 _ATTEMPT_TAG = re.compile(r"^attempt_id:(\d+)$")
+_IDENTIFIERS = {"flow_id", "step_name"}
+#: The fields of a creation body stored as they are.
+_OWNER = {"user_name", "tags", "system_tags"}
 
 
 def now_ms() -> int:
@@ -41,25 +53,21 @@ def now_ms() -> int:
 
 
 def check_id(kind: str, value: str) -> str:
-    """A 400 for an id no Metaflow object can have (empty, too long, spaces, control bytes)."""
-    if not _ID.match(value) or (value.isdigit() and len(value) > 18):
-        raise bad_parameter(kind, f"{value[:80]!r} is not a valid {kind.replace('_', ' ')}")
+    """A 400 for an id no Metaflow object can have.
+
+    Flow and step names are Python identifiers, as Metaflow makes them (a flow is its class, a step its
+    method); run and task ids are what a scheduler may choose, so anything but empty, over 255
+    characters, ``/`` (pathspecs split on it), spaces and control bytes.
+    """
+    if kind in _IDENTIFIERS:
+        valid = value.isidentifier() and len(value) <= 255
+        rule = "a Python identifier, as Metaflow names flows and steps"
+    else:
+        valid = bool(_ID.match(value)) and not (value.isdigit() and len(value) > 18)
+        rule = "1 to 255 characters without '/', spaces or control characters"
+    if not valid:
+        raise bad_parameter(kind, f"{value[:80]!r} is not a valid {kind.replace('_', ' ')}: it must be {rule}")
     return value
-
-
-def _strings(body: dict[str, Any], field: str) -> list[str] | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise bad_parameter(field, "must be a list of strings")
-    return value
-
-
-def _object(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise bad_parameter("body", "must be a JSON object")
-    return body
 
 
 def heartbeat_capable(system_tags: list[str] | None) -> bool:
@@ -156,36 +164,25 @@ class Store:
 
     # -- creation -----------------------------------------------------------
 
-    def create_flow(self, flow_id: str, body: Any) -> dict[str, Any]:
-        body = _object(body)
-        row = {
-            "flow_id": check_id("flow_id", flow_id),
-            "user_name": body.get("user_name"),
-            "ts_epoch": now_ms(),
-            "tags": _strings(body, "tags"),
-            "system_tags": _strings(body, "system_tags"),
-        }
+    def create_flow(self, flow_id: str, body: Created) -> dict[str, Any]:
+        row = {"flow_id": check_id("flow_id", flow_id), "ts_epoch": now_ms(), **body.model_dump(include=_OWNER)}
         with self.write(f"flow {flow_id}") as conn:
             conn.execute(insert(s.flows).values(row))
             outbox.add(conn, flow_id, None, "flow", {"flow_id": flow_id})
         return rows.flow(row)
 
-    def create_run(self, flow_id: str, body: Any) -> dict[str, Any]:
-        body = _object(body)
-        run_id = body.get("run_number")
+    def create_run(self, flow_id: str, body: RunBody) -> dict[str, Any]:
+        run_id = body.run_number
         if run_id is not None:
-            if not isinstance(run_id, str) or run_id.isdigit():
+            if run_id.isdigit():
                 raise bad_parameter("run_number", "a client-chosen run id must be a non-numeric string")
             check_id("run_number", run_id)
-        system_tags = _strings(body, "system_tags")
         values = {
             "flow_id": check_id("flow_id", flow_id),
             "run_id": run_id,
-            "user_name": body.get("user_name"),
             "ts_epoch": now_ms(),
-            "tags": _strings(body, "tags"),
-            "system_tags": system_tags,
-            "last_heartbeat_ts": int(time.time()) if heartbeat_capable(system_tags) else None,
+            **body.model_dump(include=_OWNER),
+            "last_heartbeat_ts": int(time.time()) if heartbeat_capable(body.system_tags) else None,
         }
         with self.write(f"run {flow_id}/{run_id or '(new)'}") as conn:
             number = conn.execute(insert(s.runs).values(values).returning(s.runs.c.run_number)).scalar_one()
@@ -193,41 +190,31 @@ class Store:
             outbox.add(conn, flow_id, number, "run", rows.run(row))
         return rows.run(row)
 
-    def create_step(self, flow_id: str, run: str, step_name: str, body: Any) -> dict[str, Any]:
-        body = _object(body)
+    def create_step(self, flow_id: str, run: str, step_name: str, body: Created) -> dict[str, Any]:
         check_id("step_name", step_name)
         with self.write(f"step {flow_id}/{run}/{step_name}") as conn:
             run_row = self.find_run(conn, flow_id, run)
-            values = _under(run_row, step_name) | {
-                "user_name": body.get("user_name", ""),
-                "ts_epoch": now_ms(),
-                "tags": _strings(body, "tags"),
-                "system_tags": _strings(body, "system_tags"),
-            }
+            values = _under(run_row, step_name) | {"ts_epoch": now_ms(), **body.model_dump(include=_OWNER)}
+            values["user_name"] = values["user_name"] or ""
             conn.execute(insert(s.steps).values(values))
             answer = rows.step(values, run_row)
             outbox.add(conn, flow_id, run_row["run_number"], "step", answer)
         return answer
 
-    def create_task(self, flow_id: str, run: str, step_name: str, body: Any) -> dict[str, Any]:
-        body = _object(body)
+    def create_task(self, flow_id: str, run: str, step_name: str, body: TaskBody) -> dict[str, Any]:
         check_id("step_name", step_name)
-        task_name = body.get("task_id")
+        task_name = body.task_id
         if task_name is not None:
-            task_name = str(task_name)
             if task_name.isdigit():
                 raise bad_parameter("task_id", "a client-chosen task id must be a non-numeric string")
             check_id("task_id", task_name)
-        system_tags = _strings(body, "system_tags")
-        beats = heartbeat_capable(system_tags)
+        beats = heartbeat_capable(body.system_tags)
         with self.write(f"task {flow_id}/{run}/{step_name}/{task_name or '(new)'}") as conn:
             run_row = self.find_run(conn, flow_id, run)
             values = _under(run_row, step_name) | {
                 "task_name": task_name,
-                "user_name": body.get("user_name"),
                 "ts_epoch": now_ms(),
-                "tags": _strings(body, "tags"),
-                "system_tags": system_tags,
+                **body.model_dump(include=_OWNER),
                 "last_heartbeat_ts": int(time.time()) if beats else None,
             }
             task_id = conn.execute(insert(s.tasks).values(values).returning(s.tasks.c.task_id)).scalar_one()
@@ -243,9 +230,9 @@ class Store:
     def _beat_run(conn: Connection, run_number: int) -> None:
         conn.execute(update(s.runs).where(s.runs.c.run_number == run_number).values(last_heartbeat_ts=int(time.time())))
 
-    def run_heartbeat(self, flow_id: str, run: str, body: Any) -> dict[str, Any]:
+    def run_heartbeat(self, flow_id: str, run: str, body: RunHeartbeat) -> dict[str, Any]:
         """A run's heartbeat; ``{"ended": true}`` (sent by this project's client) ends the run."""
-        ended = isinstance(body, dict) and body.get("ended") is True
+        ended = body.ended
         with self.write(f"heartbeat of run {flow_id}/{run}") as conn:
             run_row = self.find_run(conn, flow_id, run)
             self._beat_run(conn, run_row["run_number"])
@@ -290,28 +277,13 @@ class Store:
                 raise ApiError(400, "unregistered", "need to register run_id and task_id first") from None
             raise
 
-    def add_metadata(self, flow_id: str, run: str, step_name: str, task: str, body: Any) -> dict[str, int]:
-        if not isinstance(body, list) or not all(isinstance(d, dict) for d in body):
-            raise bad_parameter("body", "must be a JSON array of metadata objects")
+    def add_metadata(self, flow_id: str, run: str, step_name: str, task: str, body: list[Metadatum]) -> dict[str, int]:
         with self.write(f"metadata of {flow_id}/{run}/{step_name}/{task}") as conn:
             run_row, task_row = self._task_for_write(conn, flow_id, run, step_name, task)
             ids = _under(run_row, step_name) | {"task_id": task_row["task_id"], "task_name": task_row["task_name"]}
             values = []
             for datum in body:
-                tags = _strings(datum, "tags")
-                values.append(
-                    ids
-                    | {
-                        "field_name": str(datum.get("field_name", " ")),
-                        "value": str(datum.get("value", " ")),
-                        "type": str(datum.get("type", " ")),
-                        "user_name": datum.get("user_name"),
-                        "tags": tags,
-                        "system_tags": _strings(datum, "system_tags"),
-                        "attempt_id": _attempt_of(tags),
-                        "ts_epoch": now_ms(),
-                    }
-                )
+                values.append(ids | datum.model_dump() | {"attempt_id": _attempt_of(datum.tags), "ts_epoch": now_ms()})
             if values:
                 conn.execute(insert(s.metadata_rows), values)
             outbox.add(
@@ -375,38 +347,13 @@ class Store:
             {**rows.task(task_row, run_row), "status": status, "attempt": datum["attempt_id"]},
         )
 
-    def add_artifacts(self, flow_id: str, run: str, step_name: str, task: str, body: Any) -> dict[str, int]:
-        if not isinstance(body, list) or not all(isinstance(d, dict) for d in body):
-            raise bad_parameter("body", "must be a JSON array of artifact objects")
+    def add_artifacts(
+        self, flow_id: str, run: str, step_name: str, task: str, body: list[ArtifactBody]
+    ) -> dict[str, int]:
         with self.write(f"artifacts of {flow_id}/{run}/{step_name}/{task}") as conn:
             run_row, task_row = self._task_for_write(conn, flow_id, run, step_name, task)
             ids = _under(run_row, step_name) | {"task_id": task_row["task_id"], "task_name": task_row["task_name"]}
-            values = []
-            for art in body:
-                attempt = art.get("attempt_id", 0)
-                size = art.get("size")
-                if not isinstance(attempt, int) or attempt < 0:
-                    raise bad_parameter("attempt_id", "must be a non-negative integer")
-                if size is not None and (not isinstance(size, int) or size < 0):
-                    raise bad_parameter("size", "must be a non-negative integer")
-                values.append(
-                    ids
-                    | {
-                        "attempt_id": attempt,
-                        "name": str(art.get("name", " ")),
-                        "location": art.get("location", " "),
-                        "ds_type": art.get("ds_type", " "),
-                        "sha": art.get("sha", " "),
-                        "type": art.get("type", " "),
-                        "content_type": art.get("content_type", " "),
-                        "size": size,
-                        "python_type": art.get("python_type"),
-                        "user_name": art.get("user_name", " "),
-                        "tags": _strings(art, "tags"),
-                        "system_tags": _strings(art, "system_tags"),
-                        "ts_epoch": now_ms(),
-                    }
-                )
+            values = [ids | art.model_dump() | {"ts_epoch": now_ms()} for art in body]
             created = 0
             if values:
                 dialect_insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
@@ -423,10 +370,8 @@ class Store:
 
     # -- tags ---------------------------------------------------------------
 
-    def mutate_tags(self, flow_id: str, run: str, body: Any) -> dict[str, list[str]]:
-        body = _object(body)
-        to_add = _strings(body, "tags_to_add") or []
-        to_remove = _strings(body, "tags_to_remove") or []
+    def mutate_tags(self, flow_id: str, run: str, body: TagMutation) -> dict[str, list[str]]:
+        to_add, to_remove = body.tags_to_add, body.tags_to_remove
         try:
             with self.write(f"tags of run {flow_id}/{run}") as conn:
                 query = select(s.runs).where(s.runs.c.run_number == self.find_run(conn, flow_id, run)["run_number"])

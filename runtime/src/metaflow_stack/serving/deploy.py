@@ -111,6 +111,7 @@ def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptio
             cpu=options.cpu,
             memory=f"{options.memory_mb}m",
             labels={DEPLOYMENT_LABEL: name},
+            owner="function-server",
         )
     )
     url = f"http://127.0.0.1:{options.port}"

@@ -200,21 +200,33 @@ def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
     )
 
 
-@stack.command(help="Stop what `up` and `registry up` started and remove leftover job containers.")
+@stack.command(help="Stop what `up` and `registry up` started; other runs' steps and deployed servers keep running.")
 @click.option("--purge", is_flag=True, help="Also delete the metadata service's data (database and broker volumes).")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also remove every other container the stack launched (running @devcontainer steps, function servers).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask before removing with --all.")
 @_friendly
-def down(purge: bool) -> None:
+def down(purge: bool, everything: bool, yes: bool) -> None:
+    from metaflow_stack.engines import OWNER_LABEL, STACK_UP
     from metaflow_stack.engines.docker import DockerEngine
     from metaflow_stack.errors import DockerUnavailableError
     from metaflow_stack.registry import LocalRegistry
     from metaflow_stack.service.local import LocalService
 
+    if everything and not yes:
+        click.confirm(
+            "Remove every container the stack launched, including running steps and deployed servers?", abort=True
+        )
     if LocalService().stop(purge=purge):
         _err.print("metadata service stopped" + (" and its data deleted" if purge else " (its data is kept)"))
     if LocalRegistry.default().stop():
         _err.print("registry stopped")
     try:
-        removed = DockerEngine().cleanup()
+        removed = DockerEngine().cleanup(None if everything else {OWNER_LABEL: STACK_UP})
     except DockerUnavailableError:
         removed = 0
-    _err.print(f"removed {removed} leftover job container(s)")
+    _err.print(f"removed {removed} container(s) " + ("the stack launched" if everything else "`up` left behind"))
