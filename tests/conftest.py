@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,40 @@ def local_registry(state_dir: Path) -> Iterator[str]:
         os.environ.pop("METAFLOW_STACK_REGISTRY", None)
     else:
         os.environ["METAFLOW_STACK_REGISTRY"] = previous
+
+
+def refuse_unpickling(monkeypatch: pytest.MonkeyPatch, what: str = "the code under test") -> None:
+    """From here on, unpickling anything in this process fails the test: the module's loaders and its
+    ``Unpickler`` classes (C and Python), so no road to ``pickle`` is left open."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{what} unpickled something")
+
+    class Refused:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            refuse()
+
+    for name in ("loads", "load"):
+        monkeypatch.setattr(pickle, name, refuse)
+    for name in ("Unpickler", "_Unpickler"):
+        monkeypatch.setattr(pickle, name, Refused)
+
+
+def fuzz_finds_nothing(url: str, tmp_path: Path, *, exclude: tuple[str, ...] = (), examples: int = 20) -> str:
+    """Schemathesis over the server's OpenAPI document at ``url``: no 5xx, every error JSON
+    (``schemathesis_hooks``); streams are ``exclude``d. Returns its report."""
+    schemathesis = shutil.which("st", path=str(VENV_BIN))
+    need("schemathesis", schemathesis is not None, "install the dev extra (schemathesis)")
+    command = [str(schemathesis), "run", f"{url}/openapi.json", "--checks", "not_a_server_error,errors_are_json"]
+    for path in exclude:
+        command += ["--exclude-path", path]
+    command += ["--max-examples", str(examples), "--no-color"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(Path(__file__).parent)}
+    # Run in a scratch folder: Schemathesis keeps a cache beside where it runs.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert " failed" not in result.stdout.split("Test cases:")[1]
+    return result.stdout
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -310,14 +345,14 @@ from service_servers import lagging_replica, nats_server, postgres, service_fact
 def bridge_address() -> str:
     """The Docker bridge's address on this machine: where a container on the default network reaches
     the host. Test servers listen there (the stack's own bind 127.0.0.1 unless told otherwise)."""
-    from metaflow_stack.engines.docker import require_engine
+    from metaflow_stack.engines.docker import host_address, require_engine
     from metaflow_stack.errors import DockerUnavailableError
 
     try:
         docker = require_engine()
     except DockerUnavailableError as exc:
         need("docker", False, exc.message)
-    return docker.network.inspect("bridge").ipam.config[0]["Gateway"]
+    return host_address(docker)
 
 
 @pytest.fixture(scope="session")

@@ -145,3 +145,19 @@ def test_failing_flow_step_returns_a_non_zero_exit_code(engine, base_image: str,
     assert code != 0
     assert "boom in start" in output
     assert time.monotonic() - started < 120
+
+
+def test_the_host_address_is_the_bridge_gateway_however_docker_reports_it(docker_engine, base_image: str) -> None:
+    from metaflow_stack.engines.docker import gateway_of, host_address
+
+    # Both shapes engines report for the bridge's IPAM config: with its gateway, and with the subnet only.
+    assert gateway_of([{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}]) == "172.17.0.1"
+    assert gateway_of([{"Subnet": "fd00::/64"}, {"Subnet": "10.99.0.0/24"}]) == "10.99.0.1"
+    # What this engine's host-gateway stands for, as a container sees it.
+    seen = docker_engine.run(
+        base_image,
+        ["getent", "hosts", "host.docker.internal"],
+        add_hosts=[("host.docker.internal", "host-gateway")],
+        remove=True,
+    )
+    assert seen.split()[0] == host_address(docker_engine)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import refuse_unpickling
 from metaflow import FunctionParameters, json_function  # snippet 1, verbatim
 
 from metaflow_stack.functions import reference as references
@@ -84,15 +85,10 @@ def test_published_schema_matches_the_model_and_validates_a_reference(train_task
 
 
 def test_binding_does_not_unpickle_artifacts(train_task, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pickle
-
     from iris_functions import predict
     from metaflow import JsonFunction
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("binding unpickled an artifact")
-
-    monkeypatch.setattr(pickle, "loads", refuse)
+    refuse_unpickling(monkeypatch, "binding")
     assert JsonFunction(predict, task=train_task).bound.task.artifacts["model"].size > 0
 
 

@@ -5,10 +5,13 @@ status tracking, and every kind of bad input."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import fuzz_finds_nothing
 from fastapi.testclient import TestClient
 
 from metaflow_stack.service.app import CAPABILITIES, SERVICE_VERSION, ServiceConfig, create_app
@@ -322,3 +325,18 @@ def test_a_run_whose_heartbeat_stops_is_killed_after_the_cutoff(tmp_path: Path) 
         assert summary["status"] == "killed"
         assert {s["step_name"]: s["killed"] for s in summary["steps"]}["fan"] == 1
         assert client.get("/flows/F/runs", params={"status:eq": "killed"}).json()[0]["run_number"] == run["run_number"]
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(service_factory, tmp_path: Path) -> None:
+    service = service_factory()
+    # Objects to find, so operations get past their 404s: a flow, a run, a step and a task with an attempt.
+    client = httpx.Client(base_url=service.url)
+    client.post("/flows/F", json={})
+    run = client.post("/flows/F/run", json={"system_tags": SYSTEM_TAGS}).json()["run_number"]
+    client.post(f"/flows/F/runs/{run}/steps/start/step", json={})
+    task = client.post(f"/flows/F/runs/{run}/steps/start/task", json={}).json()["task_id"]
+    metadata = [{"field_name": "attempt", "value": "0", "type": "attempt", "tags": ["attempt_id:0"]}]
+    client.post(f"/flows/F/runs/{run}/steps/start/tasks/{task}/metadata", json=metadata)
+    report = fuzz_finds_nothing(service.url, tmp_path, exclude=("/events",))
+    assert int(re.search(r"Tested: (\d+)", report)[1]) >= 30  # every operation but the stream

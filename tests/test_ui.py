@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PROJECT, VENV_BIN, need
+from conftest import PROJECT, VENV_BIN, fuzz_finds_nothing, need
 from service_servers import run_flow, start_service
 
 pytestmark = pytest.mark.slow
@@ -163,6 +163,12 @@ def test_bad_paths_and_parameters_are_json_errors(ui: Ui) -> None:
     assert httpx.get(f"{ui.url}/api/no/such/route").status_code == 404
     page = httpx.get(f"{ui.url}/no/such/page")
     assert page.status_code == 200 and 'id="root"' in page.text  # the front end routes it, to its own 404 page
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_in_the_api(ui: Ui, tmp_path: Path) -> None:
+    report = fuzz_finds_nothing(ui.url, tmp_path, exclude=("/api/events",))
+    assert int(re.search(r"Tested: (\d+)", report)[1]) >= 10  # every route but the stream
 
 
 def test_a_value_the_ui_may_not_read_is_an_error_on_that_artifact_only(ui: Ui) -> None:

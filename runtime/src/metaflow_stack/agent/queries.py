@@ -38,6 +38,7 @@ from metaflow_stack.agent.models import (
     TaskList,
 )
 from metaflow_stack.errors import StackError
+from metaflow_stack.ids import PATHSPEC_KINDS, check_id
 from metaflow_stack.patterns import compile_pattern
 
 MAX_RUNS = 1000
@@ -78,6 +79,8 @@ def pathspec_parts(pathspec: str, parts: int, what: str) -> list[str]:
     if len(pieces) != parts or not all(pieces) or ".." in pieces:
         shape = "/".join(("Flow", "run", "step", "task")[:parts])
         raise AgentError("bad_parameter", f"{what} {pathspec!r} is not a pathspec like {shape}")
+    for kind, piece in zip(PATHSPEC_KINDS, pieces, strict=False):
+        check_id(kind, piece)
     return pieces
 
 
@@ -236,6 +239,9 @@ class Queries:
         pieces = scope.strip("/").split("/")
         if len(pieces) not in (1, 2) or not all(pieces) or ".." in pieces:
             raise AgentError("bad_parameter", f"scope {scope!r} is not a flow (Flow) or a run (Flow/run)")
+        pieces = pathspec_parts(scope, len(pieces), "scope")
+        if step is not None:
+            check_id("step_name", step)
         clamped: list[Clamp] = []
         filters = {
             "name": name,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -62,7 +63,10 @@ class ServiceSource:
     def _get(self, path: str, params: dict[str, Any] | None = None, what: str = "") -> httpx.Response:
         self.requests += 1
         try:
-            response = self._http.get(path, params={k: v for k, v in (params or {}).items() if v is not None})
+            # Ids never hold "/" (``ids``), so quoting everything else keeps a "?", "#" or "%" in a run id
+            # inside its own path segment.
+            quoted = quote(path, safe="/")
+            response = self._http.get(quoted, params={k: v for k, v in (params or {}).items() if v is not None})
         except httpx.HTTPError as exc:
             raise AgentError(
                 "service_unavailable",

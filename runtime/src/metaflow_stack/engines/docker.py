@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import tempfile
 import time
@@ -47,6 +48,28 @@ def require_engine() -> DockerClient:
     docker = client()
     engine_version(docker)
     return docker
+
+
+def host_address(docker: DockerClient | None = None) -> str:
+    """Where a container on the default bridge network reaches this host: the address Docker's
+    ``host-gateway`` stands for, the bridge's gateway. Some engines report only the bridge's subnet;
+    the gateway is then the subnet's first address, which is the one Docker gives it."""
+    return gateway_of((docker or require_engine()).network.inspect("bridge").ipam.config)
+
+
+def gateway_of(config: list[dict[str, str]]) -> str:
+    """The gateway of a network from its IPAM config entries (``Gateway``, else from ``Subnet``)."""
+    for entry in config:
+        if entry.get("Gateway"):
+            return entry["Gateway"]
+    for entry in config:
+        subnet = ipaddress.ip_network(entry.get("Subnet", ""), strict=False) if entry.get("Subnet") else None
+        if subnet is not None and subnet.version == 4:
+            return str(next(subnet.hosts()))
+    raise StackError(
+        "Docker reports neither a gateway nor a subnet for its bridge network",
+        fix="check `docker network inspect bridge`; restart the engine to recreate the bridge",
+    )
 
 
 def _lines(chunks: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:

@@ -2,7 +2,8 @@
 
 Used by the in-process backend and by worker processes. The code archive (and
 the flow's code package, when the task has one) is extracted once per
-reference into the state directory; artifacts stay lazy.
+reference into the state directory; artifacts load on first use, or all at
+once with ``preload`` (a server that says it is ready).
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def _extract(reference: FunctionReference, base: str | None) -> Path:
     return target
 
 
-def load(reference: FunctionReference, base: str | None) -> tuple[Callable[..., Any], FunctionParameters]:
-    """The function object and its parameters."""
+def load(
+    reference: FunctionReference, base: str | None, preload: bool = False
+) -> tuple[Callable[..., Any], FunctionParameters]:
+    """The function object and its parameters (every artifact loaded already with ``preload``)."""
     root = _extract(reference, base)
     for folder in (root / "flow", root / "code"):  # code first on the path
         if folder.is_dir() and str(folder) not in sys.path:
@@ -63,4 +66,6 @@ def load(reference: FunctionReference, base: str | None) -> tuple[Callable[..., 
         ) from exc
     artifact_store = BlobStore.of(reference.task.store, base)
     params = FunctionParameters(reference.task.pathspec, reference.task.artifacts, artifact_store.load)
+    if preload:
+        params.preload()
     return target, params

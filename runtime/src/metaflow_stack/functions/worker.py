@@ -1,7 +1,8 @@
 """A worker process: loads one function once, then answers calls over its pipes.
 
 Started by the local backend in the function's own environment as
-``python -m metaflow_stack.functions.worker REFERENCE_FILE BASE CODEC``.
+``python -m metaflow_stack.functions.worker REFERENCE_FILE BASE CODEC PRELOAD``
+(``1``: every artifact is loaded before the worker says it is ready).
 The protocol owns the original stdout; the function's own prints go to stderr.
 """
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-def main(reference_file: str, base: str, codec_name: str) -> None:
+def main(reference_file: str, base: str, codec_name: str, preload: str = "0") -> None:
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the function's prints must not corrupt the protocol
     sys.stdout = sys.stderr
@@ -22,7 +23,7 @@ def main(reference_file: str, base: str, codec_name: str) -> None:
 
     try:
         ref = reference.parse(Path(reference_file).read_text(encoding="utf-8"))
-        fn, params = loader.load(ref, base or None)
+        fn, params = loader.load(ref, base or None, preload=preload == "1")
         requests = codecs.create(codec_name, ref.input_schema)
         responses = codecs.create(codec_name, ref.output_schema)
     except BaseException as exc:
@@ -47,4 +48,4 @@ def main(reference_file: str, base: str, codec_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

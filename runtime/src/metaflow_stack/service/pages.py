@@ -27,11 +27,12 @@ from sqlalchemy.dialects.postgresql import JSONB, array
 
 from metaflow_stack.api_errors import bad_parameter
 from metaflow_stack.cursors import decode_cursor, encode_cursor
+from metaflow_stack.ids import check_id
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
 from metaflow_stack.service.status import STATUSES, run_status, task_status
-from metaflow_stack.service.store import Store, check_id
+from metaflow_stack.service.store import Store
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000

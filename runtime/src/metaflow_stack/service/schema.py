@@ -176,6 +176,7 @@ outbox = Table(
     Column("ts_epoch", BigInteger, nullable=False),
 )
 
+
 def _numbered_event() -> list[Column]:
     """An event as the relay numbered it: the event log's columns, and a parked event's."""
     return [

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
+from metaflow_stack.ids import check_id
 from metaflow_stack.patterns import compile_pattern
 from metaflow_stack.service import outbox, rows
 from metaflow_stack.service import schema as s
@@ -41,33 +42,13 @@ HEARTBEAT_INTERVAL_S = 10
 #: How long PostgreSQL may match one ``filtered_tasks`` pattern.
 PATTERN_TIMEOUT_MS = 5000
 
-_ID = re.compile(r"^[^\s/\x00-\x1f]{1,255}$")
 _ATTEMPT_TAG = re.compile(r"^attempt_id:(\d+)$")
-_IDENTIFIERS = {"flow_id", "step_name"}
 #: The fields of a creation body stored as they are.
 _OWNER = {"user_name", "tags", "system_tags"}
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def check_id(kind: str, value: str) -> str:
-    """A 400 for an id no Metaflow object can have.
-
-    Flow and step names are Python identifiers, as Metaflow makes them (a flow is its class, a step its
-    method); run and task ids are what a scheduler may choose, so anything but empty, over 255
-    characters, ``/`` (pathspecs split on it), spaces and control bytes.
-    """
-    if kind in _IDENTIFIERS:
-        valid = value.isidentifier() and len(value) <= 255
-        rule = "a Python identifier, as Metaflow names flows and steps"
-    else:
-        valid = bool(_ID.match(value)) and not (value.isdigit() and len(value) > 18)
-        rule = "1 to 255 characters without '/', spaces or control characters"
-    if not valid:
-        raise bad_parameter(kind, f"{value[:80]!r} is not a valid {kind.replace('_', ' ')}: it must be {rule}")
-    return value
 
 
 def heartbeat_capable(system_tags: list[str] | None) -> bool:

@@ -91,9 +91,10 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Loaded once per server process, in a thread so start-up stays responsive to health checks.
+        # Loaded once per server process, in a thread so start-up stays responsive to health checks;
+        # every artifact too, so /ready means the first call is as fast as the second.
         state["function"] = await asyncio.to_thread(
-            function_from_json, reference, options.backend, workers=options.workers
+            function_from_json, reference, options.backend, workers=options.workers, preload=True
         )
         state["codecs"] = {
             name: (codecs.create(name, ref.input_schema), codecs.create(name, ref.output_schema))

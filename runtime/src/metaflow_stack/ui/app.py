@@ -24,7 +24,7 @@ from fastapi.sse import EventSourceResponse
 from starlette.staticfiles import StaticFiles
 
 from metaflow_stack import __version__
-from metaflow_stack.agent.queries import MAX_RUNS, AgentError, Queries
+from metaflow_stack.agent.queries import MAX_RUNS, AgentError, Queries, pathspec_parts
 from metaflow_stack.api_errors import ApiError, install
 from metaflow_stack.cursors import decode_cursor, encode_cursor
 from metaflow_stack.ui.cards import CARD_POLICY, Cards
@@ -144,7 +144,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
         """A task's attempts, metadata and artifacts; small plain-data values come previewed."""
 
         def gathered() -> dict[str, Any]:
-            parts = [flow, run, step, task]
+            parts = pathspec_parts(f"{flow}/{run}/{step}/{task}", 4, "task")
             detail = source.task_detail(parts)
             listed = queries.artifact_info("/".join(parts), limit=1000).artifacts
             artifacts = []

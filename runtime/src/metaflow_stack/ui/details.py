@@ -51,6 +51,8 @@ class Details:
             info = plain_loads(self.blobs.read(flow, artifacts["_graph_info"][0]))
         except NotPlainData as exc:
             raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not plain data ({exc})") from None
+        if not isinstance(info, dict) or not isinstance(info.get("steps") or {}, dict):
+            raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not the shape Metaflow records")
         parameters = {}
         for parameter in info.get("parameters") or []:
             found = artifacts.get(parameter["name"])

@@ -8,6 +8,12 @@ pickle names is refused before it is looked up, so no constructor, reducer
 or ``__setstate__`` of the artifact's code runs. Values bigger than
 ``MAX_PREVIEW_BYTES`` as stored are not read at all. Everything else is
 described by its recorded type and size only.
+
+Plain classes can still be asked to allocate: ``bytearray(10**9)`` is a
+29-byte pickle. So the constructors a pickle reaches are wrapped to build
+only from values the pickle itself holds (a ``bytearray`` from bytes, never
+from a count), and an integer is shown by its size once its digits would
+pass ``MAX_INT_DIGITS`` (Python refuses to print it at all past 4,300).
 """
 
 from __future__ import annotations
@@ -24,10 +30,7 @@ MAX_PICKLE_BYTES = 8 * 1024 * 1024
 
 #: Classes a plain-data pickle may name: constructors of values, none with side effects.
 _PLAIN = {
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
     ("builtins", "complex"),
-    ("builtins", "bytearray"),
     ("builtins", "range"),
     ("builtins", "slice"),
     ("collections", "OrderedDict"),
@@ -45,8 +48,48 @@ class NotPlainData(Exception):
     """The pickle names a class outside the plain-data set."""
 
 
+def _bytearray(source: bytes | str = b"", encoding: str = "latin-1") -> bytearray:
+    """``bytearray`` as pickles of protocols 0-4 rebuild it (from its bytes), never ``bytearray(n)``."""
+    if isinstance(source, str):
+        return bytearray(source, encoding)
+    if isinstance(source, bytes | bytearray):
+        return bytearray(source)
+    raise NotPlainData(f"bytearray from a {type(source).__name__}")
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocols 0-2 rebuild ``bytes`` with it: latin-1 text, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise NotPlainData(f"_codecs.encode to {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _items_of(kind: type[set] | type[frozenset]) -> Any:
+    """``set``/``frozenset`` as protocols 0-3 rebuild them, from the list the pickle holds: never from a
+    ``range`` (``set(range(10**10))`` would allocate without end)."""
+
+    def build(items: list | tuple = ()) -> set | frozenset:
+        if not isinstance(items, list | tuple):
+            raise NotPlainData(f"{kind.__name__} from a {type(items).__name__}")
+        return kind(items)
+
+    return build
+
+
+#: Constructors a pickle may reach only through a guard.
+_GUARDED = {
+    ("builtins", "bytearray"): _bytearray,
+    ("builtins", "set"): _items_of(set),
+    ("builtins", "frozenset"): _items_of(frozenset),
+    ("_codecs", "encode"): _latin1,
+}
+
+
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
+        if (module, name) in _GUARDED:
+            return _GUARDED[module, name]
         if (module, name) in _PLAIN:
             return super().find_class(module, name)
         raise NotPlainData(f"{module}.{name}")
@@ -62,7 +105,19 @@ def plain_loads(data: bytes) -> Any:
         raise NotPlainData(f"an unreadable pickle ({type(exc).__name__})") from None
 
 
-_REPR = reprlib.Repr()
+#: Digits an integer is shown with at most; a longer one is described by its size.
+MAX_INT_DIGITS = 200
+
+
+class _BoundedRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        # Counting bits, not digits: converting a huge int to text is the slow part.
+        if x.bit_length() > MAX_INT_DIGITS * 3.33:
+            return f"<int of {x.bit_length():,} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _BoundedRepr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 4, 400, 200, 200
 _REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 20
 

@@ -84,6 +84,7 @@ def function_from_json(
     *,
     codec: str | None = None,
     workers: int = 1,
+    preload: bool = False,
     **options: Any,
 ) -> Function:
     """Load a function from its reference (JSON, a bundle directory or ``s3://`` URL) and a backend.
@@ -91,6 +92,8 @@ def function_from_json(
     ``inprocess`` runs it in this process; ``local`` (the default) in worker
     processes of its own environment; ``ray`` in Ray actors of that
     environment (``num_cpus``, ``num_gpus``, ``memory`` and ``replicas`` options).
+    ``preload`` loads every artifact before returning, so the first call is as
+    fast as the next (servers use it); otherwise each loads on first use.
     """
     from metaflow_stack.functions.bundle import resolve_reference
 
@@ -99,13 +102,14 @@ def function_from_json(
     if backend == "inprocess":
         from metaflow_stack.functions.backends.inprocess import InProcessBackend
 
-        return Function(ref, InProcessBackend(ref, base, codec))
+        return Function(ref, InProcessBackend(ref, base, codec, preload))
     if backend == "local":
         from metaflow_stack.functions.backends.local import LocalBackend
 
-        return Function(ref, LocalBackend(ref, base, codec, workers=workers))
+        return Function(ref, LocalBackend(ref, base, codec, workers=workers, preload=preload))
     if backend == "ray":
         from metaflow_stack.functions.backends.ray import RayBackend
 
-        return Function(ref, RayBackend(ref, base, codec, replicas=options.pop("replicas", workers), **options))
+        replicas = options.pop("replicas", workers)
+        return Function(ref, RayBackend(ref, base, codec, replicas=replicas, preload=preload, **options))
     raise FunctionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")

@@ -15,8 +15,8 @@ class InProcessBackend:
 
     name = "inprocess"
 
-    def __init__(self, reference: FunctionReference, base: str | None, codec: str) -> None:
-        self._fn, self._params = loader.load(reference, base)
+    def __init__(self, reference: FunctionReference, base: str | None, codec: str, preload: bool = False) -> None:
+        self._fn, self._params = loader.load(reference, base, preload)
         # Results round-trip through the codec so every backend returns the same values.
         self._out = codecs.create(codec, reference.output_schema)
 

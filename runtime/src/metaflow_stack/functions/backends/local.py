@@ -27,9 +27,20 @@ from metaflow_stack.functions.reference import FunctionReference
 
 
 class _Worker:
-    def __init__(self, where: environment.Interpreter, reference_file: Path, base: str | None, codec: str) -> None:
+    def __init__(
+        self, where: environment.Interpreter, reference_file: Path, base: str | None, codec: str, preload: bool
+    ) -> None:
         module = "metaflow_stack.functions.worker"
-        self._command = [str(where.python), "-u", "-m", module, str(reference_file), base or "", codec]
+        self._command = [
+            str(where.python),
+            "-u",
+            "-m",
+            module,
+            str(reference_file),
+            base or "",
+            codec,
+            str(int(preload)),
+        ]
         self._env = where.env()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -102,6 +113,7 @@ class LocalBackend:
         codec: str,
         workers: int = 1,
         console: Console | None = None,
+        preload: bool = False,
     ) -> None:
         if workers < 1:
             raise FunctionError(f"workers must be at least 1, not {workers}")
@@ -111,7 +123,7 @@ class LocalBackend:
         reference_file.write_text(reference.to_json())
         self._in = codecs.create(codec, reference.input_schema)
         self._out = codecs.create(codec, reference.output_schema)
-        self._workers = [_Worker(where, reference_file, base, codec) for _ in range(workers)]
+        self._workers = [_Worker(where, reference_file, base, codec, preload) for _ in range(workers)]
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         errors: list[BaseException] = []
         starters = [threading.Thread(target=_capturing(w.start, errors)) for w in self._workers]

@@ -25,11 +25,11 @@ from metaflow_stack.functions.reference import FunctionReference
 class FunctionActor:
     """Loads the function once; answers encoded calls (the same payloads as local workers)."""
 
-    def __init__(self, reference_json: str, base: str | None, codec: str) -> None:
+    def __init__(self, reference_json: str, base: str | None, codec: str, preload: bool = False) -> None:
         from metaflow_stack.functions import reference
 
         ref = reference.parse(reference_json)
-        self._fn, self._params = loader.load(ref, base)
+        self._fn, self._params = loader.load(ref, base, preload)
         self._in = codecs.create(codec, ref.input_schema)
         self._out = codecs.create(codec, ref.output_schema)
 
@@ -75,6 +75,7 @@ class RayBackend:
         memory: int | None = None,
         address: str | None = None,
         start_timeout: float = 300,
+        preload: bool = False,
     ) -> None:
         try:
             import ray
@@ -98,7 +99,7 @@ class RayBackend:
         if memory is not None:
             options["memory"] = memory
         actor_class = ray.remote(FunctionActor).options(**options)
-        self._actors = [actor_class.remote(reference.to_json(), base, codec) for _ in range(replicas)]
+        self._actors = [actor_class.remote(reference.to_json(), base, codec, preload) for _ in range(replicas)]
         try:
             self.descriptions = ray.get([a.describe.remote() for a in self._actors], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:

@@ -1,0 +1,59 @@
+"""Previews of artifact values (``metaflow_stack.ui.previews``): plain data of
+every pickle protocol is shown, while a small pickle can neither name code,
+allocate without end, nor make the preview itself fail."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from conftest import refuse_unpickling
+
+from metaflow_stack.ui.previews import MAX_INT_DIGITS, NotPlainData, plain_loads, render
+
+
+class _Allocates:
+    """Pickles as ``bytearray(n)``: 30-odd bytes that would ask for ``n`` bytes of memory."""
+
+    def __init__(self, reduce_to: tuple) -> None:
+        self.reduce_to = reduce_to
+
+    def __reduce__(self) -> tuple:
+        return self.reduce_to
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_data_of_every_protocol_is_shown(protocol: int) -> None:
+    value = [bytearray(b"ab\xff"), {1, 2}, frozenset({3}), b"x\x00", "é", 1.5, None, (True,)]
+    assert plain_loads(pickle.dumps(value, protocol=protocol)) == value
+
+
+@pytest.mark.parametrize(
+    "reduce_to",
+    [
+        (bytearray, (100_000_000,)),
+        (set, (range(10**12),)),
+        (frozenset, (range(10**12),)),
+    ],
+    ids=["bytearray(n)", "set(range)", "frozenset(range)"],
+)
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_pickle_cannot_make_the_preview_allocate(reduce_to: tuple, protocol: int) -> None:
+    data = pickle.dumps(_Allocates(reduce_to), protocol=protocol)
+    assert len(data) < 100
+    with pytest.raises(NotPlainData):
+        plain_loads(data)
+
+
+def test_a_huge_integer_is_described_not_printed() -> None:
+    huge = plain_loads(pickle.dumps(10**5000))  # str() of it raises past 4,300 digits
+    assert render(huge) == "<int of 16,610 bits>"
+    shown = -(10 ** (MAX_INT_DIGITS // 2))
+    assert render(plain_loads(pickle.dumps(shown))) == str(shown)
+
+
+def test_code_is_refused_before_it_is_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = pickle.dumps(_Allocates((print, ("ran",))))
+    refuse_unpickling(monkeypatch, "the preview")  # only the plain-data unpickler may read it
+    with pytest.raises(NotPlainData, match=r"builtins\.print"):
+        plain_loads(data)
