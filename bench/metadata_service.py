@@ -41,7 +41,7 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from metaflow_stack.cursors import encode_cursor
+from metaflow_stack.datastore.cursors import encode_cursor
 from metaflow_stack.service.database import connect, migrate
 from metaflow_stack.service.devservers import free_port, nats_server, postgres_cluster
 from metaflow_stack.service.events import EventHub

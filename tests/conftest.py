@@ -45,6 +45,8 @@ VENV_BIN = Path(sys.executable).parent
 DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 #: Label on every container a test launches, so the session removes them all.
 TEST_LABEL = "io.metaflow-stack.test"
+#: Where in-process test clients say they connect: servers answer loopback names only (``http_guard``).
+LOOPBACK = "http://127.0.0.1"
 
 
 def _required() -> set[str]:

@@ -10,16 +10,26 @@ from conftest import DEAD_ENGINE_ENV, TEST_LABEL, free_port, run_cli
 
 from metaflow_stack.engines import STACK_UP, JobSpec
 from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.local_secrets import stack_key_path
 
 
 def _ok_line(stdout: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith("ok "))
 
 
+def _keyed() -> dict[str, str]:
+    """The header the stack's service wants: its key, from the file `up` keeps it in (mode 600)."""
+    path = stack_key_path()
+    assert path.stat().st_mode & 0o777 == 0o600
+    return {"x-api-key": path.read_text()}
+
+
 def _hello_says(url: str, run: str) -> str:
     """The last line the demo's hello step printed, as the service's logs route reads it."""
-    task = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/steps/hello/tasks").json()[0]["task_id"]
-    logs = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/steps/hello/tasks/{task}/logs/stdout", params={"tail": 1})
+    task = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/steps/hello/tasks", headers=_keyed()).json()[0]["task_id"]
+    logs = httpx.get(
+        f"{url}/flows/HelloFlow/runs/{run}/steps/hello/tasks/{task}/logs/stdout", params={"tail": 1}, headers=_keyed()
+    )
     assert logs.status_code == 200, logs.text
     return logs.json()["lines"][-1]["text"]
 
@@ -35,12 +45,16 @@ def test_up_without_docker_runs_the_service_on_sqlite_and_the_demo(state_dir) ->
         assert line.startswith("ok HelloFlow/") and "a local process" in line
         url = f"http://127.0.0.1:{env['METAFLOW_STACK_SERVICE_PORT']}"
         run = line.split()[1].split("/")[1]
-        summary = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/summary").json()
+        assert httpx.get(f"{url}/flows/HelloFlow/runs/{run}/summary").status_code == 401  # the stack's key is due
+        summary = httpx.get(f"{url}/flows/HelloFlow/runs/{run}/summary", headers=_keyed()).json()
         assert summary["status"] == "completed"
         assert _hello_says(url, run).startswith("hello from")
         assert f"METAFLOW_SERVICE_URL={url}" in result.stdout
         again = run_cli("stack", "up", env=env)  # finds the running service
         assert again.returncode == 0, again.stderr
+        key = stack_key_path().read_text()
+        assert (key in result.stderr) != (key in again.stderr), "the key is shown once, when it is made"
+        assert key not in again.stdout and "$(cat " in again.stdout
     finally:
         down = run_cli("stack", "down", env=env)
     assert "metadata service stopped" in down.stderr
@@ -60,7 +74,7 @@ def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, st
         url = f"http://127.0.0.1:{env['METAFLOW_STACK_SERVICE_PORT']}"
         health = httpx.get(f"{url}/healthcheck").json()
         assert health["events"]["bus"] == "nats" and health["events"]["error"] is None
-        assert httpx.get(f"{url}/flows/HelloFlow/runs", params={"status:eq": "completed"}).json()
+        assert httpx.get(f"{url}/flows/HelloFlow/runs", params={"status:eq": "completed"}, headers=_keyed()).json()
         run = _ok_line(result.stdout).split()[1].split("/")[1]
         assert _hello_says(url, run).startswith("hello from")
         # A step of another run and a leftover of `up`'s own, both running when `down` comes.

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN
+from conftest import LOOPBACK, VENV_BIN
 from fastapi.testclient import TestClient
 from service_servers import FLOWS
 
@@ -85,7 +85,7 @@ def test_a_killed_local_run_reads_killed_and_a_quiet_live_one_running(tmp_path: 
     assert [r.pathspec for r in queries.list_runs("BranchForeachFlow", status="killed").runs] == [run]
     assert queries.list_runs("BranchForeachFlow", status="running").runs == []
 
-    with TestClient(create_app(source, live=False)) as client:
+    with TestClient(create_app(source, live=False), base_url=LOOPBACK) as client:
         listed = client.get("/api/runs", params={"status": "killed"}).json()["runs"]
         page = client.get(f"/api/runs/{run}").json()
     assert [r["pathspec"] for r in listed] == [run]

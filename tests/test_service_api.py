@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import fuzz_finds_nothing
+from conftest import LOOPBACK, fuzz_finds_nothing
 from fastapi.testclient import TestClient
 
 from metaflow_stack.service.app import CAPABILITIES, SERVICE_VERSION, ServiceConfig, create_app
@@ -33,7 +33,7 @@ TASK_KEYS = {
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(ServiceConfig(database_url=str(tmp_path / "m.db")))) as c:
+    with TestClient(create_app(ServiceConfig(database_url=str(tmp_path / "m.db"))), base_url=LOOPBACK) as c:
         yield c
 
 
@@ -155,7 +155,7 @@ def test_malformed_json_unknown_routes_and_methods(client: TestClient) -> None:
 
 def test_oversize_bodies_are_refused_with_413(tmp_path: Path) -> None:
     config = ServiceConfig(database_url=str(tmp_path / "m.db"), max_body_bytes=1024)
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config), base_url=LOOPBACK) as client:
         answer = client.post("/flows/F", json={"flow_id": "F", "tags": ["x" * 2000]})
         assert answer.status_code == 413 and answer.json()["code"] == "payload_too_large"
         assert client.get("/flows/F").status_code == 404  # nothing was written
@@ -163,7 +163,7 @@ def test_oversize_bodies_are_refused_with_413(tmp_path: Path) -> None:
 
 def test_auth_key_guards_everything_but_the_health_check(tmp_path: Path) -> None:
     config = ServiceConfig(database_url=str(tmp_path / "m.db"), auth_key="s3cret")
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config), base_url=LOOPBACK) as client:
         assert client.get("/healthcheck").status_code == 200
         assert client.get("/ping").status_code == 401
         wrong = client.get("/flows", headers={"x-api-key": "guess"})
@@ -175,7 +175,7 @@ def test_an_unreachable_database_is_a_503_to_retry(tmp_path: Path) -> None:
     from conftest import free_port
 
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
-    with TestClient(create_app(ServiceConfig(database_url=url, migrate=False))) as client:
+    with TestClient(create_app(ServiceConfig(database_url=url, migrate=False)), base_url=LOOPBACK) as client:
         answer = client.post("/flows/F", json={})
         assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
         assert answer.json()["code"] == "database_unavailable"
@@ -315,7 +315,7 @@ def test_a_run_whose_heartbeat_stops_is_killed_after_the_cutoff(tmp_path: Path) 
 
     # A cutoff long enough that a busy machine still reads the new run as running before it passes.
     config = ServiceConfig(database_url=str(tmp_path / "m.db"), heartbeat_cutoff_s=5)
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config), base_url=LOOPBACK) as client:
         run = new_run(client)
         task = new_task(client, "F", run["run_number"], "fan")
         attempt(client, task, 0, None)

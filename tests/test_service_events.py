@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import need
+from conftest import LOOPBACK, need
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +183,7 @@ def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> N
                 conn.rollback()
             return conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all()
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOOPBACK) as client:
         for flow in ("A", "B", "C"):
             assert client.post(f"/flows/{flow}", json={}).status_code == 200
         assert published() == [1, 2, 3]
@@ -198,7 +198,7 @@ def test_an_event_the_broker_refuses_is_parked_and_the_ones_after_it_go_out(serv
     import asyncio
 
     from metaflow_stack.service.devservers import nats_server
-    from metaflow_stack.service.events import subject_token
+    from metaflow_stack.service.event_bus import subject_token
 
     need("nats-server", shutil.which("nats-server") is not None, "apt-get install nats-server")
     with nats_server(tmp_path / "nats", max_payload=4096) as broker:
@@ -236,7 +236,8 @@ def test_a_stream_too_slow_for_its_buffer_is_told_where_to_resume(tmp_path) -> N
     from starlette.requests import Request
 
     from metaflow_stack.service.database import connect, migrate
-    from metaflow_stack.service.events import STREAM_BUFFER, EventHub
+    from metaflow_stack.service.events import EventHub
+    from metaflow_stack.service.streams import STREAM_BUFFER
 
     async def connected() -> dict:
         return {"type": "http.request", "body": b"", "more_body": True}

@@ -21,8 +21,8 @@ import pytest
 from metaflow.mflog import mflog
 from service_servers import FLOWS, Service, run_flow, start_service
 
-from metaflow_stack.service.log_files import LogFiles, ReadMeter
-from metaflow_stack.service.log_windows import LogQuery, read_window
+from metaflow_stack.datastore.log_files import LogFiles, ReadMeter
+from metaflow_stack.datastore.log_windows import LogQuery, read_window
 
 LINES = 3000
 
@@ -207,7 +207,7 @@ def test_logs_outside_the_allowed_roots_are_refused(local_run: LogRun, tmp_path:
     finally:
         service.stop()
     assert refused.status_code == 403
-    assert refused.json()["code"] == "log_root_not_allowed" and "--log-root" in refused.json()["message"]
+    assert refused.json()["code"] == "log_root_not_allowed" and "--log-root" in refused.json()["fix"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import msgpack
 import pytest
-from conftest import FIRST_CALL_S, VENV_BIN, free_port, fuzz_finds_nothing, wait_ready
+from conftest import FIRST_CALL_S, LOOPBACK, VENV_BIN, free_port, fuzz_finds_nothing, wait_ready
 
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 
@@ -24,7 +24,7 @@ def client(train_task):
     from metaflow_stack.serving.app import create_app
 
     reference = JsonFunction(iris_functions.predict_typed, task=train_task).reference
-    with TestClient(create_app(reference)) as test_client:
+    with TestClient(create_app(reference), base_url=LOOPBACK) as test_client:
         yield test_client
 
 
@@ -108,7 +108,7 @@ def test_function_exception_is_a_500_with_an_error_id_and_no_traceback(train_tas
     from metaflow_stack.serving.app import create_app
 
     reference = JsonFunction(iris_functions.fail, task=train_task).reference
-    with TestClient(create_app(reference)) as failing:
+    with TestClient(create_app(reference), base_url=LOOPBACK) as failing:
         body = _is_error(failing.post("/invoke", json={"why": "bad"}), 500, "function_raised")
     assert len(body["details"]["error_id"]) == 16
     assert "Traceback" not in str(body)

@@ -11,6 +11,7 @@ import pytest
 from conftest import FIRST_CALL_S, TEST_LABEL, bind_in, free_port, last_line, run_cli, wait_ready
 
 from metaflow_stack.engines import JobSpec, Mount, get_engine
+from metaflow_stack.local_secrets import stack_key_path
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -51,17 +52,24 @@ def test_the_image_holds_the_function_environment_in_its_own_layer(docker_engine
     assert bundle_step < lock_step  # history is newest first: the bundle sits above the environment
 
 
-def test_the_container_serves_the_function(image: str) -> None:
-    port = free_port()
-    job = get_engine("docker").launch(JobSpec(image=image, command=[], ports={8000: port}, labels={TEST_LABEL: "true"}))
+def test_the_container_serves_the_function_to_key_holders(image: str) -> None:
+    engine, port = get_engine("docker"), free_port()
+    # The image listens beyond its loopback: without a key (or an explicit --insecure-no-auth) it will not start.
+    keyless = engine.launch(JobSpec(image=image, command=[], labels={TEST_LABEL: "true"}))
+    assert keyless.wait(timeout=120) == 1
+    assert "METAFLOW_STACK_AUTH_KEY" in "\n".join(keyless.logs())
+    keyless.kill()
+    spec = JobSpec(image, [], env={"METAFLOW_STACK_AUTH_KEY": "t3st"}, ports={8000: port}, labels={TEST_LABEL: "true"})
+    job = engine.launch(spec)
     try:
-        url = f"http://127.0.0.1:{port}"
-        if not wait_ready(url):
+        url, keyed = f"http://127.0.0.1:{port}", {"x-api-key": "t3st"}
+        if not wait_ready(url):  # /ready is open, for orchestrators' probes
             pytest.fail("the container never became ready:\n" + "\n".join(job.logs()))
-        assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
-        invalid = httpx.post(f"{url}/invoke", json={"sepal_length": 1})
+        assert httpx.post(f"{url}/invoke", json=FLOWER).status_code == 401
+        assert httpx.post(f"{url}/invoke", json=FLOWER, headers=keyed, timeout=FIRST_CALL_S).json() == {"prediction": 2}
+        invalid = httpx.post(f"{url}/invoke", json={"sepal_length": 1}, headers=keyed)
         assert invalid.status_code == 422 and invalid.json()["details"]["field"] == "input.sepal_width"
-        paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+        paths = httpx.get(f"{url}/openapi.json", headers=keyed).json()["paths"]
         assert {"/invoke", "/invoke/batch", "/health", "/ready", "/metrics"} <= set(paths)
     finally:
         job.kill()
@@ -121,7 +129,10 @@ def test_deploy_to_docker_runs_the_server_here_and_a_redeploy_replaces_it(
             assert result.returncode == 0, result.stderr[-3000:]
             url = last_line(result)
             assert url == f"http://127.0.0.1:{port}"
-            assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
+            keyed = {"x-api-key": stack_key_path().read_text()}  # the stack's key, which deploy gave the server
+            assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S, headers=keyed).json() == {
+                "prediction": 2
+            }
         (container,) = docker_engine.container.list(filters=[("name", name)])
         assert container.config.image == image
         assert container.host_config.cap_drop == ["ALL"]

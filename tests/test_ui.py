@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PROJECT, VENV_BIN, fuzz_finds_nothing, need
+from conftest import LOOPBACK, PROJECT, VENV_BIN, fuzz_finds_nothing, need
 from service_servers import run_flow, start_service
 
 pytestmark = pytest.mark.slow
@@ -184,7 +184,7 @@ def test_a_value_the_ui_may_not_read_is_an_error_on_that_artifact_only(ui: Ui) -
     else:
         source = LocalRuns(ui.root / ".metaflow")
         source.blobs = Blobs((str(ui.root / "elsewhere"),))
-    with TestClient(create_app(source, live=False)) as client:
+    with TestClient(create_app(source, live=False), base_url=LOOPBACK) as client:
         fan = next(t for t in client.get(f"/api/runs/{ui.runs[0]}").json()["tasks"] if t["step_name"] == "fan")
         task = client.get(f"/api/tasks/{fan['pathspec']}")
     assert task.status_code == 200

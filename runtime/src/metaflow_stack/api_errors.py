@@ -31,7 +31,10 @@ STATUS = {
     "payload_too_large": 413,
     "bad_artifact": 422,
     "system_tag": 422,
+    "log_root_not_allowed": 403,
     "service_error": 502,
+    "datastore_unavailable": 502,
+    "not_implemented": 501,
     "service_too_old": 502,
     "service_unavailable": 503,
     "broker_unavailable": 503,
@@ -62,7 +65,7 @@ def stack_error_response(exc: StackError) -> JSONResponse:
     """``exc`` as its JSON error: the status its code maps to, the field it names."""
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.fix)
-    details = {"parameter": exc.field} if isinstance(exc, InvalidInput) else None
+    details = {"parameter": exc.field} if isinstance(exc, InvalidInput) else getattr(exc, "details", None)
     return error_response(STATUS.get(exc.code, 500), exc.code, exc.message, details, exc.fix)
 
 

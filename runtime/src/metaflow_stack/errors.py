@@ -41,6 +41,15 @@ class InvalidInput(StackError):
         self.field = field
 
 
+class DatastoreError(StackError):
+    """A datastore that cannot be read here: unreachable, outside the allowed roots, or of a kind not read."""
+
+    def __init__(self, code: str, message: str, fix: str | None = None, details: dict | None = None) -> None:
+        super().__init__(message, fix)
+        self.code = code
+        self.details = details
+
+
 class UnknownImageError(StackError):
     """A capability or image name that the catalog does not know."""
 

@@ -6,6 +6,7 @@ is a pydantic model (``.model_dump()`` is JSON-ready) that states its bounds.
 ``metaflow agent`` and ``metaflow-stack-mcp`` expose the same.
 """
 
-from metaflow_stack.agent.queries import AgentError, Queries, connect
+from metaflow_stack.agent.queries import Queries, connect
+from metaflow_stack.agent.source import AgentError
 
 __all__ = ["AgentError", "Queries", "connect"]

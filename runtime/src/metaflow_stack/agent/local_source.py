@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +36,14 @@ from metaflow_stack.agent.models import (
     StepCounts,
     TaskInfo,
 )
-from metaflow_stack.agent.queries import STATUSES, AgentError, ArtifactScope
-from metaflow_stack.cursors import decode_cursor, encode_cursor
+from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope
+from metaflow_stack.datastore.attempts import attempt_of
+from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.log_files import LogFiles, ReadMeter
+from metaflow_stack.datastore.log_windows import LogQuery, read_window, rendered
+from metaflow_stack.datastore.type_names import type_name
 from metaflow_stack.patterns import compile_pattern
-from metaflow_stack.service.log_files import LogFiles, ReadMeter
-from metaflow_stack.service.log_windows import LogQuery, read_window, rendered
-from metaflow_stack.service.provider import type_name
 
-_ATTEMPT_TAG = re.compile(r"^attempt_id:(\d+)$")
 #: Lines of a failed attempt's stderr searched for its traceback.
 _TRACEBACK_WINDOW = 80
 #: Parsed small files remembered (about a kilobyte each): a few thousand-task runs' worth.
@@ -155,8 +154,7 @@ class LocalSource:
             if not (name.startswith("sysmeta_attempt_ok_") and name.endswith(".json")):
                 continue
             datum = self._json(meta / name)
-            attempts = [int(m[1]) for tag in datum.get("tags") or [] if (m := _ATTEMPT_TAG.match(tag))]
-            attempt = attempts[0] if attempts else 0
+            attempt = attempt_of(datum.get("tags")) or 0
             if attempt >= latest[0]:
                 latest = (attempt, datum["value"] == "True", datum["ts_epoch"])
         started = [int(name.split(".")[0]) for name in self._names(task) if name.endswith(".attempt.json")]

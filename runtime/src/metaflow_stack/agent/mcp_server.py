@@ -20,7 +20,8 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from metaflow_stack.agent.queries import AgentError, Queries, connect
+from metaflow_stack.agent.queries import Queries, connect
+from metaflow_stack.agent.source import AgentError
 
 INSTRUCTIONS = """Query Metaflow runs recorded by the Metaflow Stack metadata service.
 Pathspecs: a flow is "Flow", a run "Flow/123", a task "Flow/123/step/456".

@@ -20,25 +20,20 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
 
 from metaflow_stack.agent.models import (
-    ArtifactInfo,
     ArtifactList,
     Clamp,
     FailureList,
     LogWindow,
-    RunInfo,
     RunList,
     RunSummary,
-    TaskInfo,
     TaskList,
 )
-from metaflow_stack.errors import StackError
-from metaflow_stack.ids import PATHSPEC_KINDS, check_id
+from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope, Source, pathspec_parts
+from metaflow_stack.ids import check_id
 from metaflow_stack.patterns import compile_pattern
 
 MAX_RUNS = 1000
@@ -47,17 +42,8 @@ MAX_TASKS = 1000
 MAX_ARTIFACTS = 1000
 MAX_LOG_LINES = 10_000
 MAX_LOG_BYTES = 16 * 1024 * 1024
-STATUSES = ("running", "completed", "failed", "killed")
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class AgentError(StackError):
-    """A query that cannot be answered, said in a way an agent can act on."""
-
-    def __init__(self, code: str, message: str, fix: str | None = None) -> None:
-        super().__init__(message, fix)
-        self.code = code
 
 
 def bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
@@ -72,16 +58,6 @@ def bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
 def _check_status(status: str | None) -> None:
     if status is not None and status not in STATUSES:
         raise AgentError("bad_parameter", f"status {status!r} is not one of {', '.join(STATUSES)}")
-
-
-def pathspec_parts(pathspec: str, parts: int, what: str) -> list[str]:
-    pieces = pathspec.strip("/").split("/")
-    if len(pieces) != parts or not all(pieces) or ".." in pieces:
-        shape = "/".join(("Flow", "run", "step", "task")[:parts])
-        raise AgentError("bad_parameter", f"{what} {pathspec!r} is not a pathspec like {shape}")
-    for kind, piece in zip(PATHSPEC_KINDS, pieces, strict=False):
-        check_id(kind, piece)
-    return pieces
 
 
 def epoch_ms(value: datetime | int | float | str, name: str) -> int:
@@ -99,51 +75,6 @@ def epoch_ms(value: datetime | int | float | str, name: str) -> int:
         raise AgentError(
             "bad_parameter", f"{name} {value!r} is not a time", "use ISO 8601, epoch seconds, or 30m/24h/7d ago"
         ) from None
-
-
-@dataclass(frozen=True)
-class ArtifactScope:
-    """Where to look for artifacts: a flow, a run, a step of a run, or one task."""
-
-    flow: str
-    run: str | None = None
-    step: str | None = None
-    task: str | None = None
-
-
-class Source(Protocol):
-    """Where answers come from; parameters arrive checked and bounded, ids split from pathspecs.
-
-    Listing methods return one page and the cursor of the next (None on the last).
-    """
-
-    def runs(
-        self,
-        flow: str,
-        status: str | None,
-        low: int | None,
-        high: int | None,
-        tags: list[str],
-        user: str | None,
-        limit: int,
-        cursor: str | None,
-    ) -> tuple[list[RunInfo], str | None]: ...
-
-    def summary(self, flow: str, run: str) -> RunSummary: ...
-
-    def failures(self, flow: str, run: str, limit: int, cursor: str | None) -> tuple[list, str | None]: ...
-
-    def tasks(
-        self, flow: str, run: str, step: str | None, status: str | None, limit: int, cursor: str | None
-    ) -> tuple[list[TaskInfo], str | None]: ...
-
-    def artifacts(
-        self, scope: ArtifactScope, filters: dict[str, Any], limit: int, cursor: str | None
-    ) -> tuple[list[ArtifactInfo], str | None]: ...
-
-    def logs(self, parts: list[str], stream: str, window: dict[str, Any]) -> LogWindow: ...
-
-    def close(self) -> None: ...
 
 
 class Queries:

@@ -20,7 +20,7 @@ from metaflow_stack.agent.models import (
     StepCounts,
     TaskInfo,
 )
-from metaflow_stack.agent.queries import AgentError, ArtifactScope
+from metaflow_stack.agent.source import AgentError, ArtifactScope
 
 #: What the service must advertise on ``/ping`` for these answers.
 NEEDED = ("pagination", "filters", "summary", "failures", "artifact-search", "logs")

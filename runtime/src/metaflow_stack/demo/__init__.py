@@ -57,18 +57,20 @@ def _flow_args(datastore: Path, service_url: str | None) -> list[str]:
     return ["--datastore", "local", "--metadata", metadata, "--datastore-root", str(datastore), "run"]
 
 
-def _metadata_env(service_url: str | None) -> dict[str, str]:
-    return {"METAFLOW_SERVICE_URL": service_url} if service_url else {}
+def _metadata_env(service_url: str | None, auth_key: str | None) -> dict[str, str]:
+    if not service_url:
+        return {}
+    return {"METAFLOW_SERVICE_URL": service_url, **({"METAFLOW_SERVICE_AUTH_KEY": auth_key} if auth_key else {})}
 
 
-def _run_in_image(datastore: Path, service_url: str | None, console: Console) -> tuple[int, str]:
+def _run_in_image(datastore: Path, service_url: str | None, auth_key: str | None, console: Console) -> tuple[int, str]:
     engine = DockerEngine()
     ref = images.resolve("flow", console=console)
     job = engine.launch(
         JobSpec(
             image=ref,
             command=["python", f"{_IN_IMAGE_DIR}/{FLOW_FILE.name}", *_flow_args(datastore, service_url)],
-            env={"USER": _username(), "HOME": "/tmp", **_metadata_env(service_url)},
+            env={"USER": _username(), "HOME": "/tmp", **_metadata_env(service_url, auth_key)},
             mounts=[
                 Mount(str(FLOW_FILE.parent), _IN_IMAGE_DIR),
                 Mount(str(datastore), str(datastore), read_only=False),
@@ -90,8 +92,8 @@ def _run_in_image(datastore: Path, service_url: str | None, console: Console) ->
         job.remove()
 
 
-def _run_locally(datastore: Path, service_url: str | None, console: Console) -> tuple[int, str]:
-    env = {**os.environ, "USER": _username(), **_metadata_env(service_url)}
+def _run_locally(datastore: Path, service_url: str | None, auth_key: str | None, console: Console) -> tuple[int, str]:
+    env = {**os.environ, "USER": _username(), **_metadata_env(service_url, auth_key)}
     command = [sys.executable, str(FLOW_FILE), *_flow_args(datastore, service_url)]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None
@@ -100,24 +102,30 @@ def _run_locally(datastore: Path, service_url: str | None, console: Console) -> 
     return process.returncode, "a local process (embedded defaults: no Docker engine answered)"
 
 
-def run(console: Console, *, use_docker: bool = True, service_url: str | None = None) -> DemoResult:
-    """Run the hello flow (recorded by the service at ``service_url``, if given) and read it back."""
+def run(
+    console: Console, *, use_docker: bool = True, service_url: str | None = None, auth_key: str | None = None
+) -> DemoResult:
+    """Run the hello flow (recorded by the service at ``service_url``, with its ``auth_key``, if given) and
+    read it back."""
     root = demo_root()
     datastore = demo_datastore()
     datastore.mkdir(parents=True, exist_ok=True)
     exit_code, where = None, ""
     if use_docker:
         try:
-            exit_code, where = _run_in_image(datastore, service_url, console)
+            exit_code, where = _run_in_image(datastore, service_url, auth_key, console)
         except DockerUnavailableError as exc:
             console.print(f"[yellow]{exc.message}[/]: running the demo as a local process instead")
     if exit_code is None:
-        exit_code, where = _run_locally(datastore, service_url, console)
+        exit_code, where = _run_locally(datastore, service_url, auth_key, console)
     if exit_code != 0:
         raise StackError(f"the hello flow failed with exit code {exit_code}", fix="see its output above")
 
     from metaflow import Flow, metadata, namespace
+    from metaflow.metaflow_config import SERVICE_HEADERS
 
+    if auth_key:  # the headers Metaflow's provider sends, read at each request
+        SERVICE_HEADERS["x-api-key"] = auth_key
     metadata(f"service@{service_url}" if service_url else f"local@{root}")
     namespace(None)
     latest = Flow("HelloFlow").latest_run

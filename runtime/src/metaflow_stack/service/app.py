@@ -14,7 +14,6 @@ oversize bodies, 503 (with ``Retry-After``) while the database is unreachable.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,14 +29,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from metaflow_stack import api_errors
 from metaflow_stack.api_errors import error_response
+from metaflow_stack.datastore.log_files import LogFiles
+from metaflow_stack.http_guard import Guard, GuardMiddleware
 from metaflow_stack.service import pages
 from metaflow_stack.service.bodies import ArtifactBody, Created, Metadatum, RunBody, RunHeartbeat, TagMutation, TaskBody
 from metaflow_stack.service.database import connect, migrate
-from metaflow_stack.service.events import DEFAULT_RETENTION_S, EventHub, Subscription
-from metaflow_stack.service.log_files import LogFiles
+from metaflow_stack.service.event_bus import DEFAULT_RETENTION_S
+from metaflow_stack.service.events import EventHub
 from metaflow_stack.service.logs import TaskLogs
 from metaflow_stack.service.metrics import registry_for
 from metaflow_stack.service.store import Store
+from metaflow_stack.service.streams import Subscription
 
 #: The reference service version whose behaviour this one keeps; clients gate features on it.
 SERVICE_VERSION = "2.5.1"
@@ -55,6 +57,10 @@ CAPABILITIES = (
 )
 
 T = TypeVar("T")
+#: An attempt number as Metaflow counts them (a column of 32 bits).
+Attempt = Annotated[int, fastapi.Path(ge=0, le=2**31 - 1)]
+#: The largest event sequence number a 64-bit column holds.
+MAX_SEQ = 2**63 - 1
 
 #: A request body checked against its model (``bodies``) before the route runs: a 400 names the field.
 Body = Annotated[T, fastapi.Body()]
@@ -68,7 +74,7 @@ async def _subscribe(request: Request) -> Subscription:
 EventSubscription = Annotated[Subscription, Depends(_subscribe)]
 
 #: Routes open without the auth key: liveness and readiness probes.
-_OPEN = {"/healthcheck"}
+_OPEN = frozenset({"/healthcheck"})
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class ServiceConfig:
     read_database_url: str | None = None
     #: When set, every request but ``/healthcheck`` needs ``x-api-key: <auth_key>``.
     auth_key: str | None = None
+    #: The address the service is bound to, and other names it answers to (``http_guard``).
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
     #: ``nats://...`` publishes events to NATS JetStream; None keeps them in this process.
     nats_url: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
@@ -114,6 +123,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.router.max_body_size = config.max_body_bytes
+    guard = Guard(config.host, config.auth_key, config.allowed_hosts, open_paths=_OPEN)
+    app.add_middleware(GuardMiddleware, guard=guard)  # inside the headers middleware: refusals carry them too
     app.state.store, app.state.hub, app.state.queries = store, hub, queries
     registry = registry_for(hub)
     api_errors.install(app)
@@ -127,17 +138,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return response
 
     @app.middleware("http")
-    async def headers_and_auth(request: Request, call_next: Any) -> Response:
-        if config.auth_key and request.url.path not in _OPEN:
-            given = request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), config.auth_key.encode()):
-                response: Response = error_response(401, "unauthorized", "missing or wrong x-api-key header")
-                response.headers[VERSION_HEADER] = SERVICE_VERSION
-                return response
+    async def headers_and_limits(request: Request, call_next: Any) -> Response:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > config.max_body_bytes:
             # Refused before reading, as JSON; FastAPI's own limit still cuts off a chunked body.
-            response = error_response(413, "payload_too_large", f"body over {config.max_body_bytes} bytes")
+            response: Response = error_response(413, "payload_too_large", f"body over {config.max_body_bytes} bytes")
         else:
             response = await call_next(request)
         response.headers[VERSION_HEADER] = SERVICE_VERSION
@@ -163,7 +168,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/admin/parked-events")
     def parked_events(
-        after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+        after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> dict[str, Any]:
         """Events the broker refused, oldest first, each with the broker's answer; page with ``after``."""
         parked = hub.parked_events(after, limit)
@@ -288,7 +293,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return queries.artifacts(request, flow_id, run, step_name, task)
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/attempt/{attempt}/artifacts")
-    def attempt_artifacts(flow_id: str, run: str, step_name: str, task: str, attempt: int) -> list[dict[str, Any]]:
+    def attempt_artifacts(flow_id: str, run: str, step_name: str, task: str, attempt: Attempt) -> list[dict[str, Any]]:
         return store.artifacts(flow_id, run, step_name, task, attempt)
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts/{name}")
@@ -296,7 +301,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return store.artifact(flow_id, run, step_name, task, name, None)
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifacts/{name}/attempt/{attempt}")
-    def get_artifact_attempt(flow_id: str, run: str, step_name: str, task: str, name: str, attempt: int) -> dict:
+    def get_artifact_attempt(flow_id: str, run: str, step_name: str, task: str, name: str, attempt: Attempt) -> dict:
         return store.artifact(flow_id, run, step_name, task, name, attempt)
 
     @app.get("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/logs/{stream}")

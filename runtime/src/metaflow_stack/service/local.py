@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from rich.console import Console
 
 from metaflow_stack import settings
 from metaflow_stack.errors import DockerUnavailableError, StackError
+from metaflow_stack.local_secrets import secret
 
 DEFAULT_PORT = 8080
 NETWORK = "metaflow-stack"
@@ -50,11 +50,22 @@ class RunningService:
 class LocalService:
     """Starts and stops the local stack's metadata service."""
 
-    def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT, log_roots: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        home: Path | None = None,
+        port: int = DEFAULT_PORT,
+        log_roots: tuple[str, ...] = (),
+        auth_key: str | None = None,
+    ) -> None:
         self.home = home or settings.load().state_dir / "service"
         self.port = port
         #: Datastore roots whose task logs the service may read (local folders are mounted read-only).
         self.log_roots = log_roots
+        #: The key every request but the health check must carry (``local_secrets.stack_key``).
+        self.auth_key = auth_key
+
+    def _key_env(self) -> dict[str, str]:
+        return {"METAFLOW_STACK_SERVICE_AUTH_KEY": self.auth_key} if self.auth_key else {}
 
     @property
     def url(self) -> str:
@@ -105,7 +116,12 @@ class LocalService:
         ]
         with (self.home / "service.log").open("ab") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+                command,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **self._key_env()},
             )
         self._pidfile.write_text(str(process.pid))
         self._wait(console, lambda: process.poll() is None)
@@ -114,13 +130,7 @@ class LocalService:
     # -- Docker: PostgreSQL and NATS beside the service -----------------------
 
     def _password(self) -> str:
-        path = self.home / "postgres-password"
-        if not path.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        return secret(self.home / "postgres-password")[0]
 
     def _start_containers(self, console: Console) -> RunningService:
         from metaflow_stack import images
@@ -172,6 +182,7 @@ class LocalService:
                     "METAFLOW_STACK_SERVICE_DATABASE": f"postgresql://metaflow:{password}@{CONTAINERS[0]}:5432/metaflow",
                     "METAFLOW_STACK_SERVICE_NATS_URL": f"nats://{CONTAINERS[1]}:4222",
                     "METAFLOW_STACK_SERVICE_LOG_ROOTS": " ".join(self.log_roots),
+                    **self._key_env(),
                 },
                 ports={8080: self.port},
                 # Local datastores at their own paths, read-only, read as their owner (no capabilities).

@@ -30,11 +30,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
-from metaflow_stack.cursors import encode_cursor
+from metaflow_stack.datastore.cursors import encode_cursor
+from metaflow_stack.datastore.log_files import STREAMS, LogFiles, ReadMeter
+from metaflow_stack.datastore.log_windows import LogQuery, read_window, rendered
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s
-from metaflow_stack.service.log_files import STREAMS, LogFiles, ReadMeter
-from metaflow_stack.service.log_windows import LogQuery, read_window, rendered
 from metaflow_stack.service.store import Store
 
 

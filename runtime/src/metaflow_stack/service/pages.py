@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement, Select, and_, false, func, literal, or_, s
 from sqlalchemy.dialects.postgresql import JSONB, array
 
 from metaflow_stack.api_errors import bad_parameter
-from metaflow_stack.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
 from metaflow_stack.ids import check_id
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s

@@ -23,7 +23,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import sys
 import traceback
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 from metaflow.metadata_provider import MetaDatum
 from metaflow.metaflow_config import SERVICE_HEADERS
 from metaflow.plugins.metadata_providers.service import ServiceMetadataProvider
+
+from metaflow_stack.datastore.type_names import type_name
 
 #: Rows per page when listing; the service's maximum.
 PAGE_SIZE = 1000
@@ -125,12 +126,6 @@ def _encode(query: dict[str, str]) -> str:
     from urllib.parse import urlencode
 
     return urlencode(query, safe=":,")
-
-
-def type_name(recorded: str | None) -> str | None:
-    """``list`` from the ``<class 'list'>`` Metaflow records."""
-    match = re.fullmatch(r"<class '(.+)'>", recorded or "")
-    return match.group(1) if match else recorded
 
 
 def _qualified_name(kind: type) -> str:

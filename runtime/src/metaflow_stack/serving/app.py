@@ -33,6 +33,7 @@ from metaflow_stack.functions import codecs
 from metaflow_stack.functions.backends import Function, function_from_json
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.errors import FunctionError, InvalidInputError, RemoteFunctionError
+from metaflow_stack.http_guard import Guard, GuardMiddleware
 from metaflow_stack.serving.batching import AdaptiveBatcher
 
 log = logging.getLogger("metaflow_stack.serving")
@@ -74,8 +75,13 @@ def _openapi_schemas(schema: dict[str, Any], components: dict[str, Any]) -> dict
     return rewrite(schema)
 
 
-def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
-    """The app serving ``reference`` (JSON, a bundle location, or a parsed reference)."""
+#: Paths answered without the key: the probes an orchestrator sends.
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard | None = None) -> FastAPI:
+    """The app serving ``reference`` (JSON, a bundle location, or a parsed reference), behind ``guard``
+    (by default: loopback names only, no key)."""
     options = options or ServeOptions()
     ref, _ = resolve_reference(reference)  # read here for the schemas; loaded again at start-up
     registry = CollectorRegistry()
@@ -120,6 +126,7 @@ def create_app(reference: Any, options: ServeOptions | None = None) -> FastAPI:
     )
 
     api_errors.install(app)
+    app.add_middleware(GuardMiddleware, guard=guard or Guard(open_paths=OPEN_PATHS))
 
     def codec_for(header: str | None, default: str = "application/json") -> str:
         media = (header or default).split(";")[0].strip().lower()

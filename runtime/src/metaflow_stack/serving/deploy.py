@@ -32,6 +32,7 @@ from metaflow_stack.engines.docker import DockerEngine, require_engine
 from metaflow_stack.errors import StackError
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.reference import FunctionReference
+from metaflow_stack.local_secrets import stack_key, stack_key_path
 from metaflow_stack.serving.image import build_image
 
 TARGETS = ("docker", "kubernetes", "nomad")
@@ -99,13 +100,15 @@ def deploy(source: Any, options: DeployOptions, console: Console | None = None) 
 def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptions, console: Console) -> Deployment:
     docker = require_engine()
     image = options.image or build_image(source, "fastapi", console=console)
+    key = stack_key()[0]
     with contextlib.suppress(NoSuchContainer):  # a redeploy replaces the previous server
         docker.container.remove(name, force=True)
     job = DockerEngine().launch(
         JobSpec(
             image=image,
             command=[],
-            env={"METAFLOW_STACK_SERVE_MAX_BATCH_SIZE": str(options.max_batch_size)},
+            # The stack's key: calls carry it as x-api-key (the container listens beyond its loopback).
+            env={"METAFLOW_STACK_SERVE_MAX_BATCH_SIZE": str(options.max_batch_size), "METAFLOW_STACK_AUTH_KEY": key},
             name=name,
             ports={8000: options.port},
             cpu=options.cpu,
@@ -123,7 +126,8 @@ def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptio
                 job.kill()
                 raise StackError(f"{name} never became ready; its last output:\n{logs}", fix="correct the error above")
             time.sleep(0.25)
-    return Deployment("docker", name, image, url, [], f"docker rm -f {name}   # or: metaflow stack down")
+    calls = f'curl -H "x-api-key: $(cat {stack_key_path()})" {url}/invoke -d @input.json'
+    return Deployment("docker", name, image, url, [], f"{calls}; remove it with docker rm -f {name}")
 
 
 def _ready(url: str) -> bool:

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse
 from starlette.staticfiles import StaticFiles
 
 from metaflow_stack import __version__
-from metaflow_stack.agent.queries import MAX_RUNS, AgentError, Queries, pathspec_parts
+from metaflow_stack.agent.queries import MAX_RUNS, Queries
+from metaflow_stack.agent.source import AgentError, pathspec_parts
 from metaflow_stack.api_errors import ApiError, install
-from metaflow_stack.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
+from metaflow_stack.http_guard import SESSION_COOKIE, Guard, GuardMiddleware
 from metaflow_stack.ui.cards import CARD_POLICY, Cards
 from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.compare import all_tasks, compare
@@ -65,8 +68,17 @@ def _runs_of_flows(
     }
 
 
-def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> FastAPI:
-    """The UI on ``source``; ``live`` follows its changes and feeds ``/api/events``."""
+#: Open without the key: where the printed link trades it for the session cookie.
+SIGN_IN = "/sign-in"
+#: Paths answered without the key: the sign-in link and the liveness probe.
+OPEN_PATHS = frozenset({SIGN_IN, "/health"})
+
+
+def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard: Guard | None = None) -> FastAPI:
+    """The UI on ``source``; ``live`` follows its changes and feeds ``/api/events``. ``guard`` says who may
+    read it (by default: loopback names only, no key); with a key, a browser signs in once through
+    ``/sign-in?key=...`` and then sends it as a ``SameSite=Strict`` cookie."""
+    guard = guard or Guard(open_paths=OPEN_PATHS, cookie=True)
     queries = Queries(source)
     changes = Changes()
     cards = Cards(source.blobs)
@@ -87,6 +99,21 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True) -> Fa
 
     app = FastAPI(title="Metaflow Stack UI", version=__version__, lifespan=lifespan, docs_url="/api/docs")
     install(app)
+    app.add_middleware(GuardMiddleware, guard=guard)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(SIGN_IN, include_in_schema=False)
+    def sign_in(request: Request, key: str = "") -> Response:
+        """Trades the key in the link ``metaflow ui`` printed for a session cookie, then opens the UI."""
+        if not guard.key or not hmac.compare_digest(key.encode(), guard.key.encode()):
+            raise ApiError(401, "unauthorized", "wrong or missing key", fix="open the link `metaflow ui` printed")
+        response = RedirectResponse("/", status_code=303)
+        secure = request.url.scheme == "https"
+        response.set_cookie(SESSION_COOKIE, key, httponly=True, samesite="strict", secure=secure)
+        return response
 
     @app.get("/api/source")
     def describe() -> dict[str, Any]:

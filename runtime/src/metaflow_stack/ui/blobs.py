@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from metaflow_stack.agent.queries import AgentError
-from metaflow_stack.service.log_files import s3_client
+from metaflow_stack.agent.source import AgentError
+from metaflow_stack.datastore.log_files import s3_client
 from metaflow_stack.ui.previews import MAX_PICKLE_BYTES
 
 

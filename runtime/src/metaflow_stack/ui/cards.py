@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from metaflow_stack.agent.queries import AgentError
+from metaflow_stack.agent.source import AgentError
 from metaflow_stack.ui.blobs import Blobs, s3_location
 
 #: Cards bigger than this are not served (Metaflow's default card is about 1 MiB with its scripts).

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from metaflow_stack.agent.models import TaskInfo
-from metaflow_stack.agent.queries import MAX_TASKS, Queries, pathspec_parts
+from metaflow_stack.agent.queries import MAX_TASKS, Queries
+from metaflow_stack.agent.source import pathspec_parts
 from metaflow_stack.ui.details import Details
 
 #: Recorded Python types whose previews are numbers.

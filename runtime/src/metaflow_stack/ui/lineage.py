@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from metaflow_stack.agent.models import ArtifactInfo
-from metaflow_stack.agent.queries import MAX_ARTIFACTS, AgentError, Queries, pathspec_parts
+from metaflow_stack.agent.queries import MAX_ARTIFACTS, Queries
+from metaflow_stack.agent.source import AgentError, pathspec_parts
 from metaflow_stack.ui.details import Details
 
 #: Records of the same value listed from elsewhere (per flow) and flows searched for it.

@@ -9,7 +9,7 @@ from typing import Any
 
 from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.local_source import LocalSource
-from metaflow_stack.agent.queries import AgentError
+from metaflow_stack.agent.source import AgentError
 from metaflow_stack.ui.blobs import Blobs
 from metaflow_stack.ui.changes import Changes, watch
 from metaflow_stack.ui.details import Details

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-from metaflow_stack.agent.queries import AgentError
 from metaflow_stack.agent.service_source import ServiceSource
+from metaflow_stack.agent.source import AgentError
 from metaflow_stack.ui.blobs import Blobs
 from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.details import Details

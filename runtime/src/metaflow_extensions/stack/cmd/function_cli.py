@@ -9,6 +9,7 @@ from __future__ import annotations
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_extensions.stack.cmd.server_options import exposure_options
 
 
 @click.group()
@@ -43,16 +44,28 @@ def function() -> None:
     envvar="METAFLOW_STACK_SERVE_MAX_BATCH_SIZE",
     help="Concurrent requests one call to the function may take together; 1 turns batching off.",
 )
+@exposure_options
 @friendly
 def serve(
-    ref: str, host: str, port: int, workers: int, backend: str, max_concurrency: int, max_batch_size: int
+    ref: str,
+    host: str,
+    port: int,
+    workers: int,
+    backend: str,
+    max_concurrency: int,
+    max_batch_size: int,
+    allowed_hosts: tuple[str, ...],
+    insecure: bool,
 ) -> None:
     import uvicorn
 
-    from metaflow_stack.serving.app import ServeOptions, create_app
+    from metaflow_stack.http_guard import Guard, check_exposure, configured_key
+    from metaflow_stack.serving.app import OPEN_PATHS, ServeOptions, create_app
 
+    key = configured_key("METAFLOW_STACK_SERVE_AUTH_KEY")
+    check_exposure(host, key, insecure)
     options = ServeOptions(backend, workers, max_concurrency=max_concurrency, max_batch_size=max_batch_size)
-    app = create_app(ref, options)
+    app = create_app(ref, options, Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS))
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_extensions.stack.cmd.server_options import exposure_options
 
 
 def _default_database() -> str:
@@ -71,6 +72,7 @@ _database = click.option(
     help="Published events older than this leave the event log and the JetStream stream (replay reaches this far).",
 )
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+@exposure_options
 @friendly
 def serve(
     database: str | None,
@@ -82,19 +84,24 @@ def serve(
     log_roots: tuple[str, ...],
     event_retention_days: float,
     log_level: str,
+    allowed_hosts: tuple[str, ...],
+    insecure: bool,
 ) -> None:
-    import os
-
     import uvicorn
 
+    from metaflow_stack.http_guard import check_exposure, configured_key
     from metaflow_stack.service.app import ServiceConfig, create_app
 
+    key = configured_key("METAFLOW_STACK_SERVICE_AUTH_KEY")
+    check_exposure(host, key, insecure)
     url = database or _default_database()
     _migrate(url)  # here, so an unreachable database is one line, not a server's traceback
     config = ServiceConfig(
         database_url=url,
         read_database_url=read_database,
-        auth_key=os.environ.get("METAFLOW_STACK_SERVICE_AUTH_KEY") or None,
+        auth_key=key,
+        host=host,
+        allowed_hosts=allowed_hosts,
         nats_url=nats_url,
         heartbeat_cutoff_s=heartbeat_cutoff,
         migrate=False,

@@ -187,16 +187,22 @@ def registry_down() -> None:
 @_friendly
 def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
     from metaflow_stack import demo
+    from metaflow_stack.local_secrets import stack_key, stack_key_path
     from metaflow_stack.service.local import LocalService
 
+    key, made = stack_key()
+    if made:  # shown this once; afterwards only the file names it
+        _err.print(f"the stack's key, kept in {stack_key_path()} (mode 600): {key}", highlight=False)
     roots = (str(demo.demo_datastore()), *(str(Path(r).resolve()) if "://" not in r else r for r in log_roots))
-    service = LocalService(port=service_port, log_roots=roots).start(_err, use_docker=not no_docker)
+    service = LocalService(port=service_port, log_roots=roots, auth_key=key).start(_err, use_docker=not no_docker)
     _err.print(f"metadata service on {service.url}: {service.storage}, events {service.events}", highlight=False)
-    result = demo.run(_err, use_docker=not no_docker, service_url=service.url)
+    result = demo.run(_err, use_docker=not no_docker, service_url=service.url, auth_key=key)
     _out.print(f"[green]ok[/] {result.pathspec} ran in {result.where}: {result.message}", highlight=False)
     _out.print(
-        f"point Metaflow at the service: export METAFLOW_DEFAULT_METADATA=service METAFLOW_SERVICE_URL={service.url}",
+        f"point Metaflow at the service: export METAFLOW_DEFAULT_METADATA=service METAFLOW_SERVICE_URL={service.url} "
+        f'METAFLOW_SERVICE_AUTH_KEY="$(cat {stack_key_path()})"',
         highlight=False,
+        soft_wrap=True,
     )
 
 

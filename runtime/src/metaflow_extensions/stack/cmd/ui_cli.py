@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_extensions.stack.cmd.server_options import exposure_options
 
 
 @click.group()
@@ -37,15 +39,26 @@ def cli() -> None:
 )
 @click.option("--no-browser", is_flag=True, help="Only print the URL.")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+@exposure_options
 @friendly
 def ui(
-    port: int, host: str, datastore_roots: tuple[str, ...], service_url: str | None, no_browser: bool, log_level: str
+    port: int,
+    host: str,
+    datastore_roots: tuple[str, ...],
+    service_url: str | None,
+    no_browser: bool,
+    log_level: str,
+    allowed_hosts: tuple[str, ...],
+    insecure: bool,
 ) -> None:
     import uvicorn
 
     from metaflow_stack.errors import StackError
-    from metaflow_stack.ui.app import create_app
+    from metaflow_stack.http_guard import Guard, check_exposure, configured_key
+    from metaflow_stack.ui.app import OPEN_PATHS, SIGN_IN, create_app
 
+    key = configured_key("METAFLOW_STACK_UI_AUTH_KEY")
+    check_exposure(host, key, insecure)
     source, where = _source(datastore_roots, service_url)
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
@@ -57,17 +70,21 @@ def ui(
         ) from None
     url = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
     click.echo(f"Metaflow Stack UI on {url} ({where})", err=True)
+    if key:  # the one place the key is shown: the link that signs a browser in
+        url = f"{url.rstrip('/')}{SIGN_IN}?key={quote(key)}"
+        click.echo(f"sign in (once per browser): {url}", err=True)
     if not no_browser and _has_display():
         import webbrowser
 
         webbrowser.open(url)
-    config = uvicorn.Config(create_app(source), log_level=log_level, timeout_graceful_shutdown=2)
+    guard = Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS, cookie=True)
+    config = uvicorn.Config(create_app(source, guard=guard), log_level=log_level, timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[listener])
 
 
 def _source(datastore_roots: tuple[str, ...], service_url: str | None) -> tuple[object, str]:
     """The UI's source and a few words saying where it reads."""
-    from metaflow_stack.agent.queries import AgentError
+    from metaflow_stack.agent.source import AgentError
     from metaflow_stack.errors import StackError
 
     if service_url:

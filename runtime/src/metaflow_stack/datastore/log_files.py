@@ -22,7 +22,7 @@ from typing import Protocol
 
 from metaflow.mflog import LOG_SOURCES
 
-from metaflow_stack.api_errors import ApiError
+from metaflow_stack.errors import DatastoreError
 
 STREAMS = ("stdout", "stderr")
 
@@ -102,8 +102,8 @@ class _S3File:
         return data
 
 
-def _unavailable(where: str, exc: Exception) -> ApiError:
-    return ApiError(502, "datastore_unavailable", f"cannot read {where}: {exc}")
+def _unavailable(where: str, exc: Exception) -> DatastoreError:
+    return DatastoreError("datastore_unavailable", f"cannot read {where}: {exc}")
 
 
 class LogFiles:
@@ -136,13 +136,13 @@ class LogFiles:
             bucket, _, key = prefix.removeprefix("s3://").partition("/")
             client = self._s3()
             return [_S3File(s, bucket, key + n, client, meter) for s, n in zip(LOG_SOURCES, names, strict=True)]
-        raise ApiError(501, "not_implemented", f"logs in {ds_type!r} datastores cannot be read by this service")
+        raise DatastoreError("not_implemented", f"logs in {ds_type!r} datastores cannot be read by this service")
 
-    def _refused(self, ds_root: str) -> ApiError:
-        return ApiError(
-            403,
+    def _refused(self, ds_root: str) -> DatastoreError:
+        return DatastoreError(
             "log_root_not_allowed",
-            f"this service does not read logs under {ds_root}; its operator can allow it with --log-root {ds_root}",
+            f"this service does not read logs under {ds_root}",
+            f"its operator can allow it with --log-root {ds_root}",
             {"allowed": self.roots},
         )
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from metaflow.mflog import LOG_SOURCES
 from metaflow.mflog.mflog import LINE_PARSER
 
-from metaflow_stack.api_errors import bad_parameter
-from metaflow_stack.cursors import decode_cursor
+from metaflow_stack.datastore.cursors import decode_cursor
+from metaflow_stack.datastore.log_files import LogFile
+from metaflow_stack.errors import InvalidInput
 from metaflow_stack.patterns import compile_pattern
-from metaflow_stack.service.log_files import LogFile
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -53,19 +53,19 @@ class LogQuery:
         given = dict(request.query_params)
         unknown = sorted(set(given) - set(_ACCEPTED))
         if unknown:
-            raise bad_parameter(unknown[0], f"unknown parameter here; this route accepts {', '.join(_ACCEPTED)}")
+            raise InvalidInput(unknown[0], f"unknown parameter here; this route accepts {', '.join(_ACCEPTED)}")
         if "head" in given and "tail" in given:
-            raise bad_parameter("tail", "ask for head or tail, not both")
+            raise InvalidInput("tail", "ask for head or tail, not both")
         if "tail" in given and "_cursor" in given:
-            raise bad_parameter("_cursor", "a cursor continues forwards; use it with head, not tail")
+            raise InvalidInput("_cursor", "a cursor continues forwards; use it with head, not tail")
         cursor = None
         if "_cursor" in given:
             cursor = decode_cursor(given["_cursor"])
             if len(cursor) != 1 + len(LOG_SOURCES) or not all(isinstance(v, int) and v >= 0 for v in cursor):
-                raise bad_parameter("_cursor", "not a log cursor")
+                raise InvalidInput("_cursor", "not a log cursor")
         attempt = _integer(given, "attempt", 0, 1000, None)
         if cursor is not None and attempt is not None and attempt != cursor[0]:
-            raise bad_parameter("_cursor", f"belongs to attempt {cursor[0]}, not {attempt}")
+            raise InvalidInput("_cursor", f"belongs to attempt {cursor[0]}, not {attempt}")
         return cls(
             lines=_integer(given, "tail" if "tail" in given else "head", 1, MAX_LINES, DEFAULT_LINES),
             from_end="tail" in given,
@@ -93,7 +93,7 @@ def _integer(given: dict[str, str], name: str, low: int, high: int, default: int
         return default
     value = given[name]
     if not value.isdigit() or not low <= int(value) <= high:
-        raise bad_parameter(name, f"must be an integer from {low} to {high}")
+        raise InvalidInput(name, f"must be an integer from {low} to {high}")
     return int(value)
 
 

@@ -1,0 +1,10 @@
+"""Reading what Metaflow wrote, for every reader in the stack.
+
+Metaflow's own layout and conventions, once: which attempt a metadatum or
+tag belongs to (``attempts``), the type names it records (``type_names``),
+where a task attempt's logs are and how to read them in ranges, locally or
+from S3 (``log_files``), windows over them (``log_windows``), and the cursor
+format every paged answer uses (``cursors``). The metadata service, the
+agent's sources and the UI read through this package and never through each
+other's internals.
+"""

@@ -1,0 +1,143 @@
+"""Who may talk to a stack server: this machine by default, key holders when exposed, never a web page.
+
+The same checks run before any route of every server (the metadata service,
+the UI, a function server):
+
+- **Host.** A web page can point a name of its own at 127.0.0.1 (DNS
+  rebinding) and then read a loopback server as if it were its own site; the
+  request then carries that name in ``Host``. A server bound to loopback
+  answers only to loopback names; one bound to an address, to that address
+  and loopback; one bound to every interface, to any name. ``allowed_hosts``
+  adds names (a proxy's, a cluster's).
+- **Origin.** Browsers send ``Origin`` on cross-site requests; one that is
+  not an accepted host is refused, so a page elsewhere cannot use a visitor's
+  session either.
+- **Key.** With a key, every request but the open probes carries it, as
+  ``x-api-key`` (what Metaflow's client sends) or, for the UI's pages, the
+  ``SameSite=Strict`` cookie its sign-in link sets. Keys are compared in
+  constant time and never logged.
+
+A server bound beyond loopback without a key refuses to start unless told
+``--insecure-no-auth`` (``check_exposure``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from metaflow_stack.errors import StackError
+
+#: The variable every server reads its key from, unless a server-specific one is set.
+KEY_VARIABLE = "METAFLOW_STACK_AUTH_KEY"
+#: The UI's session cookie: the key, set by its sign-in link.
+SESSION_COOKIE = "metaflow_stack_key"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or a name) is this machine only."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configured_key(*variables: str) -> str | None:
+    """The first non-empty key among ``variables`` and ``METAFLOW_STACK_AUTH_KEY``."""
+    for name in (*variables, KEY_VARIABLE):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def check_exposure(host: str, key: str | None, insecure: bool) -> None:
+    """Refuse to serve beyond loopback without a key, unless the user said so explicitly."""
+    if key or insecure or is_loopback(host):
+        return
+    raise StackError(
+        f"listening on {host} would let anyone who reaches it read and write without a key",
+        fix=f"set {KEY_VARIABLE} (a long random string) or pass --insecure-no-auth",
+    )
+
+
+def _hostname(value: str) -> str:
+    """The name in a ``Host`` header or an origin's netloc, without its port."""
+    return (urlsplit(f"//{value}").hostname or "").lower()
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The checks for one server: where it is bound, its key, and extra names it answers to."""
+
+    bind: str = "127.0.0.1"
+    key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    #: Paths answered without the key: liveness and readiness probes.
+    open_paths: frozenset[str] = field(default_factory=frozenset)
+    #: Whether the key may come as the UI's session cookie.
+    cookie: bool = False
+
+    def accepts_host(self, name: str) -> bool:
+        if name in LOOPBACK_NAMES or name in {h.lower() for h in self.allowed_hosts}:
+            return True
+        if self.bind in _WILDCARDS:
+            return not self.allowed_hosts  # any name, unless the operator listed the ones to accept
+        return not is_loopback(self.bind) and name == self.bind.lower().strip("[]")
+
+    def refusal(self, path: str, headers: Any) -> tuple[int, str, str] | None:
+        """Why a request may not go on (status, code, message), or None."""
+        host = _hostname(headers.get("host", ""))
+        if not self.accepts_host(host):
+            return 403, "forbidden_host", f"this server does not answer to the host name {host or '(none)'!r}"
+        origin = headers.get("origin")
+        if origin and origin != "null" and not self.accepts_host(_hostname(urlsplit(origin).netloc)):
+            return 403, "forbidden_origin", f"requests from pages at {origin} are refused"
+        if origin == "null":
+            return 403, "forbidden_origin", "requests from opaque origins (sandboxed pages, files) are refused"
+        if self.key and path not in self.open_paths and not self._keyed(headers):
+            return 401, "unauthorized", "missing or wrong key (send it as the x-api-key header)"
+        return None
+
+    def _keyed(self, headers: Any) -> bool:
+        given = headers.get("x-api-key")
+        if given is None and self.cookie:
+            given = _cookie(headers.get("cookie", ""), SESSION_COOKIE)
+        return given is not None and hmac.compare_digest(given.encode(), (self.key or "").encode())
+
+
+def _cookie(header: str, name: str) -> str | None:
+    from http.cookies import CookieError, SimpleCookie
+
+    jar = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:
+        return None
+    return jar[name].value if name in jar else None
+
+
+class GuardMiddleware:
+    """Runs ``Guard`` before the app (pure ASGI, so streams pass through untouched)."""
+
+    def __init__(self, app: Any, guard: Guard) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            from starlette.datastructures import Headers
+
+            from metaflow_stack.api_errors import error_response
+
+            refused = self.guard.refusal(scope["path"], Headers(scope=scope))
+            if refused is not None:
+                await error_response(*refused)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

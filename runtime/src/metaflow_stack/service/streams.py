@@ -1,0 +1,183 @@
+"""The ``/events`` streams: replay from the log, then live events, in bounded memory per stream.
+
+See ``events`` for the guarantees (order, no gaps, no repeats, resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy import func, select
+
+from metaflow_stack.api_errors import ApiError, bad_parameter
+from metaflow_stack.service import schema as s
+from metaflow_stack.service.event_bus import SUBJECT_PREFIX, Bus, event_of, sse_frame
+
+#: A comment line on an idle stream, so proxies keep it open and a gone client is noticed.
+KEEP_ALIVE_S = 15.0
+#: How long a stream waits for a lagging reader before ending (the client resumes with Last-Event-ID).
+WATERMARK_TIMEOUT_S = 30.0
+#: Queued to a stream to end it.
+CLOSE: Any = object()
+#: Queued to a stream whose buffer overflowed: it tells the client where to resume, and ends.
+_OVERFLOW: Any = object()
+#: Events read from the log per query when replaying or filling a gap.
+REPLAY_PAGE = 1000
+#: Live events one stream may hold while its client has not read them.
+STREAM_BUFFER = 10_000
+#: Queued live events sent in one write to the client, at most.
+WRITE_EVENTS = 2000
+
+
+@dataclass
+class Subscription:
+    """One ``/events`` client: its bounded buffer of live events, its scope and where it resumes."""
+
+    queue: asyncio.Queue
+    scope: tuple[str | None, int | None]
+    since: int | None
+
+
+class Streams(Bus):
+    """Subscriptions and their streams; live events arrive through ``_fan_out``."""
+
+    async def _on_message(self, message: Any) -> None:
+        for event in json.loads(message.data):
+            self._fan_out(event)
+
+    def _fan_out(self, event: dict[str, Any], encoded: str | None = None) -> None:
+        """Hand ``event`` to every open stream, encoded once for all of them; a full buffer overflows."""
+        if self._subscribers:
+            item = (event, sse_frame(event, encoded))
+            for queue in list(self._subscribers):
+                try:
+                    queue.put_nowait(item)
+                except asyncio.QueueFull:
+                    self._overflow(queue)
+
+    def _overflow(self, queue: asyncio.Queue) -> None:
+        """Drop what a slow stream buffered and end it with where to resume; the log still has it all."""
+        self.overflows += 1
+        self._subscribers.discard(queue)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(_OVERFLOW)
+
+    async def subscribe(self, request: Request) -> Subscription:
+        """Check ``/events``' parameters (``flow``, ``run`` number, ``since`` seq) and start buffering."""
+        query = request.query_params
+        unknown = set(query) - {"flow", "run", "since"}
+        if unknown:
+            raise bad_parameter(sorted(unknown)[0], "unknown parameter; /events accepts flow, run and since")
+        run = query.get("run")
+        if run is not None and not (run.isdigit() and len(run) <= 18):
+            raise bad_parameter("run", "must be a run number")
+        since = query.get("since") or request.headers.get("last-event-id")
+        if since is not None and not (since.isdigit() and len(since) <= 18):
+            raise bad_parameter("since", "must be a sequence number")
+        if self.nats_url:
+            try:
+                await self._connect()
+                if self._live is None:  # the live subscription feeds this replica's streams
+                    self._live = await self._nats.subscribe(f"{SUBJECT_PREFIX}.>", cb=self._on_message)
+            except Exception as exc:
+                raise ApiError(503, "broker_unavailable", f"NATS is unreachable: {exc}") from None
+        subscription = Subscription(
+            asyncio.Queue(STREAM_BUFFER),
+            (query.get("flow"), int(run) if run else None),
+            int(since) if since is not None else None,
+        )
+        self._subscribers.add(subscription.queue)
+        return subscription
+
+    async def events(self, request: Request, subscription: Subscription) -> AsyncIterator[bytes]:
+        """Replay after ``since``, then live events, filling any gap from the (possibly lagging) reader."""
+        queue, scope = subscription.queue, subscription.scope
+        try:
+            last = subscription.since
+            if last is not None:
+                async for page in self._pages(scope, last, None):
+                    yield b"".join(sse_frame(event) for event in page)
+                    last = page[-1]["seq"]
+            while not await request.is_disconnected():
+                try:
+                    async with asyncio.timeout(KEEP_ALIVE_S):
+                        items = [await queue.get()]
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                while not queue.empty() and len(items) < WRITE_EVENTS:  # whatever else is queued goes in one write
+                    items.append(queue.get_nowait())
+                if _OVERFLOW in items:  # too slow to keep up: resume from the log, not from this buffer
+                    resume = json.dumps({"since": last, "reason": f"more than {STREAM_BUFFER} events unread"})
+                    yield f"event: resume\ndata: {resume}\n\n".encode()
+                    return
+                closing = CLOSE in items
+                chunk = []
+                for event, frame in (item for item in items if item is not CLOSE):
+                    if last is not None and event["seq"] <= last:
+                        continue  # already sent, or a duplicate publish
+                    if last is not None and event["seq"] > last + 1:
+                        async for page in self._pages(scope, last, event["seq"] - 1):
+                            yield b"".join(chunk + [sse_frame(m) for m in page])
+                            chunk = []
+                    last = event["seq"]
+                    if _in_scope(event, scope):
+                        chunk.append(frame)
+                if chunk:
+                    yield b"".join(chunk)
+                if closing:  # the server is stopping: the client resumes elsewhere with Last-Event-ID
+                    return
+        finally:
+            self._subscribers.discard(queue)
+            if not self._subscribers and self._live is not None:
+                live, self._live = self._live, None
+                with contextlib.suppress(Exception):
+                    await live.unsubscribe()
+
+    def _watermark(self) -> int:
+        with self.db.reader.connect() as conn:
+            return conn.execute(select(func.coalesce(func.max(s.events.c.seq), 0))).scalar_one()
+
+    async def _pages(
+        self, scope: tuple[str | None, int | None], after: int, upto: int | None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The log's events after ``after`` (through ``upto``) in scope, a page at a time."""
+        while True:
+            page = await asyncio.to_thread(self._replay, scope, after, upto)
+            if page:
+                yield page
+                after = page[-1]["seq"]
+            if len(page) < REPLAY_PAGE:
+                return
+
+    def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int | None) -> list[dict[str, Any]]:
+        """A page of events after ``after`` (through ``upto``, waiting for a lagging reader to show them)."""
+        deadline = time.monotonic() + WATERMARK_TIMEOUT_S
+        while upto is not None and self._watermark() < upto:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the database replica did not reach event {upto} in {WATERMARK_TIMEOUT_S:.0f}s")
+            time.sleep(0.05)
+        e = s.events.c
+        query = select(s.events).where(e.seq > after)
+        if upto is not None:
+            query = query.where(e.seq <= upto)
+        flow, run = scope
+        if flow is not None:
+            query = query.where(e.flow_id == flow)
+        if run is not None:
+            query = query.where(e.run_number == run)
+        with self.db.reader.connect() as conn:
+            return [event_of(r) for r in conn.execute(query.order_by(e.seq).limit(REPLAY_PAGE)).mappings()]
+
+
+def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bool:
+    flow, run = scope
+    return (flow is None or event["flow_id"] == flow) and (run is None or event["run_number"] == run)

@@ -1,0 +1,90 @@
+"""Who may talk to a stack server (``metaflow_stack.http_guard``), on the real apps: loopback names only
+by default (no DNS rebinding), no cross-site pages, a key when one is set, the UI's sign-in cookie, and
+no server bound beyond loopback without a key unless told."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import LOOPBACK, run_cli
+from fastapi.testclient import TestClient
+
+from metaflow_stack.http_guard import SESSION_COOKIE, Guard
+from metaflow_stack.service.app import ServiceConfig, create_app
+from metaflow_stack.ui.app import OPEN_PATHS, SIGN_IN
+from metaflow_stack.ui.app import create_app as create_ui
+from metaflow_stack.ui.local_runs import LocalRuns
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(ServiceConfig(database_url=str(tmp_path / "m.db"))), base_url=LOOPBACK) as client:
+        yield client
+
+
+def test_a_loopback_server_answers_only_to_loopback_names(service: TestClient) -> None:
+    for name in ("http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"):
+        assert service.get("/ping", headers={"host": name.removeprefix("http://")}).status_code == 200
+    # A page whose own name now resolves to 127.0.0.1 (DNS rebinding) sends that name.
+    rebound = service.get("/flows", headers={"host": "attacker.example:8080"})
+    assert rebound.status_code == 403 and rebound.json()["code"] == "forbidden_host"
+    assert "attacker.example" in rebound.json()["message"]
+
+
+def test_cross_site_pages_are_refused(service: TestClient) -> None:
+    page = service.post("/flows/F", json={}, headers={"origin": "https://attacker.example"})
+    assert page.status_code == 403 and page.json()["code"] == "forbidden_origin"
+    assert service.get("/flows/F").status_code == 404  # nothing was written
+    sandboxed = service.get("/flows", headers={"origin": "null"})
+    assert sandboxed.status_code == 403
+    same_site = service.post("/flows/F", json={}, headers={"origin": "http://127.0.0.1:8080"})
+    assert same_site.status_code == 200
+
+
+def test_names_an_operator_allows_and_addresses_it_binds(tmp_path: Path) -> None:
+    config = ServiceConfig(database_url=str(tmp_path / "m.db"), host="10.1.2.3", allowed_hosts=("meta.internal",))
+    with TestClient(create_app(config), base_url="http://meta.internal") as client:
+        assert client.get("/ping").status_code == 200
+        assert client.get("/ping", headers={"host": "10.1.2.3:8080"}).status_code == 200
+        assert client.get("/ping", headers={"host": "other.internal"}).status_code == 403
+    wildcard = Guard(bind="0.0.0.0")
+    assert wildcard.accepts_host("anything.svc.cluster.local")  # reachable by any name; the key guards it
+    assert not Guard(bind="0.0.0.0", allowed_hosts=("meta.internal",)).accepts_host("other.internal")
+
+
+def test_the_ui_signs_a_browser_in_with_a_strict_session_cookie(tmp_path: Path) -> None:
+    (tmp_path / ".metaflow").mkdir()
+    guard = Guard(key="k3y", open_paths=OPEN_PATHS, cookie=True)
+    app = create_ui(LocalRuns(tmp_path / ".metaflow"), live=False, guard=guard)
+    with TestClient(app, base_url=LOOPBACK, follow_redirects=False) as browser:
+        refused = browser.get("/api/flows")
+        assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+        assert browser.get("/health").status_code == 200  # the probe stays open
+        assert browser.get(SIGN_IN, params={"key": "guess"}).status_code == 401
+        signed_in = browser.get(SIGN_IN, params={"key": "k3y"})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
+        cookie = signed_in.headers["set-cookie"]
+        assert cookie.startswith(f"{SESSION_COOKIE}=k3y") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert browser.get("/api/flows").status_code == 200  # the cookie now rides along
+        # A page elsewhere cannot ride on that session: its requests carry its own origin.
+        assert browser.get("/api/flows", headers={"origin": "https://attacker.example"}).status_code == 403
+        assert browser.get("/api/flows", headers={"x-api-key": "k3y"}).status_code == 200  # scripts send the header
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("service", "serve", "--host", "0.0.0.0"),
+        ("ui", "--host", "0.0.0.0", "--no-browser"),
+        ("function", "serve", "no-such-reference.json", "--host", "0.0.0.0"),
+    ],
+    ids=["service", "ui", "function"],
+)
+def test_no_server_listens_beyond_loopback_without_a_key(command: tuple[str, ...]) -> None:
+    refused = run_cli(*command, env={"METAFLOW_STACK_AUTH_KEY": "", "METAFLOW_STACK_SERVICE_AUTH_KEY": ""})
+    assert refused.returncode == 1, refused.stderr
+    assert "error: listening on 0.0.0.0 would let anyone" in refused.stderr
+    assert "METAFLOW_STACK_AUTH_KEY" in refused.stderr and "--insecure-no-auth" in refused.stderr
+    assert "Traceback" not in refused.stderr
