@@ -23,6 +23,8 @@ from metaflow_stack.service.devservers import NatsServer, PostgresServer, postgr
 from metaflow_stack.service.devservers import nats_server as start_nats
 
 FLOWS = Path(__file__).resolve().parent / "service_flows"
+#: A service's environment with a key, for one listening beyond loopback (which refuses to start without one).
+KEYED = {"METAFLOW_STACK_SERVICE_AUTH_KEY": "test-service-key"}
 
 
 @pytest.fixture(scope="session")

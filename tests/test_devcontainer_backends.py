@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN, need
-from service_servers import start_service
+from service_servers import KEYED, start_service
 from test_devcontainer_stores import S3_FLOW, read_s3_run, run_s3_flow, s3_env
 
 DEVPOD_FLOW = S3_FLOW.replace('@devcontainer(network="bridge")', "@devcontainer({args})")
@@ -39,9 +39,15 @@ def test_a_step_runs_in_a_devpod_workspace_that_is_deleted_after(
     config = {"image": base_image, "remoteEnv": {"PATH": "/opt/stack/bin:${containerEnv:PATH}"}}
     (tmp_path / ".devcontainer" / "devcontainer.json").write_text(json.dumps(config))
     flow = DEVPOD_FLOW.format(args='backend="devpod", provider="docker", config=".devcontainer/devcontainer.json"')
-    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address)
+    # Beyond loopback, so with a key: the sandbox must carry it to the service.
+    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
-        env = s3_env(bridge_s3, METAFLOW_SERVICE_URL=service.url, METAFLOW_DEFAULT_METADATA="service")
+        env = s3_env(
+            bridge_s3,
+            METAFLOW_SERVICE_URL=service.url,
+            METAFLOW_DEFAULT_METADATA="service",
+            METAFLOW_SERVICE_AUTH_KEY=KEYED["METAFLOW_STACK_SERVICE_AUTH_KEY"],
+        )
         done = run_s3_flow(tmp_path, env, "--datastore", "s3", "--metadata", "service", flow=flow)
         assert done.returncode == 0, done.stderr[-4000:]
         run = read_s3_run(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import VENV_BIN
-from service_servers import start_service
+from service_servers import KEYED, start_service
 
 S3_FLOW = """
 import os
@@ -90,16 +90,25 @@ def test_a_sandboxed_step_reads_and_writes_an_s3_datastore(docker_engine, bridge
 def test_a_sandboxed_step_records_in_the_metadata_service(
     docker_engine, bridge_s3: str, bridge_address: str, tmp_path: Path
 ) -> None:
-    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address)
+    # Beyond loopback, so with a key: the sandbox must carry it to the service.
+    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
-        env = s3_env(bridge_s3, METAFLOW_SERVICE_URL=service.url, METAFLOW_DEFAULT_METADATA="service")
+        env = s3_env(
+            bridge_s3,
+            METAFLOW_SERVICE_URL=service.url,
+            METAFLOW_DEFAULT_METADATA="service",
+            METAFLOW_SERVICE_AUTH_KEY=KEYED["METAFLOW_STACK_SERVICE_AUTH_KEY"],
+        )
         done = run_s3_flow(tmp_path, env, "--datastore", "s3", "--metadata", "service")
         assert done.returncode == 0, done.stderr[-4000:]
         run = read_s3_run(tmp_path, {**env, "METAFLOW_DEFAULT_DATASTORE": "s3"})
         assert run["successful"] and run["in_container"] and run["total"] == 10
-        runs = httpx.get(f"{service.url}/flows/S3SandboxFlow/runs", timeout=10).json()
+        keyed = {"x-api-key": KEYED["METAFLOW_STACK_SERVICE_AUTH_KEY"]}
+        runs = httpx.get(f"{service.url}/flows/S3SandboxFlow/runs", timeout=10, headers=keyed).json()
         run_id = runs[0]["run_number"]
-        tasks = httpx.get(f"{service.url}/flows/S3SandboxFlow/runs/{run_id}/steps/start/tasks", timeout=10).json()
+        tasks = httpx.get(
+            f"{service.url}/flows/S3SandboxFlow/runs/{run_id}/steps/start/tasks", timeout=10, headers=keyed
+        ).json()
         assert len(tasks) == 1
     finally:
         service.stop()
