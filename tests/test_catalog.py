@@ -31,9 +31,21 @@ def test_unknown_name_lists_the_known_images_and_capabilities() -> None:
     assert "core" in message
 
 
-def test_same_sources_give_the_same_tag() -> None:
-    entry = catalog.get("base")
-    assert _tag(entry) == _tag(entry)
+def _copy_of_the_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The images and runtime sources copied to another path, which the catalog then reads."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(PROJECT / "images", checkout / "images")
+    shutil.copytree(
+        PROJECT / "runtime", checkout / "runtime", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+    )
+    monkeypatch.setenv("METAFLOW_STACK_IMAGES_DIR", str(checkout / "images"))
+    return checkout
+
+
+def test_same_sources_give_the_same_tag_at_another_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = _tag(catalog.get("base"))
+    _copy_of_the_tree(tmp_path, monkeypatch)  # another machine's checkout, in effect
+    assert _tag(catalog.get("base")) == here
 
 
 def test_tag_changes_with_the_base_image() -> None:
@@ -51,10 +63,7 @@ def test_staged_context_holds_the_dockerfile_and_runtime_sources_only() -> None:
 
 
 def test_tag_changes_when_a_runtime_source_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    checkout = tmp_path / "checkout"
-    shutil.copytree(PROJECT / "images", checkout / "images")
-    shutil.copytree(PROJECT / "runtime", checkout / "runtime", ignore=shutil.ignore_patterns("*.egg-info"))
-    monkeypatch.setenv("METAFLOW_STACK_IMAGES_DIR", str(checkout / "images"))
+    checkout = _copy_of_the_tree(tmp_path, monkeypatch)
     entry = catalog.get("base")
     before = _tag(entry)
     with (checkout / "runtime/src/metaflow_stack/catalog.py").open("a") as source:

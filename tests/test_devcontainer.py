@@ -152,10 +152,11 @@ def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str
     stores = [Mount(str(datastore), str(datastore), read_only=False)]
     policy = SandboxPolicy(network="none", cpu=1.5, memory="256m", pids=64)
     codes: list[int] = []
+    # The step runs until the test has looked at its container: no race with a step that ends first.
+    release = datastore / "release"
+    wait = f"-c 'import os, time; [time.sleep(0.1) for _ in iter(lambda: os.path.exists(\"{release}\"), True)]'"
     worker = threading.Thread(
-        target=lambda: codes.append(
-            run_step(base_image, "-c 'import time; time.sleep(3)'", code, stores, {}, policy, "F/1/s/1")
-        )
+        target=lambda: codes.append(run_step(base_image, wait, code, stores, {}, policy, "F/1/s/1"))
     )
     worker.start()
     try:
@@ -169,6 +170,7 @@ def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str
         assert "no-new-privileges" in host.security_opt
         assert found[0].config.user == f"{os.getuid()}:{os.getgid()}"
     finally:
+        release.touch()
         worker.join(timeout=60)
     assert codes == [0] and step_containers(docker_engine) == []
 

@@ -55,7 +55,8 @@ def test_a_step_runs_in_a_devpod_workspace_that_is_deleted_after(
     finally:
         service.stop()
     listed = subprocess.run(["devpod", "list", "--output", "json"], capture_output=True, text=True, timeout=60)
-    assert not [w for w in json.loads(listed.stdout or "[]") if w.get("id", "").startswith("mf-")]
+    assert listed.returncode == 0, f"devpod list failed, so nothing shows the workspaces were deleted: {listed.stderr}"
+    assert not [w for w in json.loads(listed.stdout) if w.get("id", "").startswith("mf-")]
 
 
 @pytest.mark.parametrize(

@@ -43,18 +43,36 @@ def test_base_image_carries_oci_labels(docker_engine, base_image: str) -> None:
     assert labels["org.opencontainers.image.version"]
 
 
-def test_ca_bundle_never_lands_in_the_image(docker_engine, base_image: str) -> None:
+def test_ca_bundle_reaches_the_build_and_never_lands_in_the_image(
+    docker_engine, base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The environment's bundle when it names one; otherwise one made here, so the check runs everywhere.
     bundle = settings.load().ca_bundle
     if bundle is None:
-        pytest.skip("no CA bundle is named by this environment, so none was passed to the build")
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_text(f"-----BEGIN CERTIFICATE-----\n{uuid.uuid4().hex * 8}\n-----END CERTIFICATE-----\n")
+        monkeypatch.setenv("METAFLOW_STACK_CA_BUNDLE", str(bundle))
     digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
-    size = bundle.stat().st_size
-    find_same_size = f"find / -xdev -type f -size {size}c -exec sha256sum {{}} + 2>/dev/null || true"
-    same_size = _in_image(docker_engine, base_image, f"ls /run/secrets 2>/dev/null; {find_same_size}")
-    assert digest not in same_size
-    assert "pipca" not in same_size
-    env = docker_engine.image.inspect(base_image).config.env
-    assert not [e for e in env if e.startswith(("PIP_CERT", "SSL_CERT_FILE"))]
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        f"RUN --mount=type=secret,id={builders.CA_SECRET_ID},uid=1000 "
+        f"sha256sum /run/secrets/{builders.CA_SECRET_ID} | cut -d' ' -f1 > /tmp/seen\n"
+    )
+    tag = f"metaflow-stack/test-ca:{uuid.uuid4().hex[:8]}"
+    builders.build(builders.BuildRequest(context=context, tag=tag), Console(quiet=True))
+    try:
+        assert _in_image(docker_engine, tag, "cat /tmp/seen").strip() == digest, "the build saw the bundle"
+        size = bundle.stat().st_size
+        find_same_size = f"find / -xdev -type f -size {size}c -exec sha256sum {{}} + 2>/dev/null || true"
+        same_size = _in_image(docker_engine, tag, f"ls /run/secrets 2>/dev/null; {find_same_size}")
+        assert digest not in same_size and builders.CA_SECRET_ID not in same_size
+        for image in (tag, base_image):
+            env = docker_engine.image.inspect(image).config.env
+            assert not [e for e in env if e.startswith(("PIP_CERT", "SSL_CERT_FILE"))]
+    finally:
+        docker_engine.image.remove(tag, force=True)
 
 
 def test_rebuilding_unchanged_sources_is_a_no_op(base_image: str) -> None:

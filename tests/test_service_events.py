@@ -148,11 +148,29 @@ def test_writes_succeed_while_nats_is_down_and_events_follow_in_order(service_fa
     assert [e["seq"] for e in durable] == list(range(1, expected + 1)), "JetStream holds every event, in order"
 
 
+def _replica_caught_up(primary: str, replica: str, seconds: float = 30) -> None:
+    """Wait until the replica has replayed everything the primary has written so far (its WAL position)."""
+    import psycopg
+
+    with psycopg.connect(primary) as conn:
+        written = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with psycopg.connect(replica) as conn:
+                if conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (written,)).fetchone()[0]:
+                    return
+        except psycopg.OperationalError:  # the database itself has not reached the replica yet
+            pass
+        assert time.monotonic() < deadline, "the replica did not catch up"
+        time.sleep(0.05)
+
+
 def test_a_stream_reading_a_lagging_replica_waits_and_drops_nothing(service_factory, postgres, lagging_replica) -> None:
     primary = postgres.create_database()
     replica = primary.replace(f":{postgres.port}/", f":{lagging_replica.port}/")
     service = service_factory(primary, read_database=replica)
-    time.sleep(1)  # the new database reaches the replica
+    _replica_caught_up(primary, replica)  # the new database, and the service's migration, reached it
     live = Collector(service.url, since="0")
     runs = _write_runs(service.url, "Lagging", 3, 2)
     # What a client just wrote it can read at once: single objects come from the primary.

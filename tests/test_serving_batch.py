@@ -80,11 +80,14 @@ def test_a_killed_run_resumes_without_losing_or_repeating_records(batch_input, t
     ]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(output.glob("part-*.jsonl"))) < 3:
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)  # the whole run, Ray workers included, mid-flight
-    first.wait()
+    while time.monotonic() < deadline and not list(output.glob("part-*.jsonl")) and first.poll() is None:
+        time.sleep(0.05)
+    # Frozen the moment its first shard is written, counted, then killed: whatever the machine's speed,
+    # the count is of a run stopped mid-flight, and nothing is written between counting and killing.
+    os.killpg(first.pid, signal.SIGSTOP)
     done_before = len(list(output.glob("part-*.jsonl")))
+    os.killpg(first.pid, signal.SIGKILL)  # the whole run, Ray workers included
+    first.wait()
     assert 0 < done_before < RECORDS // 5000
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
