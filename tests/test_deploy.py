@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -20,8 +21,12 @@ from conftest import FIRST_CALL_S, free_port, last_line, need, run_cli
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
+from metaflow_stack.local_secrets import stack_key_path
 
 IMAGE = "registry.example/metaflow-stack/function-fastapi-predict:0123456789abcdef"
+#: The server's key from a Secret, or the explicit opt-out: the chart refuses neither.
+KEYED = {"existingSecret": "fn-auth"}
+OPEN = {"insecureNoAuth": True}
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 
 
@@ -40,8 +45,12 @@ def _deploy(reference_file: Path, *args: str) -> subprocess.CompletedProcess[str
 
 
 def test_kubernetes_target_renders_a_validated_release(reference_file: Path, tmp_path: Path) -> None:
+    keyless = _deploy(reference_file, "--target", "kubernetes", "--image", IMAGE, "--output", str(tmp_path))
+    assert keyless.returncode == 1 and "--auth-secret NAME" in keyless.stderr and "--insecure-no-auth" in keyless.stderr
     result = _deploy(
-        reference_file, "--target", "kubernetes", "--image", IMAGE, "--output", str(tmp_path), "--replicas", "3"
+        reference_file,
+        *("--target", "kubernetes", "--image", IMAGE, "--output", str(tmp_path), "--replicas", "3"),
+        *("--auth-secret", "function-key"),
     )
     assert result.returncode == 0, result.stderr
     assert last_line(result) == str(tmp_path / "kubernetes.yaml")
@@ -61,8 +70,9 @@ def test_kubernetes_target_renders_a_validated_release(reference_file: Path, tmp
         "capabilities": {"drop": ["ALL"]},
     }
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") or e["valueFrom"] for e in container["env"]}
     assert env["METAFLOW_STACK_SERVE_MAX_BATCH_SIZE"] == "32"
+    assert env["METAFLOW_STACK_SERVE_AUTH_KEY"] == {"secretKeyRef": {"name": "function-key", "key": "auth-key"}}
     values = yaml.safe_load((tmp_path / "values.yaml").read_text())
     assert values["image"] == {"repository": IMAGE.rsplit(":", 1)[0], "tag": IMAGE.rsplit(":", 1)[1]}
 
@@ -73,6 +83,7 @@ def test_every_template_of_the_chart_validates_and_lints_clean() -> None:
     values = {
         "image": {"repository": "r/function-fastapi-x", "tag": "t"},
         "function": "x",
+        "auth": KEYED,
         "autoscaling": {"enabled": True},
         "podDisruptionBudget": {"enabled": True},
         "env": {"LOG_LEVEL": "debug"},
@@ -86,14 +97,59 @@ def test_every_template_of_the_chart_validates_and_lints_clean() -> None:
     assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
 
 
+def _server(release: helm.Release) -> dict:
+    (deployment,) = (m for m in release.manifests if m["kind"] == "Deployment")
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_the_server_key_comes_from_its_secret_and_the_probes_need_none() -> None:
+    values = {"image": {"repository": "r", "tag": "t"}, "function": "x", "auth": KEYED}
+    release = helm.render("function-server", values, "fn-x")
+    container = _server(release)
+    env = _env(container)
+    assert env["METAFLOW_STACK_SERVE_AUTH_KEY"] == {"secretKeyRef": {"name": "fn-auth", "key": "auth-key"}}
+    assert "METAFLOW_STACK_INSECURE_NO_AUTH" not in env
+    probes = {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes <= {"/health", "/ready"}  # open without the key
+    (ready,) = release.hooks
+    assert "/ready'" in ready["spec"]["containers"][0]["command"][-1]  # `helm test` needs no key either
+    assert '-H "x-api-key: $KEY"' in release.notes and "Secret fn-auth" in release.notes
+
+
+def test_insecure_no_auth_serves_the_function_without_a_key_only_when_asked() -> None:
+    values = {"image": {"repository": "r", "tag": "t"}, "function": "x", "auth": OPEN}
+    release = helm.render("function-server", values, "fn-x")
+    env = _env(_server(release))
+    assert env["METAFLOW_STACK_INSECURE_NO_AUTH"] == "1"
+    assert "METAFLOW_STACK_SERVE_AUTH_KEY" not in env
+    assert "anyone who reaches it may call the function" in release.notes
+
+
+def test_a_server_with_neither_a_key_nor_the_opt_out_is_refused_naming_both() -> None:
+    with pytest.raises(StackError) as refused:
+        helm.render("function-server", {"image": {"repository": "r", "tag": "t"}, "function": "x"}, "fn-x")
+    assert "without an API key: set auth.existingSecret" in refused.value.message
+    assert "or auth.insecureNoAuth=true" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("values", "named"),
     [
         ({"function": "x"}, "/image/repository"),  # the chart's values.schema.json
         ({"function": "x", "image": {"repository": "r", "tag": "t"}, "replicaCount": "two"}, "/replicaCount"),
+        ({"function": "x", "image": {"repository": "r", "tag": "t"}, "auth": {"insecureNoAuth": 1}}, "/auth"),
         # passes the values schema, but a Deployment's cpu request must be a quantity: Kubernetes' schema says so
         (
-            {"function": "x", "image": {"repository": "r", "tag": "t"}, "resources": {"requests": {"cpu": [1]}}},
+            {
+                "function": "x",
+                "image": {"repository": "r", "tag": "t"},
+                "auth": KEYED,
+                "resources": {"requests": {"cpu": [1]}},
+            },
             "resources.requests.cpu",
         ),
     ],
@@ -106,7 +162,9 @@ def test_invalid_values_are_refused_naming_the_field(values: dict, named: str) -
 
 def test_a_bad_kubernetes_deploy_writes_nothing(reference_file: Path, tmp_path: Path) -> None:
     result = _deploy(
-        reference_file, "--target", "kubernetes", "--image", "no-tag-here", "--output", str(tmp_path / "out")
+        reference_file,
+        *("--target", "kubernetes", "--image", "no-tag-here", "--output", str(tmp_path / "out")),
+        *("--auth-secret", "function-key"),
     )
     assert result.returncode == 1
     assert "names no tag" in result.stderr and "Traceback" not in result.stderr
@@ -124,6 +182,10 @@ def test_nomad_target_renders_a_checked_job(reference_file: Path, tmp_path: Path
     variables = hcl2.loads((tmp_path / "function-server.vars.hcl").read_text())
     assert variables["image"] == json.dumps(IMAGE) and variables["cpu"] == 2000
     assert f"-var-file={tmp_path / 'function-server.vars.hcl'}" in result.stderr
+    # Its key comes from Nomad Variables, where the next step puts the stack's (never on the command line itself).
+    said = " ".join(result.stderr.split())
+    assert 'nomad var put nomad/jobs/function-predict-typed auth_key="$(cat ' in said
+    assert variables["insecure_no_auth"] is False
 
 
 @pytest.mark.parametrize(
@@ -135,6 +197,10 @@ def test_nomad_target_renders_a_checked_job(reference_file: Path, tmp_path: Path
         ),
         ({"image": "i", "name": "n", "function": "f", "replicas": 2}, "declares no variable 'replicas'"),
         ({"function": "f"}, "needs variable(s) image, name"),
+        (
+            {"image": "i", "name": "n", "function": "f", "insecure_no_auth": "yes"},
+            "'insecure_no_auth' of function-server.nomad.hcl must be a bool",
+        ),
         ({"image": "i", "name": "bad name!", "function": "f"}, "is not a Nomad job ID"),
     ],
 )
@@ -142,6 +208,27 @@ def test_nomad_variables_are_checked_against_the_job(variables: dict, message: s
     with pytest.raises(StackError) as refused:
         nomad.render("function-server", variables)
     assert message in refused.value.message
+
+
+def _server_template(job: nomad.NomadJob) -> str:
+    import hcl2
+
+    (task,) = hcl2.loads(job.hcl)["job"][0]['"n"']["group"][0]['"server"']["task"]
+    return task['"server"']["template"][0]["data"]
+
+
+def test_the_nomad_job_reads_its_key_from_nomad_variables_unless_told_insecure() -> None:
+    job = nomad.render("function-server", {"image": "i", "name": "n", "function": "f"})
+    assert "insecure_no_auth" not in job.var_file()  # false unless asked: a key is required
+    data = _server_template(job)
+    keyed = data.split(" : ", 1)[1]  # the template used unless insecure_no_auth
+    assert '{{- with nomadVar "nomad/jobs/${var.name}" }}' in keyed
+    assert "{{- with .auth_key.Value }}METAFLOW_STACK_SERVE_AUTH_KEY={{ . }}" in keyed
+    # No key: the template fails, naming the variable to fill and the opt-out, rather than start keyless.
+    assert '{{ sprig_fail "nomad/jobs/${var.name} holds no auth_key: put one there, or run the job with ' in keyed
+    assert data.startswith('${var.insecure_no_auth ? "METAFLOW_STACK_INSECURE_NO_AUTH=1\\n"')
+    opted_out = nomad.render("function-server", {"image": "i", "name": "n", "function": "f", "insecure_no_auth": True})
+    assert "insecure_no_auth = true" in opted_out.var_file()
 
 
 def test_a_template_sequence_in_a_value_stays_literal() -> None:
@@ -173,12 +260,14 @@ def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None
     import pulumi
     from components.function_server import FunctionServer, FunctionServerArgs
 
-    server = FunctionServer("function-predict", FunctionServerArgs(image=IMAGE, function="predict", replicas=2))
+    args = FunctionServerArgs(image=IMAGE, function="predict", replicas=2, auth_secret="fn-auth")
+    server = FunctionServer("function-predict", args)
 
     def check(outputs: list) -> None:
         chart, values, namespace, url = outputs
         assert Path(chart) == helm.chart_dir("function-server")
         assert values["image"]["tag"] == "0123456789abcdef" and values["replicaCount"] == 2
+        assert values["auth"] == {"existingSecret": "fn-auth", "insecureNoAuth": False}
         assert namespace == "default"
         assert url == "http://function-predict.default.svc.cluster.local"
 
@@ -187,6 +276,21 @@ def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None
 
     with pytest.raises(StackError, match="names no tag"):
         FunctionServer("broken", FunctionServerArgs(image="no-tag", function="predict"))
+
+
+@pytest.mark.usefixtures("pulumi_offline")
+def test_the_pulumi_component_needs_a_key_or_the_opt_out() -> None:
+    import pulumi
+    from components.function_server import FunctionServer, FunctionServerArgs
+
+    with pytest.raises(StackError, match=r"set auth\.existingSecret"):
+        FunctionServer("keyless", FunctionServerArgs(image=IMAGE, function="predict"))
+    server = FunctionServer("open", FunctionServerArgs(image=IMAGE, function="predict", insecure_no_auth=True))
+
+    def check(values: dict) -> None:
+        assert values["auth"] == {"existingSecret": "", "insecureNoAuth": True}
+
+    pulumi.runtime.test(lambda: server.release.values.apply(check))()
 
 
 # -- real clusters: run where the tools are (the GitHub workflow installs kind and Nomad) --
@@ -229,7 +333,9 @@ def test_nomad_agent_runs_the_deployed_server(docker_engine, reference_file: Pat
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
+        assert httpx.post(f"{url}/invoke", json=FLOWER).status_code == 401  # deploy gave it the stack's key
+        keyed = {"x-api-key": stack_key_path().read_text()}
+        assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S, headers=keyed).json() == {"prediction": 2}
     finally:
         client.job.deregister_job("function-it", purge=True)
 
@@ -242,7 +348,15 @@ def test_kind_cluster_runs_the_deployed_server(docker_engine, reference_file: Pa
     assert built.returncode == 0, built.stderr[-3000:]
     image = last_line(built)
     subprocess.run(["kind", "load", "docker-image", image], check=True)
-    result = _deploy(reference_file, "--target", "kubernetes", "--image", image, "--output", str(tmp_path), "--apply")
+    key = uuid.uuid4().hex
+    secret = ["kubectl", "create", "secret", "generic", "function-key", f"--from-literal=auth-key={key}"]
+    subprocess.run(["kubectl", "delete", "secret", "function-key", "--ignore-not-found"], check=True)
+    subprocess.run(secret, check=True)
+    result = _deploy(
+        reference_file,
+        *("--target", "kubernetes", "--image", image, "--output", str(tmp_path), "--apply"),
+        *("--auth-secret", "function-key"),
+    )
     assert result.returncode == 0, result.stderr
     name = "function-predict-typed"
     try:
@@ -254,7 +368,7 @@ def test_kind_cluster_runs_the_deployed_server(docker_engine, reference_file: Pa
             deadline = time.monotonic() + 60
             while answer is None and time.monotonic() < deadline:
                 try:
-                    answer = httpx.post(f"http://127.0.0.1:{port}/invoke", json=FLOWER)
+                    answer = httpx.post(f"http://127.0.0.1:{port}/invoke", json=FLOWER, headers={"x-api-key": key})
                 except httpx.HTTPError:
                     time.sleep(1)
             assert answer is not None, "the port-forward never answered"

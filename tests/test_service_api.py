@@ -313,14 +313,16 @@ def test_filtered_tasks_match_metadata_values(client: TestClient) -> None:
 def test_a_run_whose_heartbeat_stops_is_killed_after_the_cutoff(tmp_path: Path) -> None:
     import time
 
-    # A cutoff long enough that a busy machine still reads the new run as running before it passes.
-    config = ServiceConfig(database_url=str(tmp_path / "m.db"), heartbeat_cutoff_s=5)
+    later = [0.0]  # seconds the service's clock runs ahead of the writes' clock
+    config = ServiceConfig(
+        database_url=str(tmp_path / "m.db"), heartbeat_cutoff_s=5, clock=lambda: time.time() + later[0]
+    )
     with TestClient(create_app(config), base_url=LOOPBACK) as client:
         run = new_run(client)
         task = new_task(client, "F", run["run_number"], "fan")
         attempt(client, task, 0, None)
         assert client.get(f"/flows/F/runs/{run['run_number']}/summary").json()["status"] == "running"
-        time.sleep(6.2)  # no heartbeat, as after `kill -9` of the runtime
+        later[0] = 6.0  # no heartbeat since, as after `kill -9` of the runtime
         summary = client.get(f"/flows/F/runs/{run['run_number']}/summary").json()
         assert summary["status"] == "killed"
         assert {s["step_name"]: s["killed"] for s in summary["steps"]}["fan"] == 1

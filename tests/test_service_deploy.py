@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import free_port, last_line, need, run_cli
 from service_servers import run_flow
 
@@ -20,6 +21,9 @@ from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
 
 IMAGE = {"repository": "registry.example/metaflow-stack/metadata-service", "tag": "0123456789abcdef"}
+#: The service's key from a Secret, or the explicit opt-out: the chart refuses neither.
+KEYED = {"existingSecret": "metaflow-auth"}
+OPEN = {"insecureNoAuth": True}
 
 
 def _env(manifest: dict) -> dict:
@@ -32,7 +36,7 @@ def test_production_values_use_secrets_nats_and_several_replicas() -> None:
         "image": IMAGE,
         "database": {"existingSecret": "metaflow-db", "readSecretKey": "read-url"},
         "nats": {"url": "nats://nats:4222"},
-        "auth": {"existingSecret": "metaflow-auth"},
+        "auth": KEYED,
         "logs": {"roots": ["s3://flows/metaflow", "s3://archive/mf"]},
     }
     release = helm.render("metadata-service", values, "metadata")
@@ -54,21 +58,49 @@ def test_production_values_use_secrets_nats_and_several_replicas() -> None:
 
 
 def test_sqlite_runs_one_replica_on_a_volume() -> None:
-    release = helm.render("metadata-service", {"image": IMAGE, "replicaCount": 1}, "metadata")
+    release = helm.render("metadata-service", {"image": IMAGE, "replicaCount": 1, "auth": KEYED}, "metadata")
     kinds = {m["kind"]: m for m in release.manifests}
     assert "PersistentVolumeClaim" in kinds and "PodDisruptionBudget" not in kinds
     assert kinds["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
     assert "METAFLOW_STACK_SERVICE_DATABASE" not in _env(kinds["Deployment"])  # the image's SQLite default
 
 
+def test_the_key_comes_from_its_secret_and_the_probes_need_none() -> None:
+    release = helm.render("metadata-service", {"image": IMAGE, "replicaCount": 1, "auth": KEYED}, "metadata")
+    deployment = next(m for m in release.manifests if m["kind"] == "Deployment")
+    env = _env(deployment)
+    assert env["METAFLOW_STACK_SERVICE_AUTH_KEY"] == {"secretKeyRef": {"name": "metaflow-auth", "key": "auth-key"}}
+    assert "METAFLOW_STACK_INSECURE_NO_AUTH" not in env
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    probes = {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes == {"/healthcheck"}  # the one route open without the key
+    assert "METAFLOW_SERVICE_AUTH_KEY=<the key in Secret metaflow-auth>" in release.notes
+
+
+def test_insecure_no_auth_serves_without_a_key_only_when_asked() -> None:
+    release = helm.render("metadata-service", {"image": IMAGE, "replicaCount": 1, "auth": OPEN}, "metadata")
+    env = _env(next(m for m in release.manifests if m["kind"] == "Deployment"))
+    assert env["METAFLOW_STACK_INSECURE_NO_AUTH"] == "1"
+    assert "METAFLOW_STACK_SERVICE_AUTH_KEY" not in env
+    assert "anyone who reaches it may read and write" in release.notes
+
+
+def test_neither_a_key_nor_the_opt_out_is_refused_naming_both() -> None:
+    with pytest.raises(StackError) as refused:
+        helm.render("metadata-service", {"image": IMAGE, "replicaCount": 1}, "metadata")
+    assert "without an API key: set auth.existingSecret" in refused.value.message
+    assert "or auth.insecureNoAuth=true" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"image": IMAGE}, "SQLite allows one replica"),
-        ({"image": IMAGE, "database": {"existingSecret": "db"}}, "several replicas need NATS"),
-        ({"image": {"repository": "", "tag": "x"}, "replicaCount": 1}, "repository"),
-        ({"image": IMAGE, "replicaCount": 1, "nats": {"url": "http://wrong"}}, "nats"),
-        ({"image": IMAGE, "replicaCount": 1, "logs": {"roots": ["/data/metaflow"]}}, "logs"),
+        ({"image": IMAGE, "auth": KEYED}, "SQLite allows one replica"),
+        ({"image": IMAGE, "auth": KEYED, "database": {"existingSecret": "db"}}, "several replicas need NATS"),
+        ({"image": {"repository": "", "tag": "x"}, "replicaCount": 1, "auth": KEYED}, "repository"),
+        ({"image": IMAGE, "replicaCount": 1, "auth": KEYED, "nats": {"url": "http://wrong"}}, "nats"),
+        ({"image": IMAGE, "replicaCount": 1, "auth": KEYED, "logs": {"roots": ["/data/metaflow"]}}, "logs"),
+        ({"image": IMAGE, "replicaCount": 1, "auth": {"insecureNoAuth": "yes"}}, "insecureNoAuth"),
     ],
 )
 def test_wrong_values_are_refused_naming_the_problem(values: dict, message: str) -> None:
@@ -91,6 +123,31 @@ def test_the_nomad_job_takes_an_image_and_keeps_secrets_in_nomad_variables() -> 
         nomad.render("metadata-service", {"image": "r/x:1", "instances": "two"})
 
 
+def _template(job: nomad.NomadJob) -> dict:
+    import hcl2
+
+    (task,) = hcl2.loads(job.hcl)["job"][0]['"metadata-service"']["group"][0]['"service"']["task"]
+    return task['"service"']["template"][0]
+
+
+def test_the_nomad_job_needs_an_auth_key_unless_told_insecure() -> None:
+    job = nomad.render("metadata-service", {"image": "r/metadata-service:abc"})
+    assert "insecure_no_auth" not in job.var_file()  # false unless asked: a key is required
+    data = _template(job)["data"]
+    assert "{{- with .auth_key.Value }}METAFLOW_STACK_SERVICE_AUTH_KEY={{ . }}" in data
+    assert "{{- if ${var.insecure_no_auth} }}METAFLOW_STACK_INSECURE_NO_AUTH=1" in data
+    # Neither: the template fails, naming the variable to fill and the opt-out, rather than start keyless.
+    assert '{{ sprig_fail "nomad/jobs/${var.name} holds no auth_key: put one there, or run the job with ' in data
+    opted_out = nomad.render("metadata-service", {"image": "r/x:1", "insecure_no_auth": True})
+    assert "insecure_no_auth = true" in opted_out.var_file()
+
+
+def test_the_nomad_opt_out_must_be_a_bool() -> None:
+    with pytest.raises(StackError) as refused:
+        nomad.render("metadata-service", {"image": "r/x:1", "insecure_no_auth": "yes"})
+    assert "'insecure_no_auth' of metadata-service.nomad.hcl must be a bool" in refused.value.message
+
+
 @pytest.mark.usefixtures("pulumi_offline")
 def test_the_pulumi_component_installs_the_chart() -> None:
     import pulumi
@@ -100,7 +157,11 @@ def test_the_pulumi_component_installs_the_chart() -> None:
     service = MetadataService(
         "metadata-service",
         MetadataServiceArgs(
-            image=image, database_secret="db", nats_url="nats://nats:4222", log_roots=("s3://flows/metaflow",)
+            image=image,
+            database_secret="db",
+            nats_url="nats://nats:4222",
+            auth_secret="metaflow-auth",
+            log_roots=("s3://flows/metaflow",),
         ),
     )
 
@@ -109,13 +170,30 @@ def test_the_pulumi_component_installs_the_chart() -> None:
         assert Path(chart) == helm.chart_dir("metadata-service")
         assert values["image"] == IMAGE and values["replicaCount"] == 2
         assert values["database"]["existingSecret"] == "db"
+        assert values["auth"] == {"existingSecret": "metaflow-auth", "insecureNoAuth": False}
         assert values["logs"] == {"roots": ["s3://flows/metaflow"]}
         assert url == "http://metadata-service.default.svc.cluster.local:8080"
 
     done = pulumi.Output.all(service.release.chart, service.release.values, service.service_url)
     pulumi.runtime.test(lambda: done.apply(check))()
     with pytest.raises(StackError, match="SQLite allows one replica"):
-        MetadataService("broken", MetadataServiceArgs(image=image))
+        MetadataService("broken", MetadataServiceArgs(image=image, auth_secret="metaflow-auth"))
+
+
+@pytest.mark.usefixtures("pulumi_offline")
+def test_the_pulumi_component_needs_a_key_or_the_opt_out() -> None:
+    import pulumi
+    from components.metadata_service import MetadataService, MetadataServiceArgs
+
+    image = f"{IMAGE['repository']}:{IMAGE['tag']}"
+    with pytest.raises(StackError, match=r"set auth\.existingSecret"):
+        MetadataService("keyless", MetadataServiceArgs(image=image, replicas=1))
+    service = MetadataService("open", MetadataServiceArgs(image=image, replicas=1, insecure_no_auth=True))
+
+    def check(values: dict) -> None:
+        assert values["auth"] == {"existingSecret": "", "insecureNoAuth": True}
+
+    pulumi.runtime.test(lambda: service.release.values.apply(check))()
 
 
 @pytest.mark.docker
@@ -127,9 +205,22 @@ def test_kind_cluster_runs_the_chart_and_records_a_flow(docker_engine, tmp_path:
     image = last_line(built)
     subprocess.run(["kind", "load", "docker-image", image], check=True)  # the cluster: KIND_CLUSTER_NAME
     repository, _, tag = image.rpartition(":")
-    values = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}, "replicaCount": 1}
+    values = {
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "replicaCount": 1,
+        "auth": {"existingSecret": "metadata-auth"},
+    }
+    key = "kind-test-key"
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "metadata-auth"},
+        "stringData": {"auth-key": key},
+    }
     manifests = tmp_path / "metadata-service.yaml"
-    manifests.write_text(helm.render("metadata-service", values, "metadata").to_yaml())
+    manifests.write_text(
+        yaml.safe_dump(secret) + "---\n" + helm.render("metadata-service", values, "metadata").to_yaml()
+    )
     subprocess.run(["kubectl", "apply", "-f", str(manifests)], check=True)
     forward = None
     try:
@@ -146,10 +237,12 @@ def test_kind_cluster_runs_the_chart_and_records_a_flow(docker_engine, tmp_path:
                 pass
             assert time.monotonic() < deadline, "the port-forward never answered"
             time.sleep(1)
-        done = run_flow(tmp_path, "run", "--width", "3", "--run-id-file", "run-id", service_url=url)
+        assert httpx.get(f"{url}/flows").status_code == 401  # the key the chart took from the Secret is enforced
+        keyed = {"METAFLOW_SERVICE_AUTH_KEY": key}
+        done = run_flow(tmp_path, "run", "--width", "3", "--run-id-file", "run-id", service_url=url, env=keyed)
         assert done.returncode == 0, done.stderr[-3000:]
         run = (tmp_path / "run-id").read_text()
-        summary = httpx.get(f"{url}/flows/FanFlow/runs/{run}/summary").json()
+        summary = httpx.get(f"{url}/flows/FanFlow/runs/{run}/summary", headers={"x-api-key": key}).json()
         assert summary["status"] == "completed"
         assert {step["step_name"]: step["completed"] for step in summary["steps"]}["work"] == 3
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LOOPBACK, PROJECT, VENV_BIN, fuzz_finds_nothing, need
+from playwright.sync_api import expect
 from service_servers import run_flow, start_service
 
 pytestmark = pytest.mark.slow
@@ -208,18 +209,18 @@ def chromium() -> Iterator[object]:
 
 
 def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -> None:
-    from playwright.sync_api import expect
-
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{ui.url}/{ui.runs[1]}")
-    page.wait_for_selector("svg.dag [data-step='end']")
+    # Playwright's assertions retry until the page has drawn (or their timeout), so none reads a half-drawn page.
+    expect(page.locator("svg.dag [data-step]")).to_have_count(len(STEPS))
+    expect(page.locator("svg.dag [data-edge]")).to_have_count(len(EDGES))
     assert {node.get_attribute("data-step") for node in page.query_selector_all("svg.dag [data-step]")} == STEPS
     assert {edge.get_attribute("data-edge") for edge in page.query_selector_all("svg.dag [data-edge]")} == EDGES
-    assert {n.get_attribute("data-status") for n in page.query_selector_all("svg.dag [data-step]")} == {"completed"}
-    assert page.locator("[data-step='leaf'] [data-items]").get_attribute("data-items") == "6"
-    assert page.locator("[data-step='leaf'] rect.item").count() == 6
-    assert page.locator("[data-parameter='alpha'] code").inner_text() == "0.9"
-    assert page.locator("svg.timeline [data-bar]").count() == 18
+    expect(page.locator("svg.dag [data-step]:not([data-status='completed'])")).to_have_count(0)
+    expect(page.locator("[data-step='leaf'] [data-items]")).to_have_attribute("data-items", "6")
+    expect(page.locator("[data-step='leaf'] rect.item")).to_have_count(6)
+    expect(page.locator("[data-parameter='alpha'] code")).to_have_text("0.9")
+    expect(page.locator("svg.timeline [data-bar]")).to_have_count(18)
     page.screenshot(path=SHOTS / "run-page.png", full_page=True)
 
     page.locator("[data-step='leaf'] rect.item").first.click()  # an item's log, on the same page
@@ -236,27 +237,26 @@ def test_dark_mode_follows_the_system_and_the_toggle_persists(ui: Ui, chromium) 
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     page.screenshot(path=SHOTS / "runs-dark.png")
     page.click("[data-theme-toggle]")
-    assert page.evaluate("document.documentElement.dataset.theme") == "light"
-    assert page.evaluate("getComputedStyle(document.body).backgroundColor") != background
+    expect(page.locator("html")).to_have_attribute("data-theme", "light")
+    expect(page.locator("body")).not_to_have_css("background-color", background)
     page.reload()
     page.wait_for_selector("[data-run]")
-    assert page.evaluate("document.documentElement.dataset.theme") == "light"  # the choice outlives the page
+    expect(page.locator("html")).to_have_attribute("data-theme", "light")  # the choice outlives the page
     page.screenshot(path=SHOTS / "runs-light.png")
     dark.close()
     light = chromium.new_context(color_scheme="light")
     fresh = light.new_page()
     fresh.goto(f"{ui.url}/")
-    assert fresh.evaluate("document.documentElement.dataset.theme") == "light"
+    expect(fresh.locator("html")).to_have_attribute("data-theme", "light")
     light.close()
 
 
 def test_an_unknown_page_says_so(ui: Ui, chromium) -> None:
     page = chromium.new_page()
     page.goto(f"{ui.url}/no/such/page/at/all/here")
-    assert page.locator("h1").inner_text() == "Not found"
+    expect(page.locator("h1")).to_have_text("Not found")
     page.goto(f"{ui.url}/BranchForeachFlow/123456")
-    page.wait_for_selector("[role='alert']")
-    assert "does not exist" in page.locator("[role='alert']").inner_text()
+    expect(page.locator("[role='alert']")).to_contain_text("does not exist")
     page.close()
 
 
@@ -284,7 +284,7 @@ def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
         gate.unlink()
         page.wait_for_selector("[data-step='end'][data-status='completed']", timeout=120_000)
         assert page.evaluate("window.__stillTheSamePage") is True  # updated in place, never reloaded
-        assert page.locator("h1 [data-status]").get_attribute("data-status") == "completed"
+        expect(page.locator("h1 [data-status]")).to_have_attribute("data-status", "completed")
         page.close()
         assert flow.wait(timeout=120) == 0
     finally:
@@ -311,10 +311,11 @@ def test_two_runs_compare_by_parameter_metric_result_and_timing(ui: Ui, chromium
     page.check(f"[data-run='{older}'] input[type=checkbox]")
     page.check(f"[data-run='{newer}'] input[type=checkbox]")
     page.click("[data-compare]")
-    changed = page.wait_for_selector("[data-compare-parameter='alpha'][data-changed='true']")
-    assert "0.5" in changed.inner_text() and "0.9" in changed.inner_text()
-    assert "+0.04" in page.locator("[data-metric='accuracy']").inner_text()
-    assert page.locator("[data-result='model_name']").get_attribute("data-same") == "true"
+    changed = page.locator("[data-compare-parameter='alpha'][data-changed='true']")
+    expect(changed).to_contain_text("0.5")
+    expect(changed).to_contain_text("0.9")
+    expect(page.locator("[data-metric='accuracy']")).to_contain_text("+0.04")
+    expect(page.locator("[data-result='model_name']")).to_have_attribute("data-same", "true")
     page.screenshot(path=SHOTS / "compare.png", full_page=True)
     page.close()
 
@@ -342,8 +343,8 @@ def test_lineage_follows_a_value_through_the_dag_and_into_other_runs(ui: Ui, chr
     page.goto(f"{ui.url}/{fan}")
     page.click("[data-lineage-link='items']")
     page.wait_for_selector("[data-step='fan'][data-role='produced']")
-    assert page.locator("[data-step='each']").get_attribute("data-role") == "carried"
-    assert page.locator("[data-step='side']").get_attribute("data-role") == "absent"
+    expect(page.locator("[data-step='each']")).to_have_attribute("data-role", "carried")
+    expect(page.locator("[data-step='side']")).to_have_attribute("data-role", "absent")
     page.wait_for_selector(f"[data-elsewhere-run='{newer}'] [data-elsewhere-step='leaf']")
     page.screenshot(path=SHOTS / "lineage.png", full_page=True)
     page.close()
@@ -365,6 +366,6 @@ def test_a_tasks_card_is_listed_and_shown_sandboxed(ui: Ui, chromium) -> None:
     page.goto(f"{ui.url}/{fan}")
     frame = page.frame_locator("iframe[title='card summary']")
     frame.get_by_text("Fanning out over 3 items").wait_for(timeout=30_000)  # the card's own scripts drew it
-    assert page.locator("iframe[title='card summary']").get_attribute("sandbox") == "allow-scripts"
+    expect(page.locator("iframe[title='card summary']")).to_have_attribute("sandbox", "allow-scripts")
     page.screenshot(path=SHOTS / "task-card.png", full_page=True)
     page.close()

@@ -1,7 +1,14 @@
 # One Metaflow Stack function served over HTTP from its function-fastapi image.
+#   nomad var put nomad/jobs/function-NAME auth_key=<a long random string>
 #   nomad job run -var image=REGISTRY/metaflow-stack/function-fastapi-NAME:TAG \
 #     -var name=function-NAME -var function=NAME function-server.nomad.hcl
 # `metaflow function deploy REF --target nomad` fills the variables and validates the job.
+# The server listens beyond its container, so it needs an API key, which callers send as
+# x-api-key (/health and /ready need none): auth_key in Nomad Variables at nomad/jobs/<name>,
+# never a job variable. The job waits until that variable exists and fails if it holds no
+# auth_key, unless insecure_no_auth is true. With ACLs on, a task may read only
+# nomad/jobs/<its job ID> by default: `deploy` makes the job ID the name; run by hand the
+# ID stays function-server, so grant the job that path or pass name=function-server.
 
 variable "image" {
   type        = string
@@ -48,6 +55,12 @@ variable "memory" {
 variable "max_batch_size" {
   type    = number
   default = 32
+}
+
+variable "insecure_no_auth" {
+  type        = bool
+  default     = false
+  description = "Serve without an API key (no Nomad Variables read): anyone who reaches the port may call the function."
 }
 
 job "function-server" {
@@ -103,6 +116,20 @@ job "function-server" {
           type   = "tmpfs"
           target = "/tmp"
         }
+      }
+
+      # The key goes from Nomad Variables to the task's secrets directory, never through a job variable.
+      # `.auth_key.Value`, not `.auth_key`: Nomad reads a missing key as an empty item, which `with` counts as set.
+      template {
+        destination = "secrets/server.env"
+        env         = true
+        change_mode = "restart"
+        data        = var.insecure_no_auth ? "METAFLOW_STACK_INSECURE_NO_AUTH=1\n" : <<-EOT
+        {{- with nomadVar "nomad/jobs/${var.name}" }}
+        {{- with .auth_key.Value }}METAFLOW_STACK_SERVE_AUTH_KEY={{ . }}
+        {{- else }}{{ sprig_fail "nomad/jobs/${var.name} holds no auth_key: put one there, or run the job with insecure_no_auth=true" }}{{ end }}
+        {{- end }}
+        EOT
       }
 
       env {

@@ -1,11 +1,14 @@
 # The Metaflow Stack metadata service from its metadata-service image.
-#   nomad var put nomad/jobs/metadata-service database_url=postgresql://... [auth_key=...]
+#   nomad var put nomad/jobs/metadata-service auth_key=<a long random string> database_url=postgresql://...
 #   nomad job run -var image=REGISTRY/metaflow-stack/metadata-service:TAG \
 #     -var nats_url=nats://nats.service.consul:4222 metadata-service.nomad.hcl
 # Secrets come from Nomad Variables at nomad/jobs/<job>, rendered into the task's
-# secrets directory; they are never job variables. Without database_url the
-# service runs on SQLite in the allocation (one instance, data lost with it):
-# fine for a trial, not for production.
+# secrets directory; they are never job variables. The job waits until that
+# variable exists. Without database_url the service runs on SQLite in the
+# allocation (one instance, data lost with it): fine for a trial, not for
+# production. The service listens beyond its container, so it needs auth_key,
+# which clients send as x-api-key (METAFLOW_SERVICE_AUTH_KEY): without one the
+# job fails, unless insecure_no_auth is true.
 
 variable "image" {
   type        = string
@@ -43,6 +46,12 @@ variable "log_roots" {
   type        = list(string)
   default     = []
   description = "Datastore roots (s3://bucket/prefix, or folders the client mounts) whose task logs the service may read."
+}
+
+variable "insecure_no_auth" {
+  type        = bool
+  default     = false
+  description = "Serve without an API key when nomad/jobs/<name> holds no auth_key: anyone who reaches the port may read and write."
 }
 
 variable "heartbeat_cutoff" {
@@ -116,15 +125,22 @@ job "metadata-service" {
         }
       }
 
+      # `.database_url.Value`, not `.database_url`: Nomad reads a missing key as an empty item, which `with`
+      # counts as set. The opt-out is written only where no key is: a key, when there is one, is enforced.
       template {
         destination = "secrets/service.env"
         env         = true
         change_mode = "restart"
         data        = <<-EOT
         {{- with nomadVar "nomad/jobs/${var.name}" }}
-        {{- if .database_url }}METAFLOW_STACK_SERVICE_DATABASE={{ .database_url }}{{ end }}
-        {{- if .auth_key }}
-        METAFLOW_STACK_SERVICE_AUTH_KEY={{ .auth_key }}{{ end }}
+        {{- with .database_url.Value }}METAFLOW_STACK_SERVICE_DATABASE={{ . }}
+        {{ end }}
+        {{- with .auth_key.Value }}METAFLOW_STACK_SERVICE_AUTH_KEY={{ . }}
+        {{- else }}
+        {{- if ${var.insecure_no_auth} }}METAFLOW_STACK_INSECURE_NO_AUTH=1
+        {{- else }}{{ sprig_fail "nomad/jobs/${var.name} holds no auth_key: put one there, or run the job with insecure_no_auth=true" }}
+        {{- end }}
+        {{- end }}
         {{- end }}
         EOT
       }

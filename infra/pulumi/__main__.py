@@ -2,7 +2,11 @@
 
 Set ``metadata-service:image`` to deploy the service, ``ui:image`` for the UI
 (on that service, or on ``ui:serviceUrl``), ``function:image`` and
-``function:name`` to serve a function; any of them.
+``function:name`` to serve a function; any of them. Each server needs the
+Secret holding its own key (``metadata-service:authSecret``, ``ui:authSecret``,
+``function:authSecret``) or that namespace's ``insecureNoAuth`` set to true.
+The UI sends the service's key from ``ui:serviceAuthSecret``, or from
+``metadata-service:authSecret`` when this program deploys the service too.
 """
 
 import pulumi
@@ -21,6 +25,7 @@ if service_config.get("image"):
             database_secret=service_config.get("databaseSecret") or "",
             nats_url=service_config.get("natsUrl") or "",
             auth_secret=service_config.get("authSecret") or "",
+            insecure_no_auth=service_config.get_bool("insecureNoAuth") or False,
             replicas=service_config.get_int("replicas") or 2,
             namespace=namespace,
         ),
@@ -36,7 +41,9 @@ if ui_config.get("image"):
             image=ui_config.require("image"),
             service_url=ui_config.get("serviceUrl") or service_url or ui_config.require("serviceUrl"),
             datastore_roots=tuple((ui_config.get("datastoreRoots") or "").split()),
-            auth_secret=ui_config.get("authSecret") or service_config.get("authSecret") or "",
+            auth_secret=ui_config.get("authSecret") or "",
+            insecure_no_auth=ui_config.get_bool("insecureNoAuth") or False,
+            service_auth_secret=ui_config.get("serviceAuthSecret") or service_config.get("authSecret") or "",
             replicas=ui_config.get_int("replicas") or 1,
             namespace=ui_config.get("namespace") or service_config.get("namespace") or "default",
         ),
@@ -52,6 +59,8 @@ if function_config.get("image"):
             function=function_config.require("name"),
             replicas=function_config.get_int("replicas") or 1,
             namespace=function_config.get("namespace") or "default",
+            auth_secret=function_config.get("authSecret") or "",
+            insecure_no_auth=function_config.get_bool("insecureNoAuth") or False,
         ),
     )
     pulumi.export("service_url", server.service_url)

@@ -4,7 +4,8 @@ The component installs the ``function-server`` Helm chart (the one definition
 of the Kubernetes objects, shared with ``metaflow function deploy``) as a Helm
 release. Its values come from the runtime, which also renders and validates
 them offline at construction, so a bad image or size fails at ``pulumi
-preview``, naming the field, rather than half-way through ``pulumi up``.
+preview``, naming the field, rather than half-way through ``pulumi up``. The
+API key stays in a Kubernetes Secret the component only names.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class FunctionServerArgs:
     cpu: float = 0.5
     memory_mb: int = 1024
     max_batch_size: int = 32
+    #: A Secret holding ``auth-key``; callers then send it as x-api-key. The chart needs it or ``insecure_no_auth``.
+    auth_secret: str = ""
+    #: Serve without a key: anyone who reaches the server may call the function.
+    insecure_no_auth: bool = False
 
 
 class FunctionServer(pulumi.ComponentResource):
@@ -35,10 +40,15 @@ class FunctionServer(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: FunctionServerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("metaflow-stack:serving:FunctionServer", name, None, opts)
-        sizes = DeployOptions(
-            replicas=args.replicas, cpu=args.cpu, memory_mb=args.memory_mb, max_batch_size=args.max_batch_size
+        options = DeployOptions(
+            replicas=args.replicas,
+            cpu=args.cpu,
+            memory_mb=args.memory_mb,
+            max_batch_size=args.max_batch_size,
+            auth_secret=args.auth_secret or None,
+            insecure_no_auth=args.insecure_no_auth,
         )
-        values = chart_values(args.function, args.image, sizes)
+        values = chart_values(args.function, args.image, options)
         self.release = chart_release(self, name, CHART, args.namespace, values, wait_for_jobs=True)
         self.service_url = pulumi.Output.concat("http://", name, ".", args.namespace, ".svc.cluster.local")
         self.register_outputs({"service_url": self.service_url, "release": self.release.name})

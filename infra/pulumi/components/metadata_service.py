@@ -3,8 +3,9 @@
 Installs the ``metadata-service`` Helm chart as an atomic release. Secrets
 (the PostgreSQL URL, the auth key) stay in Kubernetes Secrets the component
 only names. The values are rendered and validated offline at construction, so
-a wrong combination (several replicas on SQLite, several without NATS) fails
-at ``pulumi preview`` with the chart's own message.
+a wrong combination (several replicas on SQLite, several without NATS, neither
+a key nor ``insecure_no_auth``) fails at ``pulumi preview`` with the chart's
+own message.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class MetadataServiceArgs:
     #: A Secret holding ``database-url`` (postgresql://...); empty runs one replica on SQLite.
     database_secret: str = ""
     nats_url: str = ""
-    #: A Secret holding ``auth-key``; clients then send it as x-api-key.
+    #: A Secret holding ``auth-key``; clients then send it as x-api-key. The chart needs it or ``insecure_no_auth``.
     auth_secret: str = ""
+    #: Serve without a key: anyone who reaches the service may read and write.
+    insecure_no_auth: bool = False
     replicas: int = 2
     namespace: str = "default"
     #: S3 prefixes (s3://bucket/prefix) whose task logs the service may read.
@@ -45,7 +48,7 @@ class MetadataServiceArgs:
             "image": {"repository": repository, "tag": tag},
             "database": {"existingSecret": self.database_secret},
             "nats": {"url": self.nats_url},
-            "auth": {"existingSecret": self.auth_secret},
+            "auth": {"existingSecret": self.auth_secret, "insecureNoAuth": self.insecure_no_auth},
             "replicaCount": self.replicas,
             "logs": {"roots": list(self.log_roots)},
         }

@@ -1,9 +1,10 @@
 """``Ui``: the Metaflow Stack UI on Kubernetes from its ui image, reading a metadata service.
 
-Installs the ``ui`` Helm chart as an atomic release. The service's API key
-stays in a Kubernetes Secret the component only names. The values are
-rendered and validated offline at construction, so a missing service URL or
-a root that is not ``s3://`` fails at ``pulumi preview`` naming the field.
+Installs the ``ui`` Helm chart as an atomic release. The UI's own key and the
+service's stay in Kubernetes Secrets the component only names. The values are
+rendered and validated offline at construction, so a missing service URL, a
+root that is not ``s3://``, or neither a key nor ``insecure_no_auth`` fails at
+``pulumi preview`` naming what to set.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ class UiArgs:
     service_url: str
     #: S3 prefixes (s3://bucket/prefix) whose values the UI may preview.
     datastore_roots: tuple[str, ...] = ()
-    #: A Secret holding ``auth-key``, when the service wants one.
+    #: A Secret holding the UI's own key as ``auth-key`` (browsers sign in with it). The chart needs it or
+    #: ``insecure_no_auth``.
     auth_secret: str = ""
+    #: Serve without a key: anyone who reaches the UI sees every run, log and value it can read.
+    insecure_no_auth: bool = False
+    #: A Secret holding the service's key as ``auth-key``, when the service wants one.
+    service_auth_secret: str = ""
     replicas: int = 1
     namespace: str = "default"
     #: Annotations for the pod's service account (IRSA, workload identity) so it can read S3.
@@ -38,7 +44,8 @@ class UiArgs:
         repository, _, tag = self.image.rpartition(":")
         return {
             "image": {"repository": repository, "tag": tag},
-            "metadataService": {"url": self.service_url, "auth": {"existingSecret": self.auth_secret}},
+            "auth": {"existingSecret": self.auth_secret, "insecureNoAuth": self.insecure_no_auth},
+            "metadataService": {"url": self.service_url, "auth": {"existingSecret": self.service_auth_secret}},
             "datastoreRoots": list(self.datastore_roots),
             "replicaCount": self.replicas,
             "serviceAccount": {"annotations": dict(self.service_account_annotations)},

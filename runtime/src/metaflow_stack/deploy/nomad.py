@@ -131,14 +131,29 @@ def write(job: NomadJob, folder: Path) -> list[Path]:
     ]
 
 
-def submit(job: NomadJob) -> str:
-    """Register the job with the agent at ``NOMAD_ADDR``; return the evaluation id."""
+def _client() -> tuple[Any, Any, str]:
+    """python-nomad, a client of the agent at ``NOMAD_ADDR``, and that address."""
     nomad = require("nomad")
     address = os.environ.get("NOMAD_ADDR")
     if not address:
         fix = "export NOMAD_ADDR=http://<agent>:4646 (and NOMAD_TOKEN when ACLs are on)"
         raise StackError("NOMAD_ADDR is not set", fix=fix)
-    client = nomad.Nomad(address=address, token=os.environ.get("NOMAD_TOKEN"), timeout=30)
+    return nomad, nomad.Nomad(address=address, token=os.environ.get("NOMAD_TOKEN"), timeout=30), address
+
+
+def put_variables(path: str, items: dict[str, str], namespace: str = "default") -> None:
+    """Store ``items`` in Nomad Variables at ``path`` of ``namespace`` (where a job's template reads secrets)."""
+    nomad, client, address = _client()
+    try:
+        client.variable.create_variable(path, {"Items": items}, namespace=namespace)
+    except nomad.api.exceptions.BaseNomadException as exc:
+        detail = getattr(getattr(exc, "nomad_resp", None), "text", "") or str(exc)
+        raise StackError(f"Nomad at {address} refused the variables at {path}: {detail.strip()}") from None
+
+
+def submit(job: NomadJob) -> str:
+    """Register the job with the agent at ``NOMAD_ADDR``; return the evaluation id."""
+    nomad, client, address = _client()
     try:
         # The agent's own parser applies the variables, exactly as `nomad job run -var-file` would.
         parsed = client.jobs.request(

@@ -14,7 +14,8 @@ oversize bodies, 503 (with ``Retry-After``) while the database is unreachable.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -98,6 +99,8 @@ class ServiceConfig:
     log_roots: tuple[str, ...] = ()
     #: Published events older than this are pruned from the log and the JetStream stream.
     event_retention_s: float = DEFAULT_RETENTION_S
+    #: The time run and task statuses are judged at (tests move it instead of sleeping).
+    clock: Callable[[], float] = time.time
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -105,7 +108,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     database = connect(config.database_url, config.read_database_url)
     hub = EventHub(database, config.nats_url, config.event_retention_s)
     store = Store(database, on_commit=hub.wake)
-    queries = pages.Queries(database, config.heartbeat_cutoff_s, store)
+    queries = pages.Queries(database, config.heartbeat_cutoff_s, store, config.clock)
     logs = TaskLogs(store, LogFiles(config.log_roots))
 
     @asynccontextmanager

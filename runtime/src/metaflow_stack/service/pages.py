@@ -96,13 +96,17 @@ def _statuses(params: Params) -> list[str]:
 class Queries:
     """The opt-in read paths, on the reader engine."""
 
-    def __init__(self, database: Database, heartbeat_cutoff_s: int, store: Store) -> None:
+    def __init__(
+        self, database: Database, heartbeat_cutoff_s: int, store: Store, clock: Callable[[], float] = time.time
+    ) -> None:
         self.db = database
         self.cutoff_s = heartbeat_cutoff_s
         self.store = store
+        #: The time statuses are judged at (a heartbeat older than the cutoff then is a killed run).
+        self.clock = clock
 
     def _cutoff_ms(self) -> int:
-        return int((time.time() - self.cutoff_s) * 1000)
+        return int((self.clock() - self.cutoff_s) * 1000)
 
     def ping(self) -> str:
         with self.db.reader.connect() as conn:
@@ -324,7 +328,7 @@ class Queries:
             "status": run_state,
             "ts_epoch": run_row["ts_epoch"],
             "finished_at": finished,
-            "duration_ms": (finished or int(time.time() * 1000)) - run_row["ts_epoch"],
+            "duration_ms": (finished or int(self.clock() * 1000)) - run_row["ts_epoch"],
             "steps": [{"step_name": name, **c} for name, c in per_step.items()],
             "first_failure": _failure(first, flow_id, run_row) if first else None,
         }

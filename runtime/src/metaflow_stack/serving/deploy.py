@@ -63,6 +63,10 @@ class DeployOptions:
     #: Submit to the cluster after rendering (kubectl / the Nomad API).
     apply: bool = False
     ready_timeout_s: float = 180
+    #: kubernetes: the Secret whose ``auth-key`` holds the server's key (a cluster's server needs one).
+    auth_secret: str | None = None
+    #: kubernetes, nomad: serve without a key, by explicit choice.
+    insecure_no_auth: bool = False
 
 
 @dataclass
@@ -93,6 +97,11 @@ def deploy(source: Any, options: DeployOptions, console: Console | None = None) 
     image = options.image or build_image(source, "fastapi", push=bool(settings.load().registry), console=console)
     output = options.output or settings.load().state_dir / "deploy" / name
     if options.target == "kubernetes":
+        if not (options.auth_secret or options.insecure_no_auth):
+            raise StackError(
+                "a function server in a cluster needs a key, and none was named",
+                fix="pass --auth-secret NAME (a Secret whose auth-key holds the key) or --insecure-no-auth",
+            )
         return _kubernetes(ref, name, image, output, options, console)
     return _nomad(ref, name, image, output, options, console)
 
@@ -151,6 +160,7 @@ def chart_values(function: str, image: str, options: DeployOptions) -> dict[str,
             "limits": {"memory": f"{options.memory_mb}Mi"},
         },
         "server": {"maxBatchSize": options.max_batch_size},
+        "auth": {"existingSecret": options.auth_secret or "", "insecureNoAuth": options.insecure_no_auth},
     }
 
 
@@ -181,12 +191,18 @@ def _nomad(
         "cpu": int(options.cpu * 1000),
         "memory": options.memory_mb,
         "max_batch_size": options.max_batch_size,
+        "insecure_no_auth": options.insecure_no_auth,
     }
     job = nomad.render(NOMAD_JOB, variables)
     files = nomad.write(job, output)
     console.print(f"rendered and checked the Nomad job into {output}")
-    deployment = Deployment("nomad", name, image, None, files, f"nomad job run -var-file={files[1]} {files[0]}")
+    run = f"nomad job run -var-file={files[1]} {files[0]}"
+    if not options.insecure_no_auth:  # the job reads its key from Nomad Variables
+        run = f'nomad var put nomad/jobs/{name} auth_key="$(cat {stack_key_path()})" && {run}'
+    deployment = Deployment("nomad", name, image, None, files, run)
     if options.apply:
+        if not options.insecure_no_auth:
+            nomad.put_variables(f"nomad/jobs/{name}", {"auth_key": stack_key()[0]}, options.namespace)
         evaluation = nomad.submit(job)
         console.print(f"registered with Nomad (evaluation {evaluation})")
         deployment.next_step = f"nomad job status {name}"

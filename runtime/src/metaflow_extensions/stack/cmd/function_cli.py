@@ -101,6 +101,12 @@ def build_image(ref: str, kind: str, push: bool) -> None:
 @click.option("--port", default=8000, show_default=True, type=int, help="docker: host port, on 127.0.0.1.")
 @click.option("--output", type=click.Path(file_okay=False), help="kubernetes, nomad: where the rendered files go.")
 @click.option("--apply", is_flag=True, help="kubernetes: kubectl apply; nomad: register with NOMAD_ADDR.")
+@click.option("--auth-secret", help="kubernetes: the Secret whose auth-key holds the server's key.")
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="kubernetes, nomad: serve without a key (anyone who reaches the server may call it).",
+)
 @friendly
 def deploy(
     ref: str,
@@ -115,6 +121,8 @@ def deploy(
     port: int,
     output: str | None,
     apply: bool,
+    auth_secret: str | None,
+    insecure_no_auth: bool,
 ) -> None:
     from pathlib import Path
 
@@ -124,7 +132,21 @@ def deploy(
     from metaflow_stack.serving.deploy import deploy as run_deploy
 
     where = Path(output) if output else None
-    options = DeployOptions(target, image, name, namespace, replicas, cpu, memory, max_batch_size, port, where, apply)
+    options = DeployOptions(
+        target,
+        image,
+        name,
+        namespace,
+        replicas,
+        cpu,
+        memory,
+        max_batch_size,
+        port,
+        where,
+        apply,
+        auth_secret=auth_secret,
+        insecure_no_auth=insecure_no_auth,
+    )
     console = Console(stderr=True)
     done = run_deploy(ref, options, console)
     console.print(f"next: {done.next_step}")
