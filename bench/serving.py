@@ -9,7 +9,9 @@ one replica (the peer). Batch: records/s of
 ``metaflow function batch`` against plain Ray Data ``map_batches`` running
 the same model over the same records with the same actor pool.
 
-    python bench/serving.py [--seconds 5] [--records 50000]
+Cold start: seconds from launch to ``/ready`` and the first two calls after it.
+
+    python bench/serving.py [--seconds 5] [--records 50000] [--only cold|online|batch]
 """
 
 from __future__ import annotations
@@ -166,6 +168,42 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
     console.print(table)
 
 
+def cold_start(console: Console, work: Path, reference: Path) -> None:
+    """Seconds from launch until ``/ready``, then the first and second call: ready means warm."""
+    metaflow = str(Path(sys.executable).parent / "metaflow")
+    table = Table(title="cold start: metaflow function serve (in-process backend), sklearn model")
+    for column in ("run", "launch to /ready s", "first call ms", "second call ms"):
+        table.add_column(column, justify="right")
+    for run in range(1, 4):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [metaflow, "function", "serve", str(reference), "--backend", "inprocess", "--port", str(port)]
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            ready = time.perf_counter() - started
+            calls = []
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for _ in range(2):
+                    began = time.perf_counter()
+                    client.post("/invoke", json=FLOWER).raise_for_status()
+                    calls.append((time.perf_counter() - began) * 1000)
+            table.add_row(str(run), f"{ready:.2f}", f"{calls[0]:.1f}", f"{calls[1]:.1f}")
+        finally:
+            os.killpg(process.pid, 15)
+            process.wait(timeout=60)
+    console.print(table)
+
+
 def batch(console: Console, work: Path, reference: Path, model: Path, records: int) -> None:
     import ray
     from flowers import random_flowers
@@ -218,6 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--records", type=int, default=50_000)
+    parser.add_argument("--only", choices=("cold", "online", "batch"), help="Run one table.")
     args = parser.parse_args()
     console = Console()
 
@@ -233,8 +272,12 @@ def main() -> None:
     model = work / "model.pkl"
     model.write_bytes(pickle.dumps(task.data.model))
 
-    online(console, work, reference, model, args.seconds)
-    batch(console, work, reference, model, args.records)
+    if args.only in (None, "cold"):
+        cold_start(console, work, reference)
+    if args.only in (None, "online"):
+        online(console, work, reference, model, args.seconds)
+    if args.only in (None, "batch"):
+        batch(console, work, reference, model, args.records)
 
 
 if __name__ == "__main__":
