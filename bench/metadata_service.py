@@ -43,8 +43,11 @@ from rich.table import Table
 
 from metaflow_stack.datastore.cursors import encode_cursor
 from metaflow_stack.service.database import connect, migrate
-from metaflow_stack.service.devservers import free_port, nats_server, postgres_cluster
 from metaflow_stack.service.events import EventHub
+
+# The throwaway servers the tests use (tests/devservers.py): not shipped in the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from devservers import free_port, nats_server, postgres_cluster
 
 console = Console(stderr=True)
 FLOW = "BenchFlow"

@@ -32,7 +32,9 @@ from functions_call import trained_task
 from rich.console import Console
 from rich.table import Table
 
-from metaflow_stack.service.devservers import free_port
+# The throwaway servers the tests use (tests/devservers.py): not shipped in the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from devservers import free_port
 
 FLOWER = {"sepal_length": 6.9, "sepal_width": 3.1, "petal_length": 5.4, "petal_width": 2.1}
 

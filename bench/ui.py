@@ -43,7 +43,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from metaflow_stack.service.devservers import free_port
+# The throwaway servers the tests use (tests/devservers.py): not shipped in the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from devservers import free_port
 
 console = Console(stderr=True)
 CHROMIUM = Path(os.environ.get("STACK_TEST_CHROMIUM", "/usr/bin/chromium"))

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from metaflow_stack.service.devservers import free_port
+from devservers import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"

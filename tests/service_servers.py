@@ -18,9 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import VENV_BIN, free_port, need
-
-from metaflow_stack.service.devservers import NatsServer, PostgresServer, postgres_binary, postgres_cluster, replica_of
-from metaflow_stack.service.devservers import nats_server as start_nats
+from devservers import NatsServer, PostgresServer, postgres_binary, postgres_cluster, replica_of
+from devservers import nats_server as start_nats
 
 FLOWS = Path(__file__).resolve().parent / "service_flows"
 #: A service's environment with a key, for one listening beyond loopback (which refuses to start without one).

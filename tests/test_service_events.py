@@ -215,7 +215,8 @@ def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> N
 def test_an_event_the_broker_refuses_is_parked_and_the_ones_after_it_go_out(service_factory, tmp_path) -> None:
     import asyncio
 
-    from metaflow_stack.service.devservers import nats_server
+    from devservers import nats_server
+
     from metaflow_stack.service.event_bus import subject_token
 
     need("nats-server", shutil.which("nats-server") is not None, "apt-get install nats-server")

@@ -7,7 +7,7 @@ advertises them, and behaves exactly like the stock one when it does not.
 ``devcontainer step`` trampoline.
 """
 
-METADATA_PROVIDERS_DESC = [("service", "metaflow_stack.service.provider.StackServiceMetadataProvider")]
+METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.StackServiceMetadataProvider")]
 
 STEP_DECORATORS_DESC = [("devcontainer", ".devcontainer.devcontainer_decorator.DevcontainerDecorator")]
 CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli")]
