@@ -19,8 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from metaflow_stack import images, settings
-from metaflow_stack.engines import STACK_UP, JobSpec, Mount
-from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine
 from metaflow_stack.errors import DockerUnavailableError, StackError
 
 FLOW_FILE = Path(__file__).with_name("hello_flow.py")
@@ -64,7 +63,7 @@ def _metadata_env(service_url: str | None, auth_key: str | None) -> dict[str, st
 
 
 def _run_in_image(datastore: Path, service_url: str | None, auth_key: str | None, console: Console) -> tuple[int, str]:
-    engine = DockerEngine()
+    engine = get_engine("docker")
     ref = images.resolve("flow", console=console)
     job = engine.launch(
         JobSpec(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
 from metaflow_stack.devcontainer.task_container import TaskContainer
-from metaflow_stack.engines import JobSpec, Mount
+from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.engines.docker import DockerEngine
 
 #: Where the unpacked code package is mounted (read-only), and the task's writable working folder.
@@ -101,7 +101,7 @@ def run_step(
         init=container.init,
         ulimits=container.ulimits,
     )
-    engine = DockerEngine(probe=False)  # the run's start probed it (and swept orphans)
+    engine = get_engine("docker", probe=False)  # the run's start probed it (and swept orphans)
     with stopped_by_signals():
         job = engine.launch(spec)
         try:

@@ -76,6 +76,10 @@ class Job(Protocol):
         """The job's output lines (stdout and stderr), following new ones if asked."""
         ...
 
+    def streams(self, follow: bool = False) -> Iterator[tuple[str, str]]:
+        """The job's output lines with the stream each came on (``stdout`` or ``stderr``)."""
+        ...
+
     def kill(self) -> None:
         """Stop the job now and release what it holds."""
         ...
@@ -100,10 +104,11 @@ class Engine(Protocol):
         ...
 
 
-def get_engine(name: str = "docker") -> Engine:
-    """The engine called ``name``."""
+def get_engine(name: str = "docker", probe: bool = True) -> Engine:
+    """The engine called ``name``: how every launcher in the stack gets one. ``probe=False`` skips asking
+    the engine first (a caller that knows it answered moments ago)."""
     if name == "docker":
         from metaflow_stack.engines.docker import DockerEngine
 
-        return DockerEngine()
+        return DockerEngine(probe)
     raise StackError(f"unknown engine {name!r}; engines: docker")

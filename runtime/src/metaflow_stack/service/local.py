@@ -134,8 +134,8 @@ class LocalService:
 
     def _start_containers(self, console: Console) -> RunningService:
         from metaflow_stack import images
-        from metaflow_stack.engines import STACK_UP, JobSpec, Mount
-        from metaflow_stack.engines.docker import DockerEngine, require_engine
+        from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine
+        from metaflow_stack.engines.docker import require_engine
 
         for root in self.log_roots:
             if not root.startswith("s3://"):
@@ -152,7 +152,7 @@ class LocalService:
             if docker.container.exists(name):
                 docker.container.remove(name, force=True)
         password = self._password()
-        engine = DockerEngine()
+        engine = get_engine("docker")
         specs = [
             JobSpec(
                 image=refs["postgres"],

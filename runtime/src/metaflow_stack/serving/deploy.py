@@ -27,8 +27,8 @@ from rich.console import Console
 
 from metaflow_stack import settings
 from metaflow_stack.deploy import helm, nomad
-from metaflow_stack.engines import JobSpec
-from metaflow_stack.engines.docker import DockerEngine, require_engine
+from metaflow_stack.engines import JobSpec, get_engine
+from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import StackError
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.reference import FunctionReference
@@ -112,7 +112,7 @@ def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptio
     key = stack_key()[0]
     with contextlib.suppress(NoSuchContainer):  # a redeploy replaces the previous server
         docker.container.remove(name, force=True)
-    job = DockerEngine().launch(
+    job = get_engine("docker").launch(
         JobSpec(
             image=image,
             command=[],

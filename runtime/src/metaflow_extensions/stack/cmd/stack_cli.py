@@ -217,8 +217,7 @@ def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask before removing with --all.")
 @_friendly
 def down(purge: bool, everything: bool, yes: bool) -> None:
-    from metaflow_stack.engines import OWNER_LABEL, STACK_UP
-    from metaflow_stack.engines.docker import DockerEngine
+    from metaflow_stack.engines import OWNER_LABEL, STACK_UP, get_engine
     from metaflow_stack.errors import DockerUnavailableError
     from metaflow_stack.registry import LocalRegistry
     from metaflow_stack.service.local import LocalService
@@ -232,7 +231,7 @@ def down(purge: bool, everything: bool, yes: bool) -> None:
     if LocalRegistry.default().stop():
         _err.print("registry stopped")
     try:
-        removed = DockerEngine().cleanup(None if everything else {OWNER_LABEL: STACK_UP})
+        removed = get_engine("docker").cleanup(None if everything else {OWNER_LABEL: STACK_UP})
     except DockerUnavailableError:
         removed = 0
     _err.print(f"removed {removed} container(s) " + ("the stack launched" if everything else "`up` left behind"))
