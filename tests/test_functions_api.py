@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import refuse_unpickling
 from metaflow import FunctionParameters, json_function  # snippet 1, verbatim
 
 from metaflow_stack.functions import reference as references
@@ -85,6 +84,8 @@ def test_published_schema_matches_the_model_and_validates_a_reference(train_task
 
 
 def test_binding_does_not_unpickle_artifacts(train_task, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Imported here: this module is itself a function's code, loaded where the tests' conftest is not.
+    from conftest import refuse_unpickling
     from iris_functions import predict
     from metaflow import JsonFunction
 
