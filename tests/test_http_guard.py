@@ -39,7 +39,7 @@ def test_cross_site_pages_are_refused(service: TestClient) -> None:
     assert service.get("/flows/F").status_code == 404  # nothing was written
     sandboxed = service.get("/flows", headers={"origin": "null"})
     assert sandboxed.status_code == 403
-    same_site = service.post("/flows/F", json={}, headers={"origin": "http://127.0.0.1:8080"})
+    same_site = service.post("/flows/F", json={}, headers={"origin": LOOPBACK})  # the page this server served
     assert same_site.status_code == 200
 
 
@@ -88,3 +88,33 @@ def test_no_server_listens_beyond_loopback_without_a_key(command: tuple[str, ...
     assert "error: listening on 0.0.0.0 would let anyone" in refused.stderr
     assert "METAFLOW_STACK_AUTH_KEY" in refused.stderr and "--insecure-no-auth" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_probes_answer_by_any_address_and_malformed_headers_are_refused_not_errors() -> None:
+    from starlette.datastructures import Headers
+
+    guard = Guard(bind="0.0.0.0", key="k", allowed_hosts=("meta.internal",), open_paths=frozenset({"/health"}))
+    # A kubelet probes by the pod's address, which no operator lists: probes reveal and change nothing.
+    assert guard.refusal("/health", Headers({"host": "10.2.3.4:8080"})) is None
+    assert guard.refusal("/flows", Headers({"host": "10.2.3.4:8080"}))[1] == "forbidden_host"
+    assert guard.refusal("/flows", Headers({"host": "["}))[1] == "forbidden_host"
+    assert guard.refusal("/flows", Headers({"host": "meta.internal", "origin": "http://["}))[1] == "forbidden_origin"
+
+
+def test_on_loopback_a_page_must_come_from_this_servers_own_port() -> None:
+    from starlette.datastructures import Headers
+
+    guard = Guard(bind="127.0.0.1")
+    own = Headers({"host": "127.0.0.1:8080", "origin": "http://127.0.0.1:8080"})
+    other = Headers({"host": "127.0.0.1:8080", "origin": "http://localhost:3000"})  # another local program's page
+    assert guard.refusal("/flows", own) is None
+    assert guard.refusal("/flows", other)[1] == "forbidden_origin"
+    assert Guard(bind="127.0.0.2").accepts_host("127.0.0.2")  # its own loopback address, as printed
+
+
+def test_another_programs_malformed_cookie_does_not_hide_the_session() -> None:
+    from starlette.datastructures import Headers
+
+    guard = Guard(key="k3y", cookie=True)
+    cookies = f'theirs={{"x": 1}}; {SESSION_COOKIE}=k3y'
+    assert guard.refusal("/api/flows", Headers({"host": "127.0.0.1:8324", "cookie": cookies})) is None

@@ -57,3 +57,36 @@ def test_code_is_refused_before_it_is_looked_up(monkeypatch: pytest.MonkeyPatch)
     refuse_unpickling(monkeypatch, "the preview")  # only the plain-data unpickler may read it
     with pytest.raises(NotPlainData, match=r"builtins\.eval"):
         plain_loads(data)
+
+
+def test_a_seven_byte_pickle_cannot_grow_the_memo() -> None:
+    import struct
+    import tracemalloc
+
+    data = b"Nr" + struct.pack("<I", 2**31) + b"."  # None, kept in memo slot 2**31
+    tracemalloc.start()
+    try:
+        assert plain_loads(data) is None
+        assert tracemalloc.get_traced_memory()[1] < 10 * 1024 * 1024
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_slow_codec_cannot_rebuild_a_bytearray() -> None:
+    data = pickle.dumps(_Allocates((bytearray, ("x" * 1000, "punycode"))), protocol=2)
+    with pytest.raises(NotPlainData, match="punycode"):
+        plain_loads(data)
+
+
+def test_shared_references_render_within_bounds() -> None:
+    import collections
+    import time
+
+    nested: list = []
+    for _ in range(40):  # 2**40 paths through 40 levels of the same two references
+        nested = [nested, nested]
+    value = plain_loads(pickle.dumps([collections.OrderedDict(a=nested), slice(nested, nested, None)]))
+    started = time.monotonic()
+    text = render(value)
+    assert time.monotonic() - started < 1 and len(text) <= 4000
+    assert text.startswith("[OrderedDict({'a': [[") and "slice(" in text

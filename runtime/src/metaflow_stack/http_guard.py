@@ -68,9 +68,13 @@ def check_exposure(host: str, key: str | None, insecure: bool) -> None:
     )
 
 
-def _hostname(value: str) -> str:
-    """The name in a ``Host`` header or an origin's netloc, without its port."""
-    return (urlsplit(f"//{value}").hostname or "").lower()
+def _split(value: str) -> tuple[str, int | None]:
+    """The name in a ``Host`` header or an origin's netloc, and its port; ``("", None)`` if malformed."""
+    try:
+        parts = urlsplit(f"//{value}")
+        return (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return "", None
 
 
 @dataclass(frozen=True)
@@ -90,18 +94,24 @@ class Guard:
             return True
         if self.bind in _WILDCARDS:
             return not self.allowed_hosts  # any name, unless the operator listed the ones to accept
-        return not is_loopback(self.bind) and name == self.bind.lower().strip("[]")
+        return bool(name) and name == self.bind.lower().strip("[]")
 
     def refusal(self, path: str, headers: Any) -> tuple[int, str, str] | None:
         """Why a request may not go on (status, code, message), or None."""
-        host = _hostname(headers.get("host", ""))
+        if path in self.open_paths and "origin" not in headers:
+            return None  # probes (an orchestrator's, by the pod's address) reveal nothing and change nothing
+        host, port = _split(headers.get("host", ""))
         if not self.accepts_host(host):
             return 403, "forbidden_host", f"this server does not answer to the host name {host or '(none)'!r}"
         origin = headers.get("origin")
-        if origin and origin != "null" and not self.accepts_host(_hostname(urlsplit(origin).netloc)):
-            return 403, "forbidden_origin", f"requests from pages at {origin} are refused"
         if origin == "null":
             return 403, "forbidden_origin", "requests from opaque origins (sandboxed pages, files) are refused"
+        if origin:
+            origin_host, origin_port = _split(origin.partition("://")[2])
+            # On loopback every local program is the same site, so the page must also be this server's port.
+            same_port = not is_loopback(self.bind) or origin_port == port
+            if not (self.accepts_host(origin_host) and same_port):
+                return 403, "forbidden_origin", f"requests from pages at {origin} are refused"
         if self.key and path not in self.open_paths and not self._keyed(headers):
             return 401, "unauthorized", "missing or wrong key (send it as the x-api-key header)"
         return None
@@ -114,14 +124,13 @@ class Guard:
 
 
 def _cookie(header: str, name: str) -> str | None:
-    from http.cookies import CookieError, SimpleCookie
-
-    jar = SimpleCookie()
-    try:
-        jar.load(header)
-    except CookieError:
-        return None
-    return jar[name].value if name in jar else None
+    """One cookie's value, read pair by pair: another program's malformed cookie on the same host must
+    not hide this one (``http.cookies`` gives up on the whole header)."""
+    for pair in header.split(";"):
+        key, _, value = pair.strip().partition("=")
+        if key == name:
+            return value
+    return None
 
 
 class GuardMiddleware:

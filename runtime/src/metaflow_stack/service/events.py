@@ -48,7 +48,7 @@ import contextlib
 from typing import Any
 
 from metaflow_stack.service.relay import Relay
-from metaflow_stack.service.streams import CLOSE, Streams
+from metaflow_stack.service.streams import Streams
 
 
 class EventHub(Relay, Streams):
@@ -78,7 +78,7 @@ class EventHub(Relay, Streams):
         """End every open stream (from any thread), so a stopping server is not held up by them."""
         if self._loop is not None:
             for queue in list(self._subscribers):
-                self._loop.call_soon_threadsafe(queue.put_nowait, CLOSE)
+                self._loop.call_soon_threadsafe(self._end, queue)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -67,6 +67,9 @@ class Relay(Bus):
                     # nats-py turns a cancellation inside publish_async into its own error.
                     raise asyncio.CancelledError from exc
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                # Declared again on the next try: a broker restarted without its storage, or whose stream was
+                # deleted, answers "no stream" to every publish on the connection that outlived it.
+                self._jetstream = None
                 log.warning("event relay paused: %s (retrying in %.1fs)", self.last_error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -62,6 +62,15 @@ class Streams(Bus):
                 except asyncio.QueueFull:
                     self._overflow(queue)
 
+    def _end(self, queue: asyncio.Queue) -> None:
+        """End a stream now: what it buffered is dropped (its client resumes from the log) if it is full."""
+        try:
+            queue.put_nowait(CLOSE)
+        except asyncio.QueueFull:
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(CLOSE)
+
     def _overflow(self, queue: asyncio.Queue) -> None:
         """Drop what a slow stream buffered and end it with where to resume; the log still has it all."""
         self.overflows += 1

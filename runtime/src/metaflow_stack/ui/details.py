@@ -51,27 +51,42 @@ class Details:
             info = plain_loads(self.blobs.read(flow, artifacts["_graph_info"][0]))
         except NotPlainData as exc:
             raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not plain data ({exc})") from None
-        if not isinstance(info, dict) or not isinstance(info.get("steps") or {}, dict):
+        steps = info.get("steps") if isinstance(info, dict) else None
+        if not isinstance(steps or {}, dict) or not all(isinstance(step, dict) for step in (steps or {}).values()):
             raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not the shape Metaflow records")
         parameters = {}
-        for parameter in info.get("parameters") or []:
-            found = artifacts.get(parameter["name"])
-            parameters[parameter["name"]] = self.preview(flow, *found) if found else "(not recorded)"
+        names = [_text(p.get("name")) for p in _list(info.get("parameters")) if isinstance(p, dict)]
+        for name in filter(None, names):
+            found = artifacts.get(name)
+            parameters[name] = self.preview(flow, *found) if found else "(not recorded)"
+        # Only text and lists of text leave here: a recorded graph is data from the flow, answered as JSON.
         return {
-            "start_step": info.get("start_step", "start"),
-            "end_step": info.get("end_step", "end"),
-            "file": info.get("file"),
-            "doc": info.get("doc"),
+            "start_step": _text(info.get("start_step")) or "start",
+            "end_step": _text(info.get("end_step")) or "end",
+            "file": _text(info.get("file")),
+            "doc": _text(info.get("doc")),
             "parameters": parameters,
             "steps": {
-                name: {
-                    "type": step.get("type"),
-                    "next": step.get("next") or [],
-                    "foreach_artifact": step.get("foreach_artifact"),
-                    "matching_join": step.get("matching_join"),
-                    "doc": step.get("doc"),
-                    "decorators": [d.get("name") for d in step.get("decorators") or []],
+                str(name): {
+                    "type": _text(step.get("type")),
+                    "next": _texts(step.get("next")),
+                    "foreach_artifact": _text(step.get("foreach_artifact")),
+                    "matching_join": _text(step.get("matching_join")),
+                    "doc": _text(step.get("doc")),
+                    "decorators": _texts([d.get("name") for d in _list(step.get("decorators")) if isinstance(d, dict)]),
                 }
-                for name, step in (info.get("steps") or {}).items()
+                for name, step in (steps or {}).items()
             },
         }
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _texts(value: Any) -> list[str]:
+    return [item for item in _list(value) if isinstance(item, str)]

@@ -49,9 +49,10 @@ class NotPlainData(Exception):
 
 
 def _bytearray(source: bytes | str = b"", encoding: str = "latin-1") -> bytearray:
-    """``bytearray`` as pickles of protocols 0-4 rebuild it (from its bytes), never ``bytearray(n)``."""
+    """``bytearray`` as pickles of protocols 0-4 rebuild it (from its bytes or latin-1 text), never
+    ``bytearray(n)``, nor through a codec that is slow by design (``punycode`` is quadratic)."""
     if isinstance(source, str):
-        return bytearray(source, encoding)
+        return bytearray(_latin1(source, encoding))
     if isinstance(source, bytes | bytearray):
         return bytearray(source)
     raise NotPlainData(f"bytearray from a {type(source).__name__}")
@@ -85,7 +86,10 @@ _GUARDED = {
 }
 
 
-class _PlainUnpickler(pickle.Unpickler):
+class _PlainUnpickler(pickle._Unpickler):
+    # The pure-Python unpickler: its memo is a dict. The C one grows an array to the largest memo index a
+    # pickle names, so seven bytes (LONG_BINPUT 2**32-1) would ask for tens of GiB.
+
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
         if (module, name) in _GUARDED:
@@ -110,11 +114,21 @@ MAX_INT_DIGITS = 200
 
 
 class _BoundedRepr(reprlib.Repr):
+    """``reprlib`` bounds the containers it knows; every plain type that can hold others is bounded here
+    too (otherwise it falls back to the built-in ``repr``, unbounded on shared, nested references)."""
+
     def repr_int(self, x: int, level: int) -> str:
         # Counting bits, not digits: converting a huge int to text is the slow part.
         if x.bit_length() > MAX_INT_DIGITS * 3.33:
             return f"<int of {x.bit_length():,} bits>"
         return super().repr_int(x, level)
+
+    def repr_OrderedDict(self, x: Any, level: int) -> str:
+        return f"OrderedDict({self.repr_dict(dict(x), level)})"
+
+    def repr_slice(self, x: slice, level: int) -> str:
+        parts = ", ".join(self.repr1(part, level - 1) for part in (x.start, x.stop, x.step))
+        return f"slice({parts})"
 
 
 _REPR = _BoundedRepr()

@@ -71,14 +71,16 @@ def ui(
     url = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
     click.echo(f"Metaflow Stack UI on {url} ({where})", err=True)
     if key:  # the one place the key is shown: the link that signs a browser in
-        url = f"{url.rstrip('/')}{SIGN_IN}?key={quote(key)}"
-        click.echo(f"sign in (once per browser): {url}", err=True)
-    if not no_browser and _has_display():
+        click.echo(f"sign in (once per browser): {url.rstrip('/')}{SIGN_IN}?key={quote(key)}", err=True)
+    # Not with a key: the link would be on the browser's command line, which every user here can read.
+    if not no_browser and not key and _has_display():
         import webbrowser
 
         webbrowser.open(url)
     guard = Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS, cookie=True)
-    config = uvicorn.Config(create_app(source, guard=guard), log_level=log_level, timeout_graceful_shutdown=2)
+    # No access log: it would print the sign-in link's query, the key, at --log-level info.
+    app = create_app(source, guard=guard)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, access_log=False)
     uvicorn.Server(config).run(sockets=[listener])
 
 
