@@ -4,7 +4,9 @@ Online: requests/s and p50/p99 latency at concurrency 1, 8 and 64 (one
 server worker each, closed-loop aiohttp clients on the same machine, after a
 warm-up) for ``metaflow function serve`` (in-process backend, as in the
 image; with and without adaptive batching), a plain FastAPI app calling the
-same model in-process (the limit), and Ray Serve with a FastAPI ingress and
+same model in-process with a sync handler, a hand-written ``async def``
+handler returning orjson without access logging (the limit a FastAPI user
+compares with), and Ray Serve with a FastAPI ingress and
 one replica (the peer). Batch: records/s of
 ``metaflow function batch`` against plain Ray Data ``map_batches`` running
 the same model over the same records with the same actor pool.
@@ -49,6 +51,22 @@ NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 @app.post("/invoke")
 def invoke(data: dict) -> dict:
     return {{"prediction": int(model.predict([[data[n] for n in NAMES]])[0])}}
+"""
+
+ASYNC_APP = """
+import pickle
+import orjson
+from fastapi import FastAPI, Request, Response
+app = FastAPI()
+with open({model!r}, "rb") as f:
+    model = pickle.load(f)
+NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+@app.post("/invoke")
+async def invoke(request: Request) -> Response:
+    data = orjson.loads(await request.body())
+    prediction = int(model.predict([[data[n] for n in NAMES]])[0])
+    return Response(orjson.dumps({{"prediction": prediction}}), media_type="application/json")
 """
 
 RAY_SERVE_APP = """
@@ -116,6 +134,7 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
 
 def online(console: Console, work: Path, reference: Path, model: Path, seconds: float) -> None:
     (work / "plain_app.py").write_text(PLAIN_APP.format(model=str(model)))
+    (work / "async_app.py").write_text(ASYNC_APP.format(model=str(model)))
 
     def ours(*options: str):
         metaflow = str(Path(sys.executable).parent / "metaflow")
@@ -134,7 +153,7 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
     servers = {
         "metaflow function serve (ours, adaptive batching)": ours(),
         "metaflow function serve (ours, --max-batch-size 1)": ours("--max-batch-size", "1"),
-        "plain FastAPI, model in-process (limit)": lambda port: [
+        "plain FastAPI, sync handler, model in-process": lambda port: [
             sys.executable,
             "-m",
             "uvicorn",
@@ -143,6 +162,17 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
             str(port),
             "--log-level",
             "warning",
+        ],
+        "hand-written async FastAPI, orjson, no access log (the limit a user compares with)": lambda port: [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "async_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
         ],
         "Ray Serve, FastAPI ingress, 1 replica (peer)": lambda port: [
             sys.executable,
