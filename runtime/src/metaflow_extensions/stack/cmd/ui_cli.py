@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -70,8 +71,11 @@ def ui(
         ) from None
     url = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
     click.echo(f"Metaflow Stack UI on {url} ({where})", err=True)
-    if key:  # the one place the key is shown: the link that signs a browser in
-        click.echo(f"sign in (once per browser): {url.rstrip('/')}{SIGN_IN}?key={quote(key)}", err=True)
+    if key:
+        # The key is shown only to a person at a terminal: a container's or a service's output is collected
+        # into logs, which must never hold it.
+        shown = quote(key) if sys.stderr.isatty() else "<your key>"
+        click.echo(f"sign in (once per browser): {url.rstrip('/')}{SIGN_IN}?key={shown}", err=True)
     # Not with a key: the link would be on the browser's command line, which every user here can read.
     if not no_browser and not key and _has_display():
         import webbrowser
