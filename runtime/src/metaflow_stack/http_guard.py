@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
+
+from metaflow_stack.api_errors import error_response
 from metaflow_stack.errors import StackError
 
 #: The variable every server reads its key from, unless a server-specific one is set.
@@ -89,12 +92,17 @@ class Guard:
     #: Whether the key may come as the UI's session cookie.
     cookie: bool = False
 
+    def __post_init__(self) -> None:
+        # Every name this server answers to, worked out once rather than on each request.
+        own = {h.lower() for h in self.allowed_hosts}
+        if self.bind not in _WILDCARDS:
+            own.add(self.bind.lower().strip("[]"))
+        object.__setattr__(self, "_names", frozenset(own | LOOPBACK_NAMES))
+        object.__setattr__(self, "_any_name", self.bind in _WILDCARDS and not self.allowed_hosts)
+
     def accepts_host(self, name: str) -> bool:
-        if name in LOOPBACK_NAMES or name in {h.lower() for h in self.allowed_hosts}:
-            return True
-        if self.bind in _WILDCARDS:
-            return not self.allowed_hosts  # any name, unless the operator listed the ones to accept
-        return bool(name) and name == self.bind.lower().strip("[]")
+        # On every interface with no names listed, any name: the key guards it.
+        return name in self._names or (self._any_name and bool(name))
 
     def refusal(self, path: str, headers: Any) -> tuple[int, str, str] | None:
         """Why a request may not go on (status, code, message), or None."""
@@ -141,10 +149,6 @@ class GuardMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            from starlette.datastructures import Headers
-
-            from metaflow_stack.api_errors import error_response
-
             refused = self.guard.refusal(scope["path"], Headers(scope=scope))
             if refused is not None:
                 await error_response(*refused)(scope, receive, send)
