@@ -75,3 +75,57 @@ def test_images_dir_without_a_base_image_is_refused(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("METAFLOW_STACK_IMAGES_DIR", str(tmp_path))
     with pytest.raises(Exception, match="holds no images/base/Dockerfile"):
         catalog.images_root()
+
+
+def _dockerfiles() -> dict[str, str]:
+    """Every image's Dockerfile but the local stand-in for the public Python base."""
+    return {
+        path.parent.name: path.read_text()
+        for path in sorted((PROJECT / "images").glob("*/Dockerfile"))
+        if path.parent.name != "python-base"
+    }
+
+
+def test_every_image_builds_from_the_stack_base() -> None:
+    dockerfiles = _dockerfiles()
+    assert {"base", "function", *catalog.names()} == set(dockerfiles)
+    for name in catalog.names():
+        assert catalog.get(name).base == (None if name == catalog.STACK_BASE else catalog.STACK_BASE), name
+    for name, text in dockerfiles.items():
+        if name != catalog.STACK_BASE:
+            assert "ARG BASE_IMAGE=metaflow-stack/base\nFROM ${BASE_IMAGE}" in text, name
+
+
+def test_the_install_preamble_is_written_once() -> None:
+    # Only the base makes the environment and installs uv; the others add to it with the base's uv.
+    for name, text in _dockerfiles().items():
+        preamble = ("python3 -m venv", "pip install --no-cache-dir", "UV_VERSION", "SHELL [")
+        assert all(line in text for line in preamble) == (name == catalog.STACK_BASE), name
+        assert any(line in text for line in preamble) == (name == catalog.STACK_BASE), name
+
+
+def _pins(lock: str) -> dict[str, str]:
+    lines = (PROJECT / "runtime" / lock).read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith(" "))
+
+
+@pytest.mark.parametrize("extra", ["requirements-service.lock", "requirements-ui.lock"])
+def test_an_extras_lock_keeps_every_version_of_the_core_lock(extra: str) -> None:
+    # The service and UI images add their extra's lock to the base's environment: nothing may move.
+    core, added = _pins("requirements.lock"), _pins(extra)
+    assert len(core) > 20
+    assert {name: added.get(name) for name in core} == core
+
+
+def test_an_image_on_the_base_changes_tag_with_the_base(
+    docker_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metaflow_stack import images
+
+    checkout = _copy_of_the_tree(tmp_path, monkeypatch)
+    _, base_before, service_before = images._plan("metadata-service", docker_engine, probe_registry=False)
+    assert base_before == images._plan(catalog.STACK_BASE, docker_engine, probe_registry=False)[2]
+    with (checkout / "runtime/src/metaflow_stack/catalog.py").open("a") as source:
+        source.write("\n# changed\n")
+    _, base_after, service_after = images._plan("metadata-service", docker_engine, probe_registry=False)
+    assert base_after != base_before and service_after != service_before

@@ -4,6 +4,8 @@ the embedded defaults (a local process, SQLite, in-process events)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from conftest import DEAD_ENGINE_ENV, TEST_LABEL, free_port, run_cli
@@ -34,7 +36,10 @@ def _hello_says(url: str, run: str) -> str:
     return logs.json()["lines"][-1]["text"]
 
 
-def test_up_without_docker_runs_the_service_on_sqlite_and_the_demo(state_dir) -> None:
+def test_up_without_docker_runs_the_service_on_sqlite_and_the_demo(
+    state_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METAFLOW_STACK_STATE_DIR", str(tmp_path))  # no key yet, whichever tests ran before
     env = {**DEAD_ENGINE_ENV, "METAFLOW_STACK_SERVICE_PORT": str(free_port())}
     result = run_cli("stack", "up", env=env)
     try:

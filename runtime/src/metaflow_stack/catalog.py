@@ -1,10 +1,16 @@
 """Which image serves which capability, and what goes into building it.
 
+Every image builds FROM the stack's ``base`` (Python, uv, the locked core
+dependencies, the runtime, the non-root user), so that install preamble is
+written once and its layers are shared; only ``base`` itself builds on the
+Python base (``base_images``).
+
 An image's tag is a hash of everything that determines its content: the files
 of its staged build context (its folder under ``images/`` plus the project
 sources it copies in, the lock file among them) and the base image it builds
-from. The same sources on any machine give the same tag, so a published image
-can be found by computing the tag locally.
+from, whose reference carries the base's own tag. The same sources on any
+machine give the same tag, so a published image can be found by computing the
+tag locally, and a change to the base gives every image above it a new tag.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from metaflow_stack.errors import StackError, UnknownImageError
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", "node_modules"}
 _IGNORED_SUFFIXES = (".pyc", ".egg-info")
 
+#: The catalog image every other image, function images among them, builds FROM.
+STACK_BASE = "base"
+
 
 @dataclass(frozen=True)
 class ImageEntry:
@@ -31,13 +40,16 @@ class ImageEntry:
 
     ``includes`` maps project paths (relative to the project root) to paths in
     the staged build context, so a Dockerfile can ``COPY runtime/ ...`` without
-    the whole repository becoming its context.
+    the whole repository becoming its context. ``base`` names the catalog
+    image it builds FROM; ``None`` only for the stack base itself, which builds
+    on the Python base.
     """
 
     name: str
     description: str
     capabilities: tuple[str, ...]
     includes: tuple[tuple[str, str], ...] = ()
+    base: str | None = STACK_BASE
 
     def context_dir(self) -> Path:
         """The image's own folder under ``images/``."""
@@ -55,22 +67,23 @@ _CATALOG: dict[str, ImageEntry] = {
     entry.name: entry
     for entry in (
         ImageEntry(
-            name="base",
+            name=STACK_BASE,
             description="Python 3.11, uv, Metaflow and the Metaflow Stack runtime; runs as a non-root user",
             capabilities=("core", "flow"),
             includes=_RUNTIME_SOURCES,
+            base=None,
         ),
         ImageEntry(
             name="metadata-service",
             description="The metadata service (metaflow service serve): SQLite, or PostgreSQL and NATS",
             capabilities=("service",),
-            includes=(*_RUNTIME_SOURCES, ("runtime/requirements-service.lock", "runtime/requirements-service.lock")),
+            includes=(("runtime/requirements-service.lock", "requirements-service.lock"),),
         ),
         ImageEntry(
             name="ui",
             description="The UI (metaflow ui) with its built front end, on the metadata service or a mounted datastore",
             capabilities=("ui",),
-            includes=(*_RUNTIME_SOURCES, ("runtime/requirements-ui.lock", "runtime/requirements-ui.lock")),
+            includes=(("runtime/requirements-ui.lock", "requirements-ui.lock"),),
         ),
         ImageEntry(
             name="postgres",

@@ -32,9 +32,16 @@ class ImageInfo:
 
 
 def _plan(name: str, docker: DockerClient, *, probe_registry: bool = True) -> tuple[catalog.ImageEntry, str, str]:
-    """The entry, base image and local reference ``name`` builds to."""
+    """The entry, base image and local reference ``name`` builds to.
+
+    An image on the stack base gets that base's reference, tag included, as
+    its base, so a change to the base gives it a new tag too.
+    """
     entry = catalog.get(name)
-    base = base_images.choose(docker, probe_registry=probe_registry)
+    if entry.base is None:
+        base = base_images.choose(docker, probe_registry=probe_registry)
+    else:
+        base = _plan(entry.base, docker, probe_registry=probe_registry)[2]
     with catalog.staged_context(entry) as context:
         tag = catalog.tag_for(context, base)
     return entry, base, f"{catalog.repository(entry, registry='')}:{tag}"
@@ -46,7 +53,10 @@ def build(name: str, *, push: bool = False, force: bool = False, console: Consol
     docker = require_engine()
     entry, base, ref = _plan(name, docker)
     if force or not docker.image.exists(ref):
-        base_images.ensure(base, docker, console)
+        if entry.base is None:
+            base_images.ensure(base, docker, console)
+        else:
+            resolve(entry.base, console=console)  # the stack base: here, published or built first
         with catalog.staged_context(entry) as context:
             request = builders.BuildRequest(
                 context=context,
@@ -126,7 +136,7 @@ def pull_image(name: str, *, console: Console | None = None) -> str:
 
 
 def resolve(name: str, *, console: Console | None = None) -> str:
-    """A local reference for ``name``: here already, else published, else built now."""
+    """A local reference for ``name``: here already, else published, else built now (its base first)."""
     docker = require_engine()
     _, _, ref = _plan(name, docker)
     if docker.image.exists(ref):

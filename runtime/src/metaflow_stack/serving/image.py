@@ -4,8 +4,9 @@ The build context is staged from the reference: the function's exact pins
 (plus the kind's own packages, FastAPI or Ray Data, at this environment's
 versions when the function's environment lacks them) as
 ``requirements.lock``, the runtime as it travels to foreign workers, and a
-self-contained bundle with the artifacts. The tag is a hash of what decides
-the image's content (Dockerfile, base, lock, runtime, reference digest), so
+self-contained bundle with the artifacts, on the stack base image (resolved
+first: found, pulled or built). The tag is a hash of what decides
+the image's content (Dockerfile, base reference with its tag, lock, runtime, reference digest), so
 the same reference always gives the same tag. ``push`` publishes it to the
 configured registry under the same name.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from metaflow_stack import base_images, builders, catalog, images, settings
+from metaflow_stack import builders, catalog, images, settings
 from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import UnknownImageError
 from metaflow_stack.functions import environment
@@ -90,7 +91,7 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
         raise UnknownImageError(f"unknown image kind {kind!r}; kinds: {', '.join(KINDS)}")
     ref, base = resolve_reference(source)
     docker = require_engine()
-    base_image = base_images.choose(docker)
+    base_image = images.resolve(catalog.STACK_BASE, console=console)
     context_dir = catalog.images_root() / CONTEXT
     dockerfile = (context_dir / "Dockerfile").read_bytes()
     lock = requirements(ref, kind)
@@ -100,7 +101,6 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
     if docker.image.exists(image):
         console.print(f"{image} is up to date")
     else:
-        base_images.ensure(base_image, docker, console)
         with tempfile.TemporaryDirectory(prefix="stack-function-image-") as tmp:
             context = Path(tmp)
             shutil.copytree(context_dir, context, dirs_exist_ok=True)
