@@ -8,11 +8,12 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
 - the failed tasks of a 10k-task foreach: one ``/failures`` request, against
   the metadata requests the stock Client API makes (``Task.successful`` on
   every task; its datastore reads are not counted);
-- writes with events at 1 and 8 writer processes: this service's outbox (the
-  row and its event in one transaction, the relay publishing meanwhile) against
+- writes with events at 1 and 8 writer processes: this service's event log (the
+  row and its event, numbered at insert, in one transaction, the relay
+  publishing meanwhile) against
   the same insert with the reference UI backend's ``pg_notify`` trigger and a
   listener draining it;
-- event fan-out: outbox events delivered to 8 SSE subscribers;
+- event fan-out: logged events delivered to 8 SSE subscribers;
 - the last 100 lines of a 1 GB task log: one ``tail=100`` request, against
   Metaflow's Client API (``Task.loglines``, which reads the whole log).
 
@@ -346,10 +347,10 @@ _ROW = (
 WRITES = {
     # The reference service's insert; the UI backend's trigger NOTIFYs in the same transaction.
     "notify": "INSERT INTO metadata_v3 " + _ROW,
-    # This service: the row and its outbox event, committed together.
-    "outbox": "WITH m AS (INSERT INTO metadata "
+    # This service: the row and its event, committed together.
+    "events": "WITH m AS (INSERT INTO metadata "
     + _ROW
-    + " RETURNING run_number) INSERT INTO outbox (flow_id, run_number, kind, body, ts_epoch) "
+    + " RETURNING run_number) INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) "
     "SELECT '{flow}', run_number, 'metadata', '{{\"fields\": [\"attempt\"]}}', 0 FROM m",
     # The same row with no event at all: the ceiling.
     "plain": "INSERT INTO metadata " + _ROW,
@@ -417,7 +418,7 @@ def writes(pg, ours_url: str, nats_url: str | None, seconds: float, run: int) ->
         stop = threading.Event()
         relay = threading.Thread(target=_relay, args=(ours_url, nats_url, stop), daemon=True)
         relay.start()
-        ours = write_rate(ours_url, "outbox", writers, seconds, run, task)
+        ours = write_rate(ours_url, "events", writers, seconds, run, task)
         stop.set()
         relay.join()
         plain = write_rate(ours_url, "plain", writers, seconds, run, task)
@@ -425,7 +426,7 @@ def writes(pg, ours_url: str, nats_url: str | None, seconds: float, run: int) ->
         rows.append(
             (
                 f"writes with events, {writers} writer(s), rows/s",
-                f"{ours:,.0f} (outbox, relay to {bus} running)",
+                f"{ours:,.0f} (event log, relay to {bus} running)",
                 f"{notify:,.0f} (pg_notify trigger, a listener draining)",
                 f"{ours / notify:.2f}x" + (" (goal ≥ 2x)" if writers == 8 else "") + f"; no events: {plain:,.0f}",
             )
@@ -437,7 +438,7 @@ def writes(pg, ours_url: str, nats_url: str | None, seconds: float, run: int) ->
 
 
 def fan_out(url: str, base: str, events: int, subscribers: int) -> list[tuple[str, str, str, str]]:
-    """Events put in the outbox at once, timed until every subscriber has read them all."""
+    """Events put in the log at once, timed until every subscriber has read them all."""
     import aiohttp
 
     async def run() -> tuple[int, float]:
@@ -461,7 +462,7 @@ def fan_out(url: str, base: str, events: int, subscribers: int) -> list[tuple[st
             readers = [asyncio.create_task(read(session, i)) for i in range(subscribers)]
             await connected.wait()
             await asyncio.sleep(0.5)
-            await asyncio.to_thread(_fill_outbox, url, events)
+            await asyncio.to_thread(_fill_log, url, events)
             started = time.perf_counter()
             async with session.post(f"{base}/flows/FanOut", json={}):  # a write wakes the relay at once
                 pass
@@ -479,9 +480,9 @@ def fan_out(url: str, base: str, events: int, subscribers: int) -> list[tuple[st
     ]
 
 
-def _fill_outbox(url: str, events: int) -> None:
+def _fill_log(url: str, events: int) -> None:
     with psycopg.connect(url) as conn, conn.cursor() as cur:
-        copy_rows(cur, "outbox", "flow_id, kind, body, ts_epoch", ((FLOW, "metadata", "{}", 0) for _ in range(events)))
+        copy_rows(cur, "events", "flow_id, kind, body, ts_epoch", ((FLOW, "metadata", "{}", 0) for _ in range(events)))
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 from metaflow_stack.service.database import connect, downgrade, migrate
 from metaflow_stack.service.schema import metadata
 
-TABLES = {"flows", "runs", "steps", "tasks", "metadata", "artifacts", "outbox", "events", "relay_state"}
+TABLES = {"flows", "runs", "steps", "tasks", "metadata", "artifacts", "events", "parked_events", "relay_state"}
 
 
 def _database_url(kind: str, tmp_path: Path, postgres) -> str:
@@ -62,7 +62,7 @@ def test_revision_0002_moves_events_without_losing_or_renumbering_any(database_u
                     {"seq": seq, "published": published},
                 )
             conn.execute(text(f"INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})"))
-        migrate(database)
+        migrate(database, "0002")
         with database.writer.connect() as conn:
             assert conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all() == [1, 2, 3]
             assert conn.execute(text("SELECT count(*) FROM outbox")).scalar() == 1
@@ -76,6 +76,33 @@ def test_revision_0002_moves_events_without_losing_or_renumbering_any(database_u
                 (3, False),
                 (None, False),
             ]
+    finally:
+        database.dispose()
+
+
+def test_revision_0005_numbers_the_outbox_and_the_log_numbers_on_from_there(database_url: str) -> None:
+    """What the relay had not numbered yet follows its last number; writes then number on, never reusing one."""
+    database = connect(database_url)
+    event = "'F', NULL, 'flow', '{}', 0"
+    try:
+        migrate(database, "0004")
+        with database.writer.begin() as conn:
+            conn.execute(
+                text(f"INSERT INTO events (seq, flow_id, run_number, kind, body, ts_epoch) VALUES (7, {event})")
+            )
+            conn.execute(text("UPDATE relay_state SET last_seq = 7, published_seq = 7"))
+            for _ in range(2):
+                conn.execute(text(f"INSERT INTO outbox (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})"))
+        migrate(database)
+        with database.writer.begin() as conn:
+            assert conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all() == [7, 8, 9]
+            conn.execute(text("DELETE FROM events"))  # pruned: numbering still goes on from 9
+            conn.execute(text(f"INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})"))
+            assert conn.execute(text("SELECT seq FROM events")).scalars().all() == [10]
+        downgrade(database, "0004")
+        with database.writer.connect() as conn:
+            assert conn.execute(text("SELECT seq FROM events")).scalars().all() == [10]
+            assert conn.execute(text("SELECT last_seq FROM relay_state")).scalar() == 10
     finally:
         database.dispose()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, RowMapping, update
 
-from metaflow_stack.service import outbox, rows
+from metaflow_stack.service import event_log, rows
 from metaflow_stack.service import schema as s
 
 
@@ -48,7 +48,7 @@ def track_attempt(conn: Connection, run_row: RowMapping, task_row: RowMapping, d
                 .where(s.runs.c.run_number == run_number)
                 .values(end_status=status, finished_at=datum["ts_epoch"])
             )
-            outbox.add(
+            event_log.append(
                 conn,
                 run_row["flow_id"],
                 run_number,
@@ -57,7 +57,7 @@ def track_attempt(conn: Connection, run_row: RowMapping, task_row: RowMapping, d
             )
     else:
         return
-    outbox.add(
+    event_log.append(
         conn,
         run_row["flow_id"],
         run_number,

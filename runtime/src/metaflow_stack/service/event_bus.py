@@ -34,7 +34,6 @@ def subject(flow_id: str, run_number: int | None) -> str:
 def event_of(row: Any) -> dict[str, Any]:
     return {
         "seq": row["seq"],
-        "run_seq": row["run_seq"],
         "kind": row["kind"],
         "flow_id": row["flow_id"],
         "run_number": row["run_number"],

@@ -1,12 +1,15 @@
-"""Events: the relay that publishes the outbox, and the SSE stream subscribers read.
+"""Events: the relay that publishes the event log, and the SSE stream subscribers read.
 
-The relay moves committed outbox rows into the event log, numbered in the
-order it sees them (``seq`` across everything, ``run_seq`` within a run:
-writes that depend on each other commit one after the other, so a run's
-events keep their causal order), publishes them, then records how far it
-published. A broker that is down only delays events: they wait in the log and
-go out, in order, when it is back. Published events older than the retention
-are pruned from the log.
+Every write appends its events to the log in its own transaction, numbered
+there (``seq``, across everything). The relay publishes the log in ``seq``
+order, as far as it is settled: a number no open transaction can still
+commit (a transaction that holds a number takes its id first, so it shows as
+open in a snapshot until it ends; one that rolled back leaves a hole that is
+skipped once the transactions open at the time are over). Writes that depend
+on each other commit one after the other, so a run's events keep their
+causal order. The relay then records how far it published. A broker that is
+down only delays events: they wait in the log and go out, in order, when it
+is back. Published events older than the retention are pruned from the log.
 
 Two buses. Embedded: subscribers in this process get events straight from the
 relay. Production: NATS JetStream, stream ``METAFLOW_EVENTS`` on subjects
@@ -20,10 +23,12 @@ subscribers from the subject, so a client may connect to any replica.
 
 ``GET /events?flow=&run=&since=`` streams as server-sent events (``id`` is the
 ``seq``, so a browser's ``Last-Event-ID`` resumes). Replay after ``since``
-comes from the database the service reads (a replica, perhaps); when a live
-event shows a gap the reader has not caught up with, the stream waits until
-the reader's newest ``seq`` (the watermark) covers it, then fills the gap:
-nothing is dropped, nothing repeats. Memory per stream is bounded: replay
+comes from the database the service reads (a replica, perhaps), up to what
+the relay has published there (the watermark: ``relay_state``, which commits
+after the events it covers); when a live event shows a gap the reader has not
+caught up with, the stream waits until the watermark covers it, then fills
+the gap: nothing is dropped, nothing repeats (a rolled-back write's number
+never appears). Memory per stream is bounded: replay
 and gap fills are read in pages of ``REPLAY_PAGE``, and a stream buffers at
 most ``STREAM_BUFFER`` live events; a consumer too slow for that gets a
 ``resume`` event naming its last ``seq`` and the stream ends, so it
@@ -52,12 +57,12 @@ from metaflow_stack.service.streams import Streams
 
 
 class EventHub(Relay, Streams):
-    """Relays the outbox to the bus and fans events out to this process's streams."""
+    """Relays the event log to the bus and fans events out to this process's streams."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._task = asyncio.create_task(self._relay(), name="outbox-relay")
+        self._task = asyncio.create_task(self._relay(), name="event-relay")
 
     async def stop(self) -> None:
         self._stopping = True

@@ -1,4 +1,4 @@
-"""The relay: moves committed outbox rows into the numbered event log and publishes them.
+"""The relay: publishes the event log in ``seq`` order, as far as it is settled.
 
 In process, or to NATS JetStream in messages of up to ``MESSAGE_EVENTS``
 consecutive events of one run; what the broker refuses outright is parked;
@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, delete, insert, select, text, update
 
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.access import now_ms
@@ -22,8 +22,12 @@ from metaflow_stack.service.event_bus import STREAM, Bus, event_of, subject
 
 log = logging.getLogger("metaflow_stack.service.events")
 
-_RELAY_LOCK = 7_300_002
 _BATCH = 2000
+#: The bounds of the reading transaction's snapshot: every transaction below ``xmin`` has ended, and
+#: every one the snapshot could list as open is below ``xmax``.
+_SNAPSHOT_BOUNDS = text(
+    "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint FROM pg_current_snapshot() s"
+)
 PUBLISH_TIMEOUT_S = 5.0
 #: Events of one run per NATS message, at most (a message stays well under NATS's 1 MB default).
 MESSAGE_EVENTS = 256
@@ -42,7 +46,11 @@ def _refused(error: BaseException) -> bool:
 
 
 class Relay(Bus):
-    """Numbers, publishes, parks and prunes."""
+    """Publishes, parks and prunes."""
+
+    #: While the log has a hole: the ``xmax`` of the snapshot that first saw it, and the highest ``seq``
+    #: that snapshot read (holes below it are rolled back once every transaction below ``xmax`` ended).
+    _horizon: tuple[int, int] | None = None
 
     async def _relay(self) -> None:
         backoff = 0.1
@@ -52,7 +60,7 @@ class Relay(Bus):
                     await self._wakeup.wait()
             self._wakeup.clear()
             try:
-                while batch := await asyncio.to_thread(self._number):
+                while batch := await asyncio.to_thread(self._pending):
                     await self._publish(batch)
                     await asyncio.to_thread(self._mark, batch[-1]["seq"])
                     self.published += len(batch)
@@ -75,47 +83,54 @@ class Relay(Bus):
                 backoff = min(backoff * 2, 5.0)
                 self._wakeup.set()
 
-    def _number(self) -> list[dict[str, Any]]:
-        """Move committed outbox rows into the event log, numbered; return what is unpublished, in order.
+    def _pending(self) -> list[dict[str, Any]]:
+        """The events to publish next: the log after the published watermark, in order, up to the first
+        number an open transaction may still commit.
 
-        Appending (one insert and one delete per batch) rather than numbering
-        rows in place keeps the relay's cost off the writers: no event row is
-        ever rewritten, and the outbox stays a handful of rows.
+        Reading only, in one snapshot: the writes numbered the events, so the
+        relay's own database work is a read and, per batch, one watermark update.
         """
-        o, e, state = s.outbox.c, s.events.c, s.relay_state.c
-        with self.db.writer.begin() as conn:
-            if self.db.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _RELAY_LOCK})
-            seq, published = conn.execute(select(state.last_seq, state.published_seq)).one()
-            fresh = conn.execute(select(s.outbox).order_by(o.id).limit(_BATCH)).mappings().all()
-            if fresh:
-                runs = {row["run_number"] for row in fresh if row["run_number"] is not None}
-                run_seq = dict(
-                    conn.execute(
-                        select(s.runs.c.run_number, s.runs.c.event_seq).where(s.runs.c.run_number.in_(runs))
-                    ).all()
-                )
-                numbered = []
-                for row in fresh:
-                    seq += 1
-                    number = row["run_number"]
-                    if number is not None:
-                        run_seq[number] += 1
-                    numbered.append(event_of({**row, "seq": seq, "run_seq": run_seq.get(number)}))
-                conn.execute(insert(s.events), numbered)
-                conn.execute(delete(s.outbox).where(o.id.in_([row["id"] for row in fresh])))
-                conn.execute(update(s.relay_state).values(last_seq=seq))
-                if run_seq:
-                    conn.execute(
-                        update(s.runs).where(s.runs.c.run_number == bindparam("b_run")),
-                        [{"b_run": n, "event_seq": value} for n, value in run_seq.items()],
-                    )
-                if numbered[0]["seq"] == published + 1:
-                    return numbered  # nothing was waiting: this batch is what to publish
-            if seq == published:
-                return []
-            pending = conn.execute(select(s.events).where(e.seq > published).order_by(e.seq).limit(_BATCH))
-            return [event_of(row) for row in pending.mappings()]
+        e = s.events.c
+        with self._snapshot() as conn:
+            published = conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
+            query = select(s.events).where(e.seq > published).order_by(e.seq).limit(_BATCH)
+            rows = conn.execute(query).mappings().all()
+            if not rows or self.db.dialect != "postgresql":
+                # SQLite has one writer at a time: a number not visible now was rolled back.
+                return [event_of(row) for row in rows]
+            xmin, xmax = conn.execute(_SNAPSHOT_BOUNDS).one()
+        return self._settled(published, rows, xmin, xmax)
+
+    def _snapshot(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection whose transaction reads one snapshot (the log and the snapshot's bounds agree)."""
+        conn = self.db.writer.connect()
+        if self.db.dialect == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        return contextlib.closing(conn)
+
+    def _settled(self, published: int, rows: list[Any], xmin: int, xmax: int) -> list[dict[str, Any]]:
+        """The leading events of ``rows`` (read in a snapshot with bounds ``xmin``/``xmax``) that nothing
+        can still precede.
+
+        A missing number is held by an open transaction or was rolled back. Its
+        holder took its transaction id before the number, and the number was
+        handed out before the highest one this snapshot sees, so the holder is
+        among the transactions this snapshot lists as open (all below its
+        ``xmax``). Once a later snapshot's ``xmin`` passes that ``xmax``, they
+        have all ended: a number still missing then was rolled back and is
+        skipped. Meanwhile the relay stops at the hole (a commit wakes it).
+        """
+        settled, expected = [], published + 1
+        for row in rows:
+            if row["seq"] != expected:
+                horizon = self._horizon
+                if horizon is None or xmin < horizon[0] or row["seq"] - 1 > horizon[1]:
+                    if horizon is None or xmin >= horizon[0]:
+                        self._horizon = (xmax, rows[-1]["seq"])
+                    break
+            settled.append(event_of(row))
+            expected = row["seq"] + 1
+        return settled
 
     def _mark(self, upto: int) -> None:
         """Record that every event through ``upto`` is published (never moving backwards)."""

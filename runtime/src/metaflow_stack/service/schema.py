@@ -7,12 +7,11 @@ artifacts) with three differences that make reads cheap:
   same transaction as the metadata row that carries them), so status filters,
   summaries and failure lists are one indexed query instead of a join over
   every metadata row;
-- runs keep ``end_status`` for the same reason, and ``event_seq``, the last
-  ``run_seq`` the relay handed out for the run;
-- events go through a transactional outbox: a write and its event commit
-  together (``outbox``); the relay moves them, numbered in commit order, into
-  ``events`` (append-only, so numbering never rewrites a row) and records how
-  far it published in ``relay_state``.
+- runs keep ``end_status`` for the same reason;
+- a write appends its events to ``events`` in its own transaction, numbered
+  there (``seq``), so a write and its event commit together and no event row
+  is ever written twice; the relay only publishes them and records how far
+  it published in ``relay_state``.
 
 Every listing has an index that ends in its keyset (sort key, then id), so the
 deepest page costs what the first does. Change a table only through a new
@@ -90,7 +89,6 @@ runs = Table(
     Column("last_heartbeat_ts", BigInteger),
     Column("end_status", String(16)),
     Column("finished_at", BigInteger),
-    Column("event_seq", BigInteger, nullable=False, server_default="0"),
     UniqueConstraint("flow_id", "run_id", name="uq_runs_run_id"),
     Index("ix_runs_keyset", "flow_id", "ts_epoch", "run_number"),
     Index("ix_runs_user", "flow_id", "user_name", "ts_epoch", "run_number"),
@@ -164,24 +162,10 @@ artifacts = Table(
     Index("ix_artifacts_flow_sha", "flow_id", "sha", "id"),  # where one value went (lineage)
 )
 
-#: The transactional outbox: a write's events, committed with it, waiting for the relay.
-outbox = Table(
-    "outbox",
-    metadata,
-    Column("id", Id, primary_key=True, autoincrement=True),
-    Column("flow_id", NAME, nullable=False),
-    Column("run_number", Id),
-    Column("kind", String(32), nullable=False),
-    Column("body", Json, nullable=False),
-    Column("ts_epoch", BigInteger, nullable=False),
-)
 
-
-def _numbered_event() -> list[Column]:
-    """An event as the relay numbered it: the event log's columns, and a parked event's."""
+def _event() -> list[Column]:
+    """What an event is: the event log's columns after ``seq``, and a parked event's."""
     return [
-        Column("seq", Id, autoincrement=False, nullable=False),
-        Column("run_seq", BigInteger),
         Column("flow_id", NAME, nullable=False),
         Column("run_number", Id),
         Column("kind", String(32), nullable=False),
@@ -190,31 +174,33 @@ def _numbered_event() -> list[Column]:
     ]
 
 
-#: The event log: outbox rows the relay numbered (``seq`` across everything, ``run_seq``
-#: within the run) in the order it took them, kept for replay until pruned.
+#: The event log, appended to by the writes themselves and kept for replay until pruned. ``seq``
+#: is given at insert: on PostgreSQL by ``stack_next_event_seq()`` (a sequence, taken after the
+#: transaction's id, see migration 0005), on SQLite by ``AUTOINCREMENT`` (never reused after pruning).
 events = Table(
     "events",
     metadata,
-    *_numbered_event(),
-    PrimaryKeyConstraint("seq", name="events_seq_pkey"),
-    Index("ix_events_run", "run_number", "run_seq"),
+    Column("seq", Id, primary_key=True, autoincrement=True),
+    *_event(),
+    Index("ix_events_run", "run_number", "seq"),
+    sqlite_autoincrement=True,
 )
 
 #: Events the broker refused (``reason`` is its answer), set aside so the relay goes on.
 parked_events = Table(
     "parked_events",
     metadata,
-    *_numbered_event(),
+    Column("seq", Id, autoincrement=False, nullable=False),
+    *_event(),
     Column("reason", Text, nullable=False),
     Column("parked_at", BigInteger, nullable=False),
     PrimaryKeyConstraint("seq", name="parked_events_seq_pkey"),
 )
 
-#: One row: the last ``seq`` handed out and the last one published.
+#: One row: the last ``seq`` published (every event up to it is out, or parked).
 relay_state = Table(
     "relay_state",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("last_seq", BigInteger, nullable=False),
     Column("published_seq", BigInteger, nullable=False),
 )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.service import schema as s
@@ -112,9 +112,11 @@ class Streams(Bus):
         try:
             last = subscription.since
             if last is not None:
-                async for page in self._pages(scope, last, None):
+                # Only what is settled: past the watermark a number may still be filled in by an open write.
+                upto = await asyncio.to_thread(self._watermark)
+                async for page in self._pages(scope, last, upto):
                     yield b"".join(sse_frame(event) for event in page)
-                    last = page[-1]["seq"]
+                last = max(last, upto)
             while not await request.is_disconnected():
                 try:
                     async with asyncio.timeout(KEEP_ALIVE_S):
@@ -152,8 +154,9 @@ class Streams(Bus):
                     await live.unsubscribe()
 
     def _watermark(self) -> int:
+        """How far the reader shows the log settled: the relay's published mark, committed after the events."""
         with self.db.reader.connect() as conn:
-            return conn.execute(select(func.coalesce(func.max(s.events.c.seq), 0))).scalar_one()
+            return conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
 
     async def _pages(
         self, scope: tuple[str | None, int | None], after: int, upto: int | None

@@ -1,7 +1,7 @@
 """The writes of Metaflow's service 2.5.x: creation, heartbeats, metadata, artifacts and tags.
 
-Every write is one transaction that also appends its event to the outbox
-(``outbox.add``), so a write and its event commit or roll back together; a
+Every write is one transaction that also appends its event to the event log
+(``event_log.append``), so a write and its event commit or roll back together; a
 failed request leaves nothing behind. Creation conflicts answer 409 (the
 client then reads the row), a missing parent 404; bodies arrive checked
 (``bodies``).
@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.datastore.attempts import attempt_of
 from metaflow_stack.ids import check_id
-from metaflow_stack.service import outbox, rows
+from metaflow_stack.service import event_log, rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.access import TableAccess, now_ms, under
 from metaflow_stack.service.attempts import track_attempt
@@ -67,7 +67,7 @@ class Writes(TableAccess):
         row = {"flow_id": check_id("flow_id", flow_id), "ts_epoch": now_ms(), **body.model_dump(include=_OWNER)}
         with self.write(f"flow {flow_id}") as conn:
             conn.execute(insert(s.flows).values(row))
-            outbox.add(conn, flow_id, None, "flow", {"flow_id": flow_id})
+            event_log.append(conn, flow_id, None, "flow", {"flow_id": flow_id})
         return rows.flow(row)
 
     def create_run(self, flow_id: str, body: RunBody) -> dict[str, Any]:
@@ -86,7 +86,7 @@ class Writes(TableAccess):
         with self.write(f"run {flow_id}/{run_id or '(new)'}") as conn:
             number = conn.execute(insert(s.runs).values(values).returning(s.runs.c.run_number)).scalar_one()
             row = {**values, "run_number": number}
-            outbox.add(conn, flow_id, number, "run", rows.run(row))
+            event_log.append(conn, flow_id, number, "run", rows.run(row))
         return rows.run(row)
 
     def create_step(self, flow_id: str, run: str, step_name: str, body: Created) -> dict[str, Any]:
@@ -97,7 +97,7 @@ class Writes(TableAccess):
             values["user_name"] = values["user_name"] or ""
             conn.execute(insert(s.steps).values(values))
             answer = rows.step(values, run_row)
-            outbox.add(conn, flow_id, run_row["run_number"], "step", answer)
+            event_log.append(conn, flow_id, run_row["run_number"], "step", answer)
         return answer
 
     def create_task(self, flow_id: str, run: str, step_name: str, body: TaskBody) -> dict[str, Any]:
@@ -120,7 +120,7 @@ class Writes(TableAccess):
             if beats:
                 self._beat_run(conn, run_row["run_number"])
             answer = rows.task({**values, "task_id": task_id}, run_row)
-            outbox.add(conn, flow_id, run_row["run_number"], "task", answer)
+            event_log.append(conn, flow_id, run_row["run_number"], "task", answer)
         return answer
 
     # -- heartbeats ---------------------------------------------------------
@@ -144,7 +144,7 @@ class Writes(TableAccess):
                     .where(s.runs.c.run_number == run_row["run_number"])
                     .values(end_status=status, finished_at=now_ms())
                 )
-                outbox.add(
+                event_log.append(
                     conn,
                     flow_id,
                     run_row["run_number"],
@@ -185,7 +185,7 @@ class Writes(TableAccess):
                 values.append(ids | datum.model_dump() | {"attempt_id": attempt_of(datum.tags), "ts_epoch": now_ms()})
             if values:
                 conn.execute(insert(s.metadata_rows), values)
-            outbox.add(
+            event_log.append(
                 conn,
                 flow_id,
                 run_row["run_number"],
@@ -208,7 +208,7 @@ class Writes(TableAccess):
                 dialect_insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
                 statement = dialect_insert(s.artifacts).on_conflict_do_nothing()
                 created = conn.execute(statement, values).rowcount
-            outbox.add(
+            event_log.append(
                 conn,
                 flow_id,
                 run_row["run_number"],
@@ -240,7 +240,7 @@ class Writes(TableAccess):
                     conn.execute(
                         update(s.runs).where(s.runs.c.run_number == run_row["run_number"]).values(tags=sorted(tags))
                     )
-                    outbox.add(
+                    event_log.append(
                         conn,
                         flow_id,
                         run_row["run_number"],
