@@ -4,6 +4,7 @@ while the database replica a stream reads from lags behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
@@ -111,10 +112,18 @@ def test_sse_delivers_every_write_in_order_and_resumes(service_factory) -> None:
 async def _stored(nats_url: str, expected: int) -> list[tuple[dict, str]]:
     """The first ``expected`` events JetStream holds, in order, each with the subject it was stored on."""
     import nats
+    from nats.js.errors import NotFoundError
 
     connection = await nats.connect(nats_url)
     jetstream = connection.jetstream()
-    subscription = await jetstream.subscribe("metaflow.events.>", ordered_consumer=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:  # the service's relay declares the stream once it has connected
+            subscription = await jetstream.subscribe("metaflow.events.>", ordered_consumer=True)
+            break
+        except NotFoundError:
+            assert time.monotonic() < deadline, "the service declares its JetStream stream"
+            await asyncio.sleep(0.1)
     found: dict[int, tuple[dict, str]] = {}
     while len(found) < expected:
         message = await subscription.next_msg(timeout=10)
@@ -220,7 +229,7 @@ def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(
     hub = EventHub(database, None)
 
     def pending() -> list[int]:
-        return [event["seq"] for event in hub._pending()]
+        return [event.seq for event in hub._pending()]
 
     def append(conn, flow: str) -> None:
         event_log.append(conn, flow, None, "flow", {"flow_id": flow})
@@ -245,6 +254,7 @@ def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(
         assert pending() == []
         assert pending() == [4]
     finally:
+        hub.close_connection()
         database.dispose()
 
 

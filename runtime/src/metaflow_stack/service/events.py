@@ -63,6 +63,7 @@ class EventHub(Relay, Streams):
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._relay(), name="event-relay")
+        self.wake()  # a first round now: it connects to the broker and publishes what waited in the log
 
     async def stop(self) -> None:
         self._stopping = True
@@ -70,6 +71,7 @@ class EventHub(Relay, Streams):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.close_connection()
         if self._nats is not None:
             with contextlib.suppress(Exception):
                 await self._nats.close()

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.service import schema as s
-from metaflow_stack.service.event_bus import SUBJECT_PREFIX, Bus, event_of, sse_frame
+from metaflow_stack.service.event_bus import SUBJECT_PREFIX, Bus, Logged, logged_events, sse_frame
 
 #: A comment line on an idle stream, so proxies keep it open and a gone client is noticed.
 KEEP_ALIVE_S = 15.0
@@ -53,9 +53,10 @@ class Streams(Bus):
             self._fan_out(event)
 
     def _fan_out(self, event: dict[str, Any], encoded: str | None = None) -> None:
-        """Hand ``event`` to every open stream, encoded once for all of them; a full buffer overflows."""
+        """Hand ``event`` (its head at least, when ``encoded`` is the whole) to every open stream, framed
+        once for all of them; a full buffer overflows."""
         if self._subscribers:
-            item = (event, sse_frame(event, encoded))
+            item = (event, sse_frame(event["seq"], event["kind"], encoded or json.dumps(event)))
             for queue in list(self._subscribers):
                 try:
                     queue.put_nowait(item)
@@ -115,7 +116,7 @@ class Streams(Bus):
                 # Only what is settled: past the watermark a number may still be filled in by an open write.
                 upto = await asyncio.to_thread(self._watermark)
                 async for page in self._pages(scope, last, upto):
-                    yield b"".join(sse_frame(event) for event in page)
+                    yield b"".join(sse_frame(event.seq, event.kind, event.data) for event in page)
                 last = max(last, upto)
             while not await request.is_disconnected():
                 try:
@@ -137,7 +138,7 @@ class Streams(Bus):
                         continue  # already sent, or a duplicate publish
                     if last is not None and event["seq"] > last + 1:
                         async for page in self._pages(scope, last, event["seq"] - 1):
-                            yield b"".join(chunk + [sse_frame(m) for m in page])
+                            yield b"".join(chunk + [sse_frame(m.seq, m.kind, m.data) for m in page])
                             chunk = []
                     last = event["seq"]
                     if _in_scope(event, scope):
@@ -158,36 +159,32 @@ class Streams(Bus):
         with self.db.reader.connect() as conn:
             return conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
 
-    async def _pages(
-        self, scope: tuple[str | None, int | None], after: int, upto: int | None
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """The log's events after ``after`` (through ``upto``) in scope, a page at a time."""
+    async def _pages(self, scope: tuple[str | None, int | None], after: int, upto: int) -> AsyncIterator[list[Logged]]:
+        """The log's events after ``after`` through ``upto`` in scope, a page at a time."""
         while True:
             page = await asyncio.to_thread(self._replay, scope, after, upto)
             if page:
                 yield page
-                after = page[-1]["seq"]
+                after = page[-1].seq
             if len(page) < REPLAY_PAGE:
                 return
 
-    def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int | None) -> list[dict[str, Any]]:
-        """A page of events after ``after`` (through ``upto``, waiting for a lagging reader to show them)."""
+    def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int) -> list[Logged]:
+        """A page of events after ``after`` through ``upto``, waiting for a lagging reader to show them."""
         deadline = time.monotonic() + WATERMARK_TIMEOUT_S
-        while upto is not None and self._watermark() < upto:
+        while self._watermark() < upto:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the database replica did not reach event {upto} in {WATERMARK_TIMEOUT_S:.0f}s")
             time.sleep(0.05)
         e = s.events.c
-        query = select(s.events).where(e.seq > after)
-        if upto is not None:
-            query = query.where(e.seq <= upto)
+        query = logged_events(self.db.dialect).where(e.seq > after, e.seq <= upto)
         flow, run = scope
         if flow is not None:
             query = query.where(e.flow_id == flow)
         if run is not None:
             query = query.where(e.run_number == run)
         with self.db.reader.connect() as conn:
-            return [event_of(r) for r in conn.execute(query.order_by(e.seq).limit(REPLAY_PAGE)).mappings()]
+            return [Logged(*row) for row in conn.execute(query.order_by(e.seq).limit(REPLAY_PAGE))]
 
 
 def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bool:

@@ -9,7 +9,8 @@ transaction take its id before the number (so any transaction that holds a
 number not yet visible is listed in a later snapshot: the relay can tell a
 number still in flight from one rolled back); from ``AUTOINCREMENT`` on
 SQLite, whose single writer commits numbers in order. ``run_seq`` goes: a
-per-run counter would make every writer of a run wait for the one before.
+per-run counter would make every writer of a run wait for the one before;
+so does its index (concurrent writers of a run all appended to one leaf).
 Whatever was still in the outbox is numbered on the way, as the relay would
 have.
 
@@ -82,7 +83,6 @@ def upgrade() -> None:
         op.drop_table("events")
         op.rename_table("events_0005", "events")
         op.execute("UPDATE sqlite_sequence SET name = 'events' WHERE name = 'events_0005'")
-    op.create_index("ix_events_run", "events", ["run_number", "seq"], unique=False)
     # ALTER TABLE ... DROP COLUMN in place (SQLite 3.35+): a copied runs table would trip its foreign keys.
     op.drop_column("relay_state", "last_seq")
     op.drop_column("parked_events", "run_seq")
@@ -94,7 +94,6 @@ def downgrade() -> None:
     op.add_column("parked_events", sa.Column("run_seq", sa.BigInteger(), nullable=True))
     op.add_column("relay_state", sa.Column("last_seq", sa.BigInteger(), server_default="0", nullable=False))
     op.execute("UPDATE relay_state SET last_seq = (SELECT COALESCE(MAX(seq), published_seq) FROM events)")
-    op.drop_index("ix_events_run", table_name="events")
     if op.get_bind().dialect.name == "postgresql":
         op.execute("ALTER TABLE events ALTER COLUMN seq DROP DEFAULT")
         op.execute("DROP FUNCTION stack_next_event_seq()")
