@@ -390,14 +390,15 @@ def _listen(url: str, stop: threading.Event) -> None:
 
 
 def _relay(url: str, nats_url: str | None, stop: threading.Event) -> None:
-    """The service's relay, woken as often as the service wakes it (after every commit, at this rate)."""
+    """The service's relay, woken as the service wakes it after its commits (the writers here are
+    other processes, so every 10 ms: the relay gathers for longer than that after a wake-up)."""
 
     async def main() -> None:
         hub = EventHub(connect(url), nats_url)
         await hub.start()
         while not stop.is_set():
             hub.wake()
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.01)
         await hub.stop()
 
     asyncio.run(main())

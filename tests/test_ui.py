@@ -369,3 +369,26 @@ def test_a_tasks_card_is_listed_and_shown_sandboxed(ui: Ui, chromium) -> None:
     expect(page.locator("iframe[title='card summary']")).to_have_attribute("sandbox", "allow-scripts")
     page.screenshot(path=SHOTS / "task-card.png", full_page=True)
     page.close()
+
+
+def test_on_every_interface_the_ui_prints_a_link_this_machine_opens_and_no_key(tmp_path: Path) -> None:
+    # As in its image: bound to 0.0.0.0 with a key, its output collected (not a terminal).
+    command = [str(VENV_BIN / "metaflow"), "ui", "--host", "0.0.0.0", "--port", "0", "--no-browser"]
+    command += ["--datastore-root", str(tmp_path)]
+    key = "a-key-that-must-stay-out-of-logs"
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "METAFLOW_STACK_AUTH_KEY": key},
+    )
+    try:
+        lines = [server.stderr.readline() for _ in range(2)]
+        assert lines[0].startswith("Metaflow Stack UI on http://127.0.0.1:"), lines
+        port = re.search(r":(\d+)/", lines[0])[1]
+        assert lines[1].strip() == f"sign in (once per browser): http://127.0.0.1:{port}/sign-in?key=<your key>"
+        assert key not in "".join(lines)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

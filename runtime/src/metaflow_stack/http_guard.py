@@ -40,7 +40,8 @@ KEY_VARIABLE = "METAFLOW_STACK_AUTH_KEY"
 #: The UI's session cookie: the key, set by its sign-in link.
 SESSION_COOKIE = "metaflow_stack_key"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+#: Bind addresses meaning every interface.
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 
 
 def is_loopback(host: str) -> bool:
@@ -95,10 +96,10 @@ class Guard:
     def __post_init__(self) -> None:
         # Every name this server answers to, worked out once rather than on each request.
         own = {h.lower() for h in self.allowed_hosts}
-        if self.bind not in _WILDCARDS:
+        if self.bind not in WILDCARDS:
             own.add(self.bind.lower().strip("[]"))
         object.__setattr__(self, "_names", frozenset(own | LOOPBACK_NAMES))
-        object.__setattr__(self, "_any_name", self.bind in _WILDCARDS and not self.allowed_hosts)
+        object.__setattr__(self, "_any_name", self.bind in WILDCARDS and not self.allowed_hosts)
 
     def accepts_host(self, name: str) -> bool:
         # On every interface with no names listed, any name: the key guards it.

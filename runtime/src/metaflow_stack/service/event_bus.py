@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import threading
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, Text, cast, func, select
+from sqlalchemy import Connection, Select, Text, cast, func, select
 
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
@@ -93,12 +94,17 @@ class Bus:
         self.overflows = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+        #: A wake-up is on its way to the relay (so further commits need not send one).
+        self._wake_due = False
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._nats: Any = None
         #: The NATS subscription feeding this process's streams, held only while some stream is open.
         self._live: Any = None
         self._jetstream: Any = None
+        #: The relay's own database connection, and the lock that keeps it to one thread at a time.
+        self._conn: Connection | None = None
+        self._conn_lock = threading.Lock()
         self.published = 0
         self.last_error: str | None = None
 

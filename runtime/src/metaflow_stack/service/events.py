@@ -71,14 +71,20 @@ class EventHub(Relay, Streams):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.close_connection()
+        await asyncio.to_thread(self.close_connection)
         if self._nats is not None:
             with contextlib.suppress(Exception):
                 await self._nats.close()
 
     def wake(self) -> None:
-        """Called after each committed write, from any thread."""
-        if self._loop is not None and self._wakeup is not None:
+        """Called after each committed write, from any thread.
+
+        Only the first call of a round reaches the event loop (one wake-up of
+        the loop per call would cost the server a loop iteration per write);
+        a call racing the relay's reset costs at most one round more.
+        """
+        if self._loop is not None and self._wakeup is not None and not self._wake_due:
+            self._wake_due = True
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     def close_streams(self) -> None:

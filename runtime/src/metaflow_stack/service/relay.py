@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Select, Update, bindparam, delete, insert, literal_column, select, update
@@ -75,7 +76,6 @@ class Relay(Bus):
     #: While the log has a hole: the ``xmax`` of the snapshot that first saw it, and the highest ``seq``
     #: that snapshot read (holes below it are rolled back once every transaction below ``xmax`` ended).
     _horizon: tuple[int, int] | None = None
-    _conn: Connection | None = None
 
     async def _relay(self) -> None:
         backoff = 0.1
@@ -85,6 +85,7 @@ class Relay(Bus):
                     await self._wakeup.wait()
             await asyncio.sleep(GATHER_S)
             self._wakeup.clear()
+            self._wake_due = False
             try:
                 if self.nats_url:
                     await self._connect()  # declares the stream even before the first event, for consumers
@@ -122,8 +123,7 @@ class Relay(Bus):
         the rows): the writes numbered the events, so the relay's own database
         work is this read and, per batch, one watermark update.
         """
-        conn = self._connection()
-        with conn.begin():
+        with self._database() as conn, conn.begin():
             rows = conn.execute(_pending_query(self.db.dialect)).all()
         if self.db.dialect != "postgresql":
             # SQLite has one writer at a time: a number not visible now was rolled back.
@@ -159,31 +159,34 @@ class Relay(Bus):
 
     def _mark(self, upto: int) -> None:
         """Record that every event through ``upto`` is published (never moving backwards)."""
-        conn = self._connection()
-        with conn.begin():
+        with self._database() as conn, conn.begin():
             conn.execute(_mark_statement(), {"upto": upto})
 
-    def _connection(self) -> Connection:
-        """The relay's own database connection, kept from one round to the next.
+    @contextlib.contextmanager
+    def _database(self) -> Iterator[Connection]:
+        """The relay's own database connection, kept from one round to the next, used by one thread at a time.
 
         A connection from the pool each round cost a liveness ping and a reset
         every time, several rounds a second. On PostgreSQL its commits do not
         wait for the disk: it only ever commits the watermark, and a mark lost
         in a crash means those events go out again, which consumers allow for.
         """
-        if self._conn is None or self._conn.invalidated:
-            self._conn = self.db.writer.connect()
-            if self.db.dialect == "postgresql":
-                self._conn.exec_driver_sql("SET synchronous_commit TO OFF")
-                self._conn.commit()
-        return self._conn
+        with self._conn_lock:
+            if self._conn is None or self._conn.invalidated:
+                self._conn = self.db.writer.connect()
+                if self.db.dialect == "postgresql":
+                    self._conn.exec_driver_sql("SET synchronous_commit TO OFF")
+                    self._conn.commit()
+            yield self._conn
 
     def close_connection(self) -> None:
-        """Give the relay's connection back (after an error, or when stopping); the next round opens one."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        """Give the relay's connection back (after an error, or when stopping), once a round still using it
+        in its thread is done; the next round opens another."""
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def prune(self, retention_s: float) -> int:
         """Delete published events older than ``retention_s`` from the log; returns how many."""

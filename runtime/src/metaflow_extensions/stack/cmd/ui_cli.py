@@ -55,7 +55,7 @@ def ui(
     import uvicorn
 
     from metaflow_stack.errors import StackError
-    from metaflow_stack.http_guard import Guard, check_exposure, configured_key
+    from metaflow_stack.http_guard import WILDCARDS, Guard, check_exposure, configured_key
     from metaflow_stack.ui.app import OPEN_PATHS, SIGN_IN, create_app
 
     key = configured_key("METAFLOW_STACK_UI_AUTH_KEY")
@@ -69,7 +69,9 @@ def ui(
         raise StackError(
             f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port (0: any free one)"
         ) from None
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{listener.getsockname()[1]}/"
+    # On every interface (in a container, say), the link to print is the one this machine opens.
+    shown_host = "127.0.0.1" if host in WILDCARDS else host
+    url = f"http://{shown_host if ':' not in shown_host else f'[{shown_host}]'}:{listener.getsockname()[1]}/"
     click.echo(f"Metaflow Stack UI on {url} ({where})", err=True)
     if key:
         # The key is shown only to a person at a terminal: a container's or a service's output is collected
