@@ -234,3 +234,21 @@ def test_schemathesis_finds_no_server_error(train_task, tmp_path: Path) -> None:
     with _served(JsonFunction(iris_functions.predict_typed, task=train_task).reference, tmp_path) as (url, _):
         report = fuzz_finds_nothing(url, tmp_path, examples=40)
     assert "Tested: 5" in report  # every operation, each with generated cases
+
+
+@pytest.mark.parametrize(("sleep_ms", "in_a_thread"), [(0, False), (5, True)])
+def test_a_quick_in_process_function_runs_on_the_loop_and_a_slow_one_in_threads(
+    train_task, sleep_ms: int, in_a_thread: bool
+) -> None:
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import ServeOptions, create_app
+
+    reference = JsonFunction(iris_functions.which_thread, task=train_task).reference
+    with TestClient(create_app(reference, ServeOptions(backend="inprocess")), base_url=LOOPBACK) as client:
+        # The first calls measure the function in threads (asyncio's are named asyncio_N); then it settles.
+        threads = [client.post("/invoke", json={"sleep_ms": sleep_ms}).json()["thread"] for _ in range(40)]
+    assert threads[0].startswith("asyncio_")
+    assert all(name.startswith("asyncio_") == in_a_thread for name in threads[-10:]), threads

@@ -68,3 +68,13 @@ def slow_echo(data: dict, params: FunctionParameters) -> dict:
     if data.get("fail"):
         raise ValueError("asked to fail")
     return data
+
+
+@json_function
+def which_thread(data: dict, params: FunctionParameters) -> dict:
+    """The name of the thread the call ran in, after ``sleep_ms`` of work: shows where a server calls it."""
+    import threading
+    import time
+
+    time.sleep(data.get("sleep_ms", 0) / 1000)
+    return {"thread": threading.current_thread().name}

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -107,14 +106,12 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
             for name in CONTENT_TYPES.values()
         }
         state["slots"] = asyncio.Semaphore(options.max_concurrency)
-        batcher = None
-        if options.max_batch_size > 1:
-            batcher = AdaptiveBatcher(state["function"], options.workers, options.max_batch_size, batch_sizes.observe)
-        # Inputs are validated in the handler, so the call goes straight to the backend.
-        state["call"] = batcher.call if batcher else partial(asyncio.to_thread, state["function"].backend.call)
+        # Inputs are validated in the handler, so the batcher calls the backend directly (a batch of one
+        # at most with --max-batch-size 1: it also decides where a call runs, on the loop or in a thread).
+        batcher = AdaptiveBatcher(state["function"], options.workers, options.max_batch_size, batch_sizes.observe)
+        state["call"] = batcher.call
         yield
-        if batcher:
-            await batcher.close()
+        await batcher.close()
         function: Function = state.pop("function")
         await asyncio.to_thread(function.close)
 

@@ -20,6 +20,9 @@ BACKENDS = ("inprocess", "local", "ray")
 
 class Backend(Protocol):
     name: str
+    #: Whether ``call`` runs the function in this thread (no I/O to wait on), so a server may call it
+    #: on its event loop when it is quick.
+    in_process: bool
 
     def call(self, value: Any) -> Any: ...
 

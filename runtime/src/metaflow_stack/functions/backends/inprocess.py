@@ -14,6 +14,7 @@ class InProcessBackend:
     """Calls the function directly; results pass through the codec like every backend's."""
 
     name = "inprocess"
+    in_process = True
 
     def __init__(self, reference: FunctionReference, base: str | None, codec: str, preload: bool = False) -> None:
         self._fn, self._params = loader.load(reference, base, preload)

@@ -105,6 +105,7 @@ class LocalBackend:
     """A pool of worker processes in the function's environment."""
 
     name = "local"
+    in_process = False
 
     def __init__(
         self,

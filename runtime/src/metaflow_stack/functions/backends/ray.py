@@ -62,6 +62,7 @@ class RayBackend:
     """A fixed set of actor replicas, called round-robin."""
 
     name = "ray"
+    in_process = False
 
     def __init__(
         self,
