@@ -14,9 +14,9 @@ A function that runs in this process and takes well under a millisecond is
 called on the event loop itself: for such a call the hop to a thread and the
 handover of the GIL between the loop and that thread cost more than the call
 (a scikit-learn ``predict`` served at 59% of a handler calling it on the loop).
-Each call's time per input is measured, and once the usual time passes
-``INLINE_S`` calls go to threads again, so a slow function never holds the
-loop for long.
+Each call's time per input is measured, and once the quickest of the latest
+calls passes ``INLINE_S``, calls go to threads again, so a slow function never
+holds the loop for long.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,10 @@ from metaflow_stack.functions.errors import RemoteFunctionError
 #: A call the batcher makes on the event loop must usually take less than this per input (a batch of
 #: them holds the loop as long as a handler calling the function on the loop for each would).
 INLINE_S = 0.001
-#: Weight of the newest call in the usual call time (an exponential moving average).
-_WEIGHT = 0.1
+#: How many of the latest calls decide: the quickest of them per input. A call's wall time only grows
+#: when the machine is busy (descheduled, or waiting for the GIL in a thread), so the quickest is the
+#: function's own cost; a mean taken in threads under load stayed over the limit for good.
+_RECENT = 16
 
 
 @dataclass
@@ -58,9 +61,10 @@ class AdaptiveBatcher:
         self._max = max_batch_size
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        #: The usual time of one input's call to the backend; starts above the limit, so the first calls
-        #: measure it in threads. Only in-process functions may run on the loop: the others wait on I/O.
-        self._usual_s = INLINE_S * 2 if function.backend.in_process else float("inf")
+        #: Seconds per input of the latest calls; none yet, so the first calls measure it in threads. Only
+        #: in-process functions may run on the loop: the others wait on I/O.
+        self._inline = function.backend.in_process
+        self._recent: deque[float] = deque(maxlen=_RECENT)
         self._tasks = [asyncio.create_task(self._dispatch()) for _ in range(max(1, dispatchers))]
 
     async def call(self, value: Any) -> Any:
@@ -93,9 +97,9 @@ class AdaptiveBatcher:
                 _resolve(pending, result=result)
 
     async def _run(self, call: Callable[[Any], Any], value: Any, inputs: int = 1) -> Any:
-        """``call(value)`` (on ``inputs`` inputs) on the loop while an input usually takes little time, in a
-        thread otherwise; timed either way."""
-        if self._usual_s < INLINE_S:
+        """``call(value)`` (on ``inputs`` inputs) on the loop while an input takes little time, in a thread
+        otherwise; timed either way."""
+        if self._inline and self._recent and min(self._recent) < INLINE_S:
             return self._timed(call, value, inputs)
         return await asyncio.to_thread(self._timed, call, value, inputs)
 
@@ -104,7 +108,7 @@ class AdaptiveBatcher:
         try:
             return call(value)
         finally:
-            self._usual_s += _WEIGHT * ((time.perf_counter() - started) / inputs - self._usual_s)
+            self._recent.append((time.perf_counter() - started) / inputs)
 
     async def close(self) -> None:
         """Stop the dispatchers; requests still queued get a cancellation."""
