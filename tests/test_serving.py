@@ -252,3 +252,11 @@ def test_a_quick_in_process_function_runs_on_the_loop_and_a_slow_one_in_threads(
         threads = [client.post("/invoke", json={"sleep_ms": sleep_ms}).json()["thread"] for _ in range(40)]
     assert threads[0].startswith("asyncio_")
     assert all(name.startswith("asyncio_") == in_a_thread for name in threads[-10:]), threads
+
+
+def test_what_the_server_loaded_is_kept_out_of_the_collectors_way(client) -> None:
+    import gc
+
+    # The model and its libraries, frozen once loaded: a full collection no longer walks them mid-request.
+    assert gc.get_freeze_count() > 10_000
+    assert client.get("/ready").status_code == 200

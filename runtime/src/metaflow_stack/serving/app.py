@@ -13,6 +13,7 @@ Concurrent single calls are batched adaptively (``serving.batching``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -110,6 +111,11 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
         # at most with --max-batch-size 1: it also decides where a call runs, on the loop or in a thread).
         batcher = AdaptiveBatcher(state["function"], options.workers, options.max_batch_size, batch_sizes.observe)
         state["call"] = batcher.call
+        # Everything loaded so far (Metaflow, the model and its libraries) lives as long as the server: out
+        # of the collector's way, so a full collection walks only what requests allocate. Walking it all
+        # stalled every request in flight: a p99 four times a plain app's at 64 concurrent, now below it.
+        gc.collect()
+        gc.freeze()
         yield
         await batcher.close()
         function: Function = state.pop("function")
