@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throwaway
 from metadata_service import start_service
 
 from metaflow_stack.agent import connect
@@ -165,12 +166,8 @@ def peer_python(root: Path) -> str:
     """A throwaway environment for metaflow-mcp-server: it needs mcp 1.x, this project mcp 2.x."""
     import metaflow
 
-    uv = str(Path(sys.executable).with_name("uv"))
-    venv = root / "peer-venv"
-    subprocess.run([uv, "venv", "-q", str(venv), "--python", sys.executable], check=True)
     packages = ["metaflow-mcp-server==0.5.0", "mcp<2", f"metaflow=={metaflow.__version__.split('+')[0]}"]
-    subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *packages], check=True)
-    return str(venv / "bin" / "python")
+    return str(throwaway.venv(root, "peer-venv", packages) / "python")
 
 
 def client(python: str, url: str, root: Path, question: str, argument: str) -> dict:

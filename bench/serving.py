@@ -1,4 +1,4 @@
-"""Online and batch serving of a bound scikit-learn model, against the limit and a peer.
+"""Online and batch serving of a bound scikit-learn model, against the limit and its peers.
 
 Online: requests/s and p50/p99 latency at concurrency 1, 8 and 64 (one
 server worker each, closed-loop aiohttp clients on the same machine, after a
@@ -7,7 +7,10 @@ warm-up; the servers measured side by side in rounds, medians) for
 without adaptive batching), a plain FastAPI app calling the same model
 in-process with a sync handler, a hand-written ``async def`` handler
 returning orjson without access logging (the limit a FastAPI user compares
-with), and Ray Serve with a FastAPI ingress and one replica (the peer).
+with), and the peers: BentoML (a ``@bentoml.service`` with one worker) and
+MLflow ``models serve`` (one uvicorn worker), each installed in a throwaway
+environment of its own with this environment's scikit-learn, and Ray Serve
+with a FastAPI ingress and one replica.
 Batch: records/s of ``metaflow function batch`` against plain Ray Data
 ``map_batches`` running the same model over the same records with the same
 actor pool.
@@ -27,10 +30,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import httpx
+import throwaway
 from functions_call import trained_task
 from rich.console import Console
 from rich.table import Table
@@ -100,11 +106,93 @@ while True:
 """
 
 
-def wait_ready(url: str, seconds: float = 180) -> None:
+BENTOML_SERVICE = """
+import pickle
+import bentoml
+NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+@bentoml.service(workers=1)
+class Predict:
+    def __init__(self) -> None:
+        with open({model!r}, "rb") as f:
+            self.model = pickle.load(f)
+
+    @bentoml.api
+    def invoke(self, sepal_length: float, sepal_width: float, petal_length: float, petal_width: float) -> dict:
+        row = [sepal_length, sepal_width, petal_length, petal_width]
+        return {{"prediction": int(self.model.predict([row])[0])}}
+"""
+
+#: MLflow's model format, written by MLflow itself in its own environment.
+MLFLOW_SAVE = """
+import pickle, sys
+import mlflow.sklearn
+with open(sys.argv[1], "rb") as f:
+    mlflow.sklearn.save_model(pickle.load(f), sys.argv[2])
+"""
+
+
+@dataclass
+class Server:
+    """How to start one server on a port, and what one prediction request to it is."""
+
+    command: Callable[[int], list[str]]
+    path: str = "/invoke"
+    body: dict = field(default_factory=lambda: FLOWER)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def peers(work: Path, model: Path) -> dict[str, Server]:
+    """BentoML and MLflow, each in a throwaway environment with the scikit-learn that pickled the model."""
+    import sklearn
+
+    sklearn_pin = f"scikit-learn=={sklearn.__version__}"
+    bentoml_bin = throwaway.venv(work, "bentoml-venv", ["bentoml", sklearn_pin])
+    (work / "bento_service.py").write_text(BENTOML_SERVICE.format(model=str(model)))
+    mlflow_bin = throwaway.venv(work, "mlflow-venv", ["mlflow", sklearn_pin])
+    subprocess.run(
+        [mlflow_bin / "python", "-c", MLFLOW_SAVE, model, work / "mlflow-model"], check=True, capture_output=True
+    )
+    # Each starts helpers (uvicorn, a supervisor) by name: their environment's bin comes first on PATH.
+    return {
+        "BentoML, @bentoml.service, 1 worker (peer)": Server(
+            lambda port: [
+                str(bentoml_bin / "bentoml"),
+                "serve",
+                "bento_service:Predict",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env={"PATH": f"{bentoml_bin}:{os.environ['PATH']}", "BENTOML_DO_NOT_TRACK": "true"},
+        ),
+        "MLflow models serve, 1 worker (peer)": Server(
+            lambda port: [
+                str(mlflow_bin / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                str(work / "mlflow-model"),
+                "--env-manager",
+                "local",
+                "-w",
+                "1",
+                "-p",
+                str(port),
+            ],
+            path="/invocations",
+            body={"dataframe_records": [FLOWER]},
+            env={"PATH": f"{mlflow_bin}:{os.environ['PATH']}"},
+        ),
+    }
+
+
+def wait_ready(url: str, server: Server, seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if httpx.post(f"{url}/invoke", json=FLOWER, timeout=2).status_code == 200:
+            if httpx.post(url + server.path, json=server.body, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -112,7 +200,7 @@ def wait_ready(url: str, seconds: float = 180) -> None:
     raise RuntimeError(f"{url} never answered")
 
 
-async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+async def load(url: str, server: Server, concurrency: int, seconds: float) -> dict[str, float]:
     """Closed-loop load from ``concurrency`` clients; aiohttp, because httpx's pool is what saturates first at 64."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
@@ -121,7 +209,7 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
         async def worker() -> None:
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                async with session.post(f"{url}/invoke", json=FLOWER) as response:
+                async with session.post(url + server.path, json=server.body) as response:
                     await response.read()
                     response.raise_for_status()
                 latencies.append(time.perf_counter() - started)
@@ -141,77 +229,68 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
     (work / "plain_app.py").write_text(PLAIN_APP.format(model=str(model)))
     (work / "async_app.py").write_text(ASYNC_APP.format(model=str(model)))
 
-    def ours(*options: str):
+    def ours(*options: str) -> Server:
         metaflow = str(Path(sys.executable).parent / "metaflow")
-        return lambda port: [
-            metaflow,
-            "function",
-            "serve",
-            str(reference),
-            "--backend",
-            "inprocess",
-            "--port",
-            str(port),
-            *options,
-        ]
+        return Server(
+            lambda port: [
+                metaflow,
+                "function",
+                "serve",
+                str(reference),
+                "--backend",
+                "inprocess",
+                "--port",
+                str(port),
+                *options,
+            ]
+        )
+
+    def uvicorn(app: str, *options: str) -> Server:
+        return Server(
+            lambda port: [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", *options]
+        )
 
     servers = {
         "metaflow function serve (ours, adaptive batching)": ours(),
         "metaflow function serve (ours, --max-batch-size 1)": ours("--max-batch-size", "1"),
-        "plain FastAPI, sync handler, model in-process": lambda port: [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "plain_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        "hand-written async FastAPI, orjson, no access log (the limit a user compares with)": lambda port: [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "async_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        "Ray Serve, FastAPI ingress, 1 replica (peer)": lambda port: [
-            sys.executable,
-            "-c",
-            RAY_SERVE_APP.format(port=port, model=str(model)),
-        ],
+        "plain FastAPI, sync handler, model in-process": uvicorn("plain_app:app"),
+        "hand-written async FastAPI, orjson, no access log (the limit a user compares with)": uvicorn(
+            "async_app:app", "--no-access-log"
+        ),
+        **peers(work, model),
+        "Ray Serve, FastAPI ingress, 1 replica (peer)": Server(
+            lambda port: [sys.executable, "-c", RAY_SERVE_APP.format(port=port, model=str(model))]
+        ),
     }
     limit = "hand-written async FastAPI, orjson, no access log (the limit a user compares with)"
-    peer = "Ray Serve, FastAPI ingress, 1 replica (peer)"
-    # Ours and the plain apps are up together and measured in rounds, cell by cell side by side: their
+    alone = "Ray Serve, FastAPI ingress, 1 replica (peer)"
+    # Ours, the plain apps, BentoML and MLflow are up together and measured in rounds, cell by cell side by side: their
     # ratios are the medians of each round's own. Ray Serve's background processes would load the
     # machine while the others run, so it runs alone afterwards.
     cells: dict[tuple[str, int], list[dict[str, float]]] = {}
-    for group in ([name for name in servers if name != peer], [peer]):
+    for group in ([name for name in servers if name != alone], [alone]):
         processes, urls = [], {}
         try:
             for name in group:
                 port = free_port()
                 processes.append(
                     subprocess.Popen(
-                        servers[name](port),
+                        servers[name].command(port),
                         cwd=work,
+                        env={**os.environ, **servers[name].env},
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                         start_new_session=True,
                     )
                 )
                 urls[name] = f"http://127.0.0.1:{port}"
-                wait_ready(urls[name])
-                asyncio.run(load(urls[name], 8, 2))  # warm-up: imports, first predictions, connections
+                wait_ready(urls[name], servers[name])
+                asyncio.run(load(urls[name], servers[name], 8, 2))  # warm-up: imports, first predictions, connections
             for concurrency in (1, 8, 64):
                 for _ in range(rounds):
                     for name, url in urls.items():
-                        cells.setdefault((name, concurrency), []).append(asyncio.run(load(url, concurrency, seconds)))
+                        cell = asyncio.run(load(url, servers[name], concurrency, seconds))
+                        cells.setdefault((name, concurrency), []).append(cell)
         finally:
             for process in processes:
                 os.killpg(process.pid, 15)
@@ -222,7 +301,7 @@ def online(console: Console, work: Path, reference: Path, model: Path, seconds: 
     for name in servers:
         for concurrency in (1, 8, 64):
             runs, limits = cells[(name, concurrency)], cells[(limit, concurrency)]
-            if name == peer:  # not side by side: against the limit's median
+            if name == alone:  # not side by side: against the limit's median
                 ratio = statistics.median(m["rps"] for m in runs) / statistics.median(m["rps"] for m in limits)
             else:
                 ratio = statistics.median(m["rps"] / n["rps"] for m, n in zip(runs, limits, strict=True))
