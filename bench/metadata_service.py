@@ -9,8 +9,8 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
   the metadata requests the stock Client API makes (``Task.successful`` on
   every task; its datastore reads are not counted);
 - writes with events at 1 and 8 writer processes: this service's event log (the
-  row and its event, numbered at insert, in one transaction, the relay
-  publishing meanwhile) against
+  row and its event, numbered at insert, in one transaction, with the relay
+  running throughout, as it runs for a service's life) against
   the same insert with the reference UI backend's ``pg_notify`` trigger and a
   listener draining it;
 - event fan-out: logged events delivered to 8 SSE subscribers;
@@ -389,23 +389,40 @@ def _listen(url: str, stop: threading.Event) -> None:
                 pass
 
 
-def _relay(url: str, nats_url: str | None, stop: threading.Event) -> None:
-    """The service's relay, woken as the service wakes it after its commits (the writers here are
-    other processes, so every 10 ms: the relay gathers for longer than that after a wake-up)."""
+class Relay:
+    """The service's relay, running for the whole write comparison as it runs for a service's life.
 
-    async def main() -> None:
-        hub = EventHub(connect(url), nats_url)
+    The writers are other processes, so the relay cannot be woken by their
+    commits as the service wakes it after its own: while events are being
+    written it is woken every 10 ms (it gathers for longer than that after a
+    wake-up); between those slices it idles, as it does when nothing writes.
+    """
+
+    def __init__(self, url: str, nats_url: str | None) -> None:
+        self.url, self.nats_url = url, nats_url
+        self.active, self.stopping = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        hub = EventHub(connect(self.url), self.nats_url)
         await hub.start()
-        while not stop.is_set():
-            hub.wake()
+        while not self.stopping.is_set():
+            if self.active.is_set():
+                hub.wake()
             await asyncio.sleep(0.01)
         await hub.stop()
 
-    asyncio.run(main())
+    def __enter__(self) -> Relay:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join()
 
 
 def _slice(url: str, mode: str, writers: int, seconds: float, run: int, task: int, beside=None) -> float:
-    """One timed slice of ``mode``, with ``beside(url, nats_url, stop)`` running in a thread meanwhile."""
+    """One timed slice of ``mode``, with ``beside(url, stop)`` running in a thread meanwhile."""
     if beside is None:
         return write_rate(url, mode, writers, seconds, run, task)
     stop = threading.Event()
@@ -416,6 +433,14 @@ def _slice(url: str, mode: str, writers: int, seconds: float, run: int, task: in
     finally:
         stop.set()
         helper.join()
+
+
+def _events_slice(relay: Relay, mode: str, writers: int, seconds: float, run: int, task: int) -> float:
+    relay.active.set()
+    try:
+        return write_rate(relay.url, mode, writers, seconds, run, task)
+    finally:
+        relay.active.clear()
 
 
 def writes(
@@ -429,29 +454,32 @@ def writes(
         conn.execute(NOTIFY_SCHEMA)
     with psycopg.connect(ours_url) as conn:
         task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
-    _slice(ours_url, "events", 1, 1.0, run, task, (_relay, ours_url, nats_url))  # the relay's imports, the stream
     rows = []
     bus = "NATS JetStream" if nats_url else "in-process bus"
-    for writers in (1, 8):
-        rates: dict[str, list[float]] = {"notify": [], "events": [], "plain": []}
-        for _ in range(rounds):
-            rates["notify"].append(_slice(notify_url, "notify", writers, seconds, run, task, (_listen, notify_url)))
-            relay = (_relay, ours_url, nats_url)
-            rates["events"].append(_slice(ours_url, "events", writers, seconds, run, task, relay))
-            rates["plain"].append(_slice(ours_url, "plain", writers, seconds, run, task))
-        notify, ours, plain = (statistics.median(rates[mode]) for mode in ("notify", "events", "plain"))
-        # Ratios round by round: the slices of one round ran side by side, under the same conditions.
-        of_plain = statistics.median(e / p for e, p in zip(rates["events"], rates["plain"], strict=True))
-        of_notify = statistics.median(e / n for e, n in zip(rates["events"], rates["notify"], strict=True))
-        rows.append(
-            (
-                f"writes with events, {writers} writer(s), rows/s (medians of {rounds} rounds)",
-                f"{ours:,.0f} (event log, relay to {bus} running): {of_plain:.0%} of no events ({plain:,.0f})",
-                f"{notify:,.0f} (pg_notify trigger, a listener draining)",
-                f"{of_notify:.2f}x the trigger; goal: " + ("≥ 90% of no events" if writers > 1 else "≥ 1x the trigger"),
-            )
-        )
+    with Relay(ours_url, nats_url) as relay:
+        _events_slice(relay, "events", 1, 1.0, run, task)  # the stream declared, the first events out
+        for writers in (1, 8):
+            rates: dict[str, list[float]] = {"notify": [], "events": [], "plain": []}
+            for _ in range(rounds):
+                listen = (_listen, notify_url)
+                rates["notify"].append(_slice(notify_url, "notify", writers, seconds, run, task, listen))
+                rates["events"].append(_events_slice(relay, "events", writers, seconds, run, task))
+                rates["plain"].append(_slice(ours_url, "plain", writers, seconds, run, task))
+            rows.append(_write_row(writers, rounds, rates, bus))
     return rows
+
+
+def _write_row(writers: int, rounds: int, rates: dict[str, list[float]], bus: str) -> tuple[str, str, str, str]:
+    notify, ours, plain = (statistics.median(rates[mode]) for mode in ("notify", "events", "plain"))
+    # Ratios round by round: the slices of one round ran side by side, under the same conditions.
+    of_plain = statistics.median(e / p for e, p in zip(rates["events"], rates["plain"], strict=True))
+    of_notify = statistics.median(e / n for e, n in zip(rates["events"], rates["notify"], strict=True))
+    return (
+        f"writes with events, {writers} writer(s), rows/s (medians of {rounds} rounds)",
+        f"{ours:,.0f} (event log, relay to {bus} running): {of_plain:.0%} of no events ({plain:,.0f})",
+        f"{notify:,.0f} (pg_notify trigger, a listener draining)",
+        f"{of_notify:.2f}x the trigger; goal: " + ("≥ 90% of no events" if writers > 1 else "≥ 1x the trigger"),
+    )
 
 
 # -- fan-out --------------------------------------------------------------------
