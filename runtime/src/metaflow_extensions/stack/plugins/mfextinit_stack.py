@@ -4,10 +4,14 @@
 that uses the service's pages, filters and run-end signal when the service
 advertises them, and behaves exactly like the stock one when it does not.
 ``@devcontainer`` runs a step's tasks in Docker containers, through its
-``devcontainer step`` trampoline.
+``devcontainer step`` trampoline. ``@worker_pool`` runs a foreach step's
+items on warm workers, each item still a task of its own.
 """
 
 METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.StackServiceMetadataProvider")]
 
-STEP_DECORATORS_DESC = [("devcontainer", ".devcontainer.devcontainer_decorator.DevcontainerDecorator")]
+STEP_DECORATORS_DESC = [
+    ("devcontainer", ".devcontainer.devcontainer_decorator.DevcontainerDecorator"),
+    ("worker_pool", ".worker_pool.worker_pool_decorator.WorkerPoolDecorator"),
+]
 CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli")]

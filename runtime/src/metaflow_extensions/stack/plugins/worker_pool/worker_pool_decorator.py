@@ -1,0 +1,140 @@
+"""``@worker_pool``: run a foreach step's items on warm workers, each item still a real Metaflow task.
+
+Metaflow's runtime schedules the step as always: it creates each item's
+task id, retries and joins. ``runtime_step_cli`` only changes the process
+it starts per task: a standard-library trampoline that hands the task's own
+command line to the step's pool (started with the step's first task,
+stopped when the run ends), where Metaflow's ``step`` command runs it in a
+warm worker. A ``@catch`` fallback attempt runs as a plain task, as with
+Metaflow's own compute decorators.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, ClassVar
+
+from metaflow.decorators import StepDecorator
+from metaflow.exception import MetaflowException
+from metaflow.metadata_provider import MetaDatum
+
+#: Pool backends, in the decorator's words.
+BACKENDS = ("local",)
+#: Decorators that move a task elsewhere: their trampoline and the pool's cannot both start the task.
+ELSEWHERE = ("kubernetes", "batch", "nomad", "devcontainer", "confidential", "parallel")
+
+
+class WorkerPoolException(MetaflowException):
+    headline = "@worker_pool"
+
+
+class WorkerPoolDecorator(StepDecorator):
+    """Run this foreach step's items on ``size`` warm workers (default: this machine's CPU count).
+
+    backend: "local" (default: a fork server on this machine, which imports
+    Metaflow and the flow once and runs each item in a child process of its
+    own). Every item keeps its task id, attempts, metadata, artifacts and logs;
+    ``@retry``, ``@catch`` and ``@timeout`` apply per item.
+    """
+
+    name = "worker_pool"
+    defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local"}
+    #: The run's pools, by step: started with a step's first task, stopped when the run ends.
+    pools: ClassVar[dict[str, Any]] = {}
+    #: The run's progress display, shared by its pools.
+    progress: ClassVar[Any] = None
+
+    def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
+        self.step, self.flow_datastore, self.logger = step, flow_datastore, logger
+        self.active = True
+        size, backend = self.attributes["size"], self.attributes["backend"]
+        try:
+            self.size = (os.cpu_count() or 1) if size is None else int(size)
+        except (TypeError, ValueError):
+            raise WorkerPoolException(f"step {step}: size={size!r} is not a number of workers (fix: size=4)") from None
+        if self.size < 1:
+            raise WorkerPoolException(f"step {step}: size={size!r} must be at least 1 (fix: size=4)")
+        if backend not in BACKENDS:
+            raise WorkerPoolException(
+                f'step {step}: backend={backend!r} is not one of {", ".join(BACKENDS)} (fix: backend="local")'
+            )
+        if not any(graph[parent].type == "foreach" for parent in graph[step].in_funcs):
+            if not self.statically_defined:  # --with worker_pool: the foreach bodies only
+                self.active = False
+                return
+            raise WorkerPoolException(
+                f"step {step}: @worker_pool runs the items of a foreach, and {step} is not the body of one "
+                f"(fix: put @worker_pool on the step a foreach's self.next(..., foreach=...) goes to)"
+            )
+        elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
+        if elsewhere:
+            raise WorkerPoolException(
+                f"step {step}: @worker_pool cannot yet be combined with @{elsewhere[0]} "
+                f"(fix: remove one of them from {step})"
+            )
+
+    def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
+        if self.active and not is_cloned and self.step not in self.pools:
+            self._start(input_paths[0])
+
+    def _start(self, parent: str) -> None:
+        """The step's pool, and its line in the run's progress display (as many items as the foreach made)."""
+        from metaflow_stack.errors import StackError
+        from metaflow_stack.pool.local import LocalPool
+        from metaflow_stack.pool.progress import PoolProgress
+
+        run_id, step, task_id = parent.split("/")[-3:]
+        total = self.flow_datastore.get_task_datastore(run_id, step, task_id)["_foreach_num_splits"]
+        pool = LocalPool(os.path.abspath(sys.argv[0]), self.size, name=f"{self.step}@{os.uname().nodename}")
+        try:
+            pool.start()
+        except StackError as exc:
+            raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+        self.pools[self.step] = pool
+        cls = type(self)
+        if cls.progress is None:
+            cls.progress = PoolProgress(lambda line: self.logger(line, system_msg=True))
+        cls.progress.watch(self.step, total, pool.counts)
+
+    def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
+        if not self.active or retry_count > max_user_code_retries:
+            return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
+        pool = self.pools[self.step]
+        if not pool.alive():
+            pool.stop()
+            pool.start()  # a pool that died (killed, out of memory) comes back for the next attempt
+        cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
+
+    def runtime_finished(self, exception) -> None:
+        pool = self.pools.pop(self.step, None)
+        if pool is not None:
+            type(self).progress.finish(self.step)
+            pool.stop()
+            if not self.pools:
+                type(self).progress = None
+
+    def task_pre_step(
+        self,
+        step_name,
+        task_datastore,
+        metadata,
+        run_id,
+        task_id,
+        flow,
+        graph,
+        retry_count,
+        max_user_code_retries,
+        ubf_context,
+        inputs,
+    ) -> None:
+        from metaflow_stack.pool import WORKER_VARIABLE
+
+        worker = os.environ.get(WORKER_VARIABLE)
+        if worker:
+            metadata.register_metadata(
+                run_id,
+                step_name,
+                task_id,
+                [MetaDatum(field="worker-pool", value=worker, type="worker-pool", tags=[f"attempt_id:{retry_count}"])],
+            )

@@ -1,0 +1,267 @@
+"""The local pool: one warm process that forks a child per task.
+
+It imports Metaflow, the flow's file and what a task needs once; each task
+handed over by a trampoline runs in a child forked from it, so a task pays
+for no interpreter start and no imports, and still runs in a process of its
+own: Metaflow's own ``step`` command, with the task's arguments,
+environment and working folder, writing into the trampoline's stdout and
+stderr. What one task does to its process (globals, monkeypatching, a
+crash) dies with its child; at most ``size`` children run at once, the rest
+wait in arrival order.
+
+Single-threaded on purpose (a process with threads must not fork): one
+selector watches the listening socket, each waiting trampoline's
+connection (closed: its task is killed), each child's pidfd (exited: its
+status goes back) and the launching runtime's pipe (closed: the pool stops).
+
+    python -c "from metaflow_stack.pool.forkserver import main; main()" ADDRESS FLOW_FILE SIZE NAME
+
+Started with ``-c``, not ``-m``, so that ``__main__`` is a bare module as in
+``python flow.py``: each task runs the flow's file in it, beside what
+Metaflow puts there for pickling (its ``ForeachFrame``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import runpy
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow_stack.pool import WORKER_VARIABLE, trampoline
+from metaflow_stack.pool.counts import Counts
+
+#: How long a killed task's process group has to end after SIGTERM before SIGKILL.
+KILL_GRACE_S = 5.0
+#: The largest request a trampoline may send (its environment holds the input paths of a join).
+MAX_REQUEST = 16 << 20
+
+
+@dataclass
+class Request:
+    """One task handed over by a trampoline: its command, environment and folder, and its stdout/stderr."""
+
+    connection: socket.socket
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    fds: list[int]
+    pid: int = 0
+    pidfd: int = -1
+    slot: int = -1
+    killed_at: float | None = None
+
+
+def _receive(connection: socket.socket) -> Request:
+    """Read one request (a length-prefixed JSON object with two file descriptors attached)."""
+    data, fds, _, _ = socket.recv_fds(connection, 65536, 2)
+    if len(fds) != 2 or len(data) < trampoline.HEADER.size:
+        raise ValueError("a request needs its length, its JSON and two file descriptors")
+    (length,) = trampoline.HEADER.unpack_from(data)
+    if length > MAX_REQUEST:
+        raise ValueError(f"request of {length} bytes over the {MAX_REQUEST} limit")
+    body = bytearray(data[trampoline.HEADER.size :])
+    while len(body) < length:
+        chunk = connection.recv(min(1 << 20, length - len(body)))
+        if not chunk:
+            raise ValueError("request cut short")
+        body += chunk
+    fields = json.loads(body)
+    return Request(connection, list(fields["argv"]), dict(fields["env"]), str(fields["cwd"]), fds)
+
+
+def warm(flow_file: str) -> None:
+    """Import the flow's file (not as ``__main__``: its ``if __name__`` block stays unrun) and what a task imports."""
+    sys.path.insert(0, str(Path(flow_file).resolve().parent))
+    runpy.run_path(flow_file, run_name="__metaflow_stack_pool_warm__")
+    # The step command and everything it reaches, imported once here rather than in every task.
+    import metaflow.cli
+    import metaflow.task  # noqa: F401
+
+
+def _run_task(request: Request, name: str) -> int:
+    """In the forked child: become the task's process and run Metaflow's step command."""
+    os.setsid()  # its own group: a kill reaches the task and whatever it started
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(number, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(request.fds[0], 1)
+    os.dup2(request.fds[1], 2)
+    for fd in (devnull, *request.fds):
+        os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)  # the runtime reads the task's output line by line
+    sys.stderr.reconfigure(line_buffering=True)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    os.environ[WORKER_VARIABLE] = f"{name}/{request.slot}"
+    python, flow_file, *_ = request.argv
+    if os.path.realpath(python) != os.path.realpath(sys.executable):
+        print(f"the worker pool runs {sys.executable}; this task asks for {python}", file=sys.stderr)
+        return 1
+    sys.argv = request.argv[1:]
+    script = os.path.abspath(flow_file)  # as Python names a script it runs: tracebacks read the same
+    sys.path[0] = os.path.dirname(script)
+    main = sys.modules["__main__"]
+    main.__file__ = script
+    try:
+        exec(compile(Path(script).read_bytes(), script, "exec"), vars(main))  # what `python flow.py` does
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException:  # what a task process would print before dying
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+class ForkServer:
+    """The pool's event loop: accept, queue, fork up to ``size``, report, kill what was abandoned."""
+
+    def __init__(self, listener: socket.socket, size: int, name: str, counts_file: Path) -> None:
+        self.listener, self.size, self.name = listener, size, name
+        self.selector = selectors.DefaultSelector()
+        self.waiting: list[Request] = []
+        self.running: dict[int, Request] = {}  # by pidfd
+        self.free_slots = list(range(size))
+        self.counts = Counts()
+        self.counts_file = counts_file
+        self.stopping = False
+
+    def serve(self) -> None:
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(sys.stdin, selectors.EVENT_READ, "parent")
+        while not (self.stopping and not self.running):
+            timeout = 0.5 if any(r.killed_at for r in self.running.values()) else None
+            for key, _ in self.selector.select(timeout):
+                kind = key.data
+                if kind == "accept":
+                    self._accept()
+                elif kind == "parent":
+                    if not os.read(sys.stdin.fileno(), 4096):
+                        self._stop()
+                elif isinstance(kind, tuple) and kind[0] == "exited":
+                    self._reap(kind[1])
+                elif isinstance(kind, tuple) and kind[0] == "abandoned":
+                    self._abandoned(kind[1])
+            self._escalate()
+
+    def _accept(self) -> None:
+        connection, _ = self.listener.accept()
+        try:
+            request = _receive(connection)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"worker pool {self.name}: refused a request: {exc}", file=sys.stderr, flush=True)
+            connection.close()
+            return
+        self.waiting.append(request)
+        self.counts.queued += 1
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self.waiting and self.free_slots and not self.stopping:
+            request = self.waiting.pop(0)
+            request.slot = self.free_slots.pop(0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = _run_task(request, self.name)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            for fd in request.fds:
+                os.close(fd)
+            request.pid, request.pidfd = pid, os.pidfd_open(pid)
+            self.running[request.pidfd] = request
+            self.selector.register(request.pidfd, selectors.EVENT_READ, ("exited", request.pidfd))
+            self.selector.register(request.connection, selectors.EVENT_READ, ("abandoned", request.pidfd))
+            self.counts.queued -= 1
+            self.counts.running += 1
+        self._write_counts()
+
+    def _reap(self, pidfd: int) -> None:
+        request = self.running.pop(pidfd)
+        self.selector.unregister(pidfd)
+        self.selector.unregister(request.connection)
+        os.close(pidfd)
+        _, status = os.waitpid(request.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        reply = {"code": code, "signal": -code} if code < 0 else {"code": code}
+        with contextlib.suppress(OSError):  # a trampoline gone: the runtime counts the attempt failed already
+            request.connection.sendall(json.dumps(reply).encode() + b"\n")
+        request.connection.close()
+        self.free_slots.append(request.slot)
+        self.counts.running -= 1
+        self.counts.done += code == 0
+        self.counts.failed += code != 0
+        self._start_waiting()
+
+    def _abandoned(self, pidfd: int) -> None:
+        """A running task's trampoline closed its connection (killed by the runtime): kill the task."""
+        request = self.running[pidfd]
+        self.selector.unregister(request.connection)
+        if request.killed_at is None:
+            request.killed_at = time.monotonic()
+            with_group(request.pid, signal.SIGTERM)
+
+    def _escalate(self) -> None:
+        now = time.monotonic()
+        for request in self.running.values():
+            if request.killed_at is not None and now - request.killed_at > KILL_GRACE_S:
+                with_group(request.pid, signal.SIGKILL)
+
+    def _stop(self) -> None:
+        """The runtime is gone or done: refuse what waits, kill what runs, end when all are reaped."""
+        self.stopping = True
+        self.selector.unregister(self.listener)
+        self.selector.unregister(sys.stdin)
+        for request in self.waiting:
+            request.connection.close()
+            for fd in request.fds:
+                os.close(fd)
+        self.waiting.clear()
+        for request in self.running.values():
+            if request.killed_at is None:
+                request.killed_at = time.monotonic()
+                with_group(request.pid, signal.SIGTERM)
+
+    def _write_counts(self) -> None:
+        self.counts.write(self.counts_file)
+
+
+def with_group(pid: int, number: int) -> None:
+    """Signal a task's process group (it is its own leader), ignoring one already gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, number)
+
+
+def main() -> None:
+    address, flow_file, size, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
+    warm(flow_file)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1024)
+    server = ForkServer(listener, size, name, Path(address).with_suffix(".counts"))
+    server._write_counts()
+    print("ready", flush=True)
+    try:
+        server.serve()
+    finally:  # the folder is the pool's: nothing of it stays, whoever stopped it
+        shutil.rmtree(Path(address).parent, ignore_errors=True)

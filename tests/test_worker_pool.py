@@ -1,0 +1,237 @@
+"""``@worker_pool`` on real Metaflow runs (local datastore and metadata): every pooled item is the task
+a plain foreach makes, failures stay per item, and nothing of a pool outlives its run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import VENV_BIN
+
+pytestmark = pytest.mark.slow
+
+FLOWS = Path(__file__).resolve().parent / "worker_pool_flows"
+#: What every process of a local pool has on its command line.
+POOL_MARK = "metaflow_stack.pool.forkserver"
+
+#: Read in a subprocess: Metaflow's client keeps one datastore root per process.
+FACTS = """
+import json, sys
+from metaflow import Flow, Task, metadata, namespace
+metadata("local@" + sys.argv[1])
+namespace(None)
+run = Flow(sys.argv[2]).latest_run
+USER = ("input", "square", "label")
+items = []
+for task in sorted(run["each"], key=lambda t: t.index):
+    first = Task(task.pathspec, attempt=0)
+    items.append({
+        "index": task.index,
+        "successful": task.successful,
+        "attempt": task.current_attempt,
+        "artifacts": sorted(a.id for a in task),
+        "values": {a.id: repr(a.data) for a in task if a.id in USER},
+        "foreach": [list(frame)[:4] for frame in task["_foreach_stack"].data],
+        "stdout": task.stdout,
+        "stderr": task.stderr,
+        "first_stderr": first.stderr,
+        "worker": task.metadata_dict.get("worker-pool"),
+        "cloned": task.origin_pathspec is not None,
+    })
+join = run["join"].task if "join" in run else None
+print(json.dumps({
+    "id": run.id,
+    "successful": run.successful,
+    "tasks": len(list(run["each"])),
+    "squares": join.data.squares if join is not None and join.successful else None,
+    "errors": join.data.errors if join is not None and join.successful else None,
+    "items": items,
+}))
+"""
+
+
+def run_flow(
+    root: Path,
+    *args: str,
+    pooled: bool = True,
+    env: dict[str, str] | None = None,
+    command: str = "run",
+    flow: str = "pool_flow.py",
+) -> subprocess.CompletedProcess[str]:
+    """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2``."""
+    shutil.copy(FLOWS / flow, root)
+    environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    environment.update(env or {})
+    pool = ["--with", "worker_pool:size=2"] if pooled else []
+    line = [sys.executable, flow, "--datastore-root", str(root / ".metaflow"), command, *pool, *args]
+    return subprocess.run(line, cwd=root, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def facts(root: Path, flow: str = "PoolFlow") -> dict:
+    """The latest run of ``flow`` in ``root``, through the Client API."""
+    line = [sys.executable, "-c", FACTS, str(root), flow]
+    done = subprocess.run(line, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def comparable(run: dict, root: Path) -> dict:
+    """A run's Client API view without what differs between any two runs: ids, where items ran, and the
+    folder the flow ran in (tracebacks name it)."""
+    items = [{k: v for k, v in item.items() if k != "worker"} for item in run["items"]]
+    view = {**{k: v for k, v in run.items() if k not in ("id", "items")}, "items": items}
+    return json.loads(json.dumps(view).replace(str(root), "<root>"))
+
+
+def pool_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(POOL_MARK in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path) -> None:
+    """Same tasks, artifacts, values, foreach frames, logs and retried item through the Client API;
+    only the pooled items say which worker ran them."""
+    flaky = {"POOL_FLOW_FLAKY": "2"}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "pooled").mkdir()
+    plain = run_flow(tmp_path / "plain", pooled=False, env=flaky)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    pooled = run_flow(tmp_path / "pooled", env=flaky)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    plain_facts, pooled_facts = facts(tmp_path / "plain"), facts(tmp_path / "pooled")
+
+    assert comparable(pooled_facts, tmp_path / "pooled") == comparable(plain_facts, tmp_path / "plain")
+    assert pooled_facts["squares"] == [0, 1, 4, 9, 16, 25]
+    retried = pooled_facts["items"][2]
+    assert retried["attempt"] == 1 and "RuntimeError: item-2 failed on attempt 0" in retried["first_stderr"]
+    assert [item["attempt"] for item in pooled_facts["items"]] == [0, 0, 1, 0, 0, 0]
+    assert all(item["worker"] is None for item in plain_facts["items"])
+    workers = {item["worker"] for item in pooled_facts["items"]}
+    assert all(w and w.startswith("each@") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
+    assert "worker pool each: 6/6 done" in pooled.stdout + pooled.stderr
+    assert not pool_processes()
+
+
+def test_failures_stay_per_item_and_resume_reuses_the_rest(tmp_path: Path) -> None:
+    """An item killed mid-attempt is retried alone; an item failing every attempt fails the run with its
+    traceback in its own stderr; resume runs only that item again."""
+    failed = run_flow(tmp_path, env={"POOL_FLOW_KILL": "1", "POOL_FLOW_FAIL": "3"})
+    assert failed.returncode != 0
+    run = facts(tmp_path)
+    assert not run["successful"]
+    by_index = {item["index"]: item for item in run["items"]}
+    assert by_index[1]["successful"] and by_index[1]["attempt"] == 1
+    assert not by_index[3]["successful"] and by_index[3]["attempt"] == 1
+    assert "Traceback" in by_index[3]["stderr"] and "RuntimeError: item-3 failed on attempt 1" in by_index[3]["stderr"]
+    assert all(by_index[i]["successful"] and by_index[i]["attempt"] == 0 for i in (0, 2, 4, 5))
+
+    resumed = run_flow(tmp_path, command="resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = facts(tmp_path)
+    assert again["id"] != run["id"] and again["successful"]
+    assert again["squares"] == [0, 1, 4, 9, 16, 25]
+    assert [item["cloned"] for item in again["items"]] == [True, True, True, False, True, True]
+    assert not pool_processes()
+
+
+def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
+    """With @worker_pool written on the step: @timeout kills only the hanging item's attempts, @catch
+    records the failures of only those items, and the run goes on."""
+    done = run_flow(tmp_path, pooled=False, flow="caught_flow.py", env={"POOL_FLOW_HANG": "2", "POOL_FLOW_FAIL": "4"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = facts(tmp_path, "CaughtFlow")
+    assert run["successful"]
+    assert run["squares"] == [0, 1, None, 9, None, 25]
+    assert [bool(e) for e in run["errors"]] == [False, False, True, False, True, False]
+    assert "Timeout" in run["errors"][2] and "item 4 failed" in run["errors"][4]
+    # Each failing item retried once, in the pool, where @catch took its last attempt's exception.
+    assert [item["attempt"] for item in run["items"]] == [0, 0, 1, 0, 1, 0]
+    assert all(item["worker"] for item in run["items"])
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_the_run_leaves_no_worker_behind(tmp_path: Path, stop: signal.Signals) -> None:
+    shutil.copy(FLOWS / "pool_flow.py", tmp_path)
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "POOL_FLOW_RELEASE": str(tmp_path / "never"),
+    }
+    line = [sys.executable, "pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    line += ["--with", "worker_pool:size=2"]
+    runtime = subprocess.Popen(line, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = 0
+        for output in runtime.stdout:
+            started += "attempt 0" in output
+            if started == 2:  # both workers busy with an item
+                break
+        assert started == 2
+        pool = pool_processes()
+        assert len(pool) == 3  # the fork server and its two items
+        folders = {Path(p.cmdline()[-4]).parent for p in pool}
+        runtime.send_signal(stop)
+        runtime.wait(timeout=60)
+    finally:
+        runtime.kill()
+    _, alive = psutil.wait_procs(pool, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not any(folder.exists() for folder in folders)
+
+
+BAD = """
+from metaflow import FlowSpec, step, worker_pool
+
+class BadFlow(FlowSpec):
+    @step
+    def start(self):
+        self.items = [1, 2]
+        self.next(self.each, foreach="items")
+
+    {decorator_each}
+    @step
+    def each(self):
+        self.next(self.join)
+
+    {decorator_join}
+    @step
+    def join(self, inputs):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+if __name__ == "__main__":
+    BadFlow()
+"""
+
+
+@pytest.mark.parametrize(
+    ("each", "join", "words"),
+    [
+        ("@worker_pool(size=0)", "", "size=0 must be at least 1"),
+        ('@worker_pool(backend="elsewhere")', "", "backend='elsewhere' is not one of"),
+        ("", "@worker_pool", "join is not the body of"),
+    ],
+    ids=["size", "backend", "not-a-foreach-body"],
+)
+def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:
+    (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=each, decorator_join=join))
+    env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
+    line = [sys.executable, "bad_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert words in done.stderr and "fix:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Task is starting" not in done.stdout + done.stderr

@@ -1,0 +1,62 @@
+"""A foreach whose items misbehave on demand, run with and without ``@worker_pool``.
+
+``POOL_FLOW_FAIL`` (item indexes, comma-separated) makes those items raise
+on every attempt; ``POOL_FLOW_FLAKY`` on their first attempt only;
+``POOL_FLOW_KILL`` makes their first attempt's process die by SIGKILL;
+``POOL_FLOW_HANG`` makes them sleep until killed. ``POOL_FLOW_RELEASE``
+names a file every item waits for before it ends, so a test can see items
+running.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from metaflow import FlowSpec, Parameter, current, retry, step
+
+
+def _items(variable: str) -> set[int]:
+    return {int(i) for i in os.environ.get(variable, "").split(",") if i}
+
+
+class PoolFlow(FlowSpec):
+    n = Parameter("n", default=6, type=int)
+
+    @step
+    def start(self):
+        self.items = [f"item-{i}" for i in range(self.n)]
+        self.next(self.each, foreach="items")
+
+    @retry(times=1)
+    @step
+    def each(self):
+        index = int(self.input.split("-")[1])
+        print(f"{self.input} attempt {current.retry_count}")
+        print(f"{self.input} to stderr", file=sys.stderr)
+        release = os.environ.get("POOL_FLOW_RELEASE")
+        while release and not os.path.exists(release):
+            time.sleep(0.05)
+        if index in _items("POOL_FLOW_HANG"):
+            time.sleep(3600)
+        if index in _items("POOL_FLOW_KILL") and current.retry_count == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if index in _items("POOL_FLOW_FAIL") or (index in _items("POOL_FLOW_FLAKY") and current.retry_count == 0):
+            raise RuntimeError(f"{self.input} failed on attempt {current.retry_count}")
+        self.square = index * index
+        self.label = self.input.upper()
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.squares = [getattr(i, "square", None) for i in inputs]
+        self.errors = [str(getattr(i, "error", "")) for i in inputs]
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("squares", self.squares)
+
+
+if __name__ == "__main__":
+    PoolFlow()
