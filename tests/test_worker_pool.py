@@ -190,6 +190,46 @@ def test_stopping_the_run_leaves_no_worker_behind(tmp_path: Path, stop: signal.S
     assert not any(folder.exists() for folder in folders)
 
 
+def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path) -> None:
+    """The pool's process killed outright while items run: its tasks die with it, every item it held
+    fails that attempt, @retry runs them again on a pool started afresh, and the run succeeds."""
+    shutil.copy(FLOWS / "pool_flow.py", tmp_path)
+    release = tmp_path / "release"
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "POOL_FLOW_RELEASE": str(release),
+    }
+    line = [sys.executable, "pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    line += ["--with", "worker_pool:size=2"]
+    runtime = subprocess.Popen(line, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = 0
+        for output in runtime.stdout:
+            started += "attempt 0" in output
+            if started == 2:
+                break
+        server = next(p for p in pool_processes() if p.ppid() == runtime.pid)
+        tasks = server.children()
+        assert len(tasks) == 2
+        server.kill()
+        _, alive = psutil.wait_procs(tasks, timeout=30)  # the kernel kills them with their parent
+        assert not alive
+        release.touch()
+        runtime.stdout.read()
+        assert runtime.wait(timeout=300) == 0
+    finally:
+        runtime.kill()
+    run = facts(tmp_path)
+    assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+    # The runtime had handed all six items to the pool (two running, four waiting): each ran again.
+    assert [item["attempt"] for item in run["items"]] == [1] * 6
+    lost = [item["index"] for item in run["items"] if "worker pool stopped before" in item["first_stderr"]]
+    assert len(lost) >= 2, lost  # the two that ran say why their first attempt failed
+    assert not pool_processes()
+
+
 BAD = """
 from metaflow import FlowSpec, step, worker_pool
 

@@ -10,9 +10,10 @@ crash) dies with its child; at most ``size`` children run at once, the rest
 wait in arrival order.
 
 Single-threaded on purpose (a process with threads must not fork): one
-selector watches the listening socket, each waiting trampoline's
-connection (closed: its task is killed), each child's pidfd (exited: its
-status goes back) and the launching runtime's pipe (closed: the pool stops).
+selector watches the listening socket, each running task's trampoline
+connection (closed: its task is killed), a socket SIGCHLD writes to (a
+child exited: its status goes back) and the launching runtime's pipe
+(closed: the pool stops).
 
     python -c "from metaflow_stack.pool.forkserver import main; main()" ADDRESS FLOW_FILE SIZE NAME
 
@@ -24,7 +25,7 @@ Metaflow puts there for pickling (its ``ForeachFrame``).
 from __future__ import annotations
 
 import contextlib
-import json
+import ctypes
 import os
 import runpy
 import selectors
@@ -56,49 +57,65 @@ class Request:
     cwd: str
     fds: list[int]
     pid: int = 0
-    pidfd: int = -1
     slot: int = -1
     killed_at: float | None = None
 
 
 def _receive(connection: socket.socket) -> Request:
-    """Read one request (a length-prefixed JSON object with two file descriptors attached)."""
+    """Read one request (``trampoline.encode``) with the two file descriptors attached to it."""
     data, fds, _, _ = socket.recv_fds(connection, 65536, 2)
-    if len(fds) != 2 or len(data) < trampoline.HEADER.size:
-        raise ValueError("a request needs its length, its JSON and two file descriptors")
-    (length,) = trampoline.HEADER.unpack_from(data)
+    if len(fds) != 2 or len(data) < 4:
+        raise ValueError("a request needs its length, its fields and two file descriptors")
+    length = int.from_bytes(data[:4], "big")
     if length > MAX_REQUEST:
         raise ValueError(f"request of {length} bytes over the {MAX_REQUEST} limit")
-    body = bytearray(data[trampoline.HEADER.size :])
+    body = bytearray(data[4:])
     while len(body) < length:
         chunk = connection.recv(min(1 << 20, length - len(body)))
         if not chunk:
             raise ValueError("request cut short")
         body += chunk
-    fields = json.loads(body)
-    return Request(connection, list(fields["argv"]), dict(fields["env"]), str(fields["cwd"]), fds)
+    command, env, cwd = trampoline.decode(bytes(body))
+    return Request(connection, command, env, cwd, fds)
 
 
 def warm(flow_file: str) -> None:
-    """Import the flow's file (not as ``__main__``: its ``if __name__`` block stays unrun) and what a task imports."""
-    sys.path.insert(0, str(Path(flow_file).resolve().parent))
+    """Import the flow's file (not as ``__main__``: its ``if __name__`` block stays unrun) and what a task
+    imports, and fill the caches every task would fill again: Metaflow's version and the flow folder's
+    git facts (four ``git`` processes per task otherwise)."""
+    folder = os.path.dirname(os.path.abspath(flow_file))
+    sys.path.insert(0, folder)
     runpy.run_path(flow_file, run_name="__metaflow_stack_pool_warm__")
+    from metaflow import metaflow_git, metaflow_version
+
+    metaflow_version.get_version()
+    metaflow_version.get_version(public=True)
+    metaflow_git.get_repository_info(folder)
     # The step command and everything it reaches, imported once here rather than in every task.
     import metaflow.cli
     import metaflow.task  # noqa: F401
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this task if the server dies (``PR_SET_PDEATHSIG``), so a pool
+    killed outright leaves no task behind; elsewhere the server's own exit path kills its tasks."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _run_task(request: Request, name: str) -> int:
     """In the forked child: become the task's process and run Metaflow's step command."""
     os.setsid()  # its own group: a kill reaches the task and whatever it started
+    _die_with_parent()
+    signal.set_wakeup_fd(-1)
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(number, signal.SIG_DFL)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(request.fds[0], 1)
     os.dup2(request.fds[1], 2)
-    for fd in (devnull, *request.fds):
-        os.close(fd)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the server's sockets and other tasks' connections
     sys.stdout.reconfigure(line_buffering=True)  # the runtime reads the task's output line by line
     sys.stderr.reconfigure(line_buffering=True)
     os.chdir(request.cwd)
@@ -134,28 +151,37 @@ class ForkServer:
         self.listener, self.size, self.name = listener, size, name
         self.selector = selectors.DefaultSelector()
         self.waiting: list[Request] = []
-        self.running: dict[int, Request] = {}  # by pidfd
+        self.running: dict[int, Request] = {}  # by pid
         self.free_slots = list(range(size))
         self.counts = Counts()
         self.counts_file = counts_file
         self.stopping = False
+        # SIGCHLD wakes the selector through this pair (portable, unlike pidfds).
+        self.wakeup, wakeup_writer = socket.socketpair()
+        self.wakeup.setblocking(False)
+        wakeup_writer.setblocking(False)
+        self._wakeup_writer = wakeup_writer
+        signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
 
     def serve(self) -> None:
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.selector.register(sys.stdin, selectors.EVENT_READ, "parent")
+        self.selector.register(self.wakeup, selectors.EVENT_READ, "exited")
         while not (self.stopping and not self.running):
             timeout = 0.5 if any(r.killed_at for r in self.running.values()) else None
             for key, _ in self.selector.select(timeout):
-                kind = key.data
-                if kind == "accept":
+                if key.data == "accept":
                     self._accept()
-                elif kind == "parent":
+                elif key.data == "parent":
                     if not os.read(sys.stdin.fileno(), 4096):
                         self._stop()
-                elif isinstance(kind, tuple) and kind[0] == "exited":
-                    self._reap(kind[1])
-                elif isinstance(kind, tuple) and kind[0] == "abandoned":
-                    self._abandoned(kind[1])
+                elif key.data == "exited":
+                    with contextlib.suppress(BlockingIOError):
+                        self.wakeup.recv(4096)
+                    self._reap()
+                else:
+                    self._abandoned(key.data)
             self._escalate()
 
     def _accept(self) -> None:
@@ -187,38 +213,44 @@ class ForkServer:
                     os._exit(code)
             for fd in request.fds:
                 os.close(fd)
-            request.pid, request.pidfd = pid, os.pidfd_open(pid)
-            self.running[request.pidfd] = request
-            self.selector.register(request.pidfd, selectors.EVENT_READ, ("exited", request.pidfd))
-            self.selector.register(request.connection, selectors.EVENT_READ, ("abandoned", request.pidfd))
+            request.pid = pid
+            self.running[pid] = request
+            self.selector.register(request.connection, selectors.EVENT_READ, pid)
             self.counts.queued -= 1
             self.counts.running += 1
         self._write_counts()
 
-    def _reap(self, pidfd: int) -> None:
-        request = self.running.pop(pidfd)
-        self.selector.unregister(pidfd)
-        self.selector.unregister(request.connection)
-        os.close(pidfd)
-        _, status = os.waitpid(request.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        reply = {"code": code, "signal": -code} if code < 0 else {"code": code}
-        with contextlib.suppress(OSError):  # a trampoline gone: the runtime counts the attempt failed already
-            request.connection.sendall(json.dumps(reply).encode() + b"\n")
-        request.connection.close()
-        self.free_slots.append(request.slot)
-        self.counts.running -= 1
-        self.counts.done += code == 0
-        self.counts.failed += code != 0
+    def _reap(self) -> None:
+        """Every child that has exited: its status to its trampoline, its slot to the next task."""
+        while self.running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            request = self.running.pop(pid, None)
+            if request is None:
+                continue
+            if request.killed_at is None:
+                self.selector.unregister(request.connection)
+            code = os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):  # a trampoline gone: the runtime counts the attempt failed already
+                request.connection.sendall(trampoline.reply(code))
+            request.connection.close()
+            self.free_slots.append(request.slot)
+            self.counts.running -= 1
+            self.counts.done += code == 0
+            self.counts.failed += code != 0
         self._start_waiting()
 
-    def _abandoned(self, pidfd: int) -> None:
+    def _abandoned(self, pid: int) -> None:
         """A running task's trampoline closed its connection (killed by the runtime): kill the task."""
-        request = self.running[pidfd]
-        self.selector.unregister(request.connection)
+        request = self.running[pid]
         if request.killed_at is None:
-            request.killed_at = time.monotonic()
-            with_group(request.pid, signal.SIGTERM)
+            self.selector.unregister(request.connection)
+            self._kill(request)
+
+    def _kill(self, request: Request) -> None:
+        request.killed_at = time.monotonic()
+        with_group(request.pid, signal.SIGTERM)
 
     def _escalate(self) -> None:
         now = time.monotonic()
@@ -238,8 +270,13 @@ class ForkServer:
         self.waiting.clear()
         for request in self.running.values():
             if request.killed_at is None:
-                request.killed_at = time.monotonic()
-                with_group(request.pid, signal.SIGTERM)
+                self.selector.unregister(request.connection)
+                self._kill(request)
+
+    def kill_all(self) -> None:
+        """Whatever still runs, killed outright: the server is ending and must leave no task behind."""
+        for request in self.running.values():
+            with_group(request.pid, signal.SIGKILL)
 
     def _write_counts(self) -> None:
         self.counts.write(self.counts_file)
@@ -263,5 +300,6 @@ def main() -> None:
     print("ready", flush=True)
     try:
         server.serve()
-    finally:  # the folder is the pool's: nothing of it stays, whoever stopped it
+    finally:  # the folder is the pool's, the tasks are its children: nothing of either stays
+        server.kill_all()
         shutil.rmtree(Path(address).parent, ignore_errors=True)

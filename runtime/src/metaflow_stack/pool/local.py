@@ -26,6 +26,7 @@ class LocalPool:
         self.flow_file, self.size, self.name = flow_file, size, name
         self.process: subprocess.Popen | None = None
         self.folder: Path | None = None
+        self.ready = False
 
     @property
     def address(self) -> Path:
@@ -44,22 +45,31 @@ class LocalPool:
                 stderr=errors,
                 start_new_session=True,  # Ctrl-C reaches the runtime, which stops the pool in order
             )
+
+    def _wait_ready(self) -> None:
+        """Block until the pool has imported everything (it started while the run's first steps ran)."""
+        if self.ready:
+            return
+        assert self.process is not None and self.folder is not None
         ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT_S)
         line = self.process.stdout.readline() if ready else b""
         if line.strip() != b"ready":
             self.process.kill()
             self.process.wait()
-            reason = log.read_text(errors="replace").strip().splitlines() or ["it did not start in time"]
+            reason = (self.folder / "pool.log").read_text(errors="replace").strip().splitlines()
             self.stop()
             raise StackError(
-                f"the local worker pool could not import {self.flow_file}: {reason[-1]}",
+                f"the local worker pool could not import {self.flow_file}: "
+                + (reason[-1] if reason else f"not ready after {START_TIMEOUT_S:.0f}s"),
                 fix="run the flow without @worker_pool to see the full error",
             )
+        self.ready = True
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def command(self, entrypoint: list[str]) -> list[str]:
+        self._wait_ready()
         return [sys.executable, "-I", "-S", trampoline.__file__, str(self.address), *entrypoint]
 
     def counts(self) -> Counts:
@@ -76,3 +86,4 @@ class LocalPool:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+        self.ready = False

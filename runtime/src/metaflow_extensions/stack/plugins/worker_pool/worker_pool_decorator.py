@@ -42,8 +42,9 @@ class WorkerPoolDecorator(StepDecorator):
     defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local"}
     #: The run's pools, by step: started with a step's first task, stopped when the run ends.
     pools: ClassVar[dict[str, Any]] = {}
-    #: The run's progress display, shared by its pools.
+    #: The run's progress display, shared by its pools, and the steps it shows.
     progress: ClassVar[Any] = None
+    watched: ClassVar[set[str]] = set()
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.step, self.flow_datastore, self.logger = step, flow_datastore, logger
@@ -74,45 +75,54 @@ class WorkerPoolDecorator(StepDecorator):
                 f"(fix: remove one of them from {step})"
             )
 
-    def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
-        if self.active and not is_cloned and self.step not in self.pools:
-            self._start(input_paths[0])
-
-    def _start(self, parent: str) -> None:
-        """The step's pool, and its line in the run's progress display (as many items as the foreach made)."""
-        from metaflow_stack.errors import StackError
+    def runtime_init(self, flow, graph, package, run_id) -> None:
+        """Start the step's pool with the run: it imports the flow while the steps before it run."""
         from metaflow_stack.pool.local import LocalPool
+
+        if self.active and self.step not in self.pools:
+            name = f"{self.step}@{os.uname().nodename}"
+            self.pools[self.step] = pool = LocalPool(os.path.abspath(sys.argv[0]), self.size, name)
+            pool.start()
+
+    def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
+        """With the step's first task: its line in the run's progress display (the foreach's items)."""
         from metaflow_stack.pool.progress import PoolProgress
 
-        run_id, step, task_id = parent.split("/")[-3:]
-        total = self.flow_datastore.get_task_datastore(run_id, step, task_id)["_foreach_num_splits"]
-        pool = LocalPool(os.path.abspath(sys.argv[0]), self.size, name=f"{self.step}@{os.uname().nodename}")
-        try:
-            pool.start()
-        except StackError as exc:
-            raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
-        self.pools[self.step] = pool
         cls = type(self)
+        if not self.active or self.step in cls.watched:
+            return
+        run_id, step, task_id = input_paths[0].split("/")[-3:]
+        total = self.flow_datastore.get_task_datastore(run_id, step, task_id)["_foreach_num_splits"]
         if cls.progress is None:
             cls.progress = PoolProgress(lambda line: self.logger(line, system_msg=True))
-        cls.progress.watch(self.step, total, pool.counts)
+        cls.progress.watch(self.step, total, self.pools[self.step].counts)
+        cls.watched.add(self.step)
 
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
+        from metaflow_stack.errors import StackError
+
         if not self.active or retry_count > max_user_code_retries:
             return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
         pool = self.pools[self.step]
         if not pool.alive():
             pool.stop()
             pool.start()  # a pool that died (killed, out of memory) comes back for the next attempt
-        cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
+        try:
+            cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
+        except StackError as exc:
+            raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
 
     def runtime_finished(self, exception) -> None:
+        cls = type(self)
         pool = self.pools.pop(self.step, None)
-        if pool is not None:
-            type(self).progress.finish(self.step)
-            pool.stop()
-            if not self.pools:
-                type(self).progress = None
+        if pool is None:
+            return
+        if self.step in cls.watched:
+            cls.watched.discard(self.step)
+            cls.progress.finish(self.step)
+        pool.stop()
+        if not cls.watched:
+            cls.progress = None
 
     def task_pre_step(
         self,
