@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import runpy
 import selectors
@@ -52,6 +53,7 @@ class Request:
     """One task handed over by a trampoline: its command, environment and folder, and its stdout/stderr."""
 
     connection: socket.socket
+    python: str
     argv: list[str]
     env: dict[str, str]
     cwd: str
@@ -75,8 +77,8 @@ def _receive(connection: socket.socket) -> Request:
         if not chunk:
             raise ValueError("request cut short")
         body += chunk
-    command, env, cwd = trampoline.decode(bytes(body))
-    return Request(connection, command, env, cwd, fds)
+    python, command, env, cwd = trampoline.decode(bytes(body))
+    return Request(connection, python, command, env, cwd, fds)
 
 
 def warm(flow_file: str) -> None:
@@ -94,6 +96,11 @@ def warm(flow_file: str) -> None:
     # The step command and everything it reaches, imported once here rather than in every task.
     import metaflow.cli
     import metaflow.task  # noqa: F401
+
+    # Out of the collector's sight: a collection in a child would otherwise write to every object the
+    # server holds and copy each page they share (copy-on-write) into every task.
+    gc.collect()
+    gc.freeze()
 
 
 def _die_with_parent() -> None:
@@ -122,9 +129,13 @@ def _run_task(request: Request, name: str) -> int:
     os.environ.clear()
     os.environ.update(request.env)
     os.environ[WORKER_VARIABLE] = f"{name}/{request.slot}"
-    python, flow_file, *_ = request.argv
-    if os.path.realpath(python) != os.path.realpath(sys.executable):
-        print(f"the worker pool runs {sys.executable}; this task asks for {python}", file=sys.stderr)
+    flow_file = request.argv[1]
+    if os.path.realpath(request.python) != os.path.realpath(sys.executable):
+        print(
+            f"@worker_pool: the pool runs {sys.executable} and this task asks for {request.python} "
+            "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator",
+            file=sys.stderr,
+        )
         return 1
     sys.argv = request.argv[1:]
     script = os.path.abspath(flow_file)  # as Python names a script it runs: tracebacks read the same

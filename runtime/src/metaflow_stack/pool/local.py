@@ -70,7 +70,9 @@ class LocalPool:
 
     def command(self, entrypoint: list[str]) -> list[str]:
         self._wait_ready()
-        return [sys.executable, "-I", "-S", trampoline.__file__, str(self.address), *entrypoint]
+        # The trampoline runs under the task's interpreter (a decorator before this one may have set it;
+        # one after it replaces this first element): it tells the pool which one the task asked for.
+        return [entrypoint[0], "-I", "-S", trampoline.__file__, str(self.address), *entrypoint]
 
     def counts(self) -> Counts:
         return Counts.read(self.address.with_suffix(".counts")) if self.folder else Counts()

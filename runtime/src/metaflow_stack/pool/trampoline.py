@@ -12,8 +12,10 @@ If this process is killed, the pool sees its connection close and kills
 the task.
 
 A request is ``LENGTH`` (4 bytes, big-endian) and then NUL-separated
-fields: the working folder, the number of arguments, the arguments, and the
-environment as ``NAME=VALUE``. The reply is one line, ``CODE SIGNAL``.
+fields: the interpreter running this trampoline (the one the runtime meant
+the task to run with, whichever decorator chose it), the working folder,
+the number of arguments, the arguments, and the environment as
+``NAME=VALUE``. The reply is one line, ``CODE SIGNAL``.
 No imports from this package: ``-S`` leaves site-packages off the path.
 """
 
@@ -26,21 +28,21 @@ import sys
 POOL_LOST = 75
 
 
-def encode(command: list[str], env: dict[str, str], cwd: str) -> bytes:
+def encode(python: str, command: list[str], env: dict[str, str], cwd: str) -> bytes:
     """One request, length first."""
-    fields = [cwd, str(len(command)), *command, *(f"{name}={value}" for name, value in env.items())]
+    fields = [python, cwd, str(len(command)), *command, *(f"{name}={value}" for name, value in env.items())]
     body = b"\0".join(os.fsencode(field) for field in fields)
     return len(body).to_bytes(4, "big") + body
 
 
-def decode(body: bytes) -> tuple[list[str], dict[str, str], str]:
-    """A request's command, environment and folder (the pool's side of ``encode``)."""
+def decode(body: bytes) -> tuple[str, list[str], dict[str, str], str]:
+    """A request's interpreter, command, environment and folder (the pool's side of ``encode``)."""
     fields = [os.fsdecode(field) for field in body.split(b"\0")]
-    cwd, count = fields[0], int(fields[1])
-    command, pairs = fields[2 : 2 + count], fields[2 + count :]
+    python, cwd, count = fields[0], fields[1], int(fields[2])
+    command, pairs = fields[3 : 3 + count], fields[3 + count :]
     if len(command) != count:
         raise ValueError(f"a request names {count} arguments and has {len(command)}")
-    return command, dict(pair.split("=", 1) for pair in pairs), cwd
+    return python, command, dict(pair.split("=", 1) for pair in pairs), cwd
 
 
 def reply(code: int) -> bytes:
@@ -50,7 +52,7 @@ def reply(code: int) -> bytes:
 
 def main(argv: list[str]) -> int:
     address, command = argv[0], argv[1:]
-    request = encode(command, dict(os.environ), os.getcwd())
+    request = encode(sys.executable, command, dict(os.environ), os.getcwd())
     fds = (1).to_bytes(4, sys.byteorder) + (2).to_bytes(4, sys.byteorder)
     connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     reply = b""
