@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL clusters and NATS servers from locally installed binaries.
+"""Throwaway PostgreSQL clusters, NATS servers and Redis servers from locally installed binaries.
 
 For the test suite, the benchmarks and trying the service by hand: each server
 listens on 127.0.0.1 only, on a free port, in a folder of its own, with trust
@@ -217,3 +217,23 @@ def nats_server(folder: Path, max_payload: int | None = None) -> Iterator[NatsSe
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A started redis-server on 127.0.0.1 (no persistence, its files under ``folder``); yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ToolMissingError("redis-server is not installed", fix="apt-get install redis-server")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    command += ["--dir", str(folder), "--daemonize", "no"]
+    with (folder / "redis.log").open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

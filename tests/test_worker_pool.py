@@ -9,17 +9,24 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import VENV_BIN
+import redis
+from conftest import VENV_BIN, need
+from devservers import free_port, redis_server
+
+from metaflow_stack.pool.local import LocalPool
+from metaflow_stack.pool.redis_pool import URL_VARIABLE
 
 pytestmark = pytest.mark.slow
 
 FLOWS = Path(__file__).resolve().parent / "worker_pool_flows"
-#: What every process of a local pool has on its command line.
-POOL_MARK = "metaflow_stack.pool.forkserver"
+#: What every process of a pool has on its command line (the fork server and its tasks, a dispatcher,
+#: Redis workers and their tasks).
+POOL_MARKS = ("metaflow_stack.pool.forkserver", "metaflow_stack.pool.dispatcher", "metaflow_stack.pool.redis_worker")
 
 #: Read in a subprocess: Metaflow's client keeps one datastore root per process.
 FACTS = """
@@ -64,12 +71,13 @@ def run_flow(
     env: dict[str, str] | None = None,
     command: str = "run",
     flow: str = "pool_flow.py",
+    backend: str = "local",
 ) -> subprocess.CompletedProcess[str]:
-    """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2``."""
+    """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2,backend=...``."""
     shutil.copy(FLOWS / flow, root)
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     environment.update(env or {})
-    pool = ["--with", "worker_pool:size=2"] if pooled else []
+    pool = ["--with", f"worker_pool:size=2,backend={backend}"] if pooled else []
     line = [sys.executable, flow, "--datastore-root", str(root / ".metaflow"), command, *pool, *args]
     return subprocess.run(line, cwd=root, env=environment, capture_output=True, text=True, timeout=600)
 
@@ -90,23 +98,71 @@ def comparable(run: dict, root: Path) -> dict:
     return json.loads(json.dumps(view).replace(str(root), "<root>"))
 
 
-def pool_processes() -> list[psutil.Process]:
+def pool_processes(marks: tuple[str, ...] = POOL_MARKS) -> list[psutil.Process]:
+    """This machine's processes of any pool (a fork server, its tasks, a dispatcher, Redis workers)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if any(POOL_MARK in part for part in process.info["cmdline"] or []):
+        if any(mark in part for part in process.info["cmdline"] or [] for mark in marks):
             found.append(process)
     return found
 
 
-def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path) -> None:
+def start_busy_run(root: Path, backend: str = "local", env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A pooled run of 6 items on 2 workers, started in the background and returned once both workers run
+    an item; the items wait for ``root/release`` to exist before they end."""
+    shutil.copy(FLOWS / "pool_flow.py", root)
+    environment = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "POOL_FLOW_RELEASE": str(root / "release"),
+        **(env or {}),
+    }
+    line = [sys.executable, "pool_flow.py", "--datastore-root", str(root / ".metaflow"), "run"]
+    line += ["--with", f"worker_pool:size=2,backend={backend}"]
+    runtime = subprocess.Popen(
+        line, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    started = 0
+    for output in runtime.stdout:
+        started += "attempt 0" in output
+        if started == 2:
+            return runtime
+    runtime.kill()
+    raise AssertionError("the run ended before two items started")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    need(
+        "redis-server",
+        shutil.which("redis-server") is not None,
+        "the Redis backend's queue (apt-get install redis-server)",
+    )
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+def pool_keys(url: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match="mf-pool:*"))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """Same tasks, artifacts, values, foreach frames, logs and retried item through the Client API;
     only the pooled items say which worker ran them."""
     flaky = {"POOL_FLOW_FLAKY": "2"}
+    if backend == "redis":
+        flaky[URL_VARIABLE] = request.getfixturevalue("redis_url")
     (tmp_path / "plain").mkdir()
     (tmp_path / "pooled").mkdir()
     plain = run_flow(tmp_path / "plain", pooled=False, env=flaky)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    pooled = run_flow(tmp_path / "pooled", env=flaky)
+    pooled = run_flow(tmp_path / "pooled", env=flaky, backend=backend)
     assert pooled.returncode == 0, pooled.stderr[-3000:]
     plain_facts, pooled_facts = facts(tmp_path / "plain"), facts(tmp_path / "pooled")
 
@@ -120,6 +176,8 @@ def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path) -> None:
     assert all(w and w.startswith("each@") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
     assert "worker pool each: 6/6 done" in pooled.stdout + pooled.stderr
     assert not pool_processes()
+    if backend == "redis":
+        assert not pool_keys(flaky[URL_VARIABLE])
 
 
 def test_failures_stay_per_item_and_resume_reuses_the_rest(tmp_path: Path) -> None:
@@ -159,64 +217,47 @@ def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
     assert all(item["worker"] for item in run["items"])
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stopping_the_run_leaves_no_worker_behind(tmp_path: Path, stop: signal.Signals) -> None:
-    shutil.copy(FLOWS / "pool_flow.py", tmp_path)
-    env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-        "METAFLOW_DEFAULT_METADATA": "local",
-        "POOL_FLOW_RELEASE": str(tmp_path / "never"),
-    }
-    line = [sys.executable, "pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
-    line += ["--with", "worker_pool:size=2"]
-    runtime = subprocess.Popen(line, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.mark.parametrize(
+    ("backend", "stop"),
+    [("local", signal.SIGINT), ("local", signal.SIGTERM), ("redis", signal.SIGINT), ("redis", signal.SIGTERM)],
+    ids=["local-ctrl-c", "local-sigterm", "redis-ctrl-c", "redis-sigterm"],
+)
+def test_stopping_the_run_leaves_no_worker_behind(
+    tmp_path: Path, backend: str, stop: signal.Signals, request: pytest.FixtureRequest
+) -> None:
+    """Ctrl-C (the runtime stops the pool) or SIGTERM (the runtime dies; the pool sees its pipe close):
+    no process, folder or queue key of the pool is left."""
+    env = {URL_VARIABLE: request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    runtime = start_busy_run(tmp_path, backend, env)
     try:
-        started = 0
-        for output in runtime.stdout:
-            started += "attempt 0" in output
-            if started == 2:  # both workers busy with an item
-                break
-        assert started == 2
         pool = pool_processes()
-        assert len(pool) == 3  # the fork server and its two items
-        folders = {Path(p.cmdline()[-4]).parent for p in pool}
+        # local: the fork server and its two items; redis: a dispatcher, two workers and their two items
+        assert len(pool) == (3 if backend == "local" else 5), [p.cmdline() for p in pool]
+        folders = {Path(part).parent for p in pool for part in p.cmdline() if part.endswith("pool.sock")}
+        assert len(folders) == 1
         runtime.send_signal(stop)
         runtime.wait(timeout=60)
     finally:
         runtime.kill()
-    _, alive = psutil.wait_procs(pool, timeout=30)
+    _, alive = psutil.wait_procs(pool, timeout=40)
     assert not alive, [p.cmdline() for p in alive]
     assert not any(folder.exists() for folder in folders)
+    if backend == "redis":
+        assert not pool_keys(env[URL_VARIABLE])
 
 
 def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path) -> None:
     """The pool's process killed outright while items run: its tasks die with it, every item it held
     fails that attempt, @retry runs them again on a pool started afresh, and the run succeeds."""
-    shutil.copy(FLOWS / "pool_flow.py", tmp_path)
-    release = tmp_path / "release"
-    env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-        "METAFLOW_DEFAULT_METADATA": "local",
-        "POOL_FLOW_RELEASE": str(release),
-    }
-    line = [sys.executable, "pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
-    line += ["--with", "worker_pool:size=2"]
-    runtime = subprocess.Popen(line, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runtime = start_busy_run(tmp_path)
     try:
-        started = 0
-        for output in runtime.stdout:
-            started += "attempt 0" in output
-            if started == 2:
-                break
-        server = next(p for p in pool_processes() if p.ppid() == runtime.pid)
+        server = next(p for p in pool_processes(POOL_MARKS[:1]) if p.ppid() == runtime.pid)
         tasks = server.children()
         assert len(tasks) == 2
         server.kill()
         _, alive = psutil.wait_procs(tasks, timeout=30)  # the kernel kills them with their parent
         assert not alive
-        release.touch()
+        (tmp_path / "release").touch()
         runtime.stdout.read()
         assert runtime.wait(timeout=300) == 0
     finally:
@@ -228,6 +269,55 @@ def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path
     lost = [item["index"] for item in run["items"] if "worker pool stopped before" in item["first_stderr"]]
     assert len(lost) >= 2, lost  # the two that ran say why their first attempt failed
     assert not pool_processes()
+
+
+def test_a_redis_worker_lost_mid_item_fails_only_that_attempt(tmp_path: Path, redis_url: str) -> None:
+    """A worker killed mid-item stops renewing its lease: that attempt fails, @retry runs the item again
+    on another worker, and the run ends with no key and no process of the pool left."""
+    runtime = start_busy_run(tmp_path, "redis", {URL_VARIABLE: redis_url})
+    try:
+        workers = [p for p in pool_processes(POOL_MARKS[2:]) if p.ppid() == runtime.pid]
+        assert len(workers) == 2
+        workers[0].kill()  # its task dies with it
+        (tmp_path / "release").touch()
+        rest = runtime.stdout.read()
+        assert runtime.wait(timeout=300) == 0, rest[-3000:]
+    finally:
+        runtime.kill()
+    run = facts(tmp_path)
+    assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+    retried = [item for item in run["items"] if item["attempt"] == 1]
+    assert len(retried) == 1, [item["attempt"] for item in run["items"]]
+    assert "stopped answering" in retried[0]["first_stderr"]
+    assert not pool_keys(redis_url)
+    assert not pool_processes()
+
+
+def test_redis_pool_without_redis_fails_in_one_line(tmp_path: Path) -> None:
+    done = run_flow(tmp_path, backend="redis", env={URL_VARIABLE: f"redis://127.0.0.1:{free_port()}/0"})
+    assert done.returncode != 0
+    assert "could not reach Redis" in done.stderr and "just up --with redis" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not pool_processes()
+
+
+def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -> None:
+    """What @pypi or @conda do to a task's command (another interpreter) reaches the pool through the
+    trampoline, which runs under that interpreter; the pool refuses it rather than run it in its own."""
+    other = Path("/usr/bin/python3")
+    if not other.exists() or other.resolve() == Path(sys.executable).resolve():
+        pytest.skip("needs a second Python interpreter at /usr/bin/python3")
+    flow = tmp_path / "tiny_flow.py"
+    flow.write_text("VALUE = 1\n")
+    pool = LocalPool(str(flow), 1, "test")
+    pool.start()
+    try:
+        done = subprocess.run(pool.command([str(other), str(flow), "step", "x"]), capture_output=True, text=True)
+    finally:
+        pool.stop()
+    assert done.returncode == 1
+    assert f"the pool runs {sys.executable} and this task asks for {other}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 BAD = """

@@ -3,7 +3,7 @@
 ``POOL_FLOW_FAIL`` (item indexes, comma-separated) makes those items raise
 on every attempt; ``POOL_FLOW_FLAKY`` on their first attempt only;
 ``POOL_FLOW_KILL`` makes their first attempt's process die by SIGKILL;
-``POOL_FLOW_HANG`` makes them sleep until killed. ``POOL_FLOW_RELEASE``
+``POOL_FLOW_HANG`` makes them sleep until killed; ``POOL_FLOW_SLOW`` for 3 s. ``POOL_FLOW_RELEASE``
 names a file every item waits for before it ends, so a test can see items
 running.
 """
@@ -39,6 +39,8 @@ class PoolFlow(FlowSpec):
             time.sleep(0.05)
         if index in _items("POOL_FLOW_HANG"):
             time.sleep(3600)
+        if index in _items("POOL_FLOW_SLOW"):
+            time.sleep(3)
         if index in _items("POOL_FLOW_KILL") and current.retry_count == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if index in _items("POOL_FLOW_FAIL") or (index in _items("POOL_FLOW_FLAKY") and current.retry_count == 0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from metaflow_stack.pool.counts import Counts
@@ -25,3 +26,21 @@ class Pool(Protocol):
 
     def stop(self) -> None:
         """Stop the workers and kill what still runs; leave nothing behind. Safe to call twice."""
+
+
+#: The backends, in the decorator's words.
+BACKENDS = ("local", "redis")
+
+
+def open_pool(backend: str, flow_file: str, size: int, run_id: str, step: str, redis_url: str | None = None) -> Pool:
+    """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis``, where the queue
+    is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine)."""
+    name = f"{step}@{os.uname().nodename}"
+    if backend == "local":
+        from metaflow_stack.pool.local import LocalPool
+
+        return LocalPool(flow_file, size, name)
+    from metaflow_stack.pool.redis_pool import DEFAULT_URL, URL_VARIABLE, RedisPool
+
+    url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL
+    return RedisPool(flow_file, size, name, url, prefix=f"mf-pool:{run_id}:{step}:")

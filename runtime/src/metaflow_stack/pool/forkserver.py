@@ -25,134 +25,34 @@ Metaflow puts there for pickling (its ``ForeachFrame``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import os
-import runpy
 import selectors
 import shutil
 import signal
 import socket
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaflow_stack.pool import WORKER_VARIABLE, trampoline
+from metaflow_stack.pool import handover, trampoline
+from metaflow_stack.pool.child import Task, fork_task, warm, with_group
 from metaflow_stack.pool.counts import Counts
 
 #: How long a killed task's process group has to end after SIGTERM before SIGKILL.
 KILL_GRACE_S = 5.0
-#: The largest request a trampoline may send (its environment holds the input paths of a join).
-MAX_REQUEST = 16 << 20
 
 
 @dataclass
 class Request:
-    """One task handed over by a trampoline: its command, environment and folder, and its stdout/stderr."""
+    """One task handed over by a trampoline, with its connection and its stdout/stderr."""
 
     connection: socket.socket
-    python: str
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    fds: list[int]
+    task: Task
+    fds: tuple[int, int]
     pid: int = 0
     slot: int = -1
     killed_at: float | None = None
-
-
-def _receive(connection: socket.socket) -> Request:
-    """Read one request (``trampoline.encode``) with the two file descriptors attached to it."""
-    data, fds, _, _ = socket.recv_fds(connection, 65536, 2)
-    if len(fds) != 2 or len(data) < 4:
-        raise ValueError("a request needs its length, its fields and two file descriptors")
-    length = int.from_bytes(data[:4], "big")
-    if length > MAX_REQUEST:
-        raise ValueError(f"request of {length} bytes over the {MAX_REQUEST} limit")
-    body = bytearray(data[4:])
-    while len(body) < length:
-        chunk = connection.recv(min(1 << 20, length - len(body)))
-        if not chunk:
-            raise ValueError("request cut short")
-        body += chunk
-    python, command, env, cwd = trampoline.decode(bytes(body))
-    return Request(connection, python, command, env, cwd, fds)
-
-
-def warm(flow_file: str) -> None:
-    """Import the flow's file (not as ``__main__``: its ``if __name__`` block stays unrun) and what a task
-    imports, and fill the caches every task would fill again: Metaflow's version and the flow folder's
-    git facts (four ``git`` processes per task otherwise)."""
-    folder = os.path.dirname(os.path.abspath(flow_file))
-    sys.path.insert(0, folder)
-    runpy.run_path(flow_file, run_name="__metaflow_stack_pool_warm__")
-    from metaflow import metaflow_git, metaflow_version
-
-    metaflow_version.get_version()
-    metaflow_version.get_version(public=True)
-    metaflow_git.get_repository_info(folder)
-    # The step command and everything it reaches, imported once here rather than in every task.
-    import metaflow.cli
-    import metaflow.task  # noqa: F401
-
-    # Out of the collector's sight: a collection in a child would otherwise write to every object the
-    # server holds and copy each page they share (copy-on-write) into every task.
-    gc.collect()
-    gc.freeze()
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel kill this task if the server dies (``PR_SET_PDEATHSIG``), so a pool
-    killed outright leaves no task behind; elsewhere the server's own exit path kills its tasks."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _run_task(request: Request, name: str) -> int:
-    """In the forked child: become the task's process and run Metaflow's step command."""
-    os.setsid()  # its own group: a kill reaches the task and whatever it started
-    _die_with_parent()
-    signal.set_wakeup_fd(-1)
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
-        signal.signal(number, signal.SIG_DFL)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(request.fds[0], 1)
-    os.dup2(request.fds[1], 2)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the server's sockets and other tasks' connections
-    sys.stdout.reconfigure(line_buffering=True)  # the runtime reads the task's output line by line
-    sys.stderr.reconfigure(line_buffering=True)
-    os.chdir(request.cwd)
-    os.environ.clear()
-    os.environ.update(request.env)
-    os.environ[WORKER_VARIABLE] = f"{name}/{request.slot}"
-    flow_file = request.argv[1]
-    if os.path.realpath(request.python) != os.path.realpath(sys.executable):
-        print(
-            f"@worker_pool: the pool runs {sys.executable} and this task asks for {request.python} "
-            "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator",
-            file=sys.stderr,
-        )
-        return 1
-    sys.argv = request.argv[1:]
-    script = os.path.abspath(flow_file)  # as Python names a script it runs: tracebacks read the same
-    sys.path[0] = os.path.dirname(script)
-    main = sys.modules["__main__"]
-    main.__file__ = script
-    try:
-        exec(compile(Path(script).read_bytes(), script, "exec"), vars(main))  # what `python flow.py` does
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(exc.code, file=sys.stderr)
-        return 1
-    except BaseException:  # what a task process would print before dying
-        traceback.print_exc()
-        return 1
-    return 0
 
 
 class ForkServer:
@@ -198,8 +98,8 @@ class ForkServer:
     def _accept(self) -> None:
         connection, _ = self.listener.accept()
         try:
-            request = _receive(connection)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            request = Request(connection, *handover.receive(connection))
+        except (OSError, ValueError) as exc:
             print(f"worker pool {self.name}: refused a request: {exc}", file=sys.stderr, flush=True)
             connection.close()
             return
@@ -211,17 +111,7 @@ class ForkServer:
         while self.waiting and self.free_slots and not self.stopping:
             request = self.waiting.pop(0)
             request.slot = self.free_slots.pop(0)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    code = _run_task(request, self.name)
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
+            pid = fork_task(request.task, request.fds, f"{self.name}/{request.slot}")
             for fd in request.fds:
                 os.close(fd)
             request.pid = pid
@@ -291,12 +181,6 @@ class ForkServer:
 
     def _write_counts(self) -> None:
         self.counts.write(self.counts_file)
-
-
-def with_group(pid: int, number: int) -> None:
-    """Signal a task's process group (it is its own leader), ignoring one already gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, number)
 
 
 def main() -> None:

@@ -19,8 +19,6 @@ from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
-#: Pool backends, in the decorator's words.
-BACKENDS = ("local",)
 #: Decorators that move a task elsewhere: their trampoline and the pool's cannot both start the task.
 ELSEWHERE = ("kubernetes", "batch", "nomad", "devcontainer", "confidential", "parallel")
 
@@ -34,12 +32,14 @@ class WorkerPoolDecorator(StepDecorator):
 
     backend: "local" (default: a fork server on this machine, which imports
     Metaflow and the flow once and runs each item in a child process of its
-    own). Every item keeps its task id, attempts, metadata, artifacts and logs;
+    own) or "redis" (items through a Redis queue at ``redis_url``, default
+    ``METAFLOW_STACK_POOL_REDIS_URL`` or a Redis on this machine, to ``size``
+    warm workers that each claim one at a time). Every item keeps its task id, attempts, metadata, artifacts and logs;
     ``@retry``, ``@catch`` and ``@timeout`` apply per item.
     """
 
     name = "worker_pool"
-    defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local"}
+    defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local", "redis_url": None}
     #: The run's pools, by step: started with a step's first task, stopped when the run ends.
     pools: ClassVar[dict[str, Any]] = {}
     #: The run's progress display, shared by its pools, and the steps it shows.
@@ -56,6 +56,8 @@ class WorkerPoolDecorator(StepDecorator):
             raise WorkerPoolException(f"step {step}: size={size!r} is not a number of workers (fix: size=4)") from None
         if self.size < 1:
             raise WorkerPoolException(f"step {step}: size={size!r} must be at least 1 (fix: size=4)")
+        from metaflow_stack.pool.backend import BACKENDS
+
         if backend not in BACKENDS:
             raise WorkerPoolException(
                 f'step {step}: backend={backend!r} is not one of {", ".join(BACKENDS)} (fix: backend="local")'
@@ -77,11 +79,12 @@ class WorkerPoolDecorator(StepDecorator):
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
         """Start the step's pool with the run: it imports the flow while the steps before it run."""
-        from metaflow_stack.pool.local import LocalPool
+        from metaflow_stack.pool.backend import open_pool
 
         if self.active and self.step not in self.pools:
-            name = f"{self.step}@{os.uname().nodename}"
-            self.pools[self.step] = pool = LocalPool(os.path.abspath(sys.argv[0]), self.size, name)
+            flow_file = os.path.abspath(sys.argv[0])
+            backend, url = self.attributes["backend"], self.attributes["redis_url"]
+            self.pools[self.step] = pool = open_pool(backend, flow_file, self.size, str(run_id), self.step, url)
             pool.start()
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:

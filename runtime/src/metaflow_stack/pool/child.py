@@ -1,0 +1,132 @@
+"""A pooled task's process: what a pool imports once, and how a forked child becomes the task.
+
+Shared by every backend whose workers fork per task (the local fork server,
+the Redis workers): the warm-up, then in the child the task's environment,
+folder, arguments and output, and the flow's file run as ``__main__`` as
+``python flow.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import runpy
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow_stack.pool import WORKER_VARIABLE
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the runtime would have started it: the interpreter it asked for, its command line
+    (``python flow.py ... step ...``), its environment and its working folder."""
+
+    python: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+
+
+def warm(flow_file: str) -> None:
+    """Import the flow's file (not as ``__main__``: its ``if __name__`` block stays unrun) and what a task
+    imports, and fill the caches every task would fill again: Metaflow's version and the flow folder's
+    git facts (four ``git`` processes per task otherwise)."""
+    folder = os.path.dirname(os.path.abspath(flow_file))
+    sys.path.insert(0, folder)
+    runpy.run_path(flow_file, run_name="__metaflow_stack_pool_warm__")
+    from metaflow import metaflow_git, metaflow_version
+
+    metaflow_version.get_version()
+    metaflow_version.get_version(public=True)
+    metaflow_git.get_repository_info(folder)
+    # The step command and everything it reaches, imported once here rather than in every task.
+    import metaflow.cli
+    import metaflow.task  # noqa: F401
+
+    # Out of the collector's sight: a collection in a child would otherwise write to every object the
+    # server holds and copy each page they share (copy-on-write) into every task.
+    gc.collect()
+    gc.freeze()
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel kill this task if the process that forked it dies
+    (``PR_SET_PDEATHSIG``), so a pool killed outright leaves no task behind; elsewhere the pool's own
+    exit path kills its tasks."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
+    """In a forked child: become the task's process (its stdout and stderr ``fds``) and run Metaflow's
+    step command; returns the exit status."""
+    os.setsid()  # its own group: a kill reaches the task and whatever it started
+    die_with_parent()
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(number, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(fds[0], 1)
+    os.dup2(fds[1], 2)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the pool's sockets and other tasks' connections
+    sys.stdout.reconfigure(line_buffering=True)  # the runtime reads the task's output line by line
+    sys.stderr.reconfigure(line_buffering=True)
+    os.chdir(task.cwd)
+    os.environ.clear()
+    os.environ.update(task.env)
+    os.environ[WORKER_VARIABLE] = worker
+    flow_file = task.argv[1]
+    if os.path.realpath(task.python) != os.path.realpath(sys.executable):
+        print(
+            f"@worker_pool: the pool runs {sys.executable} and this task asks for {task.python} "
+            "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator",
+            file=sys.stderr,
+        )
+        return 1
+    sys.argv = task.argv[1:]
+    script = os.path.abspath(flow_file)  # as Python names a script it runs: tracebacks read the same
+    sys.path[0] = os.path.dirname(script)
+    main = sys.modules["__main__"]
+    main.__file__ = script
+    try:
+        exec(compile(Path(script).read_bytes(), script, "exec"), vars(main))  # what `python flow.py` does
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException:  # what a task process would print before dying
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def fork_task(task: Task, fds: tuple[int, int], worker: str) -> int:
+    """Fork a child that runs ``task`` (``run_task``) and exits with its status; returns its pid. The
+    parent's own descriptors ``fds`` stay open: closing them is the caller's business."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = run_task(task, fds, worker)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def with_group(pid: int, number: int) -> None:
+    """Signal a task's process group (it is its own leader), ignoring one already gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, number)

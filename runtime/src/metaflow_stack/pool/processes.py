@@ -1,0 +1,87 @@
+"""A pool's own processes (a fork server, a dispatcher, local workers), as the run's runtime keeps them.
+
+Each is a child of the runtime in a session of its own (Ctrl-C reaches the
+runtime, which stops the pool in order), reads its standard input from the
+runtime (closed when the runtime ends, however it ends: the process then
+stops), says ``ready`` on its standard output once it has imported what it
+needs, and writes its errors to a log in the pool's folder.
+"""
+
+from __future__ import annotations
+
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.pool.counts import Counts
+
+#: Seconds a pool's process may take to import the flow and what a task needs before the step fails.
+START_TIMEOUT_S = 120.0
+
+
+class PoolProcess:
+    """One of a pool's processes: ``python -u -c CODE ARGS...`` (``-c``: ``__main__`` is a bare module, as
+    in ``python flow.py``)."""
+
+    def __init__(self, code: str, args: list[str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as errors:
+            self.process = subprocess.Popen(
+                [sys.executable, "-u", "-c", code, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                start_new_session=True,
+            )
+        self.ready = False
+
+    def wait_ready(self, what: str) -> None:
+        """Block until it says ``ready``; ``StackError`` with the last line of its log if it does not."""
+        if self.ready:
+            return
+        ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            self.process.kill()
+            self.process.wait()
+            reason = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
+            raise StackError(
+                f"{what}: " + (reason[-1] if reason else f"not ready after {START_TIMEOUT_S:.0f}s"),
+                fix="run the flow without @worker_pool to see the full error",
+            )
+        self.ready = True
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """Close its input (it stops), wait for it, kill it if it does not end in ``timeout_s``."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class PoolFolder:
+    """A pool's folder: its socket (a short path: sockets take at most 107 bytes), counts and logs, in a
+    folder only this user can enter."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="mf-pool-"))
+
+    @property
+    def address(self) -> Path:
+        return self.path / "pool.sock"
+
+    def counts(self) -> Counts:
+        return Counts.read(self.address.with_suffix(".counts"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""The Redis backend's queue: tasks in, output and exit statuses out, claims that expire.
+
+Every key of one pool starts with its prefix (``mf-pool:<run>:<step>:``), so
+stopping the pool removes them all. A task is a hash (``task:<id>``) and
+its id in ``pending``; a worker claims it by moving the id to its own
+``claimed:<worker>`` list (``BLMOVE``: one task at a time, prefetch 1, so a
+faster worker takes more), and holds ``lease:<id>`` (a key that expires after
+``LEASE_S``) while it runs, renewing it every second. The task's output and
+its end go to the stream ``out:<id>``, which the claim creates: later
+writes never create it again (``NOMKSTREAM``; leases are renewed with
+``XX``), so a pool whose keys were purged while a worker still ran gets
+none back. A task whose lease expired while
+claimed lost its worker: the dispatcher fails that attempt (the runtime's
+``@retry`` then runs it again, as a new attempt on another worker); a task
+whose trampoline went away is marked ``cancel:<id>`` and its worker kills it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from metaflow_stack.pool.child import Task
+
+#: Seconds a claim stays valid without renewal: a worker that has not renewed in this long is gone.
+LEASE_S = 10
+#: How often a worker renews the leases of what it runs and looks for cancellations.
+RENEW_S = 1.0
+#: Stream entries kept per task output (older ones are trimmed once the dispatcher has relayed them).
+OUTPUT_MAXLEN = 10_000
+
+
+class RedisQueue:
+    """One pool's keys on one Redis (``client``: a ``redis.Redis``, or ``redis.asyncio.Redis`` for the
+    coroutine methods marked so)."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- the dispatcher's side (redis.asyncio) ------------------------------------------------
+
+    async def submit(self, task_id: str, task: Task) -> None:
+        fields = {"python": task.python, "argv": json.dumps(task.argv), "env": json.dumps(task.env), "cwd": task.cwd}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("task", task_id), mapping=fields)
+            pipe.lpush(self.key("pending"), task_id)
+            await pipe.execute()
+
+    async def read_output(self, task_id: str, after: str, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Output entries of ``task_id`` after entry ``after``, waiting up to ``block_ms`` for the first."""
+        answer = await self.client.xread({self.key("out", task_id): after}, block=block_ms, count=256)
+        return [(entry_id.decode(), fields) for _, entries in answer for entry_id, fields in entries]
+
+    async def lost(self, task_id: str) -> bool:
+        """Whether a worker claimed ``task_id`` and then stopped renewing its lease."""
+        worker = await self.client.hget(self.key("task", task_id), "worker")
+        return worker is not None and not await self.client.exists(self.key("lease", task_id))
+
+    async def cancel(self, task_id: str) -> None:
+        await self.client.set(self.key("cancel", task_id), 1, ex=LEASE_S * 6)
+
+    async def forget(self, task_id: str) -> None:
+        """Remove what the queue holds of ``task_id`` (it ended, or was given up)."""
+        await self.client.lrem(self.key("pending"), 0, task_id)
+        await self.client.delete(*(self.key(kind, task_id) for kind in ("task", "out", "lease", "cancel")))
+
+    async def purge(self) -> int:
+        """Remove every key of this pool; returns how many."""
+        removed = 0
+        async for key in self.client.scan_iter(match=self.prefix + "*", count=1000):
+            removed += await self.client.delete(key)
+        return removed
+
+    # -- a worker's side (redis, blocking) ----------------------------------------------------
+
+    def claim(self, worker: str, timeout_s: float) -> tuple[str, Task] | None:
+        """The next task for ``worker`` (waiting up to ``timeout_s``), its lease taken; None if none came."""
+        task_id = self.client.blmove(self.key("pending"), self.key("claimed", worker), timeout_s, "RIGHT", "LEFT")
+        if task_id is None:
+            return None
+        task_id = task_id.decode()
+        fields = self.client.hgetall(self.key("task", task_id))
+        if not fields:  # given up by its dispatcher meanwhile
+            self.client.lrem(self.key("claimed", worker), 0, task_id)
+            return None
+        self.client.set(self.key("lease", task_id), worker, ex=LEASE_S)
+        self.client.hset(self.key("task", task_id), "worker", worker)
+        self.client.xadd(self.key("out", task_id), {"claimed": worker})  # later writes never create it again
+        task = Task(
+            fields[b"python"].decode(),
+            json.loads(fields[b"argv"]),
+            json.loads(fields[b"env"]),
+            fields[b"cwd"].decode(),
+        )
+        return task_id, task
+
+    def renew(self, task_id: str, worker: str) -> bool:
+        """Keep the claim on ``task_id``; returns whether it is to be killed (its dispatcher cancelled it,
+        or the pool is stopping)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key("lease", task_id), worker, ex=LEASE_S, xx=True)  # a purged pool's lease stays gone
+        pipe.exists(self.key("cancel", task_id), self.key("stop"))
+        return bool(pipe.execute()[1])
+
+    def stopping(self) -> bool:
+        return bool(self.client.exists(self.key("stop")))
+
+    def output(self, task_id: str, fd: int, data: bytes) -> None:
+        stream = self.key("out", task_id)
+        self.client.xadd(stream, {"fd": fd, "data": data}, maxlen=OUTPUT_MAXLEN, approximate=True, nomkstream=True)
+
+    def finish(self, task_id: str, worker: str, code: int) -> None:
+        """The task ended with ``code``: its status to the dispatcher, its claim released. The lease stays
+        until the dispatcher forgets the task: gone before the status is read, it would read as lost."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.key("out", task_id), {"exit": code}, nomkstream=True)
+        pipe.lrem(self.key("claimed", worker), 0, task_id)
+        pipe.execute()
