@@ -4,7 +4,8 @@ One flow (start, a foreach over N items, a join, end), run on the local
 datastore and metadata with 2 workers: plain (``--max-workers 2``, a new
 interpreter per item, what Metaflow users have) and pooled (``--with
 worker_pool:size=2``, the runtime allowed 4 tasks in flight so the next item
-is already waiting in the pool). Two kinds of item: trivial (``out = input *
+is already waiting in the pool), with the local backend and, when
+``redis-server`` is installed, the Redis backend (a throwaway server). Two kinds of item: trivial (``out = input *
 2``) and 50 ms of CPU work each. For each: the run's wall time; the span of
 the foreach (first item created to last item finished, from the Client
 API) and its cost per item; the CPU the run used (this process's children,
@@ -17,9 +18,11 @@ ms / 2 workers) plus the trivial items' cost per item.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+# The throwaway servers the tests use (tests/devservers.py): not shipped in the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from devservers import redis_server
 
 FLOW = """
 import time
@@ -81,14 +88,20 @@ print(json.dumps({"ok": run.successful and len(tasks) == int(sys.argv[2]), "span
 WORK_S = 0.05
 
 
-def run(root: Path, n: int, work: float, pooled: bool) -> dict[str, float]:
-    """One run in a fresh folder: wall time, foreach span and the CPU of every process it started."""
+def run(root: Path, n: int, work: float, backend: str | None, redis_url: str | None = None) -> dict[str, float]:
+    """One run in a fresh folder (``backend``: the pool's, None for a plain foreach): wall time, foreach
+    span and the CPU of every process it started."""
     folder = Path(tempfile.mkdtemp(dir=root))
     (folder / "pool_bench_flow.py").write_text(FLOW)
     line = [sys.executable, "pool_bench_flow.py", "--datastore-root", str(folder / ".metaflow"), "run"]
     line += ["--n", str(n), "--work", str(work), "--max-num-splits", str(n + 1)]
-    line += ["--with", "worker_pool:size=2", "--max-workers", "4"] if pooled else ["--max-workers", "2"]
+    if backend is None:
+        line += ["--max-workers", "2"]
+    else:
+        line += ["--with", f"worker_pool:size=2,backend={backend}", "--max-workers", "4"]
     env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local", "USER": os.environ.get("USER") or "bench"}
+    if redis_url:
+        env["METAFLOW_STACK_POOL_REDIS_URL"] = redis_url
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(line, cwd=folder, env=env, capture_output=True, text=True, timeout=7200)
@@ -115,44 +128,33 @@ def main() -> None:
     table = Table(title="foreach, 2 workers, local datastore and metadata; every item a Metaflow task")
     for column in ("items", "runner", "wall s", "foreach span s", "per item ms", "CPU s (all processes)", "vs plain"):
         table.add_column(column, justify="left" if column in ("items", "runner") else "right")
-    trivial_cost: dict[int, float] = {}
-    kinds = [k for k in ("trivial", "cpu") if args.only in (None, k)]
-    for kind in kinds:
-        work = WORK_S if kind == "cpu" else 0.0
-        for n in sizes:
-            results = {}
-            for pooled in (False, True):
-                name = "@worker_pool local (size=2)" if pooled else "plain foreach (--max-workers 2)"
-                with console.status(f"{kind}: {n} items, {name}"):
-                    results[pooled] = run(root, n, work, pooled)
-            for pooled, name in ((False, "plain foreach"), (True, "@worker_pool, local")):
-                r = results[pooled]
-                per_item = (r["span"] - (n * work / 2)) / n * 1000
-                if kind == "trivial":
-                    trivial_cost[(n, pooled)] = per_item
-                ratio = results[False]["span"] / r["span"]
-                label = f"{n} x {'trivial' if kind == 'trivial' else '50 ms CPU'}"
-                table.add_row(
-                    label,
-                    name,
-                    f"{r['wall']:.1f}",
-                    f"{r['span']:.1f}",
-                    f"{per_item:.1f}",
-                    f"{r['cpu']:.1f}",
-                    "1.0x" if not pooled else f"{ratio:.1f}x faster",
-                )
-                if kind == "cpu" and (n, pooled) in trivial_cost:
-                    ideal = n * work / 2
-                    bound = ideal + n * trivial_cost[(n, pooled)] / 1000
-                    table.add_row(
-                        "",
-                        f"  ideal {ideal:.1f} s; ideal + trivial cost {bound:.1f} s",
-                        "",
-                        f"{r['span'] / bound:.0%} of that",
-                        "",
-                        "",
-                        "",
-                    )
+    runners = {"plain foreach": None, "@worker_pool, local": "local"}
+    redis_url = None
+    with contextlib.ExitStack() as stack:
+        if shutil.which("redis-server"):
+            redis_url = stack.enter_context(redis_server(root / "redis"))
+            runners["@worker_pool, redis"] = "redis"
+        trivial_cost: dict[tuple[int, str], float] = {}
+        for kind in [k for k in ("trivial", "cpu") if args.only in (None, k)]:
+            work = WORK_S if kind == "cpu" else 0.0
+            for n in sizes:
+                results = {}
+                for name, backend in runners.items():
+                    with console.status(f"{kind}: {n} items, {name}"):
+                        results[name] = run(root, n, work, backend, redis_url)
+                for name, r in results.items():
+                    per_item = (r["span"] - (n * work / 2)) / n * 1000
+                    if kind == "trivial":
+                        trivial_cost[(n, name)] = per_item
+                    speedup = results["plain foreach"]["span"] / r["span"]
+                    label = f"{n} x {'trivial' if kind == 'trivial' else '50 ms CPU'}"
+                    cells = [f"{r['wall']:.1f}", f"{r['span']:.1f}", f"{per_item:.1f}", f"{r['cpu']:.1f}"]
+                    table.add_row(label, name, *cells, "1.0x" if runners[name] is None else f"{speedup:.1f}x faster")
+                    if kind == "cpu" and (n, name) in trivial_cost:
+                        ideal = n * work / 2
+                        bound = ideal + n * trivial_cost[(n, name)] / 1000
+                        note = f"  ideal {ideal:.1f} s; ideal + trivial cost {bound:.1f} s"
+                        table.add_row("", note, "", f"{r['span'] / bound:.0%} of that", "", "", "")
     console.print(table)
     print(f"(cpus: {os.cpu_count()})", file=sys.stderr)
 

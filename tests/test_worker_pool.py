@@ -180,6 +180,20 @@ def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, reque
         assert not pool_keys(flaky[URL_VARIABLE])
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_a_slow_item_holds_no_other_back(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """One item takes 3 s: the other worker takes the rest as it frees up (the Redis workers claim one
+    task at a time; the fork server gives each waiting task the next free slot)."""
+    env = {"POOL_FLOW_SLOW": "0"}
+    if backend == "redis":
+        env[URL_VARIABLE] = request.getfixturevalue("redis_url")
+    done = run_flow(tmp_path, env=env, backend=backend)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workers = [item["worker"] for item in facts(tmp_path)["items"]]
+    slow, others = workers[0], workers[1:]
+    assert sum(worker != slow for worker in others) >= 4, workers
+
+
 def test_failures_stay_per_item_and_resume_reuses_the_rest(tmp_path: Path) -> None:
     """An item killed mid-attempt is retried alone; an item failing every attempt fails the run with its
     traceback in its own stderr; resume runs only that item again."""

@@ -15,7 +15,7 @@ import redis
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool.counts import Counts
 from metaflow_stack.pool.local import trampoline_command
-from metaflow_stack.pool.processes import PoolFolder, PoolProcess
+from metaflow_stack.pool.processes import PoolFolder, PoolProcess, stop_all
 
 DISPATCHER = "from metaflow_stack.pool.dispatcher import main; main()"
 WORKER = "from metaflow_stack.pool.redis_worker import main; main()"
@@ -65,8 +65,7 @@ class RedisPool:
         # The dispatcher first: it cancels what is in flight (the workers kill those tasks) and removes the keys.
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        for worker in self.workers:
-            worker.stop()
+        stop_all(self.workers)
         if self.dispatcher is not None:
             # What is left once every worker ended: the stop mark that told busy workers to kill their tasks.
             client = redis.Redis.from_url(self.url)

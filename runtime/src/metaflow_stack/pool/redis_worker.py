@@ -78,7 +78,7 @@ def main() -> None:
     queue = RedisQueue(redis.Redis.from_url(url), prefix)
     print("ready", flush=True)
     while not _stdin_closed() and not queue.stopping():
-        claimed = queue.claim(name, timeout_s=1.0)
+        claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
         if claimed is not None:
             task_id, task = claimed
             code = run_one(queue, task_id, task, name)
