@@ -1,10 +1,13 @@
 """``@worker_pool`` written on the step, with ``@catch`` and ``@timeout``: the items named in
-``POOL_FLOW_HANG`` sleep until their timeout kills them, those in ``POOL_FLOW_FAIL`` raise."""
+``POOL_FLOW_HANG`` sleep until their timeout kills them, those in ``POOL_FLOW_FAIL`` raise. It prints
+when imported, as flow files do: the pool imports it before it says it is ready."""
 
 import os
 import time
 
 from metaflow import FlowSpec, catch, retry, step, timeout, worker_pool
+
+print("caught_flow.py imported")
 
 
 def _items(variable: str) -> set[int]:

@@ -101,6 +101,7 @@ class Dispatcher:
                 if cancelled_at is not None and loop.time() - cancelled_at > LEASE_S:
                     break  # its worker is gone too: nothing is left to wait for
                 if await self.queue.lost(task_id):
+                    await self.queue.cancel(task_id)  # a worker only stalled must not go on beside the retry
                     message = f"worker pool: the worker running this task stopped answering for {LEASE_S}s\n"
                     await asyncio.to_thread(os.write, fds[1], message.encode())
                     code = trampoline.POOL_LOST

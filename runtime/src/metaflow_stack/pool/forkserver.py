@@ -96,7 +96,11 @@ class ForkServer:
             self._escalate()
 
     def _accept(self) -> None:
-        connection, _ = self.listener.accept()
+        try:
+            connection, _ = self.listener.accept()
+        except OSError as exc:  # out of descriptors, say: the trampoline waits in the backlog
+            print(f"worker pool {self.name}: cannot accept now: {exc}", file=sys.stderr, flush=True)
+            return
         try:
             request = Request(connection, *handover.receive(connection))
         except (OSError, ValueError) as exc:
@@ -111,7 +115,14 @@ class ForkServer:
         while self.waiting and self.free_slots and not self.stopping:
             request = self.waiting.pop(0)
             request.slot = self.free_slots.pop(0)
-            pid = fork_task(request.task, request.fds, f"{self.name}/{request.slot}")
+            try:
+                pid = fork_task(request.task, request.fds, f"{self.name}/{request.slot}")
+            except OSError as exc:  # no process to be had: this attempt fails, the pool goes on
+                with contextlib.suppress(OSError):
+                    os.write(request.fds[1], f"worker pool: cannot start the task: {exc}\n".encode())
+                    request.connection.sendall(trampoline.reply(1))
+                self._release(request)
+                continue
             for fd in request.fds:
                 os.close(fd)
             request.pid = pid
@@ -120,6 +131,15 @@ class ForkServer:
             self.counts.queued -= 1
             self.counts.running += 1
         self._write_counts()
+
+    def _release(self, request: Request) -> None:
+        """A request that never ran: its descriptors, connection and slot given back."""
+        for fd in request.fds:
+            os.close(fd)
+        request.connection.close()
+        self.free_slots.append(request.slot)
+        self.counts.queued -= 1
+        self.counts.failed += 1
 
     def _reap(self) -> None:
         """Every child that has exited: its status to its trampoline, its slot to the next task."""
@@ -144,8 +164,8 @@ class ForkServer:
 
     def _abandoned(self, pid: int) -> None:
         """A running task's trampoline closed its connection (killed by the runtime): kill the task."""
-        request = self.running[pid]
-        if request.killed_at is None:
+        request = self.running.get(pid)  # None: reaped earlier in the same round of events
+        if request is not None and request.killed_at is None:
             self.selector.unregister(request.connection)
             self._kill(request)
 

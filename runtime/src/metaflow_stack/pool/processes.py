@@ -9,16 +9,20 @@ needs, and writes its errors to a log in the pool's folder.
 
 from __future__ import annotations
 
+import os
 import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool.counts import Counts
 
+#: What a pool's process prints, on a line of its own, once it is ready.
+READY = b"\nready\n"
 #: Seconds a pool's process may take to import the flow and what a task needs before the step fails.
 START_TIMEOUT_S = 120.0
 
@@ -43,9 +47,17 @@ class PoolProcess:
         """Block until it says ``ready``; ``StackError`` with the last line of its log if it does not."""
         if self.ready:
             return
-        ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT_S)
-        line = self.process.stdout.readline() if ready else b""
-        if line.strip() != b"ready":
+        # The flow file runs first and may print at import: lines before ``ready`` are passed over. Read
+        # from the descriptor itself: a buffered reader could hold the line select() no longer sees.
+        fd, seen, deadline = self.process.stdout.fileno(), b"\n", time.monotonic() + START_TIMEOUT_S
+        while READY not in seen and time.monotonic() < deadline:
+            if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
+                break  # the time is up
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break  # it ended
+            seen = seen[-64:] + chunk
+        if READY not in seen:
             self.process.kill()
             self.process.wait()
             reason = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []

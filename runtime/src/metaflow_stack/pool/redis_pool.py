@@ -67,7 +67,7 @@ class RedisPool:
             self.dispatcher.stop()
         stop_all(self.workers)
         if self.dispatcher is not None:
-            # What is left once every worker ended: the stop mark that told busy workers to kill their tasks.
+            # Whatever a worker still wrote after the dispatcher's purge (it ended only after its stdin closed).
             client = redis.Redis.from_url(self.url)
             with contextlib.suppress(redis.RedisError):
                 for key in client.scan_iter(match=self.prefix + "*", count=1000):

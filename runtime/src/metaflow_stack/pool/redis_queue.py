@@ -63,9 +63,10 @@ class RedisQueue:
         await self.client.set(self.key("cancel", task_id), 1, ex=LEASE_S * 6)
 
     async def forget(self, task_id: str) -> None:
-        """Remove what the queue holds of ``task_id`` (it ended, or was given up)."""
+        """Remove what the queue holds of ``task_id`` (it ended, or was given up). A cancel mark stays until it
+        expires (or the pool's keys are purged): a worker only stalled, not gone, still sees it and stops."""
         await self.client.lrem(self.key("pending"), 0, task_id)
-        await self.client.delete(*(self.key(kind, task_id) for kind in ("task", "out", "lease", "cancel")))
+        await self.client.delete(*(self.key(kind, task_id) for kind in ("task", "out", "lease")))
 
     async def purge(self) -> int:
         """Remove every key of this pool; returns how many."""
