@@ -27,6 +27,8 @@ FLOWS = Path(__file__).resolve().parent / "worker_pool_flows"
 #: What every process of a pool has on its command line (the fork server and its tasks, a dispatcher,
 #: Redis workers and their tasks).
 POOL_MARKS = ("metaflow_stack.pool.forkserver", "metaflow_stack.pool.dispatcher", "metaflow_stack.pool.redis_worker")
+#: And of a Ray pool: its actors, and the Ray it starts (whose files are in the pool's folder).
+RAY_MARKS = ("ray::PoolActor", "mf-pool-")
 
 #: Read in a subprocess: Metaflow's client keeps one datastore root per process.
 FACTS = """
@@ -98,8 +100,9 @@ def comparable(run: dict, root: Path) -> dict:
     return json.loads(json.dumps(view).replace(str(root), "<root>"))
 
 
-def pool_processes(marks: tuple[str, ...] = POOL_MARKS) -> list[psutil.Process]:
-    """This machine's processes of any pool (a fork server, its tasks, a dispatcher, Redis workers)."""
+def pool_processes(marks: tuple[str, ...] = POOL_MARKS + RAY_MARKS) -> list[psutil.Process]:
+    """This machine's processes of any pool (a fork server, its tasks, a dispatcher, Redis workers, Ray
+    actors, a Ray a pool started, a trampoline)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         if any(mark in part for part in process.info["cmdline"] or [] for mark in marks):
@@ -143,6 +146,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def none_left(timeout_s: float = 30) -> list[str]:
+    """The command lines of pool processes still alive after ``timeout_s`` (a Ray winds down in seconds)."""
+    left = pool_processes()
+    for _ in range(int(timeout_s * 4)):
+        if not left:
+            break
+        psutil.wait_procs(left, timeout=0.25)
+        left = pool_processes()
+    return [" ".join(p.cmdline())[:200] for p in left]
+
+
 def pool_keys(url: str) -> list[bytes]:
     client = redis.Redis.from_url(url)
     try:
@@ -151,7 +165,7 @@ def pool_keys(url: str) -> list[bytes]:
         client.close()
 
 
-@pytest.mark.parametrize("backend", ["local", "redis"])
+@pytest.mark.parametrize("backend", ["local", "redis", "ray"])
 def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """Same tasks, artifacts, values, foreach frames, logs and retried item through the Client API;
     only the pooled items say which worker ran them."""
@@ -175,7 +189,7 @@ def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, reque
     workers = {item["worker"] for item in pooled_facts["items"]}
     assert all(w and w.startswith("each@") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
     assert "worker pool each: 6/6 done" in pooled.stdout + pooled.stderr
-    assert not pool_processes()
+    assert not none_left()
     if backend == "redis":
         assert not pool_keys(flaky[URL_VARIABLE])
 
@@ -233,28 +247,30 @@ def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("backend", "stop"),
-    [("local", signal.SIGINT), ("local", signal.SIGTERM), ("redis", signal.SIGINT), ("redis", signal.SIGTERM)],
-    ids=["local-ctrl-c", "local-sigterm", "redis-ctrl-c", "redis-sigterm"],
+    [(backend, stop) for backend in ("local", "redis", "ray") for stop in (signal.SIGINT, signal.SIGTERM)],
+    ids=[f"{backend}-{stop}" for backend in ("local", "redis", "ray") for stop in ("ctrl-c", "sigterm")],
 )
 def test_stopping_the_run_leaves_no_worker_behind(
     tmp_path: Path, backend: str, stop: signal.Signals, request: pytest.FixtureRequest
 ) -> None:
     """Ctrl-C (the runtime stops the pool) or SIGTERM (the runtime dies; the pool sees its pipe close):
-    no process, folder or queue key of the pool is left."""
+    no process (a Ray the pool started included), folder or queue key of the pool is left."""
     env = {URL_VARIABLE: request.getfixturevalue("redis_url")} if backend == "redis" else {}
     runtime = start_busy_run(tmp_path, backend, env)
     try:
-        pool = pool_processes()
-        # local: the fork server and its two items; redis: a dispatcher, two workers and their two items
+        pool = pool_processes(POOL_MARKS)
+        # local: the fork server and its two items; redis: a dispatcher, two workers and their two items;
+        # ray: a dispatcher, each actor's fork server and their two items
         assert len(pool) == (3 if backend == "local" else 5), [p.cmdline() for p in pool]
         folders = {Path(part).parent for p in pool for part in p.cmdline() if part.endswith("pool.sock")}
-        assert len(folders) == 1
+        assert len(folders) == (3 if backend == "ray" else 1)  # (each Ray actor's fork server has its own)
         runtime.send_signal(stop)
         runtime.wait(timeout=60)
     finally:
         runtime.kill()
     _, alive = psutil.wait_procs(pool, timeout=40)
     assert not alive, [p.cmdline() for p in alive]
+    assert not none_left()
     assert not any(folder.exists() for folder in folders)
     if backend == "redis":
         assert not pool_keys(env[URL_VARIABLE])
@@ -285,13 +301,24 @@ def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path
     assert not pool_processes()
 
 
-def test_a_redis_worker_lost_mid_item_fails_only_that_attempt(tmp_path: Path, redis_url: str) -> None:
-    """A worker killed mid-item stops renewing its lease: that attempt fails, @retry runs the item again
-    on another worker, and the run ends with no key and no process of the pool left."""
-    runtime = start_busy_run(tmp_path, "redis", {URL_VARIABLE: redis_url})
+@pytest.mark.parametrize(
+    ("backend", "said"),
+    [("redis", "stopped answering"), ("ray", "the Ray worker running this task was lost")],
+)
+def test_a_worker_lost_mid_item_fails_only_that_attempt(
+    tmp_path: Path, backend: str, said: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker killed mid-item (redis: a worker process, which stops renewing its lease; ray: an actor's
+    process, whose fork server and task die with it): that attempt fails, @retry runs the item again on
+    another worker, and the run ends with no key and no process of the pool left."""
+    env = {URL_VARIABLE: request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    runtime = start_busy_run(tmp_path, backend, env)
     try:
-        workers = [p for p in pool_processes(POOL_MARKS[2:]) if p.ppid() == runtime.pid]
-        assert len(workers) == 2
+        if backend == "redis":
+            workers = [p for p in pool_processes(POOL_MARKS[2:]) if p.ppid() == runtime.pid]
+        else:
+            workers = [p for p in pool_processes(RAY_MARKS[:1]) if p.children()]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
         workers[0].kill()  # its task dies with it
         (tmp_path / "release").touch()
         rest = runtime.stdout.read()
@@ -302,17 +329,70 @@ def test_a_redis_worker_lost_mid_item_fails_only_that_attempt(tmp_path: Path, re
     assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
     retried = [item for item in run["items"] if item["attempt"] == 1]
     assert len(retried) == 1, [item["attempt"] for item in run["items"]]
-    assert "stopped answering" in retried[0]["first_stderr"]
-    assert not pool_keys(redis_url)
-    assert not pool_processes()
+    assert said in retried[0]["first_stderr"]
+    if backend == "redis":
+        assert not pool_keys(env[URL_VARIABLE])
+    assert not none_left()
 
 
-def test_redis_pool_without_redis_fails_in_one_line(tmp_path: Path) -> None:
-    done = run_flow(tmp_path, backend="redis", env={URL_VARIABLE: f"redis://127.0.0.1:{free_port()}/0"})
+@pytest.mark.parametrize(
+    ("backend", "variable", "words"),
+    [
+        ("redis", URL_VARIABLE, ["no Redis at redis://127.0.0.1:", "just up --with redis"]),
+        ("ray", "RAY_ADDRESS", ["could not reach the Ray cluster at RAY_ADDRESS=127.0.0.1:", "ray start --head"]),
+    ],
+)
+def test_a_pool_with_nothing_to_reach_fails_in_one_line(
+    tmp_path: Path, backend: str, variable: str, words: list[str]
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    done = run_flow(
+        tmp_path, backend=backend, env={variable: f"redis://{address}/0" if backend == "redis" else address}
+    )
     assert done.returncode != 0
-    assert "could not reach Redis" in done.stderr and "just up --with redis" in done.stderr, done.stderr[-2000:]
+    assert all(word in done.stderr for word in words), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert not pool_processes()
+    assert not none_left()
+
+
+def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(redis_url: str) -> None:
+    """A worker that took a task off the queue and died before it took the lease (a real Redis, the
+    dispatcher's executor): the attempt fails as lost within a few seconds instead of waiting forever."""
+    import asyncio
+
+    import redis.asyncio
+
+    from metaflow_stack.pool import trampoline
+    from metaflow_stack.pool.child import Task
+    from metaflow_stack.pool.redis_dispatch import TAKEN_S, RedisExecutor
+    from metaflow_stack.pool.redis_queue import RedisQueue
+
+    async def scenario() -> tuple[int | None, bytes, float]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        queue = RedisQueue(client, "mf-pool:test-taken:each:")
+        written = bytearray()
+
+        async def output(fd: int, data: bytes) -> None:
+            written.extend(data)
+
+        never: asyncio.Future = asyncio.get_running_loop().create_future()
+        started = asyncio.get_running_loop().time()
+        running = asyncio.ensure_future(
+            RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), output, never)
+        )
+        while not await client.llen(queue.key("pending")):
+            await asyncio.sleep(0.01)
+        await client.lmove(queue.key("pending"), queue.key("claimed", "gone"), "RIGHT", "LEFT")  # and dies
+        code = await asyncio.wait_for(running, TAKEN_S + 5)
+        elapsed = asyncio.get_running_loop().time() - started
+        await queue.purge()
+        await client.aclose()
+        return code, bytes(written), elapsed
+
+    code, written, elapsed = asyncio.run(scenario())
+    assert code == trampoline.POOL_LOST and b"stopped answering" in written
+    assert TAKEN_S <= elapsed < TAKEN_S + 4
+    assert not pool_keys(redis_url)
 
 
 def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -29,17 +29,30 @@ class Pool(Protocol):
 
 
 #: The backends, in the decorator's words.
-BACKENDS = ("local", "redis")
+BACKENDS = ("local", "redis", "ray")
 
 
-def open_pool(backend: str, flow_file: str, size: int, run_id: str, step: str, redis_url: str | None = None) -> Pool:
+def open_pool(
+    backend: str,
+    flow_file: str,
+    size: int,
+    run_id: str,
+    step: str,
+    redis_url: str | None = None,
+    resources: dict[str, float] | None = None,
+) -> Pool:
     """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis``, where the queue
-    is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine)."""
+    is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine); ``resources``: for
+    ``ray``, each actor's Ray resources (``ray_pool.ray_resources``)."""
     name = f"{step}@{os.uname().nodename}"
     if backend == "local":
         from metaflow_stack.pool.local import LocalPool
 
         return LocalPool(flow_file, size, name)
+    if backend == "ray":
+        from metaflow_stack.pool.ray_pool import RayPool
+
+        return RayPool(flow_file, size, name, resources or {})
     from metaflow_stack.pool.redis_pool import DEFAULT_URL, URL_VARIABLE, RedisPool
 
     url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL

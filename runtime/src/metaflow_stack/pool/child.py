@@ -55,6 +55,17 @@ def warm(flow_file: str) -> None:
     gc.freeze()
 
 
+def other_interpreter(task: Task) -> str | None:
+    """Why the pool cannot run ``task`` (it asks for another interpreter than the pool's: an environment
+    decorator's), or None."""
+    if os.path.realpath(task.python) == os.path.realpath(sys.executable):
+        return None
+    return (
+        f"@worker_pool: the pool runs {sys.executable} and this task asks for {task.python} "
+        "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator"
+    )
+
+
 def die_with_parent() -> None:
     """On Linux, have the kernel kill this task if the process that forked it dies
     (``PR_SET_PDEATHSIG``), so a pool killed outright leaves no task behind; elsewhere the pool's own
@@ -84,12 +95,9 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
     os.environ.update(task.env)
     os.environ[WORKER_VARIABLE] = worker
     flow_file = task.argv[1]
-    if os.path.realpath(task.python) != os.path.realpath(sys.executable):
-        print(
-            f"@worker_pool: the pool runs {sys.executable} and this task asks for {task.python} "
-            "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator",
-            file=sys.stderr,
-        )
+    refusal = other_interpreter(task)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 1
     sys.argv = task.argv[1:]
     script = os.path.abspath(flow_file)  # as Python names a script it runs: tracebacks read the same

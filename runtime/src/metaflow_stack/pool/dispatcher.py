@@ -1,15 +1,16 @@
-"""The Redis backend's end of the trampoline: tasks in through the queue, their output back.
+"""The run's end of a pool whose workers are elsewhere (Redis workers, pods, Ray actors).
 
 The run's runtime starts one dispatcher per pooled step. It takes the same
-hand-over as the local fork server (``handover``) on a Unix socket, puts
-each task on the pool's queue (``redis_queue``), writes what the task's
-worker relays into the task's own stdout and stderr, and answers its exit
-status. A worker lost mid-task (its lease expired) fails that attempt with
-the trampoline's ``POOL_LOST`` status; a trampoline that goes away has its
-task cancelled. When the runtime's pipe closes, it cancels what is in
-flight and removes every key of the pool.
+hand-over as the local fork server (``handover``) on a Unix socket and
+passes each task to its backend's executor (``redis_dispatch``,
+``ray_dispatch``), which runs it on a worker and hands back what the task
+writes; the dispatcher writes that into the task's own stdout and stderr
+and answers its exit status. A worker lost mid-task fails that attempt with
+the trampoline's ``POOL_LOST`` status, which ``@retry`` retries; a
+trampoline that goes away has its task killed. When the runtime's pipe
+closes, it stops what is in flight and lets the executor clean up.
 
-    python -c "from metaflow_stack.pool.dispatcher import main; main()" ADDRESS URL PREFIX
+    python -c "from metaflow_stack.pool.dispatcher import main; main()" BACKEND ADDRESS ARGS...
 """
 
 from __future__ import annotations
@@ -21,23 +22,37 @@ import shutil
 import signal
 import socket
 import sys
-import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
-import redis.asyncio
-
+from metaflow_stack.errors import StackError
 from metaflow_stack.pool import handover, trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.counts import Counts
-from metaflow_stack.pool.redis_queue import LEASE_S, RedisQueue
 
-#: How long one read of a task's output waits before the dispatcher checks on the task.
-POLL_MS = 1000
+#: Writes one piece of a task's output to its stdout (1) or stderr (2).
+Output = Callable[[int, bytes], Awaitable[None]]
+
+
+class Executor(Protocol):
+    """A backend's way of running tasks on its workers."""
+
+    async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
+        """Run ``task`` on a worker, passing what it writes to ``output``; its exit status (the trampoline's
+        ``POOL_LOST`` if the worker was lost), or None if it ended with no status (``abandoned``: its
+        trampoline went away, and the task was killed). Cancelled when the pool stops."""
+
+    async def queued(self) -> int:
+        """How many tasks wait for a worker."""
+
+    async def close(self) -> None:
+        """The pool is stopping, nothing is in flight any more: leave nothing behind."""
 
 
 class Dispatcher:
-    def __init__(self, listener: socket.socket, queue: RedisQueue, counts_file: Path) -> None:
-        self.listener, self.queue, self.counts_file = listener, queue, counts_file
+    def __init__(self, listener: socket.socket, executor: Executor, counts_file: Path) -> None:
+        self.listener, self.executor, self.counts_file = listener, executor, counts_file
         self.in_flight: set[asyncio.Task] = set()
         self.counts = Counts()
 
@@ -52,61 +67,41 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self.in_flight, return_exceptions=True)
         counting.cancel()
-        await self.queue.purge()
+        await self.executor.close()
 
     async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             connection, _ = await loop.sock_accept(self.listener)
-            try:
-                task, fds = await asyncio.to_thread(handover.receive, connection)
-            except ValueError as exc:
-                print(f"worker pool: refused a request: {exc}", file=sys.stderr, flush=True)
-                connection.close()
-                continue
-            connection.setblocking(False)
-            job = asyncio.ensure_future(self._handle(connection, task, fds))
+            job = asyncio.ensure_future(self._handle(connection))
             self.in_flight.add(job)
             job.add_done_callback(self.in_flight.discard)
 
     async def _count_forever(self) -> None:
         while True:
-            queued = await self.queue.client.llen(self.queue.key("pending"))
+            queued = await self.executor.queued()
             self.counts.queued = queued
             self.counts.running = max(len(self.in_flight) - queued, 0)
             self.counts.write(self.counts_file)
             await asyncio.sleep(0.5)
 
-    async def _handle(self, connection: socket.socket, task: Task, fds: tuple[int, int]) -> None:
+    async def _handle(self, connection: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        task_id = uuid.uuid4().hex
+        try:  # (in a thread: a slow trampoline holds up no other)
+            task, fds = await asyncio.to_thread(handover.receive, connection)
+        except ValueError as exc:
+            print(f"worker pool: refused a request: {exc}", file=sys.stderr, flush=True)
+            connection.close()
+            return
+        connection.setblocking(False)
         abandoned = asyncio.ensure_future(loop.sock_recv(connection, 1))  # b"": the trampoline is gone
+
+        async def output(fd: int, data: bytes) -> None:
+            await asyncio.to_thread(os.write, fds[0 if fd == 1 else 1], data)
+
         code: int | None = None
         try:
-            await self.queue.submit(task_id, task)
-            after, cancelled_at = "0-0", None
-            while code is None:
-                for entry_id, fields in await self.queue.read_output(task_id, after, POLL_MS):
-                    after = entry_id
-                    if b"exit" in fields:
-                        code = int(fields[b"exit"])
-                        break
-                    if b"fd" in fields:  # (the other entry is the claim's)
-                        await asyncio.to_thread(os.write, fds[0 if fields[b"fd"] == b"1" else 1], fields[b"data"])
-                if code is not None:
-                    break
-                if abandoned.done() and cancelled_at is None:
-                    await self.queue.cancel(task_id)
-                    cancelled_at = loop.time()
-                if cancelled_at is not None and loop.time() - cancelled_at > LEASE_S:
-                    break  # its worker is gone too: nothing is left to wait for
-                if await self.queue.lost(task_id):
-                    await self.queue.cancel(task_id)  # a worker only stalled must not go on beside the retry
-                    message = f"worker pool: the worker running this task stopped answering for {LEASE_S}s\n"
-                    await asyncio.to_thread(os.write, fds[1], message.encode())
-                    code = trampoline.POOL_LOST
-        except asyncio.CancelledError:  # the pool is stopping: its workers see that and kill their tasks
-            raise
+            code = await self.executor.run(task, output, abandoned)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -117,27 +112,34 @@ class Dispatcher:
                 self.counts.done += code == 0
                 self.counts.failed += code != 0
             connection.close()
-            await asyncio.shield(self.queue.forget(task_id))  # (stopping: the purge removes it anyway)
 
 
-async def _main(address: str, url: str, prefix: str) -> None:
-    client = redis.asyncio.Redis.from_url(url)
-    await client.ping()
+async def _main(backend: str, address: str, args: list[str]) -> None:
+    if backend == "ray":
+        from metaflow_stack.pool.ray_dispatch import open_executor
+    else:
+        from metaflow_stack.pool.redis_dispatch import open_executor
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(address)
-    listener.listen(1024)
-    listener.setblocking(False)
-    dispatcher = Dispatcher(listener, RedisQueue(client, prefix), Path(address).with_suffix(".counts"))
-    dispatcher.counts.write(dispatcher.counts_file)
-    print("ready", flush=True)
     try:
+        executor = await open_executor(Path(address).parent, args)
+        listener.bind(address)
+        listener.listen(1024)
+        listener.setblocking(False)
+        dispatcher = Dispatcher(listener, executor, Path(address).with_suffix(".counts"))
+        dispatcher.counts.write(dispatcher.counts_file)
+        print("ready", flush=True)
         await dispatcher.serve()
     finally:  # the pool's folder goes with it (a dispatcher that never started leaves its log to be read)
-        await client.aclose()
-        shutil.rmtree(Path(address).parent, ignore_errors=True)
+        listener.close()
+        if Path(address).exists():
+            shutil.rmtree(Path(address).parent, ignore_errors=True)
 
 
 def main() -> None:
-    address, url, prefix = sys.argv[1:4]
+    backend, address, *args = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
-    asyncio.run(_main(address, url, prefix))
+    try:
+        asyncio.run(_main(backend, address, args))
+    except StackError as exc:  # the last line of its log, which the runtime shows
+        print(f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message, file=sys.stderr)
+        sys.exit(1)

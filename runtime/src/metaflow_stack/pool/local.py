@@ -14,27 +14,31 @@ SERVER = "from metaflow_stack.pool.forkserver import main; main()"
 class LocalPool:
     """``size`` tasks at once in children of one warm process, which lives as long as the run's runtime."""
 
-    def __init__(self, flow_file: str, size: int, name: str) -> None:
-        self.flow_file, self.size, self.name = flow_file, size, name
+    def __init__(self, flow_file: str, size: int, name: str, parent: str | None = None) -> None:
+        self.flow_file, self.size, self.name, self.parent = flow_file, size, name, parent
         self.server: PoolProcess | None = None
         self.folder: PoolFolder | None = None
 
     def start(self) -> None:
-        self.folder = PoolFolder()
+        self.folder = PoolFolder(self.parent)
         args = [str(self.folder.address), self.flow_file, str(self.size), self.name]
         self.server = PoolProcess(SERVER, args, self.folder.path / "pool.log")
 
     def alive(self) -> bool:
         return self.server is not None and self.server.alive()
 
-    def command(self, entrypoint: list[str]) -> list[str]:
+    def address(self) -> Path:
+        """The fork server's socket, once it is ready (``StackError`` naming the fix if it cannot start)."""
         assert self.server is not None and self.folder is not None
         try:
             self.server.wait_ready(f"the local worker pool could not import {self.flow_file}")
         except Exception:
             self.stop()
             raise
-        return trampoline_command(self.folder.address, entrypoint)
+        return self.folder.address
+
+    def command(self, entrypoint: list[str]) -> list[str]:
+        return trampoline_command(self.address(), entrypoint)
 
     def counts(self) -> Counts:
         return self.folder.counts() if self.folder else Counts()

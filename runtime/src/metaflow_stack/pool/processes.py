@@ -90,10 +90,10 @@ def stop_all(processes: list[PoolProcess], timeout_s: float = 30) -> None:
 
 class PoolFolder:
     """A pool's folder: its socket (a short path: sockets take at most 107 bytes), counts and logs, in a
-    folder only this user can enter."""
+    folder only this user can enter (under ``parent``, or the system's temporary folder)."""
 
-    def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="mf-pool-"))
+    def __init__(self, parent: str | None = None) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="mf-pool-", dir=parent))
 
     @property
     def address(self) -> Path:

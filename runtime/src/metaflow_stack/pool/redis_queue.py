@@ -13,6 +13,9 @@ none back. A task whose lease expired while
 claimed lost its worker: the dispatcher fails that attempt (the runtime's
 ``@retry`` then runs it again, as a new attempt on another worker); a task
 whose trampoline went away is marked ``cancel:<id>`` and its worker kills it.
+The claim takes the lease and names the worker in one transaction right
+after the move, so a task out of ``pending`` without a lease for long lost
+its worker too.
 """
 
 from __future__ import annotations
@@ -54,10 +57,20 @@ class RedisQueue:
         answer = await self.client.xread({self.key("out", task_id): after}, block=block_ms, count=256)
         return [(entry_id.decode(), fields) for _, entries in answer for entry_id, fields in entries]
 
-    async def lost(self, task_id: str) -> bool:
-        """Whether a worker claimed ``task_id`` and then stopped renewing its lease."""
-        worker = await self.client.hget(self.key("task", task_id), "worker")
-        return worker is not None and not await self.client.exists(self.key("lease", task_id))
+    async def state(self, task_id: str) -> str:
+        """Where ``task_id`` is: ``queued``, ``held`` (a worker holds its lease), ``lost`` (a worker claimed
+        it and stopped renewing its lease) or ``taken`` (out of the queue, no lease yet: a moment, unless
+        the worker that took it died before it took the lease)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.key("lease", task_id))
+            pipe.hexists(self.key("task", task_id), "worker")
+            pipe.lpos(self.key("pending"), task_id)
+            leased, claimed, position = await pipe.execute()
+        if leased:
+            return "held"
+        if claimed:
+            return "lost"
+        return "taken" if position is None else "queued"
 
     async def cancel(self, task_id: str) -> None:
         await self.client.set(self.key("cancel", task_id), 1, ex=LEASE_S * 6)
@@ -87,9 +100,11 @@ class RedisQueue:
         if not fields:  # given up by its dispatcher meanwhile
             self.client.lrem(self.key("claimed", worker), 0, task_id)
             return None
-        self.client.set(self.key("lease", task_id), worker, ex=LEASE_S)
-        self.client.hset(self.key("task", task_id), "worker", worker)
-        self.client.xadd(self.key("out", task_id), {"claimed": worker})  # later writes never create it again
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.key("lease", task_id), worker, ex=LEASE_S)
+        pipe.hset(self.key("task", task_id), "worker", worker)
+        pipe.xadd(self.key("out", task_id), {"claimed": worker})  # later writes never create it again
+        pipe.execute()
         task = Task(
             fields[b"python"].decode(),
             json.loads(fields[b"argv"]),

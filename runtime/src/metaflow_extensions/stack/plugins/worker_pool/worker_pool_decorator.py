@@ -34,7 +34,9 @@ class WorkerPoolDecorator(StepDecorator):
     Metaflow and the flow once and runs each item in a child process of its
     own) or "redis" (items through a Redis queue at ``redis_url``, default
     ``METAFLOW_STACK_POOL_REDIS_URL`` or a Redis on this machine, to ``size``
-    warm workers that each claim one at a time). Every item keeps its task id, attempts, metadata, artifacts and logs;
+    warm workers that each claim one at a time) or "ray" (items on ``size`` Ray actors, on the cluster at
+    ``RAY_ADDRESS`` or a Ray of the pool's own here, each with the step's ``@resources``). Every item
+    keeps its task id, attempts, metadata, artifacts and logs;
     ``@retry``, ``@catch`` and ``@timeout`` apply per item.
     """
 
@@ -57,6 +59,7 @@ class WorkerPoolDecorator(StepDecorator):
         if self.size < 1:
             raise WorkerPoolException(f"step {step}: size={size!r} must be at least 1 (fix: size=4)")
         from metaflow_stack.pool.backend import BACKENDS
+        from metaflow_stack.pool.ray_pool import ray_resources
 
         if backend not in BACKENDS:
             raise WorkerPoolException(
@@ -70,6 +73,8 @@ class WorkerPoolDecorator(StepDecorator):
                 f"step {step}: @worker_pool runs the items of a foreach, and {step} is not the body of one "
                 f"(fix: put @worker_pool on the step a foreach's self.next(..., foreach=...) goes to)"
             )
+        resources = next((d.attributes for d in decos if d.name == "resources"), {})
+        self.resources = ray_resources(resources.get("cpu"), resources.get("gpu"), resources.get("memory"))
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
             raise WorkerPoolException(
@@ -84,7 +89,8 @@ class WorkerPoolDecorator(StepDecorator):
         if self.active and self.step not in self.pools:
             flow_file = os.path.abspath(sys.argv[0])
             backend, url = self.attributes["backend"], self.attributes["redis_url"]
-            self.pools[self.step] = pool = open_pool(backend, flow_file, self.size, str(run_id), self.step, url)
+            pool = open_pool(backend, flow_file, self.size, str(run_id), self.step, url, self.resources)
+            self.pools[self.step] = pool
             pool.start()
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:

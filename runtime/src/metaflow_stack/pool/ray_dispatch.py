@@ -1,0 +1,170 @@
+"""The Ray backend's executor in the dispatcher: each task to an idle actor of the pool's own.
+
+The dispatcher joins the Ray cluster at ``RAY_ADDRESS`` or, with none,
+starts a Ray on this machine whose files live in the pool's folder and end
+with it. It creates ``size`` actors (``ray_actor.PoolActor``) with the
+step's ``@resources`` as their Ray resources; each warms up once and then
+takes one task at a time from the dispatcher, which gives each task to
+whichever actor is idle (a faster actor takes more). An actor lost
+mid-task fails that attempt with ``POOL_LOST`` (``@retry`` runs it again),
+and Ray starts the actor again for the tasks after. Stopping the pool
+kills its actors and, if it started Ray, stops Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.pool import trampoline
+from metaflow_stack.pool.child import Task, other_interpreter
+from metaflow_stack.pool.dispatcher import Output
+from metaflow_stack.pool.ray_actor import PoolActor
+
+#: How long the actors may take to be placed and to import the flow (below the runtime's own wait).
+START_TIMEOUT_S = 100.0
+#: The object store of a Ray this pool starts: it carries only the tasks' output, in small pieces.
+OBJECT_STORE_BYTES = 100 << 20
+#: How long the cluster at ``RAY_ADDRESS`` has to accept a connection.
+PROBE_TIMEOUT_S = 5.0
+#: How long the actors have to stop their fork servers before they are killed.
+STOP_TIMEOUT_S = 15.0
+#: How often a lost actor is asked whether Ray has started it again.
+RESTART_POLL_S = 0.5
+
+
+class RayExecutor:
+    def __init__(self, actors: list[Any]) -> None:
+        self.idle: asyncio.Queue = asyncio.Queue()
+        for actor in actors:
+            self.idle.put_nowait(actor)
+        self.actors = actors
+        self.waiting = 0
+        self.restarting: set[asyncio.Task] = set()  # (held: the loop keeps only weak references)
+
+    async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
+        refusal = other_interpreter(task)  # (the dispatcher runs the runtime's interpreter)
+        if refusal:
+            await output(2, refusal.encode() + b"\n")
+            return 1
+        if not self.actors:
+            await output(2, b"worker pool: every Ray worker of this pool is gone\n")
+            return trampoline.POOL_LOST
+        self.waiting += 1
+        try:
+            actor = await self.idle.get()
+        finally:
+            self.waiting -= 1
+        returned, ended = True, False
+        cancelling = asyncio.ensure_future(self._cancel_when(abandoned, actor))
+        try:
+            async for ref in actor.run.remote(task):
+                item = await ref
+                if isinstance(item, int):
+                    ended = True
+                    return item
+                await output(*item)
+            ended = True
+            return None  # cancelled: its trampoline went away
+        except RayActorError as exc:
+            ended, returned = True, False
+            restart = asyncio.ensure_future(self._return_when_restarted(actor))
+            self.restarting.add(restart)
+            restart.add_done_callback(self.restarting.discard)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            await output(2, f"worker pool: the Ray worker running this task was lost: {reason}\n".encode())
+            return trampoline.POOL_LOST
+        finally:
+            cancelling.cancel()
+            if not ended:  # the pool is stopping: kill the task now, not when its actor goes
+                actor.cancel.remote()
+            if returned:
+                self.idle.put_nowait(actor)
+
+    async def _cancel_when(self, abandoned: asyncio.Future, actor: Any) -> None:
+        with contextlib.suppress(Exception):
+            await abandoned
+        await actor.cancel.remote()
+
+    async def _return_when_restarted(self, actor: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while loop.time() < deadline:
+            try:
+                if await actor.ready.remote() is None:
+                    self.idle.put_nowait(actor)
+                    return
+                break  # it started again and cannot import the flow any more
+            except RayActorError:
+                await asyncio.sleep(RESTART_POLL_S)
+        self.actors.remove(actor)
+        print("worker pool: a Ray worker did not come back", file=sys.stderr, flush=True)
+
+    async def queued(self) -> int:
+        return self.waiting
+
+    async def close(self) -> None:
+        stopping = asyncio.gather(*(actor.stop.remote() for actor in self.actors), return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping, STOP_TIMEOUT_S)
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        await asyncio.to_thread(ray.shutdown)
+
+
+def _reachable(address: str) -> None:
+    """Whether a cluster answers at ``address`` (``host:port`` or ``ray://host:port``; ``auto`` is Ray's
+    to find): Ray itself would retry for minutes before it gives up."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+
+
+async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
+    """``args``: the flow's file, the number of actors, the pool's name and each actor's Ray resources
+    (JSON: ``num_cpus``, ``num_gpus``, ``memory``)."""
+    flow_file, size, name, resources = args[0], int(args[1]), args[2], json.loads(args[3])
+    address = os.environ.get("RAY_ADDRESS")
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if not address:  # a Ray of this pool's own, sized for its actors
+        options |= {
+            "num_cpus": size * resources.get("num_cpus", 1),
+            "num_gpus": size * resources.get("num_gpus", 0),
+            "object_store_memory": OBJECT_STORE_BYTES,
+            "_temp_dir": str(folder / "ray"),
+        }
+    try:
+        if address:
+            await asyncio.to_thread(_reachable, address)
+        await asyncio.to_thread(ray.init, **options)
+    except (OSError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a Ray on this machine"
+        raise StackError(f"could not reach {where}: {exc}") from None
+    actor_class = ray.remote(PoolActor).options(max_restarts=-1, max_concurrency=2, **resources)
+    parent = None if address else str(folder)  # (a cluster's nodes have folders of their own)
+    actors = [actor_class.remote(flow_file, f"{name}/{slot}", parent) for slot in range(size)]
+    try:
+        reasons = await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in actors)), START_TIMEOUT_S)
+    except TimeoutError:
+        await RayExecutor(actors).close()
+        raise StackError(
+            f"Ray placed none or only some of {size} workers of {resources or 'one CPU each'} "
+            f"in {START_TIMEOUT_S:.0f}s",
+            fix="give the cluster room for them, or ask for fewer (size=, @resources)",
+        ) from None
+    problems = [reason for reason in reasons if reason]
+    if problems:
+        await RayExecutor(actors).close()
+        raise StackError(problems[0], fix="run the flow without @worker_pool to see the full error")
+    return RayExecutor(actors)

@@ -1,0 +1,81 @@
+"""The Redis backend's executor in the dispatcher: each task onto the pool's queue, its output back.
+
+A task goes onto the queue (``redis_queue``) and the executor reads its
+output stream until the exit status arrives. It gives the attempt up as
+lost (``POOL_LOST``, which ``@retry`` retries) when its worker stopped
+renewing the claim, and also when the task left the queue but no worker
+holds it for ``TAKEN_S`` (a worker that died between taking it and
+taking its lease). A task whose trampoline went away is cancelled: its
+worker kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import redis.asyncio
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.pool import trampoline
+from metaflow_stack.pool.child import Task
+from metaflow_stack.pool.dispatcher import Output
+from metaflow_stack.pool.redis_queue import LEASE_S, RedisQueue
+
+#: How long one read of a task's output waits before the executor checks on the task.
+POLL_MS = 1000
+#: A task neither queued nor held by a worker for this long lost the worker that took it.
+TAKEN_S = 3.0
+
+
+class RedisExecutor:
+    def __init__(self, queue: RedisQueue) -> None:
+        self.queue = queue
+
+    async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
+        loop = asyncio.get_running_loop()
+        task_id = uuid.uuid4().hex
+        try:
+            await self.queue.submit(task_id, task)
+            after, cancelled_at, taken_at = "0-0", None, None
+            while True:
+                for entry_id, fields in await self.queue.read_output(task_id, after, POLL_MS):
+                    after = entry_id
+                    if b"exit" in fields:
+                        return int(fields[b"exit"])
+                    if b"fd" in fields:  # (the other entry is the claim's)
+                        await output(int(fields[b"fd"]), fields[b"data"])
+                if abandoned.done() and cancelled_at is None:
+                    await self.queue.cancel(task_id)
+                    cancelled_at = loop.time()
+                if cancelled_at is not None and loop.time() - cancelled_at > LEASE_S:
+                    return None  # its worker is gone too: nothing is left to wait for
+                state = await self.queue.state(task_id)
+                taken_at = (taken_at or loop.time()) if state == "taken" else None
+                if state == "lost" or (taken_at is not None and loop.time() - taken_at > TAKEN_S):
+                    await self.queue.cancel(task_id)  # a worker only stalled must not go on beside the retry
+                    await output(
+                        2, f"worker pool: the worker running this task stopped answering for {LEASE_S}s\n".encode()
+                    )
+                    return trampoline.POOL_LOST
+        finally:  # (stopping: the purge removes it anyway)
+            await asyncio.shield(self.queue.forget(task_id))
+
+    async def queued(self) -> int:
+        return await self.queue.client.llen(self.queue.key("pending"))
+
+    async def close(self) -> None:
+        await self.queue.purge()
+        await self.queue.client.aclose()
+
+
+async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
+    """``args``: the Redis URL and the pool's key prefix."""
+    url, prefix = args
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        await client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise StackError(f"no Redis at {url}: {exc}") from None
+    return RedisExecutor(RedisQueue(client, prefix))
