@@ -53,7 +53,8 @@ def open_pool(
         from metaflow_stack.pool.ray_pool import RayPool
 
         return RayPool(flow_file, size, name, resources or {})
-    from metaflow_stack.pool.redis_pool import DEFAULT_URL, URL_VARIABLE, RedisPool
+    from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
+    from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
     url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL
     return RedisPool(flow_file, size, name, url, prefix=f"mf-pool:{run_id}:{step}:")

@@ -26,8 +26,10 @@ class DispatchedPool:
     #: What to do when the pool cannot start.
     fix: ClassVar[str]
 
-    def __init__(self, flow_file: str, size: int, name: str, args: list[str]) -> None:
-        self.flow_file, self.size, self.name, self.args = flow_file, size, name, args
+    def __init__(
+        self, flow_file: str, size: int, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        self.flow_file, self.size, self.name, self.args, self.env = flow_file, size, name, args, env
         self.folder: PoolFolder | None = None
         self.dispatcher: PoolProcess | None = None
         self.workers: list[PoolProcess] = []
@@ -35,7 +37,7 @@ class DispatchedPool:
     def start(self) -> None:
         self.folder = PoolFolder()
         args = [self.backend, str(self.folder.address), *self.args]
-        self.dispatcher = PoolProcess(DISPATCHER, args, self.folder.path / "dispatcher.log")
+        self.dispatcher = PoolProcess(DISPATCHER, args, self.folder.path / "dispatcher.log", self.env)
         self.workers = self.start_workers()
 
     def start_workers(self) -> list[PoolProcess]:

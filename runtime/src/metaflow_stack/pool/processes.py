@@ -29,9 +29,10 @@ START_TIMEOUT_S = 120.0
 
 class PoolProcess:
     """One of a pool's processes: ``python -u -c CODE ARGS...`` (``-c``: ``__main__`` is a bare module, as
-    in ``python flow.py``)."""
+    in ``python flow.py``), with ``env`` added to the runtime's environment (where a secret goes: a
+    command line is readable by every user of the machine)."""
 
-    def __init__(self, code: str, args: list[str], log: Path) -> None:
+    def __init__(self, code: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         with log.open("wb") as errors:
             self.process = subprocess.Popen(
@@ -39,6 +40,7 @@ class PoolProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=errors,
+                env={**os.environ, **env} if env else None,
                 start_new_session=True,
             )
         self.ready = False

@@ -12,6 +12,7 @@ worker kills it.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
-from metaflow_stack.pool.redis_queue import LEASE_S, RedisQueue
+from metaflow_stack.pool.redis_queue import LEASE_S, URL_VARIABLE, RedisQueue
 
 #: How long one read of a task's output waits before the executor checks on the task.
 POLL_MS = 1000
@@ -71,8 +72,8 @@ class RedisExecutor:
 
 
 async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
-    """``args``: the Redis URL and the pool's key prefix."""
-    url, prefix = args
+    """``args``: the pool's key prefix; the Redis URL is in the environment (``URL_VARIABLE``)."""
+    url, (prefix,) = os.environ[URL_VARIABLE], args
     client = redis.asyncio.Redis.from_url(url)
     try:
         await client.ping()

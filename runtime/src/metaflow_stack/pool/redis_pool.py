@@ -14,11 +14,11 @@ import redis
 
 from metaflow_stack.pool.dispatched import DispatchedPool
 from metaflow_stack.pool.processes import PoolProcess
+from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
 WORKER = "from metaflow_stack.pool.redis_worker import main; main()"
 #: Where the pool looks for Redis when neither ``redis_url=`` nor the variable says.
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-URL_VARIABLE = "METAFLOW_STACK_POOL_REDIS_URL"
 
 
 class RedisPool(DispatchedPool):
@@ -28,7 +28,7 @@ class RedisPool(DispatchedPool):
     fix = f"start Redis (just up --with redis) or set {URL_VARIABLE}"
 
     def __init__(self, flow_file: str, size: int, name: str, url: str, prefix: str) -> None:
-        super().__init__(flow_file, size, name, [url, prefix])
+        super().__init__(flow_file, size, name, [prefix], env={URL_VARIABLE: url})  # (it may hold a password)
         self.url, self.prefix = url, prefix
 
     def start_workers(self) -> list[PoolProcess]:
@@ -36,8 +36,9 @@ class RedisPool(DispatchedPool):
         return [
             PoolProcess(
                 WORKER,
-                [self.url, self.prefix, self.flow_file, f"{self.name}/{slot}"],
+                [self.prefix, self.flow_file, f"{self.name}/{slot}"],
                 self.folder.path / f"worker{slot}.log",
+                self.env,
             )
             for slot in range(self.size)
         ]

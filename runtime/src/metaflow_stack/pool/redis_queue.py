@@ -25,6 +25,9 @@ from typing import Any
 
 from metaflow_stack.pool.child import Task
 
+#: The variable that says where the queue is, to the run and to the pool's processes (not on their
+#: command lines: the URL may hold a password).
+URL_VARIABLE = "METAFLOW_STACK_POOL_REDIS_URL"
 #: Seconds a claim stays valid without renewal: a worker that has not renewed in this long is gone.
 LEASE_S = 10
 #: How often a worker renews the leases of what it runs and looks for cancellations.

@@ -6,7 +6,8 @@ sends what they carry to the task's output stream, renews the task's lease
 every second and kills the task when its dispatcher cancels it. One task at
 a time: a worker that is busy claims nothing.
 
-    python -c "from metaflow_stack.pool.redis_worker import main; main()" URL PREFIX FLOW_FILE NAME
+    METAFLOW_STACK_POOL_REDIS_URL=URL \
+    python -c "from metaflow_stack.pool.redis_worker import main; main()" PREFIX FLOW_FILE NAME
 
 It stops, killing the task it runs, when its standard input closes
 (started by the run's runtime: the run is over, however it ended) or when
@@ -24,7 +25,7 @@ import time
 import redis
 
 from metaflow_stack.pool.child import Task, fork_task, warm, with_group
-from metaflow_stack.pool.redis_queue import RENEW_S, RedisQueue
+from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
 
 #: After a cancelled task is sent SIGTERM: how long before SIGKILL.
 KILL_GRACE_S = 5.0
@@ -72,10 +73,10 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str) -> int:
 
 
 def main() -> None:
-    url, prefix, flow_file, name = sys.argv[1:5]
+    prefix, flow_file, name = sys.argv[1:4]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
     warm(flow_file)
-    queue = RedisQueue(redis.Redis.from_url(url), prefix)
+    queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
     print("ready", flush=True)
     while not _stdin_closed() and not queue.stopping():
         claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
