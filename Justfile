@@ -10,9 +10,10 @@ default:
     @just --list
 
 # Check this machine, bring up the local stack and run the demo flow (in the base image when Docker answers).
-up: _venv ui
+# `just up --with redis` also starts the Redis of @worker_pool(backend="redis").
+up *args: _venv ui
     metaflow stack doctor
-    metaflow stack up
+    metaflow stack up {{args}}
 
 # Stop what `up` and `registry` started (running steps and deployed servers of other runs keep running).
 down: _venv

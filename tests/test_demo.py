@@ -4,11 +4,15 @@ the embedded defaults (a local process, SQLite, in-process events)."""
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
-from conftest import DEAD_ENGINE_ENV, TEST_LABEL, free_port, run_cli
+import redis
+from conftest import DEAD_ENGINE_ENV, TEST_LABEL, free_port, need, run_cli
 
 from metaflow_stack.engines import STACK_UP, JobSpec
 from metaflow_stack.engines.docker import DockerEngine
@@ -95,3 +99,33 @@ def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, st
     assert refused.returncode != 0 and step.id in {c.id for c in engine.containers({TEST_LABEL: "true"})}
     everything = run_cli("stack", "down", "--all", "--yes", env=env)
     assert everything.returncode == 0 and step.id not in {c.id for c in engine.containers()}
+
+
+def test_up_with_redis_starts_the_pools_redis_behind_a_password(
+    state_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`just up --with redis`: Redis on 127.0.0.1 that answers only with the password `up` keeps (mode 600,
+    on no command line), the line to export for @worker_pool, and `down` stops it."""
+    need("redis-server", shutil.which("redis-server") is not None, "the pools' Redis (apt-get install redis-server)")
+    monkeypatch.setenv("METAFLOW_STACK_STATE_DIR", str(tmp_path))
+    port = free_port()
+    env = {**DEAD_ENGINE_ENV, "METAFLOW_STACK_SERVICE_PORT": str(free_port()), "METAFLOW_STACK_REDIS_PORT": str(port)}
+    result = run_cli("stack", "up", "--with", "redis", env=env)
+    try:
+        assert result.returncode == 0, result.stderr
+        password_file = tmp_path / "redis" / "password"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        password = password_file.read_text()
+        export = next(line for line in result.stdout.splitlines() if "METAFLOW_STACK_POOL_REDIS_URL" in line)
+        assert password not in result.stdout + result.stderr and f"$(cat {password_file})" in export
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis(port=port, password=password).ping()
+        assert not any(password in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    finally:
+        down = run_cli("stack", "down", env=env)
+    assert "redis stopped" in down.stderr
+    with pytest.raises(redis.ConnectionError):
+        for _ in range(50):  # (it ends within a moment of SIGTERM)
+            redis.Redis(port=port, password=password, socket_connect_timeout=1).ping()
+            time.sleep(0.1)

@@ -184,8 +184,25 @@ def registry_down() -> None:
     help="Another datastore root (folder or s3://bucket/prefix) whose task logs the service may serve; "
     "the demo's is always served.",
 )
+@click.option(
+    "--with",
+    "extras",
+    multiple=True,
+    type=click.Choice(["redis"]),
+    help="Also start redis: the queue of @worker_pool(backend='redis'), on 127.0.0.1 with a password.",
+)
+@click.option(
+    "--redis-port",
+    default=6379,
+    show_default=True,
+    type=int,
+    envvar="METAFLOW_STACK_REDIS_PORT",
+    help="Port of the stack's Redis on 127.0.0.1 (with --with redis).",
+)
 @_friendly
-def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
+def up(
+    no_docker: bool, service_port: int, log_roots: tuple[str, ...], extras: tuple[str, ...], redis_port: int
+) -> None:
     from metaflow_stack import demo
     from metaflow_stack.local_secrets import stack_key, stack_key_path
     from metaflow_stack.service.local import LocalService
@@ -198,6 +215,16 @@ def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
     _err.print(f"metadata service on {service.url}: {service.storage}, events {service.events}", highlight=False)
     result = demo.run(_err, use_docker=not no_docker, service_url=service.url, auth_key=key)
     _out.print(f"[green]ok[/] {result.pathspec} ran in {result.where}: {result.message}", highlight=False)
+    if "redis" in extras:
+        from metaflow_stack.pool.local_redis import LocalRedis
+        from metaflow_stack.pool.redis_queue import URL_VARIABLE
+
+        local_redis = LocalRedis(port=redis_port)
+        local_redis.start()
+        _err.print(f"redis on 127.0.0.1:{redis_port} for @worker_pool(backend='redis')", highlight=False)
+        _out.print(
+            f'for worker pools: export {URL_VARIABLE}="{local_redis.shell_url()}"', highlight=False, soft_wrap=True
+        )
     _out.print(
         f"point Metaflow at the service: export METAFLOW_DEFAULT_METADATA=service METAFLOW_SERVICE_URL={service.url} "
         f'METAFLOW_SERVICE_AUTH_KEY="$(cat {stack_key_path()})"',
@@ -219,6 +246,7 @@ def up(no_docker: bool, service_port: int, log_roots: tuple[str, ...]) -> None:
 def down(purge: bool, everything: bool, yes: bool) -> None:
     from metaflow_stack.engines import OWNER_LABEL, STACK_UP, get_engine
     from metaflow_stack.errors import DockerUnavailableError
+    from metaflow_stack.pool.local_redis import LocalRedis
     from metaflow_stack.registry import LocalRegistry
     from metaflow_stack.service.local import LocalService
 
@@ -230,6 +258,8 @@ def down(purge: bool, everything: bool, yes: bool) -> None:
         _err.print("metadata service stopped" + (" and its data deleted" if purge else " (its data is kept)"))
     if LocalRegistry.default().stop():
         _err.print("registry stopped")
+    if LocalRedis().stop():
+        _err.print("redis stopped")
     try:
         removed = get_engine("docker").cleanup(None if everything else {OWNER_LABEL: STACK_UP})
     except DockerUnavailableError:

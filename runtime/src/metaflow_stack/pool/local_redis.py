@@ -1,0 +1,102 @@
+"""The local stack's Redis for ``@worker_pool(backend="redis")``, as ``just up --with redis`` starts it.
+
+Debian's ``redis-server`` as a background process on 127.0.0.1 with a
+password (made once, kept in the state folder, mode 0600), read from a
+configuration file of mode 0600: the password is on no command line and in
+no log. No persistence: a pool's keys live as long as its run. ``down``
+stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from metaflow_stack import settings
+from metaflow_stack.errors import StackError, ToolMissingError
+from metaflow_stack.local_secrets import secret
+
+DEFAULT_PORT = 6379
+#: Seconds Redis has to answer once started.
+START_TIMEOUT_S = 20.0
+
+
+class LocalRedis:
+    """Starts and stops the local stack's Redis."""
+
+    def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
+        self.home = home or settings.load().state_dir / "redis"
+        self.port = port
+
+    @property
+    def password_file(self) -> Path:
+        return self.home / "password"
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.home / "redis.pid"
+
+    def url(self, password: str) -> str:
+        return f"redis://:{password}@127.0.0.1:{self.port}/0"
+
+    def shell_url(self) -> str:
+        """The URL as a shell reads it, the password taken from its file when the line runs."""
+        return f"redis://:$(cat {self.password_file})@127.0.0.1:{self.port}/0"
+
+    def answers(self, password: str) -> bool:
+        import redis  # (the pool extra: ``down`` runs without it)
+
+        client = redis.Redis.from_url(self.url(password), socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def start(self) -> None:
+        """Start Redis (or find it running) on 127.0.0.1 with the stack's Redis password."""
+        password, _ = secret(self.password_file)
+        if self.answers(password):
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ToolMissingError("redis-server is not installed", fix="apt-get install redis-server")
+        config = self.home / "redis.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(
+                f"bind 127.0.0.1\nport {self.port}\nrequirepass {password}\nprotected-mode yes\n"
+                f'save ""\nappendonly no\ndir {self.home}\ndaemonize no\n'
+            )
+        with (self.home / "redis.log").open("ab") as log:
+            process = subprocess.Popen(
+                [binary, str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self._pidfile.write_text(str(process.pid))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            if self.answers(password):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise StackError(
+            f"Redis did not answer on 127.0.0.1:{self.port}",
+            fix=f"see {self.home / 'redis.log'}; is port {self.port} taken? set METAFLOW_STACK_REDIS_PORT",
+        )
+
+    def stop(self) -> bool:
+        """Stop what ``start`` started; whether something was running."""
+        if not self._pidfile.exists():
+            return False
+        try:
+            os.kill(int(self._pidfile.read_text()), signal.SIGTERM)
+            stopped = True
+        except (ProcessLookupError, ValueError):
+            stopped = False
+        self._pidfile.unlink()
+        return stopped
