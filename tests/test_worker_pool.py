@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from metaflow_stack.pool.redis_pool import URL_VARIABLE
 pytestmark = pytest.mark.slow
 
 FLOWS = Path(__file__).resolve().parent / "worker_pool_flows"
+#: A kubectl double (the commands the kubernetes backend runs; its pods are local processes): no cluster
+#: runs here. The GitHub workflow's kind job runs the same backend on a real cluster.
+KUBECTL_DOUBLE = Path(__file__).resolve().parent / "kubectl_double"
 #: What every process of a pool has on its command line (the fork server and its tasks, a dispatcher,
 #: Redis workers and their tasks).
 POOL_MARKS = ("metaflow_stack.pool.forkserver", "metaflow_stack.pool.dispatcher", "metaflow_stack.pool.redis_worker")
@@ -135,6 +140,24 @@ def start_busy_run(root: Path, backend: str = "local", env: dict[str, str] | Non
     raise AssertionError("the run ended before two items started")
 
 
+def backend_env(backend: str, request: pytest.FixtureRequest, root: Path) -> dict[str, str]:
+    """What a run on ``backend`` needs: a Redis (redis, kubernetes) and the kubectl double (kubernetes)."""
+    env = {}
+    if backend in ("redis", "kubernetes"):
+        env[URL_VARIABLE] = request.getfixturevalue("redis_url")
+    if backend == "kubernetes":
+        env["PATH"] = f"{KUBECTL_DOUBLE}:{VENV_BIN}:{os.environ['PATH']}"
+        env["KUBECTL_DOUBLE_STATE"] = str(root / "cluster")
+        env["METAFLOW_STACK_POOL_IMAGE"] = "metaflow-stack/base:test"  # (the double runs no image)
+    return env
+
+
+def pods_left(env: dict[str, str]) -> list[str]:
+    """The kubectl double's Deployments still applied."""
+    book = Path(env.get("KUBECTL_DOUBLE_STATE", "/nonexistent")) / "state.json"
+    return list(json.loads(book.read_text())["deployments"]) if book.exists() else []
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     need(
@@ -165,18 +188,17 @@ def pool_keys(url: str) -> list[bytes]:
         client.close()
 
 
-@pytest.mark.parametrize("backend", ["local", "redis", "ray"])
+@pytest.mark.parametrize("backend", ["local", "redis", "ray", "kubernetes"])
 def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """Same tasks, artifacts, values, foreach frames, logs and retried item through the Client API;
     only the pooled items say which worker ran them."""
     flaky = {"POOL_FLOW_FLAKY": "2"}
-    if backend == "redis":
-        flaky[URL_VARIABLE] = request.getfixturevalue("redis_url")
     (tmp_path / "plain").mkdir()
     (tmp_path / "pooled").mkdir()
     plain = run_flow(tmp_path / "plain", pooled=False, env=flaky)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    pooled = run_flow(tmp_path / "pooled", env=flaky, backend=backend)
+    env = {**flaky, **backend_env(backend, request, tmp_path)}
+    pooled = run_flow(tmp_path / "pooled", env=env, backend=backend)
     assert pooled.returncode == 0, pooled.stderr[-3000:]
     plain_facts, pooled_facts = facts(tmp_path / "plain"), facts(tmp_path / "pooled")
 
@@ -187,20 +209,22 @@ def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, reque
     assert [item["attempt"] for item in pooled_facts["items"]] == [0, 0, 1, 0, 0, 0]
     assert all(item["worker"] is None for item in plain_facts["items"])
     workers = {item["worker"] for item in pooled_facts["items"]}
-    assert all(w and w.startswith("each@") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
+    if backend == "kubernetes":  # a pod's name: its Deployment's, and its own
+        assert all(w and w.startswith("mf-pool-each-") for w in workers), workers
+    else:
+        assert all(w and w.startswith("each@") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
     assert "worker pool each: 6/6 done" in pooled.stdout + pooled.stderr
     assert not none_left()
-    if backend == "redis":
-        assert not pool_keys(flaky[URL_VARIABLE])
+    assert not pods_left(env)
+    if URL_VARIABLE in env:
+        assert not pool_keys(env[URL_VARIABLE])
 
 
-@pytest.mark.parametrize("backend", ["local", "redis"])
+@pytest.mark.parametrize("backend", ["local", "redis", "ray"])
 def test_a_slow_item_holds_no_other_back(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """One item takes 3 s: the other worker takes the rest as it frees up (the Redis workers claim one
     task at a time; the fork server gives each waiting task the next free slot)."""
-    env = {"POOL_FLOW_SLOW": "0"}
-    if backend == "redis":
-        env[URL_VARIABLE] = request.getfixturevalue("redis_url")
+    env = {"POOL_FLOW_SLOW": "0", **backend_env(backend, request, tmp_path)}
     done = run_flow(tmp_path, env=env, backend=backend)
     assert done.returncode == 0, done.stderr[-3000:]
     workers = [item["worker"] for item in facts(tmp_path)["items"]]
@@ -245,26 +269,30 @@ def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
     assert all(item["worker"] for item in run["items"])
 
 
+STOPPING = ("local", "redis", "ray", "kubernetes")
+
+
 @pytest.mark.parametrize(
     ("backend", "stop"),
-    [(backend, stop) for backend in ("local", "redis", "ray") for stop in (signal.SIGINT, signal.SIGTERM)],
-    ids=[f"{backend}-{stop}" for backend in ("local", "redis", "ray") for stop in ("ctrl-c", "sigterm")],
+    [(backend, stop) for backend in STOPPING for stop in (signal.SIGINT, signal.SIGTERM)],
+    ids=[f"{backend}-{stop}" for backend in STOPPING for stop in ("ctrl-c", "sigterm")],
 )
 def test_stopping_the_run_leaves_no_worker_behind(
     tmp_path: Path, backend: str, stop: signal.Signals, request: pytest.FixtureRequest
 ) -> None:
     """Ctrl-C (the runtime stops the pool) or SIGTERM (the runtime dies; the pool sees its pipe close):
-    no process (a Ray the pool started included), folder or queue key of the pool is left."""
-    env = {URL_VARIABLE: request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    no process (a Ray the pool started, the pods included), folder or queue key of the pool is left."""
+    env = backend_env(backend, request, tmp_path)
     runtime = start_busy_run(tmp_path, backend, env)
     try:
         pool = pool_processes(POOL_MARKS)
         # local: the fork server and its two items; redis: a dispatcher, two workers and their two items;
-        # ray: a dispatcher, each actor's fork server and their two items
+        # ray: a dispatcher, each actor's fork server and their two items; kubernetes: a dispatcher, two
+        # pods and their two items
         assert len(pool) == (3 if backend == "local" else 5), [p.cmdline() for p in pool]
         folders = {Path(part).parent for p in pool for part in p.cmdline() if part.endswith("pool.sock")}
         assert len(folders) == (3 if backend == "ray" else 1)  # (each Ray actor's fork server has its own)
-        if backend == "redis":  # the URL (it may hold a password) is in their environment, not on command lines
+        if URL_VARIABLE in env:  # the URL (it may hold a password) is in their environment, not on command lines
             assert not any(env[URL_VARIABLE] in " ".join(p.cmdline()) for p in pool)
         runtime.send_signal(stop)
         runtime.wait(timeout=60)
@@ -273,8 +301,9 @@ def test_stopping_the_run_leaves_no_worker_behind(
     _, alive = psutil.wait_procs(pool, timeout=40)
     assert not alive, [p.cmdline() for p in alive]
     assert not none_left()
+    assert not pods_left(env)
     assert not any(folder.exists() for folder in folders)
-    if backend == "redis":
+    if URL_VARIABLE in env:
         assert not pool_keys(env[URL_VARIABLE])
 
 
@@ -313,7 +342,7 @@ def test_a_worker_lost_mid_item_fails_only_that_attempt(
     """A worker killed mid-item (redis: a worker process, which stops renewing its lease; ray: an actor's
     process, whose fork server and task die with it): that attempt fails, @retry runs the item again on
     another worker, and the run ends with no key and no process of the pool left."""
-    env = {URL_VARIABLE: request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    env = backend_env(backend, request, tmp_path)
     runtime = start_busy_run(tmp_path, backend, env)
     try:
         if backend == "redis":
@@ -340,7 +369,7 @@ def test_a_worker_lost_mid_item_fails_only_that_attempt(
 @pytest.mark.parametrize(
     ("backend", "variable", "words"),
     [
-        ("redis", URL_VARIABLE, ["no Redis at redis://127.0.0.1:", "just up --with redis"]),
+        ("redis", URL_VARIABLE, ["no Redis at redis://:(hidden)@127.0.0.1:", "just up --with redis"]),
         ("ray", "RAY_ADDRESS", ["could not reach the Ray cluster at RAY_ADDRESS=127.0.0.1:", "ray start --head"]),
     ],
 )
@@ -349,12 +378,76 @@ def test_a_pool_with_nothing_to_reach_fails_in_one_line(
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
     done = run_flow(
-        tmp_path, backend=backend, env={variable: f"redis://{address}/0" if backend == "redis" else address}
+        tmp_path, backend=backend, env={variable: f"redis://:sekrit@{address}/0" if backend == "redis" else address}
     )
     assert done.returncode != 0
     assert all(word in done.stderr for word in words), done.stderr[-2000:]
+    assert "sekrit" not in done.stdout + done.stderr  # a password in the URL is never shown
     assert "Traceback" not in done.stderr
     assert not none_left()
+
+
+def test_a_kubernetes_pool_without_kubectl_fails_in_one_line(tmp_path: Path, redis_url: str) -> None:
+    path = str(VENV_BIN)  # (this machine's kubectl, if any, is in a system folder)
+    if shutil.which("kubectl", path=path):
+        pytest.skip("kubectl is installed beside Python, where the test cannot hide it")
+    env = {URL_VARIABLE: redis_url, "PATH": path, "METAFLOW_STACK_POOL_IMAGE": "metaflow-stack/base:test"}
+    done = run_flow(tmp_path, backend="kubernetes", env=env)
+    assert done.returncode != 0
+    assert "kubectl is not on PATH" in done.stderr and "fix: install kubectl" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not none_left() and not pool_keys(redis_url)
+
+
+@pytest.mark.docker
+def test_kind_cluster_runs_a_pooled_foreach(base_image: str, tmp_path: Path) -> None:
+    """The kubernetes backend on a real cluster (the GitHub workflow's kind job): pods of the stack's base
+    image, the flow's folder and datastore mounted from the node at the run's path, Redis on the host;
+    the run reads like a plain one, and no pod, Secret or key is left."""
+    need("kind", bool(shutil.which("kind") and shutil.which("kubectl")), "no kind cluster (kind and kubectl on PATH)")
+    shared = os.environ.get("STACK_KIND_SHARED", "")
+    need("kind", bool(shared), "STACK_KIND_SHARED: a folder the kind node mounts at the same path")
+    need("redis-server", shutil.which("redis-server") is not None, "the pool's queue (apt-get install redis-server)")
+    subprocess.run(["kind", "load", "docker-image", base_image], check=True)
+    root = Path(tempfile.mkdtemp(dir=shared))
+    root.chmod(0o755)
+    network = json.loads(
+        subprocess.run(["docker", "network", "inspect", "kind"], capture_output=True, check=True).stdout
+    )
+    gateway = next(c["Gateway"] for c in network[0]["IPAM"]["Config"] if "." in c.get("Gateway", ""))
+    password, port = uuid.uuid4().hex, free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "0.0.0.0", "--port", str(port), "--requirepass", password, "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        values = tmp_path / "values.yaml"
+        ids = {"runAsUser": os.getuid(), "runAsGroup": os.getgid(), "fsGroup": os.getgid()}
+        values.write_text(json.dumps({"hostPaths": [str(root)], "podSecurity": ids}))
+        env = {
+            URL_VARIABLE: f"redis://:{password}@127.0.0.1:{port}/0",
+            "METAFLOW_STACK_POOL_POD_REDIS_URL": f"redis://:{password}@{gateway}:{port}/0",
+            "METAFLOW_STACK_POOL_IMAGE": base_image,
+            "METAFLOW_STACK_POOL_VALUES": str(values),
+            "POOL_FLOW_FLAKY": "2",
+        }
+        done = run_flow(root, env=env, backend="kubernetes")
+        assert done.returncode == 0, done.stderr[-5000:]
+        run = facts(root)
+        assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+        assert [item["attempt"] for item in run["items"]] == [0, 0, 1, 0, 0, 0]
+        assert all(item["worker"].startswith("mf-pool-each-") for item in run["items"])
+        left = subprocess.run(
+            ["kubectl", "get", "deployments,secrets,pods", "-l", "app.kubernetes.io/name=worker-pool", "-o", "name"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert left.stdout.strip() == ""
+        assert not pool_keys(env[URL_VARIABLE])
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
 
 
 def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(redis_url: str) -> None:
@@ -392,7 +485,7 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(redis
         return code, bytes(written), elapsed
 
     code, written, elapsed = asyncio.run(scenario())
-    assert code == trampoline.POOL_LOST and b"stopped answering" in written
+    assert code == trampoline.POOL_LOST and b"took it, then vanished" in written
     assert TAKEN_S <= elapsed < TAKEN_S + 4
     assert not pool_keys(redis_url)
 
@@ -417,7 +510,7 @@ def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -
 
 
 BAD = """
-from metaflow import FlowSpec, step, worker_pool
+from metaflow import FlowSpec, resources, step, worker_pool
 
 class BadFlow(FlowSpec):
     @step
@@ -450,8 +543,9 @@ if __name__ == "__main__":
         ("@worker_pool(size=0)", "", "size=0 must be at least 1"),
         ('@worker_pool(backend="elsewhere")', "", "backend='elsewhere' is not one of"),
         ("", "@worker_pool", "join is not the body of"),
+        ('@worker_pool\n    @resources(memory="16Gi")', "", "@resources(memory='16Gi') is not a number"),
     ],
-    ids=["size", "backend", "not-a-foreach-body"],
+    ids=["size", "backend", "not-a-foreach-body", "resources"],
 )
 def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:
     (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=each, decorator_join=join))

@@ -2,7 +2,9 @@
 
 Set ``metadata-service:image`` to deploy the service, ``ui:image`` for the UI
 (on that service, or on ``ui:serviceUrl``), ``function:image`` and
-``function:name`` to serve a function; any of them. Each server needs the
+``function:name`` to serve a function, ``worker-pool:image`` (with
+``prefix``, ``flowFile`` and ``redisSecret``) for standing pool workers;
+any of them. Each server needs the
 Secret holding its own key (``metadata-service:authSecret``, ``ui:authSecret``,
 ``function:authSecret``) or that namespace's ``insecureNoAuth`` set to true.
 The UI sends the service's key from ``ui:serviceAuthSecret``, or from
@@ -13,6 +15,7 @@ import pulumi
 from components.function_server import FunctionServer, FunctionServerArgs
 from components.metadata_service import MetadataService, MetadataServiceArgs, cluster_url
 from components.ui import Ui, UiArgs
+from components.worker_pool import WorkerPool, WorkerPoolArgs
 
 service_url = ""
 service_config = pulumi.Config("metadata-service")
@@ -64,3 +67,17 @@ if function_config.get("image"):
         ),
     )
     pulumi.export("service_url", server.service_url)
+
+pool_config = pulumi.Config("worker-pool")
+if pool_config.get("image"):
+    WorkerPool(
+        pool_config.get("name") or "worker-pool",
+        WorkerPoolArgs(
+            image=pool_config.require("image"),
+            prefix=pool_config.require("prefix"),
+            flow_file=pool_config.require("flowFile"),
+            redis_secret=pool_config.require("redisSecret"),
+            size=pool_config.get_int("size") or 2,
+            namespace=pool_config.get("namespace") or "default",
+        ),
+    )

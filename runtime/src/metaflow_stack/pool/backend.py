@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from metaflow_stack.pool.counts import Counts
 
@@ -29,7 +29,7 @@ class Pool(Protocol):
 
 
 #: The backends, in the decorator's words.
-BACKENDS = ("local", "redis", "ray")
+BACKENDS = ("local", "redis", "ray", "kubernetes")
 
 
 def open_pool(
@@ -38,23 +38,34 @@ def open_pool(
     size: int,
     run_id: str,
     step: str,
+    *,
     redis_url: str | None = None,
-    resources: dict[str, float] | None = None,
+    resources: dict[str, Any] | None = None,
+    image: str | None = None,
 ) -> Pool:
-    """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis``, where the queue
-    is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine); ``resources``: for
-    ``ray``, each actor's Ray resources (``ray_pool.ray_resources``)."""
+    """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis`` and ``kubernetes``,
+    where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
+    ``resources``: the step's ``@resources`` (``cpu``, ``gpu``, ``memory`` in MB), for each Ray actor or
+    pod; ``image``: for ``kubernetes``, the pods' image (default: the stack's base image)."""
     name = f"{step}@{os.uname().nodename}"
+    resources = resources or {}
     if backend == "local":
         from metaflow_stack.pool.local import LocalPool
 
         return LocalPool(flow_file, size, name)
     if backend == "ray":
-        from metaflow_stack.pool.ray_pool import RayPool
+        from metaflow_stack.pool.ray_pool import RayPool, ray_resources
 
-        return RayPool(flow_file, size, name, resources or {})
+        return RayPool(
+            flow_file, size, name, ray_resources(resources.get("cpu"), resources.get("gpu"), resources.get("memory"))
+        )
     from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
     from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
     url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL
-    return RedisPool(flow_file, size, name, url, prefix=f"mf-pool:{run_id}:{step}:")
+    prefix = f"mf-pool:{run_id}:{step}:"
+    if backend == "kubernetes":
+        from metaflow_stack.pool.kubernetes_pool import open_kubernetes_pool
+
+        return open_kubernetes_pool(flow_file, size, name, url, prefix, resources, image)
+    return RedisPool(flow_file, size, name, url, prefix)

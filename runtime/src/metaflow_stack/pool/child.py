@@ -21,6 +21,10 @@ from pathlib import Path
 
 from metaflow_stack.pool import WORKER_VARIABLE
 
+#: After a task's exit status: how long its output may take to close (a process it left behind, still
+#: holding it, could otherwise hold its worker forever).
+DRAIN_S = 1.0
+
 
 @dataclass(frozen=True)
 class Task:

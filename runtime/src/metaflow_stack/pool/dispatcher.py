@@ -3,7 +3,7 @@
 The run's runtime starts one dispatcher per pooled step. It takes the same
 hand-over as the local fork server (``handover``) on a Unix socket and
 passes each task to its backend's executor (``redis_dispatch``,
-``ray_dispatch``), which runs it on a worker and hands back what the task
+``kubernetes_dispatch``, ``ray_dispatch``), which runs it on a worker and hands back what the task
 writes; the dispatcher writes that into the task's own stdout and stderr
 and answers its exit status. A worker lost mid-task fails that attempt with
 the trampoline's ``POOL_LOST`` status, which ``@retry`` retries; a
@@ -28,7 +28,7 @@ from typing import Protocol
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import handover, trampoline
-from metaflow_stack.pool.child import Task
+from metaflow_stack.pool.child import Task, other_interpreter
 from metaflow_stack.pool.counts import Counts
 
 #: Writes one piece of a task's output to its stdout (1) or stderr (2).
@@ -72,17 +72,25 @@ class Dispatcher:
     async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            connection, _ = await loop.sock_accept(self.listener)
+            try:
+                connection, _ = await loop.sock_accept(self.listener)
+            except OSError as exc:  # out of descriptors, say: the trampoline waits in the backlog meanwhile
+                print(f"worker pool: could not accept a task: {exc}", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.1)
+                continue
             job = asyncio.ensure_future(self._handle(connection))
             self.in_flight.add(job)
             job.add_done_callback(self.in_flight.discard)
 
     async def _count_forever(self) -> None:
         while True:
-            queued = await self.executor.queued()
-            self.counts.queued = queued
-            self.counts.running = max(len(self.in_flight) - queued, 0)
-            self.counts.write(self.counts_file)
+            try:
+                queued = await self.executor.queued()
+                self.counts.queued = queued
+                self.counts.running = max(len(self.in_flight) - queued, 0)
+                self.counts.write(self.counts_file)
+            except Exception as exc:  # (Redis away for a moment): the counts wait for the next round
+                print(f"worker pool: could not count: {exc}", file=sys.stderr, flush=True)
             await asyncio.sleep(0.5)
 
     async def _handle(self, connection: socket.socket) -> None:
@@ -101,7 +109,16 @@ class Dispatcher:
 
         code: int | None = None
         try:
-            code = await self.executor.run(task, output, abandoned)
+            refusal = other_interpreter(task)  # (the dispatcher runs the runtime's interpreter, as the pool does)
+            if refusal:
+                await output(2, refusal.encode() + b"\n")
+                code = 1
+            else:
+                code = await self.executor.run(task, output, abandoned)
+        except Exception as exc:  # the backend failed this task (not the task itself): its attempt, as lost
+            with contextlib.suppress(OSError):
+                os.write(fds[1], f"worker pool: the task could not run: {exc!r}\n".encode())
+            code = trampoline.POOL_LOST
         finally:
             for fd in fds:
                 os.close(fd)
@@ -117,6 +134,8 @@ class Dispatcher:
 async def _main(backend: str, address: str, args: list[str]) -> None:
     if backend == "ray":
         from metaflow_stack.pool.ray_dispatch import open_executor
+    elif backend == "kubernetes":
+        from metaflow_stack.pool.kubernetes_dispatch import open_executor
     else:
         from metaflow_stack.pool.redis_dispatch import open_executor
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

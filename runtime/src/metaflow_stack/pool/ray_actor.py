@@ -20,59 +20,82 @@ import os
 import select
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
-from metaflow_stack.pool.child import Task
+from metaflow_stack.pool.child import DRAIN_S, Task
 from metaflow_stack.pool.local import LocalPool
 
-#: After a task's exit status: how long its output may take to close (a process it left could hold it).
-DRAIN_S = 1.0
+#: Variables Ray sets in an actor for the accelerators and threads it gave it: a task gets them over its
+#: own environment, so each item uses its actor's GPU, not every GPU of the node.
+RAY_ASSIGNED = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "NEURON_RT_VISIBLE_CORES")
+RAY_ASSIGNED += ("TPU_VISIBLE_CHIPS", "ONEAPI_DEVICE_SELECTOR", "OMP_NUM_THREADS")
 
 
 class PoolActor:
     """One worker of a Ray pool (made a Ray actor by ``ray_dispatch``)."""
 
     def __init__(self, flow_file: str, name: str, parent: str | None) -> None:
-        self.pool = LocalPool(flow_file, 1, name, parent)
+        self.flow_file, self.name, self.parent = flow_file, name, parent
+        self.running: dict[str, socket.socket] = {}  # by the dispatcher's token
+        self.cancelled: set[str] = set()
+        self.error = self._start_pool()
+
+    def _start_pool(self) -> str | None:
+        """A fork server of one slot, warm; why not, if it cannot start (``ready`` tells: an actor whose
+        constructor raised would restart forever)."""
+        self.pool = LocalPool(self.flow_file, 1, self.name, self.parent)
         self.pool.start()
-        self.connection: socket.socket | None = None
         try:
             self.address = str(self.pool.address())
-            self.error: str | None = None
-        except StackError as exc:  # told by ``ready``: an actor whose constructor raised would restart forever
-            self.error = exc.message
+        except StackError as exc:
+            return exc.message
+        return None
 
     def ready(self) -> str | None:
         """None once warm, or why it cannot run tasks."""
         return self.error
 
-    def run(self, task: Task) -> Iterator[tuple[int, bytes] | int]:
+    def run(self, task: Task, token: str) -> Iterator[tuple[int, bytes] | int]:
         """Run ``task``: ``(fd, data)`` for what it writes to stdout (1) or stderr (2), then its exit status
-        (none if it was cancelled). The task runs under this node's interpreter (the dispatcher checked
-        that the runtime's is the one the task asked for)."""
+        (none if it was cancelled, see ``cancel``). The task runs under this node's interpreter (the
+        dispatcher checked that the runtime's is the one the task asked for)."""
+        if not self.pool.alive():  # its fork server died (out of memory, say): a new one for this task
+            self.pool.stop()
+            error = self._start_pool()
+            if error:
+                yield 2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode()
+                yield 1
+                return
+        env = {**task.env, **{name: os.environ[name] for name in RAY_ASSIGNED if name in os.environ}}
+        request = trampoline.encode(sys.executable, task.argv, env, task.cwd)
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
-        self.connection = connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.connect(self.address)
-            request = trampoline.encode(sys.executable, task.argv, task.env, task.cwd)
-            sent = socket.send_fds(connection, [request], [out_write, err_write])
-            connection.sendall(request[sent:])
-        finally:
-            os.close(out_write)
-            os.close(err_write)
         streams, reply = {out_read: 1, err_read: 2}, b""
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.running[token] = connection
         try:
+            try:
+                connection.connect(self.address)
+                sent = socket.send_fds(connection, [request], [out_write, err_write])
+                connection.sendall(request[sent:])
+            finally:
+                os.close(out_write)
+                os.close(err_write)
+            if token in self.cancelled:  # cancelled before it started
+                return
+            drained_by = None
             while streams or not reply.endswith(b"\n"):
-                ended = reply.endswith(b"\n")
-                ready = select.select(
-                    [*streams] if ended else [*streams, connection], [], [], DRAIN_S if ended else None
-                )
-                if not ready[0]:
+                if reply.endswith(b"\n") and drained_by is None:
+                    drained_by = time.monotonic() + DRAIN_S
+                waiting = [*streams] if drained_by else [*streams, connection]
+                timeout = max(drained_by - time.monotonic(), 0) if drained_by else None
+                ready = select.select(waiting, [], [], timeout)[0]
+                if not ready:
                     break  # the task ended and something it left running holds its output open
-                for fd in ready[0]:
+                for fd in ready:
                     if fd is connection:
                         chunk = connection.recv(64)
                         if not chunk:  # cancelled: the fork server killed the task
@@ -89,17 +112,20 @@ class PoolActor:
         finally:
             for fd in streams:
                 os.close(fd)
-            self.connection = None
+            self.running.pop(token, None)
+            self.cancelled.discard(token)
             connection.close()
+
+    def cancel(self, token: str) -> None:
+        """Kill the task of the run ``token`` names, whether it runs yet or not (the fork server kills a task
+        whose connection closes)."""
+        self.cancelled.add(token)
+        connection = self.running.get(token)
+        if connection is not None:
+            with contextlib.suppress(OSError):  # not connected yet (it checks the mark), or ended meanwhile
+                connection.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         """Stop the fork server, its task and its folder (Ray kills an actor's children outright when it
         kills the actor)."""
         self.pool.stop()
-
-    def cancel(self) -> None:
-        """Kill the task ``run`` runs, if any."""
-        connection = self.connection
-        if connection is not None:
-            with contextlib.suppress(OSError):  # it ended meanwhile
-                connection.shutdown(socket.SHUT_RDWR)

@@ -19,6 +19,8 @@ import json
 import os
 import socket
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,12 @@ from ray.exceptions import RayActorError
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
-from metaflow_stack.pool.child import Task, other_interpreter
+from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
 from metaflow_stack.pool.ray_actor import PoolActor
 
-#: How long the actors may take to be placed and to import the flow (below the runtime's own wait).
+#: How long Ray may take to start and the actors to be placed and import the flow (below the runtime's
+#: own wait for the dispatcher).
 START_TIMEOUT_S = 100.0
 #: The object store of a Ray this pool starts: it carries only the tasks' output, in small pieces.
 OBJECT_STORE_BYTES = 100 << 20
@@ -45,7 +48,7 @@ RESTART_POLL_S = 0.5
 
 class RayExecutor:
     def __init__(self, actors: list[Any]) -> None:
-        self.idle: asyncio.Queue = asyncio.Queue()
+        self.idle: asyncio.Queue = asyncio.Queue()  # an actor, or None once none is left
         for actor in actors:
             self.idle.put_nowait(actor)
         self.actors = actors
@@ -53,22 +56,22 @@ class RayExecutor:
         self.restarting: set[asyncio.Task] = set()  # (held: the loop keeps only weak references)
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
-        refusal = other_interpreter(task)  # (the dispatcher runs the runtime's interpreter)
-        if refusal:
-            await output(2, refusal.encode() + b"\n")
-            return 1
-        if not self.actors:
-            await output(2, b"worker pool: every Ray worker of this pool is gone\n")
-            return trampoline.POOL_LOST
         self.waiting += 1
         try:
-            actor = await self.idle.get()
+            actor = await self.idle.get() if self.actors else None
         finally:
             self.waiting -= 1
-        returned, ended = True, False
-        cancelling = asyncio.ensure_future(self._cancel_when(abandoned, actor))
+        if actor is None:
+            self.idle.put_nowait(None)  # (for the next waiter)
+            await output(2, b"worker pool: every Ray worker of this pool is gone\n")
+            return trampoline.POOL_LOST
+        if abandoned.done():  # its trampoline went away while it waited
+            self.idle.put_nowait(actor)
+            return None
+        token, returned, ended = uuid.uuid4().hex, True, False
+        cancelling = asyncio.ensure_future(self._cancel_when(abandoned, actor, token))
         try:
-            async for ref in actor.run.remote(task):
+            async for ref in actor.run.remote(task, token):
                 item = await ref
                 if isinstance(item, int):
                     ended = True
@@ -78,49 +81,70 @@ class RayExecutor:
             return None  # cancelled: its trampoline went away
         except RayActorError as exc:
             ended, returned = True, False
-            restart = asyncio.ensure_future(self._return_when_restarted(actor))
-            self.restarting.add(restart)
-            restart.add_done_callback(self.restarting.discard)
+            self._restart(actor)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             await output(2, f"worker pool: the Ray worker running this task was lost: {reason}\n".encode())
             return trampoline.POOL_LOST
         finally:
             cancelling.cancel()
             if not ended:  # the pool is stopping: kill the task now, not when its actor goes
-                actor.cancel.remote()
+                actor.cancel.remote(token)
             if returned:
                 self.idle.put_nowait(actor)
 
-    async def _cancel_when(self, abandoned: asyncio.Future, actor: Any) -> None:
+    async def _cancel_when(self, abandoned: asyncio.Future, actor: Any, token: str) -> None:
         with contextlib.suppress(Exception):
             await abandoned
-        await actor.cancel.remote()
+        await actor.cancel.remote(token)
+
+    def _restart(self, actor: Any) -> None:
+        """An actor that failed a call: Ray may only have lost sight of it, its task still running (which must
+        not go on beside the retry), so it is killed and started again, then given tasks once warm."""
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=False)
+        restart = asyncio.ensure_future(self._return_when_restarted(actor))
+        self.restarting.add(restart)
+        restart.add_done_callback(self.restarting.discard)
 
     async def _return_when_restarted(self, actor: Any) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
         while loop.time() < deadline:
             try:
-                if await actor.ready.remote() is None:
+                reason = await asyncio.wait_for(actor.ready.remote(), max(deadline - loop.time(), 0.1))
+                if reason is None:
                     self.idle.put_nowait(actor)
                     return
                 break  # it started again and cannot import the flow any more
-            except RayActorError:
+            except TimeoutError:
+                break
+            except Exception:  # (still restarting, or not placed yet)
                 await asyncio.sleep(RESTART_POLL_S)
         self.actors.remove(actor)
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)  # it holds its resources until killed
         print("worker pool: a Ray worker did not come back", file=sys.stderr, flush=True)
+        if not self.actors:
+            self.idle.put_nowait(None)  # wake whoever waits: none will come
 
     async def queued(self) -> int:
         return self.waiting
 
     async def close(self) -> None:
+        for restart in list(self.restarting):
+            restart.cancel()
         stopping = asyncio.gather(*(actor.stop.remote() for actor in self.actors), return_exceptions=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping, STOP_TIMEOUT_S)
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-        await asyncio.to_thread(ray.shutdown)
+        discard(self.actors)
+
+
+def discard(actors: list[Any]) -> None:
+    """Kill ``actors`` outright and leave Ray (stopping it, if this pool started it)."""
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
+    ray.shutdown()
 
 
 def _reachable(address: str) -> None:
@@ -134,37 +158,48 @@ def _reachable(address: str) -> None:
 async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
     """``args``: the flow's file, the number of actors, the pool's name and each actor's Ray resources
     (JSON: ``num_cpus``, ``num_gpus``, ``memory``)."""
+    started = time.monotonic()
     flow_file, size, name, resources = args[0], int(args[1]), args[2], json.loads(args[3])
+    resources = {"num_cpus": 1, **resources}  # (Ray's own default for an actor is none held)
     address = os.environ.get("RAY_ADDRESS")
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if not address:  # a Ray of this pool's own, sized for its actors
+    if address and address.startswith("ray://"):
+        raise StackError(
+            f"RAY_ADDRESS={address} is a Ray Client address, and Ray Client cannot stream a task's output",
+            fix="run the flow on a node of the cluster with RAY_ADDRESS=auto (or the head's host:port)",
+        )
+    if not address:  # a Ray of this pool's own, sized for its actors (memory is not enforced here)
+        resources.pop("memory", None)
         options |= {
-            "num_cpus": size * resources.get("num_cpus", 1),
+            "num_cpus": size * resources["num_cpus"],
             "num_gpus": size * resources.get("num_gpus", 0),
             "object_store_memory": OBJECT_STORE_BYTES,
             "_temp_dir": str(folder / "ray"),
         }
     try:
         if address:
-            await asyncio.to_thread(_reachable, address)
-        await asyncio.to_thread(ray.init, **options)
+            _reachable(address)
+        ray.init(**options)  # (in the main thread: Ray ties the processes it starts to it)
     except (OSError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a Ray on this machine"
         raise StackError(f"could not reach {where}: {exc}") from None
     actor_class = ray.remote(PoolActor).options(max_restarts=-1, max_concurrency=2, **resources)
     parent = None if address else str(folder)  # (a cluster's nodes have folders of their own)
     actors = [actor_class.remote(flow_file, f"{name}/{slot}", parent) for slot in range(size)]
+    remaining = max(START_TIMEOUT_S - (time.monotonic() - started), 1)
     try:
-        reasons = await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in actors)), START_TIMEOUT_S)
+        reasons = await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in actors)), remaining)
     except TimeoutError:
-        await RayExecutor(actors).close()
+        discard(actors)
         raise StackError(
-            f"Ray placed none or only some of {size} workers of {resources or 'one CPU each'} "
-            f"in {START_TIMEOUT_S:.0f}s",
+            f"Ray placed none or only some of {size} workers of {resources} in {START_TIMEOUT_S:.0f}s",
             fix="give the cluster room for them, or ask for fewer (size=, @resources)",
         ) from None
+    except RayActorError as exc:
+        discard(actors)
+        raise StackError(f"a Ray worker could not start: {str(exc).splitlines()[0]}") from None
     problems = [reason for reason in reasons if reason]
     if problems:
-        await RayExecutor(actors).close()
+        discard(actors)
         raise StackError(problems[0], fix="run the flow without @worker_pool to see the full error")
     return RayExecutor(actors)

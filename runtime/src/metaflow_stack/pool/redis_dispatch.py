@@ -22,7 +22,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
-from metaflow_stack.pool.redis_queue import LEASE_S, URL_VARIABLE, RedisQueue
+from metaflow_stack.pool.redis_queue import LEASE_S, URL_VARIABLE, RedisQueue, redacted
 
 #: How long one read of a task's output waits before the executor checks on the task.
 POLL_MS = 1000
@@ -56,9 +56,8 @@ class RedisExecutor:
                 taken_at = (taken_at or loop.time()) if state == "taken" else None
                 if state == "lost" or (taken_at is not None and loop.time() - taken_at > TAKEN_S):
                     await self.queue.cancel(task_id)  # a worker only stalled must not go on beside the retry
-                    await output(
-                        2, f"worker pool: the worker running this task stopped answering for {LEASE_S}s\n".encode()
-                    )
+                    why = f"stopped answering for {LEASE_S}s" if state == "lost" else "took it, then vanished"
+                    await output(2, f"worker pool: the worker running this task {why}\n".encode())
                     return trampoline.POOL_LOST
         finally:  # (stopping: the purge removes it anyway)
             await asyncio.shield(self.queue.forget(task_id))
@@ -78,5 +77,5 @@ async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     try:
         await client.ping()
     except (redis.RedisError, OSError) as exc:
-        raise StackError(f"no Redis at {url}: {exc}") from None
+        raise StackError(f"no Redis at {redacted(url)}: {exc}") from None
     return RedisExecutor(RedisQueue(client, prefix))

@@ -13,14 +13,15 @@ none back. A task whose lease expired while
 claimed lost its worker: the dispatcher fails that attempt (the runtime's
 ``@retry`` then runs it again, as a new attempt on another worker); a task
 whose trampoline went away is marked ``cancel:<id>`` and its worker kills it.
-The claim takes the lease and names the worker in one transaction right
-after the move, so a task out of ``pending`` without a lease for long lost
-its worker too.
+The claim takes the lease and names the worker in one script right after
+the move (only if the task is still there), so a task out of ``pending``
+without a lease for long lost its worker too.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from metaflow_stack.pool.child import Task
@@ -36,12 +37,29 @@ RENEW_S = 1.0
 OUTPUT_MAXLEN = 10_000
 
 
+#: A worker takes the task it moved to its list: lease, owner and output stream in one step, and only if
+#: the task is still there (its dispatcher may have given it up meanwhile: nothing of it is made again).
+CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[1], 'worker', ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'claimed', ARGV[1])
+return 1
+"""
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:(hidden)@", url)
+
+
 class RedisQueue:
     """One pool's keys on one Redis (``client``: a ``redis.Redis``, or ``redis.asyncio.Redis`` for the
     coroutine methods marked so)."""
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.client, self.prefix = client, prefix
+        self._claim = client.register_script(CLAIM)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -64,7 +82,7 @@ class RedisQueue:
         """Where ``task_id`` is: ``queued``, ``held`` (a worker holds its lease), ``lost`` (a worker claimed
         it and stopped renewing its lease) or ``taken`` (out of the queue, no lease yet: a moment, unless
         the worker that took it died before it took the lease)."""
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=True) as pipe:  # (one view: a claim is one transaction)
             pipe.exists(self.key("lease", task_id))
             pipe.hexists(self.key("task", task_id), "worker")
             pipe.lpos(self.key("pending"), task_id)
@@ -99,15 +117,15 @@ class RedisQueue:
         if task_id is None:
             return None
         task_id = task_id.decode()
-        fields = self.client.hgetall(self.key("task", task_id))
+        leased = self._claim(
+            keys=[self.key("task", task_id), self.key("lease", task_id), self.key("out", task_id)],
+            args=[worker, LEASE_S],
+            client=self.client,
+        )
+        fields = self.client.hgetall(self.key("task", task_id)) if leased else {}
         if not fields:  # given up by its dispatcher meanwhile
             self.client.lrem(self.key("claimed", worker), 0, task_id)
             return None
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.key("lease", task_id), worker, ex=LEASE_S)
-        pipe.hset(self.key("task", task_id), "worker", worker)
-        pipe.xadd(self.key("out", task_id), {"claimed": worker})  # later writes never create it again
-        pipe.execute()
         task = Task(
             fields[b"python"].decode(),
             json.loads(fields[b"argv"]),

@@ -11,7 +11,14 @@ a time: a worker that is busy claims nothing.
 
 It stops, killing the task it runs, when its standard input closes
 (started by the run's runtime: the run is over, however it ended) or when
-the pool's ``stop`` key appears (started elsewhere, e.g. a pod).
+the pool's ``stop`` key appears. With ``--detached`` (a pod of the
+``kubernetes`` backend, started by the cluster) it ignores its standard
+input and stops on SIGTERM instead (the runtime deletes the pods when the
+run ends), says it is ready in ``READY_FILE`` too (the pod's readiness
+probe), and runs each task on its own machine's terms: this interpreter,
+this machine's environment with the task's variables over it (those that
+name the runtime's machine left out), the flow's folder when the task's
+folder is not here.
 """
 
 from __future__ import annotations
@@ -20,24 +27,56 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import redis
 
-from metaflow_stack.pool.child import Task, fork_task, warm, with_group
+from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, warm, with_group
 from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
 
 #: After a cancelled task is sent SIGTERM: how long before SIGKILL.
 KILL_GRACE_S = 5.0
+#: Where a detached worker says it is ready, in its temporary folder (the chart's readiness probe tests
+#: ``/tmp/`` and this name).
+READY_FILE = "mf-pool-worker-ready"
+#: Variables of a task's environment that describe the runtime's machine, not the one a detached worker is on.
+MACHINE_VARIABLES = frozenset(
+    {"PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
+    | {"LD_LIBRARY_PATH", "CONDA_PREFIX", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DISPLAY", "TERM"}
+)
 
 
-def _stdin_closed() -> bool:
-    if not os.isatty(0) and select.select([0], [], [], 0)[0]:
-        return not os.read(0, 4096)
-    return False
+class Lifeline:
+    """Whether the worker is to stop: its standard input closed (started by the runtime) or, detached,
+    SIGTERM received."""
+
+    def __init__(self, detached: bool) -> None:
+        self.detached, self.terminated = detached, False
+        if detached:
+            signal.signal(signal.SIGTERM, self._terminate)
+
+    def _terminate(self, *_: object) -> None:
+        self.terminated = True
+
+    def ended(self) -> bool:
+        if self.detached:
+            return self.terminated
+        if not os.isatty(0) and select.select([0], [], [], 0)[0]:
+            return not os.read(0, 4096)
+        return False
 
 
-def run_one(queue: RedisQueue, task_id: str, task: Task, name: str) -> int:
+def on_this_machine(task: Task, flow_file: str) -> Task:
+    """``task`` as a detached worker runs it: this interpreter, this machine's environment with the task's
+    own variables over it, the flow's folder if the task's is not here."""
+    env = {**os.environ, **{name: value for name, value in task.env.items() if name not in MACHINE_VARIABLES}}
+    cwd = task.cwd if os.path.isdir(task.cwd) else os.path.dirname(flow_file)
+    return Task(sys.executable, task.argv, env, cwd)
+
+
+def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Lifeline) -> int:
     """Run one claimed task in a forked child, relaying its output; returns its exit status."""
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
@@ -45,7 +84,7 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str) -> int:
     os.close(out_write)
     os.close(err_write)
     open_fds = {out_read: 1, err_read: 2}
-    renewed, killed_at, status = time.monotonic(), None, None
+    renewed, killed_at, status, drained_by = time.monotonic(), None, None, 0.0
     while open_fds or status is None:
         ready, _, _ = select.select(list(open_fds), [], [], RENEW_S) if open_fds else ([], [], [])
         for fd in ready:
@@ -58,13 +97,17 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str) -> int:
         if status is None:
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
-                status = os.waitstatus_to_exitcode(raw)
+                status, drained_by = os.waitstatus_to_exitcode(raw), time.monotonic() + DRAIN_S
             elif not open_fds:
                 time.sleep(0.01)  # its pipes closed before it exited
+        elif time.monotonic() > drained_by:  # something it left running holds its output open
+            for fd in open_fds:
+                os.close(fd)
+            open_fds.clear()
         now = time.monotonic()
         if now - renewed >= RENEW_S:
             renewed = now
-            if (_stdin_closed() or queue.renew(task_id, name)) and killed_at is None:
+            if (lifeline.ended() or queue.renew(task_id, name)) and killed_at is None:
                 killed_at = now
                 with_group(pid, signal.SIGTERM)
         if killed_at is not None and now - killed_at > KILL_GRACE_S:
@@ -73,15 +116,20 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str) -> int:
 
 
 def main() -> None:
-    prefix, flow_file, name = sys.argv[1:4]
+    prefix, flow_file, name, *flags = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
+    lifeline = Lifeline(detached="--detached" in flags)
     warm(flow_file)
     queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
     print("ready", flush=True)
-    while not _stdin_closed() and not queue.stopping():
+    if lifeline.detached:
+        Path(tempfile.gettempdir(), READY_FILE).touch()
+    while not lifeline.ended() and not queue.stopping():
         claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
         if claimed is not None:
             task_id, task = claimed
-            code = run_one(queue, task_id, task, name)
+            if lifeline.detached:
+                task = on_this_machine(task, flow_file)
+            code = run_one(queue, task_id, task, name, lifeline)
             if not queue.stopping():  # a stopped pool's keys are gone: write none again
                 queue.finish(task_id, name, code)

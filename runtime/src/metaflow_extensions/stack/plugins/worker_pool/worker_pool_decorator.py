@@ -35,13 +35,15 @@ class WorkerPoolDecorator(StepDecorator):
     own) or "redis" (items through a Redis queue at ``redis_url``, default
     ``METAFLOW_STACK_POOL_REDIS_URL`` or a Redis on this machine, to ``size``
     warm workers that each claim one at a time) or "ray" (items on ``size`` Ray actors, on the cluster at
-    ``RAY_ADDRESS`` or a Ray of the pool's own here, each with the step's ``@resources``). Every item
+    ``RAY_ADDRESS`` or a Ray of the pool's own here, each with the step's ``@resources``) or "kubernetes"
+    (the Redis queue, its ``size`` workers pods of ``image``, default the stack's base image, with the
+    step's ``@resources``, applied with kubectl when the run starts and deleted when it ends). Every item
     keeps its task id, attempts, metadata, artifacts and logs;
     ``@retry``, ``@catch`` and ``@timeout`` apply per item.
     """
 
     name = "worker_pool"
-    defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local", "redis_url": None}
+    defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local", "redis_url": None, "image": None}
     #: The run's pools, by step: started with a step's first task, stopped when the run ends.
     pools: ClassVar[dict[str, Any]] = {}
     #: The run's progress display, shared by its pools, and the steps it shows.
@@ -59,7 +61,6 @@ class WorkerPoolDecorator(StepDecorator):
         if self.size < 1:
             raise WorkerPoolException(f"step {step}: size={size!r} must be at least 1 (fix: size=4)")
         from metaflow_stack.pool.backend import BACKENDS
-        from metaflow_stack.pool.ray_pool import ray_resources
 
         if backend not in BACKENDS:
             raise WorkerPoolException(
@@ -74,7 +75,15 @@ class WorkerPoolDecorator(StepDecorator):
                 f"(fix: put @worker_pool on the step a foreach's self.next(..., foreach=...) goes to)"
             )
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
-        self.resources = ray_resources(resources.get("cpu"), resources.get("gpu"), resources.get("memory"))
+        self.resources = {key: resources.get(key) for key in ("cpu", "gpu", "memory")}
+        for key, value in self.resources.items():
+            try:
+                float(value or 0)
+            except (TypeError, ValueError):
+                raise WorkerPoolException(
+                    f"step {step}: @resources({key}={value!r}) is not a number, which a pool's workers need "
+                    f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
+                ) from None
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
             raise WorkerPoolException(
@@ -84,14 +93,28 @@ class WorkerPoolDecorator(StepDecorator):
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
         """Start the step's pool with the run: it imports the flow while the steps before it run."""
+        from metaflow_stack.errors import StackError
         from metaflow_stack.pool.backend import open_pool
 
         if self.active and self.step not in self.pools:
             flow_file = os.path.abspath(sys.argv[0])
             backend, url = self.attributes["backend"], self.attributes["redis_url"]
-            pool = open_pool(backend, flow_file, self.size, str(run_id), self.step, url, self.resources)
+            image = self.attributes["image"]
+            try:
+                pool = open_pool(
+                    backend,
+                    flow_file,
+                    self.size,
+                    str(run_id),
+                    self.step,
+                    redis_url=url,
+                    resources=self.resources,
+                    image=image,
+                )
+                pool.start()
+            except StackError as exc:
+                raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
             self.pools[self.step] = pool
-            pool.start()
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
         """With the step's first task: its line in the run's progress display (the foreach's items)."""

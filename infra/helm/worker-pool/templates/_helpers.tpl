@@ -1,0 +1,20 @@
+{{- define "worker-pool.fullname" -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "worker-pool.selectorLabels" -}}
+app.kubernetes.io/name: worker-pool
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "worker-pool.labels" -}}
+{{ include "worker-pool.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: metaflow-stack
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "worker-pool.redisSecret" -}}
+{{- .Values.redis.existingSecret | default (printf "%s-redis" (include "worker-pool.fullname" .)) -}}
+{{- end -}}

@@ -1,0 +1,165 @@
+"""The kubernetes backend's pods, rendered and validated offline: what the runtime applies, and what the
+Pulumi component installs (the same chart, ``infra/helm/worker-pool``). The runs themselves are in
+``test_worker_pool.py`` (through a kubectl double here, on kind in the GitHub workflow)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metaflow_stack.deploy import helm
+from metaflow_stack.errors import StackError
+from metaflow_stack.pool.kubernetes_pool import (
+    CHART,
+    VALUES_VARIABLE,
+    KubernetesPool,
+    extra_values,
+    kubernetes_resources,
+    split_image,
+)
+from metaflow_stack.pool.redis_worker import READY_FILE
+
+URL = "redis://:s3cret@redis.pools.svc:6379/0"
+PREFIX = "mf-pool:1796207678482231:score_items:"
+
+
+def pool(values: dict | None = None, size: int = 3) -> KubernetesPool:
+    return KubernetesPool(
+        "/work/project/flow.py",
+        size,
+        "score_items@laptop",
+        URL,
+        PREFIX,
+        image="registry.example:5000/metaflow-stack/base:0123abcd",
+        resources=kubernetes_resources("2", "1", "4096"),
+        values=values or {},
+        namespace="ml",
+    )
+
+
+def rendered(values: dict | None = None) -> helm.Release:
+    subject = pool(values)
+    return helm.render(CHART, subject.values(), subject.release, subject.namespace)
+
+
+def by_kind(release: helm.Release) -> dict[str, dict]:
+    return {manifest["kind"]: manifest for manifest in release.manifests}
+
+
+def test_the_pods_run_warm_redis_workers_with_the_steps_resources() -> None:
+    release = rendered({"hostPaths": ["/work/project"]})
+    manifests = by_kind(release)
+    assert sorted(manifests) == ["Deployment", "Secret"]
+    deployment = manifests["Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["image"] == "registry.example:5000/metaflow-stack/base:0123abcd"
+    assert worker["command"][-1] == "from metaflow_stack.pool.redis_worker import main; main()"
+    assert worker["args"] == [PREFIX, "/work/project/flow.py", "$(POD_NAME)", "--detached"]
+    assert worker["resources"] == {
+        "requests": {"cpu": "2", "memory": "4096Mi"},
+        "limits": {"memory": "4096Mi", "nvidia.com/gpu": "1"},
+    }
+    assert worker["readinessProbe"]["exec"]["command"] == ["test", "-e", f"/tmp/{READY_FILE}"]
+    # The flow's folder at the run's path; /tmp writable, the rest of the image not.
+    assert {m["mountPath"] for m in worker["volumeMounts"]} == {"/tmp", "/work/project"}
+    assert worker["securityContext"]["readOnlyRootFilesystem"] and worker["securityContext"]["capabilities"] == {
+        "drop": ["ALL"]
+    }
+    assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    # The URL (a password in it) reaches the workers from the Secret only: not in the Deployment.
+    env = {item["name"]: item for item in worker["env"]}
+    assert (
+        env["METAFLOW_STACK_POOL_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"]
+        == manifests["Secret"]["metadata"]["name"]
+    )
+    assert "s3cret" not in yaml.safe_dump(deployment)
+    assert manifests["Secret"]["stringData"] == {"url": URL}
+
+
+def test_the_release_name_is_kubernetes_alphabet_and_one_per_run_and_step() -> None:
+    name = pool().release
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 53, name
+    assert name.startswith("mf-pool-score-items-")
+    other = KubernetesPool(
+        "/f.py", 1, "score_items@x", URL, "mf-pool:2:score_items:", image="i:t", resources={}, values={}, namespace="d"
+    )
+    assert other.release != name
+
+
+def test_values_from_the_file_are_laid_over_the_runtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "pool-values.yaml"
+    file.write_text("podSecurity: {runAsUser: 1001}\nnodeSelector: {pool: warm}\npool: {size: 5}\n")
+    monkeypatch.setenv(VALUES_VARIABLE, str(file))
+    deployment = by_kind(rendered(extra_values()))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 1001 and pod["securityContext"]["runAsGroup"] == 1000
+    assert pod["nodeSelector"] == {"pool": "warm"} and deployment["spec"]["replicas"] == 5
+
+    file.write_text("pool: [not, a, mapping")
+    with pytest.raises(StackError, match="is not readable YAML"):
+        extra_values()
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"pool": {"size": 0}}, "/pool/size"),
+        ({"pool": {"flowFile": "relative.py"}}, "/pool/flowFile"),
+        ({"hostPaths": ["relative"]}, "hostPaths"),
+        ({"redis": {"url": "http://not-redis"}}, "/redis/url"),
+        ({"redis": {"url": ""}}, "the workers need their queue"),
+    ],
+)
+def test_bad_values_are_refused_before_anything_reaches_a_cluster(values: dict, named: str) -> None:
+    with pytest.raises(StackError) as refused:
+        rendered(values)
+    assert named in refused.value.message
+
+
+def test_the_chart_lints_clean() -> None:
+    import helm_python
+
+    subject = pool({"hostPaths": ["/work/project"], "env": {"LOG_LEVEL": "debug"}})
+    report = helm_python.lint(helm.chart_dir(CHART), subject.values(), strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize(
+    ("image", "parts"),
+    [
+        ("metaflow-stack/base:abc", ("metaflow-stack/base", "abc")),
+        ("127.0.0.1:5000/metaflow-stack/base:abc", ("127.0.0.1:5000/metaflow-stack/base", "abc")),
+        ("127.0.0.1:5000/metaflow-stack/base", ("127.0.0.1:5000/metaflow-stack/base", "latest")),
+    ],
+)
+def test_an_image_reference_splits_at_its_tag_not_a_registrys_port(image: str, parts: tuple[str, str]) -> None:
+    assert split_image(image) == parts
+
+
+@pytest.mark.usefixtures("pulumi_offline")
+def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None:
+    import pulumi
+    from components.worker_pool import WorkerPool, WorkerPoolArgs
+
+    args = WorkerPoolArgs(
+        image="r/metaflow-stack/base:t1", prefix=PREFIX, flow_file="/srv/flows/score.py", redis_secret="pool-redis"
+    )
+    component = WorkerPool("score-pool", args)
+
+    def check(outputs: list) -> None:
+        chart, values, namespace = outputs
+        assert Path(chart) == helm.chart_dir(CHART)
+        assert values["redis"] == {"existingSecret": "pool-redis"} and values["pool"]["size"] == 2
+        assert values["resources"]["requests"] == {"cpu": "1", "memory": "1024Mi"}
+        assert namespace == "default"
+
+    done = pulumi.Output.all(component.release.chart, component.release.values, component.release.namespace)
+    pulumi.runtime.test(lambda: done.apply(check))()
+
+    with pytest.raises(StackError, match="/pool/flowFile"):
+        WorkerPool("broken", WorkerPoolArgs(image="r/b:t", prefix=PREFIX, flow_file="flow.py", redis_secret="s"))
