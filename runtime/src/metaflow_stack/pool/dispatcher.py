@@ -124,10 +124,13 @@ class Dispatcher:
                 os.close(fd)
             abandoned.cancel()
             if code is not None:
-                with contextlib.suppress(OSError):
-                    connection.sendall(trampoline.reply(code))
                 self.counts.done += code == 0
                 self.counts.failed += code != 0
+                # Written before the reply: the run's last look at the pool, right after its last task, is current.
+                self.counts.running = max(len(self.in_flight) - 1 - self.counts.queued, 0)
+                self.counts.write(self.counts_file)
+                with contextlib.suppress(OSError):
+                    connection.sendall(trampoline.reply(code))
             connection.close()
 
 
