@@ -3,6 +3,7 @@ a plain foreach makes, failures stay per item, and nothing of a pool outlives it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,17 +12,21 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+import redis.asyncio
 from conftest import VENV_BIN, need
 from devservers import free_port, redis_server
 
+from metaflow_stack.pool import redis_dispatch, trampoline
+from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.local import LocalPool
 from metaflow_stack.pool.redis_pool import URL_VARIABLE
+from metaflow_stack.pool.redis_queue import RedisQueue
 
 pytestmark = pytest.mark.slow
 
@@ -450,43 +455,70 @@ def test_kind_cluster_runs_a_pooled_foreach(base_image: str, tmp_path: Path) -> 
         server.wait(timeout=15)
 
 
-def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(redis_url: str) -> None:
-    """A worker that took a task off the queue and died before it took the lease (a real Redis, the
-    dispatcher's executor): the attempt fails as lost within a few seconds instead of waiting forever."""
-    import asyncio
+def test_kubernetes_pods_that_cannot_start_fail_the_step_in_one_line(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Pods that crash (here: they cannot reach Redis at the pods' URL) fail the step at its first item
+    with the pod's reason and its last line, not after minutes; nothing is left."""
+    env = backend_env("kubernetes", request, tmp_path)
+    env["METAFLOW_STACK_POOL_POD_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    done = run_flow(tmp_path, backend="kubernetes", env=env)
+    assert done.returncode != 0
+    assert "the pool's pods did not become ready" in done.stderr and "CrashLoopBackOff" in done.stderr
+    assert "ConnectionError" in done.stderr and "fix: kubectl --namespace default describe pods" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
-    import redis.asyncio
 
-    from metaflow_stack.pool import trampoline
-    from metaflow_stack.pool.child import Task
-    from metaflow_stack.pool.redis_dispatch import TAKEN_S, RedisExecutor
-    from metaflow_stack.pool.redis_queue import RedisQueue
+def execute_one(redis_url: str, pool: str, meanwhile: Callable | None = None) -> tuple[int | None, bytes, float]:
+    """One task through the dispatcher's Redis executor on a real Redis, with no worker; ``meanwhile(client,
+    queue)`` runs once the task is queued. Its status, what it wrote and how long it took."""
 
     async def scenario() -> tuple[int | None, bytes, float]:
         client = redis.asyncio.Redis.from_url(redis_url)
-        queue = RedisQueue(client, "mf-pool:test-taken:each:")
+        queue = RedisQueue(client, f"mf-pool:{pool}:each:")
         written = bytearray()
 
         async def output(fd: int, data: bytes) -> None:
             written.extend(data)
 
-        never: asyncio.Future = asyncio.get_running_loop().create_future()
-        started = asyncio.get_running_loop().time()
-        running = asyncio.ensure_future(
-            RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), output, never)
-        )
+        loop = asyncio.get_running_loop()
+        never, started = loop.create_future(), loop.time()
+        task = Task(sys.executable, ["f.py"], {}, "/")
+        running = asyncio.ensure_future(redis_dispatch.RedisExecutor(queue).run(task, output, never))
         while not await client.llen(queue.key("pending")):
             await asyncio.sleep(0.01)
-        await client.lmove(queue.key("pending"), queue.key("claimed", "gone"), "RIGHT", "LEFT")  # and dies
-        code = await asyncio.wait_for(running, TAKEN_S + 5)
-        elapsed = asyncio.get_running_loop().time() - started
+        if meanwhile is not None:
+            await meanwhile(client, queue)
+        code = await asyncio.wait_for(running, 30)
+        elapsed = loop.time() - started
         await queue.purge()
         await client.aclose()
         return code, bytes(written), elapsed
 
-    code, written, elapsed = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_redis_task_no_worker_serves_is_given_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue whose workers all went (pods crashing, say): a queued item fails as lost once no worker
+    has said it lives for a while, instead of waiting forever."""
+    monkeypatch.setattr(redis_dispatch, "UNSERVED_S", 1.0)
+    code, written, _ = execute_one(redis_url, "test-unserved")
+    assert code == trampoline.POOL_LOST and b"no worker of this pool answered" in written
+    assert not pool_keys(redis_url)
+
+
+def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(redis_url: str) -> None:
+    """A worker that took a task off the queue and died before it took the lease: the attempt fails as
+    lost within a few seconds instead of waiting forever."""
+
+    async def take_and_die(client: redis.asyncio.Redis, queue: RedisQueue) -> None:
+        await client.set(queue.key("worker", "gone"), 1, ex=60)  # (a worker lived: the queue is served)
+        await client.lmove(queue.key("pending"), queue.key("claimed", "gone"), "RIGHT", "LEFT")
+
+    code, written, elapsed = execute_one(redis_url, "test-taken", take_and_die)
     assert code == trampoline.POOL_LOST and b"took it, then vanished" in written
-    assert TAKEN_S <= elapsed < TAKEN_S + 4
+    assert redis_dispatch.TAKEN_S <= elapsed < redis_dispatch.TAKEN_S + 4
     assert not pool_keys(redis_url)
 
 
@@ -555,3 +587,24 @@ def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join:
     assert done.returncode != 0
     assert words in done.stderr and "fix:" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "Task is starting" not in done.stdout + done.stderr
+
+
+def test_on_a_terminal_each_pool_has_a_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """A terminal gets rich's bar per pool (items done of the foreach's, running, failed attempts), no
+    lines; the last look at a pool, when it stops, is drawn."""
+    from metaflow_stack.pool.counts import Counts
+    from metaflow_stack.pool.progress import PoolProgress
+
+    now = {"each": Counts(queued=4, running=2), "other": Counts(running=1)}
+    lines: list[str] = []
+    progress = PoolProgress(lines.append, terminal=True)
+    progress.watch("each", 6, lambda: now["each"])
+    progress.watch("other", 3, lambda: now["other"])
+    now["each"] = Counts(done=6, failed=1)
+    progress.finish("each")
+    now["other"] = Counts(done=3)
+    progress.finish("other")
+    drawn = capsys.readouterr().err
+    assert "each" in drawn and "6/6" in drawn and "1 failed attempts" in drawn
+    assert "other" in drawn and "3/3" in drawn
+    assert lines == []

@@ -9,7 +9,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "worker-pool.labels" -}}
 {{ include "worker-pool.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Values.image.tag | trunc 63 | quote }}
+app.kubernetes.io/version: {{ regexReplaceAll "[^A-Za-z0-9._-]" .Values.image.tag "-" | trunc 63 | trimAll "-._" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: metaflow-stack
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}

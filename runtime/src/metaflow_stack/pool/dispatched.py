@@ -25,6 +25,8 @@ class DispatchedPool:
     backend: ClassVar[str]
     #: What to do when the pool cannot start.
     fix: ClassVar[str]
+    #: How long the dispatcher has to clean up when it stops.
+    stop_timeout_s: ClassVar[float] = 30
 
     def __init__(
         self, flow_file: str, size: int, name: str, args: list[str], env: dict[str, str] | None = None
@@ -48,16 +50,20 @@ class DispatchedPool:
         workers = not self.workers or any(worker.alive() for worker in self.workers)
         return self.dispatcher is not None and self.dispatcher.alive() and workers
 
+    def wait_dispatcher(self) -> None:
+        """Block until the dispatcher answers; ``StackError`` with its own fix, if it said one, or the
+        backend's."""
+        assert self.dispatcher is not None
+        try:
+            self.dispatcher.wait_ready(f"the {self.backend} worker pool did not start")
+        except StackError as exc:
+            message, said, fix = exc.message.rpartition(" (fix: ")
+            raise (StackError(message, fix.removesuffix(")")) if said else StackError(exc.message, self.fix)) from None
+
     def command(self, entrypoint: list[str]) -> list[str]:
         assert self.dispatcher is not None and self.folder is not None
         try:
-            try:
-                self.dispatcher.wait_ready(f"the {self.backend} worker pool did not start")
-            except StackError as exc:  # the dispatcher's own fix, if it said one, or the backend's
-                message, said, fix = exc.message.rpartition(" (fix: ")
-                raise (
-                    StackError(message, fix.removesuffix(")")) if said else StackError(exc.message, self.fix)
-                ) from None
+            self.wait_dispatcher()
             for worker in self.workers:
                 worker.wait_ready(f"a {self.backend} pool worker could not import {self.flow_file}")
         except StackError:
@@ -71,7 +77,7 @@ class DispatchedPool:
     def stop(self) -> None:
         # The dispatcher first: it stops what is in flight and cleans up its backend, then the workers.
         if self.dispatcher is not None:
-            self.dispatcher.stop()
+            self.dispatcher.stop(self.stop_timeout_s)
         stop_all(self.workers)
         self.dispatcher, self.workers = None, []
         if self.folder is not None:

@@ -12,24 +12,25 @@ import asyncio
 from pathlib import Path
 
 from metaflow_stack.pool import redis_dispatch
-from metaflow_stack.pool.kubernetes_pool import PODS_FILE, delete_pods
+from metaflow_stack.pool.kubernetes_pool import delete_pods
 from metaflow_stack.pool.redis_dispatch import RedisExecutor
 from metaflow_stack.pool.redis_queue import RedisQueue
 
 
 class KubernetesExecutor(RedisExecutor):
-    def __init__(self, queue: RedisQueue, pods: Path, namespace: str, release: str) -> None:
+    def __init__(self, queue: RedisQueue, namespace: str, release: str) -> None:
         super().__init__(queue)
-        self.pods, self.namespace, self.release = pods, namespace, release
+        self.namespace, self.release = namespace, release
 
     async def close(self) -> None:
-        await super().close()
-        if self.pods.exists():
-            await asyncio.to_thread(delete_pods, self.pods.read_text(), self.namespace, self.release)
+        try:  # the pods first: they kill what they run; then the keys
+            await asyncio.to_thread(delete_pods, self.namespace, self.release)
+        finally:
+            await super().close()
 
 
 async def open_executor(folder: Path, args: list[str]) -> KubernetesExecutor:
     """``args``: the pool's key prefix, the pods' namespace and their release's name."""
     prefix, namespace, release = args
     executor = await redis_dispatch.open_executor(folder, [prefix])
-    return KubernetesExecutor(executor.queue, folder / PODS_FILE, namespace, release)
+    return KubernetesExecutor(executor.queue, namespace, release)

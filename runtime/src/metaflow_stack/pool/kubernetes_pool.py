@@ -3,10 +3,12 @@
 The run's runtime renders ``infra/helm/worker-pool`` for the step (``size``
 replicas of the stack's image running the Redis worker, with the step's
 ``@resources``), validates every manifest offline against Kubernetes'
-schemas, applies it with ``kubectl`` when the run starts and waits for the
-pods to be ready (warm) before the first item. The dispatcher deletes them
-when it stops, which it does when the run ends however it ends (its pipe
-from the runtime closes even when the runtime is killed outright). The pods
+schemas, applies it with ``kubectl`` when the run starts (once the dispatcher
+reached Redis) and waits for the pods to be ready (warm) before the first
+item, failing at once, with the reason, for a pod that cannot start. The
+dispatcher deletes them, and waits for them to go, when it stops, which it
+does when the run ends however it ends (its pipe from the runtime closes
+even when the runtime is killed outright). The pods
 must see the flow's file at the run's path (built into the image, or
 mounted through ``hostPaths`` on a dev cluster), reach Redis at the pod URL
 and a datastore both sides share.
@@ -15,11 +17,13 @@ and a datastore both sides share.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +39,16 @@ IMAGE_VARIABLE = "METAFLOW_STACK_POOL_IMAGE"
 VALUES_VARIABLE = "METAFLOW_STACK_POOL_VALUES"
 #: Seconds the pods have to pull the image, start and import the flow before the step fails.
 READY_TIMEOUT_S = 300
-#: The pool's manifests in its folder (mode 0600: the Secret is among them), for the dispatcher.
-PODS_FILE = "pods.yaml"
+#: Seconds the pods have to end when they are deleted (their grace period is 15 s).
+DELETE_TIMEOUT_S = 90
+#: How often the pods are looked at while the first item waits for them.
+POLL_S = 2.0
+#: What a pool's objects are found by.
+INSTANCE = "app.kubernetes.io/instance"
+#: Why a pod's container waits that will not pass by waiting longer.
+CANNOT_START = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "RunContainerError"}
+)
 #: Seconds ``kubectl`` has for anything else.
 KUBECTL_TIMEOUT_S = 120
 
@@ -45,8 +57,8 @@ class KubernetesPool(RedisPool):
     """A dispatcher here and ``size`` worker pods, sharing one Redis queue."""
 
     backend = "kubernetes"
-
     fix = "check the cluster (kubectl get pods) and that the pods reach Redis (" + POD_URL_VARIABLE + ")"
+    stop_timeout_s = DELETE_TIMEOUT_S + 30  # the dispatcher waits for the pods to go
 
     def __init__(
         self,
@@ -64,7 +76,7 @@ class KubernetesPool(RedisPool):
         super().__init__(flow_file, size, name, url, prefix)
         self.args += [namespace, self.release]  # the dispatcher's: which pods to delete
         self.image, self.resources, self.extra_values, self.namespace = image, resources, values, namespace
-        self.applied: str | None = None  # the applied manifests, as YAML
+        self.applied = False
         self.rolled_out = False
 
     @property
@@ -79,22 +91,22 @@ class KubernetesPool(RedisPool):
         return merge(values, self.extra_values)
 
     def start(self) -> None:
+        """Render and validate the pods, start the dispatcher, and apply the pods once it answers (Redis
+        must, before anything reaches the cluster): a bad value or no Redis fails the run here."""
         from metaflow_stack.deploy import helm
 
         release = helm.render(CHART, self.values(), self.release, self.namespace)
         secrets_first = sorted(release.manifests, key=lambda m: m["kind"] != "Secret")  # the pods read it at start
         manifests = helm.Release(release.name, release.namespace, secrets_first).to_yaml()
-        super().start()  # the dispatcher: Redis must answer before anything reaches the cluster
-        assert self.folder is not None
-        pods = self.folder.path / PODS_FILE  # for the dispatcher, which deletes them however the run ends
-        os.close(os.open(pods, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # (it holds the Secret)
-        pods.write_text(manifests)
+        super().start()
         try:
-            kubectl("apply", "--namespace", self.namespace, "-f", "-", stdin=manifests)
+            self.wait_dispatcher()
+            self.applied = True  # (from here on, stopping deletes whatever of it reached the cluster)
+            # Server-side: kubectl keeps no copy of the Secret (the URL) in an annotation.
+            kubectl("apply", "--server-side", "--namespace", self.namespace, "-f", "-", stdin=manifests)
         except StackError:
-            super().stop()
+            self.stop()
             raise
-        self.applied = manifests
 
     def start_workers(self) -> list[PoolProcess]:
         return []  # pods, started by the cluster
@@ -103,21 +115,13 @@ class KubernetesPool(RedisPool):
         line = super().command(entrypoint)
         if not self.rolled_out:
             try:
-                kubectl(
-                    "rollout",
-                    "status",
-                    f"deployment/{self.release}",
-                    "--namespace",
-                    self.namespace,
-                    f"--timeout={READY_TIMEOUT_S}s",
-                    timeout_s=READY_TIMEOUT_S + 30,
-                )
+                wait_for_pods(self.namespace, self.release, self.size)
             except StackError as exc:
                 self.stop()
                 raise StackError(
                     f"the pool's pods did not become ready: {exc.message}",
-                    fix=f"kubectl --namespace {self.namespace} describe pods -l app.kubernetes.io/instance="
-                    f"{self.release} (the pods need the image, the flow at {self.flow_file} and Redis)",
+                    fix=f"kubectl --namespace {self.namespace} describe pods -l {INSTANCE}={self.release} "
+                    f"(the pods need the image, the flow at {self.flow_file} and Redis)",
                 ) from None
             self.rolled_out = True
         return line
@@ -125,24 +129,59 @@ class KubernetesPool(RedisPool):
     def stop(self) -> None:
         super().stop()  # the dispatcher deletes the pods as it stops
         self.rolled_out = False
-        if self.applied is not None:  # and if it could not (it was killed), this does; else finds none
-            manifests, self.applied = self.applied, None
-            delete_pods(manifests, self.namespace, self.release)
+        if self.applied:  # and if it could not (it was killed), this does; else it finds none
+            self.applied = False
+            delete_pods(self.namespace, self.release)
 
 
-def delete_pods(manifests: str, namespace: str, release: str) -> None:
-    """Delete a pool's objects and wait for its pods to end; if kubectl cannot, say what is left and how to
-    remove it (stopping goes on)."""
-    delete = ["delete", "--namespace", namespace, "--ignore-not-found", "--wait=true", "-f", "-"]
+def delete_pods(namespace: str, release: str) -> None:
+    """Delete a pool's objects by their label (whatever of them was applied) and wait until its pods are
+    gone (foreground: the pods first, then their Deployment); if kubectl cannot, say what is left and how
+    to remove it (stopping goes on)."""
+    delete = ["delete", "deployment,secret", "--namespace", namespace, "-l", f"{INSTANCE}={release}"]
+    delete += ["--ignore-not-found", "--cascade=foreground", "--wait=true", f"--timeout={DELETE_TIMEOUT_S}s"]
     try:
-        kubectl(*delete, stdin=manifests)
+        kubectl(*delete, timeout_s=DELETE_TIMEOUT_S + 30)
     except StackError as exc:
-        label = f"app.kubernetes.io/instance={release}"
         print(
             f"worker pool: the pods may be left: {exc.message} "
-            f"(fix: kubectl --namespace {namespace} delete deployment,secret -l {label})",
+            f"(fix: kubectl --namespace {namespace} delete deployment,secret -l {INSTANCE}={release})",
             file=sys.stderr,
+            flush=True,
         )
+
+
+def wait_for_pods(namespace: str, release: str, size: int) -> None:
+    """Until ``size`` pods of ``release`` are ready (warm); ``StackError`` at once for a pod that cannot
+    start (its image, its Secret, a crash: with the crash's last line), or after ``READY_TIMEOUT_S``."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    ready = 0
+    while time.monotonic() < deadline:
+        listing = ["get", "pods", "--namespace", namespace, "-l", f"{INSTANCE}={release}", "-o", "json"]
+        pods = json.loads(kubectl(*listing))["items"]
+        ready = 0
+        for pod in pods:
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            ready += bool(statuses) and all(status.get("ready") for status in statuses)
+            for status in statuses:
+                waiting = status.get("state", {}).get("waiting") or {}
+                if waiting.get("reason") in CANNOT_START:
+                    name = pod["metadata"]["name"]
+                    said = f"pod {name}: {waiting['reason']}: {waiting.get('message', '').strip()}"
+                    raise StackError(said + _last_words(namespace, name))
+        if ready >= size:
+            return
+        time.sleep(POLL_S)
+    raise StackError(f"{ready} of {size} ready after {READY_TIMEOUT_S}s")
+
+
+def _last_words(namespace: str, pod: str) -> str:
+    """The last line a crashed pod's worker wrote, if kubectl can read it."""
+    try:
+        lines = kubectl("logs", pod, "--namespace", namespace, "--previous", "--tail=1").strip().splitlines()
+    except StackError:
+        return ""
+    return f" (its last line: {lines[-1]})" if lines else ""
 
 
 #: The chart every worker pod comes from.

@@ -5,8 +5,9 @@ output stream until the exit status arrives. It gives the attempt up as
 lost (``POOL_LOST``, which ``@retry`` retries) when its worker stopped
 renewing the claim, and also when the task left the queue but no worker
 holds it for ``TAKEN_S`` (a worker that died between taking it and
-taking its lease). A task whose trampoline went away is cancelled: its
-worker kills it.
+taking its lease), and a task still queued when no worker of the pool
+has said it lives for ``UNSERVED_S`` (its pods crash, say). A task whose
+trampoline went away is cancelled: its worker kills it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from metaflow_stack.pool.redis_queue import LEASE_S, URL_VARIABLE, RedisQueue, r
 
 #: How long one read of a task's output waits before the executor checks on the task.
 POLL_MS = 1000
+#: A queued task no worker of the pool served for this long (none alive) is given up.
+UNSERVED_S = 30.0
 #: A task neither queued nor held by a worker for this long lost the worker that took it.
 TAKEN_S = 3.0
 
@@ -39,7 +42,7 @@ class RedisExecutor:
         task_id = uuid.uuid4().hex
         try:
             await self.queue.submit(task_id, task)
-            after, cancelled_at, taken_at = "0-0", None, None
+            after, cancelled_at, taken_at, unserved_at = "0-0", None, None, None
             while True:
                 for entry_id, fields in await self.queue.read_output(task_id, after, POLL_MS):
                     after = entry_id
@@ -54,6 +57,15 @@ class RedisExecutor:
                     return None  # its worker is gone too: nothing is left to wait for
                 state = await self.queue.state(task_id)
                 taken_at = (taken_at or loop.time()) if state == "taken" else None
+                if state == "queued" and not await self.queue.workers_alive():
+                    unserved_at = unserved_at or loop.time()
+                    if loop.time() - unserved_at > UNSERVED_S:
+                        await output(
+                            2, f"worker pool: no worker of this pool answered for {UNSERVED_S:.0f}s\n".encode()
+                        )
+                        return trampoline.POOL_LOST
+                else:
+                    unserved_at = None
                 if state == "lost" or (taken_at is not None and loop.time() - taken_at > TAKEN_S):
                     await self.queue.cancel(task_id)  # a worker only stalled must not go on beside the retry
                     why = f"stopped answering for {LEASE_S}s" if state == "lost" else "took it, then vanished"

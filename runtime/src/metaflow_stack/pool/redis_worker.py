@@ -35,6 +35,7 @@ import redis
 
 from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, warm, with_group
 from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
+from metaflow_stack.pool.trampoline import POOL_LOST
 
 #: After a cancelled task is sent SIGTERM: how long before SIGKILL.
 KILL_GRACE_S = 5.0
@@ -44,7 +45,14 @@ READY_FILE = "mf-pool-worker-ready"
 #: Variables of a task's environment that describe the runtime's machine, not the one a detached worker is on.
 MACHINE_VARIABLES = frozenset(
     {"PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
-    | {"LD_LIBRARY_PATH", "CONDA_PREFIX", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DISPLAY", "TERM"}
+    | {"LD_LIBRARY_PATH", "LD_PRELOAD", "CONDA_PREFIX", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DISPLAY", "TERM"}
+    | {"TMP", "TEMP", "KUBECONFIG"}
+)
+
+#: Variables naming a file of the runtime's machine: kept only where this machine has that file too.
+MACHINE_FILES = frozenset(
+    {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AWS_CA_BUNDLE", "METAFLOW_HOME"}
+    | {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS"}
 )
 
 
@@ -70,8 +78,14 @@ class Lifeline:
 
 def on_this_machine(task: Task, flow_file: str) -> Task:
     """``task`` as a detached worker runs it: this interpreter, this machine's environment with the task's
-    own variables over it, the flow's folder if the task's is not here."""
-    env = {**os.environ, **{name: value for name, value in task.env.items() if name not in MACHINE_VARIABLES}}
+    own variables over it (but those describing the runtime's machine: its certificate bundle, say, named
+    where this machine has none, would break the task), the flow's folder if the task's is not here."""
+    own = {
+        name: value
+        for name, value in task.env.items()
+        if name not in MACHINE_VARIABLES and not (name in MACHINE_FILES and not os.path.exists(value))
+    }
+    env = {**os.environ, **own}
     cwd = task.cwd if os.path.isdir(task.cwd) else os.path.dirname(flow_file)
     return Task(sys.executable, task.argv, env, cwd)
 
@@ -119,17 +133,22 @@ def main() -> None:
     prefix, flow_file, name, *flags = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
     lifeline = Lifeline(detached="--detached" in flags)
+    ready_file = Path(tempfile.gettempdir(), READY_FILE)
+    ready_file.unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
     warm(flow_file)
     queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
+    queue.client.ping()  # ready means reaching the queue too
     print("ready", flush=True)
     if lifeline.detached:
-        Path(tempfile.gettempdir(), READY_FILE).touch()
-    while not lifeline.ended() and not queue.stopping():
+        ready_file.touch()
+    while not lifeline.ended() and not queue.idle(name):
         claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
         if claimed is not None:
             task_id, task = claimed
             if lifeline.detached:
                 task = on_this_machine(task, flow_file)
             code = run_one(queue, task_id, task, name, lifeline)
+            if lifeline.ended():  # killed because this worker stops (a pod deleted): the worker was lost
+                code = POOL_LOST
             if not queue.stopping():  # a stopped pool's keys are gone: write none again
                 queue.finish(task_id, name, code)

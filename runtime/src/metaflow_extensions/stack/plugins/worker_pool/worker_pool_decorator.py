@@ -136,10 +136,10 @@ class WorkerPoolDecorator(StepDecorator):
         if not self.active or retry_count > max_user_code_retries:
             return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
         pool = self.pools[self.step]
-        if not pool.alive():
-            pool.stop()
-            pool.start()  # a pool that died (killed, out of memory) comes back for the next attempt
         try:
+            if not pool.alive():
+                pool.stop()
+                pool.start()  # a pool that died (killed, out of memory) comes back for the next attempt
             cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
         except StackError as exc:
             raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
