@@ -405,7 +405,7 @@ def test_a_kubernetes_pool_without_kubectl_fails_in_one_line(tmp_path: Path, red
 
 
 @pytest.mark.docker
-def test_kind_cluster_runs_a_pooled_foreach(base_image: str, tmp_path: Path) -> None:
+def test_kind_cluster_runs_a_pooled_foreach(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The kubernetes backend on a real cluster (the GitHub workflow's kind job): pods of the stack's base
     image, the flow's folder and datastore mounted from the node at the run's path, Redis on the host;
     the run reads like a plain one, and no pod, Secret or key is left."""
@@ -413,6 +413,7 @@ def test_kind_cluster_runs_a_pooled_foreach(base_image: str, tmp_path: Path) -> 
     shared = os.environ.get("STACK_KIND_SHARED", "")
     need("kind", bool(shared), "STACK_KIND_SHARED: a folder the kind node mounts at the same path")
     need("redis-server", shutil.which("redis-server") is not None, "the pool's queue (apt-get install redis-server)")
+    base_image = request.getfixturevalue("base_image")  # (built only where a cluster will run it)
     subprocess.run(["kind", "load", "docker-image", base_image], check=True)
     root = Path(tempfile.mkdtemp(dir=shared))
     root.chmod(0o755)
@@ -513,7 +514,7 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(redis
     lost within a few seconds instead of waiting forever."""
 
     async def take_and_die(client: redis.asyncio.Redis, queue: RedisQueue) -> None:
-        await client.set(queue.key("worker", "gone"), 1, ex=60)  # (a worker lived: the queue is served)
+        await client.set(queue.key("served"), 1, ex=60)  # (a worker lived: the queue is served)
         await client.lmove(queue.key("pending"), queue.key("claimed", "gone"), "RIGHT", "LEFT")
 
     code, written, elapsed = execute_one(redis_url, "test-taken", take_and_die)

@@ -18,7 +18,6 @@ from metaflow_stack.pool.kubernetes_pool import (
     KubernetesPool,
     extra_values,
     kubernetes_resources,
-    split_image,
 )
 from metaflow_stack.pool.redis_worker import READY_FILE
 
@@ -28,7 +27,7 @@ PREFIX = "mf-pool:1796207678482231:score_items:"
 
 def pool(values: dict | None = None, size: int = 3) -> KubernetesPool:
     return KubernetesPool(
-        "/work/project/flow.py",
+        "/srv/flows/score/flow.py",
         size,
         "score_items@laptop",
         URL,
@@ -50,7 +49,7 @@ def by_kind(release: helm.Release) -> dict[str, dict]:
 
 
 def test_the_pods_run_warm_redis_workers_with_the_steps_resources() -> None:
-    release = rendered({"hostPaths": ["/work/project"]})
+    release = rendered({"hostPaths": ["/srv/flows/score"]})
     manifests = by_kind(release)
     assert sorted(manifests) == ["Deployment", "Secret"]
     deployment = manifests["Deployment"]
@@ -59,14 +58,14 @@ def test_the_pods_run_warm_redis_workers_with_the_steps_resources() -> None:
     (worker,) = pod["containers"]
     assert worker["image"] == "registry.example:5000/metaflow-stack/base:0123abcd"
     assert worker["command"][-1] == "from metaflow_stack.pool.redis_worker import main; main()"
-    assert worker["args"] == [PREFIX, "/work/project/flow.py", "$(POD_NAME)", "--detached"]
+    assert worker["args"] == [PREFIX, "/srv/flows/score/flow.py", "$(POD_NAME)", "--detached"]
     assert worker["resources"] == {
         "requests": {"cpu": "2", "memory": "4096Mi"},
         "limits": {"memory": "4096Mi", "nvidia.com/gpu": "1"},
     }
     assert worker["readinessProbe"]["exec"]["command"] == ["test", "-e", f"/tmp/{READY_FILE}"]
     # The flow's folder at the run's path; /tmp writable, the rest of the image not.
-    assert {m["mountPath"] for m in worker["volumeMounts"]} == {"/tmp", "/work/project"}
+    assert {m["mountPath"] for m in worker["volumeMounts"]} == {"/tmp", "/srv/flows/score"}
     assert worker["securityContext"]["readOnlyRootFilesystem"] and worker["securityContext"]["capabilities"] == {
         "drop": ["ALL"]
     }
@@ -124,7 +123,7 @@ def test_bad_values_are_refused_before_anything_reaches_a_cluster(values: dict, 
 def test_the_chart_lints_clean() -> None:
     import helm_python
 
-    subject = pool({"hostPaths": ["/work/project"], "env": {"LOG_LEVEL": "debug"}})
+    subject = pool({"hostPaths": ["/srv/flows/score"], "env": {"LOG_LEVEL": "debug"}})
     report = helm_python.lint(helm.chart_dir(CHART), subject.values(), strict=True)
     assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
 
@@ -132,13 +131,19 @@ def test_the_chart_lints_clean() -> None:
 @pytest.mark.parametrize(
     ("image", "parts"),
     [
-        ("metaflow-stack/base:abc", ("metaflow-stack/base", "abc")),
-        ("127.0.0.1:5000/metaflow-stack/base:abc", ("127.0.0.1:5000/metaflow-stack/base", "abc")),
-        ("127.0.0.1:5000/metaflow-stack/base", ("127.0.0.1:5000/metaflow-stack/base", "latest")),
+        ("metaflow-stack/base:abc", {"repository": "metaflow-stack/base", "tag": "abc"}),
+        ("127.0.0.1:5000/metaflow-stack/base:abc", {"repository": "127.0.0.1:5000/metaflow-stack/base", "tag": "abc"}),
     ],
 )
-def test_an_image_reference_splits_at_its_tag_not_a_registrys_port(image: str, parts: tuple[str, str]) -> None:
-    assert split_image(image) == parts
+def test_an_image_reference_splits_at_its_tag_not_a_registrys_port(image: str, parts: dict) -> None:
+    assert helm.image_values(image) == parts
+
+
+def test_an_image_without_a_tag_is_refused_before_anything_starts() -> None:
+    with pytest.raises(StackError, match="names no tag"):
+        KubernetesPool(
+            "/f.py", 1, "each@x", URL, PREFIX, image="127.0.0.1:5000/base", resources={}, values={}, namespace="d"
+        ).values()
 
 
 @pytest.mark.usefixtures("pulumi_offline")

@@ -16,6 +16,7 @@ from typing import Any
 import pulumi
 
 from components.release import chart_release
+from metaflow_stack.deploy import helm
 
 CHART = "metadata-service"
 
@@ -43,9 +44,8 @@ class MetadataServiceArgs:
     log_roots: tuple[str, ...] = ()
 
     def values(self) -> dict[str, Any]:
-        repository, _, tag = self.image.rpartition(":")
         return {
-            "image": {"repository": repository, "tag": tag},
+            "image": helm.image_values(self.image),
             "database": {"existingSecret": self.database_secret},
             "nats": {"url": self.nats_url},
             "auth": {"existingSecret": self.auth_secret, "insecureNoAuth": self.insecure_no_auth},

@@ -15,6 +15,7 @@ from typing import Any
 import pulumi
 
 from components.release import chart_release
+from metaflow_stack.deploy import helm
 
 CHART = "ui"
 
@@ -41,9 +42,8 @@ class UiArgs:
     service_account_annotations: tuple[tuple[str, str], ...] = ()
 
     def values(self) -> dict[str, Any]:
-        repository, _, tag = self.image.rpartition(":")
         return {
-            "image": {"repository": repository, "tag": tag},
+            "image": helm.image_values(self.image),
             "auth": {"existingSecret": self.auth_secret, "insecureNoAuth": self.insecure_no_auth},
             "metadataService": {"url": self.service_url, "auth": {"existingSecret": self.service_auth_secret}},
             "datastoreRoots": list(self.datastore_roots),

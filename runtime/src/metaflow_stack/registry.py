@@ -8,18 +8,14 @@ under the state directory and survives restarts.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from metaflow_stack import settings
+from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import RegistryError, ToolMissingError
 
 _BINARIES = ("registry", "docker-registry")
@@ -80,17 +76,8 @@ class LocalRegistry:
         return f"{self.host}:{self.port}"
 
     @property
-    def _pidfile(self) -> Path:
-        return self.home / "registry.pid"
-
-    def running_pid(self) -> int | None:
-        """The PID of this registry's process, when it runs."""
-        try:
-            pid = int(self._pidfile.read_text())
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-            return None
-        return pid
+    def daemon(self) -> Daemon:
+        return Daemon(self.home, "registry")
 
     def start(self, wait_seconds: float = 15.0) -> str:
         """Start the registry unless it already answers; return its address."""
@@ -107,23 +94,8 @@ class LocalRegistry:
         storage.mkdir(parents=True, exist_ok=True)
         config = self.home / "config.yml"
         config.write_text(_CONFIG.format(storage=storage, host=self.host, port=self.port))
-        log = (self.home / "registry.log").open("ab")
-        process = subprocess.Popen(
-            [binary, "serve", str(config)],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives the command that started it, off its terminal
-        )
-        self._pidfile.write_text(str(process.pid))
-        deadline = time.monotonic() + wait_seconds
-        while time.monotonic() < deadline:
-            if ping(self.address, timeout=0.5):
-                return self.address
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
+        if self.daemon.start([binary, "serve", str(config)], lambda: ping(self.address, timeout=0.5), wait_seconds):
+            return self.address
         raise RegistryError(
             f"the registry did not start on {self.address}; see {self.home / 'registry.log'}",
             fix=f"free port {self.port} or choose another with --port",
@@ -131,17 +103,4 @@ class LocalRegistry:
 
     def stop(self) -> bool:
         """Stop the registry this object started; return whether one was running."""
-        pid = self.running_pid()
-        self._pidfile.unlink(missing_ok=True)
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
-            with contextlib.suppress(ChildProcessError):  # reap it when this process started it
-                os.waitpid(pid, os.WNOHANG)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        return True
+        return self.daemon.stop()

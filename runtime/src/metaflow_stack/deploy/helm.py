@@ -20,6 +20,8 @@ from metaflow_stack.errors import StackError, ToolMissingError
 
 #: The Kubernetes version manifests are validated against unless told otherwise.
 KUBERNETES_VERSION = "1.30"
+#: Seconds a ``kubectl`` call has unless told otherwise.
+KUBECTL_TIMEOUT_S = 120
 
 
 @dataclass
@@ -106,12 +108,31 @@ def write(release: Release, folder: Path, values: dict[str, Any]) -> list[Path]:
 
 def apply(manifests: Path, namespace: str) -> str:
     """``kubectl apply`` the written manifests to the current context; return kubectl's report."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        raise ToolMissingError("kubectl is not on PATH", fix="install kubectl, or apply the written manifests yourself")
-    result = subprocess.run(
-        [kubectl, "apply", "--namespace", namespace, "-f", str(manifests)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise StackError(f"kubectl apply failed: {result.stderr.strip()}", fix="check the current kubectl context")
-    return result.stdout.strip()
+    return kubectl("apply", "--namespace", namespace, "-f", str(manifests)).strip()
+
+
+def kubectl(*args: str, stdin: str | None = None, timeout_s: float = KUBECTL_TIMEOUT_S) -> str:
+    """Run ``kubectl`` on the current context and return what it printed; ``StackError`` with its last
+    line if it fails (a Secret's manifest goes on ``stdin``: on no command line)."""
+    binary = shutil.which("kubectl")
+    if binary is None:
+        raise ToolMissingError("kubectl is not on PATH", fix="install kubectl and point it at the cluster")
+    try:
+        done = subprocess.run(
+            [binary, *args], input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise StackError(f"kubectl {args[0]} did not end in {timeout_s:.0f}s", fix="check the cluster") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise StackError(f"kubectl {args[0]} failed: {lines[-1]}", fix="check the current kubectl context")
+    return done.stdout
+
+
+def image_values(image: str) -> dict[str, str]:
+    """A chart's ``image`` values from a reference (a registry's port is not a tag); ``StackError`` for a
+    reference without a tag (every image the stack builds has one)."""
+    repository, _, tag = image.rpartition(":")
+    if not repository or "/" in tag:
+        raise StackError(f"{image!r} names no tag", fix="give the image as REPOSITORY:TAG, as build-image prints it")
+    return {"repository": repository, "tag": tag}

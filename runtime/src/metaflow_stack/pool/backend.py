@@ -54,11 +54,9 @@ def open_pool(
 
         return LocalPool(flow_file, size, name)
     if backend == "ray":
-        from metaflow_stack.pool.ray_pool import RayPool, ray_resources
+        from metaflow_stack.pool.ray_pool import RayPool
 
-        return RayPool(
-            flow_file, size, name, ray_resources(resources.get("cpu"), resources.get("gpu"), resources.get("memory"))
-        )
+        return RayPool(flow_file, size, name, resources)
     from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
     from metaflow_stack.pool.redis_queue import URL_VARIABLE
 

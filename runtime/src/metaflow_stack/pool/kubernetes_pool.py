@@ -20,14 +20,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from metaflow_stack.errors import StackError, ToolMissingError
+from metaflow_stack.deploy import helm
+from metaflow_stack.deploy.helm import kubectl
+from metaflow_stack.errors import StackError
 from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_pool import RedisPool
 
@@ -49,8 +49,6 @@ INSTANCE = "app.kubernetes.io/instance"
 CANNOT_START = frozenset(
     {"CrashLoopBackOff", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "RunContainerError"}
 )
-#: Seconds ``kubectl`` has for anything else.
-KUBECTL_TIMEOUT_S = 120
 
 
 class KubernetesPool(RedisPool):
@@ -93,8 +91,6 @@ class KubernetesPool(RedisPool):
     def start(self) -> None:
         """Render and validate the pods, start the dispatcher, and apply the pods once it answers (Redis
         must, before anything reaches the cluster): a bad value or no Redis fails the run here."""
-        from metaflow_stack.deploy import helm
-
         release = helm.render(CHART, self.values(), self.release, self.namespace)
         secrets_first = sorted(release.manifests, key=lambda m: m["kind"] != "Secret")  # the pods read it at start
         manifests = helm.Release(release.name, release.namespace, secrets_first).to_yaml()
@@ -193,9 +189,8 @@ def chart_values(
 ) -> dict[str, Any]:
     """The chart's values for a pool (shared by the runtime and the Pulumi component): ``redis`` is
     ``{"url": ...}`` or ``{"existingSecret": ...}``."""
-    repository, tag = split_image(image)
     return {
-        "image": {"repository": repository, "tag": tag},
+        "image": helm.image_values(image),
         "pool": {"prefix": prefix, "flowFile": flow_file, "size": size},
         "redis": redis,
         "resources": resources,
@@ -242,32 +237,6 @@ def extra_values() -> dict[str, Any]:
     if not isinstance(values, dict):
         raise StackError(f"{VALUES_VARIABLE}={path} holds no mapping of values", fix="write chart values as a mapping")
     return values
-
-
-def kubectl(*args: str, stdin: str | None = None, timeout_s: float = KUBECTL_TIMEOUT_S) -> str:
-    """Run ``kubectl`` on the current context; ``StackError`` with its last line if it fails (manifests go on
-    standard input: the Secret's URL is on no command line)."""
-    binary = shutil.which("kubectl")
-    if binary is None:
-        raise ToolMissingError("kubectl is not on PATH", fix="install kubectl and point it at the cluster")
-    try:
-        done = subprocess.run(
-            [binary, *args], input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise StackError(f"kubectl {args[0]} did not end in {timeout_s:.0f}s", fix="check the cluster") from None
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        raise StackError(f"kubectl {args[0]} failed: {lines[-1]}", fix="check the current kubectl context")
-    return done.stdout
-
-
-def split_image(image: str) -> tuple[str, str]:
-    """``repository`` and ``tag`` of an image reference (a registry's port is not a tag)."""
-    repository, colon, tag = image.rpartition(":")
-    if not colon or "/" in tag:
-        return image, "latest"
-    return repository, tag
 
 
 def kubernetes_resources(cpu: Any, gpu: Any, memory_mb: Any) -> dict[str, Any]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
+import redis
+
 from metaflow_stack import settings
+from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import StackError, ToolMissingError
 from metaflow_stack.local_secrets import secret
 
@@ -31,14 +31,11 @@ class LocalRedis:
     def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
         self.home = home or settings.load().state_dir / "redis"
         self.port = port
+        self.daemon = Daemon(self.home, "redis")
 
     @property
     def password_file(self) -> Path:
         return self.home / "password"
-
-    @property
-    def _pidfile(self) -> Path:
-        return self.home / "redis.pid"
 
     def url(self, password: str) -> str:
         return f"redis://:{password}@127.0.0.1:{self.port}/0"
@@ -48,8 +45,6 @@ class LocalRedis:
         return f"redis://:$(cat {self.password_file})@127.0.0.1:{self.port}/0"
 
     def answers(self, password: str) -> bool:
-        import redis  # (the pool extra: ``down`` runs without it)
-
         client = redis.Redis.from_url(self.url(password), socket_timeout=2, socket_connect_timeout=2)
         try:
             return bool(client.ping())
@@ -73,17 +68,8 @@ class LocalRedis:
                 f"bind 127.0.0.1\nport {self.port}\nrequirepass {password}\nprotected-mode yes\n"
                 f'save ""\nappendonly no\ndir {self.home}\ndaemonize no\n'
             )
-        with (self.home / "redis.log").open("ab") as log:
-            process = subprocess.Popen(
-                [binary, str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        self._pidfile.write_text(str(process.pid))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and process.poll() is None:
-            if self.answers(password):
-                return
-            time.sleep(0.1)
-        self.stop()
+        if self.daemon.start([binary, str(config)], lambda: self.answers(password), START_TIMEOUT_S):
+            return
         raise StackError(
             f"Redis did not answer on 127.0.0.1:{self.port}",
             fix=f"see {self.home / 'redis.log'}; is port {self.port} taken? set METAFLOW_STACK_REDIS_PORT",
@@ -91,12 +77,4 @@ class LocalRedis:
 
     def stop(self) -> bool:
         """Stop what ``start`` started; whether something was running."""
-        if not self._pidfile.exists():
-            return False
-        try:
-            os.kill(int(self._pidfile.read_text()), signal.SIGTERM)
-            stopped = True
-        except (ProcessLookupError, ValueError):
-            stopped = False
-        self._pidfile.unlink()
-        return stopped
+        return self.daemon.stop()

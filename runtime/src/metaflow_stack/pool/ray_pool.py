@@ -4,18 +4,21 @@ machine (``RAY_ADDRESS``: an existing cluster) or on a Ray of its own here."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from metaflow_stack.pool.dispatched import DispatchedPool
 
 
 class RayPool(DispatchedPool):
-    """A dispatcher that starts (or joins) Ray and keeps ``size`` actors, each with ``resources``."""
+    """A dispatcher that starts (or joins) Ray and keeps ``size`` actors, each with the step's ``resources``
+    (``@resources``: ``cpu``, ``gpu``, ``memory`` in MB)."""
 
     backend = "ray"
     fix = "start Ray (ray start --head) and set RAY_ADDRESS to it, or unset RAY_ADDRESS for a Ray on this machine"
 
-    def __init__(self, flow_file: str, size: int, name: str, resources: dict[str, float]) -> None:
-        super().__init__(flow_file, size, name, [flow_file, str(size), name, json.dumps(resources)])
+    def __init__(self, flow_file: str, size: int, name: str, resources: dict[str, Any]) -> None:
+        actor = ray_resources(resources.get("cpu"), resources.get("gpu"), resources.get("memory"))
+        super().__init__(flow_file, size, name, [flow_file, str(size), name, json.dumps(actor)])
 
 
 def ray_resources(cpu: str | float | None, gpu: str | float | None, memory_mb: str | float | None) -> dict[str, float]:

@@ -44,7 +44,8 @@ class RedisExecutor:
             await self.queue.submit(task_id, task)
             after, cancelled_at, taken_at, unserved_at = "0-0", None, None, None
             while True:
-                for entry_id, fields in await self.queue.read_output(task_id, after, POLL_MS):
+                entries = await self.queue.read_output(task_id, after, POLL_MS)
+                for entry_id, fields in entries:
                     after = entry_id
                     if b"exit" in fields:
                         return int(fields[b"exit"])
@@ -55,17 +56,16 @@ class RedisExecutor:
                     cancelled_at = loop.time()
                 if cancelled_at is not None and loop.time() - cancelled_at > LEASE_S:
                     return None  # its worker is gone too: nothing is left to wait for
+                if entries:
+                    continue  # it is being served: where it is needs no look
                 state = await self.queue.state(task_id)
                 taken_at = (taken_at or loop.time()) if state == "taken" else None
-                if state == "queued" and not await self.queue.workers_alive():
-                    unserved_at = unserved_at or loop.time()
-                    if loop.time() - unserved_at > UNSERVED_S:
-                        await output(
-                            2, f"worker pool: no worker of this pool answered for {UNSERVED_S:.0f}s\n".encode()
-                        )
-                        return trampoline.POOL_LOST
-                else:
-                    unserved_at = None
+                unserved_at = (
+                    (unserved_at or loop.time()) if state == "queued" and not await self.queue.served() else None
+                )
+                if unserved_at is not None and loop.time() - unserved_at > UNSERVED_S:
+                    await output(2, f"worker pool: no worker of this pool answered for {UNSERVED_S:.0f}s\n".encode())
+                    return trampoline.POOL_LOST
                 if state == "lost" or (taken_at is not None and loop.time() - taken_at > TAKEN_S):
                     await self.queue.cancel(task_id)  # a worker only stalled must not go on beside the retry
                     why = f"stopped answering for {LEASE_S}s" if state == "lost" else "took it, then vanished"

@@ -9,9 +9,9 @@ faster worker takes more), and holds ``lease:<id>`` (a key that expires after
 its end go to the stream ``out:<id>``, which the claim creates: later
 writes never create it again (``NOMKSTREAM``; leases are renewed with
 ``XX``), so a pool whose keys were purged while a worker still ran gets
-none back. Each worker says it lives (``worker:<name>``, expiring after
-``LEASE_S``) while it waits and while it runs, so a queue no worker serves
-(its pods crashing, say) fails its items instead of holding them. A task whose lease expired while
+none back. The workers say they live (``served``, expiring after
+``LEASE_S``) while they wait and while they run, so a queue no worker
+serves (its pods crashing, say) fails its items instead of holding them. A task whose lease expired while
 claimed lost its worker: the dispatcher fails that attempt (the runtime's
 ``@retry`` then runs it again, as a new attempt on another worker); a task
 whose trampoline went away is marked ``cancel:<id>`` and its worker kills it.
@@ -95,11 +95,9 @@ class RedisQueue:
             return "lost"
         return "taken" if position is None else "queued"
 
-    async def workers_alive(self) -> bool:
+    async def served(self) -> bool:
         """Whether any worker of the pool said it lives in the last ``LEASE_S``."""
-        async for _ in self.client.scan_iter(match=self.key("worker", "*"), count=1000):
-            return True
-        return False
+        return bool(await self.client.exists(self.key("served")))
 
     async def cancel(self, task_id: str) -> None:
         await self.client.set(self.key("cancel", task_id), 1, ex=LEASE_S * 6)
@@ -143,24 +141,17 @@ class RedisQueue:
         return task_id, task
 
     def renew(self, task_id: str, worker: str) -> bool:
-        """Keep the claim on ``task_id``; returns whether it is to be killed (its dispatcher cancelled it,
-        or the pool is stopping)."""
+        """Keep the claim on ``task_id`` (and say this worker lives); returns whether its dispatcher
+        cancelled it."""
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.key("lease", task_id), worker, ex=LEASE_S, xx=True)  # a purged pool's lease stays gone
-        pipe.exists(self.key("cancel", task_id), self.key("stop"))
-        pipe.set(self.key("worker", worker), 1, ex=LEASE_S)
+        pipe.exists(self.key("cancel", task_id))
+        pipe.set(self.key("served"), 1, ex=LEASE_S)
         return bool(pipe.execute()[1])
 
-    def idle(self, worker: str) -> bool:
-        """Between claims: say this worker lives (``worker:<name>``, for ``LEASE_S``); returns whether the
-        pool is stopping."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.key("worker", worker), 1, ex=LEASE_S)
-        pipe.exists(self.key("stop"))
-        return bool(pipe.execute()[1])
-
-    def stopping(self) -> bool:
-        return bool(self.client.exists(self.key("stop")))
+    def live(self) -> None:
+        """Between claims: say a worker of the pool lives (``served``, for ``LEASE_S``)."""
+        self.client.set(self.key("served"), 1, ex=LEASE_S)
 
     def output(self, task_id: str, fd: int, data: bytes) -> None:
         stream = self.key("out", task_id)

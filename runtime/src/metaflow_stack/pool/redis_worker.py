@@ -10,8 +10,8 @@ a time: a worker that is busy claims nothing.
     python -c "from metaflow_stack.pool.redis_worker import main; main()" PREFIX FLOW_FILE NAME
 
 It stops, killing the task it runs, when its standard input closes
-(started by the run's runtime: the run is over, however it ended) or when
-the pool's ``stop`` key appears. With ``--detached`` (a pod of the
+(started by the run's runtime: the run is over, however it ended). With
+``--detached`` (a pod of the
 ``kubernetes`` backend, started by the cluster) it ignores its standard
 input and stops on SIGTERM instead (the runtime deletes the pods when the
 run ends), says it is ready in ``READY_FILE`` too (the pod's readiness
@@ -134,14 +134,16 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
     lifeline = Lifeline(detached="--detached" in flags)
     ready_file = Path(tempfile.gettempdir(), READY_FILE)
-    ready_file.unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
+    if lifeline.detached:
+        ready_file.unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
     warm(flow_file)
     queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
     queue.client.ping()  # ready means reaching the queue too
     print("ready", flush=True)
     if lifeline.detached:
         ready_file.touch()
-    while not lifeline.ended() and not queue.idle(name):
+    while not lifeline.ended():
+        queue.live()
         claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
         if claimed is not None:
             task_id, task = claimed
@@ -150,5 +152,4 @@ def main() -> None:
             code = run_one(queue, task_id, task, name, lifeline)
             if lifeline.ended():  # killed because this worker stops (a pod deleted): the worker was lost
                 code = POOL_LOST
-            if not queue.stopping():  # a stopped pool's keys are gone: write none again
-                queue.finish(task_id, name, code)
+            queue.finish(task_id, name, code)  # (a purged pool's stream is not made again)

@@ -148,11 +148,8 @@ def _ready(url: str) -> bool:
 
 def chart_values(function: str, image: str, options: DeployOptions) -> dict[str, Any]:
     """The ``function-server`` chart's values for ``image``: what ``deploy`` and the Pulumi component install."""
-    repository, _, tag = image.rpartition(":")
-    if not repository or "/" in tag:
-        raise StackError(f"{image!r} names no tag", fix="give the image as REPOSITORY:TAG, as build-image prints it")
     return {
-        "image": {"repository": repository, "tag": tag},
+        "image": helm.image_values(image),
         "function": function,
         "replicaCount": options.replicas,
         "resources": {

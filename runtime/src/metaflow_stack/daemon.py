@@ -1,0 +1,68 @@
+"""A background process of the local stack (the registry, the pools' Redis), kept by a pid file.
+
+It runs in a session of its own (it outlives the command that started it,
+off its terminal), writes to a log beside its pid file, counts as started
+once it answers, and is stopped by whoever reads the pid file later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class Daemon:
+    """The process ``name`` of the folder ``home`` (``home/NAME.pid``, ``home/NAME.log``)."""
+
+    def __init__(self, home: Path, name: str) -> None:
+        self.pidfile, self.log = home / f"{name}.pid", home / f"{name}.log"
+
+    def pid(self) -> int | None:
+        """Its PID, when it runs."""
+        try:
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+    def start(self, command: list[str], answers: Callable[[], bool], timeout_s: float) -> bool:
+        """Start ``command`` and wait until ``answers()``; False (and stopped again) if it ended first or
+        did not answer in ``timeout_s``."""
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.pidfile.write_text(str(process.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if answers():
+                return True
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        return False
+
+    def stop(self) -> bool:
+        """Stop it (SIGTERM, then up to 5 s for it to end); whether it was running."""
+        pid = self.pid()
+        self.pidfile.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            with contextlib.suppress(ChildProcessError):  # reap it when this process started it
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        return True
