@@ -312,6 +312,30 @@ def test_stopping_the_run_leaves_no_worker_behind(
         assert not pool_keys(env[URL_VARIABLE])
 
 
+def test_a_pool_process_killed_is_not_alive_once_its_connections_end(tmp_path: Path) -> None:
+    """A killed pool process closes its connections before it can be reaped: the retries its trampolines
+    set off must not find it alive in that moment (it was, often, by its exit status alone)."""
+    import socket
+
+    from metaflow_stack.pool.processes import PoolProcess
+
+    address = tmp_path / "s"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(address))
+        listener.listen()
+        for _ in range(20):
+            code = "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            process = PoolProcess(code + "print('ready'); time.sleep(60)", [str(address)], tmp_path / "log")
+            process.wait_ready("the test process")
+            connection, _ = listener.accept()
+            with connection:
+                assert process.alive()
+                process.process.kill()
+                assert connection.recv(1) == b""
+                assert not process.alive()
+            process.process.wait()
+
+
 def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path) -> None:
     """The pool's process killed outright while items run: its tasks die with it, every item it held
     fails that attempt, @retry runs them again on a pool started afresh, and the run succeeds."""
@@ -324,8 +348,8 @@ def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path
         _, alive = psutil.wait_procs(tasks, timeout=30)  # the kernel kills them with their parent
         assert not alive
         (tmp_path / "release").touch()
-        runtime.stdout.read()
-        assert runtime.wait(timeout=300) == 0
+        output = runtime.stdout.read()
+        assert runtime.wait(timeout=300) == 0, output
     finally:
         runtime.kill()
     run = facts(tmp_path)

@@ -25,6 +25,8 @@ from metaflow_stack.pool.counts import Counts
 READY = b"\nready\n"
 #: Seconds a pool's process may take to import the flow and what a task needs before the step fails.
 START_TIMEOUT_S = 120.0
+#: The kernel's flag for a process that has begun to exit (``include/linux/sched.h``), in ``/proc/PID/stat``.
+PF_EXITING = 0x4
 
 
 class PoolProcess:
@@ -70,11 +72,29 @@ class PoolProcess:
         self.ready = True
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.process.poll() is None and not exiting(self.process.pid)
 
     def stop(self, timeout_s: float = 30) -> None:
         """Close its input (it stops), wait for it, kill it if it does not end in ``timeout_s``."""
         stop_all([self], timeout_s)
+
+
+def exiting(pid: int) -> bool:
+    """Whether process ``pid`` is on its way out (Linux's ``PF_EXITING``), or gone.
+
+    A process killed outright closes its descriptors (its tasks' trampolines
+    see their connections end, fail, and the runtime starts their retries)
+    before its parent can reap it: in that moment ``poll()`` still finds it
+    running, and a retry handed to it would be lost too. The kernel marks
+    it exiting before it closes anything. Elsewhere than Linux: ``False``.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return sys.platform.startswith("linux")
+    except OSError:
+        return False
+    return bool(int(stat.rsplit(b")", 1)[1].split()[6]) & PF_EXITING)
 
 
 def stop_all(processes: list[PoolProcess], timeout_s: float = 30) -> None:
