@@ -84,13 +84,18 @@ def run_flow(
     command: str = "run",
     flow: str = "pool_flow.py",
     backend: str = "local",
+    s3_root: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2,backend=...``."""
+    """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2,backend=...``; its datastore the
+    local one in ``root``, or S3 at ``s3_root``."""
     shutil.copy(FLOWS / flow, root)
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     environment.update(env or {})
     pool = ["--with", f"worker_pool:size=2,backend={backend}"] if pooled else []
-    line = [sys.executable, flow, "--datastore-root", str(root / ".metaflow"), command, *pool, *args]
+    store = (
+        ["--datastore", "s3", "--datastore-root", s3_root] if s3_root else ["--datastore-root", str(root / ".metaflow")]
+    )
+    line = [sys.executable, flow, *store, command, *pool, *args]
     return subprocess.run(line, cwd=root, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -495,6 +500,45 @@ def test_kubernetes_pods_that_cannot_start_fail_the_step_in_one_line(
     assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
 
+def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
+    tmp_path: Path, request: pytest.FixtureRequest, s3_bucket: str
+) -> None:
+    """The seed's example, ``@worker_pool(size=2)`` over ``@kubernetes(cpu=2, memory=4096, ...)``: no pod
+    per task, but a Deployment of two worker pods with those resources, namespace and node selector,
+    which run every item; the run reads as any other."""
+    env = backend_env("kubernetes", request, tmp_path)
+    s3_root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
+    done = run_flow(tmp_path, pooled=False, env=env, flow="kubernetes_pool_flow.py", s3_root=s3_root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = facts(tmp_path, "KubernetesPoolFlow")
+    assert run["successful"] and run["squares"] == [0, 1, 4, 9]
+    assert all(item["worker"] and item["worker"].startswith("mf-pool-each-") for item in run["items"]), run["items"]
+    applied = [json.loads(line) for line in (tmp_path / "cluster" / "applied.jsonl").read_text().splitlines()]
+    assert [entry["namespace"] for entry in applied] == ["pools"]
+    deployment = applied[0]["deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2 and pod["nodeSelector"] == {"disk": "ssd"}
+    assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "4096Mi"}
+    assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
+
+
+@pytest.mark.parametrize(
+    ("decorators", "words"),
+    [
+        ("@kubernetes\n    @worker_pool", "write @worker_pool above @kubernetes"),
+        ('@worker_pool(backend="redis")\n    @kubernetes', "with @kubernetes the pool's workers are pods"),
+    ],
+    ids=["order", "backend"],
+)
+def test_a_pool_over_kubernetes_set_wrong_fails_in_one_line(tmp_path: Path, decorators: str, words: str) -> None:
+    (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=decorators, decorator_join=""))
+    line = [sys.executable, "bad_flow.py", "--datastore", "s3", "--datastore-root", "s3://nowhere/x", "run"]
+    done = subprocess.run(line, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert words in done.stderr and "fix:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Task is starting" not in done.stdout + done.stderr
+
+
 def execute_one(redis_url: str, pool: str, meanwhile: Callable | None = None) -> tuple[int | None, bytes, float]:
     """One task through the dispatcher's Redis executor on a real Redis, with no worker; ``meanwhile(client,
     queue)`` runs once the task is queued. Its status, what it wrote and how long it took."""
@@ -567,7 +611,7 @@ def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -
 
 
 BAD = """
-from metaflow import FlowSpec, resources, step, worker_pool
+from metaflow import FlowSpec, kubernetes, resources, step, worker_pool
 
 class BadFlow(FlowSpec):
     @step

@@ -42,11 +42,15 @@ def open_pool(
     redis_url: str | None = None,
     resources: dict[str, Any] | None = None,
     image: str | None = None,
+    namespace: str | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Pool:
     """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis`` and ``kubernetes``,
     where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
     ``resources``: the step's ``@resources`` (``cpu``, ``gpu``, ``memory`` in MB), for each Ray actor or
-    pod; ``image``: for ``kubernetes``, the pods' image (default: the stack's base image)."""
+    pod; for ``kubernetes``: ``image``, the pods' (default: the stack's base image), ``namespace`` (default:
+    ``METAFLOW_KUBERNETES_NAMESPACE``, then ``default``) and chart ``values`` the step sets (a node selector,
+    tolerations: ``@kubernetes``'s)."""
     name = f"{step}@{os.uname().nodename}"
     resources = resources or {}
     if backend == "local":
@@ -65,5 +69,5 @@ def open_pool(
     if backend == "kubernetes":
         from metaflow_stack.pool.kubernetes_pool import open_kubernetes_pool
 
-        return open_kubernetes_pool(flow_file, size, name, url, prefix, resources, image)
+        return open_kubernetes_pool(flow_file, size, name, url, prefix, resources, image, namespace, values or {})
     return RedisPool(flow_file, size, name, url, prefix)

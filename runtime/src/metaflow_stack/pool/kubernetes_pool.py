@@ -86,7 +86,7 @@ class KubernetesPool(RedisPool):
     def values(self) -> dict[str, Any]:
         redis = {"url": os.environ.get(POD_URL_VARIABLE) or self.url}
         values = chart_values(self.prefix, self.flow_file, self.size, self.image, redis, self.resources)
-        return merge(values, self.extra_values)
+        return merge({**values, "metaflow": metaflow_settings()}, self.extra_values)
 
     def start(self) -> None:
         """Render and validate the pods, start the dispatcher, and apply the pods once it answers (Redis
@@ -198,9 +198,18 @@ def chart_values(
 
 
 def open_kubernetes_pool(
-    flow_file: str, size: int, name: str, url: str, prefix: str, resources: dict[str, Any], image: str | None
+    flow_file: str,
+    size: int,
+    name: str,
+    url: str,
+    prefix: str,
+    resources: dict[str, Any],
+    image: str | None,
+    namespace: str | None,
+    values: dict[str, Any],
 ) -> KubernetesPool:
-    """The pool as the decorator's settings and the environment describe it."""
+    """The pool as the decorators' settings and the environment describe it (``METAFLOW_STACK_POOL_VALUES``
+    over the step's ``values``)."""
     return KubernetesPool(
         flow_file,
         size,
@@ -209,9 +218,26 @@ def open_kubernetes_pool(
         prefix,
         image=image or os.environ.get(IMAGE_VARIABLE) or stack_image(),
         resources=kubernetes_resources(resources.get("cpu"), resources.get("gpu"), resources.get("memory")),
-        values=extra_values(),
-        namespace=os.environ.get("METAFLOW_KUBERNETES_NAMESPACE") or "default",
+        values=merge(values, extra_values()),
+        namespace=namespace or os.environ.get("METAFLOW_KUBERNETES_NAMESPACE") or "default",
     )
+
+
+def metaflow_settings() -> dict[str, str]:
+    """The run's Metaflow settings, which a pod needs before it imports Metaflow (Metaflow reads them once,
+    at import: a task's own variables come too late for its S3 endpoint, say): the configuration
+    profile's and this process's ``METAFLOW_*`` variables over them, less the pool's own and those naming
+    a file of this machine."""
+    from metaflow.metaflow_config_funcs import METAFLOW_CONFIG
+
+    from metaflow_stack.pool.redis_worker import MACHINE_FILES
+
+    settings = {**METAFLOW_CONFIG, **{k: v for k, v in os.environ.items() if k.startswith("METAFLOW_")}}
+    return {
+        name: value if isinstance(value, str) else json.dumps(value)
+        for name, value in settings.items()
+        if not name.startswith("METAFLOW_STACK_POOL_") and name not in MACHINE_FILES
+    }
 
 
 def stack_image() -> str:

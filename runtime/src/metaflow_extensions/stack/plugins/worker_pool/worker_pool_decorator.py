@@ -20,7 +20,10 @@ from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
 #: Decorators that move a task elsewhere: their trampoline and the pool's cannot both start the task.
-ELSEWHERE = ("kubernetes", "batch", "nomad", "devcontainer", "confidential", "parallel")
+#: (``@kubernetes`` is not among them: under ``@worker_pool`` it describes the pool's pods.)
+ELSEWHERE = ("batch", "nomad", "devcontainer", "confidential", "parallel")
+#: A Kubernetes toleration's fields as Metaflow's ``@kubernetes`` takes them, in the manifest's words.
+TOLERATION_FIELDS = {"toleration_seconds": "tolerationSeconds"}
 
 
 class WorkerPoolException(MetaflowException):
@@ -76,6 +79,10 @@ class WorkerPoolDecorator(StepDecorator):
             )
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
         self.resources = {key: resources.get(key) for key in ("cpu", "gpu", "memory")}
+        self.kubernetes, self.namespace, self.placement = None, None, {}
+        kubernetes = next((d for d in decos if d.name == "kubernetes"), None)
+        if kubernetes is not None:
+            self._pods_of(kubernetes, decos)
         for key, value in self.resources.items():
             try:
                 float(value or 0)
@@ -90,6 +97,34 @@ class WorkerPoolDecorator(StepDecorator):
                 f"step {step}: @worker_pool cannot yet be combined with @{elsewhere[0]} "
                 f"(fix: remove one of them from {step})"
             )
+
+    def _pods_of(self, kubernetes: StepDecorator, decos: list[StepDecorator]) -> None:
+        """``@kubernetes`` under ``@worker_pool``: the pool's workers are the step's pods (the kubernetes
+        backend), with its cpu, memory and gpu (already the larger of it and ``@resources``), its image
+        when one is given (else the stack's base image: the pods run the pool's worker), namespace, node
+        selector and tolerations; its per-task pod is not started (``runtime_step_cli``)."""
+        step, backend = self.step, self.attributes["backend"]
+        if decos.index(kubernetes) > decos.index(self):
+            raise WorkerPoolException(
+                f"step {step}: @kubernetes would start each pooled task in a pod of its own "
+                f"(fix: write @worker_pool above @kubernetes on {step}, or --with kubernetes before --with worker_pool)"
+            )
+        if backend != "kubernetes" and "backend" in self._user_defined_attributes:
+            raise WorkerPoolException(
+                f"step {step}: with @kubernetes the pool's workers are pods, and backend={backend!r} runs them "
+                'elsewhere (fix: backend="kubernetes", or no backend=)'
+            )
+        self.attributes["backend"] = self.kubernetes = "kubernetes"
+        settings = kubernetes.attributes
+        self.resources = {key: settings.get(key) for key in ("cpu", "gpu", "memory")}
+        if self.attributes["image"] is None and "image" in kubernetes._user_defined_attributes:
+            self.attributes["image"] = settings["image"]
+        self.namespace = settings.get("namespace") or None
+        tolerations = [
+            {TOLERATION_FIELDS.get(key, key): value for key, value in toleration.items()}
+            for toleration in settings.get("tolerations") or []
+        ]
+        self.placement = {"nodeSelector": settings.get("node_selector") or {}, "tolerations": tolerations}
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
         """Start the step's pool with the run: it imports the flow while the steps before it run."""
@@ -110,6 +145,8 @@ class WorkerPoolDecorator(StepDecorator):
                     redis_url=url,
                     resources=self.resources,
                     image=image,
+                    namespace=self.namespace,
+                    values=self.placement,
                 )
                 pool.start()
             except StackError as exc:
@@ -136,6 +173,10 @@ class WorkerPoolDecorator(StepDecorator):
         if not self.active or retry_count > max_user_code_retries:
             return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
         pool = self.pools[self.step]
+        if self.kubernetes:  # @kubernetes made it `kubernetes step ...`: the pool's pods run the step itself
+            env = dict(cli_args.env)
+            cli_args.default_args()
+            cli_args.env.update(env)
         try:
             if not pool.alive():
                 pool.stop()

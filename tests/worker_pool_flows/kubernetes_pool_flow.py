@@ -1,0 +1,31 @@
+"""The seed's example: a pool over ``@kubernetes``, whose workers are long-running pods with its settings."""
+
+from metaflow import FlowSpec, kubernetes, step, worker_pool
+
+
+class KubernetesPoolFlow(FlowSpec):
+    @step
+    def start(self):
+        self.items = list(range(4))
+        self.next(self.each, foreach="items")
+
+    @worker_pool(size=2)
+    @kubernetes(cpu=2, memory=4096, namespace="pools", node_selector="disk=ssd")
+    @step
+    def each(self):
+        self.square = self.input * self.input
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.squares = [i.square for i in inputs]
+        self.errors = []
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("squares", self.squares)
+
+
+if __name__ == "__main__":
+    KubernetesPoolFlow()
