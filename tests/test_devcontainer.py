@@ -76,6 +76,26 @@ def test_items_run_sandboxed_in_containers_and_a_failed_attempt_is_retried(docke
     assert step_containers(docker_engine) == []
 
 
+def test_a_pooled_step_runs_its_items_in_one_sandboxed_container(docker_engine, tmp_path: Path) -> None:
+    """``--with worker_pool`` over ``@devcontainer``: the pool's workers are the processes of one container
+    of the step's image and sandbox; every item (the retried one too) is a task of its own, run in it."""
+    command, env = flow_command(tmp_path, "--with", "worker_pool:size=2")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "worker pool each: 3/3 done" in done.stdout + done.stderr
+    run = run_of(tmp_path)
+    assert run["successful"] and run["values"] == [10, 20, 30]
+    items = run["items"]
+    assert len({task["hostname"] for task in items}) == 1  # one container
+    for task in items:
+        assert task["in_container"] and task["hostname"] != os.uname().nodename and task["uid"] == os.getuid()
+        assert task["memory_limit"] == str(512 * 1024 * 1024)
+        assert task["network"] == "none" and task["root_writable"] is False
+    retried = next(t for t in items if t["index"] == 1)  # item 2
+    assert retried["attempt"] == 1 and "item 2 in" in retried["stdout"]
+    assert step_containers(docker_engine) == []
+
+
 def test_a_failing_item_fails_the_run_with_its_exception(docker_engine, tmp_path: Path) -> None:
     command, env = flow_command(tmp_path, "--fail-item", "3")
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -86,16 +106,24 @@ def test_a_failing_item_fails_the_run_with_its_exception(docker_engine, tmp_path
     assert step_containers(docker_engine) == []
 
 
-def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path) -> None:
-    command, env = flow_command(tmp_path, "--sleep", "300")
+@pytest.mark.parametrize("pooled", [False, True], ids=["container-per-task", "pooled"])
+def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path, pooled: bool) -> None:
+    """Ctrl-C while the items run: no container is left, be it one per task or a pool's."""
+    command, env = flow_command(tmp_path, "--sleep", "300", *(["--with", "worker_pool:size=3"] if pooled else []))
     flow = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
+        started = 0
+        for line in flow.stdout:  # the items' tasks start (each prints once it has slept: not before)
+            started += b"/each/" in line and b"Task is starting" in line
+            if started == 3:
+                break
         deadline = time.monotonic() + 600
-        while len(step_containers(docker_engine)) < 3:
+        while len(step_containers(docker_engine)) < (1 if pooled else 3):
             assert flow.poll() is None and time.monotonic() < deadline, "the items never started"
             time.sleep(0.5)
+        time.sleep(2)  # (the items reach their sleep)
         os.killpg(flow.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the runtime and every task
         assert flow.wait(timeout=120) != 0
     finally:
@@ -141,7 +169,7 @@ def test_containers_of_a_killed_trampoline_are_removed_by_the_next_run(docker_en
 def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str, tmp_path: Path) -> None:
     import threading
 
-    from metaflow_stack.devcontainer.launch import run_step
+    from metaflow_stack.devcontainer.launch import job_spec, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.engines import Mount
 
@@ -156,7 +184,7 @@ def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str
     release = datastore / "release"
     wait = f"-c 'import os, time; [time.sleep(0.1) for _ in iter(lambda: os.path.exists(\"{release}\"), True)]'"
     worker = threading.Thread(
-        target=lambda: codes.append(run_step(base_image, wait, code, stores, {}, policy, "F/1/s/1"))
+        target=lambda: codes.append(run_step(job_spec(base_image, wait, code, stores, {}, policy, "F/1/s/1")))
     )
     worker.start()
     try:

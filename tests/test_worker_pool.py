@@ -611,7 +611,7 @@ def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -
 
 
 BAD = """
-from metaflow import FlowSpec, kubernetes, resources, step, worker_pool
+from metaflow import FlowSpec, devcontainer, kubernetes, resources, step, worker_pool
 
 class BadFlow(FlowSpec):
     @step
@@ -645,8 +645,10 @@ if __name__ == "__main__":
         ('@worker_pool(backend="elsewhere")', "", "backend='elsewhere' is not one of"),
         ("", "@worker_pool", "join is not the body of"),
         ('@worker_pool\n    @resources(memory="16Gi")', "", "@resources(memory='16Gi') is not a number"),
+        ("@devcontainer\n    @worker_pool", "", "write @worker_pool above @devcontainer"),
+        ('@worker_pool(backend="redis")\n    @devcontainer', "", "with @devcontainer the pool's workers are"),
     ],
-    ids=["size", "backend", "not-a-foreach-body", "resources"],
+    ids=["size", "backend", "not-a-foreach-body", "resources", "devcontainer-order", "devcontainer-backend"],
 )
 def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:
     (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=each, decorator_join=join))

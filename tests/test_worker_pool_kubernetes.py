@@ -172,12 +172,11 @@ def test_the_pulumi_component_installs_the_chart_with_validated_values() -> None
 
 def test_a_pod_runs_a_task_on_its_own_terms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A detached worker keeps its own interpreter, PATH and HOME, drops a certificate bundle it does not
-    have, keeps every other variable of the task (a path yet to be written included), and runs in the
-    flow's folder when the task's folder is not on its machine."""
+    have, keeps every other variable of the task (a path yet to be written included), and runs its own
+    copy of the flow, in the flow's folder, when the task's file and folder are not on its machine."""
     import sys
 
-    from metaflow_stack.pool.child import Task
-    from metaflow_stack.pool.redis_worker import on_this_machine
+    from metaflow_stack.pool.child import Task, on_this_machine
 
     monkeypatch.setenv("PATH", "/opt/stack/bin:/usr/bin")
     monkeypatch.setenv("HOME", "/tmp")
@@ -194,7 +193,7 @@ def test_a_pod_runs_a_task_on_its_own_terms(tmp_path: Path, monkeypatch: pytest.
     task = on_this_machine(
         Task("/Users/ana/venv/bin/python", ["python", "flow.py"], task_env, "/Users/ana/p"), str(flow)
     )
-    assert task.python == sys.executable and task.cwd == str(tmp_path)
+    assert task.python == sys.executable and task.cwd == str(tmp_path) and task.argv == ["python", str(flow)]
     assert task.env["PATH"] == "/opt/stack/bin:/usr/bin" and task.env["HOME"] == "/tmp"
     assert "SSL_CERT_FILE" not in task.env
     assert task.env["RESULTS_TO"] == "/shared/out/not-yet-written.json" and task.env["USER"] == "ana"

@@ -55,6 +55,13 @@ def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
     return target
 
 
+def unpacked_here(flow_datastore, url: str, sha: str) -> Path:
+    """The package ``sha``, unpacked in this machine's cache (the stack's state folder)."""
+    from metaflow_stack import settings
+
+    return unpacked(flow_datastore, url, sha, settings.load().state_dir / "devcontainer" / "code")
+
+
 def _prune(cache: Path) -> None:
     folders = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")), key=os.path.getmtime)
     for old in folders[:-KEEP]:

@@ -60,7 +60,7 @@ def stopped_by_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_step(
+def job_spec(
     image: str,
     step_cli: str,
     code: Path,
@@ -69,15 +69,16 @@ def run_step(
     policy: SandboxPolicy,
     pathspec: str,
     container: TaskContainer | None = None,
-) -> int:
-    """Run ``step_cli`` (the interpreter's arguments: the flow file under ``CODE``, ...) in a container of ``image``
-    under ``policy``, with the run's datastore and metadata reachable (``stores``: what to mount) and
-    what a devcontainer.json adds (``container``); its exit code.
+) -> JobSpec:
+    """A container of ``image`` running ``step_cli`` (the interpreter's arguments: the flow file under
+    ``CODE``, ...) under ``policy``, with the run's datastore and metadata reachable (``stores``: what to
+    mount) and what a devcontainer.json adds (``container``): a step's task, or a ``@worker_pool``'s
+    fork server.
 
     The decorator's own limits win over the file's ``runArgs``; the step's Metaflow variables win
     over the file's environment."""
     container = container or TaskContainer()
-    spec = JobSpec(
+    return JobSpec(
         image=image,
         command=["sh", "-c", _script(step_cli, container)],
         env={**container.env, **env},
@@ -101,6 +102,10 @@ def run_step(
         init=container.init,
         ulimits=container.ulimits,
     )
+
+
+def run_step(spec: JobSpec) -> int:
+    """Run a task's container (``job_spec``), relaying its output; its exit code."""
     engine = get_engine("docker", probe=False)  # the run's start probed it (and swept orphans)
     with stopped_by_signals():
         job = engine.launch(spec)

@@ -112,3 +112,21 @@ def mounts(datastore: str, metadata: str, local_root: str | None) -> list[Mount]
     if datastore != "local" and metadata == "local" and local_root:
         found.append(Mount(local_root, local_root, read_only=False))
     return found
+
+
+def container_stores(flow_datastore, metadata: str, env: dict[str, str]) -> list[Mount]:
+    """Mounts (and variables, added to ``env``) that reach the run's datastore and metadata from a container
+    on this machine: a local datastore at its own path, local metadata beside S3 at its own, AWS's
+    settings."""
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    datastore, local_root = flow_datastore.TYPE, None
+    if datastore == "local":
+        root = flow_datastore.datastore_root
+        found = [Mount(root, root, read_only=False)]
+    else:
+        if metadata == "local":
+            local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
+            env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
+        found = []
+    return found + mounts(datastore, metadata, local_root)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from metaflow_stack.pool.counts import Counts
+
+if TYPE_CHECKING:
+    from metaflow_stack.pool.contained import Launcher
 
 
 class Pool(Protocol):
@@ -44,15 +47,21 @@ def open_pool(
     image: str | None = None,
     namespace: str | None = None,
     values: dict[str, Any] | None = None,
+    contained: Launcher | None = None,
 ) -> Pool:
     """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis`` and ``kubernetes``,
     where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
     ``resources``: the step's ``@resources`` (``cpu``, ``gpu``, ``memory`` in MB), for each Ray actor or
     pod; for ``kubernetes``: ``image``, the pods' (default: the stack's base image), ``namespace`` (default:
     ``METAFLOW_KUBERNETES_NAMESPACE``, then ``default``) and chart ``values`` the step sets (a node selector,
-    tolerations: ``@kubernetes``'s)."""
+    tolerations: ``@kubernetes``'s); for ``local``, ``contained``: how to start the container the fork server
+    runs in (``@devcontainer``'s), ``flow_file`` then the flow as the container sees it."""
     name = f"{step}@{os.uname().nodename}"
     resources = resources or {}
+    if backend == "local" and contained is not None:
+        from metaflow_stack.pool.contained import ContainedPool
+
+        return ContainedPool(flow_file, size, name, contained)
     if backend == "local":
         from metaflow_stack.pool.local import LocalPool
 

@@ -21,6 +21,19 @@ from pathlib import Path
 
 from metaflow_stack.pool import WORKER_VARIABLE
 
+#: Variables of a task's environment that describe the runtime's machine, not the one a pod or container is.
+MACHINE_VARIABLES = frozenset(
+    {"PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
+    | {"LD_LIBRARY_PATH", "LD_PRELOAD", "CONDA_PREFIX", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DISPLAY", "TERM"}
+    | {"TMP", "TEMP", "KUBECONFIG"}
+)
+
+#: Variables naming a file of the runtime's machine: kept only where this machine has that file too.
+MACHINE_FILES = frozenset(
+    {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AWS_CA_BUNDLE", "METAFLOW_HOME"}
+    | {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS"}
+)
+
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).
 DRAIN_S = 1.0
@@ -57,6 +70,23 @@ def warm(flow_file: str) -> None:
     # server holds and copy each page they share (copy-on-write) into every task.
     gc.collect()
     gc.freeze()
+
+
+def on_this_machine(task: Task, flow_file: str, workdir: str | None = None) -> Task:
+    """``task`` as a worker on another machine or in a container runs it (a pod, the container of a
+    ``@devcontainer`` pool): this interpreter, this machine's environment with the task's own variables
+    over it (but those describing the runtime's machine: its certificate bundle, say, named where this
+    machine has none, would break the task), the pool's ``flow_file`` when the task's is not here, and its
+    folder, else ``workdir``, else the flow's folder, when the task's folder is not here."""
+    own = {
+        name: value
+        for name, value in task.env.items()
+        if name not in MACHINE_VARIABLES and not (name in MACHINE_FILES and not os.path.exists(value))
+    }
+    env = {**os.environ, **own}
+    cwd = task.cwd if os.path.isdir(task.cwd) else (workdir or os.path.dirname(flow_file))
+    argv = task.argv if os.path.exists(task.argv[1]) else [task.argv[0], flow_file, *task.argv[2:]]
+    return Task(sys.executable, argv, env, cwd)
 
 
 def other_interpreter(task: Task) -> str | None:

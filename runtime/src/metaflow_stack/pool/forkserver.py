@@ -31,12 +31,14 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from metaflow_stack.pool import handover, trampoline
-from metaflow_stack.pool.child import Task, fork_task, warm, with_group
+from metaflow_stack.pool.child import Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.counts import Counts
 
 #: How long a killed task's process group has to end after SIGTERM before SIGKILL.
@@ -58,8 +60,11 @@ class Request:
 class ForkServer:
     """The pool's event loop: accept, queue, fork up to ``size``, report, kill what was abandoned."""
 
-    def __init__(self, listener: socket.socket, size: int, name: str, counts_file: Path) -> None:
-        self.listener, self.size, self.name = listener, size, name
+    def __init__(
+        self, listener: socket.socket, size: int, name: str, counts_file: Path, parent: Any = sys.stdin
+    ) -> None:
+        self.listener, self.size, self.name, self.parent = listener, size, name, parent
+        self.flow_file: str | None = None  # contained: the tasks run this copy of the flow, on this side
         self.selector = selectors.DefaultSelector()
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}  # by pid
@@ -77,7 +82,7 @@ class ForkServer:
 
     def serve(self) -> None:
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self.selector.register(sys.stdin, selectors.EVENT_READ, "parent")
+        self.selector.register(self.parent, selectors.EVENT_READ, "parent")
         self.selector.register(self.wakeup, selectors.EVENT_READ, "exited")
         while not (self.stopping and not self.running):
             timeout = 0.5 if any(r.killed_at for r in self.running.values()) else None
@@ -85,7 +90,7 @@ class ForkServer:
                 if key.data == "accept":
                     self._accept()
                 elif key.data == "parent":
-                    if not os.read(sys.stdin.fileno(), 4096):
+                    if not os.read(self.parent.fileno(), 4096):
                         self._stop()
                 elif key.data == "exited":
                     with contextlib.suppress(BlockingIOError):
@@ -102,7 +107,10 @@ class ForkServer:
             print(f"worker pool {self.name}: cannot accept now: {exc}", file=sys.stderr, flush=True)
             return
         try:
-            request = Request(connection, *handover.receive(connection))
+            task, fds = handover.receive(connection)
+            if self.flow_file is not None:
+                task = on_this_machine(task, self.flow_file, tempfile.gettempdir())
+            request = Request(connection, task, fds)
         except (OSError, ValueError) as exc:
             print(f"worker pool {self.name}: refused a request: {exc}", file=sys.stderr, flush=True)
             connection.close()
@@ -183,7 +191,7 @@ class ForkServer:
         """The runtime is gone or done: refuse what waits, kill what runs, end when all are reaped."""
         self.stopping = True
         self.selector.unregister(self.listener)
-        self.selector.unregister(sys.stdin)
+        self.selector.unregister(self.parent)
         for request in self.waiting:
             request.connection.close()
             for fd in request.fds:
@@ -203,18 +211,38 @@ class ForkServer:
         self.counts.write(self.counts_file)
 
 
+#: The contained server's lifeline, beside its socket: the runtime's connection (closed: the pool stops).
+LIFELINE = "lifeline.sock"
+
+
 def main() -> None:
-    address, flow_file, size, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    """``ADDRESS FLOW_FILE SIZE NAME [--contained]``. Contained (in a container of a ``@devcontainer``
+    pool), the runtime is no parent: its lifeline is a connection on ``LIFELINE`` in the socket's folder,
+    told ``ready`` once the flow is imported, and each task runs on this side's terms (``on_this_machine``:
+    this copy of the flow, this interpreter and environment under the task's own variables)."""
+    address, flow_file, size, name, *flags = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
+    contained = "--contained" in flags
+    if contained:  # listening before the (slow) warm-up: the runtime connects as soon as the file is there
+        lifeline = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lifeline.bind(str(Path(address).with_name(LIFELINE)))
+        lifeline.listen(1)
     warm(flow_file)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
     listener.listen(1024)
-    server = ForkServer(listener, size, name, Path(address).with_suffix(".counts"))
+    parent: Any = sys.stdin
+    if contained:
+        parent, _ = lifeline.accept()
+        lifeline.close()
+        parent.sendall(b"ready\n")
+    server = ForkServer(listener, int(size), name, Path(address).with_suffix(".counts"), parent)
+    server.flow_file = flow_file if contained else None
     server._write_counts()
     print("ready", flush=True)
     try:
         server.serve()
     finally:  # the folder is the pool's, the tasks are its children: nothing of either stays
         server.kill_all()
-        shutil.rmtree(Path(address).parent, ignore_errors=True)
+        if not contained:  # (the runtime's, mounted here: it removes it)
+            shutil.rmtree(Path(address).parent, ignore_errors=True)

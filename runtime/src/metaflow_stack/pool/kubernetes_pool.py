@@ -230,7 +230,7 @@ def metaflow_settings() -> dict[str, str]:
     a file of this machine."""
     from metaflow.metaflow_config_funcs import METAFLOW_CONFIG
 
-    from metaflow_stack.pool.redis_worker import MACHINE_FILES
+    from metaflow_stack.pool.child import MACHINE_FILES
 
     settings = {**METAFLOW_CONFIG, **{k: v for k, v in os.environ.items() if k.startswith("METAFLOW_")}}
     return {

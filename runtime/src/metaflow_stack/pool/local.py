@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.counts import Counts
@@ -11,12 +12,22 @@ from metaflow_stack.pool.processes import PoolFolder, PoolProcess
 SERVER = "from metaflow_stack.pool.forkserver import main; main()"
 
 
+class Server(Protocol):
+    """The fork server as the pool holds it: a child process here, or a container (``contained``)."""
+
+    def wait_ready(self, what: str) -> None: ...
+
+    def alive(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
 class LocalPool:
     """``size`` tasks at once in children of one warm process, which lives as long as the run's runtime."""
 
     def __init__(self, flow_file: str, size: int, name: str, parent: str | None = None) -> None:
         self.flow_file, self.size, self.name, self.parent = flow_file, size, name, parent
-        self.server: PoolProcess | None = None
+        self.server: Server | None = None
         self.folder: PoolFolder | None = None
 
     def start(self) -> None:

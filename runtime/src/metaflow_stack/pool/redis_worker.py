@@ -33,7 +33,7 @@ from pathlib import Path
 
 import redis
 
-from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, warm, with_group
+from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
 from metaflow_stack.pool.trampoline import POOL_LOST
 
@@ -42,18 +42,6 @@ KILL_GRACE_S = 5.0
 #: Where a detached worker says it is ready, in its temporary folder (the chart's readiness probe tests
 #: ``/tmp/`` and this name).
 READY_FILE = "mf-pool-worker-ready"
-#: Variables of a task's environment that describe the runtime's machine, not the one a detached worker is on.
-MACHINE_VARIABLES = frozenset(
-    {"PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
-    | {"LD_LIBRARY_PATH", "LD_PRELOAD", "CONDA_PREFIX", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DISPLAY", "TERM"}
-    | {"TMP", "TEMP", "KUBECONFIG"}
-)
-
-#: Variables naming a file of the runtime's machine: kept only where this machine has that file too.
-MACHINE_FILES = frozenset(
-    {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AWS_CA_BUNDLE", "METAFLOW_HOME"}
-    | {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS"}
-)
 
 
 class Lifeline:
@@ -74,20 +62,6 @@ class Lifeline:
         if not os.isatty(0) and select.select([0], [], [], 0)[0]:
             return not os.read(0, 4096)
         return False
-
-
-def on_this_machine(task: Task, flow_file: str) -> Task:
-    """``task`` as a detached worker runs it: this interpreter, this machine's environment with the task's
-    own variables over it (but those describing the runtime's machine: its certificate bundle, say, named
-    where this machine has none, would break the task), the flow's folder if the task's is not here."""
-    own = {
-        name: value
-        for name, value in task.env.items()
-        if name not in MACHINE_VARIABLES and not (name in MACHINE_FILES and not os.path.exists(value))
-    }
-    env = {**os.environ, **own}
-    cwd = task.cwd if os.path.isdir(task.cwd) else os.path.dirname(flow_file)
-    return Task(sys.executable, task.argv, env, cwd)
 
 
 def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Lifeline) -> int:

@@ -18,8 +18,6 @@ from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
 #: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
 _INPUT_PATHS_CHUNK = 30 * 1024
-#: What the step inside needs from the host's environment (the container starts with nothing else).
-_FORWARDED = ("USER", "USERNAME", "METAFLOW_USER", "LANG", "TZ")
 
 
 @click.group()
@@ -75,26 +73,18 @@ def step(
     pids: int,
     **kwargs,
 ) -> None:
-    from metaflow_stack.devcontainer import daytona_sandbox, devpod, stores
+    from metaflow_stack.devcontainer import code, daytona_sandbox, devpod, stores
     from metaflow_stack.devcontainer.code import package_bytes
-    from metaflow_stack.devcontainer.launch import CODE, run_step
+    from metaflow_stack.devcontainer.launch import CODE, job_spec, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
     from metaflow_stack.errors import StackError
 
-    from .devcontainer_decorator import CHECKED_VARIABLE, TASK_CONTAINER_VARIABLE
+    from .devcontainer_decorator import TASK_CONTAINER_VARIABLE, container_env
 
     kwargs.pop("ubf_context", None)
-    env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
     datastore, metadata = ctx.obj.flow_datastore.TYPE, ctx.obj.metadata.TYPE
-    env.update(
-        METAFLOW_CODE_METADATA=code_package_metadata,
-        METAFLOW_CODE_SHA=code_package_sha,
-        METAFLOW_CODE_URL=code_package_url,
-        METAFLOW_CODE_DS=datastore,
-        **{CHECKED_VARIABLE: "1"},
-        METAFLOW_FLOW_FILENAME=os.path.basename(sys.argv[0]),
-    )
+    env = container_env(code_package_metadata, code_package_sha, code_package_url, datastore)
     if kwargs.get("input_paths"):
         paths = kwargs["input_paths"]
         chunks = {
@@ -119,17 +109,18 @@ def step(
             sizes = {"cpu": cpu, "memory": memory}
             code = daytona_sandbox.run_step(step_args, package, env, pathspec, config=config_path, image=image, **sizes)
         elif backend == "devpod":
-            unpacked, attempt = _code(flow_datastore, code_package_url, code_package_sha), int(kwargs["retry_count"])
+            unpacked = code.unpacked_here(flow_datastore, code_package_url, code_package_sha)
+            attempt = int(kwargs["retry_count"])
             code = devpod.run_step(
                 step_args, unpacked, env, pathspec, attempt, config=config_path, image=image, provider=provider
             )
         else:
             policy = SandboxPolicy(network=network, read_only=read_only, cpu=cpu, memory=memory, pids=pids)
-            mounts = _stores(flow_datastore, datastore, metadata, env)
-            package = _code(flow_datastore, code_package_url, code_package_sha)
+            mounts = stores.container_stores(flow_datastore, metadata, env)
+            package = code.unpacked_here(flow_datastore, code_package_url, code_package_sha)
             container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
             container = TaskContainer.model_validate_json(container_json) if container_json else None
-            code = run_step(image, f"{CODE}/{step_args}", package, mounts, env, policy, pathspec, container)
+            code = run_step(job_spec(image, f"{CODE}/{step_args}", package, mounts, env, policy, pathspec, container))
     except StackError as exc:
         click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
@@ -137,30 +128,3 @@ def step(
         click.echo(f"{pathspec}: stopped; its container was removed", err=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     sys.exit(code)
-
-
-def _stores(flow_datastore, datastore: str, metadata: str, env: dict[str, str]) -> list:
-    """Mounts (and variables, added to ``env``) that reach the run's datastore and metadata from a local container."""
-    from metaflow.plugins.datastores.local_storage import LocalStorage
-
-    from metaflow_stack.devcontainer import stores
-    from metaflow_stack.engines import Mount
-
-    local_root = None
-    if datastore == "local":
-        root = flow_datastore.datastore_root
-        mounts = [Mount(root, root, read_only=False)]
-    else:
-        if metadata == "local":
-            local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
-            env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
-        mounts = []
-    return mounts + stores.mounts(datastore, metadata, local_root)
-
-
-def _code(flow_datastore, url: str, sha: str) -> Path:
-    """The code package, unpacked once per machine."""
-    from metaflow_stack import settings
-    from metaflow_stack.devcontainer import code
-
-    return code.unpacked(flow_datastore, url, sha, settings.load().state_dir / "devcontainer" / "code")

@@ -13,13 +13,18 @@ exits with its code, so ``@retry``, ``@catch`` and foreach work unchanged
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from metaflow._vendor import click
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
+
+if TYPE_CHECKING:
+    from metaflow_stack.engines import Job
 
 #: Carries what a devcontainer.json adds to each task's container to the trampoline, as JSON.
 TASK_CONTAINER_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_TASK"
@@ -29,6 +34,25 @@ CHECKED_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_CHECKED"
 OPTIONS = ("image", "network", "cpu", "memory", "read_only", "pids", "backend", "provider")
 #: Where a step's container runs: this machine's Docker engine, a DevPod workspace, a Daytona sandbox.
 BACKENDS = ("docker", "devpod", "daytona")
+
+
+#: What a step's container needs from the host's environment (it starts with nothing else).
+FORWARDED = ("USER", "USERNAME", "METAFLOW_USER", "LANG", "TZ")
+
+
+def container_env(code_metadata: str, code_sha: str, code_url: str, datastore: str) -> dict[str, str]:
+    """The variables every container of a step starts with: the host's user and locale, the code package,
+    and the mark that the run's start checked the step."""
+    env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
+    env.update(
+        METAFLOW_CODE_METADATA=code_metadata,
+        METAFLOW_CODE_SHA=code_sha,
+        METAFLOW_CODE_URL=code_url,
+        METAFLOW_CODE_DS=datastore,
+        METAFLOW_FLOW_FILENAME=os.path.basename(sys.argv[0]),
+        **{CHECKED_VARIABLE: "1"},
+    )
+    return env
 
 
 def _inline_cache() -> Path:
@@ -90,7 +114,7 @@ class DevcontainerDecorator(StepDecorator):
         from metaflow_stack.devcontainer.policy import SandboxPolicy
         from metaflow_stack.errors import StackError
 
-        others = [d.name for d in decos if d.name in ("kubernetes", "batch", "nomad", "worker_pool")]
+        others = [d.name for d in decos if d.name in ("kubernetes", "batch", "nomad")]
         if others:
             raise DevcontainerException(f"step {step}: @devcontainer cannot be combined with @{others[0]}")
         try:
@@ -219,6 +243,34 @@ class DevcontainerDecorator(StepDecorator):
             elif value is not None:
                 cli_args.command_options[option] = value
         cli_args.entrypoint[0] = sys.executable
+
+    def pool_launcher(self, package, flow_file: str) -> tuple[Callable[[list[str], Path], Job], str]:
+        """How ``@worker_pool`` over this step starts its one container (its workers are that container's
+        processes): this step's image, sandbox policy and devcontainer.json settings, the code package
+        and the run's stores, plus the pool's folder at its own path; and where ``flow_file`` is in it.
+        The policy's limits are the whole pool's. Called at ``runtime_init``, after this decorator's."""
+        from metaflow_stack.devcontainer import code, stores
+        from metaflow_stack.devcontainer.launch import CODE, job_spec
+        from metaflow_stack.devcontainer.task_container import TaskContainer
+        from metaflow_stack.engines import Mount, get_engine
+
+        flow_datastore = self.flow_datastore
+        self._save_package_once(flow_datastore, package)
+        cls = type(self)
+        unpacked = code.unpacked_here(flow_datastore, cls.package_url, cls.package_sha)
+        env = container_env(cls.package_metadata, cls.package_sha, cls.package_url, flow_datastore.TYPE)
+        metadata = _metadata_type() or "local"
+        env.update(stores.environment(flow_datastore.TYPE, metadata))
+        mounts = stores.container_stores(flow_datastore, metadata, env)
+        container = TaskContainer.model_validate_json(self.container_json) if self.config is not None else None
+        image, policy, step = self.attributes["image"], self.policy, self.step
+
+        def launch(python_args: list[str], folder: Path) -> Job:
+            pool = Mount(str(folder), str(folder), read_only=False)
+            spec = job_spec(image, shlex.join(python_args), unpacked, [*mounts, pool], env, policy, step, container)
+            return get_engine("docker", probe=False).launch(spec)
+
+        return launch, f"{CODE}/{os.path.basename(flow_file)}"
 
     @classmethod
     def _save_package_once(cls, flow_datastore, package) -> None:

@@ -20,8 +20,9 @@ from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
 #: Decorators that move a task elsewhere: their trampoline and the pool's cannot both start the task.
-#: (``@kubernetes`` is not among them: under ``@worker_pool`` it describes the pool's pods.)
-ELSEWHERE = ("batch", "nomad", "devcontainer", "confidential", "parallel")
+#: (``@kubernetes`` and ``@devcontainer`` are not among them: under ``@worker_pool`` they describe where
+#: the pool's workers run: pods, a container.)
+ELSEWHERE = ("batch", "nomad", "confidential", "parallel")
 #: A Kubernetes toleration's fields as Metaflow's ``@kubernetes`` takes them, in the manifest's words.
 TOLERATION_FIELDS = {"toleration_seconds": "tolerationSeconds"}
 
@@ -79,10 +80,12 @@ class WorkerPoolDecorator(StepDecorator):
             )
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
         self.resources = {key: resources.get(key) for key in ("cpu", "gpu", "memory")}
-        self.kubernetes, self.namespace, self.placement = None, None, {}
-        kubernetes = next((d for d in decos if d.name == "kubernetes"), None)
-        if kubernetes is not None:
-            self._pods_of(kubernetes, decos)
+        self.absorbed, self.devcontainer, self.namespace, self.placement = None, None, None, {}
+        for deco in decos:
+            if deco.name == "kubernetes":
+                self._pods_of(deco, decos)
+            elif deco.name == "devcontainer":
+                self._container_of(deco, decos)
         for key, value in self.resources.items():
             try:
                 float(value or 0)
@@ -103,18 +106,7 @@ class WorkerPoolDecorator(StepDecorator):
         backend), with its cpu, memory and gpu (already the larger of it and ``@resources``), its image
         when one is given (else the stack's base image: the pods run the pool's worker), namespace, node
         selector and tolerations; its per-task pod is not started (``runtime_step_cli``)."""
-        step, backend = self.step, self.attributes["backend"]
-        if decos.index(kubernetes) > decos.index(self):
-            raise WorkerPoolException(
-                f"step {step}: @kubernetes would start each pooled task in a pod of its own "
-                f"(fix: write @worker_pool above @kubernetes on {step}, or --with kubernetes before --with worker_pool)"
-            )
-        if backend != "kubernetes" and "backend" in self._user_defined_attributes:
-            raise WorkerPoolException(
-                f"step {step}: with @kubernetes the pool's workers are pods, and backend={backend!r} runs them "
-                'elsewhere (fix: backend="kubernetes", or no backend=)'
-            )
-        self.attributes["backend"] = self.kubernetes = "kubernetes"
+        self._absorb(kubernetes, decos, "kubernetes", "pods")
         settings = kubernetes.attributes
         self.resources = {key: settings.get(key) for key in ("cpu", "gpu", "memory")}
         if self.attributes["image"] is None and "image" in kubernetes._user_defined_attributes:
@@ -126,6 +118,33 @@ class WorkerPoolDecorator(StepDecorator):
         ]
         self.placement = {"nodeSelector": settings.get("node_selector") or {}, "tolerations": tolerations}
 
+    def _container_of(self, devcontainer: StepDecorator, decos: list[StepDecorator]) -> None:
+        """``@devcontainer`` under ``@worker_pool``: the pool's fork server runs in one container of the
+        step's image and sandbox (its workers are that container's processes); its per-task container is
+        not started (``runtime_step_cli``)."""
+        self._absorb(devcontainer, decos, "local", "processes of one container of its image")
+        if devcontainer.attributes["backend"] != "docker":
+            raise WorkerPoolException(
+                f"step {self.step}: a worker pool runs in a container on this machine, not in a "
+                f"{devcontainer.attributes['backend']} workspace (fix: remove backend= from @devcontainer)"
+            )
+        self.devcontainer = devcontainer
+
+    def _absorb(self, deco: StepDecorator, decos: list[StepDecorator], backend: str, workers: str) -> None:
+        """Take ``deco`` (written below this one) as where the pool's workers run, on ``backend``."""
+        step, chosen = self.step, self.attributes["backend"]
+        if decos.index(deco) > decos.index(self):
+            raise WorkerPoolException(
+                f"step {step}: @{deco.name} would start each pooled task on its own (fix: write @worker_pool "
+                f"above @{deco.name} on {step}, or --with {deco.name} before --with worker_pool)"
+            )
+        if chosen != backend and "backend" in self._user_defined_attributes:
+            raise WorkerPoolException(
+                f"step {step}: with @{deco.name} the pool's workers are {workers}, and backend={chosen!r} runs "
+                f'them elsewhere (fix: backend="{backend}", or no backend=)'
+            )
+        self.attributes["backend"], self.absorbed = backend, deco.name
+
     def runtime_init(self, flow, graph, package, run_id) -> None:
         """Start the step's pool with the run: it imports the flow while the steps before it run."""
         from metaflow_stack.errors import StackError
@@ -136,6 +155,9 @@ class WorkerPoolDecorator(StepDecorator):
             backend, url = self.attributes["backend"], self.attributes["redis_url"]
             image = self.attributes["image"]
             try:
+                contained = None
+                if self.devcontainer is not None:  # the pool's workers see the flow in the code package
+                    contained, flow_file = self.devcontainer.pool_launcher(package, flow_file)
                 pool = open_pool(
                     backend,
                     flow_file,
@@ -147,6 +169,7 @@ class WorkerPoolDecorator(StepDecorator):
                     image=image,
                     namespace=self.namespace,
                     values=self.placement,
+                    contained=contained,
                 )
                 pool.start()
             except StackError as exc:
@@ -173,7 +196,7 @@ class WorkerPoolDecorator(StepDecorator):
         if not self.active or retry_count > max_user_code_retries:
             return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
         pool = self.pools[self.step]
-        if self.kubernetes:  # @kubernetes made it `kubernetes step ...`: the pool's pods run the step itself
+        if self.absorbed:  # `kubernetes step ...`, `devcontainer step ...`: the pool's workers run the step itself
             env = dict(cli_args.env)
             cli_args.default_args()
             cli_args.env.update(env)
