@@ -4,6 +4,7 @@ also when the run is stopped while its items run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ LABEL = "io.metaflow-stack.devcontainer"
 def flow_command(root: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     shutil.copy(FLOWS / FLOW, root)
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    env["STACK_TEST_HOST_SECRET"] = "not for the sandbox"
     return [sys.executable, FLOW, "--datastore-root", str(root / ".metaflow"), "run", *args], env
 
 
@@ -41,7 +43,8 @@ from metaflow import Flow, metadata, namespace
 metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow("DevcontainerFlow").latest_run
-names = ("in_container", "hostname", "uid", "memory_limit", "network", "root_writable")
+names = ("in_container", "hostname", "uid", "memory_limit", "network", "root_writable", "host_variable_seen",
+         "folder_writable")
 items = [
     {"index": t.index, "successful": t.successful, "attempt": t.current_attempt, "stdout": t.stdout,
      "stderr": t.stderr, **({n: getattr(t.data, n) for n in names} if t.successful else {})}
@@ -71,6 +74,7 @@ def test_items_run_sandboxed_in_containers_and_a_failed_attempt_is_retried(docke
         assert task["uid"] == os.getuid()
         assert task["memory_limit"] == str(512 * 1024 * 1024)
         assert task["network"] == "none" and task["root_writable"] is False
+        assert task["host_variable_seen"] is False and task["folder_writable"] is True
     retried = next(t for t in items if t["index"] == 1)  # item 2
     assert retried["attempt"] == 1 and "item 2 in" in retried["stdout"]
     assert step_containers(docker_engine) == []
@@ -91,6 +95,7 @@ def test_a_pooled_step_runs_its_items_in_one_sandboxed_container(docker_engine, 
         assert task["in_container"] and task["hostname"] != os.uname().nodename and task["uid"] == os.getuid()
         assert task["memory_limit"] == str(512 * 1024 * 1024)
         assert task["network"] == "none" and task["root_writable"] is False
+        assert task["host_variable_seen"] is False and task["folder_writable"] is True
     retried = next(t for t in items if t["index"] == 1)  # item 2
     assert retried["attempt"] == 1 and "item 2 in" in retried["stdout"]
     assert step_containers(docker_engine) == []
@@ -134,6 +139,35 @@ def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path, po
         time.sleep(0.5)
     # A task Metaflow's runtime SIGKILLed before it cleaned up (a busy machine) leaves an orphan, which the
     # next run on this machine removes: what is left after that must be nothing.
+    from metaflow_stack.devcontainer.launch import remove_orphans
+    from metaflow_stack.engines.docker import DockerEngine
+
+    remove_orphans(DockerEngine())
+    assert step_containers(docker_engine) == []
+
+
+def test_a_pools_container_ends_when_its_runtime_is_killed_outright(docker_engine, tmp_path: Path) -> None:
+    """SIGKILL to the run's runtime alone (no cleanup runs): the pool's server sees its lifeline close,
+    kills its tasks and ends, so its container stops; the next run's sweep removes it."""
+    command, env = flow_command(tmp_path, "--sleep", "300", "--with", "worker_pool:size=3")
+    flow = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        started = 0
+        for line in flow.stdout:
+            started += b"/each/" in line and b"Task is starting" in line
+            if started == 3:
+                break
+        flow.kill()  # the runtime only: its trampolines, in its session, are killed below
+        flow.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while any(c.state.running for c in step_containers(docker_engine)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(c.state.running for c in step_containers(docker_engine))
     from metaflow_stack.devcontainer.launch import remove_orphans
     from metaflow_stack.engines.docker import DockerEngine
 

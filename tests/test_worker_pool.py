@@ -317,6 +317,57 @@ def test_stopping_the_run_leaves_no_worker_behind(
         assert not pool_keys(env[URL_VARIABLE])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED is Linux's")
+def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -> None:
+    """Another process listening on the pool's socket (a task of a sandboxed pool can write its folder)
+    gets neither the task's environment nor its output: the trampoline checks who answers."""
+    import contextlib
+    import socket
+    import threading
+
+    address = tmp_path / "pool.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(address))
+        listener.listen()
+        received: list[bytes] = []
+
+        def answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                received.append(connection.recv(1 << 16))
+                with contextlib.suppress(BrokenPipeError):  # (a refusing trampoline is gone already)
+                    connection.sendall(trampoline.reply(0))
+
+        for peer, code in ((1, 1), (os.getpid(), 0)):  # pid 1 is not this test: refused; this test: served
+            server = threading.Thread(target=answer, daemon=True)
+            server.start()
+            line = [sys.executable, "-I", "-S", trampoline.__file__, str(address), str(peer), "python", "f.py"]
+            done = subprocess.run(line, capture_output=True, text=True, timeout=30, env={"SECRET": "s"})
+            assert done.returncode == code, done.stderr
+            if code:
+                assert f"answers, not the pool's {peer}" in done.stderr
+                server.join(timeout=10)
+                assert received == [b""] or not any(b"SECRET" in r for r in received)
+                received.clear()
+            else:
+                server.join(timeout=10)
+                assert b"SECRET=s" in received[0]
+
+
+def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -> None:
+    """A sandboxed pool's tasks can write its folder: the runtime's progress never waits on what is there."""
+    from metaflow_stack.pool.counts import Counts
+
+    fifo = tmp_path / "pool.counts"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    assert Counts.read(fifo) == Counts()
+    Counts(queued=2, done=1).write(tmp_path / "real.counts")
+    assert Counts.read(tmp_path / "real.counts") == Counts(queued=2, done=1)
+    (tmp_path / "link.counts").symlink_to(tmp_path / "real.counts")
+    assert Counts.read(tmp_path / "link.counts") == Counts()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's PF_EXITING is Linux's")
 def test_a_pool_process_killed_is_not_alive_once_its_connections_end(tmp_path: Path) -> None:
     """A killed pool process closes its connections before it can be reaped: the retries its trampolines
     set off must not find it alive in that moment (it was, often, by its exit status alone)."""
@@ -504,8 +555,8 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     tmp_path: Path, request: pytest.FixtureRequest, s3_bucket: str
 ) -> None:
     """The seed's example, ``@worker_pool(size=2)`` over ``@kubernetes(cpu=2, memory=4096, ...)``: no pod
-    per task, but a Deployment of two worker pods with those resources, namespace and node selector,
-    which run every item; the run reads as any other."""
+    per task, but a Deployment of two worker pods with those resources, image, namespace, node selector
+    and tolerations, which run every item; the run reads as any other."""
     env = backend_env("kubernetes", request, tmp_path)
     s3_root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
     done = run_flow(tmp_path, pooled=False, env=env, flow="kubernetes_pool_flow.py", s3_root=s3_root)
@@ -519,6 +570,8 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     pod = deployment["spec"]["template"]["spec"]
     assert deployment["spec"]["replicas"] == 2 and pod["nodeSelector"] == {"disk": "ssd"}
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "4096Mi"}
+    assert pod["containers"][0]["image"] == "registry.example/team/pool:1"
+    assert pod["tolerations"] == [{"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}]
     assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
 
@@ -527,8 +580,9 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     [
         ("@kubernetes\n    @worker_pool", "write @worker_pool above @kubernetes"),
         ('@worker_pool(backend="redis")\n    @kubernetes', "with @kubernetes the pool's workers are pods"),
+        ('@worker_pool\n    @kubernetes(secrets=["s3"], service_account="sa")', "not secrets, service_account"),
     ],
-    ids=["order", "backend"],
+    ids=["order", "backend", "settings-not-taken"],
 )
 def test_a_pool_over_kubernetes_set_wrong_fails_in_one_line(tmp_path: Path, decorators: str, words: str) -> None:
     (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=decorators, decorator_join=""))
@@ -611,7 +665,7 @@ def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -
 
 
 BAD = """
-from metaflow import FlowSpec, devcontainer, kubernetes, resources, step, worker_pool
+from metaflow import FlowSpec, devcontainer, kubernetes, pypi, resources, step, worker_pool
 
 class BadFlow(FlowSpec):
     @step
@@ -647,8 +701,9 @@ if __name__ == "__main__":
         ('@worker_pool\n    @resources(memory="16Gi")', "", "@resources(memory='16Gi') is not a number"),
         ("@devcontainer\n    @worker_pool", "", "write @worker_pool above @devcontainer"),
         ('@worker_pool(backend="redis")\n    @devcontainer', "", "with @devcontainer the pool's workers are"),
+        ("@pypi(packages={})\n    @worker_pool", "", "not the environment @pypi builds"),
     ],
-    ids=["size", "backend", "not-a-foreach-body", "resources", "devcontainer-order", "devcontainer-backend"],
+    ids=["size", "backend", "not-a-foreach-body", "resources", "devcontainer-order", "devcontainer-backend", "pypi"],
 )
 def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:
     (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=each, decorator_join=join))

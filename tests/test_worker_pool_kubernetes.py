@@ -198,3 +198,25 @@ def test_a_pod_runs_a_task_on_its_own_terms(tmp_path: Path, monkeypatch: pytest.
     assert "SSL_CERT_FILE" not in task.env
     assert task.env["RESULTS_TO"] == "/shared/out/not-yet-written.json" and task.env["USER"] == "ana"
     assert task.env["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://bucket/metaflow"
+
+
+def test_the_runs_metaflow_settings_reach_the_pods_in_a_secret_of_the_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metaflow reads its settings once, at import: the pods get the run's (an S3 endpoint, say) from a
+    Secret labelled as the pool (deleted with it), but not the stack's own keys, nor what names this
+    machine's configuration (a profile the pods do not have would stop Metaflow at import)."""
+    monkeypatch.setenv("METAFLOW_S3_ENDPOINT_URL", "http://minio.data:9000")
+    monkeypatch.setenv("METAFLOW_SERVICE_HEADERS", '{"x-api-key": "k"}')
+    for name in ("METAFLOW_PROFILE", "METAFLOW_HOME", "METAFLOW_STACK_SERVICE_AUTH_KEY", "METAFLOW_STACK_POOL_VALUES"):
+        monkeypatch.setenv(name, "/not/for/pods")
+    release = rendered()
+    (secret,) = [m for m in release.manifests if m["kind"] == "Secret" and m["metadata"]["name"].endswith("-metaflow")]
+    settings = secret["stringData"]
+    assert settings["METAFLOW_S3_ENDPOINT_URL"] == "http://minio.data:9000"
+    assert settings["METAFLOW_SERVICE_HEADERS"] == '{"x-api-key": "k"}'
+    assert not {k for k in settings if not k.startswith("METAFLOW_") or k.startswith("METAFLOW_STACK_")}
+    assert "METAFLOW_PROFILE" not in settings and "METAFLOW_HOME" not in settings
+    deployment = by_kind(release)["Deployment"]
+    assert deployment["metadata"]["labels"].items() <= secret["metadata"]["labels"].items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+    assert "minio.data" not in yaml.safe_dump(deployment)  # in the Secret only

@@ -45,6 +45,8 @@ class DevcontainerFlow(FlowSpec):
         self.memory_limit = _memory_limit()
         self.network = _network()
         self.root_writable = os.access("/", os.W_OK)
+        self.host_variable_seen = "STACK_TEST_HOST_SECRET" in os.environ  # the run's, not the step's
+        self.folder_writable = os.access(os.getcwd(), os.W_OK)
         time.sleep(self.sleep)
         print(f"item {self.input} in {self.hostname}")
         if self.input == 2 and current.retry_count == 0:

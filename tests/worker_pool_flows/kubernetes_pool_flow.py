@@ -10,7 +10,14 @@ class KubernetesPoolFlow(FlowSpec):
         self.next(self.each, foreach="items")
 
     @worker_pool(size=2)
-    @kubernetes(cpu=2, memory=4096, namespace="pools", node_selector="disk=ssd")
+    @kubernetes(
+        cpu=2,
+        memory=4096,
+        namespace="pools",
+        node_selector="disk=ssd",
+        image="registry.example/team/pool:1",
+        tolerations=[{"key": "spot", "operator": "Exists", "effect": "NoExecute", "toleration_seconds": 60}],
+    )
     @step
     def each(self):
         self.square = self.input * self.input

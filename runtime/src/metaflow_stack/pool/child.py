@@ -16,6 +16,7 @@ import runpy
 import signal
 import sys
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,19 +73,25 @@ def warm(flow_file: str) -> None:
     gc.freeze()
 
 
-def on_this_machine(task: Task, flow_file: str, workdir: str | None = None) -> Task:
+def on_this_machine(
+    task: Task, flow_file: str, workdir: str | None = None, passed: Collection[str] | None = None
+) -> Task:
     """``task`` as a worker on another machine or in a container runs it (a pod, the container of a
     ``@devcontainer`` pool): this interpreter, this machine's environment with the task's own variables
     over it (but those describing the runtime's machine: its certificate bundle, say, named where this
-    machine has none, would break the task), the pool's ``flow_file`` when the task's is not here, and its
-    folder, else ``workdir``, else the flow's folder, when the task's folder is not here."""
+    machine has none, would break the task; in a sandbox, only the ``passed`` ones: what Metaflow and the
+    step's decorators set, none of the host's), the pool's ``flow_file`` when the task's is not here,
+    ``workdir`` as its folder (a sandbox's own for the task), else its own folder if here, else the
+    flow's."""
     own = {
         name: value
         for name, value in task.env.items()
         if name not in MACHINE_VARIABLES and not (name in MACHINE_FILES and not os.path.exists(value))
     }
+    if passed is not None:
+        own = {name: value for name, value in own.items() if name in passed}
     env = {**os.environ, **own}
-    cwd = task.cwd if os.path.isdir(task.cwd) else (workdir or os.path.dirname(flow_file))
+    cwd = workdir or (task.cwd if os.path.isdir(task.cwd) else os.path.dirname(flow_file))
     argv = task.argv if os.path.exists(task.argv[1]) else [task.argv[0], flow_file, *task.argv[2:]]
     return Task(sys.executable, argv, env, cwd)
 

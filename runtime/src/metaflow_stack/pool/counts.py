@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+#: More than any counts file holds.
+MAX_BYTES = 4096
 
 
 @dataclass
@@ -25,7 +29,17 @@ class Counts:
 
     @classmethod
     def read(cls, path: Path) -> Counts:
+        """The counts at ``path``, or none: a file of a sandboxed pool's folder may be anything its tasks
+        put there, so only a small regular file is read, and never waited on."""
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
             return cls()
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return cls()
+            return cls(**{key: int(value) for key, value in json.loads(os.read(fd, MAX_BYTES)).items()})
+        except (OSError, ValueError, TypeError, AttributeError):
+            return cls()
+        finally:
+            os.close(fd)

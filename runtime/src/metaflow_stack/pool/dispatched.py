@@ -69,7 +69,7 @@ class DispatchedPool:
         except StackError:
             self.stop()
             raise
-        return trampoline_command(self.folder.address, entrypoint)
+        return trampoline_command(self.folder.address, self.dispatcher.pid, entrypoint)
 
     def counts(self) -> Counts:
         return self.folder.counts() if self.folder else Counts()

@@ -43,6 +43,10 @@ from metaflow_stack.pool.counts import Counts
 
 #: How long a killed task's process group has to end after SIGTERM before SIGKILL.
 KILL_GRACE_S = 5.0
+#: The contained server's lifeline, beside its socket: the runtime's connection (closed: the pool stops).
+LIFELINE = "lifeline.sock"
+#: In a contained pool's task: the names of the task's variables the sandbox passes on (comma-separated).
+PASSED_VARIABLE = "METAFLOW_STACK_POOL_PASSED"
 
 
 @dataclass
@@ -55,6 +59,13 @@ class Request:
     pid: int = 0
     slot: int = -1
     killed_at: float | None = None
+    scratch: str | None = None  # contained: the task's own folder, removed when it ends
+
+    def forget(self) -> None:
+        """Close what the pool holds of it (its connection, its folder)."""
+        self.connection.close()
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class ForkServer:
@@ -108,9 +119,12 @@ class ForkServer:
             return
         try:
             task, fds = handover.receive(connection)
-            if self.flow_file is not None:
-                task = on_this_machine(task, self.flow_file, tempfile.gettempdir())
-            request = Request(connection, task, fds)
+            scratch = None
+            if self.flow_file is not None:  # contained: the sandbox's terms, a folder of the task's own
+                scratch = tempfile.mkdtemp(prefix="mf-task-")
+                passed = task.env.get(PASSED_VARIABLE, "").split(",")
+                task = on_this_machine(task, self.flow_file, scratch, passed)
+            request = Request(connection, task, fds, scratch=scratch)
         except (OSError, ValueError) as exc:
             print(f"worker pool {self.name}: refused a request: {exc}", file=sys.stderr, flush=True)
             connection.close()
@@ -144,7 +158,7 @@ class ForkServer:
         """A request that never ran: its descriptors, connection and slot given back."""
         for fd in request.fds:
             os.close(fd)
-        request.connection.close()
+        request.forget()
         self.free_slots.append(request.slot)
         self.counts.queued -= 1
         self.counts.failed += 1
@@ -163,7 +177,7 @@ class ForkServer:
             code = os.waitstatus_to_exitcode(status)
             with contextlib.suppress(OSError):  # a trampoline gone: the runtime counts the attempt failed already
                 request.connection.sendall(trampoline.reply(code))
-            request.connection.close()
+            request.forget()
             self.free_slots.append(request.slot)
             self.counts.running -= 1
             self.counts.done += code == 0
@@ -193,7 +207,7 @@ class ForkServer:
         self.selector.unregister(self.listener)
         self.selector.unregister(self.parent)
         for request in self.waiting:
-            request.connection.close()
+            request.forget()
             for fd in request.fds:
                 os.close(fd)
         self.waiting.clear()
@@ -209,10 +223,6 @@ class ForkServer:
 
     def _write_counts(self) -> None:
         self.counts.write(self.counts_file)
-
-
-#: The contained server's lifeline, beside its socket: the runtime's connection (closed: the pool stops).
-LIFELINE = "lifeline.sock"
 
 
 def main() -> None:

@@ -223,11 +223,18 @@ def open_kubernetes_pool(
     )
 
 
+#: Variables that are the stack's own, not Metaflow's settings: no pod gets them.
+NOT_SETTINGS = ("METAFLOW_STACK_",)
+#: Variables that name this machine's Metaflow configuration rather than hold it.
+PROFILE_VARIABLES = frozenset({"METAFLOW_PROFILE", "METAFLOW_HOME"})
+
+
 def metaflow_settings() -> dict[str, str]:
     """The run's Metaflow settings, which a pod needs before it imports Metaflow (Metaflow reads them once,
     at import: a task's own variables come too late for its S3 endpoint, say): the configuration
-    profile's and this process's ``METAFLOW_*`` variables over them, less the pool's own and those naming
-    a file of this machine."""
+    profile's values and this process's ``METAFLOW_*`` variables over them, less the stack's own (its
+    keys and the pool's settings: the pods need none of them) and those naming a file or profile of this
+    machine (the pods have no ``config_<profile>.json``: its values are here already)."""
     from metaflow.metaflow_config_funcs import METAFLOW_CONFIG
 
     from metaflow_stack.pool.child import MACHINE_FILES
@@ -236,7 +243,7 @@ def metaflow_settings() -> dict[str, str]:
     return {
         name: value if isinstance(value, str) else json.dumps(value)
         for name, value in settings.items()
-        if not name.startswith("METAFLOW_STACK_POOL_") and name not in MACHINE_FILES
+        if not name.startswith(NOT_SETTINGS) and name not in MACHINE_FILES and name not in PROFILE_VARIABLES
     }
 
 

@@ -13,7 +13,10 @@ SERVER = "from metaflow_stack.pool.forkserver import main; main()"
 
 
 class Server(Protocol):
-    """The fork server as the pool holds it: a child process here, or a container (``contained``)."""
+    """The fork server as the pool holds it: a child process here, or a container (``contained``); ``pid``
+    as this machine sees it, once it is ready."""
+
+    pid: int
 
     def wait_ready(self, what: str) -> None: ...
 
@@ -49,7 +52,9 @@ class LocalPool:
         return self.folder.address
 
     def command(self, entrypoint: list[str]) -> list[str]:
-        return trampoline_command(self.address(), entrypoint)
+        address = self.address()
+        assert self.server is not None
+        return trampoline_command(address, self.server.pid, entrypoint)
 
     def counts(self) -> Counts:
         return self.folder.counts() if self.folder else Counts()
@@ -62,8 +67,8 @@ class LocalPool:
             self.folder = None
 
 
-def trampoline_command(address: Path, entrypoint: list[str]) -> list[str]:
-    """The task's command through a pool's socket. The trampoline runs under the task's interpreter (a
-    decorator before this one may have set it; one after it replaces this first element), so it can tell
-    the pool which one the task asked for."""
-    return [entrypoint[0], "-I", "-S", trampoline.__file__, str(address), *entrypoint]
+def trampoline_command(address: Path, peer: int, entrypoint: list[str]) -> list[str]:
+    """The task's command through a pool's socket, on which process ``peer`` must answer. The trampoline
+    runs under the task's interpreter (a decorator before this one may have set it; one after it replaces
+    this first element), so it can tell the pool which one the task asked for."""
+    return [entrypoint[0], "-I", "-S", trampoline.__file__, str(address), str(peer), *entrypoint]

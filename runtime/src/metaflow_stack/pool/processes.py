@@ -71,6 +71,10 @@ class PoolProcess:
             )
         self.ready = True
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def alive(self) -> bool:
         return self.process.poll() is None and not exiting(self.process.pid)
 
@@ -80,19 +84,18 @@ class PoolProcess:
 
 
 def exiting(pid: int) -> bool:
-    """Whether process ``pid`` is on its way out (Linux's ``PF_EXITING``), or gone.
+    """Whether process ``pid``, a child not yet reaped, is on its way out (Linux's ``PF_EXITING``).
 
     A process killed outright closes its descriptors (its tasks' trampolines
     see their connections end, fail, and the runtime starts their retries)
     before its parent can reap it: in that moment ``poll()`` still finds it
     running, and a retry handed to it would be lost too. The kernel marks
-    it exiting before it closes anything. Elsewhere than Linux: ``False``.
+    it exiting before it closes anything. Where ``/proc`` does not show it
+    (not Linux, another PID namespace): ``False``, and the exit status decides.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return sys.platform.startswith("linux")
-    except OSError:
+    except OSError:  # no /proc, or another PID namespace's: the exit status alone decides
         return False
     return bool(int(stat.rsplit(b")", 1)[1].split()[6]) & PF_EXITING)
 

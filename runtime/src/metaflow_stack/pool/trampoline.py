@@ -1,7 +1,8 @@
 """The per-task process Metaflow's runtime starts for a pooled task: hands the task to a warm pool.
 
-Run as ``python -I -S trampoline.py ADDRESS PYTHON FLOW_FILE ARGS...`` (the
-task's own command line after the address): it imports only built-in
+Run as ``python -I -S trampoline.py ADDRESS PEER PYTHON FLOW_FILE ARGS...``
+(the task's own command line after the pool's socket and the pid of the
+process that must be answering on it, 0: any): it imports only built-in
 modules (``os``, ``_socket``, ``_signal``), so it starts in a few
 milliseconds instead of the 0.4 s a task process spends importing Metaflow.
 It passes its own stdout and stderr to the pool (``SCM_RIGHTS``), so the
@@ -9,7 +10,10 @@ task writes straight into the pipes the runtime reads and logs exactly as a
 task it started itself; then it waits for the task's exit status and ends
 with it (a task killed by a signal ends this process by the same signal).
 If this process is killed, the pool sees its connection close and kills
-the task.
+the task. Where the kernel says who listens on a socket (``SO_PEERCRED``), it
+hands nothing to any process but ``PEER``: a socket put in the pool's place
+(by a task in a sandboxed pool, whose folder it can write) gets neither the
+task's environment nor its output.
 
 A request is ``LENGTH`` (4 bytes, big-endian) and then NUL-separated
 fields: the interpreter running this trampoline (the one the runtime meant
@@ -50,16 +54,29 @@ def reply(code: int) -> bytes:
     return f"{code} {-code if code < 0 else 0}\n".encode()
 
 
+def peer_pid(connection: _socket.socket) -> int | None:
+    """The pid of the process at the other end of a Unix socket, where the kernel tells (Linux)."""
+    if not hasattr(_socket, "SO_PEERCRED"):
+        return None
+    credentials = connection.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # pid, uid, gid
+    return int.from_bytes(credentials[:4], sys.byteorder)
+
+
 def main(argv: list[str]) -> int:
-    address, command = argv[0], argv[1:]
+    address, peer, command = argv[0], int(argv[1]), argv[2:]
     request = encode(sys.executable, command, dict(os.environ), os.getcwd())
     fds = (1).to_bytes(4, sys.byteorder) + (2).to_bytes(4, sys.byteorder)
     connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     reply = b""
     try:
         connection.connect(address)
+        answering = peer_pid(connection) if peer else None
+        if answering is not None and answering != peer:
+            print(f"worker pool at {address}: process {answering} answers, not the pool's {peer}", file=sys.stderr)
+            return 1
         sent = connection.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        connection.sendall(request[sent:])
+        if sent < len(request):
+            connection.sendall(request[sent:])
         while not reply.endswith(b"\n"):
             chunk = connection.recv(64)
             if not chunk:

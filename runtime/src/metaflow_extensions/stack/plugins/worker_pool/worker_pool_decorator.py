@@ -11,8 +11,10 @@ Metaflow's own compute decorators.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from metaflow.decorators import StepDecorator
@@ -23,6 +25,8 @@ from metaflow.metadata_provider import MetaDatum
 #: (``@kubernetes`` and ``@devcontainer`` are not among them: under ``@worker_pool`` they describe where
 #: the pool's workers run: pods, a container.)
 ELSEWHERE = ("batch", "nomad", "confidential", "parallel")
+#: What of ``@kubernetes`` the pool's pods take; a setting beyond these is refused, not dropped.
+KUBERNETES_APPLIED = frozenset({"cpu", "memory", "gpu", "image", "namespace", "node_selector", "tolerations"})
 #: A Kubernetes toleration's fields as Metaflow's ``@kubernetes`` takes them, in the manifest's words.
 TOLERATION_FIELDS = {"toleration_seconds": "tolerationSeconds"}
 
@@ -80,7 +84,7 @@ class WorkerPoolDecorator(StepDecorator):
             )
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
         self.resources = {key: resources.get(key) for key in ("cpu", "gpu", "memory")}
-        self.absorbed, self.devcontainer, self.namespace, self.placement = None, None, None, {}
+        self.devcontainer, self.namespace, self.placement = None, None, {}
         for deco in decos:
             if deco.name == "kubernetes":
                 self._pods_of(deco, decos)
@@ -94,6 +98,12 @@ class WorkerPoolDecorator(StepDecorator):
                     f"step {step}: @resources({key}={value!r}) is not a number, which a pool's workers need "
                     f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 ) from None
+        environments = [d.name for d in decos if d.name in ("pypi", "conda") and not d.attributes.get("disabled")]
+        if environments:
+            raise WorkerPoolException(
+                f"step {step}: a pool's workers run their own interpreter, not the environment @{environments[0]} "
+                f"builds for each task (fix: remove @worker_pool from {step}, or @{environments[0]})"
+            )
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
             raise WorkerPoolException(
@@ -108,6 +118,15 @@ class WorkerPoolDecorator(StepDecorator):
         selector and tolerations; its per-task pod is not started (``runtime_step_cli``)."""
         self._absorb(kubernetes, decos, "kubernetes", "pods")
         settings = kubernetes.attributes
+        ignored = sorted(kubernetes._user_defined_attributes - KUBERNETES_APPLIED)
+        if settings.get("gpu_vendor", "nvidia").lower() == "nvidia" and "gpu_vendor" in ignored:
+            ignored.remove("gpu_vendor")
+        if ignored:
+            raise WorkerPoolException(
+                f"step {self.step}: the pool's pods take @kubernetes's {', '.join(sorted(KUBERNETES_APPLIED))}, "
+                f"not {', '.join(ignored)} (fix: set those for the pods in the chart values file "
+                f"METAFLOW_STACK_POOL_VALUES names, and remove them from @kubernetes)"
+            )
         self.resources = {key: settings.get(key) for key in ("cpu", "gpu", "memory")}
         if self.attributes["image"] is None and "image" in kubernetes._user_defined_attributes:
             self.attributes["image"] = settings["image"]
@@ -123,6 +142,12 @@ class WorkerPoolDecorator(StepDecorator):
         step's image and sandbox (its workers are that container's processes); its per-task container is
         not started (``runtime_step_cli``)."""
         self._absorb(devcontainer, decos, "local", "processes of one container of its image")
+        if not sys.platform.startswith("linux"):  # Docker Desktop's VM: a socket's descriptors stay on its side
+            raise WorkerPoolException(
+                f"step {self.step}: a worker pool in a @devcontainer hands tasks over a Unix socket into the "
+                "container, which works where Docker runs on this machine's own kernel: Linux "
+                "(fix: remove @worker_pool from the step here, or run on Linux)"
+            )
         if devcontainer.attributes["backend"] != "docker":
             raise WorkerPoolException(
                 f"step {self.step}: a worker pool runs in a container on this machine, not in a "
@@ -136,14 +161,15 @@ class WorkerPoolDecorator(StepDecorator):
         if decos.index(deco) > decos.index(self):
             raise WorkerPoolException(
                 f"step {step}: @{deco.name} would start each pooled task on its own (fix: write @worker_pool "
-                f"above @{deco.name} on {step}, or --with {deco.name} before --with worker_pool)"
+                f"above @{deco.name} on {step}; with --with, give --with {deco.name} first)"
             )
         if chosen != backend and "backend" in self._user_defined_attributes:
             raise WorkerPoolException(
                 f"step {step}: with @{deco.name} the pool's workers are {workers}, and backend={chosen!r} runs "
                 f'them elsewhere (fix: backend="{backend}", or no backend=)'
             )
-        self.attributes["backend"], self.absorbed = backend, deco.name
+        self.attributes["backend"] = backend
+        deco.runtime_step_cli = _variables_only(deco.runtime_step_cli)
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
         """Start the step's pool with the run: it imports the flow while the steps before it run."""
@@ -196,10 +222,10 @@ class WorkerPoolDecorator(StepDecorator):
         if not self.active or retry_count > max_user_code_retries:
             return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
         pool = self.pools[self.step]
-        if self.absorbed:  # `kubernetes step ...`, `devcontainer step ...`: the pool's workers run the step itself
-            env = dict(cli_args.env)
-            cli_args.default_args()
-            cli_args.env.update(env)
+        if self.devcontainer is not None:  # the sandbox passes the task what was set for it, none of the host's
+            from metaflow_stack.pool.contained import PASSED_VARIABLE
+
+            cli_args.env[PASSED_VARIABLE] = ",".join(sorted({*cli_args.env, "METAFLOW_RUN_ID"}))  # (the runtime's)
         try:
             if not pool.alive():
                 pool.stop()
@@ -244,3 +270,20 @@ class WorkerPoolDecorator(StepDecorator):
                 task_id,
                 [MetaDatum(field="worker-pool", value=worker, type="worker-pool", tags=[f"attempt_id:{retry_count}"])],
             )
+
+
+def _variables_only(runtime_step_cli: Callable[..., Any]) -> Callable[..., Any]:
+    """An absorbed decorator's ``runtime_step_cli`` that keeps only the variables it sets for the task: the
+    command it would make (``kubernetes step``, ``devcontainer step``: a pod or container per task) is the
+    pool's to replace, and what Metaflow put on the command line before (a resume's ``clone-run-id``,
+    ``spin``'s options) stays as it was."""
+
+    def variables_only(cli_args: Any, *args: Any, **kwargs: Any) -> Any:
+        scratch = copy.copy(cli_args)
+        scratch.commands, scratch.command_args = list(cli_args.commands), list(cli_args.command_args)
+        scratch.command_options, scratch.entrypoint = dict(cli_args.command_options), list(cli_args.entrypoint)
+        scratch.top_level_options, scratch.env = dict(cli_args.top_level_options), dict(cli_args.env)
+        runtime_step_cli(scratch, *args, **kwargs)
+        cli_args.env.update(scratch.env)
+
+    return variables_only
