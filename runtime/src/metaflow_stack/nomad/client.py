@@ -1,0 +1,175 @@
+"""Nomad's HTTP API, as ``@nomad`` uses it: register, watch, read logs, deregister.
+
+Settings come from Nomad's own variables (``NOMAD_ADDR``, ``NOMAD_TOKEN``,
+``NOMAD_NAMESPACE``, ``NOMAD_REGION``, ``NOMAD_CACERT``, ``NOMAD_CLIENT_CERT``,
+``NOMAD_CLIENT_KEY``), ``METAFLOW_NOMAD_ADDR`` over ``NOMAD_ADDR``. TLS
+certificates are verified, unlike python-nomad's default; ``NOMAD_SKIP_VERIFY``
+turns that off, as for Nomad's CLI.
+
+Watching uses Nomad's blocking queries (``index`` and ``wait``: the request
+returns when the object changes, or after ``wait``), so a task that runs an
+hour costs a request a minute, not a poll a second; the logs endpoint is
+read as a stream (``logs.FrameDecoder``), which python-nomad cannot do.
+Every failure to reach Nomad, or a refusal, is a ``StackError`` naming the
+setting to fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from metaflow_stack.errors import StackError
+
+#: Where a dev agent listens (``nomad agent -dev``).
+DEFAULT_ADDRESS = "http://127.0.0.1:4646"
+#: How long a blocking query waits for a change before it returns unchanged.
+WAIT_S = 60
+#: Seconds to connect, and to wait for an answer beyond a blocking query's own wait.
+CONNECT_S, SLACK_S = 10.0, 15.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Nomad is and who asks."""
+
+    address: str = DEFAULT_ADDRESS
+    token: str | None = None
+    namespace: str | None = None
+    region: str | None = None
+    ca_cert: str | None = None
+    client_cert: tuple[str, str] | None = None
+    verify: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        cert, key = env.get("NOMAD_CLIENT_CERT"), env.get("NOMAD_CLIENT_KEY")
+        return cls(
+            address=(env.get("METAFLOW_NOMAD_ADDR") or env.get("NOMAD_ADDR") or DEFAULT_ADDRESS).rstrip("/"),
+            token=env.get("NOMAD_TOKEN") or None,
+            namespace=env.get("NOMAD_NAMESPACE") or None,
+            region=env.get("NOMAD_REGION") or None,
+            ca_cert=env.get("NOMAD_CACERT") or None,
+            client_cert=(cert, key) if cert and key else None,
+            verify=env.get("NOMAD_SKIP_VERIFY", "").lower() not in ("1", "true", "yes"),
+        )
+
+
+class NomadClient:
+    """One Nomad agent's HTTP API (``close`` when done, or use as a context manager)."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        s = self.settings
+        verify: Any = s.ca_cert if (s.verify and s.ca_cert) else s.verify
+        self._http = httpx.Client(
+            base_url=s.address,
+            headers={"X-Nomad-Token": s.token} if s.token else {},
+            verify=verify,
+            cert=s.client_cert,
+            timeout=httpx.Timeout(CONNECT_S + SLACK_S, connect=CONNECT_S),
+        )
+
+    def __enter__(self) -> NomadClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _params(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("namespace", self.settings.namespace), ("region", self.settings.region)) if v}
+        return {**params, **(extra or {})}
+
+    def _request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, params=self._params(params), **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        _raise_for(response, method, path)
+        return response
+
+    def _unreachable(self, exc: Exception) -> StackError:
+        return StackError(
+            f"no Nomad agent answers at {self.settings.address} ({type(exc).__name__}: {exc})",
+            fix="start one (`just nomad-up`) or set NOMAD_ADDR to its address",
+        )
+
+    def _blocking(self, path: str, index: int, wait_s: float) -> tuple[Any, int]:
+        """A blocking query: the object once its index passes ``index`` (or after ``wait_s``), and its index."""
+        params = {"index": index, "wait": f"{int(wait_s)}s"} if index else {}
+        timeout = httpx.Timeout(wait_s + SLACK_S, connect=CONNECT_S)
+        response = self._request("GET", path, params=params, timeout=timeout)
+        return response.json(), int(response.headers.get("X-Nomad-Index", index) or 0)
+
+    def agent(self) -> dict[str, Any]:
+        """The agent's own description (``GET /v1/agent/self``): a cheap check that it answers and accepts the token."""
+        return self._request("GET", "/v1/agent/self").json()
+
+    def register(self, job: dict[str, Any]) -> str:
+        """Register ``job``; the ID of the evaluation that places it."""
+        return self._request("PUT", "/v1/jobs", json={"Job": job}).json()["EvalID"]
+
+    def evaluation(self, eval_id: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[dict[str, Any], int]:
+        return self._blocking(f"/v1/evaluation/{eval_id}", index, wait_s)
+
+    def allocations(self, job: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[list[dict[str, Any]], int]:
+        return self._blocking(f"/v1/job/{job}/allocations", index, wait_s)
+
+    def allocation(self, alloc_id: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[dict[str, Any], int]:
+        return self._blocking(f"/v1/allocation/{alloc_id}", index, wait_s)
+
+    def jobs(self, prefix: str) -> list[dict[str, Any]]:
+        """The jobs whose IDs start with ``prefix``, with their ``Meta``."""
+        return self._request("GET", "/v1/jobs", params={"prefix": prefix, "meta": "true"}).json()
+
+    def deregister(self, job: str) -> None:
+        """Stop ``job`` and forget it (``purge``); one already gone is no error."""
+        with contextlib.suppress(NotFound):
+            self._request("DELETE", f"/v1/job/{job}", params={"purge": "true"})
+
+    @contextlib.contextmanager
+    def logs(self, alloc_id: str, task: str, kind: str, offset: int = 0) -> Iterator[Iterator[bytes]]:
+        """The body of ``task``'s ``kind`` log (``stdout``, ``stderr``) from ``offset``, followed, as chunks."""
+        params = self._params({"task": task, "type": kind, "follow": "true", "origin": "start", "offset": offset})
+        timeout = httpx.Timeout(None, connect=CONNECT_S)  # a quiet task: heartbeats, or nothing, for a while
+        try:
+            with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:
+                if response.is_error:
+                    response.read()
+                _raise_for(response, "GET", "/v1/client/fs/logs")
+                yield response.iter_raw()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+
+class NotFound(StackError):
+    """Nomad does not know the object (404)."""
+
+
+def _raise_for(response: httpx.Response, method: str, path: str) -> None:
+    """A ``StackError`` for a refusal: a 403 names the token, others what Nomad said."""
+    if not response.is_error:
+        return
+    said = response.text.strip()[:300]
+    if response.status_code == 403:
+        raise StackError(
+            f"Nomad refused {method} {path}: {said or 'permission denied'}",
+            fix="set NOMAD_TOKEN to an ACL token that may submit jobs and read logs in the namespace (NOMAD_NAMESPACE)",
+        )
+    if response.status_code == 404:
+        raise NotFound(f"Nomad knows no {path}: {said}", fix="check the job's namespace (NOMAD_NAMESPACE) and region")
+    raise StackError(
+        f"Nomad answered {response.status_code} to {method} {path}: {said}",
+        fix="check the job's settings (@nomad) and the agent's log",
+    )

@@ -1,0 +1,181 @@
+"""One Metaflow task attempt as a Nomad batch job: the body of ``PUT /v1/jobs`` (Nomad's ``api.Job``).
+
+Nomad's batch defaults would fight Metaflow's retries: a failed task is
+restarted up to 3 times on its node and then rescheduled once elsewhere, so
+a failing step would silently run five times. Both policies are set to no
+attempts: a failure is the attempt's, and only ``@retry`` runs it again.
+
+Field names and units are Nomad's (``api/jobs.go``, ``api/tasks.go``,
+``api/resources.go``, ``api/constraint.go``): durations in nanoseconds,
+memory in MB, ``Cores`` for whole cores, ``CPU`` in MHz.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from metaflow_stack.errors import StackError
+
+#: How a task runs on a client: in a Docker container (the default), as a chrooted process of the
+#: client's own files (``exec``), or as a plain process of the client's (``raw_exec``: no isolation).
+DRIVERS = ("docker", "exec", "raw_exec")
+#: The job's one group and task.
+GROUP, TASK = "step", "metaflow"
+#: Nomad's limit on a job ID's length.
+MAX_JOB_ID = 128
+#: What a fractional ``cpu`` becomes: Nomad shares CPU in MHz.
+MHZ_PER_CORE = 1000
+#: How long a stopped task has between its signal and SIGKILL.
+KILL_TIMEOUT_NS = 30 * 1_000_000_000
+#: The operators a constraint may use (Nomad's ``constraint`` block).
+OPERATORS = frozenset(
+    {"=", "==", "is", "!=", "not", ">", ">=", "<", "<=", "regexp", "set_contains", "set_contains_any"}
+    | {"version", "semver", "distinct_hosts", "distinct_property", "is_set", "is_not_set"}
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and with what a task runs: the ``@nomad`` decorator's settings, checked."""
+
+    cpu: float = 1.0
+    memory: int = 4096
+    gpu: int = 0
+    gpu_model: str | None = None
+    gpu_memory: int | None = None  # MB of each GPU, at least
+    image: str | None = None
+    driver: str = "docker"
+    datacenters: tuple[str, ...] = ()
+    namespace: str | None = None
+    region: str | None = None
+    node_pool: str | None = None
+    constraints: tuple[tuple[str, str, str], ...] = field(default=())  # (attribute, operator, value)
+
+    def __post_init__(self) -> None:
+        if self.driver not in DRIVERS:
+            raise StackError(f"driver={self.driver!r} is not one of {', '.join(DRIVERS)}", fix='driver="docker"')
+        if self.driver == "docker" and not self.image:
+            raise StackError("the docker driver needs an image", fix="give image=, or let the runtime pick one")
+        if not self.cpu > 0 or not self.memory > 0 or self.gpu < 0:
+            raise StackError(
+                f"cpu={self.cpu}, memory={self.memory} and gpu={self.gpu} must be positive (gpu may be 0)",
+                fix="@nomad(cpu=2, memory=4096)",
+            )
+        for attribute, operator, _ in self.constraints:
+            if operator not in OPERATORS:
+                raise StackError(
+                    f"constraint on {attribute} uses {operator!r}, which Nomad does not know",
+                    fix=f"one of {', '.join(sorted(OPERATORS))}",
+                )
+
+
+def constraints_of(given: Any) -> tuple[tuple[str, str, str], ...]:
+    """``constraints=`` as users write them, Nomad's HCL words (``[{"attribute": "${attr.kernel.name}",
+    "operator": "=", "value": "linux"}]``, operator ``=`` by default), as (attribute, operator, value)."""
+    if given is None:
+        return ()
+    if not isinstance(given, list | tuple) or not all(isinstance(c, dict) for c in given):
+        raise StackError(
+            f"constraints={given!r} is not a list of constraints",
+            fix='constraints=[{"attribute": "${attr.kernel.name}", "value": "linux"}]',
+        )
+    found = []
+    for constraint in given:
+        unknown = set(constraint) - {"attribute", "operator", "value"}
+        if unknown or "attribute" not in constraint:
+            raise StackError(
+                f"constraint {constraint!r} needs an attribute and may have an operator and a value"
+                + (f", not {', '.join(sorted(unknown))}" if unknown else ""),
+                fix='{"attribute": "${attr.kernel.name}", "operator": "=", "value": "linux"}',
+            )
+        found.append(
+            (str(constraint["attribute"]), str(constraint.get("operator", "=")), str(constraint.get("value", "")))
+        )
+    return tuple(found)
+
+
+def job_id(flow: str, run_id: str, step: str, task_id: str, attempt: int) -> str:
+    """The job of one task attempt, named for it (``mf-<flow>-<run>-<step>-<task>-<attempt>``, lowercase,
+    Nomad's safe characters); a name over Nomad's limit keeps its start and gains a hash of the whole."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", f"mf-{flow}-{run_id}-{step}-{task_id}-{attempt}".lower())
+    if len(name) <= MAX_JOB_ID:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[: MAX_JOB_ID - len(digest) - 1]}-{digest}"
+
+
+def _constraint(attribute: str, operator: str, value: str) -> dict[str, str]:
+    return {"LTarget": attribute, "RTarget": value, "Operand": operator}
+
+
+def resources(placement: Placement) -> dict[str, Any]:
+    """The task's ``Resources``: whole cores as ``Cores``, a fraction as ``CPU`` MHz, memory in MB, GPUs
+    as ``nvidia/gpu`` devices with the model and memory asked for."""
+    cpu = placement.cpu
+    found: dict[str, Any] = {"MemoryMB": int(placement.memory)}
+    if float(cpu).is_integer():
+        found["Cores"] = int(cpu)
+    else:
+        found["CPU"] = max(int(cpu * MHZ_PER_CORE), 1)
+    if placement.gpu:
+        device: dict[str, Any] = {"Name": "nvidia/gpu", "Count": placement.gpu}
+        wanted = []
+        if placement.gpu_model:
+            wanted.append(_constraint("${device.model}", "=", placement.gpu_model))
+        if placement.gpu_memory:
+            wanted.append(_constraint("${device.attr.memory}", ">=", f"{placement.gpu_memory} MiB"))
+        if wanted:
+            device["Constraints"] = wanted
+        found["Devices"] = [device]
+    return found
+
+
+def task_job(
+    job: str, command: list[str], env: dict[str, str], placement: Placement, meta: dict[str, str]
+) -> dict[str, Any]:
+    """The job that runs ``command`` once with ``env``, placed as ``placement`` says; ``meta`` names the
+    Metaflow task (and who waits for it), so a run's jobs and orphans can be found."""
+    if placement.driver == "docker":
+        config: dict[str, Any] = {"image": placement.image, "command": command[0], "args": command[1:]}
+    else:
+        config = {"command": command[0], "args": command[1:]}
+    body: dict[str, Any] = {
+        "ID": job,
+        "Name": job,
+        "Type": "batch",
+        "Meta": meta,
+        "TaskGroups": [
+            {
+                "Name": GROUP,
+                "Count": 1,
+                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
+                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
+                "Tasks": [
+                    {
+                        "Name": TASK,
+                        "Driver": placement.driver,
+                        "Config": config,
+                        "Env": env,
+                        "Resources": resources(placement),
+                        "KillTimeout": KILL_TIMEOUT_NS,
+                        "Meta": meta,
+                    }
+                ],
+            }
+        ],
+    }
+    if placement.datacenters:
+        body["Datacenters"] = list(placement.datacenters)
+    if placement.constraints:
+        body["Constraints"] = [_constraint(*c) for c in placement.constraints]
+    for key, value in (
+        ("Namespace", placement.namespace),
+        ("Region", placement.region),
+        ("NodePool", placement.node_pool),
+    ):
+        if value:
+            body[key] = value
+    return body

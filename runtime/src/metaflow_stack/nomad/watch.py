@@ -1,0 +1,151 @@
+"""One task's job followed to its end: placed (or why not, at once), its logs as they are written, its
+real exit code.
+
+Everything waits on Nomad's blocking queries: the evaluation until it is
+done, the job's allocations until one exists, the allocation until it
+ends. A job Nomad cannot place leaves an evaluation whose
+``FailedTGAllocs`` say why (no node with the memory, a constraint that
+filtered every node, no such device): that is reported in seconds, in
+Nomad's own words, rather than waiting for a node that will not come.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.nomad.client import NomadClient
+from metaflow_stack.nomad.jobspec import TASK
+from metaflow_stack.nomad.logs import FrameDecoder, Lines
+
+#: An allocation's ends (``ClientStatus``).
+ENDED = ("complete", "failed", "lost")
+#: After the allocation ends: how long its logs may take to be read to their end.
+DRAIN_S = 15.0
+#: What the exit code is when the task never got to run its command (image pull, driver, validation).
+NOT_STARTED = ("Driver Failure", "Setup Failure", "Failed Validation", "Failed Artifact Download")
+
+
+class Unplaced(StackError):
+    """Nomad placed no allocation for the job: no node fits."""
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How the task ended: its exit code (``None``: its command never ran), signal, and Nomad's words."""
+
+    code: int | None
+    signal: int = 0
+    status: str = "complete"
+    reason: str = ""
+
+
+def why_unplaced(failed: dict[str, Any]) -> str:
+    """Nomad's placement metrics (``FailedTGAllocs``: a group's ``AllocationMetric``) in one line."""
+    parts = []
+    for metric in failed.values():
+        parts.append(f"{metric.get('NodesEvaluated', 0)} nodes evaluated")
+        for key, label in (("ConstraintFiltered", "filtered by"), ("DimensionExhausted", "exhausted")):
+            for what, count in sorted((metric.get(key) or {}).items()):
+                parts.append(f"{label} {what} ({count})")
+        if metric.get("NodesAvailable") == {} or not metric.get("NodesEvaluated"):
+            parts.append("no node in the job's datacenters and node pool")
+    return "; ".join(parts)
+
+
+def wait_placed(client: NomadClient, eval_id: str) -> None:
+    """Wait for the evaluation of a registered job; ``Unplaced`` if Nomad could place nothing."""
+    index = 0
+    while True:
+        evaluation, index = client.evaluation(eval_id, index)
+        status = evaluation.get("Status")
+        if evaluation.get("FailedTGAllocs"):
+            raise Unplaced(
+                f"Nomad cannot place the job: {why_unplaced(evaluation['FailedTGAllocs'])}",
+                fix="ask for what a node has (@nomad cpu, memory, gpu, constraints, datacenters, node_pool)",
+            )
+        if status == "complete":
+            return
+        if status in ("failed", "canceled"):
+            raise StackError(
+                f"Nomad's evaluation of the job {status}: {evaluation.get('StatusDescription', '')}",
+                fix="read the evaluation (nomad eval status) and the servers' log",
+            )
+
+
+def allocation_of(client: NomadClient, job: str) -> str:
+    """The ID of the job's allocation, once Nomad made it."""
+    index = 0
+    while True:
+        allocations, index = client.allocations(job, index)
+        if allocations:
+            return max(allocations, key=lambda a: a.get("CreateIndex", 0))["ID"]
+
+
+def ending(allocation: dict[str, Any]) -> Ending:
+    """The real exit code of a finished allocation's task (its ``Terminated`` event), or why it has none."""
+    status = allocation.get("ClientStatus", "")
+    events = (allocation.get("TaskStates") or {}).get(TASK, {}).get("Events") or []
+    for event in reversed(events):
+        if event.get("Type") == "Terminated":
+            return Ending(int(event.get("ExitCode", 0)), int(event.get("Signal", 0)), status)
+    said = [
+        e.get("DisplayMessage") or e.get("DriverError") or e.get("Message")
+        for e in events
+        if e.get("Type") in NOT_STARTED
+    ]
+    if said:
+        return Ending(None, status=status, reason=str(said[-1]))
+    if status == "lost":
+        return Ending(None, status=status, reason="the node running it was lost")
+    return Ending(None, status=status, reason=allocation.get("ClientDescription", "") or status)
+
+
+class LogFollower(threading.Thread):
+    """Reads one of the task's logs (``kind``: ``stdout``, ``stderr``) as it is written and hands over each
+    line; stops when the log ends, or at a heartbeat once the allocation has ended."""
+
+    def __init__(self, client: NomadClient, alloc_id: str, kind: str, on_line: Callable[[str, str], None]) -> None:
+        super().__init__(name=f"nomad-{kind}", daemon=True)
+        self.client, self.alloc_id, self.kind, self.on_line = client, alloc_id, kind, on_line
+        self.ended = threading.Event()  # set by the watcher when the allocation ends
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        lines, decoder = Lines(), FrameDecoder()
+        try:
+            with self.client.logs(self.alloc_id, TASK, self.kind) as chunks:
+                for chunk in chunks:
+                    for frame in decoder.feed(chunk):
+                        for line in lines.feed(frame.data):
+                            self.on_line(self.kind, line)
+                        if frame.event == "file deleted" or (frame.heartbeat and self.ended.is_set()):
+                            return
+        except Exception as exc:  # reported by the watcher: the task's ending matters more than its log
+            self.error = exc
+        finally:
+            for line in lines.flush():
+                self.on_line(self.kind, line)
+
+
+def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, str], None]) -> Ending:
+    """Wait for ``job`` to be placed, hand over its log lines (``on_line(kind, line)``) while it runs, and
+    return how it ended."""
+    wait_placed(client, eval_id)
+    alloc_id = allocation_of(client, job)
+    followers = [LogFollower(client, alloc_id, kind, on_line) for kind in ("stdout", "stderr")]
+    for follower in followers:
+        follower.start()
+    index = 0
+    while True:
+        allocation, index = client.allocation(alloc_id, index)
+        if allocation.get("ClientStatus") in ENDED:
+            break
+    for follower in followers:
+        follower.ended.set()
+    for follower in followers:
+        follower.join(DRAIN_S)
+    return ending(allocation)

@@ -1,0 +1,348 @@
+"""A double of a Nomad agent's HTTP API, for the tests on machines where Nomad cannot be installed.
+
+It implements only the endpoints ``@nomad`` uses, with Nomad's documented
+JSON (https://developer.hashicorp.com/nomad/api-docs: jobs, evaluations,
+allocations, client/fs logs, agent) and one node: this machine, datacenter
+``dc1``, node pool ``default``, attributes ``${attr.kernel.name}=linux``
+and ``${node.datacenter}=dc1``, this machine's cores, 16 GiB and no
+devices. Each docker task runs as a container on the local Docker engine
+(labelled ``io.metaflow-stack.nomad-double``); other drivers fail as a
+Nomad client without them does (``Driver Failure``). Its fidelity is
+checked by the same suite passing against a real ``nomad agent -dev`` in
+the GitHub workflow's ``nomad`` job.
+
+- ``PUT /v1/jobs``: the body checked against ``job.schema.json`` (Nomad's
+  fields; 400 otherwise); an evaluation that places the task group on the
+  node, or records why not (``FailedTGAllocs``: ``ConstraintFiltered``,
+  ``DimensionExhausted``), as Nomad's scheduler does.
+- Blocking queries (``index``, ``wait``) on ``/v1/evaluation/:id``,
+  ``/v1/job/:id/allocations`` and ``/v1/allocation/:id``, with
+  ``X-Nomad-Index``.
+- ``GET /v1/client/fs/logs/:alloc``: the task's stdout or stderr as
+  ``StreamFrame`` objects (``Data`` base64, ``Offset``, ``File``), a
+  heartbeat ``{}`` each second nothing is written; it follows while asked.
+- ``DELETE /v1/job/:id?purge=true``: the container killed, the job gone.
+- With ``--token``, a request without that ``X-Nomad-Token`` gets 403
+  ``Permission denied``, as an agent with ACLs enabled answers.
+
+    python tests/nomad_double/server.py --port PORT [--token TOKEN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from python_on_whales import DockerClient
+from python_on_whales.exceptions import DockerException
+
+SCHEMA = json.loads((Path(__file__).resolve().parent / "job.schema.json").read_text())
+LABEL = "io.metaflow-stack.nomad-double"
+NODE = {
+    "${attr.kernel.name}": "linux",
+    "${node.datacenter}": "dc1",
+    "${node.pool}": "default",
+    "${node.unique.name}": os.uname().nodename,
+}
+NODE_MEMORY_MB = 16384
+HEARTBEAT_S = 1.0
+
+
+class Cluster:
+    """The double's state: jobs, evaluations, allocations, one index that every change moves."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.index = 1
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.evals: dict[str, dict[str, Any]] = {}
+        self.allocs: dict[str, dict[str, Any]] = {}
+        self.docker = DockerClient()
+
+    def bump(self, obj: dict[str, Any]) -> None:
+        with self.changed:
+            self.index += 1
+            obj["ModifyIndex"] = self.index
+            obj.setdefault("CreateIndex", self.index)
+            self.changed.notify_all()
+
+    def wait(self, get: Any, index: int, wait_s: float) -> tuple[Any, int]:
+        """Nomad's blocking query: ``get()`` once its result's index passes ``index``, or after ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        with self.changed:
+            while True:
+                found, at = get()
+                if at > index or not index or time.monotonic() >= deadline:
+                    return found, max(at, 1)
+                self.changed.wait(max(deadline - time.monotonic(), 0))
+
+    # -- the scheduler ------------------------------------------------------------------------------
+    def why_not(self, job: dict[str, Any]) -> dict[str, Any]:
+        filtered: dict[str, int] = {}
+        exhausted: dict[str, int] = {}
+        datacenters = job.get("Datacenters") or ["*"]
+        if ("*" not in datacenters and "dc1" not in datacenters) or job.get("NodePool", "default") not in (
+            "default",
+            "all",
+        ):
+            return {"NodesEvaluated": 0, "NodesAvailable": {}}
+        for c in job.get("Constraints") or []:
+            if not _satisfied(c):
+                filtered[f"{c['LTarget']} {c['Operand']} {c.get('RTarget', '')}".strip()] = 1
+        for group in job["TaskGroups"]:
+            for task in group["Tasks"]:
+                resources = task.get("Resources") or {}
+                if resources.get("Cores", 0) > (os.cpu_count() or 1):
+                    exhausted["cores"] = 1
+                if resources.get("MemoryMB", 300) > NODE_MEMORY_MB:
+                    exhausted["memory"] = 1
+                for device in resources.get("Devices") or []:
+                    exhausted[f"devices: no devices match request {device['Name']}"] = 1
+        if not (filtered or exhausted):
+            return {}
+        return {
+            "NodesEvaluated": 1,
+            "NodesFiltered": 1 if filtered else 0,
+            "NodesAvailable": {"dc1": 1},
+            "ConstraintFiltered": filtered or None,
+            "NodesExhausted": 1 if exhausted else 0,
+            "DimensionExhausted": exhausted or None,
+        }
+
+    def register(self, job: dict[str, Any]) -> dict[str, Any]:
+        eval_id = str(uuid.uuid4())
+        evaluation = {"ID": eval_id, "JobID": job["ID"], "Status": "pending", "Type": job["Type"]}
+        with self.changed:
+            self.jobs[job["ID"]] = {"Job": job, "Allocs": []}
+            self.evals[eval_id] = evaluation
+            self.bump(evaluation)
+        threading.Thread(target=self.schedule, args=(job, evaluation), daemon=True).start()
+        return {"EvalID": eval_id, "JobModifyIndex": self.index}
+
+    def schedule(self, job: dict[str, Any], evaluation: dict[str, Any]) -> None:
+        time.sleep(0.05)
+        failed = self.why_not(job)
+        if failed:
+            evaluation.update(
+                Status="complete", FailedTGAllocs={job["TaskGroups"][0]["Name"]: failed}, BlockedEval=str(uuid.uuid4())
+            )
+            self.bump(evaluation)
+            return
+        group = job["TaskGroups"][0]
+        task = group["Tasks"][0]
+        alloc = {
+            "ID": str(uuid.uuid4()),
+            "JobID": job["ID"],
+            "Namespace": job.get("Namespace", "default"),
+            "TaskGroup": group["Name"],
+            "ClientStatus": "pending",
+            "TaskStates": {task["Name"]: {"State": "pending", "Failed": False, "Events": [_event("Received")]}},
+        }
+        with self.changed:
+            self.allocs[alloc["ID"]] = alloc
+            self.jobs[job["ID"]]["Allocs"].append(alloc["ID"])
+            evaluation["Status"] = "complete"
+            self.bump(evaluation)
+            self.bump(alloc)
+        self.run(alloc, task)
+
+    def run(self, alloc: dict[str, Any], task: dict[str, Any]) -> None:
+        state = alloc["TaskStates"][task["Name"]]
+        if task["Driver"] != "docker":
+            state["Events"].append(_event("Driver Failure", DriverError=f"missing drivers: {task['Driver']}"))
+            state.update(State="dead", Failed=True)
+            alloc["ClientStatus"] = "failed"
+            self.bump(alloc)
+            return
+        config, resources = task["Config"], task.get("Resources") or {}
+        cpus = resources.get("Cores") or (resources.get("CPU", 100) / 1000)
+        try:
+            container = self.docker.run(
+                config["image"],
+                [config["command"], *config.get("args", [])],
+                detach=True,
+                envs=task.get("Env") or {},
+                cpus=cpus,
+                memory=f"{resources.get('MemoryMB', 300)}m",
+                labels={LABEL: alloc["ID"]},
+                cap_drop=["ALL"],
+                security_options=["no-new-privileges"],
+            )
+        except DockerException as exc:
+            state["Events"].append(
+                _event("Driver Failure", DriverError=f"Failed to start container: {exc.stderr or exc}")
+            )
+            state.update(State="dead", Failed=True)
+            alloc["ClientStatus"] = "failed"
+            self.bump(alloc)
+            return
+        alloc["Container"] = container.id
+        state["Events"].append(_event("Started"))
+        state["State"] = "running"
+        alloc["ClientStatus"] = "running"
+        self.bump(alloc)
+        code = int(self.docker.container.wait(container.id))
+        if alloc["ClientStatus"] != "running":  # stopped by a deregistration meanwhile
+            return
+        state["Events"].append(_event("Terminated", ExitCode=code, Signal=0))
+        state.update(State="dead", Failed=code != 0)
+        alloc["ClientStatus"] = "complete" if code == 0 else "failed"
+        self.bump(alloc)
+
+    def deregister(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        for alloc_id in (job or {}).get("Allocs", []):
+            alloc = self.allocs[alloc_id]
+            if alloc["ClientStatus"] in ("pending", "running"):
+                alloc["ClientStatus"] = "complete"
+                alloc["DesiredStatus"] = "stop"
+                self.bump(alloc)
+            if alloc.get("Container"):
+                with contextlib.suppress(DockerException):
+                    self.docker.container.remove(alloc["Container"], force=True)
+
+    def logs(self, alloc_id: str, kind: str, follow: bool, offset: int):
+        """``StreamFrame`` objects of the task's ``kind`` output, as Nomad's client writes them."""
+        alloc = self.allocs[alloc_id]
+        sent, file = 0, f"alloc/logs/{alloc_id[:8]}.{kind}.0"
+        while not alloc.get("Container") and alloc["ClientStatus"] in ("pending",):
+            yield b"{}"
+            time.sleep(HEARTBEAT_S)
+        container = alloc.get("Container")
+        if container:
+            # Followed while the task runs, then read once more whole: the followed stream can end before
+            # the task's last bytes when they have no newline.
+            for stream in (follow, False):
+                seen = 0
+                with contextlib.suppress(DockerException):
+                    for source, data in self.docker.container.logs(container, follow=stream, stream=True):
+                        if source != kind:
+                            continue
+                        start, seen = seen, seen + len(data)
+                        if seen > max(sent, offset):
+                            piece = data[max(sent, offset) - start :]
+                            sent = seen
+                            frame = {"Data": base64.b64encode(piece).decode(), "Offset": seen, "File": file}
+                            yield json.dumps(frame).encode()
+        while follow:  # the task has ended: Nomad keeps the stream, with heartbeats, until the reader goes
+            yield b"{}"
+            time.sleep(HEARTBEAT_S)
+
+
+def _satisfied(constraint: dict[str, Any]) -> bool:
+    value, wanted, operator = NODE.get(constraint["LTarget"]), constraint.get("RTarget", ""), constraint["Operand"]
+    if operator in ("=", "==", "is"):
+        return value == wanted
+    if operator in ("!=", "not"):
+        return value != wanted
+    if operator == "is_set":
+        return value is not None
+    if operator == "is_not_set":
+        return value is None
+    return False  # the double knows no other operator: nothing satisfies it
+
+
+def _event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"Type": kind, "Time": time.time_ns(), "DisplayMessage": fields.get("DriverError", ""), **fields}
+
+
+def app(token: str | None) -> FastAPI:
+    api, cluster = FastAPI(), Cluster()
+
+    @api.middleware("http")
+    async def acl(request: Request, call_next):
+        if token and request.headers.get("X-Nomad-Token") != token:
+            return PlainTextResponse("Permission denied", status_code=403)
+        return await call_next(request)
+
+    def blocking(request: Request, get) -> JSONResponse:
+        index = int(request.query_params.get("index", 0) or 0)
+        wait_s = float(request.query_params.get("wait", "300s").rstrip("s"))
+        found, at = cluster.wait(get, index, min(wait_s, 300))
+        if found is None:
+            return PlainTextResponse("not found", status_code=404)
+        return JSONResponse(found, headers={"X-Nomad-Index": str(at)})
+
+    @api.get("/v1/agent/self")
+    def agent_self() -> dict:
+        return {"config": {"Region": "global", "Datacenter": "dc1"}, "member": {"Name": os.uname().nodename}}
+
+    @api.put("/v1/jobs")
+    @api.post("/v1/jobs")
+    async def register(request: Request):
+        body = await request.json()
+        try:
+            jsonschema.validate(body, SCHEMA)
+        except jsonschema.ValidationError as exc:
+            return PlainTextResponse(f"1 error occurred: {exc.message}", status_code=400)
+        return cluster.register(body["Job"])
+
+    @api.get("/v1/jobs")
+    def jobs(prefix: str = "") -> list:
+        return [
+            {"ID": job_id, "Status": "running", "Meta": entry["Job"].get("Meta")}
+            for job_id, entry in cluster.jobs.items()
+            if job_id.startswith(prefix)
+        ]
+
+    @api.get("/v1/evaluation/{eval_id}")
+    def evaluation(eval_id: str, request: Request):
+        return blocking(request, lambda: (e := cluster.evals.get(eval_id), (e or {}).get("ModifyIndex", 0)))
+
+    @api.get("/v1/job/{job_id}/allocations")
+    def allocations(job_id: str, request: Request):
+        def get():
+            allocs = [cluster.allocs[a] for a in cluster.jobs.get(job_id, {}).get("Allocs", [])]
+            stubs = [{k: v for k, v in a.items() if k != "Container"} for a in allocs]
+            return stubs, max((a["ModifyIndex"] for a in allocs), default=0)
+
+        return blocking(request, get)
+
+    @api.get("/v1/allocation/{alloc_id}")
+    def allocation(alloc_id: str, request: Request):
+        def get():
+            alloc = cluster.allocs.get(alloc_id)
+            if alloc is None:
+                return None, 0
+            return {k: v for k, v in alloc.items() if k != "Container"}, alloc["ModifyIndex"]
+
+        return blocking(request, get)
+
+    @api.delete("/v1/job/{job_id}")
+    def deregister(job_id: str, purge: bool = False) -> dict:
+        if job_id not in cluster.jobs:
+            return PlainTextResponse("job not found", status_code=404)
+        cluster.deregister(job_id)
+        return {"EvalID": str(uuid.uuid4())}
+
+    @api.get("/v1/client/fs/logs/{alloc_id}")
+    def logs(alloc_id: str, task: str, type: str, follow: bool = False, offset: int = 0, origin: str = "start"):
+        if alloc_id not in cluster.allocs:
+            return PlainTextResponse("unknown allocation", status_code=404)
+        return StreamingResponse(cluster.logs(alloc_id, type, follow, offset), media_type="application/json")
+
+    return api
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token")
+    args = parser.parse_args()
+    uvicorn.run(app(args.token), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

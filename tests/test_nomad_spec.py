@@ -1,0 +1,159 @@
+"""``@nomad``'s offline parts: a task attempt rendered as Nomad's job JSON (checked against the fields
+of Nomad's API structs, ``tests/nomad_double/job.schema.json``), and the log endpoint's frames decoded
+however the body is cut."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.nomad import jobspec
+from metaflow_stack.nomad.jobspec import Placement, constraints_of, job_id, task_job
+from metaflow_stack.nomad.logs import MAX_LINE, MAX_PENDING, FrameDecoder, Lines
+
+SCHEMA = json.loads((Path(__file__).resolve().parent / "nomad_double" / "job.schema.json").read_text())
+COMMAND = ["sh", "-c", "python flow.py step train"]
+META = {"metaflow.flow": "TrainFlow", "metaflow.run_id": "12", "metaflow.step": "train"}
+
+
+def registered(job: dict) -> dict:
+    """``job`` as the body of ``PUT /v1/jobs``, checked against Nomad's fields."""
+    body = {"Job": job}
+    jsonschema.validate(body, SCHEMA)
+    return job
+
+
+def test_a_task_is_a_batch_job_nomad_never_restarts_or_reschedules() -> None:
+    job = registered(task_job("mf-j", COMMAND, {"A": "1"}, Placement(image="r/base:t"), META))
+    (group,) = job["TaskGroups"]
+    assert job["Type"] == "batch" and job["ID"] == job["Name"] == "mf-j" and job["Meta"] == META
+    assert group["RestartPolicy"] == {"Attempts": 0, "Mode": "fail"}
+    assert group["ReschedulePolicy"] == {"Attempts": 0, "Unlimited": False}
+    (task,) = group["Tasks"]
+    assert task["Driver"] == "docker" and task["Env"] == {"A": "1"}
+    assert task["Config"] == {"image": "r/base:t", "command": "sh", "args": ["-c", "python flow.py step train"]}
+    assert task["Resources"] == {"MemoryMB": 4096, "Cores": 1}
+    assert task["KillTimeout"] == 30 * 10**9
+    assert not {"Datacenters", "Namespace", "Region", "NodePool", "Constraints"} & set(job)
+
+
+def test_resources_gpus_and_placement_in_nomad_terms() -> None:
+    placement = Placement(
+        cpu=0.5,
+        memory=2048,
+        gpu=2,
+        gpu_model="H100",
+        gpu_memory=40000,
+        image="r/base:t",
+        datacenters=("dc1", "dc2"),
+        namespace="ml",
+        region="eu",
+        node_pool="gpus",
+        constraints=constraints_of([{"attribute": "${attr.kernel.name}", "value": "linux"}]),
+    )
+    job = registered(task_job("mf-j", COMMAND, {}, placement, META))
+    resources = job["TaskGroups"][0]["Tasks"][0]["Resources"]
+    assert resources["CPU"] == 500 and "Cores" not in resources and resources["MemoryMB"] == 2048
+    assert resources["Devices"] == [
+        {
+            "Name": "nvidia/gpu",
+            "Count": 2,
+            "Constraints": [
+                {"LTarget": "${device.model}", "RTarget": "H100", "Operand": "="},
+                {"LTarget": "${device.attr.memory}", "RTarget": "40000 MiB", "Operand": ">="},
+            ],
+        }
+    ]
+    assert job["Datacenters"] == ["dc1", "dc2"] and job["Namespace"] == "ml" and job["Region"] == "eu"
+    assert job["NodePool"] == "gpus"
+    assert job["Constraints"] == [{"LTarget": "${attr.kernel.name}", "RTarget": "linux", "Operand": "="}]
+
+
+@pytest.mark.parametrize("driver", ["exec", "raw_exec"])
+def test_exec_drivers_run_the_command_with_no_image(driver: str) -> None:
+    job = registered(task_job("mf-j", COMMAND, {}, Placement(driver=driver, cpu=3), META))
+    task = job["TaskGroups"][0]["Tasks"][0]
+    assert task["Driver"] == driver and task["Config"] == {"command": "sh", "args": COMMAND[1:]}
+    assert task["Resources"]["Cores"] == 3
+
+
+def test_job_ids_name_the_attempt_within_nomads_limit() -> None:
+    assert job_id("TrainFlow", "1733", "train", "4", 1) == "mf-trainflow-1733-train-4-1"
+    assert job_id("F", "argo-x y", "s", "t", 0) == "mf-f-argo-x-y-s-t-0"
+    long = [job_id("F" * 200, "1", "s", str(task), 0) for task in range(2)]
+    assert all(len(name) == jobspec.MAX_JOB_ID for name in long) and long[0] != long[1]
+    for name in long:
+        registered(task_job(name, COMMAND, {}, Placement(image="i:t"), META))
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"driver": "podman", "image": "i:t"}, "driver='podman' is not one of"),
+        ({}, "the docker driver needs an image"),
+        ({"cpu": 0, "image": "i:t"}, "must be positive"),
+        ({"gpu": -1, "image": "i:t"}, "must be positive"),
+        ({"image": "i:t", "constraints": (("${attr.a}", "~", "b"),)}, "'~', which Nomad does not know"),
+    ],
+)
+def test_bad_placements_are_refused_naming_the_fix(settings: dict, words: str) -> None:
+    with pytest.raises(StackError) as caught:
+        Placement(**settings)
+    assert words in caught.value.message and caught.value.fix
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ("linux", "is not a list of constraints"),
+        ([{"value": "linux"}], "needs an attribute"),
+        ([{"attribute": "a", "op": "="}], "not op"),
+    ],
+)
+def test_constraints_as_users_write_them_are_checked(given: object, words: str) -> None:
+    with pytest.raises(StackError) as caught:
+        constraints_of(given)
+    assert words in caught.value.message
+    assert constraints_of([{"attribute": "a", "operator": ">=", "value": "2"}]) == (("a", ">=", "2"),)
+    assert constraints_of(None) == ()
+
+
+def frame(data: bytes = b"", **fields: object) -> bytes:
+    body = {**({"Data": base64.b64encode(data).decode()} if data else {}), **fields}
+    return json.dumps(body).encode() + b"\n"
+
+
+def test_frames_are_decoded_however_the_body_is_cut() -> None:
+    body = frame(b"line one\nline t", Offset=15, File="alloc/logs/metaflow.stdout.0") + b"{}\n"
+    body += frame(b"wo\n", Offset=18, File="alloc/logs/metaflow.stdout.0") + frame(FileEvent="file truncated")
+    whole = FrameDecoder().feed(body)
+    for cut in range(1, len(body)):
+        decoder = FrameDecoder()
+        assert decoder.feed(body[:cut]) + decoder.feed(body[cut:]) == whole
+    assert [f.heartbeat for f in whole] == [False, True, False, False]
+    assert whole[0].data == b"line one\nline t" and whole[0].offset == 15 and whole[3].event == "file truncated"
+    lines = Lines()
+    assert [line for f in whole for line in lines.feed(f.data)] == ["line one", "line two"]
+    assert lines.flush() == []
+
+
+def test_what_is_not_nomads_frames_is_an_error_not_a_hang() -> None:
+    with pytest.raises(ValueError, match="not base64"):
+        FrameDecoder().feed(b'{"Data": "***"}')
+    with pytest.raises(ValueError, match="JSON object"):
+        FrameDecoder().feed(b"[1, 2]")
+    decoder = FrameDecoder()
+    decoder.feed(b'{"Data": "' + b"A" * (MAX_PENDING - 20))  # not whole yet: held
+    with pytest.raises(ValueError, match="no whole log frame"):
+        decoder.feed(b"A" * 100)
+
+
+def test_a_log_with_no_newline_comes_out_in_bounded_pieces() -> None:
+    lines = Lines()
+    out = lines.feed(b"x" * (MAX_LINE * 2 + 5))
+    assert [len(line) for line in out] == [MAX_LINE, MAX_LINE] and lines.flush() == ["xxxxx"]
