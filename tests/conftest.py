@@ -369,3 +369,30 @@ def bridge_s3(bridge_address: str) -> Iterator[str]:
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sandbox")
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def nomad_agent(docker_engine) -> Iterator[object]:
+    """A Nomad agent's settings (``metaflow_stack.nomad.client.Settings``): the one at ``NOMAD_ADDR`` where
+    one runs (the GitHub workflow's), else the double in ``tests/nomad_double`` (its docker tasks on the
+    local engine), with ACLs on; its variables are set for the processes the tests start."""
+    import uuid
+
+    from devservers import wait_for_port
+
+    from metaflow_stack.nomad.client import Settings
+
+    if os.environ.get("NOMAD_ADDR"):
+        yield Settings.from_env()
+        return
+    port, token = free_port(), uuid.uuid4().hex
+    double = PROJECT / "tests" / "nomad_double" / "server.py"
+    process = subprocess.Popen([sys.executable, str(double), "--port", str(port), "--token", token])
+    try:
+        wait_for_port(port)
+        yield Settings(address=f"http://127.0.0.1:{port}", token=token)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        label = "io.metaflow-stack.nomad-double"
+        docker_engine.container.remove(docker_engine.container.list(all=True, filters=[("label", label)]), force=True)

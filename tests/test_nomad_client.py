@@ -4,16 +4,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from devservers import free_port, wait_for_port
+from devservers import free_port
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.nomad.client import NomadClient, Settings
@@ -21,26 +16,6 @@ from metaflow_stack.nomad.jobspec import Placement, constraints_of, task_job
 from metaflow_stack.nomad.watch import Unplaced, follow
 
 pytestmark = [pytest.mark.docker]
-
-DOUBLE = Path(__file__).resolve().parent / "nomad_double" / "server.py"
-LABEL = "io.metaflow-stack.nomad-double"
-
-
-@pytest.fixture(scope="module")
-def nomad(docker_engine) -> Iterator[Settings]:
-    """A Nomad agent to talk to: ``NOMAD_ADDR`` where one runs, else the double, with ACLs on."""
-    if os.environ.get("NOMAD_ADDR"):
-        yield Settings.from_env()
-        return
-    port, token = free_port(), uuid.uuid4().hex
-    double = subprocess.Popen([sys.executable, str(DOUBLE), "--port", str(port), "--token", token])
-    try:
-        wait_for_port(port)
-        yield Settings(address=f"http://127.0.0.1:{port}", token=token)
-    finally:
-        double.terminate()
-        double.wait(timeout=30)
-        docker_engine.container.remove(docker_engine.container.list(all=True, filters=[("label", LABEL)]), force=True)
 
 
 def run_job(settings: Settings, placement: Placement, script: str) -> tuple:
@@ -55,9 +30,9 @@ def run_job(settings: Settings, placement: Placement, script: str) -> tuple:
     return ending, lines
 
 
-def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad: Settings, base_image: str) -> None:
+def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad_agent: Settings, base_image: str) -> None:
     script = 'echo "$GREETING out"; echo err >&2; sleep 1; printf "partial"; exit 3'
-    ending, lines = run_job(nomad, Placement(image=base_image, cpu=0.5, memory=256), script)
+    ending, lines = run_job(nomad_agent, Placement(image=base_image, cpu=0.5, memory=256), script)
     assert ending.code == 3 and ending.status == "failed"
     assert [line for kind, line in lines if kind == "stdout"] == ["hello out", "partial"]
     assert [line for kind, line in lines if kind == "stderr"] == ["err"]
@@ -73,23 +48,23 @@ def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad: Se
     ids=["gpu", "constraint", "datacenter"],
 )
 def test_a_job_no_node_can_take_fails_in_seconds_with_nomads_reason(
-    nomad: Settings, base_image: str, settings: dict, words: str
+    nomad_agent: Settings, base_image: str, settings: dict, words: str
 ) -> None:
     started = time.monotonic()
     with pytest.raises(Unplaced) as caught:
-        run_job(nomad, Placement(image=base_image, memory=64, **settings), "true")
+        run_job(nomad_agent, Placement(image=base_image, memory=64, **settings), "true")
     assert words in caught.value.message and caught.value.fix
     assert time.monotonic() - started < 30
 
 
-def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad: Settings) -> None:
-    ending, _ = run_job(nomad, Placement(image="metaflow-stack/no-such-image:none", memory=64), "true")
+def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad_agent: Settings) -> None:
+    ending, _ = run_job(nomad_agent, Placement(image="metaflow-stack/no-such-image:none", memory=64), "true")
     assert ending.code is None and ending.status == "failed" and ending.reason
 
 
-def test_a_wrong_token_or_address_is_one_line_naming_the_fix(nomad: Settings) -> None:
-    if nomad.token:  # (an agent with ACLs: the double; a dev agent has none and takes any token)
-        wrong = Settings(address=nomad.address, token="wrong")
+def test_a_wrong_token_or_address_is_one_line_naming_the_fix(nomad_agent: Settings) -> None:
+    if nomad_agent.token:  # (an agent with ACLs: the double; a dev agent has none and takes any token)
+        wrong = Settings(address=nomad_agent.address, token="wrong")
         with NomadClient(wrong) as client, pytest.raises(StackError) as refused:
             client.agent()
         assert "NOMAD_TOKEN" in refused.value.fix

@@ -95,7 +95,6 @@ def test_job_ids_name_the_attempt_within_nomads_limit() -> None:
     ("settings", "words"),
     [
         ({"driver": "podman", "image": "i:t"}, "driver='podman' is not one of"),
-        ({}, "the docker driver needs an image"),
         ({"cpu": 0, "image": "i:t"}, "must be positive"),
         ({"gpu": -1, "image": "i:t"}, "must be positive"),
         ({"image": "i:t", "constraints": (("${attr.a}", "~", "b"),)}, "'~', which Nomad does not know"),
@@ -105,6 +104,11 @@ def test_bad_placements_are_refused_naming_the_fix(settings: dict, words: str) -
     with pytest.raises(StackError) as caught:
         Placement(**settings)
     assert words in caught.value.message and caught.value.fix
+
+
+def test_a_docker_job_needs_its_image() -> None:
+    with pytest.raises(StackError, match="the docker driver needs an image"):
+        task_job("mf-j", COMMAND, {}, Placement(), META)
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,7 @@ class Cluster:
                 config["image"],
                 [config["command"], *config.get("args", [])],
                 detach=True,
-                envs=task.get("Env") or {},
+                envs={**(task.get("Env") or {}), **_runtime_env(alloc, task)},
                 cpus=cpus,
                 memory=f"{resources.get('MemoryMB', 300)}m",
                 labels={LABEL: alloc["ID"]},
@@ -239,6 +239,20 @@ class Cluster:
         while follow:  # the task has ended: Nomad keeps the stream, with heartbeats, until the reader goes
             yield b"{}"
             time.sleep(HEARTBEAT_S)
+
+
+def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
+    """What Nomad's client adds to every task's environment (its "runtime environment" docs)."""
+    return {
+        "NOMAD_ALLOC_ID": alloc["ID"],
+        "NOMAD_JOB_ID": alloc["JobID"],
+        "NOMAD_JOB_NAME": alloc["JobID"],
+        "NOMAD_GROUP_NAME": alloc["TaskGroup"],
+        "NOMAD_TASK_NAME": task["Name"],
+        "NOMAD_NAMESPACE": alloc["Namespace"],
+        "NOMAD_DC": "dc1",
+        "NOMAD_REGION": "global",
+    }
 
 
 def _satisfied(constraint: dict[str, Any]) -> bool:

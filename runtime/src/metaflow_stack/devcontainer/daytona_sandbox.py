@@ -18,8 +18,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from metaflow_stack.devcontainer.launch import stopped_by_signals
 from metaflow_stack.errors import StackError, ToolMissingError
+from metaflow_stack.trampolines import stopped_by_signals
 
 INSTALL_FIX = "pip install 'metaflow-stack[daytona]' and set DAYTONA_API_KEY (https://www.daytona.io/docs)"
 WORKDIR = "/tmp/metaflow"

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from metaflow_stack.devcontainer.launch import stopped_by_signals
 from metaflow_stack.errors import StackError, ToolMissingError
+from metaflow_stack.trampolines import stopped_by_signals
 
 INSTALL_FIX = "install the DevPod CLI (https://devpod.sh/docs/getting-started/install) and add a provider"
 #: The longest workspace id DevPod accepts.

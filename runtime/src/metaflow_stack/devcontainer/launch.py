@@ -9,19 +9,16 @@ the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
 from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.trampolines import stopped_by_signals
 
 #: Where the unpacked code package is mounted (read-only), and the task's writable working folder.
 CODE = "/mf/code"
@@ -40,24 +37,6 @@ def _script(step_cli: str, container: TaskContainer) -> str:
         f" && export PYTHONPATH={CODE}/.mf_code METAFLOW_EXTRACTED_ROOT={CODE}"
         f" && exec $(command -v python3 || command -v python) -u {step_cli}"
     )
-
-
-@contextlib.contextmanager
-def stopped_by_signals() -> Iterator[None]:
-    """Turn SIGTERM into ``KeyboardInterrupt`` while the container runs, so it is removed on the way out
-    (only the main thread may set handlers: elsewhere the caller owns the signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def job_spec(

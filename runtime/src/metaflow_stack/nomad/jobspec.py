@@ -57,8 +57,6 @@ class Placement:
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
             raise StackError(f"driver={self.driver!r} is not one of {', '.join(DRIVERS)}", fix='driver="docker"')
-        if self.driver == "docker" and not self.image:
-            raise StackError("the docker driver needs an image", fix="give image=, or let the runtime pick one")
         if not self.cpu > 0 or not self.memory > 0 or self.gpu < 0:
             raise StackError(
                 f"cpu={self.cpu}, memory={self.memory} and gpu={self.gpu} must be positive (gpu may be 0)",
@@ -139,6 +137,8 @@ def task_job(
     """The job that runs ``command`` once with ``env``, placed as ``placement`` says; ``meta`` names the
     Metaflow task (and who waits for it), so a run's jobs and orphans can be found."""
     if placement.driver == "docker":
+        if not placement.image:
+            raise StackError("the docker driver needs an image", fix="give image=, or let the runtime pick one")
         config: dict[str, Any] = {"image": placement.image, "command": command[0], "args": command[1:]}
     else:
         config = {"command": command[0], "args": command[1:]}

@@ -20,20 +20,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from metaflow_stack.elsewhere import MACHINE_FILES, MACHINE_VARIABLES
 from metaflow_stack.pool import WORKER_VARIABLE
-
-#: Variables of a task's environment that describe the runtime's machine, not the one a pod or container is.
-MACHINE_VARIABLES = frozenset(
-    {"PATH", "HOME", "PWD", "OLDPWD", "SHELL", "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
-    | {"LD_LIBRARY_PATH", "LD_PRELOAD", "CONDA_PREFIX", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DISPLAY", "TERM"}
-    | {"TMP", "TEMP", "KUBECONFIG"}
-)
-
-#: Variables naming a file of the runtime's machine: kept only where this machine has that file too.
-MACHINE_FILES = frozenset(
-    {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AWS_CA_BUNDLE", "METAFLOW_HOME"}
-    | {"AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS"}
-)
 
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).

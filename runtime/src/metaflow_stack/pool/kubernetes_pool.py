@@ -27,6 +27,7 @@ from typing import Any
 
 from metaflow_stack.deploy import helm
 from metaflow_stack.deploy.helm import kubectl
+from metaflow_stack.elsewhere import metaflow_settings
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_pool import RedisPool
@@ -221,30 +222,6 @@ def open_kubernetes_pool(
         values=merge(values, extra_values()),
         namespace=namespace or os.environ.get("METAFLOW_KUBERNETES_NAMESPACE") or "default",
     )
-
-
-#: Variables that are the stack's own, not Metaflow's settings: no pod gets them.
-NOT_SETTINGS = ("METAFLOW_STACK_",)
-#: Variables that name this machine's Metaflow configuration rather than hold it.
-PROFILE_VARIABLES = frozenset({"METAFLOW_PROFILE", "METAFLOW_HOME"})
-
-
-def metaflow_settings() -> dict[str, str]:
-    """The run's Metaflow settings, which a pod needs before it imports Metaflow (Metaflow reads them once,
-    at import: a task's own variables come too late for its S3 endpoint, say): the configuration
-    profile's values and this process's ``METAFLOW_*`` variables over them, less the stack's own (its
-    keys and the pool's settings: the pods need none of them) and those naming a file or profile of this
-    machine (the pods have no ``config_<profile>.json``: its values are here already)."""
-    from metaflow.metaflow_config_funcs import METAFLOW_CONFIG
-
-    from metaflow_stack.pool.child import MACHINE_FILES
-
-    settings = {**METAFLOW_CONFIG, **{k: v for k, v in os.environ.items() if k.startswith("METAFLOW_")}}
-    return {
-        name: value if isinstance(value, str) else json.dumps(value)
-        for name, value in settings.items()
-        if not name.startswith(NOT_SETTINGS) and name not in MACHINE_FILES and name not in PROFILE_VARIABLES
-    }
 
 
 def stack_image() -> str:

@@ -5,7 +5,8 @@ that uses the service's pages, filters and run-end signal when the service
 advertises them, and behaves exactly like the stock one when it does not.
 ``@devcontainer`` runs a step's tasks in Docker containers, through its
 ``devcontainer step`` trampoline. ``@worker_pool`` runs a foreach step's
-items on warm workers, each item still a task of its own.
+items on warm workers, each item still a task of its own. ``@nomad`` runs a
+step's tasks as Nomad batch jobs, through its ``nomad step`` trampoline.
 """
 
 METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.StackServiceMetadataProvider")]
@@ -13,5 +14,6 @@ METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.Stack
 STEP_DECORATORS_DESC = [
     ("devcontainer", ".devcontainer.devcontainer_decorator.DevcontainerDecorator"),
     ("worker_pool", ".worker_pool.worker_pool_decorator.WorkerPoolDecorator"),
+    ("nomad", ".nomad.nomad_decorator.NomadDecorator"),
 ]
-CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli")]
+CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli"), ("nomad", ".nomad.nomad_cli.cli")]

@@ -12,12 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from metaflow import util
 from metaflow._vendor import click
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-#: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
-_INPUT_PATHS_CHUNK = 30 * 1024
+from metaflow_stack.trampolines import step_parameters
 
 
 @click.group()
@@ -31,10 +29,7 @@ def devcontainer() -> None:
 
 
 @devcontainer.command(help="Run one task of a @devcontainer step in its container (Metaflow calls this).")
-@click.argument("step-name")
-@click.argument("code-package-metadata")
-@click.argument("code-package-sha")
-@click.argument("code-package-url")
+@step_parameters
 @click.option("--image", default=None)
 @click.option("--backend", default="docker")
 @click.option("--provider", default=None)
@@ -44,17 +39,6 @@ def devcontainer() -> None:
 @click.option("--memory", default=None)
 @click.option("--read-only/--no-read-only", default=True)
 @click.option("--pids", type=int, default=512)
-@click.option("--run-id")
-@click.option("--task-id")
-@click.option("--input-paths")
-@click.option("--split-index")
-@click.option("--clone-path")
-@click.option("--clone-run-id")
-@click.option("--tag", multiple=True, default=None)
-@click.option("--namespace", default=None)
-@click.option("--retry-count", default=0)
-@click.option("--max-user-code-retries", default=0)
-@click.option("--ubf-context", default=None)
 @click.pass_context
 def step(
     ctx,
@@ -79,26 +63,13 @@ def step(
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
     from metaflow_stack.errors import StackError
+    from metaflow_stack.trampolines import step_command
 
     from .devcontainer_decorator import TASK_CONTAINER_VARIABLE, container_env
 
-    kwargs.pop("ubf_context", None)
     datastore, metadata = ctx.obj.flow_datastore.TYPE, ctx.obj.metadata.TYPE
-    env = container_env(code_package_metadata, code_package_sha, code_package_url, datastore)
-    if kwargs.get("input_paths"):
-        paths = kwargs["input_paths"]
-        chunks = {
-            f"METAFLOW_INPUT_PATHS_{i // _INPUT_PATHS_CHUNK}": paths[i : i + _INPUT_PATHS_CHUNK]
-            for i in range(0, len(paths), _INPUT_PATHS_CHUNK)
-        }
-        env.update(chunks)
-        kwargs["input_paths"] = "".join(f"${{{name}}}" for name in chunks)
-    step_args = "{flow} {top} step {step} {args}".format(
-        flow=os.path.basename(sys.argv[0]),
-        top=" ".join(util.dict_to_cli_options(ctx.parent.parent.params)),
-        step=step_name,
-        args=" ".join(util.dict_to_cli_options(kwargs)),
-    )
+    step_args, env = step_command(ctx, step_name, kwargs)
+    env.update(container_env(code_package_metadata, code_package_sha, code_package_url, datastore))
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     try:
         env.update(stores.environment(datastore, metadata))  # the combination was checked at the run's start

@@ -23,6 +23,8 @@ from metaflow._vendor import click
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 
+from metaflow_stack.trampolines import Trampolined, save_package_once
+
 if TYPE_CHECKING:
     from metaflow_stack.engines import Job
 
@@ -72,7 +74,7 @@ class DevcontainerException(MetaflowException):
     headline = "@devcontainer"
 
 
-class DevcontainerDecorator(StepDecorator):
+class DevcontainerDecorator(Trampolined, StepDecorator):
     """Run this step in a container of ``image`` (default: the stack's ``base`` image, built if needed),
     or of the image a devcontainer.json describes (``config``, relative to the flow's file); features:
     Development Container features to add to the image ({"./folder" or a published id: options}).
@@ -100,9 +102,6 @@ class DevcontainerDecorator(StepDecorator):
     }
     #: The default image's reference, resolved once per run (its tag hashes the image's sources).
     default_image: ClassVar[str | None] = None
-    package_url: ClassVar[str | None] = None
-    package_sha: ClassVar[str | None] = None
-    package_metadata: ClassVar[str | None] = None
     #: Per devcontainer.json (path and digest): its image and task settings, prepared once per run.
     prepared: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {}
     swept: ClassVar[bool] = False
@@ -221,16 +220,10 @@ class DevcontainerDecorator(StepDecorator):
             cls.prepared[key] = ref, container.model_dump_json()
         return cls.prepared[key]
 
-    def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
-        if not is_cloned:
-            self._save_package_once(self.flow_datastore, self.package)
-
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
-        if retry_count > max_user_code_retries:
-            return  # a @catch fallback attempt: run locally, as Metaflow's own compute decorators do
-        cli_args.commands = ["devcontainer", "step"]
+        if not self.trampoline(cli_args, retry_count, max_user_code_retries, "devcontainer"):
+            return
         cli_args.env[CHECKED_VARIABLE] = "1"
-        cli_args.command_args += [self.package_metadata, self.package_sha, self.package_url]
         if self.config is not None and self.attributes["backend"] == "docker":
             # in the environment: a command line is visible to every user (ps)
             cli_args.env[TASK_CONTAINER_VARIABLE] = self.container_json
@@ -242,7 +235,6 @@ class DevcontainerDecorator(StepDecorator):
                 cli_args.command_options["read-only" if value else "no-read-only"] = True
             elif value is not None:
                 cli_args.command_options[option] = value
-        cli_args.entrypoint[0] = sys.executable
 
     def pool_launcher(self, package, flow_file: str) -> tuple[Callable[[list[str], Path], Job], str]:
         """How ``@worker_pool`` over this step starts its one container (its workers are that container's
@@ -255,7 +247,7 @@ class DevcontainerDecorator(StepDecorator):
         from metaflow_stack.engines import Mount, get_engine
 
         flow_datastore = self.flow_datastore
-        self._save_package_once(flow_datastore, package)
+        save_package_once(type(self), flow_datastore, package)
         cls = type(self)
         unpacked = code.unpacked_here(flow_datastore, cls.package_url, cls.package_sha)
         env = container_env(cls.package_metadata, cls.package_sha, cls.package_url, flow_datastore.TYPE)
@@ -271,9 +263,3 @@ class DevcontainerDecorator(StepDecorator):
             return get_engine("docker", probe=False).launch(spec)
 
         return launch, f"{CODE}/{os.path.basename(flow_file)}"
-
-    @classmethod
-    def _save_package_once(cls, flow_datastore, package) -> None:
-        if cls.package_url is None:
-            cls.package_url, cls.package_sha = flow_datastore.save_data([package.blob], len_hint=1)[0]
-            cls.package_metadata = package.package_metadata

@@ -1,0 +1,194 @@
+"""``@nomad``: run a step's tasks as Nomad batch jobs, in the stack's images.
+
+Follows Metaflow's compute-decorator contract as ``@kubernetes`` does: the runtime launches each task as
+``nomad step ...`` (the trampoline in ``nomad_cli``) with the code package saved once in the datastore;
+the job fetches it, runs the step and saves its logs; the trampoline exits with the task's real exit
+code, so ``@retry``, ``@catch`` (a fallback attempt runs locally) and foreach work unchanged. Nomad
+itself never restarts or reschedules the task: retries are Metaflow's alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+from metaflow.decorators import StepDecorator
+from metaflow.exception import MetaflowException
+from metaflow.metadata_provider import MetaDatum
+
+from metaflow_stack.trampolines import Trampolined
+
+#: Carries the task's placement (``jobspec.Placement``) and whether its image is the stack's, as JSON.
+PLACEMENT_VARIABLE = "METAFLOW_STACK_NOMAD_PLACEMENT"
+#: Decorators that run the task somewhere else.
+ELSEWHERE = ("kubernetes", "batch", "devcontainer", "worker_pool", "parallel", "slurm")
+
+
+class NomadException(MetaflowException):
+    headline = "@nomad"
+
+
+class NomadDecorator(Trampolined, StepDecorator):
+    """Run this step as a Nomad batch job on the agent at ``NOMAD_ADDR`` (``METAFLOW_NOMAD_ADDR`` over it),
+    with ``NOMAD_TOKEN``, ``NOMAD_NAMESPACE``, ``NOMAD_REGION`` and ``NOMAD_CACERT`` as Nomad's CLI reads them.
+
+    cpu, memory (MB), gpu: what the task reserves (default: ``@resources``', else 1 CPU and 4096 MB);
+    gpu_model, gpu_memory (MB): constraints on the GPUs. image: the container's (default: the stack's
+    base image, from the configured registry). driver: "docker" (default), "exec" (the client's own
+    files, chrooted) or "raw_exec" (no isolation: only when asked for). datacenters, namespace, region,
+    node_pool, constraints ([{"attribute": ..., "operator": ..., "value": ...}]): where it may run.
+    Needs a datastore the Nomad clients reach (S3).
+    """
+
+    name = "nomad"
+    defaults: ClassVar[dict[str, Any]] = {
+        "cpu": None,
+        "memory": None,
+        "gpu": None,
+        "gpu_model": None,
+        "gpu_memory": None,
+        "image": None,
+        "driver": "docker",
+        "datacenters": None,
+        "namespace": None,
+        "region": None,
+        "node_pool": None,
+        "constraints": None,
+    }
+    default_image: ClassVar[str | None] = None
+    swept: ClassVar[bool] = False
+
+    def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
+        from metaflow_stack.errors import StackError
+        from metaflow_stack.nomad.jobspec import Placement, constraints_of
+
+        self.step, self.flow_datastore = step, flow_datastore
+        if flow_datastore.TYPE == "local":
+            raise NomadException(
+                f"step {step}: a Nomad job reads and writes the run's datastore from another machine, and this "
+                "run's is a folder here (fix: run with --datastore s3)"
+            )
+        elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
+        if elsewhere:
+            raise NomadException(f"step {step}: @nomad cannot be combined with @{elsewhere[0]} (fix: keep one)")
+        resources = next((d.attributes for d in decos if d.name == "resources"), {})
+        a = self.attributes
+        try:
+            self.placement = Placement(
+                cpu=float(a["cpu"] or resources.get("cpu") or 1),
+                memory=int(float(a["memory"] or resources.get("memory") or 4096)),
+                gpu=int(a["gpu"] or resources.get("gpu") or 0),
+                gpu_model=a["gpu_model"],
+                gpu_memory=int(a["gpu_memory"]) if a["gpu_memory"] else None,
+                image=a["image"],
+                driver=a["driver"],
+                datacenters=tuple(_names(a["datacenters"])),
+                namespace=a["namespace"],
+                region=a["region"],
+                node_pool=a["node_pool"],
+                constraints=constraints_of(a["constraints"]),
+            )
+        except StackError as exc:
+            raise NomadException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
+        except (TypeError, ValueError) as exc:
+            raise NomadException(f"step {step}: cpu, memory, gpu and gpu_memory are numbers ({exc})") from None
+
+    def runtime_init(self, flow, graph, package, run_id) -> None:
+        from metaflow_stack.errors import StackError
+
+        self.package = package
+        try:
+            self._sweep_once()
+            if self.placement.driver == "docker" and self.placement.image is None:
+                self.placement = dataclasses.replace(self.placement, image=self._stack_image())
+        except StackError as exc:
+            raise NomadException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+
+    @classmethod
+    def _sweep_once(cls) -> None:
+        """Purge the jobs of trampolines on this host that were killed outright, once per run."""
+        from metaflow_stack.nomad import task
+        from metaflow_stack.nomad.client import NomadClient
+
+        if not cls.swept:
+            with NomadClient() as client:
+                task.sweep(client)
+            cls.swept = True
+
+    @classmethod
+    def _stack_image(cls) -> str:
+        """The stack's base image, pushed to the configured registry; without one, only for an agent on this
+        machine (a dev agent shares this Docker engine): any other could not pull it."""
+        from metaflow_stack import images, settings
+        from metaflow_stack.errors import StackError
+        from metaflow_stack.nomad.client import Settings
+
+        if cls.default_image is None:
+            reference = images.resolve("base")
+            if settings.load().registry:
+                reference = images.push_reference(reference)
+            elif not _on_this_machine(Settings.from_env().address):
+                raise StackError(
+                    f"the stack's base image {reference} is only on this machine, which the Nomad clients cannot "
+                    "pull from",
+                    fix="configure a registry they reach (METAFLOW_STACK_REGISTRY), or give @nomad(image=...)",
+                )
+            cls.default_image = reference
+        return cls.default_image
+
+    def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
+        if not self.trampoline(cli_args, retry_count, max_user_code_retries, "nomad"):
+            return
+        cls = type(self)
+        stack_image = self.placement.image is not None and self.placement.image == cls.default_image
+        placement = dataclasses.asdict(self.placement)
+        cli_args.env[PLACEMENT_VARIABLE] = json.dumps({"placement": placement, "stack_image": stack_image})
+
+    def task_pre_step(self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count, *_) -> None:
+        """In the job: which allocation ran the attempt, on which node, as the task's metadata."""
+        from metaflow_stack.nomad.task import WORKLOAD_VARIABLE
+
+        self.metadata, self.task_datastore = metadata, task_datastore
+        if not os.environ.get(WORKLOAD_VARIABLE):
+            return  # a @catch fallback attempt, here
+        found = {
+            "nomad-job-id": os.environ.get("NOMAD_JOB_ID"),
+            "nomad-alloc-id": os.environ.get("NOMAD_ALLOC_ID"),
+            "nomad-node": os.environ.get("NOMAD_NODE_NAME") or os.environ.get("NOMAD_NODE_ID"),
+            "nomad-datacenter": os.environ.get("NOMAD_DC"),
+        }
+        entries = [
+            MetaDatum(field=k, value=v, type=k, tags=[f"attempt_id:{retry_count}"]) for k, v in found.items() if v
+        ]
+        if entries:
+            metadata.register_metadata(run_id, step_name, task_id, entries)
+
+    def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries) -> None:
+        """In the job, with local metadata: the task's metadata into the datastore, for the trampoline to
+        bring back (the job's disk goes with it)."""
+        from metaflow.metadata_provider.util import sync_local_metadata_to_datastore
+        from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
+
+        from metaflow_stack.nomad.task import WORKLOAD_VARIABLE
+
+        if os.environ.get(WORKLOAD_VARIABLE) and getattr(self, "metadata", None) and self.metadata.TYPE == "local":
+            sync_local_metadata_to_datastore(DATASTORE_LOCAL_DIR, self.task_datastore)
+
+
+def _names(value: Any) -> list[str]:
+    """``datacenters`` as a list, from a list or a comma-separated string (``--with nomad:datacenters=a,b``)."""
+    if value is None:
+        return []
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _on_this_machine(address: str) -> bool:
+    host = urlparse(address).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,119 @@
+"""What every compute decorator and its trampoline share (``devcontainer step``, ``nomad step``): the code
+package saved once per run, the arguments and options Metaflow's runtime gives the trampoline, the real
+step command rebuilt from them, as Metaflow's ``kubernetes step`` does, and signals turned into
+``KeyboardInterrupt`` so a task stopped by the runtime cleans up where it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+#: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
+INPUT_PATHS_CHUNK = 30 * 1024
+#: The task's options Metaflow's runtime passes to a trampoline (``CLIArgs.default_args``).
+STEP_OPTIONS = (
+    ("--run-id", {}),
+    ("--task-id", {}),
+    ("--input-paths", {}),
+    ("--split-index", {}),
+    ("--clone-path", {}),
+    ("--clone-run-id", {}),
+    ("--tag", {"multiple": True, "default": None}),
+    ("--namespace", {"default": None}),
+    ("--retry-count", {"default": 0}),
+    ("--max-user-code-retries", {"default": 0}),
+    ("--ubf-context", {"default": None}),
+)
+
+
+def step_parameters(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A trampoline's click command with what the runtime gives every one: the step, the code package
+    (metadata, sha, URL) as its first arguments, after them the task's options."""
+    from metaflow._vendor import click
+
+    for name, settings in reversed(STEP_OPTIONS):
+        command = click.option(name, **settings)(command)
+    for name in ("code-package-url", "code-package-sha", "code-package-metadata", "step-name"):
+        command = click.argument(name)(command)
+    return command
+
+
+def save_package_once(decorator: type, flow_datastore: Any, package: Any) -> None:
+    """Save the run's code package in its datastore once (the first task of the decorator's steps), noting
+    where on the decorator's class."""
+    if decorator.package_url is None:
+        decorator.package_url, decorator.package_sha = flow_datastore.save_data([package.blob], len_hint=1)[0]
+        decorator.package_metadata = package.package_metadata
+
+
+class Trampolined:
+    """The half of Metaflow's compute-decorator contract every such step decorator shares (mixed in before
+    ``StepDecorator``; it sets ``flow_datastore`` at ``step_init`` and ``package`` at ``runtime_init``):
+    the code package saved once with the first task, and each task's command swapped for the trampoline's."""
+
+    package_url: ClassVar[str | None] = None
+    package_sha: ClassVar[str | None] = None
+    package_metadata: ClassVar[str | None] = None
+
+    def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
+        if not is_cloned:
+            save_package_once(type(self), self.flow_datastore, self.package)
+
+    def trampoline(self, cli_args: Any, retry_count: int, max_user_code_retries: int, group: str) -> bool:
+        """Make the task ``GROUP step STEP PACKAGE...`` under this interpreter; ``False`` (nothing changed)
+        for a ``@catch`` fallback attempt, which runs locally as with Metaflow's own compute decorators."""
+        if retry_count > max_user_code_retries:
+            return False
+        cls = type(self)
+        cli_args.commands = [group, "step"]
+        cli_args.command_args += [cls.package_metadata, cls.package_sha, cls.package_url]
+        cli_args.entrypoint[0] = sys.executable
+        return True
+
+
+def step_command(ctx: Any, step_name: str, options: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """``FLOW TOP_OPTIONS step STEP OPTIONS`` (the flow file by its name: the code package's copy, where
+    the step runs) from a trampoline's click context and its step ``options``, and the variables that
+    carry input paths too long for a command line."""
+    from metaflow import util
+
+    options, env = dict(options), {}
+    options.pop("ubf_context", None)
+    if options.get("input_paths"):
+        paths = options["input_paths"]
+        chunks = {
+            f"METAFLOW_INPUT_PATHS_{i // INPUT_PATHS_CHUNK}": paths[i : i + INPUT_PATHS_CHUNK]
+            for i in range(0, len(paths), INPUT_PATHS_CHUNK)
+        }
+        env.update(chunks)
+        options["input_paths"] = "".join(f"${{{name}}}" for name in chunks)
+    command = "{flow} {top} step {step} {args}".format(
+        flow=os.path.basename(sys.argv[0]),
+        top=" ".join(util.dict_to_cli_options(ctx.parent.parent.params)),
+        step=step_name,
+        args=" ".join(util.dict_to_cli_options(options)),
+    )
+    return command, env
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` while a task runs elsewhere, so what it runs in is removed on
+    the way out (only the main thread may set handlers: elsewhere the caller owns the signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

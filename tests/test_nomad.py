@@ -1,0 +1,146 @@
+"""``@nomad`` on real runs: a foreach whose items run as Nomad jobs (a retried item, a failing one), a job
+no node can take, and Ctrl-C purging the run's jobs. Against the Nomad API double here (its docker tasks
+on the local engine, the datastore a real S3 server on the Docker bridge), against a real agent in the
+GitHub workflow's ``nomad`` job (``NOMAD_ADDR`` set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+FLOWS = Path(__file__).resolve().parent / "nomad_flows"
+
+#: Read in a subprocess: Metaflow's client keeps one datastore root per process.
+FACTS = """
+import json, sys
+from metaflow import Flow, metadata, namespace
+metadata("local@" + sys.argv[1])
+namespace(None)
+run = Flow(sys.argv[2]).latest_run
+items = [
+    {"index": t.index, "successful": t.successful, "attempt": t.current_attempt, "stdout": t.stdout,
+     "stderr": t.stderr, "hostname": t.data.hostname if t.successful else None,
+     "in_job": t.data.in_job if t.successful else None, "job": t.metadata_dict.get("nomad-job-id")}
+    for t in run["each"]
+] if "each" in run else []
+values = run["join"].task.data.values if run.successful else None
+print(json.dumps({"successful": run.successful, "values": values, "items": items}))
+"""
+
+
+def flow_run(
+    root: Path, flow: str, agent, s3: str, *args: str, **popen
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    shutil.copy(FLOWS / flow, root)
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "METAFLOW_S3_ENDPOINT_URL": s3,
+        "NOMAD_ADDR": agent.address,
+        **({"NOMAD_TOKEN": agent.token} if agent.token else {}),
+    }
+    root_s3 = f"s3://sandbox/nomad-{uuid.uuid4().hex[:8]}"
+    line = [sys.executable, flow, "--datastore", "s3", "--datastore-root", root_s3, "run", *args]
+    if popen:
+        return subprocess.Popen(line, cwd=root, env=env, **popen)
+    return subprocess.run(line, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+
+def facts(root: Path, flow: str, s3: str) -> dict:
+    env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": s3}
+    done = subprocess.run([sys.executable, "-c", FACTS, str(root), flow], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def jobs_left(agent) -> list[str]:
+    from metaflow_stack.nomad.client import NomadClient
+
+    with NomadClient(agent) as client:
+        return [job["ID"] for job in client.jobs("mf-nomadflow-")]
+
+
+def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
+    tmp_path: Path, nomad_agent, bridge_s3: str, base_image: str
+) -> None:
+    done = flow_run(tmp_path, "nomad_flow.py", nomad_agent, bridge_s3)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    run = facts(tmp_path, "NomadFlow", bridge_s3)
+    assert run["successful"] and run["values"] == [10, 20, 30]
+    for item in run["items"]:
+        assert item["in_job"] and item["hostname"] != os.uname().nodename
+        assert item["job"] and item["job"].startswith("mf-nomadflow-")
+        assert f"in {item['hostname']}" in item["stdout"]
+    retried = next(item for item in run["items"] if item["index"] == 1)  # item 2
+    assert retried["attempt"] == 1 and retried["job"].endswith("-1")
+    assert "item 2 in" in done.stdout + done.stderr  # the jobs' output reached the console as it ran
+    assert jobs_left(nomad_agent) == []
+
+
+def test_a_failing_item_fails_the_run_with_its_exception(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
+    done = flow_run(tmp_path, "nomad_flow.py", nomad_agent, bridge_s3, "--fail-item", "3")
+    assert done.returncode != 0 and "item 3 always fails" in done.stdout + done.stderr
+    run = facts(tmp_path, "NomadFlow", bridge_s3)
+    failed = [item for item in run["items"] if not item["successful"]]
+    assert len(failed) == 1 and "item 3 always fails" in failed[0]["stderr"]
+    assert jobs_left(nomad_agent) == []
+
+
+def test_a_job_no_node_can_take_fails_at_once_with_nomads_reason(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
+    started = time.monotonic()
+    done = flow_run(tmp_path, "gpu_flow.py", nomad_agent, bridge_s3)
+    assert done.returncode != 0 and time.monotonic() - started < 120
+    said = done.stdout + done.stderr
+    assert "Nomad cannot place the job" in said and "devices" in said and "fix:" in said
+    assert "Traceback" not in said
+
+
+def test_ctrl_c_purges_the_runs_jobs(tmp_path: Path, nomad_agent, bridge_s3: str, docker_engine) -> None:
+    flow = flow_run(
+        tmp_path,
+        "nomad_flow.py",
+        nomad_agent,
+        bridge_s3,
+        "--sleep",
+        "300",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(jobs_left(nomad_agent)) < 3:
+            assert flow.poll() is None and time.monotonic() < deadline, "the jobs never started"
+            time.sleep(0.5)
+        time.sleep(2)
+        os.killpg(flow.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the runtime and every trampoline
+        assert flow.wait(timeout=120) != 0
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    deadline = time.monotonic() + 60
+    while jobs_left(nomad_agent) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs_left(nomad_agent) == []
+
+
+def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A Nomad job runs on another machine: the run's datastore must be one it reaches."""
+    shutil.copy(FLOWS / "nomad_flow.py", tmp_path)
+    env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
+    line = [sys.executable, "nomad_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--datastore s3" in done.stderr and "Traceback" not in done.stderr
