@@ -41,7 +41,7 @@ def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad_age
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
-        ({"gpu": 1}, "exhausted devices"),
+        ({"gpu": 1}, "filtered by missing devices"),
         ({"constraints": constraints_of([{"attribute": "${attr.kernel.name}", "value": "plan9"}])}, "filtered by"),
         ({"datacenters": ("mars",)}, "no node in the job's datacenters"),
     ],
@@ -55,6 +55,22 @@ def test_a_job_no_node_can_take_fails_in_seconds_with_nomads_reason(
         run_job(nomad_agent, Placement(image=base_image, memory=64, **settings), "true")
     assert words in caught.value.message and caught.value.fix
     assert time.monotonic() - started < 30
+
+
+def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base_image: str) -> None:
+    """More memory than a node has free: Nomad keeps the job in a blocked evaluation; the watcher says why it
+    waits and goes on waiting for the allocation instead of failing the step."""
+    from metaflow_stack.nomad.watch import wait_placed
+
+    name, said = f"mf-test-{uuid.uuid4().hex[:8]}", []
+    placement = Placement(image=base_image, memory=10_000_000)
+    with NomadClient(nomad_agent) as client:
+        eval_id = client.register(task_job(name, ["true"], {}, placement, {"t": "1"}))
+        try:
+            wait_placed(client, eval_id, said.append)
+        finally:
+            client.deregister(name)
+    assert len(said) == 1 and "no Nomad node has room" in said[0] and "memory" in said[0]
 
 
 def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad_agent: Settings) -> None:

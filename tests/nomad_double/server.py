@@ -14,13 +14,15 @@ the GitHub workflow's ``nomad`` job.
 - ``PUT /v1/jobs``: the body checked against ``job.schema.json`` (Nomad's
   fields; 400 otherwise); an evaluation that places the task group on the
   node, or records why not (``FailedTGAllocs``: ``ConstraintFiltered``,
-  ``DimensionExhausted``), as Nomad's scheduler does.
+  ``DimensionExhausted``), as Nomad's scheduler does: a device the node
+  lacks filters it (``missing devices``), more than it has exhausts it.
 - Blocking queries (``index``, ``wait``) on ``/v1/evaluation/:id``,
   ``/v1/job/:id/allocations`` and ``/v1/allocation/:id``, with
   ``X-Nomad-Index``.
-- ``GET /v1/client/fs/logs/:alloc``: the task's stdout or stderr as
-  ``StreamFrame`` objects (``Data`` base64, ``Offset``, ``File``), a
-  heartbeat ``{}`` each second nothing is written; it follows while asked.
+- ``GET /v1/client/fs/logs/:alloc``: 404 "task not started yet" before the
+  task starts, then its stdout or stderr as ``StreamFrame`` objects
+  (``Data`` base64, ``Offset``, ``File``), a heartbeat ``{}`` each second
+  nothing is written; it follows while asked.
 - ``DELETE /v1/job/:id?purge=true``: the container killed, the job gone.
 - With ``--token``, a request without that ``X-Nomad-Token`` gets 403
   ``Permission denied``, as an agent with ACLs enabled answers.
@@ -104,12 +106,12 @@ class Cluster:
         for group in job["TaskGroups"]:
             for task in group["Tasks"]:
                 resources = task.get("Resources") or {}
+                if resources.get("Devices"):  # the node has none: filtered, as Nomad's feasibility check does
+                    filtered["missing devices"] = 1
                 if resources.get("Cores", 0) > (os.cpu_count() or 1):
                     exhausted["cores"] = 1
                 if resources.get("MemoryMB", 300) > NODE_MEMORY_MB:
                     exhausted["memory"] = 1
-                for device in resources.get("Devices") or []:
-                    exhausted[f"devices: no devices match request {device['Name']}"] = 1
         if not (filtered or exhausted):
             return {}
         return {
@@ -217,9 +219,6 @@ class Cluster:
         """``StreamFrame`` objects of the task's ``kind`` output, as Nomad's client writes them."""
         alloc = self.allocs[alloc_id]
         sent, file = 0, f"alloc/logs/{alloc_id[:8]}.{kind}.0"
-        while not alloc.get("Container") and alloc["ClientStatus"] in ("pending",):
-            yield b"{}"
-            time.sleep(HEARTBEAT_S)
         container = alloc.get("Container")
         if container:
             # Followed while the task runs, then read once more whole: the followed stream can end before
@@ -345,6 +344,8 @@ def app(token: str | None) -> FastAPI:
     def logs(alloc_id: str, task: str, type: str, follow: bool = False, offset: int = 0, origin: str = "start"):
         if alloc_id not in cluster.allocs:
             return PlainTextResponse("unknown allocation", status_code=404)
+        if not cluster.allocs[alloc_id].get("Container"):  # (Nomad's words for a task that has not started)
+            return PlainTextResponse("task not started yet. No logs available", status_code=404)
         return StreamingResponse(cluster.logs(alloc_id, type, follow, offset), media_type="application/json")
 
     return api

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ DEFAULT_ADDRESS = "http://127.0.0.1:4646"
 WAIT_S = 60
 #: Seconds to connect, and to wait for an answer beyond a blocking query's own wait.
 CONNECT_S, SLACK_S = 10.0, 15.0
+#: How long a watched task outlives an agent that does not answer (asked again, with backoff).
+OUTAGE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -100,25 +103,44 @@ class NomadClient:
         return response
 
     def _unreachable(self, exc: Exception) -> StackError:
-        return StackError(
+        return Unavailable(
             f"no Nomad agent answers at {self.settings.address} ({type(exc).__name__}: {exc})",
             fix="start one (`just nomad-up`) or set NOMAD_ADDR to its address",
         )
 
     def _blocking(self, path: str, index: int, wait_s: float) -> tuple[Any, int]:
-        """A blocking query: the object once its index passes ``index`` (or after ``wait_s``), and its index."""
+        """A blocking query: the object once its index passes ``index`` (or after ``wait_s``), and its index.
+
+        A task may run for hours: an agent that does not answer for a while (a restart, no cluster leader:
+        5xx) is asked again, with backoff, for up to ``OUTAGE_S``, rather than failing a healthy task. An
+        index that did not move (a server that ignores it) costs a second, not a busy loop."""
         params = {"index": index, "wait": f"{int(wait_s)}s"} if index else {}
         timeout = httpx.Timeout(wait_s + SLACK_S, connect=CONNECT_S)
-        response = self._request("GET", path, params=params, timeout=timeout)
-        return response.json(), int(response.headers.get("X-Nomad-Index", index) or 0)
+        deadline, pause = time.monotonic() + OUTAGE_S, 1.0
+        while True:
+            try:
+                response = self._request("GET", path, params=params, timeout=timeout)
+                break
+            except StackError as exc:
+                if not isinstance(exc, Unavailable) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 30.0)
+        moved = _index(response, index)
+        if index and moved <= index:
+            time.sleep(1.0)
+        return _json(response, path), moved
 
     def agent(self) -> dict[str, Any]:
         """The agent's own description (``GET /v1/agent/self``): a cheap check that it answers and accepts the token."""
-        return self._request("GET", "/v1/agent/self").json()
+        return _json(self._request("GET", "/v1/agent/self"), "/v1/agent/self")
 
     def register(self, job: dict[str, Any]) -> str:
         """Register ``job``; the ID of the evaluation that places it."""
-        return self._request("PUT", "/v1/jobs", json={"Job": job}).json()["EvalID"]
+        answer = _json(self._request("PUT", "/v1/jobs", json={"Job": job}), "/v1/jobs")
+        if not isinstance(answer, dict) or not isinstance(answer.get("EvalID"), str):
+            raise StackError(f"Nomad's answer to the job's registration has no EvalID: {str(answer)[:200]}")
+        return answer["EvalID"]
 
     def evaluation(self, eval_id: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[dict[str, Any], int]:
         return self._blocking(f"/v1/evaluation/{eval_id}", index, wait_s)
@@ -131,7 +153,7 @@ class NomadClient:
 
     def jobs(self, prefix: str) -> list[dict[str, Any]]:
         """The jobs whose IDs start with ``prefix``, with their ``Meta``."""
-        return self._request("GET", "/v1/jobs", params={"prefix": prefix, "meta": "true"}).json()
+        return _json(self._request("GET", "/v1/jobs", params={"prefix": prefix, "meta": "true"}), "/v1/jobs")
 
     def deregister(self, job: str) -> None:
         """Stop ``job`` and forget it (``purge``); one already gone is no error."""
@@ -148,13 +170,31 @@ class NomadClient:
                 if response.is_error:
                     response.read()
                 _raise_for(response, "GET", "/v1/client/fs/logs")
-                yield response.iter_raw()
+                yield response.iter_bytes()  # (decoded: Nomad compresses what it sends)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
 
 class NotFound(StackError):
     """Nomad does not know the object (404)."""
+
+
+class Unavailable(StackError):
+    """Nomad does not answer, or answers that it cannot now (5xx): worth asking again."""
+
+
+def _json(response: httpx.Response, path: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise StackError(f"Nomad's answer to {path} is not JSON: {response.text[:200]!r}") from None
+
+
+def _index(response: httpx.Response, index: int) -> int:
+    try:
+        return int(response.headers.get("X-Nomad-Index") or index)
+    except ValueError:
+        return index
 
 
 def _raise_for(response: httpx.Response, method: str, path: str) -> None:
@@ -169,7 +209,8 @@ def _raise_for(response: httpx.Response, method: str, path: str) -> None:
         )
     if response.status_code == 404:
         raise NotFound(f"Nomad knows no {path}: {said}", fix="check the job's namespace (NOMAD_NAMESPACE) and region")
-    raise StackError(
+    error = Unavailable if response.status_code >= 500 else StackError
+    raise error(
         f"Nomad answered {response.status_code} to {method} {path}: {said}",
         fix="check the job's settings (@nomad) and the agent's log",
     )

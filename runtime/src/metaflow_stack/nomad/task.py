@@ -10,10 +10,15 @@ run's start (``sweep``: its ``Meta`` names the trampoline's host and pid).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from metaflow_stack.errors import StackError
@@ -39,7 +44,7 @@ def job_command(
     written to go through ``shlex`` inside double quotes)."""
     from metaflow.mflog import BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
 
-    logs = "/tmp/mflog"
+    logs = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"  # the task's own folder: raw_exec tasks share the client's /tmp
     mflog = export_mflog_env_vars(
         flow_name=ids["flow"],
         run_id=ids["run_id"],
@@ -59,8 +64,32 @@ def job_command(
     return shlex.split(f'bash -c "{script}"')
 
 
+def machine() -> str:
+    """This machine, as a job's ``Meta`` names it: its host name and, where the kernel tells, its boot (host
+    names repeat across containers and laptops; a pid is only this boot's)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
 def owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{machine()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held off (in the main thread) while a job is purged: a second one must not leave it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def run(
@@ -73,18 +102,22 @@ def run(
 
     body = task_job(job, command, env, placement, {**meta, OWNER: owner()})
     with stopped_by_signals():
-        eval_id = client.register(body)
         try:
+            eval_id = client.register(body)
             return follow(client, job, eval_id, relay)
         finally:
-            client.deregister(job)
+            with uninterrupted():
+                try:
+                    client.deregister(job)
+                except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
+                    relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
 
 
 def sweep(client: NomadClient, prefix: str = "mf-") -> int:
     """Purge the jobs whose trampoline on this host is gone (killed outright, it could not); how many."""
     import psutil
 
-    here, gone = socket.gethostname(), 0
+    here, gone = machine(), 0
     try:
         jobs = client.jobs(prefix)
     except StackError:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import NomadClient
+from metaflow_stack.nomad.client import NomadClient, NotFound, Unavailable
 from metaflow_stack.nomad.jobspec import TASK
-from metaflow_stack.nomad.logs import FrameDecoder, Lines
+from metaflow_stack.nomad.logs import DELETED, FrameDecoder, Lines
 
 #: An allocation's ends (``ClientStatus``).
 ENDED = ("complete", "failed", "lost")
@@ -56,17 +56,24 @@ def why_unplaced(failed: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def wait_placed(client: NomadClient, eval_id: str) -> None:
-    """Wait for the evaluation of a registered job; ``Unplaced`` if Nomad could place nothing."""
+def wait_placed(client: NomadClient, eval_id: str, say: Callable[[str], None]) -> None:
+    """Wait for the evaluation of a registered job. ``Unplaced`` if no node could ever take it (every node
+    filtered out: a constraint, a device or driver no node has; or no node in its datacenters and pool);
+    a job only waiting for room (nodes busy: ``DimensionExhausted``) is left to Nomad's blocked
+    evaluation, which places it when room frees, and ``say`` tells why it waits."""
     index = 0
     while True:
         evaluation, index = client.evaluation(eval_id, index)
-        status = evaluation.get("Status")
-        if evaluation.get("FailedTGAllocs"):
-            raise Unplaced(
-                f"Nomad cannot place the job: {why_unplaced(evaluation['FailedTGAllocs'])}",
-                fix="ask for what a node has (@nomad cpu, memory, gpu, constraints, datacenters, node_pool)",
-            )
+        status, failed = evaluation.get("Status"), evaluation.get("FailedTGAllocs")
+        if failed:
+            reason = why_unplaced(failed)
+            if any(_never(metric) for metric in failed.values()):
+                raise Unplaced(
+                    f"Nomad cannot place the job: {reason}",
+                    fix="ask for what a node has (@nomad cpu, memory, gpu, constraints, datacenters, node_pool)",
+                )
+            say(f"queued: no Nomad node has room for the task now ({reason}); it starts when one has")
+            return
         if status == "complete":
             return
         if status in ("failed", "canceled"):
@@ -74,6 +81,12 @@ def wait_placed(client: NomadClient, eval_id: str) -> None:
                 f"Nomad's evaluation of the job {status}: {evaluation.get('StatusDescription', '')}",
                 fix="read the evaluation (nomad eval status) and the servers' log",
             )
+
+
+def _never(metric: dict[str, Any]) -> bool:
+    """Whether no node could ever take the group: none evaluated, or every one evaluated filtered out."""
+    evaluated = metric.get("NodesEvaluated") or 0
+    return not evaluated or (metric.get("NodesFiltered") or 0) >= evaluated
 
 
 def allocation_of(client: NomadClient, job: str) -> str:
@@ -106,7 +119,9 @@ def ending(allocation: dict[str, Any]) -> Ending:
 
 class LogFollower(threading.Thread):
     """Reads one of the task's logs (``kind``: ``stdout``, ``stderr``) as it is written and hands over each
-    line; stops when the log ends, or at a heartbeat once the allocation has ended."""
+    line. Nomad has no log before the task starts (404): it asks again until there is one; a stream that
+    drops is resumed where it was; it stops when the log's file is gone, or at a heartbeat once the
+    allocation has ended (``ended``)."""
 
     def __init__(self, client: NomadClient, alloc_id: str, kind: str, on_line: Callable[[str, str], None]) -> None:
         super().__init__(name=f"nomad-{kind}", daemon=True)
@@ -115,15 +130,26 @@ class LogFollower(threading.Thread):
         self.error: Exception | None = None
 
     def run(self) -> None:
-        lines, decoder = Lines(), FrameDecoder()
+        lines, received, pause = Lines(), 0, 0.2
         try:
-            with self.client.logs(self.alloc_id, TASK, self.kind) as chunks:
-                for chunk in chunks:
-                    for frame in decoder.feed(chunk):
-                        for line in lines.feed(frame.data):
-                            self.on_line(self.kind, line)
-                        if frame.event == "file deleted" or (frame.heartbeat and self.ended.is_set()):
-                            return
+            while True:
+                decoder = FrameDecoder()
+                try:
+                    with self.client.logs(self.alloc_id, TASK, self.kind, offset=received) as chunks:
+                        self.error = None
+                        for chunk in chunks:
+                            for frame in decoder.feed(chunk):
+                                received += len(frame.data)
+                                for line in lines.feed(frame.data):
+                                    self.on_line(self.kind, line)
+                                if frame.event == DELETED or (frame.heartbeat and self.ended.is_set()):
+                                    return
+                except (NotFound, Unavailable) as exc:  # not there yet, or the stream dropped: again
+                    self.error = exc
+                if self.ended.is_set():
+                    return  # the allocation has ended, and so has its stream: nothing more will come
+                self.ended.wait(pause)
+                pause = min(pause * 2, 2.0)
         except Exception as exc:  # reported by the watcher: the task's ending matters more than its log
             self.error = exc
         finally:
@@ -133,19 +159,29 @@ class LogFollower(threading.Thread):
 
 def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, str], None]) -> Ending:
     """Wait for ``job`` to be placed, hand over its log lines (``on_line(kind, line)``) while it runs, and
-    return how it ended."""
-    wait_placed(client, eval_id)
+    return how it ended. Its logs are read once its task has started (Nomad has none before)."""
+    wait_placed(client, eval_id, lambda said: on_line("stderr", said))
     alloc_id = allocation_of(client, job)
     followers = [LogFollower(client, alloc_id, kind, on_line) for kind in ("stdout", "stderr")]
-    for follower in followers:
-        follower.start()
-    index = 0
+    index, reading = 0, False
     while True:
         allocation, index = client.allocation(alloc_id, index)
+        if not reading and _started(allocation):
+            reading = True
+            for follower in followers:
+                follower.start()
         if allocation.get("ClientStatus") in ENDED:
             break
     for follower in followers:
         follower.ended.set()
-    for follower in followers:
+    for follower in followers if reading else ():
         follower.join(DRAIN_S)
+        if follower.error is not None and not isinstance(follower.error, NotFound):
+            on_line("stderr", f"(the task's {follower.kind} could not be read from Nomad: {follower.error})")
     return ending(allocation)
+
+
+def _started(allocation: dict[str, Any]) -> bool:
+    """Whether the task has started (its logs exist), or ended without starting (they never will)."""
+    state = (allocation.get("TaskStates") or {}).get(TASK) or {}
+    return bool(state.get("StartedAt")) or any(e.get("Type") == "Started" for e in state.get("Events") or [])

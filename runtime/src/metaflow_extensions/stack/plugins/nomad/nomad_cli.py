@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 
 from metaflow._vendor import click
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
@@ -44,7 +45,7 @@ def step(
     from metaflow_stack.elsewhere import metaflow_settings
     from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import task
-    from metaflow_stack.nomad.client import NomadClient
+    from metaflow_stack.nomad.client import NomadClient, Settings
     from metaflow_stack.nomad.jobspec import Placement, job_id
     from metaflow_stack.trampolines import step_command
 
@@ -83,8 +84,10 @@ def step(
     meta |= {"metaflow.task_id": str(task_id), "metaflow.attempt": str(attempt)}
     name = job_id(flow, run_id, step_name, task_id, attempt)
     pathspec = f"{flow}/{run_id}/{step_name}/{task_id}"
+    agent = Settings.from_env()  # the job's namespace and region, asked of on every call
+    agent = replace(agent, namespace=placement.namespace or agent.namespace, region=placement.region or agent.region)
     try:
-        with NomadClient() as client:
+        with NomadClient(agent) as client:
             ending = task.run(client, name, command, env, placement, meta)
     except StackError as exc:
         click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
@@ -94,9 +97,11 @@ def step(
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     finally:
         if obj.metadata.TYPE == "local":  # the job wrote the task's metadata to the datastore: bring it here
-            sync_local_metadata_from_datastore(
-                DATASTORE_LOCAL_DIR, obj.flow_datastore.get_task_datastore(run_id, step_name, task_id)
-            )
+            try:
+                task_datastore = obj.flow_datastore.get_task_datastore(run_id, step_name, task_id)
+                sync_local_metadata_from_datastore(DATASTORE_LOCAL_DIR, task_datastore)
+            except Exception as exc:  # a job that never ran wrote none: its ending says why
+                click.echo(f"{pathspec}: no metadata to bring back from the job ({type(exc).__name__})", err=True)
     if ending.code is not None:
         sys.exit(ending.code if not ending.signal else 128 + ending.signal)
     click.echo(f"{pathspec}: Nomad job {name} {ending.status}: {ending.reason}", err=True)

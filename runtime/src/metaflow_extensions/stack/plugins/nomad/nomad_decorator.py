@@ -166,6 +166,12 @@ class NomadDecorator(Trampolined, StepDecorator):
         ]
         if entries:
             metadata.register_metadata(run_id, step_name, task_id, entries)
+        # The task's logs saved to the datastore as it runs, as @kubernetes does: a job killed (out of
+        # memory, purged) keeps what it wrote.
+        from metaflow.sidecar import Sidecar
+
+        self._save_logs = Sidecar("save_logs_periodically")
+        self._save_logs.start()
 
     def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_user_code_retries) -> None:
         """In the job, with local metadata: the task's metadata into the datastore, for the trampoline to
@@ -177,6 +183,8 @@ class NomadDecorator(Trampolined, StepDecorator):
 
         if os.environ.get(WORKLOAD_VARIABLE) and getattr(self, "metadata", None) and self.metadata.TYPE == "local":
             sync_local_metadata_to_datastore(DATASTORE_LOCAL_DIR, self.task_datastore)
+        if getattr(self, "_save_logs", None) is not None:
+            self._save_logs.terminate()
 
 
 def _names(value: Any) -> list[str]:
