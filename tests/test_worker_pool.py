@@ -63,6 +63,7 @@ for task in sorted(run["each"], key=lambda t: t.index):
         "first_stderr": first.stderr,
         "worker": task.metadata_dict.get("worker-pool"),
         "cloned": task.origin_pathspec is not None,
+        "origin_run": task.metadata_dict.get("origin-run-id"),
     })
 join = run["join"].task if "join" in run else None
 print(json.dumps({
@@ -262,6 +263,27 @@ def test_failures_stay_per_item_and_resume_reuses_the_rest(tmp_path: Path) -> No
     assert again["squares"] == [0, 1, 4, 9, 16, 25]
     assert [item["cloned"] for item in again["items"]] == [True, True, True, False, True, True]
     assert not pool_processes()
+
+
+def test_resume_over_an_absorbed_kubernetes_keeps_the_origin_run(
+    tmp_path: Path, request: pytest.FixtureRequest, s3_bucket: str
+) -> None:
+    """Resume of a pool over ``@kubernetes`` clones the items that succeeded and runs the failed one again
+    on the pool's pods, as a task of the resumed run naming its origin run (the absorbed decorator's
+    command is undone without dropping what Metaflow put on the line)."""
+    env = backend_env("kubernetes", request, tmp_path)
+    s3_root, flow = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}", "kubernetes_pool_flow.py"
+    failed = run_flow(tmp_path, pooled=False, env={**env, "POOL_FLOW_FAIL": "3"}, flow=flow, s3_root=s3_root)
+    assert failed.returncode != 0
+    first = facts(tmp_path, "KubernetesPoolFlow")
+    resumed = run_flow(tmp_path, pooled=False, env=env, flow=flow, command="resume", s3_root=s3_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = facts(tmp_path, "KubernetesPoolFlow")
+    assert again["successful"] and again["squares"] == [0, 1, 4, 9]
+    assert [item["cloned"] for item in again["items"]] == [True, True, True, False]
+    rerun = again["items"][3]
+    assert rerun["worker"] and rerun["worker"].startswith("mf-pool-each-") and rerun["origin_run"] == first["id"]
+    assert not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
 
 def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:

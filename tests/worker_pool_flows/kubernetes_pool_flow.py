@@ -1,4 +1,7 @@
-"""The seed's example: a pool over ``@kubernetes``, whose workers are long-running pods with its settings."""
+"""The seed's example: a pool over ``@kubernetes``, whose workers are long-running pods with its settings.
+``POOL_FLOW_FAIL`` (an item) makes that item fail."""
+
+import os
 
 from metaflow import FlowSpec, kubernetes, step, worker_pool
 
@@ -20,6 +23,8 @@ class KubernetesPoolFlow(FlowSpec):
     )
     @step
     def each(self):
+        if str(self.input) == os.environ.get("POOL_FLOW_FAIL"):
+            raise RuntimeError(f"item {self.input} fails")
         self.square = self.input * self.input
         self.next(self.join)
 
