@@ -65,6 +65,14 @@ images *names: _venv
 registry port="5000": _venv
     metaflow stack registry up --port {{ port }}
 
+# Start a local Nomad cluster for @nomad (a dev agent with ACLs, the `metaflow` namespace, a token) and print its exports.
+nomad-up: _venv
+    metaflow stack nomad up
+
+# Stop the local Nomad cluster.
+nomad-down: _venv
+    metaflow stack nomad down
+
 # What this machine has for each capability, and how to fix what it lacks.
 doctor: _venv
     metaflow stack doctor

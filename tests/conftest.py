@@ -378,21 +378,17 @@ def nomad_agent(docker_engine) -> Iterator[object]:
     local engine), with ACLs on; its variables are set for the processes the tests start."""
     import uuid
 
-    from devservers import wait_for_port
+    from devservers import nomad_double
 
     from metaflow_stack.nomad.client import Settings
 
     if os.environ.get("NOMAD_ADDR"):
         yield Settings.from_env()
         return
-    port, token = free_port(), uuid.uuid4().hex
-    double = PROJECT / "tests" / "nomad_double" / "server.py"
-    process = subprocess.Popen([sys.executable, str(double), "--port", str(port), "--token", token])
+    token = uuid.uuid4().hex
     try:
-        wait_for_port(port)
-        yield Settings(address=f"http://127.0.0.1:{port}", token=token)
+        with nomad_double("--token", token) as address:
+            yield Settings(address=address, token=token)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         label = "io.metaflow-stack.nomad-double"
         docker_engine.container.remove(docker_engine.container.list(all=True, filters=[("label", label)]), force=True)

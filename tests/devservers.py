@@ -1,4 +1,5 @@
-"""Throwaway PostgreSQL clusters, NATS servers and Redis servers from locally installed binaries.
+"""Throwaway PostgreSQL clusters, NATS servers and Redis servers from locally installed binaries, and the
+Nomad API double of ``tests/nomad_double``.
 
 For the test suite, the benchmarks and trying the service by hand: each server
 listens on 127.0.0.1 only, on a free port, in a folder of its own, with trust
@@ -14,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -237,3 +239,17 @@ def redis_server(folder: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def nomad_double(*args: str) -> Iterator[str]:
+    """The Nomad API double (``tests/nomad_double/server.py ARGS``) on a free port; its address."""
+    port = free_port()
+    server = Path(__file__).resolve().parent / "nomad_double" / "server.py"
+    process = subprocess.Popen([sys.executable, str(server), "--port", str(port), *args])
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -9,25 +9,14 @@ import uuid
 
 import pytest
 from devservers import free_port
+from nomad_jobs import run_job
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.nomad.client import NomadClient, Settings
 from metaflow_stack.nomad.jobspec import Placement, constraints_of, task_job
-from metaflow_stack.nomad.watch import Unplaced, follow
+from metaflow_stack.nomad.watch import Unplaced
 
 pytestmark = [pytest.mark.docker]
-
-
-def run_job(settings: Settings, placement: Placement, script: str) -> tuple:
-    lines: list[tuple[str, str]] = []
-    name = f"mf-test-{uuid.uuid4().hex[:8]}"
-    with NomadClient(settings) as client:
-        eval_id = client.register(task_job(name, ["sh", "-c", script], {"GREETING": "hello"}, placement, {"t": "1"}))
-        try:
-            ending = follow(client, name, eval_id, lambda kind, line: lines.append((kind, line)))
-        finally:
-            client.deregister(name)
-    return ending, lines
 
 
 def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad_agent: Settings, base_image: str) -> None:
@@ -82,8 +71,8 @@ def test_a_wrong_token_or_address_is_one_line_naming_the_fix(nomad_agent: Settin
     if nomad_agent.token:  # (an agent with ACLs: the double; a dev agent has none and takes any token)
         wrong = Settings(address=nomad_agent.address, token="wrong")
         with NomadClient(wrong) as client, pytest.raises(StackError) as refused:
-            client.agent()
+            client.jobs("mf-")
         assert "NOMAD_TOKEN" in refused.value.fix
     with NomadClient(Settings(address=f"http://127.0.0.1:{free_port()}")) as client, pytest.raises(StackError) as gone:
-        client.agent()
+        client.jobs("mf-")
     assert "no Nomad agent answers" in gone.value.message and "NOMAD_ADDR" in gone.value.fix

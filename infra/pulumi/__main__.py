@@ -4,7 +4,9 @@ Set ``metadata-service:image`` to deploy the service, ``ui:image`` for the UI
 (on that service, or on ``ui:serviceUrl``), ``function:image`` and
 ``function:name`` to serve a function, ``worker-pool:image`` (with
 ``prefix``, ``flowFile`` and ``redisSecret``) for standing pool workers;
-any of them. Each server needs the
+any of them. On a Nomad cluster instead, set ``metaflow-nomad:namespace``
+(with ``serviceImage`` and the secret ``serviceAuthKey`` for the metadata
+service job there). Each Kubernetes server needs the
 Secret holding its own key (``metadata-service:authSecret``, ``ui:authSecret``,
 ``function:authSecret``) or that namespace's ``insecureNoAuth`` set to true.
 The UI sends the service's key from ``ui:serviceAuthSecret``, or from
@@ -14,6 +16,7 @@ The UI sends the service's key from ``ui:serviceAuthSecret``, or from
 import pulumi
 from components.function_server import FunctionServer, FunctionServerArgs
 from components.metadata_service import MetadataService, MetadataServiceArgs, cluster_url
+from components.nomad_stack import NomadStack, NomadStackArgs
 from components.ui import Ui, UiArgs
 from components.worker_pool import WorkerPool, WorkerPoolArgs
 
@@ -81,3 +84,25 @@ if pool_config.get("image"):
             namespace=pool_config.get("namespace") or "default",
         ),
     )
+
+nomad_config = pulumi.Config("metaflow-nomad")
+if nomad_config.get("namespace"):
+    stack = NomadStack(
+        "metaflow-nomad",
+        NomadStackArgs(
+            namespace=nomad_config.require("namespace"),
+            service_image=nomad_config.get("serviceImage") or "",
+            service_auth_key=nomad_config.get_secret("serviceAuthKey"),
+            service_database_url=nomad_config.get_secret("serviceDatabaseUrl"),
+            service_variables={
+                k: v
+                for k, v in (
+                    ("nats_url", nomad_config.get("natsUrl")),
+                    ("instances", nomad_config.get_int("instances")),
+                    ("insecure_no_auth", nomad_config.get_bool("insecureNoAuth")),
+                )
+                if v is not None
+            },
+        ),
+    )
+    pulumi.export("nomad_namespace", stack.namespace.name)

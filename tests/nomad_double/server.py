@@ -2,7 +2,7 @@
 
 It implements only the endpoints ``@nomad`` uses, with Nomad's documented
 JSON (https://developer.hashicorp.com/nomad/api-docs: jobs, evaluations,
-allocations, client/fs logs, agent) and one node: this machine, datacenter
+allocations, client/fs logs, ACLs, namespaces, status) and one node: this machine, datacenter
 ``dc1``, node pool ``default``, attributes ``${attr.kernel.name}=linux``
 and ``${node.datacenter}=dc1``, this machine's cores, 16 GiB and no
 devices. Each docker task runs as a container on the local Docker engine
@@ -24,10 +24,19 @@ the GitHub workflow's ``nomad`` job.
   (``Data`` base64, ``Offset``, ``File``), a heartbeat ``{}`` each second
   nothing is written; it follows while asked.
 - ``DELETE /v1/job/:id?purge=true``: the container killed, the job gone.
-- With ``--token``, a request without that ``X-Nomad-Token`` gets 403
-  ``Permission denied``, as an agent with ACLs enabled answers.
+- ACLs, as an agent with them enabled answers: ``--token`` is a management
+  token from the start; with ``--acl-bootstrap`` there is none until
+  ``POST /v1/acl/bootstrap`` makes one (once). A request without a known
+  ``X-Nomad-Token`` gets 403 ``Permission denied``. Client tokens hold
+  policies (``POST /v1/acl/policy/:name``, rules written as ``namespace
+  "NAME" { capabilities = [...] }``, the one form modelled) and may call an
+  endpoint only with the capability its "ACL Required" column names, in
+  the request's namespace (``?namespace=``, the job's own for a
+  registration); ACL and namespace writes need the management token.
+  ``POST /v1/namespace/:name`` makes a namespace; a job in one that does not
+  exist is refused (400). ``GET /v1/status/leader`` needs no token.
 
-    python tests/nomad_double/server.py --port PORT [--token TOKEN]
+    python tests/nomad_double/server.py --port PORT [--token TOKEN | --acl-bootstrap]
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import hcl2
 import jsonschema
 import uvicorn
 from fastapi import FastAPI, Request
@@ -60,6 +70,72 @@ NODE = {
 }
 NODE_MEMORY_MB = 16384
 HEARTBEAT_S = 1.0
+#: The namespace capability each endpoint needs (the "ACL Required" column of Nomad's API docs), by
+#: method and path prefix; the first that matches counts.
+NEEDS = (
+    ("PUT", "/v1/jobs", "submit-job"),
+    ("POST", "/v1/jobs", "submit-job"),
+    ("GET", "/v1/jobs", "list-jobs"),
+    ("GET", "/v1/evaluation/", "read-job"),
+    ("GET", "/v1/job/", "read-job"),
+    ("DELETE", "/v1/job/", "submit-job"),
+    ("GET", "/v1/allocation/", "read-job"),
+    ("GET", "/v1/client/fs/logs/", "read-logs"),
+)
+#: Paths anyone may call, token or not.
+OPEN = ("/v1/status/leader", "/v1/acl/bootstrap")
+
+
+class Acl:
+    """Tokens, policies and namespaces, as an agent with ACLs enabled keeps them."""
+
+    def __init__(self, management: str | None) -> None:
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.policies: dict[str, dict[str, set[str]]] = {}
+        self.namespaces = {"default"}
+        self.bootstrapped = management is not None
+        if management:
+            self.add_token("bootstrap", "management", [], secret=management)
+
+    def add_token(self, name: str, kind: str, policies: list[str], secret: str | None = None) -> dict[str, Any]:
+        token = {
+            "AccessorID": str(uuid.uuid4()),
+            "SecretID": secret or str(uuid.uuid4()),
+            "Name": name,
+            "Type": kind,
+            "Policies": policies,
+            "Global": False,
+        }
+        self.tokens[token["SecretID"]] = token
+        return token
+
+    def add_policy(self, name: str, rules: str) -> str | None:
+        """Keep the policy; what is wrong with its rules, if anything."""
+        try:
+            blocks = hcl2.loads(rules).get("namespace", [])
+        except Exception as exc:  # lark's errors, each naming the line
+            return f"Failed to parse ACL Policy: {exc}"
+        granted: dict[str, set[str]] = {}
+        for block in blocks:
+            for label, body in ((k, v) for k, v in block.items() if not k.startswith("__")):
+                if not isinstance(body.get("capabilities"), list):
+                    return "the double models only namespace blocks with capabilities"
+                granted[label.strip('"')] = {c.strip('"') for c in body["capabilities"]}
+        self.policies[name] = granted
+        return None
+
+    def refusal(self, method: str, path: str, namespace: str, secret: str | None) -> str | None:
+        """Why the request may not be made, or ``None``."""
+        if path in OPEN:
+            return None
+        token = self.tokens.get(secret or "")
+        if token is None:
+            return "Permission denied" if self.bootstrapped else "ACL support disabled until bootstrapped"
+        if token["Type"] == "management" or path == "/v1/acl/token/self":
+            return None
+        needed = next((c for m, prefix, c in NEEDS if m == method and path.startswith(prefix)), None)
+        held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in token["Policies"]))
+        return None if needed in held else "Permission denied"
 
 
 class Cluster:
@@ -271,14 +347,55 @@ def _event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"Type": kind, "Time": time.time_ns(), "DisplayMessage": fields.get("DriverError", ""), **fields}
 
 
-def app(token: str | None) -> FastAPI:
+def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     api, cluster = FastAPI(), Cluster()
+    acl = Acl(token) if token or acl_bootstrap else None
 
     @api.middleware("http")
-    async def acl(request: Request, call_next):
-        if token and request.headers.get("X-Nomad-Token") != token:
-            return PlainTextResponse("Permission denied", status_code=403)
+    async def check_acl(request: Request, call_next):
+        if acl is not None:
+            namespace = request.query_params.get("namespace") or "default"
+            if request.method in ("PUT", "POST") and request.url.path == "/v1/jobs":
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    namespace = json.loads(await request.body())["Job"].get("Namespace") or "default"
+            secret = request.headers.get("X-Nomad-Token")
+            refused = acl.refusal(request.method, request.url.path, namespace, secret)
+            if refused:
+                return PlainTextResponse(refused, status_code=403)
         return await call_next(request)
+
+    @api.get("/v1/status/leader")
+    def leader() -> str:
+        return "127.0.0.1:4647"
+
+    @api.post("/v1/acl/bootstrap")
+    def bootstrap():
+        if acl is None or acl.bootstrapped:
+            return PlainTextResponse("ACL bootstrap already done (reset index: 1)", status_code=400)
+        acl.bootstrapped = True
+        return acl.add_token("Bootstrap Token", "management", [])
+
+    @api.get("/v1/acl/token/self")
+    def token_self(request: Request):
+        return acl.tokens[request.headers["X-Nomad-Token"]]
+
+    @api.post("/v1/acl/token")
+    async def create_token(request: Request):
+        body = await request.json()
+        unknown = [p for p in body.get("Policies") or [] if p not in acl.policies]
+        if unknown:
+            return PlainTextResponse(f"policy not found: {unknown[0]}", status_code=400)
+        return acl.add_token(body.get("Name", ""), body.get("Type", "client"), body.get("Policies") or [])
+
+    @api.post("/v1/acl/policy/{name}")
+    async def put_policy(name: str, request: Request):
+        wrong = acl.add_policy(name, (await request.json()).get("Rules", ""))
+        return PlainTextResponse(wrong, status_code=400) if wrong else JSONResponse(None)
+
+    @api.post("/v1/namespace/{name}")
+    def put_namespace(name: str):
+        acl.namespaces.add(name)
+        return JSONResponse(None)
 
     def blocking(request: Request, get) -> JSONResponse:
         index = int(request.query_params.get("index", 0) or 0)
@@ -288,10 +405,6 @@ def app(token: str | None) -> FastAPI:
             return PlainTextResponse("not found", status_code=404)
         return JSONResponse(found, headers={"X-Nomad-Index": str(at)})
 
-    @api.get("/v1/agent/self")
-    def agent_self() -> dict:
-        return {"config": {"Region": "global", "Datacenter": "dc1"}, "member": {"Name": os.uname().nodename}}
-
     @api.put("/v1/jobs")
     @api.post("/v1/jobs")
     async def register(request: Request):
@@ -300,14 +413,17 @@ def app(token: str | None) -> FastAPI:
             jsonschema.validate(body, SCHEMA)
         except jsonschema.ValidationError as exc:
             return PlainTextResponse(f"1 error occurred: {exc.message}", status_code=400)
+        namespace = body["Job"].get("Namespace") or "default"
+        if acl is not None and namespace not in acl.namespaces:
+            return PlainTextResponse(f'job "{body["Job"]["ID"]}" is in nonexistent namespace "{namespace}"', 400)
         return cluster.register(body["Job"])
 
     @api.get("/v1/jobs")
-    def jobs(prefix: str = "") -> list:
+    def jobs(prefix: str = "", namespace: str = "default") -> list:
         return [
             {"ID": job_id, "Status": "running", "Meta": entry["Job"].get("Meta")}
             for job_id, entry in cluster.jobs.items()
-            if job_id.startswith(prefix)
+            if job_id.startswith(prefix) and (entry["Job"].get("Namespace") or "default") == namespace
         ]
 
     @api.get("/v1/evaluation/{eval_id}")
@@ -355,8 +471,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token")
+    parser.add_argument("--acl-bootstrap", action="store_true")
     args = parser.parse_args()
-    uvicorn.run(app(args.token), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(app(args.token, args.acl_bootstrap), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -101,14 +101,16 @@ def _ray() -> Check:
 
 
 def _nomad() -> Check:
+    from metaflow_stack.nomad.dev_cluster import INSTALL_FIX
+
     version = _version_of(["nomad", "version"])
-    address = os.environ.get("NOMAD_ADDR")
-    fix = "install Nomad (https://developer.hashicorp.com/nomad/install), run `nomad agent -dev`, "
-    fix += "export NOMAD_ADDR=http://127.0.0.1:4646"
+    address = os.environ.get("METAFLOW_NOMAD_ADDR") or os.environ.get("NOMAD_ADDR")
     if version is None:
-        return Check("Nomad", False, "not found", "@nomad", fix)
-    detail = f"{version}; NOMAD_ADDR={address}" if address else f"{version}; NOMAD_ADDR not set"
-    return Check("Nomad", bool(address), detail, "@nomad", "" if address else fix)
+        return Check("Nomad", False, "not found", "@nomad", INSTALL_FIX)
+    if not address:
+        fix = "run `just nomad-up` and export the line it prints (or set NOMAD_ADDR to your cluster)"
+        return Check("Nomad", False, f"{version}; NOMAD_ADDR not set", "@nomad", fix)
+    return Check("Nomad", True, f"{version}; NOMAD_ADDR={address}", "@nomad")
 
 
 def _chromium() -> Check:

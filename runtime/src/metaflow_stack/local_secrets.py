@@ -4,6 +4,8 @@ The stack's key (``auth-key``) is the one ``metaflow stack up`` gives the
 metadata service and the demo, and ``metaflow function deploy --target
 docker`` gives a function server: one key for this machine's stack, shown
 once when it is made, then read from the file (mode 0600), never logged.
+Secrets a server hands out (the dev Nomad cluster's tokens) are kept the
+same way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ def secret(path: Path) -> tuple[str, bool]:
     with os.fdopen(fd, "w") as out:
         out.write(value)
     return value, True
+
+
+def keep(path: Path, value: str) -> None:
+    """Keep ``value`` at ``path`` (mode 0600), whole or not at all: a secret handed out by a server."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value)
+    os.replace(partial, path)
 
 
 def stack_key_path() -> Path:

@@ -45,6 +45,11 @@ class NomadJob:
         """The variables as an HCL variable file (what ``-var-file`` and the parse API take)."""
         return "".join(f"{name} = {_literal(value)}\n" for name, value in sorted(self.variables.items()))
 
+    def cli_vars(self) -> dict[str, str]:
+        """The variables as ``-var name=value`` takes them (and the Pulumi provider's ``hcl2.vars``): a string
+        as it is, any other value as its HCL literal."""
+        return {name: v if isinstance(v, str) else _literal(v) for name, v in sorted(self.variables.items())}
+
 
 def _literal(value: Any) -> str:
     if isinstance(value, bool):

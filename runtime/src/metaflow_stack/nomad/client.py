@@ -1,4 +1,5 @@
-"""Nomad's HTTP API, as ``@nomad`` uses it: register, watch, read logs, deregister.
+"""Nomad's HTTP API, as ``@nomad`` uses it (register, watch, read logs, deregister) and as the dev cluster
+sets up its ACLs (bootstrap, namespace, policy, token).
 
 Settings come from Nomad's own variables (``NOMAD_ADDR``, ``NOMAD_TOKEN``,
 ``NOMAD_NAMESPACE``, ``NOMAD_REGION``, ``NOMAD_CACERT``, ``NOMAD_CLIENT_CERT``,
@@ -131,9 +132,32 @@ class NomadClient:
             time.sleep(1.0)
         return _json(response, path), moved
 
-    def agent(self) -> dict[str, Any]:
-        """The agent's own description (``GET /v1/agent/self``): a cheap check that it answers and accepts the token."""
-        return _json(self._request("GET", "/v1/agent/self"), "/v1/agent/self")
+    def leader(self) -> str:
+        """The cluster leader's address (``GET /v1/status/leader``, no token needed): empty until one is elected."""
+        answer = _json(self._request("GET", "/v1/status/leader"), "/v1/status/leader")
+        return answer if isinstance(answer, str) else ""
+
+    def bootstrap_acl(self) -> dict[str, Any]:
+        """The cluster's first management token (``POST /v1/acl/bootstrap``; Nomad answers it once)."""
+        return _json(self._request("POST", "/v1/acl/bootstrap"), "/v1/acl/bootstrap")
+
+    def token_self(self) -> dict[str, Any]:
+        """The token this client sends, as Nomad knows it (403 for one it does not)."""
+        return _json(self._request("GET", "/v1/acl/token/self"), "/v1/acl/token/self")
+
+    def put_namespace(self, name: str, description: str) -> None:
+        """Create or update the namespace ``name`` (management token)."""
+        self._request("POST", f"/v1/namespace/{name}", json={"Name": name, "Description": description})
+
+    def put_policy(self, name: str, rules: str, description: str) -> None:
+        """Create or update the ACL policy ``name`` with HCL ``rules`` (management token)."""
+        body = {"Name": name, "Description": description, "Rules": rules}
+        self._request("POST", f"/v1/acl/policy/{name}", json=body)
+
+    def create_token(self, name: str, policies: list[str]) -> dict[str, Any]:
+        """A new client token holding ``policies`` (management token)."""
+        body = {"Name": name, "Type": "client", "Policies": policies}
+        return _json(self._request("POST", "/v1/acl/token", json=body), "/v1/acl/token")
 
     def register(self, job: dict[str, Any]) -> str:
         """Register ``job``; the ID of the evaluation that places it."""

@@ -1,4 +1,4 @@
-"""``metaflow stack``: images, the local registry, the doctor and the local stack.
+"""``metaflow stack``: images, the local registry, the dev Nomad cluster, the doctor and the local stack.
 
 Thin glue: every command calls the runtime and prints its result. A
 ``StackError`` becomes two lines (``error:`` and ``fix:``) and exit code 1,
@@ -161,6 +161,46 @@ def registry_down() -> None:
 
     stopped = LocalRegistry.default().stop()
     _err.print("registry stopped" if stopped else "no local registry was running")
+
+
+@stack.group(help="A local Nomad cluster for @nomad: a dev agent on 127.0.0.1 with ACLs, a namespace and a token.")
+def nomad() -> None:
+    pass
+
+
+_NOMAD_PORT = click.option(
+    "--port",
+    default=4646,
+    show_default=True,
+    type=int,
+    envvar="METAFLOW_STACK_NOMAD_PORT",
+    help="HTTP port of the agent on 127.0.0.1 (its RPC and Serf ports follow it).",
+)
+
+
+@nomad.command(name="up", help="Start the dev agent (unless it answers) and set it up for flows.")
+@_NOMAD_PORT
+@_friendly
+def nomad_up(port: int) -> None:
+    from metaflow_stack.nomad.dev_cluster import LocalNomad
+
+    local = LocalNomad(port=port)
+    cluster = local.start()
+    _err.print(
+        f"Nomad on {cluster.address} (ACLs on): flows run in the namespace {cluster.namespace!r} with a token "
+        f"that holds its policy alone; the management token is in {local.home / 'management-token'} (mode 600)",
+        highlight=False,
+    )
+    _out.print(cluster.exports(), highlight=False, soft_wrap=True)
+
+
+@nomad.command(name="down", help="Stop the dev agent started by `nomad up` (its jobs and tokens end with it).")
+@_NOMAD_PORT
+@_friendly
+def nomad_down(port: int) -> None:
+    from metaflow_stack.nomad.dev_cluster import LocalNomad
+
+    _err.print("Nomad agent stopped" if LocalNomad(port=port).stop() else "no dev Nomad agent was running")
 
 
 @stack.command(

@@ -1,0 +1,153 @@
+"""The local Nomad cluster of ``just nomad-up``: a dev agent with ACLs on, a namespace for flows, a token.
+
+``nomad agent -dev`` with ``infra/nomad/dev/agent.hcl`` runs as a background
+process of this machine's stack (on 127.0.0.1, its state in memory). ``up``
+then bootstraps the agent's ACLs, applies the ``metaflow`` namespace and the
+policy in ``infra/nomad/dev/metaflow.policy.hcl``, and creates a client token
+holding that policy alone: flows run with the least a ``@nomad`` run needs,
+so the dev cluster proves the policy every production cluster is given.
+Both tokens are kept in the state folder (mode 0600) and never printed; the
+line to export reads the flows' token from its file. Run against an agent
+that already answers, ``up`` keeps the tokens it still accepts: running it
+twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from metaflow_stack import catalog, settings
+from metaflow_stack.daemon import Daemon
+from metaflow_stack.errors import StackError, ToolMissingError
+from metaflow_stack.local_secrets import keep
+from metaflow_stack.nomad.client import NomadClient, Settings
+
+#: The namespace flows run in, and the policy that lets them (named alike).
+NAMESPACE = POLICY = "metaflow"
+DEFAULT_PORT = 4646
+#: Seconds a starting agent has to elect itself leader.
+START_TIMEOUT_S = 60.0
+#: Nomad's rule for a namespace name.
+_NAMESPACE_NAME = re.compile(r"[a-zA-Z0-9-]{1,128}")
+INSTALL_FIX = (
+    "install Nomad (https://developer.hashicorp.com/nomad/install) so that `nomad` is on PATH, then run `just nomad-up`"
+)
+
+
+@dataclass(frozen=True)
+class DevCluster:
+    """Where the cluster answers, and the token file flows use."""
+
+    address: str
+    namespace: str
+    token_file: Path
+
+    def exports(self) -> str:
+        """The shell line that points Nomad's CLI and ``@nomad`` at the cluster (the token read from its file)."""
+        return (
+            f'export NOMAD_ADDR={self.address} NOMAD_NAMESPACE={self.namespace} NOMAD_TOKEN="$(cat {self.token_file})"'
+        )
+
+
+def dev_folder() -> Path:
+    """``infra/nomad/dev``: the agent's configuration and the flows' policy."""
+    return catalog.project_root() / "infra" / "nomad" / "dev"
+
+
+def policy_rules(namespace: str = NAMESPACE) -> str:
+    """The rules of ``metaflow.policy.hcl``, for ``namespace``: one file says what a run may do, wherever."""
+    if not _NAMESPACE_NAME.fullmatch(namespace):
+        raise StackError(f"{namespace!r} is not a Nomad namespace name", fix="use letters, digits and '-'")
+    rules = (dev_folder() / "metaflow.policy.hcl").read_text(encoding="utf-8")
+    label = f'namespace "{NAMESPACE}"'
+    if rules.count(label) != 1:
+        raise StackError(f"metaflow.policy.hcl must hold one {label} block", fix="restore the file from the checkout")
+    return rules.replace(label, f'namespace "{namespace}"')
+
+
+class LocalNomad:
+    """Starts and stops the dev agent, and sets it up for flows."""
+
+    def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
+        self.home = home or settings.load().state_dir / "nomad"
+        self.port = port
+        self.daemon = Daemon(self.home, "nomad")
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def answers(self) -> bool:
+        """Whether an agent answers here with a leader elected."""
+        try:
+            with NomadClient(Settings(address=self.address)) as client:
+                return bool(client.leader())
+        except StackError:
+            return False
+
+    def start(self) -> DevCluster:
+        """Start the agent unless one answers, then set it up (``configure``)."""
+        if not self.answers():
+            binary = shutil.which("nomad")
+            if binary is None:
+                raise ToolMissingError("nomad is not installed", fix=INSTALL_FIX)
+            ports = self.home / "ports.hcl"
+            ports.parent.mkdir(parents=True, exist_ok=True)
+            http, rpc, serf = self.port, self.port + 1, self.port + 2
+            ports.write_text(f"ports {{\n  http = {http}\n  rpc  = {rpc}\n  serf = {serf}\n}}\n")
+            command = [binary, "agent", "-dev", "-config", str(dev_folder() / "agent.hcl"), "-config", str(ports)]
+            if not self.daemon.start(command, self.answers, START_TIMEOUT_S):
+                raise StackError(
+                    f"the Nomad agent did not answer on {self.address}",
+                    fix=f"see {self.daemon.log}; are ports {self.port}-{self.port + 2} taken? "
+                    "set METAFLOW_STACK_NOMAD_PORT",
+                )
+        return configure(self.address, self.home)
+
+    def stop(self) -> bool:
+        """Stop what ``start`` started, forgetting its tokens (a dev agent's ACLs end with it)."""
+        stopped = self.daemon.stop()
+        if stopped:
+            for name in ("management-token", "token"):
+                (self.home / name).unlink(missing_ok=True)
+        return stopped
+
+
+def configure(address: str, home: Path) -> DevCluster:
+    """Bootstrap the ACLs of the agent at ``address`` (or use the management token kept in ``home``), apply
+    the namespace and the policy, and keep a client token holding only that policy."""
+    management = _kept_token(address, home / "management-token")
+    if management is None:
+        with NomadClient(Settings(address=address)) as client:
+            try:
+                management = str(client.bootstrap_acl()["SecretID"])
+            except (StackError, KeyError) as exc:
+                raise StackError(
+                    f"the Nomad agent at {address} will not hand out its first token: its ACLs were set up "
+                    f"elsewhere ({exc})",
+                    fix="stop that agent, or start the dev cluster on another port (METAFLOW_STACK_NOMAD_PORT)",
+                ) from None
+        keep(home / "management-token", management)
+    with NomadClient(Settings(address=address, token=management)) as admin:
+        admin.put_namespace(NAMESPACE, "Metaflow runs (@nomad)")
+        admin.put_policy(POLICY, policy_rules(), "What a @nomad run needs in its namespace")
+        if _kept_token(address, home / "token") is None:
+            keep(home / "token", str(admin.create_token("metaflow-flows", [POLICY])["SecretID"]))
+    return DevCluster(address, NAMESPACE, home / "token")
+
+
+def _kept_token(address: str, path: Path) -> str | None:
+    """The token kept at ``path``, while the agent at ``address`` still accepts it."""
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    try:
+        with NomadClient(Settings(address=address, token=secret)) as client:
+            client.token_self()
+    except StackError:
+        return None
+    return secret

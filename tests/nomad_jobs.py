@@ -1,0 +1,22 @@
+"""One short Nomad batch job run to its end through ``@nomad``'s client and watcher, for the Nomad tests."""
+
+from __future__ import annotations
+
+import uuid
+
+from metaflow_stack.nomad.client import NomadClient, Settings
+from metaflow_stack.nomad.jobspec import Placement, task_job
+from metaflow_stack.nomad.watch import follow
+
+
+def run_job(settings: Settings, placement: Placement, script: str) -> tuple:
+    """Run ``script`` with ``sh -c`` as one job; how it ended and its output lines, the job purged after."""
+    lines: list[tuple[str, str]] = []
+    name = f"mf-test-{uuid.uuid4().hex[:8]}"
+    with NomadClient(settings) as client:
+        eval_id = client.register(task_job(name, ["sh", "-c", script], {"GREETING": "hello"}, placement, {"t": "1"}))
+        try:
+            ending = follow(client, name, eval_id, lambda kind, line: lines.append((kind, line)))
+        finally:
+            client.deregister(name)
+    return ending, lines
