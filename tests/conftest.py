@@ -387,7 +387,8 @@ def nomad_agent(docker_engine) -> Iterator[object]:
         return
     token = uuid.uuid4().hex
     try:
-        with nomad_double("--token", token) as address:
+        # The node's own Python for raw_exec tasks, as a client whose PATH holds one with Metaflow's needs.
+        with nomad_double("--token", token, path=f"{VENV_BIN}:{os.environ['PATH']}") as address:
             yield Settings(address=address, token=token)
     finally:
         label = "io.metaflow-stack.nomad-double"

@@ -242,11 +242,13 @@ def redis_server(folder: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def nomad_double(*args: str) -> Iterator[str]:
-    """The Nomad API double (``tests/nomad_double/server.py ARGS``) on a free port; its address."""
+def nomad_double(*args: str, path: str | None = None) -> Iterator[str]:
+    """The Nomad API double (``tests/nomad_double/server.py ARGS``) on a free port, its raw_exec tasks
+    finding commands on ``path`` (else this PATH); its address."""
     port = free_port()
     server = Path(__file__).resolve().parent / "nomad_double" / "server.py"
-    process = subprocess.Popen([sys.executable, str(server), "--port", str(port), *args])
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    process = subprocess.Popen([sys.executable, str(server), "--port", str(port), *args], env=env)
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"

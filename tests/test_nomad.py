@@ -137,6 +137,26 @@ def test_ctrl_c_purges_the_runs_jobs(tmp_path: Path, nomad_agent, bridge_s3: str
     assert jobs_left(nomad_agent) == []
 
 
+def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
+    tmp_path: Path, nomad_agent, bridge_s3: str
+) -> None:
+    done = flow_run(tmp_path, "raw_exec_flow.py", nomad_agent, bridge_s3)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    code = (
+        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
+        "namespace(None); t = Flow('RawExecFlow').latest_run['work'].task; "
+        "print(json.dumps({**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd')}, 'stdout': t.stdout, "
+        "'job': t.metadata_dict.get('nomad-job-id')}))"
+    )
+    env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": bridge_s3}
+    read = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert read.returncode == 0, read.stderr[-3000:]
+    work = json.loads(read.stdout.strip().splitlines()[-1])
+    assert work["in_job"] and work["job"].startswith("mf-rawexecflow-")
+    assert Path(work["cwd"]).is_relative_to(work["task_dir"])  # the task's own folder (raw_exec shares /tmp)
+    assert f"raw_exec in {work['cwd']}" in work["stdout"] and "raw_exec in" in done.stdout + done.stderr
+
+
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     """A Nomad job runs on another machine: the run's datastore must be one it reaches."""
     shutil.copy(FLOWS / "nomad_flow.py", tmp_path)

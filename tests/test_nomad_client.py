@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -25,6 +26,28 @@ def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad_age
     assert ending.code == 3 and ending.status == "failed"
     assert [line for kind, line in lines if kind == "stdout"] == ["hello out", "partial"]
     assert [line for kind, line in lines if kind == "stderr"] == ["err"]
+
+
+def test_raw_exec_runs_the_command_as_a_process_in_its_task_folder(nomad_agent: Settings) -> None:
+    script = 'echo "$GREETING from $PWD"; test "$PWD" = "$(dirname "$NOMAD_TASK_DIR")" && echo "in the task folder"'
+    script += "; exit 4"
+    ending, lines = run_job(nomad_agent, Placement(driver="raw_exec", cpu=0.5, memory=64), script)
+    assert ending.code == 4 and ending.status == "failed"
+    out = [line for kind, line in lines if kind == "stdout"]
+    assert out[0].startswith("hello from /") and out[1:] == ["in the task folder"]
+
+
+def test_exec_runs_where_the_agent_offers_it_and_is_filtered_where_not(nomad_agent: Settings) -> None:
+    """A real agent run as root (the GitHub job's) offers exec; the double's node, like an agent run as
+    another user, has no exec driver, and Nomad's scheduler filters such a job out at once."""
+    placement = Placement(driver="exec", cpu=0.5, memory=64)
+    if os.environ.get("NOMAD_ADDR"):
+        ending, lines = run_job(nomad_agent, placement, 'echo "$GREETING chrooted"')
+        assert ending.code == 0 and ("stdout", "hello chrooted") in lines
+        return
+    with pytest.raises(Unplaced) as caught:
+        run_job(nomad_agent, placement, "true")
+    assert "missing drivers" in caught.value.message
 
 
 @pytest.mark.parametrize(

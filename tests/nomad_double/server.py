@@ -6,8 +6,12 @@ allocations, client/fs logs, ACLs, namespaces, status) and one node: this machin
 ``dc1``, node pool ``default``, attributes ``${attr.kernel.name}=linux``
 and ``${node.datacenter}=dc1``, this machine's cores, 16 GiB and no
 devices. Each docker task runs as a container on the local Docker engine
-(labelled ``io.metaflow-stack.nomad-double``); other drivers fail as a
-Nomad client without them does (``Driver Failure``). Its fidelity is
+(labelled ``io.metaflow-stack.nomad-double``); each raw_exec task as a
+process of the double's, in a task folder of its allocation's, with the
+double's environment less Nomad's default ``env.denylist``, its output in
+``alloc/logs/<task>.<kind>.0`` (as dev mode enables raw_exec). The node has
+no exec driver (Nomad offers it only to an agent running as root): a job
+for it is filtered out (``missing drivers``), as Nomad's scheduler does. Its fidelity is
 checked by the same suite passing against a real ``nomad agent -dev`` in
 the GitHub workflow's ``nomad`` job.
 
@@ -46,9 +50,14 @@ import base64
 import contextlib
 import json
 import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +78,22 @@ NODE = {
     "${node.unique.name}": os.uname().nodename,
 }
 NODE_MEMORY_MB = 16384
+#: The node's drivers: docker, and raw_exec as dev mode enables it; no exec, which Nomad offers only to an
+#: agent running as root.
+NODE_DRIVERS = ("docker", "raw_exec")
+#: The client's variables Nomad never passes to exec and raw_exec tasks (its default ``env.denylist``).
+ENV_DENYLIST = frozenset(
+    {
+        "CONSUL_TOKEN",
+        "CONSUL_HTTP_TOKEN",
+        "VAULT_TOKEN",
+        "NOMAD_LICENSE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    }
+)
 HEARTBEAT_S = 1.0
 #: The namespace capability each endpoint needs (the "ACL Required" column of Nomad's API docs), by
 #: method and path prefix; the first that matches counts.
@@ -147,6 +172,8 @@ class Cluster:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.evals: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
+        #: What runs each started allocation's task: a container ID, or a raw_exec process and its folder.
+        self.started: dict[str, str | tuple[subprocess.Popen, Path]] = {}
         self.docker = DockerClient()
 
     def bump(self, obj: dict[str, Any]) -> None:
@@ -184,6 +211,8 @@ class Cluster:
                 resources = task.get("Resources") or {}
                 if resources.get("Devices"):  # the node has none: filtered, as Nomad's feasibility check does
                     filtered["missing devices"] = 1
+                if task["Driver"] not in NODE_DRIVERS:
+                    filtered["missing drivers"] = 1
                 if resources.get("Cores", 0) > (os.cpu_count() or 1):
                     exhausted["cores"] = 1
                 if resources.get("MemoryMB", 300) > NODE_MEMORY_MB:
@@ -238,46 +267,72 @@ class Cluster:
 
     def run(self, alloc: dict[str, Any], task: dict[str, Any]) -> None:
         state = alloc["TaskStates"][task["Name"]]
-        if task["Driver"] != "docker":
-            state["Events"].append(_event("Driver Failure", DriverError=f"missing drivers: {task['Driver']}"))
-            state.update(State="dead", Failed=True)
-            alloc["ClientStatus"] = "failed"
-            self.bump(alloc)
-            return
-        config, resources = task["Config"], task.get("Resources") or {}
-        cpus = resources.get("Cores") or (resources.get("CPU", 100) / 1000)
         try:
-            container = self.docker.run(
-                config["image"],
-                [config["command"], *config.get("args", [])],
-                detach=True,
-                envs={**(task.get("Env") or {}), **_runtime_env(alloc, task)},
-                cpus=cpus,
-                memory=f"{resources.get('MemoryMB', 300)}m",
-                labels={LABEL: alloc["ID"]},
-                cap_drop=["ALL"],
-                security_options=["no-new-privileges"],
-            )
-        except DockerException as exc:
-            state["Events"].append(
-                _event("Driver Failure", DriverError=f"Failed to start container: {exc.stderr or exc}")
-            )
+            start = self.start_container if task["Driver"] == "docker" else self.start_process
+            wait = start(alloc, task)
+        except (DockerException, OSError) as exc:
+            said = f"Failed to start container: {exc.stderr or exc}" if isinstance(exc, DockerException) else str(exc)
+            state["Events"].append(_event("Driver Failure", DriverError=said))
             state.update(State="dead", Failed=True)
             alloc["ClientStatus"] = "failed"
             self.bump(alloc)
             return
-        alloc["Container"] = container.id
         state["Events"].append(_event("Started"))
         state["State"] = "running"
         alloc["ClientStatus"] = "running"
         self.bump(alloc)
-        code = int(self.docker.container.wait(container.id))
+        code = wait()
         if alloc["ClientStatus"] != "running":  # stopped by a deregistration meanwhile
             return
         state["Events"].append(_event("Terminated", ExitCode=code, Signal=0))
         state.update(State="dead", Failed=code != 0)
         alloc["ClientStatus"] = "complete" if code == 0 else "failed"
         self.bump(alloc)
+
+    def start_container(self, alloc: dict[str, Any], task: dict[str, Any]) -> Callable[[], int]:
+        config, resources = task["Config"], task.get("Resources") or {}
+        cpus = resources.get("Cores") or (resources.get("CPU", 100) / 1000)
+        container = self.docker.run(
+            config["image"],
+            [config["command"], *config.get("args", [])],
+            detach=True,
+            envs={**(task.get("Env") or {}), **_runtime_env(alloc, task)},
+            cpus=cpus,
+            memory=f"{resources.get('MemoryMB', 300)}m",
+            labels={LABEL: alloc["ID"]},
+            cap_drop=["ALL"],
+            security_options=["no-new-privileges"],
+        )
+        self.started[alloc["ID"]] = container.id
+        return lambda: int(self.docker.container.wait(container.id))
+
+    def start_process(self, alloc: dict[str, Any], task: dict[str, Any]) -> Callable[[], int]:
+        """A raw_exec task: a process of the client's, in a task folder of its allocation's, with the client's
+        environment less Nomad's denylist, its output in the allocation's log files."""
+        root = Path(tempfile.mkdtemp(prefix="nomad-double-alloc-"))
+        task_dir, logs = root / task["Name"], root / "alloc" / "logs"
+        for folder in (task_dir / "local", task_dir / "secrets", task_dir / "tmp", logs):
+            folder.mkdir(parents=True)
+        folders = {
+            "NOMAD_ALLOC_DIR": str(root / "alloc"),
+            "NOMAD_TASK_DIR": str(task_dir / "local"),
+            "NOMAD_SECRETS_DIR": str(task_dir / "secrets"),
+        }
+        client = {k: v for k, v in os.environ.items() if k not in ENV_DENYLIST}
+        env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **folders}
+        config, name = task["Config"], task["Name"]
+        with (logs / f"{name}.stdout.0").open("wb") as out, (logs / f"{name}.stderr.0").open("wb") as err:
+            process = subprocess.Popen(
+                [config["command"], *config.get("args", [])],
+                cwd=task_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.started[alloc["ID"]] = (process, root)
+        return process.wait
 
     def deregister(self, job_id: str) -> None:
         job = self.jobs.pop(job_id, None)
@@ -287,33 +342,78 @@ class Cluster:
                 alloc["ClientStatus"] = "complete"
                 alloc["DesiredStatus"] = "stop"
                 self.bump(alloc)
-            if alloc.get("Container"):
+            started = self.started.pop(alloc_id, None)
+            if isinstance(started, str):
                 with contextlib.suppress(DockerException):
-                    self.docker.container.remove(alloc["Container"], force=True)
+                    self.docker.container.remove(started, force=True)
+            elif started is not None:
+                process, root = started
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                shutil.rmtree(root, ignore_errors=True)
 
-    def logs(self, alloc_id: str, kind: str, follow: bool, offset: int):
-        """``StreamFrame`` objects of the task's ``kind`` output, as Nomad's client writes them."""
+    def stop(self) -> None:
+        """End every task still running (the double is going away)."""
+        for job_id in list(self.jobs):
+            self.deregister(job_id)
+
+    def logs(self, alloc_id: str, kind: str, follow: bool, offset: int) -> Iterator[bytes]:
+        """``StreamFrame`` objects of the task's ``kind`` output, as Nomad's client writes them, then heartbeats
+        while followed."""
         alloc = self.allocs[alloc_id]
-        sent, file = 0, f"alloc/logs/{alloc_id[:8]}.{kind}.0"
-        container = alloc.get("Container")
-        if container:
-            # Followed while the task runs, then read once more whole: the followed stream can end before
-            # the task's last bytes when they have no newline.
-            for stream in (follow, False):
-                seen = 0
-                with contextlib.suppress(DockerException):
-                    for source, data in self.docker.container.logs(container, follow=stream, stream=True):
-                        if source != kind:
-                            continue
-                        start, seen = seen, seen + len(data)
-                        if seen > max(sent, offset):
-                            piece = data[max(sent, offset) - start :]
-                            sent = seen
-                            frame = {"Data": base64.b64encode(piece).decode(), "Offset": seen, "File": file}
-                            yield json.dumps(frame).encode()
+        task = next(iter(alloc["TaskStates"]))  # (one task a group, as @nomad writes its jobs)
+        file = f"alloc/logs/{task}.{kind}.0"
+        started = self.started.get(alloc_id)
+        if isinstance(started, str):
+            yield from self.container_frames(started, kind, follow, offset, file)
+        elif started is not None:
+            process, root = started
+            yield from _file_frames(root / file, process, follow, offset, file)
         while follow:  # the task has ended: Nomad keeps the stream, with heartbeats, until the reader goes
             yield b"{}"
             time.sleep(HEARTBEAT_S)
+
+    def container_frames(self, container: str, kind: str, follow: bool, offset: int, file: str) -> Iterator[bytes]:
+        # Followed while the task runs, then read once more whole: the followed stream can end before the task's
+        # last bytes when they have no newline.
+        sent = 0
+        for stream in (follow, False):
+            seen = 0
+            with contextlib.suppress(DockerException):
+                for source, data in self.docker.container.logs(container, follow=stream, stream=True):
+                    if source != kind:
+                        continue
+                    start, seen = seen, seen + len(data)
+                    if seen > max(sent, offset):
+                        piece = data[max(sent, offset) - start :]
+                        sent = seen
+                        yield _frame(piece, seen, file)
+
+
+def _frame(data: bytes, offset: int, file: str) -> bytes:
+    return json.dumps({"Data": base64.b64encode(data).decode(), "Offset": offset, "File": file}).encode()
+
+
+def _file_frames(path: Path, process: subprocess.Popen, follow: bool, offset: int, file: str) -> Iterator[bytes]:
+    """A raw_exec task's log file from ``offset`` as frames, followed while the process runs."""
+    with path.open("rb") as log:
+        log.seek(offset)
+        quiet_since = time.monotonic()
+        while True:
+            ended = process.poll() is not None  # (before reading: what it wrote last is then read)
+            data = log.read(64 * 1024)
+            if data:
+                offset += len(data)
+                yield _frame(data, offset, file)
+                quiet_since = time.monotonic()
+            elif ended or not follow:
+                return
+            else:
+                if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                    yield b"{}"
+                    quiet_since = time.monotonic()
+                time.sleep(0.05)
 
 
 def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
@@ -349,6 +449,7 @@ def _event(kind: str, **fields: Any) -> dict[str, Any]:
 
 def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     api, cluster = FastAPI(), Cluster()
+    api.state.cluster = cluster
     acl = Acl(token) if token or acl_bootstrap else None
 
     @api.middleware("http")
@@ -434,8 +535,7 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     def allocations(job_id: str, request: Request):
         def get():
             allocs = [cluster.allocs[a] for a in cluster.jobs.get(job_id, {}).get("Allocs", [])]
-            stubs = [{k: v for k, v in a.items() if k != "Container"} for a in allocs]
-            return stubs, max((a["ModifyIndex"] for a in allocs), default=0)
+            return allocs, max((a["ModifyIndex"] for a in allocs), default=0)
 
         return blocking(request, get)
 
@@ -445,7 +545,7 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
             alloc = cluster.allocs.get(alloc_id)
             if alloc is None:
                 return None, 0
-            return {k: v for k, v in alloc.items() if k != "Container"}, alloc["ModifyIndex"]
+            return alloc, alloc["ModifyIndex"]
 
         return blocking(request, get)
 
@@ -460,7 +560,7 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     def logs(alloc_id: str, task: str, type: str, follow: bool = False, offset: int = 0, origin: str = "start"):
         if alloc_id not in cluster.allocs:
             return PlainTextResponse("unknown allocation", status_code=404)
-        if not cluster.allocs[alloc_id].get("Container"):  # (Nomad's words for a task that has not started)
+        if alloc_id not in cluster.started:  # (Nomad's words for a task that has not started)
             return PlainTextResponse("task not started yet. No logs available", status_code=404)
         return StreamingResponse(cluster.logs(alloc_id, type, follow, offset), media_type="application/json")
 
@@ -473,7 +573,9 @@ def main() -> None:
     parser.add_argument("--token")
     parser.add_argument("--acl-bootstrap", action="store_true")
     args = parser.parse_args()
-    uvicorn.run(app(args.token, args.acl_bootstrap), host="127.0.0.1", port=args.port, log_level="warning")
+    api = app(args.token, args.acl_bootstrap)
+    uvicorn.run(api, host="127.0.0.1", port=args.port, log_level="warning")
+    api.state.cluster.stop()
 
 
 if __name__ == "__main__":

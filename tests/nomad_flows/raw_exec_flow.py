@@ -1,0 +1,35 @@
+"""One step as a Nomad job on the ``raw_exec`` driver: a process of the client's, in the task folder Nomad
+makes for it, with the client's Python. The job reaches the test's S3 with the credentials ``@environment``
+gives it."""
+
+import os
+import sys
+
+from metaflow import FlowSpec, environment, nomad, step
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class RawExecFlow(FlowSpec):
+    @step
+    def start(self):
+        self.next(self.work)
+
+    @environment(vars=S3_CREDENTIALS)
+    @nomad(driver="raw_exec", cpu=0.5, memory=512)
+    @step
+    def work(self):
+        self.in_job = os.environ.get("METAFLOW_NOMAD_WORKLOAD") == "1"
+        self.task_dir = os.environ["NOMAD_TASK_DIR"]
+        self.cwd = os.getcwd()
+        self.python = sys.executable
+        print(f"raw_exec in {self.cwd}")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    RawExecFlow()
