@@ -68,6 +68,9 @@ def test_an_agent_set_up_elsewhere_is_one_line_naming_the_fix(tmp_path: Path) ->
             configure(address, tmp_path)
         assert "ACLs were set up elsewhere" in refused.value.message and "another port" in refused.value.fix
         assert not (tmp_path / "token").exists()
+    with nomad_double() as address, pytest.raises(StackError) as refused:
+        configure(address, tmp_path)
+    assert "without ACLs answers" in refused.value.message and "another port" in refused.value.fix
 
 
 def test_the_policy_is_written_once_for_any_namespace() -> None:
@@ -119,9 +122,9 @@ def test_the_pulumi_component_applies_the_same_policy_and_the_service_job() -> N
     def check(outputs: list) -> None:
         namespace, rules, jobspec, variables, secrets = outputs
         assert namespace == "ml" and rules == policy_rules("ml")
-        assert secrets == ["nomad/jobs/metadata-service", "ml", {"auth_key": "a-key"}]
+        assert secrets == ["nomad/jobs/metadata-service", "default", {"auth_key": "a-key"}]
         assert 'job "metadata-service"' in jobspec and "nomadVar" in jobspec
-        assert variables["namespace"] == "ml" and variables["instances"] == "1"
+        assert variables["namespace"] == "default" and variables["instances"] == "1"
         assert variables["log_roots"] == '["s3://flows/metaflow"]' and variables["image"].endswith(":1")
 
     done = pulumi.Output.all(
@@ -142,3 +145,22 @@ def test_the_pulumi_component_refuses_a_service_without_a_key_or_a_bad_variable(
         NomadStack("keyless", NomadStackArgs(service_image="i:1"))
     with pytest.raises(StackError, match="must be a number"):
         NomadStack("bad", NomadStackArgs(service_image="i:1", service_variables={"instances": "two"}))
+    with pytest.raises(StackError, match="flows' namespace"):
+        NomadStack("shared", NomadStackArgs(service_image="i:1", service_variables={"namespace": "metaflow"}))
+
+
+@pytest.mark.usefixtures("pulumi_offline")
+def test_the_pulumi_component_keeps_raw_exec_out_and_the_keyless_service_startable() -> None:
+    import pulumi
+    from components.nomad_stack import NomadStack, NomadStackArgs
+
+    stack = NomadStack("open", NomadStackArgs(service_image="i:1", service_variables={"insecure_no_auth": True}))
+    assert stack.service_secrets is not None  # the job's template waits until its variable exists
+
+    def check(outputs: list) -> None:
+        capabilities, items = outputs
+        assert capabilities["enabled_task_drivers"] == ["docker", "exec"]
+        assert items == {"insecure_no_auth": "true"}
+
+    done = pulumi.Output.all(stack.namespace.capabilities, stack.service_secrets.items)
+    pulumi.runtime.test(lambda: done.apply(check))()

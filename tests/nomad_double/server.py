@@ -36,9 +36,13 @@ the GitHub workflow's ``nomad`` job.
   "NAME" { capabilities = [...] }``, the one form modelled) and may call an
   endpoint only with the capability its "ACL Required" column names, in
   the request's namespace (``?namespace=``, the job's own for a
-  registration); ACL and namespace writes need the management token.
-  ``POST /v1/namespace/:name`` makes a namespace; a job in one that does not
-  exist is refused (400). ``GET /v1/status/leader`` needs no token.
+  registration, unless the query names one); ACL and namespace writes and
+  ``GET /v1/nodes`` (this node, ready, with its drivers) need the
+  management token. ``GET /v1/acl/token/self`` answers 404 for a token it
+  does not know; without ACLs, the ACL endpoints answer 400 "ACL support
+  disabled". ``POST /v1/namespace/:name`` makes a namespace; a job in one
+  that does not exist is refused (500, as Nomad's validator answers).
+  ``GET /v1/status/leader`` needs no token.
 
     python tests/nomad_double/server.py --port PORT [--token TOKEN | --acl-bootstrap]
 """
@@ -77,6 +81,7 @@ NODE = {
     "${node.pool}": "default",
     "${node.unique.name}": os.uname().nodename,
 }
+NODE_ID = str(uuid.uuid4())
 NODE_MEMORY_MB = 16384
 #: The node's drivers: docker, and raw_exec as dev mode enables it; no exec, which Nomad offers only to an
 #: agent running as root.
@@ -106,9 +111,10 @@ NEEDS = (
     ("DELETE", "/v1/job/", "submit-job"),
     ("GET", "/v1/allocation/", "read-job"),
     ("GET", "/v1/client/fs/logs/", "read-logs"),
+    ("GET", "/v1/client/fs/logs/", "read-fs"),
 )
-#: Paths anyone may call, token or not.
-OPEN = ("/v1/status/leader", "/v1/acl/bootstrap")
+#: Paths anyone may call, token or not (token/self answers 404 for a token it does not know).
+OPEN = ("/v1/status/leader", "/v1/acl/bootstrap", "/v1/acl/token/self")
 
 
 class Acl:
@@ -117,7 +123,6 @@ class Acl:
     def __init__(self, management: str | None) -> None:
         self.tokens: dict[str, dict[str, Any]] = {}
         self.policies: dict[str, dict[str, set[str]]] = {}
-        self.namespaces = {"default"}
         self.bootstrapped = management is not None
         if management:
             self.add_token("bootstrap", "management", [], secret=management)
@@ -128,8 +133,8 @@ class Acl:
             "SecretID": secret or str(uuid.uuid4()),
             "Name": name,
             "Type": kind,
-            "Policies": policies,
-            "Global": False,
+            "Policies": policies or None,
+            "Global": kind == "management",
         }
         self.tokens[token["SecretID"]] = token
         return token
@@ -155,12 +160,12 @@ class Acl:
             return None
         token = self.tokens.get(secret or "")
         if token is None:
-            return "Permission denied" if self.bootstrapped else "ACL support disabled until bootstrapped"
-        if token["Type"] == "management" or path == "/v1/acl/token/self":
+            return "Permission denied"
+        if token["Type"] == "management":
             return None
-        needed = next((c for m, prefix, c in NEEDS if m == method and path.startswith(prefix)), None)
-        held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in token["Policies"]))
-        return None if needed in held else "Permission denied"
+        held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in token["Policies"] or ()))
+        allowed = any(m == method and path.startswith(prefix) and c in held for m, prefix, c in NEEDS)
+        return None if allowed else "Permission denied"
 
 
 class Cluster:
@@ -172,6 +177,7 @@ class Cluster:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.evals: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
+        self.namespaces = {"default"}
         #: What runs each started allocation's task: a container ID, or a raw_exec process and its folder.
         self.started: dict[str, str | tuple[subprocess.Popen, Path]] = {}
         self.docker = DockerClient()
@@ -455,10 +461,11 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     @api.middleware("http")
     async def check_acl(request: Request, call_next):
         if acl is not None:
-            namespace = request.query_params.get("namespace") or "default"
-            if request.method in ("PUT", "POST") and request.url.path == "/v1/jobs":
+            namespace = request.query_params.get("namespace")
+            if not namespace and request.method in ("PUT", "POST") and request.url.path == "/v1/jobs":
                 with contextlib.suppress(ValueError, AttributeError, TypeError):
-                    namespace = json.loads(await request.body())["Job"].get("Namespace") or "default"
+                    namespace = json.loads(await request.body())["Job"].get("Namespace")
+            namespace = namespace or "default"
             secret = request.headers.get("X-Nomad-Token")
             refused = acl.refusal(request.method, request.url.path, namespace, secret)
             if refused:
@@ -469,23 +476,27 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     def leader() -> str:
         return "127.0.0.1:4647"
 
+    @api.middleware("http")
+    async def acl_enabled(request: Request, call_next):
+        if acl is None and request.url.path.startswith("/v1/acl/"):
+            return PlainTextResponse("ACL support disabled", status_code=400)
+        return await call_next(request)
+
     @api.post("/v1/acl/bootstrap")
     def bootstrap():
-        if acl is None or acl.bootstrapped:
+        if acl.bootstrapped:
             return PlainTextResponse("ACL bootstrap already done (reset index: 1)", status_code=400)
         acl.bootstrapped = True
         return acl.add_token("Bootstrap Token", "management", [])
 
     @api.get("/v1/acl/token/self")
     def token_self(request: Request):
-        return acl.tokens[request.headers["X-Nomad-Token"]]
+        token = acl.tokens.get(request.headers.get("X-Nomad-Token") or "")
+        return token if token else PlainTextResponse("ACL token not found", status_code=404)
 
     @api.post("/v1/acl/token")
     async def create_token(request: Request):
         body = await request.json()
-        unknown = [p for p in body.get("Policies") or [] if p not in acl.policies]
-        if unknown:
-            return PlainTextResponse(f"policy not found: {unknown[0]}", status_code=400)
         return acl.add_token(body.get("Name", ""), body.get("Type", "client"), body.get("Policies") or [])
 
     @api.post("/v1/acl/policy/{name}")
@@ -495,8 +506,14 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
 
     @api.post("/v1/namespace/{name}")
     def put_namespace(name: str):
-        acl.namespaces.add(name)
+        cluster.namespaces.add(name)
         return JSONResponse(None)
+
+    @api.get("/v1/nodes")
+    def nodes() -> list:
+        healthy = {"Detected": True, "Healthy": True}
+        drivers = {driver: healthy for driver in NODE_DRIVERS}
+        return [{"ID": NODE_ID, "Name": NODE["${node.unique.name}"], "Status": "ready", "Drivers": drivers}]
 
     def blocking(request: Request, get) -> JSONResponse:
         index = int(request.query_params.get("index", 0) or 0)
@@ -514,9 +531,9 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
             jsonschema.validate(body, SCHEMA)
         except jsonschema.ValidationError as exc:
             return PlainTextResponse(f"1 error occurred: {exc.message}", status_code=400)
-        namespace = body["Job"].get("Namespace") or "default"
-        if acl is not None and namespace not in acl.namespaces:
-            return PlainTextResponse(f'job "{body["Job"]["ID"]}" is in nonexistent namespace "{namespace}"', 400)
+        namespace = request.query_params.get("namespace") or body["Job"].get("Namespace") or "default"
+        if namespace not in cluster.namespaces:  # (Nomad answers 500 with its validator's words)
+            return PlainTextResponse(f'job "{body["Job"]["ID"]}" is in nonexistent namespace "{namespace}"', 500)
         return cluster.register(body["Job"])
 
     @api.get("/v1/jobs")

@@ -11,12 +11,8 @@ acl {
   enabled = true
 }
 
-client {
-  enabled = true
-}
-
-# The default driver of @nomad: the stack's images from this machine's Docker engine. Nothing
-# privileged, and no volumes (dev mode would allow host folders in a job).
+# The default driver of @nomad: the stack's images from this machine's Docker engine, nothing
+# privileged, no host folders (Nomad's defaults, written down).
 plugin "docker" {
   config {
     allow_privileged = false
@@ -26,6 +22,12 @@ plugin "docker" {
   }
 }
 
-# @nomad(driver="exec") runs the client's own files in a chroot: Nomad offers that driver only when
-# the agent runs as root (it needs cgroups). Dev mode also enables raw_exec (no isolation at all),
-# which @nomad uses only when a step asks for driver="raw_exec".
+# Dev mode enables raw_exec, which runs a job's command as the agent's own user with no isolation:
+# any token that may submit jobs could then run anything here. Off; set `enabled = true` to try
+# @nomad(driver="raw_exec"). @nomad(driver="exec") runs the client's own files in a chroot: Nomad
+# offers that driver only when the agent runs as root (it needs cgroups).
+plugin "raw_exec" {
+  config {
+    enabled = false
+  }
+}

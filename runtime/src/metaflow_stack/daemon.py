@@ -50,19 +50,22 @@ class Daemon:
         self.stop()
         return False
 
-    def stop(self) -> bool:
-        """Stop it (SIGTERM, then up to 5 s for it to end); whether it was running."""
+    def stop(self, grace_s: float = 5.0) -> bool:
+        """Stop it (SIGTERM; SIGKILL after ``grace_s`` seconds) and wait until it is gone; whether it was running."""
         pid = self.pid()
         self.pidfile.unlink(missing_ok=True)
         if pid is None:
             return False
         os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
+        deadline, killed = time.monotonic() + grace_s, False
+        while True:
             with contextlib.suppress(ChildProcessError):  # reap it when this process started it
                 os.waitpid(pid, os.WNOHANG)
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                break
+                return True
+            if not killed and time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
             time.sleep(0.1)
-        return True

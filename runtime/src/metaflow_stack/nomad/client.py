@@ -142,8 +142,12 @@ class NomadClient:
         return _json(self._request("POST", "/v1/acl/bootstrap"), "/v1/acl/bootstrap")
 
     def token_self(self) -> dict[str, Any]:
-        """The token this client sends, as Nomad knows it (403 for one it does not)."""
+        """The token this client sends, as Nomad knows it (``NotFound`` for one it does not)."""
         return _json(self._request("GET", "/v1/acl/token/self"), "/v1/acl/token/self")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's client nodes, with their status and drivers (``node:read``)."""
+        return _json(self._request("GET", "/v1/nodes"), "/v1/nodes")
 
     def put_namespace(self, name: str, description: str) -> None:
         """Create or update the namespace ``name`` (management token)."""

@@ -15,21 +15,27 @@ twice changes nothing.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from metaflow_stack import catalog, settings
+from metaflow_stack import settings
 from metaflow_stack.daemon import Daemon
+from metaflow_stack.deploy import infra_root
 from metaflow_stack.errors import StackError, ToolMissingError
 from metaflow_stack.local_secrets import keep
-from metaflow_stack.nomad.client import NomadClient, Settings
+from metaflow_stack.nomad.client import NomadClient, Settings, Unavailable
 
 #: The namespace flows run in, and the policy that lets them (named alike).
 NAMESPACE = POLICY = "metaflow"
 DEFAULT_PORT = 4646
-#: Seconds a starting agent has to elect itself leader.
-START_TIMEOUT_S = 60.0
+#: Seconds a starting agent has to elect itself leader, and then to have a client node ready for docker jobs.
+START_TIMEOUT_S = NODE_TIMEOUT_S = 60.0
+#: Seconds a stopping agent has to stop its tasks before it is killed.
+STOP_GRACE_S = 30.0
 #: Nomad's rule for a namespace name.
 _NAMESPACE_NAME = re.compile(r"[a-zA-Z0-9-]{1,128}")
 INSTALL_FIX = (
@@ -47,14 +53,13 @@ class DevCluster:
 
     def exports(self) -> str:
         """The shell line that points Nomad's CLI and ``@nomad`` at the cluster (the token read from its file)."""
-        return (
-            f'export NOMAD_ADDR={self.address} NOMAD_NAMESPACE={self.namespace} NOMAD_TOKEN="$(cat {self.token_file})"'
-        )
+        token = shlex.quote(str(self.token_file))
+        return f'export NOMAD_ADDR={self.address} NOMAD_NAMESPACE={self.namespace} NOMAD_TOKEN="$(cat {token})"'
 
 
 def dev_folder() -> Path:
     """``infra/nomad/dev``: the agent's configuration and the flows' policy."""
-    return catalog.project_root() / "infra" / "nomad" / "dev"
+    return infra_root() / "nomad" / "dev"
 
 
 def policy_rules(namespace: str = NAMESPACE) -> str:
@@ -69,10 +74,11 @@ def policy_rules(namespace: str = NAMESPACE) -> str:
 
 
 class LocalNomad:
-    """Starts and stops the dev agent, and sets it up for flows."""
+    """Starts and stops the dev agent on ``port``, and sets it up for flows; its pid file and tokens are kept
+    in a folder of that port's."""
 
     def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
-        self.home = home or settings.load().state_dir / "nomad"
+        self.home = home or settings.load().state_dir / "nomad" / str(port)
         self.port = port
         self.daemon = Daemon(self.home, "nomad")
 
@@ -109,7 +115,7 @@ class LocalNomad:
 
     def stop(self) -> bool:
         """Stop what ``start`` started, forgetting its tokens (a dev agent's ACLs end with it)."""
-        stopped = self.daemon.stop()
+        stopped = self.daemon.stop(grace_s=STOP_GRACE_S)
         if stopped:
             for name in ("management-token", "token"):
                 (self.home / name).unlink(missing_ok=True)
@@ -118,25 +124,46 @@ class LocalNomad:
 
 def configure(address: str, home: Path) -> DevCluster:
     """Bootstrap the ACLs of the agent at ``address`` (or use the management token kept in ``home``), apply
-    the namespace and the policy, and keep a client token holding only that policy."""
-    management = _kept_token(address, home / "management-token")
-    if management is None:
-        with NomadClient(Settings(address=address)) as client:
-            try:
-                management = str(client.bootstrap_acl()["SecretID"])
-            except (StackError, KeyError) as exc:
-                raise StackError(
-                    f"the Nomad agent at {address} will not hand out its first token: its ACLs were set up "
-                    f"elsewhere ({exc})",
-                    fix="stop that agent, or start the dev cluster on another port (METAFLOW_STACK_NOMAD_PORT)",
-                ) from None
-        keep(home / "management-token", management)
+    the namespace and the policy, keep a client token holding only that policy, and wait until a client node
+    takes docker jobs (a job sent earlier would find no node)."""
+    management = _kept_token(address, home / "management-token") or _bootstrap(address)
+    keep(home / "management-token", management)
     with NomadClient(Settings(address=address, token=management)) as admin:
         admin.put_namespace(NAMESPACE, "Metaflow runs (@nomad)")
         admin.put_policy(POLICY, policy_rules(), "What a @nomad run needs in its namespace")
         if _kept_token(address, home / "token") is None:
             keep(home / "token", str(admin.create_token("metaflow-flows", [POLICY])["SecretID"]))
+        deadline = time.monotonic() + NODE_TIMEOUT_S
+        while not any(_takes_docker(node) for node in admin.nodes()):
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"no client node of the Nomad agent at {address} takes docker jobs",
+                    fix="is Docker running, and may the agent's user reach it? see the agent's log",
+                )
+            time.sleep(0.5)
     return DevCluster(address, NAMESPACE, home / "token")
+
+
+def _bootstrap(address: str) -> str:
+    """The first management token of the agent at ``address``."""
+    with NomadClient(Settings(address=address)) as client:
+        try:
+            return str(client.bootstrap_acl()["SecretID"])
+        except Unavailable:
+            raise
+        except (StackError, KeyError) as exc:
+            if "ACL support disabled" in str(exc):
+                said = f"a Nomad agent without ACLs answers at {address}"
+            else:
+                said = f"the Nomad agent at {address} will not hand out its first token: its ACLs were set up elsewhere"
+            raise StackError(
+                said, fix="stop that agent, or start the dev cluster on another port (METAFLOW_STACK_NOMAD_PORT)"
+            ) from None
+
+
+def _takes_docker(node: dict[str, Any]) -> bool:
+    docker = (node.get("Drivers") or {}).get("docker") or {}
+    return node.get("Status") == "ready" and bool(docker.get("Healthy"))
 
 
 def _kept_token(address: str, path: Path) -> str | None:

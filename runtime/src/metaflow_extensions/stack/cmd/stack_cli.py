@@ -170,7 +170,7 @@ def nomad() -> None:
 
 _NOMAD_PORT = click.option(
     "--port",
-    default=4646,
+    default=4646,  # (dev_cluster.DEFAULT_PORT: that module is imported only when a command runs)
     show_default=True,
     type=int,
     envvar="METAFLOW_STACK_NOMAD_PORT",
