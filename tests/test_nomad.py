@@ -157,6 +157,72 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     assert f"raw_exec in {work['cwd']}" in work["stdout"] and "raw_exec in" in done.stdout + done.stderr
 
 
+#: Run in a subprocess with the service's settings: deploy, trigger twice (parameters given, and defaults),
+#: wait for each run, report what the runs made.
+DEPLOY = """
+import json, sys, time
+from metaflow import Deployer
+
+deployer = Deployer(sys.argv[1], show_output=False, datastore="s3", datastore_root=sys.argv[2], metadata="service")
+deployed = deployer.nomad(name=sys.argv[3]).create(
+    cpu=0.5, memory=1024, env_var=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
+)
+found = {"name": deployed.deployer.name}
+for label, given in (("given", {"alpha": 21, "greeting_word": "hi"}), ("defaults", {})):
+    triggered = deployed.trigger(**given)
+    run = triggered.wait_for_run(check_interval=1, timeout=300)
+    deadline = time.monotonic() + 600
+    while not run.finished and time.monotonic() < deadline:
+        time.sleep(2)
+    found[label] = {"pathspec": run.pathspec, "successful": run.successful, "tags": sorted(run.tags),
+                    "total": run["join"].task.data.total, "said": run["join"].task.data.said}
+print(json.dumps(found))
+"""
+
+
+def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
+    tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
+) -> None:
+    from service_servers import KEYED, start_service
+
+    from metaflow_stack.nomad.client import NomadClient
+
+    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
+    try:
+        shutil.copy(FLOWS / "deployed_flow.py", tmp_path)
+        name = f"metaflow-test-{uuid.uuid4().hex[:8]}"
+        env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "METAFLOW_S3_ENDPOINT_URL": bridge_s3,
+            "METAFLOW_DEFAULT_METADATA": "service",  # (where TriggeredRun.run looks)
+            "METAFLOW_SERVICE_URL": service.url,
+            "METAFLOW_SERVICE_AUTH_KEY": KEYED["METAFLOW_STACK_SERVICE_AUTH_KEY"],
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "NOMAD_ADDR": nomad_agent.address,
+            **({"NOMAD_TOKEN": nomad_agent.token} if nomad_agent.token else {}),
+        }
+        root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
+        line = [sys.executable, "-c", DEPLOY, "deployed_flow.py", root, name]
+        done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        given, defaults = found["given"], found["defaults"]
+        assert given["successful"] and given["total"] == 63 and given["said"] == "hi"
+        assert defaults["successful"] and defaults["total"] == 3 and defaults["said"] == "hello"
+        assert given["pathspec"] != defaults["pathspec"]
+        assert any(tag.startswith(f"nomad-job:{name}/dispatch-") for tag in given["tags"])
+        with NomadClient(nomad_agent) as client:
+            assert [job["ID"] for job in client.jobs(name) if job["ID"] == name] == [name]  # the deployment stays
+    finally:
+        with NomadClient(nomad_agent) as client:
+            for job in client.jobs("metaflow-test-"):
+                client.deregister(job["ID"])
+        service.stop()
+
+
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     """A Nomad job runs on another machine: the run's datastore must be one it reaches."""
     shutil.copy(FLOWS / "nomad_flow.py", tmp_path)
@@ -164,3 +230,19 @@ def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     line = [sys.executable, "nomad_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
     done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--datastore s3" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flow", "words"),
+    [
+        ("deployed_flow.py", "--metadata service"),
+        ("nomad_flow.py", "step each: a deployed flow runs its steps inside its Nomad job, so @nomad cannot apply"),
+    ],
+    ids=["local-metadata", "compute-decorator"],
+)
+def test_what_a_deployed_flow_cannot_honour_is_refused_in_one_line(tmp_path: Path, flow: str, words: str) -> None:
+    shutil.copy(FLOWS / flow, tmp_path)
+    env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
+    line = [sys.executable, flow, "--datastore", "s3", "--datastore-root", "s3://sandbox/x", "nomad", "create"]
+    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr

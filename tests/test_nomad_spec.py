@@ -161,3 +161,45 @@ def test_a_log_with_no_newline_comes_out_in_bounded_pieces() -> None:
     lines = Lines()
     out = lines.feed(b"x" * (MAX_LINE * 2 + 5))
     assert [len(line) for line in out] == [MAX_LINE, MAX_LINE] and lines.flush() == ["xxxxx"]
+
+
+def test_a_deployed_flow_is_a_parameterized_job_or_with_a_schedule_a_periodic_one() -> None:
+    from metaflow_stack.nomad.deployment import DEPLOYED, deployed_job, deployment_name
+
+    name = deployment_name("Train_Flow")
+    assert name == "metaflow-train-flow"
+    placement = Placement(image="r/base:t")
+    dispatched = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ["alpha", "greeting-word"], None))
+    assert dispatched["ParameterizedJob"] == {"Payload": "forbidden", "MetaOptional": ["alpha", "greeting-word"]}
+    assert "Periodic" not in dispatched and dispatched["Meta"][DEPLOYED] == "true"
+    assert dispatched["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0  # retries are the flow's @retry
+    daily = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ["alpha"], ("0 0 * * ? *", "UTC")))
+    assert daily["Periodic"] == {
+        "Enabled": True,
+        "SpecType": "cron",
+        "Spec": "0 0 * * *",
+        "ProhibitOverlap": True,
+        "TimeZone": "UTC",
+    }
+    assert "ParameterizedJob" not in daily
+
+
+def test_a_dispatch_gives_the_run_its_parameters_as_nomad_names_them() -> None:
+    from metaflow_stack.nomad.dispatched import run_line
+
+    env = {"NOMAD_JOB_ID": "metaflow-f/dispatch-1-ab", "NOMAD_META_alpha": "3", "NOMAD_META_GREETING_WORD": "hi"}
+    line = run_line("flow.py", ["--metadata", "service"], ["alpha", "greeting-word", "unset"], env, Path("/r"))
+    assert line[2:] == [
+        "flow.py",
+        "--metadata",
+        "service",
+        "run",
+        "--run-id-file",
+        "/r",
+        "--tag",
+        "nomad-job:metaflow-f/dispatch-1-ab",
+        "--alpha",
+        "3",
+        "--greeting-word",
+        "hi",
+    ]

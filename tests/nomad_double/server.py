@@ -54,6 +54,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,7 @@ NEEDS = (
     ("GET", "/v1/evaluation/", "read-job"),
     ("GET", "/v1/job/", "read-job"),
     ("DELETE", "/v1/job/", "submit-job"),
+    ("POST", "/v1/job/", "dispatch-job"),
     ("GET", "/v1/allocation/", "read-job"),
     ("GET", "/v1/client/fs/logs/", "read-logs"),
     ("GET", "/v1/client/fs/logs/", "read-fs"),
@@ -235,6 +237,11 @@ class Cluster:
         }
 
     def register(self, job: dict[str, Any]) -> dict[str, Any]:
+        if job.get("ParameterizedJob") or job.get("Periodic"):  # run by a dispatch or a tick: no evaluation now
+            with self.changed:
+                self.jobs[job["ID"]] = {"Job": job, "Allocs": []}
+                self.bump(job)
+            return {"EvalID": "", "JobModifyIndex": self.index}
         eval_id = str(uuid.uuid4())
         evaluation = {"ID": eval_id, "JobID": job["ID"], "Status": "pending", "Type": job["Type"]}
         with self.changed:
@@ -243,6 +250,21 @@ class Cluster:
             self.bump(evaluation)
         threading.Thread(target=self.schedule, args=(job, evaluation), daemon=True).start()
         return {"EvalID": eval_id, "JobModifyIndex": self.index}
+
+    def dispatch(self, parent: dict[str, Any], meta: dict[str, str]) -> dict[str, Any] | str:
+        """A child of the parameterized ``parent`` with ``meta``, registered; or why not (Nomad's words)."""
+        allowed = parent["ParameterizedJob"]
+        required, optional = allowed.get("MetaRequired") or [], allowed.get("MetaOptional") or []
+        if missing := [key for key in required if key not in meta]:
+            return f"Dispatch did not provide required meta keys: {missing}"
+        if unpermitted := sorted(key for key in meta if key not in required and key not in optional):
+            return f"Dispatch established unpermitted metadata keys: {unpermitted}"
+        child = {k: v for k, v in parent.items() if k not in ("ParameterizedJob", "ModifyIndex", "CreateIndex")}
+        child_id = f"{parent['ID']}/dispatch-{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        child.update(ID=child_id, Name=child_id, ParentID=parent["ID"], Dispatched=True)
+        child["Meta"] = {**(parent.get("Meta") or {}), **meta}
+        registered = self.register(child)
+        return {"DispatchedJobID": child_id, "EvalID": registered["EvalID"], "Index": self.index}
 
     def schedule(self, job: dict[str, Any], evaluation: dict[str, Any]) -> None:
         time.sleep(0.05)
@@ -258,6 +280,7 @@ class Cluster:
         alloc = {
             "ID": str(uuid.uuid4()),
             "JobID": job["ID"],
+            "Job": job,
             "Namespace": job.get("Namespace", "default"),
             "TaskGroup": group["Name"],
             "ClientStatus": "pending",
@@ -423,8 +446,18 @@ def _file_frames(path: Path, process: subprocess.Popen, follow: bool, offset: in
 
 
 def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
-    """What Nomad's client adds to every task's environment (its "runtime environment" docs)."""
-    return {
+    """What Nomad's client adds to every task's environment (its "runtime environment" docs): its ids, and
+    the job's and task's ``Meta`` as ``NOMAD_META_<key>`` (as written and upper-cased; a character a
+    variable's name cannot hold as ``_``)."""
+    meta = {**(alloc["Job"].get("Meta") or {}), **(task.get("Meta") or {})}
+    env = {
+        f"NOMAD_META_{name}": value
+        for key, value in meta.items()
+        for name in {re.sub(r"[^A-Za-z0-9_]", "_", key), re.sub(r"[^A-Za-z0-9_]", "_", key).upper()}
+    }
+    if alloc["Job"].get("ParentID"):
+        env["NOMAD_JOB_PARENT_ID"] = alloc["Job"]["ParentID"]
+    return env | {
         "NOMAD_ALLOC_ID": alloc["ID"],
         "NOMAD_JOB_ID": alloc["JobID"],
         "NOMAD_JOB_NAME": alloc["JobID"],
@@ -548,7 +581,7 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     def evaluation(eval_id: str, request: Request):
         return blocking(request, lambda: (e := cluster.evals.get(eval_id), (e or {}).get("ModifyIndex", 0)))
 
-    @api.get("/v1/job/{job_id}/allocations")
+    @api.get("/v1/job/{job_id:path}/allocations")
     def allocations(job_id: str, request: Request):
         def get():
             allocs = [cluster.allocs[a] for a in cluster.jobs.get(job_id, {}).get("Allocs", [])]
@@ -566,12 +599,23 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
 
         return blocking(request, get)
 
-    @api.delete("/v1/job/{job_id}")
+    @api.delete("/v1/job/{job_id:path}")
     def deregister(job_id: str, purge: bool = False) -> dict:
         if job_id not in cluster.jobs:
             return PlainTextResponse("job not found", status_code=404)
         cluster.deregister(job_id)
         return {"EvalID": str(uuid.uuid4())}
+
+    @api.post("/v1/job/{job_id:path}/dispatch")
+    async def dispatch(job_id: str, request: Request):
+        parent = cluster.jobs.get(job_id)
+        if parent is None:
+            return PlainTextResponse("job not found", status_code=404)
+        if not parent["Job"].get("ParameterizedJob"):
+            return PlainTextResponse("Specified job is not a parameterized job", status_code=400)
+        meta = (await request.json()).get("Meta") or {}
+        dispatched = cluster.dispatch(parent["Job"], {str(k): str(v) for k, v in meta.items()})
+        return PlainTextResponse(dispatched, status_code=400) if isinstance(dispatched, str) else dispatched
 
     @api.get("/v1/client/fs/logs/{alloc_id}")
     def logs(alloc_id: str, task: str, type: str, follow: bool = False, offset: int = 0, origin: str = "start"):

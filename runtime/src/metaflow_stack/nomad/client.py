@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -174,7 +175,7 @@ class NomadClient:
         return self._blocking(f"/v1/evaluation/{eval_id}", index, wait_s)
 
     def allocations(self, job: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[list[dict[str, Any]], int]:
-        return self._blocking(f"/v1/job/{job}/allocations", index, wait_s)
+        return self._blocking(f"/v1/job/{_escaped(job)}/allocations", index, wait_s)
 
     def allocation(self, alloc_id: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[dict[str, Any], int]:
         return self._blocking(f"/v1/allocation/{alloc_id}", index, wait_s)
@@ -186,7 +187,17 @@ class NomadClient:
     def deregister(self, job: str) -> None:
         """Stop ``job`` and forget it (``purge``); one already gone is no error."""
         with contextlib.suppress(NotFound):
-            self._request("DELETE", f"/v1/job/{job}", params={"purge": "true"})
+            self._request("DELETE", f"/v1/job/{_escaped(job)}", params={"purge": "true"})
+
+    def dispatch(self, job: str, meta: dict[str, str]) -> tuple[str, str]:
+        """Dispatch the parameterized ``job`` with ``meta``; the dispatched job's ID and its evaluation's."""
+        path = f"/v1/job/{_escaped(job)}/dispatch"
+        answer = _json(self._request("POST", path, json={"Meta": meta}), path)
+        if not isinstance(answer, dict) or not all(
+            isinstance(answer.get(k), str) for k in ("DispatchedJobID", "EvalID")
+        ):
+            raise StackError(f"Nomad's answer to the dispatch of {job} names no job: {str(answer)[:200]}")
+        return answer["DispatchedJobID"], answer["EvalID"]
 
     @contextlib.contextmanager
     def logs(self, alloc_id: str, task: str, kind: str, offset: int = 0) -> Iterator[Iterator[bytes]]:
@@ -209,6 +220,11 @@ class NotFound(StackError):
 
 class Unavailable(StackError):
     """Nomad does not answer, or answers that it cannot now (5xx): worth asking again."""
+
+
+def _escaped(job: str) -> str:
+    """A job ID as a path segment: a dispatched job's holds a ``/`` (``parent/dispatch-...``)."""
+    return quote(job, safe="")
 
 
 def _json(response: httpx.Response, path: str) -> Any:

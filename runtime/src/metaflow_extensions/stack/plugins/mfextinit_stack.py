@@ -6,7 +6,8 @@ advertises them, and behaves exactly like the stock one when it does not.
 ``@devcontainer`` runs a step's tasks in Docker containers, through its
 ``devcontainer step`` trampoline. ``@worker_pool`` runs a foreach step's
 items on warm workers, each item still a task of its own. ``@nomad`` runs a
-step's tasks as Nomad batch jobs, through its ``nomad step`` trampoline.
+step's tasks as Nomad batch jobs, through its ``nomad step`` trampoline; ``nomad create``
+deploys a whole flow as one Nomad job, and ``Deployer(flow).nomad()`` drives it.
 """
 
 METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.StackServiceMetadataProvider")]
@@ -16,4 +17,5 @@ STEP_DECORATORS_DESC = [
     ("worker_pool", ".worker_pool.worker_pool_decorator.WorkerPoolDecorator"),
     ("nomad", ".nomad.nomad_decorator.NomadDecorator"),
 ]
+DEPLOYER_IMPL_PROVIDERS_DESC = [("nomad", ".nomad.nomad_deployer.NomadDeployer")]
 CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli"), ("nomad", ".nomad.nomad_cli.cli")]

@@ -1,4 +1,5 @@
-"""``nomad step``: the trampoline Metaflow's runtime launches for a ``@nomad`` task.
+"""``nomad step``: the trampoline Metaflow's runtime launches for a ``@nomad`` task; ``nomad create`` and
+``nomad trigger``: the flow deployed as one Nomad job, and a run of it (``metaflow_stack.nomad.deployment``).
 
 It rebuilds the real step command from its own options (as Metaflow's ``kubernetes step`` does), runs
 it as a Nomad batch job (``metaflow_stack.nomad.task``), passes the job's output on and exits with the
@@ -14,8 +15,9 @@ import os
 import sys
 from dataclasses import replace
 
+from metaflow import parameters
 from metaflow._vendor import click
-from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY, MetaflowException
 
 from metaflow_stack.trampolines import step_parameters
 
@@ -28,9 +30,11 @@ def cli() -> None:
     pass
 
 
-@cli.group(help="Run steps as Nomad batch jobs.")
-def nomad() -> None:
-    pass
+@cli.group(help="Run steps as Nomad batch jobs, or the whole flow as a deployed Nomad job.")
+@click.option("--name", default=None, help="The deployed flow's job ID (default: metaflow-<flow>).")
+@click.pass_obj
+def nomad(obj, name: str | None) -> None:
+    obj.nomad_deployment = name
 
 
 @nomad.command(help="Run one task of a @nomad step as a Nomad job (Metaflow calls this).")
@@ -113,3 +117,122 @@ def _user() -> str:
     from metaflow.util import get_username
 
     return get_username() or "unknown"
+
+
+class NomadDeployException(MetaflowException):
+    headline = "Nomad deployment"
+
+
+#: Step decorators a deployed flow cannot honour: its steps run inside its own job.
+_ELSEWHERE = ("nomad", "kubernetes", "batch", "devcontainer", "worker_pool", "slurm")
+
+
+@nomad.command(
+    help="Deploy the flow as a Nomad job: each dispatch (`nomad trigger`, `nomad job dispatch`) runs it, or "
+    "each tick of its @schedule. Its steps run inside the job."
+)
+@click.option("--cpu", default=1.0, show_default=True, type=float, help="Cores of the job that runs the flow.")
+@click.option("--memory", default=4096, show_default=True, type=int, help="MB of the job that runs the flow.")
+@click.option("--image", default=None, help="The job's image (default: the stack's base image).")
+@click.option(
+    "--env-var",
+    multiple=True,
+    help="Pass this variable of yours to the job (credentials the clients lack, say): anyone who may read the "
+    "job sees it.",
+)
+@click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
+@click.pass_obj
+def create(
+    obj, cpu: float, memory: int, image: str | None, env_var: tuple[str, ...], deployer_attribute_file: str | None
+):
+    from metaflow.package import MetaflowPackage
+
+    from metaflow_stack.elsewhere import metaflow_settings
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.nomad import deployment
+    from metaflow_stack.nomad.client import NomadClient, Settings
+    from metaflow_stack.nomad.image import stack_image
+    from metaflow_stack.nomad.jobspec import Placement
+
+    flow, datastore = obj.flow.name, obj.flow_datastore
+    if datastore.TYPE == "local":
+        raise NomadDeployException(
+            "a deployed flow runs on a Nomad client: give it a datastore that reaches (--datastore s3)"
+        )
+    for node in obj.graph:
+        elsewhere = [d.name for d in node.decorators if d.name in _ELSEWHERE]
+        if elsewhere:
+            raise NomadDeployException(
+                f"step {node.name}: a deployed flow runs its steps inside its Nomad job, so @{elsewhere[0]} cannot "
+                "apply (remove it; size the job with --cpu and --memory)"
+            )
+    if obj.metadata.TYPE != "service":
+        raise NomadDeployException(
+            "a deployed flow's runs are recorded in its job, which ends: record them in a metadata service "
+            "(--metadata service, with METAFLOW_SERVICE_URL)"
+        )
+    name = obj.nomad_deployment or deployment.deployment_name(flow)
+    agent = Settings.from_env()
+    try:
+        placement = Placement(
+            cpu=cpu, memory=memory, image=image or stack_image(agent, "--image"), namespace=agent.namespace
+        )
+        package = MetaflowPackage(obj.flow, obj.environment, obj.echo, suffixes=obj.package_suffixes)
+        url, _ = datastore.save_data([package.blob], len_hint=1)[0]
+        top = ["--datastore", datastore.TYPE, "--datastore-root", datastore.datastore_root, "--metadata", "service"]
+        names = [p.name for _, p in obj.flow._get_parameters()]
+        run = ["python", "-m", "metaflow_stack.nomad.dispatched", os.path.basename(sys.argv[0]), *top, "--", *names]
+        command = deployment.job_command(obj.environment, datastore.TYPE, (package.package_metadata, url), run)
+        missing = [name for name in env_var if name not in os.environ]
+        if missing:
+            raise NomadDeployException(f"--env-var {missing[0]}: no such variable here (set it, or leave it out)")
+        env = {**metaflow_settings(), **{name: os.environ[name] for name in env_var}, "METAFLOW_USER": _user()}
+        if image is None:
+            env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
+        schedules = obj.flow._flow_decorators.get("schedule") or []
+        schedule = (schedules[0].schedule, schedules[0].timezone) if schedules and schedules[0].schedule else None
+        job = deployment.deployed_job(name, flow, command, env, placement, names, schedule)
+        with NomadClient(agent) as client:
+            client.register(job)
+    except StackError as exc:
+        raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
+    how = f"on `{schedule[0]}`" if schedule else f"each time it is dispatched (`python {sys.argv[0]} nomad trigger`)"
+    obj.echo(f"Flow *{flow}* is deployed as the Nomad job *{name}*: it runs {how}.", bold=True)
+    if deployer_attribute_file:
+        with open(deployer_attribute_file, "w", encoding="utf-8") as out:
+            json.dump({"name": name, "flow_name": flow, "metadata": obj.metadata.metadata_str()}, out)
+
+
+@parameters.add_custom_parameters(deploy_mode=False)
+@nomad.command(help="Run the deployed flow once (a dispatch of its Nomad job), with these parameters.")
+@click.option("--timeout", default=600, show_default=True, type=int, help="Seconds to wait for the run to start.")
+@click.option("--run-id-file", default=None, help="Write the run's id to this file.")
+@click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
+@click.pass_obj
+def trigger(obj, timeout: int, run_id_file: str | None, deployer_attribute_file: str | None, **kwargs):
+    from metaflow.parameters import JSONType
+
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.nomad import deployment
+    from metaflow_stack.nomad.client import NomadClient
+
+    meta = {}
+    for _, param in obj.flow._get_parameters():
+        value = kwargs.get(param.name.replace("-", "_").lower())
+        if value is not None:
+            meta[param.name] = json.dumps(value) if param.kwargs.get("type") == JSONType else str(value)
+    name = obj.nomad_deployment or deployment.deployment_name(obj.flow.name)
+    try:
+        with NomadClient() as client:
+            dispatched, eval_id = client.dispatch(name, meta)
+            run_id = deployment.run_id_of(client, dispatched, eval_id, timeout)
+    except StackError as exc:
+        raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
+    pathspec = f"{obj.flow.name}/{run_id}"
+    if run_id_file:
+        with open(run_id_file, "w", encoding="utf-8") as out:
+            out.write(run_id)
+    if deployer_attribute_file:
+        with open(deployer_attribute_file, "w", encoding="utf-8") as out:
+            json.dump({"name": dispatched, "metadata": obj.metadata.metadata_str(), "pathspec": pathspec}, out)
+    obj.echo(f"Run *{pathspec}* started as the Nomad job *{dispatched}*.", bold=True)

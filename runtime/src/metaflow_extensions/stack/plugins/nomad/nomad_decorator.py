@@ -10,11 +10,9 @@ itself never restarts or reschedules the task: retries are Metaflow's alone.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
 from typing import Any, ClassVar
-from urllib.parse import urlparse
 
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
@@ -121,23 +119,12 @@ class NomadDecorator(Trampolined, StepDecorator):
 
     @classmethod
     def _stack_image(cls) -> str:
-        """The stack's base image, pushed to the configured registry; without one, only for an agent on this
-        machine (a dev agent shares this Docker engine): any other could not pull it."""
-        from metaflow_stack import images, settings
-        from metaflow_stack.errors import StackError
+        """The stack's base image where the clients can pull it, chosen once per run."""
         from metaflow_stack.nomad.client import Settings
+        from metaflow_stack.nomad.image import stack_image
 
         if cls.default_image is None:
-            reference = images.resolve("base")
-            if settings.load().registry:
-                reference = images.push_reference(reference)
-            elif not _on_this_machine(Settings.from_env().address):
-                raise StackError(
-                    f"the stack's base image {reference} is only on this machine, which the Nomad clients cannot "
-                    "pull from",
-                    fix="configure a registry they reach (METAFLOW_STACK_REGISTRY), or give @nomad(image=...)",
-                )
-            cls.default_image = reference
+            cls.default_image = stack_image(Settings.from_env(), "@nomad(image=...)")
         return cls.default_image
 
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
@@ -192,11 +179,3 @@ def _names(value: Any) -> list[str]:
     if value is None:
         return []
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
-
-
-def _on_this_machine(address: str) -> bool:
-    host = urlparse(address).hostname or ""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

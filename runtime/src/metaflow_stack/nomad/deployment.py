@@ -1,0 +1,124 @@
+"""A whole flow deployed as one Nomad job (``nomad create``): each dispatch, or each tick of ``@schedule``, one run.
+
+The job is parameterized (``nomad job dispatch -meta alpha=3 JOB``: the flow's parameters are the
+dispatch's optional ``Meta``) or, for a flow with ``@schedule``, periodic (its parameters' defaults). Its
+task fetches the flow's code package from the datastore and runs ``metaflow_stack.nomad.dispatched``,
+which runs the flow once inside the allocation and prints the run's id on a line of its own: Metaflow
+gives a run its id only when it starts, so ``trigger`` reads it from the task's output. The job's restart
+and reschedule policies have no attempts, as for a task: retries are the flow's ``@retry``.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import re
+import shlex
+import threading
+from typing import Any
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.nomad.client import NomadClient
+from metaflow_stack.nomad.jobspec import Placement, task_job
+from metaflow_stack.nomad.watch import Ending, follow
+
+#: The line a deployed run prints first: this, then its run id.
+RUN_ID_MARKER = "metaflow-stack-run-id: "
+#: ``Meta`` key of a deployed flow's job (``nomad job status -filter`` finds them).
+DEPLOYED = "metaflow.deployed"
+#: Lines of a job's output kept to say why it ended before its run started.
+TAIL_LINES = 12
+#: Where the job works (Nomad's task folder).
+WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-flow"
+
+
+def deployment_name(flow: str) -> str:
+    """The job a flow is deployed as: ``metaflow-<flow>``, in Nomad's job ID characters."""
+    return "metaflow-" + re.sub(r"[^a-z0-9-]", "-", flow.lower())[:100]
+
+
+def cron_of(schedule: str) -> str:
+    """``@schedule``'s expression (six fields, AWS style: ``0 0 * * ? *``) as the five Nomad's cron takes."""
+    return " ".join(schedule.split()[:5]).replace("?", "*")
+
+
+def deployed_job(
+    name: str,
+    flow: str,
+    command: list[str],
+    env: dict[str, str],
+    placement: Placement,
+    parameters: list[str],
+    schedule: tuple[str, str | None] | None,
+) -> dict[str, Any]:
+    """The job of a deployed flow: ``task_job``'s, made parameterized on ``parameters`` or, given
+    ``schedule`` (cron, time zone), periodic without overlapping runs."""
+    job = task_job(name, command, env, placement, {DEPLOYED: "true", "metaflow.flow": flow})
+    if schedule is None:
+        job["ParameterizedJob"] = {"Payload": "forbidden", "MetaOptional": parameters}
+    else:
+        cron, timezone = schedule
+        job["Periodic"] = {"Enabled": True, "SpecType": "cron", "Spec": cron_of(cron), "ProhibitOverlap": True}
+        if timezone:
+            job["Periodic"]["TimeZone"] = timezone
+    return job
+
+
+def job_command(environment: Any, datastore: str, package: tuple[str, str], run: list[str]) -> list[str]:
+    """The job's command: fetch and unpack the code package (``package``: its metadata and URL) as
+    Metaflow's own jobs do, then ``run`` (the ``dispatched`` module's line) in that folder."""
+    from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
+
+    metadata, url = package
+    # Metaflow's commands log through mflog into a task's log files and save them as the task's; this job is
+    # no task (its run's tasks save their own), so its mflog lines go to its output alone. They also put the
+    # package's own Metaflow first on the path, as a task needs; this job's run makes its own code package,
+    # which Metaflow refuses to do from modules whose installed distribution is elsewhere (the image's). So
+    # the run uses the image's Metaflow and runtime (the stack's image has the deployer's), and the package's
+    # user code.
+    skip = {BASH_MFLOG, BASH_FLUSH_LOGS, "flush_mflogs"}
+    commands = [
+        c
+        for c in environment.get_package_commands(url, datastore, metadata)
+        if c not in skip and not c.startswith(("export PYTHONPATH=", "export METAFLOW_EXTRACTED_ROOT="))
+    ]
+    init = " && ".join(['mflog() { echo \\"$1\\"; }', *commands])
+    script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
+    return shlex.split(f'bash -c "{script}"')
+
+
+def run_id_of(client: NomadClient, job: str, eval_id: str, timeout_s: float) -> str:
+    """The run id a dispatched ``job`` prints once its run has started; its output is read until then."""
+    found: queue.Queue[str | Ending | BaseException] = queue.Queue()
+    last: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+    def on_line(kind: str, line: str) -> None:
+        if kind == "stdout" and line.startswith(RUN_ID_MARKER):
+            found.put(line[len(RUN_ID_MARKER) :].strip())
+        else:
+            last.append(line)
+
+    def watch() -> None:
+        try:
+            found.put(follow(client, job, eval_id, on_line))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            found.put(exc)
+
+    threading.Thread(target=watch, name=f"watch {job}", daemon=True).start()
+    try:
+        got = found.get(timeout=timeout_s)
+    except queue.Empty:
+        raise StackError(
+            f"the dispatched job {job} printed no run id in {timeout_s:.0f} s",
+            fix=f"see `nomad alloc logs -job {job}`; is the cluster short of room?",
+        ) from None
+    if isinstance(got, BaseException):
+        raise got
+    if isinstance(got, Ending):
+        said = " | ".join(last) or got.reason or "nothing"
+        raise StackError(
+            f"the dispatched job {job} ended ({got.status}, exit code {got.code}) before its run started; it said: "
+            f"{said}",
+            fix=f"see `nomad alloc logs -job {job}`",
+        )
+    return got

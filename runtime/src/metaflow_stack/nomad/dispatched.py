@@ -1,0 +1,68 @@
+"""Inside a deployed flow's Nomad job: run the flow once, its parameters from the dispatch's ``Meta``.
+
+    python -m metaflow_stack.nomad.dispatched FLOW_FILE [TOP-LEVEL OPTION...] -- [PARAMETER...]
+
+Nomad hands a dispatch's ``Meta`` to the task as ``NOMAD_META_<key>`` (a key's characters that cannot be in
+a variable's name as ``_``); a parameter the dispatch did not set keeps its default. The run is tagged
+with the job's ID (``nomad-job:<id>``), and its id is printed (``deployment.RUN_ID_MARKER``) as soon as
+Metaflow has given it one, for ``trigger`` to read. The exit code is the run's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from metaflow_stack.nomad.deployment import RUN_ID_MARKER
+
+
+def meta_value(name: str, env: dict[str, str]) -> str | None:
+    """The dispatch's value for the parameter ``name``, as Nomad put it in the task's environment."""
+    for key in (name, re.sub(r"[^A-Za-z0-9_]", "_", name)):
+        for variable in (f"NOMAD_META_{key}", f"NOMAD_META_{key}".upper()):
+            if variable in env:
+                return env[variable]
+    return None
+
+
+def run_line(
+    flow_file: str, top: list[str], parameters: list[str], env: dict[str, str], run_id_file: Path
+) -> list[str]:
+    """The ``run`` command of this dispatch."""
+    line = [sys.executable, "-u", flow_file, *top, "run", "--run-id-file", str(run_id_file)]
+    line += ["--tag", f"nomad-job:{env.get('NOMAD_JOB_ID', 'unknown')}"]
+    for name in parameters:
+        value = meta_value(name, env)
+        if value is not None:
+            line += [f"--{name}", value]
+    return line
+
+
+def main(argv: list[str]) -> int:
+    flow_file, rest = argv[0], argv[1:]
+    split = rest.index("--") if "--" in rest else len(rest)
+    top, parameters = rest[:split], rest[split + 1 :]
+    with tempfile.TemporaryDirectory() as folder:
+        run_id_file = Path(folder) / "run-id"
+        process = subprocess.Popen(run_line(flow_file, top, parameters, dict(os.environ), run_id_file))
+        while process.poll() is None and not _written(run_id_file):
+            time.sleep(0.1)
+        if run_id := _written(run_id_file):
+            print(f"{RUN_ID_MARKER}{run_id}", flush=True)
+        return process.wait()
+
+
+def _written(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

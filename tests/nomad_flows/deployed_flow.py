@@ -1,0 +1,33 @@
+"""A flow deployed as one Nomad job (``nomad create``) and run by dispatching it with its parameters: its
+steps, a foreach among them, run inside that job."""
+
+from metaflow import FlowSpec, Parameter, step
+
+
+class DeployedFlow(FlowSpec):
+    alpha = Parameter("alpha", default=1, type=int)
+    greeting = Parameter("greeting-word", default="hello")
+
+    @step
+    def start(self):
+        self.items = [1, 2]
+        self.next(self.each, foreach="items")
+
+    @step
+    def each(self):
+        self.value = self.input * self.alpha
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.total = sum(i.value for i in inputs)
+        self.said = self.greeting
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print(f"{self.said}: {self.total}")
+
+
+if __name__ == "__main__":
+    DeployedFlow()
