@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from metaflow_stack.nomad.client import NomadClient, Settings
 from metaflow_stack.nomad.jobspec import Placement, task_job
 from metaflow_stack.nomad.watch import follow
 
 
-def run_job(settings: Settings, placement: Placement, script: str) -> tuple:
-    """Run ``script`` with ``sh -c`` as one job; how it ended and its output lines, the job purged after."""
+def run_job(
+    settings: Settings, placement: Placement, script: str, edit: Callable[[dict[str, Any]], None] | None = None
+) -> tuple:
+    """Run ``script`` with ``sh -c`` as one job (``edit`` changes its JSON first); how it ended and its output
+    lines, the job purged after."""
     lines: list[tuple[str, str]] = []
     name = f"mf-test-{uuid.uuid4().hex[:8]}"
+    job = task_job(name, ["sh", "-c", script], {"GREETING": "hello"}, placement, {"t": "1"})
+    if edit is not None:
+        edit(job)
     with NomadClient(settings) as client:
-        eval_id = client.register(task_job(name, ["sh", "-c", script], {"GREETING": "hello"}, placement, {"t": "1"}))
+        eval_id = client.register(job)
         try:
             ending = follow(client, name, eval_id, lambda kind, line: lines.append((kind, line)))
         finally:

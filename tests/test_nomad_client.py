@@ -37,6 +37,20 @@ def test_raw_exec_runs_the_command_as_a_process_in_its_task_folder(nomad_agent: 
     assert out[0].startswith("hello from /") and out[1:] == ["in the task folder"]
 
 
+def test_a_log_rotated_into_several_files_reaches_the_console_whole_and_in_order(nomad_agent: Settings) -> None:
+    """Nomad's log collector starts a new file when one reaches ``LogConfig.MaxFileSizeMB``; the stream
+    follows into it."""
+
+    def one_megabyte_files(job: dict) -> None:
+        job["TaskGroups"][0]["Tasks"][0]["LogConfig"] = {"MaxFiles": 10, "MaxFileSizeMB": 1}
+
+    count = 300_000  # about 2 MB of numbers: three files
+    placement = Placement(driver="raw_exec", cpu=0.5, memory=128)
+    ending, lines = run_job(nomad_agent, placement, f"seq 1 {count}", edit=one_megabyte_files)
+    assert ending.code == 0
+    assert [line for kind, line in lines if kind == "stdout"] == [str(i) for i in range(1, count + 1)]
+
+
 def test_exec_runs_where_the_agent_offers_it_and_is_filtered_where_not(nomad_agent: Settings) -> None:
     """A real agent run as root (the GitHub job's) offers exec; the double's node, like an agent run as
     another user, has no exec driver, and Nomad's scheduler filters such a job out at once."""

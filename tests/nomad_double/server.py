@@ -9,7 +9,8 @@ devices. Each docker task runs as a container on the local Docker engine
 (labelled ``io.metaflow-stack.nomad-double``); each raw_exec task as a
 process of the double's, in a task folder of its allocation's, with the
 double's environment less Nomad's default ``env.denylist``, its output in
-``alloc/logs/<task>.<kind>.0`` (as dev mode enables raw_exec). The node has
+``alloc/logs/<task>.<kind>.<n>``, rotated at the task's ``LogConfig`` size
+(as dev mode enables raw_exec). The node has
 no exec driver (Nomad offers it only to an agent running as root): a job
 for it is filtered out (``missing drivers``), as Nomad's scheduler does. Its fidelity is
 checked by the same suite passing against a real ``nomad agent -dev`` in
@@ -180,8 +181,8 @@ class Cluster:
         self.evals: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
         self.namespaces = {"default"}
-        #: What runs each started allocation's task: a container ID, or a raw_exec process and its folder.
-        self.started: dict[str, str | tuple[subprocess.Popen, Path]] = {}
+        #: What runs each started allocation's task: a container ID, or a raw_exec process.
+        self.started: dict[str, str | RawExec] = {}
         self.docker = DockerClient()
 
     def bump(self, obj: dict[str, Any]) -> None:
@@ -349,19 +350,19 @@ class Cluster:
         }
         client = {k: v for k, v in os.environ.items() if k not in ENV_DENYLIST}
         env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **folders}
-        config, name = task["Config"], task["Name"]
-        with (logs / f"{name}.stdout.0").open("wb") as out, (logs / f"{name}.stderr.0").open("wb") as err:
-            process = subprocess.Popen(
-                [config["command"], *config.get("args", [])],
-                cwd=task_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        self.started[alloc["ID"]] = (process, root)
-        return process.wait
+        config, limit = task["Config"], int((task.get("LogConfig") or {}).get("MaxFileSizeMB", 10)) << 20
+        process = subprocess.Popen(
+            [config["command"], *config.get("args", [])],
+            cwd=task_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        run = RawExec(process, root, task["Name"], limit)
+        self.started[alloc["ID"]] = run
+        return run.wait
 
     def deregister(self, job_id: str) -> None:
         job = self.jobs.pop(job_id, None)
@@ -376,11 +377,10 @@ class Cluster:
                 with contextlib.suppress(DockerException):
                     self.docker.container.remove(started, force=True)
             elif started is not None:
-                process, root = started
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                shutil.rmtree(root, ignore_errors=True)
+                    os.killpg(started.process.pid, signal.SIGKILL)
+                started.wait()
+                shutil.rmtree(started.root, ignore_errors=True)
 
     def stop(self) -> None:
         """End every task still running (the double is going away)."""
@@ -397,8 +397,7 @@ class Cluster:
         if isinstance(started, str):
             yield from self.container_frames(started, kind, follow, offset, file)
         elif started is not None:
-            process, root = started
-            yield from _file_frames(root / file, process, follow, offset, file)
+            yield from started.frames(kind, follow, offset)
         while follow:  # the task has ended: Nomad keeps the stream, with heartbeats, until the reader goes
             yield b"{}"
             time.sleep(HEARTBEAT_S)
@@ -424,25 +423,82 @@ def _frame(data: bytes, offset: int, file: str) -> bytes:
     return json.dumps({"Data": base64.b64encode(data).decode(), "Offset": offset, "File": file}).encode()
 
 
-def _file_frames(path: Path, process: subprocess.Popen, follow: bool, offset: int, file: str) -> Iterator[bytes]:
-    """A raw_exec task's log file from ``offset`` as frames, followed while the process runs."""
-    with path.open("rb") as log:
-        log.seek(offset)
+class RawExec:
+    """A raw_exec task's process, its output written to the allocation's log files as Nomad's log collector
+    writes them: ``alloc/logs/<task>.<kind>.<n>``, the next file begun when one reaches the task's
+    ``LogConfig.MaxFileSizeMB`` (a write split across the two). Unlike Nomad, no file is ever deleted."""
+
+    def __init__(self, process: subprocess.Popen, root: Path, task: str, limit: int) -> None:
+        self.process, self.root, self.task, self.limit = process, root, task, limit
+        self.logs = root / "alloc" / "logs"
+        for kind in ("stdout", "stderr"):
+            (self.logs / f"{task}.{kind}.0").touch()
+        self.pumps = [
+            threading.Thread(target=self.pump, args=(pipe, kind), daemon=True)
+            for pipe, kind in ((process.stdout, "stdout"), (process.stderr, "stderr"))
+        ]
+        for pump in self.pumps:
+            pump.start()
+
+    def path(self, kind: str, index: int) -> Path:
+        return self.logs / f"{self.task}.{kind}.{index}"
+
+    def pump(self, pipe: Any, kind: str) -> None:
+        index, size = 0, 0
+        out = self.path(kind, index).open("ab")
+        try:
+            while chunk := pipe.read1(64 * 1024):
+                while chunk:
+                    piece, chunk = chunk[: self.limit - size], chunk[self.limit - size :]
+                    out.write(piece)
+                    out.flush()
+                    size += len(piece)
+                    if size >= self.limit:
+                        out.close()
+                        index, size = index + 1, 0
+                        out = self.path(kind, index).open("ab")
+        finally:
+            out.close()
+
+    def wait(self) -> int:
+        """The exit code, once the process has ended and all it wrote is in the files."""
+        code = self.process.wait()
+        for pump in self.pumps:
+            pump.join()
+        return code
+
+    def done(self) -> bool:
+        return self.process.poll() is not None and not any(pump.is_alive() for pump in self.pumps)
+
+    def frames(self, kind: str, follow: bool, offset: int) -> Iterator[bytes]:
+        """The ``kind`` log from ``offset`` (counted across its files, as Nomad's ``origin=start`` offsets are)
+        as frames, each naming its file with the offset reached in it; followed while the task runs."""
+        index = 0
+        while offset >= (size := self.path(kind, index).stat().st_size) and self.path(kind, index + 1).exists():
+            offset, index = offset - size, index + 1
         quiet_since = time.monotonic()
-        while True:
-            ended = process.poll() is not None  # (before reading: what it wrote last is then read)
-            data = log.read(64 * 1024)
-            if data:
-                offset += len(data)
-                yield _frame(data, offset, file)
-                quiet_since = time.monotonic()
-            elif ended or not follow:
-                return
-            else:
-                if time.monotonic() - quiet_since >= HEARTBEAT_S:
-                    yield b"{}"
+        log = self.path(kind, index).open("rb")
+        log.seek(offset)
+        try:
+            while True:
+                done = self.done()  # (before reading: what it wrote last is then read)
+                data = log.read(64 * 1024)
+                if data:
+                    yield _frame(data, log.tell(), f"alloc/logs/{self.path(kind, index).name}")
                     quiet_since = time.monotonic()
-                time.sleep(0.05)
+                elif self.path(kind, index + 1).exists():
+                    log.close()
+                    index += 1
+                    log = self.path(kind, index).open("rb")
+                elif done or not follow:
+                    return
+                else:
+                    if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                        yield b"{}"
+                        quiet_since = time.monotonic()
+                    time.sleep(0.05)
+        finally:
+            log.close()
 
 
 def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
