@@ -87,6 +87,7 @@ def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     retried = next(item for item in run["items"] if item["index"] == 1)  # item 2
     assert retried["attempt"] == 1 and retried["job"].endswith("-1")
     assert "item 2 in" in done.stdout + done.stderr  # the jobs' output reached the console as it ran
+    assert "upload_failure" not in done.stdout + done.stderr  # the logs saved as the tasks ran
     assert jobs_left(nomad_agent) == []
 
 
@@ -155,67 +156,80 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     assert work["in_job"] and work["job"].startswith("mf-rawexecflow-")
     assert Path(work["cwd"]).is_relative_to(work["task_dir"])  # the task's own folder (raw_exec shares /tmp)
     assert f"raw_exec in {work['cwd']}" in work["stdout"] and "raw_exec in" in done.stdout + done.stderr
+    assert "upload_failure" not in done.stdout + done.stderr
 
 
-#: Run in a subprocess with the service's settings: deploy, trigger twice (parameters given, and defaults),
-#: wait for each run, report what the runs made.
+#: Run in a subprocess with the service's settings: deploy FLOW, trigger it once for each of the PARAMETERS
+#: given as JSON, wait for each run, report the runs' tags and artifacts.
 DEPLOY = """
 import json, sys, time
 from metaflow import Deployer
 
-deployer = Deployer(sys.argv[1], show_output=False, datastore="s3", datastore_root=sys.argv[2], metadata="service")
-deployed = deployer.nomad(name=sys.argv[3]).create(
+flow, root, name, runs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+deployer = Deployer(flow, show_output=False, datastore="s3", datastore_root=root, metadata="service")
+deployed = deployer.nomad(name=name).create(
     cpu=0.5, memory=1024, env_var=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
 )
-found = {"name": deployed.deployer.name}
-for label, given in (("given", {"alpha": 21, "greeting_word": "hi"}), ("defaults", {})):
-    triggered = deployed.trigger(**given)
-    run = triggered.wait_for_run(check_interval=1, timeout=300)
+found = []
+for given in runs:
+    run = deployed.trigger(**given).wait_for_run(check_interval=1, timeout=300)
     deadline = time.monotonic() + 600
     while not run.finished and time.monotonic() < deadline:
         time.sleep(2)
-    found[label] = {"pathspec": run.pathspec, "successful": run.successful, "tags": sorted(run.tags),
-                    "total": run["join"].task.data.total, "said": run["join"].task.data.said}
+    data = run.end_task.data if run.successful else None
+    found.append({"pathspec": run.pathspec, "successful": run.successful, "tags": sorted(run.tags),
+                  "artifacts": {a.id: a.data for a in run.end_task} if run.successful else None})
 print(json.dumps(found))
 """
+
+
+def _deploy(tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service) -> tuple[str, list[dict]]:
+    from service_servers import KEYED
+
+    shutil.copy(FLOWS / flow, tmp_path)
+    name = f"metaflow-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "METAFLOW_S3_ENDPOINT_URL": s3,
+        "METAFLOW_DEFAULT_METADATA": "service",  # (where TriggeredRun.run looks)
+        "METAFLOW_SERVICE_URL": service.url,
+        "METAFLOW_SERVICE_AUTH_KEY": KEYED["METAFLOW_STACK_SERVICE_AUTH_KEY"],
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "NOMAD_ADDR": nomad_agent.address,
+        **({"NOMAD_TOKEN": nomad_agent.token} if nomad_agent.token else {}),
+    }
+    root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
+    line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs)]
+    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return name, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
 ) -> None:
+    """Dispatched (parameters given, then their defaults: Nomad hands the task the keys not given, empty),
+    and a scheduled flow's periodic job run now."""
     from service_servers import KEYED, start_service
 
     from metaflow_stack.nomad.client import NomadClient
 
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
-        shutil.copy(FLOWS / "deployed_flow.py", tmp_path)
-        name = f"metaflow-test-{uuid.uuid4().hex[:8]}"
-        env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "METAFLOW_S3_ENDPOINT_URL": bridge_s3,
-            "METAFLOW_DEFAULT_METADATA": "service",  # (where TriggeredRun.run looks)
-            "METAFLOW_SERVICE_URL": service.url,
-            "METAFLOW_SERVICE_AUTH_KEY": KEYED["METAFLOW_STACK_SERVICE_AUTH_KEY"],
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "NOMAD_ADDR": nomad_agent.address,
-            **({"NOMAD_TOKEN": nomad_agent.token} if nomad_agent.token else {}),
-        }
-        root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
-        line = [sys.executable, "-c", DEPLOY, "deployed_flow.py", root, name]
-        done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-        found = json.loads(done.stdout.strip().splitlines()[-1])
-        given, defaults = found["given"], found["defaults"]
-        assert given["successful"] and given["total"] == 63 and given["said"] == "hi"
-        assert defaults["successful"] and defaults["total"] == 3 and defaults["said"] == "hello"
-        assert given["pathspec"] != defaults["pathspec"]
+        runs = [{"alpha": 21, "greeting_word": "hi"}, {}]
+        name, (given, defaults) = _deploy(tmp_path, "deployed_flow.py", runs, nomad_agent, bridge_s3, service)
+        assert given["successful"] and given["artifacts"]["total"] == 63 and given["artifacts"]["said"] == "hi"
+        assert defaults["successful"] and defaults["artifacts"]["total"] == 3
+        assert defaults["artifacts"]["said"] == "hello" and given["pathspec"] != defaults["pathspec"]
         assert any(tag.startswith(f"nomad-job:{name}/dispatch-") for tag in given["tags"])
+        _, (scheduled,) = _deploy(tmp_path, "scheduled_flow.py", [{}], nomad_agent, bridge_s3, service)
+        assert scheduled["successful"] and scheduled["artifacts"]["squared"] == 16
+        assert any("/periodic-" in tag for tag in scheduled["tags"])
         with NomadClient(nomad_agent) as client:
-            assert [job["ID"] for job in client.jobs(name) if job["ID"] == name] == [name]  # the deployment stays
+            assert client.job(name)["ParameterizedJob"]["MetaOptional"] == ["alpha", "greeting-word"]
     finally:
         with NomadClient(nomad_agent) as client:
             for job in client.jobs("metaflow-test-"):

@@ -169,15 +169,20 @@ def test_a_deployed_flow_is_a_parameterized_job_or_with_a_schedule_a_periodic_on
     name = deployment_name("Train_Flow")
     assert name == "metaflow-train-flow"
     placement = Placement(image="r/base:t")
-    dispatched = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ["alpha", "greeting-word"], None))
-    assert dispatched["ParameterizedJob"] == {"Payload": "forbidden", "MetaOptional": ["alpha", "greeting-word"]}
+    params = (["alpha"], ["greeting-word"])
+    dispatched = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, params, None))
+    assert dispatched["ParameterizedJob"] == {
+        "Payload": "forbidden",
+        "MetaRequired": ["alpha"],
+        "MetaOptional": ["greeting-word"],
+    }
     assert "Periodic" not in dispatched and dispatched["Meta"][DEPLOYED] == "true"
     assert dispatched["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0  # retries are the flow's @retry
-    daily = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ["alpha"], ("0 0 * * ? *", "UTC")))
+    daily = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ([], []), ("0 0 * * ? *", "UTC")))
     assert daily["Periodic"] == {
         "Enabled": True,
         "SpecType": "cron",
-        "Spec": "0 0 * * *",
+        "Spec": "0 0 * * ? *",  # (Nomad's cron takes AWS's six fields)
         "ProhibitOverlap": True,
         "TimeZone": "UTC",
     }
@@ -188,6 +193,7 @@ def test_a_dispatch_gives_the_run_its_parameters_as_nomad_names_them() -> None:
     from metaflow_stack.nomad.dispatched import run_line
 
     env = {"NOMAD_JOB_ID": "metaflow-f/dispatch-1-ab", "NOMAD_META_alpha": "3", "NOMAD_META_GREETING_WORD": "hi"}
+    env["NOMAD_META_unset"] = ""  # (Nomad sets every optional key a dispatch did not give, empty)
     line = run_line("flow.py", ["--metadata", "service"], ["alpha", "greeting-word", "unset"], env, Path("/r"))
     assert line[2:] == [
         "flow.py",

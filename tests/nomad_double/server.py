@@ -102,19 +102,19 @@ ENV_DENYLIST = frozenset(
     }
 )
 HEARTBEAT_S = 1.0
-#: The namespace capability each endpoint needs (the "ACL Required" column of Nomad's API docs), by
-#: method and path prefix; the first that matches counts.
+#: The namespace capabilities that allow each endpoint (the "ACL Required" column of Nomad's API docs), by
+#: method and path pattern.
 NEEDS = (
-    ("PUT", "/v1/jobs", "submit-job"),
-    ("POST", "/v1/jobs", "submit-job"),
-    ("GET", "/v1/jobs", "list-jobs"),
-    ("GET", "/v1/evaluation/", "read-job"),
-    ("GET", "/v1/job/", "read-job"),
-    ("DELETE", "/v1/job/", "submit-job"),
-    ("POST", "/v1/job/", "dispatch-job"),
-    ("GET", "/v1/allocation/", "read-job"),
-    ("GET", "/v1/client/fs/logs/", "read-logs"),
-    ("GET", "/v1/client/fs/logs/", "read-fs"),
+    ("PUT", r"/v1/jobs", "submit-job"),
+    ("POST", r"/v1/jobs", "submit-job"),
+    ("GET", r"/v1/jobs", "list-jobs"),
+    ("GET", r"/v1/evaluation/.+", "read-job"),
+    ("GET", r"/v1/job/.+", "read-job"),
+    ("DELETE", r"/v1/job/.+", "submit-job"),
+    ("POST", r"/v1/job/.+/(dispatch|periodic/force)", "dispatch-job"),
+    ("GET", r"/v1/allocation/.+", "read-job"),
+    ("GET", r"/v1/client/fs/logs/.+", "read-logs"),
+    ("GET", r"/v1/client/fs/logs/.+", "read-fs"),
 )
 #: Paths anyone may call, token or not (token/self answers 404 for a token it does not know).
 OPEN = ("/v1/status/leader", "/v1/acl/bootstrap", "/v1/acl/token/self")
@@ -167,7 +167,7 @@ class Acl:
         if token["Type"] == "management":
             return None
         held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in token["Policies"] or ()))
-        allowed = any(m == method and path.startswith(prefix) and c in held for m, prefix, c in NEEDS)
+        allowed = any(m == method and re.fullmatch(pattern, path) and c in held for m, pattern, c in NEEDS)
         return None if allowed else "Permission denied"
 
 
@@ -238,7 +238,8 @@ class Cluster:
         }
 
     def register(self, job: dict[str, Any]) -> dict[str, Any]:
-        if job.get("ParameterizedJob") or job.get("Periodic"):  # run by a dispatch or a tick: no evaluation now
+        if (job.get("ParameterizedJob") and not job.get("Dispatched")) or job.get("Periodic"):
+            # (run by a dispatch or a tick: no evaluation now)
             with self.changed:
                 self.jobs[job["ID"]] = {"Job": job, "Allocs": []}
                 self.bump(job)
@@ -256,16 +257,27 @@ class Cluster:
         """A child of the parameterized ``parent`` with ``meta``, registered; or why not (Nomad's words)."""
         allowed = parent["ParameterizedJob"]
         required, optional = allowed.get("MetaRequired") or [], allowed.get("MetaOptional") or []
+        if unpermitted := sorted(key for key in meta if key not in required and key not in optional):
+            return f"Dispatch request included unpermitted metadata keys: {unpermitted}"
         if missing := [key for key in required if key not in meta]:
             return f"Dispatch did not provide required meta keys: {missing}"
-        if unpermitted := sorted(key for key in meta if key not in required and key not in optional):
-            return f"Dispatch established unpermitted metadata keys: {unpermitted}"
-        child = {k: v for k, v in parent.items() if k not in ("ParameterizedJob", "ModifyIndex", "CreateIndex")}
-        child_id = f"{parent['ID']}/dispatch-{int(time.time())}-{uuid.uuid4().hex[:8]}"
-        child.update(ID=child_id, Name=child_id, ParentID=parent["ID"], Dispatched=True)
+        child = self.child(parent, f"dispatch-{int(time.time())}-{uuid.uuid4().hex[:8]}", Dispatched=True)
         child["Meta"] = {**(parent.get("Meta") or {}), **meta}
         registered = self.register(child)
-        return {"DispatchedJobID": child_id, "EvalID": registered["EvalID"], "Index": self.index}
+        return {"DispatchedJobID": child["ID"], "EvalID": registered["EvalID"], "Index": self.index}
+
+    def force(self, parent: dict[str, Any]) -> dict[str, Any]:
+        """The periodic ``parent`` launched now: its child ``<parent>/periodic-<time>``, registered."""
+        child = self.child(parent, f"periodic-{int(time.time())}")
+        child.pop("Periodic")
+        return {"EvalID": self.register(child)["EvalID"], "Index": self.index}
+
+    @staticmethod
+    def child(parent: dict[str, Any], suffix: str, **fields: Any) -> dict[str, Any]:
+        child = {k: v for k, v in parent.items() if k not in ("ModifyIndex", "CreateIndex")}
+        child_id = f"{parent['ID']}/{suffix}"
+        child.update(ID=child_id, Name=child_id, ParentID=parent["ID"], **fields)
+        return child
 
     def schedule(self, job: dict[str, Any], evaluation: dict[str, Any]) -> None:
         time.sleep(0.05)
@@ -504,12 +516,15 @@ class RawExec:
 def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
     """What Nomad's client adds to every task's environment (its "runtime environment" docs): its ids, and
     the job's and task's ``Meta`` as ``NOMAD_META_<key>`` (as written and upper-cased; a character a
-    variable's name cannot hold as ``_``)."""
-    meta = {**(alloc["Job"].get("Meta") or {}), **(task.get("Meta") or {})}
+    variable's name cannot hold, but ``.``, as ``_``), a dispatched job's optional keys it was not given as
+    empty strings."""
+    job = alloc["Job"]
+    unset = (job.get("ParameterizedJob") or {}).get("MetaOptional") or [] if job.get("Dispatched") else []
+    meta = {**dict.fromkeys(unset, ""), **(job.get("Meta") or {}), **(task.get("Meta") or {})}
     env = {
         f"NOMAD_META_{name}": value
         for key, value in meta.items()
-        for name in {re.sub(r"[^A-Za-z0-9_]", "_", key), re.sub(r"[^A-Za-z0-9_]", "_", key).upper()}
+        for name in {re.sub(r"[^A-Za-z0-9_.]", "_", key), re.sub(r"[^A-Za-z0-9_.]", "_", key).upper()}
     }
     if alloc["Job"].get("ParentID"):
         env["NOMAD_JOB_PARENT_ID"] = alloc["Job"]["ParentID"]
@@ -665,13 +680,27 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     @api.post("/v1/job/{job_id:path}/dispatch")
     async def dispatch(job_id: str, request: Request):
         parent = cluster.jobs.get(job_id)
-        if parent is None:
-            return PlainTextResponse("job not found", status_code=404)
+        if parent is None:  # (Nomad's plain errors here are 500s)
+            return PlainTextResponse("parameterized job not found", status_code=500)
         if not parent["Job"].get("ParameterizedJob"):
-            return PlainTextResponse("Specified job is not a parameterized job", status_code=400)
+            return PlainTextResponse(f'Specified job "{job_id}" is not a parameterized job', status_code=500)
         meta = (await request.json()).get("Meta") or {}
-        dispatched = cluster.dispatch(parent["Job"], {str(k): str(v) for k, v in meta.items()})
-        return PlainTextResponse(dispatched, status_code=400) if isinstance(dispatched, str) else dispatched
+        if not all(isinstance(v, str) for v in meta.values()):
+            return PlainTextResponse("Request body decode failed: Meta values are strings", status_code=400)
+        dispatched = cluster.dispatch(parent["Job"], meta)
+        return PlainTextResponse(dispatched, status_code=500) if isinstance(dispatched, str) else dispatched
+
+    @api.post("/v1/job/{job_id:path}/periodic/force")
+    def force(job_id: str):
+        parent = cluster.jobs.get(job_id)
+        if parent is None or not parent["Job"].get("Periodic"):
+            return PlainTextResponse("can't force run non-periodic job", status_code=500)
+        return cluster.force(parent["Job"])
+
+    @api.get("/v1/job/{job_id:path}")
+    def job(job_id: str):
+        entry = cluster.jobs.get(job_id)
+        return entry["Job"] if entry else PlainTextResponse("job not found", status_code=404)
 
     @api.get("/v1/client/fs/logs/{alloc_id}")
     def logs(alloc_id: str, task: str, type: str, follow: bool = False, offset: int = 0, origin: str = "start"):

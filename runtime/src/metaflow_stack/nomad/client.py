@@ -189,6 +189,18 @@ class NomadClient:
         with contextlib.suppress(NotFound):
             self._request("DELETE", f"/v1/job/{_escaped(job)}", params={"purge": "true"})
 
+    def job(self, job: str) -> dict[str, Any]:
+        """The registered ``job`` (``NotFound`` when there is none)."""
+        return _json(self._request("GET", f"/v1/job/{_escaped(job)}"), "/v1/job")
+
+    def force_periodic(self, job: str) -> str:
+        """Run the periodic ``job`` now; the evaluation of the child it launches (its ``JobID``)."""
+        path = f"/v1/job/{_escaped(job)}/periodic/force"
+        answer = _json(self._request("POST", path), path)
+        if not isinstance(answer, dict) or not isinstance(answer.get("EvalID"), str):
+            raise StackError(f"Nomad's answer to forcing {job} names no evaluation: {str(answer)[:200]}")
+        return answer["EvalID"]
+
     def dispatch(self, job: str, meta: dict[str, str]) -> tuple[str, str]:
         """Dispatch the parameterized ``job`` with ``meta``; the dispatched job's ID and its evaluation's."""
         path = f"/v1/job/{_escaped(job)}/dispatch"

@@ -37,28 +37,26 @@ def deployment_name(flow: str) -> str:
     return "metaflow-" + re.sub(r"[^a-z0-9-]", "-", flow.lower())[:100]
 
 
-def cron_of(schedule: str) -> str:
-    """``@schedule``'s expression (six fields, AWS style: ``0 0 * * ? *``) as the five Nomad's cron takes."""
-    return " ".join(schedule.split()[:5]).replace("?", "*")
-
-
 def deployed_job(
     name: str,
     flow: str,
     command: list[str],
     env: dict[str, str],
     placement: Placement,
-    parameters: list[str],
+    parameters: tuple[list[str], list[str]],
     schedule: tuple[str, str | None] | None,
 ) -> dict[str, Any]:
-    """The job of a deployed flow: ``task_job``'s, made parameterized on ``parameters`` or, given
-    ``schedule`` (cron, time zone), periodic without overlapping runs."""
+    """The job of a deployed flow: ``task_job``'s, made parameterized on ``parameters`` (the required ones,
+    the optional ones) or, given ``schedule`` (cron, time zone), periodic without overlapping runs.
+    ``@schedule``'s cron (AWS's six fields, ``0 0 * * ? *``) is Nomad's as it is: its cron takes a year
+    field and ``?``; numbered week days differ (AWS counts Sunday as 1, Nomad as 0), names do not."""
     job = task_job(name, command, env, placement, {DEPLOYED: "true", "metaflow.flow": flow})
     if schedule is None:
-        job["ParameterizedJob"] = {"Payload": "forbidden", "MetaOptional": parameters}
+        required, optional = parameters
+        job["ParameterizedJob"] = {"Payload": "forbidden", "MetaRequired": required, "MetaOptional": optional}
     else:
         cron, timezone = schedule
-        job["Periodic"] = {"Enabled": True, "SpecType": "cron", "Spec": cron_of(cron), "ProhibitOverlap": True}
+        job["Periodic"] = {"Enabled": True, "SpecType": "cron", "Spec": cron, "ProhibitOverlap": True}
         if timezone:
             job["Periodic"]["TimeZone"] = timezone
     return job

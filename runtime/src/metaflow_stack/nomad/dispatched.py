@@ -2,16 +2,20 @@
 
     python -m metaflow_stack.nomad.dispatched FLOW_FILE [TOP-LEVEL OPTION...] -- [PARAMETER...]
 
-Nomad hands a dispatch's ``Meta`` to the task as ``NOMAD_META_<key>`` (a key's characters that cannot be in
-a variable's name as ``_``); a parameter the dispatch did not set keeps its default. The run is tagged
-with the job's ID (``nomad-job:<id>``), and its id is printed (``deployment.RUN_ID_MARKER``) as soon as
-Metaflow has given it one, for ``trigger`` to read. The exit code is the run's.
+Nomad hands a dispatch's ``Meta`` to the task as ``NOMAD_META_<key>`` (as written and upper-cased; a
+character a variable's name cannot hold, but ``.``, as ``_``), and every optional key the dispatch did not
+set as an empty string: a parameter that is empty or absent keeps its default (so a dispatch cannot give
+a parameter the empty string). The run is tagged with the job's ID (``nomad-job:<id>``), and its id is
+printed (``deployment.RUN_ID_MARKER``) as soon as Metaflow has given it one, for ``trigger`` to read.
+SIGTERM and SIGINT (``nomad job stop``) are passed to the run; the exit code is the run's (128 + N for a
+signal).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,9 +27,9 @@ from metaflow_stack.nomad.deployment import RUN_ID_MARKER
 
 def meta_value(name: str, env: dict[str, str]) -> str | None:
     """The dispatch's value for the parameter ``name``, as Nomad put it in the task's environment."""
-    for key in (name, re.sub(r"[^A-Za-z0-9_]", "_", name)):
+    for key in (name, re.sub(r"[^A-Za-z0-9_.]", "_", name)):
         for variable in (f"NOMAD_META_{key}", f"NOMAD_META_{key}".upper()):
-            if variable in env:
+            if env.get(variable):
                 return env[variable]
     return None
 
@@ -50,11 +54,14 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as folder:
         run_id_file = Path(folder) / "run-id"
         process = subprocess.Popen(run_line(flow_file, top, parameters, dict(os.environ), run_id_file))
+        for stop in (signal.SIGTERM, signal.SIGINT):  # (as PID 1 of a container, this process ignores them)
+            signal.signal(stop, lambda number, _: process.send_signal(number))
         while process.poll() is None and not _written(run_id_file):
             time.sleep(0.1)
         if run_id := _written(run_id_file):
             print(f"{RUN_ID_MARKER}{run_id}", flush=True)
-        return process.wait()
+        code = process.wait()
+        return 128 - code if code < 0 else code
 
 
 def _written(path: Path) -> str:

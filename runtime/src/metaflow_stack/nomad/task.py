@@ -36,7 +36,7 @@ WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-task"
 
 
 def job_command(
-    environment: Any, datastore: str, ids: dict[str, Any], package: tuple[str, str], step_cli: str
+    environment: Any, datastore: tuple[str, str], ids: dict[str, Any], package: tuple[str, str], step_cli: str
 ) -> list[str]:
     """The job's command, as Metaflow's ``@kubernetes`` builds it: capture logs, fetch and unpack the code
     package (``package``: its metadata and URL), bootstrap the step's environment, run the step, save the
@@ -44,6 +44,7 @@ def job_command(
     written to go through ``shlex`` inside double quotes)."""
     from metaflow.mflog import BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
 
+    datastore_type, datastore_root = datastore  # (the root: where the logs are saved, as the run's CLI named it)
     logs = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"  # the task's own folder: raw_exec tasks share the client's /tmp
     mflog = export_mflog_env_vars(
         flow_name=ids["flow"],
@@ -51,13 +52,14 @@ def job_command(
         step_name=ids["step"],
         task_id=ids["task_id"],
         retry_count=ids["attempt"],
-        datastore_type=datastore,
+        datastore_type=datastore_type,
+        datastore_root=datastore_root,
         stdout_path=f"{logs}/stdout.log",
         stderr_path=f"{logs}/stderr.log",
     )
     metadata, url = package
-    init = " && ".join(environment.get_package_commands(url, datastore, metadata))
-    step = bash_capture_logs(" && ".join([*environment.bootstrap_commands(ids["step"], datastore), step_cli]))
+    init = " && ".join(environment.get_package_commands(url, datastore_type, metadata))
+    step = bash_capture_logs(" && ".join([*environment.bootstrap_commands(ids["step"], datastore_type), step_cli]))
     script = (
         f"mkdir -p {logs} {WORKDIR} && cd {WORKDIR} && {mflog} && {init} && {step}; c=$?; {BASH_SAVE_LOGS}; exit $c"
     )

@@ -1,7 +1,7 @@
 """``nomad step``: the trampoline Metaflow's runtime launches for a ``@nomad`` task; ``nomad create`` and
 ``nomad trigger``: the flow deployed as one Nomad job, and a run of it (``metaflow_stack.nomad.deployment``).
 
-It rebuilds the real step command from its own options (as Metaflow's ``kubernetes step`` does), runs
+``nomad step`` rebuilds the real step command from its own options (as Metaflow's ``kubernetes step`` does), runs
 it as a Nomad batch job (``metaflow_stack.nomad.task``), passes the job's output on and exits with the
 task's real exit code. A job Nomad cannot place, an agent that does not answer or refuses, or a task
 whose command never ran (its image could not be pulled, say) exits 202, Metaflow's "do not retry", in
@@ -10,9 +10,11 @@ one line naming the fix; a lost node fails the attempt so ``@retry`` runs it aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 
 from metaflow import parameters
@@ -82,7 +84,11 @@ def step(
     if settings["stack_image"]:
         env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
     command = task.job_command(
-        obj.environment, datastore, ids, (code_package_metadata, code_package_url), f"{python} -u {step_cli}"
+        obj.environment,
+        (datastore, obj.flow_datastore.datastore_root),
+        ids,
+        (code_package_metadata, code_package_url),
+        f"{python} -u {step_cli}",
     )
     meta = {"metaflow.flow": flow, "metaflow.run_id": str(run_id), "metaflow.step": step_name}
     meta |= {"metaflow.task_id": str(task_id), "metaflow.attempt": str(attempt)}
@@ -127,6 +133,46 @@ class NomadDeployException(MetaflowException):
 _ELSEWHERE = ("nomad", "kubernetes", "batch", "devcontainer", "worker_pool", "slurm")
 
 
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    """The runtime's ``StackError`` as Metaflow's one-line error."""
+    from metaflow_stack.errors import StackError
+
+    try:
+        yield
+    except StackError as exc:
+        raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
+
+
+def _deployable(obj) -> tuple[list[str], list[str]]:
+    """Refuse in one line what a deployed flow cannot honour; its parameters, required and optional."""
+    if obj.flow_datastore.TYPE == "local":
+        raise NomadDeployException(
+            "a deployed flow runs on a Nomad client: give it a datastore it reaches (--datastore s3)"
+        )
+    for node in obj.graph:
+        elsewhere = [d.name for d in node.decorators if d.name in _ELSEWHERE]
+        if elsewhere:
+            raise NomadDeployException(
+                f"step {node.name}: a deployed flow runs its steps inside its Nomad job, so @{elsewhere[0]} cannot "
+                "apply (remove it; size the job with --cpu and --memory)"
+            )
+    if obj.metadata.TYPE != "service":
+        raise NomadDeployException(
+            "a deployed flow's runs are recorded in its job, which ends: record them in a metadata service "
+            "(--metadata service, with METAFLOW_SERVICE_URL)"
+        )
+    if obj.environment.TYPE != "local":
+        raise NomadDeployException(f"--environment {obj.environment.TYPE} is not supported in a deployed flow yet")
+    params = [p for _, p in obj.flow._get_parameters()]
+    if any(getattr(p, "IS_CONFIG_PARAMETER", False) for p in params):
+        raise NomadDeployException("a flow with a Config is not supported in a deployed flow yet")
+    required = [p.name for p in params if p.kwargs.get("required") and p.kwargs.get("default") is None]
+    if required and obj.flow._flow_decorators.get("schedule"):
+        raise NomadDeployException(f"@schedule runs the flow with its parameters' defaults: give {required[0]} one")
+    return required, [p.name for p in params if p.name not in required]
+
+
 @nomad.command(
     help="Deploy the flow as a Nomad job: each dispatch (`nomad trigger`, `nomad job dispatch`) runs it, or "
     "each tick of its @schedule. Its steps run inside the job."
@@ -148,55 +194,46 @@ def create(
     from metaflow.package import MetaflowPackage
 
     from metaflow_stack.elsewhere import metaflow_settings
-    from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
-    from metaflow_stack.nomad.client import NomadClient, Settings
+    from metaflow_stack.nomad.client import NomadClient, NotFound, Settings
     from metaflow_stack.nomad.image import stack_image
     from metaflow_stack.nomad.jobspec import Placement
 
     flow, datastore = obj.flow.name, obj.flow_datastore
-    if datastore.TYPE == "local":
-        raise NomadDeployException(
-            "a deployed flow runs on a Nomad client: give it a datastore that reaches (--datastore s3)"
-        )
-    for node in obj.graph:
-        elsewhere = [d.name for d in node.decorators if d.name in _ELSEWHERE]
-        if elsewhere:
-            raise NomadDeployException(
-                f"step {node.name}: a deployed flow runs its steps inside its Nomad job, so @{elsewhere[0]} cannot "
-                "apply (remove it; size the job with --cpu and --memory)"
-            )
-    if obj.metadata.TYPE != "service":
-        raise NomadDeployException(
-            "a deployed flow's runs are recorded in its job, which ends: record them in a metadata service "
-            "(--metadata service, with METAFLOW_SERVICE_URL)"
-        )
+    required, optional = _deployable(obj)
+    missing = [variable for variable in env_var if variable not in os.environ]
+    if missing:
+        raise NomadDeployException(f"--env-var {missing[0]}: no such variable here (set it, or leave it out)")
     name = obj.nomad_deployment or deployment.deployment_name(flow)
     agent = Settings.from_env()
-    try:
+    schedules = obj.flow._flow_decorators.get("schedule") or []
+    schedule = (schedules[0].schedule, schedules[0].timezone) if schedules and schedules[0].schedule else None
+    with _one_line():
         placement = Placement(
             cpu=cpu, memory=memory, image=image or stack_image(agent, "--image"), namespace=agent.namespace
         )
         package = MetaflowPackage(obj.flow, obj.environment, obj.echo, suffixes=obj.package_suffixes)
         url, _ = datastore.save_data([package.blob], len_hint=1)[0]
         top = ["--datastore", datastore.TYPE, "--datastore-root", datastore.datastore_root, "--metadata", "service"]
-        names = [p.name for _, p in obj.flow._get_parameters()]
-        run = ["python", "-m", "metaflow_stack.nomad.dispatched", os.path.basename(sys.argv[0]), *top, "--", *names]
+        flow_file = os.path.basename(sys.argv[0])
+        run = ["python", "-m", "metaflow_stack.nomad.dispatched", flow_file, *top, "--", *required, *optional]
         command = deployment.job_command(obj.environment, datastore.TYPE, (package.package_metadata, url), run)
-        missing = [name for name in env_var if name not in os.environ]
-        if missing:
-            raise NomadDeployException(f"--env-var {missing[0]}: no such variable here (set it, or leave it out)")
-        env = {**metaflow_settings(), **{name: os.environ[name] for name in env_var}, "METAFLOW_USER": _user()}
+        env = {**metaflow_settings(), **{v: os.environ[v] for v in env_var}, "METAFLOW_USER": _user()}
         if image is None:
             env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
-        schedules = obj.flow._flow_decorators.get("schedule") or []
-        schedule = (schedules[0].schedule, schedules[0].timezone) if schedules and schedules[0].schedule else None
-        job = deployment.deployed_job(name, flow, command, env, placement, names, schedule)
+        job = deployment.deployed_job(name, flow, command, env, placement, (required, optional), schedule)
         with NomadClient(agent) as client:
+            try:
+                existing = client.job(name)
+            except NotFound:
+                existing = None
+            if existing is not None and bool(existing.get("Periodic")) != bool(job.get("Periodic")):
+                client.deregister(name)  # Nomad will not turn a job periodic, or back: the old one goes
+                obj.echo(
+                    f"The Nomad job *{name}* was {'periodic' if existing.get('Periodic') else 'dispatched'}: replaced."
+                )
             client.register(job)
-    except StackError as exc:
-        raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
-    how = f"on `{schedule[0]}`" if schedule else f"each time it is dispatched (`python {sys.argv[0]} nomad trigger`)"
+    how = f"on `{schedule[0]}`" if schedule else "each time it is dispatched (`nomad trigger`)"
     obj.echo(f"Flow *{flow}* is deployed as the Nomad job *{name}*: it runs {how}.", bold=True)
     if deployer_attribute_file:
         with open(deployer_attribute_file, "w", encoding="utf-8") as out:
@@ -204,30 +241,48 @@ def create(
 
 
 @parameters.add_custom_parameters(deploy_mode=False)
-@nomad.command(help="Run the deployed flow once (a dispatch of its Nomad job), with these parameters.")
-@click.option("--timeout", default=600, show_default=True, type=int, help="Seconds to wait for the run to start.")
+@nomad.command(help="Run the deployed flow once (a dispatch of its Nomad job, or a run of its schedule now).")
+@click.option("--start-timeout", default=600, show_default=True, type=int, help="Seconds to wait for the run to start.")
 @click.option("--run-id-file", default=None, help="Write the run's id to this file.")
 @click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
 @click.pass_obj
-def trigger(obj, timeout: int, run_id_file: str | None, deployer_attribute_file: str | None, **kwargs):
-    from metaflow.parameters import JSONType
-
+def trigger(obj, start_timeout: int, run_id_file: str | None, deployer_attribute_file: str | None, **kwargs):
     from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
-    from metaflow_stack.nomad.client import NomadClient
+    from metaflow_stack.nomad.client import NomadClient, NotFound
 
-    meta = {}
+    meta, changed = {}, []
     for _, param in obj.flow._get_parameters():
         value = kwargs.get(param.name.replace("-", "_").lower())
-        if value is not None:
-            meta[param.name] = json.dumps(value) if param.kwargs.get("type") == JSONType else str(value)
+        if value is None:
+            continue
+        if value != param.kwargs.get("default"):  # (click gives every parameter, its default when not set)
+            changed.append(param.name)
+        if param.kwargs.get("type") == parameters.JSONType:
+            value = json.dumps(value)
+        elif isinstance(value, parameters.DelayedEvaluationParameter):  # an IncludeFile: uploaded, then named
+            value = value(return_str=True)
+        meta[param.name] = str(value)
     name = obj.nomad_deployment or deployment.deployment_name(obj.flow.name)
-    try:
-        with NomadClient() as client:
+    with _one_line(), NomadClient() as client:
+        try:
+            job = client.job(name)
+        except NotFound:
+            raise NomadDeployException(f"no Nomad job {name}: deploy the flow first (`nomad create`)") from None
+        if job.get("Periodic"):
+            if changed:
+                raise NomadDeployException(
+                    f"a scheduled flow runs with its parameters' defaults: leave out --{changed[0]}"
+                )
+            eval_id = client.force_periodic(name)
+            dispatched = client.evaluation(eval_id)[0]["JobID"]
+        else:
             dispatched, eval_id = client.dispatch(name, meta)
-            run_id = deployment.run_id_of(client, dispatched, eval_id, timeout)
-    except StackError as exc:
-        raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
+        try:
+            run_id = deployment.run_id_of(client, dispatched, eval_id, start_timeout)
+        except StackError as exc:  # no run may start after a trigger that failed
+            client.deregister(dispatched)
+            raise StackError(f"{exc.message} (the job {dispatched} was purged)", fix=exc.fix) from None
     pathspec = f"{obj.flow.name}/{run_id}"
     if run_id_file:
         with open(run_id_file, "w", encoding="utf-8") as out:

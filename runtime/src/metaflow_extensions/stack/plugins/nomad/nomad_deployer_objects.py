@@ -36,3 +36,22 @@ class NomadDeployedFlow(DeployedFlow):
             if command_obj.process.returncode == 0:
                 return TriggeredRun(deployer=self.deployer, content=content)
         raise RuntimeError(f"could not trigger {self.deployer.name} on Nomad for {self.deployer.flow_file}")
+
+    @classmethod
+    def from_deployment(cls, identifier: str, metadata: str | None = None) -> NomadDeployedFlow:
+        raise NotImplementedError(_NOT_YET)
+
+    @classmethod
+    def list_deployed_flows(cls, flow_name: str | None = None) -> list[NomadDeployedFlow]:
+        raise NotImplementedError(_NOT_YET)
+
+    @classmethod
+    def get_triggered_run(cls, identifier: str, run_id: str, metadata: str | None = None) -> TriggeredRun:
+        raise NotImplementedError(_NOT_YET)
+
+
+#: Metaflow's other entry points to deployed flows, which would otherwise fall through to Argo Workflows'.
+_NOT_YET = (
+    "a Nomad deployment is reached from its flow for now: Deployer('flow.py').nomad(name=...).create(), or "
+    "`python flow.py nomad trigger`; its runs are in the metadata service (tag nomad-job:<job>)"
+)
