@@ -113,3 +113,38 @@ def test_a_wrong_token_or_address_is_one_line_naming_the_fix(nomad_agent: Settin
     with NomadClient(Settings(address=f"http://127.0.0.1:{free_port()}")) as client, pytest.raises(StackError) as gone:
         client.jobs("mf-")
     assert "no Nomad agent answers" in gone.value.message and "NOMAD_ADDR" in gone.value.fix
+
+
+def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something other than Nomad at NOMAD_ADDR (or a broken proxy) may answer without end: the client stops
+    reading at its limit."""
+    import http.server
+    import threading
+
+    from metaflow_stack.nomad import client as nomad_client
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                for _ in range(10_000):  # 640 MB at most: the client must stop long before
+                    self.wfile.write(b"[" + b" " * 65535)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(nomad_client, "MAX_ANSWER", 1 << 20)
+    try:
+        address = f"http://127.0.0.1:{server.server_address[1]}"
+        with NomadClient(Settings(address=address)) as client, pytest.raises(StackError) as refused:
+            client.jobs("mf-")
+        assert "is over 1 MB" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
+    finally:
+        server.shutdown()
+        server.server_close()

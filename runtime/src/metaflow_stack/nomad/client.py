@@ -37,6 +37,8 @@ WAIT_S = 60
 CONNECT_S, SLACK_S = 10.0, 15.0
 #: How long a watched task outlives an agent that does not answer (asked again, with backoff).
 OUTAGE_S = 300.0
+#: The most an answer (other than a log stream) may hold: a busy cluster's job list is a few MB.
+MAX_ANSWER = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,26 @@ class NomadClient:
     def _request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, **kwargs: Any
     ) -> httpx.Response:
+        request = self._http.build_request(method, path, params=self._params(params), **kwargs)
         try:
-            response = self._http.request(method, path, params=self._params(params), **kwargs)
+            response = self._http.send(request, stream=True)
+            try:
+                body = bytearray()
+                for chunk in response.iter_bytes():  # (decoded: Nomad compresses what it sends)
+                    body += chunk
+                    if len(body) > MAX_ANSWER:
+                        raise StackError(
+                            f"Nomad's answer to {method} {path} is over {MAX_ANSWER >> 20} MB",
+                            fix="check that NOMAD_ADDR is a Nomad agent",
+                        )
+            finally:
+                response.close()
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
-        _raise_for(response, method, path)
-        return response
+        headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _ENCODING]
+        whole = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=request)
+        _raise_for(whole, method, path)
+        return whole
 
     def _unreachable(self, exc: Exception) -> StackError:
         return Unavailable(
@@ -232,6 +248,10 @@ class NotFound(StackError):
 
 class Unavailable(StackError):
     """Nomad does not answer, or answers that it cannot now (5xx): worth asking again."""
+
+
+#: Headers of the answer as sent, which its decoded body no longer matches.
+_ENCODING = ("content-encoding", "content-length")
 
 
 def _escaped(job: str) -> str:
