@@ -48,6 +48,18 @@ TEST_LABEL = "io.metaflow-stack.test"
 LOOPBACK = "http://127.0.0.1"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Metaflow's local metadata and datastore use the first ``.metaflow`` folder above the working folder:
+    one left above the temporary folder (a flow run in it by hand) would take every test run's records, which
+    the tests then look for, and miss, in their own folders."""
+    import tempfile
+
+    here = Path(tempfile.gettempdir()).resolve()
+    stray = next((p / ".metaflow" for p in (here, *here.parents) if (p / ".metaflow").is_dir()), None)
+    if stray is not None:
+        pytest.exit(f"{stray} would take the test runs' Metaflow records: remove it (or set TMPDIR elsewhere)", 2)
+
+
 def _required() -> set[str]:
     return {t.strip() for t in os.environ.get("STACK_TEST_REQUIRE", "").split(",") if t.strip()}
 
