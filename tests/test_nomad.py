@@ -165,8 +165,8 @@ DEPLOY = """
 import json, sys, time
 from metaflow import Deployer
 
-flow, root, name, runs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-deployer = Deployer(flow, show_output=False, datastore="s3", datastore_root=root, metadata="service")
+flow, root, name, runs, top = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+deployer = Deployer(flow, show_output=False, datastore="s3", datastore_root=root, metadata="service", **top)
 deployed = deployer.nomad(name=name).create(
     cpu=0.5, memory=1024, env_var=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
 )
@@ -183,7 +183,9 @@ print(json.dumps(found))
 """
 
 
-def _deploy(tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service) -> tuple[str, list[dict]]:
+def _deploy(
+    tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service, **top: str
+) -> tuple[str, list[dict]]:
     from service_servers import KEYED
 
     shutil.copy(FLOWS / flow, tmp_path)
@@ -202,7 +204,7 @@ def _deploy(tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, s
         **({"NOMAD_TOKEN": nomad_agent.token} if nomad_agent.token else {}),
     }
     root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
-    line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs)]
+    line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs), json.dumps(top)]
     done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return name, json.loads(done.stdout.strip().splitlines()[-1])
@@ -211,8 +213,8 @@ def _deploy(tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, s
 def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
 ) -> None:
-    """Dispatched (parameters given, then their defaults: Nomad hands the task the keys not given, empty),
-    and a scheduled flow's periodic job run now."""
+    """Dispatched (parameters given, then their defaults), on the @project branch it was deployed from, and
+    a scheduled flow's periodic job run now."""
     from service_servers import KEYED, start_service
 
     from metaflow_stack.nomad.client import NomadClient
@@ -220,11 +222,13 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
         runs = [{"alpha": 21, "greeting_word": "hi"}, {}]
-        name, (given, defaults) = _deploy(tmp_path, "deployed_flow.py", runs, nomad_agent, bridge_s3, service)
+        deployed = _deploy(tmp_path, "deployed_flow.py", runs, nomad_agent, bridge_s3, service, branch="ci")
+        name, (given, defaults) = deployed
         assert given["successful"] and given["artifacts"]["total"] == 63 and given["artifacts"]["said"] == "hi"
         assert defaults["successful"] and defaults["artifacts"]["total"] == 3
         assert defaults["artifacts"]["said"] == "hello" and given["pathspec"] != defaults["pathspec"]
         assert any(tag.startswith(f"nomad-job:{name}/dispatch-") for tag in given["tags"])
+        assert "project_branch:test.ci" in given["tags"]  # the branch deployed from, not the job's user
         _, (scheduled,) = _deploy(tmp_path, "scheduled_flow.py", [{}], nomad_agent, bridge_s3, service)
         assert scheduled["successful"] and scheduled["artifacts"]["squared"] == 16
         assert any("/periodic-" in tag for tag in scheduled["tags"])

@@ -1,9 +1,10 @@
 """A flow deployed as one Nomad job (``nomad create``) and run by dispatching it with its parameters: its
-steps, a foreach among them, run inside that job."""
+steps, a foreach among them, run inside that job, on the ``@project`` branch it was deployed from."""
 
-from metaflow import FlowSpec, Parameter, step
+from metaflow import FlowSpec, Parameter, project, step
 
 
+@project(name="nomad_deployed")
 class DeployedFlow(FlowSpec):
     alpha = Parameter("alpha", default=1, type=int)
     greeting = Parameter("greeting-word", default="hello")

@@ -173,6 +173,30 @@ def _deployable(obj) -> tuple[list[str], list[str]]:
     return required, [p.name for p in params if p.name not in required]
 
 
+def _top_level_options(obj) -> list[str]:
+    """The options each run of the deployed flow gets, as Metaflow's runtime and schedulers give a task
+    theirs: the decorators ``--with`` attached at create, the flow decorators' own (``@project``'s branch),
+    where its data and metadata go."""
+    from metaflow.decorators import flow_decorators
+    from metaflow.util import dict_to_cli_options
+
+    attached = [
+        deco.make_decorator_spec()
+        for node in obj.graph
+        for deco in node.decorators
+        if not deco.statically_defined and deco.inserted_by is None
+    ]
+    options: dict = {"with": list(dict.fromkeys(attached))}  # (`--with` reaches every step: once each)
+    for deco in flow_decorators(obj.flow):
+        options.update(deco.get_top_level_options())
+    store = obj.flow_datastore
+    return [
+        *dict_to_cli_options(options),
+        *("--datastore", store.TYPE, "--datastore-root", store.datastore_root, "--metadata", "service"),
+        *("--event-logger", obj.event_logger.TYPE, "--monitor", obj.monitor.TYPE),
+    ]
+
+
 @nomad.command(
     help="Deploy the flow as a Nomad job: each dispatch (`nomad trigger`, `nomad job dispatch`) runs it, or "
     "each tick of its @schedule. Its steps run inside the job."
@@ -191,6 +215,7 @@ def _deployable(obj) -> tuple[list[str], list[str]]:
 def create(
     obj, cpu: float, memory: int, image: str | None, env_var: tuple[str, ...], deployer_attribute_file: str | None
 ):
+    from metaflow import current
     from metaflow.package import MetaflowPackage
 
     from metaflow_stack.elsewhere import metaflow_settings
@@ -204,7 +229,7 @@ def create(
     missing = [variable for variable in env_var if variable not in os.environ]
     if missing:
         raise NomadDeployException(f"--env-var {missing[0]}: no such variable here (set it, or leave it out)")
-    name = obj.nomad_deployment or deployment.deployment_name(flow)
+    name = obj.nomad_deployment or deployment.deployment_name(getattr(current, "project_flow_name", None) or flow)
     agent = Settings.from_env()
     schedules = obj.flow._flow_decorators.get("schedule") or []
     schedule = (schedules[0].schedule, schedules[0].timezone) if schedules and schedules[0].schedule else None
@@ -214,7 +239,7 @@ def create(
         )
         package = MetaflowPackage(obj.flow, obj.environment, obj.echo, suffixes=obj.package_suffixes)
         url, _ = datastore.save_data([package.blob], len_hint=1)[0]
-        top = ["--datastore", datastore.TYPE, "--datastore-root", datastore.datastore_root, "--metadata", "service"]
+        top = _top_level_options(obj)
         flow_file = os.path.basename(sys.argv[0])
         run = ["python", "-m", "metaflow_stack.nomad.dispatched", flow_file, *top, "--", *required, *optional]
         command = deployment.job_command(obj.environment, datastore.TYPE, (package.package_metadata, url), run)
