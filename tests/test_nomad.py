@@ -160,7 +160,8 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
 
 
 #: Run in a subprocess with the service's settings: deploy FLOW, trigger it once for each of the PARAMETERS
-#: given as JSON, wait for each run, report the runs' tags and artifacts.
+#: given as JSON (the last time through DeployedFlow.from_nomad), wait for each run, report the runs' tags and
+#: artifacts.
 DEPLOY = """
 import json, sys, time
 from metaflow import Deployer
@@ -171,7 +172,13 @@ deployed = deployer.nomad(name=name).create(
     cpu=0.5, memory=1024, env_var=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
 )
 found = []
-for given in runs:
+for index, given in enumerate(runs):
+    if index == len(runs) - 1:  # the last through the deployment as another process finds it: by its name alone
+        from metaflow.runner.deployer import DeployedFlow
+
+        listed = [d.deployer.name for d in DeployedFlow.list_nomad(deployed.flow_name)]
+        assert listed == [name], listed
+        deployed = DeployedFlow.from_nomad(name)
     run = deployed.trigger(**given).wait_for_run(check_interval=1, timeout=300)
     deadline = time.monotonic() + 600
     while not run.finished and time.monotonic() < deadline:

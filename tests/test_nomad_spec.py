@@ -170,15 +170,15 @@ def test_a_deployed_flow_is_a_parameterized_job_or_with_a_schedule_a_periodic_on
     assert name == "metaflow-train-flow"
     placement = Placement(image="r/base:t")
     params = (["alpha"], ["greeting-word"])
-    dispatched = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, params, None))
+    dispatched = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, params, None, {"a": "b"}))
     assert dispatched["ParameterizedJob"] == {
         "Payload": "forbidden",
         "MetaRequired": ["alpha"],
         "MetaOptional": ["greeting-word"],
     }
-    assert "Periodic" not in dispatched and dispatched["Meta"][DEPLOYED] == "true"
+    assert "Periodic" not in dispatched and dispatched["Meta"][DEPLOYED] == "true" and dispatched["Meta"]["a"] == "b"
     assert dispatched["TaskGroups"][0]["RestartPolicy"]["Attempts"] == 0  # retries are the flow's @retry
-    daily = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ([], []), ("0 0 * * ? *", "UTC")))
+    daily = registered(deployed_job(name, "Train_Flow", COMMAND, {}, placement, ([], []), ("0 0 * * ? *", "UTC"), {}))
     assert daily["Periodic"] == {
         "Enabled": True,
         "SpecType": "cron",

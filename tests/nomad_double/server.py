@@ -643,7 +643,12 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     @api.get("/v1/jobs")
     def jobs(prefix: str = "", namespace: str = "default") -> list:
         return [
-            {"ID": job_id, "Status": "running", "Meta": entry["Job"].get("Meta")}
+            {
+                "ID": job_id,
+                "Status": "running",
+                "Meta": entry["Job"].get("Meta"),
+                "ParentID": entry["Job"].get("ParentID", ""),
+            }
             for job_id, entry in cluster.jobs.items()
             if job_id.startswith(prefix) and (entry["Job"].get("Namespace") or "default") == namespace
         ]

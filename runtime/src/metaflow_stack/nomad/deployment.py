@@ -37,6 +37,33 @@ def deployment_name(flow: str) -> str:
     return "metaflow-" + re.sub(r"[^a-z0-9-]", "-", flow.lower())[:100]
 
 
+def parameter_info(flow: Any) -> dict[str, dict[str, Any]]:
+    """The flow's parameters as Metaflow's schedulers describe them (``generate_fake_flow_file_contents``
+    makes a flow that takes them again): what ``DeployedFlow.from_nomad`` triggers a deployment with."""
+    from metaflow.includefile import FilePathClass
+    from metaflow.parameters import JSONType
+
+    info = {}
+    for var, param in flow._get_parameters():
+        kind = param.kwargs.get("type")
+        extra = {}
+        if kind == JSONType or isinstance(kind, FilePathClass):
+            name = str(kind.name)
+            if isinstance(kind, FilePathClass):
+                extra = {"is_text": getattr(kind, "_is_text", True), "encoding": getattr(kind, "_encoding", "utf-8")}
+        else:
+            name = str(getattr(kind, "__name__", "str"))
+        info[param.name] = {
+            "python_var_name": var,
+            "name": param.name,
+            "type": name,
+            "description": param.kwargs.get("help"),
+            "is_required": bool(param.kwargs.get("required", False)),
+            **extra,
+        }
+    return info
+
+
 def deployed_job(
     name: str,
     flow: str,
@@ -45,12 +72,14 @@ def deployed_job(
     placement: Placement,
     parameters: tuple[list[str], list[str]],
     schedule: tuple[str, str | None] | None,
+    meta: dict[str, str],
 ) -> dict[str, Any]:
-    """The job of a deployed flow: ``task_job``'s, made parameterized on ``parameters`` (the required ones,
-    the optional ones) or, given ``schedule`` (cron, time zone), periodic without overlapping runs.
-    ``@schedule``'s cron (AWS's six fields, ``0 0 * * ? *``) is Nomad's as it is: its cron takes a year
-    field and ``?``; numbered week days differ (AWS counts Sunday as 1, Nomad as 0), names do not."""
-    job = task_job(name, command, env, placement, {DEPLOYED: "true", "metaflow.flow": flow})
+    """The job of a deployed flow (``meta``: what else its ``Meta`` says of it): ``task_job``'s, made
+    parameterized on ``parameters`` (the required ones, the optional ones) or, given ``schedule`` (cron, time
+    zone), periodic without overlapping runs. ``@schedule``'s cron (AWS's six fields, ``0 0 * * ? *``) is
+    Nomad's as it is: its cron takes a year field and ``?``; numbered week days differ (AWS counts Sunday as
+    1, Nomad as 0), names do not."""
+    job = task_job(name, command, env, placement, {**meta, DEPLOYED: "true", "metaflow.flow": flow})
     if schedule is None:
         required, optional = parameters
         job["ParameterizedJob"] = {"Payload": "forbidden", "MetaRequired": required, "MetaOptional": optional}

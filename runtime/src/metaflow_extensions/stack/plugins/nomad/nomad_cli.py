@@ -246,7 +246,10 @@ def create(
         env = {**metaflow_settings(), **{v: os.environ[v] for v in env_var}, "METAFLOW_USER": _user()}
         if image is None:
             env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
-        job = deployment.deployed_job(name, flow, command, env, placement, (required, optional), schedule)
+        meta = {"metaflow.parameters": json.dumps(deployment.parameter_info(obj.flow)), "metaflow.owner": _user()}
+        if getattr(current, "project_name", None):  # (as Argo Workflows' annotations name them)
+            meta |= {"metaflow.project_name": current.project_name, "metaflow.branch_name": current.branch_name}
+        job = deployment.deployed_job(name, flow, command, env, placement, (required, optional), schedule, meta)
         with NomadClient(agent) as client:
             try:
                 existing = client.job(name)

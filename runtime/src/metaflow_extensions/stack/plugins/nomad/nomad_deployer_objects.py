@@ -5,7 +5,10 @@ Apart from ``nomad_deployer``: Metaflow's deployer module, which this one needs,
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from metaflow.runner.deployer import DeployedFlow, TriggeredRun
@@ -39,19 +42,71 @@ class NomadDeployedFlow(DeployedFlow):
 
     @classmethod
     def from_deployment(cls, identifier: str, metadata: str | None = None) -> NomadDeployedFlow:
-        raise NotImplementedError(_NOT_YET)
+        """The flow deployed as the Nomad job ``identifier`` (at ``NOMAD_ADDR``), to trigger without its file:
+        its parameters and ``@project`` branch are in the job's ``Meta``, as Argo Workflows keeps them."""
+        from metaflow import Deployer
+        from metaflow.exception import MetaflowException
+        from metaflow.runner.deployer import generate_fake_flow_file_contents
+
+        from metaflow_stack.errors import StackError
+        from metaflow_stack.nomad.client import NomadClient
+        from metaflow_stack.nomad.deployment import DEPLOYED
+
+        try:
+            with NomadClient() as client:
+                meta = client.job(identifier).get("Meta") or {}
+        except StackError as exc:
+            raise MetaflowException(f"no deployed flow {identifier}: {exc.message} (fix: {exc.fix})") from None
+        if meta.get(DEPLOYED) != "true":
+            raise MetaflowException(f"the Nomad job {identifier} is not a deployed flow (`nomad create` makes those)")
+        flow_name, branch = meta["metaflow.flow"], meta.get("metaflow.branch_name")
+        project_kwargs: dict[str, Any] = {}
+        if branch is not None:  # Metaflow's branch names: prod, prod.<name>, test.<name>
+            prefix, _, given = branch.partition(".")
+            project_kwargs = {"production": True} if prefix == "prod" else {}
+            if given:
+                project_kwargs["branch"] = given
+        contents = generate_fake_flow_file_contents(
+            flow_name=flow_name,
+            param_info=json.loads(meta.get("metaflow.parameters") or "{}"),
+            project_name=meta.get("metaflow.project_name"),
+        )
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as flow_file:
+            flow_file.write(contents)
+        owner = {"METAFLOW_USER": meta["metaflow.owner"]} if meta.get("metaflow.owner") else {}
+        deployer = Deployer(flow_file.name, env=owner, **project_kwargs).nomad(name=identifier)
+        deployer.name, deployer.flow_name = identifier, flow_name
+        deployer.metadata = metadata or _metadata()
+        return cls(deployer=deployer)
 
     @classmethod
-    def list_deployed_flows(cls, flow_name: str | None = None) -> list[NomadDeployedFlow]:
-        raise NotImplementedError(_NOT_YET)
+    def list_deployed_flows(cls, flow_name: str | None = None) -> Iterator[NomadDeployedFlow]:
+        """The flows deployed at ``NOMAD_ADDR`` (in its namespace), or those of ``flow_name``."""
+        from metaflow_stack.nomad.client import NomadClient
+        from metaflow_stack.nomad.deployment import DEPLOYED
+
+        with NomadClient() as client:
+            jobs = client.jobs("")
+        for job in jobs:
+            meta = job.get("Meta") or {}
+            ours = flow_name is None or meta.get("metaflow.flow") == flow_name
+            if meta.get(DEPLOYED) == "true" and not job.get("ParentID") and ours:  # (not a dispatch of one)
+                yield cls.from_deployment(job["ID"])
 
     @classmethod
     def get_triggered_run(cls, identifier: str, run_id: str, metadata: str | None = None) -> TriggeredRun:
-        raise NotImplementedError(_NOT_YET)
+        """The run ``run_id`` of the flow deployed as ``identifier``."""
+        deployed = cls.from_deployment(identifier, metadata)
+        content = {
+            "name": identifier,
+            "metadata": deployed.deployer.metadata,
+            "pathspec": f"{deployed.flow_name}/{run_id}",
+        }
+        return TriggeredRun(deployer=deployed.deployer, content=json.dumps(content))
 
 
-#: Metaflow's other entry points to deployed flows, which would otherwise fall through to Argo Workflows'.
-_NOT_YET = (
-    "a Nomad deployment is reached from its flow for now: Deployer('flow.py').nomad(name=...).create(), or "
-    "`python flow.py nomad trigger`; its runs are in the metadata service (tag nomad-job:<job>)"
-)
+def _metadata() -> str:
+    """The metadata provider this process uses, as ``TYPE@info``."""
+    from metaflow import get_metadata
+
+    return get_metadata()
