@@ -1,7 +1,7 @@
 """``@nomad`` on real runs: a foreach whose items run as Nomad jobs (a retried item, a failing one), a job
 no node can take, and Ctrl-C purging the run's jobs. Against the Nomad API double here (its docker tasks
 on the local engine, the datastore a real S3 server on the Docker bridge), against a real agent in the
-GitHub workflow's ``nomad`` job (``NOMAD_ADDR`` set)."""
+GitHub workflow's ``clusters`` job (``NOMAD_ADDR`` set)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``@nomad``'s client and watcher against a Nomad HTTP API: here the double in ``tests/nomad_double``
-(its docker tasks on the local engine), in the GitHub workflow's ``nomad`` job a real ``nomad agent
+(its docker tasks on the local engine), in the GitHub workflow's ``clusters`` job a real ``nomad agent
 -dev`` (``NOMAD_ADDR`` set: the same tests, the double not started)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_a_log_rotated_into_several_files_reaches_the_console_whole_and_in_order
     def one_megabyte_files(job: dict) -> None:
         job["TaskGroups"][0]["Tasks"][0]["LogConfig"] = {"MaxFiles": 10, "MaxFileSizeMB": 1}
 
-    count = 300_000  # about 2 MB of numbers: three files
+    count = 300_000  # about 2 MB of numbers: two files
     placement = Placement(driver="raw_exec", cpu=0.5, memory=128)
     ending, lines = run_job(nomad_agent, placement, f"seq 1 {count}", edit=one_megabyte_files)
     assert ending.code == 0

@@ -92,7 +92,7 @@ def test_nomad_up_without_nomad_names_the_install(tmp_path: Path) -> None:
 def test_nomad_up_starts_a_real_agent_that_runs_a_job_with_the_flows_token(tmp_path: Path, base_image: str) -> None:
     if not shutil.which("nomad"):
         pytest.skip("nomad not on PATH (the GitHub workflow's clusters job installs it)")
-    local = LocalNomad(home=tmp_path, port=free_port())
+    local = LocalNomad(home=tmp_path, port=_three_free_ports())
     try:
         cluster = local.start()
         flows = Settings(address=cluster.address, token=cluster.token_file.read_text(), namespace=NAMESPACE)
@@ -164,3 +164,20 @@ def test_the_pulumi_component_keeps_raw_exec_out_and_the_keyless_service_startab
 
     done = pulumi.Output.all(stack.namespace.capabilities, stack.service_secrets.items)
     pulumi.runtime.test(lambda: done.apply(check))()
+
+
+def _three_free_ports() -> int:
+    """A port whose next two are free as well (the agent's HTTP, RPC and Serf, TCP and UDP)."""
+    import socket
+
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in (first, first + 1, first + 2):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as probe:
+                        probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no three free ports in a row on 127.0.0.1")

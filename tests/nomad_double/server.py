@@ -14,7 +14,7 @@ double's environment less Nomad's default ``env.denylist``, its output in
 no exec driver (Nomad offers it only to an agent running as root): a job
 for it is filtered out (``missing drivers``), as Nomad's scheduler does. Its fidelity is
 checked by the same suite passing against a real ``nomad agent -dev`` in
-the GitHub workflow's ``nomad`` job.
+the GitHub workflow's ``clusters`` job.
 
 - ``PUT /v1/jobs``: the body checked against ``job.schema.json`` (Nomad's
   fields; 400 otherwise); an evaluation that places the task group on the
@@ -102,6 +102,7 @@ ENV_DENYLIST = frozenset(
     }
 )
 HEARTBEAT_S = 1.0
+ZERO_TIME = "0001-01-01T00:00:00Z"
 #: The namespace capabilities that allow each endpoint (the "ACL Required" column of Nomad's API docs), by
 #: method and path pattern.
 NEEDS = (
@@ -297,7 +298,14 @@ class Cluster:
             "Namespace": job.get("Namespace", "default"),
             "TaskGroup": group["Name"],
             "ClientStatus": "pending",
-            "TaskStates": {task["Name"]: {"State": "pending", "Failed": False, "Events": [_event("Received")]}},
+            "TaskStates": {
+                task["Name"]: {
+                    "State": "pending",
+                    "Failed": False,
+                    "StartedAt": ZERO_TIME,  # (Go's zero time, as Nomad writes it before the task starts)
+                    "Events": [_event("Received")],
+                }
+            },
         }
         with self.changed:
             self.allocs[alloc["ID"]] = alloc
@@ -320,7 +328,7 @@ class Cluster:
             self.bump(alloc)
             return
         state["Events"].append(_event("Started"))
-        state["State"] = "running"
+        state["State"], state["StartedAt"] = "running", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         alloc["ClientStatus"] = "running"
         self.bump(alloc)
         code = wait()

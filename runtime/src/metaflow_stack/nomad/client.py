@@ -228,9 +228,13 @@ class NomadClient:
         return answer["DispatchedJobID"], answer["EvalID"]
 
     @contextlib.contextmanager
-    def logs(self, alloc_id: str, task: str, kind: str, offset: int = 0) -> Iterator[Iterator[bytes]]:
-        """The body of ``task``'s ``kind`` log (``stdout``, ``stderr``) from ``offset``, followed, as chunks."""
-        params = self._params({"task": task, "type": kind, "follow": "true", "origin": "start", "offset": offset})
+    def logs(
+        self, alloc_id: str, task: str, kind: str, offset: int = 0, follow: bool = True
+    ) -> Iterator[Iterator[bytes]]:
+        """The body of ``task``'s ``kind`` log (``stdout``, ``stderr``) from ``offset`` (counted across its
+        rotated files), followed unless told, as chunks."""
+        flags = {"follow": "true" if follow else "false", "origin": "start", "offset": offset}
+        params = self._params({"task": task, "type": kind, **flags})
         timeout = httpx.Timeout(None, connect=CONNECT_S)  # a quiet task: heartbeats, or nothing, for a while
         try:
             with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:

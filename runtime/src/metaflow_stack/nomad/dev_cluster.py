@@ -34,6 +34,8 @@ NAMESPACE = POLICY = "metaflow"
 DEFAULT_PORT = 4646
 #: Seconds a starting agent has to elect itself leader, and then to have a client node ready for docker jobs.
 START_TIMEOUT_S = NODE_TIMEOUT_S = 60.0
+#: Seconds a new leader has to take the ACL bootstrap.
+BOOTSTRAP_S = 15.0
 #: Seconds a stopping agent has to stop its tasks before it is killed.
 STOP_GRACE_S = 30.0
 #: Nomad's rule for a namespace name.
@@ -145,10 +147,18 @@ def configure(address: str, home: Path) -> DevCluster:
 
 
 def _bootstrap(address: str) -> str:
-    """The first management token of the agent at ``address``."""
+    """The first management token of the agent at ``address`` (asked again for a while when it answers 5xx:
+    a leader just elected may not take it yet)."""
+    deadline = time.monotonic() + BOOTSTRAP_S
     with NomadClient(Settings(address=address)) as client:
         try:
-            return str(client.bootstrap_acl()["SecretID"])
+            while True:
+                try:
+                    return str(client.bootstrap_acl()["SecretID"])
+                except Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
         except Unavailable:
             raise
         except (StackError, KeyError) as exc:

@@ -3,7 +3,7 @@
 The endpoint writes JSON objects one after another (a Go ``json.Encoder`` of
 ``api/fs.go``'s ``StreamFrame``): ``Data`` (base64 bytes of the log), ``Offset``
 and ``File`` (where they are), ``FileEvent`` (``file deleted``, ``file
-truncated``); an empty object is a heartbeat, sent while nothing is written.
+truncated``); an empty object is a heartbeat, sent each second (bytes may still be on their way).
 python-nomad reads the whole body before it returns, so it cannot follow a
 running task: these decoders take the body chunk by chunk instead.
 """

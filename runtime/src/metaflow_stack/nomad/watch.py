@@ -120,8 +120,8 @@ def ending(allocation: dict[str, Any]) -> Ending:
 class LogFollower(threading.Thread):
     """Reads one of the task's logs (``kind``: ``stdout``, ``stderr``) as it is written and hands over each
     line. Nomad has no log before the task starts (404): it asks again until there is one; a stream that
-    drops is resumed where it was; it stops when the log's file is gone, or at a heartbeat once the
-    allocation has ended (``ended``)."""
+    drops is resumed where it was; once the allocation has ended (``ended``) it reads what is left, not
+    followed, and stops; it stops at once when the log's file is gone."""
 
     def __init__(self, client: NomadClient, alloc_id: str, kind: str, on_line: Callable[[str, str], None]) -> None:
         super().__init__(name=f"nomad-{kind}", daemon=True)
@@ -133,23 +133,31 @@ class LogFollower(threading.Thread):
         lines, received, pause = Lines(), 0, 0.2
         try:
             while True:
+                # Once the allocation has ended, one last read, not followed: Nomad sends heartbeats whatever is
+                # still on its way (its log collector, file watcher and framer each hold bytes a while), and
+                # answers a read that is not followed with all there is, then ends it.
+                final, caught_up = self.ended.is_set(), False
                 decoder = FrameDecoder()
                 try:
-                    with self.client.logs(self.alloc_id, TASK, self.kind, offset=received) as chunks:
+                    with self.client.logs(self.alloc_id, TASK, self.kind, offset=received, follow=not final) as chunks:
                         self.error = None
                         for chunk in chunks:
                             for frame in decoder.feed(chunk):
                                 received += len(frame.data)
                                 for line in lines.feed(frame.data):
                                     self.on_line(self.kind, line)
-                                if frame.event == DELETED or (frame.heartbeat and self.ended.is_set()):
+                                if frame.event == DELETED:
                                     return
+                                caught_up = caught_up or (frame.heartbeat and self.ended.is_set())
+                            if caught_up:
+                                break
                 except (NotFound, Unavailable) as exc:  # not there yet, or the stream dropped: again
                     self.error = exc
-                if self.ended.is_set():
-                    return  # the allocation has ended, and so has its stream: nothing more will come
-                self.ended.wait(pause)
-                pause = min(pause * 2, 2.0)
+                if final:
+                    return
+                if not self.ended.is_set():
+                    self.ended.wait(pause)
+                    pause = min(pause * 2, 2.0)
         except Exception as exc:  # reported by the watcher: the task's ending matters more than its log
             self.error = exc
         finally:
@@ -184,4 +192,7 @@ def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, 
 def _started(allocation: dict[str, Any]) -> bool:
     """Whether the task has started (its logs exist), or ended without starting (they never will)."""
     state = (allocation.get("TaskStates") or {}).get(TASK) or {}
-    return bool(state.get("StartedAt")) or any(e.get("Type") == "Started" for e in state.get("Events") or [])
+    started = str(state.get("StartedAt") or "")
+    if started and not started.startswith("0001-"):  # (Nomad writes Go's zero time before the task starts)
+        return True
+    return any(e.get("Type") == "Started" for e in state.get("Events") or [])
