@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -24,13 +25,28 @@ from metaflow_stack.engines import JobSpec, get_engine
 from metaflow_stack.engines.docker import client
 
 
-def _time(fn: Callable[[], object], runs: int) -> list[float]:
+def timed(fn: Callable[[], object], runs: int) -> list[float]:
+    """Seconds each of ``runs`` calls of ``fn`` took."""
     samples = []
     for _ in range(runs):
         started = time.perf_counter()
         fn()
-        samples.append((time.perf_counter() - started) * 1000)
+        samples.append(time.perf_counter() - started)
     return samples
+
+
+def engine_round_trip(engine: Any, image: str) -> None:
+    """``true`` in ``image`` through the runtime's engine: launched, waited for, removed (what every compute
+    decorator's launch costs; ``bench/nomad.py`` measures ``@nomad`` against it)."""
+    job = engine.launch(JobSpec(image=image, command=["true"]))
+    try:
+        assert job.wait() == 0
+    finally:
+        job.remove()
+
+
+def _ms(fn: Callable[[], object], runs: int) -> list[float]:
+    return [seconds * 1000 for seconds in timed(fn, runs)]
 
 
 def main() -> None:
@@ -46,18 +62,11 @@ def main() -> None:
     def plain_cli() -> None:
         subprocess.run([binary, "run", "--rm", image, "true"], check=True, capture_output=True)
 
-    def through_engine() -> None:
-        job = engine.launch(JobSpec(image=image, command=["true"]))
-        try:
-            assert job.wait() == 0
-        finally:
-            job.remove()
-
     plain_cli()  # warm the engine's caches for both
     rows = [
-        ("docker run --rm (peer)", _time(plain_cli, args.runs)),
-        ("engines/docker launch+wait+remove", _time(through_engine, args.runs)),
-        ("images.resolve (image up to date)", _time(lambda: images.resolve("base"), args.runs)),
+        ("docker run --rm (peer)", _ms(plain_cli, args.runs)),
+        ("engines/docker launch+wait+remove", _ms(lambda: engine_round_trip(engine, image), args.runs)),
+        ("images.resolve (image up to date)", _ms(lambda: images.resolve("base"), args.runs)),
     ]
     table = Table(title=f"job launch overhead, {args.runs} runs each, image {image}")
     for column in ("path", "p50 ms", "p90 ms", "mean ms"):

@@ -26,16 +26,15 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from metaflow_stack import images
-from metaflow_stack.engines import JobSpec, get_engine
+from metaflow_stack.engines import get_engine
 from metaflow_stack.nomad.client import NomadClient, Settings
 from metaflow_stack.nomad.jobspec import Placement, task_job
 from metaflow_stack.nomad.watch import follow
@@ -43,6 +42,7 @@ from metaflow_stack.nomad.watch import follow
 # The Nomad API double the tests use (tests/nomad_double): not shipped in the wheel.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from devservers import nomad_double
+from docker_launch import engine_round_trip, timed  # (beside this script: the engine's figure is its peer)
 
 
 @contextlib.contextmanager
@@ -57,15 +57,6 @@ def _agent() -> Iterator[tuple[Settings, str]]:
         yield Settings(address=address, token=token), "the tests' Nomad API double (no NOMAD_ADDR)"
 
 
-def _time(fn: Callable[[], None], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -75,11 +66,7 @@ def main() -> None:
     engine = get_engine("docker")
 
     def devcontainer_path() -> None:
-        job = engine.launch(JobSpec(image=image, command=["true"]))
-        try:
-            assert job.wait() == 0
-        finally:
-            job.remove()
+        engine_round_trip(engine, image)
 
     with _agent() as (settings, agent), NomadClient(settings) as client:
         placement = Placement(image=image, cpu=0.5, memory=128, namespace=settings.namespace)
@@ -96,8 +83,8 @@ def main() -> None:
         devcontainer_path()  # warm the engine's caches for both
         nomad_path()
         rows = [
-            ("@devcontainer: engines/docker launch + wait + remove (peer)", _time(devcontainer_path, args.runs)),
-            ("@nomad: register, follow (evaluation, allocation, logs), exit code, purge", _time(nomad_path, args.runs)),
+            ("@devcontainer: engines/docker launch + wait + remove (peer)", timed(devcontainer_path, args.runs)),
+            ("@nomad: register, follow (evaluation, allocation, logs), exit code, purge", timed(nomad_path, args.runs)),
         ]
     peer = statistics.median(rows[0][1])
     table = Table(title=f"per-step overhead, {args.runs} runs each, image {image}, on {agent}")

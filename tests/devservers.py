@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from metaflow_stack.errors import ToolMissingError
 
@@ -231,14 +232,8 @@ def redis_server(folder: Path) -> Iterator[str]:
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     command += ["--dir", str(folder), "--daemonize", "no"]
-    with (folder / "redis.log").open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
+    with (folder / "redis.log").open("ab") as log, _serving(command, port, stdout=log, stderr=log):
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
 
 
 @contextlib.contextmanager
@@ -248,10 +243,17 @@ def nomad_double(*args: str, path: str | None = None) -> Iterator[str]:
     port = free_port()
     server = Path(__file__).resolve().parent / "nomad_double" / "server.py"
     env = {**os.environ, "PATH": path or os.environ["PATH"]}
-    process = subprocess.Popen([sys.executable, str(server), "--port", str(port), *args], env=env)
+    with _serving([sys.executable, str(server), "--port", str(port), *args], port, env=env):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def _serving(command: list[str], port: int, **popen: Any) -> Iterator[None]:
+    """``command`` running while the block runs, from when it listens on ``port``; ended after (it has 30 s)."""
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **popen)
     try:
         wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -117,3 +117,21 @@ def stopped_by_signals() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def exits_in_one_line(stopped: str) -> Iterator[None]:
+    """A trampoline's ending for what it cannot run: a ``StackError`` as two lines (``error:``, ``fix:``), an
+    interrupt as ``stopped``, each exiting with Metaflow's "do not retry" (a retry would meet the same)."""
+    from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+    from metaflow_stack.errors import StackError
+
+    try:
+        yield
+    except StackError as exc:
+        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+    except KeyboardInterrupt:
+        print(stopped, file=sys.stderr, flush=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)

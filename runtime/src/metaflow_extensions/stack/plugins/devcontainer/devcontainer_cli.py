@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from metaflow._vendor import click
-from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
 from metaflow_stack.trampolines import step_parameters
 
@@ -62,8 +61,7 @@ def step(
     from metaflow_stack.devcontainer.launch import CODE, job_spec, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
-    from metaflow_stack.errors import StackError
-    from metaflow_stack.trampolines import step_command
+    from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     from .devcontainer_decorator import TASK_CONTAINER_VARIABLE, container_env
 
@@ -71,7 +69,7 @@ def step(
     step_args, env = step_command(ctx, step_name, kwargs)
     env.update(container_env(code_package_metadata, code_package_sha, code_package_url, datastore))
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
-    try:
+    with exits_in_one_line(f"{pathspec}: stopped; its container was removed"):
         env.update(stores.environment(datastore, metadata))  # the combination was checked at the run's start
         config_path = Path(config) if config else None
         flow_datastore = ctx.obj.flow_datastore
@@ -92,10 +90,4 @@ def step(
             container_json = os.environ.get(TASK_CONTAINER_VARIABLE)
             container = TaskContainer.model_validate_json(container_json) if container_json else None
             code = run_step(job_spec(image, f"{CODE}/{step_args}", package, mounts, env, policy, pathspec, container))
-    except StackError as exc:
-        click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
-        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
-    except KeyboardInterrupt:
-        click.echo(f"{pathspec}: stopped; its container was removed", err=True)
-        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     sys.exit(code)

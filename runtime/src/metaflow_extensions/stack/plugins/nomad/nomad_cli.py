@@ -49,11 +49,10 @@ def step(
     from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
 
     from metaflow_stack.elsewhere import metaflow_settings
-    from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import task
     from metaflow_stack.nomad.client import NomadClient, Settings
     from metaflow_stack.nomad.jobspec import Placement, job_id
-    from metaflow_stack.trampolines import step_command
+    from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     from .nomad_decorator import PLACEMENT_VARIABLE
 
@@ -97,14 +96,8 @@ def step(
     agent = Settings.from_env()  # the job's namespace and region, asked of on every call
     agent = replace(agent, namespace=placement.namespace or agent.namespace, region=placement.region or agent.region)
     try:
-        with NomadClient(agent) as client:
+        with exits_in_one_line(f"{pathspec}: stopped; its Nomad job {name} was purged"), NomadClient(agent) as client:
             ending = task.run(client, name, command, env, placement, meta)
-    except StackError as exc:
-        click.echo(f"error: {exc.message}\nfix: {exc.fix}", err=True)
-        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
-    except KeyboardInterrupt:
-        click.echo(f"{pathspec}: stopped; its Nomad job {name} was purged", err=True)
-        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     finally:
         if obj.metadata.TYPE == "local":  # the job wrote the task's metadata to the datastore: bring it here
             try:
