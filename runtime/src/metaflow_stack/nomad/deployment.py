@@ -1,11 +1,12 @@
 """A whole flow deployed as one Nomad job (``nomad create``): each dispatch, or each tick of ``@schedule``, one run.
 
 The job is parameterized (``nomad job dispatch -meta alpha=3 JOB``: the flow's parameters are the
-dispatch's optional ``Meta``) or, for a flow with ``@schedule``, periodic (its parameters' defaults). Its
-task fetches the flow's code package from the datastore and runs ``metaflow_stack.nomad.dispatched``,
-which runs the flow once inside the allocation and prints the run's id on a line of its own: Metaflow
-gives a run its id only when it starts, so ``trigger`` reads it from the task's output. The job's restart
-and reschedule policies have no attempts, as for a task: retries are the flow's ``@retry``.
+dispatch's ``Meta``, required where they have no default) or, for a flow with ``@schedule``, periodic
+(its parameters' defaults). Its task fetches the flow's code package from the datastore and runs
+``metaflow_stack.nomad.dispatched``, which runs the flow once inside the allocation and prints the run's id
+on a line of its own: Metaflow gives a run its id only when it starts, so ``trigger`` reads it from the
+task's output. The job's restart and reschedule policies have no attempts, as for a task: retries are the
+flow's ``@retry``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-flow"
 
 
 def deployment_name(flow: str) -> str:
-    """The job a flow is deployed as: ``metaflow-<flow>``, in Nomad's job ID characters."""
+    """The job a flow is deployed as: ``metaflow-<flow>``, in Nomad's job ID characters (and short enough that a
+    dispatched child's ID, ``<job>/dispatch-<time>-<id>``, stays readable in Nomad's listings)."""
     return "metaflow-" + re.sub(r"[^a-z0-9-]", "-", flow.lower())[:100]
 
 
