@@ -13,11 +13,17 @@ routes reach BuildKit:
 
 Either way the image is tagged only after the whole build succeeded, so a
 failed build leaves no half-tagged image behind.
+
+A build that publishes (``push``) goes to the registry its tag names. Through
+buildx it is one manifest list for every platform asked for, with an SBOM and
+full provenance attached; the classic route makes this machine's platform
+only, and refuses a request for others rather than publish fewer than asked.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -33,7 +39,7 @@ from rich.console import Console
 
 from metaflow_stack import settings
 from metaflow_stack.engines.docker import client
-from metaflow_stack.errors import ImageBuildError, ToolMissingError
+from metaflow_stack.errors import ImageBuildError, RegistryError, ToolMissingError
 
 #: The build secret id Dockerfiles mount the CA bundle under.
 CA_SECRET_ID = "pipca"
@@ -54,6 +60,10 @@ class BuildRequest:
     dockerfile: str = "Dockerfile"
     #: The stage to build, for a Dockerfile that makes several images.
     target: str | None = None
+    #: Push to the registry ``tag`` names instead of keeping the image here.
+    push: bool = False
+    #: The platforms to build for (``linux/amd64``, ...); none: this machine's.
+    platforms: tuple[str, ...] = ()
 
     def secret(self) -> str | None:
         """The ``--secret`` value carrying the CA bundle, when the environment names one."""
@@ -126,17 +136,22 @@ def route() -> str:
     )
 
 
-def build(request: BuildRequest, console: Console) -> None:
-    """Build and tag ``request.tag``, printing each build step as it starts."""
+def build(request: BuildRequest, console: Console) -> str | None:
+    """Build and tag ``request.tag``, printing each build step as it starts; the pushed digest when it pushes."""
     tracker = _StepTracker(lambda step: console.print(f"  {step}", markup=False, highlight=False, soft_wrap=True))
     how = route()
+    if how != "buildx" and request.platforms:
+        raise ToolMissingError(
+            f"building {request.tag} for {', '.join(request.platforms)} needs the buildx plugin",
+            fix="install the buildx plugin, or build for this machine's platform only (no --platform)",
+        )
     try:
         if how == "buildx":
-            _build_buildx(request, tracker)
-        else:
-            _build_classic(request, tracker, how.split(":", 1)[1])
+            return _build_buildx(request, tracker)
+        _build_classic(request, tracker, how.split(":", 1)[1])
     except (DockerException, subprocess.CalledProcessError) as exc:
         raise tracker.error(request.tag, fallback=str(exc)) from None
+    return _push_classic(request.tag) if request.push else None
 
 
 def _feed(tracker: _StepTracker, lines: Iterable[str]) -> None:
@@ -144,21 +159,44 @@ def _feed(tracker: _StepTracker, lines: Iterable[str]) -> None:
         tracker.feed(line.rstrip("\n"))
 
 
-def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> None:
+def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
     secret = request.secret()
-    logs = client().buildx.build(
-        request.context,
-        file=request.context / request.dockerfile,
-        build_args=request.build_args,
-        labels=request.labels,
-        secrets=[secret] if secret else [],
-        tags=[request.tag],
-        target=request.target,
-        load=True,
-        progress="plain",
-        stream_logs=True,
-    )
-    _feed(tracker, logs)
+    with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
+        metadata = Path(tmp) / "metadata.json"
+        logs = client().buildx.build(
+            request.context,
+            file=request.context / request.dockerfile,
+            build_args=request.build_args,
+            labels=request.labels,
+            secrets=[secret] if secret else [],
+            tags=[request.tag],
+            target=request.target,
+            load=not request.push,
+            push=request.push,
+            platforms=list(request.platforms) or None,
+            # Attestations only travel with a push: the engine's image store keeps none.
+            sbom=True if request.push else None,
+            provenance={"mode": "max"} if request.push else None,
+            metadata_file=metadata,
+            progress="plain",
+            stream_logs=True,
+        )
+        _feed(tracker, logs)
+        return json.loads(metadata.read_text())["containerimage.digest"] if request.push else None
+
+
+def _push_classic(tag: str) -> str:
+    """Push ``tag`` through the engine; the digest the registry stored it under."""
+    try:
+        client().image.push(tag, quiet=True)
+    except DockerException as exc:
+        raise RegistryError(
+            f"pushing {tag} failed: {(exc.stderr or str(exc)).strip()}",
+            fix="check that the registry answers (`metaflow stack doctor`) and that you are logged in to it",
+        ) from None
+    repository = tag.rsplit(":", 1)[0]
+    digests = [d for d in client().image.inspect(tag).repo_digests if d.startswith(f"{repository}@")]
+    return digests[0].split("@", 1)[1]
 
 
 def _build_classic(request: BuildRequest, tracker: _StepTracker, binary: str) -> None:

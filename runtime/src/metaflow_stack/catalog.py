@@ -128,6 +128,15 @@ def images_root() -> Path:
     )
 
 
+def has_sources() -> bool:
+    """Whether the images' build contexts are here: a checkout, or ``METAFLOW_STACK_IMAGES_DIR``."""
+    try:
+        images_root()
+    except StackError:
+        return False
+    return True
+
+
 def names() -> list[str]:
     """Every image name in the catalog, sorted."""
     return sorted(_CATALOG)

@@ -1,19 +1,29 @@
-"""Build, push, pull and resolve the catalog's images.
+"""Build, push, publish, pull and resolve the catalog's images.
 
 ``resolve`` is what decorators and commands call: it returns a local image
-reference for a capability, taking the published image from the registry when
-one is configured and has it, and building locally otherwise.
+reference for a capability. An image released with this runtime (the image
+lock, ``image_lock``) is pulled by its digest; otherwise the configured
+registry's image of the same tag is pulled when it has one, and the image is
+built here when it has not.
+
+``publish`` is what a release runs: every image built and pushed in one go
+(through buildx: for every platform, with SBOM and provenance), its digest
+taken from that push, and the lock written from those digests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException
 from rich.console import Console
 
-from metaflow_stack import __version__, base_images, builders, catalog, settings
+from metaflow_stack import __version__, base_images, builders, catalog, image_lock, settings
 from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import RegistryError
 
@@ -57,24 +67,136 @@ def build(name: str, *, push: bool = False, force: bool = False, console: Consol
             base_images.ensure(base, docker, console)
         else:
             resolve(entry.base, console=console)  # the stack base: here, published or built first
-        with catalog.staged_context(entry) as context:
-            request = builders.BuildRequest(
-                context=context,
-                tag=ref,
-                build_args={"BASE_IMAGE": base},
-                labels={
-                    "org.opencontainers.image.version": __version__,
-                    "org.opencontainers.image.base.name": base,
-                },
-            )
-            with console.status(f"building {ref}"):
-                builders.build(request, console)
+        with _staged_request(entry, base, ref) as request, console.status(f"building {ref}"):
+            builders.build(request, console)
         console.print(f"built {ref}")
     else:
         console.print(f"{ref} is up to date")
     if push:
         push_image(name, console=console)
     return ref
+
+
+@contextmanager
+def _staged_request(
+    entry: catalog.ImageEntry, base: str, tag: str, from_image: str | None = None, **options: Any
+) -> Iterator[builders.BuildRequest]:
+    """The build of ``entry`` on ``base`` (pulled as ``from_image`` when that names it elsewhere) as ``tag``."""
+    with catalog.staged_context(entry) as context:
+        yield builders.BuildRequest(
+            context=context,
+            tag=tag,
+            build_args={"BASE_IMAGE": from_image or base},
+            labels={"org.opencontainers.image.version": __version__, "org.opencontainers.image.base.name": base},
+            **options,
+        )
+
+
+def _bases_first(names: Iterable[str]) -> list[str]:
+    """``names`` with every image they build on, each after its base."""
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        entry = catalog.get(name)
+        if entry.base is not None:
+            visit(entry.base)
+        if entry.name not in ordered:
+            ordered.append(entry.name)
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
+def publish(
+    names: Iterable[str],
+    registry: str,
+    lock_path: Path,
+    *,
+    platforms: Iterable[str] = (),
+    signer: image_lock.Signer | None = None,
+    console: Console | None = None,
+) -> image_lock.ImageLock:
+    """Build and push ``names`` (their bases first) to ``registry``, then write the lock of what was pushed.
+
+    Each image is pushed by the build that made it, and its digest comes from
+    that push, never from reading a tag back: the lock names exactly what was
+    built. An image above the stack base builds from the base just published.
+    """
+    console = console or _stderr
+    docker = require_engine()
+    released: dict[str, image_lock.LockedImage] = {}
+    for name in _bases_first(names):
+        entry, base, ref = _plan(name, docker)
+        if entry.base is None:
+            base_images.ensure(base, docker, console)
+        from_image = base if entry.base is None else f"{registry}/{base}"
+        remote = f"{registry}/{ref}"
+        staged = _staged_request(entry, base, remote, from_image, push=True, platforms=tuple(platforms))
+        with staged as request, console.status(f"publishing {remote}"):
+            digest = builders.build(request, console)
+        assert digest is not None  # a pushing build always names its digest
+        released[entry.name] = image_lock.LockedImage(ref=ref, digest=digest)
+        console.print(f"published {remote}@{digest}", soft_wrap=True)
+    lock = image_lock.ImageLock(registry=registry, images=released, signer=signer)
+    image_lock.write(lock, lock_path)
+    return lock
+
+
+def _released(name: str, docker: DockerClient) -> tuple[image_lock.ImageLock, image_lock.LockedImage] | None:
+    """The released image for ``name`` when the lock applies to it.
+
+    It applies when no sources are here (an installed runtime), or when the
+    sources here hash to its reference: a changed tree builds its own.
+    """
+    lock = image_lock.load()
+    entry = lock.images.get(catalog.get(name).name) if lock else None
+    if lock is None or entry is None:
+        return None
+    if catalog.has_sources() and entry.ref != _plan(name, docker)[2]:
+        return None
+    return lock, entry
+
+
+def _pull_released(lock: image_lock.ImageLock, entry: image_lock.LockedImage, console: Console | None) -> str:
+    """Pull a released image by its digest (its signature checked where cosign is installed); its local reference.
+
+    A failure is never answered by pulling the tag instead: a tag that no
+    longer holds the released digest is what a tampered registry looks like.
+    """
+    console = console or _stderr
+    remote = lock.remote(entry)
+    verified = image_lock.verify_signature(lock, entry)
+    _pull_as(
+        remote,
+        entry.ref,
+        console,
+        f"the released image {remote} cannot be pulled",
+        fix="check that the registry answers, or build the image from its sources with `metaflow stack images build`",
+    )
+    if lock.signer is None:
+        checked = "the lock names no signer"
+    else:
+        checked = "signature verified" if verified else "signature not checked: cosign is not installed"
+    console.print(f"pulled {entry.ref} by digest {entry.digest} ({checked})", soft_wrap=True)
+    return entry.ref
+
+
+def _transfer(console: Console, doing: str, call: Callable[[], object], failure: str, fix: str) -> None:
+    """One push or pull under a status line; the engine's refusal becomes a ``RegistryError`` in its words."""
+    try:
+        with console.status(doing):
+            call()
+    except DockerException as exc:
+        raise RegistryError(f"{failure}: {(exc.stderr or '').strip()}", fix=fix) from exc
+
+
+def _pull_as(remote: str, ref: str, console: Console, failure: str, fix: str) -> None:
+    """Pull ``remote`` and keep it under the local name ``ref`` alone (a digest reference goes too)."""
+    docker = require_engine()
+    _transfer(console, f"pulling {remote}", lambda: docker.image.pull(remote, quiet=True), failure, fix)
+    docker.image.tag(remote, ref)
+    docker.image.remove(remote)
 
 
 def _registry_ref(local_ref: str) -> str:
@@ -103,13 +225,13 @@ def push_reference(ref: str, *, console: Console | None = None) -> str:
     remote = _registry_ref(ref)
     docker.image.tag(ref, remote)
     try:
-        with console.status(f"pushing {remote}"):
-            docker.image.push(remote, quiet=True)
-    except DockerException as exc:
-        raise RegistryError(
-            f"pushing {remote} failed: {(exc.stderr or '').strip()}",
+        _transfer(
+            console,
+            f"pushing {remote}",
+            lambda: docker.image.push(remote, quiet=True),
+            f"pushing {remote} failed",
             fix="check that the registry answers (`metaflow stack doctor`)",
-        ) from exc
+        )
     finally:
         docker.image.remove(remote)  # keep only the local name; the layers stay
     console.print(f"pushed {remote}")
@@ -117,27 +239,24 @@ def push_reference(ref: str, *, console: Console | None = None) -> str:
 
 
 def pull_image(name: str, *, console: Console | None = None) -> str:
-    """Pull the published image for ``name`` and give it its local reference."""
+    """Pull the published image for ``name`` (by digest when released with this runtime); its local reference."""
     console = console or _stderr
     docker = require_engine()
+    if released := _released(name, docker):
+        return _pull_released(*released, console)
     _, _, ref = _plan(name, docker, probe_registry=False)
     remote = _registry_ref(ref)
-    try:
-        with console.status(f"pulling {remote}"):
-            docker.image.pull(remote, quiet=True)
-    except DockerException as exc:
-        raise RegistryError(
-            f"{remote} is not published: {(exc.stderr or '').strip()}",
-            fix=f"build it with `metaflow stack images build {name} --push`",
-        ) from exc
-    docker.image.tag(remote, ref)
-    docker.image.remove(remote)
+    fix = f"build it with `metaflow stack images build {name} --push`"
+    _pull_as(remote, ref, console, f"{remote} is not published", fix=fix)
     return ref
 
 
 def resolve(name: str, *, console: Console | None = None) -> str:
-    """A local reference for ``name``: here already, else published, else built now (its base first)."""
+    """A local reference for ``name``: here already, else released or published, else built now (its base first)."""
     docker = require_engine()
+    if released := _released(name, docker):
+        lock, entry = released
+        return entry.ref if docker.image.exists(entry.ref) else _pull_released(lock, entry, console)
     _, _, ref = _plan(name, docker)
     if docker.image.exists(ref):
         return ref

@@ -30,6 +30,8 @@ class Settings:
     images_dir: Path | None
     state_dir: Path
     docker_client: str
+    #: The image lock to pull released images by (``image_lock``); ``None``: the one shipped with the runtime.
+    image_lock: Path | None = None
 
     def as_metaflow_config(self) -> dict[str, str]:
         """The settings as ``STACK_*`` names for ``metaflow.metaflow_config``."""
@@ -41,6 +43,7 @@ class Settings:
             "STACK_IMAGES_DIR": str(self.images_dir or ""),
             "STACK_STATE_DIR": str(self.state_dir),
             "STACK_DOCKER_CLIENT": self.docker_client,
+            "STACK_IMAGE_LOCK": str(self.image_lock or ""),
         }
 
 
@@ -60,6 +63,7 @@ def load() -> Settings:
     from metaflow.metaflow_config_funcs import from_conf
 
     images_dir = from_conf("STACK_IMAGES_DIR", "")
+    image_lock = from_conf("STACK_IMAGE_LOCK", "")
     state_dir = from_conf("STACK_STATE_DIR", "") or str(Path.home() / ".cache" / "metaflow-stack")
     return Settings(
         registry=from_conf("STACK_REGISTRY", "").rstrip("/"),
@@ -69,4 +73,5 @@ def load() -> Settings:
         images_dir=Path(images_dir) if images_dir else None,
         state_dir=Path(state_dir),
         docker_client=from_conf("STACK_DOCKER_CLIENT", ""),
+        image_lock=Path(image_lock) if image_lock else None,
     )

@@ -117,7 +117,50 @@ def push(names: tuple[str, ...]) -> None:
         click.echo(runtime_images.push_image(name, console=_err))
 
 
-@images.command(help="Pull published images from the configured registry.")
+@images.command(
+    help="Release images (all when none are named, each after its base): build and push each to a registry "
+    "and write the image lock of their digests, which the runtime then pulls them by."
+)
+@click.argument("names", nargs=-1)
+@click.option("--registry", help="Registry and path to push to (default: METAFLOW_STACK_REGISTRY).")
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False),
+    help="Where to write the image lock (default: the one the runtime reads).",
+)
+@click.option(
+    "--platform", "platforms", multiple=True, help="A platform to build for (repeat; needs buildx). Default: this one."
+)
+@click.option("--signed-by", help="The identity that signs the images (cosign keyless), recorded for verification.")
+@click.option("--issuer", help="The OIDC issuer of --signed-by (default: GitHub Actions').")
+@_friendly
+def publish(
+    names: tuple[str, ...],
+    registry: str | None,
+    lock_path: str | None,
+    platforms: tuple[str, ...],
+    signed_by: str | None,
+    issuer: str | None,
+) -> None:
+    from metaflow_stack import image_lock, settings
+    from metaflow_stack import images as runtime_images
+
+    registry = (registry or settings.load().registry).rstrip("/")
+    if not registry:
+        raise StackError("no registry to publish to", fix="pass --registry or set METAFLOW_STACK_REGISTRY")
+    if issuer and not signed_by:
+        raise StackError("--issuer names the issuer of --signed-by, which is missing", fix="pass --signed-by too")
+    signer = None
+    if signed_by:
+        signer = image_lock.Signer(identity=signed_by, issuer=issuer or image_lock.GITHUB_ACTIONS_ISSUER)
+    where = Path(lock_path) if lock_path else image_lock.path()
+    lock = runtime_images.publish(_names(names), registry, where, platforms=platforms, signer=signer, console=_err)
+    for name, released in lock.images.items():
+        click.echo(f"{name}\t{lock.remote(released)}")
+
+
+@images.command(help="Pull published images: released ones by their digest, others from the configured registry.")
 @click.argument("names", nargs=-1)
 @_friendly
 def pull(names: tuple[str, ...]) -> None:

@@ -1,0 +1,147 @@
+"""A release, end to end against a real Distribution registry: publish, lock, pull by digest, refuse a moved tag.
+
+What ``.github/workflows/release.yml`` does on GitHub (buildx for two
+platforms, SBOM, provenance, cosign keyless signing and verification) runs
+here through the engine's own BuildKit for this machine's platform, without
+signatures: no signing identity exists offline and cosign is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TEST_LABEL, run_cli
+
+from metaflow_stack import builders, image_lock, images
+from metaflow_stack.errors import RegistryError
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+_SIGNER = "https://github.com/example/metaflow-stack/.github/workflows/release.yml@refs/tags/v1.0.0"
+_MANIFEST_TYPES = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+
+
+def _manifest(registry: str, repository: str, reference: str, method: str = "HEAD") -> httpx.Response:
+    return httpx.request(
+        method, f"http://{registry}/v2/{repository}/manifests/{reference}", headers={"Accept": _MANIFEST_TYPES}
+    )
+
+
+@pytest.fixture
+def lock_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "images.lock.json"
+    monkeypatch.setenv("METAFLOW_STACK_IMAGE_LOCK", str(path))
+    return path
+
+
+@pytest.fixture
+def kept_base(docker_engine, base_image: str) -> Iterator[str]:
+    """The base image under a second name, so a test may remove its own name and it is given back after."""
+    kept = "stack-test/kept-base:original"
+    docker_engine.image.tag(base_image, kept)
+    yield kept
+    docker_engine.image.tag(kept, base_image)
+    docker_engine.image.remove(kept)
+
+
+def _move_tag(docker_engine, base_image: str, published: str) -> str:
+    """Push other content under the published tag, as anyone who can push could; the other image's id."""
+    tamperer = docker_engine.container.create(
+        base_image, ["sh", "-c", "echo tampered > /tmp/tampered"], labels={TEST_LABEL: "true"}
+    )
+    docker_engine.container.start(tamperer, attach=True)
+    tampered = docker_engine.container.commit(tamperer, tag=published)
+    docker_engine.container.remove(tamperer)
+    docker_engine.image.push(published, quiet=True)
+    docker_engine.image.remove(published)
+    return tampered.id
+
+
+def test_a_release_is_pulled_by_digest_and_a_moved_tag_is_refused(
+    docker_engine, base_image: str, local_registry: str, lock_path: Path, kept_base: str
+) -> None:
+    repository, tag = base_image.rsplit(":", 1)
+    published = f"{local_registry}/{base_image}"
+    publish = ("stack", "images", "publish", "base", "--registry", local_registry, "--lock", str(lock_path))
+
+    result = run_cli(*publish, "--signed-by", _SIGNER)
+    assert result.returncode == 0, result.stderr
+    lock = image_lock.load()
+    assert lock is not None and set(lock.images) == {"base"}
+    released = lock.images["base"]
+    assert released.ref == base_image
+    assert lock.signer == image_lock.Signer(identity=_SIGNER, issuer=image_lock.GITHUB_ACTIONS_ISSUER)
+    assert result.stdout.strip().splitlines()[-1] == f"base\t{local_registry}/{repository}@{released.digest}"
+    assert _manifest(local_registry, repository, tag).headers["Docker-Content-Digest"] == released.digest
+    released_id = docker_engine.image.inspect(published).id
+    docker_engine.image.remove(published)
+
+    # The tag is moved to other content, and the released manifest deleted: the tag is refused, never
+    # pulled instead, and nothing is built in its place. (Before any pull of it: once pulled, the engine
+    # keeps a released manifest by its digest, as it may: a digest names one content for good.)
+    tampered_id = _move_tag(docker_engine, base_image, published)
+    assert _manifest(local_registry, repository, tag).headers["Docker-Content-Digest"] != released.digest
+    assert _manifest(local_registry, repository, released.digest, method="DELETE").status_code == 202
+    docker_engine.image.remove(base_image)
+    with pytest.raises(RegistryError, match=f"the released image .*@{released.digest} cannot be pulled"):
+        images.resolve("base")
+    assert not docker_engine.image.exists(base_image)
+
+    # Released again (the same sources give the same digest), then the tag moved again: the runtime pulls
+    # what was released, not what the tag holds.
+    assert run_cli(*publish).returncode == 0
+    assert image_lock.load() == lock.model_copy(update={"signer": None})
+    docker_engine.image.remove(published)
+    _move_tag(docker_engine, base_image=kept_base, published=published)
+    assert images.resolve("base") == base_image
+    assert docker_engine.image.inspect(base_image).id == released_id != tampered_id
+    look = ["sh", "-c", "test -e /tmp/tampered && echo tampered || echo released"]
+    assert docker_engine.run(base_image, look, remove=True).strip() == "released"
+
+    docker_engine.image.remove(base_image)
+    pulled = run_cli("stack", "images", "pull", "base")
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip().splitlines()[-1] == base_image
+    assert f"by digest {released.digest}" in pulled.stderr
+    assert "the lock names no signer" in pulled.stderr
+    docker_engine.image.remove(tampered_id, force=True)
+
+
+def test_a_lock_for_other_sources_is_not_used(
+    docker_engine, base_image: str, local_registry: str, lock_path: Path
+) -> None:
+    stale = image_lock.LockedImage(ref=f"{base_image.rsplit(':', 1)[0]}:0000000000000000", digest="sha256:" + "0" * 64)
+    image_lock.write(image_lock.ImageLock(registry=local_registry, images={"base": stale}), lock_path)
+    assert images.resolve("base") == base_image  # the sources here hash to another tag: the lock does not apply
+
+
+def test_a_broken_lock_is_one_line_naming_the_field(lock_path: Path) -> None:
+    lock_path.write_text(json.dumps({"registry": "r.example", "images": {"base": {"ref": "a/b:c", "digest": "md5:1"}}}))
+    result = run_cli("stack", "images", "pull", "base")
+    assert result.returncode == 1
+    assert f"error: the image lock {lock_path} is not valid: images.base.digest:" in result.stderr
+    assert "fix: restore the lock the release shipped, or unset METAFLOW_STACK_IMAGE_LOCK" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_publishing_names_what_is_missing(docker_engine, lock_path: Path) -> None:
+    result = run_cli("stack", "images", "publish", "base", env={"METAFLOW_STACK_REGISTRY": ""})
+    assert result.returncode == 1
+    assert "error: no registry to publish to" in result.stderr
+    assert "fix: pass --registry or set METAFLOW_STACK_REGISTRY" in result.stderr
+    if builders.route() != "buildx":
+        several = run_cli("stack", "images", "publish", "base", "--registry=127.0.0.1:1", "--platform", "linux/arm64")
+        assert several.returncode == 1
+        assert "linux/arm64 needs the buildx plugin" in several.stderr
+    assert not lock_path.exists()
