@@ -1,5 +1,5 @@
 """Throwaway PostgreSQL clusters, NATS servers and Redis servers from locally installed binaries, and the
-Nomad API double of ``tests/nomad_double``.
+API doubles of Nomad (``tests/nomad_double``) and of GitHub's check runs (``tests/github_double``).
 
 For the test suite, the benchmarks and trying the service by hand: each server
 listens on 127.0.0.1 only, on a free port, in a folder of its own, with trust
@@ -244,6 +244,16 @@ def nomad_double(*args: str, path: str | None = None) -> Iterator[str]:
     server = Path(__file__).resolve().parent / "nomad_double" / "server.py"
     env = {**os.environ, "PATH": path or os.environ["PATH"]}
     with _serving([sys.executable, str(server), "--port", str(port), *args], port, env=env):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def github_double(token: str, record: Path) -> Iterator[str]:
+    """The double of GitHub's check-runs API (``tests/github_double/server.py``) on a free port, recording
+    every request to ``record`` (JSON lines); its address."""
+    port = free_port()
+    server = Path(__file__).resolve().parent / "github_double" / "server.py"
+    with _serving([sys.executable, str(server), "--port", str(port), "--token", token, "--record", str(record)], port):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -22,12 +22,12 @@ def infra_root() -> Path:
     return catalog.project_root() / "infra"
 
 
-def require(module: str) -> ModuleType:
-    """Import one of the deploy extra's libraries, or say how to install it."""
+def require(module: str, extra: str = "deploy") -> ModuleType:
+    """Import one of an extra's libraries (the deploy extra's unless named), or say how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ToolMissingError(f"{module} is not installed", fix="pip install 'metaflow-stack[deploy]'") from None
+        raise ToolMissingError(f"{module} is not installed", fix=f"pip install 'metaflow-stack[{extra}]'") from None
 
 
 def write_atomically(path: Path, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""``metaflow stack``: images, the local registry, the dev Nomad cluster, the doctor and the local stack.
+"""``metaflow stack``: images, the local registry, the dev Nomad cluster, CI reports, the doctor and the local stack.
 
 Thin glue: every command calls the runtime and prints its result. A
 ``StackError`` becomes two lines (``error:`` and ``fix:``) and exit code 1,
@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from metaflow_extensions.stack.cmd.ci_cli import ci
 from metaflow_extensions.stack.cmd.cli_errors import friendly as _friendly
 from metaflow_stack.errors import StackError
 
@@ -30,6 +31,9 @@ def cli() -> None:
 @cli.group(help="Metaflow Stack: images, registry, local stack and environment checks.")
 def stack() -> None:
     pass
+
+
+stack.add_command(ci)
 
 
 @stack.command(help="Show what this machine has for each capability, and how to fix what it lacks.")

@@ -1,0 +1,112 @@
+"""Test outcomes read from JUnit files, each with its backend and, where the plugin recorded them, its run.
+
+The plugin writes what a report needs into each test case's JUnit
+properties (the ``PROPERTY_*`` names), so results from many jobs need
+nothing but their files to be merged: the backend, the test's id without
+the backend, the flow run it started and where in the flow file its failed
+step is. A case without them (another pytest run's file) still counts: its
+backend is the one named with the file, or the file's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from metaflow_stack.deploy import require
+from metaflow_stack.errors import InvalidInput
+
+PROPERTY_BACKEND = "metaflow_backend"
+PROPERTY_TEST = "metaflow_test"
+PROPERTY_RUN = "metaflow_run"
+PROPERTY_FLOW_FILE = "metaflow_flow_file"
+PROPERTY_FLOW_LINE = "metaflow_flow_line"
+
+Status = Literal["passed", "failed", "skipped"]
+#: A JUnit file larger than this is refused: a report reads every file whole.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One test on one backend."""
+
+    test: str
+    backend: str
+    status: Status
+    #: The failure's or skip's message (its first line is the reason), empty when it passed.
+    message: str = ""
+    #: The failure's whole text (the traceback).
+    details: str = ""
+    #: The flow run the test started, as a pathspec (``Flow/run``).
+    run: str | None = None
+    #: Where to point at: the flow file (else the test file), relative to the repository, and a line in it.
+    path: str | None = None
+    line: int | None = None
+
+
+def _properties(case: object) -> dict[str, str]:
+    from junitparser import Properties
+
+    found = case.child(Properties)  # type: ignore[attr-defined]
+    return {p.name: p.value for p in found} if found is not None else {}
+
+
+def _outcome(case: object, backend: str) -> Outcome:
+    from junitparser import Error, Failure, Skipped
+
+    props = _properties(case)
+    results = list(case.result)  # type: ignore[attr-defined]
+    problem = next((r for r in results if isinstance(r, (Failure, Error))), None)
+    skipped = next((r for r in results if isinstance(r, Skipped)), None)
+    status: Status = "failed" if problem is not None else "skipped" if skipped is not None else "passed"
+    reason = problem if problem is not None else skipped
+    line = props.get(PROPERTY_FLOW_LINE, "")
+    return Outcome(
+        test=props.get(PROPERTY_TEST) or f"{case.classname}.{case.name}".lstrip("."),  # type: ignore[attr-defined]
+        backend=props.get(PROPERTY_BACKEND) or backend,
+        status=status,
+        message=(reason.message or "") if reason is not None else "",
+        details=(reason.text or "") if reason is not None else "",
+        run=props.get(PROPERTY_RUN) or None,
+        path=props.get(PROPERTY_FLOW_FILE) or None,
+        line=int(line) if line.isdigit() and int(line) > 0 else None,
+    )
+
+
+def read(paths: Iterable[Path], backend: str | None = None) -> list[Outcome]:
+    """Every test case of ``paths``; cases that name no backend get ``backend``, else their file's name."""
+    junitparser = require("junitparser", extra="ci")
+    outcomes: list[Outcome] = []
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InvalidInput(
+                str(path), f"cannot be read: {exc.strerror}", fix="name JUnit XML files that exist"
+            ) from None
+        if size > MAX_FILE_BYTES:
+            raise InvalidInput(str(path), f"is {size} bytes, over {MAX_FILE_BYTES}", fix="split the test run's report")
+        try:
+            xml = junitparser.JUnitXml.fromfile(str(path))
+        except Exception as exc:  # the parser's own error types differ between its XML back ends
+            raise InvalidInput(
+                str(path), f"is not JUnit XML: {exc}", fix="pass the files pytest wrote with --junit-xml"
+            ) from None
+        suites = [xml] if isinstance(xml, junitparser.TestSuite) else list(xml)
+        for suite in suites:
+            outcomes += [_outcome(case, backend or path.stem) for case in suite]
+    return outcomes
+
+
+def merge(paths: Iterable[Path], out: Path) -> Path:
+    """One JUnit file holding every suite of ``paths`` (for tools that take one)."""
+    junitparser = require("junitparser", extra="ci")
+    merged = junitparser.JUnitXml()
+    for path in paths:
+        merged += junitparser.JUnitXml.fromfile(str(path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged.write(str(out))
+    return out

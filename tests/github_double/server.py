@@ -1,0 +1,111 @@
+"""A double of GitHub's check-runs REST endpoints, for testing what ``metaflow stack ci report`` posts.
+
+It speaks the documented protocol ("Create a check run", "Update a check
+run", REST API version 2022-11-28): a bearer token, GitHub's media type and
+version headers, bodies that must validate against githubkit's models of
+those endpoints (generated from GitHub's OpenAPI description) with no field
+the description does not name, annotations appended by updates. Every request
+it accepts or refuses is recorded, one JSON line each, for the test to read.
+
+    python server.py --port P --token T --record requests.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from githubkit_schemas.v2022_11_28 import models
+from pydantic import BaseModel, ValidationError
+
+_CREATE = (models.ReposOwnerRepoCheckRunsPostBodyOneof0, models.ReposOwnerRepoCheckRunsPostBodyOneof1)
+_UPDATE = (
+    models.ReposOwnerRepoCheckRunsCheckRunIdPatchBodyAnyof0,
+    models.ReposOwnerRepoCheckRunsCheckRunIdPatchBodyAnyof1,
+)
+
+
+def _paths(value: Any, where: str = "") -> set[str]:
+    """Every key path in a JSON value (list items share their list's path)."""
+    if isinstance(value, dict):
+        return set().union(*(_paths(v, f"{where}{k}.") | {f"{where}{k}"} for k, v in value.items()))
+    if isinstance(value, list):
+        return set().union(set(), *(_paths(v, where) for v in value))
+    return set()
+
+
+def _valid(body: Any, choices: tuple[type[BaseModel], ...]) -> str | None:
+    """Why ``body`` is not one of ``choices`` (``None`` when it is)."""
+    reasons = []
+    for model in choices:
+        try:
+            parsed = model.model_validate(body)
+        except ValidationError as exc:
+            reasons.append(str(exc.errors()[0]))
+            continue
+        # The models drop what they do not know: whatever did not survive the round trip is unknown.
+        extra = _paths(body) - _paths(parsed.model_dump(mode="json", by_alias=True, exclude_unset=True))
+        return f"unknown fields: {sorted(extra)}" if extra else None
+    return "; ".join(reasons)
+
+
+def app(token: str, record: Path) -> FastAPI:
+    api = FastAPI()
+    runs: dict[int, dict[str, Any]] = {}
+
+    async def answer(request: Request, choices: tuple[type[BaseModel], ...], check_id: int | None) -> JSONResponse:
+        body = await request.json()
+        problems = []
+        if request.headers.get("authorization") != f"Bearer {token}":
+            status, message = 401, "Bad credentials"
+        else:
+            if request.headers.get("accept") != "application/vnd.github+json":
+                problems.append("accept")
+            if request.headers.get("x-github-api-version") != "2022-11-28":
+                problems.append("x-github-api-version")
+            if why := _valid(body, choices):
+                problems.append(why)
+            status, message = (422, "Invalid request.") if problems else (200, "")
+            if not problems and check_id is not None and check_id not in runs:
+                status, message = 404, "Not Found"
+        with record.open("a") as out:
+            entry = {"method": request.method, "path": request.url.path, "body": body, "status": status}
+            out.write(json.dumps({**entry, "problems": problems}) + "\n")
+        if status != 200:
+            return JSONResponse({"message": message, "errors": problems}, status_code=status)
+        if check_id is None:
+            check_id = len(runs) + 1
+            runs[check_id] = {
+                "id": check_id,
+                **body,
+                "annotations": list(body.get("output", {}).get("annotations", [])),
+            }
+            return JSONResponse(
+                runs[check_id] | {"output": {"annotations_count": len(runs[check_id]["annotations"])}}, 201
+            )
+        runs[check_id]["annotations"] += body.get("output", {}).get("annotations", [])
+        return JSONResponse({"id": check_id, "output": {"annotations_count": len(runs[check_id]["annotations"])}})
+
+    @api.post("/repos/{owner}/{repo}/check-runs")
+    async def create(owner: str, repo: str, request: Request) -> JSONResponse:
+        return await answer(request, _CREATE, None)
+
+    @api.patch("/repos/{owner}/{repo}/check-runs/{check_id}")
+    async def update(owner: str, repo: str, check_id: int, request: Request) -> JSONResponse:
+        return await answer(request, _UPDATE, check_id)
+
+    return api
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--record", type=Path, required=True)
+    options = parser.parse_args()
+    uvicorn.run(app(options.token, options.record), host="127.0.0.1", port=options.port, log_level="warning")
