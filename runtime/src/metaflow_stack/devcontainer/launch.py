@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
+from metaflow_stack.devcontainer.stores import WORKDIR
 from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.engines.docker import DockerEngine
 from metaflow_stack.trampolines import stopped_by_signals
 
-#: Where the unpacked code package is mounted (read-only), and the task's writable working folder.
+#: Where the unpacked code package is mounted (read-only); the task works in ``stores.WORKDIR``.
 CODE = "/mf/code"
-WORKDIR = "/tmp/metaflow"
 #: Labels every step container carries: its task, and the trampoline (host:pid) waiting on it.
 LABEL = "io.metaflow-stack.devcontainer"
 OWNER = "io.metaflow-stack.devcontainer.owner"

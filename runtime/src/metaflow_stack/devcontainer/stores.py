@@ -21,6 +21,9 @@ from urllib.parse import urlparse
 from metaflow_stack.engines import Mount
 from metaflow_stack.errors import StackError
 
+#: The task's working folder in a container (a fresh one on the container's ``/tmp``).
+WORKDIR = "/tmp/metaflow"
+
 DATASTORES = ("local", "s3")
 #: AWS variables a step in a container needs to read and write S3 as the host does.
 AWS_VARIABLES = (
@@ -109,24 +112,37 @@ def mounts(datastore: str, metadata: str, local_root: str | None) -> list[Mount]
     found = []
     if datastore == "s3" and aws_dir().is_dir():
         found.append(Mount(str(aws_dir()), AWS_DIR, read_only=True))
-    if datastore != "local" and metadata == "local" and local_root:
+    if metadata == "local" and local_root:
         found.append(Mount(local_root, local_root, read_only=False))
     return found
 
 
 def container_stores(flow_datastore, metadata: str, env: dict[str, str]) -> list[Mount]:
     """Mounts (and variables, added to ``env``) that reach the run's datastore and metadata from a container
-    on this machine: a local datastore at its own path, local metadata beside S3 at its own, AWS's
-    settings."""
+    on this machine: a local datastore at its own path, local metadata at its own, AWS's settings.
+
+    Local metadata is named to the container by its folder (``METAFLOW_DATASTORE_SYSROOT_LOCAL``) even
+    beside a local datastore, and local cards are mounted where Metaflow looks for them, below the task's
+    working folder (``WORKDIR/.metaflow/mf.cards``): Metaflow finds both from the working folder (the
+    task's card process does), and a container's holds neither, so its cards were rendered into the
+    container's ``/tmp`` and lost. (``METAFLOW_CARD_LOCALROOT`` cannot name them: with it set, Metaflow's
+    card command keeps the datastore's root, and the cards land where this machine's client never looks.)
+    """
+    from metaflow.plugins.cards.card_datastore import CardDatastore
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
     datastore, local_root = flow_datastore.TYPE, None
+    found = []
     if datastore == "local":
         root = flow_datastore.datastore_root
-        found = [Mount(root, root, read_only=False)]
-    else:
-        if metadata == "local":
-            local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
-            env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
-        found = []
+        found.append(Mount(root, root, read_only=False))
+        cards = CardDatastore.get_storage_root("local")  # where this machine's client reads them
+        if cards is not None:
+            os.makedirs(cards, exist_ok=True)
+            found.append(Mount(cards, f"{WORKDIR}/.metaflow/{os.path.basename(cards)}", read_only=False))
+    if metadata == "local":
+        local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
+        env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
+        if any(mount.source == local_root for mount in found):
+            local_root = None  # mounted already, as the datastore
     return found + mounts(datastore, metadata, local_root)
