@@ -135,11 +135,21 @@ def test_a_broken_lock_is_one_line_naming_the_field(lock_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_named_lock_that_is_missing_is_an_error(lock_path: Path) -> None:
+    result = run_cli("stack", "images", "pull", "base")
+    assert result.returncode == 1
+    assert f"error: METAFLOW_STACK_IMAGE_LOCK names {lock_path}, which does not exist" in result.stderr
+
+
 def test_publishing_names_what_is_missing(docker_engine, lock_path: Path) -> None:
     result = run_cli("stack", "images", "publish", "base", env={"METAFLOW_STACK_REGISTRY": ""})
     assert result.returncode == 1
     assert "error: no registry to publish to" in result.stderr
     assert "fix: pass --registry or set METAFLOW_STACK_REGISTRY" in result.stderr
+    unset = {"METAFLOW_STACK_IMAGE_LOCK": ""}
+    nowhere = run_cli("stack", "images", "publish", "base", "--registry=127.0.0.1:1", env=unset)
+    assert nowhere.returncode == 1
+    assert "error: no place to write the image lock" in nowhere.stderr
     if builders.route() != "buildx":
         several = run_cli("stack", "images", "publish", "base", "--registry=127.0.0.1:1", "--platform", "linux/arm64")
         assert several.returncode == 1

@@ -47,6 +47,7 @@ CA_SECRET_ID = "pipca"
 _TAIL_LINES = 25
 _STEP = re.compile(r"^#(\d+) \[([^\]]+)\] (.*)$")
 _STEP_ERROR = re.compile(r"^#(\d+) ERROR")
+_PUSHED = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: \d+")
 
 
 @dataclass
@@ -159,8 +160,25 @@ def _feed(tracker: _StepTracker, lines: Iterable[str]) -> None:
         tracker.feed(line.rstrip("\n"))
 
 
+def _attestations(request: BuildRequest) -> bool:
+    """Whether this push can carry SBOM and provenance: the builder's driver keeps them (BuildKit in the
+    engine, buildx's ``docker`` driver, refuses attestations and several platforms)."""
+    if not request.push:
+        return False
+    if client().buildx.inspect().driver != "docker":
+        return True
+    if len(request.platforms) > 1:
+        raise ToolMissingError(
+            f"building {request.tag} for {', '.join(request.platforms)} needs a buildx builder that is not "
+            "the engine's own",
+            fix="docker buildx create --use --driver docker-container",
+        )
+    return False
+
+
 def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
     secret = request.secret()
+    attest = _attestations(request)
     with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
         metadata = Path(tmp) / "metadata.json"
         logs = client().buildx.build(
@@ -174,29 +192,36 @@ def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
             load=not request.push,
             push=request.push,
             platforms=list(request.platforms) or None,
-            # Attestations only travel with a push: the engine's image store keeps none.
-            sbom=True if request.push else None,
-            provenance={"mode": "max"} if request.push else None,
+            sbom=True if attest else None,
+            provenance={"mode": "max"} if attest else None,
             metadata_file=metadata,
             progress="plain",
             stream_logs=True,
         )
         _feed(tracker, logs)
-        return json.loads(metadata.read_text())["containerimage.digest"] if request.push else None
+        if not request.push:
+            return None
+        try:
+            return json.loads(metadata.read_text())["containerimage.digest"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise tracker.error(request.tag, fallback=f"reading the pushed digest: {exc}") from None
 
 
 def _push_classic(tag: str) -> str:
-    """Push ``tag`` through the engine; the digest the registry stored it under."""
+    """Push ``tag`` through the engine; the digest the registry stored it under (the engine's answer)."""
     try:
-        client().image.push(tag, quiet=True)
+        answer = client().image.push(tag, stream_logs=True) or []
+        said = b"".join(chunk for _, chunk in answer).decode(errors="replace")
     except DockerException as exc:
         raise RegistryError(
             f"pushing {tag} failed: {(exc.stderr or str(exc)).strip()}",
             fix="check that the registry answers (`metaflow stack doctor`) and that you are logged in to it",
         ) from None
-    repository = tag.rsplit(":", 1)[0]
-    digests = [d for d in client().image.inspect(tag).repo_digests if d.startswith(f"{repository}@")]
-    return digests[0].split("@", 1)[1]
+    # The engine's last word on a push: "<tag>: digest: sha256:<hex> size: <n>".
+    pushed = _PUSHED.findall(said)
+    if not pushed:
+        raise RegistryError(f"the engine pushed {tag} without naming its digest", fix="push it again")
+    return str(pushed[-1])
 
 
 def _build_classic(request: BuildRequest, tracker: _StepTracker, binary: str) -> None:

@@ -28,6 +28,9 @@ from metaflow_stack.errors import StackError, UnknownImageError
 
 #: Files under an included source tree that never belong in a build context.
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", "node_modules"}
+#: Files of the runtime's tree that are not part of its images: the image lock names the images, so it
+#: cannot be in them (a release writes it after building them, and every tag would move with it).
+_IGNORED_NAMES = {"images.lock.json"}
 _IGNORED_SUFFIXES = (".pyc", ".egg-info")
 
 #: The catalog image every other image, function images among them, builds FROM.
@@ -155,7 +158,7 @@ def get(name: str) -> ImageEntry:
 
 
 def _wanted(path: Path) -> bool:
-    if _IGNORED_PARTS.intersection(path.parts):
+    if _IGNORED_PARTS.intersection(path.parts) or path.name in _IGNORED_NAMES:
         return False
     return not any(part.endswith(_IGNORED_SUFFIXES) for part in path.parts)
 

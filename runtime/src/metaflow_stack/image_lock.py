@@ -74,12 +74,27 @@ def path() -> Path:
 
 
 def load() -> ImageLock | None:
-    """The lock, or ``None`` when there is none (a checkout between releases)."""
+    """The lock, or ``None`` when the runtime ships none (a checkout between releases).
+
+    A lock named by ``METAFLOW_STACK_IMAGE_LOCK`` must be there: without it
+    the runtime would quietly pull by tag or build, the opposite of asking
+    for a lock.
+    """
     where = path()
+    named = settings.load().image_lock is not None
     try:
         text = where.read_text()
     except FileNotFoundError:
-        return None
+        if not named:
+            return None
+        raise StackError(
+            f"METAFLOW_STACK_IMAGE_LOCK names {where}, which does not exist",
+            fix="point it at the lock `metaflow stack images publish --lock` wrote, or unset it",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StackError(
+            f"the image lock {where} cannot be read: {exc}", fix="restore the lock the release shipped"
+        ) from None
     try:
         return ImageLock.model_validate_json(text)
     except ValidationError as exc:
@@ -96,11 +111,17 @@ def write(lock: ImageLock, where: Path) -> Path:
     return write_atomically(where, json.dumps(lock.model_dump(exclude_none=True), indent=2, sort_keys=True) + "\n")
 
 
+#: What cosign says when it found the image's signatures and none is the signer's (or there are none).
+_NOT_SIGNED = ("no matching signatures", "none of the expected identities matched", "no signatures found")
+
+
 def verify_signature(lock: ImageLock, image: LockedImage) -> bool:
     """Check ``image``'s signature with cosign against the lock's signer; ``False`` when cosign is not here.
 
-    Raises when cosign is here and the signature does not verify: the image
-    was not signed by the release that wrote this lock.
+    Raises when cosign is here and cannot show the image was signed by the
+    signer: either it was not (never use the image), or cosign could not
+    check (the registry or Sigstore out of reach: the image is not used
+    either, and the fix says what to reach).
     """
     cosign = shutil.which("cosign")
     if lock.signer is None or cosign is None:
@@ -108,12 +129,23 @@ def verify_signature(lock: ImageLock, image: LockedImage) -> bool:
     remote = lock.remote(image)
     command = [cosign, "verify", "--output", "json", remote]
     command += ["--certificate-identity", lock.signer.identity, "--certificate-oidc-issuer", lock.signer.issuer]
-    result = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=300)
-    if result.returncode != 0:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        reason, refused = str(exc), False
+    else:
+        if result.returncode == 0:
+            return True
         reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1]
+        refused = any(words in result.stderr.lower() for words in _NOT_SIGNED)
+    if refused:
         raise RegistryError(
-            f"the signature of {remote} does not verify as signed by {lock.signer.identity}: {reason}",
-            fix="do not use this image; report it, or build the image from its sources with "
-            "`metaflow stack images build`",
+            f"{remote} is not signed by {lock.signer.identity}: {reason}",
+            fix="do not use this image; report it to the project, or build the images from their sources "
+            "(`metaflow stack images build base`, then the others)",
         )
-    return True
+    raise RegistryError(
+        f"the signature of {remote} could not be checked: {reason}",
+        fix="let this machine reach the registry and Sigstore (Rekor, TUF), or log in to the registry "
+        "(`docker login`); the image is not used until its signature checks",
+    )

@@ -130,12 +130,15 @@ def publish(
         entry, base, ref = _plan(name, docker)
         if entry.base is None:
             base_images.ensure(base, docker, console)
-        from_image = base if entry.base is None else f"{registry}/{base}"
+        # An image above the base builds from the base just pushed, by its digest: a tag could move between.
+        below = released.get(entry.base) if entry.base is not None else None
+        from_image = base if below is None else f"{registry}/{below.repository}@{below.digest}"
         remote = f"{registry}/{ref}"
         staged = _staged_request(entry, base, remote, from_image, push=True, platforms=tuple(platforms))
         with staged as request, console.status(f"publishing {remote}"):
             digest = builders.build(request, console)
-        assert digest is not None  # a pushing build always names its digest
+        if digest is None:
+            raise RegistryError(f"{remote} was built without being pushed", fix="publish it again")
         released[entry.name] = image_lock.LockedImage(ref=ref, digest=digest)
         console.print(f"published {remote}@{digest}", soft_wrap=True)
     lock = image_lock.ImageLock(registry=registry, images=released, signer=signer)
@@ -172,7 +175,8 @@ def _pull_released(lock: image_lock.ImageLock, entry: image_lock.LockedImage, co
         entry.ref,
         console,
         f"the released image {remote} cannot be pulled",
-        fix="check that the registry answers, or build the image from its sources with `metaflow stack images build`",
+        fix="check that the registry answers (and `docker login` to it when it is private); or, in a checkout, "
+        "build the images from their sources: `metaflow stack images build base`, then the others",
     )
     if lock.signer is None:
         checked = "the lock names no signer"

@@ -131,7 +131,8 @@ def push(names: tuple[str, ...]) -> None:
     "--lock",
     "lock_path",
     type=click.Path(dir_okay=False),
-    help="Where to write the image lock (default: the one the runtime reads).",
+    help="Where to write the image lock (default: METAFLOW_STACK_IMAGE_LOCK). A release writes "
+    "runtime/src/metaflow_stack/images.lock.json, which its wheel ships.",
 )
 @click.option(
     "--platform", "platforms", multiple=True, help="A platform to build for (repeat; needs buildx). Default: this one."
@@ -158,7 +159,13 @@ def publish(
     signer = None
     if signed_by:
         signer = image_lock.Signer(identity=signed_by, issuer=issuer or image_lock.GITHUB_ACTIONS_ISSUER)
-    where = Path(lock_path) if lock_path else image_lock.path()
+    where = Path(lock_path) if lock_path else settings.load().image_lock
+    if where is None:
+        raise StackError(
+            "no place to write the image lock",
+            fix="pass --lock PATH (then set METAFLOW_STACK_IMAGE_LOCK=PATH to pull by it), or set "
+            "METAFLOW_STACK_IMAGE_LOCK",
+        )
     lock = runtime_images.publish(_names(names), registry, where, platforms=platforms, signer=signer, console=_err)
     for name, released in lock.images.items():
         click.echo(f"{name}\t{lock.remote(released)}")
