@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from devservers import free_port
 
+from metaflow_stack.ci.plugin import need  # the rule every test's tools follow, here and in flow suites
+
 PROJECT = Path(__file__).resolve().parents[1]
 FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"
 
@@ -58,20 +60,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stray = next((p / ".metaflow" for p in (here, *here.parents) if (p / ".metaflow").is_dir()), None)
     if stray is not None:
         pytest.exit(f"{stray} would take the test runs' Metaflow records: remove it (or set TMPDIR elsewhere)", 2)
-
-
-def _required() -> set[str]:
-    return {t.strip() for t in os.environ.get("STACK_TEST_REQUIRE", "").split(",") if t.strip()}
-
-
-def need(tool: str, available: bool, why: str) -> None:
-    """Skip (or, when CI requires ``tool``, fail) unless ``tool`` is available."""
-    if available:
-        return
-    message = f"{tool} unavailable: {why}"
-    if tool in _required():
-        pytest.fail(f"{message} (STACK_TEST_REQUIRE lists {tool})")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

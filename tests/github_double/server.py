@@ -49,7 +49,8 @@ def _valid(body: Any, choices: tuple[type[BaseModel], ...]) -> str | None:
             reasons.append(str(exc.errors()[0]))
             continue
         # The models drop what they do not know: whatever did not survive the round trip is unknown.
-        extra = _paths(body) - _paths(parsed.model_dump(mode="json", by_alias=True, exclude_unset=True))
+        kept = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        extra = (_paths(body) - _paths(kept)) | set(parsed.model_extra or {})  # the top level keeps extras
         return f"unknown fields: {sorted(extra)}" if extra else None
     return "; ".join(reasons)
 
@@ -70,13 +71,13 @@ def app(token: str, record: Path) -> FastAPI:
                 problems.append("x-github-api-version")
             if why := _valid(body, choices):
                 problems.append(why)
-            status, message = (422, "Invalid request.") if problems else (200, "")
+            status, message = (422, "Invalid request.") if problems else (201 if check_id is None else 200, "")
             if not problems and check_id is not None and check_id not in runs:
                 status, message = 404, "Not Found"
         with record.open("a") as out:
             entry = {"method": request.method, "path": request.url.path, "body": body, "status": status}
             out.write(json.dumps({**entry, "problems": problems}) + "\n")
-        if status != 200:
+        if status >= 300:
             return JSONResponse({"message": message, "errors": problems}, status_code=status)
         if check_id is None:
             check_id = len(runs) + 1

@@ -34,7 +34,7 @@ ANNOTATIONS_PER_REQUEST = 50
 MAX_ANNOTATION_BYTES = 64 * 1024
 MAX_TITLE = 255
 _FIELD = re.compile(r"(?!none$)[a-z_][a-z0-9_]*")
-_CUT = "\n\n… (cut to fit GitHub's limit: the whole report is in the job's summary and log)"
+_CUT = "\n\n… (cut to fit GitHub's limit: the whole report is in the workflow run's summary)"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -108,8 +108,8 @@ def check_run(
         create["details_url"] = details_url
     if notes:
         create["output"]["annotations"] = notes[:ANNOTATIONS_PER_REQUEST]
-    updates = [
-        {"output": {**output, "annotations": notes[start : start + ANNOTATIONS_PER_REQUEST]}}
+    updates = [  # each with the whole output again: an update replaces what it names
+        {"output": {**create["output"], "annotations": notes[start : start + ANNOTATIONS_PER_REQUEST]}}
         for start in range(ANNOTATIONS_PER_REQUEST, len(notes), ANNOTATIONS_PER_REQUEST)
     ]
     run = CheckRun(create, updates)
@@ -178,22 +178,37 @@ def post(run: CheckRun, *, repository: str, token: str, api_url: str = "https://
         "X-GitHub-Api-Version": API_VERSION,
     }
     base = f"{api_url.rstrip('/')}/repos/{repository}/check-runs"
-    with httpx.Client(headers=headers, timeout=30) as client:
-        created = _answer(client.post(base, json=run.create), "creating the check run")
-        check_id = int(created["id"])
-        for body in run.updates:
-            _answer(client.patch(f"{base}/{check_id}", json=body), f"adding annotations to check run {check_id}")
+    try:
+        with httpx.Client(headers=headers, timeout=30) as client:
+            created = _answer(client.post(base, json=run.create), "creating the check run")
+            check_id = int(created["id"])
+            for body in run.updates:
+                _answer(client.patch(f"{base}/{check_id}", json=body), f"adding annotations to check run {check_id}")
+    except httpx.HTTPError as exc:
+        raise StackError(
+            f"GitHub's API at {api_url} did not answer: {exc}", fix="check GITHUB_API_URL and the network"
+        ) from None
     return check_id
+
+
+#: The fix for each refusal GitHub documents for these endpoints.
+_FIXES = {
+    401: "the token is not valid: pass GITHUB_TOKEN from the workflow (`secrets.GITHUB_TOKEN`)",
+    403: "give the token `checks: write` (in a workflow: `permissions: checks: write`); a fork's pull "
+    "request never gets it",
+    404: "check --repository (owner/name) and that the token can see it",
+    422: "check --sha: the commit must be in the repository",
+}
 
 
 def _answer(response: httpx.Response, doing: str) -> dict[str, Any]:
     if response.is_success:
         return response.json()
     try:
-        reason = response.json().get("message", "")
+        reason = str(response.json().get("message", ""))
     except ValueError:
         reason = response.text[:200]
     raise StackError(
         f"{doing} failed: GitHub answered {response.status_code} {reason}".rstrip(),
-        fix="give the token `checks: write` (in a workflow: `permissions: checks: write`) and check --repository",
+        fix=_FIXES.get(response.status_code, "try again later: GitHub's API could not take the request"),
     )

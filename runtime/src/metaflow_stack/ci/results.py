@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from metaflow_stack.deploy import require
 from metaflow_stack.errors import InvalidInput
@@ -54,6 +54,14 @@ def _properties(case: object) -> dict[str, str]:
     return {p.name: p.value for p in found} if found is not None else {}
 
 
+def _add_property(junitparser: Any, case: Any, name: str, value: str) -> None:
+    found = case.child(junitparser.Properties)
+    if found is None:
+        found = junitparser.Properties()
+        case.append(found)
+    found.add_property(junitparser.Property(name, value))
+
+
 def _outcome(case: object, backend: str) -> Outcome:
     from junitparser import Error, Failure, Skipped
 
@@ -71,9 +79,20 @@ def _outcome(case: object, backend: str) -> Outcome:
         message=(reason.message or "") if reason is not None else "",
         details=(reason.text or "") if reason is not None else "",
         run=props.get(PROPERTY_RUN) or None,
-        path=props.get(PROPERTY_FLOW_FILE) or None,
-        line=int(line) if line.isdigit() and int(line) > 0 else None,
+        path=props.get(PROPERTY_FLOW_FILE) or _test_file(case.classname),  # type: ignore[attr-defined]
+        line=int(line) if line.isdecimal() and line.isascii() and int(line) > 0 else None,
     )
+
+
+def _test_file(classname: str | None) -> str | None:
+    """The test module a case without a flow file came from (``tests.test_x`` or ``tests.test_x.TestY``:
+    ``tests/test_x.py``), when that file is here: the report runs in the repository's root."""
+    parts = (classname or "").split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = Path(*parts[:end]).with_suffix(".py")
+        if all(parts[:end]) and candidate.is_file():
+            return candidate.as_posix()
+    return None
 
 
 def read(paths: Iterable[Path], backend: str | None = None) -> list[Outcome]:
@@ -101,12 +120,18 @@ def read(paths: Iterable[Path], backend: str | None = None) -> list[Outcome]:
     return outcomes
 
 
-def merge(paths: Iterable[Path], out: Path) -> Path:
-    """One JUnit file holding every suite of ``paths`` (for tools that take one)."""
+def merge(paths: Iterable[Path], out: Path, backend: str | None = None) -> Path:
+    """One JUnit file holding every suite of ``paths`` (for tools that take one); a case that names no
+    backend gets the one ``read`` gives it (``backend``, else its file's name), so the merged file keeps it."""
     junitparser = require("junitparser", extra="ci")
     merged = junitparser.JUnitXml()
     for path in paths:
-        merged += junitparser.JUnitXml.fromfile(str(path))
+        xml = junitparser.JUnitXml.fromfile(str(path))
+        for suite in [xml] if isinstance(xml, junitparser.TestSuite) else list(xml):
+            for case in suite:
+                if PROPERTY_BACKEND not in _properties(case):
+                    _add_property(junitparser, case, PROPERTY_BACKEND, backend or path.stem)
+        merged += xml
     out.parent.mkdir(parents=True, exist_ok=True)
     merged.write(str(out))
     return out

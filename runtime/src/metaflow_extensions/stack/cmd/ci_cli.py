@@ -23,6 +23,15 @@ def ci() -> None:
     pass
 
 
+def _write(path: Path, text: str, append: bool = False) -> None:
+    try:
+        with path.open("a" if append else "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        fix = "name a file in a folder that exists"
+        raise StackError(f"{path} cannot be written: {exc.strerror}", fix=fix) from None
+
+
 def _github(name: str, given: str | None) -> str:
     value = given or os.environ.get(name, "")
     if not value:
@@ -65,10 +74,9 @@ def report(
     text = reports.markdown(outcomes, ui_url, title)
     click.echo(text, nl=False)
     if summary := os.environ.get("GITHUB_STEP_SUMMARY"):
-        with open(summary, "a", encoding="utf-8") as out:
-            out.write(text)
+        _write(Path(summary), text, append=True)
     if junit_out:
-        results.merge(paths, Path(junit_out))
+        results.merge(paths, Path(junit_out), backend)
     if not (check_name or requests_out):
         return
     run = check_runs.check_run(
@@ -79,7 +87,7 @@ def report(
         details_url=details_url,
     )
     if requests_out:
-        Path(requests_out).write_text(json.dumps({"create": run.create, "updates": run.updates}, indent=2))
+        _write(Path(requests_out), json.dumps({"create": run.create, "updates": run.updates}, indent=2))
     if check_name:
         check_id = check_runs.post(
             run,
