@@ -17,50 +17,50 @@ import re
 import pytest
 
 
-def test_foreach_items_meet_in_the_join(flow) -> None:
-    run = flow.run("flows/foreach_flow.py", count=5)
-    assert run.successful, flow.output
+def test_foreach_items_meet_in_the_join(flow_runner) -> None:
+    run = flow_runner.run("flows/foreach_flow.py", count=5)
+    assert run.successful, flow_runner.output
     assert len(list(run["square"])) == 5
     assert run["join"].task.data.values == [0, 1, 4, 9, 16]
     assert run.data.total == 30
 
 
-def test_branches_join_and_merge_their_artifacts(flow) -> None:
-    run = flow.run("flows/branch_flow.py")
-    assert run.successful, flow.output
+def test_branches_join_and_merge_their_artifacts(flow_runner) -> None:
+    run = flow_runner.run("flows/branch_flow.py")
+    assert run.successful, flow_runner.output
     assert run.data.summary == "from start: ['left', 'right'] 3"
 
 
-def test_a_retried_step_succeeds_and_a_caught_one_is_recorded(flow) -> None:
-    run = flow.run("flows/retry_catch_flow.py")
-    assert run.successful, flow.output
+def test_a_retried_step_succeeds_and_a_caught_one_is_recorded(flow_runner) -> None:
+    run = flow_runner.run("flows/retry_catch_flow.py")
+    assert run.successful, flow_runner.output
     flaky = run["flaky"].task
     assert flaky.current_attempt == 1 and flaky.data.attempts == 2
     assert run.data.caught.endswith("ValueError")
 
 
-def test_a_failed_run_resumes_from_its_failed_step(flow) -> None:
-    failed = flow.run("flows/resume_flow.py")
+def test_a_failed_run_resumes_from_its_failed_step(flow_runner) -> None:
+    failed = flow_runner.run("flows/resume_flow.py")
     assert not failed.successful
     assert "the original run fails here" in failed["middle"].task.stderr
-    resumed = flow.resume("flows/resume_flow.py", origin_run_id=failed.id)
-    assert resumed.successful, flow.output
+    resumed = flow_runner.resume("flows/resume_flow.py", origin_run_id=failed.id)
+    assert resumed.successful, flow_runner.output
     assert resumed.data.result == f"made once, resumed from {failed.id}"
     assert resumed["start"].task.metadata_dict.get("origin-run-id") == failed.id  # cloned, not run again
 
 
-def test_parameters_keep_their_types(flow) -> None:
-    run = flow.run("flows/parameters_flow.py", alpha=0.25, who="stack", loud=True, config={"layers": [3]})
-    assert run.successful, flow.output
+def test_parameters_keep_their_types(flow_runner) -> None:
+    run = flow_runner.run("flows/parameters_flow.py", alpha=0.25, who="stack", loud=True, config={"layers": [3]})
+    assert run.successful, flow_runner.output
     start = run["start"].task.data
     assert (start.greeting, start.scaled, start.layers) == ("HELLO STACK", 2.5, [3])
-    defaults = flow.run("flows/parameters_flow.py")
+    defaults = flow_runner.run("flows/parameters_flow.py")
     assert defaults["start"].task.data.greeting == "hello world"
 
 
-def test_artifacts_round_trip_between_steps(flow) -> None:
-    run = flow.run("flows/artifacts_flow.py")
-    assert run.successful, flow.output
+def test_artifacts_round_trip_between_steps(flow_runner) -> None:
+    run = flow_runner.run("flows/artifacts_flow.py")
+    assert run.successful, flow_runner.output
     data = run.data
     assert data.mapping == {"a": 2, "nested": {"b": [1, 2, 3]}}
     assert data.blob_size == 1024 * 1024 and data.blob[:3] == bytes([0, 1, 2])
@@ -74,11 +74,11 @@ def _card_data(html: str) -> list:
     return [json.loads(base64.b64decode(blob)) for blob in blobs]
 
 
-def test_cards_are_made_and_read_back(flow) -> None:
+def test_cards_are_made_and_read_back(flow_runner) -> None:
     from metaflow.cards import get_cards
 
-    run = flow.run("flows/card_flow.py")
-    assert run.successful, flow.output
+    run = flow_runner.run("flows/card_flow.py")
+    assert run.successful, flow_runner.output
     (default,) = get_cards(run["start"].task)
     assert '"score"' in json.dumps(_card_data(default.get()))  # the default card lists the step's artifacts
     (report,) = get_cards(run["report"].task, id="report")
@@ -86,7 +86,7 @@ def test_cards_are_made_and_read_back(flow) -> None:
 
 
 @pytest.mark.backends("argo")
-def test_a_scheduled_flow_deploys_with_its_cron_and_runs_when_triggered(flow) -> None:
-    run = flow.run("flows/scheduled_flow.py")
-    assert run.successful, flow.output
+def test_a_scheduled_flow_deploys_with_its_cron_and_runs_when_triggered(flow_runner) -> None:
+    run = flow_runner.run("flows/scheduled_flow.py")
+    assert run.successful, flow_runner.output
     assert run.data.started is True

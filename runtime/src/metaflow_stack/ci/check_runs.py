@@ -16,24 +16,23 @@ unknown fields through, so unknown fields are refused here too.
 from __future__ import annotations
 
 import datetime
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from metaflow_stack.ci import schemas
 from metaflow_stack.ci.report import backends, counts, failure_section, first_lines, run_links, table
 from metaflow_stack.ci.results import Outcome
 from metaflow_stack.deploy import require
-from metaflow_stack.errors import InvalidInput, StackError
+from metaflow_stack.errors import StackError
 
 API_VERSION = "2022-11-28"
 MAX_TEXT = 65_535
 ANNOTATIONS_PER_REQUEST = 50
 MAX_ANNOTATION_BYTES = 64 * 1024
 MAX_TITLE = 255
-_FIELD = re.compile(r"(?!none$)[a-z_][a-z0-9_]*")
 _CUT = "\n\n… (cut to fit GitHub's limit: the whole report is in the workflow run's summary)"
 
 
@@ -126,48 +125,9 @@ def _models(update: bool) -> tuple[type, ...]:
     return tuple(getattr(schemas, f"ReposOwnerRepoCheckRunsPostBodyOneof{i}") for i in (0, 1))
 
 
-def _unknown(model: Any, data: dict[str, Any], where: str = "") -> list[str]:
-    """The keys of ``data`` that ``model`` (parsed from it) has no field for, at any depth: the models drop
-    or keep unknown fields silently, depending on the model."""
-    from pydantic import BaseModel
-
-    fields = {(info.alias or name): name for name, info in type(model).model_fields.items()}
-    found = []
-    for key, value in data.items():
-        if key not in fields:
-            found.append(f"{where}{key}")
-            continue
-        parsed = getattr(model, fields[key])
-        pairs = zip(parsed, value, strict=False) if isinstance(parsed, list) and isinstance(value, list) else None
-        if isinstance(parsed, BaseModel) and isinstance(value, dict):
-            found += _unknown(parsed, value, f"{where}{key}.")
-        elif pairs is not None:
-            for index, (item, raw) in enumerate(pairs):
-                if isinstance(item, BaseModel) and isinstance(raw, dict):
-                    found += _unknown(item, raw, f"{where}{key}.{index}.")
-    return found
-
-
 def validate(body: dict[str, Any], *, update: bool) -> None:
     """Refuse ``body`` unless it is a create (or update) check-run request as GitHub's API describes it."""
-    from pydantic import ValidationError
-
-    first: ValidationError | None = None
-    for model in _models(update):
-        try:
-            parsed = model.model_validate(body)
-        except ValidationError as exc:
-            first = first or exc
-            continue
-        if unknown := _unknown(parsed, body):
-            raise InvalidInput(unknown[0], "is not a field of GitHub's check-run request")
-        return
-    assert first is not None
-    # The deepest error is the most precise; the steps of its path through a union name the union's
-    # members (model names, ``literal[...]``, ``none``), not fields: only the fields are kept.
-    problem = max(first.errors(), key=lambda e: len(e["loc"]))
-    path = [str(p) for p in problem["loc"] if isinstance(p, int) or _FIELD.fullmatch(str(p))]
-    raise InvalidInput(".".join(path) or "body", problem["msg"])
+    schemas.validate(body, _models(update), "GitHub's check-run request")
 
 
 def post(run: CheckRun, *, repository: str, token: str, api_url: str = "https://api.github.com") -> int:

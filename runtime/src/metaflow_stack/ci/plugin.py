@@ -1,10 +1,10 @@
 """pytest-metaflow-stack: one flow test, run on every backend named with ``--backend``.
 
-A test asks for the ``flow`` fixture and runs a flow file through it::
+A test asks for the ``flow_runner`` fixture and runs a flow file through it::
 
     @pytest.mark.backends("local", "devcontainer")     # optional: where it may run
-    def test_foreach(flow):
-        run = flow.run("flows/foreach_flow.py", alpha="0.5")
+    def test_foreach(flow_runner):
+        run = flow_runner.run("flows/foreach_flow.py", count=5)
         assert run.successful
 
     pytest tests/flow_suite --backend local,devcontainer,nomad
@@ -93,7 +93,7 @@ def selected(config: pytest.Config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "flow" not in metafunc.fixturenames:
+    if "flow_runner" not in metafunc.fixturenames:
         return
     names = chosen = selected(metafunc.config)
     if only := metafunc.definition.get_closest_marker("backends"):
@@ -131,7 +131,7 @@ def flow_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def flow(
+def flow_runner(
     flow_backend: Backend,
     flow_env: dict[str, str],
     tmp_path: Path,

@@ -96,3 +96,25 @@ def report(
             api_url=os.environ.get("GITHUB_API_URL") or "https://api.github.com",
         )
         click.echo(f"check run {check_id} posted with {len(run.updates) + 1} request(s)", err=True)
+
+
+@ci.command(
+    name="argo-check",
+    help="Compile flows for Argo Workflows with no cluster (Metaflow's own `argo-workflows create --only-json`) "
+    "and check each WorkflowTemplate against Argo's API schema. Needs an S3 datastore for the code package.",
+)
+@click.argument("flows", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Also write each template as FLOW.json here.")
+@_friendly
+def argo_check(flows: tuple[str, ...], out: str | None) -> None:
+    from metaflow_stack.ci import argo_compile
+
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    for flow in flows:
+        template = argo_compile.compile_flow(Path(flow).resolve())
+        argo_compile.validate(template)
+        if out:
+            _write(Path(out) / f"{Path(flow).stem}.json", json.dumps(template, indent=2))
+        count = len(template.get("spec", {}).get("templates", []))
+        click.echo(f"{flow}: WorkflowTemplate {template['metadata']['name']}, {count} templates, valid")
