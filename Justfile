@@ -73,6 +73,10 @@ nomad-up: _venv
 nomad-down: _venv
     metaflow stack nomad down
 
+# The stack on a local kind cluster (`just cluster up`, `just cluster config`, `just cluster down`).
+cluster *args: _venv
+    metaflow stack cluster {{args}}
+
 # What this machine has for each capability, and how to fix what it lacks.
 doctor: _venv
     metaflow stack doctor

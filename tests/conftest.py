@@ -309,8 +309,9 @@ PULUMI_PROGRAM = PROJECT / "infra" / "pulumi"
 
 
 @pytest.fixture
-def pulumi_offline() -> Iterator[None]:
-    """Pulumi's own offline test mode for ``infra/pulumi``'s components: every resource is echoed back.
+def pulumi_offline() -> Iterator[list]:
+    """Pulumi's own offline test mode for ``infra/pulumi``'s components: every resource is echoed back, and
+    recorded (``MockResourceArgs``: its type, name and inputs) in the list the fixture yields.
 
     The mocks run on an event loop of the test's own; afterwards the registrations a test never awaited
     (a component refused half-way, say) are cancelled and the loop closed, rather than destroyed pending."""
@@ -318,8 +319,11 @@ def pulumi_offline() -> Iterator[None]:
 
     import pulumi
 
+    registered: list = []
+
     class Mocks(pulumi.runtime.Mocks):
         def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+            registered.append(args)
             return f"{args.name}-id", args.inputs
 
         def call(self, args: pulumi.runtime.MockCallArgs):
@@ -330,7 +334,7 @@ def pulumi_offline() -> Iterator[None]:
     pulumi.runtime.set_mocks(Mocks(), preview=False)
     if str(PULUMI_PROGRAM) not in sys.path:
         sys.path.insert(0, str(PULUMI_PROGRAM))
-    yield
+    yield registered
     pending = asyncio.all_tasks(loop)
     for task in pending:
         task.cancel()

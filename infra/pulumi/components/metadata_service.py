@@ -59,6 +59,7 @@ class MetadataService(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: MetadataServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("metaflow-stack:service:MetadataService", name, None, opts)
-        self.release = chart_release(self, name, CHART, args.namespace, args.values())
+        waits = opts.depends_on if opts else None  # what the release must wait for (a database, a broker)
+        self.release = chart_release(self, name, CHART, args.namespace, args.values(), depends_on=waits)
         self.service_url = pulumi.Output.from_input(cluster_url(name, args.namespace))
         self.register_outputs({"service_url": self.service_url, "release": self.release.name})

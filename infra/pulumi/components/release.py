@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pulumi
@@ -11,11 +12,20 @@ from metaflow_stack.deploy import helm
 
 
 def chart_release(
-    parent: pulumi.ComponentResource, name: str, chart: str, namespace: str, values: dict[str, Any], **extra: Any
+    parent: pulumi.ComponentResource,
+    name: str,
+    chart: str,
+    namespace: str,
+    values: dict[str, Any],
+    depends_on: pulumi.Input[Sequence[pulumi.Resource]] | None = None,
+    **extra: Any,
 ) -> kubernetes.helm.v3.Release:
-    """A release of ``infra/helm/<chart>`` named ``name``, child of ``parent``. The values are rendered and
-    validated first, so a bad one fails at ``pulumi preview`` naming the field; an atomic release rolls back a
-    failed upgrade instead of leaving it half-applied."""
+    """A release of ``infra/helm/<chart>`` named ``name``, child of ``parent``, after ``depends_on``.
+
+    The values are rendered and validated first, so a bad one fails at
+    ``pulumi preview`` naming the field; an atomic release rolls back a failed
+    upgrade instead of leaving it half-applied.
+    """
     helm.render(chart, values, name, namespace)
     return kubernetes.helm.v3.Release(
         name,
@@ -27,5 +37,5 @@ def chart_release(
             atomic=True,
             **extra,
         ),
-        opts=pulumi.ResourceOptions(parent=parent),
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=depends_on),
     )

@@ -57,6 +57,7 @@ class Ui(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: UiArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("metaflow-stack:ui:Ui", name, None, opts)
-        self.release = chart_release(self, name, CHART, args.namespace, args.values())
+        waits = opts.depends_on if opts else None  # what the release must wait for (a database, a broker)
+        self.release = chart_release(self, name, CHART, args.namespace, args.values(), depends_on=waits)
         self.url = pulumi.Output.concat("http://", name, ".", args.namespace, ".svc.cluster.local:8324")
         self.register_outputs({"url": self.url, "release": self.release.name})

@@ -58,7 +58,6 @@ def render(
 ) -> Release:
     """Render ``chart`` with ``values`` as ``release`` and validate every manifest."""
     helm = require("helm_python")
-    validator = require("kubernetes_validate")
     import yaml
 
     try:
@@ -82,18 +81,24 @@ def render(
         for manifest in yaml.safe_load_all(text):
             if not manifest:
                 continue
-            where = f"{path}: {manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"
-            try:
-                validator.validate(manifest, kubernetes_version, strict=True)
-            except validator.ValidationError as exc:
-                field_path = ".".join(str(p) for p in exc.path) or "(top level)"
-                raise StackError(
-                    f"{where} is not valid Kubernetes {kubernetes_version}: {field_path}: {exc.message}",
-                    fix=f"correct the chart's template or values for {field_path}",
-                ) from None
+            validate_manifest(manifest, f"{path}: ", kubernetes_version)
             annotations = manifest.get("metadata", {}).get("annotations") or {}
             (result.hooks if "helm.sh/hook" in annotations else result.manifests).append(manifest)
     return result
+
+
+def validate_manifest(manifest: dict[str, Any], where: str = "", kubernetes_version: str = KUBERNETES_VERSION) -> None:
+    """Refuse ``manifest`` unless it is valid by the Kubernetes API's schema, strictly (no unknown field)."""
+    validator = require("kubernetes_validate")
+    name = f"{where}{manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"
+    try:
+        validator.validate(manifest, kubernetes_version, strict=True)
+    except validator.ValidationError as exc:
+        field_path = ".".join(str(p) for p in exc.path) or "(top level)"
+        raise StackError(
+            f"{name} is not valid Kubernetes {kubernetes_version}: {field_path}: {exc.message}",
+            fix=f"correct the template or values for {field_path}",
+        ) from None
 
 
 def write(release: Release, folder: Path, values: dict[str, Any]) -> list[Path]:

@@ -1,4 +1,5 @@
-"""``metaflow stack``: images, the local registry, the dev Nomad cluster, CI reports, the doctor and the local stack.
+"""``metaflow stack``: images, the local registry, the dev Nomad and kind clusters, CI reports, the doctor and the
+local stack.
 
 Thin glue: every command calls the runtime and prints its result. A
 ``StackError`` becomes two lines (``error:`` and ``fix:``) and exit code 1,
@@ -255,6 +256,55 @@ def nomad_down(port: int) -> None:
     from metaflow_stack.nomad.dev_cluster import LocalNomad
 
     _err.print("Nomad agent stopped" if LocalNomad(port=port).stop() else "no dev Nomad agent was running")
+
+
+@stack.group(
+    help="The stack on a local kind cluster: Argo Workflows, S3, PostgreSQL, NATS, the metadata service and "
+    "the UI, installed by infra/pulumi's program, and the Metaflow profile that reaches them."
+)
+def cluster() -> None:
+    pass
+
+
+_PROFILE = click.option(
+    "--profile", default="stack-cluster", show_default=True, help="The Metaflow profile to write (METAFLOW_PROFILE)."
+)
+
+
+def _print_exports(exports: dict[str, str]) -> None:
+    import shlex
+
+    line = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items())
+    _out.print(line, highlight=False, soft_wrap=True)
+
+
+@cluster.command(name="up", help="Make the kind cluster, install the stack on it, and write the Metaflow profile.")
+@click.option("--namespace", default="metaflow", show_default=True, help="The namespace of the stack and its runs.")
+@_PROFILE
+@_friendly
+def cluster_up(namespace: str, profile: str) -> None:
+    from metaflow_stack.cluster import dev
+
+    exports = dev.up(lambda line: _err.print(line, markup=False, highlight=False), namespace, profile)
+    _err.print(f"the stack is up; runs use it with the profile {profile!r}: eval the line below", highlight=False)
+    _print_exports(exports)
+
+
+@cluster.command(name="config", help="Write the Metaflow profile of the stack that is up again; print its line.")
+@_PROFILE
+@_friendly
+def cluster_config(profile: str) -> None:
+    from metaflow_stack.cluster import dev
+
+    _print_exports(dev.config(profile))
+
+
+@cluster.command(name="down", help="Delete the kind cluster and all the stack made on it.")
+@_friendly
+def cluster_down() -> None:
+    from metaflow_stack.cluster import dev
+
+    dev.down(lambda line: _err.print(line, markup=False, highlight=False))
 
 
 @stack.command(

@@ -1,0 +1,65 @@
+"""The Metaflow profile that reaches the dev stack, and the S3 credentials this machine uses there.
+
+Metaflow reads a profile from ``$METAFLOW_HOME/config_<name>.json`` when
+``METAFLOW_PROFILE=<name>``: the S3 datastore in the stack's bucket (reached
+here through the published port, ``METAFLOW_DATATOOLS_CLIENT_PARAMS``), the
+metadata service (here at its published port, in the cluster at its own
+name) with its key, the namespace, service account and Secret Metaflow's
+Kubernetes and Argo Workflows tasks run with. The S3 credentials go to an
+AWS config file of their own (``AWS_CONFIG_FILE``), as boto reads them. Both
+files hold secrets: mode 0600.
+"""
+
+from __future__ import annotations
+
+import configparser
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from metaflow_stack.local_secrets import keep
+
+PROFILE = "stack-cluster"
+
+
+def settings(outputs: dict[str, Any], auth_key: str) -> dict[str, Any]:
+    """The profile's settings from the stack's outputs."""
+    root = outputs["datastore_root"]
+    return {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": root,
+        "METAFLOW_DATATOOLS_S3ROOT": f"{root}/data",
+        # This machine's S3 endpoint only: Metaflow would give tasks METAFLOW_S3_ENDPOINT_URL as it is, and
+        # they reach S3 by the cluster's DNS (AWS_ENDPOINT_URL_S3 in the task Secret).
+        "METAFLOW_DATATOOLS_CLIENT_PARAMS": {"endpoint_url": outputs["s3_endpoint"]},
+        "METAFLOW_DEFAULT_METADATA": "service",
+        "METAFLOW_SERVICE_URL": outputs["service_url"],
+        "METAFLOW_SERVICE_INTERNAL_URL": outputs["service_internal_url"],
+        "METAFLOW_SERVICE_AUTH_KEY": auth_key,
+        "METAFLOW_KUBERNETES_NAMESPACE": outputs["namespace"],
+        "METAFLOW_KUBERNETES_SECRETS": outputs["task_secret"],
+        "METAFLOW_KUBERNETES_SERVICE_ACCOUNT": outputs["service_account"],
+        # Tasks run in the stack's base image (Metaflow, the runtime, boto3), loaded into the cluster.
+        "METAFLOW_KUBERNETES_CONTAINER_IMAGE": outputs["task_image"],
+        "METAFLOW_UI_URL": outputs["ui_url"],
+    }
+
+
+def metaflow_home() -> Path:
+    """Where Metaflow looks for profiles (``METAFLOW_HOME``, else ``~/.metaflowconfig``)."""
+    return Path(os.path.expanduser(os.environ.get("METAFLOW_HOME", "~/.metaflowconfig")))
+
+
+def write(outputs: dict[str, Any], auth_key: str, access_key: str, secret_key: str, state: Path, name: str) -> dict:
+    """Write the profile and the AWS config file; the variables that select both."""
+    profile = metaflow_home() / f"config_{name}.json"
+    keep(profile, json.dumps(settings(outputs, auth_key), indent=2) + "\n")
+    aws = state / "aws_config"
+    config = configparser.ConfigParser()
+    config["default"] = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key, "region": "us-east-1"}
+    text = io.StringIO()
+    config.write(text)
+    keep(aws, text.getvalue())
+    return {"METAFLOW_PROFILE": name, "AWS_CONFIG_FILE": str(aws), "AWS_SHARED_CREDENTIALS_FILE": ""}

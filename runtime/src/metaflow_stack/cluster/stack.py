@@ -1,0 +1,86 @@
+"""The stack's Pulumi program run on a cluster through Pulumi's Automation API.
+
+The program is ``infra/pulumi``'s (``stack_program.main``), the one a user
+runs with ``pulumi up`` against any cluster; here it runs inline, with its
+state in this machine's state folder (Pulumi's file backend) and its secrets
+encrypted with a passphrase kept there (mode 0600). Pulumi's engine is its
+CLI, so the CLI must be installed; nothing else of Pulumi's is asked for.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from metaflow_stack import local_secrets, settings
+from metaflow_stack.deploy import infra_root, require
+from metaflow_stack.errors import StackError, ToolMissingError
+
+PROJECT = "metaflow-stack"
+STACK = "dev"
+
+
+def _home() -> Path:
+    return settings.load().state_dir / "pulumi"
+
+
+def _stack() -> Any:
+    """The dev stack of the inline program (made on first use)."""
+    if shutil.which("pulumi") is None:
+        raise ToolMissingError(
+            "the Pulumi CLI is not installed (Pulumi's engine)",
+            fix="install Pulumi (https://www.pulumi.com/docs/iac/download-install/)",
+        )
+    auto = require("pulumi.automation")
+    program = str(infra_root() / "pulumi")
+    if program not in sys.path:
+        sys.path.insert(0, program)
+    import stack_program  # infra/pulumi's, on the path just above
+
+    home = _home()
+    passphrase, _ = local_secrets.secret(home / "passphrase")
+    (home / "state").mkdir(parents=True, exist_ok=True)
+    env = {
+        "PULUMI_BACKEND_URL": (home / "state").as_uri(),
+        "PULUMI_CONFIG_PASSPHRASE": passphrase,
+        "PULUMI_SKIP_UPDATE_CHECK": "true",
+    }
+    options = auto.LocalWorkspaceOptions(env_vars=env, work_dir=str(home))
+    return auto.create_or_select_stack(STACK, project_name=PROJECT, program=stack_program.main, opts=options)
+
+
+def up(config: Mapping[str, str], secrets: Mapping[str, str], say: Callable[[str], Any]) -> dict[str, Any]:
+    """Set the stack's configuration (``secrets`` encrypted) and bring it up; its outputs."""
+    auto = require("pulumi.automation")
+    stack = _stack()
+    values = {key: auto.ConfigValue(value=value) for key, value in config.items()}
+    values |= {key: auto.ConfigValue(value=value, secret=True) for key, value in secrets.items()}
+    stack.set_all_config(values)
+    try:
+        result = stack.up(on_output=say, color="never")
+    except auto.CommandError as exc:
+        raise StackError(
+            f"pulumi up failed: {_last_error(str(exc))}",
+            fix="read Pulumi's output above; `metaflow stack cluster up` again resumes where it stopped",
+        ) from None
+    return {name: output.value for name, output in result.outputs.items()}
+
+
+def outputs() -> dict[str, Any]:
+    """The outputs of the stack as last brought up."""
+    return {name: output.value for name, output in _stack().outputs().items()}
+
+
+def forget() -> None:
+    """Forget the stack's state once its cluster is gone (deleting a kind cluster deleted all it held)."""
+    if shutil.which("pulumi") is not None and (_home() / "state").is_dir():
+        stack = _stack()
+        stack.workspace.remove_stack(STACK, force=True)
+
+
+def _last_error(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+    return lines[-1] if lines else (text.strip().splitlines() or ["no reason given"])[-1]

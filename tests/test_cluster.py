@@ -1,0 +1,165 @@
+"""The stack on a kind cluster (`metaflow stack cluster up`): the Pulumi program's dev stack under Pulumi's
+own offline test mode (every Kubernetes object it declares checked against the API's schema), the kind
+configuration, the Metaflow profile, and the whole bring-up with the flow suite on Kubernetes and Argo
+Workflows where kind and Pulumi's CLI are installed (the GitHub workflow's k8s-integration job)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, need, run_cli
+
+from metaflow_stack.cluster import kind, profile
+from metaflow_stack.deploy import helm
+
+SERVICE_IMAGE = "metaflow-stack/metadata-service:0123456789abcdef"
+UI_IMAGE = "metaflow-stack/ui:0123456789abcdef"
+#: The core Kubernetes kinds the component declares itself (third-party charts render in the cluster).
+_CORE = ("kubernetes:core/v1:Namespace", "kubernetes:core/v1:Secret", "kubernetes:core/v1:Service")
+
+
+def _revealed(value):
+    """Inputs as the engine got them, with Pulumi's secret wrappers (``{<sig>: <secret sig>, "value": ...}``)
+    taken off: the provider marks every Secret's data secret."""
+    from pulumi.runtime.rpc import _special_sig_key
+
+    if isinstance(value, dict):
+        if _special_sig_key in value:
+            return _revealed(value["value"])
+        return {k: _revealed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_revealed(v) for v in value]
+    return value
+
+
+def _dev_stack():
+    import pulumi
+    from components.dev_stack import DevStack, DevStackArgs
+
+    dev = DevStack(
+        "dev",
+        DevStackArgs(
+            service_image=SERVICE_IMAGE, ui_image=UI_IMAGE, db_password="pw", s3_secret_key="sk", auth_key="ak"
+        ),
+    )
+    done = pulumi.Output.all(dev.ui.url, dev.service.service_url, *(s.id for s in dev.node_ports))
+    pulumi.runtime.test(lambda: done.apply(lambda _: None))()
+    return dev
+
+
+def test_the_dev_stack_declares_each_service_pinned_and_valid(pulumi_offline: list) -> None:
+    from components import dev_stack
+
+    dev = _dev_stack()
+    by_type: dict[str, list] = {}
+    for resource in pulumi_offline:
+        by_type.setdefault(resource.typ, []).append(_revealed(resource.inputs))
+
+    releases = {r["name"]: r for r in by_type["kubernetes:helm.sh/v3:Release"]}
+    for chart, repo, version in (dev_stack.ARGO, dev_stack.MINIO, dev_stack.CLOUDNATIVE_PG, dev_stack.NATS):
+        assert releases[chart]["chart"] == chart and releases[chart]["version"] == version
+        assert releases[chart]["repositoryOpts"]["repo"] == repo and releases[chart]["namespace"] == "metaflow"
+    argo = releases["argo-workflows"]["values"]
+    assert argo["crds"] == {"install": True, "full": False} and argo["server"]["authModes"] == ["server"]
+    assert argo["controller"]["workflowNamespaces"] == ["metaflow"]
+    assert argo["workflow"]["serviceAccount"] == {"create": True, "name": "argo-workflow"}
+    minio = releases["minio"]["values"]
+    assert minio["existingSecret"] == "minio-root" and minio["service"]["nodePort"] == kind.NODE_PORTS["s3"]
+    assert releases["nats"]["values"]["config"]["jetstream"]["enabled"] is True
+    assert releases["metadata-service"]["values"]["database"] == {"existingSecret": "metaflow-db-url"}
+    assert releases["metadata-service"]["values"]["nats"] == {"url": "nats://nats.metaflow.svc.cluster.local:4222"}
+    assert releases["metaflow-ui"]["values"]["metadataService"]["url"] == dev.outputs["service_internal_url"]
+
+    (database,) = by_type["kubernetes:postgresql.cnpg.io/v1:Cluster"]
+    initdb = database["spec"]["bootstrap"]["initdb"]
+    assert initdb == {"database": "metaflow", "owner": "metaflow", "secret": {"name": "metaflow-db-owner"}}
+
+    secrets = {r["metadata"]["name"]: r for r in by_type["kubernetes:core/v1:Secret"]}
+    assert secrets["metaflow-s3"]["stringData"]["AWS_ENDPOINT_URL_S3"] == dev.outputs["s3_internal_endpoint"]
+    assert secrets["metaflow-db-owner"]["stringData"]["username"] == "metaflow"
+    url = secrets["metaflow-db-url"]["stringData"]["database-url"]
+    assert url == "postgresql://metaflow:pw@metaflow-db-rw.metaflow.svc:5432/metaflow"
+
+    node_ports = {r["metadata"]["name"]: r["spec"] for r in by_type["kubernetes:core/v1:Service"]}
+    assert node_ports["metadata-service-node-port"]["ports"][0]["nodePort"] == kind.NODE_PORTS["metadata-service"]
+    ui_pods = {"app.kubernetes.io/name": "ui", "app.kubernetes.io/instance": "metaflow-ui"}
+    assert node_ports["ui-node-port"]["selector"] == ui_pods
+
+    declared = [manifest for typ in _CORE for manifest in by_type.get(typ, [])]
+    for manifest in declared:
+        helm.validate_manifest(manifest)
+    assert len(declared) == 1 + len(secrets) + len(node_ports)
+
+
+def test_kind_publishes_the_node_ports_on_loopback_only() -> None:
+    config = json.loads(kind.config())
+    (node,) = config["nodes"]
+    published = {(m["containerPort"], m["hostPort"], m["listenAddress"]) for m in node["extraPortMappings"]}
+    assert published == {(port, port, "127.0.0.1") for port in kind.NODE_PORTS.values()}
+
+
+def test_the_profile_reaches_the_stack_and_keeps_its_secrets_private(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "home"))
+    outputs = {
+        "namespace": "metaflow",
+        "service_url": "http://127.0.0.1:30080",
+        "service_internal_url": "http://metadata-service.metaflow.svc.cluster.local:8080",
+        "ui_url": "http://127.0.0.1:30324",
+        "s3_endpoint": "http://127.0.0.1:30900",
+        "datastore_root": "s3://metaflow/metaflow",
+        "task_secret": "metaflow-s3",
+        "service_account": "argo-workflow",
+        "task_image": "metaflow-stack/base:0123456789abcdef",
+    }
+    exports = profile.write(outputs, "key", "metaflow", "secret", tmp_path / "state", "stack-cluster")
+    written = tmp_path / "home" / "config_stack-cluster.json"
+    settings = json.loads(written.read_text())
+    assert settings["METAFLOW_DATATOOLS_CLIENT_PARAMS"] == {"endpoint_url": "http://127.0.0.1:30900"}
+    assert "METAFLOW_S3_ENDPOINT_URL" not in settings  # tasks would get it verbatim
+    assert settings["METAFLOW_SERVICE_INTERNAL_URL"].endswith(".svc.cluster.local:8080")
+    assert settings["METAFLOW_KUBERNETES_SECRETS"] == "metaflow-s3"
+    aws = configparser.ConfigParser()
+    aws.read(exports["AWS_CONFIG_FILE"])
+    assert aws["default"]["aws_secret_access_key"] == "secret"
+    for path in (written, Path(exports["AWS_CONFIG_FILE"])):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert exports["METAFLOW_PROFILE"] == "stack-cluster"
+
+
+def test_cluster_commands_name_what_is_missing() -> None:
+    if shutil.which("kind") is None:
+        result = run_cli("stack", "cluster", "up")
+        assert result.returncode == 1
+        assert "error: kind is not installed" in result.stderr and "Traceback" not in result.stderr
+    if shutil.which("pulumi") is None:
+        result = run_cli("stack", "cluster", "config")
+        assert result.returncode == 1
+        assert "error: the Pulumi CLI is not installed" in result.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker_engine, tmp_path: Path) -> None:
+    need("kind", shutil.which("kind") is not None, "kind is not installed")
+    need("pulumi", shutil.which("pulumi") is not None, "the Pulumi CLI is not installed")
+    env = {"METAFLOW_HOME": str(tmp_path / "home")}
+    up = run_cli("stack", "cluster", "up", env=env)
+    assert up.returncode == 0, (up.stdout + up.stderr)[-6000:]
+    exports = dict(item.split("=", 1) for item in up.stdout.strip().splitlines()[-1].removeprefix("export ").split(" "))
+    suite = Path(__file__).resolve().parent / "flow_suite"
+    command = [sys.executable, "-m", "pytest", "-c", str(suite / "pytest.ini"), str(suite), "-p", "no:cacheprovider"]
+    command += ["--backend=kubernetes,argo", f"--basetemp={tmp_path / 'runs'}", "-q"]
+    command += [f"--junit-xml={os.environ.get('STACK_FLOW_SUITE_JUNIT', tmp_path / 'k8s.xml')}"]
+    environment = {**os.environ, **env, **{k: v.strip("'") for k, v in exports.items()}}
+    environment |= {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "STACK_TEST_REQUIRE": "kubernetes,argo"}
+    import subprocess
+
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
