@@ -33,10 +33,12 @@ def main() -> None:
             DevStackArgs(
                 service_image=dev_config.require("serviceImage"),
                 ui_image=dev_config.require("uiImage"),
+                task_image=dev_config.require("taskImage"),
                 db_password=dev_config.require_secret("dbPassword"),
                 s3_secret_key=dev_config.require_secret("s3SecretKey"),
                 auth_key=dev_config.require_secret("authKey"),
                 namespace=dev_config.get("namespace") or "metaflow",
+                s3_access_key=dev_config.get("s3AccessKey") or "metaflow",
             ),
         )
         for key, value in dev.outputs.items():

@@ -1,7 +1,7 @@
 """``DevStack``: everything a Metaflow user needs on one Kubernetes cluster, for development.
 
-In one namespace: Argo Workflows (its official chart, small CRDs, the server
-in ``server`` auth mode, a workflow service account with its RBAC), an S3
+In one namespace: Argo Workflows (its official chart, small CRDs, no server:
+Metaflow uses the Kubernetes API; a workflow service account with its RBAC), an S3
 object store (MinIO's chart, one standalone server, a bucket), PostgreSQL
 (the CloudNativePG operator and one ``Cluster``), NATS with JetStream (its
 official chart), and this project's metadata service and UI on them. The
@@ -11,12 +11,15 @@ metadata service, the UI and S3 are NodePorts too, at the ports
 The laptop and the pods reach S3 at different addresses, as in Metaflow's
 own dev stack: the laptop through the published port (the profile's
 ``METAFLOW_DATATOOLS_CLIENT_PARAMS``), the pods through the cluster's DNS
-(``AWS_ENDPOINT_URL_S3`` in the ``metaflow-s3`` Secret every task gets with
+(``AWS_ENDPOINT_URL_S3`` in the ``metaflow-task`` Secret every task gets with
 ``METAFLOW_KUBERNETES_SECRETS``). Metaflow would give pods its own
 ``METAFLOW_S3_ENDPOINT_URL`` verbatim, so the profile sets none.
 
 Secrets (the database password, the S3 key, the service's key) come in as
-Pulumi secrets and reach the cluster only as Kubernetes Secrets. Charts are
+Pulumi secrets and reach the cluster as Kubernetes Secrets; a deployed flow's
+WorkflowTemplate leaves the service's key out (the task Secret carries it),
+but ``--with kubernetes`` puts Metaflow's headers, the key among them, in its
+pods' specs: whoever reads pods in the namespace reads the key. Charts are
 pinned; third-party ones are fetched from their repositories at ``up``.
 """
 
@@ -36,6 +39,8 @@ MINIO = ("minio", "https://charts.min.io/", "5.4.0")
 CLOUDNATIVE_PG = ("cloudnative-pg", "https://cloudnative-pg.github.io/charts", "0.29.0")
 NATS = ("nats", "https://nats-io.github.io/k8s/helm/charts/", "2.14.2")
 BUCKET = "metaflow"
+#: The Secret every task gets: S3's credentials and endpoint, the service's headers.
+TASK_SECRET = "metaflow-task"
 #: The service account Argo's workflows (and so Metaflow's tasks on Argo) run as, with the RBAC they need.
 WORKFLOW_SERVICE_ACCOUNT = "argo-workflow"
 #: What every dev server may use: enough on a laptop, little enough for several.
@@ -48,6 +53,8 @@ class DevStackArgs:
 
     service_image: str
     ui_image: str
+    #: The image tasks run in (the stack's base), given back as an output for the profile.
+    task_image: str
     db_password: pulumi.Input[str]
     s3_secret_key: pulumi.Input[str]
     auth_key: pulumi.Input[str]
@@ -74,14 +81,16 @@ class DevStack(pulumi.ComponentResource):
 
         self.secrets = [
             secret("minio-root", {"rootUser": args.s3_access_key, "rootPassword": args.s3_secret_key}),
-            # What every task gets (METAFLOW_KUBERNETES_SECRETS): S3 credentials and the in-cluster endpoint.
+            # What every task gets (METAFLOW_KUBERNETES_SECRETS): S3 credentials and the in-cluster endpoint,
+            # and the service's key as Metaflow's headers (a deployed flow's template skips its own copy).
             secret(
-                "metaflow-s3",
+                TASK_SECRET,
                 {
                     "AWS_ACCESS_KEY_ID": args.s3_access_key,
                     "AWS_SECRET_ACCESS_KEY": args.s3_secret_key,
                     "AWS_ENDPOINT_URL_S3": s3_internal,
                     "AWS_DEFAULT_REGION": "us-east-1",
+                    "METAFLOW_SERVICE_HEADERS": pulumi.Output.json_dumps({"x-api-key": args.auth_key}),
                 },
             ),
             secret(
@@ -112,6 +121,7 @@ class DevStack(pulumi.ComponentResource):
                     namespace=ns,
                     values=values,
                     atomic=True,
+                    timeout=600,  # a first install pulls its images
                 ),
                 opts=after_secrets,
             )
@@ -131,7 +141,8 @@ class DevStack(pulumi.ComponentResource):
                         }
                     },
                 },
-                "server": {"authModes": ["server"], "resources": SMALL},
+                # Metaflow talks to the Kubernetes API, never to Argo's server: no server, nothing to reach.
+                "server": {"enabled": False},
                 "workflow": {
                     "serviceAccount": {"create": True, "name": WORKFLOW_SERVICE_ACCOUNT},
                     "rbac": {"create": True},
@@ -157,7 +168,8 @@ class DevStack(pulumi.ComponentResource):
             f"{name}-database",
             api_version="postgresql.cnpg.io/v1",
             kind="Cluster",
-            metadata={"name": "metaflow-db", "namespace": ns},
+            # Pulumi waits for the database to be ready, so the service after it starts on a database.
+            metadata={"name": "metaflow-db", "namespace": ns, "annotations": {"pulumi.com/waitFor": "condition=Ready"}},
             spec={
                 "instances": 1,
                 "bootstrap": {
@@ -216,9 +228,10 @@ class DevStack(pulumi.ComponentResource):
             "s3_endpoint": f"http://127.0.0.1:{NODE_PORTS['s3']}",
             "s3_internal_endpoint": s3_internal,
             "datastore_root": f"s3://{BUCKET}/metaflow",
-            "task_secret": "metaflow-s3",
+            "task_secret": TASK_SECRET,
+            "task_image": args.task_image,
+            "s3_access_key": args.s3_access_key,
             "service_account": WORKFLOW_SERVICE_ACCOUNT,
-            "argo_server": f"http://argo-workflows-server.{ns}.svc.cluster.local:2746",
         }
         self.register_outputs(self.outputs)
 

@@ -19,18 +19,21 @@ from metaflow_stack.errors import StackError
 
 
 def compile_flow(flow_file: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The WorkflowTemplate ``flow_file`` deploys as (nothing is created anywhere)."""
+    """The WorkflowTemplate ``flow_file`` deploys as (nothing is made in a cluster; the code package is
+    uploaded)."""
     from metaflow import Deployer
 
-    deployer = Deployer(str(flow_file), show_output=False, env=env or {}, cwd=str(flow_file.parent))
+    deployer = Deployer(str(flow_file), show_output=False, env=env or {}, cwd=str(flow_file.parent)).argo_workflows()
     try:
-        deployed = deployer.argo_workflows().create(only_json=True)
+        deployed = deployer.create(only_json=True)
     except RuntimeError as exc:  # the Deployer's word for a create command that failed
         raise StackError(
             f"{flow_file.name} does not compile for Argo Workflows: {str(exc).strip().splitlines()[-1]}",
             fix="run `python FLOW --datastore s3 argo-workflows create --only-json` to see the whole error; it "
             "needs an S3 datastore (METAFLOW_DEFAULT_DATASTORE=s3, METAFLOW_DATASTORE_SYSROOT_S3)",
         ) from None
+    finally:
+        deployer.cleanup()
     return deployed.workflow_template
 
 

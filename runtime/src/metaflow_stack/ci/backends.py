@@ -9,8 +9,9 @@ first four run a flow with Metaflow's ``Runner`` and a ``--with`` decorator;
 ``missing`` says what a backend lacks on this machine, in one line naming
 the tool or setting, so a test skips with that reason (or fails, where
 ``STACK_TEST_REQUIRE`` names the backend's tool). Each backend's settings
-are Metaflow's and the tools' own: ``NOMAD_ADDR``, a kube context,
-``METAFLOW_DATASTORE_SYSROOT_S3``; nothing here invents another.
+are Metaflow's and the tools' own: ``NOMAD_ADDR``, a kube context, an S3
+datastore in Metaflow's configuration (its environment or profile); nothing
+here invents another.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from dataclasses import dataclass
 
 
 def _s3_datastore() -> str | None:
-    if os.environ.get("METAFLOW_DEFAULT_DATASTORE") != "s3" or not os.environ.get("METAFLOW_DATASTORE_SYSROOT_S3"):
-        return "needs an S3 datastore: set METAFLOW_DEFAULT_DATASTORE=s3 and METAFLOW_DATASTORE_SYSROOT_S3"
+    """Whether Metaflow's configuration, as this process resolved it (environment, profile, config file),
+    puts runs on S3."""
+    from metaflow import metaflow_config
+
+    if metaflow_config.DEFAULT_DATASTORE != "s3" or not metaflow_config.DATASTORE_SYSROOT_S3:
+        return (
+            "needs an S3 datastore: set METAFLOW_DEFAULT_DATASTORE=s3 and METAFLOW_DATASTORE_SYSROOT_S3 (or a "
+            "profile that does, METAFLOW_PROFILE)"
+        )
     return None
 
 

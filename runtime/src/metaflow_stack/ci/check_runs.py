@@ -119,10 +119,10 @@ def check_run(
 
 
 def _models(update: bool) -> tuple[type, ...]:
-    schemas = require("githubkit_schemas.v2022_11_28.models", extra="ci")
+    models = require("githubkit_schemas.v2022_11_28.models", extra="ci")
     if update:  # the schema's anyOf: with a conclusion, or with a status that is not "completed"
-        return tuple(getattr(schemas, f"ReposOwnerRepoCheckRunsCheckRunIdPatchBodyAnyof{i}") for i in (0, 1))
-    return tuple(getattr(schemas, f"ReposOwnerRepoCheckRunsPostBodyOneof{i}") for i in (0, 1))
+        return tuple(getattr(models, f"ReposOwnerRepoCheckRunsCheckRunIdPatchBodyAnyof{i}") for i in (0, 1))
+    return tuple(getattr(models, f"ReposOwnerRepoCheckRunsPostBodyOneof{i}") for i in (0, 1))
 
 
 def validate(body: dict[str, Any], *, update: bool) -> None:

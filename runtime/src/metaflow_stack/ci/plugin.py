@@ -29,7 +29,6 @@ import ast
 import contextlib
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="DECOSPEC",
-        help="A decorator every step of every flow run gets, as `run --with` takes it (repeat): for example "
-        "`environment:vars={...}` for credentials a backend's workers lack.",
+        help="A decorator every step of every flow run gets, as `run --with` takes it (repeat). It travels in "
+        "command lines and job specs: give workers secrets through the backend instead "
+        "(METAFLOW_KUBERNETES_SECRETS, Nomad Variables), test credentials only here.",
     )
 
 
@@ -162,6 +162,7 @@ class FlowHarness:
         self._tests = tests
         self._record = record
         self._deployed: list[Any] = []
+        self._deployers: list[Any] = []
         #: Decorators every step gets (``--with``): the backend's, then ``--flow-with``'s.
         self.decospecs = list(backend.decospecs)
         #: What the last run printed (stdout, then stderr), to show when a test's assertion fails.
@@ -209,13 +210,14 @@ class FlowHarness:
         deployer = Deployer(
             str(staged), show_output=False, env=self._environment(env), cwd=str(self.folder), decospecs=self.decospecs
         )
-        deployed = getattr(deployer, self.backend.scheduler.replace("-", "_"))().create()
+        scheduler = getattr(deployer, self.backend.scheduler.replace("-", "_"))()
+        self._deployers.append(scheduler)
+        deployed = scheduler.create()
         self._deployed.append(deployed)
         triggered = deployed.trigger(**parameters)
         run = triggered.wait_for_run(timeout=RUN_TIMEOUT_S)
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not run.finished and time.monotonic() < deadline:
-            time.sleep(5)
+        # The scheduler's own word on the run: a run that fails before its end step never "finishes".
+        triggered.wait_for_completion(timeout=RUN_TIMEOUT_S)
         return self._recorded(run, source, "")
 
     def _recorded(self, run: Any, source: Path, output: str) -> Any:
@@ -228,9 +230,17 @@ class FlowHarness:
         return run
 
     def close(self) -> None:
-        """Delete what the test deployed."""
+        """Delete what the test deployed (each, whatever the others do) and the deployers' files."""
+        failed = []
         for deployed in self._deployed:
-            deployed.delete()
+            try:
+                deployed.delete()
+            except Exception as exc:  # the next deletion still runs; the failures are reported together
+                failed.append(f"{deployed.name}: {exc}")
+        for deployer in self._deployers:
+            deployer.cleanup()
+        if failed:
+            pytest.fail(f"could not delete what the test deployed: {'; '.join(failed)}")
 
 
 def _in_repository(path: Path) -> str:

@@ -25,8 +25,8 @@ _FIELD = re.compile(r"(?!none$)[a-z_][A-Za-z0-9_]*")
 def unknown_fields(model: BaseModel, data: dict[str, Any], where: str = "") -> list[str]:
     """The keys of ``data`` that ``model`` (parsed from it) has no field for, at any depth; a key set to
     ``null`` says nothing and is let be (Metaflow writes Kubernetes' newer fields as nulls, for example)."""
+    # The names the schema uses (a model's Python names would be dropped by the tool, not understood).
     fields = {(info.alias or name): name for name, info in type(model).model_fields.items()}
-    fields.update({name: name for name in type(model).model_fields})
     found = []
     for key, value in data.items():
         if key not in fields:

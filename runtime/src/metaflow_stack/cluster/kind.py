@@ -21,7 +21,8 @@ CLUSTER = "metaflow-stack"
 NODE_PORTS = {"metadata-service": 30080, "ui": 30324, "s3": 30900}
 
 
-def _kind() -> str:
+def require() -> str:
+    """kind's binary, or one line naming how to install it."""
     found = shutil.which("kind")
     if found is None:
         raise ToolMissingError(
@@ -32,7 +33,7 @@ def _kind() -> str:
 
 def _run(args: list[str], what: str, timeout: float = 600) -> str:
     try:
-        done = subprocess.run([_kind(), *args], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([require(), *args], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         fix = "check Docker (`docker info`) and try again"
         raise StackError(f"{what} took over {timeout:.0f} s", fix=fix) from None
@@ -55,8 +56,9 @@ def exists(name: str = CLUSTER) -> bool:
 
 
 def create(name: str = CLUSTER) -> bool:
-    """Make the cluster unless it exists; whether it was made now."""
+    """Make the cluster unless it exists (then it must publish the stack's ports); whether it was made now."""
     if exists(name):
+        _check_published(name)
         return False
     with tempfile.TemporaryDirectory(prefix="stack-kind-") as tmp:
         path = Path(tmp) / "kind.yaml"
@@ -64,6 +66,22 @@ def create(name: str = CLUSTER) -> bool:
         args = ["create", "cluster", "--name", name, "--config", str(path), "--wait", "180s"]
         _run(args, f"creating the kind cluster {name}", 900)
     return True
+
+
+def _check_published(name: str) -> None:
+    """Refuse a cluster of this name that was made without the stack's ports (by hand, or another tool)."""
+    node = f"{name}-control-plane"
+    try:
+        done = subprocess.run(["docker", "port", node], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StackError(f"cannot read {node}'s published ports: {exc}", fix="check Docker (`docker info`)") from None
+    published = done.stdout
+    missing = [port for port in NODE_PORTS.values() if f"127.0.0.1:{port}" not in published]
+    if missing:
+        raise StackError(
+            f"the kind cluster {name} does not publish the stack's ports {missing} on 127.0.0.1",
+            fix="`just cluster down` deletes it; `just cluster up` then makes it as the stack needs",
+        )
 
 
 def load(images: list[str], name: str = CLUSTER) -> None:

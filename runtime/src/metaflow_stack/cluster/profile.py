@@ -40,6 +40,9 @@ def settings(outputs: dict[str, Any], auth_key: str) -> dict[str, Any]:
         "METAFLOW_SERVICE_AUTH_KEY": auth_key,
         "METAFLOW_KUBERNETES_NAMESPACE": outputs["namespace"],
         "METAFLOW_KUBERNETES_SECRETS": outputs["task_secret"],
+        # The task Secret carries the service's key as Metaflow's headers: a deployed flow's template
+        # leaves its own copy (which Metaflow would write in plain) out.
+        "METAFLOW_ARGO_WORKFLOWS_ENV_VARS_TO_SKIP": "METAFLOW_SERVICE_HEADERS",
         "METAFLOW_KUBERNETES_SERVICE_ACCOUNT": outputs["service_account"],
         # Tasks run in the stack's base image (Metaflow, the runtime, boto3), loaded into the cluster.
         "METAFLOW_KUBERNETES_CONTAINER_IMAGE": outputs["task_image"],
@@ -52,8 +55,13 @@ def metaflow_home() -> Path:
     return Path(os.path.expanduser(os.environ.get("METAFLOW_HOME", "~/.metaflowconfig")))
 
 
-def write(outputs: dict[str, Any], auth_key: str, access_key: str, secret_key: str, state: Path, name: str) -> dict:
-    """Write the profile and the AWS config file; the variables that select both."""
+def write(outputs: dict[str, Any], auth_key: str, secret_key: str, state: Path, name: str) -> dict[str, str]:
+    """Write the profile and the AWS config file; the variables that select both.
+
+    Those variables replace the shell's own AWS configuration (``AWS_CONFIG_FILE``, and no shared
+    credentials file): where they are exported, S3 is the stack's.
+    """
+    access_key = outputs["s3_access_key"]
     profile = metaflow_home() / f"config_{name}.json"
     keep(profile, json.dumps(settings(outputs, auth_key), indent=2) + "\n")
     aws = state / "aws_config"

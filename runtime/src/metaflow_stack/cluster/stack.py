@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from metaflow_stack import local_secrets, settings
-from metaflow_stack.deploy import infra_root, require
+from metaflow_stack.deploy import infra_root
+from metaflow_stack.deploy import require as extra_require
 from metaflow_stack.errors import StackError, ToolMissingError
 
 PROJECT = "metaflow-stack"
@@ -27,14 +28,21 @@ def _home() -> Path:
     return settings.load().state_dir / "pulumi"
 
 
-def _stack() -> Any:
-    """The dev stack of the inline program (made on first use)."""
+def require() -> Any:
+    """Pulumi's CLI (its engine) and the SDKs the program needs, or one line naming what to install."""
     if shutil.which("pulumi") is None:
         raise ToolMissingError(
             "the Pulumi CLI is not installed (Pulumi's engine)",
             fix="install Pulumi (https://www.pulumi.com/docs/iac/download-install/)",
         )
-    auto = require("pulumi.automation")
+    for module in ("pulumi_kubernetes", "pulumi_nomad"):
+        extra_require(module, extra="cluster")
+    return extra_require("pulumi.automation", extra="cluster")
+
+
+def _stack() -> Any:
+    """The dev stack of the inline program (made on first use)."""
+    auto = require()
     program = str(infra_root() / "pulumi")
     if program not in sys.path:
         sys.path.insert(0, program)
@@ -54,7 +62,7 @@ def _stack() -> Any:
 
 def up(config: Mapping[str, str], secrets: Mapping[str, str], say: Callable[[str], Any]) -> dict[str, Any]:
     """Set the stack's configuration (``secrets`` encrypted) and bring it up; its outputs."""
-    auto = require("pulumi.automation")
+    auto = require()
     stack = _stack()
     values = {key: auto.ConfigValue(value=value) for key, value in config.items()}
     values |= {key: auto.ConfigValue(value=value, secret=True) for key, value in secrets.items()}
@@ -69,8 +77,10 @@ def up(config: Mapping[str, str], secrets: Mapping[str, str], say: Callable[[str
     return {name: output.value for name, output in result.outputs.items()}
 
 
-def outputs() -> dict[str, Any]:
-    """The outputs of the stack as last brought up."""
+def outputs(missing_ok: bool = False) -> dict[str, Any]:
+    """The outputs of the stack as last brought up (``{}`` when it never was and ``missing_ok``)."""
+    if missing_ok and not (_home() / "state").is_dir():
+        return {}
     return {name: output.value for name, output in _stack().outputs().items()}
 
 

@@ -23,12 +23,18 @@ def ci() -> None:
     pass
 
 
-def _write(path: Path, text: str, append: bool = False) -> None:
+def _write(path: Path, text: str, append: bool = False, private: bool = False) -> None:
+    """Write ``text`` to ``path`` (``private``: whole, mode 0600, its folder made), a failure in one line."""
+    from metaflow_stack.local_secrets import keep
+
     try:
+        if private:
+            keep(path, text)
+            return
         with path.open("a" if append else "w", encoding="utf-8") as out:
             out.write(text)
     except OSError as exc:
-        fix = "name a file in a folder that exists"
+        fix = "name a file in a folder that exists and you may write"
         raise StackError(f"{path} cannot be written: {exc.strerror}", fix=fix) from None
 
 
@@ -104,17 +110,19 @@ def report(
     "and check each WorkflowTemplate against Argo's API schema. Needs an S3 datastore for the code package.",
 )
 @click.argument("flows", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="Also write each template as FLOW.json here.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Also write each template as FLOW.json here (mode 0600: a template holds the run's Metaflow settings).",
+)
 @_friendly
 def argo_check(flows: tuple[str, ...], out: str | None) -> None:
     from metaflow_stack.ci import argo_compile
 
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
     for flow in flows:
         template = argo_compile.compile_flow(Path(flow).resolve())
         argo_compile.validate(template)
         if out:
-            _write(Path(out) / f"{Path(flow).stem}.json", json.dumps(template, indent=2))
+            _write(Path(out) / f"{Path(flow).stem}.json", json.dumps(template, indent=2), private=True)
         count = len(template.get("spec", {}).get("templates", []))
         click.echo(f"{flow}: WorkflowTemplate {template['metadata']['name']}, {count} templates, valid")

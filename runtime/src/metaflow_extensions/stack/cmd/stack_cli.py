@@ -266,8 +266,20 @@ def cluster() -> None:
     pass
 
 
+def _profile_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+        raise click.BadParameter("letters, digits, '.', '_' and '-' only (a file name: config_<profile>.json)")
+    return value
+
+
 _PROFILE = click.option(
-    "--profile", default="stack-cluster", show_default=True, help="The Metaflow profile to write (METAFLOW_PROFILE)."
+    "--profile",
+    default="stack-cluster",
+    show_default=True,
+    callback=_profile_name,
+    help="The Metaflow profile to write (METAFLOW_PROFILE).",
 )
 
 
@@ -275,7 +287,7 @@ def _print_exports(exports: dict[str, str]) -> None:
     import shlex
 
     line = "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items())
-    _out.print(line, highlight=False, soft_wrap=True)
+    _out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @cluster.command(name="up", help="Make the kind cluster, install the stack on it, and write the Metaflow profile.")
@@ -286,7 +298,7 @@ def cluster_up(namespace: str, profile: str) -> None:
     from metaflow_stack.cluster import dev
 
     exports = dev.up(lambda line: _err.print(line, markup=False, highlight=False), namespace, profile)
-    _err.print(f"the stack is up; runs use it with the profile {profile!r}: eval the line below", highlight=False)
+    _err.print(f"the stack is up; runs use it with the profile {profile!r}: eval the line below", markup=False)
     _print_exports(exports)
 
 
