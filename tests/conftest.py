@@ -62,6 +62,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"{stray} would take the test runs' Metaflow records: remove it (or set TMPDIR elsewhere)", 2)
 
 
+def need_kind_cluster() -> None:
+    """Skip (or fail, where CI requires kind) unless kind's cluster ``KIND_CLUSTER_NAME`` (default ``kind``)
+    exists and kubectl is here: GitHub's runners have kind in every job, a cluster only where a job makes one."""
+    name = os.environ.get("KIND_CLUSTER_NAME", "kind")
+    kind = shutil.which("kind")
+    listed = subprocess.run([kind, "get", "clusters"], capture_output=True, text=True, timeout=60) if kind else None
+    clusters = listed.stdout.split() if listed is not None and listed.returncode == 0 else []
+    why = f"no kind cluster {name!r} (kind and kubectl on PATH, the cluster named by KIND_CLUSTER_NAME)"
+    need("kind", bool(shutil.which("kubectl")) and name in clusters, why)
+
+
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private state directory for the whole session (registry storage, demo datastore)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import FIRST_CALL_S, free_port, last_line, need, run_cli
+from conftest import FIRST_CALL_S, free_port, last_line, need, need_kind_cluster, run_cli
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
@@ -343,7 +343,7 @@ def test_nomad_agent_runs_the_deployed_server(docker_engine, reference_file: Pat
 @pytest.mark.docker
 @pytest.mark.slow
 def test_kind_cluster_runs_the_deployed_server(docker_engine, reference_file: Path, tmp_path: Path) -> None:
-    need("kind", bool(shutil.which("kind") and shutil.which("kubectl")), "no kind cluster (kind and kubectl on PATH)")
+    need_kind_cluster()
     built = run_cli("function", "build-image", str(reference_file))
     assert built.returncode == 0, built.stderr[-3000:]
     image = last_line(built)

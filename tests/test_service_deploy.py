@@ -6,7 +6,6 @@ cluster recording a real flow."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, last_line, need, run_cli
+from conftest import free_port, last_line, need_kind_cluster, run_cli
 from service_servers import run_flow
 
 from metaflow_stack.deploy import helm, nomad
@@ -199,7 +198,7 @@ def test_the_pulumi_component_needs_a_key_or_the_opt_out() -> None:
 @pytest.mark.docker
 @pytest.mark.slow
 def test_kind_cluster_runs_the_chart_and_records_a_flow(docker_engine, tmp_path: Path) -> None:
-    need("kind", bool(shutil.which("kind") and shutil.which("kubectl")), "no kind cluster (kind and kubectl on PATH)")
+    need_kind_cluster()
     built = run_cli("stack", "images", "build", "metadata-service")
     assert built.returncode == 0, built.stderr[-3000:]
     image = last_line(built)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import redis
 import redis.asyncio
-from conftest import VENV_BIN, need
+from conftest import VENV_BIN, need, need_kind_cluster
 from devservers import free_port, redis_server
 
 from metaflow_stack.pool import redis_dispatch, trampoline
@@ -511,7 +511,7 @@ def test_kind_cluster_runs_a_pooled_foreach(tmp_path: Path, request: pytest.Fixt
     """The kubernetes backend on a real cluster (the GitHub workflow's kind job): pods of the stack's base
     image, the flow's folder and datastore mounted from the node at the run's path, Redis on the host;
     the run reads like a plain one, and no pod, Secret or key is left."""
-    need("kind", bool(shutil.which("kind") and shutil.which("kubectl")), "no kind cluster (kind and kubectl on PATH)")
+    need_kind_cluster()
     shared = os.environ.get("STACK_KIND_SHARED", "")
     need("kind", bool(shared), "STACK_KIND_SHARED: a folder the kind node mounts at the same path")
     need("redis-server", shutil.which("redis-server") is not None, "the pool's queue (apt-get install redis-server)")
