@@ -1,5 +1,5 @@
-"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui`` and ``devcontainer`` to
-Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui``, ``devcontainer`` and ``notebook``
+to Metaflow's command line."""
 
 CMDS_DESC = [
     ("stack", ".stack_cli.cli"),
@@ -8,4 +8,5 @@ CMDS_DESC = [
     ("agent", ".agent_cli.cli"),
     ("ui", ".ui_cli.cli"),
     ("devcontainer", ".devcontainer_cli.cli"),
+    ("notebook", ".notebook_cli.cli"),
 ]

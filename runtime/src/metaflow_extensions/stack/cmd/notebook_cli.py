@@ -1,0 +1,44 @@
+"""``metaflow notebook export``: a notebook's flow (``%%flow``/``%%step`` cells, or tags) as a flow file.
+
+Thin glue over ``metaflow_stack.notebook.export``; ``--check`` runs the
+written file with Metaflow's ``Runner``, as ``python FILE run`` would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metaflow._vendor import click
+
+from metaflow_extensions.stack.cmd.cli_errors import friendly as _friendly
+from metaflow_stack.errors import StackError
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+@cli.group(help="Metaflow flows written across a notebook's cells.")
+def notebook() -> None:
+    pass
+
+
+@notebook.command(help="Write the flow a notebook's cells declare as a standalone flow file.")
+@click.argument("notebook_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The flow file to write.")
+@click.option("--check", is_flag=True, help="Run the written flow once (`python FILE run`) and fail if the run does.")
+@_friendly
+def export(notebook_file: str, output: str, check: bool) -> None:
+    from metaflow_stack.notebook import export as exporting
+
+    written = exporting.write(exporting.from_notebook(Path(notebook_file)), Path(output))
+    click.echo(str(written))
+    if check:
+        from metaflow import Runner
+
+        with Runner(str(written), show_output=False, cwd=str(written.parent)) as runner:
+            run = runner.run().run
+        if not run.successful:
+            raise StackError(f"{run.pathspec} failed", fix=f"see `metaflow agent failures {run.pathspec}`")
+        click.echo(run.pathspec)

@@ -1,0 +1,49 @@
+"""A notebook's flow as a standalone flow file: the same file ``%mf_run`` runs, formatted.
+
+``from_notebook`` reads an ``.ipynb`` (nbformat) and declares every cell as
+the magics would, from its magic line or its tags; cells that declare
+nothing (exploration, plots) are left out. ``write`` formats the file with
+ruff when it is installed and writes it whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from metaflow_stack.deploy import require, write_atomically
+from metaflow_stack.errors import InvalidInput
+from metaflow_stack.notebook import cells
+from metaflow_stack.notebook.assembler import Assembled, NotebookFlow, assemble
+
+
+def from_notebook(path: Path) -> Assembled:
+    """The flow ``path``'s cells declare."""
+    nbformat = require("nbformat", extra="notebook")
+    try:
+        notebook = nbformat.read(str(path), as_version=4)
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(str(path), f"is not a notebook: {exc}", fix="name an .ipynb file") from None
+    flow = NotebookFlow()
+    for index, cell in enumerate(notebook.cells, start=1):
+        if cell.cell_type != "code":
+            continue
+        found = cells.from_source(cell.source, cells.Cell(f"cell {index}", cell.source), cell.metadata.get("tags", []))
+        if found is not None:
+            flow.declare(found)
+    return assemble(flow)
+
+
+def formatted(source: str) -> str:
+    """``source`` as ruff formats it (as it is, when ruff is not installed)."""
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        return source
+    done = subprocess.run([ruff, "format", "-"], input=source, capture_output=True, text=True, timeout=60)
+    return done.stdout if done.returncode == 0 else source
+
+
+def write(assembled: Assembled, target: Path) -> Path:
+    """Write the flow file, formatted, whole or not at all."""
+    return write_atomically(target, formatted(assembled.source))

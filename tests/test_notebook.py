@@ -1,0 +1,171 @@
+"""Flows across a notebook's cells, executed headless in a real kernel (nbclient): a branch, a foreach, a
+join and a retried item declared with ``%%flow``/``%%step``/``%%helpers``, run with ``%mf_run`` (Metaflow's
+Runner), a failing step named by its cell, resumed; exported (``%mf_export``, ``metaflow notebook export``,
+from magics and from cell tags alike) and the exported file run to the same values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import run_cli
+from nbclient import NotebookClient
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.notebook import cells as notebook_cells
+from metaflow_stack.notebook.assembler import NotebookFlow, assemble
+
+pytestmark = pytest.mark.slow
+
+#: (source, tags) of each cell: the flow the notebook declares, in magics.
+FLOW_CELLS = [
+    ("%%flow TrainFlow --param alpha=0.5\nimport math", []),
+    ("%%helpers\ndef square(x):\n    return x * x", []),
+    ("%%step start --next fan,other\nself.started = True", []),
+    ("%%step fan --next each --foreach items\nself.items = [1, 2, 3]", []),
+    (
+        '%%step each --next gather --decorator "retry(times=1)"\n'
+        "if self.input == 2 and current.retry_count == 0:\n"
+        '    raise RuntimeError("the first attempt of item 2 fails")\n'
+        "self.value = square(self.input) * self.alpha",
+        [],
+    ),
+    ("%%step gather --join --next join\nself.total = sum(i.value for i in inputs)", []),
+    ('%%step other --next join\nself.note = f"alpha {self.alpha}"', []),
+    ("%%step join --join --next end\nself.total = inputs.gather.total\nself.note = inputs.other.note", []),
+    ('%%step end\nself.result = f"{self.note}: {self.total}"', []),
+]
+
+
+def _notebook(cells: list[tuple[str, list[str]]]) -> nbformat.NotebookNode:
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source, metadata={"tags": tags}) for source, tags in cells]
+    return notebook
+
+
+def _outputs(cell: nbformat.NotebookNode) -> str:
+    """What a cell printed and returned, as text."""
+    texts = []
+    for output in cell.get("outputs", []):
+        texts.append(output.get("text", ""))
+        texts.append(output.get("data", {}).get("text/plain", ""))
+        texts.append(output.get("evalue", ""))
+    return "\n".join(texts)
+
+
+def _tagged(cells: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """The same flow declared with cell tags instead of magics."""
+    tagged = []
+    for source, _ in cells:
+        first, _, body = source.partition("\n")
+        magic, *words = first.split(" ", 1)
+        tags = [f"{magic[2:]}" if magic == "%%helpers" else ""]
+        args = words[0] if words else ""
+        if magic == "%%flow":
+            tags = ["flow:TrainFlow", "param:alpha=0.5"]
+        elif magic == "%%step":
+            import shlex
+
+            parts = shlex.split(args)
+            tags = [f"step:{parts[0]}"]
+            index = 1
+            while index < len(parts):
+                if parts[index] == "--join":
+                    tags.append("join")
+                    index += 1
+                else:  # a tag holds no comma (nbformat's rule): a branch is one next: tag per step
+                    tags += [f"{parts[index][2:]}:{value}" for value in parts[index + 1].split(",")]
+                    index += 2
+        tagged.append((body, tags))
+    return tagged
+
+
+def test_a_notebook_flow_runs_fails_at_its_cell_resumes_and_exports(tmp_path: Path) -> None:
+    leftovers = set(Path(tempfile.gettempdir()).glob("mf-notebook-*"))
+    cells = [
+        ("%load_ext metaflow_stack.notebook", []),
+        *FLOW_CELLS,
+        ("run = %mf_run alpha=2\nrun.successful, run.data.result", []),
+        ("%mf_show total", []),
+        ('%%step end\nraise ValueError("the end is broken")', []),
+        ("broken = %mf_run alpha=2\nbroken.successful", []),
+        ('%%step end\nself.result = f"{self.note}: {self.total}"', []),
+        ("resumed = %mf_resume\nresumed.successful, resumed.data.result, resumed.id != broken.id", []),
+        ("%mf_export exported_flow.py", []),
+        ("%%step nowhere --next missing_step\npass", []),
+        ("%mf_run", []),
+    ]
+    notebook = _notebook(cells)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    out = [_outputs(cell) for cell in notebook.cells]
+    run_cell = len(FLOW_CELLS) + 1
+    assert "(True, 'alpha 2.0: 28.0')" in out[run_cell], out[run_cell]  # (1 + 4 + 9) * 2
+    assert "28.0" in out[run_cell + 1]
+    broken_step, broken_run = notebook.cells[run_cell + 2], run_cell + 3
+    each_step = notebook.cells[5]
+    # Each failure named by the cell (as the notebook numbers it) and line its code came from: the retried
+    # item's first attempt, and the broken end step.
+    assert f"failed at In [{each_step.execution_count}], line 3" in out[broken_run], out[broken_run]
+    assert f"failed at In [{broken_step.execution_count}], line 2" in out[broken_run], out[broken_run]
+    assert out[broken_run].rstrip().endswith("False")
+    assert "(True, 'alpha 2.0: 28.0', True)" in out[run_cell + 5], out[run_cell + 5]
+    assert "wrote exported_flow.py" in out[run_cell + 6]
+    assert "step 'missing_step' is not declared" in out[-1] and "Traceback" not in out[-1]
+    assert set(Path(tempfile.gettempdir()).glob("mf-notebook-*")) == leftovers  # nothing left behind
+
+    exported = tmp_path / "exported_flow.py"
+    done = subprocess.run(
+        [sys.executable, str(exported), "run", "--alpha", "2"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = (
+        "import json, sys\nfrom metaflow import Flow, namespace\nnamespace(None)\n"
+        "runs = list(Flow('TrainFlow'))\nprint(json.dumps([[r.id, r.successful and r.data.result] for r in runs]))"
+    )
+    listed = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    results = {result for _, result in json.loads(listed.stdout.strip().splitlines()[-1]) if result}
+    assert results == {"alpha 2.0: 28.0"}  # the notebook's runs and the exported file's: the same values
+
+
+def test_export_from_magics_and_from_tags_writes_the_same_flow(tmp_path: Path) -> None:
+    by_magic, by_tag = tmp_path / "magic.ipynb", tmp_path / "tags.ipynb"
+    nbformat.write(_notebook([("import this_is_exploration", []), *FLOW_CELLS]), by_magic)
+    nbformat.write(_notebook(_tagged(FLOW_CELLS)), by_tag)
+    written = []
+    for source in (by_magic, by_tag):
+        target = tmp_path / f"{source.stem}_flow.py"
+        done = run_cli("notebook", "export", str(source), "-o", str(target))
+        assert done.returncode == 0, done.stderr
+        written.append(target.read_text())
+    assert written[0] == written[1]
+    assert "this_is_exploration" not in written[0] and "%%" not in written[0]
+    assert "    @retry(times=1)\n    @step\n    def each(self):" in written[0]
+
+    checked = run_cli("notebook", "export", str(by_magic), "-o", str(tmp_path / "checked.py"), "--check")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert checked.stdout.strip().splitlines()[-1].startswith("TrainFlow/")
+
+
+def test_declarations_that_cannot_be_used_name_the_cell() -> None:
+    cell = notebook_cells.Cell("In [3]", "")
+    with pytest.raises(StackError, match=r"In \[3\] --param: 'alpha' has no default"):
+        notebook_cells.from_magic("TrainFlow --param alpha", "", cell, "flow")
+    with pytest.raises(StackError, match=r"In \[3\] decorator: 'retry\(' is not a decorator"):
+        notebook_cells.from_magic("start --decorator 'retry('", "", cell, "step")
+    flow = NotebookFlow()
+    flow.declare(notebook_cells.from_magic("TrainFlow", "", cell, "flow"))
+    flow.declare(
+        notebook_cells.from_magic(
+            "start --next end", "x = (", notebook_cells.Cell("In [4]", "%%step start\nx = ("), "step"
+        )
+    )
+    flow.declare(notebook_cells.from_magic("end", "", cell, "step"))
+    with pytest.raises(StackError, match=r"In \[4\], line 2: "):
+        assemble(flow)
