@@ -16,10 +16,6 @@ import pytest
 from conftest import run_cli
 from nbclient import NotebookClient
 
-from metaflow_stack.errors import StackError
-from metaflow_stack.notebook import cells as notebook_cells
-from metaflow_stack.notebook.assembler import NotebookFlow, assemble
-
 pytestmark = pytest.mark.slow
 
 #: (source, tags) of each cell: the flow the notebook declares, in magics.
@@ -151,21 +147,3 @@ def test_export_from_magics_and_from_tags_writes_the_same_flow(tmp_path: Path) -
     checked = run_cli("notebook", "export", str(by_magic), "-o", str(tmp_path / "checked.py"), "--check")
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert checked.stdout.strip().splitlines()[-1].startswith("TrainFlow/")
-
-
-def test_declarations_that_cannot_be_used_name_the_cell() -> None:
-    cell = notebook_cells.Cell("In [3]", "")
-    with pytest.raises(StackError, match=r"In \[3\] --param: 'alpha' has no default"):
-        notebook_cells.from_magic("TrainFlow --param alpha", "", cell, "flow")
-    with pytest.raises(StackError, match=r"In \[3\] decorator: 'retry\(' is not a decorator"):
-        notebook_cells.from_magic("start --decorator 'retry('", "", cell, "step")
-    flow = NotebookFlow()
-    flow.declare(notebook_cells.from_magic("TrainFlow", "", cell, "flow"))
-    flow.declare(
-        notebook_cells.from_magic(
-            "start --next end", "x = (", notebook_cells.Cell("In [4]", "%%step start\nx = ("), "step"
-        )
-    )
-    flow.declare(notebook_cells.from_magic("end", "", cell, "step"))
-    with pytest.raises(StackError, match=r"In \[4\], line 2: "):
-        assemble(flow)

@@ -12,7 +12,9 @@ line of the file came from, so an error in a run points into the notebook.
 from __future__ import annotations
 
 import ast
+import io
 import textwrap
+import tokenize
 from dataclasses import dataclass, field
 
 from metaflow_stack.errors import InvalidInput, StackError
@@ -40,6 +42,13 @@ class NotebookFlow:
         else:
             self.helpers[decl.name] = decl
 
+    def forget(self, decl: Decl) -> None:
+        """Take back what ``decl`` declared (a cell run again, or renamed: what it said before goes)."""
+        if isinstance(decl, StepDecl) and self.steps.get(decl.name) is decl:
+            del self.steps[decl.name]
+        elif isinstance(decl, HelpersDecl) and self.helpers.get(decl.name) is decl:
+            del self.helpers[decl.name]
+
 
 @dataclass(frozen=True)
 class Assembled:
@@ -65,13 +74,40 @@ class _Writer:
         self.lines: list[str] = []
         self.origins: dict[int, tuple[Cell, int]] = {}
 
-    def add(self, text: str = "") -> None:
+    def add(self, text: str = "", cell: Cell | None = None) -> None:
+        """A line the assembler writes; a declaration's own lines (``def``, ``@``) map to its cell's first."""
         self.lines.append(text)
+        if cell is not None:
+            self.origins[len(self.lines)] = (cell, 1)
 
-    def code(self, code: str, cell: Cell, indent: str = "", first_line: int = 1) -> None:
-        for offset, line in enumerate(code.splitlines()):
-            self.lines.append(indent + line if line.strip() else "")
-            self.origins[len(self.lines)] = (cell, first_line + offset)
+    def code(self, code: str, cell: Cell, indent: str = "") -> bool:
+        """A declaration's code, dedented and indented by ``indent``; whether it had any.
+
+        Lines inside a multi-line string are left as they are (indenting them would change the string).
+        """
+        lines = code.split("\n")
+        lead = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+        text = textwrap.dedent("\n".join(lines[lead:])).rstrip()
+        if not text:
+            return False
+        first = (2 if cell.source.startswith("%%") else 1) + lead  # the magic's line is the cell's first
+        inside = _string_continuations(text)
+        for offset, line in enumerate(text.split("\n")):
+            self.lines.append(line if offset in inside or not line.strip() else indent + line)
+            self.origins[len(self.lines)] = (cell, first + offset)
+        return True
+
+
+def _string_continuations(code: str) -> set[int]:
+    """The 0-based lines of ``code`` that continue a multi-line string."""
+    found: set[int] = set()
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(code).readline):
+            if token.type == tokenize.STRING and token.end[0] > token.start[0]:
+                found.update(range(token.start[0], token.end[0]))  # rows are 1-based: these are the lines after
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        pass  # the compile below names the problem
+    return found
 
 
 def _names(decorators: list[str]) -> set[str]:
@@ -138,51 +174,43 @@ def assemble(notebook: NotebookFlow) -> Assembled:
         imported.add("current")
     out = _Writer()
     out.add(f"from metaflow import {', '.join(sorted(imported))}")
-    if flow.code.strip() and flow.cell is not None:
-        out.add()
-        out.code(flow.code.strip("\n"), flow.cell, first_line=2)  # the magic's line is the cell's first
-    for helper in notebook.helpers.values():
-        out.add()
-        out.code(helper.code.strip("\n"), helper.cell, first_line=_first_line(helper.cell))
+    for code, cell in [(flow.code, flow.cell), *((h.code, h.cell) for h in notebook.helpers.values())]:
+        if code.strip():
+            out.add()
+            out.code(code, cell)
     out.add()
     out.add()
     for decorator in flow.decorators:
-        out.add(f"@{decorator}")
-    out.add(f"class {flow.name}(FlowSpec):")
+        out.add(f"@{decorator}", flow.cell)
+    out.add(f"class {flow.name}(FlowSpec):", flow.cell)
     for name, literal in flow.parameters:
-        out.add(f"    {name} = Parameter({name!r}, default={literal})")
+        out.add(f"    {name} = Parameter({name!r}, default={literal})", flow.cell)
     for step in steps:
         out.add()
         for decorator in step.decorators:
-            out.add(f"    @{decorator}")
-        out.add("    @step")
-        out.add(f"    def {step.name}(self{', inputs' if step.join else ''}):")
-        body = textwrap.dedent(step.body).strip("\n")
-        if body.strip():
-            out.code(body, step.cell, indent="        ", first_line=_first_line(step.cell, step.body))
+            out.add(f"    @{decorator}", step.cell)
+        out.add("    @step", step.cell)
+        out.add(f"    def {step.name}(self{', inputs' if step.join else ''}):", step.cell)
+        had_code = out.code(step.body, step.cell, indent="        ")
         nxt = None if _calls_next(step.body) else _next_call(step)
         if nxt:
-            out.add(f"        {nxt}")
-        elif not body.strip():
-            out.add("        pass")
+            out.add(f"        {nxt}", step.cell)
+        elif step.name != "end" and not _calls_next(step.body):
+            raise InvalidInput(
+                f"{step.cell.label} %%step {step.name}",
+                "says nowhere to go next",
+                fix="give --next STEP (or call self.next in the cell); only end has no next",
+            )
+        elif not had_code:
+            out.add("        pass", step.cell)
     out.add()
     out.add()
     out.add('if __name__ == "__main__":')
     out.add(f"    {flow.name}()")
-    source = "\n".join(out.lines) + "\n"
+    assembled = Assembled(flow.name, "\n".join(out.lines) + "\n", out.origins)
     try:
-        compile(source, f"{flow.name.lower()}.py", "exec")
+        compile(assembled.source, assembled.file_name, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        where = out.origins.get(exc.lineno or 0)
-        label = f"{where[0].label}, line {where[1]}" if where else f"line {exc.lineno} of the flow"
+        label = assembled.where(exc.lineno or 0) or f"line {exc.lineno} of the flow"
         raise StackError(f"{label}: {exc.msg}", fix="correct that cell and run it again") from None
-    return Assembled(flow.name, source, out.origins)
-
-
-def _first_line(cell: Cell, body: str | None = None) -> int:
-    """The cell line a declaration's code starts on: after its magic line, when it has one."""
-    starts_with_magic = cell.source.lstrip().startswith("%%")
-    leading_blank = 0
-    if body is not None:
-        leading_blank = len(body) - len(body.lstrip("\n"))
-    return (2 if starts_with_magic else 1) + leading_blank
+    return assembled

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import keyword
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from metaflow_stack.errors import InvalidInput
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_STEP = re.compile(r"[a-z][a-z0-9_]*")
+#: Names a FlowSpec has already: a step of that name would hide them.
+_RESERVED_STEPS = {"name", "next", "input", "index", "cmd", "foreach_stack", "merge_artifacts", "script_name"}
 _MAGICS = ("%%flow", "%%step", "%%helpers")
 
 
@@ -38,7 +42,7 @@ class FlowDecl:
     decorators: tuple[str, ...] = ()
     #: Module-level code of the cell (imports, helpers), placed before the class.
     code: str = ""
-    cell: Cell | None = None
+    cell: Cell = field(default_factory=lambda: Cell("?", ""))
 
 
 @dataclass(frozen=True)
@@ -67,22 +71,35 @@ Decl = FlowDecl | StepDecl | HelpersDecl
 
 
 def _identifier(value: str, what: str, cell: Cell) -> str:
-    if not _NAME.fullmatch(value):
+    if not _NAME.fullmatch(value) or keyword.iskeyword(value):
         raise InvalidInput(f"{cell.label} {what}", f"{value!r} is not a Python name", fix="use letters, digits and _")
     return value
 
 
-def _decorator(value: str, cell: Cell) -> str:
-    """A decorator as written after ``@`` (``retry(times=2)``), checked to be one."""
-    try:
-        node = ast.parse(f"@{value}\ndef f(): pass").body[0]
-    except SyntaxError:
+def _step_name(value: str, what: str, cell: Cell) -> str:
+    """A name Metaflow takes for a step: lowercase, not one of its own attributes."""
+    _identifier(value, what, cell)
+    if not _STEP.fullmatch(value) or value in _RESERVED_STEPS:
         raise InvalidInput(
-            f"{cell.label} decorator", f"{value!r} is not a decorator", fix='write it as after @, e.g. "retry(times=2)"'
-        ) from None
-    if not isinstance(node, ast.FunctionDef) or len(node.decorator_list) != 1:
-        raise InvalidInput(f"{cell.label} decorator", f"{value!r} is not one decorator", fix="give one per option")
+            f"{cell.label} {what}",
+            f"{value!r} cannot name a step",
+            fix="lowercase letters, digits and _, not a FlowSpec name",
+        )
     return value
+
+
+def _decorator(value: str, cell: Cell) -> str:
+    """A decorator as written after ``@`` (``retry(times=2)``): one, on one line, given back as Python
+    writes it (so what goes into the file is that decorator and nothing else)."""
+    fix = 'write one as after @, on one line, e.g. "retry(times=2)"'
+    try:
+        tree = ast.parse(f"@{value}\ndef f(): pass")
+    except SyntaxError:
+        raise InvalidInput(f"{cell.label} decorator", f"{value!r} is not a decorator", fix=fix) from None
+    node = tree.body[0]
+    if "\n" in value or len(tree.body) != 1 or not isinstance(node, ast.FunctionDef) or len(node.decorator_list) != 1:
+        raise InvalidInput(f"{cell.label} decorator", f"{value!r} is not one decorator", fix=fix)
+    return ast.unparse(node.decorator_list[0])
 
 
 def _parameter(value: str, cell: Cell) -> tuple[str, str]:
@@ -91,9 +108,8 @@ def _parameter(value: str, cell: Cell) -> tuple[str, str]:
     if not sep:
         raise InvalidInput(f"{cell.label} --param", f"{value!r} has no default", fix="write NAME=DEFAULT")
     try:
-        ast.literal_eval(default)
-        literal = default
-    except (ValueError, SyntaxError):
+        literal = repr(ast.literal_eval(default))  # the value, written back by Python (no comment rides along)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         literal = repr(default)
     return _identifier(name, "--param", cell), literal
 
@@ -128,7 +144,7 @@ def from_magic(line: str, body: str, cell: Cell, magic: str) -> Decl:
     """The declaration of a ``%%flow``/``%%step``/``%%helpers`` cell (``line``: the magic's arguments)."""
     try:
         words = shlex.split(line)
-    except ValueError as exc:
+    except ValueError as exc:  # shlex's word for an unclosed quote
         fix = "close the quotes"
         raise InvalidInput(f"{cell.label} %%{magic}", f"cannot read its arguments: {exc}", fix=fix) from None
     if magic == "flow":
@@ -148,10 +164,14 @@ def from_magic(line: str, body: str, cell: Cell, magic: str) -> Decl:
             raise InvalidInput(f"{cell.label} %%step", "names no step (or several)", fix="write %%step step_name")
         nexts = [n for value in options.get("next", []) for n in value.split(",") if n]
         foreach = options.get("foreach", [None])[-1]
+        if foreach and len(nexts) != 1:
+            raise InvalidInput(
+                f"{cell.label} --foreach", "needs exactly one --next step", fix="--next STEP --foreach VAR"
+            )
         return StepDecl(
-            name=_identifier(positional[0], "%%step", cell),
+            name=_step_name(positional[0], "%%step", cell),
             body=body,
-            next=tuple(_identifier(n, "--next", cell) for n in nexts),
+            next=tuple(_step_name(n, "--next", cell) for n in nexts),
             foreach=_identifier(foreach, "--foreach", cell) if foreach else None,
             join="join" in options,
             decorators=tuple(_decorator(d, cell) for d in options.get("decorator", [])),
@@ -164,8 +184,9 @@ def from_magic(line: str, body: str, cell: Cell, magic: str) -> Decl:
 
 def from_source(source: str, cell: Cell, tags: list[str] | tuple[str, ...] = ()) -> Decl | None:
     """The declaration of a notebook cell from its source's magic line, else from its tags (``None``: a cell
-    that declares nothing, left out of the flow)."""
-    first, _, rest = source.partition("\n")
+    that declares nothing, left out of the flow). Blank lines before the magic are skipped, as IPython does."""
+    first, _, rest = source.lstrip("\n").partition("\n")
+    first = first.replace("\t", " ")
     for magic in _MAGICS:
         if first == magic or first.startswith(magic + " "):
             return from_magic(first[len(magic) :].strip(), rest, cell, magic[2:])

@@ -17,19 +17,20 @@ from __future__ import annotations
 import ast
 import os
 import re
+import secrets
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.notebook import cells, export
 from metaflow_stack.notebook.assembler import Assembled, NotebookFlow, assemble
 
-_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+)')
+#: A traceback's frame, or Metaflow's validity checker pointing at a line of the flow file.
+_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+)|found an issue on line (?P<checked>\d+)')
 
 
 def _usage(error: StackError) -> UsageError:
@@ -44,6 +45,13 @@ class FlowMagics(Magics):
         super().__init__(shell)
         self.notebook = NotebookFlow()
         self.last_run: Any = None
+        #: The running cell's id (front ends that send one), and what each cell declared last.
+        self._cell_id: str | None = None
+        self._declared_by: dict[str, cells.Decl] = {}
+        shell.events.register("pre_run_cell", self._note_cell)
+
+    def _note_cell(self, info: Any) -> None:
+        self._cell_id = getattr(info, "cell_id", None)
 
     def _cell(self, source: str) -> cells.Cell:
         # The number the notebook shows for the running cell: the history's last entry (IPython has stored
@@ -51,25 +59,34 @@ class FlowMagics(Magics):
         number = len(self.shell.history_manager.input_hist_raw) - 1
         return cells.Cell(f"In [{number}]", source)
 
-    def _declare(self, magic: str, line: str, body: str) -> cells.Decl:
+    def _declare(self, magic: str, line: str, body: str, runs_here: bool = False) -> cells.Decl:
+        """Declare what the cell says; code that also runs here must run first (a cell that fails declares
+        nothing). A cell run again (as its front end names it) replaces what it declared before."""
         try:
             decl = cells.from_magic(line, body, self._cell(f"%%{magic} {line}\n{body}"), magic)
         except StackError as exc:
             raise _usage(exc) from None
+        if runs_here and body.strip() and not self.shell.run_cell(body, store_history=False).success:
+            raise UsageError(f"{decl.cell.label}: its code failed here (above), so it declares nothing")
+        if self._cell_id is not None:
+            before = self._declared_by.get(self._cell_id)
+            if before is not None and type(before) is type(decl):
+                self.notebook.forget(before)
+            self._declared_by[self._cell_id] = decl
         self.notebook.declare(decl)
         return decl
 
+    @no_var_expand
     @cell_magic
     def flow(self, line: str, cell: str) -> None:
         """%%flow FlowName [--param NAME=DEFAULT]... [--decorator DECO]...: declare the flow; the cell's code
         (imports, helpers) goes before its class and runs here too."""
-        decl = self._declare("flow", line, cell)
+        decl = self._declare("flow", line, cell, runs_here=True)
         assert isinstance(decl, cells.FlowDecl)
-        if cell.strip():
-            self.shell.run_cell(cell, store_history=False)
         params = ", ".join(name for name, _ in decl.parameters) or "none"
         print(f"flow {decl.name} (parameters: {params})")
 
+    @no_var_expand
     @cell_magic
     def step(self, line: str, cell: str) -> None:
         """%%step NAME [--next A,B] [--foreach VAR] [--join] [--decorator DECO]...: declare (or replace) a step;
@@ -77,13 +94,20 @@ class FlowMagics(Magics):
         decl = self._declare("step", line, cell)
         assert isinstance(decl, cells.StepDecl)
         each = f" (for each of {decl.foreach})" if decl.foreach else ""
-        print(f"step {decl.name} -> {' and '.join(decl.next) or 'the end'}{each}")
+        print(f"step {decl.name} -> {' and '.join(decl.next) or 'where its self.next says'}{each}")
 
+    @no_var_expand
     @cell_magic
     def helpers(self, line: str, cell: str) -> None:
         """%%helpers [NAME]: module-level code the steps use (imports, functions); it runs here too."""
-        self._declare("helpers", line, cell)
-        self.shell.run_cell(cell, store_history=False)
+        self._declare("helpers", line, cell, runs_here=True)
+
+    @line_magic
+    def mf_reset(self, line: str) -> None:
+        """%mf_reset: forget every declaration (then declare the flow again, cell by cell)."""
+        self.notebook = NotebookFlow()
+        self._declared_by.clear()
+        print("the notebook declares no flow now")
 
     def _assembled(self) -> Assembled:
         try:
@@ -91,9 +115,12 @@ class FlowMagics(Magics):
         except StackError as exc:
             raise _usage(exc) from None
 
-    def _options(self, line: str) -> tuple[list[str], dict[str, str]]:
+    def _options(self, line: str) -> tuple[list[str], dict[str, Any]]:
         """``--with DECO`` (repeatable) and ``NAME=VALUE`` parameters."""
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"cannot read the options: {exc} (close the quotes)") from None
         decospecs, parameters = [], {}
         index = 0
         while index < len(words):
@@ -109,28 +136,22 @@ class FlowMagics(Magics):
         return decospecs, parameters
 
     def _run(self, line: str, origin_run_id: str | None = None) -> Any:
-        from metaflow import Runner
-
         assembled = self._assembled()
         decospecs, parameters = self._options(line)
-        with tempfile.TemporaryDirectory(prefix="mf-notebook-") as folder:
-            path = Path(folder) / assembled.file_name
-            path.write_text(assembled.source)
-            # JPY_PARENT_PID empty: the run is a plain process, not one of this kernel's (as NBRunner does).
-            env = {"JPY_PARENT_PID": ""}
-            with Runner(str(path), show_output=True, env=env, cwd=os.getcwd(), decospecs=decospecs) as runner:
-                try:
-                    if origin_run_id is None:
-                        executing = runner.run(**parameters)
-                    else:
-                        executing = runner.resume(origin_run_id=origin_run_id, **parameters)
-                except (TypeError, ValueError) as exc:  # the Runner's word for a parameter it cannot take
-                    raise UsageError(str(exc).strip()) from None
-                output = executing.stdout + executing.stderr
+        # The file goes beside the notebook, as a flow file written there would (its folder is the run's
+        # path and code package: modules beside the notebook import), under a name of its own, and goes
+        # again when the run ends, whatever way it ends.
+        path = Path.cwd() / f"_mf_notebook_{assembled.name.lower()}_{secrets.token_hex(4)}.py"
+        path.write_text(assembled.source)
+        try:
+            executing, output = _executed(path, decospecs, parameters, origin_run_id, assembled)
+        finally:
+            path.unlink(missing_ok=True)
+            _forget_module(path)
         run = executing.run
         self.last_run = run
         if not run.successful:
-            for place in failure_places(output, assembled):
+            for place in failure_places(output, assembled, path):
                 print(f"failed at {place}")
         return run
 
@@ -152,7 +173,10 @@ class FlowMagics(Magics):
         target = line.strip()
         if not target:
             raise UsageError("name the file to write: %mf_export flow.py")
-        written = export.write(self._assembled(), Path(target))
+        try:
+            written = export.write(self._assembled(), Path(target))
+        except OSError as exc:
+            raise UsageError(f"{target} cannot be written: {exc.strerror}") from None
         print(f"wrote {written}")
 
     @line_magic
@@ -168,6 +192,57 @@ class FlowMagics(Magics):
         raise UsageError("show NAME (of the last run) or Flow/run/step/task NAME")
 
 
+def _executed(
+    path: Path, decospecs: list[str], parameters: dict[str, Any], origin_run_id: str | None, assembled: Assembled
+) -> tuple[Any, str]:
+    """The run of ``path`` (or its resume) by Metaflow's Runner, and what it printed; a run Metaflow will not
+    start (its checks, a decorator it does not know) is one line naming the cell."""
+    from metaflow import Runner
+
+    # JPY_PARENT_PID empty: the run is a plain process, not one of this kernel's (as NBRunner does).
+    options = {"show_output": True, "env": {"JPY_PARENT_PID": ""}, "cwd": os.getcwd(), "decospecs": decospecs}
+    try:
+        runner = Runner(str(path), **options)
+    except Exception as exc:  # loading the flow file ran its code: whatever it raised is the user's
+        raise UsageError(_refusal(exc, assembled, path)) from None
+    with runner:
+        try:
+            if origin_run_id is None:
+                executing = runner.run(**parameters)
+            else:
+                executing = runner.resume(origin_run_id=origin_run_id, **parameters)
+        except (TypeError, ValueError, RuntimeError) as exc:  # a parameter it cannot take, a run it refused
+            raise UsageError(_refusal(exc, assembled, path)) from None
+        except BaseException:  # an interrupt: the run's processes go with the cell
+            for command in runner.spm.commands.values():
+                command.kill()
+            raise
+        return executing, executing.stdout + executing.stderr
+
+
+def _refusal(error: BaseException, assembled: Assembled, path: Path) -> str:
+    """One line for a run that never started: Metaflow's last word, and the cell it points at."""
+    import traceback
+
+    text = str(error).strip()
+    frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)]
+    places = failure_places(
+        text + "\n" + "\n".join(f'File "{f.rsplit(":", 1)[0]}", line {f.rsplit(":", 1)[1]}' for f in frames), assembled
+    )
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("Stdout", "Stderr"))]
+    reason = lines[-1] if lines else type(error).__name__
+    return f"{places[-1]}: {reason}" if places else reason
+
+
+def _forget_module(path: Path) -> None:
+    """Drop the flow module Metaflow's Runner loaded into this kernel (it keeps one per file, for good)."""
+    try:
+        from metaflow.runner import click_api
+    except ImportError:
+        return
+    getattr(click_api, "loaded_modules", {}).pop(str(path), None)
+
+
 def _literal(value: str) -> Any:
     """A parameter's value as the Python literal it reads as (``2``, ``0.5``, ``[1, 2]``), else as text."""
     try:
@@ -176,11 +251,14 @@ def _literal(value: str) -> Any:
         return value
 
 
-def failure_places(output: str, assembled: Assembled) -> list[str]:
-    """The notebook places (``In [5], line 3``) of the flow file's lines in a run's tracebacks."""
+def failure_places(output: str, assembled: Assembled, path: Path) -> list[str]:
+    """The notebook places (``In [5], line 3``) of the lines of ``path`` (the assembled file) in tracebacks."""
     places: list[str] = []
     for match in _FRAME.finditer(output):
-        place = assembled.where(int(match["line"])) if Path(match["path"]).name == assembled.file_name else None
+        if match["checked"]:
+            place = assembled.where(int(match["checked"]))
+        else:
+            place = assembled.where(int(match["line"])) if Path(match["path"]).name == path.name else None
         if place and place not in places:
             places.append(place)
     return places

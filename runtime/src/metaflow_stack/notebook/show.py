@@ -7,6 +7,7 @@ cut at ``MAX_REPR`` characters with its full length said.
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -26,18 +27,27 @@ def find(run: Any, name: str) -> Any:
 
 
 def task_value(pathspec: str, name: str) -> Any:
-    """``name``'s value in the task ``pathspec`` (Flow/run/step/task)."""
-    from metaflow import Task, namespace
-    from metaflow.exception import MetaflowNotFound
+    """``name``'s value in the task ``pathspec`` (Flow/run/step/task), whatever the kernel's namespace."""
+    from metaflow import Task
+    from metaflow.exception import MetaflowInvalidPathspec, MetaflowNotFound
 
-    namespace(None)
     try:
-        task = Task(pathspec)
-    except MetaflowNotFound:
-        raise UsageError(f"no task {pathspec}") from None
+        task = Task(pathspec, _namespace_check=False)
+    except (MetaflowNotFound, MetaflowInvalidPathspec):
+        raise UsageError(f"no task {pathspec} (a task is Flow/run/step/task)") from None
     if name not in task:
         raise UsageError(f"{pathspec} has no artifact {name!r}")
     return task[name].data
+
+
+class _Cut:
+    """A ``repr`` cut short, displayed as its text (not as a quoted string)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def value(data: Any, name: str) -> Any:
@@ -45,8 +55,9 @@ def value(data: Any, name: str) -> Any:
     head = getattr(data, "head", None)
     if callable(head) and hasattr(data, "shape") and hasattr(data, "to_html"):
         shape = " x ".join(str(n) for n in data.shape)
-        return HTML(f"<p><b>{name}</b>: {type(data).__name__}, {shape}</p>" + head(DATAFRAME_ROWS).to_html())
+        title = f"<p><b>{html.escape(name)}</b>: {html.escape(type(data).__name__)}, {shape}</p>"
+        return HTML(title + head(DATAFRAME_ROWS).to_html())
     text = repr(data)
     if len(text) > MAX_REPR:
-        return f"{text[:MAX_REPR]}\n... ({len(text)} characters in all)"
+        return _Cut(f"{text[:MAX_REPR]}\n... ({len(text)} characters in all)")
     return data

@@ -37,8 +37,13 @@ def export(notebook_file: str, output: str, check: bool) -> None:
     if check:
         from metaflow import Runner
 
-        with Runner(str(written), show_output=False, cwd=str(written.parent)) as runner:
-            run = runner.run().run
+        with Runner(str(written), show_output=True, cwd=str(written.parent)) as runner:
+            try:
+                run = runner.run().run
+            except RuntimeError as exc:  # Metaflow refused to start the run: its last line says why
+                reason = (str(exc).strip().splitlines() or ["no reason given"])[-1]
+                raise StackError(f"{written} did not run: {reason}", fix="correct the notebook's cells") from None
         if not run.successful:
-            raise StackError(f"{run.pathspec} failed", fix=f"see `metaflow agent failures {run.pathspec}`")
+            fix = f"in {written.parent}, `metaflow agent failures {run.pathspec}` lists what failed"
+            raise StackError(f"{run.pathspec} failed", fix=fix)
         click.echo(run.pathspec)
