@@ -93,6 +93,8 @@ def test_a_notebook_flow_runs_fails_at_its_cell_resumes_and_exports(tmp_path: Pa
         ('%%step end\nself.result = f"{self.note}: {self.total}"', []),
         ("resumed = %mf_resume\nresumed.successful, resumed.data.result, resumed.id != broken.id", []),
         ("%mf_export exported_flow.py", []),
+        ('%%step end\nself.result = f"spun: {self.note}"', []),
+        ("task = %mf_spin end\ntask.successful, task['result'].data, spun is task", []),
         ("%%step nowhere --next missing_step\npass", []),
         ("%mf_run", []),
     ]
@@ -113,6 +115,7 @@ def test_a_notebook_flow_runs_fails_at_its_cell_resumes_and_exports(tmp_path: Pa
     assert out[broken_run].rstrip().endswith("False")
     assert "(True, 'alpha 2.0: 28.0', True)" in out[run_cell + 5], out[run_cell + 5]
     assert "wrote exported_flow.py" in out[run_cell + 6]
+    assert "(True, 'spun: alpha 2.0', True)" in out[run_cell + 8], out[run_cell + 8]
     assert "step 'missing_step' is not declared" in out[-1] and "Traceback" not in out[-1]
     assert set(Path(tempfile.gettempdir()).glob("mf-notebook-*")) == leftovers  # nothing left behind
 

@@ -6,7 +6,8 @@ there); ``%mf_run`` writes the assembled flow to a folder of its own,
 runs it with Metaflow's ``Runner`` from the notebook's folder (its
 ``.metaflow`` there, as a flow file beside the notebook would) with the
 output streaming into the cell, removes the folder, and names the cell
-and line of a failed step; ``%mf_resume`` resumes the last run;
+and line of a failed step; ``%mf_resume`` resumes the last run; ``%mf_spin`` runs one step again
+against the last run's inputs;
 ``%mf_export`` writes the flow file; ``%mf_show`` shows a value of the last
 run. A mistake in a declaration is one line (IPython's ``UsageError``),
 never a traceback.
@@ -19,6 +20,7 @@ import os
 import re
 import secrets
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,19 +137,28 @@ class FlowMagics(Magics):
             index += 1
         return decospecs, parameters
 
-    def _run(self, line: str, origin_run_id: str | None = None) -> Any:
+    def _executing(self, line: str, act: Callable[[Any, dict[str, Any]], Any]) -> tuple[Any, str, Assembled, Path]:
+        """``act(runner, parameters)`` on the assembled flow, its file beside the notebook (as a flow file
+        written there: its folder is the run's path and code package, so modules beside the notebook import)
+        under a name of its own, removed whatever way the run ends."""
         assembled = self._assembled()
         decospecs, parameters = self._options(line)
-        # The file goes beside the notebook, as a flow file written there would (its folder is the run's
-        # path and code package: modules beside the notebook import), under a name of its own, and goes
-        # again when the run ends, whatever way it ends.
         path = Path.cwd() / f"_mf_notebook_{assembled.name.lower()}_{secrets.token_hex(4)}.py"
         path.write_text(assembled.source)
         try:
-            executing, output = _executed(path, decospecs, parameters, origin_run_id, assembled)
+            executing, output = _executed(path, decospecs, parameters, act, assembled)
         finally:
             path.unlink(missing_ok=True)
             _forget_module(path)
+        return executing, output, assembled, path
+
+    def _run(self, line: str, origin_run_id: str | None = None) -> Any:
+        def act(runner: Any, parameters: dict[str, Any]) -> Any:
+            if origin_run_id is None:
+                return runner.run(**parameters)
+            return runner.resume(origin_run_id=origin_run_id, **parameters)
+
+        executing, output, assembled, path = self._executing(line, act)
         run = executing.run
         self.last_run = run
         if not run.successful:
@@ -166,6 +177,24 @@ class FlowMagics(Magics):
         if self.last_run is None:
             raise UsageError("nothing to resume: run the flow first (%mf_run)")
         return self._run(line, origin_run_id=self.last_run.id)
+
+    @line_magic
+    def mf_spin(self, line: str) -> Any:
+        """%mf_spin STEP (or RUN/STEP/TASK): run one step again, with the cells as they are now, against the
+        inputs it had in the last run (Metaflow's spin); the spun task, also bound as ``spun``."""
+        words = line.split()
+        if len(words) != 1:
+            raise UsageError("name the step to spin: %mf_spin train (or RUN/STEP/TASK for one foreach item)")
+        target = words[0] if "/" in words[0] else None
+        if target is None:
+            if self.last_run is None:
+                raise UsageError("nothing to spin against: run the flow first (%mf_run)")
+            target = f"{self.last_run.id}/{words[0]}"
+        # persist: the spun task's artifacts are kept (in .metaflow_spin), so the notebook can read them.
+        executing, _, _, _ = self._executing("", lambda runner, _: runner.spin(target, persist=True))
+        task = executing.task
+        self.shell.push({"spun": task})
+        return task
 
     @line_magic
     def mf_export(self, line: str) -> None:
@@ -193,10 +222,14 @@ class FlowMagics(Magics):
 
 
 def _executed(
-    path: Path, decospecs: list[str], parameters: dict[str, Any], origin_run_id: str | None, assembled: Assembled
+    path: Path,
+    decospecs: list[str],
+    parameters: dict[str, Any],
+    act: Callable[[Any, dict[str, Any]], Any],
+    assembled: Assembled,
 ) -> tuple[Any, str]:
-    """The run of ``path`` (or its resume) by Metaflow's Runner, and what it printed; a run Metaflow will not
-    start (its checks, a decorator it does not know) is one line naming the cell."""
+    """What ``act`` ran on ``path`` with Metaflow's Runner (a run, a resume, a spin), and what it printed; a
+    run Metaflow will not start (its checks, a decorator it does not know) is one line naming the cell."""
     from metaflow import Runner
 
     # JPY_PARENT_PID empty: the run is a plain process, not one of this kernel's (as NBRunner does).
@@ -207,10 +240,7 @@ def _executed(
         raise UsageError(_refusal(exc, assembled, path)) from None
     with runner:
         try:
-            if origin_run_id is None:
-                executing = runner.run(**parameters)
-            else:
-                executing = runner.resume(origin_run_id=origin_run_id, **parameters)
+            executing = act(runner, parameters)
         except (TypeError, ValueError, RuntimeError) as exc:  # a parameter it cannot take, a run it refused
             raise UsageError(_refusal(exc, assembled, path)) from None
         except BaseException:  # an interrupt: the run's processes go with the cell
