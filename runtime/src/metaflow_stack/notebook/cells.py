@@ -22,7 +22,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _STEP = re.compile(r"[a-z][a-z0-9_]*")
 #: Names a FlowSpec has already: a step of that name would hide them.
 _RESERVED_STEPS = {"name", "next", "input", "index", "cmd", "foreach_stack", "merge_artifacts", "script_name"}
-_MAGICS = ("%%flow", "%%step", "%%helpers")
+_MAGICS = ("%%flow", "%%step", "%%helpers", "%flow")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def from_source(source: str, cell: Cell, tags: list[str] | tuple[str, ...] = ())
     first = first.replace("\t", " ")
     for magic in _MAGICS:
         if first == magic or first.startswith(magic + " "):
-            return from_magic(first[len(magic) :].strip(), rest, cell, magic[2:])
+            return from_magic(first[len(magic) :].strip(), rest, cell, magic.lstrip("%"))
     return _from_tags(source, cell, list(tags))
 
 

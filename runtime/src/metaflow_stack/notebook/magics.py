@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class, no_var_expand
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.notebook import cells, export
@@ -79,11 +79,11 @@ class FlowMagics(Magics):
         return decl
 
     @no_var_expand
-    @cell_magic
-    def flow(self, line: str, cell: str) -> None:
+    @line_cell_magic
+    def flow(self, line: str, cell: str | None = None) -> None:
         """%%flow FlowName [--param NAME=DEFAULT]... [--decorator DECO]...: declare the flow; the cell's code
-        (imports, helpers) goes before its class and runs here too."""
-        decl = self._declare("flow", line, cell, runs_here=True)
+        (imports, helpers) goes before its class and runs here too. ``%flow ...`` alone: a flow with no code."""
+        decl = self._declare("flow", line, cell or "", runs_here=True)
         assert isinstance(decl, cells.FlowDecl)
         params = ", ".join(name for name, _ in decl.parameters) or "none"
         print(f"flow {decl.name} (parameters: {params})")
