@@ -73,6 +73,25 @@ def need_kind_cluster() -> None:
     need("kind", bool(shutil.which("kubectl")) and name in clusters, why)
 
 
+#: Debian's Chromium, driven by Playwright (never a downloaded browser); screenshots land under SCREENSHOTS.
+CHROMIUM = Path(os.environ.get("STACK_TEST_CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOTS = PROJECT / ".stack" / "test-results"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    need("chromium", CHROMIUM.exists(), "install Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        yield browser
+        browser.close()
+
+
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private state directory for the whole session (registry storage, demo datastore)."""

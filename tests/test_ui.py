@@ -16,15 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LOOPBACK, PROJECT, VENV_BIN, fuzz_finds_nothing, need
+from conftest import LOOPBACK, SCREENSHOTS, VENV_BIN, fuzz_finds_nothing
 from playwright.sync_api import expect
 from service_servers import run_flow, start_service
 
 pytestmark = pytest.mark.slow
 
 #: Debian's Chromium here; CI elsewhere names its own Chrome.
-CHROMIUM = Path(os.environ.get("STACK_TEST_CHROMIUM", "/usr/bin/chromium"))
-SHOTS = PROJECT / ".stack" / "test-results" / "ui"
+SHOTS = SCREENSHOTS / "ui"
 FLOW = "branch_foreach_flow.py"
 STEPS = {"start", "fan", "each", "leaf", "inner_join", "fan_join", "side", "join", "end"}
 EDGES = {
@@ -191,21 +190,6 @@ def test_a_value_the_ui_may_not_read_is_an_error_on_that_artifact_only(ui: Ui) -
     assert task.status_code == 200
     items = {a["name"]: a for a in task.json()["artifacts"]}["items"]
     assert items["preview"].startswith("(not readable: ") and items["size"] > 0
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[object]:
-    need("chromium", CHROMIUM.exists(), "install Debian's chromium package")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        yield browser
-        browser.close()
 
 
 def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -> None:

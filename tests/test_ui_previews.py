@@ -1,4 +1,4 @@
-"""Previews of artifact values (``metaflow_stack.ui.previews``): plain data of
+"""Previews of artifact values (``metaflow_stack.datastore.previews``): plain data of
 every pickle protocol is shown, while a small pickle can neither name code,
 allocate without end, nor make the preview itself fail."""
 
@@ -9,7 +9,7 @@ import pickle
 import pytest
 from conftest import refuse_unpickling
 
-from metaflow_stack.ui.previews import MAX_INT_DIGITS, NotPlainData, plain_loads, render
+from metaflow_stack.datastore.previews import MAX_INT_DIGITS, NotPlainData, plain_loads, render
 
 
 class _Allocates:

@@ -1,9 +1,14 @@
 // The run's DAG: each step's state from its tasks, and a layout (dagre) to draw it.
 import dagre from "@dagrejs/dagre";
 
-import type { Graph, Status, TaskInfo } from "./api";
+import type { GraphStep, Status, TaskInfo } from "./api";
 
 export type StepStatus = Status | "pending";
+
+/** What drawing needs of a graph: each step's type and next steps (the UI's Graph, the notebook widget's). */
+export interface DagShape {
+  steps: Record<string, Pick<GraphStep, "type" | "next">>;
+}
 
 export interface StepState {
   name: string;
@@ -46,7 +51,7 @@ export function aggregate(counts: Record<Status, number>): StepStatus {
   return "pending";
 }
 
-export function stepStates(graph: Graph, tasks: TaskInfo[]): StepState[] {
+export function stepStates(graph: DagShape, tasks: TaskInfo[]): StepState[] {
   const byStep = new Map<string, TaskInfo[]>();
   for (const task of tasks) {
     const list = byStep.get(task.step_name) ?? [];
@@ -80,7 +85,7 @@ export const ITEMS_PER_ROW = 20;
 export const ITEM_CELL = 7;
 export const MAX_ITEM_CELLS = 400;
 
-export function layout(graph: Graph, states: StepState[]): Layout {
+export function layout(graph: DagShape, states: StepState[]): Layout {
   const g = new dagre.graphlib.Graph();
   g.setGraph({ rankdir: "TB", nodesep: 40, ranksep: 46, marginx: 16, marginy: 16 });
   g.setDefaultEdgeLabel(() => ({}));

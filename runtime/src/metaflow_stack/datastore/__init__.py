@@ -3,8 +3,9 @@
 Metaflow's own layout and conventions, once: which attempt a metadatum or
 tag belongs to (``attempts``), the type names it records (``type_names``),
 where a task attempt's logs are and how to read them in ranges, locally or
-from S3 (``log_files``), windows over them (``log_windows``), and the cursor
-format every paged answer uses (``cursors``). The metadata service, the
+from S3 (``log_files``), windows over them (``log_windows``), the cursor
+format every paged answer uses (``cursors``), and bounded previews of
+values that never unpickle code (``previews``). The metadata service, the
 agent's sources and the UI read through this package and never through each
 other's internals.
 """

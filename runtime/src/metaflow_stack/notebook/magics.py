@@ -16,6 +16,7 @@ never a traceback.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import secrets
@@ -96,7 +97,8 @@ class FlowMagics(Magics):
         decl = self._declare("step", line, cell)
         assert isinstance(decl, cells.StepDecl)
         each = f" (for each of {decl.foreach})" if decl.foreach else ""
-        print(f"step {decl.name} -> {' and '.join(decl.next) or 'where its self.next says'}{each}")
+        following = " and ".join(decl.next) or ("the flow's end" if decl.name == "end" else "where its self.next says")
+        print(f"step {decl.name} -> {following}{each}")
 
     @no_var_expand
     @cell_magic
@@ -137,20 +139,23 @@ class FlowMagics(Magics):
             index += 1
         return decospecs, parameters
 
-    def _executing(self, line: str, act: Callable[[Any, dict[str, Any]], Any]) -> tuple[Any, str, Assembled, Path]:
+    def _executing(
+        self, line: str, act: Callable[[Any, dict[str, Any]], Any], live: bool = False
+    ) -> tuple[Any, str, Assembled, Path, Any]:
         """``act(runner, parameters)`` on the assembled flow, its file beside the notebook (as a flow file
         written there: its folder is the run's path and code package, so modules beside the notebook import)
-        under a name of its own, removed whatever way the run ends."""
+        under a name of its own, removed whatever way the run ends; ``live``: with the DAG widget under the
+        cell (when the front end is built)."""
         assembled = self._assembled()
         decospecs, parameters = self._options(line)
         path = Path.cwd() / f"_mf_notebook_{assembled.name.lower()}_{secrets.token_hex(4)}.py"
         path.write_text(assembled.source)
         try:
-            executing, output = _executed(path, decospecs, parameters, act, assembled)
+            executing, output, dag = _executed(path, decospecs, parameters, act, assembled, live)
         finally:
             path.unlink(missing_ok=True)
             _forget_module(path)
-        return executing, output, assembled, path
+        return executing, output, assembled, path, dag
 
     def _run(self, line: str, origin_run_id: str | None = None) -> Any:
         def act(runner: Any, parameters: dict[str, Any]) -> Any:
@@ -158,9 +163,11 @@ class FlowMagics(Magics):
                 return runner.run(**parameters)
             return runner.resume(origin_run_id=origin_run_id, **parameters)
 
-        executing, output, assembled, path = self._executing(line, act)
+        executing, output, assembled, path, dag = self._executing(line, act, live=True)
         run = executing.run
         self.last_run = run
+        if dag is not None:
+            dag.finished(run)
         if not run.successful:
             for place in failure_places(output, assembled, path):
                 print(f"failed at {place}")
@@ -191,7 +198,7 @@ class FlowMagics(Magics):
                 raise UsageError("nothing to spin against: run the flow first (%mf_run)")
             target = f"{self.last_run.id}/{words[0]}"
         # persist: the spun task's artifacts are kept (in .metaflow_spin), so the notebook can read them.
-        executing, _, _, _ = self._executing("", lambda runner, _: runner.spin(target, persist=True))
+        executing, *_ = self._executing("", lambda runner, _: runner.spin(target, persist=True))
         task = executing.task
         self.shell.push({"spun": task})
         return task
@@ -210,15 +217,34 @@ class FlowMagics(Magics):
 
     @line_magic
     def mf_show(self, line: str) -> Any:
-        """%mf_show NAME, or %mf_show Flow/run/step/task NAME: a value of the last run (or of that task)."""
+        """%mf_show NAME (self.NAME: the last run's artifact; else a variable here, such as an agent query's
+        answer), %mf_show Flow/run/step/task NAME, or %mf_show Flow/run/step/task (its cards); --page N for
+        a DataFrame's next rows, --full to load a value bigger than the preview limit."""
         from metaflow_stack.notebook import show
 
-        words = line.split()
-        if len(words) == 1 and self.last_run is not None:
-            return show.value(show.find(self.last_run, words[0].removeprefix("self.")), words[0])
+        words, page, full = _show_options(line)
         if len(words) == 2:
-            return show.value(show.task_value(words[0], words[1]), words[1])
-        raise UsageError("show NAME (of the last run) or Flow/run/step/task NAME")
+            return show.artifact(show.task_artifact(*words), words[1], line.strip(), page, full)
+        if len(words) != 1:
+            raise UsageError("show NAME (of the last run, or a variable), Flow/run/step/task NAME, or a task's cards")
+        word = words[0]
+        if word.count("/") == 3:
+            return show.cards(show.task_of(word))
+        name = word.removeprefix("self.")
+        if not word.startswith("self.") and word in self.shell.user_ns:
+            return self._shown_variable(self.shell.user_ns[word], word, page, full)
+        if self.last_run is None:
+            raise UsageError(f"{word!r} is neither a variable here nor a value of a run (fix: %mf_run first)")
+        return show.artifact(show.find(self.last_run, name), name, line.strip(), page, full)
+
+    def _shown_variable(self, data: Any, name: str, page: int, full: bool) -> Any:
+        """A variable shown; an agent query's artifact (``ArtifactInfo``) stands for the value it names."""
+        from metaflow_stack.notebook import show
+
+        if "metaflow_stack.ArtifactInfo" in show.kinds(data):
+            found = show.task_artifact(data.pathspec, data.name)
+            return show.artifact(found, data.name, f"{data.pathspec} {data.name}", page, full)
+        return show.value(data, name, page)
 
 
 def _executed(
@@ -227,9 +253,11 @@ def _executed(
     parameters: dict[str, Any],
     act: Callable[[Any, dict[str, Any]], Any],
     assembled: Assembled,
-) -> tuple[Any, str]:
-    """What ``act`` ran on ``path`` with Metaflow's Runner (a run, a resume, a spin), and what it printed; a
-    run Metaflow will not start (its checks, a decorator it does not know) is one line naming the cell."""
+    live: bool,
+) -> tuple[Any, str, Any]:
+    """What ``act`` ran on ``path`` with Metaflow's Runner (a run, a resume, a spin), what it printed, and
+    its live DAG (``live`` and the widget built, else None); a run Metaflow will not start (its checks, a
+    decorator it does not know) is one line naming the cell."""
     from metaflow import Runner
 
     # JPY_PARENT_PID empty: the run is a plain process, not one of this kernel's (as NBRunner does).
@@ -238,16 +266,27 @@ def _executed(
         runner = Runner(str(path), **options)
     except Exception as exc:  # loading the flow file ran its code: whatever it raised is the user's
         raise UsageError(_refusal(exc, assembled, path)) from None
+    dag = _live_dag(assembled.name, path) if live else None
     with runner:
         try:
-            executing = act(runner, parameters)
+            with dag.progress.watching() if dag is not None else contextlib.nullcontext():
+                executing = act(runner, parameters)
         except (TypeError, ValueError, RuntimeError) as exc:  # a parameter it cannot take, a run it refused
             raise UsageError(_refusal(exc, assembled, path)) from None
         except BaseException:  # an interrupt: the run's processes go with the cell
             for command in runner.spm.commands.values():
                 command.kill()
             raise
-        return executing, executing.stdout + executing.stderr
+        return executing, executing.stdout + executing.stderr, dag
+
+
+def _live_dag(flow: str, path: Path) -> Any:
+    """The run's DAG widget, or None where it cannot be drawn (anywidget missing, the front end not built)."""
+    try:
+        from metaflow_stack.notebook import widget
+    except ImportError:
+        return None
+    return widget.LiveDag(flow, str(path)) if widget.available() else None
 
 
 def _refusal(error: BaseException, assembled: Assembled, path: Path) -> str:
@@ -255,10 +294,8 @@ def _refusal(error: BaseException, assembled: Assembled, path: Path) -> str:
     import traceback
 
     text = str(error).strip()
-    frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)]
-    places = failure_places(
-        text + "\n" + "\n".join(f'File "{f.rsplit(":", 1)[0]}", line {f.rsplit(":", 1)[1]}' for f in frames), assembled
-    )
+    frames = "\n".join(f'File "{f.filename}", line {f.lineno}' for f in traceback.extract_tb(error.__traceback__))
+    places = failure_places(f"{text}\n{frames}", assembled, path)
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("Stdout", "Stderr"))]
     reason = lines[-1] if lines else type(error).__name__
     return f"{places[-1]}: {reason}" if places else reason
@@ -271,6 +308,25 @@ def _forget_module(path: Path) -> None:
     except ImportError:
         return
     getattr(click_api, "loaded_modules", {}).pop(str(path), None)
+
+
+def _show_options(line: str) -> tuple[list[str], int, bool]:
+    """%mf_show's words, and its --page N and --full options."""
+    words, page, full = [], 1, False
+    given = line.split()
+    index = 0
+    while index < len(given):
+        if given[index] == "--full":
+            full = True
+        elif given[index] == "--page":
+            number = given[index + 1] if index + 1 < len(given) else ""
+            if not number.isdigit() or int(number) < 1:
+                raise UsageError(f"--page takes a page number from 1, not {number!r}")
+            page, index = int(number), index + 1
+        else:
+            words.append(given[index])
+        index += 1
+    return words, page, full
 
 
 def _literal(value: str) -> Any:

@@ -1,63 +1,373 @@
-"""A run's values in a notebook: found by name, shown bounded.
+"""A run's values in a notebook: found by name, loaded only when asked for, shown bounded.
 
-A value is loaded only when asked for, and what is displayed is bounded: a
-DataFrame shows its first rows with its shape, anything else its ``repr``
-cut at ``MAX_REPR`` characters with its full length said.
+Whatever the value, what reaches the front end is bounded: a DataFrame is
+one page of rows (its shape said, the next page one option away), an array
+numpy's own summary, a figure or an image one picture no larger than
+``MAX_IMAGE_SIDE``, a model its ``repr`` and parameters, a dict or a list a
+collapsible tree cut at ``MAX_ITEMS`` per level and ``MAX_DEPTH`` levels,
+anything else its ``repr`` cut at ``MAX_REPR`` characters with its full
+length said. A stored value bigger than ``MAX_LOAD_BYTES`` is not even
+loaded unless asked (``--full``). Types are recognised by their class
+names, so no library is imported to show a value that does not need it.
+
+Values load through Metaflow's Client, which unpickles them in this
+kernel, as ``Task(...)[name].data`` would: only for runs whose code you
+would run. Cards are shown in a sandboxed frame (scripts, no access to the
+notebook's origin).
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
+import json
+import math
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.display import HTML
+
+from metaflow_stack.datastore.previews import render
 
 MAX_REPR = 10_000
-DATAFRAME_ROWS = 50
+#: Rows of a DataFrame on one page.
+PAGE_ROWS = 50
+#: Items of a dict or list (per level) and levels of nesting, in the tree view.
+MAX_ITEMS, MAX_DEPTH = 50, 6
+#: Longest side of a displayed image or figure, in pixels.
+MAX_IMAGE_SIDE = 1600
+#: Image files (bytes artifacts) shown as pictures up to this size.
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+#: Stored (compressed) size above which a value is loaded only with ``--full``.
+MAX_LOAD_BYTES = 256 * 1024 * 1024
+#: Parameters of a model listed at most.
+MAX_PARAMETERS = 50
+#: Characters of one table cell.
+MAX_CELL = 200
+
+
+class Shown:
+    """A value as displayed: a MIME bundle (IPython asks ``_repr_mimebundle_``), ``text/plain`` always in it."""
+
+    def __init__(self, bundle: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self.bundle = bundle
+        self.metadata = metadata or {}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.bundle, self.metadata
+
+    def __repr__(self) -> str:
+        return self.bundle["text/plain"]
 
 
 def find(run: Any, name: str) -> Any:
-    """``name``'s value in ``run``: from the last step that has it (end first, then back)."""
+    """``name``'s artifact (Metaflow's ``DataArtifact``) in ``run``: from the last step that has it."""
     for step in run:
         for task in step:
             if name in task:
-                return task[name].data
+                return task[name]
     raise UsageError(f"no step of {run.pathspec} has an artifact {name!r}")
 
 
-def task_value(pathspec: str, name: str) -> Any:
-    """``name``'s value in the task ``pathspec`` (Flow/run/step/task), whatever the kernel's namespace."""
+def task_of(pathspec: str) -> Any:
+    """The task ``pathspec`` (Flow/run/step/task), whatever the kernel's namespace."""
     from metaflow import Task
     from metaflow.exception import MetaflowInvalidPathspec, MetaflowNotFound
 
     try:
-        task = Task(pathspec, _namespace_check=False)
+        return Task(pathspec, _namespace_check=False)
     except (MetaflowNotFound, MetaflowInvalidPathspec):
         raise UsageError(f"no task {pathspec} (a task is Flow/run/step/task)") from None
+
+
+def task_artifact(pathspec: str, name: str) -> Any:
+    """``name``'s artifact in the task ``pathspec``."""
+    task = task_of(pathspec)
     if name not in task:
         raise UsageError(f"{pathspec} has no artifact {name!r}")
-    return task[name].data
+    return task[name]
 
 
-class _Cut:
-    """A ``repr`` cut short, displayed as its text (not as a quoted string)."""
+def artifact(found: Any, name: str, how: str, page: int = 1, full: bool = False) -> Shown:
+    """A stored artifact shown: loaded unless it is bigger than ``MAX_LOAD_BYTES`` and ``full`` is not set
+    (``how`` is the magic line that shows it, to name the option that loads it)."""
+    size = getattr(found, "size", None)
+    if isinstance(size, int) and size > MAX_LOAD_BYTES and not full:
+        text = f"{name}: {_bytes(size)} stored, not loaded (fix: %mf_show {how} --full loads it)"
+        return Shown({"text/plain": text, "text/html": f"<p>{html.escape(text)}</p>"})
+    return value(found.data, name, page)
 
-    def __init__(self, text: str) -> None:
-        self.text = text
 
-    def __repr__(self) -> str:
-        return self.text
+def value(data: Any, name: str, page: int = 1) -> Shown:
+    """What to display for ``data``, bounded; ``page`` picks a DataFrame's page of rows."""
+    names = kinds(data)
+    for kind, renderer in _BY_TYPE:
+        if kind in names:
+            return renderer(data, name, page)
+    if isinstance(data, bytes | bytearray) and _image_type(data):
+        return _image_bytes(bytes(data), name)
+    if callable(getattr(data, "named_parameters", None)) and callable(getattr(data, "state_dict", None)):
+        return _torch_module(data, name)
+    if callable(getattr(data, "get_params", None)) and callable(getattr(data, "fit", None)):
+        return _estimator(data, name)
+    if _is_model_dump(data):
+        return _tree(data.model_dump(mode="json"), name)
+    if isinstance(data, dict | list | tuple | set | frozenset):
+        return _tree(data, name)
+    if isinstance(data, str):  # its text, cut (nothing copied but the part shown)
+        return Shown({"text/plain": _cut(data)})
+    if isinstance(data, int):  # a huge one is described by its size (Python will not print past 4,300 digits)
+        return Shown({"text/plain": render(data, MAX_REPR)})
+    return Shown({"text/plain": _cut(repr(data))})
 
 
-def value(data: Any, name: str) -> Any:
-    """What to display for ``data``: bounded."""
-    head = getattr(data, "head", None)
-    if callable(head) and hasattr(data, "shape") and hasattr(data, "to_html"):
-        shape = " x ".join(str(n) for n in data.shape)
-        title = f"<p><b>{html.escape(name)}</b>: {html.escape(type(data).__name__)}, {shape}</p>"
-        return HTML(title + head(DATAFRAME_ROWS).to_html())
-    text = repr(data)
-    if len(text) > MAX_REPR:
-        return _Cut(f"{text[:MAX_REPR]}\n... ({len(text)} characters in all)")
-    return data
+def cards(task: Any) -> Shown:
+    """The task's Metaflow cards, each in a sandboxed frame (its scripts run, away from the notebook)."""
+    from metaflow.cards import get_cards
+
+    found = list(get_cards(task))
+    if not found:
+        raise UsageError(f"{task.pathspec} has no cards (fix: add @card to its step)")
+    frames = []
+    for card in found:
+        label = html.escape(f"{card.type} card" + (f" {card.id}" if card.id else ""))
+        frames.append(
+            f"<p><b>{label}</b> of {html.escape(task.pathspec)}</p>"
+            f'<iframe sandbox="allow-scripts" style="width:100%;height:600px;border:1px solid #ccc" '
+            f'srcdoc="{html.escape(card.get(), quote=True)}"></iframe>'
+        )
+    return Shown({"text/plain": f"{len(found)} card(s) of {task.pathspec}", "text/html": "".join(frames)})
+
+
+def kinds(data: Any) -> set[str]:
+    """``package.Class`` of each of ``data``'s classes (its MRO): types told apart without importing their
+    library (by top-level package, as libraries move classes between their modules)."""
+    return {f"{cls.__module__.partition('.')[0]}.{cls.__qualname__}" for cls in type(data).__mro__}
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_REPR else f"{text[:MAX_REPR]}\n... ({len(text):,} characters in all)"
+
+
+def _bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def _cell(item: Any) -> str:
+    return html.escape(render(item, MAX_CELL))
+
+
+def _table(name: str, title: str, columns: list[str], rows: list[tuple], total: int, page: int) -> Shown:
+    """A page of rows as an HTML table, with where it is in the whole and how to see the next page."""
+    pages = max(1, math.ceil(total / PAGE_ROWS))
+    first = (page - 1) * PAGE_ROWS
+    where = f"rows {first + 1:,}-{first + len(rows):,} of {total:,}, page {page:,} of {pages:,}" if rows else ""
+    more = f"; next: %mf_show {name} --page {page + 1}" if page < pages else ""
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(item)}</td>" for item in row) + "</tr>" for row in rows)
+    caption = f"{name}: {title}" + (f" ({where}{more})" if where else " (no rows on this page)")
+    text = caption + "\n" + "\n".join("  ".join(render(item, 40) for item in row) for row in rows[:10])
+    return Shown(
+        {
+            "text/plain": text,
+            "text/html": f"<p><b>{html.escape(name)}</b>: {html.escape(title)}"
+            f"{html.escape(f' ({where}{more})' if where else ' (no rows on this page)')}</p>"
+            f'<table class="dataframe"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>',
+        }
+    )
+
+
+def _page_bounds(total: int, page: int) -> tuple[int, int]:
+    start = (max(page, 1) - 1) * PAGE_ROWS
+    return min(start, total), min(start + PAGE_ROWS, total)
+
+
+def _pandas(data: Any, name: str, page: int) -> Shown:
+    frame = data.to_frame() if data.ndim == 1 else data
+    start, stop = _page_bounds(len(frame), page)
+    window = frame.iloc[start:stop]
+    columns = [str(frame.index.name or "")] + [str(column) for column in frame.columns]
+    rows = [tuple(row) for row in window.itertuples(index=True, name=None)]
+    title = f"{type(data).__name__}, {' x '.join(f'{n:,}' for n in data.shape)}"
+    return _table(name, title, columns, rows, len(frame), page)
+
+
+def _polars(data: Any, name: str, page: int) -> Shown:
+    frame = data.to_frame() if type(data).__name__ == "Series" else data
+    start, stop = _page_bounds(frame.height, page)
+    rows = frame.slice(start, stop - start).rows()
+    title = f"polars {type(data).__name__}, {' x '.join(f'{n:,}' for n in frame.shape)}"
+    return _table(name, title, list(frame.columns), rows, frame.height, page)
+
+
+def _numpy(data: Any, name: str, page: int) -> Shown:
+    import numpy
+
+    title = f"{name}: ndarray {data.dtype} {tuple(data.shape)}, {_bytes(data.nbytes)}"
+    # numpy summarises counts, not characters: wide rows or long strings are cut too
+    body = _cut(numpy.array2string(data, threshold=200, edgeitems=4, max_line_width=120))
+    page_html = f"<p><b>{html.escape(title)}</b></p><pre>{html.escape(body)}</pre>"
+    return Shown({"text/plain": f"{title}\n{body}", "text/html": page_html})
+
+
+def _png(png: bytes, title: str, mime: str = "image/png") -> Shown:
+    return Shown({"text/plain": title, mime: base64.b64encode(png).decode()})
+
+
+def _matplotlib(data: Any, name: str, page: int) -> Shown:
+    width, height = data.get_size_inches()
+    dpi = min(float(data.dpi), MAX_IMAGE_SIDE / max(width, height, 1e-6))
+    buffer = io.BytesIO()
+    data.savefig(buffer, format="png", dpi=dpi)
+    return _png(buffer.getvalue(), f"{name}: matplotlib figure, {width:g} x {height:g} in")
+
+
+def _plotly(data: Any, name: str, page: int) -> Shown:
+    """Plotly's own MIME type (JupyterLab, Notebook 7 and VS Code draw it), and HTML loading plotly.js from its
+    CDN for nbconvert; a figure whose JSON passes ``MAX_IMAGE_BYTES`` is described, not sent."""
+    import plotly.io
+
+    title = f"{name}: plotly figure, {len(data.data)} trace(s)"
+    spec = plotly.io.to_json(data, validate=False)
+    if len(spec) > MAX_IMAGE_BYTES:
+        return Shown({"text/plain": f"{title}, {_bytes(len(spec))} of JSON (not shown: larger than the limit)"})
+    page_html = plotly.io.to_html(data, include_plotlyjs="cdn", full_html=False, validate=False)
+    return Shown({"text/plain": title, "application/vnd.plotly.v1+json": json.loads(spec), "text/html": page_html})
+
+
+def _pil(data: Any, name: str, page: int) -> Shown:
+    title = f"{name}: image {data.width} x {data.height} ({data.mode})"
+    picture = data.copy()
+    picture.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    if picture.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+        picture = picture.convert("RGBA")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return _png(buffer.getvalue(), title)
+
+
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+
+
+def _image_type(data: bytes | bytearray) -> str | None:
+    return next((mime for magic, mime in _MAGIC.items() if data.startswith(magic)), None)
+
+
+def _image_bytes(data: bytes, name: str) -> Shown:
+    mime = _image_type(data) or "image/png"
+    title = f"{name}: {mime.split('/')[1].upper()} file, {_bytes(len(data))}"
+    if len(data) > MAX_IMAGE_BYTES:
+        return Shown({"text/plain": f"{title} (not shown: larger than {_bytes(MAX_IMAGE_BYTES)})"})
+    return _png(data, title, mime)
+
+
+def _parameters_table(title: str, text: str, rows: list[tuple[str, ...]], columns: tuple[str, ...], more: int) -> Shown:
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
+    cells = ("".join(f"<td><code>{html.escape(cell)}</code></td>" for cell in row) for row in rows)
+    body = "".join(f"<tr>{row}</tr>" for row in cells)
+    tail = f"<p>... and {more:,} more</p>" if more else ""
+    listed = "\n".join("  ".join(row) for row in rows) + (f"\n... and {more:,} more" if more else "")
+    return Shown(
+        {
+            "text/plain": f"{title}\n{text}\n{listed}",
+            "text/html": f"<p><b>{html.escape(title)}</b></p><pre>{html.escape(text)}</pre>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{tail}",
+        }
+    )
+
+
+def _estimator(data: Any, name: str) -> Shown:
+    """A scikit-learn-style model: its ``repr``, its parameters, and what fitting learnt (names ending in _)."""
+    params = sorted(data.get_params(deep=False).items())
+    rows = [(key, render(param, MAX_CELL)) for key, param in params[:MAX_PARAMETERS]]
+    learnt = sorted(key for key in vars(data) if key.endswith("_") and not key.startswith("_"))
+    fitted = f"fitted: {', '.join(learnt[:MAX_PARAMETERS])}" if learnt else "not fitted"
+    title = f"{name}: {type(data).__module__.split('.')[0]} {type(data).__name__} ({fitted})"
+    return _parameters_table(title, render(data, MAX_REPR), rows, ("parameter", "value"), len(params) - len(rows))
+
+
+def _torch_module(data: Any, name: str) -> Shown:
+    """A PyTorch module: its structure (``repr``), its parameter count and each parameter's shape."""
+    named = list(data.named_parameters())
+    count = sum(int(param.numel()) for _, param in named)
+    rows = [
+        (key, str(tuple(param.shape)), str(param.dtype).removeprefix("torch."), str(bool(param.requires_grad)))
+        for key, param in named[:MAX_PARAMETERS]
+    ]
+    text = _cut(repr(data))
+    title = f"{name}: torch {type(data).__name__}, {count:,} parameters"
+    return _parameters_table(title, text, rows, ("parameter", "shape", "dtype", "trained"), len(named) - len(rows))
+
+
+def _is_model_dump(data: Any) -> bool:
+    return callable(getattr(data, "model_dump", None)) and "pydantic.BaseModel" in kinds(data)
+
+
+def _bounded(data: Any, depth: int = 0) -> Any:
+    """A JSON value of ``data``, cut at ``MAX_ITEMS`` per level and ``MAX_DEPTH`` levels (what is left out
+    is counted in place)."""
+    if isinstance(data, str):
+        return data if len(data) <= MAX_CELL else f"{data[:MAX_CELL]}... ({len(data):,} characters)"
+    if isinstance(data, int) and not isinstance(data, bool) and data.bit_length() > 64:
+        return render(data, MAX_CELL)  # JSON readers lose precision past 64 bits; a huge one is described
+    if isinstance(data, float) and not math.isfinite(data):
+        return repr(data)
+    if isinstance(data, bool | int | float) or data is None:
+        return data
+    if depth >= MAX_DEPTH:
+        return render(data, MAX_CELL)
+    if isinstance(data, dict):
+        items = list(data.items())
+        shown = {str(key): _bounded(item, depth + 1) for key, item in items[:MAX_ITEMS]}
+        if len(items) > MAX_ITEMS:
+            shown["..."] = f"{len(items) - MAX_ITEMS:,} more"
+        return shown
+    if isinstance(data, list | tuple | set | frozenset):
+        items = list(data) if not isinstance(data, set | frozenset) else sorted(data, key=repr)
+        shown_list = [_bounded(item, depth + 1) for item in items[:MAX_ITEMS]]
+        if len(items) > MAX_ITEMS:
+            shown_list.append(f"... {len(items) - MAX_ITEMS:,} more")
+        return shown_list
+    if _is_model_dump(data):
+        return _bounded(data.model_dump(mode="json"), depth)
+    return render(data, MAX_CELL)
+
+
+def _details(data: Any, label: str, open_: bool = False) -> str:
+    """The bounded JSON value as nested ``<details>`` (for front ends without a JSON viewer, and nbconvert)."""
+    if isinstance(data, dict | list):
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        inner = "".join(f"<li>{_details(item, str(key))}</li>" for key, item in items)
+        kind = f"{{{len(data)}}}" if isinstance(data, dict) else f"[{len(data)}]"
+        opened = " open" if open_ else ""
+        return (
+            f"<details{opened}><summary>{html.escape(label)} {kind}</summary>"
+            f'<ul style="list-style:none">{inner}</ul></details>'
+        )
+    return f"{html.escape(label)}: <code>{html.escape(json.dumps(data))}</code>"
+
+
+def _tree(data: Any, name: str) -> Shown:
+    shown = _bounded(data)
+    text = render(data, MAX_REPR)
+    return Shown(
+        {"text/plain": text, "application/json": shown, "text/html": _details(shown, name, open_=True)},
+        {"application/json": {"expanded": False, "root": name}},
+    )
+
+
+#: Renderers by the package and name of a class in the value's MRO (nothing imported to find out).
+_BY_TYPE = [
+    ("pandas.DataFrame", _pandas),
+    ("pandas.Series", _pandas),
+    ("polars.DataFrame", _polars),
+    ("polars.Series", _polars),
+    ("numpy.ndarray", _numpy),
+    ("matplotlib.Figure", _matplotlib),
+    ("plotly.BaseFigure", _plotly),
+    ("PIL.Image", _pil),
+]

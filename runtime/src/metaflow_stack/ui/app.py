@@ -29,13 +29,13 @@ from metaflow_stack.agent.queries import MAX_RUNS, Queries
 from metaflow_stack.agent.source import AgentError, pathspec_parts
 from metaflow_stack.api_errors import ApiError, install
 from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
 from metaflow_stack.http_guard import SESSION_COOKIE, Guard, GuardMiddleware
 from metaflow_stack.ui.cards import CARD_POLICY, Cards
 from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.compare import all_tasks, compare
 from metaflow_stack.ui.lineage import lineage
 from metaflow_stack.ui.local_runs import LocalRuns
-from metaflow_stack.ui.previews import MAX_PREVIEW_BYTES
 from metaflow_stack.ui.service_runs import ServiceRuns
 
 #: Where the UI reads: a local datastore, or the metadata service.

@@ -19,7 +19,7 @@ from typing import Any
 
 from metaflow_stack.agent.source import AgentError
 from metaflow_stack.datastore.log_files import s3_client
-from metaflow_stack.ui.previews import MAX_PICKLE_BYTES
+from metaflow_stack.datastore.previews import MAX_PICKLE_BYTES
 
 
 def s3_location(root: str, *parts: str) -> tuple[str, str]:

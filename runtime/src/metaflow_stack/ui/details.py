@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from metaflow_stack.agent.source import AgentError
+from metaflow_stack.datastore.previews import MAX_PICKLE_BYTES, MAX_PREVIEW_BYTES, NotPlainData, plain_loads, render
 from metaflow_stack.ui.blobs import Blobs
-from metaflow_stack.ui.previews import MAX_PICKLE_BYTES, MAX_PREVIEW_BYTES, NotPlainData, plain_loads, render
 
 
 class Details:
