@@ -23,6 +23,7 @@ import html
 import io
 import json
 import math
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -95,7 +96,12 @@ def artifact(found: Any, name: str, how: str, page: int = 1, full: bool = False)
     if isinstance(size, int) and size > MAX_LOAD_BYTES and not full:
         text = f"{name}: {_bytes(size)} stored, not loaded (fix: %mf_show {how} --full loads it)"
         return Shown({"text/plain": text, "text/html": f"<p>{html.escape(text)}</p>"})
-    return value(found.data, name, page)
+    data = found.data
+    shown = value(data, name, page)
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None and "matplotlib.Figure" in kinds(data):
+        pyplot.close(data)  # an unpickled figure joins pyplot's, and the inline backend would draw it again
+    return shown
 
 
 def value(data: Any, name: str, page: int = 1) -> Shown:
