@@ -150,3 +150,37 @@ def test_export_from_magics_and_from_tags_writes_the_same_flow(tmp_path: Path) -
     checked = run_cli("notebook", "export", str(by_magic), "-o", str(tmp_path / "checked.py"), "--check")
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert checked.stdout.strip().splitlines()[-1].startswith("TrainFlow/")
+
+
+def test_import_turns_a_flow_file_into_a_notebook_that_runs_and_exports_it_back(tmp_path: Path) -> None:
+    nbformat.write(_notebook(FLOW_CELLS), tmp_path / "magic.ipynb")
+    exported = tmp_path / "exported.py"
+    assert run_cli("notebook", "export", str(tmp_path / "magic.ipynb"), "-o", str(exported)).returncode == 0
+    imported = tmp_path / "imported.ipynb"
+    done = run_cli("notebook", "import", str(exported), "-o", str(imported))
+    assert done.returncode == 0, done.stderr
+    again = tmp_path / "again.py"
+    assert run_cli("notebook", "export", str(imported), "-o", str(again)).returncode == 0
+    assert again.read_text() == exported.read_text()  # the way back and forth loses nothing
+
+    notebook = nbformat.read(imported, as_version=4)
+    assert notebook.cells[1].source == "%load_ext metaflow_stack.notebook"
+    assert notebook.cells[5].source.startswith("%%step each --decorator 'retry(times=1)' --next gather\n")
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    assert "'alpha 0.5: 7.0'" in _outputs(notebook.cells[-1]) or "successful" in _outputs(notebook.cells[-1])
+    check = "from metaflow import Flow, namespace\nnamespace(None)\nprint(Flow('TrainFlow').latest_run.data.result)"
+    listed = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    assert listed.stdout.strip().splitlines()[-1] == "alpha 0.5: 7.0"  # (1 + 4 + 9) * 0.5
+
+    odd = tmp_path / "odd_flow.py"
+    odd.write_text(
+        exported.read_text().replace(
+            "    @step\n    def start", "    def helper(self):\n        pass\n\n    @step\n    def start"
+        )
+    )
+    refused = run_cli("notebook", "import", str(odd), "-o", str(tmp_path / "odd.ipynb"))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "the flow's functiondef helper is not a step or a parameter" in refused.stderr
+    assert not (tmp_path / "odd.ipynb").exists()

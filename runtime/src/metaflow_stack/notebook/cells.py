@@ -22,7 +22,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _STEP = re.compile(r"[a-z][a-z0-9_]*")
 #: Names a FlowSpec has already: a step of that name would hide them.
 _RESERVED_STEPS = {"name", "next", "input", "index", "cmd", "foreach_stack", "merge_artifacts", "script_name"}
-_MAGICS = ("%%flow", "%%step", "%%helpers", "%flow")
+_MAGICS = ("%%flow", "%%step", "%%helpers", "%flow", "%step")
 
 
 @dataclass(frozen=True)

@@ -90,11 +90,11 @@ class FlowMagics(Magics):
         print(f"flow {decl.name} (parameters: {params})")
 
     @no_var_expand
-    @cell_magic
-    def step(self, line: str, cell: str) -> None:
+    @line_cell_magic
+    def step(self, line: str, cell: str | None = None) -> None:
         """%%step NAME [--next A,B] [--foreach VAR] [--join] [--decorator DECO]...: declare (or replace) a step;
-        ``self`` works as in a flow's method."""
-        decl = self._declare("step", line, cell)
+        ``self`` works as in a flow's method. ``%step ...`` alone: a step with no code of its own."""
+        decl = self._declare("step", line, cell or "")
         assert isinstance(decl, cells.StepDecl)
         each = f" (for each of {decl.foreach})" if decl.foreach else ""
         following = " and ".join(decl.next) or ("the flow's end" if decl.name == "end" else "where its self.next says")

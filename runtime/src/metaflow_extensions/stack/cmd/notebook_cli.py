@@ -1,7 +1,8 @@
-"""``metaflow notebook export``: a notebook's flow (``%%flow``/``%%step`` cells, or tags) as a flow file.
+"""``metaflow notebook export``: a notebook's flow (``%%flow``/``%%step`` cells, or tags) as a flow file;
+``metaflow notebook import``: a flow file as such a notebook.
 
-Thin glue over ``metaflow_stack.notebook.export``; ``--check`` runs the
-written file with Metaflow's ``Runner``, as ``python FILE run`` would.
+Thin glue over ``metaflow_stack.notebook.export`` and ``.importer``; ``--check``
+runs the written file with Metaflow's ``Runner``, as ``python FILE run`` would.
 """
 
 from __future__ import annotations
@@ -47,3 +48,13 @@ def export(notebook_file: str, output: str, check: bool) -> None:
             fix = f"in {written.parent}, `metaflow agent failures {run.pathspec}` lists what failed"
             raise StackError(f"{run.pathspec} failed", fix=fix)
         click.echo(run.pathspec)
+
+
+@notebook.command(name="import", help="Write a flow file as a notebook: a %%flow cell and one %%step cell per step.")
+@click.argument("flow_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The notebook to write.")
+@_friendly
+def import_(flow_file: str, output: str) -> None:
+    from metaflow_stack.notebook import importer
+
+    click.echo(str(importer.write(Path(flow_file), Path(output))))
