@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import nbformat
 import pytest
-from conftest import LOOPBACK, SCREENSHOTS
+from conftest import LOOPBACK, SCREENSHOTS, run_cli
 from devservers import free_port
 from nbclient import NotebookClient
 from playwright.sync_api import expect
@@ -165,3 +165,25 @@ def test_a_saved_notebook_keeps_the_runs_final_states(tmp_path: Path) -> None:
     each = sorted((t["foreach"], t["attempt"], t["status"]) for t in dag["tasks"] if t["step_name"] == "each")
     assert each == [(["items=1"], 0, "completed"), (["items=2"], 1, "completed"), (["items=3"], 0, "completed")]
     assert dag["state"] == "completed" and dag["run"].startswith("LiveFlow/")
+
+
+def test_jupyterlab_exports_the_notebooks_flow_from_its_file_menu(jupyter: Jupyter, chromium) -> None:
+    """File > Save and Export Notebook As > Metaflow: the nbconvert exporter the package registers, so
+    no front-end extension is needed; the file is the one ``metaflow notebook export`` writes."""
+    folder = jupyter.root / "export"
+    folder.mkdir()
+    notebook = _write(folder, "export.ipynb")
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{jupyter.url}/lab/tree/{folder.name}/{notebook.name}?token={jupyter.token}")
+    expect(page.locator(".jp-Notebook")).to_be_visible(timeout=60_000)
+    page.get_by_role("menuitem", name="File", exact=True).click()
+    page.locator(".lm-Menu-itemLabel", has_text="Save and Export Notebook As").hover()  # Lumino opens on hover
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("menuitem", name="Metaflow", exact=True).click()
+    saved = folder / "downloaded.py"
+    download.value.save_as(saved)
+    page.close()
+    assert download.value.suggested_filename == "export.py"
+    written = folder / "written.py"
+    assert run_cli("notebook", "export", str(notebook), "-o", str(written)).returncode == 0
+    assert saved.read_text() == written.read_text() and "class LiveFlow(FlowSpec):" in saved.read_text()

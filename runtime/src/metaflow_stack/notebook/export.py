@@ -3,14 +3,17 @@
 ``from_notebook`` reads an ``.ipynb`` (nbformat) and declares every cell as
 the magics would, from its magic line or its tags; cells that declare
 nothing (exploration, plots) are left out. ``write`` formats the file with
-ruff when it is installed and writes it whole.
+ruff when it is installed and writes it whole. ``nbconvert_exporter`` offers
+the same file to JupyterLab's and Notebook 7's export menu.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from metaflow_stack.deploy import require, write_atomically
 from metaflow_stack.errors import InvalidInput
@@ -25,6 +28,11 @@ def from_notebook(path: Path) -> Assembled:
         notebook = nbformat.read(str(path), as_version=4)
     except (OSError, ValueError) as exc:
         raise InvalidInput(str(path), f"is not a notebook: {exc}", fix="name an .ipynb file") from None
+    return from_cells(notebook)
+
+
+def from_cells(notebook: Any) -> Assembled:
+    """The flow a notebook's (nbformat's) cells declare."""
     flow = NotebookFlow()
     for index, cell in enumerate(notebook.cells, start=1):
         if cell.cell_type != "code":
@@ -37,7 +45,8 @@ def from_notebook(path: Path) -> Assembled:
 
 def formatted(source: str) -> str:
     """``source`` as ruff formats it (as it is, when ruff is not installed)."""
-    ruff = shutil.which("ruff")
+    # On PATH, or beside this Python (a kernel or Jupyter server started from a virtualenv without activating it)
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
     if ruff is None:
         return source
     done = subprocess.run([ruff, "format", "-"], input=source, capture_output=True, text=True, timeout=60)

@@ -49,8 +49,8 @@ def graph_of(flow_file: str) -> dict[str, Any]:
 
 
 class Progress:
-    """The tasks of the run being watched, as the runtime announces them; ``changed`` is told (at most every
-    ``FLUSH_SECONDS``) with the tasks in the agent's ``TaskInfo`` shape."""
+    """The tasks of the run being watched, as the runtime announces them; ``changed`` is told with the tasks in
+    the agent's ``TaskInfo`` shape: at once after a quiet spell, then at most every ``FLUSH_SECONDS``."""
 
     def __init__(self, flow: str, graph: dict[str, Any], changed: Callable[[list[dict[str, Any]]], None]) -> None:
         self.flow = flow
@@ -59,6 +59,7 @@ class Progress:
         self._tasks: dict[str, dict[str, Any]] = {}
         self._changed = changed
         self._dirty = False
+        self._flushed = 0.0
         self._lock = threading.Lock()
 
     def feed(self, line: str) -> None:
@@ -86,6 +87,9 @@ class Progress:
             else:
                 return
             self._dirty = True
+            due = time.monotonic() - self._flushed >= FLUSH_SECONDS
+        if due:  # the first change after a quiet spell is shown at once; a burst waits for the flusher
+            self.flush()
 
     def _new(self, pathspec: str, step: str, now: int) -> dict[str, Any]:
         index = sum(1 for task in self._tasks.values() if task["step_name"] == step)
@@ -110,6 +114,7 @@ class Progress:
             if not self._dirty:
                 return
             self._dirty = False
+            self._flushed = time.monotonic()
         self._changed(self.tasks())
 
     @contextmanager
