@@ -174,7 +174,8 @@ def test_jupyterlab_exports_the_notebooks_flow_from_its_file_menu(jupyter: Jupyt
     folder.mkdir()
     notebook = _write(folder, "export.ipynb")
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{jupyter.url}/lab/tree/{folder.name}/{notebook.name}?token={jupyter.token}")
+    # ?reset: a fresh workspace, so the tabs an earlier test left open stay closed (the export is the active tab)
+    page.goto(f"{jupyter.url}/lab/tree/{folder.name}/{notebook.name}?reset&token={jupyter.token}")
     expect(page.locator(".jp-Notebook")).to_be_visible(timeout=60_000)
     page.get_by_role("menuitem", name="File", exact=True).click()
     page.locator(".lm-Menu-itemLabel", has_text="Save and Export Notebook As").hover()  # Lumino opens on hover

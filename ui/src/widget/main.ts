@@ -26,8 +26,9 @@ interface Detail {
   error?: string;
   step?: string;
   task?: string;
-  tasks?: TaskInfo[];
   artifacts?: { name: string; type: string | null; size: number | null }[];
+  /** More artifacts than listed. */
+  more?: boolean;
   stdout?: string[];
   stderr?: string[];
   show?: string;
@@ -55,18 +56,20 @@ function sizeText(size: number | null): string {
   return `${(size / 1024 / 1024).toFixed(1)} MiB`;
 }
 
-function drawGraph(model: Model, select: (selection: Selection) => void): SVGSVGElement {
+let views = 0;
+
+function drawGraph(model: Model, select: (selection: Selection) => void, arrow: string): SVGSVGElement {
   const graph = model.get("graph");
   const placed = layout(graph, stepStates(graph, model.get("tasks")));
   const root = svg("svg", { class: "dag", width: placed.width, height: placed.height, viewBox: `0 0 ${placed.width} ${placed.height}` });
-  const marker = svg("marker", { id: "mf-arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" });
+  const marker = svg("marker", { id: arrow, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" });
   marker.append(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "arrow-head" }));
   const defs = svg("defs", {});
   defs.append(marker);
   root.append(defs);
   for (const edge of placed.edges) {
     const d = edge.points.map((p, i) => `${i === 0 ? "M" : "L"}${p.x},${p.y}`).join(" ");
-    root.append(svg("path", { class: edge.foreach ? "edge edge-foreach" : "edge", "data-edge": `${edge.from}->${edge.to}`, d, "marker-end": "url(#mf-arrow)" }));
+    root.append(svg("path", { class: edge.foreach ? "edge edge-foreach" : "edge", "data-edge": `${edge.from}->${edge.to}`, d, "marker-end": `url(#${arrow})` }));
   }
   for (const node of placed.nodes) {
     const group = svg("g", { class: `step status-${node.status}`, "data-step": node.name, "data-status": node.status, transform: `translate(${node.x},${node.y})` });
@@ -111,7 +114,7 @@ function drawGraph(model: Model, select: (selection: Selection) => void): SVGSVG
   return root;
 }
 
-function drawDetail(detail: Detail): HTMLElement {
+function detailPanel(detail: Detail): HTMLElement {
   const panel = element("div", undefined, "detail");
   panel.dataset.detail = detail.task ?? detail.step ?? "";
   if (detail.error) {
@@ -128,6 +131,7 @@ function drawDetail(detail: Detail): HTMLElement {
     table.append(row);
   }
   panel.append(table);
+  if (detail.more) panel.append(element("p", "(more artifacts than listed)", "hint"));
   if (detail.show) panel.append(element("p", `show a value: ${detail.show}`, "hint"));
   for (const stream of ["stdout", "stderr"] as const) {
     const lines = detail[stream] ?? [];
@@ -139,24 +143,46 @@ function drawDetail(detail: Detail): HTMLElement {
   return panel;
 }
 
-const STATES: Record<string, Status | "pending"> = { starting: "pending", running: "running", completed: "completed", failed: "failed" };
+/** The run's state as the title colours it (a refused run failed; an interrupted one was killed). */
+const STATES: Record<string, Status | "pending"> = {
+  starting: "pending",
+  running: "running",
+  completed: "completed",
+  failed: "failed",
+  refused: "failed",
+  interrupted: "killed",
+};
 
 function render({ model, el }: { model: Model; el: HTMLElement }): () => void {
+  const arrow = `mf-arrow-${++views}`; // one marker id per view: several views of a run share a page
   const style = element("style", css);
   const root = element("div", undefined, "mf-dag");
+  const title = element("div", undefined, "title");
+  const graph = element("div", undefined, "graph");
+  const detail = element("div");
+  root.append(title, graph, detail);
   el.append(style, root);
-  const select = (selection: Selection) => model.send(selection);
-  const draw = () => {
-    const state = model.get("state");
-    const title = element("div", `${model.get("run") || "starting"}: ${state}`, `title status-${STATES[state] ?? "pending"}`);
-    title.dataset.state = state;
-    root.replaceChildren(title, drawGraph(model, select), drawDetail(model.get("detail")));
+  const select = (selection: Selection) => {
+    model.send(selection);
+    // The kernel answers once the cell running the flow is done (it runs one cell at a time).
+    if (model.get("state") === "running") detail.replaceChildren(element("p", "details when the run ends ...", "hint"));
   };
-  draw();
-  const events = ["change:tasks", "change:state", "change:run", "change:detail", "change:graph"];
-  for (const event of events) model.on(event, draw);
+  const drawRun = () => {
+    const state = model.get("state");
+    title.textContent = `${model.get("run") || "starting"}: ${state}`;
+    title.className = `title status-${STATES[state] ?? "pending"}`;
+    title.dataset.state = state;
+    graph.replaceChildren(drawGraph(model, select, arrow));
+  };
+  const drawDetail = () => detail.replaceChildren(detailPanel(model.get("detail")));
+  drawRun();
+  drawDetail();
+  const runEvents = ["change:tasks", "change:state", "change:run", "change:graph"];
+  for (const event of runEvents) model.on(event, drawRun);
+  model.on("change:detail", drawDetail);
   return () => {
-    for (const event of events) model.off(event, draw);
+    for (const event of runEvents) model.off(event, drawRun);
+    model.off("change:detail", drawDetail);
   };
 }
 

@@ -224,7 +224,7 @@ class FlowMagics(Magics):
 
         words, page, full = _show_options(line)
         if len(words) == 2:
-            return show.artifact(show.task_artifact(*words), words[1], line.strip(), page, full)
+            return show.artifact(show.task_artifact(*words), words[1], " ".join(words), page, full)
         if len(words) != 1:
             raise UsageError("show NAME (of the last run, or a variable), Flow/run/step/task NAME, or a task's cards")
         word = words[0]
@@ -235,7 +235,7 @@ class FlowMagics(Magics):
             return self._shown_variable(self.shell.user_ns[word], word, page, full)
         if self.last_run is None:
             raise UsageError(f"{word!r} is neither a variable here nor a value of a run (fix: %mf_run first)")
-        return show.artifact(show.find(self.last_run, name), name, line.strip(), page, full)
+        return show.artifact(show.find(self.last_run, name), name, word, page, full)
 
     def _shown_variable(self, data: Any, name: str, page: int, full: bool) -> Any:
         """A variable shown; an agent query's artifact (``ArtifactInfo``) stands for the value it names."""
@@ -272,21 +272,28 @@ def _executed(
             with dag.progress.watching() if dag is not None else contextlib.nullcontext():
                 executing = act(runner, parameters)
         except (TypeError, ValueError, RuntimeError) as exc:  # a parameter it cannot take, a run it refused
+            if dag is not None:
+                dag.stopped("refused")
             raise UsageError(_refusal(exc, assembled, path)) from None
         except BaseException:  # an interrupt: the run's processes go with the cell
             for command in runner.spm.commands.values():
                 command.kill()
+            if dag is not None:
+                dag.progress.settle("killed")
+                dag.stopped("interrupted")
             raise
         return executing, executing.stdout + executing.stderr, dag
 
 
 def _live_dag(flow: str, path: Path) -> Any:
-    """The run's DAG widget, or None where it cannot be drawn (anywidget missing, the front end not built)."""
+    """The run's DAG widget, or None where it cannot be drawn (anywidget missing, the front end not built,
+    a front end that cannot take it): the run goes on, printing."""
     try:
         from metaflow_stack.notebook import widget
-    except ImportError:
+
+        return widget.LiveDag(flow, str(path)) if widget.available() else None
+    except Exception:  # the widget is a view of the run, never a reason not to run it
         return None
-    return widget.LiveDag(flow, str(path)) if widget.available() else None
 
 
 def _refusal(error: BaseException, assembled: Assembled, path: Path) -> str:

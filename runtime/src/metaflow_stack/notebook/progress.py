@@ -2,7 +2,7 @@
 
 The runtime announces every task as it goes (``[run/step/task (pid N)]
 Task is starting.``, ``... finished successfully.``, ``Task failed.``,
-``(retry)``, ``Foreach yields N child steps.``, a resumed run's ``Cloning
+``(retry)``, ``[KILLED BY ORCHESTRATOR]``, a resumed run's ``Cloning
 previously run task ...``), whatever backend runs the task, and the Runner
 streams those lines into the cell as they come. Reading them costs nothing
 and is never late, so the widget follows a run without polling; at the end
@@ -12,6 +12,7 @@ queries), the last word on every task.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import threading
@@ -22,7 +23,16 @@ from typing import Any
 
 #: A task's line from the runtime: its pathspec within the run, and the message.
 _TASK_LINE = re.compile(r"\[(?P<run>[^/\]\s]+)/(?P<step>[^/\]\s]+)/(?P<task>[^/\]\s]+)(?: \(pid \d+\))?\] (?P<msg>.*)")
-_YIELDS = re.compile(r"Foreach yields (\d+) child steps\.")
+#: The runtime's messages about a task: its state after each, and whether it starts another attempt.
+_STATES = {
+    "Task is starting.": ("running", False),
+    "Task is starting (retry).": ("running", True),
+    "Task fallback is starting to handle the failure.": ("running", True),
+    "Task finished successfully.": ("completed", False),
+    "Task failed.": ("failed", False),
+    "Task failed with a segmentation fault.": ("failed", False),
+    "[KILLED BY ORCHESTRATOR]": ("killed", False),
+}
 
 #: Seconds between two updates of the front end at most (a foreach of thousands moves it a few times a second).
 FLUSH_SECONDS = 0.25
@@ -58,51 +68,59 @@ class Progress:
         self.run_id: str | None = None
         self._tasks: dict[str, dict[str, Any]] = {}
         self._changed = changed
+        self._per_step: dict[str, int] = {}
         self._dirty = False
         self._flushed = 0.0
         self._lock = threading.Lock()
 
     def feed(self, line: str) -> None:
-        """One line of the run's output."""
+        """One line of the run's output (a task's own prints carry the same prefix: only the runtime's exact
+        messages count)."""
         found = _TASK_LINE.search(line)
         if not found or found["step"] not in self.graph["steps"]:
             return
-        message, now = found["msg"], int(time.time() * 1000)
+        message = found["msg"].rstrip()
+        if message in _STATES:
+            status, again = _STATES[message]
+        elif message.startswith("Cloning previously run task "):
+            status, again = "completed", False
+        else:
+            return
+        now = int(time.time() * 1000)
         pathspec = f"{self.flow}/{found['run']}/{found['step']}/{found['task']}"
         with self._lock:
             self.run_id = found["run"]
-            task = self._tasks.setdefault(pathspec, self._new(pathspec, found["step"], now))
-            if message.startswith(("Task is starting", "Task fallback is starting")):
-                if "(retry)" in message or message.startswith("Task fallback"):
-                    task["attempt"] += 1
-                task.update(status="running", finished_at=None)
-            elif message == "Task finished successfully.":
-                task.update(status="completed", finished_at=now)
-            elif message.startswith("Task failed"):
-                task.update(status="failed", finished_at=now)
-            elif message.startswith("Cloning previously run task"):
-                task.update(status="completed", finished_at=now)
-            elif _YIELDS.match(message):
-                task["yields"] = int(_YIELDS.match(message)[1])
-            else:
-                return
+            task = self._tasks.get(pathspec) or self._new(pathspec, found["step"], now)
+            task["attempt"] += again
+            task.update(status=status, finished_at=None if status == "running" else now)
             self._dirty = True
             due = time.monotonic() - self._flushed >= FLUSH_SECONDS
         if due:  # the first change after a quiet spell is shown at once; a burst waits for the flusher
             self.flush()
 
     def _new(self, pathspec: str, step: str, now: int) -> dict[str, Any]:
-        index = sum(1 for task in self._tasks.values() if task["step_name"] == step)
-        foreach = [f"item {index}"] if self.graph["steps"][step]["inside_foreach"] else []
-        return {
+        index = self._per_step.get(step, 0)
+        self._per_step[step] = index + 1
+        task = {
             "pathspec": pathspec,
             "step_name": step,
             "attempt": 0,
             "status": "running",
             "started_at": now,
             "finished_at": None,
-            "foreach": foreach,
+            "foreach": [f"item {index}"] if self.graph["steps"][step]["inside_foreach"] else [],
         }
+        self._tasks[pathspec] = task
+        return task
+
+    def settle(self, status: str) -> None:
+        """The run is over: a task still announced as running ended as ``status`` (killed with its run)."""
+        with self._lock:
+            for task in self._tasks.values():
+                if task["status"] == "running":
+                    task.update(status=status, finished_at=int(time.time() * 1000))
+                    self._dirty = True
+        self.flush()
 
     def tasks(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -120,26 +138,30 @@ class Progress:
     @contextmanager
     def watching(self) -> Iterator[None]:
         """While the block runs, every line written to ``sys.stdout`` (where the Runner streams the run's
-        output, from its threads) is also read here, and ``changed`` is told every ``FLUSH_SECONDS``."""
+        output, from its threads) is also read here, and ``changed`` is told of what changed. Nothing here
+        may stop the run: an error in following it only stops the following."""
         shown = sys.stdout
-        tap = _Tap(shown, self.feed)
         stop = threading.Event()
 
         def flushing() -> None:
             while not stop.wait(FLUSH_SECONDS):
-                self.flush()
+                with contextlib.suppress(Exception):
+                    self.flush()
 
         flusher = threading.Thread(target=flushing, name="mf-notebook-progress", daemon=True)
-        sys.stdout = tap
-        flusher.start()
+        tap = _Tap(shown, self.feed)
         try:
+            sys.stdout = tap
+            flusher.start()
             yield
         finally:
             sys.stdout = shown
             stop.set()
-            flusher.join()
-            tap.close()
-            self.flush()
+            if flusher.is_alive():
+                flusher.join()
+            with contextlib.suppress(Exception):
+                tap.close()
+                self.flush()
 
 
 class _Tap:
@@ -149,12 +171,17 @@ class _Tap:
         self._shown = shown
         self._feed = feed
         self._partial = ""
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
         written = self._shown.write(text)
-        *lines, self._partial = (self._partial + text).split("\n")
+        with self._lock:  # the Runner streams stdout and stderr from a thread each
+            *lines, self._partial = (self._partial + text).split("\n")
         for line in lines:
-            self._feed(line)
+            try:
+                self._feed(line)
+            except Exception:  # the stream is the run's: following it must never break it
+                continue
         return written
 
     def close(self) -> None:

@@ -18,12 +18,16 @@ notebook's origin).
 
 from __future__ import annotations
 
+import array
 import base64
+import collections
 import html
 import io
+import itertools
 import json
 import math
 import sys
+from collections.abc import ItemsView, KeysView, ValuesView
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -33,13 +37,15 @@ from metaflow_stack.datastore.previews import render
 MAX_REPR = 10_000
 #: Rows of a DataFrame on one page.
 PAGE_ROWS = 50
-#: Items of a dict or list (per level) and levels of nesting, in the tree view.
-MAX_ITEMS, MAX_DEPTH = 50, 6
+#: Items of a dict or list (per level), levels of nesting, and items in all, in the tree view.
+MAX_ITEMS, MAX_DEPTH, MAX_NODES = 50, 6, 2_000
+#: Columns of a DataFrame shown at most; items at each end of an array's axes.
+MAX_COLUMNS, EDGE = 50, 4
 #: Longest side of a displayed image or figure, in pixels.
 MAX_IMAGE_SIDE = 1600
 #: Image files (bytes artifacts) shown as pictures up to this size.
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
-#: Stored (compressed) size above which a value is loaded only with ``--full``.
+#: Size as Metaflow records it (the pickle's length) above which a value is loaded only with ``--full``.
 MAX_LOAD_BYTES = 256 * 1024 * 1024
 #: Parameters of a model listed at most.
 MAX_PARAMETERS = 50
@@ -91,40 +97,47 @@ def task_artifact(pathspec: str, name: str) -> Any:
 
 def artifact(found: Any, name: str, how: str, page: int = 1, full: bool = False) -> Shown:
     """A stored artifact shown: loaded unless it is bigger than ``MAX_LOAD_BYTES`` and ``full`` is not set
-    (``how`` is the magic line that shows it, to name the option that loads it)."""
+    (``how``: the words of the magic that shows it, to name the options that load it or page it)."""
     size = getattr(found, "size", None)
     if isinstance(size, int) and size > MAX_LOAD_BYTES and not full:
         text = f"{name}: {_bytes(size)} stored, not loaded (fix: %mf_show {how} --full loads it)"
         return Shown({"text/plain": text, "text/html": f"<p>{html.escape(text)}</p>"})
     data = found.data
-    shown = value(data, name, page)
+    shown = value(data, name, page, how)
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None and "matplotlib.Figure" in kinds(data):
         pyplot.close(data)  # an unpickled figure joins pyplot's, and the inline backend would draw it again
     return shown
 
 
-def value(data: Any, name: str, page: int = 1) -> Shown:
-    """What to display for ``data``, bounded; ``page`` picks a DataFrame's page of rows."""
+def value(data: Any, name: str, page: int = 1, how: str | None = None) -> Shown:
+    """What to display for ``data``, bounded; ``page`` picks a DataFrame's page of rows (``how``: the words
+    that show it again, for the next page's hint)."""
     names = kinds(data)
     for kind, renderer in _BY_TYPE:
         if kind in names:
-            return renderer(data, name, page)
+            return renderer(data, name, page, how or name)
     if isinstance(data, bytes | bytearray) and _image_type(data):
         return _image_bytes(bytes(data), name)
-    if callable(getattr(data, "named_parameters", None)) and callable(getattr(data, "state_dict", None)):
+    if isinstance(data, bytes | bytearray | memoryview):  # cut before anything is copied
+        return Shown({"text/plain": f"{name}: {_bytes(len(data))}\n{_cut(repr(bytes(data[: MAX_REPR // 4])))}"})
+    if not isinstance(data, type) and _has(data, "named_parameters", "state_dict"):
         return _torch_module(data, name)
-    if callable(getattr(data, "get_params", None)) and callable(getattr(data, "fit", None)):
+    if not isinstance(data, type) and _has(data, "get_params", "fit"):
         return _estimator(data, name)
     if _is_model_dump(data):
-        return _tree(data.model_dump(mode="json"), name)
+        return _tree(_dumped(data), name)
     if isinstance(data, dict | list | tuple | set | frozenset):
         return _tree(data, name)
     if isinstance(data, str):  # its text, cut (nothing copied but the part shown)
         return Shown({"text/plain": _cut(data)})
-    if isinstance(data, int):  # a huge one is described by its size (Python will not print past 4,300 digits)
-        return Shown({"text/plain": render(data, MAX_REPR)})
+    if isinstance(data, int | collections.deque | array.array | KeysView | ValuesView | ItemsView):
+        return Shown({"text/plain": render(data, MAX_REPR)})  # bounded by reprlib, never copied whole
     return Shown({"text/plain": _cut(repr(data))})
+
+
+def _has(data: Any, *methods: str) -> bool:
+    return all(callable(getattr(data, method, None)) for method in methods)
 
 
 def cards(task: Any) -> Shown:
@@ -167,12 +180,18 @@ def _cell(item: Any) -> str:
     return html.escape(render(item, MAX_CELL))
 
 
-def _table(name: str, title: str, columns: list[str], rows: list[tuple], total: int, page: int) -> Shown:
-    """A page of rows as an HTML table, with where it is in the whole and how to see the next page."""
+def _table(
+    name: str, how: str, title: str, columns: list[str], rows: list[tuple], total: int, page: int, index: int = 0
+) -> Shown:
+    """A page of rows as an HTML table, with where it is in the whole and how to see the next page (``how``:
+    the words that show it again); the first ``MAX_COLUMNS`` columns (``index`` of them the row labels)."""
     pages = max(1, math.ceil(total / PAGE_ROWS))
     first = (page - 1) * PAGE_ROWS
     where = f"rows {first + 1:,}-{first + len(rows):,} of {total:,}, page {page:,} of {pages:,}" if rows else ""
-    more = f"; next: %mf_show {name} --page {page + 1}" if page < pages else ""
+    if len(columns) > MAX_COLUMNS:
+        where += f", the first {MAX_COLUMNS - index} of {len(columns) - index:,} columns"
+        columns, rows = columns[:MAX_COLUMNS], [row[:MAX_COLUMNS] for row in rows]
+    more = f"; next: %mf_show {how} --page {page + 1}" if page < pages else ""
     head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
     body = "".join("<tr>" + "".join(f"<td>{_cell(item)}</td>" for item in row) + "</tr>" for row in rows)
     caption = f"{name}: {title}" + (f" ({where}{more})" if where else " (no rows on this page)")
@@ -192,30 +211,37 @@ def _page_bounds(total: int, page: int) -> tuple[int, int]:
     return min(start, total), min(start + PAGE_ROWS, total)
 
 
-def _pandas(data: Any, name: str, page: int) -> Shown:
+def _pandas(data: Any, name: str, page: int, how: str) -> Shown:
     frame = data.to_frame() if data.ndim == 1 else data
     start, stop = _page_bounds(len(frame), page)
-    window = frame.iloc[start:stop]
+    window = frame.iloc[start:stop, :MAX_COLUMNS]
     columns = [str(frame.index.name or "")] + [str(column) for column in frame.columns]
     rows = [tuple(row) for row in window.itertuples(index=True, name=None)]
     title = f"{type(data).__name__}, {' x '.join(f'{n:,}' for n in data.shape)}"
-    return _table(name, title, columns, rows, len(frame), page)
+    return _table(name, how, title, columns, rows, len(frame), page, index=1)
 
 
-def _polars(data: Any, name: str, page: int) -> Shown:
+def _polars(data: Any, name: str, page: int, how: str) -> Shown:
     frame = data.to_frame() if type(data).__name__ == "Series" else data
     start, stop = _page_bounds(frame.height, page)
-    rows = frame.slice(start, stop - start).rows()
+    rows = frame.select(frame.columns[:MAX_COLUMNS]).slice(start, stop - start).rows()
     title = f"polars {type(data).__name__}, {' x '.join(f'{n:,}' for n in frame.shape)}"
-    return _table(name, title, list(frame.columns), rows, frame.height, page)
+    return _table(name, how, title, list(frame.columns), rows, frame.height, page)
 
 
-def _numpy(data: Any, name: str, page: int) -> Shown:
+def _numpy(data: Any, name: str, page: int, how: str) -> Shown:
     import numpy
 
     title = f"{name}: ndarray {data.dtype} {tuple(data.shape)}, {_bytes(data.nbytes)}"
-    # numpy summarises counts, not characters: wide rows or long strings are cut too
-    body = _cut(numpy.array2string(data, threshold=200, edgeitems=4, max_line_width=120))
+    # numpy summarises an axis only when it is longer than twice the corner: many short axes would print
+    # whole, so such an array is shown by its first corner
+    printed = math.prod(2 * EDGE if n > 2 * EDGE else n for n in data.shape) if data.size > 200 else data.size
+    if printed > 10_000:
+        side = max(1, math.floor(1_000 ** (1 / data.ndim)))  # a corner of at most 1,000 items
+        data = data[tuple(slice(0, side) for _ in data.shape)]
+        title += f", its first {side} along each axis"
+    # and numpy summarises counts, not characters: wide rows or long strings are cut too
+    body = _cut(numpy.array2string(data, threshold=200, edgeitems=EDGE, max_line_width=120))
     page_html = f"<p><b>{html.escape(title)}</b></p><pre>{html.escape(body)}</pre>"
     return Shown({"text/plain": f"{title}\n{body}", "text/html": page_html})
 
@@ -224,7 +250,7 @@ def _png(png: bytes, title: str, mime: str = "image/png") -> Shown:
     return Shown({"text/plain": title, mime: base64.b64encode(png).decode()})
 
 
-def _matplotlib(data: Any, name: str, page: int) -> Shown:
+def _matplotlib(data: Any, name: str, page: int, how: str) -> Shown:
     width, height = data.get_size_inches()
     dpi = min(float(data.dpi), MAX_IMAGE_SIDE / max(width, height, 1e-6))
     buffer = io.BytesIO()
@@ -232,7 +258,7 @@ def _matplotlib(data: Any, name: str, page: int) -> Shown:
     return _png(buffer.getvalue(), f"{name}: matplotlib figure, {width:g} x {height:g} in")
 
 
-def _plotly(data: Any, name: str, page: int) -> Shown:
+def _plotly(data: Any, name: str, page: int, how: str) -> Shown:
     """Plotly's own MIME type (JupyterLab, Notebook 7 and VS Code draw it), and HTML loading plotly.js from its
     CDN for nbconvert; a figure whose JSON passes ``MAX_IMAGE_BYTES`` is described, not sent."""
     import plotly.io
@@ -245,10 +271,12 @@ def _plotly(data: Any, name: str, page: int) -> Shown:
     return Shown({"text/plain": title, "application/vnd.plotly.v1+json": json.loads(spec), "text/html": page_html})
 
 
-def _pil(data: Any, name: str, page: int) -> Shown:
+def _pil(data: Any, name: str, page: int, how: str) -> Shown:
     title = f"{name}: image {data.width} x {data.height} ({data.mode})"
-    picture = data.copy()
-    picture.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    scale = MAX_IMAGE_SIDE / max(data.width, data.height, 1)
+    picture = (
+        data.resize((max(1, round(data.width * scale)), max(1, round(data.height * scale)))) if scale < 1 else data
+    )
     if picture.mode not in ("RGB", "RGBA", "L", "LA", "P"):
         picture = picture.convert("RGBA")
     buffer = io.BytesIO()
@@ -290,10 +318,10 @@ def _estimator(data: Any, name: str) -> Shown:
     """A scikit-learn-style model: its ``repr``, its parameters, and what fitting learnt (names ending in _)."""
     params = sorted(data.get_params(deep=False).items())
     rows = [(key, render(param, MAX_CELL)) for key, param in params[:MAX_PARAMETERS]]
-    learnt = sorted(key for key in vars(data) if key.endswith("_") and not key.startswith("_"))
+    learnt = sorted(key for key in getattr(data, "__dict__", {}) if key.endswith("_") and not key.startswith("_"))
     fitted = f"fitted: {', '.join(learnt[:MAX_PARAMETERS])}" if learnt else "not fitted"
     title = f"{name}: {type(data).__module__.split('.')[0]} {type(data).__name__} ({fitted})"
-    return _parameters_table(title, render(data, MAX_REPR), rows, ("parameter", "value"), len(params) - len(rows))
+    return _parameters_table(title, _cut(repr(data)), rows, ("parameter", "value"), len(params) - len(rows))
 
 
 def _torch_module(data: Any, name: str) -> Shown:
@@ -313,9 +341,10 @@ def _is_model_dump(data: Any) -> bool:
     return callable(getattr(data, "model_dump", None)) and "pydantic.BaseModel" in kinds(data)
 
 
-def _bounded(data: Any, depth: int = 0) -> Any:
-    """A JSON value of ``data``, cut at ``MAX_ITEMS`` per level and ``MAX_DEPTH`` levels (what is left out
-    is counted in place)."""
+def _bounded(data: Any, budget: list[int], depth: int = 0) -> Any:
+    """A JSON value of ``data``: ``MAX_ITEMS`` per level, ``MAX_DEPTH`` levels, ``MAX_NODES`` in all (a small
+    value can hold one list many times over); what is left out is counted in place."""
+    budget[0] -= 1
     if isinstance(data, str):
         return data if len(data) <= MAX_CELL else f"{data[:MAX_CELL]}... ({len(data):,} characters)"
     if isinstance(data, int) and not isinstance(data, bool) and data.bit_length() > 64:
@@ -324,23 +353,30 @@ def _bounded(data: Any, depth: int = 0) -> Any:
         return repr(data)
     if isinstance(data, bool | int | float) or data is None:
         return data
-    if depth >= MAX_DEPTH:
-        return render(data, MAX_CELL)
+    if depth >= MAX_DEPTH or budget[0] <= 0:
+        return f"({type(data).__name__}, not expanded)"
     if isinstance(data, dict):
-        items = list(data.items())
-        shown = {str(key): _bounded(item, depth + 1) for key, item in items[:MAX_ITEMS]}
-        if len(items) > MAX_ITEMS:
-            shown["..."] = f"{len(items) - MAX_ITEMS:,} more"
+        shown = {str(key): _bounded(item, budget, depth + 1) for key, item in itertools.islice(data.items(), MAX_ITEMS)}
+        if len(data) > MAX_ITEMS:
+            shown["..."] = f"{len(data) - MAX_ITEMS:,} more"
         return shown
     if isinstance(data, list | tuple | set | frozenset):
-        items = list(data) if not isinstance(data, set | frozenset) else sorted(data, key=repr)
-        shown_list = [_bounded(item, depth + 1) for item in items[:MAX_ITEMS]]
-        if len(items) > MAX_ITEMS:
-            shown_list.append(f"... {len(items) - MAX_ITEMS:,} more")
+        ordered = sorted(data, key=repr) if isinstance(data, set | frozenset) and len(data) <= MAX_ITEMS else data
+        shown_list = [_bounded(item, budget, depth + 1) for item in itertools.islice(ordered, MAX_ITEMS)]
+        if len(data) > MAX_ITEMS:
+            shown_list.append(f"... {len(data) - MAX_ITEMS:,} more")
         return shown_list
     if _is_model_dump(data):
-        return _bounded(data.model_dump(mode="json"), depth)
+        return _bounded(_dumped(data), budget, depth)
     return render(data, MAX_CELL)
+
+
+def _dumped(data: Any) -> Any:
+    """A pydantic model as JSON data (its ``repr`` when a field will not serialise)."""
+    try:
+        return data.model_dump(mode="json")
+    except Exception:  # a field type pydantic cannot write as JSON
+        return render(data, MAX_CELL)
 
 
 def _details(data: Any, label: str, open_: bool = False) -> str:
@@ -358,8 +394,8 @@ def _details(data: Any, label: str, open_: bool = False) -> str:
 
 
 def _tree(data: Any, name: str) -> Shown:
-    shown = _bounded(data)
-    text = render(data, MAX_REPR)
+    shown = _bounded(data, [MAX_NODES])
+    text = _cut(json.dumps(shown, indent=1))
     return Shown(
         {"text/plain": text, "application/json": shown, "text/html": _details(shown, name, open_=True)},
         {"application/json": {"expanded": False, "root": name}},

@@ -12,7 +12,6 @@ static table of the same states (``text/html``).
 
 from __future__ import annotations
 
-import contextlib
 import html
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,10 @@ from metaflow_stack.agent.source import AgentError
 
 #: The built front end (``just ui`` builds it with the UI).
 ESM = Path(__file__).parent / "static" / "dag_widget.js"
-#: Tasks of a step listed in a click's answer, artifacts and log lines of its task at most.
-MAX_TASKS, MAX_ARTIFACTS, LOG_LINES = 20, 50, 20
+#: Artifacts (Metaflow's own among them, then left out) and log lines a click's answer lists at most.
+MAX_ARTIFACTS, LOG_LINES = 200, 20
+#: Tasks the widget keeps once the run is over (it draws 400 items a step).
+MAX_RECORDED = 10_000
 
 
 def available() -> bool:
@@ -36,7 +37,9 @@ def available() -> bool:
 class DagWidget(anywidget.AnyWidget):
     """A run's graph and the live state of its tasks (the agent's ``TaskInfo`` shape)."""
 
-    _esm = ESM
+    # anywidget reads the file as the class is defined: without the build, a module that draws nothing
+    # (``available()`` keeps it from being used)
+    _esm = ESM if ESM.exists() else "export default {};"
     graph = traitlets.Dict().tag(sync=True)
     tasks = traitlets.List().tag(sync=True)
     run = traitlets.Unicode("").tag(sync=True)
@@ -48,38 +51,43 @@ class DagWidget(anywidget.AnyWidget):
         self.on_msg(self._message)
 
     def _message(self, _: Any, content: Any, buffers: Any) -> None:
+        """A click in the front end (untrusted input: only a step of this flow, or a task of this run)."""
         if not isinstance(content, dict) or content.get("type") != "select":
             return
         try:
             self.detail = self._detail(content.get("step"), content.get("task"))
         except AgentError as exc:
             self.detail = {"error": exc.message}
+        except Exception as exc:  # shown where the user clicked: a comm handler's traceback goes nowhere
+            self.detail = {"error": f"cannot read that task: {type(exc).__name__}: {exc}"}
 
     def _detail(self, step: Any, task: Any) -> dict[str, Any]:
-        """What a click on a step (its last task) or an item (that task) shows: bounded, nothing unpickled."""
+        """What a click on an item (that task) or a step (its first task) shows: bounded, nothing unpickled."""
         from metaflow_stack.agent.queries import connect
 
         if not self.run:
             return {"error": "the run has not started yet"}
         if not isinstance(step, str) or step not in self.graph.get("steps", {}):
             return {"error": "no such step in this flow"}
+        if task is not None and not _task_of(task, f"{self.run}/{step}/"):
+            return {"error": "no such task in this run"}
         with connect() as queries:
-            tasks = queries.run_tasks(self.run, step=step, limit=MAX_TASKS).tasks
-            chosen = next((t.pathspec for t in tasks if t.pathspec == task), tasks[-1].pathspec if tasks else None)
-            if chosen is None:
-                return {"step": step, "error": f"step {step} has no task yet"}
-            artifacts = queries.artifact_info(chosen, limit=MAX_ARTIFACTS).artifacts
-            logs = {stream: queries.logs(chosen, stream, tail=LOG_LINES).lines for stream in ("stdout", "stderr")}
+            if task is None:
+                first = queries.run_tasks(self.run, step=step, limit=1).tasks
+                if not first:
+                    return {"step": step, "error": f"step {step} has no task yet"}
+                task = first[0].pathspec
+            listed = queries.artifact_info(task, limit=MAX_ARTIFACTS)
+            logs = {stream: queries.logs(task, stream, tail=LOG_LINES).lines for stream in ("stdout", "stderr")}
+        own = [a for a in listed.artifacts if not a.name.startswith("_")]
         return {
             "step": step,
-            "task": chosen,
-            "tasks": [t.model_dump(mode="json") for t in tasks],
-            "artifacts": [
-                {"name": a.name, "type": a.python_type, "size": a.size} for a in artifacts if not a.name.startswith("_")
-            ],
+            "task": task,
+            "artifacts": [{"name": a.name, "type": a.python_type, "size": a.size} for a in own],
+            "more": listed.truncated,
             "stdout": [line.text for line in logs["stdout"]],
             "stderr": [line.text for line in logs["stderr"]],
-            "show": f"%mf_show {chosen} NAME",
+            "show": f"%mf_show {task} NAME",
         }
 
     def recorded(self) -> None:
@@ -91,7 +99,7 @@ class DagWidget(anywidget.AnyWidget):
         found: list[dict[str, Any]] = []
         with connect() as queries:
             cursor = None
-            while True:
+            while len(found) < MAX_RECORDED:
                 page = queries.run_tasks(self.run, limit=1000, cursor=cursor)
                 found += [task.model_dump(mode="json") for task in page.tasks]
                 if not page.next_cursor:
@@ -131,8 +139,14 @@ class DagWidget(anywidget.AnyWidget):
         )
 
 
+def _task_of(task: Any, prefix: str) -> bool:
+    """Whether ``task`` is a task pathspec under ``prefix`` (the run and step clicked)."""
+    return isinstance(task, str) and task.startswith(prefix) and task[len(prefix) :].isalnum()
+
+
 class LiveDag:
-    """A run's widget, displayed under the cell and kept up to date while ``following()`` runs the flow."""
+    """A run's widget, displayed under the cell; ``progress.watching()`` keeps it up to date while the flow
+    runs, ``finished`` or ``stopped`` closes it."""
 
     def __init__(self, flow: str, flow_file: str) -> None:
         from IPython.display import display
@@ -154,8 +168,14 @@ class LiveDag:
     def finished(self, run: Any) -> None:
         """The run is over: its recorded states, and the saved output (static table) brought up to date."""
         self.widget.run = run.pathspec
-        self.widget.state = "completed" if run.successful else "failed"
-        with contextlib.suppress(AgentError):  # the announced states stay: the outcome is shown above anyway
+        try:
             self.widget.recorded()
+        except Exception:  # the outcome is shown above anyway: the announced states stay, none left running
+            self.progress.settle("killed")
+        self.stopped("completed" if run.successful else "failed")
+
+    def stopped(self, state: str) -> None:
+        """The run ended as ``state`` (or never started): said in the widget and in what the notebook saves."""
+        self.widget.state = state
         if self.handle is not None:
             self.handle.update(self.widget)

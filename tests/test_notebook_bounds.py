@@ -1,0 +1,115 @@
+"""Hostile values and hostile output, no kernel: ``%mf_show``'s renderers stay bounded in time and size on
+values built to blow them up, and the live DAG reads only the runtime's own task messages, never a task's
+prints, and never breaks the stream it reads."""
+
+from __future__ import annotations
+
+import collections
+import io
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from metaflow_stack.notebook import show
+from metaflow_stack.notebook.progress import Progress
+
+
+def _nested() -> list:
+    """One list referenced 50 times a level, 7 levels: 50^7 leaves in a few KiB."""
+    nested: list = [0] * 50
+    for _ in range(6):
+        nested = [nested] * 50
+    return nested
+
+
+#: (name, how to build it): each cheap to build or to hold, each able to stall a naive renderer (built in the
+#: test, so none outlives it).
+HOSTILE = [
+    ("shared", _nested),
+    ("deep array", lambda: np.zeros((8,) * 8)),  # numpy prints every item of short axes: 16M numbers
+    ("wide frame", lambda: pd.DataFrame(np.zeros((60, 20_000)))),
+    ("big bytes", lambda: b"x" * 200_000_000),
+    ("big set", lambda: set(range(2_000_000))),
+    ("deque", lambda: collections.deque(range(2_000_000))),
+    ("keys", lambda: dict.fromkeys(range(2_000_000)).keys()),
+    ("huge int", lambda: 7**200_000),
+    ("a class", lambda: type("Model", (), {"fit": lambda self: None, "get_params": lambda self: {}})),
+]
+
+
+@pytest.mark.parametrize(("name", "build"), HOSTILE, ids=[name for name, _ in HOSTILE])
+def test_a_hostile_value_is_shown_quickly_and_small(name: str, build: object) -> None:
+    data = build()
+    started = time.perf_counter()
+    shown = show.value(data, name)
+    elapsed = time.perf_counter() - started
+    size = sum(len(part) if isinstance(part, str) else len(str(part)) for part in shown.bundle.values())
+    assert size < 400_000, (name, size)
+    assert elapsed < 5, (name, elapsed)  # a bound, not a benchmark: the naive renderers take minutes or never end
+    assert shown.bundle["text/plain"]
+
+
+def test_a_wide_frame_says_which_columns_it_shows_and_the_next_page_keeps_the_pathspec() -> None:
+    shown = show.value(pd.DataFrame(np.zeros((60, 200))), "wide", how="Flow/1/start/2 wide")
+    assert "the first 49 of 200 columns" in shown.bundle["text/plain"]
+    assert "next: %mf_show Flow/1/start/2 wide --page 2" in shown.bundle["text/plain"]
+    assert shown.bundle["text/html"].count("<th>") == 50
+
+
+GRAPH = {
+    "steps": {
+        "start": {"type": "split-foreach", "next": ["each"], "inside_foreach": False},
+        "each": {"type": "linear", "next": ["end"], "inside_foreach": True},
+        "end": {"type": "end", "next": [], "inside_foreach": False},
+    }
+}
+
+
+def test_only_the_runtimes_own_messages_move_a_task() -> None:
+    told: list[list[dict]] = []
+    progress = Progress("LiveFlow", GRAPH, told.append)
+    lines = [
+        "2026-12-03 01:00:00.000 [7/start/1 (pid 10)] Task is starting.",
+        "2026-12-03 01:00:00.100 [7/start/1 (pid 10)] Task failed to fetch the data, retrying",  # a print
+        "2026-12-03 01:00:00.200 [7/start/1 (pid 10)] Task finished successfully.",
+        "2026-12-03 01:00:00.300 [7/each/2 (pid 11)] Task is starting.",
+        "2026-12-03 01:00:00.400 [7/each/2 (pid 11)] Task failed.",
+        "2026-12-03 01:00:00.500 [7/each/2 (pid 12)] Task is starting (retry).",
+        "2026-12-03 01:00:00.600 [7/each/2 (pid 12)] Task finished successfully.",
+        "2026-12-03 01:00:00.700 [7/each/3 (pid 13)] Task is starting.",
+        "2026-12-03 01:00:00.800 [7/each/3 (pid 13)] [KILLED BY ORCHESTRATOR]",
+        "2026-12-03 01:00:00.900 [7/end/4] Cloning previously run task LiveFlow/6/end/4",
+        "2026-12-03 01:00:01.000 [7/nosuchstep/5 (pid 14)] Task is starting.",
+    ]
+    for line in lines:
+        progress.feed(line)
+    tasks = {t["pathspec"]: (t["status"], t["attempt"], t["foreach"]) for t in progress.tasks()}
+    assert tasks == {
+        "LiveFlow/7/start/1": ("completed", 0, []),
+        "LiveFlow/7/each/2": ("completed", 1, ["item 0"]),
+        "LiveFlow/7/each/3": ("killed", 0, ["item 1"]),
+        "LiveFlow/7/end/4": ("completed", 0, []),
+    }
+    assert progress.run_id == "7"
+    assert told and told[0][0]["status"] == "running"  # the first change was told at once
+
+
+def test_following_a_run_never_breaks_its_output() -> None:
+    def broken(tasks: list[dict]) -> None:
+        raise RuntimeError("the front end went away")
+
+    progress = Progress("LiveFlow", GRAPH, broken)
+    shown, real = io.StringIO(), sys.stdout
+    sys.stdout = shown
+    try:
+        with progress.watching():
+            print("[7/start/1 (pid 10)] Task is starting.")
+            print("[7/start/1 (pid 10)] Task finished successfully.")
+            print("plain output")
+    finally:
+        sys.stdout = real
+    assert shown.getvalue().count("\n") == 3  # every line still reached the cell
+    assert [t["status"] for t in progress.tasks()] == ["completed"]
