@@ -95,6 +95,11 @@ def test_a_notebook_flow_runs_fails_at_its_cell_resumes_and_exports(tmp_path: Pa
         ("%mf_export exported_flow.py", []),
         ('%%step end\nself.result = f"spun: {self.note}"', []),
         ("task = %mf_spin end\ntask.successful, task['result'].data, spun is task", []),
+        # Step by step: a join spun on the last run's inputs, then the step after it on the join's spun values.
+        ("%%step join --join --next end\nself.total = inputs.gather.total * 100\nself.note = inputs.other.note", []),
+        ("joined = %mf_spin join\njoined['total'].data", []),
+        ('%%step end\nself.result = f"{self.note}: {self.total}"', []),
+        ("chained = %mf_spin end\nchained['result'].data", []),
         ("%%step nowhere --next missing_step\npass", []),
         ("%mf_run", []),
     ]
@@ -116,6 +121,9 @@ def test_a_notebook_flow_runs_fails_at_its_cell_resumes_and_exports(tmp_path: Pa
     assert "(True, 'alpha 2.0: 28.0', True)" in out[run_cell + 5], out[run_cell + 5]
     assert "wrote exported_flow.py" in out[run_cell + 6]
     assert "(True, 'spun: alpha 2.0', True)" in out[run_cell + 8], out[run_cell + 8]
+    assert "2800.0" in out[run_cell + 10], out[run_cell + 10]
+    assert "end takes join's values from the last spin: alpha, note, total" in out[run_cell + 12], out[run_cell + 12]
+    assert "'alpha 2.0: 2800.0'" in out[run_cell + 12], out[run_cell + 12]
     assert "step 'missing_step' is not declared" in out[-1] and "Traceback" not in out[-1]
     assert set(Path(tempfile.gettempdir()).glob("mf-notebook-*")) == leftovers  # nothing left behind
 

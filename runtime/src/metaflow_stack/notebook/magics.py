@@ -18,10 +18,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
+import pickle
 import re
 import secrets
 import shlex
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,8 @@ class FlowMagics(Magics):
         super().__init__(shell)
         self.notebook = NotebookFlow()
         self.last_run: Any = None
+        #: The last spin's step and task, whose values the step after it can be spun on.
+        self.last_spin: tuple[str, Any] | None = None
         #: The running cell's id (front ends that send one), and what each cell declared last.
         self._cell_id: str | None = None
         self._declared_by: dict[str, cells.Decl] = {}
@@ -111,6 +116,7 @@ class FlowMagics(Magics):
         """%mf_reset: forget every declaration (then declare the flow again, cell by cell)."""
         self.notebook = NotebookFlow()
         self._declared_by.clear()
+        self.last_spin = None
         print("the notebook declares no flow now")
 
     def _assembled(self) -> Assembled:
@@ -165,7 +171,7 @@ class FlowMagics(Magics):
 
         executing, output, assembled, path, dag = self._executing(line, act, live=True)
         run = executing.run
-        self.last_run = run
+        self.last_run, self.last_spin = run, None
         if dag is not None:
             dag.finished(run)
         if not run.successful:
@@ -188,7 +194,8 @@ class FlowMagics(Magics):
     @line_magic
     def mf_spin(self, line: str) -> Any:
         """%mf_spin STEP (or RUN/STEP/TASK): run one step again, with the cells as they are now, against the
-        inputs it had in the last run (Metaflow's spin); the spun task, also bound as ``spun``."""
+        inputs it had in the last run (Metaflow's spin); the spun task, also bound as ``spun``. Right after
+        spinning the step before it, the step takes that spin's values instead: spin a flow step by step."""
         words = line.split()
         if len(words) != 1:
             raise UsageError("name the step to spin: %mf_spin train (or RUN/STEP/TASK for one foreach item)")
@@ -197,11 +204,39 @@ class FlowMagics(Magics):
             if self.last_run is None:
                 raise UsageError("nothing to spin against: run the flow first (%mf_run)")
             target = f"{self.last_run.id}/{words[0]}"
-        # persist: the spun task's artifacts are kept (in .metaflow_spin), so the notebook can read them.
-        executing, *_ = self._executing("", lambda runner, _: runner.spin(target, persist=True))
+        step = target.split("/")[1]
+        with self._spun_inputs(step) as module:
+            # persist: the spun task's artifacts are kept (in .metaflow_spin), so the notebook can read them.
+            options: dict[str, Any] = {"persist": True, **({"artifacts_module": module} if module else {})}
+            executing, *_ = self._executing("", lambda runner, _: runner.spin(target, **options))
         task = executing.task
+        self.last_spin = (step, task)
         self.shell.push({"spun": task})
         return task
+
+    @contextlib.contextmanager
+    def _spun_inputs(self, step: str) -> Iterator[str | None]:
+        """The last spin's values as Metaflow's spin takes overrides of a step's inputs (a module defining
+        ``ARTIFACTS``), when that spin was of the step declared just before ``step``; None otherwise (a
+        join takes several inputs: it spins on the last run's)."""
+        before = self.last_spin
+        declared = self.notebook.steps.get(before[0]) if before else None
+        spun = self.notebook.steps.get(step)
+        if before is None or declared is None or step not in declared.next or (spun is not None and spun.join):
+            yield None
+            return
+        folder = Path(tempfile.mkdtemp(prefix="mf-notebook-spin-"))  # 0700: the values are the user's
+        try:
+            values = {a.id: a.data for a in before[1] if not a.id.startswith("_") and a.id != "name"}
+            stored = folder / "values.pkl"
+            stored.write_bytes(pickle.dumps(values))
+            module = folder / "spun_inputs.py"
+            loads = f"pickle.loads(pathlib.Path({str(stored)!r}).read_bytes())"
+            module.write_text(f"import pathlib\nimport pickle\n\nARTIFACTS = {loads}\n")
+            print(f"{step} takes {before[0]}'s values from the last spin: {', '.join(sorted(values))}")
+            yield str(module)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @line_magic
     def mf_export(self, line: str) -> None:
