@@ -1,5 +1,5 @@
-"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui``, ``devcontainer`` and ``notebook``
-to Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui``, ``devcontainer``, ``notebook`` and
+``ide`` to Metaflow's command line."""
 
 CMDS_DESC = [
     ("stack", ".stack_cli.cli"),
@@ -9,4 +9,5 @@ CMDS_DESC = [
     ("ui", ".ui_cli.cli"),
     ("devcontainer", ".devcontainer_cli.cli"),
     ("notebook", ".notebook_cli.cli"),
+    ("ide", ".ide_cli.cli"),
 ]

@@ -1,0 +1,54 @@
+"""``metaflow ide``: what an editor asks of the runtime, as JSON (``graph``), or kept open (``serve``).
+
+Thin glue over ``metaflow_stack.ide``; the VS Code extension calls nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from metaflow._vendor import click
+
+from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_stack.errors import InvalidInput, StackError
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+@cli.group(help="What an editor asks of a flow: its graph from its source (nothing of it runs).")
+def ide() -> None:
+    pass
+
+
+@ide.command(help="Print the flow's graph (steps, next steps, lines, decorators, parameters) as JSON.")
+@click.argument("flow_file", type=click.Path(dir_okay=False))
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the source from stdin (an unsaved buffer).")
+@click.option("--json", "as_json", is_flag=True, help="One line of JSON, errors too.")
+@friendly
+def graph(flow_file: str, from_stdin: bool, as_json: bool) -> None:
+    from metaflow_stack.ide.graph import flow_graph
+
+    try:
+        source = sys.stdin.read() if from_stdin else Path(flow_file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(flow_file, f"cannot be read: {exc}", fix="name a Python file") from None
+    try:
+        found = flow_graph(source, flow_file)
+    except StackError as exc:
+        if not as_json:
+            raise
+        print(json.dumps(exc.to_dict()))
+        sys.exit(1)
+    print(json.dumps(found) if as_json else json.dumps(found, indent=2))
+
+
+@ide.command(help="Answer JSON-line requests on stdin until it closes (an editor's helper process).")
+def serve() -> None:
+    from metaflow_stack.ide.serve import serve as serving
+
+    serving()
