@@ -20,7 +20,7 @@ down: _venv
     metaflow stack down
 
 # Lint, then run the whole test suite; docker-marked tests run when an engine answers.
-test *args: lint ui devcontainer-cli
+test *args: lint ui vscode devcontainer-cli
     pytest --junitxml=.stack/test-results/junit.xml {{ args }}
 
 # Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).
@@ -37,6 +37,23 @@ ui: _venv
     echo "building the UI (ui/ -> runtime/src/metaflow_stack/ui/static)" >&2
     npm install --prefix ui --no-audit --no-fund --loglevel=error  # `npm ci` refuses locks that omit other platforms' optional packages
     npm run --prefix ui --silent build -- --logLevel warn
+    echo "$want" > "$stamp"
+
+# Build the VS Code extension into vscode/dist/metaflow-stack.vsix (skipped when nothing it is built from changed).
+vscode: _venv
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v npm >/dev/null; then
+        echo "npm not found: the VS Code extension is not built (fix: install Node 20 with npm, then run ./just vscode)" >&2
+        exit 0
+    fi
+    stamp=vscode/dist/.source-hash
+    want=$(find vscode ui/src -path vscode/node_modules -prune -o -path vscode/dist -prune -o -path vscode/dist-test -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ -f vscode/dist/metaflow-stack.vsix ]; then exit 0; fi
+    echo "building the VS Code extension (vscode/ -> vscode/dist/metaflow-stack.vsix)" >&2
+    npm install --prefix vscode --no-audit --no-fund --loglevel=error
+    npm run --prefix vscode --silent build
+    npm run --prefix vscode --silent package >/dev/null
     echo "$want" > "$stamp"
 
 # Install the Dev Containers CLI (for @devcontainer configs with features) under .stack/tools.

@@ -1,0 +1,39 @@
+// Bundles the extension (Node, CommonJS, `vscode` external) and the webview's script (browser, one file);
+// `--tests` bundles test/*.test.ts for node's own test runner. The DAG's layout is the UI's (ui/src/dag.ts),
+// its dagre resolved from this package.
+import { build } from "esbuild";
+import { readdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+
+const here = fileURLToPath(new URL(".", import.meta.url));
+const shared = { bundle: true, sourcemap: false, logLevel: "warning", nodePaths: [`${here}node_modules`] };
+
+if (process.argv.includes("--tests")) {
+  const tests = readdirSync(`${here}test`).filter((name) => name.endsWith(".ts"));
+  await build({
+    ...shared,
+    entryPoints: tests.map((name) => `${here}test/${name}`),
+    outdir: `${here}dist-test`,
+    platform: "node",
+    format: "esm",
+    outExtension: { ".js": ".mjs" },
+  });
+} else {
+  await build({
+    ...shared,
+    entryPoints: [`${here}src/extension.ts`],
+    outfile: `${here}dist/extension.js`,
+    platform: "node",
+    format: "cjs",
+    external: ["vscode"],
+    minify: true,
+  });
+  await build({
+    ...shared,
+    entryPoints: [`${here}src/webview/dag.ts`],
+    outfile: `${here}dist/webview.js`,
+    platform: "browser",
+    format: "iife",
+    minify: true,
+  });
+}
