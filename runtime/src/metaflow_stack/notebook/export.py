@@ -49,7 +49,10 @@ def formatted(source: str) -> str:
     ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
     if ruff is None:
         return source
-    done = subprocess.run([ruff, "format", "-"], input=source, capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run([ruff, "format", "-"], input=source, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):  # formatting is a courtesy: the file as written still runs
+        return source
     return done.stdout if done.returncode == 0 else source
 
 

@@ -1,25 +1,31 @@
 """A flow file as a notebook: the way back from ``metaflow notebook export``.
 
-The flow's module code (imports, helpers) becomes its ``%%flow`` cell, with
-the class's parameters and decorators on the magic line; each step becomes
-a ``%%step`` cell holding the method's body as written (comments kept),
-its ``self.next(...)`` turned into ``--next``/``--foreach`` when it is the
-plain last call. What a notebook cannot declare (a parameter with more than
-a default, methods that are not steps, class attributes) is refused in one
-line naming it, so nothing is dropped silently. Exporting the notebook
-gives the flow back.
+The module's code above the flow class (imports, helpers, their comments)
+becomes the ``%%flow`` cell, with the class's parameters and decorators on
+the magic line; each step becomes a ``%%step`` cell holding the method's body
+as written (comments and multi-line strings kept), its plain last
+``self.next(...)`` turned into ``--next``/``--foreach``. The docstrings
+become the notebook's first cell, which export leaves out. What a notebook
+cannot declare is refused in one line naming it, never dropped: a parameter
+with more than a literal default, a join whose inputs are not ``inputs``,
+methods that are not steps, class attributes, other base classes, module
+code below the class, a ``__main__`` block that does more than run the flow.
 """
 
 from __future__ import annotations
 
 import ast
 import shlex
-import textwrap
+import tokenize
 from pathlib import Path
 from typing import Any
 
 from metaflow_stack.deploy import require, write_atomically
 from metaflow_stack.errors import InvalidInput
+from metaflow_stack.notebook.assembler import string_continuations
+
+#: What the exported file imports from metaflow by itself (besides the decorators it uses).
+_WRITTEN = {"FlowSpec", "step", "Parameter", "current"}
 
 
 def _refused(path: Path, node: ast.AST, what: str, fix: str) -> InvalidInput:
@@ -34,43 +40,52 @@ def _flow_class(path: Path, tree: ast.Module) -> ast.ClassDef:
     ]
     if len(found) != 1:
         raise InvalidInput(str(path), f"defines {len(found)} FlowSpec classes", fix="import a file with one flow")
-    return found[0]
+    flow = found[0]
+    if len(flow.bases) != 1 or flow.keywords:
+        what = f"class {flow.name} has other bases or keywords than FlowSpec"
+        raise _refused(path, flow, what, fix="a notebook's flow derives from FlowSpec alone")
+    return flow
 
 
-def _lines(source: list[str], first: ast.stmt, last: ast.stmt) -> str:
-    """The source from ``first``'s line to ``last``'s end, as written (comments between them kept)."""
-    start = min([first.lineno, *(d.lineno for d in getattr(first, "decorator_list", []))])
-    return "\n".join(source[start - 1 : last.end_lineno])
+def _quoted(text: str) -> str:
+    """A word for a magic line: in double quotes when that needs no escaping (readable), else shlex's."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\') else shlex.quote(text)
 
 
-#: What the exported file imports from metaflow by itself (besides the decorators it uses).
-_WRITTEN = {"FlowSpec", "step", "Parameter", "current"}
+def _runs_the_flow(node: ast.stmt, flow: str) -> bool:
+    """``Flow()``, or ``if __name__ == "__main__": Flow()``: what a notebook does with ``%mf_run``."""
+    call = f"{flow}()"
+    if isinstance(node, ast.Expr):
+        return ast.unparse(node) == call
+    return (
+        isinstance(node, ast.If)
+        and "__name__" in ast.unparse(node.test)
+        and not node.orelse
+        and all(isinstance(s, ast.Expr) and ast.unparse(s) == call for s in node.body)
+    )
 
 
-def _module_code(source: list[str], nodes: list[ast.stmt], written: set[str]) -> str:
-    """The module's statements as written, a blank line kept where the file had one between them; names
-    the exported file imports from metaflow by itself (``written``) left out, so they are not imported twice."""
-    kept: list[tuple[ast.stmt, str]] = []
-    for node in nodes:
-        text = _lines(source, node, node)
-        if isinstance(node, ast.ImportFrom) and node.module == "metaflow" and not node.level:
+def _module_code(path: Path, source: list[str], tree: ast.Module, flow: ast.ClassDef, written: set[str]) -> str:
+    """The module's code above the class, as written (comments and blank lines kept), less its docstring and
+    the names the exported file imports from metaflow by itself (so they are not imported twice)."""
+    for node in tree.body[tree.body.index(flow) + 1 :]:
+        if not _runs_the_flow(node, flow.name):
+            fix = "move it above the class (or into a step)"
+            raise _refused(path, node, f"module code below class {flow.name} has no place in a notebook", fix=fix)
+    lines: list[str | None] = list(source[: _first_line(flow) - 1])
+    for node in tree.body[: tree.body.index(flow)]:
+        if node is tree.body[0] and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            lines[node.lineno - 1 : node.end_lineno] = [None] * ((node.end_lineno or node.lineno) - node.lineno + 1)
+        elif isinstance(node, ast.ImportFrom) and node.module == "metaflow" and not node.level:
             names = [alias for alias in node.names if alias.asname or alias.name not in written]
-            if not names:
-                continue
-            if len(names) != len(node.names):
-                text = ast.unparse(ast.ImportFrom(module="metaflow", names=names, level=0))
-        kept.append((node, text))
-    parts: list[str] = []
-    for index, (node, text) in enumerate(kept):
-        if index:
-            before = kept[index - 1][0]
-            parts.append("\n\n" if node.lineno - (before.end_lineno or before.lineno) > 1 else "\n")
-        parts.append(text)
-    return "".join(parts)
+            span = (node.end_lineno or node.lineno) - node.lineno + 1
+            text = ast.unparse(ast.ImportFrom(module="metaflow", names=names, level=0)) if names else None
+            lines[node.lineno - 1 : node.end_lineno] = [text] + [None] * (span - 1)
+    return "\n".join(line for line in lines if line is not None).strip("\n")
 
 
-def _is_main_guard(node: ast.stmt) -> bool:
-    return isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)
+def _first_line(node: ast.stmt) -> int:
+    return min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
 
 
 def _parameter(path: Path, node: ast.stmt) -> tuple[str, str] | None:
@@ -84,70 +99,105 @@ def _parameter(path: Path, node: ast.stmt) -> tuple[str, str] | None:
     named = node.value.args[0] if node.value.args else keywords.pop("name", None)
     keywords.pop("name", None)
     default = keywords.pop("default", None)
-    plain = isinstance(named, ast.Constant) and named.value == name and len(node.value.args) <= 1
-    if default is None or keywords or not plain:
+    fix = "a notebook declares a parameter's name and a literal default"
+    if keywords or len(node.value.args) > 1:
+        others = ", ".join(f"{k}=" for k in keywords if k) or "positional arguments"
+        raise _refused(path, node, f"parameter {name} has {others}", fix=fix)
+    if default is None or not (isinstance(named, ast.Constant) and named.value == name):
+        raise _refused(path, node, f"parameter {name} has no default, or a name other than {name!r}", fix=fix)
+    try:
+        ast.literal_eval(default)
+    except (ValueError, SyntaxError):
         raise _refused(
-            path, node, f"parameter {name} has more than a name and a default", fix="a notebook declares NAME=DEFAULT"
-        )
+            path, node, f"parameter {name}'s default {ast.unparse(default)} is not a literal", fix=fix
+        ) from None
     return name, ast.unparse(default)
+
+
+def _body(source: list[str], first: int, last: int, indent: int) -> str:
+    """Lines ``first`` to ``last`` (1-based) less the body's ``indent``; a multi-line string's inner lines as
+    they are (taking their indentation would change the string)."""
+    lines = source[first - 1 : last]
+    inside = string_continuations("\n".join(line[indent:] if line[:indent].isspace() else line for line in lines))
+    kept = [
+        line if offset in inside or not line[:indent].isspace() else line[indent:] for offset, line in enumerate(lines)
+    ]
+    return "\n".join(kept).strip("\n")
 
 
 def _step_cell(path: Path, source: list[str], method: ast.FunctionDef) -> str:
     """``%%step NAME [options]`` and the method's body; a plain last ``self.next(...)`` becomes options."""
-    decorators = [ast.unparse(d) for d in method.decorator_list if ast.unparse(d) != "step"]
-    words = [method.name, *(f"--decorator {shlex.quote(d)}" for d in decorators)]
-    if len(method.args.args) == 2:
+    arguments = [arg.arg for arg in method.args.args]
+    if arguments not in (["self"], ["self", "inputs"]) or method.args.vararg or method.args.kwonlyargs:
+        what = f"step {method.name} takes ({', '.join(arguments)})"
+        raise _refused(path, method, what, fix="a notebook's step takes (self), and a join (self, inputs)")
+    decorators = [ast.unparse(d) for d in method.decorator_list if ast.unparse(d).split(".")[-1] != "step"]
+    words = [method.name, *(f"--decorator {_quoted(d)}" for d in decorators)]
+    if len(arguments) == 2:
         words.append("--join")
     body = list(method.body)
     last = body[-1]
+    end = method.end_lineno or method.lineno
     call = last.value if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call) else None
     if call is not None and ast.unparse(call.func) == "self.next":
         targets = [ast.unparse(arg).removeprefix("self.") for arg in call.args]
         foreach = {k.arg: k.value for k in call.keywords}.get("foreach")
-        simple = all(isinstance(a, ast.Attribute) for a in call.args) and set(k.arg for k in call.keywords) <= {
-            "foreach"
-        }
+        simple = all(isinstance(a, ast.Attribute) for a in call.args) and {k.arg for k in call.keywords} <= {"foreach"}
         if simple and (foreach is None or isinstance(foreach, ast.Constant)):
             words.append(f"--next {','.join(targets)}")
             if foreach is not None:
                 words.append(f"--foreach {foreach.value}")
-            body = body[:-1]
-    if not body:  # nothing but where it goes: the line magic (IPython refuses a cell magic with no body)
+            end = last.lineno - 1
+    if body[0].lineno == method.lineno:  # def end(self): pass
+        code = "\n".join(ast.unparse(statement) for statement in body if statement.lineno <= end)
+    else:
+        header = max([method.lineno, *(n.end_lineno or 0 for n in ast.walk(method.args) if hasattr(n, "end_lineno"))])
+        code = _body(source, header + 1, end, body[0].col_offset)
+    if not code.strip():  # nothing but where it goes: the line magic (IPython refuses a cell magic with no body)
         return f"%step {' '.join(words)}"
-    return f"%%step {' '.join(words)}\n{textwrap.dedent(_lines(source, body[0], body[-1]))}"
+    return f"%%step {' '.join(words)}\n{code}"
+
+
+def _class_member(path: Path, source: list[str], node: ast.stmt, steps: list[str], parameters: list) -> None:
+    """One statement of the flow's class: a step or a parameter, else refused naming it."""
+    found = _parameter(path, node)
+    if found is not None:
+        parameters.append(found)
+    elif isinstance(node, ast.FunctionDef) and any(
+        ast.unparse(d).split(".")[-1] == "step" for d in node.decorator_list
+    ):
+        steps.append(_step_cell(path, source, node))
+    else:
+        named = getattr(node, "name", None) or (ast.unparse(node.targets[0]) if isinstance(node, ast.Assign) else "")
+        kind = {"FunctionDef": "method", "AsyncFunctionDef": "async method", "Assign": "attribute"}.get(
+            type(node).__name__, type(node).__name__.lower()
+        )
+        fix = "make it a step, or move it out of the class (a helper function above it)"
+        raise _refused(path, node, f"the flow's {kind} {named} is not a step or a parameter".replace("  ", " "), fix)
 
 
 def to_notebook(path: Path) -> Any:
     """The notebook (nbformat) declaring the flow ``path`` defines, ready to ``%mf_run``."""
     nbformat = require("nbformat", extra="notebook")
     try:
-        text = path.read_text()
+        with tokenize.open(path) as readable:  # the file's own encoding (PEP 263), newlines as \n
+            text = readable.read()
         tree = ast.parse(text, filename=str(path))
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as exc:
         raise InvalidInput(str(path), f"is not a Python file: {exc}", fix="name a flow file") from None
-    source = text.splitlines()
+    source = text.split("\n")  # as ast counts lines: \n alone
     flow = _flow_class(path, tree)
-    module = [node for node in tree.body if node is not flow and not _is_main_guard(node)]
-    if module and isinstance(module[0], ast.Expr) and isinstance(module[0].value, ast.Constant):
-        module = module[1:]  # the module's docstring: the notebook's first cell says it
     decorators = [*flow.decorator_list, *(d for node in flow.body for d in getattr(node, "decorator_list", []))]
     written = _WRITTEN | {ast.unparse(d).split("(")[0].split(".")[-1] for d in decorators}
-    module_code = _module_code(source, module, written)
-    parameters, steps = [], []
+    module_code = _module_code(path, source, tree, flow, written)
+    parameters: list[tuple[str, str]] = []
+    steps: list[str] = []
     for node in flow.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node is flow.body[0]:
             continue  # the docstring: the notebook's first cell
-        found = _parameter(path, node)
-        if found is not None:
-            parameters.append(found)
-        elif isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "step" for d in node.decorator_list):
-            steps.append(_step_cell(path, source, node))
-        else:
-            what = f"{type(node).__name__.lower()} {getattr(node, 'name', '')}".strip()
-            fix = "move it out of the class"
-            raise _refused(path, node, f"the flow's {what} is not a step or a parameter", fix=fix)
-    words = [flow.name, *(f"--param {shlex.quote(f'{n}={v}')}" for n, v in parameters)]
-    words += [f"--decorator {shlex.quote(ast.unparse(d))}" for d in flow.decorator_list]
+        _class_member(path, source, node, steps, parameters)
+    words = [flow.name, *(f"--param {_quoted(f'{n}={v}')}" for n, v in parameters)]
+    words += [f"--decorator {_quoted(ast.unparse(d))}" for d in flow.decorator_list]
     head = f"%%flow {' '.join(words)}\n{module_code}" if module_code else f"%flow {' '.join(words)}"
     notebook = nbformat.v4.new_notebook()
     docs = [doc for doc in (ast.get_docstring(tree), ast.get_docstring(flow)) if doc]

@@ -51,8 +51,8 @@ class FlowMagics(Magics):
         super().__init__(shell)
         self.notebook = NotebookFlow()
         self.last_run: Any = None
-        #: The last spin's step and task, whose values the step after it can be spun on.
-        self.last_spin: tuple[str, Any] | None = None
+        #: Each step spun since the last run: its spun task and the values it was spun on (its inputs' overrides).
+        self._spins: dict[str, tuple[Any, dict[str, Any]]] = {}
         #: The running cell's id (front ends that send one), and what each cell declared last.
         self._cell_id: str | None = None
         self._declared_by: dict[str, cells.Decl] = {}
@@ -116,7 +116,7 @@ class FlowMagics(Magics):
         """%mf_reset: forget every declaration (then declare the flow again, cell by cell)."""
         self.notebook = NotebookFlow()
         self._declared_by.clear()
-        self.last_spin = None
+        self._spins.clear()
         print("the notebook declares no flow now")
 
     def _assembled(self) -> Assembled:
@@ -171,9 +171,11 @@ class FlowMagics(Magics):
 
         executing, output, assembled, path, dag = self._executing(line, act, live=True)
         run = executing.run
-        self.last_run, self.last_spin = run, None
+        self.last_run = run
+        self._spins.clear()
         if dag is not None:
-            dag.finished(run)
+            with contextlib.suppress(Exception):  # the widget is a view of the run: the run is returned anyway
+                dag.finished(run)
         if not run.successful:
             for place in failure_places(output, assembled, path):
                 print(f"failed at {place}")
@@ -194,49 +196,60 @@ class FlowMagics(Magics):
     @line_magic
     def mf_spin(self, line: str) -> Any:
         """%mf_spin STEP (or RUN/STEP/TASK): run one step again, with the cells as they are now, against the
-        inputs it had in the last run (Metaflow's spin); the spun task, also bound as ``spun``. Right after
-        spinning the step before it, the step takes that spin's values instead: spin a flow step by step."""
+        inputs it had in the last run (Metaflow's spin); the spun task, also bound as ``spun``. After a spin
+        of the step declared before it, the step takes what that spin changed: spin a flow step by step."""
         words = line.split()
         if len(words) != 1:
             raise UsageError("name the step to spin: %mf_spin train (or RUN/STEP/TASK for one foreach item)")
-        target = words[0] if "/" in words[0] else None
-        if target is None:
-            if self.last_run is None:
-                raise UsageError("nothing to spin against: run the flow first (%mf_run)")
-            target = f"{self.last_run.id}/{words[0]}"
-        step = target.split("/")[1]
-        with self._spun_inputs(step) as module:
+        if self.last_run is None and "/" not in words[0]:
+            raise UsageError("nothing to spin against: run the flow first (%mf_run)")
+        target = words[0] if "/" in words[0] else f"{self.last_run.id}/{words[0]}"
+        step = _spun_step(target, self._assembled().name)
+        with self._spun_inputs(step) as (module, overrides):
             # persist: the spun task's artifacts are kept (in .metaflow_spin), so the notebook can read them.
             options: dict[str, Any] = {"persist": True, **({"artifacts_module": module} if module else {})}
             executing, *_ = self._executing("", lambda runner, _: runner.spin(target, **options))
         task = executing.task
-        self.last_spin = (step, task)
+        self._spins[step] = (task, overrides)
         self.shell.push({"spun": task})
         return task
 
     @contextlib.contextmanager
-    def _spun_inputs(self, step: str) -> Iterator[str | None]:
-        """The last spin's values as Metaflow's spin takes overrides of a step's inputs (a module defining
-        ``ARTIFACTS``), when that spin was of the step declared just before ``step``; None otherwise (a
-        join takes several inputs: it spins on the last run's)."""
-        before = self.last_spin
-        declared = self.notebook.steps.get(before[0]) if before else None
-        spun = self.notebook.steps.get(step)
-        if before is None or declared is None or step not in declared.next or (spun is not None and spun.join):
-            yield None
+    def _spun_inputs(self, step: str) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """What ``step`` is spun on: the values its declared parent's spin changed (over those the parent was
+        spun on), as Metaflow's spin takes overrides of a step's inputs (a module defining ``ARTIFACTS``);
+        ``(None, {})`` when the parent was not spun since the last run, or ``step`` is a join (several
+        inputs) or runs per foreach item (the item's index is the last run's)."""
+        parent = next((name for name, decl in self.notebook.steps.items() if step in decl.next), None)
+        declared = self.notebook.steps.get(step)
+        if parent not in self._spins or declared is None or declared.join or self._per_item(step):
+            yield None, {}
+            return
+        spun, overrides = self._spins[parent]
+        values = dict(overrides)
+        values.update(_changed(spun, self.last_run, parent))
+        if not values:
+            yield None, {}
             return
         folder = Path(tempfile.mkdtemp(prefix="mf-notebook-spin-"))  # 0700: the values are the user's
         try:
-            values = {a.id: a.data for a in before[1] if not a.id.startswith("_") and a.id != "name"}
             stored = folder / "values.pkl"
-            stored.write_bytes(pickle.dumps(values))
+            with stored.open("wb") as out:
+                pickle.dump(values, out)
             module = folder / "spun_inputs.py"
             loads = f"pickle.loads(pathlib.Path({str(stored)!r}).read_bytes())"
             module.write_text(f"import pathlib\nimport pickle\n\nARTIFACTS = {loads}\n")
-            print(f"{step} takes {before[0]}'s values from the last spin: {', '.join(sorted(values))}")
-            yield str(module)
+            print(f"{step} takes {parent}'s values from its spin: {', '.join(sorted(values))}")
+            yield str(module), values
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _per_item(self, step: str) -> bool:
+        """Whether ``step`` ran once per foreach item in the last run (more than one task)."""
+        try:
+            return len(list(self.last_run[step])) > 1
+        except KeyError:
+            return False
 
     @line_magic
     def mf_export(self, line: str) -> None:
@@ -350,6 +363,36 @@ def _forget_module(path: Path) -> None:
     except ImportError:
         return
     getattr(click_api, "loaded_modules", {}).pop(str(path), None)
+
+
+def _spun_step(target: str, flow: str) -> str:
+    """The step of a spin's pathspec, read as Metaflow's spin reads it (every form it takes)."""
+    from metaflow.exception import CommandException
+    from metaflow.util import parse_spin_pathspec
+
+    try:
+        return parse_spin_pathspec(target, flow)[0]
+    except CommandException as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+
+
+def _changed(spun: Any, run: Any, step: str) -> dict[str, Any]:
+    """The values ``spun`` holds that differ from what ``step`` gave in ``run`` (by content hash): what the
+    spin changed. What it passed through untouched is left out (spin stores those from the last run, so they
+    are not its values to pass on); a value that cannot be loaded here is one line naming it."""
+    try:
+        before = {artifact.id: artifact.sha for artifact in run[step].task}
+    except KeyError:
+        before = {}
+    changed = {}
+    for artifact in spun:
+        if artifact.id.startswith("_") or artifact.id == "name" or before.get(artifact.id) == artifact.sha:
+            continue
+        try:
+            changed[artifact.id] = artifact.data
+        except Exception as exc:  # a class this kernel cannot import, say
+            raise UsageError(f"{step}'s spun value {artifact.id!r} cannot be loaded here: {exc}") from None
+    return changed
 
 
 def _show_options(line: str) -> tuple[list[str], int, bool]:

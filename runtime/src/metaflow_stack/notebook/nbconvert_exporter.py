@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbconvert.exporters import Exporter
+from nbconvert.utils.exceptions import ConversionException
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.notebook.export import formatted, from_cells
@@ -31,6 +32,6 @@ class FlowExporter(Exporter):
         notebook, resources = super().from_notebook_node(nb, resources, **kw)
         try:
             source = formatted(from_cells(notebook).source)
-        except StackError as exc:  # the front end shows the message: one line, with its fix
-            raise ValueError(f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message) from None
+        except StackError as exc:  # one line with its fix: the front end shows it, nbconvert prints no traceback
+            raise ConversionException(f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message) from None
         return source, resources

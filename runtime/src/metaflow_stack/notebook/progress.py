@@ -72,10 +72,13 @@ class Progress:
         self._dirty = False
         self._flushed = 0.0
         self._lock = threading.Lock()
+        #: Set to flush now; the flusher is the only thread that tells (so what it tells stays in order, and
+        #: the run's output streams never wait on the front end).
+        self._wake = threading.Event()
 
     def feed(self, line: str) -> None:
-        """One line of the run's output (a task's own prints carry the same prefix: only the runtime's exact
-        messages count)."""
+        """One line of the run's output. A task's own prints carry the same prefix, so only the runtime's
+        exact messages count (a task printing one of them word for word would be read as one)."""
         found = _TASK_LINE.search(line)
         if not found or found["step"] not in self.graph["steps"]:
             return
@@ -95,8 +98,8 @@ class Progress:
             task.update(status=status, finished_at=None if status == "running" else now)
             self._dirty = True
             due = time.monotonic() - self._flushed >= FLUSH_SECONDS
-        if due:  # the first change after a quiet spell is shown at once; a burst waits for the flusher
-            self.flush()
+        if due:  # the first change after a quiet spell is shown at once; a burst waits for the next flush
+            self._wake.set()
 
     def _new(self, pathspec: str, step: str, now: int) -> dict[str, Any]:
         index = self._per_step.get(step, 0)
@@ -124,7 +127,10 @@ class Progress:
 
     def tasks(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [dict(task) for task in self._tasks.values()]
+            return self._snapshot()
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        return [dict(task) for task in self._tasks.values()]
 
     def flush(self) -> None:
         """Tell ``changed`` if anything changed since the last time."""
@@ -133,7 +139,8 @@ class Progress:
                 return
             self._dirty = False
             self._flushed = time.monotonic()
-        self._changed(self.tasks())
+            tasks = self._snapshot()
+        self._changed(tasks)
 
     @contextmanager
     def watching(self) -> Iterator[None]:
@@ -144,7 +151,9 @@ class Progress:
         stop = threading.Event()
 
         def flushing() -> None:
-            while not stop.wait(FLUSH_SECONDS):
+            while not stop.is_set():
+                self._wake.wait(FLUSH_SECONDS)
+                self._wake.clear()
                 with contextlib.suppress(Exception):
                     self.flush()
 
@@ -157,6 +166,7 @@ class Progress:
         finally:
             sys.stdout = shown
             stop.set()
+            self._wake.set()
             if flusher.is_alive():
                 flusher.join()
             with contextlib.suppress(Exception):

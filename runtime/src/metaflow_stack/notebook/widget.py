@@ -13,6 +13,7 @@ static table of the same states (``text/html``).
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from metaflow_stack.agent.source import AgentError
 ESM = Path(__file__).parent / "static" / "dag_widget.js"
 #: Artifacts (Metaflow's own among them, then left out) and log lines a click's answer lists at most.
 MAX_ARTIFACTS, LOG_LINES = 200, 20
+#: A task id as Metaflow's datastores write them (digits locally; letters, - and _ elsewhere).
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 #: Tasks the widget keeps once the run is over (it draws 400 items a step).
 MAX_RECORDED = 10_000
 
@@ -141,7 +144,7 @@ class DagWidget(anywidget.AnyWidget):
 
 def _task_of(task: Any, prefix: str) -> bool:
     """Whether ``task`` is a task pathspec under ``prefix`` (the run and step clicked)."""
-    return isinstance(task, str) and task.startswith(prefix) and task[len(prefix) :].isalnum()
+    return isinstance(task, str) and task.startswith(prefix) and _TASK_ID.fullmatch(task[len(prefix) :]) is not None
 
 
 class LiveDag:

