@@ -20,7 +20,7 @@ down: _venv
     metaflow stack down
 
 # Lint, then run the whole test suite; docker-marked tests run when an engine answers.
-test *args: lint ui vscode devcontainer-cli
+test *args: lint ui vscode code-server devcontainer-cli
     pytest --junitxml=.stack/test-results/junit.xml {{ args }}
 
 # Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).

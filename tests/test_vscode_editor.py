@@ -88,8 +88,13 @@ def test_the_dag_opens_beside_the_flow_follows_typing_and_leads_to_a_step(editor
     expect(workbench).to_be_visible(timeout=120_000)
     page.keyboard.press("Control+P")  # Quick Open, as a user opens a file
     page.keyboard.type("shape_flow.py")
+    expect(page.locator(".quick-input-list .monaco-list-row", has_text="shape_flow.py").first).to_be_visible(
+        timeout=60_000
+    )
     page.keyboard.press("Enter")
-    expect(page.locator(".monaco-editor .view-lines")).to_contain_text("class ShapeFlow", timeout=60_000)
+    expect(page.locator(".editor-group-container .monaco-editor .view-lines")).to_contain_text(
+        "class ShapeFlow", timeout=60_000
+    )
 
     page.keyboard.press("F1")
     page.keyboard.type("Metaflow: Show the Flow's DAG")
@@ -106,7 +111,7 @@ def test_the_dag_opens_beside_the_flow_follows_typing_and_leads_to_a_step(editor
         "    def join(self, inputs):\n        self.next(self.end)", f"    def join(self, inputs):\n        {audit}"
     )
     page.evaluate("(text) => navigator.clipboard.writeText(text)", edited)
-    page.locator(".monaco-editor .view-lines").first.click()
+    page.locator(".editor-group-container .monaco-editor .view-lines").first.click()
     page.keyboard.press("Control+A")
     page.keyboard.press("Control+V")
     expect(webview.locator(".mf-dag svg.dag [data-step]")).to_have_count(8, timeout=30_000)
