@@ -8,6 +8,7 @@ import base64
 
 import nbformat
 import pytest
+from conftest import need
 from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow
@@ -146,3 +147,22 @@ def test_a_value_over_the_limit_loads_only_when_asked_and_bad_options_are_one_li
     (error,) = [o for o in shown[23].outputs if o.output_type in ("error", "stream")]
     assert "--page takes a page number from 1, not '0'" in (error.get("text") or error.get("evalue"))
     assert "Traceback" not in (error.get("text") or "")
+
+
+def test_a_torch_module_shows_its_structure_parameter_count_and_shapes() -> None:
+    """Without a kernel: torch is large (its CUDA libraries gigabytes), so a GitHub job installs it."""
+    import importlib.util
+
+    need("torch", importlib.util.find_spec("torch") is not None, "pip install torch")
+    import torch
+
+    from metaflow_stack.notebook import show
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    shown = show.value(model, "model")
+    assert "model: torch Sequential, 11 parameters" in shown.bundle["text/plain"]  # 3*2+2 + 2*1+1
+    assert (
+        "<td><code>0.weight</code></td><td><code>(2, 3)</code></td><td><code>float32</code></td>"
+        in (shown.bundle["text/html"])
+    )
+    assert "(1): ReLU()" in shown.bundle["text/plain"]
