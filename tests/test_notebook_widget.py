@@ -20,6 +20,7 @@ import pytest
 from conftest import LOOPBACK, SCREENSHOTS, run_cli
 from devservers import free_port
 from nbclient import NotebookClient
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 
 from metaflow_stack.notebook import widget
@@ -97,6 +98,18 @@ def _answers(url: str, token: str, server: subprocess.Popen, seconds: float = 12
     return False
 
 
+def _accept_kernel(page: object) -> None:
+    """A fresh JupyterLab may ask which kernel to start for a notebook (a modal dialog over the menus): take
+    the one it offers, as a user would."""
+    dialog = page.locator(".jp-Dialog")
+    try:
+        dialog.wait_for(state="visible", timeout=5_000)
+    except PlaywrightTimeoutError:
+        return
+    dialog.get_by_role("button", name="Select", exact=True).click()
+    expect(dialog).to_have_count(0)
+
+
 def _run_all(page: object) -> None:
     """Run > Run All Cells, as a user would (the same menu in JupyterLab and Notebook 7)."""
     page.get_by_role("menuitem", name="Run", exact=True).click()
@@ -114,6 +127,7 @@ def test_the_dag_follows_a_run_live_and_shows_a_clicked_tasks_artifacts_and_log(
     page.goto(f"{jupyter.url}/{front_end}/{folder.name}/{notebook.name}?token={jupyter.token}")
     expect(page.locator(".jp-Notebook")).to_be_visible(timeout=60_000)
     expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=60_000)
+    _accept_kernel(page)
     _run_all(page)
 
     dag = page.locator(".mf-dag")
@@ -177,6 +191,7 @@ def test_jupyterlab_exports_the_notebooks_flow_from_its_file_menu(jupyter: Jupyt
     # ?reset: a fresh workspace, so the tabs an earlier test left open stay closed (the export is the active tab)
     page.goto(f"{jupyter.url}/lab/tree/{folder.name}/{notebook.name}?reset&token={jupyter.token}")
     expect(page.locator(".jp-Notebook")).to_be_visible(timeout=60_000)
+    _accept_kernel(page)
     page.get_by_role("menuitem", name="File", exact=True).click()
     page.locator(".lm-Menu-itemLabel", has_text="Save and Export Notebook As").hover()  # Lumino opens on hover
     with page.expect_download(timeout=60_000) as download:

@@ -153,6 +153,22 @@ def test_malformed_json_unknown_routes_and_methods(client: TestClient) -> None:
     assert client.delete("/flows/F").status_code == 405
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/flows/F/runs/\u00b9",  # superscript one: str.isdigit takes it, int refuses it (found by schemathesis)
+        "/flows/F/runs/\u00b9/steps/start/filtered_tasks?pattern=a",
+        "/flows/F/runs/1/steps/start/tasks/\u00b2",
+        "/flows/F/runs?_limit=\u00b3",
+    ],
+)
+def test_unicode_digits_are_ids_or_refusals_never_a_500(client: TestClient, path: str) -> None:
+    new_run(client)
+    answer = client.get(path)
+    assert answer.status_code in (200, 400, 404), answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+
+
 def test_oversize_bodies_are_refused_with_413(tmp_path: Path) -> None:
     config = ServiceConfig(database_url=str(tmp_path / "m.db"), max_body_bytes=1024)
     with TestClient(create_app(config), base_url=LOOPBACK) as client:

@@ -20,6 +20,12 @@ _IDENTIFIERS = {"flow_id", "step_name"}
 PATHSPEC_KINDS = ("flow_id", "run_number", "step_name", "task_id")
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits: ``str.isdigit`` also takes ``"¹"``, which ``int``
+    refuses, so a hostile id would reach ``int`` and fail there."""
+    return text.isascii() and text.isdigit()
+
+
 def check_id(kind: str, value: str) -> str:
     """``value`` if an object of ``kind`` (``flow_id``, ``run_number``, ``step_name``, ``task_id``) can have
     it; ``InvalidInput`` naming ``kind`` otherwise."""
@@ -27,7 +33,7 @@ def check_id(kind: str, value: str) -> str:
         valid = value.isidentifier() and len(value) <= 255
         rule = "a Python identifier, as Metaflow names flows and steps"
     else:
-        valid = bool(_ID.match(value)) and not (value.isdigit() and len(value) > 18)
+        valid = bool(_ID.match(value)) and not (is_number(value) and len(value) > 18)
         rule = "1 to 255 characters without '/', spaces or control characters"
     if not valid:
         raise InvalidInput(kind, f"{value[:80]!r} is not a valid {kind.replace('_', ' ')}: it must be {rule}")

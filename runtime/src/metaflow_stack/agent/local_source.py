@@ -42,6 +42,7 @@ from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
 from metaflow_stack.datastore.log_files import LogFiles, ReadMeter
 from metaflow_stack.datastore.log_windows import LogQuery, read_window, rendered
 from metaflow_stack.datastore.type_names import type_name
+from metaflow_stack.ids import is_number
 from metaflow_stack.patterns import compile_pattern
 
 #: Lines of a failed attempt's stderr searched for its traceback.
@@ -140,7 +141,7 @@ class LocalSource:
     def _children(folder: Path) -> list[Path]:
         with os.scandir(folder) as entries:  # the directory's own entry types: no stat per child
             names = [e.name for e in entries if e.is_dir() and not e.name.startswith("_") and e.name != "data"]
-        names.sort(key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
+        names.sort(key=lambda name: (not is_number(name), int(name) if is_number(name) else 0, name))
         return [folder / name for name in names]
 
     def _state(self, task: Path) -> tuple[int, bool | None, int | None]:

@@ -21,6 +21,7 @@ from metaflow.mflog.mflog import LINE_PARSER
 from metaflow_stack.datastore.cursors import decode_cursor
 from metaflow_stack.datastore.log_files import LogFile
 from metaflow_stack.errors import InvalidInput
+from metaflow_stack.ids import is_number
 from metaflow_stack.patterns import compile_pattern
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def _integer(given: dict[str, str], name: str, low: int, high: int, default: int
     if name not in given:
         return default
     value = given[name]
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not is_number(value) or not low <= int(value) <= high:
         raise InvalidInput(name, f"must be an integer from {low} to {high}")
     return int(value)
 

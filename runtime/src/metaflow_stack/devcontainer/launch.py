@@ -19,6 +19,7 @@ from metaflow_stack.devcontainer.stores import WORKDIR
 from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.ids import is_number
 from metaflow_stack.trampolines import stopped_by_signals
 
 #: Where the unpacked code package is mounted (read-only); the task works in ``stores.WORKDIR``.
@@ -104,6 +105,6 @@ def remove_orphans(engine: DockerEngine) -> int:
     orphans = []
     for container in engine.containers({LABEL: None}):
         host, _, pid = container.config.labels.get(OWNER, "").rpartition(":")
-        if host == here and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if host == here and is_number(pid) and not psutil.pid_exists(int(pid)):
             orphans.append(container)
     return engine.remove(orphans)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.ids import is_number
 from metaflow_stack.nomad.client import NomadClient
 from metaflow_stack.nomad.jobspec import Placement, task_job
 from metaflow_stack.nomad.watch import Ending, follow
@@ -126,7 +127,7 @@ def sweep(client: NomadClient, prefix: str = "mf-") -> int:
         return 0  # the first task reports an agent that does not answer
     for job in jobs:
         host, _, pid = ((job.get("Meta") or {}).get(OWNER) or "").rpartition(":")
-        if host == here and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if host == here and is_number(pid) and not psutil.pid_exists(int(pid)):
             client.deregister(job["ID"])
             gone += 1
     return gone

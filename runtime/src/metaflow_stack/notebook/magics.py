@@ -32,6 +32,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class, no_var_expand
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.ids import is_number
 from metaflow_stack.notebook import cells, export
 from metaflow_stack.notebook.assembler import Assembled, NotebookFlow, assemble
 
@@ -405,7 +406,7 @@ def _show_options(line: str) -> tuple[list[str], int, bool]:
             full = True
         elif given[index] == "--page":
             number = given[index + 1] if index + 1 < len(given) else ""
-            if not number.isdigit() or int(number) < 1:
+            if not is_number(number) or int(number) < 1:
                 raise UsageError(f"--page takes a page number from 1, not {number!r}")
             page, index = int(number), index + 1
         else:

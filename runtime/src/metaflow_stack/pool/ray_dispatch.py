@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.ids import is_number
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
@@ -151,7 +152,7 @@ def _reachable(address: str) -> None:
     """Whether a cluster answers at ``address`` (``host:port`` or ``ray://host:port``; ``auto`` is Ray's
     to find): Ray itself would retry for minutes before it gives up."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if host and port.isdigit():
+    if host and is_number(port):
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
 
 

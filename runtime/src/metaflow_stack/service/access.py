@@ -17,7 +17,7 @@ from sqlalchemy import Connection, RowMapping, select
 from sqlalchemy.exc import IntegrityError
 
 from metaflow_stack.api_errors import ApiError
-from metaflow_stack.ids import check_id
+from metaflow_stack.ids import check_id, is_number
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
@@ -72,7 +72,7 @@ class TableAccess:
     @staticmethod
     def find_run(conn: Connection, flow_id: str, run: str) -> RowMapping:
         check_id("run_number", run)
-        column, value = (s.runs.c.run_number, int(run)) if run.isdigit() else (s.runs.c.run_id, run)
+        column, value = (s.runs.c.run_number, int(run)) if is_number(run) else (s.runs.c.run_id, run)
         row = conn.execute(select(s.runs).where(s.runs.c.flow_id == flow_id, column == value)).mappings().first()
         if row is None:
             raise ApiError(404, "not_found", f"run {flow_id}/{run} does not exist")
@@ -82,7 +82,7 @@ class TableAccess:
     def find_task(conn: Connection, run: RowMapping, step_name: str, task: str) -> RowMapping:
         check_id("task_id", task)
         t = s.tasks.c
-        column, value = (t.task_id, int(task)) if task.isdigit() else (t.task_name, task)
+        column, value = (t.task_id, int(task)) if is_number(task) else (t.task_name, task)
         row = (
             conn.execute(
                 select(s.tasks).where(t.run_number == run["run_number"], t.step_name == step_name, column == value)

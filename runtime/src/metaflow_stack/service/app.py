@@ -32,6 +32,7 @@ from metaflow_stack import api_errors
 from metaflow_stack.api_errors import error_response
 from metaflow_stack.datastore.log_files import LogFiles
 from metaflow_stack.http_guard import Guard, GuardMiddleware
+from metaflow_stack.ids import is_number
 from metaflow_stack.service import pages
 from metaflow_stack.service.bodies import ArtifactBody, Created, Metadatum, RunBody, RunHeartbeat, TagMutation, TaskBody
 from metaflow_stack.service.database import connect, migrate
@@ -143,7 +144,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.middleware("http")
     async def headers_and_limits(request: Request, call_next: Any) -> Response:
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > config.max_body_bytes:
+        if is_number(declared) and int(declared) > config.max_body_bytes:
             # Refused before reading, as JSON; FastAPI's own limit still cuts off a chunked body.
             response: Response = error_response(413, "payload_too_large", f"body over {config.max_body_bytes} bytes")
         else:

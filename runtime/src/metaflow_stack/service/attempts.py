@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, RowMapping, update
 
+from metaflow_stack.ids import is_number
 from metaflow_stack.service import event_log, rows
 from metaflow_stack.service import schema as s
 
@@ -18,7 +19,7 @@ from metaflow_stack.service import schema as s
 def track_attempt(conn: Connection, run_row: RowMapping, task_row: RowMapping, datum: dict) -> None:
     """Keep the task's latest attempt and its outcome (and the run's, for ``end``) current."""
     field, t, run_number = datum["field_name"], s.tasks.c, run_row["run_number"]
-    if field == "attempt" and datum["value"].isdigit():
+    if field == "attempt" and is_number(datum["value"]):
         attempt = int(datum["value"])
         conn.execute(
             update(s.tasks)

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB, array
 
 from metaflow_stack.api_errors import bad_parameter
 from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
-from metaflow_stack.ids import check_id
+from metaflow_stack.ids import check_id, is_number
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
@@ -52,7 +52,7 @@ class Params:
         params = cls()
         for name, value in request.query_params.multi_items():
             if name == "_limit":
-                if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+                if not is_number(value) or not 1 <= int(value) <= MAX_LIMIT:
                     raise bad_parameter("_limit", f"must be an integer from 1 to {MAX_LIMIT}")
                 params.limit = int(value)
             elif name == "_cursor":
@@ -68,7 +68,7 @@ class Params:
 
     def integers(self, name: str) -> list[int]:
         values = self.filters.get(name, [])
-        if not all(v.lstrip("-").isdigit() for v in values):
+        if not all(is_number(v.lstrip("-")) for v in values):
             raise bad_parameter(name, "must be integers (epoch milliseconds for ts_epoch)")
         return [int(v) for v in values]
 

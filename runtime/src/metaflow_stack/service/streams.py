@@ -17,6 +17,7 @@ from fastapi import Request
 from sqlalchemy import select
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
+from metaflow_stack.ids import is_number
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.event_bus import SUBJECT_PREFIX, Bus, Logged, logged_events, sse_frame
 
@@ -87,10 +88,10 @@ class Streams(Bus):
         if unknown:
             raise bad_parameter(sorted(unknown)[0], "unknown parameter; /events accepts flow, run and since")
         run = query.get("run")
-        if run is not None and not (run.isdigit() and len(run) <= 18):
+        if run is not None and not (is_number(run) and len(run) <= 18):
             raise bad_parameter("run", "must be a run number")
         since = query.get("since") or request.headers.get("last-event-id")
-        if since is not None and not (since.isdigit() and len(since) <= 18):
+        if since is not None and not (is_number(since) and len(since) <= 18):
             raise bad_parameter("since", "must be a sequence number")
         if self.nats_url:
             try:

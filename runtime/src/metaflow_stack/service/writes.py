@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.datastore.attempts import attempt_of
-from metaflow_stack.ids import check_id
+from metaflow_stack.ids import check_id, is_number
 from metaflow_stack.service import event_log, rows
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.access import TableAccess, now_ms, under
@@ -73,7 +73,7 @@ class Writes(TableAccess):
     def create_run(self, flow_id: str, body: RunBody) -> dict[str, Any]:
         run_id = body.run_number
         if run_id is not None:
-            if run_id.isdigit():
+            if is_number(run_id):
                 raise bad_parameter("run_number", "a client-chosen run id must be a non-numeric string")
             check_id("run_number", run_id)
         values = {
@@ -104,7 +104,7 @@ class Writes(TableAccess):
         check_id("step_name", step_name)
         task_name = body.task_id
         if task_name is not None:
-            if task_name.isdigit():
+            if is_number(task_name):
                 raise bad_parameter("task_id", "a client-chosen task id must be a non-numeric string")
             check_id("task_id", task_name)
         beats = heartbeat_capable(body.system_tags)

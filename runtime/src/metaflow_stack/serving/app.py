@@ -34,6 +34,7 @@ from metaflow_stack.functions.backends import Function, function_from_json
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.errors import FunctionError, InvalidInputError, RemoteFunctionError
 from metaflow_stack.http_guard import Guard, GuardMiddleware
+from metaflow_stack.ids import is_number
 from metaflow_stack.serving.batching import AdaptiveBatcher
 
 log = logging.getLogger("metaflow_stack.serving")
@@ -146,7 +147,7 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
 
     async def body(request: Request) -> tuple[str, bytes]:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
+        if declared and is_number(declared) and int(declared) > options.max_body_bytes:
             raise ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
         media = codec_for(request.headers.get("content-type"))
         data = await request.body()
