@@ -16,23 +16,22 @@ asking is added to its total, as a user sees it. The goal is under 300 ms.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 PROJECT = Path(__file__).resolve().parents[1]
-VSCODE = PROJECT / "vscode"
+sys.path.insert(0, str(PROJECT / "tests"))
+from webview_page import HOST, served_webview  # noqa: E402 - the page as the Chromium test serves it
+
 CHROMIUM = Path("/usr/bin/chromium")
 #: What the extension waits after the last keystroke (vscode/src/extension.ts, TYPING_PAUSE).
 TYPING_PAUSE_MS = 120
@@ -108,53 +107,33 @@ def time_peer(source: str, folder: Path, repeat: int) -> list[float]:
     return samples
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # the table is the output
-        pass
-
-
 def time_webview(graph: dict, folder: Path, repeat: int) -> list[float]:
     from playwright.sync_api import sync_playwright
 
-    (folder / "webview.js").write_bytes((VSCODE / "dist" / "webview.js").read_bytes())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
-    origin = f"http://127.0.0.1:{server.server_address[1]}"
-    subprocess.run(["node", str(VSCODE / "esbuild.mjs"), "--tests"], check=True)
-    page_html = subprocess.run(
-        ["node", str(VSCODE / "dist-test" / "render-html.mjs"), f"{origin}/webview.js", origin, "bench"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    (folder / "index.html").write_text(page_html)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     samples = []
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page()
-            page.add_init_script("window.acquireVsCodeApi = () => ({ postMessage() {} });")
-            page.goto(f"{origin}/index.html")
-            steps = len(graph["steps"])
-            for index in range(repeat + 1):
-                flow = {**graph, "flow": f"WideFlow{index}"}
-                elapsed = page.evaluate(
-                    """([message, steps]) => new Promise((done) => {
-                        const started = performance.now();
-                        window.postMessage(message, "*");
-                        const check = () => document.querySelector(`[data-flow="${message.graph.flow}"]`) &&
-                            document.querySelectorAll("svg.dag [data-step]").length === steps
-                            ? requestAnimationFrame(() => done(performance.now() - started))
-                            : requestAnimationFrame(check);
-                        check();
-                    })""",
-                    [{"type": "graph", "graph": flow, "file": "wide_flow.py"}, steps],
-                )
-                if index:
-                    samples.append(elapsed)
-            browser.close()
-    finally:
-        server.shutdown()
+    with served_webview(folder, nonce="bench") as origin, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.add_init_script(HOST)
+        page.goto(f"{origin}/index.html")
+        steps = len(graph["steps"])
+        for index in range(repeat + 1):
+            flow = {**graph, "flow": f"WideFlow{index}"}
+            elapsed = page.evaluate(
+                """([message, steps]) => new Promise((done) => {
+                    const started = performance.now();
+                    window.postMessage(message, "*");
+                    const check = () => document.querySelector(`[data-flow="${message.graph.flow}"]`) &&
+                        document.querySelectorAll("svg.dag [data-step]").length === steps
+                        ? requestAnimationFrame(() => done(performance.now() - started))
+                        : requestAnimationFrame(check);
+                    check();
+                })""",
+                [{"type": "graph", "graph": flow, "file": "wide_flow.py"}, steps],
+            )
+            if index:
+                samples.append(elapsed)
+        browser.close()
     return samples
 
 

@@ -5,21 +5,19 @@ to reveal the step's line), and the packaged ``.vsix``."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import sys
-import threading
 import zipfile
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import PROJECT, SCREENSHOTS, need
 from playwright.sync_api import expect
 from test_ide import BRANCHING
+from webview_page import HOST, served_webview
 
 from metaflow_stack.ide.graph import flow_graph
 
@@ -49,27 +47,8 @@ def test_the_extensions_logic_and_helper_pass_nodes_test_runner(built: Path) -> 
 @pytest.fixture(scope="module")
 def served(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The webview's page as the extension makes it, and its script, from 127.0.0.1."""
-    root = tmp_path_factory.mktemp("webview")
-    (root / "webview.js").write_bytes((built / "webview.js").read_bytes())
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    origin = f"http://127.0.0.1:{server.server_address[1]}"
-    subprocess.run(["node", str(VSCODE / "esbuild.mjs"), "--tests"], check=True, timeout=120)
-    page = subprocess.run(
-        ["node", str(VSCODE / "dist-test" / "render-html.mjs"), f"{origin}/webview.js", origin, "test-nonce"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    (root / "index.html").write_text(page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield origin
-    server.shutdown()
-
-
-#: VS Code's webview host, as its API documents it: ``acquireVsCodeApi()`` once, ``postMessage`` to the host.
-HOST = "window.posted = []; window.acquireVsCodeApi = () => ({ postMessage: (m) => window.posted.push(m) });"
+    with served_webview(tmp_path_factory.mktemp("webview")) as origin:
+        yield origin
 
 
 def test_the_webview_draws_the_dag_keeps_it_through_a_broken_buffer_and_reveals_a_step(served: str, chromium) -> None:

@@ -101,7 +101,8 @@ def flow_graph(source: str, path: str = "<buffer>") -> dict[str, Any]:
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as exc:
-        raise InvalidInput(f"line {exc.lineno}", exc.msg or "is not Python", fix="finish the line") from None
+        where = f"line {exc.lineno}" if exc.lineno else "the source"
+        raise InvalidInput(where, exc.msg or "is not Python", fix="finish the line") from None
     flow = _flow_class(tree)
     if flow is None:
         raise InvalidInput(path, "defines no FlowSpec class", fix="class MyFlow(FlowSpec): with @step methods")

@@ -66,6 +66,9 @@ def answer(line: str) -> dict[str, Any]:
         return {"id": request.id, "result": METHODS[request.method](request.params)}
     except StackError as exc:
         return {"id": request.id, **exc.to_dict()}
+    except (RecursionError, MemoryError, ValueError) as exc:  # a source built to exhaust the parser: refused
+        refused = InvalidInput("params.source", f"cannot be read as a flow ({type(exc).__name__})")
+        return {"id": request.id, **refused.to_dict()}
 
 
 def serve(requests: IO[bytes] | None = None, answers: IO[str] | None = None) -> None:

@@ -9,16 +9,13 @@ its fix; the exit status is 1 either way.
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from metaflow._vendor import click
 from rich.console import Console
 
-from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_stack.errors import StackError
+from metaflow_extensions.stack.cmd.cli_errors import errors_as_json, friendly
 
 _out = Console()
 
@@ -33,14 +30,8 @@ def _answer(query: Callable[..., Any]) -> Callable[..., Any]:
     def command(as_json: bool, service_url: str | None, **kwargs: Any) -> None:
         from metaflow_stack.agent import connect
 
-        try:
-            with connect(service_url) as queries:
-                result = query(queries, **kwargs)
-        except StackError as exc:
-            if not as_json:
-                raise
-            print(json.dumps(exc.to_dict()))
-            sys.exit(1)
+        with errors_as_json(as_json), connect(service_url) as queries:
+            result = query(queries, **kwargs)
         if as_json:
             print(result.model_dump_json())
         else:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -32,3 +34,16 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def errors_as_json(as_json: bool) -> Iterator[None]:
+    """With ``--json``, a ``StackError`` is printed as its JSON object (``{"error": ...}``) and the command
+    exits 1; without, it goes on to ``friendly``'s one line."""
+    try:
+        yield
+    except StackError as exc:
+        if not as_json:
+            raise
+        print(json.dumps(exc.to_dict()))
+        sys.exit(1)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from metaflow._vendor import click
 
-from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_stack.errors import InvalidInput, StackError
+from metaflow_extensions.stack.cmd.cli_errors import errors_as_json, friendly
+from metaflow_stack.errors import InvalidInput
 
 
 @click.group()
@@ -33,17 +33,12 @@ def ide() -> None:
 def graph(flow_file: str, from_stdin: bool, as_json: bool) -> None:
     from metaflow_stack.ide.graph import flow_graph
 
-    try:
-        source = sys.stdin.read() if from_stdin else Path(flow_file).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(flow_file, f"cannot be read: {exc}", fix="name a Python file") from None
-    try:
+    with errors_as_json(as_json):
+        try:
+            source = sys.stdin.read() if from_stdin else Path(flow_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(flow_file, f"cannot be read: {exc}", fix="name a Python file") from None
         found = flow_graph(source, flow_file)
-    except StackError as exc:
-        if not as_json:
-            raise
-        print(json.dumps(exc.to_dict()))
-        sys.exit(1)
     print(json.dumps(found) if as_json else json.dumps(found, indent=2))
 
 
