@@ -406,8 +406,8 @@ def _show_options(line: str) -> tuple[list[str], int, bool]:
             full = True
         elif given[index] == "--page":
             number = given[index + 1] if index + 1 < len(given) else ""
-            if not is_number(number) or int(number) < 1:
-                raise UsageError(f"--page takes a page number from 1, not {number!r}")
+            if not is_number(number) or len(number) > 18 or int(number) < 1:
+                raise UsageError(f"--page takes a page number from 1, not {number[:20]!r}")
             page, index = int(number), index + 1
         else:
             words.append(given[index])
