@@ -115,7 +115,7 @@ def time_webview(graph: dict, folder: Path, repeat: int) -> list[float]:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page()
         page.add_init_script(HOST)
-        page.goto(f"{origin}/index.html")
+        page.goto(f"{origin}/dag.html")
         steps = len(graph["steps"])
         for index in range(repeat + 1):
             flow = {**graph, "flow": f"WideFlow{index}"}

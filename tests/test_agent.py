@@ -68,6 +68,14 @@ def test_runs_by_status_time_and_tags(runs: Runs, queries: Queries) -> None:
     assert queries.source.requests == 7  # one request per query
 
 
+def test_flows_newest_first_in_one_request(runs: Runs, queries: Queries) -> None:
+    found = queries.list_flows()
+    assert [f.name for f in found.flows] == ["FanFlow"] and not found.truncated
+    assert found.flows[0].created_at <= queries.list_runs("FanFlow", limit=1).runs[0].started_at
+    assert queries.source.requests == 2
+    assert queries.list_flows(limit=5000).clamped[0].used == 1000
+
+
 def test_failures_and_summary_in_one_request_each(runs: Runs, queries: Queries) -> None:
     found = queries.failures(runs.failed)
     assert len(found.failures) == 1 and queries.source.requests == 1
@@ -178,7 +186,16 @@ def test_the_mcp_server_answers_the_same_over_stdio(runs: Runs) -> None:
             return tools, found.structured_content, missing
 
     tools, found, missing = asyncio.run(session())
-    assert tools == {"list_runs", "run_summary", "failures", "run_tasks", "artifact_info", "search_artifacts", "logs"}
+    assert tools == {
+        "list_flows",
+        "list_runs",
+        "run_summary",
+        "failures",
+        "run_tasks",
+        "artifact_info",
+        "search_artifacts",
+        "logs",
+    }
     assert found["failures"][0]["message"] == "item 2 is bad"
     assert missing.is_error
     text = missing.content[0].text  # the SDK prefixes the tool's error with "Error executing tool ...: "
@@ -211,6 +228,7 @@ def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeyp
     assert isinstance(queries.source, LocalSource) and queries.source.root == local_runs / ".metaflow"
     done, failed = (f"FanFlow/{(local_runs / name).read_text()}" for name in ("done", "failed"))
 
+    assert [f.name for f in queries.list_flows().flows] == ["FanFlow"]
     assert [r.pathspec for r in queries.list_runs("FanFlow", status="failed").runs] == [failed]
     assert [r.pathspec for r in queries.list_runs("FanFlow", since="1h").runs] == [failed, done]
     assert queries.list_runs("FanFlow", user="nobody-ran-this").runs == []

@@ -174,8 +174,8 @@ def test_schemathesis_finds_no_server_error_in_the_api(ui: Ui, tmp_path: Path) -
 def test_a_value_the_ui_may_not_read_is_an_error_on_that_artifact_only(ui: Ui) -> None:
     from fastapi.testclient import TestClient
 
+    from metaflow_stack.datastore.blobs import Blobs
     from metaflow_stack.ui.app import create_app
-    from metaflow_stack.ui.blobs import Blobs
     from metaflow_stack.ui.local_runs import LocalRuns
     from metaflow_stack.ui.service_runs import ServiceRuns
 

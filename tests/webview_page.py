@@ -1,6 +1,7 @@
-"""The VS Code extension's webview page as the extension makes it (``render-html``), served from 127.0.0.1
-with its built script: what the Chromium test and ``bench/vscode.py`` load. ``HOST`` stands in for VS Code's
-webview host, as its API documents it: ``acquireVsCodeApi()`` once, ``postMessage`` to the host (recorded)."""
+"""The VS Code extension's webview pages as the extension makes them (``render-html``), served from
+127.0.0.1 with their built scripts at ``{origin}/{page}.html``: what the Chromium test and
+``bench/vscode.py`` load. ``HOST`` stands in for VS Code's webview host, as its API documents it:
+``acquireVsCodeApi()`` once, ``postMessage`` to the host (recorded)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 VSCODE = Path(__file__).resolve().parents[1] / "vscode"
+PAGES = ("dag", "launcher", "cards")
 HOST = "window.posted = []; window.acquireVsCodeApi = () => ({ postMessage: (m) => window.posted.push(m) });"
 
 
@@ -23,18 +25,19 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 @contextmanager
 def served_webview(folder: Path, nonce: str = "test-nonce") -> Iterator[str]:
-    """The page at ``{origin}/index.html`` (and its script) from ``folder``, while the block runs."""
-    (folder / "webview.js").write_bytes((VSCODE / "dist" / "webview.js").read_bytes())
+    """Each page (``dag``, ``launcher``, ``cards``) and its script from ``folder``, while the block runs."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
     origin = f"http://127.0.0.1:{server.server_address[1]}"
     subprocess.run(["node", str(VSCODE / "esbuild.mjs"), "--tests"], check=True, timeout=120)
-    page = subprocess.run(
-        ["node", str(VSCODE / "dist-test" / "render-html.mjs"), f"{origin}/webview.js", origin, nonce],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    (folder / "index.html").write_text(page)
+    for page in PAGES:
+        (folder / f"{page}.js").write_bytes((VSCODE / "dist" / f"{page}.js").read_bytes())
+        html = subprocess.run(
+            ["node", str(VSCODE / "dist-test" / "render-html.mjs"), page, f"{origin}/{page}.js", origin, nonce],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (folder / f"{page}.html").write_text(html)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield origin

@@ -1,4 +1,4 @@
-// Bundles the extension (Node, CommonJS, `vscode` external) and the webview's script (browser, one file);
+// Bundles the extension (Node, CommonJS, `vscode` external) and each webview page's script (browser, one file);
 // `--tests` bundles test/*.test.ts for node's own test runner. The DAG's layout is the UI's (ui/src/dag.ts),
 // its dagre resolved from this package.
 import { build } from "esbuild";
@@ -28,12 +28,14 @@ if (process.argv.includes("--tests")) {
     external: ["vscode"],
     minify: true,
   });
-  await build({
-    ...shared,
-    entryPoints: [`${here}src/webview/dag.ts`],
-    outfile: `${here}dist/webview.js`,
-    platform: "browser",
-    format: "iife",
-    minify: true,
-  });
+  for (const page of ["dag", "launcher", "cards"]) {
+    await build({
+      ...shared,
+      entryPoints: [`${here}src/webview/${page}.ts`],
+      outfile: `${here}dist/${page}.js`,
+      platform: "browser",
+      format: "iife",
+      minify: true,
+    });
+  }
 }

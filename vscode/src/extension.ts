@@ -1,118 +1,153 @@
-// Metaflow Stack for VS Code: the DAG of the flow being edited, beside it, redrawn as the user types.
-import { randomBytes } from "node:crypto";
-import * as path from "node:path";
+// Metaflow Stack for VS Code: the live DAG of the flow being edited (with a run's statuses over it), the
+// runs sidebar, one-click step debugging, the run launcher, card previews and where runs are read from.
 import * as vscode from "vscode";
 
-import { debounced, type FlowGraph, type FromWebview, looksLikeFlow, type ToWebview, webviewHtml } from "./flowGraph";
-import { Helper, Refused } from "./helper";
+import { showCards } from "./cards";
+import { DagPanel } from "./dagPanel";
+import { pickRun, saveConfiguration, StepLenses, startDebugging } from "./debugging";
+import { Refused } from "./helper";
+import { Launcher } from "./launcher";
+import { clientSnippet, type Filters, type Node, pathspecOf } from "./runsModel";
+import { RunsTree } from "./runsTree";
+import { restartHelper, SETTINGS, theHelper } from "./runtime";
+import { describeWhere, statusItem } from "./statusBar";
 
-/** Milliseconds after the last keystroke before the graph is asked for again. */
-const TYPING_PAUSE = 120;
+const STATUSES = ["running", "completed", "failed", "killed"] as const;
 
-let helper: Helper | undefined;
-
-function python(): string {
-  const configured = vscode.workspace.getConfiguration("metaflowStack").get<string>("python");
-  if (configured) return configured;
-  const fromPythonExtension = vscode.workspace.getConfiguration("python").get<string>("defaultInterpreterPath");
-  return fromPythonExtension && fromPythonExtension !== "python" ? fromPythonExtension : "python3";
+function flowEditor(): vscode.TextEditor | undefined {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || editor.document.languageId !== "python") {
+    void vscode.window.showInformationMessage("Open a Metaflow flow (a Python file) first.");
+    return undefined;
+  }
+  return editor;
 }
 
-function theHelper(): Helper {
-  helper ??= new Helper(python(), vscode.workspace.workspaceFolders?.[0]?.uri.fsPath);
-  return helper;
+async function documentOf(uri?: vscode.Uri): Promise<vscode.TextDocument | undefined> {
+  if (uri instanceof vscode.Uri) return vscode.workspace.openTextDocument(uri);
+  return flowEditor()?.document;
 }
 
-/** One panel beside the editor, following the flow document it was opened for. */
-class DagPanel {
-  private static current: DagPanel | undefined;
-  private readonly disposables: vscode.Disposable[] = [];
-  private readonly refresh = debounced(() => void this.draw(), TYPING_PAUSE);
+function problem(error: unknown): string {
+  return error instanceof Refused ? error.message : (error as Error).message;
+}
 
-  static show(context: vscode.ExtensionContext, document: vscode.TextDocument): void {
-    if (DagPanel.current) {
-      DagPanel.current.follow(document);
-      DagPanel.current.panel.reveal(vscode.ViewColumn.Beside, true);
-      return;
-    }
-    const panel = vscode.window.createWebviewPanel("metaflowStack.dag", "Metaflow DAG", { viewColumn: vscode.ViewColumn.Beside, preserveFocus: true }, {
-      enableScripts: true,
-      localResourceRoots: [vscode.Uri.joinPath(context.extensionUri, "dist")],
-    });
-    DagPanel.current = new DagPanel(context, panel, document);
-  }
-
-  private constructor(
-    context: vscode.ExtensionContext,
-    readonly panel: vscode.WebviewPanel,
-    private document: vscode.TextDocument,
-  ) {
-    const script = panel.webview.asWebviewUri(vscode.Uri.joinPath(context.extensionUri, "dist", "webview.js"));
-    panel.webview.html = webviewHtml(script.toString(), panel.webview.cspSource, randomBytes(16).toString("base64"));
-    this.disposables.push(
-      vscode.workspace.onDidChangeTextDocument((event) => {
-        if (event.document === this.document) this.refresh();
-      }),
-      vscode.window.onDidChangeActiveTextEditor((editor) => {
-        if (editor && editor.document.languageId === "python" && looksLikeFlow(editor.document.getText())) this.follow(editor.document);
-      }),
-      panel.webview.onDidReceiveMessage((message: FromWebview) => this.reveal(message)),
-      panel.onDidDispose(() => this.dispose()),
-    );
-    void this.draw();
-  }
-
-  private follow(document: vscode.TextDocument): void {
-    if (document === this.document) return;
-    this.document = document;
-    void this.draw();
-  }
-
-  private async draw(): Promise<void> {
-    const file = this.document.uri.fsPath;
-    let message: ToWebview;
-    try {
-      const graph = await theHelper().request<FlowGraph>("graph", { path: file, source: this.document.getText() });
-      message = { type: "graph", graph, file: path.basename(file) };
-    } catch (error) {
-      message = { type: "error", message: error instanceof Refused ? error.message : `${(error as Error).message}` };
-    }
-    await this.panel.webview.postMessage(message);
-  }
-
-  private reveal(message: FromWebview): void {
-    if (message.type !== "reveal" || !Number.isInteger(message.line) || message.line < 1) return;
-    const line = Math.min(message.line, this.document.lineCount) - 1;
-    void vscode.window.showTextDocument(this.document, { viewColumn: vscode.ViewColumn.One, selection: new vscode.Range(line, 0, line, 0) });
-  }
-
-  private dispose(): void {
-    this.refresh.cancel();
-    for (const disposable of this.disposables) disposable.dispose();
-    DagPanel.current = undefined;
-  }
+async function chooseFilters(current: Filters): Promise<Filters | undefined> {
+  const status = await vscode.window.showQuickPick(["any status", ...STATUSES], { title: "Runs with status", placeHolder: current.status ?? "any status" });
+  if (status === undefined) return undefined;
+  const tags = await vscode.window.showInputBox({ title: "Runs with every one of these tags (comma-separated; empty for any)", value: current.tags.join(", ") });
+  if (tags === undefined) return undefined;
+  const mine = await vscode.window.showQuickPick(["everyone's runs", "only mine"], { title: "Whose runs" });
+  if (mine === undefined) return undefined;
+  return {
+    status: status === "any status" ? null : (status as Filters["status"]),
+    tags: tags.split(",").map((tag) => tag.trim()).filter(Boolean),
+    mine: mine === "only mine",
+  };
 }
 
 export function activate(context: vscode.ExtensionContext): void {
+  const output = vscode.window.createOutputChannel("Metaflow Runs");
+  const tree = new RunsTree();
+  const view = vscode.window.createTreeView("metaflowStack.runs", { treeDataProvider: tree, showCollapseAll: true });
+  tree.view = view;
+  const where = statusItem();
+  void describeWhere(where);
+
+  const dagFor = async (document: vscode.TextDocument) => DagPanel.show(context, document);
+  const watcher = vscode.workspace.createFileSystemWatcher("**/.metaflow/*/*/_meta/_self.json");
+
   context.subscriptions.push(
-    vscode.commands.registerCommand("metaflowStack.showDag", () => {
-      const editor = vscode.window.activeTextEditor;
-      if (!editor || editor.document.languageId !== "python") {
-        void vscode.window.showInformationMessage("Open a Metaflow flow (a Python file) to see its DAG.");
-        return;
+    output,
+    tree,
+    view,
+    where,
+    watcher,
+    watcher.onDidCreate(() => tree.refresh()),
+    vscode.languages.registerCodeLensProvider({ language: "python" }, new StepLenses()),
+    vscode.commands.registerCommand("metaflowStack.showDag", async () => {
+      const editor = flowEditor();
+      if (editor) await dagFor(editor.document);
+    }),
+    vscode.commands.registerCommand("metaflowStack.runFlow", async (uri?: vscode.Uri) => {
+      const document = await documentOf(uri);
+      if (!document) return;
+      await Launcher.show(context, document, output, (run) => {
+        void dagFor(document).then((panel) => panel.showRun(run));
+        tree.refresh();
+      });
+    }),
+    vscode.commands.registerCommand("metaflowStack.debugStep", (uri: vscode.Uri, step: string) => startDebugging(uri, step)),
+    vscode.commands.registerCommand("metaflowStack.debugStepOnRun", async (uri: vscode.Uri, step: string) => {
+      try {
+        const run = await pickRun(uri);
+        if (run) await startDebugging(uri, step, run);
+      } catch (error) {
+        void vscode.window.showErrorMessage(problem(error));
       }
-      DagPanel.show(context, editor.document);
+    }),
+    vscode.commands.registerCommand("metaflowStack.debugFlow", async (uri?: vscode.Uri) => {
+      const document = await documentOf(uri);
+      if (document) await startDebugging(document.uri, null);
+    }),
+    vscode.commands.registerCommand("metaflowStack.saveDebugConfiguration", async (uri?: vscode.Uri) => {
+      const document = await documentOf(uri);
+      if (!document) return;
+      try {
+        await saveConfiguration(document.uri, null);
+      } catch (error) {
+        void vscode.window.showErrorMessage(problem(error));
+      }
+    }),
+    vscode.commands.registerCommand("metaflowStack.refreshRuns", () => tree.refresh()),
+    vscode.commands.registerCommand("metaflowStack.filterRuns", async () => {
+      const filters = await chooseFilters(tree.filters);
+      if (filters) tree.setFilters(filters);
+    }),
+    vscode.commands.registerCommand("metaflowStack.loadMore", (node: Extract<Node, { kind: "more" }>) => tree.loadMore(node)),
+    vscode.commands.registerCommand("metaflowStack.copyPathspec", async (node: Node) => {
+      const pathspec = pathspecOf(node);
+      if (pathspec) await vscode.env.clipboard.writeText(pathspec);
+    }),
+    vscode.commands.registerCommand("metaflowStack.copySnippet", async (node: Node) => {
+      const snippet = clientSnippet(node);
+      if (snippet) await vscode.env.clipboard.writeText(snippet);
+    }),
+    vscode.commands.registerCommand("metaflowStack.previewArtifact", async (node: Node, full = false) => {
+      if (node.kind !== "artifact") return;
+      try {
+        const found = await theHelper().request<{ preview: string }>("preview", { task: node.artifact.pathspec, name: node.artifact.name, full });
+        const header = `# ${node.artifact.pathspec}/${node.artifact.name} (${node.artifact.python_type ?? "?"})\n# ${full ? "the whole value" : "a preview: Open Whole Value for all of it"}\n`;
+        const document = await vscode.workspace.openTextDocument({ content: header + found.preview, language: "python" });
+        await vscode.window.showTextDocument(document, { preview: true, viewColumn: vscode.ViewColumn.Beside });
+      } catch (error) {
+        void vscode.window.showErrorMessage(problem(error));
+      }
+    }),
+    vscode.commands.registerCommand("metaflowStack.openArtifact", (node: Node) => vscode.commands.executeCommand("metaflowStack.previewArtifact", node, true)),
+    vscode.commands.registerCommand("metaflowStack.showCards", async (node: Node) => {
+      if (node.kind === "task") await showCards(context, node.task.pathspec);
+    }),
+    vscode.commands.registerCommand("metaflowStack.showRunOnDag", async (node: Node) => {
+      const editor = flowEditor();
+      if (node.kind === "run" && editor) (await dagFor(editor.document)).showRun(node.run.pathspec);
+    }),
+    vscode.commands.registerCommand("metaflowStack.reconnect", async () => {
+      await theHelper().request("reconnect", {});
+      tree.refresh();
+      await describeWhere(where);
     }),
     vscode.workspace.onDidChangeConfiguration((event) => {
-      if (event.affectsConfiguration("metaflowStack.python")) {
-        helper?.dispose();
-        helper = undefined;
+      if (SETTINGS.some((setting) => event.affectsConfiguration(setting))) {
+        restartHelper();
+        tree.refresh();
+        void describeWhere(where);
       }
     }),
-    { dispose: () => helper?.dispose() },
+    { dispose: restartHelper },
   );
 }
 
 export function deactivate(): void {
-  helper?.dispose();
+  restartHelper();
 }

@@ -1,4 +1,5 @@
 // The flow's graph as the runtime answers it (`metaflow ide graph`), and what the webview draws from it.
+import type { Status, TaskInfo } from "../../ui/src/api";
 import type { DagShape } from "../../ui/src/dag";
 
 export interface GraphStep {
@@ -36,8 +37,12 @@ export interface FlowGraph {
   steps: Record<string, GraphStep>;
 }
 
-/** What the extension posts to the webview: the graph (the last good one stays when the buffer breaks). */
-export type ToWebview = { type: "graph"; graph: FlowGraph; file: string } | { type: "error"; message: string };
+/** What the extension posts to the webview: the graph (the last good one stays when the buffer breaks), and
+ *  a run's tasks to overlay their statuses on it (live while the run runs; ``run: null`` clears it). */
+export type ToWebview =
+  | { type: "graph"; graph: FlowGraph; file: string }
+  | { type: "error"; message: string }
+  | { type: "run"; run: string | null; status: Status | null; tasks: TaskInfo[] };
 
 /** What the webview posts back: a step clicked (its `def` line, 1-based). */
 export type FromWebview = { type: "reveal"; line: number };
@@ -63,23 +68,4 @@ export function debounced<A extends unknown[]>(act: (...args: A) => void, wait: 
     timer = setTimeout(() => act(...args), wait);
   };
   return Object.assign(call, { cancel: () => timer && clearTimeout(timer) });
-}
-
-/** The webview's page: a strict CSP (its own script by nonce, inline styles only, no network), the script
- *  the extension bundled. */
-export function webviewHtml(scriptUri: string, cspSource: string, nonce: string): string {
-  const csp = [`default-src 'none'`, `style-src 'unsafe-inline' ${cspSource}`, `script-src 'nonce-${nonce}'`, `img-src ${cspSource} data:`].join("; ");
-  return `<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="UTF-8">
-<meta http-equiv="Content-Security-Policy" content="${csp}">
-<meta name="viewport" content="width=device-width, initial-scale=1.0">
-<title>Metaflow DAG</title>
-</head>
-<body>
-<div id="root" class="mf-dag"><p class="hint">waiting for the flow ...</p></div>
-<script nonce="${nonce}" src="${scriptUri}"></script>
-</body>
-</html>`;
 }

@@ -28,10 +28,12 @@ export class Helper {
   private readonly waiting = new Map<number, Waiting>();
   private stderr = "";
 
-  /** `python`: the interpreter with metaflow-stack installed; `cwd`: where flows' relative paths resolve. */
+  /** `python`: the interpreter with metaflow-stack installed; `cwd`: where flows' relative paths resolve;
+   *  `env`: Metaflow's settings over the editor's environment. */
   constructor(
     private readonly python: string,
     private readonly cwd?: string,
+    private readonly env: Record<string, string> = {},
   ) {}
 
   request<T>(method: string, params: unknown): Promise<T> {
@@ -50,7 +52,7 @@ export class Helper {
 
   private started(): ChildProcessWithoutNullStreams {
     if (this.process && this.process.exitCode === null && !this.process.killed) return this.process;
-    const child = spawn(this.python, ["-m", "metaflow_stack.ide", "serve"], { cwd: this.cwd, stdio: "pipe" });
+    const child = spawn(this.python, ["-m", "metaflow_stack.ide", "serve"], { cwd: this.cwd, stdio: "pipe", env: { ...process.env, ...this.env } });
     this.process = child;
     this.stderr = "";
     child.stderr.on("data", (chunk: Buffer) => {

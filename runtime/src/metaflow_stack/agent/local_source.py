@@ -29,6 +29,7 @@ from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.models import (
     ArtifactInfo,
     Failure,
+    FlowInfo,
     LogLine,
     LogWindow,
     RunInfo,
@@ -213,6 +214,18 @@ class LocalSource:
         return max(ended) if ended and state != "running" else None
 
     # -- answers ------------------------------------------------------------
+
+    def flows(self, limit: int, cursor: str | None) -> tuple[list[FlowInfo], str | None]:
+        offset = _offset(cursor)
+        found = []
+        for name in self._names(self.root):
+            try:
+                row = self._json(self.root / name / "_meta" / "_self.json")
+            except (FileNotFoundError, NotADirectoryError):  # not a flow: Metaflow's own folders, stray files
+                continue
+            found.append(FlowInfo(name=name, created_at=row.get("ts_epoch") or 0))
+        found.sort(key=lambda flow: (-flow.created_at, flow.name))
+        return _page(found, offset, limit)
 
     def runs(
         self,

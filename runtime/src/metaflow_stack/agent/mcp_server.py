@@ -32,7 +32,7 @@ says when it is truncated: pass next_cursor back as cursor."""
 
 
 #: The ``Queries`` methods served as tools, under their own names, signatures and docstrings.
-TOOLS = ("list_runs", "run_summary", "failures", "run_tasks", "artifact_info", "search_artifacts", "logs")
+TOOLS = ("list_flows", "list_runs", "run_summary", "failures", "run_tasks", "artifact_info", "search_artifacts", "logs")
 
 
 def build(service_url: str | None = None) -> MCPServer:

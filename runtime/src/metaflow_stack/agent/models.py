@@ -24,6 +24,15 @@ class Bounded(BaseModel):
     clamped: list[Clamp] = Field(default_factory=list)
 
 
+class FlowInfo(BaseModel):
+    name: str
+    created_at: int = Field(description="epoch milliseconds: when its first run was recorded")
+
+
+class FlowList(Bounded):
+    flows: list[FlowInfo]
+
+
 class RunInfo(BaseModel):
     pathspec: str
     status: str = Field(description="running, completed, failed or killed")

@@ -27,6 +27,7 @@ from metaflow_stack.agent.models import (
     ArtifactList,
     Clamp,
     FailureList,
+    FlowList,
     LogWindow,
     RunList,
     RunSummary,
@@ -36,6 +37,7 @@ from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope, Sou
 from metaflow_stack.ids import check_id
 from metaflow_stack.patterns import compile_pattern
 
+MAX_FLOWS = 1000
 MAX_RUNS = 1000
 MAX_FAILURES = 1000
 MAX_TASKS = 1000
@@ -91,6 +93,12 @@ class Queries:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def list_flows(self, limit: int = 100, cursor: str | None = None) -> FlowList:
+        """The flows with runs recorded, newest first: name and when first recorded; limit: at most 1000."""
+        clamped: list[Clamp] = []
+        found, after = self.source.flows(bound("limit", limit, MAX_FLOWS, clamped), cursor)
+        return FlowList(flows=found, truncated=after is not None, next_cursor=after, clamped=clamped)
 
     def list_runs(
         self,

@@ -13,6 +13,7 @@ import httpx
 from metaflow_stack.agent.models import (
     ArtifactInfo,
     Failure,
+    FlowInfo,
     LogLine,
     LogWindow,
     RunInfo,
@@ -95,6 +96,11 @@ class ServiceSource:
                 f"the metadata service at {self.url} lacks {', '.join(missing)}",
                 "run this project's metadata service (`metaflow service serve`)",
             )
+
+    def flows(self, limit: int, cursor: str | None) -> tuple[list[FlowInfo], str | None]:
+        response = self._get("/flows", {"_limit": limit, "_cursor": cursor}, "flows")
+        flows = [FlowInfo(name=row["flow_id"], created_at=row["ts_epoch"]) for row in response.json()]
+        return flows, response.headers.get("X-Next-Cursor")
 
     def runs(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from metaflow_stack.agent.models import ArtifactInfo, LogWindow, RunInfo, RunSummary, TaskInfo
+from metaflow_stack.agent.models import ArtifactInfo, FlowInfo, LogWindow, RunInfo, RunSummary, TaskInfo
 from metaflow_stack.errors import StackError
 from metaflow_stack.ids import PATHSPEC_KINDS, check_id
 
@@ -53,6 +53,8 @@ class Source(Protocol):
 
     Listing methods return one page and the cursor of the next (None on the last).
     """
+
+    def flows(self, limit: int, cursor: str | None) -> tuple[list[FlowInfo], str | None]: ...
 
     def runs(
         self,

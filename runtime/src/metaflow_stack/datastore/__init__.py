@@ -4,8 +4,9 @@ Metaflow's own layout and conventions, once: which attempt a metadatum or
 tag belongs to (``attempts``), the type names it records (``type_names``),
 where a task attempt's logs are and how to read them in ranges, locally or
 from S3 (``log_files``), windows over them (``log_windows``), the cursor
-format every paged answer uses (``cursors``), and bounded previews of
-values that never unpickle code (``previews``). The metadata service, the
+format every paged answer uses (``cursors``), artifact values by content
+hash (``blobs``) with bounded previews that never unpickle code
+(``previews``), and the cards ``@card`` wrote (``cards``). The metadata service, the
 agent's sources and the UI read through this package and never through each
 other's internals.
 """

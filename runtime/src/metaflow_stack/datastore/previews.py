@@ -18,8 +18,10 @@ pass ``MAX_INT_DIGITS`` (Python refuses to print it at all past 4,300).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import pprint
 import reprlib
 from typing import Any
 
@@ -136,7 +138,17 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 4, 400, 200, 20
 _REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 20
 
 
-def render(value: Any, limit: int = 4000) -> str:
-    """A bounded repr: long containers and strings are elided with ``...``."""
-    text = _REPR.repr(value)
+#: Characters of a value rendered whole (opened on demand) at most.
+MAX_FULL_CHARS = 4_000_000
+
+
+def render(value: Any, limit: int = 4000, full: bool = False) -> str:
+    """A bounded repr: long containers and strings are elided with ``...``; ``full``: every item, pretty
+    printed, up to ``MAX_FULL_CHARS`` (a value too deep or with too long an integer for that falls back)."""
+    text = None
+    if full:
+        limit = MAX_FULL_CHARS
+        with contextlib.suppress(RecursionError, ValueError):
+            text = pprint.pformat(value, width=100, sort_dicts=False)
+    text = text if text is not None else _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -99,6 +99,13 @@ def flow_graph(source: str, path: str = "<buffer>") -> dict[str, Any]:
     decorators, foreach artifact, matching join, whether it runs per foreach item), steps in the order they
     run; ``InvalidInput`` naming the line when the source does not parse or defines no flow."""
     try:
+        return _flow_graph(source, path)
+    except (RecursionError, MemoryError, ValueError) as exc:  # a source built to exhaust the parser
+        raise InvalidInput("source", f"cannot be read as a flow ({type(exc).__name__})") from None
+
+
+def _flow_graph(source: str, path: str) -> dict[str, Any]:
+    try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as exc:
         where = f"line {exc.lineno}" if exc.lineno else "the source"

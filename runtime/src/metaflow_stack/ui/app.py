@@ -28,12 +28,13 @@ from metaflow_stack import __version__
 from metaflow_stack.agent.queries import MAX_RUNS, Queries
 from metaflow_stack.agent.source import AgentError, pathspec_parts
 from metaflow_stack.api_errors import ApiError, install
+from metaflow_stack.datastore.cards import CARD_POLICY, Cards
 from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
 from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
+from metaflow_stack.errors import StackError
 from metaflow_stack.http_guard import SESSION_COOKIE, Guard, GuardMiddleware
-from metaflow_stack.ui.cards import CARD_POLICY, Cards
 from metaflow_stack.ui.changes import Changes
-from metaflow_stack.ui.compare import all_tasks, compare
+from metaflow_stack.ui.compare import all_flows, all_tasks, compare
 from metaflow_stack.ui.lineage import lineage
 from metaflow_stack.ui.local_runs import LocalRuns
 from metaflow_stack.ui.service_runs import ServiceRuns
@@ -121,7 +122,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
 
     @app.get("/api/flows")
     def flows() -> list[str]:
-        return source.flows()
+        return all_flows(queries)
 
     @app.get("/api/runs")
     def runs(
@@ -138,7 +139,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
 
         def listed() -> dict[str, Any]:
             filters = {"status": status, "user": user, "tags": tag, "since": since, "until": until}
-            names = [flow] if flow else source.flows()
+            names = [flow] if flow else all_flows(queries)
             if len(names) == 1:
                 page = queries.list_runs(names[0], limit=limit, cursor=cursor, **filters)
                 return {"runs": page.runs, "next_cursor": page.next_cursor}
@@ -155,7 +156,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
             tasks = all_tasks(queries, f"{flow}/{run}")
             try:
                 graph, graph_error = source.graph(flow, run), None
-            except AgentError as exc:
+            except StackError as exc:
                 graph, graph_error = None, exc.to_dict()
             return {"summary": summary, "graph": graph, "graph_error": graph_error, "tasks": tasks}
 
@@ -177,11 +178,11 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
             artifacts = []
             for artifact in listed:
                 small = artifact.size is not None and artifact.size <= INLINE_PREVIEW_BYTES
-                preview = source.preview(flow, artifact.sha, artifact.size) if small and artifact.sha else None
+                preview = source.blobs.preview(flow, artifact.sha, artifact.size) if small and artifact.sha else None
                 artifacts.append({**artifact.model_dump(), "preview": preview})
             try:
                 listed_cards, cards_error = cards.list(*parts), None
-            except AgentError as exc:  # shown where the cards would be: the rest of the page still renders
+            except StackError as exc:  # shown where the cards would be: the rest of the page still renders
                 listed_cards, cards_error = [], exc.to_dict()
             return {**detail, "artifacts": artifacts, "cards": listed_cards, "cards_error": cards_error}
 
@@ -198,7 +199,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
                 raise AgentError("not_found", f"artifact {name} of {flow}/{run}/{step}/{task} does not exist")
             return {
                 **artifact.model_dump(),
-                "preview": source.preview(flow, artifact.sha, artifact.size),
+                "preview": source.blobs.preview(flow, artifact.sha, artifact.size),
                 "limit_bytes": MAX_PREVIEW_BYTES,
             }
 

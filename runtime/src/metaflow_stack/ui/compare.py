@@ -12,12 +12,22 @@ from __future__ import annotations
 from typing import Any
 
 from metaflow_stack.agent.models import TaskInfo
-from metaflow_stack.agent.queries import MAX_TASKS, Queries
+from metaflow_stack.agent.queries import MAX_FLOWS, MAX_TASKS, Queries
 from metaflow_stack.agent.source import pathspec_parts
 from metaflow_stack.ui.details import Details
 
 #: Recorded Python types whose previews are numbers.
 NUMERIC = {"int", "float", "numpy.float64", "numpy.float32", "numpy.int64", "numpy.int32"}
+
+
+def all_flows(queries: Queries) -> list[str]:
+    """Every flow's name, alphabetically, page after page."""
+    names, cursor = [], None
+    while True:
+        page = queries.list_flows(limit=MAX_FLOWS, cursor=cursor)
+        names += [flow.name for flow in page.flows]
+        if not (cursor := page.next_cursor):
+            return sorted(names)
 
 
 def all_tasks(queries: Queries, run: str) -> list[TaskInfo]:
@@ -40,7 +50,7 @@ def _side(queries: Queries, source: Details, run: str) -> dict[str, Any]:
     if ends:
         for artifact in queries.artifact_info(ends[0].pathspec, limit=1000).artifacts:
             if not artifact.name.startswith("_") and artifact.name not in graph["parameters"]:
-                preview = source.preview(flow, artifact.sha, artifact.size) if artifact.sha else None
+                preview = source.blobs.preview(flow, artifact.sha, artifact.size) if artifact.sha else None
                 results[artifact.name] = {**artifact.model_dump(), "preview": preview}
     steps: dict[str, list[int]] = {}
     for task in tasks:

@@ -13,33 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 from metaflow_stack.agent.source import AgentError
-from metaflow_stack.datastore.previews import MAX_PICKLE_BYTES, MAX_PREVIEW_BYTES, NotPlainData, plain_loads, render
-from metaflow_stack.ui.blobs import Blobs
+from metaflow_stack.datastore.blobs import Blobs
+from metaflow_stack.datastore.previews import NotPlainData, plain_loads
 
 
 class Details:
-    """Graphs, parameters and previews; subclasses are the sources."""
+    """Graphs and parameters; subclasses are the sources."""
 
     blobs: Blobs
 
     def parameters_artifacts(self, flow: str, run: str) -> dict[str, tuple[str, int | None]]:
         """The ``_parameters`` task's artifacts: name to (content hash, stored size)."""
         raise NotImplementedError
-
-    def preview(self, flow: str, sha: str, size: int | None) -> str:
-        """A bounded rendering of a plain-data value, or why it is not shown."""
-        if size is not None and size > MAX_PREVIEW_BYTES:
-            return f"(not previewed: {size:,} bytes stored)"
-        try:
-            data = self.blobs.read(flow, sha)
-        except AgentError as exc:  # shown on that artifact: the rest of the page still renders
-            return f"(not readable: {exc.message})"
-        if len(data) > MAX_PICKLE_BYTES:
-            return "(not previewed: larger than 8 MiB)"
-        try:
-            return render(plain_loads(data))
-        except NotPlainData as exc:
-            return f"(not previewed: needs {exc})"
 
     def graph(self, flow: str, run: str) -> dict[str, Any]:
         """The flow's structure as recorded for this run (steps with types, next steps, joins) and its
@@ -58,7 +43,7 @@ class Details:
         names = [_text(p.get("name")) for p in _list(info.get("parameters")) if isinstance(p, dict)]
         for name in filter(None, names):
             found = artifacts.get(name)
-            parameters[name] = self.preview(flow, *found) if found else "(not recorded)"
+            parameters[name] = self.blobs.preview(flow, *found) if found else "(not recorded)"
         # Only text and lists of text leave here: a recorded graph is data from the flow, answered as JSON.
         return {
             "start_step": _text(info.get("start_step")) or "start",

@@ -19,6 +19,7 @@ from typing import Any
 from metaflow_stack.agent.models import ArtifactInfo
 from metaflow_stack.agent.queries import MAX_ARTIFACTS, Queries
 from metaflow_stack.agent.source import AgentError, pathspec_parts
+from metaflow_stack.ui.compare import all_flows
 from metaflow_stack.ui.details import Details
 
 #: Records of the same value listed from elsewhere (per flow) and flows searched for it.
@@ -94,5 +95,5 @@ def lineage(queries: Queries, source: Details, task: str, name: str) -> dict[str
         "steps": steps,
         "produced_in": [s["step"] for s in steps if any(v["sha"] == sha and v["new"] for v in s["values"])],
         "carried_into": [s["step"] for s in steps if any(v["sha"] == sha and not v["new"] for v in s["values"])],
-        "elsewhere": _elsewhere(queries, source.flows(), flow, run, sha) if this.sha else None,
+        "elsewhere": _elsewhere(queries, all_flows(queries), flow, run, sha) if this.sha else None,
     }

@@ -10,7 +10,7 @@ from typing import Any
 from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.local_source import LocalSource
 from metaflow_stack.agent.source import AgentError
-from metaflow_stack.ui.blobs import Blobs
+from metaflow_stack.datastore.blobs import Blobs
 from metaflow_stack.ui.changes import Changes, watch
 from metaflow_stack.ui.details import Details
 
@@ -24,10 +24,6 @@ class LocalRuns(Details, LocalSource):
 
     def describe(self) -> dict[str, str]:
         return {"kind": "local", "where": str(self.root)}
-
-    def flows(self) -> list[str]:
-        """The flows with runs here, by name."""
-        return sorted(p.parent.parent.name for p in self.root.glob("*/_meta/_self.json"))
 
     async def follow(self, changes: Changes, stop: asyncio.Event) -> None:
         """Publish the runs whose files change, until ``stop``."""

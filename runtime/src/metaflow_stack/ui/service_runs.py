@@ -15,7 +15,7 @@ from httpx_sse import aconnect_sse
 
 from metaflow_stack.agent.service_source import ServiceSource
 from metaflow_stack.agent.source import AgentError
-from metaflow_stack.ui.blobs import Blobs
+from metaflow_stack.datastore.blobs import Blobs
 from metaflow_stack.ui.changes import Changes
 from metaflow_stack.ui.details import Details
 from metaflow_stack.ui.local_runs import task_detail
@@ -34,9 +34,6 @@ class ServiceRuns(Details, ServiceSource):
 
     def describe(self) -> dict[str, str]:
         return {"kind": "service", "where": self.url}
-
-    def flows(self) -> list[str]:
-        return sorted(row["flow_id"] for row in self._get("/flows", what="flows").json())
 
     def parameters_artifacts(self, flow: str, run: str) -> dict[str, tuple[str, int | None]]:
         base = f"/flows/{flow}/runs/{run}/steps/_parameters/tasks"

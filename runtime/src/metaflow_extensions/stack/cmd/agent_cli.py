@@ -54,6 +54,14 @@ _limit = functools.partial(click.option, "--limit", type=int, show_default=True)
 _cursor = click.option("--cursor", help="The next_cursor of the previous answer.")
 
 
+@agent.command(help="The flows with runs recorded, newest first.")
+@_limit(default=100)
+@_cursor
+@_answer
+def flows(queries, limit: int, cursor) -> Any:
+    return queries.list_flows(limit=limit, cursor=cursor)
+
+
 @agent.command(help="A flow's runs, newest first: filter by status, start time (ISO, epoch, 24h/7d ago) and tags.")
 @click.argument("flow")
 @click.option("--status", type=click.Choice(["running", "completed", "failed", "killed"]))

@@ -20,7 +20,7 @@ def cli() -> None:
     pass
 
 
-@cli.group(help="What an editor asks of a flow: its graph from its source (nothing of it runs).")
+@cli.group(help="What an editor asks: a flow's graph from its source, the runs, and a run launched.")
 def ide() -> None:
     pass
 
@@ -47,3 +47,21 @@ def serve() -> None:
     from metaflow_stack.ide.serve import serve as serving
 
     serving()
+
+
+@ide.command(help="Run the flow with Metaflow's Runner, printing JSON lines: started (the run), output, finished.")
+@click.argument("flow_file", type=click.Path(dir_okay=False))
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="A parameter's value, as text.")
+@click.option("--backend", default="local", show_default=True, help="Where the steps run (see `backends`).")
+@friendly
+def launch(flow_file: str, params: tuple[str, ...], backend: str) -> None:
+    from metaflow_stack.ide.launch import launch as launching
+
+    given = {}
+    for pair in params:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InvalidInput("--param", f"{pair!r} is not NAME=VALUE", fix="--param alpha=0.5")
+        given[name] = value
+    with errors_as_json(True):
+        sys.exit(launching(flow_file, given, backend))

@@ -3,8 +3,8 @@
 Metaflow writes them under the datastore root, apart from the artifacts:
 ``<root>/mf.cards/<flow>/runs/<run>/steps/<step>/tasks/<task>/cards/<type>[-<id>]-<hash>.html``
 (cards from Metaflow before steps were in the path lack ``steps/<step>``).
-They are read only from the roots the UI may read, as files: the server
-never renders one. A card is a page with its own scripts, written by the
+They are read only from the roots a reader may read, as files: nothing here
+ever renders one. A card is a page with its own scripts, written by the
 flow, so the UI serves it under a Content-Security-Policy sandbox (an
 opaque origin: it cannot call the UI's API or read its storage) with no
 network access, and the front end frames it sandboxed too.
@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from metaflow_stack.agent.source import AgentError
-from metaflow_stack.ui.blobs import Blobs, s3_location
+from metaflow_stack.datastore.blobs import Blobs, s3_location
+from metaflow_stack.errors import DatastoreError
 
 #: Cards bigger than this are not served (Metaflow's default card is about 1 MiB with its scripts).
 MAX_CARD_BYTES = 32 * 1024 * 1024
@@ -34,7 +34,7 @@ def _folders(flow: str, run: str, step: str, task: str) -> list[str]:
     """Where the task's cards live under a root: with the step in the path, then without (older cards)."""
     for part in (flow, run, step, task):
         if not part or "/" in part or part.startswith("."):
-            raise AgentError("bad_parameter", f"{flow}/{run}/{step}/{task} is not a task pathspec")
+            raise DatastoreError("bad_parameter", f"{flow}/{run}/{step}/{task} is not a task pathspec")
     return [
         f"{_CARDS}/{flow}/runs/{run}/steps/{step}/tasks/{task}/cards",
         f"{_CARDS}/{flow}/runs/{run}/tasks/{task}/cards",
@@ -55,7 +55,7 @@ class Cards:
         try:
             listed = self.blobs.s3().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1000)
         except Exception as exc:  # botocore's errors: unreachable store, refused credentials
-            raise AgentError("datastore_unavailable", f"cannot list s3://{bucket}/{key}: {exc}") from None
+            raise DatastoreError("datastore_unavailable", f"cannot list s3://{bucket}/{key}: {exc}") from None
         return sorted(item["Key"].rsplit("/", 1)[1] for item in listed.get("Contents", []))
 
     def list(self, flow: str, run: str, step: str, task: str) -> list[dict[str, Any]]:
@@ -71,16 +71,16 @@ class Cards:
     def read(self, flow: str, run: str, step: str, task: str, file: str) -> bytes:
         """The HTML of one card the listing named."""
         if not _FILE.match(file):
-            raise AgentError("bad_parameter", f"{file} is not a card file name")
+            raise DatastoreError("bad_parameter", f"{file} is not a card file name")
         for root in self.blobs.roots:
             for folder in _folders(flow, run, step, task):
                 if file not in self._names(root, folder):
                     continue
                 body = self._read(root, f"{folder}/{file}")
                 if len(body) > MAX_CARD_BYTES:
-                    raise AgentError("too_large", f"card {file} is larger than {MAX_CARD_BYTES // 2**20} MiB")
+                    raise DatastoreError("too_large", f"card {file} is larger than {MAX_CARD_BYTES // 2**20} MiB")
                 return body
-        raise AgentError("not_found", f"card {file} of {flow}/{run}/{step}/{task} does not exist")
+        raise DatastoreError("not_found", f"card {file} of {flow}/{run}/{step}/{task} does not exist")
 
     def _read(self, root: str, key: str) -> bytes:
         if not root.startswith("s3://"):
@@ -90,5 +90,5 @@ class Cards:
         try:
             found = self.blobs.s3().get_object(Bucket=bucket, Key=full, Range=f"bytes=0-{MAX_CARD_BYTES}")
         except Exception as exc:  # botocore's errors
-            raise AgentError("datastore_unavailable", f"cannot read s3://{bucket}/{full}: {exc}") from None
+            raise DatastoreError("datastore_unavailable", f"cannot read s3://{bucket}/{full}: {exc}") from None
         return found["Body"].read()

@@ -1,0 +1,94 @@
+// The run launcher: a form from the flow's Parameters and the backends the runtime finds usable, and the run
+// started through the runtime's launcher (Metaflow's Runner), its output streamed into the "Metaflow Runs"
+// output channel, and the DAG beside the flow following the run.
+import { type ChildProcess, spawn } from "node:child_process";
+import * as path from "node:path";
+import { createInterface } from "node:readline";
+import * as vscode from "vscode";
+
+import type { FlowGraph } from "./flowGraph";
+import { Refused } from "./helper";
+import { type Backend, fields, type FromLauncher, launchArgs, launchEvent, type ToLauncher } from "./launcherModel";
+import { openPage } from "./panels";
+import { metaflowEnv, python, theHelper, workspaceFolder } from "./runtime";
+
+export class Launcher {
+  private static current: Launcher | undefined;
+  private process: ChildProcess | undefined;
+
+  /** The form for ``document``'s flow; ``started`` is told each run's id as soon as it has one. */
+  static async show(context: vscode.ExtensionContext, document: vscode.TextDocument, output: vscode.OutputChannel, started: (run: string) => void): Promise<void> {
+    Launcher.current?.panel.dispose();
+    const panel = openPage(context, "launcher", "Run Flow", vscode.ViewColumn.Beside);
+    const launcher = new Launcher(panel, document, output, started);
+    Launcher.current = launcher;
+    await launcher.fill();
+  }
+
+  private constructor(
+    readonly panel: vscode.WebviewPanel,
+    private readonly document: vscode.TextDocument,
+    private readonly output: vscode.OutputChannel,
+    private readonly started: (run: string) => void,
+  ) {
+    panel.webview.onDidReceiveMessage((message: FromLauncher) => this.launch(message));
+    panel.onDidDispose(() => {
+      if (Launcher.current === this) Launcher.current = undefined;
+    });
+  }
+
+  private async post(message: ToLauncher): Promise<void> {
+    await this.panel.webview.postMessage(message);
+  }
+
+  private async fill(): Promise<void> {
+    try {
+      const [graph, backends] = await Promise.all([
+        theHelper().request<FlowGraph>("graph", { path: this.document.uri.fsPath, source: this.document.getText() }),
+        theHelper().request<Backend[]>("backends", {}),
+      ]);
+      await this.post({ type: "form", flow: graph.flow, file: path.basename(this.document.uri.fsPath), fields: fields(graph.parameters), backends });
+    } catch (error) {
+      await this.post({ type: "error", message: error instanceof Refused ? error.message : (error as Error).message });
+    }
+  }
+
+  private async launch(message: FromLauncher): Promise<void> {
+    if (message.type !== "launch" || this.process) return;
+    if (this.document.isDirty) await this.document.save(); // the run runs the file, as saved
+    const args = launchArgs(this.document.uri.fsPath, message.values, message.backend);
+    this.output.show(true);
+    this.output.appendLine(`$ ${python()} ${args.join(" ")}`);
+    const child = spawn(python(), args, { cwd: workspaceFolder(), env: { ...process.env, ...metaflowEnv() }, stdio: ["ignore", "pipe", "pipe"] });
+    this.process = child;
+    let stderr = "";
+    child.stderr?.on("data", (chunk: Buffer) => {
+      stderr = (stderr + chunk.toString()).slice(-4000);
+    });
+    createInterface({ input: child.stdout! }).on("line", (line) => void this.reported(line));
+    child.on("error", (error) => void this.post({ type: "error", message: `cannot start ${python()}: ${error.message}` }));
+    child.on("exit", (code) => {
+      this.process = undefined;
+      if (code !== 0 && stderr.trim()) this.output.appendLine(stderr.trim());
+    });
+  }
+
+  private async reported(line: string): Promise<void> {
+    const event = launchEvent(line);
+    if (event === null) return;
+    if ("error" in event) {
+      const { message, fix } = event.error;
+      this.output.appendLine(`error: ${message}${fix ? ` (fix: ${fix})` : ""}`);
+      await this.post({ type: "error", message: fix ? `${message} (fix: ${fix})` : message });
+    } else if (event.event === "started") {
+      this.output.appendLine(`started ${event.run}`);
+      this.started(event.run);
+      await this.post({ type: "launched", run: event.run });
+    } else if (event.event === "output") {
+      this.output.appendLine(event.line);
+    } else {
+      this.output.appendLine(`finished: ${event.status} (exit ${event.returncode})`);
+      await this.post({ type: "finished", status: event.status, returncode: event.returncode });
+    }
+  }
+}
