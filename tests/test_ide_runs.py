@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,8 @@ def test_debug_step_stops_at_a_breakpoint_in_the_step_body_spun_on_an_earlier_ta
     never_ran = _result(ask("debug", path="parameters_flow.py", source=(workspace / "parameters_flow.py").read_text(),
                             step="start"))  # fmt: skip
     assert never_ran["task"] is None and never_ran["configuration"]["args"] == ["run"]
+    elsewhere = ask("debug", path="foreach_flow.py", source=source, step="square", task=task.replace("square", "start"))
+    assert elsewhere["error"]["message"].startswith("params.task: ")
     unknown = ask("debug", path="foreach_flow.py", source=source, step="nope")["error"]
     assert unknown["message"].startswith("params.step: 'nope' is not a step of ForeachFlow")
 
@@ -179,6 +182,7 @@ def test_a_run_launched_from_the_forms_text_values(ask, workspace: Path) -> None
         (("--param", "nope=1"), "parameters.nope: is not a parameter of the flow"),
         (("--param", "alpha"), "--param: 'alpha' is not NAME=VALUE"),
         (("--backend", "moon"), "backend: 'moon' is not one of local"),
+        (("--param", "config=" + "[" * 100_000), "parameters.config: '[[[["),
     ],
 )
 def test_a_launch_the_flow_cannot_take_is_one_line_before_anything_runs(workspace: Path, args, says: str) -> None:
@@ -203,3 +207,30 @@ def test_the_cli_lists_flows_for_scripts(workspace: Path) -> None:
     listed = run_cli("agent", "flows", "--json", cwd=workspace, env=ENV)
     assert listed.returncode == 0, listed.stderr
     assert [f["name"] for f in json.loads(listed.stdout.splitlines()[-1])["flows"]][-1] == "CardFlow"
+
+
+def test_a_whole_value_opened_on_demand_stops_at_its_budget() -> None:
+    from metaflow_stack.datastore.previews import MAX_FULL_CHARS, render
+
+    shared = [[list(range(1000))] * 1000] * 50  # a few KB pickled, 50 million numbers shown whole
+    started = time.monotonic()
+    shown = render(shared, full=True)
+    assert time.monotonic() - started < 5 and len(shown) < MAX_FULL_CHARS
+    assert shown.startswith("# too large to show whole") and "[[[0, 1, 2" in shown
+    assert render({"a": list(range(30))}, full=True) == repr({"a": list(range(30))})
+
+
+def test_damaged_files_are_answered_and_the_helper_serves_on(ask, workspace: Path) -> None:
+    """Last in this module: it damages the workspace's datastore."""
+    half = workspace / ".metaflow" / "HalfFlow" / "_meta"
+    half.mkdir(parents=True)
+    (half / "_self.json").write_text('{"flow_id": ')  # a first run still writing it
+    assert "HalfFlow" not in [f["name"] for f in _result(ask("flows"))["flows"]]
+    (run,) = _result(ask("runs", flow="ForeachFlow"))["runs"]
+    (join,) = _result(ask("tasks", run=run["pathspec"], step="join"))["tasks"]
+    (values,) = [a for a in _result(ask("artifacts", task=join["pathspec"]))["artifacts"] if a["name"] == "values"]
+    blob = workspace / ".metaflow" / "ForeachFlow" / "data" / values["sha"][:2] / values["sha"]
+    blob.write_bytes(b"not gzip at all")
+    shown = _result(ask("preview", task=join["pathspec"], name="values"))["preview"]
+    assert shown.startswith("(not readable: the value") and "cannot be read" in shown
+    assert _result(ask("flows"))["flows"]  # still answering

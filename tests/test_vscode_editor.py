@@ -1,6 +1,7 @@
 """The extension in a real VS Code: code-server (VS Code's own workbench, ``just code-server``) with the built
 ``.vsix`` installed, driven through Chromium like a user: open a flow, run the command from the palette, see
-its DAG beside it, type a new step and see the DAG redrawn, click a step and land on its ``def``."""
+its DAG beside it, type a new step and see the DAG redrawn, click a step and land on its ``def``; launch a
+run from the form, watch it on the DAG, then find it in the runs sidebar and open one of its values."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def editor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Editor]:
     settings = {"security.workspace.trust.enabled": False, "metaflowStack.python": sys.executable}
     (data / "User" / "settings.json").write_text(json.dumps(settings))
     (folder / "shape_flow.py").write_text(BRANCHING)
-    env = {**os.environ, "PATH": f"{NODE24}:{os.environ['PATH']}"}
+    (folder / "parameters_flow.py").write_text((PROJECT / "tests/flow_suite/flows/parameters_flow.py").read_text())
+    (folder / ".metaflow").mkdir()  # the workspace's own datastore: its runs are the sidebar's
+    env = {**os.environ, "PATH": f"{NODE24}:{os.environ['PATH']}", "USER": "vscode-tester"}
+    env.pop("METAFLOW_SERVICE_URL", None)
     common = ["--user-data-dir", str(data), "--extensions-dir", str(extensions)]
     installed = subprocess.run(
         [str(CODE_SERVER), *common, "--install-extension", str(VSIX)], env=env, capture_output=True, text=True
@@ -121,4 +125,67 @@ def test_the_dag_opens_beside_the_flow_follows_typing_and_leads_to_a_step(editor
     webview.locator("[data-step='gather']").click()
     line = edited.splitlines().index("    def gather(self, inputs):") + 1
     expect(page.locator(".statusbar")).to_contain_text(f"Ln {line},", timeout=30_000)
+    context.close()
+
+
+def _open(page, editor: Editor, file: str) -> None:
+    page.goto(f"{editor.url}/?folder={editor.folder}")
+    expect(page.locator(".monaco-workbench")).to_be_visible(timeout=120_000)
+    page.keyboard.press("Control+P")
+    page.keyboard.type(file)
+    expect(page.locator(".quick-input-list .monaco-list-row", has_text=file).first).to_be_visible(timeout=60_000)
+    page.keyboard.press("Enter")
+    expect(page.locator(".editor-group-container .monaco-editor .view-lines").first).to_contain_text(
+        "class ", timeout=60_000
+    )
+
+
+def _webview(page, root: str, seconds: float = 60):
+    """The webview frame holding ``root`` (VS Code nests each page two frames deep, in no fixed order)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            try:
+                if frame.locator(root).count() > 0:
+                    return frame
+            except Exception:  # a frame navigating away while asked
+                continue
+        time.sleep(0.25)
+    raise AssertionError(f"no webview shows {root}")
+
+
+def test_a_run_launched_from_the_form_is_watched_on_the_dag_and_browsed_in_the_sidebar(editor: Editor, chromium):
+    context = chromium.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    _open(page, editor, "parameters_flow.py")
+    expect(page.locator(".statusbar")).to_contain_text("Metaflow: local", timeout=60_000)
+    expect(page.locator(".codelens-decoration", has_text="Debug step").first).to_be_visible(timeout=60_000)
+
+    page.keyboard.press("F1")
+    page.keyboard.type("Metaflow: Run Flow...")
+    page.keyboard.press("Enter")
+    form = _webview(page, ".mf-launcher h2")
+    expect(form.locator("h2")).to_have_text("Run ParametersFlow", timeout=60_000)
+    expect(form.locator("#param-alpha")).to_have_attribute("placeholder", "0.5")
+    form.locator("#param-alpha").fill("0.7")
+    form.locator("#param-loud").fill("true")
+    form.locator("#run").click()
+    expect(form.locator("#state")).to_contain_text("successful (exit 0)", timeout=180_000)
+    run = form.locator("#state").get_attribute("data-run")
+    assert run and run.startswith("ParametersFlow/")
+    page.screenshot(path=SCREENSHOTS / "vscode" / "code-server-launched.png")
+    dag = _webview(page, ".mf-dag")
+    expect(dag.locator(".run")).to_have_text(f"run {run}: completed", timeout=30_000)
+    expect(dag.locator("[data-step='start']")).to_have_attribute("data-status", "completed")
+
+    page.locator(".activitybar [aria-label^='Metaflow']").first.click()
+    labels = page.locator(".pane-body .monaco-list-row .label-name")
+    for label in ("ParametersFlow", run.split("/")[1], "start", "1", "scaled"):  # flow > run > step > task > value
+        row = labels.get_by_text(label, exact=True).first
+        expect(row).to_be_visible(timeout=60_000)
+        row.click()  # expands a node; on a value, previews it
+    expect(page.locator(".editor-group-container .monaco-editor .view-lines").last).to_contain_text(
+        "7.0", timeout=60_000
+    )
+    page.screenshot(path=SCREENSHOTS / "vscode" / "code-server-runs.png")
     context.close()

@@ -14,6 +14,8 @@ import { theHelper } from "./runtime";
 const TYPING_PAUSE = 120;
 /** Milliseconds between looks at a running run's tasks. */
 const RUN_POLL = 1000;
+/** Looks at a run not recorded (yet) before the overlay gives up. */
+const MAX_MISSES = 30;
 /** Tasks overlaid at most (pages of the helper's 1,000). */
 const MAX_OVERLAID = 10_000;
 
@@ -36,6 +38,8 @@ export class DagPanel {
   private readonly disposables: vscode.Disposable[] = [];
   private readonly refresh = debounced(() => void this.draw(), TYPING_PAUSE);
   private run: string | null = null;
+  /** Bumped by each showRun and by dispose: an answer for an older one is dropped, its polling ends. */
+  private generation = 0;
   private poll: ReturnType<typeof setTimeout> | undefined;
 
   static show(context: vscode.ExtensionContext, document: vscode.TextDocument): DagPanel {
@@ -68,25 +72,30 @@ export class DagPanel {
   /** Overlay ``run``'s statuses (``Flow/123``), following it while it runs; null clears the overlay. */
   showRun(run: string | null): void {
     this.run = run;
+    this.generation += 1;
     if (this.poll) clearTimeout(this.poll);
-    void this.overlay();
+    void this.overlay(this.generation, 0);
   }
 
-  private async overlay(): Promise<void> {
+  private async overlay(generation: number, misses: number): Promise<void> {
     const run = this.run;
     if (run === null) {
       await this.post({ type: "run", run: null, status: null, tasks: [] });
       return;
     }
+    const again = (next: number) => {
+      if (generation === this.generation) this.poll = setTimeout(() => void this.overlay(generation, next), RUN_POLL);
+    };
     try {
       const { status, tasks } = await runTasks(run);
-      if (run !== this.run) return;
+      if (generation !== this.generation) return;
       await this.post({ type: "run", run, status, tasks });
-      if (status === "running") this.poll = setTimeout(() => void this.overlay(), RUN_POLL);
+      if (status === "running") again(0);
     } catch {
-      // A run the launcher just started may not be recorded yet: look again.
-      if (run === this.run) this.poll = setTimeout(() => void this.overlay(), RUN_POLL);
+      // A run the launcher just started may not be recorded yet: look again, for a while.
+      if (generation !== this.generation) return;
       await this.post({ type: "run", run, status: null, tasks: [] });
+      if (misses < MAX_MISSES) again(misses + 1);
     }
   }
 
@@ -120,6 +129,8 @@ export class DagPanel {
 
   private dispose(): void {
     this.refresh.cancel();
+    this.generation += 1;
+    this.run = null;
     if (this.poll) clearTimeout(this.poll);
     for (const disposable of this.disposables) disposable.dispose();
     DagPanel.current = undefined;

@@ -7,7 +7,7 @@ import * as vscode from "vscode";
 import { type FlowGraph, looksLikeFlow } from "./flowGraph";
 import { Refused } from "./helper";
 import { lastPart, type RunList } from "./runsModel";
-import { python, theHelper } from "./runtime";
+import { metaflowEnv, python, theHelper } from "./runtime";
 
 /** The extension that runs ``type: debugpy`` configurations. */
 const DEBUGGER = "ms-python.debugpy";
@@ -57,6 +57,7 @@ export async function startDebugging(uri: vscode.Uri, step: string | null, run: 
     const document = await vscode.workspace.openTextDocument(uri);
     if (document.isDirty) await document.save(); // spin and run load the file as saved
     const answer = await debugConfiguration(uri, step, run);
+    withSettings(answer.configuration, uri);
     if (step !== null && answer.task === null) {
       void vscode.window.showInformationMessage(`No earlier run has a completed ${step} task to spin on: debugging the whole flow.`);
     }
@@ -65,6 +66,14 @@ export async function startDebugging(uri: vscode.Uri, step: string | null, run: 
     void vscode.window.showErrorMessage(error instanceof Refused ? error.message : (error as Error).message);
     return false;
   }
+}
+
+/** The extension's Metaflow settings and the flow's workspace folder, as the helper found the task with. */
+function withSettings(configuration: vscode.DebugConfiguration, uri: vscode.Uri): void {
+  const env = metaflowEnv();
+  if (Object.keys(env).length > 0) configuration.env = { ...(configuration.env ?? {}), ...env };
+  const folder = vscode.workspace.getWorkspaceFolder(uri);
+  if (folder) configuration.cwd = folder.uri.fsPath;
 }
 
 /** Let the user pick which of the flow's recent runs a step is spun on. */
@@ -82,6 +91,7 @@ export async function pickRun(uri: vscode.Uri): Promise<string | undefined> {
 /** Add the configuration to the workspace's launch.json (replacing one of the same name). */
 export async function saveConfiguration(uri: vscode.Uri, step: string | null): Promise<void> {
   const { configuration } = await debugConfiguration(uri, step);
+  withSettings(configuration, uri);
   const launch = vscode.workspace.getConfiguration("launch", uri);
   const existing = (launch.get<vscode.DebugConfiguration[]>("configurations") ?? []).filter((c) => c.name !== configuration.name);
   await launch.update("configurations", [...existing, configuration], vscode.ConfigurationTarget.WorkspaceFolder);

@@ -133,14 +133,18 @@ export function activate(context: vscode.ExtensionContext): void {
       if (node.kind === "run" && editor) (await dagFor(editor.document)).showRun(node.run.pathspec);
     }),
     vscode.commands.registerCommand("metaflowStack.reconnect", async () => {
-      await theHelper().request("reconnect", {});
-      tree.refresh();
+      try {
+        await theHelper().request("reconnect", {});
+      } catch (error) {
+        void vscode.window.showErrorMessage(problem(error));
+      }
+      tree.reset();
       await describeWhere(where);
     }),
     vscode.workspace.onDidChangeConfiguration((event) => {
       if (SETTINGS.some((setting) => event.affectsConfiguration(setting))) {
         restartHelper();
-        tree.refresh();
+        tree.reset();
         void describeWhere(where);
       }
     }),

@@ -15,6 +15,8 @@ import { metaflowEnv, python, theHelper, workspaceFolder } from "./runtime";
 export class Launcher {
   private static current: Launcher | undefined;
   private process: ChildProcess | undefined;
+  /** Whether the running launch reported its end (finished, or refused with an error line). */
+  private ended = false;
 
   /** The form for ``document``'s flow; ``started`` is told each run's id as soon as it has one. */
   static async show(context: vscode.ExtensionContext, document: vscode.TextDocument, output: vscode.OutputChannel, started: (run: string) => void): Promise<void> {
@@ -33,6 +35,7 @@ export class Launcher {
   ) {
     panel.webview.onDidReceiveMessage((message: FromLauncher) => this.launch(message));
     panel.onDidDispose(() => {
+      this.process?.kill(); // the form's run goes with the form
       if (Launcher.current === this) Launcher.current = undefined;
     });
   }
@@ -62,14 +65,20 @@ export class Launcher {
     const child = spawn(python(), args, { cwd: workspaceFolder(), env: { ...process.env, ...metaflowEnv() }, stdio: ["ignore", "pipe", "pipe"] });
     this.process = child;
     let stderr = "";
+    this.ended = false;
     child.stderr?.on("data", (chunk: Buffer) => {
       stderr = (stderr + chunk.toString()).slice(-4000);
     });
-    createInterface({ input: child.stdout! }).on("line", (line) => void this.reported(line));
-    child.on("error", (error) => void this.post({ type: "error", message: `cannot start ${python()}: ${error.message}` }));
-    child.on("exit", (code) => {
+    const lines = createInterface({ input: child.stdout! });
+    lines.on("line", (line) => void this.reported(line));
+    child.on("error", (error) => {
+      this.process = undefined;
+      void this.post({ type: "error", message: `cannot start ${python()}: ${error.message} (fix: set metaflowStack.python)` });
+    });
+    child.on("close", (code) => {
       this.process = undefined;
       if (code !== 0 && stderr.trim()) this.output.appendLine(stderr.trim());
+      if (!this.ended) void this.post({ type: "error", message: `the launcher stopped (exit ${code}): ${stderr.trim().split("\n").pop() ?? ""}` });
     });
   }
 
@@ -77,6 +86,7 @@ export class Launcher {
     const event = launchEvent(line);
     if (event === null) return;
     if ("error" in event) {
+      this.ended = true;
       const { message, fix } = event.error;
       this.output.appendLine(`error: ${message}${fix ? ` (fix: ${fix})` : ""}`);
       await this.post({ type: "error", message: fix ? `${message} (fix: ${fix})` : message });
@@ -87,6 +97,7 @@ export class Launcher {
     } else if (event.event === "output") {
       this.output.appendLine(event.line);
     } else {
+      this.ended = true;
       this.output.appendLine(`finished: ${event.status} (exit ${event.returncode})`);
       await this.post({ type: "finished", status: event.status, returncode: event.returncode });
     }

@@ -12,6 +12,7 @@ import {
   NO_FILTERS,
   type Node,
   ordered,
+  pathspecOf,
   runQuery,
   type RunList,
   type RunSummary,
@@ -30,12 +31,19 @@ export class RunsTree implements vscode.TreeDataProvider<Node> {
   private user: string | null = null;
   /** Nodes listed under each parent after "Load more...", by parent (null: the root). */
   private readonly extra = new Map<Node | null, Node[]>();
+  private readonly loading = new Set<string>();
   private live: ReturnType<typeof setTimeout> | undefined;
   view: vscode.TreeView<Node> | undefined;
 
   refresh(): void {
     this.extra.clear();
     this.changed.fire(undefined);
+  }
+
+  /** Forget who "mine" is (the settings or the connection changed) and list again. */
+  reset(): void {
+    this.user = null;
+    this.refresh();
   }
 
   setFilters(filters: Filters): void {
@@ -61,7 +69,14 @@ export class RunsTree implements vscode.TreeDataProvider<Node> {
     try {
       const first = await this.list(parent, null);
       const extra = this.extra.get(parent);
-      return extra ? [...first.filter((child) => child.kind !== "more"), ...extra] : first;
+      if (!extra) return first;
+      // Pages loaded before, after the first page as it is now (a new run shifts them: none shown twice).
+      const shownFirst = new Set(first.map(pathspecOf).filter((key) => key !== null));
+      const unseen = (node: Node) => {
+        const key = pathspecOf(node);
+        return key === null || !shownFirst.has(key);
+      };
+      return [...first.filter((child) => child.kind !== "more"), ...extra.filter(unseen)];
     } catch (error) {
       return [{ kind: "message", text: error instanceof Refused ? error.message : (error as Error).message }];
     }
@@ -69,10 +84,18 @@ export class RunsTree implements vscode.TreeDataProvider<Node> {
 
   /** The next page under ``more``'s parent, appended where "Load more..." was. */
   async loadMore(more: Extract<Node, { kind: "more" }>): Promise<void> {
-    const page = await this.list(more.parent, more.cursor);
-    const kept = (this.extra.get(more.parent) ?? []).filter((node) => node.kind !== "more");
-    this.extra.set(more.parent, [...kept, ...page]);
-    this.changed.fire(more.parent ?? undefined);
+    if (this.loading.has(more.cursor)) return; // a second click on the same "Load more..."
+    this.loading.add(more.cursor);
+    try {
+      const page = await this.list(more.parent, more.cursor);
+      const kept = (this.extra.get(more.parent) ?? []).filter((node) => node.kind !== "more");
+      this.extra.set(more.parent, [...kept, ...page]);
+      this.changed.fire(more.parent ?? undefined);
+    } catch (error) {
+      void vscode.window.showErrorMessage(error instanceof Refused ? error.message : (error as Error).message);
+    } finally {
+      this.loading.delete(more.cursor);
+    }
   }
 
   private async list(node: Node | null, cursor: string | null): Promise<Node[]> {
@@ -111,7 +134,7 @@ export class RunsTree implements vscode.TreeDataProvider<Node> {
     if (this.live) return;
     this.live = setTimeout(() => {
       this.live = undefined;
-      this.refresh();
+      this.changed.fire(undefined); // listings again, keeping the pages loaded
     }, LIVE_REFRESH_MS);
   }
 

@@ -43,7 +43,18 @@ def _version_of(command: list[str]) -> str | None:
     return lines[0].strip() if lines else "installed"
 
 
+def _named(name: str) -> Callable[[Callable[[], Check]], Callable[[], Check]]:
+    """Mark a check with the name its row has, so callers can run only the rows they need."""
+
+    def mark(check: Callable[[], Check]) -> Callable[[], Check]:
+        check.check_name = name  # type: ignore[attr-defined]
+        return check
+
+    return mark
+
+
 def _tool(name: str, command: list[str], needed_for: str, fix: str) -> Callable[[], Check]:
+    @_named(name)
     def check() -> Check:
         version = _version_of(command)
         return Check(name, version is not None, version or "not found", needed_for, "" if version else fix)
@@ -51,12 +62,14 @@ def _tool(name: str, command: list[str], needed_for: str, fix: str) -> Callable[
     return check
 
 
+@_named("Python")
 def _python() -> Check:
     version = ".".join(map(str, sys.version_info[:3]))
     ok = sys.version_info >= (3, 11)
     return Check("Python", ok, version, "everything", "" if ok else "use Python 3.11 or newer")
 
 
+@_named("Metaflow")
 def _metaflow() -> Check:
     try:
         import metaflow
@@ -66,6 +79,7 @@ def _metaflow() -> Check:
         return Check("Metaflow", False, "not importable", "everything", "pip install metaflow-stack")
 
 
+@_named("Docker engine")
 def _docker_engine() -> Check:
     try:
         version = docker_engine.engine_version()
@@ -74,6 +88,7 @@ def _docker_engine() -> Check:
     return Check("Docker engine", True, f"server {version}", "images, @devcontainer, local stack")
 
 
+@_named("BuildKit")
 def _buildkit() -> Check:
     try:
         route = builders.route()
@@ -82,6 +97,7 @@ def _buildkit() -> Check:
     return Check("BuildKit", True, route.replace("classic:", "engine BuildKit via "), "image builds")
 
 
+@_named("Image registry")
 def _registry() -> Check:
     registry = settings.load().registry
     fix = "run `just registry` and export METAFLOW_STACK_REGISTRY=127.0.0.1:5000 (or name your registry)"
@@ -92,6 +108,7 @@ def _registry() -> Check:
     return Check("Image registry", False, f"{registry} does not answer", "publishing images", fix)
 
 
+@_named("Ray")
 def _ray() -> Check:
     try:
         version = importlib.metadata.version("ray")
@@ -100,6 +117,7 @@ def _ray() -> Check:
     return Check("Ray", True, version, "Ray serving and batch")
 
 
+@_named("Nomad")
 def _nomad() -> Check:
     from metaflow_stack.nomad.dev_cluster import INSTALL_FIX
 
@@ -113,6 +131,7 @@ def _nomad() -> Check:
     return Check("Nomad", True, f"{version}; NOMAD_ADDR={address}", "@nomad")
 
 
+@_named("Chromium")
 def _chromium() -> Check:
     for binary in ("chromium", "chromium-browser", "google-chrome"):
         if version := _version_of([binary, "--version"]):
@@ -178,6 +197,6 @@ CHECKS: tuple[Callable[[], Check], ...] = (
 )
 
 
-def run_checks() -> list[Check]:
-    """Every check, in table order."""
-    return [check() for check in CHECKS]
+def run_checks(names: set[str] | None = None) -> list[Check]:
+    """Every check (or those ``names`` names), in table order."""
+    return [check() for check in CHECKS if names is None or check.check_name in names]  # type: ignore[attr-defined]

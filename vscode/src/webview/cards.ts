@@ -28,6 +28,7 @@ root.replaceChildren(bar, problem, frame);
 picker.addEventListener("change", () => vscode.postMessage({ type: "open", file: picker.value }));
 
 window.addEventListener("message", (event: MessageEvent<ToCards>) => {
+  if (event.source === frame.contentWindow) return; // the card itself: it speaks for no one
   const message = event.data;
   if (message.type === "cards") {
     picker.replaceChildren(

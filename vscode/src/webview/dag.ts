@@ -32,7 +32,8 @@ function draw(): void {
   title.textContent = `${flow.flow} · ${file}`;
   title.dataset.flow = flow.flow;
   const lines = Object.fromEntries(Object.entries(flow.steps).map(([name, step]) => [name, step.line]));
-  const known = overlay.filter((task) => task.step_name in flow.steps); // a step renamed since the run
+  // Only this flow's tasks, of steps it still has (a step renamed since the run is left uncoloured).
+  const known = overlay.filter((task) => task.pathspec.startsWith(`${flow.flow}/`) && task.step_name in flow.steps);
   graph.replaceChildren(
     drawDag(dagShape(flow), known, {
       arrowId: "mf-arrow",

@@ -221,9 +221,11 @@ class LocalSource:
         for name in self._names(self.root):
             try:
                 row = self._json(self.root / name / "_meta" / "_self.json")
-            except (FileNotFoundError, NotADirectoryError):  # not a flow: Metaflow's own folders, stray files
+            except (OSError, ValueError):  # not a flow (Metaflow's own folders, stray files), or half-written
                 continue
-            found.append(FlowInfo(name=name, created_at=row.get("ts_epoch") or 0))
+            stamp = row.get("ts_epoch") if isinstance(row, dict) else None
+            if isinstance(stamp, int):
+                found.append(FlowInfo(name=name, created_at=stamp))
         found.sort(key=lambda flow: (-flow.created_at, flow.name))
         return _page(found, offset, limit)
 

@@ -70,12 +70,13 @@ class Blobs:
         if not path.is_file():
             return None
         meta = path.with_name(f"{sha}_meta")
-        raw = meta.is_file() and bool(json.loads(meta.read_text()).get("cas_raw"))
-        if raw:
-            with path.open("rb") as stream:
+        try:
+            described = json.loads(meta.read_text()) if meta.is_file() else {}
+            raw = isinstance(described, dict) and bool(described.get("cas_raw"))
+            with path.open("rb") if raw else gzip.open(path) as stream:
                 return stream.read(MAX_PICKLE_BYTES + 1)
-        with gzip.open(path) as stream:
-            return stream.read(MAX_PICKLE_BYTES + 1)
+        except (OSError, EOFError, ValueError) as exc:  # a damaged value: gzip, JSON and reads each say why
+            raise DatastoreError("bad_artifact", f"the value {sha} of {flow} cannot be read: {exc}") from None
 
     def s3(self) -> Any:
         """The S3 client for ``s3://`` roots, made on first use."""

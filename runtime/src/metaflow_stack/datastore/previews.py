@@ -18,10 +18,8 @@ pass ``MAX_INT_DIGITS`` (Python refuses to print it at all past 4,300).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import pickle
-import pprint
 import reprlib
 from typing import Any
 
@@ -138,17 +136,42 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 4, 400, 200, 20
 _REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 20
 
 
-#: Characters of a value rendered whole (opened on demand) at most.
+#: A value rendered whole (opened on demand): characters and values visited at most.
 MAX_FULL_CHARS = 4_000_000
+MAX_FULL_NODES = 400_000
+
+
+class _Spent(Exception):
+    """The whole value is beyond the budget (shared references can make a small pickle render huge)."""
+
+
+class _FullRepr(_BoundedRepr):
+    """Every item, up to a budget of values visited and characters made, checked before each value: the
+    work stops at the budget, whatever the value's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 50, MAX_FULL_CHARS, 10_000, 10_000
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = 1_000_000
+        self.nodes = self.chars = 0
+
+    def repr1(self, x: Any, level: int) -> str:
+        self.nodes += 1
+        if self.nodes > MAX_FULL_NODES or self.chars > MAX_FULL_CHARS:
+            raise _Spent
+        text = super().repr1(x, level)
+        self.chars += len(text)
+        return text
 
 
 def render(value: Any, limit: int = 4000, full: bool = False) -> str:
-    """A bounded repr: long containers and strings are elided with ``...``; ``full``: every item, pretty
-    printed, up to ``MAX_FULL_CHARS`` (a value too deep or with too long an integer for that falls back)."""
-    text = None
+    """A bounded repr: long containers and strings are elided with ``...``; ``full``: every item, up to
+    ``MAX_FULL_CHARS`` and ``MAX_FULL_NODES`` (past them, the bounded repr, saying so)."""
     if full:
-        limit = MAX_FULL_CHARS
-        with contextlib.suppress(RecursionError, ValueError):
-            text = pprint.pformat(value, width=100, sort_dicts=False)
-    text = text if text is not None else _REPR.repr(value)
+        try:
+            return _FullRepr().repr(value)
+        except _Spent:
+            note = f"# too large to show whole (over {MAX_FULL_CHARS:,} characters or {MAX_FULL_NODES:,} values)\n"
+            return note + _REPR.repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

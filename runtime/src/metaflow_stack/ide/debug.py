@@ -3,8 +3,8 @@
 A step is debugged with Metaflow's ``spin``: the step runs again, with the
 code as it is now, against the inputs one of its tasks had in an earlier
 run (the full task pathspec, so spin looks nothing up). The task is the
-newest completed one of that step among the flow's recent runs, or the one
-the user chose. Without any, the whole flow runs instead. A flow is
+first completed one of that step in the newest recent run that has one, or
+in the run the user chose. Without any, the whole flow runs instead. A flow is
 debugged with ``run``. Either way spin and run start the step's code in a
 child process, so the configuration asks debugpy to follow subprocesses
 (``subProcess``), which is what lets breakpoints in a step body stop.
@@ -27,8 +27,8 @@ RUNS_SEARCHED = 20
 
 
 def task_to_spin(queries: Queries, flow: str, step: str, run: str | None = None) -> str | None:
-    """The newest completed task of ``step`` in ``run`` (``Flow/123``) or among the flow's recent runs;
-    None when there is none to spin on."""
+    """The first completed task of ``step`` in ``run`` (``Flow/123``), or in the newest of the flow's recent
+    runs that has one; None when there is none to spin on."""
     if run is not None:
         runs = [run]
     else:

@@ -12,8 +12,7 @@ the others come with that check's fix. A launch prints one JSON object a
 line: ``{"event": "started", "run": "Flow/123"}`` as soon as the run has
 an id (``Runner.async_run``), ``{"event": "output", "stream", "line"}`` for
 each line the run prints, and ``{"event": "finished", "status",
-"returncode"}``. Closing the launcher's input (or stopping it) kills the
-run.
+"returncode"}``. Stopping the launcher stops the run with it.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def backends() -> list[dict[str, Any]]:
     """Each backend: its name, what it does, whether it is usable here, and the fix when it is not."""
     from metaflow_stack.doctor import run_checks
 
-    checks = {check.name: check for check in run_checks()}
+    checks = {check.name: check for check in run_checks({needs for _, needs, _ in BACKENDS.values() if needs})}
     found = []
     for name, (decorator, needs, detail) in BACKENDS.items():
         check = checks.get(needs) if needs else None
@@ -108,7 +107,7 @@ def converted(declared: list[dict[str, Any]], given: dict[str, str]) -> dict[str
         convert = _CONVERTERS.get(kind, str)
         try:
             value = convert(text)
-        except (ValueError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise InvalidInput(f"parameters.{name}", f"{text!r} {_reason(exc, kind)}", fix=f"give a {kind}") from None
         values[name.replace("-", "_")] = value
     missing = [n for n, p in by_name.items() if p["required"] and p["default"] is None and given.get(n, "") == ""]
@@ -142,6 +141,11 @@ def launch(path: str, given: dict[str, str], backend: str, events: IO[str] | Non
     return asyncio.run(_launched(path, values, decospecs, lambda event: _emit(events, event)))
 
 
+def _first_line(exc: Exception) -> str:
+    """An error's first line (Metaflow puts the run's whole output after it)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _emit(events: IO[str], event: dict[str, Any]) -> None:
     events.write(json.dumps(event) + "\n")
     events.flush()
@@ -150,11 +154,17 @@ def _emit(events: IO[str], event: dict[str, Any]) -> None:
 async def _launched(path: str, values: dict[str, Any], decospecs: list[str], emit: Callable[[dict], None]) -> int:
     from metaflow import Runner
 
-    with Runner(path, show_output=False, cwd=os.getcwd(), decospecs=decospecs) as runner:
+    try:
+        runner = Runner(path, show_output=False, cwd=os.getcwd(), decospecs=decospecs)
+    except Exception as exc:  # loading the flow file ran its module code: whatever it raised is the user's
+        raise StackError(
+            f"{path} cannot be loaded: {_first_line(exc)}", fix="run it once: python FLOW.py check"
+        ) from None
+    with runner:
         try:
             executing = await runner.async_run(**values)
         except (TypeError, ValueError, RuntimeError) as exc:  # a value Runner refused, a run that did not start
-            raise StackError(f"the run did not start: {exc}", fix="correct the form") from None
+            raise StackError(f"the run did not start: {_first_line(exc)}", fix="correct the form") from None
         emit({"event": "started", "run": executing.run.pathspec})
         streams = [_follow(executing, stream, emit) for stream in ("stdout", "stderr")]
         await asyncio.gather(*streams)

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from metaflow_stack.agent.source import pathspec_parts
 from metaflow_stack.errors import InvalidInput, StackError
 from metaflow_stack.ide import debug, launch
 from metaflow_stack.ide.browse import Browser
@@ -105,6 +106,10 @@ def _debug(browser: Browser, params: DebugParams) -> dict[str, Any]:
     if params.step is not None and params.step not in graph["steps"]:
         raise InvalidInput("params.step", f"{params.step!r} is not a step of {graph['flow']}")
     task = params.task
+    if task is not None:
+        flow, _, step, _ = pathspec_parts(task, 4, "params.task")
+        if (flow, step) != (graph["flow"], params.step):
+            raise InvalidInput("params.task", f"{task} is not a task of {graph['flow']}'s step {params.step}")
     if params.step is not None and task is None:
         task = debug.task_to_spin(browser.queries, graph["flow"], params.step, params.run)
     configuration = debug.configuration(params.path, graph["flow"], params.step, task, params.python)
@@ -176,6 +181,9 @@ def answer(line: str, browser: Browser | None = None) -> dict[str, Any]:
         return {"id": request.id, "result": _model(handler(browser, params))}
     except StackError as exc:
         return {"id": request.id, **exc.to_dict()}
+    except Exception as exc:  # what went wrong reading the runs is the answer: the helper serves on
+        failed = StackError(f"{request.method} failed: {type(exc).__name__}: {exc}", fix="look at the datastore named")
+        return {"id": request.id, "error": {**failed.to_dict()["error"], "code": "internal_error"}}
 
 
 def serve(requests: IO[bytes] | None = None, answers: IO[str] | None = None) -> None:
