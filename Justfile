@@ -48,7 +48,7 @@ vscode: _venv
         exit 0
     fi
     stamp=vscode/dist/.source-hash
-    want=$(find vscode ui/src -path vscode/node_modules -prune -o -path vscode/dist -prune -o -path vscode/dist-test -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
+    want=$(find vscode ui/src -path vscode/node_modules -prune -o -path vscode/dist -prune -o -path vscode/dist-test -prune -o -path vscode/dist-electron -prune -o -path vscode/.vscode-test -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
     if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ -f vscode/dist/metaflow-stack.vsix ]; then exit 0; fi
     echo "building the VS Code extension (vscode/ -> vscode/dist/metaflow-stack.vsix)" >&2
     npm install --prefix vscode --no-audit --no-fund --loglevel=error

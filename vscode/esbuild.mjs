@@ -1,5 +1,5 @@
 // Bundles the extension (Node, CommonJS, `vscode` external) and each webview page's script (browser, one file);
-// `--tests` bundles test/*.test.ts for node's own test runner. The DAG's layout is the UI's (ui/src/dag.ts),
+// `--tests` bundles test/*.test.ts for node's own test runner; `--electron` the VS Code (Electron) suite. The DAG's layout is the UI's (ui/src/dag.ts),
 // its dagre resolved from this package.
 import { build } from "esbuild";
 import { readdirSync } from "node:fs";
@@ -8,7 +8,10 @@ import { fileURLToPath } from "node:url";
 const here = fileURLToPath(new URL(".", import.meta.url));
 const shared = { bundle: true, sourcemap: false, logLevel: "warning", nodePaths: [`${here}node_modules`] };
 
-if (process.argv.includes("--tests")) {
+if (process.argv.includes("--electron")) {
+  await build({ ...shared, entryPoints: [`${here}test-electron/runTests.ts`], outfile: `${here}dist-electron/runTests.js`, platform: "node", format: "cjs" });
+  await build({ ...shared, entryPoints: [`${here}test-electron/suite.ts`], outfile: `${here}dist-electron/suite.js`, platform: "node", format: "cjs", external: ["vscode"] });
+} else if (process.argv.includes("--tests")) {
   const tests = readdirSync(`${here}test`).filter((name) => name.endsWith(".ts"));
   await build({
     ...shared,

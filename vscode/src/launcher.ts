@@ -61,7 +61,8 @@ export class Launcher {
     if (this.document.isDirty) await this.document.save(); // the run runs the file, as saved
     const args = launchArgs(this.document.uri.fsPath, message.values, message.backend);
     this.output.show(true);
-    this.output.appendLine(`$ ${python()} ${args.join(" ")}`);
+    const shown = args.map((arg) => (arg === this.document.uri.fsPath ? vscode.workspace.asRelativePath(arg) : arg));
+    this.output.appendLine(`$ ${path.basename(python())} ${shown.join(" ")}`);
     const child = spawn(python(), args, { cwd: workspaceFolder(), env: { ...process.env, ...metaflowEnv() }, stdio: ["ignore", "pipe", "pipe"] });
     this.process = child;
     let stderr = "";
