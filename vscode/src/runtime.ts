@@ -7,11 +7,19 @@ import { Helper } from "./helper";
 
 let helper: Helper | undefined;
 
+/** What the Python extension exports (its documented API): the interpreter chosen for the workspace. */
+interface PythonExtensionApi {
+  environments?: { getActiveEnvironmentPath(resource?: vscode.Uri): { path: string } };
+}
+
 export function python(): string {
   const configured = vscode.workspace.getConfiguration("metaflowStack").get<string>("python");
   if (configured) return configured;
-  const fromPythonExtension = vscode.workspace.getConfiguration("python").get<string>("defaultInterpreterPath");
-  return fromPythonExtension && fromPythonExtension !== "python" ? fromPythonExtension : "python3";
+  const extension = vscode.extensions.getExtension<PythonExtensionApi>("ms-python.python");
+  const chosen = extension?.isActive ? extension.exports?.environments?.getActiveEnvironmentPath(vscode.workspace.workspaceFolders?.[0]?.uri).path : undefined;
+  if (chosen) return chosen;
+  const fromSettings = vscode.workspace.getConfiguration("python").get<string>("defaultInterpreterPath");
+  return fromSettings && fromSettings !== "python" ? fromSettings : "python3";
 }
 
 /** Where the workspace's flows run from (relative paths and the local datastore resolve here). */
