@@ -1,0 +1,234 @@
+"""Attestation verified before a confidential step's results are trusted.
+
+A quote is the TEE's signed statement of what runs in it (measurements)
+and of 64 bytes the code inside chose (``report_data``). Trusting one takes
+three checks, in this order, each refusal naming what failed:
+
+1. **The quote is genuine**: its signature chain and the platform's TCB,
+   checked by ``dcap-qvl`` (Intel's DCAP verification, in Rust) against
+   collateral: a file given offline, a cached copy, or fetched from a PCCS.
+   A tampered byte, a collateral outside its validity window and a revoked
+   platform all stop here.
+2. **It is the enclave the policy allows** (``policy``): a TCB status and
+   advisories the policy accepts, no debug enclave, and measurements
+   (MRENCLAVE/MRSIGNER and ISV SVN for SGX; MRTD and RTMRs for TDX) on its
+   lists. The measurements are read from the verified report, never from
+   the unverified bytes.
+3. **It speaks for this task**: ``report_data`` must equal ``binding()`` of
+   the flow, run, step, task, attempt, the code package's digest and the
+   launcher's fresh nonce. A quote from another task, another attempt,
+   other code, or an earlier launch (a replay) is refused.
+
+Only then is a ``Verification`` returned, recorded in the task's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from metaflow_stack.confidential.policy import Policy
+from metaflow_stack.errors import StackError
+
+#: The PCCS asked for collateral when none is given (Phala's public one; Intel's PCS also works).
+DEFAULT_PCCS_URL = "https://pccs.phala.network"
+#: Bytes a quote may have (an SGX quote is about 4.6 KB, a TDX one about 5 KB, with certificates).
+MAX_QUOTE_BYTES = 64 * 1024
+#: TD attributes' DEBUG bit (bit 0), and SGX attributes' DEBUG flag (bit 1).
+_TD_DEBUG = 0x01
+_SGX_DEBUG = 0x02
+
+
+class AttestationRefused(StackError):
+    """Evidence that does not let the task's results be trusted; ``field`` names the check that failed."""
+
+    code = "attestation_refused"
+
+    def __init__(self, field: str, message: str, fix: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", fix)
+        self.field = field
+
+
+class Verification(BaseModel):
+    """What was verified, as recorded in the task's metadata and shown by the UI and the agent."""
+
+    tee: Literal["sgx", "tdx"]
+    status: str
+    advisory_ids: list[str]
+    measurements: dict[str, str | int]
+    report_data: str
+    policy_digest: str
+    verified_at: int
+
+
+def binding(flow: str, run: str, step: str, task: str, attempt: int, code_digest: str, nonce: str) -> bytes:
+    """The 64 bytes a confidential task puts in its quote's ``report_data``: SHA-512 of the task's identity,
+    its code and the launcher's nonce, so the quote answers for this attempt of this task and no other."""
+    identity = {
+        "flow": flow,
+        "run": run,
+        "step": step,
+        "task": task,
+        "attempt": attempt,
+        "code": code_digest,
+        "nonce": nonce,
+    }
+    return hashlib.sha512(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def new_nonce() -> str:
+    """A launcher's fresh nonce for one attempt (never reused: that is what makes a replay detectable)."""
+    return os.urandom(32).hex()
+
+
+def collateral_for(
+    quote: bytes, given: str | Path | None = None, pccs_url: str | None = None, cache: Path | None = None
+) -> Any:
+    """The collateral ``quote`` is verified against: the JSON file ``given``, else a cached copy for the
+    quote's platform (FMSPC), else fetched from ``pccs_url`` and cached; ``AttestationRefused`` naming
+    ``collateral`` when none can be had."""
+    import dcap_qvl
+
+    if given is not None:
+        try:
+            return dcap_qvl.QuoteCollateralV3.from_json(Path(given).read_text())
+        except (OSError, ValueError) as exc:
+            raise AttestationRefused("collateral", f"{given} cannot be used: {_first_line(exc)}") from None
+    fmspc = _parsed(quote).fmspc()
+    cached = (cache / f"{fmspc}.json") if cache is not None else None
+    if cached is not None and cached.is_file():
+        return dcap_qvl.QuoteCollateralV3.from_json(cached.read_text())
+    url = pccs_url or os.environ.get("METAFLOW_STACK_PCCS_URL") or DEFAULT_PCCS_URL
+    try:
+        fetched = dcap_qvl.get_collateral(url, quote)
+        collateral = _awaited(fetched)
+    except Exception as exc:  # the PCCS's own errors: unreachable, unknown platform
+        raise AttestationRefused(
+            "collateral",
+            f"cannot be fetched from {url}: {_first_line(exc)}",
+            fix="give collateral= a file, or reach a PCCS",
+        ) from None
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(collateral.to_json())
+    return collateral
+
+
+def _awaited(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        import asyncio
+
+        async def wait() -> Any:
+            return await value
+
+        return asyncio.run(wait())
+    return value
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).removeprefix("Verification failed: ").strip()
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
+def _parsed(quote: bytes) -> Any:
+    import dcap_qvl
+
+    if not quote or len(quote) > MAX_QUOTE_BYTES:
+        raise AttestationRefused("quote", f"is {len(quote):,} bytes, not a quote")
+    try:
+        return dcap_qvl.parse_quote(quote)
+    except ValueError as exc:
+        raise AttestationRefused("quote", f"cannot be read: {_first_line(exc)}") from None
+
+
+def verify(quote: bytes, collateral: Any, policy: Policy, expected: bytes, now: int | None = None) -> Verification:
+    """``quote`` checked against ``collateral`` at ``now`` (epoch seconds; default: this moment), then
+    ``policy``, then bound to ``expected`` (``binding()``); ``AttestationRefused`` naming the first failure."""
+    import dcap_qvl
+
+    _parsed(quote)
+    moment = int(time.time()) if now is None else now
+    try:
+        verified = json.loads(dcap_qvl.verify(quote, collateral, moment).to_json())
+    except ValueError as exc:
+        reason = _first_line(exc)
+        if reason.startswith(("CrlExpired", "TCBInfoExpired", "QeIdentityExpired", "Expired")):
+            raise AttestationRefused("collateral", f"is outside its validity window ({reason.split(' ')[0]})",
+                                     fix="fetch fresh collateral from the PCCS") from None  # fmt: skip
+        raise AttestationRefused("quote", f"is not genuine: {reason}") from None
+    report = verified["report"]
+    if "SgxEnclave" in report:
+        tee, measured = "sgx", report["SgxEnclave"]
+    else:
+        tee, measured = "tdx", next(iter(report.values()))
+    status, advisories = verified["status"], verified.get("advisory_ids") or []
+    _check_tcb(policy, status, advisories)
+    measurements = _check_sgx(policy, measured) if tee == "sgx" else _check_tdx(policy, measured)
+    found = bytes.fromhex(measured["report_data"])
+    if not hmac.compare_digest(found, expected):
+        raise AttestationRefused(
+            "report_data", "does not bind this task (a quote made for another task or attempt, or replayed)"
+        )
+    return Verification(
+        tee=tee,
+        status=status,
+        advisory_ids=advisories,
+        measurements=measurements,
+        report_data=found.hex(),
+        policy_digest=policy.digest,
+        verified_at=moment,
+    )
+
+
+def _check_tcb(policy: Policy, status: str, advisories: list[str]) -> None:
+    if status not in policy.tcb.allowed_statuses:
+        raise AttestationRefused(
+            "tcb.status", f"{status} is not allowed (the policy allows {', '.join(policy.tcb.allowed_statuses)})"
+        )
+    unexpected = sorted(set(advisories) - set(policy.tcb.allowed_advisories))
+    if unexpected:
+        raise AttestationRefused("tcb.advisories", f"{', '.join(unexpected)} not allowed by the policy")
+
+
+def _allowed(field: str, value: str, allowed: list[str]) -> None:
+    if allowed and value.lower() not in allowed:
+        raise AttestationRefused(field, f"{value} is not one the policy allows")
+
+
+def _check_sgx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]:
+    rules = policy.sgx
+    if rules is None:
+        raise AttestationRefused("tee", "an SGX enclave, and the policy has no [sgx] table")
+    flags = int.from_bytes(bytes.fromhex(measured["attributes"])[:8], "little")
+    if flags & _SGX_DEBUG and not policy.tcb.allow_debug:
+        raise AttestationRefused("debug", "a debug enclave (its memory can be read from outside)")
+    _allowed("sgx.mr_enclave", measured["mr_enclave"], rules.mr_enclave)
+    _allowed("sgx.mr_signer", measured["mr_signer"], rules.mr_signer)
+    if rules.isv_prod_id is not None and measured["isv_prod_id"] != rules.isv_prod_id:
+        raise AttestationRefused("sgx.isv_prod_id", f"{measured['isv_prod_id']} is not {rules.isv_prod_id}")
+    if measured["isv_svn"] < rules.min_isv_svn:
+        raise AttestationRefused("sgx.isv_svn", f"{measured['isv_svn']} is below {rules.min_isv_svn}")
+    return {k: measured[k] for k in ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn")}
+
+
+def _check_tdx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]:
+    rules = policy.tdx
+    if rules is None:
+        raise AttestationRefused("tee", "a TDX VM, and the policy has no [tdx] table")
+    if (
+        int.from_bytes(bytes.fromhex(measured["td_attributes"])[:1], "little") & _TD_DEBUG
+        and not policy.tcb.allow_debug
+    ):
+        raise AttestationRefused("debug", "a debug TD (its memory can be read from outside)")
+    names = ("mr_td", "rt_mr0", "rt_mr1", "rt_mr2", "rt_mr3")
+    for name in names:
+        _allowed(f"tdx.{name}", measured[name], getattr(rules, name))
+    return {name: measured[name] for name in names}

@@ -1,0 +1,144 @@
+"""What an attested enclave must be for its results to be trusted: a policy file, in TOML.
+
+    [sgx]                      # an SGX enclave (Gramine): at least one of mr_enclave, mr_signer
+    mr_enclave = ["33d8...fbb"]
+    mr_signer = ["815f...0e6"]
+    isv_prod_id = 0
+    min_isv_svn = 1
+
+    [tdx]                      # a TDX confidential VM (Phala Cloud / dstack): mr_td, and any RTMR pinned
+    mr_td = ["91eb...18b7"]
+    rt_mr3 = ["0000...0000"]
+
+    [tcb]
+    allowed_statuses = ["UpToDate", "SWHardeningNeeded"]
+    allowed_advisories = ["INTEL-SA-00615"]
+    allow_debug = false        # never true in production: a debug enclave's memory is readable
+
+A measurement list allows any of its values; a TEE kind the policy has no
+table for is refused. Every field is checked when the file is read, and a
+mistake names it (``policy.sgx.mr_enclave[0]: ...``), so a policy that does
+not say what its author meant never reaches a verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from metaflow_stack.errors import InvalidInput
+
+#: The TCB statuses Intel's collateral assigns a platform, best first.
+TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
+
+Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True)]
+Hex48 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{96}$", to_lower=True)]
+Advisory = Annotated[str, StringConstraints(pattern=r"^INTEL-SA-\d{5}$")]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SgxPolicy(_Table):
+    """An SGX enclave's identity: its code (MRENCLAVE) or its signer (MRSIGNER), product and version."""
+
+    mr_enclave: list[Hex32] = Field(default_factory=list, max_length=256)
+    mr_signer: list[Hex32] = Field(default_factory=list, max_length=256)
+    isv_prod_id: int | None = Field(None, ge=0, le=0xFFFF)
+    min_isv_svn: int = Field(0, ge=0, le=0xFFFF)
+
+
+class TdxPolicy(_Table):
+    """A TDX VM's identity: its initial image (MRTD) and the runtime measurements that must match."""
+
+    mr_td: list[Hex48] = Field(min_length=1, max_length=256)
+    rt_mr0: list[Hex48] = Field(default_factory=list, max_length=256)
+    rt_mr1: list[Hex48] = Field(default_factory=list, max_length=256)
+    rt_mr2: list[Hex48] = Field(default_factory=list, max_length=256)
+    rt_mr3: list[Hex48] = Field(default_factory=list, max_length=256)
+
+
+class TcbPolicy(_Table):
+    """Which platform states are acceptable, and which advisories a non-current one may carry."""
+
+    allowed_statuses: list[Literal[TCB_STATUSES]] = Field(default_factory=lambda: ["UpToDate"])  # type: ignore[valid-type]
+    allowed_advisories: list[Advisory] = Field(default_factory=list, max_length=1024)
+    allow_debug: bool = False
+
+
+class Policy(_Table):
+    sgx: SgxPolicy | None = None
+    tdx: TdxPolicy | None = None
+    tcb: TcbPolicy = Field(default_factory=TcbPolicy)
+    #: The policy's content hash, recorded with every verification (which policy said yes).
+    digest: str = Field("", exclude=True)
+
+
+#: Bytes a policy file may have (a few hundred measurements).
+MAX_POLICY_BYTES = 1024 * 1024
+
+
+def parse_policy(text: str, where: str = "policy") -> Policy:
+    """The policy ``text`` says; ``InvalidInput`` naming the first field that is wrong."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(where, f"is not TOML ({exc})", fix="see docs/confidential.md for a policy") from None
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        raise InvalidInput(field, first["msg"], fix=_fix(first["loc"])) from None
+    if policy.sgx is None and policy.tdx is None:
+        raise InvalidInput(where, "allows no enclave", fix="add an [sgx] or a [tdx] table")
+    if policy.sgx is not None and not (policy.sgx.mr_enclave or policy.sgx.mr_signer):
+        raise InvalidInput(f"{where}.sgx", "pins neither mr_enclave nor mr_signer", fix="list the enclave's MRENCLAVE")
+    return policy.model_copy(update={"digest": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def _fix(location: tuple) -> str:
+    name = str(next((p for p in reversed(location) if isinstance(p, str)), ""))
+    if name in ("mr_enclave", "mr_signer"):
+        return "a 32-byte measurement as 64 hex digits"
+    if name.startswith(("mr_td", "rt_mr")):
+        return "a 48-byte measurement as 96 hex digits"
+    if name == "allowed_statuses":
+        return f"one of {', '.join(TCB_STATUSES)}"
+    if name == "allowed_advisories":
+        return "an Intel advisory id like INTEL-SA-00615"
+    return "see docs/confidential.md for a policy"
+
+
+def load_policy(path: str | Path) -> Policy:
+    """The policy in the file at ``path``; a missing, unreadable or oversized file is refused naming it."""
+    file = Path(path)
+    try:
+        with file.open("rb") as stream:
+            data = stream.read(MAX_POLICY_BYTES + 1)
+    except FileNotFoundError:
+        raise InvalidInput(
+            "policy", f"{file} does not exist", fix="policy='policies/prod.toml', a file in the flow's folder"
+        ) from None
+    except OSError as exc:
+        raise InvalidInput("policy", f"{file} cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise InvalidInput("policy", f"{file} is larger than {MAX_POLICY_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("policy", f"{file} is not UTF-8 text") from None
+    return parse_policy(text, "policy")
