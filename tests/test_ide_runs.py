@@ -147,6 +147,37 @@ def test_debug_step_stops_at_a_breakpoint_in_the_step_body_spun_on_an_earlier_ta
     assert unknown["message"].startswith("params.step: 'nope' is not a step of ForeachFlow")
 
 
+def test_the_form_types_each_parameter_as_its_value_will_be_converted(ask) -> None:
+    source = """from metaflow import FlowSpec, IncludeFile, JSONType, Parameter, step
+
+
+class FormFlow(FlowSpec):
+    alpha = Parameter("alpha", default=0.5, type=float, help="the rate")
+    count = Parameter("count", default=4)
+    big = Parameter("big", default=1_000)
+    loud = Parameter("loud", default=False)
+    who = Parameter("who", default="world")
+    config = Parameter("config", default="{}", type=JSONType)
+    must = Parameter("must", required=True)
+    data = IncludeFile("data")
+
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+"""
+    form = _result(ask("form", path="form_flow.py", source=source))
+    assert form["flow"] == "FormFlow"
+    assert [(f["name"], f["type"], f["required"]) for f in form["fields"]] == [
+        ("alpha", "float", False), ("count", "int", False), ("big", "int", False), ("loud", "bool", False),
+        ("who", "str", False), ("config", "JSONType", False), ("must", "str", True),
+    ]  # fmt: skip
+    assert (form["fields"][0]["placeholder"], form["fields"][0]["help"]) == ("0.5", "the rate")
+
+
 def test_the_launcher_offers_backends_with_their_fixes(ask) -> None:
     backends = {b["name"]: b for b in _result(ask("backends"))}
     assert list(backends) == ["local", "worker_pool", "devcontainer", "nomad", "kubernetes"]

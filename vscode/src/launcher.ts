@@ -6,9 +6,8 @@ import * as path from "node:path";
 import { createInterface } from "node:readline";
 import * as vscode from "vscode";
 
-import type { FlowGraph } from "./flowGraph";
 import { Refused } from "./helper";
-import { type Backend, fields, type FromLauncher, launchArgs, launchEvent, type ToLauncher } from "./launcherModel";
+import { type Backend, type Field, type FromLauncher, launchArgs, launchEvent, type ToLauncher } from "./launcherModel";
 import { openPage } from "./panels";
 import { metaflowEnv, python, theHelper, workspaceFolder } from "./runtime";
 
@@ -46,11 +45,11 @@ export class Launcher {
 
   private async fill(): Promise<void> {
     try {
-      const [graph, backends] = await Promise.all([
-        theHelper().request<FlowGraph>("graph", { path: this.document.uri.fsPath, source: this.document.getText() }),
+      const [form, backends] = await Promise.all([
+        theHelper().request<{ flow: string; fields: Field[] }>("form", { path: this.document.uri.fsPath, source: this.document.getText() }),
         theHelper().request<Backend[]>("backends", {}),
       ]);
-      await this.post({ type: "form", flow: graph.flow, file: path.basename(this.document.uri.fsPath), fields: fields(graph.parameters), backends });
+      await this.post({ type: "form", flow: form.flow, file: path.basename(this.document.uri.fsPath), fields: form.fields, backends });
     } catch (error) {
       await this.post({ type: "error", message: error instanceof Refused ? error.message : (error as Error).message });
     }

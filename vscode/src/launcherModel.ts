@@ -1,6 +1,6 @@
-// The run launcher's model, apart from VS Code: the form's fields from the flow's Parameters, the backends
-// the runtime offers (usable or with their fix), the launcher process's command line, and its JSON lines.
-import type { FlowParameter } from "./flowGraph";
+// The run launcher's model, apart from VS Code: the form's fields (the runtime types each Parameter, as it
+// converts its value), the backends the runtime offers (usable or with their fix), the launcher process's
+// command line, and its JSON lines.
 
 export interface Backend {
   name: string;
@@ -10,9 +10,10 @@ export interface Backend {
   fix: string | null;
 }
 
+/** A field of the form, as the runtime's ``form`` answers it. */
 export interface Field {
   name: string;
-  /** The type the form says (the Parameter's, else its default's as Metaflow infers it). */
+  /** The type the value is converted to (the Parameter's, else its default's, as Metaflow infers it). */
   type: string;
   /** The default as written in the source; empty when there is none. */
   placeholder: string;
@@ -34,27 +35,6 @@ export type LaunchEvent =
   | { event: "output"; stream: "stdout" | "stderr"; line: string }
   | { event: "finished"; status: string; returncode: number }
   | { error: { code: string; message: string; fix: string | null } };
-
-function inferred(defaultText: string | null): string {
-  if (defaultText === null) return "str";
-  if (/^(True|False)$/.test(defaultText)) return "bool";
-  if (/^[+-]?\d+$/.test(defaultText)) return "int";
-  if (/^[+-]?(\d+\.\d*|\.\d+|\d+)(e[+-]?\d+)?$/i.test(defaultText)) return "float";
-  return "str";
-}
-
-/** A form field per Parameter (IncludeFile and Config are given by file, not typed into a form). */
-export function fields(parameters: FlowParameter[]): Field[] {
-  return parameters
-    .filter((parameter) => parameter.kind === "Parameter")
-    .map((parameter) => ({
-      name: parameter.name ?? parameter.attribute,
-      type: (parameter.type ?? inferred(parameter.default)).split(".").pop() ?? "str",
-      placeholder: parameter.default ?? "",
-      help: parameter.help ?? "",
-      required: parameter.required && parameter.default === null,
-    }));
-}
 
 /** The launcher process's arguments: ``python -m metaflow_stack.ide launch FILE --param N=V ... --backend B``;
  *  empty values are left out (the flow's default applies). */

@@ -122,8 +122,8 @@ export class RunsTree implements vscode.TreeDataProvider<Node> {
         return [...page.tasks.map((task): Node => ({ kind: "task", task })), ...more(page.next_cursor)];
       }
       case "task": {
-        const page = await helper.request<ArtifactList>("artifacts", { task: node.task.pathspec });
-        return ordered(page.artifacts).map((artifact): Node => ({ kind: "artifact", artifact }));
+        const page = await helper.request<ArtifactList>("artifacts", { task: node.task.pathspec, limit: 200, cursor });
+        return [...ordered(page.artifacts).map((artifact): Node => ({ kind: "artifact", artifact })), ...more(page.next_cursor)];
       }
       default:
         return [];

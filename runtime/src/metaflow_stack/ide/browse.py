@@ -78,11 +78,14 @@ class Browser:
         }
 
     def _artifact(self, task: str, name: str) -> ArtifactInfo:
-        listed = self.queries.artifact_info(task, limit=MAX_ARTIFACTS).artifacts
-        found = next((artifact for artifact in listed if artifact.name == name), None)
-        if found is None or found.sha is None:
-            raise AgentError("not_found", f"artifact {name} of {task} does not exist")
-        return found
+        cursor = None
+        while True:  # a task's artifacts, page after page, until the one named
+            page = self.queries.artifact_info(task, limit=MAX_ARTIFACTS, cursor=cursor)
+            found = next((artifact for artifact in page.artifacts if artifact.name == name), None)
+            if found is not None and found.sha is not None:
+                return found
+            if found is not None or not (cursor := page.next_cursor):
+                raise AgentError("not_found", f"artifact {name} of {task} does not exist")
 
     def preview(self, task: str, name: str, full: bool = False) -> dict[str, Any]:
         """A bounded rendering of one artifact (plain data only: nothing is unpickled but builtins), or the

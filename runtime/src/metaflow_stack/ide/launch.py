@@ -92,6 +92,27 @@ def _inferred_type(default: str | None) -> str:
     return type(value).__name__ if type(value).__name__ in _CONVERTERS else "str"
 
 
+def _kind(parameter: dict[str, Any]) -> str:
+    """The type a Parameter takes: the one it names, else its default's (as Metaflow infers it)."""
+    return (parameter["type"] or _inferred_type(parameter["default"])).split(".")[-1]
+
+
+def form_fields(declared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The launcher form's fields: one per Parameter (IncludeFile and Config are given by file, not typed),
+    with the type its value is converted to, its default as written, its help, and whether it is required."""
+    return [
+        {
+            "name": p["name"] or p["attribute"],
+            "type": _kind(p),
+            "placeholder": p["default"] or "",
+            "help": p["help"] or "",
+            "required": p["required"] and p["default"] is None,
+        }
+        for p in declared
+        if p["kind"] == "Parameter"
+    ]
+
+
 def converted(declared: list[dict[str, Any]], given: dict[str, str]) -> dict[str, Any]:
     """The form's text values as the flow's parameters take them; ``InvalidInput`` naming the parameter
     for an unknown name or a value that is not of its type. Parameters left empty keep their defaults."""
@@ -103,7 +124,7 @@ def converted(declared: list[dict[str, Any]], given: dict[str, str]) -> dict[str
             raise InvalidInput(f"parameters.{name}", "is not a parameter of the flow", fix=", ".join(by_name))
         if text == "":
             continue
-        kind = (parameter["type"] or _inferred_type(parameter["default"])).split(".")[-1]
+        kind = _kind(parameter)
         convert = _CONVERTERS.get(kind, str)
         try:
             value = convert(text)

@@ -77,6 +77,12 @@ class TaskParams(Params):
     task: str = _Name
 
 
+class ArtifactsParams(Params):
+    task: str = _Name
+    limit: int = Field(default=200, ge=1, le=1000)
+    cursor: str | None = None
+
+
 class ArtifactParams(Params):
     task: str = _Name
     name: str = _Name
@@ -116,6 +122,12 @@ def _debug(browser: Browser, params: DebugParams) -> dict[str, Any]:
     return {"configuration": configuration, "task": task if params.step is not None else None}
 
 
+def _form(params: GraphParams) -> dict[str, Any]:
+    """What the launcher's form shows: the flow, and a field per Parameter typed as its value will be."""
+    graph = flow_graph(params.source, params.path)
+    return {"flow": graph["flow"], "fields": launch.form_fields(graph["parameters"])}
+
+
 def _model(answer: Any) -> Any:
     return answer.model_dump() if isinstance(answer, BaseModel) else answer
 
@@ -131,12 +143,13 @@ METHODS: dict[str, tuple[type[Params], Callable[[Browser, Any], Any]]] = {
     ),
     "summary": (RunParams, lambda b, p: b.queries.run_summary(p.run)),
     "tasks": (TasksParams, lambda b, p: b.queries.run_tasks(p.run, p.step, limit=p.limit, cursor=p.cursor)),
-    "artifacts": (TaskParams, lambda b, p: b.queries.artifact_info(p.task, limit=1000)),
+    "artifacts": (ArtifactsParams, lambda b, p: b.queries.artifact_info(p.task, limit=p.limit, cursor=p.cursor)),
     "preview": (ArtifactParams, lambda b, p: b.preview(p.task, p.name, p.full)),
     "cards": (TaskParams, lambda b, p: b.cards(p.task)),
     "card": (CardParams, lambda b, p: b.card(p.task, p.file)),
     "debug": (DebugParams, _debug),
     "backends": (Nothing, lambda _, __: launch.backends()),
+    "form": (GraphParams, lambda _, p: _form(p)),
     "reconnect": (Nothing, lambda b, _: b.forget()),
 }
 
