@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT
 
-from metaflow_stack.confidential.attest import AttestationRefused, binding, collateral_for, new_nonce, verify
+from metaflow_stack.confidential.attest import (
+    AttestationRefused,
+    TaskIdentity,
+    binding,
+    collateral_for,
+    new_nonce,
+    verify,
+)
+from metaflow_stack.confidential.keyrelease import EnclaveKey, envelope_for, release
 from metaflow_stack.confidential.policy import load_policy, parse_policy
 from metaflow_stack.confidential.seal import SealedError, is_sealed, new_data_key, seal, unseal
 from metaflow_stack.errors import InvalidInput
@@ -33,6 +41,7 @@ isv_prod_id = 0
 allowed_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]
 allowed_advisories = ["INTEL-SA-00289", "INTEL-SA-00615"]
 """
+IDENTITY = TaskIdentity(flow="ScoreFlow", run="12", step="score", task="3", attempt=0, code_digest="sha256:abc")
 TDX_POLICY = f"""
 [tdx]
 mr_td = ["{TDX_MR_TD}"]
@@ -103,7 +112,7 @@ def test_each_attack_is_refused_naming_the_check(samples: Path, attack: str, fie
     elif attack == "wrong measurement":
         policy = SGX_POLICY.replace(SGX_MR_ENCLAVE, "00" * 32)
     elif attack == "replayed":  # the quote of an earlier launch, checked against this attempt's binding
-        expected = binding("ScoreFlow", "12", "score", "3", 0, "sha256:abc", new_nonce())
+        expected = binding(IDENTITY, new_nonce(), EnclaveKey().public)
     elif attack == "status not allowed":
         policy = SGX_POLICY.replace(', "ConfigurationAndSWHardeningNeeded"', "")
     elif attack == "advisory not allowed":
@@ -132,14 +141,37 @@ def test_a_debug_enclave_is_refused_unless_the_policy_says_otherwise() -> None:
 
 
 def test_the_binding_changes_with_every_part_of_the_task() -> None:
-    parts = ("ScoreFlow", "12", "score", "3", 0, "sha256:abc", "n1")
-    base = binding(*parts)
-    assert len(base) == 64 and binding(*parts) == base
-    for index in range(len(parts)):
-        changed = list(parts)
-        changed[index] = changed[index] + 1 if isinstance(changed[index], int) else f"{changed[index]}x"
-        assert binding(*changed) != base, parts[index]
+    key = EnclaveKey().public
+    base = binding(IDENTITY, "n1", key)
+    assert len(base) == 64 and binding(IDENTITY, "n1", key) == base
+    for field, value in IDENTITY.model_dump().items():
+        changed = IDENTITY.model_copy(update={field: value + 1 if isinstance(value, int) else f"{value}x"})
+        assert binding(changed, "n1", key) != base, field
+    assert binding(IDENTITY, "n2", key) != base and binding(IDENTITY, "n1", EnclaveKey().public) != base
     assert new_nonce() != new_nonce()
+
+
+def test_a_data_key_is_released_only_to_the_attested_enclaves_key_for_this_attempt() -> None:
+    data_key, enclave = new_data_key(), EnclaveKey()
+    bound = binding(IDENTITY, "n1", enclave.public)
+    envelope = envelope_for(data_key, enclave.public, bound)
+    assert data_key not in envelope and enclave.open(envelope, bound) == data_key
+    with pytest.raises(SealedError, match="made for another enclave or attempt"):
+        EnclaveKey().open(envelope, bound)  # the host, or another enclave
+    with pytest.raises(SealedError, match="made for another enclave or attempt"):
+        enclave.open(envelope, binding(IDENTITY.model_copy(update={"attempt": 1}), "n1", enclave.public))
+    with pytest.raises(AttestationRefused, match=r"^enclave_key: is not an X25519 public key"):
+        envelope_for(data_key, "zz", bound)
+
+
+def test_no_key_is_released_for_a_quote_that_does_not_vouch_for_the_enclaves_key(samples: Path) -> None:
+    """The public quote is genuine and its enclave allowed, but its report_data ("Hello, world!") binds no
+    key of ours: an attacker who replays it with their own key gets nothing."""
+    quote, collateral = _evidence(samples, "sgx_quote")
+    attacker = EnclaveKey()
+    with pytest.raises(AttestationRefused) as refused:
+        release(quote, collateral, parse_policy(SGX_POLICY), IDENTITY, "n1", attacker.public, new_data_key(), PINNED)
+    assert refused.value.field == "report_data"
 
 
 @pytest.mark.parametrize(

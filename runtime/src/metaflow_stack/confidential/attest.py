@@ -15,9 +15,10 @@ three checks, in this order, each refusal naming what failed:
    lists. The measurements are read from the verified report, never from
    the unverified bytes.
 3. **It speaks for this task**: ``report_data`` must equal ``binding()`` of
-   the flow, run, step, task, attempt, the code package's digest and the
-   launcher's fresh nonce. A quote from another task, another attempt,
-   other code, or an earlier launch (a replay) is refused.
+   the flow, run, step, task, attempt, the code package's digest, the
+   launcher's fresh nonce and the enclave's own public key. A quote from
+   another task, another attempt, other code, or an earlier launch (a
+   replay) is refused.
 
 Only then is a ``Verification`` returned, recorded in the task's metadata.
 """
@@ -69,19 +70,23 @@ class Verification(BaseModel):
     verified_at: int
 
 
-def binding(flow: str, run: str, step: str, task: str, attempt: int, code_digest: str, nonce: str) -> bytes:
-    """The 64 bytes a confidential task puts in its quote's ``report_data``: SHA-512 of the task's identity,
-    its code and the launcher's nonce, so the quote answers for this attempt of this task and no other."""
-    identity = {
-        "flow": flow,
-        "run": run,
-        "step": step,
-        "task": task,
-        "attempt": attempt,
-        "code": code_digest,
-        "nonce": nonce,
-    }
-    return hashlib.sha512(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).digest()
+class TaskIdentity(BaseModel):
+    """Which attempt of which task, running which code: what a quote must answer for."""
+
+    flow: str
+    run: str
+    step: str
+    task: str
+    attempt: int
+    code_digest: str
+
+
+def binding(identity: TaskIdentity, nonce: str, enclave_key: str = "") -> bytes:
+    """The 64 bytes a confidential task puts in its quote's ``report_data``: SHA-512 of the task's identity
+    and code, the launcher's nonce and the enclave's public key (hex), so the quote answers for this attempt
+    of this task, and the key a data key is released to is the enclave's own."""
+    bound = {**identity.model_dump(), "nonce": nonce, "enclave_key": enclave_key}
+    return hashlib.sha512(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
 def new_nonce() -> str:
