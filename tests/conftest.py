@@ -427,3 +427,18 @@ def nomad_agent(docker_engine) -> Iterator[object]:
     finally:
         label = "io.metaflow-stack.nomad-double"
         docker_engine.container.remove(docker_engine.container.list(all=True, filters=[("label", label)]), force=True)
+
+
+@pytest.fixture
+def gramine_tools(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Gramine's commands on PATH: the installed ones where Gramine is (the GitHub workflow's ``gramine``
+    job, where ``STACK_TEST_REQUIRE`` makes their absence a failure), else the double in
+    ``tests/gramine_double``; which one, as ``"gramine"`` or ``"double"``."""
+    from metaflow_stack.ci.plugin import required
+
+    if shutil.which("gramine-direct"):
+        return "gramine"
+    need("gramine", "gramine" not in required(), "STACK_TEST_REQUIRE lists gramine and it is not installed")
+    double = Path(__file__).resolve().parent / "gramine_double"
+    monkeypatch.setenv("PATH", f"{double}:{VENV_BIN}:{os.environ['PATH']}")
+    return "double"

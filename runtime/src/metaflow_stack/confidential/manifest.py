@@ -48,7 +48,8 @@ class ManifestInputs(BaseModel):
     evidence: str
     datastore: str
     runtimedir: str
-    arch_libdir: str = "/lib/x86_64-linux-gnu"
+    #: The system's library folders (``library_dirs``): mounted, trusted, on ``LD_LIBRARY_PATH``.
+    library_dirs: list[str] = Field(default_factory=lambda: library_dirs())
     sys_path: list[str]
     trusted_dirs: list[str]
     code: list[CodeFile]
@@ -57,6 +58,16 @@ class ManifestInputs(BaseModel):
     remote_attestation: str = "dcap"
     isv_prod_id: int = Field(0, ge=0, le=0xFFFF)
     isv_svn: int = Field(0, ge=0, le=0xFFFF)
+
+
+def library_dirs(arch_libdir: str = "/lib/x86_64-linux-gnu") -> list[str]:
+    """The architecture's library folders, ``/lib/...`` and ``/usr/lib/...``, once each (on a merged-/usr
+    system they are one folder, and hashing it twice would double the manifest's preparation)."""
+    found: list[str] = []
+    for folder in (arch_libdir, f"/usr{arch_libdir}"):
+        if Path(folder).is_dir() and all(Path(folder).resolve() != Path(f).resolve() for f in found):
+            found.append(folder)
+    return found
 
 
 def template_path() -> Path:
@@ -74,6 +85,7 @@ def render(inputs: ManifestInputs, template: Path | None = None) -> str:
 
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     environment.filters["toml"] = _toml
+    environment.filters["add_slash"] = lambda path: f"{path}/"
     source = (template or template_path()).read_text()
     for name in inputs.env:
         if not _ENV_NAME.match(name):
