@@ -56,7 +56,9 @@ def test_the_manifest_fixes_the_tasks_command_environment_and_code(tmp_path: Pat
     manifest = check(render(inputs), "sgx")
     assert manifest["libos"]["entrypoint"] == PYTHON
     assert manifest["loader"]["argv"] == inputs.argv  # quotes, backslashes: exactly the task's command
-    assert {k: v for k, v in manifest["loader"]["env"].items() if k != "LD_LIBRARY_PATH"} == inputs.env
+    env = manifest["loader"]["env"]
+    assert env.pop("METAFLOW_STACK_CONFIDENTIAL_TASK") == {"passthrough": True}  # the one the host chooses
+    assert {k: v for k, v in env.items() if k != "LD_LIBRARY_PATH"} == inputs.env
     assert manifest["loader"]["env"]["LD_LIBRARY_PATH"] == ":".join(["/lib", *inputs.library_dirs])
     assert inputs.library_dirs == ["/lib/x86_64-linux-gnu"] or len(set(map(os.path.realpath, inputs.library_dirs))) == 2
     assert (manifest["sgx"]["enclave_size"], manifest["sgx"]["max_threads"]) == ("2G", 16)

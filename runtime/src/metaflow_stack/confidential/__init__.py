@@ -1,6 +1,20 @@
 """``@confidential``: steps in a TEE whose results are trusted only after their attestation is verified.
 
 ``policy`` (what an enclave must be), ``attest`` (a quote checked against
-collateral, the policy and this task's binding), ``seal`` (artifacts
-encrypted before they leave the enclave).
+collateral, the policy and this task's binding), ``keyrelease`` (the data
+key to an attested enclave only), ``seal`` (artifacts encrypted before they
+leave it), ``manifest`` and ``gramine`` (a task's enclave), ``launcher``
+(the trampoline's side), ``inside`` (the enclave's side). A step reads an
+upstream confidential step's sealed artifact with ``unsealed(self.NAME)``.
 """
+
+from typing import Any
+
+
+def unsealed(value: Any) -> Any:
+    """An upstream confidential step's sealed artifact, opened with the run's data key (in a confidential
+    step's enclave); any other value as it is. ``inside`` is the enclave's entry module: imported here only
+    when called, so running it as ``-m`` finds it fresh."""
+    from metaflow_stack.confidential import inside
+
+    return inside.unsealed(value)

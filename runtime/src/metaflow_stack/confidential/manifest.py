@@ -29,6 +29,8 @@ from metaflow_stack.errors import InvalidInput
 #: Sizes an enclave may have: a power of two, in Gramine's units.
 _SIZE = re.compile(r"^(\d+)([KMG])$")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+#: The one variable the host passes into a task's enclave: which task it is (its order, the quote binds).
+HOST_CHOSEN = "METAFLOW_STACK_CONFIDENTIAL_TASK"
 #: Environment variable names Gramine accepts (and a shell would).
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -137,6 +139,8 @@ def check(text: str, mode: str) -> dict[str, Any]:
         raise InvalidInput(insecure, "turns a protection off", fix="a task's enclave keeps every protection")
     loader, sgx, fs = manifest.get("loader", {}), manifest.get("sgx", {}), manifest.get("fs", {})
     for name, value in loader.get("env", {}).items():
+        if name == HOST_CHOSEN and value == {"passthrough": True}:
+            continue
         if not isinstance(value, str):  # {passthrough = true}: the host would choose the value
             raise InvalidInput(f"loader.env.{name}", "must be a value fixed in the manifest, not the host's")
     if not isinstance(loader.get("argv"), list) or not loader["argv"]:

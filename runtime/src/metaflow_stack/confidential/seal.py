@@ -76,3 +76,25 @@ def unseal(blob: bytes, data_key: bytes | None, where: str) -> bytes:
         return AESGCM(key).decrypt(nonce, ciphertext, where.encode())
     except InvalidTag:
         raise SealedError(f"{where}: the sealed value was altered") from None
+
+
+class Sealed:
+    """A sealed artifact as it is stored: what a reader outside an attested enclave gets back. It is not the
+    value, and says so when used as one; ``open`` with the run's data key inside an enclave gives it."""
+
+    def __init__(self, blob: bytes, where: str) -> None:
+        self.blob, self.where = blob, where
+
+    def open(self, data_key: bytes | None) -> bytes:
+        return unseal(self.blob, data_key, self.where)
+
+    def __repr__(self) -> str:
+        return f"<sealed artifact {self.where}: opens only in an attested enclave with the run's data key>"
+
+    def __getattr__(self, name: str) -> object:  # used as the value it hides: a clear error, not ciphertext
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise SealedError(
+            f"{self.where} is sealed: its data key is released only to an attested enclave",
+            fix="read it in a @confidential step with metaflow_stack.confidential.unsealed(self.NAME)",
+        )

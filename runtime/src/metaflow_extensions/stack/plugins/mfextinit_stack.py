@@ -7,7 +7,9 @@ advertises them, and behaves exactly like the stock one when it does not.
 ``devcontainer step`` trampoline. ``@worker_pool`` runs a foreach step's
 items on warm workers, each item still a task of its own. ``@nomad`` runs a
 step's tasks as Nomad batch jobs, through its ``nomad step`` trampoline; ``nomad create``
-deploys a whole flow as one Nomad job, and ``Deployer(flow).nomad()`` drives it.
+deploys a whole flow as one Nomad job, and ``Deployer(flow).nomad()`` drives it. ``@confidential`` runs a
+step's tasks in a TEE (Gramine), through its ``confidential step`` trampoline, trusting their results only
+after attestation.
 """
 
 METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.StackServiceMetadataProvider")]
@@ -16,6 +18,11 @@ STEP_DECORATORS_DESC = [
     ("devcontainer", ".devcontainer.devcontainer_decorator.DevcontainerDecorator"),
     ("worker_pool", ".worker_pool.worker_pool_decorator.WorkerPoolDecorator"),
     ("nomad", ".nomad.nomad_decorator.NomadDecorator"),
+    ("confidential", ".confidential.confidential_decorator.ConfidentialDecorator"),
 ]
 DEPLOYER_IMPL_PROVIDERS_DESC = [("nomad", ".nomad.nomad_deployer.NomadDeployer")]
-CLIS_DESC = [("devcontainer", ".devcontainer.devcontainer_cli.cli"), ("nomad", ".nomad.nomad_cli.cli")]
+CLIS_DESC = [
+    ("devcontainer", ".devcontainer.devcontainer_cli.cli"),
+    ("nomad", ".nomad.nomad_cli.cli"),
+    ("confidential", ".confidential.confidential_cli.cli"),
+]

@@ -56,8 +56,9 @@ def step(
     pids: int,
     **kwargs,
 ) -> None:
-    from metaflow_stack.devcontainer import code, daytona_sandbox, devpod, stores
-    from metaflow_stack.devcontainer.code import package_bytes
+    from metaflow_stack import code_package as code
+    from metaflow_stack.code_package import package_bytes
+    from metaflow_stack.devcontainer import daytona_sandbox, devpod, stores
     from metaflow_stack.devcontainer.launch import CODE, job_spec, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer

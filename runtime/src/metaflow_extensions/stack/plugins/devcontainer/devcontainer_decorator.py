@@ -241,7 +241,8 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         processes): this step's image, sandbox policy and devcontainer.json settings, the code package
         and the run's stores, plus the pool's folder at its own path; and where ``flow_file`` is in it.
         The policy's limits are the whole pool's. Called at ``runtime_init``, after this decorator's."""
-        from metaflow_stack.devcontainer import code, stores
+        from metaflow_stack import code_package as code
+        from metaflow_stack.devcontainer import stores
         from metaflow_stack.devcontainer.launch import CODE, job_spec
         from metaflow_stack.devcontainer.task_container import TaskContainer
         from metaflow_stack.engines import Mount, get_engine

@@ -1,6 +1,7 @@
-"""The code package, unpacked and compiled to bytecode once per machine and mounted read-only into
-every task's container: a task then starts no unpacking and imports Metaflow from bytecode, where
-unpacking in each container and compiling Metaflow's sources afresh cost about a second a task.
+"""The code package, unpacked and compiled to bytecode once per machine, for every compute decorator that
+runs tasks here (mounted read-only into ``@devcontainer``'s containers, measured into ``@confidential``'s
+enclaves): a task then starts no unpacking and imports Metaflow from bytecode, where unpacking per task
+and compiling Metaflow's sources afresh cost about a second a task.
 
 Folders are named by the package's content hash and made whole before they appear (unpacked and
 compiled under a temporary name, then renamed), so tasks starting together never see half a
@@ -59,7 +60,7 @@ def unpacked_here(flow_datastore, url: str, sha: str) -> Path:
     """The package ``sha``, unpacked in this machine's cache (the stack's state folder)."""
     from metaflow_stack import settings
 
-    return unpacked(flow_datastore, url, sha, settings.load().state_dir / "devcontainer" / "code")
+    return unpacked(flow_datastore, url, sha, settings.load().state_dir / "code")
 
 
 def _prune(cache: Path) -> None:

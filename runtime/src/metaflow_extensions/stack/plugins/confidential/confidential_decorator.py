@@ -1,0 +1,136 @@
+"""``@confidential``: run a step's tasks in a TEE, and trust their results only after attestation.
+
+Follows Metaflow's compute-decorator contract, as ``@devcontainer`` does:
+the runtime launches each task as ``confidential step ...`` (the trampoline
+in ``confidential_cli``), which prepares the step's enclave, orders the task
+into it, judges its evidence before the step's code runs, and exits with
+the task's code, so ``@retry``, ``@catch``, ``@timeout`` and foreach work
+unchanged. Inside the enclave this decorator makes the evidence (and, with
+``seal``, receives the run's data key) before the step runs, and seals the
+step's artifacts after it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from metaflow.decorators import StepDecorator
+from metaflow.exception import MetaflowException
+
+from metaflow_stack.trampolines import Trampolined
+
+#: Where a step's tasks may run.
+BACKENDS = ("gramine",)
+#: Other compute decorators: a step runs in one place.
+ELSEWHERE = ("kubernetes", "batch", "nomad", "devcontainer", "worker_pool")
+
+
+class ConfidentialException(MetaflowException):
+    headline = "@confidential"
+
+
+def _inside() -> bool:
+    from metaflow_stack.confidential.inside import EXCHANGE
+
+    return bool(os.environ.get(EXCHANGE))
+
+
+class ConfidentialDecorator(Trampolined, StepDecorator):
+    """Run this step in a Trusted Execution Environment.
+
+    backend: "gramine" (an SGX enclave under Gramine, on this machine). mode: "direct" (``gramine-direct``:
+    the enclave's configuration as an ordinary process, no SGX, no protection, for development) or "sgx"
+    (``gramine-sgx``: the results trusted only after the enclave's quote passes ``policy``). policy: a TOML
+    file (relative to the flow's file) of the measurements and platform states allowed. seal: encrypt the
+    step's artifacts with a key released only to the attested enclave. enclave_size ("4G") and threads:
+    the enclave's memory and threads. collateral: a file of DCAP collateral (else fetched from pccs_url,
+    default METAFLOW_STACK_PCCS_URL or Phala's public PCCS).
+    """
+
+    name = "confidential"
+    defaults: ClassVar[dict[str, Any]] = {
+        "backend": "gramine",
+        "mode": "direct",
+        "policy": None,
+        "seal": True,
+        "enclave_size": "4G",
+        "threads": 32,
+        "collateral": None,
+        "pccs_url": None,
+    }
+
+    def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
+        self.flow_datastore, self.step = flow_datastore, step
+        if _inside():
+            return  # in the enclave: the run's start checked everything
+        from metaflow_stack.errors import StackError
+
+        others = [d.name for d in decos if d.name in ELSEWHERE]
+        if others:
+            raise ConfidentialException(f"step {step}: @confidential cannot be combined with @{others[0]}")
+        try:
+            self._check(Path(sys.modules[flow.__module__].__file__).parent)
+        except StackError as exc:
+            raise ConfidentialException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
+
+    def _check(self, flow_dir: Path) -> None:
+        from metaflow_stack.confidential import gramine
+        from metaflow_stack.confidential.manifest import enclave_bytes
+        from metaflow_stack.confidential.policy import load_policy
+        from metaflow_stack.errors import InvalidInput
+
+        backend, mode = self.attributes["backend"], self.attributes["mode"]
+        if backend not in BACKENDS:
+            raise InvalidInput("backend", f"{backend!r} is not one of {', '.join(BACKENDS)}", fix='backend="gramine"')
+        if mode not in gramine.MODES:
+            raise InvalidInput("mode", f"{mode!r} is not one of {', '.join(gramine.MODES)}", fix='mode="direct"')
+        enclave_bytes(str(self.attributes["enclave_size"]))
+        threads = self.attributes["threads"]
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096:
+            raise InvalidInput("threads", f"{threads!r} is not a number of threads from 1 to 4096", fix="threads=32")
+        if self.attributes["policy"] is not None:
+            self.attributes["policy"] = str((flow_dir / self.attributes["policy"]).resolve())
+            load_policy(self.attributes["policy"])  # refused now, naming the field, not at the first task
+        elif mode == "sgx":
+            raise InvalidInput("policy", "is needed to trust an SGX enclave", fix='policy="policies/prod.toml"')
+        gramine.tool("gramine-manifest")
+        gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
+
+    def runtime_init(self, flow, graph, package, run_id) -> None:
+        self.package = package
+
+    def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
+        if not self.trampoline(cli_args, retry_count, max_user_code_retries, "confidential"):
+            return
+        for option in ("mode", "policy", "enclave_size", "threads", "collateral", "pccs_url"):
+            if self.attributes[option] is not None:
+                cli_args.command_options[option.replace("_", "-")] = self.attributes[option]
+
+    def task_pre_step(
+        self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count,
+        max_user_code_retries, ubf_context, inputs,
+    ) -> None:  # fmt: skip
+        if _inside():
+            from metaflow_stack.confidential import inside
+
+            inside.receive()
+
+    def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries) -> None:
+        if not (_inside() and self.attributes["seal"]):
+            return
+        from metaflow import current
+
+        from metaflow_stack.confidential import inside
+        from metaflow_stack.confidential.seal import Sealed
+
+        # Every artifact the step persists, an input it read included (read inside, it may have been used
+        # or changed there): a value leaves a sealing step sealed, unless it already is.
+        for name, value in list(flow.__dict__.items()):
+            if name.startswith("_") or name == "name" or isinstance(value, Sealed):
+                continue
+            where = f"{current.flow_name}/{current.run_id}/{step_name}/{current.task_id}/{name}"
+            setattr(flow, name, inside.sealed(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), where))

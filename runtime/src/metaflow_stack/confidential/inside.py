@@ -1,0 +1,140 @@
+"""What runs inside a confidential task's TEE: the enclave's fixed entry point, its evidence, its data key.
+
+The manifest's command is the same for every task of a step (so is the
+enclave's measurement, which a policy can then pin):
+``python -m metaflow_stack.confidential.inside``. The task it runs is read
+from ``task.json`` in the task's exchange folder (``EXCHANGE`` names it,
+the one value the host chooses), and the quote binds what it says: a host
+that lies there gets a quote its own verifier refuses.
+
+In the task, the decorator's ``task_pre_step`` calls ``receive``:
+the enclave's key pair is made, the binding of this attempt and that key
+becomes the quote's ``report_data`` (read from Gramine's
+``/dev/attestation``; ``gramine-direct`` has none, and says so), the
+evidence is written for the launcher, and the launcher's envelope is
+awaited and opened: the run's data key, in enclave memory only.
+After the step, its artifacts are ``sealed`` with it; a later confidential
+step reads an upstream one with ``unsealed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from metaflow_stack.confidential.attest import TaskIdentity, binding
+from metaflow_stack.confidential.keyrelease import EnclaveKey
+from metaflow_stack.confidential.seal import Sealed, SealedError, seal
+
+#: The variable naming the task's exchange folder (under the enclave's evidence folder).
+EXCHANGE = "METAFLOW_STACK_CONFIDENTIAL_TASK"
+#: Where the manifest's evidence folder is, fixed in the manifest.
+EVIDENCE_ROOT = "METAFLOW_STACK_CONFIDENTIAL_EVIDENCE"
+#: Gramine's attestation pseudo-files (gramine-sgx only).
+REPORT_DATA = Path("/dev/attestation/user_report_data")
+QUOTE = Path("/dev/attestation/quote")
+#: Seconds the enclave waits for its data key before the task fails.
+KEY_WAIT_S = 120
+_INPUT_PATHS = re.compile(r"\$\{(METAFLOW_INPUT_PATHS_\d+)\}")
+
+
+class TaskOrder(BaseModel):
+    """What the launcher asks the enclave to run (``task.json``)."""
+
+    identity: TaskIdentity
+    nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
+    command: str = Field(max_length=1_000_000)
+    env: dict[str, str]
+
+
+def exchange_folder() -> Path:
+    """The task's exchange folder: one path segment under the manifest's evidence folder."""
+    name = os.environ.get(EXCHANGE, "")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", name) or name in (".", ".."):
+        raise SealedError(f"{EXCHANGE}={name!r} is not a task's exchange folder")
+    return Path(os.environ[EVIDENCE_ROOT]) / name
+
+
+def order() -> TaskOrder:
+    return TaskOrder.model_validate_json((exchange_folder() / "task.json").read_text())
+
+
+def argv(task: TaskOrder) -> list[str]:
+    """The step's command as the launcher built it (for a shell), split, with its long input paths put back."""
+    return [_INPUT_PATHS.sub(lambda m: task.env.get(m[1], ""), word) for word in shlex.split(task.command)]
+
+
+def quote_for(report_data: bytes) -> bytes | None:
+    """The TEE's quote over ``report_data``; None where there is no attestation (``gramine-direct``)."""
+    if not QUOTE.exists():
+        return None
+    REPORT_DATA.write_bytes(report_data)
+    return QUOTE.read_bytes()
+
+
+#: The run's data key, once received: in this (enclave) process's memory only.
+_data_key: bytes | None = None
+
+
+def receive() -> None:
+    """Write this attempt's evidence for the launcher, then wait for and keep the run's data key."""
+    global _data_key
+    _data_key = _attest_and_receive()
+
+
+def sealed(value: bytes, where: str) -> Sealed:
+    """``value`` (a pickle) sealed with the run's data key, at ``where``."""
+    if _data_key is None:
+        raise SealedError(f"{where}: no data key was received, so nothing can be sealed")
+    return Sealed(seal(value, _data_key, where), where)
+
+
+def unsealed(value: Any) -> Any:
+    """A sealed artifact's value, opened with the run's data key (inside an attested enclave); any other
+    value as it is. An upstream confidential step's artifacts arrive sealed: this is how a step reads them."""
+    if not isinstance(value, Sealed):
+        return value
+    return pickle.loads(value.open(_data_key))
+
+
+def _attest_and_receive() -> bytes:
+    """This attempt's evidence written for the launcher, and the data key it releases once it accepts it
+    (the key that seals this step's values and opens its inputs')."""
+    task, folder = order(), exchange_folder()
+    key = EnclaveKey()
+    bound = binding(task.identity, task.nonce, key.public)
+    quote = quote_for(bound)
+    evidence = {"enclave_key": key.public, "quote": quote.hex() if quote is not None else None}
+    staged = folder / "evidence.json.part"
+    staged.write_text(json.dumps(evidence))
+    staged.rename(folder / "evidence.json")  # whole, or not there
+    envelope, deadline = folder / "key.envelope", time.monotonic() + KEY_WAIT_S
+    while not envelope.exists():
+        refused = folder / "refused.txt"
+        if refused.exists():
+            raise SealedError(f"no data key: {refused.read_text().strip()}")
+        if time.monotonic() > deadline:
+            raise SealedError(f"no data key after {KEY_WAIT_S} s: the launcher did not answer the evidence")
+        time.sleep(0.05)
+    return key.open(envelope.read_bytes(), bound)
+
+
+def main() -> None:
+    """The enclave's entry point: run the task ``task.json`` orders, with its environment."""
+    task = order()
+    os.environ.update(task.env)
+    command = argv(task)
+    os.execv(sys.executable, [sys.executable, "-u", *command])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The launcher's side of a confidential task (``confidential step``, outside the TEE): the step's enclave
+prepared once, the task ordered into it, its evidence judged, and the data key released or refused.
+
+The enclave is the same for every task of a step with the same code and
+settings, so it is prepared (rendered, checked, hashed, signed) once and
+kept by its inputs' digest: every task and every run with that code reuses
+it, and its MRENCLAVE stays what the policy pinned. Each task then gets an
+exchange folder in the enclave's evidence folder: its order in, its
+evidence out, its key envelope in.
+
+The evidence is judged as soon as it appears, before the step's code runs:
+- ``mode="sgx"``: the quote is verified against collateral, the policy and
+  this attempt's binding (``attest.verify``); only then is the run's data
+  key released to the enclave's key. A refusal stops the task before its
+  code runs, so nothing it would produce is ever recorded.
+- ``mode="direct"``: there is no quote. The task is recorded as
+  unattested, and its data key released without attestation (development
+  only: docs/confidential.md says what direct mode does not protect).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaflow_stack.confidential import gramine
+from metaflow_stack.confidential.attest import (
+    AttestationRefused,
+    TaskIdentity,
+    Verification,
+    binding,
+    collateral_for,
+    new_nonce,
+    verify,
+)
+from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, TaskOrder
+from metaflow_stack.confidential.keyrelease import envelope_for
+from metaflow_stack.confidential.manifest import ManifestInputs, code_files
+from metaflow_stack.confidential.policy import Policy
+from metaflow_stack.errors import StackError
+
+#: What the enclave's fixed command runs.
+ENTRY = "metaflow_stack.confidential.inside"
+#: The host's variables a task's enclave starts with (fixed in its manifest, so in its measurement).
+FORWARDED = ("USER", "USERNAME", "METAFLOW_USER", "LANG", "TZ")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A confidential step's settings, from the decorator."""
+
+    mode: str
+    enclave_size: str
+    threads: int
+    policy: Policy | None
+    collateral: str | None
+    pccs_url: str | None
+
+
+def enclave(
+    code: Path, datastore: str, settings: Settings, state_dir: Path, code_env: dict[str, str]
+) -> gramine.Prepared:
+    """The step's enclave for the unpacked ``code``, prepared once per set of inputs and kept."""
+    python = sys.executable  # as run: a virtual environment's python finds its packages by this path
+    sys_path = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(str(code))]
+    sys_path += [os.path.realpath(python)] + ([f"{sys.prefix}/pyvenv.cfg"] if sys.prefix != sys.base_prefix else [])
+    env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
+    env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
+                 "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+    folder = state_dir / "confidential" / "enclaves" / digest
+    if (folder / "ready.json").is_file():
+        found = json.loads((folder / "ready.json").read_text())
+        return gramine.Prepared(folder, found["stem"], found["mr_enclave"])
+    staging = folder.with_name(f".{digest}-{secrets.token_hex(4)}")
+    evidence = folder / "evidence"
+    staging.mkdir(parents=True)
+    try:
+        inputs = ManifestInputs(
+            python=python,
+            argv=[python, "-u", "-m", ENTRY],
+            env=env | {EVIDENCE_ROOT: str(evidence)},
+            workdir=str(code),
+            evidence=str(evidence),
+            datastore=datastore,
+            runtimedir=gramine.runtimedir(),
+            sys_path=sys_path,
+            trusted_dirs=[f"{p}/" if os.path.isdir(p) else p for p in sys_path],
+            code=code_files(code),
+            enclave_size=settings.enclave_size,
+            max_threads=settings.threads,
+            remote_attestation="dcap" if settings.mode == "sgx" else "none",
+        )
+        key = gramine.signing_key(state_dir) if settings.mode == "sgx" else None
+        prepared = gramine.prepare(inputs, staging, settings.mode, key)
+        (staging / "ready.json").write_text(json.dumps({"stem": prepared.stem, "mr_enclave": prepared.mr_enclave}))
+        try:
+            staging.rename(folder)  # whole, or not there: tasks starting together see one enclave
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    (folder / "evidence").mkdir(exist_ok=True)
+    found = json.loads((folder / "ready.json").read_text())
+    return gramine.Prepared(folder, found["stem"], found["mr_enclave"])
+
+
+def judge(evidence: dict[str, Any], identity: TaskIdentity, nonce: str, settings: Settings) -> dict[str, Any]:
+    """The verification recorded for the task: the quote checked (SGX), or unattested (direct)."""
+    bound = binding(identity, nonce, evidence["enclave_key"])
+    if settings.mode == "direct":
+        return {"attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)"}
+    if not evidence.get("quote"):
+        raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
+    if settings.policy is None:
+        raise AttestationRefused("policy", "an SGX step needs one", fix="policy='policies/prod.toml'")
+    quote = bytes.fromhex(evidence["quote"])
+    collateral = collateral_for(quote, settings.collateral, settings.pccs_url)
+    verified: Verification = verify(quote, collateral, settings.policy, bound)
+    return {"attested": True, "mode": "sgx", **verified.model_dump()}
+
+
+def run_task(
+    prepared: gramine.Prepared,
+    identity: TaskIdentity,
+    command: str,
+    env: dict[str, str],
+    settings: Settings,
+    data_key: bytes,
+    record: Any,
+) -> int:
+    """Order ``command`` into the enclave, judge its evidence (``record`` is told the verification),
+    release the run's data key (which seals the step's values and opens its inputs') or refuse, and
+    wait: the task's exit code (Metaflow's "do not retry" when refused)."""
+    from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+    name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
+    exchange = prepared.folder / "evidence" / name
+    exchange.mkdir(mode=0o700)
+    nonce = new_nonce()
+    task = TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
+    (exchange / "task.json").write_text(task.model_dump_json())
+    process = subprocess.Popen(
+        gramine.command(prepared, settings.mode), cwd=prepared.folder, env={**os.environ, EXCHANGE: name}
+    )
+    try:
+        judged = False
+        while process.poll() is None:
+            if not judged and (exchange / "evidence.json").is_file():
+                judged = True
+                evidence = json.loads((exchange / "evidence.json").read_text())
+                try:
+                    verification = judge(evidence, identity, nonce, settings)
+                except AttestationRefused as exc:
+                    (exchange / "refused.txt").write_text(str(exc))
+                    process.kill()
+                    process.wait()
+                    print(
+                        f"error: {exc.message}\nfix: {exc.fix or 'see docs/confidential.md'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return METAFLOW_EXIT_DISALLOW_RETRY
+                record(verification)
+                bound = binding(identity, nonce, evidence["enclave_key"])
+                staged = exchange / "key.envelope.part"
+                staged.write_bytes(envelope_for(data_key, evidence["enclave_key"], bound))
+                staged.rename(exchange / "key.envelope")
+            time.sleep(0.05)
+        return process.returncode
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(exchange, ignore_errors=True)
+
+
+def run_data_key(state_dir: Path, flow: str, run: str) -> bytes:
+    """The run's data key, kept by this machine's launcher (mode 0600) until the key-release service holds it."""
+    from metaflow_stack.confidential.seal import new_data_key
+
+    path = state_dir / "confidential" / "keys" / flow / f"{run}.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another task of the run made it first
+            return path.read_bytes()
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(new_data_key())
+    for _ in range(100):  # another task may be writing it
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        time.sleep(0.01)
+    raise StackError(f"{path} is not a data key", fix="remove it (the run's sealed values then cannot be opened)")

@@ -1,0 +1,159 @@
+"""``@confidential`` on a real Metaflow run (``examples/confidential_inference.py``): its confidential steps run
+through the ``confidential step`` trampoline in Gramine enclaves (``gramine-direct``: here the double in
+``tests/gramine_double``, Gramine itself in the GitHub workflow's ``gramine`` job), their evidence judged
+and recorded, their artifacts sealed in the datastore and opened by the next confidential step only; and
+every mistake refused before the run starts, in one line naming the fix."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT, VENV_BIN
+
+from metaflow_stack.ci.plugin import required
+from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
+from metaflow_stack.confidential.keyrelease import EnclaveKey
+from metaflow_stack.confidential.launcher import Settings, judge
+from metaflow_stack.confidential.policy import parse_policy
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
+DOUBLE = PROJECT / "tests" / "gramine_double"
+SAMPLES = PROJECT / "tests" / "data" / "attestation"
+
+
+def _env(root: Path) -> dict[str, str]:
+    """The run's environment: Gramine's commands (the double's where Gramine is not installed), its own
+    state folder (where enclaves and data keys are kept) and datastore."""
+    path = os.environ["PATH"]
+    if not shutil.which("gramine-direct"):
+        assert "gramine" not in required(), "STACK_TEST_REQUIRE lists gramine and it is not installed"
+        path = f"{DOUBLE}:{VENV_BIN}:{path}"
+    return {**os.environ, "PATH": path, "USER": "tester", "METAFLOW_STACK_STATE_DIR": str(root / "state"),
+            "METAFLOW_DEFAULT_METADATA": "local"}  # fmt: skip
+
+
+def _client(root: Path, code: str) -> object:
+    """What ``code`` prints as JSON, run with Metaflow's Client API in the workspace (nothing of ours imported)."""
+    script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(root), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("confidential")
+    (root / ".metaflow").mkdir()
+    shutil.copy(PROJECT / "examples" / "confidential_inference.py", root)
+    done = subprocess.run(
+        [sys.executable, "confidential_inference.py", "run", "--patients", "12"],
+        cwd=root, env=_env(root), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root, done.stdout + done.stderr
+
+
+def test_the_confidential_steps_ran_in_one_enclave_and_their_evidence_is_recorded(run: tuple[Path, str]) -> None:
+    root, output = run
+    assert "predicted classes: {" in output
+    found = _client(root, """
+run = Flow("ConfidentialInferenceFlow").latest_run
+rows = {s.id: [m.value for m in s.task.metadata if m.name == "confidential-verification"] for s in run}
+print(json.dumps(rows))""")  # fmt: skip
+    assert found["train"] == [] and found["end"] == []  # only the confidential steps
+    for step in ("score", "summarise"):
+        (recorded,) = found[step]
+        verification = json.loads(recorded)
+        assert verification["attested"] is False and verification["mode"] == "direct"
+    enclaves = list((root / "state" / "confidential" / "enclaves").iterdir())
+    assert len(enclaves) == 1  # prepared once: both steps, same code and settings, same measurement
+
+
+def test_sealed_values_are_ciphertext_outside_and_open_only_in_the_next_enclave(run: tuple[Path, str]) -> None:
+    root, _ = run
+    found = _client(root, """
+from metaflow_stack.confidential.seal import Sealed, SealedError
+run = Flow("ConfidentialInferenceFlow").latest_run
+sealed = run["score"].task["predictions"].data
+try:
+    sealed.count(0)
+    used = "opened"
+except SealedError as exc:
+    used = str(exc)
+counts = run["summarise"].task["counts"].data
+model = type(run["score"].task["model"].data).__name__
+print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": used, "model": model,
+                  "counts": {str(k): v for k, v in counts.items()}}))""")  # fmt: skip
+    assert found["type"] == "Sealed" and "opens only in an attested enclave" in found["repr"]
+    assert "predictions is sealed: its data key is released only to an attested enclave" in found["used"]
+    assert sum(found["counts"].values()) == 12  # the next enclave opened all twelve predictions
+    values = [p for p in (root / ".metaflow" / "ConfidentialInferenceFlow" / "data").rglob("*") if p.is_file()]
+    stored = [gzip.decompress(p.read_bytes()) for p in values if p.read_bytes()[:2] == b"\x1f\x8b"]
+    # Ciphertext in the store: the predictions, and the model the step read (it leaves a sealing step sealed).
+    assert found["model"] == "Sealed" and sum(b"MFSEAL1\x00" in value for value in stored) == 2
+
+
+@pytest.mark.parametrize(
+    ("decorator", "says"),
+    [
+        ('@confidential(mode="sgx")', "policy: is needed to trust an SGX enclave"),
+        ('@confidential(mode="sgx", policy="bad.toml")', "policy.sgx.mr_enclave[0]: String should match pattern"),
+        ('@confidential(mode="sgx", policy="missing.toml")', "missing.toml does not exist"),
+        ('@confidential(enclave_size="3G")', "enclave_size: '3G' is not a power of two"),
+        ('@confidential(backend="phala")', "backend: 'phala' is not one of gramine"),
+        ('@confidential(mode="tdx")', "mode: 'tdx' is not one of direct, sgx"),
+        ("@confidential(threads=0)", "threads: 0 is not a number of threads"),
+    ],
+)
+def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: str, says: str) -> None:
+    (tmp_path / ".metaflow").mkdir()
+    (tmp_path / "bad.toml").write_text("[sgx]\nmr_enclave = ['nope']\n")
+    (tmp_path / "tiny_flow.py").write_text(f"""from metaflow import FlowSpec, confidential, step
+
+
+class TinyFlow(FlowSpec):
+    {decorator}
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    TinyFlow()
+""")
+    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0 and says in done.stderr + done.stdout, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not list((tmp_path / ".metaflow").glob("TinyFlow/*/start"))
+
+
+def _identity() -> TaskIdentity:
+    return TaskIdentity(flow="F", run="1", step="score", task="2", attempt=0, code_digest="abc")
+
+
+def test_sgx_evidence_is_judged_before_the_key_is_released() -> None:
+    quote = (SAMPLES / "sgx_quote").read_bytes()
+    policy = parse_policy(
+        '[sgx]\nmr_enclave = ["' + "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb" + '"]'
+    )
+    sgx = Settings("sgx", "2G", 8, policy, str(SAMPLES / "sgx_quote_collateral.json"), None)
+    key = EnclaveKey().public
+    with pytest.raises(AttestationRefused) as expired:  # today the samples' collateral is out of its window
+        judge({"enclave_key": key, "quote": quote.hex()}, _identity(), "n", sgx)
+    assert expired.value.field == "collateral"
+    with pytest.raises(AttestationRefused, match=r"^quote: the enclave gave none"):
+        judge({"enclave_key": key, "quote": None}, _identity(), "n", sgx)
+    direct = Settings("direct", "2G", 8, None, None, None)
+    assert judge({"enclave_key": key, "quote": None}, _identity(), "n", direct)["attested"] is False
