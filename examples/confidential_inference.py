@@ -53,7 +53,7 @@ class ConfidentialInferenceFlow(FlowSpec):
     def summarise(self):
         from metaflow_stack.confidential import unsealed
 
-        predictions = unsealed(self.predictions)
+        predictions = unsealed(self, "predictions")
         self.counts = {label: predictions.count(label) for label in sorted(set(predictions))}
         self.next(self.end)
 

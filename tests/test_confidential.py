@@ -16,6 +16,7 @@ from metaflow_stack.confidential.attest import (
     AttestationRefused,
     TaskIdentity,
     binding,
+    cache_name,
     collateral_for,
     new_nonce,
     verify,
@@ -92,6 +93,7 @@ def test_a_genuine_tdx_quote_is_held_to_its_mrtd_and_rtmrs(samples: Path) -> Non
     [
         ("tampered", "quote", "is not genuine: ISV enclave report signature is invalid"),
         ("expired", "collateral", "is outside its validity window (CrlExpired"),
+        ("tcb info expired", "collateral", "is outside its validity window (TCBInfo"),
         ("wrong measurement", "sgx.mr_enclave", "is not one the policy allows"),
         ("replayed", "report_data", "does not bind this task"),
         ("status not allowed", "tcb.status", "ConfigurationAndSWHardeningNeeded is not allowed"),
@@ -109,6 +111,8 @@ def test_each_attack_is_refused_naming_the_check(samples: Path, attack: str, fie
         quote = bytes(flipped)
     elif attack == "expired":
         now = int(datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp())
+    elif attack == "tcb info expired":  # the day after the TCB info's nextUpdate, before the CRL's
+        now = int(datetime.datetime(2025, 7, 20, tzinfo=datetime.UTC).timestamp())
     elif attack == "wrong measurement":
         policy = SGX_POLICY.replace(SGX_MR_ENCLAVE, "00" * 32)
     elif attack == "replayed":  # the quote of an earlier launch, checked against this attempt's binding
@@ -148,6 +152,7 @@ def test_the_binding_changes_with_every_part_of_the_task() -> None:
         changed = IDENTITY.model_copy(update={field: value + 1 if isinstance(value, int) else f"{value}x"})
         assert binding(changed, "n1", key) != base, field
     assert binding(IDENTITY, "n2", key) != base and binding(IDENTITY, "n1", EnclaveKey().public) != base
+    assert binding(IDENTITY, "n1", key, work="other command") != base  # the work it was ordered is bound too
     assert new_nonce() != new_nonce()
 
 
@@ -170,7 +175,9 @@ def test_no_key_is_released_for_a_quote_that_does_not_vouch_for_the_enclaves_key
     quote, collateral = _evidence(samples, "sgx_quote")
     attacker = EnclaveKey()
     with pytest.raises(AttestationRefused) as refused:
-        release(quote, collateral, parse_policy(SGX_POLICY), IDENTITY, "n1", attacker.public, new_data_key(), PINNED)
+        release(
+            quote, collateral, parse_policy(SGX_POLICY), IDENTITY, "n1", attacker.public, new_data_key(), now=PINNED
+        )
     assert refused.value.field == "report_data"
 
 
@@ -188,6 +195,11 @@ def test_no_key_is_released_for_a_quote_that_does_not_vouch_for_the_enclaves_key
         ("[tcb]\nallow_debug = false", "policy: allows no enclave"),
         ("[sgx", "policy: is not TOML"),
         (f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\nmin_isv_svn = -1", "policy.sgx.min_isv_svn"),
+        (f"[sgx]\nmr_signer = ['{SGX_MR_SIGNER}']", "policy.sgx.isv_prod_id: is needed when only mr_signer"),
+        (
+            f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\n[tcb]\nallowed_statuses = ['Revoked']",
+            "policy.tcb.allowed_statuses",
+        ),
     ],
 )
 def test_a_policy_that_does_not_parse_is_refused_naming_the_field(text: str, says: str) -> None:
@@ -211,7 +223,8 @@ def test_collateral_is_taken_from_a_file_a_cache_or_a_pccs(samples: Path, tmp_pa
         collateral_for(quote, pccs_url="http://127.0.0.1:9", cache=tmp_path / "cache")
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copy(samples / "sgx_quote_collateral.json", cache / "00A067110000.json")  # the quote's FMSPC
+    shutil.copy(samples / "sgx_quote_collateral.json", cache / cache_name(quote, "http://127.0.0.1:9"))
+    assert cache_name(quote, "http://127.0.0.1:9").endswith("-SGX-00A067110000.json")  # per PCCS, TEE, FMSPC
     cached = collateral_for(quote, pccs_url="http://127.0.0.1:9", cache=cache)  # no request: it is cached
     assert verify(quote, cached, parse_policy(SGX_POLICY), _report_data(quote), now=PINNED).tee == "sgx"
 

@@ -151,9 +151,41 @@ def test_sgx_evidence_is_judged_before_the_key_is_released() -> None:
     sgx = Settings("sgx", "2G", 8, policy, str(SAMPLES / "sgx_quote_collateral.json"), None)
     key = EnclaveKey().public
     with pytest.raises(AttestationRefused) as expired:  # today the samples' collateral is out of its window
-        judge({"enclave_key": key, "quote": quote.hex()}, _identity(), "n", sgx)
+        judge({"enclave_key": key, "quote": quote.hex()}, _identity(), "n", "work", sgx)
     assert expired.value.field == "collateral"
     with pytest.raises(AttestationRefused, match=r"^quote: the enclave gave none"):
-        judge({"enclave_key": key, "quote": None}, _identity(), "n", sgx)
+        judge({"enclave_key": key, "quote": None}, _identity(), "n", "work", sgx)
     direct = Settings("direct", "2G", 8, None, None, None)
-    assert judge({"enclave_key": key, "quote": None}, _identity(), "n", direct)["attested"] is False
+    assert judge({"enclave_key": key, "quote": None}, _identity(), "n", "work", direct)["attested"] is False
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "says"),
+    [
+        ({"PYTHONPATH": "/datastore/evil"}, "abc", "the order sets PYTHONPATH: an order may set only input paths"),
+        ({"LD_PRELOAD": "/x.so"}, "abc", "the order sets LD_PRELOAD"),
+        ({"METAFLOW_INPUT_PATHS_0": "1/start/1"}, "other", "the order names other code than the enclave"),
+    ],
+)
+def test_an_order_the_host_tampered_with_is_refused_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, code: str, says: str
+) -> None:
+    """The enclave's entry reads the host's order once and refuses what could run other code in it; what
+    it accepts, the quote binds (``TaskOrder.work``)."""
+    from metaflow_stack.confidential import inside
+    from metaflow_stack.confidential.seal import SealedError
+
+    (tmp_path / "t1").mkdir()
+    identity = _identity().model_copy(update={"code_digest": code})
+    order = inside.TaskOrder(identity=identity, nonce="0" * 64, command="flow.py step start", env=env)
+    (tmp_path / "t1" / "task.json").write_text(order.model_dump_json())
+    monkeypatch.setenv(inside.EVIDENCE_ROOT, str(tmp_path))
+    monkeypatch.setenv(inside.EXCHANGE, "t1")
+    monkeypatch.setenv("METAFLOW_CODE_SHA", "abc")
+    with pytest.raises(SealedError, match=says):
+        inside.read_order()
+    fair = order.model_copy(update={"env": {"METAFLOW_INPUT_PATHS_0": "1/start/1"}})
+    assert fair.work() != order.model_copy(update={"command": "flow.py step end"}).work()
+    monkeypatch.setenv(inside.EXCHANGE, "../t1")
+    with pytest.raises(SealedError, match="is not a task's exchange folder"):
+        inside.exchange_folder()

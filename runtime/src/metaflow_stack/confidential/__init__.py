@@ -5,16 +5,17 @@ collateral, the policy and this task's binding), ``keyrelease`` (the data
 key to an attested enclave only), ``seal`` (artifacts encrypted before they
 leave it), ``manifest`` and ``gramine`` (a task's enclave), ``launcher``
 (the trampoline's side), ``inside`` (the enclave's side). A step reads an
-upstream confidential step's sealed artifact with ``unsealed(self.NAME)``.
+upstream confidential step's sealed artifact with ``unsealed(self, "NAME")``.
 """
 
 from typing import Any
 
 
-def unsealed(value: Any) -> Any:
-    """An upstream confidential step's sealed artifact, opened with the run's data key (in a confidential
-    step's enclave); any other value as it is. ``inside`` is the enclave's entry module: imported here only
-    when called, so running it as ``-m`` finds it fresh."""
+def unsealed(flow: Any, name: str) -> Any:
+    """An upstream confidential step's sealed artifact ``name`` (``unsealed(self, "predictions")``), opened
+    with the run's data key in a confidential step's enclave; refused when it is not sealed, or was sealed
+    for another run or artifact. ``inside`` is the enclave's entry module: imported here only when called,
+    so running it as ``-m`` finds it fresh."""
     from metaflow_stack.confidential import inside
 
-    return inside.unsealed(value)
+    return inside.unsealed(flow, name)

@@ -19,6 +19,7 @@ step reads an upstream one with ``unsealed``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -47,13 +48,24 @@ KEY_WAIT_S = 120
 _INPUT_PATHS = re.compile(r"\$\{(METAFLOW_INPUT_PATHS_\d+)\}")
 
 
+#: The only variables an order may set: the input paths too long for a command line (``trampolines``).
+_ORDER_ENV = re.compile(r"^METAFLOW_INPUT_PATHS_\d+$")
+#: Where the enclave's entry hands the order it read, once, to the task it starts (enclave memory).
+ORDER = "METAFLOW_STACK_CONFIDENTIAL_ORDER"
+
+
 class TaskOrder(BaseModel):
-    """What the launcher asks the enclave to run (``task.json``)."""
+    """What the launcher asks the enclave to run (``task.json``); its ``work`` digest is in the quote."""
 
     identity: TaskIdentity
     nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
     command: str = Field(max_length=1_000_000)
     env: dict[str, str]
+
+    def work(self) -> str:
+        """The digest of what the task runs: its command and variables, canonically."""
+        canonical = json.dumps({"command": self.command, "env": self.env}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def exchange_folder() -> Path:
@@ -64,8 +76,21 @@ def exchange_folder() -> Path:
     return Path(os.environ[EVIDENCE_ROOT]) / name
 
 
+def read_order() -> TaskOrder:
+    """The order in the exchange folder, checked: only input-path variables, and the code the enclave was
+    measured with (its manifest fixes ``METAFLOW_CODE_SHA``); anything else is refused before it runs."""
+    task = TaskOrder.model_validate_json((exchange_folder() / "task.json").read_text())
+    unexpected = sorted(name for name in task.env if not _ORDER_ENV.match(name))
+    if unexpected:
+        raise SealedError(f"the order sets {unexpected[0]}: an order may set only input paths")
+    if task.identity.code_digest != os.environ.get("METAFLOW_CODE_SHA"):
+        raise SealedError("the order names other code than the enclave was measured with")
+    return task
+
+
 def order() -> TaskOrder:
-    return TaskOrder.model_validate_json((exchange_folder() / "task.json").read_text())
+    """The order this task was started with (read once by the entry point, handed over in memory)."""
+    return TaskOrder.model_validate_json(os.environ[ORDER])
 
 
 def argv(task: TaskOrder) -> list[str]:
@@ -98,11 +123,18 @@ def sealed(value: bytes, where: str) -> Sealed:
     return Sealed(seal(value, _data_key, where), where)
 
 
-def unsealed(value: Any) -> Any:
-    """A sealed artifact's value, opened with the run's data key (inside an attested enclave); any other
-    value as it is. An upstream confidential step's artifacts arrive sealed: this is how a step reads them."""
+def unsealed(flow: Any, name: str) -> Any:
+    """The artifact ``name`` of ``flow`` (a step's ``self``), sealed by an upstream confidential step of
+    this run, opened with the run's data key; ``SealedError`` when it is not sealed (a value the host could
+    have written) or was sealed for another run or artifact (moved there)."""
+    from metaflow import current
+
+    value = getattr(flow, name)
     if not isinstance(value, Sealed):
-        return value
+        raise SealedError(f"{name} is not sealed: a confidential step reads only values sealed in its run")
+    parts = value.where.split("/")
+    if len(parts) != 5 or (parts[0], parts[1], parts[4]) != (current.flow_name, str(current.run_id), name):
+        raise SealedError(f"{name} was sealed as {value.where}, not as this run's {name}")
     return pickle.loads(value.open(_data_key))
 
 
@@ -111,7 +143,7 @@ def _attest_and_receive() -> bytes:
     (the key that seals this step's values and opens its inputs')."""
     task, folder = order(), exchange_folder()
     key = EnclaveKey()
-    bound = binding(task.identity, task.nonce, key.public)
+    bound = binding(task.identity, task.nonce, key.public, task.work())
     quote = quote_for(bound)
     evidence = {"enclave_key": key.public, "quote": quote.hex() if quote is not None else None}
     staged = folder / "evidence.json.part"
@@ -129,9 +161,11 @@ def _attest_and_receive() -> bytes:
 
 
 def main() -> None:
-    """The enclave's entry point: run the task ``task.json`` orders, with its environment."""
-    task = order()
+    """The enclave's entry point: run the task ``task.json`` orders, with its input paths, handing the order
+    as read to the task (which binds it into its quote), never reading the host's file again."""
+    task = read_order()
     os.environ.update(task.env)
+    os.environ[ORDER] = task.model_dump_json()
     command = argv(task)
     os.execv(sys.executable, [sys.executable, "-u", *command])
 

@@ -73,11 +73,12 @@ def release(
     nonce: str,
     enclave_public: str,
     data_key: bytes,
+    work: str = "",
     now: int | None = None,
 ) -> tuple[bytes, Verification]:
     """The data key's envelope for the enclave whose ``quote`` passes ``policy`` and binds this attempt
-    (``identity``, the launcher's ``nonce``) to ``enclave_public``, with the verification; nothing is
-    released otherwise (``AttestationRefused`` says why)."""
-    bound = binding(identity, nonce, enclave_public)
+    (``identity``, the launcher's ``nonce``, the ``work`` ordered) to ``enclave_public``, with the
+    verification; nothing is released otherwise (``AttestationRefused`` says why)."""
+    bound = binding(identity, nonce, enclave_public, work)
     verified = verify(quote, collateral, policy, bound, now=now)
     return envelope_for(data_key, enclave_public, bound), verified

@@ -20,11 +20,13 @@ The evidence is judged as soon as it appears, before the step's code runs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaflow_stack import __version__
 from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.attest import (
     AttestationRefused,
@@ -44,9 +47,10 @@ from metaflow_stack.confidential.attest import (
 )
 from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, TaskOrder
 from metaflow_stack.confidential.keyrelease import envelope_for
-from metaflow_stack.confidential.manifest import ManifestInputs, code_files
+from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
 from metaflow_stack.confidential.policy import Policy
 from metaflow_stack.errors import StackError
+from metaflow_stack.trampolines import stopped_by_signals
 
 #: What the enclave's fixed command runs.
 ENTRY = "metaflow_stack.confidential.inside"
@@ -71,12 +75,15 @@ def enclave(
 ) -> gramine.Prepared:
     """The step's enclave for the unpacked ``code``, prepared once per set of inputs and kept."""
     python = sys.executable  # as run: a virtual environment's python finds its packages by this path
-    sys_path = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(str(code))]
+    flow_dir = os.path.dirname(os.path.abspath(sys.argv[0]))  # the flow's own folder: its code is in ``code``
+    kept = (str(code), datastore)
+    sys_path = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(kept) and p != flow_dir]
     sys_path += [os.path.realpath(python)] + ([f"{sys.prefix}/pyvenv.cfg"] if sys.prefix != sys.base_prefix else [])
     env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
-                 "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads}  # fmt: skip
+                 "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,
+                 "template": template_path().read_text(), "runtime": __version__}  # fmt: skip
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
     folder = state_dir / "confidential" / "enclaves" / digest
     if (folder / "ready.json").is_file():
@@ -116,9 +123,17 @@ def enclave(
     return gramine.Prepared(folder, found["stem"], found["mr_enclave"])
 
 
-def judge(evidence: dict[str, Any], identity: TaskIdentity, nonce: str, settings: Settings) -> dict[str, Any]:
-    """The verification recorded for the task: the quote checked (SGX), or unattested (direct)."""
-    bound = binding(identity, nonce, evidence["enclave_key"])
+def judge(
+    evidence: dict[str, Any],
+    identity: TaskIdentity,
+    nonce: str,
+    work: str,
+    settings: Settings,
+    cache: Path | None = None,
+) -> dict[str, Any]:
+    """The verification recorded for the task: the quote checked (SGX) against the attempt and the ``work``
+    it was ordered, or unattested (direct); collateral kept in ``cache``."""
+    bound = binding(identity, nonce, evidence["enclave_key"], work)
     if settings.mode == "direct":
         return {"attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)"}
     if not evidence.get("quote"):
@@ -126,7 +141,7 @@ def judge(evidence: dict[str, Any], identity: TaskIdentity, nonce: str, settings
     if settings.policy is None:
         raise AttestationRefused("policy", "an SGX step needs one", fix="policy='policies/prod.toml'")
     quote = bytes.fromhex(evidence["quote"])
-    collateral = collateral_for(quote, settings.collateral, settings.pccs_url)
+    collateral = collateral_for(quote, settings.collateral, settings.pccs_url, cache)
     verified: Verification = verify(quote, collateral, settings.policy, bound)
     return {"attested": True, "mode": "sgx", **verified.model_dump()}
 
@@ -142,7 +157,7 @@ def run_task(
 ) -> int:
     """Order ``command`` into the enclave, judge its evidence (``record`` is told the verification),
     release the run's data key (which seals the step's values and opens its inputs') or refuse, and
-    wait: the task's exit code (Metaflow's "do not retry" when refused)."""
+    wait: the task's exit code (Metaflow's "do not retry" when refused, or when it gave no evidence)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
     name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
@@ -151,54 +166,62 @@ def run_task(
     nonce = new_nonce()
     task = TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
     (exchange / "task.json").write_text(task.model_dump_json())
-    process = subprocess.Popen(
-        gramine.command(prepared, settings.mode), cwd=prepared.folder, env={**os.environ, EXCHANGE: name}
-    )
+    cache = prepared.folder.parent.parent / "collateral"
+    # A session of its own: the enclave and all it starts stop with the launcher, however it is stopped.
+    started = gramine.command(prepared, settings.mode)
+    process = subprocess.Popen(started, cwd=prepared.folder, env={**os.environ, EXCHANGE: name}, start_new_session=True)
     try:
-        judged = False
-        while process.poll() is None:
-            if not judged and (exchange / "evidence.json").is_file():
-                judged = True
-                evidence = json.loads((exchange / "evidence.json").read_text())
-                try:
-                    verification = judge(evidence, identity, nonce, settings)
-                except AttestationRefused as exc:
-                    (exchange / "refused.txt").write_text(str(exc))
-                    process.kill()
-                    process.wait()
-                    print(
-                        f"error: {exc.message}\nfix: {exc.fix or 'see docs/confidential.md'}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return METAFLOW_EXIT_DISALLOW_RETRY
-                record(verification)
-                bound = binding(identity, nonce, evidence["enclave_key"])
-                staged = exchange / "key.envelope.part"
-                staged.write_bytes(envelope_for(data_key, evidence["enclave_key"], bound))
-                staged.rename(exchange / "key.envelope")
-            time.sleep(0.05)
-        return process.returncode
+        with stopped_by_signals():
+            judged = False
+            while process.poll() is None:
+                if not judged and (exchange / "evidence.json").is_file():
+                    judged = True
+                    evidence = json.loads((exchange / "evidence.json").read_text())
+                    try:
+                        verification = judge(evidence, identity, nonce, task.work(), settings, cache)
+                    except AttestationRefused as exc:
+                        _write(exchange / "refused.txt", str(exc).encode())
+                        fix = exc.fix or "see docs/confidential.md"
+                        print(f"error: {exc.message}\nfix: {fix}", file=sys.stderr, flush=True)
+                        return METAFLOW_EXIT_DISALLOW_RETRY
+                    record(verification)
+                    bound = binding(identity, nonce, evidence["enclave_key"], task.work())
+                    _write(exchange / "key.envelope", envelope_for(data_key, evidence["enclave_key"], bound))
+                time.sleep(0.05)
+            if not judged:  # it ended without evidence: nothing it did was attested
+                print("error: the task ended without giving its evidence", file=sys.stderr, flush=True)
+                return METAFLOW_EXIT_DISALLOW_RETRY
+            return process.returncode
     finally:
         if process.poll() is None:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         shutil.rmtree(exchange, ignore_errors=True)
 
 
-def run_data_key(state_dir: Path, flow: str, run: str) -> bytes:
-    """The run's data key, kept by this machine's launcher (mode 0600) until the key-release service holds it."""
+def _write(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` whole (renamed into place), never through a link someone put there."""
+    staged = path.with_name(f".{path.name}.part")
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as stream:
+        stream.write(data)
+    staged.rename(path)
+
+
+def run_data_key(state_dir: Path, flow: str, run: str, mode: str) -> bytes:
+    """The run's data key for ``mode``'s steps (an unattested direct-mode step never holds the key of the
+    SGX steps), kept by this machine's launcher (mode 0600) until the key-release service holds it."""
     from metaflow_stack.confidential.seal import new_data_key
 
-    path = state_dir / "confidential" / "keys" / flow / f"{run}.key"
+    path = state_dir / "confidential" / "keys" / flow / f"{run}.{mode}.key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another task of the run made it first
-            return path.read_bytes()
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(new_data_key())
+        for folder in (path.parent.parent.parent, path.parent.parent, path.parent):
+            folder.mkdir(exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):  # another task of the run may make it first
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(new_data_key())
     for _ in range(100):  # another task may be writing it
         key = path.read_bytes()
         if len(key) == 32:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from metaflow_stack.errors import InvalidInput
 
-#: The TCB statuses Intel's collateral assigns a platform, best first.
+#: The TCB statuses Intel's collateral assigns a platform, best first (a policy may allow any but the last).
 TCB_STATUSES = (
     "UpToDate",
     "SWHardeningNeeded",
@@ -74,7 +74,7 @@ class TdxPolicy(_Table):
 class TcbPolicy(_Table):
     """Which platform states are acceptable, and which advisories a non-current one may carry."""
 
-    allowed_statuses: list[Literal[TCB_STATUSES]] = Field(default_factory=lambda: ["UpToDate"])  # type: ignore[valid-type]
+    allowed_statuses: list[Literal[TCB_STATUSES[:-1]]] = Field(default_factory=lambda: ["UpToDate"])  # type: ignore[valid-type]
     allowed_advisories: list[Advisory] = Field(default_factory=list, max_length=1024)
     allow_debug: bool = False
 
@@ -107,6 +107,12 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
         raise InvalidInput(where, "allows no enclave", fix="add an [sgx] or a [tdx] table")
     if policy.sgx is not None and not (policy.sgx.mr_enclave or policy.sgx.mr_signer):
         raise InvalidInput(f"{where}.sgx", "pins neither mr_enclave nor mr_signer", fix="list the enclave's MRENCLAVE")
+    if policy.sgx is not None and not policy.sgx.mr_enclave and policy.sgx.isv_prod_id is None:
+        raise InvalidInput(
+            f"{where}.sgx.isv_prod_id",
+            "is needed when only mr_signer is pinned (else any enclave by that signer passes)",
+            fix="pin mr_enclave, or the product: isv_prod_id = 1",
+        )
     return policy.model_copy(update={"digest": hashlib.sha256(text.encode()).hexdigest()})
 
 

@@ -96,5 +96,5 @@ class Sealed:
             raise AttributeError(name)
         raise SealedError(
             f"{self.where} is sealed: its data key is released only to an attested enclave",
-            fix="read it in a @confidential step with metaflow_stack.confidential.unsealed(self.NAME)",
+            fix="read it in a @confidential step: metaflow_stack.confidential.unsealed(self, NAME)",
         )

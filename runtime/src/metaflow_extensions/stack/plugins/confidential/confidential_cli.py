@@ -11,6 +11,7 @@ when the enclave cannot be made or the evidence is refused.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from metaflow._vendor import click
@@ -69,8 +70,11 @@ def step(
             mode, enclave_size, threads, load_policy(policy) if policy else None, collateral, pccs_url
         )
         code = code_package.unpacked_here(flow_datastore, code_package_url, code_package_sha)
-        local = flow_datastore.TYPE == "local"
-        datastore = flow_datastore._storage_impl.datastore_root if local else str(code)
+        if flow_datastore.TYPE == "local":
+            datastore = flow_datastore._storage_impl.datastore_root
+        else:  # the task reaches its datastore over the network: an empty folder stands in, never the code
+            datastore = str(state_dir / "confidential" / "no-local-datastore")
+            os.makedirs(datastore, exist_ok=True)
         code_env = {
             "METAFLOW_CODE_METADATA": code_package_metadata,
             "METAFLOW_CODE_SHA": code_package_sha,
@@ -81,7 +85,7 @@ def step(
         identity = TaskIdentity(
             flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha
         )
-        data_key = launcher.run_data_key(state_dir, flow_name, run_id)
+        data_key = launcher.run_data_key(state_dir, flow_name, run_id, mode)
 
         def record(verification: dict) -> None:
             found = {**verification, "mr_enclave": prepared.mr_enclave}

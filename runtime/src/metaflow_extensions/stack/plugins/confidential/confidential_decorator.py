@@ -120,6 +120,16 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             inside.receive()
 
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries) -> None:
+        self._seal(flow, graph, step_name)
+
+    def task_exception(self, exception, step_name, flow, graph, retry_count, max_user_code_retries) -> bool:
+        self._seal(flow, graph, step_name)  # a failed attempt's values are persisted too: sealed as well
+        return False
+
+    def _seal(self, flow, graph, step_name: str) -> None:
+        """Seal every artifact the step persists, an input it read included (read inside, it may have been
+        used or changed there), unless it already is; not Metaflow's own (``_`` names, which it keeps
+        itself) nor the foreach list a split step hands Metaflow to divide."""
         if not (_inside() and self.attributes["seal"]):
             return
         from metaflow import current
@@ -127,10 +137,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         from metaflow_stack.confidential import inside
         from metaflow_stack.confidential.seal import Sealed
 
-        # Every artifact the step persists, an input it read included (read inside, it may have been used
-        # or changed there): a value leaves a sealing step sealed, unless it already is.
+        divided = graph[step_name].foreach_param
         for name, value in list(flow.__dict__.items()):
-            if name.startswith("_") or name == "name" or isinstance(value, Sealed):
+            if name.startswith("_") or name in ("name", divided) or isinstance(value, Sealed):
                 continue
             where = f"{current.flow_name}/{current.run_id}/{step_name}/{current.task_id}/{name}"
             setattr(flow, name, inside.sealed(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), where))
