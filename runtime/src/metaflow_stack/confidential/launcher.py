@@ -68,6 +68,10 @@ class Settings:
     policy: Policy | None
     collateral: str | None
     pccs_url: str | None
+    #: The enclave's product and version (SGX ISVPRODID, ISVSVN): what a policy's isv_prod_id and
+    #: min_isv_svn hold it to.
+    isv_prod_id: int = 0
+    isv_svn: int = 0
 
 
 def enclave(
@@ -83,7 +87,8 @@ def enclave(
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
                  "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,
-                 "template": template_path().read_text(), "runtime": __version__}  # fmt: skip
+                 "template": template_path().read_text(), "runtime": __version__,
+                 "isv": [settings.isv_prod_id, settings.isv_svn]}  # fmt: skip
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
     folder = state_dir / "confidential" / "enclaves" / digest
     if (folder / "ready.json").is_file():
@@ -105,6 +110,8 @@ def enclave(
             trusted_dirs=[f"{p}/" if os.path.isdir(p) else p for p in sys_path],
             code=code_files(code),
             enclave_size=settings.enclave_size,
+            isv_prod_id=settings.isv_prod_id,
+            isv_svn=settings.isv_svn,
             max_threads=settings.threads,
             remote_attestation="dcap" if settings.mode == "sgx" else "none",
         )

@@ -37,6 +37,8 @@ def confidential() -> None:
 @click.option("--threads", type=int, default=32)
 @click.option("--collateral", default=None)
 @click.option("--pccs-url", default=None)
+@click.option("--isv-prod-id", type=int, default=0)
+@click.option("--isv-svn", type=int, default=0)
 @click.pass_context
 def step(
     ctx,
@@ -50,6 +52,8 @@ def step(
     threads: int,
     collateral: str | None,
     pccs_url: str | None,
+    isv_prod_id: int,
+    isv_svn: int,
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
@@ -67,7 +71,14 @@ def step(
     with exits_in_one_line(f"{pathspec}: stopped; its enclave was stopped"):
         state_dir = settings.load().state_dir
         chosen = launcher.Settings(
-            mode, enclave_size, threads, load_policy(policy) if policy else None, collateral, pccs_url
+            mode,
+            enclave_size,
+            threads,
+            load_policy(policy) if policy else None,
+            collateral,
+            pccs_url,
+            isv_prod_id,
+            isv_svn,
         )
         code = code_package.unpacked_here(flow_datastore, code_package_url, code_package_sha)
         if flow_datastore.TYPE == "local":

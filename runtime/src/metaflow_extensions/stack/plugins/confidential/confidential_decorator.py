@@ -48,7 +48,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     file (relative to the flow's file) of the measurements and platform states allowed. seal: encrypt the
     step's artifacts with a key released only to the attested enclave. enclave_size ("4G") and threads:
     the enclave's memory and threads. collateral: a file of DCAP collateral (else fetched from pccs_url,
-    default METAFLOW_STACK_PCCS_URL or Phala's public PCCS).
+    default METAFLOW_STACK_PCCS_URL or Phala's public PCCS). isv_prod_id and isv_svn: the enclave's product
+    and version, signed into it (a policy's isv_prod_id and min_isv_svn hold it to them).
     """
 
     name = "confidential"
@@ -61,6 +62,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         "threads": 32,
         "collateral": None,
         "pccs_url": None,
+        "isv_prod_id": 0,
+        "isv_svn": 0,
     }
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
@@ -92,6 +95,10 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         threads = self.attributes["threads"]
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096:
             raise InvalidInput("threads", f"{threads!r} is not a number of threads from 1 to 4096", fix="threads=32")
+        for name in ("isv_prod_id", "isv_svn"):
+            value = self.attributes[name]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
+                raise InvalidInput(name, f"{value!r} is not a number from 0 to 65535", fix=f"{name}=1")
         if self.attributes["policy"] is not None:
             self.attributes["policy"] = str((flow_dir / self.attributes["policy"]).resolve())
             load_policy(self.attributes["policy"])  # refused now, naming the field, not at the first task
@@ -106,7 +113,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
         if not self.trampoline(cli_args, retry_count, max_user_code_retries, "confidential"):
             return
-        for option in ("mode", "policy", "enclave_size", "threads", "collateral", "pccs_url"):
+        for option in ("mode", "policy", "enclave_size", "threads", "collateral", "pccs_url", "isv_prod_id", "isv_svn"):
             if self.attributes[option] is not None:
                 cli_args.command_options[option.replace("_", "-")] = self.attributes[option]
 
