@@ -190,3 +190,29 @@ def test_an_order_the_host_tampered_with_is_refused_inside(
     monkeypatch.setenv(inside.EXCHANGE, "../t1")
     with pytest.raises(SealedError, match="is not a task's exchange folder"):
         inside.exchange_folder()
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("-c 'import os'", "the order runs '-c', not the flow file"),
+        ("../elsewhere.py step score --run-id 1 --task-id 2 --retry-count 0", "not the flow file"),
+        ("score_flow.py step end --run-id 1 --task-id 2 --retry-count 0", "another step than score"),
+        ("score_flow.py step score --run-id 9 --task-id 2 --retry-count 0", "--run-id is not the 1"),
+        ("score_flow.py step score --run-id 1 --task-id 2 --retry-count 1", "--retry-count is not the 0"),
+        ("score_flow.py --evil x step score --run-id 1 --task-id 2 --retry-count 0", "passes --evil"),
+    ],
+)
+def test_the_enclave_runs_only_a_task_of_its_step_never_what_the_host_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, says: str
+) -> None:
+    from metaflow_stack.confidential import inside
+    from metaflow_stack.confidential.seal import SealedError
+
+    (tmp_path / "score_flow.py").write_text("# the measured code's flow file\n")
+    monkeypatch.chdir(tmp_path)
+    fair = "score_flow.py --quiet --datastore local step score --run-id 1 --task-id 2 --retry-count 0 --tag 'a b'"
+    order = inside.TaskOrder(identity=_identity(), nonce="0" * 64, command=fair, env={})
+    assert inside.argv(order)[-2:] == ["--tag", "a b"]
+    with pytest.raises(SealedError, match=says):
+        inside.argv(order.model_copy(update={"command": command}))

@@ -51,10 +51,10 @@ def test_a_task_is_deployed_watched_attested_and_deleted(phala: tuple[str, str])
     provisioned = cloud.provision("scoreflow-12-score-3", compose, list(env))
     cvm = cloud.commit(provisioned, env)
     seen = httpx.get(f"{base.removesuffix('/api/v1')}/_double/cvms/{cvm}").json()
-    assert seen["env"] == env  # what the CVM decrypts: exactly the variables, encrypted to its key
+    assert seen["env"] == env  # what the CVM decrypts at boot: exactly the variables, encrypted to its key
     assert '"/var/run/dstack.sock:/var/run/dstack.sock"' in seen["compose"]  # the task can ask for its quote
     assert cloud.commit(provisioned, env) == cvm  # committing again is the same CVM
-    assert cloud.wait(cvm, {"stopped"}, timeout_s=10, every_s=0.01) == "stopped"
+    assert cloud.wait(cvm, {"running"}, timeout_s=10, every_s=0.01) == "running"
     assert cloud.attestation(cvm)["tcb_info"]["mrtd"].startswith("91eb2b44")
     cloud.delete(cvm)
     with pytest.raises(PhalaError, match=r"GET /cvms/.*/state: 404 CVM not found"):

@@ -93,9 +93,38 @@ def order() -> TaskOrder:
     return TaskOrder.model_validate_json(os.environ[ORDER])
 
 
+#: The options a task's command may carry: Metaflow's top-level ones and ``step``'s (``CLIArgs``).
+_OPTIONS = frozenset(
+    {"--quiet", "--metadata", "--environment", "--datastore", "--datastore-root", "--event-logger", "--monitor",
+     "--with", "--package-suffixes", "--pylint", "--no-pylint", "--config-value", "--run-id", "--task-id",
+     "--input-paths", "--split-index", "--retry-count", "--max-user-code-retries", "--tag", "--namespace",
+     "--clone-path", "--clone-run-id", "--ubf-context"}
+)  # fmt: skip
+
+
 def argv(task: TaskOrder) -> list[str]:
-    """The step's command as the launcher built it (for a shell), split, with its long input paths put back."""
-    return [_INPUT_PATHS.sub(lambda m: task.env.get(m[1], ""), word) for word in shlex.split(task.command)]
+    """The step's command as the launcher built it (for a shell), split, with its long input paths put back,
+    and held to what a task of this step is: the flow file of the measured code, Metaflow's own options,
+    ``step`` this step, and the run, task and attempt the quote names. Anything else (``-c``, ``-m``, another
+    file or step) is refused: the enclave runs a step of its code, never what the host wrote."""
+    words = [_INPUT_PATHS.sub(lambda m: task.env.get(m[1], ""), word) for word in shlex.split(task.command)]
+    identity = task.identity
+    flow_file = words[0] if words else ""
+    if "/" in flow_file or not flow_file.endswith(".py") or not Path(flow_file).is_file():
+        raise SealedError(f"the order runs {flow_file!r}, not the flow file of the enclave's code")
+    if "step" not in words or words[words.index("step") + 1 : words.index("step") + 2] != [identity.step]:
+        raise SealedError(f"the order runs another step than {identity.step}")
+    values = {}
+    for index, word in enumerate(words[1:], start=1):
+        if word.startswith("-"):
+            if word.split("=")[0] not in _OPTIONS:
+                raise SealedError(f"the order passes {word.split('=')[0]}, which a task's command does not take")
+            values[word] = words[index + 1] if index + 1 < len(words) else ""
+    wanted = {"--run-id": identity.run, "--task-id": identity.task, "--retry-count": str(identity.attempt)}
+    for option, value in wanted.items():
+        if values.get(option) != value:
+            raise SealedError(f"the order's {option} is not the {value} its quote names")
+    return words
 
 
 def quote_for(report_data: bytes) -> bytes | None:

@@ -37,10 +37,12 @@ from typing import Any
 from metaflow_stack import __version__
 from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.attest import (
+    DEFAULT_PCCS_URL,
     AttestationRefused,
     TaskIdentity,
     Verification,
     binding,
+    cache_name,
     collateral_for,
     new_nonce,
     verify,
@@ -85,6 +87,7 @@ def enclave(
     sys_path += [os.path.realpath(python)] + ([f"{sys.prefix}/pyvenv.cfg"] if sys.prefix != sys.base_prefix else [])
     env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
     described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
                  "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,
                  "template": template_path().read_text(), "runtime": __version__,
@@ -140,6 +143,8 @@ def judge(
 ) -> dict[str, Any]:
     """The verification recorded for the task: the quote checked (SGX) against the attempt and the ``work``
     it was ordered, or unattested (direct); collateral kept in ``cache``."""
+    if not isinstance(evidence.get("enclave_key"), str) or len(evidence["enclave_key"]) != 64:
+        raise AttestationRefused("evidence", "names no enclave key")
     bound = binding(identity, nonce, evidence["enclave_key"], work)
     if settings.mode == "direct":
         return {"attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)"}
@@ -147,9 +152,20 @@ def judge(
         raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
     if settings.policy is None:
         raise AttestationRefused("policy", "an SGX step needs one", fix="policy='policies/prod.toml'")
-    quote = bytes.fromhex(evidence["quote"])
+    try:
+        quote = bytes.fromhex(evidence["quote"])
+    except (TypeError, ValueError):
+        raise AttestationRefused("quote", "is not hex") from None
     collateral = collateral_for(quote, settings.collateral, settings.pccs_url, cache)
-    verified: Verification = verify(quote, collateral, settings.policy, bound)
+    try:
+        verified: Verification = verify(quote, collateral, settings.policy, bound)
+    except AttestationRefused as exc:
+        if exc.field != "collateral" or settings.collateral or cache is None:
+            raise
+        # The cached copy outlived its window (about a month): fetch fresh collateral once, then judge again.
+        (cache / cache_name(quote, settings.pccs_url or DEFAULT_PCCS_URL)).unlink(missing_ok=True)
+        collateral = collateral_for(quote, None, settings.pccs_url, cache)
+        verified = verify(quote, collateral, settings.policy, bound)
     return {"attested": True, "mode": "sgx", **verified.model_dump()}
 
 
@@ -183,8 +199,8 @@ def run_task(
             while process.poll() is None:
                 if not judged and (exchange / "evidence.json").is_file():
                     judged = True
-                    evidence = json.loads((exchange / "evidence.json").read_text())
                     try:
+                        evidence = _evidence(exchange / "evidence.json")
                         verification = judge(evidence, identity, nonce, task.work(), settings, cache)
                     except AttestationRefused as exc:
                         _write(exchange / "refused.txt", str(exc).encode())
@@ -200,11 +216,21 @@ def run_task(
                 return METAFLOW_EXIT_DISALLOW_RETRY
             return process.returncode
     finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever the enclave left running in its session
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         shutil.rmtree(exchange, ignore_errors=True)
+
+
+def _evidence(path: Path) -> dict[str, Any]:
+    """The enclave's evidence file, or why it cannot be read (the enclave wrote it: it is judged, not trusted)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise AttestationRefused("evidence", "is not the JSON an enclave writes") from None
+    if not isinstance(found, dict):
+        raise AttestationRefused("evidence", "is not the JSON an enclave writes")
+    return found
 
 
 def _write(path: Path, data: bytes) -> None:

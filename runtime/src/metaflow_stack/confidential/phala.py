@@ -8,10 +8,13 @@ an app id, the compose's hash and the key to encrypt variables to), then
 same app and compose; another compose is a conflict), ``GET /cvms/{id}/state``
 until it runs and ends, ``GET /cvms/{id}/attestation``, ``DELETE /cvms/{id}``.
 
-Variables never travel in the clear: each is encrypted to the CVM's key as
-dstack decrypts them inside it (an ephemeral X25519 exchange whose shared
+Variables are encrypted to the key the provision answers, as dstack
+decrypts them inside the CVM (an ephemeral X25519 exchange whose shared
 secret is the AES-256-GCM key; the ephemeral public key, the nonce and the
-ciphertext, as hex), so Phala's API and its operators see only ciphertext.
+ciphertext, as hex). That key is not yet checked against the KMS's
+signature (``/kms/{kms}/pubkey/{app_id}``): until it is, whoever answers
+the API could substitute it, and the backend that runs steps on Phala waits
+for that check.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from metaflow_stack.errors import InvalidInput, StackError
 
 #: Phala Cloud's API, and the version of it these requests are written to.
 API = "https://cloud-api.phala.com/api/v1"
-VERSION = "2026-06-23"
+VERSION = "2026-05-22"  # the SDK's default version of the API
 KEY_FIX = "create an API key in Phala Cloud's dashboard and export PHALA_CLOUD_API_KEY"
 #: Names a dstack app's variables may have (what dstack accepts inside the CVM).
 _NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")

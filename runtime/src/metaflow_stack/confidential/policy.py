@@ -123,7 +123,7 @@ def _fix(location: tuple) -> str:
     if name.startswith(("mr_td", "rt_mr")):
         return "a 48-byte measurement as 96 hex digits"
     if name == "allowed_statuses":
-        return f"one of {', '.join(TCB_STATUSES)}"
+        return f"one of {', '.join(TCB_STATUSES[:-1])}"
     if name == "allowed_advisories":
         return "an Intel advisory id like INTEL-SA-00615"
     return "see docs/confidential.md for a policy"
