@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metaflow_stack.confidential import manifest
 from metaflow_stack.errors import StackError, ToolMissingError
+from metaflow_stack.local_secrets import made_once
 
 MODES = ("direct", "sgx")
 INSTALL_FIX = "install Gramine (https://gramine.readthedocs.io/en/stable/installation.html)"
@@ -55,15 +55,14 @@ def runtimedir() -> str:
 def signing_key(state_dir: Path) -> Path:
     """The enclave signing key the runtime manages (made once, readable by this user only)."""
     path = state_dir / "confidential" / "enclave-key.pem"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def make() -> bytes:
         key = rsa.generate_private_key(public_exponent=_KEY_EXPONENT, key_size=_KEY_BITS)
-        pem = key.private_bytes(
+        return key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
         )
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(pem)
+
+    made_once(path, make)
     return path
 
 

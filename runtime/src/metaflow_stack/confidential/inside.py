@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from metaflow_stack.confidential.attest import TaskIdentity, binding
 from metaflow_stack.confidential.keyrelease import EnclaveKey
 from metaflow_stack.confidential.seal import Sealed, SealedError, seal
+from metaflow_stack.local_secrets import keep
 
 #: The variable naming the task's exchange folder (under the enclave's evidence folder).
 EXCHANGE = "METAFLOW_STACK_CONFIDENTIAL_TASK"
@@ -175,9 +176,7 @@ def _attest_and_receive() -> bytes:
     bound = binding(task.identity, task.nonce, key.public, task.work())
     quote = quote_for(bound)
     evidence = {"enclave_key": key.public, "quote": quote.hex() if quote is not None else None}
-    staged = folder / "evidence.json.part"
-    staged.write_text(json.dumps(evidence))
-    staged.rename(folder / "evidence.json")  # whole, or not there
+    keep(folder / "evidence.json", json.dumps(evidence))  # whole, or not there
     envelope, deadline = folder / "key.envelope", time.monotonic() + KEY_WAIT_S
     while not envelope.exists():
         refused = folder / "refused.txt"

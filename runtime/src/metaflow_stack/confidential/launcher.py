@@ -52,6 +52,7 @@ from metaflow_stack.confidential.keyrelease import envelope_for
 from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
 from metaflow_stack.confidential.policy import Policy
 from metaflow_stack.errors import StackError
+from metaflow_stack.local_secrets import keep, made_once
 from metaflow_stack.trampolines import stopped_by_signals
 
 #: What the enclave's fixed command runs.
@@ -203,13 +204,13 @@ def run_task(
                         evidence = _evidence(exchange / "evidence.json")
                         verification = judge(evidence, identity, nonce, task.work(), settings, cache)
                     except AttestationRefused as exc:
-                        _write(exchange / "refused.txt", str(exc).encode())
+                        keep(exchange / "refused.txt", str(exc))
                         fix = exc.fix or "see docs/confidential.md"
                         print(f"error: {exc.message}\nfix: {fix}", file=sys.stderr, flush=True)
                         return METAFLOW_EXIT_DISALLOW_RETRY
                     record(verification)
                     bound = binding(identity, nonce, evidence["enclave_key"], task.work())
-                    _write(exchange / "key.envelope", envelope_for(data_key, evidence["enclave_key"], bound))
+                    keep(exchange / "key.envelope", envelope_for(data_key, evidence["enclave_key"], bound))
                 time.sleep(0.05)
             if not judged:  # it ended without evidence: nothing it did was attested
                 print("error: the task ended without giving its evidence", file=sys.stderr, flush=True)
@@ -233,31 +234,13 @@ def _evidence(path: Path) -> dict[str, Any]:
     return found
 
 
-def _write(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` whole (renamed into place), never through a link someone put there."""
-    staged = path.with_name(f".{path.name}.part")
-    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(data)
-    staged.rename(path)
-
-
 def run_data_key(state_dir: Path, flow: str, run: str, mode: str) -> bytes:
     """The run's data key for ``mode``'s steps (an unattested direct-mode step never holds the key of the
     SGX steps), kept by this machine's launcher (mode 0600) until the key-release service holds it."""
     from metaflow_stack.confidential.seal import new_data_key
 
     path = state_dir / "confidential" / "keys" / flow / f"{run}.{mode}.key"
-    if not path.exists():
-        for folder in (path.parent.parent.parent, path.parent.parent, path.parent):
-            folder.mkdir(exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):  # another task of the run may make it first
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(descriptor, "wb") as stream:
-                stream.write(new_data_key())
-    for _ in range(100):  # another task may be writing it
-        key = path.read_bytes()
-        if len(key) == 32:
-            return key
-        time.sleep(0.01)
-    raise StackError(f"{path} is not a data key", fix="remove it (the run's sealed values then cannot be opened)")
+    key, _ = made_once(path, new_data_key)
+    if len(key) != 32:
+        raise StackError(f"{path} is not a data key", fix="remove it (the run's sealed values then cannot be opened)")
+    return key
