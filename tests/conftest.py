@@ -429,16 +429,19 @@ def nomad_agent(docker_engine) -> Iterator[object]:
         docker_engine.container.remove(docker_engine.container.list(all=True, filters=[("label", label)]), force=True)
 
 
-@pytest.fixture
-def gramine_tools(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Gramine's commands on PATH: the installed ones where Gramine is (the GitHub workflow's ``gramine``
+def gramine_path() -> str:
+    """A PATH with Gramine's commands: the installed ones where Gramine is (the GitHub workflow's ``gramine``
     job, where ``STACK_TEST_REQUIRE`` makes their absence a failure), else the double in
-    ``tests/gramine_double``; which one, as ``"gramine"`` or ``"double"``."""
+    ``tests/gramine_double`` (with this environment's Python, which the double runs on)."""
     from metaflow_stack.ci.plugin import required
 
     if shutil.which("gramine-direct"):
-        return "gramine"
+        return os.environ["PATH"]
     need("gramine", "gramine" not in required(), "STACK_TEST_REQUIRE lists gramine and it is not installed")
-    double = Path(__file__).resolve().parent / "gramine_double"
-    monkeypatch.setenv("PATH", f"{double}:{VENV_BIN}:{os.environ['PATH']}")
-    return "double"
+    return f"{Path(__file__).resolve().parent / 'gramine_double'}:{VENV_BIN}:{os.environ['PATH']}"
+
+
+@pytest.fixture
+def gramine_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gramine's commands on PATH for the test (``gramine_path``)."""
+    monkeypatch.setenv("PATH", gramine_path())

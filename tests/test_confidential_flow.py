@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT, VENV_BIN
+from conftest import PROJECT, gramine_path
 
-from metaflow_stack.ci.plugin import required
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
 from metaflow_stack.confidential.keyrelease import EnclaveKey
 from metaflow_stack.confidential.launcher import Settings, judge
@@ -25,23 +24,18 @@ from metaflow_stack.confidential.policy import parse_policy
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
-DOUBLE = PROJECT / "tests" / "gramine_double"
 SAMPLES = PROJECT / "tests" / "data" / "attestation"
 
 
 def _env(root: Path) -> dict[str, str]:
     """The run's environment: Gramine's commands (the double's where Gramine is not installed), its own
     state folder (where enclaves and data keys are kept) and datastore."""
-    path = os.environ["PATH"]
-    if not shutil.which("gramine-direct"):
-        assert "gramine" not in required(), "STACK_TEST_REQUIRE lists gramine and it is not installed"
-        path = f"{DOUBLE}:{VENV_BIN}:{path}"
-    return {**os.environ, "PATH": path, "USER": "tester", "METAFLOW_STACK_STATE_DIR": str(root / "state"),
+    return {**os.environ, "PATH": gramine_path(), "USER": "tester", "METAFLOW_STACK_STATE_DIR": str(root / "state"),
             "METAFLOW_DEFAULT_METADATA": "local"}  # fmt: skip
 
 
 def _client(root: Path, code: str) -> object:
-    """What ``code`` prints as JSON, run with Metaflow's Client API in the workspace (nothing of ours imported)."""
+    """What ``code`` prints as JSON, run in a new Python in the workspace, as a user reads the run there."""
     script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(root), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

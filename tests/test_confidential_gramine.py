@@ -130,7 +130,7 @@ def test_without_gramine_the_fix_is_named(monkeypatch: pytest.MonkeyPatch) -> No
     )
 
 
-def test_a_python_program_runs_in_gramine_direct_under_the_tasks_manifest(tmp_path: Path, gramine_tools: str) -> None:
+def test_a_python_program_runs_in_gramine_direct_under_the_tasks_manifest(tmp_path: Path, gramine_tools: None) -> None:
     inputs = _inputs(
         tmp_path,
         argv=[PYTHON, "-c", "import os, sys; print('inside', os.environ['METAFLOW_USER'], sys.argv[0])"],

@@ -3,7 +3,7 @@
 import * as path from "node:path";
 import * as vscode from "vscode";
 
-import type { Status, TaskInfo } from "../../ui/src/api";
+import type { TaskInfo } from "../../ui/src/api";
 import { debounced, type FlowGraph, type FromWebview, looksLikeFlow, type ToWebview } from "./flowGraph";
 import { Refused } from "./helper";
 import { openPage } from "./panels";
@@ -19,9 +19,8 @@ const MAX_MISSES = 30;
 /** Tasks overlaid at most (pages of the helper's 1,000). */
 const MAX_OVERLAID = 10_000;
 
-/** Every task of ``run``, page after page (bounded), and the run's status. */
-export async function runTasks(run: string): Promise<{ status: Status; tasks: TaskInfo[] }> {
-  const summary = await theHelper().request<RunSummary>("summary", { run });
+/** Every task of ``run``, page after page (bounded). */
+async function runTasks(run: string): Promise<TaskInfo[]> {
   const tasks: TaskInfo[] = [];
   let cursor: string | null = null;
   do {
@@ -29,7 +28,7 @@ export async function runTasks(run: string): Promise<{ status: Status; tasks: Ta
     tasks.push(...page.tasks);
     cursor = page.next_cursor;
   } while (cursor && tasks.length < MAX_OVERLAID);
-  return { status: summary.status, tasks };
+  return tasks;
 }
 
 /** One panel beside the editor, following the flow document it was opened for. */
@@ -41,6 +40,8 @@ export class DagPanel {
   /** Bumped by each showRun and by dispose: an answer for an older one is dropped, its polling ends. */
   private generation = 0;
   private poll: ReturnType<typeof setTimeout> | undefined;
+  /** The run's last summary (its tasks are listed again only when it changed: one request a look). */
+  private seen = "";
 
   static show(context: vscode.ExtensionContext, document: vscode.TextDocument): DagPanel {
     if (DagPanel.current) {
@@ -72,6 +73,7 @@ export class DagPanel {
   /** Overlay ``run``'s statuses (``Flow/123``), following it while it runs; null clears the overlay. */
   showRun(run: string | null): void {
     this.run = run;
+    this.seen = "";
     this.generation += 1;
     if (this.poll) clearTimeout(this.poll);
     void this.overlay(this.generation, 0);
@@ -87,10 +89,15 @@ export class DagPanel {
       if (generation === this.generation) this.poll = setTimeout(() => void this.overlay(generation, next), RUN_POLL);
     };
     try {
-      const { status, tasks } = await runTasks(run);
-      if (generation !== this.generation) return;
-      await this.post({ type: "run", run, status, tasks });
-      if (status === "running") again(0);
+      const summary = await theHelper().request<RunSummary>("summary", { run });
+      const seen = JSON.stringify([summary.status, summary.steps]);
+      if (seen !== this.seen) {
+        const tasks = await runTasks(run);
+        if (generation !== this.generation) return;
+        this.seen = seen;
+        await this.post({ type: "run", run, status: summary.status, tasks });
+      }
+      if (summary.status === "running") again(0);
     } catch {
       // A run the launcher just started may not be recorded yet: look again, for a while.
       if (generation !== this.generation) return;
