@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT, gramine_path
 
-from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
-from metaflow_stack.confidential.keyrelease import EnclaveKey
-from metaflow_stack.confidential.launcher import Settings, judge
-from metaflow_stack.confidential.policy import parse_policy
+from metaflow_stack.confidential.attest import TaskIdentity
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
-SAMPLES = PROJECT / "tests" / "data" / "attestation"
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -136,22 +132,6 @@ if __name__ == "__main__":
 
 def _identity() -> TaskIdentity:
     return TaskIdentity(flow="F", run="1", step="score", task="2", attempt=0, code_digest="abc")
-
-
-def test_sgx_evidence_is_judged_before_the_key_is_released() -> None:
-    quote = (SAMPLES / "sgx_quote").read_bytes()
-    policy = parse_policy(
-        '[sgx]\nmr_enclave = ["' + "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb" + '"]'
-    )
-    sgx = Settings("sgx", "2G", 8, policy, str(SAMPLES / "sgx_quote_collateral.json"), None)
-    key = EnclaveKey().public
-    with pytest.raises(AttestationRefused) as expired:  # today the samples' collateral is out of its window
-        judge({"enclave_key": key, "quote": quote.hex()}, _identity(), "n", "work", sgx)
-    assert expired.value.field == "collateral"
-    with pytest.raises(AttestationRefused, match=r"^quote: the enclave gave none"):
-        judge({"enclave_key": key, "quote": None}, _identity(), "n", "work", sgx)
-    direct = Settings("direct", "2G", 8, None, None, None)
-    assert judge({"enclave_key": key, "quote": None}, _identity(), "n", "work", direct)["attested"] is False
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ STATUS = {
     "integrity_error": 400,
     "unauthorized": 401,
     "forbidden": 403,
+    "attestation_refused": 403,
     "not_found": 404,
     "conflict": 409,
     "too_large": 413,

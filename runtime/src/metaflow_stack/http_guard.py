@@ -142,6 +142,48 @@ def _cookie(header: str, name: str) -> str | None:
     return None
 
 
+class BodyLimitMiddleware:
+    """Refuses a request body over ``limit`` bytes as JSON (413), declared or streamed (chunked), before a
+    handler reads it whole: a server's memory per request stays bounded whatever the client sends."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        too_large = error_response(413, "payload_too_large", f"the body is over {self.limit:,} bytes")
+        if declared.isascii() and declared.isdigit() and int(declared) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        seen, started = 0, False
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except _TooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    """A streamed body went over the limit (raised from ``receive``, caught by ``BodyLimitMiddleware``)."""
+
+
 class GuardMiddleware:
     """Runs ``Guard`` before the app (pure ASGI, so streams pass through untouched)."""
 

@@ -32,6 +32,9 @@ class Settings:
     docker_client: str
     #: The image lock to pull released images by (``image_lock``); ``None``: the one shipped with the runtime.
     image_lock: Path | None = None
+    #: The key-release service ``@confidential`` launchers ask (``confidential.service``); empty: they keep
+    #: the keys and judge evidence themselves.
+    key_release_url: str = ""
 
     def as_metaflow_config(self) -> dict[str, str]:
         """The settings as ``STACK_*`` names for ``metaflow.metaflow_config``."""
@@ -44,6 +47,7 @@ class Settings:
             "STACK_STATE_DIR": str(self.state_dir),
             "STACK_DOCKER_CLIENT": self.docker_client,
             "STACK_IMAGE_LOCK": str(self.image_lock or ""),
+            "STACK_KEY_RELEASE_URL": self.key_release_url,
         }
 
 
@@ -74,4 +78,5 @@ def load() -> Settings:
         state_dir=Path(state_dir),
         docker_client=from_conf("STACK_DOCKER_CLIENT", ""),
         image_lock=Path(image_lock) if image_lock else None,
+        key_release_url=from_conf("STACK_KEY_RELEASE_URL", ""),
     )

@@ -34,15 +34,17 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StringConstraints
 
 from metaflow_stack.confidential.policy import Policy
 from metaflow_stack.errors import StackError
 
 #: The PCCS asked for collateral when none is given (Phala's public one; Intel's PCS also works).
 DEFAULT_PCCS_URL = "https://pccs.phala.network"
+#: Seconds a PCCS has to answer for collateral: a PCCS that hangs must not hold a verification forever.
+COLLATERAL_TIMEOUT_S = 30
 #: Bytes a quote may have (an SGX quote is about 4.6 KB, a TDX one about 5 KB, with certificates).
 MAX_QUOTE_BYTES = 64 * 1024
 #: TD attributes' DEBUG bit (bit 0), and SGX attributes' DEBUG flag (bit 1).
@@ -59,6 +61,11 @@ class AttestationRefused(StackError):
         super().__init__(f"{field}: {message}", fix)
         self.field = field
 
+    @property
+    def details(self) -> dict[str, str]:
+        """What an HTTP answer names (``api_errors``): the check that failed."""
+        return {"field": self.field}
+
 
 class Verification(BaseModel):
     """What was verified, as recorded in the task's metadata and shown by the UI and the agent."""
@@ -72,15 +79,19 @@ class Verification(BaseModel):
     verified_at: int
 
 
+_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"  # flows and steps: Python identifiers, as Metaflow names them
+_ID = r"^[^\s/\x00-\x1f\x7f]{1,255}$"  # runs and tasks: Metaflow's ids (``ids``)
+
+
 class TaskIdentity(BaseModel):
     """Which attempt of which task, running which code: what a quote must answer for."""
 
-    flow: str
-    run: str
-    step: str
-    task: str
-    attempt: int
-    code_digest: str
+    flow: Annotated[str, StringConstraints(pattern=_NAME)]
+    run: Annotated[str, StringConstraints(pattern=_ID)]
+    step: Annotated[str, StringConstraints(pattern=_NAME)]
+    task: Annotated[str, StringConstraints(pattern=_ID)]
+    attempt: int = Field(ge=0, le=99)
+    code_digest: str = Field(min_length=1, max_length=128)
 
 
 def binding(identity: TaskIdentity, nonce: str, enclave_key: str = "", work: str = "") -> bytes:
@@ -117,14 +128,15 @@ def collateral_for(
             return dcap_qvl.QuoteCollateralV3.from_json(cached.read_text())
 
     async def fetch() -> Any:  # dcap-qvl's fetch is a coroutine of its own event loop's
-        return await dcap_qvl.get_collateral(url, quote)
+        return await asyncio.wait_for(dcap_qvl.get_collateral(url, quote), COLLATERAL_TIMEOUT_S)
 
     try:
         collateral = asyncio.run(fetch())
-    except Exception as exc:  # the PCCS's own errors: unreachable, unknown platform
+    except Exception as exc:  # the PCCS's own errors: unreachable, unknown platform, too slow
+        reason = f"no answer in {COLLATERAL_TIMEOUT_S} s" if isinstance(exc, TimeoutError) else _first_line(exc)
         raise AttestationRefused(
             "collateral",
-            f"cannot be fetched from {url}: {_first_line(exc)}",
+            f"cannot be fetched from {url}: {reason}",
             fix="give collateral= a file, or reach a PCCS",
         ) from None
     if cached is not None:

@@ -1,5 +1,6 @@
 """The launcher's side of a confidential task (``confidential step``, outside the TEE): the step's enclave
-prepared once, the task ordered into it, its evidence judged, and the data key released or refused.
+prepared once, the task ordered into it, and its evidence taken to the key keeper, whose answer releases
+the run's data key or refuses it.
 
 The enclave is the same for every task of a step with the same code and
 settings, so it is prepared (rendered, checked, hashed, signed) once and
@@ -8,14 +9,17 @@ it, and its MRENCLAVE stays what the policy pinned. Each task then gets an
 exchange folder in the enclave's evidence folder: its order in, its
 evidence out, its key envelope in.
 
-The evidence is judged as soon as it appears, before the step's code runs:
+The keeper (``keyring``) is the key-release service when
+``STACK_KEY_RELEASE_URL`` names one, else this process with this machine's
+master secret. Either way the evidence is judged as soon as it appears,
+before the step's code runs:
 - ``mode="sgx"``: the quote is verified against collateral, the policy and
-  this attempt's binding (``attest.verify``); only then is the run's data
-  key released to the enclave's key. A refusal stops the task before its
-  code runs, so nothing it would produce is ever recorded.
+  this attempt's binding; only then is the data key released to the
+  enclave's key. A refusal stops the task before its code runs, so nothing
+  it would produce is ever recorded.
 - ``mode="direct"``: there is no quote. The task is recorded as
   unattested, and its data key released without attestation (development
-  only: docs/confidential.md says what direct mode does not protect).
+  only, and never by a service that was not told ``--allow-direct``).
 """
 
 from __future__ import annotations
@@ -34,25 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from metaflow_stack import __version__
 from metaflow_stack.confidential import gramine
-from metaflow_stack.confidential.attest import (
-    DEFAULT_PCCS_URL,
-    AttestationRefused,
-    TaskIdentity,
-    Verification,
-    binding,
-    cache_name,
-    collateral_for,
-    new_nonce,
-    verify,
-)
+from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
 from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, TaskOrder
-from metaflow_stack.confidential.keyrelease import envelope_for
+from metaflow_stack.confidential.keyring import Keeper, ReleaseRequest, RemoteKeeper, local_keeper, policy_name
 from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
-from metaflow_stack.confidential.policy import Policy
-from metaflow_stack.errors import StackError
-from metaflow_stack.local_secrets import keep, made_once
+from metaflow_stack.confidential.policy import load_policy
+from metaflow_stack.local_secrets import keep
 from metaflow_stack.trampolines import stopped_by_signals
 
 #: What the enclave's fixed command runs.
@@ -68,7 +63,8 @@ class Settings:
     mode: str
     enclave_size: str
     threads: int
-    policy: Policy | None
+    #: The policy file an SGX enclave is held to (a key-release service holds it by the file's name).
+    policy: str | None
     collateral: str | None
     pccs_url: str | None
     #: The enclave's product and version (SGX ISVPRODID, ISVSVN): what a policy's isv_prod_id and
@@ -134,40 +130,12 @@ def enclave(
     return gramine.Prepared(folder, found["stem"], found["mr_enclave"])
 
 
-def judge(
-    evidence: dict[str, Any],
-    identity: TaskIdentity,
-    nonce: str,
-    work: str,
-    settings: Settings,
-    cache: Path | None = None,
-) -> dict[str, Any]:
-    """The verification recorded for the task: the quote checked (SGX) against the attempt and the ``work``
-    it was ordered, or unattested (direct); collateral kept in ``cache``."""
-    if not isinstance(evidence.get("enclave_key"), str) or len(evidence["enclave_key"]) != 64:
-        raise AttestationRefused("evidence", "names no enclave key")
-    bound = binding(identity, nonce, evidence["enclave_key"], work)
-    if settings.mode == "direct":
-        return {"attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)"}
-    if not evidence.get("quote"):
-        raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
-    if settings.policy is None:
-        raise AttestationRefused("policy", "an SGX step needs one", fix="policy='policies/prod.toml'")
-    try:
-        quote = bytes.fromhex(evidence["quote"])
-    except (TypeError, ValueError):
-        raise AttestationRefused("quote", "is not hex") from None
-    collateral = collateral_for(quote, settings.collateral, settings.pccs_url, cache)
-    try:
-        verified: Verification = verify(quote, collateral, settings.policy, bound)
-    except AttestationRefused as exc:
-        if exc.field != "collateral" or settings.collateral or cache is None:
-            raise
-        # The cached copy outlived its window (about a month): fetch fresh collateral once, then judge again.
-        (cache / cache_name(quote, settings.pccs_url or DEFAULT_PCCS_URL)).unlink(missing_ok=True)
-        collateral = collateral_for(quote, None, settings.pccs_url, cache)
-        verified = verify(quote, collateral, settings.policy, bound)
-    return {"attested": True, "mode": "sgx", **verified.model_dump()}
+def keeper(state_dir: Path, settings: Settings, service_url: str, service_key: str | None) -> Keeper:
+    """Who judges evidence and holds the keys: the key-release service at ``service_url``, else this process."""
+    if service_url:
+        return RemoteKeeper(service_url, service_key)
+    policy = load_policy(settings.policy) if settings.policy else None
+    return local_keeper(state_dir, policy, settings.policy, settings.collateral, settings.pccs_url)
 
 
 def run_task(
@@ -176,21 +144,21 @@ def run_task(
     command: str,
     env: dict[str, str],
     settings: Settings,
-    data_key: bytes,
+    keeper: Keeper,
     record: Any,
 ) -> int:
-    """Order ``command`` into the enclave, judge its evidence (``record`` is told the verification),
-    release the run's data key (which seals the step's values and opens its inputs') or refuse, and
-    wait: the task's exit code (Metaflow's "do not retry" when refused, or when it gave no evidence)."""
+    """Order ``command`` into the enclave, take its evidence to ``keeper`` (``record`` is told the
+    verification), hand the enclave the data key it releases (which seals the step's values and opens its
+    inputs') or its refusal, and wait: the task's exit code (Metaflow's "do not retry" when refused, or
+    when it gave no evidence)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
     name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
     exchange = prepared.folder / "evidence" / name
     exchange.mkdir(mode=0o700)
-    nonce = new_nonce()
+    nonce = keeper.nonce()
     task = TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
     (exchange / "task.json").write_text(task.model_dump_json())
-    cache = prepared.folder.parent.parent / "collateral"
     # A session of its own: the enclave and all it starts stop with the launcher, however it is stopped.
     started = gramine.command(prepared, settings.mode)
     process = subprocess.Popen(started, cwd=prepared.folder, env={**os.environ, EXCHANGE: name}, start_new_session=True)
@@ -202,15 +170,14 @@ def run_task(
                     judged = True
                     try:
                         evidence = _evidence(exchange / "evidence.json")
-                        verification = judge(evidence, identity, nonce, task.work(), settings, cache)
+                        released = keeper.release(_request(task, evidence, settings))
                     except AttestationRefused as exc:
                         keep(exchange / "refused.txt", str(exc))
                         fix = exc.fix or "see docs/confidential.md"
                         print(f"error: {exc.message}\nfix: {fix}", file=sys.stderr, flush=True)
                         return METAFLOW_EXIT_DISALLOW_RETRY
-                    record(verification)
-                    bound = binding(identity, nonce, evidence["enclave_key"], task.work())
-                    keep(exchange / "key.envelope", envelope_for(data_key, evidence["enclave_key"], bound))
+                    record(released.verification)
+                    keep(exchange / "key.envelope", bytes.fromhex(released.envelope))
                 time.sleep(0.05)
             if not judged:  # it ended without evidence: nothing it did was attested
                 print("error: the task ended without giving its evidence", file=sys.stderr, flush=True)
@@ -223,6 +190,20 @@ def run_task(
         shutil.rmtree(exchange, ignore_errors=True)
 
 
+def _request(task: TaskOrder, evidence: dict[str, Any], settings: Settings) -> ReleaseRequest:
+    """The release request for the enclave's ``evidence`` of ``task``: refused naming ``evidence`` when the
+    enclave wrote something no enclave of ours would."""
+    try:
+        return ReleaseRequest(
+            identity=task.identity, nonce=task.nonce, work=task.work(), mode=settings.mode,
+            enclave_key=evidence.get("enclave_key"), quote=evidence.get("quote"),
+            policy=policy_name(settings.policy) if settings.policy else None,
+        )  # fmt: skip
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise AttestationRefused("evidence", f"{where} is not what an enclave gives") from None
+
+
 def _evidence(path: Path) -> dict[str, Any]:
     """The enclave's evidence file, or why it cannot be read (the enclave wrote it: it is judged, not trusted)."""
     try:
@@ -232,15 +213,3 @@ def _evidence(path: Path) -> dict[str, Any]:
     if not isinstance(found, dict):
         raise AttestationRefused("evidence", "is not the JSON an enclave writes")
     return found
-
-
-def run_data_key(state_dir: Path, flow: str, run: str, mode: str) -> bytes:
-    """The run's data key for ``mode``'s steps (an unattested direct-mode step never holds the key of the
-    SGX steps), kept by this machine's launcher (mode 0600) until the key-release service holds it."""
-    from metaflow_stack.confidential.seal import new_data_key
-
-    path = state_dir / "confidential" / "keys" / flow / f"{run}.{mode}.key"
-    key, _ = made_once(path, new_data_key)
-    if len(key) != 32:
-        raise StackError(f"{path} is not a data key", fix="remove it (the run's sealed values then cannot be opened)")
-    return key

@@ -1,5 +1,5 @@
-"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui``, ``devcontainer``, ``notebook`` and
-``ide`` to Metaflow's command line."""
+"""Adds ``metaflow stack``, ``function``, ``service``, ``agent``, ``ui``, ``devcontainer``, ``notebook``,
+``ide`` and ``confidential`` to Metaflow's command line."""
 
 CMDS_DESC = [
     ("stack", ".stack_cli.cli"),
@@ -10,4 +10,5 @@ CMDS_DESC = [
     ("devcontainer", ".devcontainer_cli.cli"),
     ("notebook", ".notebook_cli.cli"),
     ("ide", ".ide_cli.cli"),
+    ("confidential", ".confidential_cli.cli"),
 ]

@@ -61,7 +61,8 @@ def step(
     from metaflow_stack import code_package, settings
     from metaflow_stack.confidential import launcher
     from metaflow_stack.confidential.attest import TaskIdentity
-    from metaflow_stack.confidential.policy import load_policy
+    from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY
+    from metaflow_stack.http_guard import configured_key
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     flow_datastore, flow_name = ctx.obj.flow_datastore, ctx.obj.flow.name
@@ -69,17 +70,11 @@ def step(
     command, env = step_command(ctx, step_name, kwargs)
     pathspec = f"{flow_name}/{run_id}/{step_name}/{task_id}"
     with exits_in_one_line(f"{pathspec}: stopped; its enclave was stopped"):
-        state_dir = settings.load().state_dir
+        stack = settings.load()
+        state_dir = stack.state_dir
         chosen = launcher.Settings(
-            mode,
-            enclave_size,
-            threads,
-            load_policy(policy) if policy else None,
-            collateral,
-            pccs_url,
-            isv_prod_id,
-            isv_svn,
-        )
+            mode, enclave_size, threads, policy, collateral, pccs_url, isv_prod_id, isv_svn
+        )  # fmt: skip
         code = code_package.unpacked_here(flow_datastore, code_package_url, code_package_sha)
         if flow_datastore.TYPE == "local":
             datastore = flow_datastore._storage_impl.datastore_root
@@ -96,7 +91,7 @@ def step(
         identity = TaskIdentity(
             flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha
         )
-        data_key = launcher.run_data_key(state_dir, flow_name, run_id, mode)
+        keeper = launcher.keeper(state_dir, chosen, stack.key_release_url, configured_key(KEY_RELEASE_KEY))
 
         def record(verification: dict) -> None:
             found = {**verification, "mr_enclave": prepared.mr_enclave}
@@ -104,5 +99,5 @@ def step(
                               type="confidential-verification", tags=[f"attempt_id:{attempt}"])  # fmt: skip
             ctx.obj.metadata.register_metadata(run_id, step_name, task_id, [datum])
 
-        code = launcher.run_task(prepared, identity, command, env, chosen, data_key, record)
+        code = launcher.run_task(prepared, identity, command, env, chosen, keeper, record)
     sys.exit(code)

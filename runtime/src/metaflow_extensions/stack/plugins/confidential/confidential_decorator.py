@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +46,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     backend: "gramine" (an SGX enclave under Gramine, on this machine). mode: "direct" (``gramine-direct``:
     the enclave's configuration as an ordinary process, no SGX, no protection, for development) or "sgx"
     (``gramine-sgx``: the results trusted only after the enclave's quote passes ``policy``). policy: a TOML
-    file (relative to the flow's file) of the measurements and platform states allowed. seal: encrypt the
+    file (relative to the flow's file) of the measurements and platform states allowed; with a key-release
+    service (STACK_KEY_RELEASE_URL), the service's own policy of that file's name ("prod" for
+    "policies/prod.toml") is the one applied. seal: encrypt the
     step's artifacts with a key released only to the attested enclave. enclave_size ("4G") and threads:
     the enclave's memory and threads. collateral: a file of DCAP collateral (else fetched from pccs_url,
     default METAFLOW_STACK_PCCS_URL or Phala's public PCCS). isv_prod_id and isv_svn: the enclave's product
@@ -81,7 +84,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             raise ConfidentialException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
 
     def _check(self, flow_dir: Path) -> None:
+        from metaflow_stack import settings
         from metaflow_stack.confidential import gramine
+        from metaflow_stack.confidential.keyring import POLICY_NAME, policy_name
         from metaflow_stack.confidential.manifest import enclave_bytes
         from metaflow_stack.confidential.policy import load_policy
         from metaflow_stack.errors import InvalidInput
@@ -99,8 +104,13 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             value = self.attributes[name]
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
                 raise InvalidInput(name, f"{value!r} is not a number from 0 to 65535", fix=f"{name}=1")
-        if self.attributes["policy"] is not None:
-            self.attributes["policy"] = str((flow_dir / self.attributes["policy"]).resolve())
+        policy = self.attributes["policy"]
+        if policy is not None and settings.load().key_release_url:
+            # The key-release service holds its own copy under the file's name: this machine need not have it.
+            if not re.match(POLICY_NAME, policy_name(policy)):
+                raise InvalidInput("policy", f"{policy!r} does not name a policy file", fix='policy="prod"')
+        elif policy is not None:
+            self.attributes["policy"] = str((flow_dir / policy).resolve())
             load_policy(self.attributes["policy"])  # refused now, naming the field, not at the first task
         elif mode == "sgx":
             raise InvalidInput("policy", "is needed to trust an SGX enclave", fix='policy="policies/prod.toml"')

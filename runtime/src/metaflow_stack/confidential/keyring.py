@@ -1,0 +1,256 @@
+"""Who holds a run's data keys, and the one decision that releases one: the same code in the launcher's process
+(``LocalKeeper``, development and single machines) and in the key-release service (``service``), which moves
+the keys and the verifier off the machine that launches enclaves.
+
+**Keys are derived, not stored.** A keeper holds one master secret; a run's
+data key is HKDF-SHA256 of it with the flow, the run and a **scope**:
+``direct`` for unattested development enclaves, ``sgx:<policy>`` for
+enclaves that passed the named policy. So a key never depends on which
+replica answers or on a restart, nothing grows with the number of runs, and
+an enclave that passed a weak policy never holds the key of a step held to
+a strict one (steps that read each other's sealed values share a policy).
+
+**Nonces are the keeper's.** ``nonce`` is a time, random bytes and an HMAC
+of both under the master secret, accepted for ``NONCE_TTL_S``: the keeper
+knows it made it and that it is fresh without keeping a list, so a quote
+made for an earlier launch is refused after that window, and within it a
+replay gains nothing (the envelope opens only with the key pair of the
+enclave that made the quote).
+
+``release`` then does what trust needs, in order: the nonce is the
+keeper's and fresh; the evidence is judged (``attest.verify`` against the
+keeper's own policy and collateral, never the caller's); the data key of the
+flow, run and scope goes to the enclave's public key, bound to the attempt
+(``keyrelease.envelope_for``). Its answer carries the verification the task
+records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, StringConstraints
+
+from metaflow_stack.confidential.attest import (
+    DEFAULT_PCCS_URL,
+    MAX_QUOTE_BYTES,
+    AttestationRefused,
+    TaskIdentity,
+    Verification,
+    binding,
+    cache_name,
+    collateral_for,
+    verify,
+)
+from metaflow_stack.confidential.keyrelease import envelope_for
+from metaflow_stack.confidential.policy import Policy
+from metaflow_stack.errors import InvalidInput
+from metaflow_stack.local_secrets import made_once
+
+#: Seconds a keeper's nonce is accepted: an enclave starts and quotes well within it.
+NONCE_TTL_S = 600
+#: A policy's name: a file stem the keeper knows (``prod`` for ``policies/prod.toml``).
+POLICY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_HEX64 = r"^[0-9a-f]{64}$"
+_INFO = b"metaflow-stack data key v1"
+#: The variable a launcher reads the key-release service's key from (else ``METAFLOW_STACK_AUTH_KEY``).
+KEY_RELEASE_KEY = "METAFLOW_STACK_KEY_RELEASE_AUTH_KEY"
+
+Hex64 = Annotated[str, StringConstraints(pattern=_HEX64)]
+
+
+class ReleaseRequest(BaseModel):
+    """An enclave's evidence for one attempt, as its launcher forwards it: what the keeper judges."""
+
+    identity: TaskIdentity
+    #: The keeper's nonce the enclave bound into its quote.
+    nonce: Hex64
+    #: The enclave's X25519 public key (hex), the one the key is released to.
+    enclave_key: Hex64
+    #: The digest of the work the enclave was ordered (``inside.TaskOrder.work``).
+    work: Hex64
+    mode: Literal["direct", "sgx"]
+    #: The policy an SGX enclave is held to, by name; the keeper reads its own copy.
+    policy: Annotated[str, StringConstraints(pattern=POLICY_NAME)] | None = None
+    #: The quote (hex); none in direct mode.
+    quote: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]*$", max_length=2 * MAX_QUOTE_BYTES)] | None = None
+
+
+class Released(BaseModel):
+    """The data key's envelope (hex) for the enclave, and the verification the task records."""
+
+    envelope: str
+    verification: dict[str, Any]
+
+
+class Keeper(Protocol):
+    """What a launcher asks of whoever holds the keys (``LocalKeeper`` here, ``RemoteKeeper`` a service)."""
+
+    def nonce(self) -> str: ...
+
+    def release(self, request: ReleaseRequest) -> Released: ...
+
+
+def policy_name(policy: str) -> str:
+    """The name a keeper knows a policy by: the file stem of the decorator's ``policy``."""
+    return Path(policy).stem
+
+
+class Keyring:
+    """The keeper's decisions over one master secret (see the module's docstring).
+
+    ``policies`` gives the named policy (``InvalidInput``/``AttestationRefused`` if it has none of that
+    name); ``collateral`` (a file) or ``pccs_url`` say where collateral comes from, kept in ``cache``;
+    ``allow_direct`` lets unattested (``gramine-direct``) enclaves have their scope's key."""
+
+    def __init__(
+        self,
+        master: bytes,
+        policies: Callable[[str], Policy],
+        allow_direct: bool,
+        collateral: str | None = None,
+        pccs_url: str | None = None,
+        cache: Path | None = None,
+    ) -> None:
+        if len(master) < 32:
+            raise ValueError("a master secret has at least 32 bytes")
+        self._master, self._policies, self.allow_direct = master, policies, allow_direct
+        self._collateral, self._pccs_url, self._cache = collateral, pccs_url, cache
+
+    def data_key(self, flow: str, run: str, scope: str) -> bytes:
+        """The data key of ``flow``'s ``run`` for ``scope`` (``direct`` or ``sgx:<policy>``)."""
+        salt = hashlib.sha256("\0".join((flow, run, scope)).encode()).digest()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_INFO).derive(self._master)
+
+    def nonce(self, now: float | None = None) -> str:
+        stamp = int(time.time() if now is None else now).to_bytes(8, "big") + os.urandom(8)
+        return (stamp + self._mac(stamp)).hex()
+
+    def _mac(self, stamp: bytes) -> bytes:
+        return hmac.new(self._master, b"nonce\0" + stamp, hashlib.sha256).digest()[:16]
+
+    def _check_nonce(self, nonce: str, now: float) -> None:
+        raw = bytes.fromhex(nonce)
+        if not hmac.compare_digest(raw[16:], self._mac(raw[:16])):
+            raise AttestationRefused("nonce", "was not made by this key keeper", fix="ask it for a nonce first")
+        age = now - int.from_bytes(raw[:8], "big")
+        if not -60 <= age <= NONCE_TTL_S:
+            raise AttestationRefused("nonce", f"is {int(age)} s old; a nonce is accepted for {NONCE_TTL_S} s")
+
+    def release(self, request: ReleaseRequest, now: float | None = None) -> Released:
+        """The data key for the enclave ``request`` speaks for, or ``AttestationRefused`` naming the check."""
+        moment = time.time() if now is None else now
+        self._check_nonce(request.nonce, moment)
+        identity = request.identity
+        bound = binding(identity, request.nonce, request.enclave_key, request.work)
+        if request.mode == "direct":
+            if not self.allow_direct:
+                raise AttestationRefused(
+                    "mode", "direct: this keeper releases no key to an unattested enclave", fix='mode="sgx"'
+                )
+            verification: dict[str, Any] = {
+                "attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)",
+            }  # fmt: skip
+            scope = "direct"
+        else:
+            if request.policy is None:
+                raise AttestationRefused("policy", "an SGX step needs one", fix='policy="policies/prod.toml"')
+            if not request.quote:
+                raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
+            policy = self._policies(request.policy)
+            judged = self._verify(bytes.fromhex(request.quote), policy, bound, int(moment))
+            verification = {"attested": True, "mode": "sgx", "policy": request.policy, **judged.model_dump()}
+            scope = f"sgx:{request.policy}"
+        key = self.data_key(identity.flow, identity.run, scope)
+        return Released(envelope=envelope_for(key, request.enclave_key, bound).hex(), verification=verification)
+
+    def _verify(self, quote: bytes, policy: Policy, bound: bytes, now: int) -> Verification:
+        collateral = collateral_for(quote, self._collateral, self._pccs_url, self._cache)
+        try:
+            return verify(quote, collateral, policy, bound, now=now)
+        except AttestationRefused as exc:
+            if exc.field != "collateral" or self._collateral or self._cache is None:
+                raise
+            # The cached copy outlived its window (about a month): fetch fresh collateral once, then judge again.
+            (self._cache / cache_name(quote, self._pccs_url or DEFAULT_PCCS_URL)).unlink(missing_ok=True)
+            return verify(quote, collateral_for(quote, None, self._pccs_url, self._cache), policy, bound, now=now)
+
+
+def master_secret(path: Path) -> bytes:
+    """The keeper's master secret at ``path``: 64 hex digits (``openssl rand -hex 32``, a mounted Secret), made
+    there once (0600) when there is none. Every data key derives from it: lose it and sealed values stay
+    sealed."""
+    text, _ = made_once(path, lambda: os.urandom(32).hex().encode())
+    try:
+        master = bytes.fromhex(text.decode().strip())
+    except ValueError:
+        master = b""
+    if len(master) != 32:
+        raise InvalidInput("master_key", f"{path} does not hold 64 hex digits", fix="openssl rand -hex 32 > FILE")
+    return master
+
+
+def local_keeper(
+    state_dir: Path, policy: Policy | None, policy_file: str | None, collateral: str | None, pccs_url: str | None
+) -> Keyring:
+    """The launcher's own keeper, when no key-release service is configured: the master secret in this
+    machine's state folder, the decorator's ``policy`` under its file's name, direct mode allowed. The
+    launching machine is then trusted with the keys (docs/confidential.md)."""
+    folder = state_dir / "confidential"
+
+    def policies(name: str) -> Policy:
+        if policy is None or policy_file is None or policy_name(policy_file) != name:
+            raise AttestationRefused("policy", f"{name} is not the step's policy")
+        return policy
+
+    master = master_secret(folder / "keeper" / "master.key")
+    return Keyring(master, policies, True, collateral, pccs_url, folder / "collateral")
+
+
+class RemoteKeeper:
+    """The key-release service (``metaflow confidential key-release``) as a launcher's keeper: the same two
+    questions over HTTP, its refusals raised as the ``AttestationRefused`` it names."""
+
+    def __init__(self, url: str, key: str | None, timeout_s: float = 60.0) -> None:
+        import httpx
+
+        headers = {"x-api-key": key} if key else {}
+        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.url = url
+
+    def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import httpx
+
+        try:
+            answer = self._client.post(path, json=body or {})
+        except httpx.HTTPError as exc:
+            raise AttestationRefused(
+                "key_release", f"{self.url} cannot be reached: {exc}", fix="start it, or set STACK_KEY_RELEASE_URL"
+            ) from None
+        try:
+            found = answer.json()
+        except ValueError:
+            found = None
+        if not isinstance(found, dict):
+            raise AttestationRefused("key_release", f"{self.url} answered {answer.status_code} without JSON")
+        if answer.status_code != 200:
+            field = (found.get("details") or {}).get("field") or (found.get("details") or {}).get("parameter")
+            raise AttestationRefused(field or "key_release", str(found.get("message")), fix=found.get("fix"))
+        return found
+
+    def nonce(self) -> str:
+        return str(self._post("/v1/nonces")["nonce"])
+
+    def release(self, request: ReleaseRequest) -> Released:
+        return Released.model_validate(self._post("/v1/releases", request.model_dump()))
+
+    def close(self) -> None:
+        self._client.close()

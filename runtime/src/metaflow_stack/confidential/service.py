@@ -1,0 +1,136 @@
+"""The key-release service (``metaflow confidential key-release``, image ``key-release``): the keys and the
+verifier of ``@confidential`` steps, off the machines that launch enclaves.
+
+A launcher configured with ``STACK_KEY_RELEASE_URL`` asks it for a nonce,
+orders its task into the enclave with it, and forwards the enclave's
+evidence; the service judges it with its own policies (a folder of
+``<name>.toml``, read at each request so an edit needs no restart) and its
+own collateral, and answers with the run's data key encrypted to the
+enclave's key (``keyring``). The launcher carries that envelope but cannot
+open it, so whoever runs the launching machine reads no sealed value.
+
+Like every stack server: 127.0.0.1 by default and a key when exposed
+(``http_guard``), JSON errors naming the field (``api_errors``), bodies
+bounded, and verification (CPU, and a PCCS fetch on a cold cache) off the
+event loop with a bounded number at once, so a flood of quotes cannot stall
+``/health``. Each decision is logged with the task it was for (never a key)
+and counted in ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel
+
+from metaflow_stack import api_errors
+from metaflow_stack.confidential.attest import AttestationRefused
+from metaflow_stack.confidential.keyring import NONCE_TTL_S, Keyring, Released, ReleaseRequest
+from metaflow_stack.confidential.policy import Policy, load_policy
+from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddleware
+
+#: Answered without the key: the orchestrator's probes.
+OPEN_PATHS = frozenset({"/health"})
+#: A release request's bytes at most: a hex quote (128 KiB) and the rest.
+MAX_BODY_BYTES = 160 * 1024
+_log = logging.getLogger("metaflow_stack.key_release")
+
+
+@dataclass(frozen=True)
+class KeyReleaseConfig:
+    """What the service decides with: its master secret, its policies, where collateral comes from."""
+
+    master: bytes
+    policies: Path
+    allow_direct: bool = False
+    collateral: str | None = None
+    pccs_url: str | None = None
+    cache: Path | None = None
+    #: Verifications running at once; more wait their turn.
+    max_concurrency: int = 8
+
+
+class Nonce(BaseModel):
+    nonce: str
+    expires_in_s: int
+
+
+class PolicyListing(BaseModel):
+    name: str
+    digest: str
+
+
+def policy_reader(folder: Path) -> Any:
+    """The named policy from ``folder`` (``<name>.toml``), read now; refused naming ``policy`` if absent."""
+
+    def policy(name: str) -> Policy:
+        path = folder / f"{name}.toml"
+        if not path.is_file():
+            raise AttestationRefused(
+                "policy", f"the key-release service has no policy named {name!r}", fix=f"add {name}.toml to its folder"
+            )
+        return load_policy(path)
+
+    return policy
+
+
+def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
+    """The service for ``config``, behind ``guard`` (by default: loopback names only, no key)."""
+    keyring = Keyring(
+        config.master, policy_reader(config.policies), config.allow_direct,
+        config.collateral, config.pccs_url, config.cache,
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    decisions = Counter(
+        "key_release_decisions", "Release requests by mode and outcome (the refused check)", ["mode", "outcome"],
+        registry=registry,
+    )  # fmt: skip
+    slots = asyncio.Semaphore(config.max_concurrency)
+    app = FastAPI(title="Metaflow Stack key release", description=__doc__.split("\n\n")[0], version="1")
+    api_errors.install(app)
+    app.add_middleware(GuardMiddleware, guard=guard or Guard(open_paths=OPEN_PATHS))
+    app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # outermost: before anything reads the body
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/nonces")
+    def nonce() -> Nonce:
+        """A fresh nonce for one attempt: the enclave binds it into its quote."""
+        return Nonce(nonce=keyring.nonce(), expires_in_s=NONCE_TTL_S)
+
+    @app.post("/v1/releases")
+    async def release(request: ReleaseRequest) -> Released:
+        """The run's data key for the enclave this evidence speaks for, encrypted to its key; a 403 naming
+        the check that failed otherwise."""
+        task = "/".join((request.identity.flow, request.identity.run, request.identity.step, request.identity.task))
+        async with slots:
+            try:
+                released = await asyncio.to_thread(keyring.release, request)
+            except AttestationRefused as exc:
+                decisions.labels(request.mode, exc.field).inc()
+                _log.warning("refused %s attempt %s: %s", task, request.identity.attempt, exc.message)
+                raise
+        decisions.labels(request.mode, "released").inc()
+        _log.info("released %s attempt %s (%s)", task, request.identity.attempt, request.policy or request.mode)
+        return released
+
+    @app.get("/v1/policies")
+    def policies() -> list[PolicyListing]:
+        """The policies this service holds enclaves to, with their digests (what a verification records)."""
+        read = policy_reader(config.policies)
+        names = sorted(p.stem for p in config.policies.glob("*.toml"))[:1000]
+        return [PolicyListing(name=name, digest=read(name).digest) for name in names]
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
