@@ -89,8 +89,11 @@ def install(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = tuple(first.get("loc", ()))
-        # A field inside the body is named by its path ("0.size"); the body as a whole is "body".
+        # A field inside the body is named by its path ("0.size"); the body as a whole is "body" (and a body
+        # that is not JSON at all, whose "path" is the character where parsing stopped).
         name = ".".join(str(p) for p in where if p not in ("body", "query", "path")) or ".".join(map(str, where[:1]))
+        if first.get("type") == "json_invalid":
+            name = "body"
         return error_response(
             400, "bad_parameter", f"{name or 'request'}: {first.get('msg', 'invalid')}", {"parameter": name}
         )

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from metaflow_stack.api_errors import error_response
 from metaflow_stack.errors import StackError
@@ -165,7 +166,7 @@ class BodyLimitMiddleware:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
+                raise _TooLarge(413, f"the body is over {self.limit:,} bytes")
             return message
 
         async def sending(message: dict[str, Any]) -> None:
@@ -180,8 +181,9 @@ class BodyLimitMiddleware:
                 await too_large(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    """A streamed body went over the limit (raised from ``receive``, caught by ``BodyLimitMiddleware``)."""
+class _TooLarge(HTTPException):
+    """A streamed body went over the limit, raised from ``receive``: FastAPI lets an ``HTTPException`` from
+    there through to the app's handler (its own 413), and ``BodyLimitMiddleware`` answers any that is not."""
 
 
 class GuardMiddleware:

@@ -242,8 +242,10 @@ class RemoteKeeper:
         if not isinstance(found, dict):
             raise AttestationRefused("key_release", f"{self.url} answered {answer.status_code} without JSON")
         if answer.status_code != 200:
-            field = (found.get("details") or {}).get("field") or (found.get("details") or {}).get("parameter")
-            raise AttestationRefused(field or "key_release", str(found.get("message")), fix=found.get("fix"))
+            details = found.get("details") if isinstance(found.get("details"), dict) else {}
+            field = str(details.get("field") or details.get("parameter") or "key_release")
+            message = str(found.get("message")).removeprefix(f"{field}: ")  # the same words, not named twice
+            raise AttestationRefused(field, message, fix=found.get("fix"))
         return found
 
     def nonce(self) -> str:

@@ -30,13 +30,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from pydantic import BaseModel
 
 from metaflow_stack import api_errors
+from metaflow_stack.api_errors import ApiError
 from metaflow_stack.confidential.attest import AttestationRefused
 from metaflow_stack.confidential.keyring import NONCE_TTL_S, Keyring, Released, ReleaseRequest
 from metaflow_stack.confidential.policy import Policy, load_policy
 from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddleware
 
 #: Answered without the key: the orchestrator's probes.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})
 #: A release request's bytes at most: a hex quote (128 KiB) and the rest.
 MAX_BODY_BYTES = 160 * 1024
 _log = logging.getLogger("metaflow_stack.key_release")
@@ -100,6 +101,13 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready() -> dict[str, str]:
+        """Ready when its policy folder can be read (a Secret or ConfigMap mounted late is not)."""
+        if not config.policies.is_dir():
+            raise ApiError(503, "service_unavailable", f"the policy folder {config.policies} is not there")
+        return {"status": "ready"}
 
     @app.post("/v1/nonces")
     def nonce() -> Nonce:

@@ -1,0 +1,350 @@
+"""Who holds ``@confidential``'s keys: the keyring's decisions (keys derived per flow, run and policy; nonces
+it made and checks; evidence judged with its own policy, on the public SGX quote), and the key-release
+service that makes them off the launching machine: a real ``metaflow confidential key-release`` over HTTP,
+with a flow whose launcher never holds a key, and hostile requests answered as JSON naming the field."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import PROJECT, VENV_BIN, free_port, fuzz_finds_nothing, gramine_path, run_cli, wait_ready
+
+from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity, binding
+from metaflow_stack.confidential.keyrelease import EnclaveKey
+from metaflow_stack.confidential.keyring import NONCE_TTL_S, Keyring, ReleaseRequest, RemoteKeeper, master_secret
+from metaflow_stack.confidential.policy import parse_policy
+from metaflow_stack.confidential.seal import Sealed, SealedError
+from metaflow_stack.errors import InvalidInput
+
+pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
+SAMPLES = PROJECT / "tests" / "data" / "attestation"
+#: Inside the samples' collateral window (issued 2025-06-19, next update 2025-07-19).
+PINNED = int(datetime.datetime(2025, 7, 1, tzinfo=datetime.UTC).timestamp())
+SGX_POLICY = """
+[sgx]
+mr_enclave = ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"]
+isv_prod_id = 0
+
+[tcb]
+allowed_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]
+allowed_advisories = ["INTEL-SA-00289", "INTEL-SA-00615"]
+"""
+IDENTITY = TaskIdentity(flow="ScoreFlow", run="12", step="score", task="3", attempt=0, code_digest="sha256:abc")
+
+
+def _keyring(master: bytes = b"m" * 32, allow_direct: bool = True, policy: str = SGX_POLICY) -> Keyring:
+    def policies(name: str):
+        if name != "prod":
+            raise AttestationRefused("policy", f"no policy named {name!r}")
+        return parse_policy(policy)
+
+    return Keyring(master, policies, allow_direct, collateral=str(SAMPLES / "sgx_quote_collateral.json"))
+
+
+def _request(nonce: str, enclave: EnclaveKey, mode: str = "direct", **changes: object) -> ReleaseRequest:
+    return ReleaseRequest(identity=IDENTITY, nonce=nonce, enclave_key=enclave.public, work="a" * 64, mode=mode,
+                          **changes)  # fmt: skip
+
+
+def test_data_keys_are_derived_per_flow_run_and_scope_and_survive_a_restart() -> None:
+    keyring = _keyring()
+    key = keyring.data_key("ScoreFlow", "12", "sgx:prod")
+    assert len(key) == 32 and key == _keyring().data_key("ScoreFlow", "12", "sgx:prod")  # another replica
+    others = [("ScoreFlow", "13", "sgx:prod"), ("ScoreFlow", "12", "direct"), ("ScoreFlow", "12", "sgx:dev"),
+              ("OtherFlow", "12", "sgx:prod")]  # fmt: skip
+    assert all(keyring.data_key(*other) != key for other in others)
+    assert _keyring(master=b"n" * 32).data_key("ScoreFlow", "12", "sgx:prod") != key
+
+
+def test_a_direct_enclave_gets_the_direct_key_only_where_allowed() -> None:
+    keyring, enclave = _keyring(), EnclaveKey()
+    request = _request(keyring.nonce(), enclave)
+    released = keyring.release(request)
+    bound = binding(IDENTITY, request.nonce, enclave.public, request.work)
+    assert enclave.open(bytes.fromhex(released.envelope), bound) == keyring.data_key("ScoreFlow", "12", "direct")
+    assert released.verification == {"attested": False, "mode": "direct",
+                                     "why": "gramine-direct gives no quote (development only)"}  # fmt: skip
+    strict = _keyring(allow_direct=False)
+    with pytest.raises(AttestationRefused, match=r"^mode: direct: this keeper releases no key to an unattested"):
+        strict.release(_request(strict.nonce(), enclave))
+
+
+@pytest.mark.parametrize(
+    ("case", "field", "says"),
+    [
+        ("forged", "nonce", "was not made by this key keeper"),
+        ("another keeper's", "nonce", "was not made by this key keeper"),
+        ("stale", "nonce", f"s old; a nonce is accepted for {NONCE_TTL_S} s"),
+        ("no quote", "quote", "the enclave gave none"),
+        ("no policy", "policy", "an SGX step needs one"),
+        ("unknown policy", "policy", "no policy named 'dev'"),
+        ("wrong measurement", "sgx.mr_enclave", "is not one the policy allows"),
+        ("expired collateral", "collateral", "is outside its validity window"),
+        ("not this task's quote", "report_data", "does not bind this task"),
+    ],
+)
+def test_every_release_that_should_not_happen_is_refused_naming_the_check(case: str, field: str, says: str) -> None:
+    """The public quote is genuine and its collateral valid at ``PINNED``; it binds another program's data,
+    so with every other check passed it is refused at the binding, never released."""
+    policy = SGX_POLICY.replace("33d8736db756", "00d8736db756") if case == "wrong measurement" else SGX_POLICY
+    keyring, now = _keyring(policy=policy), PINNED
+    nonce = keyring.nonce(now=PINNED)
+    changes: dict[str, object] = {"mode": "sgx", "policy": "prod", "quote": (SAMPLES / "sgx_quote").read_bytes().hex()}
+    if case == "forged":
+        nonce = nonce[:-2] + ("00" if nonce[-2:] != "00" else "11")
+    elif case == "another keeper's":
+        nonce = _keyring(master=b"x" * 32).nonce(now=PINNED)
+    elif case == "stale":
+        now = PINNED + NONCE_TTL_S + 5
+    elif case == "no quote":
+        changes["quote"] = None
+    elif case == "no policy":
+        changes["policy"] = None
+    elif case == "unknown policy":
+        changes["policy"] = "dev"
+    elif case == "expired collateral":
+        nonce, now = keyring.nonce(), time.time()
+    with pytest.raises(AttestationRefused) as refused:
+        keyring.release(_request(nonce, EnclaveKey(), **changes), now=now)
+    assert refused.value.field == field and says in refused.value.message, refused.value.message
+
+
+def test_a_master_secret_is_made_once_as_hex_and_a_wrong_one_is_named(tmp_path: Path) -> None:
+    first = master_secret(tmp_path / "master.key")
+    assert len(first) == 32 and master_secret(tmp_path / "master.key") == first
+    assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "master.key").read_text() == first.hex()  # what `openssl rand -hex 32` gives
+    (tmp_path / "short.key").write_text("abcd")
+    with pytest.raises(InvalidInput, match=r"master_key: .* does not hold 64 hex digits"):
+        master_secret(tmp_path / "short.key")
+
+
+# -- the service ----------------------------------------------------------------------------------------------
+
+
+def _serve(folder: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = (folder / f"key-release-{port}.log").open("wb")
+    server = subprocess.Popen(
+        [str(VENV_BIN / "metaflow"), "confidential", "key-release", "--port", str(port), *args],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "METAFLOW_STACK_STATE_DIR": str(folder / "state"),
+                                                   **(env or {})},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    assert wait_ready(url, 60), (folder / f"key-release-{port}.log").read_text()[-3000:]
+    return server, url
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A key-release service with the ``prod`` policy and a master key file, direct mode allowed."""
+    folder = tmp_path_factory.mktemp("key-release")
+    (folder / "policies").mkdir()
+    (folder / "policies" / "prod.toml").write_text(SGX_POLICY)
+    (folder / "master.key").write_text("ab" * 32)
+    server, url = _serve(folder, "--policies", str(folder / "policies"), "--master-key-file",
+                         str(folder / "master.key"), "--allow-direct",
+                         "--collateral", str(SAMPLES / "sgx_quote_collateral.json"))  # fmt: skip
+    try:
+        yield url, folder
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_service_releases_to_the_enclave_it_judged_and_names_every_refusal(service: tuple[str, Path]) -> None:
+    url, folder = service
+    keeper, enclave = RemoteKeeper(url, None), EnclaveKey()
+    request = _request(keeper.nonce(), enclave)
+    released = keeper.release(request)
+    master = bytes.fromhex((folder / "master.key").read_text())
+    bound = binding(IDENTITY, request.nonce, enclave.public, request.work)
+    expected = Keyring(master, lambda name: None, True).data_key("ScoreFlow", "12", "direct")
+    assert enclave.open(bytes.fromhex(released.envelope), bound) == expected
+    with pytest.raises(SealedError, match="made for another enclave or attempt"):
+        EnclaveKey().open(bytes.fromhex(released.envelope), bound)  # the launcher that carries it cannot open it
+    quote = (SAMPLES / "sgx_quote").read_bytes().hex()
+    with pytest.raises(AttestationRefused, match=r"^collateral: is outside its validity window") as refused:
+        keeper.release(_request(keeper.nonce(), enclave, mode="sgx", policy="prod", quote=quote))
+    assert refused.value.field == "collateral"  # judged with the service's own policy and collateral
+    with pytest.raises(AttestationRefused, match="no policy named 'lenient'"):
+        keeper.release(_request(keeper.nonce(), enclave, mode="sgx", policy="lenient", quote=quote))
+    answer = httpx.post(f"{url}/v1/releases", json={**request.model_dump(), "nonce": "f" * 64}).json()
+    assert answer["code"] == "attestation_refused" and answer["details"] == {"field": "nonce"}
+    assert httpx.get(f"{url}/v1/policies").json()[0]["name"] == "prod"
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'key_release_decisions_total{mode="direct",outcome="released"} 1.0' in metrics
+    assert 'key_release_decisions_total{mode="sgx",outcome="collateral"} 1.0' in metrics
+    log = "".join(p.read_text() for p in folder.glob("key-release-*.log"))
+    assert "released ScoreFlow/12/score/3 attempt 0" in log and "ab" * 32 not in log  # decisions, never keys
+
+
+@pytest.mark.parametrize(
+    ("changes", "names"),
+    [
+        ("{", "body"),
+        ({"identity": None}, "identity"),
+        ({"identity": {**IDENTITY.model_dump(), "run": "../etc"}}, "identity.run"),
+        ({"identity": {**IDENTITY.model_dump(), "attempt": 10**9}}, "identity.attempt"),
+        ({"mode": "tdx"}, "mode"),
+        ({"policy": "../../etc/passwd"}, "policy"),
+        ({"quote": "zz"}, "quote"),
+        ({"enclave_key": "00" * 40}, "enclave_key"),
+    ],
+)
+def test_a_malformed_request_is_json_naming_the_field(service: tuple[str, Path], changes: object, names: str) -> None:
+    url, _ = service
+    if isinstance(changes, str):
+        answer = httpx.post(f"{url}/v1/releases", content=changes, headers={"content-type": "application/json"})
+    else:
+        answer = httpx.post(f"{url}/v1/releases", json={**_request("0" * 64, EnclaveKey()).model_dump(), **changes})
+    assert answer.status_code == 400 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["details"]["parameter"] == names, answer.json()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_declared_or_streamed(service: tuple[str, Path]) -> None:
+    url, _ = service
+    declared = httpx.post(f"{url}/v1/releases", content=b"x" * 400_000)
+    assert declared.status_code == 413 and declared.json()["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no content-length: counted as it arrives
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    streamed = httpx.post(f"{url}/v1/releases", content=chunks())
+    assert streamed.status_code == 413 and streamed.json()["code"] == "payload_too_large"
+
+
+def test_a_pccs_that_never_answers_does_not_stall_the_service(tmp_path: Path) -> None:
+    """Quotes whose collateral must be fetched from a PCCS that accepts and never answers: each waits in a
+    worker thread, so the probes and new nonces answer at once meanwhile."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "prod.toml").write_text(SGX_POLICY)
+    pccs = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    server, url = _serve(tmp_path, "--policies", str(tmp_path / "policies"), "--pccs-url", pccs)
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    try:
+        keeper = RemoteKeeper(url, None)
+        quote = (SAMPLES / "sgx_quote").read_bytes().hex()
+        requests = [_request(keeper.nonce(), EnclaveKey(), mode="sgx", policy="prod", quote=quote) for _ in range(16)]
+        pending = [pool.submit(httpx.post, f"{url}/v1/releases", json=r.model_dump(), timeout=90) for r in requests]
+        time.sleep(1)
+        assert not any(p.done() for p in pending)  # all waiting on the silent PCCS
+        started = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200 and keeper.nonce()
+        assert time.monotonic() - started < 1.0
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+        pool.shutdown(wait=True, cancel_futures=True)
+        silent.close()
+
+
+def test_the_service_refuses_to_serve_beyond_loopback_without_a_key_and_checks_it(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    done = run_cli("confidential", "key-release", "--policies", str(tmp_path / "policies"), "--host", "0.0.0.0")
+    assert done.returncode == 1 and "would let anyone who reaches it read and write without a key" in done.stderr
+    assert "Traceback" not in done.stderr
+    server, url = _serve(tmp_path, "--policies", str(tmp_path / "policies"),
+                         env={"METAFLOW_STACK_KEY_RELEASE_AUTH_KEY": "k" * 32})  # fmt: skip
+    try:
+        assert httpx.post(f"{url}/v1/nonces").status_code == 401
+        assert len(RemoteKeeper(url, "k" * 32).nonce()) == 64
+        with pytest.raises(AttestationRefused, match="missing or wrong key"):
+            RemoteKeeper(url, "wrong").nonce()
+        rebound = httpx.post(f"{url}/v1/nonces", headers={"host": "evil.example", "x-api-key": "k" * 32})
+        assert rebound.status_code == 403 and rebound.json()["code"] == "forbidden_host"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(service: tuple[str, Path], tmp_path: Path) -> None:
+    report = fuzz_finds_nothing(service[0], tmp_path, examples=30)
+    assert "Tested: 6" in report
+
+
+# -- a flow whose launcher holds no key --------------------------------------------------------------------
+
+
+def _run_flow(root: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": gramine_path(), "USER": "tester", "METAFLOW_DEFAULT_METADATA": "local",
+           "METAFLOW_STACK_STATE_DIR": str(root / "state"), "METAFLOW_STACK_KEY_RELEASE_URL": url}  # fmt: skip
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_flow_through_the_service_seals_with_its_key_and_the_launcher_holds_none(
+    service: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, folder = service
+    (tmp_path / ".metaflow").mkdir()
+    shutil.copy(PROJECT / "examples" / "confidential_inference.py", tmp_path)
+    done = _run_flow(tmp_path, url, "confidential_inference.py", "run", "--patients", "8")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "state" / "confidential" / "keeper").exists()  # no master secret, no data key here
+    script = """import json
+from metaflow import Flow, namespace
+namespace(None)
+run = Flow("ConfidentialInferenceFlow").latest_run
+sealed = run["score"].task["predictions"].data
+print(json.dumps([run.id, run["score"].task.id, type(sealed).__name__, sealed.where, sealed.blob.hex()]))
+"""
+    env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
+    listed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    run_id, task_id, kind, where, blob = json.loads(listed.stdout.splitlines()[-1])
+    assert kind == "Sealed"
+    master = bytes.fromhex((folder / "master.key").read_text())
+    key = Keyring(master, lambda name: None, True).data_key("ConfidentialInferenceFlow", run_id, "direct")
+    assert len(pickle.loads(Sealed(bytes.fromhex(blob), where).open(key))) == 8  # sealed under the service's key
+    assert where.endswith(f"/score/{task_id}/predictions")
+
+
+@pytest.mark.slow
+def test_a_service_that_allows_no_direct_enclave_stops_the_task_before_its_code_runs(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    server, url = _serve(tmp_path, "--policies", str(tmp_path / "policies"))
+    (tmp_path / ".metaflow").mkdir()
+    (tmp_path / "tiny_flow.py").write_text("""from metaflow import FlowSpec, confidential, step
+
+
+class TinyFlow(FlowSpec):
+    @confidential
+    @step
+    def start(self):
+        print("the step's code ran")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    TinyFlow()
+""")
+    try:
+        done = _run_flow(tmp_path, url, "tiny_flow.py", "run")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "mode: direct: this keeper releases no key to an unattested enclave" in output
+    assert "the step's code ran" not in output
