@@ -130,6 +130,7 @@ lock: _venv
     # The extras' locks are constrained by the core lock, so a package the images share has one version in all.
     uv pip compile runtime/pyproject.toml --extra service -c runtime/requirements.lock -o runtime/requirements-service.lock --python-version 3.11 --python-platform linux --quiet
     uv pip compile runtime/pyproject.toml --extra ui -c runtime/requirements.lock -o runtime/requirements-ui.lock --python-version 3.11 --python-platform linux --quiet
+    uv pip compile runtime/pyproject.toml --extra key-release -c runtime/requirements.lock -o runtime/requirements-key-release.lock --python-version 3.11 --python-platform linux --quiet
 
 [private]
 _venv:

@@ -109,9 +109,11 @@ def _pins(lock: str) -> dict[str, str]:
     return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith(" "))
 
 
-@pytest.mark.parametrize("extra", ["requirements-service.lock", "requirements-ui.lock"])
+@pytest.mark.parametrize(
+    "extra", ["requirements-service.lock", "requirements-ui.lock", "requirements-key-release.lock"]
+)
 def test_an_extras_lock_keeps_every_version_of_the_core_lock(extra: str) -> None:
-    # The service and UI images add their extra's lock to the base's environment: nothing may move.
+    # The service, UI and key-release images add their extra's lock to the base's environment: nothing may move.
     core, added = _pins("requirements.lock"), _pins(extra)
     assert len(core) > 20
     assert {name: added.get(name) for name in core} == core

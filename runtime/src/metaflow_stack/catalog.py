@@ -89,6 +89,12 @@ _CATALOG: dict[str, ImageEntry] = {
             includes=(("runtime/requirements-ui.lock", "requirements-ui.lock"),),
         ),
         ImageEntry(
+            name="key-release",
+            description="The key-release service of @confidential steps: run data keys to attested enclaves only",
+            capabilities=("key-release",),
+            includes=(("runtime/requirements-key-release.lock", "requirements-key-release.lock"),),
+        ),
+        ImageEntry(
             name="postgres",
             description="PostgreSQL 15 from Debian's packages, the local stack's service database",
             capabilities=("service-database",),

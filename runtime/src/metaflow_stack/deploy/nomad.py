@@ -30,6 +30,9 @@ _TYPES = {
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
     "${list(string)}": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    "${map(string)}": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and isinstance(i, str) for k, i in v.items())
+    ),
 }
 
 
@@ -58,6 +61,8 @@ def _literal(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)} = {_literal(v)}" for k, v in value.items()) + "}"
     # JSON string escapes are HCL's; template sequences must not be interpreted.
     return json.dumps(str(value)).replace("${", "$${").replace("%{", "%%{")
 
