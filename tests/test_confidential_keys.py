@@ -20,7 +20,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PROJECT, VENV_BIN, free_port, fuzz_finds_nothing, gramine_path, run_cli, wait_ready
+from conftest import (
+    DEAD_ENGINE_ENV,
+    PROJECT,
+    VENV_BIN,
+    free_port,
+    fuzz_finds_nothing,
+    gramine_path,
+    run_cli,
+    wait_ready,
+)
 
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity, binding
 from metaflow_stack.confidential.keyrelease import EnclaveKey
@@ -284,37 +293,53 @@ def test_schemathesis_finds_no_server_error(service: tuple[str, Path], tmp_path:
 # -- a flow whose launcher holds no key --------------------------------------------------------------------
 
 
-def _run_flow(root: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_flow(root: Path, url: str, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": gramine_path(), "USER": "tester", "METAFLOW_DEFAULT_METADATA": "local",
            "METAFLOW_STACK_STATE_DIR": str(root / "state"), "METAFLOW_STACK_KEY_RELEASE_URL": url}  # fmt: skip
+    if key:
+        env["METAFLOW_STACK_KEY_RELEASE_AUTH_KEY"] = key
     return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
-def test_a_flow_through_the_service_seals_with_its_key_and_the_launcher_holds_none(
-    service: tuple[str, Path], tmp_path: Path
-) -> None:
-    url, folder = service
-    (tmp_path / ".metaflow").mkdir()
-    shutil.copy(PROJECT / "examples" / "confidential_inference.py", tmp_path)
-    done = _run_flow(tmp_path, url, "confidential_inference.py", "run", "--patients", "8")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert not (tmp_path / "state" / "confidential" / "keeper").exists()  # no master secret, no data key here
+def test_up_with_key_release_keeps_the_keys_a_flows_launcher_no_longer_holds(tmp_path: Path) -> None:
+    """`just up --with key-release`, then the example flow with the lines it prints: sealed under the service's
+    key (its master key in the stack's state folder, mode 0600), none kept by the launcher; `down` stops it."""
+    stack = tmp_path / "stack"
+    env = {**DEAD_ENGINE_ENV, "METAFLOW_STACK_STATE_DIR": str(stack), "METAFLOW_STACK_SERVICE_PORT": str(free_port()),
+           "METAFLOW_STACK_KEY_RELEASE_PORT": str(free_port())}  # fmt: skip
+    up = run_cli("stack", "up", "--with", "key-release", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        export = next(line for line in up.stdout.splitlines() if "METAFLOW_STACK_KEY_RELEASE_URL" in line)
+        url = export.split("METAFLOW_STACK_KEY_RELEASE_URL=")[1].split()[0]
+        key = (stack / "auth-key").read_text()
+        assert f'METAFLOW_STACK_KEY_RELEASE_AUTH_KEY="$(cat {stack / "auth-key"})"' in export and key not in up.stdout
+        assert httpx.post(f"{url}/v1/nonces").status_code == 401  # keyed with the stack's key
+        flows = tmp_path / "flows"
+        (flows / ".metaflow").mkdir(parents=True)
+        shutil.copy(PROJECT / "examples" / "confidential_inference.py", flows)
+        done = _run_flow(flows, url, "confidential_inference.py", "run", "--patients", "8", key=key)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finally:
+        down = run_cli("stack", "down", env=env)
+    assert "key release stopped (its master key is kept)" in down.stderr
+    assert not (flows / "state" / "confidential" / "keeper").exists()  # no master secret, no data key here
     script = """import json
 from metaflow import Flow, namespace
 namespace(None)
 run = Flow("ConfidentialInferenceFlow").latest_run
 sealed = run["score"].task["predictions"].data
-print(json.dumps([run.id, run["score"].task.id, type(sealed).__name__, sealed.where, sealed.blob.hex()]))
+print(json.dumps([run.id, type(sealed).__name__, sealed.where, sealed.blob.hex()]))
 """
-    env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
-    listed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
-    run_id, task_id, kind, where, blob = json.loads(listed.stdout.splitlines()[-1])
-    assert kind == "Sealed"
-    master = bytes.fromhex((folder / "master.key").read_text())
-    key = Keyring(master, lambda name: None, True).data_key("ConfidentialInferenceFlow", run_id, "direct")
-    assert len(pickle.loads(Sealed(bytes.fromhex(blob), where).open(key))) == 8  # sealed under the service's key
-    assert where.endswith(f"/score/{task_id}/predictions")
+    local = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
+    listed = subprocess.run([sys.executable, "-c", script], cwd=flows, capture_output=True, text=True, env=local)
+    run_id, kind, where, blob = json.loads(listed.stdout.splitlines()[-1])
+    master_file = stack / "key-release" / "master.key"
+    assert kind == "Sealed" and master_file.stat().st_mode & 0o777 == 0o600
+    master = bytes.fromhex(master_file.read_text())
+    data_key = Keyring(master, lambda name: None, True).data_key("ConfidentialInferenceFlow", run_id, "direct")
+    assert len(pickle.loads(Sealed(bytes.fromhex(blob), where).open(data_key))) == 8  # under the service's key
 
 
 @pytest.mark.slow

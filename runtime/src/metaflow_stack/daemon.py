@@ -31,14 +31,18 @@ class Daemon:
             return None
         return pid
 
-    def start(self, command: list[str], answers: Callable[[], bool], timeout_s: float) -> bool:
-        """Start ``command`` and wait until ``answers()``; False (and stopped again) if it ended first or
-        did not answer in ``timeout_s``."""
+    def start(
+        self, command: list[str], answers: Callable[[], bool], timeout_s: float, env: dict[str, str] | None = None
+    ) -> bool:
+        """Start ``command`` (with ``env`` added to this process's variables: a key never on a command line)
+        and wait until ``answers()``; False (and stopped again) if it ended first or did not answer in
+        ``timeout_s``."""
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )  # fmt: skip
         self.pidfile.write_text(str(process.pid))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -344,8 +344,9 @@ def cluster_down() -> None:
     "--with",
     "extras",
     multiple=True,
-    type=click.Choice(["redis"]),
-    help="Also start redis: the queue of @worker_pool(backend='redis'), on 127.0.0.1 with a password.",
+    type=click.Choice(["redis", "key-release"]),
+    help="Also start redis (the queue of @worker_pool(backend='redis')) or key-release (the keys of @confidential "
+    "steps, for attested and, on this machine, direct-mode enclaves), on 127.0.0.1 with the stack's secrets; repeat.",
 )
 @click.option(
     "--redis-port",
@@ -355,9 +356,22 @@ def cluster_down() -> None:
     envvar="METAFLOW_STACK_REDIS_PORT",
     help="Port of the stack's Redis on 127.0.0.1 (with --with redis).",
 )
+@click.option(
+    "--key-release-port",
+    default=8325,
+    show_default=True,
+    type=int,
+    envvar="METAFLOW_STACK_KEY_RELEASE_PORT",
+    help="Port of the stack's key-release service on 127.0.0.1 (with --with key-release).",
+)
 @_friendly
 def up(
-    no_docker: bool, service_port: int, log_roots: tuple[str, ...], extras: tuple[str, ...], redis_port: int
+    no_docker: bool,
+    service_port: int,
+    log_roots: tuple[str, ...],
+    extras: tuple[str, ...],
+    redis_port: int,
+    key_release_port: int,
 ) -> None:
     from metaflow_stack import demo
     from metaflow_stack.local_secrets import stack_key, stack_key_path
@@ -381,6 +395,19 @@ def up(
         _out.print(
             f'for worker pools: export {URL_VARIABLE}="{local_redis.shell_url()}"', highlight=False, soft_wrap=True
         )
+    if "key-release" in extras:
+        from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY
+        from metaflow_stack.confidential.local_service import LocalKeyRelease
+
+        key_release = LocalKeyRelease(port=key_release_port)
+        key_release.start()
+        _err.print(f"key release on {key_release.url}; policies: {key_release.policies}/NAME.toml", highlight=False)
+        _out.print(
+            f'for @confidential: export METAFLOW_STACK_KEY_RELEASE_URL={key_release.url} {KEY_RELEASE_KEY}="$(cat '
+            f'{stack_key_path()})"',
+            highlight=False,
+            soft_wrap=True,
+        )
     _out.print(
         f"point Metaflow at the service: export METAFLOW_DEFAULT_METADATA=service METAFLOW_SERVICE_URL={service.url} "
         f'METAFLOW_SERVICE_AUTH_KEY="$(cat {stack_key_path()})"',
@@ -400,6 +427,7 @@ def up(
 @click.option("--yes", is_flag=True, help="Do not ask before removing with --all.")
 @_friendly
 def down(purge: bool, everything: bool, yes: bool) -> None:
+    from metaflow_stack.confidential.local_service import LocalKeyRelease
     from metaflow_stack.engines import OWNER_LABEL, STACK_UP, get_engine
     from metaflow_stack.errors import DockerUnavailableError
     from metaflow_stack.pool.local_redis import LocalRedis
@@ -416,6 +444,8 @@ def down(purge: bool, everything: bool, yes: bool) -> None:
         _err.print("registry stopped")
     if LocalRedis().stop():
         _err.print("redis stopped")
+    if LocalKeyRelease().stop():
+        _err.print("key release stopped (its master key is kept)")
     try:
         removed = get_engine("docker").cleanup(None if everything else {OWNER_LABEL: STACK_UP})
     except DockerUnavailableError:
