@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import json_stdout, refuse_unpickling, run_cli
 from service_servers import Service, run_flow, start_service
@@ -120,6 +121,30 @@ def test_logs_tail_and_grep_of_the_failing_task(runs: Runs, queries: Queries) ->
     first = queries.logs(failure.pathspec, attempt=0, grep="ValueError")
     assert first.attempt == 0 and first.lines and all("ValueError" in line.text for line in first.lines)
     assert queries.source.requests == 3
+
+
+def test_a_confidential_tasks_verification_comes_with_its_task_in_the_same_request(
+    runs: Runs, queries: Queries
+) -> None:
+    """``@confidential``'s launcher records each attempt's verification as task metadata; the tasks listing
+    carries the latest (one index lookup per task in the same query), and a value that is not one is left out."""
+    work = queries.run_tasks(runs.done, step="work").tasks
+    assert all(t.confidential is None for t in work)
+    recorded = {"attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)",
+                "mr_enclave": None}  # fmt: skip
+    for task, value in ((work[0], json.dumps(recorded)), (work[1], "[not, an object")):
+        flow, run, step, task_id = task.pathspec.split("/")
+        body = [{"field_name": "confidential-verification", "value": value, "type": "confidential-verification",
+                 "tags": ["attempt_id:0"]}]  # fmt: skip
+        posted = httpx.post(f"{runs.service.url}/flows/{flow}/runs/{run}/steps/{step}/tasks/{task_id}/metadata",
+                            json=body)  # fmt: skip
+        assert posted.status_code in (200, 201), posted.text
+    queries.source.requests = 0
+    listed = queries.run_tasks(runs.done, step="work").tasks
+    assert queries.source.requests == 1
+    shown = listed[0].confidential
+    assert shown is not None and (shown.attested, shown.mode, shown.why) == (False, "direct", recorded["why"])
+    assert [t.confidential for t in listed[1:]] == [None, None, None]
 
 
 def test_mistakes_are_structured_errors(runs: Runs, queries: Queries) -> None:

@@ -77,6 +77,24 @@ def test_a_genuine_sgx_quote_of_an_allowed_enclave_bound_to_its_task_is_trusted(
     assert len(found.policy_digest) == 64 and found.verified_at == PINNED
 
 
+def test_a_recorded_verification_is_read_back_as_the_agent_and_the_ui_show_it(samples: Path) -> None:
+    """The launcher's record of a real verification (the public SGX quote's), read back as ``ConfidentialInfo``;
+    a value that is not one (not JSON, not an object, too large, wrong types) reads as none, never an error."""
+    import json
+
+    from metaflow_stack.agent.models import ConfidentialInfo
+
+    quote, collateral = _evidence(samples, "sgx_quote")
+    verified = verify(quote, collateral, parse_policy(SGX_POLICY), _report_data(quote), now=PINNED)
+    record = {"attested": True, "mode": "sgx", "policy": "prod", **verified.model_dump(), "mr_enclave": SGX_MR_ENCLAVE}
+    shown = ConfidentialInfo.recorded(json.dumps(record))
+    assert shown is not None and (shown.attested, shown.tee, shown.policy) == (True, "sgx", "prod")
+    assert shown.status == "ConfigurationAndSWHardeningNeeded" and shown.measurements["mr_enclave"] == SGX_MR_ENCLAVE
+    assert shown.policy_digest == parse_policy(SGX_POLICY).digest and shown.verified_at == PINNED
+    for hostile in ("{", "[1, 2]", json.dumps({"attested": "maybe"}), "{" + " " * 70_000 + "}", None, 7):
+        assert ConfidentialInfo.recorded(hostile) is None
+
+
 def test_a_genuine_tdx_quote_is_held_to_its_mrtd_and_rtmrs(samples: Path) -> None:
     quote, collateral = _evidence(samples, "tdx_quote")
     found = verify(quote, collateral, parse_policy(TDX_POLICY), _report_data(quote), now=PINNED)

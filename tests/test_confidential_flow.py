@@ -12,8 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import PROJECT, gramine_path
 
@@ -65,6 +67,58 @@ print(json.dumps(rows))""")  # fmt: skip
         assert verification["attested"] is False and verification["mode"] == "direct"
     enclaves = list((root / "state" / "confidential" / "enclaves").iterdir())
     assert len(enclaves) == 1  # prepared once: both steps, same code and settings, same measurement
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_agent_and_the_ui_show_each_confidential_tasks_verification(run: tuple[Path, str], chromium) -> None:
+    """What the launcher recorded, as `metaflow agent tasks` (and its MCP tool) and the UI's task page show it:
+    only on the confidential steps, unattested in direct mode, and why."""
+    from metaflow_stack.agent import Queries
+    from metaflow_stack.agent.local_source import LocalSource
+
+    root, _ = run
+    queries = Queries(LocalSource(root / ".metaflow"))
+    latest = queries.list_runs("ConfidentialInferenceFlow").runs[0].pathspec
+    tasks = {t.step_name: t for t in queries.run_tasks(latest).tasks}
+    assert tasks["train"].confidential is None and tasks["end"].confidential is None
+    shown = tasks["score"].confidential
+    assert shown is not None and (shown.attested, shown.mode, shown.tee) == (False, "direct", None)
+    assert shown.why == "gramine-direct gives no quote (development only)"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "metaflow.cmd.main_cli", "ui", "--port", "0", "--no-browser", "--datastore-root",
+         str(root / ".metaflow")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = ""
+        while "UI on" not in line:
+            line = server.stderr.readline()
+            assert line or server.poll() is None, "metaflow ui exited before it served"
+        url = line.split("UI on ")[1].split()[0].rstrip("/")
+        score = tasks["score"].pathspec
+        deadline = time.monotonic() + 60
+        while not _answers(f"{url}/health"):  # it prints its link just before it serves
+            assert time.monotonic() < deadline, "metaflow ui never answered"
+            time.sleep(0.2)
+        page_data = httpx.get(f"{url}/api/tasks/{score}", timeout=30).json()
+        assert page_data["confidential"]["attested"] is False and page_data["confidential"]["mode"] == "direct"
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/{score}")
+        section = page.locator("section[data-confidential='unattested']")
+        section.wait_for(timeout=30_000)
+        assert "Confidential computing" in section.inner_text() and "gramine-direct" in section.inner_text()
+        page.goto(f"{url}/{tasks['train'].pathspec}")
+        page.get_by_text("Attempts").first.wait_for(timeout=30_000)
+        assert page.locator("section[data-confidential]").count() == 0
+        page.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_sealed_values_are_ciphertext_outside_and_open_only_in_the_next_enclave(run: tuple[Path, str]) -> None:

@@ -105,10 +105,26 @@ export interface Card {
   hash: string;
 }
 
+/** How a @confidential task's evidence was judged, as its launcher recorded it before the step's code ran. */
+export interface Confidential {
+  attested: boolean;
+  mode: string;
+  tee: string | null;
+  status: string | null;
+  advisory_ids: string[];
+  policy: string | null;
+  policy_digest: string | null;
+  measurements: Record<string, string | number>;
+  mr_enclave: string | null;
+  verified_at: number | null;
+  why: string | null;
+}
+
 export interface TaskPage {
   pathspec: string;
   attempts: Attempt[];
   metadata: { field: string; value: unknown; type: string; attempt: number }[];
+  confidential: Confidential | null;
   artifacts: Artifact[];
   cards: Card[];
   cards_error: { error: ApiError } | null;

@@ -1,7 +1,8 @@
-// A task: attempts, artifacts with sizes, types and safe previews, metadata, and its logs.
+// A task: attempts, a @confidential task's verification, artifacts with sizes, types and safe previews, metadata,
+// and its logs.
 import { Link, useParams } from "react-router-dom";
 
-import { apiPath, type TaskPage } from "../api";
+import { apiPath, type Confidential, type TaskPage } from "../api";
 import { Logs } from "../components/Logs";
 import { ErrorBox } from "../components/Status";
 import { bytes, duration, when } from "../format";
@@ -13,7 +14,7 @@ export function Task() {
   const page = useLive<TaskPage>(apiPath("tasks", pathspec), `${flow}/${run}`);
   if (page.error) return <main><ErrorBox title={`Task ${pathspec}`} error={page.error.body} /></main>;
   if (!page.data) return <main className="muted">Loading {pathspec}…</main>;
-  const { attempts, artifacts, metadata, cards, cards_error } = page.data;
+  const { attempts, artifacts, metadata, cards, cards_error, confidential } = page.data;
   const user = artifacts.filter((a) => !a.name.startsWith("_"));
   const internal = artifacts.filter((a) => a.name.startsWith("_"));
   const running = attempts.length > 0 && attempts[0].ok === null;
@@ -51,6 +52,7 @@ export function Task() {
           ))}
         </tbody>
       </table>
+      {confidential && <Verification verification={confidential} />}
       <h2>Artifacts</h2>
       <ArtifactTable artifacts={user} task={pathspec} />
       <details>
@@ -97,6 +99,47 @@ export function Task() {
         </table>
       </details>
     </main>
+  );
+}
+
+function Verification({ verification }: { verification: Confidential }) {
+  const v = verification;
+  const rows: [string, string][] = [
+    ["Mode", v.mode === "sgx" ? "SGX enclave (gramine-sgx)" : "direct (gramine-direct: development, no TEE)"],
+  ];
+  if (v.attested) {
+    rows.push(["TEE", (v.tee ?? "?").toUpperCase()], ["TCB status", v.status ?? "?"]);
+    if (v.advisory_ids.length > 0) rows.push(["Advisories", v.advisory_ids.join(", ")]);
+    rows.push(["Policy", `${v.policy ?? "?"} (sha256 ${(v.policy_digest ?? "").slice(0, 16)}…)`]);
+    for (const [name, value] of Object.entries(v.measurements)) rows.push([name, String(value)]);
+    if (v.verified_at) rows.push(["Verified", when(v.verified_at * 1000)]);
+  } else if (v.why) {
+    rows.push(["Why", v.why]);
+  }
+  return (
+    <section data-confidential={v.attested ? "attested" : "unattested"}>
+      <h2>
+        Confidential computing{" "}
+        <span className={`badge status-${v.attested ? "completed" : "running"}`}>{v.attested ? "attested" : "unattested"}</span>
+      </h2>
+      <p className="muted">
+        {v.attested
+          ? "Its quote passed the policy before the step's code ran; its sealed values open only in attested enclaves."
+          : "No quote: nothing vouches for where this task ran. Its sealed values are for development only."}
+      </p>
+      <table className="kv">
+        <tbody>
+          {rows.map(([name, value]) => (
+            <tr key={name}>
+              <th>{name}</th>
+              <td>
+                <code>{value}</code>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </section>
   );
 }
 

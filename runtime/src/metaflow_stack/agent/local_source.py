@@ -28,6 +28,7 @@ from typing import Any
 from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.models import (
     ArtifactInfo,
+    ConfidentialInfo,
     Failure,
     FlowInfo,
     LogLine,
@@ -38,6 +39,7 @@ from metaflow_stack.agent.models import (
     TaskInfo,
 )
 from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope
+from metaflow_stack.datastore import CONFIDENTIAL_FIELD
 from metaflow_stack.datastore.attempts import attempt_of
 from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
 from metaflow_stack.datastore.log_files import LogFiles, ReadMeter
@@ -325,21 +327,24 @@ class LocalSource:
         return [self._task(flow, run, row) for row in window], after
 
     def _task(self, flow: str, run: str, row: _Row) -> TaskInfo:
+        meta = row.folder / "_meta"
+        names = self._names(meta)
         stack = self._foreach_stacks.get(str(row.folder))
         if stack is None:
-            meta = row.folder / "_meta"
-            found = sorted(meta / n for n in self._names(meta) if n.startswith("sysmeta_foreach-stack_"))
+            found = sorted(meta / n for n in names if n.startswith("sysmeta_foreach-stack_"))
             stack = self._json(found[-1])["value"] if found else []
             if row.ok is not None:  # recorded when the task started: final once it has an outcome
                 _remember(self._foreach_stacks, str(row.folder), stack)
+        verified = sorted(n for n in names if n.startswith(f"sysmeta_{CONFIDENTIAL_FIELD}_"))  # ms: one width
         return TaskInfo(
             pathspec=f"{flow}/{run}/{row.step}/{row.folder.name}",
             step_name=row.step,
             attempt=row.attempt,
             status=row.status,
-            started_at=self._json(row.folder / "_meta" / "_self.json")["ts_epoch"],
+            started_at=self._json(meta / "_self.json")["ts_epoch"],
             finished_at=row.finished,
             foreach=stack,
+            confidential=ConfidentialInfo.recorded(self._json(meta / verified[-1])["value"]) if verified else None,
         )
 
     def _described(self, run: str, step: str, task: Path) -> list[ArtifactInfo]:

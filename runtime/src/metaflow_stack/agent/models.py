@@ -7,7 +7,10 @@ Every list says whether more exists (``truncated``), how to get it
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
 
 
 class Clamp(BaseModel):
@@ -94,6 +97,38 @@ class ArtifactList(Bounded):
     artifacts: list[ArtifactInfo]
 
 
+class ConfidentialInfo(BaseModel):
+    """How a ``@confidential`` task's evidence was judged: what its launcher recorded before its code ran."""
+
+    attested: bool = Field(description="true only when a quote passed the policy (SGX); false in direct mode")
+    mode: str = Field(description="sgx or direct")
+    tee: str | None = Field(None, description="sgx or tdx, when attested")
+    status: str | None = Field(None, description="the platform's TCB status, as Intel's collateral gives it")
+    advisory_ids: list[str] = Field(default_factory=list)
+    policy: str | None = Field(None, description="the name of the policy the key-release service held it to")
+    policy_digest: str | None = Field(None, description="SHA-256 of the policy that accepted it")
+    measurements: dict[str, str | int] = Field(default_factory=dict, description="mr_enclave, mr_signer, isv_svn...")
+    mr_enclave: str | None = Field(None, description="the enclave the launcher prepared (SGX)")
+    verified_at: int | None = Field(None, description="epoch seconds")
+    why: str | None = Field(None, description="why it is unattested")
+
+    @classmethod
+    def recorded(cls, value: Any) -> ConfidentialInfo | None:
+        """The verification in a stored metadatum's value (its JSON text, or the object), or None when it is
+        not one (a value anyone with write access could have recorded is read, never trusted to parse)."""
+        if isinstance(value, str):
+            if len(value) > 64 * 1024:
+                return None
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        try:
+            return cls.model_validate(value) if isinstance(value, dict) else None
+        except ValidationError:
+            return None
+
+
 class TaskInfo(BaseModel):
     pathspec: str
     step_name: str
@@ -103,6 +138,9 @@ class TaskInfo(BaseModel):
     finished_at: int | None = Field(description="epoch milliseconds; null while running")
     foreach: list[str] = Field(
         default_factory=list, description='the foreach items leading to the task, outermost first: "items=3"'
+    )
+    confidential: ConfidentialInfo | None = Field(
+        None, description="a @confidential task's verification (its latest attempt's); null for other tasks"
     )
 
 

@@ -12,6 +12,7 @@ import httpx
 
 from metaflow_stack.agent.models import (
     ArtifactInfo,
+    ConfidentialInfo,
     Failure,
     FlowInfo,
     LogLine,
@@ -168,6 +169,7 @@ class ServiceSource:
                 started_at=row["ts_epoch"],
                 finished_at=row["finished_at"],
                 foreach=row.get("foreach") or [],
+                confidential=ConfidentialInfo.recorded(row.get("confidential")),
             )
             for row in response.json()
         ]

@@ -26,6 +26,7 @@ from sqlalchemy import ColumnElement, Select, and_, false, func, literal, or_, s
 from sqlalchemy.dialects.postgresql import JSONB, array
 
 from metaflow_stack.api_errors import bad_parameter
+from metaflow_stack.datastore import CONFIDENTIAL_FIELD
 from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
 from metaflow_stack.ids import check_id, is_number
 from metaflow_stack.service import rows
@@ -209,20 +210,19 @@ class Queries:
         t = s.tasks.c
         status = task_status(self._cutoff_ms())
         m = s.metadata_rows.c
-        foreach = (  # the task's latest foreach-stack metadatum: one index lookup per task
-            select(m.value)
-            .where(m.task_id == t.task_id, m.field_name == "foreach-stack")
-            .order_by(m.id.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
+
+        def latest(field: str) -> Any:  # the task's latest metadatum of ``field``: one index lookup per task
+            query = select(m.value).where(m.task_id == t.task_id, m.field_name == field)
+            return query.order_by(m.id.desc()).limit(1).scalar_subquery()
+
         query = (
             select(
                 s.tasks,
                 status.label("status"),
                 s.runs.c.tags.label("run_tags"),
                 s.runs.c.system_tags.label("run_system_tags"),
-                foreach.label("foreach_stack"),
+                latest("foreach-stack").label("foreach_stack"),
+                latest(CONFIDENTIAL_FIELD).label("confidential"),
             )
             .join(s.runs, s.runs.c.run_number == t.run_number)
             .where(t.run_number == run_row["run_number"], *_ranges(params, t.ts_epoch, "ts_epoch"))
@@ -366,7 +366,19 @@ def _run_tags(row: Any) -> dict[str, Any]:
 
 def _task_with_status(row: Any) -> dict[str, Any]:
     extra = {k: row[k] for k in ("status", "attempt", "finished_at")}
-    return rows.task(row, _run_tags(row)) | extra | {"foreach": _foreach(row["foreach_stack"])}
+    recorded = {"foreach": _foreach(row["foreach_stack"]), "confidential": _object(row["confidential"])}
+    return rows.task(row, _run_tags(row)) | extra | recorded
+
+
+def _object(value: str | None) -> dict[str, Any] | None:
+    """A stored JSON object (a ``@confidential`` task's verification), or None when the value is not one."""
+    if not value or len(value) > 64 * 1024 or not value.startswith("{"):
+        return None
+    try:
+        found = json.loads(value)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _foreach(value: str | None) -> list[str]:

@@ -9,7 +9,9 @@ from typing import Any
 
 from metaflow_stack.agent.liveness import Liveness
 from metaflow_stack.agent.local_source import LocalSource
+from metaflow_stack.agent.models import ConfidentialInfo
 from metaflow_stack.agent.source import AgentError
+from metaflow_stack.datastore import CONFIDENTIAL_FIELD
 from metaflow_stack.datastore.blobs import Blobs
 from metaflow_stack.ui.changes import Changes, watch
 from metaflow_stack.ui.details import Details
@@ -51,8 +53,9 @@ def attempt_of(tags: list[str]) -> int:
 
 
 def task_detail(pathspec: str, starts: dict[int, int], metadata: list[dict[str, Any]]) -> dict[str, Any]:
-    """Attempts (newest first, with start, end and outcome) and metadata rows, from Metaflow's metadata
-    records (``field_name``, ``value``, ``type``, ``tags``, ``ts_epoch``) and known attempt start times."""
+    """Attempts (newest first, with start, end and outcome), metadata rows and a ``@confidential`` task's
+    latest verification, from Metaflow's metadata records (``field_name``, ``value``, ``type``, ``tags``,
+    ``ts_epoch``) and known attempt start times."""
     attempts = {n: {"attempt": n, "started_at": ts, "finished_at": None, "ok": None} for n, ts in starts.items()}
     rows = []
     for datum in metadata:
@@ -63,4 +66,11 @@ def task_detail(pathspec: str, starts: dict[int, int], metadata: list[dict[str, 
             entry["started_at"] = datum["ts_epoch"]
         if datum["field_name"] == "attempt_ok":
             entry.update(ok=str(datum["value"]) == "True", finished_at=datum["ts_epoch"])
-    return {"pathspec": pathspec, "attempts": [attempts[n] for n in sorted(attempts, reverse=True)], "metadata": rows}
+    verified = [d for d in metadata if d["field_name"] == CONFIDENTIAL_FIELD]
+    latest = ConfidentialInfo.recorded(max(verified, key=lambda d: d["ts_epoch"])["value"]) if verified else None
+    return {
+        "pathspec": pathspec,
+        "attempts": [attempts[n] for n in sorted(attempts, reverse=True)],
+        "metadata": rows,
+        "confidential": latest.model_dump() if latest else None,
+    }

@@ -62,6 +62,7 @@ def step(
     from metaflow_stack.confidential import launcher
     from metaflow_stack.confidential.attest import TaskIdentity
     from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY
+    from metaflow_stack.datastore import CONFIDENTIAL_FIELD
     from metaflow_stack.http_guard import configured_key
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
@@ -95,8 +96,8 @@ def step(
 
         def record(verification: dict) -> None:
             found = {**verification, "mr_enclave": prepared.mr_enclave}
-            datum = MetaDatum(field="confidential-verification", value=json.dumps(found),
-                              type="confidential-verification", tags=[f"attempt_id:{attempt}"])  # fmt: skip
+            datum = MetaDatum(field=CONFIDENTIAL_FIELD, value=json.dumps(found),
+                              type=CONFIDENTIAL_FIELD, tags=[f"attempt_id:{attempt}"])  # fmt: skip
             ctx.obj.metadata.register_metadata(run_id, step_name, task_id, [datum])
 
         code = launcher.run_task(prepared, identity, command, env, chosen, keeper, record)
