@@ -21,7 +21,7 @@ from metaflow_stack.confidential.attest import (
     new_nonce,
     verify,
 )
-from metaflow_stack.confidential.keyrelease import EnclaveKey, envelope_for, release
+from metaflow_stack.confidential.keyrelease import EnclaveKey, envelope_for, public_hex
 from metaflow_stack.confidential.policy import load_policy, parse_policy
 from metaflow_stack.confidential.seal import SealedError, is_sealed, new_data_key, seal, unseal
 from metaflow_stack.errors import InvalidInput
@@ -175,28 +175,26 @@ def test_the_binding_changes_with_every_part_of_the_task() -> None:
 
 
 def test_a_data_key_is_released_only_to_the_attested_enclaves_key_for_this_attempt() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    keeper, host = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     data_key, enclave = new_data_key(), EnclaveKey()
     bound = binding(IDENTITY, "n1", enclave.public)
-    envelope = envelope_for(data_key, enclave.public, bound)
-    assert data_key not in envelope and enclave.open(envelope, bound) == data_key
+    envelope = envelope_for(data_key, enclave.public, bound, keeper)
+    assert data_key not in envelope and enclave.open(envelope, bound, public_hex(keeper)) == data_key
     with pytest.raises(SealedError, match="made for another enclave or attempt"):
-        EnclaveKey().open(envelope, bound)  # the host, or another enclave
-    with pytest.raises(SealedError, match="made for another enclave or attempt"):
-        enclave.open(envelope, binding(IDENTITY.model_copy(update={"attempt": 1}), "n1", enclave.public))
-    with pytest.raises(AttestationRefused, match=r"^enclave_key: is not an X25519 public key"):
-        envelope_for(data_key, "zz", bound)
-
-
-def test_no_key_is_released_for_a_quote_that_does_not_vouch_for_the_enclaves_key(samples: Path) -> None:
-    """The public quote is genuine and its enclave allowed, but its report_data ("Hello, world!") binds no
-    key of ours: an attacker who replays it with their own key gets nothing."""
-    quote, collateral = _evidence(samples, "sgx_quote")
-    attacker = EnclaveKey()
-    with pytest.raises(AttestationRefused) as refused:
-        release(
-            quote, collateral, parse_policy(SGX_POLICY), IDENTITY, "n1", attacker.public, new_data_key(), now=PINNED
-        )
-    assert refused.value.field == "report_data"
+        EnclaveKey().open(envelope, bound, public_hex(keeper))  # the host, or another enclave
+    with pytest.raises(SealedError, match="not signed by the enclave's key keeper"):
+        enclave.open(envelope, binding(IDENTITY.model_copy(update={"attempt": 1}), "n1", enclave.public),
+                     public_hex(keeper))  # fmt: skip
+    # The host makes an envelope of its own, to a key it chose, for the enclave to seal with: not opened.
+    forged = envelope_for(new_data_key(), enclave.public, bound, host)
+    with pytest.raises(SealedError, match="not signed by the enclave's key keeper"):
+        enclave.open(forged, bound, public_hex(keeper))
+    with pytest.raises(AttestationRefused, match=r"^enclave_key: is not a usable X25519 public key"):
+        envelope_for(data_key, "zz", bound, keeper)
+    with pytest.raises(AttestationRefused, match=r"^enclave_key: is not a usable X25519 public key"):
+        envelope_for(data_key, "00" * 32, bound, keeper)  # a low-order point: every shared secret would be zero
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@
 # policy="policies/prod.toml" is held to prod):
 #   policies = { prod = "[sgx]\nmr_enclave = [\"33d8...fbb\"]\n" }
 # The master key (every run's data key derives from it) and the API key come
-# from Nomad Variables at nomad/jobs/<name>, rendered into the task's secrets
-# directory; they are never job variables. The job waits until that variable
+# from Nomad Variables at nomad/jobs/<job ID>, rendered into the task's secrets
+# directory; they are never job variables. Nomad lets a task read the variable of
+# its job's ID: `metaflow stack` renders the job with its ID set to `name`; with
+# `nomad job run -var name=...` by hand, change the job's label to match. The job waits until that variable
 # exists, and fails without master_key. Keep master_key backed up outside Nomad:
 # without it no sealed value opens again. The service listens beyond its
 # container, so it needs auth_key (launchers send it as
@@ -41,6 +43,11 @@ variable "instances" {
 variable "policies" {
   type        = map(string)
   description = "The policies by name (NAME = TOML): each becomes NAME.toml in the service's policy folder."
+
+  validation {
+    condition     = alltrue([for name in keys(var.policies) : can(regex("^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", name))])
+    error_message = "A policy's name is letters, digits, '_', '.' and '-' (it becomes a file name)."
+  }
 }
 
 variable "allow_direct" {

@@ -155,7 +155,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
-        too_large = error_response(413, "payload_too_large", f"the body is over {self.limit:,} bytes")
+        too_large = error_response(
+            413, "payload_too_large", f"body: over {self.limit:,} bytes", details={"parameter": "body"}
+        )
         if declared.isascii() and declared.isdigit() and int(declared) > self.limit:
             await too_large(scope, receive, send)
             return
@@ -177,8 +179,9 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counted, sending)
         except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+            if started:  # the app answered before it read the whole body: nothing more can be said
+                raise
+            await too_large(scope, receive, send)
 
 
 class _TooLarge(HTTPException):

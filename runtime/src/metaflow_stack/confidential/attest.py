@@ -121,7 +121,7 @@ def collateral_for(
             return dcap_qvl.QuoteCollateralV3.from_json(Path(given).read_text())
         except (OSError, ValueError) as exc:
             raise AttestationRefused("collateral", f"{given} cannot be used: {_first_line(exc)}") from None
-    url = pccs_url or os.environ.get("METAFLOW_STACK_PCCS_URL") or DEFAULT_PCCS_URL
+    url = pccs_url_of(pccs_url)
     cached = (cache / cache_name(quote, url)) if cache is not None else None
     if cached is not None and cached.is_file():
         with contextlib.suppress(OSError, ValueError):  # an unreadable copy is fetched again
@@ -141,10 +141,15 @@ def collateral_for(
         ) from None
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        staged = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staged = cached.with_name(f".{cached.name}.{os.urandom(8).hex()}")  # threads of one process share a pid
         staged.write_text(collateral.to_json())
         staged.replace(cached)  # whole, or not there
     return collateral
+
+
+def pccs_url_of(given: str | None) -> str:
+    """The PCCS collateral is fetched from: ``given``, else ``METAFLOW_STACK_PCCS_URL``, else Phala's."""
+    return given or os.environ.get("METAFLOW_STACK_PCCS_URL") or DEFAULT_PCCS_URL
 
 
 def cache_name(quote: bytes, pccs_url: str) -> str:

@@ -41,6 +41,8 @@ from metaflow_stack.local_secrets import keep
 EXCHANGE = "METAFLOW_STACK_CONFIDENTIAL_TASK"
 #: Where the manifest's evidence folder is, fixed in the manifest.
 EVIDENCE_ROOT = "METAFLOW_STACK_CONFIDENTIAL_EVIDENCE"
+#: The public key (hex) of the keeper whose signed envelopes the enclave opens, fixed in the manifest.
+KEEPER_KEY = "METAFLOW_STACK_CONFIDENTIAL_KEEPER"
 #: Gramine's attestation pseudo-files (gramine-sgx only).
 REPORT_DATA = Path("/dev/attestation/user_report_data")
 QUOTE = Path("/dev/attestation/quote")
@@ -171,7 +173,11 @@ def unsealed(flow: Any, name: str) -> Any:
 def _attest_and_receive() -> bytes:
     """This attempt's evidence written for the launcher, and the data key it releases once it accepts it
     (the key that seals this step's values and opens its inputs')."""
+    from metaflow import current
+
     task, folder = order(), exchange_folder()
+    if current.flow_name != task.identity.flow:  # a policy may admit several flows' enclaves: keys are per flow
+        raise SealedError(f"the order names flow {task.identity.flow}, and this task is of {current.flow_name}")
     key = EnclaveKey()
     bound = binding(task.identity, task.nonce, key.public, task.work())
     quote = quote_for(bound)
@@ -185,7 +191,7 @@ def _attest_and_receive() -> bytes:
         if time.monotonic() > deadline:
             raise SealedError(f"no data key after {KEY_WAIT_S} s: the launcher did not answer the evidence")
         time.sleep(0.05)
-    return key.open(envelope.read_bytes(), bound)
+    return key.open(envelope.read_bytes(), bound, os.environ[KEEPER_KEY])
 
 
 def main() -> None:

@@ -8,22 +8,28 @@ exchange, HKDF-SHA256, AES-256-GCM with the binding as associated data).
 The host that carries the envelope into the enclave cannot open it; an
 envelope made for one attempt does not open in another.
 
-Layout: the ephemeral public key (32 bytes), the nonce (12), the encrypted
-data key (32 + 16).
+The keeper signs each envelope with its Ed25519 key (over the envelope and
+the binding), and the enclave opens only an envelope that signature
+verifies under the keeper's public key, which is fixed in the enclave's
+manifest and so in its measurement: the host could otherwise make an
+envelope of its own, to a key of its choosing, for the enclave to seal with.
+
+Layout: the keeper's signature (64 bytes), the ephemeral public key (32),
+the nonce (12), the encrypted data key (32 + 16).
 """
 
 from __future__ import annotations
 
 import os
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity, Verification, binding, verify
-from metaflow_stack.confidential.policy import Policy
+from metaflow_stack.confidential.attest import AttestationRefused
 from metaflow_stack.confidential.seal import SealedError
 
 _INFO = b"metaflow-stack key release v1"
@@ -41,44 +47,37 @@ class EnclaveKey:
         self._private = X25519PrivateKey.generate()
         self.public = self._private.public_key().public_bytes(*_RAW).hex()
 
-    def open(self, envelope: bytes, bound: bytes) -> bytes:
-        """The data key in ``envelope``; ``SealedError`` when it was not made for this key and binding."""
-        if len(envelope) != 32 + 12 + 48:
+    def open(self, signed: bytes, bound: bytes, keeper_public: str) -> bytes:
+        """The data key in ``signed`` (a signed envelope); ``SealedError`` when the keeper whose public key
+        (hex) the enclave was measured with did not sign it for this binding, or it was not made for this key."""
+        if len(signed) != 64 + 32 + 12 + 48:
             raise SealedError("the key envelope is not one the key-release service makes")
-        ephemeral = X25519PublicKey.from_public_bytes(envelope[:32])
-        key = _wrapping_key(self._private.exchange(ephemeral))
+        signature, envelope = signed[:64], signed[64:]
         try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(keeper_public)).verify(signature, envelope + bound)
+        except (InvalidSignature, ValueError):
+            raise SealedError("the key envelope was not signed by the enclave's key keeper") from None
+        ephemeral = X25519PublicKey.from_public_bytes(envelope[:32])
+        try:
+            key = _wrapping_key(self._private.exchange(ephemeral))
             return AESGCM(key).decrypt(envelope[32:44], envelope[44:], bound)
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise SealedError("the key envelope was made for another enclave or attempt") from None
 
 
-def envelope_for(data_key: bytes, enclave_public: str, bound: bytes) -> bytes:
-    """``data_key`` encrypted to the enclave's public key (hex), bound to ``bound``."""
+def envelope_for(data_key: bytes, enclave_public: str, bound: bytes, signer: Ed25519PrivateKey) -> bytes:
+    """``data_key`` encrypted to the enclave's public key (hex), bound to ``bound``, signed by the keeper."""
     ephemeral = X25519PrivateKey.generate()
     try:
-        peer = X25519PublicKey.from_public_bytes(bytes.fromhex(enclave_public))
-    except ValueError:
-        raise AttestationRefused("enclave_key", "is not an X25519 public key (64 hex digits)") from None
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(enclave_public)))
+    except ValueError:  # not 32 bytes, or a low-order point that would make every shared secret zero
+        raise AttestationRefused("enclave_key", "is not a usable X25519 public key (64 hex digits)") from None
     nonce = os.urandom(12)
-    sealed = AESGCM(_wrapping_key(ephemeral.exchange(peer))).encrypt(nonce, data_key, bound)
-    return ephemeral.public_key().public_bytes(*_RAW) + nonce + sealed
+    envelope = ephemeral.public_key().public_bytes(*_RAW) + nonce
+    envelope += AESGCM(_wrapping_key(shared)).encrypt(nonce, data_key, bound)
+    return signer.sign(envelope + bound) + envelope
 
 
-def release(
-    quote: bytes,
-    collateral: object,
-    policy: Policy,
-    identity: TaskIdentity,
-    nonce: str,
-    enclave_public: str,
-    data_key: bytes,
-    work: str = "",
-    now: int | None = None,
-) -> tuple[bytes, Verification]:
-    """The data key's envelope for the enclave whose ``quote`` passes ``policy`` and binds this attempt
-    (``identity``, the launcher's ``nonce``, the ``work`` ordered) to ``enclave_public``, with the
-    verification; nothing is released otherwise (``AttestationRefused`` says why)."""
-    bound = binding(identity, nonce, enclave_public, work)
-    verified = verify(quote, collateral, policy, bound, now=now)
-    return envelope_for(data_key, enclave_public, bound), verified
+def public_hex(signer: Ed25519PrivateKey) -> str:
+    """A keeper's public key as the enclave's manifest carries it."""
+    return signer.public_key().public_bytes(*_RAW).hex()

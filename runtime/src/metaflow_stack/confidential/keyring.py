@@ -2,13 +2,18 @@
 (``LocalKeeper``, development and single machines) and in the key-release service (``service``), which moves
 the keys and the verifier off the machine that launches enclaves.
 
-**Keys are derived, not stored.** A keeper holds one master secret; a run's
-data key is HKDF-SHA256 of it with the flow, the run and a **scope**:
-``direct`` for unattested development enclaves, ``sgx:<policy>`` for
-enclaves that passed the named policy. So a key never depends on which
-replica answers or on a restart, nothing grows with the number of runs, and
-an enclave that passed a weak policy never holds the key of a step held to
-a strict one (steps that read each other's sealed values share a policy).
+**Keys are derived, not stored.** A keeper holds one master secret, from
+which HKDF-SHA256 derives (one extract, then an expand per purpose with a
+length-prefixed context) a run's data key for the flow, the run and a
+**scope**: ``direct`` for unattested development enclaves,
+``sgx:<policy>@<digest>`` for enclaves that passed that policy as it reads
+now. So a key never depends on which replica answers or on a restart,
+nothing grows with the number of runs, an enclave that passed a lenient
+policy never holds the key of a step held to a strict one, and editing a
+policy gives new keys (steps that read each other's sealed values share a
+policy). The same secret gives the keeper's Ed25519 **signing key**: every
+envelope is signed, and an enclave opens only envelopes signed by the keeper
+its manifest names (``keyrelease``).
 
 **Nonces are the keeper's.** ``nonce`` is a time, random bytes and an HMAC
 of both under the master secret, accepted for ``NONCE_TTL_S``: the keeper
@@ -21,8 +26,8 @@ enclave that made the quote).
 keeper's and fresh; the evidence is judged (``attest.verify`` against the
 keeper's own policy and collateral, never the caller's); the data key of the
 flow, run and scope goes to the enclave's public key, bound to the attempt
-(``keyrelease.envelope_for``). Its answer carries the verification the task
-records.
+and signed (``keyrelease.envelope_for``). Its answer carries the
+verification the task records.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pydantic import BaseModel, StringConstraints
 
 from metaflow_stack.confidential.attest import (
-    DEFAULT_PCCS_URL,
     MAX_QUOTE_BYTES,
     AttestationRefused,
     TaskIdentity,
@@ -48,11 +53,12 @@ from metaflow_stack.confidential.attest import (
     binding,
     cache_name,
     collateral_for,
+    pccs_url_of,
     verify,
 )
-from metaflow_stack.confidential.keyrelease import envelope_for
+from metaflow_stack.confidential.keyrelease import envelope_for, public_hex
 from metaflow_stack.confidential.policy import Policy
-from metaflow_stack.errors import InvalidInput
+from metaflow_stack.errors import InvalidInput, StackError
 from metaflow_stack.local_secrets import made_once
 
 #: Seconds a keeper's nonce is accepted: an enclave starts and quotes well within it.
@@ -60,7 +66,8 @@ NONCE_TTL_S = 600
 #: A policy's name: a file stem the keeper knows (``prod`` for ``policies/prod.toml``).
 POLICY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 _HEX64 = r"^[0-9a-f]{64}$"
-_INFO = b"metaflow-stack data key v1"
+_HEX_BYTES = r"^(?:[0-9a-fA-F]{2})*$"
+_SALT = b"metaflow-stack key keeper v1"
 #: The variable a launcher reads the key-release service's key from (else ``METAFLOW_STACK_AUTH_KEY``).
 KEY_RELEASE_KEY = "METAFLOW_STACK_KEY_RELEASE_AUTH_KEY"
 
@@ -81,18 +88,26 @@ class ReleaseRequest(BaseModel):
     #: The policy an SGX enclave is held to, by name; the keeper reads its own copy.
     policy: Annotated[str, StringConstraints(pattern=POLICY_NAME)] | None = None
     #: The quote (hex); none in direct mode.
-    quote: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]*$", max_length=2 * MAX_QUOTE_BYTES)] | None = None
+    quote: Annotated[str, StringConstraints(pattern=_HEX_BYTES, max_length=2 * MAX_QUOTE_BYTES)] | None = None
 
 
 class Released(BaseModel):
-    """The data key's envelope (hex) for the enclave, and the verification the task records."""
+    """The data key's signed envelope (hex) for the enclave, and the verification the task records."""
 
     envelope: str
     verification: dict[str, Any]
 
 
+class KeeperKey(BaseModel):
+    """The keeper's Ed25519 public key (hex): what an enclave's manifest pins."""
+
+    public_key: str
+
+
 class Keeper(Protocol):
     """What a launcher asks of whoever holds the keys (``LocalKeeper`` here, ``RemoteKeeper`` a service)."""
+
+    def public_key(self) -> str: ...
 
     def nonce(self) -> str: ...
 
@@ -122,20 +137,30 @@ class Keyring:
     ) -> None:
         if len(master) < 32:
             raise ValueError("a master secret has at least 32 bytes")
-        self._master, self._policies, self.allow_direct = master, policies, allow_direct
+        self._policies, self.allow_direct = policies, allow_direct
         self._collateral, self._pccs_url, self._cache = collateral, pccs_url, cache
+        # HKDF-Extract once; every key below is an Expand of it for its own purpose.
+        self._prk = hmac.new(_SALT, master, hashlib.sha256).digest()
+        self._nonce_key = self._expand(b"nonce")
+        self.signer = Ed25519PrivateKey.from_private_bytes(self._expand(b"signing key"))
+
+    def _expand(self, purpose: bytes, *context: str) -> bytes:
+        info = b"".join(len(part).to_bytes(4, "big") + part for part in (purpose, *(c.encode() for c in context)))
+        return HKDFExpand(algorithm=hashes.SHA256(), length=32, info=info).derive(self._prk)
 
     def data_key(self, flow: str, run: str, scope: str) -> bytes:
-        """The data key of ``flow``'s ``run`` for ``scope`` (``direct`` or ``sgx:<policy>``)."""
-        salt = hashlib.sha256("\0".join((flow, run, scope)).encode()).digest()
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_INFO).derive(self._master)
+        """The data key of ``flow``'s ``run`` for ``scope`` (``direct`` or ``sgx:<policy>@<digest>``)."""
+        return self._expand(b"data key", flow, run, scope)
+
+    def public_key(self) -> str:
+        return public_hex(self.signer)
 
     def nonce(self, now: float | None = None) -> str:
         stamp = int(time.time() if now is None else now).to_bytes(8, "big") + os.urandom(8)
         return (stamp + self._mac(stamp)).hex()
 
     def _mac(self, stamp: bytes) -> bytes:
-        return hmac.new(self._master, b"nonce\0" + stamp, hashlib.sha256).digest()[:16]
+        return hmac.new(self._nonce_key, stamp, hashlib.sha256).digest()[:16]
 
     def _check_nonce(self, nonce: str, now: float) -> None:
         raw = bytes.fromhex(nonce)
@@ -145,32 +170,40 @@ class Keyring:
         if not -60 <= age <= NONCE_TTL_S:
             raise AttestationRefused("nonce", f"is {int(age)} s old; a nonce is accepted for {NONCE_TTL_S} s")
 
-    def release(self, request: ReleaseRequest, now: float | None = None) -> Released:
-        """The data key for the enclave ``request`` speaks for, or ``AttestationRefused`` naming the check."""
-        moment = time.time() if now is None else now
-        self._check_nonce(request.nonce, moment)
-        identity = request.identity
-        bound = binding(identity, request.nonce, request.enclave_key, request.work)
+    def check(self, request: ReleaseRequest, now: float | None = None) -> Policy | None:
+        """The checks that cost nothing (the nonce, the mode, the policy): the policy an SGX request is held
+        to, or ``AttestationRefused`` naming what is wrong. ``release`` runs them too."""
+        self._check_nonce(request.nonce, time.time() if now is None else now)
         if request.mode == "direct":
             if not self.allow_direct:
                 raise AttestationRefused(
                     "mode", "direct: this keeper releases no key to an unattested enclave", fix='mode="sgx"'
                 )
+            return None
+        if request.policy is None:
+            raise AttestationRefused("policy", "an SGX step needs one", fix='policy="policies/prod.toml"')
+        if not request.quote:
+            raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
+        return self._policies(request.policy)
+
+    def release(self, request: ReleaseRequest, now: float | None = None) -> Released:
+        """The data key for the enclave ``request`` speaks for, or ``AttestationRefused`` naming the check."""
+        moment = time.time() if now is None else now
+        policy = self.check(request, moment)
+        identity = request.identity
+        bound = binding(identity, request.nonce, request.enclave_key, request.work)
+        if policy is None:
             verification: dict[str, Any] = {
                 "attested": False, "mode": "direct", "why": "gramine-direct gives no quote (development only)",
             }  # fmt: skip
             scope = "direct"
         else:
-            if request.policy is None:
-                raise AttestationRefused("policy", "an SGX step needs one", fix='policy="policies/prod.toml"')
-            if not request.quote:
-                raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
-            policy = self._policies(request.policy)
-            judged = self._verify(bytes.fromhex(request.quote), policy, bound, int(moment))
+            judged = self._verify(bytes.fromhex(request.quote or ""), policy, bound, int(moment))
             verification = {"attested": True, "mode": "sgx", "policy": request.policy, **judged.model_dump()}
-            scope = f"sgx:{request.policy}"
+            scope = f"sgx:{request.policy}@{policy.digest[:16]}"
         key = self.data_key(identity.flow, identity.run, scope)
-        return Released(envelope=envelope_for(key, request.enclave_key, bound).hex(), verification=verification)
+        envelope = envelope_for(key, request.enclave_key, bound, self.signer)
+        return Released(envelope=envelope.hex(), verification=verification)
 
     def _verify(self, quote: bytes, policy: Policy, bound: bytes, now: int) -> Verification:
         collateral = collateral_for(quote, self._collateral, self._pccs_url, self._cache)
@@ -180,15 +213,23 @@ class Keyring:
             if exc.field != "collateral" or self._collateral or self._cache is None:
                 raise
             # The cached copy outlived its window (about a month): fetch fresh collateral once, then judge again.
-            (self._cache / cache_name(quote, self._pccs_url or DEFAULT_PCCS_URL)).unlink(missing_ok=True)
+            (self._cache / cache_name(quote, pccs_url_of(self._pccs_url))).unlink(missing_ok=True)
             return verify(quote, collateral_for(quote, None, self._pccs_url, self._cache), policy, bound, now=now)
 
 
-def master_secret(path: Path) -> bytes:
-    """The keeper's master secret at ``path``: 64 hex digits (``openssl rand -hex 32``, a mounted Secret), made
-    there once (0600) when there is none. Every data key derives from it: lose it and sealed values stay
+def master_secret(path: Path, make: bool = False) -> bytes:
+    """The keeper's master secret at ``path``: 64 hex digits (``openssl rand -hex 32``, a mounted Secret); with
+    ``make``, made there once (0600) when there is none. A path given by a user is never made up: a mistyped
+    one would seal with a key nobody keeps. Every data key derives from it: lose it and sealed values stay
     sealed."""
-    text, _ = made_once(path, lambda: os.urandom(32).hex().encode())
+    try:
+        if make:
+            text, _ = made_once(path, lambda: os.urandom(32).hex().encode())
+        else:
+            text = path.read_bytes()
+    except OSError as exc:
+        fix = "give --master-key-file a file of 64 hex digits (openssl rand -hex 32)"
+        raise InvalidInput("master_key", f"{path} cannot be read: {exc.strerror}", fix=fix) from None
     try:
         master = bytes.fromhex(text.decode().strip())
     except ValueError:
@@ -211,48 +252,86 @@ def local_keeper(
             raise AttestationRefused("policy", f"{name} is not the step's policy")
         return policy
 
-    master = master_secret(folder / "keeper" / "master.key")
+    master = master_secret(folder / "keeper" / "master.key", make=True)
     return Keyring(master, policies, True, collateral, pccs_url, folder / "collateral")
 
 
-class RemoteKeeper:
-    """The key-release service (``metaflow confidential key-release``) as a launcher's keeper: the same two
-    questions over HTTP, its refusals raised as the ``AttestationRefused`` it names."""
+class KeeperUnavailable(StackError):
+    """The key-release service did not answer (or failed): nothing was judged, so the attempt may be retried."""
 
-    def __init__(self, url: str, key: str | None, timeout_s: float = 60.0) -> None:
+    code = "keeper_unavailable"
+
+
+def service_key(url: str) -> str | None:
+    """The key a launcher sends to the key-release service at ``url``: its own variable, or the stack's key
+    when the service is on this machine (never sent to another host)."""
+    from urllib.parse import urlsplit
+
+    from metaflow_stack.http_guard import KEY_VARIABLE, is_loopback
+
+    own = os.environ.get(KEY_RELEASE_KEY)
+    if own or not is_loopback(urlsplit(url).hostname or ""):
+        return own or None
+    return os.environ.get(KEY_VARIABLE) or None
+
+
+class RemoteKeeper:
+    """The key-release service (``metaflow confidential key-release``) as a launcher's keeper: the same
+    questions over HTTP. Its refusals (403) are raised as the ``AttestationRefused`` they name; a service
+    that cannot answer is asked again (three tries, backing off), then ``KeeperUnavailable``."""
+
+    #: Seconds to wait for an answer: longer than a verification that fetches collateral twice (30 s each).
+    TIMEOUT_S = 120.0
+    TRIES = 3
+
+    def __init__(self, url: str, key: str | None) -> None:
         import httpx
 
         headers = {"x-api-key": key} if key else {}
-        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=self.TIMEOUT_S)
         self.url = url
+        self._public: str | None = None
 
-    def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
 
-        try:
-            answer = self._client.post(path, json=body or {})
-        except httpx.HTTPError as exc:
-            raise AttestationRefused(
-                "key_release", f"{self.url} cannot be reached: {exc}", fix="start it, or set STACK_KEY_RELEASE_URL"
-            ) from None
-        try:
-            found = answer.json()
-        except ValueError:
-            found = None
-        if not isinstance(found, dict):
-            raise AttestationRefused("key_release", f"{self.url} answered {answer.status_code} without JSON")
-        if answer.status_code != 200:
-            details = found.get("details") if isinstance(found.get("details"), dict) else {}
-            field = str(details.get("field") or details.get("parameter") or "key_release")
-            message = str(found.get("message")).removeprefix(f"{field}: ")  # the same words, not named twice
-            raise AttestationRefused(field, message, fix=found.get("fix"))
-        return found
+        why = ""
+        for attempt in range(self.TRIES):
+            if attempt:
+                time.sleep(2**attempt)
+            try:
+                answer = self._client.request(method, path, json=body)
+            except httpx.HTTPError as exc:
+                why = f"cannot be reached: {exc}"
+                continue
+            try:
+                found = answer.json()
+            except ValueError:
+                found = None
+            if answer.status_code == 200 and isinstance(found, dict):
+                return found
+            if answer.status_code == 403 and isinstance(found, dict):
+                details = found.get("details") if isinstance(found.get("details"), dict) else {}
+                field = str(details.get("field") or "key_release")
+                message = str(found.get("message")).removeprefix(f"{field}: ")  # the same words, not named twice
+                raise AttestationRefused(field, message, fix=found.get("fix"))
+            message = found.get("message") if isinstance(found, dict) else None
+            why = f"answered {answer.status_code}: {message or answer.text[:200]}"
+            if answer.status_code < 500 and answer.status_code != 429:
+                break  # the request itself is wrong (a key, a body): asking again will not help
+        raise KeeperUnavailable(f"the key-release service at {self.url} {why}",
+                                fix="check it runs and its key (METAFLOW_STACK_KEY_RELEASE_AUTH_KEY)")  # fmt: skip
+
+    def public_key(self) -> str:
+        if self._public is None:
+            self._public = KeeperKey.model_validate(self._call("GET", "/v1/keeper")).public_key
+        return self._public
 
     def nonce(self) -> str:
-        return str(self._post("/v1/nonces")["nonce"])
+        return str(self._call("POST", "/v1/nonces")["nonce"])
 
     def release(self, request: ReleaseRequest) -> Released:
-        return Released.model_validate(self._post("/v1/releases", request.model_dump()))
+        return Released.model_validate(self._call("POST", "/v1/releases", request.model_dump()))
 
     def close(self) -> None:
         self._client.close()

@@ -43,8 +43,16 @@ from pydantic import ValidationError
 from metaflow_stack import __version__
 from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
-from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, TaskOrder
-from metaflow_stack.confidential.keyring import Keeper, ReleaseRequest, RemoteKeeper, local_keeper, policy_name
+from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, KEEPER_KEY, TaskOrder
+from metaflow_stack.confidential.keyring import (
+    Keeper,
+    KeeperUnavailable,
+    ReleaseRequest,
+    RemoteKeeper,
+    local_keeper,
+    policy_name,
+    service_key,
+)
 from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
 from metaflow_stack.confidential.policy import load_policy
 from metaflow_stack.local_secrets import keep
@@ -74,9 +82,10 @@ class Settings:
 
 
 def enclave(
-    code: Path, datastore: str, settings: Settings, state_dir: Path, code_env: dict[str, str]
+    code: Path, datastore: str, settings: Settings, state_dir: Path, code_env: dict[str, str], keeper_key: str
 ) -> gramine.Prepared:
-    """The step's enclave for the unpacked ``code``, prepared once per set of inputs and kept."""
+    """The step's enclave for the unpacked ``code``, prepared once per set of inputs and kept; it trusts
+    envelopes signed by the keeper whose public key is ``keeper_key`` (fixed in its manifest, so measured)."""
     python = sys.executable  # as run: a virtual environment's python finds its packages by this path
     flow_dir = os.path.dirname(os.path.abspath(sys.argv[0]))  # the flow's own folder: its code is in ``code``
     kept = (str(code), datastore)
@@ -85,6 +94,7 @@ def enclave(
     env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
+    env[KEEPER_KEY] = keeper_key
     described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
                  "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,
                  "template": template_path().read_text(), "runtime": __version__,
@@ -130,10 +140,10 @@ def enclave(
     return gramine.Prepared(folder, found["stem"], found["mr_enclave"])
 
 
-def keeper(state_dir: Path, settings: Settings, service_url: str, service_key: str | None) -> Keeper:
+def keeper(state_dir: Path, settings: Settings, service_url: str) -> Keeper:
     """Who judges evidence and holds the keys: the key-release service at ``service_url``, else this process."""
     if service_url:
-        return RemoteKeeper(service_url, service_key)
+        return RemoteKeeper(service_url, service_key(service_url))
     policy = load_policy(settings.policy) if settings.policy else None
     return local_keeper(state_dir, policy, settings.policy, settings.collateral, settings.pccs_url)
 
@@ -156,7 +166,11 @@ def run_task(
     name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
     exchange = prepared.folder / "evidence" / name
     exchange.mkdir(mode=0o700)
-    nonce = keeper.nonce()
+    try:
+        nonce = keeper.nonce()
+    except KeeperUnavailable as exc:  # nothing was judged: the attempt may be retried
+        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+        return 1
     task = TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
     (exchange / "task.json").write_text(task.model_dump_json())
     # A session of its own: the enclave and all it starts stop with the launcher, however it is stopped.
@@ -171,11 +185,12 @@ def run_task(
                     try:
                         evidence = _evidence(exchange / "evidence.json")
                         released = keeper.release(_request(task, evidence, settings))
-                    except AttestationRefused as exc:
+                    except (AttestationRefused, KeeperUnavailable) as exc:
                         keep(exchange / "refused.txt", str(exc))
                         fix = exc.fix or "see docs/confidential.md"
                         print(f"error: {exc.message}\nfix: {fix}", file=sys.stderr, flush=True)
-                        return METAFLOW_EXIT_DISALLOW_RETRY
+                        # A refusal is final; a keeper that did not answer judged nothing: try again.
+                        return 1 if isinstance(exc, KeeperUnavailable) else METAFLOW_EXIT_DISALLOW_RETRY
                     record(released.verification)
                     keep(exchange / "key.envelope", bytes.fromhex(released.envelope))
                 time.sleep(0.05)

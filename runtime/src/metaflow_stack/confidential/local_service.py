@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from metaflow_stack import settings
-from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY
+from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY, master_secret
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import StackError
 from metaflow_stack.local_secrets import stack_key
@@ -53,6 +53,7 @@ class LocalKeyRelease:
         if self.answers():
             return
         self.policies.mkdir(parents=True, exist_ok=True)
+        master_secret(self.home / "master.key", make=True)  # made once here; the service only reads it
         key, _ = stack_key()
         command = [sys.executable, "-m", "metaflow.cmd.main_cli", "confidential", "key-release",
                    "--port", str(self.port), "--policies", str(self.policies),

@@ -1,19 +1,22 @@
 """The key-release service (``metaflow confidential key-release``, image ``key-release``): the keys and the
 verifier of ``@confidential`` steps, off the machines that launch enclaves.
 
-A launcher configured with ``STACK_KEY_RELEASE_URL`` asks it for a nonce,
-orders its task into the enclave with it, and forwards the enclave's
-evidence; the service judges it with its own policies (a folder of
-``<name>.toml``, read at each request so an edit needs no restart) and its
-own collateral, and answers with the run's data key encrypted to the
-enclave's key (``keyring``). The launcher carries that envelope but cannot
-open it, so whoever runs the launching machine reads no sealed value.
+A launcher configured with ``STACK_KEY_RELEASE_URL`` asks it for its public
+key (which the enclave's manifest pins) and a nonce, orders its task into the
+enclave with them, and forwards the enclave's evidence; the service judges
+it with its own policies (a folder of ``<name>.toml``, read at each request
+so an edit needs no restart) and its own collateral, and answers with the
+run's data key encrypted to the enclave's key and signed (``keyring``). The
+launcher carries that envelope but can neither open it nor make one the
+enclave would accept, so it holds no data key (what it can still do is in
+docs/confidential.md's threat model).
 
 Like every stack server: 127.0.0.1 by default and a key when exposed
 (``http_guard``), JSON errors naming the field (``api_errors``), bodies
 bounded, and verification (CPU, and a PCCS fetch on a cold cache) off the
-event loop with a bounded number at once, so a flood of quotes cannot stall
-``/health``. Each decision is logged with the task it was for (never a key)
+event loop with a bounded number at once (the cheap checks first; a request
+that waits too long for its turn is a 503), so a flood of quotes cannot
+stall ``/health``. Each decision is logged with the task it was for (never a key)
 and counted in ``/metrics``.
 """
 
@@ -25,21 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel
 
 from metaflow_stack import api_errors
-from metaflow_stack.api_errors import ApiError
+from metaflow_stack.api_errors import ApiError, error_response
 from metaflow_stack.confidential.attest import AttestationRefused
-from metaflow_stack.confidential.keyring import NONCE_TTL_S, Keyring, Released, ReleaseRequest
+from metaflow_stack.confidential.keyring import NONCE_TTL_S, KeeperKey, Keyring, Released, ReleaseRequest
 from metaflow_stack.confidential.policy import Policy, load_policy
+from metaflow_stack.errors import StackError
 from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddleware
 
 #: Answered without the key: the orchestrator's probes.
 OPEN_PATHS = frozenset({"/health", "/ready"})
 #: A release request's bytes at most: a hex quote (128 KiB) and the rest.
 MAX_BODY_BYTES = 160 * 1024
+#: Seconds a release waits for a verification slot before it is answered 503 (the launcher asks again).
+SLOT_WAIT_S = 30.0
 _log = logging.getLogger("metaflow_stack.key_release")
 
 
@@ -64,7 +70,9 @@ class Nonce(BaseModel):
 
 class PolicyListing(BaseModel):
     name: str
-    digest: str
+    digest: str | None = None
+    #: Why the file cannot be used (the service answers 503 for it until it is mended).
+    error: str | None = None
 
 
 def policy_reader(folder: Path) -> Any:
@@ -76,7 +84,12 @@ def policy_reader(folder: Path) -> Any:
             raise AttestationRefused(
                 "policy", f"the key-release service has no policy named {name!r}", fix=f"add {name}.toml to its folder"
             )
-        return load_policy(path)
+        try:
+            return load_policy(path)
+        except StackError as exc:  # the service's own file, not the caller's mistake
+            raise ApiError(
+                503, "policy_unreadable", f"the service's policy {name}: {exc.message}", fix=exc.fix
+            ) from None
 
     return policy
 
@@ -98,6 +111,11 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
     app.add_middleware(GuardMiddleware, guard=guard or Guard(open_paths=OPEN_PATHS))
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # outermost: before anything reads the body
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> Response:  # a bug, still answered as JSON
+        _log.exception("failed %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "the key-release service failed; see its log")
+
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -109,6 +127,12 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
             raise ApiError(503, "service_unavailable", f"the policy folder {config.policies} is not there")
         return {"status": "ready"}
 
+    @app.get("/v1/keeper")
+    def keeper() -> KeeperKey:
+        """The service's Ed25519 public key: launchers pin it in the enclave's manifest, and the enclave opens
+        only envelopes it signed."""
+        return KeeperKey(public_key=keyring.public_key())
+
     @app.post("/v1/nonces")
     def nonce() -> Nonce:
         """A fresh nonce for one attempt: the enclave binds it into its quote."""
@@ -119,13 +143,20 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
         """The run's data key for the enclave this evidence speaks for, encrypted to its key; a 403 naming
         the check that failed otherwise."""
         task = "/".join((request.identity.flow, request.identity.run, request.identity.step, request.identity.task))
-        async with slots:
+        try:
+            keyring.check(request)  # what costs nothing is refused before it waits for a slot
+            try:
+                await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
+            except TimeoutError:
+                raise ApiError(503, "busy", f"every verification slot stayed busy for {SLOT_WAIT_S:.0f} s") from None
             try:
                 released = await asyncio.to_thread(keyring.release, request)
-            except AttestationRefused as exc:
-                decisions.labels(request.mode, exc.field).inc()
-                _log.warning("refused %s attempt %s: %s", task, request.identity.attempt, exc.message)
-                raise
+            finally:
+                slots.release()
+        except AttestationRefused as exc:
+            decisions.labels(request.mode, exc.field).inc()
+            _log.warning("refused %s attempt %s: %s", task, request.identity.attempt, exc.message)
+            raise
         decisions.labels(request.mode, "released").inc()
         _log.info("released %s attempt %s (%s)", task, request.identity.attempt, request.policy or request.mode)
         return released
@@ -133,9 +164,13 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
     @app.get("/v1/policies")
     def policies() -> list[PolicyListing]:
         """The policies this service holds enclaves to, with their digests (what a verification records)."""
-        read = policy_reader(config.policies)
-        names = sorted(p.stem for p in config.policies.glob("*.toml"))[:1000]
-        return [PolicyListing(name=name, digest=read(name).digest) for name in names]
+        listed = []
+        for path in sorted(config.policies.glob("*.toml"))[:1000]:
+            try:
+                listed.append(PolicyListing(name=path.stem, digest=load_policy(path).digest))
+            except StackError as exc:
+                listed.append(PolicyListing(name=path.stem, error=exc.message))
+        return listed
 
     @app.get("/metrics")
     def metrics() -> Response:

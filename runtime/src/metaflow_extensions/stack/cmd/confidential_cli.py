@@ -42,8 +42,8 @@ def confidential() -> None:
     "--master-key-file",
     type=click.Path(dir_okay=False),
     envvar="METAFLOW_STACK_KEY_RELEASE_MASTER_KEY_FILE",
-    help="64 hex digits every data key derives from (a mounted Secret) [default: made once in the state "
-    "folder]. Keep it: without it no sealed value opens again.",
+    help="A file of 64 hex digits every data key derives from (a mounted Secret; it must exist) [default: one "
+    "made once in the state folder]. Keep it: without it no sealed value opens again.",
 )
 @click.option(
     "--allow-direct",
@@ -84,7 +84,10 @@ def key_release(
         raise StackError(f"no policy folder at {folder}", fix="--policies DIR holding NAME.toml policy files")
     state = settings.load().state_dir / "confidential" / "key-release"
     config = KeyReleaseConfig(
-        master=master_secret(Path(master_key_file) if master_key_file else state / "master.key"),
+        # A file the user names must be there; only the default one is made (once).
+        master=master_secret(
+            Path(master_key_file) if master_key_file else state / "master.key", make=not master_key_file
+        ),
         policies=folder,
         allow_direct=allow_direct,
         collateral=collateral,

@@ -61,9 +61,8 @@ def step(
     from metaflow_stack import code_package, settings
     from metaflow_stack.confidential import launcher
     from metaflow_stack.confidential.attest import TaskIdentity
-    from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY
+    from metaflow_stack.confidential.keyring import KeeperUnavailable
     from metaflow_stack.datastore import CONFIDENTIAL_FIELD
-    from metaflow_stack.http_guard import configured_key
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     flow_datastore, flow_name = ctx.obj.flow_datastore, ctx.obj.flow.name
@@ -88,11 +87,16 @@ def step(
             "METAFLOW_CODE_URL": code_package_url,
             "METAFLOW_CODE_DS": flow_datastore.TYPE,
         }
-        prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env)
+        keeper = launcher.keeper(state_dir, chosen, stack.key_release_url)
+        try:
+            keeper_key = keeper.public_key()
+        except KeeperUnavailable as exc:  # nothing was judged: this attempt may be retried
+            print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
         identity = TaskIdentity(
             flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha
         )
-        keeper = launcher.keeper(state_dir, chosen, stack.key_release_url, configured_key(KEY_RELEASE_KEY))
 
         def record(verification: dict) -> None:
             found = {**verification, "mr_enclave": prepared.mr_enclave}
