@@ -10,11 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT
+from confidential_samples import IDENTITY, PINNED, SAMPLES, SGX_MR_ENCLAVE, SGX_MR_SIGNER, SGX_POLICY
 
 from metaflow_stack.confidential.attest import (
     AttestationRefused,
-    TaskIdentity,
     binding,
     cache_name,
     collateral_for,
@@ -26,23 +25,7 @@ from metaflow_stack.confidential.policy import load_policy, parse_policy
 from metaflow_stack.confidential.seal import SealedError, is_sealed, new_data_key, seal, unseal
 from metaflow_stack.errors import InvalidInput
 
-SAMPLES = PROJECT / "tests" / "data" / "attestation"
-#: Inside the samples' collateral window (issued 2025-06-19, next update 2025-07-19).
-PINNED = int(datetime.datetime(2025, 7, 1, tzinfo=datetime.UTC).timestamp())
-SGX_MR_ENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
-SGX_MR_SIGNER = "815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6"
 TDX_MR_TD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
-SGX_POLICY = f"""
-[sgx]
-mr_enclave = ["{SGX_MR_ENCLAVE}"]
-mr_signer = ["{SGX_MR_SIGNER}"]
-isv_prod_id = 0
-
-[tcb]
-allowed_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]
-allowed_advisories = ["INTEL-SA-00289", "INTEL-SA-00615"]
-"""
-IDENTITY = TaskIdentity(flow="ScoreFlow", run="12", step="score", task="3", attempt=0, code_digest="sha256:abc")
 TDX_POLICY = f"""
 [tdx]
 mr_td = ["{TDX_MR_TD}"]

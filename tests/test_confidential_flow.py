@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PROJECT, gramine_path
+from confidential_samples import flow_env, tiny_flow
+from conftest import PROJECT
 
 from metaflow_stack.confidential.attest import TaskIdentity
 
@@ -25,17 +25,10 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
 
 
-def _env(root: Path) -> dict[str, str]:
-    """The run's environment: Gramine's commands (the double's where Gramine is not installed), its own
-    state folder (where enclaves and data keys are kept) and datastore."""
-    return {**os.environ, "PATH": gramine_path(), "USER": "tester", "METAFLOW_STACK_STATE_DIR": str(root / "state"),
-            "METAFLOW_DEFAULT_METADATA": "local"}  # fmt: skip
-
-
 def _client(root: Path, code: str) -> object:
     """What ``code`` prints as JSON, run in a new Python in the workspace, as a user reads the run there."""
     script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(root), capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=flow_env(root), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -47,7 +40,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     shutil.copy(PROJECT / "examples" / "confidential_inference.py", root)
     done = subprocess.run(
         [sys.executable, "confidential_inference.py", "run", "--patients", "12"],
-        cwd=root, env=_env(root), capture_output=True, text=True, timeout=900,
+        cwd=root, env=flow_env(root), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return root, done.stdout + done.stderr
@@ -161,24 +154,8 @@ print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": u
 def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: str, says: str) -> None:
     (tmp_path / ".metaflow").mkdir()
     (tmp_path / "bad.toml").write_text("[sgx]\nmr_enclave = ['nope']\n")
-    (tmp_path / "tiny_flow.py").write_text(f"""from metaflow import FlowSpec, confidential, step
-
-
-class TinyFlow(FlowSpec):
-    {decorator}
-    @step
-    def start(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-
-if __name__ == "__main__":
-    TinyFlow()
-""")
-    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=_env(tmp_path),
+    tiny_flow(tmp_path, decorator)
+    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode != 0 and says in done.stderr + done.stdout, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not list((tmp_path / ".metaflow").glob("TinyFlow/*/start"))

@@ -6,7 +6,6 @@ with a flow whose launcher never holds a key, and hostile requests answered as J
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import json
 import os
 import pickle
@@ -20,18 +19,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from confidential_samples import IDENTITY, PINNED, SAMPLES, SGX_POLICY, flow_env, tiny_flow
 from conftest import (
     DEAD_ENGINE_ENV,
     PROJECT,
     VENV_BIN,
     free_port,
     fuzz_finds_nothing,
-    gramine_path,
     run_cli,
     wait_ready,
 )
 
-from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity, binding
+from metaflow_stack.confidential.attest import AttestationRefused, binding
 from metaflow_stack.confidential.keyrelease import EnclaveKey
 from metaflow_stack.confidential.keyring import (
     NONCE_TTL_S,
@@ -46,19 +45,6 @@ from metaflow_stack.confidential.seal import Sealed, SealedError
 from metaflow_stack.errors import InvalidInput
 
 pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
-SAMPLES = PROJECT / "tests" / "data" / "attestation"
-#: Inside the samples' collateral window (issued 2025-06-19, next update 2025-07-19).
-PINNED = int(datetime.datetime(2025, 7, 1, tzinfo=datetime.UTC).timestamp())
-SGX_POLICY = """
-[sgx]
-mr_enclave = ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"]
-isv_prod_id = 0
-
-[tcb]
-allowed_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]
-allowed_advisories = ["INTEL-SA-00289", "INTEL-SA-00615"]
-"""
-IDENTITY = TaskIdentity(flow="ScoreFlow", run="12", step="score", task="3", attempt=0, code_digest="sha256:abc")
 
 
 def _keyring(master: bytes = b"m" * 32, allow_direct: bool = True, policy: str = SGX_POLICY) -> Keyring:
@@ -310,8 +296,7 @@ def test_schemathesis_finds_no_server_error(service: tuple[str, Path], tmp_path:
 
 
 def _run_flow(root: Path, url: str, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": gramine_path(), "USER": "tester", "METAFLOW_DEFAULT_METADATA": "local",
-           "METAFLOW_STACK_STATE_DIR": str(root / "state"), "METAFLOW_STACK_KEY_RELEASE_URL": url}  # fmt: skip
+    env = flow_env(root, METAFLOW_STACK_KEY_RELEASE_URL=url)
     if key:
         env["METAFLOW_STACK_KEY_RELEASE_AUTH_KEY"] = key
     return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
@@ -363,24 +348,7 @@ def test_a_service_that_allows_no_direct_enclave_stops_the_task_before_its_code_
     (tmp_path / "policies").mkdir()
     server, url = _serve(tmp_path, "--policies", str(tmp_path / "policies"))
     (tmp_path / ".metaflow").mkdir()
-    (tmp_path / "tiny_flow.py").write_text("""from metaflow import FlowSpec, confidential, step
-
-
-class TinyFlow(FlowSpec):
-    @confidential
-    @step
-    def start(self):
-        print("the step's code ran")
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-
-if __name__ == "__main__":
-    TinyFlow()
-""")
+    tiny_flow(tmp_path, "@confidential", body='print("the step\'s code ran")')
     try:
         done = _run_flow(tmp_path, url, "tiny_flow.py", "run")
     finally:

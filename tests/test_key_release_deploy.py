@@ -5,11 +5,9 @@ a non-root user, its master key and API key mounted and given at run time, never
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
-from conftest import PROJECT, TEST_LABEL, free_port
+from conftest import PROJECT, TEST_LABEL, free_port, wait_ready
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
@@ -139,16 +137,7 @@ def test_the_image_judges_evidence_as_a_non_root_user_with_keys_given_at_run_tim
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the key-release container never answered:\n" + "\n".join(job.logs()))
-            time.sleep(0.3)
+        assert wait_ready(url, 120), "the key-release container never answered:\n" + "\n".join(job.logs())
         keeper = RemoteKeeper(url, "t3st")
         quote = (PROJECT / "tests" / "data" / "attestation" / "sgx_quote").read_bytes().hex()
         request = ReleaseRequest(

@@ -4,6 +4,7 @@ import { Link, useParams } from "react-router-dom";
 
 import { apiPath, type RunPage, type TaskInfo } from "../api";
 import { Dag } from "../components/Dag";
+import { KeyValues } from "../components/KeyValues";
 import { Logs } from "../components/Logs";
 import { ErrorBox, StatusBadge } from "../components/Status";
 import { Timeline } from "../components/Timeline";
@@ -58,18 +59,7 @@ export function Run() {
         <section>
           <h2>Parameters</h2>
           {graph && Object.keys(graph.parameters).length > 0 ? (
-            <table className="kv">
-              <tbody>
-                {Object.entries(graph.parameters).map(([name, value]) => (
-                  <tr key={name} data-parameter={name}>
-                    <th>{name}</th>
-                    <td>
-                      <code>{value}</code>
-                    </td>
-                  </tr>
-                ))}
-              </tbody>
-            </table>
+            <KeyValues rows={Object.entries(graph.parameters)} mark="parameter" />
           ) : (
             <p className="muted">None.</p>
           )}

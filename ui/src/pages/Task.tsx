@@ -3,6 +3,7 @@
 import { Link, useParams } from "react-router-dom";
 
 import { apiPath, type Confidential, type TaskPage } from "../api";
+import { KeyValues } from "../components/KeyValues";
 import { Logs } from "../components/Logs";
 import { ErrorBox } from "../components/Status";
 import { bytes, duration, when } from "../format";
@@ -127,18 +128,7 @@ function Verification({ verification }: { verification: Confidential }) {
           ? "Its quote passed the policy before the step's code ran; its sealed values open only in attested enclaves."
           : "No quote: nothing vouches for where this task ran. Its sealed values are for development only."}
       </p>
-      <table className="kv">
-        <tbody>
-          {rows.map(([name, value]) => (
-            <tr key={name}>
-              <th>{name}</th>
-              <td>
-                <code>{value}</code>
-              </td>
-            </tr>
-          ))}
-        </tbody>
-      </table>
+      <KeyValues rows={rows} />
     </section>
   );
 }
