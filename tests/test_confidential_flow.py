@@ -6,15 +6,19 @@ every mistake refused before the run starts, in one line naming the fix."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from confidential_samples import flow_env, tiny_flow
 from conftest import PROJECT
@@ -159,6 +163,31 @@ def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: s
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode != 0 and says in done.stderr + done.stdout, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not list((tmp_path / ".metaflow").glob("TinyFlow/*/start"))
+
+
+def test_an_enclave_dies_with_a_launcher_killed_outright(tmp_path: Path) -> None:
+    """SIGKILL runs no way out of the launcher: the kernel kills its enclave (``PR_SET_PDEATHSIG``)."""
+    (tmp_path / ".metaflow").mkdir()
+    marker = tmp_path / "enclave.pids"
+    body = f"open({str(marker)!r}, 'w').write(f'{{os.getpid()}} {{os.getppid()}}'); time.sleep(120)"
+    tiny_flow(tmp_path, "@confidential", body=f"import os, time; {body}")
+    run = subprocess.Popen([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    enclave = None
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.is_file() or len(marker.read_text().split()) != 2:
+            assert time.monotonic() < deadline and run.poll() is None, "the step never started in its enclave"
+            time.sleep(0.2)
+        enclave, launcher = (int(n) for n in marker.read_text().split())
+        assert "confidential" in " ".join(psutil.Process(launcher).cmdline())  # the trampoline
+        os.kill(launcher, signal.SIGKILL)
+        assert psutil.wait_procs([psutil.Process(enclave)], timeout=10)[1] == [], "the enclave outlived its launcher"
+    finally:
+        for group in (run.pid, enclave):  # the flow's, and the enclave's own session if it outlived the test
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.killpg(group, signal.SIGKILL)
+        run.wait(timeout=30)
 
 
 def _identity() -> TaskIdentity:

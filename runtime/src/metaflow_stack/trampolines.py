@@ -6,6 +6,7 @@ step command rebuilt from them, as Metaflow's ``kubernetes step`` does, and sign
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -117,6 +118,18 @@ def stopped_by_signals() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when the one that started it dies (``PR_SET_PDEATHSIG``,
+    kept across ``exec``), so a pool or a launcher killed outright (SIGKILL, the OOM killer) leaves nothing
+    running; elsewhere their own exit paths do what they can. For a child, between fork and exec."""
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
 
 
 @contextlib.contextmanager

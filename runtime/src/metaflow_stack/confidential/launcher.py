@@ -56,7 +56,7 @@ from metaflow_stack.confidential.keyring import (
 from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
 from metaflow_stack.confidential.policy import load_policy
 from metaflow_stack.local_secrets import keep
-from metaflow_stack.trampolines import stopped_by_signals
+from metaflow_stack.trampolines import die_with_parent, stopped_by_signals
 
 #: What the enclave's fixed command runs.
 ENTRY = "metaflow_stack.confidential.inside"
@@ -173,9 +173,13 @@ def run_task(
         return 1
     task = TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
     (exchange / "task.json").write_text(task.model_dump_json())
-    # A session of its own: the enclave and all it starts stop with the launcher, however it is stopped.
+    # A session of its own, so the enclave and all it starts stop with the launcher when it is stopped; and
+    # the kernel kills the enclave if the launcher is killed outright (SIGKILL: no way out runs then).
     started = gramine.command(prepared, settings.mode)
-    process = subprocess.Popen(started, cwd=prepared.folder, env={**os.environ, EXCHANGE: name}, start_new_session=True)
+    process = subprocess.Popen(
+        started, cwd=prepared.folder, env={**os.environ, EXCHANGE: name}, start_new_session=True,
+        preexec_fn=die_with_parent,
+    )  # fmt: skip
     try:
         with stopped_by_signals():
             judged = False

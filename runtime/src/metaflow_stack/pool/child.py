@@ -9,7 +9,6 @@ folder, arguments and output, and the flow's file run as ``__main__`` as
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
 import runpy
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from metaflow_stack.elsewhere import MACHINE_FILES, MACHINE_VARIABLES
 from metaflow_stack.pool import WORKER_VARIABLE
+from metaflow_stack.trampolines import die_with_parent
 
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).
@@ -93,15 +93,6 @@ def other_interpreter(task: Task) -> str | None:
         f"@worker_pool: the pool runs {sys.executable} and this task asks for {task.python} "
         "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator"
     )
-
-
-def die_with_parent() -> None:
-    """On Linux, have the kernel kill this task if the process that forked it dies
-    (``PR_SET_PDEATHSIG``), so a pool killed outright leaves no task behind; elsewhere the pool's own
-    exit path kills its tasks."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
