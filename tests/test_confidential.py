@@ -78,6 +78,39 @@ def test_a_recorded_verification_is_read_back_as_the_agent_and_the_ui_show_it(sa
         assert ConfidentialInfo.recorded(hostile) is None
 
 
+def test_an_enclave_never_unpickles_a_crafted_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In an enclave, artifacts are read with ``inputs.guarded_loads``: a pickle that would call ``os.system``
+    is refused before anything it names is looked up; plain data, sealed values, Metaflow's foreach frames
+    and the packages the enclave trusts are read."""
+    import fractions
+    import os
+    import pickle
+
+    from metaflow.tuple_util import ForeachFrame
+
+    from metaflow_stack.confidential.inputs import TRUST, guarded_loads
+    from metaflow_stack.confidential.seal import Sealed
+
+    class Crafted:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("touch /tmp/owned",))
+
+    with pytest.raises(SealedError, match=r"an input needs posix\.system") as refused:
+        guarded_loads(pickle.dumps(Crafted()))
+    assert refused.value.fix == "make it in a confidential step (it arrives sealed), or @confidential(trust=['posix'])"
+    sealed = Sealed(b"MFSEAL1\x00" + b"x" * 100, "F/1/s/2/name")
+    frames = [ForeachFrame(step="s", var="items", num_splits=3, index=1, value="b")]
+    plain = {"a": [1, 2.5, None, b"x", (True,)], "frames": frames, "sealed": sealed}
+    read = guarded_loads(pickle.dumps(plain, protocol=4))
+    assert read["a"] == plain["a"] and read["frames"] == frames and read["sealed"].where == sealed.where
+    with pytest.raises(SealedError, match=r"an input needs fractions\.Fraction"):
+        guarded_loads(pickle.dumps(fractions.Fraction(1, 3)))
+    monkeypatch.setenv(TRUST, "fractions")
+    assert guarded_loads(pickle.dumps(fractions.Fraction(1, 3))) == fractions.Fraction(1, 3)
+    with pytest.raises(SealedError, match=r"an input needs posix\.system"):  # trusting one package is not all
+        guarded_loads(pickle.dumps(Crafted()))
+
+
 def test_a_genuine_tdx_quote_is_held_to_its_mrtd_and_rtmrs(samples: Path) -> None:
     quote, collateral = _evidence(samples, "tdx_quote")
     found = verify(quote, collateral, parse_policy(TDX_POLICY), _report_data(quote), now=PINNED)

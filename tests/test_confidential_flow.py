@@ -63,7 +63,9 @@ print(json.dumps(rows))""")  # fmt: skip
         verification = json.loads(recorded)
         assert verification["attested"] is False and verification["mode"] == "direct"
     enclaves = list((root / "state" / "confidential" / "enclaves").iterdir())
-    assert len(enclaves) == 1  # prepared once: both steps, same code and settings, same measurement
+    # Each prepared once; two measurements: `score` trusts sklearn and numpy (its model comes from outside a
+    # TEE, pickled), `summarise` reads only sealed values and trusts nothing.
+    assert len(enclaves) == 2
 
 
 def _answers(url: str) -> bool:
@@ -188,6 +190,52 @@ def test_an_enclave_dies_with_a_launcher_killed_outright(tmp_path: Path) -> None
             with contextlib.suppress(ProcessLookupError, TypeError):
                 os.killpg(group, signal.SIGKILL)
         run.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("trust", "ends"),
+    [("", "an input needs fractions.Fraction"), ('trust=["fractions"]', "1/3 read in the enclave")],
+)
+def test_an_enclave_unpickles_from_outside_only_plain_data_sealed_values_and_what_it_trusts(
+    tmp_path: Path, trust: str, ends: str
+) -> None:
+    """An input made outside a TEE whose pickle needs a class (here ``fractions.Fraction``) is refused in the
+    enclave, naming the class and the fix, unless the step trusts its package."""
+    (tmp_path / ".metaflow").mkdir()
+    (tmp_path / "tiny_flow.py").write_text(f"""import fractions
+
+from metaflow import FlowSpec, confidential, step
+
+
+class TinyFlow(FlowSpec):
+    @step
+    def start(self):
+        self.third, self.plain = fractions.Fraction(1, 3), {{"a": [1, 2.5, None]}}
+        self.next(self.use)
+
+    @confidential({trust})
+    @step
+    def use(self):
+        assert self.plain == {{"a": [1, 2.5, None]}}  # plain data is always read
+        print(f"{{self.third}} read in the enclave")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    TinyFlow()
+""")
+    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert ends in output, output[-3000:]
+    if not trust:
+        assert done.returncode != 0 and "@confidential(trust=['fractions'])" in output
+    else:
+        assert done.returncode == 0
 
 
 def _identity() -> TaskIdentity:

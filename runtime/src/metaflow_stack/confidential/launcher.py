@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from metaflow_stack import __version__
 from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
+from metaflow_stack.confidential.inputs import TRUST
 from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, KEEPER_KEY, TaskOrder
 from metaflow_stack.confidential.keyring import (
     Keeper,
@@ -79,6 +80,8 @@ class Settings:
     #: min_isv_svn hold it to.
     isv_prod_id: int = 0
     isv_svn: int = 0
+    #: The packages the enclave may unpickle from inputs made outside a TEE (``inputs``).
+    trust: tuple[str, ...] = ()
 
 
 def enclave(
@@ -95,6 +98,7 @@ def enclave(
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
     env[KEEPER_KEY] = keeper_key
+    env[TRUST] = " ".join(settings.trust)
     described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
                  "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,
                  "template": template_path().read_text(), "runtime": __version__,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 #: Stored (compressed) size above which a value is not read for a preview.
@@ -90,19 +91,24 @@ class _PlainUnpickler(pickle._Unpickler):
     # The pure-Python unpickler: its memo is a dict. The C one grows an array to the largest memo index a
     # pickle names, so seven bytes (LONG_BINPUT 2**32-1) would ask for tens of GiB.
 
+    def __init__(self, data: bytes, allowed: Callable[[str, str], bool] | None) -> None:
+        super().__init__(io.BytesIO(data))
+        self.allowed = allowed
+
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
         if (module, name) in _GUARDED:
             return _GUARDED[module, name]
-        if (module, name) in _PLAIN:
+        if (module, name) in _PLAIN or (self.allowed is not None and self.allowed(module, name)):
             return super().find_class(module, name)
         raise NotPlainData(f"{module}.{name}")
 
 
-def plain_loads(data: bytes) -> Any:
-    """The value of a plain-data pickle; ``NotPlainData`` naming the first other class it needs."""
+def plain_loads(data: bytes, allowed: Callable[[str, str], bool] | None = None) -> Any:
+    """The value of a plain-data pickle; ``NotPlainData`` naming the first other class it needs. ``allowed``
+    admits more classes (by module and name) for a caller that trusts them."""
     try:
-        return _PlainUnpickler(io.BytesIO(data)).load()
+        return _PlainUnpickler(data, allowed).load()
     except NotPlainData:
         raise
     except Exception as exc:  # a truncated or corrupt pickle: not a value we can show

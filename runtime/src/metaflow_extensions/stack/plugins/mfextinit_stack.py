@@ -9,7 +9,7 @@ items on warm workers, each item still a task of its own. ``@nomad`` runs a
 step's tasks as Nomad batch jobs, through its ``nomad step`` trampoline; ``nomad create``
 deploys a whole flow as one Nomad job, and ``Deployer(flow).nomad()`` drives it. ``@confidential`` runs a
 step's tasks in a TEE (Gramine), through its ``confidential step`` trampoline, trusting their results only
-after attestation.
+after attestation; in its enclaves, artifacts are read through its input guard (an artifact serializer).
 """
 
 METADATA_PROVIDERS_DESC = [("service", ".metadata_service.service_provider.StackServiceMetadataProvider")]
@@ -20,6 +20,7 @@ STEP_DECORATORS_DESC = [
     ("nomad", ".nomad.nomad_decorator.NomadDecorator"),
     ("confidential", ".confidential.confidential_decorator.ConfidentialDecorator"),
 ]
+ARTIFACT_SERIALIZERS_DESC = [("confidential_inputs", ".confidential.input_guard.InputGuard")]
 DEPLOYER_IMPL_PROVIDERS_DESC = [("nomad", ".nomad.nomad_deployer.NomadDeployer")]
 CLIS_DESC = [
     ("devcontainer", ".devcontainer.devcontainer_cli.cli"),

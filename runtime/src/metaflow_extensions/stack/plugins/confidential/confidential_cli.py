@@ -39,6 +39,7 @@ def confidential() -> None:
 @click.option("--pccs-url", default=None)
 @click.option("--isv-prod-id", type=int, default=0)
 @click.option("--isv-svn", type=int, default=0)
+@click.option("--trust", default="")
 @click.pass_context
 def step(
     ctx,
@@ -54,6 +55,7 @@ def step(
     pccs_url: str | None,
     isv_prod_id: int,
     isv_svn: int,
+    trust: str,
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
@@ -73,7 +75,7 @@ def step(
         stack = settings.load()
         state_dir = stack.state_dir
         chosen = launcher.Settings(
-            mode, enclave_size, threads, policy, collateral, pccs_url, isv_prod_id, isv_svn
+            mode, enclave_size, threads, policy, collateral, pccs_url, isv_prod_id, isv_svn, tuple(trust.split())
         )  # fmt: skip
         code = code_package.unpacked_here(flow_datastore, code_package_url, code_package_sha)
         if flow_datastore.TYPE == "local":

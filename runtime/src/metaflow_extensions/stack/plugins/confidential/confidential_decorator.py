@@ -52,7 +52,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     step's artifacts with a key released only to the attested enclave. enclave_size ("4G") and threads:
     the enclave's memory and threads. collateral: a file of DCAP collateral (else fetched from pccs_url,
     default METAFLOW_STACK_PCCS_URL or Phala's public PCCS). isv_prod_id and isv_svn: the enclave's product
-    and version, signed into it (a policy's isv_prod_id and min_isv_svn hold it to them).
+    and version, signed into it (a policy's isv_prod_id and min_isv_svn hold it to them). trust: the
+    packages ("sklearn", "numpy") whose objects the enclave may unpickle from inputs made outside a TEE;
+    otherwise only plain data and sealed values are read in (a crafted pickle would run in the enclave).
     """
 
     name = "confidential"
@@ -67,6 +69,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         "pccs_url": None,
         "isv_prod_id": 0,
         "isv_svn": 0,
+        "trust": (),
     }
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
@@ -100,6 +103,12 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         threads = self.attributes["threads"]
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096:
             raise InvalidInput("threads", f"{threads!r} is not a number of threads from 1 to 4096", fix="threads=32")
+        trust = self.attributes["trust"]
+        if isinstance(trust, str):
+            trust = (trust,)
+        if not isinstance(trust, list | tuple) or not all(isinstance(p, str) and p.isidentifier() for p in trust):
+            raise InvalidInput("trust", f"{trust!r} is not a list of package names", fix='trust=["sklearn", "numpy"]')
+        self.attributes["trust"] = tuple(sorted(set(trust)))
         for name in ("isv_prod_id", "isv_svn"):
             value = self.attributes[name]
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
@@ -126,6 +135,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         for option in ("mode", "policy", "enclave_size", "threads", "collateral", "pccs_url", "isv_prod_id", "isv_svn"):
             if self.attributes[option] is not None:
                 cli_args.command_options[option.replace("_", "-")] = self.attributes[option]
+        if self.attributes["trust"]:
+            cli_args.command_options["trust"] = " ".join(self.attributes["trust"])
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count,
