@@ -155,6 +155,7 @@ print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": u
         ('@confidential(mode="tdx")', "mode: 'tdx' is not one of direct, sgx"),
         ("@confidential(threads=0)", "threads: 0 is not a number of threads"),
         ("@confidential(isv_svn=70000)", "isv_svn: 70000 is not a number from 0 to 65535"),
+        ('@confidential(trust=["os.path"])', "trust: ['os.path'] is not a list of package names"),
     ],
 )
 def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: str, says: str) -> None:
