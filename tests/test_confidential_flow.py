@@ -239,6 +239,31 @@ if __name__ == "__main__":
         assert done.returncode == 0
 
 
+def test_unsealed_refuses_a_siblings_value_moved_into_an_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join reads each input's sealed value; one sealed by another task of that step (a foreach sibling's,
+    moved there in the datastore) is refused, though it is of the run and the name."""
+    import pickle
+    from types import SimpleNamespace
+
+    from metaflow import current
+
+    from metaflow_stack.confidential import inside
+    from metaflow_stack.confidential.seal import Sealed, SealedError, new_data_key, seal
+
+    key = new_data_key()
+    monkeypatch.setattr(inside, "_data_key", key)
+    current._set_env(flow=SimpleNamespace(name="F", _graph_info={}), run_id="1", step_name="join", task_id="5")
+
+    def sealed_input(task: str, sealed_by: str) -> SimpleNamespace:
+        where = f"F/1/work/{sealed_by}/out"
+        value = Sealed(seal(pickle.dumps(f"made by {sealed_by}"), key, where), where)
+        return SimpleNamespace(out=value, _datastore=SimpleNamespace(step_name="work", task_id=task))
+
+    assert inside.unsealed(sealed_input("3", "3"), "out") == "made by 3"
+    with pytest.raises(SealedError, match=r"^out was sealed by work/2, and is read from work/3"):
+        inside.unsealed(sealed_input("3", "2"), "out")
+
+
 def _identity() -> TaskIdentity:
     return TaskIdentity(flow="F", run="1", step="score", task="2", attempt=0, code_digest="abc")
 

@@ -156,9 +156,10 @@ def sealed(value: bytes, where: str) -> Sealed:
 
 
 def unsealed(flow: Any, name: str) -> Any:
-    """The artifact ``name`` of ``flow`` (a step's ``self``), sealed by an upstream confidential step of
-    this run, opened with the run's data key; ``SealedError`` when it is not sealed (a value the host could
-    have written) or was sealed for another run or artifact (moved there)."""
+    """The artifact ``name`` of ``flow`` (a step's ``self``, or one of a join's ``inputs``), sealed by an
+    upstream confidential step of this run, opened with the run's data key; ``SealedError`` when it is not
+    sealed (a value the host could have written), was sealed for another run or artifact, or by another task
+    of the step it is read from (a sibling's value moved there)."""
     from metaflow import current
 
     value = getattr(flow, name)
@@ -167,7 +168,26 @@ def unsealed(flow: Any, name: str) -> Any:
     parts = value.where.split("/")
     if len(parts) != 5 or (parts[0], parts[1], parts[4]) != (current.flow_name, str(current.run_id), name):
         raise SealedError(f"{name} was sealed as {value.where}, not as this run's {name}")
+    sources = _sources(flow)
+    if parts[2] in {step for step, _ in sources} and (parts[2], parts[3]) not in sources:
+        read_from = ", ".join(f"{step}/{task}" for step, task in sorted(sources))
+        raise SealedError(f"{name} was sealed by {parts[2]}/{parts[3]}, and is read from {read_from}")
     return pickle.loads(value.open(_data_key))
+
+
+def _sources(flow: Any) -> set[tuple[str, str]]:
+    """The tasks (step, task id) a value of ``flow`` is read from: a join's input is its own task; a step's
+    ``self`` reads its parents, the input paths its order names. A value sealed further upstream (passed
+    through a step in between) is checked for its run and name only."""
+    from metaflow import current
+    from metaflow.util import decompress_list
+
+    store = getattr(flow, "_datastore", None)
+    if store is not None and (store.step_name, str(store.task_id)) != (current.step_name, str(current.task_id)):
+        return {(store.step_name, str(store.task_id))}
+    words = argv(order())
+    paths = words[words.index("--input-paths") + 1] if "--input-paths" in words else ""
+    return {tuple(path.split("/")[1:3]) for path in decompress_list(paths)} if paths else set()
 
 
 def _attest_and_receive() -> bytes:
