@@ -110,6 +110,16 @@ def test_an_enclave_never_unpickles_a_crafted_input(monkeypatch: pytest.MonkeyPa
     with pytest.raises(SealedError, match=r"an input needs posix\.system"):  # trusting one package is not all
         guarded_loads(pickle.dumps(Crafted()))
 
+    def global_named(module: str, name: str) -> bytes:  # a pickle that only looks ``module.name`` up
+        text = [part.encode() for part in (module, name)]
+        return b"\x80\x04" + b"".join(b"\x8c" + bytes([len(t)]) + t for t in text) + b"\x93."
+
+    monkeypatch.setenv(TRUST, "tempfile")
+    for module, name in (("tempfile", "_os.system"), ("tempfile", "_Random")):  # reached through, or imported
+        with pytest.raises(SealedError, match="an input needs tempfile"):
+            guarded_loads(global_named(module, name))
+    assert guarded_loads(global_named("tempfile", "TemporaryDirectory")).__name__ == "TemporaryDirectory"
+
 
 def test_a_genuine_tdx_quote_is_held_to_its_mrtd_and_rtmrs(samples: Path) -> None:
     quote, collateral = _evidence(samples, "tdx_quote")

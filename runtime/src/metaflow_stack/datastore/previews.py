@@ -87,28 +87,29 @@ _GUARDED = {
 }
 
 
+def plain_class(module: str, name: str, find: Callable[[str, str], Any]) -> Any:
+    """What a plain-data pickle may name as ``module.name``: a guarded constructor, or a plain class looked
+    up with ``find`` (the unpickler's own); ``NotPlainData`` for anything else, before it is looked up."""
+    module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
+    if (module, name) in _GUARDED:
+        return _GUARDED[module, name]
+    if (module, name) in _PLAIN:
+        return find(module, name)
+    raise NotPlainData(f"{module}.{name}")
+
+
 class _PlainUnpickler(pickle._Unpickler):
     # The pure-Python unpickler: its memo is a dict. The C one grows an array to the largest memo index a
     # pickle names, so seven bytes (LONG_BINPUT 2**32-1) would ask for tens of GiB.
 
-    def __init__(self, data: bytes, allowed: Callable[[str, str], bool] | None) -> None:
-        super().__init__(io.BytesIO(data))
-        self.allowed = allowed
-
     def find_class(self, module: str, name: str) -> Any:
-        module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
-        if (module, name) in _GUARDED:
-            return _GUARDED[module, name]
-        if (module, name) in _PLAIN or (self.allowed is not None and self.allowed(module, name)):
-            return super().find_class(module, name)
-        raise NotPlainData(f"{module}.{name}")
+        return plain_class(module, name, super().find_class)
 
 
-def plain_loads(data: bytes, allowed: Callable[[str, str], bool] | None = None) -> Any:
-    """The value of a plain-data pickle; ``NotPlainData`` naming the first other class it needs. ``allowed``
-    admits more classes (by module and name) for a caller that trusts them."""
+def plain_loads(data: bytes) -> Any:
+    """The value of a plain-data pickle; ``NotPlainData`` naming the first other class it needs."""
     try:
-        return _PlainUnpickler(data, allowed).load()
+        return _PlainUnpickler(io.BytesIO(data)).load()
     except NotPlainData:
         raise
     except Exception as exc:  # a truncated or corrupt pickle: not a value we can show
