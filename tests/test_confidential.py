@@ -78,15 +78,23 @@ def test_a_recorded_verification_is_read_back_as_the_agent_and_the_ui_show_it(sa
         assert ConfidentialInfo.recorded(hostile) is None
 
 
+def _global(module: str, name: str) -> bytes:
+    """Pickle opcodes that push ``module.name`` (protocol 4's STACK_GLOBAL)."""
+    return b"".join(b"\x8c" + bytes([len(t)]) + t for t in (module.encode(), name.encode())) + b"\x93"
+
+
 def test_an_enclave_never_unpickles_a_crafted_input(monkeypatch: pytest.MonkeyPatch) -> None:
     """In an enclave, artifacts are read with ``inputs.guarded_loads``: a pickle that would call ``os.system``
-    is refused before anything it names is looked up; plain data, sealed values, Metaflow's foreach frames
-    and the packages the enclave trusts are read."""
+    is refused before anything it names is looked up; plain data, sealed values, Metaflow's data holders and
+    numpy arrays are read, and a class only when the enclave trusts it by its full name, as a class it
+    defines; no pickle may rewrite a class."""
     import fractions
     import os
     import pickle
 
+    import numpy
     from metaflow.tuple_util import ForeachFrame
+    from sklearn.preprocessing import StandardScaler
 
     from metaflow_stack.confidential.inputs import TRUST, guarded_loads
     from metaflow_stack.confidential.seal import Sealed
@@ -97,28 +105,57 @@ def test_an_enclave_never_unpickles_a_crafted_input(monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(SealedError, match=r"an input needs posix\.system") as refused:
         guarded_loads(pickle.dumps(Crafted()))
-    assert refused.value.fix == "make it in a confidential step (it arrives sealed), or @confidential(trust=['posix'])"
+    assert refused.value.fix == "make it in a confidential step (it arrives sealed)"  # never "trust os"
     sealed = Sealed(b"MFSEAL1\x00" + b"x" * 100, "F/1/s/2/name")
     frames = [ForeachFrame(step="s", var="items", num_splits=3, index=1, value="b")]
-    plain = {"a": [1, 2.5, None, b"x", (True,)], "frames": frames, "sealed": sealed}
+    plain = {"a": [1, 2.5, None, b"x", (True,)], "frames": frames, "sealed": sealed, "array": numpy.arange(4.0)}
     read = guarded_loads(pickle.dumps(plain, protocol=4))
     assert read["a"] == plain["a"] and read["frames"] == frames and read["sealed"].where == sealed.where
-    with pytest.raises(SealedError, match=r"an input needs fractions\.Fraction"):
+    assert read["array"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+    class Forged:  # a Sealed rebuilt from something other than its bytes and place
+        def __reduce__(self) -> tuple:
+            return (Sealed, (123, "F/1/s/2/name"))
+
+    with pytest.raises(SealedError, match="made of something else"):
+        guarded_loads(pickle.dumps(Forged()))
+    # The class pushed, then "built" with state that would replace its method for the whole process.
+    rewrite = b"\x80\x04" + _global("metaflow_stack.confidential.seal", "Sealed") + b"N}\x8c\x04open"
+    rewrite += _global("builtins", "range") + b"s\x86b."
+    with pytest.raises(SealedError, match="state set on Sealed itself"):
+        guarded_loads(rewrite)
+    assert Sealed.open is not range
+    with pytest.raises(SealedError, match=r"an input needs fractions\.Fraction") as refused:
         guarded_loads(pickle.dumps(fractions.Fraction(1, 3)))
-    monkeypatch.setenv(TRUST, "fractions")
+    assert refused.value.fix == "make it in a confidential step (it arrives sealed)"  # Python's own: never trusted
+    scaler = StandardScaler().fit([[1.0], [3.0]])
+    scaler_name = "sklearn.preprocessing._data.StandardScaler"
+    with pytest.raises(SealedError, match=f"an input needs {scaler_name}") as refused:
+        guarded_loads(pickle.dumps(scaler))
+    assert refused.value.fix.endswith(f"@confidential(trust=[{scaler_name!r}])")
+    monkeypatch.setenv(TRUST, f"{scaler_name} fractions.Fraction tempfile.TemporaryDirectory tempfile._Random")
+    assert guarded_loads(pickle.dumps(scaler)).mean_.tolist() == [2.0]
     assert guarded_loads(pickle.dumps(fractions.Fraction(1, 3))) == fractions.Fraction(1, 3)
-    with pytest.raises(SealedError, match=r"an input needs posix\.system"):  # trusting one package is not all
+    with pytest.raises(SealedError, match=r"an input needs posix\.system"):  # trusting one class is not all
         guarded_loads(pickle.dumps(Crafted()))
-
-    def global_named(module: str, name: str) -> bytes:  # a pickle that only looks ``module.name`` up
-        text = [part.encode() for part in (module, name)]
-        return b"\x80\x04" + b"".join(b"\x8c" + bytes([len(t)]) + t for t in text) + b"\x93."
-
-    monkeypatch.setenv(TRUST, "tempfile")
     for module, name in (("tempfile", "_os.system"), ("tempfile", "_Random")):  # reached through, or imported
-        with pytest.raises(SealedError, match="an input needs tempfile"):
-            guarded_loads(global_named(module, name))
-    assert guarded_loads(global_named("tempfile", "TemporaryDirectory")).__name__ == "TemporaryDirectory"
+        with pytest.raises(SealedError, match=f"an input needs tempfile.{name}"):
+            guarded_loads(b"\x80\x04" + _global(module, name) + b".")
+    assert (
+        guarded_loads(b"\x80\x04" + _global("tempfile", "TemporaryDirectory") + b".").__name__ == "TemporaryDirectory"
+    )
+
+
+def test_trust_names_classes_and_never_pythons_or_the_frameworks_own() -> None:
+    from metaflow_stack.confidential.inputs import check_trust
+
+    name = "sklearn.linear_model._logistic.LogisticRegression"
+    assert check_trust([name, name]) == (name,)
+    wrongs = {"sklearn": "is not a class's full name", "os.system": "is in os, whose classes",
+              "metaflow.flowspec.FlowSpec": "is in metaflow", "a..b": "is not a class's full name"}  # fmt: skip
+    for wrong, says in wrongs.items():
+        with pytest.raises(ValueError, match=says):
+            check_trust([wrong])
 
 
 def test_a_genuine_tdx_quote_is_held_to_its_mrtd_and_rtmrs(samples: Path) -> None:
@@ -204,23 +241,48 @@ def test_a_data_key_is_released_only_to_the_attested_enclaves_key_for_this_attem
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     keeper, host = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    data_key, enclave = new_data_key(), EnclaveKey()
+    data_key, enclave, scope = new_data_key(), EnclaveKey(), "sgx:prod@0123456789abcdef"
     bound = binding(IDENTITY, "n1", enclave.public)
-    envelope = envelope_for(data_key, enclave.public, bound, keeper)
-    assert data_key not in envelope and enclave.open(envelope, bound, public_hex(keeper)) == data_key
+
+    def takes_prod(found: str) -> bool:  # an enclave measured in SGX mode with the policy "prod"
+        return found.startswith("sgx:prod@")
+
+    envelope = envelope_for(data_key, enclave.public, bound, keeper, scope)
+    assert data_key not in envelope and enclave.open(envelope, bound, public_hex(keeper), takes_prod) == data_key
     with pytest.raises(SealedError, match="made for another enclave or attempt"):
-        EnclaveKey().open(envelope, bound, public_hex(keeper))  # the host, or another enclave
+        EnclaveKey().open(envelope, bound, public_hex(keeper), takes_prod)  # the host, or another enclave
     with pytest.raises(SealedError, match="not signed by the enclave's key keeper"):
         enclave.open(envelope, binding(IDENTITY.model_copy(update={"attempt": 1}), "n1", enclave.public),
-                     public_hex(keeper))  # fmt: skip
+                     public_hex(keeper), takes_prod)  # fmt: skip
     # The host makes an envelope of its own, to a key it chose, for the enclave to seal with: not opened.
-    forged = envelope_for(new_data_key(), enclave.public, bound, host)
+    forged = envelope_for(new_data_key(), enclave.public, bound, host, scope)
     with pytest.raises(SealedError, match="not signed by the enclave's key keeper"):
-        enclave.open(forged, bound, public_hex(keeper))
+        enclave.open(forged, bound, public_hex(keeper), takes_prod)
+    # The keeper's own envelope of another scope (a lenient policy's, or direct mode's key): not taken.
+    for other in ("direct", "sgx:dev@0123456789abcdef"):
+        with pytest.raises(SealedError, match=f"holds a key of scope '{other}', which this enclave does not take"):
+            enclave.open(envelope_for(new_data_key(), enclave.public, bound, keeper, other), bound,
+                         public_hex(keeper), takes_prod)  # fmt: skip
+    relabelled = envelope[:66] + b"sgx:prod@fedcba9876543210" + envelope[66 + len(scope) :]
+    with pytest.raises(SealedError, match="not signed by the enclave's key keeper"):  # the scope is signed
+        enclave.open(relabelled, bound, public_hex(keeper), takes_prod)
     with pytest.raises(AttestationRefused, match=r"^enclave_key: is not a usable X25519 public key"):
-        envelope_for(data_key, "zz", bound, keeper)
+        envelope_for(data_key, "zz", bound, keeper, scope)
     with pytest.raises(AttestationRefused, match=r"^enclave_key: is not a usable X25519 public key"):
-        envelope_for(data_key, "00" * 32, bound, keeper)  # a low-order point: every shared secret would be zero
+        envelope_for(data_key, "00" * 32, bound, keeper, scope)  # a low-order point: every shared secret is zero
+
+
+def test_an_enclave_takes_only_the_key_of_its_measured_mode_and_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaflow_stack.confidential.inside import MODE, POLICY, accepts_scope
+
+    monkeypatch.setenv(MODE, "sgx")
+    monkeypatch.setenv(POLICY, "prod")
+    assert accepts_scope("sgx:prod@0123") and not accepts_scope("direct") and not accepts_scope("sgx:dev@0123")
+    assert not accepts_scope("sgx:production@0123")
+    monkeypatch.setenv(MODE, "direct")
+    assert accepts_scope("direct") and not accepts_scope("sgx:prod@0123")
+    monkeypatch.delenv(MODE)
+    assert not accepts_scope("direct")
 
 
 @pytest.mark.parametrize(

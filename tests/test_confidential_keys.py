@@ -78,7 +78,7 @@ def test_a_direct_enclave_gets_the_direct_key_only_where_allowed() -> None:
     request = _request(keyring.nonce(), enclave)
     released = keyring.release(request)
     bound = binding(IDENTITY, request.nonce, enclave.public, request.work)
-    opened = enclave.open(bytes.fromhex(released.envelope), bound, keyring.public_key())
+    opened = enclave.open(bytes.fromhex(released.envelope), bound, keyring.public_key(), lambda s: s == "direct")
     assert opened == keyring.data_key("ScoreFlow", "12", "direct")
     assert released.verification == {"attested": False, "mode": "direct",
                                      "why": "gramine-direct gives no quote (development only)"}  # fmt: skip
@@ -182,9 +182,9 @@ def test_the_service_releases_to_the_enclave_it_judged_and_names_every_refusal(s
     service_keyring = Keyring(master, lambda name: None, True)
     assert keeper.public_key() == service_keyring.public_key()
     expected = service_keyring.data_key("ScoreFlow", "12", "direct")
-    assert enclave.open(bytes.fromhex(released.envelope), bound, keeper.public_key()) == expected
+    assert enclave.open(bytes.fromhex(released.envelope), bound, keeper.public_key(), lambda s: True) == expected
     with pytest.raises(SealedError, match="made for another enclave or attempt"):  # the launcher cannot open it
-        EnclaveKey().open(bytes.fromhex(released.envelope), bound, keeper.public_key())
+        EnclaveKey().open(bytes.fromhex(released.envelope), bound, keeper.public_key(), lambda s: True)
     quote = (SAMPLES / "sgx_quote").read_bytes().hex()
     with pytest.raises(AttestationRefused, match=r"^collateral: is outside its validity window") as refused:
         keeper.release(_request(keeper.nonce(), enclave, mode="sgx", policy="prod", quote=quote))

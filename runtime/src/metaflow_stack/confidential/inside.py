@@ -43,6 +43,9 @@ EXCHANGE = "METAFLOW_STACK_CONFIDENTIAL_TASK"
 EVIDENCE_ROOT = "METAFLOW_STACK_CONFIDENTIAL_EVIDENCE"
 #: The public key (hex) of the keeper whose signed envelopes the enclave opens, fixed in the manifest.
 KEEPER_KEY = "METAFLOW_STACK_CONFIDENTIAL_KEEPER"
+#: The enclave's mode and policy name, fixed in the manifest: the only scope of key it takes.
+MODE = "METAFLOW_STACK_CONFIDENTIAL_MODE"
+POLICY = "METAFLOW_STACK_CONFIDENTIAL_POLICY"
 #: Gramine's attestation pseudo-files (gramine-sgx only).
 REPORT_DATA = Path("/dev/attestation/user_report_data")
 QUOTE = Path("/dev/attestation/quote")
@@ -211,7 +214,16 @@ def _attest_and_receive() -> bytes:
         if time.monotonic() > deadline:
             raise SealedError(f"no data key after {KEY_WAIT_S} s: the launcher did not answer the evidence")
         time.sleep(0.05)
-    return key.open(envelope.read_bytes(), bound, os.environ[KEEPER_KEY])
+    return key.open(envelope.read_bytes(), bound, os.environ[KEEPER_KEY], accepts_scope)
+
+
+def accepts_scope(scope: str) -> bool:
+    """Whether this enclave takes a key of ``scope``: ``direct`` in direct mode; in SGX mode, only a key of
+    the policy it was measured with (``sgx:<policy>@<digest>``), never the direct one."""
+    mode = os.environ.get(MODE)
+    if mode == "direct":
+        return scope == "direct"
+    return mode == "sgx" and bool(os.environ.get(POLICY)) and scope.startswith(f"sgx:{os.environ[POLICY]}@")
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ class Keyring:
             verification = {"attested": True, "mode": "sgx", "policy": request.policy, **judged.model_dump()}
             scope = f"sgx:{request.policy}@{policy.digest[:16]}"
         key = self.data_key(identity.flow, identity.run, scope)
-        envelope = envelope_for(key, request.enclave_key, bound, self.signer)
+        envelope = envelope_for(key, request.enclave_key, bound, self.signer, scope)
         return Released(envelope=envelope.hex(), verification=verification)
 
     def _verify(self, quote: bytes, policy: Policy, bound: bytes, now: int) -> Verification:

@@ -44,7 +44,7 @@ from metaflow_stack import __version__
 from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
 from metaflow_stack.confidential.inputs import TRUST
-from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, KEEPER_KEY, TaskOrder
+from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, KEEPER_KEY, MODE, POLICY, TaskOrder
 from metaflow_stack.confidential.keyring import (
     Keeper,
     KeeperUnavailable,
@@ -98,6 +98,7 @@ def enclave(
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
     env[KEEPER_KEY] = keeper_key
+    env[MODE], env[POLICY] = settings.mode, policy_name(settings.policy) if settings.policy else ""
     env[TRUST] = " ".join(settings.trust)
     described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
                  "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,

@@ -82,8 +82,16 @@ class Sealed:
     """A sealed artifact as it is stored: what a reader outside an attested enclave gets back. It is not the
     value, and says so when used as one; ``open`` with the run's data key inside an enclave gives it."""
 
+    __slots__ = ("blob", "where")
+
     def __init__(self, blob: bytes, where: str) -> None:
+        if not isinstance(blob, bytes) or not isinstance(where, str):
+            raise SealedError("a sealed value is its bytes and its place: this one was made of something else")
         self.blob, self.where = blob, where
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt by its constructor (which checks both fields), never by setting state on it.
+        return Sealed, (self.blob, self.where)
 
     def open(self, data_key: bytes | None) -> bytes:
         return unseal(self.blob, data_key, self.where)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 import reprlib
-from collections.abc import Callable
+import types
 from typing import Any
 
 #: Stored (compressed) size above which a value is not read for a preview.
@@ -87,29 +87,40 @@ _GUARDED = {
 }
 
 
-def plain_class(module: str, name: str, find: Callable[[str, str], Any]) -> Any:
-    """What a plain-data pickle may name as ``module.name``: a guarded constructor, or a plain class looked
-    up with ``find`` (the unpickler's own); ``NotPlainData`` for anything else, before it is looked up."""
-    module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
-    if (module, name) in _GUARDED:
-        return _GUARDED[module, name]
-    if (module, name) in _PLAIN:
-        return find(module, name)
-    raise NotPlainData(f"{module}.{name}")
+class PlainUnpickler(pickle._Unpickler):
+    """An unpickler of plain data only (subclasses admit more in ``find_class``).
 
+    The pure-Python unpickler: its memo is a dict (the C one grows an array to the largest memo index a
+    pickle names, so seven bytes, LONG_BINPUT 2**32-1, would ask for tens of GiB), and its opcodes can be
+    guarded: ``BUILD`` sets state on an instance only, never on a class, function or module (a pickle that
+    pushes a class it may name and then "builds" it would rewrite that class for the whole process)."""
 
-class _PlainUnpickler(pickle._Unpickler):
-    # The pure-Python unpickler: its memo is a dict. The C one grows an array to the largest memo index a
-    # pickle names, so seven bytes (LONG_BINPUT 2**32-1) would ask for tens of GiB.
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
 
     def find_class(self, module: str, name: str) -> Any:
-        return plain_class(module, name, super().find_class)
+        module = "builtins" if module == "__builtin__" else module  # protocols 0-2 name Python 2's module
+        if (module, name) in _GUARDED:
+            return _GUARDED[module, name]
+        if (module, name) in _PLAIN:
+            return super().find_class(module, name)
+        raise NotPlainData(f"{module}.{name}")
+
+    def load_build(self) -> None:
+        target = self.stack[-2] if len(self.stack) > 1 else None  # the state is on top, what it is set on below
+        if isinstance(target, type | types.FunctionType | types.BuiltinFunctionType | types.ModuleType):
+            raise NotPlainData(f"state set on {getattr(target, '__name__', 'a class')} itself")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def plain_loads(data: bytes) -> Any:
     """The value of a plain-data pickle; ``NotPlainData`` naming the first other class it needs."""
     try:
-        return _PlainUnpickler(io.BytesIO(data)).load()
+        return PlainUnpickler(data).load()
     except NotPlainData:
         raise
     except Exception as exc:  # a truncated or corrupt pickle: not a value we can show

@@ -53,8 +53,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     the enclave's memory and threads. collateral: a file of DCAP collateral (else fetched from pccs_url,
     default METAFLOW_STACK_PCCS_URL or Phala's public PCCS). isv_prod_id and isv_svn: the enclave's product
     and version, signed into it (a policy's isv_prod_id and min_isv_svn hold it to them). trust: the
-    packages ("sklearn", "numpy") whose objects the enclave may unpickle from inputs made outside a TEE;
-    otherwise only plain data and sealed values are read in (a crafted pickle would run in the enclave).
+    classes, by full name, the enclave may unpickle from inputs made outside a TEE (a model trained in an
+    ordinary step); otherwise only plain data, sealed values and numpy arrays are read in (a crafted pickle
+    would run in the enclave).
     """
 
     name = "confidential"
@@ -74,8 +75,11 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step = flow_datastore, step
-        if _inside():
-            return  # in the enclave: the run's start checked everything
+        if _inside():  # in the enclave: the run's start checked everything; inputs are not read yet
+            from metaflow_extensions.stack.plugins.confidential.input_guard import check_guarding
+
+            check_guarding()
+            return
         from metaflow_stack.errors import StackError
 
         others = [d.name for d in decos if d.name in ELSEWHERE]
@@ -89,6 +93,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     def _check(self, flow_dir: Path) -> None:
         from metaflow_stack import settings
         from metaflow_stack.confidential import gramine
+        from metaflow_stack.confidential.inputs import check_trust
         from metaflow_stack.confidential.keyring import POLICY_NAME, policy_name
         from metaflow_stack.confidential.manifest import enclave_bytes
         from metaflow_stack.confidential.policy import load_policy
@@ -104,11 +109,11 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096:
             raise InvalidInput("threads", f"{threads!r} is not a number of threads from 1 to 4096", fix="threads=32")
         trust = self.attributes["trust"]
-        if isinstance(trust, str):
-            trust = (trust,)
-        if not isinstance(trust, list | tuple) or not all(isinstance(p, str) and p.isidentifier() for p in trust):
-            raise InvalidInput("trust", f"{trust!r} is not a list of package names", fix='trust=["sklearn", "numpy"]')
-        self.attributes["trust"] = tuple(sorted(set(trust)))
+        try:
+            self.attributes["trust"] = check_trust([trust] if isinstance(trust, str) else list(trust))
+        except (TypeError, ValueError) as exc:
+            fix = 'trust=["sklearn.linear_model._logistic.LogisticRegression"] (the names a refusal gives)'
+            raise InvalidInput("trust", str(exc), fix=fix) from None
         for name in ("isv_prod_id", "isv_svn"):
             value = self.attributes[name]
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
@@ -166,8 +171,15 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         from metaflow_stack.confidential.seal import Sealed
 
         divided = graph[step_name].foreach_param
-        for name, value in list(flow.__dict__.items()):
-            if name.startswith("_") or name in ("name", divided) or isinstance(value, Sealed):
-                continue
-            where = f"{current.flow_name}/{current.run_id}/{step_name}/{current.task_id}/{name}"
-            setattr(flow, name, inside.sealed(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), where))
+        try:
+            for name, value in list(flow.__dict__.items()):
+                if name.startswith("_") or name in ("name", divided) or isinstance(value, Sealed):
+                    continue
+                where = f"{current.flow_name}/{current.run_id}/{step_name}/{current.task_id}/{name}"
+                setattr(flow, name, inside.sealed(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), where))
+        except BaseException:
+            # Fail closed: Metaflow persists what the step holds even when it fails, so nothing unsealed stays.
+            for name in [n for n, v in flow.__dict__.items() if not n.startswith("_") and not isinstance(v, Sealed)]:
+                if name != divided:
+                    delattr(flow, name)
+            raise

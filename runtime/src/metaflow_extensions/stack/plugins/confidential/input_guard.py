@@ -15,10 +15,23 @@ from metaflow.datastore.artifacts.serializer import ArtifactSerializer, Serializ
 PICKLED = frozenset({"pickle-v2", "pickle-v4", "gzip+pickle-v2", "gzip+pickle-v4"})
 
 
-def _in_enclave() -> bool:
-    from metaflow_stack.confidential.inside import EXCHANGE
+def in_enclave() -> bool:
+    """Whether this process is a confidential task's enclave: its keeper's key is in its environment, which
+    only the enclave's manifest sets (measured, not a value the host chooses)."""
+    from metaflow_stack.confidential.inside import KEEPER_KEY
 
-    return bool(os.environ.get(EXCHANGE))
+    return bool(os.environ.get(KEEPER_KEY))
+
+
+def check_guarding() -> None:
+    """Refuse to run a task in an enclave where the guard is not the first serializer Metaflow tries (it did
+    not load, or was disabled): its inputs would then be unpickled unguarded."""
+    from metaflow.datastore.artifacts.serializer import SerializerStore
+
+    from metaflow_stack.confidential.seal import SealedError
+
+    if SerializerStore.get_ordered_serializers()[:1] != [InputGuard]:
+        raise SealedError("the enclave's input guard is not active: its inputs would be unpickled unguarded")
 
 
 class InputGuard(ArtifactSerializer):
@@ -31,7 +44,7 @@ class InputGuard(ArtifactSerializer):
 
     @classmethod
     def can_deserialize(cls, metadata: Any) -> bool:
-        return metadata.encoding in PICKLED and _in_enclave()
+        return metadata.encoding in PICKLED and in_enclave()
 
     @classmethod
     def serialize(cls, obj: Any, format: SerializationFormat = SerializationFormat.STORAGE) -> Any:
