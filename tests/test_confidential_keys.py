@@ -277,13 +277,16 @@ def test_the_service_refuses_to_serve_beyond_loopback_without_a_key_and_checks_i
     try:
         assert httpx.post(f"{url}/v1/nonces").status_code == 401
         assert len(RemoteKeeper(url, "k" * 32).nonce()) == 64
-        with pytest.raises(KeeperUnavailable, match="answered 401: missing or wrong key"):
-            RemoteKeeper(url, "wrong").nonce()  # not a refusal of the evidence: the attempt may be retried
+        with pytest.raises(AttestationRefused, match="answered 401: missing or wrong key") as refused:
+            RemoteKeeper(url, "wrong").nonce()  # final: a retry would send the same key
+        assert refused.value.field == "key_release"
         rebound = httpx.post(f"{url}/v1/nonces", headers={"host": "evil.example", "x-api-key": "k" * 32})
         assert rebound.status_code == 403 and rebound.json()["code"] == "forbidden_host"
     finally:
         server.terminate()
         server.wait(timeout=30)
+    with pytest.raises(KeeperUnavailable, match="cannot be reached"):  # gone: nothing judged, retryable
+        RemoteKeeper(url, None).nonce()
 
 
 @pytest.mark.slow

@@ -277,8 +277,10 @@ def service_key(url: str) -> str | None:
 
 class RemoteKeeper:
     """The key-release service (``metaflow confidential key-release``) as a launcher's keeper: the same
-    questions over HTTP. Its refusals (403) are raised as the ``AttestationRefused`` they name; a service
-    that cannot answer is asked again (three tries, backing off), then ``KeeperUnavailable``."""
+    questions over HTTP. Its refusals (403) are raised as the ``AttestationRefused`` they name, and so is an
+    answer that says the request itself is wrong (401, 400: final too); a service that cannot answer
+    (unreachable, 429, 5xx) is asked again (three tries, backing off), then ``KeeperUnavailable``, which
+    fails the attempt so ``@retry`` may try again."""
 
     #: Seconds to wait for an answer: longer than a verification that fetches collateral twice (30 s each).
     TIMEOUT_S = 120.0
@@ -317,8 +319,11 @@ class RemoteKeeper:
                 raise AttestationRefused(field, message, fix=found.get("fix"))
             message = found.get("message") if isinstance(found, dict) else None
             why = f"answered {answer.status_code}: {message or answer.text[:200]}"
-            if answer.status_code < 500 and answer.status_code != 429:
-                break  # the request itself is wrong (a key, a body): asking again will not help
+            if answer.status_code < 500 and answer.status_code != 429:  # the request is wrong (a key, a body):
+                raise AttestationRefused(  # asking again, or retrying the task, would meet the same answer
+                    "key_release", f"the key-release service at {self.url} {why}",
+                    fix="check its URL and key (METAFLOW_STACK_KEY_RELEASE_AUTH_KEY)",
+                )  # fmt: skip
         raise KeeperUnavailable(f"the key-release service at {self.url} {why}",
                                 fix="check it runs and its key (METAFLOW_STACK_KEY_RELEASE_AUTH_KEY)")  # fmt: skip
 
