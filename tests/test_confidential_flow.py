@@ -270,6 +270,70 @@ def test_unsealed_refuses_a_siblings_value_moved_into_an_input(monkeypatch: pyte
         inside.unsealed(sealed_input("3", "2"), "out")
 
 
+def test_confidential_steps_compose_with_retry_catch_and_timeout(tmp_path: Path) -> None:
+    """Each attempt is its own enclave: a failed first attempt is retried (a new attempt, a new quote and key),
+    @catch keeps a failing confidential step's exception, and @timeout stops one that runs too long."""
+    (tmp_path / ".metaflow").mkdir()
+    (tmp_path / "composed_flow.py").write_text("""import time
+
+from metaflow import FlowSpec, catch, confidential, current, retry, step, timeout
+
+
+class ComposedFlow(FlowSpec):
+    @step
+    def start(self):
+        self.items = [0, 1]
+        self.next(self.work, foreach="items")
+
+    @retry(times=1, minutes_between_retries=0)
+    @confidential
+    @step
+    def work(self):
+        if self.input == 0 and current.retry_count == 0:
+            raise RuntimeError("the first attempt fails")
+        self.doubled = self.input * 2
+        self.next(self.join)
+
+    @confidential(seal=False)
+    @step
+    def join(self, inputs):
+        from metaflow_stack.confidential import unsealed
+
+        self.total = sum(unsealed(i, "doubled") for i in inputs)
+        self.next(self.slow)
+
+    @catch(var="late")
+    @timeout(seconds=5)
+    @confidential(seal=False)
+    @step
+    def slow(self):
+        time.sleep(60)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("total", self.total, "late", type(self.late).__name__)
+
+
+if __name__ == "__main__":
+    ComposedFlow()
+""")
+    done = subprocess.run([sys.executable, "composed_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "total 2 late MetaflowExceptionWrapper" in done.stdout + done.stderr
+    found = json.loads(subprocess.run([sys.executable, "-c", """import json
+from metaflow import Flow, namespace
+namespace(None)
+run = Flow("ComposedFlow").latest_run
+work = {t.index: [m.value for m in t.metadata if m.name == "confidential-verification"] for t in run["work"]}
+print(json.dumps({"attempts": sorted(t.current_attempt for t in run["work"]), "verified": work,
+                  "late": "TimeoutException" in str(run["slow"].task["late"].data)}))"""],
+        cwd=tmp_path, env=flow_env(tmp_path), capture_output=True, text=True).stdout.splitlines()[-1])  # fmt: skip
+    assert found["attempts"] == [0, 1] and found["late"]
+    assert sorted(len(values) for values in found["verified"].values()) == [1, 2]  # each attempt its own evidence
+
+
 def _identity() -> TaskIdentity:
     return TaskIdentity(flow="F", run="1", step="score", task="2", attempt=0, code_digest="abc")
 
