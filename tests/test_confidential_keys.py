@@ -226,6 +226,27 @@ def test_a_malformed_request_is_json_naming_the_field(service: tuple[str, Path],
     assert answer.json()["details"]["parameter"] == names, answer.json()
 
 
+def test_the_services_own_policy_files_are_listed_with_what_is_wrong_with_them(tmp_path: Path) -> None:
+    """A policy file that does not parse is the service's fault (503 for the requests held to it, named in the
+    listing), not the caller's; one that pins only mr_signer is listed with a warning."""
+    from fastapi.testclient import TestClient
+
+    from metaflow_stack.confidential.service import KeyReleaseConfig, create_app
+
+    (tmp_path / "weak.toml").write_text('[sgx]\nmr_signer = ["' + "ab" * 32 + '"]\nisv_prod_id = 1\n')
+    (tmp_path / "broken.toml").write_text('[sgx]\nmr_enclave = ["x"]\n')
+    app = create_app(KeyReleaseConfig(master=b"m" * 32, policies=tmp_path))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        listed = {p["name"]: p for p in client.get("/v1/policies").json()}
+        assert "String should match pattern" in listed["broken"]["error"] and listed["broken"]["digest"] is None
+        assert listed["weak"]["warning"].startswith("pins only mr_signer") and len(listed["weak"]["digest"]) == 64
+        nonce = client.post("/v1/nonces").json()["nonce"]
+        quote = (SAMPLES / "sgx_quote").read_bytes().hex()
+        body = _request(nonce, EnclaveKey(), mode="sgx", policy="broken", quote=quote).model_dump()
+        answer = client.post("/v1/releases", json=body)
+        assert answer.status_code == 503 and answer.json()["code"] == "policy_unreadable"
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read_declared_or_streamed(service: tuple[str, Path]) -> None:
     url, _ = service
     declared = httpx.post(f"{url}/v1/releases", content=b"x" * 400_000)

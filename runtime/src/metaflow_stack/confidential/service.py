@@ -73,6 +73,15 @@ class PolicyListing(BaseModel):
     digest: str | None = None
     #: Why the file cannot be used (the service answers 503 for it until it is mended).
     error: str | None = None
+    #: What the policy lets through that its author may not mean.
+    warning: str | None = None
+
+
+def _warning(policy: Policy) -> str | None:
+    if policy.sgx is not None and not policy.sgx.mr_enclave:
+        return ("pins only mr_signer: whoever holds the signing key (the launching machine) signs enclaves it "
+                "passes, with the keeper key, trust list and code it chooses; pin mr_enclave")  # fmt: skip
+    return None
 
 
 def policy_reader(folder: Path) -> Any:
@@ -85,11 +94,15 @@ def policy_reader(folder: Path) -> Any:
                 "policy", f"the key-release service has no policy named {name!r}", fix=f"add {name}.toml to its folder"
             )
         try:
-            return load_policy(path)
+            policy = load_policy(path)
         except StackError as exc:  # the service's own file, not the caller's mistake
             raise ApiError(
                 503, "policy_unreadable", f"the service's policy {name}: {exc.message}", fix=exc.fix
             ) from None
+        warning = _warning(policy)
+        if warning:
+            _log.warning("policy %s %s", name, warning)
+        return policy
 
     return policy
 
@@ -167,7 +180,8 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
         listed = []
         for path in sorted(config.policies.glob("*.toml"))[:1000]:
             try:
-                listed.append(PolicyListing(name=path.stem, digest=load_policy(path).digest))
+                policy = load_policy(path)
+                listed.append(PolicyListing(name=path.stem, digest=policy.digest, warning=_warning(policy)))
             except StackError as exc:
                 listed.append(PolicyListing(name=path.stem, error=exc.message))
         return listed
