@@ -10,6 +10,11 @@ upstream confidential step's sealed artifact with ``unsealed(self, "NAME")``.
 
 from typing import Any
 
+#: The public key (hex) of the keeper whose signed envelopes the enclave opens, fixed in its manifest (so
+#: measured): set only in an enclave, which is how code there knows it is in one. Here, not in ``inside``, so
+#: that asking costs no import of what an enclave needs (Metaflow asks on every artifact it reads).
+KEEPER_KEY = "METAFLOW_STACK_CONFIDENTIAL_KEEPER"
+
 
 def unsealed(flow: Any, name: str) -> Any:
     """An upstream confidential step's sealed artifact ``name`` (``unsealed(self, "predictions")``), opened

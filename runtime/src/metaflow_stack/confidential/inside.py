@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from metaflow_stack.confidential import KEEPER_KEY
 from metaflow_stack.confidential.attest import TaskIdentity, binding
 from metaflow_stack.confidential.keyrelease import EnclaveKey
 from metaflow_stack.confidential.seal import Sealed, SealedError, seal
@@ -41,8 +42,6 @@ from metaflow_stack.local_secrets import keep
 EXCHANGE = "METAFLOW_STACK_CONFIDENTIAL_TASK"
 #: Where the manifest's evidence folder is, fixed in the manifest.
 EVIDENCE_ROOT = "METAFLOW_STACK_CONFIDENTIAL_EVIDENCE"
-#: The public key (hex) of the keeper whose signed envelopes the enclave opens, fixed in the manifest.
-KEEPER_KEY = "METAFLOW_STACK_CONFIDENTIAL_KEEPER"
 #: The enclave's mode and policy name, fixed in the manifest: the only scope of key it takes.
 MODE = "METAFLOW_STACK_CONFIDENTIAL_MODE"
 POLICY = "METAFLOW_STACK_CONFIDENTIAL_POLICY"

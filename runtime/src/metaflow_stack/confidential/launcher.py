@@ -41,10 +41,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from metaflow_stack import __version__
-from metaflow_stack.confidential import gramine
+from metaflow_stack.confidential import KEEPER_KEY, gramine
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
 from metaflow_stack.confidential.inputs import TRUST
-from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, KEEPER_KEY, MODE, POLICY, TaskOrder
+from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, MODE, POLICY, TaskOrder
 from metaflow_stack.confidential.keyring import (
     Keeper,
     KeeperUnavailable,

@@ -11,6 +11,8 @@ from typing import Any
 
 from metaflow.datastore.artifacts.serializer import ArtifactSerializer, SerializationFormat
 
+from metaflow_stack.confidential import KEEPER_KEY
+
 #: The encodings Metaflow's pickle serializer writes (and reads).
 PICKLED = frozenset({"pickle-v2", "pickle-v4", "gzip+pickle-v2", "gzip+pickle-v4"})
 
@@ -18,8 +20,6 @@ PICKLED = frozenset({"pickle-v2", "pickle-v4", "gzip+pickle-v2", "gzip+pickle-v4
 def in_enclave() -> bool:
     """Whether this process is a confidential task's enclave: its keeper's key is in its environment, which
     only the enclave's manifest sets (measured, not a value the host chooses)."""
-    from metaflow_stack.confidential.inside import KEEPER_KEY
-
     return bool(os.environ.get(KEEPER_KEY))
 
 
