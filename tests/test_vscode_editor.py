@@ -100,9 +100,7 @@ def test_the_dag_opens_beside_the_flow_follows_typing_and_leads_to_a_step(editor
         "class ShapeFlow", timeout=60_000
     )
 
-    page.keyboard.press("F1")
-    page.keyboard.type("Metaflow: Show the Flow's DAG")
-    page.keyboard.press("Enter")
+    _command(page, "Metaflow: Show the Flow's DAG")
     webview = page.frame_locator("iframe.webview.ready").frame_locator("iframe")
     expect(webview.locator(".mf-dag svg.dag [data-step]")).to_have_count(7, timeout=60_000)
     expect(webview.locator("[data-step='b'] .step-meta")).to_have_text("foreach · @retry")
@@ -140,6 +138,16 @@ def _open(page, editor: Editor, file: str) -> None:
     )
 
 
+def _command(page, title: str) -> None:
+    """Run a command from the palette as a user does, waiting (as a user sees) for the palette to open and to
+    list the command before choosing it: on a busy machine, keys typed before it opens are lost."""
+    page.keyboard.press("F1")
+    expect(page.locator(".quick-input-widget input")).to_be_focused(timeout=30_000)
+    page.keyboard.type(title)
+    expect(page.locator(".quick-input-list .monaco-list-row.focused", has_text=title)).to_be_visible(timeout=60_000)
+    page.keyboard.press("Enter")
+
+
 def _webview(page, root: str, seconds: float = 60):
     """The webview frame holding ``root`` (VS Code nests each page two frames deep, in no fixed order)."""
     deadline = time.monotonic() + seconds
@@ -161,9 +169,7 @@ def test_a_run_launched_from_the_form_is_watched_on_the_dag_and_browsed_in_the_s
     expect(page.locator(".statusbar")).to_contain_text("Metaflow: local", timeout=60_000)
     expect(page.locator(".codelens-decoration", has_text="Debug step").first).to_be_visible(timeout=60_000)
 
-    page.keyboard.press("F1")
-    page.keyboard.type("Metaflow: Run Flow...")
-    page.keyboard.press("Enter")
+    _command(page, "Metaflow: Run Flow...")
     form = _webview(page, ".mf-launcher h2")
     expect(form.locator("h2")).to_have_text("Run ParametersFlow", timeout=60_000)
     expect(form.locator("#param-alpha")).to_have_attribute("placeholder", "0.5")
