@@ -151,7 +151,10 @@ def _serve(folder: Path, *args: str, env: dict[str, str] | None = None) -> tuple
                                                    **(env or {})},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    assert wait_ready(url, 60), (folder / f"key-release-{port}.log").read_text()[-3000:]
+    if not wait_ready(url, 60):
+        server.kill()  # never left running behind a failed test
+        server.wait(timeout=30)
+        pytest.fail((folder / f"key-release-{port}.log").read_text()[-3000:])
     return server, url
 
 
