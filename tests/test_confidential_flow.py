@@ -250,7 +250,7 @@ def test_unsealed_refuses_a_siblings_value_moved_into_an_input(monkeypatch: pyte
     current._set_env(flow=SimpleNamespace(name="F", _graph_info={}), run_id="1", step_name="join", task_id="5")
 
     def sealed_input(task: str, sealed_by: str) -> SimpleNamespace:
-        where = f"F/1/work/{sealed_by}/out"
+        where = "/".join(("F", "1", "work", sealed_by, "out"))  # the flow, run, step, task and name it was sealed as
         value = Sealed(seal(pickle.dumps(f"made by {sealed_by}"), key, where), where)
         return SimpleNamespace(out=value, _datastore=SimpleNamespace(step_name="work", task_id=task))
 
