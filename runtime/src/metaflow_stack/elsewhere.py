@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
+from typing import Any
+
+from metaflow_stack.errors import StackError
 
 #: Variables of a task's environment that describe the runtime's machine, not the one a pod or container is.
 MACHINE_VARIABLES = frozenset(
@@ -39,3 +44,101 @@ def metaflow_settings() -> dict[str, str]:
         for name, value in settings.items()
         if not name.startswith(NOT_SETTINGS) and name not in MACHINE_FILES and name not in PROFILE_VARIABLES
     }
+
+
+def step_environment(obj: Any, step_name: str) -> dict[str, str]:
+    """The step's ``@environment`` variables (``obj``: a trampoline's click ``obj``)."""
+    node = obj.graph[step_name]
+    environment = next((d.attributes["vars"] for d in node.decorators if d.name == "environment"), {})
+    return {str(k): str(v) for k, v in environment.items()}
+
+
+def task_variables(obj: Any, step_name: str, package: tuple[str, str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The variables of a task run elsewhere, as Metaflow's ``@kubernetes`` sets them: the run's settings,
+    the step's ``@environment``, the trampoline's ``extra``, the code package (``package``: its metadata,
+    sha and URL), who runs it and how it records (``obj``: a trampoline's click ``obj``)."""
+    from metaflow.util import get_username
+
+    metadata, sha, url = package
+    datastore = obj.flow_datastore.TYPE
+    return {
+        **metaflow_settings(),
+        **step_environment(obj, step_name),
+        **extra,
+        "METAFLOW_CODE_METADATA": metadata,
+        "METAFLOW_CODE_SHA": sha,
+        "METAFLOW_CODE_URL": url,
+        "METAFLOW_CODE_DS": datastore,
+        "METAFLOW_USER": get_username() or "unknown",
+        "METAFLOW_DEFAULT_DATASTORE": datastore,
+        "METAFLOW_DEFAULT_METADATA": obj.metadata.TYPE,
+        "METAFLOW_FLOW_FILENAME": os.path.basename(sys.argv[0]),
+    }
+
+
+def task_command(
+    environment: Any,
+    datastore: tuple[str, str],
+    ids: dict[str, Any],
+    package: tuple[str, str],
+    step_cli: str,
+    *,
+    workdir: str,
+    logs: str,
+    after: str = "",
+    before_extracting: str = "",
+) -> list[str]:
+    """A task's command elsewhere, as Metaflow's ``@kubernetes`` builds it: capture logs (in ``logs``), fetch
+    and unpack the code package (``package``: its metadata and URL) in ``workdir``, bootstrap the step's
+    environment, run ``step_cli``, save the logs, run ``after`` (bash, the step's exit code in ``$c``),
+    exit with the step's code; ``before_extracting`` (bash) runs on the fetched package (``job.tar``, in the
+    working folder) before anything of it is unpacked; one ``bash -c`` line, quoted as Metaflow's commands
+    expect (they are written to go through ``shlex`` inside double quotes)."""
+    from metaflow.mflog import BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
+
+    datastore_type, datastore_root = datastore  # (the root: where the logs are saved, as the run's CLI named it)
+    mflog = export_mflog_env_vars(
+        flow_name=ids["flow"],
+        run_id=ids["run_id"],
+        step_name=ids["step"],
+        task_id=ids["task_id"],
+        retry_count=ids["attempt"],
+        datastore_type=datastore_type,
+        datastore_root=datastore_root,
+        stdout_path=f"{logs}/stdout.log",
+        stderr_path=f"{logs}/stderr.log",
+    )
+    metadata, url = package
+    commands = environment.get_package_commands(url, datastore_type, metadata)
+    if before_extracting:
+        from metaflow.package import MetaflowPackage
+
+        extract = MetaflowPackage.get_extract_commands(metadata, "job.tar", dest_dir=".")
+        at = next((i for i in range(len(commands)) if commands[i : i + len(extract)] == extract), None)
+        if at is None:  # Metaflow fetches its package otherwise than this runtime knows: never skip the check
+            raise StackError("Metaflow's package commands do not unpack job.tar as expected", fix="report this")
+        commands = [*commands[:at], before_extracting, *commands[at:]]
+    init = " && ".join(commands)
+    step = bash_capture_logs(" && ".join([*environment.bootstrap_commands(ids["step"], datastore_type), step_cli]))
+    then = f"; {after}" if after else ""
+    script = (
+        f"mkdir -p {logs} {workdir} && cd {workdir} && {mflog} && {init} && {step}; c=$?; {BASH_SAVE_LOGS}{then}; "
+        "exit $c"
+    )
+    return shlex.split(f'bash -c "{script}"')
+
+
+def bring_back_metadata(obj: Any, run_id: str, step_name: str, task_id: str) -> str | None:
+    """With local metadata, the task's records its run elsewhere wrote into the datastore, copied to this
+    machine (as Metaflow's ``@kubernetes`` does); ``None``, or why there were none."""
+    if obj.metadata.TYPE != "local":
+        return None
+    from metaflow.metadata_provider.util import sync_local_metadata_from_datastore
+    from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
+
+    try:
+        task_datastore = obj.flow_datastore.get_task_datastore(run_id, step_name, task_id)
+        sync_local_metadata_from_datastore(DATASTORE_LOCAL_DIR, task_datastore)
+    except Exception as exc:  # a task that never ran wrote none: its ending says why
+        return f"no metadata to bring back ({type(exc).__name__})"
+    return None

@@ -148,3 +148,18 @@ def exits_in_one_line(stopped: str) -> Iterator[None]:
     except KeyboardInterrupt:
         print(stopped, file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held off (in the main thread) while what a task started elsewhere (a job, a VM) is
+    removed: a second one must not leave it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -10,61 +10,26 @@ run's start (``sweep``: its ``Meta`` names the trampoline's host and pid).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shlex
-import signal
 import socket
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.ids import is_number
 from metaflow_stack.nomad.client import NomadClient
 from metaflow_stack.nomad.jobspec import Placement, task_job
 from metaflow_stack.nomad.watch import Ending, follow
-from metaflow_stack.trampolines import stopped_by_signals
+from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
 
 #: Set in every job: Metaflow's plugins know the task runs in a Nomad job.
 WORKLOAD_VARIABLE = "METAFLOW_NOMAD_WORKLOAD"
 #: ``Meta`` key naming the trampoline waiting for the job (``host:pid``).
 OWNER = "metaflow-stack.owner"
-#: Where the job works (Nomad's task folder; ``/tmp`` elsewhere).
+#: Where the job works and keeps its logs (Nomad's task folder; ``/tmp`` elsewhere): raw_exec tasks share the
+#: client's ``/tmp``.
 WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-task"
-
-
-def job_command(
-    environment: Any, datastore: tuple[str, str], ids: dict[str, Any], package: tuple[str, str], step_cli: str
-) -> list[str]:
-    """The job's command, as Metaflow's ``@kubernetes`` builds it: capture logs, fetch and unpack the code
-    package (``package``: its metadata and URL), bootstrap the step's environment, run the step, save the
-    logs, exit with the step's code; one ``bash -c`` line, quoted as Metaflow's commands expect (they are
-    written to go through ``shlex`` inside double quotes)."""
-    from metaflow.mflog import BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
-
-    datastore_type, datastore_root = datastore  # (the root: where the logs are saved, as the run's CLI named it)
-    logs = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"  # the task's own folder: raw_exec tasks share the client's /tmp
-    mflog = export_mflog_env_vars(
-        flow_name=ids["flow"],
-        run_id=ids["run_id"],
-        step_name=ids["step"],
-        task_id=ids["task_id"],
-        retry_count=ids["attempt"],
-        datastore_type=datastore_type,
-        datastore_root=datastore_root,
-        stdout_path=f"{logs}/stdout.log",
-        stderr_path=f"{logs}/stderr.log",
-    )
-    metadata, url = package
-    init = " && ".join(environment.get_package_commands(url, datastore_type, metadata))
-    step = bash_capture_logs(" && ".join([*environment.bootstrap_commands(ids["step"], datastore_type), step_cli]))
-    script = (
-        f"mkdir -p {logs} {WORKDIR} && cd {WORKDIR} && {mflog} && {init} && {step}; c=$?; {BASH_SAVE_LOGS}; exit $c"
-    )
-    return shlex.split(f'bash -c "{script}"')
+LOGS = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"
 
 
 def machine() -> str:
@@ -79,20 +44,6 @@ def machine() -> str:
 
 def owner() -> str:
     return f"{machine()}:{os.getpid()}"
-
-
-@contextlib.contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held off (in the main thread) while a job is purged: a second one must not leave it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def run(

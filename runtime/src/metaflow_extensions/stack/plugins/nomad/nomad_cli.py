@@ -45,10 +45,7 @@ def nomad(obj, name: str | None) -> None:
 def step(
     ctx, step_name: str, code_package_metadata: str, code_package_sha: str, code_package_url: str, **kwargs
 ) -> None:
-    from metaflow.metadata_provider.util import sync_local_metadata_from_datastore
-    from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
-
-    from metaflow_stack.elsewhere import metaflow_settings
+    from metaflow_stack.elsewhere import bring_back_metadata, task_command, task_variables
     from metaflow_stack.nomad import task
     from metaflow_stack.nomad.client import NomadClient, Settings
     from metaflow_stack.nomad.jobspec import Placement, job_id
@@ -62,32 +59,20 @@ def step(
     step_cli, env = step_command(ctx, step_name, kwargs)
     python = obj.environment.executable(step_name, "python")
     ids = {"flow": flow, "run_id": run_id, "step": step_name, "task_id": task_id, "attempt": attempt}
-    node = obj.graph[step_name]
-    environment = next((d.attributes["vars"] for d in node.decorators if d.name == "environment"), {})
     settings = json.loads(os.environ[PLACEMENT_VARIABLE])
     placement = Placement(**settings["placement"])
-    env = {
-        **metaflow_settings(),
-        **{str(k): str(v) for k, v in environment.items()},  # @environment's, as @kubernetes passes them
-        **env,
-        "METAFLOW_CODE_METADATA": code_package_metadata,
-        "METAFLOW_CODE_SHA": code_package_sha,
-        "METAFLOW_CODE_URL": code_package_url,
-        "METAFLOW_CODE_DS": datastore,
-        "METAFLOW_USER": _user(),
-        "METAFLOW_DEFAULT_DATASTORE": datastore,
-        "METAFLOW_DEFAULT_METADATA": obj.metadata.TYPE,
-        "METAFLOW_FLOW_FILENAME": os.path.basename(sys.argv[0]),
-        task.WORKLOAD_VARIABLE: "1",
-    }
+    package = (code_package_metadata, code_package_sha, code_package_url)
+    env = task_variables(obj, step_name, package, {**env, task.WORKLOAD_VARIABLE: "1"})
     if settings["stack_image"]:
         env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
-    command = task.job_command(
+    command = task_command(
         obj.environment,
         (datastore, obj.flow_datastore.datastore_root),
         ids,
         (code_package_metadata, code_package_url),
         f"{python} -u {step_cli}",
+        workdir=task.WORKDIR,
+        logs=task.LOGS,
     )
     meta = {"metaflow.flow": flow, "metaflow.run_id": str(run_id), "metaflow.step": step_name}
     meta |= {"metaflow.task_id": str(task_id), "metaflow.attempt": str(attempt)}
@@ -99,12 +84,9 @@ def step(
         with exits_in_one_line(f"{pathspec}: stopped; its Nomad job {name} was purged"), NomadClient(agent) as client:
             ending = task.run(client, name, command, env, placement, meta)
     finally:
-        if obj.metadata.TYPE == "local":  # the job wrote the task's metadata to the datastore: bring it here
-            try:
-                task_datastore = obj.flow_datastore.get_task_datastore(run_id, step_name, task_id)
-                sync_local_metadata_from_datastore(DATASTORE_LOCAL_DIR, task_datastore)
-            except Exception as exc:  # a job that never ran wrote none: its ending says why
-                click.echo(f"{pathspec}: no metadata to bring back from the job ({type(exc).__name__})", err=True)
+        missing = bring_back_metadata(obj, run_id, step_name, task_id)
+        if missing:
+            click.echo(f"{pathspec}: {missing} from the job", err=True)
     if ending.code is not None:
         sys.exit(ending.code if not ending.signal else 128 + ending.signal)
     click.echo(f"{pathspec}: Nomad job {name} {ending.status}: {ending.reason}", err=True)
