@@ -131,6 +131,7 @@ lock: _venv
     uv pip compile runtime/pyproject.toml --extra service -c runtime/requirements.lock -o runtime/requirements-service.lock --python-version 3.11 --python-platform linux --quiet
     uv pip compile runtime/pyproject.toml --extra ui -c runtime/requirements.lock -o runtime/requirements-ui.lock --python-version 3.11 --python-platform linux --quiet
     uv pip compile runtime/pyproject.toml --extra key-release -c runtime/requirements.lock -o runtime/requirements-key-release.lock --python-version 3.11 --python-platform linux --quiet
+    uv pip compile runtime/pyproject.toml --extra confidential -c runtime/requirements.lock -o runtime/requirements-confidential.lock --python-version 3.11 --python-platform linux --quiet
 
 [private]
 _venv:

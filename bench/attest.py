@@ -41,6 +41,7 @@ allowed_advisories = ["INTEL-SA-00289", "INTEL-SA-00615"]
     "tdx_quote": """
 [tdx]
 mr_td = ["91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"]
+rt_mr3 = ["000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"]
 """,
 }
 
@@ -112,7 +113,9 @@ def inputs_table() -> None:
 
     from metaflow_stack.confidential.inputs import TRUST, guarded_loads
 
-    os.environ[TRUST] = "numpy sklearn"
+    # Trusted by full class name, as @confidential(trust=[...]) names them (numpy arrays need no trust).
+    trusted = ("sklearn.ensemble._forest.RandomForestClassifier", "sklearn.tree._classes.DecisionTreeClassifier")
+    os.environ[TRUST] = " ".join((*trusted, "sklearn.tree._tree.Tree"))
     features, labels = load_iris(return_X_y=True)
     values = {
         "1M floats in a list": [float(i) for i in range(1_000_000)],

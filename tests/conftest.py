@@ -124,8 +124,8 @@ def base_image(docker_engine: object, state_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def local_registry(state_dir: Path) -> Iterator[str]:
-    """A real Distribution registry on a free 127.0.0.1 port, configured as the stack's registry."""
+def registry_server(state_dir: Path) -> Iterator[str]:
+    """A real Distribution registry on a free 127.0.0.1 port for the session; its address."""
     from metaflow_stack.registry import LocalRegistry
 
     need(
@@ -135,14 +135,16 @@ def local_registry(state_dir: Path) -> Iterator[str]:
     )
     registry = LocalRegistry(home=state_dir / "test-registry", port=free_port())
     address = registry.start()
-    previous = os.environ.get("METAFLOW_STACK_REGISTRY")
-    os.environ["METAFLOW_STACK_REGISTRY"] = address
     yield address
     registry.stop()
-    if previous is None:
-        os.environ.pop("METAFLOW_STACK_REGISTRY", None)
-    else:
-        os.environ["METAFLOW_STACK_REGISTRY"] = previous
+
+
+@pytest.fixture
+def local_registry(registry_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The session's registry, configured as the stack's registry for the test that asks for it only: a later
+    test configured for none must not push to it (and leave the engine knowing its images by digest)."""
+    monkeypatch.setenv("METAFLOW_STACK_REGISTRY", registry_server)
+    return registry_server
 
 
 def refuse_unpickling(monkeypatch: pytest.MonkeyPatch, what: str = "the code under test") -> None:

@@ -1,5 +1,6 @@
 """Throwaway PostgreSQL clusters, NATS servers and Redis servers from locally installed binaries, and the
-API doubles of Nomad (``tests/nomad_double``) and of GitHub's check runs (``tests/github_double``).
+API doubles of Nomad (``tests/nomad_double``), of GitHub's check runs (``tests/github_double``) and of Phala
+Cloud (``tests/phala_double``).
 
 For the test suite, the benchmarks and trying the service by hand: each server
 listens on 127.0.0.1 only, on a free port, in a folder of its own, with trust
@@ -255,6 +256,32 @@ def github_double(token: str, record: Path) -> Iterator[str]:
     server = Path(__file__).resolve().parent / "github_double" / "server.py"
     with _serving([sys.executable, str(server), "--port", str(port), "--token", token, "--record", str(record)], port):
         yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def phala_double(engine: Any = None) -> Iterator[tuple[str, str]]:
+    """The double of Phala Cloud's API (``tests/phala_double/server.py``) in this process on a free port, its
+    CVMs run on ``engine`` when one is given; its API prefix and its API key."""
+    import secrets
+    import threading
+
+    import uvicorn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "phala_double"))
+    from server import create_app
+
+    key, port = secrets.token_hex(16), free_port()
+    config = uvicorn.Config(create_app(key, engine), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/api/v1", key
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@ sealed artifacts with the real ``cryptography`` AES-GCM."""
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import pytest
 from confidential_samples import IDENTITY, PINNED, SAMPLES, SGX_MR_ENCLAVE, SGX_MR_SIGNER, SGX_POLICY
 
 from metaflow_stack.confidential.attest import (
+    DSTACK_EVENT_TYPE,
     AttestationRefused,
+    app_events,
     binding,
     cache_name,
     collateral_for,
@@ -26,6 +30,9 @@ from metaflow_stack.confidential.seal import SealedError, is_sealed, new_data_ke
 from metaflow_stack.errors import InvalidInput
 
 TDX_MR_TD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
+#: The public TDX sample's kernel (RTMR1) and command line and root file system (RTMR2).
+TDX_RT_MR1 = "0084452c01668329d4bc06acdf58a7205c26743304509973949e5619bf81a6a7aea8c323c173019b3093d54e579e9378"
+TDX_RT_MR2 = "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3ba80b70870d7330733642e01d48c3132"
 TDX_POLICY = f"""
 [tdx]
 mr_td = ["{TDX_MR_TD}"]
@@ -169,6 +176,44 @@ def test_a_genuine_tdx_quote_is_held_to_its_mrtd_and_rtmrs(samples: Path) -> Non
         verify(quote, collateral, parse_policy(SGX_POLICY), _report_data(quote), now=PINNED)
 
 
+def _dstack_log(*events: tuple[str, str]) -> tuple[str, str]:
+    """A dstack CVM's event log of runtime ``events`` (name, payload hex) after a boot event, and the RTMR3
+    they replay to: each digest SHA-384 of the type (4 bytes, little-endian), ``:``, the name, ``:``, the
+    payload; the register extended from zero."""
+    register, entries = bytes(48), [{"imr": 0, "event_type": 1, "digest": "ab" * 48, "event": "", "event_payload": ""}]
+    for name, payload in events:
+        digest = hashlib.sha384(DSTACK_EVENT_TYPE.to_bytes(4, "little") + f":{name}:".encode() + bytes.fromhex(payload))
+        register = hashlib.sha384(register + digest.digest()).digest()
+        entries.append({"imr": 3, "event_type": DSTACK_EVENT_TYPE, "event": name, "event_payload": payload})
+    return json.dumps(entries), register.hex()
+
+
+def test_a_dstack_apps_compose_hash_is_read_from_an_event_log_that_replays_to_rtmr3(samples: Path) -> None:
+    compose = "9a" * 32
+    log, rt_mr3 = _dstack_log(("app-id", "11" * 20), ("compose-hash", compose), ("instance-id", "22" * 20))
+    assert app_events(log, rt_mr3) == {"app-id": "11" * 20, "compose-hash": compose, "instance-id": "22" * 20}
+    edited = log.replace(compose, "9b" * 32)  # another app's compose, in a log that otherwise is the CVM's
+    with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: does not replay to the quote's rt_mr3"):
+        app_events(edited, rt_mr3)
+    with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: names compose-hash twice"):
+        app_events(*_dstack_log(("compose-hash", compose), ("compose-hash", "9b" * 32)))
+    for broken in ("{", "[1]", json.dumps([{"event_type": DSTACK_EVENT_TYPE}])):
+        with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: is not dstack's event log"):
+            app_events(broken, rt_mr3)
+    # A genuine TDX quote held to a compose hash: the app must come from a log that replays to its RTMR3.
+    quote, collateral = _evidence(samples, "tdx_quote")
+    os_image = f"rt_mr1 = ['{TDX_RT_MR1}']\nrt_mr2 = ['{TDX_RT_MR2}']"
+    pinned = parse_policy(f"[tdx]\nmr_td = ['{TDX_MR_TD}']\n{os_image}\ncompose_hash = ['{compose}']")
+    with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: is needed to know the app"):
+        verify(quote, collateral, pinned, _report_data(quote), now=PINNED)
+    with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: does not replay to the quote's rt_mr3"):
+        verify(quote, collateral, pinned, _report_data(quote), now=PINNED, event_log=log)
+    empty, zero = _dstack_log()  # the sample's RTMR3 is all zeros: nothing was extended into it
+    assert zero == "0" * 96
+    with pytest.raises(AttestationRefused, match=r"^tdx\.compose_hash: the event log names none"):
+        verify(quote, collateral, pinned, _report_data(quote), now=PINNED, event_log=empty)
+
+
 @pytest.mark.parametrize(
     ("attack", "field", "says"),
     [
@@ -296,6 +341,8 @@ def test_an_enclave_takes_only_the_key_of_its_measured_mode_and_policy(monkeypat
         ),
         (f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\nsurprise = 1", "policy.sgx.surprise: Extra inputs"),
         ("[tdx]\nrt_mr0 = []", "policy.tdx.mr_td: Field required"),
+        (f"[tdx]\nmr_td = ['{TDX_MR_TD}']", "policy.tdx.compose_hash: is needed (or rt_mr3): else any app"),
+        (f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ncompose_hash = ['{'9a' * 32}']", "policy.tdx.rt_mr1: and rt_mr2 are needed"),
         ("[tcb]\nallow_debug = false", "policy: allows no enclave"),
         ("[sgx", "policy: is not TOML"),
         (f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\nmin_isv_svn = -1", "policy.sgx.min_isv_svn"),

@@ -147,12 +147,15 @@ print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": u
 @pytest.mark.parametrize(
     ("decorator", "says"),
     [
-        ('@confidential(mode="sgx")', "policy: is needed to trust an SGX enclave"),
+        ('@confidential(mode="sgx")', "policy: is needed to trust a TEE of mode sgx"),
         ('@confidential(mode="sgx", policy="bad.toml")', "policy.sgx.mr_enclave[0]: String should match pattern"),
         ('@confidential(mode="sgx", policy="missing.toml")', "missing.toml does not exist"),
         ('@confidential(enclave_size="3G")', "enclave_size: '3G' is not a power of two"),
-        ('@confidential(backend="phala")', "backend: 'phala' is not one of gramine"),
-        ('@confidential(mode="tdx")', "mode: 'tdx' is not one of direct, sgx"),
+        ('@confidential(backend="nitro")', "backend: 'nitro' is not one of gramine, phala"),
+        ('@confidential(mode="tdx")', "mode: 'tdx' is not one of gramine's: direct, sgx"),
+        ('@confidential(backend="phala", mode="sgx")', "mode: 'sgx' is not one of phala's: tdx"),
+        ('@confidential(backend="phala")', "policy: is needed to trust a TEE of mode tdx"),
+        ('@confidential(backend="phala", policy="tdx.toml")', "a Phala CVM reaches the run's datastore over the"),
         ("@confidential(threads=0)", "threads: 0 is not a number of threads"),
         ("@confidential(isv_svn=70000)", "isv_svn: 70000 is not a number from 0 to 65535"),
         ('@confidential(trust=["os.path"])', "trust: 'os.path' is in os, whose classes a confidential step never"),
@@ -161,6 +164,7 @@ print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": u
 def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: str, says: str) -> None:
     (tmp_path / ".metaflow").mkdir()
     (tmp_path / "bad.toml").write_text("[sgx]\nmr_enclave = ['nope']\n")
+    (tmp_path / "tdx.toml").write_text(f"[tdx]\nmr_td = ['{'91' * 48}']\nrt_mr3 = ['{'00' * 48}']\n")
     tiny_flow(tmp_path, decorator)
     done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
                           capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -93,8 +93,9 @@ def test_a_direct_enclave_gets_the_direct_key_only_where_allowed() -> None:
         ("forged", "nonce", "was not made by this key keeper"),
         ("another keeper's", "nonce", "was not made by this key keeper"),
         ("stale", "nonce", f"s old; a nonce is accepted for {NONCE_TTL_S} s"),
-        ("no quote", "quote", "the enclave gave none"),
+        ("no quote", "quote", "the TEE gave none"),
         ("no policy", "policy", "an SGX step needs one"),
+        ("a TDX VM's claim on an SGX quote", "mode", "tdx, and the quote is a SGX TEE's"),
         ("unknown policy", "policy", "no policy named 'dev'"),
         ("wrong measurement", "sgx.mr_enclave", "is not one the policy allows"),
         ("expired collateral", "collateral", "is outside its validity window"),
@@ -118,6 +119,8 @@ def test_every_release_that_should_not_happen_is_refused_naming_the_check(case: 
         changes["quote"] = None
     elif case == "no policy":
         changes["policy"] = None
+    elif case.startswith("a TDX VM's claim"):
+        changes["mode"] = "tdx"
     elif case == "unknown policy":
         changes["policy"] = "dev"
     elif case == "expired collateral":
@@ -213,7 +216,7 @@ def test_the_service_releases_to_the_enclave_it_judged_and_names_every_refusal(s
         ({"identity": None}, "identity"),
         ({"identity": {**IDENTITY.model_dump(), "run": "../etc"}}, "identity.run"),
         ({"identity": {**IDENTITY.model_dump(), "attempt": 10**9}}, "identity.attempt"),
-        ({"mode": "tdx"}, "mode"),
+        ({"mode": "sev"}, "mode"),
         ({"policy": "../../etc/passwd"}, "policy"),
         ({"quote": "zz"}, "quote"),
         ({"enclave_key": "00" * 40}, "enclave_key"),
@@ -252,15 +255,26 @@ def test_the_services_own_policy_files_are_listed_with_what_is_wrong_with_them(t
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read_declared_or_streamed(service: tuple[str, Path]) -> None:
     url, _ = service
-    declared = httpx.post(f"{url}/v1/releases", content=b"x" * 400_000)
+    from metaflow_stack.confidential.attest import MAX_EVENT_LOG_BYTES
+    from metaflow_stack.confidential.service import MAX_BODY_BYTES
+
+    declared = httpx.post(f"{url}/v1/releases", content=b"x" * (MAX_BODY_BYTES + 1))
     assert declared.status_code == 413 and declared.json()["code"] == "payload_too_large"
 
     def chunks() -> Iterator[bytes]:  # no content-length: counted as it arrives
-        for _ in range(40):
+        for _ in range(MAX_BODY_BYTES // 10_000 + 1):
             yield b"x" * 10_000
 
     streamed = httpx.post(f"{url}/v1/releases", content=chunks())
     assert streamed.status_code == 413 and streamed.json()["code"] == "payload_too_large"
+    # A TDX VM's request with the largest event log taken is within the limit: judged, not refused for its size.
+    tdx = {
+        **_request("0" * 64, EnclaveKey()).model_dump(),
+        "mode": "tdx",
+        "event_log": "[" + " " * (MAX_EVENT_LOG_BYTES - 2) + "]",
+    }
+    judged = httpx.post(f"{url}/v1/releases", json={**tdx, "quote": (SAMPLES / "tdx_quote").read_bytes().hex()})
+    assert judged.status_code == 403 and judged.json()["details"]["field"] == "nonce", judged.text
 
 
 def test_a_pccs_that_never_answers_does_not_stall_the_service(tmp_path: Path) -> None:

@@ -1,56 +1,64 @@
 """``@confidential(backend="phala")``'s client of Phala Cloud: a task's dstack app provisioned, committed with
-its variables encrypted to the CVM's key (as dstack decrypts them inside), watched, attested and deleted,
+its variables encrypted to the CVM's key (as dstack decrypts them inside) only once the pinned KMS has
+freshly signed that key for the app, watched, attested and deleted,
 against a double of Phala Cloud's API that checks each request as the service would (``tests/phala_double``,
 written from Phala's SDK); mistakes and refusals in one line naming the fix. Against Phala Cloud itself
 only where its API key is configured (the GitHub workflow's ``phala`` job)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import secrets
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-import uvicorn
-from conftest import PROJECT, need
-from devservers import free_port
+from conftest import need
+from devservers import phala_double
 
-from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, Provisioned, compose_for, encrypt_env
-from metaflow_stack.errors import InvalidInput
+from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for, encrypt_env
+from metaflow_stack.errors import InvalidInput, StackError
 
 pytest.importorskip("cryptography")
 
 
 @pytest.fixture(scope="module")
 def phala() -> Iterator[tuple[str, str]]:
-    """The double's API prefix and its key, served from 127.0.0.1 while the module runs."""
-    import sys
+    """The double's API prefix and its key, served from 127.0.0.1 while the module runs (its KMS honest)."""
+    with phala_double() as served:
+        yield served
 
-    sys.path.insert(0, str(PROJECT / "tests" / "phala_double"))
-    from server import create_app
 
-    key, port = secrets.token_hex(16), free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(key), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/api/v1", key
-    server.should_exit = True
-    thread.join(timeout=10)
+def _double(base: str) -> str:
+    return base.removesuffix("/api/v1") + "/_double"
+
+
+def _pinned(base: str) -> str:
+    """The double's KMS signing key, as a user pins it after checking it."""
+    return httpx.get(f"{_double(base)}/kms").json()["k256_pubkey"]
+
+
+@pytest.fixture()
+def kms_attack(phala: tuple[str, str]) -> Iterator[Callable[[str], None]]:
+    """Turns the double's KMS answers into an attack for one test; honest again after it."""
+
+    def attack(kind: str) -> None:
+        httpx.post(f"{_double(phala[0])}/kms", json={"attack": kind}).raise_for_status()
+
+    yield attack
+    attack("honest")
 
 
 def test_a_task_is_deployed_watched_attested_and_deleted(phala: tuple[str, str]) -> None:
     base, key = phala
-    cloud = PhalaCloud(api_key=key, base_url=base)
+    cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base))
     env = {"METAFLOW_CODE_URL": "s3://bucket/ScoreFlow/data/ab/abc", "AWS_SECRET_ACCESS_KEY": "never in the clear"}
     compose = compose_for("metaflow-stack-base:1", ["python", "-u", "score_flow.py", "step", "score"], list(env))
     provisioned = cloud.provision("scoreflow-12-score-3", compose, list(env))
     cvm = cloud.commit(provisioned, env)
-    seen = httpx.get(f"{base.removesuffix('/api/v1')}/_double/cvms/{cvm}").json()
+    seen = httpx.get(f"{_double(base)}/cvms/{cvm}").json()
     assert seen["env"] == env  # what the CVM decrypts at boot: exactly the variables, encrypted to its key
     assert '"/var/run/dstack.sock:/var/run/dstack.sock"' in seen["compose"]  # the task can ask for its quote
     assert cloud.commit(provisioned, env) == cvm  # committing again is the same CVM
@@ -59,10 +67,57 @@ def test_a_task_is_deployed_watched_attested_and_deleted(phala: tuple[str, str])
     cloud.delete(cvm)
     with pytest.raises(PhalaError, match=r"GET /cvms/.*/state: 404 CVM not found"):
         cloud.state(cvm)
-    other = Provisioned(provisioned.app_id, "0" * 64, provisioned.env_public_key)
+    other = dataclasses.replace(provisioned, compose_hash="0" * 64)
     with pytest.raises(PhalaError, match="409 compose hash differs"):
         cloud.commit(other, env)
     cloud.close()
+
+
+@pytest.mark.parametrize(
+    ("attack", "says"),
+    [
+        ("foreign", r"is signed by 0x0[23][0-9a-f]{64}, not the pinned KMS"),
+        ("stale", "carries no valid, fresh KMS signature"),
+        ("swapped", "is not the one the KMS signed"),
+    ],
+)
+def test_nothing_is_encrypted_to_a_key_the_pinned_kms_did_not_freshly_sign(
+    phala: tuple[str, str], kms_attack: Callable[[str], None], attack: str, says: str
+) -> None:
+    base, key = phala
+    kms_attack(attack)
+    cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base))
+    provisioned = cloud.provision("scoreflow-13-score-4", compose_for("metaflow-stack-base:1", ["true"], ["S"]), ["S"])
+    before = httpx.get(f"{_double(base)}/cvms").json()
+    with pytest.raises(PhalaError, match=says):
+        cloud.commit(provisioned, {"S": "never sent"})
+    assert httpx.get(f"{_double(base)}/cvms").json() == before  # refused before anything was committed
+
+
+def test_an_old_kms_signature_without_a_timestamp_is_taken_with_a_warning(
+    phala: tuple[str, str], kms_attack: Callable[[str], None]
+) -> None:
+    base, key = phala
+    kms_attack("legacy")
+    cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base).upper().removeprefix("0X"))
+    provisioned = cloud.provision("scoreflow-14-score-5", compose_for("metaflow-stack-base:1", ["true"], ["S"]), ["S"])
+    with pytest.warns(UserWarning, match="signs without a timestamp"):
+        assert cloud.checked_env_key(provisioned) == provisioned.env_public_key
+
+
+def test_without_a_pinned_kms_the_fix_names_the_key_phala_reports(
+    phala: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, key = phala
+    monkeypatch.delenv("METAFLOW_STACK_PHALA_KMS_SIGNER", raising=False)
+    cloud = PhalaCloud(api_key=key, base_url=base)
+    provisioned = cloud.provision("scoreflow-15-score-6", compose_for("metaflow-stack-base:1", ["true"], []), [])
+    with pytest.raises(PhalaError) as unpinned:
+        cloud.commit(provisioned, {})
+    assert f"Phala Cloud names {_pinned(base)} for KMS kms_double" in unpinned.value.message
+    assert "export METAFLOW_STACK_PHALA_KMS_SIGNER=" in unpinned.value.fix
+    with pytest.raises(InvalidInput, match=r"^STACK_PHALA_KMS_SIGNER: '0x04ab' is not a compressed secp256k1 key"):
+        PhalaCloud(api_key=key, base_url=base, signer="0x04ab").checked_env_key(provisioned)
 
 
 def test_keys_and_variables_are_refused_naming_the_fix(phala: tuple[str, str], monkeypatch) -> None:
@@ -86,6 +141,7 @@ def test_keys_and_variables_are_refused_naming_the_fix(phala: tuple[str, str], m
 def test_on_phala_cloud_itself() -> None:
     """A tiny dstack app on a real CVM: provisioned, committed, running, attested, deleted."""
     need("phala-cloud", bool(os.environ.get("PHALA_CLOUD_API_KEY")), "set PHALA_CLOUD_API_KEY (the phala job's secret)")
+    need("phala-cloud", bool(os.environ.get("METAFLOW_STACK_PHALA_KMS_SIGNER")), "pin the KMS (the job's variable)")
     cloud = PhalaCloud()
     compose = compose_for("busybox:1.36", ["sh", "-c", "echo confidential; sleep 60"], ["GREETING"])
     cvm = cloud.commit(
@@ -96,3 +152,86 @@ def test_on_phala_cloud_itself() -> None:
         assert cloud.attestation(cvm)["is_online"] is True
     finally:
         cloud.delete(cvm)
+
+
+def test_every_task_of_a_step_is_one_app_whose_compose_fixes_what_a_policy_pins() -> None:
+    """The compose (so its hash, which a CVM's event log records) is the same for every task of a step:
+    what differs per task, and every secret, is encrypted to the task's CVM."""
+    from confidential_samples import IDENTITY
+    from metaflow.metaflow_environment import MetaflowEnvironment
+
+    from metaflow_stack.confidential import cvm
+    from metaflow_stack.confidential.inside import TaskOrder
+
+    def app(task: str, attempt: int) -> cvm.App:
+        identity = IDENTITY.model_copy(update={"task": task, "attempt": attempt})
+        order = TaskOrder(identity=identity, nonce="ab" * 32, command=f"flow.py step score --task-id {task}", env={})
+        return cvm.app_for(
+            f"registry.test/metaflow-stack/confidential@sha256:{'e' * 64}", MetaflowEnvironment(None),
+            ("s3", "s3://bucket/root"), ("{}", "abc", "s3://bucket/root/ScoreFlow/data/ab/abc"),
+            {"METAFLOW_S3_ENDPOINT_URL": "http://s3.test", "PYTHONPATH": "/evil"}, {"MODEL_SIZE": "small"},
+            order, cvm.measured_variables("cd" * 32, "policies/prod.toml", ("sklearn.Model",)),
+        )  # fmt: skip
+
+    first, second = app("3", 0), app("4", 1)
+    assert first.compose == second.compose and first.encrypted != second.encrypted
+    service = json.loads(first.compose)["services"]["task"]
+    fixed = service["environment"]
+    assert (fixed["METAFLOW_STACK_CONFIDENTIAL_POLICY"], fixed["METAFLOW_CODE_SHA"]) == ("prod", "abc")
+    assert (fixed["METAFLOW_STACK_CONFIDENTIAL_STEP"], fixed["MODEL_SIZE"]) == ("score", "small")  # measured
+    assert fixed["METAFLOW_STACK_CONFIDENTIAL_TRUST"] == "sklearn.Model" and fixed["MF_TASK_ID"] == "${MF_TASK_ID}"
+    # Settings and credentials: one encrypted variable, whatever this machine has; a loader variable never goes.
+    assert "AWS_SECRET_ACCESS_KEY" not in fixed and "PYTHONPATH" not in fixed
+    settings = json.loads(second.encrypted["METAFLOW_STACK_CONFIDENTIAL_SETTINGS"])
+    assert settings["METAFLOW_S3_ENDPOINT_URL"] == "http://s3.test" and settings["AWS_SECRET_ACCESS_KEY"]
+    assert "PYTHONPATH" not in settings and second.encrypted["MF_TASK_ID"] == "4"
+    # Compose would interpolate the command: its own $ are written $$, so bash gets them as written; the
+    # package is checked before it is unpacked, and the image's modules run isolated from the working folder.
+    script = service["command"][-1]
+    assert "$${MF_TASK_RUN}" in script and "$$c" in script and script.startswith('settings="$$(python -I -m')
+    assert script.index("sha1sum --check") < script.index("tar ") and "python -I -u -m metaflow_stack" in script
+    with pytest.raises(StackError, match="is not named by its digest"):
+        cvm.app_for("registry.test/confidential:1", None, ("s3", ""), ("{}", "", ""), {}, {}, order_of(), {})
+    long = cvm.cvm_name("F" * 80, "1796300945116323", "s" * 80, "3", 0)
+    assert len(long) <= 63 and long.endswith("-3-0") and long != cvm.cvm_name("F" * 80, "17", "s" * 80, "3", 0)
+    assert cvm.app_name("ScoreFlow", "score") == "mf-scoreflow-score"
+
+
+def order_of() -> object:
+    from confidential_samples import IDENTITY
+
+    from metaflow_stack.confidential.inside import TaskOrder
+
+    return TaskOrder(identity=IDENTITY, nonce="ab" * 32, command="flow.py step score", env={})
+
+
+def test_a_cvm_exports_only_metaflows_settings_and_refuses_a_package_that_is_not_its_own(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the CVM's measured command does first: export the encrypted settings (only Metaflow's and AWS's
+    names), and check the fetched package's SHA-1 before unpacking it."""
+    import hashlib
+    import shlex
+    import subprocess
+
+    from metaflow_stack.confidential import cvm
+    from metaflow_stack.confidential.inside import SETTINGS, settings_exports
+    from metaflow_stack.confidential.seal import SealedError
+
+    for name in ("METAFLOW_S3_ENDPOINT_URL", "AWS_REGION"):  # not in a CVM's environment until exported
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(SETTINGS, json.dumps({"METAFLOW_S3_ENDPOINT_URL": "http://s3.test/a b", "AWS_REGION": "x"}))
+    assert settings_exports() == "export METAFLOW_S3_ENDPOINT_URL='http://s3.test/a b'\nexport AWS_REGION=x"
+    monkeypatch.setenv("METAFLOW_STACK_CONFIDENTIAL_STEP", "score")  # as the compose fixes it
+    for name in ("LD_PRELOAD", "AWS_CONFIG_FILE", "METAFLOW_CODE_SHA", "METAFLOW_STACK_CONFIDENTIAL_TRUST",
+                 "METAFLOW_STACK_CONFIDENTIAL_STEP", "METAFLOW_EXTENSIONS_SEARCH", "METAFLOW_X\n"):  # fmt: skip
+        monkeypatch.setenv(SETTINGS, json.dumps({name: "theirs"}))
+        with pytest.raises(SealedError, match="only Metaflow's settings and AWS's credentials may be set"):
+            settings_exports()
+    (tmp_path / "job.tar").write_bytes(b"the package")
+    check = shlex.split(f'bash -c "mflog() {{ echo \\"$@\\"; }}; {cvm.CHECK_PACKAGE} && echo extracting"')
+    for sha, unpacked in ((hashlib.sha1(b"the package").hexdigest(), True), ("0" * 40, False)):
+        done = subprocess.run(check, cwd=tmp_path, env={"PATH": os.environ["PATH"], "METAFLOW_CODE_SHA": sha},
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert ("extracting" in done.stdout) is unpacked and (done.returncode == 0) is unpacked, done.stdout
+    assert "is not the one the compose fixes" in done.stdout

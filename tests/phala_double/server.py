@@ -7,8 +7,12 @@ service would refuse it:
 - every route wants ``X-API-Key`` (401 otherwise) and an ``X-Phala-Version`` it knows (400 otherwise);
 - ``POST /cvms/provision``: ``name`` (5 to 63 characters, a hostname), ``instance_type``, and
   ``compose_file`` with ``docker_compose_file`` and ``allowed_envs``; answers ``app_id``, the compose's
-  ``compose_hash`` (SHA-256 of the compose as given) and ``app_env_encrypt_pubkey``, an X25519 key of the
-  double's own for that app;
+  ``compose_hash`` (SHA-256 of the whole app compose as given, its name among it, as dstack hashes it),
+  ``app_env_encrypt_pubkey``, an X25519 key of the
+  double's own for that app, ``kms_id`` and ``kms_info`` (its ``k256_pubkey``);
+- ``GET /kms/{kms}/pubkey/{app_id}``: the app's variable key as dstack's KMS signs it (secp256k1 over the
+  Keccak-256 of ``dstack-env-encrypt-pubkey:``, the app id, the timestamp as 8 bytes big-endian and the key:
+  ``signature_v1``; the legacy ``signature`` without the timestamp), with the double's own KMS key;
 - ``POST /cvms``: ``app_id`` and ``compose_hash`` of a provision, ``encrypted_env`` (hex), ``env_keys``.
   The same app and compose again is the same CVM; another compose for the app is ``409`` with
   ``error_code`` ``ERR-03-007`` (``CVM_APP_ID_CONFLICT``). The API cannot read the variables: the double
@@ -20,21 +24,43 @@ service would refuse it:
   ``app_certificates`` and ``tcb_info`` (the public TDX sample's measurements); ``DELETE /cvms/{id}``;
   an unknown id is 404.
 
-What the CVM would have booted with is readable at ``GET /_double/cvms/{id}`` (the double's own route).
+With ``engine`` (a python-on-whales client), a committed CVM also *runs*: its compose's ``task`` service as a
+container of that engine, as dstack would start it (the image pulled, ``$$`` and ``${NAME}`` interpolated from
+the decrypted variables as Compose does, ``restart: no``), with a double of dstack's guest agent on the
+socket it mounts (``/var/run/dstack.sock``): ``POST /GetQuote`` answers the public TDX sample quote (its
+signature covers other report data: a verifier refuses it) and an event log whose runtime events (app id,
+compose hash, instance id) replay to an RTMR3 of their own; the report data each call asked for is kept.
+Deleting the CVM removes its container and socket.
+
+What the CVM would have booted with is readable at ``GET /_double/cvms/{id}`` (the double's own routes;
+``GET /_double/cvms`` lists the CVMs);
+``GET /_double/kms`` is the KMS's signing key (what a user pins) and ``POST /_double/kms`` turns the
+answers into an attack: ``foreign`` (a key of the API's own, signed by a key of its own), ``stale`` (a
+signature ten minutes old), ``swapped`` (the provision hands another key than the KMS signed),
+``legacy`` (an old KMS: the signature without a timestamp) or ``honest``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import os
 import re
 import secrets
+import socketserver
+import tempfile
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from eth_keys import keys
+from eth_utils import keccak
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -43,17 +69,112 @@ _NAME = re.compile(r"^[a-z]([a-z0-9-]{3,61})[a-z0-9]$")
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 STATES = ("starting", "running")  # a CVM runs on after its container ends, until it is deleted
 #: The public TDX sample's MRTD (tests/data/attestation/tdx_quote).
+KMS_ID = "kms_double"
+ATTACKS = ("honest", "foreign", "stale", "swapped", "legacy")
 TDX_MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
+
+
+#: The public TDX sample quote the guest agent answers.
+TDX_QUOTE = Path(__file__).parent.parent / "data" / "attestation" / "tdx_quote"
+#: dstack's runtime event type.
+RUNTIME_EVENT = 0x08000001
+#: The label of every container the double starts.
+LABEL = "metaflow-stack.test.phala-double"
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class GuestAgent:
+    """A double of dstack's guest agent for one CVM, on a Unix socket: ``POST /GetQuote``, as dstack-sdk asks."""
+
+    def __init__(self, app_id: str, compose_hash: str, instance_id: str) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="dstack-"))
+        os.chmod(self.folder, 0o755)
+        self.socket = self.folder / "dstack.sock"
+        self.asked: list[str] = []
+        events = [("app-id", app_id), ("compose-hash", compose_hash), ("instance-id", instance_id)]
+        log = [{"imr": 3, "event_type": RUNTIME_EVENT, "digest": "", "event": n, "event_payload": p} for n, p in events]
+        agent = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+                if self.path != "/GetQuote" or not re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", body.get("report_data", "")):
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                agent.asked.append(body["report_data"])
+                answer = json.dumps({"quote": TDX_QUOTE.read_bytes().hex(), "event_log": json.dumps(log),
+                                     "report_data": body["report_data"], "vm_config": ""}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def address_string(self) -> str:
+                return "dstack.sock"
+
+        self.server = _UnixServer(str(self.socket), Handler)
+        os.chmod(self.socket, 0o666)  # the task runs as the image's user
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.socket.unlink(missing_ok=True)
+        self.folder.rmdir()
+
+
+def _interpolated(text: str, env: dict[str, str]) -> str:
+    """``text`` as Compose interpolates it: ``$$`` a ``$``, ``${NAME}`` the variable's value (empty if unset)."""
+    return re.sub(r"\$\$|\$\{(\w+)\}", lambda m: "$" if m[0] == "$$" else env.get(m[1], ""), text)
+
+
+def _start(engine: Any, compose: str, env: dict[str, str], agent: GuestAgent, name: str) -> str:
+    """The compose's ``task`` service started as dstack would: its container's id."""
+    service = json.loads(compose)["services"]["task"]
+    variables = {key: _interpolated(str(value), env) for key, value in service.get("environment", {}).items()}
+    command = [_interpolated(part, env) for part in service["command"]]
+    if not engine.image.exists(service["image"]):
+        engine.image.pull(service["image"], quiet=True)
+    container = engine.run(
+        service["image"], command, detach=True, envs=variables, name=name, labels={LABEL: "true"},
+        volumes=[(str(agent.socket), "/var/run/dstack.sock")],
+    )  # fmt: skip
+    return container.id
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse({"message": message, **({"error_code": code} if code else {})}, status_code=status)
 
 
-def create_app(api_key: str) -> FastAPI:
+def _signed(kms: keys.PrivateKey, app_id: str, public_key: bytes, timestamp: int) -> dict[str, Any]:
+    """``public_key`` as dstack's KMS signs it for ``app_id`` (``GetAppEnvEncryptPubKey``)."""
+    prefix, app = b"dstack-env-encrypt-pubkey:", bytes.fromhex(app_id)
+    return {
+        "public_key": public_key.hex(),
+        "signature": kms.sign_msg_hash(keccak(prefix + app + public_key)).to_bytes().hex(),
+        "timestamp": timestamp,
+        "signature_v1": kms.sign_msg_hash(keccak(prefix + app + timestamp.to_bytes(8, "big") + public_key))
+        .to_bytes()
+        .hex(),
+    }
+
+
+def create_app(api_key: str, engine: Any = None) -> FastAPI:
+    """The double; with ``engine``, committed CVMs run their task (see the module's docstring)."""
     app = FastAPI()
     apps: dict[str, dict[str, Any]] = {}
     cvms: dict[str, dict[str, Any]] = {}
+    deleted: list[dict[str, Any]] = []  # running CVMs once deleted: what their agent was asked, their logs
+    kms = keys.PrivateKey(secrets.token_bytes(32))
+    attack = {"now": "honest", "key": X25519PrivateKey.generate(), "kms": keys.PrivateKey(secrets.token_bytes(32))}
 
     @app.middleware("http")
     async def authenticated(request: Request, call_next):
@@ -77,16 +198,33 @@ def create_app(api_key: str) -> FastAPI:
         app_id = secrets.token_hex(20)
         apps[app_id] = {
             "key": key,
-            "compose_hash": hashlib.sha256(compose["docker_compose_file"].encode()).hexdigest(),
+            # dstack hashes the whole app compose (its name and settings too), not only the docker compose file
+            "compose_hash": hashlib.sha256(json.dumps(compose, sort_keys=True).encode()).hexdigest(),
             "allowed": set(compose["allowed_envs"]),
             "compose": compose["docker_compose_file"],
         }
+        handed = attack["key"] if attack["now"] in ("foreign", "swapped") else key
         return JSONResponse({
             "app_id": app_id,
             "compose_hash": apps[app_id]["compose_hash"],
-            "app_env_encrypt_pubkey": key.public_key().public_bytes(*_RAW).hex(),
+            "app_env_encrypt_pubkey": handed.public_key().public_bytes(*_RAW).hex(),
             "instance_type": body.get("instance_type") or "tdx.small",
+            "kms_id": KMS_ID,
+            "kms_info": {"id": KMS_ID, "k256_pubkey": "0x" + kms.public_key.to_compressed_bytes().hex()},
         })  # fmt: skip
+
+    @app.get("/api/v1/kms/{kms_id}/pubkey/{app_id}")
+    def env_key(kms_id: str, app_id: str) -> Response:
+        found = apps.get(app_id)
+        if kms_id != KMS_ID or found is None:
+            return _error(404, "app not found in this KMS")
+        now, key, signer = int(time.time()), found["key"], kms
+        if attack["now"] == "foreign":
+            key, signer = attack["key"], attack["kms"]
+        signed = _signed(signer, app_id, key.public_key().public_bytes(*_RAW), now - 600 * (attack["now"] == "stale"))
+        if attack["now"] == "legacy":
+            del signed["timestamp"], signed["signature_v1"]
+        return JSONResponse(signed)
 
     @app.post("/api/v1/cvms")
     async def commit(request: Request) -> Response:
@@ -112,6 +250,10 @@ def create_app(api_key: str) -> FastAPI:
             env = None  # the CVM would fail to boot
         cvm_id = str(len(cvms) + 1)
         cvms[cvm_id] = {"id": cvm_id, "app_id": body["app_id"], "env": env, "looks": 0, "status": STATES[0]}
+        if engine is not None and env is not None:
+            agent = GuestAgent(body["app_id"], found["compose_hash"], secrets.token_hex(20))
+            name = f"phala-double-{secrets.token_hex(4)}"
+            cvms[cvm_id] |= {"agent": agent, "container": _start(engine, found["compose"], env, agent, name)}
         return JSONResponse({"id": cvm_id, "name": cvm_id, "status": STATES[0]})
 
     def _cvm(cvm_id: str) -> dict[str, Any] | None:
@@ -137,9 +279,36 @@ def create_app(api_key: str) -> FastAPI:
 
     @app.delete("/api/v1/cvms/{cvm_id}")
     def delete(cvm_id: str) -> Response:
-        if cvms.pop(cvm_id, None) is None:
+        cvm = cvms.pop(cvm_id, None)
+        if cvm is None:
             return _error(404, "CVM not found")
+        if "container" in cvm:
+            deleted.append({"id": cvm_id, "asked": cvm["agent"].asked, "env": cvm["env"],
+                            "compose": apps[cvm["app_id"]]["compose"],
+                            "logs": engine.container.logs(cvm["container"])[-20000:]})  # fmt: skip
+            engine.container.remove(cvm["container"], force=True)
+            cvm["agent"].close()
         return Response(status_code=204)
+
+    @app.get("/_double/deleted")
+    def every_deleted() -> Response:
+        return JSONResponse(deleted)
+
+    @app.get("/_double/kms")
+    def kms_key() -> Response:
+        return JSONResponse({"k256_pubkey": "0x" + kms.public_key.to_compressed_bytes().hex()})
+
+    @app.post("/_double/kms")
+    async def set_attack(request: Request) -> Response:
+        chosen = (await request.json()).get("attack")
+        if chosen not in ATTACKS:
+            return _error(400, f"attack: one of {', '.join(ATTACKS)}")
+        attack["now"] = chosen
+        return JSONResponse({"attack": chosen})
+
+    @app.get("/_double/cvms")
+    def every_cvm() -> Response:
+        return JSONResponse(sorted(cvms))
 
     @app.get("/_double/cvms/{cvm_id}")
     def seen(cvm_id: str) -> Response:

@@ -95,6 +95,12 @@ _CATALOG: dict[str, ImageEntry] = {
             includes=(("runtime/requirements-key-release.lock", "requirements-key-release.lock"),),
         ),
         ImageEntry(
+            name="confidential",
+            description="The task image of @confidential steps in TDX confidential VMs (Phala Cloud)",
+            capabilities=("confidential",),
+            includes=(("runtime/requirements-confidential.lock", "requirements-confidential.lock"),),
+        ),
+        ImageEntry(
             name="postgres",
             description="PostgreSQL 15 from Debian's packages, the local stack's service database",
             capabilities=("service-database",),

@@ -222,8 +222,10 @@ def push_image(name: str, *, console: Console | None = None) -> str:
     return push_reference(ref, console=console)
 
 
-def push_reference(ref: str, *, console: Console | None = None) -> str:
-    """Push the local image ``ref`` to the configured registry under the same name; return the remote reference."""
+def push_reference(ref: str, *, console: Console | None = None, by_digest: bool = False) -> str:
+    """Push the local image ``ref`` to the configured registry under the same name; return the remote reference:
+    by its tag, or ``by_digest`` (``registry/repository@sha256:...``: what the push stored, which no later push
+    to the tag can change; for a reference something else measures, as a TEE's compose)."""
     console = console or _stderr
     docker = require_engine()
     remote = _registry_ref(ref)
@@ -236,9 +238,15 @@ def push_reference(ref: str, *, console: Console | None = None) -> str:
             f"pushing {remote} failed",
             fix="check that the registry answers (`metaflow stack doctor`)",
         )
+        repository = remote.rsplit(":", 1)[0]
+        pinned = next((d for d in docker.image.inspect(remote).repo_digests if d.startswith(f"{repository}@")), None)
     finally:
         docker.image.remove(remote)  # keep only the local name; the layers stay
     console.print(f"pushed {remote}")
+    if by_digest:
+        if pinned is None:
+            raise RegistryError(f"the engine did not record the digest {remote} was pushed as", fix="push it again")
+        return pinned
     return remote
 
 

@@ -35,6 +35,9 @@ class Settings:
     #: The key-release service ``@confidential`` launchers ask (``confidential.service``); empty: they keep
     #: the keys and judge evidence themselves.
     key_release_url: str = ""
+    #: The secp256k1 key (compressed, hex) of the KMS whose signature a Phala CVM's variable key must carry
+    #: (``confidential.phala``); empty: nothing is encrypted to a CVM.
+    phala_kms_signer: str = ""
 
     def as_metaflow_config(self) -> dict[str, str]:
         """The settings as ``STACK_*`` names for ``metaflow.metaflow_config``."""
@@ -48,6 +51,7 @@ class Settings:
             "STACK_DOCKER_CLIENT": self.docker_client,
             "STACK_IMAGE_LOCK": str(self.image_lock or ""),
             "STACK_KEY_RELEASE_URL": self.key_release_url,
+            "STACK_PHALA_KMS_SIGNER": self.phala_kms_signer,
         }
 
 
@@ -79,4 +83,5 @@ def load() -> Settings:
         docker_client=from_conf("STACK_DOCKER_CLIENT", ""),
         image_lock=Path(image_lock) if image_lock else None,
         key_release_url=from_conf("STACK_KEY_RELEASE_URL", ""),
+        phala_kms_signer=from_conf("STACK_PHALA_KMS_SIGNER", ""),
     )

@@ -13,7 +13,8 @@ three checks, in this order, each refusal naming what failed:
    advisories the policy accepts, no debug enclave, and measurements
    (MRENCLAVE/MRSIGNER and ISV SVN for SGX; MRTD and RTMRs for TDX) on its
    lists. The measurements are read from the verified report, never from
-   the unverified bytes.
+   the unverified bytes. A dstack CVM's app (its compose hash) is read from
+   its event log only once that log replays to the verified RTMR3.
 3. **It speaks for this task**: ``report_data`` must equal ``binding()`` of
    the flow, run, step, task, attempt, the code package's digest, the
    launcher's fresh nonce, the enclave's own public key and the work it
@@ -33,6 +34,7 @@ import hmac
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,6 +49,10 @@ DEFAULT_PCCS_URL = "https://pccs.phala.network"
 COLLATERAL_TIMEOUT_S = 30
 #: Bytes a quote may have (an SGX quote is about 4.6 KB, a TDX one about 5 KB, with certificates).
 MAX_QUOTE_BYTES = 64 * 1024
+#: dstack's runtime events (extended into RTMR3), the one naming the app's compose, and a log's size at most.
+DSTACK_EVENT_TYPE = 0x08000001
+COMPOSE_HASH_EVENT = "compose-hash"
+MAX_EVENT_LOG_BYTES = 256 * 1024
 #: TD attributes' DEBUG bit (bit 0), and SGX attributes' DEBUG flag (bit 1).
 _TD_DEBUG = 0x01
 _SGX_DEBUG = 0x02
@@ -158,6 +164,11 @@ def cache_name(quote: bytes, pccs_url: str) -> str:
     return f"{hashlib.sha256(pccs_url.encode()).hexdigest()[:12]}-{parsed.quote_type()}-{parsed.fmspc()}.json"
 
 
+def quote_kind(quote: bytes) -> str:
+    """``sgx`` or ``tdx``: the kind of TEE ``quote`` says it is from (read, not yet verified)."""
+    return str(_parsed(quote).quote_type()).lower()
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).removeprefix("Verification failed: ").strip()
     return (text.splitlines() or [type(exc).__name__])[0]
@@ -174,9 +185,12 @@ def _parsed(quote: bytes) -> Any:
         raise AttestationRefused("quote", f"cannot be read: {_first_line(exc)}") from None
 
 
-def verify(quote: bytes, collateral: Any, policy: Policy, expected: bytes, now: int | None = None) -> Verification:
+def verify(
+    quote: bytes, collateral: Any, policy: Policy, expected: bytes, now: int | None = None, event_log: str | None = None
+) -> Verification:
     """``quote`` checked against ``collateral`` at ``now`` (epoch seconds; default: this moment), then
-    ``policy``, then bound to ``expected`` (``binding()``); ``AttestationRefused`` naming the first failure."""
+    ``policy`` (a TDX quote's app read from ``event_log``, dstack's), then bound to ``expected``
+    (``binding()``); ``AttestationRefused`` naming the first failure."""
     import dcap_qvl
 
     _parsed(quote)
@@ -196,7 +210,7 @@ def verify(quote: bytes, collateral: Any, policy: Policy, expected: bytes, now: 
         tee, measured = "tdx", next(iter(report.values()))
     status, advisories = verified["status"], verified.get("advisory_ids") or []
     _check_tcb(policy, status, advisories)
-    measurements = _check_sgx(policy, measured) if tee == "sgx" else _check_tdx(policy, measured)
+    measurements = _check_sgx(policy, measured) if tee == "sgx" else _check_tdx(policy, measured, event_log)
     found = bytes.fromhex(measured["report_data"])
     if not hmac.compare_digest(found, expected):
         raise AttestationRefused(
@@ -244,7 +258,7 @@ def _check_sgx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]
     return {k: measured[k] for k in ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn")}
 
 
-def _check_tdx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]:
+def _check_tdx(policy: Policy, measured: dict[str, Any], event_log: str | None) -> dict[str, str | int]:
     rules = policy.tdx
     if rules is None:
         raise AttestationRefused("tee", "a TDX VM, and the policy has no [tdx] table")
@@ -256,4 +270,49 @@ def _check_tdx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]
     names = ("mr_td", "rt_mr0", "rt_mr1", "rt_mr2", "rt_mr3")
     for name in names:
         _allowed(f"tdx.{name}", measured[name], getattr(rules, name))
-    return {name: measured[name] for name in names}
+    found: dict[str, str | int] = {name: measured[name] for name in names}
+    if rules.compose_hash:
+        if not event_log:
+            raise AttestationRefused("tdx.event_log", "is needed to know the app (the policy pins compose_hash)")
+        events = app_events(event_log, measured["rt_mr3"])
+        if COMPOSE_HASH_EVENT not in events:
+            raise AttestationRefused("tdx.compose_hash", "the event log names none (not a dstack app)")
+        _allowed("tdx.compose_hash", events[COMPOSE_HASH_EVENT], rules.compose_hash)
+        found["compose_hash"] = events[COMPOSE_HASH_EVENT]
+    return found
+
+
+def runtime_event_digest(name: str, payload: bytes) -> bytes:
+    """dstack's digest of a runtime event: SHA-384 of its type (4 bytes, little-endian), ``:``, its name,
+    ``:``, its payload (so the payload, not a digest the log states, is what RTMR3 holds)."""
+    return hashlib.sha384(DSTACK_EVENT_TYPE.to_bytes(4, "little") + b":" + name.encode() + b":" + payload).digest()
+
+
+def replay_rtmr(digests: list[bytes]) -> str:
+    """An RTMR after extending it, from zero, with each of ``digests`` in order (TDX's extend: SHA-384 of the
+    register and the digest)."""
+    register = bytes(48)
+    for digest in digests:
+        register = hashlib.sha384(register + digest).digest()
+    return register.hex()
+
+
+def app_events(event_log: str, rt_mr3: str) -> dict[str, str]:
+    """dstack's runtime events of a CVM's event log (JSON, as dstack's ``GetQuote`` gives it), as
+    ``{name: payload hex}`` (``compose-hash``, ``app-id``, ``instance-id``...), once their digests, each
+    recomputed from its payload, replay to ``rt_mr3``, the verified quote's: a log that was edited, or is
+    another CVM's, replays to another value. An event named twice is refused (which one would count?)."""
+    if len(event_log) > MAX_EVENT_LOG_BYTES:
+        raise AttestationRefused("tdx.event_log", f"is larger than {MAX_EVENT_LOG_BYTES // 1024} KiB")
+    try:
+        entries = json.loads(event_log)
+        runtime = [e for e in entries if e.get("event_type") == DSTACK_EVENT_TYPE]
+        events = [(str(e["event"]), bytes.fromhex(str(e["event_payload"]))) for e in runtime]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise AttestationRefused("tdx.event_log", "is not dstack's event log") from None
+    if not hmac.compare_digest(replay_rtmr([runtime_event_digest(n, p) for n, p in events]), rt_mr3.lower()):
+        raise AttestationRefused("tdx.event_log", "does not replay to the quote's rt_mr3 (edited, or another VM's)")
+    twice = sorted(name for name, count in Counter(name for name, _ in events).items() if count > 1)
+    if twice:
+        raise AttestationRefused("tdx.event_log", f"names {twice[0]} twice")
+    return {name: payload.hex() for name, payload in events}

@@ -4,15 +4,21 @@ The manifest's command is the same for every task of a step (so is the
 enclave's measurement, which a policy can then pin):
 ``python -m metaflow_stack.confidential.inside``. The task it runs is read
 from ``task.json`` in the task's exchange folder (``EXCHANGE`` names it,
-the one value the host chooses), and the quote binds what it says: a host
-that lies there gets a quote its own verifier refuses.
+the one value the host chooses), or in a Phala CVM from the variable
+``ORDER`` (encrypted to the CVM); the quote binds what it says: a host that
+lies there gets a quote its own verifier refuses. A CVM's app (its compose,
+which its quote's event log names) fixes the step and the code package's
+digest; the CVM's command checks the package it fetched against that digest
+before unpacking anything of it (``cvm``).
 
 In the task, the decorator's ``task_pre_step`` calls ``receive``:
 the enclave's key pair is made, the binding of this attempt and that key
 becomes the quote's ``report_data`` (read from Gramine's
-``/dev/attestation``; ``gramine-direct`` has none, and says so), the
-evidence is written for the launcher, and the launcher's envelope is
-awaited and opened: the run's data key, in enclave memory only.
+``/dev/attestation``, or in a TDX VM from dstack with its event log;
+``gramine-direct`` has none, and says so), the evidence is put in the
+task's exchange (``exchange``: a folder, or the datastore for a CVM) for the
+launcher, and the launcher's envelope is awaited and opened: the run's data
+key, in enclave memory only.
 After the step, its artifacts are ``sealed`` with it; a later confidential
 step reads an upstream one with ``unsealed``.
 """
@@ -34,9 +40,19 @@ from pydantic import BaseModel, Field
 
 from metaflow_stack.confidential import KEEPER_KEY
 from metaflow_stack.confidential.attest import TaskIdentity, binding
+from metaflow_stack.confidential.exchange import (
+    ENDED,
+    ENVELOPE,
+    EVIDENCE,
+    REFUSED,
+    Exchange,
+    Folder,
+    InDatastore,
+    prefix_of,
+    storage_for,
+)
 from metaflow_stack.confidential.keyrelease import EnclaveKey
 from metaflow_stack.confidential.seal import Sealed, SealedError, seal
-from metaflow_stack.local_secrets import keep
 
 #: The variable naming the task's exchange folder (under the enclave's evidence folder).
 EXCHANGE = "METAFLOW_STACK_CONFIDENTIAL_TASK"
@@ -50,6 +66,26 @@ REPORT_DATA = Path("/dev/attestation/user_report_data")
 QUOTE = Path("/dev/attestation/quote")
 #: Seconds the enclave waits for its data key before the task fails.
 KEY_WAIT_S = 120
+#: A CVM's step, fixed in its compose: it runs a task of that step only.
+STEP = "METAFLOW_STACK_CONFIDENTIAL_STEP"
+#: A CVM's Metaflow settings and datastore credentials (JSON, encrypted to it), and the names they may have:
+#: Metaflow's settings and AWS's credentials, never a variable that changes what code runs or what the
+#: compose fixes (``settings_exports``).
+SETTINGS = "METAFLOW_STACK_CONFIDENTIAL_SETTINGS"
+SETTING_NAME = re.compile(r"METAFLOW_[A-Z0-9_]{1,200}")
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+#: Metaflow's settings a CVM never takes from the launcher: the stack's own (what the compose fixes), the code
+#: package's, and those that choose which code or configuration Metaflow loads.
+_NEVER_SET = re.compile(
+    r"METAFLOW_(STACK_|CODE_|EXTENSIONS|DEBUG_EXTENSION|HOME$|PROFILE$|SKIP_INSTALL_DEPENDENCIES$|DEFAULT_ENVIRONMENT$)"
+)
+
+
+def is_setting(name: str) -> bool:
+    """Whether ``name`` may come to a CVM in its encrypted settings (``SETTINGS``)."""
+    return name in CREDENTIALS or (SETTING_NAME.fullmatch(name) is not None and not _NEVER_SET.match(name))
+
+
 _INPUT_PATHS = re.compile(r"\$\{(METAFLOW_INPUT_PATHS_\d+)\}")
 
 
@@ -82,14 +118,23 @@ def exchange_folder() -> Path:
 
 
 def read_order() -> TaskOrder:
-    """The order in the exchange folder, checked: only input-path variables, and the code the enclave was
-    measured with (its manifest fixes ``METAFLOW_CODE_SHA``); anything else is refused before it runs."""
-    task = TaskOrder.model_validate_json((exchange_folder() / "task.json").read_text())
+    """The order (a Gramine enclave's in its exchange folder, a CVM's in ``ORDER``), checked: only input-path
+    variables, and the code the TEE was measured with (its manifest or compose fixes ``METAFLOW_CODE_SHA``);
+    anything else is refused before it runs."""
+    if os.environ.get(EXCHANGE):
+        text = (exchange_folder() / "task.json").read_text()
+    elif os.environ.get(ORDER):
+        text = os.environ[ORDER]
+    else:
+        raise SealedError(f"no order: neither {EXCHANGE} nor {ORDER} is set")
+    task = TaskOrder.model_validate_json(text)
     unexpected = sorted(name for name in task.env if not _ORDER_ENV.match(name))
     if unexpected:
         raise SealedError(f"the order sets {unexpected[0]}: an order may set only input paths")
     if task.identity.code_digest != os.environ.get("METAFLOW_CODE_SHA"):
         raise SealedError("the order names other code than the enclave was measured with")
+    if os.environ.get(STEP) and task.identity.step != os.environ[STEP]:
+        raise SealedError(f"the order names step {task.identity.step}, and this CVM runs {os.environ[STEP]}")
     return task
 
 
@@ -132,12 +177,36 @@ def argv(task: TaskOrder) -> list[str]:
     return words
 
 
-def quote_for(report_data: bytes) -> bytes | None:
-    """The TEE's quote over ``report_data``; None where there is no attestation (``gramine-direct``)."""
-    if not QUOTE.exists():
-        return None
-    REPORT_DATA.write_bytes(report_data)
-    return QUOTE.read_bytes()
+def evidence_for(report_data: bytes) -> dict[str, str | None]:
+    """The TEE's quote over ``report_data`` (hex), from Gramine's ``/dev/attestation`` in an SGX enclave or from
+    dstack in a TDX VM (with its event log, which names the app); none where there is no attestation
+    (``gramine-direct``)."""
+    if QUOTE.exists():
+        REPORT_DATA.write_bytes(report_data)
+        return {"quote": QUOTE.read_bytes().hex(), "event_log": None}
+    if os.environ.get(MODE) != "tdx":
+        return {"quote": None, "event_log": None}
+    from dstack_sdk import DstackClient
+
+    try:
+        answer = DstackClient().get_quote(report_data)
+    except Exception as exc:  # the guest agent's socket is missing, or it refused: there is no evidence
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SealedError(f"dstack gave no quote: {why}") from None
+    return {"quote": answer.quote, "event_log": answer.event_log}
+
+
+def exchange(task: TaskOrder) -> Exchange:
+    """Where this task meets its launcher: a Gramine enclave's exchange folder, or a CVM's prefix in the run's
+    datastore (the root its order's command names)."""
+    if os.environ.get(EXCHANGE):
+        return Folder(exchange_folder())
+    words = shlex.split(task.command)  # (not ``argv``: a CVM may say it ended before its code is unpacked)
+    kind = os.environ.get("METAFLOW_CODE_DS", "s3")
+    root = words[words.index("--datastore-root") + 1] if "--datastore-root" in words else None
+    identity = task.identity
+    where = prefix_of(identity.flow, identity.run, identity.step, identity.task, identity.attempt, task.nonce)
+    return InDatastore(storage_for(kind, root), where)
 
 
 #: The run's data key, once received: in this (enclave) process's memory only.
@@ -197,23 +266,22 @@ def _attest_and_receive() -> bytes:
     (the key that seals this step's values and opens its inputs')."""
     from metaflow import current
 
-    task, folder = order(), exchange_folder()
+    task = order()
     if current.flow_name != task.identity.flow:  # a policy may admit several flows' enclaves: keys are per flow
         raise SealedError(f"the order names flow {task.identity.flow}, and this task is of {current.flow_name}")
+    meeting = exchange(task)
     key = EnclaveKey()
     bound = binding(task.identity, task.nonce, key.public, task.work())
-    quote = quote_for(bound)
-    evidence = {"enclave_key": key.public, "quote": quote.hex() if quote is not None else None}
-    keep(folder / "evidence.json", json.dumps(evidence))  # whole, or not there
-    envelope, deadline = folder / "key.envelope", time.monotonic() + KEY_WAIT_S
-    while not envelope.exists():
-        refused = folder / "refused.txt"
-        if refused.exists():
-            raise SealedError(f"no data key: {refused.read_text().strip()}")
+    meeting.put(EVIDENCE, json.dumps({"enclave_key": key.public, **evidence_for(bound)}).encode())
+    deadline, every = time.monotonic() + KEY_WAIT_S, 0.05 if isinstance(meeting, Folder) else 1.0
+    while (envelope := meeting.get(ENVELOPE)) is None:
+        refused = meeting.get(REFUSED)
+        if refused is not None:
+            raise SealedError(f"no data key: {refused.decode(errors='replace').strip()}")
         if time.monotonic() > deadline:
             raise SealedError(f"no data key after {KEY_WAIT_S} s: the launcher did not answer the evidence")
-        time.sleep(0.05)
-    return key.open(envelope.read_bytes(), bound, os.environ[KEEPER_KEY], accepts_scope)
+        time.sleep(every)
+    return key.open(envelope, bound, os.environ[KEEPER_KEY], accepts_scope)
 
 
 def accepts_scope(scope: str) -> bool:
@@ -222,12 +290,40 @@ def accepts_scope(scope: str) -> bool:
     mode = os.environ.get(MODE)
     if mode == "direct":
         return scope == "direct"
-    return mode == "sgx" and bool(os.environ.get(POLICY)) and scope.startswith(f"sgx:{os.environ[POLICY]}@")
+    return mode in ("sgx", "tdx") and bool(os.environ.get(POLICY)) and scope.startswith(f"{mode}:{os.environ[POLICY]}@")
+
+
+def ended(code: int) -> None:
+    """In a CVM, after its task: how it ended, put in the exchange for the launcher (a CVM runs on after its
+    container ends, so its launcher learns the end from the datastore)."""
+    task = read_order()
+    exchange(task).put(ENDED, json.dumps({"code": code}).encode())
+
+
+def settings_exports() -> str:
+    """In a CVM, before anything else: its Metaflow settings and datastore credentials (``SETTINGS``) as bash
+    ``export`` lines, each quoted; only names ``is_setting`` allows and the compose does not fix (a
+    ``PYTHONPATH``, a ``METAFLOW_CODE_SHA`` or an ``AWS_CONFIG_FILE`` from the launcher is refused, and the
+    task does not start)."""
+    found = json.loads(os.environ.get(SETTINGS) or "{}")
+    if not isinstance(found, dict):
+        raise SealedError(f"{SETTINGS} is not an object of variables")
+    refused = sorted(k for k, v in found.items() if not (is_setting(k) and isinstance(v, str)) or k in os.environ)
+    if refused:  # (a name the compose fixes is in this environment already: the launcher never overrides it)
+        raise SealedError(f"{SETTINGS} sets {refused[0]}: only Metaflow's settings and AWS's credentials may be set")
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in found.items())
 
 
 def main() -> None:
-    """The enclave's entry point: run the task ``task.json`` orders, with its input paths, handing the order
-    as read to the task (which binds it into its quote), never reading the host's file again."""
+    """The TEE's entry point: run the task the order names, with its input paths, handing the order as read
+    to the task (which binds it into its quote), never reading the host's file again. In a CVM, ``--settings``
+    first prints its settings as exports, and ``--ended CODE`` after the task says how it ended."""
+    if sys.argv[1:2] == ["--settings"]:
+        print(settings_exports())
+        return
+    if sys.argv[1:2] == ["--ended"]:
+        ended(int(sys.argv[2]))
+        return
     task = read_order()
     os.environ.update(task.env)
     os.environ[ORDER] = task.model_dump_json()

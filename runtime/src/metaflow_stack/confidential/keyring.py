@@ -6,8 +6,8 @@ the keys and the verifier off the machine that launches enclaves.
 which HKDF-SHA256 derives (one extract, then an expand per purpose with a
 length-prefixed context) a run's data key for the flow, the run and a
 **scope**: ``direct`` for unattested development enclaves,
-``sgx:<policy>@<digest>`` for enclaves that passed that policy as it reads
-now. So a key never depends on which replica answers or on a restart,
+``sgx:<policy>@<digest>`` (``tdx:`` for a TDX VM) for TEEs that passed that
+policy as it reads now. So a key never depends on which replica answers or on a restart,
 nothing grows with the number of runs, an enclave that passed a lenient
 policy never holds the key of a step held to a strict one, and editing a
 policy gives new keys (steps that read each other's sealed values share a
@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pydantic import BaseModel, StringConstraints
 
 from metaflow_stack.confidential.attest import (
+    MAX_EVENT_LOG_BYTES,
     MAX_QUOTE_BYTES,
     AttestationRefused,
     TaskIdentity,
@@ -54,6 +55,7 @@ from metaflow_stack.confidential.attest import (
     cache_name,
     collateral_for,
     pccs_url_of,
+    quote_kind,
     verify,
 )
 from metaflow_stack.confidential.keyrelease import envelope_for, public_hex
@@ -84,11 +86,14 @@ class ReleaseRequest(BaseModel):
     enclave_key: Hex64
     #: The digest of the work the enclave was ordered (``inside.TaskOrder.work``).
     work: Hex64
-    mode: Literal["direct", "sgx"]
-    #: The policy an SGX enclave is held to, by name; the keeper reads its own copy.
+    #: What the TEE is: an unattested Gramine enclave, an SGX enclave, or a TDX confidential VM (dstack).
+    mode: Literal["direct", "sgx", "tdx"]
+    #: The policy an attested TEE is held to, by name; the keeper reads its own copy.
     policy: Annotated[str, StringConstraints(pattern=POLICY_NAME)] | None = None
     #: The quote (hex); none in direct mode.
     quote: Annotated[str, StringConstraints(pattern=_HEX_BYTES, max_length=2 * MAX_QUOTE_BYTES)] | None = None
+    #: A TDX VM's event log (dstack's JSON), which names its app once it replays to the quote's RTMR3.
+    event_log: Annotated[str, StringConstraints(max_length=MAX_EVENT_LOG_BYTES)] | None = None
 
 
 class Released(BaseModel):
@@ -181,9 +186,13 @@ class Keyring:
                 )
             return None
         if request.policy is None:
-            raise AttestationRefused("policy", "an SGX step needs one", fix='policy="policies/prod.toml"')
+            fix = 'policy="policies/prod.toml"'
+            raise AttestationRefused("policy", f"an {request.mode.upper()} step needs one", fix=fix)
         if not request.quote:
-            raise AttestationRefused("quote", "the enclave gave none", fix="run where SGX and DCAP are available")
+            raise AttestationRefused("quote", "the TEE gave none", fix="run where SGX or TDX and DCAP are available")
+        kind = quote_kind(bytes.fromhex(request.quote))
+        if kind != request.mode:  # a key is scoped by the TEE kind the request says: hold the quote to it
+            raise AttestationRefused("mode", f"{request.mode}, and the quote is a {kind.upper()} TEE's")
         return self._policies(request.policy)
 
     def release(self, request: ReleaseRequest, now: float | None = None) -> Released:
@@ -198,23 +207,24 @@ class Keyring:
             }  # fmt: skip
             scope = "direct"
         else:
-            judged = self._verify(bytes.fromhex(request.quote or ""), policy, bound, int(moment))
-            verification = {"attested": True, "mode": "sgx", "policy": request.policy, **judged.model_dump()}
-            scope = f"sgx:{request.policy}@{policy.digest[:16]}"
+            judged = self._verify(bytes.fromhex(request.quote or ""), policy, bound, int(moment), request.event_log)
+            verification = {"attested": True, "mode": request.mode, "policy": request.policy, **judged.model_dump()}
+            scope = f"{request.mode}:{request.policy}@{policy.digest[:16]}"
         key = self.data_key(identity.flow, identity.run, scope)
         envelope = envelope_for(key, request.enclave_key, bound, self.signer, scope)
         return Released(envelope=envelope.hex(), verification=verification)
 
-    def _verify(self, quote: bytes, policy: Policy, bound: bytes, now: int) -> Verification:
+    def _verify(self, quote: bytes, policy: Policy, bound: bytes, now: int, event_log: str | None) -> Verification:
         collateral = collateral_for(quote, self._collateral, self._pccs_url, self._cache)
         try:
-            return verify(quote, collateral, policy, bound, now=now)
+            return verify(quote, collateral, policy, bound, now=now, event_log=event_log)
         except AttestationRefused as exc:
             if exc.field != "collateral" or self._collateral or self._cache is None:
                 raise
             # The cached copy outlived its window (about a month): fetch fresh collateral once, then judge again.
             (self._cache / cache_name(quote, pccs_url_of(self._pccs_url))).unlink(missing_ok=True)
-            return verify(quote, collateral_for(quote, None, self._pccs_url, self._cache), policy, bound, now=now)
+            fresh = collateral_for(quote, None, self._pccs_url, self._cache)
+            return verify(quote, fresh, policy, bound, now=now, event_log=event_log)
 
 
 def master_secret(path: Path, make: bool = False) -> bytes:

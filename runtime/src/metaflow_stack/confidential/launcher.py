@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from metaflow_stack import __version__
 from metaflow_stack.confidential import KEEPER_KEY, gramine
 from metaflow_stack.confidential.attest import AttestationRefused, TaskIdentity
+from metaflow_stack.confidential.exchange import ENVELOPE, EVIDENCE, REFUSED, Exchange, Folder
 from metaflow_stack.confidential.inputs import TRUST
 from metaflow_stack.confidential.inside import EVIDENCE_ROOT, EXCHANGE, MODE, POLICY, TaskOrder
 from metaflow_stack.confidential.keyring import (
@@ -56,7 +57,6 @@ from metaflow_stack.confidential.keyring import (
 )
 from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
 from metaflow_stack.confidential.policy import load_policy
-from metaflow_stack.local_secrets import keep
 from metaflow_stack.trampolines import die_with_parent, stopped_by_signals
 
 #: What the enclave's fixed command runs.
@@ -153,6 +153,48 @@ def keeper(state_dir: Path, settings: Settings, service_url: str) -> Keeper:
     return local_keeper(state_dir, policy, settings.policy, settings.collateral, settings.pccs_url)
 
 
+class Judge:
+    """The launcher's one decision on a task's evidence, taken as soon as the evidence is in the task's
+    ``exchange``: ``keeper`` releases the data key (``record`` is told the verification, the envelope goes
+    in) or refuses (the refusal goes in, and the task's exit code comes out)."""
+
+    def __init__(self, exchange: Exchange, task: TaskOrder, settings: Settings, keeper: Keeper, record: Any) -> None:
+        self.exchange, self.task, self.settings, self.keeper, self.record = exchange, task, settings, keeper, record
+        self.judged = False
+
+    def __call__(self) -> int | None:
+        """None while there is no evidence yet, and once the key is released; the exit code when refused
+        (Metaflow's "do not retry": a refusal is final), or 1 when the keeper did not answer (judged nothing)."""
+        from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+        if self.judged:
+            return None
+        found = self.exchange.get(EVIDENCE)
+        if found is None:
+            return None
+        self.judged = True
+        try:
+            released = self.keeper.release(_request(self.task, _evidence(found), self.settings))
+        except (AttestationRefused, KeeperUnavailable) as exc:
+            self.exchange.put(REFUSED, str(exc).encode())
+            print(f"error: {exc.message}\nfix: {exc.fix or 'see docs/confidential.md'}", file=sys.stderr, flush=True)
+            return 1 if isinstance(exc, KeeperUnavailable) else METAFLOW_EXIT_DISALLOW_RETRY
+        self.record(released.verification)
+        self.exchange.put(ENVELOPE, bytes.fromhex(released.envelope))
+        return None
+
+
+def new_order(identity: TaskIdentity, command: str, env: dict[str, str], keeper: Keeper) -> TaskOrder | None:
+    """This attempt's order, with the keeper's fresh nonce; None (said on stderr) when the keeper did not
+    answer: nothing was judged, so the attempt may be retried (exit 1)."""
+    try:
+        nonce = keeper.nonce()
+    except KeeperUnavailable as exc:
+        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+        return None
+    return TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
+
+
 def run_task(
     prepared: gramine.Prepared,
     identity: TaskIdentity,
@@ -162,22 +204,18 @@ def run_task(
     keeper: Keeper,
     record: Any,
 ) -> int:
-    """Order ``command`` into the enclave, take its evidence to ``keeper`` (``record`` is told the
-    verification), hand the enclave the data key it releases (which seals the step's values and opens its
-    inputs') or its refusal, and wait: the task's exit code (Metaflow's "do not retry" when refused, or
-    when it gave no evidence)."""
+    """Order ``command`` into the enclave, have its evidence judged (``Judge``), and wait: the task's exit
+    code (Metaflow's "do not retry" when refused, or when it gave no evidence)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-    name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
-    exchange = prepared.folder / "evidence" / name
-    exchange.mkdir(mode=0o700)
-    try:
-        nonce = keeper.nonce()
-    except KeeperUnavailable as exc:  # nothing was judged: the attempt may be retried
-        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+    task = new_order(identity, command, env, keeper)
+    if task is None:
         return 1
-    task = TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
-    (exchange / "task.json").write_text(task.model_dump_json())
+    name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
+    folder = prepared.folder / "evidence" / name
+    folder.mkdir(mode=0o700)
+    (folder / "task.json").write_text(task.model_dump_json())
+    judge = Judge(Folder(folder), task, settings, keeper, record)
     # A session of its own, so the enclave and all it starts stop with the launcher when it is stopped; and
     # the kernel kills the enclave if the launcher is killed outright (SIGKILL: no way out runs then).
     started = gramine.command(prepared, settings.mode)
@@ -187,23 +225,12 @@ def run_task(
     )  # fmt: skip
     try:
         with stopped_by_signals():
-            judged = False
             while process.poll() is None:
-                if not judged and (exchange / "evidence.json").is_file():
-                    judged = True
-                    try:
-                        evidence = _evidence(exchange / "evidence.json")
-                        released = keeper.release(_request(task, evidence, settings))
-                    except (AttestationRefused, KeeperUnavailable) as exc:
-                        keep(exchange / "refused.txt", str(exc))
-                        fix = exc.fix or "see docs/confidential.md"
-                        print(f"error: {exc.message}\nfix: {fix}", file=sys.stderr, flush=True)
-                        # A refusal is final; a keeper that did not answer judged nothing: try again.
-                        return 1 if isinstance(exc, KeeperUnavailable) else METAFLOW_EXIT_DISALLOW_RETRY
-                    record(released.verification)
-                    keep(exchange / "key.envelope", bytes.fromhex(released.envelope))
+                refused = judge()
+                if refused is not None:
+                    return refused
                 time.sleep(0.05)
-            if not judged:  # it ended without evidence: nothing it did was attested
+            if not judge.judged:  # it ended without evidence: nothing it did was attested
                 print("error: the task ended without giving its evidence", file=sys.stderr, flush=True)
                 return METAFLOW_EXIT_DISALLOW_RETRY
             return process.returncode
@@ -211,7 +238,7 @@ def run_task(
         with contextlib.suppress(ProcessLookupError):  # whatever the enclave left running in its session
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        shutil.rmtree(exchange, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _request(task: TaskOrder, evidence: dict[str, Any], settings: Settings) -> ReleaseRequest:
@@ -220,7 +247,7 @@ def _request(task: TaskOrder, evidence: dict[str, Any], settings: Settings) -> R
     try:
         return ReleaseRequest(
             identity=task.identity, nonce=task.nonce, work=task.work(), mode=settings.mode,
-            enclave_key=evidence.get("enclave_key"), quote=evidence.get("quote"),
+            enclave_key=evidence.get("enclave_key"), quote=evidence.get("quote"), event_log=evidence.get("event_log"),
             policy=policy_name(settings.policy) if settings.policy else None,
         )  # fmt: skip
     except ValidationError as exc:
@@ -228,11 +255,11 @@ def _request(task: TaskOrder, evidence: dict[str, Any], settings: Settings) -> R
         raise AttestationRefused("evidence", f"{where} is not what an enclave gives") from None
 
 
-def _evidence(path: Path) -> dict[str, Any]:
-    """The enclave's evidence file, or why it cannot be read (the enclave wrote it: it is judged, not trusted)."""
+def _evidence(data: bytes) -> dict[str, Any]:
+    """The TEE's evidence, or why it cannot be read (the TEE wrote it: it is judged, not trusted)."""
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
+        found = json.loads(data)
+    except ValueError:
         raise AttestationRefused("evidence", "is not the JSON an enclave writes") from None
     if not isinstance(found, dict):
         raise AttestationRefused("evidence", "is not the JSON an enclave writes")

@@ -8,28 +8,30 @@ an app id, the compose's hash and the key to encrypt variables to), then
 same app and compose; another compose is a conflict), ``GET /cvms/{id}/state``
 until it runs and ends, ``GET /cvms/{id}/attestation``, ``DELETE /cvms/{id}``.
 
-Variables are encrypted to the key the provision answers, as dstack
-decrypts them inside the CVM (an ephemeral X25519 exchange whose shared
-secret is the AES-256-GCM key; the ephemeral public key, the nonce and the
-ciphertext, as hex). That key is not yet checked against the KMS's
-signature (``/kms/{kms}/pubkey/{app_id}``): until it is, whoever answers
-the API could substitute it, and the backend that runs steps on Phala waits
-for that check.
+Variables are encrypted (with dstack's own SDK, as dstack decrypts them
+inside the CVM) only to a key the KMS that holds the app's keys has signed,
+freshly, for that app: ``GET /kms/{kms}/pubkey/{app_id}``, the signature
+recovered to the KMS's secp256k1 key and held to the one pinned
+(``STACK_PHALA_KMS_SIGNER``). Whoever answers the API (a proxy, a
+compromised account) could otherwise hand its own key and read every
+variable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from dstack_sdk import EnvVar, encrypt_env_vars_sync, verify_env_encrypt_public_key
+from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_key_legacy
 
+from metaflow_stack import settings
 from metaflow_stack.errors import InvalidInput, StackError
 
 #: Phala Cloud's API, and the version of it these requests are written to.
@@ -38,6 +40,12 @@ VERSION = "2026-05-22"  # the SDK's default version of the API
 KEY_FIX = "create an API key in Phala Cloud's dashboard and export PHALA_CLOUD_API_KEY"
 #: Names a dstack app's variables may have (what dstack accepts inside the CVM).
 _NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+#: A secp256k1 public key, compressed, as dstack's SDK recovers a KMS signer.
+_SIGNER = re.compile(r"^0x0[23][0-9a-f]{64}$")
+#: What a KMS or app id is (it goes into a path of the API).
+_KMS_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+#: The off-chain KMS Phala Cloud runs, when a provision names none.
+DEFAULT_KMS = "phala"
 
 
 class PhalaError(StackError):
@@ -46,48 +54,65 @@ class PhalaError(StackError):
 
 @dataclass(frozen=True)
 class Provisioned:
-    """A CVM provisioned but not yet committed: its app, the compose's hash, the key for its variables."""
+    """A CVM provisioned but not yet committed: its app, the compose's hash, the key for its variables, and
+    the KMS that holds the app's keys (and signs that one)."""
 
     app_id: str
     compose_hash: str
     env_public_key: str
+    kms: str = DEFAULT_KMS
+    #: The KMS's signing key as the provision names it: never trusted, only shown when none is pinned.
+    kms_named: str = ""
 
 
 def encrypt_env(env: dict[str, str], public_key_hex: str) -> str:
-    """``env`` encrypted to a CVM's X25519 key, as dstack decrypts it: hex of the ephemeral public key (32
-    bytes), the nonce (12) and the AES-256-GCM ciphertext of ``{"env": [{"key", "value"}...]}``."""
+    """``env`` encrypted to a CVM's X25519 key by dstack's SDK (as dstack decrypts it at the CVM's boot);
+    names dstack would not accept are refused first, naming the variable."""
     for name in env:
         if not name or name[0].isdigit() or set(name) - _NAME_CHARS or len(name) > 255:
             raise InvalidInput(f"env.{name}", "is not a variable name dstack accepts")
     try:
-        peer = X25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex.removeprefix("0x")))
+        return encrypt_env_vars_sync([EnvVar(key, value) for key, value in env.items()], public_key_hex)
     except ValueError:
         raise PhalaError("the CVM's environment key is not an X25519 public key") from None
-    ephemeral = X25519PrivateKey.generate()
-    shared = ephemeral.exchange(peer)
-    nonce = os.urandom(12)
-    plain = json.dumps({"env": [{"key": k, "value": v} for k, v in env.items()]}).encode()
-    public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return (public + nonce + AESGCM(shared).encrypt(nonce, plain, None)).hex()
 
 
-def compose_for(image: str, command: list[str], env_keys: list[str]) -> str:
-    """The dstack app of one task: ``image`` running ``command`` with ``env_keys`` from the encrypted
-    variables, dstack's socket mounted (the task asks it for its quote). JSON, which is YAML."""
+def kms_signer(pinned: str) -> str:
+    """``pinned`` as dstack's SDK writes a recovered signer (``0x``, compressed, lower case), or why not."""
+    signer = pinned.strip().lower()
+    signer = signer if signer.startswith("0x") else f"0x{signer}"
+    if not _SIGNER.match(signer):
+        raise InvalidInput(
+            "STACK_PHALA_KMS_SIGNER", f"{pinned!r} is not a compressed secp256k1 key (66 hex digits, 02 or 03 first)"
+        )
+    return signer
+
+
+def compose_for(image: str, command: list[str], env_keys: list[str], fixed: dict[str, str] | None = None) -> str:
+    """The dstack app of one task: ``image`` running ``command`` with the ``fixed`` variables (in the compose,
+    so in its hash: what a policy pins) and ``env_keys`` from the encrypted ones, dstack's socket mounted
+    (the task asks it for its quote). Compose interpolates ``${NAME}``: a ``$`` of the command or of a fixed
+    value is written ``$$``, so it reaches the container as written. JSON, which is YAML."""
+    literal = {key: value.replace("$", "$$") for key, value in (fixed or {}).items()}
     service = {
         "image": image,
-        "command": command,
-        "environment": {key: f"${{{key}}}" for key in env_keys},
+        "command": [part.replace("$", "$$") for part in command],
+        "environment": literal | {key: f"${{{key}}}" for key in env_keys},
         "volumes": ["/var/run/dstack.sock:/var/run/dstack.sock"],
         "restart": "no",
     }
-    return json.dumps({"services": {"task": service}}, indent=2)
+    return json.dumps({"services": {"task": service}}, indent=2, sort_keys=True)
 
 
 class PhalaCloud:
     """Phala Cloud's API for one launcher: the key from ``PHALA_CLOUD_API_KEY`` unless given."""
 
-    def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout_s: float = 30) -> None:
+    def __init__(
+        self, api_key: str | None = None, base_url: str | None = None, timeout_s: float = 30, signer: str | None = None
+    ) -> None:
+        """``signer``: the KMS signing key a CVM's variable key must be signed by (else ``STACK_PHALA_KMS_SIGNER``;
+        checked when variables are encrypted, so a client that only watches or deletes needs none)."""
+        self._signer = signer if signer is not None else settings.load().phala_kms_signer
         key = api_key or os.environ.get("PHALA_CLOUD_API_KEY")
         if not key:
             raise PhalaError("PHALA_CLOUD_API_KEY is not set", fix=KEY_FIX)
@@ -111,21 +136,72 @@ class PhalaCloud:
             raise PhalaError(f"{method} {path}: {response.status_code} {_detail(response)}")
         return response.json() if response.content else None
 
-    def provision(self, name: str, compose: str, env_keys: list[str], instance_type: str = "tdx.small") -> Provisioned:
-        body = {
-            "name": name,
-            "instance_type": instance_type,
-            "compose_file": {"docker_compose_file": compose, "allowed_envs": env_keys, "name": name},
-        }
+    def provision(
+        self, name: str, compose: str, env_keys: list[str], instance_type: str = "tdx.small", app: str | None = None
+    ) -> Provisioned:
+        """Provision the CVM ``name`` of the dstack app ``app`` (its compose's name, so in its hash: the same for
+        every CVM of that app; ``name`` unless given), its logs and system information kept private."""
+        compose_file = {
+            "name": app or name, "docker_compose_file": compose, "allowed_envs": env_keys,
+            "public_logs": False, "public_sysinfo": False,
+        }  # fmt: skip
+        body = {"name": name, "instance_type": instance_type, "compose_file": compose_file}
         found = self._call("POST", "/cvms/provision", body)
-        return Provisioned(found["app_id"], found["compose_hash"], found["app_env_encrypt_pubkey"])
+        kms = found.get("kms_info") if isinstance(found.get("kms_info"), dict) else {}
+        named_kms = str(found.get("kms_id") or kms.get("slug") or kms.get("id") or DEFAULT_KMS)
+        return Provisioned(
+            found["app_id"], found["compose_hash"], found["app_env_encrypt_pubkey"], named_kms,
+            str(kms.get("k256_pubkey") or ""),
+        )  # fmt: skip
+
+    def checked_env_key(self, provisioned: Provisioned) -> str:
+        """The CVM's variable key, once its KMS has signed it for this app, freshly (``signature_v1``: five
+        minutes at most; a KMS too old to give one, its replayable signature, with a warning) and the signer
+        is the pinned KMS; ``PhalaError`` naming what does not hold, before anything is encrypted to it."""
+        if not self._signer:
+            named = provisioned.kms_named and f" (Phala Cloud names {provisioned.kms_named} for KMS {provisioned.kms})"
+            raise PhalaError(
+                f"no KMS signer is pinned, so the CVM's variable key cannot be checked{named}",
+                fix="check the KMS's k256 key in Phala's trust center or the DstackKms contract, "
+                "then export METAFLOW_STACK_PHALA_KMS_SIGNER=<it>",
+            )
+        pinned = kms_signer(self._signer)
+        if not _KMS_ID.match(provisioned.kms) or not _KMS_ID.match(provisioned.app_id):
+            raise PhalaError(f"the provision names KMS {provisioned.kms!r} and app {provisioned.app_id!r}: not ids")
+        signed = self._call("GET", f"/kms/{provisioned.kms}/pubkey/{provisioned.app_id}")
+        try:
+            public_key = bytes.fromhex(str(signed["public_key"]).removeprefix("0x"))
+            if signed.get("signature_v1") and isinstance(signed.get("timestamp"), int):
+                signature = bytes.fromhex(str(signed["signature_v1"]).removeprefix("0x"))
+                signer = verify_env_encrypt_public_key(public_key, signature, provisioned.app_id, signed["timestamp"])
+            else:
+                signature = bytes.fromhex(str(signed["signature"]).removeprefix("0x"))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    signer = verify_env_encrypt_public_key_legacy(public_key, signature, provisioned.app_id)
+                warnings.warn(f"KMS {provisioned.kms} signs without a timestamp (replayable)", stacklevel=2)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise PhalaError(f"KMS {provisioned.kms} answered no signed key for app {provisioned.app_id}") from None
+        if signer is None:
+            raise PhalaError(
+                f"the variable key of app {provisioned.app_id} carries no valid, fresh KMS signature",
+                fix="check this machine's clock, and that PHALA_CLOUD_API_PREFIX is Phala Cloud's",
+            )
+        if signer != pinned:
+            raise PhalaError(
+                f"the variable key of app {provisioned.app_id} is signed by {signer}, not the pinned KMS {pinned}",
+                fix="deploy with the KMS you pinned, or pin another only after checking it (STACK_PHALA_KMS_SIGNER)",
+            )
+        if public_key.hex() != provisioned.env_public_key.lower().removeprefix("0x"):
+            raise PhalaError(f"the provision's variable key for app {provisioned.app_id} is not the one the KMS signed")
+        return public_key.hex()
 
     def commit(self, provisioned: Provisioned, env: dict[str, str]) -> str:
-        """Start the provisioned CVM with ``env`` encrypted to it; its id."""
+        """Start the provisioned CVM with ``env`` encrypted to its checked key (``checked_env_key``); its id."""
         body = {
             "app_id": provisioned.app_id,
             "compose_hash": provisioned.compose_hash,
-            "encrypted_env": encrypt_env(env, provisioned.env_public_key),
+            "encrypted_env": encrypt_env(env, self.checked_env_key(provisioned)),
             "env_keys": list(env),
         }
         return str(self._call("POST", "/cvms", body)["id"])

@@ -6,9 +6,11 @@
     isv_prod_id = 0
     min_isv_svn = 1
 
-    [tdx]                      # a TDX confidential VM (Phala Cloud / dstack): mr_td, and any RTMR pinned
-    mr_td = ["91eb...18b7"]
-    rt_mr3 = ["0000...0000"]
+    [tdx]                      # a TDX confidential VM (Phala Cloud / dstack): mr_td (its firmware), the OS
+    mr_td = ["91eb...18b7"]    # image (rt_mr1: kernel, rt_mr2: command line and root file system), and the
+    rt_mr1 = ["0084...9378"]   # app: its dstack compose hash (read from the replayed event log), or an
+    rt_mr2 = ["d833...3132"]   # rt_mr3 (which dstack extends with each CVM's own instance id)
+    compose_hash = ["9a1c...07"]
 
     [tcb]
     allowed_statuses = ["UpToDate", "SWHardeningNeeded"]
@@ -69,6 +71,9 @@ class TdxPolicy(_Table):
     rt_mr1: list[Hex48] = Field(default_factory=list, max_length=256)
     rt_mr2: list[Hex48] = Field(default_factory=list, max_length=256)
     rt_mr3: list[Hex48] = Field(default_factory=list, max_length=256)
+    #: The dstack apps allowed (their compose hashes, as the CVM's event log records them in RTMR3): what
+    #: the VM runs (the image, its command, the values the compose fixes), as MRENCLAVE is for SGX.
+    compose_hash: list[Hex32] = Field(default_factory=list, max_length=256)
 
 
 class TcbPolicy(_Table):
@@ -113,12 +118,24 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
             "is needed when only mr_signer is pinned (else any enclave by that signer passes)",
             fix="pin mr_enclave, or the product: isv_prod_id = 1",
         )
+    if policy.tdx is not None and not (policy.tdx.compose_hash or policy.tdx.rt_mr3):
+        raise InvalidInput(
+            f"{where}.tdx.compose_hash",
+            "is needed (or rt_mr3): else any app on that VM image passes",
+            fix="list the step's compose hash (its launcher prints it)",
+        )
+    if policy.tdx is not None and policy.tdx.compose_hash and not (policy.tdx.rt_mr1 and policy.tdx.rt_mr2):
+        raise InvalidInput(
+            f"{where}.tdx.rt_mr1",
+            "and rt_mr2 are needed with compose_hash: the kernel and root file system whose agent records it",
+            fix="pin the dstack OS image's rt_mr1 and rt_mr2 (a dev image, or another kernel, could record any)",
+        )
     return policy.model_copy(update={"digest": hashlib.sha256(text.encode()).hexdigest()})
 
 
 def _fix(location: tuple) -> str:
     name = str(next((p for p in reversed(location) if isinstance(p, str)), ""))
-    if name in ("mr_enclave", "mr_signer"):
+    if name in ("mr_enclave", "mr_signer", "compose_hash"):
         return "a 32-byte measurement as 64 hex digits"
     if name.startswith(("mr_td", "rt_mr")):
         return "a 48-byte measurement as 96 hex digits"

@@ -1,11 +1,13 @@
 """``confidential step``: the trampoline Metaflow's runtime launches for a ``@confidential`` task.
 
 It rebuilds the real step command from its own options (as Metaflow's
-``kubernetes step`` does), has ``metaflow_stack.confidential.launcher``
-prepare the step's enclave (once per code and settings), order the task
-into it and judge its evidence, records the verification in the task's
-metadata, and exits with the task's code; 202 (Metaflow's "do not retry")
-when the enclave cannot be made or the evidence is refused.
+``kubernetes step`` does). With Gramine, ``metaflow_stack.confidential.launcher``
+prepares the step's enclave (once per code and settings), orders the task
+into it and judges its evidence; on Phala Cloud, ``confidential.cvm`` runs
+the task as the step's dstack app in a TDX VM, judging its evidence the
+same way. Either records the verification in the task's metadata and exits
+with the task's code; 202 (Metaflow's "do not retry") when the TEE cannot
+be made or its evidence is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def confidential() -> None:
 
 @confidential.command(help="Run one task of a @confidential step in its enclave (Metaflow calls this).")
 @step_parameters
+@click.option("--backend", default="gramine")
 @click.option("--mode", default="direct")
 @click.option("--policy", default=None)
 @click.option("--enclave-size", default="4G")
@@ -40,6 +43,8 @@ def confidential() -> None:
 @click.option("--isv-prod-id", type=int, default=0)
 @click.option("--isv-svn", type=int, default=0)
 @click.option("--trust", default="")
+@click.option("--image", default=None)
+@click.option("--instance-type", default="tdx.small")
 @click.pass_context
 def step(
     ctx,
@@ -47,6 +52,7 @@ def step(
     code_package_metadata: str,
     code_package_sha: str,
     code_package_url: str,
+    backend: str,
     mode: str,
     policy: str | None,
     enclave_size: str,
@@ -56,18 +62,20 @@ def step(
     isv_prod_id: int,
     isv_svn: int,
     trust: str,
+    image: str | None,
+    instance_type: str,
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
 
-    from metaflow_stack import code_package, settings
+    from metaflow_stack import settings
     from metaflow_stack.confidential import launcher
     from metaflow_stack.confidential.attest import TaskIdentity
     from metaflow_stack.confidential.keyring import KeeperUnavailable
     from metaflow_stack.datastore import CONFIDENTIAL_FIELD
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
-    flow_datastore, flow_name = ctx.obj.flow_datastore, ctx.obj.flow.name
+    flow_name = ctx.obj.flow.name
     run_id, task_id, attempt = kwargs["run_id"], kwargs["task_id"], int(kwargs["retry_count"])
     command, env = step_command(ctx, step_name, kwargs)
     pathspec = f"{flow_name}/{run_id}/{step_name}/{task_id}"
@@ -77,34 +85,95 @@ def step(
         chosen = launcher.Settings(
             mode, enclave_size, threads, policy, collateral, pccs_url, isv_prod_id, isv_svn, tuple(trust.split())
         )  # fmt: skip
-        code = code_package.unpacked_here(flow_datastore, code_package_url, code_package_sha)
-        if flow_datastore.TYPE == "local":
-            datastore = flow_datastore._storage_impl.datastore_root
-        else:  # the task reaches its datastore over the network: an empty folder stands in, never the code
-            datastore = str(state_dir / "confidential" / "no-local-datastore")
-            os.makedirs(datastore, exist_ok=True)
-        code_env = {
-            "METAFLOW_CODE_METADATA": code_package_metadata,
-            "METAFLOW_CODE_SHA": code_package_sha,
-            "METAFLOW_CODE_URL": code_package_url,
-            "METAFLOW_CODE_DS": flow_datastore.TYPE,
-        }
         keeper = launcher.keeper(state_dir, chosen, stack.key_release_url)
         try:
             keeper_key = keeper.public_key()
         except KeeperUnavailable as exc:  # nothing was judged: this attempt may be retried
             print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
             sys.exit(1)
-        prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
         identity = TaskIdentity(
             flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha
         )
+        facts: dict = {}  # what the TEE is, beside its verification: its MRENCLAVE, or its CVM and app
 
         def record(verification: dict) -> None:
-            found = {**verification, "mr_enclave": prepared.mr_enclave}
-            datum = MetaDatum(field=CONFIDENTIAL_FIELD, value=json.dumps(found),
+            datum = MetaDatum(field=CONFIDENTIAL_FIELD, value=json.dumps({**verification, **facts}),
                               type=CONFIDENTIAL_FIELD, tags=[f"attempt_id:{attempt}"])  # fmt: skip
             ctx.obj.metadata.register_metadata(run_id, step_name, task_id, [datum])
 
-        code = launcher.run_task(prepared, identity, command, env, chosen, keeper, record)
+        package = (code_package_metadata, code_package_sha, code_package_url)
+        if backend == "phala":
+            code = _on_phala(ctx, step_name, identity, command, env, chosen, keeper, keeper_key, record, facts,
+                             package, image or "", instance_type)  # fmt: skip
+        else:
+            code = _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record, facts, package)
     sys.exit(code)
+
+
+def _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record, facts, package) -> int:
+    """The task in the step's Gramine enclave on this machine (``launcher``)."""
+    from metaflow_stack import code_package, settings
+    from metaflow_stack.confidential import launcher
+
+    flow_datastore, state_dir = ctx.obj.flow_datastore, settings.load().state_dir
+    metadata, sha, url = package
+    code = code_package.unpacked_here(flow_datastore, url, sha)
+    if flow_datastore.TYPE == "local":
+        datastore = flow_datastore._storage_impl.datastore_root
+    else:  # the task reaches its datastore over the network: an empty folder stands in, never the code
+        datastore = str(state_dir / "confidential" / "no-local-datastore")
+        os.makedirs(datastore, exist_ok=True)
+    code_env = {"METAFLOW_CODE_METADATA": metadata, "METAFLOW_CODE_SHA": sha, "METAFLOW_CODE_URL": url,
+                "METAFLOW_CODE_DS": flow_datastore.TYPE}  # fmt: skip
+    prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
+    facts["mr_enclave"] = prepared.mr_enclave
+    return launcher.run_task(prepared, identity, command, env, chosen, keeper, record)
+
+
+def _on_phala(
+    ctx, step_name, identity, command, env, chosen, keeper, keeper_key, record, facts, package, image, instance_type
+) -> int:
+    """The task as the step's dstack app in a TDX VM on Phala Cloud (``cvm``), its exchange in the datastore;
+    the task's metadata brought back after (local metadata: the CVM wrote it to the datastore)."""
+    from metaflow_stack.confidential import cvm
+    from metaflow_stack.confidential.exchange import InDatastore, prefix_of
+    from metaflow_stack.confidential.launcher import Judge, new_order
+    from metaflow_stack.confidential.phala import PhalaCloud
+    from metaflow_stack.elsewhere import bring_back_metadata, step_environment, task_variables
+
+    obj = ctx.obj
+    task = new_order(identity, command, env, keeper)
+    if task is None:
+        return 1
+    where = prefix_of(identity.flow, identity.run, identity.step, identity.task, identity.attempt, task.nonce)
+    exchange = InDatastore(obj.flow_datastore._storage_impl, where)
+    measured = cvm.measured_variables(keeper_key, chosen.policy or "", chosen.trust)
+    app = cvm.app_for(
+        image, obj.environment, (obj.flow_datastore.TYPE, obj.flow_datastore.datastore_root), package,
+        task_variables(obj, step_name, package, {}), step_environment(obj, step_name), task, measured,
+    )  # fmt: skip
+    judge = Judge(exchange, task, chosen, keeper, record)
+    logs = _log_tailers(obj.flow_datastore, identity)
+    cloud = PhalaCloud()
+    try:
+        name = cvm.cvm_name(identity.flow, identity.run, identity.step, identity.task, identity.attempt)
+        code = cvm.run(cloud, name, instance_type, app, exchange, judge, facts.update, logs)
+    finally:
+        cloud.close()
+    missing = bring_back_metadata(obj, identity.run, step_name, identity.task)
+    if missing and code == 0:  # a task refused or stopped early wrote none, and its error says why
+        print(f"{identity.flow}/{identity.run}/{step_name}/{identity.task}: {missing} from the CVM", file=sys.stderr)
+    return code
+
+
+def _log_tailers(flow_datastore, identity) -> tuple:
+    """Metaflow's tailers of the attempt's stdout and stderr where the task saves them (as ``@kubernetes``
+    shows a pod's output)."""
+    from metaflow.mflog import TASK_LOG_SOURCE, get_log_tailer
+
+    ds = flow_datastore.get_task_datastore(
+        mode="w", run_id=identity.run, step_name=identity.step, task_id=identity.task, attempt=identity.attempt
+    )
+    return tuple(
+        get_log_tailer(ds.get_log_location(TASK_LOG_SOURCE, s), flow_datastore.TYPE) for s in ("stdout", "stderr")
+    )

@@ -24,8 +24,8 @@ from metaflow.exception import MetaflowException
 
 from metaflow_stack.trampolines import Trampolined
 
-#: Where a step's tasks may run.
-BACKENDS = ("gramine",)
+#: Where a step's tasks may run, and the TEE modes of each (the first: the default).
+BACKENDS = {"gramine": ("direct", "sgx"), "phala": ("tdx",)}
 #: Other compute decorators: a step runs in one place.
 ELSEWHERE = ("kubernetes", "batch", "nomad", "devcontainer", "worker_pool")
 
@@ -35,17 +35,21 @@ class ConfidentialException(MetaflowException):
 
 
 def _inside() -> bool:
-    from metaflow_stack.confidential.inside import EXCHANGE
+    """Whether this process is a confidential task's TEE: its keeper's key is fixed there (manifest, compose)."""
+    from metaflow_stack.confidential import KEEPER_KEY
 
-    return bool(os.environ.get(EXCHANGE))
+    return bool(os.environ.get(KEEPER_KEY))
 
 
 class ConfidentialDecorator(Trampolined, StepDecorator):
     """Run this step in a Trusted Execution Environment.
 
-    backend: "gramine" (an SGX enclave under Gramine, on this machine). mode: "direct" (``gramine-direct``:
-    the enclave's configuration as an ordinary process, no SGX, no protection, for development) or "sgx"
-    (``gramine-sgx``: the results trusted only after the enclave's quote passes ``policy``). policy: a TOML
+    backend: "gramine" (an SGX enclave under Gramine, on this machine) or "phala" (a TDX confidential VM on
+    Phala Cloud: PHALA_CLOUD_API_KEY, a pinned KMS in METAFLOW_STACK_PHALA_KMS_SIGNER, a datastore it reaches
+    such as S3; image: the stack's ``confidential`` image pushed to METAFLOW_STACK_REGISTRY unless given;
+    instance_type: Phala's, "tdx.small"). mode, Gramine's: "direct" (``gramine-direct``: the enclave's
+    configuration as an ordinary process, no SGX, no protection, for development) or "sgx" (``gramine-sgx``:
+    the results trusted only after the enclave's quote passes ``policy``); a Phala CVM is "tdx". policy: a TOML
     file (relative to the flow's file) of the measurements and platform states allowed; with a key-release
     service (STACK_KEY_RELEASE_URL), the service's own policy of that file's name ("prod" for
     "policies/prod.toml") is the one applied. seal: encrypt the
@@ -61,7 +65,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     name = "confidential"
     defaults: ClassVar[dict[str, Any]] = {
         "backend": "gramine",
-        "mode": "direct",
+        "mode": None,
         "policy": None,
         "seal": True,
         "enclave_size": "4G",
@@ -71,7 +75,11 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         "isv_prod_id": 0,
         "isv_svn": 0,
         "trust": (),
+        "image": None,
+        "instance_type": "tdx.small",
     }
+    #: The stack's task image of Phala CVMs, pushed once per run.
+    stack_image: ClassVar[str | None] = None
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step = flow_datastore, step
@@ -87,6 +95,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             raise ConfidentialException(f"step {step}: @confidential cannot be combined with @{others[0]}")
         try:
             self._check(Path(sys.modules[flow.__module__].__file__).parent)
+            if self.attributes["backend"] == "phala":
+                self._check_phala(flow_datastore)
         except StackError as exc:
             raise ConfidentialException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
 
@@ -99,11 +109,14 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         from metaflow_stack.confidential.policy import load_policy
         from metaflow_stack.errors import InvalidInput
 
-        backend, mode = self.attributes["backend"], self.attributes["mode"]
+        backend = self.attributes["backend"]
         if backend not in BACKENDS:
             raise InvalidInput("backend", f"{backend!r} is not one of {', '.join(BACKENDS)}", fix='backend="gramine"')
-        if mode not in gramine.MODES:
-            raise InvalidInput("mode", f"{mode!r} is not one of {', '.join(gramine.MODES)}", fix='mode="direct"')
+        modes = BACKENDS[backend]
+        mode = self.attributes["mode"] = self.attributes["mode"] or modes[0]
+        if mode not in modes:
+            fix = "leave mode out" if len(modes) == 1 else f'mode="{modes[0]}"'
+            raise InvalidInput("mode", f"{mode!r} is not one of {backend}'s: {', '.join(modes)}", fix=fix)
         enclave_bytes(str(self.attributes["enclave_size"]))
         threads = self.attributes["threads"]
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096:
@@ -126,18 +139,50 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         elif policy is not None:
             self.attributes["policy"] = str((flow_dir / policy).resolve())
             load_policy(self.attributes["policy"])  # refused now, naming the field, not at the first task
-        elif mode == "sgx":
-            raise InvalidInput("policy", "is needed to trust an SGX enclave", fix='policy="policies/prod.toml"')
-        gramine.tool("gramine-manifest")
-        gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
+        elif mode != "direct":
+            raise InvalidInput("policy", f"is needed to trust a TEE of mode {mode}", fix='policy="policies/prod.toml"')
+        if backend == "gramine":
+            gramine.tool("gramine-manifest")
+            gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
+
+    def _check_phala(self, flow_datastore) -> None:
+        """What a task on Phala Cloud needs of this run, refused before it starts: a datastore the CVM reaches
+        (it shares nothing else with this machine) and an API key."""
+        from metaflow_stack.confidential.phala import KEY_FIX, PhalaError
+        from metaflow_stack.errors import InvalidInput, StackError
+
+        if flow_datastore.TYPE == "local":
+            raise StackError(
+                "a Phala CVM reaches the run's datastore over the network, not this machine's folder",
+                fix="run with --datastore s3 (and a bucket the CVM reaches)",
+            )
+        if not os.environ.get("PHALA_CLOUD_API_KEY"):
+            raise PhalaError("PHALA_CLOUD_API_KEY is not set", fix=KEY_FIX)
+        image = self.attributes["image"]
+        if image is not None and "@sha256:" not in str(image):  # the compose pins what it names: content, not a tag
+            raise InvalidInput("image", f"{image!r} is not named by its digest", fix="image='registry/name@sha256:...'")
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
+        from metaflow_stack.errors import StackError
+
         self.package = package
+        if self.attributes["backend"] == "phala" and self.attributes["image"] is None:
+            cls = type(self)
+            try:
+                if cls.stack_image is None:
+                    from metaflow_stack.confidential.cvm import stack_image
+
+                    cls.stack_image = stack_image()
+            except StackError as exc:
+                raise ConfidentialException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+            self.attributes["image"] = cls.stack_image
 
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
         if not self.trampoline(cli_args, retry_count, max_user_code_retries, "confidential"):
             return
-        for option in ("mode", "policy", "enclave_size", "threads", "collateral", "pccs_url", "isv_prod_id", "isv_svn"):
+        options = ("backend", "mode", "policy", "enclave_size", "threads", "collateral", "pccs_url", "isv_prod_id",
+                   "isv_svn", "image", "instance_type")  # fmt: skip
+        for option in options:
             if self.attributes[option] is not None:
                 cli_args.command_options[option.replace("_", "-")] = self.attributes[option]
         if self.attributes["trust"]:
