@@ -3,7 +3,8 @@
 Each run is a real pytest of the suite with pytest-metaflow-stack's
 ``--backend``, its flows real Metaflow runs: here locally, in
 ``@devcontainer`` containers, and as Nomad jobs on the Nomad API double
-(the same path at a smaller width: three of its tests); on Kubernetes and
+(the same path at a smaller width: its resume test; foreach items and
+retries run as Nomad jobs in ``tests/test_nomad.py``); on Kubernetes and
 Argo Workflows in the GitHub workflow's cluster job. What each run's JUnit
 file records is read back with ``metaflow_stack.ci.results`` and reported
 with ``metaflow stack ci report``.
@@ -71,15 +72,11 @@ def test_the_suite_runs_its_steps_as_nomad_jobs(tmp_path: Path, nomad_agent, bri
     # The double's workers, like Nomad's, have no credentials of the test's S3: they get them as a user gives
     # any backend's workers theirs, through Metaflow's @environment.
     credentials = json.dumps({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    only = ("-k", "foreach or retried or resumes")
+    only = ("-k", "resumes")
     code, output, junit = suite(tmp_path, "nomad", *only, f"--flow-with=environment:vars={credentials}", env=env)
     assert code == 0, output[-6000:]
     passed = [o for o in results.read([junit]) if o.status == "passed"]
-    assert sorted(o.test.split("::")[-1] for o in passed) == [
-        "test_a_failed_run_resumes_from_its_failed_step",
-        "test_a_retried_step_succeeds_and_a_caught_one_is_recorded",
-        "test_foreach_items_meet_in_the_join",
-    ]
+    assert [o.test.split("::")[-1] for o in passed] == ["test_a_failed_run_resumes_from_its_failed_step"]
     assert {o.backend for o in passed} == {"nomad"}
 
 
