@@ -63,6 +63,7 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
     root = f"s3://sandbox/phala-{uuid.uuid4().hex[:8]}"
     with phala_double(docker_engine) as (base, key):
         double = base.removesuffix("/api/v1") + "/_double"
+        left = _left_behind(base, key, tmp_path / "state")
         env = flow_env(
             tmp_path, METAFLOW_S3_ENDPOINT_URL=bridge_s3, PHALA_CLOUD_API_KEY=key, PHALA_CLOUD_API_PREFIX=base,
             METAFLOW_STACK_PHALA_KMS_SIGNER=httpx.get(f"{double}/kms").json()["k256_pubkey"],
@@ -72,8 +73,9 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         (cvm,) = httpx.get(f"{double}/deleted").json()  # the step's one CVM, deleted once its evidence was refused
-        assert httpx.get(f"{double}/cvms").json() == []
+        assert httpx.get(f"{double}/cvms").json() == []  # and the one left behind, deleted at the run's start
     said = done.stdout + done.stderr  # the task's lines, the trampoline's among them, as Metaflow's runtime shows them
+    assert f"deleted CVM(s) {left}: their launchers were killed outright" in said, said[-5000:]
     assert done.returncode != 0 and "error: collateral: is outside its validity window" in said, said[-5000:]
     assert "the step's code ran" not in done.stdout + done.stderr + cvm["logs"]
     # The CVM asked dstack for one quote, over 64 bytes binding its attempt (never what the host chose).
@@ -97,3 +99,22 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
     assert evidence["quote"] == (SAMPLES / "tdx_quote").read_bytes().hex() and "compose-hash" in evidence["event_log"]
     assert b"collateral" in s3.get_object(Bucket=bucket, Key=found["refused.txt"])["Body"].read()
     assert "key.envelope" not in found
+
+
+def _left_behind(base: str, key: str, state: Path) -> str:
+    """A CVM committed on the double and noted in ``state`` by a launcher that is gone (a process that noted
+    it and ended, as one killed outright does); its name. Its variables do not decrypt: it never boots, so
+    the double runs nothing for it."""
+    from metaflow_stack.confidential.phala import VERSION, PhalaCloud, compose_for
+
+    name = "leftflow-1-start-1-0"
+    with httpx.Client(base_url=base, headers={"X-API-Key": key, "X-Phala-Version": VERSION}) as api:
+        cloud = PhalaCloud(api_key=key, base_url=base)
+        provisioned = cloud.provision(name, compose_for("busybox:1.36", ["true"], []), [])
+        cloud.close()
+        body = {"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "encrypted_env": "00"}
+        cvm = api.post("/cvms", json=body | {"env_keys": []}).json()["id"]
+    note = "import sys; from pathlib import Path; from metaflow_stack.confidential.ledger import Ledger; "
+    note += "Ledger(Path(sys.argv[1])).launched(sys.argv[2], sys.argv[3], sys.argv[4])"
+    subprocess.run([sys.executable, "-c", note, str(state), base, cvm, name], check=True, timeout=60)
+    return name

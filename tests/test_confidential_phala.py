@@ -10,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -136,6 +140,69 @@ def test_keys_and_variables_are_refused_naming_the_fix(phala: tuple[str, str], m
         encrypt_env({"1BAD": "x"}, "00" * 32)
     with pytest.raises(PhalaError, match="not an X25519 public key"):
         encrypt_env({"GOOD": "x"}, "zz")
+
+
+#: A launcher (``cvm.run``, as the ``confidential step`` trampoline calls it) whose CVM never gives evidence.
+LAUNCHER = """import sys
+from pathlib import Path
+
+from metaflow_stack.confidential import cvm, launcher
+from metaflow_stack.confidential.attest import TaskIdentity
+from metaflow_stack.confidential.exchange import Folder
+from metaflow_stack.confidential.inside import TaskOrder
+from metaflow_stack.confidential.ledger import Ledger
+from metaflow_stack.confidential.phala import PhalaCloud, compose_for
+
+base, key, signer, state = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+identity = TaskIdentity(flow="LeakFlow", run="7", step="score", task="2", attempt=0, code_digest="sha256:abc")
+order = TaskOrder(identity=identity, nonce="ab" * 32, command="leak_flow.py step score", env={})
+settings = launcher.Settings("tdx", "", 1, None, None, None)
+exchange = Folder(state / "exchange")
+judge = launcher.Judge(exchange, order, settings, launcher.keeper(state, settings, ""), print)
+app = cvm.App("mf-leakflow-score", compose_for("metaflow-stack-base:1", ["true"], ["S"]), {"S": "x"})
+cloud = PhalaCloud(api_key=key, base_url=base, signer=signer)
+cvm.run(cloud, "leakflow-7-score-2-0", "tdx.small", app, exchange, judge, print, Ledger(state))
+"""
+
+
+def test_a_cvm_whose_launcher_was_killed_outright_is_deleted_at_the_next_runs_start(
+    phala: tuple[str, str], tmp_path: Path
+) -> None:
+    """SIGKILL leaves a launcher no time to delete its CVM (which bills until deleted): its note in the state
+    folder lets the next run's start delete it, and only it: a live launcher's CVM and another API's stay."""
+    from metaflow_stack.confidential.ledger import Ledger
+
+    base, key = phala
+    state = tmp_path / "state"
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    command = [sys.executable, str(tmp_path / "launch.py"), base, key, _pinned(base), str(state)]
+    launched = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said = launched.stderr.readline()  # the line saying its CVM runs; it then waits for evidence
+        started = re.search(r"CVM (\S+) started on Phala Cloud", said)
+    finally:
+        launched.kill()
+        launched.wait(timeout=30)
+    assert started, said + launched.stderr.read()
+    killed = started[1]
+    assert httpx.get(f"{_double(base)}/cvms/{killed}").json() is not None  # still there, billing
+
+    cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base))
+    compose = compose_for("metaflow-stack-base:1", ["true"], ["S"])
+    live = cloud.commit(cloud.provision("leakflow-7-score-3-0", compose, ["S"]), {"S": "x"})
+    ledger = Ledger(state)
+    ledger.launched(base, live, "leakflow-7-score-3-0")  # this process keeps it: alive
+    ledger.launched(base + "/elsewhere", killed, "on-another-api")
+    (ledger.folder / "torn.json").write_text("{")
+
+    assert ledger.sweep(cloud) == ["leakflow-7-score-2-0"]
+    assert httpx.get(f"{_double(base)}/cvms/{killed}").json() is None
+    assert httpx.get(f"{_double(base)}/cvms/{live}").json() is not None
+    assert len(list(ledger.folder.glob("*.json"))) == 2  # the live one's note and the other API's; the torn gone
+    assert ledger.sweep(cloud) == []
+    cloud.delete(live)
+    ledger.deleted(base, live)
+    cloud.close()
 
 
 def test_on_phala_cloud_itself() -> None:

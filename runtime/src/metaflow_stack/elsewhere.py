@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from metaflow_stack.errors import StackError
@@ -28,6 +30,17 @@ MACHINE_FILES = frozenset(
 NOT_SETTINGS = ("METAFLOW_STACK_",)
 #: Variables that name this machine's Metaflow configuration rather than hold it.
 PROFILE_VARIABLES = frozenset({"METAFLOW_PROFILE", "METAFLOW_HOME"})
+
+
+def machine() -> str:
+    """This machine as what it launched elsewhere names it (``host/boot``): its host name and, where the kernel
+    tells, its boot (host names repeat across containers and laptops; a pid is only this boot's), so what a
+    launcher killed outright left running can be told from what a live one still watches."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def metaflow_settings() -> dict[str, str]:

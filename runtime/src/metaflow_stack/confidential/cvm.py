@@ -23,7 +23,8 @@ says it ended: its evidence is judged as soon as it is in the exchange
 (the run's datastore: a CVM shares nothing else with this machine), the
 CVM's state is watched, and a CVM that never gives evidence is given up
 after ``BOOT_S``. The CVM is deleted however the attempt ends, Ctrl-C
-included.
+included; one whose launcher was killed outright is deleted by the next
+run's start (``ledger``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from metaflow_stack.confidential.exchange import ENDED, Exchange
 from metaflow_stack.confidential.inputs import TRUST
 from metaflow_stack.confidential.inside import CREDENTIALS, MODE, ORDER, POLICY, SETTINGS, STEP, TaskOrder, is_setting
 from metaflow_stack.confidential.keyring import policy_name
+from metaflow_stack.confidential.ledger import Ledger
 from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for
 from metaflow_stack.elsewhere import task_command
 from metaflow_stack.errors import StackError
@@ -171,6 +173,7 @@ def run(
     exchange: Exchange,
     judge: Any,
     record: Any,
+    ledger: Ledger,
     logs: tuple[Any, Any] | None = None,
 ) -> int:
     """Provision and commit ``app`` as the CVM ``name`` (of Phala's ``instance_type``), have its evidence
@@ -178,7 +181,8 @@ def run(
     is saved (``logs``: Metaflow's tailers of the attempt's stdout and stderr in the datastore): the task's
     exit code; Metaflow's "do not retry" when refused or when it ended without evidence; 1 when it stopped,
     or gave no evidence in ``BOOT_S`` (nothing was judged: it may be retried). ``record`` is told the app
-    and CVM. The CVM is deleted however this ends."""
+    and CVM. The CVM is deleted however this ends; while it runs, ``ledger`` notes it, so that the next
+    run's start deletes it if this process is killed outright."""
     from metaflow.mflog import tail_logs
 
     cvm = ""
@@ -186,6 +190,7 @@ def run(
         with stopped_by_signals():  # (a SIGTERM while it is committed is a Ctrl-C: the CVM is then deleted)
             provisioned = cloud.provision(name, app.compose, sorted(app.encrypted), instance_type, app.name)
             cvm = cloud.commit(provisioned, app.encrypted)
+            ledger.launched(cloud.base, cvm, name)
             _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, compose hash "
                  f"{provisioned.compose_hash} (as Phala reports it)")  # fmt: skip
             record({"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "cvm": cvm})
@@ -201,9 +206,12 @@ def run(
         if cvm:
             with uninterrupted():
                 try:
-                    cloud.delete(cvm)
-                except PhalaError as exc:  # the attempt's end is what matters; say how to remove it by hand
-                    _say(f"could not delete CVM {cvm} ({exc.message}): delete it in Phala Cloud's dashboard")
+                    cloud.delete(cvm, missing_ok=True)
+                except PhalaError as exc:  # the attempt's end is what matters; the note stays for the next run
+                    _say(f"could not delete CVM {cvm} ({exc.message}): the next run's start tries again, or delete "
+                         "it in Phala Cloud's dashboard")  # fmt: skip
+                else:
+                    ledger.deleted(cloud.base, cvm)
 
 
 class _Watch:

@@ -116,14 +116,15 @@ class PhalaCloud:
         key = api_key or os.environ.get("PHALA_CLOUD_API_KEY")
         if not key:
             raise PhalaError("PHALA_CLOUD_API_KEY is not set", fix=KEY_FIX)
-        base = base_url or os.environ.get("PHALA_CLOUD_API_PREFIX") or API
+        #: The API's prefix: a CVM's id means something only on the API that made it.
+        self.base = (base_url or os.environ.get("PHALA_CLOUD_API_PREFIX") or API).rstrip("/")
         headers = {"X-API-Key": key, "X-Phala-Version": VERSION, "Content-Type": "application/json"}
-        self._http = httpx.Client(base_url=base.rstrip("/"), headers=headers, timeout=timeout_s)
+        self._http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing_ok: bool = False) -> Any:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
@@ -132,6 +133,8 @@ class PhalaCloud:
             ) from None
         if response.status_code in (401, 403):
             raise PhalaError("Phala Cloud refused the API key", fix=KEY_FIX)
+        if response.status_code == 404 and missing_ok:
+            return None
         if response.status_code >= 400:
             raise PhalaError(f"{method} {path}: {response.status_code} {_detail(response)}")
         return response.json() if response.content else None
@@ -223,8 +226,9 @@ class PhalaCloud:
     def attestation(self, cvm: str) -> dict[str, Any]:
         return self._call("GET", f"/cvms/{cvm}/attestation")
 
-    def delete(self, cvm: str) -> None:
-        self._call("DELETE", f"/cvms/{cvm}")
+    def delete(self, cvm: str, missing_ok: bool = False) -> None:
+        """Delete ``cvm``; with ``missing_ok``, one already gone (404) is no error."""
+        self._call("DELETE", f"/cvms/{cvm}", missing_ok=missing_ok)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -11,10 +11,9 @@ run's start (``sweep``: its ``Meta`` names the trampoline's host and pid).
 from __future__ import annotations
 
 import os
-import socket
 import sys
-from pathlib import Path
 
+from metaflow_stack.elsewhere import machine
 from metaflow_stack.errors import StackError
 from metaflow_stack.ids import is_number
 from metaflow_stack.nomad.client import NomadClient
@@ -30,16 +29,6 @@ OWNER = "metaflow-stack.owner"
 #: client's ``/tmp``.
 WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-task"
 LOGS = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"
-
-
-def machine() -> str:
-    """This machine, as a job's ``Meta`` names it: its host name and, where the kernel tells, its boot (host
-    names repeat across containers and laptops; a pid is only this boot's)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
 
 
 def owner() -> str:

@@ -135,9 +135,11 @@ def _on_phala(
 ) -> int:
     """The task as the step's dstack app in a TDX VM on Phala Cloud (``cvm``), its exchange in the datastore;
     the task's metadata brought back after (local metadata: the CVM wrote it to the datastore)."""
+    from metaflow_stack import settings
     from metaflow_stack.confidential import cvm
     from metaflow_stack.confidential.exchange import InDatastore, prefix_of
     from metaflow_stack.confidential.launcher import Judge, new_order
+    from metaflow_stack.confidential.ledger import Ledger
     from metaflow_stack.confidential.phala import PhalaCloud
     from metaflow_stack.elsewhere import bring_back_metadata, step_environment, task_variables
 
@@ -154,10 +156,10 @@ def _on_phala(
     )  # fmt: skip
     judge = Judge(exchange, task, chosen, keeper, record)
     logs = _log_tailers(obj.flow_datastore, identity)
-    cloud = PhalaCloud()
+    cloud, ledger = PhalaCloud(), Ledger(settings.load().state_dir)
     try:
         name = cvm.cvm_name(identity.flow, identity.run, identity.step, identity.task, identity.attempt)
-        code = cvm.run(cloud, name, instance_type, app, exchange, judge, facts.update, logs)
+        code = cvm.run(cloud, name, instance_type, app, exchange, judge, facts.update, ledger, logs)
     finally:
         cloud.close()
     missing = bring_back_metadata(obj, identity.run, step_name, identity.task)

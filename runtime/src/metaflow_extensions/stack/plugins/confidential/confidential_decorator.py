@@ -80,6 +80,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     }
     #: The stack's task image of Phala CVMs, pushed once per run.
     stack_image: ClassVar[str | None] = None
+    #: Whether this run's start has deleted the CVMs of launchers killed outright (once per run).
+    swept: ClassVar[bool] = False
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step = flow_datastore, step
@@ -166,8 +168,13 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         from metaflow_stack.errors import StackError
 
         self.package = package
-        if self.attributes["backend"] == "phala" and self.attributes["image"] is None:
-            cls = type(self)
+        if self.attributes["backend"] != "phala":
+            return
+        cls = type(self)
+        if not cls.swept:
+            cls.swept = True
+            _sweep()
+        if self.attributes["image"] is None:
             try:
                 if cls.stack_image is None:
                     from metaflow_stack.confidential.cvm import stack_image
@@ -228,3 +235,19 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
                 if name != divided:
                     delattr(flow, name)
             raise
+
+
+def _sweep() -> None:
+    """Delete the CVMs whose launcher on this machine was killed outright (``confidential.ledger``), saying so;
+    an API that does not answer now is left to the first task to report."""
+    from metaflow_stack import settings
+    from metaflow_stack.confidential.ledger import Ledger
+    from metaflow_stack.confidential.phala import PhalaCloud
+
+    cloud = PhalaCloud()
+    try:
+        swept = Ledger(settings.load().state_dir).sweep(cloud)
+    finally:
+        cloud.close()
+    if swept:
+        print(f"deleted CVM(s) {', '.join(swept)}: their launchers were killed outright", file=sys.stderr)
