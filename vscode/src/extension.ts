@@ -72,7 +72,7 @@ export function activate(context: vscode.ExtensionContext): void {
     vscode.commands.registerCommand("metaflowStack.runFlow", async (uri?: vscode.Uri) => {
       const document = await documentOf(uri);
       if (!document) return;
-      await Launcher.show(context, document, output, (run) => {
+      Launcher.show(context, document, output, (run) => {
         void dagFor(document).then((panel) => panel.showRun(run));
         tree.refresh();
       });

@@ -18,12 +18,10 @@ export class Launcher {
   private ended = false;
 
   /** The form for ``document``'s flow; ``started`` is told each run's id as soon as it has one. */
-  static async show(context: vscode.ExtensionContext, document: vscode.TextDocument, output: vscode.OutputChannel, started: (run: string) => void): Promise<void> {
+  static show(context: vscode.ExtensionContext, document: vscode.TextDocument, output: vscode.OutputChannel, started: (run: string) => void): void {
     Launcher.current?.panel.dispose();
     const panel = openPage(context, "launcher", "Run Flow", vscode.ViewColumn.Beside);
-    const launcher = new Launcher(panel, document, output, started);
-    Launcher.current = launcher;
-    await launcher.fill();
+    Launcher.current = new Launcher(panel, document, output, started); // the form is posted once the page is ready
   }
 
   private constructor(
@@ -32,7 +30,7 @@ export class Launcher {
     private readonly output: vscode.OutputChannel,
     private readonly started: (run: string) => void,
   ) {
-    panel.webview.onDidReceiveMessage((message: FromLauncher) => this.launch(message));
+    panel.webview.onDidReceiveMessage((message: FromLauncher) => (message.type === "ready" ? this.fill() : this.launch(message)));
     panel.onDidDispose(() => {
       this.process?.kill(); // the form's run goes with the form
       if (Launcher.current === this) Launcher.current = undefined;

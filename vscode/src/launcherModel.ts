@@ -27,7 +27,8 @@ export type ToLauncher =
   | { type: "launched"; run: string }
   | { type: "finished"; status: string; returncode: number }
   | { type: "error"; message: string };
-export type FromLauncher = { type: "launch"; values: Record<string, string>; backend: string };
+/** ``ready``: the page listens (a message posted before its script ran would be lost on a busy machine). */
+export type FromLauncher = { type: "ready" } | { type: "launch"; values: Record<string, string>; backend: string };
 
 /** One line the launcher process printed. */
 export type LaunchEvent =

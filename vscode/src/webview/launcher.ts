@@ -91,3 +91,5 @@ window.addEventListener("message", (event: MessageEvent<ToLauncher>) => {
     }
   }
 });
+
+vscode.postMessage({ type: "ready" }); // now listening: the extension posts the form
