@@ -252,15 +252,28 @@ def test_unsealed_refuses_a_siblings_value_moved_into_an_input(monkeypatch: pyte
     key = new_data_key()
     monkeypatch.setattr(inside, "_data_key", key)
     current._set_env(flow=SimpleNamespace(name="F", _graph_info={}), run_id="1", step_name="join", task_id="5")
+    join = TaskIdentity(flow="F", run="1", step="join", task="5", attempt=0, code_digest="abc")
 
-    def sealed_input(task: str, sealed_by: str) -> SimpleNamespace:
-        where = "/".join(("F", "1", "work", sealed_by, "out"))  # the flow, run, step, task and name it was sealed as
+    def ordered(identity: TaskIdentity) -> None:  # the order the enclave's entry hands the task
+        monkeypatch.setenv(
+            inside.ORDER, inside.TaskOrder(identity=identity, nonce="ab" * 32, command="", env={}).model_dump_json()
+        )
+
+    ordered(join)
+
+    def sealed_input(task: str, sealed_by: str, run: str = "1") -> SimpleNamespace:
+        where = "/".join(("F", run, "work", sealed_by, "out"))  # the flow, run, step, task and name it was sealed as
         value = Sealed(seal(pickle.dumps(f"made by {sealed_by}"), key, where), where)
         return SimpleNamespace(out=value, _datastore=SimpleNamespace(step_name="work", task_id=task))
 
     assert inside.unsealed(sealed_input("3", "3"), "out") == "made by 3"
     with pytest.raises(SealedError, match=r"^out was sealed by work/2, and is read from work/3"):
         inside.unsealed(sealed_input("3", "2"), "out")
+    with pytest.raises(SealedError, match=r"^out was sealed in run 0, not in this run 1"):
+        inside.unsealed(sealed_input("3", "8", run="0"), "out")
+    # In a run resuming run 0, its value cloned by ``resume`` (its task's id that of run 0) opens.
+    ordered(join.model_copy(update={"lineage": "0"}))
+    assert inside.unsealed(sealed_input("3", "8", run="0"), "out") == "made by 8"
 
 
 def test_confidential_steps_compose_with_retry_catch_and_timeout(tmp_path: Path) -> None:
@@ -325,6 +338,66 @@ print(json.dumps({"attempts": sorted(t.current_attempt for t in run["work"]), "v
         cwd=tmp_path, env=flow_env(tmp_path), capture_output=True, text=True).stdout.splitlines()[-1])  # fmt: skip
     assert found["attempts"] == [0, 1] and found["late"]
     assert sorted(len(values) for values in found["verified"].values()) == [1, 2]  # each attempt its own evidence
+
+
+RESUMED_FLOW = """import os
+
+from metaflow import FlowSpec, confidential, step
+
+
+class ResumedFlow(FlowSpec):
+    @confidential
+    @step
+    def start(self):
+        self.secret = 42
+        self.next(self.middle)
+
+    @step
+    def middle(self):
+        if os.environ.get("MIDDLE_FAILS"):
+            raise RuntimeError("middle fails")
+        self.next(self.use)
+
+    @confidential(seal=False)
+    @step
+    def use(self):
+        from metaflow_stack.confidential import unsealed
+
+        self.total = unsealed(self, "secret") + 1
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("total", self.total)
+
+
+if __name__ == "__main__":
+    ResumedFlow()
+"""
+
+
+def test_a_resumed_run_opens_the_values_its_chain_sealed(tmp_path: Path) -> None:
+    """``resume`` clones sealed values as they are (sealed under the first run's key, naming its place): a
+    resume of a resume takes the key of its chain's first run, so its confidential step opens them."""
+    (tmp_path / ".metaflow").mkdir()
+    (tmp_path / "resumed_flow.py").write_text(RESUMED_FLOW)
+
+    def flow(*args: str, fails: bool) -> str:
+        env = flow_env(tmp_path) | ({"MIDDLE_FAILS": "1"} if fails else {})
+        command = [sys.executable, "resumed_flow.py", *args, "--run-id-file", "run-id"]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        said = done.stdout + done.stderr
+        assert (done.returncode != 0) == fails and ("middle fails" in said) == fails, said[-3000:]
+        return (tmp_path / "run-id").read_text()
+
+    first = flow("run", fails=True)
+    second = flow("resume", "--origin-run-id", first, fails=True)  # start cloned: its value still sealed by run 1
+    third = flow("resume", "--origin-run-id", second, fails=False)
+    found = _client(tmp_path, f"""run = Flow("ResumedFlow")["{third}"]
+print(json.dumps({{"total": run["use"].task["total"].data, "secret": repr(run["start"].task["secret"].data),
+                  "origin": run["use"].task.metadata_dict["origin-run-id"]}}))""")  # fmt: skip
+    assert found["total"] == 43 and found["origin"] == second and len({first, second, third}) == 3
+    assert found["secret"].startswith(f"<sealed artifact ResumedFlow/{first}/start/")  # cloned, never resealed
 
 
 def _identity() -> TaskIdentity:

@@ -98,6 +98,9 @@ class TaskIdentity(BaseModel):
     task: Annotated[str, StringConstraints(pattern=_ID)]
     attempt: int = Field(ge=0, le=99)
     code_digest: str = Field(min_length=1, max_length=128)
+    #: A resumed run's first run of its chain of resumes, whose data key it takes (``lineage``); None for a run
+    #: that is no resume.
+    lineage: Annotated[str, StringConstraints(pattern=_ID)] | None = None
 
 
 def binding(identity: TaskIdentity, nonce: str, enclave_key: str = "", work: str = "") -> bytes:
@@ -105,7 +108,7 @@ def binding(identity: TaskIdentity, nonce: str, enclave_key: str = "", work: str
     and code, the launcher's nonce, the enclave's public key (hex) and the digest of the work it was ordered
     to do (the command and variables it ran), so the quote answers for this attempt of this task doing
     exactly that, and the key a data key is released to is the enclave's own."""
-    bound = {**identity.model_dump(), "nonce": nonce, "enclave_key": enclave_key, "work": work}
+    bound = {**identity.model_dump(exclude_none=True), "nonce": nonce, "enclave_key": enclave_key, "work": work}
     return hashlib.sha512(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 

@@ -230,16 +230,21 @@ def unsealed(flow: Any, name: str) -> Any:
     """The artifact ``name`` of ``flow`` (a step's ``self``, or one of a join's ``inputs``), sealed by an
     upstream confidential step of this run, opened with the run's data key; ``SealedError`` when it is not
     sealed (a value the host could have written), was sealed for another run or artifact, or by another task
-    of the step it is read from (a sibling's value moved there)."""
+    of the step it is read from (a sibling's value moved there). In a resumed run, a value sealed by an
+    earlier run of its chain (cloned by ``resume``) opens too, under the chain's key (``lineage``); a value
+    of any other run does not open under it."""
     from metaflow import current
 
     value = getattr(flow, name)
     if not isinstance(value, Sealed):
         raise SealedError(f"{name} is not sealed: a confidential step reads only values sealed in its run")
     parts = value.where.split("/")
-    if len(parts) != 5 or (parts[0], parts[1], parts[4]) != (current.flow_name, str(current.run_id), name):
+    resumed = order().identity.lineage is not None  # a value cloned from an earlier run of its chain is its own
+    if len(parts) != 5 or (parts[0], parts[4]) != (current.flow_name, name):
         raise SealedError(f"{name} was sealed as {value.where}, not as this run's {name}")
-    sources = _sources(flow)
+    if parts[1] != str(current.run_id) and not resumed:
+        raise SealedError(f"{name} was sealed in run {parts[1]}, not in this run {current.run_id}")
+    sources = _sources(flow) if parts[1] == str(current.run_id) else set()
     if parts[2] in {step for step, _ in sources} and (parts[2], parts[3]) not in sources:
         read_from = ", ".join(f"{step}/{task}" for step, task in sorted(sources))
         raise SealedError(f"{name} was sealed by {parts[2]}/{parts[3]}, and is read from {read_from}")
@@ -269,6 +274,9 @@ def _attest_and_receive() -> bytes:
     task = order()
     if current.flow_name != task.identity.flow:  # a policy may admit several flows' enclaves: keys are per flow
         raise SealedError(f"the order names flow {task.identity.flow}, and this task is of {current.flow_name}")
+    if (task.identity.lineage is None) != (current.origin_run_id is None):  # a resume's key only for a resume
+        lineage, origin = task.identity.lineage, current.origin_run_id
+        raise SealedError(f"the order names lineage {lineage}, and this task resumes {origin}")
     meeting = exchange(task)
     key = EnclaveKey()
     bound = binding(task.identity, task.nonce, key.public, task.work())

@@ -210,7 +210,7 @@ class Keyring:
             judged = self._verify(bytes.fromhex(request.quote or ""), policy, bound, int(moment), request.event_log)
             verification = {"attested": True, "mode": request.mode, "policy": request.policy, **judged.model_dump()}
             scope = f"{request.mode}:{request.policy}@{policy.digest[:16]}"
-        key = self.data_key(identity.flow, identity.run, scope)
+        key = self.data_key(identity.flow, identity.lineage or identity.run, scope)  # a resume: its chain's key
         envelope = envelope_for(key, request.enclave_key, bound, self.signer, scope)
         return Released(envelope=envelope.hex(), verification=verification)
 

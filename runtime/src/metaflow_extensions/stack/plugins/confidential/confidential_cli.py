@@ -72,6 +72,7 @@ def step(
     from metaflow_stack.confidential import launcher
     from metaflow_stack.confidential.attest import TaskIdentity
     from metaflow_stack.confidential.keyring import KeeperUnavailable
+    from metaflow_stack.confidential.lineage import first_run
     from metaflow_stack.datastore import CONFIDENTIAL_FIELD
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
@@ -92,8 +93,9 @@ def step(
             print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
             sys.exit(1)
         identity = TaskIdentity(
-            flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha
-        )
+            flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha,
+            lineage=first_run(ctx.obj.metadata, flow_name, kwargs.get("clone_run_id")),
+        )  # fmt: skip
         facts: dict = {}  # what the TEE is, beside its verification: its MRENCLAVE, or its CVM and app
 
         def record(verification: dict) -> None:
