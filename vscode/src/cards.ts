@@ -11,20 +11,19 @@ function problem(error: unknown): string {
   return error instanceof Refused ? error.message : (error as Error).message;
 }
 
-export async function showCards(context: vscode.ExtensionContext, task: string): Promise<void> {
+/** ``task``'s cards in a panel: listed once its page says it listens (``ready``), each opened as chosen. */
+export function showCards(context: vscode.ExtensionContext, task: string): void {
   const panel = openPage(context, "cards", `Cards: ${task}`, vscode.ViewColumn.Active);
   const post = (message: ToCards) => void panel.webview.postMessage(message);
   panel.webview.onDidReceiveMessage(async (message: FromCards) => {
-    if (message.type !== "open") return;
     try {
-      post({ type: "card", file: message.file, html: await theHelper().request<string>("card", { task, file: message.file }) });
+      if (message.type === "ready") {
+        post({ type: "cards", task, cards: await theHelper().request<CardFile[]>("cards", { task }) });
+      } else if (message.type === "open") {
+        post({ type: "card", file: message.file, html: await theHelper().request<string>("card", { task, file: message.file }) });
+      }
     } catch (error) {
       post({ type: "error", message: problem(error) });
     }
   });
-  try {
-    post({ type: "cards", task, cards: await theHelper().request<CardFile[]>("cards", { task }) });
-  } catch (error) {
-    post({ type: "error", message: problem(error) });
-  }
 }

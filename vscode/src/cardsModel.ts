@@ -10,7 +10,8 @@ export type ToCards =
   | { type: "cards"; task: string; cards: CardFile[] }
   | { type: "card"; file: string; html: string }
   | { type: "error"; message: string };
-export type FromCards = { type: "open"; file: string };
+/** ``ready``: the page listens (the list is posted then); ``open``: a card chosen. */
+export type FromCards = { type: "ready" } | { type: "open"; file: string };
 
 /** How a card is named in the picker: its type and id (Metaflow's default card has no id). */
 export function cardLabel(card: CardFile): string {

@@ -64,10 +64,15 @@ export class DagPanel {
       vscode.window.onDidChangeActiveTextEditor((editor) => {
         if (editor && editor.document.languageId === "python" && looksLikeFlow(editor.document.getText())) this.follow(editor.document);
       }),
-      panel.webview.onDidReceiveMessage((message: FromWebview) => this.reveal(message)),
+      panel.webview.onDidReceiveMessage((message: FromWebview) => (message.type === "ready" ? this.redraw() : this.reveal(message))),
       panel.onDidDispose(() => this.dispose()),
     );
+  }
+
+  /** Everything the page shows, posted again: it has just (re)loaded and listens. */
+  private redraw(): void {
     void this.draw();
+    if (this.run !== null) this.showRun(this.run);
   }
 
   /** Overlay ``run``'s statuses (``Flow/123``), following it while it runs; null clears the overlay. */

@@ -125,8 +125,8 @@ export function activate(context: vscode.ExtensionContext): void {
       }
     }),
     vscode.commands.registerCommand("metaflowStack.openArtifact", (node: Node) => vscode.commands.executeCommand("metaflowStack.previewArtifact", node, true)),
-    vscode.commands.registerCommand("metaflowStack.showCards", async (node: Node) => {
-      if (node.kind === "task") await showCards(context, node.task.pathspec);
+    vscode.commands.registerCommand("metaflowStack.showCards", (node: Node) => {
+      if (node.kind === "task") showCards(context, node.task.pathspec);
     }),
     vscode.commands.registerCommand("metaflowStack.showRunOnDag", async (node: Node) => {
       const editor = flowEditor();

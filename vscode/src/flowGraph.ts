@@ -45,7 +45,8 @@ export type ToWebview =
   | { type: "run"; run: string | null; status: Status | null; tasks: TaskInfo[] };
 
 /** What the webview posts back: a step clicked (its `def` line, 1-based). */
-export type FromWebview = { type: "reveal"; line: number };
+/** ``ready``: the page listens (what was posted before its script ran is lost on a busy machine). */
+export type FromWebview = { type: "ready" } | { type: "reveal"; line: number };
 
 export function dagShape(graph: FlowGraph): DagShape {
   return { steps: Object.fromEntries(Object.entries(graph.steps).map(([name, step]) => [name, { type: step.type, next: step.next }])) };

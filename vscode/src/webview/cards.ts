@@ -47,3 +47,5 @@ window.addEventListener("message", (event: MessageEvent<ToCards>) => {
     problem.textContent = message.message;
   }
 });
+
+vscode.postMessage({ type: "ready" }); // now listening: the extension posts the task's cards

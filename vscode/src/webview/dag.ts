@@ -70,3 +70,5 @@ window.addEventListener("message", (event: MessageEvent<ToWebview>) => {
   drawn = { flow: message.graph, file: message.file };
   draw();
 });
+
+vscode.postMessage({ type: "ready" }); // now listening: the extension posts the graph (and a run's overlay)
