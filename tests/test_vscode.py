@@ -24,6 +24,8 @@ from metaflow_stack.ide.graph import flow_graph
 
 VSCODE = PROJECT / "vscode"
 DIST = VSCODE / "dist"
+#: What each page posts first, once it listens: the extension posts what it shows then.
+READY = {"type": "ready"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_the_webview_draws_the_dag_keeps_it_through_a_broken_buffer_and_reveals_
 
     dag.locator("[data-step='join']").click()
     posted = page.evaluate("window.posted")
-    assert posted == [{"type": "reveal", "line": graph["steps"]["join"]["line"]}]
+    assert posted == [READY, {"type": "reveal", "line": graph["steps"]["join"]["line"]}]  # ready: once it listens
     page.close()
     assert violations == []  # the page's own script ran under its policy, nothing else was asked for
 
@@ -158,7 +160,8 @@ def test_the_launcher_form_posts_the_values_and_backend_and_shows_the_run(served
     form.locator("#run").click()
     expect(form.locator("#run")).to_be_disabled()  # one run at a time from a form
     assert page.evaluate("window.posted") == [
-        {"type": "launch", "values": {"alpha": "0.7", "who": ""}, "backend": "local"}
+        READY,
+        {"type": "launch", "values": {"alpha": "0.7", "who": ""}, "backend": "local"},
     ]
     _post(page, {"type": "launched", "run": "ShapeFlow/12"})
     expect(form.locator("#state")).to_have_text("running: ShapeFlow/12")
@@ -193,8 +196,8 @@ def test_a_card_renders_sandboxed_without_network_or_the_editors_api(served: str
              {"file": "spy-2.html", "type": "spy", "id": None, "hash": "2"}]  # fmt: skip
     _post(page, {"type": "cards", "task": "CardFlow/1/report/2", "cards": cards})
     expect(page.locator("#card option")).to_have_text(["blank · report", "spy"])
-    page.wait_for_function("window.posted.length === 1")
-    assert page.evaluate("window.posted") == [{"type": "open", "file": "blank-report-1.html"}]
+    page.wait_for_function("window.posted.length === 2")
+    assert page.evaluate("window.posted") == [READY, {"type": "open", "file": "blank-report-1.html"}]
     _post(page, {"type": "card", "file": "blank-report-1.html", "html": card_html})
     frame = page.frame_locator("iframe[data-file='blank-report-1.html']")
     expect(frame.locator("h1")).to_have_text("Score 0.93")  # Metaflow's own card script ran, in the frame
@@ -208,11 +211,11 @@ def test_a_card_renders_sandboxed_without_network_or_the_editors_api(served: str
         .finally(() => { out.textContent = seen.join(", "); });
     </script></body></html>"""
     page.locator("#card").select_option("spy-2.html")
-    page.wait_for_function("window.posted.length === 2")
+    page.wait_for_function("window.posted.length === 3")
     _post(page, {"type": "card", "file": "spy-2.html", "html": spy})
     expect(page.frame_locator("iframe[data-file='spy-2.html']").locator("#out")).to_have_text(
         "no parent, no storage, no network"
     )
     assert not any("/leak" in url for url in requests)
-    assert page.evaluate("window.posted")[1] == {"type": "open", "file": "spy-2.html"}
+    assert page.evaluate("window.posted")[2] == {"type": "open", "file": "spy-2.html"}
     page.close()
