@@ -50,6 +50,8 @@ class Launched:
             return abs(psutil.Process(self.pid).create_time() - self.started) > 1.0
         except psutil.NoSuchProcess:  # (a zombie among them: it has ended)
             return True
+        except psutil.Error:  # not ours to ask: taken as alive (a CVM left is billed; a live one deleted is worse)
+            return False
 
 
 class Ledger:

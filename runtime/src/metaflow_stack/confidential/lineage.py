@@ -40,10 +40,16 @@ def first_run(provider: Any, flow: str, origin: str | None) -> str | None:
 
 def _origin_of(provider: Any, flow: str, run: str) -> str | None:
     """The run ``run`` resumed, from the metadata of its ``start`` task (every run has one, cloned or run)."""
-    for task in provider.get_object("step", "task", None, None, flow, run, "start") or []:
-        metadata = provider.get_object("task", "metadata", None, None, flow, run, "start", str(task["task_id"]))
-        for datum in metadata or []:
-            if datum.get("field_name") == "origin-run-id":
-                value = datum.get("value")
-                return None if value in (None, "", "None") else str(value)  # (Metaflow writes "None" for none)
+    from metaflow.exception import MetaflowException
+
+    try:
+        tasks = provider.get_object("step", "task", None, None, flow, run, "start") or []
+        ids = [str(task["task_id"]) for task in tasks]
+        data = [provider.get_object("task", "metadata", None, None, flow, run, "start", task) for task in ids]
+    except MetaflowException as exc:  # a metadata service that does not answer, say: one line, not a traceback
+        raise StackError(f"{flow}/{run}'s metadata cannot be read: {exc}", fix="check the metadata service") from None
+    for datum in (datum for metadata in data for datum in metadata or []):
+        if datum.get("field_name") == "origin-run-id":
+            value = datum.get("value")
+            return None if value in (None, "", "None") else str(value)  # (Metaflow writes "None" for none)
     return None
