@@ -99,6 +99,31 @@ def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base
     assert len(said) == 1 and "no Nomad node has room" in said[0] and "memory" in said[0]
 
 
+def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Settings) -> None:
+    """A trampoline killed outright leaves its job registered; the next run's start purges it, and only it:
+    a live trampoline's job and a job that names none (another tool's) stay."""
+    import subprocess
+    import sys
+
+    from metaflow_stack.elsewhere import Launcher
+    from metaflow_stack.nomad.task import OWNER, sweep
+
+    named = "from metaflow_stack.elsewhere import Launcher; print(Launcher.this().label)"
+    ended = subprocess.run([sys.executable, "-c", named], capture_output=True, text=True, check=True, timeout=60)
+    prefix = f"mf-sweep-{uuid.uuid4().hex[:8]}-"
+    owners = {"gone": ended.stdout.strip(), "alive": Launcher.this().label, "foreign": "a-host:1"}
+    placement = Placement(driver="raw_exec", cpu=0.1, memory=32)
+    with NomadClient(nomad_agent) as client:
+        for name, owner in owners.items():
+            client.register(task_job(prefix + name, ["sleep", "60"], {}, placement, {OWNER: owner}))
+        try:
+            assert sweep(client, prefix) == 1
+            assert sorted(job["ID"] for job in client.jobs(prefix)) == [prefix + "alive", prefix + "foreign"]
+        finally:
+            for job in client.jobs(prefix):
+                client.deregister(job["ID"])
+
+
 def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad_agent: Settings) -> None:
     ending, _ = run_job(nomad_agent, Placement(image="metaflow-stack/no-such-image:none", memory=64), "true")
     assert ending.code is None and ending.status == "failed" and ending.reason

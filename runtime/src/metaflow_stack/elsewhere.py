@@ -8,6 +8,7 @@ import os
 import shlex
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,62 @@ def machine() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """The process that keeps a task running elsewhere (a container, a Nomad job, a CVM), as what it launched
+    names it: Ctrl-C or SIGTERM have it remove what it launched; SIGKILL, a crash or a reboot do not, so a
+    later run's sweep removes what a launcher that is gone left. Its machine (``host/boot``), pid and start
+    time tell it from a live one: a pid is reused, its start time is not."""
+
+    machine: str
+    pid: int
+    started: float
+
+    @classmethod
+    def this(cls) -> Launcher:
+        import psutil
+
+        me = psutil.Process()
+        return cls(machine(), me.pid, me.create_time())
+
+    @property
+    def label(self) -> str:
+        """As one string for a container's label or a job's ``Meta``: ``host/boot:pid:started``."""
+        return f"{self.machine}:{self.pid}:{self.started:.3f}"
+
+    @classmethod
+    def parse(cls, label: object) -> Launcher | None:
+        """The launcher a ``label`` names; None for one that names none (another tool's): it is not judged."""
+        if not isinstance(label, str):
+            return None
+        parts = label.rsplit(":", 2)
+        if len(parts) != 3 or not parts[0]:
+            return None
+        try:
+            return cls(parts[0], int(parts[1]), float(parts[2]))
+        except ValueError:
+            return None
+
+    def gone(self) -> bool:
+        """Whether the launcher has ended, judged on its own host only (a state folder or an engine shared
+        between hosts: each judges its own): after a reboot it has; on this boot, when no process of its pid
+        started when it did."""
+        import psutil
+
+        host, _, boot = self.machine.partition("/")
+        here_host, _, here_boot = machine().partition("/")
+        if host != here_host:
+            return False
+        if boot != here_boot:
+            return True
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.started) > 1.0
+        except psutil.NoSuchProcess:  # (a zombie among them: it has ended)
+            return True
+        except psutil.Error:  # not ours to ask: taken as alive (removing what a live one watches is worse)
+            return False
 
 
 def metaflow_settings() -> dict[str, str]:

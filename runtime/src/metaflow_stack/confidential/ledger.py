@@ -19,39 +19,19 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-
 from metaflow_stack.confidential.phala import PhalaCloud, PhalaError
-from metaflow_stack.elsewhere import machine
+from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.local_secrets import keep
 
 
 @dataclass(frozen=True)
 class Launched:
-    """One CVM a launcher on ``machine`` (``host/boot``) keeps running."""
+    """One CVM that the launcher ``launcher`` (``elsewhere.Launcher.label``) keeps running."""
 
     cvm: str
     name: str
     api: str
-    machine: str
-    pid: int
-    started: float
-
-    def launcher_gone(self, here: str) -> bool:
-        """Whether the launcher is gone, judged on its own host only: after a reboot it is; on this boot, when
-        no process of its pid started when it did (a pid is reused; its start time is not)."""
-        host, _, boot = self.machine.partition("/")
-        here_host, _, here_boot = here.partition("/")
-        if host != here_host:
-            return False  # another machine's (a state folder shared between hosts): it judges its own
-        if boot != here_boot:
-            return True
-        try:
-            return abs(psutil.Process(self.pid).create_time() - self.started) > 1.0
-        except psutil.NoSuchProcess:  # (a zombie among them: it has ended)
-            return True
-        except psutil.Error:  # not ours to ask: taken as alive (a CVM left is billed; a live one deleted is worse)
-            return False
+    launcher: str
 
 
 class Ledger:
@@ -62,8 +42,7 @@ class Ledger:
 
     def launched(self, api: str, cvm: str, name: str) -> None:
         """Note that this process keeps ``cvm`` (``name``) running on the API at ``api``."""
-        me = psutil.Process()
-        note = Launched(cvm, name, api, machine(), me.pid, me.create_time())
+        note = Launched(cvm, name, api, Launcher.this().label)
         keep(self._note(api, cvm), json.dumps(asdict(note)))
 
     def deleted(self, api: str, cvm: str) -> None:
@@ -72,14 +51,15 @@ class Ledger:
     def sweep(self, cloud: PhalaCloud) -> list[str]:
         """Delete the CVMs on ``cloud``'s API whose launcher on this machine is gone; their names. A note that
         does not read is dropped; a CVM Phala does not delete now stays noted for the next run's start."""
-        here, swept = machine(), []
+        swept = []
         for path in sorted(self.folder.glob("*.json")):
             try:
                 note = Launched(**json.loads(path.read_bytes()))
             except (OSError, ValueError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            if note.api != cloud.base or not note.launcher_gone(here):
+            launcher = Launcher.parse(note.launcher)
+            if note.api != cloud.base or launcher is None or not launcher.gone():
                 continue
             try:
                 cloud.delete(note.cvm, missing_ok=True)

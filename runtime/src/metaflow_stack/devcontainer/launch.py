@@ -4,27 +4,25 @@ Metaflow reads them, with no copy back), output relayed line by line, the exit c
 
 The container is removed whatever happens: when the step ends, when it fails to start, and when
 the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline killed outright
-(SIGKILL) cannot clean up: its container carries the trampoline's host and pid, and the next
+(SIGKILL) cannot clean up: its container names the trampoline (``elsewhere.Launcher``), and the next
 ``@devcontainer`` run started on this machine removes containers whose trampoline is gone."""
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
 from metaflow_stack.devcontainer.stores import WORKDIR
 from metaflow_stack.devcontainer.task_container import TaskContainer
+from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.engines.docker import DockerEngine
-from metaflow_stack.ids import is_number
 from metaflow_stack.trampolines import stopped_by_signals
 
 #: Where the unpacked code package is mounted (read-only); the task works in ``stores.WORKDIR``.
 CODE = "/mf/code"
-#: Labels every step container carries: its task, and the trampoline (host:pid) waiting on it.
+#: Labels every step container carries: its task, and the trampoline waiting on it (``elsewhere.Launcher``).
 LABEL = "io.metaflow-stack.devcontainer"
 OWNER = "io.metaflow-stack.devcontainer.owner"
 
@@ -71,7 +69,7 @@ def job_spec(
         user=container.user or host_user(),
         cpu=policy.cpu or container.cpu,
         memory=policy.memory or container.memory,
-        labels={**container.labels, LABEL: pathspec, OWNER: f"{socket.gethostname()}:{os.getpid()}"},
+        labels={**container.labels, LABEL: pathspec, OWNER: Launcher.this().label},
         owner="devcontainer",
         network=policy.network,
         read_only=policy.read_only,
@@ -99,12 +97,9 @@ def run_step(spec: JobSpec) -> int:
 
 def remove_orphans(engine: DockerEngine) -> int:
     """Remove step containers whose trampoline on this host no longer runs; how many."""
-    import psutil
-
-    here = socket.gethostname()
     orphans = []
     for container in engine.containers({LABEL: None}):
-        host, _, pid = container.config.labels.get(OWNER, "").rpartition(":")
-        if host == here and is_number(pid) and not psutil.pid_exists(int(pid)):
+        launcher = Launcher.parse(container.config.labels.get(OWNER))
+        if launcher is not None and launcher.gone():
             orphans.append(container)
     return engine.remove(orphans)

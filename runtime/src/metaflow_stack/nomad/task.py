@@ -5,17 +5,15 @@ step), registered, followed to its end and purged.
 The job's output is passed on line by line, so the run's console shows it as it is written; inside the
 job, Metaflow's log capture saves it to the datastore as ``@kubernetes`` does. Ctrl-C or SIGTERM of the
 trampoline purges the job; a job still there when a trampoline died outright is purged by the next
-run's start (``sweep``: its ``Meta`` names the trampoline's host and pid).
+run's start (``sweep``: its ``Meta`` names the trampoline, ``elsewhere.Launcher``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-from metaflow_stack.elsewhere import machine
+from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.errors import StackError
-from metaflow_stack.ids import is_number
 from metaflow_stack.nomad.client import NomadClient
 from metaflow_stack.nomad.jobspec import Placement, task_job
 from metaflow_stack.nomad.watch import Ending, follow
@@ -23,16 +21,12 @@ from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
 
 #: Set in every job: Metaflow's plugins know the task runs in a Nomad job.
 WORKLOAD_VARIABLE = "METAFLOW_NOMAD_WORKLOAD"
-#: ``Meta`` key naming the trampoline waiting for the job (``host:pid``).
+#: ``Meta`` key naming the trampoline waiting for the job (``elsewhere.Launcher.label``).
 OWNER = "metaflow-stack.owner"
 #: Where the job works and keeps its logs (Nomad's task folder; ``/tmp`` elsewhere): raw_exec tasks share the
 #: client's ``/tmp``.
 WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-task"
 LOGS = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"
-
-
-def owner() -> str:
-    return f"{machine()}:{os.getpid()}"
 
 
 def run(
@@ -43,7 +37,7 @@ def run(
     def relay(kind: str, line: str) -> None:
         print(line, file=sys.stderr if kind == "stderr" else sys.stdout, flush=True)
 
-    body = task_job(job, command, env, placement, {**meta, OWNER: owner()})
+    body = task_job(job, command, env, placement, {**meta, OWNER: Launcher.this().label})
     with stopped_by_signals():
         try:
             eval_id = client.register(body)
@@ -58,16 +52,14 @@ def run(
 
 def sweep(client: NomadClient, prefix: str = "mf-") -> int:
     """Purge the jobs whose trampoline on this host is gone (killed outright, it could not); how many."""
-    import psutil
-
-    here, gone = machine(), 0
+    gone = 0
     try:
         jobs = client.jobs(prefix)
     except StackError:
         return 0  # the first task reports an agent that does not answer
     for job in jobs:
-        host, _, pid = ((job.get("Meta") or {}).get(OWNER) or "").rpartition(":")
-        if host == here and is_number(pid) and not psutil.pid_exists(int(pid)):
+        launcher = Launcher.parse((job.get("Meta") or {}).get(OWNER))
+        if launcher is not None and launcher.gone():
             client.deregister(job["ID"])
             gone += 1
     return gone

@@ -1,0 +1,38 @@
+"""What a launcher leaves on what it launched elsewhere (a container's label, a Nomad job's ``Meta``, a CVM's
+note), and how a later run's sweep judges it: the one rule ``@devcontainer``, ``@nomad`` and
+``@confidential`` share (each sweep is tested on its own backend)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from metaflow_stack.elsewhere import Launcher, machine
+
+
+def test_a_live_launcher_is_not_gone_and_one_that_ended_is() -> None:
+    me = Launcher.this()
+    assert Launcher.parse(me.label) == Launcher(me.machine, me.pid, round(me.started, 3))
+    assert not Launcher.parse(me.label).gone()
+    named = "from metaflow_stack.elsewhere import Launcher; print(Launcher.this().label)"
+    ended = subprocess.run([sys.executable, "-c", named], capture_output=True, text=True, check=True, timeout=60)
+    assert Launcher.parse(ended.stdout.strip()).gone()
+
+
+def test_a_reused_pid_is_not_taken_for_the_launcher() -> None:
+    me = Launcher.this()  # this pid runs, but it started later than the launcher that once had it
+    assert Launcher(me.machine, me.pid, me.started - 60).gone()
+
+
+def test_another_boot_has_ended_and_another_host_is_left_to_judge_its_own() -> None:
+    host, _, _ = machine().partition("/")
+    me = Launcher.this()
+    assert Launcher(f"{host}/another-boot", me.pid, me.started).gone()
+    assert not Launcher(f"another-host/{machine().partition('/')[2]}", 1, 0.0).gone()
+
+
+@pytest.mark.parametrize("label", [None, 7, "", "host:12", "host/boot:pid:0", "host/boot:12:soon", ":12:0"])
+def test_a_label_that_names_no_launcher_is_not_judged(label: object) -> None:
+    assert Launcher.parse(label) is None
