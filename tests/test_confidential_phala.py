@@ -142,6 +142,47 @@ def test_keys_and_variables_are_refused_naming_the_fix(phala: tuple[str, str], m
         encrypt_env({"GOOD": "x"}, "zz")
 
 
+def test_an_attempt_ends_on_its_cvms_own_word_only(phala: tuple[str, str], tmp_path: Path, capsys) -> None:
+    """A CVM says how its task ended in the run's datastore, which others may write: its end is authenticated
+    with the attempt's key, encrypted to the CVM alone. An end it did not write is ignored (said once), and
+    the watch goes on until the CVM's own."""
+    from confidential_samples import IDENTITY
+    from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+    from metaflow_stack.confidential import cvm
+    from metaflow_stack.confidential.exchange import ENDED, InDatastore, prefix_of, storage_for
+    from metaflow_stack.confidential.inside import END_KEY, ORDER, TaskOrder
+    from metaflow_stack.confidential.launcher import Judge
+
+    base, key = phala
+    cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base))
+    compose = compose_for("metaflow-stack-base:1", ["true"], [])
+    running = cloud.commit(cloud.provision("endflow-1-score-2-0", compose, []), {})
+    root, end_key = tmp_path / "datastore", secrets.token_hex(32)
+    order = TaskOrder(identity=IDENTITY, nonce="ab" * 32, command=f"flow.py --datastore-root {root} step score", env={})
+    identity = IDENTITY
+    exchange = InDatastore(
+        storage_for("local", str(root)),
+        prefix_of(identity.flow, identity.run, identity.step, identity.task, identity.attempt, order.nonce),
+    )
+    judge = Judge(exchange, order, None, None, print)  # (no evidence comes: nothing is judged, nothing asked)
+    watch = cvm._Watch(cloud, running, exchange, judge, end_key)
+    for forged in (b'{"code": 0}', json.dumps({"code": 0, "mac": "00" * 32}).encode()):
+        exchange.put(ENDED, forged)
+        assert watch() and watch()  # still watching
+    assert capsys.readouterr().err.count("that the CVM did not write is ignored") == 2  # once for each
+
+    cvm_env = {"PATH": os.environ["PATH"], ORDER: order.model_dump_json(), END_KEY: end_key}
+    cvm_env |= {"METAFLOW_CODE_DS": "local", "METAFLOW_CODE_SHA": identity.code_digest}
+    said = [sys.executable, "-I", "-m", "metaflow_stack.confidential.inside", "--ended", "3"]
+    subprocess.run(said, env=cvm_env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    assert cvm.end_code(exchange.get(ENDED), end_key) == 3
+    assert cvm.end_code(exchange.get(ENDED), secrets.token_hex(32)) is None
+    assert not watch() and watch.code == METAFLOW_EXIT_DISALLOW_RETRY  # its own end, without evidence: final
+    cloud.delete(running)
+    cloud.close()
+
+
 #: A launcher (``cvm.run``, as the ``confidential step`` trampoline calls it) whose CVM never gives evidence.
 LAUNCHER = """import sys
 from pathlib import Path

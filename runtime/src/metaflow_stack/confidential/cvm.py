@@ -30,9 +30,11 @@ run's start (``ledger``).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +43,18 @@ from typing import Any
 from metaflow_stack.confidential import KEEPER_KEY
 from metaflow_stack.confidential.exchange import ENDED, Exchange
 from metaflow_stack.confidential.inputs import TRUST
-from metaflow_stack.confidential.inside import CREDENTIALS, MODE, ORDER, POLICY, SETTINGS, STEP, TaskOrder, is_setting
+from metaflow_stack.confidential.inside import (
+    CREDENTIALS,
+    END_KEY,
+    MODE,
+    ORDER,
+    POLICY,
+    SETTINGS,
+    STEP,
+    TaskOrder,
+    end_mac,
+    is_setting,
+)
 from metaflow_stack.confidential.keyring import policy_name
 from metaflow_stack.confidential.ledger import Ledger
 from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for
@@ -125,6 +138,7 @@ def app_for(
     encrypted = {SETTINGS: json.dumps(settings, sort_keys=True), ORDER: task.model_dump_json()}
     encrypted |= {_ATTEMPT["run_id"]: identity.run, _ATTEMPT["task_id"]: identity.task}
     encrypted[_ATTEMPT["attempt"]] = str(identity.attempt)
+    encrypted[END_KEY] = secrets.token_hex(32)
     return App(app_name(identity.flow, identity.step), compose_for(image, command, sorted(encrypted), fixed), encrypted)
 
 
@@ -194,7 +208,7 @@ def run(
             _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, compose hash "
                  f"{provisioned.compose_hash} (as Phala reports it)")  # fmt: skip
             record({"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "cvm": cvm})
-            watch = _Watch(cloud, cvm, exchange, judge)
+            watch = _Watch(cloud, cvm, exchange, judge, app.encrypted[END_KEY])
             if logs is None:
                 while watch():
                     time.sleep(EXCHANGE_EVERY_S)
@@ -219,8 +233,9 @@ class _Watch:
     judged, its end read from the exchange, its state asked of Phala every ``STATE_EVERY_S``, a boot without
     evidence given up after ``BOOT_S``."""
 
-    def __init__(self, cloud: PhalaCloud, cvm: str, exchange: Exchange, judge: Any) -> None:
-        self.cloud, self.cvm, self.exchange, self.judge = cloud, cvm, exchange, judge
+    def __init__(self, cloud: PhalaCloud, cvm: str, exchange: Exchange, judge: Any, end_key: str) -> None:
+        self.cloud, self.cvm, self.exchange, self.judge, self.end_key = cloud, cvm, exchange, judge, end_key
+        self.forged: bytes | None = None
         self.boot_deadline, self.next_look, self.code, self.unanswered = time.monotonic() + BOOT_S, 0.0, 1, 0
 
     def __call__(self) -> bool:
@@ -231,9 +246,13 @@ class _Watch:
             self.code = refused
             return False
         ended = self.exchange.get(ENDED)
-        if ended is not None:
+        code = None if ended is None else end_code(ended, self.end_key)
+        if ended is not None and code is None and ended != self.forged:  # (the CVM's own end overwrites it)
+            _say(f"warning: an end of CVM {self.cvm}'s task that the CVM did not write is ignored (its MAC fails)")
+            self.forged = ended
+        if code is not None:
             if self.judge.judged:
-                self.code = _exit_code(ended)
+                self.code = code
             else:
                 _say("error: the task ended without giving its evidence")
                 self.code = METAFLOW_EXIT_DISALLOW_RETRY
@@ -257,13 +276,17 @@ class _Watch:
         return True
 
 
-def _exit_code(ended: bytes) -> int:
-    """The task's exit code as its CVM put it (a CVM's word: read, never trusted beyond being a code)."""
+def end_code(ended: bytes, end_key: str) -> int | None:
+    """The task's exit code as its CVM said it (``inside.ended``); None for an end the CVM did not write (one
+    that does not read, or whose MAC under the attempt's ``end_key`` fails)."""
     try:
-        code = json.loads(ended)["code"]
+        said = json.loads(ended)
+        code, mac = said["code"], said["mac"]
     except (ValueError, KeyError, TypeError):
-        return 1
-    return code if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255 else 1
+        return None
+    if not (isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255 and isinstance(mac, str)):
+        return None
+    return code if hmac.compare_digest(end_mac(end_key, code), mac) else None
 
 
 def _say(line: str) -> None:

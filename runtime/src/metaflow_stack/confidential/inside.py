@@ -26,6 +26,7 @@ step reads an upstream one with ``unsealed``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import pickle
@@ -93,6 +94,9 @@ _INPUT_PATHS = re.compile(r"\$\{(METAFLOW_INPUT_PATHS_\d+)\}")
 _ORDER_ENV = re.compile(r"^METAFLOW_INPUT_PATHS_\d+$")
 #: Where the enclave's entry hands the order it read, once, to the task it starts (enclave memory).
 ORDER = "METAFLOW_STACK_CONFIDENTIAL_ORDER"
+#: A CVM's key for saying how its task ended (encrypted to it, new each attempt): an end in the exchange that
+#: it does not authenticate is not its CVM's (whoever may write the run's datastore could put one there).
+END_KEY = "METAFLOW_STACK_CONFIDENTIAL_END_KEY"
 
 
 class TaskOrder(BaseModel):
@@ -303,9 +307,14 @@ def accepts_scope(scope: str) -> bool:
 
 def ended(code: int) -> None:
     """In a CVM, after its task: how it ended, put in the exchange for the launcher (a CVM runs on after its
-    container ends, so its launcher learns the end from the datastore)."""
+    container ends, so its launcher learns the end from the datastore), authenticated with ``END_KEY``."""
     task = read_order()
-    exchange(task).put(ENDED, json.dumps({"code": code}).encode())
+    exchange(task).put(ENDED, json.dumps({"code": code, "mac": end_mac(os.environ[END_KEY], code)}).encode())
+
+
+def end_mac(key: str, code: int) -> str:
+    """What authenticates a CVM's end ``code`` under the attempt's ``END_KEY`` (hex)."""
+    return hmac.new(bytes.fromhex(key), f"ended {code}".encode(), hashlib.sha256).hexdigest()
 
 
 def settings_exports() -> str:
@@ -334,6 +343,7 @@ def main() -> None:
         return
     task = read_order()
     os.environ.update(task.env)
+    os.environ.pop(END_KEY, None)  # (a CVM's: the step's code has no word in how its task ended)
     os.environ[ORDER] = task.model_dump_json()
     command = argv(task)
     os.execv(sys.executable, [sys.executable, "-u", *command])
