@@ -25,7 +25,7 @@ from devservers import phala_double
 
 pytest.importorskip("dstack_sdk")
 
-FLOW = """from metaflow import FlowSpec, confidential, step
+FLOW = """from metaflow import FlowSpec, confidential, step, timeout
 
 
 class CvmFlow(FlowSpec):
@@ -35,6 +35,7 @@ class CvmFlow(FlowSpec):
         self.next(self.score)
 
     @confidential(backend="phala", policy="tdx.toml", collateral="tdx_quote_collateral.json")
+    @timeout(minutes=20)
     @step
     def score(self):
         print("the step's code ran")
@@ -76,6 +77,7 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
         assert httpx.get(f"{double}/cvms").json() == []  # and the one left behind, deleted at the run's start
     said = done.stdout + done.stderr  # the task's lines, the trampoline's among them, as Metaflow's runtime shows them
     assert f"deleted CVM(s) {left}: their launchers were killed outright" in said, said[-5000:]
+    assert "1800 s to boot, 1200 s to run" in said  # the step's @timeout, once booted: a pod's deadline
     assert done.returncode != 0 and "error: collateral: is outside its validity window" in said, said[-5000:]
     assert "the step's code ran" not in done.stdout + done.stderr + cvm["logs"]
     # The CVM asked dstack for one quote, over 64 bytes binding its attempt (never what the host chose).

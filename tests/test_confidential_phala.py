@@ -142,15 +142,17 @@ def test_keys_and_variables_are_refused_naming_the_fix(phala: tuple[str, str], m
         encrypt_env({"GOOD": "x"}, "zz")
 
 
-def test_an_attempt_ends_on_its_cvms_own_word_only(phala: tuple[str, str], tmp_path: Path, capsys) -> None:
+def test_an_attempt_ends_on_its_cvms_own_word_only_or_at_its_deadline(
+    phala: tuple[str, str], tmp_path: Path, capsys
+) -> None:
     """A CVM says how its task ended in the run's datastore, which others may write: its end is authenticated
     with the attempt's key, encrypted to the CVM alone. An end it did not write is ignored (said once), and
-    the watch goes on until the CVM's own."""
+    the watch goes on until the CVM's own, or until the CVM's boot and the step's time limit have passed."""
     from confidential_samples import IDENTITY
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
     from metaflow_stack.confidential import cvm
-    from metaflow_stack.confidential.exchange import ENDED, InDatastore, prefix_of, storage_for
+    from metaflow_stack.confidential.exchange import ENDED, Folder, InDatastore, prefix_of, storage_for
     from metaflow_stack.confidential.inside import END_KEY, ORDER, TaskOrder
     from metaflow_stack.confidential.launcher import Judge
 
@@ -166,7 +168,7 @@ def test_an_attempt_ends_on_its_cvms_own_word_only(phala: tuple[str, str], tmp_p
         prefix_of(identity.flow, identity.run, identity.step, identity.task, identity.attempt, order.nonce),
     )
     judge = Judge(exchange, order, None, None, print)  # (no evidence comes: nothing is judged, nothing asked)
-    watch = cvm._Watch(cloud, running, exchange, judge, end_key)
+    watch = cvm._Watch(cloud, running, exchange, judge, end_key, deadline_s=3600)
     for forged in (b'{"code": 0}', json.dumps({"code": 0, "mac": "00" * 32}).encode()):
         exchange.put(ENDED, forged)
         assert watch() and watch()  # still watching
@@ -179,6 +181,9 @@ def test_an_attempt_ends_on_its_cvms_own_word_only(phala: tuple[str, str], tmp_p
     assert cvm.end_code(exchange.get(ENDED), end_key) == 3
     assert cvm.end_code(exchange.get(ENDED), secrets.token_hex(32)) is None
     assert not watch() and watch.code == METAFLOW_EXIT_DISALLOW_RETRY  # its own end, without evidence: final
+    late = cvm._Watch(cloud, running, Folder(tmp_path / "quiet"), judge, end_key, deadline_s=0)
+    assert not late() and late.code == 1  # past its time (the step's limit and its boot): it may be retried
+    assert f"error: CVM {running} ran past its 0 s" in capsys.readouterr().err
     cloud.delete(running)
     cloud.close()
 
@@ -202,7 +207,7 @@ exchange = Folder(state / "exchange")
 judge = launcher.Judge(exchange, order, settings, launcher.keeper(state, settings, ""), print)
 app = cvm.App("mf-leakflow-score", compose_for("metaflow-stack-base:1", ["true"], ["S"]), {"S": "x"})
 cloud = PhalaCloud(api_key=key, base_url=base, signer=signer)
-cvm.run(cloud, "leakflow-7-score-2-0", "tdx.small", app, exchange, judge, print, Ledger(state))
+cvm.run(cloud, "leakflow-7-score-2-0", "tdx.small", app, exchange, judge, print, Ledger(state), 600)
 """
 
 
@@ -218,9 +223,11 @@ def test_a_cvm_whose_launcher_was_killed_outright_is_deleted_at_the_next_runs_st
     (tmp_path / "launch.py").write_text(LAUNCHER)
     command = [sys.executable, str(tmp_path / "launch.py"), base, key, _pinned(base), str(state)]
     launched = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said, started = "", None
     try:
-        said = launched.stderr.readline()  # the line saying its CVM runs; it then waits for evidence
-        started = re.search(r"CVM (\S+) started on Phala Cloud", said)
+        while started is None and (line := launched.stderr.readline()):  # until its CVM runs; it then waits
+            said += line
+            started = re.search(r"CVM (\S+) started on Phala Cloud", line)
     finally:
         launched.kill()
         launched.wait(timeout=30)

@@ -188,13 +188,15 @@ def run(
     judge: Any,
     record: Any,
     ledger: Ledger,
+    run_time_limit_s: int,
     logs: tuple[Any, Any] | None = None,
 ) -> int:
     """Provision and commit ``app`` as the CVM ``name`` (of Phala's ``instance_type``), have its evidence
     judged (``judge``, a ``launcher.Judge``), and wait until its task says it ended, its output shown as it
     is saved (``logs``: Metaflow's tailers of the attempt's stdout and stderr in the datastore): the task's
     exit code; Metaflow's "do not retry" when refused or when it ended without evidence; 1 when it stopped,
-    or gave no evidence in ``BOOT_S`` (nothing was judged: it may be retried). ``record`` is told the app
+    gave no evidence in ``BOOT_S`` (nothing was judged: it may be retried), or ran on past ``BOOT_S`` and
+    the step's ``run_time_limit_s`` (``@timeout``'s, as a pod's deadline). ``record`` is told the app
     and CVM. The CVM is deleted however this ends; while it runs, ``ledger`` notes it, so that the next
     run's start deletes it if this process is killed outright."""
     from metaflow.mflog import tail_logs
@@ -206,9 +208,10 @@ def run(
             cvm = cloud.commit(provisioned, app.encrypted)
             ledger.launched(cloud.base, cvm, name)
             _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, compose hash "
-                 f"{provisioned.compose_hash} (as Phala reports it)")  # fmt: skip
+                 f"{provisioned.compose_hash} (as Phala reports it); {BOOT_S} s to boot, {run_time_limit_s} s to "
+                 "run")  # fmt: skip
             record({"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "cvm": cvm})
-            watch = _Watch(cloud, cvm, exchange, judge, app.encrypted[END_KEY])
+            watch = _Watch(cloud, cvm, exchange, judge, app.encrypted[END_KEY], BOOT_S + run_time_limit_s)
             if logs is None:
                 while watch():
                     time.sleep(EXCHANGE_EVERY_S)
@@ -231,12 +234,16 @@ def run(
 class _Watch:
     """One look at a running CVM (called until it says False, then ``code`` is the attempt's): its evidence
     judged, its end read from the exchange, its state asked of Phala every ``STATE_EVERY_S``, a boot without
-    evidence given up after ``BOOT_S``."""
+    evidence given up after ``BOOT_S``, and the CVM after ``deadline_s`` whatever it does."""
 
-    def __init__(self, cloud: PhalaCloud, cvm: str, exchange: Exchange, judge: Any, end_key: str) -> None:
+    def __init__(
+        self, cloud: PhalaCloud, cvm: str, exchange: Exchange, judge: Any, end_key: str, deadline_s: float
+    ) -> None:
         self.cloud, self.cvm, self.exchange, self.judge, self.end_key = cloud, cvm, exchange, judge, end_key
         self.forged: bytes | None = None
-        self.boot_deadline, self.next_look, self.code, self.unanswered = time.monotonic() + BOOT_S, 0.0, 1, 0
+        now = time.monotonic()
+        self.boot_deadline, self.deadline_s, self.deadline = now + BOOT_S, deadline_s, now + deadline_s
+        self.next_look, self.code, self.unanswered = 0.0, 1, 0
 
     def __call__(self) -> bool:
         from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
@@ -256,6 +263,9 @@ class _Watch:
             else:
                 _say("error: the task ended without giving its evidence")
                 self.code = METAFLOW_EXIT_DISALLOW_RETRY
+            return False
+        if time.monotonic() > self.deadline:
+            _say(f"error: CVM {self.cvm} ran past its {self.deadline_s:.0f} s (its boot and the step's time limit)")
             return False
         if not self.judge.judged and time.monotonic() > self.boot_deadline:
             _say(f"error: CVM {self.cvm} gave no evidence in {BOOT_S} s (see its logs in Phala Cloud's dashboard)")

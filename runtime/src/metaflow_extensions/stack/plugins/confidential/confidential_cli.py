@@ -45,6 +45,7 @@ def confidential() -> None:
 @click.option("--trust", default="")
 @click.option("--image", default=None)
 @click.option("--instance-type", default="tdx.small")
+@click.option("--run-time-limit", type=int, default=None, help="A CVM's seconds to run once booted (@timeout's).")
 @click.pass_context
 def step(
     ctx,
@@ -64,6 +65,7 @@ def step(
     trust: str,
     image: str | None,
     instance_type: str,
+    run_time_limit: int | None,
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
@@ -106,7 +108,7 @@ def step(
         package = (code_package_metadata, code_package_sha, code_package_url)
         if backend == "phala":
             code = _on_phala(ctx, step_name, identity, command, env, chosen, keeper, keeper_key, record, facts,
-                             package, image or "", instance_type)  # fmt: skip
+                             package, image or "", instance_type, run_time_limit)  # fmt: skip
         else:
             code = _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record, facts, package)
     sys.exit(code)
@@ -133,10 +135,25 @@ def _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record,
 
 
 def _on_phala(
-    ctx, step_name, identity, command, env, chosen, keeper, keeper_key, record, facts, package, image, instance_type
+    ctx,
+    step_name,
+    identity,
+    command,
+    env,
+    chosen,
+    keeper,
+    keeper_key,
+    record,
+    facts,
+    package,
+    image,
+    instance_type,
+    run_time_limit,
 ) -> int:
     """The task as the step's dstack app in a TDX VM on Phala Cloud (``cvm``), its exchange in the datastore;
     the task's metadata brought back after (local metadata: the CVM wrote it to the datastore)."""
+    from metaflow.metaflow_config import DEFAULT_RUNTIME_LIMIT
+
     from metaflow_stack import settings
     from metaflow_stack.confidential import cvm
     from metaflow_stack.confidential.exchange import InDatastore, prefix_of
@@ -161,7 +178,8 @@ def _on_phala(
     cloud, ledger = PhalaCloud(), Ledger(settings.load().state_dir)
     try:
         name = cvm.cvm_name(identity.flow, identity.run, identity.step, identity.task, identity.attempt)
-        code = cvm.run(cloud, name, instance_type, app, exchange, judge, facts.update, ledger, logs)
+        limit = run_time_limit or DEFAULT_RUNTIME_LIMIT  # (a trampoline called by hand: Metaflow's default)
+        code = cvm.run(cloud, name, instance_type, app, exchange, judge, facts.update, ledger, limit, logs)
     finally:
         cloud.close()
     missing = bring_back_metadata(obj, identity.run, step_name, identity.task)

@@ -90,8 +90,11 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
 
             check_guarding()
             return
+        from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
+
         from metaflow_stack.errors import StackError
 
+        self.run_time_limit = get_run_time_limit_for_task(decos)  # a CVM's, once booted (as a pod's deadline)
         others = [d.name for d in decos if d.name in ELSEWHERE]
         if others:
             raise ConfidentialException(f"step {step}: @confidential cannot be combined with @{others[0]}")
@@ -194,6 +197,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
                 cli_args.command_options[option.replace("_", "-")] = self.attributes[option]
         if self.attributes["trust"]:
             cli_args.command_options["trust"] = " ".join(self.attributes["trust"])
+        if self.attributes["backend"] == "phala":
+            cli_args.command_options["run-time-limit"] = self.run_time_limit
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count,
