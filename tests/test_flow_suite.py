@@ -3,8 +3,9 @@
 Each run is a real pytest of the suite with pytest-metaflow-stack's
 ``--backend``, its flows real Metaflow runs: here locally, in
 ``@devcontainer`` containers, and as Nomad jobs on the Nomad API double
-(the same path at a smaller width: its resume test; foreach items and
-retries run as Nomad jobs in ``tests/test_nomad.py``); on Kubernetes and
+(the same path at a smaller width: its resume test, which is also where
+a task failing as a Nomad job fails its run; foreach items and retries run
+as Nomad jobs in ``tests/test_nomad.py``); on Kubernetes and
 Argo Workflows in the GitHub workflow's cluster job. What each run's JUnit
 file records is read back with ``metaflow_stack.ci.results`` and reported
 with ``metaflow stack ci report``.

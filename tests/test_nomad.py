@@ -1,7 +1,8 @@
-"""``@nomad`` on real runs: a foreach whose items run as Nomad jobs (a retried item, a failing one), a job
-no node can take, and Ctrl-C purging the run's jobs. Against the Nomad API double here (its docker tasks
-on the local engine, the datastore a real S3 server on the Docker bridge), against a real agent in the
-GitHub workflow's ``clusters`` job (``NOMAD_ADDR`` set)."""
+"""``@nomad`` on real runs: a foreach whose items run as Nomad jobs (a retried item), a job no node can
+take, Ctrl-C purging the run's jobs, and deployed flows (a task failing as a Nomad job, and its run's
+resume, are the flow suite's Nomad leg: ``tests/test_flow_suite.py``). Against the Nomad API double here
+(its docker tasks on the local engine, the datastore a real S3 server on the Docker bridge), against a
+real agent in the GitHub workflow's ``clusters`` job (``NOMAD_ADDR`` set)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,15 +93,6 @@ def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     assert jobs_left(nomad_agent) == []
 
 
-def test_a_failing_item_fails_the_run_with_its_exception(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
-    done = flow_run(tmp_path, "nomad_flow.py", nomad_agent, bridge_s3, "--fail-item", "3")
-    assert done.returncode != 0 and "item 3 always fails" in done.stdout + done.stderr
-    run = facts(tmp_path, "NomadFlow", bridge_s3)
-    failed = [item for item in run["items"] if not item["successful"]]
-    assert len(failed) == 1 and "item 3 always fails" in failed[0]["stderr"]
-    assert jobs_left(nomad_agent) == []
-
-
 def test_a_job_no_node_can_take_fails_at_once_with_nomads_reason(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
     started = time.monotonic()
     done = flow_run(tmp_path, "gpu_flow.py", nomad_agent, bridge_s3)
@@ -171,19 +164,20 @@ deployer = Deployer(flow, show_output=False, datastore="s3", datastore_root=root
 deployed = deployer.nomad(name=name).create(
     cpu=0.5, memory=1024, env_var=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
 )
-found = []
-for index, given in enumerate(runs):
+triggered, found = [], []
+for index, given in enumerate(runs):  # each triggered at once: they run side by side, as dispatches do
     if index == len(runs) - 1:  # the last through the deployment as another process finds it: by its name alone
         from metaflow.runner.deployer import DeployedFlow
 
         listed = [d.deployer.name for d in DeployedFlow.list_nomad(deployed.flow_name)]
         assert listed == [name], listed
         deployed = DeployedFlow.from_nomad(name)
-    run = deployed.trigger(**given).wait_for_run(check_interval=1, timeout=300)
+    triggered.append(deployed.trigger(**given))
+for each in triggered:
+    run = each.wait_for_run(check_interval=1, timeout=300)
     deadline = time.monotonic() + 600
     while not run.finished and time.monotonic() < deadline:
         time.sleep(2)
-    data = run.end_task.data if run.successful else None
     found.append({"pathspec": run.pathspec, "successful": run.successful, "tags": sorted(run.tags),
                   "artifacts": {a.id: a.data for a in run.end_task} if run.successful else None})
 print(json.dumps(found))
@@ -195,6 +189,7 @@ def _deploy(
 ) -> tuple[str, list[dict]]:
     from service_servers import KEYED
 
+    tmp_path.mkdir(exist_ok=True)
     shutil.copy(FLOWS / flow, tmp_path)
     name = f"metaflow-test-{uuid.uuid4().hex[:8]}"
     env = {
@@ -229,14 +224,18 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
         runs = [{"alpha": 21, "greeting_word": "hi"}, {}]
-        deployed = _deploy(tmp_path, "deployed_flow.py", runs, nomad_agent, bridge_s3, service, branch="ci")
-        name, (given, defaults) = deployed
+        with ThreadPoolExecutor(2) as both:  # the two deployments side by side, each in its own folder
+            dispatched = both.submit(
+                _deploy, tmp_path / "dispatched", "deployed_flow.py", runs, nomad_agent, bridge_s3, service, branch="ci"
+            )
+            periodic = both.submit(_deploy, tmp_path / "periodic", "scheduled_flow.py", [{}], nomad_agent, bridge_s3,
+                                   service)  # fmt: skip
+            (name, (given, defaults)), (_, (scheduled,)) = dispatched.result(), periodic.result()
         assert given["successful"] and given["artifacts"]["total"] == 63 and given["artifacts"]["said"] == "hi"
         assert defaults["successful"] and defaults["artifacts"]["total"] == 3
         assert defaults["artifacts"]["said"] == "hello" and given["pathspec"] != defaults["pathspec"]
         assert any(tag.startswith(f"nomad-job:{name}/dispatch-") for tag in given["tags"])
         assert "project_branch:test.ci" in given["tags"]  # the branch deployed from, not the job's user
-        _, (scheduled,) = _deploy(tmp_path, "scheduled_flow.py", [{}], nomad_agent, bridge_s3, service)
         assert scheduled["successful"] and scheduled["artifacts"]["squared"] == 16
         assert any("/periodic-" in tag for tag in scheduled["tags"])
         with NomadClient(nomad_agent) as client:
