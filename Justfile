@@ -19,9 +19,10 @@ up *args: _venv ui
 down: _venv
     metaflow stack down
 
-# Lint, then run the whole test suite; docker-marked tests run when an engine answers.
+# Lint, then run the whole test suite in two workers (tests/conftest.py keeps what shares the machine in one);
+# docker-marked tests run when an engine answers.
 test *args: lint ui vscode code-server devcontainer-cli
-    pytest --junitxml=.stack/test-results/junit.xml {{ args }}
+    pytest --numprocesses 2 --dist loadgroup --junitxml=.stack/test-results/junit.xml {{ args }}
 
 # Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).
 ui: _venv

@@ -62,6 +62,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"{stray} would take the test runs' Metaflow records: remove it (or set TMPDIR elsewhere)", 2)
 
 
+#: Fixtures that use what every process on this machine shares: the Docker engine (the session removes its
+#: test containers at its end), its bridge, the registry, the Nomad double's containers.
+MACHINE_FIXTURES = frozenset(
+    {"docker_engine", "base_image", "registry_server", "local_registry", "nomad_agent", "bridge_address", "bridge_s3"}
+)
+#: Modules that start a Ray of this machine's, or look for a pool's workers among every process on it.
+MACHINE_MODULES = frozenset(
+    {"test_functions_api", "test_functions_backends", "test_functions_ray", "test_serving_batch", "test_worker_pool"}
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``just test`` runs two workers: the suite waits on
+    engines, browsers and servers for much of its time): a module's tests run in one worker, so its module
+    fixtures are made once, and every module that uses what the machine shares (``MACHINE_FIXTURES``,
+    ``MACHINE_MODULES``, the ``docker`` mark) runs in the same one, one after another, as without xdist."""
+    shared = {
+        item.module.__name__
+        for item in items
+        if item.get_closest_marker("docker") or MACHINE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    } | MACHINE_MODULES
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("machine" if module in shared else module))
+
+
 def need_kind_cluster() -> None:
     """Skip (or fail, where CI requires kind) unless kind's cluster ``KIND_CLUSTER_NAME`` (default ``kind``)
     exists and kubectl is here: GitHub's runners have kind in every job, a cluster only where a job makes one."""
