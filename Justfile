@@ -22,7 +22,7 @@ down: _venv
 # Lint, then run the whole test suite in two workers (tests/conftest.py keeps what shares the machine in one);
 # docker-marked tests run when an engine answers.
 test *args: lint ui vscode code-server devcontainer-cli
-    pytest --numprocesses 2 --dist loadgroup --junitxml=.stack/test-results/junit.xml {{ args }}
+    pytest --numprocesses 2 --junitxml=.stack/test-results/junit.xml {{ args }}
 
 # Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).
 ui: _venv

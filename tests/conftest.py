@@ -28,8 +28,10 @@ FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"
 
 # Metaflow reads its S3 endpoint when it is first imported: point it at the
 # test S3 server (started on demand by the ``s3_bucket`` fixture) before that.
+# Each process of the suite has its own (an xdist worker inherits its
+# controller's variables, never its server).
 _S3_PORT = free_port()
-os.environ.setdefault("METAFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{_S3_PORT}")
+os.environ["METAFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{_S3_PORT}"
 for _name, _value in (
     ("AWS_ACCESS_KEY_ID", "testing"),
     ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -62,30 +64,50 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"{stray} would take the test runs' Metaflow records: remove it (or set TMPDIR elsewhere)", 2)
 
 
-#: Fixtures that use what every process on this machine shares: the Docker engine (the session removes its
-#: test containers at its end), its bridge, the registry, the Nomad double's containers.
+#: Modules whose tests use what every process on this machine shares: the Docker engine (a session removes
+#: its test containers when it ends), its bridge, the registry, the Nomad double's containers, a Ray of this
+#: machine's, a pool's workers found among every process. Under ``just test``'s two xdist workers they run in
+#: one worker, one after another (``pytest_xdist_make_scheduler``); the rest run beside them.
+MACHINE_MODULES = frozenset(
+    {"test_catalog", "test_cluster", "test_confidential_cvm", "test_demo", "test_deploy", "test_devcontainer"}
+    | {"test_devcontainer_backends", "test_devcontainer_config", "test_devcontainer_generate"}
+    | {"test_devcontainer_stores", "test_doctor", "test_engine_docker", "test_flow_suite", "test_functions_api"}
+    | {"test_functions_backends", "test_functions_ray", "test_images", "test_key_release_deploy", "test_nomad"}
+    | {"test_nomad_client", "test_nomad_dev_cluster", "test_published_images", "test_registry"}
+    | {"test_service_deploy", "test_serving_batch", "test_serving_image", "test_ui_deploy", "test_worker_pool"}
+)
+#: The fixtures (and the ``docker`` mark) that make a module one of ``MACHINE_MODULES``.
 MACHINE_FIXTURES = frozenset(
     {"docker_engine", "base_image", "registry_server", "local_registry", "nomad_agent", "bridge_address", "bridge_s3"}
-)
-#: Modules that start a Ray of this machine's, or look for a pool's workers among every process on it.
-MACHINE_MODULES = frozenset(
-    {"test_functions_api", "test_functions_backends", "test_functions_ray", "test_serving_batch", "test_worker_pool"}
 )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``just test`` runs two workers: the suite waits on
-    engines, browsers and servers for much of its time): a module's tests run in one worker, so its module
-    fixtures are made once, and every module that uses what the machine shares (``MACHINE_FIXTURES``,
-    ``MACHINE_MODULES``, the ``docker`` mark) runs in the same one, one after another, as without xdist."""
-    shared = {
-        item.module.__name__
-        for item in items
-        if item.get_closest_marker("docker") or MACHINE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-    } | MACHINE_MODULES
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("machine" if module in shared else module))
+    """A module that uses the machine's shared things and is not in ``MACHINE_MODULES`` would run beside the
+    modules that do: refused, naming it."""
+    unlisted = sorted(
+        {
+            item.module.__name__
+            for item in items
+            if item.get_closest_marker("docker") or MACHINE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        }
+        - MACHINE_MODULES
+    )
+    if unlisted:
+        raise pytest.UsageError(f"{unlisted[0]} uses the machine's engine or services: add it to MACHINE_MODULES")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scheduling by module (each module's fixtures made once), with ``MACHINE_MODULES`` as one
+    unit: one worker runs them in turn while the other takes the rest, module by module."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class MachineScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "machine" if Path(module).stem in MACHINE_MODULES else module
+
+    return MachineScheduling(config, log)
 
 
 def need_kind_cluster() -> None:

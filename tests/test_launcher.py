@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
-from metaflow_stack.elsewhere import Launcher, machine
+from metaflow_stack.elsewhere import Launcher, machine, started_at
 
 
 def test_a_live_launcher_is_not_gone_and_one_that_ended_is() -> None:
@@ -33,6 +34,23 @@ def test_another_boot_has_ended_and_another_host_is_left_to_judge_its_own() -> N
     assert not Launcher(f"another-host/{machine().partition('/')[2]}", 1, 0.0).gone()
 
 
-@pytest.mark.parametrize("label", [None, 7, "", "host:12", "host/boot:pid:0", "host/boot:12:soon", ":12:0"])
+def test_a_zombie_has_ended() -> None:
+    """A launcher that died while its parent has not read its end yet is gone."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        launcher = Launcher(machine(), child.pid, started_at(child.pid))
+        assert not launcher.gone()
+        child.stdin.close()  # it ends; unread, it stays a zombie
+        deadline = time.monotonic() + 30
+        while not launcher.gone() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert launcher.gone() and child.returncode is None
+    finally:
+        child.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "label", [None, 7, "", "host:12", "host/boot:pid:0", "host/boot:12:soon", ":12:0", "host:12:0", "host/boot:-3:0"]
+)
 def test_a_label_that_names_no_launcher_is_not_judged(label: object) -> None:
     assert Launcher.parse(label) is None

@@ -49,7 +49,7 @@ class Launcher:
     """The process that keeps a task running elsewhere (a container, a Nomad job, a CVM), as what it launched
     names it: Ctrl-C or SIGTERM have it remove what it launched; SIGKILL, a crash or a reboot do not, so a
     later run's sweep removes what a launcher that is gone left. Its machine (``host/boot``), pid and start
-    time tell it from a live one: a pid is reused, its start time is not."""
+    (``started_at``) tell it from a live one: a pid is reused, its start is not."""
 
     machine: str
     pid: int
@@ -57,10 +57,7 @@ class Launcher:
 
     @classmethod
     def this(cls) -> Launcher:
-        import psutil
-
-        me = psutil.Process()
-        return cls(machine(), me.pid, me.create_time())
+        return cls(machine(), os.getpid(), started_at(os.getpid()))
 
     @property
     def label(self) -> str:
@@ -69,21 +66,23 @@ class Launcher:
 
     @classmethod
     def parse(cls, label: object) -> Launcher | None:
-        """The launcher a ``label`` names; None for one that names none (another tool's): it is not judged."""
+        """The launcher a ``label`` names; None for one that names none (another tool's, an older build's):
+        it is not judged."""
         if not isinstance(label, str):
             return None
         parts = label.rsplit(":", 2)
-        if len(parts) != 3 or not parts[0]:
+        if len(parts) != 3 or "/" not in parts[0]:
             return None
         try:
-            return cls(parts[0], int(parts[1]), float(parts[2]))
+            pid, started = int(parts[1]), float(parts[2])
         except ValueError:
             return None
+        return cls(parts[0], pid, started) if pid > 0 else None
 
     def gone(self) -> bool:
         """Whether the launcher has ended, judged on its own host only (a state folder or an engine shared
-        between hosts: each judges its own): after a reboot it has; on this boot, when no process of its pid
-        started when it did."""
+        between hosts: each judges its own): after a reboot it has; on this boot, when no live process of
+        its pid started when it did."""
         import psutil
 
         host, _, boot = self.machine.partition("/")
@@ -93,11 +92,28 @@ class Launcher:
         if boot != here_boot:
             return True
         try:
-            return abs(psutil.Process(self.pid).create_time() - self.started) > 1.0
-        except psutil.NoSuchProcess:  # (a zombie among them: it has ended)
+            return abs(started_at(self.pid) - self.started) > 0.5
+        except psutil.NoSuchProcess:
             return True
         except psutil.Error:  # not ours to ask: taken as alive (removing what a live one watches is worse)
             return False
+
+
+def started_at(pid: int) -> float:
+    """When process ``pid`` started, in what no clock step changes where the kernel tells it: clock ticks
+    since boot (``/proc/PID/stat``'s 22nd field), else psutil's creation time. ``psutil.NoSuchProcess`` for
+    none, or for a zombie (it has ended; only its parent has not read its end)."""
+    import psutil
+
+    if not Path("/proc/self/stat").is_file():
+        return psutil.Process(pid).create_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    if fields[0] == "Z":
+        raise psutil.NoSuchProcess(pid)
+    return float(fields[19])
 
 
 def metaflow_settings() -> dict[str, str]:

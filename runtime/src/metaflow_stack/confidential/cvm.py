@@ -294,7 +294,9 @@ def end_code(ended: bytes, end_key: str) -> int | None:
         code, mac = said["code"], said["mac"]
     except (ValueError, KeyError, TypeError):
         return None
-    if not (isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255 and isinstance(mac, str)):
+    if not (isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255):
+        return None
+    if not (isinstance(mac, str) and re.fullmatch(r"[0-9a-f]{64}", mac)):
         return None
     return code if hmac.compare_digest(end_mac(end_key, code), mac) else None
 

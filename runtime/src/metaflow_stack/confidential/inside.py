@@ -343,7 +343,7 @@ def main() -> None:
         return
     task = read_order()
     os.environ.update(task.env)
-    os.environ.pop(END_KEY, None)  # (a CVM's: the step's code has no word in how its task ended)
+    os.environ.pop(END_KEY, None)  # (a CVM's: not handed down; the step decides its own exit code anyway)
     os.environ[ORDER] = task.model_dump_json()
     command = argv(task)
     os.execv(sys.executable, [sys.executable, "-u", *command])
