@@ -159,7 +159,6 @@ def test_an_attempt_ends_on_its_cvms_own_word_only_or_at_its_deadline(
     base, key = phala
     cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base))
     compose = compose_for("metaflow-stack-base:1", ["true"], [])
-    running = cloud.commit(cloud.provision("endflow-1-score-2-0", compose, []), {})
     root, end_key = tmp_path / "datastore", secrets.token_hex(32)
     order = TaskOrder(identity=IDENTITY, nonce="ab" * 32, command=f"flow.py --datastore-root {root} step score", env={})
     identity = IDENTITY
@@ -168,25 +167,28 @@ def test_an_attempt_ends_on_its_cvms_own_word_only_or_at_its_deadline(
         prefix_of(identity.flow, identity.run, identity.step, identity.task, identity.attempt, order.nonce),
     )
     judge = Judge(exchange, order, None, None, print)  # (no evidence comes: nothing is judged, nothing asked)
-    watch = cvm._Watch(cloud, running, exchange, judge, end_key, deadline_s=3600)
-    forgeries = [{"code": 0}, {"code": 0, "mac": "00" * 32}, {"code": 0, "mac": "é" * 64}]
-    for forged in forgeries:
-        exchange.put(ENDED, json.dumps(forged).encode())
-        assert watch() and watch()  # still watching
-    assert capsys.readouterr().err.count("that the CVM did not write is ignored") == len(forgeries)  # once each
+    running = cloud.commit(cloud.provision("endflow-1-score-2-0", compose, []), {})
+    try:
+        watch = cvm._Watch(cloud, running, exchange, judge, end_key, deadline_s=3600)
+        forgeries = [{"code": 0}, {"code": 0, "mac": "00" * 32}, {"code": 0, "mac": "é" * 64}]
+        for forged in forgeries:
+            exchange.put(ENDED, json.dumps(forged).encode())
+            assert watch() and watch()  # still watching
+        assert capsys.readouterr().err.count("that the CVM did not write is ignored") == len(forgeries)  # once each
 
-    cvm_env = {"PATH": os.environ["PATH"], ORDER: order.model_dump_json(), END_KEY: end_key}
-    cvm_env |= {"METAFLOW_CODE_DS": "local", "METAFLOW_CODE_SHA": identity.code_digest}
-    said = [sys.executable, "-I", "-m", "metaflow_stack.confidential.inside", "--ended", "3"]
-    subprocess.run(said, env=cvm_env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
-    assert cvm.end_code(exchange.get(ENDED), end_key) == 3
-    assert cvm.end_code(exchange.get(ENDED), secrets.token_hex(32)) is None
-    assert not watch() and watch.code == METAFLOW_EXIT_DISALLOW_RETRY  # its own end, without evidence: final
-    late = cvm._Watch(cloud, running, Folder(tmp_path / "quiet"), judge, end_key, deadline_s=0)
-    assert not late() and late.code == 1  # past its time (the step's limit and its boot): it may be retried
-    assert f"error: CVM {running} ran past its 0 s" in capsys.readouterr().err
-    cloud.delete(running)
-    cloud.close()
+        cvm_env = {"PATH": os.environ["PATH"], ORDER: order.model_dump_json(), END_KEY: end_key}
+        cvm_env |= {"METAFLOW_CODE_DS": "local", "METAFLOW_CODE_SHA": identity.code_digest}
+        said = [sys.executable, "-I", "-m", "metaflow_stack.confidential.inside", "--ended", "3"]
+        subprocess.run(said, env=cvm_env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+        assert cvm.end_code(exchange.get(ENDED), end_key) == 3
+        assert cvm.end_code(exchange.get(ENDED), secrets.token_hex(32)) is None
+        assert not watch() and watch.code == METAFLOW_EXIT_DISALLOW_RETRY  # its own end, without evidence: final
+        late = cvm._Watch(cloud, running, Folder(tmp_path / "quiet"), judge, end_key, deadline_s=0)
+        assert not late() and late.code == 1  # past its time (the step's limit and its boot): it may be retried
+        assert f"error: CVM {running} ran past its 0 s" in capsys.readouterr().err
+    finally:
+        cloud.delete(running)
+        cloud.close()
 
 
 #: A launcher (``cvm.run``, as the ``confidential step`` trampoline calls it) whose CVM never gives evidence.

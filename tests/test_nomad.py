@@ -207,7 +207,7 @@ def _deploy(
     }
     root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
     line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs), json.dumps(top)]
-    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return name, json.loads(done.stdout.strip().splitlines()[-1])
 
