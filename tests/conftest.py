@@ -110,6 +110,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return MachineScheduling(config, log)
 
 
+def ended_launcher() -> str:
+    """The label (``elsewhere.Launcher``) of a process that named itself and ended: a launcher killed outright."""
+    named = "from metaflow_stack.elsewhere import Launcher; print(Launcher.this().label)"
+    done = subprocess.run([sys.executable, "-c", named], capture_output=True, text=True, check=True, timeout=60)
+    return done.stdout.strip()
+
+
 def need_kind_cluster() -> None:
     """Skip (or fail, where CI requires kind) unless kind's cluster ``KIND_CLUSTER_NAME`` (default ``kind``)
     exists and kubectl is here: GitHub's runners have kind in every job, a cluster only where a job makes one."""

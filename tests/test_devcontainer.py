@@ -176,17 +176,17 @@ def test_a_pools_container_ends_when_its_runtime_is_killed_outright(docker_engin
 
 
 def test_containers_of_a_killed_trampoline_are_removed_by_the_next_run(docker_engine, base_image: str) -> None:
+    from conftest import ended_launcher
+
     from metaflow_stack.devcontainer.launch import LABEL as STEP
     from metaflow_stack.devcontainer.launch import OWNER, remove_orphans
     from metaflow_stack.elsewhere import Launcher
     from metaflow_stack.engines import JobSpec
     from metaflow_stack.engines.docker import DockerEngine
 
-    label = "from metaflow_stack.elsewhere import Launcher; print(Launcher.this().label)"
-    gone = subprocess.run([sys.executable, "-c", label], capture_output=True, text=True, check=True, timeout=60)
-    engine = DockerEngine()  # ``gone`` named itself and ended: a trampoline SIGKILLed mid-step
+    engine = DockerEngine()
     remove_orphans(engine)  # a clean slate: earlier tests' orphans are not this test's
-    owners = {"orphan": gone.stdout.strip(), "alive": Launcher.this().label, "another tool's": "host:1"}
+    owners = {"orphan": ended_launcher(), "alive": Launcher.this().label, "another tool's": "host:1"}
     jobs = {
         name: engine.launch(JobSpec(image=base_image, command=["sleep", "60"], labels={STEP: name, OWNER: owner}))
         for name, owner in owners.items()

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import ended_launcher
 
 from metaflow_stack.elsewhere import Launcher, machine, started_at
 
@@ -17,9 +18,7 @@ def test_a_live_launcher_is_not_gone_and_one_that_ended_is() -> None:
     me = Launcher.this()
     assert Launcher.parse(me.label) == Launcher(me.machine, me.pid, round(me.started, 3))
     assert not Launcher.parse(me.label).gone()
-    named = "from metaflow_stack.elsewhere import Launcher; print(Launcher.this().label)"
-    ended = subprocess.run([sys.executable, "-c", named], capture_output=True, text=True, check=True, timeout=60)
-    assert Launcher.parse(ended.stdout.strip()).gone()
+    assert Launcher.parse(ended_launcher()).gone()
 
 
 def test_a_reused_pid_is_not_taken_for_the_launcher() -> None:

@@ -102,16 +102,13 @@ def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base
 def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Settings) -> None:
     """A trampoline killed outright leaves its job registered; the next run's start purges it, and only it:
     a live trampoline's job and a job that names none (another tool's) stay."""
-    import subprocess
-    import sys
+    from conftest import ended_launcher
 
     from metaflow_stack.elsewhere import Launcher
     from metaflow_stack.nomad.task import OWNER, sweep
 
-    named = "from metaflow_stack.elsewhere import Launcher; print(Launcher.this().label)"
-    ended = subprocess.run([sys.executable, "-c", named], capture_output=True, text=True, check=True, timeout=60)
     prefix = f"mf-sweep-{uuid.uuid4().hex[:8]}-"
-    owners = {"gone": ended.stdout.strip(), "alive": Launcher.this().label, "foreign": "a-host:1"}
+    owners = {"gone": ended_launcher(), "alive": Launcher.this().label, "foreign": "a-host:1"}
     placement = Placement(driver="raw_exec", cpu=0.1, memory=32)
     with NomadClient(nomad_agent) as client:
         for name, owner in owners.items():
