@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import itertools
 import json
 import os
 import re
@@ -173,6 +174,7 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
     apps: dict[str, dict[str, Any]] = {}
     cvms: dict[str, dict[str, Any]] = {}
     deleted: list[dict[str, Any]] = []  # running CVMs once deleted: what their agent was asked, their logs
+    numbers = itertools.count(1)  # a CVM's id, never reused (a deleted one's taken again named a live one)
     kms = keys.PrivateKey(secrets.token_bytes(32))
     attack = {"now": "honest", "key": X25519PrivateKey.generate(), "kms": keys.PrivateKey(secrets.token_bytes(32))}
 
@@ -248,7 +250,7 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
             env = {key: value for key, value in booted.items() if key in found["allowed"]}
         except (KeyError, ValueError, TypeError, InvalidTag):
             env = None  # the CVM would fail to boot
-        cvm_id = str(len(cvms) + 1)
+        cvm_id = str(next(numbers))
         cvms[cvm_id] = {"id": cvm_id, "app_id": body["app_id"], "env": env, "looks": 0, "status": STATES[0]}
         if engine is not None and env is not None:
             agent = GuestAgent(body["app_id"], found["compose_hash"], secrets.token_hex(20))
