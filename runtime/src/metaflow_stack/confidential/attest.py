@@ -14,7 +14,8 @@ three checks, in this order, each refusal naming what failed:
    (MRENCLAVE/MRSIGNER and ISV SVN for SGX; MRTD and RTMRs for TDX) on its
    lists. The measurements are read from the verified report, never from
    the unverified bytes. A dstack CVM's app (its compose hash) is read from
-   its event log only once that log replays to the verified RTMR3.
+   its event log only once that log replays to the verified RTMR3; its
+   parts (``app_parts``) from the app compose that hash is of.
 3. **It speaks for this task**: ``report_data`` must equal ``binding()`` of
    the flow, run, step, task, attempt, the code package's digest, the
    launcher's fresh nonce, the enclave's own public key and the work it
@@ -53,6 +54,23 @@ MAX_QUOTE_BYTES = 64 * 1024
 DSTACK_EVENT_TYPE = 0x08000001
 COMPOSE_HASH_EVENT = "compose-hash"
 MAX_EVENT_LOG_BYTES = 256 * 1024
+#: Bytes a CVM's app compose may have (the step's compose and Phala's pre-launch script: a few KiB).
+MAX_APP_COMPOSE_BYTES = 256 * 1024
+#: The runner that runs the docker compose file and nothing else (``bash`` would run ``bash_script``).
+COMPOSE_RUNNER = "docker-compose"
+#: The fields of dstack's app compose (``dstack-types``' ``AppCompose``, and what Phala stores beside it)
+#: that run nothing in the VM and send nothing of the task out: a pinned app may have any values of them.
+#: The code it runs is checked (``runner``, ``docker_compose_file``, ``pre_launch_script``, and no
+#: ``bash_script`` or ``init_script``), and what it shows (no ``public_logs``, no ``public_sysinfo``). Any
+#: other field is refused: a newer dstack's field may run code this list does not know of.
+_INERT_APP_FIELDS = frozenset({
+    "manifest_version", "name", "features", "public_tcbinfo", "kms_enabled", "gateway_enabled", "tproxy_enabled",
+    "local_key_provider_enabled", "key_provider", "key_provider_id", "allowed_envs", "no_instance_id",
+    "secure_time", "storage_fs", "swap_size", "docker_config", "salt", "version", "snapshotter",
+    "event_log_version", "port_policy",
+})  # fmt: skip
+_CHECKED_APP_FIELDS = frozenset({"runner", "docker_compose_file", "pre_launch_script", "bash_script", "init_script",
+                                 "public_logs", "public_sysinfo"})  # fmt: skip
 #: TD attributes' DEBUG bit (bit 0), and SGX attributes' DEBUG flag (bit 1).
 _TD_DEBUG = 0x01
 _SGX_DEBUG = 0x02
@@ -189,11 +207,17 @@ def _parsed(quote: bytes) -> Any:
 
 
 def verify(
-    quote: bytes, collateral: Any, policy: Policy, expected: bytes, now: int | None = None, event_log: str | None = None
+    quote: bytes,
+    collateral: Any,
+    policy: Policy,
+    expected: bytes,
+    now: int | None = None,
+    event_log: str | None = None,
+    app_compose: str | None = None,
 ) -> Verification:
     """``quote`` checked against ``collateral`` at ``now`` (epoch seconds; default: this moment), then
-    ``policy`` (a TDX quote's app read from ``event_log``, dstack's), then bound to ``expected``
-    (``binding()``); ``AttestationRefused`` naming the first failure."""
+    ``policy`` (a TDX quote's app read from ``event_log`` and ``app_compose``, dstack's), then bound to
+    ``expected`` (``binding()``); ``AttestationRefused`` naming the first failure."""
     import dcap_qvl
 
     _parsed(quote)
@@ -213,7 +237,10 @@ def verify(
         tee, measured = "tdx", next(iter(report.values()))
     status, advisories = verified["status"], verified.get("advisory_ids") or []
     _check_tcb(policy, status, advisories)
-    measurements = _check_sgx(policy, measured) if tee == "sgx" else _check_tdx(policy, measured, event_log)
+    if tee == "sgx":
+        measurements = _check_sgx(policy, measured)
+    else:
+        measurements = _check_tdx(policy, measured, event_log, app_compose)
     found = bytes.fromhex(measured["report_data"])
     if not hmac.compare_digest(found, expected):
         raise AttestationRefused(
@@ -261,7 +288,9 @@ def _check_sgx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]
     return {k: measured[k] for k in ("mr_enclave", "mr_signer", "isv_prod_id", "isv_svn")}
 
 
-def _check_tdx(policy: Policy, measured: dict[str, Any], event_log: str | None) -> dict[str, str | int]:
+def _check_tdx(
+    policy: Policy, measured: dict[str, Any], event_log: str | None, app_compose: str | None
+) -> dict[str, str | int]:
     rules = policy.tdx
     if rules is None:
         raise AttestationRefused("tee", "a TDX VM, and the policy has no [tdx] table")
@@ -274,15 +303,61 @@ def _check_tdx(policy: Policy, measured: dict[str, Any], event_log: str | None) 
     for name in names:
         _allowed(f"tdx.{name}", measured[name], getattr(rules, name))
     found: dict[str, str | int] = {name: measured[name] for name in names}
-    if rules.compose_hash:
+    if rules.compose_hash or rules.docker_compose:
+        pinned = "compose_hash" if rules.compose_hash else "docker_compose"
         if not event_log:
-            raise AttestationRefused("tdx.event_log", "is needed to know the app (the policy pins compose_hash)")
+            raise AttestationRefused("tdx.event_log", f"is needed to know the app (the policy pins {pinned})")
         events = app_events(event_log, measured["rt_mr3"])
         if COMPOSE_HASH_EVENT not in events:
             raise AttestationRefused("tdx.compose_hash", "the event log names none (not a dstack app)")
-        _allowed("tdx.compose_hash", events[COMPOSE_HASH_EVENT], rules.compose_hash)
         found["compose_hash"] = events[COMPOSE_HASH_EVENT]
+    if rules.compose_hash:
+        _allowed("tdx.compose_hash", events[COMPOSE_HASH_EVENT], rules.compose_hash)
+    if rules.docker_compose:
+        if not app_compose:
+            raise AttestationRefused("tdx.app_compose", "is needed to know the app (the policy pins docker_compose)")
+        parts = app_parts(app_compose, events[COMPOSE_HASH_EVENT])
+        _allowed("tdx.docker_compose", parts["docker_compose"], rules.docker_compose)
+        _allowed("tdx.pre_launch_script", parts["pre_launch_script"], rules.pre_launch_script)
+        found |= parts
     return found
+
+
+def app_parts(app_compose: str, compose_hash: str) -> dict[str, str]:
+    """The digests (SHA-256) of the docker compose file and the pre-launch script (of the empty text when
+    there is none) of ``app_compose``, dstack's app compose as the CVM's guest agent gives it, once its own
+    SHA-256 is ``compose_hash`` (the one its event log measures: dstack hashes the file's raw bytes); refused
+    naming the field when the app could run anything else, or would publish the task's logs or system."""
+    raw = app_compose.encode()
+    if len(raw) > MAX_APP_COMPOSE_BYTES:
+        raise AttestationRefused("tdx.app_compose", f"is larger than {MAX_APP_COMPOSE_BYTES // 1024} KiB")
+    if not hmac.compare_digest(hashlib.sha256(raw).hexdigest(), compose_hash.lower()):
+        raise AttestationRefused("tdx.app_compose", "is not the one the event log measures (its hash differs)")
+    try:
+        app = json.loads(app_compose)
+    except ValueError:
+        raise AttestationRefused("tdx.app_compose", "is not JSON (dstack's app compose is)") from None
+    if not isinstance(app, dict):
+        raise AttestationRefused("tdx.app_compose", "is not a JSON object (dstack's app compose is)")
+    unknown = sorted(set(app) - _INERT_APP_FIELDS - _CHECKED_APP_FIELDS)
+    if unknown:
+        raise AttestationRefused(f"tdx.app_compose.{unknown[0]}", "is not a field known to run nothing",
+                                 fix="pin the app's compose_hash instead, having read its app compose")  # fmt: skip
+    if app.get("runner") != COMPOSE_RUNNER:
+        raise AttestationRefused("tdx.app_compose.runner", f"is {app.get('runner')!r}, not {COMPOSE_RUNNER!r}")
+    for name in ("bash_script", "init_script"):
+        if app.get(name):
+            raise AttestationRefused(f"tdx.app_compose.{name}", "runs code besides the step's compose")
+    for name in ("public_logs", "public_sysinfo"):
+        if app.get(name) is not False and name in app:
+            raise AttestationRefused(f"tdx.app_compose.{name}", "is not false: the task's would be public")
+    compose, script = app.get("docker_compose_file"), app.get("pre_launch_script") or ""
+    if not isinstance(compose, str) or not isinstance(script, str):
+        raise AttestationRefused("tdx.app_compose", "names no docker compose file and script as text")
+    return {
+        "docker_compose": hashlib.sha256(compose.encode()).hexdigest(),
+        "pre_launch_script": hashlib.sha256(script.encode()).hexdigest(),
+    }
 
 
 def runtime_event_digest(name: str, payload: bytes) -> bytes:

@@ -2,9 +2,11 @@
 in an Intel TDX confidential VM, its evidence judged before its code runs, its end read, the VM deleted.
 
 **The step's app.** Every task of a step with the same code and settings
-gets the same compose (``app_for``), so its hash, which the CVM's event
-log records in RTMR3, is what a policy's ``[tdx] compose_hash`` pins, as
-MRENCLAVE is for an SGX enclave. The compose fixes the image (by digest),
+gets the same compose (``app_for``), so its digest is what a policy's
+``[tdx] docker_compose`` pins, as MRENCLAVE is for an SGX enclave: the
+keeper reads it from the app compose Phala builds around it, whose hash
+the CVM's event log records in RTMR3 (or the policy pins that whole app
+compose's hash, ``compose_hash``). The compose fixes the image (by digest),
 the command (Metaflow's own: log capture, the code package fetched from the
 datastore and checked against the digest the compose fixes before anything
 of it is unpacked, the step's bootstrap, then the TEE's entry ``inside``),
@@ -95,6 +97,11 @@ class App:
     name: str
     compose: str
     encrypted: dict[str, str]
+
+    @property
+    def docker_compose(self) -> str:
+        """The compose's SHA-256: what a policy's ``docker_compose`` pins, as the CVM's app compose holds it."""
+        return hashlib.sha256(self.compose.encode()).hexdigest()
 
 
 def app_for(
@@ -207,7 +214,8 @@ def run(
             provisioned = cloud.provision(name, app.compose, sorted(app.encrypted), instance_type, app.name)
             cvm = cloud.commit(provisioned, app.encrypted)
             ledger.launched(cloud.base, cvm, name)
-            _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, compose hash "
+            _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, docker compose "
+                 f"{app.docker_compose} (what a policy's docker_compose pins), compose hash "
                  f"{provisioned.compose_hash} (as Phala reports it); {BOOT_S} s to boot, {run_time_limit_s} s to "
                  "run")  # fmt: skip
             record({"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "cvm": cvm})

@@ -183,7 +183,8 @@ def argv(task: TaskOrder) -> list[str]:
 
 def evidence_for(report_data: bytes) -> dict[str, str | None]:
     """The TEE's quote over ``report_data`` (hex), from Gramine's ``/dev/attestation`` in an SGX enclave or from
-    dstack in a TDX VM (with its event log, which names the app); none where there is no attestation
+    dstack in a TDX VM (with its event log, which names the app by its compose's hash, and the app compose
+    that hash is of, which the guest agent's ``Info`` gives); none where there is no attestation
     (``gramine-direct``)."""
     if QUOTE.exists():
         REPORT_DATA.write_bytes(report_data)
@@ -193,11 +194,12 @@ def evidence_for(report_data: bytes) -> dict[str, str | None]:
     from dstack_sdk import DstackClient
 
     try:
-        answer = DstackClient().get_quote(report_data)
+        agent = DstackClient()
+        answer, app_compose = agent.get_quote(report_data), agent.info().tcb_info.app_compose
     except Exception as exc:  # the guest agent's socket is missing, or it refused: there is no evidence
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise SealedError(f"dstack gave no quote: {why}") from None
-    return {"quote": answer.quote, "event_log": answer.event_log}
+    return {"quote": answer.quote, "event_log": answer.event_log, "app_compose": app_compose}
 
 
 def exchange(task: TaskOrder) -> Exchange:

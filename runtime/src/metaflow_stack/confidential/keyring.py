@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pydantic import BaseModel, StringConstraints
 
 from metaflow_stack.confidential.attest import (
+    MAX_APP_COMPOSE_BYTES,
     MAX_EVENT_LOG_BYTES,
     MAX_QUOTE_BYTES,
     AttestationRefused,
@@ -94,6 +95,8 @@ class ReleaseRequest(BaseModel):
     quote: Annotated[str, StringConstraints(pattern=_HEX_BYTES, max_length=2 * MAX_QUOTE_BYTES)] | None = None
     #: A TDX VM's event log (dstack's JSON), which names its app once it replays to the quote's RTMR3.
     event_log: Annotated[str, StringConstraints(max_length=MAX_EVENT_LOG_BYTES)] | None = None
+    #: A TDX VM's app compose (dstack's, as its guest agent gives it), read once its hash is the event log's.
+    app_compose: Annotated[str, StringConstraints(max_length=MAX_APP_COMPOSE_BYTES)] | None = None
 
 
 class Released(BaseModel):
@@ -207,24 +210,26 @@ class Keyring:
             }  # fmt: skip
             scope = "direct"
         else:
-            judged = self._verify(bytes.fromhex(request.quote or ""), policy, bound, int(moment), request.event_log)
+            judged = self._verify(request, policy, bound, int(moment))
             verification = {"attested": True, "mode": request.mode, "policy": request.policy, **judged.model_dump()}
             scope = f"{request.mode}:{request.policy}@{policy.digest[:16]}"
         key = self.data_key(identity.flow, identity.lineage or identity.run, scope)  # a resume: its chain's key
         envelope = envelope_for(key, request.enclave_key, bound, self.signer, scope)
         return Released(envelope=envelope.hex(), verification=verification)
 
-    def _verify(self, quote: bytes, policy: Policy, bound: bytes, now: int, event_log: str | None) -> Verification:
+    def _verify(self, request: ReleaseRequest, policy: Policy, bound: bytes, now: int) -> Verification:
+        quote = bytes.fromhex(request.quote or "")
+        app = {"event_log": request.event_log, "app_compose": request.app_compose}
         collateral = collateral_for(quote, self._collateral, self._pccs_url, self._cache)
         try:
-            return verify(quote, collateral, policy, bound, now=now, event_log=event_log)
+            return verify(quote, collateral, policy, bound, now=now, **app)
         except AttestationRefused as exc:
             if exc.field != "collateral" or self._collateral or self._cache is None:
                 raise
             # The cached copy outlived its window (about a month): fetch fresh collateral once, then judge again.
             (self._cache / cache_name(quote, pccs_url_of(self._pccs_url))).unlink(missing_ok=True)
             fresh = collateral_for(quote, None, self._pccs_url, self._cache)
-            return verify(quote, fresh, policy, bound, now=now, event_log=event_log)
+            return verify(quote, fresh, policy, bound, now=now, **app)
 
 
 def master_secret(path: Path, make: bool = False) -> bytes:

@@ -248,7 +248,7 @@ def _request(task: TaskOrder, evidence: dict[str, Any], settings: Settings) -> R
         return ReleaseRequest(
             identity=task.identity, nonce=task.nonce, work=task.work(), mode=settings.mode,
             enclave_key=evidence.get("enclave_key"), quote=evidence.get("quote"), event_log=evidence.get("event_log"),
-            policy=policy_name(settings.policy) if settings.policy else None,
+            app_compose=evidence.get("app_compose"), policy=policy_name(settings.policy) if settings.policy else None,
         )  # fmt: skip
     except ValidationError as exc:
         where = ".".join(str(p) for p in exc.errors()[0]["loc"])

@@ -8,9 +8,10 @@
 
     [tdx]                      # a TDX confidential VM (Phala Cloud / dstack): mr_td (its firmware), the OS
     mr_td = ["91eb...18b7"]    # image (rt_mr1: kernel, rt_mr2: command line and root file system), and the
-    rt_mr1 = ["0084...9378"]   # app: its dstack compose hash (read from the replayed event log), or an
-    rt_mr2 = ["d833...3132"]   # rt_mr3 (which dstack extends with each CVM's own instance id)
-    compose_hash = ["9a1c...07"]
+    rt_mr1 = ["0084...9378"]   # app: the step's docker compose as its launcher prints it, with the script
+    rt_mr2 = ["d833...3132"]   # Phala runs before it (both read from the app compose the replayed event log
+    docker_compose = ["5f0e...c1"]     # measures), or the whole app's dstack compose hash, or an rt_mr3
+    pre_launch_script = ["e3b0...55"]  # (which dstack extends with each CVM's own instance id)
 
     [tcb]
     allowed_statuses = ["UpToDate", "SWHardeningNeeded"]
@@ -74,6 +75,12 @@ class TdxPolicy(_Table):
     #: The dstack apps allowed (their compose hashes, as the CVM's event log records them in RTMR3): what
     #: the VM runs (the image, its command, the values the compose fixes), as MRENCLAVE is for SGX.
     compose_hash: list[Hex32] = Field(default_factory=list, max_length=256)
+    #: The same app pinned by its parts, read from the app compose whose hash the event log records: the
+    #: docker compose file the step's launcher made (SHA-256, as it prints it), so no hash is taken from
+    #: Phala's API on trust; and the pre-launch script Phala runs before it (SHA-256 of its text; of the empty
+    #: text when there is none), which could do anything in the VM.
+    docker_compose: list[Hex32] = Field(default_factory=list, max_length=256)
+    pre_launch_script: list[Hex32] = Field(default_factory=list, max_length=256)
 
 
 class TcbPolicy(_Table):
@@ -118,24 +125,36 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
             "is needed when only mr_signer is pinned (else any enclave by that signer passes)",
             fix="pin mr_enclave, or the product: isv_prod_id = 1",
         )
-    if policy.tdx is not None and not (policy.tdx.compose_hash or policy.tdx.rt_mr3):
+    if policy.tdx is not None:
+        _check_app(policy.tdx, f"{where}.tdx")
+    return policy.model_copy(update={"digest": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def _check_app(tdx: TdxPolicy, where: str) -> None:
+    """A ``[tdx]`` table pins an app, and the OS image whose guest agent records it."""
+    if not (tdx.compose_hash or tdx.docker_compose or tdx.rt_mr3):
         raise InvalidInput(
-            f"{where}.tdx.compose_hash",
-            "is needed (or rt_mr3): else any app on that VM image passes",
-            fix="list the step's compose hash (its launcher prints it)",
+            f"{where}.docker_compose",
+            "is needed (or compose_hash, or rt_mr3): else any app on that VM image passes",
+            fix="list the step's docker compose digest (its launcher prints it)",
         )
-    if policy.tdx is not None and policy.tdx.compose_hash and not (policy.tdx.rt_mr1 and policy.tdx.rt_mr2):
+    if tdx.docker_compose and not tdx.pre_launch_script:
         raise InvalidInput(
-            f"{where}.tdx.rt_mr1",
-            "and rt_mr2 are needed with compose_hash: the kernel and root file system whose agent records it",
+            f"{where}.pre_launch_script",
+            "is needed with docker_compose: the script Phala runs in the VM before the compose",
+            fix="list its SHA-256 (a refusal names the one the VM ran; e3b0c442...b855 when there is none)",
+        )
+    if (tdx.compose_hash or tdx.docker_compose) and not (tdx.rt_mr1 and tdx.rt_mr2):
+        raise InvalidInput(
+            f"{where}.rt_mr1",
+            "and rt_mr2 are needed with an app pinned: the kernel and root file system whose agent records it",
             fix="pin the dstack OS image's rt_mr1 and rt_mr2 (a dev image, or another kernel, could record any)",
         )
-    return policy.model_copy(update={"digest": hashlib.sha256(text.encode()).hexdigest()})
 
 
 def _fix(location: tuple) -> str:
     name = str(next((p for p in reversed(location) if isinstance(p, str)), ""))
-    if name in ("mr_enclave", "mr_signer", "compose_hash"):
+    if name in ("mr_enclave", "mr_signer", "compose_hash", "docker_compose", "pre_launch_script"):
         return "a 32-byte measurement as 64 hex digits"
     if name.startswith(("mr_td", "rt_mr")):
         return "a 48-byte measurement as 96 hex digits"
