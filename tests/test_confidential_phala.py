@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import need
+from conftest import ended_launcher, need
 from devservers import phala_double
 
 from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for, encrypt_env
@@ -245,14 +245,21 @@ def test_a_cvm_whose_launcher_was_killed_outright_is_deleted_at_the_next_runs_st
     ledger.launched(base, live, "leakflow-7-score-3-0")  # this process keeps it: alive
     ledger.launched(base + "/elsewhere", killed, "on-another-api")
     (ledger.folder / "torn.json").write_text("{")
+    # A launcher killed while its commit was on the way: its note names the CVM by its app.
+    sent = cloud.provision("leakflow-7-score-4-0", compose, ["S"])
+    in_flight = cloud.commit(sent, {"S": "x"})
+    note = {"cvm": cloud.by_app(sent.app_id), "name": "leakflow-7-score-4-0", "api": base, "launcher": ended_launcher()}
+    (ledger.folder / "in-flight.json").write_text(json.dumps(note))
 
-    assert ledger.sweep(cloud) == ["leakflow-7-score-2-0"]
+    assert sorted(ledger.sweep(cloud)) == ["leakflow-7-score-2-0", "leakflow-7-score-4-0"]
     assert httpx.get(f"{_double(base)}/cvms/{killed}").json() is None
+    assert httpx.get(f"{_double(base)}/cvms/{in_flight}").json() is None
     assert httpx.get(f"{_double(base)}/cvms/{live}").json() is not None
     assert len(list(ledger.folder.glob("*.json"))) == 2  # the live one's note and the other API's; the torn gone
     assert ledger.sweep(cloud) == []
     cloud.delete(live)
-    ledger.deleted(base, live)
+    ledger.deleted(base, "leakflow-7-score-3-0")
+    assert len(list(ledger.folder.glob("*.json"))) == 1
     cloud.close()
 
 
@@ -262,14 +269,16 @@ def test_on_phala_cloud_itself() -> None:
     need("phala-cloud", bool(os.environ.get("METAFLOW_STACK_PHALA_KMS_SIGNER")), "pin the KMS (the job's variable)")
     cloud = PhalaCloud()
     compose = compose_for("busybox:1.36", ["sh", "-c", "echo confidential; sleep 60"], ["GREETING"])
-    cvm = cloud.commit(
-        cloud.provision(f"mfstack-test-{secrets.token_hex(3)}", compose, ["GREETING"]), {"GREETING": "hi"}
-    )
+    provisioned = cloud.provision(f"mfstack-test-{secrets.token_hex(3)}", compose, ["GREETING"])
+    cvm = cloud.commit(provisioned, {"GREETING": "hi"})
     try:
         assert cloud.wait(cvm, {"running"}, timeout_s=900, every_s=10) == "running"
         assert cloud.attestation(cvm)["is_online"] is True
     finally:
-        cloud.delete(cvm)
+        try:  # by its app, as a run's start deletes a CVM noted before its commit answered
+            cloud.delete(cloud.by_app(provisioned.app_id))
+        finally:
+            cloud.delete(cvm, missing_ok=True)
 
 
 def test_every_task_of_a_step_is_one_app_whose_compose_fixes_what_a_policy_pins() -> None:

@@ -24,7 +24,7 @@ service would refuse it:
 - ``GET /cvms/{id}/state``: ``starting``, then ``running`` from the next look on (a CVM runs on after
   its container ends, until deleted); ``GET /cvms/{id}/attestation``: ``is_online``,
   ``app_certificates`` and ``tcb_info`` (the public TDX sample's measurements); ``DELETE /cvms/{id}``;
-  an unknown id is 404.
+  an unknown id is 404. Where these name a CVM, ``app_`` and its app's id name it too.
 
 With ``engine`` (a python-on-whales client), a committed CVM also *runs*: its compose's ``task`` service as a
 container of that engine, as dstack would start it (the image pulled, ``$$`` and ``${NAME}`` interpolated from
@@ -278,8 +278,13 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
             cvms[cvm_id] |= {"agent": agent, "container": _start(engine, found["compose"], env, agent, name)}
         return JSONResponse({"id": cvm_id, "name": cvm_id, "status": STATES[0]})
 
+    def _id(cvm_id: str) -> str:
+        """The CVM's own id for ``cvm_id``: its id, or ``app_`` and its app's id (as Phala's SDK names one)."""
+        app_id = cvm_id.removeprefix("app_") if cvm_id.startswith("app_") else None
+        return next((cvm["id"] for cvm in cvms.values() if cvm["app_id"] == app_id), cvm_id)
+
     def _cvm(cvm_id: str) -> dict[str, Any] | None:
-        return cvms.get(cvm_id)
+        return cvms.get(_id(cvm_id))
 
     @app.get("/api/v1/cvms/{cvm_id}/state")
     def state(cvm_id: str) -> Response:
@@ -301,7 +306,7 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
 
     @app.delete("/api/v1/cvms/{cvm_id}")
     def delete(cvm_id: str) -> Response:
-        cvm = cvms.pop(cvm_id, None)
+        cvm = cvms.pop(_id(cvm_id), None)
         if cvm is None:
             return _error(404, "CVM not found")
         if "container" in cvm:

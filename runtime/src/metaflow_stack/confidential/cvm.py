@@ -212,6 +212,8 @@ def run(
     try:
         with stopped_by_signals():  # (a SIGTERM while it is committed is a Ctrl-C: the CVM is then deleted)
             provisioned = cloud.provision(name, app.compose, sorted(app.encrypted), instance_type, app.name)
+            cvm = cloud.by_app(provisioned.app_id)  # noted before the commit: a launcher may die while it is sent
+            ledger.launched(cloud.base, cvm, name)
             cvm = cloud.commit(provisioned, app.encrypted)
             ledger.launched(cloud.base, cvm, name)
             _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, docker compose "
@@ -236,7 +238,7 @@ def run(
                     _say(f"could not delete CVM {cvm} ({exc.message}): the next run's start tries again, or delete "
                          "it in Phala Cloud's dashboard")  # fmt: skip
                 else:
-                    ledger.deleted(cloud.base, cvm)
+                    ledger.deleted(cloud.base, name)
 
 
 class _Watch:

@@ -4,12 +4,14 @@ A CVM is billed until it is deleted. Ctrl-C or SIGTERM have its launcher
 delete it; SIGKILL, a crash or a reboot do not. Phala's API keeps nothing
 on a CVM that could name its launcher (the compose is the step's, the same
 for every task), so each launcher notes its CVM and itself (this machine's
-boot, its pid and start time) in the state folder as soon as the CVM is
-committed, and drops the note once the CVM is deleted. A run's start
-deletes the CVMs whose launcher on this machine is gone (``Ledger.sweep``),
-as ``@nomad`` purges its jobs. A CVM committed in the instant before its
-launcher was killed, or noted on a machine lost for good, is deleted in
-Phala Cloud's dashboard.
+boot, its pid and start time) in the state folder, and drops the note once
+the CVM is deleted. The note is written before the commit, naming the CVM
+by its app (``PhalaCloud.by_app``: a provision's app has one CVM), so a
+launcher killed while its commit is on the way leaves it noted too; once
+committed, the CVM's own id replaces it. A run's start deletes the CVMs
+whose launcher on this machine is gone (``Ledger.sweep``), as ``@nomad``
+purges its jobs. A CVM noted on a machine lost for good is deleted in Phala
+Cloud's dashboard.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from metaflow_stack.local_secrets import keep
 
 @dataclass(frozen=True)
 class Launched:
-    """One CVM that the launcher ``launcher`` (``elsewhere.Launcher.label``) keeps running."""
+    """One CVM that the launcher ``launcher`` (``elsewhere.Launcher.label``) keeps running: ``cvm`` is its id,
+    or its app's (``PhalaCloud.by_app``) while it is being committed."""
 
     cvm: str
     name: str
@@ -35,18 +38,20 @@ class Launched:
 
 
 class Ledger:
-    """The notes in ``state_dir``, one file per CVM, each written whole (``local_secrets.keep``)."""
+    """The notes in ``state_dir``, one file per CVM (by its API and name, which is the attempt's), each written
+    whole (``local_secrets.keep``)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.folder = state_dir / "confidential" / "cvms"
 
     def launched(self, api: str, cvm: str, name: str) -> None:
-        """Note that this process keeps ``cvm`` (``name``) running on the API at ``api``."""
+        """Note that this process keeps the CVM ``name`` (``cvm``: its id, or its app's before the commit has
+        answered) running on the API at ``api``."""
         note = Launched(cvm, name, api, Launcher.this().label)
-        keep(self._note(api, cvm), json.dumps(asdict(note)))
+        keep(self._note(api, name), json.dumps(asdict(note)))
 
-    def deleted(self, api: str, cvm: str) -> None:
-        self._note(api, cvm).unlink(missing_ok=True)
+    def deleted(self, api: str, name: str) -> None:
+        self._note(api, name).unlink(missing_ok=True)
 
     def sweep(self, cloud: PhalaCloud) -> list[str]:
         """Delete the CVMs on ``cloud``'s API whose launcher on this machine is gone; their names. A note that
@@ -69,6 +74,6 @@ class Ledger:
             swept.append(note.name)
         return swept
 
-    def _note(self, api: str, cvm: str) -> Path:
-        # Named by a digest: an id is the API's answer, never a file name of its choosing.
-        return self.folder / f"{hashlib.sha256(f'{api} {cvm}'.encode()).hexdigest()[:32]}.json"
+    def _note(self, api: str, name: str) -> Path:
+        # Named by a digest: never a file name of the API's or a flow's choosing.
+        return self.folder / f"{hashlib.sha256(f'{api} {name}'.encode()).hexdigest()[:32]}.json"

@@ -226,6 +226,14 @@ class PhalaCloud:
     def attestation(self, cvm: str) -> dict[str, Any]:
         return self._call("GET", f"/cvms/{cvm}/attestation")
 
+    @staticmethod
+    def by_app(app_id: str) -> str:
+        """The id that names the CVM of the provisioned app ``app_id`` in the API's ``/cvms/{id}`` paths
+        (``app_`` and the app id, as Phala's SDK writes it): what a launcher has before its commit answers."""
+        if not _KMS_ID.match(app_id):
+            raise PhalaError(f"the provision names app {app_id!r}: not an id")
+        return f"app_{app_id}"
+
     def delete(self, cvm: str, missing_ok: bool = False) -> None:
         """Delete ``cvm``; with ``missing_ok``, one already gone (404) is no error."""
         self._call("DELETE", f"/cvms/{cvm}", missing_ok=missing_ok)
