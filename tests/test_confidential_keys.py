@@ -255,7 +255,7 @@ def test_the_services_own_policy_files_are_listed_with_what_is_wrong_with_them(t
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read_declared_or_streamed(service: tuple[str, Path]) -> None:
     url, _ = service
-    from metaflow_stack.confidential.attest import MAX_EVENT_LOG_BYTES
+    from metaflow_stack.confidential.dstack_app import MAX_EVENT_LOG_BYTES
     from metaflow_stack.confidential.service import MAX_BODY_BYTES
 
     declared = httpx.post(f"{url}/v1/releases", content=b"x" * (MAX_BODY_BYTES + 1))

@@ -288,6 +288,7 @@ def test_every_task_of_a_step_is_one_app_whose_compose_fixes_what_a_policy_pins(
     from metaflow.metaflow_environment import MetaflowEnvironment
 
     from metaflow_stack.confidential import cvm
+    from metaflow_stack.confidential.cvm_variables import ENCRYPTED
     from metaflow_stack.confidential.inside import TaskOrder
 
     def app(task: str, attempt: int) -> cvm.App:
@@ -302,6 +303,7 @@ def test_every_task_of_a_step_is_one_app_whose_compose_fixes_what_a_policy_pins(
 
     first, second = app("3", 0), app("4", 1)
     assert first.compose == second.compose and first.encrypted != second.encrypted
+    assert set(first.encrypted) == ENCRYPTED  # the only names its app compose may allow (dstack_app)
     service = json.loads(first.compose)["services"]["task"]
     fixed = service["environment"]
     assert (fixed["METAFLOW_STACK_CONFIDENTIAL_POLICY"], fixed["METAFLOW_CODE_SHA"]) == ("prod", "abc")

@@ -35,14 +35,14 @@ import hmac
 import json
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
+from metaflow_stack.confidential.dstack_app import app_of
 from metaflow_stack.confidential.policy import Policy
-from metaflow_stack.errors import StackError
+from metaflow_stack.confidential.refusal import AttestationRefused, allowed
 
 #: The PCCS asked for collateral when none is given (Phala's public one; Intel's PCS also works).
 DEFAULT_PCCS_URL = "https://pccs.phala.network"
@@ -50,45 +50,9 @@ DEFAULT_PCCS_URL = "https://pccs.phala.network"
 COLLATERAL_TIMEOUT_S = 30
 #: Bytes a quote may have (an SGX quote is about 4.6 KB, a TDX one about 5 KB, with certificates).
 MAX_QUOTE_BYTES = 64 * 1024
-#: dstack's runtime events (extended into RTMR3), the one naming the app's compose, and a log's size at most.
-DSTACK_EVENT_TYPE = 0x08000001
-COMPOSE_HASH_EVENT = "compose-hash"
-MAX_EVENT_LOG_BYTES = 256 * 1024
-#: Bytes a CVM's app compose may have (the step's compose and Phala's pre-launch script: a few KiB).
-MAX_APP_COMPOSE_BYTES = 256 * 1024
-#: The runner that runs the docker compose file and nothing else (``bash`` would run ``bash_script``).
-COMPOSE_RUNNER = "docker-compose"
-#: The fields of dstack's app compose (``dstack-types``' ``AppCompose``, and what Phala stores beside it)
-#: that run nothing in the VM and send nothing of the task out: a pinned app may have any values of them.
-#: The code it runs is checked (``runner``, ``docker_compose_file``, ``pre_launch_script``, and no
-#: ``bash_script`` or ``init_script``), and what it shows (no ``public_logs``, no ``public_sysinfo``). Any
-#: other field is refused: a newer dstack's field may run code this list does not know of.
-_INERT_APP_FIELDS = frozenset({
-    "manifest_version", "name", "features", "public_tcbinfo", "kms_enabled", "gateway_enabled", "tproxy_enabled",
-    "local_key_provider_enabled", "key_provider", "key_provider_id", "allowed_envs", "no_instance_id",
-    "secure_time", "storage_fs", "swap_size", "docker_config", "salt", "version", "snapshotter",
-    "event_log_version", "port_policy",
-})  # fmt: skip
-_CHECKED_APP_FIELDS = frozenset({"runner", "docker_compose_file", "pre_launch_script", "bash_script", "init_script",
-                                 "public_logs", "public_sysinfo"})  # fmt: skip
 #: TD attributes' DEBUG bit (bit 0), and SGX attributes' DEBUG flag (bit 1).
 _TD_DEBUG = 0x01
 _SGX_DEBUG = 0x02
-
-
-class AttestationRefused(StackError):
-    """Evidence that does not let the task's results be trusted; ``field`` names the check that failed."""
-
-    code = "attestation_refused"
-
-    def __init__(self, field: str, message: str, fix: str | None = None) -> None:
-        super().__init__(f"{field}: {message}", fix)
-        self.field = field
-
-    @property
-    def details(self) -> dict[str, str]:
-        """What an HTTP answer names (``api_errors``): the check that failed."""
-        return {"field": self.field}
 
 
 class Verification(BaseModel):
@@ -267,11 +231,6 @@ def _check_tcb(policy: Policy, status: str, advisories: list[str]) -> None:
         raise AttestationRefused("tcb.advisories", f"{', '.join(unexpected)} not allowed by the policy")
 
 
-def _allowed(field: str, value: str, allowed: list[str]) -> None:
-    if allowed and value.lower() not in allowed:
-        raise AttestationRefused(field, f"{value} is not one the policy allows")
-
-
 def _check_sgx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]:
     rules = policy.sgx
     if rules is None:
@@ -279,8 +238,8 @@ def _check_sgx(policy: Policy, measured: dict[str, Any]) -> dict[str, str | int]
     flags = int.from_bytes(bytes.fromhex(measured["attributes"])[:8], "little")
     if flags & _SGX_DEBUG and not policy.tcb.allow_debug:
         raise AttestationRefused("debug", "a debug enclave (its memory can be read from outside)")
-    _allowed("sgx.mr_enclave", measured["mr_enclave"], rules.mr_enclave)
-    _allowed("sgx.mr_signer", measured["mr_signer"], rules.mr_signer)
+    allowed("sgx.mr_enclave", measured["mr_enclave"], rules.mr_enclave)
+    allowed("sgx.mr_signer", measured["mr_signer"], rules.mr_signer)
     if rules.isv_prod_id is not None and measured["isv_prod_id"] != rules.isv_prod_id:
         raise AttestationRefused("sgx.isv_prod_id", f"{measured['isv_prod_id']} is not {rules.isv_prod_id}")
     if measured["isv_svn"] < rules.min_isv_svn:
@@ -301,96 +260,6 @@ def _check_tdx(
         raise AttestationRefused("debug", "a debug TD (its memory can be read from outside)")
     names = ("mr_td", "rt_mr0", "rt_mr1", "rt_mr2", "rt_mr3")
     for name in names:
-        _allowed(f"tdx.{name}", measured[name], getattr(rules, name))
+        allowed(f"tdx.{name}", measured[name], getattr(rules, name))
     found: dict[str, str | int] = {name: measured[name] for name in names}
-    if rules.compose_hash or rules.docker_compose:
-        pinned = "compose_hash" if rules.compose_hash else "docker_compose"
-        if not event_log:
-            raise AttestationRefused("tdx.event_log", f"is needed to know the app (the policy pins {pinned})")
-        events = app_events(event_log, measured["rt_mr3"])
-        if COMPOSE_HASH_EVENT not in events:
-            raise AttestationRefused("tdx.compose_hash", "the event log names none (not a dstack app)")
-        found["compose_hash"] = events[COMPOSE_HASH_EVENT]
-    if rules.compose_hash:
-        _allowed("tdx.compose_hash", events[COMPOSE_HASH_EVENT], rules.compose_hash)
-    if rules.docker_compose:
-        if not app_compose:
-            raise AttestationRefused("tdx.app_compose", "is needed to know the app (the policy pins docker_compose)")
-        parts = app_parts(app_compose, events[COMPOSE_HASH_EVENT])
-        _allowed("tdx.docker_compose", parts["docker_compose"], rules.docker_compose)
-        _allowed("tdx.pre_launch_script", parts["pre_launch_script"], rules.pre_launch_script)
-        found |= parts
-    return found
-
-
-def app_parts(app_compose: str, compose_hash: str) -> dict[str, str]:
-    """The digests (SHA-256) of the docker compose file and the pre-launch script (of the empty text when
-    there is none) of ``app_compose``, dstack's app compose as the CVM's guest agent gives it, once its own
-    SHA-256 is ``compose_hash`` (the one its event log measures: dstack hashes the file's raw bytes); refused
-    naming the field when the app could run anything else, or would publish the task's logs or system."""
-    raw = app_compose.encode()
-    if len(raw) > MAX_APP_COMPOSE_BYTES:
-        raise AttestationRefused("tdx.app_compose", f"is larger than {MAX_APP_COMPOSE_BYTES // 1024} KiB")
-    if not hmac.compare_digest(hashlib.sha256(raw).hexdigest(), compose_hash.lower()):
-        raise AttestationRefused("tdx.app_compose", "is not the one the event log measures (its hash differs)")
-    try:
-        app = json.loads(app_compose)
-    except ValueError:
-        raise AttestationRefused("tdx.app_compose", "is not JSON (dstack's app compose is)") from None
-    if not isinstance(app, dict):
-        raise AttestationRefused("tdx.app_compose", "is not a JSON object (dstack's app compose is)")
-    unknown = sorted(set(app) - _INERT_APP_FIELDS - _CHECKED_APP_FIELDS)
-    if unknown:
-        raise AttestationRefused(f"tdx.app_compose.{unknown[0]}", "is not a field known to run nothing",
-                                 fix="pin the app's compose_hash instead, having read its app compose")  # fmt: skip
-    if app.get("runner") != COMPOSE_RUNNER:
-        raise AttestationRefused("tdx.app_compose.runner", f"is {app.get('runner')!r}, not {COMPOSE_RUNNER!r}")
-    for name in ("bash_script", "init_script"):
-        if app.get(name):
-            raise AttestationRefused(f"tdx.app_compose.{name}", "runs code besides the step's compose")
-    for name in ("public_logs", "public_sysinfo"):
-        if app.get(name) is not False and name in app:
-            raise AttestationRefused(f"tdx.app_compose.{name}", "is not false: the task's would be public")
-    compose, script = app.get("docker_compose_file"), app.get("pre_launch_script") or ""
-    if not isinstance(compose, str) or not isinstance(script, str):
-        raise AttestationRefused("tdx.app_compose", "names no docker compose file and script as text")
-    return {
-        "docker_compose": hashlib.sha256(compose.encode()).hexdigest(),
-        "pre_launch_script": hashlib.sha256(script.encode()).hexdigest(),
-    }
-
-
-def runtime_event_digest(name: str, payload: bytes) -> bytes:
-    """dstack's digest of a runtime event: SHA-384 of its type (4 bytes, little-endian), ``:``, its name,
-    ``:``, its payload (so the payload, not a digest the log states, is what RTMR3 holds)."""
-    return hashlib.sha384(DSTACK_EVENT_TYPE.to_bytes(4, "little") + b":" + name.encode() + b":" + payload).digest()
-
-
-def replay_rtmr(digests: list[bytes]) -> str:
-    """An RTMR after extending it, from zero, with each of ``digests`` in order (TDX's extend: SHA-384 of the
-    register and the digest)."""
-    register = bytes(48)
-    for digest in digests:
-        register = hashlib.sha384(register + digest).digest()
-    return register.hex()
-
-
-def app_events(event_log: str, rt_mr3: str) -> dict[str, str]:
-    """dstack's runtime events of a CVM's event log (JSON, as dstack's ``GetQuote`` gives it), as
-    ``{name: payload hex}`` (``compose-hash``, ``app-id``, ``instance-id``...), once their digests, each
-    recomputed from its payload, replay to ``rt_mr3``, the verified quote's: a log that was edited, or is
-    another CVM's, replays to another value. An event named twice is refused (which one would count?)."""
-    if len(event_log) > MAX_EVENT_LOG_BYTES:
-        raise AttestationRefused("tdx.event_log", f"is larger than {MAX_EVENT_LOG_BYTES // 1024} KiB")
-    try:
-        entries = json.loads(event_log)
-        runtime = [e for e in entries if e.get("event_type") == DSTACK_EVENT_TYPE]
-        events = [(str(e["event"]), bytes.fromhex(str(e["event_payload"]))) for e in runtime]
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise AttestationRefused("tdx.event_log", "is not dstack's event log") from None
-    if not hmac.compare_digest(replay_rtmr([runtime_event_digest(n, p) for n, p in events]), rt_mr3.lower()):
-        raise AttestationRefused("tdx.event_log", "does not replay to the quote's rt_mr3 (edited, or another VM's)")
-    twice = sorted(name for name, count in Counter(name for name, _ in events).items() if count > 1)
-    if twice:
-        raise AttestationRefused("tdx.event_log", f"names {twice[0]} twice")
-    return {name: payload.hex() for name, payload in events}
+    return found | app_of(rules, measured["rt_mr3"], event_log, app_compose)

@@ -43,20 +43,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from metaflow_stack.confidential import KEEPER_KEY
+from metaflow_stack.confidential.cvm_variables import ATTEMPT, END_KEY, ORDER, SETTINGS
 from metaflow_stack.confidential.exchange import ENDED, Exchange
 from metaflow_stack.confidential.inputs import TRUST
-from metaflow_stack.confidential.inside import (
-    CREDENTIALS,
-    END_KEY,
-    MODE,
-    ORDER,
-    POLICY,
-    SETTINGS,
-    STEP,
-    TaskOrder,
-    end_mac,
-    is_setting,
-)
+from metaflow_stack.confidential.inside import CREDENTIALS, MODE, POLICY, STEP, TaskOrder, end_mac, is_setting
 from metaflow_stack.confidential.keyring import policy_name
 from metaflow_stack.confidential.ledger import Ledger
 from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for
@@ -78,8 +68,6 @@ CHECK_PACKAGE = (
     'echo \\"$METAFLOW_CODE_SHA  job.tar\\" | sha1sum --check --status - '
     "|| { mflog 'The fetched code package is not the one the compose fixes: it is not unpacked.'; false; }"
 )
-#: The variables that name the attempt in the command's log capture (encrypted: they differ per task).
-_ATTEMPT = {"run_id": "MF_TASK_RUN", "task_id": "MF_TASK_ID", "attempt": "MF_TASK_ATTEMPT"}
 #: Seconds a CVM has to boot, pull its image and give its evidence.
 BOOT_S = 1800
 #: Seconds between looks at the CVM's state, and at the exchange.
@@ -122,7 +110,7 @@ def app_for(
         raise StackError(f"image {image} is not named by its digest", fix="image='registry/name@sha256:...'")
     metadata, sha, url = package
     identity = task.identity
-    ids = {"flow": identity.flow, "step": identity.step} | {key: f"${{{name}}}" for key, name in _ATTEMPT.items()}
+    ids = {"flow": identity.flow, "step": identity.step} | {key: f"${{{name}}}" for key, name in ATTEMPT.items()}
     command = task_command(
         environment, datastore, ids, (metadata, url), ENTRY, workdir=WORKDIR, logs=LOGS, after=AFTER,
         before_extracting=CHECK_PACKAGE,
@@ -143,8 +131,8 @@ def app_for(
     settings = {key: value for key, value in variables.items() if is_setting(key) and key not in fixed}
     settings |= {name: os.environ[name] for name in CREDENTIALS if os.environ.get(name)}
     encrypted = {SETTINGS: json.dumps(settings, sort_keys=True), ORDER: task.model_dump_json()}
-    encrypted |= {_ATTEMPT["run_id"]: identity.run, _ATTEMPT["task_id"]: identity.task}
-    encrypted[_ATTEMPT["attempt"]] = str(identity.attempt)
+    encrypted |= {ATTEMPT["run_id"]: identity.run, ATTEMPT["task_id"]: identity.task}
+    encrypted[ATTEMPT["attempt"]] = str(identity.attempt)
     encrypted[END_KEY] = secrets.token_hex(32)
     return App(app_name(identity.flow, identity.step), compose_for(image, command, sorted(encrypted), fixed), encrypted)
 

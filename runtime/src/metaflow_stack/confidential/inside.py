@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from metaflow_stack.confidential import KEEPER_KEY
 from metaflow_stack.confidential.attest import TaskIdentity, binding
+from metaflow_stack.confidential.cvm_variables import END_KEY, ORDER, SETTINGS
 from metaflow_stack.confidential.exchange import (
     ENDED,
     ENVELOPE,
@@ -69,10 +70,8 @@ QUOTE = Path("/dev/attestation/quote")
 KEY_WAIT_S = 120
 #: A CVM's step, fixed in its compose: it runs a task of that step only.
 STEP = "METAFLOW_STACK_CONFIDENTIAL_STEP"
-#: A CVM's Metaflow settings and datastore credentials (JSON, encrypted to it), and the names they may have:
-#: Metaflow's settings and AWS's credentials, never a variable that changes what code runs or what the
-#: compose fixes (``settings_exports``).
-SETTINGS = "METAFLOW_STACK_CONFIDENTIAL_SETTINGS"
+#: The names a CVM's settings (``cvm_variables.SETTINGS``) may have: Metaflow's settings and AWS's credentials,
+#: never a variable that changes what code runs or what the compose fixes (``settings_exports``).
 SETTING_NAME = re.compile(r"METAFLOW_[A-Z0-9_]{1,200}")
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 #: Metaflow's settings a CVM never takes from the launcher: the stack's own (what the compose fixes), the code
@@ -92,11 +91,6 @@ _INPUT_PATHS = re.compile(r"\$\{(METAFLOW_INPUT_PATHS_\d+)\}")
 
 #: The only variables an order may set: the input paths too long for a command line (``trampolines``).
 _ORDER_ENV = re.compile(r"^METAFLOW_INPUT_PATHS_\d+$")
-#: Where the enclave's entry hands the order it read, once, to the task it starts (enclave memory).
-ORDER = "METAFLOW_STACK_CONFIDENTIAL_ORDER"
-#: A CVM's key for saying how its task ended (encrypted to it, new each attempt): an end in the exchange that
-#: it does not authenticate is not its CVM's (whoever may write the run's datastore could put one there).
-END_KEY = "METAFLOW_STACK_CONFIDENTIAL_END_KEY"
 
 
 class TaskOrder(BaseModel):
@@ -193,12 +187,16 @@ def evidence_for(report_data: bytes) -> dict[str, str | None]:
         return {"quote": None, "event_log": None}
     from dstack_sdk import DstackClient
 
+    agent = DstackClient()
     try:
-        agent = DstackClient()
-        answer, app_compose = agent.get_quote(report_data), agent.info().tcb_info.app_compose
+        answer = agent.get_quote(report_data)
     except Exception as exc:  # the guest agent's socket is missing, or it refused: there is no evidence
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise SealedError(f"dstack gave no quote: {why}") from None
+    try:
+        app_compose = agent.info().tcb_info.app_compose
+    except Exception:  # an older guest agent: only a policy that pins docker_compose needs it, and says so
+        app_compose = None
     return {"quote": answer.quote, "event_log": answer.event_log, "app_compose": app_compose}
 
 

@@ -46,8 +46,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from pydantic import BaseModel, StringConstraints
 
 from metaflow_stack.confidential.attest import (
-    MAX_APP_COMPOSE_BYTES,
-    MAX_EVENT_LOG_BYTES,
     MAX_QUOTE_BYTES,
     AttestationRefused,
     TaskIdentity,
@@ -59,6 +57,7 @@ from metaflow_stack.confidential.attest import (
     quote_kind,
     verify,
 )
+from metaflow_stack.confidential.dstack_app import MAX_APP_COMPOSE_BYTES, MAX_EVENT_LOG_BYTES
 from metaflow_stack.confidential.keyrelease import envelope_for, public_hex
 from metaflow_stack.confidential.policy import Policy
 from metaflow_stack.errors import InvalidInput, StackError

@@ -138,6 +138,12 @@ def _check_app(tdx: TdxPolicy, where: str) -> None:
             "is needed (or compose_hash, or rt_mr3): else any app on that VM image passes",
             fix="list the step's docker compose digest (its launcher prints it)",
         )
+    if tdx.pre_launch_script and not tdx.docker_compose:
+        raise InvalidInput(
+            f"{where}.docker_compose",
+            "is needed with pre_launch_script: the script is checked only in an app pinned by its docker compose",
+            fix="list the step's docker compose digest (its launcher prints it), or pin compose_hash alone",
+        )
     if tdx.docker_compose and not tdx.pre_launch_script:
         raise InvalidInput(
             f"{where}.pre_launch_script",

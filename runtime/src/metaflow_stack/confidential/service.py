@@ -34,7 +34,8 @@ from pydantic import BaseModel
 
 from metaflow_stack import api_errors
 from metaflow_stack.api_errors import ApiError, error_response
-from metaflow_stack.confidential.attest import MAX_EVENT_LOG_BYTES, MAX_QUOTE_BYTES, AttestationRefused
+from metaflow_stack.confidential.attest import MAX_QUOTE_BYTES, AttestationRefused
+from metaflow_stack.confidential.dstack_app import MAX_APP_COMPOSE_BYTES, MAX_EVENT_LOG_BYTES
 from metaflow_stack.confidential.keyring import NONCE_TTL_S, KeeperKey, Keyring, Released, ReleaseRequest
 from metaflow_stack.confidential.policy import Policy, load_policy
 from metaflow_stack.errors import StackError
@@ -44,7 +45,7 @@ from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddlewar
 OPEN_PATHS = frozenset({"/health", "/ready"})
 #: A release request's bytes at most: a hex quote (128 KiB), a TDX VM's event log (256 KiB, which JSON may
 #: escape to twice that), and the rest.
-MAX_BODY_BYTES = 2 * MAX_QUOTE_BYTES + 2 * MAX_EVENT_LOG_BYTES + 32 * 1024
+MAX_BODY_BYTES = 2 * MAX_QUOTE_BYTES + 2 * MAX_EVENT_LOG_BYTES + 2 * MAX_APP_COMPOSE_BYTES + 32 * 1024
 #: Seconds a release waits for a verification slot before it is answered 503 (the launcher asks again).
 SLOT_WAIT_S = 30.0
 _log = logging.getLogger("metaflow_stack.key_release")
