@@ -18,12 +18,14 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
   Metaflow's Client API (``Task.loglines``, which reads the whole log).
 
     python bench/metadata_service.py [--runs 100000] [--tasks 10000] [--seconds 2] [--rounds 9] [--log-mb 1024]
+                                     [--only pages,failures,fan-out,logs,writes]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -533,6 +536,20 @@ def _fill_log(url: str, events: int) -> None:
         copy_rows(cur, "events", "flow_id, kind, body, ts_epoch", ((FLOW, "metadata", "{}", 0) for _ in range(events)))
 
 
+#: What the script measures, each runnable alone (``--only``).
+SECTIONS = ("pages", "failures", "fan-out", "logs", "writes")
+
+
+@contextlib.contextmanager
+def _broker(workdir: Path) -> Iterator[str | None]:
+    """NATS JetStream's URL for the relay, when installed; else None (the in-process bus)."""
+    if not shutil.which("nats-server"):
+        yield None
+        return
+    with nats_server(workdir) as nats:
+        yield nats.url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
@@ -541,7 +558,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="rounds of write slices per width")
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--log-mb", type=int, default=1024, help="size of the task log whose tail is read")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"the sections to run, comma-separated (of {', '.join(SECTIONS)})"
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        parser.error(f"--only: {', '.join(sorted(only - set(SECTIONS)))} is not one of {', '.join(SECTIONS)}")
     table = Table(title="metadata service (PostgreSQL, same machine, same run)")
     for column in ("measurement", "this service", "stock Metaflow service / client", "goal"):
         table.add_column(column)
@@ -553,25 +576,24 @@ def main() -> None:
             with console.status(f"loading {args.runs:,} runs and a {args.tasks:,}-task run"):
                 run = load(url, args.runs, args.tasks)
             process, base = start_service(url, workdir / "service.log", workdir / "datastore")
+            rows = []
             try:
-                with console.status("pages"):
-                    rows = pages(url, base, args.runs)
-                with console.status("failures"):
-                    rows += failures(base, run, args.tasks)
-                with console.status("fan-out"):
-                    rows += fan_out(url, base, args.events, 8)
-                with console.status(f"logs: writing a {args.log_mb:,} MB log, then reading its tail"):
-                    rows += logs(base, run, workdir / "datastore", args.log_mb)
+                sections = {
+                    "pages": lambda: pages(url, base, args.runs),
+                    "failures": lambda: failures(base, run, args.tasks),
+                    "fan-out": lambda: fan_out(url, base, args.events, 8),
+                    "logs": lambda: logs(base, run, workdir / "datastore", args.log_mb),
+                }
+                for name, section in sections.items():
+                    if name in only:
+                        with console.status(name):
+                            rows += section()
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-            nats_context = nats_server(workdir) if shutil.which("nats-server") else None
-            with console.status("writes"):
-                if nats_context is not None:
-                    with nats_context as nats:
-                        rows += writes(pg, url, nats.url, args.seconds, run, args.rounds)
-                else:
-                    rows += writes(pg, url, None, args.seconds, run, args.rounds)
+            if "writes" in only:
+                with console.status("writes"), _broker(workdir) as nats_url:
+                    rows += writes(pg, url, nats_url, args.seconds, run, args.rounds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for row in rows:

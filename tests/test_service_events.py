@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 from conftest import LOOPBACK, need
+from sqlalchemy import text
 
 pytestmark = pytest.mark.slow
 
@@ -219,6 +220,13 @@ def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> N
         assert published() == [4]  # numbers are never handed out twice
 
 
+#: The default of ``events.seq`` on PostgreSQL, as the server prints it.
+SEQ_DEFAULT = (
+    "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a "
+    "ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = 'events'::regclass AND a.attname = 'seq'"
+)
+
+
 def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(postgres) -> None:
     from metaflow_stack.service import event_log
     from metaflow_stack.service.database import connect, migrate
@@ -235,6 +243,9 @@ def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(
         event_log.append(conn, flow, None, "flow", {"flow_id": flow})
 
     try:
+        with database.writer.connect() as conn:  # the holder of a number takes its transaction id first
+            default = conn.execute(text(SEQ_DEFAULT)).scalar()
+        assert default.index("pg_current_xact_id()") < default.index("nextval(")
         with database.writer.connect() as slow:
             slow_write = slow.begin()
             append(slow, "Slow")  # takes number 1 and stays open

@@ -175,8 +175,8 @@ def _event() -> list[Column]:
 
 
 #: The event log, appended to by the writes themselves and kept for replay until pruned. ``seq``
-#: is given at insert: on PostgreSQL by ``stack_next_event_seq()`` (a sequence, taken after the
-#: transaction's id, see migration 0005), on SQLite by ``AUTOINCREMENT`` (never reused after pruning).
+#: is given at insert: on PostgreSQL by the column's default (a sequence, taken after the transaction's
+#: id, see migrations 0005 and 0006), on SQLite by ``AUTOINCREMENT`` (never reused after pruning).
 #: Its one index is the primary key: a second one (by run) cost concurrent writers a fifth of their
 #: rate, all appending to the same leaf; a run's replay reads the log from ``since`` instead.
 events = Table(
