@@ -128,6 +128,8 @@ def _left_behind(base: str, key: str, state: Path) -> str:
         body = {"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "encrypted_env": "00"}
         cvm = api.post("/cvms", json=body | {"env_keys": []}).json()["id"]
     note = "import sys; from pathlib import Path; from metaflow_stack.confidential.ledger import Ledger; "
-    note += "Ledger(Path(sys.argv[1])).launched(sys.argv[2], sys.argv[3], sys.argv[4])"
-    subprocess.run([sys.executable, "-c", note, str(state), base, cvm, name], check=True, timeout=60)
+    note += "Ledger(Path(sys.argv[1])).launched(*sys.argv[2:])"
+    subprocess.run(
+        [sys.executable, "-c", note, str(state), base, provisioned.app_id, cvm, name], check=True, timeout=60
+    )
     return name

@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -242,29 +243,68 @@ def test_a_cvm_whose_launcher_was_killed_outright_is_deleted_at_the_next_runs_st
     compose = compose_for("metaflow-stack-base:1", ["true"], ["S"])
     live = cloud.commit(cloud.provision("leakflow-7-score-3-0", compose, ["S"]), {"S": "x"})
     ledger = Ledger(state)
-    ledger.launched(base, live, "leakflow-7-score-3-0")  # this process keeps it: alive
-    ledger.launched(base + "/elsewhere", killed, "on-another-api")
+    ledger.launched(base, "app-live", live, "leakflow-7-score-3-0")  # this process keeps it: alive
+    ledger.launched(base + "/elsewhere", "app-elsewhere", killed, "on-another-api")
     (ledger.folder / "torn.json").write_text("{")
-    # A launcher killed while its commit was on the way: its note names the CVM by its app.
-    sent = cloud.provision("leakflow-7-score-4-0", compose, ["S"])
+    # Launchers killed while their commits were on the way: their notes name the CVMs by their apps, one
+    # committed (deleted), one never (nothing to delete: the note goes).
+    sent, unsent = (cloud.provision(f"leakflow-7-score-{n}-0", compose, ["S"]) for n in (4, 5))
     in_flight = cloud.commit(sent, {"S": "x"})
-    note = {"cvm": cloud.by_app(sent.app_id), "name": "leakflow-7-score-4-0", "api": base, "launcher": ended_launcher()}
-    (ledger.folder / "in-flight.json").write_text(json.dumps(note))
+    for n, provisioned in ((4, sent), (5, unsent)):
+        note = {"cvm": cloud.by_app(provisioned.app_id), "name": f"leakflow-7-score-{n}-0", "api": base}
+        (ledger.folder / f"in-flight-{n}.json").write_text(json.dumps(note | {"launcher": ended_launcher()}))
 
-    assert sorted(ledger.sweep(cloud)) == ["leakflow-7-score-2-0", "leakflow-7-score-4-0"]
+    swept = ["leakflow-7-score-2-0", "leakflow-7-score-4-0", "leakflow-7-score-5-0"]
+    deleted, left = ledger.sweep(cloud)
+    assert sorted(deleted) == swept and left == []
     assert httpx.get(f"{_double(base)}/cvms/{killed}").json() is None
     assert httpx.get(f"{_double(base)}/cvms/{in_flight}").json() is None
     assert httpx.get(f"{_double(base)}/cvms/{live}").json() is not None
     assert len(list(ledger.folder.glob("*.json"))) == 2  # the live one's note and the other API's; the torn gone
-    assert ledger.sweep(cloud) == []
+    assert ledger.sweep(cloud) == ([], [])
     cloud.delete(live)
-    ledger.deleted(base, "leakflow-7-score-3-0")
+    ledger.deleted(base, "app-live")
     assert len(list(ledger.folder.glob("*.json"))) == 1
     cloud.close()
 
 
+def test_a_cvm_is_noted_by_its_app_before_its_commit_is_sent(phala: tuple[str, str], tmp_path: Path) -> None:
+    """A launcher killed while its commit is on the way leaves a CVM billing: the note is there before."""
+    from metaflow_stack.confidential import cvm
+    from metaflow_stack.confidential.ledger import Ledger
+
+    base, key = phala
+    ledger, noted = Ledger(tmp_path / "state"), []
+
+    class CutOff(PhalaCloud):
+        def commit(self, provisioned, env, key=None) -> str:
+            noted.extend(json.loads(path.read_text())["cvm"] for path in ledger.folder.glob("*.json"))
+            noted.append(self.by_app(provisioned.app_id))
+            raise PhalaError("the commit was cut off")
+
+    cloud = CutOff(api_key=key, base_url=base, signer=_pinned(base))
+    app = cvm.App("mf-leakflow-score", compose_for("metaflow-stack-base:1", ["true"], ["S"]), {"S": "x"})
+    with pytest.raises(PhalaError, match="the commit was cut off"):
+        cvm.run(cloud, "leakflow-8-score-1-0", "tdx.small", app, None, None, print, ledger, 600)
+    cloud.close()
+    assert len(noted) == 2 and noted[0] == noted[1]  # noted by its app, before the commit
+    assert list(ledger.folder.glob("*.json")) == []  # the app has no CVM: nothing to delete, the note goes
+
+
+def _still_on(cloud: PhalaCloud, cvm: str) -> bool:
+    """Whether ``cvm`` is known and not stopped (its state 404: gone)."""
+    from metaflow_stack.confidential.cvm import STOPPED
+
+    try:
+        return cloud.state(cvm) not in STOPPED
+    except PhalaError as exc:
+        if " 404 " not in exc.message:
+            raise
+        return False
+
+
 def test_on_phala_cloud_itself() -> None:
-    """A tiny dstack app on a real CVM: provisioned, committed, running, attested, deleted."""
+    """A tiny dstack app on a real CVM: provisioned, committed, running, attested, deleted by its app's id."""
     need("phala-cloud", bool(os.environ.get("PHALA_CLOUD_API_KEY")), "set PHALA_CLOUD_API_KEY (the phala job's secret)")
     need("phala-cloud", bool(os.environ.get("METAFLOW_STACK_PHALA_KMS_SIGNER")), "pin the KMS (the job's variable)")
     cloud = PhalaCloud()
@@ -277,6 +317,10 @@ def test_on_phala_cloud_itself() -> None:
     finally:
         try:  # by its app, as a run's start deletes a CVM noted before its commit answered
             cloud.delete(cloud.by_app(provisioned.app_id))
+            deadline = time.monotonic() + 300
+            while _still_on(cloud, cvm) and time.monotonic() < deadline:
+                time.sleep(10)
+            assert not _still_on(cloud, cvm), "deleted by its app's id, and still on"
         finally:
             cloud.delete(cvm, missing_ok=True)
 

@@ -220,11 +220,18 @@ def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> N
         assert published() == [4]  # numbers are never handed out twice
 
 
-#: The default of ``events.seq`` on PostgreSQL, as the server prints it.
-SEQ_DEFAULT = (
-    "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a "
-    "ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = 'events'::regclass AND a.attname = 'seq'"
-)
+#: A row trigger runs after the defaults and before the row is written (which would assign an id): it sees
+#: the transaction's id only if the number's default took it first.
+NO_ID_NO_EVENT = """
+CREATE FUNCTION no_id_no_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        RAISE EXCEPTION 'event % numbered before its transaction took an id', NEW.seq;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER no_id_no_event BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION no_id_no_event();
+"""
 
 
 def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(postgres) -> None:
@@ -243,9 +250,8 @@ def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(
         event_log.append(conn, flow, None, "flow", {"flow_id": flow})
 
     try:
-        with database.writer.connect() as conn:  # the holder of a number takes its transaction id first
-            default = conn.execute(text(SEQ_DEFAULT)).scalar()
-        assert default.index("pg_current_xact_id()") < default.index("nextval(")
+        with database.writer.begin() as conn:  # each append below is the first write of its transaction
+            conn.execute(text(NO_ID_NO_EVENT))
         with database.writer.connect() as slow:
             slow_write = slow.begin()
             append(slow, "Slow")  # takes number 1 and stays open

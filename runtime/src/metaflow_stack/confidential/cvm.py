@@ -196,14 +196,15 @@ def run(
     run's start deletes it if this process is killed outright."""
     from metaflow.mflog import tail_logs
 
-    cvm = ""
+    cvm = app_id = ""
     try:
         with stopped_by_signals():  # (a SIGTERM while it is committed is a Ctrl-C: the CVM is then deleted)
             provisioned = cloud.provision(name, app.compose, sorted(app.encrypted), instance_type, app.name)
-            cvm = cloud.by_app(provisioned.app_id)  # noted before the commit: a launcher may die while it is sent
-            ledger.launched(cloud.base, cvm, name)
-            cvm = cloud.commit(provisioned, app.encrypted)
-            ledger.launched(cloud.base, cvm, name)
+            key, app_id = cloud.checked_env_key(provisioned), provisioned.app_id
+            cvm = cloud.by_app(app_id)  # noted before the commit: a launcher may die while it is sent
+            ledger.launched(cloud.base, app_id, cvm, name)
+            cvm = cloud.commit(provisioned, app.encrypted, key)
+            ledger.launched(cloud.base, app_id, cvm, name)
             _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, docker compose "
                  f"{app.docker_compose} (what a policy's docker_compose pins), compose hash "
                  f"{provisioned.compose_hash} (as Phala reports it); {BOOT_S} s to boot, {run_time_limit_s} s to "
@@ -226,7 +227,7 @@ def run(
                     _say(f"could not delete CVM {cvm} ({exc.message}): the next run's start tries again, or delete "
                          "it in Phala Cloud's dashboard")  # fmt: skip
                 else:
-                    ledger.deleted(cloud.base, name)
+                    ledger.deleted(cloud.base, app_id)
 
 
 class _Watch:

@@ -46,6 +46,8 @@ _SIGNER = re.compile(r"^0x0[23][0-9a-f]{64}$")
 _KMS_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 #: The off-chain KMS Phala Cloud runs, when a provision names none.
 DEFAULT_KMS = "phala"
+#: How the API names a CVM by its app (``app_`` and the app id).
+APP_PREFIX = "app_"
 
 
 class PhalaError(StackError):
@@ -199,12 +201,13 @@ class PhalaCloud:
             raise PhalaError(f"the provision's variable key for app {provisioned.app_id} is not the one the KMS signed")
         return public_key.hex()
 
-    def commit(self, provisioned: Provisioned, env: dict[str, str]) -> str:
-        """Start the provisioned CVM with ``env`` encrypted to its checked key (``checked_env_key``); its id."""
+    def commit(self, provisioned: Provisioned, env: dict[str, str], key: str | None = None) -> str:
+        """Start the provisioned CVM with ``env`` encrypted to its checked key (``key``, from
+        ``checked_env_key``, else checked now); its id."""
         body = {
             "app_id": provisioned.app_id,
             "compose_hash": provisioned.compose_hash,
-            "encrypted_env": encrypt_env(env, self.checked_env_key(provisioned)),
+            "encrypted_env": encrypt_env(env, key or self.checked_env_key(provisioned)),
             "env_keys": list(env),
         }
         return str(self._call("POST", "/cvms", body)["id"])
@@ -232,11 +235,21 @@ class PhalaCloud:
         (``app_`` and the app id, as Phala's SDK writes it): what a launcher has before its commit answers."""
         if not _KMS_ID.match(app_id):
             raise PhalaError(f"the provision names app {app_id!r}: not an id")
-        return f"app_{app_id}"
+        return f"{APP_PREFIX}{app_id}"
 
     def delete(self, cvm: str, missing_ok: bool = False) -> None:
-        """Delete ``cvm``; with ``missing_ok``, one already gone (404) is no error."""
+        """Delete ``cvm``; with ``missing_ok``, one already gone (404) is no error. A CVM named by its app
+        (``by_app``) is looked up first: there, 404 means its commit never made one, and a delete that then
+        answers 404 is an error (the API did not take the name), never taken for a CVM already gone."""
+        if cvm.startswith(APP_PREFIX):
+            if not self.exists(cvm):
+                return
+            missing_ok = False
         self._call("DELETE", f"/cvms/{cvm}", missing_ok=missing_ok)
+
+    def exists(self, cvm: str) -> bool:
+        """Whether the API knows ``cvm`` (404 on its state: it does not)."""
+        return self._call("GET", f"/cvms/{cvm}/state", missing_ok=True) is not None
 
 
 def _detail(response: httpx.Response) -> str:

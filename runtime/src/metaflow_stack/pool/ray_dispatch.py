@@ -27,6 +27,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from metaflow_stack import ray_start
 from metaflow_stack.errors import StackError
 from metaflow_stack.ids import is_number
 from metaflow_stack.pool import trampoline
@@ -180,7 +181,7 @@ async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
     try:
         if address:
             _reachable(address)
-        ray.init(**options)  # (in the main thread: Ray ties the processes it starts to it)
+        ray_start.init(**options)  # (in the main thread: Ray ties the processes it starts to it)
     except (OSError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a Ray on this machine"
         raise StackError(f"could not reach {where}: {exc}") from None

@@ -17,6 +17,8 @@ import sys
 import threading
 from typing import Any
 
+from metaflow_stack import ray_start
+from metaflow_stack.errors import StackError
 from metaflow_stack.functions import codecs, environment, loader, protocol
 from metaflow_stack.functions.errors import FunctionError
 from metaflow_stack.functions.reference import FunctionReference
@@ -86,12 +88,15 @@ class RayBackend:
             raise FunctionError(f"replicas must be at least 1, not {replicas}")
         self._ray = ray
         if not ray.is_initialized():
-            ray.init(
-                address=address or os.environ.get("RAY_ADDRESS"),
-                include_dashboard=False,
-                log_to_driver=True,
-                configure_logging=False,
-            )
+            try:
+                ray_start.init(
+                    address=address or os.environ.get("RAY_ADDRESS"),
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    configure_logging=False,
+                )
+            except StackError as exc:
+                raise FunctionError(exc.message, fix=exc.fix) from None
         where = environment.interpreter(reference.environment)
         runtime_env: dict[str, Any] = {}
         if where.pythonpath:  # another environment: its interpreter, with the runtime on its path

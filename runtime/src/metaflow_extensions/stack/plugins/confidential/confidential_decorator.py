@@ -251,8 +251,11 @@ def _sweep() -> None:
 
     cloud = PhalaCloud()
     try:
-        swept = Ledger(settings.load().state_dir).sweep(cloud)
+        swept, left = Ledger(settings.load().state_dir).sweep(cloud)
     finally:
         cloud.close()
     if swept:
         print(f"deleted CVM(s) {', '.join(swept)}: their launchers were killed outright", file=sys.stderr)
+    if left:
+        print(f"could not delete CVM(s) {', '.join(left)}, whose launchers were killed outright: the next run's "
+              "start tries again, or delete them in Phala Cloud's dashboard", file=sys.stderr)  # fmt: skip
