@@ -584,9 +584,10 @@ def main() -> None:
                     "fan-out": lambda: fan_out(url, base, args.events, 8),
                     "logs": lambda: logs(base, run, workdir / "datastore", args.log_mb),
                 }
+                doing = {"logs": f"logs: writing a {args.log_mb:,} MB log, then reading its tail"}
                 for name, section in sections.items():
                     if name in only:
-                        with console.status(name):
+                        with console.status(doing.get(name, name)):
                             rows += section()
             finally:
                 process.terminate()

@@ -460,3 +460,100 @@ def test_the_enclave_runs_only_a_task_of_its_step_never_what_the_host_wrote(
     assert inside.argv(order)[-2:] == ["--tag", "a b"]
     with pytest.raises(SealedError, match=says):
         inside.argv(order.model_copy(update={"command": command}))
+
+
+TAMPERED_FLOW = """import glob, gzip, json, os, pickle
+from metaflow import FlowSpec, confidential, current, step
+
+
+class TinyFlow(FlowSpec):
+    @step
+    def start(self):
+        self.plain = [1, 2, 3]
+        self.next(self.tamper)
+
+    @step
+    def tamper(self):
+        # As anyone who may write the datastore could: another value in the blob that carries plain on.
+        root = os.path.join(os.getcwd(), ".metaflow", "TinyFlow")
+        (record,) = glob.glob(os.path.join(root, current.run_id, "start", "*", "0.data.json"))
+        with open(record) as found:
+            key = json.load(found)["objects"]["plain"]
+        with open(os.path.join(root, "data", key[:2], key), "wb") as blob:
+            blob.write(gzip.compress(pickle.dumps([6, 6, 6], protocol=4)))
+        self.next(self.use)
+
+    @confidential
+    @step
+    def use(self):
+        print(f"{self.plain} read in the enclave")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    TinyFlow()
+"""
+
+
+def test_an_input_altered_in_the_datastore_stops_the_enclave_naming_it(tmp_path: Path) -> None:
+    """Inputs made outside a TEE are authenticated, not only guarded: an input's blob rewritten in the
+    datastore (here by the step before, as anyone who may write it could) stops the confidential task, naming
+    the input, before its code sees the value."""
+    (tmp_path / ".metaflow").mkdir()
+    (tmp_path / "tiny_flow.py").write_text(TAMPERED_FLOW)
+    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "/tamper/" in output, output[-3000:]
+    assert "/plain: its blob in the datastore was altered" in output, output[-3000:]
+    assert "] read in the enclave" not in output  # (the traceback quotes the line; it never printed)
+
+
+RECORD_CHECK = """import json, sys
+from pathlib import Path
+from metaflow.datastore import FlowDataStore
+from metaflow.plugins.datastores.local_storage import LocalStorage
+from metaflow_stack.confidential.input_records import install, snapshot
+from metaflow_stack.confidential.seal import SealedError
+
+root, run = sys.argv[1], sys.argv[2]
+store = FlowDataStore("TinyFlow", None, storage_impl=LocalStorage, ds_root=root)
+(task,) = [p.parent.name for p in (Path(root) / "TinyFlow" / run / "start").glob("*/0.data.json")]
+path = f"{run}/start/{task}"
+expected = snapshot(store, [path])
+record = Path(root) / "TinyFlow" / run / "start" / task / "0.data.json"
+found = json.loads(record.read_text())
+found["objects"]["a"], found["objects"]["b"] = found["objects"]["b"], found["objects"]["a"]  # values swapped
+record.write_text(json.dumps(found))
+try:
+    install(expected, [path, f"{run}/other/1"])
+except SealedError as exc:
+    print(exc)
+install(expected, [path])
+try:
+    store.get_task_datastore(run, "start", task, mode="r")
+except SealedError as exc:
+    print(exc)
+"""
+
+
+def test_an_input_record_changed_after_the_launcher_read_it_is_refused_in_the_tee(tmp_path: Path) -> None:
+    """The launcher's digest of an input's record (its artifacts' blobs by name) is what the TEE holds the
+    record to: two values swapped in it after are refused, naming the input; an input the order has no
+    digest for is refused at once."""
+    (tmp_path / ".metaflow").mkdir()
+    tiny_flow(tmp_path, "", body="self.a, self.b = 1, 2")
+    env = flow_env(tmp_path)
+    subprocess.run([sys.executable, "tiny_flow.py", "run", "--run-id-file", "run-id"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    run = (tmp_path / "run-id").read_text()
+    said = subprocess.run([sys.executable, "-c", RECORD_CHECK, str(tmp_path / ".metaflow"), run], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = said.stdout.splitlines()
+    assert said.returncode == 0 and len(lines) == 2, said.stdout + said.stderr
+    assert lines[0] == f"the order has no digest for the input {run}/other/1: it cannot be authenticated"
+    assert lines[1].startswith(f"{run}/start/") and lines[1].endswith("is not the one the task was ordered with")

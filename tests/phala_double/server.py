@@ -40,7 +40,9 @@ What the CVM would have booted with is readable at ``GET /_double/cvms/{id}`` (t
 ``GET /_double/kms`` is the KMS's signing key (what a user pins) and ``POST /_double/kms`` turns the
 answers into an attack: ``foreign`` (a key of the API's own, signed by a key of its own), ``stale`` (a
 signature ten minutes old), ``swapped`` (the provision hands another key than the KMS signed),
-``legacy`` (an old KMS: the signature without a timestamp) or ``honest``.
+``legacy`` (an old KMS: the signature without a timestamp) or ``honest``; ``POST /_double/app-deletes``
+``refused`` has a DELETE naming a CVM by its app answer 404, as an API that does not take the name would
+(``taken``, the default, deletes it).
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
     numbers = itertools.count(1)  # a CVM's id, never reused (a deleted one's taken again named a live one)
     kms = keys.PrivateKey(secrets.token_bytes(32))
     attack = {"now": "honest", "key": X25519PrivateKey.generate(), "kms": keys.PrivateKey(secrets.token_bytes(32))}
+    attack["app_deletes"] = "taken"  # or "refused": a DELETE naming a CVM by its app answers 404
 
     @app.middleware("http")
     async def authenticated(request: Request, call_next):
@@ -306,6 +309,8 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
 
     @app.delete("/api/v1/cvms/{cvm_id}")
     def delete(cvm_id: str) -> Response:
+        if cvm_id.startswith("app_") and attack["app_deletes"] == "refused":
+            return _error(404, "CVM not found")
         cvm = cvms.pop(_id(cvm_id), None)
         if cvm is None:
             return _error(404, "CVM not found")
@@ -324,6 +329,14 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
     @app.get("/_double/kms")
     def kms_key() -> Response:
         return JSONResponse({"k256_pubkey": "0x" + kms.public_key.to_compressed_bytes().hex()})
+
+    @app.post("/_double/app-deletes")
+    async def set_app_deletes(request: Request) -> Response:
+        chosen = (await request.json()).get("app_deletes")
+        if chosen not in ("taken", "refused"):
+            return _error(400, "app_deletes: taken or refused")
+        attack["app_deletes"] = chosen
+        return JSONResponse({"app_deletes": chosen})
 
     @app.post("/_double/kms")
     async def set_attack(request: Request) -> Response:

@@ -49,7 +49,7 @@ from metaflow_stack.confidential.inputs import TRUST
 from metaflow_stack.confidential.inside import CREDENTIALS, MODE, POLICY, STEP, TaskOrder, end_mac, is_setting
 from metaflow_stack.confidential.keyring import policy_name
 from metaflow_stack.confidential.ledger import Ledger
-from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for
+from metaflow_stack.confidential.phala import APP_PREFIX, PhalaCloud, PhalaError, compose_for
 from metaflow_stack.elsewhere import task_command
 from metaflow_stack.errors import StackError
 from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
@@ -205,11 +205,11 @@ def run(
             ledger.launched(cloud.base, app_id, cvm, name)
             cvm = cloud.commit(provisioned, app.encrypted, key)
             ledger.launched(cloud.base, app_id, cvm, name)
-            _say(f"{name}: CVM {cvm} started on Phala Cloud: app {provisioned.app_id}, docker compose "
+            _say(f"{name}: CVM {cvm} started on Phala Cloud: app {app_id}, docker compose "
                  f"{app.docker_compose} (what a policy's docker_compose pins), compose hash "
                  f"{provisioned.compose_hash} (as Phala reports it); {BOOT_S} s to boot, {run_time_limit_s} s to "
                  "run")  # fmt: skip
-            record({"app_id": provisioned.app_id, "compose_hash": provisioned.compose_hash, "cvm": cvm})
+            record({"app_id": app_id, "compose_hash": provisioned.compose_hash, "cvm": cvm})
             watch = _Watch(cloud, cvm, exchange, judge, app.encrypted[END_KEY], BOOT_S + run_time_limit_s)
             if logs is None:
                 while watch():
@@ -222,12 +222,15 @@ def run(
         if cvm:
             with uninterrupted():
                 try:
-                    cloud.delete(cvm, missing_ok=True)
+                    found = cloud.delete(cvm, missing_ok=True)
                 except PhalaError as exc:  # the attempt's end is what matters; the note stays for the next run
                     _say(f"could not delete CVM {cvm} ({exc.message}): the next run's start tries again, or delete "
                          "it in Phala Cloud's dashboard")  # fmt: skip
                 else:
-                    ledger.deleted(cloud.base, app_id)
+                    # A commit that did not answer may still be making the CVM its app has none of yet: its note
+                    # stays for the next run's start, which looks again.
+                    if found or not cvm.startswith(APP_PREFIX):
+                        ledger.deleted(cloud.base, app_id)
 
 
 class _Watch:

@@ -38,7 +38,8 @@ COMPOSE_RUNNER = "docker-compose"
 KEY_PROVIDERS = ("kms", "none")
 #: The fields of dstack's app compose (``dstack-types``' ``AppCompose``, and what Phala stores beside it) that
 #: run nothing in the VM and show nothing of the task: a pinned app may have any values of them. The others it
-#: may have are checked in ``app_parts``; any field besides is refused, since a newer dstack's field may run
+#: may have are checked in ``app_parts`` (``key_provider_id``, which KMS gives the disk key, is not checked
+#: yet: docs/confidential.md says so); any field besides is refused, since a newer dstack's field may run
 #: code this list does not know of.
 _INERT_FIELDS = frozenset({
     "manifest_version", "name", "features", "public_tcbinfo", "gateway_enabled", "tproxy_enabled",

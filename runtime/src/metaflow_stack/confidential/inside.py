@@ -100,11 +100,21 @@ class TaskOrder(BaseModel):
     nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
     command: str = Field(max_length=1_000_000)
     env: dict[str, str]
+    #: The digest of each input task's record as the launcher found it (``input_records``), by run/step/task.
+    inputs: dict[str, str] = Field(default_factory=dict, max_length=100_000)
 
     def work(self) -> str:
-        """The digest of what the task runs: its command and variables, canonically."""
-        canonical = json.dumps({"command": self.command, "env": self.env}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """The digest of what the task runs: its command, variables and inputs' records, canonically."""
+        work = {"command": self.command, "env": self.env, "inputs": self.inputs}
+        return hashlib.sha256(json.dumps(work, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def input_paths(self) -> list[str]:
+        """The input paths the task's command names (its long ones from the order's variables)."""
+        from metaflow.util import decompress_list
+
+        words = [_INPUT_PATHS.sub(lambda m: self.env.get(m[1], ""), word) for word in shlex.split(self.command)]
+        paths = words[words.index("--input-paths") + 1] if "--input-paths" in words else ""
+        return decompress_list(paths) if paths else []
 
 
 def exchange_folder() -> Path:
@@ -260,14 +270,11 @@ def _sources(flow: Any) -> set[tuple[str, str]]:
     ``self`` reads its parents, the input paths its order names. A value sealed further upstream (passed
     through a step in between) is checked for its run and name only."""
     from metaflow import current
-    from metaflow.util import decompress_list
 
     store = getattr(flow, "_datastore", None)
     if store is not None and (store.step_name, str(store.task_id)) != (current.step_name, str(current.task_id)):
         return {(store.step_name, str(store.task_id))}
-    words = argv(order())
-    paths = words[words.index("--input-paths") + 1] if "--input-paths" in words else ""
-    return {tuple(path.split("/")[1:3]) for path in decompress_list(paths)} if paths else set()
+    return {tuple(path.split("/")[1:3]) for path in order().input_paths()}
 
 
 def _attest_and_receive() -> bytes:

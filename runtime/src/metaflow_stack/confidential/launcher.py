@@ -184,15 +184,18 @@ class Judge:
         return None
 
 
-def new_order(identity: TaskIdentity, command: str, env: dict[str, str], keeper: Keeper) -> TaskOrder | None:
-    """This attempt's order, with the keeper's fresh nonce; None (said on stderr) when the keeper did not
-    answer: nothing was judged, so the attempt may be retried (exit 1)."""
+def new_order(
+    identity: TaskIdentity, command: str, env: dict[str, str], inputs: dict[str, str], keeper: Keeper
+) -> TaskOrder | None:
+    """This attempt's order (``inputs``: its input records' digests, ``input_records.snapshot``), with the
+    keeper's fresh nonce; None (said on stderr) when the keeper did not answer: nothing was judged, so the
+    attempt may be retried (exit 1)."""
     try:
         nonce = keeper.nonce()
     except KeeperUnavailable as exc:
         print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
         return None
-    return TaskOrder(identity=identity, nonce=nonce, command=command, env=env)
+    return TaskOrder(identity=identity, nonce=nonce, command=command, env=env, inputs=inputs)
 
 
 def run_task(
@@ -200,15 +203,17 @@ def run_task(
     identity: TaskIdentity,
     command: str,
     env: dict[str, str],
+    inputs: dict[str, str],
     settings: Settings,
     keeper: Keeper,
     record: Any,
 ) -> int:
-    """Order ``command`` into the enclave, have its evidence judged (``Judge``), and wait: the task's exit
-    code (Metaflow's "do not retry" when refused, or when it gave no evidence)."""
+    """Order ``command`` (reading ``inputs``, its input records' digests) into the enclave, have its evidence
+    judged (``Judge``), and wait: the task's exit code (Metaflow's "do not retry" when refused, or when it
+    gave no evidence)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-    task = new_order(identity, command, env, keeper)
+    task = new_order(identity, command, env, inputs, keeper)
     if task is None:
         return 1
     name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"

@@ -57,7 +57,7 @@ class Ledger:
     def sweep(self, cloud: PhalaCloud) -> tuple[list[str], list[str]]:
         """Delete the CVMs on ``cloud``'s API whose launcher on this machine is gone: the names of those
         deleted, and of those Phala did not delete now (they stay noted, for the next run's start). A note
-        that does not read is dropped."""
+        that does not read is dropped, and so is one by app whose app has no CVM (its commit never made one)."""
         swept, left = [], []
         for path in sorted(self.folder.glob("*.json")):
             try:
@@ -69,12 +69,13 @@ class Ledger:
             if note.api != cloud.base or launcher is None or not launcher.gone():
                 continue
             try:
-                cloud.delete(note.cvm, missing_ok=True)
+                found = cloud.delete(note.cvm, missing_ok=True)
             except PhalaError:
                 left.append(note.name)
                 continue
             path.unlink(missing_ok=True)
-            swept.append(note.name)
+            if found:  # (a note by app whose commit never made a CVM goes without a word)
+                swept.append(note.name)
         return swept, left
 
     def _note(self, api: str, app_id: str) -> Path:

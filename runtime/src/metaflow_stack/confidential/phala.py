@@ -48,6 +48,8 @@ _KMS_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 DEFAULT_KMS = "phala"
 #: How the API names a CVM by its app (``app_`` and the app id).
 APP_PREFIX = "app_"
+#: What ``PhalaCloud._call`` answers for a 404 it was told to expect (a DELETE's success has no body either).
+MISSING = object()
 
 
 class PhalaError(StackError):
@@ -127,6 +129,7 @@ class PhalaCloud:
         self._http.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing_ok: bool = False) -> Any:
+        """The API's answer (JSON, or None when it has no body); with ``missing_ok``, ``MISSING`` for a 404."""
         try:
             response = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
@@ -136,7 +139,7 @@ class PhalaCloud:
         if response.status_code in (401, 403):
             raise PhalaError("Phala Cloud refused the API key", fix=KEY_FIX)
         if response.status_code == 404 and missing_ok:
-            return None
+            return MISSING
         if response.status_code >= 400:
             raise PhalaError(f"{method} {path}: {response.status_code} {_detail(response)}")
         return response.json() if response.content else None
@@ -237,19 +240,20 @@ class PhalaCloud:
             raise PhalaError(f"the provision names app {app_id!r}: not an id")
         return f"{APP_PREFIX}{app_id}"
 
-    def delete(self, cvm: str, missing_ok: bool = False) -> None:
-        """Delete ``cvm``; with ``missing_ok``, one already gone (404) is no error. A CVM named by its app
-        (``by_app``) is looked up first: there, 404 means its commit never made one, and a delete that then
-        answers 404 is an error (the API did not take the name), never taken for a CVM already gone."""
+    def delete(self, cvm: str, missing_ok: bool = False) -> bool:
+        """Delete ``cvm``: whether there was one to delete (with ``missing_ok``, one already gone, 404, is no
+        error). A CVM named by its app (``by_app``) is looked up first: there, 404 means the app has no CVM
+        (yet: a commit may still be making it), and a delete that then answers 404 is an error (the API did
+        not take the name), never taken for a CVM already gone."""
         if cvm.startswith(APP_PREFIX):
             if not self.exists(cvm):
-                return
+                return False
             missing_ok = False
-        self._call("DELETE", f"/cvms/{cvm}", missing_ok=missing_ok)
+        return self._call("DELETE", f"/cvms/{cvm}", missing_ok=missing_ok) is not MISSING
 
     def exists(self, cvm: str) -> bool:
         """Whether the API knows ``cvm`` (404 on its state: it does not)."""
-        return self._call("GET", f"/cvms/{cvm}/state", missing_ok=True) is not None
+        return self._call("GET", f"/cvms/{cvm}/state", missing_ok=True) is not MISSING
 
 
 def _detail(response: httpx.Response) -> str:

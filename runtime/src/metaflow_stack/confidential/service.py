@@ -43,8 +43,8 @@ from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddlewar
 
 #: Answered without the key: the orchestrator's probes.
 OPEN_PATHS = frozenset({"/health", "/ready"})
-#: A release request's bytes at most: a hex quote (128 KiB), a TDX VM's event log (256 KiB, which JSON may
-#: escape to twice that), and the rest.
+#: A release request's bytes at most: a hex quote (128 KiB), a TDX VM's event log and app compose (256 KiB
+#: each, which JSON may escape to twice that), and the rest.
 MAX_BODY_BYTES = 2 * MAX_QUOTE_BYTES + 2 * MAX_EVENT_LOG_BYTES + 2 * MAX_APP_COMPOSE_BYTES + 32 * 1024
 #: Seconds a release waits for a verification slot before it is answered 503 (the launcher asks again).
 SLOT_WAIT_S = 30.0

@@ -69,10 +69,12 @@ def step(
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
+    from metaflow.util import decompress_list
 
     from metaflow_stack import settings
     from metaflow_stack.confidential import launcher
     from metaflow_stack.confidential.attest import TaskIdentity
+    from metaflow_stack.confidential.input_records import snapshot
     from metaflow_stack.confidential.keyring import KeeperUnavailable
     from metaflow_stack.confidential.lineage import first_run
     from metaflow_stack.datastore import CONFIDENTIAL_FIELD
@@ -106,15 +108,18 @@ def step(
             ctx.obj.metadata.register_metadata(run_id, step_name, task_id, [datum])
 
         package = (code_package_metadata, code_package_sha, code_package_url)
+        # Its inputs' records as they are now, bound into the order: the TEE holds what it reads to them.
+        paths = decompress_list(kwargs["input_paths"]) if kwargs.get("input_paths") else []
+        inputs = snapshot(ctx.obj.flow_datastore, paths)
         if backend == "phala":
-            code = _on_phala(ctx, step_name, identity, command, env, chosen, keeper, keeper_key, record, facts,
-                             package, image or "", instance_type, run_time_limit)  # fmt: skip
+            code = _on_phala(ctx, step_name, identity, command, env, inputs, chosen, keeper, keeper_key, record,
+                             facts, package, image or "", instance_type, run_time_limit)  # fmt: skip
         else:
-            code = _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record, facts, package)
+            code = _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package)
     sys.exit(code)
 
 
-def _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record, facts, package) -> int:
+def _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package) -> int:
     """The task in the step's Gramine enclave on this machine (``launcher``)."""
     from metaflow_stack import code_package, settings
     from metaflow_stack.confidential import launcher
@@ -131,7 +136,7 @@ def _in_gramine(ctx, identity, command, env, chosen, keeper, keeper_key, record,
                 "METAFLOW_CODE_DS": flow_datastore.TYPE}  # fmt: skip
     prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
     facts["mr_enclave"] = prepared.mr_enclave
-    return launcher.run_task(prepared, identity, command, env, chosen, keeper, record)
+    return launcher.run_task(prepared, identity, command, env, inputs, chosen, keeper, record)
 
 
 def _on_phala(
@@ -140,6 +145,7 @@ def _on_phala(
     identity,
     command,
     env,
+    inputs,
     chosen,
     keeper,
     keeper_key,
@@ -163,7 +169,7 @@ def _on_phala(
     from metaflow_stack.elsewhere import bring_back_metadata, step_environment, task_variables
 
     obj = ctx.obj
-    task = new_order(identity, command, env, keeper)
+    task = new_order(identity, command, env, inputs, keeper)
     if task is None:
         return 1
     where = prefix_of(identity.flow, identity.run, identity.step, identity.task, identity.attempt, task.nonce)

@@ -87,8 +87,12 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         self.flow_datastore, self.step = flow_datastore, step
         if _inside():  # in the enclave: the run's start checked everything; inputs are not read yet
             from metaflow_extensions.stack.plugins.confidential.input_guard import check_guarding
+            from metaflow_stack.confidential.input_records import install
+            from metaflow_stack.confidential.inside import order
 
             check_guarding()
+            task = order()
+            install(task.inputs, task.input_paths())  # what it reads is held to its inputs' records
             return
         from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
 
