@@ -100,8 +100,8 @@ class TaskOrder(BaseModel):
     nonce: str = Field(pattern=r"^[0-9a-f]{64}$")
     command: str = Field(max_length=1_000_000)
     env: dict[str, str]
-    #: The digest of each input task's record as the launcher found it (``input_records``), by run/step/task.
-    inputs: dict[str, str] = Field(default_factory=dict, max_length=100_000)
+    #: The digest of the task's input records as the launcher found them (``input_records.snapshot``).
+    inputs: str = Field("", pattern=r"^([0-9a-f]{64})?$")
 
     def work(self) -> str:
         """The digest of what the task runs: its command, variables and inputs' records, canonically."""

@@ -185,9 +185,9 @@ class Judge:
 
 
 def new_order(
-    identity: TaskIdentity, command: str, env: dict[str, str], inputs: dict[str, str], keeper: Keeper
+    identity: TaskIdentity, command: str, env: dict[str, str], inputs: str, keeper: Keeper
 ) -> TaskOrder | None:
-    """This attempt's order (``inputs``: its input records' digests, ``input_records.snapshot``), with the
+    """This attempt's order (``inputs``: its input records' digest, ``input_records.snapshot``), with the
     keeper's fresh nonce; None (said on stderr) when the keeper did not answer: nothing was judged, so the
     attempt may be retried (exit 1)."""
     try:
@@ -203,12 +203,12 @@ def run_task(
     identity: TaskIdentity,
     command: str,
     env: dict[str, str],
-    inputs: dict[str, str],
+    inputs: str,
     settings: Settings,
     keeper: Keeper,
     record: Any,
 ) -> int:
-    """Order ``command`` (reading ``inputs``, its input records' digests) into the enclave, have its evidence
+    """Order ``command`` (reading ``inputs``, its input records' digest) into the enclave, have its evidence
     judged (``Judge``), and wait: the task's exit code (Metaflow's "do not retry" when refused, or when it
     gave no evidence)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY

@@ -59,7 +59,10 @@ def main(argv: list[str]) -> int:
         while process.poll() is None and not _written(run_id_file):
             time.sleep(0.1)
         if run_id := _written(run_id_file):
-            print(f"{RUN_ID_MARKER}{run_id}", flush=True)
+            # One write of one line (a pipe keeps it whole): print writes the line and its end apart, and the
+            # run's own output, on the same stream, landed between them.
+            sys.stdout.flush()
+            os.write(sys.stdout.fileno(), f"{RUN_ID_MARKER}{run_id}\n".encode())
         code = process.wait()
         return 128 - code if code < 0 else code
 

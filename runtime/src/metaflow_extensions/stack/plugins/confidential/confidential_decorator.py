@@ -88,11 +88,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         if _inside():  # in the enclave: the run's start checked everything; inputs are not read yet
             from metaflow_extensions.stack.plugins.confidential.input_guard import check_guarding
             from metaflow_stack.confidential.input_records import install
-            from metaflow_stack.confidential.inside import order
 
             check_guarding()
-            task = order()
-            install(task.inputs, task.input_paths())  # what it reads is held to its inputs' records
+            install()  # every blob and included file it reads held to its digest
             return
         from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
 
@@ -210,7 +208,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     ) -> None:  # fmt: skip
         if _inside():
             from metaflow_stack.confidential import inside
+            from metaflow_stack.confidential.input_records import hold
 
+            hold(inputs or [], inside.order().inputs)  # the records it opened: the ones it was ordered with
             inside.receive()
 
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries) -> None:
