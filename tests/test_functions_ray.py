@@ -25,9 +25,10 @@ NODE_TIMED_OUT = (
 )
 
 
-def test_a_ray_whose_node_missed_its_startup_window_is_started_once_more(echo_reference: str, monkeypatch) -> None:
+def test_a_ray_whose_node_missed_its_startup_window_is_started_again(echo_reference: str, monkeypatch) -> None:
     """A busy machine can miss Ray's fixed window (seen in CI): Ray's failure is injected into the real
-    ``ray.init``, once (the second start, Ray's own, serves) and twice (one line naming the fix)."""
+    ``ray.init`` as many times as it is tried (one line naming the fix) and once (a later start, Ray's own,
+    serves; it may itself miss on a busy machine, which the third try is for)."""
     import ray
     from metaflow import function_from_json
 
@@ -45,14 +46,19 @@ def test_a_ray_whose_node_missed_its_startup_window_is_started_once_more(echo_re
 
         return init
 
-    monkeypatch.setattr(ray, "init", missing(2))
-    with pytest.raises(FunctionError, match=r"^Ray's node did not start within Ray's 30 seconds, twice") as refused:
+    monkeypatch.setenv("METAFLOW_STACK_RAY_START_TRIES", "two")
+    with pytest.raises(FunctionError, match=r"^METAFLOW_STACK_RAY_START_TRIES is 'two', not a whole number of"):
         function_from_json(echo_reference, backend="ray")
-    assert len(tries) == 2 and "RAY_ADDRESS" in refused.value.fix
+    monkeypatch.setenv("METAFLOW_STACK_RAY_START_TRIES", "2")
+    monkeypatch.setattr(ray, "init", missing(2))
+    with pytest.raises(FunctionError, match=r"^Ray's node did not start within Ray's 30 seconds in 2 tries") as refused:
+        function_from_json(echo_reference, backend="ray")
+    assert len(tries) == 2 and "METAFLOW_STACK_RAY_START_TRIES" in refused.value.fix
     tries.clear()
+    monkeypatch.delenv("METAFLOW_STACK_RAY_START_TRIES")
     monkeypatch.setattr(ray, "init", missing(1))
     with function_from_json(echo_reference, backend="ray") as fn:
-        assert fn({"a": 1}) == {"a": 1} and len(tries) == 2
+        assert fn({"a": 1}) == {"a": 1} and len(tries) in (2, 3)
 
 
 def test_ray_actors_hold_the_resources_asked_for(echo_reference: str) -> None:

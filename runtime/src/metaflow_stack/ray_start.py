@@ -3,9 +3,9 @@
 
 A Ray started here waits a fixed 30 seconds for its own node to register
 (Ray's ``Node``: not configurable). On a machine busy enough to miss that,
-a second start nearly always succeeds, so one more is made (the first's
-processes stopped) before the failure is reported, in one line naming the
-fix.
+a later start nearly always succeeds, so it is started again (the missed
+start's processes stopped), up to ``METAFLOW_STACK_RAY_START_TRIES`` times
+(3), before the failure is reported, in one line naming the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from metaflow_stack import settings
 from metaflow_stack.errors import StackError
 
 #: What Ray says when its node missed its startup window.
@@ -20,13 +21,15 @@ _NODE_TIMED_OUT = "timed out during startup"
 
 
 def init(**options: Any) -> None:
-    """``ray.init(**options)``, made once more when Ray's own node missed its startup window; ``StackError``
-    when it misses it twice. The processes a missed start left (its GCS and raylet: Ray's ``shutdown`` knows
-    only a node that started) are stopped before the next try, so a busy machine is not given two Rays."""
+    """``ray.init(**options)``, made again when Ray's own node missed its startup window; ``StackError`` when
+    every try (``settings.ray_start_tries``) missed it. The processes a missed start left (its GCS and raylet:
+    Ray's ``shutdown`` knows only a node that started) are stopped before the next try, so a busy machine is
+    not given two Rays."""
     import psutil
     import ray
 
-    for tries_left in (1, 0):
+    tries = settings.at_least_one("STACK_RAY_START_TRIES", settings.load().ray_start_tries)
+    for tries_left in reversed(range(tries)):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:
             ray.init(**options)
@@ -37,9 +40,11 @@ def init(**options: Any) -> None:
             ray.shutdown()
             _stop([c for c in psutil.Process().children(recursive=True) if c.pid not in before])
             if not tries_left:
+                times = "once" if tries == 1 else f"in {tries} tries"
                 raise StackError(
-                    "Ray's node did not start within Ray's 30 seconds, twice: this machine is too busy",
-                    fix="try again when it is less busy, or start Ray (ray start --head) and set RAY_ADDRESS=auto",
+                    f"Ray's node did not start within Ray's 30 seconds {times}: this machine is too busy",
+                    fix="try again when it is less busy, set METAFLOW_STACK_RAY_START_TRIES higher, or start Ray "
+                    "(ray start --head) and set RAY_ADDRESS=auto",
                 ) from None
 
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from metaflow_stack.errors import StackError
+
 #: The public Python base image, used whenever a registry can serve it.
 PUBLIC_BASE_IMAGE = "python:3.11-slim"
 
@@ -38,6 +40,10 @@ class Settings:
     #: The secp256k1 key (compressed, hex) of the KMS whose signature a Phala CVM's variable key must carry
     #: (``confidential.phala``); empty: nothing is encrypted to a CVM.
     phala_kms_signer: str = ""
+    #: How many times a Ray started in this process (``ray_start``) is started before a busy machine is
+    #: reported (each try waits Ray's fixed 30 seconds for its node), as configured: read by ``at_least_one``
+    #: where it is used, so a bad value fails only what uses it, not ``import metaflow``.
+    ray_start_tries: str = "3"
 
     def as_metaflow_config(self) -> dict[str, str]:
         """The settings as ``STACK_*`` names for ``metaflow.metaflow_config``."""
@@ -52,6 +58,7 @@ class Settings:
             "STACK_IMAGE_LOCK": str(self.image_lock or ""),
             "STACK_KEY_RELEASE_URL": self.key_release_url,
             "STACK_PHALA_KMS_SIGNER": self.phala_kms_signer,
+            "STACK_RAY_START_TRIES": self.ray_start_tries,
         }
 
 
@@ -84,4 +91,15 @@ def load() -> Settings:
         image_lock=Path(image_lock) if image_lock else None,
         key_release_url=from_conf("STACK_KEY_RELEASE_URL", ""),
         phala_kms_signer=from_conf("STACK_PHALA_KMS_SIGNER", ""),
+        ray_start_tries=str(from_conf("STACK_RAY_START_TRIES", "3")),
+    )
+
+
+def at_least_one(name: str, value: str) -> int:
+    """Setting ``name``'s ``value`` as a whole number of at least one, else a ``StackError`` naming it."""
+    text = value.strip()
+    if text.isascii() and text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise StackError(
+        f"METAFLOW_{name} is {value!r}, not a whole number of at least one", fix=f"set METAFLOW_{name} to 1 or more"
     )
