@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from confidential_samples import IDENTITY, PINNED, SAMPLES, SGX_MR_ENCLAVE, SGX_MR_SIGNER, SGX_POLICY
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from metaflow_stack.confidential.attest import (
     AttestationRefused,
@@ -33,6 +35,15 @@ TDX_MR_TD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de0
 #: The public TDX sample's kernel (RTMR1) and command line and root file system (RTMR2).
 TDX_RT_MR1 = "0084452c01668329d4bc06acdf58a7205c26743304509973949e5619bf81a6a7aea8c323c173019b3093d54e579e9378"
 TDX_RT_MR2 = "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3ba80b70870d7330733642e01d48c3132"
+#: A KMS's root CA public key (P-256, DER SubjectPublicKeyInfo, hex), as a dstack key-provider event names it.
+KMS_CA = (
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .hex()
+)
+#: The key-provider event of a VM whose disk key came from that KMS (dstack's KeyProviderInfo, compact JSON).
+FROM_KMS = ("key-provider", json.dumps({"name": "kms", "id": KMS_CA}, separators=(",", ":")).encode().hex())
 TDX_POLICY = f"""
 [tdx]
 mr_td = ["{TDX_MR_TD}"]
@@ -203,7 +214,9 @@ def test_a_dstack_apps_compose_hash_is_read_from_an_event_log_that_replays_to_rt
     # A genuine TDX quote held to a compose hash: the app must come from a log that replays to its RTMR3.
     quote, collateral = _evidence(samples, "tdx_quote")
     os_image = f"rt_mr1 = ['{TDX_RT_MR1}']\nrt_mr2 = ['{TDX_RT_MR2}']"
-    pinned = parse_policy(f"[tdx]\nmr_td = ['{TDX_MR_TD}']\n{os_image}\ncompose_hash = ['{compose}']")
+    pinned = parse_policy(
+        f"[tdx]\nmr_td = ['{TDX_MR_TD}']\n{os_image}\ncompose_hash = ['{compose}']\nkms_ca_pubkey = ['{KMS_CA}']"
+    )
     with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: is needed to know the app"):
         verify(quote, collateral, pinned, _report_data(quote), now=PINNED)
     with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: does not replay to the quote's rt_mr3"):
@@ -284,12 +297,15 @@ def test_an_app_is_held_to_each_pin_once_its_event_log_replays_to_rtmr3() -> Non
     from metaflow_stack.confidential.policy import TdxPolicy
 
     raw, compose, script = _app_compose()
-    log, rt_mr3 = _dstack_log(("app-id", "11" * 20), ("compose-hash", _hash(raw)), ("instance-id", "22" * 20))
-    os_image = {"mr_td": [TDX_MR_TD], "rt_mr1": [TDX_RT_MR1], "rt_mr2": [TDX_RT_MR2]}
+    boot = [("app-id", "11" * 20), ("compose-hash", _hash(raw)), ("instance-id", "22" * 20)]
+    log, rt_mr3 = _dstack_log(*boot, FROM_KMS)
+    os_image = {"mr_td": [TDX_MR_TD], "rt_mr1": [TDX_RT_MR1], "rt_mr2": [TDX_RT_MR2], "kms_ca_pubkey": [KMS_CA]}
     by_parts = TdxPolicy(**os_image, docker_compose=[compose], pre_launch_script=[script])
-    found = {"compose_hash": _hash(raw), "docker_compose": compose, "pre_launch_script": script}
+    found = {"compose_hash": _hash(raw), "disk_key": f"kms:{KMS_CA}", "docker_compose": compose,
+             "pre_launch_script": script}  # fmt: skip
     assert app_of(by_parts, rt_mr3, log, raw) == found
-    assert app_of(TdxPolicy(**os_image, compose_hash=[_hash(raw)]), rt_mr3, log, None) == {"compose_hash": _hash(raw)}
+    by_hash = TdxPolicy(**os_image, compose_hash=[_hash(raw)])
+    assert app_of(by_hash, rt_mr3, log, None) == {"compose_hash": _hash(raw), "disk_key": f"kms:{KMS_CA}"}
     assert app_of(TdxPolicy(**os_image, rt_mr3=[rt_mr3]), rt_mr3, None, None) == {}  # no app pinned: no app read
     other = "9b" * 32
     wrong = {
@@ -307,12 +323,52 @@ def test_an_app_is_held_to_each_pin_once_its_event_log_replays_to_rtmr3() -> Non
         app_of(by_parts, rt_mr3, log, _app_compose(name="another-app")[0])
 
 
+def _provider(name: str, key: str, **more: object) -> tuple[str, str]:
+    """A key-provider event naming ``name`` and ``key`` (and ``more``), as dstack-util writes it."""
+    record = json.dumps({"name": name, "id": key, **more}, separators=(",", ":"))
+    return "key-provider", record.encode().hex()
+
+
+def test_an_apps_disk_key_comes_only_from_a_kms_the_policy_pins_or_from_inside_the_vm() -> None:
+    """dstack takes the disk key from any KMS the VM is pointed at unless the app compose pins one; the key
+    provider its event log records is what is checked."""
+    from metaflow_stack.confidential.policy import TdxPolicy
+
+    compose = "9a" * 32
+    boot = [("app-id", "11" * 20), ("compose-hash", compose)]
+    os_image = {"mr_td": [TDX_MR_TD], "rt_mr1": [TDX_RT_MR1], "rt_mr2": [TDX_RT_MR2], "compose_hash": [compose]}
+    pinned, none_allowed = TdxPolicy(**os_image, kms_ca_pubkey=[KMS_CA]), TdxPolicy(**os_image, kms_ca_pubkey=[])
+    # A key made inside the VM, with or without a KMS allowed; the pinned KMS.
+    made_inside = _dstack_log(*boot, _provider("none", ""))
+    for rules in (pinned, none_allowed):
+        assert app_of(rules, made_inside[1], made_inside[0], None)["disk_key"] == "none"
+    from_kms = _dstack_log(*boot, FROM_KMS)
+    assert app_of(pinned, from_kms[1], from_kms[0], None)["disk_key"] == f"kms:{KMS_CA}"
+    another = KMS_CA[:-2] + ("00" if not KMS_CA.endswith("00") else "01")
+    refused = [
+        (pinned, _dstack_log(*boot), "tdx.key_provider: the event log names none"),
+        (pinned, _dstack_log(*boot, _provider("kms", another)), f"tdx.kms_ca_pubkey: {another} is not one"),
+        (none_allowed, from_kms, f"tdx.kms_ca_pubkey: {KMS_CA} gave the VM's disk key, and the policy allows no"),
+        (pinned, _dstack_log(*boot, _provider("local-sgx", "ab" * 32)), "tdx.key_provider: is 'local-sgx': the"),
+        (pinned, _dstack_log(*boot, _provider("tpm", "")), "tdx.key_provider: is 'tpm': the VM's disk key came"),
+        (pinned, _dstack_log(*boot, ("key-provider", b"kms".hex())), "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, _provider("kms", 7)), "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, ("key-provider", b'{"name":"none","name":"kms","id":""}'.hex())),
+         "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, ("key-provider", "ff")), "tdx.key_provider: is not dstack's record"),
+    ]  # fmt: skip
+    for rules, (log, rt_mr3), says in refused:
+        with pytest.raises(AttestationRefused) as caught:
+            app_of(rules, rt_mr3, log, None)
+        assert str(caught.value).startswith(says), str(caught.value)
+
+
 def test_a_genuine_tdx_quote_pinned_by_docker_compose_needs_its_event_log(samples: Path) -> None:
     raw, compose, script = _app_compose()
     quote, collateral = _evidence(samples, "tdx_quote")
     pinned = parse_policy(
         f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr1 = ['{TDX_RT_MR1}']\nrt_mr2 = ['{TDX_RT_MR2}']\n"
-        f"docker_compose = ['{compose}']\npre_launch_script = ['{script}']"
+        f"docker_compose = ['{compose}']\npre_launch_script = ['{script}']\nkms_ca_pubkey = []"
     )
     with pytest.raises(AttestationRefused, match=r"^tdx\.event_log: is needed to know the app \(the policy pins"):
         verify(quote, collateral, pinned, _report_data(quote), now=PINNED, app_compose=raw)
@@ -462,6 +518,19 @@ def test_an_enclave_takes_only_the_key_of_its_measured_mode_and_policy(monkeypat
         (
             f"[tdx]\nmr_td = ['{TDX_MR_TD}']\ncompose_hash = ['{'9a' * 32}']\npre_launch_script = ['{'e3' * 32}']",
             "policy.tdx.docker_compose: is needed with pre_launch_script",
+        ),
+        (
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr1 = ['{TDX_RT_MR1}']\nrt_mr2 = ['{TDX_RT_MR2}']\n"
+            f"compose_hash = ['{'9a' * 32}']",
+            "policy.tdx.kms_ca_pubkey: is needed with an app pinned",
+        ),
+        (
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr3 = ['{'00' * 48}']\nkms_ca_pubkey = []",
+            "policy.tdx.kms_ca_pubkey: is checked only in an app pinned",
+        ),
+        (  # a KMS's secp256k1 signing key (compressed) where its root CA's DER key belongs
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr3 = ['{'00' * 48}']\nkms_ca_pubkey = ['{'02' * 33}']",
+            "policy.tdx.kms_ca_pubkey[0]: is not a public key in DER (SubjectPublicKeyInfo)",
         ),
         ("[tcb]\nallow_debug = false", "policy: allows no enclave"),
         ("[sgx", "policy: is not TOML"),

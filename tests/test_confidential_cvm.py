@@ -68,9 +68,10 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
     with phala_double(docker_engine) as (base, key):
         double = base.removesuffix("/api/v1") + "/_double"
         left = _left_behind(base, key, tmp_path / "state")
+        kms = httpx.get(f"{double}/kms").json()
         env = flow_env(
             tmp_path, METAFLOW_S3_ENDPOINT_URL=bridge_s3, PHALA_CLOUD_API_KEY=key, PHALA_CLOUD_API_PREFIX=base,
-            METAFLOW_STACK_PHALA_KMS_SIGNER=httpx.get(f"{double}/kms").json()["k256_pubkey"],
+            METAFLOW_STACK_PHALA_KMS_SIGNER=kms["k256_pubkey"],
         )  # fmt: skip
         done = subprocess.run(
             [sys.executable, "cvm_flow.py", "--datastore", "s3", "--datastore-root", root, "run"],
@@ -110,6 +111,8 @@ def test_a_step_runs_in_a_cvm_and_its_evidence_is_judged_before_its_code_runs(
     digest = hashlib.sha256(cvm["compose"].encode()).hexdigest()
     assert json.loads(app_compose)["docker_compose_file"] == cvm["compose"] and f"docker compose {digest}" in said
     assert app_parts(app_compose, events["compose-hash"])["docker_compose"] == digest
+    # And where its disk key came from, as dstack records it: the KMS, by its root CA key (what a policy pins).
+    assert json.loads(bytes.fromhex(events["key-provider"])) == {"name": "kms", "id": kms["ca_pubkey"]}
     assert b"collateral" in s3.get_object(Bucket=bucket, Key=found["refused.txt"])["Body"].read()
     assert "key.envelope" not in found
 

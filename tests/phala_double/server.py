@@ -31,15 +31,17 @@ container of that engine, as dstack would start it (the image pulled, ``$$`` and
 the decrypted variables as Compose does, ``restart: no``), with a double of dstack's guest agent on the
 socket it mounts (``/var/run/dstack.sock``): ``POST /GetQuote`` answers the public TDX sample quote (its
 signature covers other report data: a verifier refuses it) and an event log whose runtime events (app id,
-compose hash, instance id) replay to an RTMR3 of their own; the report data each call asked for is kept.
+compose hash, instance id, and the key provider: the double's KMS, by its root CA key) replay to an RTMR3 of
+their own; the report data each call asked for is kept.
 ``POST /Info`` answers as dstack's does, ``tcb_info`` a JSON text holding the app compose's very bytes.
 Deleting the CVM removes its container and socket.
 
 What the CVM would have booted with is readable at ``GET /_double/cvms/{id}`` (the double's own routes;
 ``GET /_double/cvms`` lists the CVMs);
-``GET /_double/kms`` is the KMS's signing key (what a user pins) and ``POST /_double/kms`` turns the
-answers into an attack: ``foreign`` (a key of the API's own, signed by a key of its own), ``stale`` (a
-signature ten minutes old), ``swapped`` (the provision hands another key than the KMS signed),
+``GET /_double/kms`` is the KMS's signing key and its root CA key (``ca_pubkey``: what users pin) and
+``POST /_double/kms`` turns the answers into an attack: ``foreign`` (a key of the API's own, signed by a
+key of its own), ``stale`` (a signature ten minutes old), ``swapped`` (the provision hands another key than
+the KMS signed),
 ``legacy`` (an old KMS: the signature without a timestamp) or ``honest``; ``POST /_double/app-deletes``
 ``refused`` has a DELETE naming a CVM by its app answer 404, as an API that does not take the name would
 (``taken``, the default, deletes it).
@@ -63,6 +65,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eth_keys import keys
@@ -97,19 +100,23 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class GuestAgent:
     """A double of dstack's guest agent for one CVM, on a Unix socket: ``POST /GetQuote``, as dstack-sdk asks."""
 
-    def __init__(self, app_id: str, app_compose: str, instance_id: str) -> None:
+    def __init__(self, app_id: str, app_compose: str, instance_id: str, kms_ca_pubkey: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="dstack-"))
         os.chmod(self.folder, 0o755)
         self.socket = self.folder / "dstack.sock"
         self.asked: list[str] = []
         compose_hash = hashlib.sha256(app_compose.encode()).hexdigest()
-        events = [("app-id", app_id), ("compose-hash", compose_hash), ("instance-id", instance_id)]
+        # Where the disk key came from, as dstack-util records it: its KeyProviderInfo as compact JSON.
+        provider = json.dumps({"name": "kms", "id": kms_ca_pubkey}, separators=(",", ":"))
+        events = [("app-id", app_id), ("compose-hash", compose_hash), ("instance-id", instance_id),
+                  ("key-provider", provider.encode().hex())]  # fmt: skip
         log = [{"imr": 3, "event_type": RUNTIME_EVENT, "digest": "", "event": n, "event_payload": p} for n, p in events]
         tcb = {"mrtd": TDX_MRTD, "rtmr0": "0" * 96, "rtmr1": "0" * 96, "rtmr2": "0" * 96, "rtmr3": "0" * 96,
                "mr_aggregated": "", "os_image_hash": "", "compose_hash": compose_hash, "device_id": "",
                "app_compose": app_compose, "event_log": log}  # fmt: skip
         info = {"app_id": app_id, "instance_id": instance_id, "app_cert": "", "tcb_info": json.dumps(tcb, indent=2),
-                "app_name": "", "device_id": "", "key_provider_info": "", "compose_hash": compose_hash}  # fmt: skip
+                "app_name": "", "device_id": "", "key_provider_info": provider,
+                "compose_hash": compose_hash}  # fmt: skip
         agent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -195,6 +202,13 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
     deleted: list[dict[str, Any]] = []  # running CVMs once deleted: what their agent was asked, their logs
     numbers = itertools.count(1)  # a CVM's id, never reused (a deleted one's taken again named a live one)
     kms = keys.PrivateKey(secrets.token_bytes(32))
+    # The KMS's root CA key (P-256), which a CVM's key-provider event names as DER SubjectPublicKeyInfo.
+    kms_ca_pubkey = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .hex()
+    )
     attack = {"now": "honest", "key": X25519PrivateKey.generate(), "kms": keys.PrivateKey(secrets.token_bytes(32))}
     attack["app_deletes"] = "taken"  # or "refused": a DELETE naming a CVM by its app answers 404
 
@@ -276,7 +290,7 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
         cvm_id = str(next(numbers))
         cvms[cvm_id] = {"id": cvm_id, "app_id": body["app_id"], "env": env, "looks": 0, "status": STATES[0]}
         if engine is not None and env is not None:
-            agent = GuestAgent(body["app_id"], found["app_compose"], secrets.token_hex(20))
+            agent = GuestAgent(body["app_id"], found["app_compose"], secrets.token_hex(20), kms_ca_pubkey)
             name = f"phala-double-{secrets.token_hex(4)}"
             cvms[cvm_id] |= {"agent": agent, "container": _start(engine, found["compose"], env, agent, name)}
         return JSONResponse({"id": cvm_id, "name": cvm_id, "status": STATES[0]})
@@ -328,7 +342,9 @@ def create_app(api_key: str, engine: Any = None) -> FastAPI:
 
     @app.get("/_double/kms")
     def kms_key() -> Response:
-        return JSONResponse({"k256_pubkey": "0x" + kms.public_key.to_compressed_bytes().hex()})
+        return JSONResponse(
+            {"k256_pubkey": "0x" + kms.public_key.to_compressed_bytes().hex(), "ca_pubkey": kms_ca_pubkey}
+        )
 
     @app.post("/_double/app-deletes")
     async def set_app_deletes(request: Request) -> Response:

@@ -27,6 +27,8 @@ from metaflow_stack.confidential.refusal import AttestationRefused, allowed
 #: dstack's runtime events (extended into RTMR3), the one naming the app's compose, and a log's size at most.
 DSTACK_EVENT_TYPE = 0x08000001
 COMPOSE_HASH_EVENT = "compose-hash"
+#: dstack's runtime event recording where the VM's disk key came from.
+KEY_PROVIDER_EVENT = "key-provider"
 MAX_EVENT_LOG_BYTES = 256 * 1024
 #: Bytes a CVM's app compose may have (the step's compose and Phala's pre-launch script: a few KiB).
 MAX_APP_COMPOSE_BYTES = 256 * 1024
@@ -38,9 +40,9 @@ COMPOSE_RUNNER = "docker-compose"
 KEY_PROVIDERS = ("kms", "none")
 #: The fields of dstack's app compose (``dstack-types``' ``AppCompose``, and what Phala stores beside it) that
 #: run nothing in the VM and show nothing of the task: a pinned app may have any values of them. The others it
-#: may have are checked in ``app_parts`` (``key_provider_id``, which KMS gives the disk key, is not checked
-#: yet: docs/confidential.md says so); any field besides is refused, since a newer dstack's field may run
-#: code this list does not know of.
+#: may have are checked in ``app_parts`` (``key_provider_id``, the KMS the VM takes its disk key from, is
+#: not: the ``key-provider`` event records the one it did, and ``_disk_key`` checks that); any field besides
+#: is refused, since a newer dstack's field may run code this list does not know of.
 _INERT_FIELDS = frozenset({
     "manifest_version", "name", "features", "public_tcbinfo", "gateway_enabled", "tproxy_enabled",
     "no_instance_id", "secure_time", "storage_fs", "swap_size", "docker_config", "salt", "version",
@@ -55,8 +57,9 @@ _CHECKED_FIELDS = frozenset({
 
 def app_of(rules: TdxPolicy, rt_mr3: str, event_log: str | None, app_compose: str | None) -> dict[str, str]:
     """What a TDX quote's app is, held to ``rules``' app pins (``compose_hash``; ``docker_compose`` and
-    ``pre_launch_script``): its compose hash from ``event_log`` replayed to ``rt_mr3``, and the digests of
-    ``app_compose``'s parts; nothing when the rules pin no app (``rt_mr3`` pinned alone)."""
+    ``pre_launch_script``; ``kms_ca_pubkey``): its compose hash and where its disk key came from, from
+    ``event_log`` replayed to ``rt_mr3``, and the digests of ``app_compose``'s parts; nothing when the rules
+    pin no app (``rt_mr3`` pinned alone)."""
     if not (rules.compose_hash or rules.docker_compose):
         return {}
     pinned = "compose_hash" if rules.compose_hash else "docker_compose"
@@ -67,6 +70,7 @@ def app_of(rules: TdxPolicy, rt_mr3: str, event_log: str | None, app_compose: st
         raise AttestationRefused("tdx.compose_hash", "the event log names none (not a dstack app)")
     found = {"compose_hash": events[COMPOSE_HASH_EVENT]}
     allowed("tdx.compose_hash", found["compose_hash"], rules.compose_hash)
+    found["disk_key"] = _disk_key(events, rules.kms_ca_pubkey or [])
     if rules.docker_compose:
         if not app_compose:
             raise AttestationRefused("tdx.app_compose", "is needed to know the app (the policy pins docker_compose)")
@@ -74,6 +78,31 @@ def app_of(rules: TdxPolicy, rt_mr3: str, event_log: str | None, app_compose: st
         allowed("tdx.docker_compose", found["docker_compose"], rules.docker_compose)
         allowed("tdx.pre_launch_script", found["pre_launch_script"], rules.pre_launch_script)
     return found
+
+
+def _disk_key(events: dict[str, str], kms_ca_pubkeys: list[str]) -> str:
+    """Where the VM's disk key came from, as its ``key-provider`` event records it (dstack's
+    ``KeyProviderInfo``, JSON): ``none`` (made inside the VM), or ``kms:`` and the root CA public key of a KMS
+    in ``kms_ca_pubkeys``; a host's key provider, or another KMS, is refused."""
+    if KEY_PROVIDER_EVENT not in events:
+        raise AttestationRefused("tdx.key_provider", "the event log names none (dstack records where the disk key "
+                                 "came from)")  # fmt: skip
+    try:
+        provider = json.loads(bytes.fromhex(events[KEY_PROVIDER_EVENT]), object_pairs_hook=_once_each)
+        name, key = provider["name"], provider["id"]
+        if not (isinstance(name, str) and isinstance(key, str)):
+            raise TypeError
+    except (KeyError, TypeError, ValueError):
+        raise AttestationRefused("tdx.key_provider", "is not dstack's record of a key provider") from None
+    if name == "none" and not key:
+        return "none"
+    if name != "kms":
+        raise AttestationRefused("tdx.key_provider", f"is {name!r}: the VM's disk key came from its host")
+    if not kms_ca_pubkeys:
+        raise AttestationRefused("tdx.kms_ca_pubkey", f"{key} gave the VM's disk key, and the policy allows no KMS",
+                                 fix="list that KMS's root CA public key in kms_ca_pubkey if you trust it")  # fmt: skip
+    allowed("tdx.kms_ca_pubkey", key, kms_ca_pubkeys)
+    return f"kms:{key.lower()}"
 
 
 def app_parts(app_compose: str, compose_hash: str) -> dict[str, str]:

@@ -11,7 +11,8 @@
     rt_mr1 = ["0084...9378"]   # app: the step's docker compose as its launcher prints it, with the script
     rt_mr2 = ["d833...3132"]   # Phala runs before it (both read from the app compose the replayed event log
     docker_compose = ["5f0e...c1"]     # measures), or the whole app's dstack compose hash, or an rt_mr3
-    pre_launch_script = ["e3b0...55"]  # (which dstack extends with each CVM's own instance id)
+    pre_launch_script = ["e3b0...55"]  # (which dstack extends with each CVM's own instance id); with an app
+    kms_ca_pubkey = ["3059...a1"]      # pinned, the KMSes that may give the VM its disk key ([]: none may)
 
     [tcb]
     allowed_statuses = ["UpToDate", "SWHardeningNeeded"]
@@ -31,7 +32,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from metaflow_stack.errors import InvalidInput
 
@@ -48,6 +49,26 @@ TCB_STATUSES = (
 
 Hex32 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$", to_lower=True)]
 Hex48 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{96}$", to_lower=True)]
+
+
+def _public_key(text: str) -> str:
+    """``text`` once it is a public key in DER (SubjectPublicKeyInfo): a KMS's secp256k1 signing key, or a
+    key pasted in another encoding, is refused here rather than never matching."""
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    try:
+        load_der_public_key(bytes.fromhex(text))
+    except (ValueError, TypeError):  # cryptography: ValueError for DER it cannot read
+        raise ValueError("is not a public key in DER (SubjectPublicKeyInfo)") from None
+    return text
+
+
+#: A public key in DER (SubjectPublicKeyInfo), as hex: a P-256 key's is 91 bytes.
+DerHex = Annotated[
+    str,
+    StringConstraints(pattern=r"^(?:[0-9a-fA-F]{2}){32,1024}$", to_lower=True),
+    AfterValidator(_public_key),
+]
 Advisory = Annotated[str, StringConstraints(pattern=r"^INTEL-SA-\d{5}$")]
 
 
@@ -81,6 +102,11 @@ class TdxPolicy(_Table):
     #: text when there is none), which could do anything in the VM.
     docker_compose: list[Hex32] = Field(default_factory=list, max_length=256)
     pre_launch_script: list[Hex32] = Field(default_factory=list, max_length=256)
+    #: The KMSes allowed to give the VM its disk key, by their root CA's public key (DER, hex), as the event
+    #: log's ``key-provider`` event records the one that did: dstack takes the key from any KMS it is pointed
+    #: at unless the app compose pins one, and the disk holds the containers' layers, ``/tmp`` and swap.
+    #: Needed with an app pinned (``[]``: only a key made inside the VM); ``None``: not given.
+    kms_ca_pubkey: list[DerHex] | None = Field(None, max_length=256)
 
 
 class TcbPolicy(_Table):
@@ -114,7 +140,7 @@ def parse_policy(text: str, where: str = "policy") -> Policy:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        raise InvalidInput(field, first["msg"], fix=_fix(first["loc"])) from None
+        raise InvalidInput(field, first["msg"].removeprefix("Value error, "), fix=_fix(first["loc"])) from None
     if policy.sgx is None and policy.tdx is None:
         raise InvalidInput(where, "allows no enclave", fix="add an [sgx] or a [tdx] table")
     if policy.sgx is not None and not (policy.sgx.mr_enclave or policy.sgx.mr_signer):
@@ -156,12 +182,27 @@ def _check_app(tdx: TdxPolicy, where: str) -> None:
             "and rt_mr2 are needed with an app pinned: the kernel and root file system whose agent records it",
             fix="pin the dstack OS image's rt_mr1 and rt_mr2 (a dev image, or another kernel, could record any)",
         )
+    if tdx.kms_ca_pubkey is not None and not (tdx.compose_hash or tdx.docker_compose):
+        raise InvalidInput(
+            f"{where}.kms_ca_pubkey",
+            "is checked only in an app pinned by docker_compose or compose_hash (rt_mr3 fixes it with the rest)",
+            fix="pin the app's docker_compose, or leave kms_ca_pubkey out",
+        )
+    if (tdx.compose_hash or tdx.docker_compose) and tdx.kms_ca_pubkey is None:
+        raise InvalidInput(
+            f"{where}.kms_ca_pubkey",
+            "is needed with an app pinned: the KMSes that may give the VM its disk key (dstack takes any)",
+            fix="list the KMS's root CA public key (DER, hex: Phala's ca_pubkey), or [] to allow only a key "
+            "made inside the VM",
+        )
 
 
 def _fix(location: tuple) -> str:
     name = str(next((p for p in reversed(location) if isinstance(p, str)), ""))
     if name in ("mr_enclave", "mr_signer", "compose_hash", "docker_compose", "pre_launch_script"):
         return "a 32-byte measurement as 64 hex digits"
+    if name == "kms_ca_pubkey":
+        return "a public key in DER (SubjectPublicKeyInfo) as hex digits"
     if name.startswith(("mr_td", "rt_mr")):
         return "a 48-byte measurement as 96 hex digits"
     if name == "allowed_statuses":
