@@ -323,10 +323,9 @@ def test_an_app_is_held_to_each_pin_once_its_event_log_replays_to_rtmr3() -> Non
         app_of(by_parts, rt_mr3, log, _app_compose(name="another-app")[0])
 
 
-def _provider(name: str, key: str, **more: object) -> tuple[str, str]:
-    """A key-provider event naming ``name`` and ``key`` (and ``more``), as dstack-util writes it."""
-    record = json.dumps({"name": name, "id": key, **more}, separators=(",", ":"))
-    return "key-provider", record.encode().hex()
+def _provider(name: str, key: object) -> tuple[str, str]:
+    """A key-provider event naming ``name`` and ``key``, as dstack-util writes it."""
+    return "key-provider", json.dumps({"name": name, "id": key}, separators=(",", ":")).encode().hex()
 
 
 def test_an_apps_disk_key_comes_only_from_a_kms_the_policy_pins_or_from_inside_the_vm() -> None:
@@ -344,6 +343,8 @@ def test_an_apps_disk_key_comes_only_from_a_kms_the_policy_pins_or_from_inside_t
         assert app_of(rules, made_inside[1], made_inside[0], None)["disk_key"] == "none"
     from_kms = _dstack_log(*boot, FROM_KMS)
     assert app_of(pinned, from_kms[1], from_kms[0], None)["disk_key"] == f"kms:{KMS_CA}"
+    upper = _dstack_log(*boot, _provider("kms", KMS_CA.upper()))  # the same key, its hex in capitals
+    assert app_of(pinned, upper[1], upper[0], None)["disk_key"] == f"kms:{KMS_CA}"
     another = KMS_CA[:-2] + ("00" if not KMS_CA.endswith("00") else "01")
     refused = [
         (pinned, _dstack_log(*boot), "tdx.key_provider: the event log names none"),
@@ -356,6 +357,13 @@ def test_an_apps_disk_key_comes_only_from_a_kms_the_policy_pins_or_from_inside_t
         (pinned, _dstack_log(*boot, ("key-provider", b'{"name":"none","name":"kms","id":""}'.hex())),
          "tdx.key_provider: is not dstack's record"),
         (pinned, _dstack_log(*boot, ("key-provider", "ff")), "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, _provider("none", "ab")), "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, _provider("kms", "")), "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, _provider("kms", "not hex")), "tdx.key_provider: is not dstack's record"),
+        (pinned, _dstack_log(*boot, ("key-provider", b'["kms"]'.hex())), "tdx.key_provider: is not dstack's record"),
+        # A field dstack does not write: a newer dstack may give it a meaning this check does not know.
+        (pinned, _dstack_log(*boot, ("key-provider", json.dumps({"name": "kms", "id": KMS_CA, "url": "x"}).encode()
+         .hex())), "tdx.key_provider: is not dstack's record"),
     ]  # fmt: skip
     for rules, (log, rt_mr3), says in refused:
         with pytest.raises(AttestationRefused) as caught:
@@ -527,6 +535,11 @@ def test_an_enclave_takes_only_the_key_of_its_measured_mode_and_policy(monkeypat
         (
             f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr3 = ['{'00' * 48}']\nkms_ca_pubkey = []",
             "policy.tdx.kms_ca_pubkey: is checked only in an app pinned",
+        ),
+        (  # a public key of a type cryptography does not know (an OID of Microsoft's)
+            f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr3 = ['{'00' * 48}']\n"
+            f"kms_ca_pubkey = ['3030300b06092b0601040182370a0103210{'0' + '11' * 32}']",
+            "policy.tdx.kms_ca_pubkey[0]: is not a public key in DER (SubjectPublicKeyInfo)",
         ),
         (  # a KMS's secp256k1 signing key (compressed) where its root CA's DER key belongs
             f"[tdx]\nmr_td = ['{TDX_MR_TD}']\nrt_mr3 = ['{'00' * 48}']\nkms_ca_pubkey = ['{'02' * 33}']",

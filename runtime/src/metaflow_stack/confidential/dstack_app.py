@@ -9,7 +9,9 @@ script), so its hash cannot be known before provisioning. A policy pins it
 whole (``compose_hash``) or by its parts (``docker_compose``, the digest the
 step's launcher prints, and ``pre_launch_script``), once the app compose is
 held to rules that leave it nothing else to run and no way to show the
-task: ``app_parts``.
+task: ``app_parts``. Another runtime event, ``key-provider``, records where
+the VM's disk key came from: a KMS the policy names, or the VM itself
+(``_disk_key``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -27,8 +30,10 @@ from metaflow_stack.confidential.refusal import AttestationRefused, allowed
 #: dstack's runtime events (extended into RTMR3), the one naming the app's compose, and a log's size at most.
 DSTACK_EVENT_TYPE = 0x08000001
 COMPOSE_HASH_EVENT = "compose-hash"
-#: dstack's runtime event recording where the VM's disk key came from.
+#: dstack's runtime event recording where the VM's disk key came from, and the id it may give: empty (no
+#: key provider, the host's TPM) or a key or measurement as hex, as long as a policy's ``kms_ca_pubkey``.
 KEY_PROVIDER_EVENT = "key-provider"
+_PROVIDER_ID = re.compile(r"(?:[0-9a-fA-F]{2}){0,1024}")
 MAX_EVENT_LOG_BYTES = 256 * 1024
 #: Bytes a CVM's app compose may have (the step's compose and Phala's pre-launch script: a few KiB).
 MAX_APP_COMPOSE_BYTES = 256 * 1024
@@ -82,22 +87,29 @@ def app_of(rules: TdxPolicy, rt_mr3: str, event_log: str | None, app_compose: st
 
 def _disk_key(events: dict[str, str], kms_ca_pubkeys: list[str]) -> str:
     """Where the VM's disk key came from, as its ``key-provider`` event records it (dstack's
-    ``KeyProviderInfo``, JSON): ``none`` (made inside the VM), or ``kms:`` and the root CA public key of a KMS
-    in ``kms_ca_pubkeys``; a host's key provider, or another KMS, is refused."""
+    ``KeyProviderInfo``, compact JSON of ``name`` and ``id``): ``none`` (made inside the VM), or ``kms:`` and
+    the root CA public key of a KMS in ``kms_ca_pubkeys``; a host's key provider, another KMS, or a record
+    dstack would not write (another field, which a newer dstack may give a meaning), is refused."""
     if KEY_PROVIDER_EVENT not in events:
         raise AttestationRefused("tdx.key_provider", "the event log names none (dstack records where the disk key "
-                                 "came from)")  # fmt: skip
+                                 "came from)", fix="use a dstack OS image that records it: pin its rt_mr1 and "
+                                 "rt_mr2")  # fmt: skip
     try:
         provider = json.loads(bytes.fromhex(events[KEY_PROVIDER_EVENT]), object_pairs_hook=_once_each)
         name, key = provider["name"], provider["id"]
-        if not (isinstance(name, str) and isinstance(key, str)):
-            raise TypeError
-    except (KeyError, TypeError, ValueError):
-        raise AttestationRefused("tdx.key_provider", "is not dstack's record of a key provider") from None
-    if name == "none" and not key:
+    except (AttributeError, KeyError, TypeError, ValueError):  # (not an object: no ``name`` to read)
+        provider, name, key = None, None, None
+    well_formed = (
+        isinstance(provider, dict) and set(provider) == {"name", "id"} and isinstance(name, str)
+        and isinstance(key, str) and _PROVIDER_ID.fullmatch(key)
+    )  # fmt: skip
+    if not well_formed or (name == "none" and key) or (name == "kms" and not key):
+        raise AttestationRefused("tdx.key_provider", "is not dstack's record of a key provider")
+    if name == "none":
         return "none"
     if name != "kms":
-        raise AttestationRefused("tdx.key_provider", f"is {name!r}: the VM's disk key came from its host")
+        raise AttestationRefused("tdx.key_provider", f"is {name!r}: the VM's disk key came from its host",
+                                 fix="deploy the app with key_provider kms or none")  # fmt: skip
     if not kms_ca_pubkeys:
         raise AttestationRefused("tdx.kms_ca_pubkey", f"{key} gave the VM's disk key, and the policy allows no KMS",
                                  fix="list that KMS's root CA public key in kms_ca_pubkey if you trust it")  # fmt: skip

@@ -52,13 +52,15 @@ Hex48 = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{96}$", to_lower=
 
 
 def _public_key(text: str) -> str:
-    """``text`` once it is a public key in DER (SubjectPublicKeyInfo): a KMS's secp256k1 signing key, or a
-    key pasted in another encoding, is refused here rather than never matching."""
+    """``text`` once it is a public key in DER (SubjectPublicKeyInfo) that ``cryptography`` reads: a KMS's
+    secp256k1 signing key as Phala shows it (compressed), or a key pasted in another encoding, is refused here
+    rather than never matching."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_der_public_key
 
     try:
         load_der_public_key(bytes.fromhex(text))
-    except (ValueError, TypeError):  # cryptography: ValueError for DER it cannot read
+    except (ValueError, UnsupportedAlgorithm):  # DER it cannot read; a key type or curve it does not know
         raise ValueError("is not a public key in DER (SubjectPublicKeyInfo)") from None
     return text
 
