@@ -108,7 +108,7 @@ def _disk_key(events: dict[str, str], kms_ca_pubkeys: list[str]) -> str:
     if name == "none":
         return "none"
     if name != "kms":
-        raise AttestationRefused("tdx.key_provider", f"is {name!r}: the VM's disk key came from its host",
+        raise AttestationRefused("tdx.key_provider", f"is {name[:32]!r}: the VM's disk key came from its host",
                                  fix="deploy the app with key_provider kms or none")  # fmt: skip
     if not kms_ca_pubkeys:
         raise AttestationRefused("tdx.kms_ca_pubkey", f"{key} gave the VM's disk key, and the policy allows no KMS",
