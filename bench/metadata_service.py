@@ -13,12 +13,15 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
   running throughout, as it runs for a service's life) against
   the same insert with the reference UI backend's ``pg_notify`` trigger and a
   listener draining it;
+- write designs (issue 17's way on, measured before it is built): at 8
+  writers, the write's own row numbered as its event, against today's event
+  row and the same row with no number, each on an empty table of its own;
 - event fan-out: logged events delivered to 8 SSE subscribers;
 - the last 100 lines of a 1 GB task log: one ``tail=100`` request, against
   Metaflow's Client API (``Task.loglines``, which reads the whole log).
 
     python bench/metadata_service.py [--runs 100000] [--tasks 10000] [--seconds 2] [--rounds 9] [--log-mb 1024]
-                                     [--only pages,failures,fan-out,logs,writes]
+                                     [--only pages,failures,fan-out,logs,writes,write-designs]
 """
 
 from __future__ import annotations
@@ -485,6 +488,54 @@ def _write_row(writers: int, rounds: int, rates: dict[str, list[float]], bus: st
     )
 
 
+# -- write designs -------------------------------------------------------------
+
+#: Issue 17's way on for the event write path, measured before it is built: the write's own row numbered as
+#: its event (a ``seq`` column with 0006's default), against today's event row and a row with no number.
+#: Each writes into a table of its own, all created empty at the start, so none is slowed by a larger one.
+_NEXT_SEQ = "CASE WHEN pg_current_xact_id() IS NOT NULL THEN nextval('events_seq') END"
+#: Each design: its table, and how ``seq`` is indexed there (``None``: the row has no ``seq``).
+DESIGNS = {
+    "no number": ("design_plain", None),
+    "an event row (today)": ("design_event_row", None),
+    "the row numbered, B-tree on seq": ("design_btree", "btree"),
+    "the row numbered, BRIN on seq": ("design_brin", "brin"),
+}
+for _table, _ in DESIGNS.values():
+    WRITES[_table] = (
+        WRITES["events"].replace("INSERT INTO metadata", f"INSERT INTO {_table}")
+        if _table == "design_event_row"
+        else f"INSERT INTO {_table} " + _ROW
+    )
+
+
+def write_designs(url: str, seconds: float, run: int, rounds: int) -> list[tuple[str, str, str, str]]:
+    """Each design at 8 writers, in rounds of slices side by side; ratios are medians of each round's own."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
+        for table, index in DESIGNS.values():
+            numbered = f", seq bigint DEFAULT {_NEXT_SEQ}" if index else ""
+            conn.execute(f"CREATE TABLE {table} (LIKE metadata INCLUDING ALL{numbered})")
+            if index:
+                conn.execute(f"CREATE INDEX ON {table} USING {index} (seq)")
+    rates: dict[str, list[float]] = {name: [] for name in DESIGNS}
+    for _ in range(rounds):
+        for name, (table, _) in DESIGNS.items():
+            rates[name].append(write_rate(url, table, 8, seconds, run, task))
+    plain = rates["no number"]
+    return [
+        (
+            f"write design: {name}, 8 writers (medians of {rounds} rounds)",
+            f"{statistics.median(rates[name]):,.0f} rows/s: "
+            f"{statistics.median(r / p for r, p in zip(rates[name], plain, strict=True)):.1%} of no number",
+            f"{statistics.median(plain):,.0f} (the same row, no number)",
+            "≥ 90% of no number",
+        )
+        for name in DESIGNS
+        if name != "no number"
+    ]
+
+
 # -- fan-out --------------------------------------------------------------------
 
 
@@ -537,7 +588,7 @@ def _fill_log(url: str, events: int) -> None:
 
 
 #: What the script measures, each runnable alone (``--only``).
-SECTIONS = ("pages", "failures", "fan-out", "logs", "writes")
+SECTIONS = ("pages", "failures", "fan-out", "logs", "writes", "write-designs")
 
 
 @contextlib.contextmanager
@@ -592,6 +643,9 @@ def main() -> None:
             finally:
                 process.terminate()
                 process.wait(timeout=30)
+            if "write-designs" in only:
+                with console.status("write designs"):
+                    rows += write_designs(url, args.seconds, run, args.rounds)
             if "writes" in only:
                 with console.status("writes"), _broker(workdir) as nats_url:
                     rows += writes(pg, url, nats_url, args.seconds, run, args.rounds)
