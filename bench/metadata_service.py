@@ -491,9 +491,8 @@ def _write_row(writers: int, rounds: int, rates: dict[str, list[float]], bus: st
 # -- write designs -------------------------------------------------------------
 
 #: Issue 17's way on for the event write path, measured before it is built: the write's own row numbered as
-#: its event (a ``seq`` column with 0006's default), against today's event row and a row with no number.
-#: Each writes into a table of its own, all created empty at the start, so none is slowed by a larger one.
-_NEXT_SEQ = "CASE WHEN pg_current_xact_id() IS NOT NULL THEN nextval('events_seq') END"
+#: its event (a ``seq`` column with the event log's own default), against today's event row and a row with no
+#: number. Each writes into a table of its own, all created empty at the start, so none is slowed by a larger one.
 #: Each design: its table, and how ``seq`` is indexed there (``None``: the row has no ``seq``).
 DESIGNS = {
     "no number": ("design_plain", None),
@@ -513,8 +512,12 @@ def write_designs(url: str, seconds: float, run: int, rounds: int) -> list[tuple
     """Each design at 8 writers, in rounds of slices side by side; ratios are medians of each round's own."""
     with psycopg.connect(url, autocommit=True) as conn:
         task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
+        # The number as the migrated schema gives an event one (read back, so the probe follows the schema).
+        next_seq = conn.execute(
+            "SELECT column_default FROM information_schema.columns WHERE table_name = 'events' AND column_name = 'seq'"
+        ).fetchone()[0]
         for table, index in DESIGNS.values():
-            numbered = f", seq bigint DEFAULT {_NEXT_SEQ}" if index else ""
+            numbered = f", seq bigint DEFAULT {next_seq}" if index else ""
             conn.execute(f"CREATE TABLE {table} (LIKE metadata INCLUDING ALL{numbered})")
             if index:
                 conn.execute(f"CREATE INDEX ON {table} USING {index} (seq)")
