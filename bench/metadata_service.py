@@ -8,20 +8,17 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
 - the failed tasks of a 10k-task foreach: one ``/failures`` request, against
   the metadata requests the stock Client API makes (``Task.successful`` on
   every task; its datastore reads are not counted);
-- writes with events at 1 and 8 writer processes: this service's event log (the
-  row and its event, numbered at insert, in one transaction, with the relay
-  running throughout, as it runs for a service's life) against
-  the same insert with the reference UI backend's ``pg_notify`` trigger and a
-  listener draining it;
-- write designs (issue 17's way on, measured before it is built): at 8
-  writers, the write's own row numbered as its event, against today's event
-  row and the same row with no number, each on an empty table of its own;
+- writes with events at 1 and 8 writer processes: this service's metadata
+  write (the row numbered as its own event in the log, with the relay
+  running throughout, as it runs for a service's life) against the same
+  insert with the reference UI backend's ``pg_notify`` trigger and a
+  listener draining it, and against the same row with no event at all;
 - event fan-out: logged events delivered to 8 SSE subscribers;
 - the last 100 lines of a 1 GB task log: one ``tail=100`` request, against
   Metaflow's Client API (``Task.loglines``, which reads the whole log).
 
     python bench/metadata_service.py [--runs 100000] [--tasks 10000] [--seconds 2] [--rounds 9] [--log-mb 1024]
-                                     [--only pages,failures,fan-out,logs,writes,write-designs]
+                                     [--only pages,failures,fan-out,logs,writes]
 """
 
 from __future__ import annotations
@@ -160,6 +157,8 @@ def load(url: str, runs: int, tasks: int) -> int:
                 for name in ("name", "_success")
             ),
         )
+        # The history counts as published: its metadata rows were numbered as events as they were copied in.
+        cur.execute("UPDATE relay_state SET published_seq = (SELECT last_value FROM events_seq)")
         conn.commit()
         cur.execute("ANALYZE")
     return run
@@ -353,13 +352,10 @@ _ROW = (
 WRITES = {
     # The reference service's insert; the UI backend's trigger NOTIFYs in the same transaction.
     "notify": "INSERT INTO metadata_v3 " + _ROW,
-    # This service: the row and its event, committed together.
-    "events": "WITH m AS (INSERT INTO metadata "
-    + _ROW
-    + " RETURNING run_number) INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) "
-    "SELECT '{flow}', run_number, 'metadata', '{{\"fields\": [\"attempt\"]}}', 0 FROM m",
-    # The same row with no event at all: the ceiling.
-    "plain": "INSERT INTO metadata " + _ROW,
+    # This service: the row is its own event, numbered in the log by the column's default (migration 0007).
+    "events": "INSERT INTO metadata " + _ROW,
+    # The same row with no event at all, the ceiling: no number, so not in the log nor in its index.
+    "plain": "INSERT INTO metadata " + _ROW.replace(") VALUES", ", seq) VALUES").removesuffix(")") + ", NULL)",
 }
 
 
@@ -488,57 +484,6 @@ def _write_row(writers: int, rounds: int, rates: dict[str, list[float]], bus: st
     )
 
 
-# -- write designs -------------------------------------------------------------
-
-#: Issue 17's way on for the event write path, measured before it is built: the write's own row numbered as
-#: its event (a ``seq`` column with the event log's own default), against today's event row and a row with no
-#: number. Each writes into a table of its own, all created empty at the start, so none is slowed by a larger one.
-#: Each design: its table, and how ``seq`` is indexed there (``None``: the row has no ``seq``).
-DESIGNS = {
-    "no number": ("design_plain", None),
-    "an event row (today)": ("design_event_row", None),
-    "the row numbered, B-tree on seq": ("design_btree", "btree"),
-    "the row numbered, BRIN on seq": ("design_brin", "brin"),
-}
-for _table, _ in DESIGNS.values():
-    WRITES[_table] = (
-        WRITES["events"].replace("INSERT INTO metadata", f"INSERT INTO {_table}")
-        if _table == "design_event_row"
-        else f"INSERT INTO {_table} " + _ROW
-    )
-
-
-def write_designs(url: str, seconds: float, run: int, rounds: int) -> list[tuple[str, str, str, str]]:
-    """Each design at 8 writers, in rounds of slices side by side; ratios are medians of each round's own."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
-        # The number as the migrated schema gives an event one (read back, so the probe follows the schema).
-        next_seq = conn.execute(
-            "SELECT column_default FROM information_schema.columns WHERE table_name = 'events' AND column_name = 'seq'"
-        ).fetchone()[0]
-        for table, index in DESIGNS.values():
-            numbered = f", seq bigint DEFAULT {next_seq}" if index else ""
-            conn.execute(f"CREATE TABLE {table} (LIKE metadata INCLUDING ALL{numbered})")
-            if index:
-                conn.execute(f"CREATE INDEX ON {table} USING {index} (seq)")
-    rates: dict[str, list[float]] = {name: [] for name in DESIGNS}
-    for _ in range(rounds):
-        for name, (table, _) in DESIGNS.items():
-            rates[name].append(write_rate(url, table, 8, seconds, run, task))
-    plain = rates["no number"]
-    return [
-        (
-            f"write design: {name}, 8 writers (medians of {rounds} rounds)",
-            f"{statistics.median(rates[name]):,.0f} rows/s: "
-            f"{statistics.median(r / p for r, p in zip(rates[name], plain, strict=True)):.1%} of no number",
-            f"{statistics.median(plain):,.0f} (the same row, no number)",
-            "≥ 90% of no number",
-        )
-        for name in DESIGNS
-        if name != "no number"
-    ]
-
-
 # -- fan-out --------------------------------------------------------------------
 
 
@@ -591,7 +536,7 @@ def _fill_log(url: str, events: int) -> None:
 
 
 #: What the script measures, each runnable alone (``--only``).
-SECTIONS = ("pages", "failures", "fan-out", "logs", "writes", "write-designs")
+SECTIONS = ("pages", "failures", "fan-out", "logs", "writes")
 
 
 @contextlib.contextmanager
@@ -646,9 +591,6 @@ def main() -> None:
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-            if "write-designs" in only:
-                with console.status("write designs"):
-                    rows += write_designs(url, args.seconds, run, args.rounds)
             if "writes" in only:
                 with console.status("writes"), _broker(workdir) as nats_url:
                     rows += writes(pg, url, nats_url, args.seconds, run, args.rounds)

@@ -45,8 +45,8 @@ def _write_runs(url: str, flow: str, runs: int, tasks: int) -> list[int]:
 
 
 def _events_per_run(tasks: int) -> int:
-    # run, step, then per task: task, metadata + task-status (attempt), metadata + task-status (attempt_ok)
-    return 2 + tasks * 5
+    # run, step, then per task: task, and its two metadata rows (attempt, attempt_ok), each its own event
+    return 2 + tasks * 3
 
 
 class Collector:
@@ -85,7 +85,24 @@ def _check_order(events: list[dict], runs: list[int], tasks: int) -> None:
     for number in runs:
         mine = [e for e in events if e["run_number"] == number]
         assert len(mine) == _events_per_run(tasks)
-        assert mine[0]["kind"] == "run" and mine[-1]["kind"] == "task-status"
+        assert mine[0]["kind"] == "run" and mine[-1]["kind"] == "metadata"
+        statuses = [(e["body"]["field_name"], e["body"]["status"]) for e in mine if e["kind"] == "metadata"]
+        assert statuses == [("attempt", "running"), ("attempt_ok", "completed")] * tasks
+
+
+def _check_metadata_bodies(url: str, events: list[dict]) -> None:
+    """A metadata event's body is the metadatum as the API answers it, with its attempt and the status it sets."""
+    notes = [e for e in events if e["kind"] == "metadata"]
+    assert notes
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for event in notes[:4] + notes[-2:]:
+            body = event["body"]
+            task = (
+                f"/flows/{body['flow_id']}/runs/{body['run_number']}/steps/{body['step_name']}/tasks/{body['task_id']}"
+            )
+            stored = {m["id"]: m for m in http.get(f"{task}/metadata").json()}
+            extra = {"attempt_id": 0, "status": "running" if body["field_name"] == "attempt" else "completed"}
+            assert body == stored[body["id"]] | extra
 
 
 def test_sse_delivers_every_write_in_order_and_resumes(service_factory) -> None:
@@ -102,6 +119,7 @@ def test_sse_delivers_every_write_in_order_and_resumes(service_factory) -> None:
     for flow in ("Flow0", "Flow1", "Flow2"):
         runs = sorted({e["run_number"] for e in events if e["flow_id"] == flow and e["run_number"]})
         _check_order(events, runs, 3)
+    _check_metadata_bodies(service.url, events)
     # Resuming after seq 10 replays exactly what followed; a run-scoped stream sees only its run.
     resumed = Collector(service.url, since="10").wait_for(expected - 10)
     assert [e["seq"] for e in resumed] == [e["seq"] for e in events[10:]]
@@ -189,6 +207,8 @@ def test_a_stream_reading_a_lagging_replica_waits_and_drops_nothing(service_fact
     events = live.wait_for(expected, seconds=90)
     assert len(events) == expected
     _check_order(events, runs, 2)
+    _replica_caught_up(primary, replica)  # the metadata to compare with is read from the replica
+    _check_metadata_bodies(service.url, events)
 
 
 def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> None:
@@ -209,15 +229,35 @@ def test_pruning_drops_old_published_events_and_numbering_goes_on(tmp_path) -> N
                 conn.rollback()
             return conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all()
 
+    def replayed(last: int) -> list[int]:
+        """What ``since=0`` replays, read until ``last``."""
+        with client.stream("GET", "/events", params={"since": "0"}) as stream:
+            seqs = []
+            for line in stream.iter_lines():
+                if line.startswith("id: "):
+                    seqs.append(int(line[4:]))
+                if seqs and seqs[-1] == last:
+                    return seqs
+
     with TestClient(app, base_url=LOOPBACK) as client:
-        for flow in ("A", "B", "C"):
+        for flow in ("A", "B"):
             assert client.post(f"/flows/{flow}", json={}).status_code == 200
-        assert published() == [1, 2, 3]
+        client.post("/flows/A/run", json={})
+        client.post("/flows/A/runs/1/steps/s/step", json={})
+        client.post("/flows/A/runs/1/steps/s/task", json={})
+        metadata = [{"field_name": f, "value": "0", "type": "t", "tags": []} for f in ("a", "b")]
+        assert client.post("/flows/A/runs/1/steps/s/tasks/1/metadata", json=metadata).status_code == 200
+        assert client.post("/flows/C", json={}).status_code == 200
+        # Event rows 1-5, the metadata rows numbered 6 and 7 as their own events, then C's event row.
+        assert published() == [1, 2, 3, 4, 5, 8]
+        assert replayed(8) == list(range(1, 9))
         assert app.state.hub.prune(retention_s=3600) == 0  # young events stay
         time.sleep(0.01)  # the events are now older than "0 s ago", to the millisecond
-        assert app.state.hub.prune(retention_s=0) == 3
+        assert app.state.hub.prune(retention_s=0) == 6
         assert client.post("/flows/D", json={}).status_code == 200
-        assert published() == [4]  # numbers are never handed out twice
+        assert published() == [9]  # numbers are never handed out twice
+        assert replayed(9) == [9]  # the metadata rows stay, as data, but left the log with what was pruned
+        assert [m["field_name"] for m in client.get("/flows/A/runs/1/steps/s/tasks/1/metadata").json()] == ["a", "b"]
 
 
 #: A row trigger runs after the defaults and before the row is written (which would assign an id): it sees
@@ -231,11 +271,22 @@ BEGIN
     RETURN NEW;
 END $$;
 CREATE TRIGGER no_id_no_event BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION no_id_no_event();
+CREATE TRIGGER no_id_no_event BEFORE INSERT ON metadata FOR EACH ROW EXECUTE FUNCTION no_id_no_event();
+"""
+#: A task to write metadata to, inserted as rows (no events).
+A_TASK = """
+INSERT INTO flows (flow_id, ts_epoch) VALUES ('F', 0);
+INSERT INTO runs (flow_id, ts_epoch) VALUES ('F', 0);
+INSERT INTO steps (run_number, step_name, flow_id, ts_epoch) VALUES (1, 's', 'F', 0);
+INSERT INTO tasks (flow_id, run_number, step_name, ts_epoch) VALUES ('F', 1, 's', 0);
 """
 
 
 def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(postgres) -> None:
+    from sqlalchemy import insert
+
     from metaflow_stack.service import event_log
+    from metaflow_stack.service import schema as s
     from metaflow_stack.service.database import connect, migrate
     from metaflow_stack.service.events import EventHub
 
@@ -249,14 +300,22 @@ def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(
     def append(conn, flow: str) -> None:
         event_log.append(conn, flow, None, "flow", {"flow_id": flow})
 
+    def note(conn, field: str) -> None:
+        """A metadata row: its own event, numbered by the same counter."""
+        rows = [{"flow_id": "F", "run_number": 1, "step_name": "s", "task_id": 1, "field_name": field}]
+        rows[0] |= {"value": "v", "type": "t", "ts_epoch": 0}
+        event_log.number(conn, rows)
+        conn.execute(insert(s.metadata_rows), rows)
+
     try:
-        # Each append below is the first write of its transaction. (Number 1 checks nothing: the first nextval
+        # Each write below is the first of its transaction. (Number 1 checks nothing: the first nextval
         # of a sequence logs it, which takes an id; the sequence logs again only every 32 numbers.)
         with database.writer.begin() as conn:
             conn.execute(text(NO_ID_NO_EVENT))
+            conn.execute(text(A_TASK))
         with database.writer.connect() as slow:
             slow_write = slow.begin()
-            append(slow, "Slow")  # takes number 1 and stays open
+            note(slow, "slow")  # takes number 1 and stays open
             with database.writer.begin() as fast:
                 append(fast, "Fast")  # number 2, committed first
             assert pending() == [] and pending() == []  # 1 may still commit: nothing after it goes out
@@ -265,7 +324,7 @@ def test_the_relay_waits_for_a_number_still_in_flight_and_skips_one_rolled_back(
         hub._mark(2)
         with database.writer.connect() as failed:
             failed_write = failed.begin()
-            append(failed, "Failed")  # number 3
+            note(failed, "failed")  # number 3
             failed_write.rollback()
         with database.writer.begin() as conn:
             append(conn, "After")  # number 4

@@ -3,6 +3,7 @@ stay exact while runs are being created."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -103,6 +104,58 @@ def test_revision_0005_numbers_the_outbox_and_the_log_numbers_on_from_there(data
         with database.writer.connect() as conn:
             assert conn.execute(text("SELECT seq FROM events")).scalars().all() == [10]
             assert conn.execute(text("SELECT last_seq FROM relay_state")).scalar() == 10
+    finally:
+        database.dispose()
+
+
+def test_revision_0007_numbers_new_metadata_among_the_event_rows_and_leaves_older_metadata_out(
+    database_url: str,
+) -> None:
+    """Metadata written after 0007 is numbered by the event rows' counter (on both engines); metadata from
+    before had an event row of its own, so it stays out of the log; going back keeps every row, and the
+    event rows number on after the last number handed out."""
+    from sqlalchemy import insert
+
+    from metaflow_stack.service import event_log
+    from metaflow_stack.service import schema as s
+    from metaflow_stack.service.event_bus import the_log
+
+    database = connect(database_url)
+    event = "'F', 1, 'flow', '{}', 0"
+    note = "INSERT INTO metadata (flow_id, run_number, step_name, task_id, field_name, value, type, ts_epoch) "
+    try:
+        migrate(database, "0006")
+        with database.writer.begin() as conn:
+            for statement in (
+                "INSERT INTO flows (flow_id, ts_epoch) VALUES ('F', 0)",
+                "INSERT INTO runs (flow_id, ts_epoch) VALUES ('F', 0)",
+                "INSERT INTO steps (run_number, step_name, flow_id, ts_epoch) VALUES (1, 's', 'F', 0)",
+                "INSERT INTO tasks (flow_id, run_number, step_name, ts_epoch) VALUES ('F', 1, 's', 0)",
+                note + "VALUES ('F', 1, 's', 1, 'before', 'v', 't', 0)",
+                f"INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})",
+            ):
+                conn.execute(text(statement))
+        migrate(database)
+        with database.writer.begin() as conn:
+            rows = [
+                {"flow_id": "F", "run_number": 1, "step_name": "s", "task_id": 1, "field_name": field}
+                | {"value": "v", "type": "t", "ts_epoch": 0}
+                for field in ("after", "and after")
+            ]
+            event_log.number(conn, rows)
+            conn.execute(insert(s.metadata_rows), rows)
+            event_log.append(conn, "F", 1, "flow", {})
+        with database.writer.connect() as conn:
+            log = conn.execute(the_log(database.dialect, 0, 10)).all()
+            assert [(row.seq, row.kind) for row in log] == [(1, "flow"), (2, "metadata"), (3, "metadata"), (4, "flow")]
+            assert json.loads(log[2].data)["body"]["field_name"] == "and after"
+            numbers = text("SELECT field_name, seq FROM metadata ORDER BY id")
+            assert conn.execute(numbers).all() == [("before", None), ("after", 2), ("and after", 3)]
+        downgrade(database, "0006")
+        with database.writer.begin() as conn:
+            conn.execute(text(f"INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})"))
+            assert conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all() == [1, 4, 5]
+            assert conn.execute(text("SELECT count(*) FROM metadata")).scalar() == 3
     finally:
         database.dispose()
 

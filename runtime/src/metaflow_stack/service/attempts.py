@@ -3,8 +3,9 @@
 Metaflow records ``attempt`` when an attempt starts and ``attempt_ok`` when
 it ends; the service keeps each task's latest attempt and its outcome (and
 the run's, through its ``end`` step) in the same transaction as the
-metadata, so status filters are indexed columns, and emits ``task-status``
-and ``run-status`` events.
+metadata, so status filters are indexed columns, and emits ``run-status``
+events. A task's own status needs no event row: the metadata row is its
+event, and carries the status it sets (``event_bus``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ def track_attempt(conn: Connection, run_row: RowMapping, task_row: RowMapping, d
             .where(t.task_id == task_row["task_id"], t.attempt <= attempt)
             .values(attempt=attempt, attempt_ok=None, finished_at=None)
         )
-        status = "running"
         if task_row["step_name"] == "end":
             conn.execute(
                 update(s.runs).where(s.runs.c.run_number == run_number).values(end_status=None, finished_at=None)
@@ -40,10 +40,8 @@ def track_attempt(conn: Connection, run_row: RowMapping, task_row: RowMapping, d
             .where(t.task_id == task_row["task_id"], condition)
             .values(attempt_ok=ok, finished_at=datum["ts_epoch"])
         ).rowcount
-        if not changed:
-            return
-        status = "completed" if ok else "failed"
-        if task_row["step_name"] == "end":
+        if changed and task_row["step_name"] == "end":
+            status = "completed" if ok else "failed"
             conn.execute(
                 update(s.runs)
                 .where(s.runs.c.run_number == run_number)
@@ -56,12 +54,3 @@ def track_attempt(conn: Connection, run_row: RowMapping, task_row: RowMapping, d
                 "run-status",
                 {"run_number": rows.run_key(run_row), "status": status},
             )
-    else:
-        return
-    event_log.append(
-        conn,
-        run_row["flow_id"],
-        run_number,
-        "task-status",
-        {**rows.task(task_row, run_row), "status": status, "attempt": datum["attempt_id"]},
-    )

@@ -12,7 +12,19 @@ import re
 import threading
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Select, Text, cast, func, select
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    Connection,
+    Text,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    union_all,
+)
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
@@ -64,15 +76,106 @@ class Logged(NamedTuple):
         return {"seq": self.seq, "kind": self.kind, "flow_id": self.flow_id, "run_number": self.run_number}
 
 
-def logged_events(dialect: str) -> Select:
-    """``SELECT`` the log's events as ``Logged`` columns (add the ``WHERE``, order and limit)."""
-    e = s.events.c
-    fields = ("seq", e.seq, "kind", e.kind, "flow_id", e.flow_id, "run_number", e.run_number, "ts_epoch", e.ts_epoch)
+def the_log(
+    dialect: str,
+    after: int | ColumnElement,
+    limit: int,
+    *,
+    upto: int | None = None,
+    flow: str | None = None,
+    run: int | None = None,
+) -> CompoundSelect:
+    """The log's first ``limit`` events after ``after`` (through ``upto``, of ``flow`` and ``run`` when
+    given), in ``seq`` order, as ``Logged`` columns.
+
+    The log is two tables merged: event rows, and metadata rows numbered as
+    their own events (``event_log``). A page of each is read in ``seq``
+    order through its own index, then the two are merged and cut to a page,
+    so a page costs about what two pages of one table do, however long the
+    log.
+    """
+    e, m = s.events.c, s.metadata_rows.c
+    rows = select(e.seq, e.kind, e.flow_id, e.run_number, _event(dialect, e, e.kind, _json(dialect, e.body)))
+    # Typed as ``events.kind`` is, so the two tables' rows are of one type.
+    kind = cast(literal_column("'metadata'"), e.kind.type)
+    numbered = select(
+        m.seq, kind.label("kind"), m.flow_id, m.run_number, _event(dialect, m, kind, _metadatum(dialect, m))
+    )
+
+    def where(c: ReadOnlyColumnCollection) -> list[ColumnElement[bool]]:
+        # SQLite, with no statistics, would read a run's metadata through its index by run and sort all of
+        # it for each page; a unary + keeps it on the index by seq (its documented way to disqualify a term).
+        run_number = c.run_number if dialect == "postgresql" or c is e else literal_column("+metadata.run_number")
+        return [
+            c.seq > after,
+            *([c.seq <= upto] if upto is not None else []),
+            *([c.flow_id == flow] if flow is not None else []),
+            *([run_number == run] if run is not None else []),
+        ]
+
+    # Each table's page alone first: given the two merged, PostgreSQL sorted every row after ``seq`` to take a page.
+    pages = [
+        rows.where(*where(e)).order_by(e.seq).limit(limit).subquery(),
+        numbered.where(m.seq.is_not(None), *where(m)).order_by(m.seq).limit(limit).subquery(),
+    ]
+    return union_all(*(select(*page.c) for page in pages)).order_by("seq").limit(limit)
+
+
+def _object(dialect: str, fields: dict[str, Any]) -> ColumnElement:
+    """A JSON object built by the database (``json`` on PostgreSQL, JSON text on SQLite)."""
+    pairs = [item for field in fields.items() for item in field]
+    return func.json_build_object(*pairs) if dialect == "postgresql" else func.json_object(*pairs)
+
+
+def _json(dialect: str, column: ColumnElement) -> ColumnElement:
+    """A JSON column as a value inside ``_object`` (SQLite keeps JSON as text, which would go out quoted)."""
+    return column if dialect == "postgresql" else func.json(column)
+
+
+def _event(dialect: str, c: ReadOnlyColumnCollection, kind: ColumnElement, body: ColumnElement) -> ColumnElement:
+    """An event's JSON text (the ``data`` column): what routes it, and its body."""
+    fields = {"seq": c.seq, "kind": kind, "flow_id": c.flow_id, "run_number": c.run_number, "ts_epoch": c.ts_epoch}
+    event = _object(dialect, fields | {"body": body})
+    return (cast(event, Text) if dialect == "postgresql" else event).label("data")
+
+
+def _exposed(dialect: str, name: ColumnElement, number: ColumnElement) -> ColumnElement:
+    """An id as the API exposes it: its client-chosen name when it has one, else its number (``rows``)."""
     if dialect == "postgresql":
-        data = cast(func.json_build_object(*fields, "body", e.body), Text)
-    else:
-        data = func.json_object(*fields, "body", func.json(e.body))
-    return select(e.seq, e.kind, e.flow_id, e.run_number, data.label("data"))
+        return case((name.is_not(None), func.to_jsonb(name)), else_=func.to_jsonb(number))
+    return func.coalesce(name, number)
+
+
+def _metadatum(dialect: str, m: ReadOnlyColumnCollection) -> ColumnElement:
+    """A metadata event's body: the metadatum as ``GET .../metadata`` answers it (``rows.metadatum``), with its
+    attempt and the task status it sets (``running`` for ``attempt``, ``completed`` or ``failed`` for
+    ``attempt_ok``; null for any other field)."""
+    status = case(
+        (m.field_name == "attempt", literal_column("'running'")),
+        (
+            m.field_name == "attempt_ok",
+            case((m.value == "True", literal_column("'completed'")), else_=literal_column("'failed'")),
+        ),
+    )
+    return _object(
+        dialect,
+        {
+            "id": m.id,
+            "flow_id": m.flow_id,
+            "run_number": _exposed(dialect, m.run_id, m.run_number),
+            "step_name": m.step_name,
+            "task_id": _exposed(dialect, m.task_name, m.task_id),
+            "field_name": m.field_name,
+            "value": m.value,
+            "type": m.type,
+            "user_name": m.user_name,
+            "ts_epoch": m.ts_epoch,
+            "tags": _json(dialect, m.tags),
+            "system_tags": _json(dialect, m.system_tags),
+            "attempt_id": m.attempt_id,
+            "status": status,
+        },
+    )
 
 
 def sse_frame(seq: int, kind: str, data: str) -> bytes:

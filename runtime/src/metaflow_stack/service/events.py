@@ -1,7 +1,8 @@
 """Events: the relay that publishes the event log, and the SSE stream subscribers read.
 
-Every write appends its events to the log in its own transaction, numbered
-there (``seq``, across everything). The relay publishes the log in ``seq``
+Every write puts its events in the log in its own transaction, numbered
+there (``seq``, across everything: event rows and metadata rows, each its
+own event; ``event_log``). The relay publishes the log in ``seq``
 order, as far as it is settled: a number no open transaction can still
 commit (a transaction that holds a number takes its id first, so it shows as
 open in a snapshot until it ends; one that rolled back leaves a hole that is
@@ -9,7 +10,8 @@ skipped once the transactions open at the time are over). Writes that depend
 on each other commit one after the other, so a run's events keep their
 causal order. The relay then records how far it published. A broker that is
 down only delays events: they wait in the log and go out, in order, when it
-is back. Published events older than the retention are pruned from the log.
+is back. Published event rows older than the retention are pruned, and the
+log then starts after the last of them.
 
 Two buses. Embedded: subscribers in this process get events straight from the
 relay. Production: NATS JetStream, stream ``METAFLOW_EVENTS`` on subjects

@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Select, Update, bindparam, delete, insert, literal_column, select, update
+from sqlalchemy import Connection, Select, Update, bindparam, delete, func, insert, literal_column, select, update
 
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.access import now_ms
-from metaflow_stack.service.event_bus import STREAM, Bus, Logged, event_of, logged_events, subject
+from metaflow_stack.service.event_bus import STREAM, Bus, Logged, event_of, subject, the_log
 
 log = logging.getLogger("metaflow_stack.service.events")
 
@@ -44,9 +44,9 @@ GATHER_S = 0.05
 @functools.cache
 def _pending_query(dialect: str) -> Select:
     """The relay's read, built once: it has no parameters, and SQLAlchemy then keys its cache on the object."""
-    e = s.events.c
     published = select(s.relay_state.c.published_seq).scalar_subquery()
-    query = logged_events(dialect).where(e.seq > published).order_by(e.seq).limit(_BATCH)
+    log = the_log(dialect, published, _BATCH).subquery()
+    query = select(*log.c).order_by(log.c.seq)
     if dialect == "postgresql":
         query = query.add_columns(published, *_SNAPSHOT_BOUNDS)
     return query
@@ -189,12 +189,21 @@ class Relay(Bus):
                     conn.close()
 
     def prune(self, retention_s: float) -> int:
-        """Delete published events older than ``retention_s`` from the log; returns how many."""
+        """Delete published event rows older than ``retention_s`` from the log; returns how many.
+
+        The log then starts after the last of them (``pruned_seq``): the
+        metadata rows numbered among them stay, as data, but leave the log.
+        """
         cutoff = int((time.time() - retention_s) * 1000)
-        e = s.events.c
+        e, state = s.events.c, s.relay_state.c
         with self.db.writer.begin() as conn:
-            published = conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
-            return conn.execute(delete(s.events).where(e.seq <= published, e.ts_epoch < cutoff)).rowcount
+            published = conn.execute(select(state.published_seq)).scalar_one()
+            old = [e.seq <= published, e.ts_epoch < cutoff]
+            upto = conn.execute(select(func.max(e.seq)).where(*old)).scalar()
+            if upto is None:
+                return 0
+            conn.execute(update(s.relay_state).values(pruned_seq=upto))  # past every number pruned before
+            return conn.execute(delete(s.events).where(e.seq <= upto)).rowcount
 
     async def _publish(self, batch: list[Logged]) -> None:
         if not self.nats_url:

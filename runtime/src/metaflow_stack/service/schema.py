@@ -8,10 +8,12 @@ artifacts) with three differences that make reads cheap:
   summaries and failure lists are one indexed query instead of a join over
   every metadata row;
 - runs keep ``end_status`` for the same reason;
-- a write appends its events to ``events`` in its own transaction, numbered
-  there (``seq``), so a write and its event commit together and no event row
-  is ever written twice; the relay only publishes them and records how far
-  it published in ``relay_state``.
+- a write's events are numbered (``seq``) in its own transaction, so a write
+  and its event commit together and nothing is written twice: a metadata
+  row is its own event (its ``seq`` column), every other write appends an
+  event row to ``events``; the log is the two merged in ``seq`` order
+  (``event_bus.the_log``); the relay only publishes it and records how far
+  it published, and how far pruning reached, in ``relay_state``.
 
 Every listing has an index that ends in its keyset (sort key, then id), so the
 deepest page costs what the first does. Change a table only through a new
@@ -138,8 +140,12 @@ metadata_rows = Table(
     Column("type", NAME, nullable=False),
     Column("attempt_id", Integer),
     *_common(),
+    #: Its number in the event log: on PostgreSQL the default of ``events.seq`` (migration 0007), on SQLite
+    #: from the log's counter (``event_log.number``). Rows written before 0007 have none (their events were rows).
+    Column("seq", Id),
     Index("ix_metadata_task", "task_id", "id"),
     Index("ix_metadata_field", "run_number", "step_name", "field_name"),
+    Index("ix_metadata_seq", "seq", postgresql_where=text("seq IS NOT NULL"), sqlite_where=text("seq IS NOT NULL")),
 )
 
 artifacts = Table(
@@ -174,7 +180,8 @@ def _event() -> list[Column]:
     ]
 
 
-#: The event log, appended to by the writes themselves and kept for replay until pruned. ``seq``
+#: The event log's rows (with numbered metadata rows, the log), appended to by the writes themselves and kept
+#: for replay until pruned. ``seq``
 #: is given at insert: on PostgreSQL by the column's default (a sequence, taken after the transaction's
 #: id, see migrations 0005 and 0006), on SQLite by ``AUTOINCREMENT`` (never reused after pruning).
 #: Its one index is the primary key: a second one (by run) cost concurrent writers a fifth of their
@@ -198,10 +205,12 @@ parked_events = Table(
     PrimaryKeyConstraint("seq", name="parked_events_seq_pkey"),
 )
 
-#: One row: the last ``seq`` published (every event up to it is out, or parked).
+#: One row: the last ``seq`` published (every event up to it is out, or parked), and the last pruned (the log
+#: starts after it: metadata rows stay as data, their events leave the log with the event rows around them).
 relay_state = Table(
     "relay_state",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("published_seq", BigInteger, nullable=False),
+    Column("pruned_seq", BigInteger, nullable=False, server_default="0"),
 )

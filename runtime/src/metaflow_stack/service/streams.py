@@ -19,7 +19,7 @@ from sqlalchemy import select
 from metaflow_stack.api_errors import ApiError, bad_parameter
 from metaflow_stack.ids import is_number
 from metaflow_stack.service import schema as s
-from metaflow_stack.service.event_bus import SUBJECT_PREFIX, Bus, Logged, logged_events, sse_frame
+from metaflow_stack.service.event_bus import SUBJECT_PREFIX, Bus, Logged, sse_frame, the_log
 
 #: A comment line on an idle stream, so proxies keep it open and a gone client is noticed.
 KEEP_ALIVE_S = 15.0
@@ -157,8 +157,13 @@ class Streams(Bus):
 
     def _watermark(self) -> int:
         """How far the reader shows the log settled: the relay's published mark, committed after the events."""
+        return self._marks()[0]
+
+    def _marks(self) -> tuple[int, int]:
+        """The reader's published and pruned marks: the log it can replay is the numbers between them."""
+        state = s.relay_state.c
         with self.db.reader.connect() as conn:
-            return conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
+            return tuple(conn.execute(select(state.published_seq, state.pruned_seq)).one())
 
     async def _pages(self, scope: tuple[str | None, int | None], after: int, upto: int) -> AsyncIterator[list[Logged]]:
         """The log's events after ``after`` through ``upto`` in scope, a page at a time."""
@@ -173,19 +178,15 @@ class Streams(Bus):
     def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int) -> list[Logged]:
         """A page of events after ``after`` through ``upto``, waiting for a lagging reader to show them."""
         deadline = time.monotonic() + WATERMARK_TIMEOUT_S
-        while self._watermark() < upto:
+        while (marks := self._marks())[0] < upto:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the database replica did not reach event {upto} in {WATERMARK_TIMEOUT_S:.0f}s")
             time.sleep(0.05)
-        e = s.events.c
-        query = logged_events(self.db.dialect).where(e.seq > after, e.seq <= upto)
+        after = max(after, marks[1])  # what was pruned is not in the log, though metadata rows outlive it
         flow, run = scope
-        if flow is not None:
-            query = query.where(e.flow_id == flow)
-        if run is not None:
-            query = query.where(e.run_number == run)
+        query = the_log(self.db.dialect, after, REPLAY_PAGE, upto=upto, flow=flow, run=run)
         with self.db.reader.connect() as conn:
-            return [Logged(*row) for row in conn.execute(query.order_by(e.seq).limit(REPLAY_PAGE))]
+            return [Logged(*row) for row in conn.execute(query)]
 
 
 def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bool:

@@ -1,8 +1,9 @@
 """The writes of Metaflow's service 2.5.x: creation, heartbeats, metadata, artifacts and tags.
 
-Every write is one transaction that also appends its event to the event log
-(``event_log.append``), so a write and its event commit or roll back together; a
-failed request leaves nothing behind. Creation conflicts answer 409 (the
+Every write is one transaction that also puts its event in the event log
+(``event_log``: a metadata row is numbered as its own event, other writes
+append an event row), so a write and its event commit or roll back together;
+a failed request leaves nothing behind. Creation conflicts answer 409 (the
 client then reads the row), a missing parent 404; bodies arrive checked
 (``bodies``).
 """
@@ -184,14 +185,8 @@ class Writes(TableAccess):
             for datum in body:
                 values.append(ids | datum.model_dump() | {"attempt_id": attempt_of(datum.tags), "ts_epoch": now_ms()})
             if values:
+                event_log.number(conn, values)  # each row is its own event: no event row beside it
                 conn.execute(insert(s.metadata_rows), values)
-            event_log.append(
-                conn,
-                flow_id,
-                run_row["run_number"],
-                "metadata",
-                {**rows.task(task_row, run_row), "fields": [d["field_name"] for d in values]},
-            )
             for datum in values:
                 track_attempt(conn, run_row, task_row, datum)
         return {"metadata_created": len(values)}
