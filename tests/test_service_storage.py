@@ -113,7 +113,7 @@ def test_revision_0007_numbers_new_metadata_among_the_event_rows_and_leaves_olde
 ) -> None:
     """Metadata written after 0007 is numbered by the event rows' counter (on both engines); metadata from
     before had an event row of its own, so it stays out of the log; going back keeps every row, and the
-    event rows number on after the last number handed out."""
+    numbering goes on after the last number handed out, whichever table it went to."""
     from sqlalchemy import insert
 
     from metaflow_stack.service import event_log
@@ -151,11 +151,19 @@ def test_revision_0007_numbers_new_metadata_among_the_event_rows_and_leaves_olde
             assert json.loads(log[2].data)["body"]["field_name"] == "and after"
             numbers = text("SELECT field_name, seq FROM metadata ORDER BY id")
             assert conn.execute(numbers).all() == [("before", None), ("after", 2), ("and after", 3)]
+        with database.writer.begin() as conn:
+            last = [rows[0] | {"field_name": "last"}]
+            event_log.number(conn, last)
+            conn.execute(insert(s.metadata_rows), last)  # number 5, after the last event row
         downgrade(database, "0006")
         with database.writer.begin() as conn:
             conn.execute(text(f"INSERT INTO events (flow_id, run_number, kind, body, ts_epoch) VALUES ({event})"))
-            assert conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all() == [1, 4, 5]
-            assert conn.execute(text("SELECT count(*) FROM metadata")).scalar() == 3
+            assert conn.execute(text("SELECT seq FROM events ORDER BY seq")).scalars().all() == [1, 4, 6]
+            assert conn.execute(text("SELECT count(*) FROM metadata")).scalar() == 4
+            conn.execute(text("DELETE FROM events WHERE seq = 6"))  # pruned
+        downgrade(database, "0004")  # its relay numbers on from the last number handed out, not the log's last
+        with database.writer.connect() as conn:
+            assert conn.execute(text("SELECT last_seq FROM relay_state")).scalar() == 6
     finally:
         database.dispose()
 

@@ -92,7 +92,9 @@ def the_log(
     their own events (``event_log``). A page of each is read in ``seq``
     order through its own index, then the two are merged and cut to a page,
     so a page costs about what two pages of one table do, however long the
-    log.
+    log. It starts after the last number pruned, read in the same statement:
+    read apart, a prune between the two reads could leave a page with the
+    metadata rows of a stretch whose event rows were gone.
     """
     e, m = s.events.c, s.metadata_rows.c
     rows = select(e.seq, e.kind, e.flow_id, e.run_number, _event(dialect, e, e.kind, _json(dialect, e.body)))
@@ -102,12 +104,15 @@ def the_log(
         m.seq, kind.label("kind"), m.flow_id, m.run_number, _event(dialect, m, kind, _metadatum(dialect, m))
     )
 
+    pruned = select(s.relay_state.c.pruned_seq).scalar_subquery()
+
     def where(c: ReadOnlyColumnCollection) -> list[ColumnElement[bool]]:
         # SQLite, with no statistics, would read a run's metadata through its index by run and sort all of
         # it for each page; a unary + keeps it on the index by seq (its documented way to disqualify a term).
         run_number = c.run_number if dialect == "postgresql" or c is e else literal_column("+metadata.run_number")
         return [
             c.seq > after,
+            c.seq > pruned,
             *([c.seq <= upto] if upto is not None else []),
             *([c.flow_id == flow] if flow is not None else []),
             *([run_number == run] if run is not None else []),
@@ -148,8 +153,10 @@ def _exposed(dialect: str, name: ColumnElement, number: ColumnElement) -> Column
 
 def _metadatum(dialect: str, m: ReadOnlyColumnCollection) -> ColumnElement:
     """A metadata event's body: the metadatum as ``GET .../metadata`` answers it (``rows.metadatum``), with its
-    attempt and the task status it sets (``running`` for ``attempt``, ``completed`` or ``failed`` for
-    ``attempt_ok``; null for any other field)."""
+    attempt and the status it records (``running`` for ``attempt``, ``completed`` or ``failed`` for
+    ``attempt_ok``; null for any other field). That is the recorded attempt's status: an outcome arriving
+    late for an earlier attempt says so by its ``attempt_id``, and does not change the task's latest
+    attempt (``attempts``)."""
     status = case(
         (m.field_name == "attempt", literal_column("'running'")),
         (

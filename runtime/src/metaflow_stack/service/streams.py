@@ -157,13 +157,8 @@ class Streams(Bus):
 
     def _watermark(self) -> int:
         """How far the reader shows the log settled: the relay's published mark, committed after the events."""
-        return self._marks()[0]
-
-    def _marks(self) -> tuple[int, int]:
-        """The reader's published and pruned marks: the log it can replay is the numbers between them."""
-        state = s.relay_state.c
         with self.db.reader.connect() as conn:
-            return tuple(conn.execute(select(state.published_seq, state.pruned_seq)).one())
+            return conn.execute(select(s.relay_state.c.published_seq)).scalar_one()
 
     async def _pages(self, scope: tuple[str | None, int | None], after: int, upto: int) -> AsyncIterator[list[Logged]]:
         """The log's events after ``after`` through ``upto`` in scope, a page at a time."""
@@ -178,11 +173,10 @@ class Streams(Bus):
     def _replay(self, scope: tuple[str | None, int | None], after: int, upto: int) -> list[Logged]:
         """A page of events after ``after`` through ``upto``, waiting for a lagging reader to show them."""
         deadline = time.monotonic() + WATERMARK_TIMEOUT_S
-        while (marks := self._marks())[0] < upto:
+        while self._watermark() < upto:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the database replica did not reach event {upto} in {WATERMARK_TIMEOUT_S:.0f}s")
             time.sleep(0.05)
-        after = max(after, marks[1])  # what was pruned is not in the log, though metadata rows outlive it
         flow, run = scope
         query = the_log(self.db.dialect, after, REPLAY_PAGE, upto=upto, flow=flow, run=run)
         with self.db.reader.connect() as conn:

@@ -93,8 +93,15 @@ def downgrade() -> None:
     op.add_column("runs", sa.Column("event_seq", sa.BigInteger(), server_default="0", nullable=False))
     op.add_column("parked_events", sa.Column("run_seq", sa.BigInteger(), nullable=True))
     op.add_column("relay_state", sa.Column("last_seq", sa.BigInteger(), server_default="0", nullable=False))
-    op.execute("UPDATE relay_state SET last_seq = (SELECT COALESCE(MAX(seq), published_seq) FROM events)")
-    if op.get_bind().dialect.name == "postgresql":
+    # The last number handed out, from the counter: since 0007 it may have gone to a metadata row.
+    postgresql = op.get_bind().dialect.name == "postgresql"
+    counter = (
+        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM events_seq"
+        if postgresql
+        else "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+    )
+    op.execute(f"UPDATE relay_state SET last_seq = COALESCE(({counter}), published_seq)")
+    if postgresql:
         op.execute("ALTER TABLE events ALTER COLUMN seq DROP DEFAULT")
         op.execute("DROP FUNCTION stack_next_event_seq()")
         op.execute("DROP SEQUENCE events_seq")

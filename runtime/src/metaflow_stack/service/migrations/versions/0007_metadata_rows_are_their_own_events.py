@@ -12,9 +12,15 @@ single writer takes numbers from the ``events`` row of ``sqlite_sequence``
 (``event_log.number``), which ``AUTOINCREMENT`` then continues after.
 
 Rows written before this revision keep no number: their events are in the
-log already. The partial index holds numbered rows only. ``pruned_seq``
-records how far pruning reached, so the metadata rows it covers (which stay,
-as data) leave the log with the event rows around them.
+log already. Every server must run this revision's code once it is applied:
+an older one still writes event rows for its metadata and reads only
+``events``, so its relay would skip the metadata rows' numbers as rolled
+back (``docs/metadata-service.md``: stop old replicas before upgrading). A
+downgrade keeps the rows but leaves their events out of the log.
+
+The partial index holds numbered rows only. ``pruned_seq`` records how far
+pruning reached, so the metadata rows it covers (which stay, as data) leave
+the log with the event rows around them.
 
 Revision ID: 0007
 Revises: 0006
@@ -48,8 +54,8 @@ def upgrade() -> None:
     if bind.dialect.name == "postgresql":
         default = bind.execute(
             sa.text(
-                "SELECT column_default FROM information_schema.columns "
-                "WHERE table_name = 'events' AND column_name = 'seq' AND table_schema = current_schema()"
+                "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef JOIN pg_attribute ON "
+                "attrelid = adrelid AND attnum = adnum WHERE adrelid = 'events'::regclass AND attname = 'seq'"
             )
         ).scalar_one()
         op.execute(f"ALTER TABLE metadata ALTER COLUMN seq SET DEFAULT {default}")
