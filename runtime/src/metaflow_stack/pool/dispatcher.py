@@ -50,6 +50,13 @@ class Executor(Protocol):
         """The pool is stopping, nothing is in flight any more: leave nothing behind."""
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``: a write a signal interrupts returns having written only part."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Dispatcher:
     def __init__(self, listener: socket.socket, executor: Executor, counts_file: Path) -> None:
         self.listener, self.executor, self.counts_file = listener, executor, counts_file
@@ -105,7 +112,7 @@ class Dispatcher:
         abandoned = asyncio.ensure_future(loop.sock_recv(connection, 1))  # b"": the trampoline is gone
 
         async def output(fd: int, data: bytes) -> None:
-            await asyncio.to_thread(os.write, fds[0 if fd == 1 else 1], data)
+            await asyncio.to_thread(write_all, fds[0 if fd == 1 else 1], data)
 
         code: int | None = None
         try:

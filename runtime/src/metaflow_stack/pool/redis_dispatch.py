@@ -29,8 +29,10 @@ from metaflow_stack.pool.redis_queue import LEASE_S, URL_VARIABLE, RedisQueue, r
 POLL_MS = 1000
 #: A queued task no worker of the pool served for this long (none alive) is given up.
 UNSERVED_S = 30.0
-#: A task neither queued nor held by a worker for this long lost the worker that took it.
-TAKEN_S = 3.0
+#: A task neither queued nor held by a worker for this long lost the worker that took it: the lease's own
+#: time, as a worker stalled between taking a task and taking its lease (a loaded machine) is no more lost
+#: than one stalled between renewals.
+TAKEN_S = float(LEASE_S)
 
 
 class RedisExecutor:
