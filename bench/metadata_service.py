@@ -359,27 +359,55 @@ WRITES = {
 }
 
 
-def _writer(url: str, mode: str, seconds: float, run: int, task: int, queue) -> None:
-    done = 0
-    statement = WRITES[mode].format(flow=FLOW, run=run, task=task)
-    with psycopg.connect(url, autocommit=True) as conn:
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            conn.execute(statement)
-            done += 1
-    queue.put(done)
+def _writer(urls: dict[str, str], run: int, task: int, commands, results) -> None:
+    """One writer process for a whole width: connected once, it writes ``mode``'s row from ``start`` for
+    ``seconds`` on each command (so no slice pays for starting processes), until told to stop."""
+    statements = {mode: statement.format(flow=FLOW, run=run, task=task) for mode, statement in WRITES.items()}
+    connections = {mode: psycopg.connect(url, autocommit=True) for mode, url in urls.items()}
+    try:
+        while (command := commands.get()) is not None:
+            mode, start, seconds = command
+            conn, statement, done = connections[mode], statements[mode], 0
+            time.sleep(max(start - time.monotonic(), 0))
+            deadline = start + seconds
+            while time.monotonic() < deadline:
+                conn.execute(statement)
+                done += 1
+            results.put(done)
+    finally:
+        for conn in connections.values():
+            conn.close()
 
 
-def write_rate(url: str, mode: str, writers: int, seconds: float, run: int, task: int) -> float:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    processes = [context.Process(target=_writer, args=(url, mode, seconds, run, task, queue)) for _ in range(writers)]
-    for p in processes:
-        p.start()
-    total = sum(queue.get() for _ in processes)
-    for p in processes:
-        p.join()
-    return total / seconds
+class Writers:
+    """``count`` writer processes, started once for every slice of one width."""
+
+    def __init__(self, urls: dict[str, str], count: int, run: int, task: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.results = context.Queue()
+        self.commands = [context.Queue() for _ in range(count)]
+        self.processes = [
+            context.Process(target=_writer, args=(urls, run, task, commands, self.results))
+            for commands in self.commands
+        ]
+
+    def __enter__(self) -> Writers:
+        for process in self.processes:
+            process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for commands in self.commands:
+            commands.put(None)
+        for process in self.processes:
+            process.join()
+
+    def rate(self, mode: str, seconds: float) -> float:
+        """Rows per second of ``mode`` by all of them at once, over ``seconds``."""
+        start = time.monotonic() + 0.1  # every writer begins together
+        for commands in self.commands:
+            commands.put((mode, start, seconds))
+        return sum(self.results.get() for _ in self.commands) / seconds
 
 
 def _listen(url: str, stop: threading.Event) -> None:
@@ -422,52 +450,68 @@ class Relay:
         self.stopping.set()
         self.thread.join()
 
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait until the relay has published everything written: its work for a slice's events is done
+        before the next slice starts, instead of taking that slice's CPU."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                published, written = conn.execute(
+                    "SELECT (SELECT published_seq FROM relay_state), (SELECT max(seq) FROM metadata)"
+                ).fetchone()
+                if written is None or published >= written:
+                    return
+                time.sleep(0.05)
+        raise TimeoutError(f"the relay had not caught up after {timeout_s:.0f}s")
 
-def _slice(url: str, mode: str, writers: int, seconds: float, run: int, task: int, beside=None) -> float:
-    """One timed slice of ``mode``, with ``beside(url, stop)`` running in a thread meanwhile."""
-    if beside is None:
-        return write_rate(url, mode, writers, seconds, run, task)
+
+def _slice(writers: Writers, mode: str, seconds: float, relay: Relay, notify_url: str) -> float:
+    """One timed slice of ``mode``: the relay woken throughout for ``events`` (and let finish after it),
+    a listener draining the trigger's notifications throughout for ``notify``."""
+    if mode == "events":
+        relay.active.set()
+        try:
+            return writers.rate(mode, seconds)
+        finally:
+            relay.settle()
+            relay.active.clear()
+    if mode == "plain":
+        return writers.rate(mode, seconds)
     stop = threading.Event()
-    helper = threading.Thread(target=beside[0], args=(*beside[1:], stop), daemon=True)
-    helper.start()
+    listener = threading.Thread(target=_listen, args=(notify_url, stop), daemon=True)
+    listener.start()
     try:
-        return write_rate(url, mode, writers, seconds, run, task)
+        return writers.rate(mode, seconds)
     finally:
         stop.set()
-        helper.join()
-
-
-def _events_slice(relay: Relay, mode: str, writers: int, seconds: float, run: int, task: int) -> float:
-    relay.active.set()
-    try:
-        return write_rate(relay.url, mode, writers, seconds, run, task)
-    finally:
-        relay.active.clear()
+        listener.join()
 
 
 def writes(
     pg, ours_url: str, nats_url: str | None, seconds: float, run: int, rounds: int
 ) -> list[tuple[str, str, str, str]]:
     """Each width in ``rounds`` rounds of three slices side by side (the tables grow and PostgreSQL
-    checkpoints as the run goes on, so slices taken far apart are not comparable); the ratios are
-    medians of each round's own ratio."""
+    checkpoints as the run goes on, so slices taken far apart are not comparable), each round in another
+    order of the three (whatever a slice leaves behind, such as dead rows to vacuum, falls on each in
+    turn); the ratios are medians of each round's own ratio."""
     notify_url = pg.create_database()
     with psycopg.connect(notify_url, autocommit=True) as conn:
         conn.execute(NOTIFY_SCHEMA)
     with psycopg.connect(ours_url) as conn:
         task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
+    urls = {"notify": notify_url, "events": ours_url, "plain": ours_url}
+    modes = list(urls)
     rows = []
     bus = "NATS JetStream" if nats_url else "in-process bus"
     with Relay(ours_url, nats_url) as relay:
-        _events_slice(relay, "events", 1, 1.0, run, task)  # the stream declared, the first events out
-        for writers in (1, 8):
-            rates: dict[str, list[float]] = {"notify": [], "events": [], "plain": []}
-            for _ in range(rounds):
-                listen = (_listen, notify_url)
-                rates["notify"].append(_slice(notify_url, "notify", writers, seconds, run, task, listen))
-                rates["events"].append(_events_slice(relay, "events", writers, seconds, run, task))
-                rates["plain"].append(_slice(ours_url, "plain", writers, seconds, run, task))
-            rows.append(_write_row(writers, rounds, rates, bus))
+        for count in (1, 8):
+            rates: dict[str, list[float]] = {mode: [] for mode in modes}
+            with Writers(urls, count, run, task) as writers:
+                _slice(writers, "events", 1.0, relay, notify_url)  # connected and warm; the stream declared
+                for number in range(rounds):
+                    for mode in modes[number % 3 :] + modes[: number % 3]:
+                        rates[mode].append(_slice(writers, mode, seconds, relay, notify_url))
+            rows.append(_write_row(count, rounds, rates, bus))
     return rows
 
 
