@@ -181,11 +181,10 @@ def _event() -> list[Column]:
 
 
 #: The event log's rows (with numbered metadata rows, the log), appended to by the writes themselves and kept
-#: for replay until pruned. ``seq``
-#: is given at insert: on PostgreSQL by the column's default (a sequence, taken after the transaction's
-#: id, see migrations 0005 and 0006), on SQLite by ``AUTOINCREMENT`` (never reused after pruning).
-#: Its one index is the primary key: a second one (by run) cost concurrent writers a fifth of their
-#: rate, all appending to the same leaf; a run's replay reads the log from ``since`` instead.
+#: for replay until pruned. ``seq`` is given at insert: on PostgreSQL by the column's default (a sequence,
+#: taken after the transaction's id, see migrations 0005 and 0006), on SQLite by ``AUTOINCREMENT`` (never
+#: reused after pruning). Its one index is the primary key: a second one (by run) cost concurrent writers a
+#: fifth of their rate, all appending to the same leaf; a run's replay reads the log from ``since`` instead.
 events = Table(
     "events",
     metadata,
