@@ -13,6 +13,10 @@ On one throwaway PostgreSQL (fsync on) and, when installed, NATS JetStream:
   running throughout, as it runs for a service's life) against the same
   insert with the reference UI backend's ``pg_notify`` trigger and a
   listener draining it, and against the same row with no event at all;
+  the same numbered write with the relay held back until the slice ends
+  (the write's own share of the cost), and the CPU the event path spends
+  per event (the relay's process, PostgreSQL, the broker) catching up a
+  written log: what it takes from writers on the same cores;
 - event fan-out: logged events delivered to 8 SSE subscribers;
 - the last 100 lines of a 1 GB task log: one ``tail=100`` request, against
   Metaflow's Client API (``Task.loglines``, which reads the whole log).
@@ -40,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import requests
 from rich.console import Console
@@ -51,7 +56,7 @@ from metaflow_stack.service.events import EventHub
 
 # The throwaway servers the tests use (tests/devservers.py): not shipped in the wheel.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from devservers import free_port, nats_server, postgres_cluster
+from devservers import NatsServer, free_port, nats_server, postgres_cluster
 
 console = Console(stderr=True)
 FLOW = "BenchFlow"
@@ -354,6 +359,8 @@ WRITES = {
     "notify": "INSERT INTO metadata_v3 " + _ROW,
     # This service: the row is its own event, numbered in the log by the column's default (migration 0007).
     "events": "INSERT INTO metadata " + _ROW,
+    # The same write with the relay held back until the slice has ended: what numbering costs the write alone.
+    "numbered": "INSERT INTO metadata " + _ROW,
     # The same row with no event at all, the ceiling: no number, so not in the log nor in its index.
     "plain": "INSERT INTO metadata " + _ROW.replace(") VALUES", ", seq) VALUES").removesuffix(")") + ", NULL)",
 }
@@ -466,13 +473,16 @@ class Relay:
 
 
 def _slice(writers: Writers, mode: str, seconds: float, relay: Relay, notify_url: str) -> float:
-    """One timed slice of ``mode``: the relay woken throughout for ``events`` (and let finish after it),
-    a listener draining the trigger's notifications throughout for ``notify``."""
-    if mode == "events":
-        relay.active.set()
+    """One timed slice of ``mode``: the relay woken throughout for ``events`` and only afterwards for
+    ``numbered`` (let finish after both, untimed), a listener draining the trigger's notifications
+    throughout for ``notify``."""
+    if mode in ("events", "numbered"):
+        if mode == "events":
+            relay.active.set()
         try:
             return writers.rate(mode, seconds)
         finally:
+            relay.active.set()
             relay.settle()
             relay.active.clear()
     if mode == "plain":
@@ -488,43 +498,125 @@ def _slice(writers: Writers, mode: str, seconds: float, relay: Relay, notify_url
 
 
 def writes(
-    pg, ours_url: str, nats_url: str | None, seconds: float, run: int, rounds: int
+    pg, ours_url: str, broker: NatsServer | None, seconds: float, run: int, rounds: int
 ) -> list[tuple[str, str, str, str]]:
-    """Each width in ``rounds`` rounds of three slices side by side (the tables grow and PostgreSQL
+    """Each width in ``rounds`` rounds of four slices side by side (the tables grow and PostgreSQL
     checkpoints as the run goes on, so slices taken far apart are not comparable), each round in another
-    order of the three (whatever a slice leaves behind, such as dead rows to vacuum, falls on each in
+    order of the four (whatever a slice leaves behind, such as dead rows to vacuum, falls on each in
     turn); the ratios are medians of each round's own ratio."""
     notify_url = pg.create_database()
     with psycopg.connect(notify_url, autocommit=True) as conn:
         conn.execute(NOTIFY_SCHEMA)
     with psycopg.connect(ours_url) as conn:
         task = conn.execute("SELECT min(task_id) FROM tasks WHERE run_number = %s", (run,)).fetchone()[0]
-    urls = {"notify": notify_url, "events": ours_url, "plain": ours_url}
+    urls = {"notify": notify_url, "events": ours_url, "numbered": ours_url, "plain": ours_url}
     modes = list(urls)
     rows = []
-    bus = "NATS JetStream" if nats_url else "in-process bus"
-    with Relay(ours_url, nats_url) as relay:
+    bus = "NATS JetStream" if broker else "in-process bus"
+    with Relay(ours_url, broker.url if broker else None) as relay:
         for count in (1, 8):
             rates: dict[str, list[float]] = {mode: [] for mode in modes}
             with Writers(urls, count, run, task) as writers:
                 _slice(writers, "events", 1.0, relay, notify_url)  # connected and warm; the stream declared
                 for number in range(rounds):
-                    for mode in modes[number % 3 :] + modes[: number % 3]:
+                    turn = number % len(modes)
+                    for mode in modes[turn:] + modes[:turn]:
                         rates[mode].append(_slice(writers, mode, seconds, relay, notify_url))
-            rows.append(_write_row(count, rounds, rates, bus))
+            rows += _write_rows(count, rounds, rates, bus)
+        cost = _event_path_cpu(pg, ours_url, relay, broker, run, task)
+        rows.append(_cost_row(cost, rates, bus))
     return rows
 
 
-def _write_row(writers: int, rounds: int, rates: dict[str, list[float]], bus: str) -> tuple[str, str, str, str]:
-    notify, ours, plain = (statistics.median(rates[mode]) for mode in ("notify", "events", "plain"))
-    # Ratios round by round: the slices of one round ran side by side, under the same conditions.
-    of_plain = statistics.median(e / p for e, p in zip(rates["events"], rates["plain"], strict=True))
-    of_notify = statistics.median(e / n for e, n in zip(rates["events"], rates["notify"], strict=True))
+def _of(rates: dict[str, list[float]], mode: str, base: str) -> float:
+    """``mode``'s rate as a share of ``base``'s, the median of each round's own ratio (the slices of one
+    round ran side by side, under the same conditions)."""
+    return statistics.median(m / b for m, b in zip(rates[mode], rates[base], strict=True))
+
+
+def _write_rows(writers: int, rounds: int, rates: dict[str, list[float]], bus: str) -> list[tuple[str, str, str, str]]:
+    notify, ours, numbered, plain = (
+        statistics.median(rates[mode]) for mode in ("notify", "events", "numbered", "plain")
+    )
+    return [
+        (
+            f"writes with events, {writers} writer(s), rows/s (medians of {rounds} rounds)",
+            f"{ours:,.0f} (event log, relay to {bus} running): {_of(rates, 'events', 'plain'):.0%} of no events"
+            f" ({plain:,.0f})",
+            f"{notify:,.0f} (pg_notify trigger, a listener draining)",
+            f"{_of(rates, 'events', 'notify'):.2f}x the trigger; goal: "
+            + ("≥ 90% of no events" if writers > 1 else "≥ 1x the trigger"),
+        ),
+        (
+            f"  the same, relay held back until each slice ended, {writers} writer(s)",
+            f"{numbered:,.0f}: {_of(rates, 'numbered', 'plain'):.0%} of no events (the write's own share)",
+            "",
+            "",
+        ),
+    ]
+
+
+#: Events written at once, then published by the relay while its CPU (and the database's, the broker's) is read;
+#: as many times, the median of each part kept (a catch-up now and then shares the cores with other work).
+COST_EVENTS, COST_REPEATS = 50_000, 5
+
+
+def _event_path_cpu(pg, url: str, relay: Relay, broker: NatsServer | None, run: int, task: int) -> dict[str, float]:
+    """CPU seconds per event the event path spends publishing ``COST_EVENTS`` metadata rows written at once:
+    the relay's process (this one: its other threads are idle meanwhile), PostgreSQL (every backend; the
+    write itself, and the vacuum it calls for, done before), the broker."""
+    postmaster = psutil.Process(int((pg.data / "postmaster.pid").read_text().split()[0]))
+    parts = {
+        "relay's process": lambda: [psutil.Process()],
+        "PostgreSQL": lambda: [postmaster, *postmaster.children(recursive=True)],
+        "broker": lambda: [psutil.Process(broker.process.pid)] if broker else [],
+    }
+    write = (
+        "INSERT INTO metadata "
+        + _ROW.format(flow=FLOW, run=run, task=task).replace("VALUES (", "SELECT ").removesuffix(")")
+        + f" FROM generate_series(1, {COST_EVENTS})"
+    )
+    spent: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(COST_REPEATS):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(write)
+            conn.execute("VACUUM metadata")
+        before = {name: _cpu(processes()) for name, processes in parts.items()}
+        relay.active.set()
+        try:
+            relay.settle()
+        finally:
+            relay.active.clear()
+        for name, processes in parts.items():
+            spent[name].append(_spent(before[name], _cpu(processes())) / COST_EVENTS)
+    return {name: statistics.median(seconds) for name, seconds in spent.items()}
+
+
+def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
+    """CPU seconds so far of each process still running, by pid."""
+    seconds = {}
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two snapshots: a process gone since (a closed connection's backend) took none of it."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def _cost_row(cost: dict[str, float], rates: dict[str, list[float]], bus: str) -> tuple[str, str, str, str]:
+    """The event path's CPU per event, and what it comes to at the 8-writer rate on this machine's cores."""
+    per_event = sum(cost.values())
+    share = statistics.median(rates["events"]) * per_event / (os.cpu_count() or 1)
+    parts = ", ".join(f"{name} {seconds * 1e6:.1f}" for name, seconds in cost.items())
     return (
-        f"writes with events, {writers} writer(s), rows/s (medians of {rounds} rounds)",
-        f"{ours:,.0f} (event log, relay to {bus} running): {of_plain:.0%} of no events ({plain:,.0f})",
-        f"{notify:,.0f} (pg_notify trigger, a listener draining)",
-        f"{of_notify:.2f}x the trigger; goal: " + ("≥ 90% of no events" if writers > 1 else "≥ 1x the trigger"),
+        f"event path CPU per event, {COST_EVENTS:,} events caught up (medians of {COST_REPEATS}; relay to {bus})",
+        f"{per_event * 1e6:.1f} µs ({parts})",
+        "",
+        f"at the 8-writer rate, {share:.0%} of the machine's {os.cpu_count()} cores",
     )
 
 
@@ -584,13 +676,13 @@ SECTIONS = ("pages", "failures", "fan-out", "logs", "writes")
 
 
 @contextlib.contextmanager
-def _broker(workdir: Path) -> Iterator[str | None]:
-    """NATS JetStream's URL for the relay, when installed; else None (the in-process bus)."""
+def _broker(workdir: Path) -> Iterator[NatsServer | None]:
+    """NATS JetStream for the relay, when installed; else None (the in-process bus)."""
     if not shutil.which("nats-server"):
         yield None
         return
     with nats_server(workdir) as nats:
-        yield nats.url
+        yield nats
 
 
 def main() -> None:
@@ -636,8 +728,8 @@ def main() -> None:
                 process.terminate()
                 process.wait(timeout=30)
             if "writes" in only:
-                with console.status("writes"), _broker(workdir) as nats_url:
-                    rows += writes(pg, url, nats_url, args.seconds, run, args.rounds)
+                with console.status("writes"), _broker(workdir) as broker:
+                    rows += writes(pg, url, broker, args.seconds, run, args.rounds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for row in rows:

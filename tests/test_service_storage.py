@@ -168,6 +168,63 @@ def test_revision_0007_numbers_new_metadata_among_the_event_rows_and_leaves_olde
         database.dispose()
 
 
+#: Text that JSON must escape, or that a hand-made encoding would get wrong.
+_AWKWARD = 'say "hi" \\ back\\slash\nnew line\ttab \x01 é 日本 🚀 </script> {"not": "json"} null'
+
+
+def test_the_log_encodes_any_text_and_null_exactly(database_url: str) -> None:
+    """The database writes each event's JSON: quotes, backslashes, control characters, any Unicode, ids by
+    their client-chosen names, and SQL NULLs come out as the values they are (on both engines)."""
+    from sqlalchemy import insert
+
+    from metaflow_stack.service import event_log
+    from metaflow_stack.service import schema as s
+    from metaflow_stack.service.event_bus import the_log
+
+    database = connect(database_url)
+    try:
+        migrate(database)
+        with database.writer.begin() as conn:
+            conn.execute(insert(s.flows).values(flow_id="F", ts_epoch=0))
+            conn.execute(insert(s.runs).values(flow_id="F", run_id=_AWKWARD, ts_epoch=0))
+            conn.execute(insert(s.steps).values(run_number=1, step_name="s", flow_id="F", run_id=_AWKWARD, ts_epoch=0))
+            conn.execute(insert(s.tasks).values(flow_id="F", run_number=1, step_name="s", task_name="t 1", ts_epoch=0))
+            ids = {"flow_id": "F", "run_number": 1, "run_id": _AWKWARD, "step_name": "s", "task_id": 1}
+            rows = [
+                ids
+                | {"task_name": "t 1", "field_name": "attempt_ok", "value": "True", "type": _AWKWARD}
+                | {"user_name": _AWKWARD, "tags": [_AWKWARD, "attempt_id:0"], "system_tags": {"k": [1, None]}}
+                | {"ts_epoch": 7, "attempt_id": None},
+                ids
+                | {"task_name": None, "field_name": "note", "value": _AWKWARD, "type": "t", "user_name": None}
+                | {"tags": None, "system_tags": None, "ts_epoch": 8, "attempt_id": 2},
+            ]
+            event_log.number(conn, rows)
+            conn.execute(insert(s.metadata_rows), rows)
+            event_log.append(conn, "F", None, "flow", {"name": _AWKWARD, "nested": [{"x": None}, 1.5, True]})
+        with database.writer.connect() as conn:
+            log = conn.execute(the_log(database.dialect, 0, 10)).all()
+            numbers = conn.execute(text("SELECT id FROM metadata ORDER BY id")).scalars().all()
+        events = [json.loads(row.data) for row in log]
+        assert [(e["seq"], e["kind"], e["flow_id"], e["run_number"]) for e in events] == [
+            (log[0].seq, "metadata", "F", 1),
+            (log[0].seq + 1, "metadata", "F", 1),
+            (log[0].seq + 2, "flow", "F", None),
+        ]
+        first = {"id": numbers[0], "flow_id": "F", "run_number": _AWKWARD, "step_name": "s", "task_id": "t 1"}
+        first |= {"field_name": "attempt_ok", "value": "True", "type": _AWKWARD, "user_name": _AWKWARD}
+        first |= {"ts_epoch": 7, "tags": [_AWKWARD, "attempt_id:0"], "system_tags": {"k": [1, None]}}
+        second = {"id": numbers[1], "flow_id": "F", "run_number": _AWKWARD, "step_name": "s", "task_id": 1}
+        second |= {"field_name": "note", "value": _AWKWARD, "type": "t", "user_name": None, "ts_epoch": 8}
+        second |= {"tags": None, "system_tags": None}
+        assert events[0]["body"] == first | {"attempt_id": None, "status": "completed"}
+        assert events[1]["body"] == second | {"attempt_id": 2, "status": None}
+        assert events[2]["body"] == {"name": _AWKWARD, "nested": [{"x": None}, 1.5, True]}
+        assert [e["ts_epoch"] for e in events[:2]] == [7, 8]
+    finally:
+        database.dispose()
+
+
 @pytest.mark.slow
 def test_a_page_walk_under_concurrent_inserts_sees_every_run_once(database_url: str, service_factory) -> None:
     service = service_factory(database_url)
