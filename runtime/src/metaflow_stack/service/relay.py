@@ -39,12 +39,13 @@ PRUNE_EVERY_S = 3600.0
 #: steady stream of writes kept the relay reading a few events at a time as fast as it could: a
 #: quarter of a 2-core machine spent on per-round costs. Events wait this long at most.
 GATHER_S = 0.05
-#: The same while writes are heavy (the last round published at least ``BUSY_EVENTS``): a round cost
-#: the relay's process about 1.3 ms of CPU whatever its size (plus the database's and the broker's
-#: share), taken from the writers it follows; fewer, larger rounds cut its CPU per event at 8 writers
-#: by a fifth (``docs/benchmarks.md``). Events wait this long at most then.
+#: The same while writes are heavy (the last round published at least ``BUSY_EVENTS``, about 1,300 events
+#: a second): a round costs the relay's process a millisecond or more of CPU whatever its size (plus the
+#: database's and the broker's share), taken from the writers it follows. Fewer, larger rounds cut its
+#: CPU per event at 8 writers by a fifth, and a lone writer at full speed (about 150 events a round at
+#: 50 ms) went from 20 rounds a second to 4 (``docs/benchmarks.md``). Events wait this long at most then.
 GATHER_BUSY_S = 0.25
-BUSY_EVENTS = 256
+BUSY_EVENTS = 64
 
 
 @functools.cache
