@@ -174,8 +174,9 @@ _AWKWARD = 'say "hi" \\ back\\slash\nnew line\ttab \x01 é 日本 🚀 </script>
 
 def test_the_log_encodes_any_text_and_null_exactly(database_url: str) -> None:
     """The database writes each event's JSON: quotes, backslashes, control characters, any Unicode, ids by
-    their client-chosen names, and SQL NULLs come out as the values they are (on both engines)."""
-    from sqlalchemy import insert
+    their client-chosen names, and SQL NULLs (a JSON column's too) and JSON nulls come out as the values they
+    are (on both engines)."""
+    from sqlalchemy import insert, null
 
     from metaflow_stack.service import event_log
     from metaflow_stack.service import schema as s
@@ -197,7 +198,7 @@ def test_the_log_encodes_any_text_and_null_exactly(database_url: str) -> None:
                 | {"ts_epoch": 7, "attempt_id": None},
                 ids
                 | {"task_name": None, "field_name": "note", "value": _AWKWARD, "type": "t", "user_name": None}
-                | {"tags": None, "system_tags": None, "ts_epoch": 8, "attempt_id": 2},
+                | {"tags": null(), "system_tags": None, "ts_epoch": 8, "attempt_id": 2},
             ]
             event_log.number(conn, rows)
             conn.execute(insert(s.metadata_rows), rows)

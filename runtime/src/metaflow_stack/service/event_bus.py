@@ -38,6 +38,8 @@ STREAM = "METAFLOW_EVENTS"
 SUBJECT_PREFIX = "metaflow.events"
 DEFAULT_RETENTION_S = 30 * 86400.0
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+#: What a JSON member's name built into the log's SQL may be (``_object``).
+_MEMBER = re.compile(r"[a-z_]+")
 
 
 def subject_token(value: str) -> str:
@@ -134,19 +136,23 @@ def the_log(
 def _object(dialect: str, fields: dict[str, ColumnElement]) -> ColumnElement:
     """A JSON object built by the database, its members' values encoded by their columns' types.
 
-    On PostgreSQL it is the members' JSON texts joined, each encoded by the
-    function for its type (``to_json`` escapes the strings). That halved
-    the log read's database time: ``json_build_object`` looks up every
-    argument's type for every row, and the log is read once per event by
-    the relay, on the cores the writes run on (``docs/benchmarks.md``). On
-    SQLite, ``json_object``, with JSON columns read as JSON (SQLite keeps
-    them as text, which would go out quoted).
+    On PostgreSQL it is the members' JSON texts joined, each encoded for its
+    type: a number's digits and a JSON column's text as they are, a string
+    through ``to_json`` (which escapes it). That halved the log read's
+    database time against ``json_build_object``, whose variadic call works
+    out every argument's type and encoding on every row; the log is read
+    once per event by the relay, on the cores the writes run on
+    (``docs/benchmarks.md``). On SQLite, ``json_object``, with JSON columns
+    read as JSON (SQLite keeps them as text, which would go out quoted).
+    Member names are written into the SQL, so only plain names are taken.
     """
     if dialect != "postgresql":
         values = (func.json(value) if isinstance(value.type, JSON) else value for value in fields.values())
         return func.json_object(*(item for pair in zip(fields, values, strict=True) for item in pair))
-    text = None
+    text: ColumnElement | None = None
     for number, (name, value) in enumerate(fields.items()):
+        if not _MEMBER.fullmatch(name):
+            raise ValueError(f"{name!r} is not a plain member name")
         start = literal_column(f"'{'{' if number == 0 else ','}{json.dumps(name)}:'", Text)
         member = start + func.coalesce(_json_text(value), literal_column("'null'", Text))
         text = member if text is None else text + member
@@ -173,6 +179,7 @@ def _event(dialect: str, c: ReadOnlyColumnCollection, kind: ColumnElement, body:
 def _exposed(dialect: str, name: ColumnElement, number: ColumnElement) -> ColumnElement:
     """An id as the API exposes it: its client-chosen name when it has one, else its number (``rows``)."""
     if dialect == "postgresql":
+        # Already JSON text: typed as JSON so that ``_object`` embeds it as it is.
         return type_coerce(func.coalesce(_json_text(name), _json_text(number)), JSON)
     return func.coalesce(name, number)
 

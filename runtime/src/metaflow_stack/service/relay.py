@@ -43,7 +43,8 @@ GATHER_S = 0.05
 #: a second): a round costs the relay's process a millisecond or more of CPU whatever its size (plus the
 #: database's and the broker's share), taken from the writers it follows. Fewer, larger rounds cut its
 #: CPU per event at 8 writers by a fifth, and a lone writer at full speed (about 150 events a round at
-#: 50 ms) went from 20 rounds a second to 4 (``docs/benchmarks.md``). Events wait this long at most then.
+#: 50 ms) went from 20 rounds a second to 4 (``docs/benchmarks.md``). Events wait this long at most then:
+#: from about 1,300 events a second, and for as long as they keep up 256 a second (64 a round of 250 ms).
 GATHER_BUSY_S = 0.25
 BUSY_EVENTS = 64
 
