@@ -479,9 +479,16 @@ class Relay:
         self.stopping.set()
         self.thread.join()
 
-    def settle(self, timeout_s: float = 60.0) -> None:
-        """Wait until the relay has published everything written: its work for a slice's events is done
-        before the next slice starts, instead of taking that slice's CPU."""
+    def catch_up(self) -> None:
+        """Wake the relay until it has published everything written (its work for a slice's events is done
+        before the next slice starts, instead of taking that slice's CPU), then let it idle."""
+        self.active.set()
+        try:
+            self._settle()
+        finally:
+            self.active.clear()
+
+    def _settle(self, timeout_s: float = 60.0) -> None:
         with psycopg.connect(self.url, autocommit=True) as conn:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
@@ -495,8 +502,8 @@ class Relay:
 
 
 def _slice(writers: Writers, mode: str, seconds: float, relay: Relay, notify_url: str) -> float:
-    """One timed slice of ``mode``: the relay woken throughout for ``events`` and only afterwards for
-    ``numbered`` (let finish after both, untimed), a listener draining the trigger's notifications
+    """One timed slice of ``mode``: the relay woken throughout for ``events`` and stopped throughout for
+    ``numbered`` (caught up after both, untimed), a listener draining the trigger's notifications
     throughout for ``notify``."""
     if mode in ("events", "numbered"):
         try:
@@ -506,9 +513,7 @@ def _slice(writers: Writers, mode: str, seconds: float, relay: Relay, notify_url
             relay.active.set()
             return writers.rate(mode, seconds)
         finally:
-            relay.active.set()
-            relay.settle()
-            relay.active.clear()
+            relay.catch_up()
     if mode == "plain":
         return writers.rate(mode, seconds)
     stop = threading.Event()
@@ -611,11 +616,7 @@ def _event_path_cpu(
             conn.execute("VACUUM metadata")
             conn.execute("CHECKPOINT")
         before = {name: _cpu(processes()) for name, processes in parts.items()}  # its first read is 50 ms off
-        relay.active.set()
-        try:
-            relay.settle()
-        finally:
-            relay.active.clear()
+        relay.catch_up()
         for name, processes in parts.items():
             spent[name].append(_spent(before[name], _cpu(processes())) / COST_EVENTS)
     return {name: statistics.median(seconds) for name, seconds in spent.items()}
