@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,26 @@ def test_the_same_reference_gives_the_same_tag(image: str, reference_file: Path)
     assert "is up to date" in again.stderr
 
 
+def test_the_lock_names_every_file_by_url_and_hash_for_the_engines_architecture(reference_file: Path) -> None:
+    from metaflow_stack.functions.bundle import resolve_reference
+    from metaflow_stack.functions.errors import EnvironmentBuildError
+    from metaflow_stack.serving.image import requirements
+
+    ref, _ = resolve_reference(str(reference_file))
+    lock = tomllib.loads(requirements(ref, "fastapi", "aarch64"))
+    packages = {package["name"]: package for package in lock["packages"]}
+    assert {"fastapi", "uvicorn", "prometheus-client", "scikit-learn"} <= set(packages)
+    assert packages["packaging"]["version"] == "23.2"  # the function's own pin, kept
+    for package in lock["packages"]:  # the build downloads these files, checks them, and asks no index
+        files = [*package.get("wheels", []), *([package["sdist"]] if "sdist" in package else [])]
+        assert files and all(f["url"].startswith("https://") and len(f["hashes"]["sha256"]) == 64 for f in files)
+    compiled = [wheel["url"].rsplit("/", 1)[-1] for wheel in packages["scikit-learn"]["wheels"]]
+    assert compiled and all("aarch64" in name and "cp311" in name for name in compiled)
+    with pytest.raises(EnvironmentBuildError, match="'s390x'") as refused:
+        requirements(ref, "fastapi", "s390x")
+    assert "aarch64" in refused.value.fix
+
+
 def test_the_image_holds_the_function_environment_in_its_own_layer(docker_engine, image: str) -> None:
     config = docker_engine.image.inspect(image)
     assert config.config.user == "1000:1000"
@@ -47,7 +68,7 @@ def test_the_image_holds_the_function_environment_in_its_own_layer(docker_engine
         text=True,
         check=True,
     ).stdout.splitlines()
-    lock_step = next(i for i, step in enumerate(history) if "requirements.lock" in step and "uv pip install" in step)
+    lock_step = next(i for i, step in enumerate(history) if "pylock.toml" in step and "uv pip install" in step)
     bundle_step = next(i for i, step in enumerate(history) if "/opt/function/bundle/" in step and "COPY" in step)
     assert bundle_step < lock_step  # history is newest first: the bundle sits above the environment
 

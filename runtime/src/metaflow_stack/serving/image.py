@@ -1,9 +1,8 @@
 """Build the image that runs one function, from ``images/function``: its ``fastapi`` stage (online) or ``ray`` (batch).
 
 The build context is staged from the reference: the function's exact pins
-(plus the kind's own packages, FastAPI or Ray Data, at this environment's
-versions when the function's environment lacks them) as
-``requirements.lock``, the runtime as it travels to foreign workers, and a
+(plus the kind's own packages, FastAPI or Ray Data, at versions that fit
+them) as ``pylock.toml``, the runtime as it travels to foreign workers, and a
 self-contained bundle with the artifacts, on the stack base image (resolved
 first: found, pulled or built). The tag is a hash of what decides
 the image's content (Dockerfile, base reference with its tag, lock, runtime, reference digest), so
@@ -34,6 +33,15 @@ from metaflow_stack.functions.reference import FunctionReference
 #: The build context every kind's image is staged from; each kind is a stage of its Dockerfile.
 CONTEXT = "function"
 
+#: The lock's name in the context (PEP 751 asks for ``pylock.toml`` or ``pylock.<name>.toml``).
+LOCK = "pylock.toml"
+
+#: The stack base is Debian 12 (glibc 2.36) whichever way it is made, so its wheels may need up to that.
+BASE_GLIBC = "2_36"
+
+#: The engine's architecture, as ``docker info`` reports it, to the wheels' platform tag.
+ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
 
 @dataclass(frozen=True)
 class ImageKind:
@@ -49,32 +57,43 @@ KINDS = {
 }
 
 
-def requirements(ref: FunctionReference, kind: str = "fastapi") -> str:
-    """The image's lock: the function's exact pins plus the kind's packages, resolved by uv.
+def requirements(ref: FunctionReference, kind: str, architecture: str) -> str:
+    """The image's lock: the function's exact pins plus the kind's packages, resolved by uv, as ``pylock.toml``.
 
     The kind's packages take whatever versions fit the function's pins (an old
     ``packaging`` pin means an older Ray), resolved as of the moment the
-    function was bound, so the same reference gives the same lock later.
+    function was bound, so the same reference gives the same lock later. The
+    lock is PEP 751's: every file's URL and hash for the engine's
+    architecture, so the build downloads exactly what was resolved here,
+    checks it, and never asks the index again (an index or its cache that
+    has not yet seen a release the resolver saw cannot break the build).
     """
+    if architecture not in ARCHITECTURES:
+        raise EnvironmentBuildError(
+            f"no wheels for a Docker engine on {architecture!r}",
+            fix=f"build on an engine whose architecture is one of: {', '.join(sorted(ARCHITECTURES))}",
+        )
+    platform = f"{ARCHITECTURES[architecture]}-manylinux_{BASE_GLIBC}"
     with tempfile.TemporaryDirectory(prefix="stack-function-lock-") as tmp:
-        wanted = Path(tmp) / "requirements.in"
+        wanted, lock = Path(tmp) / "requirements.in", Path(tmp) / LOCK
         wanted.write_text("\n".join([*ref.environment.packages, *KINDS[kind].requirements]) + "\n")
         python = ".".join(ref.environment.python.split(".")[:2])
         command = [environment.uv_binary(), "pip", "compile", str(wanted), "--python-version", python]
-        command += ["--python-platform", "linux", "--exclude-newer", ref.created_at]
+        command += ["--python-platform", platform, "--exclude-newer", ref.created_at, "--format", "pylock.toml"]
         result = subprocess.run(
-            [*command, "--no-header", "--no-annotate", "--quiet"],
+            [*command, "--no-header", "--quiet", "--output-file", str(lock)],
             capture_output=True,
             text=True,
             check=False,
         )
+        text = lock.read_text() if result.returncode == 0 else ""
     if result.returncode != 0:
         raise EnvironmentBuildError(
             f"the function's environment cannot take the {kind} image's packages "
             f"({', '.join(KINDS[kind].requirements)}): {result.stderr.strip()}",
             fix="rebind the function in an environment whose pins are compatible, or choose another --kind",
         )
-    return result.stdout
+    return text
 
 
 def _tag(dockerfile: bytes, kind: str, base: str, lock: str, runtime: Path, ref: FunctionReference) -> str:
@@ -94,7 +113,7 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
     base_image = images.resolve(catalog.STACK_BASE, console=console)
     context_dir = catalog.images_root() / CONTEXT
     dockerfile = (context_dir / "Dockerfile").read_bytes()
-    lock = requirements(ref, kind)
+    lock = requirements(ref, kind, docker.system.info().architecture or "")
     runtime = environment.runtime_snapshot()
     name = f"{settings.load().image_namespace}/{KINDS[kind].image}-{ref.name.replace('_', '-').lower()}"
     image = f"{name}:{_tag(dockerfile, kind, base_image, lock, runtime, ref)}"
@@ -104,7 +123,7 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
         with tempfile.TemporaryDirectory(prefix="stack-function-image-") as tmp:
             context = Path(tmp)
             shutil.copytree(context_dir, context, dirs_exist_ok=True)
-            (context / "requirements.lock").write_text(lock)
+            (context / LOCK).write_text(lock)
             shutil.copytree(runtime, context / "runtime")
             export(ref, str(context / "bundle"), include_artifacts=True, base=base)
             for path in context.rglob("*"):  # the image's non-root user reads everything; staging files are private
