@@ -95,7 +95,7 @@ lint: _venv
     ruff check .
     ruff format --check .
     actionlint -no-color .github/workflows/*.yml
-    hadolint --no-color images/*/Dockerfile
+    hadolint --no-color images/*/Dockerfile gramine/Dockerfile tests/gramine_double/Dockerfile
 
 # Build the catalog's images (all, or the ones named).
 images *names: _venv

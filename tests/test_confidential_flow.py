@@ -159,6 +159,8 @@ print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": u
         ("@confidential(threads=0)", "threads: 0 is not a number of threads"),
         ("@confidential(isv_svn=70000)", "isv_svn: 70000 is not a number from 0 to 65535"),
         ('@confidential(trust=["os.path"])', "trust: 'os.path' is in os, whose classes a confidential step never"),
+        ('@confidential(container="yes")', "container: 'yes' is not True or False"),
+        ('@confidential(backend="phala", policy="tdx.toml", container=True)', "container: is Gramine's: a phala"),
     ],
 )
 def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: str, says: str) -> None:

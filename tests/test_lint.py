@@ -8,7 +8,9 @@ import subprocess
 import pytest
 from conftest import PROJECT, VENV_BIN, need
 
-DOCKERFILES = sorted(PROJECT.glob("images/*/Dockerfile"))
+#: The catalog's, a Gramine step's (``gramine/``) and the Gramine double's.
+DOCKERFILES = sorted([*PROJECT.glob("images/*/Dockerfile"), PROJECT / "gramine" / "Dockerfile",
+                      PROJECT / "tests" / "gramine_double" / "Dockerfile"])  # fmt: skip
 WORKFLOWS = sorted(PROJECT.glob(".github/workflows/*.yml"))
 
 
@@ -28,7 +30,7 @@ def test_workflow_passes_actionlint(workflow) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.parent.relative_to(PROJECT)))
 def test_dockerfile_passes_hadolint(dockerfile) -> None:
     result = subprocess.run([_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -65,11 +65,15 @@ class BuildRequest:
     push: bool = False
     #: The platforms to build for (``linux/amd64``, ...); none: this machine's.
     platforms: tuple[str, ...] = ()
+    #: More build secrets, id -> file (an enclave's signing key): mounted by the steps that name them,
+    #: never in a layer.
+    secrets: dict[str, Path] = field(default_factory=dict)
 
-    def secret(self) -> str | None:
-        """The ``--secret`` value carrying the CA bundle, when the environment names one."""
+    def secret_values(self) -> list[str]:
+        """The ``--secret`` values: the CA bundle, when the environment names one, and ``secrets``."""
         bundle = settings.load().ca_bundle
-        return f"id={CA_SECRET_ID},src={bundle}" if bundle else None
+        found = [f"id={CA_SECRET_ID},src={bundle}"] if bundle else []
+        return found + [f"id={name},src={path}" for name, path in self.secrets.items()]
 
 
 class _StepTracker:
@@ -177,7 +181,6 @@ def _attestations(request: BuildRequest) -> bool:
 
 
 def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
-    secret = request.secret()
     attest = _attestations(request)
     with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
         metadata = Path(tmp) / "metadata.json"
@@ -186,7 +189,7 @@ def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
             file=request.context / request.dockerfile,
             build_args=request.build_args,
             labels=request.labels,
-            secrets=[secret] if secret else [],
+            secrets=request.secret_values(),
             tags=[request.tag],
             target=request.target,
             load=not request.push,
@@ -235,7 +238,7 @@ def _build_classic(request: BuildRequest, tracker: _StepTracker, binary: str) ->
             command += ["--build-arg", f"{key}={value}"]
         for key, value in request.labels.items():
             command += ["--label", f"{key}={value}"]
-        if secret := request.secret():
+        for secret in request.secret_values():
             command += ["--secret", secret]
         command.append(str(request.context))
         env = {**os.environ, "DOCKER_BUILDKIT": "1"}

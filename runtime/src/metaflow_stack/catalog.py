@@ -101,6 +101,12 @@ _CATALOG: dict[str, ImageEntry] = {
             includes=(("runtime/requirements-confidential.lock", "requirements-confidential.lock"),),
         ),
         ImageEntry(
+            name="gramine",
+            description="Gramine on the confidential image: what each Gramine @confidential step's image builds FROM",
+            capabilities=("confidential-gramine",),
+            base="confidential",
+        ),
+        ImageEntry(
             name="postgres",
             description="PostgreSQL 15 from Debian's packages, the local stack's service database",
             capabilities=("service-database",),

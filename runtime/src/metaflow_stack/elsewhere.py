@@ -99,6 +99,17 @@ class Launcher:
             return False
 
 
+def remove_orphans(engine: Any, label: str, owner: str) -> int:
+    """Remove the containers labelled ``label`` whose launcher (named by their ``owner`` label) on this host
+    no longer runs: what a launcher killed outright left; how many."""
+    orphans = []
+    for container in engine.containers({label: None}):
+        launcher = Launcher.parse(container.config.labels.get(owner))
+        if launcher is not None and launcher.gone():
+            orphans.append(container)
+    return int(engine.remove(orphans))
+
+
 def started_at(pid: int) -> float:
     """When process ``pid`` started, in what no clock step changes where the kernel tells it: clock ticks
     since boot (``/proc/PID/stat``'s 22nd field), else psutil's creation time. ``psutil.NoSuchProcess`` for

@@ -44,6 +44,9 @@ class Settings:
     #: reported (each try waits Ray's fixed 30 seconds for its node), as configured: read by ``at_least_one``
     #: where it is used, so a bad value fails only what uses it, not ``import metaflow``.
     ray_start_tries: str = "3"
+    #: The image Gramine ``@confidential`` steps' own images build FROM (``confidential.step_image``); empty:
+    #: the catalog's ``gramine`` image, found, pulled or built.
+    gramine_image: str = ""
 
     def as_metaflow_config(self) -> dict[str, str]:
         """The settings as ``STACK_*`` names for ``metaflow.metaflow_config``."""
@@ -59,6 +62,7 @@ class Settings:
             "STACK_KEY_RELEASE_URL": self.key_release_url,
             "STACK_PHALA_KMS_SIGNER": self.phala_kms_signer,
             "STACK_RAY_START_TRIES": self.ray_start_tries,
+            "STACK_GRAMINE_IMAGE": self.gramine_image,
         }
 
 
@@ -92,6 +96,7 @@ def load() -> Settings:
         key_release_url=from_conf("STACK_KEY_RELEASE_URL", ""),
         phala_kms_signer=from_conf("STACK_PHALA_KMS_SIGNER", ""),
         ray_start_tries=str(from_conf("STACK_RAY_START_TRIES", "3")),
+        gramine_image=from_conf("STACK_GRAMINE_IMAGE", ""),
     )
 
 

@@ -109,6 +109,7 @@ class ConfidentialInfo(BaseModel):
     policy_digest: str | None = Field(None, description="SHA-256 of the policy that accepted it")
     measurements: dict[str, str | int] = Field(default_factory=dict, description="mr_enclave, mr_signer, isv_svn...")
     mr_enclave: str | None = Field(None, description="the enclave the launcher prepared (SGX)")
+    image: str | None = Field(None, description="the step's own image the enclave ran in (container=True)")
     verified_at: int | None = Field(None, description="epoch seconds")
     why: str | None = Field(None, description="why it is unattested")
 

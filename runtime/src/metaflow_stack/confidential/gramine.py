@@ -76,12 +76,20 @@ def mr_signer(key_path: Path) -> str:
     return hashlib.sha256(modulus.to_bytes(_KEY_BITS // 8, "little")).hexdigest()
 
 
-def prepare(inputs: manifest.ManifestInputs, folder: Path, mode: str, key: Path | None, stem: str = "task") -> Prepared:
-    """The task's manifest in ``folder``: rendered and checked here, then checked and expanded by
-    ``gramine-manifest`` (which hashes every trusted directory), and for SGX signed with ``key``."""
+def prepare(
+    inputs: manifest.ManifestInputs,
+    folder: Path,
+    mode: str,
+    key: Path | None,
+    stem: str = "task",
+    template: Path | None = None,
+) -> Prepared:
+    """The task's manifest in ``folder``: rendered (from ``template``, else the project's) and checked here,
+    then checked and expanded by ``gramine-manifest`` (which hashes every trusted directory), and for SGX
+    signed with ``key``."""
     if mode not in MODES:
         raise StackError(f"mode={mode!r} is not one of {', '.join(MODES)}", fix='mode="direct" or mode="sgx"')
-    text = manifest.render(inputs)
+    text = manifest.render(inputs, template)
     manifest.check(text, mode)
     rendered = folder / f"{stem}.manifest.toml"
     rendered.write_text(text)
@@ -100,9 +108,11 @@ def prepare(inputs: manifest.ManifestInputs, folder: Path, mode: str, key: Path 
     return Prepared(folder, stem, json.loads(view)["mr_enclave"])
 
 
-def command(prepared: Prepared, mode: str) -> list[str]:
-    """How the prepared enclave is started (in its folder): the manifest fixes the task's own command."""
-    return [tool("gramine-direct" if mode == "direct" else "gramine-sgx"), prepared.stem]
+def command(prepared: Prepared, mode: str, here: bool = True) -> list[str]:
+    """How the prepared enclave is started (in its folder): the manifest fixes the task's own command.
+    ``here``: with this machine's Gramine (found on PATH now), else an image's (found on its PATH)."""
+    name = "gramine-direct" if mode == "direct" else "gramine-sgx"
+    return [tool(name) if here else name, prepared.stem]
 
 
 def _run(args: list[str], what: str) -> str:

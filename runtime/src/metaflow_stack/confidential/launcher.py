@@ -34,9 +34,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -84,25 +85,62 @@ class Settings:
     trust: tuple[str, ...] = ()
 
 
+def enclave_env(code: str, settings: Settings, code_env: dict[str, str], keeper_key: str) -> dict[str, str]:
+    """The environment fixed in a task's enclave (so in its measurement), its unpacked code at ``code``:
+    the host's few ``FORWARDED`` names, the code package's variables, and whom the enclave trusts."""
+    env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
+    env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": code, "PYTHONDONTWRITEBYTECODE": "1"}
+    env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
+    env[KEEPER_KEY] = keeper_key
+    env[MODE], env[POLICY] = settings.mode, policy_name(settings.policy) if settings.policy else ""
+    env[TRUST] = " ".join(settings.trust)
+    return env
+
+
+def interpreter_paths(skipped: tuple[str, ...]) -> list[str]:
+    """What this interpreter reads (its ``sys.path`` folders but those under ``skipped``, its binary, a
+    virtual environment's ``pyvenv.cfg``), for an enclave running this interpreter as it is installed."""
+    python = sys.executable  # as run: a virtual environment's python finds its packages by this path
+    paths = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(skipped)]
+    return paths + [os.path.realpath(python)] + ([f"{sys.prefix}/pyvenv.cfg"] if sys.prefix != sys.base_prefix else [])
+
+
+def enclave_inputs(
+    code: Path, env: dict[str, str], evidence: str, datastore: str, settings: Settings, sys_path: list[str]
+) -> ManifestInputs:
+    """The manifest of a task's enclave running this interpreter on the unpacked ``code``: the task's
+    fixed command, ``env``, the folders it exchanges evidence through and writes values to."""
+    python = sys.executable
+    return ManifestInputs(
+        python=python,
+        argv=[python, "-u", "-m", ENTRY],
+        env=env | {EVIDENCE_ROOT: evidence},
+        workdir=str(code),
+        evidence=evidence,
+        datastore=datastore,
+        runtimedir=gramine.runtimedir(),
+        sys_path=sys_path,
+        trusted_dirs=[f"{p}/" if os.path.isdir(p) else p for p in sys_path],
+        code=code_files(code),
+        enclave_size=settings.enclave_size,
+        isv_prod_id=settings.isv_prod_id,
+        isv_svn=settings.isv_svn,
+        max_threads=settings.threads,
+        remote_attestation="dcap" if settings.mode == "sgx" else "none",
+    )
+
+
 def enclave(
     code: Path, datastore: str, settings: Settings, state_dir: Path, code_env: dict[str, str], keeper_key: str
 ) -> gramine.Prepared:
     """The step's enclave for the unpacked ``code``, prepared once per set of inputs and kept; it trusts
     envelopes signed by the keeper whose public key is ``keeper_key`` (fixed in its manifest, so measured)."""
-    python = sys.executable  # as run: a virtual environment's python finds its packages by this path
     flow_dir = os.path.dirname(os.path.abspath(sys.argv[0]))  # the flow's own folder: its code is in ``code``
-    kept = (str(code), datastore)
-    sys_path = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(kept) and p != flow_dir]
-    sys_path += [os.path.realpath(python)] + ([f"{sys.prefix}/pyvenv.cfg"] if sys.prefix != sys.base_prefix else [])
-    env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
-    env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
-    env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
-    env[KEEPER_KEY] = keeper_key
-    env[MODE], env[POLICY] = settings.mode, policy_name(settings.policy) if settings.policy else ""
-    env[TRUST] = " ".join(settings.trust)
-    described = {"code": str(code), "python": python, "sys_path": sys_path, "env": env, "datastore": datastore,
-                 "mode": settings.mode, "size": settings.enclave_size, "threads": settings.threads,
-                 "template": template_path().read_text(), "runtime": __version__,
+    sys_path = [p for p in interpreter_paths((str(code), datastore)) if p != flow_dir]
+    env = enclave_env(str(code), settings, code_env, keeper_key)
+    described = {"code": str(code), "python": sys.executable, "sys_path": sys_path, "env": env,
+                 "datastore": datastore, "mode": settings.mode, "size": settings.enclave_size,
+                 "threads": settings.threads, "template": template_path().read_text(), "runtime": __version__,
                  "isv": [settings.isv_prod_id, settings.isv_svn]}  # fmt: skip
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
     folder = state_dir / "confidential" / "enclaves" / digest
@@ -110,26 +148,9 @@ def enclave(
         found = json.loads((folder / "ready.json").read_text())
         return gramine.Prepared(folder, found["stem"], found["mr_enclave"])
     staging = folder.with_name(f".{digest}-{secrets.token_hex(4)}")
-    evidence = folder / "evidence"
     staging.mkdir(parents=True)
     try:
-        inputs = ManifestInputs(
-            python=python,
-            argv=[python, "-u", "-m", ENTRY],
-            env=env | {EVIDENCE_ROOT: str(evidence)},
-            workdir=str(code),
-            evidence=str(evidence),
-            datastore=datastore,
-            runtimedir=gramine.runtimedir(),
-            sys_path=sys_path,
-            trusted_dirs=[f"{p}/" if os.path.isdir(p) else p for p in sys_path],
-            code=code_files(code),
-            enclave_size=settings.enclave_size,
-            isv_prod_id=settings.isv_prod_id,
-            isv_svn=settings.isv_svn,
-            max_threads=settings.threads,
-            remote_attestation="dcap" if settings.mode == "sgx" else "none",
-        )
+        inputs = enclave_inputs(code, env, str(folder / "evidence"), datastore, settings, sys_path)
         key = gramine.signing_key(state_dir) if settings.mode == "sgx" else None
         prepared = gramine.prepare(inputs, staging, settings.mode, key)
         (staging / "ready.json").write_text(json.dumps({"stem": prepared.stem, "mr_enclave": prepared.mr_enclave}))
@@ -198,8 +219,46 @@ def new_order(
     return TaskOrder(identity=identity, nonce=nonce, command=command, env=env, inputs=inputs)
 
 
+class Started(Protocol):
+    """A task's enclave once started, wherever it runs (``on_this_machine``, ``step_image.in_container``)."""
+
+    def poll(self) -> int | None:
+        """Its exit code once it ended; None while it runs."""
+        ...
+
+    def stop(self) -> None:
+        """Stop it and all it started, if it still runs, and wait for that."""
+        ...
+
+
+class _Process:
+    """The enclave as a process on this machine, in a session of its own, so it and all it starts stop
+    with the launcher; the kernel kills it if the launcher is killed outright (SIGKILL: no way out runs)."""
+
+    def __init__(self, args: list[str], folder: Path, exchange: str) -> None:
+        self.process = subprocess.Popen(
+            args, cwd=folder, env={**os.environ, EXCHANGE: exchange}, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # whatever the enclave left running in its session
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def on_this_machine(prepared: gramine.Prepared, mode: str) -> Callable[[str], Started]:
+    """How a task is started in the prepared enclave with this machine's Gramine, given its exchange's name."""
+    args = gramine.command(prepared, mode)
+    return lambda exchange: _Process(args, prepared.folder, exchange)
+
+
 def run_task(
-    prepared: gramine.Prepared,
+    evidence: Path,
+    start: Callable[[str], Started],
     identity: TaskIdentity,
     command: str,
     env: dict[str, str],
@@ -208,29 +267,24 @@ def run_task(
     keeper: Keeper,
     record: Any,
 ) -> int:
-    """Order ``command`` (reading ``inputs``, its input records' digest) into the enclave, have its evidence
-    judged (``Judge``), and wait: the task's exit code (Metaflow's "do not retry" when refused, or when it
-    gave no evidence)."""
+    """Order ``command`` (reading ``inputs``, its input records' digest) into the enclave through a new
+    exchange folder under ``evidence`` (the enclave's evidence folder), ``start`` the enclave, have its
+    evidence judged (``Judge``), and wait: the task's exit code (Metaflow's "do not retry" when refused,
+    or when it gave no evidence)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
     task = new_order(identity, command, env, inputs, keeper)
     if task is None:
         return 1
     name = f"{identity.run}-{identity.step}-{identity.task}-{identity.attempt}-{secrets.token_hex(4)}"
-    folder = prepared.folder / "evidence" / name
+    folder = evidence / name
     folder.mkdir(mode=0o700)
     (folder / "task.json").write_text(task.model_dump_json())
     judge = Judge(Folder(folder), task, settings, keeper, record)
-    # A session of its own, so the enclave and all it starts stop with the launcher when it is stopped; and
-    # the kernel kills the enclave if the launcher is killed outright (SIGKILL: no way out runs then).
-    started = gramine.command(prepared, settings.mode)
-    process = subprocess.Popen(
-        started, cwd=prepared.folder, env={**os.environ, EXCHANGE: name}, start_new_session=True,
-        preexec_fn=die_with_parent,
-    )  # fmt: skip
+    running = start(name)
     try:
         with stopped_by_signals():
-            while process.poll() is None:
+            while (code := running.poll()) is None:
                 refused = judge()
                 if refused is not None:
                     return refused
@@ -238,11 +292,9 @@ def run_task(
             if not judge.judged:  # it ended without evidence: nothing it did was attested
                 print("error: the task ended without giving its evidence", file=sys.stderr, flush=True)
                 return METAFLOW_EXIT_DISALLOW_RETRY
-            return process.returncode
+            return code
     finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever the enclave left running in its session
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        running.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -72,8 +72,12 @@ def library_dirs(arch_libdir: str = "/lib/x86_64-linux-gnu") -> list[str]:
     return found
 
 
+#: The template's file name, in the project's ``gramine/`` and in a step image's enclave folder.
+TEMPLATE = "metaflow-task.manifest.template"
+
+
 def template_path() -> Path:
-    return catalog.project_root() / "gramine" / "metaflow-task.manifest.template"
+    return catalog.project_root() / "gramine" / TEMPLATE
 
 
 def _toml(value: Any) -> str:

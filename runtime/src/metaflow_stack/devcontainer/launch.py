@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from metaflow_stack.devcontainer.policy import SandboxPolicy, host_user
+from metaflow_stack.devcontainer.policy import SandboxPolicy
 from metaflow_stack.devcontainer.stores import WORKDIR
 from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.elsewhere import Launcher
-from metaflow_stack.engines import JobSpec, Mount, get_engine
+from metaflow_stack.elsewhere import remove_orphans as elsewhere_orphans
+from metaflow_stack.engines import JobSpec, Mount, get_engine, host_user
 from metaflow_stack.engines.docker import DockerEngine
 from metaflow_stack.trampolines import stopped_by_signals
 
@@ -97,9 +98,4 @@ def run_step(spec: JobSpec) -> int:
 
 def remove_orphans(engine: DockerEngine) -> int:
     """Remove step containers whose trampoline on this host no longer runs; how many."""
-    orphans = []
-    for container in engine.containers({LABEL: None}):
-        launcher = Launcher.parse(container.config.labels.get(OWNER))
-        if launcher is not None and launcher.gone():
-            orphans.append(container)
-    return engine.remove(orphans)
+    return elsewhere_orphans(engine, LABEL, OWNER)

@@ -43,8 +43,3 @@ class SandboxPolicy:
             )
         if self.pids < 16:
             raise StackError(f"@devcontainer pids={self.pids} is too few to run Python", fix="allow at least 16")
-
-
-def host_user() -> str:
-    """The uid:gid the container runs as: the user running the flow."""
-    return f"{os.getuid()}:{os.getgid()}"

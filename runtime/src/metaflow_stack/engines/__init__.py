@@ -7,6 +7,7 @@ today, Ray, Nomad, Kubernetes and Gramine as they arrive.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -61,6 +62,8 @@ class JobSpec:
     hostname: str | None = None
     init: bool = False
     ulimits: list[str] = field(default_factory=list)
+    #: Host devices the job may use (Docker's ``--device``): an SGX enclave's ``/dev/sgx_enclave``.
+    devices: tuple[str, ...] = ()
 
 
 class Job(Protocol):
@@ -102,6 +105,12 @@ class Engine(Protocol):
     def cleanup(self, labels: dict[str, str] | None = None) -> int:
         """Remove the jobs this engine launched that carry ``labels``; return how many."""
         ...
+
+
+def host_user() -> str:
+    """The uid:gid a container runs as to read and write what the user running the flow owns (the
+    datastore it shares at the same path)."""
+    return f"{os.getuid()}:{os.getgid()}"
 
 
 def get_engine(name: str = "docker", probe: bool = True) -> Engine:

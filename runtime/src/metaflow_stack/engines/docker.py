@@ -182,6 +182,7 @@ class DockerEngine:
                 hostname=spec.hostname,
                 init=spec.init,
                 ulimit=spec.ulimits,
+                devices=list(spec.devices),
             )
         except DockerException as exc:
             raise StackError(

@@ -45,6 +45,7 @@ def confidential() -> None:
 @click.option("--trust", default="")
 @click.option("--image", default=None)
 @click.option("--instance-type", default="tdx.small")
+@click.option("--container", is_flag=True, help="Gramine's: run the enclave in the step's own image.")
 @click.option("--run-time-limit", type=int, default=None, help="A CVM's seconds to run once booted (@timeout's).")
 @click.pass_context
 def step(
@@ -66,6 +67,7 @@ def step(
     image: str | None,
     instance_type: str,
     run_time_limit: int | None,
+    container: bool,
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
@@ -115,14 +117,16 @@ def step(
             code = _on_phala(ctx, step_name, identity, command, env, inputs, chosen, keeper, keeper_key, record,
                              facts, package, image or "", instance_type, run_time_limit)  # fmt: skip
         else:
-            code = _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package)
+            code = _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package,
+                               container)  # fmt: skip
     sys.exit(code)
 
 
-def _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package) -> int:
-    """The task in the step's Gramine enclave on this machine (``launcher``)."""
+def _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package, container):
+    """The task in the step's Gramine enclave: with this machine's Gramine (``launcher``), or in the step's own
+    image (``step_image``, ``container``)."""
     from metaflow_stack import code_package, settings
-    from metaflow_stack.confidential import launcher
+    from metaflow_stack.confidential import launcher, step_image
 
     flow_datastore, state_dir = ctx.obj.flow_datastore, settings.load().state_dir
     metadata, sha, url = package
@@ -134,9 +138,15 @@ def _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key,
         os.makedirs(datastore, exist_ok=True)
     code_env = {"METAFLOW_CODE_METADATA": metadata, "METAFLOW_CODE_SHA": sha, "METAFLOW_CODE_URL": url,
                 "METAFLOW_CODE_DS": flow_datastore.TYPE}  # fmt: skip
-    prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
-    facts["mr_enclave"] = prepared.mr_enclave
-    return launcher.run_task(prepared, identity, command, env, inputs, chosen, keeper, record)
+    if container:
+        image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key)
+        facts["mr_enclave"], facts["image"], evidence = image.mr_enclave, image.reference, image.evidence
+        start = step_image.in_container(image, chosen.mode, datastore)
+    else:
+        prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
+        facts["mr_enclave"], evidence = prepared.mr_enclave, prepared.folder / "evidence"
+        start = launcher.on_this_machine(prepared, chosen.mode)
+    return launcher.run_task(evidence, start, identity, command, env, inputs, chosen, keeper, record)
 
 
 def _on_phala(

@@ -47,7 +47,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     backend: "gramine" (an SGX enclave under Gramine, on this machine) or "phala" (a TDX confidential VM on
     Phala Cloud: PHALA_CLOUD_API_KEY, a pinned KMS in METAFLOW_STACK_PHALA_KMS_SIGNER, a datastore it reaches
     such as S3; image: the stack's ``confidential`` image pushed to METAFLOW_STACK_REGISTRY unless given;
-    instance_type: Phala's, "tdx.small"). mode, Gramine's: "direct" (``gramine-direct``: the enclave's
+    instance_type: Phala's, "tdx.small"). container, Gramine's: run the enclave in the step's own image under
+    Docker (GSC-style: the stack's gramine image with the code package and the manifest prepared and signed
+    at build), not with this machine's Gramine. mode, Gramine's: "direct" (``gramine-direct``: the enclave's
     configuration as an ordinary process, no SGX, no protection, for development) or "sgx" (``gramine-sgx``:
     the results trusted only after the enclave's quote passes ``policy``); a Phala CVM is "tdx". policy: a TOML
     file (relative to the flow's file) of the measurements and platform states allowed; with a key-release
@@ -77,11 +79,14 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         "trust": (),
         "image": None,
         "instance_type": "tdx.small",
+        "container": False,
     }
     #: The stack's task image of Phala CVMs, pushed once per run.
     stack_image: ClassVar[str | None] = None
     #: Whether this run's start has deleted the CVMs of launchers killed outright (once per run).
     swept: ClassVar[bool] = False
+    #: Whether it has removed the task containers of launchers killed outright (once per run).
+    swept_containers: ClassVar[bool] = False
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step = flow_datastore, step
@@ -148,7 +153,16 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             load_policy(self.attributes["policy"])  # refused now, naming the field, not at the first task
         elif mode != "direct":
             raise InvalidInput("policy", f"is needed to trust a TEE of mode {mode}", fix='policy="policies/prod.toml"')
-        if backend == "gramine":
+        container = self.attributes["container"]
+        if not isinstance(container, bool):
+            raise InvalidInput("container", f"{container!r} is not True or False", fix="container=True")
+        if container and backend != "gramine":
+            raise InvalidInput("container", f"is Gramine's: a {backend} task runs in its own TEE", fix="leave it out")
+        if container:  # the step's own image brings Gramine: this machine needs only Docker
+            from metaflow_stack.engines.docker import require_engine
+
+            require_engine()
+        elif backend == "gramine":
             gramine.tool("gramine-manifest")
             gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
 
@@ -173,9 +187,14 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         from metaflow_stack.errors import StackError
 
         self.package = package
+        cls = type(self)
+        if self.attributes["container"] and not cls.swept_containers:
+            from metaflow_stack.confidential.step_image import remove_orphans
+
+            cls.swept_containers = True
+            remove_orphans()
         if self.attributes["backend"] != "phala":
             return
-        cls = type(self)
         if not cls.swept:
             cls.swept = True
             _sweep()
@@ -193,7 +212,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         if not self.trampoline(cli_args, retry_count, max_user_code_retries, "confidential"):
             return
         options = ("backend", "mode", "policy", "enclave_size", "threads", "collateral", "pccs_url", "isv_prod_id",
-                   "isv_svn", "image", "instance_type")  # fmt: skip
+                   "isv_svn", "image", "instance_type", "container")  # fmt: skip
         for option in options:
             if self.attributes[option] is not None:
                 cli_args.command_options[option.replace("_", "-")] = self.attributes[option]

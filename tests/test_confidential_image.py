@@ -1,0 +1,179 @@
+"""``@confidential(container=True)``: a Gramine step's own image, GSC-style (``confidential.step_image``), built
+once per code and settings on the stack's gramine image, its enclave prepared inside it at build time, and
+each task run as a container of it, its evidence judged before its code runs.
+
+Here the gramine image is the double in ``tests/gramine_double`` (its ``gramine-manifest`` and
+``gramine-direct`` on the stack's confidential image); where Gramine is installed (the GitHub workflow's
+``gramine`` job) it is the catalog's real one, built with Gramine from its package repository, and an SGX
+step's image is signed there too."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from confidential_samples import flow_env
+from conftest import PROJECT, need
+from rich.console import Console
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
+
+#: Two confidential steps in their images, the second opening what the first sealed, then an ordinary end.
+FLOW = """from metaflow import FlowSpec, confidential, step
+from metaflow_stack.confidential import unsealed
+
+
+class ImageFlow(FlowSpec):
+    @confidential(container=True)
+    @step
+    def start(self):
+        self.total = sum(range(10))
+        self.next(self.double)
+
+    @confidential(container=True)
+    @step
+    def double(self):
+        self.result = unsealed(self, "total") * 2
+        print(f"result {self.result}")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    ImageFlow()
+"""
+
+
+def _real_gramine() -> bool:
+    return shutil.which("gramine-sgx-sign") is not None
+
+
+@pytest.fixture(scope="module")
+def gramine_image(docker_engine, state_dir: Path) -> str:
+    """The image step images build FROM: the catalog's real one where Gramine is installed, else the double."""
+    from metaflow_stack import builders, images
+
+    if _real_gramine():
+        return images.resolve("gramine")
+    reference = "metaflow-stack/gramine-double:test"
+    context = PROJECT / "tests" / "gramine_double"
+    request = builders.BuildRequest(context, reference, {"BASE_IMAGE": images.resolve("confidential")})
+    builders.build(request, Console(stderr=True))
+    return reference
+
+
+def _env(root: Path, gramine_image: str) -> dict[str, str]:
+    """The run's environment, its state folder beside the flow's, not in it (Metaflow would package it)."""
+    state = str(root.with_name(f"{root.name}-state"))
+    return flow_env(root, METAFLOW_STACK_GRAMINE_IMAGE=gramine_image, METAFLOW_STACK_STATE_DIR=state)
+
+
+def _run(root: Path, gramine_image: str) -> subprocess.CompletedProcess:
+    env = _env(root, gramine_image)
+    return subprocess.run([sys.executable, "image_flow.py", "run"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, gramine_image: str) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("confidential-image")
+    (root / ".metaflow").mkdir()
+    (root / "image_flow.py").write_text(FLOW)
+    done = _run(root, gramine_image)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root, done.stdout + done.stderr
+
+
+def _client(root: Path, gramine_image: str, code: str) -> object:
+    script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
+    env = _env(root, gramine_image)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_both_steps_ran_in_one_step_image_their_evidence_recorded_and_their_values_sealed(
+    run: tuple[Path, str], gramine_image: str
+) -> None:
+    from metaflow_stack.agent import Queries
+    from metaflow_stack.agent.local_source import LocalSource
+
+    root, output = run
+    found = _client(root, gramine_image, """
+run = Flow("ImageFlow").latest_run
+rows = {s.id: [json.loads(m.value) for m in s.task.metadata if m.name == "confidential-verification"] for s in run}
+rows["stdout"] = run["double"].task.stdout
+rows["result"] = type(run["double"].task["result"].data).__name__
+print(json.dumps(rows))""")  # fmt: skip
+    assert found["end"] == [] and found["result"] == "Sealed"
+    (start,), (double,) = found["start"], found["double"]
+    assert start["image"] == double["image"]  # one code package, one set of settings: one image
+    assert start["image"].startswith("metaflow-stack/confidential-step:")
+    assert (start["attested"], start["mode"]) == (False, "direct")
+    assert "result 90" in found["stdout"]  # the second step opened what the first sealed, in its enclave
+    assert output.count("built metaflow-stack/confidential-step:") == 1
+    queries = Queries(LocalSource(root / ".metaflow"))
+    latest = queries.list_runs("ImageFlow").runs[0].pathspec
+    shown = {t.step_name: t.confidential for t in queries.run_tasks(latest).tasks}
+    assert shown["start"] is not None and shown["start"].image == start["image"] and shown["end"] is None
+
+
+def test_the_image_holds_the_code_and_the_enclave_prepared_for_its_own_paths(
+    run: tuple[Path, str], docker_engine, gramine_image: str
+) -> None:
+    root, output = run
+    reference = next(w for w in output.split() if w.startswith("metaflow-stack/confidential-step:"))
+
+    def read(path: str) -> str:
+        return docker_engine.run(reference, ["cat", path], remove=True)
+
+    manifest = tomllib.loads(read("/opt/enclave/task.manifest"))
+    assert manifest["libos"]["entrypoint"] == "/opt/stack/bin/python"
+    assert manifest["fs"]["start_dir"] == "/opt/enclave/code"
+    assert manifest["loader"]["env"]["METAFLOW_STACK_CONFIDENTIAL_TASK"] == {"passthrough": True}
+    trusted = {entry["uri"].removeprefix("file:"): entry["sha256"] for entry in manifest["sgx"]["trusted_files"]}
+    flow_file = "/opt/enclave/code/image_flow.py"
+    assert trusted[flow_file] == hashlib.sha256((root / "image_flow.py").read_bytes()).hexdigest()
+    assert json.loads(read("/opt/enclave/ready.json")) == {"stem": "task", "mr_enclave": None}  # direct: unsigned
+    assert docker_engine.image.inspect(reference).config.user == "1000:1000"
+
+
+def test_a_second_run_reuses_the_image_and_no_task_container_is_left(
+    run: tuple[Path, str], docker_engine, gramine_image: str
+) -> None:
+    from metaflow_stack.confidential.step_image import LABEL
+
+    root, _ = run
+    again = _run(root, gramine_image)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert "is up to date" in said and "built metaflow-stack/confidential-step:" not in said
+    assert docker_engine.container.list(all=True, filters=[("label", LABEL)]) == []
+
+
+@pytest.mark.usefixtures("gramine_image")  # the catalog's: METAFLOW_STACK_GRAMINE_IMAGE is not set here
+def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(tmp_path: Path) -> None:
+    from metaflow_stack.confidential import gramine, step_image
+    from metaflow_stack.confidential.launcher import Settings
+
+    need("gramine", _real_gramine(), "signing an enclave needs Gramine's gramine-sgx-sign (the gramine job)")
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "flow.py").write_text("print('scored')\n")
+    chosen = Settings("sgx", "1G", 8, "policies/prod.toml", None, None, 1, 2)
+    state = tmp_path / "state"
+    built = step_image.build(code, str(tmp_path / "datastore"), chosen, state, {}, "ab" * 33)
+    key = gramine.signing_key(state)
+    assert built.mr_enclave is not None and len(built.mr_enclave) == 64
+    saved = subprocess.run(["docker", "save", built.reference], capture_output=True, check=True).stdout
+    assert key.read_bytes().split(b"\n")[1] not in saved  # the key's text is in no layer
