@@ -9,16 +9,22 @@ step's image is signed there too."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
-from confidential_samples import flow_env
+from confidential_samples import flow_env, tiny_flow
 from conftest import PROJECT, need
 from rich.console import Console
 
@@ -161,8 +167,60 @@ def test_a_second_run_reuses_the_image_and_no_task_container_is_left(
     assert docker_engine.container.list(all=True, filters=[("label", LABEL)]) == []
 
 
+def test_a_task_container_goes_with_a_launcher_killed_outright(
+    tmp_path: Path, docker_engine, gramine_image: str
+) -> None:
+    """SIGKILL runs no way out of the launcher: its watchdog removes the task's container."""
+    from metaflow_stack.confidential.step_image import LABEL, OWNER
+    from metaflow_stack.elsewhere import Launcher
+
+    root = tmp_path / "flow"
+    (root / ".metaflow").mkdir(parents=True)
+    tiny_flow(root, "@confidential(container=True)", body="import time; time.sleep(120)")
+    run = subprocess.Popen([sys.executable, "tiny_flow.py", "run"], cwd=root, env=_env(root, gramine_image),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (found := docker_engine.container.list(filters=[("label", LABEL)])):
+            assert time.monotonic() < deadline and run.poll() is None, "the task's container never started"
+            time.sleep(0.5)
+        (container,) = found
+        launcher = Launcher.parse(container.config.labels[OWNER])
+        assert launcher is not None
+        os.kill(launcher.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while docker_engine.container.exists(container.id):
+            assert time.monotonic() < deadline, "the task's container outlived its launcher"
+            time.sleep(0.5)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+
+
+def test_a_gramine_image_that_is_nowhere_fails_the_task_in_one_line(tmp_path: Path, docker_engine) -> None:
+    root = tmp_path / "flow"
+    (root / ".metaflow").mkdir(parents=True)
+    tiny_flow(root, "@confidential(container=True)")
+    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=root,
+                          env=_env(root, "127.0.0.1:9/gramine:missing"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "METAFLOW_STACK_GRAMINE_IMAGE names 127.0.0.1:9/gramine:missing" in said
+    assert "unset METAFLOW_STACK_GRAMINE_IMAGE" in said and "Traceback" not in said
+
+
+def _layers(saved: bytes) -> list[bytes]:
+    """Every file of a ``docker save`` archive, a compressed layer decompressed: what the image holds."""
+    found = []
+    with tarfile.open(fileobj=io.BytesIO(saved)) as archive:
+        for member in archive:
+            data = archive.extractfile(member).read() if member.isfile() else b""
+            found.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    return found
+
+
 @pytest.mark.usefixtures("gramine_image")  # the catalog's: METAFLOW_STACK_GRAMINE_IMAGE is not set here
-def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(tmp_path: Path) -> None:
+def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(docker_engine, tmp_path: Path) -> None:
     from metaflow_stack.confidential import gramine, step_image
     from metaflow_stack.confidential.launcher import Settings
 
@@ -175,5 +233,11 @@ def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(t
     built = step_image.build(code, str(tmp_path / "datastore"), chosen, state, {}, "ab" * 33)
     key = gramine.signing_key(state)
     assert built.mr_enclave is not None and len(built.mr_enclave) == 64
+    view = docker_engine.run(built.reference, ["gramine-sgx-sigstruct-view", "--output-format", "json",
+                                               f"/opt/enclave/{built.stem}.sig"], remove=True)  # fmt: skip
+    signed = json.loads(view)
+    assert (signed["mr_signer"], signed["mr_enclave"]) == (gramine.mr_signer(key), built.mr_enclave)
     saved = subprocess.run(["docker", "save", built.reference], capture_output=True, check=True).stdout
-    assert key.read_bytes().split(b"\n")[1] not in saved  # the key's text is in no layer
+    secret = key.read_bytes().splitlines()[1]  # a line of the key's base64 body
+    layers = _layers(saved)
+    assert len(layers) > 3 and not any(secret in layer for layer in layers)  # in no layer, compressed or not

@@ -39,7 +39,7 @@ from rich.console import Console
 
 from metaflow_stack import settings
 from metaflow_stack.engines.docker import client
-from metaflow_stack.errors import ImageBuildError, RegistryError, ToolMissingError
+from metaflow_stack.errors import ImageBuildError, RegistryError, StackError, ToolMissingError
 
 #: The build secret id Dockerfiles mount the CA bundle under.
 CA_SECRET_ID = "pipca"
@@ -180,7 +180,17 @@ def _attestations(request: BuildRequest) -> bool:
     return False
 
 
+#: The buildx drivers whose BuildKit runs on this machine's engine: the only ones ``secrets`` go to.
+_LOCAL_DRIVERS = ("docker", "docker-container")
+
+
 def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
+    if request.secrets and (driver := client().buildx.inspect().driver) not in _LOCAL_DRIVERS:
+        raise StackError(
+            f"{request.tag} is built with {', '.join(request.secrets)}, which a {driver} builder would receive on "
+            "another machine",
+            fix="docker buildx use default (the engine's own builder)",
+        )
     attest = _attestations(request)
     with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
         metadata = Path(tmp) / "metadata.json"

@@ -10,9 +10,12 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metaflow_stack.errors import StackError
+
+if TYPE_CHECKING:
+    from metaflow_stack.engines.docker import DockerEngine
 
 #: Variables of a task's environment that describe the runtime's machine, not the one a pod or container is.
 MACHINE_VARIABLES = frozenset(
@@ -99,7 +102,7 @@ class Launcher:
             return False
 
 
-def remove_orphans(engine: Any, label: str, owner: str) -> int:
+def remove_orphans(engine: DockerEngine, label: str, owner: str) -> int:
     """Remove the containers labelled ``label`` whose launcher (named by their ``owner`` label) on this host
     no longer runs: what a launcher killed outright left; how many."""
     orphans = []
@@ -107,7 +110,7 @@ def remove_orphans(engine: Any, label: str, owner: str) -> int:
         launcher = Launcher.parse(container.config.labels.get(owner))
         if launcher is not None and launcher.gone():
             orphans.append(container)
-    return int(engine.remove(orphans))
+    return engine.remove(orphans)
 
 
 def started_at(pid: int) -> float:

@@ -281,9 +281,10 @@ def run_task(
     folder.mkdir(mode=0o700)
     (folder / "task.json").write_text(task.model_dump_json())
     judge = Judge(Folder(folder), task, settings, keeper, record)
-    running = start(name)
+    running: Started | None = None
     try:
-        with stopped_by_signals():
+        with stopped_by_signals():  # before the start: a signal while it starts still stops what started
+            running = start(name)
             while (code := running.poll()) is None:
                 refused = judge()
                 if refused is not None:
@@ -294,7 +295,8 @@ def run_task(
                 return METAFLOW_EXIT_DISALLOW_RETRY
             return code
     finally:
-        running.stop()
+        if running is not None:
+            running.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 

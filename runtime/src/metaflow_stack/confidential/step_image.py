@@ -10,29 +10,33 @@ secret so it never lands in a layer. The MRENCLAVE is read back from the
 built image and recorded in each task's metadata.
 
 The tag hashes the staged context (the code, the enclave's settings, the
-manifest template, the Dockerfile) and the image below it, so every task
-and every run with the same code and settings reuses one image.
+manifest template, the Dockerfile) and the image below it, by its content, so
+every task and every run with the same code and settings reuses one image.
 
 A task runs as a container of the image, as the user running the flow (so
-it reads its order and writes to the datastore that user owns): the
-enclave's evidence folder is a folder of this machine mounted where the
-manifest expects it, the local datastore at its own path, and for SGX the
-enclave device and the AESM socket the quote comes through.
+it reads its order and writes to the datastore that user owns): its exchange
+folder, a folder of this machine, mounted where the manifest expects
+exchanges, the local datastore at its own path, and for SGX the enclave
+device (with its group) and the AESM socket the quote comes through.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
+from python_on_whales import DockerClient
+from python_on_whales.exceptions import DockerException
 from rich.console import Console
 
 from metaflow_stack import builders, catalog, images, settings
@@ -40,54 +44,68 @@ from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.inside import EXCHANGE
 from metaflow_stack.confidential.launcher import Settings, Started, enclave_env
 from metaflow_stack.confidential.manifest import TEMPLATE, template_path
+from metaflow_stack.confidential.step_enclave import CODE, ENCLAVE, EXCHANGES, KEY_SECRET, READY, SPEC, StepEnclave
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.elsewhere import remove_orphans as elsewhere_orphans
-from metaflow_stack.engines import JobSpec, Mount, get_engine, host_user
-from metaflow_stack.engines.docker import DockerEngine, DockerJob, require_engine
+from metaflow_stack.engines import JobSpec, Mount, host_user
+from metaflow_stack.engines.docker import DockerEngine, require_engine
+from metaflow_stack.errors import StackError
 
-#: Where the enclave lives in the image: its code, its prepared manifest, and its evidence folder.
-ENCLAVE = "/opt/enclave"
-CODE = f"{ENCLAVE}/code"
-EVIDENCE = f"{ENCLAVE}/evidence"
-#: The build secret the enclave signing key is mounted as (``RUN --mount=type=secret,id=enclave-key``).
-KEY_SECRET = "enclave-key"
-#: The staged enclave settings ``enclave_build`` reads, and what it leaves for the launcher.
-SPEC, READY = "enclave.json", "ready.json"
 #: Labels every task container carries: its exchange, and the launcher waiting on it (``elsewhere.Launcher``).
 LABEL = "io.metaflow-stack.confidential"
 OWNER = "io.metaflow-stack.confidential.owner"
-#: What SGX needs of the host: the enclave device, and the AESM service's socket for DCAP quotes.
-SGX_DEVICES = ("/dev/sgx_enclave", "/dev/sgx_provision")
+#: What SGX needs of the host: the enclave device (quotes go through AESM, so not ``/dev/sgx_provision``),
+#: and the AESM service's socket folder.
+SGX_DEVICE = "/dev/sgx_enclave"
 AESM_SOCKET = "/var/run/aesmd"
-
-
-class StepEnclave(BaseModel):
-    """What the launcher stages for ``enclave_build``: the enclave's settings and its fixed environment."""
-
-    mode: str
-    enclave_size: str
-    threads: int
-    isv_prod_id: int
-    isv_svn: int
-    env: dict[str, str]
-    datastore: str
-    #: The signer of an SGX enclave (public): a new key makes a new image.
-    mr_signer: str | None
+#: Removes a task's container once the launcher that started it is gone, however it went (SIGKILL, the OOM
+#: killer), so an enclave whose attempt already failed does not run on; a reboot is the sweep's.
+_WATCHDOG = """import os, sys, time
+parent = os.getppid()
+while os.getppid() == parent:
+    time.sleep(1)
+from metaflow_stack.engines.docker import DockerJob, client
+DockerJob(client(), sys.argv[1]).kill()
+"""
 
 
 @dataclass(frozen=True)
 class StepImage:
-    """A step's built image, the MRENCLAVE its manifest was signed with (SGX only), and the folder of this
-    machine its tasks' containers exchange evidence through."""
+    """A step's built image, its enclave's manifest stem and MRENCLAVE (SGX only), and the folder of this
+    machine its tasks' exchange folders are made in."""
 
     reference: str
+    stem: str
     mr_enclave: str | None
-    evidence: Path
+    exchanges: Path
 
 
-def gramine_image(console: Console) -> str:
-    """The image step images build FROM: ``METAFLOW_STACK_GRAMINE_IMAGE``, else the catalog's ``gramine``."""
-    return settings.load().gramine_image or images.resolve("gramine", console=console)
+@contextmanager
+def _one_at_a_time(lock: Path) -> Iterator[None]:
+    """One process at a time here (a foreach's tasks all start together); the others wait, then find the
+    work done."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
+def gramine_image(docker: DockerClient, state_dir: Path, console: Console) -> str:
+    """The image step images build FROM: ``METAFLOW_STACK_GRAMINE_IMAGE`` (here, or pulled), else the
+    catalog's ``gramine`` (found, pulled or built, once)."""
+    configured = settings.load().gramine_image
+    if configured:
+        if not docker.image.exists(configured):
+            try:
+                docker.image.pull(configured, quiet=True)
+            except DockerException:
+                raise StackError(
+                    f"METAFLOW_STACK_GRAMINE_IMAGE names {configured}, which is not here and cannot be pulled",
+                    fix="pull or build it, or unset METAFLOW_STACK_GRAMINE_IMAGE for the stack's gramine image",
+                ) from None
+        return configured
+    with _one_at_a_time(state_dir / "confidential" / "step-images" / "gramine.lock"):
+        return images.resolve("gramine", console=console)
 
 
 def build(
@@ -102,7 +120,7 @@ def build(
     """The step's image for the unpacked ``code`` (built once per code and settings), and its MRENCLAVE."""
     console = console or Console(stderr=True)
     docker = require_engine()
-    below = gramine_image(console)
+    below = gramine_image(docker, state_dir, console)
     key = gramine.signing_key(state_dir) if chosen.mode == "sgx" else None
     spec = StepEnclave(
         mode=chosen.mode, enclave_size=chosen.enclave_size, threads=chosen.threads, isv_prod_id=chosen.isv_prod_id,
@@ -115,14 +133,14 @@ def build(
         shutil.copy(catalog.project_root() / "gramine" / "Dockerfile", context / "Dockerfile")
         shutil.copy(template_path(), context / TEMPLATE)
         (context / SPEC).write_text(spec.model_dump_json(indent=1))
-        for path in [context, *context.rglob("*")]:  # the enclave's user reads everything; staging is private
+        for path in context.rglob("*"):  # copied into the image as they are: its users read everything
             path.chmod(0o755 if path.is_dir() else 0o644)
-        tag = catalog.tag_for(context, below)
+        # The image below by its content: a name like ``:latest`` may name another image tomorrow.
+        tag = catalog.tag_for(context, f"{below}@{docker.image.inspect(below).id}")
         reference = f"{settings.load().image_namespace}/confidential-step:{tag}"
         kept = state_dir / "confidential" / "step-images" / tag
-        kept.mkdir(parents=True, exist_ok=True)
-        with (kept.parent / f"{tag}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the step's other tasks wait, then find it built
+        ready = kept / READY
+        with _one_at_a_time(kept.with_suffix(".lock")):
             if docker.image.exists(reference):
                 console.print(f"{reference} is up to date")
             else:
@@ -136,18 +154,23 @@ def build(
                 with console.status(f"building {reference}"):
                     builders.build(request, console)
                 console.print(f"built {reference}")
-            ready = kept / READY
+                ready.unlink(missing_ok=True)
             if not ready.is_file():  # read from the image once, not by every task
+                kept.mkdir(parents=True, exist_ok=True)
                 ready.write_text(docker.run(reference, ["cat", f"{ENCLAVE}/{READY}"], remove=True, user=host_user()))
-    (kept / "evidence").mkdir(exist_ok=True)
-    return StepImage(reference, json.loads(ready.read_text())["mr_enclave"], kept / "evidence")
+            (kept / "exchanges").mkdir(exist_ok=True)
+    found = json.loads(ready.read_text())
+    return StepImage(reference, found["stem"], found["mr_enclave"], kept / "exchanges")
 
 
 class _Container:
-    """A task's enclave as a container, its output relayed line by line as the task writes it."""
+    """A task's enclave as a container, its output relayed line by line as the task writes it, and a
+    watchdog that removes it if the launcher dies without doing so."""
 
     def __init__(self, spec: JobSpec) -> None:
-        self.job: DockerJob = get_engine("docker", probe=False).launch(spec)  # type: ignore[assignment]
+        self.job = DockerEngine(probe=False).launch(spec)
+        self.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, self.job.id], start_new_session=True,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         self.relay = threading.Thread(target=self._relay, daemon=True)
         self.relay.start()
 
@@ -165,24 +188,28 @@ class _Container:
     def stop(self) -> None:
         self.job.kill()
         self.relay.join(timeout=10)
+        self.watchdog.kill()
+        self.watchdog.wait()
 
 
 def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str], Started]:
-    """How a task is started as a container of the step's ``image``, given its exchange's name (a folder
-    under ``image.evidence``, mounted as the enclave's evidence folder)."""
-    mounts = [Mount(str(image.evidence), EVIDENCE, read_only=False), Mount(datastore, datastore, read_only=False)]
+    """How a task is started as a container of the step's ``image``, given its exchange's name: a folder
+    under ``image.exchanges``, mounted alone where the manifest expects exchanges."""
+    mounts = [Mount(datastore, datastore, read_only=False)]
     devices: tuple[str, ...] = ()
-    if mode == "sgx":
-        devices = tuple(d for d in SGX_DEVICES if Path(d).exists())
-        if Path(AESM_SOCKET).is_dir():
-            mounts.append(Mount(AESM_SOCKET, AESM_SOCKET, read_only=False))
-    command = gramine.command(gramine.Prepared(Path(ENCLAVE), "task", image.mr_enclave), mode, here=False)
+    groups: tuple[str, ...] = ()
+    if mode == "sgx" and os.path.exists(SGX_DEVICE):
+        devices, groups = (SGX_DEVICE,), (str(os.stat(SGX_DEVICE).st_gid),)
+    if mode == "sgx" and os.path.isdir(AESM_SOCKET):
+        mounts.append(Mount(AESM_SOCKET, AESM_SOCKET, read_only=False))
+    command = gramine.command(gramine.Prepared(Path(ENCLAVE), image.stem, image.mr_enclave), mode, here=False)
 
     def start(exchange: str) -> Started:
-        labels = {LABEL: exchange, OWNER: Launcher.this().label}
         spec = JobSpec(
-            image=image.reference, command=command, env={EXCHANGE: exchange}, mounts=mounts, workdir=ENCLAVE,
-            user=host_user(), owner="confidential", devices=devices, labels=labels,
+            image=image.reference, command=command, env={EXCHANGE: exchange}, workdir=ENCLAVE, user=host_user(),
+            mounts=[*mounts, Mount(str(image.exchanges / exchange), f"{EXCHANGES}/{exchange}", read_only=False)],
+            owner="confidential", devices=devices, groups=groups,
+            labels={LABEL: exchange, OWNER: Launcher.this().label},
         )  # fmt: skip
         return _Container(spec)
 
@@ -190,5 +217,6 @@ def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str],
 
 
 def remove_orphans() -> int:
-    """Remove task containers whose launcher on this host was killed outright; how many."""
+    """Remove task containers whose launcher on this host is gone and whose watchdog could not (a reboot);
+    how many."""
     return elsewhere_orphans(DockerEngine(), LABEL, OWNER)

@@ -62,8 +62,10 @@ class JobSpec:
     hostname: str | None = None
     init: bool = False
     ulimits: list[str] = field(default_factory=list)
-    #: Host devices the job may use (Docker's ``--device``): an SGX enclave's ``/dev/sgx_enclave``.
+    #: Host devices the job may use (Docker's ``--device``): an SGX enclave's ``/dev/sgx_enclave``; and the
+    #: groups (numeric) its user joins to open them (``--group-add``: ``user`` alone carries no groups).
     devices: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
 
 class Job(Protocol):

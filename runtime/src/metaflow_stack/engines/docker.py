@@ -183,6 +183,7 @@ class DockerEngine:
                 init=spec.init,
                 ulimit=spec.ulimits,
                 devices=list(spec.devices),
+                groups_add=list(spec.groups),
             )
         except DockerException as exc:
             raise StackError(

@@ -140,7 +140,7 @@ def _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key,
                 "METAFLOW_CODE_DS": flow_datastore.TYPE}  # fmt: skip
     if container:
         image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key)
-        facts["mr_enclave"], facts["image"], evidence = image.mr_enclave, image.reference, image.evidence
+        facts["mr_enclave"], facts["image"], evidence = image.mr_enclave, image.reference, image.exchanges
         start = step_image.in_container(image, chosen.mode, datastore)
     else:
         prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
