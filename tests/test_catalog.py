@@ -136,3 +136,12 @@ def test_an_image_on_the_base_changes_tag_with_the_base(
         source.write("\n# changed\n")
     _, base_after, service_after = images._plan("metadata-service", docker_engine, probe_registry=False)
     assert base_after != base_before and service_after != service_before
+
+
+def test_an_image_built_for_some_platforms_is_published_for_those_alone() -> None:
+    from metaflow_stack.images import platforms_for
+
+    both = ("linux/amd64", "linux/arm64")
+    assert platforms_for(catalog.get("gramine"), both) == ("linux/amd64",)  # Gramine is built for x86-64 alone
+    assert platforms_for(catalog.get("gramine"), ("linux/arm64",)) == ()
+    assert platforms_for(catalog.get("confidential"), both) == both

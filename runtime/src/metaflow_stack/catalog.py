@@ -53,6 +53,8 @@ class ImageEntry:
     capabilities: tuple[str, ...]
     includes: tuple[tuple[str, str], ...] = ()
     base: str | None = STACK_BASE
+    #: The only platforms it builds for (``linux/amd64``: Gramine is built for x86-64 alone); none: any.
+    platforms: tuple[str, ...] = ()
 
     def context_dir(self) -> Path:
         """The image's own folder under ``images/``."""
@@ -105,6 +107,7 @@ _CATALOG: dict[str, ImageEntry] = {
             description="Gramine on the confidential image: what each Gramine @confidential step's image builds FROM",
             capabilities=("confidential-gramine",),
             base="confidential",
+            platforms=("linux/amd64",),
         ),
         ImageEntry(
             name="postgres",

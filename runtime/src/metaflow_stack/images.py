@@ -25,7 +25,7 @@ from rich.console import Console
 
 from metaflow_stack import __version__, base_images, builders, catalog, image_lock, settings
 from metaflow_stack.engines.docker import require_engine
-from metaflow_stack.errors import RegistryError
+from metaflow_stack.errors import RegistryError, StackError
 
 _stderr = Console(stderr=True)
 
@@ -57,11 +57,26 @@ def _plan(name: str, docker: DockerClient, *, probe_registry: bool = True) -> tu
     return entry, base, f"{catalog.repository(entry, registry='')}:{tag}"
 
 
+#: ``docker info``'s architecture, as a build platform.
+_PLATFORMS = {"x86_64": "linux/amd64", "amd64": "linux/amd64", "aarch64": "linux/arm64", "arm64": "linux/arm64"}
+
+
+def platforms_for(entry: catalog.ImageEntry, wanted: Iterable[str]) -> tuple[str, ...]:
+    """The platforms of ``wanted`` that ``entry`` builds for (all of them when it names none)."""
+    return tuple(p for p in wanted if not entry.platforms or p in entry.platforms)
+
+
 def build(name: str, *, push: bool = False, force: bool = False, console: Console | None = None) -> str:
     """Build the image for ``name`` (skipped when its tag is already here); return its reference."""
     console = console or _stderr
     docker = require_engine()
     entry, base, ref = _plan(name, docker)
+    here = _PLATFORMS.get(docker.system.info().architecture or "", "this platform") if entry.platforms else ""
+    if entry.platforms and not platforms_for(entry, [here]):
+        raise StackError(
+            f"the {entry.name} image builds for {', '.join(entry.platforms)} only, not {here}",
+            fix=f"build it on a {' or '.join(entry.platforms)} machine, or pull a published one",
+        )
     if force or not docker.image.exists(ref):
         if entry.base is None:
             base_images.ensure(base, docker, console)
@@ -126,15 +141,20 @@ def publish(
     console = console or _stderr
     docker = require_engine()
     released: dict[str, image_lock.LockedImage] = {}
+    wanted = tuple(platforms)
     for name in _bases_first(names):
         entry, base, ref = _plan(name, docker)
+        chosen = platforms_for(entry, wanted)
+        if wanted and not chosen:
+            console.print(f"skipped {entry.name}: it builds for {', '.join(entry.platforms)} only")
+            continue
         if entry.base is None:
             base_images.ensure(base, docker, console)
         # An image above the base builds from the base just pushed, by its digest: a tag could move between.
         below = released.get(entry.base) if entry.base is not None else None
         from_image = base if below is None else f"{registry}/{below.repository}@{below.digest}"
         remote = f"{registry}/{ref}"
-        staged = _staged_request(entry, base, remote, from_image, push=True, platforms=tuple(platforms))
+        staged = _staged_request(entry, base, remote, from_image, push=True, platforms=chosen)
         with staged as request, console.status(f"publishing {remote}"):
             digest = builders.build(request, console)
         if digest is None:
