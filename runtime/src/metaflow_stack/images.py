@@ -66,18 +66,26 @@ def platforms_for(entry: catalog.ImageEntry, wanted: Iterable[str]) -> tuple[str
     return tuple(p for p in wanted if not entry.platforms or p in entry.platforms)
 
 
+def builds_here(name: str, docker: DockerClient | None = None) -> bool:
+    """Whether the image ``name`` builds on this engine's platform (asked only of images that name theirs)."""
+    entry = catalog.get(name)
+    if not entry.platforms:
+        return True
+    here = _PLATFORMS.get((docker or require_engine()).system.info().architecture or "", "")
+    return bool(platforms_for(entry, [here]))
+
+
 def build(name: str, *, push: bool = False, force: bool = False, console: Console | None = None) -> str:
     """Build the image for ``name`` (skipped when its tag is already here); return its reference."""
     console = console or _stderr
     docker = require_engine()
     entry, base, ref = _plan(name, docker)
-    here = _PLATFORMS.get(docker.system.info().architecture or "", "this platform") if entry.platforms else ""
-    if entry.platforms and not platforms_for(entry, [here]):
-        raise StackError(
-            f"the {entry.name} image builds for {', '.join(entry.platforms)} only, not {here}",
-            fix=f"build it on a {' or '.join(entry.platforms)} machine, or pull a published one",
-        )
     if force or not docker.image.exists(ref):
+        if not builds_here(name, docker):
+            raise StackError(
+                f"the {entry.name} image builds for {', '.join(entry.platforms)} only, not this machine's platform",
+                fix=f"build it on a {' or '.join(entry.platforms)} machine",
+            )
         if entry.base is None:
             base_images.ensure(base, docker, console)
         else:
@@ -142,11 +150,13 @@ def publish(
     docker = require_engine()
     released: dict[str, image_lock.LockedImage] = {}
     wanted = tuple(platforms)
+    skipped: set[str] = set()
     for name in _bases_first(names):
         entry, base, ref = _plan(name, docker)
         chosen = platforms_for(entry, wanted)
-        if wanted and not chosen:
-            console.print(f"skipped {entry.name}: it builds for {', '.join(entry.platforms)} only")
+        if (wanted and not chosen) or (not wanted and not builds_here(name, docker)) or entry.base in skipped:
+            console.print(f"skipped {entry.name}: it or its base builds for other platforms only")
+            skipped.add(entry.name)
             continue
         if entry.base is None:
             base_images.ensure(base, docker, console)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from metaflow_stack.errors import StackError
 
-#: The public Python base image, used whenever a registry can serve it.
-PUBLIC_BASE_IMAGE = "python:3.11-slim"
+#: The public Python base image, used whenever a registry can serve it: Debian bookworm, the release of the
+#: local base made without a registry, so both give every image the same system (glibc 2.36, which function
+#: images' wheels are chosen for), and one Gramine's package repository publishes for.
+PUBLIC_BASE_IMAGE = "python:3.11-slim-bookworm"
 
 #: Environment variables that may name a CA bundle, in order of preference.
 CA_BUNDLE_VARIABLES = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")

@@ -61,8 +61,7 @@ AESM_SOCKET = "/var/run/aesmd"
 #: Removes a task's container once the launcher that started it is gone, however it went (SIGKILL, the OOM
 #: killer), so an enclave whose attempt already failed does not run on; a reboot is the sweep's.
 _WATCHDOG = """import os, sys, time
-parent = os.getppid()
-while os.getppid() == parent:
+while os.getppid() == int(sys.argv[2]):  # the launcher's pid, given: it may be gone before this line runs
     time.sleep(1)
 from metaflow_stack.engines.docker import DockerJob, client
 DockerJob(client(), sys.argv[1]).kill()
@@ -155,24 +154,37 @@ def build(
                     builders.build(request, console)
                 console.print(f"built {reference}")
                 ready.unlink(missing_ok=True)
-            if not ready.is_file():  # read from the image once, not by every task
+            if not ready.is_file():  # read from the image once, not by every task; whole, or not there
                 kept.mkdir(parents=True, exist_ok=True)
-                ready.write_text(docker.run(reference, ["cat", f"{ENCLAVE}/{READY}"], remove=True, user=host_user()))
+                read = docker.run(reference, ["cat", f"{ENCLAVE}/{READY}"], remove=True, user=host_user())
+                partial = ready.with_suffix(".partial")
+                partial.write_text(read)
+                os.replace(partial, ready)
+            found = json.loads(ready.read_text())
             (kept / "exchanges").mkdir(exist_ok=True)
-    found = json.loads(ready.read_text())
     return StepImage(reference, found["stem"], found["mr_enclave"], kept / "exchanges")
 
 
 class _Container:
     """A task's enclave as a container, its output relayed line by line as the task writes it, and a
-    watchdog that removes it if the launcher dies without doing so."""
+    watchdog that removes it (by its name, so from before it exists) if the launcher dies without doing so."""
 
     def __init__(self, spec: JobSpec) -> None:
-        self.job = DockerEngine(probe=False).launch(spec)
-        self.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, self.job.id], start_new_session=True,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.watchdog = subprocess.Popen(  # ``in_container`` names every task's container
+            [sys.executable, "-c", _WATCHDOG, str(spec.name), str(os.getpid())], start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            self.job = DockerEngine(probe=False).launch(spec)
+        except BaseException:
+            self._end_watchdog()
+            raise
         self.relay = threading.Thread(target=self._relay, daemon=True)
         self.relay.start()
+
+    def _end_watchdog(self) -> None:
+        self.watchdog.kill()
+        self.watchdog.wait()
 
     def _relay(self) -> None:
         for stream, line in self.job.streams(follow=True):
@@ -188,8 +200,7 @@ class _Container:
     def stop(self) -> None:
         self.job.kill()
         self.relay.join(timeout=10)
-        self.watchdog.kill()
-        self.watchdog.wait()
+        self._end_watchdog()
 
 
 def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str], Started]:
@@ -207,6 +218,7 @@ def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str],
     def start(exchange: str) -> Started:
         spec = JobSpec(
             image=image.reference, command=command, env={EXCHANGE: exchange}, workdir=ENCLAVE, user=host_user(),
+            name=f"confidential-{exchange}",
             mounts=[*mounts, Mount(str(image.exchanges / exchange), f"{EXCHANGES}/{exchange}", read_only=False)],
             owner="confidential", devices=devices, groups=groups,
             labels={LABEL: exchange, OWNER: Launcher.this().label},

@@ -36,7 +36,8 @@ CONTEXT = "function"
 #: The lock's name in the context (PEP 751 asks for ``pylock.toml`` or ``pylock.<name>.toml``).
 LOCK = "pylock.toml"
 
-#: The stack base is Debian 12 (glibc 2.36) whichever way it is made, so its wheels may need up to that.
+#: The stack base is Debian 12 (glibc 2.36) whichever way it is made (``settings.PUBLIC_BASE_IMAGE``), so its
+#: wheels may need up to that.
 BASE_GLIBC = "2_36"
 
 #: The engine's architecture, as ``docker info`` reports it, to the wheels' platform tag.
@@ -64,9 +65,11 @@ def requirements(ref: FunctionReference, kind: str, architecture: str) -> str:
     ``packaging`` pin means an older Ray), resolved as of the moment the
     function was bound, so the same reference gives the same lock later. The
     lock is PEP 751's: every file's URL and hash for the engine's
-    architecture, so the build downloads exactly what was resolved here,
-    checks it, and never asks the index again (an index or its cache that
-    has not yet seen a release the resolver saw cannot break the build).
+    architecture, so the build downloads exactly what was resolved here and
+    checks it, without asking the index which versions exist (an index or
+    its cache that has not yet seen a release the resolver saw cannot break
+    the build; only a package built from source asks for its build tools).
+    The files come from where uv found them: the build must reach that index.
     """
     if architecture not in ARCHITECTURES:
         raise EnvironmentBuildError(

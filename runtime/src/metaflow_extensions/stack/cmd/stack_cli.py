@@ -109,6 +109,9 @@ def build(names: tuple[str, ...], push: bool, force: bool) -> None:
     from metaflow_stack import images as runtime_images
 
     for name in _names(names):
+        if not names and not runtime_images.builds_here(name):  # all: those this platform builds
+            _err.print(f"skipped {name}: it builds for other platforms only")
+            continue
         click.echo(runtime_images.build(name, push=push, force=force, console=_err))
 
 
