@@ -4,7 +4,10 @@ valid at and a policy they pass, an attempt's identity, a flow run's environment
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import PROJECT, gramine_path
@@ -35,6 +38,16 @@ def flow_env(root: Path, **extra: str) -> dict[str, str]:
     folder (where enclaves and keys are kept) and local metadata."""
     return {**os.environ, "PATH": gramine_path(), "USER": "tester", "METAFLOW_STACK_STATE_DIR": str(root / "state"),
             "METAFLOW_DEFAULT_METADATA": "local", **extra}  # fmt: skip
+
+
+def client_json(root: Path, code: str, env: dict[str, str] | None = None) -> object:
+    """What ``code`` prints as JSON on its last line, run in a new Python in the workspace (its run's
+    environment, ``flow_env``'s unless given), as a user reads the run there."""
+    script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env or flow_env(root), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def tiny_flow(folder: Path, decorator: str, body: str = "pass") -> None:

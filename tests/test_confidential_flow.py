@@ -20,21 +20,13 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from confidential_samples import flow_env, tiny_flow
+from confidential_samples import client_json, flow_env, tiny_flow
 from conftest import PROJECT
 
 from metaflow_stack.confidential.attest import TaskIdentity
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
-
-
-def _client(root: Path, code: str) -> object:
-    """What ``code`` prints as JSON, run in a new Python in the workspace, as a user reads the run there."""
-    script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=flow_env(root), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_the_confidential_steps_ran_in_one_enclave_and_their_evidence_is_recorded(run: tuple[Path, str]) -> None:
     root, output = run
     assert "predicted classes: {" in output
-    found = _client(root, """
+    found = client_json(root, """
 run = Flow("ConfidentialInferenceFlow").latest_run
 rows = {s.id: [m.value for m in s.task.metadata if m.name == "confidential-verification"] for s in run}
 print(json.dumps(rows))""")  # fmt: skip
@@ -122,7 +114,7 @@ def test_the_agent_and_the_ui_show_each_confidential_tasks_verification(run: tup
 
 def test_sealed_values_are_ciphertext_outside_and_open_only_in_the_next_enclave(run: tuple[Path, str]) -> None:
     root, _ = run
-    found = _client(root, """
+    found = client_json(root, """
 from metaflow_stack.confidential.seal import Sealed, SealedError
 run = Flow("ConfidentialInferenceFlow").latest_run
 sealed = run["score"].task["predictions"].data
@@ -395,7 +387,7 @@ def test_a_resumed_run_opens_the_values_its_chain_sealed(tmp_path: Path) -> None
     first = flow("run", fails=True)
     second = flow("resume", "--origin-run-id", first, fails=True)  # start cloned: its value still sealed by run 1
     third = flow("resume", "--origin-run-id", second, fails=False)
-    found = _client(tmp_path, f"""run = Flow("ResumedFlow")["{third}"]
+    found = client_json(tmp_path, f"""run = Flow("ResumedFlow")["{third}"]
 print(json.dumps({{"total": run["use"].task["total"].data, "secret": repr(run["start"].task["secret"].data),
                   "origin": run["use"].task.metadata_dict["origin-run-id"]}}))""")  # fmt: skip
     assert found["total"] == 43 and found["origin"] == second and len({first, second, third}) == 3

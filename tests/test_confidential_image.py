@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from confidential_samples import flow_env, tiny_flow
+from confidential_samples import client_json, flow_env, tiny_flow
 from conftest import PROJECT, need
 from rich.console import Console
 
@@ -100,14 +100,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, gramine_image: str) -> tuple[P
     return root, done.stdout + done.stderr
 
 
-def _client(root: Path, gramine_image: str, code: str) -> object:
-    script = f"import json\nfrom metaflow import Flow, namespace\nnamespace(None)\n{code}"
-    env = _env(root, gramine_image)
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
-
-
 def test_both_steps_ran_in_one_step_image_their_evidence_recorded_and_their_values_sealed(
     run: tuple[Path, str], gramine_image: str
 ) -> None:
@@ -115,12 +107,12 @@ def test_both_steps_ran_in_one_step_image_their_evidence_recorded_and_their_valu
     from metaflow_stack.agent.local_source import LocalSource
 
     root, output = run
-    found = _client(root, gramine_image, """
+    found = client_json(root, """
 run = Flow("ImageFlow").latest_run
 rows = {s.id: [json.loads(m.value) for m in s.task.metadata if m.name == "confidential-verification"] for s in run}
 rows["stdout"] = run["double"].task.stdout
 rows["result"] = type(run["double"].task["result"].data).__name__
-print(json.dumps(rows))""")  # fmt: skip
+print(json.dumps(rows))""", _env(root, gramine_image))  # fmt: skip
     assert found["end"] == [] and found["result"] == "Sealed"
     (start,), (double,) = found["start"], found["double"]
     assert start["image"] == double["image"]  # one code package, one set of settings: one image

@@ -24,7 +24,7 @@ from python_on_whales.exceptions import DockerException
 from rich.console import Console
 
 from metaflow_stack import __version__, base_images, builders, catalog, image_lock, settings
-from metaflow_stack.engines.docker import require_engine
+from metaflow_stack.engines.docker import machine, require_engine
 from metaflow_stack.errors import RegistryError, StackError
 
 _stderr = Console(stderr=True)
@@ -57,8 +57,8 @@ def _plan(name: str, docker: DockerClient, *, probe_registry: bool = True) -> tu
     return entry, base, f"{catalog.repository(entry, registry='')}:{tag}"
 
 
-#: ``docker info``'s architecture, as a build platform.
-_PLATFORMS = {"x86_64": "linux/amd64", "amd64": "linux/amd64", "aarch64": "linux/arm64", "arm64": "linux/arm64"}
+#: An engine's architecture (``engines.docker.machine``) as a build platform.
+_PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
 
 
 def platforms_for(entry: catalog.ImageEntry, wanted: Iterable[str]) -> tuple[str, ...]:
@@ -71,7 +71,7 @@ def builds_here(name: str, docker: DockerClient | None = None) -> bool:
     entry = catalog.get(name)
     if not entry.platforms:
         return True
-    here = _PLATFORMS.get((docker or require_engine()).system.info().architecture or "", "")
+    here = _PLATFORMS.get(machine(docker or require_engine()), "")
     return bool(platforms_for(entry, [here]))
 
 

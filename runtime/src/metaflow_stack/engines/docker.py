@@ -43,6 +43,16 @@ def engine_version(docker: DockerClient | None = None) -> str:
         raise DockerUnavailableError("no Docker engine answers", fix=NO_ENGINE_FIX) from exc
 
 
+#: The names ``docker info`` gives an engine's architecture, to one name each (the kernel's).
+_MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def machine(docker: DockerClient) -> str:
+    """The engine's architecture by the kernel's name (``x86_64``, ``aarch64``), whichever name it reports."""
+    reported = docker.system.info().architecture or ""
+    return _MACHINES.get(reported, reported)
+
+
 def require_engine() -> DockerClient:
     """A client whose engine answers, or the one error every caller shows."""
     docker = client()

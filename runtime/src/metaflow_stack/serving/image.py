@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from metaflow_stack import builders, catalog, images, settings
-from metaflow_stack.engines.docker import require_engine
+from metaflow_stack.engines.docker import machine, require_engine
 from metaflow_stack.errors import UnknownImageError
 from metaflow_stack.functions import environment
 from metaflow_stack.functions.bundle import export, resolve_reference
@@ -40,8 +40,8 @@ LOCK = "pylock.toml"
 #: wheels may need up to that.
 BASE_GLIBC = "2_36"
 
-#: The engine's architecture, as ``docker info`` reports it, to the wheels' platform tag.
-ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+#: The engines' architectures (``engines.docker.machine``) there are wheels for.
+ARCHITECTURES = ("x86_64", "aarch64")
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,9 @@ def requirements(ref: FunctionReference, kind: str, architecture: str) -> str:
     if architecture not in ARCHITECTURES:
         raise EnvironmentBuildError(
             f"no wheels for a Docker engine on {architecture!r}",
-            fix=f"build on an engine whose architecture is one of: {', '.join(sorted(ARCHITECTURES))}",
+            fix=f"build on an engine whose architecture is one of: {', '.join(ARCHITECTURES)}",
         )
-    platform = f"{ARCHITECTURES[architecture]}-manylinux_{BASE_GLIBC}"
+    platform = f"{architecture}-manylinux_{BASE_GLIBC}"
     with tempfile.TemporaryDirectory(prefix="stack-function-lock-") as tmp:
         wanted, lock = Path(tmp) / "requirements.in", Path(tmp) / LOCK
         wanted.write_text("\n".join([*ref.environment.packages, *KINDS[kind].requirements]) + "\n")
@@ -116,7 +116,7 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
     base_image = images.resolve(catalog.STACK_BASE, console=console)
     context_dir = catalog.images_root() / CONTEXT
     dockerfile = (context_dir / "Dockerfile").read_bytes()
-    lock = requirements(ref, kind, docker.system.info().architecture or "")
+    lock = requirements(ref, kind, machine(docker))
     runtime = environment.runtime_snapshot()
     name = f"{settings.load().image_namespace}/{KINDS[kind].image}-{ref.name.replace('_', '-').lower()}"
     image = f"{name}:{_tag(dockerfile, kind, base_image, lock, runtime, ref)}"

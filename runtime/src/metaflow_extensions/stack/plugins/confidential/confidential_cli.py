@@ -122,7 +122,9 @@ def step(
     sys.exit(code)
 
 
-def _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package, container):
+def _in_gramine(
+    ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package, container
+) -> int:
     """The task in the step's Gramine enclave: with this machine's Gramine (``launcher``), or in the step's own
     image (``step_image``, ``container``)."""
     from metaflow_stack import code_package, settings
