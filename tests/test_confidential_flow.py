@@ -156,14 +156,30 @@ print(json.dumps({"type": type(sealed).__name__, "repr": repr(sealed), "used": u
     ],
 )
 def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: str, says: str) -> None:
+    _refused(tmp_path, decorator, says)
+
+
+def test_a_steps_own_environment_outside_a_step_image_is_refused_before_the_run_starts(tmp_path: Path) -> None:
+    """This machine's Gramine runs the enclave with the runtime's interpreter: a step's @pypi environment would
+    be silently missing there (Metaflow reaches the check without micromamba: it solves after it)."""
+    says = "start: its pypi environment would not be in the enclave"
+    said = _refused(tmp_path, "@confidential", says, "--environment", "pypi")
+    assert "fix: container=True to install it in the step's image, or @pypi(disabled=True)" in said
+
+
+def _refused(tmp_path: Path, decorator: str, says: str, *options: str) -> str:
+    """What ``tiny_flow`` under ``decorator``, run with the top-level ``options``, said when it stopped before its
+    start step, saying ``says``."""
     (tmp_path / ".metaflow").mkdir()
     (tmp_path / "bad.toml").write_text("[sgx]\nmr_enclave = ['nope']\n")
     (tmp_path / "tdx.toml").write_text(f"[tdx]\nmr_td = ['{'91' * 48}']\nrt_mr3 = ['{'00' * 48}']\n")
     tiny_flow(tmp_path, decorator)
-    done = subprocess.run([sys.executable, "tiny_flow.py", "run"], cwd=tmp_path, env=flow_env(tmp_path),
+    done = subprocess.run([sys.executable, "tiny_flow.py", *options, "run"], cwd=tmp_path, env=flow_env(tmp_path),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode != 0 and says in done.stderr + done.stdout, done.stderr[-2000:]
+    said = done.stderr + done.stdout
+    assert done.returncode != 0 and says in said, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not list((tmp_path / ".metaflow").glob("TinyFlow/*/start"))
+    return said
 
 
 def test_an_enclave_dies_with_a_launcher_killed_outright(tmp_path: Path) -> None:

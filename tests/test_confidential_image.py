@@ -233,3 +233,104 @@ def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(d
     secret = key.read_bytes().splitlines()[1]  # a line of the key's base64 body
     layers = _layers(saved)
     assert len(layers) > 3 and not any(secret in layer for layer in layers)  # in no layer, compressed or not
+
+
+def _wheel(requirement: str) -> str:
+    """The URL of ``requirement``'s wheel for a step's image (x86-64 Linux, Python 3.11) where the package index
+    keeps it: what Metaflow's pip solve records of each package."""
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    done = subprocess.run(
+        [uv, "pip", "compile", "-", "--no-deps", "--python-version", "3.11", "--python-platform",
+         "x86_64-manylinux_2_36", "--format", "pylock.toml", "--no-header", "--quiet"],
+        input=f"{requirement}\n", capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    (package,) = tomllib.loads(done.stdout)["packages"]
+    return package["wheels"][0]["url"]
+
+
+def _step_image(tmp_path: Path, gramine_image: str, environment):
+    from metaflow_stack.confidential import step_image
+    from metaflow_stack.confidential.launcher import Settings
+
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    (code / "flow.py").write_text("import tabulate\n")
+    chosen = Settings("direct", "1G", 8, None, None, None)
+    os.environ["METAFLOW_STACK_GRAMINE_IMAGE"] = gramine_image
+    try:
+        return step_image.build(code, str(tmp_path / "datastore"), chosen, tmp_path / "state", {}, "ab" * 33,
+                                environment)  # fmt: skip
+    finally:
+        del os.environ["METAFLOW_STACK_GRAMINE_IMAGE"]
+
+
+def test_a_steps_solved_wheels_are_installed_in_its_image_and_trusted_by_its_enclave(
+    tmp_path: Path, docker_engine, gramine_image: str
+) -> None:
+    from metaflow_stack.solved_environment import SolvedEnvironment
+
+    built = _step_image(tmp_path, gramine_image, SolvedEnvironment("solved", "3.11", (_wheel("tabulate==0.9.0"),)))
+    manifest = tomllib.loads(docker_engine.run(built.reference, ["cat", "/opt/enclave/task.manifest"], remove=True))
+    path = manifest["loader"]["env"]["PYTHONPATH"].split(":")
+    assert path == ["/opt/enclave/code/.mf_code", "/opt/enclave/code", "/opt/enclave/env"]  # after the code
+    trusted = [entry["uri"].removeprefix("file:") for entry in manifest["sgx"]["trusted_files"]]
+    assert any(uri.startswith("/opt/enclave/env") for uri in trusted)
+    version = docker_engine.run(built.reference, ["python", "-c", "import tabulate; print(tabulate.__version__)"],
+                                envs={"PYTHONPATH": "/opt/enclave/env"}, remove=True)  # fmt: skip
+    assert version.strip() == "0.9.0"
+
+
+@pytest.mark.parametrize(
+    ("python", "requirement", "says"),
+    [
+        ("3.12", "tabulate==0.9.0", "solved for Python 3.12, and its image's Python is 3.11"),
+        ("3.11", "pydantic==1.10.19", "the step's packages break the runtime its enclave runs: ImportError: cannot"),
+    ],
+)
+def test_an_environment_the_image_cannot_run_stops_the_build_in_one_line(
+    tmp_path: Path, docker_engine, gramine_image: str, python: str, requirement: str, says: str
+) -> None:
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.solved_environment import SolvedEnvironment
+
+    with pytest.raises(StackError) as raised:
+        _step_image(tmp_path, gramine_image, SolvedEnvironment("other", python, (_wheel(requirement),)))
+    assert says in f"{raised.value.message} {raised.value.fix}"
+
+
+PYPI_FLOW = """from metaflow import FlowSpec, confidential, pypi, step
+
+
+class PypiImageFlow(FlowSpec):
+    @confidential(container=True)
+    @pypi(python="3.11", packages={"tabulate": "0.9.0"})
+    @step
+    def start(self):
+        import tabulate
+
+        print(f"tabulate {tabulate.__version__} from {tabulate.__file__}")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    PypiImageFlow()
+"""
+
+
+def test_a_pypi_step_runs_in_its_image_with_the_environment_metaflow_solved(
+    tmp_path: Path, docker_engine, gramine_image: str
+) -> None:
+    need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
+    root = tmp_path / "flow"
+    (root / ".metaflow").mkdir(parents=True)
+    (root / "pypi_image_flow.py").write_text(PYPI_FLOW)
+    env = _env(root, gramine_image)
+    done = subprocess.run([sys.executable, "pypi_image_flow.py", "--environment", "pypi", "run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1500)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = client_json(root, 'print(json.dumps(Flow("PypiImageFlow").latest_run["start"].task.stdout))', env)
+    assert "tabulate 0.9.0 from /opt/enclave/env/tabulate/__init__.py" in found

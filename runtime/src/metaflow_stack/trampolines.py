@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 #: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
@@ -54,8 +54,12 @@ def save_package_once(decorator: type, flow_datastore: Any, package: Any) -> Non
 
 class Trampolined:
     """The half of Metaflow's compute-decorator contract every such step decorator shares (mixed in before
-    ``StepDecorator``; it sets ``flow_datastore`` at ``step_init`` and ``package`` at ``runtime_init``):
-    the code package saved once with the first task, and each task's command swapped for the trampoline's."""
+    ``StepDecorator``; it sets ``flow_datastore`` and ``decos`` at ``step_init`` and ``package`` at
+    ``runtime_init``): the code package saved once with the first task, and each task's command swapped for
+    the trampoline's."""
+
+    #: The step's decorators (``step_init``'s ``decos``).
+    decos: Sequence[Any] = ()
 
     package_url: ClassVar[str | None] = None
     package_sha: ClassVar[str | None] = None
@@ -74,6 +78,12 @@ class Trampolined:
         cli_args.commands = [group, "step"]
         cli_args.command_args += [cls.package_metadata, cls.package_sha, cls.package_url]
         cli_args.entrypoint[0] = sys.executable
+        for deco in self.decos:
+            # Metaflow's environments (``--environment pypi|conda``) put the step's interpreter in its place,
+            # after this when their decorator comes later, for every compute decorator they do not know by
+            # name: the trampoline needs this one (the step's environment is made where the task runs).
+            if deco.name == "conda":
+                deco.interpreter = None
         return True
 
 

@@ -14,6 +14,9 @@ from typing import Any
 #: measured): set only in an enclave, which is how code there knows it is in one. Here, not in ``inside``, so
 #: that asking costs no import of what an enclave needs (Metaflow asks on every artifact it reads).
 KEEPER_KEY = "METAFLOW_STACK_CONFIDENTIAL_KEEPER"
+#: The platform, as Metaflow's environments name it, of every TEE here: Gramine is built for x86-64, and
+#: Phala's CVMs are x86-64. A step's environment is solved for it.
+PLATFORM = "linux-64"
 
 
 def unsealed(flow: Any, name: str) -> Any:

@@ -10,11 +10,16 @@ from pydantic import BaseModel
 #: exchange folders are mounted in.
 ENCLAVE = "/opt/enclave"
 CODE = f"{ENCLAVE}/code"
+#: The step's own packages (its ``@pypi`` environment): after the code on the enclave's ``PYTHONPATH``, so
+#: before the runtime's packages, as a Metaflow environment's are.
+PACKAGES = f"{ENCLAVE}/env"
 EXCHANGES = f"{ENCLAVE}/evidence"
 #: The build secret the enclave signing key is mounted as (``RUN --mount=type=secret,id=enclave-key``).
 KEY_SECRET = "enclave-key"
 #: The staged enclave settings ``enclave_build`` reads, and what it leaves for the launcher.
 SPEC, READY = "enclave.json", "ready.json"
+#: The staged environment (``StepEnvironment``), in a layer below the code: a new code package reuses it.
+ENVIRONMENT = "environment.json"
 
 
 class StepEnclave(BaseModel):
@@ -29,3 +34,11 @@ class StepEnclave(BaseModel):
     datastore: str
     #: The signer of an SGX enclave (public): a new key makes a new image.
     mr_signer: str | None
+
+
+class StepEnvironment(BaseModel):
+    """The step's environment as Metaflow solved it (``solved_environment``): its Python (major.minor), which
+    the image's must be, and its wheels by URL; none for a step without one."""
+
+    python: str | None = None
+    wheels: list[str] = []

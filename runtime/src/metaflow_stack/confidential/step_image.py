@@ -1,9 +1,11 @@
 """A Gramine ``@confidential`` step's own image, GSC-style (``container=True``), and its tasks run in it.
 
 The step's image builds FROM the stack's ``gramine`` image (or
-``METAFLOW_STACK_GRAMINE_IMAGE``) with ``gramine/Dockerfile``: the unpacked
-code package is copied in, and the enclave is prepared inside the image at
-build time by ``enclave_build``. That renders the manifest for the image's
+``METAFLOW_STACK_GRAMINE_IMAGE``) with ``gramine/Dockerfile``: the step's
+``@pypi`` environment as Metaflow solved it (``solved_environment``) is
+installed in a layer of its own, the unpacked code package is copied in,
+and the enclave is prepared inside the image at build time by
+``enclave_build``. That renders the manifest for the image's
 own interpreter and paths, has ``gramine-manifest`` hash every trusted file,
 and for SGX signs it with the runtime's enclave key, mounted as a BuildKit
 secret so it never lands in a layer. The MRENCLAVE is read back from the
@@ -44,12 +46,24 @@ from metaflow_stack.confidential import gramine
 from metaflow_stack.confidential.inside import EXCHANGE
 from metaflow_stack.confidential.launcher import Settings, Started, enclave_env
 from metaflow_stack.confidential.manifest import TEMPLATE, template_path
-from metaflow_stack.confidential.step_enclave import CODE, ENCLAVE, EXCHANGES, KEY_SECRET, READY, SPEC, StepEnclave
+from metaflow_stack.confidential.step_enclave import (
+    CODE,
+    ENCLAVE,
+    ENVIRONMENT,
+    EXCHANGES,
+    KEY_SECRET,
+    PACKAGES,
+    READY,
+    SPEC,
+    StepEnclave,
+    StepEnvironment,
+)
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.elsewhere import remove_orphans as elsewhere_orphans
 from metaflow_stack.engines import JobSpec, Mount, host_user
 from metaflow_stack.engines.docker import DockerEngine, require_engine
 from metaflow_stack.errors import StackError
+from metaflow_stack.solved_environment import SolvedEnvironment
 
 #: Labels every task container carries: its exchange, and the launcher waiting on it (``elsewhere.Launcher``).
 LABEL = "io.metaflow-stack.confidential"
@@ -114,17 +128,26 @@ def build(
     state_dir: Path,
     code_env: dict[str, str],
     keeper_key: str,
+    environment: SolvedEnvironment | None = None,
     console: Console | None = None,
 ) -> StepImage:
-    """The step's image for the unpacked ``code`` (built once per code and settings), and its MRENCLAVE."""
+    """The step's image for the unpacked ``code`` with the step's ``environment`` installed (built once per
+    code, environment and settings), and its MRENCLAVE."""
     console = console or Console(stderr=True)
     docker = require_engine()
     below = gramine_image(docker, state_dir, console)
     key = gramine.signing_key(state_dir) if chosen.mode == "sgx" else None
+    env = enclave_env(CODE, chosen, code_env, keeper_key)
+    packages = StepEnvironment()
+    if environment is not None and environment.wheels:
+        packages = StepEnvironment(python=environment.python, wheels=list(environment.wheels))
+        env["PYTHONPATH"] = f"{env['PYTHONPATH']}:{PACKAGES}"  # after the code, before the runtime's packages
+        # Metaflow's environment decorator looks for a local datastore from the working folder up, and makes
+        # one there when it finds none: the task's datastore is named on its command line, so /tmp will do.
+        env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = "/tmp"
     spec = StepEnclave(
         mode=chosen.mode, enclave_size=chosen.enclave_size, threads=chosen.threads, isv_prod_id=chosen.isv_prod_id,
-        isv_svn=chosen.isv_svn, env=enclave_env(CODE, chosen, code_env, keeper_key), datastore=datastore,
-        mr_signer=gramine.mr_signer(key) if key else None,
+        isv_svn=chosen.isv_svn, env=env, datastore=datastore, mr_signer=gramine.mr_signer(key) if key else None,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="stack-enclave-image-") as tmp:
         context = Path(tmp)
@@ -132,6 +155,7 @@ def build(
         shutil.copy(catalog.project_root() / "gramine" / "Dockerfile", context / "Dockerfile")
         shutil.copy(template_path(), context / TEMPLATE)
         (context / SPEC).write_text(spec.model_dump_json(indent=1))
+        (context / ENVIRONMENT).write_text(packages.model_dump_json(indent=1))
         for path in context.rglob("*"):  # copied into the image as they are: its users read everything
             path.chmod(0o755 if path.is_dir() else 0o644)
         # The image below by its content: a name like ``:latest`` may name another image tomorrow.

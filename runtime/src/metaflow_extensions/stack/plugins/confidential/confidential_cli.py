@@ -127,8 +127,8 @@ def _in_gramine(
 ) -> int:
     """The task in the step's Gramine enclave: with this machine's Gramine (``launcher``), or in the step's own
     image (``step_image``, ``container``)."""
-    from metaflow_stack import code_package, settings
-    from metaflow_stack.confidential import launcher, step_image
+    from metaflow_stack import code_package, settings, solved_environment
+    from metaflow_stack.confidential import PLATFORM, launcher, step_image
 
     flow_datastore, state_dir = ctx.obj.flow_datastore, settings.load().state_dir
     metadata, sha, url = package
@@ -140,8 +140,9 @@ def _in_gramine(
         os.makedirs(datastore, exist_ok=True)
     code_env = {"METAFLOW_CODE_METADATA": metadata, "METAFLOW_CODE_SHA": sha, "METAFLOW_CODE_URL": url,
                 "METAFLOW_CODE_DS": flow_datastore.TYPE}  # fmt: skip
-    if container:
-        image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key)
+    if container:  # with the step's environment, as Metaflow solved it for the image's platform
+        solved = solved_environment.solved(ctx.obj.environment, identity.step, PLATFORM)
+        image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key, solved)
         facts["mr_enclave"], facts["image"], evidence = image.mr_enclave, image.reference, image.exchanges
         start = step_image.in_container(image, chosen.mode, datastore)
     else:

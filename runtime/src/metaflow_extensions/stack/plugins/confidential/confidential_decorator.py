@@ -89,7 +89,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     swept_containers: ClassVar[bool] = False
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
-        self.flow_datastore, self.step = flow_datastore, step
+        self.flow_datastore, self.step, self.decos = flow_datastore, step, decos
         if _inside():  # in the enclave: the run's start checked everything; inputs are not read yet
             from metaflow_extensions.stack.plugins.confidential.input_guard import check_guarding
             from metaflow_stack.confidential.input_records import install
@@ -106,6 +106,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         if others:
             raise ConfidentialException(f"step {step}: @confidential cannot be combined with @{others[0]}")
         try:
+            self._check_environment(environment, decos)
             self._check(Path(sys.modules[flow.__module__].__file__).parent)
             if self.attributes["backend"] == "phala":
                 self._check_phala(flow_datastore)
@@ -165,6 +166,26 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         elif backend == "gramine":
             gramine.tool("gramine-manifest")
             gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
+
+    def _check_environment(self, environment, decos) -> None:
+        """Where the step's own environment (Metaflow's ``--environment pypi``) goes: into the step's image,
+        solved for the image's platform (so ``supports_conda_environment`` and ``target_platform``, which
+        Metaflow's environments read of a compute decorator), or bootstrapped in a Phala CVM as Metaflow's
+        own compute decorators do; an enclave run with this machine's Gramine would run the runtime's
+        interpreter without it, so that is refused."""
+        from metaflow_stack.confidential import PLATFORM
+        from metaflow_stack.errors import StackError
+        from metaflow_stack.solved_environment import has_own
+
+        if not has_own(environment, decos):
+            return
+        if self.attributes["backend"] == "gramine" and not self.attributes["container"]:
+            raise StackError(
+                f"its {environment.TYPE} environment would not be in the enclave, which runs this machine's "
+                "Gramine with the runtime's own interpreter",
+                fix="container=True to install it in the step's image, or @pypi(disabled=True)",
+            )
+        self.supports_conda_environment, self.target_platform = True, PLATFORM
 
     def _check_phala(self, flow_datastore) -> None:
         """What a task on Phala Cloud needs of this run, refused before it starts: a datastore the CVM reaches

@@ -107,7 +107,7 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
     swept: ClassVar[bool] = False
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
-        self.flow_datastore, self.step, self.config = flow_datastore, step, None
+        self.flow_datastore, self.step, self.config, self.decos = flow_datastore, step, None, decos
         if os.environ.get(CHECKED_VARIABLE):
             return  # in a task's trampoline or container: the run's start checked everything already
         from metaflow_stack.devcontainer.policy import SandboxPolicy

@@ -64,7 +64,7 @@ class NomadDecorator(Trampolined, StepDecorator):
         from metaflow_stack.errors import StackError
         from metaflow_stack.nomad.jobspec import Placement, constraints_of
 
-        self.step, self.flow_datastore = step, flow_datastore
+        self.step, self.flow_datastore, self.decos = step, flow_datastore, decos
         if flow_datastore.TYPE == "local":
             raise NomadException(
                 f"step {step}: a Nomad job reads and writes the run's datastore from another machine, and this "

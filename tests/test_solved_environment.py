@@ -1,0 +1,119 @@
+"""A step's environment as Metaflow solved it (``solved_environment``), read through Metaflow's own
+environment, from the manifest Metaflow's own writer keeps.
+
+Metaflow solves with micromamba and pip at a run's start; micromamba is not on these machines (the GitHub
+``pypi-environments`` job has it, and runs a whole flow). Here the solve's result is written with Metaflow's
+``write_to_environment_manifest``, in the shape its pip solver returns (``url``, ``require_build``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.solved_environment import has_own, solved
+
+FLOW = """from metaflow import FlowSpec, conda, pypi, step
+
+
+class SolvedFlow(FlowSpec):
+    @pypi(python="3.11.9", packages={"tabulate": "0.9.0"})
+    @step
+    def start(self):
+        self.next(self.plain)
+
+    @pypi(disabled=True)
+    @step
+    def plain(self):
+        self.next(self.conda_step)
+
+    @conda(packages={"numpy": "2.1.0"})
+    @step
+    def conda_step(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+"""
+
+WHEEL = "https://files.example/packages/tabulate-0.9.0-py3-none-any.whl#sha256=0123"
+
+
+@pytest.fixture
+def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Metaflow's ``--environment pypi`` on the flow, its decorators attached as a run attaches them."""
+    from metaflow import decorators
+    from metaflow.plugins.pypi.pypi_environment import PyPIEnvironment
+
+    (tmp_path / "solved_flow.py").write_text(FLOW)
+    (tmp_path / ".metaflow").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["solved_flow.py"])
+    from solved_flow import SolvedFlow
+
+    flow = SolvedFlow(use_cli=False)
+    env = PyPIEnvironment(flow)
+    env.validate_environment(print, "local")
+    decorators._attach_decorators(flow, list(env.decospecs()))
+    env.set_local_root(str(tmp_path / ".metaflow"))
+    yield env
+    sys.modules.pop("solved_flow", None)
+
+
+def _step(environment, name: str):
+    return next(s for s in environment.flow if s.name == name)
+
+
+def _solve(environment, name: str, packages: list[dict], kind: str = "pypi") -> None:
+    """What Metaflow's solver keeps for the step, written by Metaflow's own writer."""
+    found = environment.get_environment(_step(environment, name))
+    environment.write_to_environment_manifest([found["id_"], "linux-64", kind], packages)
+
+
+def test_a_solved_pypi_step_gives_its_wheels_and_python(environment) -> None:
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}])
+    found = solved(environment, "start", "linux-64")
+    assert found is not None
+    assert (found.python, found.wheels) == ("3.11", (WHEEL,))
+    assert found.id == environment.get_environment(_step(environment, "start"))["id_"]
+
+
+def test_a_disabled_environment_and_a_plain_one_give_none(environment) -> None:
+    assert solved(environment, "plain", "linux-64") is None
+    from metaflow.metaflow_environment import MetaflowEnvironment
+
+    assert solved(MetaflowEnvironment(environment.flow), "start", "linux-64") is None
+    assert not has_own(MetaflowEnvironment(environment.flow), _step(environment, "start").decorators)
+    assert has_own(environment, _step(environment, "start").decorators)
+    assert not has_own(environment, _step(environment, "plain").decorators)
+
+
+def test_a_step_not_solved_for_the_platform_is_refused_naming_it(environment) -> None:
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}])
+    with pytest.raises(StackError, match="not solved for linux-aarch64") as raised:
+        solved(environment, "start", "linux-aarch64")
+    assert "--environment pypi" in (raised.value.fix or "")
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        {"url": "https://files.example/source/tabulate-0.9.0.tar.gz", "require_build": True},
+        {"url": "git+https://example/repo@abc123", "require_build": True, "hash": "abc123"},
+    ],
+)
+def test_a_package_that_needs_building_is_refused_naming_it(environment, package: dict) -> None:
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}, package])
+    with pytest.raises(StackError, match="is not a wheel") as raised:
+        solved(environment, "start", "linux-64")
+    assert package["url"] in raised.value.message
+
+
+def test_a_conda_environment_is_refused_in_one_line(environment) -> None:
+    with pytest.raises(StackError, match="conda_step's environment is a conda one") as raised:
+        solved(environment, "conda_step", "linux-64")
+    assert "numpy" in raised.value.message and raised.value.fix == "use @pypi for the step's packages"
