@@ -5,7 +5,9 @@ subprocess (``metaflow service serve``), all on free 127.0.0.1 ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,3 +158,36 @@ def run_flow(
         timeout=timeout,
         env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **metadata, **(env or {})},
     )
+
+
+@contextlib.contextmanager
+def metaflow_ui(datastore_root: Path, *options: str) -> Iterator[str]:
+    """``metaflow ui`` on a free port, serving the runs under ``datastore_root`` (and ``options``, such as
+    ``--service-url``): its URL once it answers; stopped on the way out."""
+    command = [str(VENV_BIN / "metaflow"), "ui", "--port", "0", "--no-browser", "--datastore-root",
+               str(datastore_root), *options]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})  # fmt: skip
+    try:
+        line = ""
+        while "UI on" not in line:
+            line = server.stderr.readline()
+            assert line or server.poll() is None, "metaflow ui exited before it served"
+        url = re.search(r"http://\S+/", line)[0].rstrip("/")
+        wait_until_it_answers(f"{url}/api/source")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def wait_until_it_answers(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(url).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -22,6 +22,7 @@ import psutil
 import pytest
 from confidential_samples import client_json, flow_env, tiny_flow
 from conftest import PROJECT
+from service_servers import metaflow_ui
 
 from metaflow_stack.confidential.attest import TaskIdentity
 
@@ -60,13 +61,6 @@ print(json.dumps(rows))""")  # fmt: skip
     assert len(enclaves) == 2
 
 
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_the_agent_and_the_ui_show_each_confidential_tasks_verification(run: tuple[Path, str], chromium) -> None:
     """What the launcher recorded, as `metaflow agent tasks` (and its MCP tool) and the UI's task page show it:
     only on the confidential steps, unattested in direct mode, and why."""
@@ -81,21 +75,8 @@ def test_the_agent_and_the_ui_show_each_confidential_tasks_verification(run: tup
     shown = tasks["score"].confidential
     assert shown is not None and (shown.attested, shown.mode, shown.tee) == (False, "direct", None)
     assert shown.why == "gramine-direct gives no quote (development only)"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "metaflow.cmd.main_cli", "ui", "--port", "0", "--no-browser", "--datastore-root",
-         str(root / ".metaflow")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = ""
-        while "UI on" not in line:
-            line = server.stderr.readline()
-            assert line or server.poll() is None, "metaflow ui exited before it served"
-        url = line.split("UI on ")[1].split()[0].rstrip("/")
+    with metaflow_ui(root / ".metaflow") as url:
         score = tasks["score"].pathspec
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/health"):  # it prints its link just before it serves
-            assert time.monotonic() < deadline, "metaflow ui never answered"
-            time.sleep(0.2)
         page_data = httpx.get(f"{url}/api/tasks/{score}", timeout=30).json()
         assert page_data["confidential"]["attested"] is False and page_data["confidential"]["mode"] == "direct"
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
@@ -107,9 +88,6 @@ def test_the_agent_and_the_ui_show_each_confidential_tasks_verification(run: tup
         page.get_by_text("Attempts").first.wait_for(timeout=30_000)
         assert page.locator("section[data-confidential]").count() == 0
         page.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_sealed_values_are_ciphertext_outside_and_open_only_in_the_next_enclave(run: tuple[Path, str]) -> None:

@@ -27,6 +27,7 @@ import pytest
 from confidential_samples import client_json, flow_env, tiny_flow
 from conftest import PROJECT, need
 from rich.console import Console
+from service_servers import metaflow_ui
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 pytest.importorskip("dcap_qvl", reason="pip install 'metaflow-stack[confidential]'")
@@ -124,6 +125,19 @@ print(json.dumps(rows))""", _env(root, gramine_image))  # fmt: skip
     latest = queries.list_runs("ImageFlow").runs[0].pathspec
     shown = {t.step_name: t.confidential for t in queries.run_tasks(latest).tasks}
     assert shown["start"] is not None and shown["start"].image == start["image"] and shown["end"] is None
+
+
+def test_the_ui_shows_the_image_each_task_ran_in(run: tuple[Path, str], chromium) -> None:
+    root, output = run
+    reference = next(w for w in output.split() if w.startswith("metaflow-stack/confidential-step:"))
+    start = client_json(root, 'print(json.dumps(Flow("ImageFlow").latest_run["start"].task.pathspec))')
+    with metaflow_ui(root / ".metaflow") as url:
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/{start}")
+        section = page.locator("section[data-confidential='unattested']")
+        section.wait_for(timeout=30_000)
+        assert f"Image\n{reference}" in section.inner_text().replace("\t", "\n")
+        page.close()
 
 
 def test_the_image_holds_the_code_and_the_enclave_prepared_for_its_own_paths(

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import LOOPBACK, SCREENSHOTS, VENV_BIN, fuzz_finds_nothing
 from playwright.sync_api import expect
-from service_servers import run_flow, start_service
+from service_servers import metaflow_ui, run_flow, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +57,6 @@ class Ui:
         return {**metadata, "UI_SNEAKY_MARKER": str(self.marker), **extra}
 
 
-def wait_until_it_answers(url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            httpx.get(url).raise_for_status()
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module", params=["local", "service"])
 def ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
     """Two finished runs (alpha 0.5 and 0.9) and ``metaflow ui`` serving them: from the local datastore,
@@ -78,9 +66,6 @@ def ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     if request.param == "service":
         service = start_service(str(root / "metadata.db"), root / "service.log", log_roots=(str(root / ".metaflow"),))
     shell = Ui("", root, [], root / "sneaky-was-unpickled", service.url if service else None)
-    command = [str(VENV_BIN / "metaflow"), "ui", "--port", "0", "--no-browser"]
-    command += ["--datastore-root", str(root / ".metaflow")] + (["--service-url", service.url] if service else [])
-    server = None
     try:
         for alpha in ("0.5", "0.9"):
             done = run_flow(
@@ -96,24 +81,9 @@ def ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
             )
             assert done.returncode == 0, done.stderr[-3000:]
             shell.runs.append(f"BranchForeachFlow/{(root / 'run-id').read_text()}")
-        server = subprocess.Popen(
-            command,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
-        )
-        line = ""
-        while "UI on" not in line:
-            line = server.stderr.readline()
-            assert line or server.poll() is None, "metaflow ui exited before it served"
-        shell.url = re.search(r"http://\S+/", line)[0].rstrip("/")
-        wait_until_it_answers(f"{shell.url}/api/source")
-        yield shell
+        with metaflow_ui(root / ".metaflow", *(["--service-url", service.url] if service else [])) as shell.url:
+            yield shell
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
         if service is not None:
             service.stop()
 

@@ -116,6 +116,8 @@ export interface Confidential {
   policy_digest: string | null;
   measurements: Record<string, string | number>;
   mr_enclave: string | null;
+  /** The step's own image the enclave ran in (`container=True`). */
+  image: string | null;
   verified_at: number | null;
   why: string | null;
 }

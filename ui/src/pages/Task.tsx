@@ -103,11 +103,17 @@ export function Task() {
   );
 }
 
+/** What each TEE mode is, as the launcher records it. */
+const MODES: Record<string, string> = {
+  sgx: "SGX enclave (gramine-sgx)",
+  tdx: "TDX confidential VM (Phala Cloud)",
+  direct: "direct (gramine-direct: development, no TEE)",
+};
+
 function Verification({ verification }: { verification: Confidential }) {
   const v = verification;
-  const rows: [string, string][] = [
-    ["Mode", v.mode === "sgx" ? "SGX enclave (gramine-sgx)" : "direct (gramine-direct: development, no TEE)"],
-  ];
+  const rows: [string, string][] = [["Mode", MODES[v.mode] ?? v.mode]];
+  if (v.image) rows.push(["Image", v.image]);
   if (v.attested) {
     rows.push(["TEE", (v.tee ?? "?").toUpperCase()], ["TCB status", v.status ?? "?"]);
     if (v.advisory_ids.length > 0) rows.push(["Advisories", v.advisory_ids.join(", ")]);
