@@ -15,7 +15,7 @@ import pytest
 from metaflow_stack.errors import StackError
 from metaflow_stack.solved_environment import has_own, solved
 
-FLOW = """from metaflow import FlowSpec, conda, pypi, step
+FLOW = """from metaflow import FlowSpec, conda, confidential, nomad, pypi, step
 
 
 class SolvedFlow(FlowSpec):
@@ -32,6 +32,16 @@ class SolvedFlow(FlowSpec):
     @conda(packages={"numpy": "2.1.0"})
     @step
     def conda_step(self):
+        self.next(self.enclave)
+
+    @confidential(container=True)
+    @step
+    def enclave(self):
+        self.next(self.on_nomad)
+
+    @nomad
+    @step
+    def on_nomad(self):
         self.next(self.end)
 
     @step
@@ -117,3 +127,13 @@ def test_a_conda_environment_is_refused_in_one_line(environment) -> None:
     with pytest.raises(StackError, match="conda_step's environment is a conda one") as raised:
         solved(environment, "conda_step", "linux-64")
     assert "numpy" in raised.value.message and raised.value.fix == "use @pypi for the step's packages"
+
+
+def test_steps_that_run_in_a_tee_or_on_nomad_are_solved_for_linux_on_x86_64(environment, monkeypatch) -> None:
+    """From a launching machine of another platform (a Mac), as Metaflow solves for ``@kubernetes``."""
+    from metaflow.plugins.pypi import conda_environment
+
+    monkeypatch.setattr(conda_environment, "conda_platform", lambda: "osx-arm64")
+    for name in ("enclave", "on_nomad"):
+        assert environment.get_environment(_step(environment, name))["conda"]["platforms"] == ["linux-64"]
+    assert environment.get_environment(_step(environment, "end"))["conda"]["platforms"] == ["osx-arm64"]

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 
+from metaflow_stack.confidential import PLATFORM
 from metaflow_stack.trampolines import Trampolined
 
 #: Where a step's tasks may run, and the TEE modes of each (the first: the default).
@@ -81,6 +82,10 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         "instance_type": "tdx.small",
         "container": False,
     }
+    #: Metaflow's environments (``--environment pypi|conda``) solve a step for where it runs, as for
+    #: ``@kubernetes``: every TEE here is Linux on x86-64.
+    supports_conda_environment: ClassVar[bool] = True
+    target_platform: ClassVar[str] = PLATFORM
     #: The stack's task image of Phala CVMs, pushed once per run.
     stack_image: ClassVar[str | None] = None
     #: Whether this run's start has deleted the CVMs of launchers killed outright (once per run).
@@ -168,12 +173,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
 
     def _check_environment(self, environment, decos) -> None:
-        """Where the step's own environment (Metaflow's ``--environment pypi``) goes: into the step's image,
-        solved for the image's platform (so ``supports_conda_environment`` and ``target_platform``, which
-        Metaflow's environments read of a compute decorator), or bootstrapped in a Phala CVM as Metaflow's
-        own compute decorators do; an enclave run with this machine's Gramine would run the runtime's
-        interpreter without it, so that is refused."""
-        from metaflow_stack.confidential import PLATFORM
+        """Where the step's own environment (Metaflow's ``--environment pypi``) goes: into the step's image, or
+        bootstrapped in a Phala CVM as Metaflow's own compute decorators do; an enclave run with this
+        machine's Gramine would run the runtime's interpreter without it, so that is refused."""
         from metaflow_stack.errors import StackError
         from metaflow_stack.solved_environment import has_own
 
@@ -185,7 +187,6 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
                 "Gramine with the runtime's own interpreter",
                 fix="container=True to install it in the step's image, or @pypi(disabled=True)",
             )
-        self.supports_conda_environment, self.target_platform = True, PLATFORM
 
     def _check_phala(self, flow_datastore) -> None:
         """What a task on Phala Cloud needs of this run, refused before it starts: a datastore the CVM reaches

@@ -59,6 +59,10 @@ class NomadDecorator(Trampolined, StepDecorator):
     }
     default_image: ClassVar[str | None] = None
     swept: ClassVar[bool] = False
+    #: Metaflow's environments (``--environment pypi|conda``) solve a step for where it runs, as for
+    #: ``@kubernetes``: the stack's images are Linux on x86-64.
+    supports_conda_environment: ClassVar[bool] = True
+    target_platform: ClassVar[str] = "linux-64"
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         from metaflow_stack.errors import StackError
