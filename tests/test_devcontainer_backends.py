@@ -65,6 +65,7 @@ def test_a_step_runs_in_a_devpod_workspace_that_is_deleted_after(
         ('backend="kubernetes"', (), "backend='kubernetes' is not one of docker, devpod, daytona"),
         ('backend="devpod", image="x"', (), "the DevPod CLI"),
         ('backend="daytona", image="x"', (), "Daytona's SDK"),
+        ("", ("--environment", "pypi"), "its pypi environment would not be in the container"),
     ],
 )
 def test_a_wrong_backend_is_refused_in_one_line(tmp_path: Path, args: str, top: tuple[str, ...], said: str) -> None:

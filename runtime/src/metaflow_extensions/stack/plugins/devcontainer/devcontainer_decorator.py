@@ -63,6 +63,20 @@ def _inline_cache() -> Path:
     return settings.load().state_dir / "devcontainer" / "inline"
 
 
+def _check_environment(environment: Any, decos: list[Any]) -> None:
+    """A step's own environment (``--environment pypi|conda``) is not made in its container, which runs the
+    image's Python: refused, not silently missing; ``generate`` puts it in the step's image."""
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.solved_environment import has_own
+
+    if has_own(environment, decos):
+        raise StackError(
+            f"its {environment.TYPE} environment would not be in the container, which runs its image's Python",
+            fix=f"metaflow devcontainer generate {os.path.basename(sys.argv[0])}, then @devcontainer(config=...) "
+            "in place of @pypi/@conda; or @pypi(disabled=True)",
+        )
+
+
 def _metadata_type() -> str | None:
     """The run's metadata provider (``local``, ``service``): Metaflow's command holds it, hooks are not told."""
     context = click.get_current_context(silent=True)
@@ -126,6 +140,7 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
             )
             self._check_backend(flow_datastore.TYPE, _metadata_type())
             self.config = self._check_config(flow)
+            _check_environment(environment, decos)
         except StackError as exc:
             raise DevcontainerException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
 
