@@ -748,14 +748,26 @@ if __name__ == "__main__":
         ('@worker_pool\n    @resources(memory="16Gi")', "", "@resources(memory='16Gi') is not a number"),
         ("@devcontainer\n    @worker_pool", "", "write @worker_pool above @devcontainer"),
         ('@worker_pool(backend="redis")\n    @devcontainer', "", "with @devcontainer the pool's workers are"),
-        ("@pypi(packages={})\n    @worker_pool", "", "not the environment @pypi builds"),
     ],
-    ids=["size", "backend", "not-a-foreach-body", "resources", "devcontainer-order", "devcontainer-backend", "pypi"],
+    ids=["size", "backend", "not-a-foreach-body", "resources", "devcontainer-order", "devcontainer-backend"],
 )
 def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:
+    _fails_at_start(tmp_path, each, join, words)
+
+
+@pytest.mark.parametrize("each", ["@pypi(packages={})\n    @worker_pool", "@worker_pool"], ids=["pypi", "environment"])
+def test_a_step_environment_fails_at_start_in_one_line(tmp_path: Path, each: str) -> None:
+    """Under ``--environment pypi`` Metaflow makes every step an environment of its own for each task (with or
+    without ``@pypi``), which a pool's workers would not run in."""
+    _fails_at_start(tmp_path, each, "", "not the pypi environment Metaflow builds", "--environment", "pypi")
+
+
+def _fails_at_start(tmp_path: Path, each: str, join: str, words: str, *top: str) -> None:
+    """``BAD`` with these decorators, run with the top-level options ``top``, stops before any task, saying
+    ``words`` and a fix."""
     (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=each, decorator_join=join))
     env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
-    line = [sys.executable, "bad_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), "run"]
+    line = [sys.executable, "bad_flow.py", *top, "--datastore-root", str(tmp_path / ".metaflow"), "run"]
     done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert words in done.stderr and "fix:" in done.stderr, done.stderr

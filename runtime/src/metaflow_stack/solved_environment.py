@@ -39,10 +39,12 @@ class SolvedEnvironment:
 
 def has_own(environment: Any, decos: list[Any]) -> bool:
     """Whether a step with these decorators runs in an environment Metaflow solves for it: every step does
-    under ``--environment pypi|conda``, but one whose ``@pypi``/``@conda`` says ``disabled=True``."""
+    under ``--environment pypi|conda`` (which gives each one Metaflow's ``@conda``), unless its first
+    ``@pypi``/``@conda`` says ``disabled=True`` (as Metaflow's ``is_disabled`` reads it)."""
     if getattr(environment, "TYPE", None) not in SOLVING:
         return False
-    return not any(d.name in SOLVING and str(d.attributes.get("disabled")).lower() == "true" for d in decos)
+    first = next((d for d in decos if d.name in SOLVING), None)
+    return first is not None and str(first.attributes.get("disabled")).lower() != "true"
 
 
 def solved(environment: Any, step_name: str, platform: str) -> SolvedEnvironment | None:

@@ -69,6 +69,7 @@ class WorkerPoolDecorator(StepDecorator):
         if self.size < 1:
             raise WorkerPoolException(f"step {step}: size={size!r} must be at least 1 (fix: size=4)")
         from metaflow_stack.pool.backend import BACKENDS
+        from metaflow_stack.solved_environment import has_own
 
         if backend not in BACKENDS:
             raise WorkerPoolException(
@@ -98,11 +99,10 @@ class WorkerPoolDecorator(StepDecorator):
                     f"step {step}: @resources({key}={value!r}) is not a number, which a pool's workers need "
                     f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 ) from None
-        environments = [d.name for d in decos if d.name in ("pypi", "conda") and not d.attributes.get("disabled")]
-        if environments:
+        if has_own(environment, decos):
             raise WorkerPoolException(
-                f"step {step}: a pool's workers run their own interpreter, not the environment @{environments[0]} "
-                f"builds for each task (fix: remove @worker_pool from {step}, or @{environments[0]})"
+                f"step {step}: a pool's workers run their own interpreter, not the {environment.TYPE} environment "
+                f"Metaflow builds for each task (fix: remove @worker_pool from {step}, or @pypi(disabled=True))"
             )
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
