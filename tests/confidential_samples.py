@@ -52,7 +52,7 @@ def client_json(root: Path, code: str, env: dict[str, str] | None = None) -> obj
 
 def tiny_flow(folder: Path, decorator: str, body: str = "pass") -> None:
     """``tiny_flow.py`` in ``folder``: a ``start`` step under ``decorator`` running ``body``, then ``end``."""
-    (folder / "tiny_flow.py").write_text(f"""from metaflow import FlowSpec, confidential, step
+    (folder / "tiny_flow.py").write_text(f"""from metaflow import FlowSpec, conda, confidential, pypi, step
 
 
 class TinyFlow(FlowSpec):

@@ -137,12 +137,27 @@ def test_a_mistake_is_refused_before_the_run_starts(tmp_path: Path, decorator: s
     _refused(tmp_path, decorator, says)
 
 
-def test_a_steps_own_environment_outside_a_step_image_is_refused_before_the_run_starts(tmp_path: Path) -> None:
-    """This machine's Gramine runs the enclave with the runtime's interpreter: a step's @pypi environment would
-    be silently missing there (Metaflow reaches the check without micromamba: it solves after it)."""
-    says = "start: its pypi environment would not be in the enclave"
-    said = _refused(tmp_path, "@confidential", says, "--environment", "pypi")
-    assert "fix: container=True to install it in the step's image, or @pypi(disabled=True)" in said
+@pytest.mark.parametrize(
+    ("decorator", "says", "fix"),
+    [
+        ("@confidential", "start: its pypi environment would not be in the enclave, which runs this machine's",
+         "container=True to install it in the step's image, or @pypi(disabled=True)"),
+        ('@confidential(backend="phala", policy="tdx.toml")', "its pypi environment would not be in its CVM",
+         "@pypi(disabled=True), and image= an image with the step's packages"),
+        ('@confidential(container=True)\n    @conda(packages={"numpy": "2.1.0"})',
+         "its conda packages (numpy) cannot go into its image yet", "use @pypi for them"),
+        ('@confidential(container=True)\n    @pypi(python="3.12", packages={"tabulate": "0.9.0"})',
+         "its @pypi environment is for Python 3.12, and its image's Python is 3.11", '@pypi(python="3.11")'),
+    ],
+    ids=["gramine-here", "phala", "conda", "python"],
+)  # fmt: skip
+def test_a_steps_own_environment_its_tee_would_not_have_is_refused_before_the_run_starts(
+    tmp_path: Path, decorator: str, says: str, fix: str
+) -> None:
+    """A TEE that runs an interpreter without the step's environment (this machine's Gramine, a CVM's image),
+    and one its image cannot hold yet: refused, not silently missing (Metaflow reaches the check without
+    micromamba: it solves after it)."""
+    assert f"fix: {fix}" in _refused(tmp_path, decorator, says, "--environment", "pypi")
 
 
 def _refused(tmp_path: Path, decorator: str, says: str, *options: str) -> str:

@@ -283,7 +283,7 @@ def test_a_steps_solved_wheels_are_installed_in_its_image_and_trusted_by_its_enc
 ) -> None:
     from metaflow_stack.solved_environment import SolvedEnvironment
 
-    built = _step_image(tmp_path, gramine_image, SolvedEnvironment("solved", "3.11", (_wheel("tabulate==0.9.0"),)))
+    built = _step_image(tmp_path, gramine_image, SolvedEnvironment("3.11", (_wheel("tabulate==0.9.0"),)))
     manifest = tomllib.loads(docker_engine.run(built.reference, ["cat", "/opt/enclave/task.manifest"], remove=True))
     path = manifest["loader"]["env"]["PYTHONPATH"].split(":")
     assert path == ["/opt/enclave/code/.mf_code", "/opt/enclave/code", "/opt/enclave/env"]  # after the code
@@ -295,21 +295,24 @@ def test_a_steps_solved_wheels_are_installed_in_its_image_and_trusted_by_its_enc
 
 
 @pytest.mark.parametrize(
-    ("python", "requirement", "says"),
+    ("python", "requirement", "says", "fixes"),
     [
-        ("3.12", "tabulate==0.9.0", "solved for Python 3.12, and its image's Python is 3.11"),
-        ("3.11", "pydantic==1.10.19", "the step's packages break the runtime its enclave runs: ImportError: cannot"),
+        ("3.12", "tabulate==0.9.0", "solved for Python 3.12, and its image's Python is 3.11",
+         ['@pypi(python="3.11") (or @pypi_base), or METAFLOW_STACK_GRAMINE_IMAGE with Python 3.12']),
+        ("3.11", "pydantic==1.10.19", "the step's packages break the runtime its enclave runs: ImportError: cannot",
+         ["pin versions of those packages the runtime works with (see its requirements)"]),
     ],
-)
+)  # fmt: skip
 def test_an_environment_the_image_cannot_run_stops_the_build_in_one_line(
-    tmp_path: Path, docker_engine, gramine_image: str, python: str, requirement: str, says: str
+    tmp_path: Path, docker_engine, gramine_image: str, python: str, requirement: str, says: str, fixes: list[str]
 ) -> None:
     from metaflow_stack.errors import StackError
     from metaflow_stack.solved_environment import SolvedEnvironment
 
     with pytest.raises(StackError) as raised:
-        _step_image(tmp_path, gramine_image, SolvedEnvironment("other", python, (_wheel(requirement),)))
-    assert says in f"{raised.value.message} {raised.value.fix}"
+        _step_image(tmp_path, gramine_image, SolvedEnvironment(python, (_wheel(requirement),)))
+    assert "\n" not in raised.value.message and says in raised.value.message  # what the build said, in one line
+    assert raised.value.fix in fixes
 
 
 PYPI_FLOW = """from metaflow import FlowSpec, confidential, pypi, step

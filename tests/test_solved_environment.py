@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metaflow_stack.errors import StackError
-from metaflow_stack.solved_environment import has_own, solved
+from metaflow_stack.solved_environment import conda_packages, has_own, requested_python, solved
 
 FLOW = """from metaflow import FlowSpec, conda, confidential, nomad, pypi, step
 
@@ -89,7 +89,6 @@ def test_a_solved_pypi_step_gives_its_wheels_and_python(environment) -> None:
     found = solved(environment, "start", "linux-64")
     assert found is not None
     assert (found.python, found.wheels) == ("3.11", (WHEEL,))
-    assert found.id == environment.get_environment(_step(environment, "start"))["id_"]
 
 
 def test_a_disabled_environment_and_a_plain_one_give_none(environment) -> None:
@@ -123,10 +122,23 @@ def test_a_package_that_needs_building_is_refused_naming_it(environment, package
     assert package["url"] in raised.value.message
 
 
-def test_a_conda_environment_is_refused_in_one_line(environment) -> None:
-    with pytest.raises(StackError, match="conda_step's environment is a conda one") as raised:
-        solved(environment, "conda_step", "linux-64")
-    assert "numpy" in raised.value.message and raised.value.fix == "use @pypi for the step's packages"
+def test_a_step_without_pypi_packages_needs_nothing_installed(environment) -> None:
+    """Its environment is conda's: the Python and Metaflow's pins (requests), which the stack's images have;
+    conda packages a step asks for itself are named, to be refused when the run starts."""
+    assert solved(environment, "conda_step", "linux-64") is None
+    assert solved(environment, "end", "linux-64") is None
+    assert conda_packages(environment.flow, _step(environment, "conda_step").decorators) == ["numpy"]
+    assert conda_packages(environment.flow, _step(environment, "end").decorators) == []
+
+
+def test_the_python_a_pypi_step_is_solved_for_is_the_one_metaflow_picks(environment) -> None:
+    flow = environment.flow
+    assert requested_python(flow, _step(environment, "start").decorators) == "3.11"  # @pypi(python="3.11.9")
+    assert requested_python(flow, _step(environment, "end").decorators) is None  # no @pypi
+    from metaflow.plugins.pypi.pypi_decorator import PyPIStepDecorator
+
+    running = "{}.{}".format(*sys.version_info[:2])
+    assert requested_python(flow, [PyPIStepDecorator()]) == running  # Metaflow's default: the flow's Python
 
 
 def test_steps_that_run_in_a_tee_or_on_nomad_are_solved_for_linux_on_x86_64(environment, monkeypatch) -> None:

@@ -48,6 +48,8 @@ _TAIL_LINES = 25
 _STEP = re.compile(r"^#(\d+) \[([^\]]+)\] (.*)$")
 _STEP_ERROR = re.compile(r"^#(\d+) ERROR")
 _PUSHED = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: \d+")
+#: A build step's output line (``#12 0.512 ...``) in which the runtime said what is wrong, or its fix.
+_SAID = re.compile(r"^#(\d+) \d+(?:\.\d+)? (error|fix): (.+)$")
 
 
 @dataclass
@@ -84,20 +86,28 @@ class _StepTracker:
         self._on_step = on_step
         self.failed: str | None = None
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self.failed_number: str | None = None
+        #: What each step said in the runtime's one-line form (``error:``, ``fix:``), by step number.
+        self.said: dict[str, dict[str, str]] = {}
 
     def feed(self, line: str) -> None:
         self.tail.append(line)
-        if match := _STEP.match(line):
+        if match := _SAID.match(line):
+            self.said.setdefault(match.group(1), {})[match.group(2)] = match.group(3)
+        elif match := _STEP.match(line):
             number, where, title = match.groups()
             if number not in self._titles:
                 self._titles[number] = f"[{where}] {title}"
                 self._on_step(self._titles[number])
         elif match := _STEP_ERROR.match(line):
             self.failed = self._titles.get(match.group(1), line)
+            self.failed_number = match.group(1)
 
     def error(self, image: str, fallback: str) -> ImageBuildError:
         last = next(reversed(self._titles.values()), fallback) if self._titles else fallback
-        return ImageBuildError(image, self.failed or last, "\n".join(self.tail))
+        lines = self.said.get(self.failed_number or "", {})
+        said = (lines["error"], lines["fix"]) if {"error", "fix"} <= set(lines) else None
+        return ImageBuildError(image, self.failed or last, "\n".join(self.tail), said)
 
 
 @functools.cache

@@ -63,15 +63,19 @@ class DockerUnavailableError(StackError):
 
 
 class ImageBuildError(StackError):
-    """A build step failed; ``step`` and ``log_tail`` say where and why."""
+    """A build step failed; ``step`` and ``log_tail`` say where and why, or ``said``: the ``error:`` and
+    ``fix:`` lines the step printed, when it ran the runtime (``trampolines.exits_in_one_line``)."""
 
     code = "image_build_failed"
 
-    def __init__(self, image: str, step: str, log_tail: str) -> None:
-        super().__init__(
-            f"building {image} failed at: {step}\n{log_tail}",
-            fix="correct the failing step above and run the build again",
-        )
+    def __init__(self, image: str, step: str, log_tail: str, said: tuple[str, str] | None = None) -> None:
+        if said is None:
+            super().__init__(
+                f"building {image} failed at: {step}\n{log_tail}",
+                fix="correct the failing step above and run the build again",
+            )
+        else:  # the step ran the runtime, which said what is wrong and its fix in its one-line form
+            super().__init__(f"building {image}: {said[0]}", fix=said[1])
         self.image = image
         self.step = step
         self.log_tail = log_tail

@@ -18,6 +18,8 @@ from metaflow_stack.errors import StackError
 #: local base made without a registry, so both give every image the same system (glibc 2.36, which function
 #: images' wheels are chosen for), and one Gramine's package repository publishes for.
 PUBLIC_BASE_IMAGE = "python:3.11-slim-bookworm"
+#: The Python (major.minor) of every stack image, the one above and the local base alike (Debian bookworm's).
+IMAGE_PYTHON = "3.11"
 
 #: Environment variables that may name a CA bundle, in order of preference.
 CA_BUNDLE_VARIABLES = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")

@@ -7,18 +7,20 @@ decorator. It keeps the result in its environment manifest, keyed by the
 environment's id, the platform and the kind, and packs that file into the
 code package. A step whose tasks run in an image of their own (a Gramine
 step's, GSC-style) installs the wheels that manifest lists, with no
-resolution of its own: the image holds the environment the run was solved
-with, not whatever an index offers on the day it is built.
+resolution of its own.
 
-Only PyPI environments are read: the image brings its own Python (the
-stack's, of the same minor version), so the conda packages Metaflow solved
-for a PyPI environment (Python and its libraries) are not needed. A
-``@conda`` environment's packages need micromamba in the image's build,
-which is not built yet; it is refused in one line.
+The image brings its own Python, of the minor version the step asks for, so
+the conda packages Metaflow solves for a PyPI environment (Python and its
+libraries), and for a step with no packages of its own (Python and
+Metaflow's pins, which the stack's images have), are not needed. Conda
+packages a step asks for itself need micromamba in the image's build, which
+is not built yet: ``conda_packages`` names them, so they are refused when
+the run starts.
 """
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +32,8 @@ SOLVING = ("conda", "pypi")
 
 @dataclass(frozen=True)
 class SolvedEnvironment:
-    """A step's environment: Metaflow's id for it, its Python (major.minor) and its wheels, by URL."""
+    """A step's PyPI environment: its Python (major.minor) and its wheels, by URL."""
 
-    id: str
     python: str
     wheels: tuple[str, ...]
 
@@ -47,40 +48,56 @@ def has_own(environment: Any, decos: list[Any]) -> bool:
     return first is not None and str(first.attributes.get("disabled")).lower() != "true"
 
 
-def solved(environment: Any, step_name: str, platform: str) -> SolvedEnvironment | None:
-    """The step's environment as solved for ``platform`` (``linux-64``) from Metaflow's ``environment`` (a
-    trampoline's ``ctx.obj.environment``); None when the step has none of its own."""
+def _asked(flow: Any, decos: list[Any], name: str) -> list[dict[str, Any]]:
+    """The attributes of the step's ``@name`` and the flow's ``@name_base``, the step's first (read before
+    Metaflow's own ``step_init`` merges them)."""
+    found = [d.attributes for d in decos if d.name == name]
+    return found + [d.attributes for d in getattr(flow, "_flow_decorators", {}).get(f"{name}_base", [])]
+
+
+def conda_packages(flow: Any, decos: list[Any]) -> list[str]:
+    """The conda packages the step asks for itself (its ``@conda``, the flow's ``@conda_base``), by name."""
+    names = set()
+    for attributes in _asked(flow, decos, "conda"):
+        names |= set(attributes.get("packages") or {}) | set(attributes.get("libraries") or {})
+    return sorted(names)
+
+
+def requested_python(flow: Any, decos: list[Any]) -> str | None:
+    """The Python (major.minor) the step's ``@pypi`` environment is solved for, as Metaflow picks it (its
+    ``@pypi``'s, the flow's ``@pypi_base``'s, its ``@conda``'s, else the Python running the flow); None for a
+    step without ``@pypi``."""
+    if not _asked(flow, decos, "pypi"):
+        return None
+    named = [a.get("python") for a in _asked(flow, decos, "pypi") + _asked(flow, decos, "conda") if a.get("python")]
+    return ".".join(str(named[0] if named else platform.python_version()).split(".")[:2])
+
+
+def solved(environment: Any, step_name: str, target: str) -> SolvedEnvironment | None:
+    """The step's PyPI environment as solved for the ``target`` platform (``linux-64``) from Metaflow's
+    ``environment`` (a trampoline's ``ctx.obj.environment``); None when it has no PyPI packages of its own."""
     if getattr(environment, "TYPE", None) not in SOLVING:
         return None
     step = next(s for s in environment.flow if s.name == step_name)
     if environment.is_disabled(step):
         return None
     described = environment.get_environment(step)
-    where = f"step {step_name}"
-    if not described:
+    if "pypi" not in described:
         return None
-    conda = described.get("conda", {})
-    if "pypi" not in described and conda.get("packages"):
-        raise StackError(
-            f"{where}'s environment is a conda one (packages: {', '.join(sorted(conda['packages']))}), which "
-            "its image cannot install yet",
-            fix="use @pypi for the step's packages",
-        )
-    kind = "pypi" if "pypi" in described else "conda"
-    python = str(described[kind].get("python") or conda.get("python") or "")
-    found = environment.read_from_environment_manifest([described["id_"], platform, kind])
+    found = environment.read_from_environment_manifest([described["id_"], target, "pypi"])
     if found is None:
         raise StackError(
-            f"{where}'s environment was not solved for {platform}",
+            f"step {step_name}'s environment was not solved for {target}",
             fix="run the flow with --environment pypi (Metaflow solves each step's environment at the run's start)",
         )
     wheels = []
-    for package in found if kind == "pypi" else []:
+    for package in found:
         url = str(package.get("url", ""))
         if package.get("require_build") or not url.split("#", 1)[0].endswith(".whl"):
             raise StackError(
-                f"{where}'s package {url} is not a wheel, and its image installs wheels only",
+                f"step {step_name}'s package {url} is not a wheel, and its image installs wheels only",
                 fix="pin a version the package index has a wheel of for Linux",
             )
         wheels.append(url)
-    return SolvedEnvironment(described["id_"], ".".join(python.split(".")[:2]), tuple(wheels))
+    python = str(described["pypi"]["python"])
+    return SolvedEnvironment(".".join(python.split(".")[:2]), tuple(wheels))

@@ -78,10 +78,11 @@ class Trampolined:
         cli_args.commands = [group, "step"]
         cli_args.command_args += [cls.package_metadata, cls.package_sha, cls.package_url]
         cli_args.entrypoint[0] = sys.executable
+        # Under ``--environment pypi|conda`` Metaflow's ``@conda`` runs a task under the step's environment's
+        # interpreter unless the step has a compute decorator it knows by name (``@kubernetes``...). Ours it
+        # does not know, and its hook may come after this one: told there is no interpreter, it leaves the
+        # trampoline to this one (the step's environment is made where the task runs).
         for deco in self.decos:
-            # Metaflow's environments (``--environment pypi|conda``) put the step's interpreter in its place,
-            # after this when their decorator comes later, for every compute decorator they do not know by
-            # name: the trampoline needs this one (the step's environment is made where the task runs).
             if deco.name == "conda":
                 deco.interpreter = None
         return True

@@ -101,7 +101,7 @@ class ConfidentialInfo(BaseModel):
     """How a ``@confidential`` task's evidence was judged: what its launcher recorded before its code ran."""
 
     attested: bool = Field(description="true only when a quote passed the policy (SGX); false in direct mode")
-    mode: str = Field(description="sgx or direct")
+    mode: str = Field(description="sgx, tdx (a Phala CVM) or direct")
     tee: str | None = Field(None, description="sgx or tdx, when attested")
     status: str | None = Field(None, description="the platform's TCB status, as Intel's collateral gives it")
     advisory_ids: list[str] = Field(default_factory=list)

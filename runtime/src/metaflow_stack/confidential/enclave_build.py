@@ -50,13 +50,16 @@ def install(folder: Path) -> None:
     listed.write_text("".join(f"{url}\n" for url in wanted.wheels))
     uv = shutil.which("uv") or "uv"
     done = subprocess.run(
-        [uv, "pip", "install", "--quiet", "--no-deps", "--python", sys.executable, "--target",
-         step_enclave.PACKAGES, "-r", str(listed)],
+        [uv, "pip", "install", "--quiet", "--no-deps", "--compile-bytecode", "--python", sys.executable,
+         "--target", step_enclave.PACKAGES, "-r", str(listed)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     listed.unlink()
     if done.returncode:
-        raise StackError(f"the step's wheels did not install: {_last_line(done.stderr)}", fix="see the build log above")
+        raise StackError(
+            f"the step's wheels did not install: {_last_line(done.stderr)}",
+            fix="pin versions with wheels for Linux on x86-64 and glibc 2.36 (Debian bookworm)",
+        )
     # The enclave runs the runtime with the step's packages before its own: one they break stops the build.
     checked = subprocess.run(
         [sys.executable, "-c", f"import metaflow, {ENTRY}"], capture_output=True, text=True, check=False,

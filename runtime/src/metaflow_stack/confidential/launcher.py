@@ -91,6 +91,10 @@ def enclave_env(code: str, settings: Settings, code_env: dict[str, str], keeper_
     env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
     env |= code_env | {"PYTHONPATH": f"{code}/.mf_code:{code}", "HOME": code, "PYTHONDONTWRITEBYTECODE": "1"}
     env["METAFLOW_INCLUDE_FOREACH_STACK"] = "0"  # foreach items are not copied into the task's metadata
+    # Under --environment pypi|conda, Metaflow's environment decorators look for a local datastore from the
+    # working folder (the code's, read-only) up, and make one there when none is found: the task's datastore
+    # is named on its command line, so the enclave's /tmp will do.
+    env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = "/tmp"
     env[KEEPER_KEY] = keeper_key
     env[MODE], env[POLICY] = settings.mode, policy_name(settings.policy) if settings.policy else ""
     env[TRUST] = " ".join(settings.trust)

@@ -142,9 +142,6 @@ def build(
     if environment is not None and environment.wheels:
         packages = StepEnvironment(python=environment.python, wheels=list(environment.wheels))
         env["PYTHONPATH"] = f"{env['PYTHONPATH']}:{PACKAGES}"  # after the code, before the runtime's packages
-        # Metaflow's environment decorator looks for a local datastore from the working folder up, and makes
-        # one there when it finds none: the task's datastore is named on its command line, so /tmp will do.
-        env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = "/tmp"
     spec = StepEnclave(
         mode=chosen.mode, enclave_size=chosen.enclave_size, threads=chosen.threads, isv_prod_id=chosen.isv_prod_id,
         isv_svn=chosen.isv_svn, env=env, datastore=datastore, mr_signer=gramine.mr_signer(key) if key else None,

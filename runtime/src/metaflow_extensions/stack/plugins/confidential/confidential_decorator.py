@@ -111,14 +111,13 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
         if others:
             raise ConfidentialException(f"step {step}: @confidential cannot be combined with @{others[0]}")
         try:
-            self._check_environment(environment, decos)
-            self._check(Path(sys.modules[flow.__module__].__file__).parent)
+            self._check(flow, Path(sys.modules[flow.__module__].__file__).parent, environment, decos)
             if self.attributes["backend"] == "phala":
                 self._check_phala(flow_datastore)
         except StackError as exc:
             raise ConfidentialException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
 
-    def _check(self, flow_dir: Path) -> None:
+    def _check(self, flow, flow_dir: Path, environment, decos) -> None:
         from metaflow_stack import settings
         from metaflow_stack.confidential import gramine
         from metaflow_stack.confidential.inputs import check_trust
@@ -164,6 +163,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             raise InvalidInput("container", f"{container!r} is not True or False", fix="container=True")
         if container and backend != "gramine":
             raise InvalidInput("container", f"is Gramine's: a {backend} task runs in its own TEE", fix="leave it out")
+        self._check_environment(flow, environment, decos)
         if container:  # the step's own image brings Gramine: this machine needs only Docker
             from metaflow_stack.engines.docker import require_engine
 
@@ -172,20 +172,36 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             gramine.tool("gramine-manifest")
             gramine.tool("gramine-direct" if mode == "direct" else "gramine-sgx")
 
-    def _check_environment(self, environment, decos) -> None:
-        """Where the step's own environment (Metaflow's ``--environment pypi``) goes: into the step's image, or
-        bootstrapped in a Phala CVM as Metaflow's own compute decorators do; an enclave run with this
-        machine's Gramine would run the runtime's interpreter without it, so that is refused."""
+    def _check_environment(self, flow, environment, decos) -> None:
+        """The step's own environment (Metaflow's ``--environment pypi``) goes into the step's image, where the
+        image can hold it: its ``@pypi`` packages, on the image's Python. Anywhere else the task would run
+        the TEE's interpreter without it (this machine's Gramine, a CVM's image), so that is refused."""
+        from metaflow_stack import settings
         from metaflow_stack.errors import StackError
-        from metaflow_stack.solved_environment import has_own
+        from metaflow_stack.solved_environment import conda_packages, has_own, requested_python
 
         if not has_own(environment, decos):
             return
-        if self.attributes["backend"] == "gramine" and not self.attributes["container"]:
+        if self.attributes["backend"] == "phala":
+            raise StackError(
+                f"its {environment.TYPE} environment would not be in its CVM, which runs its image's Python",
+                fix="@pypi(disabled=True), and image= an image with the step's packages",
+            )
+        if not self.attributes["container"]:
             raise StackError(
                 f"its {environment.TYPE} environment would not be in the enclave, which runs this machine's "
                 "Gramine with the runtime's own interpreter",
                 fix="container=True to install it in the step's image, or @pypi(disabled=True)",
+            )
+        if named := conda_packages(flow, decos):
+            raise StackError(
+                f"its conda packages ({', '.join(named)}) cannot go into its image yet", fix="use @pypi for them"
+            )
+        python = requested_python(flow, decos)
+        if python and python != settings.IMAGE_PYTHON and not settings.load().gramine_image:
+            raise StackError(
+                f"its @pypi environment is for Python {python}, and its image's Python is {settings.IMAGE_PYTHON}",
+                fix=f'@pypi(python="{settings.IMAGE_PYTHON}") (or @pypi_base)',
             )
 
     def _check_phala(self, flow_datastore) -> None:
