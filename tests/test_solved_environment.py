@@ -149,3 +149,30 @@ def test_steps_that_run_in_a_tee_or_on_nomad_are_solved_for_linux_on_x86_64(envi
     for name in ("enclave", "on_nomad"):
         assert environment.get_environment(_step(environment, name))["conda"]["platforms"] == ["linux-64"]
     assert environment.get_environment(_step(environment, "end"))["conda"]["platforms"] == ["osx-arm64"]
+
+
+@pytest.mark.parametrize("conda_first", [False, True], ids=["conda-after", "conda-before"])
+def test_a_trampolined_step_runs_this_interpreter_and_this_runtime(tmp_path: Path, monkeypatch, conda_first) -> None:
+    """Metaflow's runtime calls each decorator's ``runtime_step_cli`` in the step's order; its ``@conda`` (added
+    after the user's decorators, or written below ours) would run the trampoline under the environment's
+    interpreter with the code package first on its path, where the runtime's images and templates are not."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from metaflow.plugins.pypi.conda_decorator import CondaStepDecorator
+
+    from metaflow_extensions.stack.plugins.confidential.confidential_decorator import ConfidentialDecorator
+
+    home = tempfile.TemporaryDirectory(dir=tmp_path)
+    monkeypatch.setattr(CondaStepDecorator, "_metaflow_home", home)
+    monkeypatch.setattr(CondaStepDecorator, "_addl_env_vars", {"PYTHONPATH": f"{home.name}/.mf_code"})
+    conda = CondaStepDecorator()
+    conda.disabled, conda.interpreter = False, "/home/u/micromamba/envs/metaflow/linux-64/0123/bin/python"
+    ours = ConfidentialDecorator(attributes={"container": True})
+    ours.decos = [conda, ours] if conda_first else [ours, conda]
+    args = SimpleNamespace(commands=["step"], command_args=["start"], command_options={}, env={},
+                           entrypoint=[sys.executable, "flow.py"])  # fmt: skip
+    for deco in ours.decos:
+        deco.runtime_step_cli(args, 0, 0, None)
+    assert args.entrypoint == [sys.executable, "flow.py"] and args.commands == ["confidential", "step"]
+    assert "PYTHONPATH" not in args.env and "PYTHONNOUSERSITE" not in args.env

@@ -79,12 +79,19 @@ class Trampolined:
         cli_args.command_args += [cls.package_metadata, cls.package_sha, cls.package_url]
         cli_args.entrypoint[0] = sys.executable
         # Under ``--environment pypi|conda`` Metaflow's ``@conda`` runs a task under the step's environment's
-        # interpreter unless the step has a compute decorator it knows by name (``@kubernetes``...). Ours it
-        # does not know, and its hook may come after this one: told there is no interpreter, it leaves the
-        # trampoline to this one (the step's environment is made where the task runs).
-        for deco in self.decos:
+        # interpreter, the code package first on its PYTHONPATH, unless the step has a compute decorator it
+        # knows by name (``@kubernetes``...). The trampoline needs this interpreter and this installation of
+        # the runtime (its images and templates are not in the code package): a ``@conda`` whose hook comes
+        # after this one is told to leave the step's commands alone (its own ``disabled``, not the user's
+        # attribute: the environment is still solved, and made where the task runs); what one before it
+        # set (an explicit ``@conda`` written below this decorator) is taken back.
+        decos = list(self.decos)
+        for at, deco in enumerate(decos):
             if deco.name == "conda":
-                deco.interpreter = None
+                if at < decos.index(self):
+                    cli_args.env.pop("PYTHONPATH", None)
+                    cli_args.env.pop("PYTHONNOUSERSITE", None)
+                deco.disabled = True
         return True
 
 
