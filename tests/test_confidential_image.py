@@ -249,17 +249,17 @@ def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(d
     assert len(layers) > 3 and not any(secret in layer for layer in layers)  # in no layer, compressed or not
 
 
-def _wheel(requirement: str) -> str:
-    """The URL of ``requirement``'s wheel for a step's image (x86-64 Linux, Python 3.11) where the package index
-    keeps it: what Metaflow's pip solve records of each package."""
-    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-    done = subprocess.run(
-        [uv, "pip", "compile", "-", "--no-deps", "--python-version", "3.11", "--python-platform",
-         "x86_64-manylinux_2_36", "--format", "pylock.toml", "--no-header", "--quiet"],
-        input=f"{requirement}\n", capture_output=True, text=True, check=True,
+def _wheel(requirement: str, folder: Path) -> Path:
+    """``requirement``'s wheel for a step's image (x86-64 Linux, Python 3.11, as this machine) downloaded into
+    ``folder``, as Metaflow's pip solver downloads each package of a run's environment."""
+    folder.mkdir(exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest",
+         str(folder), requirement],
+        check=True, capture_output=True, text=True,
     )  # fmt: skip
-    (package,) = tomllib.loads(done.stdout)["packages"]
-    return package["wheels"][0]["url"]
+    (found,) = folder.glob(f"{requirement.split('==')[0]}-*.whl")
+    return found
 
 
 def _step_image(tmp_path: Path, gramine_image: str, environment):
@@ -283,7 +283,8 @@ def test_a_steps_solved_wheels_are_installed_in_its_image_and_trusted_by_its_enc
 ) -> None:
     from metaflow_stack.solved_environment import SolvedEnvironment
 
-    built = _step_image(tmp_path, gramine_image, SolvedEnvironment("3.11", (_wheel("tabulate==0.9.0"),)))
+    wheel = _wheel("tabulate==0.9.0", tmp_path / "wheels")
+    built = _step_image(tmp_path, gramine_image, SolvedEnvironment("3.11", (wheel,)))
     manifest = tomllib.loads(docker_engine.run(built.reference, ["cat", "/opt/enclave/task.manifest"], remove=True))
     path = manifest["loader"]["env"]["PYTHONPATH"].split(":")
     assert path == ["/opt/enclave/code/.mf_code", "/opt/enclave/code", "/opt/enclave/env"]  # after the code
@@ -310,7 +311,7 @@ def test_an_environment_the_image_cannot_run_stops_the_build_in_one_line(
     from metaflow_stack.solved_environment import SolvedEnvironment
 
     with pytest.raises(StackError) as raised:
-        _step_image(tmp_path, gramine_image, SolvedEnvironment(python, (_wheel(requirement),)))
+        _step_image(tmp_path, gramine_image, SolvedEnvironment(python, (_wheel(requirement, tmp_path / "wheels"),)))
     assert "\n" not in raised.value.message and says in raised.value.message  # what the build said, in one line
     assert raised.value.fix in fixes
 

@@ -1,12 +1,15 @@
 """A step's environment as Metaflow solved it (``solved_environment``), read through Metaflow's own
-environment, from the manifest Metaflow's own writer keeps.
+environment, from the manifest Metaflow's own writer keeps and the wheels its pip solver downloaded.
 
 Metaflow solves with micromamba and pip at a run's start; micromamba is not on these machines (the GitHub
 ``pypi-environments`` job has it, and runs a whole flow). Here the solve's result is written with Metaflow's
-``write_to_environment_manifest``, in the shape its pip solver returns (``url``, ``require_build``)."""
+``write_to_environment_manifest``, in the shape its pip solver returns (``url``, ``require_build``), and
+its downloads as its pip solver records them (``METADATA_FILE``, in the environment micromamba would name).
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -49,7 +52,8 @@ class SolvedFlow(FlowSpec):
         pass
 """
 
-WHEEL = "https://files.example/packages/tabulate-0.9.0-py3-none-any.whl#sha256=0123"
+WHEEL = "https://files.example/packages/tabulate-0.9.0-py3-none-any.whl"
+SOURCE = "https://files.example/source/pkg-0.1.tar.gz"
 
 
 @pytest.fixture
@@ -78,17 +82,34 @@ def _step(environment, name: str):
     return next(s for s in environment.flow if s.name == name)
 
 
-def _solve(environment, name: str, packages: list[dict], kind: str = "pypi") -> None:
-    """What Metaflow's solver keeps for the step, written by Metaflow's own writer."""
+def _solve(environment, name: str, packages: list[dict], downloaded: dict[str, Path] | None = None) -> None:
+    """What Metaflow keeps for the step at the run's start: its solve, written by Metaflow's own writer, and
+    the files its pip solver downloaded (or built), recorded where it records them, in the environment
+    micromamba made for this machine (micromamba is not here: the test says where that is)."""
+    from metaflow.plugins.pypi.pip import METADATA_FILE
+
     found = environment.get_environment(_step(environment, name))
-    environment.write_to_environment_manifest([found["id_"], "linux-64", kind], packages)
+    environment.write_to_environment_manifest([found["id_"], "linux-64", "pypi"], packages)
+    prefix = Path(environment.local_root) / "envs" / found["id_"]
+    kept = Path(METADATA_FILE.format(prefix=prefix))
+    kept.parent.mkdir(parents=True)
+    kept.write_text(json.dumps({url: str(path) for url, path in (downloaded or {}).items()}))
+    environment.solvers["conda"].path_to_environment = {found["id_"]: str(prefix)}.get
 
 
-def test_a_solved_pypi_step_gives_its_wheels_and_python(environment) -> None:
-    _solve(environment, "start", [{"url": WHEEL, "require_build": False}])
+def _wheel(folder: Path, name: str) -> Path:
+    (folder / name).write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: not installed here
+    return folder / name
+
+
+def test_a_solved_pypi_step_gives_the_wheels_metaflow_downloaded_and_its_python(environment, tmp_path) -> None:
+    built = _wheel(tmp_path, "pkg-0.1-py3-none-any.whl")  # a package the index has only as source, built
+    wheels = {WHEEL: _wheel(tmp_path, "tabulate-0.9.0-py3-none-any.whl"), SOURCE: built}
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}, {"url": SOURCE, "require_build": True}],
+           wheels)  # fmt: skip
     found = solved(environment, "start", "linux-64")
     assert found is not None
-    assert (found.python, found.wheels) == ("3.11", (WHEEL,))
+    assert (found.python, found.wheels) == ("3.11", (wheels[WHEEL], built))
 
 
 def test_a_disabled_environment_and_a_plain_one_give_none(environment) -> None:
@@ -101,25 +122,26 @@ def test_a_disabled_environment_and_a_plain_one_give_none(environment) -> None:
     assert not has_own(environment, _step(environment, "plain").decorators)
 
 
-def test_a_step_not_solved_for_the_platform_is_refused_naming_it(environment) -> None:
-    _solve(environment, "start", [{"url": WHEEL, "require_build": False}])
+def test_a_step_not_solved_for_the_platform_is_refused_naming_it(environment, tmp_path) -> None:
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}], {WHEEL: _wheel(tmp_path, "t.whl")})
     with pytest.raises(StackError, match="not solved for linux-aarch64") as raised:
         solved(environment, "start", "linux-aarch64")
     assert "--environment pypi" in (raised.value.fix or "")
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        {"url": "https://files.example/source/tabulate-0.9.0.tar.gz", "require_build": True},
-        {"url": "git+https://example/repo@abc123", "require_build": True, "hash": "abc123"},
-    ],
-)
-def test_a_package_that_needs_building_is_refused_naming_it(environment, package: dict) -> None:
-    _solve(environment, "start", [{"url": WHEEL, "require_build": False}, package])
-    with pytest.raises(StackError, match="is not a wheel") as raised:
+def test_a_package_that_was_not_downloaded_here_is_refused_naming_it(environment, tmp_path) -> None:
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}, {"url": SOURCE, "require_build": True}],
+           {WHEEL: _wheel(tmp_path, "tabulate-0.9.0-py3-none-any.whl")})  # fmt: skip
+    with pytest.raises(StackError, match=f"package {SOURCE} was not downloaded here") as raised:
         solved(environment, "start", "linux-64")
-    assert package["url"] in raised.value.message
+    assert "run the flow again with --environment pypi" in (raised.value.fix or "")
+
+
+def test_an_environment_micromamba_does_not_know_here_is_refused(environment) -> None:
+    _solve(environment, "start", [{"url": WHEEL, "require_build": False}])
+    environment.solvers["conda"].path_to_environment = lambda id_: None
+    with pytest.raises(StackError, match="start's environment is not on this machine"):
+        solved(environment, "start", "linux-64")
 
 
 def test_a_step_without_pypi_packages_needs_nothing_installed(environment) -> None:

@@ -2,12 +2,14 @@
 
 With ``--environment pypi`` (or ``conda``) Metaflow solves every step's
 environment at the run's start: micromamba for the Python and conda
-packages, pip for the PyPI wheels, for the platform of the step's compute
-decorator. It keeps the result in its environment manifest, keyed by the
-environment's id, the platform and the kind, and packs that file into the
-code package. A step whose tasks run in an image of their own (a Gramine
-step's, GSC-style) installs the wheels that manifest lists, with no
-resolution of its own.
+packages, pip for the PyPI packages, for the platform of the step's compute
+decorator. It keeps the solve in its environment manifest (keyed by the
+environment's id, the platform and the kind; it also travels in the code
+package), and downloads every wheel, building the ones a package index has
+only as source, into the environment's folder on this machine. A step whose
+tasks run in an image of their own (a Gramine step's, GSC-style) installs
+those very files: no resolution and no download of its own, so the image
+holds, byte for byte, what the run was solved and started with.
 
 The image brings its own Python, of the minor version the step asks for, so
 the conda packages Metaflow solves for a PyPI environment (Python and its
@@ -20,8 +22,10 @@ the run starts.
 
 from __future__ import annotations
 
+import json
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from metaflow_stack.errors import StackError
@@ -32,10 +36,10 @@ SOLVING = ("conda", "pypi")
 
 @dataclass(frozen=True)
 class SolvedEnvironment:
-    """A step's PyPI environment: its Python (major.minor) and its wheels, by URL."""
+    """A step's PyPI environment: its Python (major.minor) and its wheels, the files on this machine."""
 
     python: str
-    wheels: tuple[str, ...]
+    wheels: tuple[Path, ...]
 
 
 def has_own(environment: Any, decos: list[Any]) -> bool:
@@ -75,7 +79,10 @@ def requested_python(flow: Any, decos: list[Any]) -> str | None:
 
 def solved(environment: Any, step_name: str, target: str) -> SolvedEnvironment | None:
     """The step's PyPI environment as solved for the ``target`` platform (``linux-64``) from Metaflow's
-    ``environment`` (a trampoline's ``ctx.obj.environment``); None when it has no PyPI packages of its own."""
+    ``environment`` (a trampoline's ``ctx.obj.environment``), its wheels where Metaflow downloaded or built
+    them at the run's start; None when it has no PyPI packages of its own."""
+    from metaflow.plugins.pypi.pip import METADATA_FILE
+
     if getattr(environment, "TYPE", None) not in SOLVING:
         return None
     step = next(s for s in environment.flow if s.name == step_name)
@@ -84,20 +91,21 @@ def solved(environment: Any, step_name: str, target: str) -> SolvedEnvironment |
     described = environment.get_environment(step)
     if "pypi" not in described:
         return None
+    rerun = "run the flow again with --environment pypi (Metaflow solves and downloads it at the run's start)"
     found = environment.read_from_environment_manifest([described["id_"], target, "pypi"])
     if found is None:
-        raise StackError(
-            f"step {step_name}'s environment was not solved for {target}",
-            fix="run the flow with --environment pypi (Metaflow solves each step's environment at the run's start)",
-        )
+        raise StackError(f"step {step_name}'s environment was not solved for {target}", fix=rerun)
+    # Where pip ran for it: the environment Metaflow made for this machine's platform (micromamba knows).
+    prefix = environment.solvers["conda"].path_to_environment(described["id_"])
+    kept = Path(METADATA_FILE.format(prefix=prefix)) if prefix else None
+    if kept is None or not kept.is_file():
+        raise StackError(f"step {step_name}'s environment is not on this machine", fix=rerun)
+    downloaded = json.loads(kept.read_text())
     wheels = []
     for package in found:
-        url = str(package.get("url", ""))
-        if package.get("require_build") or not url.split("#", 1)[0].endswith(".whl"):
-            raise StackError(
-                f"step {step_name}'s package {url} is not a wheel, and its image installs wheels only",
-                fix="pin a version the package index has a wheel of for Linux",
-            )
-        wheels.append(url)
+        path = Path(str(downloaded.get(package["url"], "")))
+        if path.suffix != ".whl" or not path.is_file():
+            raise StackError(f"step {step_name}'s package {package['url']} was not downloaded here", fix=rerun)
+        wheels.append(path)
     python = str(described["pypi"]["python"])
     return SolvedEnvironment(".".join(python.split(".")[:2]), tuple(wheels))

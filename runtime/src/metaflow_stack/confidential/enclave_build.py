@@ -3,8 +3,9 @@ the enclave prepared for the image's own interpreter and paths from what ``step_
 ``launcher.enclave`` prepares one on this machine.
 
 ``python -P -m metaflow_stack.confidential.enclave_build install /opt/enclave`` installs the step's wheels
-(its ``@pypi`` environment as Metaflow solved it, by URL, nothing resolved here) into their own folder, in a
-layer below the code, and checks that the runtime the enclave runs still imports with them in front.
+(its ``@pypi`` environment as Metaflow solved it: the files it downloaded for the run, mounted into this
+build step, nothing resolved or downloaded here) into their own folder, in a layer below the code, and
+checks that the runtime the enclave runs still imports with them in front.
 ``... enclave_build prepare /opt/enclave`` renders the manifest (the staged template, the staged settings
 and environment, the code under ``code/``), has ``gramine-manifest`` check it and hash every trusted file,
 signs it for SGX with the key mounted as a build secret, and leaves ``ready.json`` (the stem and the
@@ -46,15 +47,13 @@ def install(folder: Path) -> None:
             f"the step's environment was solved for Python {wanted.python}, and its image's Python is {here}",
             fix=f'@pypi(python="{here}") (or @pypi_base), or METAFLOW_STACK_GRAMINE_IMAGE with Python {wanted.python}',
         )
-    listed = folder / "wheels.txt"
-    listed.write_text("".join(f"{url}\n" for url in wanted.wheels))
+    wheels = [str(folder / step_enclave.WHEELS / name) for name in wanted.wheels]
     uv = shutil.which("uv") or "uv"
     done = subprocess.run(
-        [uv, "pip", "install", "--quiet", "--no-deps", "--compile-bytecode", "--python", sys.executable,
-         "--target", step_enclave.PACKAGES, "-r", str(listed)],
+        [uv, "pip", "install", "--quiet", "--no-deps", "--no-index", "--compile-bytecode", "--python",
+         sys.executable, "--target", step_enclave.PACKAGES, *wheels],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    listed.unlink()
     if done.returncode:
         raise StackError(
             f"the step's wheels did not install: {_last_line(done.stderr)}",

@@ -18,8 +18,9 @@ EXCHANGES = f"{ENCLAVE}/evidence"
 KEY_SECRET = "enclave-key"
 #: The staged enclave settings ``enclave_build`` reads, and what it leaves for the launcher.
 SPEC, READY = "enclave.json", "ready.json"
-#: The staged environment (``StepEnvironment``), in a layer below the code: a new code package reuses it.
-ENVIRONMENT = "environment.json"
+#: The staged environment (``StepEnvironment``), in a layer below the code: a new code package reuses it;
+#: and the folder of its wheels, mounted into the build (never in a layer).
+ENVIRONMENT, WHEELS = "environment.json", "wheels"
 
 
 class StepEnclave(BaseModel):
@@ -38,7 +39,7 @@ class StepEnclave(BaseModel):
 
 class StepEnvironment(BaseModel):
     """The step's environment as Metaflow solved it (``solved_environment``): its Python (major.minor), which
-    the image's must be, and its wheels by URL; none for a step without one."""
+    the image's must be, and its wheels, by their file names in ``WHEELS``; none for a step without one."""
 
     python: str | None = None
     wheels: list[str] = []

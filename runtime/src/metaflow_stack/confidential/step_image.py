@@ -2,8 +2,8 @@
 
 The step's image builds FROM the stack's ``gramine`` image (or
 ``METAFLOW_STACK_GRAMINE_IMAGE``) with ``gramine/Dockerfile``: the step's
-``@pypi`` environment as Metaflow solved it (``solved_environment``) is
-installed in a layer of its own, the unpacked code package is copied in,
+``@pypi`` environment as Metaflow solved it (``solved_environment``: the
+wheel files it downloaded for the run) is installed in a layer of its own, the unpacked code package is copied in,
 and the enclave is prepared inside the image at build time by
 ``enclave_build``. That renders the manifest for the image's
 own interpreter and paths, has ``gramine-manifest`` hash every trusted file,
@@ -55,6 +55,7 @@ from metaflow_stack.confidential.step_enclave import (
     PACKAGES,
     READY,
     SPEC,
+    WHEELS,
     StepEnclave,
     StepEnvironment,
 )
@@ -138,9 +139,9 @@ def build(
     below = gramine_image(docker, state_dir, console)
     key = gramine.signing_key(state_dir) if chosen.mode == "sgx" else None
     env = enclave_env(CODE, chosen, code_env, keeper_key)
-    packages = StepEnvironment()
-    if environment is not None and environment.wheels:
-        packages = StepEnvironment(python=environment.python, wheels=list(environment.wheels))
+    wheels = list(environment.wheels) if environment is not None else []
+    packages = StepEnvironment(python=environment.python if wheels else None, wheels=[w.name for w in wheels])
+    if wheels:
         env["PYTHONPATH"] = f"{env['PYTHONPATH']}:{PACKAGES}"  # after the code, before the runtime's packages
     spec = StepEnclave(
         mode=chosen.mode, enclave_size=chosen.enclave_size, threads=chosen.threads, isv_prod_id=chosen.isv_prod_id,
@@ -153,6 +154,9 @@ def build(
         shutil.copy(template_path(), context / TEMPLATE)
         (context / SPEC).write_text(spec.model_dump_json(indent=1))
         (context / ENVIRONMENT).write_text(packages.model_dump_json(indent=1))
+        (context / WHEELS).mkdir()
+        for wheel in wheels:  # the files Metaflow downloaded (or built) for the run: the build downloads nothing
+            shutil.copyfile(wheel, context / WHEELS / wheel.name)
         for path in context.rglob("*"):  # copied into the image as they are: its users read everything
             path.chmod(0o755 if path.is_dir() else 0o644)
         # The image below by its content: a name like ``:latest`` may name another image tomorrow.
