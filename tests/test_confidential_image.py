@@ -293,6 +293,9 @@ def test_a_steps_solved_wheels_are_installed_in_its_image_and_trusted_by_its_enc
     version = docker_engine.run(built.reference, ["python", "-c", "import tabulate; print(tabulate.__version__)"],
                                 envs={"PYTHONPATH": "/opt/enclave/env"}, remove=True)  # fmt: skip
     assert version.strip() == "0.9.0"
+    # The next task of the step finds the image by its inputs; without the environment it is another image.
+    assert _step_image(tmp_path, gramine_image, SolvedEnvironment("3.11", (wheel,))).reference == built.reference
+    assert _step_image(tmp_path, gramine_image, None).reference != built.reference
 
 
 @pytest.mark.parametrize(

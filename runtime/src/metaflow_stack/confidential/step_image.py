@@ -25,6 +25,7 @@ device (with its group) and the AESM socket the quote comes through.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -155,12 +156,11 @@ def build(
         (context / SPEC).write_text(spec.model_dump_json(indent=1))
         (context / ENVIRONMENT).write_text(packages.model_dump_json(indent=1))
         (context / WHEELS).mkdir()
-        for wheel in wheels:  # the files Metaflow downloaded (or built) for the run: the build downloads nothing
-            shutil.copyfile(wheel, context / WHEELS / wheel.name)
         for path in context.rglob("*"):  # copied into the image as they are: its users read everything
             path.chmod(0o755 if path.is_dir() else 0o644)
-        # The image below by its content: a name like ``:latest`` may name another image tomorrow.
-        tag = catalog.tag_for(context, f"{below}@{docker.image.inspect(below).id}")
+        # The image below by its content: a name like ``:latest`` may name another image tomorrow. The
+        # wheels by name, size and time, not content: a large environment is not read by every task.
+        tag = catalog.tag_for(context, f"{below}@{docker.image.inspect(below).id} {_identity(wheels)}")
         reference = f"{settings.load().image_namespace}/confidential-step:{tag}"
         kept = state_dir / "confidential" / "step-images" / tag
         ready = kept / READY
@@ -168,6 +168,8 @@ def build(
             if docker.image.exists(reference):
                 console.print(f"{reference} is up to date")
             else:
+                for wheel in wheels:  # the files Metaflow downloaded (or built) for the run: the build downloads none
+                    _stage(wheel, context / WHEELS / wheel.name)
                 request = builders.BuildRequest(
                     context=context,
                     tag=reference,
@@ -188,6 +190,22 @@ def build(
             found = json.loads(ready.read_text())
             (kept / "exchanges").mkdir(exist_ok=True)
     return StepImage(reference, found["stem"], found["mr_enclave"], kept / "exchanges")
+
+
+def _identity(wheels: list[Path]) -> str:
+    """The wheels as Metaflow keeps them (an index's file never changes under its name; a built one is kept
+    under its source's hash): their names, sizes and modification times."""
+    found = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in wheels]
+    return hashlib.sha256(json.dumps(found).encode()).hexdigest()
+
+
+def _stage(wheel: Path, staged: Path) -> None:
+    """``wheel`` in the build's context: linked where it is on the same file system, else copied; readable."""
+    try:
+        os.link(wheel, staged)
+    except OSError:
+        shutil.copyfile(wheel, staged)
+        staged.chmod(0o644)
 
 
 class _Container:
