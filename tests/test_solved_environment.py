@@ -10,6 +10,7 @@ its downloads as its pip solver records them (``METADATA_FILE``, in the environm
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,7 +54,9 @@ class SolvedFlow(FlowSpec):
 """
 
 WHEEL = "https://files.example/packages/tabulate-0.9.0-py3-none-any.whl"
-SOURCE = "https://files.example/source/pkg-0.1.tar.gz"
+SOURCE = "git+https://example/pkg@0123abcd"
+#: Metaflow's pip solve of a step: a wheel from the index, and a package it builds from its repository.
+SOLVE = [{"url": WHEEL, "require_build": False}, {"url": SOURCE, "require_build": True, "hash": "0123abcd"}]
 
 
 @pytest.fixture
@@ -103,10 +106,9 @@ def _wheel(folder: Path, name: str) -> Path:
 
 
 def test_a_solved_pypi_step_gives_the_wheels_metaflow_downloaded_and_its_python(environment, tmp_path) -> None:
-    built = _wheel(tmp_path, "pkg-0.1-py3-none-any.whl")  # a package the index has only as source, built
+    built = _wheel(tmp_path, "pkg-0.1-py3-none-any.whl")  # built by Metaflow from its repository
     wheels = {WHEEL: _wheel(tmp_path, "tabulate-0.9.0-py3-none-any.whl"), SOURCE: built}
-    _solve(environment, "start", [{"url": WHEEL, "require_build": False}, {"url": SOURCE, "require_build": True}],
-           wheels)  # fmt: skip
+    _solve(environment, "start", SOLVE, wheels)
     found = solved(environment, "start", "linux-64")
     assert found is not None
     assert (found.python, found.wheels) == ("3.11", (wheels[WHEEL], built))
@@ -130,11 +132,19 @@ def test_a_step_not_solved_for_the_platform_is_refused_naming_it(environment, tm
 
 
 def test_a_package_that_was_not_downloaded_here_is_refused_naming_it(environment, tmp_path) -> None:
-    _solve(environment, "start", [{"url": WHEEL, "require_build": False}, {"url": SOURCE, "require_build": True}],
-           {WHEEL: _wheel(tmp_path, "tabulate-0.9.0-py3-none-any.whl")})  # fmt: skip
-    with pytest.raises(StackError, match=f"package {SOURCE} was not downloaded here") as raised:
+    _solve(environment, "start", SOLVE, {WHEEL: _wheel(tmp_path, "tabulate-0.9.0-py3-none-any.whl")})
+    with pytest.raises(StackError, match=re.escape(f"package {SOURCE} was not downloaded here")) as raised:
         solved(environment, "start", "linux-64")
     assert "run the flow again with --environment pypi" in (raised.value.fix or "")
+
+
+def test_a_downloaded_wheel_that_is_gone_is_refused_naming_the_environment_to_remove(environment, tmp_path) -> None:
+    wheel = _wheel(tmp_path, "tabulate-0.9.0-py3-none-any.whl")
+    _solve(environment, "start", SOLVE[:1], {WHEEL: wheel})
+    wheel.unlink()
+    with pytest.raises(StackError, match="which is gone") as raised:
+        solved(environment, "start", "linux-64")
+    assert (raised.value.fix or "").startswith(f"remove {environment.local_root}/envs/")
 
 
 def test_an_environment_micromamba_does_not_know_here_is_refused(environment) -> None:
@@ -175,9 +185,11 @@ def test_steps_that_run_in_a_tee_or_on_nomad_are_solved_for_linux_on_x86_64(envi
 
 @pytest.mark.parametrize("conda_first", [False, True], ids=["conda-after", "conda-before"])
 def test_a_trampolined_step_runs_this_interpreter_and_this_runtime(tmp_path: Path, monkeypatch, conda_first) -> None:
-    """Metaflow's runtime calls each decorator's ``runtime_step_cli`` in the step's order; its ``@conda`` (added
-    after the user's decorators, or written below ours) would run the trampoline under the environment's
-    interpreter with the code package first on its path, where the runtime's images and templates are not."""
+    """Metaflow's runtime calls each decorator's hooks in the step's order; its ``@conda`` (added after the
+    user's decorators, or written below ours) would look the environment's interpreter up here (not made
+    here when solved for another platform) and run the trampoline under it, with the code package first on
+    its path, where the runtime's images and templates are not. Taken over at ``runtime_init``, it does
+    neither, in either order."""
     import tempfile
     from types import SimpleNamespace
 
@@ -189,12 +201,15 @@ def test_a_trampolined_step_runs_this_interpreter_and_this_runtime(tmp_path: Pat
     monkeypatch.setattr(CondaStepDecorator, "_metaflow_home", home)
     monkeypatch.setattr(CondaStepDecorator, "_addl_env_vars", {"PYTHONPATH": f"{home.name}/.mf_code"})
     conda = CondaStepDecorator()
-    conda.disabled, conda.interpreter = False, "/home/u/micromamba/envs/metaflow/linux-64/0123/bin/python"
+    conda.disabled = False  # as its step_init leaves it for a step with an environment
     ours = ConfidentialDecorator(attributes={"container": True})
     ours.decos = [conda, ours] if conda_first else [ours, conda]
+    ours.take_over(package=None)
     args = SimpleNamespace(commands=["step"], command_args=["start"], command_options={}, env={},
                            entrypoint=[sys.executable, "flow.py"])  # fmt: skip
+    # Its environment object is never asked: an environment solved for linux-64 on a Mac has no interpreter here.
+    conda.runtime_task_created(None, "1", None, None, False, None)
     for deco in ours.decos:
         deco.runtime_step_cli(args, 0, 0, None)
     assert args.entrypoint == [sys.executable, "flow.py"] and args.commands == ["confidential", "step"]
-    assert "PYTHONPATH" not in args.env and "PYTHONNOUSERSITE" not in args.env
+    assert args.env == {}

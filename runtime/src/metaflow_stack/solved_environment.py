@@ -5,8 +5,8 @@ environment at the run's start: micromamba for the Python and conda
 packages, pip for the PyPI packages, for the platform of the step's compute
 decorator. It keeps the solve in its environment manifest (keyed by the
 environment's id, the platform and the kind; it also travels in the code
-package), and downloads every wheel, building the ones a package index has
-only as source, into the environment's folder on this machine. A step whose
+package), and downloads every wheel (building the ones named by a ``git+``
+URL) into the environment's folder on this machine. A step whose
 tasks run in an image of their own (a Gramine step's, GSC-style) installs
 those very files: no resolution and no download of its own, so the image
 holds, byte for byte, what the run was solved and started with.
@@ -104,8 +104,13 @@ def solved(environment: Any, step_name: str, target: str) -> SolvedEnvironment |
     wheels = []
     for package in found:
         path = Path(str(downloaded.get(package["url"], "")))
-        if path.suffix != ".whl" or not path.is_file():
+        if path.suffix != ".whl":
             raise StackError(f"step {step_name}'s package {package['url']} was not downloaded here", fix=rerun)
+        if not path.is_file():  # Metaflow downloads an environment's packages only while it has no record
+            raise StackError(
+                f"step {step_name}'s package {package['url']} was downloaded to {path}, which is gone",
+                fix=f"remove {prefix} (Metaflow's environment of the step), then {rerun}",
+            )
         wheels.append(path)
     python = str(described["pypi"]["python"])
     return SolvedEnvironment(".".join(python.split(".")[:2]), tuple(wheels))

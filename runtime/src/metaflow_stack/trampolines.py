@@ -54,7 +54,7 @@ def save_package_once(decorator: type, flow_datastore: Any, package: Any) -> Non
 
 class Trampolined:
     """The half of Metaflow's compute-decorator contract every such step decorator shares (mixed in before
-    ``StepDecorator``; it sets ``flow_datastore`` and ``decos`` at ``step_init`` and ``package`` at
+    ``StepDecorator``; it sets ``flow_datastore`` and ``decos`` at ``step_init`` and calls ``take_over`` at
     ``runtime_init``): the code package saved once with the first task, and each task's command swapped for
     the trampoline's."""
 
@@ -65,33 +65,37 @@ class Trampolined:
     package_sha: ClassVar[str | None] = None
     package_metadata: ClassVar[str | None] = None
 
+    def take_over(self, package: Any) -> None:
+        """At ``runtime_init``: keep the run's code ``package``, and leave this step's tasks to the trampoline.
+
+        Under ``--environment pypi|conda`` Metaflow's ``@conda`` runs a task under the step's environment's
+        interpreter, with the code package first on its ``PYTHONPATH``, unless the step has a compute
+        decorator it knows by name (``@kubernetes``...); and it looks that interpreter up on this machine,
+        where an environment solved for another platform is not made. The trampoline needs this interpreter
+        and this installation of the runtime (its images and templates are not in the code package), so this
+        step's ``@conda`` is told to leave its tasks alone: its own ``disabled``, not the user's attribute,
+        so the environment is still solved, and made where the task runs. Set here, after every decorator's
+        ``step_init`` and before any task, it holds whatever the decorators' order.
+        """
+        self.package = package
+        for deco in self.decos:
+            if deco.name == "conda":
+                deco.disabled = True
+
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
         if not is_cloned:
             save_package_once(type(self), self.flow_datastore, self.package)
 
     def trampoline(self, cli_args: Any, retry_count: int, max_user_code_retries: int, group: str) -> bool:
         """Make the task ``GROUP step STEP PACKAGE...`` under this interpreter; ``False`` (nothing changed)
-        for a ``@catch`` fallback attempt, which runs locally as with Metaflow's own compute decorators."""
+        for a ``@catch`` fallback attempt, which runs no user code, locally, as with Metaflow's own compute
+        decorators (under this interpreter too: see ``take_over``)."""
         if retry_count > max_user_code_retries:
             return False
         cls = type(self)
         cli_args.commands = [group, "step"]
         cli_args.command_args += [cls.package_metadata, cls.package_sha, cls.package_url]
         cli_args.entrypoint[0] = sys.executable
-        # Under ``--environment pypi|conda`` Metaflow's ``@conda`` runs a task under the step's environment's
-        # interpreter, the code package first on its PYTHONPATH, unless the step has a compute decorator it
-        # knows by name (``@kubernetes``...). The trampoline needs this interpreter and this installation of
-        # the runtime (its images and templates are not in the code package): a ``@conda`` whose hook comes
-        # after this one is told to leave the step's commands alone (its own ``disabled``, not the user's
-        # attribute: the environment is still solved, and made where the task runs); what one before it
-        # set (an explicit ``@conda`` written below this decorator) is taken back.
-        decos = list(self.decos)
-        for at, deco in enumerate(decos):
-            if deco.name == "conda":
-                if at < decos.index(self):
-                    cli_args.env.pop("PYTHONPATH", None)
-                    cli_args.env.pop("PYTHONNOUSERSITE", None)
-                deco.disabled = True
         return True
 
 

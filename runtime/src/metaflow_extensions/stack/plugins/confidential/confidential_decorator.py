@@ -224,7 +224,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     def runtime_init(self, flow, graph, package, run_id) -> None:
         from metaflow_stack.errors import StackError
 
-        self.package = package
+        self.take_over(package)
         cls = type(self)
         if self.attributes["container"] and not cls.swept_containers:
             from metaflow_stack.confidential.step_image import remove_orphans

@@ -189,7 +189,7 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         from metaflow_stack import images
         from metaflow_stack.errors import StackError
 
-        self.package = package
+        self.take_over(package)
         if self.attributes["backend"] != "docker":
             return  # the workspace's provider builds and runs the container
         self._sweep_once()

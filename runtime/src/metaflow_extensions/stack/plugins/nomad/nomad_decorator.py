@@ -102,7 +102,7 @@ class NomadDecorator(Trampolined, StepDecorator):
     def runtime_init(self, flow, graph, package, run_id) -> None:
         from metaflow_stack.errors import StackError
 
-        self.package = package
+        self.take_over(package)
         try:
             self._sweep_once()
             if self.placement.driver == "docker" and self.placement.image is None:
