@@ -102,6 +102,22 @@ def test_failed_build_names_the_step_shows_the_log_and_tags_nothing(
     assert not docker_engine.image.exists(tag)
 
 
+def test_a_failed_step_that_said_error_and_fix_becomes_that_one_line(
+    docker_engine, base_image: str, tmp_path: Path
+) -> None:
+    """What a build step running the runtime prints on the way out (``error:``, ``fix:``) is the error;
+    another step's lines of that shape are not."""
+    said = "printf 'error: %s\\nfix: %s\\n'"
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {base_image}\nRUN {said} 'an earlier step' 'not this one'\n"
+        f"RUN {said} 'the wheels did not install' 'pin another version' && exit 202\n"
+    )
+    with pytest.raises(ImageBuildError) as error:
+        builders.build(builders.BuildRequest(context=tmp_path, tag="metaflow-stack/test-said:x"), Console(quiet=True))
+    assert error.value.message == "building metaflow-stack/test-said:x: the wheels did not install"
+    assert error.value.fix == "pin another version" and "exit 202" in error.value.step
+
+
 def test_unknown_image_is_one_line_naming_the_known_ones() -> None:
     result = run_cli("stack", "images", "build", "nope")
     assert result.returncode == 1
