@@ -3,17 +3,18 @@
 The step's image builds FROM the stack's ``gramine`` image (or
 ``METAFLOW_STACK_GRAMINE_IMAGE``) with ``gramine/Dockerfile``: the step's
 ``@pypi`` environment as Metaflow solved it (``solved_environment``: the
-wheel files it downloaded for the run) is installed in a layer of its own, the unpacked code package is copied in,
-and the enclave is prepared inside the image at build time by
-``enclave_build``. That renders the manifest for the image's
-own interpreter and paths, has ``gramine-manifest`` hash every trusted file,
-and for SGX signs it with the runtime's enclave key, mounted as a BuildKit
-secret so it never lands in a layer. The MRENCLAVE is read back from the
-built image and recorded in each task's metadata.
+wheel files it downloaded for the run) is installed in a layer of its own,
+the unpacked code package is copied in, and the enclave is prepared inside
+the image at build time by ``enclave_build``. That renders the manifest for
+the image's own interpreter and paths, has ``gramine-manifest`` hash every
+trusted file, and for SGX signs it with the runtime's enclave key, mounted
+as a BuildKit secret so it never lands in a layer. The MRENCLAVE is read
+back from the built image and recorded in each task's metadata.
 
-The tag hashes the staged context (the code, the enclave's settings, the
-manifest template, the Dockerfile) and the image below it, by its content, so
-every task and every run with the same code and settings reuses one image.
+The tag hashes the staged context (the code, the enclave's settings and
+environment, the manifest template, the Dockerfile), the wheels by name,
+size and time, and the image below it, by its content, so every task and
+every run with the same code, environment and settings reuses one image.
 
 A task runs as a container of the image, as the user running the flow (so
 it reads its order and writes to the datastore that user owns): its exchange
