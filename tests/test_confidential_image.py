@@ -203,7 +203,7 @@ def test_a_task_container_goes_with_a_launcher_killed_outright(
         run.wait()
 
 
-def test_a_gramine_image_that_is_nowhere_fails_the_task_in_one_line(tmp_path: Path, docker_engine) -> None:
+def test_a_gramine_image_that_is_nowhere_fails_the_run_at_its_start_in_one_line(tmp_path: Path, docker_engine) -> None:
     root = tmp_path / "flow"
     (root / ".metaflow").mkdir(parents=True)
     tiny_flow(root, "@confidential(container=True)")
@@ -225,8 +225,9 @@ def _layers(saved: bytes) -> list[bytes]:
     return found
 
 
-@pytest.mark.usefixtures("gramine_image")  # the catalog's: METAFLOW_STACK_GRAMINE_IMAGE is not set here
-def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(docker_engine, tmp_path: Path) -> None:
+def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(
+    docker_engine, tmp_path: Path, gramine_image: str
+) -> None:
     from metaflow_stack.confidential import gramine, step_image
     from metaflow_stack.confidential.launcher import Settings
 
@@ -236,7 +237,7 @@ def test_an_sgx_step_image_is_signed_with_the_runtime_key_which_no_layer_holds(d
     (code / "flow.py").write_text("print('scored')\n")
     chosen = Settings("sgx", "1G", 8, "policies/prod.toml", None, None, 1, 2)
     state = tmp_path / "state"
-    built = step_image.build(code, str(tmp_path / "datastore"), chosen, state, {}, "ab" * 33)
+    built = step_image.build(code, str(tmp_path / "datastore"), chosen, state, {}, "ab" * 33, gramine_image)
     key = gramine.signing_key(state)
     assert built.mr_enclave is not None and len(built.mr_enclave) == 64
     view = docker_engine.run(built.reference, ["gramine-sgx-sigstruct-view", "--output-format", "json",
@@ -270,12 +271,8 @@ def _step_image(tmp_path: Path, gramine_image: str, environment):
     code.mkdir(exist_ok=True)
     (code / "flow.py").write_text("import tabulate\n")
     chosen = Settings("direct", "1G", 8, None, None, None)
-    os.environ["METAFLOW_STACK_GRAMINE_IMAGE"] = gramine_image
-    try:
-        return step_image.build(code, str(tmp_path / "datastore"), chosen, tmp_path / "state", {}, "ab" * 33,
-                                environment)  # fmt: skip
-    finally:
-        del os.environ["METAFLOW_STACK_GRAMINE_IMAGE"]
+    return step_image.build(code, str(tmp_path / "datastore"), chosen, tmp_path / "state", {}, "ab" * 33,
+                            gramine_image, environment)  # fmt: skip
 
 
 def test_a_steps_solved_wheels_are_installed_in_its_image_and_trusted_by_its_enclave(

@@ -71,9 +71,10 @@ def requested_python(flow: Any, decos: list[Any]) -> str | None:
     """The Python (major.minor) the step's ``@pypi`` environment is solved for, as Metaflow picks it (its
     ``@pypi``'s, the flow's ``@pypi_base``'s, its ``@conda``'s, else the Python running the flow); None for a
     step without ``@pypi``."""
-    if not _asked(flow, decos, "pypi"):
+    pypi = _asked(flow, decos, "pypi")
+    if not pypi:
         return None
-    named = [a.get("python") for a in _asked(flow, decos, "pypi") + _asked(flow, decos, "conda") if a.get("python")]
+    named = [a.get("python") for a in pypi + _asked(flow, decos, "conda") if a.get("python")]
     return ".".join(str(named[0] if named else platform.python_version()).split(".")[:2])
 
 

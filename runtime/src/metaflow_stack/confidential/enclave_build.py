@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,11 +28,6 @@ from metaflow_stack.trampolines import exits_in_one_line
 
 #: Where BuildKit mounts a build secret.
 SECRETS = Path("/run/secrets")
-
-
-def _last_line(output: str) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def install(folder: Path) -> None:
@@ -48,27 +42,18 @@ def install(folder: Path) -> None:
             fix=f'@pypi(python="{here}") (or @pypi_base), or METAFLOW_STACK_GRAMINE_IMAGE with Python {wanted.python}',
         )
     wheels = [str(folder / step_enclave.WHEELS / name) for name in wanted.wheels]
-    uv = shutil.which("uv") or "uv"
-    done = subprocess.run(
-        [uv, "pip", "install", "--quiet", "--no-deps", "--no-index", "--compile-bytecode", "--python",
-         sys.executable, "--target", step_enclave.PACKAGES, *wheels],
-        capture_output=True, text=True, check=False,
+    gramine.run(
+        [shutil.which("uv") or "uv", "pip", "install", "--quiet", "--no-deps", "--no-index", "--compile-bytecode",
+         "--python", sys.executable, "--target", step_enclave.PACKAGES, *wheels],
+        "the step's wheels did not install",
+        fix="pin versions with wheels for Linux on x86-64 and glibc 2.36 (Debian bookworm)",
     )  # fmt: skip
-    if done.returncode:
-        raise StackError(
-            f"the step's wheels did not install: {_last_line(done.stderr)}",
-            fix="pin versions with wheels for Linux on x86-64 and glibc 2.36 (Debian bookworm)",
-        )
     # The enclave runs the runtime with the step's packages before its own: one they break stops the build.
-    checked = subprocess.run(
-        [sys.executable, "-c", f"import metaflow, {ENTRY}"], capture_output=True, text=True, check=False,
+    gramine.run(
+        [sys.executable, "-c", f"import metaflow, {ENTRY}"], "the step's packages break the runtime its enclave runs",
+        fix="pin versions of those packages the runtime works with (see its requirements)",
         env={**os.environ, "PYTHONPATH": step_enclave.PACKAGES},
     )  # fmt: skip
-    if checked.returncode:
-        raise StackError(
-            f"the step's packages break the runtime its enclave runs: {_last_line(checked.stderr)}",
-            fix="pin versions of those packages the runtime works with (see its requirements)",
-        )
 
 
 def prepare(folder: Path) -> gramine.Prepared:

@@ -116,8 +116,13 @@ def command(prepared: Prepared, mode: str, here: bool = True) -> list[str]:
 
 
 def _run(args: list[str], what: str) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    return run(args, f"{what} failed", fix="see the manifest beside the task's logs")
+
+
+def run(args: list[str], failed: str, fix: str, env: dict[str, str] | None = None) -> str:
+    """``args``' output; when it fails, ``failed`` and its last line of output, with ``fix``."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise StackError(f"{what} failed: {tail[0]}", fix="see the manifest beside the task's logs")
+        raise StackError(f"{failed}: {tail[0]}", fix=fix)
     return done.stdout

@@ -1,6 +1,7 @@
 """What a Gramine step's image and its launcher agree on (``step_image`` on this machine, ``enclave_build``
 inside the image at build time): where the enclave lives in the image, the build secret the signing key
-comes as, and the staged settings. Kept apart so the in-image build imports none of the host's tooling."""
+comes as, and the staged settings. Kept apart so the in-image build imports none of the image tooling
+(``step_image``'s Docker client and builders) it has no use for."""
 
 from __future__ import annotations
 

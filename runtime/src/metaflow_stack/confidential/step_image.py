@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException
 from rich.console import Console
 
@@ -106,10 +105,11 @@ def _one_at_a_time(lock: Path) -> Iterator[None]:
         yield
 
 
-def gramine_image(docker: DockerClient, state_dir: Path, console: Console) -> str:
-    """The image step images build FROM: ``METAFLOW_STACK_GRAMINE_IMAGE`` (here, or pulled), else the
-    catalog's ``gramine`` (found, pulled or built, once)."""
-    configured = settings.load().gramine_image
+def gramine_image() -> str:
+    """The image step images build FROM, resolved once per run (``@confidential``'s ``runtime_init``):
+    ``METAFLOW_STACK_GRAMINE_IMAGE`` (here, or pulled), else the catalog's ``gramine`` (found, pulled or
+    built; one run at a time)."""
+    docker, configured = require_engine(), settings.load().gramine_image
     if configured:
         if not docker.image.exists(configured):
             try:
@@ -120,8 +120,8 @@ def gramine_image(docker: DockerClient, state_dir: Path, console: Console) -> st
                     fix="pull or build it, or unset METAFLOW_STACK_GRAMINE_IMAGE for the stack's gramine image",
                 ) from None
         return configured
-    with _one_at_a_time(state_dir / "confidential" / "step-images" / "gramine.lock"):
-        return images.resolve("gramine", console=console)
+    with _one_at_a_time(settings.load().state_dir / "confidential" / "step-images" / "gramine.lock"):
+        return images.resolve("gramine", console=Console(stderr=True))
 
 
 def build(
@@ -131,14 +131,14 @@ def build(
     state_dir: Path,
     code_env: dict[str, str],
     keeper_key: str,
+    below: str,
     environment: SolvedEnvironment | None = None,
-    console: Console | None = None,
 ) -> StepImage:
-    """The step's image for the unpacked ``code`` with the step's ``environment`` installed (built once per
-    code, environment and settings), and its MRENCLAVE."""
-    console = console or Console(stderr=True)
+    """The step's image FROM ``below`` for the unpacked ``code`` with the step's ``environment`` installed
+    (built once per code, environment and settings), and its MRENCLAVE. A task whose image is built finds it
+    by what it is made of, without staging anything."""
+    console = Console(stderr=True)
     docker = require_engine()
-    below = gramine_image(docker, state_dir, console)
     key = gramine.signing_key(state_dir) if chosen.mode == "sgx" else None
     env = enclave_env(CODE, chosen, code_env, keeper_key)
     wheels = list(environment.wheels) if environment is not None else []
@@ -149,48 +149,55 @@ def build(
         mode=chosen.mode, enclave_size=chosen.enclave_size, threads=chosen.threads, isv_prod_id=chosen.isv_prod_id,
         isv_svn=chosen.isv_svn, env=env, datastore=datastore, mr_signer=gramine.mr_signer(key) if key else None,
     )  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="stack-enclave-image-") as tmp:
-        context = Path(tmp)
-        shutil.copytree(code, context / "code", symlinks=False)
-        shutil.copy(catalog.project_root() / "gramine" / "Dockerfile", context / "Dockerfile")
-        shutil.copy(template_path(), context / TEMPLATE)
-        (context / SPEC).write_text(spec.model_dump_json(indent=1))
-        (context / ENVIRONMENT).write_text(packages.model_dump_json(indent=1))
-        (context / WHEELS).mkdir()
-        for path in context.rglob("*"):  # copied into the image as they are: its users read everything
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        # The image below by its content: a name like ``:latest`` may name another image tomorrow. The
-        # wheels by name, size and time, not content: a large environment is not read by every task.
-        tag = catalog.tag_for(context, f"{below}@{docker.image.inspect(below).id} {_identity(wheels)}")
-        reference = f"{settings.load().image_namespace}/confidential-step:{tag}"
-        kept = state_dir / "confidential" / "step-images" / tag
-        ready = kept / READY
-        with _one_at_a_time(kept.with_suffix(".lock")):
-            if docker.image.exists(reference):
-                console.print(f"{reference} is up to date")
-            else:
-                for wheel in wheels:  # the files Metaflow downloaded (or built) for the run: the build downloads none
-                    _stage(wheel, context / WHEELS / wheel.name)
-                request = builders.BuildRequest(
-                    context=context,
-                    tag=reference,
-                    build_args={"GRAMINE_IMAGE": below},
+    dockerfile = catalog.project_root() / "gramine" / "Dockerfile"
+    staged = {SPEC: spec.model_dump_json(indent=1), ENVIRONMENT: packages.model_dump_json(indent=1),
+              "Dockerfile": dockerfile.read_text(), TEMPLATE: template_path().read_text()}  # fmt: skip
+    # The code by its files (read, not copied); the image below by its content (a name like ``:latest`` may
+    # name another image tomorrow); the wheels by name, size and time: a large environment is not read.
+    made_of = json.dumps([staged, docker.image.inspect(below).id, _identity(wheels)], sort_keys=True)
+    tag = catalog.tag_for(code, f"{below} {hashlib.sha256(made_of.encode()).hexdigest()}")
+    reference = f"{settings.load().image_namespace}/confidential-step:{tag}"
+    kept = state_dir / "confidential" / "step-images" / tag
+    ready = kept / READY
+    with _one_at_a_time(kept.with_suffix(".lock")):
+        if docker.image.exists(reference):
+            console.print(f"{reference} is up to date")
+        else:
+            with tempfile.TemporaryDirectory(prefix="stack-enclave-image-") as tmp:
+                _build(Path(tmp), code, staged, wheels, builders.BuildRequest(
+                    context=Path(tmp), tag=reference, build_args={"GRAMINE_IMAGE": below},
                     labels={"io.metaflow-stack.confidential.mode": chosen.mode},
                     secrets={KEY_SECRET: key} if key else {},
-                )
-                with console.status(f"building {reference}"):
-                    builders.build(request, console)
-                console.print(f"built {reference}")
-                ready.unlink(missing_ok=True)
-            if not ready.is_file():  # read from the image once, not by every task; whole, or not there
-                kept.mkdir(parents=True, exist_ok=True)
-                read = docker.run(reference, ["cat", f"{ENCLAVE}/{READY}"], remove=True, user=host_user())
-                partial = ready.with_suffix(".partial")
-                partial.write_text(read)
-                os.replace(partial, ready)
-            found = json.loads(ready.read_text())
-            (kept / "exchanges").mkdir(exist_ok=True)
+                ), console)  # fmt: skip
+            ready.unlink(missing_ok=True)
+        if not ready.is_file():  # read from the image once, not by every task; whole, or not there
+            kept.mkdir(parents=True, exist_ok=True)
+            read = docker.run(reference, ["cat", f"{ENCLAVE}/{READY}"], remove=True, user=host_user())
+            partial = ready.with_suffix(".partial")
+            partial.write_text(read)
+            os.replace(partial, ready)
+        found = json.loads(ready.read_text())
+        (kept / "exchanges").mkdir(exist_ok=True)
     return StepImage(reference, found["stem"], found["mr_enclave"], kept / "exchanges")
+
+
+def _build(
+    context: Path, code: Path, staged: dict[str, str], wheels: list[Path], request: builders.BuildRequest,
+    console: Console,
+) -> None:  # fmt: skip
+    """Stage the context (the code, ``staged``'s files, the wheels Metaflow downloaded or built for the run:
+    the build downloads none) and build ``request``."""
+    shutil.copytree(code, context / "code", symlinks=False)
+    for name, text in staged.items():
+        (context / name).write_text(text)
+    (context / WHEELS).mkdir()
+    for path in context.rglob("*"):  # copied into the image as they are: its users read everything
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for wheel in wheels:
+        _stage(wheel, context / WHEELS / wheel.name)
+    with console.status(f"building {request.tag}"):
+        builders.build(request, console)
+    console.print(f"built {request.tag}")
 
 
 def _identity(wheels: list[Path]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from metaflow_stack import images, settings
-from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine
+from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine, host_user
 from metaflow_stack.errors import DockerUnavailableError, StackError
 
 FLOW_FILE = Path(__file__).with_name("hello_flow.py")
@@ -76,7 +76,7 @@ def _run_in_image(datastore: Path, service_url: str | None, auth_key: str | None
             ],
             # The host user's ids keep the datastore's files theirs; the job
             # holds no capabilities either way (JobSpec's defaults).
-            user=f"{os.getuid()}:{os.getgid()}",
+            user=host_user(),
             labels={"io.metaflow-stack.demo": "hello"},
             owner=STACK_UP,
             # The service answers on the host's loopback only.

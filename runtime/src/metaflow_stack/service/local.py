@@ -134,7 +134,7 @@ class LocalService:
 
     def _start_containers(self, console: Console) -> RunningService:
         from metaflow_stack import images
-        from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine
+        from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine, host_user
         from metaflow_stack.engines.docker import require_engine
 
         for root in self.log_roots:
@@ -187,7 +187,7 @@ class LocalService:
                 ports={8080: self.port},
                 # Local datastores at their own paths, read-only, read as their owner (no capabilities).
                 mounts=[Mount(root, root) for root in self.log_roots if not root.startswith("s3://")],
-                user=f"{os.getuid()}:{os.getgid()}",
+                user=host_user(),
                 labels=_LABEL,
                 owner=STACK_UP,
             ),

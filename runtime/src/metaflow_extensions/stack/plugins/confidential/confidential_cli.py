@@ -46,6 +46,7 @@ def confidential() -> None:
 @click.option("--image", default=None)
 @click.option("--instance-type", default="tdx.small")
 @click.option("--container", is_flag=True, help="Gramine's: run the enclave in the step's own image.")
+@click.option("--gramine-image", default=None, help="What the step's own image builds FROM (resolved by the run).")
 @click.option("--run-time-limit", type=int, default=None, help="A CVM's seconds to run once booted (@timeout's).")
 @click.pass_context
 def step(
@@ -68,6 +69,7 @@ def step(
     instance_type: str,
     run_time_limit: int | None,
     container: bool,
+    gramine_image: str | None,
     **kwargs,
 ) -> None:
     from metaflow.metadata_provider import MetaDatum
@@ -118,17 +120,17 @@ def step(
                              facts, package, image or "", instance_type, run_time_limit)  # fmt: skip
         else:
             code = _in_gramine(ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package,
-                               container)  # fmt: skip
+                               container, gramine_image)  # fmt: skip
     sys.exit(code)
 
 
 def _in_gramine(
-    ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package, container
+    ctx, identity, command, env, inputs, chosen, keeper, keeper_key, record, facts, package, container, gramine_image
 ) -> int:
     """The task in the step's Gramine enclave: with this machine's Gramine (``launcher``), or in the step's own
     image (``step_image``, ``container``)."""
-    from metaflow_stack import code_package, settings, solved_environment
-    from metaflow_stack.confidential import PLATFORM, launcher, step_image
+    from metaflow_stack import code_package, settings
+    from metaflow_stack.confidential import launcher
 
     flow_datastore, state_dir = ctx.obj.flow_datastore, settings.load().state_dir
     metadata, sha, url = package
@@ -141,8 +143,12 @@ def _in_gramine(
     code_env = {"METAFLOW_CODE_METADATA": metadata, "METAFLOW_CODE_SHA": sha, "METAFLOW_CODE_URL": url,
                 "METAFLOW_CODE_DS": flow_datastore.TYPE}  # fmt: skip
     if container:  # with the step's environment, as Metaflow solved it for the image's platform
-        solved = solved_environment.solved(ctx.obj.environment, identity.step, PLATFORM)
-        image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key, solved)
+        from metaflow_stack.confidential import PLATFORM, step_image
+        from metaflow_stack.solved_environment import solved
+
+        below = gramine_image or step_image.gramine_image()  # (a trampoline called by hand resolves it)
+        environment = solved(ctx.obj.environment, identity.step, PLATFORM)
+        image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key, below, environment)
         facts["mr_enclave"], facts["image"], evidence = image.mr_enclave, image.reference, image.exchanges
         start = step_image.in_container(image, chosen.mode, datastore)
     else:

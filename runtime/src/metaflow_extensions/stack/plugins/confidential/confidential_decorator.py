@@ -90,8 +90,9 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
     stack_image: ClassVar[str | None] = None
     #: Whether this run's start has deleted the CVMs of launchers killed outright (once per run).
     swept: ClassVar[bool] = False
-    #: Whether it has removed the task containers of launchers killed outright (once per run).
-    swept_containers: ClassVar[bool] = False
+    #: The image Gramine steps' own images build FROM, resolved once per run (with the run's start removing
+    #: the task containers of launchers killed outright).
+    gramine_image: ClassVar[str | None] = None
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.flow_datastore, self.step, self.decos = flow_datastore, step, decos
@@ -226,11 +227,14 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
 
         self.take_over(package)
         cls = type(self)
-        if self.attributes["container"] and not cls.swept_containers:
-            from metaflow_stack.confidential.step_image import remove_orphans
+        if self.attributes["container"] and cls.gramine_image is None:
+            from metaflow_stack.confidential.step_image import gramine_image, remove_orphans
 
-            cls.swept_containers = True
-            remove_orphans()
+            try:
+                remove_orphans()
+                cls.gramine_image = gramine_image()
+            except StackError as exc:
+                raise ConfidentialException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
         if self.attributes["backend"] != "phala":
             return
         if not cls.swept:
@@ -256,6 +260,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
                 cli_args.command_options[option.replace("_", "-")] = self.attributes[option]
         if self.attributes["trust"]:
             cli_args.command_options["trust"] = " ".join(self.attributes["trust"])
+        if self.attributes["container"]:
+            cli_args.command_options["gramine-image"] = type(self).gramine_image
         if self.attributes["backend"] == "phala":
             cli_args.command_options["run-time-limit"] = self.run_time_limit
 
