@@ -35,9 +35,9 @@ from rich.table import Table
 
 from metaflow_stack import images
 from metaflow_stack.engines import get_engine
-from metaflow_stack.nomad.client import NomadClient, Settings
-from metaflow_stack.nomad.jobspec import Placement, task_job
-from metaflow_stack.nomad.watch import follow
+from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+from metaflow_stack.engines.nomad.watch import follow
 
 # The Nomad API double the tests use (tests/nomad_double): not shipped in the wheel.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

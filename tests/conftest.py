@@ -465,14 +465,14 @@ def bridge_s3(bridge_address: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def nomad_agent(docker_engine) -> Iterator[object]:
-    """A Nomad agent's settings (``metaflow_stack.nomad.client.Settings``): the one at ``NOMAD_ADDR`` where
+    """A Nomad agent's settings (``metaflow_stack.engines.nomad.client.Settings``): the one at ``NOMAD_ADDR`` where
     one runs (the GitHub workflow's), else the double in ``tests/nomad_double`` (its docker tasks on the
     local engine), with ACLs on; its variables are set for the processes the tests start."""
     import uuid
 
     from devservers import nomad_double
 
-    from metaflow_stack.nomad.client import Settings
+    from metaflow_stack.engines.nomad.client import Settings
 
     if os.environ.get("NOMAD_ADDR"):
         yield Settings.from_env()

@@ -6,9 +6,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from metaflow_stack.nomad.client import NomadClient, Settings
-from metaflow_stack.nomad.jobspec import Placement, task_job
-from metaflow_stack.nomad.watch import follow
+from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+from metaflow_stack.engines.nomad.watch import follow
 
 
 def run_job(

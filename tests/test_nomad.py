@@ -69,7 +69,7 @@ def facts(root: Path, flow: str, s3: str) -> dict:
 
 
 def jobs_left(agent) -> list[str]:
-    from metaflow_stack.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.client import NomadClient
 
     with NomadClient(agent) as client:
         return [job["ID"] for job in client.jobs("mf-nomadflow-")]
@@ -219,7 +219,7 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     a scheduled flow's periodic job run now."""
     from service_servers import KEYED, start_service
 
-    from metaflow_stack.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.client import NomadClient
 
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:

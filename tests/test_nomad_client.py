@@ -12,10 +12,10 @@ import pytest
 from devservers import free_port
 from nomad_jobs import run_job
 
+from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of, task_job
+from metaflow_stack.engines.nomad.watch import Unplaced
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import NomadClient, Settings
-from metaflow_stack.nomad.jobspec import Placement, constraints_of, task_job
-from metaflow_stack.nomad.watch import Unplaced
 
 pytestmark = [pytest.mark.docker]
 
@@ -86,7 +86,7 @@ def test_a_job_no_node_can_take_fails_in_seconds_with_nomads_reason(
 def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base_image: str) -> None:
     """More memory than a node has free: Nomad keeps the job in a blocked evaluation; the watcher says why it
     waits and goes on waiting for the allocation instead of failing the step."""
-    from metaflow_stack.nomad.watch import wait_placed
+    from metaflow_stack.engines.nomad.watch import wait_placed
 
     name, said = f"mf-test-{uuid.uuid4().hex[:8]}", []
     placement = Placement(image=base_image, memory=10_000_000)
@@ -143,7 +143,7 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
     import http.server
     import threading
 
-    from metaflow_stack.nomad import client as nomad_client
+    from metaflow_stack.engines.nomad import client as nomad_client
 
     class Endless(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -19,10 +19,10 @@ from conftest import run_cli
 from devservers import free_port, nomad_double
 from nomad_jobs import run_job
 
+from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.jobspec import Placement
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import NomadClient, Settings
 from metaflow_stack.nomad.dev_cluster import NAMESPACE, LocalNomad, configure, policy_rules
-from metaflow_stack.nomad.jobspec import Placement
 
 
 @pytest.fixture

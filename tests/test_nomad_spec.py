@@ -11,10 +11,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from metaflow_stack.engines.nomad import jobspec
+from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of, job_id, task_job, workers_job
+from metaflow_stack.engines.nomad.logs import MAX_LINE, MAX_PENDING, FrameDecoder, Lines
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad import jobspec
-from metaflow_stack.nomad.jobspec import Placement, constraints_of, job_id, task_job
-from metaflow_stack.nomad.logs import MAX_LINE, MAX_PENDING, FrameDecoder, Lines
 
 SCHEMA = json.loads((Path(__file__).resolve().parent / "nomad_double" / "job.schema.json").read_text())
 COMMAND = ["sh", "-c", "python flow.py step train"]
@@ -40,6 +40,20 @@ def test_a_task_is_a_batch_job_nomad_never_restarts_or_reschedules() -> None:
     assert task["Resources"] == {"MemoryMB": 4096, "Cores": 1}
     assert task["KillTimeout"] == 30 * 10**9
     assert not {"Datacenters", "Namespace", "Region", "NodePool", "Constraints"} & set(job)
+
+
+def test_a_pools_workers_are_a_service_job_of_count_allocations_stopped_by_sigterm() -> None:
+    """Nomad keeps a pool's workers running (a service job, its restart defaults) and stops them with the
+    signal they stop on, not exec's and raw_exec's default SIGINT, which a worker ignores."""
+    placement = Placement(cpu=2, memory=1024, driver="raw_exec", namespace="ml")
+    job = registered(workers_job("mf-pool-each-1", COMMAND, {"A": "1"}, placement, {"k": "v"}, 3))
+    (group,) = job["TaskGroups"]
+    assert job["Type"] == "service" and job["Namespace"] == "ml" and group["Count"] == 3
+    assert "RestartPolicy" not in group and "ReschedulePolicy" not in group
+    (task,) = group["Tasks"]
+    assert task["KillSignal"] == "SIGTERM" and task["Driver"] == "raw_exec" and task["Env"] == {"A": "1"}
+    assert task["Config"] == {"command": "sh", "args": ["-c", "python flow.py step train"]}
+    assert task["Resources"] == {"MemoryMB": 1024, "Cores": 2}
 
 
 def test_resources_gpus_and_placement_in_nomad_terms() -> None:

@@ -48,7 +48,7 @@ from metaflow import Flow, Task, metadata, namespace
 metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow(sys.argv[2]).latest_run
-USER = ("input", "square", "label")
+USER = ("input", "square", "label", "alloc")
 items = []
 for task in sorted(run["each"], key=lambda t: t.index):
     first = Task(task.pathspec, attempt=0)
@@ -619,6 +619,63 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
 
+def nomad_env(agent, redis_url: str) -> dict[str, str]:
+    """What a run with a pool on Nomad needs: the agent (the double here: its raw_exec workers are processes
+    of this machine, which reach the same Redis), and the queue."""
+    return {
+        "NOMAD_ADDR": agent.address,
+        **({"NOMAD_TOKEN": agent.token} if agent.token else {}),
+        URL_VARIABLE: redis_url,
+    }
+
+
+def pool_jobs_left(agent) -> list[str]:
+    from metaflow_stack.engines.nomad.client import NomadClient
+
+    with NomadClient(agent) as client:
+        return [job["ID"] for job in client.jobs("mf-pool-")]
+
+
+def test_a_pool_over_nomad_runs_its_items_on_one_jobs_allocations(
+    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+) -> None:
+    """``@worker_pool(size=2)`` over ``@nomad``: no job per task, but one job of two workers placed as
+    ``@nomad`` says, which run every item and are purged with the run; a failed item is retried there."""
+    env = {**nomad_env(nomad_agent, redis_url), "POOL_FLOW_FLAKY": "2"}
+    s3_root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
+    done = run_flow(tmp_path, pooled=False, env=env, flow="nomad_pool_flow.py", s3_root=s3_root)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    run = facts(tmp_path, "NomadPoolFlow")
+    assert run["successful"] and run["squares"] == [0, 1, 4, 9]
+    assert [item["attempt"] for item in run["items"]] == [0, 0, 1, 0]
+    assert "RuntimeError: item 2 fails on attempt 0" in run["items"][2]["first_stderr"]
+    workers = [item["worker"] for item in run["items"]]
+    assert all(w and w.startswith("mf-pool-each-") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
+    allocations = {item["values"]["alloc"] for item in run["items"]}
+    assert len(allocations) <= 2 and "None" not in allocations, allocations  # (items ran in the job's allocations)
+    assert "Nomad job" not in done.stdout + done.stderr  # (no job per task: nothing said of one)
+    assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
+
+
+def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
+    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+) -> None:
+    """Workers asking for a GPU no node has: the step fails at its first item with Nomad's reason, and the
+    job is purged."""
+    decorators = '@worker_pool(size=2)\n    @nomad(driver="raw_exec", cpu=0.5, memory=512, gpu=1)'
+    (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=decorators, decorator_join=""))
+    environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    environment.update(nomad_env(nomad_agent, redis_url))
+    root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
+    line = [sys.executable, "bad_flow.py", "--datastore", "s3", "--datastore-root", root, "run"]
+    done = subprocess.run(line, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    said = done.stdout + done.stderr
+    assert "the pool's Nomad workers did not become ready: Nomad cannot place the job" in said, said[-3000:]
+    assert "missing devices" in said and "Traceback" not in said
+    assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
+
+
 @pytest.mark.parametrize(
     ("decorators", "words"),
     [
@@ -712,7 +769,7 @@ def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -
 
 
 BAD = """
-from metaflow import FlowSpec, devcontainer, kubernetes, pypi, resources, step, worker_pool
+from metaflow import FlowSpec, devcontainer, kubernetes, nomad, pypi, resources, step, worker_pool
 
 class BadFlow(FlowSpec):
     @step

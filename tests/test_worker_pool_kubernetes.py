@@ -41,7 +41,7 @@ def pool(values: dict | None = None, size: int = 3) -> KubernetesPool:
 
 def rendered(values: dict | None = None) -> helm.Release:
     subject = pool(values)
-    return helm.render(CHART, subject.values(), subject.release, subject.namespace)
+    return helm.render(CHART, subject.values(), subject.workers_name, subject.namespace)
 
 
 def by_kind(release: helm.Release) -> dict[str, dict]:
@@ -81,13 +81,13 @@ def test_the_pods_run_warm_redis_workers_with_the_steps_resources() -> None:
 
 
 def test_the_release_name_is_kubernetes_alphabet_and_one_per_run_and_step() -> None:
-    name = pool().release
+    name = pool().workers_name
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 53, name
     assert name.startswith("mf-pool-score-items-")
     other = KubernetesPool(
         "/f.py", 1, "score_items@x", URL, "mf-pool:2:score_items:", image="i:t", resources={}, values={}, namespace="d"
     )
-    assert other.release != name
+    assert other.workers_name != name
 
 
 def test_values_from_the_file_are_laid_over_the_runtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

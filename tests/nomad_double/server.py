@@ -17,10 +17,14 @@ checked by the same suite passing against a real ``nomad agent -dev`` in
 the GitHub workflow's ``clusters`` job.
 
 - ``PUT /v1/jobs``: the body checked against ``job.schema.json`` (Nomad's
-  fields; 400 otherwise); an evaluation that places the task group on the
-  node, or records why not (``FailedTGAllocs``: ``ConstraintFiltered``,
+  fields; 400 otherwise); an evaluation that places the task group's
+  ``Count`` allocations on the node (named ``<job>.<group>[<index>]``), or
+  records why not (``FailedTGAllocs``: ``ConstraintFiltered``,
   ``DimensionExhausted``), as Nomad's scheduler does: a device the node
-  lacks filters it (``missing devices``), more than it has exhausts it.
+  lacks filters it (``missing devices``), more than it has exhausts it. A
+  task's command and arguments have ``${NAME}`` replaced by its variables
+  (its own and the runtime's: ``NOMAD_JOB_ID``, ``NOMAD_ALLOC_INDEX``...),
+  as Nomad interpolates them; no other of Nomad's interpolations.
 - Blocking queries (``index``, ``wait``) on ``/v1/evaluation/:id``,
   ``/v1/job/:id/allocations`` and ``/v1/allocation/:id``, with
   ``X-Nomad-Index``.
@@ -28,7 +32,10 @@ the GitHub workflow's ``clusters`` job.
   task starts, then its stdout or stderr as ``StreamFrame`` objects
   (``Data`` base64, ``Offset``, ``File``), a heartbeat ``{}`` each second
   nothing is written; it follows while asked.
-- ``DELETE /v1/job/:id?purge=true``: the container killed, the job gone.
+- ``DELETE /v1/job/:id?purge=true``: the job gone, its tasks stopped: a
+  container killed; a raw_exec process sent the task's ``KillSignal``
+  (SIGINT by default), then SIGKILL after its ``KillTimeout``, as Nomad's
+  client stops a task.
 - ACLs, as an agent with them enabled answers: ``--token`` is a management
   token from the start; with ``--acl-bootstrap`` there is none until
   ``POST /v1/acl/bootstrap`` makes one (once). A request without a known
@@ -291,12 +298,26 @@ class Cluster:
             return
         group = job["TaskGroups"][0]
         task = group["Tasks"][0]
+        runs = []
+        for index in range(int(group.get("Count", 1))):  # (a group's Count allocations, each its own index)
+            runs.append(threading.Thread(target=self.run, args=(self.allocate(job, group, task, index), task)))
+        with self.changed:
+            evaluation["Status"] = "complete"
+            self.bump(evaluation)
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+
+    def allocate(self, job: dict[str, Any], group: dict[str, Any], task: dict[str, Any], index: int) -> dict[str, Any]:
         alloc = {
             "ID": str(uuid.uuid4()),
+            "Name": f"{job['ID']}.{group['Name']}[{index}]",
             "JobID": job["ID"],
             "Job": job,
             "Namespace": job.get("Namespace", "default"),
             "TaskGroup": group["Name"],
+            "DesiredStatus": "run",
             "ClientStatus": "pending",
             "TaskStates": {
                 task["Name"]: {
@@ -310,10 +331,8 @@ class Cluster:
         with self.changed:
             self.allocs[alloc["ID"]] = alloc
             self.jobs[job["ID"]]["Allocs"].append(alloc["ID"])
-            evaluation["Status"] = "complete"
-            self.bump(evaluation)
             self.bump(alloc)
-        self.run(alloc, task)
+        return alloc
 
     def run(self, alloc: dict[str, Any], task: dict[str, Any]) -> None:
         state = alloc["TaskStates"][task["Name"]]
@@ -342,11 +361,12 @@ class Cluster:
     def start_container(self, alloc: dict[str, Any], task: dict[str, Any]) -> Callable[[], int]:
         config, resources = task["Config"], task.get("Resources") or {}
         cpus = resources.get("Cores") or (resources.get("CPU", 100) / 1000)
+        env = {**(task.get("Env") or {}), **_runtime_env(alloc, task)}
         container = self.docker.run(
             config["image"],
-            [config["command"], *config.get("args", [])],
+            _interpolated([config["command"], *config.get("args", [])], env),
             detach=True,
-            envs={**(task.get("Env") or {}), **_runtime_env(alloc, task)},
+            envs=env,
             cpus=cpus,
             memory=f"{resources.get('MemoryMB', 300)}m",
             labels={LABEL: alloc["ID"]},
@@ -372,7 +392,7 @@ class Cluster:
         env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **folders}
         config, limit = task["Config"], int((task.get("LogConfig") or {}).get("MaxFileSizeMB", 10)) << 20
         process = subprocess.Popen(
-            [config["command"], *config.get("args", [])],
+            _interpolated([config["command"], *config.get("args", [])], env),
             cwd=task_dir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -380,7 +400,7 @@ class Cluster:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        run = RawExec(process, root, task["Name"], limit)
+        run = RawExec(process, root, task["Name"], limit, task.get("KillSignal") or "SIGINT")
         self.started[alloc["ID"]] = run
         return run.wait
 
@@ -397,9 +417,7 @@ class Cluster:
                 with contextlib.suppress(DockerException):
                     self.docker.container.remove(started, force=True)
             elif started is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(started.process.pid, signal.SIGKILL)
-                started.wait()
+                started.stop(alloc["Job"]["TaskGroups"][0]["Tasks"][0].get("KillTimeout", 5_000_000_000) / 1e9)
                 shutil.rmtree(started.root, ignore_errors=True)
 
     def stop(self) -> None:
@@ -448,8 +466,9 @@ class RawExec:
     writes them: ``alloc/logs/<task>.<kind>.<n>``, the next file begun when one reaches the task's
     ``LogConfig.MaxFileSizeMB`` (a write split across the two). Unlike Nomad, no file is ever deleted."""
 
-    def __init__(self, process: subprocess.Popen, root: Path, task: str, limit: int) -> None:
+    def __init__(self, process: subprocess.Popen, root: Path, task: str, limit: int, kill_signal: str) -> None:
         self.process, self.root, self.task, self.limit = process, root, task, limit
+        self.kill_signal = signal.Signals[kill_signal]
         self.logs = root / "alloc" / "logs"
         for kind in ("stdout", "stderr"):
             (self.logs / f"{task}.{kind}.0").touch()
@@ -486,6 +505,17 @@ class RawExec:
         for pump in self.pumps:
             pump.join()
         return code
+
+    def stop(self, kill_timeout_s: float) -> None:
+        """As Nomad's client stops a task: its ``KillSignal`` (SIGINT unless the task names one), then SIGKILL
+        once its ``KillTimeout`` has passed."""
+        for number, wait_s in ((self.kill_signal, kill_timeout_s), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, number)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(wait_s)
+                break
+        self.wait()
 
     def done(self) -> bool:
         return self.process.poll() is not None and not any(pump.is_alive() for pump in self.pumps)
@@ -538,6 +568,8 @@ def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
         env["NOMAD_JOB_PARENT_ID"] = alloc["Job"]["ParentID"]
     return env | {
         "NOMAD_ALLOC_ID": alloc["ID"],
+        "NOMAD_ALLOC_NAME": alloc["Name"],
+        "NOMAD_ALLOC_INDEX": alloc["Name"].rsplit("[", 1)[1].rstrip("]"),
         "NOMAD_JOB_ID": alloc["JobID"],
         "NOMAD_JOB_NAME": alloc["JobID"],
         "NOMAD_GROUP_NAME": alloc["TaskGroup"],
@@ -546,6 +578,12 @@ def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
         "NOMAD_DC": "dc1",
         "NOMAD_REGION": "global",
     }
+
+
+def _interpolated(argv: list[str], env: dict[str, str]) -> list[str]:
+    """A task's command and arguments with ``${NAME}`` replaced by the task's variable ``NAME`` (its own and
+    the runtime's), as Nomad's client interpolates them; a name it does not know is left as written."""
+    return [re.sub(r"\$\{([A-Za-z0-9_.]+)\}", lambda m: env.get(m.group(1), m.group(0)), arg) for arg in argv]
 
 
 def _satisfied(constraint: dict[str, Any]) -> bool:

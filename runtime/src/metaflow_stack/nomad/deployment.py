@@ -18,10 +18,10 @@ import shlex
 import threading
 from typing import Any
 
+from metaflow_stack.engines.nomad.client import NomadClient
+from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import NomadClient
-from metaflow_stack.nomad.jobspec import Placement, task_job
-from metaflow_stack.nomad.watch import Ending, follow
 
 #: The line a deployed run prints first: this, then its run id.
 RUN_ID_MARKER = "metaflow-stack-run-id: "

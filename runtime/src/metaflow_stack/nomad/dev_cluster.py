@@ -25,9 +25,9 @@ from typing import Any
 from metaflow_stack import settings
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.deploy import infra_root
+from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
 from metaflow_stack.errors import StackError, ToolMissingError
 from metaflow_stack.local_secrets import keep
-from metaflow_stack.nomad.client import NomadClient, Settings, Unavailable
 
 #: The namespace flows run in, and the policy that lets them (named alike).
 NAMESPACE = POLICY = "metaflow"

@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 
 from metaflow_stack.elsewhere import Launcher
+from metaflow_stack.engines.nomad.client import NomadClient
+from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import NomadClient
-from metaflow_stack.nomad.jobspec import Placement, task_job
-from metaflow_stack.nomad.watch import Ending, follow
 from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
 
 #: Set in every job: Metaflow's plugins know the task runs in a Nomad job.

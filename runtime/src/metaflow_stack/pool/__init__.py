@@ -9,7 +9,9 @@ once. The task then runs Metaflow's own ``step`` command there, so its id,
 attempts, metadata, artifacts and logs are the ones a plain task writes.
 
 Backends sit beside each other behind ``backend.Pool``: ``local`` (a fork
-server on this machine).
+server on this machine), ``redis`` (a queue to workers that claim one task
+at a time), ``kubernetes`` and ``nomad`` (that queue's workers as pods, or
+as a Nomad job's allocations) and ``ray`` (Ray actors).
 """
 
 #: Set in a pooled task's environment to the worker that runs it (``<pool>/<slot>``), recorded as metadata.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from metaflow_stack.pool.counts import Counts
 
 if TYPE_CHECKING:
+    from metaflow_stack.engines.nomad.jobspec import Placement as NomadPlacement
     from metaflow_stack.pool.contained import Launcher
 
 
@@ -32,7 +33,7 @@ class Pool(Protocol):
 
 
 #: The backends, in the decorator's words.
-BACKENDS = ("local", "redis", "ray", "kubernetes")
+BACKENDS = ("local", "redis", "ray", "kubernetes", "nomad")
 
 
 def open_pool(
@@ -48,14 +49,17 @@ def open_pool(
     namespace: str | None = None,
     values: dict[str, Any] | None = None,
     contained: Launcher | None = None,
+    placement: NomadPlacement | None = None,
 ) -> Pool:
     """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis`` and ``kubernetes``,
     where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
     ``resources``: the step's ``@resources`` (``cpu``, ``gpu``, ``memory`` in MB), for each Ray actor or
     pod; for ``kubernetes``: ``image``, the pods' (default: the stack's base image), ``namespace`` (default:
     ``METAFLOW_KUBERNETES_NAMESPACE``, then ``default``) and chart ``values`` the step sets (a node selector,
-    tolerations: ``@kubernetes``'s); for ``local``, ``contained``: how to start the container the fork server
-    runs in (``@devcontainer``'s), ``flow_file`` then the flow as the container sees it."""
+    tolerations: ``@kubernetes``'s); for ``nomad``: ``image`` and ``placement``, where and with what the
+    workers run (``@nomad``'s; default: ``resources``); for ``local``, ``contained``: how to start the
+    container the fork server runs in (``@devcontainer``'s), ``flow_file`` then the flow as the container
+    sees it."""
     name = f"{step}@{os.uname().nodename}"
     resources = resources or {}
     if backend == "local" and contained is not None:
@@ -79,4 +83,8 @@ def open_pool(
         from metaflow_stack.pool.kubernetes_pool import open_kubernetes_pool
 
         return open_kubernetes_pool(flow_file, size, name, url, prefix, resources, image, namespace, values or {})
+    if backend == "nomad":
+        from metaflow_stack.pool.nomad_pool import open_nomad_pool
+
+        return open_nomad_pool(flow_file, size, name, url, prefix, resources, image, placement)
     return RedisPool(flow_file, size, name, url, prefix)

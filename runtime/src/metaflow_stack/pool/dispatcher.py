@@ -1,9 +1,9 @@
-"""The run's end of a pool whose workers are elsewhere (Redis workers, pods, Ray actors).
+"""The run's end of a pool whose workers are elsewhere (Redis workers, pods, Nomad allocations, Ray actors).
 
 The run's runtime starts one dispatcher per pooled step. It takes the same
 hand-over as the local fork server (``handover``) on a Unix socket and
 passes each task to its backend's executor (``redis_dispatch``,
-``kubernetes_dispatch``, ``ray_dispatch``), which runs it on a worker and hands back what the task
+``kubernetes_dispatch``, ``nomad_dispatch``, ``ray_dispatch``), which runs it on a worker and hands back what the task
 writes; the dispatcher writes that into the task's own stdout and stderr
 and answers its exit status. A worker lost mid-task fails that attempt with
 the trampoline's ``POOL_LOST`` status, which ``@retry`` retries; a
@@ -146,6 +146,8 @@ async def _main(backend: str, address: str, args: list[str]) -> None:
         from metaflow_stack.pool.ray_dispatch import open_executor
     elif backend == "kubernetes":
         from metaflow_stack.pool.kubernetes_dispatch import open_executor
+    elif backend == "nomad":
+        from metaflow_stack.pool.nomad_dispatch import open_executor
     else:
         from metaflow_stack.pool.redis_dispatch import open_executor
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

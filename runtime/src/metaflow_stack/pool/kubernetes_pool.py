@@ -16,10 +16,8 @@ and a datastore both sides share.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -29,8 +27,7 @@ from metaflow_stack.deploy import helm
 from metaflow_stack.deploy.helm import kubectl
 from metaflow_stack.elsewhere import metaflow_settings
 from metaflow_stack.errors import StackError
-from metaflow_stack.pool.processes import PoolProcess
-from metaflow_stack.pool.redis_pool import RedisPool
+from metaflow_stack.pool.cluster_pool import ClusterPool
 
 #: Where the pods find Redis, when not where the runtime does (a cluster's view of the same server).
 POD_URL_VARIABLE = "METAFLOW_STACK_POOL_POD_REDIS_URL"
@@ -52,10 +49,11 @@ CANNOT_START = frozenset(
 )
 
 
-class KubernetesPool(RedisPool):
+class KubernetesPool(ClusterPool):
     """A dispatcher here and ``size`` worker pods, sharing one Redis queue."""
 
     backend = "kubernetes"
+    workers_kind = "pods"
     fix = "check the cluster (kubectl get pods) and that the pods reach Redis (" + POD_URL_VARIABLE + ")"
     stop_timeout_s = DELETE_TIMEOUT_S + 30  # the dispatcher waits for the pods to go
 
@@ -73,62 +71,35 @@ class KubernetesPool(RedisPool):
         namespace: str,
     ) -> None:
         super().__init__(flow_file, size, name, url, prefix)
-        self.args += [namespace, self.release]  # the dispatcher's: which pods to delete
+        self.args += [namespace, self.workers_name]  # the dispatcher's: which pods to delete
         self.image, self.resources, self.extra_values, self.namespace = image, resources, values, namespace
-        self.applied = False
-        self.rolled_out = False
-
-    @property
-    def release(self) -> str:
-        """A release name of Kubernetes' alphabet, one per run and step."""
-        step = re.sub(r"[^a-z0-9-]+", "-", self.name.split("@")[0].lower()).strip("-")[:24] or "step"
-        return f"mf-pool-{step}-{hashlib.sha256(self.prefix.encode()).hexdigest()[:10]}"
 
     def values(self) -> dict[str, Any]:
         redis = {"url": os.environ.get(POD_URL_VARIABLE) or self.url}
         values = chart_values(self.prefix, self.flow_file, self.size, self.image, redis, self.resources)
         return merge({**values, "metaflow": metaflow_settings()}, self.extra_values)
 
-    def start(self) -> None:
-        """Render and validate the pods, start the dispatcher, and apply the pods once it answers (Redis
-        must, before anything reaches the cluster): a bad value or no Redis fails the run here."""
-        release = helm.render(CHART, self.values(), self.release, self.namespace)
-        secrets_first = sorted(release.manifests, key=lambda m: m["kind"] != "Secret")  # the pods read it at start
-        manifests = helm.Release(release.name, release.namespace, secrets_first).to_yaml()
-        super().start()
-        try:
-            self.wait_dispatcher()
-            self.applied = True  # (from here on, stopping deletes whatever of it reached the cluster)
-            # Server-side: kubectl keeps no copy of the Secret (the URL) in an annotation.
-            kubectl("apply", "--server-side", "--namespace", self.namespace, "-f", "-", stdin=manifests)
-        except StackError:
-            self.stop()
-            raise
+    def render(self) -> str:
+        """The pods' manifests, validated, the Secret first (the pods read it at start)."""
+        release = helm.render(CHART, self.values(), self.workers_name, self.namespace)
+        secrets_first = sorted(release.manifests, key=lambda m: m["kind"] != "Secret")
+        return helm.Release(release.name, release.namespace, secrets_first).to_yaml()
 
-    def start_workers(self) -> list[PoolProcess]:
-        return []  # pods, started by the cluster
+    def place(self, rendered: str) -> None:
+        # Server-side: kubectl keeps no copy of the Secret (the URL) in an annotation.
+        kubectl("apply", "--server-side", "--namespace", self.namespace, "-f", "-", stdin=rendered)
 
-    def command(self, entrypoint: list[str]) -> list[str]:
-        line = super().command(entrypoint)
-        if not self.rolled_out:
-            try:
-                wait_for_pods(self.namespace, self.release, self.size)
-            except StackError as exc:
-                self.stop()
-                raise StackError(
-                    f"the pool's pods did not become ready: {exc.message}",
-                    fix=f"kubectl --namespace {self.namespace} describe pods -l {INSTANCE}={self.release} "
-                    f"(the pods need the image, the flow at {self.flow_file} and Redis)",
-                ) from None
-            self.rolled_out = True
-        return line
+    def wait_workers(self) -> None:
+        wait_for_pods(self.namespace, self.workers_name, self.size)
 
-    def stop(self) -> None:
-        super().stop()  # the dispatcher deletes the pods as it stops
-        self.rolled_out = False
-        if self.applied:  # and if it could not (it was killed), this does; else it finds none
-            self.applied = False
-            delete_pods(self.namespace, self.release)
+    def remove(self) -> None:
+        delete_pods(self.namespace, self.workers_name)
+
+    def advice(self) -> str:
+        return (
+            f"kubectl --namespace {self.namespace} describe pods -l {INSTANCE}={self.workers_name} "
+            f"(the pods need the image, the flow at {self.flow_file} and Redis)"
+        )
 
 
 def delete_pods(namespace: str, release: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio
@@ -36,8 +37,11 @@ TAKEN_S = float(LEASE_S)
 
 
 class RedisExecutor:
-    def __init__(self, queue: RedisQueue) -> None:
-        self.queue = queue
+    """Tasks through the queue; ``remove_workers``: how a cluster backend's workers are removed when the
+    dispatcher closes (before the keys: they kill what they run)."""
+
+    def __init__(self, queue: RedisQueue, remove_workers: Callable[[], None] | None = None) -> None:
+        self.queue, self.remove_workers = queue, remove_workers
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
         loop = asyncio.get_running_loop()
@@ -80,8 +84,12 @@ class RedisExecutor:
         return await self.queue.client.llen(self.queue.key("pending"))
 
     async def close(self) -> None:
-        await self.queue.purge()
-        await self.queue.client.aclose()
+        try:
+            if self.remove_workers is not None:
+                await asyncio.to_thread(self.remove_workers)
+        finally:
+            await self.queue.purge()
+            await self.queue.client.aclose()
 
 
 async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:

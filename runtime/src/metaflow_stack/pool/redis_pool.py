@@ -9,6 +9,8 @@ the fix.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
 
 import redis
 
@@ -30,6 +32,13 @@ class RedisPool(DispatchedPool):
     def __init__(self, flow_file: str, size: int, name: str, url: str, prefix: str) -> None:
         super().__init__(flow_file, size, name, [prefix], env={URL_VARIABLE: url})  # (it may hold a password)
         self.url, self.prefix = url, prefix
+
+    @property
+    def workers_name(self) -> str:
+        """What the pool's workers elsewhere are named by (the ``kubernetes`` backend's release, the
+        ``nomad`` backend's job): the step's name in the alphabet both take, and a hash of the run and step."""
+        step = re.sub(r"[^a-z0-9-]+", "-", self.name.split("@")[0].lower()).strip("-")[:24] or "step"
+        return f"mf-pool-{step}-{hashlib.sha256(self.prefix.encode()).hexdigest()[:10]}"
 
     def start_workers(self) -> list[PoolProcess]:
         assert self.folder is not None

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 
 from metaflow import parameters
 from metaflow._vendor import click
@@ -46,9 +45,9 @@ def step(
     ctx, step_name: str, code_package_metadata: str, code_package_sha: str, code_package_url: str, **kwargs
 ) -> None:
     from metaflow_stack.elsewhere import bring_back_metadata, task_command, task_variables
+    from metaflow_stack.engines.nomad.client import NomadClient, Settings
+    from metaflow_stack.engines.nomad.jobspec import Placement, job_id
     from metaflow_stack.nomad import task
-    from metaflow_stack.nomad.client import NomadClient, Settings
-    from metaflow_stack.nomad.jobspec import Placement, job_id
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     from .nomad_decorator import PLACEMENT_VARIABLE
@@ -78,8 +77,7 @@ def step(
     meta |= {"metaflow.task_id": str(task_id), "metaflow.attempt": str(attempt)}
     name = job_id(flow, run_id, step_name, task_id, attempt)
     pathspec = f"{flow}/{run_id}/{step_name}/{task_id}"
-    agent = Settings.from_env()  # the job's namespace and region, asked of on every call
-    agent = replace(agent, namespace=placement.namespace or agent.namespace, region=placement.region or agent.region)
+    agent = Settings.from_env().at(placement.namespace, placement.region)  # asked of on every call
     try:
         with exits_in_one_line(f"{pathspec}: stopped; its Nomad job {name} was purged"), NomadClient(agent) as client:
             ending = task.run(client, name, command, env, placement, meta)
@@ -194,10 +192,10 @@ def create(
     from metaflow.package import MetaflowPackage
 
     from metaflow_stack.elsewhere import metaflow_settings
+    from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Settings
+    from metaflow_stack.engines.nomad.image import stack_image
+    from metaflow_stack.engines.nomad.jobspec import Placement
     from metaflow_stack.nomad import deployment
-    from metaflow_stack.nomad.client import NomadClient, NotFound, Settings
-    from metaflow_stack.nomad.image import stack_image
-    from metaflow_stack.nomad.jobspec import Placement
 
     flow, datastore = obj.flow.name, obj.flow_datastore
     required, optional = _deployable(obj)
@@ -250,9 +248,9 @@ def create(
 @click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
 @click.pass_obj
 def trigger(obj, start_timeout: int, run_id_file: str | None, deployer_attribute_file: str | None, **kwargs):
+    from metaflow_stack.engines.nomad.client import NomadClient, NotFound
     from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
-    from metaflow_stack.nomad.client import NomadClient, NotFound
 
     meta, changed = {}, []
     for _, param in obj.flow._get_parameters():

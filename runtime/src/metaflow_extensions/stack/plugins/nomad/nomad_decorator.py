@@ -22,8 +22,9 @@ from metaflow_stack.trampolines import Trampolined
 
 #: Carries the task's placement (``jobspec.Placement``) and whether its image is the stack's, as JSON.
 PLACEMENT_VARIABLE = "METAFLOW_STACK_NOMAD_PLACEMENT"
-#: Decorators that run the task somewhere else.
-ELSEWHERE = ("kubernetes", "batch", "devcontainer", "worker_pool", "parallel", "slurm")
+#: Decorators that run the task somewhere else. (``@worker_pool`` is not among them: above ``@nomad`` it runs
+#: the step's tasks on a Nomad job of warm workers, which ``@nomad`` describes.)
+ELSEWHERE = ("kubernetes", "batch", "devcontainer", "parallel", "slurm")
 
 
 class NomadException(MetaflowException):
@@ -65,8 +66,8 @@ class NomadDecorator(Trampolined, StepDecorator):
     target_platform: ClassVar[str] = "linux-64"
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
+        from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of
         from metaflow_stack.errors import StackError
-        from metaflow_stack.nomad.jobspec import Placement, constraints_of
 
         self.step, self.flow_datastore, self.decos = step, flow_datastore, decos
         if flow_datastore.TYPE == "local":
@@ -113,8 +114,8 @@ class NomadDecorator(Trampolined, StepDecorator):
     @classmethod
     def _sweep_once(cls) -> None:
         """Purge the jobs of trampolines on this host that were killed outright, once per run."""
+        from metaflow_stack.engines.nomad.client import NomadClient
         from metaflow_stack.nomad import task
-        from metaflow_stack.nomad.client import NomadClient
 
         if not cls.swept:
             with NomadClient() as client:
@@ -124,8 +125,8 @@ class NomadDecorator(Trampolined, StepDecorator):
     @classmethod
     def _stack_image(cls) -> str:
         """The stack's base image where the clients can pull it, chosen once per run."""
-        from metaflow_stack.nomad.client import Settings
-        from metaflow_stack.nomad.image import stack_image
+        from metaflow_stack.engines.nomad.client import Settings
+        from metaflow_stack.engines.nomad.image import stack_image
 
         if cls.default_image is None:
             cls.default_image = stack_image(Settings.from_env(), "@nomad(image=...)")

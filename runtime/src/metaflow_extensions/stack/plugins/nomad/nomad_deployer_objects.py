@@ -48,8 +48,8 @@ class NomadDeployedFlow(DeployedFlow):
         from metaflow.exception import MetaflowException
         from metaflow.runner.deployer import generate_fake_flow_file_contents
 
+        from metaflow_stack.engines.nomad.client import NomadClient
         from metaflow_stack.errors import StackError
-        from metaflow_stack.nomad.client import NomadClient
         from metaflow_stack.nomad.deployment import DEPLOYED
 
         try:
@@ -82,7 +82,7 @@ class NomadDeployedFlow(DeployedFlow):
     @classmethod
     def list_deployed_flows(cls, flow_name: str | None = None) -> Iterator[NomadDeployedFlow]:
         """The flows deployed at ``NOMAD_ADDR`` (in its namespace), or those of ``flow_name``."""
-        from metaflow_stack.nomad.client import NomadClient
+        from metaflow_stack.engines.nomad.client import NomadClient
         from metaflow_stack.nomad.deployment import DEPLOYED
 
         with NomadClient() as client:

@@ -22,9 +22,9 @@ from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
 #: Decorators that move a task elsewhere: their trampoline and the pool's cannot both start the task.
-#: (``@kubernetes`` and ``@devcontainer`` are not among them: under ``@worker_pool`` they describe where
-#: the pool's workers run: pods, a container.)
-ELSEWHERE = ("batch", "nomad", "confidential", "parallel")
+#: (``@kubernetes``, ``@nomad`` and ``@devcontainer`` are not among them: under ``@worker_pool`` they
+#: describe where the pool's workers run: pods, a Nomad job's allocations, a container.)
+ELSEWHERE = ("batch", "confidential", "parallel")
 #: What of ``@kubernetes`` the pool's pods take; a setting beyond these is refused, not dropped.
 KUBERNETES_APPLIED = frozenset({"cpu", "memory", "gpu", "image", "namespace", "node_selector", "tolerations"})
 #: A Kubernetes toleration's fields as Metaflow's ``@kubernetes`` takes them, in the manifest's words.
@@ -45,7 +45,10 @@ class WorkerPoolDecorator(StepDecorator):
     warm workers that each claim one at a time) or "ray" (items on ``size`` Ray actors, on the cluster at
     ``RAY_ADDRESS`` or a Ray of the pool's own here, each with the step's ``@resources``) or "kubernetes"
     (the Redis queue, its ``size`` workers pods of ``image``, default the stack's base image, with the
-    step's ``@resources``, applied with kubectl when the run starts and deleted when it ends). Every item
+    step's ``@resources``, applied with kubectl when the run starts and deleted when it ends) or "nomad"
+    (the Redis queue, its ``size`` workers the allocations of a Nomad job placed as the step's ``@nomad``
+    says, else with its ``@resources`` in ``image``, default the stack's base image; registered when the
+    run starts and purged when it ends). Every item
     keeps its task id, attempts, metadata, artifacts and logs;
     ``@retry``, ``@catch`` and ``@timeout`` apply per item.
     """
@@ -85,12 +88,20 @@ class WorkerPoolDecorator(StepDecorator):
             )
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
         self.resources = {key: resources.get(key) for key in ("cpu", "gpu", "memory")}
-        self.devcontainer, self.namespace, self.placement = None, None, {}
+        self.devcontainer, self.nomad, self.namespace, self.placement = None, None, None, {}
         for deco in decos:
             if deco.name == "kubernetes":
                 self._pods_of(deco, decos)
             elif deco.name == "devcontainer":
                 self._container_of(deco, decos)
+            elif deco.name == "nomad":
+                self._absorb(deco, decos, "nomad", "the allocations of a Nomad job")
+                self.nomad = deco  # (its placement, checked by its step_init; its image chosen at runtime_init)
+        if self.attributes["backend"] == "nomad" and flow_datastore.TYPE == "local":
+            raise WorkerPoolException(
+                f"step {step}: a Nomad job's workers read and write the run's datastore from another machine, and "
+                "this run's is a folder here (fix: run with --datastore s3)"
+            )
         for key, value in self.resources.items():
             try:
                 float(value or 0)
@@ -196,6 +207,7 @@ class WorkerPoolDecorator(StepDecorator):
                     namespace=self.namespace,
                     values=self.placement,
                     contained=contained,
+                    placement=self.nomad.placement if self.nomad is not None else None,
                 )
                 pool.start()
             except StackError as exc:

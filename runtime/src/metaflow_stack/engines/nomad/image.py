@@ -6,8 +6,8 @@ import ipaddress
 from urllib.parse import urlparse
 
 from metaflow_stack import images, settings
+from metaflow_stack.engines.nomad.client import Settings
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import Settings
 
 
 def stack_image(agent: Settings, named_by: str) -> str:

@@ -11,15 +11,16 @@ Nomad's own words, rather than waiting for a node that will not come.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Unavailable
+from metaflow_stack.engines.nomad.jobspec import TASK
+from metaflow_stack.engines.nomad.logs import DELETED, FrameDecoder, Lines
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.client import NomadClient, NotFound, Unavailable
-from metaflow_stack.nomad.jobspec import TASK
-from metaflow_stack.nomad.logs import DELETED, FrameDecoder, Lines
 
 #: An allocation's ends (``ClientStatus``).
 ENDED = ("complete", "failed", "lost")
@@ -115,6 +116,21 @@ def ending(allocation: dict[str, Any]) -> Ending:
     if status == "lost":
         return Ending(None, status=status, reason="the node running it was lost")
     return Ending(None, status=status, reason=allocation.get("ClientDescription", "") or status)
+
+
+def last_lines(client: NomadClient, alloc_id: str, kind: str, count: int = 20) -> list[str]:
+    """The last ``count`` lines the task's ``kind`` log holds now (read to its end, not followed); none
+    before the task has started."""
+    lines, decoder, kept = Lines(), FrameDecoder(), collections.deque(maxlen=count)
+    try:
+        with client.logs(alloc_id, TASK, kind, follow=False) as chunks:
+            for chunk in chunks:
+                for frame in decoder.feed(chunk):
+                    kept.extend(lines.feed(frame.data))
+    except NotFound:
+        return []
+    kept.extend(lines.flush())
+    return list(kept)
 
 
 class LogFollower(threading.Thread):

@@ -21,7 +21,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -66,6 +66,11 @@ class Settings:
             client_cert=(cert, key) if cert and key else None,
             verify=env.get("NOMAD_SKIP_VERIFY", "").lower() not in ("1", "true", "yes"),
         )
+
+    def at(self, namespace: str | None, region: str | None) -> Settings:
+        """These settings for a job in ``namespace`` and ``region`` where given (a decorator's), which every
+        call about that job must name."""
+        return replace(self, namespace=namespace or self.namespace, region=region or self.region)
 
 
 class NomadClient:

@@ -136,6 +136,35 @@ def task_job(
 ) -> dict[str, Any]:
     """The job that runs ``command`` once with ``env``, placed as ``placement`` says; ``meta`` names the
     Metaflow task (and who waits for it), so a run's jobs and orphans can be found."""
+    group = {
+        "Count": 1,
+        "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
+        "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
+    }
+    return _job(job, "batch", group, command, env, placement, meta, {})
+
+
+def workers_job(
+    job: str, command: list[str], env: dict[str, str], placement: Placement, meta: dict[str, str], count: int
+) -> dict[str, Any]:
+    """A service job of ``count`` long-running workers (a worker pool's): Nomad keeps them running,
+    restarting one that dies as its defaults say, until the job is purged. They stop on SIGTERM, which
+    is asked for: Nomad's default for ``exec`` and ``raw_exec`` is SIGINT."""
+    return _job(job, "service", {"Count": count}, command, env, placement, meta, {"KillSignal": "SIGTERM"})
+
+
+def _job(
+    job: str,
+    kind: str,
+    group: dict[str, Any],
+    command: list[str],
+    env: dict[str, str],
+    placement: Placement,
+    meta: dict[str, str],
+    task: dict[str, Any],
+) -> dict[str, Any]:
+    """A job of ``kind`` whose one group (``group``'s fields) runs one task: ``command`` with ``env``,
+    placed as ``placement`` says (``task``'s fields added)."""
     if placement.driver == "docker":
         if not placement.image:
             raise StackError("the docker driver needs an image", fix="give image=, or let the runtime pick one")
@@ -145,14 +174,12 @@ def task_job(
     body: dict[str, Any] = {
         "ID": job,
         "Name": job,
-        "Type": "batch",
+        "Type": kind,
         "Meta": meta,
         "TaskGroups": [
             {
                 "Name": GROUP,
-                "Count": 1,
-                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
-                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
+                **group,
                 "Tasks": [
                     {
                         "Name": TASK,
@@ -162,6 +189,7 @@ def task_job(
                         "Resources": resources(placement),
                         "KillTimeout": KILL_TIMEOUT_NS,
                         "Meta": meta,
+                        **task,
                     }
                 ],
             }

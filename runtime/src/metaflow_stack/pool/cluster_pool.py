@@ -1,0 +1,90 @@
+"""Redis pools whose workers a cluster runs (the ``kubernetes`` backend's pods, the ``nomad`` backend's
+job): their one life cycle, which each backend fills in with its cluster's calls.
+
+When the run starts the workers are rendered (a bad setting fails the run
+before anything starts), the dispatcher is started, and once it has reached
+Redis the workers are handed to the cluster (``place``). The first item
+waits until they are warm (``wait_workers``), and a pool whose workers
+cannot start fails the step there, in one line with the cluster's reason.
+Stopping the pool stops the dispatcher, which removes the workers as it
+stops (however the run ends: its pipe from the runtime closes even when the
+runtime is killed outright); the runtime removes them again in case it
+could not (``remove``: finding none is no error).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from metaflow_stack.errors import StackError
+from metaflow_stack.pool.processes import PoolProcess
+from metaflow_stack.pool.redis_pool import RedisPool
+
+
+class ClusterPool(RedisPool, ABC):
+    """A dispatcher here and ``size`` workers on a cluster, sharing one Redis queue."""
+
+    #: What the workers are, in the errors: "pods", "Nomad workers".
+    workers_kind: ClassVar[str]
+
+    def __init__(self, flow_file: str, size: int, name: str, url: str, prefix: str) -> None:
+        super().__init__(flow_file, size, name, url, prefix)
+        self.placed = False
+        self.warm = False
+
+    @abstractmethod
+    def render(self) -> Any:
+        """What the cluster is given for the workers, checked (``StackError`` for a bad setting)."""
+
+    @abstractmethod
+    def place(self, rendered: Any) -> None:
+        """Hand the workers to the cluster."""
+
+    @abstractmethod
+    def wait_workers(self) -> None:
+        """Until the workers are warm; ``StackError`` with the cluster's reason if they cannot start."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Remove whatever of the workers reached the cluster, and say it if that fails (stopping goes on)."""
+
+    @abstractmethod
+    def advice(self) -> str:
+        """How to see why the workers did not start."""
+
+    def start(self) -> None:
+        """Render the workers, start the dispatcher, and place them once it answers (Redis must, before
+        anything reaches the cluster): a bad setting or no Redis fails the run here."""
+        rendered = self.render()
+        super().start()
+        try:
+            self.wait_dispatcher()
+            self.placed = True  # (from here on, stopping removes whatever of it reached the cluster)
+            self.place(rendered)
+        except StackError:
+            self.stop()
+            raise
+
+    def start_workers(self) -> list[PoolProcess]:
+        return []  # started by the cluster
+
+    def command(self, entrypoint: list[str]) -> list[str]:
+        line = super().command(entrypoint)
+        if not self.warm:
+            try:
+                self.wait_workers()
+            except StackError as exc:
+                self.stop()
+                raise StackError(
+                    f"the pool's {self.workers_kind} did not become ready: {exc.message}", fix=exc.fix or self.advice()
+                ) from None
+            self.warm = True
+        return line
+
+    def stop(self) -> None:
+        super().stop()  # the dispatcher removes the workers as it stops
+        self.warm = False
+        if self.placed:  # and if it could not (it was killed), this does; else it finds none
+            self.placed = False
+            self.remove()

@@ -1,0 +1,163 @@
+"""The ``nomad`` backend: the Redis backend's queue and dispatcher, its workers the allocations of one
+Nomad job.
+
+When the run starts, once the dispatcher has reached Redis, the runtime
+registers one service job for the step (``engines.nomad.jobspec.workers_job``):
+``size`` allocations of the pool's Redis worker, placed as the step's
+``@nomad`` says (else with its ``@resources``, in the stack's base image). The
+first item waits until every worker says it is ready (warm), and fails the
+step at once, in Nomad's own words, for a job no node can take, or with its
+last line for a worker that ended before it was ready. Nomad keeps the
+workers running: one that dies is restarted, as a Deployment's pod is for
+the ``kubernetes`` backend. The dispatcher purges the job, which stops the
+workers (SIGTERM: a worker kills the item it runs, whose attempt is then
+lost and retried), when it stops, which it does however the run ends. The
+workers must see the flow's file at the run's path (in their image, or on
+the client for ``exec`` and ``raw_exec``), reach Redis at the workers' URL
+and a datastore both sides share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from metaflow_stack.elsewhere import metaflow_settings
+from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.jobspec import KILL_TIMEOUT_NS, TASK, Placement, workers_job
+from metaflow_stack.engines.nomad.watch import ENDED, last_lines, wait_placed
+from metaflow_stack.errors import StackError
+from metaflow_stack.pool.cluster_pool import ClusterPool
+from metaflow_stack.pool.redis_pool import WORKER
+from metaflow_stack.pool.redis_queue import URL_VARIABLE
+
+#: Where the workers find Redis, when not where the runtime does (the Nomad clients' view of the server).
+WORKERS_URL_VARIABLE = "METAFLOW_STACK_POOL_NOMAD_REDIS_URL"
+#: Seconds the workers have to be placed, pull their image, start and import the flow before the step fails.
+READY_TIMEOUT_S = 300
+#: How long one look at the job's allocations waits for a change (a blocking query) before the workers'
+#: logs are read again.
+POLL_S = 2.0
+#: How long stopping waits for the workers to end: their kill timeout, and some.
+STOP_S = KILL_TIMEOUT_NS / 1e9 + 15
+#: What a worker's output says once it is warm (``redis_worker``).
+READY_LINE = "ready"
+
+
+class NomadPool(ClusterPool):
+    """A dispatcher here and a Nomad job of ``size`` workers, sharing one Redis queue."""
+
+    backend = "nomad"
+    workers_kind = "Nomad workers"
+    fix = f"read the pool's job (nomad job status) and check that its workers reach Redis ({WORKERS_URL_VARIABLE})"
+    stop_timeout_s = STOP_S + 30  # the dispatcher waits for the workers to stop
+
+    def __init__(
+        self, flow_file: str, size: int, name: str, url: str, prefix: str, placement: Placement, agent: Settings
+    ) -> None:
+        super().__init__(flow_file, size, name, url, prefix)
+        self.placement, self.agent = placement, agent.at(placement.namespace, placement.region)
+        # The dispatcher's: which job to purge, where.
+        self.args += [self.workers_name, self.agent.namespace or "", self.agent.region or ""]
+        self.eval_id: str | None = None
+
+    def render(self) -> dict[str, Any]:
+        """The workers' job: the Redis worker, detached (it stops on SIGTERM, not when a pipe closes), named
+        for its allocation; the run's Metaflow settings and the queue's URL in its environment."""
+        name = "${NOMAD_JOB_ID}/${NOMAD_ALLOC_INDEX}"  # (Nomad interpolates a task's arguments)
+        command = ["python", "-u", "-c", WORKER, self.prefix, self.flow_file, name, "--detached"]
+        url = os.environ.get(WORKERS_URL_VARIABLE) or self.url
+        env = {**metaflow_settings(), URL_VARIABLE: url, "HOME": "/tmp"}
+        meta = {"metaflow-stack.pool": self.prefix}
+        return workers_job(self.workers_name, command, env, self.placement, meta, self.size)
+
+    def place(self, rendered: dict[str, Any]) -> None:
+        with NomadClient(self.agent) as client:
+            self.eval_id = client.register(rendered)
+
+    def wait_workers(self) -> None:
+        assert self.eval_id is not None
+        with NomadClient(self.agent) as client:
+            wait_for_workers(client, self.eval_id, self.workers_name, self.size)
+
+    def remove(self) -> None:
+        purge(self.agent, self.workers_name)
+
+    def advice(self) -> str:
+        return (
+            f"nomad job status {self.workers_name} (the workers need the flow at {self.flow_file}, Redis and "
+            "the datastore)"
+        )
+
+
+def purge(agent: Settings, job: str) -> None:
+    """Stop and forget the workers' job, and wait (``STOP_S`` at most) until its allocations have stopped
+    (Nomad stops them after it answers); if Nomad cannot, say what is left and how to remove it (stopping
+    goes on)."""
+    try:
+        with NomadClient(agent) as client:
+            client.deregister(job)
+            deadline, index = time.monotonic() + STOP_S, 0
+            while time.monotonic() < deadline:
+                allocations, index = client.allocations(job, index, wait_s=POLL_S)
+                if all(a.get("ClientStatus") in ENDED for a in allocations):
+                    return
+    except StackError as exc:
+        print(
+            f"worker pool: the Nomad job {job} may be left: {exc.message} (fix: nomad job stop -purge {job})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:
+    """Until ``size`` workers of ``job`` said they are ready. ``StackError`` at once for a job no node can
+    take (Nomad's reasons), or a worker that ended before it was ready (its last line), or after
+    ``READY_TIMEOUT_S``; a job waiting for room is said to be queued, once."""
+    wait_placed(client, eval_id, lambda said: print(f"worker pool: {said}", file=sys.stderr, flush=True))
+    deadline, index, ready = time.monotonic() + READY_TIMEOUT_S, 0, set()
+    while time.monotonic() < deadline:
+        allocations, index = client.allocations(job, index, wait_s=POLL_S)
+        for allocation in allocations:
+            state = (allocation.get("TaskStates") or {}).get(TASK) or {}
+            events = state.get("Events") or []
+            if allocation["ID"] in ready or allocation.get("DesiredStatus", "run") != "run":
+                continue
+            if any(event.get("Type") in ("Terminated", "Driver Failure") for event in events):
+                said = last_lines(client, allocation["ID"], "stderr", 1) or [events[-1].get("DisplayMessage", "")]
+                raise StackError(f"worker {allocation.get('Name', allocation['ID'])} ended: {said[-1]}")
+            if state.get("State") == "running" and READY_LINE in last_lines(client, allocation["ID"], "stdout"):
+                ready.add(allocation["ID"])
+        if len(ready) >= size:
+            return
+    raise StackError(f"{len(ready)} of {size} ready after {READY_TIMEOUT_S}s")
+
+
+def open_nomad_pool(
+    flow_file: str,
+    size: int,
+    name: str,
+    url: str,
+    prefix: str,
+    resources: dict[str, Any],
+    image: str | None,
+    placement: Placement | None,
+) -> NomadPool:
+    """The pool as the decorators describe it: ``placement``, an absorbed ``@nomad``'s, else the step's
+    ``@resources``; in ``image``, else the placement's, else the stack's base image (for the docker driver)."""
+    from metaflow_stack.engines.nomad.image import stack_image
+
+    agent = Settings.from_env()
+    if placement is None:
+        placement = Placement(
+            cpu=float(resources.get("cpu") or 1),
+            memory=int(float(resources.get("memory") or 4096)),
+            gpu=int(float(resources.get("gpu") or 0)),
+        )
+    image = image or placement.image
+    if placement.driver == "docker" and image is None:
+        image = stack_image(agent, "@worker_pool(image=...)")
+    return NomadPool(flow_file, size, name, url, prefix, replace(placement, image=image), agent)

@@ -1,0 +1,39 @@
+"""A pool over ``@nomad``: its workers are the allocations of one Nomad job with its settings (here the
+``raw_exec`` driver: processes of the client's, which see the flow's file where the run has it).
+``POOL_FLOW_FLAKY`` (an item) makes that item fail on its first attempt."""
+
+import os
+
+from metaflow import FlowSpec, current, nomad, retry, step, worker_pool
+
+
+class NomadPoolFlow(FlowSpec):
+    @step
+    def start(self):
+        self.items = list(range(4))
+        self.next(self.each, foreach="items")
+
+    @retry(times=1, minutes_between_retries=0)
+    @worker_pool(size=2)
+    @nomad(driver="raw_exec", cpu=0.5, memory=512)
+    @step
+    def each(self):
+        if str(self.input) == os.environ.get("POOL_FLOW_FLAKY") and current.retry_count == 0:
+            raise RuntimeError(f"item {self.input} fails on attempt 0")
+        self.square = self.input * self.input
+        self.alloc = os.environ.get("NOMAD_ALLOC_ID")
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.squares = [i.square for i in inputs]
+        self.errors = []
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("squares", self.squares)
+
+
+if __name__ == "__main__":
+    NomadPoolFlow()
