@@ -238,10 +238,10 @@ def redis_server(folder: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def nomad_double(*args: str, path: str | None = None) -> Iterator[str]:
-    """The Nomad API double (``tests/nomad_double/server.py ARGS``) on a free port, its raw_exec tasks
-    finding commands on ``path`` (else this PATH); its address."""
-    port = free_port()
+def nomad_double(*args: str, path: str | None = None, port: int | None = None) -> Iterator[str]:
+    """The Nomad API double (``tests/nomad_double/server.py ARGS``) on ``port`` (else a free one), its raw_exec
+    tasks finding commands on ``path`` (else this PATH); its address."""
+    port = port or free_port()
     server = Path(__file__).resolve().parent / "nomad_double" / "server.py"
     env = {**os.environ, "PATH": path or os.environ["PATH"]}
     with _serving([sys.executable, str(server), "--port", str(port), *args], port, env=env):

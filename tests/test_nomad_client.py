@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 
@@ -35,6 +36,23 @@ def test_raw_exec_runs_the_command_as_a_process_in_its_task_folder(nomad_agent: 
     assert ending.code == 4 and ending.status == "failed"
     out = [line for kind, line in lines if kind == "stdout"]
     assert out[0].startswith("hello from /") and out[1:] == ["in the task folder"]
+
+
+def test_nomad_reads_a_tasks_arguments_as_templates_so_the_job_escapes_them(nomad_agent: Settings) -> None:
+    """A shell's ``${X:-y}`` in a task's arguments, as written, fails the task before it runs (Nomad parses
+    them as HCL templates); as the job spec writes it (escaped), the shell gets it whole."""
+    script = 'echo "in ${NOMAD_TASK_DIR:-/nowhere}"'
+    placement = Placement(driver="raw_exec", cpu=0.5, memory=64)
+
+    def unescaped(job: dict) -> None:
+        job["TaskGroups"][0]["Tasks"][0]["Config"]["args"] = ["-c", script]
+
+    refused, _ = run_job(nomad_agent, placement, script, edit=unescaped)
+    assert refused.code is None and refused.status == "failed" and refused.reason
+    ending, lines = run_job(nomad_agent, placement, script)
+    assert ending.code == 0
+    (said,) = [line for kind, line in lines if kind == "stdout"]
+    assert said.startswith("in /") and not said.startswith("in /nowhere")
 
 
 def test_a_log_rotated_into_several_files_reaches_the_console_whole_and_in_order(nomad_agent: Settings) -> None:
@@ -105,7 +123,7 @@ def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Se
     from conftest import ended_launcher
 
     from metaflow_stack.elsewhere import Launcher
-    from metaflow_stack.nomad.task import OWNER, sweep
+    from metaflow_stack.engines.nomad.orphans import OWNER, sweep
 
     prefix = f"mf-sweep-{uuid.uuid4().hex[:8]}-"
     owners = {"gone": ended_launcher(), "alive": Launcher.this().label, "foreign": "a-host:1"}
@@ -119,6 +137,36 @@ def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Se
         finally:
             for job in client.jobs(prefix):
                 client.deregister(job["ID"])
+
+
+def test_an_allocation_nomad_no_longer_knows_ends_the_attempt_as_lost(tmp_path) -> None:
+    """The agent restarts mid-task and has forgotten the allocation (a dev agent keeps its state in memory;
+    a purge and a GC do the same): the watcher rides out the outage, then ends the attempt as lost, which
+    ``@retry`` runs again, instead of waiting for an allocation that will not come back."""
+    from devservers import nomad_double
+
+    from metaflow_stack.engines.nomad.watch import follow
+
+    if os.environ.get("NOMAD_ADDR"):
+        pytest.skip("a real agent is not restarted under the other tests; the double stands in for one that was")
+    token, port, name = uuid.uuid4().hex, free_port(), f"mf-test-{uuid.uuid4().hex[:8]}"
+    agent, outcome = Settings(address=f"http://127.0.0.1:{port}", token=token), {}
+    job = task_job(name, ["sh", "-c", "echo started; sleep 60"], {}, Placement(driver="raw_exec", memory=32), {})
+    started = threading.Event()
+
+    def watch() -> None:
+        with NomadClient(agent) as client:
+            relay = lambda kind, line: started.set() if line == "started" else None  # noqa: E731
+            outcome["ending"] = follow(client, name, client.register(job), relay)
+
+    with nomad_double("--token", token, port=port):
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert started.wait(30)
+    with nomad_double("--token", token, port=port):  # the same address, none of the state
+        watcher.join(60)
+    ending = outcome["ending"]
+    assert ending.code is None and ending.status == "lost" and "no longer knows its allocation" in ending.reason
 
 
 def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad_agent: Settings) -> None:

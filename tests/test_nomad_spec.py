@@ -42,6 +42,15 @@ def test_a_task_is_a_batch_job_nomad_never_restarts_or_reschedules() -> None:
     assert not {"Datacenters", "Namespace", "Region", "NodePool", "Constraints"} & set(job)
 
 
+def test_a_shells_braces_reach_the_task_as_written_not_as_nomads_templates() -> None:
+    """Nomad reads every string of a task's config as an HCL template: ``${X:-y}`` would fail its
+    validation, ``%{`` start a directive. Both are escaped, so the shell gets what was written."""
+    script = 'cd "${NOMAD_TASK_DIR:-/tmp}" && printf "%{x}"'
+    job = registered(task_job("mf-j", ["sh", "-c", script], {}, Placement(image="r/base:t"), META))
+    config = job["TaskGroups"][0]["Tasks"][0]["Config"]
+    assert config["args"] == ["-c", 'cd "$${NOMAD_TASK_DIR:-/tmp}" && printf "%%{x}"']
+
+
 def test_a_pools_workers_are_a_service_job_of_count_allocations_stopped_by_sigterm() -> None:
     """Nomad keeps a pool's workers running (a service job, its restart defaults) and stops them with the
     signal they stop on, not exec's and raw_exec's default SIGINT, which a worker ignores."""

@@ -676,6 +676,28 @@ def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
     assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
 
 
+def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_last_line(
+    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+) -> None:
+    """The flow cannot be imported where the workers run (in an allocation; the runtime can): the step
+    fails at its first item with the worker's last line, and nothing is left."""
+    broken = 'import os\nif os.environ.get("NOMAD_ALLOC_ID"):\n'
+    broken += '    raise RuntimeError("this worker cannot import the flow")\n'
+    decorators = '@worker_pool(size=2)\n    @nomad(driver="raw_exec", cpu=0.5, memory=512)'
+    flow = BAD.format(decorator_each=decorators, decorator_join="").replace("class BadFlow", broken + "\nclass BadFlow")
+    (tmp_path / "bad_flow.py").write_text(flow)
+    environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    environment.update(nomad_env(nomad_agent, redis_url))
+    root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
+    line = [sys.executable, "bad_flow.py", "--datastore", "s3", "--datastore-root", root, "run"]
+    done = subprocess.run(line, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "the pool's Nomad workers did not become ready: worker mf-pool-each-" in said, said[-3000:]
+    assert "ended: RuntimeError: this worker cannot import the flow" in said and "Traceback" not in said
+    assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
+
+
 @pytest.mark.parametrize(
     ("decorators", "words"),
     [

@@ -32,10 +32,12 @@ the GitHub workflow's ``clusters`` job.
   task starts, then its stdout or stderr as ``StreamFrame`` objects
   (``Data`` base64, ``Offset``, ``File``), a heartbeat ``{}`` each second
   nothing is written; it follows while asked.
-- ``DELETE /v1/job/:id?purge=true``: the job gone, its tasks stopped: a
-  container killed; a raw_exec process sent the task's ``KillSignal``
-  (SIGINT by default), then SIGKILL after its ``KillTimeout``, as Nomad's
-  client stops a task.
+- ``DELETE /v1/job/:id?purge=true``: answered at once, the job gone, its
+  allocations told to stop (``DesiredStatus: stop``) and still listed by
+  the job's ID; then, as Nomad's client does, each task stopped (a
+  container killed; a raw_exec process sent the task's ``KillSignal``,
+  SIGINT by default, then SIGKILL after its ``KillTimeout``) and its
+  allocation ``complete``.
 - ACLs, as an agent with them enabled answers: ``--token`` is a management
   token from the start; with ``--acl-bootstrap`` there is none until
   ``POST /v1/acl/bootstrap`` makes one (once). A request without a known
@@ -339,6 +341,12 @@ class Cluster:
         try:
             start = self.start_container if task["Driver"] == "docker" else self.start_process
             wait = start(alloc, task)
+        except TemplateError as exc:  # (Nomad's task runner, parsing the task's config before any driver)
+            state["Events"].append(_event("Failed Validation", ValidationError=str(exc), DisplayMessage=str(exc)))
+            state.update(State="dead", Failed=True)
+            alloc["ClientStatus"] = "failed"
+            self.bump(alloc)
+            return
         except (DockerException, OSError) as exc:
             said = f"Failed to start container: {exc.stderr or exc}" if isinstance(exc, DockerException) else str(exc)
             state["Events"].append(_event("Driver Failure", DriverError=said))
@@ -351,7 +359,12 @@ class Cluster:
         alloc["ClientStatus"] = "running"
         self.bump(alloc)
         code = wait()
-        if alloc["ClientStatus"] != "running":  # stopped by a deregistration meanwhile
+        if alloc.get("DesiredStatus") == "stop":  # stopped by a deregistration: killed, as Nomad says it
+            with self.changed:
+                state["Events"] += [_event("Terminated", ExitCode=code, Signal=0), _event("Killed")]
+                state.update(State="dead", Failed=False)
+                alloc["ClientStatus"] = "complete"
+                self.bump(alloc)
             return
         state["Events"].append(_event("Terminated", ExitCode=code, Signal=0))
         state.update(State="dead", Failed=code != 0)
@@ -391,8 +404,13 @@ class Cluster:
         client = {k: v for k, v in os.environ.items() if k not in ENV_DENYLIST}
         env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **folders}
         config, limit = task["Config"], int((task.get("LogConfig") or {}).get("MaxFileSizeMB", 10)) << 20
+        try:
+            argv = _interpolated([config["command"], *config.get("args", [])], env)
+        except TemplateError:
+            shutil.rmtree(root)
+            raise
         process = subprocess.Popen(
-            _interpolated([config["command"], *config.get("args", [])], env),
+            argv,
             cwd=task_dir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -404,26 +422,39 @@ class Cluster:
         self.started[alloc["ID"]] = run
         return run.wait
 
-    def deregister(self, job_id: str) -> None:
+    def deregister(self, job_id: str, wait: bool = False) -> None:
+        """The job forgotten and its allocations told to stop: Nomad answers a purge at once and its client
+        stops the tasks after (``wait``: before this returns, as when the double goes away). The allocations
+        stay listed under the job's ID until they are collected."""
         job = self.jobs.pop(job_id, None)
-        for alloc_id in (job or {}).get("Allocs", []):
-            alloc = self.allocs[alloc_id]
-            if alloc["ClientStatus"] in ("pending", "running"):
-                alloc["ClientStatus"] = "complete"
+        allocs = [self.allocs[a] for a in (job or {}).get("Allocs", [])]
+        with self.changed:
+            for alloc in allocs:
                 alloc["DesiredStatus"] = "stop"
                 self.bump(alloc)
-            started = self.started.pop(alloc_id, None)
+        stopping = threading.Thread(target=self.stop_allocs, args=(allocs,), daemon=True)
+        stopping.start()
+        if wait:
+            stopping.join()
+
+    def stop_allocs(self, allocs: list[dict[str, Any]]) -> None:
+        for alloc in allocs:
+            started = self.started.pop(alloc["ID"], None)
             if isinstance(started, str):
                 with contextlib.suppress(DockerException):
                     self.docker.container.remove(started, force=True)
             elif started is not None:
                 started.stop(alloc["Job"]["TaskGroups"][0]["Tasks"][0].get("KillTimeout", 5_000_000_000) / 1e9)
                 shutil.rmtree(started.root, ignore_errors=True)
+            with self.changed:
+                if alloc["ClientStatus"] in ("pending", "running"):
+                    alloc["ClientStatus"] = "complete"
+                    self.bump(alloc)
 
     def stop(self) -> None:
         """End every task still running (the double is going away)."""
         for job_id in list(self.jobs):
-            self.deregister(job_id)
+            self.deregister(job_id, wait=True)
 
     def logs(self, alloc_id: str, kind: str, follow: bool, offset: int) -> Iterator[bytes]:
         """``StreamFrame`` objects of the task's ``kind`` output, as Nomad's client writes them, then heartbeats
@@ -580,10 +611,38 @@ def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
     }
 
 
+class TemplateError(ValueError):
+    """A task's config that Nomad's HCL parser refuses."""
+
+
 def _interpolated(argv: list[str], env: dict[str, str]) -> list[str]:
-    """A task's command and arguments with ``${NAME}`` replaced by the task's variable ``NAME`` (its own and
-    the runtime's), as Nomad's client interpolates them; a name it does not know is left as written."""
-    return [re.sub(r"\$\{([A-Za-z0-9_.]+)\}", lambda m: env.get(m.group(1), m.group(0)), arg) for arg in argv]
+    """A task's command and arguments as Nomad's task runner reads them: every string of a task's config
+    is an HCL template (``hclutils.ParseHclInterface`` over its JSON), so ``$${`` and ``%%{`` are a literal
+    ``${`` and ``%{``, ``${NAME}`` is the task's variable ``NAME`` (its own and the runtime's, or a node
+    attribute), and any other ``${...}`` or ``%{...}`` (an unknown variable, a shell's ``${X:-y}``, a
+    directive) fails the task's validation (``TemplateError``)."""
+    return [_template(arg, env) for arg in argv]
+
+
+def _template(text: str, env: dict[str, str]) -> str:
+    out, at = [], 0
+    while at < len(text):
+        two, three = text[at : at + 2], text[at : at + 3]
+        if three in ("$${", "%%{"):
+            out.append(three[1:])
+            at += 3
+        elif two in ("${", "%{"):
+            end = text.find("}", at)
+            name = text[at + 2 : end] if end != -1 else ""
+            value = env.get(name, NODE.get("${" + name + "}")) if two == "${" else None
+            if value is None:
+                raise TemplateError(f"failed to parse config: unknown variable or bad template {text[at : at + 40]}")
+            out.append(value)
+            at = end + 1
+        else:
+            out.append(text[at])
+            at += 1
+    return "".join(out)
 
 
 def _satisfied(constraint: dict[str, Any]) -> bool:
@@ -705,8 +764,11 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
 
     @api.get("/v1/job/{job_id:path}/allocations")
     def allocations(job_id: str, request: Request):
-        def get():
-            allocs = [cluster.allocs[a] for a in cluster.jobs.get(job_id, {}).get("Allocs", [])]
+        def get():  # (a purged job's allocations are still listed, by its ID, until collected)
+            if job_id in cluster.jobs:
+                allocs = [cluster.allocs[a] for a in cluster.jobs[job_id]["Allocs"]]
+            else:
+                allocs = [a for a in list(cluster.allocs.values()) if a["JobID"] == job_id]
             return allocs, max((a["ModifyIndex"] for a in allocs), default=0)
 
         return blocking(request, get)
@@ -771,7 +833,9 @@ def main() -> None:
     parser.add_argument("--acl-bootstrap", action="store_true")
     args = parser.parse_args()
     api = app(args.token, args.acl_bootstrap)
-    uvicorn.run(api, host="127.0.0.1", port=args.port, log_level="warning")
+    # Stopped, it drops what is still open (blocking queries, followed logs) after 2 s, as an agent that
+    # restarts does, then ends its tasks.
+    uvicorn.run(api, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=2)
     api.state.cluster.stop()
 
 

@@ -5,7 +5,7 @@ step), registered, followed to its end and purged.
 The job's output is passed on line by line, so the run's console shows it as it is written; inside the
 job, Metaflow's log capture saves it to the datastore as ``@kubernetes`` does. Ctrl-C or SIGTERM of the
 trampoline purges the job; a job still there when a trampoline died outright is purged by the next
-run's start (``sweep``: its ``Meta`` names the trampoline, ``elsewhere.Launcher``).
+run's start (``engines.nomad.orphans.sweep``: its ``Meta`` names the trampoline, ``elsewhere.Launcher``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import sys
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines.nomad.client import NomadClient
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+from metaflow_stack.engines.nomad.orphans import OWNER
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
 from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
 
 #: Set in every job: Metaflow's plugins know the task runs in a Nomad job.
 WORKLOAD_VARIABLE = "METAFLOW_NOMAD_WORKLOAD"
-#: ``Meta`` key naming the trampoline waiting for the job (``elsewhere.Launcher.label``).
-OWNER = "metaflow-stack.owner"
 #: Where the job works and keeps its logs (Nomad's task folder; ``/tmp`` elsewhere): raw_exec tasks share the
 #: client's ``/tmp``.
 WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-task"
@@ -48,18 +47,3 @@ def run(
                     client.deregister(job)
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
                     relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
-
-
-def sweep(client: NomadClient, prefix: str = "mf-") -> int:
-    """Purge the jobs whose trampoline on this host is gone (killed outright, it could not); how many."""
-    gone = 0
-    try:
-        jobs = client.jobs(prefix)
-    except StackError:
-        return 0  # the first task reports an agent that does not answer
-    for job in jobs:
-        launcher = Launcher.parse((job.get("Meta") or {}).get(OWNER))
-        if launcher is not None and launcher.gone():
-            client.deregister(job["ID"])
-            gone += 1
-    return gone

@@ -51,8 +51,8 @@ def open_pool(
     contained: Launcher | None = None,
     placement: NomadPlacement | None = None,
 ) -> Pool:
-    """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis`` and ``kubernetes``,
-    where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
+    """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis``, ``kubernetes`` and
+    ``nomad``, where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
     ``resources``: the step's ``@resources`` (``cpu``, ``gpu``, ``memory`` in MB), for each Ray actor or
     pod; for ``kubernetes``: ``image``, the pods' (default: the stack's base image), ``namespace`` (default:
     ``METAFLOW_KUBERNETES_NAMESPACE``, then ``default``) and chart ``values`` the step sets (a node selector,

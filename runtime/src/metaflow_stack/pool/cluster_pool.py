@@ -21,6 +21,12 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_pool import RedisPool
 
+#: Seconds a cluster's workers have to be placed, pull their image, start and import the flow before the
+#: step fails.
+READY_TIMEOUT_S = 300
+#: How often the workers are looked at while the first item waits for them (at most).
+POLL_S = 2.0
+
 
 class ClusterPool(RedisPool, ABC):
     """A dispatcher here and ``size`` workers on a cluster, sharing one Redis queue."""
@@ -82,9 +88,10 @@ class ClusterPool(RedisPool, ABC):
             self.warm = True
         return line
 
-    def stop(self) -> None:
-        super().stop()  # the dispatcher removes the workers as it stops
+    def release(self) -> None:
+        # The dispatcher removed the workers as it stopped; if it could not (it was killed), this does (else it
+        # finds none), before the keys are swept.
         self.warm = False
-        if self.placed:  # and if it could not (it was killed), this does; else it finds none
+        if self.placed:
             self.placed = False
             self.remove()

@@ -27,7 +27,7 @@ from metaflow_stack.deploy import helm
 from metaflow_stack.deploy.helm import kubectl
 from metaflow_stack.elsewhere import metaflow_settings
 from metaflow_stack.errors import StackError
-from metaflow_stack.pool.cluster_pool import ClusterPool
+from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
 
 #: Where the pods find Redis, when not where the runtime does (a cluster's view of the same server).
 POD_URL_VARIABLE = "METAFLOW_STACK_POOL_POD_REDIS_URL"
@@ -35,12 +35,8 @@ POD_URL_VARIABLE = "METAFLOW_STACK_POOL_POD_REDIS_URL"
 IMAGE_VARIABLE = "METAFLOW_STACK_POOL_IMAGE"
 #: A YAML file of chart values laid over the runtime's (``hostPaths``, ``envFrom``, ``nodeSelector``...).
 VALUES_VARIABLE = "METAFLOW_STACK_POOL_VALUES"
-#: Seconds the pods have to pull the image, start and import the flow before the step fails.
-READY_TIMEOUT_S = 300
 #: Seconds the pods have to end when they are deleted (their grace period is 15 s).
 DELETE_TIMEOUT_S = 90
-#: How often the pods are looked at while the first item waits for them.
-POLL_S = 2.0
 #: What a pool's objects are found by.
 INSTANCE = "app.kubernetes.io/instance"
 #: Why a pod's container waits that will not pass by waiting longer.

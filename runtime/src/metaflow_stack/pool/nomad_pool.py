@@ -25,22 +25,18 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from metaflow_stack.elsewhere import metaflow_settings
-from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.elsewhere import Launcher, metaflow_settings
+from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
 from metaflow_stack.engines.nomad.jobspec import KILL_TIMEOUT_NS, TASK, Placement, workers_job
-from metaflow_stack.engines.nomad.watch import ENDED, last_lines, wait_placed
+from metaflow_stack.engines.nomad.orphans import OWNER, sweep
+from metaflow_stack.engines.nomad.watch import ENDED, NOT_STARTED, ending, last_lines, wait_placed
 from metaflow_stack.errors import StackError
-from metaflow_stack.pool.cluster_pool import ClusterPool
-from metaflow_stack.pool.redis_pool import WORKER
+from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
+from metaflow_stack.pool.redis_pool import WORKER, WORKERS_PREFIX
 from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
 #: Where the workers find Redis, when not where the runtime does (the Nomad clients' view of the server).
 WORKERS_URL_VARIABLE = "METAFLOW_STACK_POOL_NOMAD_REDIS_URL"
-#: Seconds the workers have to be placed, pull their image, start and import the flow before the step fails.
-READY_TIMEOUT_S = 300
-#: How long one look at the job's allocations waits for a change (a blocking query) before the workers'
-#: logs are read again.
-POLL_S = 2.0
 #: How long stopping waits for the workers to end: their kill timeout, and some.
 STOP_S = KILL_TIMEOUT_NS / 1e9 + 15
 #: What a worker's output says once it is warm (``redis_worker``).
@@ -52,7 +48,6 @@ class NomadPool(ClusterPool):
 
     backend = "nomad"
     workers_kind = "Nomad workers"
-    fix = f"read the pool's job (nomad job status) and check that its workers reach Redis ({WORKERS_URL_VARIABLE})"
     stop_timeout_s = STOP_S + 30  # the dispatcher waits for the workers to stop
 
     def __init__(
@@ -67,15 +62,19 @@ class NomadPool(ClusterPool):
     def render(self) -> dict[str, Any]:
         """The workers' job: the Redis worker, detached (it stops on SIGTERM, not when a pipe closes), named
         for its allocation; the run's Metaflow settings and the queue's URL in its environment."""
-        name = "${NOMAD_JOB_ID}/${NOMAD_ALLOC_INDEX}"  # (Nomad interpolates a task's arguments)
-        command = ["python", "-u", "-c", WORKER, self.prefix, self.flow_file, name, "--detached"]
+        # Named for its allocation by the shell, from the variables Nomad gives every task.
+        named = 'exec python -u -c "$0" "$@" "$NOMAD_JOB_ID/$NOMAD_ALLOC_INDEX" --detached'
+        command = ["sh", "-c", named, WORKER, self.prefix, self.flow_file]
         url = os.environ.get(WORKERS_URL_VARIABLE) or self.url
-        env = {**metaflow_settings(), URL_VARIABLE: url, "HOME": "/tmp"}
-        meta = {"metaflow-stack.pool": self.prefix}
+        env = {**metaflow_settings(), URL_VARIABLE: url}
+        if self.placement.driver == "docker":
+            env["HOME"] = "/tmp"  # (the image's user may have none; exec and raw_exec keep the client's)
+        meta = {"metaflow-stack.pool": self.prefix, OWNER: Launcher.this().label}  # (a killed run's: swept)
         return workers_job(self.workers_name, command, env, self.placement, meta, self.size)
 
     def place(self, rendered: dict[str, Any]) -> None:
         with NomadClient(self.agent) as client:
+            sweep(client, WORKERS_PREFIX)  # the pools of runs killed outright, which could not purge their own
             self.eval_id = client.register(rendered)
 
     def wait_workers(self) -> None:
@@ -95,45 +94,66 @@ class NomadPool(ClusterPool):
 
 def purge(agent: Settings, job: str) -> None:
     """Stop and forget the workers' job, and wait (``STOP_S`` at most) until its allocations have stopped
-    (Nomad stops them after it answers); if Nomad cannot, say what is left and how to remove it (stopping
-    goes on)."""
+    (Nomad stops them after it answers); say what may be left, and how to remove it, if Nomad cannot or
+    they outlast the wait (stopping goes on)."""
+    deadline, index = time.monotonic() + STOP_S, 0
     try:
         with NomadClient(agent) as client:
             client.deregister(job)
-            deadline, index = time.monotonic() + STOP_S, 0
             while time.monotonic() < deadline:
-                allocations, index = client.allocations(job, index, wait_s=POLL_S)
+                allocations, index = client.allocations(job, index, wait_s=POLL_S, outage_s=0)
                 if all(a.get("ClientStatus") in ENDED for a in allocations):
                     return
+        said = f"its workers still ran after {STOP_S:.0f}s"
     except StackError as exc:
-        print(
-            f"worker pool: the Nomad job {job} may be left: {exc.message} (fix: nomad job stop -purge {job})",
-            file=sys.stderr,
-            flush=True,
-        )
+        said = exc.message
+    print(
+        f"worker pool: the Nomad job {job} may be left: {said} (fix: nomad job stop -purge {job})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:
     """Until ``size`` workers of ``job`` said they are ready. ``StackError`` at once for a job no node can
-    take (Nomad's reasons), or a worker that ended before it was ready (its last line), or after
-    ``READY_TIMEOUT_S``; a job waiting for room is said to be queued, once."""
+    take (Nomad's reasons), or a worker that ended or could not start (its last line, else Nomad's word for
+    it), or after ``READY_TIMEOUT_S``; a job waiting for room is said to be queued, once."""
     wait_placed(client, eval_id, lambda said: print(f"worker pool: {said}", file=sys.stderr, flush=True))
     deadline, index, ready = time.monotonic() + READY_TIMEOUT_S, 0, set()
     while time.monotonic() < deadline:
         allocations, index = client.allocations(job, index, wait_s=POLL_S)
         for allocation in allocations:
-            state = (allocation.get("TaskStates") or {}).get(TASK) or {}
-            events = state.get("Events") or []
             if allocation["ID"] in ready or allocation.get("DesiredStatus", "run") != "run":
                 continue
-            if any(event.get("Type") in ("Terminated", "Driver Failure") for event in events):
-                said = last_lines(client, allocation["ID"], "stderr", 1) or [events[-1].get("DisplayMessage", "")]
-                raise StackError(f"worker {allocation.get('Name', allocation['ID'])} ended: {said[-1]}")
-            if state.get("State") == "running" and READY_LINE in last_lines(client, allocation["ID"], "stdout"):
+            state = (allocation.get("TaskStates") or {}).get(TASK) or {}
+            failed = [e for e in state.get("Events") or [] if e.get("Type") in ("Terminated", *NOT_STARTED)]
+            if failed or allocation.get("ClientStatus") in ENDED:
+                said = [line for line in _read(client, allocation["ID"], "stderr") if line.strip()]
+                why = said[-1] if said else _why(allocation, failed)
+                raise StackError(f"worker {allocation.get('Name', allocation['ID'])} ended: {why}")
+            if state.get("State") == "running" and READY_LINE in _read(client, allocation["ID"], "stdout"):
                 ready.add(allocation["ID"])
         if len(ready) >= size:
             return
     raise StackError(f"{len(ready)} of {size} ready after {READY_TIMEOUT_S}s")
+
+
+def _why(allocation: dict[str, Any], failed: list[dict[str, Any]]) -> str:
+    """Nomad's word for how a worker ended: the event that ended it (not a later "Restarting"), else the
+    allocation's."""
+    if not failed:
+        return ending(allocation).reason or allocation.get("ClientStatus", "ended")
+    event = failed[-1]
+    said = event.get("DisplayMessage") or event.get("DriverError") or event.get("ValidationError")
+    return said or (f"exit code {event['ExitCode']}" if "ExitCode" in event else event["Type"])
+
+
+def _read(client: NomadClient, alloc_id: str, kind: str) -> list[str]:
+    """A worker's log as it is now; nothing when Nomad cannot say now (asked again on the next look)."""
+    try:
+        return last_lines(client, alloc_id, kind)
+    except Unavailable:
+        return []
 
 
 def open_nomad_pool(

@@ -19,6 +19,8 @@ from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
 WORKER = "from metaflow_stack.pool.redis_worker import main; main()"
+#: How every pool's workers elsewhere are named (``workers_name``).
+WORKERS_PREFIX = "mf-pool-"
 #: Where the pool looks for Redis when neither ``redis_url=`` nor the variable says.
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -38,7 +40,7 @@ class RedisPool(DispatchedPool):
         """What the pool's workers elsewhere are named by (the ``kubernetes`` backend's release, the
         ``nomad`` backend's job): the step's name in the alphabet both take, and a hash of the run and step."""
         step = re.sub(r"[^a-z0-9-]+", "-", self.name.split("@")[0].lower()).strip("-")[:24] or "step"
-        return f"mf-pool-{step}-{hashlib.sha256(self.prefix.encode()).hexdigest()[:10]}"
+        return f"{WORKERS_PREFIX}{step}-{hashlib.sha256(self.prefix.encode()).hexdigest()[:10]}"
 
     def start_workers(self) -> list[PoolProcess]:
         assert self.folder is not None
@@ -52,9 +54,14 @@ class RedisPool(DispatchedPool):
             for slot in range(self.size)
         ]
 
+    def release(self) -> None:
+        """What the pool's workers elsewhere hold, let go once the dispatcher has stopped and before the keys
+        are swept (workers still running could write some again): nothing, for workers on this machine."""
+
     def stop(self) -> None:
         started = self.dispatcher is not None
         super().stop()
+        self.release()
         if started:  # whatever a worker still wrote after the dispatcher's purge (it ended after its stdin closed)
             client = redis.Redis.from_url(self.url)
             with contextlib.suppress(redis.RedisError):

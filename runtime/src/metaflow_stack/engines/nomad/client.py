@@ -131,15 +131,15 @@ class NomadClient:
             fix="start one (`just nomad-up`) or set NOMAD_ADDR to its address",
         )
 
-    def _blocking(self, path: str, index: int, wait_s: float) -> tuple[Any, int]:
+    def _blocking(self, path: str, index: int, wait_s: float, outage_s: float = OUTAGE_S) -> tuple[Any, int]:
         """A blocking query: the object once its index passes ``index`` (or after ``wait_s``), and its index.
 
         A task may run for hours: an agent that does not answer for a while (a restart, no cluster leader:
-        5xx) is asked again, with backoff, for up to ``OUTAGE_S``, rather than failing a healthy task. An
+        5xx) is asked again, with backoff, for up to ``outage_s``, rather than failing a healthy task. An
         index that did not move (a server that ignores it) costs a second, not a busy loop."""
         params = {"index": index, "wait": f"{int(wait_s)}s"} if index else {}
         timeout = httpx.Timeout(wait_s + SLACK_S, connect=CONNECT_S)
-        deadline, pause = time.monotonic() + OUTAGE_S, 1.0
+        deadline, pause = time.monotonic() + outage_s, 1.0
         while True:
             try:
                 response = self._request("GET", path, params=params, timeout=timeout)
@@ -149,6 +149,9 @@ class NomadClient:
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 30.0)
+                # Asked afresh: an agent back from an outage may have begun its indexes again (a dev agent
+                # keeps none), and would hold a query on an index it has not reached for the whole wait.
+                params = {}
         moved = _index(response, index)
         if index and moved <= index:
             time.sleep(1.0)
@@ -195,8 +198,11 @@ class NomadClient:
     def evaluation(self, eval_id: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[dict[str, Any], int]:
         return self._blocking(f"/v1/evaluation/{eval_id}", index, wait_s)
 
-    def allocations(self, job: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[list[dict[str, Any]], int]:
-        return self._blocking(f"/v1/job/{_escaped(job)}/allocations", index, wait_s)
+    def allocations(
+        self, job: str, index: int = 0, wait_s: float = WAIT_S, outage_s: float = OUTAGE_S
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The job's allocations (a purged job's too, until Nomad collects them)."""
+        return self._blocking(f"/v1/job/{_escaped(job)}/allocations", index, wait_s, outage_s)
 
     def allocation(self, alloc_id: str, index: int = 0, wait_s: float = WAIT_S) -> tuple[dict[str, Any], int]:
         return self._blocking(f"/v1/allocation/{alloc_id}", index, wait_s)
@@ -240,7 +246,8 @@ class NomadClient:
         rotated files), followed unless told, as chunks."""
         flags = {"follow": "true" if follow else "false", "origin": "start", "offset": offset}
         params = self._params({"task": task, "type": kind, **flags})
-        timeout = httpx.Timeout(None, connect=CONNECT_S)  # a quiet task: heartbeats, or nothing, for a while
+        # Followed, a quiet task sends heartbeats, or nothing, for a while; not followed, the answer ends.
+        timeout = httpx.Timeout(None if follow else CONNECT_S + SLACK_S, connect=CONNECT_S)
         try:
             with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:
                 if response.is_error:

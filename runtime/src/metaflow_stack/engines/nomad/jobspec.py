@@ -131,6 +131,13 @@ def resources(placement: Placement) -> dict[str, Any]:
     return found
 
 
+def literal(text: str) -> str:
+    """``text`` as Nomad's task runner reads it back: it parses every string of a task's config as an HCL
+    template (``${...}`` a variable, ``%{...}`` a directive), so a shell's ``${NOMAD_TASK_DIR:-/tmp}`` in a
+    command would fail the task's validation; ``$${`` and ``%%{`` are HCL's literal ``${`` and ``%{``."""
+    return text.replace("${", "$${").replace("%{", "%%{")
+
+
 def task_job(
     job: str, command: list[str], env: dict[str, str], placement: Placement, meta: dict[str, str]
 ) -> dict[str, Any]:
@@ -165,6 +172,7 @@ def _job(
 ) -> dict[str, Any]:
     """A job of ``kind`` whose one group (``group``'s fields) runs one task: ``command`` with ``env``,
     placed as ``placement`` says (``task``'s fields added)."""
+    command = [literal(part) for part in command]
     if placement.driver == "docker":
         if not placement.image:
             raise StackError("the docker driver needs an image", fix="give image=, or let the runtime pick one")

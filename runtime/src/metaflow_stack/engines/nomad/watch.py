@@ -183,13 +183,18 @@ class LogFollower(threading.Thread):
 
 def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, str], None]) -> Ending:
     """Wait for ``job`` to be placed, hand over its log lines (``on_line(kind, line)``) while it runs, and
-    return how it ended. Its logs are read once its task has started (Nomad has none before)."""
+    return how it ended. Its logs are read once its task has started (Nomad has none before). An allocation
+    Nomad no longer knows ended unseen: the attempt is lost (``@retry`` runs it again)."""
     wait_placed(client, eval_id, lambda said: on_line("stderr", said))
     alloc_id = allocation_of(client, job)
     followers = [LogFollower(client, alloc_id, kind, on_line) for kind in ("stdout", "stderr")]
-    index, reading = 0, False
+    index, reading, gone = 0, False, None
     while True:
-        allocation, index = client.allocation(alloc_id, index)
+        try:
+            allocation, index = client.allocation(alloc_id, index)
+        except NotFound:  # collected before its end was read: a dev agent restarted, an operator's purge and GC
+            gone = Ending(None, status="lost", reason=f"Nomad no longer knows its allocation {alloc_id}")
+            break
         if not reading and _started(allocation):
             reading = True
             for follower in followers:
@@ -202,7 +207,7 @@ def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, 
         follower.join(DRAIN_S)
         if follower.error is not None and not isinstance(follower.error, NotFound):
             on_line("stderr", f"(the task's {follower.kind} could not be read from Nomad: {follower.error})")
-    return ending(allocation)
+    return gone or ending(allocation)
 
 
 def _started(allocation: dict[str, Any]) -> bool:

@@ -115,11 +115,11 @@ class NomadDecorator(Trampolined, StepDecorator):
     def _sweep_once(cls) -> None:
         """Purge the jobs of trampolines on this host that were killed outright, once per run."""
         from metaflow_stack.engines.nomad.client import NomadClient
-        from metaflow_stack.nomad import task
+        from metaflow_stack.engines.nomad.orphans import sweep
 
         if not cls.swept:
             with NomadClient() as client:
-                task.sweep(client)
+                sweep(client)
             cls.swept = True
 
     @classmethod
