@@ -178,8 +178,10 @@ for each in triggered:
     deadline = time.monotonic() + 600
     while not run.finished and time.monotonic() < deadline:
         time.sleep(2)
+    pooled = run["each"] if any(s.id == "each" for s in run) else []
     found.append({"pathspec": run.pathspec, "successful": run.successful, "tags": sorted(run.tags),
-                  "artifacts": {a.id: a.data for a in run.end_task} if run.successful else None})
+                  "artifacts": {a.id: a.data for a in run.end_task} if run.successful else None,
+                  "workers": sorted({t.metadata_dict.get("worker-pool", "") for t in pooled})})
 print(json.dumps(found))
 """
 
@@ -215,8 +217,8 @@ def _deploy(
 def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
 ) -> None:
-    """Dispatched (parameters given, then their defaults), on the @project branch it was deployed from, and
-    a scheduled flow's periodic job run now."""
+    """Dispatched (parameters given, then their defaults), on the @project branch it was deployed from, its
+    foreach on a worker pool inside the job, and a scheduled flow's periodic job run now."""
     from service_servers import KEYED, start_service
 
     from metaflow_stack.engines.nomad.client import NomadClient
@@ -234,6 +236,7 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
         assert given["successful"] and given["artifacts"]["total"] == 63 and given["artifacts"]["said"] == "hi"
         assert defaults["successful"] and defaults["artifacts"]["total"] == 3
         assert defaults["artifacts"]["said"] == "hello" and given["pathspec"] != defaults["pathspec"]
+        assert given["workers"] and all(w.startswith("each@") for w in given["workers"])  # (a pool in the job)
         assert any(tag.startswith(f"nomad-job:{name}/dispatch-") for tag in given["tags"])
         assert "project_branch:test.ci" in given["tags"]  # the branch deployed from, not the job's user
         assert scheduled["successful"] and scheduled["artifacts"]["squared"] == 16
@@ -257,15 +260,25 @@ def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flow", "words"),
+    ("flow", "edit", "words"),
     [
-        ("deployed_flow.py", "--metadata service"),
-        ("nomad_flow.py", "step each: a deployed flow runs its steps inside its Nomad job, so @nomad cannot apply"),
+        ("deployed_flow.py", {}, "--metadata service"),
+        ("nomad_flow.py", {}, "step each: a deployed flow runs its steps inside its Nomad job, so @nomad cannot apply"),
+        (
+            "deployed_flow.py",
+            {"@worker_pool(size=2)": '@worker_pool(size=2, backend="nomad")'},
+            "step each: a deployed flow runs its steps inside its Nomad job, so @worker_pool(backend='nomad') cannot",
+        ),
     ],
-    ids=["local-metadata", "compute-decorator"],
+    ids=["local-metadata", "compute-decorator", "cluster-pool"],
 )
-def test_what_a_deployed_flow_cannot_honour_is_refused_in_one_line(tmp_path: Path, flow: str, words: str) -> None:
-    shutil.copy(FLOWS / flow, tmp_path)
+def test_what_a_deployed_flow_cannot_honour_is_refused_in_one_line(
+    tmp_path: Path, flow: str, edit: dict[str, str], words: str
+) -> None:
+    text = (FLOWS / flow).read_text()
+    for old, new in edit.items():
+        text = text.replace(old, new)
+    (tmp_path / flow).write_text(text)
     env = {**os.environ, "METAFLOW_DEFAULT_METADATA": "local"}
     line = [sys.executable, flow, "--datastore", "s3", "--datastore-root", "s3://sandbox/x", "nomad", "create"]
     done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

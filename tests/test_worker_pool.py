@@ -308,6 +308,33 @@ def test_resume_over_an_absorbed_kubernetes_keeps_the_origin_run(
     assert not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_a_pooled_task_takes_the_flows_own_options(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """@project's --branch and a Config's --config-value are options of the flow's own command line, which
+    Metaflow builds once per process: the pool's tasks take them as plain tasks do."""
+    env = backend_env(backend, request, tmp_path)
+    options = ("--branch", "ci", "--config-value", "settings", '{"scale": 10}')
+    shutil.copy(FLOWS / "project_pool_flow.py", tmp_path)
+    environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
+    line = [sys.executable, "project_pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), *options, "run"]
+    line += ["--with", f"worker_pool:size=2,backend={backend}"]
+    done = subprocess.run(line, cwd=tmp_path, env={**environment, **env}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    code = (
+        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
+        "namespace(None); run = Flow('ProjectPoolFlow').latest_run; print(json.dumps({'tags': sorted(run.tags), "
+        "'values': run['join'].task.data.values, "
+        "'workers': [t.metadata_dict.get('worker-pool') for t in run['each']]}))"
+    )
+    read = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-3000:]
+    run = json.loads(read.stdout.strip().splitlines()[-1])
+    assert run["values"] == [10, 20, 30] and "project_branch:test.ci" in run["tags"]
+    assert len(run["workers"]) == 3 and all(run["workers"]), run["workers"]
+
+
 def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
     """With @worker_pool written on the step: @timeout kills only the hanging item's attempts, @catch
     records the failures of only those items, and the run goes on."""

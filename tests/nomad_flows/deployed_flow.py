@@ -1,7 +1,8 @@
 """A flow deployed as one Nomad job (``nomad create``) and run by dispatching it with its parameters: its
-steps, a foreach among them, run inside that job, on the ``@project`` branch it was deployed from."""
+steps, a foreach among them (on a pool of warm workers inside the job), run inside that job, on the
+``@project`` branch it was deployed from."""
 
-from metaflow import FlowSpec, Parameter, project, step
+from metaflow import FlowSpec, Parameter, project, step, worker_pool
 
 
 @project(name="nomad_deployed")
@@ -14,6 +15,7 @@ class DeployedFlow(FlowSpec):
         self.items = [1, 2]
         self.next(self.each, foreach="items")
 
+    @worker_pool(size=2)
     @step
     def each(self):
         self.value = self.input * self.alpha

@@ -23,6 +23,8 @@ from metaflow_stack.elsewhere import MACHINE_FILES, MACHINE_VARIABLES
 from metaflow_stack.pool import WORKER_VARIABLE
 from metaflow_stack.trampolines import die_with_parent
 
+#: The name the flow's file is imported under while a pool warms (not ``__main__``).
+WARM_NAME = "__metaflow_stack_pool_warm__"
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).
 DRAIN_S = 1.0
@@ -45,14 +47,23 @@ def warm(flow_file: str) -> None:
     git facts (four ``git`` processes per task otherwise)."""
     folder = os.path.dirname(os.path.abspath(flow_file))
     sys.path.insert(0, folder)
-    runpy.run_path(flow_file, run_name="__metaflow_stack_pool_warm__")
-    from metaflow import metaflow_git, metaflow_version
+    defined = runpy.run_path(flow_file, run_name=WARM_NAME)
+    from metaflow import FlowSpec, metaflow_git, metaflow_version, parameters
 
     metaflow_version.get_version()
     metaflow_version.get_version(public=True)
     metaflow_git.get_repository_info(folder)
-    # The step command and everything it reaches, imported once here rather than in every task.
-    import metaflow.cli
+    # The step command and everything it reaches, imported once here rather than in every task. Metaflow
+    # builds its command line at its first import, with the options of the flow whose context it is in (its
+    # flow decorators': @project's --branch; its Configs'), as `python flow.py` imports it: so here, in the
+    # context of the flow the file runs (the last it defines), not in none.
+    flows = [
+        value
+        for value in defined.values()
+        if isinstance(value, type) and issubclass(value, FlowSpec) and value.__module__ == WARM_NAME
+    ]
+    with parameters.flow_context(flows[-1]) if flows else contextlib.nullcontext():
+        import metaflow.cli
     import metaflow.task  # noqa: F401
 
     # Out of the collector's sight: a collection in a child would otherwise write to every object the

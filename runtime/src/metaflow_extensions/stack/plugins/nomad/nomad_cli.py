@@ -103,7 +103,10 @@ class NomadDeployException(MetaflowException):
 
 
 #: Step decorators a deployed flow cannot honour: its steps run inside its own job.
-_ELSEWHERE = ("nomad", "kubernetes", "batch", "devcontainer", "worker_pool", "slurm")
+_ELSEWHERE = ("nomad", "kubernetes", "batch", "devcontainer", "slurm")
+#: ``@worker_pool`` backends whose workers a cluster runs, which the job cannot reach without credentials
+#: of its own (the others run inside the job: a fork server, workers on a Redis the job reaches, a Ray).
+_CLUSTER_POOLS = ("kubernetes", "nomad")
 
 
 @contextlib.contextmanager
@@ -125,6 +128,11 @@ def _deployable(obj) -> tuple[list[str], list[str]]:
         )
     for node in obj.graph:
         elsewhere = [d.name for d in node.decorators if d.name in _ELSEWHERE]
+        elsewhere += [
+            f"worker_pool(backend={d.attributes['backend']!r})"
+            for d in node.decorators
+            if d.name == "worker_pool" and d.attributes["backend"] in _CLUSTER_POOLS
+        ]
         if elsewhere:
             raise NomadDeployException(
                 f"step {node.name}: a deployed flow runs its steps inside its Nomad job, so @{elsewhere[0]} cannot "
