@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN
+from conftest import VENV_BIN, need
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ print(json.dumps({"successful": run.successful, "values": values, "items": items
 
 
 def flow_run(
-    root: Path, flow: str, agent, s3: str, *args: str, **popen
+    root: Path, flow: str, agent, s3: str, *args: str, top: tuple[str, ...] = (), **popen
 ) -> subprocess.Popen | subprocess.CompletedProcess:
     shutil.copy(FLOWS / flow, root)
     env = {
@@ -55,7 +55,7 @@ def flow_run(
         **({"NOMAD_TOKEN": agent.token} if agent.token else {}),
     }
     root_s3 = f"s3://sandbox/nomad-{uuid.uuid4().hex[:8]}"
-    line = [sys.executable, flow, "--datastore", "s3", "--datastore-root", root_s3, "run", *args]
+    line = [sys.executable, flow, "--datastore", "s3", "--datastore-root", root_s3, *top, "run", *args]
     if popen:
         return subprocess.Popen(line, cwd=root, env=env, **popen)
     return subprocess.run(line, cwd=root, env=env, capture_output=True, text=True, timeout=900)
@@ -150,6 +150,18 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     assert Path(work["cwd"]).is_relative_to(work["task_dir"])  # the task's own folder (raw_exec shares /tmp)
     assert f"raw_exec in {work['cwd']}" in work["stdout"] and "raw_exec in" in done.stdout + done.stderr
     assert "upload_failure" not in done.stdout + done.stderr
+
+
+def test_a_pypi_step_runs_in_its_own_environment_made_in_the_job(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
+    """``--environment pypi``: the step's packages are solved here for linux-64, kept in the datastore, and the
+    job makes the environment from them (Metaflow's own bootstrap, in the job's script) before the step runs
+    in its interpreter. Metaflow solves with micromamba and the job fetches it from conda-forge: the GitHub
+    clusters job runs this against a real agent; these machines reach neither."""
+    need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
+    done = flow_run(tmp_path, "pypi_flow.py", nomad_agent, bridge_s3, top=("--environment", "pypi"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "six 1.16.0 in " in line]
+    assert said and "/usr/local/bin/python" not in said[-1], said  # (the environment's, not the image's)
 
 
 #: Run in a subprocess with the service's settings: deploy FLOW, trigger it once for each of the PARAMETERS
