@@ -160,8 +160,11 @@ def test_a_pypi_step_runs_in_its_own_environment_made_in_the_job(tmp_path: Path,
     need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
     done = flow_run(tmp_path, "pypi_flow.py", nomad_agent, bridge_s3, top=("--environment", "pypi"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    said = [line for line in (done.stdout + done.stderr).splitlines() if "six 1.16.0 in " in line]
-    assert said and "/usr/local/bin/python" not in said[-1], said  # (the environment's, not the image's)
+    said = [line.split() for line in (done.stdout + done.stderr).splitlines() if "six 1.16.0 in prefix " in line]
+    assert said, (done.stdout + done.stderr)[-3000:]
+    prefix, six_file = said[-1][-3], said[-1][-1]
+    # The step ran in the environment's interpreter (the image's is /usr/local), whose own packages hold six.
+    assert prefix != "/usr/local" and six_file.startswith(prefix + "/"), said[-1]
 
 
 #: Run in a subprocess with the service's settings: deploy FLOW, trigger it once for each of the PARAMETERS

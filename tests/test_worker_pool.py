@@ -731,10 +731,17 @@ def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_
         ("@kubernetes\n    @worker_pool", "write @worker_pool above @kubernetes"),
         ('@worker_pool(backend="redis")\n    @kubernetes', "with @kubernetes the pool's workers are pods"),
         ('@worker_pool\n    @kubernetes(secrets=["s3"], service_account="sa")', "not secrets, service_account"),
+        ("@nomad\n    @worker_pool", "write @worker_pool above @nomad"),
+        (
+            '@worker_pool(backend="ray")\n    @nomad',
+            "with @nomad the pool's workers are the allocations of a Nomad job",
+        ),
     ],
-    ids=["order", "backend", "settings-not-taken"],
+    ids=["order", "backend", "settings-not-taken", "nomad-order", "nomad-backend"],
 )
-def test_a_pool_over_kubernetes_set_wrong_fails_in_one_line(tmp_path: Path, decorators: str, words: str) -> None:
+def test_a_pool_over_kubernetes_or_nomad_set_wrong_fails_in_one_line(
+    tmp_path: Path, decorators: str, words: str
+) -> None:
     (tmp_path / "bad_flow.py").write_text(BAD.format(decorator_each=decorators, decorator_join=""))
     line = [sys.executable, "bad_flow.py", "--datastore", "s3", "--datastore-root", "s3://nowhere/x", "run"]
     done = subprocess.run(line, cwd=tmp_path, capture_output=True, text=True, timeout=120)

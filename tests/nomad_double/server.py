@@ -191,6 +191,8 @@ class Cluster:
         self.evals: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
         self.namespaces = {"default"}
+        #: The threads stopping deregistered allocations' tasks.
+        self.stopping: list[threading.Thread] = []
         #: What runs each started allocation's task: a container ID, or a raw_exec process.
         self.started: dict[str, str | RawExec] = {}
         self.docker = DockerClient()
@@ -302,7 +304,10 @@ class Cluster:
         task = group["Tasks"][0]
         runs = []
         for index in range(int(group.get("Count", 1))):  # (a group's Count allocations, each its own index)
-            runs.append(threading.Thread(target=self.run, args=(self.allocate(job, group, task, index), task)))
+            alloc = self.allocate(job, group, task, index)
+            if alloc is None:  # deregistered meanwhile
+                break
+            runs.append(threading.Thread(target=self.run, args=(alloc, task)))
         with self.changed:
             evaluation["Status"] = "complete"
             self.bump(evaluation)
@@ -311,7 +316,9 @@ class Cluster:
         for run in runs:
             run.join()
 
-    def allocate(self, job: dict[str, Any], group: dict[str, Any], task: dict[str, Any], index: int) -> dict[str, Any]:
+    def allocate(
+        self, job: dict[str, Any], group: dict[str, Any], task: dict[str, Any], index: int
+    ) -> dict[str, Any] | None:
         alloc = {
             "ID": str(uuid.uuid4()),
             "Name": f"{job['ID']}.{group['Name']}[{index}]",
@@ -331,8 +338,11 @@ class Cluster:
             },
         }
         with self.changed:
+            registered = self.jobs.get(job["ID"])
+            if registered is None or registered["Job"] is not job:
+                return None
             self.allocs[alloc["ID"]] = alloc
-            self.jobs[job["ID"]]["Allocs"].append(alloc["ID"])
+            registered["Allocs"].append(alloc["ID"])
             self.bump(alloc)
         return alloc
 
@@ -354,10 +364,16 @@ class Cluster:
             alloc["ClientStatus"] = "failed"
             self.bump(alloc)
             return
-        state["Events"].append(_event("Started"))
-        state["State"], state["StartedAt"] = "running", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        alloc["ClientStatus"] = "running"
-        self.bump(alloc)
+        with self.changed:
+            stopping = alloc.get("DesiredStatus") == "stop"
+            if not stopping:
+                state["Events"].append(_event("Started"))
+                state["State"], state["StartedAt"] = "running", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                alloc["ClientStatus"] = "running"
+                self.bump(alloc)
+        if stopping:  # deregistered while it started, before the stop could find it: stopped now
+            self.stop_allocs([alloc])
+            return
         code = wait()
         if alloc.get("DesiredStatus") == "stop":  # stopped by a deregistration: killed, as Nomad says it
             with self.changed:
@@ -422,20 +438,20 @@ class Cluster:
         self.started[alloc["ID"]] = run
         return run.wait
 
-    def deregister(self, job_id: str, wait: bool = False) -> None:
+    def deregister(self, job_id: str) -> None:
         """The job forgotten and its allocations told to stop: Nomad answers a purge at once and its client
-        stops the tasks after (``wait``: before this returns, as when the double goes away). The allocations
-        stay listed under the job's ID until they are collected."""
+        stops the tasks after, each on its own. The allocations stay listed under the job's ID until they
+        are collected."""
         job = self.jobs.pop(job_id, None)
         allocs = [self.allocs[a] for a in (job or {}).get("Allocs", [])]
         with self.changed:
             for alloc in allocs:
                 alloc["DesiredStatus"] = "stop"
                 self.bump(alloc)
-        stopping = threading.Thread(target=self.stop_allocs, args=(allocs,), daemon=True)
-        stopping.start()
-        if wait:
-            stopping.join()
+            for alloc in allocs:
+                stopping = threading.Thread(target=self.stop_allocs, args=([alloc],))
+                self.stopping.append(stopping)
+                stopping.start()
 
     def stop_allocs(self, allocs: list[dict[str, Any]]) -> None:
         for alloc in allocs:
@@ -452,9 +468,11 @@ class Cluster:
                     self.bump(alloc)
 
     def stop(self) -> None:
-        """End every task still running (the double is going away)."""
+        """End every task still running, and wait for each (the double is going away)."""
         for job_id in list(self.jobs):
-            self.deregister(job_id, wait=True)
+            self.deregister(job_id)
+        for stopping in list(self.stopping):
+            stopping.join()
 
     def logs(self, alloc_id: str, kind: str, follow: bool, offset: int) -> Iterator[bytes]:
         """``StreamFrame`` objects of the task's ``kind`` output, as Nomad's client writes them, then heartbeats

@@ -23,13 +23,13 @@ class PypiFlow(FlowSpec):
         import six
 
         self.six_version = six.__version__
-        self.python = sys.executable
+        self.prefix, self.six_file = sys.prefix, six.__file__
         self.next(self.end)
 
     @pypi(disabled=True)
     @step
     def end(self):
-        print("six", self.six_version, "in", self.python)
+        print("six", self.six_version, "in prefix", self.prefix, "from", self.six_file)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ from metaflow_stack.elsewhere import MACHINE_FILES, MACHINE_VARIABLES
 from metaflow_stack.pool import WORKER_VARIABLE
 from metaflow_stack.trampolines import die_with_parent
 
-#: The name the flow's file is imported under while a pool warms (not ``__main__``).
-WARM_NAME = "__metaflow_stack_pool_warm__"
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).
 DRAIN_S = 1.0
@@ -47,24 +45,21 @@ def warm(flow_file: str) -> None:
     git facts (four ``git`` processes per task otherwise)."""
     folder = os.path.dirname(os.path.abspath(flow_file))
     sys.path.insert(0, folder)
-    defined = runpy.run_path(flow_file, run_name=WARM_NAME)
-    from metaflow import FlowSpec, metaflow_git, metaflow_version, parameters
+    runpy.run_path(flow_file, run_name="__metaflow_stack_pool_warm__")
+    from metaflow import metaflow_git, metaflow_version
 
     metaflow_version.get_version()
     metaflow_version.get_version(public=True)
     metaflow_git.get_repository_info(folder)
-    # The step command and everything it reaches, imported once here rather than in every task. Metaflow
-    # builds its command line at its first import, with the options of the flow whose context it is in (its
-    # flow decorators': @project's --branch; its Configs'), as `python flow.py` imports it: so here, in the
-    # context of the flow the file runs (the last it defines), not in none.
-    flows = [
-        value
-        for value in defined.values()
-        if isinstance(value, type) and issubclass(value, FlowSpec) and value.__module__ == WARM_NAME
-    ]
-    with parameters.flow_context(flows[-1]) if flows else contextlib.nullcontext():
-        import metaflow.cli
+    # The step command and everything it reaches, imported once here rather than in every task; but not
+    # Metaflow's command line itself, which Metaflow builds at its module's first import with the options
+    # of the flow being run (its flow decorators': @project's --branch; its Configs'): each task builds its
+    # own (under a millisecond) in its own flow's context, as `python flow.py` does.
+    import metaflow.cli
     import metaflow.task  # noqa: F401
+
+    del sys.modules["metaflow.cli"]
+    delattr(sys.modules["metaflow"], "cli")
 
     # Out of the collector's sight: a collection in a child would otherwise write to every object the
     # server holds and copy each page they share (copy-on-write) into every task.
