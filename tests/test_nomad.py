@@ -282,7 +282,7 @@ def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
         (
             "deployed_flow.py",
             {"@worker_pool(size=2)": '@worker_pool(size=2, backend="nomad")'},
-            "step each: a deployed flow runs its steps inside its Nomad job, so @worker_pool(backend='nomad') cannot",
+            "step each: a deployed flow runs its steps inside its Nomad job, which cannot start a worker pool's nomad",
         ),
     ],
     ids=["local-metadata", "compute-decorator", "cluster-pool"],

@@ -617,7 +617,7 @@ def test_kubernetes_pods_that_cannot_start_fail_the_step_in_one_line(
     done = run_flow(tmp_path, backend="kubernetes", env=env)
     assert done.returncode != 0
     assert "the pool's pods did not become ready" in done.stderr and "CrashLoopBackOff" in done.stderr
-    assert "ConnectionError" in done.stderr and "fix: kubectl --namespace default describe pods" in done.stderr
+    assert "ConnectionError" in done.stderr and "fix: kubectl --namespace default get events" in done.stderr
     assert "Traceback" not in done.stderr
     assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 

@@ -1,8 +1,9 @@
-"""The one launcher interface every engine implements.
+"""The one launcher interface every container engine implements (``engines.nomad`` is Nomad's API, whose
+callers write Nomad's own job JSON).
 
 A caller describes a job once (``JobSpec``) and gets back a ``Job`` it can
 wait on, stream logs from and kill, whichever engine runs it: local Docker
-today, Ray, Nomad, Kubernetes and Gramine as they arrive.
+today.
 """
 
 from __future__ import annotations

@@ -29,7 +29,12 @@ LOGS = "${NOMAD_TASK_DIR:-/tmp}/metaflow-logs"
 
 
 def run(
-    client: NomadClient, job: str, command: str, env: dict[str, str], placement: Placement, meta: dict[str, str]
+    client: NomadClient,
+    job: str,
+    command: list[str],
+    env: dict[str, str],
+    placement: Placement,
+    meta: dict[str, str],
 ) -> Ending:
     """Register the job, pass its output on, purge it however this ends; how it ended."""
 

@@ -92,9 +92,10 @@ class KubernetesPool(ClusterPool):
         delete_pods(self.namespace, self.workers_name)
 
     def advice(self) -> str:
+        # (the pods are deleted by then: their events stay a while)
         return (
-            f"kubectl --namespace {self.namespace} describe pods -l {INSTANCE}={self.workers_name} "
-            f"(the pods need the image, the flow at {self.flow_file} and Redis)"
+            f"kubectl --namespace {self.namespace} get events (the pods need the image, the flow at "
+            f"{self.flow_file} and Redis: {POD_URL_VARIABLE} where the cluster reaches it at another address)"
         )
 
 

@@ -86,9 +86,11 @@ class NomadPool(ClusterPool):
         purge(self.agent, self.workers_name)
 
     def advice(self) -> str:
+        # (the job is purged by then: what to check, not a command on it)
         return (
-            f"nomad job status {self.workers_name} (the workers need the flow at {self.flow_file}, Redis and "
-            "the datastore)"
+            f"the workers need the flow at {self.flow_file} (on the clients, or in the image), Redis "
+            f"({WORKERS_URL_VARIABLE} where the clients reach it at another address) and the datastore; run "
+            "the step without @worker_pool to see its whole error"
         )
 
 
@@ -96,22 +98,20 @@ def purge(agent: Settings, job: str) -> None:
     """Stop and forget the workers' job, and wait (``STOP_S`` at most) until its allocations have stopped
     (Nomad stops them after it answers); say what may be left, and how to remove it, if Nomad cannot or
     they outlast the wait (stopping goes on)."""
-    deadline, index = time.monotonic() + STOP_S, 0
+    deadline, index, running = time.monotonic() + STOP_S, 0, []
     try:
         with NomadClient(agent) as client:
             client.deregister(job)
             while time.monotonic() < deadline:
                 allocations, index = client.allocations(job, index, wait_s=POLL_S, outage_s=0)
-                if all(a.get("ClientStatus") in ENDED for a in allocations):
+                running = [a["ID"] for a in allocations if a.get("ClientStatus") not in ENDED]
+                if not running:
                     return
-        said = f"its workers still ran after {STOP_S:.0f}s"
+        said = f"the Nomad job {job} is purged, and {len(running)} of its workers still ran after {STOP_S:.0f}s"
+        fix = "nomad alloc stop " + " ".join(running)
     except StackError as exc:
-        said = exc.message
-    print(
-        f"worker pool: the Nomad job {job} may be left: {said} (fix: nomad job stop -purge {job})",
-        file=sys.stderr,
-        flush=True,
-    )
+        said, fix = f"the Nomad job {job} may be left: {exc.message}", f"nomad job stop -purge {job}"
+    print(f"worker pool: {said} (fix: {fix})", file=sys.stderr, flush=True)
 
 
 def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:

@@ -37,11 +37,12 @@ TAKEN_S = float(LEASE_S)
 
 
 class RedisExecutor:
-    """Tasks through the queue; ``remove_workers``: how a cluster backend's workers are removed when the
-    dispatcher closes (before the keys: they kill what they run)."""
+    """Tasks through the queue; a cluster backend sets ``remove_workers``, how its workers are removed when
+    the dispatcher closes (before the keys: they kill what they run)."""
 
-    def __init__(self, queue: RedisQueue, remove_workers: Callable[[], None] | None = None) -> None:
-        self.queue, self.remove_workers = queue, remove_workers
+    def __init__(self, queue: RedisQueue) -> None:
+        self.queue = queue
+        self.remove_workers: Callable[[], None] | None = None
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
         loop = asyncio.get_running_loop()

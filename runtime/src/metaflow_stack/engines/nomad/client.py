@@ -1,5 +1,5 @@
-"""Nomad's HTTP API, as ``@nomad`` uses it (register, watch, read logs, deregister) and as the dev cluster
-sets up its ACLs (bootstrap, namespace, policy, token).
+"""Nomad's HTTP API, as ``@nomad``, ``nomad create`` and the pool's nomad backend use it (register, watch,
+read logs, deregister) and as the dev cluster sets up its ACLs (bootstrap, namespace, policy, token).
 
 Settings come from Nomad's own variables (``NOMAD_ADDR``, ``NOMAD_TOKEN``,
 ``NOMAD_NAMESPACE``, ``NOMAD_REGION``, ``NOMAD_CACERT``, ``NOMAD_CLIENT_CERT``,

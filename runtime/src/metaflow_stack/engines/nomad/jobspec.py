@@ -1,4 +1,5 @@
-"""One Metaflow task attempt as a Nomad batch job: the body of ``PUT /v1/jobs`` (Nomad's ``api.Job``).
+"""Nomad's job JSON, the body of ``PUT /v1/jobs`` (its ``api.Job``): one Metaflow task attempt as a batch
+job, or a worker pool's long-running workers as a service job.
 
 Nomad's batch defaults would fight Metaflow's retries: a failed task is
 restarted up to 3 times on its node and then rescheduled once elsewhere, so

@@ -71,9 +71,10 @@ def wait_placed(client: NomadClient, eval_id: str, say: Callable[[str], None]) -
             if any(_never(metric) for metric in failed.values()):
                 raise Unplaced(
                     f"Nomad cannot place the job: {reason}",
-                    fix="ask for what a node has (@nomad cpu, memory, gpu, constraints, datacenters, node_pool)",
+                    fix="ask for what a node has (cpu, memory and gpu: @nomad's or @resources'; @nomad's "
+                    "constraints, datacenters, node_pool)",
                 )
-            say(f"queued: no Nomad node has room for the task now ({reason}); it starts when one has")
+            say(f"queued: no Nomad node has room for the job now ({reason}); it starts when one has")
             return
         if status == "complete":
             return

@@ -127,12 +127,13 @@ def _deployable(obj) -> tuple[list[str], list[str]]:
             "a deployed flow runs on a Nomad client: give it a datastore it reaches (--datastore s3)"
         )
     for node in obj.graph:
+        pools = [d.attributes["backend"] for d in node.decorators if d.name == "worker_pool"]
+        if pools and pools[0] in _CLUSTER_POOLS:
+            raise NomadDeployException(
+                f"step {node.name}: a deployed flow runs its steps inside its Nomad job, which cannot start a "
+                f'worker pool\'s {pools[0]} workers (fix: @worker_pool(backend="local"): a pool inside the job)'
+            )
         elsewhere = [d.name for d in node.decorators if d.name in _ELSEWHERE]
-        elsewhere += [
-            f"worker_pool(backend={d.attributes['backend']!r})"
-            for d in node.decorators
-            if d.name == "worker_pool" and d.attributes["backend"] in _CLUSTER_POOLS
-        ]
         if elsewhere:
             raise NomadDeployException(
                 f"step {node.name}: a deployed flow runs its steps inside its Nomad job, so @{elsewhere[0]} cannot "

@@ -286,9 +286,9 @@ class WorkerPoolDecorator(StepDecorator):
 
 def _variables_only(runtime_step_cli: Callable[..., Any]) -> Callable[..., Any]:
     """An absorbed decorator's ``runtime_step_cli`` that keeps only the variables it sets for the task: the
-    command it would make (``kubernetes step``, ``devcontainer step``: a pod or container per task) is the
-    pool's to replace, and what Metaflow put on the command line before (a resume's ``clone-run-id``,
-    ``spin``'s options) stays as it was."""
+    command it would make (``kubernetes step``, ``nomad step``, ``devcontainer step``: a pod, job or
+    container per task) is the pool's to replace, and what Metaflow put on the command line before (a
+    resume's ``clone-run-id``, ``spin``'s options) stays as it was."""
 
     def variables_only(cli_args: Any, *args: Any, **kwargs: Any) -> Any:
         scratch = copy.copy(cli_args)
