@@ -1,4 +1,5 @@
-"""One short Nomad batch job run to its end through ``@nomad``'s client and watcher, for the Nomad tests."""
+"""For the Nomad tests: one short batch job run to its end through ``@nomad``'s client and watcher, and the
+jobs still registered."""
 
 from __future__ import annotations
 
@@ -28,3 +29,9 @@ def run_job(
         finally:
             client.deregister(name)
     return ending, lines
+
+
+def jobs_left(settings: Settings, prefix: str) -> list[str]:
+    """The IDs of the jobs still registered whose IDs start with ``prefix``."""
+    with NomadClient(settings) as client:
+        return [job["ID"] for job in client.jobs(prefix)]

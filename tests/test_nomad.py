@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN, need
+from nomad_jobs import jobs_left
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -68,13 +69,6 @@ def facts(root: Path, flow: str, s3: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def jobs_left(agent) -> list[str]:
-    from metaflow_stack.engines.nomad.client import NomadClient
-
-    with NomadClient(agent) as client:
-        return [job["ID"] for job in client.jobs("mf-nomadflow-")]
-
-
 def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     tmp_path: Path, nomad_agent, bridge_s3: str, base_image: str
 ) -> None:
@@ -90,7 +84,7 @@ def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     assert retried["attempt"] == 1 and retried["job"].endswith("-1")
     assert "item 2 in" in done.stdout + done.stderr  # the jobs' output reached the console as it ran
     assert "upload_failure" not in done.stdout + done.stderr  # the logs saved as the tasks ran
-    assert jobs_left(nomad_agent) == []
+    assert jobs_left(nomad_agent, "mf-nomadflow-") == []
 
 
 def test_a_job_no_node_can_take_fails_at_once_with_nomads_reason(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
@@ -116,7 +110,7 @@ def test_ctrl_c_purges_the_runs_jobs(tmp_path: Path, nomad_agent, bridge_s3: str
     )
     try:
         deadline = time.monotonic() + 300
-        while len(jobs_left(nomad_agent)) < 3:
+        while len(jobs_left(nomad_agent, "mf-nomadflow-")) < 3:
             assert flow.poll() is None and time.monotonic() < deadline, "the jobs never started"
             time.sleep(0.5)
         time.sleep(2)
@@ -126,9 +120,9 @@ def test_ctrl_c_purges_the_runs_jobs(tmp_path: Path, nomad_agent, bridge_s3: str
         if flow.poll() is None:
             flow.kill()
     deadline = time.monotonic() + 60
-    while jobs_left(nomad_agent) and time.monotonic() < deadline:
+    while jobs_left(nomad_agent, "mf-nomadflow-") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert jobs_left(nomad_agent) == []
+    assert jobs_left(nomad_agent, "mf-nomadflow-") == []
 
 
 def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(

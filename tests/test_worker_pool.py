@@ -22,6 +22,7 @@ import redis
 import redis.asyncio
 from conftest import VENV_BIN, need, need_kind_cluster
 from devservers import free_port, redis_server
+from nomad_jobs import jobs_left
 
 from metaflow_stack.pool import redis_dispatch, trampoline
 from metaflow_stack.pool.child import Task
@@ -656,13 +657,6 @@ def nomad_env(agent, redis_url: str) -> dict[str, str]:
     }
 
 
-def pool_jobs_left(agent) -> list[str]:
-    from metaflow_stack.engines.nomad.client import NomadClient
-
-    with NomadClient(agent) as client:
-        return [job["ID"] for job in client.jobs("mf-pool-")]
-
-
 def test_a_pool_over_nomad_runs_its_items_on_one_jobs_allocations(
     tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
 ) -> None:
@@ -681,7 +675,7 @@ def test_a_pool_over_nomad_runs_its_items_on_one_jobs_allocations(
     allocations = {item["values"]["alloc"] for item in run["items"]}
     assert len(allocations) <= 2 and "None" not in allocations, allocations  # (items ran in the job's allocations)
     assert "Nomad job" not in done.stdout + done.stderr  # (no job per task: nothing said of one)
-    assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
+    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
 
 
 def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
@@ -700,7 +694,7 @@ def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
     said = done.stdout + done.stderr
     assert "the pool's Nomad workers did not become ready: Nomad cannot place the job" in said, said[-3000:]
     assert "missing devices" in said and "Traceback" not in said
-    assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
+    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
 
 
 def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_last_line(
@@ -722,7 +716,7 @@ def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_
     assert done.returncode != 0
     assert "the pool's Nomad workers did not become ready: worker mf-pool-each-" in said, said[-3000:]
     assert "ended: RuntimeError: this worker cannot import the flow" in said and "Traceback" not in said
-    assert not pool_jobs_left(nomad_agent) and not none_left() and not pool_keys(redis_url)
+    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
 
 
 @pytest.mark.parametrize(
