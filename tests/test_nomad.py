@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,7 @@ def test_a_pypi_step_runs_in_its_own_environment_made_in_the_job(tmp_path: Path,
 DEPLOY = """
 import json, sys, time
 from metaflow import Deployer
+from metaflow_stack.engines.nomad.client import NomadClient
 
 flow, root, name, runs, top = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
 deployer = Deployer(flow, show_output=False, datastore="s3", datastore_root=root, metadata="service", **top)
@@ -184,9 +186,14 @@ for index, given in enumerate(runs):  # each triggered at once: they run side by
     triggered.append(deployed.trigger(**given))
 for each in triggered:
     run = each.wait_for_run(check_interval=1, timeout=300)
+    job = next(tag.split(":", 1)[1] for tag in run.tags if tag.startswith("nomad-job:"))
     deadline = time.monotonic() + 600
-    while not run.finished and time.monotonic() < deadline:
-        time.sleep(2)
+    with NomadClient() as nomad:  # (a failed run never finishes: its job's end says it is over)
+        while not run.finished and time.monotonic() < deadline:
+            allocs, _ = nomad.allocations(job)
+            if allocs and all(a["ClientStatus"] in ("complete", "failed", "lost") for a in allocs):
+                break
+            time.sleep(2)
     pooled = run["each"] if any(s.id == "each" for s in run) else []
     found.append({"pathspec": run.pathspec, "successful": run.successful, "tags": sorted(run.tags),
                   "artifacts": {a.id: a.data for a in run.end_task} if run.successful else None,
@@ -259,6 +266,49 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
         service.stop()
 
 
+def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workload(
+    tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
+) -> None:
+    """The deployed flow's job starts its @nomad step's job through its agent's Task API, with its own
+    workload identity (no token of the deployer's in the job); where ACLs are on (the double here), the
+    policy ``nomad create`` bound to the job is what lets it."""
+    from service_servers import KEYED, start_service
+
+    from metaflow_stack.engines.nomad.client import NomadClient
+
+    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
+    try:
+        name, (done,) = _deploy(tmp_path, "deployed_steps_flow.py", [{"alpha": 3}], nomad_agent, bridge_s3, service)
+        assert done["successful"], done
+        artifacts = done["artifacts"]
+        assert artifacts["total"] == 63 and artifacts["runner_job"].startswith(f"{name}/dispatch-")
+        assert artifacts["step_job"].startswith("mf-deployedstepsflow-")  # a job of its own, then purged
+        assert jobs_left(nomad_agent, "mf-deployedstepsflow-") == []
+        with NomadClient(nomad_agent) as client:
+            task = client.job(name)["TaskGroups"][0]["Tasks"][0]
+            assert task["Identity"]["Env"] is True
+            assert "NOMAD_TOKEN" not in task["Env"] and "METAFLOW_NOMAD_ADDR" not in task["Env"]
+    finally:
+        with NomadClient(nomad_agent) as client:
+            for job in client.jobs("metaflow-test-"):
+                client.deregister(job["ID"])
+        service.stop()
+
+
+def test_a_token_that_cannot_bind_the_steps_policy_gets_the_operators_command(nomad_agent) -> None:
+    from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.nomad.deployment import grant_steps
+
+    with NomadClient(nomad_agent) as client:
+        if not client.acls_enabled():
+            pytest.skip("the agent has no ACLs (the GitHub job's dev agent): there is no policy to bind")
+        weak = client.create_token("no-policies", [])["SecretID"]
+    with NomadClient(replace(nomad_agent, token=weak)) as client:
+        command = grant_steps(client, "metaflow-some-flow", "default", ["default", "batch"])
+    assert command is not None and "nomad acl policy apply -namespace default -job metaflow-some-flow" in command
+    assert 'namespace "batch"' in command and '"submit-job"' in command
+
+
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     """A Nomad job runs on another machine: the run's datastore must be one it reaches."""
     shutil.copy(FLOWS / "nomad_flow.py", tmp_path)
@@ -272,7 +322,11 @@ def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     ("flow", "edit", "words"),
     [
         ("deployed_flow.py", {}, "--metadata service"),
-        ("nomad_flow.py", {}, "step each: a deployed flow runs its steps inside its Nomad job, so @nomad cannot apply"),
+        (
+            "nomad_flow.py",
+            {"@nomad(cpu=0.5, memory=512)": "@kubernetes(cpu=0.5, memory=512)", ", nomad,": ", kubernetes,"},
+            "step each: a deployed flow runs its steps inside its Nomad job, so @kubernetes cannot apply",
+        ),
         (
             "deployed_flow.py",
             {"@worker_pool(size=2)": '@worker_pool(size=2, backend="nomad")'},

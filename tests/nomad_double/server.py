@@ -53,6 +53,23 @@ the GitHub workflow's ``clusters`` job.
   disabled". ``POST /v1/namespace/:name`` makes a namespace; a job in one
   that does not exist is refused (500, as Nomad's validator answers).
   ``GET /v1/status/leader`` needs no token.
+- Workload identities: every task's is a JWT the double signs (HS256
+  here; Nomad's leader signs with its keyring), claiming the task's
+  namespace, allocation, task and job (a dispatched or periodic job's
+  parent, as Nomad's ``GetIDforWorkloadIdentity`` does). A task with an
+  ``Identity`` block gets it in ``NOMAD_TOKEN`` (``Env``) and in
+  ``secrets/nomad_token`` (``File``), and its agent's Task API on
+  ``secrets/api.sock`` (Nomad opens it for every task; the double only for
+  these, the ones that can authenticate there). The Task API always
+  requires a token or an identity, ACLs or not; an identity is refused
+  once its allocation is terminal. With ACLs, an identity holds the
+  policies bound to its job (``JobACL`` on ``POST /v1/acl/policy/:name``,
+  ``nomad acl policy apply -job``).
+- A task's folders (``alloc``, ``local``, ``secrets``): a raw_exec task
+  works in them; a docker task has them mounted at ``/alloc``, ``/local``
+  and ``/secrets``, as Nomad's docker driver mounts them, with
+  ``NOMAD_ALLOC_DIR``, ``NOMAD_TASK_DIR`` and ``NOMAD_SECRETS_DIR`` set to
+  where the task sees them.
 
     python tests/nomad_double/server.py --port PORT [--token TOKEN | --acl-bootstrap]
 """
@@ -65,6 +82,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -78,6 +96,7 @@ from typing import Any
 
 import hcl2
 import jsonschema
+import jwt
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -128,6 +147,10 @@ NEEDS = (
 )
 #: Paths anyone may call, token or not (token/self answers 404 for a token it does not know).
 OPEN = ("/v1/status/leader", "/v1/acl/bootstrap", "/v1/acl/token/self")
+#: The audience of a task's default workload identity.
+IDENTITY_AUDIENCE = "nomadproject.io"
+#: Where a docker task sees its allocation's folders (Nomad's docker driver mounts them there).
+CONTAINER_FOLDERS = {"NOMAD_ALLOC_DIR": "/alloc", "NOMAD_TASK_DIR": "/local", "NOMAD_SECRETS_DIR": "/secrets"}
 
 
 class Acl:
@@ -136,6 +159,8 @@ class Acl:
     def __init__(self, management: str | None) -> None:
         self.tokens: dict[str, dict[str, Any]] = {}
         self.policies: dict[str, dict[str, set[str]]] = {}
+        #: The policies bound to a job's workloads (``JobACL``): name -> (namespace, job ID).
+        self.bound: dict[str, tuple[str, str]] = {}
         self.bootstrapped = management is not None
         if management:
             self.add_token("bootstrap", "management", [], secret=management)
@@ -152,8 +177,9 @@ class Acl:
         self.tokens[token["SecretID"]] = token
         return token
 
-    def add_policy(self, name: str, rules: str) -> str | None:
-        """Keep the policy; what is wrong with its rules, if anything."""
+    def add_policy(self, name: str, rules: str, job_acl: dict[str, Any] | None = None) -> str | None:
+        """Keep the policy (bound to ``job_acl``'s job's workloads, where given); what is wrong with its rules,
+        if anything."""
         try:
             blocks = hcl2.loads(rules).get("namespace", [])
         except Exception as exc:  # lark's errors, each naming the line
@@ -165,18 +191,30 @@ class Acl:
                     return "the double models only namespace blocks with capabilities"
                 granted[label.strip('"')] = {c.strip('"') for c in body["capabilities"]}
         self.policies[name] = granted
+        if job_acl:
+            self.bound[name] = (job_acl.get("Namespace") or "default", job_acl.get("JobID") or "")
+        else:
+            self.bound.pop(name, None)
         return None
 
-    def refusal(self, method: str, path: str, namespace: str, secret: str | None) -> str | None:
-        """Why the request may not be made, or ``None``."""
+    def refusal(
+        self, method: str, path: str, namespace: str, secret: str | None, workload: dict[str, Any] | None
+    ) -> str | None:
+        """Why the request may not be made, or ``None`` (``workload``: the claims of the workload identity
+        ``secret`` is, if it is one)."""
         if path in OPEN:
             return None
         token = self.tokens.get(secret or "")
-        if token is None:
+        if workload is not None:
+            job = (workload["nomad_namespace"], workload["nomad_job_id"])
+            policies = [name for name, bound in self.bound.items() if bound == job]
+        elif token is None:
             return "Permission denied"
-        if token["Type"] == "management":
+        elif token["Type"] == "management":
             return None
-        held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in token["Policies"] or ()))
+        else:
+            policies = token["Policies"] or []
+        held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in policies))
         allowed = any(m == method and re.fullmatch(pattern, path) and c in held for m, pattern, c in NEEDS)
         return None if allowed else "Permission denied"
 
@@ -195,6 +233,12 @@ class Cluster:
         self.stopping: list[threading.Thread] = []
         #: What runs each started allocation's task: a container ID, or a raw_exec process.
         self.started: dict[str, str | RawExec] = {}
+        #: Each started allocation's folder, and the Task API of each whose task has an identity.
+        self.roots: dict[str, Path] = {}
+        self.task_apis: dict[str, TaskApi] = {}
+        #: The ASGI app a Task API serves (the double's own, set by ``app``).
+        self.api: Any = None
+        self.signing_key = secrets.token_bytes(32)
         self.docker = DockerClient()
 
     def bump(self, obj: dict[str, Any]) -> None:
@@ -356,6 +400,7 @@ class Cluster:
             state.update(State="dead", Failed=True)
             alloc["ClientStatus"] = "failed"
             self.bump(alloc)
+            self.release(alloc["ID"])
             return
         except (DockerException, OSError) as exc:
             said = f"Failed to start container: {exc.stderr or exc}" if isinstance(exc, DockerException) else str(exc)
@@ -363,6 +408,7 @@ class Cluster:
             state.update(State="dead", Failed=True)
             alloc["ClientStatus"] = "failed"
             self.bump(alloc)
+            self.release(alloc["ID"])
             return
         with self.changed:
             stopping = alloc.get("DesiredStatus") == "stop"
@@ -375,6 +421,9 @@ class Cluster:
             self.stop_allocs([alloc])
             return
         code = wait()
+        task_api = self.task_apis.pop(alloc["ID"], None)
+        if task_api is not None:  # (the task has ended: its socket goes)
+            task_api.stop()
         if alloc.get("DesiredStatus") == "stop":  # stopped by a deregistration: killed, as Nomad says it
             with self.changed:
                 state["Events"] += [_event("Terminated", ExitCode=code, Signal=0), _event("Killed")]
@@ -387,15 +436,77 @@ class Cluster:
         alloc["ClientStatus"] = "complete" if code == 0 else "failed"
         self.bump(alloc)
 
+    def folders(self, alloc: dict[str, Any], task: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+        """The allocation's folder, with its task's ``alloc``, ``local``, ``secrets`` and ``tmp`` in it (open to
+        the task's user, whichever it is), and the variables that name them on this machine; the task's
+        identity given to it as its ``Identity`` block asks, and its Task API opened."""
+        root = Path(tempfile.mkdtemp(prefix="nomad-double-alloc-"))
+        task_dir = root / task["Name"]
+        alloc_dir = root / "alloc"
+        for folder in (alloc_dir, alloc_dir / "logs", task_dir / "local", task_dir / "secrets", task_dir / "tmp"):
+            folder.mkdir(parents=True)
+            folder.chmod(0o777)
+        root.chmod(0o755)
+        self.roots[alloc["ID"]] = root
+        named = {
+            "NOMAD_ALLOC_DIR": str(root / "alloc"),
+            "NOMAD_TASK_DIR": str(task_dir / "local"),
+            "NOMAD_SECRETS_DIR": str(task_dir / "secrets"),
+        }
+        identity = task.get("Identity")
+        if identity is None:
+            return root, named
+        token = self.sign(alloc, task)
+        if identity.get("File"):
+            (task_dir / "secrets" / "nomad_token").write_text(token)
+        if identity.get("Env"):
+            named["NOMAD_TOKEN"] = token
+        self.task_apis[alloc["ID"]] = TaskApi(self.api, task_dir / "secrets" / "api.sock")
+        return root, named
+
+    def sign(self, alloc: dict[str, Any], task: dict[str, Any]) -> str:
+        """The task's default workload identity, with Nomad's claims."""
+        job, now = alloc["Job"], int(time.time())
+        job_id = job.get("ParentID") or job["ID"]  # (GetIDforWorkloadIdentity: a child's is its parent's)
+        claims = {
+            "nomad_namespace": alloc["Namespace"],
+            "nomad_job_id": job_id,
+            "nomad_allocation_id": alloc["ID"],
+            "nomad_task": task["Name"],
+            "sub": ":".join(("global", alloc["Namespace"], job_id, alloc["TaskGroup"], task["Name"], "default")),
+            "aud": IDENTITY_AUDIENCE,
+            "iat": now,
+            "nbf": now,
+            "jti": str(uuid.uuid4()),
+        }
+        return jwt.encode(claims, self.signing_key, algorithm="HS256")
+
+    def workload(self, secret: str | None) -> dict[str, Any] | None:
+        """The claims of the workload identity ``secret`` is, while its allocation is not terminal; else
+        ``None``."""
+        if not secret or secret.count(".") != 2:
+            return None
+        try:
+            claims = jwt.decode(secret, self.signing_key, algorithms=["HS256"], audience=IDENTITY_AUDIENCE)
+        except jwt.PyJWTError:
+            return None
+        alloc = self.allocs.get(claims.get("nomad_allocation_id", ""))
+        live = alloc is not None and alloc["DesiredStatus"] == "run" and alloc["ClientStatus"] in ("pending", "running")
+        return claims if live else None
+
     def start_container(self, alloc: dict[str, Any], task: dict[str, Any]) -> Callable[[], int]:
         config, resources = task["Config"], task.get("Resources") or {}
         cpus = resources.get("Cores") or (resources.get("CPU", 100) / 1000)
-        env = {**(task.get("Env") or {}), **_runtime_env(alloc, task)}
+        _, named = self.folders(alloc, task)
+        seen = {**named, **CONTAINER_FOLDERS}
+        env = {**(task.get("Env") or {}), **_runtime_env(alloc, task), **seen}
+        mounts = [(named[name], where) for name, where in CONTAINER_FOLDERS.items()]
         container = self.docker.run(
             config["image"],
             _interpolated([config["command"], *config.get("args", [])], env),
             detach=True,
             envs=env,
+            volumes=mounts,
             cpus=cpus,
             memory=f"{resources.get('MemoryMB', 300)}m",
             labels={LABEL: alloc["ID"]},
@@ -408,23 +519,12 @@ class Cluster:
     def start_process(self, alloc: dict[str, Any], task: dict[str, Any]) -> Callable[[], int]:
         """A raw_exec task: a process of the client's, in a task folder of its allocation's, with the client's
         environment less Nomad's denylist, its output in the allocation's log files."""
-        root = Path(tempfile.mkdtemp(prefix="nomad-double-alloc-"))
-        task_dir, logs = root / task["Name"], root / "alloc" / "logs"
-        for folder in (task_dir / "local", task_dir / "secrets", task_dir / "tmp", logs):
-            folder.mkdir(parents=True)
-        folders = {
-            "NOMAD_ALLOC_DIR": str(root / "alloc"),
-            "NOMAD_TASK_DIR": str(task_dir / "local"),
-            "NOMAD_SECRETS_DIR": str(task_dir / "secrets"),
-        }
+        root, named = self.folders(alloc, task)
+        task_dir = root / task["Name"]
         client = {k: v for k, v in os.environ.items() if k not in ENV_DENYLIST}
-        env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **folders}
+        env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **named}
         config, limit = task["Config"], int((task.get("LogConfig") or {}).get("MaxFileSizeMB", 10)) << 20
-        try:
-            argv = _interpolated([config["command"], *config.get("args", [])], env)
-        except TemplateError:
-            shutil.rmtree(root)
-            raise
+        argv = _interpolated([config["command"], *config.get("args", [])], env)
         process = subprocess.Popen(
             argv,
             cwd=task_dir,
@@ -461,11 +561,20 @@ class Cluster:
                     self.docker.container.remove(started, force=True)
             elif started is not None:
                 started.stop(alloc["Job"]["TaskGroups"][0]["Tasks"][0].get("KillTimeout", 5_000_000_000) / 1e9)
-                shutil.rmtree(started.root, ignore_errors=True)
+            self.release(alloc["ID"])
             with self.changed:
                 if alloc["ClientStatus"] in ("pending", "running"):
                     alloc["ClientStatus"] = "complete"
                     self.bump(alloc)
+
+    def release(self, alloc_id: str) -> None:
+        """The allocation's Task API closed and its folder removed (its task has ended, or never started)."""
+        task_api = self.task_apis.pop(alloc_id, None)
+        if task_api is not None:
+            task_api.stop()
+        root = self.roots.pop(alloc_id, None)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
     def stop(self) -> None:
         """End every task still running, and wait for each (the double is going away)."""
@@ -508,6 +617,27 @@ class Cluster:
 
 def _frame(data: bytes, offset: int, file: str) -> bytes:
     return json.dumps({"Data": base64.b64encode(data).decode(), "Offset": offset, "File": file}).encode()
+
+
+class TaskApi:
+    """An allocation's Task API: the agent's HTTP API on a Unix socket in the task's ``secrets`` folder,
+    served in a thread of its own; its requests carry ``task_api`` in their scope."""
+
+    def __init__(self, api: Any, path: Path) -> None:
+        async def marked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await api({**scope, "task_api": True}, receive, send)
+
+        config = uvicorn.Config(marked, uds=str(path), lifespan="off", log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
 
 
 class RawExec:
@@ -683,18 +813,22 @@ def _event(kind: str, **fields: Any) -> dict[str, Any]:
 def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     api, cluster = FastAPI(), Cluster()
     api.state.cluster = cluster
+    cluster.api = api
     acl = Acl(token) if token or acl_bootstrap else None
 
     @api.middleware("http")
     async def check_acl(request: Request, call_next):
+        secret = request.headers.get("X-Nomad-Token")
+        workload = cluster.workload(secret)
+        if request.scope.get("task_api") and workload is None and (acl is None or secret not in acl.tokens):
+            return PlainTextResponse("Permission denied", status_code=403)  # (a token or identity, ACLs or not)
         if acl is not None:
             namespace = request.query_params.get("namespace")
             if not namespace and request.method in ("PUT", "POST") and request.url.path == "/v1/jobs":
                 with contextlib.suppress(ValueError, AttributeError, TypeError):
                     namespace = json.loads(await request.body())["Job"].get("Namespace")
             namespace = namespace or "default"
-            secret = request.headers.get("X-Nomad-Token")
-            refused = acl.refusal(request.method, request.url.path, namespace, secret)
+            refused = acl.refusal(request.method, request.url.path, namespace, secret, workload)
             if refused:
                 return PlainTextResponse(refused, status_code=403)
         return await call_next(request)
@@ -728,7 +862,8 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
 
     @api.post("/v1/acl/policy/{name}")
     async def put_policy(name: str, request: Request):
-        wrong = acl.add_policy(name, (await request.json()).get("Rules", ""))
+        body = await request.json()
+        wrong = acl.add_policy(name, body.get("Rules", ""), body.get("JobACL"))
         return PlainTextResponse(wrong, status_code=400) if wrong else JSONResponse(None)
 
     @api.post("/v1/namespace/{name}")

@@ -7,6 +7,12 @@ dispatch's ``Meta``, required where they have no default) or, for a flow with ``
 on a line of its own: Metaflow gives a run its id only when it starts, so ``trigger`` reads it from the
 task's output. The job's restart and reschedule policies have no attempts, as for a task: retries are the
 flow's ``@retry``.
+
+A flow whose steps start Nomad jobs of their own (``@nomad``) runs them from inside its job, as the
+job's own workload: the task is given its workload identity (``NOMAD_TOKEN``) and reaches its agent through
+the Task API (``$NOMAD_SECRETS_DIR/api.sock``), so no token of the deployer's is stored in the job. Where the
+cluster enforces ACLs, that identity holds only what ``steps_policy`` grants, bound to this job (and so to
+each of its dispatched and periodic runs).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import queue
 import re
 import shlex
 import threading
+from collections.abc import Iterable
 from typing import Any
 
-from metaflow_stack.engines.nomad.client import NomadClient
+from metaflow_stack.engines.nomad.client import NomadClient, Refused
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
@@ -31,6 +38,13 @@ DEPLOYED = "metaflow.deployed"
 TAIL_LINES = 12
 #: Where the job works (Nomad's task folder).
 WORKDIR = "${NOMAD_TASK_DIR:-/tmp}/metaflow-flow"
+#: Set in the job's environment to the image its ``@nomad`` steps run when they name none: the one the
+#: deployer chose (its clients pull it), since the job has no Docker of its own to look for the stack's.
+STEP_IMAGE_VARIABLE = "METAFLOW_STACK_NOMAD_STEP_IMAGE"
+#: What a deployed flow's workload may do in its namespace to run its steps as jobs of their own: each
+#: endpoint's "ACL Required" in Nomad's API docs (register and purge, read evaluations and allocations,
+#: follow logs, list the jobs a killed run left to purge them).
+STEP_CAPABILITIES = ("submit-job", "read-job", "read-logs", "list-jobs")
 
 
 def deployment_name(flow: str) -> str:
@@ -75,13 +89,18 @@ def deployed_job(
     parameters: tuple[list[str], list[str]],
     schedule: tuple[str, str | None] | None,
     meta: dict[str, str],
+    launches_jobs: bool = False,
 ) -> dict[str, Any]:
     """The job of a deployed flow (``meta``: what else its ``Meta`` says of it): ``task_job``'s, made
     parameterized on ``parameters`` (the required ones, the optional ones) or, given ``schedule`` (cron, time
-    zone), periodic without overlapping runs. ``@schedule``'s cron (AWS's six fields, ``0 0 * * ? *``) is
-    Nomad's as it is: its cron takes a year field and ``?``; numbered week days differ (AWS counts Sunday as
-    1, Nomad as 0), names do not."""
+    zone), periodic without overlapping runs; given ``launches_jobs``, its task holds its workload identity
+    (``NOMAD_TOKEN``: Nomad's default identity has no expiry, so it needs no renewal).
+
+    ``@schedule``'s cron (AWS's six fields, ``0 0 * * ? *``) is Nomad's as it is: its cron takes a year
+    field and ``?``; numbered week days differ (AWS counts Sunday as 1, Nomad as 0), names do not."""
     job = task_job(name, command, env, placement, {**meta, DEPLOYED: "true", "metaflow.flow": flow})
+    if launches_jobs:
+        job["TaskGroups"][0]["Tasks"][0]["Identity"] = {"Env": True}
     if schedule is None:
         required, optional = parameters
         job["ParameterizedJob"] = {"Payload": "forbidden", "MetaRequired": required, "MetaOptional": optional}
@@ -93,9 +112,35 @@ def deployed_job(
     return job
 
 
-def job_command(environment: Any, datastore: str, package: tuple[str, str], run: list[str]) -> list[str]:
+def steps_policy(job: str, namespace: str, reaches: Iterable[str]) -> tuple[str, str]:
+    """The ACL policy that lets ``job`` (in ``namespace``) run its steps as Nomad jobs in the namespaces it
+    ``reaches``: its name and HCL rules."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", f"{job}--{namespace}")[:128]  # (Nomad's policy name characters)
+    capabilities = ", ".join(f'"{c}"' for c in STEP_CAPABILITIES)
+    blocks = (f'namespace "{each}" {{ capabilities = [{capabilities}] }}' for each in sorted(set(reaches)))
+    return name, "\n".join(blocks) + "\n"
+
+
+def grant_steps(client: NomadClient, job: str, namespace: str, reaches: Iterable[str]) -> str | None:
+    """Bind ``steps_policy`` to ``job`` where the agent enforces ACLs; ``None`` once it holds (or there are
+    no ACLs), else the command an operator runs to bind it (writing policies takes a management token)."""
+    if not client.acls_enabled():
+        return None
+    name, rules = steps_policy(job, namespace, reaches)
+    try:
+        client.put_policy(name, rules, f"The Metaflow flow deployed as {job}: its steps' own jobs", (namespace, job))
+    except Refused:
+        escaped = rules.replace("\n", " ").strip()
+        return f"echo '{escaped}' | nomad acl policy apply -namespace {namespace} -job {job} {name} -"
+    return None
+
+
+def job_command(
+    environment: Any, datastore: str, package: tuple[str, str], run: list[str], task_api: bool = False
+) -> list[str]:
     """The job's command: fetch and unpack the code package (``package``: its metadata and URL) as
-    Metaflow's own jobs do, then ``run`` (the ``dispatched`` module's line) in that folder."""
+    Metaflow's own jobs do, then ``run`` (the ``dispatched`` module's line) in that folder; given
+    ``task_api``, with its agent's Task API as the Nomad address its steps use."""
     from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
 
     metadata, url = package
@@ -111,7 +156,8 @@ def job_command(environment: Any, datastore: str, package: tuple[str, str], run:
         for c in environment.get_package_commands(url, datastore, metadata)
         if c not in skip and not c.startswith(("export PYTHONPATH=", "export METAFLOW_EXTRACTED_ROOT="))
     ]
-    init = " && ".join(['mflog() { echo \\"$1\\"; }', *commands])
+    reach = ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api else []
+    init = " && ".join(['mflog() { echo \\"$1\\"; }', *reach, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
     return shlex.split(f'bash -c "{script}"')
 

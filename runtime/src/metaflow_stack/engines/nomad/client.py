@@ -5,7 +5,9 @@ Settings come from Nomad's own variables (``NOMAD_ADDR``, ``NOMAD_TOKEN``,
 ``NOMAD_NAMESPACE``, ``NOMAD_REGION``, ``NOMAD_CACERT``, ``NOMAD_CLIENT_CERT``,
 ``NOMAD_CLIENT_KEY``), ``METAFLOW_NOMAD_ADDR`` over ``NOMAD_ADDR``. TLS
 certificates are verified, unlike python-nomad's default; ``NOMAD_SKIP_VERIFY``
-turns that off, as for Nomad's CLI.
+turns that off, as for Nomad's CLI. An address ``unix:///PATH`` is a Unix
+socket, as for Nomad's own client: a task reaches its agent's Task API at
+``unix://$NOMAD_SECRETS_DIR/api.sock`` with its workload identity as the token.
 
 Watching uses Nomad's blocking queries (``index`` and ``wait``: the request
 returns when the object changes, or after ``wait``), so a task that runs an
@@ -80,11 +82,13 @@ class NomadClient:
         self.settings = settings or Settings.from_env()
         s = self.settings
         verify: Any = s.ca_cert if (s.verify and s.ca_cert) else s.verify
+        socket = s.address.removeprefix("unix://") if s.address.startswith("unix://") else None
         self._http = httpx.Client(
-            base_url=s.address,
+            base_url="http://127.0.0.1" if socket else s.address,  # (the host a socket's requests name)
             headers={"X-Nomad-Token": s.token} if s.token else {},
             verify=verify,
             cert=s.client_cert,
+            transport=httpx.HTTPTransport(uds=socket) if socket else None,
             timeout=httpx.Timeout(CONNECT_S + SLACK_S, connect=CONNECT_S),
         )
 
@@ -170,6 +174,17 @@ class NomadClient:
         """The token this client sends, as Nomad knows it (``NotFound`` for one it does not)."""
         return _json(self._request("GET", "/v1/acl/token/self"), "/v1/acl/token/self")
 
+    def acls_enabled(self) -> bool:
+        """Whether the agent enforces ACLs: without them, Nomad answers its ACL endpoints 400 "ACL support
+        disabled" (any other answer, a refusal too, is an agent with them)."""
+        try:
+            self.token_self()
+        except StackError as exc:
+            if isinstance(exc, Unavailable):
+                raise
+            return "ACL support disabled" not in exc.message
+        return True
+
     def nodes(self) -> list[dict[str, Any]]:
         """The cluster's client nodes, with their status and drivers (``node:read``)."""
         return _json(self._request("GET", "/v1/nodes"), "/v1/nodes")
@@ -178,9 +193,13 @@ class NomadClient:
         """Create or update the namespace ``name`` (management token)."""
         self._request("POST", f"/v1/namespace/{name}", json={"Name": name, "Description": description})
 
-    def put_policy(self, name: str, rules: str, description: str) -> None:
-        """Create or update the ACL policy ``name`` with HCL ``rules`` (management token)."""
-        body = {"Name": name, "Description": description, "Rules": rules}
+    def put_policy(self, name: str, rules: str, description: str, job: tuple[str, str] | None = None) -> None:
+        """Create or update the ACL policy ``name`` with HCL ``rules`` (management token); given ``job`` (its
+        namespace and ID), the policy is that job's workloads' own (``JobACL``: what ``nomad acl policy apply
+        -job`` writes), and holds for its dispatched and periodic children too."""
+        body: dict[str, Any] = {"Name": name, "Description": description, "Rules": rules}
+        if job is not None:
+            body["JobACL"] = {"Namespace": job[0], "JobID": job[1]}
         self._request("POST", f"/v1/acl/policy/{name}", json=body)
 
     def create_token(self, name: str, policies: list[str]) -> dict[str, Any]:
@@ -262,6 +281,10 @@ class NotFound(StackError):
     """Nomad does not know the object (404)."""
 
 
+class Refused(StackError):
+    """Nomad refuses the token this client sends (403)."""
+
+
 class Unavailable(StackError):
     """Nomad does not answer, or answers that it cannot now (5xx): worth asking again."""
 
@@ -295,7 +318,7 @@ def _raise_for(response: httpx.Response, method: str, path: str) -> None:
         return
     said = response.text.strip()[:300]
     if response.status_code == 403:
-        raise StackError(
+        raise Refused(
             f"Nomad refused {method} {path}: {said or 'permission denied'}",
             fix="set NOMAD_TOKEN to an ACL token that may submit jobs and read logs in the namespace (NOMAD_NAMESPACE)",
         )

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from metaflow import parameters
 from metaflow._vendor import click
@@ -102,10 +103,11 @@ class NomadDeployException(MetaflowException):
     headline = "Nomad deployment"
 
 
-#: Step decorators a deployed flow cannot honour: its steps run inside its own job.
-_ELSEWHERE = ("nomad", "kubernetes", "batch", "devcontainer", "slurm")
-#: ``@worker_pool`` backends whose workers a cluster runs, which the job cannot reach without credentials
-#: of its own (the others run inside the job: a fork server, workers on a Redis the job reaches, a Ray).
+#: Step decorators a deployed flow cannot honour: its steps run inside its own job, which reaches no
+#: cluster but its own Nomad (whose ``@nomad`` steps it starts as jobs of their own, as its workload).
+_ELSEWHERE = ("kubernetes", "batch", "devcontainer", "slurm")
+#: ``@worker_pool`` backends whose workers a cluster runs (the others run inside the job: a fork server,
+#: workers on a Redis the job reaches, a Ray); a Nomad pool's job is not yet started from a deployed flow.
 _CLUSTER_POOLS = ("kubernetes", "nomad")
 
 
@@ -120,8 +122,9 @@ def _one_line() -> Iterator[None]:
         raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
 
 
-def _deployable(obj) -> tuple[list[str], list[str]]:
-    """Refuse in one line what a deployed flow cannot honour; its parameters, required and optional."""
+def _deployable(obj) -> tuple[list[str], list[str], list[Any]]:
+    """Refuse in one line what a deployed flow cannot honour; its parameters, required and optional, and
+    its steps' ``@nomad`` decorators (each starts a job of its own from the deployed flow's)."""
     if obj.flow_datastore.TYPE == "local":
         raise NomadDeployException(
             "a deployed flow runs on a Nomad client: give it a datastore it reaches (--datastore s3)"
@@ -152,7 +155,8 @@ def _deployable(obj) -> tuple[list[str], list[str]]:
     required = [p.name for p in params if p.kwargs.get("required") and p.kwargs.get("default") is None]
     if required and obj.flow._flow_decorators.get("schedule"):
         raise NomadDeployException(f"@schedule runs the flow with its parameters' defaults: give {required[0]} one")
-    return required, [p.name for p in params if p.name not in required]
+    launchers = [d for node in obj.graph for d in node.decorators if d.name == "nomad"]
+    return required, [p.name for p in params if p.name not in required], launchers
 
 
 def _top_level_options(obj) -> list[str]:
@@ -207,7 +211,7 @@ def create(
     from metaflow_stack.nomad import deployment
 
     flow, datastore = obj.flow.name, obj.flow_datastore
-    required, optional = _deployable(obj)
+    required, optional, launchers = _deployable(obj)
     missing = [variable for variable in env_var if variable not in os.environ]
     if missing:
         raise NomadDeployException(f"--env-var {missing[0]}: no such variable here (set it, or leave it out)")
@@ -224,14 +228,22 @@ def create(
         top = _top_level_options(obj)
         flow_file = os.path.basename(sys.argv[0])
         run = ["python", "-m", "metaflow_stack.nomad.dispatched", flow_file, *top, "--", *required, *optional]
-        command = deployment.job_command(obj.environment, datastore.TYPE, (package.package_metadata, url), run)
+        package_at = (package.package_metadata, url)
+        command = deployment.job_command(obj.environment, datastore.TYPE, package_at, run, task_api=bool(launchers))
         env = {**metaflow_settings(), **{v: os.environ[v] for v in env_var}, "METAFLOW_USER": _user()}
         if image is None:
             env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
+        if launchers:  # (its steps reach Nomad through the job's own agent, not this machine's address)
+            env.pop("METAFLOW_NOMAD_ADDR", None)
+            if any(d.placement.driver == "docker" and d.placement.image is None for d in launchers):
+                stack = placement.image if image is None else stack_image(agent, "@nomad(image=...)")
+                env[deployment.STEP_IMAGE_VARIABLE] = stack
         meta = {"metaflow.parameters": json.dumps(deployment.parameter_info(obj.flow)), "metaflow.owner": _user()}
         if getattr(current, "project_name", None):  # (as Argo Workflows' annotations name them)
             meta |= {"metaflow.project_name": current.project_name, "metaflow.branch_name": current.branch_name}
-        job = deployment.deployed_job(name, flow, command, env, placement, (required, optional), schedule, meta)
+        job = deployment.deployed_job(
+            name, flow, command, env, placement, (required, optional), schedule, meta, launches_jobs=bool(launchers)
+        )
         with NomadClient(agent) as client:
             try:
                 existing = client.job(name)
@@ -243,8 +255,18 @@ def create(
                     f"The Nomad job *{name}* was {'periodic' if existing.get('Periodic') else 'dispatched'}: replaced."
                 )
             client.register(job)
+            ungranted = None
+            if launchers:
+                home = agent.namespace or "default"
+                reaches = [d.placement.namespace or home for d in launchers]
+                ungranted = deployment.grant_steps(client, name, home, reaches)
     how = f"on `{schedule[0]}`" if schedule else "each time it is dispatched (`nomad trigger`)"
     obj.echo(f"Flow *{flow}* is deployed as the Nomad job *{name}*: it runs {how}.", bold=True)
+    if ungranted:
+        obj.echo(
+            f"Its @nomad steps start jobs as the job's workload, which your token cannot let them do: until an "
+            f"operator runs `{ungranted}`, they fail with Nomad's `Permission denied`."
+        )
     if deployer_attribute_file:
         with open(deployer_attribute_file, "w", encoding="utf-8") as out:
             json.dump({"name": name, "flow_name": flow, "metadata": obj.metadata.metadata_str()}, out)

@@ -124,12 +124,15 @@ class NomadDecorator(Trampolined, StepDecorator):
 
     @classmethod
     def _stack_image(cls) -> str:
-        """The stack's base image where the clients can pull it, chosen once per run."""
+        """The stack's base image where the clients can pull it, chosen once per run (in a deployed flow's
+        job, by its deployer)."""
         from metaflow_stack.engines.nomad.client import Settings
         from metaflow_stack.engines.nomad.image import stack_image
+        from metaflow_stack.nomad.deployment import STEP_IMAGE_VARIABLE
 
         if cls.default_image is None:
-            cls.default_image = stack_image(Settings.from_env(), "@nomad(image=...)")
+            chosen = os.environ.get(STEP_IMAGE_VARIABLE)
+            cls.default_image = chosen or stack_image(Settings.from_env(), "@nomad(image=...)")
         return cls.default_image
 
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
