@@ -288,6 +288,10 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
             task = client.job(name)["TaskGroups"][0]["Tasks"][0]
             assert task["Identity"]["Env"] is True
             assert "NOMAD_TOKEN" not in task["Env"] and "METAFLOW_NOMAD_ADDR" not in task["Env"]
+            # The credentials are in the job's own variable, which its runs read, not in its spec.
+            kept = client.variable(f"nomad/jobs/{name}")
+            for secret in ("METAFLOW_SERVICE_AUTH_KEY", "AWS_SECRET_ACCESS_KEY"):
+                assert secret in kept and secret not in task["Env"]
     finally:
         with NomadClient(nomad_agent) as client:
             for job in client.jobs("metaflow-test-"):
@@ -295,9 +299,11 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
         service.stop()
 
 
-def test_a_token_that_cannot_bind_the_steps_policy_gets_the_operators_command(nomad_agent) -> None:
+def test_a_token_that_cannot_bind_the_steps_policy_or_keep_the_secrets_is_told_how(nomad_agent) -> None:
+    """Nor write the job's variable for its credentials: one line naming the rule."""
     from metaflow_stack.engines.nomad.client import NomadClient
-    from metaflow_stack.nomad.deployment import grant_steps
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.nomad.deployment import grant_steps, keep_secrets
 
     with NomadClient(nomad_agent) as client:
         if not client.acls_enabled():
@@ -305,8 +311,12 @@ def test_a_token_that_cannot_bind_the_steps_policy_gets_the_operators_command(no
         weak = client.create_token("no-policies", [])["SecretID"]
     with NomadClient(replace(nomad_agent, token=weak)) as client:
         command = grant_steps(client, "metaflow-some-flow", "default", ["default", "batch"])
+        with pytest.raises(StackError) as refused:
+            keep_secrets(client, "metaflow-some-flow", {"AWS_SECRET_ACCESS_KEY": "x"})
     assert command is not None and "nomad acl policy apply -namespace default -job metaflow-some-flow" in command
     assert 'namespace "batch"' in command and '"submit-job"' in command
+    assert "nomad/jobs/metaflow-some-flow" in refused.value.message
+    assert 'variables { path "nomad/jobs/*"' in refused.value.fix
 
 
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -221,20 +221,22 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
         server.server_close()
 
 
-#: Run in a task: list the task's own job through its agent's Task API, with its workload identity and with
-#: no token, printing how each went.
+#: Run in a task: list the task's own job and read its job's variable through its agent's Task API, with its
+#: workload identity and with no token, printing how each went.
 TASK_API = """
 import os
 from metaflow_stack.engines.nomad.client import NomadClient, Settings
 from metaflow_stack.errors import StackError
-socket = "unix://" + os.environ["NOMAD_SECRETS_DIR"] + "/api.sock"
+socket, job = "unix://" + os.environ["NOMAD_SECRETS_DIR"] + "/api.sock", os.environ["NOMAD_JOB_ID"]
 for who, token in (("identity", os.environ.get("NOMAD_TOKEN")), ("anonymous", None)):
-    try:
-        with NomadClient(Settings(address=socket, token=token, namespace=os.environ["NOMAD_NAMESPACE"])) as client:
-            said = "listed" if client.jobs(os.environ["NOMAD_JOB_ID"]) else "none"
-    except StackError as exc:
-        said = type(exc).__name__
-    print(who, said)
+    with NomadClient(Settings(address=socket, token=token, namespace=os.environ["NOMAD_NAMESPACE"])) as client:
+        asks = (("jobs", lambda: client.jobs(job)), ("variable", lambda: client.variable("nomad/jobs/" + job)))
+        for what, ask in asks:
+            try:
+                said = "read" if ask() else "none"
+            except StackError as exc:
+                said = type(exc).__name__
+            print(who, what, said)
 """
 
 
@@ -243,8 +245,8 @@ def test_a_task_reaches_its_agent_through_the_task_api_as_its_workload(
     nomad_agent: Settings, base_image: str, driver: str
 ) -> None:
     """The Task API (``$NOMAD_SECRETS_DIR/api.sock``, mounted into a container) takes the task's workload
-    identity and refuses a request without one; with ACLs on, the identity holds only the policies bound to
-    its job."""
+    identity and refuses a request without one; the identity reads its own job's variable; with ACLs on, it
+    holds nothing else but the policies bound to its job."""
     from metaflow_stack.nomad.deployment import grant_steps
 
     with NomadClient(nomad_agent) as client:
@@ -255,12 +257,15 @@ def test_a_task_reaches_its_agent_through_the_task_api_as_its_workload(
 
         def identity(job: dict, bound: bool = bound) -> None:
             job["TaskGroups"][0]["Tasks"][0]["Identity"] = {"Env": True}
-            if bound:
-                with NomadClient(nomad_agent) as client:
+            with NomadClient(nomad_agent) as client:
+                client.put_variable(f"nomad/jobs/{job['ID']}", {"SECRET": "kept"})
+                if bound:
                     assert grant_steps(client, job["ID"], "default", ["default"]) is None
 
         ending, lines = run_job(nomad_agent, placement, f"python -c {shlex.quote(TASK_API)}", edit=identity)
         assert ending.code == 0, lines
-        said[bound] = dict(line.split() for kind, line in lines if kind == "stdout")
-    assert said[True] == {"identity": "listed", "anonymous": "Refused"}
-    assert said[False] == {"identity": "Refused" if acls else "listed", "anonymous": "Refused"}
+        said[bound] = {tuple(line.split()[:2]): line.split()[2] for kind, line in lines if kind == "stdout"}
+    refused = {("anonymous", "jobs"): "Refused", ("anonymous", "variable"): "Refused"}
+    assert said[True] == {("identity", "jobs"): "read", ("identity", "variable"): "read", **refused}
+    unbound = "Refused" if acls else "read"
+    assert said[False] == {("identity", "jobs"): unbound, ("identity", "variable"): "read", **refused}

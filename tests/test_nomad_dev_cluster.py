@@ -46,6 +46,11 @@ def test_setup_hands_flows_a_token_for_their_namespace_alone(fresh_agent: str, t
     flows = Settings(address=fresh_agent, token=token, namespace=NAMESPACE)
     with NomadClient(flows) as client:
         assert client.jobs("mf-") == []
+        client.put_variable("nomad/jobs/metaflow-some-flow", {"KEY": "kept"})  # a deployed flow's credentials
+        with pytest.raises(StackError):
+            client.variable("nomad/jobs/metaflow-some-flow")  # which only that job's runs read
+        with pytest.raises(StackError):
+            client.put_variable("nomad/other", {"KEY": "x"})
     elsewhere = Settings(address=fresh_agent, token=token)  # the default namespace is not the flows'
     with NomadClient(elsewhere) as client, pytest.raises(StackError) as refused:
         client.jobs("mf-")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -232,3 +233,15 @@ def test_a_dispatch_gives_the_run_its_parameters_as_nomad_names_them() -> None:
         "--greeting-word",
         "hi",
     ]
+
+
+def test_a_deployed_jobs_credentials_are_exported_quoted_and_only_under_variable_names() -> None:
+    from metaflow_stack.nomad.job_secrets import exports
+
+    said = exports({"B": "it's $(rm -rf /)", "A_1": "plain"})
+    assert said == "export A_1=plain\nexport B='it'\"'\"'s $(rm -rf /)'\n"
+    line = ["bash", "-c", 'eval "$EXPORTS" && printf %s "$B"']  # (as the job's shell takes them)
+    done = subprocess.run(line, env={"EXPORTS": said, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert done.stdout == "it's $(rm -rf /)"
+    with pytest.raises(StackError):
+        exports({"X; rm -rf /": "1"})

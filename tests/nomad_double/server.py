@@ -65,6 +65,11 @@ the GitHub workflow's ``clusters`` job.
   once its allocation is terminal. With ACLs, an identity holds the
   policies bound to its job (``JobACL`` on ``POST /v1/acl/policy/:name``,
   ``nomad acl policy apply -job``).
+- Variables: ``PUT`` and ``GET /v1/var/:path`` (``Items``, strings), in
+  the request's namespace. With ACLs, a token needs a ``variables { path
+  "GLOB" { capabilities = [...] } }`` rule matching the path (``write``,
+  ``read``, ``destroy``); a workload identity may also read its own job's
+  (``nomad/jobs/<job>`` and below), as Nomad's implicit workload policy.
 - A task's folders (``alloc``, ``local``, ``secrets``): a raw_exec task
   works in them; a docker task has them mounted at ``/alloc``, ``/local``
   and ``/secrets``, as Nomad's docker driver mounts them, with
@@ -79,6 +84,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -161,6 +167,8 @@ class Acl:
         self.policies: dict[str, dict[str, set[str]]] = {}
         #: The policies bound to a job's workloads (``JobACL``): name -> (namespace, job ID).
         self.bound: dict[str, tuple[str, str]] = {}
+        #: Each policy's ``variables`` rules: name -> namespace -> (path glob, capabilities).
+        self.variable_paths: dict[str, dict[str, list[tuple[str, set[str]]]]] = {}
         self.bootstrapped = management is not None
         if management:
             self.add_token("bootstrap", "management", [], secret=management)
@@ -185,12 +193,17 @@ class Acl:
         except Exception as exc:  # lark's errors, each naming the line
             return f"Failed to parse ACL Policy: {exc}"
         granted: dict[str, set[str]] = {}
+        paths: dict[str, list[tuple[str, set[str]]]] = {}
         for block in blocks:
-            for label, body in ((k, v) for k, v in block.items() if not k.startswith("__")):
-                if not isinstance(body.get("capabilities"), list):
-                    return "the double models only namespace blocks with capabilities"
-                granted[label.strip('"')] = {c.strip('"') for c in body["capabilities"]}
+            for label, body in _labelled(block):
+                namespace, capabilities = label.strip('"'), body.get("capabilities", [])
+                entries = [e for v in body.get("variables", []) for p in v.get("path", []) for e in _labelled(p)]
+                if not isinstance(capabilities, list) or not (capabilities or entries):
+                    return "the double models only namespace blocks with capabilities or variables paths"
+                granted[namespace] = {c.strip('"') for c in capabilities}
+                paths[namespace] = [(glob.strip('"'), {c.strip('"') for c in r["capabilities"]}) for glob, r in entries]
         self.policies[name] = granted
+        self.variable_paths[name] = paths
         if job_acl:
             self.bound[name] = (job_acl.get("Namespace") or "default", job_acl.get("JobID") or "")
         else:
@@ -214,8 +227,24 @@ class Acl:
             return None
         else:
             policies = token["Policies"] or []
+        if path.startswith("/v1/var/"):  # (a variable's own rules, by its path)
+            return self.variable_refusal(method, path.removeprefix("/v1/var/"), namespace, policies, workload)
         held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in policies))
         allowed = any(m == method and re.fullmatch(pattern, path) and c in held for m, pattern, c in NEEDS)
+        return None if allowed else "Permission denied"
+
+    def variable_refusal(
+        self, method: str, path: str, namespace: str, policies: list[str], workload: dict[str, Any] | None
+    ) -> str | None:
+        """A variable's ``read``, ``write`` or ``destroy`` (by method) as the policies' ``variables`` paths
+        grant it (globs), and a workload's implicit policy: its own job's variables, ``nomad/jobs/<job>`` and
+        below, readable in its namespace."""
+        wanted = {"GET": "read", "PUT": "write", "DELETE": "destroy"}.get(method, "")
+        rules = [rule for p in policies for rule in self.variable_paths.get(p, {}).get(namespace, [])]
+        if workload is not None and namespace == workload["nomad_namespace"]:
+            own = f"nomad/jobs/{workload['nomad_job_id']}"
+            rules += [(own, {"read", "list"}), (own + "/*", {"read", "list"})]
+        allowed = any(fnmatch.fnmatchcase(path, glob) and wanted in caps for glob, caps in rules)
         return None if allowed else "Permission denied"
 
 
@@ -229,6 +258,8 @@ class Cluster:
         self.evals: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
         self.namespaces = {"default"}
+        #: Nomad Variables by namespace and path.
+        self.variables: dict[tuple[str, str], dict[str, Any]] = {}
         #: The threads stopping deregistered allocations' tasks.
         self.stopping: list[threading.Thread] = []
         #: What runs each started allocation's task: a container ID, or a raw_exec process.
@@ -793,6 +824,11 @@ def _template(text: str, env: dict[str, str]) -> str:
     return "".join(out)
 
 
+def _labelled(block: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A parsed HCL block's labelled entries (python-hcl2 adds ``__``-keys of its own)."""
+    return [(k, v) for k, v in block.items() if not k.startswith("__")]
+
+
 def _satisfied(constraint: dict[str, Any]) -> bool:
     value, wanted, operator = NODE.get(constraint["LTarget"]), constraint.get("RTarget", ""), constraint["Operand"]
     if operator in ("=", "==", "is"):
@@ -865,6 +901,22 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
         body = await request.json()
         wrong = acl.add_policy(name, body.get("Rules", ""), body.get("JobACL"))
         return PlainTextResponse(wrong, status_code=400) if wrong else JSONResponse(None)
+
+    @api.put("/v1/var/{path:path}")
+    async def put_variable(path: str, request: Request, namespace: str = "default"):
+        items = (await request.json()).get("Items")
+        if not isinstance(items, dict) or not all(isinstance(v, str) for v in items.values()):
+            return PlainTextResponse("Request decode failed: Items are strings", status_code=400)
+        with cluster.changed:
+            variable = {"Namespace": namespace, "Path": path, "Items": items}
+            cluster.variables[(namespace, path)] = variable
+            cluster.bump(variable)
+        return variable
+
+    @api.get("/v1/var/{path:path}")
+    def get_variable(path: str, namespace: str = "default"):
+        found = cluster.variables.get((namespace, path))
+        return found if found else PlainTextResponse("variable not found", status_code=404)
 
     @api.post("/v1/namespace/{name}")
     def put_namespace(name: str):

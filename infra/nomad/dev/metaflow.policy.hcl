@@ -1,9 +1,15 @@
 # What Metaflow needs in its namespace, and nothing more: register a @nomad run's jobs and a
 # deployed flow's, and purge them (submit-job), watch their evaluations and allocations (read-job),
 # find the jobs a killed run left behind (list-jobs), stream the tasks' output (read-logs), and run
-# a deployed flow (`nomad trigger`: dispatch-job). `metaflow stack nomad up`
+# a deployed flow (`nomad trigger`: dispatch-job); write a deployed flow's credentials to its job's
+# own variable (`nomad/jobs/<job>`, which only that job's runs read). `metaflow stack nomad up`
 # and the Pulumi component (infra/pulumi/components/nomad_stack.py) apply this file as the policy
 # `metaflow`; tokens for flows hold only it.
 namespace "metaflow" {
   capabilities = ["submit-job", "read-job", "list-jobs", "read-logs", "dispatch-job"]
+  variables {
+    path "nomad/jobs/*" {
+      capabilities = ["write"]
+    }
+  }
 }

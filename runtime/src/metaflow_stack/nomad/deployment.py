@@ -8,6 +8,11 @@ on a line of its own: Metaflow gives a run its id only when it starts, so ``trig
 task's output. The job's restart and reschedule policies have no attempts, as for a task: retries are the
 flow's ``@retry``.
 
+Credentials (the metadata service's key and headers, and what ``--env-var`` passes) are kept out of the
+job's spec, which anyone who may read the job sees, and its version history: in the job's own Nomad
+Variable (``nomad/jobs/<job>``), which the job's task reads at its start with its workload identity (its
+implicit policy: the variables of its own job, a dispatched or periodic run's parent's).
+
 A flow whose steps start Nomad jobs of their own (``@nomad``) runs them from inside its job, as the
 job's own workload: the task is given its workload identity (``NOMAD_TOKEN``) and reaches its agent through
 the Task API (``$NOMAD_SECRETS_DIR/api.sock``), so no token of the deployer's is stored in the job. Where the
@@ -45,6 +50,8 @@ STEP_IMAGE_VARIABLE = "METAFLOW_STACK_NOMAD_STEP_IMAGE"
 #: endpoint's "ACL Required" in Nomad's API docs (register and purge, read evaluations and allocations,
 #: follow logs, list the jobs a killed run left to purge them).
 STEP_CAPABILITIES = ("submit-job", "read-job", "read-logs", "list-jobs")
+#: The run's settings that are credentials: kept in the job's variable, with what ``--env-var`` passes.
+SECRET_SETTINGS = ("METAFLOW_SERVICE_AUTH_KEY", "METAFLOW_SERVICE_HEADERS")
 
 
 def deployment_name(flow: str) -> str:
@@ -89,17 +96,17 @@ def deployed_job(
     parameters: tuple[list[str], list[str]],
     schedule: tuple[str, str | None] | None,
     meta: dict[str, str],
-    launches_jobs: bool = False,
+    identity: bool = False,
 ) -> dict[str, Any]:
     """The job of a deployed flow (``meta``: what else its ``Meta`` says of it): ``task_job``'s, made
     parameterized on ``parameters`` (the required ones, the optional ones) or, given ``schedule`` (cron, time
-    zone), periodic without overlapping runs; given ``launches_jobs``, its task holds its workload identity
+    zone), periodic without overlapping runs; given ``identity``, its task holds its workload identity
     (``NOMAD_TOKEN``: Nomad's default identity has no expiry, so it needs no renewal).
 
     ``@schedule``'s cron (AWS's six fields, ``0 0 * * ? *``) is Nomad's as it is: its cron takes a year
     field and ``?``; numbered week days differ (AWS counts Sunday as 1, Nomad as 0), names do not."""
     job = task_job(name, command, env, placement, {**meta, DEPLOYED: "true", "metaflow.flow": flow})
-    if launches_jobs:
+    if identity:
         job["TaskGroups"][0]["Tasks"][0]["Identity"] = {"Env": True}
     if schedule is None:
         required, optional = parameters
@@ -110,6 +117,30 @@ def deployed_job(
         if timezone:
             job["Periodic"]["TimeZone"] = timezone
     return job
+
+
+def variable_path(job: str) -> str:
+    """Where the job's credentials are kept: the Nomad Variable its workloads, and only they, may read."""
+    return f"nomad/jobs/{job}"
+
+
+def secrets_of(env: dict[str, str], passed: Iterable[str]) -> dict[str, str]:
+    """The credentials among the job's variables (``passed``: the names ``--env-var`` gave), taken out of
+    ``env``."""
+    return {name: env.pop(name) for name in [*SECRET_SETTINGS, *passed] if name in env}
+
+
+def keep_secrets(client: NomadClient, job: str, secrets: dict[str, str]) -> None:
+    """Write ``secrets`` to the job's variable; one line naming the rule the token lacks, if refused."""
+    path, namespace = variable_path(job), client.settings.namespace or "default"
+    try:
+        client.put_variable(path, secrets)
+    except Refused:
+        raise StackError(
+            f"your Nomad token may not write the variable {path}, where the deployed flow's credentials are kept",
+            fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write"] }} }}` in namespace '
+            f'"{namespace}" (the dev cluster\'s policy has it)',
+        ) from None
 
 
 def steps_policy(job: str, namespace: str, reaches: Iterable[str]) -> tuple[str, str]:
@@ -136,11 +167,12 @@ def grant_steps(client: NomadClient, job: str, namespace: str, reaches: Iterable
 
 
 def job_command(
-    environment: Any, datastore: str, package: tuple[str, str], run: list[str], task_api: bool = False
+    environment: Any, datastore: str, package: tuple[str, str], run: list[str], task_api: bool, secrets: bool
 ) -> list[str]:
     """The job's command: fetch and unpack the code package (``package``: its metadata and URL) as
     Metaflow's own jobs do, then ``run`` (the ``dispatched`` module's line) in that folder; given
-    ``task_api``, with its agent's Task API as the Nomad address its steps use."""
+    ``task_api``, with its agent's Task API as the Nomad address (for its steps, and to read its
+    ``secrets`` first, given them)."""
     from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
 
     metadata, url = package
@@ -156,7 +188,9 @@ def job_command(
         for c in environment.get_package_commands(url, datastore, metadata)
         if c not in skip and not c.startswith(("export PYTHONPATH=", "export METAFLOW_EXTRACTED_ROOT="))
     ]
-    reach = ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api else []
+    reach = ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
+    if secrets:  # (a failure stops the job, naming why, before anything needs them)
+        reach.append('secrets=$(python -m metaflow_stack.nomad.job_secrets) && eval \\"$secrets\\"')
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *reach, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
     return shlex.split(f'bash -c "{script}"')

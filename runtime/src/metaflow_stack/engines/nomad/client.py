@@ -202,6 +202,21 @@ class NomadClient:
             body["JobACL"] = {"Namespace": job[0], "JobID": job[1]}
         self._request("POST", f"/v1/acl/policy/{name}", json=body)
 
+    def put_variable(self, path: str, items: dict[str, str]) -> None:
+        """Write the Nomad Variable at ``path`` (``variables`` ``write`` on it): a job's own, at
+        ``nomad/jobs/<job>``, is readable by the job's workloads alone, as their identity's implicit policy."""
+        namespace = self.settings.namespace or "default"
+        body = {"Namespace": namespace, "Path": path, "Items": items}
+        self._request("PUT", f"/v1/var/{path}", json=body)
+
+    def variable(self, path: str) -> dict[str, str]:
+        """The items of the Nomad Variable at ``path`` (``NotFound`` when there is none)."""
+        answer = _json(self._request("GET", f"/v1/var/{path}"), "/v1/var")
+        items = answer.get("Items") if isinstance(answer, dict) else None
+        if not isinstance(items, dict):
+            raise StackError(f"Nomad's answer for the variable {path} holds no items: {str(answer)[:200]}")
+        return {str(k): str(v) for k, v in items.items()}
+
     def create_token(self, name: str, policies: list[str]) -> dict[str, Any]:
         """A new client token holding ``policies`` (management token)."""
         body = {"Name": name, "Type": "client", "Policies": policies}

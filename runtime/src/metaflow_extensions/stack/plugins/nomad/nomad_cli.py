@@ -193,8 +193,8 @@ def _top_level_options(obj) -> list[str]:
 @click.option(
     "--env-var",
     multiple=True,
-    help="Pass this variable of yours to the job (credentials the clients lack, say): anyone who may read the "
-    "job sees it.",
+    help="Pass this variable of yours to the job (credentials the clients lack, say): kept in the job's own Nomad "
+    "Variable, which only the job's runs (and whoever may read it) read.",
 )
 @click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
 @click.pass_obj
@@ -228,9 +228,12 @@ def create(
         top = _top_level_options(obj)
         flow_file = os.path.basename(sys.argv[0])
         run = ["python", "-m", "metaflow_stack.nomad.dispatched", flow_file, *top, "--", *required, *optional]
-        package_at = (package.package_metadata, url)
-        command = deployment.job_command(obj.environment, datastore.TYPE, package_at, run, task_api=bool(launchers))
         env = {**metaflow_settings(), **{v: os.environ[v] for v in env_var}, "METAFLOW_USER": _user()}
+        secrets = deployment.secrets_of(env, env_var)
+        package_at = (package.package_metadata, url)
+        command = deployment.job_command(
+            obj.environment, datastore.TYPE, package_at, run, task_api=bool(launchers), secrets=bool(secrets)
+        )
         if image is None:
             env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
         if launchers:  # (its steps reach Nomad through the job's own agent, not this machine's address)
@@ -241,14 +244,15 @@ def create(
         meta = {"metaflow.parameters": json.dumps(deployment.parameter_info(obj.flow)), "metaflow.owner": _user()}
         if getattr(current, "project_name", None):  # (as Argo Workflows' annotations name them)
             meta |= {"metaflow.project_name": current.project_name, "metaflow.branch_name": current.branch_name}
-        job = deployment.deployed_job(
-            name, flow, command, env, placement, (required, optional), schedule, meta, launches_jobs=bool(launchers)
-        )
+        parameters, identity = (required, optional), bool(launchers or secrets)
+        job = deployment.deployed_job(name, flow, command, env, placement, parameters, schedule, meta, identity)
         with NomadClient(agent) as client:
             try:
                 existing = client.job(name)
             except NotFound:
                 existing = None
+            if secrets:  # (before the job: its first run reads them)
+                deployment.keep_secrets(client, name, secrets)
             if existing is not None and bool(existing.get("Periodic")) != bool(job.get("Periodic")):
                 client.deregister(name)  # Nomad will not turn a job periodic, or back: the old one goes
                 obj.echo(
