@@ -245,3 +245,13 @@ def test_a_deployed_jobs_credentials_are_exported_quoted_and_only_under_variable
     assert done.stdout == "it's $(rm -rf /)"
     with pytest.raises(StackError):
         exports({"X; rm -rf /": "1"})
+
+
+def test_a_deployed_jobs_name_must_also_name_its_variable() -> None:
+    from metaflow_stack.nomad.deployment import check_name, deployment_name
+
+    assert check_name(deployment_name("My.Flow_2")) == "metaflow-my-flow-2"
+    for wrong in ("my.flow", "a/b", "", "x" * 101):
+        with pytest.raises(StackError) as refused:
+            check_name(wrong)
+        assert "letters, digits" in refused.value.fix

@@ -60,6 +60,17 @@ def deployment_name(flow: str) -> str:
     return "metaflow-" + re.sub(r"[^a-z0-9-]", "-", flow.lower())[:100]
 
 
+def check_name(name: str) -> str:
+    """``name`` where it can name the job, its variable (``nomad/jobs/<job>``: Nomad takes letters, digits,
+    ``-``, ``_`` and ``~`` in a variable's path) and its policy; else one line naming the fix."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
+        raise StackError(
+            f"--name {name!r} cannot name a deployed flow's job and the Nomad Variable its credentials are kept in",
+            fix="use up to 100 letters, digits, '-' and '_'",
+        )
+    return name
+
+
 def parameter_info(flow: Any) -> dict[str, dict[str, Any]]:
     """The flow's parameters as Metaflow's schedulers describe them (``generate_fake_flow_file_contents``
     makes a flow that takes them again): what ``DeployedFlow.from_nomad`` triggers a deployment with."""

@@ -216,6 +216,8 @@ def create(
     if missing:
         raise NomadDeployException(f"--env-var {missing[0]}: no such variable here (set it, or leave it out)")
     name = obj.nomad_deployment or deployment.deployment_name(getattr(current, "project_flow_name", None) or flow)
+    with _one_line():
+        deployment.check_name(name)
     agent = Settings.from_env()
     schedules = obj.flow._flow_decorators.get("schedule") or []
     schedule = (schedules[0].schedule, schedules[0].timezone) if schedules and schedules[0].schedule else None
