@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import VENV_BIN, need
 from nomad_jobs import jobs_left
@@ -203,13 +204,13 @@ print(json.dumps(found))
 
 
 def _deploy(
-    tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service, **top: str
+    tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service, name: str | None = None, **top: str
 ) -> tuple[str, list[dict]]:
     from service_servers import KEYED
 
     tmp_path.mkdir(exist_ok=True)
     shutil.copy(FLOWS / flow, tmp_path)
-    name = f"metaflow-test-{uuid.uuid4().hex[:8]}"
+    name = name or f"metaflow-test-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
@@ -221,6 +222,7 @@ def _deploy(
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "NOMAD_ADDR": nomad_agent.address,
+        "METAFLOW_NOMAD_ADDR": nomad_agent.address,  # (this machine's: the job reaches its own agent instead)
         **({"NOMAD_TOKEN": nomad_agent.token} if nomad_agent.token else {}),
     }
     root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
@@ -275,10 +277,13 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
     from service_servers import KEYED, start_service
 
     from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.nomad.deployment import steps_policy
 
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
         name, (done,) = _deploy(tmp_path, "deployed_steps_flow.py", [{"alpha": 3}], nomad_agent, bridge_s3, service)
+        policy = f"{nomad_agent.address}/v1/acl/policy/{steps_policy(name, 'default', ['default'])[0]}"
+        management = {"X-Nomad-Token": nomad_agent.token or ""}
         assert done["successful"], done
         artifacts = done["artifacts"]
         assert artifacts["total"] == 63 and artifacts["runner_job"].startswith(f"{name}/dispatch-")
@@ -292,6 +297,11 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
             kept = client.variable(f"nomad/jobs/{name}")
             for secret in ("METAFLOW_SERVICE_AUTH_KEY", "AWS_SECRET_ACCESS_KEY"):
                 assert secret in kept and secret not in task["Env"]
+            acls = client.acls_enabled()
+        if acls:  # deployed again without @nomad steps: the policy that let them start jobs goes
+            assert httpx.get(policy, headers=management).status_code == 200
+            _deploy(tmp_path / "again", "deployed_flow.py", [], nomad_agent, bridge_s3, service, name=name)
+            assert httpx.get(policy, headers=management).status_code == 404
     finally:
         with NomadClient(nomad_agent) as client:
             for job in client.jobs("metaflow-test-"):
@@ -310,13 +320,22 @@ def test_a_token_that_cannot_bind_the_steps_policy_or_keep_the_secrets_is_told_h
             pytest.skip("the agent has no ACLs (the GitHub job's dev agent): there is no policy to bind")
         weak = client.create_token("no-policies", [])["SecretID"]
     with NomadClient(replace(nomad_agent, token=weak)) as client:
-        command = grant_steps(client, "metaflow-some-flow", "default", ["default", "batch"])
+        command = grant_steps(client, "metaflow-some-flow", ["default", "batch"], granted_before=False)
+        revoke = grant_steps(client, "metaflow-some-flow", [], granted_before=True)
         with pytest.raises(StackError) as refused:
-            keep_secrets(client, "metaflow-some-flow", {"AWS_SECRET_ACCESS_KEY": "x"})
+            keep_secrets(client, "metaflow-some-flow", {"AWS_SECRET_ACCESS_KEY": "x"}, kept_before=False)
+        purge = keep_secrets(client, "metaflow-some-flow", {}, kept_before=True)
     assert command is not None and "nomad acl policy apply -namespace default -job metaflow-some-flow" in command
     assert 'namespace "batch"' in command and '"submit-job"' in command
+    assert revoke is not None and revoke.startswith("nomad acl policy delete metaflow-some-flow-")
     assert "nomad/jobs/metaflow-some-flow" in refused.value.message
     assert 'variables { path "nomad/jobs/*"' in refused.value.fix
+    assert purge == "nomad var purge -namespace default nomad/jobs/metaflow-some-flow"
+    with NomadClient(nomad_agent) as client:  # a token that may: the variable an earlier create wrote goes
+        client.put_variable("nomad/jobs/metaflow-some-flow", {"KEY": "kept"})
+        assert keep_secrets(client, "metaflow-some-flow", {}, kept_before=True) is None
+        with pytest.raises(StackError):
+            client.variable("nomad/jobs/metaflow-some-flow")
 
 
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -260,7 +260,7 @@ def test_a_task_reaches_its_agent_through_the_task_api_as_its_workload(
             with NomadClient(nomad_agent) as client:
                 client.put_variable(f"nomad/jobs/{job['ID']}", {"SECRET": "kept"})
                 if bound:
-                    assert grant_steps(client, job["ID"], "default", ["default"]) is None
+                    assert grant_steps(client, job["ID"], ["default"], granted_before=False) is None
 
         ending, lines = run_job(nomad_agent, placement, f"python -c {shlex.quote(TASK_API)}", edit=identity)
         assert ending.code == 0, lines

@@ -57,19 +57,23 @@ the GitHub workflow's ``clusters`` job.
   here; Nomad's leader signs with its keyring), claiming the task's
   namespace, allocation, task and job (a dispatched or periodic job's
   parent, as Nomad's ``GetIDforWorkloadIdentity`` does). A task with an
-  ``Identity`` block gets it in ``NOMAD_TOKEN`` (``Env``) and in
-  ``secrets/nomad_token`` (``File``), and its agent's Task API on
-  ``secrets/api.sock`` (Nomad opens it for every task; the double only for
-  these, the ones that can authenticate there). The Task API always
-  requires a token or an identity, ACLs or not; an identity is refused
-  once its allocation is terminal. With ACLs, an identity holds the
+  ``Identity`` block gets it in ``NOMAD_TOKEN`` (``Env``; the double models
+  no ``File``), and its agent's Task API on ``secrets/api.sock`` (Nomad
+  opens it for every task; the double only for these, the ones that can
+  authenticate there). The Task API always requires a token or an
+  identity, ACLs or not (401 without one, 403 for one it does not take);
+  an identity is refused once its allocation is terminal. With ACLs, an identity holds the
   policies bound to its job (``JobACL`` on ``POST /v1/acl/policy/:name``,
   ``nomad acl policy apply -job``).
-- Variables: ``PUT`` and ``GET /v1/var/:path`` (``Items``, strings), in
-  the request's namespace. With ACLs, a token needs a ``variables { path
-  "GLOB" { capabilities = [...] } }`` rule matching the path (``write``,
-  ``read``, ``destroy``); a workload identity may also read its own job's
-  (``nomad/jobs/<job>`` and below), as Nomad's implicit workload policy.
+- Variables: ``PUT``, ``GET`` and ``DELETE /v1/var/:path`` (``Items``,
+  strings, at least one), in the body's namespace, else the query's. With
+  ACLs, a token needs a ``variables { path "GLOB" { capabilities = [...] }
+  }`` rule matching the path (``write``, ``read``, ``destroy``; the
+  double unions matching rules, and models no ``deny``); a workload
+  identity may also read its own job's (``nomad/jobs/<job>``, and its
+  group's and task's below it), as Nomad's implicit workload policy.
+  ``GET`` and ``DELETE /v1/acl/policy/:name`` (management; the double's
+  answer holds only the name and ``JobACL``).
 - A task's folders (``alloc``, ``local``, ``secrets``): a raw_exec task
   works in them; a docker task has them mounted at ``/alloc``, ``/local``
   and ``/secrets``, as Nomad's docker driver mounts them, with
@@ -237,13 +241,15 @@ class Acl:
         self, method: str, path: str, namespace: str, policies: list[str], workload: dict[str, Any] | None
     ) -> str | None:
         """A variable's ``read``, ``write`` or ``destroy`` (by method) as the policies' ``variables`` paths
-        grant it (globs), and a workload's implicit policy: its own job's variables, ``nomad/jobs/<job>`` and
-        below, readable in its namespace."""
+        grant it (globs), and a workload's implicit policy: its own job's variables readable in its namespace
+        (``nomad/jobs``, ``nomad/jobs/<job>``, and its group's and task's below it: these paths exactly)."""
         wanted = {"GET": "read", "PUT": "write", "DELETE": "destroy"}.get(method, "")
         rules = [rule for p in policies for rule in self.variable_paths.get(p, {}).get(namespace, [])]
-        if workload is not None and namespace == workload["nomad_namespace"]:
-            own = f"nomad/jobs/{workload['nomad_job_id']}"
-            rules += [(own, {"read", "list"}), (own + "/*", {"read", "list"})]
+        if workload is not None and namespace == workload["nomad_namespace"] and wanted == "read":
+            job, group, task = workload["sub"].split(":")[2:5]  # (region:namespace:job:group:task:identity)
+            own = ("nomad/jobs", f"nomad/jobs/{job}", f"nomad/jobs/{job}/{group}", f"nomad/jobs/{job}/{group}/{task}")
+            if path in own:
+                return None
         allowed = any(fnmatch.fnmatchcase(path, glob) and wanted in caps for glob, caps in rules)
         return None if allowed else "Permission denied"
 
@@ -488,8 +494,6 @@ class Cluster:
         if identity is None:
             return root, named
         token = self.sign(alloc, task)
-        if identity.get("File"):
-            (task_dir / "secrets" / "nomad_token").write_text(token)
         if identity.get("Env"):
             named["NOMAD_TOKEN"] = token
         self.task_apis[alloc["ID"]] = TaskApi(self.api, task_dir / "secrets" / "api.sock")
@@ -857,7 +861,9 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
         secret = request.headers.get("X-Nomad-Token")
         workload = cluster.workload(secret)
         if request.scope.get("task_api") and workload is None and (acl is None or secret not in acl.tokens):
-            return PlainTextResponse("Permission denied", status_code=403)  # (a token or identity, ACLs or not)
+            if not secret:  # (a token or identity, ACLs or not: 401 for none, as Nomad's authMiddleware answers)
+                return PlainTextResponse("Unauthorized", status_code=401)
+            return PlainTextResponse("Permission denied", status_code=403)
         if acl is not None:
             namespace = request.query_params.get("namespace")
             if not namespace and request.method in ("PUT", "POST") and request.url.path == "/v1/jobs":
@@ -904,9 +910,12 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
 
     @api.put("/v1/var/{path:path}")
     async def put_variable(path: str, request: Request, namespace: str = "default"):
-        items = (await request.json()).get("Items")
+        body = await request.json()
+        items, namespace = body.get("Items"), body.get("Namespace") or namespace
         if not isinstance(items, dict) or not all(isinstance(v, str) for v in items.values()):
             return PlainTextResponse("Request decode failed: Items are strings", status_code=400)
+        if not items:
+            return PlainTextResponse("variable missing required Items object", status_code=400)
         with cluster.changed:
             variable = {"Namespace": namespace, "Path": path, "Items": items}
             cluster.variables[(namespace, path)] = variable
@@ -917,6 +926,24 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     def get_variable(path: str, namespace: str = "default"):
         found = cluster.variables.get((namespace, path))
         return found if found else PlainTextResponse("variable not found", status_code=404)
+
+    @api.delete("/v1/var/{path:path}")
+    def delete_variable(path: str, namespace: str = "default"):
+        cluster.variables.pop((namespace, path), None)
+        return JSONResponse(None)
+
+    @api.get("/v1/acl/policy/{name}")
+    def get_policy(name: str):
+        if name not in acl.policies:
+            return PlainTextResponse("ACL policy not found", status_code=404)
+        bound = acl.bound.get(name)
+        return {"Name": name, "JobACL": {"Namespace": bound[0], "JobID": bound[1]} if bound else None}
+
+    @api.delete("/v1/acl/policy/{name}")
+    def delete_policy(name: str):
+        for kept in (acl.policies, acl.variable_paths, acl.bound):
+            kept.pop(name, None)
+        return JSONResponse(None)
 
     @api.post("/v1/namespace/{name}")
     def put_namespace(name: str):

@@ -23,6 +23,7 @@ each of its dispatched and periodic runs).
 from __future__ import annotations
 
 import collections
+import hashlib
 import queue
 import re
 import shlex
@@ -52,6 +53,11 @@ STEP_IMAGE_VARIABLE = "METAFLOW_STACK_NOMAD_STEP_IMAGE"
 STEP_CAPABILITIES = ("submit-job", "read-job", "read-logs", "list-jobs")
 #: The run's settings that are credentials: kept in the job's variable, with what ``--env-var`` passes.
 SECRET_SETTINGS = ("METAFLOW_SERVICE_AUTH_KEY", "METAFLOW_SERVICE_HEADERS")
+#: What a shell takes as a variable's name (the job exports its credentials by these names).
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: ``Meta`` keys naming what ``create`` made beside the job (its credentials' variable, its steps' policy), so
+#: that a later ``create`` without them removes them.
+VARIABLE_META, POLICY_META = "metaflow.credentials", "metaflow.steps-policy"
 
 
 def deployment_name(flow: str) -> str:
@@ -131,49 +137,69 @@ def deployed_job(
 
 
 def variable_path(job: str) -> str:
-    """Where the job's credentials are kept: the Nomad Variable its workloads, and only they, may read."""
+    """Where the job's credentials are kept: the Nomad Variable that, of all workloads, only its own read."""
     return f"nomad/jobs/{job}"
 
 
 def secrets_of(env: dict[str, str], passed: Iterable[str]) -> dict[str, str]:
-    """The credentials among the job's variables (``passed``: the names ``--env-var`` gave), taken out of
-    ``env``."""
+    """The credentials among the job's variables (``passed``: the names ``--env-var`` gave, each a name the
+    job's shell can export), taken out of ``env``."""
+    wrong = [name for name in passed if not VARIABLE_NAME.fullmatch(name)]
+    if wrong:
+        raise StackError(f"--env-var {wrong[0]!r} is not a variable's name", fix="name one: letters, digits and '_'")
     return {name: env.pop(name) for name in [*SECRET_SETTINGS, *passed] if name in env}
 
 
-def keep_secrets(client: NomadClient, job: str, secrets: dict[str, str]) -> None:
-    """Write ``secrets`` to the job's variable; one line naming the rule the token lacks, if refused."""
-    path, namespace = variable_path(job), client.settings.namespace or "default"
-    try:
-        client.put_variable(path, secrets)
-    except Refused:
-        raise StackError(
-            f"your Nomad token may not write the variable {path}, where the deployed flow's credentials are kept",
-            fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write"] }} }}` in namespace '
-            f'"{namespace}" (the dev cluster\'s policy has it)',
-        ) from None
+def keep_secrets(client: NomadClient, job: str, secrets: dict[str, str], kept_before: bool) -> str | None:
+    """Write ``secrets`` to the job's variable, or, with none, remove the one an earlier ``create`` wrote
+    (``kept_before``); the command left for an operator, if the token may not remove it."""
+    path = variable_path(job)
+    if secrets:
+        try:
+            client.put_variable(path, secrets)
+        except Refused:
+            raise StackError(
+                f"your Nomad token may not write the variable {path}, where the deployed flow's credentials are kept",
+                fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write"] }} }}` in '
+                f'namespace "{client.namespace}" (the dev cluster\'s policy has it)',
+            ) from None
+    elif kept_before:
+        try:
+            client.delete_variable(path)
+        except Refused:
+            return f"nomad var purge -namespace {client.namespace} {path}"
+    return None
 
 
 def steps_policy(job: str, namespace: str, reaches: Iterable[str]) -> tuple[str, str]:
     """The ACL policy that lets ``job`` (in ``namespace``) run its steps as Nomad jobs in the namespaces it
-    ``reaches``: its name and HCL rules."""
-    name = re.sub(r"[^A-Za-z0-9-]", "-", f"{job}--{namespace}")[:128]  # (Nomad's policy name characters)
+    ``reaches``: its name (Nomad's policy name characters, and a hash of the job's namespace and ID: jobs
+    whose IDs differ only in characters a policy name cannot hold get a policy each) and HCL rules."""
+    digest = hashlib.sha256(f"{namespace}/{job}".encode()).hexdigest()[:10]
+    name = f"{re.sub(r'[^A-Za-z0-9-]', '-', job)[:100]}-{digest}"
     capabilities = ", ".join(f'"{c}"' for c in STEP_CAPABILITIES)
     blocks = (f'namespace "{each}" {{ capabilities = [{capabilities}] }}' for each in sorted(set(reaches)))
     return name, "\n".join(blocks) + "\n"
 
 
-def grant_steps(client: NomadClient, job: str, namespace: str, reaches: Iterable[str]) -> str | None:
-    """Bind ``steps_policy`` to ``job`` where the agent enforces ACLs; ``None`` once it holds (or there are
-    no ACLs), else the command an operator runs to bind it (writing policies takes a management token)."""
-    if not client.acls_enabled():
+def grant_steps(client: NomadClient, job: str, reaches: list[str], granted_before: bool) -> str | None:
+    """Bind ``steps_policy`` to ``job`` where the agent enforces ACLs, or, with no namespace to reach,
+    remove the one an earlier ``create`` bound (``granted_before``); ``None`` once that holds (or there are
+    no ACLs), else the command an operator runs (policies take a management token)."""
+    if not (reaches or granted_before) or not client.acls_enabled():
         return None
-    name, rules = steps_policy(job, namespace, reaches)
+    name, rules = steps_policy(job, client.namespace, reaches)
     try:
-        client.put_policy(name, rules, f"The Metaflow flow deployed as {job}: its steps' own jobs", (namespace, job))
+        if reaches:
+            description = f"The Metaflow flow deployed as {job}: its steps' own jobs"
+            client.put_policy(name, rules, description, (client.namespace, job))
+        else:
+            client.delete_policy(name)
     except Refused:
+        if not reaches:
+            return f"nomad acl policy delete {name}"
         escaped = rules.replace("\n", " ").strip()
-        return f"echo '{escaped}' | nomad acl policy apply -namespace {namespace} -job {job} {name} -"
+        return f"echo '{escaped}' | nomad acl policy apply -namespace {client.namespace} -job {job} {name} -"
     return None
 
 

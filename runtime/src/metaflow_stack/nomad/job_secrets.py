@@ -9,35 +9,39 @@ identities, and so the variables they may read, for the parent job.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 
-from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Refused, Settings
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.deployment import variable_path
-
-#: What a shell takes as a variable's name: anything else in the variable is refused, not evaluated.
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+from metaflow_stack.nomad.deployment import VARIABLE_NAME, variable_path
 
 
 def exports(items: dict[str, str]) -> str:
-    """``items`` as shell ``export`` lines, each value quoted whole."""
-    wrong = [name for name in items if not NAME.fullmatch(name)]
+    """``items`` as shell ``export`` lines, each value quoted whole; a name a shell would not take as a
+    variable's is refused, not evaluated (``create`` writes none: someone else wrote the variable)."""
+    wrong = [name for name in items if not VARIABLE_NAME.fullmatch(name)]
     if wrong:
-        raise StackError(f"the job's variable holds {wrong[0]!r}, which is not a variable name", fix="deploy again")
+        raise StackError(f"it holds {wrong[0]!r}, which is not a variable's name", fix="deploy again (`nomad create`)")
     return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(items.items()))
 
 
 def main() -> int:
     job = os.environ.get("NOMAD_JOB_PARENT_ID") or os.environ.get("NOMAD_JOB_ID", "")
+    path = variable_path(job)
     try:
         with NomadClient(Settings.from_env()) as client:
-            sys.stdout.write(exports(client.variable(variable_path(job))))
+            sys.stdout.write(exports(client.variable(path)))
+    except NotFound:
+        said = "it is gone (fix: deploy the flow again: `nomad create` writes it)"
+    except Refused:
+        said = "the job's identity may not read it (fix: deploy the flow again with `nomad create`, which gives it one)"
     except StackError as exc:
-        print(f"the job's credentials could not be read: {exc.message} (fix: {exc.fix})", file=sys.stderr)
-        return 1
-    return 0
+        said = f"{exc.message} (fix: the Task API needs Nomad 1.5 or later on the client)"
+    else:
+        return 0
+    print(f"the deployed flow's credentials in the Nomad Variable {path} could not be read: {said}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -101,6 +101,11 @@ class NomadClient:
     def close(self) -> None:
         self._http.close()
 
+    @property
+    def namespace(self) -> str:
+        """The namespace this client's calls are in: the settings', else Nomad's ``default``."""
+        return self.settings.namespace or "default"
+
     def _params(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         params = {k: v for k, v in (("namespace", self.settings.namespace), ("region", self.settings.region)) if v}
         return {**params, **(extra or {})}
@@ -202,12 +207,22 @@ class NomadClient:
             body["JobACL"] = {"Namespace": job[0], "JobID": job[1]}
         self._request("POST", f"/v1/acl/policy/{name}", json=body)
 
+    def delete_policy(self, name: str) -> None:
+        """Remove the ACL policy ``name`` (management token); one already gone is no error."""
+        with contextlib.suppress(NotFound):
+            self._request("DELETE", f"/v1/acl/policy/{name}")
+
     def put_variable(self, path: str, items: dict[str, str]) -> None:
         """Write the Nomad Variable at ``path`` (``variables`` ``write`` on it): a job's own, at
-        ``nomad/jobs/<job>``, is readable by the job's workloads alone, as their identity's implicit policy."""
-        namespace = self.settings.namespace or "default"
-        body = {"Namespace": namespace, "Path": path, "Items": items}
+        ``nomad/jobs/<job>``, its workloads may read by their identity's implicit policy, and no other
+        workload (tokens whose policies grant ``read`` there may)."""
+        body = {"Namespace": self.namespace, "Path": path, "Items": items}
         self._request("PUT", f"/v1/var/{path}", json=body)
+
+    def delete_variable(self, path: str) -> None:
+        """Remove the Nomad Variable at ``path`` (``destroy`` on it); one already gone is no error."""
+        with contextlib.suppress(NotFound):
+            self._request("DELETE", f"/v1/var/{path}")
 
     def variable(self, path: str) -> dict[str, str]:
         """The items of the Nomad Variable at ``path`` (``NotFound`` when there is none)."""
@@ -332,7 +347,7 @@ def _raise_for(response: httpx.Response, method: str, path: str) -> None:
     if not response.is_error:
         return
     said = response.text.strip()[:300]
-    if response.status_code == 403:
+    if response.status_code in (401, 403):  # (401: a Task API request without a token)
         raise Refused(
             f"Nomad refused {method} {path}: {said or 'permission denied'}",
             fix="set NOMAD_TOKEN to an ACL token that may submit jobs and read logs in the namespace (NOMAD_NAMESPACE)",

@@ -238,41 +238,47 @@ def create(
         )
         if image is None:
             env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
-        if launchers:  # (its steps reach Nomad through the job's own agent, not this machine's address)
+        if launchers or secrets:  # (it reaches Nomad through its own agent, not at this machine's address)
             env.pop("METAFLOW_NOMAD_ADDR", None)
-            if any(d.placement.driver == "docker" and d.placement.image is None for d in launchers):
-                stack = placement.image if image is None else stack_image(agent, "@nomad(image=...)")
-                env[deployment.STEP_IMAGE_VARIABLE] = stack
+        if any(d.placement.driver == "docker" and d.placement.image is None for d in launchers):
+            stack = placement.image if image is None else stack_image(agent, "@nomad(image=...)")
+            env[deployment.STEP_IMAGE_VARIABLE] = stack
         meta = {"metaflow.parameters": json.dumps(deployment.parameter_info(obj.flow)), "metaflow.owner": _user()}
         if getattr(current, "project_name", None):  # (as Argo Workflows' annotations name them)
             meta |= {"metaflow.project_name": current.project_name, "metaflow.branch_name": current.branch_name}
-        parameters, identity = (required, optional), bool(launchers or secrets)
-        job = deployment.deployed_job(name, flow, command, env, placement, parameters, schedule, meta, identity)
         with NomadClient(agent) as client:
+            reaches = [d.placement.namespace or client.namespace for d in launchers]
+            if secrets:
+                meta[deployment.VARIABLE_META] = deployment.variable_path(name)
+            if reaches:
+                meta[deployment.POLICY_META] = deployment.steps_policy(name, client.namespace, reaches)[0]
+            parameters, identity = (required, optional), bool(launchers or secrets)
+            job = deployment.deployed_job(name, flow, command, env, placement, parameters, schedule, meta, identity)
             try:
                 existing = client.job(name)
             except NotFound:
                 existing = None
-            if secrets:  # (before the job: its first run reads them)
-                deployment.keep_secrets(client, name, secrets)
+            before = (existing or {}).get("Meta") or {}
+            # (before the job: its first run reads them; an earlier deployment's, when it has none, removed)
+            left = deployment.keep_secrets(client, name, secrets, deployment.VARIABLE_META in before)
             if existing is not None and bool(existing.get("Periodic")) != bool(job.get("Periodic")):
                 client.deregister(name)  # Nomad will not turn a job periodic, or back: the old one goes
                 obj.echo(
                     f"The Nomad job *{name}* was {'periodic' if existing.get('Periodic') else 'dispatched'}: replaced."
                 )
             client.register(job)
-            ungranted = None
-            if launchers:
-                home = agent.namespace or "default"
-                reaches = [d.placement.namespace or home for d in launchers]
-                ungranted = deployment.grant_steps(client, name, home, reaches)
+            ungranted = deployment.grant_steps(client, name, reaches, deployment.POLICY_META in before)
     how = f"on `{schedule[0]}`" if schedule else "each time it is dispatched (`nomad trigger`)"
     obj.echo(f"Flow *{flow}* is deployed as the Nomad job *{name}*: it runs {how}.", bold=True)
-    if ungranted:
+    if ungranted and reaches:
         obj.echo(
             f"Its @nomad steps start jobs as the job's workload, which your token cannot let them do: until an "
             f"operator runs `{ungranted}`, they fail with Nomad's `Permission denied`."
         )
+    elif ungranted:
+        obj.echo(f"It has no @nomad step now; the policy that let its steps start jobs stays until `{ungranted}`.")
+    if left:
+        obj.echo(f"It keeps no credentials now; those an earlier deployment kept stay until `{left}`.")
     if deployer_attribute_file:
         with open(deployer_attribute_file, "w", encoding="utf-8") as out:
             json.dump({"name": name, "flow_name": flow, "metadata": obj.metadata.metadata_str()}, out)
