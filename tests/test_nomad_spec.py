@@ -255,3 +255,30 @@ def test_a_deployed_jobs_name_must_also_name_its_variable() -> None:
         with pytest.raises(StackError) as refused:
             check_name(wrong)
         assert "letters, digits" in refused.value.fix
+
+
+def test_a_deployed_jobs_script_reads_its_credentials_before_it_fetches_its_package() -> None:
+    """Through its own agent's Task API; the install Metaflow's commands skip where the image has what they
+    need is said to the script's shell alone (not exported: a step's job with an image of its own still
+    installs it)."""
+    from metaflow.metaflow_environment import MetaflowEnvironment
+
+    from metaflow_stack.nomad.deployment import job_command
+
+    class Flow:
+        name = "F"
+
+    run = ["python", "-m", "metaflow_stack.nomad.dispatched", "flow.py"]
+    line = job_command(MetaflowEnvironment(Flow()), "s3", ("{}", "s3://b/k"), run, True, True, True)
+    assert line[:2] == ["bash", "-c"]
+    script = line[2]
+    order = [
+        script.index("METAFLOW_SKIP_INSTALL_DEPENDENCIES=1 &&"),
+        script.index("export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"),
+        script.index('secrets=$(python -m metaflow_stack.nomad.job_secrets) && eval "$secrets"'),
+        script.index("if [ -z $METAFLOW_SKIP_INSTALL_DEPENDENCIES ]"),
+        script.index("exec python -m metaflow_stack.nomad.dispatched flow.py"),
+    ]
+    assert order == sorted(order) and "export METAFLOW_SKIP_INSTALL_DEPENDENCIES" not in script
+    plain = job_command(MetaflowEnvironment(Flow()), "s3", ("{}", "s3://b/k"), run, False, False, False)[2]
+    assert "NOMAD_ADDR" not in plain and "job_secrets" not in plain and "SKIP_INSTALL_DEPENDENCIES=1" not in plain

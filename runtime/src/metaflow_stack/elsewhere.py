@@ -32,9 +32,8 @@ MACHINE_FILES = frozenset(
 
 #: Variables that are the stack's own, not Metaflow's settings: nothing elsewhere gets them.
 NOT_SETTINGS = ("METAFLOW_STACK_",)
-#: Variables that name this machine's Metaflow configuration rather than hold it, or say what this machine's
-#: image already has (each launcher says that of what it starts: a step's own image may lack it).
-PROFILE_VARIABLES = frozenset({"METAFLOW_PROFILE", "METAFLOW_HOME", "METAFLOW_SKIP_INSTALL_DEPENDENCIES"})
+#: Variables that name this machine's Metaflow configuration rather than hold it.
+PROFILE_VARIABLES = frozenset({"METAFLOW_PROFILE", "METAFLOW_HOME"})
 
 
 def machine() -> str:

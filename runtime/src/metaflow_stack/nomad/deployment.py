@@ -204,12 +204,20 @@ def grant_steps(client: NomadClient, job: str, reaches: list[str], granted_befor
 
 
 def job_command(
-    environment: Any, datastore: str, package: tuple[str, str], run: list[str], task_api: bool, secrets: bool
+    environment: Any,
+    datastore: str,
+    package: tuple[str, str],
+    run: list[str],
+    task_api: bool,
+    secrets: bool,
+    ready: bool,
 ) -> list[str]:
     """The job's command: fetch and unpack the code package (``package``: its metadata and URL) as
     Metaflow's own jobs do, then ``run`` (the ``dispatched`` module's line) in that folder; given
     ``task_api``, with its agent's Task API as the Nomad address (for its steps, and to read its
-    ``secrets`` first, given them)."""
+    ``secrets`` first, given them). ``ready``: its image has what fetching the package needs, which the
+    script's own shell is told (``METAFLOW_SKIP_INSTALL_DEPENDENCIES``, not exported: a step's job with an
+    image of its own still installs it)."""
     from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
 
     metadata, url = package
@@ -225,7 +233,8 @@ def job_command(
         for c in environment.get_package_commands(url, datastore, metadata)
         if c not in skip and not c.startswith(("export PYTHONPATH=", "export METAFLOW_EXTRACTED_ROOT="))
     ]
-    reach = ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
+    reach = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
+    reach += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
     if secrets:  # (a failure stops the job, naming why, before anything needs them)
         reach.append('secrets=$(python -m metaflow_stack.nomad.job_secrets) && eval \\"$secrets\\"')
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *reach, *commands])

@@ -233,11 +233,16 @@ def create(
         env = {**metaflow_settings(), **{v: os.environ[v] for v in env_var}, "METAFLOW_USER": _user()}
         secrets = deployment.secrets_of(env, env_var)
         package_at = (package.package_metadata, url)
+        ready = image is None  # (the stack's image has what fetching the package needs)
         command = deployment.job_command(
-            obj.environment, datastore.TYPE, package_at, run, task_api=bool(launchers), secrets=bool(secrets)
+            obj.environment,
+            datastore.TYPE,
+            package_at,
+            run,
+            task_api=bool(launchers),
+            secrets=bool(secrets),
+            ready=ready,
         )
-        if image is None:
-            env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
         if launchers or secrets:  # (it reaches Nomad through its own agent, not at this machine's address)
             env.pop("METAFLOW_NOMAD_ADDR", None)
         if any(d.placement.driver == "docker" and d.placement.image is None for d in launchers):
