@@ -232,6 +232,17 @@ def _deploy(
     return name, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _remove_deployments(nomad_agent) -> None:
+    """The tests' deployed jobs purged, with the variables their credentials were kept in."""
+    from metaflow_stack.engines.nomad.client import NomadClient
+
+    with NomadClient(nomad_agent) as client:
+        for job in client.jobs("metaflow-test-"):
+            client.deregister(job["ID"])
+            if not job.get("ParentID"):
+                client.delete_variable(f"nomad/jobs/{job['ID']}")
+
+
 def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
     tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
 ) -> None:
@@ -262,9 +273,7 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
         with NomadClient(nomad_agent) as client:
             assert client.job(name)["ParameterizedJob"]["MetaOptional"] == ["alpha", "greeting-word"]
     finally:
-        with NomadClient(nomad_agent) as client:
-            for job in client.jobs("metaflow-test-"):
-                client.deregister(job["ID"])
+        _remove_deployments(nomad_agent)
         service.stop()
 
 
@@ -303,9 +312,7 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
             _deploy(tmp_path / "again", "deployed_flow.py", [], nomad_agent, bridge_s3, service, name=name)
             assert httpx.get(policy, headers=management).status_code == 404
     finally:
-        with NomadClient(nomad_agent) as client:
-            for job in client.jobs("metaflow-test-"):
-                client.deregister(job["ID"])
+        _remove_deployments(nomad_agent)
         service.stop()
 
 
@@ -318,7 +325,8 @@ def test_a_token_that_cannot_bind_the_steps_policy_or_keep_the_secrets_is_told_h
     with NomadClient(nomad_agent) as client:
         if not client.acls_enabled():
             pytest.skip("the agent has no ACLs (the GitHub job's dev agent): there is no policy to bind")
-        weak = client.create_token("no-policies", [])["SecretID"]
+        client.put_policy("elsewhere", 'namespace "elsewhere" { capabilities = ["list-jobs"] }', "A token's")
+        weak = client.create_token("elsewhere-only", ["elsewhere"])["SecretID"]
     with NomadClient(replace(nomad_agent, token=weak)) as client:
         command = grant_steps(client, "metaflow-some-flow", ["default", "batch"], granted_before=False)
         revoke = grant_steps(client, "metaflow-some-flow", [], granted_before=True)

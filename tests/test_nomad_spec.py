@@ -251,7 +251,7 @@ def test_a_deployed_jobs_name_must_also_name_its_variable() -> None:
     from metaflow_stack.nomad.deployment import check_name, deployment_name
 
     assert check_name(deployment_name("My.Flow_2")) == "metaflow-my-flow-2"
-    for wrong in ("my.flow", "a/b", "", "x" * 101):
+    for wrong in ("my.flow", "a/b", "", "x" * 118):
         with pytest.raises(StackError) as refused:
             check_name(wrong)
         assert "letters, digits" in refused.value.fix
@@ -275,7 +275,7 @@ def test_a_deployed_jobs_script_reads_its_credentials_before_it_fetches_its_pack
     order = [
         script.index("METAFLOW_SKIP_INSTALL_DEPENDENCIES=1 &&"),
         script.index("export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"),
-        script.index('secrets=$(python -m metaflow_stack.nomad.job_secrets) && eval "$secrets"'),
+        script.index('{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || exit 1; } && eval "$secrets"'),
         script.index("if [ -z $METAFLOW_SKIP_INSTALL_DEPENDENCIES ]"),
         script.index("exec python -m metaflow_stack.nomad.dispatched flow.py"),
     ]

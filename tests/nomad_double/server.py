@@ -900,7 +900,10 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     @api.post("/v1/acl/token")
     async def create_token(request: Request):
         body = await request.json()
-        return acl.add_token(body.get("Name", ""), body.get("Type", "client"), body.get("Policies") or [])
+        kind, policies = body.get("Type", "client"), body.get("Policies") or []
+        if kind == "client" and not policies:  # (Nomad's validation of a client token)
+            return PlainTextResponse("client token missing policies or roles", status_code=400)
+        return acl.add_token(body.get("Name", ""), kind, policies)
 
     @api.post("/v1/acl/policy/{name}")
     async def put_policy(name: str, request: Request):

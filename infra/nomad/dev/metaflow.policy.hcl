@@ -9,7 +9,7 @@ namespace "metaflow" {
   capabilities = ["submit-job", "read-job", "list-jobs", "read-logs", "dispatch-job"]
   variables {
     path "nomad/jobs/*" {
-      capabilities = ["write"]
+      capabilities = ["write", "destroy"]
     }
   }
 }

@@ -67,12 +67,13 @@ def deployment_name(flow: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """``name`` where it can name the job, its variable (``nomad/jobs/<job>``: Nomad takes letters, digits,
-    ``-``, ``_`` and ``~`` in a variable's path) and its policy; else one line naming the fix."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
+    """``name`` (a ``--name``: the ones ``deployment_name`` makes always do) where it can name the job and its
+    variable (``nomad/jobs/<job>``: Nomad takes letters, digits, ``-``, ``_`` and ``~``, 128 in all, in a
+    variable's path); else one line naming the fix."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,117}", name):
         raise StackError(
             f"--name {name!r} cannot name a deployed flow's job and the Nomad Variable its credentials are kept in",
-            fix="use up to 100 letters, digits, '-' and '_'",
+            fix="use up to 117 letters, digits, '-' and '_'",
         )
     return name
 
@@ -160,8 +161,8 @@ def keep_secrets(client: NomadClient, job: str, secrets: dict[str, str], kept_be
         except Refused:
             raise StackError(
                 f"your Nomad token may not write the variable {path}, where the deployed flow's credentials are kept",
-                fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write"] }} }}` in '
-                f'namespace "{client.namespace}" (the dev cluster\'s policy has it)',
+                fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", "destroy"] }} }}` '
+                f'in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
             ) from None
     elif kept_before:
         try:
@@ -235,8 +236,8 @@ def job_command(
     ]
     reach = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
     reach += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
-    if secrets:  # (a failure stops the job, naming why, before anything needs them)
-        reach.append('secrets=$(python -m metaflow_stack.nomad.job_secrets) && eval \\"$secrets\\"')
+    if secrets:  # (a failure ends the job, naming why, before anything needs them: the chain has `;`s)
+        reach.append('{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || exit 1; } && eval \\"$secrets\\"')
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *reach, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
     return shlex.split(f'bash -c "{script}"')

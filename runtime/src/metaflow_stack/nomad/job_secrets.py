@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Refused, Settings
+from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Refused, Settings, Unavailable
 from metaflow_stack.errors import StackError
 from metaflow_stack.nomad.deployment import VARIABLE_NAME, variable_path
 
@@ -36,8 +36,13 @@ def main() -> int:
         said = "it is gone (fix: deploy the flow again: `nomad create` writes it)"
     except Refused:
         said = "the job's identity may not read it (fix: deploy the flow again with `nomad create`, which gives it one)"
+    except Unavailable:  # (Nomad opens no socket, and says nothing, where its path is too long)
+        said = (
+            "its agent's Task API does not answer at $NOMAD_SECRETS_DIR/api.sock (fix: Nomad 1.5 or later, "
+            "with a data_dir short enough for a socket's path)"
+        )
     except StackError as exc:
-        said = f"{exc.message} (fix: the Task API needs Nomad 1.5 or later on the client)"
+        said = f"{exc.message} (fix: {exc.fix})"
     else:
         return 0
     print(f"the deployed flow's credentials in the Nomad Variable {path} could not be read: {said}", file=sys.stderr)

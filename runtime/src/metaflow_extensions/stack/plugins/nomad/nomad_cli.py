@@ -208,6 +208,7 @@ def create(
     from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Settings
     from metaflow_stack.engines.nomad.image import stack_image
     from metaflow_stack.engines.nomad.jobspec import Placement
+    from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
 
     flow, datastore = obj.flow.name, obj.flow_datastore
@@ -272,16 +273,23 @@ def create(
                     f"The Nomad job *{name}* was {'periodic' if existing.get('Periodic') else 'dispatched'}: replaced."
                 )
             client.register(job)
-            ungranted = deployment.grant_steps(client, name, reaches, deployment.POLICY_META in before)
+            ungranted, failed = None, None
+            try:
+                ungranted = deployment.grant_steps(client, name, reaches, deployment.POLICY_META in before)
+            except StackError as exc:  # (the job is registered: said so below, with what is left to do)
+                failed = exc.message
     how = f"on `{schedule[0]}`" if schedule else "each time it is dispatched (`nomad trigger`)"
     obj.echo(f"Flow *{flow}* is deployed as the Nomad job *{name}*: it runs {how}.", bold=True)
     if ungranted and reaches:
         obj.echo(
-            f"Its @nomad steps start jobs as the job's workload, which your token cannot let them do: until an "
-            f"operator runs `{ungranted}`, they fail with Nomad's `Permission denied`."
+            f"Its @nomad steps start jobs as the job's workload, which your token cannot let them do: unless an "
+            f"operator has run `{ungranted}`, they fail with Nomad's `Permission denied`."
         )
     elif ungranted:
-        obj.echo(f"It has no @nomad step now; the policy that let its steps start jobs stays until `{ungranted}`.")
+        obj.echo(f"It has no @nomad step now: the policy its steps had, if any, stays until `{ungranted}`.")
+    if failed:
+        done = "bound" if reaches else "removed"
+        obj.echo(f"Its steps' policy was not {done}: {failed} (fix: `nomad create` again).")
     if left:
         obj.echo(f"It keeps no credentials now; those an earlier deployment kept stay until `{left}`.")
     if deployer_attribute_file:
