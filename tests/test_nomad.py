@@ -286,6 +286,7 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
     from service_servers import KEYED, start_service
 
     from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.watch import follow
     from metaflow_stack.nomad.deployment import steps_policy
 
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
@@ -311,6 +312,14 @@ def test_a_deployed_flows_nomad_step_runs_as_a_job_its_job_starts_as_its_workloa
             assert httpx.get(policy, headers=management).status_code == 200
             _deploy(tmp_path / "again", "deployed_flow.py", [], nomad_agent, bridge_s3, service, name=name)
             assert httpx.get(policy, headers=management).status_code == 404
+        with NomadClient(nomad_agent) as client:  # a run whose credentials are gone ends at once, saying so
+            client.delete_variable(f"nomad/jobs/{name}")
+            child, eval_id = client.dispatch(name, {})
+            lines: list[tuple[str, str]] = []
+            ending = follow(client, child, eval_id, lambda kind, line: lines.append((kind, line)))
+        said = [line for kind, line in lines if kind == "stderr"]
+        assert ending.code == 1 and any(f"Nomad Variable nomad/jobs/{name} could not be read" in s for s in said)
+        assert not any("job.tar" in line for line in said), said  # (nothing ran after it)
     finally:
         _remove_deployments(nomad_agent)
         service.stop()

@@ -60,9 +60,9 @@ the GitHub workflow's ``clusters`` job.
   ``Identity`` block gets it in ``NOMAD_TOKEN`` (``Env``; the double models
   no ``File``), and its agent's Task API on ``secrets/api.sock`` (Nomad
   opens it for every task; the double only for these, the ones that can
-  authenticate there). The Task API always requires a token or an
-  identity, ACLs or not (401 without one, 403 for one it does not take);
-  an identity is refused once its allocation is terminal. With ACLs, an identity holds the
+  authenticate there). The Task API always requires a token (401 without
+  one); with ACLs, a token or identity it takes (403 otherwise), an
+  identity refused once its allocation is terminal. With ACLs, an identity holds the
   policies bound to its job (``JobACL`` on ``POST /v1/acl/policy/:name``,
   ``nomad acl policy apply -job``).
 - Variables: ``PUT``, ``GET`` and ``DELETE /v1/var/:path`` (``Items``,
@@ -860,10 +860,10 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     async def check_acl(request: Request, call_next):
         secret = request.headers.get("X-Nomad-Token")
         workload = cluster.workload(secret)
-        if request.scope.get("task_api") and workload is None and (acl is None or secret not in acl.tokens):
-            if not secret:  # (a token or identity, ACLs or not: 401 for none, as Nomad's authMiddleware answers)
-                return PlainTextResponse("Unauthorized", status_code=401)
-            return PlainTextResponse("Permission denied", status_code=403)
+        if request.scope.get("task_api") and not secret:  # (ACLs or not: 401, as Nomad's authMiddleware answers)
+            return PlainTextResponse("Unauthorized", status_code=401)
+        if request.scope.get("task_api") and acl is not None and workload is None and secret not in acl.tokens:
+            return PlainTextResponse("Permission denied", status_code=403)  # (without ACLs, any token will do)
         if acl is not None:
             namespace = request.query_params.get("namespace")
             if not namespace and request.method in ("PUT", "POST") and request.url.path == "/v1/jobs":
