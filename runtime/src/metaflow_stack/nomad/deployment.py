@@ -234,11 +234,11 @@ def job_command(
         for c in environment.get_package_commands(url, datastore, metadata)
         if c not in skip and not c.startswith(("export PYTHONPATH=", "export METAFLOW_EXTRACTED_ROOT="))
     ]
-    reach = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
-    reach += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
+    prelude = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
+    prelude += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
     if secrets:  # (a failure ends the job, naming why, before anything needs them: the chain has `;`s)
-        reach.append('{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || exit 1; } && eval \\"$secrets\\"')
-    init = " && ".join(['mflog() { echo \\"$1\\"; }', *reach, *commands])
+        prelude.append('{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || exit 1; } && eval \\"$secrets\\"')
+    init = " && ".join(['mflog() { echo \\"$1\\"; }', *prelude, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
     return shlex.split(f'bash -c "{script}"')
 

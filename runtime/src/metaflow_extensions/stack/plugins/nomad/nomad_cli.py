@@ -193,8 +193,8 @@ def _top_level_options(obj) -> list[str]:
 @click.option(
     "--env-var",
     multiple=True,
-    help="Pass this variable of yours to the job (credentials the clients lack, say): kept in the job's own Nomad "
-    "Variable, which only the job's runs (and whoever may read it) read.",
+    help="Pass this variable of yours to the job (credentials the clients lack, say): kept out of the job's spec, "
+    "in its own Nomad Variable, which its runs read as they start.",
 )
 @click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
 @click.pass_obj
