@@ -68,12 +68,16 @@ for task in sorted(run["each"], key=lambda t: t.index):
         "origin_run": task.metadata_dict.get("origin-run-id"),
     })
 join = run["join"].task if "join" in run else None
+def joined(name):
+    return getattr(join.data, name) if join is not None and join.successful and name in join else None
 print(json.dumps({
     "id": run.id,
     "successful": run.successful,
+    "tags": sorted(run.tags),
     "tasks": len(list(run["each"])),
-    "squares": join.data.squares if join is not None and join.successful else None,
-    "errors": join.data.errors if join is not None and join.successful else None,
+    "squares": joined("squares"),
+    "errors": joined("errors"),
+    "values": joined("values"),
     "items": items,
 }))
 """
@@ -88,9 +92,10 @@ def run_flow(
     flow: str = "pool_flow.py",
     backend: str = "local",
     s3_root: str | None = None,
+    top: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2,backend=...``; its datastore the
-    local one in ``root``, or S3 at ``s3_root``."""
+    local one in ``root``, or S3 at ``s3_root``; ``top``: the flow's own options (``--branch``...)."""
     shutil.copy(FLOWS / flow, root)
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     environment.update(env or {})
@@ -98,7 +103,7 @@ def run_flow(
     store = (
         ["--datastore", "s3", "--datastore-root", s3_root] if s3_root else ["--datastore-root", str(root / ".metaflow")]
     )
-    line = [sys.executable, flow, *store, command, *pool, *args]
+    line = [sys.executable, flow, *store, *top, command, *pool, *args]
     return subprocess.run(line, cwd=root, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -317,23 +322,12 @@ def test_a_pooled_task_takes_the_flows_own_options(
     Metaflow builds once per process: the pool's tasks take them as plain tasks do."""
     env = backend_env(backend, request, tmp_path)
     options = ("--branch", "ci", "--config-value", "settings", '{"scale": 10}')
-    shutil.copy(FLOWS / "project_pool_flow.py", tmp_path)
-    environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
-    line = [sys.executable, "project_pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow"), *options, "run"]
-    line += ["--with", f"worker_pool:size=2,backend={backend}"]
-    done = subprocess.run(line, cwd=tmp_path, env={**environment, **env}, capture_output=True, text=True, timeout=300)
+    done = run_flow(tmp_path, flow="project_pool_flow.py", backend=backend, env=env, top=options)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    code = (
-        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
-        "namespace(None); run = Flow('ProjectPoolFlow').latest_run; print(json.dumps({'tags': sorted(run.tags), "
-        "'values': run['join'].task.data.values, "
-        "'workers': [t.metadata_dict.get('worker-pool') for t in run['each']]}))"
-    )
-    read = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert read.returncode == 0, read.stderr[-3000:]
-    run = json.loads(read.stdout.strip().splitlines()[-1])
+    run = facts(tmp_path, "ProjectPoolFlow")
+    workers = [item["worker"] for item in run["items"]]
     assert run["values"] == [10, 20, 30] and "project_branch:test.ci" in run["tags"]
-    assert len(run["workers"]) == 3 and all(run["workers"]), run["workers"]
+    assert len(workers) == 3 and all(workers), workers
 
 
 def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
