@@ -521,7 +521,7 @@ def test_a_worker_lost_mid_item_fails_only_that_attempt(
     ("backend", "variable", "words"),
     [
         ("redis", URL_VARIABLE, ["no Redis at redis://:(hidden)@127.0.0.1:", "just up --with redis"]),
-        ("ray", "RAY_ADDRESS", ["could not reach the Ray cluster at RAY_ADDRESS=127.0.0.1:", "ray start --head"]),
+        ("ray", "RAY_ADDRESS", ["no Ray at 127.0.0.1:", "ray start --head"]),
     ],
 )
 def test_a_pool_with_nothing_to_reach_fails_in_one_line(

@@ -5,19 +5,28 @@ A Ray started here waits a fixed 30 seconds for its own node to register
 (Ray's ``Node``: not configurable). On a machine busy enough to miss that,
 a later start nearly always succeeds, so it is started again (the missed
 start's processes stopped), up to ``METAFLOW_STACK_RAY_START_TRIES`` times
-(3), before the failure is reported, in one line naming the fix.
+(3), before the failure is reported, in one line naming the fix. A cluster
+that ``address`` (or ``RAY_ADDRESS``) names is probed first, since Ray itself
+would retry for minutes before it gives up, and one that is not there is said
+in one line too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from typing import Any
 
 from metaflow_stack import settings
 from metaflow_stack.errors import StackError
+from metaflow_stack.ids import is_number
 
 #: What Ray says when its node missed its startup window.
 _NODE_TIMED_OUT = "timed out during startup"
+#: Seconds a cluster's address is given to answer.
+PROBE_TIMEOUT_S = 5.0
+_NO_RAY_FIX = "start Ray there (ray start --head), or unset RAY_ADDRESS for a Ray on this machine"
 
 
 def init(**options: Any) -> None:
@@ -28,12 +37,17 @@ def init(**options: Any) -> None:
     import psutil
     import ray
 
+    address = options.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        _probe(address)
     tries = settings.at_least_one("STACK_RAY_START_TRIES", settings.load().ray_start_tries)
     for tries_left in reversed(range(tries)):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:
             ray.init(**options)
             return
+        except ConnectionError as exc:  # Ray's words for "auto" with no Ray to find
+            raise StackError(f"no Ray at {address}: {str(exc).split('. ')[0]}", fix=_NO_RAY_FIX) from None
         except Exception as exc:  # Ray raises a bare Exception for it
             if _NODE_TIMED_OUT not in str(exc):
                 raise
@@ -46,6 +60,17 @@ def init(**options: Any) -> None:
                     fix="try again when it is less busy, set METAFLOW_STACK_RAY_START_TRIES higher, or start Ray "
                     "(ray start --head) and set RAY_ADDRESS=auto",
                 ) from None
+
+
+def _probe(address: str) -> None:
+    """Refuse an ``address`` (``host:port`` or ``ray://host:port``; ``auto`` is Ray's to find) where nothing
+    answers."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and is_number(port):
+        try:
+            socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as exc:
+            raise StackError(f"no Ray at {address}: {exc}", fix=_NO_RAY_FIX) from None
 
 
 def _stop(processes: list[Any]) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import uuid
@@ -29,7 +28,6 @@ from ray.exceptions import RayActorError
 
 from metaflow_stack import ray_start
 from metaflow_stack.errors import StackError
-from metaflow_stack.ids import is_number
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
@@ -40,8 +38,6 @@ from metaflow_stack.pool.ray_actor import PoolActor
 START_TIMEOUT_S = 100.0
 #: The object store of a Ray this pool starts: it carries only the tasks' output, in small pieces.
 OBJECT_STORE_BYTES = 100 << 20
-#: How long the cluster at ``RAY_ADDRESS`` has to accept a connection.
-PROBE_TIMEOUT_S = 5.0
 #: How long the actors have to stop their fork servers before they are killed.
 STOP_TIMEOUT_S = 15.0
 #: How often a lost actor is asked whether Ray has started it again.
@@ -149,14 +145,6 @@ def discard(actors: list[Any]) -> None:
     ray.shutdown()
 
 
-def _reachable(address: str) -> None:
-    """Whether a cluster answers at ``address`` (``host:port`` or ``ray://host:port``; ``auto`` is Ray's
-    to find): Ray itself would retry for minutes before it gives up."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if host and is_number(port):
-        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
-
-
 async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
     """``args``: the flow's file, the number of actors, the pool's name and each actor's Ray resources
     (JSON: ``num_cpus``, ``num_gpus``, ``memory``)."""
@@ -179,8 +167,6 @@ async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
             "_temp_dir": str(folder / "ray"),
         }
     try:
-        if address:
-            _reachable(address)
         ray_start.init(**options)  # (in the main thread: Ray ties the processes it starts to it)
     except (OSError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a Ray on this machine"

@@ -21,6 +21,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from metaflow_stack import ray_start
 from metaflow_stack.functions import environment, loader
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.errors import FunctionError
@@ -105,7 +106,7 @@ def run_batch(source: Any, input_path: Path, output: Path, options: BatchOptions
         return {"done": 0, "skipped": len(shards)}
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
+        ray_start.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
