@@ -42,16 +42,15 @@ def batch_input(train_task, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
     ray.shutdown()
 
 
+def _batch(reference: Path, data: Path, output: Path) -> list[str]:
+    """``metaflow function batch``'s arguments for ``reference`` over ``data`` into ``output``."""
+    return ["function", "batch", str(reference), "--input", str(data), "--output", str(output)]
+
+
 def test_batch_over_100k_records_equals_the_in_process_results(batch_input, tmp_path: Path) -> None:
     reference, data, expected = batch_input
     result = run_cli(
-        "function",
-        "batch",
-        str(reference),
-        "--input",
-        str(data),
-        "--output",
-        str(tmp_path / "out"),
+        *_batch(reference, data, tmp_path / "out"),
         "--concurrency",
         "2",
         "--num-cpus",
@@ -73,13 +72,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_records(batch_input, t
     output = tmp_path / "out"
     command = [
         str(VENV_BIN / "metaflow"),
-        "function",
-        "batch",
-        str(reference),
-        "--input",
-        str(data),
-        "--output",
-        str(output),
+        *_batch(reference, data, output),
         "--shard-size",
         str(RESUMED // 20),
         "--batch-size",
@@ -116,16 +109,7 @@ def _kill_session(session: int) -> None:
 
 def test_no_ray_where_ray_address_points_is_said_in_one_line(batch_input, tmp_path: Path) -> None:
     reference, data, _ = batch_input
-    result = run_cli(
-        "function",
-        "batch",
-        str(reference),
-        "--input",
-        str(data),
-        "--output",
-        str(tmp_path / "o"),
-        env={"RAY_ADDRESS": "auto"},
-    )
+    result = run_cli(*_batch(reference, data, tmp_path / "o"), env={"RAY_ADDRESS": "auto"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no Ray at auto: Could not find any running Ray instance" in result.stderr
     assert "start Ray there (ray start --head), or unset RAY_ADDRESS" in " ".join(result.stderr.split())
@@ -136,7 +120,7 @@ def test_rerunning_with_another_shard_size_is_refused(batch_input, tmp_path: Pat
     output = tmp_path / "out"
     output.mkdir()
     (output / "_batch.json").write_text(json.dumps({"input": "other", "reference": "", "shard_size": 1, "records": 1}))
-    result = run_cli("function", "batch", str(reference), "--input", str(data), "--output", str(output))
+    result = run_cli(*_batch(reference, data, output))
     assert result.returncode == 1
     assert "holds a batch run of other input" in result.stderr
 
@@ -145,6 +129,6 @@ def test_malformed_input_line_is_named(batch_input, tmp_path: Path) -> None:
     reference, _, _ = batch_input
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"sepal_length": 1}\n{oops\n')
-    result = run_cli("function", "batch", str(reference), "--input", str(bad), "--output", str(tmp_path / "o"))
+    result = run_cli(*_batch(reference, bad, tmp_path / "o"))
     assert result.returncode == 1
     assert f"{bad}:2 is not JSON" in " ".join(result.stderr.split())
