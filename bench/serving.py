@@ -357,12 +357,13 @@ def batch(console: Console, work: Path, reference: Path, model: Path, records: i
     import ray
     from flowers import random_flowers
 
+    from metaflow_stack import ray_start
     from metaflow_stack.serving.batch import BatchOptions, run_batch
 
     flowers = random_flowers(records, seed=3)
     data = work / "flowers.jsonl"
     data.write_text("".join(json.dumps(f) + "\n" for f in flowers))
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray_start.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     class PlainPredict:
