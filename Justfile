@@ -2,6 +2,8 @@
 # .venv (uv, just, the runtime and its dev tools) on first use.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Arguments reach commands as "$@", each one word however it is quoted (`just test -k "a or b"`).
+set positional-arguments
 
 export PATH := justfile_directory() / ".venv/bin" + ":" + justfile_directory() / ".stack/tools/node_modules/.bin" + ":" + env("PATH")
 
@@ -13,7 +15,7 @@ default:
 # `just up --with redis` also starts the Redis of @worker_pool(backend="redis").
 up *args: _venv ui
     metaflow stack doctor
-    metaflow stack up {{args}}
+    metaflow stack up "$@"
 
 # Stop what `up` and `registry` started (running steps and deployed servers of other runs keep running).
 down: _venv
@@ -22,7 +24,7 @@ down: _venv
 # Lint, then run the whole test suite in two workers (tests/conftest.py keeps what shares the machine in one);
 # docker-marked tests run when an engine answers.
 test *args: lint ui vscode code-server devcontainer-cli
-    pytest --numprocesses 2 --junitxml=.stack/test-results/junit.xml {{ args }}
+    pytest --numprocesses 2 --junitxml=.stack/test-results/junit.xml "$@"
 
 # Build the UI's front end into the runtime package (skipped when ui/ has not changed since the last build).
 ui: _venv
@@ -99,7 +101,7 @@ lint: _venv
 
 # Build the catalog's images (all, or the ones named).
 images *names: _venv
-    metaflow stack images build {{ names }}
+    metaflow stack images build "$@"
 
 # Start the local image registry on 127.0.0.1.
 registry port="5000": _venv
@@ -115,7 +117,7 @@ nomad-down: _venv
 
 # The stack on a local kind cluster (`just cluster up`, `just cluster config`, `just cluster down`).
 cluster *args: _venv
-    metaflow stack cluster {{args}}
+    metaflow stack cluster "$@"
 
 # What this machine has for each capability, and how to fix what it lacks.
 doctor: _venv
