@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -29,8 +30,12 @@ FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"
 # Metaflow reads its S3 endpoint when it is first imported: point it at the
 # test S3 server (started on demand by the ``s3_bucket`` fixture) before that.
 # Each process of the suite has its own (an xdist worker inherits its
-# controller's variables, never its server).
-_S3_PORT = free_port()
+# controller's variables, never its server). The port is held (bound, not
+# listening) until the server starts, so that no server the session starts
+# before it is handed the same port (seen: a CreateBucket answered 405).
+_S3_HOLD = socket.socket()
+_S3_HOLD.bind(("127.0.0.1", 0))
+_S3_PORT = _S3_HOLD.getsockname()[1]
 os.environ["METAFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{_S3_PORT}"
 for _name, _value in (
     ("AWS_ACCESS_KEY_ID", "testing"),
@@ -297,12 +302,14 @@ def s3_bucket(state_dir: Path) -> Iterator[str]:
     server = shutil.which("moto_server", path=str(VENV_BIN)) or shutil.which("moto_server")
     need("moto_server", server is not None, "install the dev extra (moto[server])")
     log = (state_dir / "moto.log").open("wb")
+    _S3_HOLD.close()
     process = subprocess.Popen(
         [str(server), "-H", "127.0.0.1", "-p", str(_S3_PORT)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
     )
     endpoint = os.environ["METAFLOW_S3_ENDPOINT_URL"]
     client = boto3.client("s3", endpoint_url=endpoint)
     for _ in range(100):
+        assert process.poll() is None, f"moto_server ended ({process.returncode}): see {log.name}"
         try:
             client.list_buckets()
             break
