@@ -74,7 +74,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 #: machine's, a pool's workers found among every process. Under ``just test``'s two xdist workers they run in
 #: one worker, one after another (``pytest_xdist_make_scheduler``); the rest run beside them.
 MACHINE_MODULES = frozenset(
-    {"test_catalog", "test_cluster", "test_confidential_cvm", "test_confidential_image", "test_demo", "test_deploy"}
+    {"test_catalog", "test_cluster", "test_confidential_cvm", "test_confidential_image", "test_confidential_seccomp"}
+    | {"test_demo", "test_deploy"}
     | {"test_devcontainer"}
     | {"test_devcontainer_backends", "test_devcontainer_config", "test_devcontainer_generate"}
     | {"test_devcontainer_stores", "test_doctor", "test_engine_docker", "test_flow_suite", "test_functions_api"}

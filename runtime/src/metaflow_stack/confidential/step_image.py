@@ -43,7 +43,7 @@ from python_on_whales.exceptions import DockerException
 from rich.console import Console
 
 from metaflow_stack import builders, catalog, images, settings
-from metaflow_stack.confidential import gramine
+from metaflow_stack.confidential import gramine, seccomp
 from metaflow_stack.confidential.inside import EXCHANGE
 from metaflow_stack.confidential.launcher import Settings, Started, enclave_env
 from metaflow_stack.confidential.manifest import TEMPLATE, template_path
@@ -265,13 +265,15 @@ def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str],
     if mode == "sgx" and os.path.isdir(AESM_SOCKET):
         mounts.append(Mount(AESM_SOCKET, AESM_SOCKET, read_only=False))
     command = gramine.command(gramine.Prepared(Path(ENCLAVE), image.stem, image.mr_enclave), mode, here=False)
+    # gramine-direct's first call is one Docker's default profile refuses (seccomp.py says which, and why).
+    profile = str(seccomp.written(image.exchanges.parent)) if mode == "direct" else None
 
     def start(exchange: str) -> Started:
         spec = JobSpec(
             image=image.reference, command=command, env={EXCHANGE: exchange}, workdir=ENCLAVE, user=host_user(),
             name=f"confidential-{exchange}",
             mounts=[*mounts, Mount(str(image.exchanges / exchange), f"{EXCHANGES}/{exchange}", read_only=False)],
-            owner="confidential", devices=devices, groups=groups,
+            owner="confidential", devices=devices, groups=groups, seccomp=profile,
             labels={LABEL: exchange, OWNER: Launcher.this().label},
         )  # fmt: skip
         return _Container(spec)

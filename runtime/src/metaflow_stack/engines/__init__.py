@@ -54,6 +54,8 @@ class JobSpec:
     #: Secure by default: no Linux capabilities and no privilege escalation.
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True
+    #: A seccomp profile (a JSON file) in place of the engine's default, for a job that needs a call it refuses.
+    seccomp: str | None = None
     #: A read-only root file system (``tmpfs`` paths stay writable), and a cap on processes.
     read_only: bool = False
     tmpfs: tuple[str, ...] = ()

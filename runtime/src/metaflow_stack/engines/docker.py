@@ -150,6 +150,12 @@ class DockerJob:
         return None if state.running or state.status == "created" else int(state.exit_code)
 
 
+def _security_options(spec: JobSpec) -> list[str]:
+    """Docker's ``--security-opt`` values for ``spec``."""
+    options = ["no-new-privileges"] if spec.no_new_privileges else []
+    return options + ([f"seccomp={spec.seccomp}"] if spec.seccomp else [])
+
+
 class DockerEngine:
     """Runs ``JobSpec``s as containers."""
 
@@ -184,7 +190,7 @@ class DockerEngine:
                 networks=[spec.network] if spec.network else [],
                 publish=[(f"127.0.0.1:{host}", container) for container, host in spec.ports.items()],
                 cap_drop=list(spec.cap_drop),
-                security_options=["no-new-privileges"] if spec.no_new_privileges else [],
+                security_options=_security_options(spec),
                 read_only=spec.read_only,
                 tmpfs=list(spec.tmpfs),
                 pids_limit=spec.pids_limit,
