@@ -178,6 +178,7 @@ def build(
             os.replace(partial, ready)
         found = json.loads(ready.read_text())
         (kept / "exchanges").mkdir(exist_ok=True)
+        seccomp.write(kept)
     return StepImage(reference, found["stem"], found["mr_enclave"], kept / "exchanges")
 
 
@@ -266,7 +267,7 @@ def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str],
         mounts.append(Mount(AESM_SOCKET, AESM_SOCKET, read_only=False))
     command = gramine.command(gramine.Prepared(Path(ENCLAVE), image.stem, image.mr_enclave), mode, here=False)
     # gramine-direct's first call is one Docker's default profile refuses (seccomp.py says which, and why).
-    profile = str(seccomp.written(image.exchanges.parent)) if mode == "direct" else None
+    profile = str(image.exchanges.parent / seccomp.FILE) if mode == "direct" else None
 
     def start(exchange: str) -> Started:
         spec = JobSpec(
