@@ -59,7 +59,8 @@ def test_the_manifest_fixes_the_tasks_command_environment_and_code(tmp_path: Pat
     env = manifest["loader"]["env"]
     assert env.pop("METAFLOW_STACK_CONFIDENTIAL_TASK") == {"passthrough": True}  # the one the host chooses
     assert {k: v for k, v in env.items() if k != "LD_LIBRARY_PATH"} == inputs.env
-    assert manifest["loader"]["env"]["LD_LIBRARY_PATH"] == ":".join(["/lib", *inputs.library_dirs])
+    libpython_dirs = [str(Path(library).parent) for library in inputs.interpreter_libraries]
+    assert manifest["loader"]["env"]["LD_LIBRARY_PATH"] == ":".join(["/lib", *libpython_dirs, *inputs.library_dirs])
     assert inputs.library_dirs == ["/lib/x86_64-linux-gnu"] or len(set(map(os.path.realpath, inputs.library_dirs))) == 2
     assert (manifest["sgx"]["enclave_size"], manifest["sgx"]["max_threads"]) == ("2G", 16)
     assert manifest["sgx"]["remote_attestation"] == "dcap" and manifest["sgx"]["debug"] is False
@@ -69,7 +70,10 @@ def test_the_manifest_fixes_the_tasks_command_environment_and_code(tmp_path: Pat
     assert len(hashed) == 2 and f"file:{PYTHON}" in manifest["sgx"]["trusted_files"]
     assert manifest["sgx"]["allowed_files"] == [f"file:{inputs.evidence}/", f"file:{inputs.datastore}/"]
     mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
-    assert mounts["/tmp"]["type"] == "tmpfs" and mounts[inputs.workdir]["uri"] == f"file:{inputs.workdir}"
+    assert mounts[inputs.workdir]["uri"] == f"file:{inputs.workdir}"
+    assert manifest["fs"]["mounts"][0] == {"type": "tmpfs", "path": "/tmp"}  # first: a later one hides those below
+    for library in inputs.interpreter_libraries:  # an interpreter built --enable-shared (this one is) needs it
+        assert mounts[library]["uri"] == f"file:{library}" and f"file:{library}" in manifest["sgx"]["trusted_files"]
 
 
 @pytest.mark.parametrize(

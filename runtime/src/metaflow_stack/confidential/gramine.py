@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,11 @@ def tool(name: str) -> str:
 
 
 def runtimedir() -> str:
-    """Gramine's glibc runtime folder, as its own ``gramine-manifest`` renders ``gramine.runtimedir()``."""
-    done = _run([tool("gramine-manifest"), "--no-check", "-c", "{{ gramine.runtimedir() }}"], "gramine-manifest")
-    return done.strip()
+    """Gramine's glibc runtime folder, as its own ``gramine-manifest`` renders ``gramine.runtimedir()`` (into a
+    manifest: the tool parses what it renders as TOML, and prints it back as TOML)."""
+    template = 'runtimedir = "{{ gramine.runtimedir() }}"'
+    rendered = _run([tool("gramine-manifest"), "--no-check", "-c", template], "gramine-manifest")
+    return tomllib.loads(rendered)["runtimedir"]
 
 
 def signing_key(state_dir: Path) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class ManifestInputs(BaseModel):
     runtimedir: str
     #: The system's library folders (``library_dirs``): mounted, trusted, on ``LD_LIBRARY_PATH``.
     library_dirs: list[str] = Field(default_factory=lambda: library_dirs())
+    #: The interpreter's own shared library, if it has one (``interpreter_libraries``): mounted, trusted, its
+    #: folder on ``LD_LIBRARY_PATH``.
+    interpreter_libraries: list[str] = Field(default_factory=lambda: interpreter_libraries())
     sys_path: list[str]
     trusted_dirs: list[str]
     code: list[CodeFile]
@@ -70,6 +74,16 @@ def library_dirs(arch_libdir: str = "/lib/x86_64-linux-gnu") -> list[str]:
         if Path(folder).is_dir() and all(Path(folder).resolve() != Path(f).resolve() for f in found):
             found.append(folder)
     return found
+
+
+def interpreter_libraries() -> list[str]:
+    """``libpython3.x.so`` of an interpreter built with ``--enable-shared`` (the official Python images',
+    setup-python's): an enclave sees only the files it is given, and such an interpreter does not start
+    without it. The file alone, not its folder, which holds the whole standard library too."""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return []
+    library = Path(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+    return [str(library)] if library.is_file() else []
 
 
 #: The template's file name, in the project's ``gramine/`` and in a step image's enclave folder.
@@ -92,6 +106,7 @@ def render(inputs: ManifestInputs, template: Path | None = None) -> str:
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     environment.filters["toml"] = _toml
     environment.filters["add_slash"] = lambda path: f"{path}/"
+    environment.filters["parent"] = lambda path: str(Path(path).parent)
     source = (template or template_path()).read_text()
     for name in inputs.env:
         if not _ENV_NAME.match(name):
