@@ -139,6 +139,8 @@ def test_the_profile_reaches_the_stack_and_keeps_its_secrets_private(tmp_path: P
     assert settings["METAFLOW_KUBERNETES_SECRETS"] == "metaflow-task"
     assert settings["METAFLOW_ARGO_WORKFLOWS_ENV_VARS_TO_SKIP"] == "METAFLOW_SERVICE_HEADERS"
     assert settings["METAFLOW_KUBERNETES_CONTAINER_IMAGE"] == TASK_IMAGE
+    sizes = [settings[f"METAFLOW_KUBERNETES_{part}"] for part in ("CPU", "MEMORY", "DISK")]
+    assert sizes == ["0.25", "512", "2048"]  # a dev node's share, not Metaflow's 1 CPU, 4 GB, 10 GB
     aws = configparser.ConfigParser()
     aws.read(exports["AWS_CONFIG_FILE"])
     assert aws["default"]["aws_secret_access_key"] == "secret"
@@ -165,6 +167,18 @@ def test_cluster_commands_name_what_is_missing_or_wrong() -> None:
     assert "error: no dev stack is up on this machine" in result.stderr
 
 
+#: What conftest sets for the session's S3 server.
+SESSION_S3 = frozenset(
+    {
+        "METAFLOW_S3_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+    }
+)
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(2300)
@@ -173,7 +187,10 @@ def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker
     need("kind-stack", os.environ.get("STACK_TEST_KIND_STACK") == "1", "set STACK_TEST_KIND_STACK=1 to run it")
     need("kind", shutil.which("kind") is not None, "kind is not installed")
     need("pulumi", shutil.which("pulumi") is not None, "the Pulumi CLI is not installed")
-    env = {**os.environ, "METAFLOW_HOME": str(tmp_path / "home"), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    # Not the session's own S3 (conftest's moto endpoint and credentials): Metaflow would hand its endpoint to
+    # every pod, and boto would sign with its credentials before the stack's.
+    env = {name: value for name, value in os.environ.items() if name not in SESSION_S3}
+    env |= {"METAFLOW_HOME": str(tmp_path / "home"), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     command = [str(VENV_BIN / "metaflow"), "stack", "cluster", "up"]
     up = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
     assert up.returncode == 0, (up.stdout + up.stderr)[-6000:]

@@ -85,7 +85,8 @@ def _check_published(name: str) -> None:
 
 
 def load(images: list[str], name: str = CLUSTER) -> None:
-    """Copy local images into the cluster's node (pods then run them with ``imagePullPolicy: Never``)."""
+    """Copy local images into the cluster's node (pods of their content-derived tags then run them with
+    ``imagePullPolicy: IfNotPresent``: nothing is pulled)."""
     for image in images:
         _run(["load", "docker-image", image, "--name", name], f"loading {image} into {name}")
 

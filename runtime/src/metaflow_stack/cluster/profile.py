@@ -46,6 +46,12 @@ def settings(outputs: dict[str, Any], auth_key: str) -> dict[str, Any]:
         "METAFLOW_KUBERNETES_SERVICE_ACCOUNT": outputs["service_account"],
         # Tasks run in the stack's base image (Metaflow, the runtime, boto3), loaded into the cluster.
         "METAFLOW_KUBERNETES_CONTAINER_IMAGE": outputs["task_image"],
+        # What a task asks of the one kind node when its step names no size (Metaflow's own defaults, 1 CPU,
+        # 4 GB and 10 GB of disk, would leave room for one or two tasks beside the stack); requests, not
+        # limits (Metaflow's Burstable QoS), so a step that needs more still gets what the node has free.
+        "METAFLOW_KUBERNETES_CPU": "0.25",
+        "METAFLOW_KUBERNETES_MEMORY": "512",
+        "METAFLOW_KUBERNETES_DISK": "2048",
         "METAFLOW_UI_URL": outputs["ui_url"],
     }
 
