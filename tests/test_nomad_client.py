@@ -23,20 +23,22 @@ pytestmark = [pytest.mark.docker]
 
 
 def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad_agent: Settings, base_image: str) -> None:
-    script = 'echo "$GREETING out"; echo err >&2; sleep 1; printf "partial"; exit 3'
+    """(A last line without its newline is checked on raw_exec, whose logs are the bytes written: Nomad's docker
+    log collector follows Docker's stream, which drops such a line, moby#43860.)"""
+    script = 'echo "$GREETING out"; echo err >&2; sleep 2; exit 3'
     ending, lines = run_job(nomad_agent, Placement(image=base_image, cpu=0.5, memory=256), script)
     assert ending.code == 3 and ending.status == "failed"
-    assert [line for kind, line in lines if kind == "stdout"] == ["hello out", "partial"]
+    assert [line for kind, line in lines if kind == "stdout"] == ["hello out"]
     assert [line for kind, line in lines if kind == "stderr"] == ["err"]
 
 
 def test_raw_exec_runs_the_command_as_a_process_in_its_task_folder(nomad_agent: Settings) -> None:
     script = 'echo "$GREETING from $PWD"; test "$PWD" = "$(dirname "$NOMAD_TASK_DIR")" && echo "in the task folder"'
-    script += "; exit 4"
+    script += '; printf "partial"; exit 4'
     ending, lines = run_job(nomad_agent, Placement(driver="raw_exec", cpu=0.5, memory=64), script)
     assert ending.code == 4 and ending.status == "failed"
     out = [line for kind, line in lines if kind == "stdout"]
-    assert out[0].startswith("hello from /") and out[1:] == ["in the task folder"]
+    assert out[0].startswith("hello from /") and out[1:] == ["in the task folder", "partial"]  # the last, unended
 
 
 def test_nomad_reads_a_tasks_arguments_as_templates_so_the_job_escapes_them(nomad_agent: Settings) -> None:
@@ -224,7 +226,7 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
 #: Run in a task: list the task's own job and read its job's variable through its agent's Task API, with its
 #: workload identity and with no token, printing how each went.
 TASK_API = """
-import os
+import os, time
 from metaflow_stack.engines.nomad.client import NomadClient, Settings
 from metaflow_stack.errors import StackError
 socket, job = "unix://" + os.environ["NOMAD_SECRETS_DIR"] + "/api.sock", os.environ["NOMAD_JOB_ID"]
@@ -236,7 +238,8 @@ for who, token in (("identity", os.environ.get("NOMAD_TOKEN")), ("anonymous", No
                 said = "read" if ask() else "none"
             except StackError as exc:
                 said = type(exc).__name__
-            print(who, what, said)
+            print(who, what, said, flush=True)
+time.sleep(2)  # (Nomad's docker log collector stops when the container does: the last lines need a moment)
 """
 
 

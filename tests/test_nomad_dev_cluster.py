@@ -63,7 +63,9 @@ def test_setup_hands_flows_a_token_for_their_namespace_alone(fresh_agent: str, t
 def test_a_job_runs_with_the_flows_token(fresh_agent: str, tmp_path: Path, base_image: str) -> None:
     cluster = configure(fresh_agent, tmp_path)
     flows = Settings(address=fresh_agent, token=cluster.token_file.read_text(), namespace=NAMESPACE)
-    ending, lines = run_job(flows, Placement(image=base_image, memory=64, namespace=NAMESPACE), "echo placed")
+    ending, lines = run_job(
+        flows, Placement(image=base_image, memory=64, namespace=NAMESPACE), "echo placed; sleep 2"
+    )  # (see test_nomad_client)
     assert ending.code == 0 and ("stdout", "placed") in lines
 
 
@@ -101,7 +103,9 @@ def test_nomad_up_starts_a_real_agent_that_runs_a_job_with_the_flows_token(tmp_p
     try:
         cluster = local.start()
         flows = Settings(address=cluster.address, token=cluster.token_file.read_text(), namespace=NAMESPACE)
-        ending, lines = run_job(flows, Placement(image=base_image, memory=64, namespace=NAMESPACE), "echo placed")
+        ending, lines = run_job(
+            flows, Placement(image=base_image, memory=64, namespace=NAMESPACE), "echo placed; sleep 2"
+        )  # (see test_nomad_client)
         assert ending.code == 0 and ("stdout", "placed") in lines
     finally:
         assert local.stop()

@@ -275,7 +275,7 @@ def test_a_deployed_jobs_script_reads_its_credentials_before_it_fetches_its_pack
     order = [
         script.index("METAFLOW_SKIP_INSTALL_DEPENDENCIES=1 &&"),
         script.index("export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"),
-        script.index('{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || exit 1; } && eval "$secrets"'),
+        script.index("{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || { sleep 2; exit 1; }; }"),
         script.index("if [ -z $METAFLOW_SKIP_INSTALL_DEPENDENCIES ]"),
         script.index("exec python -m metaflow_stack.nomad.dispatched flow.py"),
     ]

@@ -236,8 +236,12 @@ def job_command(
     ]
     prelude = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
     prelude += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
-    if secrets:  # (a failure ends the job, naming why, before anything needs them: the chain has `;`s)
-        prelude.append('{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || exit 1; } && eval \\"$secrets\\"')
+    # (A failure ends the job, naming why, before anything needs them: the chain has `;`s. It waits 2 s first:
+    # Nomad's docker log collector stops with the container and would miss the why.)
+    if secrets:
+        prelude.append(
+            '{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || { sleep 2; exit 1; }; } && eval \\"$secrets\\"'
+        )
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *prelude, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
     return shlex.split(f'bash -c "{script}"')
