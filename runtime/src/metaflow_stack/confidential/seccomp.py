@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from metaflow_stack.deploy import write_atomically
 
 #: Docker's documented list, ``personality`` left out (names an architecture lacks are skipped by runc), and more.
 REFUSED = (
@@ -100,11 +100,4 @@ def write(folder: Path) -> Path:
     path, text = folder / FILE, json.dumps(profile(), indent=1)
     if path.is_file() and path.read_text() == text:
         return path
-    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{FILE}.", delete=False) as out:
-        partial = Path(out.name)
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, text)
