@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import psutil
 import pytest
 import redis
 import redis.asyncio
-from conftest import VENV_BIN, need, need_kind_cluster
+from conftest import PROJECT, VENV_BIN, need, need_kind_cluster
 from devservers import free_port, redis_server
 from nomad_jobs import jobs_left
 
@@ -793,22 +794,130 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
     assert not pool_keys(redis_url)
 
 
-def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path) -> None:
-    """What @pypi or @conda do to a task's command (another interpreter) reaches the pool through the
-    trampoline, which runs under that interpreter; the pool refuses it rather than run it in its own."""
-    other = Path("/usr/bin/python3")
-    if not other.exists() or other.resolve() == Path(sys.executable).resolve():
-        pytest.skip("needs a second Python interpreter at /usr/bin/python3")
+@pytest.fixture(scope="module")
+def step_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second interpreter, as a step's own ``@pypi`` environment is one: a virtual environment holding only
+    what Metaflow puts in every such environment (``requests``), neither Metaflow nor this runtime."""
+    from uv import find_uv_bin
+
+    env = tmp_path_factory.mktemp("step-environment") / "venv"
+    uv = find_uv_bin()
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(env)], check=True)
+    lock = PROJECT / "runtime" / "requirements.lock"
+    python = env / "bin" / "python"
+    subprocess.run(
+        [uv, "pip", "install", "--quiet", "--python", str(python), "-c", str(lock), "requests"], check=True, timeout=600
+    )
+    return python
+
+
+def test_a_pool_for_a_step_environment_runs_its_tasks_in_that_interpreter(tmp_path: Path, step_python: Path) -> None:
+    """``@worker_pool`` over a step with its own environment (``@pypi``, ``@conda``) starts its fork server in
+    that environment's interpreter, importing Metaflow from the run's code package (``Interpreter``); a task
+    handed to it runs there as Metaflow's own task in that environment would. Metaflow solves ``@pypi`` with
+    micromamba, which these machines lack: the GitHub ``pypi-environments`` job runs the decorated flow
+    (``test_a_pooled_pypi_step_runs_in_its_environment``); here an item's second attempt is handed over by
+    hand, as the runtime would hand it."""
+    from metaflow.package import MetaflowPackage
+
+    from metaflow_stack.pool.local import Interpreter
+
+    done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    item = where_items_ran(tmp_path)[1]
+    run_id = item["run"]
+    assert item["attempt"] == 0 and item["python"] == sys.executable
+    package = tmp_path / "package.tgz"
+    flow = [sys.executable, "environment_pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow")]
+    saved = subprocess.run([*flow, "package", "save", str(package)], cwd=tmp_path, capture_output=True, text=True)
+    assert saved.returncode == 0, saved.stderr
+    said = saved.stdout + saved.stderr  # (Metaflow says where it saved it, and with what metadata)
+    code = tmp_path / "code"
+    with tarfile.open(package) as archive:
+        archive.extractall(code, filter="data")
+    own = MetaflowPackage.get_post_extract_env_vars(said[said.index("{") : said.rindex("}") + 1], str(code))
+    interpreter = Interpreter(str(step_python), {**own, "PYTHONNOUSERSITE": "1"})
+    task_env = {**os.environ, **interpreter.env, "METAFLOW_DEFAULT_METADATA": "local"}
+
+    pool = LocalPool(str(tmp_path / "environment_pool_flow.py"), 1, "each@test", interpreter=interpreter)
+    pool.start()
+    try:
+        for python in (Path(sys.executable), step_python):  # the runtime's own interpreter first: not the pool's
+            step = [*flow[1:], "step", "each", "--run-id", run_id, "--task-id", item["id"], "--split-index", "1"]
+            step += ["--input-paths", f"{run_id}/start/1", "--retry-count", "1", "--max-user-code-retries", "1"]
+            line = pool.command([str(python), *step])
+            ran = subprocess.run(line, cwd=tmp_path, env=task_env, capture_output=True, text=True, timeout=300)
+            if python == step_python:
+                assert ran.returncode == 0, ran.stderr[-3000:]
+            else:
+                assert ran.returncode == 1
+                assert f"the pool runs {step_python} and this task asks for {sys.executable}" in ran.stderr
+                assert "Traceback" not in ran.stderr
+    finally:
+        pool.stop()
+    retried = where_items_ran(tmp_path)[1]
+    assert retried["successful"] and retried["attempt"] == 1 and retried["worker"] == "each@test/0"
+    assert retried["python"] == str(step_python)
+    assert Path(retried["metaflow"]).is_relative_to(code), retried  # the code package's Metaflow, not the runtime's
+    assert retried["package"] is None  # (a plain step here: the virtual environment has no tabulate)
+
+
+def test_a_pooled_pypi_step_runs_in_its_environment(tmp_path: Path) -> None:
+    """``@worker_pool`` over ``@pypi``: every item runs in the step's environment as Metaflow made it (its
+    interpreter and packages, Metaflow's ``conda_env_prefix``), in the pool's warm workers, and imports
+    Metaflow from the run's code package, not the runtime's installation."""
+    import metaflow
+
+    need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
+    env = {"ENVIRONMENT_POOL_FLOW_PYPI": "1"}
+    done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=("--environment", "pypi"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    items = where_items_ran(tmp_path)
+    assert len(items) == 3
+    runtime_metaflow = Path(metaflow.__file__).parents[1]
+    for item in items:
+        assert item["successful"] and item["package"] == "0.9.0" and item["worker"], item
+        assert item["prefix"] and item["prefix"] in item["python"] and item["python"] != sys.executable, item
+        assert not Path(item["metaflow"]).is_relative_to(runtime_metaflow), item
+    assert len({item["python"] for item in items}) == 1
+
+
+#: Where each item of ``EnvironmentPoolFlow``'s latest run ran, read through the Client API.
+WHERE = """
+import json, sys
+from metaflow import Flow, metadata, namespace
+metadata("local@" + sys.argv[1])
+namespace(None)
+run = Flow("EnvironmentPoolFlow").latest_run
+print(json.dumps([
+    {"run": run.id, "id": task.id, "successful": task.successful, "attempt": task.current_attempt,
+     "python": task.data.python, "metaflow": task.data.metaflow_from, "package": task.data.package,
+     "worker": task.metadata_dict.get("worker-pool"), "prefix": task.metadata_dict.get("conda_env_prefix")}
+    for task in sorted(run["each"], key=lambda task: task.index)
+]))
+"""
+
+
+def where_items_ran(root: Path) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", WHERE, str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path, step_python: Path) -> None:
+    """A task whose decorators chose another interpreter than the pool's reaches the pool through the
+    trampoline, which runs under that interpreter; the pool refuses it rather than run it in its own. A
+    virtual environment counts as another interpreter, though it links the same binary."""
     flow = tmp_path / "tiny_flow.py"
     flow.write_text("VALUE = 1\n")
     pool = LocalPool(str(flow), 1, "test")
     pool.start()
     try:
-        done = subprocess.run(pool.command([str(other), str(flow), "step", "x"]), capture_output=True, text=True)
+        done = subprocess.run(pool.command([str(step_python), str(flow), "step", "x"]), capture_output=True, text=True)
     finally:
         pool.stop()
     assert done.returncode == 1
-    assert f"the pool runs {sys.executable} and this task asks for {other}" in done.stderr, done.stderr
+    assert f"the pool runs {sys.executable} and this task asks for {step_python}" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -856,11 +965,16 @@ def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join:
     _fails_at_start(tmp_path, each, join, words)
 
 
-@pytest.mark.parametrize("each", ["@pypi(packages={})\n    @worker_pool", "@worker_pool"], ids=["pypi", "environment"])
-def test_a_step_environment_fails_at_start_in_one_line(tmp_path: Path, each: str) -> None:
-    """Under ``--environment pypi`` Metaflow makes every step an environment of its own for each task (with or
-    without ``@pypi``), which a pool's workers would not run in."""
-    _fails_at_start(tmp_path, each, "", "not the pypi environment Metaflow builds", "--environment", "pypi")
+@pytest.mark.parametrize(
+    "each",
+    ['@pypi(packages={})\n    @worker_pool(backend="redis")', '@worker_pool(backend="ray")'],
+    ids=["pypi", "environment"],
+)
+def test_a_step_environment_off_this_machine_fails_at_start_in_one_line(tmp_path: Path, each: str) -> None:
+    """Under ``--environment pypi`` Metaflow makes every step an environment of its own on this machine (with
+    or without ``@pypi``): a pool runs it only on the local backend, whose workers are here."""
+    words = "where only the local backend's workers run"
+    _fails_at_start(tmp_path, each, "", words, "--environment", "pypi")
 
 
 def _fails_at_start(tmp_path: Path, each: str, join: str, words: str, *top: str) -> None:

@@ -10,6 +10,7 @@ from metaflow_stack.pool.counts import Counts
 if TYPE_CHECKING:
     from metaflow_stack.engines.nomad.jobspec import Placement as NomadPlacement
     from metaflow_stack.pool.contained import Launcher
+    from metaflow_stack.pool.local import Interpreter
 
 
 class Pool(Protocol):
@@ -50,6 +51,7 @@ def open_pool(
     values: dict[str, Any] | None = None,
     contained: Launcher | None = None,
     placement: NomadPlacement | None = None,
+    interpreter: Interpreter | None = None,
 ) -> Pool:
     """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis``, ``kubernetes`` and
     ``nomad``, where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
@@ -59,7 +61,7 @@ def open_pool(
     tolerations: ``@kubernetes``'s); for ``nomad``: ``image`` and ``placement``, where and with what the
     workers run (``@nomad``'s; default: ``resources``); for ``local``, ``contained``: how to start the
     container the fork server runs in (``@devcontainer``'s), ``flow_file`` then the flow as the container
-    sees it."""
+    sees it, or ``interpreter``: the step's own environment's, which the fork server then runs."""
     name = f"{step}@{os.uname().nodename}"
     resources = resources or {}
     if backend == "local" and contained is not None:
@@ -69,7 +71,7 @@ def open_pool(
     if backend == "local":
         from metaflow_stack.pool.local import LocalPool
 
-        return LocalPool(flow_file, size, name)
+        return LocalPool(flow_file, size, name, interpreter=interpreter)
     if backend == "ray":
         from metaflow_stack.pool.ray_pool import RayPool
 

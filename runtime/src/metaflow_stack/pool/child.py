@@ -90,14 +90,22 @@ def on_this_machine(
     return Task(sys.executable, argv, env, cwd)
 
 
+def same_interpreter(one: str, other: str) -> bool:
+    """Whether two interpreter paths run the same Python with the same packages: the same binary, started
+    from the same folder (every virtual environment links the one binary it was made from; its folder,
+    where ``pyvenv.cfg`` is found, decides what it imports)."""
+    folder = os.path.dirname(os.path.abspath(one)) == os.path.dirname(os.path.abspath(other))
+    return folder and os.path.realpath(one) == os.path.realpath(other)
+
+
 def other_interpreter(task: Task) -> str | None:
     """Why the pool cannot run ``task`` (it asks for another interpreter than the pool's: an environment
     decorator's), or None."""
-    if os.path.realpath(task.python) == os.path.realpath(sys.executable):
+    if same_interpreter(task.python, sys.executable):
         return None
     return (
         f"@worker_pool: the pool runs {sys.executable} and this task asks for {task.python} "
-        "(@pypi or @conda): remove @worker_pool from this step, or the environment decorator"
+        "(another decorator chose it): remove @worker_pool from this step, or that decorator"
     )
 
 

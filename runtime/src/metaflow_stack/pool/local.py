@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -25,18 +26,34 @@ class Server(Protocol):
     def stop(self) -> None: ...
 
 
-class LocalPool:
-    """``size`` tasks at once in children of one warm process, which lives as long as the run's runtime."""
+@dataclass(frozen=True)
+class Interpreter:
+    """The Python a step's tasks run under when it is not the runtime's (the step's own ``@pypi`` or
+    ``@conda`` environment), and what it needs to import Metaflow, this runtime and the flow's code there
+    (``env``: the run's code package on its ``PYTHONPATH``, as Metaflow's own tasks in that environment)."""
 
-    def __init__(self, flow_file: str, size: int, name: str, parent: str | None = None) -> None:
+    python: str
+    env: dict[str, str]
+
+
+class LocalPool:
+    """``size`` tasks at once in children of one warm process, which lives as long as the run's runtime;
+    the process runs ``interpreter`` where the step's tasks ask for one of their own."""
+
+    def __init__(
+        self, flow_file: str, size: int, name: str, parent: str | None = None, interpreter: Interpreter | None = None
+    ) -> None:
         self.flow_file, self.size, self.name, self.parent = flow_file, size, name, parent
+        self.interpreter = interpreter
         self.server: Server | None = None
         self.folder: PoolFolder | None = None
 
     def start(self) -> None:
         self.folder = PoolFolder(self.parent)
         args = [str(self.folder.address), self.flow_file, str(self.size), self.name]
-        self.server = PoolProcess(SERVER, args, self.folder.path / "pool.log")
+        own = self.interpreter
+        log = self.folder.path / "pool.log"
+        self.server = PoolProcess(SERVER, args, log, own and own.env, own and own.python)
 
     def alive(self) -> bool:
         return self.server is not None and self.server.alive()

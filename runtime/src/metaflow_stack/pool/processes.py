@@ -32,13 +32,15 @@ PF_EXITING = 0x4
 class PoolProcess:
     """One of a pool's processes: ``python -u -c CODE ARGS...`` (``-c``: ``__main__`` is a bare module, as
     in ``python flow.py``), with ``env`` added to the runtime's environment (where a secret goes: a
-    command line is readable by every user of the machine)."""
+    command line is readable by every user of the machine); ``python``: the runtime's own unless given."""
 
-    def __init__(self, code: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, code: str, args: list[str], log: Path, env: dict[str, str] | None = None, python: str | None = None
+    ) -> None:
         self.log = log
         with log.open("wb") as errors:
             self.process = subprocess.Popen(
-                [sys.executable, "-u", "-c", code, *args],
+                [python or sys.executable, "-u", "-c", code, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=errors,

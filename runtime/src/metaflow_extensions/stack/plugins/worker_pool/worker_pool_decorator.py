@@ -14,12 +14,16 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import tempfile
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
+
+if TYPE_CHECKING:
+    from metaflow_stack.pool.local import Interpreter
 
 #: Decorators that move a task elsewhere: their trampoline and the pool's cannot both start the task.
 #: (``@kubernetes``, ``@nomad`` and ``@devcontainer`` are not among them: under ``@worker_pool`` they
@@ -50,7 +54,8 @@ class WorkerPoolDecorator(StepDecorator):
     says, else with its ``@resources`` in ``image``, default the stack's base image; registered when the
     run starts and purged when it ends). Every item
     keeps its task id, attempts, metadata, artifacts and logs;
-    ``@retry``, ``@catch`` and ``@timeout`` apply per item.
+    ``@retry``, ``@catch`` and ``@timeout`` apply per item. A step with an environment of its own
+    (``@pypi``, ``@conda``) runs on the local backend, its fork server in that environment.
     """
 
     name = "worker_pool"
@@ -60,6 +65,8 @@ class WorkerPoolDecorator(StepDecorator):
     #: The run's progress display, shared by its pools, and the steps it shows.
     progress: ClassVar[Any] = None
     watched: ClassVar[set[str]] = set()
+    #: The run's code package, unpacked once for the pools whose workers run a step's own environment.
+    code: ClassVar[tempfile.TemporaryDirectory | None] = None
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.step, self.flow_datastore, self.logger = step, flow_datastore, logger
@@ -110,10 +117,12 @@ class WorkerPoolDecorator(StepDecorator):
                     f"step {step}: @resources({key}={value!r}) is not a number, which a pool's workers need "
                     f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 ) from None
-        if has_own(environment, decos):
+        self.environment, self.own_environment = environment, has_own(environment, decos)
+        if self.own_environment and (self.attributes["backend"] != "local" or self.devcontainer is not None):
             raise WorkerPoolException(
-                f"step {step}: a pool's workers run their own interpreter, not the {environment.TYPE} environment "
-                f"Metaflow builds for each task (fix: remove @worker_pool from {step}, or @pypi(disabled=True))"
+                f"step {step}: the {environment.TYPE} environment Metaflow makes for {step} is on this machine, "
+                f'where only the local backend\'s workers run (fix: backend="local", or @{environment.TYPE}'
+                f"(disabled=True) on {step})"
             )
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
@@ -192,7 +201,9 @@ class WorkerPoolDecorator(StepDecorator):
             backend, url = self.attributes["backend"], self.attributes["redis_url"]
             image = self.attributes["image"]
             try:
-                contained = None
+                contained, interpreter = None, None
+                if self.own_environment:
+                    interpreter = self._environment_interpreter(package)
                 if self.devcontainer is not None:  # the pool's workers see the flow in the code package
                     contained, flow_file = self.devcontainer.pool_launcher(package, flow_file)
                 pool = open_pool(
@@ -208,11 +219,30 @@ class WorkerPoolDecorator(StepDecorator):
                     values=self.placement,
                     contained=contained,
                     placement=self.nomad.placement if self.nomad is not None else None,
+                    interpreter=interpreter,
                 )
                 pool.start()
             except StackError as exc:
                 raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
             self.pools[self.step] = pool
+
+    def _environment_interpreter(self, package) -> Interpreter:
+        """The step's own environment's interpreter (Metaflow made it as the run started) with the run's
+        code package, unpacked once per run, on its path, as Metaflow's ``@conda`` gives its tasks."""
+        from metaflow.packaging_sys import ContentType
+
+        from metaflow_stack.pool.local import Interpreter
+
+        cls = type(self)
+        if cls.code is None:
+            cls.code = tempfile.TemporaryDirectory(prefix="mf-pool-code-")
+            package.extract_into(cls.code.name, ContentType.ALL_CONTENT.value)
+        folder = cls.code.name
+        env = {"PYTHONNOUSERSITE": "1"}  # (the interpreter's own packages only, as Metaflow runs it)
+        for name, value in package.get_post_extract_env_vars(package.package_metadata, folder).items():
+            env[name.rstrip(":")] = value
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (env.get("PYTHONPATH"), folder)))
+        return Interpreter(self.environment.interpreter(self.step), env)
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
         """With the step's first task: its line in the run's progress display (the foreach's items)."""
@@ -249,14 +279,16 @@ class WorkerPoolDecorator(StepDecorator):
     def runtime_finished(self, exception) -> None:
         cls = type(self)
         pool = self.pools.pop(self.step, None)
-        if pool is None:
-            return
-        if self.step in cls.watched:
-            cls.watched.discard(self.step)
-            cls.progress.finish(self.step)
-        pool.stop()
-        if not cls.watched:
-            cls.progress = None
+        if pool is not None:
+            if self.step in cls.watched:
+                cls.watched.discard(self.step)
+                cls.progress.finish(self.step)
+            pool.stop()
+            if not cls.watched:
+                cls.progress = None
+        if not cls.pools and cls.code is not None:  # (also where a pool could not start)
+            cls.code.cleanup()
+            cls.code = None
 
     def task_pre_step(
         self,

@@ -1,0 +1,48 @@
+"""A pooled foreach whose items say where they ran: the interpreter, where Metaflow came from, and the
+version of a package only the step's environment holds.
+
+With ``ENVIRONMENT_POOL_FLOW_PYPI`` set (and ``--environment pypi``) the items' step asks for that
+package with ``@pypi``; without it the step is plain, for a test that hands its tasks to a pool by hand.
+"""
+
+import importlib.metadata
+import os
+import sys
+
+import metaflow
+from metaflow import FlowSpec, pypi, step, worker_pool
+
+PACKAGE = "tabulate"
+own = pypi(packages={PACKAGE: "0.9.0"}) if os.environ.get("ENVIRONMENT_POOL_FLOW_PYPI") else (lambda f: f)
+
+
+class EnvironmentPoolFlow(FlowSpec):
+    @step
+    def start(self):
+        self.items = [0, 1, 2]
+        self.next(self.each, foreach="items")
+
+    @worker_pool(size=2)
+    @own
+    @step
+    def each(self):
+        self.python = sys.executable
+        self.metaflow_from = metaflow.__file__
+        try:
+            self.package = importlib.metadata.version(PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            self.package = None
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.pythons = sorted({i.python for i in inputs})
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    EnvironmentPoolFlow()
