@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -94,9 +93,11 @@ def run_flow(
     backend: str = "local",
     s3_root: str | None = None,
     top: tuple[str, ...] = (),
+    wrapper: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """``flow`` run in ``root``; ``pooled``: with ``--with worker_pool:size=2,backend=...``; its datastore the
-    local one in ``root``, or S3 at ``s3_root``; ``top``: the flow's own options (``--branch``...)."""
+    local one in ``root``, or S3 at ``s3_root``; ``top``: the flow's own options (``--branch``...); ``wrapper``:
+    a script and its arguments that run the flow file."""
     shutil.copy(FLOWS / flow, root)
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     environment.update(env or {})
@@ -104,7 +105,7 @@ def run_flow(
     store = (
         ["--datastore", "s3", "--datastore-root", s3_root] if s3_root else ["--datastore-root", str(root / ".metaflow")]
     )
-    line = [sys.executable, flow, *store, *top, command, *pool, *args]
+    line = [sys.executable, *wrapper, flow, *store, *top, command, *pool, *args]
     return subprocess.run(line, cwd=root, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -796,85 +797,54 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
 
 @pytest.fixture(scope="module")
 def step_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second interpreter, as a step's own ``@pypi`` environment is one: a virtual environment holding only
-    what Metaflow puts in every such environment (``requests``), neither Metaflow nor this runtime."""
+    """A second interpreter, as Metaflow makes a step's own ``@pypi`` environment, where micromamba puts one
+    (``.../metaflow/<platform>/<id>``): a virtual environment with what Metaflow puts in every one
+    (``requests``) and the package ``EnvironmentPoolFlow``'s step asks for, neither Metaflow nor this runtime."""
     from uv import find_uv_bin
 
-    env = tmp_path_factory.mktemp("step-environment") / "venv"
+    env = tmp_path_factory.mktemp("envs") / "metaflow" / "linux-64" / "made"
     uv = find_uv_bin()
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(env)], check=True)
-    lock = PROJECT / "runtime" / "requirements.lock"
-    python = env / "bin" / "python"
-    subprocess.run(
-        [uv, "pip", "install", "--quiet", "--python", str(python), "-c", str(lock), "requests"], check=True, timeout=600
-    )
+    lock, python = PROJECT / "runtime" / "requirements.lock", env / "bin" / "python"
+    install = [uv, "pip", "install", "--quiet", "--python", str(python), "-c", str(lock), "requests", "tabulate==0.9.0"]
+    subprocess.run(install, check=True, timeout=600)
     return python
 
 
-def test_a_pool_for_a_step_environment_runs_its_tasks_in_that_interpreter(tmp_path: Path, step_python: Path) -> None:
-    """``@worker_pool`` over a step with its own environment (``@pypi``, ``@conda``) starts its fork server in
-    that environment's interpreter, importing Metaflow from the run's code package (``Interpreter``); a task
-    handed to it runs there as Metaflow's own task in that environment would. Metaflow solves ``@pypi`` with
-    micromamba, which these machines lack: the GitHub ``pypi-environments`` job runs the decorated flow
-    (``test_a_pooled_pypi_step_runs_in_its_environment``); here an item's second attempt is handed over by
-    hand, as the runtime would hand it."""
-    from metaflow.package import MetaflowPackage
-
-    from metaflow_stack.pool.local import Interpreter
-
-    done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py")
+def test_a_pooled_pypi_step_runs_in_the_environment_metaflow_made(tmp_path: Path, step_python: Path) -> None:
+    """``@worker_pool`` over ``@pypi``: the fork server runs the step's environment's interpreter, the run's
+    code package on its path, and every item runs there with the environment's packages. Metaflow makes the
+    environment with micromamba, which these machines lack: here micromamba's part is a double
+    (``made_environment.py``: Metaflow is told the environment is made, at ``step_python``'s); the GitHub
+    ``pypi-environments`` job runs the same flow with micromamba
+    (``test_a_pooled_pypi_step_runs_in_its_environment``)."""
+    wrapper = (str(FLOWS / "made_environment.py"), str(step_python.parents[1]))
+    env, top = {"ENVIRONMENT_POOL_FLOW_PYPI": "1"}, ("--environment", "pypi")
+    done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=top, wrapper=wrapper)
     assert done.returncode == 0, done.stderr[-3000:]
-    item = where_items_ran(tmp_path)[1]
-    run_id = item["run"]
-    assert item["attempt"] == 0 and item["python"] == sys.executable
-    package = tmp_path / "package.tgz"
-    flow = [sys.executable, "environment_pool_flow.py", "--datastore-root", str(tmp_path / ".metaflow")]
-    saved = subprocess.run([*flow, "package", "save", str(package)], cwd=tmp_path, capture_output=True, text=True)
-    assert saved.returncode == 0, saved.stderr
-    said = saved.stdout + saved.stderr  # (Metaflow says where it saved it, and with what metadata)
-    code = tmp_path / "code"
-    with tarfile.open(package) as archive:
-        archive.extractall(code, filter="data")
-    own = MetaflowPackage.get_post_extract_env_vars(said[said.index("{") : said.rindex("}") + 1], str(code))
-    interpreter = Interpreter(str(step_python), {**own, "PYTHONNOUSERSITE": "1"})
-    task_env = {**os.environ, **interpreter.env, "METAFLOW_DEFAULT_METADATA": "local"}
-
-    pool = LocalPool(str(tmp_path / "environment_pool_flow.py"), 1, "each@test", interpreter=interpreter)
-    pool.start()
-    try:
-        for python in (Path(sys.executable), step_python):  # the runtime's own interpreter first: not the pool's
-            step = [*flow[1:], "step", "each", "--run-id", run_id, "--task-id", item["id"], "--split-index", "1"]
-            step += ["--input-paths", f"{run_id}/start/1", "--retry-count", "1", "--max-user-code-retries", "1"]
-            line = pool.command([str(python), *step])
-            ran = subprocess.run(line, cwd=tmp_path, env=task_env, capture_output=True, text=True, timeout=300)
-            if python == step_python:
-                assert ran.returncode == 0, ran.stderr[-3000:]
-            else:
-                assert ran.returncode == 1
-                assert f"the pool runs {step_python} and this task asks for {sys.executable}" in ran.stderr
-                assert "Traceback" not in ran.stderr
-    finally:
-        pool.stop()
-    retried = where_items_ran(tmp_path)[1]
-    assert retried["successful"] and retried["attempt"] == 1 and retried["worker"] == "each@test/0"
-    assert retried["python"] == str(step_python)
-    assert Path(retried["metaflow"]).is_relative_to(code), retried  # the code package's Metaflow, not the runtime's
-    assert retried["package"] is None  # (a plain step here: the virtual environment has no tabulate)
+    items = where_items_ran(tmp_path)
+    ran_in_its_environment(items)
+    assert items[0]["python"] == str(step_python)
+    assert not Path(items[0]["metaflow"]).parents[2].exists()  # the pool's unpacked code, gone with the run
 
 
 def test_a_pooled_pypi_step_runs_in_its_environment(tmp_path: Path) -> None:
-    """``@worker_pool`` over ``@pypi``: every item runs in the step's environment as Metaflow made it (its
-    interpreter and packages, Metaflow's ``conda_env_prefix``), in the pool's warm workers, and imports
-    Metaflow from the run's code package, not the runtime's installation."""
+    """``@worker_pool`` over ``@pypi``, the environment made by Metaflow with micromamba."""
+    need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
+    env, top = {"ENVIRONMENT_POOL_FLOW_PYPI": "1"}, ("--environment", "pypi")
+    done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=top)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ran_in_its_environment(where_items_ran(tmp_path))
+
+
+def ran_in_its_environment(items: list[dict]) -> None:
+    """Every item ran in one environment, as Metaflow made it (its interpreter and the step's package,
+    Metaflow's ``conda_env_prefix``), in the pool's warm workers, importing Metaflow from the run's code
+    package, not the runtime's installation."""
     import metaflow
 
-    need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
-    env = {"ENVIRONMENT_POOL_FLOW_PYPI": "1"}
-    done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=("--environment", "pypi"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    items = where_items_ran(tmp_path)
-    assert len(items) == 3
     runtime_metaflow = Path(metaflow.__file__).parents[1]
+    assert len(items) == 3
     for item in items:
         assert item["successful"] and item["package"] == "0.9.0" and item["worker"], item
         assert item["prefix"] and item["prefix"] in item["python"] and item["python"] != sys.executable, item
@@ -966,15 +936,21 @@ def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join:
 
 
 @pytest.mark.parametrize(
-    "each",
-    ['@pypi(packages={})\n    @worker_pool(backend="redis")', '@worker_pool(backend="ray")'],
-    ids=["pypi", "environment"],
+    ("each", "fix", "store"),
+    [
+        ('@pypi(packages={})\n    @worker_pool(backend="redis")', 'or backend="local")', "local"),
+        ('@worker_pool(backend="ray")', 'or backend="local")', "local"),
+        ("@worker_pool\n    @kubernetes", "or remove @kubernetes)", "s3"),  # (@kubernetes's own check)
+    ],
+    ids=["pypi", "environment", "kubernetes"],
 )
-def test_a_step_environment_off_this_machine_fails_at_start_in_one_line(tmp_path: Path, each: str) -> None:
+def test_a_step_environment_off_this_machine_fails_at_start_in_one_line(
+    tmp_path: Path, each: str, fix: str, store: str
+) -> None:
     """Under ``--environment pypi`` Metaflow makes every step an environment of its own on this machine (with
     or without ``@pypi``): a pool runs it only on the local backend, whose workers are here."""
-    words = "where only the local backend's workers run"
-    _fails_at_start(tmp_path, each, "", words, "--environment", "pypi")
+    words = f"where only the local backend's workers run (fix: @pypi(disabled=True) on each, {fix}"
+    _fails_at_start(tmp_path, each, "", words, "--environment", "pypi", "--datastore", store)
 
 
 def _fails_at_start(tmp_path: Path, each: str, join: str, words: str, *top: str) -> None:

@@ -96,6 +96,7 @@ class WorkerPoolDecorator(StepDecorator):
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
         self.resources = {key: resources.get(key) for key in ("cpu", "gpu", "memory")}
         self.devcontainer, self.nomad, self.namespace, self.placement = None, None, None, {}
+        self.absorbed: str | None = None  # the decorator below this one that says where the workers run
         for deco in decos:
             if deco.name == "kubernetes":
                 self._pods_of(deco, decos)
@@ -118,11 +119,12 @@ class WorkerPoolDecorator(StepDecorator):
                     f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 ) from None
         self.environment, self.own_environment = environment, has_own(environment, decos)
-        if self.own_environment and (self.attributes["backend"] != "local" or self.devcontainer is not None):
+        if self.own_environment and (self.attributes["backend"] != "local" or self.absorbed):
+            where = f"@{self.absorbed}" if self.absorbed else 'backend="local"'
             raise WorkerPoolException(
                 f"step {step}: the {environment.TYPE} environment Metaflow makes for {step} is on this machine, "
-                f'where only the local backend\'s workers run (fix: backend="local", or @{environment.TYPE}'
-                f"(disabled=True) on {step})"
+                f"where only the local backend's workers run (fix: @{environment.TYPE}(disabled=True) on {step}, "
+                f"or {'remove ' if self.absorbed else ''}{where})"
             )
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
@@ -188,7 +190,7 @@ class WorkerPoolDecorator(StepDecorator):
                 f"step {step}: with @{deco.name} the pool's workers are {workers}, and backend={chosen!r} runs "
                 f'them elsewhere (fix: backend="{backend}", or no backend=)'
             )
-        self.attributes["backend"] = backend
+        self.attributes["backend"], self.absorbed = backend, deco.name
         deco.runtime_step_cli = _variables_only(deco.runtime_step_cli)
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
