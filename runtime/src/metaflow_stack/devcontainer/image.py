@@ -6,7 +6,7 @@ directly through the engine. Either way tasks then start plain containers of the
 sandbox policy: the CLI's ``up``/``exec`` cost about a second a task and cannot drop the
 container's privileges. A Dockerfile that declares ``ARG BASE_IMAGE`` and is not given one gets the
 stack's ``base`` image, the convention every image of the stack follows; a file can also name it
-as ``${localEnv:METAFLOW_STACK_BASE_IMAGE}``.
+as ``${localEnv:METAFLOW_STACK_DEVCONTAINER_BASE}``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from metaflow_stack.errors import ImageBuildError, StackError, ToolMissingError
 METADATA_LABEL = "devcontainer.metadata"
 REPOSITORY = "metaflow-stack-devcontainer"
 CLI_FIX = "npm install -g @devcontainers/cli (or ./just devcontainer-cli in this project)"
-#: Names the stack's base image for configurations (``${localEnv:METAFLOW_STACK_BASE_IMAGE}``).
-BASE_VARIABLE = "METAFLOW_STACK_BASE_IMAGE"
+#: Names the stack's base image for configurations (``${localEnv:METAFLOW_STACK_DEVCONTAINER_BASE}``); not
+#: ``METAFLOW_STACK_BASE_IMAGE``, the Python image the stack's base image is built on.
+BASE_VARIABLE = "METAFLOW_STACK_DEVCONTAINER_BASE"
 _BASE_ARG = re.compile(r"^\s*ARG\s+BASE_IMAGE\b", re.MULTILINE | re.IGNORECASE)
 _TAIL = 25
 
@@ -49,8 +50,8 @@ def _tag(config: DevcontainerConfig, workspace: Path, digest: str) -> str:
 
 
 def _base_image(wanted: bool) -> None:
-    """Name the stack's base image in ``METAFLOW_STACK_BASE_IMAGE`` (built now if needed) when a
-    configuration refers to it, so ``${localEnv:METAFLOW_STACK_BASE_IMAGE}`` works for the CLI too."""
+    """Name the stack's base image in ``METAFLOW_STACK_DEVCONTAINER_BASE`` (built now if needed) when a
+    configuration refers to it, so ``${localEnv:METAFLOW_STACK_DEVCONTAINER_BASE}`` works for the CLI too."""
     if wanted and not os.environ.get(BASE_VARIABLE):
         from metaflow_stack import images
 
