@@ -35,14 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, seconds: float = 20) -> None:
+def wait_for_port(port: int, seconds: float = 20, process: subprocess.Popen | None = None) -> None:
+    """Until something listens on ``port``; at once an error if ``process``, which is to, has ended."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[:2]} ended ({process.returncode}) before it listened on {port}")
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f}s")
 
 
 def postgres_binary(name: str) -> str | None:
@@ -204,7 +207,7 @@ class NatsServer:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
             )
-        wait_for_port(self.port)
+        wait_for_port(self.port, 60, self.process)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -286,10 +289,11 @@ def phala_double(engine: Any = None) -> Iterator[tuple[str, str]]:
 
 @contextlib.contextmanager
 def _serving(command: list[str], port: int, **popen: Any) -> Iterator[None]:
-    """``command`` running while the block runs, from when it listens on ``port``; ended after (it has 30 s)."""
+    """``command`` running while the block runs, from when it listens on ``port`` (a server importing its
+    framework on a machine the suite keeps busy may take a while); ended after (it has 30 s)."""
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **popen)
     try:
-        wait_for_port(port)
+        wait_for_port(port, 60, process)
         yield
     finally:
         process.terminate()
