@@ -110,8 +110,10 @@ def test_a_step_runs_in_a_daytona_sandbox(tmp_path: Path) -> None:
     flow = DEVPOD_FLOW.format(
         args=f'backend="daytona", network="bridge", image="{os.environ["STACK_TEST_DAYTONA_IMAGE"]}"'
     )
+    # Not the session's own S3 server (conftest's endpoint, on this machine): the account's, with its keys.
+    here = {name: value for name, value in os.environ.items() if name != "METAFLOW_S3_ENDPOINT_URL"}
     env = {
-        **os.environ,
+        **here,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
         "METAFLOW_DATASTORE_SYSROOT_S3": os.environ["STACK_TEST_DAYTONA_S3_ROOT"],
         "METAFLOW_SERVICE_URL": os.environ["STACK_TEST_DAYTONA_SERVICE_URL"],

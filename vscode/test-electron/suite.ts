@@ -24,10 +24,23 @@ function stopped(): Promise<{ session: vscode.DebugSession; threadId: number }> 
   });
 }
 
+/** The labels of the open tabs once one reads `label`, or after `seconds`: the extension host learns of a
+ * tab from VS Code's main process some messages after the command that opened it has returned. */
+async function tabsOnce(label: string, seconds: number): Promise<string[]> {
+  const labels = () => vscode.window.tabGroups.all.flatMap((group) => group.tabs).map((tab) => tab.label);
+  const deadline = Date.now() + seconds * 1000;
+  while (!labels().includes(label) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  return labels();
+}
+
 async function debugStepStopsInItsBody(folder: vscode.WorkspaceFolder): Promise<void> {
   const uri = vscode.Uri.joinPath(folder.uri, "foreach_flow.py");
   const document = await vscode.workspace.openTextDocument(uri);
   await vscode.window.showTextDocument(document);
+  // Opening a Python file activates the extension (onLanguage:python), without waiting for it: wait here.
+  await vscode.extensions.getExtension("metaflow-stack.metaflow-stack")?.activate();
   const body = document.getText().split("\n").findIndex((line) => line.includes("self.value = self.input * self.input"));
   assert.ok(body > 0, "the flow's square step body");
 
@@ -48,7 +61,7 @@ async function debugStepStopsInItsBody(folder: vscode.WorkspaceFolder): Promise<
 
 async function theDagOpensBesideTheFlow(): Promise<void> {
   await vscode.commands.executeCommand("metaflowStack.showDag");
-  const open = vscode.window.tabGroups.all.flatMap((group) => group.tabs).map((tab) => tab.label);
+  const open = await tabsOnce("Metaflow DAG", 10);
   assert.ok(open.includes("Metaflow DAG"), `the DAG's tab: ${open.join(", ")}`);
 }
 
