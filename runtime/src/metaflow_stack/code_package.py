@@ -1,8 +1,7 @@
 """The code package, unpacked and compiled to bytecode once per machine, for every compute decorator that
 runs tasks here (mounted read-only into ``@devcontainer``'s containers, measured into ``@confidential``'s
-enclaves, on the path of a ``@worker_pool`` fork server in a step's own environment): a task then starts
-no unpacking and imports Metaflow from bytecode, where unpacking per task and compiling Metaflow's sources
-afresh cost about a second a task.
+enclaves): a task then starts no unpacking and imports Metaflow from bytecode, where unpacking per task
+and compiling Metaflow's sources afresh cost about a second a task.
 
 Folders are named by the package's content hash and made whole before they appear (unpacked and
 compiled under a temporary name, then renamed), so tasks starting together never see half a
@@ -13,12 +12,10 @@ sources instead (the mount is read-only, so no task writes into what others shar
 from __future__ import annotations
 
 import compileall
-import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 #: Unpacked packages kept per machine; the least recently used beyond this are removed.
@@ -33,9 +30,8 @@ def package_bytes(flow_datastore, url: str, sha: str) -> bytes:
     return blob
 
 
-def unpacked(sha: str, archive: Callable[[], bytes], cache: Path) -> Path:
-    """The folder holding the package ``sha``, unpacked and compiled (``archive`` gives its bytes, asked only
-    when it is not unpacked here yet)."""
+def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
+    """The folder holding the package ``sha`` (at ``url`` in ``flow_datastore``), unpacked and compiled."""
     target = cache / sha
     if target.is_dir():
         os.utime(target)  # used now: kept by the pruning below
@@ -43,11 +39,11 @@ def unpacked(sha: str, archive: Callable[[], bytes], cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
     try:
-        tgz = staging / "package.tgz"
-        tgz.write_bytes(archive())
-        with tarfile.open(tgz) as tar:
+        archive = staging / "package.tgz"
+        archive.write_bytes(package_bytes(flow_datastore, url, sha))
+        with tarfile.open(archive) as tar:
             tar.extractall(staging / "code", filter="data")
-        tgz.unlink()
+        archive.unlink()
         compileall.compile_dir(staging / "code", quiet=2, workers=0)
         try:
             (staging / "code").rename(target)
@@ -61,22 +57,10 @@ def unpacked(sha: str, archive: Callable[[], bytes], cache: Path) -> Path:
 
 
 def unpacked_here(flow_datastore, url: str, sha: str) -> Path:
-    """The package ``sha`` (at ``url`` in ``flow_datastore``), unpacked in this machine's cache (the stack's
-    state folder)."""
-    return unpacked(sha, lambda: package_bytes(flow_datastore, url, sha), _cache())
-
-
-def run_package_here(package) -> Path:
-    """The run's own package (Metaflow's, before any datastore holds it), unpacked in this machine's cache,
-    named by the hash Metaflow's datastore gives it, so a decorator that saves it finds the same folder."""
-    blob = bytes(package.blob)
-    return unpacked(hashlib.sha1(blob).hexdigest(), lambda: blob, _cache())
-
-
-def _cache() -> Path:
+    """The package ``sha``, unpacked in this machine's cache (the stack's state folder)."""
     from metaflow_stack import settings
 
-    return settings.load().state_dir / "code"
+    return unpacked(flow_datastore, url, sha, settings.load().state_dir / "code")
 
 
 def _prune(cache: Path) -> None:
