@@ -1,7 +1,8 @@
 """The code package, unpacked and compiled to bytecode once per machine, for every compute decorator that
 runs tasks here (mounted read-only into ``@devcontainer``'s containers, measured into ``@confidential``'s
-enclaves): a task then starts no unpacking and imports Metaflow from bytecode, where unpacking per task
-and compiling Metaflow's sources afresh cost about a second a task.
+enclaves, on the path of a ``@worker_pool`` fork server in a step's own environment): a task then starts
+no unpacking and imports Metaflow from bytecode, where unpacking per task and compiling Metaflow's sources
+afresh cost about a second a task.
 
 Folders are named by the package's content hash and made whole before they appear (unpacked and
 compiled under a temporary name, then renamed), so tasks starting together never see half a
@@ -12,10 +13,12 @@ sources instead (the mount is read-only, so no task writes into what others shar
 from __future__ import annotations
 
 import compileall
+import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 #: Unpacked packages kept per machine; the least recently used beyond this are removed.
@@ -30,8 +33,9 @@ def package_bytes(flow_datastore, url: str, sha: str) -> bytes:
     return blob
 
 
-def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
-    """The folder holding the package ``sha`` (at ``url`` in ``flow_datastore``), unpacked and compiled."""
+def unpacked(sha: str, archive: Callable[[], bytes], cache: Path) -> Path:
+    """The folder holding the package ``sha``, unpacked and compiled (``archive`` gives its bytes, asked only
+    when it is not unpacked here yet)."""
     target = cache / sha
     if target.is_dir():
         os.utime(target)  # used now: kept by the pruning below
@@ -39,11 +43,11 @@ def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
     try:
-        archive = staging / "package.tgz"
-        archive.write_bytes(package_bytes(flow_datastore, url, sha))
-        with tarfile.open(archive) as tar:
+        tgz = staging / "package.tgz"
+        tgz.write_bytes(archive())
+        with tarfile.open(tgz) as tar:
             tar.extractall(staging / "code", filter="data")
-        archive.unlink()
+        tgz.unlink()
         compileall.compile_dir(staging / "code", quiet=2, workers=0)
         try:
             (staging / "code").rename(target)
@@ -57,10 +61,22 @@ def unpacked(flow_datastore, url: str, sha: str, cache: Path) -> Path:
 
 
 def unpacked_here(flow_datastore, url: str, sha: str) -> Path:
-    """The package ``sha``, unpacked in this machine's cache (the stack's state folder)."""
+    """The package ``sha`` (at ``url`` in ``flow_datastore``), unpacked in this machine's cache (the stack's
+    state folder)."""
+    return unpacked(sha, lambda: package_bytes(flow_datastore, url, sha), _cache())
+
+
+def run_package_here(package) -> Path:
+    """The run's own package (Metaflow's, before any datastore holds it), unpacked in this machine's cache,
+    named by the hash Metaflow's datastore gives it, so a decorator that saves it finds the same folder."""
+    blob = bytes(package.blob)
+    return unpacked(hashlib.sha1(blob).hexdigest(), lambda: blob, _cache())
+
+
+def _cache() -> Path:
     from metaflow_stack import settings
 
-    return unpacked(flow_datastore, url, sha, settings.load().state_dir / "code")
+    return settings.load().state_dir / "code"
 
 
 def _prune(cache: Path) -> None:

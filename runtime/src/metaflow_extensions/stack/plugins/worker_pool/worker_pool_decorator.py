@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,8 +64,6 @@ class WorkerPoolDecorator(StepDecorator):
     #: The run's progress display, shared by its pools, and the steps it shows.
     progress: ClassVar[Any] = None
     watched: ClassVar[set[str]] = set()
-    #: The run's code package, unpacked once for the pools whose workers run a step's own environment.
-    code: ClassVar[tempfile.TemporaryDirectory | None] = None
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.step, self.flow_datastore, self.logger = step, flow_datastore, logger
@@ -230,16 +227,11 @@ class WorkerPoolDecorator(StepDecorator):
 
     def _environment_interpreter(self, package) -> Interpreter:
         """The step's own environment's interpreter (Metaflow made it as the run started) with the run's
-        code package, unpacked once per run, on its path, as Metaflow's ``@conda`` gives its tasks."""
-        from metaflow.packaging_sys import ContentType
-
+        code package, unpacked once on this machine, on its path, as Metaflow's ``@conda`` gives its tasks."""
+        from metaflow_stack.code_package import run_package_here
         from metaflow_stack.pool.local import Interpreter
 
-        cls = type(self)
-        if cls.code is None:
-            cls.code = tempfile.TemporaryDirectory(prefix="mf-pool-code-")
-            package.extract_into(cls.code.name, ContentType.ALL_CONTENT.value)
-        folder = cls.code.name
+        folder = str(run_package_here(package))
         env = {"PYTHONNOUSERSITE": "1"}  # (the interpreter's own packages only, as Metaflow runs it)
         for name, value in package.get_post_extract_env_vars(package.package_metadata, folder).items():
             env[name.rstrip(":")] = value
@@ -281,16 +273,14 @@ class WorkerPoolDecorator(StepDecorator):
     def runtime_finished(self, exception) -> None:
         cls = type(self)
         pool = self.pools.pop(self.step, None)
-        if pool is not None:
-            if self.step in cls.watched:
-                cls.watched.discard(self.step)
-                cls.progress.finish(self.step)
-            pool.stop()
-            if not cls.watched:
-                cls.progress = None
-        if not cls.pools and cls.code is not None:  # (also where a pool could not start)
-            cls.code.cleanup()
-            cls.code = None
+        if pool is None:
+            return
+        if self.step in cls.watched:
+            cls.watched.discard(self.step)
+            cls.progress.finish(self.step)
+        pool.stop()
+        if not cls.watched:
+            cls.progress = None
 
     def task_pre_step(
         self,
