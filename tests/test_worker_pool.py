@@ -145,14 +145,37 @@ def differences(left: dict, right: dict) -> str:
     return "\n".join(lines)
 
 
+#: In the environment of every process a test starts (``this_test``): which test started it.
+TEST_VARIABLE = "POOL_TEST_ROOT"
+
+
+@pytest.fixture(autouse=True)
+def this_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process this test starts (its runs, and through them their pools) carries the test's folder in
+    its environment, and its pods that folder on their command lines: ``pool_processes`` finds this test's
+    alone, not those of a test running beside it (the suite runs two at once)."""
+    monkeypatch.setenv(TEST_VARIABLE, str(tmp_path))
+
+
 def pool_processes(marks: tuple[str, ...] = POOL_MARKS + RAY_MARKS) -> list[psutil.Process]:
-    """This machine's processes of any pool (a fork server, its tasks, a dispatcher, Redis workers, Ray
-    actors, a Ray a pool started, a trampoline)."""
-    found = []
+    """This test's processes of any pool (a fork server, its tasks, a dispatcher, Redis workers, Ray actors,
+    a Ray a pool started, a trampoline, the kubectl double's pods)."""
+    root, found = os.environ[TEST_VARIABLE], []
     for process in psutil.process_iter(["cmdline"]):
-        if any(mark in part for part in process.info["cmdline"] or [] for mark in marks):
+        line = process.info["cmdline"] or []
+        if any(mark in part for part in line for mark in marks) and (
+            any(root in part for part in line) or _started_by(process, root)
+        ):
             found.append(process)
     return found
+
+
+def _started_by(process: psutil.Process, root: str) -> bool:
+    """Whether ``process`` carries the test ``root``'s mark in its environment."""
+    try:
+        return process.environ().get(TEST_VARIABLE) == root
+    except (psutil.Error, OSError):  # gone, or not this user's
+        return False
 
 
 def start_busy_run(root: Path, backend: str = "local", env: dict[str, str] | None = None) -> subprocess.Popen:
