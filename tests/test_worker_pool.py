@@ -834,17 +834,19 @@ def step_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
+@pytest.mark.parametrize("backend", ["local", "ray"])
 def test_a_pooled_pypi_step_runs_in_the_environment_metaflow_made(
-    tmp_path: Path, step_python: Path, state_dir: Path
+    tmp_path: Path, step_python: Path, state_dir: Path, backend: str
 ) -> None:
-    """``@worker_pool`` over ``@pypi``: the fork server runs the step's environment's interpreter, the run's
-    code package on its path, and every item runs there with the environment's packages. Metaflow makes the
-    environment with micromamba, which these machines lack: here micromamba's part is a double
-    (``made_environment.py``: Metaflow is told the environment is made, at ``step_python``'s); the GitHub
-    ``pypi-environments`` job runs the same flow with micromamba
+    """``@worker_pool`` over ``@pypi``: the fork server (ray: each actor's) runs the step's environment's
+    interpreter, the run's code package on its path, and every item runs there with the environment's
+    packages. Metaflow makes the environment with micromamba, which these machines lack: here micromamba's
+    part is a double (``made_environment.py``: Metaflow is told the environment is made, at
+    ``step_python``'s); the GitHub ``pypi-environments`` job runs the same flow with micromamba
     (``test_a_pooled_pypi_step_runs_in_its_environment``)."""
     wrapper = (str(FLOWS / "made_environment.py"), str(step_python.parents[1]))
-    env, top = {"ENVIRONMENT_POOL_FLOW_PYPI": "1"}, ("--environment", "pypi")
+    env = {"ENVIRONMENT_POOL_FLOW_PYPI": "1", "ENVIRONMENT_POOL_FLOW_BACKEND": backend}
+    top = ("--environment", "pypi")
     done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=top, wrapper=wrapper)
     assert done.returncode == 0, done.stderr[-3000:]
     items = where_items_ran(tmp_path)
@@ -854,10 +856,12 @@ def test_a_pooled_pypi_step_runs_in_the_environment_metaflow_made(
     assert Path(items[0]["metaflow"]).is_relative_to(state_dir / "code")
 
 
-def test_a_pooled_pypi_step_runs_in_its_environment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_pooled_pypi_step_runs_in_its_environment(tmp_path: Path, backend: str) -> None:
     """``@worker_pool`` over ``@pypi``, the environment made by Metaflow with micromamba."""
     need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
-    env, top = {"ENVIRONMENT_POOL_FLOW_PYPI": "1"}, ("--environment", "pypi")
+    env = {"ENVIRONMENT_POOL_FLOW_PYPI": "1", "ENVIRONMENT_POOL_FLOW_BACKEND": backend}
+    top = ("--environment", "pypi")
     done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=top)
     assert done.returncode == 0, done.stderr[-3000:]
     ran_in_its_environment(where_items_ran(tmp_path))
@@ -965,18 +969,21 @@ def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join:
     ("each", "fix", "store"),
     [
         ('@pypi(packages={})\n    @worker_pool(backend="redis")', 'or backend="local")', "local"),
-        ('@worker_pool(backend="ray")', 'or backend="local")', "local"),
+        ('@worker_pool(backend="ray")', "or unset RAY_ADDRESS=auto for a Ray of the pool's own here)", "local"),
         ("@worker_pool\n    @kubernetes", "or remove @kubernetes)", "s3"),  # (@kubernetes's own check)
     ],
-    ids=["pypi", "environment", "kubernetes"],
+    ids=["pypi", "environment-on-a-ray-cluster", "kubernetes"],
 )
 def test_a_step_environment_off_this_machine_fails_at_start_in_one_line(
-    tmp_path: Path, each: str, fix: str, store: str
+    tmp_path: Path, each: str, fix: str, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under ``--environment pypi`` Metaflow makes every step an environment of its own on this machine (with
-    or without ``@pypi``): a pool runs it only on the local backend, whose workers are here."""
-    words = f"where only the local backend's workers run (fix: @pypi(disabled=True) on each, {fix}"
-    _fails_at_start(tmp_path, each, "", words, "--environment", "pypi", "--datastore", store)
+    or without ``@pypi``): a pool runs it only where its workers are here, on the local backend or a Ray of
+    the pool's own (not on the cluster ``RAY_ADDRESS`` names)."""
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    words = "where only the local backend's workers run, and the ray backend's on a Ray of the pool's own"
+    top = ("--environment", "pypi", "--datastore", store)
+    _fails_at_start(tmp_path, each, "", f"{words} (fix: @pypi(disabled=True) on each, {fix}", *top)
 
 
 def _fails_at_start(tmp_path: Path, each: str, join: str, words: str, *top: str) -> None:

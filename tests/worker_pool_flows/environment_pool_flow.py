@@ -3,6 +3,7 @@ version of a package only the step's environment holds.
 
 With ``ENVIRONMENT_POOL_FLOW_PYPI`` set (and ``--environment pypi``) the items' step asks for that
 package with ``@pypi``; without it the step is plain, for a test that hands its tasks to a pool by hand.
+``ENVIRONMENT_POOL_FLOW_BACKEND`` names the pool's backend (default: local).
 """
 
 import importlib.metadata
@@ -22,7 +23,7 @@ class EnvironmentPoolFlow(FlowSpec):
         self.items = [0, 1, 2]
         self.next(self.each, foreach="items")
 
-    @worker_pool(size=2)
+    @worker_pool(size=2, backend=os.environ.get("ENVIRONMENT_POOL_FLOW_BACKEND", "local"))
     @own
     @step
     def each(self):

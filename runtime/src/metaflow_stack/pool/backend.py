@@ -61,7 +61,8 @@ def open_pool(
     tolerations: ``@kubernetes``'s); for ``nomad``: ``image`` and ``placement``, where and with what the
     workers run (``@nomad``'s; default: ``resources``); for ``local``, ``contained``: how to start the
     container the fork server runs in (``@devcontainer``'s), ``flow_file`` then the flow as the container
-    sees it, or ``interpreter``: the step's own environment's, which the fork server then runs."""
+    sees it; for ``local`` and ``ray`` (a Ray of the pool's own), ``interpreter``: the step's own
+    environment's, which the fork servers then run."""
     name = f"{step}@{os.uname().nodename}"
     resources = resources or {}
     if backend == "local" and contained is not None:
@@ -75,7 +76,7 @@ def open_pool(
     if backend == "ray":
         from metaflow_stack.pool.ray_pool import RayPool
 
-        return RayPool(flow_file, size, name, resources)
+        return RayPool(flow_file, size, name, resources, interpreter)
     from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
     from metaflow_stack.pool.redis_queue import URL_VARIABLE
 

@@ -98,13 +98,13 @@ def same_interpreter(one: str, other: str) -> bool:
     return folder and os.path.realpath(one) == os.path.realpath(other)
 
 
-def other_interpreter(task: Task) -> str | None:
-    """Why the pool cannot run ``task`` (it asks for another interpreter than the pool's: an environment
-    decorator's), or None."""
-    if same_interpreter(task.python, sys.executable):
+def other_interpreter(task: Task, python: str = sys.executable) -> str | None:
+    """Why a pool whose workers run ``python`` cannot run ``task`` (it asks for another interpreter: an
+    environment decorator's), or None."""
+    if same_interpreter(task.python, python):
         return None
     return (
-        f"@worker_pool: the pool runs {sys.executable} and this task asks for {task.python} "
+        f"@worker_pool: the pool runs {python} and this task asks for {task.python} "
         "(another decorator chose it): remove @worker_pool from this step, or that decorator"
     )
 

@@ -36,7 +36,10 @@ Output = Callable[[int, bytes], Awaitable[None]]
 
 
 class Executor(Protocol):
-    """A backend's way of running tasks on its workers."""
+    """A backend's way of running tasks on its workers, under the interpreter ``python`` (the runtime's, or
+    a step's own environment's), which a task must ask for."""
+
+    python: str
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
         """Run ``task`` on a worker, passing what it writes to ``output``; its exit status (the trampoline's
@@ -116,7 +119,7 @@ class Dispatcher:
 
         code: int | None = None
         try:
-            refusal = other_interpreter(task)  # (the dispatcher runs the runtime's interpreter, as the pool does)
+            refusal = other_interpreter(task, self.executor.python)
             if refusal:
                 await output(2, refusal.encode() + b"\n")
                 code = 1

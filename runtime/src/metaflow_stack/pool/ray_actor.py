@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import DRAIN_S, Task
-from metaflow_stack.pool.local import LocalPool
+from metaflow_stack.pool.local import Interpreter, LocalPool
 
 #: Variables Ray sets in an actor for the accelerators and threads it gave it: a task gets them over its
 #: own environment, so each item uses its actor's GPU, not every GPU of the node.
@@ -37,8 +37,8 @@ RAY_ASSIGNED += ("TPU_VISIBLE_CHIPS", "ONEAPI_DEVICE_SELECTOR", "OMP_NUM_THREADS
 class PoolActor:
     """One worker of a Ray pool (made a Ray actor by ``ray_dispatch``)."""
 
-    def __init__(self, flow_file: str, name: str, parent: str | None) -> None:
-        self.flow_file, self.name, self.parent = flow_file, name, parent
+    def __init__(self, flow_file: str, name: str, parent: str | None, interpreter: Interpreter | None = None) -> None:
+        self.flow_file, self.name, self.parent, self.interpreter = flow_file, name, parent, interpreter
         self.running: dict[str, socket.socket] = {}  # by the dispatcher's token
         self.cancelled: set[str] = set()
         self.error = self._start_pool()
@@ -46,7 +46,7 @@ class PoolActor:
     def _start_pool(self) -> str | None:
         """A fork server of one slot, warm; why not, if it cannot start (``ready`` tells: an actor whose
         constructor raised would restart forever)."""
-        self.pool = LocalPool(self.flow_file, 1, self.name, self.parent)
+        self.pool = LocalPool(self.flow_file, 1, self.name, self.parent, self.interpreter)
         self.pool.start()
         try:
             self.address = str(self.pool.address())
@@ -60,8 +60,9 @@ class PoolActor:
 
     def run(self, task: Task, token: str) -> Iterator[tuple[int, bytes] | int]:
         """Run ``task``: ``(fd, data)`` for what it writes to stdout (1) or stderr (2), then its exit status
-        (none if it was cancelled, see ``cancel``). The task runs under this node's interpreter (the
-        dispatcher checked that the runtime's is the one the task asked for)."""
+        (none if it was cancelled, see ``cancel``). The task runs under the fork server's interpreter, this
+        node's or the step's own environment's (the dispatcher checked that it is the one the task asked
+        for)."""
         if not self.pool.alive():  # its fork server died (out of memory, say): a new one for this task
             self.pool.stop()
             error = self._start_pool()
@@ -70,7 +71,8 @@ class PoolActor:
                 yield 1
                 return
         env = {**task.env, **{name: os.environ[name] for name in RAY_ASSIGNED if name in os.environ}}
-        request = trampoline.encode(sys.executable, task.argv, env, task.cwd)
+        python = self.interpreter.python if self.interpreter else sys.executable
+        request = trampoline.encode(python, task.argv, env, task.cwd)
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         streams, reply = {out_read: 1, err_read: 2}, b""

@@ -31,6 +31,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
+from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.ray_actor import PoolActor
 
 #: How long Ray may take to start and the actors to be placed and import the flow (below the runtime's
@@ -45,7 +46,8 @@ RESTART_POLL_S = 0.5
 
 
 class RayExecutor:
-    def __init__(self, actors: list[Any]) -> None:
+    def __init__(self, actors: list[Any], python: str) -> None:
+        self.python = python
         self.idle: asyncio.Queue = asyncio.Queue()  # an actor, or None once none is left
         for actor in actors:
             self.idle.put_nowait(actor)
@@ -146,10 +148,12 @@ def discard(actors: list[Any]) -> None:
 
 
 async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
-    """``args``: the flow's file, the number of actors, the pool's name and each actor's Ray resources
-    (JSON: ``num_cpus``, ``num_gpus``, ``memory``)."""
+    """``args``: the flow's file, the number of actors, the pool's name, each actor's Ray resources (JSON:
+    ``num_cpus``, ``num_gpus``, ``memory``) and the step's own environment's ``Interpreter`` (JSON; empty:
+    none, the tasks run under the runtime's interpreter), which only a Ray of the pool's own can run."""
     started = time.monotonic()
     flow_file, size, name, resources = args[0], int(args[1]), args[2], json.loads(args[3])
+    interpreter = Interpreter(**json.loads(args[4])) if args[4] else None
     resources = {"num_cpus": 1, **resources}  # (Ray's own default for an actor is none held)
     address = os.environ.get("RAY_ADDRESS")
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -173,7 +177,7 @@ async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
         raise StackError(f"could not reach {where}: {exc}") from None
     actor_class = ray.remote(PoolActor).options(max_restarts=-1, max_concurrency=2, **resources)
     parent = None if address else str(folder)  # (a cluster's nodes have folders of their own)
-    actors = [actor_class.remote(flow_file, f"{name}/{slot}", parent) for slot in range(size)]
+    actors = [actor_class.remote(flow_file, f"{name}/{slot}", parent, interpreter) for slot in range(size)]
     remaining = max(START_TIMEOUT_S - (time.monotonic() - started), 1)
     try:
         reasons = await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in actors)), remaining)
@@ -190,4 +194,4 @@ async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
     if problems:
         discard(actors)
         raise StackError(problems[0], fix="run the flow without @worker_pool to see the full error")
-    return RayExecutor(actors)
+    return RayExecutor(actors, interpreter.python if interpreter else sys.executable)

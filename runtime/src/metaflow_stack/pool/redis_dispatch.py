@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ class RedisExecutor:
     the dispatcher closes (before the keys: they kill what they run)."""
 
     def __init__(self, queue: RedisQueue) -> None:
-        self.queue = queue
+        self.queue, self.python = queue, sys.executable  # (its workers run the runtime's interpreter)
         self.remove_workers: Callable[[], None] | None = None
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:

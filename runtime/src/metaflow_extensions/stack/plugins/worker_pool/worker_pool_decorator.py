@@ -54,7 +54,8 @@ class WorkerPoolDecorator(StepDecorator):
     run starts and purged when it ends). Every item
     keeps its task id, attempts, metadata, artifacts and logs;
     ``@retry``, ``@catch`` and ``@timeout`` apply per item. A step with an environment of its own
-    (``@pypi``, ``@conda``) runs on the local backend, its fork server in that environment.
+    (``@pypi``, ``@conda``) runs on the local backend, or on a Ray of the pool's own, its fork servers in
+    that environment.
     """
 
     name = "worker_pool"
@@ -116,19 +117,32 @@ class WorkerPoolDecorator(StepDecorator):
                     f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 ) from None
         self.environment, self.own_environment = environment, has_own(environment, decos)
-        if self.own_environment and (self.attributes["backend"] != "local" or self.absorbed):
-            where = f"@{self.absorbed}" if self.absorbed else 'backend="local"'
-            raise WorkerPoolException(
-                f"step {step}: the {environment.TYPE} environment Metaflow makes for {step} is on this machine, "
-                f"where only the local backend's workers run (fix: @{environment.TYPE}(disabled=True) on {step}, "
-                f"or {'remove ' if self.absorbed else ''}{where})"
-            )
+        if self.own_environment:
+            self._environment_here(environment.TYPE)
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
         if elsewhere:
             raise WorkerPoolException(
                 f"step {step}: @worker_pool cannot yet be combined with @{elsewhere[0]} "
                 f"(fix: remove one of them from {step})"
             )
+
+    def _environment_here(self, kind: str) -> None:
+        """Refuse a step whose own environment (Metaflow makes it on this machine as the run starts) the
+        pool's workers would not find: only the local backend's, and a Ray of the pool's own, run here."""
+        backend, ray_address = self.attributes["backend"], os.environ.get("RAY_ADDRESS")
+        if not self.absorbed and (backend == "local" or (backend == "ray" and not ray_address)):
+            return
+        if self.absorbed:
+            fix = f"or remove @{self.absorbed}"
+        elif backend == "ray":
+            fix = f"or unset RAY_ADDRESS={ray_address} for a Ray of the pool's own here"
+        else:
+            fix = 'or backend="local"'
+        raise WorkerPoolException(
+            f"step {self.step}: the {kind} environment Metaflow makes for {self.step} is on this machine, where "
+            f"only the local backend's workers run, and the ray backend's on a Ray of the pool's own "
+            f"(fix: @{kind}(disabled=True) on {self.step}, {fix})"
+        )
 
     def _pods_of(self, kubernetes: StepDecorator, decos: list[StepDecorator]) -> None:
         """``@kubernetes`` under ``@worker_pool``: the pool's workers are the step's pods (the kubernetes
