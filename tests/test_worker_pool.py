@@ -4,6 +4,7 @@ a plain foreach makes, failures stay per item, and nothing of a pool outlives it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,6 +170,23 @@ def pool_processes(marks: tuple[str, ...] = POOL_MARKS + RAY_MARKS) -> list[psut
         ):
             found.append(process)
     return found
+
+
+def still_there(processes: list[psutil.Process]) -> str:
+    """What each of ``processes`` is and, for a dispatcher, where it is (its threads' stacks, which it writes
+    to its log on SIGUSR1)."""
+    lines = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            line = process.cmdline()
+            lines.append(f"{process.pid} (parent {process.ppid()}, {process.status()}): {' '.join(line)[:300]}")
+            sockets = [part for part in line if part.endswith("pool.sock")]
+            if "metaflow_stack.pool.dispatcher" in " ".join(line) and sockets:
+                process.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+                log = Path(sockets[0]).with_name("dispatcher.log")
+                lines.append(log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)")
+    return "\n".join(lines)
 
 
 def _started_by(process: psutil.Process, root: str) -> bool:
@@ -400,7 +419,7 @@ def test_stopping_the_run_leaves_no_worker_behind(
     finally:
         runtime.kill()
     _, alive = psutil.wait_procs(pool, timeout=40)
-    assert not alive, [p.cmdline() for p in alive]
+    assert not alive, still_there(alive)
     assert not none_left()
     assert not pods_left(env)
     assert not any(folder.exists() for folder in folders)
@@ -852,6 +871,7 @@ def test_a_pooled_pypi_step_runs_in_the_environment_metaflow_made(
     items = where_items_ran(tmp_path)
     ran_in_its_environment(items)
     assert items[0]["python"] == str(step_python)
+    assert all(("ray::PoolActor" in item["launcher"]) == (backend == "ray") for item in items), items
     # The code package as this machine keeps it unpacked for every compute decorator (not once more per run).
     assert Path(items[0]["metaflow"]).is_relative_to(state_dir / "code")
 
@@ -892,6 +912,7 @@ run = Flow("EnvironmentPoolFlow").latest_run
 print(json.dumps([
     {"run": run.id, "id": task.id, "successful": task.successful, "attempt": task.current_attempt,
      "python": task.data.python, "metaflow": task.data.metaflow_from, "package": task.data.package,
+     "launcher": task.data.launcher,
      "worker": task.metadata_dict.get("worker-pool"), "prefix": task.metadata_dict.get("conda_env_prefix")}
     for task in sorted(run["each"], key=lambda task: task.index)
 ]))

@@ -9,12 +9,20 @@ package with ``@pypi``; without it the step is plain, for a test that hands its 
 import importlib.metadata
 import os
 import sys
+from pathlib import Path
 
 import metaflow
 from metaflow import FlowSpec, pypi, step, worker_pool
 
 PACKAGE = "tabulate"
 own = pypi(packages={PACKAGE: "0.9.0"}) if os.environ.get("ENVIRONMENT_POOL_FLOW_PYPI") else (lambda f: f)
+
+
+def launcher() -> str:
+    """The command line of the process that started this item's fork server (Linux's ``/proc``): the run's
+    runtime for a local pool, a Ray actor for a Ray one."""
+    server = Path(f"/proc/{os.getppid()}/stat").read_text()
+    return Path(f"/proc/{server.rpartition(')')[2].split()[1]}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 class EnvironmentPoolFlow(FlowSpec):
@@ -29,6 +37,7 @@ class EnvironmentPoolFlow(FlowSpec):
     def each(self):
         self.python = sys.executable
         self.metaflow_from = metaflow.__file__
+        self.launcher = launcher()
         try:
             self.package = importlib.metadata.version(PACKAGE)
         except importlib.metadata.PackageNotFoundError:

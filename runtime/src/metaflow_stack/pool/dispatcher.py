@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import shutil
 import signal
@@ -172,6 +173,7 @@ async def _main(backend: str, address: str, args: list[str]) -> None:
 def main() -> None:
     backend, address, *args = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where it is, in its log
     try:
         asyncio.run(_main(backend, address, args))
     except StackError as exc:  # the last line of its log, which the runtime shows
