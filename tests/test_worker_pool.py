@@ -853,34 +853,43 @@ def step_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
+#: Which process starts the fork server an item runs in, by backend: the runtime itself for a local pool.
+LAUNCHERS = {"local": None, "redis": "metaflow_stack.pool.redis_worker", "ray": "ray::PoolActor"}
+
+
+@pytest.mark.parametrize("backend", LAUNCHERS)
 def test_a_pooled_pypi_step_runs_in_the_environment_metaflow_made(
-    tmp_path: Path, step_python: Path, state_dir: Path, backend: str
+    tmp_path: Path, step_python: Path, state_dir: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    """``@worker_pool`` over ``@pypi``: the fork server (ray: each actor's) runs the step's environment's
-    interpreter, the run's code package on its path, and every item runs there with the environment's
-    packages. Metaflow makes the environment with micromamba, which these machines lack: here micromamba's
+    """``@worker_pool`` over ``@pypi``: the fork server (redis: each worker's, ray: each actor's) runs the
+    step's environment's interpreter, the run's code package on its path, and every item runs there with the
+    environment's packages. Metaflow makes the environment with micromamba, which these machines lack: here micromamba's
     part is a double (``made_environment.py``: Metaflow is told the environment is made, at
     ``step_python``'s); the GitHub ``pypi-environments`` job runs the same flow with micromamba
     (``test_a_pooled_pypi_step_runs_in_its_environment``)."""
     wrapper = (str(FLOWS / "made_environment.py"), str(step_python.parents[1]))
     env = {"ENVIRONMENT_POOL_FLOW_PYPI": "1", "ENVIRONMENT_POOL_FLOW_BACKEND": backend}
+    env |= backend_env(backend, request, tmp_path)
     top = ("--environment", "pypi")
     done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=top, wrapper=wrapper)
     assert done.returncode == 0, done.stderr[-3000:]
     items = where_items_ran(tmp_path)
     ran_in_its_environment(items)
     assert items[0]["python"] == str(step_python)
-    assert all(("ray::PoolActor" in item["launcher"]) == (backend == "ray") for item in items), items
+    for item in items:
+        assert all((mark in item["launcher"]) == (mark == LAUNCHERS[backend]) for mark in LAUNCHERS.values() if mark)
     # The code package as this machine keeps it unpacked for every compute decorator (not once more per run).
     assert Path(items[0]["metaflow"]).is_relative_to(state_dir / "code")
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_a_pooled_pypi_step_runs_in_its_environment(tmp_path: Path, backend: str) -> None:
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_a_pooled_pypi_step_runs_in_its_environment(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """``@worker_pool`` over ``@pypi``, the environment made by Metaflow with micromamba."""
     need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi solves environments with micromamba")
     env = {"ENVIRONMENT_POOL_FLOW_PYPI": "1", "ENVIRONMENT_POOL_FLOW_BACKEND": backend}
+    env |= backend_env(backend, request, tmp_path)
     top = ("--environment", "pypi")
     done = run_flow(tmp_path, pooled=False, flow="environment_pool_flow.py", env=env, top=top)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -989,7 +998,7 @@ def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join:
 @pytest.mark.parametrize(
     ("each", "fix", "store"),
     [
-        ('@pypi(packages={})\n    @worker_pool(backend="redis")', 'or backend="local")', "local"),
+        ('@pypi(packages={})\n    @worker_pool(backend="nomad")', 'or backend="local")', "s3"),
         ('@worker_pool(backend="ray")', "or unset RAY_ADDRESS=auto for a Ray of the pool's own here)", "local"),
         ("@worker_pool\n    @kubernetes", "or remove @kubernetes)", "s3"),  # (@kubernetes's own check)
     ],
@@ -1002,7 +1011,7 @@ def test_a_step_environment_off_this_machine_fails_at_start_in_one_line(
     or without ``@pypi``): a pool runs it only where its workers are here, on the local backend or a Ray of
     the pool's own (not on the cluster ``RAY_ADDRESS`` names)."""
     monkeypatch.setenv("RAY_ADDRESS", "auto")
-    words = "where only the local backend's workers run, and the ray backend's on a Ray of the pool's own"
+    words = "where only the local and redis backends' workers run, and the ray backend's on a Ray of the pool's own"
     top = ("--environment", "pypi", "--datastore", store)
     _fails_at_start(tmp_path, each, "", f"{words} (fix: @pypi(disabled=True) on each, {fix}", *top)
 

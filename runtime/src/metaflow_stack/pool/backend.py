@@ -61,8 +61,8 @@ def open_pool(
     tolerations: ``@kubernetes``'s); for ``nomad``: ``image`` and ``placement``, where and with what the
     workers run (``@nomad``'s; default: ``resources``); for ``local``, ``contained``: how to start the
     container the fork server runs in (``@devcontainer``'s), ``flow_file`` then the flow as the container
-    sees it; for ``local`` and ``ray`` (a Ray of the pool's own), ``interpreter``: the step's own
-    environment's, which the fork servers then run."""
+    sees it; for ``local``, ``redis`` and ``ray`` (a Ray of the pool's own), ``interpreter``: the step's own
+    environment's, which the workers' fork servers then run."""
     name = f"{step}@{os.uname().nodename}"
     resources = resources or {}
     if backend == "local" and contained is not None:
@@ -90,4 +90,4 @@ def open_pool(
         from metaflow_stack.pool.nomad_pool import open_nomad_pool
 
         return open_nomad_pool(flow_file, size, name, url, prefix, resources, image, placement)
-    return RedisPool(flow_file, size, name, url, prefix)
+    return RedisPool(flow_file, size, name, url, prefix, interpreter)

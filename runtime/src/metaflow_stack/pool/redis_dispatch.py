@@ -41,8 +41,8 @@ class RedisExecutor:
     """Tasks through the queue; a cluster backend sets ``remove_workers``, how its workers are removed when
     the dispatcher closes (before the keys: they kill what they run)."""
 
-    def __init__(self, queue: RedisQueue) -> None:
-        self.queue, self.python = queue, sys.executable  # (its workers run the runtime's interpreter)
+    def __init__(self, queue: RedisQueue, python: str = sys.executable) -> None:
+        self.queue, self.python = queue, python
         self.remove_workers: Callable[[], None] | None = None
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
@@ -95,11 +95,12 @@ class RedisExecutor:
 
 
 async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
-    """``args``: the pool's key prefix; the Redis URL is in the environment (``URL_VARIABLE``)."""
-    url, (prefix,) = os.environ[URL_VARIABLE], args
+    """``args``: the pool's key prefix and, for a step with an environment of its own, the interpreter its
+    workers run the tasks under (else the runtime's); the Redis URL is in the environment (``URL_VARIABLE``)."""
+    url, (prefix, *python) = os.environ[URL_VARIABLE], args
     client = redis.asyncio.Redis.from_url(url)
     try:
         await client.ping()
     except (redis.RedisError, OSError) as exc:
         raise StackError(f"no Redis at {redacted(url)}: {exc}") from None
-    return RedisExecutor(RedisQueue(client, prefix))
+    return RedisExecutor(RedisQueue(client, prefix), *python)

@@ -9,12 +9,15 @@ the fix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import re
 
 import redis
 
 from metaflow_stack.pool.dispatched import DispatchedPool
+from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
@@ -26,14 +29,18 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
 class RedisPool(DispatchedPool):
-    """A dispatcher for the run's tasks and ``size`` workers on this machine, sharing one Redis queue."""
+    """A dispatcher for the run's tasks and ``size`` workers on this machine, sharing one Redis queue; the
+    workers run the tasks under ``interpreter`` where the step has an environment of its own."""
 
     backend = "redis"
     fix = f"start Redis (just up --with redis) or set {URL_VARIABLE}"
 
-    def __init__(self, flow_file: str, size: int, name: str, url: str, prefix: str) -> None:
-        super().__init__(flow_file, size, name, [prefix], env={URL_VARIABLE: url})  # (it may hold a password)
-        self.url, self.prefix = url, prefix
+    def __init__(
+        self, flow_file: str, size: int, name: str, url: str, prefix: str, interpreter: Interpreter | None = None
+    ) -> None:
+        args = [prefix, interpreter.python] if interpreter else [prefix]
+        super().__init__(flow_file, size, name, args, env={URL_VARIABLE: url})  # (it may hold a password)
+        self.url, self.prefix, self.interpreter = url, prefix, interpreter
 
     @property
     def workers_name(self) -> str:
@@ -44,10 +51,11 @@ class RedisPool(DispatchedPool):
 
     def start_workers(self) -> list[PoolProcess]:
         assert self.folder is not None
+        own = [f"--interpreter={json.dumps(dataclasses.asdict(self.interpreter))}"] if self.interpreter else []
         return [
             PoolProcess(
                 WORKER,
-                [self.prefix, self.flow_file, f"{self.name}/{slot}"],
+                [self.prefix, self.flow_file, f"{self.name}/{slot}", *own],
                 self.folder.path / f"worker{slot}.log",
                 self.env,
             )

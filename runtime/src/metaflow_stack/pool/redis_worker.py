@@ -9,6 +9,11 @@ a time: a worker that is busy claims nothing.
     METAFLOW_STACK_POOL_REDIS_URL=URL \
     python -c "from metaflow_stack.pool.redis_worker import main; main()" PREFIX FLOW_FILE NAME
 
+With ``--interpreter=JSON`` (a step with an environment of its own,
+``@pypi``/``@conda``: its ``Interpreter``) it imports nothing of the flow
+itself and hands each task to a fork server of one slot under that
+interpreter (``slot``), relaying in the same way.
+
 It stops, killing the task it runs, when its standard input closes
 (started by the run's runtime: the run is over, however it ended). With
 ``--detached`` (a pod of the
@@ -23,6 +28,7 @@ folder is not here.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -34,7 +40,9 @@ from pathlib import Path
 import redis
 
 from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, on_this_machine, warm, with_group
+from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
+from metaflow_stack.pool.slot import Slot
 from metaflow_stack.pool.trampoline import POOL_LOST
 
 #: After a cancelled task is sent SIGTERM: how long before SIGKILL.
@@ -103,14 +111,56 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Li
     return status
 
 
+def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Lifeline, slot: Slot) -> int:
+    """Run one claimed task on the worker's fork server of one slot, relaying its output; returns its exit
+    status (``POOL_LOST`` if the fork server died under it, or the task was cancelled)."""
+    error = slot.revive()  # (one that died, out of memory say, started again)
+    if error is None:
+        try:
+            running = slot.submit(task, task.env)
+        except OSError as exc:  # (it died just now)
+            error = str(exc)
+    if error is not None:
+        queue.output(task_id, 2, f"worker pool: this worker's fork server took no task: {error}\n".encode())
+        return POOL_LOST
+    renewed, cancelled = time.monotonic(), False
+    try:
+        while not running.ended:
+            for fd, data in running.read(RENEW_S):
+                queue.output(task_id, fd, data)
+            now = time.monotonic()
+            if now - renewed >= RENEW_S:
+                renewed = now
+                if not cancelled and (lifeline.ended() or queue.renew(task_id, name)):
+                    cancelled = True
+                    running.cancel()  # the fork server kills it (SIGTERM, SIGKILL after its grace)
+    finally:
+        running.close()
+    return POOL_LOST if running.status is None else running.status
+
+
 def main() -> None:
     prefix, flow_file, name, *flags = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
     lifeline = Lifeline(detached="--detached" in flags)
-    ready_file = Path(tempfile.gettempdir(), READY_FILE)
     if lifeline.detached:
-        ready_file.unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
-    warm(flow_file)
+        Path(tempfile.gettempdir(), READY_FILE).unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
+    own = next((flag.split("=", 1)[1] for flag in flags if flag.startswith("--interpreter=")), None)
+    slot = Slot(flow_file, name, None, Interpreter(**json.loads(own))) if own else None
+    if slot is None:
+        warm(flow_file)
+    elif error := slot.start():
+        sys.exit(error)  # (the last line of its log, which the runtime shows)
+    try:
+        serve(prefix, flow_file, name, lifeline, slot)
+    finally:  # (its fork server would see this process end too)
+        if slot is not None:
+            slot.stop()
+
+
+def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot | None) -> None:
+    """Claim and run tasks until the worker is to stop."""
+    ready_file = Path(tempfile.gettempdir(), READY_FILE)
     queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
     queue.client.ping()  # ready means reaching the queue too
     print("ready", flush=True)
@@ -123,7 +173,10 @@ def main() -> None:
             task_id, task = claimed
             if lifeline.detached:
                 task = on_this_machine(task, flow_file)
-            code = run_one(queue, task_id, task, name, lifeline)
+            if slot is not None:
+                code = run_in_slot(queue, task_id, task, name, lifeline, slot)
+            else:
+                code = run_one(queue, task_id, task, name, lifeline)
             if lifeline.ended():  # killed because this worker stops (a pod deleted): the worker was lost
                 code = POOL_LOST
             queue.finish(task_id, name, code)  # (a purged pool's stream is not made again)

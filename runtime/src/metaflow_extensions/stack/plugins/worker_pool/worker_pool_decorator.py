@@ -54,8 +54,8 @@ class WorkerPoolDecorator(StepDecorator):
     run starts and purged when it ends). Every item
     keeps its task id, attempts, metadata, artifacts and logs;
     ``@retry``, ``@catch`` and ``@timeout`` apply per item. A step with an environment of its own
-    (``@pypi``, ``@conda``) runs on the local backend, or on a Ray of the pool's own, its fork servers in
-    that environment.
+    (``@pypi``, ``@conda``) runs on the local or redis backend, or on a Ray of the pool's own, its workers'
+    fork servers in that environment.
     """
 
     name = "worker_pool"
@@ -128,9 +128,10 @@ class WorkerPoolDecorator(StepDecorator):
 
     def _environment_here(self, kind: str) -> None:
         """Refuse a step whose own environment (Metaflow makes it on this machine as the run starts) the
-        pool's workers would not find: only the local backend's, and a Ray of the pool's own, run here."""
+        pool's workers would not find: only the local and redis backends' (not as pods, Nomad allocations or
+        a container's processes), and a Ray of the pool's own, run here."""
         backend, ray_address = self.attributes["backend"], os.environ.get("RAY_ADDRESS")
-        if not self.absorbed and (backend == "local" or (backend == "ray" and not ray_address)):
+        if not self.absorbed and (backend in ("local", "redis") or (backend == "ray" and not ray_address)):
             return
         if self.absorbed:
             fix = f"or remove @{self.absorbed}"
@@ -140,7 +141,7 @@ class WorkerPoolDecorator(StepDecorator):
             fix = 'or backend="local"'
         raise WorkerPoolException(
             f"step {self.step}: the {kind} environment Metaflow makes for {self.step} is on this machine, where "
-            f"only the local backend's workers run, and the ray backend's on a Ray of the pool's own "
+            f"only the local and redis backends' workers run, and the ray backend's on a Ray of the pool's own "
             f"(fix: @{kind}(disabled=True) on {self.step}, {fix})"
         )
 
