@@ -374,10 +374,35 @@ def test_a_pooled_task_takes_the_flows_own_options(
     assert len(workers) == 3 and all(workers), workers
 
 
+#: ``caught_flow.py``'s items that hang (until their timeout) and that fail.
+CAUGHT = {"POOL_FLOW_HANG": "2", "POOL_FLOW_FAIL": "4"}
+
+
 def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
     """With @worker_pool written on the step: @timeout kills only the hanging item's attempts, @catch
     records the failures of only those items, and the run goes on."""
-    done = run_flow(tmp_path, pooled=False, flow="caught_flow.py", env={"POOL_FLOW_HANG": "2", "POOL_FLOW_FAIL": "4"})
+    caught_per_item(run_flow(tmp_path, pooled=False, flow="caught_flow.py", env=CAUGHT), tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["redis", "ray"])
+def test_catch_and_timeout_apply_to_one_item_in_the_steps_environment(
+    tmp_path: Path, step_python: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The same where each worker hands its tasks to a fork server of its own under the step's environment
+    (``slot``): a timed-out attempt and a failing one fail alone, their status back through the worker, and
+    their retries run there too (the environment as in
+    ``test_a_pooled_pypi_step_runs_in_the_environment_metaflow_made``: a task under any other interpreter
+    would be refused)."""
+    wrapper = (str(FLOWS / "made_environment.py"), str(step_python.parents[1]))
+    env = {**CAUGHT, "POOL_FLOW_BACKEND": backend, **backend_env(backend, request, tmp_path)}
+    top = ("--environment", "pypi")
+    done = run_flow(tmp_path, pooled=False, flow="caught_flow.py", env=env, top=top, wrapper=wrapper)
+    caught_per_item(done, tmp_path)
+
+
+def caught_per_item(done: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
+    """``caught_flow.py`` with ``CAUGHT``: only its hanging and failing items failed, each once, then was
+    caught; every item ran in the pool."""
     assert done.returncode == 0, done.stderr[-3000:]
     run = facts(tmp_path, "CaughtFlow")
     assert run["successful"]

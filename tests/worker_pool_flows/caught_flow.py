@@ -1,6 +1,7 @@
 """``@worker_pool`` written on the step, with ``@catch`` and ``@timeout``: the items named in
 ``POOL_FLOW_HANG`` sleep until their timeout kills them, those in ``POOL_FLOW_FAIL`` raise. It prints
-when imported, as flow files do: the pool imports it before it says it is ready."""
+when imported, as flow files do: the pool imports it before it says it is ready. ``POOL_FLOW_BACKEND``
+names the pool's backend (default: local)."""
 
 import os
 import time
@@ -20,7 +21,7 @@ class CaughtFlow(FlowSpec):
         self.items = list(range(6))
         self.next(self.each, foreach="items")
 
-    @worker_pool(size=2)
+    @worker_pool(size=2, backend=os.environ.get("POOL_FLOW_BACKEND", "local"))
     @catch(var="error")
     @retry(times=1)
     @timeout(seconds=4)
