@@ -197,9 +197,12 @@ def _started_by(process: psutil.Process, root: str) -> bool:
         return False
 
 
-def start_busy_run(root: Path, backend: str = "local", env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_busy_run(
+    root: Path, backend: str = "local", env: dict[str, str] | None = None, step_python: Path | None = None
+) -> subprocess.Popen:
     """A pooled run of 6 items on 2 workers, started in the background and returned once both workers run
-    an item; the items wait for ``root/release`` to exist before they end."""
+    an item; the items wait for ``root/release`` to exist before they end. ``step_python``: the run's steps
+    each in that interpreter's environment, as ``--environment pypi`` made it (``made_environment.py``)."""
     shutil.copy(FLOWS / "pool_flow.py", root)
     environment = {
         **os.environ,
@@ -208,8 +211,9 @@ def start_busy_run(root: Path, backend: str = "local", env: dict[str, str] | Non
         "POOL_FLOW_RELEASE": str(root / "release"),
         **(env or {}),
     }
-    line = [sys.executable, "pool_flow.py", "--datastore-root", str(root / ".metaflow"), "run"]
-    line += ["--with", f"worker_pool:size=2,backend={backend}"]
+    made = [str(FLOWS / "made_environment.py"), str(step_python.parents[1])] if step_python else []
+    line = [sys.executable, *made, "pool_flow.py", *(["--environment", "pypi"] if step_python else [])]
+    line += ["--datastore-root", str(root / ".metaflow"), "run", "--with", f"worker_pool:size=2,backend={backend}"]
     runtime = subprocess.Popen(
         line, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -414,29 +418,32 @@ def caught_per_item(done: subprocess.CompletedProcess[str], tmp_path: Path) -> N
     assert all(item["worker"] for item in run["items"])
 
 
-STOPPING = ("local", "redis", "ray", "kubernetes")
+#: A pool's processes while two items run, and their folders, by backend ("-environment": the step has an
+#: environment of its own): local: the fork server and its two items; redis: a dispatcher, two workers and
+#: their two items (in a step's environment, their items under a fork server of each worker's own, in a
+#: folder of its own); ray: a dispatcher, each actor's fork server (a folder each) and their two items;
+#: kubernetes: a dispatcher, two pods and their two items.
+STOPPING = {"local": (3, 1), "redis": (5, 1), "ray": (5, 3), "kubernetes": (5, 1), "redis-environment": (7, 3)}
 
 
 @pytest.mark.parametrize(
-    ("backend", "stop"),
-    [(backend, stop) for backend in STOPPING for stop in (signal.SIGINT, signal.SIGTERM)],
-    ids=[f"{backend}-{stop}" for backend in STOPPING for stop in ("ctrl-c", "sigterm")],
+    ("pool_kind", "stop"),
+    [(kind, stop) for kind in STOPPING for stop in (signal.SIGINT, signal.SIGTERM)],
+    ids=[f"{kind}-{stop}" for kind in STOPPING for stop in ("ctrl-c", "sigterm")],
 )
 def test_stopping_the_run_leaves_no_worker_behind(
-    tmp_path: Path, backend: str, stop: signal.Signals, request: pytest.FixtureRequest
+    tmp_path: Path, pool_kind: str, stop: signal.Signals, request: pytest.FixtureRequest
 ) -> None:
     """Ctrl-C (the runtime stops the pool) or SIGTERM (the runtime dies; the pool sees its pipe close):
     no process (a Ray the pool started, the pods included), folder or queue key of the pool is left."""
+    backend, own = pool_kind.split("-")[0], pool_kind.endswith("-environment")
     env = backend_env(backend, request, tmp_path)
-    runtime = start_busy_run(tmp_path, backend, env)
+    runtime = start_busy_run(tmp_path, backend, env, request.getfixturevalue("step_python") if own else None)
     try:
         pool = pool_processes(POOL_MARKS)
-        # local: the fork server and its two items; redis: a dispatcher, two workers and their two items;
-        # ray: a dispatcher, each actor's fork server and their two items; kubernetes: a dispatcher, two
-        # pods and their two items
-        assert len(pool) == (3 if backend == "local" else 5), [p.cmdline() for p in pool]
+        assert len(pool) == STOPPING[pool_kind][0], [p.cmdline() for p in pool]
         folders = {Path(part).parent for p in pool for part in p.cmdline() if part.endswith("pool.sock")}
-        assert len(folders) == (3 if backend == "ray" else 1)  # (each Ray actor's fork server has its own)
+        assert len(folders) == STOPPING[pool_kind][1]
         if URL_VARIABLE in env:  # the URL (it may hold a password) is in their environment, not on command lines
             assert not any(env[URL_VARIABLE] in " ".join(p.cmdline()) for p in pool)
         runtime.send_signal(stop)
