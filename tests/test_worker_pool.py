@@ -166,7 +166,7 @@ def pool_processes(marks: tuple[str, ...] = POOL_MARKS + RAY_MARKS) -> list[psut
     for process in psutil.process_iter(["cmdline"]):
         line = process.info["cmdline"] or []
         if any(mark in part for part in line for mark in marks) and (
-            any(root in part for part in line) or _started_by(process, root)
+            any(part.startswith(root + os.sep) for part in line) or _started_by(process, root)
         ):
             found.append(process)
     return found
@@ -964,6 +964,40 @@ def where_items_ran(root: Path) -> list[dict]:
     done = subprocess.run([sys.executable, "-c", WHERE, str(root)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+CHATTY_TASK = """
+import pathlib, subprocess, sys
+if __name__ == "__main__":  # (not when the fork server imports the file)
+    chatter = "import os\\nwhile True:\\n    os.write(1, b'chatter' * 512)"  # (its pipe never empty)
+    pathlib.Path(sys.argv[1]).write_text(str(subprocess.Popen([sys.executable, "-c", chatter]).pid))
+"""
+
+
+def test_a_task_that_leaves_a_writer_behind_holds_no_slot(tmp_path: Path) -> None:
+    """A task that exits leaving a process that keeps writing into its output: a worker's one-slot fork
+    server (``slot``) gives its status and stops reading after the drain, instead of relaying forever."""
+    from metaflow_stack.pool.child import DRAIN_S
+    from metaflow_stack.pool.slot import Slot
+
+    script, pid_file = tmp_path / "chatty.py", tmp_path / "chatter.pid"
+    script.write_text(CHATTY_TASK)
+    slot = Slot(str(script), "test", str(tmp_path), None)
+    assert slot.start() is None
+    try:
+        task = Task(sys.executable, [sys.executable, str(script), str(pid_file)], dict(os.environ), str(tmp_path))
+        running, started, pieces = slot.submit(task, task.env), time.monotonic(), 0
+        while not running.ended and time.monotonic() - started < DRAIN_S + 20:
+            pieces += len(running.read(1.0))
+            time.sleep(0.005)  # (as a Redis worker relays each piece: slower than the writer fills the pipe)
+        running.close()
+        assert running.ended and running.status == 0 and pieces > 0
+        assert time.monotonic() - started < DRAIN_S + 20
+    finally:
+        slot.stop()
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path, step_python: Path) -> None:

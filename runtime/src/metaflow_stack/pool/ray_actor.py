@@ -46,11 +46,14 @@ class PoolActor:
             yield 2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode()
             yield 1
             return
+        if token in self.cancelled:  # cancelled before it started
+            self.cancelled.discard(token)
+            return
         env = {**task.env, **{name: os.environ[name] for name in RAY_ASSIGNED if name in os.environ}}
         running = self.slot.submit(task, env)
         self.running[token] = running
         try:
-            if token in self.cancelled:  # cancelled before it started
+            if token in self.cancelled:  # cancelled while it was handed over
                 return
             while not running.ended:
                 for piece in running.read(None):  # noqa: UP028 (not yield from: Ray sends into the generator)

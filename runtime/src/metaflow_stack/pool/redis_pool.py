@@ -51,7 +51,9 @@ class RedisPool(DispatchedPool):
 
     def start_workers(self) -> list[PoolProcess]:
         assert self.folder is not None
-        own = [f"--interpreter={json.dumps(dataclasses.asdict(self.interpreter))}"] if self.interpreter else []
+        own = []
+        if self.interpreter is not None:  # its fork servers' folders in the pool's, to go with it
+            own = [f"--interpreter={json.dumps(dataclasses.asdict(self.interpreter))}", f"--folder={self.folder.path}"]
         return [
             PoolProcess(
                 WORKER,

@@ -12,7 +12,9 @@ a time: a worker that is busy claims nothing.
 With ``--interpreter=JSON`` (a step with an environment of its own,
 ``@pypi``/``@conda``: its ``Interpreter``) it imports nothing of the flow
 itself and hands each task to a fork server of one slot under that
-interpreter (``slot``), relaying in the same way.
+interpreter (``slot``), relaying in the same way; the fork server's folder
+is in ``--folder=PATH`` (the pool's), so it goes with the pool's however
+they end.
 
 It stops, killing the task it runs, when its standard input closes
 (started by the run's runtime: the run is over, however it ended). With
@@ -47,6 +49,9 @@ from metaflow_stack.pool.trampoline import POOL_LOST
 
 #: After a cancelled task is sent SIGTERM: how long before SIGKILL.
 KILL_GRACE_S = 5.0
+#: The worker's options with a value, for a step with an environment of its own: its interpreter, and where
+#: the fork server it runs the step's tasks on keeps its folder.
+OPTIONS = ("interpreter", "folder")
 #: Where a detached worker says it is ready, in its temporary folder (the chart's readiness probe tests
 #: ``/tmp/`` and this name).
 READY_FILE = "mf-pool-worker-ready"
@@ -114,14 +119,10 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Li
 def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Lifeline, slot: Slot) -> int:
     """Run one claimed task on the worker's fork server of one slot, relaying its output; returns its exit
     status (``POOL_LOST`` if the fork server died under it, or the task was cancelled)."""
-    error = slot.revive()  # (one that died, out of memory say, started again)
-    if error is None:
-        try:
-            running = slot.submit(task, task.env)
-        except OSError as exc:  # (it died just now)
-            error = str(exc)
-    if error is not None:
-        queue.output(task_id, 2, f"worker pool: this worker's fork server took no task: {error}\n".encode())
+    try:
+        running = slot.submit(task, task.env)
+    except OSError as exc:  # (it died since the claim)
+        queue.output(task_id, 2, f"worker pool: this worker's fork server took no task: {exc}\n".encode())
         return POOL_LOST
     renewed, cancelled = time.monotonic(), False
     try:
@@ -145,8 +146,8 @@ def main() -> None:
     lifeline = Lifeline(detached="--detached" in flags)
     if lifeline.detached:
         Path(tempfile.gettempdir(), READY_FILE).unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
-    own = next((flag.split("=", 1)[1] for flag in flags if flag.startswith("--interpreter=")), None)
-    slot = Slot(flow_file, name, None, Interpreter(**json.loads(own))) if own else None
+    own, folder = (next((f.split("=", 1)[1] for f in flags if f.startswith(f"--{k}=")), None) for k in OPTIONS)
+    slot = Slot(flow_file, name, folder, Interpreter(**json.loads(own))) if own else None
     if slot is None:
         warm(flow_file)
     elif error := slot.start():
@@ -167,6 +168,8 @@ def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot
     if lifeline.detached:
         ready_file.touch()
     while not lifeline.ended():
+        if slot is not None and (error := slot.revive()):  # (before a claim: a slow start holds no lease)
+            sys.exit(f"worker pool: this worker's fork server could not start again: {error}")
         queue.live()
         claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
         if claimed is not None:

@@ -59,8 +59,6 @@ class Running:
             left = max(self.drained_by - now, 0)
             timeout = left if timeout is None else min(timeout, left)
         ready = select.select(waiting, [], [], timeout)[0]
-        if not ready and self.drained_by is not None and time.monotonic() >= self.drained_by:
-            self._close_streams()
         pieces = []
         for fd in ready:
             if fd is self.connection:
@@ -72,6 +70,8 @@ class Running:
             else:
                 os.close(fd)
                 del self.streams[fd]
+        if self.drained_by is not None and time.monotonic() >= self.drained_by:
+            self._close_streams()  # (whatever still writes into them: a process the task left running)
         return pieces
 
     def cancel(self) -> None:
@@ -100,11 +100,14 @@ class Slot:
     def start(self) -> str | None:
         """Start the fork server and wait until it is warm; why not, if it cannot start."""
         self.pool = LocalPool(self.flow_file, 1, self.name, self.parent, self.interpreter)
-        self.pool.start()
         try:
+            self.pool.start()
             self.address = str(self.pool.address())
         except StackError as exc:
             return exc.message
+        except OSError as exc:  # (its interpreter gone, say)
+            self.pool.stop()
+            return f"could not start {self.interpreter.python if self.interpreter else sys.executable}: {exc}"
         return None
 
     def revive(self) -> str | None:
