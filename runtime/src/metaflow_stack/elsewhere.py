@@ -102,15 +102,20 @@ class Launcher:
             return False
 
 
-def remove_orphans(engine: DockerEngine, label: str, owner: str) -> int:
-    """Remove the containers labelled ``label`` whose launcher (named by their ``owner`` label) on this host
-    no longer runs: what a launcher killed outright left; how many."""
-    orphans = []
+def orphans(engine: DockerEngine, label: str, owner: str) -> list[Any]:
+    """The containers labelled ``label`` whose launcher (named by their ``owner`` label) on this host no
+    longer runs: what a launcher killed outright left."""
+    found = []
     for container in engine.containers({label: None}):
         launcher = Launcher.parse(container.config.labels.get(owner))
         if launcher is not None and launcher.gone():
-            orphans.append(container)
-    return engine.remove(orphans)
+            found.append(container)
+    return found
+
+
+def remove_orphans(engine: DockerEngine, label: str, owner: str) -> int:
+    """Remove the ``orphans``; how many."""
+    return engine.remove(orphans(engine, label, owner))
 
 
 def started_at(pid: int) -> float:

@@ -9,14 +9,16 @@ the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import sys
 from pathlib import Path
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy
 from metaflow_stack.devcontainer.stores import WORKDIR
 from metaflow_stack.devcontainer.task_container import TaskContainer
-from metaflow_stack.elsewhere import Launcher
-from metaflow_stack.elsewhere import remove_orphans as elsewhere_orphans
+from metaflow_stack.elsewhere import Launcher, orphans
 from metaflow_stack.engines import JobSpec, Mount, get_engine, host_user
 from metaflow_stack.engines.docker import DockerEngine
 from metaflow_stack.trampolines import stopped_by_signals
@@ -26,6 +28,9 @@ CODE = "/mf/code"
 #: Labels every step container carries: its task, and the trampoline waiting on it (``elsewhere.Launcher``).
 LABEL = "io.metaflow-stack.devcontainer"
 OWNER = "io.metaflow-stack.devcontainer.owner"
+#: On a ``@worker_pool``'s container: the pool's folder on this machine, mounted into it (its runtime removes
+#: it; after a runtime killed outright, the sweep that removes the container).
+POOL_FOLDER = "io.metaflow-stack.devcontainer.pool-folder"
 
 
 def _script(step_cli: str, container: TaskContainer) -> str:
@@ -48,11 +53,12 @@ def job_spec(
     policy: SandboxPolicy,
     pathspec: str,
     container: TaskContainer | None = None,
+    labels: dict[str, str] | None = None,
 ) -> JobSpec:
     """A container of ``image`` running ``step_cli`` (the interpreter's arguments: the flow file under
     ``CODE``, ...) under ``policy``, with the run's datastore and metadata reachable (``stores``: what to
     mount) and what a devcontainer.json adds (``container``): a step's task, or a ``@worker_pool``'s
-    fork server.
+    fork server (``labels``: its ``POOL_FOLDER``).
 
     The decorator's own limits win over the file's ``runArgs``; the step's Metaflow variables win
     over the file's environment."""
@@ -70,7 +76,7 @@ def job_spec(
         user=container.user or host_user(),
         cpu=policy.cpu or container.cpu,
         memory=policy.memory or container.memory,
-        labels={**container.labels, LABEL: pathspec, OWNER: Launcher.this().label},
+        labels={**container.labels, **(labels or {}), LABEL: pathspec, OWNER: Launcher.this().label},
         owner="devcontainer",
         network=policy.network,
         read_only=policy.read_only,
@@ -97,5 +103,22 @@ def run_step(spec: JobSpec) -> int:
 
 
 def remove_orphans(engine: DockerEngine) -> int:
-    """Remove step containers whose trampoline on this host no longer runs; how many."""
-    return elsewhere_orphans(engine, LABEL, OWNER)
+    """Remove step containers whose trampoline (a pool's: whose runtime) on this host no longer runs, and
+    the folders of the pools among them; how many containers."""
+    found = orphans(engine, LABEL, OWNER)
+    for container in found:
+        _remove_pool_folder(container.config.labels.get(POOL_FOLDER))
+    return engine.remove(found)
+
+
+def _remove_pool_folder(folder: str | None) -> None:
+    """Remove a pool's folder a container's label names, if it is one: this user's own ``mf-pool-`` folder
+    (a label names anything its maker wrote)."""
+    if not folder or not os.path.basename(folder).startswith("mf-pool-"):
+        return
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+        shutil.rmtree(folder, ignore_errors=True)

@@ -258,7 +258,7 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         The policy's limits are the whole pool's. Called at ``runtime_init``, after this decorator's."""
         from metaflow_stack import code_package as code
         from metaflow_stack.devcontainer import stores
-        from metaflow_stack.devcontainer.launch import CODE, job_spec
+        from metaflow_stack.devcontainer.launch import CODE, POOL_FOLDER, job_spec
         from metaflow_stack.devcontainer.task_container import TaskContainer
         from metaflow_stack.engines import Mount, get_engine
 
@@ -275,7 +275,8 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
 
         def launch(python_args: list[str], folder: Path) -> Job:
             pool = Mount(str(folder), str(folder), read_only=False)
-            spec = job_spec(image, shlex.join(python_args), unpacked, [*mounts, pool], env, policy, step, container)
+            command, labels = shlex.join(python_args), {POOL_FOLDER: str(folder)}
+            spec = job_spec(image, command, unpacked, [*mounts, pool], env, policy, step, container, labels)
             return get_engine("docker", probe=False).launch(spec)
 
         return launch, f"{CODE}/{os.path.basename(flow_file)}"
