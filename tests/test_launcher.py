@@ -53,3 +53,31 @@ def test_a_zombie_has_ended() -> None:
 )
 def test_a_label_that_names_no_launcher_is_not_judged(label: object) -> None:
     assert Launcher.parse(label) is None
+
+
+def test_a_sweep_removes_only_a_pools_own_folder(tmp_path) -> None:
+    """The folder an orphaned pool container's label names is removed only where it is a pool's: an
+    absolute, normal path the container mounted at the same path, this user's own ``mf-pool-`` folder, not
+    a link (what else a label names, whoever made the container wrote)."""
+    from types import SimpleNamespace
+
+    from metaflow_stack.devcontainer.launch import pool_folder
+
+    folder, other, link, file = (tmp_path / name for name in ("mf-pool-a", "work", "mf-pool-link", "mf-pool-f"))
+    folder.mkdir()
+    other.mkdir()
+    link.symlink_to(folder)
+    file.write_text("")
+
+    def mounted(path) -> list:
+        return [SimpleNamespace(source=str(path), destination=str(path))]
+
+    assert pool_folder(str(folder), mounted(folder)) == str(folder)
+    assert pool_folder(str(folder), [SimpleNamespace(source=str(folder), destination="/elsewhere")]) is None
+    assert pool_folder(str(folder), []) is None  # (a label on a container that mounted no such folder)
+    assert pool_folder(f"{other}/../mf-pool-a", mounted(f"{other}/../mf-pool-a")) is None
+    assert pool_folder("mf-pool-a", mounted("mf-pool-a")) is None
+    assert pool_folder(str(other), mounted(other)) is None
+    assert pool_folder(str(link), mounted(link)) is None
+    assert pool_folder(str(file), mounted(file)) is None
+    assert pool_folder(None, []) is None

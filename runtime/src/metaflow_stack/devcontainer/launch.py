@@ -14,6 +14,7 @@ import shutil
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from metaflow_stack.devcontainer.policy import SandboxPolicy
 from metaflow_stack.devcontainer.stores import WORKDIR
@@ -76,7 +77,7 @@ def job_spec(
         user=container.user or host_user(),
         cpu=policy.cpu or container.cpu,
         memory=policy.memory or container.memory,
-        labels={**container.labels, **(labels or {}), LABEL: pathspec, OWNER: Launcher.this().label},
+        labels={**_own(container.labels), **(labels or {}), LABEL: pathspec, OWNER: Launcher.this().label},
         owner="devcontainer",
         network=policy.network,
         read_only=policy.read_only,
@@ -107,18 +108,29 @@ def remove_orphans(engine: DockerEngine) -> int:
     the folders of the pools among them; how many containers."""
     found = orphans(engine, LABEL, OWNER)
     for container in found:
-        _remove_pool_folder(container.config.labels.get(POOL_FOLDER))
+        folder = pool_folder(container.config.labels.get(POOL_FOLDER), container.mounts)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return engine.remove(found)
 
 
-def _remove_pool_folder(folder: str | None) -> None:
-    """Remove a pool's folder a container's label names, if it is one: this user's own ``mf-pool-`` folder
-    (a label names anything its maker wrote)."""
-    if not folder or not os.path.basename(folder).startswith("mf-pool-"):
-        return
+def pool_folder(label: str | None, mounts: list[Any]) -> str | None:
+    """The pool's folder a container's ``POOL_FOLDER`` label names, if it is one: an absolute, normal path
+    the container has mounted at the same path, and this user's own ``mf-pool-`` folder, not a link (what
+    else a label could name, its maker wrote)."""
+    if not label or not os.path.isabs(label) or os.path.normpath(label) != label:
+        return None
+    if not os.path.basename(label).startswith("mf-pool-"):
+        return None
+    if not any(mount.source == label and str(mount.destination) == label for mount in mounts):
+        return None
     try:
-        info = os.lstat(folder)
+        info = os.lstat(label)
     except OSError:
-        return
-    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
-        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return label if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() else None
+
+
+def _own(labels: dict[str, str]) -> dict[str, str]:
+    """A devcontainer.json's labels, less those only the stack sets."""
+    return {name: value for name, value in labels.items() if name != POOL_FOLDER}

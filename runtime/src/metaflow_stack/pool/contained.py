@@ -6,7 +6,9 @@ pool (a Unix socket and ``SCM_RIGHTS`` cross the container's boundary: one kerne
 The container is no child of the runtime, so the runtime's lifeline is a connection on the server's
 ``LIFELINE`` socket, made as the container starts: the server says ``ready`` on it once it has
 imported the flow, and stops (killing its tasks) when it closes, however the runtime ends; the
-container then exits and is removed. The kernel tells the runtime the server's pid on that
+container then exits. The runtime removes it and the pool's folder; after a runtime killed outright, the
+next ``@devcontainer`` run's sweep does (``devcontainer.launch.remove_orphans``: the container carries
+the folder's path). The kernel tells the runtime the server's pid on that
 connection, and the trampolines hand their tasks to no other process (a task can write the pool's
 folder, so it could put a socket of its own in the pool's place). Each task gets only the variables
 Metaflow and the step's decorators set for it (``PASSED_VARIABLE`` names them), none of the host's,
@@ -116,5 +118,11 @@ class ContainedPool(LocalPool):
     def start(self) -> None:
         self.folder = PoolFolder(self.parent)
         args = ["-c", SERVER, str(self.folder.address), self.flow_file, str(self.size), self.name, "--contained"]
-        self.server = ContainedServer(self.launch(args, self.folder.path), self.folder.path / LIFELINE)
+        try:
+            container = self.launch(args, self.folder.path)
+        except Exception:  # (an image that cannot run, say): no container, so no folder either
+            self.folder.remove()
+            self.folder = None
+            raise
+        self.server = ContainedServer(container, self.folder.path / LIFELINE)
         self.server.connect()

@@ -30,6 +30,8 @@ folder is not here.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import select
@@ -140,6 +142,20 @@ def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline
     return POOL_LOST if running.status is None else running.status
 
 
+def revive(slot: Slot, queue: RedisQueue) -> str | None:
+    """``slot.revive()``, saying every second meanwhile that this worker lives: a fork server slow to import
+    the flow would otherwise read as a queue no worker serves, and fail what waits in it. (A thread: this
+    worker forks nothing itself when it has a slot.)"""
+    if slot.alive():
+        return None
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        reviving = thread.submit(slot.revive)
+        while True:
+            queue.live()
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                return reviving.result(timeout=RENEW_S)
+
+
 def main() -> None:
     prefix, flow_file, name, *flags = sys.argv[1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
@@ -168,7 +184,7 @@ def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot
     if lifeline.detached:
         ready_file.touch()
     while not lifeline.ended():
-        if slot is not None and (error := slot.revive()):  # (before a claim: a slow start holds no lease)
+        if slot is not None and (error := revive(slot, queue)):  # (before a claim: a slow start holds no lease)
             sys.exit(f"worker pool: this worker's fork server could not start again: {error}")
         queue.live()
         claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop

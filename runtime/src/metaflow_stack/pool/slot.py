@@ -110,9 +110,12 @@ class Slot:
             return f"could not start {self.interpreter.python if self.interpreter else sys.executable}: {exc}"
         return None
 
+    def alive(self) -> bool:
+        return self.pool is not None and self.pool.alive()
+
     def revive(self) -> str | None:
         """Start the fork server again if it died (out of memory, say); why not, if it cannot."""
-        if self.pool is not None and self.pool.alive():
+        if self.alive():
             return None
         self.stop()
         return self.start()
