@@ -593,6 +593,38 @@ def test_a_worker_lost_mid_item_fails_only_that_attempt(
     assert not none_left()
 
 
+def test_a_workers_fork_server_killed_mid_item_comes_back(
+    tmp_path: Path, step_python: Path, request: pytest.FixtureRequest
+) -> None:
+    """A Redis worker's own fork server (the step has an environment of its own) killed outright mid-item:
+    that attempt fails saying so, the worker starts a fork server again before it claims another item, and
+    @retry runs the item again."""
+    env = backend_env("redis", request, tmp_path)
+    runtime = start_busy_run(tmp_path, "redis", env, step_python)
+    try:
+        workers = [p for p in pool_processes(POOL_MARKS[2:]) if p.ppid() == runtime.pid]
+        servers = [child for worker in workers for child in worker.children()]
+        assert len(workers) == 2 and len(servers) == 2, [p.cmdline() for p in workers + servers]
+        servers[0].kill()  # its task dies with it
+        known, again, deadline = {server.pid for server in servers}, [], time.monotonic() + 120
+        while not again and time.monotonic() < deadline:
+            time.sleep(0.5)
+            again = [child for worker in workers for child in worker.children() if child.pid not in known]
+        assert again, "the worker started no fork server again"
+        (tmp_path / "release").touch()
+        rest = runtime.stdout.read()
+        assert runtime.wait(timeout=300) == 0, rest[-3000:]
+    finally:
+        runtime.kill()
+    run = facts(tmp_path)
+    assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+    retried = [item for item in run["items"] if item["attempt"] == 1]
+    assert len(retried) == 1, [item["attempt"] for item in run["items"]]
+    assert "fork server ended before the task did" in retried[0]["first_stderr"]
+    assert not pool_keys(env[URL_VARIABLE])
+    assert not none_left()
+
+
 @pytest.mark.parametrize(
     ("backend", "variable", "words"),
     [

@@ -139,6 +139,8 @@ def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline
                     running.cancel()  # the fork server kills it (SIGTERM, SIGKILL after its grace)
     finally:
         running.close()
+    if running.status is None and not cancelled:  # (killed outright, out of memory say)
+        queue.output(task_id, 2, b"worker pool: this worker's fork server ended before the task did\n")
     return POOL_LOST if running.status is None else running.status
 
 
