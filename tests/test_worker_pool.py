@@ -578,19 +578,29 @@ def test_a_worker_lost_mid_item_fails_only_that_attempt(
             workers = [p for p in pool_processes(RAY_MARKS[:1]) if p.children()]
         assert len(workers) == 2, [p.cmdline() for p in workers]
         workers[0].kill()  # its task dies with it
-        (tmp_path / "release").touch()
+    except BaseException:
+        runtime.kill()
+        raise
+    one_item_retried(runtime, tmp_path, said)
+    if backend == "redis":
+        assert not pool_keys(env[URL_VARIABLE])
+    assert not none_left()
+
+
+def one_item_retried(runtime: subprocess.Popen, root: Path, said: str) -> None:
+    """Release ``start_busy_run``'s items and see the run succeed with one item retried, its first attempt's
+    stderr saying ``said`` (the runtime is killed if it does not end)."""
+    try:
+        (root / "release").touch()
         rest = runtime.stdout.read()
         assert runtime.wait(timeout=300) == 0, rest[-3000:]
     finally:
         runtime.kill()
-    run = facts(tmp_path)
+    run = facts(root)
     assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
     retried = [item for item in run["items"] if item["attempt"] == 1]
     assert len(retried) == 1, [item["attempt"] for item in run["items"]]
     assert said in retried[0]["first_stderr"]
-    if backend == "redis":
-        assert not pool_keys(env[URL_VARIABLE])
-    assert not none_left()
 
 
 def test_a_workers_fork_server_killed_mid_item_comes_back(
@@ -611,16 +621,10 @@ def test_a_workers_fork_server_killed_mid_item_comes_back(
             time.sleep(0.5)
             again = [child for worker in workers for child in worker.children() if child.pid not in known]
         assert again, "the worker started no fork server again"
-        (tmp_path / "release").touch()
-        rest = runtime.stdout.read()
-        assert runtime.wait(timeout=300) == 0, rest[-3000:]
-    finally:
+    except BaseException:
         runtime.kill()
-    run = facts(tmp_path)
-    assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
-    retried = [item for item in run["items"] if item["attempt"] == 1]
-    assert len(retried) == 1, [item["attempt"] for item in run["items"]]
-    assert "fork server ended before the task did" in retried[0]["first_stderr"]
+        raise
+    one_item_retried(runtime, tmp_path, "fork server ended before the task did")
     assert not pool_keys(env[URL_VARIABLE])
     assert not none_left()
 
