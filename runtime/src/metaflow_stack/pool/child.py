@@ -56,7 +56,11 @@ def warm(flow_file: str) -> None:
     # of the flow being run (its flow decorators': @project's --branch; its Configs'): each task builds its
     # own (under a millisecond) in its own flow's context, as `python flow.py` does.
     import metaflow.cli
+    import metaflow.cli_components.step_cmd  # (stateless: what it takes from metaflow.cli are plain functions)
     import metaflow.task  # noqa: F401
+
+    import metaflow_stack.pool.backend  # what this package's decorators import in each task's step_init
+    import metaflow_stack.solved_environment  # noqa: F401
 
     del sys.modules["metaflow.cli"]
     delattr(sys.modules["metaflow"], "cli")
