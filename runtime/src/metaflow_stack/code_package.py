@@ -8,11 +8,18 @@ Folders are named by the package's content hash and made whole before they appea
 compiled under a temporary name, then renamed), so tasks starting together never see half a
 package. The bytecode is the host Python's; an image with another Python version reads the
 sources instead (the mount is read-only, so no task writes into what others share).
+
+Beyond ``KEEP`` packages the least recently used are removed, but never one that a live process
+asked for: each process that asks holds a shared lock on the package's lock file beside it until
+it ends (a run's runtime, whose pool imports from the folder all run long; a task's trampoline,
+whose container mounts it), and the kernel lets go of the lock however the process ends.
 """
 
 from __future__ import annotations
 
 import compileall
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -21,8 +28,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-#: Unpacked packages kept per machine; the least recently used beyond this are removed.
+#: Unpacked packages kept per machine; the least recently used beyond this, that no process holds, are removed.
 KEEP = 16
+
+#: This process's holds, by package hash: the open lock files (closed only as the process ends).
+_held: dict[str, int] = {}
 
 
 def package_bytes(flow_datastore, url: str, sha: str) -> bytes:
@@ -37,10 +47,11 @@ def unpacked(sha: str, archive: Callable[[], bytes], cache: Path) -> Path:
     """The folder holding the package ``sha``, unpacked and compiled (``archive`` gives its bytes, asked only
     when it is not unpacked here yet)."""
     target = cache / sha
+    cache.mkdir(parents=True, exist_ok=True)
+    _hold(cache, sha)  # before looking: a pruning elsewhere cannot remove it between the look and the hold
     if target.is_dir():
         os.utime(target)  # used now: kept by the pruning below
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=cache))
     try:
         tgz = staging / "package.tgz"
@@ -79,7 +90,35 @@ def _cache() -> Path:
     return settings.load().state_dir / "code"
 
 
+def _hold(cache: Path, sha: str) -> None:
+    """Keep the package ``sha`` from being pruned while this process lives: a shared lock on its lock file
+    (taken again if a pruning removed the file between its opening and its locking)."""
+    if sha in _held:
+        return
+    path = cache / f"{sha}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                _held[sha] = fd
+                return
+        os.close(fd)
+
+
 def _prune(cache: Path) -> None:
+    """Remove the least recently used packages beyond ``KEEP`` that no process holds, and the lock files
+    of packages that are gone."""
     folders = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")), key=os.path.getmtime)
-    for old in folders[:-KEEP]:
+    stale = [lock.with_suffix("") for lock in cache.glob("*.lock") if not lock.with_suffix("").is_dir()]
+    for old in [*folders[:-KEEP], *stale]:
+        lock = old.with_name(f"{old.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live process holds it
+            os.close(fd)
+            continue
         shutil.rmtree(old, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
