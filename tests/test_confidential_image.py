@@ -339,6 +339,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.timeout(1800)  # (its run may take 1500 s: an environment solved, and its image built)
 def test_a_pypi_step_runs_in_its_image_with_the_environment_metaflow_solved(
     tmp_path: Path, docker_engine, gramine_image: str
 ) -> None:

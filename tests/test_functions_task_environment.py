@@ -69,6 +69,7 @@ def test_worker_requirements_are_pinned_with_their_dependencies() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # (its run may take 1200 s: an environment solved with micromamba)
 def test_function_runs_in_the_tasks_pypi_environment(tmp_path: Path) -> None:
     need("micromamba", shutil.which("micromamba") is not None, "Metaflow's @pypi builds environments with micromamba")
     from metaflow import JsonFunction, Run, function_from_json, get_metadata, metadata
