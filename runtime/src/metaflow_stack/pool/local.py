@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,11 @@ class Interpreter:
 
     python: str
     env: dict[str, str]
+
+
+def python_of(interpreter: Interpreter | None) -> str:
+    """The Python a pool's workers run: the step's own environment's, else this one."""
+    return interpreter.python if interpreter else sys.executable
 
 
 class LocalPool:

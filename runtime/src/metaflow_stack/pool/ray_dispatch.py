@@ -31,7 +31,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
-from metaflow_stack.pool.local import Interpreter
+from metaflow_stack.pool.local import Interpreter, python_of
 from metaflow_stack.pool.ray_actor import PoolActor
 
 #: How long Ray may take to start and the actors to be placed and import the flow (below the runtime's
@@ -194,4 +194,4 @@ async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
     if problems:
         discard(actors)
         raise StackError(problems[0], fix="run the flow without @worker_pool to see the full error")
-    return RayExecutor(actors, interpreter.python if interpreter else sys.executable)
+    return RayExecutor(actors, python_of(interpreter))

@@ -30,6 +30,7 @@ folder is not here.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import json
@@ -51,9 +52,6 @@ from metaflow_stack.pool.trampoline import POOL_LOST
 
 #: After a cancelled task is sent SIGTERM: how long before SIGKILL.
 KILL_GRACE_S = 5.0
-#: The worker's options with a value, for a step with an environment of its own: its interpreter, and where
-#: the fork server it runs the step's tasks on keeps its folder.
-OPTIONS = ("interpreter", "folder")
 #: Where a detached worker says it is ready, in its temporary folder (the chart's readiness probe tests
 #: ``/tmp/`` and this name).
 READY_FILE = "mf-pool-worker-ready"
@@ -158,20 +156,32 @@ def revive(slot: Slot, queue: RedisQueue) -> str | None:
                 return reviving.result(timeout=RENEW_S)
 
 
+def options(argv: list[str]) -> argparse.Namespace:
+    """The worker's command line (see the module's docstring); only the pool and its charts write it."""
+    parser = argparse.ArgumentParser(prog="redis_worker")
+    for name in ("prefix", "flow_file", "name"):
+        parser.add_argument(name)
+    parser.add_argument("--detached", action="store_true")
+    parser.add_argument("--interpreter", help="the step's own environment's Interpreter, as JSON")
+    parser.add_argument("--folder", help="where that environment's fork server keeps its folder")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
-    prefix, flow_file, name, *flags = sys.argv[1:]
+    args = options(sys.argv[1:])
+    flow_file, name = args.flow_file, args.name
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
-    lifeline = Lifeline(detached="--detached" in flags)
+    lifeline = Lifeline(detached=args.detached)
     if lifeline.detached:
         Path(tempfile.gettempdir(), READY_FILE).unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
-    own, folder = (next((f.split("=", 1)[1] for f in flags if f.startswith(f"--{k}=")), None) for k in OPTIONS)
-    slot = Slot(flow_file, name, folder, Interpreter(**json.loads(own))) if own else None
+    own = args.interpreter
+    slot = Slot(flow_file, name, args.folder, Interpreter(**json.loads(own))) if own else None
     if slot is None:
         warm(flow_file)
     elif error := slot.start():
         sys.exit(error)  # (the last line of its log, which the runtime shows)
     try:
-        serve(prefix, flow_file, name, lifeline, slot)
+        serve(args.prefix, flow_file, name, lifeline, slot)
     finally:  # (its fork server would see this process end too)
         if slot is not None:
             slot.stop()

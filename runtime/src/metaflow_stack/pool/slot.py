@@ -18,13 +18,12 @@ import contextlib
 import os
 import select
 import socket
-import sys
 import time
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import DRAIN_S, Task
-from metaflow_stack.pool.local import Interpreter, LocalPool
+from metaflow_stack.pool.local import Interpreter, LocalPool, python_of
 
 
 class Running:
@@ -107,7 +106,7 @@ class Slot:
             return exc.message
         except OSError as exc:  # (its interpreter gone, say)
             self.pool.stop()
-            return f"could not start {self.interpreter.python if self.interpreter else sys.executable}: {exc}"
+            return f"could not start {python_of(self.interpreter)}: {exc}"
         return None
 
     def alive(self) -> bool:
@@ -123,8 +122,7 @@ class Slot:
     def submit(self, task: Task, env: dict[str, str]) -> Running:
         """Hand ``task`` over with ``env`` as its environment, under the fork server's interpreter (the
         caller checked that it is the one the task asked for)."""
-        python = self.interpreter.python if self.interpreter else sys.executable
-        request = trampoline.encode(python, task.argv, env, task.cwd)
+        request = trampoline.encode(python_of(self.interpreter), task.argv, env, task.cwd)
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
