@@ -173,19 +173,24 @@ def pool_processes(marks: tuple[str, ...] = POOL_MARKS + RAY_MARKS) -> list[psut
 
 
 def still_there(processes: list[psutil.Process]) -> str:
-    """What each of ``processes`` is and, for a dispatcher, where it is (its threads' stacks, which it writes
-    to its log on SIGUSR1)."""
+    """What each of ``processes`` is: its threads (what each waits in, from ``/proc``), its open files and, for
+    a dispatcher, its threads' Python stacks (which it writes to its log on SIGUSR1; read through its own
+    descriptor, as the log's folder may be gone)."""
     lines = []
     for process in processes:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             line = process.cmdline()
             lines.append(f"{process.pid} (parent {process.ppid()}, {process.status()}): {' '.join(line)[:300]}")
-            sockets = [part for part in line if part.endswith("pool.sock")]
-            if "metaflow_stack.pool.dispatcher" in " ".join(line) and sockets:
+            for thread in Path(f"/proc/{process.pid}/task").iterdir():
+                waits = [(thread / name).read_text().strip()[:60] for name in ("comm", "wchan", "syscall")]
+                lines.append(f"  thread {thread.name}: {' | '.join(waits)}")
+            fds = Path(f"/proc/{process.pid}/fd")
+            lines.append("  files: " + ", ".join(f"{fd.name}={os.readlink(fd)}" for fd in sorted(fds.iterdir()))[:1500])
+            if "metaflow_stack.pool.dispatcher" in " ".join(line):
                 process.send_signal(signal.SIGUSR1)
                 time.sleep(1)
-                log = Path(sockets[0]).with_name("dispatcher.log")
-                lines.append(log.read_text(errors="replace")[-6000:] if log.exists() else "(no log)")
+                log = (fds / "2").read_bytes()[-6000:].decode(errors="replace")
+                lines.append(log or "(nothing in its log)")
     return "\n".join(lines)
 
 
