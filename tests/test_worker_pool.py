@@ -187,10 +187,10 @@ def still_there(processes: list[psutil.Process]) -> str:
             fds = Path(f"/proc/{process.pid}/fd")
             lines.append("  files: " + ", ".join(f"{fd.name}={os.readlink(fd)}" for fd in sorted(fds.iterdir()))[:1500])
             if "metaflow_stack.pool.dispatcher" in " ".join(line):
-                process.send_signal(signal.SIGUSR1)
-                time.sleep(1)
-                log = (fds / "2").read_bytes()[-6000:].decode(errors="replace")
-                lines.append(log or "(nothing in its log)")
+                with (fds / "2").open("rb") as log:  # (opened first: its folder goes if it ends meanwhile)
+                    process.send_signal(signal.SIGUSR1)
+                    time.sleep(1)
+                    lines.append(log.read()[-6000:].decode(errors="replace") or "(nothing in its log)")
     return "\n".join(lines)
 
 
