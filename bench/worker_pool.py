@@ -211,7 +211,8 @@ def main() -> None:
                     speedup = results["plain foreach"]["span"] / r["span"]
                     label = f"{n} x {'trivial' if kind == 'trivial' else '50 ms CPU'}"
                     cells = [f"{r['wall']:.1f}", f"{r['span']:.1f}", f"{per_item:.1f}", f"{r['cpu']:.1f}"]
-                    table.add_row(label, name, *cells, "1.0x" if runners[name] is None else f"{speedup:.1f}x faster")
+                    versus = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+                    table.add_row(label, name, *cells, "1.0x" if runners[name] is None else versus)
                     if kind == "cpu" and (n, name) in trivial_cost:
                         ideal = n * work / 2
                         bound = ideal + n * trivial_cost[(n, name)] / 1000
