@@ -35,7 +35,7 @@ from metaflow_stack.pool.counts import Counts
 #: Writes one piece of a task's output to its stdout (1) or stderr (2).
 Output = Callable[[int, bytes], Awaitable[None]]
 #: Once the run is over: how long the tasks in flight have to end after they are cancelled (a Redis round
-#: trip or two each), before the pool is closed without them. A dispatcher must never outlive its run.
+#: trip or two each), before the pool is closed without them (asyncio.run cancels them again as it ends).
 CANCEL_S = 10.0
 
 
@@ -80,10 +80,7 @@ class Dispatcher:
         for task in list(self.in_flight):
             task.cancel()
         if self.in_flight:
-            _, stuck = await asyncio.wait(list(self.in_flight), timeout=CANCEL_S)
-            for task in stuck:  # (where each waits, in the log)
-                print(f"worker pool: a task did not stop in {CANCEL_S:.0f}s of its cancel:", file=sys.stderr)
-                task.print_stack(file=sys.stderr)
+            await asyncio.wait(list(self.in_flight), timeout=CANCEL_S)
         counting.cancel()
         await self.executor.close()
 

@@ -52,6 +52,10 @@ class RedisExecutor:
             await self.queue.submit(task_id, task)
             after, cancelled_at, taken_at, unserved_at = "0-0", None, None, None
             while True:
+                # A cancel (the pool stopping) that landed as a command's send completed: redis-py sends under
+                # asyncio.wait_for, which on Python 3.11 then returns instead of raising (fixed in 3.12).
+                if asyncio.current_task().cancelling():
+                    raise asyncio.CancelledError
                 entries = await self.queue.read_output(task_id, after, POLL_MS)
                 for entry_id, fields in entries:
                     after = entry_id
