@@ -31,8 +31,8 @@ from pathlib import Path
 #: Unpacked packages kept per machine; the least recently used beyond this, that no process holds, are removed.
 KEEP = 16
 
-#: This process's holds, by package hash: the open lock files (closed only as the process ends).
-_held: dict[str, int] = {}
+#: This process's holds, by lock file: the open lock files (closed only as the process ends).
+_held: dict[Path, int] = {}
 
 
 def package_bytes(flow_datastore, url: str, sha: str) -> bytes:
@@ -92,17 +92,19 @@ def _cache() -> Path:
 
 def _hold(cache: Path, sha: str) -> None:
     """Keep the package ``sha`` from being pruned while this process lives: a shared lock on its lock file
-    (taken again if a pruning removed the file between its opening and its locking)."""
-    if sha in _held:
-        return
+    (taken again if a pruning removed the file between its opening and its locking). A cache this process
+    cannot make a lock file in (read-only) is one it does not prune either: no hold is needed."""
     path = cache / f"{sha}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    while path not in _held:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
         fcntl.flock(fd, fcntl.LOCK_SH)
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                _held[sha] = fd
-                return
+                _held[path] = fd
+                continue
         os.close(fd)
 
 
@@ -113,12 +115,15 @@ def _prune(cache: Path) -> None:
     stale = [lock.with_suffix("") for lock in cache.glob("*.lock") if not lock.with_suffix("").is_dir()]
     for old in [*folders[:-KEEP], *stale]:
         lock = old.with_name(f"{old.name}.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process holds it
-            os.close(fd)
+            shutil.rmtree(old, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        except OSError:  # a live process holds it (or the lock cannot be had): kept
             continue
-        shutil.rmtree(old, ignore_errors=True)
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+        finally:
+            os.close(fd)
