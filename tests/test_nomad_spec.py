@@ -235,6 +235,18 @@ def test_a_dispatch_gives_the_run_its_parameters_as_nomad_names_them() -> None:
     ]
 
 
+def test_the_run_id_is_found_where_the_runs_own_output_cut_its_line() -> None:
+    """The marker is one write, but Metaflow's logger writes a line's timestamp, task and message apart: the
+    marker can land after the timestamp (as it did once in CI, and the trigger waited for a line that never
+    started with it)."""
+    from metaflow_stack.nomad.deployment import RUN_ID_MARKER, run_id_in
+
+    assert run_id_in(f"{RUN_ID_MARKER}12") == "12"
+    assert run_id_in(f"2026-12-05 19:07:55.345 {RUN_ID_MARKER}12") == "12"
+    assert run_id_in("2026-12-05 19:07:55.345 [1/start/1 (pid 7)] Task is starting.") is None
+    assert run_id_in(RUN_ID_MARKER) is None
+
+
 def test_a_deployed_jobs_credentials_are_exported_quoted_and_only_under_variable_names() -> None:
     from metaflow_stack.nomad.job_secrets import exports
 

@@ -247,14 +247,22 @@ def job_command(
     return shlex.split(f'bash -c "{script}"')
 
 
+def run_id_in(line: str) -> str | None:
+    """The run id in a line of the dispatched job's output, if the line has the marker. Not only at its start:
+    the marker is one write of its own, but the run writes each of its log lines in pieces (Metaflow's logger
+    writes the timestamp, the task's name and the message apart), so the marker may follow a piece of one."""
+    _, marker, run_id = line.partition(RUN_ID_MARKER)
+    return (run_id.strip() or None) if marker else None
+
+
 def run_id_of(client: NomadClient, job: str, eval_id: str, timeout_s: float) -> str:
     """The run id a dispatched ``job`` prints once its run has started; its output is read until then."""
     found: queue.Queue[str | Ending | BaseException] = queue.Queue()
     last: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
     def on_line(kind: str, line: str) -> None:
-        if kind == "stdout" and line.startswith(RUN_ID_MARKER):
-            found.put(line[len(RUN_ID_MARKER) :].strip())
+        if kind == "stdout" and (run_id := run_id_in(line)):
+            found.put(run_id)
         else:
             last.append(line)
 
