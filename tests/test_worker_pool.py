@@ -28,7 +28,7 @@ from nomad_jobs import jobs_left
 
 from metaflow_stack.pool import redis_dispatch, trampoline
 from metaflow_stack.pool.child import Task
-from metaflow_stack.pool.local import LocalPool
+from metaflow_stack.pool.local import LocalPool, trampoline_command
 from metaflow_stack.pool.redis_pool import URL_VARIABLE
 from metaflow_stack.pool.redis_queue import RedisQueue
 
@@ -498,7 +498,7 @@ def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -
         for peer, code in ((1, 1), (os.getpid(), 0)):  # pid 1 is not this test: refused; this test: served
             server = threading.Thread(target=answer, daemon=True)
             server.start()
-            line = [sys.executable, "-I", "-S", trampoline.__file__, str(address), str(peer), "python", "f.py"]
+            line = trampoline_command(address, peer, [sys.executable, "f.py"])
             done = subprocess.run(line, capture_output=True, text=True, timeout=30, env={"SECRET": "s"})
             assert done.returncode == code, done.stderr
             if code:
@@ -509,6 +509,21 @@ def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -
             else:
                 server.join(timeout=10)
                 assert b"SECRET=s" in received[0]
+
+
+def test_a_request_reads_the_same_whether_its_fields_were_text_or_the_bytes_the_trampoline_sends() -> None:
+    """The trampoline sends its environment and folder as the kernel gave them (``posix``: it imports no
+    ``os``); the pool's own hand-overs (``slot``) send text. Both decode to the same task, undecodable bytes
+    included."""
+    odd = b"caf\xe9"  # (not UTF-8: kept through surrogateescape, as os.fsencode and os.fsdecode do)
+    as_bytes = trampoline.encode("/py", ["/py", "f.py"], {b"A": b"1", b"ODD": odd}, b"/work/" + odd)
+    as_text = trampoline.encode(
+        "/py", ["/py", "f.py"], {"A": "1", "ODD": os.fsdecode(odd)}, "/work/" + os.fsdecode(odd)
+    )
+    assert as_bytes == as_text
+    python, command, env, cwd = trampoline.decode(as_bytes[4:])
+    assert (python, command, cwd) == ("/py", ["/py", "f.py"], "/work/" + os.fsdecode(odd))
+    assert env == {"A": "1", "ODD": os.fsdecode(odd)}
 
 
 def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -> None:
