@@ -235,15 +235,19 @@ def test_a_dispatch_gives_the_run_its_parameters_as_nomad_names_them() -> None:
     ]
 
 
-def test_the_run_id_is_found_where_the_runs_own_output_cut_its_line() -> None:
-    """The marker is one write, but Metaflow's logger writes a line's timestamp, task and message apart: the
-    marker can land after the timestamp (as it did once in CI, and the trigger waited for a line that never
-    started with it)."""
-    from metaflow_stack.nomad.deployment import RUN_ID_MARKER, run_id_in
+def test_the_run_id_is_read_whole_wherever_it_lands_in_the_runs_own_output() -> None:
+    """The marker is one write, but Metaflow's logger writes a line's timestamp, task and message apart: it
+    can land after a timestamp (as it did once in CI, where the trigger then never saw it). It starts a line
+    of its own; a task's output that merely contains it says nothing."""
+    from metaflow_stack.engines.nomad.logs import Lines
+    from metaflow_stack.nomad.deployment import RUN_ID_MARKER, marker_line, run_id_in
 
-    assert run_id_in(f"{RUN_ID_MARKER}12") == "12"
-    assert run_id_in(f"2026-12-05 19:07:55.345 {RUN_ID_MARKER}12") == "12"
-    assert run_id_in("2026-12-05 19:07:55.345 [1/start/1 (pid 7)] Task is starting.") is None
+    stream = b"2026-12-05 19:07:55.345 " + marker_line("12") + b"[1/start/1 (pid 7)] Task is starting.\n"
+    stream += f"2026-12-05 19:07:56.001 [1/start/1 (pid 7)] {RUN_ID_MARKER}99\n".encode()  # (printed by the task)
+    for cut in range(len(stream)):  # however Nomad's frames cut it
+        lines = Lines()
+        said = [*lines.feed(stream[:cut]), *lines.feed(stream[cut:]), *lines.flush()]
+        assert [run_id for line in said if (run_id := run_id_in(line))] == ["12"]
     assert run_id_in(RUN_ID_MARKER) is None
 
 

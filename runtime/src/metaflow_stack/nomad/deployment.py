@@ -247,12 +247,16 @@ def job_command(
     return shlex.split(f'bash -c "{script}"')
 
 
+def marker_line(run_id: str) -> bytes:
+    """What the dispatched job writes, in one write, to say its run's id. The run writes each of its log lines
+    in pieces on the same stream (Metaflow's logger writes the timestamp, the task's name and the message
+    apart), so the marker may come after a piece of one: it starts a line of its own."""
+    return f"\n{RUN_ID_MARKER}{run_id}\n".encode()
+
+
 def run_id_in(line: str) -> str | None:
-    """The run id in a line of the dispatched job's output, if the line has the marker. Not only at its start:
-    the marker is one write of its own, but the run writes each of its log lines in pieces (Metaflow's logger
-    writes the timestamp, the task's name and the message apart), so the marker may follow a piece of one."""
-    _, marker, run_id = line.partition(RUN_ID_MARKER)
-    return (run_id.strip() or None) if marker else None
+    """The run id a line of the dispatched job's output says (``marker_line``), if it says one."""
+    return (line[len(RUN_ID_MARKER) :].strip() or None) if line.startswith(RUN_ID_MARKER) else None
 
 
 def run_id_of(client: NomadClient, job: str, eval_id: str, timeout_s: float) -> str:
@@ -263,7 +267,7 @@ def run_id_of(client: NomadClient, job: str, eval_id: str, timeout_s: float) -> 
     def on_line(kind: str, line: str) -> None:
         if kind == "stdout" and (run_id := run_id_in(line)):
             found.put(run_id)
-        else:
+        elif line.strip():
             last.append(line)
 
     def watch() -> None:

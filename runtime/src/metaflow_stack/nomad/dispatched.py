@@ -6,7 +6,7 @@ Nomad hands a dispatch's ``Meta`` to the task as ``NOMAD_META_<key>`` (as writte
 character a variable's name cannot hold, but ``.``, as ``_``), and every optional key the dispatch did not
 set as an empty string: a parameter that is empty or absent keeps its default (so a dispatch cannot give
 a parameter the empty string). The run is tagged with the job's ID (``nomad-job:<id>``), and its id is
-printed (``deployment.RUN_ID_MARKER``) as soon as Metaflow has given it one, for ``trigger`` to read.
+printed (``deployment.marker_line``) as soon as Metaflow has given it one, for ``trigger`` to read.
 SIGTERM and SIGINT (``nomad job stop``) are passed to the run; the exit code is the run's (128 + N for a
 signal).
 """
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaflow_stack.nomad.deployment import RUN_ID_MARKER
+from metaflow_stack.nomad.deployment import marker_line
 
 
 def meta_value(name: str, env: dict[str, str]) -> str | None:
@@ -59,10 +59,10 @@ def main(argv: list[str]) -> int:
         while process.poll() is None and not _written(run_id_file):
             time.sleep(0.1)
         if run_id := _written(run_id_file):
-            # One write of one line (a pipe keeps it whole): print writes the line and its end apart, and the
-            # run's own output, on the same stream, landed between them.
+            # One write (a pipe keeps it whole; print writes a line and its end apart, and the run's own output,
+            # on the same stream, landed between them), a line of its own (``marker_line``).
             sys.stdout.flush()
-            os.write(sys.stdout.fileno(), f"{RUN_ID_MARKER}{run_id}\n".encode())
+            os.write(sys.stdout.fileno(), marker_line(run_id))
         code = process.wait()
         return 128 - code if code < 0 else code
 
