@@ -511,6 +511,15 @@ def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -
                 assert b"SECRET=s" in received[0]
 
 
+def test_the_trampolines_folder_shadows_no_module_of_pythons_own() -> None:
+    """The trampoline runs with its folder, this package's, first on its path (``local.trampoline_command``): a
+    module there named as one of Python's own would replace it, in the trampoline and in what Python itself
+    imports (printing a traceback, say)."""
+    folder = Path(trampoline.__file__).parent
+    names = {path.stem for path in folder.iterdir() if path.suffix == ".py" or (path / "__init__.py").exists()}
+    assert not names & set(sys.stdlib_module_names)
+
+
 def test_a_request_reads_the_same_whether_its_fields_were_text_or_the_bytes_the_trampoline_sends() -> None:
     """The trampoline sends its environment and folder as the kernel gave them (``posix``: it imports no
     ``os``); the pool's own hand-overs (``slot``) send text. Both decode to the same task, undecodable bytes
