@@ -127,15 +127,24 @@ def adopt_orphans() -> bool:
 
 def reap_orphans(kept: set[int]) -> None:
     """Wait for the processes the last run left to this one (``adopt_orphans``; ``kept``: children of this
-    process's own), so that their CPU is counted; a run whose pool leaves one running is an error."""
+    process's own), so that their CPU is counted; a run whose pool leaves one running is an error (they are
+    killed first)."""
     deadline = time.monotonic() + ORPHANS_S
     while orphans := [child for child in psutil.Process().children() if child.pid not in kept]:
         for child in orphans:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child.pid, os.WNOHANG)
         if time.monotonic() > deadline:
-            names = ", ".join(sorted({" ".join(child.cmdline()[:2]) for child in orphans}))
-            raise RuntimeError(f"the run left {len(orphans)} processes running {ORPHANS_S:.0f} s after it: {names}")
+            names = set()
+            for child in orphans:
+                with contextlib.suppress(psutil.Error):
+                    names.add(" ".join(child.cmdline()[:2]))
+                    child.kill()
+            for child in orphans:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+            if names:
+                raise RuntimeError(f"the run left processes running {ORPHANS_S:.0f} s after it: {', '.join(names)}")
         time.sleep(0.05)
 
 
@@ -158,10 +167,10 @@ def run(root: Path, n: int, work: float, backend: str | None, redis_url: str | N
     started = time.perf_counter()
     done = subprocess.run(line, cwd=folder, env=env, capture_output=True, text=True, timeout=7200)
     wall = time.perf_counter() - started
-    reap_orphans(kept)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
+    reap_orphans(kept)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     read = subprocess.run([sys.executable, "-c", SPAN, str(folder), str(n)], capture_output=True, text=True, check=True)
     facts = json.loads(read.stdout)
     if not facts["ok"]:
