@@ -11,10 +11,11 @@ kinds of item, also: a Redis worker killed while it runs an item, and how
 long until that item's retry starts elsewhere and the run ends. Two kinds of item: trivial (``out = input *
 2``) and 50 ms of CPU work each. For each: the run's wall time; the span of
 the foreach (first item created to last item finished, from the Client
-API) and its cost per item; the CPU the run used (every process it started,
-Ray's included: on Linux this process adopts what a run's processes leave
-behind and waits for it). For the CPU-bound items, the span against the ideal (N x 50
-ms / 2 workers) plus the trivial items' cost per item.
+API) and its cost per item; the CPU the run used (this process's children,
+all those waited for: not Ray's workers, whose raylet ignores SIGCHLD, so
+that no process is ever charged with their CPU). For the CPU-bound items,
+the span against the ideal (N x 50 ms / 2 workers) plus the trivial items'
+cost per item.
 
     python bench/worker_pool.py [--sizes 100,1000] [--only trivial|cpu]
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -108,44 +108,8 @@ print(json.dumps({"attempts": task.current_attempt + 1, "retry_started_ms": min(
 """
 
 WORK_S = 0.05
-#: Linux's ``PR_SET_CHILD_SUBREAPER`` (``prctl.h``).
-CHILD_SUBREAPER = 36
-#: How long what a run leaves (Ray's processes, stopping with its pool) may take to end.
-ORPHANS_S = 60.0
 #: Item 0's first attempt in the re-delivery measurement: long enough to be killed mid-item.
 HOLD_S = 30.0
-
-
-def adopt_orphans() -> bool:
-    """Make this process the parent of whatever a run's processes leave when they end (Linux's child
-    subreaper), so that the CPU of Ray's services and actors, which the pool's dispatcher starts and which
-    outlive it, is counted with the run's once they end. Whether it could."""
-    if not sys.platform.startswith("linux"):
-        return False
-    return ctypes.CDLL(None, use_errno=True).prctl(CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-
-def reap_orphans(kept: set[int]) -> None:
-    """Wait for the processes the last run left to this one (``adopt_orphans``; ``kept``: children of this
-    process's own), so that their CPU is counted; a run whose pool leaves one running is an error (they are
-    killed first)."""
-    deadline = time.monotonic() + ORPHANS_S
-    while orphans := [child for child in psutil.Process().children() if child.pid not in kept]:
-        for child in orphans:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, os.WNOHANG)
-        if time.monotonic() > deadline:
-            names = set()
-            for child in orphans:
-                with contextlib.suppress(psutil.Error):
-                    names.add(" ".join(child.cmdline()[:2]))
-                    child.kill()
-            for child in orphans:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(child.pid, 0)
-            if names:
-                raise RuntimeError(f"the run left processes running {ORPHANS_S:.0f} s after it: {', '.join(names)}")
-        time.sleep(0.05)
 
 
 def run(root: Path, n: int, work: float, backend: str | None, redis_url: str | None = None) -> dict[str, float]:
@@ -163,13 +127,11 @@ def run(root: Path, n: int, work: float, backend: str | None, redis_url: str | N
     if redis_url:
         env["METAFLOW_STACK_POOL_REDIS_URL"] = redis_url
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    kept = {child.pid for child in psutil.Process().children()}  # (the throwaway Redis)
     started = time.perf_counter()
     done = subprocess.run(line, cwd=folder, env=env, capture_output=True, text=True, timeout=7200)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
-    reap_orphans(kept)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     read = subprocess.run([sys.executable, "-c", SPAN, str(folder), str(n)], capture_output=True, text=True, check=True)
     facts = json.loads(read.stdout)
@@ -179,11 +141,16 @@ def run(root: Path, n: int, work: float, backend: str | None, redis_url: str | N
     return {"wall": wall, "span": facts["span"], "cpu": cpu}
 
 
+def _command(process: psutil.Process) -> str:
+    """A process's command line; empty once it is gone (or a zombie)."""
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline())
+    return ""
+
+
 def redelivery(root: Path, n: int, redis_url: str) -> dict[str, float]:
     """A Redis pool's worker killed while it runs item 0 (the rest done): seconds from the kill to the
     item's next attempt starting on another worker, and to the run's end."""
-    import psutil
-
     folder = Path(tempfile.mkdtemp(dir=root))
     (folder / "pool_bench_flow.py").write_text(FLOW)
     line = [sys.executable, "pool_bench_flow.py", "--datastore-root", str(folder / ".metaflow"), "run"]
@@ -194,7 +161,7 @@ def redelivery(root: Path, n: int, redis_url: str) -> dict[str, float]:
     deadline = time.monotonic() + 120
     busy: list = []
     while time.monotonic() < deadline:
-        workers = [p for p in psutil.Process(runtime.pid).children() if "redis_worker" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(runtime.pid).children() if "redis_worker" in _command(p)]
         busy = [w for w in workers if w.children()]
         if len(workers) == 2 and len(busy) == 1 and (folder / ".metaflow").exists():
             time.sleep(1.0)  # the other items done; item 0 held
@@ -225,7 +192,6 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
     console = Console(stderr=True)
-    counted = adopt_orphans()  # (else Ray's rows count only the processes the run waited for: marked *)
     root = Path(tempfile.mkdtemp(prefix="bench-pool-"))
     table = Table(title="foreach, 2 workers, local datastore and metadata; every item a Metaflow task")
     for column in ("items", "runner", "wall s", "foreach span s", "per item ms", "CPU s (all processes)", "vs plain"):
@@ -252,7 +218,7 @@ def main() -> None:
                         trivial_cost[(n, name)] = per_item
                     speedup = results["plain foreach"]["span"] / r["span"]
                     label = f"{n} x {'trivial' if kind == 'trivial' else '50 ms CPU'}"
-                    cpu = f"{r['cpu']:.1f}" + ("" if counted or runners[name] != "ray" else "*")
+                    cpu = f"{r['cpu']:.1f}" + ("*" if runners[name] == "ray" else "")
                     cells = [f"{r['wall']:.1f}", f"{r['span']:.1f}", f"{per_item:.1f}", cpu]
                     versus = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
                     table.add_row(label, name, *cells, "1.0x" if runners[name] is None else versus)
@@ -262,8 +228,8 @@ def main() -> None:
                         note = f"  ideal {ideal:.1f} s; ideal + trivial cost {bound:.1f} s"
                         table.add_row("", note, "", f"{r['span'] / bound:.0%} of that", "", "", "")
         Console(width=160).print(table)  # (on standard output, wide enough when it is not a terminal)
-        if not counted:
-            print("* Ray's services and actors outlive the run's processes and are not counted here (Linux only)")
+        if "ray" in runners.values():
+            print("* without Ray's workers: its raylet ignores SIGCHLD, so the kernel counts their CPU to no one")
         if redis_url and not args.only:
             with console.status("redis: a worker killed mid-item"):
                 lost = redelivery(root, 20, redis_url)
