@@ -548,6 +548,22 @@ def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -
     assert Counts.read(tmp_path / "link.counts") == Counts()
 
 
+def test_a_pool_is_ready_even_where_the_flows_file_left_a_line_unended(tmp_path: Path) -> None:
+    """The flow's file runs as the fork server imports it, and may print without ending its line (a progress
+    bar, say): the server's ``ready`` is still read, on a line of its own (it once ended that line instead, and
+    the pool failed after its whole start timeout)."""
+    flow = tmp_path / "chatty_flow.py"
+    flow.write_text("print('loading the model', end='')\n" + (FLOWS / "pool_flow.py").read_text())
+    pool = LocalPool(str(flow), 1, "chatty", str(tmp_path))
+    pool.start()
+    try:
+        started = time.monotonic()
+        assert pool.address().exists()
+        assert time.monotonic() - started < 60
+    finally:
+        pool.stop()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's PF_EXITING is Linux's")
 def test_a_pool_process_killed_is_not_alive_once_its_connections_end(tmp_path: Path) -> None:
     """A killed pool process closes its connections before it can be reaped: the retries its trampolines

@@ -31,6 +31,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool import handover, trampoline
 from metaflow_stack.pool.child import Task, other_interpreter
 from metaflow_stack.pool.counts import Counts
+from metaflow_stack.pool.processes import say_ready
 
 #: Writes one piece of a task's output to its stdout (1) or stderr (2).
 Output = Callable[[int, bytes], Awaitable[None]]
@@ -166,7 +167,7 @@ async def _main(backend: str, address: str, args: list[str]) -> None:
         listener.setblocking(False)
         dispatcher = Dispatcher(listener, executor, Path(address).with_suffix(".counts"))
         dispatcher.counts.write(dispatcher.counts_file)
-        print("ready", flush=True)
+        say_ready()
         await dispatcher.serve()
     finally:  # the pool's folder goes with it (a dispatcher that never started leaves its log to be read)
         listener.close()

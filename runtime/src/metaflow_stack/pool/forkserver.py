@@ -40,6 +40,7 @@ from typing import Any
 from metaflow_stack.pool import handover, trampoline
 from metaflow_stack.pool.child import Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.counts import Counts
+from metaflow_stack.pool.processes import say_ready
 
 #: How long a killed task's process group has to end after SIGTERM before SIGKILL.
 KILL_GRACE_S = 5.0
@@ -249,7 +250,7 @@ def main() -> None:
     server = ForkServer(listener, int(size), name, Path(address).with_suffix(".counts"), parent)
     server.flow_file = flow_file if contained else None
     server._write_counts()
-    print("ready", flush=True)
+    say_ready()
     try:
         server.serve()
     finally:  # the folder is the pool's, the tasks are its children: nothing of either stays

@@ -32,6 +32,7 @@ from metaflow_stack.engines.nomad.orphans import OWNER, sweep
 from metaflow_stack.engines.nomad.watch import ENDED, NOT_STARTED, ending, last_lines, wait_placed
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
+from metaflow_stack.pool.processes import READY
 from metaflow_stack.pool.redis_pool import WORKER, WORKERS_PREFIX
 from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
@@ -39,8 +40,8 @@ from metaflow_stack.pool.redis_queue import URL_VARIABLE
 WORKERS_URL_VARIABLE = "METAFLOW_STACK_POOL_NOMAD_REDIS_URL"
 #: How long stopping waits for the workers to end: their kill timeout, and some.
 STOP_S = KILL_TIMEOUT_NS / 1e9 + 15
-#: What a worker's output says once it is warm (``redis_worker``).
-READY_LINE = "ready"
+#: What a worker's output says, on a line of its own, once it is warm (``redis_worker``).
+READY_LINE = READY.decode().strip()
 
 
 class NomadPool(ClusterPool):

@@ -29,6 +29,13 @@ START_TIMEOUT_S = 120.0
 PF_EXITING = 0x4
 
 
+def say_ready() -> None:
+    """Say ``READY`` on standard output, on a line of its own even where the flow's file, run at import, left
+    a line unended (``print(..., end="")``): it would otherwise end that line, and never be read."""
+    sys.stdout.write(READY.decode())
+    sys.stdout.flush()
+
+
 class PoolProcess:
     """One of a pool's processes: ``python -u -c CODE ARGS...`` (``-c``: ``__main__`` is a bare module, as
     in ``python flow.py``), with ``env`` added to the runtime's environment (where a secret goes: a

@@ -46,6 +46,7 @@ import redis
 
 from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.local import Interpreter
+from metaflow_stack.pool.processes import say_ready
 from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
 from metaflow_stack.pool.slot import Slot
 from metaflow_stack.pool.trampoline import POOL_LOST
@@ -192,7 +193,7 @@ def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot
     ready_file = Path(tempfile.gettempdir(), READY_FILE)
     queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
     queue.client.ping()  # ready means reaching the queue too
-    print("ready", flush=True)
+    say_ready()
     if lifeline.detached:
         ready_file.touch()
     while not lifeline.ended():
