@@ -554,7 +554,7 @@ def test_a_pool_is_ready_even_where_the_flows_file_left_a_line_unended(tmp_path:
     the pool failed after its whole start timeout)."""
     flow = tmp_path / "chatty_flow.py"
     flow.write_text("print('loading the model', end='')\n" + (FLOWS / "pool_flow.py").read_text())
-    pool = LocalPool(str(flow), 1, "chatty", str(tmp_path))
+    pool = LocalPool(str(flow), 1, "chatty")
     pool.start()
     try:
         started = time.monotonic()

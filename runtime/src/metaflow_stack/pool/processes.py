@@ -31,9 +31,11 @@ PF_EXITING = 0x4
 
 def say_ready() -> None:
     """Say ``READY`` on standard output, on a line of its own even where the flow's file, run at import, left
-    a line unended (``print(..., end="")``): it would otherwise end that line, and never be read."""
-    sys.stdout.write(READY.decode())
-    sys.stdout.flush()
+    a line unended (``print(..., end="")``): it would otherwise end that line, and never be read. Written to
+    the descriptor itself, after what Python holds: the flow's file may have replaced ``sys.stdout``."""
+    if sys.stdout:
+        sys.stdout.flush()
+    os.write(1, READY)
 
 
 class PoolProcess:
