@@ -227,7 +227,8 @@ def main() -> None:
                         bound = ideal + n * trivial_cost[(n, name)] / 1000
                         note = f"  ideal {ideal:.1f} s; ideal + trivial cost {bound:.1f} s"
                         table.add_row("", note, "", f"{r['span'] / bound:.0%} of that", "", "", "")
-        Console(width=160).print(table)  # (on standard output, wide enough when it is not a terminal)
+        out = Console(width=160)  # (on standard output, wide enough when it is not a terminal)
+        out.print(table)
         if "ray" in runners.values():
             print("* without Ray's workers: its raylet ignores SIGCHLD, so the kernel counts their CPU to no one")
         if redis_url and not args.only:
@@ -239,7 +240,7 @@ def main() -> None:
             for column in ("lease s", "kill to the item's retry starting s", "kill to the run's end s"):
                 again.add_column(column, justify="right")
             again.add_row(str(LEASE_S), f"{lost['retry']:.1f}", f"{lost['end']:.1f}")
-            Console(width=160).print(again)
+            out.print(again)
     print(f"(cpus: {os.cpu_count()})", file=sys.stderr)
 
 

@@ -28,7 +28,7 @@ from nomad_jobs import jobs_left
 
 from metaflow_stack.pool import redis_dispatch, trampoline
 from metaflow_stack.pool.child import Task
-from metaflow_stack.pool.local import LocalPool, trampoline_command
+from metaflow_stack.pool.local import TRAMPOLINE_FOLDER, LocalPool, trampoline_command
 from metaflow_stack.pool.redis_pool import URL_VARIABLE
 from metaflow_stack.pool.redis_queue import RedisQueue
 
@@ -515,7 +515,7 @@ def test_the_trampolines_folder_shadows_no_module_of_pythons_own() -> None:
     """The trampoline runs with its folder, this package's, first on its path (``local.trampoline_command``): a
     module there named as one of Python's own would replace it, in the trampoline and in what Python itself
     imports (printing a traceback, say)."""
-    folder = Path(trampoline.__file__).parent
+    folder = Path(TRAMPOLINE_FOLDER)
     names = {path.stem for path in folder.iterdir() if path.suffix == ".py" or (path / "__init__.py").exists()}
     assert not names & set(sys.stdlib_module_names)
 
@@ -525,13 +525,13 @@ def test_a_request_reads_the_same_whether_its_fields_were_text_or_the_bytes_the_
     ``os``); the pool's own hand-overs (``slot``) send text. Both decode to the same task, undecodable bytes
     included."""
     odd = b"caf\xe9"  # (not UTF-8: kept through surrogateescape, as os.fsencode and os.fsdecode do)
-    as_bytes = trampoline.encode("/py", ["/py", "f.py"], {b"A": b"1", b"ODD": odd}, b"/work/" + odd)
+    as_bytes = trampoline.encode("python3", ["python3", "f.py"], {b"A": b"1", b"ODD": odd}, b"runs-" + odd)
     as_text = trampoline.encode(
-        "/py", ["/py", "f.py"], {"A": "1", "ODD": os.fsdecode(odd)}, "/work/" + os.fsdecode(odd)
+        "python3", ["python3", "f.py"], {"A": "1", "ODD": os.fsdecode(odd)}, "runs-" + os.fsdecode(odd)
     )
     assert as_bytes == as_text
     python, command, env, cwd = trampoline.decode(as_bytes[4:])
-    assert (python, command, cwd) == ("/py", ["/py", "f.py"], "/work/" + os.fsdecode(odd))
+    assert (python, command, cwd) == ("python3", ["python3", "f.py"], "runs-" + os.fsdecode(odd))
     assert env == {"A": "1", "ODD": os.fsdecode(odd)}
 
 
@@ -557,9 +557,7 @@ def test_a_pool_is_ready_even_where_the_flows_file_left_a_line_unended(tmp_path:
     pool = LocalPool(str(flow), 1, "chatty")
     pool.start()
     try:
-        started = time.monotonic()
-        assert pool.address().exists()
-        assert time.monotonic() - started < 60
+        assert pool.address().exists()  # (raises, naming the 120 s start timeout, where ready goes unread)
     finally:
         pool.stop()
 

@@ -15,6 +15,8 @@ SERVER = "from metaflow_stack.pool.forkserver import main; main()"
 #: The trampoline, imported from its folder (``-S`` leaves this package off the path) rather than run as a
 #: script, whose compiled form Python would not cache: 1.5 ms of every task.
 RUN_TRAMPOLINE = "import sys; sys.path[:0] = sys.argv[1:2]; import trampoline; sys.exit(trampoline.main(sys.argv[2:]))"
+#: The folder ``RUN_TRAMPOLINE`` imports it from.
+TRAMPOLINE_FOLDER = str(Path(trampoline.__file__).parent)
 
 
 class Server(Protocol):
@@ -97,5 +99,4 @@ def trampoline_command(address: Path, peer: int, entrypoint: list[str]) -> list[
     """The task's command through a pool's socket, on which process ``peer`` must answer. The trampoline
     runs under the task's interpreter (a decorator before this one may have set it; one after it replaces
     this first element), so it can tell the pool which one the task asked for."""
-    folder = str(Path(trampoline.__file__).parent)
-    return [entrypoint[0], "-I", "-S", "-c", RUN_TRAMPOLINE, folder, str(address), str(peer), *entrypoint]
+    return [entrypoint[0], "-I", "-S", "-c", RUN_TRAMPOLINE, TRAMPOLINE_FOLDER, str(address), str(peer), *entrypoint]
