@@ -12,10 +12,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, need, run_cli
+from conftest import PULUMI_PROGRAM, VENV_BIN, need, run_cli
 
 from metaflow_stack.cluster import kind, profile
 from metaflow_stack.deploy import helm
@@ -107,6 +108,49 @@ def test_the_dev_stack_declares_each_service_pinned_and_valid(pulumi_offline: li
     for manifest in declared:
         helm.validate_manifest(manifest)
     assert len(declared) == 1 + len(secrets) + len(node_ports)
+
+
+def test_pulumi_up_in_the_program_folder_reads_a_project_pulumi_accepts_and_runs_the_dev_stack(
+    pulumi_offline: list,
+) -> None:
+    """What `pulumi up` in ``infra/pulumi`` reads before and as it runs the program. The project file, held to
+    Pulumi's rules for it (``Project.Validate``, pulumi/pulumi ``sdk/go/common/workspace/project.go``: a key
+    outside the project's namespace declares no type and no default, only a value; a typed ``function:image``
+    made every `pulumi up` fail). The requirements its pip toolchain installs from that folder: the runtime
+    from this repository, which no package index has. Then the program itself with the dev stack's settings,
+    as the engine would run it (the same program `metaflow stack cluster up` runs inline)."""
+    import pulumi
+    import yaml
+
+    project = yaml.safe_load((PULUMI_PROGRAM / "Pulumi.yaml").read_text())
+    assert project["name"] and project["runtime"]["name"] == "python"
+    for key, declared in (project.get("config") or {}).items():
+        assert not ("default" in declared and "value" in declared), key
+        if ":" in key and not key.startswith(f"{project['name']}:"):
+            assert "type" not in declared and "default" not in declared and "value" in declared, key
+
+    lines = (PULUMI_PROGRAM / "requirements.txt").read_text().splitlines()
+    local = [line for line in lines if line.startswith(".")]
+    assert not [line for line in lines if line.startswith("metaflow-stack")]  # (an index's, not ours)
+    (runtime,) = local
+    folder, extras = runtime.rstrip("]").split("[")
+    pyproject = tomllib.loads((PULUMI_PROGRAM / folder / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == "metaflow-stack"
+    assert set(extras.split(",")) <= set(pyproject["project"]["optional-dependencies"])
+
+    import stack_program
+
+    settings = {"serviceImage": SERVICE_IMAGE, "uiImage": UI_IMAGE, "taskImage": TASK_IMAGE}
+    secrets = {"dbPassword": "pw", "s3SecretKey": "sk", "authKey": "ak"}
+    config = {f"dev-stack:{key}": value for key, value in {**settings, **secrets}.items()}
+    pulumi.runtime.set_all_config(config, [f"dev-stack:{key}" for key in secrets])
+    try:
+        pulumi.runtime.test(stack_program.main)()
+    finally:
+        pulumi.runtime.set_all_config({}, [])
+    releases = {r.inputs["name"]: r.inputs for r in pulumi_offline if r.typ == "kubernetes:helm.sh/v3:Release"}
+    assert {"argo-workflows", "minio", "cloudnative-pg", "nats", "metadata-service", "metaflow-ui"} <= set(releases)
+    assert releases["metadata-service"]["namespace"] == "metaflow"
 
 
 def test_kind_publishes_the_node_ports_on_loopback_only() -> None:
