@@ -89,6 +89,23 @@ def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     assert jobs_left(nomad_agent, "mf-nomadflow-") == []
 
 
+def test_an_item_that_always_fails_fails_the_run_after_its_retry_with_its_traceback(
+    tmp_path: Path, nomad_agent, bridge_s3: str, base_image: str
+) -> None:
+    """The job's real exit code fails the attempt, ``@retry`` runs it once more as a job of its own, and then
+    the run fails; the item's traceback is in its saved stderr and reached the console, and no job is left."""
+    done = flow_run(tmp_path, "nomad_flow.py", nomad_agent, bridge_s3, "--fail-item", "3")
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said[-6000:]
+    run = facts(tmp_path, "NomadFlow", bridge_s3)
+    assert not run["successful"]
+    failed = next(item for item in run["items"] if item["index"] == 2)  # item 3
+    assert not failed["successful"] and failed["attempt"] == 1 and failed["job"].endswith("-1")
+    assert "RuntimeError: item 3 always fails" in failed["stderr"]
+    assert "RuntimeError: item 3 always fails" in said and "Traceback (most recent call last)" in said
+    assert jobs_left(nomad_agent, "mf-nomadflow-") == []
+
+
 def test_a_job_no_node_can_take_fails_at_once_with_nomads_reason(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
     started = time.monotonic()
     done = flow_run(tmp_path, "gpu_flow.py", nomad_agent, bridge_s3)

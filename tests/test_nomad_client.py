@@ -16,7 +16,7 @@ from nomad_jobs import run_job
 
 from metaflow_stack.engines.nomad.client import NomadClient, Settings
 from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of, task_job
-from metaflow_stack.engines.nomad.watch import Unplaced
+from metaflow_stack.engines.nomad.watch import LOST_FILES, Unplaced
 from metaflow_stack.errors import StackError
 
 pytestmark = [pytest.mark.docker]
@@ -70,6 +70,27 @@ def test_a_log_rotated_into_several_files_reaches_the_console_whole_and_in_order
     ending, lines = run_job(nomad_agent, placement, f"seq 1 {count}", edit=one_megabyte_files)
     assert ending.code == 0
     assert [line for kind, line in lines if kind == "stdout"] == [str(i) for i in range(1, count + 1)]
+
+
+def test_a_log_file_deleted_under_its_reader_ends_that_file_not_the_stream(nomad_agent: Settings) -> None:
+    """Nomad keeps ``LogConfig.MaxFiles`` files of a log: the oldest is deleted as a new one begins. A file
+    deleted while it is read ends with a ``file deleted`` frame, and Nomad's stream goes on with the next
+    file. The reader waits at the end of the first file (the task sleeps), then one file's worth and more
+    arrives at once: the first file is deleted under it, and what follows still reaches the console."""
+
+    def one_file_kept(job: dict) -> None:
+        job["TaskGroups"][0]["Tasks"][0]["LogConfig"] = {"MaxFiles": 1, "MaxFileSizeMB": 1}
+
+    first, last = 100_000, 400_000  # (under 1 MB, then about 2.3 MB more: two rotations)
+    script = f"seq 1 {first}; sleep 3; seq {first + 1} {last}"
+    placement = Placement(driver="raw_exec", cpu=0.5, memory=128)
+    ending, lines = run_job(nomad_agent, placement, script, edit=one_file_kept)
+    assert ending.code == 0
+    said = [line for kind, line in lines if kind == "stdout"]
+    assert said[:first] == [str(n) for n in range(1, first + 1)]  # (read before any file was deleted)
+    assert said[-1] == str(last)
+    # A file deleted before it was read is said, and the line it cut ends there: not glued to the next file's.
+    assert all(line == f"(stdout: {LOST_FILES})" or (line.isdigit() and int(line) <= last) for line in said)
 
 
 def test_exec_runs_where_the_agent_offers_it_and_is_filtered_where_not(nomad_agent: Settings) -> None:

@@ -140,6 +140,8 @@ ENV_DENYLIST = frozenset(
     }
 )
 HEARTBEAT_S = 1.0
+#: The ``FileEvent`` of a log file deleted under its reader (``deleteEvent``, ``client/fs_endpoint.go``).
+DELETED = "file deleted"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 #: The namespace capabilities that allow each endpoint (the "ACL Required" column of Nomad's API docs), by
 #: method and path pattern.
@@ -558,7 +560,8 @@ class Cluster:
         task_dir = root / task["Name"]
         client = {k: v for k, v in os.environ.items() if k not in ENV_DENYLIST}
         env = {**client, **(task.get("Env") or {}), **_runtime_env(alloc, task), **named}
-        config, limit = task["Config"], int((task.get("LogConfig") or {}).get("MaxFileSizeMB", 10)) << 20
+        config, logs = task["Config"], task.get("LogConfig") or {}
+        limit, kept = int(logs.get("MaxFileSizeMB", 10)) << 20, int(logs.get("MaxFiles", 10))
         argv = _interpolated([config["command"], *config.get("args", [])], env)
         process = subprocess.Popen(
             argv,
@@ -569,7 +572,7 @@ class Cluster:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        run = RawExec(process, root, task["Name"], limit, task.get("KillSignal") or "SIGINT")
+        run = RawExec(process, root, task["Name"], (limit, kept), task.get("KillSignal") or "SIGINT")
         self.started[alloc["ID"]] = run
         return run.wait
 
@@ -678,10 +681,14 @@ class TaskApi:
 class RawExec:
     """A raw_exec task's process, its output written to the allocation's log files as Nomad's log collector
     writes them: ``alloc/logs/<task>.<kind>.<n>``, the next file begun when one reaches the task's
-    ``LogConfig.MaxFileSizeMB`` (a write split across the two). Unlike Nomad, no file is ever deleted."""
+    ``LogConfig.MaxFileSizeMB`` (a write split across the two), the oldest deleted once there are more than
+    its ``MaxFiles`` (``logs``: those two, in bytes and files)."""
 
-    def __init__(self, process: subprocess.Popen, root: Path, task: str, limit: int, kill_signal: str) -> None:
-        self.process, self.root, self.task, self.limit = process, root, task, limit
+    def __init__(
+        self, process: subprocess.Popen, root: Path, task: str, logs: tuple[int, int], kill_signal: str
+    ) -> None:
+        self.process, self.root, self.task = process, root, task
+        self.limit, self.kept = logs
         self.kill_signal = signal.Signals[kill_signal]
         self.logs = root / "alloc" / "logs"
         for kind in ("stdout", "stderr"):
@@ -710,6 +717,7 @@ class RawExec:
                         out.close()
                         index, size = index + 1, 0
                         out = self.path(kind, index).open("ab")
+                        self.path(kind, index - self.kept).unlink(missing_ok=True)
         finally:
             out.close()
 
@@ -734,12 +742,25 @@ class RawExec:
     def done(self) -> bool:
         return self.process.poll() is not None and not any(pump.is_alive() for pump in self.pumps)
 
+    def after(self, kind: str, index: int) -> int | None:
+        """The first of the ``kind`` log's files still there after file ``index`` (-1: the first of all)."""
+        return next((n for n in range(index + 1, self.newest(kind) + 1) if self.path(kind, n).exists()), None)
+
+    def size(self, kind: str, index: int) -> int:
+        return self.path(kind, index).stat().st_size
+
+    def newest(self, kind: str) -> int:
+        return max(int(path.name.rsplit(".", 1)[1]) for path in self.logs.glob(f"{self.task}.{kind}.*"))
+
     def frames(self, kind: str, follow: bool, offset: int) -> Iterator[bytes]:
-        """The ``kind`` log from ``offset`` (counted across its files, as Nomad's ``origin=start`` offsets are)
-        as frames, each naming its file with the offset reached in it; followed while the task runs."""
-        index = 0
-        while offset >= (size := self.path(kind, index).stat().st_size) and self.path(kind, index + 1).exists():
-            offset, index = offset - size, index + 1
+        """The ``kind`` log from ``offset`` (counted across the files still there, as Nomad's ``origin=start``
+        offsets are) as frames, each naming its file with the offset reached in it; followed while the task
+        runs. A file deleted under the reader (rotated out) ends, as Nomad's does (``client/fs_endpoint.go``,
+        ``streamFile`` then ``logs``), with a ``file deleted`` frame once its bytes are read, and the stream
+        goes on with the next file there."""
+        index = self.after(kind, -1)
+        while (later := self.after(kind, index)) is not None and offset >= (size := self.size(kind, index)):
+            offset, index = offset - size, later
         quiet_since = time.monotonic()
         log = self.path(kind, index).open("rb")
         log.seek(offset)
@@ -747,13 +768,18 @@ class RawExec:
             while True:
                 done = self.done()  # (before reading: what it wrote last is then read)
                 data = log.read(64 * 1024)
+                file = f"alloc/logs/{self.path(kind, index).name}"
+                later = self.after(kind, index)
                 if data:
-                    yield _frame(data, log.tell(), f"alloc/logs/{self.path(kind, index).name}")
+                    yield _frame(data, log.tell(), file)
                     quiet_since = time.monotonic()
-                elif self.path(kind, index + 1).exists():
+                elif not self.path(kind, index).exists() and later is not None:
+                    yield json.dumps({"File": file, "FileEvent": DELETED, "Offset": log.tell()}).encode()
                     log.close()
-                    index += 1
-                    log = self.path(kind, index).open("rb")
+                    index, log = later, self.path(kind, later).open("rb")
+                elif later is not None:
+                    log.close()
+                    index, log = later, self.path(kind, later).open("rb")
                 elif done or not follow:
                     return
                 else:

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 MAX_PENDING = 1 << 20
 #: The longest line held whole: a log written with no newline is passed on in pieces of this size.
 MAX_LINE = 64 << 10
-#: ``FileEvent`` values (``client/fs_endpoint.go``).
-DELETED, TRUNCATED = "file deleted", "file truncated"
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,14 @@ def _frame(value: object) -> Frame:
     except (binascii.Error, TypeError) as exc:
         raise ValueError(f"a log frame's Data is not base64: {exc}") from None
     return Frame(data, int(value.get("Offset") or 0), str(value.get("File") or ""), str(value.get("FileEvent") or ""))
+
+
+def skipped(before: str, after: str) -> bool:
+    """Whether a log's frames went from file ``before`` to file ``after`` past files never read. Nomad names a
+    log's files ``<task>.<kind>.<n>`` and its stream goes on to the next one still there, so a gap in ``n``
+    is files deleted (rotated out, ``LogConfig.MaxFiles``) before they were read."""
+    numbers = [name.rpartition(".")[2] for name in (before, after)]
+    return all(n.isdigit() for n in numbers) and int(numbers[1]) > int(numbers[0]) + 1
 
 
 class Lines:

@@ -19,13 +19,15 @@ from typing import Any
 
 from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Unavailable
 from metaflow_stack.engines.nomad.jobspec import TASK
-from metaflow_stack.engines.nomad.logs import DELETED, FrameDecoder, Lines
+from metaflow_stack.engines.nomad.logs import FrameDecoder, Lines, skipped
 from metaflow_stack.errors import StackError
 
 #: An allocation's ends (``ClientStatus``).
 ENDED = ("complete", "failed", "lost")
 #: After the allocation ends: how long its logs may take to be read to their end.
 DRAIN_S = 15.0
+#: Said where a log's files were rotated out before they were read (the task's saved logs are whole).
+LOST_FILES = "part of this log was rotated out by Nomad before it was read (the job's LogConfig.MaxFiles)"
 #: What the exit code is when the task never got to run its command (image pull, driver, validation).
 NOT_STARTED = ("Driver Failure", "Setup Failure", "Failed Validation", "Failed Artifact Download")
 
@@ -138,7 +140,9 @@ class LogFollower(threading.Thread):
     """Reads one of the task's logs (``kind``: ``stdout``, ``stderr``) as it is written and hands over each
     line. Nomad has no log before the task starts (404): it asks again until there is one; a stream that
     drops is resumed where it was; once the allocation has ended (``ended``) it reads what is left, not
-    followed, and stops; it stops at once when the log's file is gone."""
+    followed, and stops. A file rotated out while it was read ends with a ``file deleted`` frame and Nomad
+    goes on with the next file in the same stream (``client/fs_endpoint.go``), so that frame ends nothing
+    here: the bytes of a file deleted before they were read are lost, as with ``nomad alloc logs -f``."""
 
     def __init__(self, client: NomadClient, alloc_id: str, kind: str, on_line: Callable[[str, str], None]) -> None:
         super().__init__(name=f"nomad-{kind}", daemon=True)
@@ -147,7 +151,7 @@ class LogFollower(threading.Thread):
         self.error: Exception | None = None
 
     def run(self) -> None:
-        lines, received, pause = Lines(), 0, 0.2
+        lines, received, pause, file = Lines(), 0, 0.2, ""
         try:
             while True:
                 # Once the allocation has ended, one last read, not followed: Nomad sends heartbeats whatever is
@@ -161,10 +165,12 @@ class LogFollower(threading.Thread):
                         for chunk in chunks:
                             for frame in decoder.feed(chunk):
                                 received += len(frame.data)
+                                if frame.data and file and skipped(file, frame.file):  # (the lost part ends a line)
+                                    for line in [*lines.flush(), f"({self.kind}: {LOST_FILES})"]:
+                                        self.on_line(self.kind, line)
+                                file = frame.file or file
                                 for line in lines.feed(frame.data):
                                     self.on_line(self.kind, line)
-                                if frame.event == DELETED:
-                                    return
                                 caught_up = caught_up or (frame.heartbeat and self.ended.is_set())
                             if caught_up:
                                 break
