@@ -163,6 +163,37 @@ def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Se
                 client.deregister(job["ID"])
 
 
+def test_a_runs_start_sweeps_the_namespace_of_each_nomad_step(
+    nomad_agent: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trampoline killed outright in a step with ``@nomad(namespace=...)`` left its job in that namespace,
+    where a sweep of the agent's default one never looks: the next run's start sweeps each namespace its
+    steps use."""
+    from conftest import ended_launcher
+
+    from metaflow_extensions.stack.plugins.nomad.nomad_decorator import NomadDecorator
+    from metaflow_stack.engines.nomad.orphans import OWNER
+
+    namespace, job = f"mf-sweep-{uuid.uuid4().hex[:8]}", f"mf-sweep-{uuid.uuid4().hex[:8]}-gone"
+    monkeypatch.setenv("NOMAD_ADDR", nomad_agent.address)
+    if nomad_agent.token:
+        monkeypatch.setenv("NOMAD_TOKEN", nomad_agent.token)
+    monkeypatch.setattr(NomadDecorator, "swept", set())
+    there = nomad_agent.at(namespace, None)
+    with NomadClient(nomad_agent) as client:
+        client.put_namespace(namespace, "a step's own")
+    with NomadClient(there) as client:
+        placement = Placement(driver="raw_exec", cpu=0.1, memory=32, namespace=namespace)
+        client.register(task_job(job, ["sleep", "60"], {}, placement, {OWNER: ended_launcher()}))
+        try:
+            NomadDecorator._sweep_once(None, None)  # (a step in the default namespace: this job is not there)
+            assert [j["ID"] for j in client.jobs(job)] == [job]
+            NomadDecorator._sweep_once(namespace, None)
+            assert client.jobs(job) == []
+        finally:
+            client.deregister(job)
+
+
 def test_an_allocation_nomad_no_longer_knows_ends_the_attempt_as_lost(tmp_path) -> None:
     """The agent restarts mid-task and has forgotten the allocation (a dev agent keeps its state in memory;
     a purge and a GC do the same): the watcher rides out the outage, then ends the attempt as lost, which

@@ -59,7 +59,8 @@ class NomadDecorator(Trampolined, StepDecorator):
         "constraints": None,
     }
     default_image: ClassVar[str | None] = None
-    swept: ClassVar[bool] = False
+    #: The namespaces and regions whose orphaned jobs this run has purged.
+    swept: ClassVar[set[tuple[str | None, str | None]]] = set()
     #: Metaflow's environments (``--environment pypi|conda``) solve a step for where it runs, as for
     #: ``@kubernetes``: the stack's images are Linux on x86-64.
     supports_conda_environment: ClassVar[bool] = True
@@ -105,22 +106,24 @@ class NomadDecorator(Trampolined, StepDecorator):
 
         self.take_over(package)
         try:
-            self._sweep_once()
+            self._sweep_once(self.placement.namespace, self.placement.region)
             if self.placement.driver == "docker" and self.placement.image is None:
                 self.placement = dataclasses.replace(self.placement, image=self._stack_image())
         except StackError as exc:
             raise NomadException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
 
     @classmethod
-    def _sweep_once(cls) -> None:
-        """Purge the jobs of trampolines on this host that were killed outright, once per run."""
-        from metaflow_stack.engines.nomad.client import NomadClient
+    def _sweep_once(cls, namespace: str | None, region: str | None) -> None:
+        """Purge the jobs of trampolines on this host that were killed outright, once per run in each namespace
+        and region its ``@nomad`` steps use (Nomad lists a namespace's jobs only, and a step's jobs are in its
+        own)."""
+        from metaflow_stack.engines.nomad.client import NomadClient, Settings
         from metaflow_stack.engines.nomad.orphans import sweep
 
-        if not cls.swept:
-            with NomadClient() as client:
+        if (namespace, region) not in cls.swept:
+            with NomadClient(Settings.from_env().at(namespace, region)) as client:
                 sweep(client)
-            cls.swept = True
+            cls.swept.add((namespace, region))
 
     @classmethod
     def _stack_image(cls) -> str:
