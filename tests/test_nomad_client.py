@@ -14,6 +14,7 @@ import pytest
 from devservers import free_port
 from nomad_jobs import run_job
 
+from metaflow_stack.deploy import nomad as deploy
 from metaflow_stack.engines.nomad.client import NomadClient, Settings
 from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of, task_job
 from metaflow_stack.engines.nomad.watch import LOST_FILES, Unplaced
@@ -192,6 +193,49 @@ def test_a_runs_start_sweeps_the_namespace_of_each_nomad_step(
             assert client.jobs(job) == []
         finally:
             client.deregister(job)
+
+
+def test_tls_is_verified_by_default_with_nomads_own_variables_and_each_refusal_names_its_fix(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent with TLS that verifies its clients (``tls { http = true, verify_https_client = true }``): the
+    double here, with a CA of the test's own, wherever the tests run. ``METAFLOW_NOMAD_ADDR`` wins over
+    ``NOMAD_ADDR``; the agent's certificate is verified unless ``NOMAD_SKIP_VERIFY`` says not; the client's
+    is presented beside a CA file (httpx alone drops it there). Deploying a server's secrets to Nomad
+    Variables (python-nomad, which verifies nothing by default) takes the same settings."""
+    import tls_files
+    from devservers import nomad_double
+
+    files, port, token = tls_files.issue(tmp_path), free_port(), uuid.uuid4().hex
+    tls = ("--tls-cert", str(files.server_cert), "--tls-key", str(files.server_key), "--tls-client-ca", str(files.ca))
+    base = {
+        "METAFLOW_NOMAD_ADDR": f"https://127.0.0.1:{port}",
+        "NOMAD_ADDR": "http://127.0.0.1:9",
+        "NOMAD_TOKEN": token,
+    }
+    client_cert = {"NOMAD_CLIENT_CERT": str(files.client_cert), "NOMAD_CLIENT_KEY": str(files.client_key)}
+
+    def jobs(env: dict[str, str]) -> list:
+        with NomadClient(Settings.from_env(env)) as client:
+            return client.jobs("mf-")
+
+    with nomad_double("--token", token, *tls, port=port):
+        for env, fix in (
+            ({**base, **client_cert}, "set NOMAD_CACERT to the CA that signed it"),
+            ({**base, "NOMAD_CACERT": str(files.ca)}, "set NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY"),
+            ({**base, "NOMAD_CACERT": str(tmp_path / "none.pem")}, "readable PEM files"),
+        ):
+            with pytest.raises(StackError) as refused:
+                jobs(env)
+            assert fix in refused.value.fix and "Traceback" not in refused.value.message, refused.value.message
+        assert jobs({**base, "NOMAD_CACERT": str(files.ca), **client_cert}) == []
+        assert jobs({**base, "NOMAD_SKIP_VERIFY": "true", **client_cert}) == []
+        for name, value in {**base, "NOMAD_ADDR": base["METAFLOW_NOMAD_ADDR"], **client_cert}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(StackError, match="CERTIFICATE_VERIFY_FAILED"):
+            deploy.put_variables("nomad/jobs/tls-check", {"auth_key": "k"})
+        monkeypatch.setenv("NOMAD_CACERT", str(files.ca))
+        deploy.put_variables("nomad/jobs/tls-check", {"auth_key": "k"})
 
 
 def test_an_allocation_nomad_no_longer_knows_ends_the_attempt_as_lost(tmp_path) -> None:

@@ -95,6 +95,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -1092,11 +1093,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token")
     parser.add_argument("--acl-bootstrap", action="store_true")
+    # An agent's `tls` block: `cert_file`, `key_file`, and `ca_file` with `verify_https_client`.
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-client-ca")
     args = parser.parse_args()
     api = app(args.token, args.acl_bootstrap)
+    tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
+    if args.tls_client_ca:
+        tls.update(ssl_ca_certs=args.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     # Stopped, it drops what is still open (blocking queries, followed logs) after 2 s, as an agent that
     # restarts does, then ends its tasks.
-    uvicorn.run(api, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(api, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=2, **tls)
     api.state.cluster.stop()
 
 

@@ -142,13 +142,18 @@ def write(job: NomadJob, folder: Path) -> list[Path]:
 
 
 def _client() -> tuple[Any, Any, str]:
-    """python-nomad, a client of the agent at ``NOMAD_ADDR``, and that address."""
+    """python-nomad, a client of the agent at ``NOMAD_ADDR``, and that address; with Nomad's TLS settings as
+    ``@nomad`` reads them (its certificate verified, unlike python-nomad's default; this machine's presented)."""
+    from metaflow_stack.engines.nomad.client import Settings
+
     nomad = require("nomad")
-    address = os.environ.get("NOMAD_ADDR")
-    if not address:
+    if not os.environ.get("NOMAD_ADDR"):
         fix = "export NOMAD_ADDR=http://<agent>:4646 (and NOMAD_TOKEN when ACLs are on)"
         raise StackError("NOMAD_ADDR is not set", fix=fix)
-    return nomad, nomad.Nomad(address=address, token=os.environ.get("NOMAD_TOKEN"), timeout=30), address
+    s = Settings.from_env({k: v for k, v in os.environ.items() if k != "METAFLOW_NOMAD_ADDR"})
+    verify = (s.ca_cert or True) if s.verify else False
+    client = nomad.Nomad(address=s.address, token=s.token, timeout=30, verify=verify, cert=s.client_cert or ())
+    return nomad, client, s.address
 
 
 def put_variables(path: str, items: dict[str, str], namespace: str = "default") -> None:

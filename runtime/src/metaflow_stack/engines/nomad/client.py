@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -75,19 +76,40 @@ class Settings:
         return replace(self, namespace=namespace or self.namespace, region=region or self.region)
 
 
+def _tls(settings: Settings) -> ssl.SSLContext:
+    """How to reach an agent over HTTPS: its certificate verified against ``NOMAD_CACERT`` (else the usual
+    authorities), not at all with ``NOMAD_SKIP_VERIFY``, and this machine's client certificate presented where
+    one is set (an agent with ``verify_https_client`` requires it). One context holds both: httpx drops a
+    client certificate given beside a CA file's path."""
+    try:
+        if not settings.verify:
+            context = httpx.create_ssl_context(verify=False)
+        elif settings.ca_cert:
+            context = ssl.create_default_context(cafile=settings.ca_cert)
+        else:
+            context = httpx.create_ssl_context()
+        if settings.client_cert:
+            context.load_cert_chain(*settings.client_cert)
+    except OSError as exc:  # (ssl.SSLError among them)
+        named = [settings.ca_cert or "", *(settings.client_cert or ())]
+        raise StackError(
+            f"Nomad's TLS files ({', '.join(filter(None, named))}) cannot be used: {exc}",
+            fix="set NOMAD_CACERT, NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY to readable PEM files",
+        ) from None
+    return context
+
+
 class NomadClient:
     """One Nomad agent's HTTP API (``close`` when done, or use as a context manager)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         s = self.settings
-        verify: Any = s.ca_cert if (s.verify and s.ca_cert) else s.verify
         socket = s.address.removeprefix("unix://") if s.address.startswith("unix://") else None
         self._http = httpx.Client(
             base_url="http://127.0.0.1" if socket else s.address,  # (the host a socket's requests name)
             headers={"X-Nomad-Token": s.token} if s.token else {},
-            verify=verify,
-            cert=s.client_cert,
+            verify=_tls(s),
             transport=httpx.HTTPTransport(uds=socket) if socket else None,
             timeout=httpx.Timeout(CONNECT_S + SLACK_S, connect=CONNECT_S),
         )
@@ -135,8 +157,20 @@ class NomadClient:
         return whole
 
     def _unreachable(self, exc: Exception) -> StackError:
+        s, said = self.settings, f"{type(exc).__name__}: {exc}"
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return Unavailable(
+                f"the Nomad agent at {s.address} has a certificate this machine does not trust ({said})",
+                fix="set NOMAD_CACERT to the CA that signed it",
+            )
+        if isinstance(exc, httpx.RemoteProtocolError) and s.address.startswith("https:") and not s.client_cert:
+            return Unavailable(
+                f"the Nomad agent at {s.address} closed the connection unanswered ({said}): an agent that "
+                "verifies its clients (tls verify_https_client) does so to one with no certificate",
+                fix="set NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY",
+            )
         return Unavailable(
-            f"no Nomad agent answers at {self.settings.address} ({type(exc).__name__}: {exc})",
+            f"no Nomad agent answers at {s.address} ({said})",
             fix="start one (`just nomad-up`) or set NOMAD_ADDR to its address",
         )
 
