@@ -115,7 +115,14 @@ def test_a_job_no_node_can_take_fails_at_once_with_nomads_reason(tmp_path: Path,
     assert "Traceback" not in said
 
 
-def test_ctrl_c_purges_the_runs_jobs(tmp_path: Path, nomad_agent, bridge_s3: str, docker_engine) -> None:
+@pytest.mark.parametrize(
+    ("number", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm-of-the-run"]
+)
+def test_stopping_the_run_purges_its_jobs(
+    tmp_path: Path, nomad_agent, bridge_s3: str, docker_engine, number: int, to_group: bool
+) -> None:
+    """Ctrl-C (the terminal signals the runtime and every trampoline), or SIGTERM to the run's own process
+    alone (a supervisor stopping it): either way no job is left on Nomad."""
     flow = flow_run(
         tmp_path,
         "nomad_flow.py",
@@ -133,7 +140,7 @@ def test_ctrl_c_purges_the_runs_jobs(tmp_path: Path, nomad_agent, bridge_s3: str
             assert flow.poll() is None and time.monotonic() < deadline, "the jobs never started"
             time.sleep(0.5)
         time.sleep(2)
-        os.killpg(flow.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the runtime and every trampoline
+        (os.killpg if to_group else os.kill)(flow.pid, number)
         assert flow.wait(timeout=120) != 0
     finally:
         if flow.poll() is None:

@@ -42,6 +42,13 @@ def test_raw_exec_runs_the_command_as_a_process_in_its_task_folder(nomad_agent: 
     assert out[0].startswith("hello from /") and out[1:] == ["in the task folder", "partial"]  # the last, unended
 
 
+def test_a_task_ended_by_a_signal_comes_back_as_128_plus_the_signal(nomad_agent: Settings) -> None:
+    """As a shell says it: Nomad's executor reports a signalled process with ``ExitCode`` 128 plus the signal
+    and the signal itself, which ``nomad step`` exits with (Metaflow counts the attempt failed)."""
+    ending, _ = run_job(nomad_agent, Placement(driver="raw_exec", cpu=0.5, memory=64), "kill -KILL $$")
+    assert (ending.code, ending.signal, ending.status) == (137, 9, "failed")
+
+
 def test_nomad_reads_a_tasks_arguments_as_templates_so_the_job_escapes_them(nomad_agent: Settings) -> None:
     """A shell's ``${X:-y}`` in a task's arguments, as written, fails the task before it runs (Nomad parses
     them as HCL templates); as the job spec writes it (escaped), the shell gets it whole."""

@@ -466,12 +466,12 @@ class Cluster:
             task_api.stop()
         if alloc.get("DesiredStatus") == "stop":  # stopped by a deregistration: killed, as Nomad says it
             with self.changed:
-                state["Events"] += [_event("Terminated", ExitCode=code, Signal=0), _event("Killed")]
+                state["Events"] += [_terminated(code), _event("Killed")]
                 state.update(State="dead", Failed=False)
                 alloc["ClientStatus"] = "complete"
                 self.bump(alloc)
             return
-        state["Events"].append(_event("Terminated", ExitCode=code, Signal=0))
+        state["Events"].append(_terminated(code))
         state.update(State="dead", Failed=code != 0)
         alloc["ClientStatus"] = "complete" if code == 0 else "failed"
         self.bump(alloc)
@@ -652,6 +652,16 @@ class Cluster:
                         piece = data[max(sent, offset) - start :]
                         sent = seen
                         yield _frame(piece, seen, file)
+
+
+def _terminated(code: int) -> dict[str, Any]:
+    """The ``Terminated`` event of a task that ended with ``code`` (a process's, negative when a signal ended
+    it; a container's, 128 plus the signal then, as Docker reports it, Nomad's docker driver passes it on
+    with no signal). Nomad's executor (raw_exec, exec) reports a signalled process as ``ExitCode`` 128 plus
+    the signal and ``Signal`` the signal (``drivers/shared/executor``)."""
+    if code < 0:
+        return _event("Terminated", ExitCode=128 - code, Signal=-code)
+    return _event("Terminated", ExitCode=code, Signal=0)
 
 
 def _frame(data: bytes, offset: int, file: str) -> bytes:

@@ -127,7 +127,9 @@ def step_command(ctx: Any, step_name: str, options: dict[str, Any]) -> tuple[str
 @contextlib.contextmanager
 def stopped_by_signals() -> Iterator[None]:
     """Turn SIGTERM into ``KeyboardInterrupt`` while a task runs elsewhere, so what it runs in is removed on
-    the way out (only the main thread may set handlers: elsewhere the caller owns the signals)."""
+    the way out (only the main thread may set handlers: elsewhere the caller owns the signals). The run's
+    runtime ending (SIGTERM from a supervisor, which reaches it alone; killed outright) sends this process
+    SIGTERM too, so what it started elsewhere does not outlive the run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -137,21 +139,24 @@ def stopped_by_signals() -> Iterator[None]:
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
+        die_with_parent(signal.SIGTERM)
         yield
     finally:
+        die_with_parent(0)
         signal.signal(signal.SIGTERM, previous)
 
 
-def die_with_parent() -> None:
-    """On Linux, have the kernel kill this process when the one that started it dies (``PR_SET_PDEATHSIG``,
-    kept across ``exec``), so a pool or a launcher killed outright (SIGKILL, the OOM killer) leaves nothing
-    running; elsewhere their own exit paths do what they can. For a child, between fork and exec."""
+def die_with_parent(number: int = signal.SIGKILL) -> None:
+    """On Linux, have the kernel send this process ``number`` when the one that started it dies
+    (``PR_SET_PDEATHSIG``, kept across ``exec``; 0: no longer): SIGKILL so a pool or a launcher killed
+    outright (SIGKILL, the OOM killer) leaves nothing running, SIGTERM for a process that removes what it
+    started first; elsewhere their own exit paths do what they can. For a child, between fork and exec."""
     if sys.platform.startswith("linux"):
         parent = os.getppid()
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the request was in place
-            os._exit(1)
+        libc.prctl(1, number)  # PR_SET_PDEATHSIG
+        if number and os.getppid() != parent:  # the parent died before the request was in place
+            os.kill(os.getpid(), number)
 
 
 @contextlib.contextmanager
