@@ -149,6 +149,48 @@ def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base
     assert len(said) == 1 and "no Nomad node has room" in said[0] and "memory" in said[0]
 
 
+def _lost(written: object, stored: object, at: str = "Job") -> list[str]:
+    """Where ``stored`` does not hold ``written``: each field written, at any depth, must come back equal."""
+    if isinstance(written, dict):
+        if not isinstance(stored, dict):
+            return [at]
+        return [lost for key, value in written.items() for lost in _lost(value, stored.get(key), f"{at}.{key}")]
+    if isinstance(written, list):
+        if not isinstance(stored, list) or len(stored) != len(written):
+            return [at]
+        return [
+            lost for n, (w, s) in enumerate(zip(written, stored, strict=True)) for lost in _lost(w, s, f"{at}[{n}]")
+        ]
+    return [] if written == stored else [f"{at}: wrote {written!r}, reads {stored!r}"]
+
+
+def test_a_job_read_back_from_the_agent_holds_every_field_the_spec_wrote(nomad_agent: Settings) -> None:
+    """Nomad's decoder drops a field it does not know without a word, so a misspelt one, or one the agent's
+    version lacks, would be lost silently. Against a real agent (the GitHub ``clusters`` job) every field
+    ``@nomad`` writes comes back as written: ``Restart`` and ``Reschedule`` attempts at 0, the GPU device
+    and its constraints, ``Meta``, resources. (The double keeps what its schema let in, so here this checks
+    the double's side.)"""
+    placement = Placement(
+        driver="raw_exec",
+        cpu=0.5,
+        memory=64,
+        gpu=1,
+        gpu_model="H100",
+        gpu_memory=40000,
+        datacenters=("dc1",),
+        constraints=constraints_of([{"attribute": "${attr.kernel.name}", "value": "linux"}]),
+    )
+    name = f"mf-readback-{uuid.uuid4().hex[:8]}"
+    written = task_job(name, ["true"], {"GREETING": "hello"}, placement, {"metaflow.flow": "ReadBack"})
+    with NomadClient(nomad_agent) as client:
+        client.register(written)
+        try:
+            stored = client.job(name)
+        finally:
+            client.deregister(name)
+    assert _lost(written, stored) == []
+
+
 def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Settings) -> None:
     """A trampoline killed outright leaves its job registered; the next run's start purges it, and only it:
     a live trampoline's job and a job that names none (another tool's) stay."""
