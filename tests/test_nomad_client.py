@@ -114,6 +114,25 @@ def test_exec_runs_where_the_agent_offers_it_and_is_filtered_where_not(nomad_age
     assert "missing drivers" in caught.value.message
 
 
+def test_the_default_image_is_the_stack_base_where_the_nomad_clients_can_pull_it(
+    base_image: str, local_registry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a registry configured, the stack's base image is pushed there and named by it; with none, a dev
+    agent on this machine (it shares this Docker engine) takes the local image, and one elsewhere is refused
+    in one line naming both fixes."""
+    from metaflow_stack.engines.nomad.image import stack_image
+
+    remote = Settings(address="http://10.20.30.40:4646")
+    pushed = stack_image(remote, "@nomad(image=...)")
+    assert pushed.startswith(f"{local_registry}/") and pushed.endswith(base_image.rsplit("/", 1)[-1])
+    monkeypatch.delenv("METAFLOW_STACK_REGISTRY")
+    assert stack_image(Settings(address="http://127.0.0.1:4646"), "@nomad(image=...)") == base_image
+    with pytest.raises(StackError) as refused:
+        stack_image(remote, "@nomad(image=...)")
+    assert "is only on this machine" in refused.value.message
+    assert "METAFLOW_STACK_REGISTRY" in refused.value.fix and "@nomad(image=...)" in refused.value.fix
+
+
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
