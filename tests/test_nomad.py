@@ -159,7 +159,7 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     code = (
         "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
         "namespace(None); t = Flow('RawExecFlow').latest_run['work'].task; "
-        "print(json.dumps({**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd')}, 'stdout': t.stdout, "
+        "print(json.dumps({**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd', 'limits')}, 'stdout': t.stdout, "
         "'job': t.metadata_dict.get('nomad-job-id')}))"
     )
     env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": bridge_s3}
@@ -167,6 +167,7 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     assert read.returncode == 0, read.stderr[-3000:]
     work = json.loads(read.stdout.strip().splitlines()[-1])
     assert work["in_job"] and work["job"].startswith("mf-rawexecflow-")
+    assert work["limits"] == ["500", "384"]  # @resources' CPU and memory, where @nomad names none
     assert Path(work["cwd"]).is_relative_to(work["task_dir"])  # the task's own folder (raw_exec shares /tmp)
     assert f"raw_exec in {work['cwd']}" in work["stdout"] and "raw_exec in" in done.stdout + done.stderr
     assert "upload_failure" not in done.stdout + done.stderr

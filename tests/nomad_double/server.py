@@ -803,7 +803,8 @@ class RawExec:
 
 
 def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
-    """What Nomad's client adds to every task's environment (its "runtime environment" docs): its ids, and
+    """What Nomad's client adds to every task's environment (its "runtime environment" docs): its ids, its
+    resources (MHz of CPU and MB of memory; Nomad's defaults where the task names none), and
     the job's and task's ``Meta`` as ``NOMAD_META_<key>`` (as written and upper-cased; a character a
     variable's name cannot hold, but ``.``, as ``_``), a dispatched job's optional keys it was not given as
     empty strings."""
@@ -828,6 +829,8 @@ def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
         "NOMAD_NAMESPACE": alloc["Namespace"],
         "NOMAD_DC": "dc1",
         "NOMAD_REGION": "global",
+        "NOMAD_CPU_LIMIT": str((task.get("Resources") or {}).get("CPU", 100)),
+        "NOMAD_MEMORY_LIMIT": str((task.get("Resources") or {}).get("MemoryMB", 300)),
     }
 
 

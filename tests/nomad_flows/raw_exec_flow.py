@@ -1,11 +1,11 @@
 """One step as a Nomad job on the ``raw_exec`` driver: a process of the client's, in the task folder Nomad
-makes for it, with the client's Python. The job reaches the test's S3 with the credentials ``@environment``
-gives it."""
+makes for it, with the client's Python, with the CPU and memory ``@resources`` asks for (``@nomad`` names
+none). The job reaches the test's S3 with the credentials ``@environment`` gives it."""
 
 import os
 import sys
 
-from metaflow import FlowSpec, environment, nomad, step
+from metaflow import FlowSpec, environment, nomad, resources, step
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -16,13 +16,15 @@ class RawExecFlow(FlowSpec):
         self.next(self.work)
 
     @environment(vars=S3_CREDENTIALS)
-    @nomad(driver="raw_exec", cpu=0.5, memory=512)
+    @resources(cpu=0.5, memory=384)
+    @nomad(driver="raw_exec")
     @step
     def work(self):
         self.in_job = os.environ.get("METAFLOW_NOMAD_WORKLOAD") == "1"
         self.task_dir = os.environ["NOMAD_TASK_DIR"]
         self.cwd = os.getcwd()
         self.python = sys.executable
+        self.limits = (os.environ["NOMAD_CPU_LIMIT"], os.environ["NOMAD_MEMORY_LIMIT"])  # (MHz, MB)
         print(f"raw_exec in {self.cwd}")
         self.next(self.end)
 
