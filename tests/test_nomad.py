@@ -173,6 +173,26 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     assert "upload_failure" not in done.stdout + done.stderr
 
 
+def test_a_catch_fallback_attempt_runs_here_not_as_another_job(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
+    """A job whose process dies: ``@catch``'s fallback attempt only records the failure, and the trampoline
+    lets it run here, as ``@kubernetes`` does, and the run goes on."""
+    done = flow_run(tmp_path, "catch_flow.py", nomad_agent, bridge_s3)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    code = (
+        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
+        "namespace(None); t = Flow('CatchFlow').latest_run['work'].task; "
+        "print(json.dumps({'attempt': t.current_attempt, 'failure': str(t['failure'].data), "
+        "'job': t.metadata_dict.get('nomad-job-id')}))"
+    )
+    env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": bridge_s3}
+    read = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert read.returncode == 0, read.stderr[-3000:]
+    work = json.loads(read.stdout.strip().splitlines()[-1])
+    assert work["attempt"] == 1 and "Something in the execution environment caused" in work["failure"]
+    assert work["job"] is None  # (the fallback attempt ran here: a job's attempt records its job)
+    assert jobs_left(nomad_agent, "mf-catchflow-") == []
+
+
 def test_a_pypi_step_runs_in_its_own_environment_made_in_the_job(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
     """``--environment pypi``: the step's packages are solved here for linux-64, kept in the datastore, and the
     job makes the environment from them (Metaflow's own bootstrap, in the job's script) before the step runs
