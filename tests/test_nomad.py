@@ -71,6 +71,20 @@ def facts(root: Path, flow: str, s3: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def work_task(root: Path, flow: str, read: str, s3: str) -> dict:
+    """What ``read`` (a Python dict expression of ``t``, the latest run's ``work`` task) says, with the Nomad
+    job its last attempt ran in (``job``), from the Client API in a process of its own."""
+    code = (
+        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
+        f"namespace(None); t = Flow({flow!r}).latest_run['work'].task; "
+        f"print(json.dumps({{**{read}, 'job': t.metadata_dict.get('nomad-job-id')}}))"
+    )
+    env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": s3}
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     tmp_path: Path, nomad_agent, bridge_s3: str, base_image: str
 ) -> None:
@@ -156,16 +170,8 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
 ) -> None:
     done = flow_run(tmp_path, "raw_exec_flow.py", nomad_agent, bridge_s3)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    code = (
-        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
-        "namespace(None); t = Flow('RawExecFlow').latest_run['work'].task; "
-        "print(json.dumps({**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd', 'limits')}, 'stdout': t.stdout, "
-        "'job': t.metadata_dict.get('nomad-job-id')}))"
-    )
-    env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": bridge_s3}
-    read = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
-    assert read.returncode == 0, read.stderr[-3000:]
-    work = json.loads(read.stdout.strip().splitlines()[-1])
+    read = "{**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd', 'limits')}, 'stdout': t.stdout}"
+    work = work_task(tmp_path, "RawExecFlow", read, bridge_s3)
     assert work["in_job"] and work["job"].startswith("mf-rawexecflow-")
     assert work["limits"] == ["500", "384"]  # @resources' CPU and memory, where @nomad names none
     assert Path(work["cwd"]).is_relative_to(work["task_dir"])  # the task's own folder (raw_exec shares /tmp)
@@ -178,16 +184,9 @@ def test_a_catch_fallback_attempt_runs_here_not_as_another_job(tmp_path: Path, n
     lets it run here, as ``@kubernetes`` does, and the run goes on."""
     done = flow_run(tmp_path, "catch_flow.py", nomad_agent, bridge_s3)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    code = (
-        "import json, sys; from metaflow import Flow, metadata, namespace; metadata('local@' + sys.argv[1]); "
-        "namespace(None); t = Flow('CatchFlow').latest_run['work'].task; "
-        "print(json.dumps({'attempt': t.current_attempt, 'failure': str(t['failure'].data), "
-        "'job': t.metadata_dict.get('nomad-job-id')}))"
+    work = work_task(
+        tmp_path, "CatchFlow", "{'attempt': t.current_attempt, 'failure': str(t['failure'].data)}", bridge_s3
     )
-    env = {**os.environ, "METAFLOW_S3_ENDPOINT_URL": bridge_s3}
-    read = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
-    assert read.returncode == 0, read.stderr[-3000:]
-    work = json.loads(read.stdout.strip().splitlines()[-1])
     assert work["attempt"] == 1 and "Something in the execution environment caused" in work["failure"]
     assert work["job"] is None  # (the fallback attempt ran here: a job's attempt records its job)
     assert jobs_left(nomad_agent, "mf-catchflow-") == []
