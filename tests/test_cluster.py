@@ -227,10 +227,10 @@ SESSION_S3 = frozenset(
 @pytest.mark.slow
 @pytest.mark.timeout(2300)
 def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker_engine, tmp_path: Path) -> None:
-    # Opt-in: GitHub's runners have kind and Pulumi in every job, and this one brings a whole cluster up.
-    need("kind-stack", os.environ.get("STACK_TEST_KIND_STACK") == "1", "set STACK_TEST_KIND_STACK=1 to run it")
     need("kind", shutil.which("kind") is not None, "kind is not installed")
     need("pulumi", shutil.which("pulumi") is not None, "the Pulumi CLI is not installed")
+    # Opt-in: GitHub's runners have kind and Pulumi in every job, and this one brings a whole cluster up.
+    need("kind-stack", os.environ.get("STACK_TEST_KIND_STACK") == "1", "set STACK_TEST_KIND_STACK=1 to run it")
     # Not the session's own S3 (conftest's moto endpoint and credentials): Metaflow would hand its endpoint to
     # every pod, and boto would sign with its credentials before the stack's.
     env = {name: value for name, value in os.environ.items() if name not in SESSION_S3}

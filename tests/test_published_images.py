@@ -9,12 +9,13 @@ signatures: no signing identity exists offline and cosign is not installed.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, run_cli
+from conftest import TEST_LABEL, need, run_cli
 
 from metaflow_stack import builders, image_lock, images
 from metaflow_stack.errors import RegistryError
@@ -116,6 +117,26 @@ def test_a_release_is_pulled_by_digest_and_a_moved_tag_is_refused(
     assert f"by digest {released.digest}" in pulled.stderr
     assert "the lock names no signer" in pulled.stderr
     docker_engine.image.remove(tampered_id, force=True)
+
+
+def test_where_cosign_is_an_image_its_signer_did_not_sign_is_never_pulled(
+    docker_engine, base_image: str, local_registry: str, lock_path: Path, kept_base: str
+) -> None:
+    """A lock that names its signer, and an image in the registry nobody signed (as a registry that serves
+    an attacker's image under the released digest would hold none either): cosign cannot show the signer
+    signed it, so the image is not pulled and nothing is built in its place. Online cosign says there is no
+    signature; offline it cannot reach Sigstore's trust root, and the image is not used either. (cosign
+    is not on these machines; the GitHub test job installs it.)"""
+    need("cosign", shutil.which("cosign") is not None, "cosign is not installed")
+    publish = ("stack", "images", "publish", "base", "--registry", local_registry, "--lock", str(lock_path))
+    assert run_cli(*publish, "--signed-by", _SIGNER).returncode == 0
+    docker_engine.image.remove(f"{local_registry}/{base_image}")
+    docker_engine.image.remove(base_image)
+    with pytest.raises(RegistryError) as refused:
+        images.resolve("base")
+    said = refused.value.message
+    assert f"is not signed by {_SIGNER}" in said or "could not be checked" in said, said
+    assert not docker_engine.image.exists(base_image)
 
 
 def test_a_lock_for_other_sources_is_not_used(
