@@ -246,3 +246,9 @@ def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker
     environment = {**env, **{k: v.strip("'") for k, v in exports.items()}, "STACK_TEST_REQUIRE": "kubernetes,argo"}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
+    # Down once it passed (a failed bring-up is kept for the job's logs): the cluster and all it held go.
+    down = subprocess.run(
+        [str(VENV_BIN / "metaflow"), "stack", "cluster", "down"], capture_output=True, text=True, env=env
+    )
+    assert down.returncode == 0 and f"deleted the kind cluster {kind.CLUSTER}" in down.stdout + down.stderr
+    assert not kind.exists()
