@@ -203,9 +203,10 @@ def test_cluster_commands_name_what_is_missing_or_wrong() -> None:
         assert result.returncode != 0 and expected in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     if shutil.which("kind") is None:
-        result = run_cli("stack", "cluster", "up")
-        assert result.returncode == 1
-        assert "error: kind is not installed" in result.stderr and "Traceback" not in result.stderr
+        for command in ("up", "down"):
+            result = run_cli("stack", "cluster", command)
+            assert result.returncode == 1
+            assert "error: kind is not installed" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("stack", "cluster", "config")
     assert result.returncode == 1
     assert "error: no dev stack is up on this machine" in result.stderr
