@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 
+import httpx
 import pytest
 from devservers import free_port
 from nomad_jobs import run_job
@@ -31,6 +32,24 @@ def test_a_task_runs_its_logs_stream_and_its_real_exit_code_comes_back(nomad_age
     assert ending.code == 3 and ending.status == "failed"
     assert [line for kind, line in lines if kind == "stdout"] == ["hello out"]
     assert [line for kind, line in lines if kind == "stderr"] == ["err"]
+
+
+def test_a_running_task_is_watched_with_blocking_queries_not_polled(nomad_agent: Settings) -> None:
+    """The allocation is read with Nomad's blocking queries (``index`` and ``wait``: the agent answers when
+    it changes), so a task of a few seconds costs a few requests, not one a second or a busy loop. What
+    the client sent is the double's record (a real agent keeps none)."""
+    if os.environ.get("NOMAD_ADDR"):
+        pytest.skip("the requests are counted by the double, which a real agent is not")
+    def made() -> list[dict]:
+        headers = {"X-Nomad-Token": nomad_agent.token} if nomad_agent.token else {}
+        return httpx.get(f"{nomad_agent.address}/_double/requests", headers=headers).json()
+
+    before = len(made())
+    ending, _ = run_job(nomad_agent, Placement(driver="raw_exec", cpu=0.5, memory=64), "sleep 5; echo done")
+    assert ending.code == 0
+    reads = [r for r in made()[before:] if r["method"] == "GET" and r["path"].startswith("/v1/allocation/")]
+    assert 1 <= len(reads) <= 8, reads
+    assert all("index" in r["query"] and r["query"].get("wait") for r in reads[1:]), reads
 
 
 def test_raw_exec_runs_the_command_as_a_process_in_its_task_folder(nomad_agent: Settings) -> None:

@@ -919,6 +919,19 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
     def leader() -> str:
         return "127.0.0.1:4647"
 
+    requests: list[dict[str, Any]] = []
+
+    @api.middleware("http")
+    async def record(request: Request, call_next):
+        if not request.url.path.startswith("/_double/"):
+            requests.append({"method": request.method, "path": request.url.path, "query": dict(request.query_params)})
+        return await call_next(request)
+
+    @api.get("/_double/requests")
+    def requests_made() -> list[dict[str, Any]]:
+        """The double's own (no agent has it): every request it was sent, for tests of how the client asks."""
+        return requests
+
     @api.middleware("http")
     async def acl_enabled(request: Request, call_next):
         if acl is None and request.url.path.startswith("/v1/acl/"):
