@@ -170,10 +170,11 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
 ) -> None:
     done = flow_run(tmp_path, "raw_exec_flow.py", nomad_agent, bridge_s3)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    read = "{**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd', 'limits')}, 'stdout': t.stdout}"
+    read = "{**{k: t[k].data for k in ('in_job', 'task_dir', 'cwd', 'limits', 'from_secret')}, 'stdout': t.stdout}"
     work = work_task(tmp_path, "RawExecFlow", read, bridge_s3)
     assert work["in_job"] and work["job"].startswith("mf-rawexecflow-")
     assert work["limits"] == ["500", "384"]  # @resources' CPU and memory, where @nomad names none
+    assert work["from_secret"] == "kept"  # (@secrets' variables, set in the job)
     assert Path(work["cwd"]).is_relative_to(work["task_dir"])  # the task's own folder (raw_exec shares /tmp)
     assert f"raw_exec in {work['cwd']}" in work["stdout"] and "raw_exec in" in done.stdout + done.stderr
     assert "upload_failure" not in done.stdout + done.stderr
@@ -190,6 +191,17 @@ def test_a_catch_fallback_attempt_runs_here_not_as_another_job(tmp_path: Path, n
     assert work["attempt"] == 1 and "Something in the execution environment caused" in work["failure"]
     assert work["job"] is None  # (the fallback attempt ran here: a job's attempt records its job)
     assert jobs_left(nomad_agent, "mf-catchflow-") == []
+
+
+def test_a_timeout_stops_the_step_in_its_job(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
+    """``@timeout`` runs in the task, in the job: the step is stopped there after its seconds, not after the
+    two minutes it would sleep, and no job is left."""
+    started = time.monotonic()
+    done = flow_run(tmp_path, "timeout_flow.py", nomad_agent, bridge_s3)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and time.monotonic() - started < 100, said[-6000:]
+    assert "Step work timed out after 0 hours, 0 minutes, 3 seconds" in said
+    assert jobs_left(nomad_agent, "mf-timeoutflow-") == []
 
 
 def test_a_pypi_step_runs_in_its_own_environment_made_in_the_job(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:

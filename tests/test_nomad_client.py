@@ -40,6 +40,7 @@ def test_a_running_task_is_watched_with_blocking_queries_not_polled(nomad_agent:
     the client sent is the double's record (a real agent keeps none)."""
     if os.environ.get("NOMAD_ADDR"):
         pytest.skip("the requests are counted by the double, which a real agent is not")
+
     def made() -> list[dict]:
         headers = {"X-Nomad-Token": nomad_agent.token} if nomad_agent.token else {}
         return httpx.get(f"{nomad_agent.address}/_double/requests", headers=headers).json()

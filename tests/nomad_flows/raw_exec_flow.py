@@ -1,11 +1,12 @@
 """One step as a Nomad job on the ``raw_exec`` driver: a process of the client's, in the task folder Nomad
 makes for it, with the client's Python, with the CPU and memory ``@resources`` asks for (``@nomad`` names
-none). The job reaches the test's S3 with the credentials ``@environment`` gives it."""
+none), and a variable from ``@secrets`` (Metaflow's ``inline`` provider, for tests: it runs in the job, as
+every provider does). The job reaches the test's S3 with the credentials ``@environment`` gives it."""
 
 import os
 import sys
 
-from metaflow import FlowSpec, environment, nomad, resources, step
+from metaflow import FlowSpec, environment, nomad, resources, secrets, step
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -15,6 +16,7 @@ class RawExecFlow(FlowSpec):
     def start(self):
         self.next(self.work)
 
+    @secrets(sources=[{"type": "inline", "id": "test", "options": {"env_vars": {"FROM_SECRET": "kept"}}}])
     @environment(vars=S3_CREDENTIALS)
     @resources(cpu=0.5, memory=384)
     @nomad(driver="raw_exec")
@@ -25,6 +27,7 @@ class RawExecFlow(FlowSpec):
         self.cwd = os.getcwd()
         self.python = sys.executable
         self.limits = (os.environ["NOMAD_CPU_LIMIT"], os.environ["NOMAD_MEMORY_LIMIT"])  # (MHz, MB)
+        self.from_secret = os.environ.get("FROM_SECRET")
         print(f"raw_exec in {self.cwd}")
         self.next(self.end)
 
