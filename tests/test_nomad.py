@@ -71,6 +71,15 @@ def facts(root: Path, flow: str, s3: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def running_jobs(flow: subprocess.Popen, agent) -> list[str]:
+    """The jobs of a ``nomad_flow.py`` run once its three items' jobs are all registered."""
+    deadline = time.monotonic() + 300
+    while len(jobs := jobs_left(agent, "mf-nomadflow-")) < 3:
+        assert flow.poll() is None and time.monotonic() < deadline, "the jobs never started"
+        time.sleep(0.5)
+    return jobs
+
+
 def work_task(root: Path, flow: str, read: str, s3: str) -> dict:
     """What ``read`` (a Python dict expression of ``t``, the latest run's ``work`` task) says, with the Nomad
     job its last attempt ran in (``job``), from the Client API in a process of its own."""
@@ -120,6 +129,48 @@ def test_an_item_that_always_fails_fails_the_run_after_its_retry_with_its_traceb
     assert jobs_left(nomad_agent, "mf-nomadflow-") == []
 
 
+def test_a_lost_node_fails_the_attempt_and_retry_runs_it_again(
+    tmp_path: Path, nomad_agent, bridge_s3: str, base_image: str
+) -> None:
+    """Nomad marks the allocations of a node that stopped answering ``lost``, with no ``Terminated`` event
+    and, as the job asks for no rescheduling, nothing in their place: the attempt ends as lost and ``@retry``
+    runs the item again as a job of its own. (The double loses a node when told to; a real agent's node is
+    this runner, so the GitHub job skips this.)"""
+    from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.watch import allocation_of
+
+    if os.environ.get("NOMAD_ADDR"):
+        pytest.skip("a real agent's only node is the machine running the tests")
+    flow = flow_run(
+        tmp_path,
+        "nomad_flow.py",
+        nomad_agent,
+        bridge_s3,
+        "--sleep",
+        "8",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lost = sorted(running_jobs(flow, nomad_agent))[0]
+        with NomadClient(nomad_agent) as client:
+            alloc = allocation_of(client, lost)
+        headers = {"X-Nomad-Token": nomad_agent.token} if nomad_agent.token else {}
+        answer = httpx.post(f"{nomad_agent.address}/_double/allocation/{alloc}/lose", headers=headers, timeout=30)
+        assert answer.json() == {"lost": True}
+        said, _ = flow.communicate(timeout=600)
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    assert flow.returncode == 0, said[-6000:]
+    assert f"Nomad job {lost} lost: the node running it was lost" in said
+    run = facts(tmp_path, "NomadFlow", bridge_s3)
+    assert run["successful"] and run["values"] == [10, 20, 30]
+    (again,) = [item for item in run["items"] if item["job"] == lost.removesuffix("-0") + "-1"]
+    assert again["attempt"] == 1
+
+
 def test_a_job_no_node_can_take_fails_at_once_with_nomads_reason(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
     started = time.monotonic()
     done = flow_run(tmp_path, "gpu_flow.py", nomad_agent, bridge_s3)
@@ -149,10 +200,7 @@ def test_stopping_the_run_purges_its_jobs(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while len(jobs_left(nomad_agent, "mf-nomadflow-")) < 3:
-            assert flow.poll() is None and time.monotonic() < deadline, "the jobs never started"
-            time.sleep(0.5)
+        running_jobs(flow, nomad_agent)
         time.sleep(2)
         (os.killpg if to_group else os.kill)(flow.pid, number)
         assert flow.wait(timeout=120) != 0

@@ -464,6 +464,8 @@ class Cluster:
         task_api = self.task_apis.pop(alloc["ID"], None)
         if task_api is not None:  # (the task has ended: its socket goes)
             task_api.stop()
+        if alloc["ClientStatus"] == "lost":  # (its node is gone: nothing more is heard of the task)
+            return
         if alloc.get("DesiredStatus") == "stop":  # stopped by a deregistration: killed, as Nomad says it
             with self.changed:
                 state["Events"] += [_terminated(code), _event("Killed")]
@@ -605,6 +607,22 @@ class Cluster:
                 if alloc["ClientStatus"] in ("pending", "running"):
                     alloc["ClientStatus"] = "complete"
                     self.bump(alloc)
+
+    def lose(self, alloc_id: str) -> bool:
+        """The allocation's node lost (its heartbeats missed): Nomad's servers mark the allocation ``lost`` and
+        want it stopped, its task's state stays as last reported (no ``Terminated`` event), and with no
+        reschedule attempts nothing replaces it. The double ends the task, as the node would on its return.
+        Whether there was such a running allocation."""
+        alloc = self.allocs.get(alloc_id)
+        if alloc is None or alloc["ClientStatus"] not in ("pending", "running"):
+            return False
+        with self.changed:
+            alloc.update(
+                ClientStatus="lost", DesiredStatus="stop", ClientDescription="alloc is lost since its node is down"
+            )
+            self.bump(alloc)
+        self.stop_allocs([alloc])
+        return True
 
     def release(self, alloc_id: str) -> None:
         """The allocation's Task API closed and its folder removed (its task has ended, or never started)."""
@@ -926,6 +944,11 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
         if not request.url.path.startswith("/_double/"):
             requests.append({"method": request.method, "path": request.url.path, "query": dict(request.query_params)})
         return await call_next(request)
+
+    @api.post("/_double/allocation/{alloc_id}/lose")
+    def lose(alloc_id: str):
+        """The double's own: the allocation's node is lost (Nomad's servers decide it when heartbeats stop)."""
+        return {"lost": cluster.lose(alloc_id)}
 
     @api.get("/_double/requests")
     def requests_made() -> list[dict[str, Any]]:
