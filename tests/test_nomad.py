@@ -71,13 +71,17 @@ def facts(root: Path, flow: str, s3: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def running_jobs(flow: subprocess.Popen, agent) -> list[str]:
-    """The jobs of a ``nomad_flow.py`` run once its three items' jobs are all registered."""
+def running(root: Path, agent, s3: str, sleep: float, **popen) -> tuple[subprocess.Popen, list[str]]:
+    """A ``nomad_flow.py`` run whose items each sleep ``sleep`` seconds (its process: ``popen``), once its
+    three items' jobs are all registered; and those jobs."""
+    flow = flow_run(root, "nomad_flow.py", agent, s3, "--sleep", str(sleep), **popen)
     deadline = time.monotonic() + 300
     while len(jobs := jobs_left(agent, "mf-nomadflow-")) < 3:
-        assert flow.poll() is None and time.monotonic() < deadline, "the jobs never started"
+        if flow.poll() is not None or time.monotonic() > deadline:
+            flow.kill()
+            raise AssertionError("the jobs never started")
         time.sleep(0.5)
-    return jobs
+    return flow, jobs
 
 
 def work_task(root: Path, flow: str, read: str, s3: str) -> dict:
@@ -141,19 +145,11 @@ def test_a_lost_node_fails_the_attempt_and_retry_runs_it_again(
 
     if os.environ.get("NOMAD_ADDR"):
         pytest.skip("a real agent's only node is the machine running the tests")
-    flow = flow_run(
-        tmp_path,
-        "nomad_flow.py",
-        nomad_agent,
-        bridge_s3,
-        "--sleep",
-        "8",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    flow, jobs = running(
+        tmp_path, nomad_agent, bridge_s3, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        lost = sorted(running_jobs(flow, nomad_agent))[0]
+        lost = sorted(jobs)[0]
         with NomadClient(nomad_agent) as client:
             alloc = allocation_of(client, lost)
         headers = {"X-Nomad-Token": nomad_agent.token} if nomad_agent.token else {}
@@ -188,19 +184,9 @@ def test_stopping_the_run_purges_its_jobs(
 ) -> None:
     """Ctrl-C (the terminal signals the runtime and every trampoline), or SIGTERM to the run's own process
     alone (a supervisor stopping it): either way no job is left on Nomad."""
-    flow = flow_run(
-        tmp_path,
-        "nomad_flow.py",
-        nomad_agent,
-        bridge_s3,
-        "--sleep",
-        "300",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
+    flow, _ = running(tmp_path, nomad_agent, bridge_s3, 300, **popen)
     try:
-        running_jobs(flow, nomad_agent)
         time.sleep(2)
         (os.killpg if to_group else os.kill)(flow.pid, number)
         assert flow.wait(timeout=120) != 0
