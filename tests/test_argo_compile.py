@@ -7,16 +7,20 @@ from __future__ import annotations
 import ast
 import copy
 import os
+import re
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
 from metaflow_stack.ci import argo_compile
-from metaflow_stack.errors import InvalidInput
+from metaflow_stack.errors import InvalidInput, StackError
 
 FLOWS = sorted((Path(__file__).resolve().parent / "flow_suite" / "flows").glob("*.py"))
 DEMO = Path(__file__).resolve().parents[1] / "runtime" / "src" / "metaflow_stack" / "demo" / "hello_flow.py"
+#: The examples: each runs a step in a TEE (``@confidential``), which Argo Workflows, running every step as a
+#: pod, cannot give it.
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 
 
 @pytest.fixture
@@ -48,6 +52,22 @@ def test_every_flow_compiles_to_a_valid_workflow_template(flow: Path, s3_datasto
     assert {step.replace("_", "-") for step in _steps(flow)} <= names
     if flow.stem == "scheduled_flow":
         assert '"schedule": "0 3 * * *"' in template["metadata"]["annotations"]["metaflow/cron"]
+
+
+@pytest.mark.parametrize("flow", EXAMPLES, ids=lambda p: p.stem)
+def test_an_example_whose_step_runs_in_a_tee_is_refused_for_argo_in_one_line(
+    flow: Path, s3_datastore: str, tmp_path: Path
+) -> None:
+    """Compiled for Argo Workflows, a ``@confidential`` step would run as a plain pod, outside any enclave:
+    the deployment is refused, naming the step (for want of Gramine here; where Gramine is installed, for
+    the ``@kubernetes`` Argo gives every step)."""
+    assert "@confidential" in flow.read_text()
+    staged = tmp_path / flow.name
+    staged.write_text(flow.read_text())
+    with pytest.raises(StackError) as refused:
+        argo_compile.compile_flow(staged)
+    assert "does not compile for Argo Workflows" in refused.value.message
+    assert re.search(r"step \w+: ", refused.value.message) and "Traceback" not in refused.value.message
 
 
 def test_a_template_argo_would_refuse_names_the_field(s3_datastore: str, tmp_path: Path) -> None:
