@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -91,3 +92,11 @@ def test_a_scheduled_flow_deploys_with_its_cron_and_runs_when_triggered(flow_run
     run = flow_runner.run("flows/scheduled_flow.py")
     assert run.successful, flow_runner.output
     assert run.data.started is True
+    # The schedule is on the cluster: Argo's CronWorkflow for the deployed flow, with the flow's cron.
+    from metaflow.metaflow_config import KUBERNETES_NAMESPACE  # (the profile's, as the deployer read it)
+
+    (deployed,) = flow_runner.deployed
+    cron = ["kubectl", "-n", KUBERNETES_NAMESPACE, "get", "cronworkflows.argoproj.io", deployed.name, "-o", "json"]
+    found = subprocess.run(cron, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert "0 3 * * *" in json.dumps(json.loads(found.stdout)["spec"])

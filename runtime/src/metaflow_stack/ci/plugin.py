@@ -220,6 +220,11 @@ class FlowHarness:
         triggered.wait_for_completion(timeout=RUN_TIMEOUT_S)
         return self._recorded(run, source, "")
 
+    @property
+    def deployed(self) -> list[Any]:
+        """What this test deployed so far (Metaflow's ``DeployedFlow``s), for what a test checks of them."""
+        return list(self._deployed)
+
     def _recorded(self, run: Any, source: Path, output: str) -> Any:
         """Record ``run`` for the report (and, when it failed, where its failed step is); return it."""
         self.output = output
