@@ -108,6 +108,16 @@ def test_a_backend_without_its_infrastructure_skips_naming_it_unless_required(tm
     assert failed.status == "failed" and "(STACK_TEST_REQUIRE lists kubernetes)" in failed.message
 
 
+def test_a_backend_a_test_leaves_out_by_its_marker_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    """``skip_backend("argo", reason=...)``: the case skips with the marker's reason before anything of the
+    backend is looked at, even where the backend is required (which would make a missing Argo a failure)."""
+    code, output, junit = suite(tmp_path, "argo", "-k", "resumes", env={"STACK_TEST_REQUIRE": "argo"})
+    assert code == 0, output[-3000:]
+    (skipped,) = results.read([junit])
+    assert skipped.status == "skipped" and skipped.backend == "argo"
+    assert "a deployed flow is not resumed" in skipped.message
+
+
 def test_an_unknown_backend_is_one_line_naming_the_choices(tmp_path: Path) -> None:
     code, output, _ = suite(tmp_path, "local,lambda")
     assert code == 4
