@@ -153,6 +153,42 @@ def test_pulumi_up_in_the_program_folder_reads_a_project_pulumi_accepts_and_runs
     assert releases["metadata-service"]["namespace"] == "metaflow"
 
 
+def _of_the_api(manifest: dict) -> bool:
+    """Whether ``manifest`` is of one of the Kubernetes API's own kinds (the core group, or a ``*.k8s.io`` one)."""
+    group = manifest["apiVersion"].rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offline: list, tmp_path: Path) -> None:
+    """The preview-equivalent for the charts the stack installs and does not write (Argo Workflows, MinIO,
+    CloudNativePG, NATS): each rendered by Helm from its repository at its pinned version, with the values the
+    program gives it, and every object of the Kubernetes API's own kinds valid by its schema, strictly
+    (custom resources are the charts' own, their definitions among the objects checked). Neither Helm nor the
+    charts' repositories are reachable here: the GitHub k8s-integration job runs it."""
+    import yaml
+    from components import dev_stack
+
+    need("helm", shutil.which("helm") is not None, "the Helm CLI is not installed")
+    _dev_stack()
+    pinned = {chart: (repo, version) for chart, repo, version in (dev_stack.ARGO, dev_stack.MINIO)}
+    pinned |= {chart: (repo, version) for chart, repo, version in (dev_stack.CLOUDNATIVE_PG, dev_stack.NATS)}
+    releases = [_revealed(r.inputs) for r in pulumi_offline if r.typ == "kubernetes:helm.sh/v3:Release"]
+    third_party = [r for r in releases if r["chart"] in pinned]
+    assert {r["chart"] for r in third_party} == set(pinned)
+    for release in third_party:
+        repo, version = pinned[release["chart"]]
+        values = tmp_path / f"{release['name']}.json"
+        values.write_text(json.dumps(release.get("values") or {}))
+        command = ["helm", "template", release["name"], release["chart"], "--repo", repo, "--version", version]
+        command += ["--namespace", release["namespace"], "--include-crds", "-f", str(values)]
+        rendered = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert rendered.returncode == 0, rendered.stderr[-3000:]
+        own = [o for o in yaml.safe_load_all(rendered.stdout) if o and _of_the_api(o)]
+        assert own, f"{release['chart']} rendered no Kubernetes objects"
+        for manifest in own:
+            helm.validate_manifest(manifest, where=f"{release['chart']} {version}: ")
+
+
 def test_kind_publishes_the_node_ports_on_loopback_only() -> None:
     config = json.loads(kind.config())
     (node,) = config["nodes"]
