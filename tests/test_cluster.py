@@ -163,8 +163,10 @@ def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offlin
     """The preview-equivalent for the charts the stack installs and does not write (Argo Workflows, MinIO,
     CloudNativePG, NATS): each rendered by Helm from its repository at its pinned version, with the values the
     program gives it, and every object of the Kubernetes API's own kinds valid by its schema, strictly
-    (custom resources are the charts' own, their definitions among the objects checked). Neither Helm nor the
+    (custom resources are the charts' own, their definitions among the objects checked); and the PostgreSQL
+    cluster the program declares, valid by CloudNativePG's definition of it. Neither Helm nor the
     charts' repositories are reachable here: the GitHub k8s-integration job runs it."""
+    import jsonschema
     import yaml
     from components import dev_stack
 
@@ -175,6 +177,7 @@ def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offlin
     releases = [_revealed(r.inputs) for r in pulumi_offline if r.typ == "kubernetes:helm.sh/v3:Release"]
     third_party = [r for r in releases if r["chart"] in pinned]
     assert {r["chart"] for r in third_party} == set(pinned)
+    definitions: dict[tuple[str, str], dict] = {}  # (the custom resources' definitions the charts bring)
     for release in third_party:
         repo, version = pinned[release["chart"]]
         values = tmp_path / f"{release['name']}.json"
@@ -183,10 +186,17 @@ def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offlin
         command += ["--namespace", release["namespace"], "--include-crds", "-f", str(values)]
         rendered = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert rendered.returncode == 0, rendered.stderr[-3000:]
-        own = [o for o in yaml.safe_load_all(rendered.stdout) if o and _of_the_api(o)]
+        objects = [o for o in yaml.safe_load_all(rendered.stdout) if o]
+        own = [o for o in objects if _of_the_api(o)]
         assert own, f"{release['chart']} rendered no Kubernetes objects"
         for manifest in own:
             helm.validate_manifest(manifest, where=f"{release['chart']} {version}: ")
+        crds = [o["spec"] for o in objects if o["kind"] == "CustomResourceDefinition"]
+        definitions.update({(crd["group"], crd["names"]["kind"]): crd for crd in crds})
+    # The PostgreSQL cluster the program declares itself, against CloudNativePG's own definition of it.
+    (database,) = [r for r in pulumi_offline if r.typ == "kubernetes:postgresql.cnpg.io/v1:Cluster"]
+    (served,) = [v for v in definitions["postgresql.cnpg.io", "Cluster"]["versions"] if v["name"] == "v1"]
+    jsonschema.validate(_revealed(database.inputs)["spec"], served["schema"]["openAPIV3Schema"]["properties"]["spec"])
 
 
 def test_kind_publishes_the_node_ports_on_loopback_only() -> None:
