@@ -771,53 +771,63 @@ class RawExec:
     def done(self) -> bool:
         return self.process.poll() is not None and not any(pump.is_alive() for pump in self.pumps)
 
+    def indexes(self, kind: str) -> list[int]:
+        """The numbers of the ``kind`` log's files still there, in order."""
+        return sorted(int(path.name.rsplit(".", 1)[1]) for path in self.logs.glob(f"{self.task}.{kind}.*"))
+
     def after(self, kind: str, index: int) -> int | None:
-        """The first of the ``kind`` log's files still there after file ``index`` (-1: the first of all)."""
-        return next((n for n in range(index + 1, self.newest(kind) + 1) if self.path(kind, n).exists()), None)
+        """The first of the ``kind`` log's files still there after file ``index``."""
+        return next((n for n in self.indexes(kind) if n > index), None)
 
-    def size(self, kind: str, index: int) -> int:
-        return self.path(kind, index).stat().st_size
-
-    def newest(self, kind: str) -> int:
-        return max(int(path.name.rsplit(".", 1)[1]) for path in self.logs.glob(f"{self.task}.{kind}.*"))
+    def start(self, kind: str, offset: int) -> tuple[int, int]:
+        """Where an ``origin=start`` offset falls: counted forward through the files still there, and held at
+        the end of the last, as Nomad's ``findClosest`` does; the file's number and the offset in it."""
+        sizes = []
+        for n in self.indexes(kind):
+            with contextlib.suppress(FileNotFoundError):  # (rotated out while listed)
+                sizes.append((n, self.path(kind, n).stat().st_size))
+        for n, size in sizes:
+            if offset <= size or n == sizes[-1][0]:
+                return n, min(offset, size)
+            offset -= size
+        return 0, 0
 
     def frames(self, kind: str, follow: bool, offset: int) -> Iterator[bytes]:
         """The ``kind`` log from ``offset`` (counted across the files still there, as Nomad's ``origin=start``
         offsets are) as frames, each naming its file with the offset reached in it; followed while the task
-        runs. A file deleted under the reader (rotated out) ends, as Nomad's does (``client/fs_endpoint.go``,
-        ``streamFile`` then ``logs``), with a ``file deleted`` frame once its bytes are read, and the stream
-        goes on with the next file there."""
-        index = self.after(kind, -1)
-        while (later := self.after(kind, index)) is not None and offset >= (size := self.size(kind, index)):
-            offset, index = offset - size, later
+        runs. As Nomad's stream (``client/fs_endpoint.go``, ``logs`` and ``streamFile``): a file deleted under
+        the reader (rotated out) ends with a ``file deleted`` frame once its bytes are read, and the stream
+        goes on with the next file there; one rotated out before it was opened is passed over."""
+        index, offset = self.start(kind, offset)
         quiet_since = time.monotonic()
-        log = self.path(kind, index).open("rb")
-        log.seek(offset)
-        try:
-            while True:
-                done = self.done()  # (before reading: what it wrote last is then read)
-                data = log.read(64 * 1024)
-                file = f"alloc/logs/{self.path(kind, index).name}"
-                later = self.after(kind, index)
-                if data:
-                    yield _frame(data, log.tell(), file)
-                    quiet_since = time.monotonic()
-                elif not self.path(kind, index).exists() and later is not None:
-                    yield json.dumps({"File": file, "FileEvent": DELETED, "Offset": log.tell()}).encode()
-                    log.close()
-                    index, log = later, self.path(kind, later).open("rb")
-                elif later is not None:
-                    log.close()
-                    index, log = later, self.path(kind, later).open("rb")
-                elif done or not follow:
-                    return
-                else:
-                    if time.monotonic() - quiet_since >= HEARTBEAT_S:
-                        yield b"{}"
+        while True:
+            try:
+                log = self.path(kind, index).open("rb")
+            except FileNotFoundError:  # (rotated out before it was opened: a newer one is there)
+                index, offset = self.after(kind, index), 0
+                continue
+            with log:
+                log.seek(offset)
+                while True:
+                    done = self.done()  # (before reading: what it wrote last is then read)
+                    data = log.read(64 * 1024)
+                    file = f"alloc/logs/{self.path(kind, index).name}"
+                    later = self.after(kind, index)
+                    if data:
+                        yield _frame(data, log.tell(), file)
                         quiet_since = time.monotonic()
-                    time.sleep(0.05)
-        finally:
-            log.close()
+                    elif later is not None:
+                        if not self.path(kind, index).exists():
+                            yield json.dumps({"File": file, "FileEvent": DELETED, "Offset": log.tell()}).encode()
+                        index, offset = later, 0
+                        break
+                    elif done or not follow:
+                        return
+                    else:
+                        if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                            yield b"{}"
+                            quiet_since = time.monotonic()
+                        time.sleep(0.05)
 
 
 def _runtime_env(alloc: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
