@@ -9,6 +9,8 @@ import shlex
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -283,47 +285,75 @@ def test_a_runs_start_sweeps_the_namespace_of_each_nomad_step(
             client.deregister(job)
 
 
-def test_tls_is_verified_by_default_with_nomads_own_variables_and_each_refusal_names_its_fix(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(scope="module")
+def tls_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], dict[str, str], Any]]:
     """An agent with TLS that verifies its clients (``tls { http = true, verify_https_client = true }``): the
-    double here, with a CA of the test's own, wherever the tests run. ``METAFLOW_NOMAD_ADDR`` wins over
-    ``NOMAD_ADDR``; the agent's certificate is verified unless ``NOMAD_SKIP_VERIFY`` says not; the client's
-    is presented beside a CA file (httpx alone drops it there). Deploying a server's secrets to Nomad
-    Variables (python-nomad, which verifies nothing by default) takes the same settings."""
+    double, with a CA of the test's own, wherever the tests run. Its variables as Nomad's CLI reads them
+    (``METAFLOW_NOMAD_ADDR`` to it, over a ``NOMAD_ADDR`` that reaches nothing), the client certificate's,
+    and the certificate files."""
     import tls_files
     from devservers import nomad_double
 
-    files, port, token = tls_files.issue(tmp_path), free_port(), uuid.uuid4().hex
+    files, port, token = tls_files.issue(tmp_path_factory.mktemp("tls")), free_port(), uuid.uuid4().hex
     tls = ("--tls-cert", str(files.server_cert), "--tls-key", str(files.server_key), "--tls-client-ca", str(files.ca))
-    base = {
-        "METAFLOW_NOMAD_ADDR": f"https://127.0.0.1:{port}",
-        "NOMAD_ADDR": "http://127.0.0.1:9",
-        "NOMAD_TOKEN": token,
-    }
+    base = {"METAFLOW_NOMAD_ADDR": f"https://127.0.0.1:{port}", "NOMAD_ADDR": "http://127.0.0.1:9"}
     client_cert = {"NOMAD_CLIENT_CERT": str(files.client_cert), "NOMAD_CLIENT_KEY": str(files.client_key)}
-
-    def jobs(env: dict[str, str]) -> list:
-        with NomadClient(Settings.from_env(env)) as client:
-            return client.jobs("mf-")
-
     with nomad_double("--token", token, *tls, port=port):
-        for env, fix in (
-            ({**base, **client_cert}, "set NOMAD_CACERT to the CA that signed it"),
-            ({**base, "NOMAD_CACERT": str(files.ca)}, "set NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY"),
-            ({**base, "NOMAD_CACERT": str(tmp_path / "none.pem")}, "readable PEM files"),
-        ):
-            with pytest.raises(StackError) as refused:
-                jobs(env)
-            assert fix in refused.value.fix and "Traceback" not in refused.value.message, refused.value.message
-        assert jobs({**base, "NOMAD_CACERT": str(files.ca), **client_cert}) == []
-        assert jobs({**base, "NOMAD_SKIP_VERIFY": "true", **client_cert}) == []
-        for name, value in {**base, "NOMAD_ADDR": base["METAFLOW_NOMAD_ADDR"], **client_cert}.items():
-            monkeypatch.setenv(name, value)
-        with pytest.raises(StackError, match="CERTIFICATE_VERIFY_FAILED"):
-            deploy.put_variables("nomad/jobs/tls-check", {"auth_key": "k"})
-        monkeypatch.setenv("NOMAD_CACERT", str(files.ca))
+        yield {**base, "NOMAD_TOKEN": token}, client_cert, files
+
+
+def _jobs(env: dict[str, str]) -> list:
+    with NomadClient(Settings.from_env(env)) as client:
+        return client.jobs("mf-")
+
+
+@pytest.mark.parametrize(
+    ("settings", "fix"),
+    [
+        ({"client_cert": True}, "set NOMAD_CACERT to the CA that signed it"),
+        ({"ca": True}, "set NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY"),
+        ({"ca": True, "client_cert": True, "host": "localhost"}, "a name its certificate holds"),
+        ({"ca": "missing.pem"}, "readable PEM files"),
+    ],
+    ids=["untrusted-agent", "no-client-certificate", "another-host-name", "unreadable-ca"],
+)
+def test_a_tls_connection_nomad_or_this_machine_refuses_is_one_line_naming_its_fix(
+    tls_agent, settings: dict, fix: str
+) -> None:
+    """The agent's certificate is verified (unlike python-nomad's default), against ``NOMAD_CACERT``: each
+    refusal, either side's, says what to set."""
+    base, client_cert, files = tls_agent
+    env = {**base, **(client_cert if settings.get("client_cert") else {})}
+    if ca := settings.get("ca"):
+        env["NOMAD_CACERT"] = str(files.ca if ca is True else files.ca.parent / ca)
+    if host := settings.get("host"):
+        env["METAFLOW_NOMAD_ADDR"] = env["METAFLOW_NOMAD_ADDR"].replace("127.0.0.1", host)
+    with pytest.raises(StackError) as refused:
+        _jobs(env)
+    assert fix in refused.value.fix and "Traceback" not in refused.value.message, refused.value.message
+
+
+@pytest.mark.parametrize("verified", [True, False], ids=["against-its-ca", "skip-verify"])
+def test_a_client_certificate_reaches_an_agent_that_verifies_its_clients(tls_agent, verified: bool) -> None:
+    """The client's certificate is presented beside a CA file (httpx alone drops it there), and with
+    ``NOMAD_SKIP_VERIFY``."""
+    base, client_cert, files = tls_agent
+    trust = {"NOMAD_CACERT": str(files.ca)} if verified else {"NOMAD_SKIP_VERIFY": "true"}
+    assert _jobs({**base, **client_cert, **trust}) == []
+
+
+def test_secrets_deployed_to_nomad_variables_verify_the_agent_as_nomad_does(
+    tls_agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deploying a server's secrets to Nomad Variables (python-nomad, which verifies nothing by default)
+    takes the same settings: refused without the CA, stored with it."""
+    base, client_cert, files = tls_agent
+    for name, value in {**base, "NOMAD_ADDR": base["METAFLOW_NOMAD_ADDR"], **client_cert}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(StackError, match="CERTIFICATE_VERIFY_FAILED"):
         deploy.put_variables("nomad/jobs/tls-check", {"auth_key": "k"})
+    monkeypatch.setenv("NOMAD_CACERT", str(files.ca))
+    deploy.put_variables("nomad/jobs/tls-check", {"auth_key": "k"})
 
 
 def test_an_allocation_nomad_no_longer_knows_ends_the_attempt_as_lost(tmp_path) -> None:

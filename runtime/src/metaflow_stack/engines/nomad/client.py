@@ -157,16 +157,25 @@ class NomadClient:
         return whole
 
     def _unreachable(self, exc: Exception) -> StackError:
-        s, said = self.settings, f"{type(exc).__name__}: {exc}"
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        s, said, text = self.settings, f"{type(exc).__name__}: {exc}", str(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            if "mismatch" in text:  # (the certificate is trusted, and names another host)
+                fix = "address the agent by a name its certificate holds (NOMAD_ADDR)"
+            elif "expired" in text:
+                fix = "renew the agent's certificate"
+            else:
+                fix = "set NOMAD_CACERT to the CA that signed it"
             return Unavailable(
-                f"the Nomad agent at {s.address} has a certificate this machine does not trust ({said})",
-                fix="set NOMAD_CACERT to the CA that signed it",
+                f"the Nomad agent at {s.address} has a certificate this machine refuses ({said})", fix=fix
             )
-        if isinstance(exc, httpx.RemoteProtocolError) and s.address.startswith("https:") and not s.client_cert:
+        # An agent that verifies its clients (tls verify_https_client) refuses one with no certificate: Go's TLS
+        # says so in an alert (certificate required, or bad certificate before TLS 1.3); some servers just close.
+        refused = any(alert in text for alert in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "HANDSHAKE_FAILURE"))
+        closed = isinstance(exc, httpx.RemoteProtocolError)
+        if (refused or closed) and s.address.startswith("https:") and not s.client_cert:
             return Unavailable(
-                f"the Nomad agent at {s.address} closed the connection unanswered ({said}): an agent that "
-                "verifies its clients (tls verify_https_client) does so to one with no certificate",
+                f"the Nomad agent at {s.address} refused this machine's connection ({said}): an agent that "
+                "verifies its clients (tls verify_https_client) refuses one with no certificate",
                 fix="set NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY",
             )
         return Unavailable(
