@@ -125,6 +125,8 @@ def test_pulumi_up_in_the_program_folder_reads_a_project_pulumi_accepts_and_runs
     project = yaml.safe_load((PULUMI_PROGRAM / "Pulumi.yaml").read_text())
     assert project["name"] and project["runtime"]["name"] == "python"
     for key, declared in (project.get("config") or {}).items():
+        if not isinstance(declared, dict):  # (`key: value`, Pulumi's short form of a value)
+            continue
         assert not ("default" in declared and "value" in declared), key
         if ":" in key and not key.startswith(f"{project['name']}:"):
             assert "type" not in declared and "default" not in declared and "value" in declared, key

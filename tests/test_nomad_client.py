@@ -51,6 +51,7 @@ def test_a_running_task_is_watched_with_blocking_queries_not_polled(nomad_agent:
     ending, _ = run_job(nomad_agent, Placement(driver="raw_exec", cpu=0.5, memory=64), "sleep 5; echo done")
     assert ending.code == 0
     reads = [r for r in made()[before:] if r["method"] == "GET" and r["path"].startswith("/v1/allocation/")]
+    assert len({r["path"] for r in reads}) == 1, reads  # (this job's one allocation: the tests here run one at a time)
     assert 1 <= len(reads) <= 8, reads
     assert all("index" in r["query"] and r["query"].get("wait") for r in reads[1:]), reads
 

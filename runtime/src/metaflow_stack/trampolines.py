@@ -137,13 +137,22 @@ def stopped_by_signals() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous, told = signal.signal(signal.SIGTERM, interrupt), parent_death_signal()
     try:
         die_with_parent(signal.SIGTERM)
         yield
     finally:
-        die_with_parent(0)
+        die_with_parent(told)
         signal.signal(signal.SIGTERM, previous)
+
+
+def parent_death_signal() -> int:
+    """The signal the kernel sends this process when its parent dies (``PR_GET_PDEATHSIG``; 0: none)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    number = ctypes.c_int(0)
+    ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(number))  # PR_GET_PDEATHSIG
+    return number.value
 
 
 def die_with_parent(number: int = signal.SIGKILL) -> None:
