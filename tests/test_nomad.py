@@ -214,6 +214,21 @@ def test_a_step_runs_on_the_raw_exec_driver_as_a_process_of_the_client(
     assert "upload_failure" not in done.stdout + done.stderr
 
 
+def test_a_run_another_item_failed_leaves_no_job_of_the_items_it_stopped(
+    tmp_path: Path, nomad_agent, bridge_s3: str
+) -> None:
+    """One item fails for good while the others sleep: Metaflow's runtime ends the run and kills the other
+    items' trampolines outright (SIGKILL), which no handler sees; each trampoline's watchdog child purges its
+    job then, so none runs on until the next run's sweep."""
+    started = time.monotonic()
+    done = flow_run(tmp_path, "nomad_flow.py", nomad_agent, bridge_s3, "--fail-item", "3", "--sleep", "240")
+    assert done.returncode != 0 and time.monotonic() - started < 200, (done.stdout + done.stderr)[-6000:]
+    deadline = time.monotonic() + 60
+    while jobs_left(nomad_agent, "mf-nomadflow-") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs_left(nomad_agent, "mf-nomadflow-") == []
+
+
 def test_a_catch_fallback_attempt_runs_here_not_as_another_job(tmp_path: Path, nomad_agent, bridge_s3: str) -> None:
     """A job whose process dies: ``@catch``'s fallback attempt only records the failure, and the trampoline
     lets it run here, as ``@kubernetes`` does, and the run goes on."""

@@ -1,6 +1,6 @@
 """A foreach whose items run as Nomad jobs: item 2 fails its first attempt (``@retry`` runs it again as a
-new job), ``--fail-item N`` makes item N fail for good, ``--sleep S`` keeps each item busy (a test stops the
-run meanwhile). The jobs reach the test's S3 with the credentials ``@environment`` gives them."""
+new job), ``--fail-item N`` makes item N fail for good, at once, ``--sleep S`` keeps the other items busy (a
+test stops the run meanwhile). The jobs reach the test's S3 with the credentials ``@environment`` gives them."""
 
 import os
 import socket
@@ -27,7 +27,7 @@ class NomadFlow(FlowSpec):
     def each(self):
         self.hostname = socket.gethostname()
         self.in_job = os.environ.get("METAFLOW_NOMAD_WORKLOAD") == "1"
-        time.sleep(self.sleep)
+        time.sleep(0 if self.input == self.fail_item else self.sleep)  # (the failing item fails the run at once)
         print(f"item {self.input} in {self.hostname}")
         if self.input == 2 and current.retry_count == 0:
             raise RuntimeError("item 2 fails its first attempt")

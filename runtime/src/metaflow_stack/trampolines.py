@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 #: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
 INPUT_PATHS_CHUNK = 30 * 1024
@@ -144,6 +144,47 @@ def stopped_by_signals() -> Iterator[None]:
     finally:
         die_with_parent(told)
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def undone_if_killed(undo: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, a child of this process waits to run ``undo`` should this process be killed
+    outright, which no handler here can see: Metaflow's runtime stops the tasks still running that way
+    (SIGKILL, after five seconds) when another task fails the run. However the block ends, the child goes
+    without running it (the caller's own cleanup does that). Linux only (``PR_SET_PDEATHSIG``); elsewhere
+    the next run's sweep does it. Call it before any thread starts: it forks."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _undo_when_orphaned(undo, parent)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _undo_when_orphaned(undo: Callable[[], None], parent: int) -> NoReturn:
+    """In ``undone_if_killed``'s child: wait for the kernel's word that ``parent`` died, then ``undo``."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Ctrl-C is the parent's to answer)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (held for sigwait, even one sent at once)
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != parent:  # (it died before the request was in place)
+            os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigwait({signal.SIGTERM})
+        undo()
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def parent_death_signal() -> int:

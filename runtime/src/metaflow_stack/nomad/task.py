@@ -4,8 +4,10 @@ step), registered, followed to its end and purged.
 
 The job's output is passed on line by line, so the run's console shows it as it is written; inside the
 job, Metaflow's log capture saves it to the datastore as ``@kubernetes`` does. Ctrl-C or SIGTERM of the
-trampoline purges the job; a job still there when a trampoline died outright is purged by the next
-run's start (``engines.nomad.orphans.sweep``: its ``Meta`` names the trampoline, ``elsewhere.Launcher``).
+trampoline purges the job; so does a child of the trampoline when the trampoline is killed outright (the
+runtime does that to the tasks still running when another fails the run: ``trampolines.undone_if_killed``).
+A job still there when both died is purged by the next run's start (``engines.nomad.orphans.sweep``: its
+``Meta`` names the trampoline, ``elsewhere.Launcher``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import sys
 
 from metaflow_stack.elsewhere import Launcher
-from metaflow_stack.engines.nomad.client import NomadClient
+from metaflow_stack.engines.nomad.client import NomadClient, Settings
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
 from metaflow_stack.engines.nomad.orphans import OWNER
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
-from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
+from metaflow_stack.trampolines import stopped_by_signals, undone_if_killed, uninterrupted
 
 #: Set in every job: Metaflow's plugins know the task runs in a Nomad job.
 WORKLOAD_VARIABLE = "METAFLOW_NOMAD_WORKLOAD"
@@ -45,10 +47,17 @@ def run(
     with stopped_by_signals():
         try:
             eval_id = client.register(body)
-            return follow(client, job, eval_id, relay)
+            with undone_if_killed(lambda: _purge(client.settings, job)):  # (before follow starts its threads)
+                return follow(client, job, eval_id, relay)
         finally:
             with uninterrupted():
                 try:
                     client.deregister(job)
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
                     relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
+
+
+def _purge(settings: Settings, job: str) -> None:
+    """Purge ``job`` for a trampoline killed outright (``undone_if_killed``), on a connection of its own."""
+    with NomadClient(settings) as client:
+        client.deregister(job)
