@@ -175,6 +175,12 @@ def _undo_when_orphaned(undo: Callable[[], None], parent: int) -> NoReturn:
     """In ``undone_if_killed``'s child: wait for the kernel's word that ``parent`` died, then ``undo``."""
     code = 1
     try:
+        # Holding nothing of the parent's open (the runtime reads the task's end from its output's pipes
+        # closing; ``undo`` opens what it needs).
+        quiet = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(quiet, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Ctrl-C is the parent's to answer)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (held for sigwait, even one sent at once)
         die_with_parent(signal.SIGTERM)
