@@ -14,7 +14,7 @@ import pytest
 
 from metaflow_stack.engines.nomad import jobspec
 from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of, job_id, task_job, workers_job
-from metaflow_stack.engines.nomad.logs import MAX_LINE, MAX_PENDING, Frame, FrameDecoder, Lines, Position
+from metaflow_stack.engines.nomad.logs import MAX_LINE, MAX_PENDING, FrameDecoder, Lines
 from metaflow_stack.errors import StackError
 
 SCHEMA = json.loads((Path(__file__).resolve().parent / "nomad_double" / "job.schema.json").read_text())
@@ -298,24 +298,3 @@ def test_a_deployed_jobs_script_reads_its_credentials_before_it_fetches_its_pack
     assert order == sorted(order) and "export METAFLOW_SKIP_INSTALL_DEPENDENCIES" not in script
     plain = job_command(MetaflowEnvironment(Flow()), "s3", ("{}", "s3://b/k"), run, False, False, False)[2]
     assert "NOMAD_ADDR" not in plain and "job_secrets" not in plain and "SKIP_INSTALL_DEPENDENCIES=1" not in plain
-
-
-def test_a_log_resumes_where_nomad_counts_it_across_the_files_it_still_keeps() -> None:
-    """Nomad counts an ``origin=start`` offset across the files of a log it still keeps (its newest
-    ``MaxFiles``), so a reader that resumes (a dropped stream, the last read once the task ended) asks for
-    the files still kept before its own, then its offset in it: not the bytes it read, which count files
-    since rotated out. A gap in the files' numbers is files rotated out before they were read."""
-
-    def frame(n: int, offset: int, data: bytes = b"x", event: str = "") -> Frame:
-        return Frame(data, offset, f"alloc/logs/metaflow.stdout.{n}", event)
-
-    for kept, resumed in ((10, 230), (2, 130), (1, 30)):
-        at = Position(kept)
-        assert not any(at.advance(f) for f in (frame(0, 100), frame(1, 100), Frame(), frame(2, 30)))
-        assert at.resumed() == resumed
-    at = Position(1)
-    at.advance(frame(0, 100))
-    assert not at.advance(frame(0, 100, b"", "file deleted"))  # (deleted once read: the next file follows)
-    assert not at.advance(frame(1, 10))
-    assert at.advance(frame(3, 10))  # (file 2 rotated out unread)
-    assert Position().resumed() == 0

@@ -810,9 +810,9 @@ class RawExec:
                 log.seek(offset)
                 while True:
                     done = self.done()  # (before reading: what it wrote last is then read)
+                    later = self.after(kind, index)  # (before reading too: what this file got meanwhile is read)
                     data = log.read(64 * 1024)
                     file = f"alloc/logs/{self.path(kind, index).name}"
-                    later = self.after(kind, index)
                     if data:
                         yield _frame(data, log.tell(), file)
                         quiet_since = time.monotonic()

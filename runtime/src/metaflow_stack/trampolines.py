@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -151,9 +152,10 @@ def undone_if_killed(undo: Callable[[], None]) -> Iterator[None]:
     """While the block runs, a child of this process waits to run ``undo`` should this process be killed
     outright, which no handler here can see: Metaflow's runtime stops the tasks still running that way
     (SIGKILL, after five seconds) when another task fails the run. However the block ends, the child goes
-    without running it (the caller's own cleanup does that). Linux only (``PR_SET_PDEATHSIG``); elsewhere
-    the next run's sweep does it. Call it before any thread starts: it forks."""
-    if not sys.platform.startswith("linux"):
+    without running it (the caller's own cleanup, inside the block, does that). Linux only
+    (``PR_SET_PDEATHSIG``), and only from a process with no thread but its own (it forks); elsewhere the
+    next run's sweep does it."""
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
         yield
         return
     sys.stdout.flush()
@@ -181,12 +183,13 @@ def _undo_when_orphaned(undo: Callable[[], None], parent: int) -> NoReturn:
         for fd in (0, 1, 2):
             os.dup2(quiet, fd)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Ctrl-C is the parent's to answer)
+        gc.disable()  # (the parent's objects, their descriptors closed here, are never finalised here)
+        for number in (signal.SIGINT, signal.SIGHUP):  # (the terminal's: Ctrl-C or its closing is the parent's)
+            signal.signal(number, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (held for sigwait, even one sent at once)
         die_with_parent(signal.SIGTERM)
-        if os.getppid() != parent:  # (it died before the request was in place)
-            os.kill(os.getpid(), signal.SIGTERM)
-        signal.sigwait({signal.SIGTERM})
+        while os.getppid() == parent:  # (a SIGTERM from elsewhere while the parent lives: the parent's to answer)
+            signal.sigwait({signal.SIGTERM})
         undo()
         code = 0
     finally:

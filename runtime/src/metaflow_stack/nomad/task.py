@@ -44,11 +44,12 @@ def run(
         print(line, file=sys.stderr if kind == "stderr" else sys.stdout, flush=True)
 
     body = task_job(job, command, env, placement, {**meta, OWNER: Launcher.this().label})
-    with stopped_by_signals():
+    # The purge on a kill is in place before the job is registered and while the trampoline purges it itself
+    # (forked before follow starts its threads; a job that was never registered is purged as no error).
+    with stopped_by_signals(), undone_if_killed(lambda: _purge(client.settings, job)):
         try:
             eval_id = client.register(body)
-            with undone_if_killed(lambda: _purge(client.settings, job)):  # (before follow starts its threads)
-                return follow(client, job, eval_id, relay)
+            return follow(client, job, eval_id, relay)
         finally:
             with uninterrupted():
                 try:

@@ -138,40 +138,46 @@ class NomadClient:
         request = self._http.build_request(method, path, params=self._params(params), **kwargs)
         try:
             response = self._http.send(request, stream=True)
-            try:
-                body = bytearray()
-                for chunk in response.iter_bytes():  # (decoded: Nomad compresses what it sends)
-                    body += chunk
-                    if len(body) > MAX_ANSWER:
-                        raise StackError(
-                            f"Nomad's answer to {method} {path} is over {MAX_ANSWER >> 20} MB",
-                            fix="check that NOMAD_ADDR is a Nomad agent",
-                        )
-            finally:
-                response.close()
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
+        try:
+            body = bytearray()
+            for chunk in response.iter_bytes():  # (decoded: Nomad compresses what it sends)
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    raise StackError(
+                        f"Nomad's answer to {method} {path} is over {MAX_ANSWER >> 20} MB",
+                        fix="check that NOMAD_ADDR is a Nomad agent",
+                    )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc, answered=True) from None
+        finally:
+            response.close()
         headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _ENCODING]
         whole = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=request)
         _raise_for(whole, method, path)
         return whole
 
-    def _unreachable(self, exc: Exception) -> StackError:
+    def _unreachable(self, exc: Exception, answered: bool = False) -> StackError:
+        """Why the agent could not be asked (``answered``: the failure came after its answer began)."""
         s, said, text = self.settings, f"{type(exc).__name__}: {exc}", str(exc)
         if "CERTIFICATE_VERIFY_FAILED" in text:
-            if "mismatch" in text:  # (the certificate is trusted, and names another host)
+            if "Hostname mismatch" in text or "IP address mismatch" in text:  # (trusted, for another host)
                 fix = "address the agent by a name its certificate holds (NOMAD_ADDR)"
             elif "expired" in text:
                 fix = "renew the agent's certificate"
+            elif "not yet valid" in text:
+                fix = "check this machine's clock, then the certificate's dates"
             else:
                 fix = "set NOMAD_CACERT to the CA that signed it"
             return Unavailable(
                 f"the Nomad agent at {s.address} has a certificate this machine refuses ({said})", fix=fix
             )
         # An agent that verifies its clients (tls verify_https_client) refuses one with no certificate: Go's TLS
-        # says so in an alert (certificate required, or bad certificate before TLS 1.3); some servers just close.
-        refused = any(alert in text for alert in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "HANDSHAKE_FAILURE"))
-        closed = isinstance(exc, httpx.RemoteProtocolError)
+        # says so in an alert (certificate required, or bad certificate before TLS 1.3); some servers close the
+        # connection before any answer.
+        refused = any(alert in text for alert in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE"))
+        closed = isinstance(exc, httpx.RemoteProtocolError) and not answered
         if (refused or closed) and s.address.startswith("https:") and not s.client_cert:
             return Unavailable(
                 f"the Nomad agent at {s.address} refused this machine's connection ({said}): an agent that "
@@ -340,14 +346,16 @@ class NomadClient:
         params = self._params({"task": task, "type": kind, **flags})
         # Followed, a quiet task sends heartbeats, or nothing, for a while; not followed, the answer ends.
         timeout = httpx.Timeout(None if follow else CONNECT_S + SLACK_S, connect=CONNECT_S)
+        answered = False
         try:
             with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:
+                answered = True
                 if response.is_error:
                     response.read()
                 _raise_for(response, "GET", "/v1/client/fs/logs")
                 yield response.iter_bytes()  # (decoded: Nomad compresses what it sends)
         except httpx.TransportError as exc:
-            raise self._unreachable(exc) from None
+            raise self._unreachable(exc, answered) from None
 
 
 class NotFound(StackError):

@@ -74,43 +74,12 @@ def _frame(value: object) -> Frame:
     return Frame(data, int(value.get("Offset") or 0), str(value.get("File") or ""), str(value.get("FileEvent") or ""))
 
 
-#: How many files of a log Nomad keeps when the job does not say (``LogConfig.MaxFiles``).
-KEPT_FILES = 10
-
-
-class Position:
-    """Where a reader of a log is, as Nomad names it: a file (``<task>.<kind>.<n>``) and the offset in it, with
-    the size of each file it read to the end. Nomad counts an ``origin=start`` offset across the files it
-    still keeps, its newest ``kept`` (``LogConfig.MaxFiles``), and deletes the oldest as a new one begins,
-    so the bytes read are not where to resume once a file has gone."""
-
-    def __init__(self, kept: int = KEPT_FILES) -> None:
-        self.kept, self.file, self.offset = kept, "", 0
-        self.sizes: dict[int, int] = {}
-
-    def advance(self, frame: Frame) -> bool:
-        """Take ``frame`` in; whether it comes after files never read (rotated out first: Nomad's stream goes
-        on to the next file still there, so a gap in ``n`` is files deleted unread)."""
-        before, after = _number(self.file), _number(frame.file)
-        if after is None:
-            return False
-        self.file, self.offset = frame.file, frame.offset  # (Nomad's Offset: where the frame's bytes end)
-        self.sizes[after] = frame.offset
-        return bool(frame.data) and before is not None and after > before + 1
-
-    def resumed(self) -> int:
-        """The ``origin=start`` offset of this position: the files still kept before this one (its newest
-        being this one, as for a reader that had caught up), then the offset in it."""
-        number = _number(self.file)
-        if number is None:
-            return self.offset
-        earlier = range(max(0, number - self.kept + 1), number)
-        return sum(self.sizes.get(n, 0) for n in earlier) + self.offset
-
-
-def _number(file: str) -> int | None:
-    number = file.rpartition(".")[2]
-    return int(number) if number.isdigit() else None
+def skipped(before: str, after: str) -> bool:
+    """Whether a log's frames went from file ``before`` to file ``after`` past files never read. Nomad names a
+    log's files ``<task>.<kind>.<n>`` and its stream goes on to the next one still there, so a gap in ``n``
+    is files deleted (rotated out, ``LogConfig.MaxFiles``) before they were read."""
+    numbers = [name.rpartition(".")[2] for name in (before, after)]
+    return all(n.isdigit() for n in numbers) and int(numbers[1]) > int(numbers[0]) + 1
 
 
 class Lines:

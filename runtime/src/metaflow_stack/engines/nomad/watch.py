@@ -19,7 +19,7 @@ from typing import Any
 
 from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Unavailable
 from metaflow_stack.engines.nomad.jobspec import TASK
-from metaflow_stack.engines.nomad.logs import KEPT_FILES, FrameDecoder, Lines, Position
+from metaflow_stack.engines.nomad.logs import FrameDecoder, Lines, skipped
 from metaflow_stack.errors import StackError
 
 #: An allocation's ends (``ClientStatus``).
@@ -139,22 +139,21 @@ def last_lines(client: NomadClient, alloc_id: str, kind: str, count: int = 20) -
 class LogFollower(threading.Thread):
     """Reads one of the task's logs (``kind``: ``stdout``, ``stderr``) as it is written and hands over each
     line. Nomad has no log before the task starts (404): it asks again until there is one; a stream that
-    drops is resumed where it was (``logs.Position``: as Nomad counts it, across the files the job's
-    ``LogConfig`` has it keep); once the allocation has ended (``ended``) it reads what is left, not
+    drops is resumed where it was (the bytes read: Nomad counts an offset across the files it still keeps,
+    so after files were rotated out a resumed read starts further on); once the allocation has ended
+    (``ended``) it reads what is left, not
     followed, and stops. A file rotated out while it was read ends with a ``file deleted`` frame and Nomad
     goes on with the next file in the same stream (``client/fs_endpoint.go``), so that frame ends nothing
     here: the bytes of a file deleted before they were read are lost, as with ``nomad alloc logs -f``."""
 
-    def __init__(
-        self, client: NomadClient, alloc_id: str, kind: str, on_line: Callable[[str, str], None], kept: int
-    ) -> None:
+    def __init__(self, client: NomadClient, alloc_id: str, kind: str, on_line: Callable[[str, str], None]) -> None:
         super().__init__(name=f"nomad-{kind}", daemon=True)
-        self.client, self.alloc_id, self.kind, self.on_line, self.kept = client, alloc_id, kind, on_line, kept
+        self.client, self.alloc_id, self.kind, self.on_line = client, alloc_id, kind, on_line
         self.ended = threading.Event()  # set by the watcher when the allocation ends
         self.error: Exception | None = None
 
     def run(self) -> None:
-        lines, at, pause = Lines(), Position(self.kept), 0.2
+        lines, received, pause, file = Lines(), 0, 0.2, ""
         try:
             while True:
                 # Once the allocation has ended, one last read, not followed: Nomad sends heartbeats whatever is
@@ -163,14 +162,15 @@ class LogFollower(threading.Thread):
                 final, caught_up = self.ended.is_set(), False
                 decoder = FrameDecoder()
                 try:
-                    resumed = at.resumed()
-                    with self.client.logs(self.alloc_id, TASK, self.kind, offset=resumed, follow=not final) as chunks:
+                    with self.client.logs(self.alloc_id, TASK, self.kind, offset=received, follow=not final) as chunks:
                         self.error = None
                         for chunk in chunks:
                             for frame in decoder.feed(chunk):
-                                if at.advance(frame):  # (files rotated out unread: the lost part ends a line)
+                                received += len(frame.data)
+                                if frame.data and file and skipped(file, frame.file):  # (the lost part ends a line)
                                     for line in [*lines.flush(), f"({self.kind}: {LOST_FILES})"]:
                                         self.on_line(self.kind, line)
+                                file = frame.file or file
                                 for line in lines.feed(frame.data):
                                     self.on_line(self.kind, line)
                                 caught_up = caught_up or (frame.heartbeat and self.ended.is_set())
@@ -205,8 +205,7 @@ def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, 
             gone = Ending(None, status="lost", reason=f"Nomad no longer knows its allocation {alloc_id}")
             break
         if not followers and _started(allocation):
-            kept = _kept_files(allocation)
-            followers = [LogFollower(client, alloc_id, kind, on_line, kept) for kind in ("stdout", "stderr")]
+            followers = [LogFollower(client, alloc_id, kind, on_line) for kind in ("stdout", "stderr")]
             for follower in followers:
                 follower.start()
         if allocation.get("ClientStatus") in ENDED:
@@ -218,13 +217,6 @@ def follow(client: NomadClient, job: str, eval_id: str, on_line: Callable[[str, 
         if follower.error is not None and not isinstance(follower.error, NotFound):
             on_line("stderr", f"(the task's {follower.kind} could not be read from Nomad: {follower.error})")
     return gone or ending(allocation)
-
-
-def _kept_files(allocation: dict[str, Any]) -> int:
-    """How many files of each log Nomad keeps for the allocation's task (its ``LogConfig.MaxFiles``)."""
-    tasks = [t for g in (allocation.get("Job") or {}).get("TaskGroups") or [] for t in g.get("Tasks") or []]
-    config = next((t.get("LogConfig") or {} for t in tasks if t.get("Name") == TASK), {})
-    return int(config.get("MaxFiles") or KEPT_FILES)
 
 
 def _started(allocation: dict[str, Any]) -> bool:
