@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import PULUMI_PROGRAM, VENV_BIN, need, run_cli
 
-from metaflow_stack.cluster import kind, profile
+from metaflow_stack.cluster import kind, profile, stack
 from metaflow_stack.deploy import helm
 
 SERVICE_IMAGE = "metaflow-stack/metadata-service:0123456789abcdef"
@@ -272,6 +273,15 @@ SESSION_S3 = frozenset(
 )
 
 
+def test_up_says_what_it_did_to_the_stacks_resources_in_one_line() -> None:
+    """Pulumi's counts by operation, in words (its rarer operations in its own names), nothing said for
+    none: the line the kind test reads to hold that a second ``up`` changes nothing."""
+    assert stack.changes({"same": 20}) == "the stack's resources: 20 unchanged"
+    counts = {"create": 3, "same": 17, "update": 0, "create-replacement": 1, "replace": 1}
+    assert stack.changes(counts) == "the stack's resources: 3 created, 17 unchanged, 1 create-replacement, 1 replaced"
+    assert stack.changes({}) == "the stack's resources: none"
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(2300)
@@ -288,6 +298,11 @@ def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker
     up = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
     assert up.returncode == 0, (up.stdout + up.stderr)[-6000:]
     exports = dict(item.split("=", 1) for item in up.stdout.strip().splitlines()[-1].removeprefix("export ").split(" "))
+    # Up again on the same cluster: the secrets are kept and every resource is as declared, so nothing changes.
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+    assert re.search(r"^the stack's resources: \d+ unchanged$", again.stderr, re.MULTILINE), again.stderr[-6000:]
+    assert again.stdout == up.stdout
     suite = Path(__file__).resolve().parent / "flow_suite"
     command = [sys.executable, "-m", "pytest", "-c", str(suite / "pytest.ini"), str(suite), "-p", "no:cacheprovider"]
     command += ["--backend=kubernetes,argo", f"--basetemp={tmp_path / 'runs'}", "-q"]

@@ -74,7 +74,26 @@ def up(config: Mapping[str, str], secrets: Mapping[str, str], say: Callable[[str
             f"pulumi up failed: {_last_error(str(exc))}",
             fix="read Pulumi's output above; `metaflow stack cluster up` again resumes where it stopped",
         ) from None
+    say(changes(result.summary.resource_changes or {}))
     return {name: output.value for name, output in result.outputs.items()}
+
+
+#: Pulumi's names for what an update did to a resource (its ``OpType``), in words; the rarer ones
+#: (``create-replacement``, ``import``, ...) are said in Pulumi's own names.
+_CHANGE_WORDS = {
+    "same": "unchanged",
+    "create": "created",
+    "update": "updated",
+    "delete": "deleted",
+    "replace": "replaced",
+}
+
+
+def changes(counts: Mapping[str, int]) -> str:
+    """One line of what ``up`` did to the stack's resources (Pulumi's ``resource_changes``), so a second
+    ``up`` on the same cluster says it changed nothing."""
+    done = [f"{count} {_CHANGE_WORDS.get(kind, kind)}" for kind, count in counts.items() if count]
+    return "the stack's resources: " + (", ".join(done) or "none")
 
 
 def outputs(missing_ok: bool = False) -> dict[str, Any]:
