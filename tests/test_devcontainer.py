@@ -111,6 +111,21 @@ def test_a_failing_item_fails_the_run_with_its_exception(docker_engine, tmp_path
     assert step_containers(docker_engine) == []
 
 
+def test_a_run_another_item_failed_leaves_no_container_of_the_items_it_stopped(docker_engine, tmp_path: Path) -> None:
+    """One item fails for good while the others sleep: Metaflow's runtime ends the run and kills the other
+    items' trampolines outright (SIGKILL), which no handler sees; each trampoline's watchdog child removes
+    its container then, so none sleeps on until the next run's sweep."""
+    command, env = flow_command(tmp_path, "--fail-item", "3", "--sleep", "240", "--max-workers", "3")
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and "item 3 always fails" in done.stdout + done.stderr
+    assert time.monotonic() - started < 200, (done.stdout + done.stderr)[-4000:]
+    deadline = time.monotonic() + 60
+    while step_containers(docker_engine) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert step_containers(docker_engine) == []
+
+
 @pytest.mark.parametrize("pooled", [False, True], ids=["container-per-task", "pooled"])
 def test_stopping_a_run_removes_its_containers(docker_engine, tmp_path: Path, pooled: bool) -> None:
     """Ctrl-C while the items run: no container is left, be it one per task or a pool's."""

@@ -1,6 +1,6 @@
 """A foreach whose items run in @devcontainer sandboxes: item 2 fails its first attempt (so @retry
-runs it again in a new container), ``--fail-item N`` makes item N fail for good, ``--sleep S`` keeps
-each item busy (a test kills the run meanwhile). Each item records what it saw inside."""
+runs it again in a new container), ``--fail-item N`` makes item N fail for good (at once), ``--sleep S``
+keeps every other item busy (a test kills the run meanwhile). Each item records what it saw inside."""
 
 import os
 import socket
@@ -47,7 +47,7 @@ class DevcontainerFlow(FlowSpec):
         self.root_writable = os.access("/", os.W_OK)
         self.host_variable_seen = "STACK_TEST_HOST_SECRET" in os.environ  # the run's, not the step's
         self.folder_writable = os.access(os.getcwd(), os.W_OK)
-        time.sleep(self.sleep)
+        time.sleep(0 if self.input == self.fail_item else self.sleep)
         print(f"item {self.input} in {self.hostname}")
         if self.input == 2 and current.retry_count == 0:
             raise RuntimeError("item 2 fails its first attempt")

@@ -4,8 +4,10 @@ Metaflow reads them, with no copy back), output relayed line by line, the exit c
 
 The container is removed whatever happens: when the step ends, when it fails to start, and when
 the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline killed outright
-(SIGKILL) cannot clean up: its container names the trampoline (``elsewhere.Launcher``), and the next
-``@devcontainer`` run started on this machine removes containers whose trampoline is gone."""
+(SIGKILL: what Metaflow's runtime does to the tasks still running when another fails the run) cannot
+clean up: a child it forked first removes its container then (``trampolines.undone_if_killed``), and
+should that child be gone too, the container names the trampoline (``elsewhere.Launcher``), and the
+next ``@devcontainer`` run started on this machine removes containers whose trampoline is gone."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.elsewhere import Launcher, orphans
 from metaflow_stack.engines import JobSpec, Mount, get_engine, host_user
 from metaflow_stack.engines.docker import DockerEngine
-from metaflow_stack.trampolines import stopped_by_signals
+from metaflow_stack.trampolines import stopped_by_signals, undone_if_killed
 
 #: Where the unpacked code package is mounted (read-only); the task works in ``stores.WORKDIR``.
 CODE = "/mf/code"
@@ -93,7 +95,8 @@ def job_spec(
 def run_step(spec: JobSpec) -> int:
     """Run a task's container (``job_spec``), relaying its output; its exit code."""
     engine = get_engine("docker", probe=False)  # the run's start probed it (and swept orphans)
-    with stopped_by_signals():
+    mine = {LABEL: spec.labels[LABEL], OWNER: spec.labels[OWNER]}  # (this trampoline's container, by name)
+    with stopped_by_signals(), undone_if_killed(lambda: engine.remove(engine.containers(mine))):
         job = engine.launch(spec)
         try:
             for stream, line in job.streams(follow=True):
