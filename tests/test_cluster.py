@@ -284,7 +284,7 @@ def test_up_says_what_it_did_to_the_stacks_resources_in_one_line() -> None:
 
 @pytest.mark.docker
 @pytest.mark.slow
-@pytest.mark.timeout(2300)
+@pytest.mark.timeout(2900)
 def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker_engine, tmp_path: Path) -> None:
     need("kind", shutil.which("kind") is not None, "kind is not installed")
     need("pulumi", shutil.which("pulumi") is not None, "the Pulumi CLI is not installed")
@@ -299,10 +299,13 @@ def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker
     assert up.returncode == 0, (up.stdout + up.stderr)[-6000:]
     exports = dict(item.split("=", 1) for item in up.stdout.strip().splitlines()[-1].removeprefix("export ").split(" "))
     # Up again on the same cluster: the secrets are kept and every resource is as declared, so nothing changes.
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    written = sorted((tmp_path / "home").glob("config_*.json"))
+    assert written, "up wrote no Metaflow profile"
+    profiles = {path: path.read_text() for path in written}
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     assert re.search(r"^the stack's resources: \d+ unchanged$", again.stderr, re.MULTILINE), again.stderr[-6000:]
-    assert again.stdout == up.stdout
+    assert again.stdout == up.stdout and {path: path.read_text() for path in written} == profiles
     suite = Path(__file__).resolve().parent / "flow_suite"
     command = [sys.executable, "-m", "pytest", "-c", str(suite / "pytest.ini"), str(suite), "-p", "no:cacheprovider"]
     command += ["--backend=kubernetes,argo", f"--basetemp={tmp_path / 'runs'}", "-q"]

@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def run_step(spec: JobSpec) -> int:
     """Run a task's container (``job_spec``), relaying its output; its exit code."""
     engine = get_engine("docker", probe=False)  # the run's start probed it (and swept orphans)
     mine = {LABEL: spec.labels[LABEL], OWNER: spec.labels[OWNER]}  # (this trampoline's container, by name)
-    with stopped_by_signals(), undone_if_killed(lambda: engine.remove(engine.containers(mine))):
+    with stopped_by_signals(), undone_if_killed(lambda: _remove_left(engine, mine)):
         job = engine.launch(spec)
         try:
             for stream, line in job.streams(follow=True):
@@ -104,6 +105,18 @@ def run_step(spec: JobSpec) -> int:
             return job.wait()
         finally:
             job.remove()
+
+
+#: Seconds between the two looks for a killed trampoline's container.
+_LOOK_AGAIN_S = 3.0
+
+
+def _remove_left(engine: DockerEngine, labels: dict[str, str]) -> None:
+    """Remove what a trampoline killed outright left (``undone_if_killed``): its container, looked for
+    twice, as the ``docker run`` it was waiting on may still be making it."""
+    engine.remove(engine.containers(labels))
+    time.sleep(_LOOK_AGAIN_S)
+    engine.remove(engine.containers(labels))
 
 
 def remove_orphans(engine: DockerEngine) -> int:
