@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -218,28 +219,55 @@ cvm.run(cloud, "leakflow-7-score-2-0", "tdx.small", app, exchange, judge, print,
 """
 
 
-def test_a_cvm_whose_launcher_was_killed_outright_is_deleted_at_the_next_runs_start(
-    phala: tuple[str, str], tmp_path: Path
-) -> None:
-    """SIGKILL leaves a launcher no time to delete its CVM (which bills until deleted): its note in the state
-    folder lets the next run's start delete it, and only it: a live launcher's CVM and another API's stay."""
-    from metaflow_stack.confidential.ledger import Ledger
-
-    base, key = phala
+def _killed_launcher(base: str, key: str, tmp_path: Path, with_its_child: bool) -> str:
+    """A ``LAUNCHER`` killed outright (SIGKILL) once its CVM runs (``with_its_child``: with the child that
+    watches it, as a reboot would): the CVM's id."""
     state = tmp_path / "state"
     (tmp_path / "launch.py").write_text(LAUNCHER)
     command = [sys.executable, str(tmp_path / "launch.py"), base, key, _pinned(base), str(state)]
-    launched = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launched = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     said, started = "", None
     try:
         while started is None and (line := launched.stderr.readline()):  # until its CVM runs; it then waits
             said += line
             started = re.search(r"CVM (\S+) started on Phala Cloud", line)
     finally:
-        launched.kill()
+        if with_its_child:
+            os.killpg(launched.pid, signal.SIGKILL)
+        else:
+            launched.kill()
         launched.wait(timeout=30)
     assert started, said + launched.stderr.read()
-    killed = started[1]
+    return started[1]
+
+
+def test_a_launcher_killed_outright_has_its_cvm_deleted_at_once(phala: tuple[str, str], tmp_path: Path) -> None:
+    """SIGKILL to the launcher alone (Metaflow's runtime does it to the tasks still running when another fails
+    the run): the child it forked before the CVM was made deletes the CVM then, and its note goes."""
+    from metaflow_stack.confidential.ledger import Ledger
+
+    base, key = phala
+    killed = _killed_launcher(base, key, tmp_path, with_its_child=False)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{_double(base)}/cvms/{killed}").json() is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{_double(base)}/cvms/{killed}").json() is None
+    assert list(Ledger(tmp_path / "state").folder.glob("*.json")) == []
+
+
+def test_a_cvm_whose_launcher_was_killed_outright_is_deleted_at_the_next_runs_start(
+    phala: tuple[str, str], tmp_path: Path
+) -> None:
+    """A launcher killed outright with the child that watches it (a reboot) leaves its CVM billing: its note
+    in the state folder lets the next run's start delete it, and only it: a live launcher's CVM and another
+    API's stay."""
+    from metaflow_stack.confidential.ledger import Ledger
+
+    base, key = phala
+    state = tmp_path / "state"
+    killed = _killed_launcher(base, key, tmp_path, with_its_child=True)
     assert httpx.get(f"{_double(base)}/cvms/{killed}").json() is not None  # still there, billing
 
     cloud = PhalaCloud(api_key=key, base_url=base, signer=_pinned(base))

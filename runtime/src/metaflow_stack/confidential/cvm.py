@@ -50,9 +50,9 @@ from metaflow_stack.confidential.inside import CREDENTIALS, MODE, POLICY, STEP, 
 from metaflow_stack.confidential.keyring import policy_name
 from metaflow_stack.confidential.ledger import Ledger
 from metaflow_stack.confidential.phala import APP_PREFIX, PhalaCloud, PhalaError, compose_for
-from metaflow_stack.elsewhere import task_command
+from metaflow_stack.elsewhere import Launcher, task_command
 from metaflow_stack.errors import StackError
-from metaflow_stack.trampolines import stopped_by_signals, uninterrupted
+from metaflow_stack.trampolines import stopped_by_signals, undone_if_killed, uninterrupted
 
 #: Where the CVM's task works and keeps its logs.
 WORKDIR, LOGS = "/tmp/metaflow-task", "/tmp/metaflow-logs"
@@ -193,12 +193,15 @@ def run(
     gave no evidence in ``BOOT_S`` (nothing was judged: it may be retried), or ran on past ``BOOT_S`` and
     the step's ``run_time_limit_s`` (``@timeout``'s, as a pod's deadline). ``record`` is told the app
     and CVM. The CVM is deleted however this ends; while it runs, ``ledger`` notes it, so that the next
-    run's start deletes it if this process is killed outright."""
+    run's start deletes it if this process is killed outright, unless the child this process forks first
+    (``trampolines.undone_if_killed``) has deleted it then."""
     from metaflow.mflog import tail_logs
 
     cvm = app_id = ""
+    me = Launcher.this().label
     try:
-        with stopped_by_signals():  # (a SIGTERM while it is committed is a Ctrl-C: the CVM is then deleted)
+        # (a SIGTERM while it is committed is a Ctrl-C: the CVM is then deleted; a SIGKILL, by the child)
+        with stopped_by_signals(), undone_if_killed(lambda: _delete_left(cloud, ledger, me)):
             provisioned = cloud.provision(name, app.compose, sorted(app.encrypted), instance_type, app.name)
             key, app_id = cloud.checked_env_key(provisioned), provisioned.app_id
             cvm = cloud.by_app(app_id)  # noted before the commit: a launcher may die while it is sent
@@ -231,6 +234,15 @@ def run(
                     # stays for the next run's start, which looks again.
                     if found or not cvm.startswith(APP_PREFIX):
                         ledger.deleted(cloud.base, app_id)
+
+
+def _delete_left(cloud: PhalaCloud, ledger: Ledger, launcher: str) -> None:
+    """In the child of a launcher killed outright: its committed CVM deleted, on a client of the child's own."""
+    own = cloud.again()
+    try:
+        ledger.left_by(own, launcher)
+    finally:
+        own.close()
 
 
 class _Watch:

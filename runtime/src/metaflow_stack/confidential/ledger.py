@@ -9,20 +9,24 @@ the CVM is deleted. The note is written just before the commit (its
 variable key checked first), naming the CVM by its app
 (``PhalaCloud.by_app``: a provision's app has one CVM), so a launcher
 killed while its commit is on the way leaves it noted too; once
-committed, the CVM's own id replaces it. A run's start deletes the CVMs
+committed, the CVM's own id replaces it. A launcher killed outright has a
+child it forked first delete its committed CVM at once (``Ledger.left_by``,
+through ``trampolines.undone_if_killed``); a run's start deletes the CVMs
 whose launcher on this machine is gone (``Ledger.sweep``), as ``@nomad``
-purges its jobs. A CVM noted on a machine lost for good is deleted in Phala
-Cloud's dashboard.
+purges its jobs: those the child could not, and those noted by their app
+(a commit may still be making the CVM as the launcher dies). A CVM noted on
+a machine lost for good is deleted in Phala Cloud's dashboard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from metaflow_stack.confidential.phala import PhalaCloud, PhalaError
+from metaflow_stack.confidential.phala import APP_PREFIX, PhalaCloud, PhalaError
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.local_secrets import keep
 
@@ -58,6 +62,17 @@ class Ledger:
         """Delete the CVMs on ``cloud``'s API whose launcher on this machine is gone: the names of those
         deleted, and of those Phala did not delete now (they stay noted, for the next run's start). A note
         that does not read is dropped, and so is one by app whose app has no CVM (its commit never made one)."""
+        return self._delete(
+            cloud, lambda note: (launcher := Launcher.parse(note.launcher)) is not None and launcher.gone()
+        )
+
+    def left_by(self, cloud: PhalaCloud, launcher: str) -> tuple[list[str], list[str]]:
+        """Delete the committed CVMs the launcher labelled ``launcher`` noted, as ``sweep`` does, once it was
+        killed outright. Those noted by their app are left to the next run's sweep: the commit the launcher
+        sent may still be making the CVM, and a look now that found none would drop its note."""
+        return self._delete(cloud, lambda note: note.launcher == launcher and not note.cvm.startswith(APP_PREFIX))
+
+    def _delete(self, cloud: PhalaCloud, chosen: Callable[[Launched], bool]) -> tuple[list[str], list[str]]:
         swept, left = [], []
         for path in sorted(self.folder.glob("*.json")):
             try:
@@ -65,8 +80,7 @@ class Ledger:
             except (OSError, ValueError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            launcher = Launcher.parse(note.launcher)
-            if note.api != cloud.base or launcher is None or not launcher.gone():
+            if note.api != cloud.base or not chosen(note):
                 continue
             try:
                 found = cloud.delete(note.cvm, missing_ok=True)

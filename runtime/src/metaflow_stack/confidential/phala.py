@@ -128,6 +128,11 @@ class PhalaCloud:
     def close(self) -> None:
         self._http.close()
 
+    def again(self) -> PhalaCloud:
+        """The same API, key and signer on a client of its own: a forked child must not use its parent's
+        connections."""
+        return PhalaCloud(self._http.headers["X-API-Key"], self.base, signer=self._signer)
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing_ok: bool = False) -> Any:
         """The API's answer (JSON, or None when it has no body); with ``missing_ok``, ``MISSING`` for a 404."""
         try:
