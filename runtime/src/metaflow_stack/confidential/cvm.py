@@ -199,9 +199,10 @@ def run(
 
     cvm = app_id = ""
     me = Launcher.this().label
-    try:
-        # (a SIGTERM while it is committed is a Ctrl-C: the CVM is then deleted; a SIGKILL, by the child)
-        with stopped_by_signals(), undone_if_killed(lambda: _delete_left(cloud, ledger, me)):
+    # The child is in place from before the CVM is made until after this process's own delete: a SIGTERM while
+    # it runs is a Ctrl-C (the CVM deleted below), a SIGKILL, even during that delete, leaves it to the child.
+    with stopped_by_signals(), undone_if_killed(lambda: _delete_left(cloud, ledger, me)):
+        try:
             provisioned = cloud.provision(name, app.compose, sorted(app.encrypted), instance_type, app.name)
             key, app_id = cloud.checked_env_key(provisioned), provisioned.app_id
             cvm = cloud.by_app(app_id)  # noted before the commit: a launcher may die while it is sent
@@ -221,19 +222,19 @@ def run(
                 tail_logs(prefix=f"[{name}] ".encode(), stdout_tail=logs[0], stderr_tail=logs[1], echo=_echo,
                           has_log_updates=watch)  # fmt: skip
             return watch.code
-    finally:
-        if cvm:
-            with uninterrupted():
-                try:
-                    found = cloud.delete(cvm, missing_ok=True)
-                except PhalaError as exc:  # the attempt's end is what matters; the note stays for the next run
-                    _say(f"could not delete CVM {cvm} ({exc.message}): the next run's start tries again, or delete "
-                         "it in Phala Cloud's dashboard")  # fmt: skip
-                else:
-                    # A commit that did not answer may still be making the CVM its app has none of yet: its note
-                    # stays for the next run's start, which looks again.
-                    if found or not cvm.startswith(APP_PREFIX):
-                        ledger.deleted(cloud.base, app_id)
+        finally:
+            if cvm:
+                with uninterrupted():
+                    try:
+                        found = cloud.delete(cvm, missing_ok=True)
+                    except PhalaError as exc:  # the attempt's end is what matters; the note stays for the next run
+                        _say(f"could not delete CVM {cvm} ({exc.message}): the next run's start tries again, or delete "
+                             "it in Phala Cloud's dashboard")  # fmt: skip
+                    else:
+                        # A commit that did not answer may still be making the CVM its app has none of yet: its note
+                        # stays for the next run's start, which looks again.
+                        if found or not cvm.startswith(APP_PREFIX):
+                            ledger.deleted(cloud.base, app_id)
 
 
 def _delete_left(cloud: PhalaCloud, ledger: Ledger, launcher: str) -> None:
