@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -276,6 +277,23 @@ def test_the_local_datastore_answers_without_a_service(local_runs: Path, monkeyp
     with pytest.raises(AgentError) as missing:
         queries.failures("FanFlow/12345")
     assert missing.value.code == "not_found"
+
+
+def test_a_step_or_task_metaflow_is_still_making_is_not_there_yet(local_runs: Path, tmp_path: Path) -> None:
+    """Metaflow makes a step's or a task's folder before its ``_self.json``: a live run read in that moment
+    (the UI's and the agent's reads, seen in CI) lists what it has, not an error."""
+    from metaflow_stack.agent.local_source import LocalSource
+
+    root = tmp_path / ".metaflow"
+    shutil.copytree(local_runs / ".metaflow", root)
+    done = f"FanFlow/{(local_runs / 'done').read_text()}"
+    queries = Queries(LocalSource(root))
+    listed = [task.pathspec for task in queries.run_tasks(done).tasks]
+    assert len(listed) > 4
+    (root / done / "later" / "_meta").mkdir(parents=True)
+    (root / done / "work" / "999" / "_meta").mkdir(parents=True)
+    assert [task.pathspec for task in queries.run_tasks(done).tasks] == listed
+    assert queries.run_summary(done).status == "completed"
 
 
 #: Wide enough that a per-task request would show (the answers must cost the same as on 4 tasks); the

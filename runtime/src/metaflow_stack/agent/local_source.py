@@ -174,9 +174,21 @@ class LocalSource:
         return "running" if self.liveness.task_alive(task) else "killed"
 
     def _tasks(self, run: Path) -> list[tuple[str, Path]]:
-        """Every task of the run, steps in the order they started (as the service lists them)."""
-        steps = sorted(self._children(run), key=lambda step: self._json(step / "_meta" / "_self.json")["ts_epoch"])
-        return [(step.name, task) for step in steps for task in self._children(step)]
+        """Every task of the run, steps in the order they started (as the service lists them). A step or task
+        whose folder Metaflow is still making (it writes ``_self.json`` after the folder) is not there yet."""
+        steps = []
+        for step in self._children(run):
+            try:
+                steps.append((self._json(step / "_meta" / "_self.json")["ts_epoch"], step))
+            except FileNotFoundError:
+                continue
+        steps.sort(key=lambda started: started[0])
+        return [
+            (step.name, task)
+            for _, step in steps
+            for task in self._children(step)
+            if (task / "_meta" / "_self.json").is_file()
+        ]
 
     def _scan(self, run: Path) -> list[_Row]:
         """Every task of the run, with its status."""
