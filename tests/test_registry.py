@@ -17,7 +17,9 @@ def test_push_delete_pull_run_round_trip(docker_engine, base_image: str, local_r
     assert pushed == f"{local_registry}/{base_image}"
     assert tag in registry.tags(local_registry, repository)
 
-    docker_engine.image.remove(base_image)
+    # The tag alone (force: a stopped container of another test may still name the image; its layers stay
+    # either way, under the pushed tag).
+    docker_engine.image.remove(base_image, force=True)
     assert not docker_engine.image.exists(base_image)
 
     assert images.resolve("base") == base_image  # pulled, not rebuilt

@@ -598,8 +598,7 @@ class Cluster:
         for alloc in allocs:
             started = self.started.pop(alloc["ID"], None)
             if isinstance(started, str):
-                with contextlib.suppress(DockerException):
-                    self.docker.container.remove(started, force=True)
+                self.remove_container(started)
             elif started is not None:
                 started.stop(alloc["Job"]["TaskGroups"][0]["Tasks"][0].get("KillTimeout", 5_000_000_000) / 1e9)
             self.release(alloc["ID"])
@@ -607,6 +606,17 @@ class Cluster:
                 if alloc["ClientStatus"] in ("pending", "running"):
                     alloc["ClientStatus"] = "complete"
                     self.bump(alloc)
+
+    def remove_container(self, container: str) -> None:
+        """Remove a docker task's container, again while the engine still lists it: Docker's engine can leave
+        one removed just as it started in its list (dead), still holding its image, which a later test
+        untagging that image then meets."""
+        for _ in range(40):
+            with contextlib.suppress(DockerException):
+                self.docker.container.remove(container, force=True)
+            if not self.docker.container.exists(container):
+                return
+            time.sleep(0.25)
 
     def lose(self, alloc_id: str) -> bool:
         """The allocation's node lost (its heartbeats missed): Nomad's servers mark the allocation ``lost`` and
