@@ -397,6 +397,46 @@ def test_a_pooled_task_takes_the_flows_own_options(
 CAUGHT = {"POOL_FLOW_HANG": "2", "POOL_FLOW_FAIL": "4"}
 
 
+def test_a_pooled_item_ends_as_its_own_process_would(tmp_path: Path) -> None:
+    """A pooled item is a forked child of the pool, not a new interpreter, yet what Python's start and exit
+    do for a task process holds for it: a write to a closed pipe raises (SIGPIPE ignored, not fatal), and
+    its atexit callbacks, its threads and its executors' work all run to their end before it exits."""
+    marked = {}
+    for pooled in (False, True):
+        root, exits = tmp_path / f"pooled-{pooled}", tmp_path / f"exits-{pooled}"
+        root.mkdir()
+        exits.mkdir()
+        done = run_flow(root, "--n", "2", pooled=pooled, env={"POOL_FLOW_EXITS": str(exits)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        marked[pooled] = sorted(path.name for path in exits.iterdir())
+    assert marked[True] == marked[False] == [f"{kind}-{i}" for kind in ("atexit", "executor", "thread") for i in (0, 1)]
+
+
+def test_a_trampoline_whose_task_was_killed_outright_ends_the_same_way(tmp_path: Path) -> None:
+    """A task the kernel killed (SIGKILL: the out-of-memory killer, ``kill -9``) ends its trampoline by the
+    same signal, so the runtime reads what happened to the task, not a failure of the trampoline's own."""
+    import socket
+    import threading
+
+    address = tmp_path / "pool.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(address))
+        listener.listen()
+
+        def answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(1 << 16)
+                connection.sendall(trampoline.reply(-signal.SIGKILL))
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        line = trampoline_command(address, os.getpid(), [sys.executable, "f.py"])
+        done = subprocess.run(line, capture_output=True, text=True, timeout=30)
+        server.join(timeout=10)
+    assert (done.returncode, done.stderr) == (-signal.SIGKILL, "")
+
+
 def test_catch_and_timeout_apply_to_one_item(tmp_path: Path) -> None:
     """With @worker_pool written on the step: @timeout kills only the hanging item's attempts, @catch
     records the failures of only those items, and the run goes on."""

@@ -5,19 +5,40 @@ on every attempt; ``POOL_FLOW_FLAKY`` on their first attempt only;
 ``POOL_FLOW_KILL`` makes their first attempt's process die by SIGKILL;
 ``POOL_FLOW_HANG`` makes them sleep until killed; ``POOL_FLOW_SLOW`` for 3 s. ``POOL_FLOW_RELEASE``
 names a file every item waits for before it ends, so a test can see items
-running.
+running. ``POOL_FLOW_EXITS`` names a folder: each item writes into a pipe
+no one reads (as a subprocess that ignores its input leaves it), and leaves
+an ``atexit`` callback, a thread and an executor's work unfinished, each of
+which writes a file there as the item's process ends.
 """
 
+import atexit
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from metaflow import FlowSpec, Parameter, current, retry, step
 
 
 def _items(variable: str) -> set[int]:
     return {int(i) for i in os.environ.get(variable, "").split(",") if i}
+
+
+def _mark_later(path: str) -> None:
+    time.sleep(0.2)
+    with open(path, "w") as file:
+        file.write("ended")
+
+
+def _leave_work_unfinished(folder: str, index: int) -> None:
+    """What a process does on its way out: its atexit callbacks, its threads, its executors' work."""
+    subprocess.run(["true"], input=b"x" * (1 << 20), check=True)  # (BrokenPipeError, handled by subprocess)
+    atexit.register(_mark_later, os.path.join(folder, f"atexit-{index}"))
+    threading.Thread(target=_mark_later, args=(os.path.join(folder, f"thread-{index}"),)).start()
+    ThreadPoolExecutor(1).submit(_mark_later, os.path.join(folder, f"executor-{index}"))
 
 
 class PoolFlow(FlowSpec):
@@ -41,6 +62,8 @@ class PoolFlow(FlowSpec):
             time.sleep(3600)
         if index in _items("POOL_FLOW_SLOW"):
             time.sleep(3)
+        if os.environ.get("POOL_FLOW_EXITS"):
+            _leave_work_unfinished(os.environ["POOL_FLOW_EXITS"], index)
         if index in _items("POOL_FLOW_KILL") and current.retry_count == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if index in _items("POOL_FLOW_FAIL") or (index in _items("POOL_FLOW_FLAKY") and current.retry_count == 0):

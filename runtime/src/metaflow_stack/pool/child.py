@@ -8,12 +8,14 @@ folder, arguments and output, and the flow's file run as ``__main__`` as
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -23,6 +25,15 @@ from metaflow_stack.elsewhere import MACHINE_FILES, MACHINE_VARIABLES
 from metaflow_stack.pool import WORKER_VARIABLE
 from metaflow_stack.trampolines import die_with_parent
 
+#: How a task process finds its signals as Python starts it, which the pool's own handling changed: SIGPIPE
+#: ignored (a write to a closed pipe raises ``BrokenPipeError``, which ``subprocess`` and HTTP clients
+#: handle, rather than killing the task), Ctrl-C raising ``KeyboardInterrupt``, the rest the kernel's.
+STARTUP_SIGNALS = {
+    signal.SIGPIPE: signal.SIG_IGN,
+    signal.SIGINT: signal.default_int_handler,
+    signal.SIGTERM: signal.SIG_DFL,
+    signal.SIGCHLD: signal.SIG_DFL,
+}
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).
 DRAIN_S = 1.0
@@ -119,8 +130,11 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
     os.setsid()  # its own group: a kill reaches the task and whatever it started
     die_with_parent()
     signal.set_wakeup_fd(-1)
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
-        signal.signal(number, signal.SIG_DFL)
+    for number, disposition in STARTUP_SIGNALS.items():
+        signal.signal(number, disposition)
+    atexit._clear()  # the pool's own are not the task's to run (``exit_as_python_would``)
+    if "logging" in sys.modules:  # (what importing it registers, as the task's own import would have)
+        atexit.register(sys.modules["logging"].shutdown)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(fds[0], 1)
@@ -144,15 +158,26 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
     main.__file__ = script
     try:
         exec(compile(Path(script).read_bytes(), script, "exec"), vars(main))  # what `python flow.py` does
+        code = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(exc.code, file=sys.stderr)
-        return 1
+            code = exc.code or 0
+        else:  # (a message: printed, status 1, as the interpreter does)
+            print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:  # what a task process would print before dying
         traceback.print_exc()
-        return 1
-    return 0
+        code = 1
+    exit_as_python_would()
+    return code
+
+
+def exit_as_python_would() -> None:
+    """What the interpreter does on its way out of ``python flow.py`` and a forked child's ``os._exit`` skips:
+    wait for the task's threads that are not daemons (after telling its executors to end), then run what
+    it registered with ``atexit`` (a tracker ending its run, a buffer flushed)."""
+    threading._shutdown()  # (the interpreter's own step: ``concurrent.futures`` hooks into it)
+    atexit._run_exitfuncs()
 
 
 def fork_task(task: Task, fds: tuple[int, int], worker: str) -> int:

@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
         return POOL_LOST
     code, signal = (int(part) for part in reply.split())
     if signal:
-        _signal.signal(signal, _signal.SIG_DFL)
+        if signal not in (_signal.SIGKILL, _signal.SIGSTOP):  # (theirs cannot be set, and is the kernel's)
+            _signal.signal(signal, _signal.SIG_DFL)
         posix.kill(posix.getpid(), signal)
     return code
