@@ -575,6 +575,18 @@ def test_a_request_reads_the_same_whether_its_fields_were_text_or_the_bytes_the_
     assert env == {"A": "1", "ODD": os.fsdecode(odd)}
 
 
+def test_counts_that_cannot_be_written_leave_the_old_ones(tmp_path: Path) -> None:
+    """The counts are for the progress display: a pool whose folder is full (no space, no inodes) goes on
+    running and answering its tasks with the counts it wrote last."""
+    from metaflow_stack.pool.counts import Counts
+
+    path = tmp_path / "pool.counts"
+    Counts(done=1).write(path)
+    (tmp_path / "pool.counts.partial").mkdir()  # (where the new counts go first: now nothing can be written)
+    Counts(done=2).write(path)
+    assert Counts.read(path) == Counts(done=1)
+
+
 def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -> None:
     """A sandboxed pool's tasks can write its folder: the runtime's progress never waits on what is there."""
     from metaflow_stack.pool.counts import Counts
@@ -723,19 +735,18 @@ def test_a_workers_fork_server_killed_mid_item_comes_back(
 
 
 @pytest.mark.parametrize(
-    ("backend", "variable", "words"),
+    ("backend", "variable", "value", "words"),
     [
-        ("redis", URL_VARIABLE, ["no Redis at redis://:(hidden)@127.0.0.1:", "just up --with redis"]),
-        ("ray", "RAY_ADDRESS", ["no Ray at 127.0.0.1:", "ray start --head"]),
+        ("redis", URL_VARIABLE, "redis://:sekrit@{}/0", ["no Redis at redis://:(hidden)@127.0.0.1:", "just up --with"]),
+        ("redis", URL_VARIABLE, ":sekrit@{}/0", [f"{URL_VARIABLE}) is not one Redis takes", "redis://[:password@]"]),
+        ("ray", "RAY_ADDRESS", "{}", ["no Ray at 127.0.0.1:", "ray start --head"]),
     ],
 )
 def test_a_pool_with_nothing_to_reach_fails_in_one_line(
-    tmp_path: Path, backend: str, variable: str, words: list[str]
+    tmp_path: Path, backend: str, variable: str, value: str, words: list[str]
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
-    done = run_flow(
-        tmp_path, backend=backend, env={variable: f"redis://:sekrit@{address}/0" if backend == "redis" else address}
-    )
+    done = run_flow(tmp_path, backend=backend, env={variable: value.format(address)})
     assert done.returncode != 0
     assert all(word in done.stderr for word in words), done.stderr[-2000:]
     assert "sekrit" not in done.stdout + done.stderr  # a password in the URL is never shown

@@ -77,10 +77,20 @@ def open_pool(
         from metaflow_stack.pool.ray_pool import RayPool
 
         return RayPool(flow_file, size, name, resources, interpreter)
+    from redis.connection import parse_url
+
+    from metaflow_stack.errors import StackError
     from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
     from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
     url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL
+    try:
+        parse_url(url)  # (its reason only: never the URL, which may hold a password)
+    except ValueError as exc:
+        raise StackError(
+            f"the Redis URL (redis_url= or {URL_VARIABLE}) is not one Redis takes: {exc}",
+            fix="write it as redis://[:password@]host:port/db, rediss://... or unix:///path",
+        ) from None
     prefix = f"mf-pool:{run_id}:{step}:"
     if backend == "kubernetes":
         from metaflow_stack.pool.kubernetes_pool import open_kubernetes_pool

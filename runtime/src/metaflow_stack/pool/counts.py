@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -22,10 +23,15 @@ class Counts:
     failed: int = 0
 
     def write(self, path: Path) -> None:
-        """Replace ``path`` atomically: a reader sees the old counts or the new, never half."""
+        """Replace ``path`` atomically: a reader sees the old counts or the new, never half. Where it cannot
+        (a full disk), the old counts stay: the display is no reason to stop a pool or lose a task's status."""
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(asdict(self)))
-        os.replace(partial, path)
+        try:
+            partial.write_text(json.dumps(asdict(self)))
+            os.replace(partial, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                partial.unlink()
 
     @classmethod
     def read(cls, path: Path) -> Counts:
