@@ -992,6 +992,30 @@ def test_a_redis_task_no_worker_serves_is_given_up(redis_url: str, monkeypatch: 
     assert not pool_keys(redis_url)
 
 
+def test_a_redis_task_given_up_on_an_error_is_cancelled_for_its_worker(redis_url: str) -> None:
+    """The dispatcher gives a task up when Redis fails a command mid-task (a restart, say): its attempt
+    fails as lost, and its worker, holding it still, finds it cancelled rather than running it beside the
+    retry."""
+
+    async def scenario() -> list[bytes]:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        queue = RedisQueue(client, "mf-pool:test-error:each:")
+
+        async def fails(*_: object) -> None:
+            raise redis.ConnectionError("Redis went away")
+
+        queue.read_output = fails
+        never = asyncio.get_running_loop().create_future()
+        with pytest.raises(redis.ConnectionError):
+            await redis_dispatch.RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), print, never)
+        marks = [key async for key in client.scan_iter(match=queue.key("cancel", "*"))]
+        await queue.purge()
+        await client.aclose()
+        return marks
+
+    assert len(asyncio.run(scenario())) == 1
+
+
 def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ trampoline went away is cancelled: its worker kills it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -83,6 +84,10 @@ class RedisExecutor:
                     why = f"stopped answering for {LEASE_S}s" if state == "lost" else "took it, then vanished"
                     await output(2, f"worker pool: the worker running this task {why}\n".encode())
                     return trampoline.POOL_LOST
+        except Exception:  # given up (Redis failed a command, say): a worker holding it must not go on beside
+            with contextlib.suppress(redis.RedisError, OSError):  # the retry (stopping: it is killed anyway)
+                await asyncio.shield(self.queue.cancel(task_id))
+            raise
         finally:  # (stopping: the purge removes it anyway)
             await asyncio.shield(self.queue.forget(task_id))
 
