@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import shlex
 import threading
@@ -162,32 +164,39 @@ def test_the_default_image_is_the_stack_base_where_the_nomad_clients_can_pull_it
         ({"gpu": 1}, "filtered by missing devices"),
         ({"constraints": constraints_of([{"attribute": "${attr.kernel.name}", "value": "plan9"}])}, "filtered by"),
         ({"datacenters": ("mars",)}, "no node in the job's datacenters"),
+        ({"memory": 10_000_000}, "no node could ever hold it (memory MB: asks 10000000, the most a node has is"),
     ],
-    ids=["gpu", "constraint", "datacenter"],
+    ids=["gpu", "constraint", "datacenter", "memory"],
 )
 def test_a_job_no_node_can_take_fails_in_seconds_with_nomads_reason(
     nomad_agent: Settings, base_image: str, settings: dict, words: str
 ) -> None:
     started = time.monotonic()
     with pytest.raises(Unplaced) as caught:
-        run_job(nomad_agent, Placement(image=base_image, memory=64, **settings), "true")
+        run_job(nomad_agent, Placement(**{"image": base_image, "memory": 64, **settings}), "true")
     assert words in caught.value.message and caught.value.fix
     assert time.monotonic() - started < 30
 
 
 def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base_image: str) -> None:
-    """More memory than a node has free: Nomad keeps the job in a blocked evaluation; the watcher says why it
-    waits and goes on waiting for the allocation instead of failing the step."""
+    """More memory than the node has free, though no more than it has: Nomad keeps the job in a blocked
+    evaluation; the watcher says why it waits and goes on waiting for the allocation instead of failing."""
     from metaflow_stack.engines.nomad.watch import wait_placed
 
-    name, said = f"mf-test-{uuid.uuid4().hex[:8]}", []
-    placement = Placement(image=base_image, memory=10_000_000)
+    holder, name, said = f"mf-test-{uuid.uuid4().hex[:8]}", f"mf-test-{uuid.uuid4().hex[:8]}", []
     with NomadClient(nomad_agent) as client:
-        eval_id = client.register(task_job(name, ["true"], {}, placement, {"t": "1"}))
+        (node,) = client.nodes(resources=True)[:1]
+        room = node["NodeResources"]["Memory"]["MemoryMB"] - node["ReservedResources"]["Memory"]["MemoryMB"]
+        most = Placement(image=base_image, memory=room * 3 // 5)  # (held, not used: Nomad reserves what is asked)
         try:
+            wait_placed(client, client.register(task_job(holder, ["sleep", "600"], {}, most, {"t": "1"})), print)
+            while client.allocations(holder)[0][0]["ClientStatus"] != "running":
+                time.sleep(0.2)
+            eval_id = client.register(task_job(name, ["true"], {}, most, {"t": "1"}))
             wait_placed(client, eval_id, said.append)
         finally:
             client.deregister(name)
+            client.deregister(holder)
     assert len(said) == 1 and "no Nomad node has room" in said[0] and "memory" in said[0]
 
 
@@ -387,6 +396,24 @@ def test_an_allocation_nomad_no_longer_knows_ends_the_attempt_as_lost(tmp_path) 
     assert ending.code is None and ending.status == "lost" and "no longer knows its allocation" in ending.reason
 
 
+def test_a_job_nomad_refuses_is_said_once_not_again_as_a_purge_that_failed(
+    nomad_agent: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token that may read jobs but not submit them: the registration's refusal names the token, and the
+    purge that follows (Nomad may have taken a job whose answer was lost) adds no second, misleading line."""
+    from metaflow_stack.nomad import task
+
+    if not nomad_agent.token:
+        pytest.skip("this agent has no ACLs (a dev agent), so any token may submit")
+    with NomadClient(nomad_agent) as admin:
+        admin.put_policy("mf-test-read", 'namespace "default" { capabilities = ["list-jobs", "read-job"] }', "test")
+        reader = Settings(address=nomad_agent.address, token=admin.create_token("reader", ["mf-test-read"])["SecretID"])
+    with NomadClient(reader) as client, pytest.raises(StackError) as refused:
+        task.run(client, f"mf-test-{uuid.uuid4().hex[:8]}", ["true"], {}, Placement(image="i:t"), {"t": "1"})
+    assert "NOMAD_TOKEN" in refused.value.fix
+    assert "could not purge" not in capsys.readouterr().err
+
+
 def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad_agent: Settings) -> None:
     ending, _ = run_job(nomad_agent, Placement(image="metaflow-stack/no-such-image:none", memory=64), "true")
     assert ending.code is None and ending.status == "failed" and ending.reason
@@ -401,17 +428,38 @@ def test_a_wrong_token_or_address_is_one_line_naming_the_fix(nomad_agent: Settin
     with NomadClient(Settings(address=f"http://127.0.0.1:{free_port()}")) as client, pytest.raises(StackError) as gone:
         client.jobs("mf-")
     assert "no Nomad agent answers" in gone.value.message and "NOMAD_ADDR" in gone.value.fix
+    for address in ("http://127.0.0.1:notaport", "http://[::1", "127.0.0.1:4646"):
+        with pytest.raises(StackError) as malformed:
+            NomadClient(Settings(address=address))
+        assert (
+            f"NOMAD_ADDR={address} is no address" in malformed.value.message
+            and "http://HOST:4646" in malformed.value.fix
+        )
+
+
+@contextlib.contextmanager
+def answering(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[Settings]:
+    """Settings for something other than a Nomad agent, answering every request with ``handler``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield Settings(address=f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Something other than Nomad at NOMAD_ADDR (or a broken proxy) may answer without end: the client stops
     reading at its limit."""
-    import http.server
-    import threading
-
     from metaflow_stack.engines.nomad import client as nomad_client
 
-    class Endless(http.server.BaseHTTPRequestHandler):
+    class Endless(Quiet):
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -422,20 +470,31 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(nomad_client, "MAX_ANSWER", 1 << 20)
-    try:
-        address = f"http://127.0.0.1:{server.server_address[1]}"
-        with NomadClient(Settings(address=address)) as client, pytest.raises(StackError) as refused:
-            client.jobs("mf-")
-        assert "is over 1 MB" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
-    finally:
-        server.shutdown()
-        server.server_close()
+    with answering(Endless) as settings, NomadClient(settings) as client, pytest.raises(StackError) as refused:
+        client.jobs("mf-")
+    assert "is over 1 MB" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
+
+
+def test_a_blocking_query_on_a_table_nomad_never_wrote_still_waits() -> None:
+    """Nomad answers a table no write has touched yet (no allocation ever, on a new cluster) with index 0; the
+    next query asks from index 1 with a wait, which Nomad holds until something changes, rather than none,
+    which it would answer at once, again and again."""
+    asked: list[str] = []
+
+    class Empty(Quiet):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Nomad-Index", "0")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+    with answering(Empty) as settings, NomadClient(settings) as client:
+        _, index = client.allocations("mf-job", 0)
+        client.allocations("mf-job", index)
+    assert "index=" not in asked[0] and "index=1&wait=" in asked[1], asked
 
 
 #: Run in a task: list the task's own job and read its job's variable through its agent's Task API, with its

@@ -86,6 +86,18 @@ def test_the_policy_is_written_once_for_any_namespace() -> None:
         policy_rules('x" { policy = "write" } namespace "y')
 
 
+def test_the_dev_agent_keeps_the_images_its_tasks_ran() -> None:
+    """Nomad's docker driver removes an image no task uses any more; the dev agent's steps run the stack's base
+    image, which with no registry exists on this machine alone, so the agent must keep it."""
+    import hcl2
+
+    from metaflow_stack.nomad.dev_cluster import dev_folder
+
+    config = hcl2.loads((dev_folder() / "agent.hcl").read_text())
+    plugins = {name.strip('"'): body for plugin in config["plugin"] for name, body in plugin.items()}
+    assert plugins["docker"]["config"][0]["gc"][0]["image"] is False
+
+
 def test_nomad_up_without_nomad_names_the_install(tmp_path: Path) -> None:
     if shutil.which("nomad"):
         pytest.skip("nomad is on PATH here: the real agent test below runs instead")

@@ -148,6 +148,8 @@ def test_constraints_as_users_write_them_are_checked(given: object, words: str) 
         constraints_of(given)
     assert words in caught.value.message
     assert constraints_of([{"attribute": "a", "operator": ">=", "value": "2"}]) == (("a", ">=", "2"),)
+    every = [{"attribute": "${meta.tags}", "operator": "set_contains_all", "value": "ssd,gpu"}]
+    assert constraints_of(every) == (("${meta.tags}", "set_contains_all", "ssd,gpu"),)
     assert constraints_of(None) == ()
 
 

@@ -21,7 +21,9 @@ the GitHub workflow's ``clusters`` job.
   ``Count`` allocations on the node (named ``<job>.<group>[<index>]``), or
   records why not (``FailedTGAllocs``: ``ConstraintFiltered``,
   ``DimensionExhausted``), as Nomad's scheduler does: a device the node
-  lacks filters it (``missing devices``), more than it has exhausts it. A
+  lacks filters it (``missing devices``), more cores than it has or more
+  memory than its live allocations leave exhausts it (a blocked evaluation
+  that the double, unlike Nomad, never places later). A
   task's command and arguments have ``${NAME}`` replaced by its variables
   (its own and the runtime's: ``NOMAD_JOB_ID``, ``NOMAD_ALLOC_INDEX``...),
   as Nomad interpolates them; no other of Nomad's interpolations.
@@ -47,7 +49,8 @@ the GitHub workflow's ``clusters`` job.
   endpoint only with the capability its "ACL Required" column names, in
   the request's namespace (``?namespace=``, the job's own for a
   registration, unless the query names one); ACL and namespace writes and
-  ``GET /v1/nodes`` (this node, ready, with its drivers) need the
+  ``GET /v1/nodes`` (this node, ready, with its drivers; with
+  ``?resources=true`` its ``NodeResources`` and ``ReservedResources``) need the
   management token. ``GET /v1/acl/token/self`` answers 404 for a token it
   does not know; without ACLs, the ACL endpoints answer 400 "ACL support
   disabled". ``POST /v1/namespace/:name`` makes a namespace; a job in one
@@ -124,6 +127,10 @@ NODE = {
 }
 NODE_ID = str(uuid.uuid4())
 NODE_MEMORY_MB = 16384
+#: The node's CPU in MHz per core (Nomad's ``CpuShares``: the cores times their clock).
+NODE_MHZ_PER_CORE = 2000
+#: An allocation that holds its resources on the node (``ClientStatus``).
+LIVE = ("pending", "running")
 #: The node's drivers: docker, and raw_exec as dev mode enables it; no exec, which Nomad offers only to an
 #: agent running as root.
 NODE_DRIVERS = ("docker", "raw_exec")
@@ -320,7 +327,7 @@ class Cluster:
                     filtered["missing drivers"] = 1
                 if resources.get("Cores", 0) > (os.cpu_count() or 1):
                     exhausted["cores"] = 1
-                if resources.get("MemoryMB", 300) > NODE_MEMORY_MB:
+                if resources.get("MemoryMB", 300) > NODE_MEMORY_MB - self.memory_in_use():
                     exhausted["memory"] = 1
         if not (filtered or exhausted):
             return {}
@@ -332,6 +339,12 @@ class Cluster:
             "NodesExhausted": 1 if exhausted else 0,
             "DimensionExhausted": exhausted or None,
         }
+
+    def memory_in_use(self) -> int:
+        """The MB the node's live allocations hold (each its task's ``MemoryMB``, as Nomad reserves it)."""
+        with self.changed:
+            live = [a for a in self.allocs.values() if a["DesiredStatus"] == "run" and a["ClientStatus"] in LIVE]
+        return sum((a["Job"]["TaskGroups"][0]["Tasks"][0].get("Resources") or {}).get("MemoryMB", 300) for a in live)
 
     def register(self, job: dict[str, Any]) -> dict[str, Any]:
         if (job.get("ParameterizedJob") and not job.get("Dispatched")) or job.get("Periodic"):
@@ -1050,10 +1063,19 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
         return JSONResponse(None)
 
     @api.get("/v1/nodes")
-    def nodes() -> list:
+    def nodes(request: Request) -> list:
         healthy = {"Detected": True, "Healthy": True}
         drivers = {driver: healthy for driver in NODE_DRIVERS}
-        return [{"ID": NODE_ID, "Name": NODE["${node.unique.name}"], "Status": "ready", "Drivers": drivers}]
+        node = {"ID": NODE_ID, "Name": NODE["${node.unique.name}"], "Status": "ready", "Drivers": drivers}
+        if request.query_params.get("resources") == "true":  # (NodeListStub's, given ?resources=true)
+            cores = os.cpu_count() or 1
+            node["NodeResources"] = {
+                "Cpu": {"CpuShares": cores * NODE_MHZ_PER_CORE, "TotalCpuCores": cores},
+                "Memory": {"MemoryMB": NODE_MEMORY_MB},
+                "Devices": [],
+            }
+            node["ReservedResources"] = {"Cpu": {"CpuShares": 0}, "Memory": {"MemoryMB": 0}}
+        return [node]
 
     def blocking(request: Request, get) -> JSONResponse:
         index = int(request.query_params.get("index", 0) or 0)

@@ -12,12 +12,17 @@ acl {
 }
 
 # The default driver of @nomad: the stack's images from this machine's Docker engine, nothing
-# privileged, no host folders (Nomad's defaults, written down).
+# privileged, no host folders (Nomad's defaults, written down). Images stay: Nomad's docker driver
+# removes an image once no task uses it, and with no registry configured the stack's base image
+# is on this machine only, so the next step would find it gone.
 plugin "docker" {
   config {
     allow_privileged = false
     volumes {
       enabled = false
+    }
+    gc {
+      image = false
     }
   }
 }

@@ -46,16 +46,19 @@ def run(
     body = task_job(job, command, env, placement, {**meta, OWNER: Launcher.this().label})
     # The purge on a kill is in place before the job is registered and while the trampoline purges it itself
     # (forked before follow starts its threads; a job that was never registered is purged as no error).
+    registered = False
     with stopped_by_signals(), undone_if_killed(lambda: _purge(client.settings, job)):
         try:
             eval_id = client.register(body)
+            registered = True
             return follow(client, job, eval_id, relay)
         finally:
             with uninterrupted():
                 try:
-                    client.deregister(job)
+                    client.deregister(job)  # (also when registering failed: Nomad may have taken it nonetheless)
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
-                    relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
+                    if registered:  # (else the same refusal as the registration's: said once, by it)
+                        relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
 
 
 def _purge(settings: Settings, job: str) -> None:

@@ -106,6 +106,15 @@ class NomadClient:
         self.settings = settings or Settings.from_env()
         s = self.settings
         socket = s.address.removeprefix("unix://") if s.address.startswith("unix://") else None
+        try:
+            scheme = httpx.URL(s.address).scheme
+        except httpx.InvalidURL as exc:
+            scheme = f"none it can read ({exc})"
+        if scheme not in ("http", "https", "unix"):
+            raise StackError(
+                f"NOMAD_ADDR={s.address} is no address of a Nomad agent: its scheme is {scheme or 'missing'}",
+                fix="write it as http://HOST:4646, https://HOST:4646 or unix:///PATH",
+            )
         self._http = httpx.Client(
             base_url="http://127.0.0.1" if socket else s.address,  # (the host a socket's requests name)
             headers={"X-Nomad-Token": s.token} if s.token else {},
@@ -213,7 +222,8 @@ class NomadClient:
         moved = _index(response, index)
         if index and moved <= index:
             time.sleep(1.0)
-        return _json(response, path), moved
+        # (at least 1: a table Nomad never wrote answers index 0, and asked again with none, it would answer at once)
+        return _json(response, path), max(moved, 1)
 
     def leader(self) -> str:
         """The cluster leader's address (``GET /v1/status/leader``, no token needed): empty until one is elected."""
@@ -239,9 +249,11 @@ class NomadClient:
             return "ACL support disabled" not in exc.message
         return True
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """The cluster's client nodes, with their status and drivers (``node:read``)."""
-        return _json(self._request("GET", "/v1/nodes"), "/v1/nodes")
+    def nodes(self, resources: bool = False) -> list[dict[str, Any]]:
+        """The cluster's client nodes, with their status and drivers, and with ``resources`` what each has and
+        reserves (``NodeResources``, ``ReservedResources``) (``node:read``)."""
+        params = {"resources": "true"} if resources else None
+        return _json(self._request("GET", "/v1/nodes", params=params), "/v1/nodes")
 
     def put_namespace(self, name: str, description: str) -> None:
         """Create or update the namespace ``name`` (management token)."""

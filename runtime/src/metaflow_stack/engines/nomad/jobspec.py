@@ -33,8 +33,8 @@ MHZ_PER_CORE = 1000
 KILL_TIMEOUT_NS = 30 * 1_000_000_000
 #: The operators a constraint may use (Nomad's ``constraint`` block).
 OPERATORS = frozenset(
-    {"=", "==", "is", "!=", "not", ">", ">=", "<", "<=", "regexp", "set_contains", "set_contains_any"}
-    | {"version", "semver", "distinct_hosts", "distinct_property", "is_set", "is_not_set"}
+    {"=", "==", "is", "!=", "not", ">", ">=", "<", "<=", "regexp", "version", "semver", "is_set", "is_not_set"}
+    | {"set_contains", "set_contains_any", "set_contains_all", "distinct_hosts", "distinct_property"}
 )
 
 

@@ -76,6 +76,12 @@ def wait_placed(client: NomadClient, eval_id: str, say: Callable[[str], None]) -
                     fix="ask for what a node has (cpu, memory and gpu: @nomad's or @resources'; @nomad's "
                     "constraints, datacenters, node_pool)",
                 )
+            beyond = beyond_every_node(client, evaluation.get("JobID", ""))
+            if beyond:
+                raise Unplaced(
+                    f"Nomad cannot place the job: no node could ever hold it ({beyond}; {reason})",
+                    fix="ask for what a node has (cpu, memory and gpu: @nomad's or @resources')",
+                )
             say(f"queued: no Nomad node has room for the job now ({reason}); it starts when one has")
             return
         if status == "complete":
@@ -91,6 +97,63 @@ def _never(metric: dict[str, Any]) -> bool:
     """Whether no node could ever take the group: none evaluated, or every one evaluated filtered out."""
     evaluated = metric.get("NodesEvaluated") or 0
     return not evaluated or (metric.get("NodesFiltered") or 0) >= evaluated
+
+
+def beyond_every_node(client: NomadClient, job_id: str) -> str | None:
+    """What the job's task asks for beyond every node's whole capacity (less what each node reserves), so
+    that no node could hold it however long it waited: Nomad reports that, like a busy cluster, as
+    ``DimensionExhausted``. None where some node could, or where the nodes' resources cannot be read (a token
+    without ``node:read``): the job then waits, as Nomad has it."""
+    try:
+        tasks = [task for group in client.job(job_id).get("TaskGroups") or [] for task in group.get("Tasks") or []]
+        nodes = [node for node in client.nodes(resources=True) if node.get("NodeResources")]
+    except StackError:
+        return None
+    if not nodes or not tasks:
+        return None
+    asked = _asked(tasks[0].get("Resources") or {})
+    held = [_holds(node, asked) for node in nodes]
+    if any(all(held_here[what] >= amount for what, amount in asked.items()) for held_here in held):
+        return None
+    most = {what: max(held_here[what] for held_here in held) for what in asked}
+    short = [f"{what}: asks {n}, the most a node has is {most[what]}" for what, n in asked.items() if n > most[what]]
+    return "; ".join(short) or "no one node has all it asks for"
+
+
+def _asked(resources: dict[str, Any]) -> dict[str, int]:
+    """A task's ``Resources`` by what a node has: MHz, MB, whole cores, devices by name (``nvidia/gpu``)."""
+    asked = {"memory MB": int(resources.get("MemoryMB") or 0), "CPU MHz": int(resources.get("CPU") or 0)}
+    asked["cores"] = int(resources.get("Cores") or 0)
+    for device in resources.get("Devices") or []:
+        asked[f"{device['Name']} devices"] = int(device.get("Count") or 1)
+    return {what: amount for what, amount in asked.items() if amount}
+
+
+def _holds(node: dict[str, Any], asked: dict[str, int]) -> dict[str, int]:
+    """What ``node`` could give one task of all it has, for each kind of thing ``asked`` names (a device by
+    ``vendor/type``, ``type`` or ``vendor/type/name``, as Nomad matches a device request)."""
+    whole, reserved = node["NodeResources"], node.get("ReservedResources") or {}
+    cpu = whole.get("Cpu") or {}
+    held = {
+        "memory MB": (whole.get("Memory") or {}).get("MemoryMB", 0) - (reserved.get("Memory") or {}).get("MemoryMB", 0),
+        "CPU MHz": cpu.get("CpuShares", 0) - (reserved.get("Cpu") or {}).get("CpuShares", 0),
+        "cores": len(cpu["ReservableCpuCores"]) if cpu.get("ReservableCpuCores") else cpu.get("TotalCpuCores", 0),
+    }
+    for what in asked:
+        if what.endswith(" devices"):
+            name = what.removesuffix(" devices")
+            held[what] = sum(
+                sum(1 for instance in group.get("Instances") or [] if instance.get("Healthy", True))
+                for group in whole.get("Devices") or []
+                if name in _device_names(group)
+            )
+    return held
+
+
+def _device_names(group: dict[str, Any]) -> set[str]:
+    """The names a device request may give a node's device group by."""
+    vendor, kind, name = group.get("Vendor", ""), group.get("Type", ""), group.get("Name", "")
+    return {kind, f"{vendor}/{kind}", f"{vendor}/{kind}/{name}"}
 
 
 def allocation_of(client: NomadClient, job: str) -> str:
