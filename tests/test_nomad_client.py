@@ -414,6 +414,22 @@ def test_a_job_nomad_refuses_is_said_once_not_again_as_a_purge_that_failed(
     assert "could not purge" not in capsys.readouterr().err
 
 
+@pytest.mark.docker
+def test_an_image_with_an_entrypoint_of_its_own_runs_the_tasks_command(
+    nomad_agent: Settings, base_image: str, docker_engine, tmp_path
+) -> None:
+    """A step's own image may name an ENTRYPOINT (``["python"]``, say): the task's command replaces it, as with
+    ``@kubernetes``, rather than reaching it as arguments."""
+    (tmp_path / "Dockerfile").write_text(f'FROM {base_image}\nENTRYPOINT ["false"]\n')
+    tag = f"metaflow-stack/test-entrypoint:{uuid.uuid4().hex[:8]}"
+    docker_engine.legacy_build(str(tmp_path), tags=[tag])
+    try:
+        ending, lines = run_job(nomad_agent, Placement(image=tag, memory=64), "echo ran as asked")
+    finally:
+        docker_engine.image.remove(tag, force=True)
+    assert ending.code == 0 and ("stdout", "ran as asked") in lines, lines
+
+
 def test_an_image_that_cannot_start_has_no_exit_code_and_says_why(nomad_agent: Settings) -> None:
     ending, _ = run_job(nomad_agent, Placement(image="metaflow-stack/no-such-image:none", memory=64), "true")
     assert ending.code is None and ending.status == "failed" and ending.reason

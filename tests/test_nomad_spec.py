@@ -37,7 +37,7 @@ def test_a_task_is_a_batch_job_nomad_never_restarts_or_reschedules() -> None:
     assert group["ReschedulePolicy"] == {"Attempts": 0, "Unlimited": False}
     (task,) = group["Tasks"]
     assert task["Driver"] == "docker" and task["Env"] == {"A": "1"}
-    assert task["Config"] == {"image": "r/base:t", "command": "sh", "args": ["-c", "python flow.py step train"]}
+    assert task["Config"] == {"image": "r/base:t", "entrypoint": ["sh"], "args": ["-c", "python flow.py step train"]}
     assert task["Resources"] == {"MemoryMB": 4096, "Cores": 1}
     assert task["KillTimeout"] == 30 * 10**9
     assert not {"Datacenters", "Namespace", "Region", "NodePool", "Constraints"} & set(job)

@@ -554,9 +554,13 @@ class Cluster:
         seen = {**named, **CONTAINER_FOLDERS}
         env = {**(task.get("Env") or {}), **_runtime_env(alloc, task), **seen}
         mounts = [(named[name], where) for name, where in CONTAINER_FOLDERS.items()]
+        # Nomad's docker driver: ``entrypoint`` replaces the image's, ``command`` and ``args`` are its CMD.
+        entrypoint = _interpolated(config.get("entrypoint") or [], env)
+        argv = _interpolated([*([config["command"]] if "command" in config else []), *config.get("args", [])], env)
         container = self.docker.run(
             config["image"],
-            _interpolated([config["command"], *config.get("args", [])], env),
+            entrypoint[1:] + argv,
+            entrypoint=entrypoint[0] if entrypoint else None,
             detach=True,
             envs=env,
             volumes=mounts,

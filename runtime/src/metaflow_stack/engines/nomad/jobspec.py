@@ -177,7 +177,9 @@ def _job(
     if placement.driver == "docker":
         if not placement.image:
             raise StackError("the docker driver needs an image", fix="give image=, or let the runtime pick one")
-        config: dict[str, Any] = {"image": placement.image, "command": command[0], "args": command[1:]}
+        # The command as the image's entrypoint: an image with an ENTRYPOINT of its own (["python"]) would
+        # otherwise be handed it as arguments (Nomad's ``command`` is Docker's CMD), as @kubernetes does not.
+        config: dict[str, Any] = {"image": placement.image, "entrypoint": command[:1], "args": command[1:]}
     else:
         config = {"command": command[0], "args": command[1:]}
     body: dict[str, Any] = {
