@@ -1016,6 +1016,41 @@ def test_a_redis_task_given_up_on_an_error_is_cancelled_for_its_worker(redis_url
     assert len(asyncio.run(scenario())) == 1
 
 
+def test_a_redis_that_stops_answering_fails_the_task_in_seconds(tmp_path: Path) -> None:
+    """A Redis that stops answering mid-task (stopped, its network gone) fails the dispatcher's commands once
+    their time is up, so the attempt ends as lost (``@retry``'s to run again) rather than waiting for as long
+    as Redis stays so."""
+    from metaflow_stack.pool.redis_queue import RETRIES, TIMEOUT_S, connect_async
+
+    with redis_server(tmp_path / "redis") as url:
+        address = url.removeprefix("redis://").split("/")[0]  # (redis-server names itself by it: its title)
+        (server,) = [p for p in psutil.process_iter(["cmdline"]) if address in " ".join(p.info["cmdline"] or [])]
+
+        async def scenario() -> tuple[BaseException | None, float]:
+            client = connect_async(url)
+            queue = RedisQueue(client, "mf-pool:test-stopped:each:")
+            never = asyncio.get_running_loop().create_future()
+            running = asyncio.ensure_future(
+                redis_dispatch.RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), print, never)
+            )
+            while not await client.llen(queue.key("pending")):
+                await asyncio.sleep(0.01)
+            server.suspend()  # (SIGSTOP: the connection stays open, nothing answers on it)
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(running, (RETRIES + 1) * TIMEOUT_S * 3)
+            except Exception as exc:
+                return exc, time.monotonic() - started
+            finally:
+                server.resume()
+                await client.aclose()
+            return None, time.monotonic() - started
+
+        failed, took = asyncio.run(scenario())
+    assert isinstance(failed, redis.RedisError), failed
+    assert took < (RETRIES + 2) * TIMEOUT_S + 5  # (the read, tried again; then one look to cancel the task)
+
+
 def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

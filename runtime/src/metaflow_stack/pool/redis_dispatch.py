@@ -20,13 +20,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import redis.asyncio
+import redis
 
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
-from metaflow_stack.pool.redis_queue import LEASE_S, URL_VARIABLE, RedisQueue, redacted
+from metaflow_stack.pool.redis_queue import LEASE_S, TIMEOUT_S, URL_VARIABLE, RedisQueue, connect_async, redacted
 
 #: How long one read of a task's output waits before the executor checks on the task.
 POLL_MS = 1000
@@ -48,7 +48,7 @@ class RedisExecutor:
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
         loop = asyncio.get_running_loop()
-        task_id = uuid.uuid4().hex
+        task_id, given_up = uuid.uuid4().hex, False
         try:
             await self.queue.submit(task_id, task)
             after, cancelled_at, taken_at, unserved_at = "0-0", None, None, None
@@ -85,11 +85,17 @@ class RedisExecutor:
                     await output(2, f"worker pool: the worker running this task {why}\n".encode())
                     return trampoline.POOL_LOST
         except Exception:  # given up (Redis failed a command, say): a worker holding it must not go on beside
-            with contextlib.suppress(redis.RedisError, OSError):  # the retry (stopping: it is killed anyway)
-                await asyncio.shield(self.queue.cancel(task_id))
+            given_up = True  # the retry, if Redis can still be told at all (else the pool's purge clears it)
+            with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(self._give_up(task_id), TIMEOUT_S)
             raise
         finally:  # (stopping: the purge removes it anyway)
-            await asyncio.shield(self.queue.forget(task_id))
+            if not given_up:
+                await asyncio.shield(self.queue.forget(task_id))
+
+    async def _give_up(self, task_id: str) -> None:
+        await self.queue.cancel(task_id)
+        await self.queue.forget(task_id)
 
     async def queued(self) -> int:
         return await self.queue.client.llen(self.queue.key("pending"))
@@ -107,7 +113,7 @@ async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     """``args``: the pool's key prefix and, for a step with an environment of its own, the interpreter its
     workers run the tasks under (else the runtime's); the Redis URL is in the environment (``URL_VARIABLE``)."""
     url, (prefix, *python) = os.environ[URL_VARIABLE], args
-    client = redis.asyncio.Redis.from_url(url)
+    client = connect_async(url)
     try:
         await client.ping()
     except (redis.RedisError, OSError) as exc:

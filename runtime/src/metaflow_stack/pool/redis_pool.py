@@ -19,7 +19,7 @@ import redis
 from metaflow_stack.pool.dispatched import DispatchedPool
 from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.processes import PoolProcess
-from metaflow_stack.pool.redis_queue import URL_VARIABLE
+from metaflow_stack.pool.redis_queue import URL_VARIABLE, connect
 
 WORKER = "from metaflow_stack.pool.redis_worker import main; main()"
 #: How every pool's workers elsewhere are named (``workers_name``).
@@ -73,7 +73,7 @@ class RedisPool(DispatchedPool):
         super().stop()
         self.release()
         if started:  # whatever a worker still wrote after the dispatcher's purge (it ended after its stdin closed)
-            client = redis.Redis.from_url(self.url)
+            client = connect(self.url)
             with contextlib.suppress(redis.RedisError):
                 for key in client.scan_iter(match=self.prefix + "*", count=1000):
                     client.delete(key)

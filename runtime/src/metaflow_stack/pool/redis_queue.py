@@ -37,6 +37,33 @@ LEASE_S = 10
 RENEW_S = 1.0
 #: Stream entries kept per task output (older ones are trimmed once the dispatcher has relayed them).
 OUTPUT_MAXLEN = 10_000
+#: How long a command may wait for Redis's answer, and a connection for Redis, before it fails (above the
+#: longest blocking read any side asks for, a second): a Redis that stopped answering (stopped, its network
+#: gone) fails the pool's commands in seconds instead of holding the dispatcher, the workers and the run's
+#: end (redis-py's defaults: no limit in older releases, about a minute of retries in 8.1).
+TIMEOUT_S = 5.0
+#: How many times such a command is tried again (backing off up to a second) before its failure counts.
+RETRIES = 2
+
+
+def connect(url: str) -> Any:
+    """A ``redis.Redis`` for ``url`` with the pool's limits (``TIMEOUT_S``, ``RETRIES``)."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES)
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, retry=retry)
+
+
+def connect_async(url: str) -> Any:
+    """A ``redis.asyncio.Redis`` for ``url`` with the pool's limits, for the dispatcher."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES)
+    return redis.asyncio.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, retry=retry)
 
 
 #: A worker takes the task it moved to its list: lease, owner and output stream in one step, and only if

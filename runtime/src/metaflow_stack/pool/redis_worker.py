@@ -42,12 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
-
 from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.processes import say_ready
-from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue
+from metaflow_stack.pool.redis_queue import RENEW_S, URL_VARIABLE, RedisQueue, connect
 from metaflow_stack.pool.slot import Slot
 from metaflow_stack.pool.trampoline import POOL_LOST
 
@@ -191,7 +189,7 @@ def main() -> None:
 def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot | None) -> None:
     """Claim and run tasks until the worker is to stop."""
     ready_file = Path(tempfile.gettempdir(), READY_FILE)
-    queue = RedisQueue(redis.Redis.from_url(os.environ[URL_VARIABLE]), prefix)
+    queue = RedisQueue(connect(os.environ[URL_VARIABLE]), prefix)
     queue.client.ping()  # ready means reaching the queue too
     say_ready()
     if lifeline.detached:
