@@ -492,6 +492,35 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
     assert "is over 1 MB" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
 
 
+def test_a_followed_log_gone_silent_is_given_up_for_its_reader_to_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A followed log stream that stops carrying even Nomad's heartbeats went half-open (a partition, a proxy's
+    idle cut): reading it fails as unavailable, which its reader resumes from where it was, rather than
+    waiting on it for the rest of the task."""
+    from metaflow_stack.engines.nomad import client as nomad_client
+    from metaflow_stack.engines.nomad.client import Unavailable
+
+    class Silent(Quiet):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"Data": "b25lCg==", "Offset": 4, "File": "alloc/logs/metaflow.stdout.0"}')
+            self.wfile.flush()
+            time.sleep(10)
+
+    monkeypatch.setattr(nomad_client, "FOLLOW_READ_S", 0.5)
+    read, started = bytearray(), time.monotonic()
+    with (
+        answering(Silent) as settings,
+        NomadClient(settings) as client,
+        pytest.raises(Unavailable),
+        client.logs("alloc", "metaflow", "stdout") as chunks,
+    ):
+        for chunk in chunks:
+            read += chunk
+    assert b"b25lCg==" in read and time.monotonic() - started < 5
+
+
 def test_a_blocking_query_on_a_table_nomad_never_wrote_still_waits() -> None:
     """Nomad answers a table no write has touched yet (no allocation ever, on a new cluster) with index 0; the
     next query asks from index 1 with a wait, which Nomad holds until something changes, rather than none,

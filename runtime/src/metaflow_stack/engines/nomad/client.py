@@ -42,6 +42,9 @@ CONNECT_S, SLACK_S = 10.0, 15.0
 OUTAGE_S = 300.0
 #: The most an answer (other than a log stream) may hold: a busy cluster's job list is a few MB.
 MAX_ANSWER = 64 << 20
+#: The longest a followed log may go without a byte: Nomad sends a heartbeat frame every second with nothing
+#: else to send (``streamHeartbeatRate``; ten seconds in older releases).
+FOLLOW_READ_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -356,8 +359,10 @@ class NomadClient:
         rotated files), followed unless told, as chunks."""
         flags = {"follow": "true" if follow else "false", "origin": "start", "offset": offset}
         params = self._params({"task": task, "type": kind, **flags})
-        # Followed, a quiet task sends heartbeats, or nothing, for a while; not followed, the answer ends.
-        timeout = httpx.Timeout(None if follow else CONNECT_S + SLACK_S, connect=CONNECT_S)
+        # Followed, a quiet task's log sends only Nomad's heartbeats; a stream with none for longer went half-open
+        # (a partition, a proxy's idle cut) and is given up, so that its reader resumes it. Not followed, the
+        # answer ends.
+        timeout = httpx.Timeout(FOLLOW_READ_S if follow else CONNECT_S + SLACK_S, connect=CONNECT_S)
         answered = False
         try:
             with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:
