@@ -992,6 +992,24 @@ def test_a_redis_task_no_worker_serves_is_given_up(redis_url: str, monkeypatch: 
     assert not pool_keys(redis_url)
 
 
+def test_a_chatty_task_loses_no_line_to_a_dispatcher_that_fell_behind(redis_url: str) -> None:
+    """A worker writes a task's output faster than the dispatcher relays it (the runtime busy a while): the
+    stream keeps every line still to relay (it was trimmed to its last 10,000 entries, whatever was read)."""
+    lines = 12_000
+
+    async def chatty_worker(client: redis.asyncio.Redis, queue: RedisQueue) -> None:
+        worker = RedisQueue(redis.Redis.from_url(redis_url), queue.prefix)
+        claimed = worker.claim("w", 1)
+        assert claimed is not None
+        for number in range(lines):  # (the event loop, so the dispatcher, is held meanwhile)
+            worker.output(claimed[0], 1, f"line {number}\n".encode())
+        worker.finish(claimed[0], "w", 0)
+        worker.client.close()
+
+    code, written, _ = execute_one(redis_url, "test-chatty", chatty_worker)
+    assert code == 0 and written.decode().splitlines() == [f"line {number}" for number in range(lines)]
+
+
 def test_a_redis_task_given_up_on_an_error_is_cancelled_for_its_worker(redis_url: str) -> None:
     """The dispatcher gives a task up when Redis fails a command mid-task (a restart, say): its attempt
     fails as lost, and its worker, holding it still, finds it cancelled rather than running it beside the

@@ -26,7 +26,15 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
-from metaflow_stack.pool.redis_queue import LEASE_S, TIMEOUT_S, URL_VARIABLE, RedisQueue, connect_async, redacted
+from metaflow_stack.pool.redis_queue import (
+    LEASE_S,
+    RELAYED_KEPT,
+    TIMEOUT_S,
+    URL_VARIABLE,
+    RedisQueue,
+    connect_async,
+    redacted,
+)
 
 #: How long one read of a task's output waits before the executor checks on the task.
 POLL_MS = 1000
@@ -51,7 +59,7 @@ class RedisExecutor:
         task_id, given_up = uuid.uuid4().hex, False
         try:
             await self.queue.submit(task_id, task)
-            after, cancelled_at, taken_at, unserved_at = "0-0", None, None, None
+            after, cancelled_at, taken_at, unserved_at, relayed = "0-0", None, None, None, []
             while True:
                 # A cancel (the pool stopping) that landed as a command's send completed: redis-py sends under
                 # asyncio.wait_for, which on Python 3.11 then returns instead of raising (fixed in 3.12).
@@ -64,6 +72,10 @@ class RedisExecutor:
                         return int(fields[b"exit"])
                     if b"fd" in fields:  # (the other entry is the claim's)
                         await output(int(fields[b"fd"]), fields[b"data"])
+                        relayed.append(entry_id)
+                if len(relayed) >= RELAYED_KEPT:  # (a chatty task's stream holds what is still to relay)
+                    await self.queue.relayed(task_id, relayed)
+                    relayed.clear()
                 if abandoned.done() and cancelled_at is None:
                     await self.queue.cancel(task_id)
                     cancelled_at = loop.time()

@@ -35,8 +35,10 @@ URL_VARIABLE = "METAFLOW_STACK_POOL_REDIS_URL"
 LEASE_S = 10
 #: How often a worker renews the leases of what it runs and looks for cancellations.
 RENEW_S = 1.0
-#: Stream entries kept per task output (older ones are trimmed once the dispatcher has relayed them).
-OUTPUT_MAXLEN = 10_000
+#: Entries of a task's output the dispatcher has relayed that stay in its stream before it deletes them: the
+#: stream holds what the dispatcher has yet to relay (never trimmed: a line is not lost to a dispatcher
+#: that fell behind), and this much more at most.
+RELAYED_KEPT = 256
 #: How long a command may wait for Redis's answer, and a connection for Redis, before it fails (above the
 #: longest blocking read any side asks for, a second): a Redis that stopped answering (stopped, its network
 #: gone) fails the pool's commands in seconds instead of holding the dispatcher, the workers and the run's
@@ -106,6 +108,10 @@ class RedisQueue:
         """Output entries of ``task_id`` after entry ``after``, waiting up to ``block_ms`` for the first."""
         answer = await self.client.xread({self.key("out", task_id): after}, block=block_ms, count=256)
         return [(entry_id.decode(), fields) for _, entries in answer for entry_id, fields in entries]
+
+    async def relayed(self, task_id: str, entry_ids: list[str]) -> None:
+        """Delete entries of ``task_id``'s output the dispatcher has passed on."""
+        await self.client.xdel(self.key("out", task_id), *entry_ids)
 
     async def state(self, task_id: str) -> str:
         """Where ``task_id`` is: ``queued``, ``held`` (a worker holds its lease), ``lost`` (a worker claimed
@@ -182,7 +188,7 @@ class RedisQueue:
 
     def output(self, task_id: str, fd: int, data: bytes) -> None:
         stream = self.key("out", task_id)
-        self.client.xadd(stream, {"fd": fd, "data": data}, maxlen=OUTPUT_MAXLEN, approximate=True, nomkstream=True)
+        self.client.xadd(stream, {"fd": fd, "data": data}, nomkstream=True)
 
     def finish(self, task_id: str, worker: str, code: int) -> None:
         """The task ended with ``code``: its status to the dispatcher, its claim released. The lease stays
