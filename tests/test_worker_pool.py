@@ -8,6 +8,7 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -639,6 +640,14 @@ def test_a_pool_process_killed_is_not_alive_once_its_connections_end(tmp_path: P
             process.process.wait()
 
 
+def test_a_nested_foreachs_progress_counts_the_items_of_every_outer_item(tmp_path: Path) -> None:
+    done = run_flow(tmp_path, flow="nested_pool_flow.py")
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-3000:]
+    assert "values [10, 11, 12, 20, 21, 22]" in said
+    assert "worker pool mid: 2/2 done" in said and "worker pool each: 6/6 done" in said, said[-3000:]
+
+
 def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path) -> None:
     """The pool's process killed outright while items run: its tasks die with it, every item it held
     fails that attempt, @retry runs them again on a pool started afresh, and the run succeeds."""
@@ -655,6 +664,9 @@ def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path
         assert runtime.wait(timeout=300) == 0, output
     finally:
         runtime.kill()
+    # The progress goes on from what the pool that died had done: its attempts count as failed.
+    counted = re.search(r"worker pool each: 6/6 done, 0 running, 0 queued, (\d+) failed attempts", output)
+    assert counted and int(counted[1]) >= 2, output[-3000:]
     run = facts(tmp_path)
     assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
     # The runtime had handed all six items to the pool (two running, four waiting): each ran again.

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 #: More than any counts file holds.
@@ -21,6 +21,13 @@ class Counts:
     running: int = 0
     done: int = 0
     failed: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
+
+    def ended(self) -> Counts:
+        """What a pool that died had done: the attempts it held (running or waiting) failed with it."""
+        return Counts(done=self.done, failed=self.failed + self.running + self.queued)
 
     def write(self, path: Path) -> None:
         """Replace ``path`` atomically: a reader sees the old counts or the new, never half. Where it cannot

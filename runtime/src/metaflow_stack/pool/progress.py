@@ -71,6 +71,15 @@ class PoolProgress:
             self.thread = threading.Thread(target=self._loop, name="worker-pool-progress", daemon=True)
             self.thread.start()
 
+    def more(self, label: str, items: int) -> None:
+        """``items`` more for the pool ``label`` (a nested foreach's next outer item)."""
+        with self.lock:
+            for pool in self.watched:
+                if pool.label == label:
+                    pool.total += items
+                    if self.progress is not None and pool.bar is not None:
+                        self.progress.update(pool.bar, total=pool.total)
+
     def _loop(self) -> None:
         while not self.stopped.wait(POLL_S):
             self.refresh()

@@ -62,9 +62,12 @@ class WorkerPoolDecorator(StepDecorator):
     defaults: ClassVar[dict[str, Any]] = {"size": None, "backend": "local", "redis_url": None, "image": None}
     #: The run's pools, by step: started with a step's first task, stopped when the run ends.
     pools: ClassVar[dict[str, Any]] = {}
-    #: The run's progress display, shared by its pools, and the steps it shows.
+    #: The run's progress display, shared by its pools; the steps it shows, each with the foreach tasks whose
+    #: items it counts (a nested foreach's body has one per outer item); what each step's pools that died
+    #: had done (``Counts``: a pool started again counts from nothing).
     progress: ClassVar[Any] = None
-    watched: ClassVar[set[str]] = set()
+    watched: ClassVar[dict[str, set[str]]] = {}
+    carried: ClassVar[dict[str, Any]] = {}
 
     def step_init(self, flow, graph, step, decos, environment, flow_datastore, logger) -> None:
         self.step, self.flow_datastore, self.logger = step, flow_datastore, logger
@@ -254,18 +257,25 @@ class WorkerPoolDecorator(StepDecorator):
         return Interpreter(self.environment.interpreter(self.step), env)
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context) -> None:
-        """With the step's first task: its line in the run's progress display (the foreach's items)."""
+        """With the step's first task: its line in the run's progress display (the foreach's items); with the
+        first task of each further foreach task (a nested foreach's), its items added."""
+        from metaflow_stack.pool.counts import Counts
         from metaflow_stack.pool.progress import PoolProgress
 
         cls = type(self)
-        if not self.active or self.step in cls.watched:
+        if not self.active or input_paths[0] in cls.watched.get(self.step, ()):
             return
         run_id, step, task_id = input_paths[0].split("/")[-3:]
-        total = self.flow_datastore.get_task_datastore(run_id, step, task_id)["_foreach_num_splits"]
-        if cls.progress is None:
-            cls.progress = PoolProgress(lambda line: self.logger(line, system_msg=True))
-        cls.progress.watch(self.step, total, self.pools[self.step].counts)
-        cls.watched.add(self.step)
+        items = self.flow_datastore.get_task_datastore(run_id, step, task_id)["_foreach_num_splits"]
+        if self.step in cls.watched:
+            cls.progress.more(self.step, items)
+        else:
+            if cls.progress is None:
+                cls.progress = PoolProgress(lambda line: self.logger(line, system_msg=True))
+            pool, step = self.pools[self.step], self.step  # (read once more as it stops, out of ``pools`` by then)
+            cls.carried[step] = Counts()
+            cls.progress.watch(step, items, lambda: pool.counts() + cls.carried[step])
+        cls.watched.setdefault(self.step, set()).add(input_paths[0])
 
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:
         from metaflow_stack.errors import StackError
@@ -278,9 +288,11 @@ class WorkerPoolDecorator(StepDecorator):
 
             cli_args.env[PASSED_VARIABLE] = ",".join(sorted({*cli_args.env, "METAFLOW_RUN_ID"}))  # (the runtime's)
         try:
-            if not pool.alive():
+            if not pool.alive():  # a pool that died (killed, out of memory) comes back for the next attempt
+                if self.step in type(self).carried:
+                    type(self).carried[self.step] += pool.counts().ended()
                 pool.stop()
-                pool.start()  # a pool that died (killed, out of memory) comes back for the next attempt
+                pool.start()
             cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
         except StackError as exc:
             raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
@@ -291,8 +303,9 @@ class WorkerPoolDecorator(StepDecorator):
         if pool is None:
             return
         if self.step in cls.watched:
-            cls.watched.discard(self.step)
+            del cls.watched[self.step]
             cls.progress.finish(self.step)
+            del cls.carried[self.step]
         pool.stop()
         if not cls.watched:
             cls.progress = None
