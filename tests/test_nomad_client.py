@@ -190,7 +190,9 @@ def test_a_job_waiting_for_room_is_queued_not_failed(nomad_agent: Settings, base
         most = Placement(image=base_image, memory=room * 3 // 5)  # (held, not used: Nomad reserves what is asked)
         try:
             wait_placed(client, client.register(task_job(holder, ["sleep", "600"], {}, most, {"t": "1"})), print)
-            while client.allocations(holder)[0][0]["ClientStatus"] != "running":
+            deadline = time.monotonic() + 120
+            while {a["ClientStatus"] for a in client.allocations(holder)[0]} != {"running"}:
+                assert time.monotonic() < deadline, "the job holding the memory never ran"
                 time.sleep(0.2)
             eval_id = client.register(task_job(name, ["true"], {}, most, {"t": "1"}))
             wait_placed(client, eval_id, said.append)

@@ -46,6 +46,7 @@ def test_setup_hands_flows_a_token_for_their_namespace_alone(fresh_agent: str, t
     flows = Settings(address=fresh_agent, token=token, namespace=NAMESPACE)
     with NomadClient(flows) as client:
         assert client.jobs("mf-") == []
+        assert client.nodes(resources=True)[0]["NodeResources"]  # (so a job no node could hold fails at once)
         client.put_variable("nomad/jobs/metaflow-some-flow", {"KEY": "kept"})  # a deployed flow's credentials
         with pytest.raises(StackError):
             client.variable("nomad/jobs/metaflow-some-flow")  # which only that job's runs read

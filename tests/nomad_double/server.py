@@ -48,13 +48,15 @@ the GitHub workflow's ``clusters`` job.
   "NAME" { capabilities = [...] }``, the one form modelled) and may call an
   endpoint only with the capability its "ACL Required" column names, in
   the request's namespace (``?namespace=``, the job's own for a
-  registration, unless the query names one); ACL and namespace writes and
-  ``GET /v1/nodes`` (this node, ready, with its drivers; with
-  ``?resources=true`` its ``NodeResources`` and ``ReservedResources``) need the
-  management token. ``GET /v1/acl/token/self`` answers 404 for a token it
-  does not know; without ACLs, the ACL endpoints answer 400 "ACL support
-  disabled". ``POST /v1/namespace/:name`` makes a namespace; a job in one
-  that does not exist is refused (500, as Nomad's validator answers).
+  registration, unless the query names one); ACL and namespace writes need
+  the management token; ``GET /v1/nodes`` (this node, ready, with its
+  drivers; with ``?resources=true`` its ``NodeResources`` and
+  ``ReservedResources``) a policy with ``node { policy = "read" }`` (the one
+  block other than ``namespace`` modelled) or the management token.
+  ``GET /v1/acl/token/self`` answers 404 for a token it does not know;
+  without ACLs, the ACL endpoints answer 400 "ACL support disabled".
+  ``POST /v1/namespace/:name`` makes a namespace; a job in one that does
+  not exist is refused (500, as Nomad's validator answers).
   ``GET /v1/status/leader`` needs no token.
 - Workload identities: every task's is a JWT the double signs (HS256
   here; Nomad's leader signs with its keyring), claiming the task's
@@ -183,6 +185,8 @@ class Acl:
         self.bound: dict[str, tuple[str, str]] = {}
         #: Each policy's ``variables`` rules: name -> namespace -> (path glob, capabilities).
         self.variable_paths: dict[str, dict[str, list[tuple[str, set[str]]]]] = {}
+        #: The policies whose ``node`` block lets their tokens read the nodes (``policy = "read"`` or more).
+        self.node_readers: set[str] = set()
         self.bootstrapped = management is not None
         if management:
             self.add_token("bootstrap", "management", [], secret=management)
@@ -203,9 +207,11 @@ class Acl:
         """Keep the policy (bound to ``job_acl``'s job's workloads, where given); what is wrong with its rules,
         if anything."""
         try:
-            blocks = hcl2.loads(rules).get("namespace", [])
+            parsed = hcl2.loads(rules)
         except Exception as exc:  # lark's errors, each naming the line
             return f"Failed to parse ACL Policy: {exc}"
+        blocks = parsed.get("namespace", [])
+        node = {block.get("policy", "").strip('"') for block in parsed.get("node", [])}
         granted: dict[str, set[str]] = {}
         paths: dict[str, list[tuple[str, set[str]]]] = {}
         for block in blocks:
@@ -218,6 +224,10 @@ class Acl:
                 paths[namespace] = [(glob.strip('"'), {c.strip('"') for c in r["capabilities"]}) for glob, r in entries]
         self.policies[name] = granted
         self.variable_paths[name] = paths
+        if node & {"read", "write"}:
+            self.node_readers.add(name)
+        else:
+            self.node_readers.discard(name)
         if job_acl:
             self.bound[name] = (job_acl.get("Namespace") or "default", job_acl.get("JobID") or "")
         else:
@@ -241,6 +251,8 @@ class Acl:
             return None
         else:
             policies = token["Policies"] or []
+        if (method, path) == ("GET", "/v1/nodes"):  # (node:read, outside any namespace)
+            return None if self.node_readers.intersection(policies) else "Permission denied"
         if path.startswith("/v1/var/"):  # (a variable's own rules, by its path)
             return self.variable_refusal(method, path.removeprefix("/v1/var/"), namespace, policies, workload)
         held = set().union(*(self.policies.get(p, {}).get(namespace, set()) for p in policies))

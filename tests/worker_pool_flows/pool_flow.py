@@ -8,7 +8,8 @@ names a file every item waits for before it ends, so a test can see items
 running. ``POOL_FLOW_EXITS`` names a folder: each item writes into a pipe
 no one reads (as a subprocess that ignores its input leaves it), and leaves
 an ``atexit`` callback, a thread and an executor's work unfinished, each of
-which writes a file there as the item's process ends.
+which writes a file there as the item's process ends; and the flow imports
+``pool_flow_tracker`` (beside it), whose own callback notes each task's end.
 """
 
 import atexit
@@ -21,6 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from metaflow import FlowSpec, Parameter, current, retry, step
+
+if os.environ.get("POOL_FLOW_EXITS"):
+    import pool_flow_tracker  # noqa: F401 (what it does as it is imported)
 
 
 def _items(variable: str) -> set[int]:

@@ -4,7 +4,8 @@
 # a deployed flow (`nomad trigger`: dispatch-job); write a deployed flow's credentials to its job's
 # own variable (`nomad/jobs/<job>`, which only that job's runs read). `metaflow stack nomad up`
 # and the Pulumi component (infra/pulumi/components/nomad_stack.py) apply this file as the policy
-# `metaflow`; tokens for flows hold only it.
+# `metaflow`; tokens for flows hold only it. Reading the nodes (their resources) lets a run fail a
+# job that asks for more than any node has at once, instead of leaving it queued forever.
 namespace "metaflow" {
   capabilities = ["submit-job", "read-job", "list-jobs", "read-logs", "dispatch-job"]
   variables {
@@ -12,4 +13,8 @@ namespace "metaflow" {
       capabilities = ["write", "destroy"]
     }
   }
+}
+
+node {
+  policy = "read"
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from metaflow_stack.elsewhere import Launcher
-from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.client import NomadClient, Refused, Settings
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
 from metaflow_stack.engines.nomad.orphans import OWNER
 from metaflow_stack.engines.nomad.watch import Ending, follow
@@ -46,18 +46,21 @@ def run(
     body = task_job(job, command, env, placement, {**meta, OWNER: Launcher.this().label})
     # The purge on a kill is in place before the job is registered and while the trampoline purges it itself
     # (forked before follow starts its threads; a job that was never registered is purged as no error).
-    registered = False
+    refused = False  # (the token may not register jobs: then none was, and its purge is refused the same way)
     with stopped_by_signals(), undone_if_killed(lambda: _purge(client.settings, job)):
         try:
-            eval_id = client.register(body)
-            registered = True
+            try:
+                eval_id = client.register(body)
+            except Refused:
+                refused = True
+                raise
             return follow(client, job, eval_id, relay)
         finally:
             with uninterrupted():
                 try:
                     client.deregister(job)  # (also when registering failed: Nomad may have taken it nonetheless)
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
-                    if registered:  # (else the same refusal as the registration's: said once, by it)
+                    if not (refused and isinstance(exc, Refused)):  # (that refusal is said once, by the register)
                         relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
 
 

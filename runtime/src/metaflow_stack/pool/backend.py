@@ -85,11 +85,12 @@ def open_pool(
 
     url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL
     try:
-        parse_url(url)  # (its reason only: never the URL, which may hold a password)
-    except ValueError as exc:
+        parse_url(url)
+    except ValueError:  # (no word of why: redis-py's would quote part of the URL, a password's, say)
         raise StackError(
-            f"the Redis URL (redis_url= or {URL_VARIABLE}) is not one Redis takes: {exc}",
-            fix="write it as redis://[:password@]host:port/db, rediss://... or unix:///path",
+            f"the Redis URL (redis_url= or {URL_VARIABLE}) is not one redis-py can read",
+            fix="write it as redis://[:password@]host:port/db (a password's / # ? escaped as %2F %23 %3F), "
+            "rediss://... or unix:///path",
         ) from None
     prefix = f"mf-pool:{run_id}:{step}:"
     if backend == "kubernetes":

@@ -34,6 +34,8 @@ STARTUP_SIGNALS = {
     signal.SIGTERM: signal.SIG_DFL,
     signal.SIGCHLD: signal.SIG_DFL,
 }
+#: A task's exit status when its output could not be flushed as it ended (the interpreter's own).
+FLUSH_FAILED = 120
 #: After a task's exit status: how long its output may take to close (a process it left behind, still
 #: holding it, could otherwise hold its worker forever).
 DRAIN_S = 1.0
@@ -132,9 +134,6 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
     signal.set_wakeup_fd(-1)
     for number, disposition in STARTUP_SIGNALS.items():
         signal.signal(number, disposition)
-    atexit._clear()  # the pool's own are not the task's to run (``exit_as_python_would``)
-    if "logging" in sys.modules:  # (what importing it registers, as the task's own import would have)
-        atexit.register(sys.modules["logging"].shutdown)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(fds[0], 1)
@@ -156,6 +155,7 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
     sys.path[0] = os.path.dirname(script)
     main = sys.modules["__main__"]
     main.__file__ = script
+    code = 1
     try:
         exec(compile(Path(script).read_bytes(), script, "exec"), vars(main))  # what `python flow.py` does
         code = 0
@@ -165,6 +165,11 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
         else:  # (a message: printed, status 1, as the interpreter does)
             print(exc.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:  # (the interpreter ends by SIGINT then, once it has run what ends it)
+        traceback.print_exc()
+        exit_as_python_would()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BaseException:  # what a task process would print before dying
         traceback.print_exc()
         code = 1
@@ -174,10 +179,14 @@ def run_task(task: Task, fds: tuple[int, int], worker: str) -> int:
 
 def exit_as_python_would() -> None:
     """What the interpreter does on its way out of ``python flow.py`` and a forked child's ``os._exit`` skips:
-    wait for the task's threads that are not daemons (after telling its executors to end), then run what
-    it registered with ``atexit`` (a tracker ending its run, a buffer flushed)."""
-    threading._shutdown()  # (the interpreter's own step: ``concurrent.futures`` hooks into it)
-    atexit._run_exitfuncs()
+    wait for the task's threads that are not daemons (after telling its executors to end), then run the
+    ``atexit`` callbacks: those of what the flow's file imported in the pool (MLflow's, ending its run) as
+    well as the task's own (registered in the pool, they were never run there: it ends by ``os._exit``)."""
+    try:
+        threading._shutdown()  # (the interpreter's own step: ``concurrent.futures`` hooks into it)
+    except BaseException:  # (Ctrl-C while it waits, say: printed, and the callbacks still run)
+        traceback.print_exc()
+    atexit._run_exitfuncs()  # (each callback's exception printed, as the interpreter does)
 
 
 def fork_task(task: Task, fds: tuple[int, int], worker: str) -> int:
@@ -191,8 +200,11 @@ def fork_task(task: Task, fds: tuple[int, int], worker: str) -> int:
         try:
             code = run_task(task, fds, worker)
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            try:  # (its reader gone: SIGPIPE is ignored, so a flush raises; the child must never leave this)
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except BaseException:
+                code = FLUSH_FAILED
             os._exit(code)
     return pid
 

@@ -32,7 +32,7 @@ from metaflow_stack.pool.redis_queue import (
     TIMEOUT_S,
     URL_VARIABLE,
     RedisQueue,
-    connect_async,
+    connect,
     redacted,
 )
 
@@ -125,7 +125,7 @@ async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     """``args``: the pool's key prefix and, for a step with an environment of its own, the interpreter its
     workers run the tasks under (else the runtime's); the Redis URL is in the environment (``URL_VARIABLE``)."""
     url, (prefix, *python) = os.environ[URL_VARIABLE], args
-    client = connect_async(url)
+    client = connect(url, asynchronous=True)
     try:
         await client.ping()
     except (redis.RedisError, OSError) as exc:

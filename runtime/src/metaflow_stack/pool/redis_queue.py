@@ -41,31 +41,19 @@ RENEW_S = 1.0
 RELAYED_KEPT = 256
 #: How long a command may wait for Redis's answer, and a connection for Redis, before it fails (above the
 #: longest blocking read any side asks for, a second): a Redis that stopped answering (stopped, its network
-#: gone) fails the pool's commands in seconds instead of holding the dispatcher, the workers and the run's
-#: end (redis-py's defaults: no limit in older releases, about a minute of retries in 8.1).
+#: gone) fails the pool's commands in seconds rather than holding the dispatcher, the workers and the run's
+#: end (older redis-py releases wait without limit). Not tried again: a command such as XADD or BLMOVE may
+#: have been carried out, and again would write a line twice or strand a task.
 TIMEOUT_S = 5.0
-#: How many times such a command is tried again (backing off up to a second) before its failure counts.
-RETRIES = 2
 
 
-def connect(url: str) -> Any:
-    """A ``redis.Redis`` for ``url`` with the pool's limits (``TIMEOUT_S``, ``RETRIES``)."""
+def connect(url: str, asynchronous: bool = False) -> Any:
+    """A ``redis.Redis`` (``redis.asyncio.Redis``: the dispatcher's) for ``url`` with the pool's limit."""
     import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES)
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, retry=retry)
-
-
-def connect_async(url: str) -> Any:
-    """A ``redis.asyncio.Redis`` for ``url`` with the pool's limits, for the dispatcher."""
     import redis.asyncio
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
 
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES)
-    return redis.asyncio.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, retry=retry)
+    kind = redis.asyncio.Redis if asynchronous else redis.Redis
+    return kind.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
 
 
 #: A worker takes the task it moved to its list: lease, owner and output stream in one step, and only if
