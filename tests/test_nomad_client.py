@@ -523,10 +523,10 @@ def test_a_followed_log_gone_silent_is_given_up_for_its_reader_to_resume(monkeyp
     assert b"b25lCg==" in read and time.monotonic() - started < 5
 
 
-def test_a_blocking_query_on_a_table_nomad_never_wrote_still_waits() -> None:
-    """Nomad answers a table no write has touched yet (no allocation ever, on a new cluster) with index 0; the
-    next query asks from index 1 with a wait, which Nomad holds until something changes, rather than none,
-    which it would answer at once, again and again."""
+def test_a_blocking_query_answered_with_index_0_still_waits() -> None:
+    """An answer whose index reads as 0 (an agent or a proxy that sends none, or 0): the next query asks from
+    index 1 with a wait, which Nomad holds until something changes, rather than with none, which it would
+    answer at once, again and again."""
     asked: list[str] = []
 
     class Empty(Quiet):

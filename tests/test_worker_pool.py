@@ -1058,21 +1058,22 @@ def test_a_chatty_task_loses_no_line_to_a_dispatcher_that_fell_behind(redis_url:
 
 
 def test_a_redis_task_given_up_on_an_error_is_cancelled_for_its_worker(redis_url: str) -> None:
-    """The dispatcher gives a task up when Redis fails a command mid-task (a restart, say): its attempt
-    fails as lost, and its worker, holding it still, finds it cancelled rather than running it beside the
-    retry."""
+    """The dispatcher gives a task up when Redis fails a command mid-task (here Redis refuses to read the
+    task's output as a stream): its attempt fails as lost, and its worker, holding it still, finds it
+    cancelled rather than running it beside the retry."""
 
     async def scenario() -> list[bytes]:
         client = redis.asyncio.Redis.from_url(redis_url)
         queue = RedisQueue(client, "mf-pool:test-error:each:")
-
-        async def fails(*_: object) -> None:
-            raise redis.ConnectionError("Redis went away")
-
-        queue.read_output = fails
         never = asyncio.get_running_loop().create_future()
-        with pytest.raises(redis.ConnectionError):
-            await redis_dispatch.RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), print, never)
+        running = asyncio.ensure_future(
+            redis_dispatch.RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), print, never)
+        )
+        while not (pending := await client.lrange(queue.key("pending"), 0, -1)):
+            await asyncio.sleep(0.01)
+        await client.set(queue.key("out", pending[0].decode()), "not a stream")  # (XREAD: WRONGTYPE)
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            await asyncio.wait_for(running, 30)
         marks = [key async for key in client.scan_iter(match=queue.key("cancel", "*"))]
         await queue.purge()
         await client.aclose()

@@ -77,21 +77,10 @@ def open_pool(
         from metaflow_stack.pool.ray_pool import RayPool
 
         return RayPool(flow_file, size, name, resources, interpreter)
-    from redis.connection import parse_url
-
-    from metaflow_stack.errors import StackError
     from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
-    from metaflow_stack.pool.redis_queue import URL_VARIABLE
+    from metaflow_stack.pool.redis_queue import URL_VARIABLE, readable
 
-    url = redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL
-    try:
-        parse_url(url)
-    except ValueError:  # (no word of why: redis-py's would quote part of the URL, a password's, say)
-        raise StackError(
-            f"the Redis URL (redis_url= or {URL_VARIABLE}) is not one redis-py can read",
-            fix="write it as redis://[:password@]host:port/db (a password's / # ? escaped as %2F %23 %3F), "
-            "rediss://... or unix:///path",
-        ) from None
+    url = readable(redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL)
     prefix = f"mf-pool:{run_id}:{step}:"
     if backend == "kubernetes":
         from metaflow_stack.pool.kubernetes_pool import open_kubernetes_pool

@@ -47,6 +47,24 @@ RELAYED_KEPT = 256
 TIMEOUT_S = 5.0
 
 
+def readable(url: str) -> str:
+    """``url``, once redis-py can read it; else ``StackError`` saying nothing of why (redis-py's reason would
+    quote part of the URL: a password's, say)."""
+    from redis.connection import parse_url
+
+    from metaflow_stack.errors import StackError
+
+    try:
+        parse_url(url)
+    except ValueError:
+        raise StackError(
+            f"the Redis URL (redis_url= or {URL_VARIABLE}) is not one redis-py can read",
+            fix="write it as redis://[:password@]host:port/db (a password's / # ? escaped as %2F %23 %3F), "
+            "rediss://... or unix:///path",
+        ) from None
+    return url
+
+
 def connect(url: str, asynchronous: bool = False) -> Any:
     """A ``redis.Redis`` (``redis.asyncio.Redis``: the dispatcher's) for ``url`` with the pool's limit."""
     import redis

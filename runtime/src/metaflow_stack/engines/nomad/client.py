@@ -225,7 +225,7 @@ class NomadClient:
         moved = _index(response, index)
         if index and moved <= index:
             time.sleep(1.0)
-        # (at least 1: a table Nomad never wrote answers index 0, and asked again with none, it would answer at once)
+        # (at least 1: an answer read as index 0, asked again with none, would be answered at once, in a loop)
         return _json(response, path), max(moved, 1)
 
     def leader(self) -> str:
