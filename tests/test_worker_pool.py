@@ -610,29 +610,50 @@ def test_a_request_reads_the_same_whether_its_fields_were_text_or_the_bytes_the_
     assert env == {"A": "1", "ODD": os.fsdecode(odd)}
 
 
-def test_counts_that_cannot_be_written_leave_the_old_ones(tmp_path: Path) -> None:
-    """The counts are for the progress display: a pool whose folder is full (no space, no inodes) goes on
-    running and answering its tasks with the counts it wrote last."""
-    from metaflow_stack.pool.counts import Counts
+def test_counts_that_cannot_be_written_are_no_error(tmp_path: Path) -> None:
+    """The counts are for the progress display: a pool whose counts file cannot be made (a full disk, no
+    inodes: here, a folder in its place) goes on running and answering its tasks; the runtime reads none."""
+    from metaflow_stack.pool.counts import Counts, CountsFile
 
     path = tmp_path / "pool.counts"
-    Counts(done=1).write(path)
-    (tmp_path / "pool.counts.partial").mkdir()  # (where the new counts go first: now nothing can be written)
-    Counts(done=2).write(path)
-    assert Counts.read(path) == Counts(done=1)
+    path.mkdir()
+    CountsFile(path).write(Counts(done=2))
+    assert Counts.read(path) == Counts()
+
+
+def test_counts_are_rewritten_in_place_and_a_torn_record_reads_as_none(tmp_path: Path) -> None:
+    """One file, its record rewritten where it is (a new file per write cost a journal transaction each);
+    a record caught mid-write, or cut short, fails its checksum and reads as no counts, never wrong ones."""
+    from metaflow_stack.pool.counts import RECORD_BYTES, Counts, CountsFile
+
+    path = tmp_path / "pool.counts"
+    counts = CountsFile(path)
+    counts.write(Counts(queued=3))
+    inode = path.stat().st_ino
+    counts.write(Counts(running=1, done=12345, failed=2))
+    assert Counts.read(path) == Counts(running=1, done=12345, failed=2)
+    assert path.stat().st_ino == inode and path.stat().st_size == RECORD_BYTES
+    torn = bytearray(path.read_bytes())
+    torn[16:24] = Counts(done=99999).record()[16:24]  # the new done beside the old checksum
+    path.write_bytes(bytes(torn))
+    assert Counts.read(path) == Counts()
+    path.write_bytes(Counts(done=5).record()[:20])
+    assert Counts.read(path) == Counts()
 
 
 def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -> None:
     """A sandboxed pool's tasks can write its folder: the runtime's progress never waits on what is there."""
-    from metaflow_stack.pool.counts import Counts
+    from metaflow_stack.pool.counts import Counts, CountsFile
 
     fifo = tmp_path / "pool.counts"
     os.mkfifo(fifo)  # opening it to read would wait for a writer forever
     assert Counts.read(fifo) == Counts()
-    Counts(queued=2, done=1).write(tmp_path / "real.counts")
+    CountsFile(tmp_path / "real.counts").write(Counts(queued=2, done=1))
     assert Counts.read(tmp_path / "real.counts") == Counts(queued=2, done=1)
     (tmp_path / "link.counts").symlink_to(tmp_path / "real.counts")
     assert Counts.read(tmp_path / "link.counts") == Counts()
+    CountsFile(tmp_path / "link.counts").write(Counts(done=7))  # (the pool's end follows no link either)
+    assert Counts.read(tmp_path / "real.counts") == Counts(queued=2, done=1)
 
 
 def test_a_pool_is_ready_even_where_the_flows_file_left_a_line_unended(tmp_path: Path) -> None:

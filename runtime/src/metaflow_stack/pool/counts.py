@@ -1,16 +1,27 @@
-"""What a pool is doing, as a small JSON file the pool rewrites and the runtime's progress display reads."""
+"""What a pool is doing, as a small record the pool rewrites in place and the runtime's progress display
+reads.
+
+The record is rewritten where it is (one ``pwrite``), not replaced by a new file: a file made and renamed
+into place costs the file system a journal transaction each time, about half a millisecond of CPU on the
+ext4 of the project's machines, and a pool rewrites its counts twice an item, in the loop that hands items
+out. A reader that catches a write halfway finds the record's checksum wrong and reads it again.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
-from dataclasses import asdict, astuple, dataclass
+import struct
+import zlib
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
-#: More than any counts file holds.
-MAX_BYTES = 4096
+#: The four counts, then the CRC-32 of their bytes.
+BODY = struct.Struct("<4q")
+RECORD_BYTES = BODY.size + 4
+#: Reads of a record caught mid-write before the counts are given up for this look.
+READ_TRIES = 3
 
 
 @dataclass
@@ -29,21 +40,14 @@ class Counts:
         """What a pool that died had done: the attempts it held (running or waiting) failed with it."""
         return Counts(done=self.done, failed=self.failed + self.running + self.queued)
 
-    def write(self, path: Path) -> None:
-        """Replace ``path`` atomically: a reader sees the old counts or the new, never half. Where it cannot
-        (a full disk), the old counts stay: the display is no reason to stop a pool or lose a task's status."""
-        partial = path.with_name(path.name + ".partial")
-        try:
-            partial.write_text(json.dumps(asdict(self)))
-            os.replace(partial, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                partial.unlink()
+    def record(self) -> bytes:
+        body = BODY.pack(*astuple(self))
+        return body + zlib.crc32(body).to_bytes(4, "little")
 
     @classmethod
     def read(cls, path: Path) -> Counts:
         """The counts at ``path``, or none: a file of a sandboxed pool's folder may be anything its tasks
-        put there, so only a small regular file is read, and never waited on."""
+        put there, so only a regular file is read, never waited on, and only a record whose checksum holds."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:
@@ -51,8 +55,30 @@ class Counts:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return cls()
-            return cls(**{key: int(value) for key, value in json.loads(os.read(fd, MAX_BYTES)).items()})
-        except (OSError, ValueError, TypeError, AttributeError):
+            for _ in range(READ_TRIES):
+                data = os.pread(fd, RECORD_BYTES, 0)
+                body = data[: BODY.size]
+                if len(data) == RECORD_BYTES and zlib.crc32(body).to_bytes(4, "little") == data[BODY.size :]:
+                    return cls(*BODY.unpack(body))
+            return cls()
+        except OSError:
             return cls()
         finally:
             os.close(fd)
+
+
+class CountsFile:
+    """The pool's end of its counts: the file made once, the record rewritten in place. Where it cannot be
+    (a full disk, a folder gone), the old counts stay: the display is no reason to stop a pool or lose a
+    task's status."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            self.fd = None
+
+    def write(self, counts: Counts) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.pwrite(self.fd, counts.record(), 0)

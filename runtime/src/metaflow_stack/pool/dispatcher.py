@@ -30,7 +30,7 @@ from typing import Protocol
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import handover, trampoline
 from metaflow_stack.pool.child import Task, other_interpreter
-from metaflow_stack.pool.counts import Counts
+from metaflow_stack.pool.counts import Counts, CountsFile
 from metaflow_stack.pool.processes import say_ready
 
 #: Writes one piece of a task's output to its stdout (1) or stderr (2).
@@ -67,7 +67,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 class Dispatcher:
     def __init__(self, listener: socket.socket, executor: Executor, counts_file: Path) -> None:
-        self.listener, self.executor, self.counts_file = listener, executor, counts_file
+        self.listener, self.executor, self.counts_file = listener, executor, CountsFile(counts_file)
         self.in_flight: set[asyncio.Task] = set()
         self.counts = Counts()
 
@@ -104,7 +104,7 @@ class Dispatcher:
                 queued = await self.executor.queued()
                 self.counts.queued = queued
                 self.counts.running = max(len(self.in_flight) - queued, 0)
-                self.counts.write(self.counts_file)
+                self.counts_file.write(self.counts)
             except Exception as exc:  # (Redis away for a moment): the counts wait for the next round
                 print(f"worker pool: could not count: {exc}", file=sys.stderr, flush=True)
             await asyncio.sleep(0.5)
@@ -144,7 +144,7 @@ class Dispatcher:
                 self.counts.failed += code != 0
                 # Written before the reply: the run's last look at the pool, right after its last task, is current.
                 self.counts.running = max(len(self.in_flight) - 1 - self.counts.queued, 0)
-                self.counts.write(self.counts_file)
+                self.counts_file.write(self.counts)
                 with contextlib.suppress(OSError):
                     connection.sendall(trampoline.reply(code))
             connection.close()
@@ -166,7 +166,7 @@ async def _main(backend: str, address: str, args: list[str]) -> None:
         listener.listen(1024)
         listener.setblocking(False)
         dispatcher = Dispatcher(listener, executor, Path(address).with_suffix(".counts"))
-        dispatcher.counts.write(dispatcher.counts_file)
+        dispatcher.counts_file.write(dispatcher.counts)
         say_ready()
         await dispatcher.serve()
     finally:  # the pool's folder goes with it (a dispatcher that never started leaves its log to be read)

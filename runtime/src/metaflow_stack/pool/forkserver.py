@@ -39,7 +39,7 @@ from typing import Any
 
 from metaflow_stack.pool import handover, trampoline
 from metaflow_stack.pool.child import Task, fork_task, on_this_machine, warm, with_group
-from metaflow_stack.pool.counts import Counts
+from metaflow_stack.pool.counts import Counts, CountsFile
 from metaflow_stack.pool.processes import say_ready
 
 #: How long a killed task's process group has to end after SIGTERM before SIGKILL.
@@ -82,7 +82,7 @@ class ForkServer:
         self.running: dict[int, Request] = {}  # by pid
         self.free_slots = list(range(size))
         self.counts = Counts()
-        self.counts_file = counts_file
+        self.counts_file = CountsFile(counts_file)
         self.stopping = False
         # SIGCHLD wakes the selector through this pair (portable, unlike pidfds).
         self.wakeup, wakeup_writer = socket.socketpair()
@@ -223,7 +223,7 @@ class ForkServer:
             with_group(request.pid, signal.SIGKILL)
 
     def _write_counts(self) -> None:
-        self.counts.write(self.counts_file)
+        self.counts_file.write(self.counts)
 
 
 def main() -> None:
