@@ -656,12 +656,14 @@ def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -
     assert Counts.read(tmp_path / "real.counts") == Counts(queued=2, done=1)
 
 
-def test_a_pool_is_ready_even_where_the_flows_file_left_a_line_unended(tmp_path: Path) -> None:
+def test_a_pool_is_ready_only_when_it_says_so_whatever_the_flows_file_prints(tmp_path: Path) -> None:
     """The flow's file runs as the fork server imports it, and may print without ending its line (a progress
     bar, say): the server's ``ready`` is still read, on a line of its own (it once ended that line instead, and
-    the pool failed after its whole start timeout)."""
+    the pool failed after its whole start timeout). A line that says only ``ready``, printed before the server
+    listens, is not taken for it."""
     flow = tmp_path / "chatty_flow.py"
-    flow.write_text("print('loading the model', end='')\n" + (FLOWS / "pool_flow.py").read_text())
+    chatter = "import time\nprint('ready')\ntime.sleep(2)\nprint('loading the model', end='')\n"
+    flow.write_text(chatter + (FLOWS / "pool_flow.py").read_text())
     pool = LocalPool(str(flow), 1, "chatty")
     pool.start()
     try:
@@ -684,7 +686,8 @@ def test_a_pool_process_killed_is_not_alive_once_its_connections_end(tmp_path: P
         listener.listen()
         for _ in range(20):
             code = "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
-            process = PoolProcess(code + "print('ready'); time.sleep(60)", [str(address)], tmp_path / "log")
+            code += "from metaflow_stack.pool.processes import say_ready; say_ready(); time.sleep(60)"
+            process = PoolProcess(code, [str(address)], tmp_path / "log")
             process.wait_ready("the test process")
             connection, _ = listener.accept()
             with connection:

@@ -73,8 +73,9 @@ class CountsFile:
     task's status."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:  # (readable by all: a contained pool's server may be another user than the runtime reading it)
+            self.fd: int | None = os.open(path, flags, 0o644)
         except OSError:
             self.fd = None
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool.counts import Counts
 
-#: What a pool's process prints, on a line of its own, once it is ready.
-READY = b"\nready\n"
+#: What a pool's process prints, on a line of its own, once it is ready: words the flow's file, which runs
+#: first and may print anything at import, would not print by chance (a bare "ready" once let a pool look
+#: ready before its socket was there).
+READY = b"\nmetaflow-stack pool: ready\n"
 #: Seconds a pool's process may take to import the flow and what a task needs before the step fails.
 START_TIMEOUT_S = 120.0
 #: The kernel's flag for a process that has begun to exit (``include/linux/sched.h``), in ``/proc/PID/stat``.
