@@ -618,13 +618,15 @@ def test_counts_that_cannot_be_written_are_no_error(tmp_path: Path) -> None:
     path = tmp_path / "pool.counts"
     path.mkdir()
     CountsFile(path).write(Counts(done=2))
-    assert Counts.read(path) == Counts()
+    assert Counts.read(path) is None
 
 
 def test_counts_are_rewritten_in_place_and_a_torn_record_reads_as_none(tmp_path: Path) -> None:
     """One file, its record rewritten where it is (a new file per write cost a journal transaction each);
-    a record caught mid-write, or cut short, fails its checksum and reads as no counts, never wrong ones."""
+    a record caught mid-write, or cut short, fails its checksum and reads as none, never wrong counts: the
+    pool's folder then gives the last counts it read."""
     from metaflow_stack.pool.counts import RECORD_BYTES, Counts, CountsFile
+    from metaflow_stack.pool.processes import PoolFolder
 
     path = tmp_path / "pool.counts"
     counts = CountsFile(path)
@@ -636,22 +638,27 @@ def test_counts_are_rewritten_in_place_and_a_torn_record_reads_as_none(tmp_path:
     torn = bytearray(path.read_bytes())
     torn[16:24] = Counts(done=99999).record()[16:24]  # the new done beside the old checksum
     path.write_bytes(bytes(torn))
-    assert Counts.read(path) == Counts()
+    assert Counts.read(path) is None
     path.write_bytes(Counts(done=5).record()[:20])
-    assert Counts.read(path) == Counts()
+    assert Counts.read(path) is None
+    folder = PoolFolder(str(tmp_path))
+    CountsFile(folder.address.with_suffix(".counts")).write(Counts(done=3))
+    assert folder.counts() == Counts(done=3)
+    folder.address.with_suffix(".counts").write_bytes(b"torn")
+    assert folder.counts() == Counts(done=3)
 
 
-def test_counts_that_are_not_a_small_file_read_as_none_at_once(tmp_path: Path) -> None:
+def test_counts_that_are_not_a_regular_file_read_as_none_at_once(tmp_path: Path) -> None:
     """A sandboxed pool's tasks can write its folder: the runtime's progress never waits on what is there."""
     from metaflow_stack.pool.counts import Counts, CountsFile
 
     fifo = tmp_path / "pool.counts"
     os.mkfifo(fifo)  # opening it to read would wait for a writer forever
-    assert Counts.read(fifo) == Counts()
+    assert Counts.read(fifo) is None
     CountsFile(tmp_path / "real.counts").write(Counts(queued=2, done=1))
     assert Counts.read(tmp_path / "real.counts") == Counts(queued=2, done=1)
     (tmp_path / "link.counts").symlink_to(tmp_path / "real.counts")
-    assert Counts.read(tmp_path / "link.counts") == Counts()
+    assert Counts.read(tmp_path / "link.counts") is None
     CountsFile(tmp_path / "link.counts").write(Counts(done=7))  # (the pool's end follows no link either)
     assert Counts.read(tmp_path / "real.counts") == Counts(queued=2, done=1)
 
@@ -978,26 +985,44 @@ def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
     assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
 
 
-def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_last_line(
-    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
-) -> None:
-    """The flow cannot be imported where the workers run (in an allocation; the runtime can): the step
-    fails at its first item with the worker's last line, and nothing is left."""
-    broken = 'import os\nif os.environ.get("NOMAD_ALLOC_ID"):\n'
-    broken += '    raise RuntimeError("this worker cannot import the flow")\n'
+def failed_nomad_pool(tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str, in_allocation: str) -> str:
+    """What a run says whose pool over ``@nomad`` fails to start because its flow's file, where a worker
+    runs it (in an allocation; the runtime can), does ``in_allocation``; it left nothing behind."""
     decorators = '@worker_pool(size=2)\n    @nomad(driver="raw_exec", cpu=0.5, memory=512)'
-    flow = BAD.format(decorator_each=decorators, decorator_join="").replace("class BadFlow", broken + "\nclass BadFlow")
+    prefix = f'import os, time\nif os.environ.get("NOMAD_ALLOC_ID"):\n    {in_allocation}\n'
+    flow = BAD.format(decorator_each=decorators, decorator_join="").replace("class BadFlow", prefix + "\nclass BadFlow")
     (tmp_path / "bad_flow.py").write_text(flow)
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     environment.update(nomad_env(nomad_agent, redis_url))
     root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
     line = [sys.executable, "bad_flow.py", "--datastore", "s3", "--datastore-root", root, "run"]
     done = subprocess.run(line, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
-    said = done.stdout + done.stderr
     assert done.returncode != 0
+    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
+    return done.stdout + done.stderr
+
+
+def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_last_line(
+    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+) -> None:
+    """The flow cannot be imported where the workers run: the step fails at its first item with the
+    worker's last line, and nothing is left."""
+    fails = 'raise RuntimeError("this worker cannot import the flow")'
+    said = failed_nomad_pool(tmp_path, nomad_agent, redis_url, s3_bucket, fails)
     assert "the pool's Nomad workers did not become ready: worker mf-pool-each-" in said, said[-3000:]
     assert "ended: RuntimeError: this worker cannot import the flow" in said and "Traceback" not in said
-    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
+
+
+def test_a_pool_over_nomad_whose_workers_say_the_older_ready_fails_at_once(
+    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+) -> None:
+    """Workers that say the bare ``ready`` of an older metaflow-stack (an image= built on an older base
+    image) never say this runtime's word: the step fails at once naming the mismatch, not after the
+    workers' five minutes."""
+    started = time.monotonic()
+    said = failed_nomad_pool(tmp_path, nomad_agent, redis_url, s3_bucket, "print('ready'); time.sleep(600)")
+    assert "runs an older metaflow-stack than this run" in said and "leave image= out" in said, said[-3000:]
+    assert "Traceback" not in said and time.monotonic() - started < 200
 
 
 @pytest.mark.parametrize(

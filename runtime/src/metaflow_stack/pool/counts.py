@@ -45,24 +45,25 @@ class Counts:
         return body + zlib.crc32(body).to_bytes(4, "little")
 
     @classmethod
-    def read(cls, path: Path) -> Counts:
-        """The counts at ``path``, or none: a file of a sandboxed pool's folder may be anything its tasks
-        put there, so only a regular file is read, never waited on, and only a record whose checksum holds."""
+    def read(cls, path: Path) -> Counts | None:
+        """The counts at ``path``, or None where there are none to read: a file of a sandboxed pool's folder
+        may be anything its tasks put there, so only a regular file is read, never waited on, and only a
+        record whose checksum holds."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:
-            return cls()
+            return None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return cls()
+                return None
             for _ in range(READ_TRIES):
                 data = os.pread(fd, RECORD_BYTES, 0)
                 body = data[: BODY.size]
                 if len(data) == RECORD_BYTES and zlib.crc32(body).to_bytes(4, "little") == data[BODY.size :]:
                     return cls(*BODY.unpack(body))
-            return cls()
+            return None
         except OSError:
-            return cls()
+            return None
         finally:
             os.close(fd)
 

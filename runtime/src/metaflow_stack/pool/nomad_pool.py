@@ -132,8 +132,14 @@ def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> 
                 said = [line for line in _read(client, allocation["ID"], "stderr") if line.strip()]
                 why = said[-1] if said else _why(allocation, failed)
                 raise StackError(f"worker {allocation.get('Name', allocation['ID'])} ended: {why}")
-            if state.get("State") == "running" and READY_LINE in _read(client, allocation["ID"], "stdout"):
+            said = _read(client, allocation["ID"], "stdout") if state.get("State") == "running" else []
+            if READY_LINE in said:
                 ready.add(allocation["ID"])
+            elif "ready" in said:  # (the word before: a worker image with an older metaflow-stack, never ready)
+                raise StackError(
+                    f"worker {allocation.get('Name', allocation['ID'])} runs an older metaflow-stack than this run",
+                    fix="build the image= it runs on the stack's current base image, or leave image= out",
+                )
         if len(ready) >= size:
             return
     raise StackError(f"{len(ready)} of {size} ready after {READY_TIMEOUT_S}s")

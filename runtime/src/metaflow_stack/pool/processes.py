@@ -3,7 +3,7 @@
 Each is a child of the runtime in a session of its own (Ctrl-C reaches the
 runtime, which stops the pool in order), reads its standard input from the
 runtime (closed when the runtime ends, however it ends: the process then
-stops), says ``ready`` on its standard output once it has imported what it
+stops), says ``READY`` on its standard output once it has imported what it
 needs, and writes its errors to a log in the pool's folder.
 """
 
@@ -61,7 +61,7 @@ class PoolProcess:
         self.ready = False
 
     def wait_ready(self, what: str) -> None:
-        """Block until it says ``ready``; ``StackError`` with the last line of its log if it does not."""
+        """Block until it says ``READY``; ``StackError`` with the last line of its log if it does not."""
         if self.ready:
             return
         # The flow file runs first and may print at import: lines before ``ready`` are passed over. Read
@@ -132,13 +132,16 @@ class PoolFolder:
 
     def __init__(self, parent: str | None = None) -> None:
         self.path = Path(tempfile.mkdtemp(prefix="mf-pool-", dir=parent))
+        self.last = Counts()  # (what a read that finds none shows: a record caught mid-write, say)
 
     @property
     def address(self) -> Path:
         return self.path / "pool.sock"
 
     def counts(self) -> Counts:
-        return Counts.read(self.address.with_suffix(".counts"))
+        """The pool's counts, or the last ones read where none can be read now."""
+        self.last = Counts.read(self.address.with_suffix(".counts")) or self.last
+        return self.last
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
