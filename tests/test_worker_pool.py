@@ -985,44 +985,55 @@ def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
     assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
 
 
-def failed_nomad_pool(tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str, in_allocation: str) -> str:
-    """What a run says whose pool over ``@nomad`` fails to start because its flow's file, where a worker
-    runs it (in an allocation; the runtime can), does ``in_allocation``; it left nothing behind."""
+def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_last_line(
+    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+) -> None:
+    """The flow cannot be imported where the workers run (in an allocation; the runtime can): the step
+    fails at its first item with the worker's last line, and nothing is left."""
+    broken = 'import os\nif os.environ.get("NOMAD_ALLOC_ID"):\n'
+    broken += '    raise RuntimeError("this worker cannot import the flow")\n'
     decorators = '@worker_pool(size=2)\n    @nomad(driver="raw_exec", cpu=0.5, memory=512)'
-    prefix = f'import os, time\nif os.environ.get("NOMAD_ALLOC_ID"):\n    {in_allocation}\n'
-    flow = BAD.format(decorator_each=decorators, decorator_join="").replace("class BadFlow", prefix + "\nclass BadFlow")
+    flow = BAD.format(decorator_each=decorators, decorator_join="").replace("class BadFlow", broken + "\nclass BadFlow")
     (tmp_path / "bad_flow.py").write_text(flow)
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "METAFLOW_DEFAULT_METADATA": "local"}
     environment.update(nomad_env(nomad_agent, redis_url))
     root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
     line = [sys.executable, "bad_flow.py", "--datastore", "s3", "--datastore-root", root, "run"]
     done = subprocess.run(line, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
     assert done.returncode != 0
-    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
-    return done.stdout + done.stderr
-
-
-def test_a_pool_over_nomad_whose_workers_cannot_start_fails_the_step_with_their_last_line(
-    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
-) -> None:
-    """The flow cannot be imported where the workers run: the step fails at its first item with the
-    worker's last line, and nothing is left."""
-    fails = 'raise RuntimeError("this worker cannot import the flow")'
-    said = failed_nomad_pool(tmp_path, nomad_agent, redis_url, s3_bucket, fails)
     assert "the pool's Nomad workers did not become ready: worker mf-pool-each-" in said, said[-3000:]
     assert "ended: RuntimeError: this worker cannot import the flow" in said and "Traceback" not in said
+    assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
 
 
-def test_a_pool_over_nomad_whose_workers_say_the_older_ready_fails_at_once(
-    tmp_path: Path, nomad_agent, redis_url: str, s3_bucket: str
+def test_nomad_workers_that_say_only_the_older_ready_are_named_when_the_wait_ends(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Workers that say the bare ``ready`` of an older metaflow-stack (an image= built on an older base
-    image) never say this runtime's word: the step fails at once naming the mismatch, not after the
-    workers' five minutes."""
-    started = time.monotonic()
-    said = failed_nomad_pool(tmp_path, nomad_agent, redis_url, s3_bucket, "print('ready'); time.sleep(600)")
-    assert "runs an older metaflow-stack than this run" in said and "leave image= out" in said, said[-3000:]
-    assert "Traceback" not in said and time.monotonic() - started < 200
+    """Workers that say the bare ``ready`` of an older metaflow-stack (an image= built on an older base image)
+    never say this runtime's word: when the wait ends the step's error names the mismatch and its fix,
+    where it said only "0 of 1 ready". Not before: a flow's file may print ``ready`` at import. On the
+    Nomad double (a raw_exec job, its output read through the allocation's logs), the wait cut short."""
+    from devservers import nomad_double
+
+    from metaflow_stack.engines.nomad.client import NomadClient, Settings
+    from metaflow_stack.engines.nomad.jobspec import Placement, workers_job
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.pool import nomad_pool
+
+    monkeypatch.setattr(nomad_pool, "READY_TIMEOUT_S", 8)
+    older = ["sh", "-c", "echo loading; echo ready; exec sleep 600"]
+    job = workers_job("mf-pool-older", older, {}, Placement(driver="raw_exec", cpu=0.1, memory=64), {}, 1)
+    with nomad_double() as address, NomadClient(Settings(address=address)) as client:
+        eval_id = client.register(job)
+        try:
+            with pytest.raises(StackError) as raised:
+                nomad_pool.wait_for_workers(client, eval_id, "mf-pool-older", 1)
+        finally:
+            client.deregister("mf-pool-older")
+    said = raised.value
+    assert "worker mf-pool-older" in said.message and "said 'ready', not 'metaflow-stack pool: ready'" in said.message
+    assert "older metaflow-stack" in said.message and "leave image= out" in said.fix
 
 
 @pytest.mark.parametrize(

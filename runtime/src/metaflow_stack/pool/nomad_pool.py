@@ -118,9 +118,11 @@ def purge(agent: Settings, job: str) -> None:
 def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:
     """Until ``size`` workers of ``job`` said they are ready. ``StackError`` at once for a job no node can
     take (Nomad's reasons), or a worker that ended or could not start (its last line, else Nomad's word for
-    it), or after ``READY_TIMEOUT_S``; a job waiting for room is said to be queued, once."""
+    it), or after ``READY_TIMEOUT_S`` (naming a worker that said only ``ready``, the word of an older
+    metaflow-stack: not before, since a flow's file may print it at import); a job waiting for room is said
+    to be queued, once."""
     wait_placed(client, eval_id, lambda said: print(f"worker pool: {said}", file=sys.stderr, flush=True))
-    deadline, index, ready = time.monotonic() + READY_TIMEOUT_S, 0, set()
+    deadline, index, ready, older = time.monotonic() + READY_TIMEOUT_S, 0, set(), None
     while time.monotonic() < deadline:
         allocations, index = client.allocations(job, index, wait_s=POLL_S)
         for allocation in allocations:
@@ -135,13 +137,15 @@ def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> 
             said = _read(client, allocation["ID"], "stdout") if state.get("State") == "running" else []
             if READY_LINE in said:
                 ready.add(allocation["ID"])
-            elif "ready" in said:  # (the word before: a worker image with an older metaflow-stack, never ready)
-                raise StackError(
-                    f"worker {allocation.get('Name', allocation['ID'])} runs an older metaflow-stack than this run",
-                    fix="build the image= it runs on the stack's current base image, or leave image= out",
-                )
+            elif "ready" in said:
+                older = allocation.get("Name", allocation["ID"])
         if len(ready) >= size:
             return
+    if older:
+        raise StackError(
+            f"worker {older} said 'ready', not '{READY_LINE}': it runs an older metaflow-stack than this run",
+            fix="build the image= it runs on the stack's current base image, or leave image= out",
+        )
     raise StackError(f"{len(ready)} of {size} ready after {READY_TIMEOUT_S}s")
 
 
