@@ -306,6 +306,15 @@ def test_the_dev_stack_on_kind_runs_the_flow_suite_on_kubernetes_and_argo(docker
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     assert re.search(r"^the stack's resources: \d+ unchanged$", again.stderr, re.MULTILINE), again.stderr[-6000:]
     assert again.stdout == up.stdout and {path: path.read_text() for path in written} == profiles
+    # `cluster config` alone (another shell, a profile lost): the same profile again from the stack's outputs,
+    # and the same line to eval.
+    for path in written:
+        path.unlink()
+    command = [str(VENV_BIN / "metaflow"), "stack", "cluster", "config"]
+    config = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert config.returncode == 0, (config.stdout + config.stderr)[-6000:]
+    assert config.stdout.strip().splitlines()[-1] == up.stdout.strip().splitlines()[-1]
+    assert {path: path.read_text() for path in written} == profiles
     suite = Path(__file__).resolve().parent / "flow_suite"
     command = [sys.executable, "-m", "pytest", "-c", str(suite / "pytest.ini"), str(suite), "-p", "no:cacheprovider"]
     command += ["--backend=kubernetes,argo", f"--basetemp={tmp_path / 'runs'}", "-q"]
