@@ -2,20 +2,26 @@
 
 What ``.github/workflows/release.yml`` does on GitHub (buildx for two
 platforms, SBOM, provenance, cosign keyless signing and verification) runs
-here through the engine's own BuildKit for this machine's platform, without
-signatures: no signing identity exists offline and cosign is not installed.
+here through the engine's own BuildKit for this machine's platform. No
+Sigstore is reachable here and cosign is not installed, so signatures are
+checked by the cosign double (``tests/cosign_double``: cosign's signature
+specification, a private Fulcio as its trust root), over signatures pushed
+to the registry as cosign lays them out (``sigstore_signing``); the real
+cosign checks the real signatures in the GitHub jobs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, need, run_cli
+from conftest import TEST_LABEL, VENV_BIN, need, run_cli
+from sigstore_signing import Fulcio, sign
 
 from metaflow_stack import builders, image_lock, images
 from metaflow_stack.ci.plugin import required
@@ -24,6 +30,8 @@ from metaflow_stack.errors import RegistryError
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 _SIGNER = "https://github.com/example/metaflow-stack/.github/workflows/release.yml@refs/tags/v1.0.0"
+_FORK = "https://github.com/someone/metaflow-stack/.github/workflows/release.yml@refs/tags/v1.0.0"
+COSIGN_DOUBLE = Path(__file__).resolve().parent / "cosign_double"
 _MANIFEST_TYPES = ", ".join(
     (
         "application/vnd.oci.image.index.v1+json",
@@ -55,6 +63,17 @@ def kept_base(docker_engine, base_image: str) -> Iterator[str]:
     yield kept
     docker_engine.image.tag(kept, base_image)
     docker_engine.image.remove(kept)
+
+
+@pytest.fixture
+def fulcio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fulcio:
+    """The cosign double first on PATH, trusting a private Fulcio of the test's own (``SIGSTORE_ROOT_FILE``)."""
+    issuer = Fulcio()
+    root = tmp_path / "fulcio-root.pem"
+    root.write_bytes(issuer.root_pem())
+    monkeypatch.setenv("PATH", os.pathsep.join((str(COSIGN_DOUBLE), str(VENV_BIN), os.environ["PATH"])))
+    monkeypatch.setenv("SIGSTORE_ROOT_FILE", str(root))
+    return issuer
 
 
 def _move_tag(docker_engine, base_image: str, published: str) -> str:
@@ -141,6 +160,52 @@ def test_where_cosign_is_an_image_its_signer_did_not_sign_is_never_pulled(
     else:
         assert f"is not signed by {_SIGNER}" in said or "could not be checked" in said, said
     assert not docker_engine.image.exists(base_image)
+
+
+def test_a_released_image_is_pulled_only_once_its_signers_signature_verifies(
+    docker_engine, base_image: str, local_registry: str, lock_path: Path, kept_base: str, fulcio: Fulcio
+) -> None:
+    """With cosign here (the double), a lock that names its signer: the image is pulled by digest only once
+    cosign shows the release workflow signed that digest. Unsigned, signed by another identity (a fork's
+    workflow), or signed for another digest: refused in one line, nothing pulled. With Sigstore out of
+    reach (no trust root): not used either. Signed by the workflow (beside the fork's signature): pulled,
+    "signature verified"."""
+    publish = ("stack", "images", "publish", "base", "--registry", local_registry, "--lock", str(lock_path))
+    assert run_cli(*publish, "--signed-by", _SIGNER).returncode == 0
+    released = image_lock.load().images["base"]
+    repository = released.ref.rsplit(":", 1)[0]
+    docker_engine.image.remove(f"{local_registry}/{base_image}")
+    docker_engine.image.remove(base_image)
+
+    def refused(*words: str) -> None:
+        with pytest.raises(RegistryError) as refusal:
+            images.resolve("base")
+        assert all(word in refusal.value.message for word in words), refusal.value.message
+        assert not docker_engine.image.exists(base_image)
+
+    refused(f"is not signed by {_SIGNER}", "no signatures found")
+    sign(fulcio, local_registry, repository, released.digest, _FORK, image_lock.GITHUB_ACTIONS_ISSUER)
+    refused(f"is not signed by {_SIGNER}", "none of the expected identities matched", _FORK)
+    other = "sha256:" + "0" * 64  # (a signature the workflow made for other content, replayed here)
+    sign(fulcio, local_registry, repository, other, _SIGNER, image_lock.GITHUB_ACTIONS_ISSUER)
+    sig = released.digest.replace(":", "-") + ".sig"
+    moved = _manifest(local_registry, repository, other.replace(":", "-") + ".sig", method="GET").json()
+    httpx.put(
+        f"http://{local_registry}/v2/{repository}/manifests/{sig}",
+        content=json.dumps(moved),
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+    ).raise_for_status()
+    refused(f"is not signed by {_SIGNER}", f"the payload names {other}")
+
+    sign(fulcio, local_registry, repository, released.digest, _FORK, image_lock.GITHUB_ACTIONS_ISSUER)
+    sign(fulcio, local_registry, repository, released.digest, _SIGNER, image_lock.GITHUB_ACTIONS_ISSUER)
+    with pytest.MonkeyPatch.context() as offline:
+        offline.delenv("SIGSTORE_ROOT_FILE")
+        refused("could not be checked", "TUF")
+    pulled = run_cli("stack", "images", "pull", "base")
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"by digest {released.digest} (signature verified)" in pulled.stderr
+    assert docker_engine.image.inspect(base_image).id == docker_engine.image.inspect(kept_base).id
 
 
 def test_a_lock_for_other_sources_is_not_used(

@@ -28,7 +28,7 @@ def issue(folder: Path) -> TlsFiles:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, each signed by the CA, in ``folder``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = _signed(ca_name, ca_key.public_key(), ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=0), True)])
+    ca = signed(ca_name, ca_key.public_key(), ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=0), True)])
     paths = {"ca": _write(folder / "ca.pem", ca)}
     for role, usage, extra in (
         ("server", ExtendedKeyUsageOID.SERVER_AUTH, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
@@ -40,7 +40,7 @@ def issue(folder: Path) -> TlsFiles:
             extensions.append((x509.SubjectAlternativeName(extra), False))
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test {role}")])
         paths[f"{role}_cert"] = _write(
-            folder / f"{role}.pem", _signed(name, key.public_key(), ca_name, ca_key, extensions)
+            folder / f"{role}.pem", signed(name, key.public_key(), ca_name, ca_key, extensions)
         )
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -50,7 +50,7 @@ def issue(folder: Path) -> TlsFiles:
     return TlsFiles(**paths)
 
 
-def _signed(subject, public_key, issuer, issuer_key, extensions) -> x509.Certificate:
+def signed(subject, public_key, issuer, issuer_key, extensions) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
