@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tls_files import signed
 
-ISSUER_EXTENSION = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.8")
+#: Fulcio's OIDC issuer extensions: the raw string cosign reads, and its DER UTF8String successor.
+ISSUER_RAW = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.1")
+ISSUER_DER = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.8")
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 
@@ -39,12 +41,19 @@ class Fulcio:
 
     def issue(self, identity: str, issuer: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         """A signing key and its certificate for ``identity`` as ``issuer`` vouched for it."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key, said = ec.generate_private_key(ec.SECP256R1()), issuer.encode()
+        assert len(said) < 128, "an issuer this long needs DER's long form of a length"
         extensions = [
             (x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), True),
-            (x509.UnrecognizedExtension(ISSUER_EXTENSION, b"\x0c" + bytes([len(issuer)]) + issuer.encode()), False),
+            (x509.UnrecognizedExtension(ISSUER_RAW, said), False),
+            (x509.UnrecognizedExtension(ISSUER_DER, b"\x0c" + bytes([len(said)]) + said), False),
         ]
         return key, signed(x509.Name([]), key.public_key(), self.name, self.key, extensions)
+
+
+def signature_tag(digest: str) -> str:
+    """Where cosign keeps the signatures of the image ``digest``: this tag of its repository."""
+    return digest.replace(":", "-") + ".sig"
 
 
 def sign(fulcio: Fulcio, registry: str, repository: str, digest: str, identity: str, issuer: str) -> None:
@@ -63,7 +72,7 @@ def sign(fulcio: Fulcio, registry: str, repository: str, digest: str, identity: 
         "dev.cosignproject.cosign/signature": base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode(),
         "dev.sigstore.cosign/certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
     }
-    base, tag = f"http://{registry}/v2/{repository}", digest.replace(":", "-") + ".sig"
+    base, tag = f"http://{registry}/v2/{repository}", signature_tag(digest)
     with httpx.Client(timeout=30) as client:
         found = client.get(f"{base}/manifests/{tag}", headers={"Accept": MANIFEST})
         layers = found.json()["layers"] if found.status_code == 200 else []

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import TEST_LABEL, VENV_BIN, need, run_cli
-from sigstore_signing import Fulcio, sign
+from sigstore_signing import Fulcio, sign, signature_tag
 
 from metaflow_stack import builders, image_lock, images
 from metaflow_stack.ci.plugin import required
@@ -167,45 +167,54 @@ def test_a_released_image_is_pulled_only_once_its_signers_signature_verifies(
 ) -> None:
     """With cosign here (the double), a lock that names its signer: the image is pulled by digest only once
     cosign shows the release workflow signed that digest. Unsigned, signed by another identity (a fork's
-    workflow), or signed for another digest: refused in one line, nothing pulled. With Sigstore out of
-    reach (no trust root): not used either. Signed by the workflow (beside the fork's signature): pulled,
-    "signature verified"."""
+    workflow), or signed for another digest: refused in one line with cosign's reasons, nothing pulled. With
+    Sigstore out of reach (no trust root): not used either. Signed by the workflow (beside the others):
+    pulled, "signature verified"."""
     publish = ("stack", "images", "publish", "base", "--registry", local_registry, "--lock", str(lock_path))
     assert run_cli(*publish, "--signed-by", _SIGNER).returncode == 0
     released = image_lock.load().images["base"]
-    repository = released.ref.rsplit(":", 1)[0]
+    released_id = docker_engine.image.inspect(f"{local_registry}/{base_image}").id
     docker_engine.image.remove(f"{local_registry}/{base_image}")
     docker_engine.image.remove(base_image)
+    other = "sha256:" + "0" * 64  # (content the workflow also signed: its signature replayed for this image)
+    issuer = image_lock.GITHUB_ACTIONS_ISSUER
 
     def refused(*words: str) -> None:
         with pytest.raises(RegistryError) as refusal:
             images.resolve("base")
         assert all(word in refusal.value.message for word in words), refusal.value.message
+        assert "\n" not in refusal.value.message and "error during command execution" not in refusal.value.message
         assert not docker_engine.image.exists(base_image)
 
-    refused(f"is not signed by {_SIGNER}", "no signatures found")
-    sign(fulcio, local_registry, repository, released.digest, _FORK, image_lock.GITHUB_ACTIONS_ISSUER)
-    refused(f"is not signed by {_SIGNER}", "none of the expected identities matched", _FORK)
-    other = "sha256:" + "0" * 64  # (a signature the workflow made for other content, replayed here)
-    sign(fulcio, local_registry, repository, other, _SIGNER, image_lock.GITHUB_ACTIONS_ISSUER)
-    sig = released.digest.replace(":", "-") + ".sig"
-    moved = _manifest(local_registry, repository, other.replace(":", "-") + ".sig", method="GET").json()
-    httpx.put(
-        f"http://{local_registry}/v2/{repository}/manifests/{sig}",
-        content=json.dumps(moved),
-        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
-    ).raise_for_status()
-    refused(f"is not signed by {_SIGNER}", f"the payload names {other}")
+    try:
+        refused(f"is not signed by {_SIGNER}: no signatures found")
+        sign(fulcio, local_registry, released.repository, released.digest, _FORK, issuer)
+        refused(f"is not signed by {_SIGNER}", "none of the expected identities matched", _FORK)
+        sign(fulcio, local_registry, released.repository, other, _SIGNER, issuer)
+        replayed = _manifest(local_registry, released.repository, signature_tag(other), method="GET").json()
+        httpx.put(
+            f"http://{local_registry}/v2/{released.repository}/manifests/{signature_tag(released.digest)}",
+            content=json.dumps(replayed),
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        ).raise_for_status()
+        refused(f"is not signed by {_SIGNER}", f"the payload names {other}")
+        sign(fulcio, local_registry, released.repository, released.digest, _FORK, issuer)
+        refused(f"the payload names {other}", "none of the expected identities matched")  # (each one's reason)
 
-    sign(fulcio, local_registry, repository, released.digest, _FORK, image_lock.GITHUB_ACTIONS_ISSUER)
-    sign(fulcio, local_registry, repository, released.digest, _SIGNER, image_lock.GITHUB_ACTIONS_ISSUER)
-    with pytest.MonkeyPatch.context() as offline:
-        offline.delenv("SIGSTORE_ROOT_FILE")
-        refused("could not be checked", "TUF")
-    pulled = run_cli("stack", "images", "pull", "base")
-    assert pulled.returncode == 0, pulled.stderr
-    assert f"by digest {released.digest} (signature verified)" in pulled.stderr
-    assert docker_engine.image.inspect(base_image).id == docker_engine.image.inspect(kept_base).id
+        sign(fulcio, local_registry, released.repository, released.digest, _SIGNER, issuer)
+        with pytest.MonkeyPatch.context() as offline:
+            offline.delenv("SIGSTORE_ROOT_FILE")
+            refused("could not be checked", "TUF")
+        pulled = run_cli("stack", "images", "pull", "base")
+        assert pulled.returncode == 0, pulled.stderr
+        assert f"by digest {released.digest} (signature verified)" in pulled.stderr
+        assert docker_engine.image.inspect(base_image).id == released_id
+    finally:  # (the registry is the session's: the next signing starts from no signature)
+        for digest in (released.digest, other):
+            found = _manifest(local_registry, released.repository, signature_tag(digest))
+            if found.status_code == 200:
+                reference = found.headers["Docker-Content-Digest"]
+                _manifest(local_registry, released.repository, reference, method="DELETE")
 
 
 def test_a_lock_for_other_sources_is_not_used(

@@ -1012,8 +1012,9 @@ def test_nomad_workers_that_say_only_the_older_ready_are_named_when_the_wait_end
 ) -> None:
     """Workers that say the bare ``ready`` of an older metaflow-stack (an image= built on an older base image)
     never say this runtime's word: when the wait ends the step's error names the mismatch and its fix,
-    where it said only "0 of 1 ready". Not before: a flow's file may print ``ready`` at import. On the
-    Nomad double (a raw_exec job, its output read through the allocation's logs), the wait cut short."""
+    where it said only "0 of 1 ready". Not before, and not of a worker that said both: a flow's file may
+    print ``ready`` at import (that worker is ready; the wait's end names only the one that never was). On
+    the Nomad double (raw_exec jobs, their output read through the allocations' logs), the wait cut short."""
     from devservers import nomad_double
 
     from metaflow_stack.engines.nomad.client import NomadClient, Settings
@@ -1022,18 +1023,28 @@ def test_nomad_workers_that_say_only_the_older_ready_are_named_when_the_wait_end
     from metaflow_stack.pool import nomad_pool
 
     monkeypatch.setattr(nomad_pool, "READY_TIMEOUT_S", 8)
-    older = ["sh", "-c", "echo loading; echo ready; exec sleep 600"]
-    job = workers_job("mf-pool-older", older, {}, Placement(driver="raw_exec", cpu=0.1, memory=64), {}, 1)
-    with nomad_double() as address, NomadClient(Settings(address=address)) as client:
-        eval_id = client.register(job)
-        try:
-            with pytest.raises(StackError) as raised:
-                nomad_pool.wait_for_workers(client, eval_id, "mf-pool-older", 1)
-        finally:
-            client.deregister("mf-pool-older")
-    said = raised.value
-    assert "worker mf-pool-older" in said.message and "said 'ready', not 'metaflow-stack pool: ready'" in said.message
-    assert "older metaflow-stack" in said.message and "leave image= out" in said.fix
+    placement = Placement(driver="raw_exec", cpu=0.1, memory=64)
+
+    def waited(job: str, script: str, size: int) -> StackError:
+        spec = workers_job(job, ["sh", "-c", script], {}, placement, {}, size)
+        with NomadClient(Settings(address=address)) as client:
+            eval_id = client.register(spec)
+            try:
+                with pytest.raises(StackError) as raised:
+                    nomad_pool.wait_for_workers(client, eval_id, job, size)
+            finally:
+                client.deregister(job)
+        return raised.value
+
+    with nomad_double() as address:
+        said = waited("mf-pool-older", "echo loading; echo ready; exec sleep 600", 1)
+        assert said.message.startswith("0 of 1 ready after 8s: worker mf-pool-older")
+        assert "said 'ready', not 'metaflow-stack pool: ready'" in said.message
+        assert "older metaflow-stack" in said.message and "leave image= out" in said.fix
+        # Worker 0's flow prints "ready" at import, then it says the pool's word; worker 1 never starts.
+        both = 'if [ "$NOMAD_ALLOC_INDEX" = 0 ]; then echo ready; sleep 1; echo "metaflow-stack pool: ready"; fi'
+        said = waited("mf-pool-slow", both + "; exec sleep 600", 2)
+        assert said.message == "1 of 2 ready after 8s" and "older" not in str(said.fix)
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,22 @@ def write(lock: ImageLock, where: Path) -> Path:
     return write_atomically(where, json.dumps(lock.model_dump(exclude_none=True), indent=2, sort_keys=True) + "\n")
 
 
-#: What cosign says when it found the image's signatures and none is the signer's (or there are none).
-_NOT_SIGNED = ("no matching signatures", "none of the expected identities matched", "no signatures found")
+#: cosign's exit statuses for an image it holds no signature of the signer on: none at all (10), none that
+#: verifies (12), one without a certificate (13) (its ``cmd/cosign/errors/exit_codes.go``). Any other failure
+#: means it could not check.
+_NOT_SIGNED = frozenset({10, 12, 13})
+
+
+def _cosign_error(stderr: str) -> str:
+    """cosign's error on one line: its ``Error:`` line and the lines it continues on (several signatures'
+    errors), without the log line repeating it after; else the last line it wrote."""
+    lines = stderr.strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Error: ")), None)
+    if start is None:
+        return lines[-1] if lines else "no reason given"
+    said = [lines[start].removeprefix("Error: ")]
+    said += [line.strip() for line in lines[start + 1 :] if line.startswith((" ", "\t"))]
+    return " ".join(said)
 
 
 def verify_signature(lock: ImageLock, image: LockedImage) -> bool:
@@ -136,8 +150,7 @@ def verify_signature(lock: ImageLock, image: LockedImage) -> bool:
     else:
         if result.returncode == 0:
             return True
-        reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1]
-        refused = any(words in result.stderr.lower() for words in _NOT_SIGNED)
+        reason, refused = _cosign_error(result.stderr), result.returncode in _NOT_SIGNED
     if refused:
         raise RegistryError(
             f"{remote} is not signed by {lock.signer.identity}: {reason}",

@@ -122,7 +122,8 @@ def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> 
     metaflow-stack: not before, since a flow's file may print it at import); a job waiting for room is said
     to be queued, once."""
     wait_placed(client, eval_id, lambda said: print(f"worker pool: {said}", file=sys.stderr, flush=True))
-    deadline, index, ready, older = time.monotonic() + READY_TIMEOUT_S, 0, set(), None
+    deadline, index, ready = time.monotonic() + READY_TIMEOUT_S, 0, set()
+    older: dict[str, str] = {}  # the workers not ready that said only "ready", by allocation
     while time.monotonic() < deadline:
         allocations, index = client.allocations(job, index, wait_s=POLL_S)
         for allocation in allocations:
@@ -137,16 +138,19 @@ def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> 
             said = _read(client, allocation["ID"], "stdout") if state.get("State") == "running" else []
             if READY_LINE in said:
                 ready.add(allocation["ID"])
+                older.pop(allocation["ID"], None)  # (its flow's file printed "ready" as it was imported)
             elif "ready" in said:
-                older = allocation.get("Name", allocation["ID"])
+                older[allocation["ID"]] = allocation.get("Name", allocation["ID"])
         if len(ready) >= size:
             return
+    waited = f"{len(ready)} of {size} ready after {READY_TIMEOUT_S}s"
     if older:
         raise StackError(
-            f"worker {older} said 'ready', not '{READY_LINE}': it runs an older metaflow-stack than this run",
+            f"{waited}: worker {next(iter(older.values()))} said 'ready', not '{READY_LINE}': it runs an older "
+            "metaflow-stack than this run",
             fix="build the image= it runs on the stack's current base image, or leave image= out",
         )
-    raise StackError(f"{len(ready)} of {size} ready after {READY_TIMEOUT_S}s")
+    raise StackError(waited)
 
 
 def _why(allocation: dict[str, Any], failed: list[dict[str, Any]]) -> str:
