@@ -5,6 +5,7 @@ live updates of a running flow, dark mode, bad paths. Screenshots land in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -17,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LOOPBACK, SCREENSHOTS, VENV_BIN, fuzz_finds_nothing
-from playwright.sync_api import expect
+from httpx_sse import connect_sse
+from playwright.sync_api import Route, expect
 from service_servers import metaflow_ui, run_flow, start_service
 
 pytestmark = pytest.mark.slow
@@ -123,6 +125,12 @@ def test_previews_show_plain_data_and_never_run_artifact_code(ui: Ui) -> None:
     assert {"ds-type", "attempt_ok"} <= {m["field"] for m in task["metadata"]}
 
 
+def test_the_event_stream_first_says_it_is_subscribed(ui: Ui) -> None:
+    with httpx.Client(timeout=30) as client, connect_sse(client, "GET", f"{ui.url}/api/events") as sse:
+        first = next(sse.iter_sse())
+    assert json.loads(first.data) == {"runs": ["*"]}  # refetch everything: earlier changes reached no one
+
+
 def test_bad_paths_and_parameters_are_json_errors(ui: Ui) -> None:
     missing = httpx.get(f"{ui.url}/api/runs/BranchForeachFlow/123456")
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
@@ -215,9 +223,14 @@ def test_an_unknown_page_says_so(ui: Ui, chromium) -> None:
 
 
 def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
-    gate = ui.root / "gate"
-    gate.touch()
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **ui.flow_env(UI_GATE=str(gate))}
+    """The page's event stream is held until the leaves run, so their events reach no subscriber (as when
+    they start between the page's first fetch and its stream connecting): the stream's first event, sent
+    once it is subscribed, makes the page refetch and show them."""
+    start_gate, leaf_gate = ui.root / "start-gate", ui.root / "gate"
+    start_gate.touch()
+    leaf_gate.touch()
+    gates = {"UI_START_GATE": str(start_gate), "UI_GATE": str(leaf_gate)}
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **ui.flow_env(**gates)}
     flow = subprocess.Popen(
         [sys.executable, FLOW, "--datastore-root", str(ui.root / ".metaflow"), "run", "--run-id-file", "live-id"],
         cwd=ui.root,
@@ -231,21 +244,42 @@ def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
             time.sleep(0.2)
         run = f"BranchForeachFlow/{(ui.root / 'live-id').read_text()}"
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        held: list[Route] = []
+        page.route("**/api/events", lambda route: held.append(route))
         page.goto(f"{ui.url}/{run}")
-        page.wait_for_selector("[data-step='leaf'][data-status='running']", timeout=120_000)
+        page.wait_for_selector("[data-step='start'][data-status='running']", timeout=120_000)
+        assert held, "the page never opened its event stream"
+        start_gate.unlink()
+        _wait_for_running_leaves(ui, run)
+        time.sleep(1)  # the leaves' last writes, published to no one
+        assert page.locator("[data-step='leaf'][data-status='running']").count() == 0  # not fetched since
+        held[0].continue_()
+        page.wait_for_selector("[data-step='leaf'][data-status='running']", timeout=30_000)
         page.evaluate("window.__stillTheSamePage = true")
         page.screenshot(path=SHOTS / "run-page-live.png", full_page=True)
-        gate.unlink()
+        leaf_gate.unlink()
         page.wait_for_selector("[data-step='end'][data-status='completed']", timeout=120_000)
         assert page.evaluate("window.__stillTheSamePage") is True  # updated in place, never reloaded
         expect(page.locator("h1 [data-status]")).to_have_attribute("data-status", "completed")
         page.close()
         assert flow.wait(timeout=120) == 0
     finally:
-        gate.unlink(missing_ok=True)
+        start_gate.unlink(missing_ok=True)
+        leaf_gate.unlink(missing_ok=True)
         if flow.poll() is None:
             flow.terminate()
             flow.wait(timeout=30)
+
+
+def _wait_for_running_leaves(ui: Ui, run: str) -> None:
+    """Until the UI's API says all six ``leaf`` tasks of ``run`` are running (each waits at its gate)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{ui.url}/api/runs/{run}").json().get("tasks", [])
+        if sum(task["step_name"] == "leaf" and task["status"] == "running" for task in tasks) == 6:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"the leaves of {run} were not all running within 120 s: {tasks}")
 
 
 def test_two_runs_compare_by_parameter_metric_result_and_timing(ui: Ui, chromium) -> None:

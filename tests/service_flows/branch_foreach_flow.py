@@ -1,8 +1,9 @@
 """A branch beside a nested foreach, for the UI: the DAG's shape, per-item
 statuses, a parameter to compare, a card, and an artifact whose unpickling would run
 code (``Sneaky``: loading it creates ``$UI_SNEAKY_MARKER``). With ``$UI_GATE``
-naming a file, every ``leaf`` task waits while that file exists, so a test
-can watch the run while it is running."""
+naming a file, every ``leaf`` task waits while that file exists, and with
+``$UI_START_GATE`` the ``start`` task, so a test can watch the run while it is
+running."""
 
 import os
 import time
@@ -22,11 +23,19 @@ class Sneaky:
         return (_sneaky_restore, (os.environ.get("UI_SNEAKY_MARKER", "/nonexistent/marker"),))
 
 
+def _hold(variable: str) -> None:
+    """Wait while the file named by ``$variable`` exists."""
+    gate = os.environ.get(variable)
+    while gate and Path(gate).exists():
+        time.sleep(0.2)
+
+
 class BranchForeachFlow(FlowSpec):
     alpha = Parameter("alpha", default=0.5, type=float)
 
     @step
     def start(self):
+        _hold("UI_START_GATE")
         self.next(self.fan, self.side)
 
     @card(type="blank", id="summary")
@@ -43,9 +52,7 @@ class BranchForeachFlow(FlowSpec):
 
     @step
     def leaf(self):
-        gate = os.environ.get("UI_GATE")
-        while gate and Path(gate).exists():
-            time.sleep(0.2)
+        _hold("UI_GATE")
         self.score = self.alpha * self.input
         print(f"leaf {self.input} scored {self.score}")
         self.next(self.inner_join)

@@ -73,7 +73,9 @@ export function useLive<T>(path: string | null, watch: string | null, minGapMs =
   useEffect(() => {
     if (watch === null) return;
     return subscribe((runs) => {
-      if (watch !== "*" && !runs.includes(watch)) return;
+      // "*" from the server: the stream has just (re)subscribed (what changed before then reached no one),
+      // or more runs changed than it tracks for a reader.
+      if (watch !== "*" && !runs.includes(watch) && !runs.includes("*")) return;
       if (timer.current !== null) return;
       timer.current = window.setTimeout(() => {
         timer.current = null;

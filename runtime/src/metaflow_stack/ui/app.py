@@ -33,7 +33,7 @@ from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
 from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
 from metaflow_stack.errors import StackError
 from metaflow_stack.http_guard import SESSION_COOKIE, Guard, GuardMiddleware
-from metaflow_stack.ui.changes import Changes
+from metaflow_stack.ui.changes import EVERY_RUN, Changes
 from metaflow_stack.ui.compare import all_flows, all_tasks, compare
 from metaflow_stack.ui.lineage import lineage
 from metaflow_stack.ui.local_runs import LocalRuns
@@ -236,10 +236,13 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
 
     @app.get("/api/events", response_class=EventSourceResponse)
     async def events() -> AsyncIterator[dict[str, list[str]]]:
-        """``{"runs": ["Flow/123", ...]}`` whenever files of those runs change."""
-        async with changes.subscribe() as queue:
+        """``{"runs": ["Flow/123", ...]}`` whenever those runs change. The first event, ``{"runs": ["*"]}``,
+        says the stream is subscribed: a page refetches then what it shows, since whatever changed between
+        its first fetch and this moment (or while it was reconnecting) was published to no one."""
+        async with changes.subscribe() as feed:
+            yield {"runs": [EVERY_RUN]}
             while True:
-                yield {"runs": await queue.get()}
+                yield {"runs": await feed.next()}
 
     @app.get("/api/{rest:path}", include_in_schema=False)
     def unknown_api(rest: str) -> None:

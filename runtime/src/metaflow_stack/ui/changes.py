@@ -3,9 +3,10 @@
 Metaflow's local runtime writes every fact of a run as a file under
 ``<root>/<flow>/<run>/``, so watching the root (inotify through
 ``watchfiles``, polling where the kernel's watches run out) names each run
-that moved within a fraction of a second. Subscribers get run pathspecs,
-deduplicated per batch; a slow subscriber loses batches, never blocks others,
-and refetches what it shows.
+that moved within a fraction of a second. Each subscriber holds the runs
+changed since it last read, merged: a burst is one message, a slow subscriber
+never blocks the others and never loses a change (past ``PENDING_RUNS`` runs
+it is told "every run", ``EVERY_RUN``, and refetches all it shows).
 """
 
 from __future__ import annotations
@@ -20,28 +21,54 @@ from rich.console import Console
 
 #: Milliseconds watchfiles gathers changes before it reports them as one batch.
 DEBOUNCE_MS = 200
+#: The run named when a subscriber must refetch everything it shows.
+EVERY_RUN = "*"
+#: Runs a subscriber's unread changes name before they become ``EVERY_RUN``: memory stays bounded.
+PENDING_RUNS = 256
+
+
+class Feed:
+    """One subscriber's unread changes."""
+
+    def __init__(self) -> None:
+        self._runs: set[str] = set()
+        self._arrived = asyncio.Event()
+
+    def add(self, runs: Iterable[str]) -> None:
+        if EVERY_RUN not in self._runs:
+            self._runs.update(runs)
+            if len(self._runs) > PENDING_RUNS:
+                self._runs = {EVERY_RUN}
+        if self._runs:
+            self._arrived.set()
+
+    async def next(self) -> list[str]:
+        """The runs changed since the last call (sorted; ``[EVERY_RUN]`` when too many), once there is one."""
+        await self._arrived.wait()
+        self._arrived.clear()
+        runs, self._runs = self._runs, set()
+        return sorted(runs)
 
 
 class Changes:
     """Fans out changed run pathspecs to every subscriber."""
 
     def __init__(self) -> None:
-        self._queues: set[asyncio.Queue[list[str]]] = set()
+        self._feeds: set[Feed] = set()
 
     def publish(self, runs: Iterable[str]) -> None:
-        batch = sorted(set(runs))
-        for queue in self._queues:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(batch)
+        runs = set(runs)
+        for feed in self._feeds:
+            feed.add(runs)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[list[str]]]:
-        queue: asyncio.Queue[list[str]] = asyncio.Queue(maxsize=64)
-        self._queues.add(queue)
+    async def subscribe(self) -> AsyncIterator[Feed]:
+        feed = Feed()
+        self._feeds.add(feed)
         try:
-            yield queue
+            yield feed
         finally:
-            self._queues.discard(queue)
+            self._feeds.discard(feed)
 
 
 def run_of(root: Path, changed: str) -> str | None:
