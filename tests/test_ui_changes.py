@@ -1,10 +1,13 @@
-"""The UI's live feed in-process: what each subscriber of ``Changes`` reads, however fast it reads."""
+"""The UI's live feed in-process: what each subscriber of ``Changes`` reads, however fast it reads, and
+what it is told of a service's events, however malformed."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from metaflow_stack.ui.changes import EVERY_RUN, PENDING_RUNS, Changes
+from metaflow_stack.ui.service_runs import ServiceRuns
 
 
 def test_a_burst_reaches_a_reader_as_one_message_and_a_slow_reader_loses_nothing() -> None:
@@ -38,3 +41,44 @@ def test_more_unread_runs_than_a_reader_holds_become_every_run() -> None:
             assert await reader.next() == ["Flow/after"]
 
     asyncio.run(scenario())
+
+
+def test_malformed_events_from_the_service_are_skipped_and_the_feed_goes_on(tmp_path: Path) -> None:
+    """A peer answering ``/events`` with events of every wrong shape, then closing: the feed publishes the
+    well-formed ones, and resumes after the last event, not before a bad one (for ever)."""
+    first = [
+        (1, "[1, 2]"),
+        (2, "not json"),
+        (3, '{"flow_id": "Flow", "run_number": 5}'),
+        (4, '{"flow_id": 7, "run_number": {}}'),
+        (5, '{"flow_id": "Flow", "run_number": true}'),
+    ]
+    requests: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0].decode())
+        events = first if len(requests) == 1 else [(6, '{"flow_id": "Other", "run_number": "named-run"}')]
+        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        writer.write(head.encode() + "".join(f"id: {seq}\ndata: {data}\n\n" for seq, data in events).encode())
+        await writer.drain()
+        if len(requests) == 1:
+            writer.close()  # the stream ends: the feed resumes
+        else:
+            await asyncio.sleep(30)  # the second stream stays open
+
+    async def scenario() -> list[str]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        source = ServiceRuns(f"http://127.0.0.1:{port}", (str(tmp_path),))
+        changes, stop, seen = Changes(), asyncio.Event(), set()
+        async with changes.subscribe() as feed:
+            following = asyncio.ensure_future(source.follow(changes, stop))
+            while seen != {"Flow/5", "Other/named-run"}:
+                seen.update(await asyncio.wait_for(feed.next(), 15))
+            stop.set()
+            following.cancel()
+        server.close()
+        return sorted(seen)
+
+    assert asyncio.run(scenario()) == ["Flow/5", "Other/named-run"]
+    assert requests == ["GET /events HTTP/1.1", "GET /events?since=5 HTTP/1.1"]

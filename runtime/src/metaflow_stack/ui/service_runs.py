@@ -59,11 +59,25 @@ class ServiceRuns(Details, ServiceSource):
                 try:
                     async with aconnect_sse(http, "GET", "/events", params={"since": since} if since else {}) as sse:
                         async for event in sse.aiter_sse():
-                            body = json.loads(event.data)
-                            if body.get("run_number") is not None:
-                                changes.publish([f"{body['flow_id']}/{body['run_number']}"])
                             since = event.id or since
-                except (httpx.HTTPError, ValueError):
+                            if run := run_of(event.data):
+                                changes.publish([run])
+                except httpx.HTTPError:
                     pass  # the service restarted or is unreachable: try again shortly
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), RECONNECT_S)
+
+
+def run_of(data: str) -> str | None:
+    """``Flow/run`` for an event of a run; None for any other event, and for one that is malformed (skipped:
+    raising would end the stream and resume it before the same event, for ever)."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    flow, run = body.get("flow_id"), body.get("run_number")
+    if not isinstance(flow, str) or type(run) not in (int, str) or run == "":
+        return None
+    return f"{flow}/{run}"
