@@ -243,17 +243,19 @@ def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
         while not (ui.root / "live-id").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         run = f"BranchForeachFlow/{(ui.root / 'live-id').read_text()}"
+        _wait_for_running(ui, run, "start", 1)  # (the run id is written before its first task)
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
         held: list[Route] = []
         page.route("**/api/events", lambda route: held.append(route))
         page.goto(f"{ui.url}/{run}")
         page.wait_for_selector("[data-step='start'][data-status='running']", timeout=120_000)
-        assert held, "the page never opened its event stream"
+        assert len(held) == 1, "the page never opened its event stream, or opened several"
         start_gate.unlink()
-        _wait_for_running_leaves(ui, run)
+        _wait_for_running(ui, run, "leaf", 6)  # each waits at its gate
         time.sleep(1)  # the leaves' last writes, published to no one
         assert page.locator("[data-step='leaf'][data-status='running']").count() == 0  # not fetched since
         held[0].continue_()
+        page.unroute("**/api/events")  # (a reconnection goes straight through)
         page.wait_for_selector("[data-step='leaf'][data-status='running']", timeout=30_000)
         page.evaluate("window.__stillTheSamePage = true")
         page.screenshot(path=SHOTS / "run-page-live.png", full_page=True)
@@ -271,15 +273,15 @@ def test_a_running_flow_updates_live_without_a_reload(ui: Ui, chromium) -> None:
             flow.wait(timeout=30)
 
 
-def _wait_for_running_leaves(ui: Ui, run: str) -> None:
-    """Until the UI's API says all six ``leaf`` tasks of ``run`` are running (each waits at its gate)."""
-    deadline = time.monotonic() + 120
+def _wait_for_running(ui: Ui, run: str, step: str, count: int) -> None:
+    """Until the UI's API says ``count`` tasks of ``run``'s ``step`` are running."""
+    deadline, tasks = time.monotonic() + 120, []
     while time.monotonic() < deadline:
         tasks = httpx.get(f"{ui.url}/api/runs/{run}").json().get("tasks", [])
-        if sum(task["step_name"] == "leaf" and task["status"] == "running" for task in tasks) == 6:
+        if sum(task["step_name"] == step and task["status"] == "running" for task in tasks) == count:
             return
         time.sleep(0.3)
-    raise AssertionError(f"the leaves of {run} were not all running within 120 s: {tasks}")
+    raise AssertionError(f"{count} {step} tasks of {run} were not running within 120 s: {tasks}")
 
 
 def test_two_runs_compare_by_parameter_metric_result_and_timing(ui: Ui, chromium) -> None:

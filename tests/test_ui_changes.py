@@ -39,13 +39,16 @@ def test_more_unread_runs_than_a_reader_holds_become_every_run() -> None:
             assert await reader.next() == [EVERY_RUN]
             changes.publish(["Flow/after"])
             assert await reader.next() == ["Flow/after"]
+            changes.publish(["Flow/before", EVERY_RUN, "Flow/beside"])  # every run already says them
+            assert await reader.next() == [EVERY_RUN]
 
     asyncio.run(scenario())
 
 
 def test_malformed_events_from_the_service_are_skipped_and_the_feed_goes_on(tmp_path: Path) -> None:
     """A peer answering ``/events`` with events of every wrong shape, then closing: the feed publishes the
-    well-formed ones, and resumes after the last event, not before a bad one (for ever)."""
+    well-formed ones, resumes after the last event, not before a bad one (for ever), and tells its readers
+    to refetch every run (what the service's log no longer holds is not replayed)."""
     first = [
         (1, "[1, 2]"),
         (2, "not json"),
@@ -57,28 +60,31 @@ def test_malformed_events_from_the_service_are_skipped_and_the_feed_goes_on(tmp_
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0].decode())
-        events = first if len(requests) == 1 else [(6, '{"flow_id": "Other", "run_number": "named-run"}')]
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-        writer.write(head.encode() + "".join(f"id: {seq}\ndata: {data}\n\n" for seq, data in events).encode())
-        await writer.drain()
+        writer.write(head.encode())
         if len(requests) == 1:
+            writer.write("".join(f"id: {seq}\ndata: {data}\n\n" for seq, data in first).encode())
+            await writer.drain()
             writer.close()  # the stream ends: the feed resumes
-        else:
-            await asyncio.sleep(30)  # the second stream stays open
+            return
+        await writer.drain()
+        await asyncio.sleep(0.5)  # (the feed's "every run" for the drop is read first)
+        writer.write(b'id: 6\ndata: {"flow_id": "Other", "run_number": "named-run"}\n\n')
+        await writer.drain()
+        await asyncio.sleep(30)  # the second stream stays open
 
-    async def scenario() -> list[str]:
+    async def scenario() -> list[list[str]]:
         server = await asyncio.start_server(answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         source = ServiceRuns(f"http://127.0.0.1:{port}", (str(tmp_path),))
-        changes, stop, seen = Changes(), asyncio.Event(), set()
+        changes, stop = Changes(), asyncio.Event()
         async with changes.subscribe() as feed:
             following = asyncio.ensure_future(source.follow(changes, stop))
-            while seen != {"Flow/5", "Other/named-run"}:
-                seen.update(await asyncio.wait_for(feed.next(), 15))
+            read = [await asyncio.wait_for(feed.next(), 15) for _ in range(3)]
             stop.set()
             following.cancel()
         server.close()
-        return sorted(seen)
+        return read
 
-    assert asyncio.run(scenario()) == ["Flow/5", "Other/named-run"]
+    assert asyncio.run(scenario()) == [["Flow/5"], [EVERY_RUN], ["Other/named-run"]]
     assert requests == ["GET /events HTTP/1.1", "GET /events?since=5 HTTP/1.1"]

@@ -4,9 +4,10 @@ Everything is read on request from the source (a local datastore,
 ``LocalRuns``, or the metadata service, ``ServiceRuns``); nothing is copied,
 and the local source remembers only what Metaflow never rewrites, so the UI
 is never behind. ``/api/events`` streams the pathspecs of runs as they
-change (the front end refetches what it shows). Artifact values are only
-ever rendered through ``previews`` (plain data, bounded); the server never
-runs an artifact's code. Unknown API paths and bad parameters answer JSON errors;
+change (the front end refetches what it shows), opening with ``*`` (every
+run: what changed before the page subscribed reached no one). Artifact
+values are only ever rendered through ``previews`` (plain data, bounded);
+the server never runs an artifact's code. Unknown API paths and bad parameters answer JSON errors;
 any other path serves the front end, which shows its own not-found page.
 """
 

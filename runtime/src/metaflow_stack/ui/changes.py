@@ -35,17 +35,19 @@ class Feed:
         self._arrived = asyncio.Event()
 
     def add(self, runs: Iterable[str]) -> None:
+        """Note ``runs`` as changed (all of them, once ``EVERY_RUN`` is among them or too many are held)."""
         if EVERY_RUN not in self._runs:
             self._runs.update(runs)
-            if len(self._runs) > PENDING_RUNS:
+            if EVERY_RUN in self._runs or len(self._runs) > PENDING_RUNS:
                 self._runs = {EVERY_RUN}
         if self._runs:
             self._arrived.set()
 
     async def next(self) -> list[str]:
         """The runs changed since the last call (sorted; ``[EVERY_RUN]`` when too many), once there is one."""
-        await self._arrived.wait()
-        self._arrived.clear()
+        while not self._runs:
+            self._arrived.clear()
+            await self._arrived.wait()
         runs, self._runs = self._runs, set()
         return sorted(runs)
 
@@ -89,6 +91,7 @@ async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
         await _watch(root, changes, stop, force_polling=False)
     except OSError as exc:  # inotify watches exhausted on a very large datastore
         Console(stderr=True).print(f"[yellow]watching {root} by polling ({exc})[/]")
+        changes.publish([EVERY_RUN])  # (what changed while the watch failed)
         await _watch(root, changes, stop, force_polling=True)
 
 

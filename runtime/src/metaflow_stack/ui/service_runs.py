@@ -12,11 +12,12 @@ from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
+from rich.console import Console
 
 from metaflow_stack.agent.service_source import ServiceSource
 from metaflow_stack.agent.source import AgentError
 from metaflow_stack.datastore.blobs import Blobs
-from metaflow_stack.ui.changes import Changes
+from metaflow_stack.ui.changes import EVERY_RUN, Changes
 from metaflow_stack.ui.details import Details
 from metaflow_stack.ui.local_runs import task_detail
 
@@ -51,19 +52,26 @@ class ServiceRuns(Details, ServiceSource):
 
     async def follow(self, changes: Changes, stop: asyncio.Event) -> None:
         """Publish the runs named by the service's events until ``stop`` (or cancelled), resuming after
-        drops from the last event seen."""
+        drops from the last event seen. After a drop every run is published too: the service replays only
+        what its log still holds."""
         headers = {"x-api-key": self._auth_key} if self._auth_key else {}
         since: str | None = None
+        dropped = False
         async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=None) as http:
             while not stop.is_set():
                 try:
                     async with aconnect_sse(http, "GET", "/events", params={"since": since} if since else {}) as sse:
+                        if dropped:
+                            changes.publish([EVERY_RUN])
                         async for event in sse.aiter_sse():
                             since = event.id or since
                             if run := run_of(event.data):
                                 changes.publish([run])
                 except httpx.HTTPError:
                     pass  # the service restarted or is unreachable: try again shortly
+                except Exception as exc:  # (httpx's StreamError is no HTTPError) the page must not go stale for good
+                    Console(stderr=True).print(f"[yellow]live updates from {self.url} dropped ({exc!r}); resuming[/]")
+                dropped = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), RECONNECT_S)
 
@@ -78,6 +86,6 @@ def run_of(data: str) -> str | None:
     if not isinstance(body, dict):
         return None
     flow, run = body.get("flow_id"), body.get("run_number")
-    if not isinstance(flow, str) or type(run) not in (int, str) or run == "":
+    if not isinstance(flow, str) or not flow or type(run) not in (int, str) or run == "":
         return None
     return f"{flow}/{run}"
