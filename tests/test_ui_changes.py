@@ -1,12 +1,13 @@
 """The UI's live feed in-process: what each subscriber of ``Changes`` reads, however fast it reads, and
-what it is told of a service's events, however malformed."""
+what it is told of a service's events, however malformed, and of a local datastore, even one removed."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
-from metaflow_stack.ui.changes import EVERY_RUN, PENDING_RUNS, Changes
+from metaflow_stack.ui.changes import EVERY_RUN, PENDING_RUNS, Changes, watch
 from metaflow_stack.ui.service_runs import ServiceRuns
 
 
@@ -88,3 +89,36 @@ def test_malformed_events_from_the_service_are_skipped_and_the_feed_goes_on(tmp_
 
     assert asyncio.run(scenario()) == [["Flow/5"], [EVERY_RUN], ["Other/named-run"]]
     assert requests == ["GET /events HTTP/1.1", "GET /events?since=5 HTTP/1.1"]
+
+
+def test_a_local_datastore_removed_and_made_again_is_still_watched(tmp_path: Path) -> None:
+    """``rm -rf .metaflow`` under a running UI, then a new run: the watch on the removed folder would see
+    nothing more; the feed says every run changed, then names the new run."""
+    root = tmp_path / ".metaflow"
+
+    async def written_and_seen(feed, run: str) -> list[str]:
+        """Write into ``run``'s folder until the feed names something (a watch takes a moment to start)."""
+        for attempt in range(100):
+            (root / run).mkdir(parents=True, exist_ok=True)
+            (root / run / f"file-{attempt}").write_text("x")
+            try:
+                return await asyncio.wait_for(feed.next(), 0.5)
+            except TimeoutError:
+                continue
+        raise AssertionError(f"the watch never named {run}")
+
+    async def scenario() -> list[list[str]]:
+        changes, stop = Changes(), asyncio.Event()
+        async with changes.subscribe() as feed:
+            watching = asyncio.ensure_future(watch(root, changes, stop))
+            read = [await written_and_seen(feed, "Flow/1")]
+            shutil.rmtree(root)
+            read.append(await asyncio.wait_for(feed.next(), 15))
+            while (more := await written_and_seen(feed, "Flow/2")) != ["Flow/2"]:
+                assert more in (["Flow/1"], [EVERY_RUN]), more  # (the removal's own events, late)
+            read.append(more)
+            stop.set()
+            await asyncio.wait_for(watching, 15)
+        return read
+
+    assert asyncio.run(scenario()) == [["Flow/1"], [EVERY_RUN], ["Flow/2"]]

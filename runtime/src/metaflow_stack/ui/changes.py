@@ -85,20 +85,31 @@ def run_of(root: Path, changed: str) -> str | None:
 
 
 async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
-    """Publish the runs changing under ``root`` until ``stop`` is set."""
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        await _watch(root, changes, stop, force_polling=False)
-    except OSError as exc:  # inotify watches exhausted on a very large datastore
-        Console(stderr=True).print(f"[yellow]watching {root} by polling ({exc})[/]")
-        changes.publish([EVERY_RUN])  # (what changed while the watch failed)
-        await _watch(root, changes, stop, force_polling=True)
+    """Publish the runs changing under ``root`` until ``stop`` is set. A root removed (a user's ``rm -rf
+    .metaflow``) is made again and watched anew, every run published: a watch on the removed folder would
+    see nothing more, and the UI would never update again."""
+    polling = False
+    while not stop.is_set():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            if not await _watch(root, changes, stop, force_polling=polling):
+                return
+        except OSError as exc:  # inotify watches exhausted on a very large datastore
+            Console(stderr=True).print(f"[yellow]watching {root} by polling ({exc})[/]")
+            polling = True
+        changes.publish([EVERY_RUN])  # (what changed while the watch was down)
 
 
-async def _watch(root: Path, changes: Changes, stop: asyncio.Event, force_polling: bool) -> None:
-    async for batch in watchfiles.awatch(
+async def _watch(root: Path, changes: Changes, stop: asyncio.Event, force_polling: bool) -> bool:
+    """Publish until ``stop`` (False) or until ``root`` itself is removed (True; its watcher closed now)."""
+    batches = watchfiles.awatch(
         root, stop_event=stop, debounce=DEBOUNCE_MS, step=50, force_polling=force_polling, recursive=True
-    ):
-        runs = {run for _, path in batch if (run := run_of(root, path))}
-        if runs:
-            changes.publish(runs)
+    )
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            runs = {run for _, path in batch if (run := run_of(root, path))}
+            if runs:
+                changes.publish(runs)
+            if any(change == watchfiles.Change.deleted and Path(path) == root for change, path in batch):
+                return True
+    return False
