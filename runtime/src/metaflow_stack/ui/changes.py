@@ -21,6 +21,8 @@ from rich.console import Console
 
 #: Milliseconds watchfiles gathers changes before it reports them as one batch.
 DEBOUNCE_MS = 200
+#: Seconds between tries of a watch that failed even by polling.
+RETRY_S = 2.0
 #: The run named when a subscriber must refetch everything it shows.
 EVERY_RUN = "*"
 #: Runs a subscriber's unread changes name before they become ``EVERY_RUN``: memory stays bounded.
@@ -85,18 +87,23 @@ def run_of(root: Path, changed: str) -> str | None:
 
 
 async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
-    """Publish the runs changing under ``root`` until ``stop`` is set. A root removed (a user's ``rm -rf
-    .metaflow``) is made again and watched anew, every run published: a watch on the removed folder would
-    see nothing more, and the UI would never update again."""
-    polling = False
+    """Publish the runs changing under ``root`` until ``stop`` is set. A root removed or moved away (a
+    user's ``rm -rf .metaflow``) is made again and watched anew, every run published: a watch on the removed
+    folder would see nothing more, and the UI would never update again. (The new watch is in place before
+    anything awaits, so a page refetching on that news misses nothing.)"""
+    root, polling = root.resolve(), False  # (watchfiles names what changed by absolute paths)
     while not stop.is_set():
         root.mkdir(parents=True, exist_ok=True)
         try:
             if not await _watch(root, changes, stop, force_polling=polling):
                 return
-        except OSError as exc:  # inotify watches exhausted on a very large datastore
-            Console(stderr=True).print(f"[yellow]watching {root} by polling ({exc})[/]")
-            polling = True
+        except OSError as exc:  # inotify watches exhausted on a very large datastore, or the root unreadable
+            if polling:  # (polling failed too: try again shortly, not in a busy loop)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_S)
+            else:
+                Console(stderr=True).print(f"[yellow]watching {root} by polling ({exc})[/]")
+                polling = True
         changes.publish([EVERY_RUN])  # (what changed while the watch was down)
 
 
