@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from devservers import free_port
 
 from metaflow_stack.ci.plugin import need  # the rule every test's tools follow, here and in flow suites
+from metaflow_stack.elsewhere import Launcher
 
 PROJECT = Path(__file__).resolve().parents[1]
 FUNCTIONS_APP = Path(__file__).resolve().parent / "functions_app"
@@ -54,8 +56,11 @@ if not any(os.environ.get(v, "root") != "root" for v in ("METAFLOW_USER", "SUDO_
 VENV_BIN = Path(sys.executable).parent
 #: Environment under which no Docker engine answers.
 DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-#: Label on every container a test launches, so the session removes them all.
+#: Label on every container a test launches (and the Nomad double's tasks), its value this test process as a
+#: launcher (``elsewhere.Launcher``): the session removes its own when it ends, and those of a session that
+#: ended without (killed), never those of the worker running beside it.
 TEST_LABEL = "io.metaflow-stack.test"
+TEST_LABELS = {TEST_LABEL: Launcher.this().label}
 #: Where in-process test clients say they connect: servers answer loopback names only (``http_guard``).
 LOOPBACK = "http://127.0.0.1"
 
@@ -72,50 +77,72 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"{stray} would take the test runs' Metaflow records: remove it (or set TMPDIR elsewhere)", 2)
 
 
-#: Modules whose tests use what every process on this machine shares: the Docker engine (a session removes
-#: its test containers when it ends), its bridge, the registry, the Nomad double's containers, a Ray of this
-#: machine's, a pool's workers found among every process. Under ``just test``'s two xdist workers they run in
-#: one worker, one after another (``pytest_xdist_make_scheduler``); the rest run beside them.
-MACHINE_MODULES = frozenset(
-    {"test_catalog", "test_cluster", "test_confidential_cvm", "test_confidential_image", "test_confidential_seccomp"}
-    | {"test_demo", "test_deploy"}
-    | {"test_devcontainer"}
-    | {"test_devcontainer_backends", "test_devcontainer_config", "test_devcontainer_generate"}
-    | {"test_devcontainer_stores", "test_doctor", "test_engine_docker", "test_flow_suite", "test_functions_api"}
-    | {"test_functions_backends", "test_functions_ray", "test_images", "test_key_release_deploy", "test_nomad"}
-    | {"test_nomad_client", "test_nomad_dev_cluster", "test_published_images", "test_registry"}
-    | {"test_service_deploy", "test_serving_batch", "test_serving_image", "test_ui_deploy", "test_worker_pool"}
-)
-#: The fixtures (and the ``docker`` mark) that make a module one of ``MACHINE_MODULES``.
-MACHINE_FIXTURES = frozenset(
-    {"docker_engine", "base_image", "registry_server", "local_registry", "nomad_agent", "bridge_address", "bridge_s3"}
-)
+#: Modules whose tests use what every process on this machine shares, in groups. Under ``just test``'s two
+#: xdist workers each group runs in one worker, one module after another (``pytest_xdist_make_scheduler``),
+#: and the groups run beside each other and beside the rest, so no group may change what another uses.
+#: ``engine``: the Docker engine's images (tests remove the base image, or move its tag to other content),
+#: its bridge, the registry, the Nomad double's docker tasks. ``pools``: pools' workers, found among every
+#: process by their test's folder, the Nomad double's raw_exec workers, Rays of the pools' own; no image.
+#: Every Ray a test starts is its own: none may look for one with ``RAY_ADDRESS=auto``, which finds any.
+MACHINE_GROUPS = {
+    "engine": frozenset(
+        {"test_catalog", "test_cluster", "test_confidential_cvm", "test_confidential_image"}
+        | {"test_confidential_seccomp", "test_demo", "test_deploy", "test_devcontainer", "test_devcontainer_backends"}
+        | {"test_devcontainer_config", "test_devcontainer_generate", "test_devcontainer_stores", "test_doctor"}
+        | {"test_engine_docker", "test_flow_suite", "test_functions_api", "test_functions_backends"}
+        | {"test_functions_ray", "test_images", "test_key_release_deploy", "test_nomad", "test_nomad_client"}
+        | {"test_nomad_dev_cluster", "test_published_images", "test_registry", "test_service_deploy"}
+        | {"test_serving_batch", "test_serving_image", "test_ui_deploy", "test_worker_pool_kind"}
+    ),
+    "pools": frozenset({"test_worker_pool"}),
+}
+#: The fixtures a module of any group may use: the engine (for the sessions' removal of their containers),
+#: and a Nomad double of the session's own.
+SHARED_FIXTURES = frozenset({"docker_engine", "nomad_agent"})
+#: The fixtures (and the ``docker`` mark) that make a module one of the ``engine`` group's.
+ENGINE_FIXTURES = frozenset({"base_image", "registry_server", "local_registry", "bridge_address", "bridge_s3"})
+
+
+def _group(module: str) -> str | None:
+    """The machine group of the test module named ``module``; None for one of none."""
+    return next((name for name, modules in MACHINE_GROUPS.items() if module in modules), None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A module that uses the machine's shared things and is not in ``MACHINE_MODULES`` would run beside the
-    modules that do: refused, naming it."""
-    unlisted = sorted(
-        {
-            item.module.__name__
-            for item in items
-            if item.get_closest_marker("docker") or MACHINE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        }
-        - MACHINE_MODULES
-    )
-    if unlisted:
-        raise pytest.UsageError(f"{unlisted[0]} uses the machine's engine or services: add it to MACHINE_MODULES")
+    """A module that uses the engine's shared things outside the ``engine`` group, or a session's shared
+    things outside any group, would run beside the modules that do: refused, naming it. The groups' tests
+    come first, then the other modules', most tests first: xdist hands the modules out in that order, so
+    each group starts at once, in a worker of its own."""
+    for item in items:
+        module, uses = Path(item.path).stem, set(getattr(item, "fixturenames", ()))
+        engine = bool(item.get_closest_marker("docker") or ENGINE_FIXTURES & uses)
+        if engine and _group(module) != "engine":
+            raise pytest.UsageError(f"{module} uses the machine's engine: add it to MACHINE_GROUPS['engine']")
+        if SHARED_FIXTURES & uses and _group(module) is None:
+            raise pytest.UsageError(f"{module} uses the machine's engine or services: add it to MACHINE_GROUPS")
+    sizes = Counter(Path(item.path).stem for item in items)
+    ranks = {name: rank for rank, name in enumerate(MACHINE_GROUPS)}
+
+    def turn(item: pytest.Item) -> tuple[int, int]:
+        module = Path(item.path).stem
+        group = _group(module)
+        return (ranks[group], 0) if group else (len(ranks), -sizes[module])
+
+    items.sort(key=turn)  # (stable: a group's modules, and each module's tests, stay in the order collected)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """pytest-xdist's scheduling by module (each module's fixtures made once), with ``MACHINE_MODULES`` as one
-    unit: one worker runs them in turn while the other takes the rest, module by module."""
+    """pytest-xdist's scheduling by module (each module's fixtures made once), with each of ``MACHINE_GROUPS``
+    as one unit: a worker runs its modules in turn while the other takes the rest, module by module. Units
+    go out in the order of collection (``pytest_collection_modifyitems``), not re-sorted by size."""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class MachineScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "machine" if Path(module).stem in MACHINE_MODULES else module
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return _group(module) or module
 
     return MachineScheduling(config, log)
 
@@ -167,8 +194,9 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[object]:
-    """A python-on-whales client whose engine answers; test containers are removed after."""
-    from metaflow_stack.engines.docker import DockerEngine, require_engine
+    """A python-on-whales client whose engine answers; this session's test containers are removed after, and
+    those of a session that ended without removing its own."""
+    from metaflow_stack.engines.docker import require_engine
     from metaflow_stack.errors import DockerUnavailableError
 
     try:
@@ -177,7 +205,16 @@ def docker_engine() -> Iterator[object]:
         docker, reason = None, exc.message
     need("docker", docker is not None, reason)
     yield docker
-    DockerEngine().cleanup({TEST_LABEL: "true"})
+    mine = TEST_LABELS[TEST_LABEL]
+    left = [
+        container
+        for container in docker.container.list(all=True, filters=[("label", TEST_LABEL)])
+        if container.config.labels[TEST_LABEL] == mine
+        or (launcher := Launcher.parse(container.config.labels[TEST_LABEL])) is None
+        or launcher.gone()
+    ]
+    if left:
+        docker.container.remove(left, force=True)
 
 
 @pytest.fixture(scope="session")
@@ -489,13 +526,14 @@ def nomad_agent(docker_engine) -> Iterator[object]:
         yield Settings.from_env()
         return
     token = uuid.uuid4().hex
+    labels = [f"--label={name}={value}" for name, value in TEST_LABELS.items()]  # (its docker tasks': this session's)
     try:
         # The node's own Python for raw_exec tasks, as a client whose PATH holds one with Metaflow's needs.
-        with nomad_double("--token", token, path=f"{VENV_BIN}:{os.environ['PATH']}") as address:
+        with nomad_double("--token", token, *labels, path=f"{VENV_BIN}:{os.environ['PATH']}") as address:
             yield Settings(address=address, token=token)
     finally:
-        label = "io.metaflow-stack.nomad-double"
-        docker_engine.container.remove(docker_engine.container.list(all=True, filters=[("label", label)]), force=True)
+        ours = [("label", "io.metaflow-stack.nomad-double"), *(("label", f"{k}={v}") for k, v in TEST_LABELS.items())]
+        docker_engine.container.remove(docker_engine.container.list(all=True, filters=ours), force=True)
 
 
 def gramine_path() -> str:

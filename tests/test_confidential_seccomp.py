@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TEST_LABEL
+from conftest import TEST_LABELS
 
 from metaflow_stack.confidential import seccomp
 from metaflow_stack.engines import JobSpec
@@ -54,7 +54,7 @@ print(json.dumps({
 
 
 def _probe(image: str, profile: str | None) -> dict[str, int]:
-    spec = JobSpec(image=image, command=["python", "-c", PROBE], labels={TEST_LABEL: "true"}, seccomp=profile)
+    spec = JobSpec(image=image, command=["python", "-c", PROBE], labels=TEST_LABELS, seccomp=profile)
     job = DockerEngine().launch(spec)
     try:
         assert job.wait(timeout=120) == 0, "\n".join(job.logs())

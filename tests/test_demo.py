@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 import redis
-from conftest import DEAD_ENGINE_ENV, TEST_LABEL, free_port, need, run_cli
+from conftest import DEAD_ENGINE_ENV, TEST_LABELS, free_port, need, run_cli
 
 from metaflow_stack.engines import STACK_UP, JobSpec
 from metaflow_stack.engines.docker import DockerEngine
@@ -88,15 +88,15 @@ def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, st
         assert _hello_says(url, run).startswith("hello from")
         # A step of another run and a leftover of `up`'s own, both running when `down` comes.
         engine = DockerEngine()
-        step = engine.launch(JobSpec(base_image, ["sleep", "300"], owner="devcontainer", labels={TEST_LABEL: "true"}))
-        leftover = engine.launch(JobSpec(base_image, ["sleep", "300"], owner=STACK_UP, labels={TEST_LABEL: "true"}))
+        step = engine.launch(JobSpec(base_image, ["sleep", "300"], owner="devcontainer", labels=TEST_LABELS))
+        leftover = engine.launch(JobSpec(base_image, ["sleep", "300"], owner=STACK_UP, labels=TEST_LABELS))
     finally:
         down = run_cli("stack", "down", "--purge", env=env)
     assert "its data deleted" in down.stderr
-    running = {c.id for c in engine.containers({TEST_LABEL: "true"})}
+    running = {c.id for c in engine.containers(TEST_LABELS)}
     assert step.id in running and leftover.id not in running, "down removes only what up started"
     refused = run_cli("stack", "down", "--all", env=env)  # no answer to the confirmation: nothing removed
-    assert refused.returncode != 0 and step.id in {c.id for c in engine.containers({TEST_LABEL: "true"})}
+    assert refused.returncode != 0 and step.id in {c.id for c in engine.containers(TEST_LABELS)}
     everything = run_cli("stack", "down", "--all", "--yes", env=env)
     assert everything.returncode == 0 and step.id not in {c.id for c in engine.containers()}
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_LABEL
+from conftest import TEST_LABELS
 
 from metaflow_stack.demo import FLOW_FILE
 from metaflow_stack.engines import JobSpec, Mount, get_engine
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.docker
 
 
 def _spec(image: str, script: str, labels: dict[str, str] | None = None, **kwargs) -> JobSpec:
-    labels = {TEST_LABEL: "true", **(labels or {})}
+    labels = {**TEST_LABELS, **(labels or {})}
     return JobSpec(image=image, command=["sh", "-c", script], labels=labels, **kwargs)
 
 
@@ -81,8 +81,7 @@ def test_limits_labels_and_dropped_privileges_reach_the_container(engine, docker
 def test_cleanup_removes_only_jobs_with_the_given_labels(engine, docker_engine, base_image: str) -> None:
     keep = engine.launch(_spec(base_image, "sleep 30"))
     doomed = [
-        engine.launch(JobSpec(base_image, ["sleep", "30"], labels={TEST_LABEL: "true", "batch": "doomed"}))
-        for _ in range(2)
+        engine.launch(JobSpec(base_image, ["sleep", "30"], labels={**TEST_LABELS, "batch": "doomed"})) for _ in range(2)
     ]
     try:
         assert engine.cleanup({"batch": "doomed"}) == 2
@@ -99,7 +98,7 @@ def _flow_job(image: str, flow: Path, datastore: Path, *flow_args: str) -> JobSp
         env={"USER": "tester", "HOME": "/tmp"},
         mounts=[Mount(str(flow.parent), "/flows"), Mount(str(datastore), str(datastore), read_only=False)],
         user=f"{os.getuid()}:{os.getgid()}",
-        labels={TEST_LABEL: "true"},
+        labels=TEST_LABELS,
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import PROJECT, TEST_LABEL, free_port, wait_ready
+from conftest import PROJECT, TEST_LABELS, free_port, wait_ready
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
@@ -116,7 +116,7 @@ def test_the_image_judges_evidence_as_a_non_root_user_with_keys_given_at_run_tim
         for file in path.iterdir():
             file.chmod(0o644)
     engine, port = get_engine("docker"), free_port()
-    keyless = engine.launch(JobSpec(image=image, command=[], labels={TEST_LABEL: "true"}))
+    keyless = engine.launch(JobSpec(image=image, command=[], labels=TEST_LABELS))
     try:
         assert keyless.wait(timeout=120) == 1  # beyond its container's loopback without a key: refused
         assert "METAFLOW_STACK_AUTH_KEY" in "\n".join(keyless.logs())
@@ -132,7 +132,7 @@ def test_the_image_judges_evidence_as_a_non_root_user_with_keys_given_at_run_tim
                 Mount(str(tmp_path / "master"), "/etc/metaflow-stack/master"),
             ],
             ports={8325: port},
-            labels={TEST_LABEL: "true"},
+            labels=TEST_LABELS,
         )
     )
     try:

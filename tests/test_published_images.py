@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, VENV_BIN, need, run_cli
+from conftest import TEST_LABELS, VENV_BIN, need, run_cli
 from sigstore_signing import Fulcio, sign, signature_tag
 
 from metaflow_stack import builders, image_lock, images
@@ -79,7 +79,7 @@ def fulcio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fulcio:
 def _move_tag(docker_engine, base_image: str, published: str) -> str:
     """Push other content under the published tag, as anyone who can push could; the other image's id."""
     tamperer = docker_engine.container.create(
-        base_image, ["sh", "-c", "echo tampered > /tmp/tampered"], labels={TEST_LABEL: "true"}
+        base_image, ["sh", "-c", "echo tampered > /tmp/tampered"], labels=TEST_LABELS
     )
     docker_engine.container.start(tamperer, attach=True)
     tampered = docker_engine.container.commit(tamperer, tag=published)

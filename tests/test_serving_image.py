@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import FIRST_CALL_S, TEST_LABEL, bind_in, free_port, last_line, run_cli, wait_ready
+from conftest import FIRST_CALL_S, TEST_LABELS, bind_in, free_port, last_line, run_cli, wait_ready
 
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.local_secrets import stack_key_path
@@ -76,11 +76,11 @@ def test_the_image_holds_the_function_environment_in_its_own_layer(docker_engine
 def test_the_container_serves_the_function_to_key_holders(image: str) -> None:
     engine, port = get_engine("docker"), free_port()
     # The image listens beyond its loopback: without a key (or an explicit --insecure-no-auth) it will not start.
-    keyless = engine.launch(JobSpec(image=image, command=[], labels={TEST_LABEL: "true"}))
+    keyless = engine.launch(JobSpec(image=image, command=[], labels=TEST_LABELS))
     assert keyless.wait(timeout=120) == 1
     assert "METAFLOW_STACK_AUTH_KEY" in "\n".join(keyless.logs())
     keyless.kill()
-    spec = JobSpec(image, [], env={"METAFLOW_STACK_AUTH_KEY": "t3st"}, ports={8000: port}, labels={TEST_LABEL: "true"})
+    spec = JobSpec(image, [], env={"METAFLOW_STACK_AUTH_KEY": "t3st"}, ports={8000: port}, labels=TEST_LABELS)
     job = engine.launch(spec)
     try:
         url, keyed = f"http://127.0.0.1:{port}", {"x-api-key": "t3st"}
@@ -126,7 +126,7 @@ def test_the_ray_image_runs_a_batch_in_the_functions_environment(
             image=ray_image,
             command=["--input", "/data/flowers.jsonl", "--output", "/data/out", "--shard-size", "25"],
             mounts=[Mount(str(data), "/data", read_only=False)],
-            labels={TEST_LABEL: "true"},
+            labels=TEST_LABELS,
         )
     )
     try:

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import TEST_LABEL, free_port
+from conftest import TEST_LABELS, free_port
 from service_servers import run_flow
 
 from metaflow_stack.deploy import helm
@@ -177,7 +177,7 @@ def test_the_image_will_not_serve_without_a_key(ui_image: str) -> None:
     from metaflow_stack.engines import JobSpec, get_engine
 
     # It listens beyond its container's loopback: without a key (or an explicit opt-out) it will not start.
-    keyless = get_engine("docker").launch(JobSpec(image=ui_image, command=[], labels={TEST_LABEL: "true"}))
+    keyless = get_engine("docker").launch(JobSpec(image=ui_image, command=[], labels=TEST_LABELS))
     try:
         assert keyless.wait(timeout=120) == 1
         assert "METAFLOW_STACK_AUTH_KEY" in "\n".join(keyless.logs())
@@ -207,7 +207,7 @@ def test_the_image_serves_a_mounted_datastore_to_key_holders_as_a_non_root_user(
             env={"METAFLOW_STACK_UI_AUTH_KEY": "t3st"},
             mounts=[Mount(str(datastore), "/data", read_only=True)],
             ports={8324: port},
-            labels={TEST_LABEL: "true"},
+            labels=TEST_LABELS,
         )
     )
     try:

@@ -6,7 +6,8 @@ allocations, client/fs logs, ACLs, namespaces, status) and one node: this machin
 ``dc1``, node pool ``default``, attributes ``${attr.kernel.name}=linux``
 and ``${node.datacenter}=dc1``, this machine's cores, 16 GiB and no
 devices. Each docker task runs as a container on the local Docker engine
-(labelled ``io.metaflow-stack.nomad-double``); each raw_exec task as a
+(labelled ``io.metaflow-stack.nomad-double``, and with each ``--label
+KEY=VALUE``: the tests mark their session's); each raw_exec task as a
 process of the double's, in a task folder of its allocation's, with the
 double's environment less Nomad's default ``env.denylist``, its output in
 ``alloc/logs/<task>.<kind>.<n>``, rotated at the task's ``LogConfig`` size
@@ -298,6 +299,8 @@ class Cluster:
         #: The ASGI app a Task API serves (the double's own, set by ``app``).
         self.api: Any = None
         self.signing_key = secrets.token_bytes(32)
+        #: Labels on every docker task's container besides the double's own (``--label``).
+        self.labels: dict[str, str] = {}
         self.docker = DockerClient()
 
     def bump(self, obj: dict[str, Any]) -> None:
@@ -578,7 +581,7 @@ class Cluster:
             volumes=mounts,
             cpus=cpus,
             memory=f"{resources.get('MemoryMB', 300)}m",
-            labels={LABEL: alloc["ID"]},
+            labels={**self.labels, LABEL: alloc["ID"]},
             cap_drop=["ALL"],
             security_options=["no-new-privileges"],
         )
@@ -1204,8 +1207,10 @@ def main() -> None:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-client-ca")
+    parser.add_argument("--label", action="append", default=[], help="KEY=VALUE on every docker task's container")
     args = parser.parse_args()
     api = app(args.token, args.acl_bootstrap)
+    api.state.cluster.labels = dict(label.split("=", 1) for label in args.label)
     tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
     if args.tls_client_ca:
         tls.update(ssl_ca_certs=args.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
