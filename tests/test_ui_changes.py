@@ -4,10 +4,11 @@ what it is told of a service's events, however malformed, and of a local datasto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
-from metaflow_stack.ui.changes import EVERY_RUN, PENDING_RUNS, Changes, watch
+from metaflow_stack.ui.changes import EVERY_RUN, PENDING_RUNS, Changes, Feed, watch
 from metaflow_stack.ui.service_runs import ServiceRuns
 
 
@@ -84,6 +85,8 @@ def test_malformed_events_from_the_service_are_skipped_and_the_feed_goes_on(tmp_
             read = [await asyncio.wait_for(feed.next(), 15) for _ in range(3)]
             stop.set()
             following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
         server.close()
         return read
 
@@ -91,32 +94,34 @@ def test_malformed_events_from_the_service_are_skipped_and_the_feed_goes_on(tmp_
     assert requests == ["GET /events HTTP/1.1", "GET /events?since=5 HTTP/1.1"]
 
 
+async def written_and_seen(root: Path, feed: Feed, run: str) -> list[str]:
+    """Write into ``run``'s folder under ``root`` until ``feed`` names something (a watch takes a moment to
+    start)."""
+    for attempt in range(100):
+        (root / run).mkdir(parents=True, exist_ok=True)
+        (root / run / f"file-{attempt}").write_text("x")
+        try:
+            return await asyncio.wait_for(feed.next(), 0.5)
+        except TimeoutError:
+            continue
+    raise AssertionError(f"the watch never named {run}")
+
+
 def test_a_local_datastore_removed_and_made_again_is_still_watched(tmp_path: Path) -> None:
     """``rm -rf .metaflow`` under a running UI, then a new run: the watch on the removed folder would see
     nothing more; the feed says every run changed, then names the new run."""
     root = tmp_path / ".metaflow"
 
-    async def written_and_seen(feed, run: str) -> list[str]:
-        """Write into ``run``'s folder until the feed names something (a watch takes a moment to start)."""
-        for attempt in range(100):
-            (root / run).mkdir(parents=True, exist_ok=True)
-            (root / run / f"file-{attempt}").write_text("x")
-            try:
-                return await asyncio.wait_for(feed.next(), 0.5)
-            except TimeoutError:
-                continue
-        raise AssertionError(f"the watch never named {run}")
-
     async def scenario() -> list[list[str]]:
         changes, stop = Changes(), asyncio.Event()
         async with changes.subscribe() as feed:
             watching = asyncio.ensure_future(watch(root, changes, stop))
-            read = [await written_and_seen(feed, "Flow/1")]
+            read = [await written_and_seen(root, feed, "Flow/1")]
             shutil.rmtree(root)
             while (more := await asyncio.wait_for(feed.next(), 15)) != [EVERY_RUN]:
                 assert more == ["Flow/1"], more  # (its files' removal, in a batch before the root's)
             read.append(more)
-            while (more := await written_and_seen(feed, "Flow/2")) != ["Flow/2"]:
+            while (more := await written_and_seen(root, feed, "Flow/2")) != ["Flow/2"]:
                 assert more in (["Flow/1"], [EVERY_RUN]), more  # (the removal's own events, late)
             read.append(more)
             stop.set()
@@ -124,3 +129,28 @@ def test_a_local_datastore_removed_and_made_again_is_still_watched(tmp_path: Pat
         return read
 
     assert asyncio.run(scenario()) == [["Flow/1"], [EVERY_RUN], ["Flow/2"]]
+
+
+def test_a_root_that_cannot_be_made_yet_is_watched_once_it_can_be(tmp_path: Path, capsys) -> None:
+    """A root whose parent is a file (a path mistyped, a volume not yet mounted): the watch is not given up,
+    it says why once and tries again, and names the runs written once the root can be made."""
+    blocker = tmp_path / "mounted"
+    blocker.write_text("not a folder yet")
+    root = blocker / ".metaflow"
+
+    async def scenario() -> list[str]:
+        changes, stop = Changes(), asyncio.Event()
+        async with changes.subscribe() as feed:
+            watching = asyncio.ensure_future(watch(root, changes, stop))
+            await asyncio.sleep(2.5)  # (more than one try)
+            assert not watching.done()
+            blocker.unlink()
+            while (seen := await written_and_seen(root, feed, "Flow/1")) != ["Flow/1"]:
+                assert seen == [EVERY_RUN], seen
+            stop.set()
+            await asyncio.wait_for(watching, 15)
+        return seen
+
+    assert asyncio.run(scenario()) == ["Flow/1"]
+    said = capsys.readouterr().err
+    assert said.count("cannot make") == 1 and "trying again every 2 s" in said, said

@@ -90,21 +90,42 @@ async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
     """Publish the runs changing under ``root`` until ``stop`` is set. A root removed or moved away (a
     user's ``rm -rf .metaflow``) is made again and watched anew, every run published: a watch on the removed
     folder would see nothing more, and the UI would never update again. (The new watch is in place before
-    anything awaits, so a page refetching on that news misses nothing.)"""
-    root, polling = root.resolve(), False  # (watchfiles names what changed by absolute paths)
+    anything awaits, so a page refetching on that news misses nothing.) A root that cannot be made, or a
+    watch that fails, is tried again every ``RETRY_S``, said once: the feed never ends before ``stop``."""
+    root, polling, said = root.resolve(), False, set()  # (watchfiles names what changed by absolute paths)
     while not stop.is_set():
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # (its parent a file, or not writable: perhaps not for long)
+            _say_once(said, f"cannot make {root} ({exc}): trying again every {RETRY_S:.0f} s")
+            await _pause(stop)
+            continue
         try:
             if not await _watch(root, changes, stop, force_polling=polling):
                 return
         except OSError as exc:  # inotify watches exhausted on a very large datastore, or the root unreadable
             if polling:  # (polling failed too: try again shortly, not in a busy loop)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), RETRY_S)
+                await _pause(stop)
             else:
-                Console(stderr=True).print(f"[yellow]watching {root} by polling ({exc})[/]")
+                _say_once(said, f"watching {root} by polling ({exc})")
                 polling = True
+        except Exception as exc:  # watchfiles' own (its Rust side's errors): the watch is made again
+            _say_once(said, f"watching {root} failed ({exc!r}): watching it again every {RETRY_S:.0f} s")
+            await _pause(stop)
         changes.publish([EVERY_RUN])  # (what changed while the watch was down)
+
+
+def _say_once(said: set[str], line: str) -> None:
+    """Print ``line`` on stderr unless it was said already (a failure met again every few seconds)."""
+    if line not in said:
+        said.add(line)
+        Console(stderr=True).print(f"[yellow]{line}[/]")
+
+
+async def _pause(stop: asyncio.Event) -> None:
+    """``RETRY_S``, or less once ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), RETRY_S)
 
 
 async def _watch(root: Path, changes: Changes, stop: asyncio.Event, force_polling: bool) -> bool:
