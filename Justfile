@@ -21,7 +21,8 @@ up *args: _venv ui
 down: _venv
     metaflow stack down
 
-# Lint, then run the whole test suite in two workers (tests/conftest.py keeps what shares the machine in one);
+# Lint, then run the whole test suite in two workers (tests/conftest.py keeps each group of the tests that share
+# the machine in one worker);
 # docker-marked tests run when an engine answers.
 test *args: lint ui vscode code-server devcontainer-cli
     pytest --numprocesses 2 --junitxml=.stack/test-results/junit.xml "$@"

@@ -7,6 +7,7 @@ missing tool is a failure, so CI cannot pass by skipping.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from devservers import free_port
+from python_on_whales.exceptions import DockerException
 
 from metaflow_stack.ci.plugin import need  # the rule every test's tools follow, here and in flow suites
 from metaflow_stack.elsewhere import Launcher
@@ -61,6 +63,8 @@ DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 #: ended without (killed), never those of the worker running beside it.
 TEST_LABEL = "io.metaflow-stack.test"
 TEST_LABELS = {TEST_LABEL: Launcher.this().label}
+#: The label of the Nomad double's docker tasks (``tests/nomad_double``).
+NOMAD_DOUBLE_LABEL = "io.metaflow-stack.nomad-double"
 #: Where in-process test clients say they connect: servers answer loopback names only (``http_guard``).
 LOOPBACK = "http://127.0.0.1"
 
@@ -83,7 +87,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 #: ``engine``: the Docker engine's images (tests remove the base image, or move its tag to other content),
 #: its bridge, the registry, the Nomad double's docker tasks. ``pools``: pools' workers, found among every
 #: process by their test's folder, the Nomad double's raw_exec workers, Rays of the pools' own; no image.
-#: Every Ray a test starts is its own: none may look for one with ``RAY_ADDRESS=auto``, which finds any.
+#: Every Ray a test starts is its own: none may start Ray with ``RAY_ADDRESS=auto``, which joins any.
 MACHINE_GROUPS = {
     "engine": frozenset(
         {"test_catalog", "test_cluster", "test_confidential_cvm", "test_confidential_image"}
@@ -97,7 +101,8 @@ MACHINE_GROUPS = {
     "pools": frozenset({"test_worker_pool"}),
 }
 #: The fixtures a module of any group may use: the engine (for the sessions' removal of their containers),
-#: and a Nomad double of the session's own.
+#: and a Nomad agent: the double, one a session (its docker tasks labelled the session's), or the real one
+#: ``NOMAD_ADDR`` names, where the jobs' names keep each test's apart.
 SHARED_FIXTURES = frozenset({"docker_engine", "nomad_agent"})
 #: The fixtures (and the ``docker`` mark) that make a module one of the ``engine`` group's.
 ENGINE_FIXTURES = frozenset({"base_image", "registry_server", "local_registry", "bridge_address", "bridge_s3"})
@@ -133,8 +138,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """pytest-xdist's scheduling by module (each module's fixtures made once), with each of ``MACHINE_GROUPS``
-    as one unit: a worker runs its modules in turn while the other takes the rest, module by module. Units
-    go out in the order of collection (``pytest_collection_modifyitems``), not re-sorted by size."""
+    as one unit: a worker runs its modules in turn, the groups in workers of their own, while the other
+    modules fill in beside them. Units go out in the order of collection (``pytest_collection_modifyitems``),
+    not re-sorted by size (``loadscopereorder``: pytest-xdist 3.8 and later)."""
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False
@@ -195,7 +201,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[object]:
     """A python-on-whales client whose engine answers; this session's test containers are removed after, and
-    those of a session that ended without removing its own."""
+    those no live session owns (``_stale_containers``)."""
     from metaflow_stack.engines.docker import require_engine
     from metaflow_stack.errors import DockerUnavailableError
 
@@ -205,16 +211,34 @@ def docker_engine() -> Iterator[object]:
         docker, reason = None, exc.message
     need("docker", docker is not None, reason)
     yield docker
-    mine = TEST_LABELS[TEST_LABEL]
-    left = [
-        container
-        for container in docker.container.list(all=True, filters=[("label", TEST_LABEL)])
-        if container.config.labels[TEST_LABEL] == mine
-        or (launcher := Launcher.parse(container.config.labels[TEST_LABEL])) is None
-        or launcher.gone()
-    ]
-    if left:
-        docker.container.remove(left, force=True)
+    own = docker.container.list(all=True, filters=[("label", f"{k}={v}") for k, v in TEST_LABELS.items()])
+    remove_containers(docker, [*own, *_stale_containers(docker)])
+
+
+def _stale_containers(docker) -> list:
+    """The test containers no live session owns: a killed session's, those the builds before sessions had
+    labels of their own left (``true``), and a Nomad double's docker tasks with no session's label (the
+    same)."""
+    listed = {
+        container.id: container
+        for label in (TEST_LABEL, NOMAD_DOUBLE_LABEL)
+        for container in docker.container.list(all=True, filters=[("label", label)])
+    }
+    stale = []
+    for container in listed.values():
+        with contextlib.suppress(DockerException):  # (removed meanwhile: by its session, or by its double)
+            launcher = Launcher.parse(container.config.labels.get(TEST_LABEL))
+            if launcher is None or launcher.gone():
+                stale.append(container)
+    return stale
+
+
+def remove_containers(docker, containers: list) -> None:
+    """Remove ``containers``, each on its own: one removed meanwhile (by another session's sweep, or by the
+    Nomad double, as its task ended) is no error."""
+    for container in containers:
+        with contextlib.suppress(DockerException):
+            docker.container.remove(container, force=True)
 
 
 @pytest.fixture(scope="session")
@@ -532,8 +556,8 @@ def nomad_agent(docker_engine) -> Iterator[object]:
         with nomad_double("--token", token, *labels, path=f"{VENV_BIN}:{os.environ['PATH']}") as address:
             yield Settings(address=address, token=token)
     finally:
-        ours = [("label", "io.metaflow-stack.nomad-double"), *(("label", f"{k}={v}") for k, v in TEST_LABELS.items())]
-        docker_engine.container.remove(docker_engine.container.list(all=True, filters=ours), force=True)
+        ours = [("label", NOMAD_DOUBLE_LABEL), *(("label", f"{k}={v}") for k, v in TEST_LABELS.items())]
+        remove_containers(docker_engine, docker_engine.container.list(all=True, filters=ours))
 
 
 def gramine_path() -> str:

@@ -19,6 +19,8 @@ from test_worker_pool import facts, pool_keys, run_flow
 
 from metaflow_stack.pool.redis_pool import URL_VARIABLE
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.docker
 def test_kind_cluster_runs_a_pooled_foreach(tmp_path: Path, request: pytest.FixtureRequest) -> None:
