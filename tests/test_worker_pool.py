@@ -1317,6 +1317,49 @@ def test_a_task_that_leaves_a_writer_behind_holds_no_slot(tmp_path: Path) -> Non
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+SPEAKING_TASK = """
+import os, sys, time
+if __name__ == "__main__":  # (not when the fork server imports the file)
+    for number in range(3):
+        os.write(1, f"line {number}\\n".encode())
+    os.write(2, b"said\\n")
+    time.sleep(float(sys.argv[1]))
+    os.write(1, b"later\\n" + b"x" * int(sys.argv[2]))
+"""
+
+
+def test_a_ray_workers_task_output_goes_in_few_batches_and_still_live(tmp_path: Path) -> None:
+    """A Ray actor sends what its task writes in batches (each one round trip of Ray's stream): a short
+    task's output and its status as one; a longer one's first lines within ``FLUSH_S`` of being written,
+    before it ends; a flood in pieces of about ``FLUSH_BYTES``. (The actor's class, without Ray.)"""
+    from metaflow_stack.pool.ray_actor import FLUSH_BYTES, PoolActor
+
+    script = tmp_path / "speaking.py"
+    script.write_text(SPEAKING_TASK)
+    actor = PoolActor(str(script), "test", str(tmp_path))
+    assert actor.ready() is None
+    try:
+
+        def sent(pause: float, flood: int) -> list[tuple[float, list[tuple[int, bytes]], int | None]]:
+            task = Task(sys.executable, [sys.executable, str(script), str(pause), str(flood)], dict(os.environ), "/")
+            started = time.monotonic()
+            return [(time.monotonic() - started, *batch) for batch in actor.run(task, uuid.uuid4().hex)]
+
+        ((_, pieces, status),) = sent(0, 0)
+        assert status == 0 and b"".join(data for fd, data in pieces if fd == 1) == b"line 0\nline 1\nline 2\nlater\n"
+        assert [data for fd, data in pieces if fd == 2] == [b"said\n"]
+        first, *_, last = sent(2.0, 0)
+        assert first[2] is None and first[0] < 1.0 and b"line 2" in b"".join(data for _, data in first[1])
+        assert last[2] == 0 and last[0] >= 2.0
+        batches = sent(0, 1 << 20)
+        assert batches[-1][2] == 0 and all(status is None for _, _, status in batches[:-1])
+        sizes = [sum(len(data) for _, data in pieces) for _, pieces, _ in batches]
+        assert len(batches) >= (1 << 20) // (FLUSH_BYTES + 65536) and max(sizes) < FLUSH_BYTES + 65536, sizes
+        assert sum(sizes) == len(b"line 0\nline 1\nline 2\nsaid\nlater\n") + (1 << 20)
+    finally:
+        actor.stop()
+
+
 def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path, step_python: Path) -> None:
     """A task whose decorators chose another interpreter than the pool's reaches the pool through the
     trampoline, which runs under that interpreter; the pool refuses it rather than run it in its own. A

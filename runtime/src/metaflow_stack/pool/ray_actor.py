@@ -13,6 +13,7 @@ machine, so it goes with the pool's even then.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 from metaflow_stack.pool.child import Task
@@ -23,6 +24,10 @@ from metaflow_stack.pool.slot import Running, Slot
 #: own environment, so each item uses its actor's GPU, not every GPU of the node.
 RAY_ASSIGNED = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "NEURON_RT_VISIBLE_CORES")
 RAY_ASSIGNED += ("TPU_VISIBLE_CHIPS", "ONEAPI_DEVICE_SELECTOR", "OMP_NUM_THREADS")
+#: Seconds a task's output is gathered, from its first piece, before it is sent on (live enough for a log),
+#: and the bytes that send it sooner (a chatty task's batch stays small enough to go inline).
+FLUSH_S = 0.1
+FLUSH_BYTES = 64 << 10
 
 
 class PoolActor:
@@ -39,12 +44,13 @@ class PoolActor:
         """None once warm, or why it cannot run tasks."""
         return self.error
 
-    def run(self, task: Task, token: str) -> Iterator[tuple[int, bytes] | int]:
-        """Run ``task``: ``(fd, data)`` for what it writes to stdout (1) or stderr (2), then its exit status
-        (none if it was cancelled, see ``cancel``)."""
+    def run(self, task: Task, token: str) -> Iterator[tuple[list[tuple[int, bytes]], int | None]]:
+        """Run ``task``: what it writes to stdout (1) or stderr (2), as ``(fd, data)`` pieces gathered for up
+        to ``FLUSH_S`` from the first (or ``FLUSH_BYTES``), with None; the last with its exit status (None if it
+        was cancelled). Each yield is one round trip of Ray's stream through the dispatcher, so a short task's
+        output and its status go as one."""
         if error := self.slot.revive():
-            yield 2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode()
-            yield 1
+            yield [(2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode())], 1
             return
         if token in self.cancelled:  # cancelled before it started
             self.cancelled.discard(token)
@@ -55,11 +61,18 @@ class PoolActor:
         try:
             if token in self.cancelled:  # cancelled while it was handed over
                 return
+            batch: list[tuple[int, bytes]] = []
+            held, due = 0, None  # the batch's bytes; when it goes, once it holds something
             while not running.ended:
-                for piece in running.read(None):  # noqa: UP028 (not yield from: Ray sends into the generator)
-                    yield piece
-            if running.status is not None:
-                yield running.status
+                pieces = running.read(None if due is None else max(due - time.monotonic(), 0))
+                batch += pieces
+                held += sum(len(data) for _, data in pieces)
+                if batch and due is None:
+                    due = time.monotonic() + FLUSH_S
+                if batch and (held >= FLUSH_BYTES or time.monotonic() >= due) and not running.ended:
+                    yield batch, None
+                    batch, held, due = [], 0, None
+            yield batch, running.status
         finally:
             running.close()
             self.running.pop(token, None)

@@ -72,11 +72,12 @@ class RayExecutor:
         cancelling = asyncio.ensure_future(self._cancel_when(abandoned, actor, token))
         try:
             async for ref in actor.run.remote(task, token):
-                item = await ref
-                if isinstance(item, int):
+                pieces, status = await ref
+                for fd, data in pieces:
+                    await output(fd, data)
+                if status is not None:
                     ended = True
-                    return item
-                await output(*item)
+                    return status
             ended = True
             return None  # cancelled: its trampoline went away
         except RayActorError as exc:
