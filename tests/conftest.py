@@ -212,21 +212,17 @@ def docker_engine() -> Iterator[object]:
     need("docker", docker is not None, reason)
     yield docker
     own = docker.container.list(all=True, filters=[("label", f"{k}={v}") for k, v in TEST_LABELS.items()])
-    remove_containers(docker, [*own, *_stale_containers(docker)])
+    remove_containers(docker, [*own, *_stale_containers(docker, {container.id for container in own})])
 
 
-def _stale_containers(docker) -> list:
-    """The test containers no live session owns: a killed session's, those the builds before sessions had
-    labels of their own left (``true``), and a Nomad double's docker tasks with no session's label (the
-    same)."""
-    listed = {
-        container.id: container
-        for label in (TEST_LABEL, NOMAD_DOUBLE_LABEL)
-        for container in docker.container.list(all=True, filters=[("label", label)])
-    }
+def _stale_containers(docker, own: set[str]) -> list:
+    """The test containers (but ``own``) no live session owns: a killed session's, and those the builds
+    before sessions had labels of their own left (``true``)."""
     stale = []
-    for container in listed.values():
-        with contextlib.suppress(DockerException):  # (removed meanwhile: by its session, or by its double)
+    for container in docker.container.list(all=True, filters=[("label", TEST_LABEL)]):
+        if container.id in own:
+            continue
+        with contextlib.suppress(DockerException):  # (removed meanwhile, by its own session)
             launcher = Launcher.parse(container.config.labels.get(TEST_LABEL))
             if launcher is None or launcher.gone():
                 stale.append(container)

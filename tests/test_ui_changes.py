@@ -133,24 +133,29 @@ def test_a_local_datastore_removed_and_made_again_is_still_watched(tmp_path: Pat
 
 def test_a_root_that_cannot_be_made_yet_is_watched_once_it_can_be(tmp_path: Path, capsys) -> None:
     """A root whose parent is a file (a path mistyped, a volume not yet mounted): the watch is not given up,
-    it says why once and tries again, and names the runs written once the root can be made."""
+    it says why once and tries again; a run written before it is back is told as every run, and the runs
+    written after are named."""
     blocker = tmp_path / "mounted"
     blocker.write_text("not a folder yet")
     root = blocker / ".metaflow"
 
-    async def scenario() -> list[str]:
+    async def scenario() -> list[list[str]]:
         changes, stop = Changes(), asyncio.Event()
         async with changes.subscribe() as feed:
             watching = asyncio.ensure_future(watch(root, changes, stop))
             await asyncio.sleep(2.5)  # (more than one try)
             assert not watching.done()
             blocker.unlink()
-            while (seen := await written_and_seen(root, feed, "Flow/1")) != ["Flow/1"]:
-                assert seen == [EVERY_RUN], seen
+            (root / "Flow" / "1").mkdir(parents=True)  # (before the watch's next try: no watch sees it)
+            (root / "Flow" / "1" / "file").write_text("x")
+            read = [await asyncio.wait_for(feed.next(), 15)]
+            while (seen := await written_and_seen(root, feed, "Flow/2")) != ["Flow/2"]:
+                assert seen in (["Flow/1"], [EVERY_RUN]), seen
+            read.append(seen)
             stop.set()
             await asyncio.wait_for(watching, 15)
-        return seen
+        return read
 
-    assert asyncio.run(scenario()) == ["Flow/1"]
+    assert asyncio.run(scenario()) == [[EVERY_RUN], ["Flow/2"]]
     said = capsys.readouterr().err
     assert said.count("cannot make") == 1 and "trying again every 2 s" in said, said

@@ -1345,8 +1345,10 @@ def test_a_ray_workers_task_output_goes_in_few_batches_and_still_live(tmp_path: 
             started = time.monotonic()
             return [(time.monotonic() - started, *batch) for batch in actor.run(task, uuid.uuid4().hex)]
 
-        ((_, pieces, status),) = sent(0, 0)
-        assert status == 0 and b"".join(data for fd, data in pieces if fd == 1) == b"line 0\nline 1\nline 2\nlater\n"
+        short = sent(0, 0)  # (one batch; more only where a busy machine stalls the task over 0.1 s: at most 3)
+        pieces = [piece for _, batch, _ in short for piece in batch]
+        assert len(short) <= 3 and [status for *_, status in short] == [None] * (len(short) - 1) + [0]
+        assert b"".join(data for fd, data in pieces if fd == 1) == b"line 0\nline 1\nline 2\nlater\n"
         assert [data for fd, data in pieces if fd == 2] == [b"said\n"]
         first, *_, last = sent(2.0, 0)
         assert first[2] is None and first[0] < 1.0 and b"line 2" in b"".join(data for _, data in first[1])
@@ -1354,7 +1356,7 @@ def test_a_ray_workers_task_output_goes_in_few_batches_and_still_live(tmp_path: 
         batches = sent(0, 1 << 20)
         assert batches[-1][2] == 0 and all(status is None for _, _, status in batches[:-1])
         sizes = [sum(len(data) for _, data in pieces) for _, pieces, _ in batches]
-        assert len(batches) >= (1 << 20) // (FLUSH_BYTES + 65536) and max(sizes) < FLUSH_BYTES + 65536, sizes
+        assert max(sizes) < FLUSH_BYTES + 65536 < 100 << 10, sizes  # (under what Ray sends inline)
         assert sum(sizes) == len(b"line 0\nline 1\nline 2\nsaid\nlater\n") + (1 << 20)
     finally:
         actor.stop()

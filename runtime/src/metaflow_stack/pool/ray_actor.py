@@ -25,9 +25,10 @@ from metaflow_stack.pool.slot import Running, Slot
 RAY_ASSIGNED = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "NEURON_RT_VISIBLE_CORES")
 RAY_ASSIGNED += ("TPU_VISIBLE_CHIPS", "ONEAPI_DEVICE_SELECTOR", "OMP_NUM_THREADS")
 #: Seconds a task's output is gathered, from its first piece, before it is sent on (live enough for a log),
-#: and the bytes that send it sooner (a chatty task's batch stays small enough to go inline).
+#: and the bytes that send it sooner: a batch (at most this and one read of 64 KiB) stays under the 100 KiB
+#: Ray sends inline, rather than through its object store.
 FLUSH_S = 0.1
-FLUSH_BYTES = 64 << 10
+FLUSH_BYTES = 32 << 10
 
 
 class PoolActor:

@@ -88,38 +88,44 @@ def run_of(root: Path, changed: str) -> str | None:
 
 async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
     """Publish the runs changing under ``root`` until ``stop`` is set. A root removed or moved away (a
-    user's ``rm -rf .metaflow``) is made again and watched anew, every run published: a watch on the removed
-    folder would see nothing more, and the UI would never update again. (The new watch is in place before
-    anything awaits, so a page refetching on that news misses nothing.) A root that cannot be made, or a
-    watch that fails, is tried again every ``RETRY_S``, said once: the feed never ends before ``stop``."""
-    root, polling, said = root.resolve(), False, set()  # (watchfiles names what changed by absolute paths)
+    user's ``rm -rf .metaflow``) is made again and watched anew: a watch on the removed folder would see
+    nothing more, and the UI would never update again. A root that cannot be made yet is tried again every
+    ``RETRY_S``; a watch that fails (inotify's watches run out on a very large datastore, a folder cannot be
+    read, watchfiles' own errors) goes on by polling, and one that fails even so is tried again every
+    ``RETRY_S``. Each failure is said once, and the feed never ends before ``stop``. Whenever a watch starts
+    after none, every run is published (the new watch is in place before anything awaits, so a page
+    refetching on that news misses nothing)."""
+    root = root.resolve()  # (watchfiles names what changed by absolute paths)
+    polling, down, said = False, False, set()
     while not stop.is_set():
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # (its parent a file, or not writable: perhaps not for long)
-            _say_once(said, f"cannot make {root} ({exc}): trying again every {RETRY_S:.0f} s")
+            _say_once(said, "made", f"cannot make {root} ({exc}): trying again every {RETRY_S:.0f} s")
+            down = True
             await _pause(stop)
             continue
+        if down:
+            changes.publish([EVERY_RUN])  # (what changed while there was no watch)
+        down = True  # (however the watch ends, unless ``stop`` ends it)
         try:
             if not await _watch(root, changes, stop, force_polling=polling):
                 return
-        except OSError as exc:  # inotify watches exhausted on a very large datastore, or the root unreadable
-            if polling:  # (polling failed too: try again shortly, not in a busy loop)
+        except Exception as exc:  # (an OSError, or watchfiles' errors as anyio groups them: ExceptionGroup)
+            if polling:
+                again = f"trying again every {RETRY_S:.0f} s"
+                _say_once(said, "polled", f"watching {root} by polling failed ({exc!r}): {again}")
                 await _pause(stop)
             else:
-                _say_once(said, f"watching {root} by polling ({exc})")
+                _say_once(said, "watched", f"watching {root} by polling ({exc!r})")
                 polling = True
-        except Exception as exc:  # watchfiles' own (its Rust side's errors): the watch is made again
-            _say_once(said, f"watching {root} failed ({exc!r}): watching it again every {RETRY_S:.0f} s")
-            await _pause(stop)
-        changes.publish([EVERY_RUN])  # (what changed while the watch was down)
 
 
-def _say_once(said: set[str], line: str) -> None:
-    """Print ``line`` on stderr unless it was said already (a failure met again every few seconds)."""
-    if line not in said:
-        said.add(line)
-        Console(stderr=True).print(f"[yellow]{line}[/]")
+def _say_once(said: set[str], what: str, line: str) -> None:
+    """Print ``line`` on stderr unless ``what`` failed before (a failure met again every few seconds)."""
+    if what not in said:
+        said.add(what)
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]{line}[/]")
 
 
 async def _pause(stop: asyncio.Event) -> None:
