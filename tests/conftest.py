@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from devservers import free_port
+from python_on_whales import Container, DockerClient
 from python_on_whales.exceptions import DockerException
 
 from metaflow_stack.ci.plugin import need  # the rule every test's tools follow, here and in flow suites
@@ -63,8 +64,6 @@ DEAD_ENGINE_ENV = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 #: ended without (killed), never those of the worker running beside it.
 TEST_LABEL = "io.metaflow-stack.test"
 TEST_LABELS = {TEST_LABEL: Launcher.this().label}
-#: The label of the Nomad double's docker tasks (``tests/nomad_double``).
-NOMAD_DOUBLE_LABEL = "io.metaflow-stack.nomad-double"
 #: Where in-process test clients say they connect: servers answer loopback names only (``http_guard``).
 LOOPBACK = "http://127.0.0.1"
 
@@ -212,12 +211,13 @@ def docker_engine() -> Iterator[object]:
     need("docker", docker is not None, reason)
     yield docker
     own = docker.container.list(all=True, filters=[("label", f"{k}={v}") for k, v in TEST_LABELS.items()])
-    remove_containers(docker, [*own, *_stale_containers(docker, {container.id for container in own})])
+    _remove_containers(docker, [*own, *_stale_containers(docker, {container.id for container in own})])
 
 
-def _stale_containers(docker, own: set[str]) -> list:
+def _stale_containers(docker: DockerClient, own: set[str]) -> list[Container]:
     """The test containers (but ``own``) no live session owns: a killed session's, and those the builds
-    before sessions had labels of their own left (``true``)."""
+    before sessions had labels of their own left (``true``). (Not ``elsewhere.orphans``: that one knows only
+    the runtime's own containers, by its job label, and never an unparsable owner.)"""
     stale = []
     for container in docker.container.list(all=True, filters=[("label", TEST_LABEL)]):
         if container.id in own:
@@ -229,7 +229,7 @@ def _stale_containers(docker, own: set[str]) -> list:
     return stale
 
 
-def remove_containers(docker, containers: list) -> None:
+def _remove_containers(docker: DockerClient, containers: list[Container]) -> None:
     """Remove ``containers``, each on its own: one removed meanwhile (by another session's sweep, or by the
     Nomad double, as its task ended) is no error."""
     for container in containers:
@@ -532,7 +532,7 @@ def bridge_s3(bridge_address: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def nomad_agent(docker_engine) -> Iterator[object]:
+def nomad_agent(docker_engine: DockerClient) -> Iterator[object]:
     """A Nomad agent's settings (``metaflow_stack.engines.nomad.client.Settings``): the one at ``NOMAD_ADDR`` where
     one runs (the GitHub workflow's), else the double in ``tests/nomad_double`` (its docker tasks on the
     local engine), with ACLs on; its variables are set for the processes the tests start."""
@@ -546,14 +546,11 @@ def nomad_agent(docker_engine) -> Iterator[object]:
         yield Settings.from_env()
         return
     token = uuid.uuid4().hex
-    labels = [f"--label={name}={value}" for name, value in TEST_LABELS.items()]  # (its docker tasks': this session's)
-    try:
-        # The node's own Python for raw_exec tasks, as a client whose PATH holds one with Metaflow's needs.
-        with nomad_double("--token", token, *labels, path=f"{VENV_BIN}:{os.environ['PATH']}") as address:
-            yield Settings(address=address, token=token)
-    finally:
-        ours = [("label", NOMAD_DOUBLE_LABEL), *(("label", f"{k}={v}") for k, v in TEST_LABELS.items())]
-        remove_containers(docker_engine, docker_engine.container.list(all=True, filters=ours))
+    # Its docker tasks carry this session's label: any the double leaves, ``docker_engine`` removes after it.
+    labels = [f"--label={name}={value}" for name, value in TEST_LABELS.items()]
+    # The node's own Python for raw_exec tasks, as a client whose PATH holds one with Metaflow's needs.
+    with nomad_double("--token", token, *labels, path=f"{VENV_BIN}:{os.environ['PATH']}") as address:
+        yield Settings(address=address, token=token)
 
 
 def gramine_path() -> str:

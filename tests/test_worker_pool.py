@@ -1356,7 +1356,7 @@ def test_a_ray_workers_task_output_goes_in_few_batches_and_still_live(tmp_path: 
         batches = sent(0, 1 << 20)
         assert batches[-1][2] == 0 and all(status is None for _, _, status in batches[:-1])
         sizes = [sum(len(data) for _, data in pieces) for _, pieces, _ in batches]
-        assert max(sizes) < FLUSH_BYTES + 65536 < 100 << 10, sizes  # (under what Ray sends inline)
+        assert max(sizes) < FLUSH_BYTES + 65536, sizes  # (one pipe: the bound and at most one read past it)
         assert sum(sizes) == len(b"line 0\nline 1\nline 2\nsaid\nlater\n") + (1 << 20)
     finally:
         actor.stop()

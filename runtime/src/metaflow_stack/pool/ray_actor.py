@@ -2,12 +2,13 @@
 
 A Ray worker process runs threads (Ray's own), and a process with threads
 must not fork, so the actor hands each task to a fork server of one slot
-(``slot``) and streams back what the task writes as it comes, then its exit
-status. ``cancel`` (called while ``run`` runs: the actor takes two calls at
-once) has the fork server kill the task. The actor dying (a node lost, a
-process killed) ends the fork server and its task with it; the fork
-server's folder is under the pool's own when Ray runs on the runtime's
-machine, so it goes with the pool's even then.
+(``slot``) and streams back what the task writes as it comes, in batches of
+at most a tenth of a second, the last with its exit status. ``cancel``
+(called while ``run`` runs: the actor takes two calls at once) has the fork
+server kill the task. The actor dying (a node lost, a process killed) ends
+the fork server and its task with it; the fork server's folder is under the
+pool's own when Ray runs on the runtime's machine, so it goes with the
+pool's even then.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from metaflow_stack.pool.slot import Running, Slot
 RAY_ASSIGNED = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "NEURON_RT_VISIBLE_CORES")
 RAY_ASSIGNED += ("TPU_VISIBLE_CHIPS", "ONEAPI_DEVICE_SELECTOR", "OMP_NUM_THREADS")
 #: Seconds a task's output is gathered, from its first piece, before it is sent on (live enough for a log),
-#: and the bytes that send it sooner: a batch (at most this and one read of 64 KiB) stays under the 100 KiB
-#: Ray sends inline, rather than through its object store.
+#: and the bytes that send it sooner: a flood goes in batches about the size Ray sends inline (100 KiB;
+#: a batch is this plus at most one read of each pipe), not all through Ray's object store.
 FLUSH_S = 0.1
 FLUSH_BYTES = 32 << 10
 
@@ -48,8 +49,8 @@ class PoolActor:
     def run(self, task: Task, token: str) -> Iterator[tuple[list[tuple[int, bytes]], int | None]]:
         """Run ``task``: what it writes to stdout (1) or stderr (2), as ``(fd, data)`` pieces gathered for up
         to ``FLUSH_S`` from the first (or ``FLUSH_BYTES``), with None; the last with its exit status (None if it
-        was cancelled). Each yield is one round trip of Ray's stream through the dispatcher, so a short task's
-        output and its status go as one."""
+        was cancelled while it ran; nothing at all if before). Each yield is one round trip of Ray's stream
+        through the dispatcher, so a short task's output and its status go as one."""
         if error := self.slot.revive():
             yield [(2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode())], 1
             return

@@ -21,7 +21,7 @@ from rich.console import Console
 
 #: Milliseconds watchfiles gathers changes before it reports them as one batch.
 DEBOUNCE_MS = 200
-#: Seconds between tries of a watch that failed even by polling.
+#: Seconds between tries of a root that could not be made, or of a watch that failed even by polling.
 RETRY_S = 2.0
 #: The run named when a subscriber must refetch everything it shows.
 EVERY_RUN = "*"
@@ -114,11 +114,18 @@ async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
         except Exception as exc:  # (an OSError, or watchfiles' errors as anyio groups them: ExceptionGroup)
             if polling:
                 again = f"trying again every {RETRY_S:.0f} s"
-                _say_once(said, "polled", f"watching {root} by polling failed ({exc!r}): {again}")
+                _say_once(said, "polled", f"watching {root} by polling failed ({_why(exc)}): {again}")
                 await _pause(stop)
             else:
-                _say_once(said, "watched", f"watching {root} by polling ({exc!r})")
+                _say_once(said, "watched", f"watching {root} by polling ({_why(exc)})")
                 polling = True
+
+
+def _why(exc: BaseException) -> str:
+    """What failed, in words: for an error anyio grouped, the errors in the group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_why(inner) for inner in exc.exceptions)
+    return str(exc) or type(exc).__name__
 
 
 def _say_once(said: set[str], what: str, line: str) -> None:
