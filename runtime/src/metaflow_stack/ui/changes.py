@@ -21,7 +21,8 @@ from rich.console import Console
 
 #: Milliseconds watchfiles gathers changes before it reports them as one batch.
 DEBOUNCE_MS = 200
-#: Seconds between tries of a root that could not be made, or of a watch that failed even by polling.
+#: Seconds between tries of a root that could not be made, of a watch that failed even by polling, and of a
+#: service's event stream that dropped.
 RETRY_S = 2.0
 #: The run named when a subscriber must refetch everything it shows.
 EVERY_RUN = "*"
@@ -101,9 +102,9 @@ async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # (its parent a file, or not writable: perhaps not for long)
-            _say_once(said, "made", f"cannot make {root} ({exc}): trying again every {RETRY_S:.0f} s")
+            say_once(said, "made", f"cannot make {root} ({exc}): trying again every {RETRY_S:.0f} s")
             down = True
-            await _pause(stop)
+            await pause(stop)
             continue
         if down:
             changes.publish([EVERY_RUN])  # (what changed while there was no watch)
@@ -114,10 +115,10 @@ async def watch(root: Path, changes: Changes, stop: asyncio.Event) -> None:
         except Exception as exc:  # (an OSError, or watchfiles' errors as anyio groups them: ExceptionGroup)
             if polling:
                 again = f"trying again every {RETRY_S:.0f} s"
-                _say_once(said, "polled", f"watching {root} by polling failed ({_why(exc)}): {again}")
-                await _pause(stop)
+                say_once(said, "polled", f"watching {root} by polling failed ({_why(exc)}): {again}")
+                await pause(stop)
             else:
-                _say_once(said, "watched", f"watching {root} by polling ({_why(exc)})")
+                say_once(said, "watched", f"watching {root} by polling ({_why(exc)})")
                 polling = True
 
 
@@ -128,15 +129,16 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _say_once(said: set[str], what: str, line: str) -> None:
-    """Print ``line`` on stderr unless ``what`` failed before (a failure met again every few seconds)."""
+def say_once(said: set[str], what: str, line: str) -> None:
+    """Print ``line`` on stderr unless ``what`` failed before (a failure met again every few seconds): the live
+    feed's followers say each kind of failure once and go on."""
     if what not in said:
         said.add(what)
         Console(stderr=True, soft_wrap=True).print(f"[yellow]{line}[/]")
 
 
-async def _pause(stop: asyncio.Event) -> None:
-    """``RETRY_S``, or less once ``stop`` is set."""
+async def pause(stop: asyncio.Event) -> None:
+    """``RETRY_S``, or less once ``stop`` is set: a follower's wait before it tries again."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), RETRY_S)
 

@@ -6,23 +6,18 @@ metadata, and a live feed from the service's event stream."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
-from rich.console import Console
 
 from metaflow_stack.agent.service_source import ServiceSource
 from metaflow_stack.agent.source import AgentError
 from metaflow_stack.datastore.blobs import Blobs
-from metaflow_stack.ui.changes import EVERY_RUN, Changes
+from metaflow_stack.ui.changes import EVERY_RUN, Changes, pause, say_once
 from metaflow_stack.ui.details import Details
 from metaflow_stack.ui.local_runs import task_detail
-
-#: Seconds between reconnections to a service whose event stream dropped.
-RECONNECT_S = 2.0
 
 
 class ServiceRuns(Details, ServiceSource):
@@ -56,7 +51,7 @@ class ServiceRuns(Details, ServiceSource):
         what its log still holds."""
         headers = {"x-api-key": self._auth_key} if self._auth_key else {}
         since: str | None = None
-        dropped = False
+        dropped, said = False, set()
         async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=None) as http:
             while not stop.is_set():
                 try:
@@ -70,10 +65,9 @@ class ServiceRuns(Details, ServiceSource):
                 except httpx.HTTPError:
                     pass  # the service restarted or is unreachable: try again shortly
                 except Exception as exc:  # (httpx's StreamError is no HTTPError) the page must not go stale for good
-                    Console(stderr=True).print(f"[yellow]live updates from {self.url} dropped ({exc!r}); resuming[/]")
+                    say_once(said, type(exc).__name__, f"live updates from {self.url} dropped ({exc!r}); resuming")
                 dropped = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), RECONNECT_S)
+                await pause(stop)
 
 
 def run_of(data: str) -> str | None:
