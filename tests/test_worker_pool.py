@@ -1362,6 +1362,49 @@ def test_a_ray_workers_task_output_goes_in_few_batches_and_still_live(tmp_path: 
         actor.stop()
 
 
+def test_a_ray_worker_that_cannot_read_its_tasks_output_sends_what_it_had_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a task's pipes failing (here: at the second read, as an ``EIO`` would) loses the attempt, not
+    what the task wrote before: the batch gathered so far goes, then the reason, with ``POOL_LOST`` (``@retry``
+    runs the item again), and the task is killed rather than left running. (The actor's class, without Ray.)"""
+    from metaflow_stack.pool import slot
+    from metaflow_stack.pool.ray_actor import PoolActor
+
+    reads = 0
+    real_read = slot.Running.read
+
+    def failing_read(running: slot.Running, timeout: float | None) -> list[tuple[int, bytes]]:
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            raise OSError(5, "Input/output error")
+        time.sleep(0.5)  # (the task's first lines are all in the pipes by then)
+        return real_read(running, timeout)
+
+    monkeypatch.setattr(slot.Running, "read", failing_read)
+    script = tmp_path / "speaking.py"
+    script.write_text(SPEAKING_TASK)
+    actor = PoolActor(str(script), "test", str(tmp_path))
+    assert actor.ready() is None
+    try:
+        task = Task(sys.executable, [sys.executable, str(script), "60", "0"], dict(os.environ), "/")
+        started = time.monotonic()
+        batches = list(actor.run(task, uuid.uuid4().hex))
+        (pieces, status), *more = batches
+        assert not more and status == trampoline.POOL_LOST
+        assert b"line 0" in b"".join(data for fd, data in pieces if fd == 1), pieces
+        said = b"worker pool: this Ray worker could not read the task's output: [Errno 5] Input/output error\n"
+        assert pieces[-1] == (2, said)
+        assert actor.slot.pool is not None
+        deadline = time.monotonic() + 30  # the task (asleep for 60 s) is killed, its slot free again
+        while actor.slot.pool.counts().running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert actor.slot.pool.counts().failed == 1 and time.monotonic() - started < 30
+    finally:
+        actor.stop()
+
+
 def test_a_task_for_another_interpreter_is_refused_in_one_line(tmp_path: Path, step_python: Path) -> None:
     """A task whose decorators chose another interpreter than the pool's reaches the pool through the
     trampoline, which runs under that interpreter; the pool refuses it rather than run it in its own. A

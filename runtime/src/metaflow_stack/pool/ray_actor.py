@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 
+from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.slot import Running, Slot
@@ -49,8 +50,9 @@ class PoolActor:
     def run(self, task: Task, token: str) -> Iterator[tuple[list[tuple[int, bytes]], int | None]]:
         """Run ``task``: what it writes to stdout (1) or stderr (2), as ``(fd, data)`` pieces gathered for up
         to ``FLUSH_S`` from the first (or ``FLUSH_BYTES``), with None; the last with its exit status (None if it
-        was cancelled while it ran; nothing at all if before). Each yield is one round trip of Ray's stream
-        through the dispatcher, so a short task's output and its status go as one."""
+        was cancelled while it ran; nothing at all if before; ``POOL_LOST``, after what was gathered and why,
+        if its output could not be read). Each yield is one round trip of Ray's stream through the
+        dispatcher, so a short task's output and its status go as one."""
         if error := self.slot.revive():
             yield [(2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode())], 1
             return
@@ -65,15 +67,20 @@ class PoolActor:
                 return
             batch: list[tuple[int, bytes]] = []
             held, due = 0, None  # the batch's bytes; when it goes, once it holds something
-            while not running.ended:
-                pieces = running.read(None if due is None else max(due - time.monotonic(), 0))
-                batch += pieces
-                held += sum(len(data) for _, data in pieces)
-                if batch and due is None:
-                    due = time.monotonic() + FLUSH_S
-                if batch and (held >= FLUSH_BYTES or time.monotonic() >= due) and not running.ended:
-                    yield batch, None
-                    batch, held, due = [], 0, None
+            try:
+                while not running.ended:
+                    pieces = running.read(None if due is None else max(due - time.monotonic(), 0))
+                    batch += pieces
+                    held += sum(len(data) for _, data in pieces)
+                    if batch and due is None:
+                        due = time.monotonic() + FLUSH_S
+                    if batch and (held >= FLUSH_BYTES or time.monotonic() >= due) and not running.ended:
+                        yield batch, None
+                        batch, held, due = [], 0, None
+            except (OSError, ValueError) as exc:  # its pipes unreadable: the attempt is lost, not what it wrote
+                lost = f"worker pool: this Ray worker could not read the task's output: {exc}\n"
+                yield [*batch, (2, lost.encode())], trampoline.POOL_LOST  # (and ``close`` has the task killed)
+                return
             yield batch, running.status
         finally:
             running.close()
