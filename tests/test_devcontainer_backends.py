@@ -7,13 +7,17 @@ naming what is missing wherever they are not set."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import VENV_BIN, need
 from service_servers import KEYED, start_service
@@ -92,6 +96,65 @@ def test_a_remote_step_needs_stores_another_machine_reaches() -> None:
 
 
 #: Where a Daytona sandbox's step keeps its data: stores Daytona's cloud reaches, named by variables.
+#: DevPod's CLI as the trampoline calls it (``up``, ``ssh``, ``delete``: each logged as a JSON line of its
+#: pid and arguments; ``ssh`` runs a step that takes two minutes), for the kill below: DevPod is not here.
+DEVPOD_DOUBLE = """#!{python}
+import json, os, sys, time
+with open(os.environ["DEVPOD_DOUBLE_LOG"], "a") as log:
+    log.write(json.dumps([os.getpid(), *sys.argv[1:]]) + "\\n")
+if sys.argv[1] == "ssh":
+    time.sleep(120)
+"""
+
+
+def test_a_devpod_workspace_is_deleted_when_its_trampoline_is_killed_outright(tmp_path: Path) -> None:
+    """SIGKILL to a DevPod step's trampoline (what Metaflow's runtime does to the tasks still running when
+    another fails the run): its watchdog child deletes the workspace, twice (a ``devpod up`` may still have
+    been making it), and the code's copy it staged; the ``devpod ssh`` running the step is stopped. DevPod's
+    CLI is a double here (``DEVPOD_DOUBLE``); the GitHub ``devpod`` job runs the workspace test with DevPod."""
+    from metaflow_stack.devcontainer.devpod import workspace_id
+
+    double, log, code = tmp_path / "devpod", tmp_path / "devpod.log", tmp_path / "code"
+    double.write_text(DEVPOD_DOUBLE.format(python=sys.executable))
+    double.chmod(0o755)
+    code.mkdir()
+    launch = (
+        "from pathlib import Path; from metaflow_stack.devcontainer import devpod; "
+        f"devpod.run_step('flow.py step s', Path({str(code)!r}), {{}}, 'F/1/s/2', 0, config=None, image='i', "
+        "provider=None)"
+    )
+    env = {**os.environ, "METAFLOW_STACK_DEVPOD_CLI": str(double), "DEVPOD_DOUBLE_LOG": str(log)}
+    trampoline = subprocess.Popen([sys.executable, "-c", launch], env=env)
+
+    def calls() -> list[list]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def until(done: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    until(lambda: len(calls()) == 2, 60)  # up, then ssh: the step runs
+    (ssh,) = [pid for pid, command, *_ in calls() if command == "ssh"]
+    trampoline.kill()
+    trampoline.wait()
+    until(lambda: len(calls()) == 4, 30)
+    ident = workspace_id("F/1/s/2", 0)
+    assert [command for _, command, *_ in calls()] == ["up", "ssh", "delete", "delete"], calls()
+    assert [args for _, *args in calls()[2:]] == [["delete", ident, "--force", "--ignore-not-found"]] * 2
+    staged = Path(calls()[0][2])  # (the code's copy the workspace was made from)
+    until(lambda: not staged.parent.exists(), 10)
+    assert not staged.parent.exists(), staged
+
+    def ssh_stopped() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return psutil.Process(ssh).status() == psutil.STATUS_ZOMBIE  # (gone, its new parent yet to reap it)
+        return True
+
+    until(ssh_stopped, 10)
+    assert ssh_stopped(), "the trampoline's devpod ssh outlived it"
+
+
 DAYTONA_NEEDS = (
     "DAYTONA_API_KEY",
     "STACK_TEST_DAYTONA_S3_ROOT",

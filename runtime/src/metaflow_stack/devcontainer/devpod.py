@@ -1,6 +1,9 @@
 """One task's step in a DevPod workspace: ``devpod up`` on a folder holding the step's
 devcontainer.json and its code, ``devpod ssh --command`` to run the step (its output is the
-task's, its exit status the task's), ``devpod delete`` whatever happens.
+task's, its exit status the task's), ``devpod delete`` whatever happens: also when the trampoline
+is killed outright (SIGKILL, what Metaflow's runtime does to the tasks still running when another
+fails the run), by a child it forked first (``trampolines.undone_if_killed``), the DevPod commands
+it was waiting on stopped with it.
 
 DevPod's provider decides where the workspace runs (this machine's Docker, a Kubernetes cluster, a
 cloud VM), so the step reaches its datastore and metadata over the network: an S3 datastore and the
@@ -15,17 +18,21 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from metaflow_stack.errors import StackError, ToolMissingError
-from metaflow_stack.trampolines import stopped_by_signals
+from metaflow_stack.trampolines import die_with_parent, stopped_by_signals, undone_if_killed
 
 INSTALL_FIX = "install the DevPod CLI (https://devpod.sh/docs/getting-started/install) and add a provider"
 #: The longest workspace id DevPod accepts.
 _MAX_ID = 48
+#: Seconds between the two deletes for a killed trampoline's workspace (its ``devpod up`` winding down).
+_DELETE_AGAIN_S = 3.0
 
 
 def binary() -> str:
@@ -69,17 +76,21 @@ def run_step(
     provider: str | None,
 ) -> int:
     """Run ``step_cli`` (the interpreter's arguments, relative to the code's folder) in a new DevPod
-    workspace; its exit status. The workspace is deleted on exit, failure and SIGTERM/SIGINT."""
+    workspace; its exit status. The workspace is deleted on exit, failure, SIGTERM/SIGINT and SIGKILL."""
     devpod = binary()
     ident = workspace_id(pathspec, attempt)
     global_flags = ["--provider", provider] if provider else []
-    with tempfile.TemporaryDirectory(prefix="devpod-") as scratch, stopped_by_signals():
+    with (
+        tempfile.TemporaryDirectory(prefix="devpod-") as scratch,
+        stopped_by_signals(),
+        undone_if_killed(lambda: _delete_after_kill(devpod, ident, scratch)),
+    ):
         source = stage(code, config.parent if config else None, image, Path(scratch) / "workspace")
         config_path = f".devcontainer/{config.name}" if config else ".devcontainer/devcontainer.json"
         up = [devpod, "up", str(source), "--id", ident, "--ide", "none", "--devcontainer-path", config_path]
         try:
             # its progress (building, pulling, starting) goes to the task's log as it happens
-            done = subprocess.run(up + global_flags, stdout=sys.stderr, stderr=sys.stderr)
+            done = subprocess.run(up + global_flags, stdout=sys.stderr, stderr=sys.stderr, preexec_fn=_stops_with_us)
             if done.returncode != 0:
                 raise StackError(f"devpod up failed for {pathspec} (its log is above)", fix="correct what the log says")
             script = (
@@ -89,6 +100,26 @@ def run_step(
             ssh = [devpod, "ssh", ident, "--silent", "--start-services=false", "--agent-forwarding=false"]
             ssh += [flag for name in env for flag in ("--send-env", name)] + ["--command", script]
             # the values travel in this process's environment (--send-env), never on a command line
-            return subprocess.run(ssh, env={**os.environ, **env}).returncode
+            return subprocess.run(ssh, env={**os.environ, **env}, preexec_fn=_stops_with_us).returncode
         finally:
-            subprocess.run([devpod, "delete", ident, "--force", "--ignore-not-found"], capture_output=True, text=True)
+            _delete(devpod, ident)
+
+
+def _stops_with_us() -> None:
+    """In a DevPod command's process, before it runs: SIGTERM when the trampoline dies, so a trampoline killed
+    outright leaves no ``devpod up`` making a workspace (or ``devpod ssh`` running the step) behind."""
+    die_with_parent(signal.SIGTERM)
+
+
+def _delete(devpod: str, ident: str) -> None:
+    subprocess.run([devpod, "delete", ident, "--force", "--ignore-not-found"], capture_output=True, text=True)
+
+
+def _delete_after_kill(devpod: str, ident: str, scratch: str) -> None:
+    """Delete the workspace of a trampoline killed outright, and again once its ``devpod up`` (stopped as
+    the trampoline died) has had time to wind down: it may still have been making the workspace; and the
+    copy of the code it was made from."""
+    _delete(devpod, ident)
+    time.sleep(_DELETE_AGAIN_S)
+    _delete(devpod, ident)
+    shutil.rmtree(scratch, ignore_errors=True)
