@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +42,7 @@ def test_invoke_and_batch_return_the_predictions(client) -> None:
     assert client.post("/invoke/batch", json=[FLOWER, FLOWER]).json() == [{"prediction": 2}] * 2
 
 
-def test_msgpack_and_avro_are_negotiated(client) -> None:
+def test_msgpack_avro_and_accept_lists_are_negotiated(client, train_task) -> None:
     response = client.post(
         "/invoke",
         content=msgpack.packb(FLOWER),
@@ -54,6 +56,24 @@ def test_msgpack_and_avro_are_negotiated(client) -> None:
         headers={"content-type": "application/msgpack", "accept": "application/json"},
     )
     assert json_answer.json() == {"prediction": 2}
+    import iris_functions
+    from metaflow import JsonFunction
+
+    from metaflow_stack.functions import codecs
+    from metaflow_stack.functions.bundle import resolve_reference
+
+    ref, _ = resolve_reference(JsonFunction(iris_functions.predict_typed, task=train_task).reference)
+    avro_in, avro_out = codecs.create("avro", ref.input_schema), codecs.create("avro", ref.output_schema)
+    answer = client.post("/invoke", content=avro_in.encode(FLOWER), headers={"content-type": "application/avro"})
+    assert answer.headers["content-type"] == "application/avro", answer.text
+    assert avro_out.decode(answer.content) == {"prediction": 2}
+    # Accept as browsers and HTTP libraries send it: a list, with */* last.
+    listed = client.post("/invoke", json=FLOWER, headers={"accept": "text/html, application/json;q=0.9, */*;q=0.8"})
+    assert listed.json() == {"prediction": 2}
+    refused = _is_error(
+        client.post("/invoke", json=FLOWER, headers={"accept": "text/html"}), 415, "unsupported_media_type"
+    )
+    assert refused["details"]["field"] == "accept"
 
 
 def test_openapi_carries_the_functions_schemas(client) -> None:
@@ -89,6 +109,117 @@ def test_malformed_unknown_and_oversize_bodies_are_4xx_json(client) -> None:
         413,
         "payload_too_large",
     )
+
+
+@pytest.fixture(scope="module")
+def open_client(train_task):
+    """A function whose input is any JSON object (an open type), on the default backend (worker processes)."""
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import create_app
+
+    with TestClient(create_app(JsonFunction(iris_functions.echo, task=train_task).reference), base_url=LOOPBACK) as c:
+        yield c
+
+
+def test_an_open_input_takes_json_values_only_and_no_avro(open_client) -> None:
+    """Avro of an open type nests without end, and fastavro's compiled reader recursed into a crash of the
+    whole server at 5,000 levels (15 KB): refused, naming the header. msgpack carries bytes and keys that are
+    not strings, which no JSON Schema input holds (and which failed every request batched with them): 422."""
+    deep = b"\x02" + b"\x0a\x02" * 5000 + b"\x00" * 5001
+    refused = _is_error(
+        open_client.post("/invoke", content=deep, headers={"content-type": "application/avro"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert refused["details"]["field"] == "content-type" and "application/msgpack" in refused["message"]
+    assert open_client.get("/health").json() == {"status": "ok"}
+    for value in ({"a": b"x"}, {1: "x"}, {"a": [{"b": b""}]}):
+        sent = open_client.post(
+            "/invoke", content=msgpack.packb(value, use_bin_type=True), headers={"content-type": "application/msgpack"}
+        )
+        assert _is_error(sent, 422, "invalid_input")["details"]["field"] == "input"
+    fine = open_client.post(
+        "/invoke", content=msgpack.packb({"a": [1, "x"]}), headers={"content-type": "application/msgpack"}
+    )
+    assert msgpack.unpackb(fine.content) == {"a": [1, "x"]}
+
+
+def test_a_streamed_body_over_the_limit_is_refused_before_it_is_read_whole(train_task) -> None:
+    """A chunked body declares no length: the server stops reading it at the limit (1 MiB here), so a
+    client cannot make it hold more, and answers 413 as JSON. (The app as its server runs it, fed one
+    MiB per ``receive``: an HTTP client would send it all before reading the answer.)"""
+    import asyncio
+
+    import iris_functions
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import ServeOptions, create_app
+
+    app = create_app(JsonFunction(iris_functions.echo, task=train_task).reference, ServeOptions(max_body_bytes=1 << 20))
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/invoke"}
+    scope |= {"raw_path": b"/invoke", "query_string": b"", "root_path": "", "headers": headers}
+    scope |= {"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 40000)}
+    received, sent = 0, []
+
+    async def receive() -> dict:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b" " * (1 << 20), "more_body": received < 64}  # 64 MiB in all
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def post() -> None:
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+
+    asyncio.run(post())
+    assert sent[0]["status"] == 413 and received <= 2, (sent[0], received)
+    answer = json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+    assert answer["code"] == "payload_too_large" and answer["details"] == {"parameter": "body"}
+
+
+def test_past_twice_max_concurrency_a_request_is_answered_503_before_its_body_is_read(train_task) -> None:
+    """``max_concurrency`` calls run, as many again wait; one more is turned away at once (as JSON), so the
+    bodies a server holds stay bounded however many clients pile on."""
+    import concurrent.futures
+
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import ServeOptions, create_app
+
+    reference = JsonFunction(iris_functions.which_thread, task=train_task).reference
+    options = ServeOptions(backend="inprocess", max_concurrency=1, max_batch_size=1)
+    with TestClient(create_app(reference, options), base_url=LOOPBACK) as client:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(client.post, "/invoke", json={"sleep_ms": 3000}) for _ in range(2)]
+            time.sleep(1.0)  # (both in: one in the slot, one waiting for it)
+            busy = client.post("/invoke", json={"sleep_ms": 0})
+            answers = [future.result() for future in slow]
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert "busy" in _is_error(busy, 503, "service_unavailable")["message"]
+        assert client.post("/invoke", json={"sleep_ms": 0}).status_code == 200  # and free again after
+
+
+def test_a_bug_is_a_json_500_with_no_traceback(train_task) -> None:
+    """What no handler expects (here: an answer no codec can encode) is still answered as JSON."""
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import ServeOptions, create_app
+
+    app = create_app(JsonFunction(iris_functions.unanswerable, task=train_task).reference, ServeOptions("inprocess"))
+    with TestClient(app, base_url=LOOPBACK, raise_server_exceptions=False) as client:
+        answer = client.post("/invoke", json={})
+    body = _is_error(answer, 500, "internal_error")
+    assert body["message"] == "the function server failed; see its log" and "Traceback" not in answer.text
 
 
 def test_health_ready_and_metrics(client) -> None:

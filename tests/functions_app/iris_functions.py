@@ -78,3 +78,9 @@ def which_thread(data: dict, params: FunctionParameters) -> dict:
 
     time.sleep(data.get("sleep_ms", 0) / 1000)
     return {"thread": threading.current_thread().name}
+
+
+@json_function
+def unanswerable(data: dict, params: FunctionParameters) -> dict:
+    """An answer no codec can encode (a set): a bug in a function, which its server must still answer as JSON."""
+    return {"values": {1, 2}}

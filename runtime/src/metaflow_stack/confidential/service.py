@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel
 
 from metaflow_stack import api_errors
-from metaflow_stack.api_errors import ApiError, error_response
+from metaflow_stack.api_errors import ApiError
 from metaflow_stack.confidential.attest import MAX_QUOTE_BYTES, AttestationRefused
 from metaflow_stack.confidential.dstack_app import MAX_APP_COMPOSE_BYTES, MAX_EVENT_LOG_BYTES
 from metaflow_stack.confidential.keyring import NONCE_TTL_S, KeeperKey, Keyring, Released, ReleaseRequest
@@ -122,14 +122,9 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
     )  # fmt: skip
     slots = asyncio.Semaphore(config.max_concurrency)
     app = FastAPI(title="Metaflow Stack key release", description=__doc__.split("\n\n")[0], version="1")
-    api_errors.install(app)
+    api_errors.install(app, "the key-release service")
     app.add_middleware(GuardMiddleware, guard=guard or Guard(open_paths=OPEN_PATHS))
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # outermost: before anything reads the body
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, exc: Exception) -> Response:  # a bug, still answered as JSON
-        _log.exception("failed %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "the key-release service failed; see its log")
 
     @app.get("/health")
     def health() -> dict[str, str]:

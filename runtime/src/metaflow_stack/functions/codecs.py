@@ -172,6 +172,9 @@ class AvroCodec:
         self._single = fastavro.parse_schema([*named, single])
         self._batch = fastavro.parse_schema([*named, batch])
         self.avro_schema = item
+        #: Whether values may nest without end (the generic JSON value, anywhere in the schema): fastavro's
+        #: compiled reader recurses once per level on the C stack, so bytes from a stranger can crash it.
+        self.open_schema = builder.uses_generic
 
     def _in(self, value: Any) -> Any:
         return _wrap(value) if self._generic else value

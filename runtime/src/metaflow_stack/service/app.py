@@ -131,7 +131,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.add_middleware(GuardMiddleware, guard=guard)  # inside the headers middleware: refusals carry them too
     app.state.store, app.state.hub, app.state.queries = store, hub, queries
     registry = registry_for(hub)
-    api_errors.install(app)
+    api_errors.install(app, "the metadata service")
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

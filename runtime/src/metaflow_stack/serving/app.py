@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
@@ -33,8 +34,7 @@ from metaflow_stack.functions import codecs
 from metaflow_stack.functions.backends import Function, function_from_json
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.errors import FunctionError, InvalidInputError, RemoteFunctionError
-from metaflow_stack.http_guard import Guard, GuardMiddleware
-from metaflow_stack.ids import is_number
+from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddleware
 from metaflow_stack.serving.batching import AdaptiveBatcher
 
 log = logging.getLogger("metaflow_stack.serving")
@@ -50,6 +50,8 @@ class ServeOptions:
     backend: str = "local"
     workers: int = 1
     max_body_bytes: int = 10 * 1024 * 1024
+    #: Requests in flight; as many again may wait for a slot, and past that a request is answered 503 before its
+    #: body is read, so a server holds at most twice this many bodies.
     max_concurrency: int = 64
     #: Concurrent ``/invoke`` requests share one call to the function, up to this many; 1 turns it off.
     max_batch_size: int = 32
@@ -108,6 +110,7 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
             for name in CONTENT_TYPES.values()
         }
         state["slots"] = asyncio.Semaphore(options.max_concurrency)
+        state["active"] = 0  # requests past the busy check: reading, waiting for a slot, or in one
         # Inputs are validated in the handler, so the batcher calls the backend directly (a batch of one
         # at most with --max-batch-size 1: it also decides where a call runs, on the loop or in a thread).
         batcher = AdaptiveBatcher(state["function"], options.workers, options.max_batch_size, batch_sizes.observe)
@@ -129,44 +132,65 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
         lifespan=lifespan,
     )
 
-    api_errors.install(app)
+    api_errors.install(app, "the function server")
     app.add_middleware(GuardMiddleware, guard=guard or Guard(open_paths=OPEN_PATHS))
+    # Outermost: a body over the limit, declared or streamed (chunked), is refused before anything holds it.
+    app.add_middleware(BodyLimitMiddleware, limit=options.max_body_bytes)
 
-    def codec_for(header: str | None, default: str = "application/json") -> str:
-        media = (header or default).split(";")[0].strip().lower()
-        if media in ("", "*/*"):
-            media = default
-        if media not in CONTENT_TYPES:
+    def codec_for(request: Request, header: str, default: str = "application/json") -> str:
+        """The media type ``header`` (``content-type``: one; ``accept``: the first of its list this server
+        speaks, ``*/*`` meaning ``default``) names, of those in ``CONTENT_TYPES``."""
+        named = request.headers.get(header) or default
+        ranges = [part.split(";")[0].strip().lower() for part in named.split(",")] if header == "accept" else []
+        for media in ranges or [named.split(";")[0].strip().lower()]:
+            media = default if media in ("", "*/*") else media
+            if media in CONTENT_TYPES:
+                return media
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{header}: unsupported media type {named[:100]!r}",
+            {"field": header, "supported": sorted(CONTENT_TYPES)},
+        )
+
+    def decoded(decoder: codecs.Codec, media: str, data: bytes, batch: bool) -> Any:
+        """The body's value: JSON values only, whatever the codec could carry."""
+        if getattr(decoder, "open_schema", False):  # (Avro of values that may nest without end)
             raise ApiError(
                 415,
                 "unsupported_media_type",
-                f"unsupported content type {media!r}",
-                {"supported": sorted(CONTENT_TYPES)},
+                f"content-type: this function's input may nest without end, which {media} cannot bound; "
+                "send application/json or application/msgpack",
+                {"field": "content-type", "supported": ["application/json", "application/msgpack"]},
             )
-        return media
-
-    async def body(request: Request) -> tuple[str, bytes]:
-        declared = request.headers.get("content-length")
-        if declared and is_number(declared) and int(declared) > options.max_body_bytes:
-            raise ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
-        media = codec_for(request.headers.get("content-type"))
-        data = await request.body()
-        if len(data) > options.max_body_bytes:
-            raise ApiError(413, "payload_too_large", f"body over {options.max_body_bytes} bytes")
-        return media, data
+        try:
+            value = decoder.decode_batch(data) if batch else decoder.decode(data)
+        except Exception as exc:  # each codec raises its own parse errors
+            raise ApiError(400, "malformed_body", f"the body is not valid {media}: {exc}") from None
+        if media != "application/json":
+            try:  # msgpack carries bytes and keys that are not strings: no input of a JSON Schema holds them
+                orjson.dumps(value)
+            except TypeError as exc:
+                raise ApiError(422, "invalid_input", f"input: not a JSON value: {exc}", {"field": "input"}) from None
+        return value
 
     async def invoke(request: Request, route: str, batch: bool) -> Response:
         started = time.perf_counter()
-        status = 500
+        status, active = 500, False
         try:
-            media, data = await body(request)
-            answer_media = codec_for(request.headers.get("accept"), default=media)
+            if state["active"] >= 2 * options.max_concurrency:  # before its body is read: memory stays bounded
+                raise ApiError(
+                    503,
+                    "service_unavailable",
+                    f"busy: {options.max_concurrency} calls in flight and as many waiting; try again shortly",
+                )
+            state["active"] += 1
+            active = True
+            media = codec_for(request, "content-type")
+            answer_media = codec_for(request, "accept", default=media)
             decoder = state["codecs"][CONTENT_TYPES[media]][0]
             encoder = state["codecs"][CONTENT_TYPES[answer_media]][1]
-            try:
-                value = decoder.decode_batch(data) if batch else decoder.decode(data)
-            except Exception as exc:  # each codec raises its own parse errors
-                raise ApiError(400, "malformed_body", f"the body is not valid {media}: {exc}") from None
+            value = decoded(decoder, media, await request.body(), batch)
             if batch and not isinstance(value, list):
                 raise ApiError(422, "invalid_input", "a batch body must be an array", {"field": "input"})
             function: Function = state["function"]
@@ -196,6 +220,8 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
             status = exc.status
             raise
         finally:
+            if active:
+                state["active"] -= 1
             requests.labels(route, str(status)).inc()
             latency.labels(route).observe(time.perf_counter() - started)
 

@@ -100,7 +100,7 @@ def create_app(source: UiSource, static: Path = STATIC, live: bool = True, guard
                     await follower
 
     app = FastAPI(title="Metaflow Stack UI", version=__version__, lifespan=lifespan, docs_url="/api/docs")
-    install(app)
+    install(app, "the UI")
     app.add_middleware(GuardMiddleware, guard=guard)
 
     @app.get("/health", include_in_schema=False)

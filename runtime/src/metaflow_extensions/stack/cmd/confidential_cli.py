@@ -12,7 +12,7 @@ from pathlib import Path
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_extensions.stack.cmd.server_options import exposure_options
+from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
 
 
 @click.group()
@@ -30,7 +30,7 @@ def confidential() -> None:
     help="Serve run data keys to attested enclaves only (point STACK_KEY_RELEASE_URL at it).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="METAFLOW_STACK_KEY_RELEASE_HOST")
-@click.option("--port", default=8325, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8325, show_default=True, type=PORT)
 @click.option(
     "--policies",
     type=click.Path(file_okay=False),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_extensions.stack.cmd.server_options import exposure_options
+from metaflow_extensions.stack.cmd.server_options import FIXED_PORT, PORT, exposure_options
 
 
 @click.group()
@@ -25,7 +25,7 @@ def function() -> None:
 @function.command(help="Serve REF (a reference JSON file, a bundle folder or an s3:// bundle) over HTTP.")
 @click.argument("ref")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; loopback unless told.")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=PORT)
 @click.option("--workers", default=1, show_default=True, type=int, help="Function worker processes.")
 @click.option("--backend", default="local", show_default=True, type=click.Choice(["inprocess", "local", "ray"]))
 @click.option(
@@ -34,7 +34,7 @@ def function() -> None:
     show_default=True,
     type=click.IntRange(1),
     envvar="METAFLOW_STACK_SERVE_MAX_CONCURRENCY",
-    help="Requests in flight.",
+    help="Requests in flight; as many again may wait for a slot, and one more is answered 503 at once.",
 )
 @click.option(
     "--max-batch-size",
@@ -99,7 +99,7 @@ def build_image(ref: str, kind: str, push: bool) -> None:
 @click.option("--cpu", default=0.5, show_default=True, type=click.FloatRange(0.01), help="CPUs per replica.")
 @click.option("--memory", default=1024, show_default=True, type=click.IntRange(64), help="MiB per replica.")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--port", default=8000, show_default=True, type=int, help="docker: host port, on 127.0.0.1.")
+@click.option("--port", default=8000, show_default=True, type=FIXED_PORT, help="docker: host port, on 127.0.0.1.")
 @click.option("--output", type=click.Path(file_okay=False), help="kubernetes, nomad: where the rendered files go.")
 @click.option("--apply", is_flag=True, help="kubernetes: kubectl apply; nomad: register with NOMAD_ADDR.")
 @click.option("--auth-secret", help="kubernetes: the Secret whose auth-key holds the server's key.")

@@ -7,6 +7,12 @@ from typing import Any
 
 from metaflow._vendor import click
 
+#: A TCP port, 0 letting the system pick one where a command can say which it got: anything else is refused by
+#: click in one line naming the option (Python's own error, past 65535, came from deep in a server's start).
+PORT = click.IntRange(0, 65535)
+#: A port that must be named (a registry's, or a Nomad agent's first of three).
+FIXED_PORT = click.IntRange(1, 65535)
+
 
 def exposure_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--allowed-host`` (repeatable) and ``--insecure-no-auth``, passed as ``allowed_hosts`` and ``insecure``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_extensions.stack.cmd.server_options import exposure_options
+from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
 
 
 def _default_database() -> str:
@@ -41,7 +41,7 @@ _database = click.option(
 @_database
 @click.option("--read-database", envvar="METAFLOW_STACK_SERVICE_READ_DATABASE", help="A read replica for reads.")
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="METAFLOW_STACK_SERVICE_HOST")
-@click.option("--port", default=8080, show_default=True, type=int, envvar="METAFLOW_STACK_SERVICE_PORT")
+@click.option("--port", default=8080, show_default=True, type=PORT, envvar="METAFLOW_STACK_SERVICE_PORT")
 @click.option(
     "--nats-url",
     envvar="METAFLOW_STACK_SERVICE_NATS_URL",

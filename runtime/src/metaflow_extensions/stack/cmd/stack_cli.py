@@ -18,6 +18,7 @@ from rich.table import Table
 
 from metaflow_extensions.stack.cmd.ci_cli import ci
 from metaflow_extensions.stack.cmd.cli_errors import friendly as _friendly
+from metaflow_extensions.stack.cmd.server_options import FIXED_PORT
 from metaflow_stack.errors import StackError
 
 _out = Console()
@@ -201,7 +202,7 @@ def registry() -> None:
 
 
 @registry.command(name="up", help="Start the local registry unless it already answers.")
-@click.option("--port", default=5000, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--port", default=5000, show_default=True, type=FIXED_PORT, help="Port on 127.0.0.1.")
 @_friendly
 def registry_up(port: int) -> None:
     from metaflow_stack.registry import LocalRegistry
@@ -230,7 +231,7 @@ _NOMAD_PORT = click.option(
     "--port",
     default=4646,  # (dev_cluster.DEFAULT_PORT: that module is imported only when a command runs)
     show_default=True,
-    type=int,
+    type=click.IntRange(1, 65533),  # (and the two after it)
     envvar="METAFLOW_STACK_NOMAD_PORT",
     help="HTTP port of the agent on 127.0.0.1 (its RPC and Serf ports follow it).",
 )

@@ -16,7 +16,7 @@ from urllib.parse import quote
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_extensions.stack.cmd.server_options import exposure_options
+from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
 
 
 @click.group()
@@ -25,7 +25,7 @@ def cli() -> None:
 
 
 @cli.command(help="Serve the Metaflow Stack UI: runs, live DAGs, timelines, logs and artifacts.")
-@click.option("--port", default=8324, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--port", default=8324, show_default=True, type=PORT, help="0 picks a free port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes your runs).")
 @click.option(
     "--datastore-root",
