@@ -11,14 +11,17 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import json_stdout, refuse_unpickling, run_cli
+from conftest import LOOPBACK, json_stdout, refuse_unpickling, run_cli
+from fastapi.testclient import TestClient
 from service_servers import Service, run_flow, start_service
 
 from metaflow_stack.agent import AgentError, Queries, connect
+from metaflow_stack.datastore.cursors import encode_cursor
 
 pytestmark = pytest.mark.slow
 
@@ -294,6 +297,91 @@ def test_a_step_or_task_metaflow_is_still_making_is_not_there_yet(local_runs: Pa
     (root / done / "work" / "999" / "_meta").mkdir(parents=True)
     assert [task.pathspec for task in queries.run_tasks(done).tasks] == listed
     assert queries.run_summary(done).status == "completed"
+
+
+@pytest.fixture
+def local_ui(local_runs: Path) -> Iterator[TestClient]:
+    """``metaflow ui``'s app, in process, on the local FanFlow runs."""
+    from metaflow_stack.ui.app import create_app
+    from metaflow_stack.ui.local_runs import LocalRuns
+
+    with TestClient(create_app(LocalRuns(local_runs / ".metaflow"), live=False), base_url=LOOPBACK) as client:
+        yield client
+
+
+#: Time bounds that are no time: too many digits for a float or for ``int`` at all, too long ago, not digits.
+NOT_TIMES = ["1" + "0" * 400 + "d", "9" * 5000 + "d", "9" * 5000, "99999999999d", "\u0661\u0662d", "inf", "tuesday"]
+
+
+def test_a_time_bound_that_is_no_time_is_a_400_naming_it(local_ui: TestClient) -> None:
+    for name in ("since", "until"):
+        for value in NOT_TIMES:
+            answer = local_ui.get("/api/runs", params={"flow": "FanFlow", name: value})
+            assert answer.status_code == 400, (name, value[:20], answer.text[:300])
+            assert answer.json()["code"] == "bad_parameter" and answer.json()["message"].startswith(f"{name} ")
+            assert len(answer.text) < 1000  # the value is named, not echoed whole
+
+
+def test_a_number_or_datetime_beyond_every_time_is_refused(local_runs: Path) -> None:
+    """What the MCP server's clients may send as a time bound besides strings."""
+    from metaflow_stack.agent.local_source import LocalSource
+
+    queries = Queries(LocalSource(local_runs / ".metaflow"))
+    for value in (10**400, -(10**400), float("inf"), float("nan"), -1e300, True, datetime.min, datetime.max):
+        with pytest.raises(AgentError) as refused:
+            queries.list_runs("FanFlow", since=value)
+        assert refused.value.code == "bad_parameter" and refused.value.message.startswith("since ")
+
+
+def test_epoch_seconds_or_milliseconds_written_as_digits_bound_runs(local_runs: Path) -> None:
+    from metaflow_stack.agent.local_source import LocalSource
+
+    queries = Queries(LocalSource(local_runs / ".metaflow"))
+    runs = queries.list_runs("FanFlow").runs
+    first = min(run.started_at for run in runs)
+    for since in (str(first // 1000), str(first), first // 1000, first):
+        assert queries.list_runs("FanFlow", since=since).runs == runs
+    assert queries.list_runs("FanFlow", until=str(first // 1000 - 1)).runs == []
+    assert queries.list_runs("FanFlow", until="20010101").runs == []  # still ISO 8601's basic date
+
+
+def _failed_task_stderr(local_ui: TestClient, local_runs: Path) -> str:
+    """The logs route of the failed task's stderr (its traceback): a log with lines in it."""
+    failed = f"FanFlow/{(local_runs / 'failed').read_text()}"
+    return f"/api/logs/{local_ui.get(f'/api/runs/{failed}').json()['summary']['first_failure']['pathspec']}/stderr"
+
+
+#: Log cursors of every wrong shape: too short, too long, a string for the attempt or for an offset, an offset
+#: before the start, a bool, an attempt past any, nothing, and no base64 JSON at all.
+BAD_LOG_CURSORS = [
+    *(encode_cursor(v) for v in ([0], [0, 0, 0, 0, 0], ["x", 0, 0], [0, "a", 0], [0, -5, 0], [True, 0, 0])),
+    *(encode_cursor(v) for v in ([10**6, 0, 0], [])),
+    "%%%",
+]
+
+
+def test_a_log_cursor_no_answer_issued_is_a_400_naming_it(local_ui: TestClient, local_runs: Path) -> None:
+    logs = _failed_task_stderr(local_ui, local_runs)
+    issued = local_ui.get(logs, params={"cursor": encode_cursor([1, 0, 0])})  # attempt 1, from the start
+    assert issued.status_code == 200 and issued.json()["lines"]
+    for cursor in BAD_LOG_CURSORS:
+        answer = local_ui.get(logs, params={"cursor": cursor})
+        assert answer.status_code == 400, (cursor, answer.text[:300])
+        assert answer.json()["code"] == "bad_parameter" and answer.json()["details"] == {"parameter": "_cursor"}
+        assert str(local_runs) not in answer.text  # the server's paths stay its own
+
+
+def test_a_negative_page_cursor_or_attempt_is_refused_naming_it(local_ui: TestClient, local_runs: Path) -> None:
+    for flows in ({"flow": "FanFlow"}, {}):  # one flow's listing, and every flow's merged
+        for cursor in ([-1], [], [True], ["x"], [0, 0]):
+            page = local_ui.get("/api/runs", params={**flows, "cursor": encode_cursor(cursor)})
+            assert page.status_code == 400 and page.json()["details"] == {"parameter": "_cursor"}, (cursor, page.text)
+    logs = _failed_task_stderr(local_ui, local_runs)
+    for attempt in (-1, 1001):
+        answer = local_ui.get(logs, params={"attempt": attempt})
+        assert answer.status_code == 400 and answer.json()["message"].startswith(f"attempt {attempt} "), answer.text
+    other = local_ui.get(logs, params={"attempt": 0, "cursor": encode_cursor([1, 0, 0])})
+    assert other.status_code == 400 and other.json()["details"] == {"parameter": "_cursor"}
 
 
 #: Wide enough that a per-task request would show (the answers must cost the same as on 4 tasks); the

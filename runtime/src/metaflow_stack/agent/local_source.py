@@ -41,9 +41,9 @@ from metaflow_stack.agent.models import (
 from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope
 from metaflow_stack.datastore import CONFIDENTIAL_FIELD
 from metaflow_stack.datastore.attempts import attempt_of
-from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.cursors import decode_offset, encode_cursor
 from metaflow_stack.datastore.log_files import LogFiles, ReadMeter
-from metaflow_stack.datastore.log_windows import LogQuery, read_window, rendered
+from metaflow_stack.datastore.log_windows import LogQuery, log_cursor, read_window, rendered
 from metaflow_stack.datastore.type_names import type_name
 from metaflow_stack.ids import is_number
 from metaflow_stack.patterns import compile_pattern
@@ -52,15 +52,6 @@ from metaflow_stack.patterns import compile_pattern
 _TRACEBACK_WINDOW = 80
 #: Parsed small files remembered (about a kilobyte each): a few thousand-task runs' worth.
 _PARSED_FILES = 100_000
-
-
-def _offset(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    values = decode_cursor(cursor)
-    if len(values) != 1 or not isinstance(values[0], int):
-        raise AgentError("bad_parameter", "cursor: not one this query issued")
-    return values[0]
 
 
 def _page(items: list[Any], offset: int, limit: int) -> tuple[list[Any], str | None]:
@@ -230,7 +221,7 @@ class LocalSource:
     # -- answers ------------------------------------------------------------
 
     def flows(self, limit: int, cursor: str | None) -> tuple[list[FlowInfo], str | None]:
-        offset = _offset(cursor)
+        offset = decode_offset(cursor)
         found = []
         for name in self._names(self.root):
             try:
@@ -254,7 +245,7 @@ class LocalSource:
         limit: int,
         cursor: str | None,
     ) -> tuple[list[RunInfo], str | None]:
-        offset = _offset(cursor)
+        offset = decode_offset(cursor)
         candidates = []
         for folder in self._children(self._folder(flow, what=f"flow {flow}")):
             try:
@@ -326,7 +317,7 @@ class LocalSource:
     def failures(self, flow: str, run: str, limit: int, cursor: str | None) -> tuple[list[Failure], str | None]:
         scan = self._scan(self._folder(flow, run, what=f"run {flow}/{run}"))
         failed = [row for row in scan if row.ok is False]
-        window, after = _page(failed, _offset(cursor), limit)
+        window, after = _page(failed, decode_offset(cursor), limit)
         answers = [self._failure((flow, run, row.step, row.folder.name), row.attempt, row.finished) for row in window]
         return answers, after
 
@@ -335,7 +326,7 @@ class LocalSource:
     ) -> tuple[list[TaskInfo], str | None]:
         scan = self._scan(self._folder(flow, run, what=f"run {flow}/{run}"))
         chosen = [row for row in scan if step in (None, row.step) and status in (None, row.status)]
-        window, after = _page(chosen, _offset(cursor), limit)
+        window, after = _page(chosen, decode_offset(cursor), limit)
         return [self._task(flow, run, row) for row in window], after
 
     def _task(self, flow: str, run: str, row: _Row) -> TaskInfo:
@@ -381,7 +372,7 @@ class LocalSource:
     def artifacts(
         self, scope: ArtifactScope, filters: dict[str, Any], limit: int, cursor: str | None
     ) -> tuple[list[ArtifactInfo], str | None]:
-        offset = _offset(cursor)
+        offset = decode_offset(cursor)
         flow, run, step = scope.flow, scope.run, scope.step
         if scope.task is not None:
             folder = self._folder(flow, run, step, scope.task, what=f"task {flow}/{run}/{step}/{scope.task}")
@@ -400,7 +391,7 @@ class LocalSource:
 
     def logs(self, parts: list[str], stream: str, window: dict[str, Any]) -> LogWindow:
         folder = self._folder(*parts, what=f"task {'/'.join(parts)}")
-        cursor = decode_cursor(window["_cursor"]) if window["_cursor"] else None
+        cursor = log_cursor(window["_cursor"]) if window["_cursor"] is not None else None
         attempt = window["attempt"]
         if attempt is None:
             attempt = cursor[0] if cursor else self._state(folder)[0]

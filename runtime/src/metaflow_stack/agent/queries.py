@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from metaflow_stack.agent.models import (
@@ -34,6 +34,7 @@ from metaflow_stack.agent.models import (
     TaskList,
 )
 from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope, Source, pathspec_parts
+from metaflow_stack.datastore.log_windows import MAX_ATTEMPT, log_cursor
 from metaflow_stack.ids import check_id
 from metaflow_stack.patterns import compile_pattern
 
@@ -44,8 +45,15 @@ MAX_TASKS = 1000
 MAX_ARTIFACTS = 1000
 MAX_LOG_LINES = 10_000
 MAX_LOG_BYTES = 16 * 1024 * 1024
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_RELATIVE = re.compile(r"([0-9]+)([smhd])")
+_EPOCH = re.compile(r"[0-9]+")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: No way of writing a time is longer: nothing past it is parsed, so no value costs more than this to refuse.
+_TIME_CHARS = 64
+#: The times ``datetime`` holds (years 1 to 9999, UTC) in epoch ms; a bound outside them is a mistake, and
+#: one inside them fits every integer column it is compared with.
+_EARLIEST_MS = int(datetime(1, 1, 1, tzinfo=UTC).timestamp() * 1000)
+_LATEST_MS = int(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC).timestamp() * 1000)
 
 
 def bound(name: str, value: int, maximum: int, clamped: list[Clamp]) -> int:
@@ -63,20 +71,49 @@ def _check_status(status: str | None) -> None:
 
 
 def epoch_ms(value: datetime | int | float | str, name: str) -> int:
-    """A time bound as epoch milliseconds: a datetime, epoch seconds or ms, ISO 8601, or ``30m``/``24h``/``7d`` ago."""
+    """A time bound as epoch milliseconds: a datetime, epoch seconds or ms (a number, or its digits), ISO 8601,
+    or ``30m``/``24h``/``7d`` ago; anything else, or a time outside the years 1 to 9999, is refused."""
+    ms = _as_ms(value)
+    if ms is not None and _EARLIEST_MS <= ms <= _LATEST_MS:
+        return ms
+    shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+    raise AgentError(
+        "bad_parameter",
+        f"{name} {shown!r} is {'not a time' if ms is None else 'not between the years 1 and 9999'}",
+        "use ISO 8601 (2024-05-01T12:00), epoch seconds or milliseconds, or 30m/24h/7d ago",
+    )
+
+
+def _as_ms(value: object) -> int | None:
+    """``value`` in epoch ms, or None where it is no time; raises nothing, whatever a caller sends."""
     if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
-    if isinstance(value, int | float):
-        return int(value if value > 1e11 else value * 1000)
-    relative = _RELATIVE.match(value.strip())
-    if relative:
-        return int((time.time() - int(relative[1]) * _UNIT_S[relative[2]]) * 1000)
+        try:
+            return int(value.timestamp() * 1000)
+        except (ValueError, OverflowError, OSError):  # a naive time near year 1 or 9999, as local time
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    if not isinstance(value, str):
+        return _epoch(value)
+    text = value.strip()
+    if len(text) > _TIME_CHARS:
+        return None
+    relative = _RELATIVE.fullmatch(text)
+    if relative:  # in integers: no float to overflow, however many days
+        return int(time.time() * 1000) - int(relative[1]) * _UNIT_S[relative[2]] * 1000
     try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
-    except ValueError:
-        raise AgentError(
-            "bad_parameter", f"{name} {value!r} is not a time", "use ISO 8601, epoch seconds, or 30m/24h/7d ago"
-        ) from None
+        return int(datetime.fromisoformat(text).timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
+        pass
+    # Digits after ISO 8601, which reads eight of them (20240501) as a date.
+    return _epoch(int(text)) if _EPOCH.fullmatch(text) else None
+
+
+def _epoch(number: int | float) -> int | None:
+    """Epoch seconds, or milliseconds when larger than any time in seconds (1e11 s: the year 5138)."""
+    if not abs(number) < 1e16:  # also NaN and infinities; larger is no time in either unit
+        return None
+    return int(number if number > 1e11 else number * 1000)
 
 
 class Queries:
@@ -112,7 +149,7 @@ class Queries:
         user: str | None = None,
     ) -> RunList:
         """A flow's runs, newest first. status: running, completed, failed or killed; since/until (start time):
-        ISO 8601, epoch seconds, or "30m"/"24h"/"7d" ago; tags: every one must be on the run; user: who ran it;
+        ISO 8601, epoch seconds or ms, or "30m"/"24h"/"7d" ago; tags: every one must be on the run; user: who ran it;
         limit: at most 1000."""
         clamped: list[Clamp] = []
         _check_status(status)
@@ -216,6 +253,10 @@ class Queries:
             raise AgentError("bad_parameter", f"stream {stream!r} is not stdout or stderr")
         if grep is not None:
             compile_pattern(grep)  # refused here, before any request
+        if attempt is not None and not 0 <= attempt <= MAX_ATTEMPT:
+            raise AgentError("bad_parameter", f"attempt {attempt} is not from 0 to {MAX_ATTEMPT}")
+        if cursor is not None:
+            log_cursor(cursor, attempt)  # the service's own check, so the local datastore reads no other offsets
         clamped: list[Clamp] = []
         forward = head is not None or cursor is not None
         window = {

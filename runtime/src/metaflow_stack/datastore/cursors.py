@@ -25,3 +25,14 @@ def decode_cursor(text: str) -> list[Any]:
     if not isinstance(values, list) or not all(isinstance(v, int | str) for v in values):
         raise refused
     return values
+
+
+def decode_offset(text: str | None) -> int:
+    """Where in a listing a cursor ``encode_cursor([offset])`` made stands (0 without one); ``InvalidInput``
+    for any other cursor, a negative offset among them."""
+    if text is None:
+        return 0
+    values = decode_cursor(text)
+    if len(values) != 1 or type(values[0]) is not int or values[0] < 0:  # (no bools: JSON's true is an int here)
+        raise InvalidInput("_cursor", "not a cursor this listing issued", "drop it to start from the first page")
+    return values[0]

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 DEFAULT_LINES = 1000
 MAX_LINES = 10_000
 DEFAULT_MAX_BYTES = 1024 * 1024
+#: The highest attempt a request may name (Metaflow's own retries stop far below it).
+MAX_ATTEMPT = 1000
 MAX_MAX_BYTES = 16 * 1024 * 1024
 #: How far one ``grep`` request scans each source before it answers with a cursor.
 GREP_SCAN_BYTES = 256 * 1024 * 1024
@@ -59,14 +61,8 @@ class LogQuery:
             raise InvalidInput("tail", "ask for head or tail, not both")
         if "tail" in given and "_cursor" in given:
             raise InvalidInput("_cursor", "a cursor continues forwards; use it with head, not tail")
-        cursor = None
-        if "_cursor" in given:
-            cursor = decode_cursor(given["_cursor"])
-            if len(cursor) != 1 + len(LOG_SOURCES) or not all(isinstance(v, int) and v >= 0 for v in cursor):
-                raise InvalidInput("_cursor", "not a log cursor")
-        attempt = _integer(given, "attempt", 0, 1000, None)
-        if cursor is not None and attempt is not None and attempt != cursor[0]:
-            raise InvalidInput("_cursor", f"belongs to attempt {cursor[0]}, not {attempt}")
+        attempt = _integer(given, "attempt", 0, MAX_ATTEMPT, None)
+        cursor = log_cursor(given["_cursor"], attempt) if "_cursor" in given else None
         return cls(
             lines=_integer(given, "tail" if "tail" in given else "head", 1, MAX_LINES, DEFAULT_LINES),
             from_end="tail" in given,
@@ -87,6 +83,19 @@ class LogQuery:
     def scan_budget(self) -> int:
         """Bytes one source may be read for this request (mflog headers cost about 80 bytes a line)."""
         return GREP_SCAN_BYTES if self.grep is not None else 2 * self.max_bytes + _CHUNK
+
+
+def log_cursor(text: str, attempt: int | None = None) -> list[int]:
+    """The ``[attempt, offset per log source]`` of a cursor a log window issued, of ``attempt`` where one is
+    asked for; ``InvalidInput`` naming ``_cursor`` for anything else, so no offset of another shape, sign or
+    attempt ever reaches a file."""
+    cursor = decode_cursor(text)
+    shaped = len(cursor) == 1 + len(LOG_SOURCES) and all(type(v) is int and v >= 0 for v in cursor)  # no bools
+    if not shaped or cursor[0] > MAX_ATTEMPT:
+        raise InvalidInput("_cursor", "not a log cursor", "drop it to read from the start of the log")
+    if attempt is not None and attempt != cursor[0]:
+        raise InvalidInput("_cursor", f"belongs to attempt {cursor[0]}, not {attempt}")
+    return cursor
 
 
 def _integer(given: dict[str, str], name: str, low: int, high: int, default: int | None) -> int | None:

@@ -30,7 +30,7 @@ from metaflow_stack.agent.queries import MAX_RUNS, Queries
 from metaflow_stack.agent.source import AgentError, pathspec_parts
 from metaflow_stack.api_errors import ApiError, install
 from metaflow_stack.datastore.cards import CARD_POLICY, Cards
-from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.cursors import decode_offset, encode_cursor
 from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
 from metaflow_stack.errors import StackError
 from metaflow_stack.http_guard import SESSION_COOKIE, Guard, GuardMiddleware
@@ -57,9 +57,7 @@ def _runs_of_flows(
     queries: Queries, flows: list[str], filters: dict[str, Any], limit: int, cursor: str | None
 ) -> dict[str, Any]:
     """Runs of several flows merged newest first; the cursor is the offset into that order."""
-    offset = decode_cursor(cursor)[0] if cursor else 0
-    if not isinstance(offset, int) or offset < 0:
-        raise AgentError("bad_parameter", "cursor: not one this listing issued")
+    offset = decode_offset(cursor)
     wanted = min(offset + limit + 1, MAX_RUNS)
     merged = [run for flow in flows for run in queries.list_runs(flow, limit=wanted, **filters).runs]
     merged.sort(key=lambda run: run.started_at, reverse=True)
