@@ -95,7 +95,6 @@ def test_a_remote_step_needs_stores_another_machine_reaches() -> None:
     assert ident != devpod.workspace_id("F/1/s/2", 1) and len(ident) <= 48 and ident == ident.lower()
 
 
-#: Where a Daytona sandbox's step keeps its data: stores Daytona's cloud reaches, named by variables.
 #: DevPod's CLI as the trampoline calls it (``up``, ``ssh``, ``delete``: each logged as a JSON line of its
 #: pid and arguments; ``ssh`` runs a step that takes two minutes), for the kill below: DevPod is not here.
 DEVPOD_DOUBLE = """#!{python}
@@ -109,8 +108,9 @@ if sys.argv[1] == "ssh":
 
 def test_a_devpod_workspace_is_deleted_when_its_trampoline_is_killed_outright(tmp_path: Path) -> None:
     """SIGKILL to a DevPod step's trampoline (what Metaflow's runtime does to the tasks still running when
-    another fails the run): its watchdog child deletes the workspace, twice (a ``devpod up`` may still have
-    been making it), and the code's copy it staged; the ``devpod ssh`` running the step is stopped. DevPod's
+    another fails the run): its watchdog child deletes the workspace (first waiting for the lock of a
+    ``devpod up`` that may still be making it, then forced), and the code's copy it staged; the ``devpod
+    ssh`` running the step is stopped. DevPod's
     CLI is a double here (``DEVPOD_DOUBLE``); the GitHub ``devpod`` job runs the workspace test with DevPod."""
     from metaflow_stack.devcontainer.devpod import workspace_id
 
@@ -141,7 +141,8 @@ def test_a_devpod_workspace_is_deleted_when_its_trampoline_is_killed_outright(tm
     until(lambda: len(calls()) == 4, 30)
     ident = workspace_id("F/1/s/2", 0)
     assert [command for _, command, *_ in calls()] == ["up", "ssh", "delete", "delete"], calls()
-    assert [args for _, *args in calls()[2:]] == [["delete", ident, "--force", "--ignore-not-found"]] * 2
+    deletes = [args for _, *args in calls()[2:]]
+    assert deletes == [["delete", ident, "--ignore-not-found"], ["delete", ident, "--force", "--ignore-not-found"]]
     staged = Path(calls()[0][2])  # (the code's copy the workspace was made from)
     until(lambda: not staged.parent.exists(), 10)
     assert not staged.parent.exists(), staged
@@ -155,6 +156,7 @@ def test_a_devpod_workspace_is_deleted_when_its_trampoline_is_killed_outright(tm
     assert ssh_stopped(), "the trampoline's devpod ssh outlived it"
 
 
+#: Where a Daytona sandbox's step keeps its data: stores Daytona's cloud reaches, named by variables.
 DAYTONA_NEEDS = (
     "DAYTONA_API_KEY",
     "STACK_TEST_DAYTONA_S3_ROOT",

@@ -1362,12 +1362,14 @@ def test_a_ray_workers_task_output_goes_in_few_batches_and_still_live(tmp_path: 
         actor.stop()
 
 
+@pytest.mark.parametrize(("pause", "ends"), [("60", trampoline.POOL_LOST), ("0", 0)])
 def test_a_ray_worker_that_cannot_read_its_tasks_output_sends_what_it_had_and_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pause: str, ends: int
 ) -> None:
     """Reading a task's pipes failing (here: at the second read, as an ``EIO`` would) loses the attempt, not
     what the task wrote before: the batch gathered so far goes, then the reason, with ``POOL_LOST`` (``@retry``
-    runs the item again), and the task is killed rather than left running. (The actor's class, without Ray.)"""
+    runs the item again), and the task is killed rather than left running; a task whose status had come
+    (one that ended at once) keeps it, so is not run again. (The actor's class, without Ray.)"""
     from metaflow_stack.pool import slot
     from metaflow_stack.pool.ray_actor import PoolActor
 
@@ -1388,19 +1390,20 @@ def test_a_ray_worker_that_cannot_read_its_tasks_output_sends_what_it_had_and_wh
     actor = PoolActor(str(script), "test", str(tmp_path))
     assert actor.ready() is None
     try:
-        task = Task(sys.executable, [sys.executable, str(script), "60", "0"], dict(os.environ), "/")
+        task = Task(sys.executable, [sys.executable, str(script), pause, "0"], dict(os.environ), "/")
         started = time.monotonic()
         batches = list(actor.run(task, uuid.uuid4().hex))
         (pieces, status), *more = batches
-        assert not more and status == trampoline.POOL_LOST
+        assert not more and status == ends
         assert b"line 0" in b"".join(data for fd, data in pieces if fd == 1), pieces
         said = b"worker pool: this Ray worker could not read the task's output: [Errno 5] Input/output error\n"
         assert pieces[-1] == (2, said)
         assert actor.slot.pool is not None
-        deadline = time.monotonic() + 30  # the task (asleep for 60 s) is killed, its slot free again
+        deadline = time.monotonic() + 30  # a task asleep for 60 s is killed, its slot free again
         while actor.slot.pool.counts().running and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert actor.slot.pool.counts().failed == 1 and time.monotonic() - started < 30
+        counts = actor.slot.pool.counts()
+        assert (counts.done, counts.failed) == ((0, 1) if ends else (1, 0)) and time.monotonic() - started < 30
     finally:
         actor.stop()
 

@@ -22,17 +22,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from metaflow_stack.errors import StackError, ToolMissingError
-from metaflow_stack.trampolines import die_with_parent, stopped_by_signals, undone_if_killed
+from metaflow_stack.trampolines import die_with_parent, stopped_by_signals, undone_if_killed, uninterrupted
 
 INSTALL_FIX = "install the DevPod CLI (https://devpod.sh/docs/getting-started/install) and add a provider"
 #: The longest workspace id DevPod accepts.
 _MAX_ID = 48
-#: Seconds between the two deletes for a killed trampoline's workspace (its ``devpod up`` winding down).
-_DELETE_AGAIN_S = 3.0
 
 
 def binary() -> str:
@@ -102,7 +99,8 @@ def run_step(
             # the values travel in this process's environment (--send-env), never on a command line
             return subprocess.run(ssh, env={**os.environ, **env}, preexec_fn=_stops_with_us).returncode
         finally:
-            _delete(devpod, ident)
+            with uninterrupted():  # (a second Ctrl-C must not leave the workspace)
+                _delete(devpod, ident, "--force")
 
 
 def _stops_with_us() -> None:
@@ -111,15 +109,16 @@ def _stops_with_us() -> None:
     die_with_parent(signal.SIGTERM)
 
 
-def _delete(devpod: str, ident: str) -> None:
-    subprocess.run([devpod, "delete", ident, "--force", "--ignore-not-found"], capture_output=True, text=True)
+def _delete(devpod: str, ident: str, *flags: str) -> None:
+    subprocess.run([devpod, "delete", ident, *flags, "--ignore-not-found"], capture_output=True, text=True)
 
 
 def _delete_after_kill(devpod: str, ident: str, scratch: str) -> None:
-    """Delete the workspace of a trampoline killed outright, and again once its ``devpod up`` (stopped as
-    the trampoline died) has had time to wind down: it may still have been making the workspace; and the
-    copy of the code it was made from."""
+    """Delete the workspace of a trampoline killed outright, and the copy of the code it was made from. First
+    as DevPod deletes by default, which waits for the workspace's lock: a ``devpod up`` stopped as the
+    trampoline died holds it while it winds down, and may still make the workspace meanwhile (``--force``
+    skips the lock, and would forget the workspace before that); then with ``--force``, should the first
+    have failed (a provider that cannot answer)."""
     _delete(devpod, ident)
-    time.sleep(_DELETE_AGAIN_S)
-    _delete(devpod, ident)
+    _delete(devpod, ident, "--force")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -50,9 +50,9 @@ class PoolActor:
     def run(self, task: Task, token: str) -> Iterator[tuple[list[tuple[int, bytes]], int | None]]:
         """Run ``task``: what it writes to stdout (1) or stderr (2), as ``(fd, data)`` pieces gathered for up
         to ``FLUSH_S`` from the first (or ``FLUSH_BYTES``), with None; the last with its exit status (None if it
-        was cancelled while it ran; nothing at all if before; ``POOL_LOST``, after what was gathered and why,
-        if its output could not be read). Each yield is one round trip of Ray's stream through the
-        dispatcher, so a short task's output and its status go as one."""
+        was cancelled while it ran; nothing at all if before; after what was gathered and why, ``POOL_LOST`` if
+        its output could not be read, or its status if it had ended). Each yield is one round trip of Ray's
+        stream through the dispatcher, so a short task's output and its status go as one."""
         if error := self.slot.revive():
             yield [(2, f"worker pool: this Ray worker's fork server could not start again: {error}\n".encode())], 1
             return
@@ -79,7 +79,9 @@ class PoolActor:
                         batch, held, due = [], 0, None
             except (OSError, ValueError) as exc:  # its pipes unreadable: the attempt is lost, not what it wrote
                 lost = f"worker pool: this Ray worker could not read the task's output: {exc}\n"
-                yield [*batch, (2, lost.encode())], trampoline.POOL_LOST  # (and ``close`` has the task killed)
+                # (and ``close`` has the task killed; one that had ended keeps its status: not run again)
+                status = trampoline.POOL_LOST if running.status is None else running.status
+                yield [*batch, (2, lost.encode())], status
                 return
             yield batch, running.status
         finally:
