@@ -15,11 +15,20 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 #: Text stored in a 255-character column (names, types, ids): longer is refused, not truncated.
 Name = Annotated[str, Field(max_length=255)]
+#: A tag: Metaflow itself refuses user tags over 500 characters, and its system tags are shorter.
+Tag = Annotated[str, Field(max_length=1024)]
+#: The tags of one object, or one change to them: Metaflow allows 50 user tags and adds a few of its own.
+Tags = Annotated[list[Tag], Field(max_length=1000)]
+#: The rows of one request (metadata or artifacts of one task): Metaflow sends tens, a wide task hundreds.
+#: Rows cost memory many times their bytes while they are written: 150,000 small ones took 670 MB.
+MAX_ROWS = 10_000
 
 
 #: A metadatum's value: Metaflow sends text, booleans (``attempt_ok``) and lists (``foreach-stack``);
 #: each is stored as its text, as the service always has, and read back the same way.
-AnyValue = Annotated[str, BeforeValidator(lambda value: value if isinstance(value, str) else str(value))]
+AnyValue = Annotated[
+    str, BeforeValidator(lambda value: value if isinstance(value, str) else str(value)), Field(max_length=1 << 20)
+]
 
 
 class _Body(BaseModel):
@@ -30,8 +39,8 @@ class Created(_Body):
     """A flow, run, step or task's owner and tags."""
 
     user_name: Name | None = None
-    tags: list[str] | None = None
-    system_tags: list[str] | None = None
+    tags: Tags | None = None
+    system_tags: Tags | None = None
 
 
 class RunBody(Created):
@@ -50,8 +59,8 @@ class RunHeartbeat(_Body):
 
 
 class TagMutation(_Body):
-    tags_to_add: list[str] = []
-    tags_to_remove: list[str] = []
+    tags_to_add: Tags = []
+    tags_to_remove: Tags = []
 
 
 class Metadatum(_Body):
@@ -59,13 +68,14 @@ class Metadatum(_Body):
     value: AnyValue = " "
     type: Name = " "
     user_name: Name | None = None
-    tags: list[str] | None = None
-    system_tags: list[str] | None = None
+    tags: Tags | None = None
+    system_tags: Tags | None = None
 
 
 class ArtifactBody(_Body):
     name: Name = " "
-    location: str = " "
+    #: Where the value is (an S3 URL, a path): S3's own keys stop at 1,024 bytes.
+    location: Annotated[str, Field(max_length=4096)] = " "
     ds_type: Name = " "
     sha: Name = " "
     type: Name = " "
@@ -74,5 +84,5 @@ class ArtifactBody(_Body):
     size: int | None = Field(default=None, ge=0, le=2**63 - 1)
     python_type: Name | None = None
     user_name: Name | None = " "
-    tags: list[str] | None = None
-    system_tags: list[str] | None = None
+    tags: Tags | None = None
+    system_tags: Tags | None = None
