@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,28 @@ def test_a_half_written_buffer_is_one_line_naming_where(source: str, says: str) 
         flow_graph(source, "buffer.py")
 
 
+def diamonds(count: int) -> str:
+    """A flow of ``count`` branch-and-join pairs in a row: each doubles the paths from ``start``."""
+    steps = ["    @step\n    def start(self):\n        self.next(self.a0, self.b0)\n"]
+    for n in range(count):
+        after = f"self.a{n + 1}, self.b{n + 1}" if n + 1 < count else "self.end"
+        steps.append(f"    @step\n    def a{n}(self):\n        self.next(self.j{n})\n")
+        steps.append(f"    @step\n    def b{n}(self):\n        self.next(self.j{n})\n")
+        steps.append(f"    @step\n    def j{n}(self, inputs):\n        self.next({after})\n")
+    steps.append("    @step\n    def end(self):\n        pass\n")
+    return "from metaflow import FlowSpec, step\nclass D(FlowSpec):\n" + "".join(steps)
+
+
+def test_a_flow_whose_paths_double_with_each_branch_is_refused_not_walked_for_hours() -> None:
+    """Metaflow's graph walks every path from ``start``: 20 branch-and-join pairs in 5 KB of source took 11 s,
+    40 would take days. Past ``MAX_VISITS`` the editor is told so at once; a flow of a few is drawn."""
+    assert flow_graph(diamonds(5), "d.py")["steps"]["j4"]["type"] == "join"
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match="paths through its steps"):
+        flow_graph(diamonds(40), "d.py")
+    assert time.monotonic() - started < 5
+
+
 def test_a_step_with_nowhere_to_go_is_drawn_and_marked() -> None:
     source = BRANCHING.replace("        self.next(self.gather)\n", "        pass\n")
     steps = flow_graph(source, "shape_flow.py")["steps"]
@@ -132,6 +155,9 @@ def test_the_helper_process_answers_json_lines_and_nothing_else(tmp_path: Path) 
         {"id": 3, "method": "graph", "params": {"path": "x.py", "source": "class"}},
         {"id": 4, "method": "graph", "params": {"path": "x.py", "source": "x" * (9 * 1024 * 1024)}},
         {"id": 5, "method": "graph", "params": {"path": "shape_flow.py", "source": BRANCHING}},
+        '{"id": 6, "method": "graph", "params": {"x": ' + "[" * 5000 + "]" * 5000 + "}}",  # (ended the helper)
+        {"id": 7, "method": "graph", "params": {"path": "x.py", "source": "x = [" + "0," * 300_000 + "]"}},
+        {"id": 8, "method": "graph", "params": {"path": "shape_flow.py", "source": BRANCHING}},
     ]
     lines = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in requests)
     done = subprocess.run(
@@ -139,8 +165,10 @@ def test_the_helper_process_answers_json_lines_and_nothing_else(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     answers = [json.loads(line) for line in done.stdout.splitlines()]  # every line JSON: no banner
-    assert [a["id"] for a in answers] == [1, None, 2, 3, None, 5]
+    assert [a["id"] for a in answers] == [1, None, 2, 3, None, 5, None, 7, 8]
     assert answers[0]["result"]["flow"] == "ShapeFlow" and answers[5]["result"] == answers[0]["result"]
+    assert "nested too deeply" in answers[6]["error"]["message"] and answers[8]["result"] == answers[0]["result"]
+    assert answers[7]["error"]["message"].startswith("params.source: ")  # (over 512 KiB: never parsed)
     assert "is not JSON" in answers[1]["error"]["message"]
     assert answers[2]["error"]["message"].startswith("method: ")
     assert answers[3]["error"]["code"] == "bad_parameter" and "line 1" in answers[3]["error"]["message"]

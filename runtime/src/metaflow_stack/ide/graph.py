@@ -18,6 +18,10 @@ from metaflow_stack.errors import InvalidInput
 
 #: Steps a flow may have at most (a buffer with more is not drawn; the editor says why).
 MAX_STEPS = 1_000
+#: Steps Metaflow's traversal may visit: it walks every path from ``start`` (joins after each split or foreach
+#: are walked once per path), which doubles with each split and join in a row: 20 of them, 5 KB of source,
+#: took 11 s. Real flows visit hundreds.
+MAX_VISITS = 20_000
 
 
 def _flow_class(tree: ast.Module) -> ast.ClassDef | None:
@@ -88,10 +92,26 @@ def _graph(name: str, steps: list[ast.FunctionDef], path: str, doc: str | None) 
             self.doc = doc or ""
             self.sorted_nodes = []
             self._identify_start_end()
+            _within_visits(self.nodes, self.start_step, path)
             self._traverse_graph()
             self._postprocess()
 
     return SourceGraph()
+
+
+def _within_visits(nodes: dict[str, Any], start: str | None, path: str) -> None:
+    """Count the visits ``FlowGraph._traverse_graph`` would make (each path from ``start``, a step at most once
+    in a path, unknown steps skipped), stopping at ``MAX_VISITS``: past it, ``InvalidInput`` rather than a walk
+    that could take hours."""
+    if start is None or start not in nodes:
+        return
+    visits, stack = 0, [(start, frozenset())]  # (as Metaflow: start itself is not yet seen)
+    while stack:
+        name, seen = stack.pop()
+        visits += 1
+        if visits > MAX_VISITS:
+            raise InvalidInput(path, f"has over {MAX_VISITS:,} paths through its steps", fix="an editor draws fewer")
+        stack.extend((out, seen | {out}) for out in nodes[name].out_funcs if out not in seen and out in nodes)
 
 
 def flow_graph(source: str, path: str = "<buffer>") -> dict[str, Any]:
