@@ -120,3 +120,28 @@ def test_unknown_backend_and_codec_list_the_known_ones(train_task) -> None:
         function_from_json(reference, backend="lambda")
     with pytest.raises(FunctionError, match="codecs: arrow, avro, json, msgpack"):
         function_from_json(reference, backend="inprocess", codec="xml")
+
+
+def test_a_bundle_on_s3_without_aws_credentials_is_one_line_at_once(tmp_path) -> None:
+    """Metaflow's S3 client retried the missing credentials for minutes, saying nothing (found trying
+    ``metaflow function serve s3://...`` on a machine with no AWS set up): now one line, at once."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import VENV_BIN
+
+    nowhere = str(tmp_path / "none")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "METAFLOW_S3"))}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": nowhere, "AWS_CONFIG_FILE": nowhere, "AWS_EC2_METADATA_DISABLED": "true"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(VENV_BIN / "metaflow"), "function", "serve", "s3://bucket/bundle"],
+        capture_output=True,
+        text=True,
+        env=env | {"HOME": str(tmp_path)},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 1 and time.monotonic() - started < 60, done.stderr[-2000:]
+    assert "no AWS credentials to read s3://bucket/bundle" in done.stderr and "Traceback" not in done.stderr

@@ -26,8 +26,26 @@ def storage_for(location: str):
     from metaflow.plugins import DATASTORES
 
     ds_type = "s3" if location.startswith("s3://") else "local"
+    if ds_type == "s3":
+        _credentials_for(location)
     impl = next(d for d in DATASTORES if ds_type == d.TYPE)
     return impl(location)
+
+
+def _credentials_for(location: str) -> None:
+    """Metaflow's S3 client retries an error without AWS credentials for minutes, saying nothing: say it at
+    once. Only for Metaflow's default client provider (boto3's own chain); another provider has its own."""
+    from metaflow.metaflow_config import DEFAULT_AWS_CLIENT_PROVIDER
+
+    if DEFAULT_AWS_CLIENT_PROVIDER != "boto3":
+        return
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise FunctionError(
+            f"no AWS credentials to read {location}",
+            fix="set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where a role provides them",
+        )
 
 
 class BlobStore:
