@@ -16,6 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def running_pid(pidfile: Path) -> int | None:
+    """The PID ``pidfile`` holds, if that process runs; None for a file that is missing, damaged or names no
+    single process (0 or a negative number would have ``os.kill`` signal a whole group, or every process)."""
+    try:
+        pid = int(pidfile.read_text())
+        if pid <= 1:
+            return None
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # (gone, not ours, or not a file one can read)
+        return None
+    return pid
+
+
 class Daemon:
     """The process ``name`` of the folder ``home`` (``home/NAME.pid``, ``home/NAME.log``)."""
 
@@ -24,12 +37,7 @@ class Daemon:
 
     def pid(self) -> int | None:
         """Its PID, when it runs."""
-        try:
-            pid = int(self.pidfile.read_text())
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-            return None
-        return pid
+        return running_pid(self.pidfile)
 
     def start(
         self, command: list[str], answers: Callable[[], bool], timeout_s: float, env: dict[str, str] | None = None

@@ -229,7 +229,7 @@ def exits_in_one_line(stopped: str) -> Iterator[None]:
     try:
         yield
     except StackError as exc:
-        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+        print(f"error: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     except KeyboardInterrupt:
         print(stopped, file=sys.stderr, flush=True)

@@ -56,7 +56,12 @@ class ServiceSource:
     def __init__(self, url: str, auth_key: str | None = None, timeout_s: float = 30) -> None:
         self.url = url.rstrip("/")
         headers = {"x-api-key": auth_key} if auth_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        try:
+            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        except httpx.InvalidURL as exc:  # (a port like 8o80, a bracket left open)
+            raise AgentError(
+                "bad_parameter", f"the metadata service's URL {url!r} is not a URL: {exc}", "e.g. http://127.0.0.1:8080"
+            ) from None
         self.requests = 0
 
     def close(self) -> None:

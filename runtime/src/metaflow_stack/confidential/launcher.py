@@ -218,7 +218,7 @@ def new_order(
     try:
         nonce = keeper.nonce()
     except KeeperUnavailable as exc:
-        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+        print(f"error: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr, flush=True)
         return None
     return TaskOrder(identity=identity, nonce=nonce, command=command, env=env, inputs=inputs)
 

@@ -42,7 +42,7 @@ def main() -> int:
             "with a data_dir short enough for a socket's path)"
         )
     except StackError as exc:
-        said = f"{exc.message} (fix: {exc.fix})"
+        said = str(exc)
     else:
         return 0
     print(f"the deployed flow's credentials in the Nomad Variable {path} could not be read: {said}", file=sys.stderr)

@@ -41,7 +41,7 @@ _FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+)|found an issue 
 
 
 def _usage(error: StackError) -> UsageError:
-    return UsageError(f"{error.message} (fix: {error.fix})" if error.fix else error.message)
+    return UsageError(str(error))
 
 
 @magics_class

@@ -33,5 +33,5 @@ class FlowExporter(Exporter):
         try:
             source = formatted(from_cells(notebook).source)
         except StackError as exc:  # one line with its fix: the front end shows it, nbconvert prints no traceback
-            raise ConversionException(f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message) from None
+            raise ConversionException(str(exc)) from None
         return source, resources

@@ -182,5 +182,5 @@ def main() -> None:
     try:
         asyncio.run(_main(backend, address, args))
     except StackError as exc:  # the last line of its log, which the runtime shows
-        print(f"{exc.message} (fix: {exc.fix})" if exc.fix else exc.message, file=sys.stderr)
+        print(exc, file=sys.stderr)
         sys.exit(1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import threading
 from typing import Any, NamedTuple
@@ -33,6 +34,8 @@ from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 from metaflow_stack.service import schema as s
 from metaflow_stack.service.database import Database
+
+log = logging.getLogger("metaflow_stack.service.events")
 
 STREAM = "METAFLOW_EVENTS"
 SUBJECT_PREFIX = "metaflow.events"
@@ -63,6 +66,19 @@ def event_of(row: Any) -> dict[str, Any]:
         "ts_epoch": row["ts_epoch"],
         "body": row["body"],
     }
+
+
+#: The NATS client's errors already said (``_said_once``).
+_SAID: set[str] = set()
+
+
+async def _said_once(exc: Exception) -> None:
+    """NATS's client would log each connection error with its traceback, at every try to reconnect, for as
+    long as NATS is away: each kind is said once, in one line."""
+    said = f"{type(exc).__name__}: {exc}"
+    if said not in _SAID:
+        _SAID.add(said)
+        log.warning("NATS: %s (events wait in the database until it answers)", said)
 
 
 class Logged(NamedTuple):
@@ -259,7 +275,7 @@ class Bus:
 
         if self._nats is None or self._nats.is_closed:
             self._nats = await nats.connect(
-                self.nats_url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True
+                self.nats_url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True, error_cb=_said_once
             )
             self._jetstream, self._live = None, None
         if self._jetstream is None:

@@ -28,6 +28,7 @@ import httpx
 from rich.console import Console
 
 from metaflow_stack import settings
+from metaflow_stack.daemon import running_pid
 from metaflow_stack.errors import DockerUnavailableError, StackError
 from metaflow_stack.local_secrets import secret
 
@@ -233,11 +234,10 @@ class LocalService:
         """Stop what ``start`` started (the process, or the containers); ``purge`` also drops the data."""
         stopped = False
         if self._pidfile.exists():
-            try:
-                os.kill(int(self._pidfile.read_text()), signal.SIGTERM)
+            pid = running_pid(self._pidfile)
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
                 stopped = True
-            except (ProcessLookupError, ValueError):
-                pass
             self._pidfile.unlink()
         try:
             from metaflow_stack.engines.docker import require_engine

@@ -26,7 +26,7 @@ def function() -> None:
 @click.argument("ref")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; loopback unless told.")
 @click.option("--port", default=8000, show_default=True, type=PORT)
-@click.option("--workers", default=1, show_default=True, type=int, help="Function worker processes.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Function worker processes.")
 @click.option("--backend", default="local", show_default=True, type=click.Choice(["inprocess", "local", "ray"]))
 @click.option(
     "--max-concurrency",
@@ -158,11 +158,11 @@ def deploy(
 @click.argument("ref")
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder of part-NNNNN.jsonl results.")
-@click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option("--concurrency", default=1, show_default=True, type=int, help="Actors in the pool.")
-@click.option("--num-cpus", default=1.0, show_default=True, type=float, help="CPUs per actor.")
-@click.option("--num-gpus", default=0.0, show_default=True, type=float, help="GPUs per actor.")
-@click.option("--shard-size", default=10_000, show_default=True, type=int, help="Records per output part.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1), help="Actors in the pool.")
+@click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per actor.")
+@click.option("--num-gpus", default=0.0, show_default=True, type=click.FloatRange(0), help="GPUs per actor.")
+@click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(1), help="Records per part.")
 @friendly
 def batch(
     ref: str,

@@ -137,7 +137,13 @@ def _migrate(url: str) -> None:
     from metaflow_stack.service.database import connect
     from metaflow_stack.service.database import migrate as run_migrations
 
-    db = connect(url)
+    try:
+        db = connect(url)
+    except (ValueError, TypeError, ImportError) as exc:  # (SQLAlchemy's words for a URL it cannot use)
+        raise StackError(
+            f"cannot use the database URL {_redacted(url)}: {str(exc).splitlines()[0]}",
+            fix="give a SQLite file path or postgresql://user:password@host:5432/database",
+        ) from None
     try:
         run_migrations(db)
     except DBAPIError as exc:
@@ -151,8 +157,12 @@ def _migrate(url: str) -> None:
 
 
 def _redacted(url: str) -> str:
+    """``url`` with its password hidden; one that does not parse, by its scheme alone (it may hold one)."""
     from sqlalchemy.engine import make_url
 
     from metaflow_stack.service.database import normalize_url
 
-    return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    try:
+        return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    except (ValueError, TypeError):
+        return f"{url.partition('://')[0]}://..." if "://" in url else "(a path)"

@@ -98,7 +98,7 @@ def step(
         try:
             keeper_key = keeper.public_key()
         except KeeperUnavailable as exc:  # nothing was judged: this attempt may be retried
-            print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr, flush=True)
+            print(f"error: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr, flush=True)
             sys.exit(1)
         identity = TaskIdentity(
             flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha,

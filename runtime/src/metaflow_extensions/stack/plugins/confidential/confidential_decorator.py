@@ -116,7 +116,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             if self.attributes["backend"] == "phala":
                 self._check_phala(flow_datastore)
         except StackError as exc:
-            raise ConfidentialException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
+            raise ConfidentialException(f"step {step}: {exc}") from None
 
     def _check(self, flow, flow_dir: Path, environment, decos) -> None:
         from metaflow_stack import settings
@@ -234,7 +234,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
                 remove_orphans()
                 cls.gramine_image = gramine_image()
             except StackError as exc:
-                raise ConfidentialException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+                raise ConfidentialException(f"step {self.step}: {exc}") from None
         if self.attributes["backend"] != "phala":
             return
         if not cls.swept:
@@ -247,7 +247,7 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
 
                     cls.stack_image = stack_image()
             except StackError as exc:
-                raise ConfidentialException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+                raise ConfidentialException(f"step {self.step}: {exc}") from None
             self.attributes["image"] = cls.stack_image
 
     def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context) -> None:

@@ -124,6 +124,8 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         self.flow_datastore, self.step, self.config, self.decos = flow_datastore, step, None, decos
         if os.environ.get(CHECKED_VARIABLE):
             return  # in a task's trampoline or container: the run's start checked everything already
+        from pydantic import TypeAdapter
+
         from metaflow_stack.devcontainer.policy import SandboxPolicy
         from metaflow_stack.errors import StackError
 
@@ -131,18 +133,29 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         if others:
             raise DevcontainerException(f"step {step}: @devcontainer cannot be combined with @{others[0]}")
         try:
+            a = self.attributes
+            try:  # (--with devcontainer:read_only=False gives the text "False": read as pydantic reads a flag)
+                limits = {
+                    "read_only": TypeAdapter(bool).validate_python(a["read_only"]),
+                    "cpu": float(a["cpu"]) if a["cpu"] is not None else None,
+                    "pids": int(a["pids"]),
+                }
+            except (TypeError, ValueError, OverflowError):
+                raise StackError(
+                    f"@devcontainer read_only={a['read_only']!r}, cpu={a['cpu']!r}, pids={a['pids']!r}: "
+                    "read_only must be true or false, cpu and pids numbers",
+                    fix="e.g. @devcontainer(read_only=False, cpu=2, pids=512)",
+                ) from None
             self.policy = SandboxPolicy(
                 network=self.attributes["network"],
-                read_only=bool(self.attributes["read_only"]),
-                cpu=float(self.attributes["cpu"]) if self.attributes["cpu"] is not None else None,
                 memory=str(self.attributes["memory"]) if self.attributes["memory"] is not None else None,
-                pids=int(self.attributes["pids"]),
+                **limits,
             )
             self._check_backend(flow_datastore.TYPE, _metadata_type())
             self.config = self._check_config(flow)
             _check_environment(environment, decos)
         except StackError as exc:
-            raise DevcontainerException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
+            raise DevcontainerException(f"step {step}: {exc}") from None
 
     def _check_backend(self, datastore: str, metadata: str | None) -> None:
         from metaflow_stack.devcontainer import daytona_sandbox, devpod, stores
@@ -197,14 +210,14 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
             try:
                 self.attributes["image"], self.container_json = self._prepare(*self.config)
             except StackError as exc:
-                raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+                raise DevcontainerException(f"step {self.step}: {exc}") from None
         elif self.attributes["image"] is None:
             cls = type(self)
             if cls.default_image is None:
                 try:  # once per run: built here, with progress, if it is not here yet
                     cls.default_image = images.resolve("base")
                 except StackError as exc:
-                    raise DevcontainerException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+                    raise DevcontainerException(f"step {self.step}: {exc}") from None
             self.attributes["image"] = cls.default_image
 
     @classmethod
@@ -218,7 +231,7 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
             try:
                 remove_orphans(DockerEngine())
             except StackError as exc:
-                raise DevcontainerException(f"{exc.message} (fix: {exc.fix})") from None
+                raise DevcontainerException(f"{exc}") from None
             cls.swept = True
 
     @classmethod

@@ -119,7 +119,7 @@ def _one_line() -> Iterator[None]:
     try:
         yield
     except StackError as exc:
-        raise NomadDeployException(f"{exc.message} (fix: {exc.fix})") from None
+        raise NomadDeployException(f"{exc}") from None
 
 
 def _deployable(obj) -> tuple[list[str], list[str], list[Any]]:

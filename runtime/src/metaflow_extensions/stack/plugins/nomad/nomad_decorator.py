@@ -97,8 +97,8 @@ class NomadDecorator(Trampolined, StepDecorator):
                 constraints=constraints_of(a["constraints"]),
             )
         except StackError as exc:
-            raise NomadException(f"step {step}: {exc.message} (fix: {exc.fix})") from None
-        except (TypeError, ValueError) as exc:
+            raise NomadException(f"step {step}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:  # (OverflowError: memory=float("inf"))
             raise NomadException(f"step {step}: cpu, memory, gpu and gpu_memory are numbers ({exc})") from None
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
@@ -110,7 +110,7 @@ class NomadDecorator(Trampolined, StepDecorator):
             if self.placement.driver == "docker" and self.placement.image is None:
                 self.placement = dataclasses.replace(self.placement, image=self._stack_image())
         except StackError as exc:
-            raise NomadException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+            raise NomadException(f"step {self.step}: {exc}") from None
 
     @classmethod
     def _sweep_once(cls, namespace: str | None, region: str | None) -> None:

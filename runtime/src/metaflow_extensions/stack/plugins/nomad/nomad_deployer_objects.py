@@ -56,7 +56,7 @@ class NomadDeployedFlow(DeployedFlow):
             with NomadClient() as client:
                 meta = client.job(identifier).get("Meta") or {}
         except StackError as exc:
-            raise MetaflowException(f"no deployed flow {identifier}: {exc.message} (fix: {exc.fix})") from None
+            raise MetaflowException(f"no deployed flow {identifier}: {exc}") from None
         if meta.get(DEPLOYED) != "true":
             raise MetaflowException(f"the Nomad job {identifier} is not a deployed flow (`nomad create` makes those)")
         flow_name, branch = meta["metaflow.flow"], meta.get("metaflow.branch_name")

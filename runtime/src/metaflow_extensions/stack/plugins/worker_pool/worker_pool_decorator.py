@@ -75,7 +75,7 @@ class WorkerPoolDecorator(StepDecorator):
         size, backend = self.attributes["size"], self.attributes["backend"]
         try:
             self.size = (os.cpu_count() or 1) if size is None else int(size)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (OverflowError: size=float("inf"))
             raise WorkerPoolException(f"step {step}: size={size!r} is not a number of workers (fix: size=4)") from None
         if self.size < 1:
             raise WorkerPoolException(f"step {step}: size={size!r} must be at least 1 (fix: size=4)")
@@ -240,7 +240,7 @@ class WorkerPoolDecorator(StepDecorator):
                 )
                 pool.start()
             except StackError as exc:
-                raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+                raise WorkerPoolException(f"step {self.step}: {exc}") from None
             self.pools[self.step] = pool
 
     def _environment_interpreter(self, package) -> Interpreter:
@@ -295,7 +295,7 @@ class WorkerPoolDecorator(StepDecorator):
                 pool.start()
             cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
         except StackError as exc:
-            raise WorkerPoolException(f"step {self.step}: {exc.message} (fix: {exc.fix})") from None
+            raise WorkerPoolException(f"step {self.step}: {exc}") from None
 
     def runtime_finished(self, exception) -> None:
         cls = type(self)

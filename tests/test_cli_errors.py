@@ -1,0 +1,104 @@
+"""User mistakes at the command line, each found by trying them: one line naming the fix, never a traceback,
+never minutes of silence, and nothing signalled that the user did not name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import VENV_BIN, free_port, json_stdout, run_cli
+
+from metaflow_stack.daemon import running_pid
+
+
+def one_line(done: subprocess.CompletedProcess[str], says: str) -> None:
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and says in done.stderr, done.stderr[-2000:]
+    assert "fix: None" not in done.stderr and "fix:" in done.stderr
+
+
+@pytest.mark.parametrize("held", ["0", "-1", "1", "not a pid", ""])
+def test_a_pid_file_naming_no_single_process_is_no_process(tmp_path: Path, held: str) -> None:
+    """``os.kill(0, ...)`` signals the caller's whole process group, ``-1`` every process it may: a damaged
+    pid file must never reach it (``stack down``, the local service's stop)."""
+    pidfile = tmp_path / "service.pid"
+    pidfile.write_text(held)
+    assert running_pid(pidfile) is None
+    pidfile.write_text(str(os.getpid()))
+    assert running_pid(pidfile) == os.getpid()
+    assert running_pid(tmp_path / "missing.pid") is None
+
+
+def test_a_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    results = tmp_path / "ok.xml"
+    results.write_text('<testsuite name="s" tests="1"><testcase name="t" classname="c"/></testsuite>')
+    done = run_cli("stack", "ci", "report", str(results), "--junit-out", str(tmp_path / "a-file" / "x.xml"))
+    one_line(done, "a-file")
+    state = run_cli("stack", "registry", "down", env={"METAFLOW_STACK_STATE_DIR": str(tmp_path / "a-file")})
+    one_line(state, "Not a directory")
+
+
+def test_a_service_url_that_is_no_url_is_one_line_or_one_json_error() -> None:
+    one_line(run_cli("agent", "flows", "--service-url", "http://localhost:8o80"), "is not a URL")
+    answer = run_cli("agent", "flows", "--service-url", "http://localhost:8o80", "--json")
+    assert answer.returncode == 1 and json_stdout(answer)["error"]["code"] == "bad_parameter"
+
+
+@pytest.mark.parametrize("url", ["postgresql://x@h:abc/db", "postgresql://x:secret@[::1/db", "sqlite://"])
+def test_a_database_url_sqlalchemy_cannot_use_is_one_line_without_its_password(url: str) -> None:
+    done = run_cli("service", "migrate", "--database", url)
+    one_line(done, "cannot use the database URL")
+    assert "secret" not in done.stderr
+
+
+def test_a_flows_devcontainer_settings_that_are_not_numbers_are_one_line(tmp_path: Path) -> None:
+    flow = tmp_path / "settings_flow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, step\n"
+        "class SettingsFlow(FlowSpec):\n"
+        "    @step\n    def start(self):\n        self.next(self.end)\n"
+        "    @step\n    def end(self):\n        pass\n"
+        "if __name__ == '__main__':\n    SettingsFlow()\n"
+    )
+    done = subprocess.run(
+        [str(VENV_BIN / "python"), str(flow), "--no-pylint", "--with", "devcontainer:pids=many", "run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "read_only must be true or false, cpu and pids numbers" in done.stderr
+
+
+def test_a_metadata_service_whose_nats_is_away_says_so_once(tmp_path: Path) -> None:
+    """nats-py logged a traceback at every reconnect, for as long as NATS stayed away."""
+    port, nats_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [
+            *(str(VENV_BIN / "metaflow"), "service", "serve", "--port", str(port)),
+            *("--database", str(tmp_path / "m.db"), "--nats-url", f"nats://127.0.0.1:{nats_port}"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.post(f"http://127.0.0.1:{port}/flows/F", json={}, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        time.sleep(8)  # (several tries to reach NATS)
+    finally:
+        server.terminate()
+        said = server.communicate(timeout=30)[0]
+    assert "Traceback" not in said, said[-3000:]
+    assert said.count("NATS: ") == 1 and "Connection refused" in said, said[-3000:]
