@@ -102,3 +102,21 @@ def test_a_metadata_service_whose_nats_is_away_says_so_once(tmp_path: Path) -> N
         said = server.communicate(timeout=30)[0]
     assert "Traceback" not in said, said[-3000:]
     assert said.count("NATS: ") == 1 and "Connection refused" in said, said[-3000:]
+
+
+@pytest.mark.parametrize(("content", "says"), [(b'{"cells": 5}', "not iterable"), (b"[1, 2]", "'list'"), (b"", "JSON")])
+def test_a_file_that_is_no_notebook_is_one_line(tmp_path: Path, content: bytes, says: str) -> None:
+    notebook = tmp_path / "nb.ipynb"
+    notebook.write_bytes(content)
+    one_line(run_cli("notebook", "export", str(notebook), "-o", str(tmp_path / "flow.py")), says)
+
+
+def test_a_reference_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    reference = tmp_path / "reference.bin"
+    reference.write_bytes(bytes(range(256)) * 4)
+    one_line(run_cli("function", "serve", str(reference)), "neither JSON nor an existing bundle path")
+
+
+def test_a_flow_file_argo_check_cannot_load_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "half.py").write_text("x = (\n")
+    one_line(run_cli("stack", "ci", "argo-check", str(tmp_path / "half.py")), "cannot be loaded as a flow: SyntaxError")

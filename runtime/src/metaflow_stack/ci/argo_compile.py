@@ -23,7 +23,15 @@ def compile_flow(flow_file: Path, env: dict[str, str] | None = None) -> dict[str
     uploaded)."""
     from metaflow import Deployer
 
-    deployer = Deployer(str(flow_file), show_output=False, env=env or {}, cwd=str(flow_file.parent)).argo_workflows()
+    try:
+        deployer = Deployer(str(flow_file), show_output=False, env=env or {}, cwd=str(flow_file.parent))
+        deployer = deployer.argo_workflows()
+    except Exception as exc:  # (the flow's file is imported here: whatever it raises, or defines no flow)
+        said = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise StackError(
+            f"{flow_file.name} cannot be loaded as a flow: {type(exc).__name__}{': ' + said if said else ''}",
+            fix=f"run `python {flow_file.name} show` to see the whole error",
+        ) from None
     try:
         deployed = deployer.create(only_json=True)
     except RuntimeError as exc:  # the Deployer's word for a create command that failed

@@ -56,7 +56,7 @@ def resolve_reference(source: str | dict[str, Any] | FunctionReference) -> tuple
             location = str(Path(location).resolve())
         return references.parse(_read(location, REFERENCE_FILE)), location
     if path.is_file():
-        return references.parse(path.read_text(encoding="utf-8")), None
+        return references.parse(path.read_bytes()), None  # (parse says what is wrong, text or not)
     raise FunctionError(
         f"no reference file or bundle at {source}",
         fix="pass the JSON from JsonFunction(...).reference, a file holding it, or a bundle folder or s3:// URL",

@@ -117,7 +117,7 @@ def parse(document: str | bytes | dict[str, Any]) -> FunctionReference:
     """Read a reference, refusing versions this runtime does not know."""
     try:
         data = json.loads(document) if isinstance(document, str | bytes) else document
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # (not JSON; or bytes that are not text at all)
         raise UnsupportedReferenceError(
             f"the reference is neither JSON nor an existing bundle path ({exc})",
             fix="pass the JSON from JsonFunction(...).reference, a file holding it, or a bundle folder or s3:// URL",

@@ -26,8 +26,10 @@ def from_notebook(path: Path) -> Assembled:
     nbformat = require("nbformat", extra="notebook")
     try:
         notebook = nbformat.read(str(path), as_version=4)
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(str(path), f"is not a notebook: {exc}", fix="name an .ipynb file") from None
+        nbformat.validate(notebook)  # (cells that are not a list, a cell with no source: nbformat's own schema)
+    except (OSError, ValueError, AttributeError, TypeError, nbformat.ValidationError) as exc:
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(str(path), f"is not a notebook: {said}", fix="name an .ipynb file") from None
     return from_cells(notebook)
 
 
