@@ -25,7 +25,6 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import generate_latest
-from pydantic import Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -34,17 +33,8 @@ from metaflow_stack.api_errors import error_response
 from metaflow_stack.datastore.log_files import LogFiles
 from metaflow_stack.http_guard import Guard, GuardMiddleware
 from metaflow_stack.ids import is_number
-from metaflow_stack.service import pages
-from metaflow_stack.service.bodies import (
-    MAX_ROWS,
-    ArtifactBody,
-    Created,
-    Metadatum,
-    RunBody,
-    RunHeartbeat,
-    TagMutation,
-    TaskBody,
-)
+from metaflow_stack.service import bodies, pages
+from metaflow_stack.service.bodies import ArtifactBody, Created, Metadatum, RunBody, RunHeartbeat, TagMutation, TaskBody
 from metaflow_stack.service.database import connect, migrate
 from metaflow_stack.service.event_bus import DEFAULT_RETENTION_S
 from metaflow_stack.service.events import EventHub
@@ -76,8 +66,6 @@ MAX_SEQ = 2**63 - 1
 
 #: A request body checked against its model (``bodies``) before the route runs: a 400 names the field.
 Body = Annotated[T, fastapi.Body()]
-#: A list of at most ``MAX_ROWS`` rows, one request's.
-Rows = Annotated[list[T], Field(max_length=MAX_ROWS)]
 
 
 async def _subscribe(request: Request) -> Subscription:
@@ -295,12 +283,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return store.task_metadata(flow_id, run, step_name, task)
 
     @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/metadata")
-    def add_metadata(flow_id: str, run: str, step_name: str, task: str, body: Body[Rows[Metadatum]]) -> dict[str, int]:
+    def add_metadata(
+        flow_id: str, run: str, step_name: str, task: str, body: Body[bodies.Rows[Metadatum]]
+    ) -> dict[str, int]:
         return store.add_metadata(flow_id, run, step_name, task, body)
 
     @app.post("/flows/{flow_id}/runs/{run}/steps/{step_name}/tasks/{task}/artifact")
     def add_artifacts(
-        flow_id: str, run: str, step_name: str, task: str, body: Body[Rows[ArtifactBody]]
+        flow_id: str, run: str, step_name: str, task: str, body: Body[bodies.Rows[ArtifactBody]]
     ) -> dict[str, int]:
         return store.add_artifacts(flow_id, run, step_name, task, body)
 

@@ -9,7 +9,7 @@ anything else of the wrong type (a dict as ``user_name``, a string as
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -22,6 +22,9 @@ Tags = Annotated[list[Tag], Field(max_length=1000)]
 #: The rows of one request (metadata or artifacts of one task): Metaflow sends tens, a wide task hundreds.
 #: Rows cost memory many times their bytes while they are written: 150,000 small ones took 670 MB.
 MAX_ROWS = 10_000
+T = TypeVar("T")
+#: The rows of one request, ``MAX_ROWS`` at most.
+Rows = Annotated[list[T], Field(max_length=MAX_ROWS)]
 
 
 #: A metadatum's value: Metaflow sends text, booleans (``attempt_ok``) and lists (``foreach-stack``);
