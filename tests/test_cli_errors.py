@@ -56,24 +56,34 @@ def test_a_database_url_sqlalchemy_cannot_use_is_one_line_without_its_password(u
     assert "secret" not in done.stderr
 
 
-def test_a_flows_devcontainer_settings_that_are_not_numbers_are_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("decorator", "says"),
+    [
+        ('devcontainer(pids="many")', "read_only must be true or false, cpu and pids numbers"),
+        ("devcontainer(config=5)", "config=5 is not a path"),
+        ('devcontainer(config="latin1.json")', "latin1.json: not UTF-8 text"),
+        ("confidential(policy=5)", "policy: 5 is not a policy file's path"),
+    ],
+)
+def test_a_flows_decorator_settings_of_the_wrong_kind_are_one_line(tmp_path: Path, decorator: str, says: str) -> None:
+    (tmp_path / "latin1.json").write_bytes('{"image": "caf\xe9"}'.encode("latin-1"))
     flow = tmp_path / "settings_flow.py"
     flow.write_text(
-        "from metaflow import FlowSpec, step\n"
+        "from metaflow import FlowSpec, confidential, devcontainer, step\n"
         "class SettingsFlow(FlowSpec):\n"
-        "    @step\n    def start(self):\n        self.next(self.end)\n"
+        f"    @{decorator}\n    @step\n    def start(self):\n        self.next(self.end)\n"
         "    @step\n    def end(self):\n        pass\n"
         "if __name__ == '__main__':\n    SettingsFlow()\n"
     )
     done = subprocess.run(
-        [str(VENV_BIN / "python"), str(flow), "--no-pylint", "--with", "devcontainer:pids=many", "run"],
+        [str(VENV_BIN / "python"), str(flow), "--no-pylint", "run"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "read_only must be true or false, cpu and pids numbers" in done.stderr
+    assert says in done.stderr and "fix: None" not in done.stderr, done.stderr[-2000:]
 
 
 def test_a_metadata_service_whose_nats_is_away_says_so_once(tmp_path: Path) -> None:

@@ -140,9 +140,11 @@ def load(path: str | os.PathLike[str]) -> tuple[DevcontainerConfig, str]:
     path = Path(path)
     if not path.is_file():
         raise StackError(f"{path}: no such devcontainer.json", fix="give config= the path of a devcontainer.json")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = json5.loads(text)
+    except UnicodeDecodeError:
+        raise StackError(f"{path}: not UTF-8 text", fix="save the devcontainer.json as UTF-8") from None
     except ValueError as exc:
         where = str(exc).replace("<string>:", "line ")
         raise StackError(f"{path}: not valid JSON with comments: {where}", fix="correct the syntax there") from None

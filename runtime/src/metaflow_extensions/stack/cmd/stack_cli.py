@@ -332,7 +332,7 @@ def cluster_down() -> None:
     "--service-port",
     default=8080,
     show_default=True,
-    type=int,
+    type=FIXED_PORT,
     envvar="METAFLOW_STACK_SERVICE_PORT",
     help="Port of the metadata service on 127.0.0.1.",
 )
@@ -356,7 +356,7 @@ def cluster_down() -> None:
     "--redis-port",
     default=6379,
     show_default=True,
-    type=int,
+    type=FIXED_PORT,
     envvar="METAFLOW_STACK_REDIS_PORT",
     help="Port of the stack's Redis on 127.0.0.1 (with --with redis).",
 )
@@ -364,7 +364,7 @@ def cluster_down() -> None:
     "--key-release-port",
     default=8325,
     show_default=True,
-    type=int,
+    type=FIXED_PORT,
     envvar="METAFLOW_STACK_KEY_RELEASE_PORT",
     help="Port of the stack's key-release service on 127.0.0.1 (with --with key-release).",
 )

@@ -150,6 +150,8 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
                 raise InvalidInput(name, f"{value!r} is not a number from 0 to 65535", fix=f"{name}=1")
         policy = self.attributes["policy"]
+        if policy is not None and not isinstance(policy, str):
+            raise InvalidInput("policy", f"{policy!r} is not a policy file's path", fix='policy="policies/prod.toml"')
         if policy is not None and settings.load().key_release_url:
             # The key-release service holds its own copy under the file's name: this machine need not have it.
             if not re.match(POLICY_NAME, policy_name(policy)):

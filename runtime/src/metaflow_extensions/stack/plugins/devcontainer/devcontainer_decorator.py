@@ -192,6 +192,9 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
             return None
         elif self.attributes["image"] is not None:
             raise StackError("give config= or image=, not both", fix="put the image in the devcontainer.json")
+        elif not isinstance(self.attributes["config"], str | os.PathLike):
+            config = self.attributes["config"]
+            raise StackError(f"config={config!r} is not a path", fix='e.g. config=".devcontainer/devcontainer.json"')
         else:
             path = flow_dir / self.attributes["config"]
         config, digest = spec.load(path)
