@@ -3,6 +3,7 @@ never minutes of silence, and nothing signalled that the user did not name."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -130,3 +131,36 @@ def test_a_reference_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
 def test_a_flow_file_argo_check_cannot_load_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "half.py").write_text("x = (\n")
     one_line(run_cli("stack", "ci", "argo-check", str(tmp_path / "half.py")), "cannot be loaded as a flow: SyntaxError")
+
+
+def test_a_notebook_jupyter_opens_still_exports_though_its_schema_is_not_exact(tmp_path: Path) -> None:
+    """nbformat reads past what its schema refuses (a key a cell should not have), and so does Jupyter: the
+    export refuses only what it cannot read, not such a notebook."""
+    cell = {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "made_up": 1}
+    sources = ["%%flow NbFlow", "%%step start --next end\nself.x = 1", "%%step end\nprint(self.x)"]
+    notebook = {"cells": [{**cell, "source": text} for text in sources], "metadata": {}, "nbformat": 4}
+    (tmp_path / "nb.ipynb").write_text(json.dumps(notebook | {"nbformat_minor": 4}))
+    done = run_cli("notebook", "export", str(tmp_path / "nb.ipynb"), "-o", str(tmp_path / "flow.py"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "class NbFlow(FlowSpec)" in (tmp_path / "flow.py").read_text()
+
+
+def test_a_nats_outage_is_said_once_and_a_later_one_again(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from metaflow_stack.service import event_bus
+
+    async def outages() -> None:
+        for _ in range(3):
+            await event_bus._said_once(ConnectionRefusedError(111, "Connection refused"))
+        await event_bus._connected_again()
+        await event_bus._said_once(ConnectionRefusedError(111, "Connection refused"))
+
+    with caplog.at_level("WARNING", logger="metaflow_stack.service.events"):
+        asyncio.run(outages())
+    said = [record.getMessage() for record in caplog.records]
+    assert [line.split(" (")[0] for line in said] == [
+        "NATS: ConnectionRefusedError: [Errno 111] Connection refused",
+        "NATS: connected again",
+        "NATS: ConnectionRefusedError: [Errno 111] Connection refused",
+    ], said

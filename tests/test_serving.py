@@ -173,14 +173,26 @@ def test_a_streamed_body_over_the_limit_is_refused_before_it_is_read_whole(train
     async def send(message: dict) -> None:
         sent.append(message)
 
+    metrics: list[dict] = []
+
+    async def metrics_sent(message: dict) -> None:
+        metrics.append(message)
+
+    async def no_body() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
     async def post() -> None:
         async with app.router.lifespan_context(app):
             await app(scope, receive, send)
+            read = {**scope, "method": "GET", "path": "/metrics", "raw_path": b"/metrics", "headers": headers[:1]}
+            await app(read, no_body, metrics_sent)
 
     asyncio.run(post())
     assert sent[0]["status"] == 413 and received <= 2, (sent[0], received)
     answer = json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
     assert answer["code"] == "payload_too_large" and answer["details"] == {"parameter": "body"}
+    counted = b"".join(message.get("body", b"") for message in metrics[1:]).decode()
+    assert 'function_requests_total{route="/invoke",status="413"} 1.0' in counted, counted  # (not as a 500)
 
 
 def test_past_twice_max_concurrency_a_request_is_answered_503_before_its_body_is_read(train_task) -> None:

@@ -10,7 +10,6 @@ ever parses an HTML page or a bare string.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from metaflow_stack.errors import InvalidInput, StackError
@@ -18,8 +17,6 @@ from metaflow_stack.errors import InvalidInput, StackError
 if TYPE_CHECKING:  # FastAPI only where a server is installed: the errors themselves need nothing
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-
-_log = logging.getLogger(__name__)
 
 #: The status each stable code answers with; a code not listed is a server-side failure (500).
 STATUS = {
@@ -76,13 +73,12 @@ def stack_error_response(exc: StackError) -> JSONResponse:
 def install(app: FastAPI, name: str) -> None:
     """Answer the ``StackError`` family, unknown routes and validation failures as JSON; and any other
     exception (a bug) as a JSON 500 saying that ``name`` ("the metadata service") failed, its traceback in
-    the log, never in the answer."""
+    the log (Starlette raises it on to the server, which logs it), never in the answer."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> JSONResponse:
-        _log.error("%s failed on %s %s", name, request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", f"{name} failed; see its log")
 
     @app.exception_handler(StackError)

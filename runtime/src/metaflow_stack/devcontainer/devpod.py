@@ -14,6 +14,7 @@ backend does not apply there. Each task gets its own workspace, so attempts neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -109,8 +110,14 @@ def _stops_with_us() -> None:
     die_with_parent(signal.SIGTERM)
 
 
+#: Seconds a delete may take (DevPod itself waits up to five minutes for a workspace's lock).
+_DELETE_S = 360
+
+
 def _delete(devpod: str, ident: str, *flags: str) -> None:
-    subprocess.run([devpod, "delete", ident, *flags, "--ignore-not-found"], capture_output=True, text=True)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # (a provider that hangs: the forced delete follows)
+        command = [devpod, "delete", ident, *flags, "--ignore-not-found"]
+        subprocess.run(command, capture_output=True, text=True, timeout=_DELETE_S)
 
 
 def _delete_after_kill(devpod: str, ident: str, scratch: str) -> None:

@@ -68,7 +68,7 @@ def event_of(row: Any) -> dict[str, Any]:
     }
 
 
-#: The NATS client's errors already said (``_said_once``).
+#: The NATS client's errors already said since it last connected (``_said_once``).
 _SAID: set[str] = set()
 
 
@@ -79,6 +79,13 @@ async def _said_once(exc: Exception) -> None:
     if said not in _SAID:
         _SAID.add(said)
         log.warning("NATS: %s (events wait in the database until it answers)", said)
+
+
+async def _connected_again() -> None:
+    """A later outage is said again (``_said_once``)."""
+    if _SAID:
+        _SAID.clear()
+        log.warning("NATS: connected again")
 
 
 class Logged(NamedTuple):
@@ -275,8 +282,14 @@ class Bus:
 
         if self._nats is None or self._nats.is_closed:
             self._nats = await nats.connect(
-                self.nats_url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True, error_cb=_said_once
+                self.nats_url,
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=_said_once,
+                reconnected_cb=_connected_again,
             )
+            await _connected_again()  # (a first connection after failed ones: no reconnection to say it)
             self._jetstream, self._live = None, None
         if self._jetstream is None:
             jetstream = self._nats.jetstream(timeout=2)

@@ -15,6 +15,7 @@ an environment variable at run time: it is in no image and no log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -235,9 +236,10 @@ class LocalService:
         stopped = False
         if self._pidfile.exists():
             pid = running_pid(self._pidfile)
-            if pid is not None:
-                os.kill(pid, signal.SIGTERM)
-                stopped = True
+            with contextlib.suppress(ProcessLookupError):  # (ended since)
+                if pid is not None:
+                    os.kill(pid, signal.SIGTERM)
+                    stopped = True
             self._pidfile.unlink()
         try:
             from metaflow_stack.engines.docker import require_engine

@@ -27,6 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from metaflow_stack import api_errors
 from metaflow_stack.api_errors import ApiError, error_response
@@ -219,6 +221,12 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
         except ApiError as exc:
             status = exc.status
             raise
+        except HTTPException as exc:  # (a streamed body over the limit: the body-limit middleware answers it)
+            status = exc.status_code
+            raise
+        except ClientDisconnect:  # (the client went away mid-body: counted as nginx counts it)
+            status = 499
+            raise
         finally:
             if active:
                 state["active"] -= 1
@@ -242,9 +250,10 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
         for code, text in (
             (400, "malformed body"),
             (413, "body too large"),
-            (415, "unsupported content type"),
+            (415, "unsupported content type, or answer type"),
             (422, "input does not match the schema"),
-            (500, "the function raised"),
+            (500, "the function raised, or the server failed"),
+            (503, "busy (try again shortly), or the function's worker failed"),
         )
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import sys
@@ -15,6 +16,17 @@ from rich.markup import escape
 from metaflow_stack.errors import StackError
 
 _err = Console(stderr=True)
+#: What to do about a path, by what went wrong with it.
+_PATH_FIXES = {
+    errno.ENOENT: "check that the path is there (a file, a folder or a program on PATH)",
+    errno.EACCES: "use a path you may read and write, or change its permissions",
+    errno.EPERM: "use a path you may read and write, or change its permissions",
+    errno.ENOTDIR: "a folder on that path is a file: name another path, or move the file",
+    errno.EEXIST: "a file is where a folder must be made: name another path, or move the file",
+    errno.EISDIR: "that path is a folder: name a file",
+    errno.ENOSPC: "free some space on that disk",
+    errno.EROFS: "that disk is read-only: name a path on another",
+}
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,7 +44,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             if exc.filename is None:  # (a socket's, a process's: not a path's)
                 raise
-            _say(f"{exc.strerror or exc}: {exc.filename}", "name a path whose folders are folders you may write in")
+            _say(f"{exc.strerror or exc}: {exc.filename}", _PATH_FIXES.get(exc.errno, "check that path"))
             sys.exit(1)
         except KeyboardInterrupt:
             _err.print("interrupted")

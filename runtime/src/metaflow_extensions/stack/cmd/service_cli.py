@@ -139,7 +139,12 @@ def _migrate(url: str) -> None:
 
     try:
         db = connect(url)
-    except (ValueError, TypeError, ImportError) as exc:  # (SQLAlchemy's words for a URL it cannot use)
+    except ImportError as exc:  # (a driver SQLAlchemy knows, not installed here)
+        raise StackError(
+            f"no driver here for the database URL {_redacted(url)} ({exc.name or exc})",
+            fix="use postgresql:// (psycopg, installed) or a SQLite file path",
+        ) from None
+    except (ValueError, TypeError) as exc:  # (SQLAlchemy's words for a URL it cannot use)
         raise StackError(
             f"cannot use the database URL {_redacted(url)}: {str(exc).splitlines()[0]}",
             fix="give a SQLite file path or postgresql://user:password@host:5432/database",
