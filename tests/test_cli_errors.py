@@ -44,6 +44,13 @@ def test_a_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     one_line(state, "Not a directory")
 
 
+def test_a_call_timeout_an_in_process_server_cannot_keep_is_one_line(tmp_path: Path) -> None:
+    reference = tmp_path / "reference.json"  # (refused before the reference is read)
+    one_line(
+        run_cli("function", "serve", str(reference), "--backend", "inprocess", "--call-timeout", "5"), "cannot stop"
+    )
+
+
 def test_a_service_url_that_is_no_url_is_one_line_or_one_json_error() -> None:
     one_line(run_cli("agent", "flows", "--service-url", "http://localhost:8o80"), "is not a URL")
     answer = run_cli("agent", "flows", "--service-url", "http://localhost:8o80", "--json")

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from metaflow_stack.functions.errors import (
+    CallTimeoutError,
+    FunctionError,
     InvalidInputError,
     RemoteFunctionError,
     UnsupportedReferenceError,
@@ -89,6 +91,47 @@ def test_crashed_worker_gives_a_clear_error_and_the_next_call_restarts_it(train_
         where.backend._workers[0]._process.kill()  # a worker killed from outside
         where.backend._workers[0]._process.wait()
         assert where({})["pid"] not in (pid, first_pid)  # restarted, not an error
+
+
+def test_a_call_past_its_timeout_stops_its_worker_and_the_next_call_is_answered(train_task) -> None:
+    """A hung call must not hold a worker for good: past ``call_timeout`` the worker is killed (the call's
+    sleep is a minute) and the next call, a batch here, runs in a new one."""
+    import time
+
+    import iris_functions
+    import psutil
+    from metaflow import JsonFunction, function_from_json
+
+    reference = JsonFunction(iris_functions.which_thread, task=train_task).reference
+    with function_from_json(reference, backend="local", call_timeout=1.5) as fn:
+        hung = fn.backend.worker_pids[0]
+        started = time.monotonic()
+        with pytest.raises(CallTimeoutError, match=r"^the function did not answer within 1.5s; its worker process"):
+            fn({"sleep_ms": 60_000})
+        assert time.monotonic() - started < 10
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        assert fn.batch([{"sleep_ms": 0}] * 3) == [{"thread": "MainThread"}] * 3
+        assert fn.backend.worker_pids[0] != hung
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), 7 * 24 * 3600 + 1])
+def test_a_call_timeout_out_of_range_is_refused(train_task, timeout: float) -> None:
+    import iris_functions
+    from metaflow import JsonFunction, function_from_json
+
+    reference = JsonFunction(iris_functions.echo, task=train_task).reference
+    with pytest.raises(FunctionError, match=r"^call_timeout is .*; it is seconds above 0 and at most 604,800"):
+        function_from_json(reference, backend="local", call_timeout=timeout)
+
+
+def test_the_inprocess_backend_takes_no_call_timeout(train_task) -> None:
+    import iris_functions
+    from metaflow import JsonFunction, function_from_json
+
+    reference = JsonFunction(iris_functions.echo, task=train_task).reference
+    with pytest.raises(FunctionError, match="no call can be stopped") as refused:
+        function_from_json(reference, backend="inprocess", call_timeout=5)
+    assert refused.value.fix == "use the local backend for a call_timeout"
 
 
 @pytest.mark.parametrize("version", [0, 2, "1"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -76,3 +78,24 @@ def test_actors_that_cannot_be_placed_give_a_clear_error(echo_reference: str) ->
 
     with pytest.raises(FunctionError, match="Ray could not start 1 actor"):
         function_from_json(echo_reference, backend="ray", num_cpus=64, start_timeout=5)
+
+
+def test_a_ray_call_past_its_timeout_replaces_its_actor(train_task) -> None:
+    """Ray cannot stop a running actor method: past ``call_timeout`` the actor is killed and a new one takes
+    its place, so the next calls on every replica are answered."""
+    import iris_functions
+    import psutil
+    from metaflow import JsonFunction, function_from_json
+
+    from metaflow_stack.functions.errors import CallTimeoutError
+
+    reference = JsonFunction(iris_functions.where, task=train_task).reference
+    with function_from_json(reference, backend="ray", replicas=2, num_cpus=0.25, call_timeout=3) as fn:
+        pids = {fn({})["pid"] for _ in range(2)}
+        with pytest.raises(CallTimeoutError, match=r"^the function did not answer within 3s; its Ray actor was"):
+            fn({"sleep_ms": 60_000})
+        answered = {fn({})["pid"] for _ in range(4)}
+    assert len(pids) == 2 and len(answered) == 2 and len(answered - pids) == 1
+    (stopped,) = pids - answered
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(stopped).wait(timeout=30)  # Ray kills it on its own time, not within the call

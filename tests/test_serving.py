@@ -234,6 +234,25 @@ def test_a_bug_is_a_json_500_with_no_traceback(train_task) -> None:
     assert body["message"] == "the function server failed; see its log" and "Traceback" not in answer.text
 
 
+def test_a_call_past_the_call_timeout_is_a_504_and_the_server_answers_the_next(train_task) -> None:
+    """A hung function must not hold a slot for good: past ``call_timeout`` its worker is stopped, the
+    request is answered 504, and the next request runs in a new worker."""
+    import iris_functions
+    from fastapi.testclient import TestClient
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import ServeOptions, create_app
+
+    reference = JsonFunction(iris_functions.where, task=train_task).reference
+    with TestClient(create_app(reference, ServeOptions(call_timeout=1.5)), base_url=LOOPBACK) as client:
+        first = client.post("/invoke", json={}).json()["pid"]
+        body = _is_error(client.post("/invoke", json={"sleep_ms": 60_000}), 504, "call_timeout")
+        assert body["message"] == "the function did not answer within 1.5s; its worker process was stopped"
+        assert client.post("/invoke/batch", json=[{}, {}]).json()[0]["pid"] != first
+        assert 'function_requests_total{route="/invoke",status="504"} 1.0' in client.get("/metrics").text
+        assert "504" in client.get("/openapi.json").json()["paths"]["/invoke"]["post"]["responses"]
+
+
 def test_health_ready_and_metrics(client) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json()["status"] == "ready"

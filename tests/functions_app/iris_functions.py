@@ -50,11 +50,13 @@ def missing_artifact(data: dict, params: FunctionParameters) -> dict:
 
 @json_function
 def where(data: dict, params: FunctionParameters) -> dict:
-    """Report the interpreter and a pinned package's version: proves where it ran."""
+    """Report the interpreter and a pinned package's version, after ``sleep_ms``: proves where it ran."""
     import importlib.metadata
     import os
     import sys
+    import time
 
+    time.sleep(data.get("sleep_ms", 0) / 1000)
     package = data.get("package", "packaging")
     return {"python": sys.executable, "pid": os.getpid(), "version": importlib.metadata.version(package)}
 

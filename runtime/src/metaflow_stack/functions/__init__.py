@@ -14,6 +14,9 @@ from typing import Any
 from metaflow_stack.functions.binding import JsonFunction, json_function
 from metaflow_stack.functions.params import FunctionParameters
 
+#: The longest ``call_timeout`` a backend takes, in seconds: a week (past 24 days the kernel's wait overflows).
+MAX_CALL_TIMEOUT = 7 * 24 * 3600
+
 
 def function_from_json(reference: Any, backend: str = "local", **options: Any) -> Any:
     """Load a function from its reference and run it on ``backend`` (see ``backends.function_from_json``)."""

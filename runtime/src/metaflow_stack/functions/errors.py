@@ -59,6 +59,13 @@ class WorkerCrashedError(FunctionError):
     code = "worker_crashed"
 
 
+class CallTimeoutError(FunctionError):
+    """A call outlasted the backend's ``call_timeout``: the worker running it was stopped, since a thread
+    cannot be, so a hung call holds nothing; the next call starts a new worker."""
+
+    code = "call_timeout"
+
+
 class UnsupportedReferenceError(FunctionError):
     """The reference's format version is not one this runtime reads."""
 

@@ -35,7 +35,12 @@ from metaflow_stack.api_errors import ApiError, error_response
 from metaflow_stack.functions import codecs
 from metaflow_stack.functions.backends import Function, function_from_json
 from metaflow_stack.functions.bundle import resolve_reference
-from metaflow_stack.functions.errors import FunctionError, InvalidInputError, RemoteFunctionError
+from metaflow_stack.functions.errors import (
+    CallTimeoutError,
+    FunctionError,
+    InvalidInputError,
+    RemoteFunctionError,
+)
 from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddleware
 from metaflow_stack.serving.batching import AdaptiveBatcher
 
@@ -57,6 +62,10 @@ class ServeOptions:
     max_concurrency: int = 64
     #: Concurrent ``/invoke`` requests share one call to the function, up to this many; 1 turns it off.
     max_batch_size: int = 32
+    #: Seconds a call to the function (one input or a batch) may take: past it the worker running it is
+    #: stopped and its requests are answered 504, so a hung call holds no slot for good. ``None``: no bound.
+    #: ``inprocess`` has none: its calls run in the server's own threads, which nothing can stop.
+    call_timeout: float | None = 60.0
 
 
 def _openapi_schemas(schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +114,12 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
         # Loaded once per server process, in a thread so start-up stays responsive to health checks;
         # every artifact too, so /ready means the first call is as fast as the second.
         state["function"] = await asyncio.to_thread(
-            function_from_json, reference, options.backend, workers=options.workers, preload=True
+            function_from_json,
+            reference,
+            options.backend,
+            workers=options.workers,
+            preload=True,
+            call_timeout=None if options.backend == "inprocess" else options.call_timeout,
         )
         state["codecs"] = {
             name: (codecs.create(name, ref.input_schema), codecs.create(name, ref.output_schema))
@@ -211,6 +225,9 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
                     raise ApiError(
                         500, "function_raised", f"the function raised {exc.exc_type}", {"error_id": error_id}
                     ) from None
+                except CallTimeoutError as exc:
+                    log.error("function %s: %s", ref.name, exc.message)
+                    raise ApiError(504, exc.code, exc.message) from None
                 except FunctionError as exc:
                     error_id = uuid.uuid4().hex[:16]
                     log.error("function %s failed (error id %s): %s", ref.name, error_id, exc)
@@ -254,6 +271,7 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
             (422, "input does not match the schema"),
             (500, "the function raised, or the server failed"),
             (503, "busy (try again shortly), or the function's worker failed"),
+            (504, "the call outlasted the server's call timeout"),
         )
     }
 

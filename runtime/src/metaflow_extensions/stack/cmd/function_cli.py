@@ -10,6 +10,7 @@ from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
 from metaflow_extensions.stack.cmd.server_options import FIXED_PORT, PORT, exposure_options
+from metaflow_stack.functions import MAX_CALL_TIMEOUT
 
 
 @click.group()
@@ -44,6 +45,13 @@ def function() -> None:
     envvar="METAFLOW_STACK_SERVE_MAX_BATCH_SIZE",
     help="Concurrent requests one call to the function may take together; 1 turns batching off.",
 )
+@click.option(
+    "--call-timeout",
+    type=click.FloatRange(0, MAX_CALL_TIMEOUT),
+    envvar="METAFLOW_STACK_SERVE_CALL_TIMEOUT",
+    help="Seconds a call to the function may take; past it its worker is stopped and the request answered 504. "
+    "0: no bound.  [default: 60; none with --backend inprocess, whose calls cannot be stopped]",
+)
 @exposure_options
 @friendly
 def serve(
@@ -54,17 +62,30 @@ def serve(
     backend: str,
     max_concurrency: int,
     max_batch_size: int,
+    call_timeout: float | None,
     allowed_hosts: tuple[str, ...],
     insecure: bool,
 ) -> None:
     import uvicorn
 
+    from metaflow_stack.errors import StackError
     from metaflow_stack.http_guard import Guard, check_exposure, configured_key
     from metaflow_stack.serving.app import OPEN_PATHS, ServeOptions, create_app
 
+    if backend == "inprocess" and call_timeout:
+        raise StackError(
+            "--backend inprocess runs calls in the server's own threads, which --call-timeout cannot stop",
+            fix="use --backend local (the default), or leave out --call-timeout",
+        )
     key = configured_key("METAFLOW_STACK_SERVE_AUTH_KEY")
     check_exposure(host, key, insecure)
-    options = ServeOptions(backend, workers, max_concurrency=max_concurrency, max_batch_size=max_batch_size)
+    options = ServeOptions(
+        backend,
+        workers,
+        max_concurrency=max_concurrency,
+        max_batch_size=max_batch_size,
+        call_timeout=ServeOptions.call_timeout if call_timeout is None else call_timeout or None,
+    )
     app = create_app(ref, options, Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS))
     # No access log: a line per request is work on every call of a hot path; /metrics counts them instead.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30, access_log=False)

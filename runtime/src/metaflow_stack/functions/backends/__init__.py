@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
+from metaflow_stack.functions import MAX_CALL_TIMEOUT
 from metaflow_stack.functions.errors import FunctionError
 from metaflow_stack.functions.reference import FunctionReference
 from metaflow_stack.functions.schema import Validator
@@ -88,6 +89,7 @@ def function_from_json(
     codec: str | None = None,
     workers: int = 1,
     preload: bool = False,
+    call_timeout: float | None = None,
     **options: Any,
 ) -> Function:
     """Load a function from its reference (JSON, a bundle directory or ``s3://`` URL) and a backend.
@@ -97,22 +99,39 @@ def function_from_json(
     environment (``num_cpus``, ``num_gpus``, ``memory`` and ``replicas`` options).
     ``preload`` loads every artifact before returning, so the first call is as
     fast as the next (servers use it); otherwise each loads on first use.
+    ``call_timeout`` bounds each call (one input or a batch) in seconds: past
+    it the worker or actor running the call is stopped and the call raises
+    ``CallTimeoutError``. ``inprocess`` cannot stop a call, so it takes none.
     """
     from metaflow_stack.functions.bundle import resolve_reference
+
+    if call_timeout is not None and not 0 < call_timeout <= MAX_CALL_TIMEOUT:
+        raise FunctionError(
+            f"call_timeout is {call_timeout!r}; it is seconds above 0 and at most {MAX_CALL_TIMEOUT:,}, or None"
+        )
 
     ref, base = resolve_reference(reference)
     codec = codec or ref.codec
     if backend == "inprocess":
+        if call_timeout is not None:
+            raise FunctionError(
+                "the inprocess backend runs the function in this thread, where no call can be stopped",
+                fix="use the local backend for a call_timeout",
+            )
         from metaflow_stack.functions.backends.inprocess import InProcessBackend
 
         return Function(ref, InProcessBackend(ref, base, codec, preload))
     if backend == "local":
         from metaflow_stack.functions.backends.local import LocalBackend
 
-        return Function(ref, LocalBackend(ref, base, codec, workers=workers, preload=preload))
+        return Function(
+            ref, LocalBackend(ref, base, codec, workers=workers, preload=preload, call_timeout=call_timeout)
+        )
     if backend == "ray":
         from metaflow_stack.functions.backends.ray import RayBackend
 
         replicas = options.pop("replicas", workers)
-        return Function(ref, RayBackend(ref, base, codec, replicas=replicas, preload=preload, **options))
+        return Function(
+            ref, RayBackend(ref, base, codec, replicas=replicas, preload=preload, call_timeout=call_timeout, **options)
+        )
     raise FunctionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")

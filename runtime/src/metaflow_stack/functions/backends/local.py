@@ -5,13 +5,15 @@ the function and its model once, then serves calls over a pair of pipes; the
 caller blocks in the kernel while a worker computes, so it burns no CPU
 waiting. Any thread may call: a call takes an idle worker from a queue, so N
 workers serve N calls at once. A worker that dies fails only the call in
-flight with ``WorkerCrashedError`` and is restarted by the next call.
+flight with ``WorkerCrashedError`` and is restarted by the next call; so is
+one that outlasts ``call_timeout`` (``CallTimeoutError``), which is killed.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import select
 import subprocess
 import tempfile
 import threading
@@ -22,7 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from metaflow_stack.functions import codecs, environment, protocol
-from metaflow_stack.functions.errors import FunctionError, WorkerCrashedError
+from metaflow_stack.functions.errors import CallTimeoutError, FunctionError, WorkerCrashedError
 from metaflow_stack.functions.reference import FunctionReference
 
 
@@ -48,6 +50,9 @@ class _Worker:
         self._process = subprocess.Popen(
             self._command, env=self._env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
         )
+        # Waits for an answer to begin; poll, not select, as a server may hold more than 1,024 descriptors.
+        self._answer = select.poll()
+        self._answer.register(self._process.stdout, select.POLLIN)
         kind, payload = self._receive()
         if kind == protocol.LOAD_FAILED:
             error = json.loads(payload)
@@ -57,32 +62,48 @@ class _Worker:
                 f"{error['traceback']}"
             )
 
-    def _receive(self) -> tuple[int, bytes]:
+    def _receive(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The worker's next frame; its first byte within ``timeout`` seconds, or the worker is killed."""
         assert self._process is not None and self._process.stdout is not None
+        if timeout is not None and not self._answer.poll(timeout * 1000):
+            self._discard()
+            raise CallTimeoutError(
+                f"the function did not answer within {timeout:g}s; its worker process was stopped",
+                fix="the next call starts a new worker; allow more time (call_timeout) or check the function "
+                "for a hang",
+            )
         try:
             return protocol.read_frame(self._process.stdout)
         except protocol.ChannelClosed:
-            self._process.kill()  # no-op when it already exited; ends a worker that broke the protocol
-            code = self._process.wait()
-            self._process = None
             raise WorkerCrashedError(
-                f"the function's worker process exited with code {code} during the call",
+                f"the function's worker process exited with code {self._discard()} during the call",
                 fix="the next call starts a new worker; check the function for crashes (stderr shows its output)",
             ) from None
 
-    def request(self, kind: int, payload: bytes) -> bytes:
+    def request(self, kind: int, payload: bytes, timeout: float | None = None) -> bytes:
         if self._process is None or self._process.poll() is not None:
             self.start()
         assert self._process is not None and self._process.stdin is not None
         try:
             protocol.write_frame(self._process.stdin, kind, payload)
         except BrokenPipeError:
-            self._process = None
+            self._discard()
             raise WorkerCrashedError("the function's worker process was gone when the call was sent") from None
-        status, body = self._receive()
+        status, body = self._receive(timeout)
         if status == protocol.RAISED:
             raise protocol.remote_error(body)
         return body
+
+    def _discard(self) -> int:
+        """Kill the worker (a no-op when it has exited) and close its pipes; its exit code."""
+        assert self._process is not None
+        process, self._process = self._process, None
+        process.kill()
+        code = process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
+        return code
 
     @property
     def pid(self) -> int | None:
@@ -115,9 +136,11 @@ class LocalBackend:
         workers: int = 1,
         console: Console | None = None,
         preload: bool = False,
+        call_timeout: float | None = None,
     ) -> None:
         if workers < 1:
             raise FunctionError(f"workers must be at least 1, not {workers}")
+        self._timeout = call_timeout
         where = environment.interpreter(reference.environment, console)
         self._dir = tempfile.TemporaryDirectory(prefix="stack-fn-")
         reference_file = Path(self._dir.name) / "reference.json"
@@ -141,7 +164,7 @@ class LocalBackend:
     def _roundtrip(self, kind: int, payload: bytes) -> bytes:
         worker = self._idle.get()
         try:
-            return worker.request(kind, payload)
+            return worker.request(kind, payload, self._timeout)
         finally:
             self._idle.put(worker)
 

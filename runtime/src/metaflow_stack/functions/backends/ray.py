@@ -6,7 +6,9 @@ caller's, the actors run the recreated environment's interpreter through
 Ray's ``py_executable`` runtime environment (that environment must hold the
 same Ray version, as any environment captured from a Ray user does). The
 runtime reaches the actors on ``PYTHONPATH``, as it does local workers.
-Connects to ``RAY_ADDRESS`` when set, else starts a local Ray.
+Connects to ``RAY_ADDRESS`` when set, else starts a local Ray. A call that
+outlasts ``call_timeout`` kills its actor (Ray cannot stop a running actor
+method otherwise) and puts a new one in its place.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from metaflow_stack import ray_start
 from metaflow_stack.errors import StackError
 from metaflow_stack.functions import codecs, environment, loader, protocol
-from metaflow_stack.functions.errors import FunctionError
+from metaflow_stack.functions.errors import CallTimeoutError, FunctionError
 from metaflow_stack.functions.reference import FunctionReference
 
 
@@ -79,6 +81,7 @@ class RayBackend:
         address: str | None = None,
         start_timeout: float = 300,
         preload: bool = False,
+        call_timeout: float | None = None,
     ) -> None:
         try:
             import ray
@@ -105,7 +108,8 @@ class RayBackend:
         if memory is not None:
             options["memory"] = memory
         actor_class = ray.remote(FunctionActor).options(**options)
-        self._actors = [actor_class.remote(reference.to_json(), base, codec, preload) for _ in range(replicas)]
+        self._new_actor = lambda: actor_class.remote(reference.to_json(), base, codec, preload)
+        self._actors = [self._new_actor() for _ in range(replicas)]
         try:
             self.descriptions = ray.get([a.describe.remote() for a in self._actors], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -120,13 +124,26 @@ class RayBackend:
             raise FunctionError(f"the function failed to load in its Ray actors: {exc}") from exc
         self._in = codecs.create(codec, reference.input_schema)
         self._out = codecs.create(codec, reference.output_schema)
-        self._next = itertools.cycle(self._actors)
+        self._turns = itertools.count()
         self._lock = threading.Lock()
+        self._timeout = call_timeout
 
     def _roundtrip(self, method: str, payload: bytes) -> bytes:
         with self._lock:
-            actor = next(self._next)
-        status, body = self._ray.get(getattr(actor, method).remote(payload))
+            slot = next(self._turns) % len(self._actors)
+            actor = self._actors[slot]
+        try:
+            status, body = self._ray.get(getattr(actor, method).remote(payload), timeout=self._timeout)
+        except self._ray.exceptions.GetTimeoutError:
+            with self._lock:
+                if self._actors[slot] is actor:  # (not replaced already by another call that timed out on it)
+                    self._actors[slot] = self._new_actor()
+            self._ray.kill(actor)
+            raise CallTimeoutError(
+                f"the function did not answer within {self._timeout:g}s; its Ray actor was stopped",
+                fix="the next call on that replica starts a new actor; allow more time (call_timeout) or check "
+                "the function for a hang",
+            ) from None
         if status == protocol.RAISED:
             raise protocol.remote_error(body)
         return body
