@@ -51,6 +51,55 @@ def test_a_call_timeout_an_in_process_server_cannot_keep_is_one_line(tmp_path: P
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("service", "serve", "--event-retention-days", "inf"),  # (its relay failed every 5 s, for good)
+        ("service", "serve", "--event-retention-days", "nan"),
+        ("function", "serve", "reference.json", "--call-timeout", "nan"),
+        ("function", "batch", "reference.json", "--input", "{tmp}/in.jsonl", "--output", "out", "--num-cpus", "inf"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_refused_naming_the_option(tmp_path: Path, command: tuple[str, ...]) -> None:
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    done = run_cli(*(part.format(tmp=tmp_path) for part in command))
+    assert done.returncode == 2 and f"Invalid value for '{command[-2]}'" in done.stderr, done.stderr[-2000:]
+    assert "is not a finite number" in done.stderr or "is not in the valid range of 0.001 to 36500" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "option", "says"),
+    [
+        ('datacenters="dc1"', "--cpu=-1", "Invalid value for '--cpu': -1.0 is smaller than the minimum"),
+        ('datacenters="dc1"', "--memory=0", "Invalid value for '--memory': 0 is smaller than the minimum"),
+        ("datacenters=5", "--cpu=1", 'datacenters=5 names no datacenter (fix: datacenters=["dc1", "dc2"]'),
+        ('cpu=float("inf")', "--cpu=1", "cpu=inf, memory=4096 and gpu=0 must be positive"),
+    ],
+)
+def test_nomad_settings_that_cannot_be_are_one_line_naming_them(
+    tmp_path: Path, setting: str, option: str, says: str
+) -> None:
+    """Each of these was answered with the fix of another (a decorator's for an option, numbers for a list)."""
+    flow = tmp_path / "placed_flow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, nomad, step\n"
+        "class PlacedFlow(FlowSpec):\n"
+        f"    @nomad({setting})\n    @step\n    def start(self):\n        self.next(self.end)\n"
+        "    @step\n    def end(self):\n        pass\n"
+        "if __name__ == '__main__':\n    PlacedFlow()\n"
+    )
+    done = subprocess.run(
+        [str(VENV_BIN / "python"), str(flow), "--no-pylint", "--datastore", "s3", "nomad", "create", option],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "USER": "tester", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://nowhere/flows"},
+    )
+    assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_a_service_url_that_is_no_url_is_one_line_or_one_json_error() -> None:
     one_line(run_cli("agent", "flows", "--service-url", "http://localhost:8o80"), "is not a URL")
     answer = run_cli("agent", "flows", "--service-url", "http://localhost:8o80", "--json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_extensions.stack.cmd.numbers import FiniteRange
 from metaflow_extensions.stack.cmd.server_options import FIXED_PORT, PORT, exposure_options
 from metaflow_stack.functions import MAX_CALL_TIMEOUT
 
@@ -47,7 +48,7 @@ def function() -> None:
 )
 @click.option(
     "--call-timeout",
-    type=click.FloatRange(0, MAX_CALL_TIMEOUT),
+    type=FiniteRange(0, MAX_CALL_TIMEOUT),
     envvar="METAFLOW_STACK_SERVE_CALL_TIMEOUT",
     help="Seconds a call to the function may take; past it its worker is stopped and the request answered 504. "
     "0: no bound.  [default: 60; none with --backend inprocess, whose calls cannot be stopped]",
@@ -117,7 +118,7 @@ def build_image(ref: str, kind: str, push: bool) -> None:
 @click.option("--name", help="Container, release or job name  [default: function-<function name>]")
 @click.option("--namespace", default="default", show_default=True, help="Kubernetes or Nomad namespace.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(0))
-@click.option("--cpu", default=0.5, show_default=True, type=click.FloatRange(0.01), help="CPUs per replica.")
+@click.option("--cpu", default=0.5, show_default=True, type=FiniteRange(0.01), help="CPUs per replica.")
 @click.option("--memory", default=1024, show_default=True, type=click.IntRange(64), help="MiB per replica.")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--port", default=8000, show_default=True, type=FIXED_PORT, help="docker: host port, on 127.0.0.1.")
@@ -181,8 +182,8 @@ def deploy(
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder of part-NNNNN.jsonl results.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1), help="Actors in the pool.")
-@click.option("--num-cpus", default=1.0, show_default=True, type=click.FloatRange(0), help="CPUs per actor.")
-@click.option("--num-gpus", default=0.0, show_default=True, type=click.FloatRange(0), help="GPUs per actor.")
+@click.option("--num-cpus", default=1.0, show_default=True, type=FiniteRange(0), help="CPUs per actor.")
+@click.option("--num-gpus", default=0.0, show_default=True, type=FiniteRange(0), help="GPUs per actor.")
 @click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(1), help="Records per part.")
 @friendly
 def batch(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
+from metaflow_extensions.stack.cmd.numbers import FiniteRange
 from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
 
 
@@ -67,7 +68,7 @@ _database = click.option(
     "--event-retention-days",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0.001),
+    type=FiniteRange(min=0.001, max=36_500),
     envvar="METAFLOW_STACK_SERVICE_EVENT_RETENTION_DAYS",
     help="Published events older than this leave the event log and the JetStream stream (replay reaches this far).",
 )

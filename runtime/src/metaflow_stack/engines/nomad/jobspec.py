@@ -14,6 +14,7 @@ memory in MB, ``Cores`` for whole cores, ``CPU`` in MHz.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,7 @@ class Placement:
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
             raise StackError(f"driver={self.driver!r} is not one of {', '.join(DRIVERS)}", fix='driver="docker"')
-        if not self.cpu > 0 or not self.memory > 0 or self.gpu < 0:
+        if not 0 < self.cpu < math.inf or not self.memory > 0 or self.gpu < 0:
             raise StackError(
                 f"cpu={self.cpu}, memory={self.memory} and gpu={self.gpu} must be positive (gpu may be 0)",
                 fix="@nomad(cpu=2, memory=4096)",

@@ -21,6 +21,7 @@ from metaflow import parameters
 from metaflow._vendor import click
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY, MetaflowException
 
+from metaflow_extensions.stack.cmd.numbers import FiniteRange
 from metaflow_stack.trampolines import step_parameters
 
 #: Exit status when the node running the task was lost: a failed attempt, which ``@retry`` retries.
@@ -187,8 +188,12 @@ def _top_level_options(obj) -> list[str]:
     help="Deploy the flow as a Nomad job: each dispatch (`nomad trigger`, `nomad job dispatch`) runs it, or "
     "each tick of its @schedule. Its steps run inside the job."
 )
-@click.option("--cpu", default=1.0, show_default=True, type=float, help="Cores of the job that runs the flow.")
-@click.option("--memory", default=4096, show_default=True, type=int, help="MB of the job that runs the flow.")
+@click.option(
+    "--cpu", default=1.0, show_default=True, type=FiniteRange(0.001), help="Cores of the job that runs the flow."
+)
+@click.option(
+    "--memory", default=4096, show_default=True, type=click.IntRange(1), help="MB of the job that runs the flow."
+)
 @click.option("--image", default=None, help="The job's image (default: the stack's base image).")
 @click.option(
     "--env-var",
@@ -299,7 +304,13 @@ def create(
 
 @parameters.add_custom_parameters(deploy_mode=False)
 @nomad.command(help="Run the deployed flow once (a dispatch of its Nomad job, or a run of its schedule now).")
-@click.option("--start-timeout", default=600, show_default=True, type=int, help="Seconds to wait for the run to start.")
+@click.option(
+    "--start-timeout",
+    default=600,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds to wait for the run to start.",
+)
 @click.option("--run-id-file", default=None, help="Write the run's id to this file.")
 @click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
 @click.pass_obj

@@ -187,6 +187,12 @@ class NomadDecorator(Trampolined, StepDecorator):
 
 def _names(value: Any) -> list[str]:
     """``datacenters`` as a list, from a list or a comma-separated string (``--with nomad:datacenters=a,b``)."""
+    from metaflow_stack.errors import StackError
+
     if value is None:
         return []
-    return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",")]
+    if not isinstance(value, list | tuple):
+        raise StackError(f"datacenters={value!r} names no datacenter", fix='datacenters=["dc1", "dc2"] or "dc1,dc2"')
+    return [str(v) for v in value]
