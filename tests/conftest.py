@@ -303,6 +303,21 @@ def fuzz_finds_nothing(url: str, tmp_path: Path, *, exclude: tuple[str, ...] = (
     return result.stdout
 
 
+def gone(pid: int, within: float = 10.0) -> bool:
+    """Whether process ``pid`` ends (or is left a zombie, which runs nothing) within ``within`` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real ``metaflow`` console script of this environment."""
     return subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import gone
 
 from metaflow_stack.functions.errors import (
     CallTimeoutError,
@@ -93,25 +94,27 @@ def test_crashed_worker_gives_a_clear_error_and_the_next_call_restarts_it(train_
         assert where({})["pid"] not in (pid, first_pid)  # restarted, not an error
 
 
-def test_a_call_past_its_timeout_stops_its_worker_and_the_next_call_is_answered(train_task) -> None:
-    """A hung call must not hold a worker for good: past ``call_timeout`` the worker is killed (the call's
-    sleep is a minute) and the next call, a batch here, runs in a new one."""
+def test_a_call_past_its_timeout_stops_its_worker_and_what_it_started(train_task, tmp_path) -> None:
+    """A hung call must not hold a worker for good: past ``call_timeout`` the worker is killed with the
+    process it started (the call's sleep is a minute, the child's ten) and the next call runs in a new one.
+    A batch of n inputs has n times the bound."""
     import time
 
     import iris_functions
-    import psutil
     from metaflow import JsonFunction, function_from_json
 
-    reference = JsonFunction(iris_functions.which_thread, task=train_task).reference
+    reference = JsonFunction(iris_functions.misbehave, task=train_task).reference
+    child = tmp_path / "child.pid"
     with function_from_json(reference, backend="local", call_timeout=1.5) as fn:
-        hung = fn.backend.worker_pids[0]
+        hung = fn({})["pid"]
         started = time.monotonic()
         with pytest.raises(CallTimeoutError, match=r"^the function did not answer within 1.5s; its worker process"):
-            fn({"sleep_ms": 60_000})
+            fn({"sleep_ms": 60_000, "child_pid_file": str(child)})
         assert time.monotonic() - started < 10
-        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
-        assert fn.batch([{"sleep_ms": 0}] * 3) == [{"thread": "MainThread"}] * 3
-        assert fn.backend.worker_pids[0] != hung
+        assert gone(hung) and gone(int(child.read_text()))
+        answers = fn.batch([{"sleep_ms": 800}] * 3)  # 2.4 s in all: within 3 x 1.5, not within 1.5
+        assert len({a["pid"] for a in answers} - {hung}) == 1
+        assert fn.batch([]) == []  # (an empty batch has one input's time, not none)
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), 7 * 24 * 3600 + 1])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -80,22 +78,26 @@ def test_actors_that_cannot_be_placed_give_a_clear_error(echo_reference: str) ->
         function_from_json(echo_reference, backend="ray", num_cpus=64, start_timeout=5)
 
 
-def test_a_ray_call_past_its_timeout_replaces_its_actor(train_task) -> None:
-    """Ray cannot stop a running actor method: past ``call_timeout`` the actor is killed and a new one takes
-    its place, so the next calls on every replica are answered."""
+def test_a_ray_call_past_its_timeout_or_whose_actor_dies_gets_a_new_actor(train_task) -> None:
+    """Ray cannot stop a running actor method: past ``call_timeout`` the actor is killed and a new one takes its
+    place, as for an actor that died, so the next calls on every replica are answered."""
     import iris_functions
-    import psutil
+    from conftest import gone
     from metaflow import JsonFunction, function_from_json
 
-    from metaflow_stack.functions.errors import CallTimeoutError
+    from metaflow_stack.functions.errors import CallTimeoutError, WorkerCrashedError
 
-    reference = JsonFunction(iris_functions.where, task=train_task).reference
-    with function_from_json(reference, backend="ray", replicas=2, num_cpus=0.25, call_timeout=3) as fn:
-        pids = {fn({})["pid"] for _ in range(2)}
-        with pytest.raises(CallTimeoutError, match=r"^the function did not answer within 3s; its Ray actor was"):
+    reference = JsonFunction(iris_functions.misbehave, task=train_task).reference
+    with function_from_json(reference, backend="ray", replicas=2, num_cpus=0.25, call_timeout=5) as fn:
+        first = {fn({})["pid"] for _ in range(2)}
+        with pytest.raises(CallTimeoutError, match=r"^the function did not answer within 5s; its Ray actor was"):
             fn({"sleep_ms": 60_000})
+        with pytest.raises(WorkerCrashedError, match=r"^the function's Ray actor died during the call"):
+            fn({"exit": True})
         answered = {fn({})["pid"] for _ in range(4)}
-    assert len(pids) == 2 and len(answered) == 2 and len(answered - pids) == 1
-    (stopped,) = pids - answered
-    with contextlib.suppress(psutil.NoSuchProcess):
-        psutil.Process(stopped).wait(timeout=30)  # Ray kills it on its own time, not within the call
+        assert len(first) == 2 and len(answered) == 2 and not answered & first
+        assert all(gone(pid, within=30) for pid in first)  # (Ray kills on its own time, not within the call)
+    with function_from_json(reference, backend="ray", num_cpus=0.25) as fn:  # unbounded: calls queue on actors
+        with pytest.raises(WorkerCrashedError):
+            fn({"exit": True})
+        assert fn({})["pid"]

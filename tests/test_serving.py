@@ -243,7 +243,7 @@ def test_a_call_past_the_call_timeout_is_a_504_and_the_server_answers_the_next(t
 
     from metaflow_stack.serving.app import ServeOptions, create_app
 
-    reference = JsonFunction(iris_functions.where, task=train_task).reference
+    reference = JsonFunction(iris_functions.misbehave, task=train_task).reference
     with TestClient(create_app(reference, ServeOptions(call_timeout=1.5)), base_url=LOOPBACK) as client:
         first = client.post("/invoke", json={}).json()["pid"]
         body = _is_error(client.post("/invoke", json={"sleep_ms": 60_000}), 504, "call_timeout")
@@ -299,14 +299,14 @@ def test_user_written_fastapi_form_works_verbatim(train_task) -> None:
 
 
 @contextlib.contextmanager
-def _served(reference: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """``metaflow function serve`` on a free 127.0.0.1 port; yields its URL and log file."""
+def _served(reference: str, tmp_path: Path, *options: str) -> Iterator[tuple[str, Path]]:
+    """``metaflow function serve`` with ``options`` on a free 127.0.0.1 port; yields its URL and log file."""
     reference_file = tmp_path / "predict.json"
     reference_file.write_text(reference)
     port = free_port()
     log = tmp_path / "server.log"
     server = subprocess.Popen(
-        [str(VENV_BIN / "metaflow"), "function", "serve", str(reference_file), "--port", str(port)],
+        [str(VENV_BIN / "metaflow"), "function", "serve", str(reference_file), "--port", str(port), *options],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -324,7 +324,9 @@ def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -
     import iris_functions
     from metaflow import JsonFunction
 
-    with _served(JsonFunction(iris_functions.predict, task=train_task).reference, tmp_path) as (url, log):
+    # (no call bound: the others serve with the default one)
+    served = _served(JsonFunction(iris_functions.predict, task=train_task).reference, tmp_path, "--call-timeout", "0")
+    with served as (url, log):
         assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
     # uvicorn drains requests and runs the shutdown hook (closing the workers) before it exits
     assert "Application shutdown complete." in log.read_text()

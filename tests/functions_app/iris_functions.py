@@ -50,13 +50,11 @@ def missing_artifact(data: dict, params: FunctionParameters) -> dict:
 
 @json_function
 def where(data: dict, params: FunctionParameters) -> dict:
-    """Report the interpreter and a pinned package's version, after ``sleep_ms``: proves where it ran."""
+    """Report the interpreter and a pinned package's version: proves where it ran."""
     import importlib.metadata
     import os
     import sys
-    import time
 
-    time.sleep(data.get("sleep_ms", 0) / 1000)
     package = data.get("package", "packaging")
     return {"python": sys.executable, "pid": os.getpid(), "version": importlib.metadata.version(package)}
 
@@ -86,3 +84,21 @@ def which_thread(data: dict, params: FunctionParameters) -> dict:
 def unanswerable(data: dict, params: FunctionParameters) -> dict:
     """An answer no codec can encode (a set): a bug in a function, which its server must still answer as JSON."""
     return {"values": {1, 2}}
+
+
+@json_function
+def misbehave(data: dict, params: FunctionParameters) -> dict:
+    """Its process id, after starting a child that outlives it (``child_pid_file`` says its pid), exiting at
+    once (``exit``) or taking ``sleep_ms``: the ways a function holds or loses its worker."""
+    import os
+    import subprocess
+    import time
+
+    if data.get("child_pid_file"):
+        child = subprocess.Popen(["sleep", "600"])
+        with open(data["child_pid_file"], "w") as out:
+            out.write(str(child.pid))
+    if data.get("exit"):
+        os._exit(3)
+    time.sleep(data.get("sleep_ms", 0) / 1000)
+    return {"pid": os.getpid()}

@@ -60,10 +60,16 @@ class WorkerCrashedError(FunctionError):
 
 
 class CallTimeoutError(FunctionError):
-    """A call outlasted the backend's ``call_timeout``: the worker running it was stopped, since a thread
-    cannot be, so a hung call holds nothing; the next call starts a new worker."""
+    """A call outlasted the backend's ``call_timeout`` (per input): the worker running it was stopped, since a
+    thread cannot be, so a hung call holds nothing; the next call starts a new worker."""
 
     code = "call_timeout"
+
+    def __init__(self, seconds: float, worker: str) -> None:
+        super().__init__(
+            f"the function did not answer within {seconds:g}s; its {worker} was stopped",
+            fix="the next call starts a new one; allow more time (call_timeout) or check the function for a hang",
+        )
 
 
 class UnsupportedReferenceError(FunctionError):

@@ -62,8 +62,8 @@ class ServeOptions:
     max_concurrency: int = 64
     #: Concurrent ``/invoke`` requests share one call to the function, up to this many; 1 turns it off.
     max_batch_size: int = 32
-    #: Seconds a call to the function (one input or a batch) may take: past it the worker running it is
-    #: stopped and its requests are answered 504, so a hung call holds no slot for good. ``None``: no bound.
+    #: Seconds a call to the function may take per input (a batch of n: n times it): past it the worker running
+    #: it is stopped and its requests are answered 504, so a hung call holds no slot for good. ``None``: no bound.
     #: ``inprocess`` has none: its calls run in the server's own threads, which nothing can stop.
     call_timeout: float | None = 60.0
 

@@ -8,7 +8,9 @@ actor call) is what limits throughput. One dispatcher per function worker
 keeps every worker fed.
 
 A batch that raises is retried item by item, so one bad input fails only its
-own request.
+own request. A batch that outlasts its bound (``call_timeout`` per input)
+fails all its requests (504): retried input by input, a hung one would hold
+the rest for as long again.
 
 A function that runs in this process and takes well under a millisecond is
 called on the event loop itself: for such a call the hop to a thread and the

@@ -50,7 +50,8 @@ def function() -> None:
     "--call-timeout",
     type=FiniteRange(0, MAX_CALL_TIMEOUT),
     envvar="METAFLOW_STACK_SERVE_CALL_TIMEOUT",
-    help="Seconds a call to the function may take; past it its worker is stopped and the request answered 504. "
+    help="Seconds a call to the function may take per input; past it its worker is stopped and the request "
+    "answered 504. "
     "0: no bound.  [default: 60; none with --backend inprocess, whose calls cannot be stopped]",
 )
 @exposure_options

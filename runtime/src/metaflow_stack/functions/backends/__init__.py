@@ -19,6 +19,11 @@ from metaflow_stack.functions.schema import Validator
 BACKENDS = ("inprocess", "local", "ray")
 
 
+def call_bound(call_timeout: float | None, inputs: int) -> float | None:
+    """The seconds a call on ``inputs`` inputs may take: ``call_timeout`` for each (one for an empty batch)."""
+    return None if call_timeout is None else call_timeout * max(inputs, 1)
+
+
 class Backend(Protocol):
     name: str
     #: Whether ``call`` runs the function in this thread (no I/O to wait on), so a server may call it
@@ -99,9 +104,10 @@ def function_from_json(
     environment (``num_cpus``, ``num_gpus``, ``memory`` and ``replicas`` options).
     ``preload`` loads every artifact before returning, so the first call is as
     fast as the next (servers use it); otherwise each loads on first use.
-    ``call_timeout`` bounds each call (one input or a batch) in seconds: past
-    it the worker or actor running the call is stopped and the call raises
-    ``CallTimeoutError``. ``inprocess`` cannot stop a call, so it takes none.
+    ``call_timeout`` bounds a call in seconds per input (a batch of n has n
+    times it), counted once a worker has the call: past it the worker or actor
+    running the call is stopped and the call raises ``CallTimeoutError``.
+    ``inprocess`` cannot stop a call, so it takes none.
     """
     from metaflow_stack.functions.bundle import resolve_reference
 

@@ -6,14 +6,18 @@ caller blocks in the kernel while a worker computes, so it burns no CPU
 waiting. Any thread may call: a call takes an idle worker from a queue, so N
 workers serve N calls at once. A worker that dies fails only the call in
 flight with ``WorkerCrashedError`` and is restarted by the next call; so is
-one that outlasts ``call_timeout`` (``CallTimeoutError``), which is killed.
+one that outlasts ``call_timeout`` per input (``CallTimeoutError``), which is
+killed with every process it started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import select
+import signal
 import subprocess
 import tempfile
 import threading
@@ -24,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from metaflow_stack.functions import codecs, environment, protocol
+from metaflow_stack.functions.backends import call_bound
 from metaflow_stack.functions.errors import CallTimeoutError, FunctionError, WorkerCrashedError
 from metaflow_stack.functions.reference import FunctionReference
 
@@ -47,8 +52,9 @@ class _Worker:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # A process group of its own, so what the function starts (a DataLoader's workers, say) is stopped with it.
         self._process = subprocess.Popen(
-            self._command, env=self._env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+            self._command, env=self._env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, process_group=0
         )
         # Waits for an answer to begin; poll, not select, as a server may hold more than 1,024 descriptors.
         self._answer = select.poll()
@@ -67,11 +73,7 @@ class _Worker:
         assert self._process is not None and self._process.stdout is not None
         if timeout is not None and not self._answer.poll(timeout * 1000):
             self._discard()
-            raise CallTimeoutError(
-                f"the function did not answer within {timeout:g}s; its worker process was stopped",
-                fix="the next call starts a new worker; allow more time (call_timeout) or check the function "
-                "for a hang",
-            )
+            raise CallTimeoutError(timeout, "worker process")
         try:
             return protocol.read_frame(self._process.stdout)
         except protocol.ChannelClosed:
@@ -98,7 +100,8 @@ class _Worker:
         """Kill the worker (a no-op when it has exited) and close its pipes; its exit code."""
         assert self._process is not None
         process, self._process = self._process, None
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):  # (the group is gone: the worker and all it started)
+            os.killpg(process.pid, signal.SIGKILL)
         code = process.wait()
         for stream in (process.stdin, process.stdout):
             if stream is not None:
@@ -161,10 +164,10 @@ class LocalBackend:
         for worker in self._workers:
             self._idle.put(worker)
 
-    def _roundtrip(self, kind: int, payload: bytes) -> bytes:
-        worker = self._idle.get()
+    def _roundtrip(self, kind: int, payload: bytes, inputs: int = 1) -> bytes:
+        worker = self._idle.get()  # (the bound starts once a worker has the call: time queued is not counted)
         try:
-            return worker.request(kind, payload, self._timeout)
+            return worker.request(kind, payload, call_bound(self._timeout, inputs))
         finally:
             self._idle.put(worker)
 
@@ -172,7 +175,7 @@ class LocalBackend:
         return self._out.decode(self._roundtrip(protocol.CALL, self._in.encode(value)))
 
     def call_batch(self, values: list[Any]) -> list[Any]:
-        return self._out.decode_batch(self._roundtrip(protocol.BATCH, self._in.encode_batch(values)))
+        return self._out.decode_batch(self._roundtrip(protocol.BATCH, self._in.encode_batch(values), len(values)))
 
     @property
     def worker_pids(self) -> list[int | None]:

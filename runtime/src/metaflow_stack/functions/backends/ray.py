@@ -7,14 +7,17 @@ Ray's ``py_executable`` runtime environment (that environment must hold the
 same Ray version, as any environment captured from a Ray user does). The
 runtime reaches the actors on ``PYTHONPATH``, as it does local workers.
 Connects to ``RAY_ADDRESS`` when set, else starts a local Ray. A call that
-outlasts ``call_timeout`` kills its actor (Ray cannot stop a running actor
-method otherwise) and puts a new one in its place.
+outlasts ``call_timeout`` per input kills its actor (Ray cannot stop a
+running actor method otherwise), and a new one takes its place, as it does
+for an actor that died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import queue
 import sys
 import threading
 from typing import Any
@@ -22,7 +25,8 @@ from typing import Any
 from metaflow_stack import ray_start
 from metaflow_stack.errors import StackError
 from metaflow_stack.functions import codecs, environment, loader, protocol
-from metaflow_stack.functions.errors import CallTimeoutError, FunctionError
+from metaflow_stack.functions.backends import call_bound
+from metaflow_stack.functions.errors import CallTimeoutError, FunctionError, WorkerCrashedError
 from metaflow_stack.functions.reference import FunctionReference
 
 
@@ -63,7 +67,7 @@ class FunctionActor:
 
 
 class RayBackend:
-    """A fixed set of actor replicas, called round-robin."""
+    """A fixed set of actor replicas, each call on an idle one."""
 
     name = "ray"
     in_process = False
@@ -110,6 +114,8 @@ class RayBackend:
         actor_class = ray.remote(FunctionActor).options(**options)
         self._new_actor = lambda: actor_class.remote(reference.to_json(), base, codec, preload)
         self._actors = [self._new_actor() for _ in range(replicas)]
+        self._start_timeout = start_timeout
+        self._lock = threading.Lock()  # (guards the list of actors, which replacing and closing change)
         try:
             self.descriptions = ray.get([a.describe.remote() for a in self._actors], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -124,37 +130,65 @@ class RayBackend:
             raise FunctionError(f"the function failed to load in its Ray actors: {exc}") from exc
         self._in = codecs.create(codec, reference.input_schema)
         self._out = codecs.create(codec, reference.output_schema)
-        self._turns = itertools.count()
-        self._lock = threading.Lock()
         self._timeout = call_timeout
+        self._turns = itertools.count()
+        #: Bounded, each call has an actor to itself (an actor runs one call at a time), so ``call_timeout``
+        #: counts only its own run, never a wait behind another call queued on the same actor.
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for actor in self._actors:
+            self._idle.put(actor)
 
-    def _roundtrip(self, method: str, payload: bytes) -> bytes:
-        with self._lock:
-            slot = next(self._turns) % len(self._actors)
-            actor = self._actors[slot]
-        try:
-            status, body = self._ray.get(getattr(actor, method).remote(payload), timeout=self._timeout)
-        except self._ray.exceptions.GetTimeoutError:
+    def _take(self) -> Any:
+        """The actor for the next call: an idle one when calls are bounded; else the next in turn, calls
+        queueing on the actors, Ray sending one while another runs (a fifth more echo calls/s at 4 threads)."""
+        if self._timeout is None:
             with self._lock:
-                if self._actors[slot] is actor:  # (not replaced already by another call that timed out on it)
-                    self._actors[slot] = self._new_actor()
-            self._ray.kill(actor)
-            raise CallTimeoutError(
-                f"the function did not answer within {self._timeout:g}s; its Ray actor was stopped",
-                fix="the next call on that replica starts a new actor; allow more time (call_timeout) or check "
-                "the function for a hang",
+                return self._actors[next(self._turns) % len(self._actors)]
+        return self._idle.get()
+
+    def _roundtrip(self, method: str, payload: bytes, inputs: int = 1) -> bytes:
+        actor = self._take()
+        bound = call_bound(self._timeout, inputs)
+        try:
+            status, body = self._ray.get(getattr(actor, method).remote(payload), timeout=bound)
+        except self._ray.exceptions.GetTimeoutError:
+            actor = self._replace(actor)
+            raise CallTimeoutError(bound, "Ray actor") from None
+        except self._ray.exceptions.RayActorError as exc:
+            actor = self._replace(actor)
+            raise WorkerCrashedError(
+                f"the function's Ray actor died during the call: {exc}",
+                fix="the next call runs in a new actor; check the function for crashes (the actor's log says more)",
             ) from None
+        finally:
+            if self._timeout is not None:
+                self._idle.put(actor)
         if status == protocol.RAISED:
             raise protocol.remote_error(body)
         return body
+
+    def _replace(self, actor: Any) -> Any:
+        """A new actor in ``actor``'s place, started (within ``start_timeout``; one that does not start fails
+        its first call and is replaced in turn), and ``actor`` killed: Ray cannot stop a running call."""
+        self._ray.kill(actor)
+        new = self._new_actor()
+        with contextlib.suppress(self._ray.exceptions.GetTimeoutError, self._ray.exceptions.RayActorError):
+            self._ray.get(new.describe.remote(), timeout=self._start_timeout)
+        with self._lock:
+            if actor in self._actors:
+                self._actors[self._actors.index(actor)] = new
+                return new
+        self._ray.kill(new)  # (closed meanwhile, or, unbounded, replaced by another call that met it dead)
+        return new
 
     def call(self, value: Any) -> Any:
         return self._out.decode(self._roundtrip("call", self._in.encode(value)))
 
     def call_batch(self, values: list[Any]) -> list[Any]:
-        return self._out.decode_batch(self._roundtrip("call_batch", self._in.encode_batch(values)))
+        return self._out.decode_batch(self._roundtrip("call_batch", self._in.encode_batch(values), len(values)))
 
     def close(self) -> None:
-        for actor in self._actors:
+        with self._lock:
+            actors, self._actors = self._actors, []
+        for actor in actors:
             self._ray.kill(actor)
-        self._actors = []
