@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, NoReturn
 
+from metaflow_stack.errors import StackError
+
 #: Long input paths travel in environment variables of this size, as Metaflow's own trampolines do.
 INPUT_PATHS_CHUNK = 30 * 1024
 #: The task's options Metaflow's runtime passes to a trampoline (``CLIArgs.default_args``).
@@ -218,18 +220,22 @@ def die_with_parent(number: int = signal.SIGKILL) -> None:
             os.kill(os.getpid(), number)
 
 
+def say(exc: StackError, otherwise: str | None = None) -> None:
+    """``exc`` on stderr as a trampoline says it: ``error:``, then ``fix:`` (``otherwise`` when it names none)."""
+    fix = exc.fix or otherwise
+    print(f"error: {exc.message}" + (f"\nfix: {fix}" if fix else ""), file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def exits_in_one_line(stopped: str) -> Iterator[None]:
     """A trampoline's ending for what it cannot run: a ``StackError`` as two lines (``error:``, ``fix:``), an
     interrupt as ``stopped``, each exiting with Metaflow's "do not retry" (a retry would meet the same)."""
     from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-    from metaflow_stack.errors import StackError
-
     try:
         yield
     except StackError as exc:
-        print(f"error: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr, flush=True)
+        say(exc)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     except KeyboardInterrupt:
         print(stopped, file=sys.stderr, flush=True)

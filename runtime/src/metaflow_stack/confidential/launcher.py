@@ -58,7 +58,7 @@ from metaflow_stack.confidential.keyring import (
 )
 from metaflow_stack.confidential.manifest import ManifestInputs, code_files, template_path
 from metaflow_stack.confidential.policy import load_policy
-from metaflow_stack.trampolines import die_with_parent, stopped_by_signals
+from metaflow_stack.trampolines import die_with_parent, say, stopped_by_signals
 
 #: What the enclave's fixed command runs.
 ENTRY = "metaflow_stack.confidential.inside"
@@ -202,7 +202,7 @@ class Judge:
             released = self.keeper.release(_request(self.task, _evidence(found), self.settings))
         except (AttestationRefused, KeeperUnavailable) as exc:
             self.exchange.put(REFUSED, str(exc).encode())
-            print(f"error: {exc.message}\nfix: {exc.fix or 'see docs/confidential.md'}", file=sys.stderr, flush=True)
+            say(exc, otherwise="see docs/confidential.md")
             return 1 if isinstance(exc, KeeperUnavailable) else METAFLOW_EXIT_DISALLOW_RETRY
         self.record(released.verification)
         self.exchange.put(ENVELOPE, bytes.fromhex(released.envelope))
@@ -218,7 +218,7 @@ def new_order(
     try:
         nonce = keeper.nonce()
     except KeeperUnavailable as exc:
-        print(f"error: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr, flush=True)
+        say(exc)
         return None
     return TaskOrder(identity=identity, nonce=nonce, command=command, env=env, inputs=inputs)
 

@@ -82,7 +82,7 @@ def step(
     from metaflow_stack.confidential.keyring import KeeperUnavailable
     from metaflow_stack.confidential.lineage import first_run
     from metaflow_stack.datastore import CONFIDENTIAL_FIELD
-    from metaflow_stack.trampolines import exits_in_one_line, step_command
+    from metaflow_stack.trampolines import exits_in_one_line, say, step_command
 
     flow_name = ctx.obj.flow.name
     run_id, task_id, attempt = kwargs["run_id"], kwargs["task_id"], int(kwargs["retry_count"])
@@ -98,7 +98,7 @@ def step(
         try:
             keeper_key = keeper.public_key()
         except KeeperUnavailable as exc:  # nothing was judged: this attempt may be retried
-            print(f"error: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else ""), file=sys.stderr, flush=True)
+            say(exc)
             sys.exit(1)
         identity = TaskIdentity(
             flow=flow_name, run=run_id, step=step_name, task=task_id, attempt=attempt, code_digest=code_package_sha,
