@@ -143,6 +143,18 @@ def test_a_flows_decorator_settings_of_the_wrong_kind_are_one_line(tmp_path: Pat
     assert says in done.stderr and "fix: None" not in done.stderr, done.stderr[-2000:]
 
 
+def _service_answers(url: str) -> None:
+    """Wait (a minute at most) until the metadata service at ``url`` records a flow."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"{url}flows/F", json={}, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    pytest.fail(f"the metadata service did not answer on {url}")
+
+
 def test_a_metadata_service_whose_nats_is_away_says_so_once(tmp_path: Path) -> None:
     """nats-py logged a traceback at every reconnect, for as long as NATS stayed away."""
     port, nats_port = free_port(), free_port()
@@ -156,19 +168,35 @@ def test_a_metadata_service_whose_nats_is_away_says_so_once(tmp_path: Path) -> N
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.post(f"http://127.0.0.1:{port}/flows/F", json={}, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        _service_answers(f"http://127.0.0.1:{port}/")
         time.sleep(8)  # (several tries to reach NATS)
     finally:
         server.terminate()
         said = server.communicate(timeout=30)[0]
     assert "Traceback" not in said, said[-3000:]
     assert said.count("NATS: ") == 1 and "Connection refused" in said, said[-3000:]
+
+
+def test_a_service_on_port_0_says_the_port_it_has_and_a_busy_port_is_one_line(tmp_path: Path) -> None:
+    """``--port 0`` printed ``:0``; a port in use was uvicorn's log line, not a fix (as it is for the UI)."""
+    import re
+
+    server = subprocess.Popen(
+        [str(VENV_BIN / "metaflow"), "service", "serve", "--port", "0", "--database", str(tmp_path / "m.db")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = server.stderr.readline()
+        url = re.search(r"metadata service on (http://127\.0\.0\.1:(\d+)/) ", said)
+        assert url and url[2] != "0", said
+        _service_answers(url[1])
+        busy = run_cli("service", "serve", "--port", url[2], "--database", str(tmp_path / "m.db"))
+        one_line(busy, f"cannot listen on 127.0.0.1:{url[2]}: Address already in use")
+        one_line(run_cli("function", "serve", str(tmp_path / "none.json"), "--port", url[2]), "Address already in use")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.parametrize(("content", "says"), [(b'{"cells": 5}', "not iterable"), (b"[1, 2]", "'list'"), (b"", "JSON")])

@@ -12,7 +12,7 @@ from pathlib import Path
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
+from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options, listening, serve_on
 
 
 @click.group()
@@ -69,8 +69,6 @@ def key_release(
 ) -> None:
     import logging
 
-    import uvicorn
-
     from metaflow_stack import settings
     from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY, master_secret
     from metaflow_stack.confidential.service import OPEN_PATHS, KeyReleaseConfig, create_app
@@ -95,6 +93,7 @@ def key_release(
         cache=state / "collateral",
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    click.echo(f"key release on http://{host}:{port}/ (policies: {policies})", err=True)
+    listener, url = listening(host, port)
+    click.echo(f"key release on {url} (policies: {policies})", err=True)
     app = create_app(config, Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, access_log=False)
+    serve_on(listener, host, app, log_level=log_level, timeout_graceful_shutdown=5, access_log=False)

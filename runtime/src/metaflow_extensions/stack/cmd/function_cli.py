@@ -10,7 +10,7 @@ from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
 from metaflow_extensions.stack.cmd.numbers import FiniteRange
-from metaflow_extensions.stack.cmd.server_options import FIXED_PORT, PORT, exposure_options
+from metaflow_extensions.stack.cmd.server_options import FIXED_PORT, PORT, exposure_options, listening, serve_on
 from metaflow_stack.functions import MAX_CALL_TIMEOUT
 
 
@@ -68,7 +68,6 @@ def serve(
     allowed_hosts: tuple[str, ...],
     insecure: bool,
 ) -> None:
-    import uvicorn
 
     from metaflow_stack.errors import StackError
     from metaflow_stack.http_guard import Guard, check_exposure, configured_key
@@ -88,9 +87,10 @@ def serve(
         max_batch_size=max_batch_size,
         call_timeout=ServeOptions.call_timeout if call_timeout is None else call_timeout or None,
     )
+    listener, _ = listening(host, port)  # (first: a port in use is said before the function loads)
     app = create_app(ref, options, Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS))
     # No access log: a line per request is work on every call of a hot path; /metrics counts them instead.
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30, access_log=False)
+    serve_on(listener, host, app, log_level="info", timeout_graceful_shutdown=30, access_log=False)
 
 
 @function.command(name="build-image", help="Build the image running REF, in the environment it was bound in.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,34 @@ from metaflow._vendor import click
 PORT = click.IntRange(0, 65535)
 #: A port that must be named (a registry's, or a Nomad agent's first of three).
 FIXED_PORT = click.IntRange(1, 65535)
+
+
+def listening(host: str, port: int) -> tuple[socket.socket, str]:
+    """A socket bound to ``host``:``port`` (0: a free port), and the URL a user opens to reach it: bound here, so
+    the port is known before the server starts and a busy one is one line naming the fix."""
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.http_guard import WILDCARDS
+
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise StackError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port (0: any free one)"
+        ) from None
+    # On every interface (in a container, say), the link to print is the one this machine opens.
+    shown = "127.0.0.1" if host in WILDCARDS else host
+    return listener, f"http://{shown if ':' not in shown else f'[{shown}]'}:{listener.getsockname()[1]}/"
+
+
+def serve_on(listener: socket.socket, host: str, app: Any, server: type | None = None, **options: Any) -> None:
+    """Run ``app`` under uvicorn (``server``, a ``uvicorn.Server`` class) on ``listener`` from ``listening``,
+    with uvicorn's ``options``; its log names the port the socket has, not the one asked for."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=listener.getsockname()[1], **options)
+    (server or uvicorn.Server)(config).run(sockets=[listener])
 
 
 def exposure_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,7 +12,7 @@ from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
 from metaflow_extensions.stack.cmd.numbers import FiniteRange
-from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
+from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options, listening, serve_on
 
 
 def _default_database() -> str:
@@ -117,9 +117,9 @@ def serve(
             app.state.hub.close_streams()
             super().handle_exit(sig, frame)
 
-    click.echo(f"metadata service on http://{host}:{port} (database: {_redacted(url)})", err=True)
-    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
-    Server(uvicorn_config).run()
+    listener, address = listening(host, port)
+    click.echo(f"metadata service on {address} (database: {_redacted(url)})", err=True)
+    serve_on(listener, host, app, Server, log_level=log_level, timeout_graceful_shutdown=10)
 
 
 @service.command(help="Create or upgrade the service's schema, then exit.")

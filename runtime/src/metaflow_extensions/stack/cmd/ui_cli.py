@@ -8,7 +8,6 @@ server starts), print the URL, open a browser when one is there, serve.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -16,7 +15,7 @@ from urllib.parse import quote
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly
-from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options
+from metaflow_extensions.stack.cmd.server_options import PORT, exposure_options, listening, serve_on
 
 
 @click.group()
@@ -52,26 +51,13 @@ def ui(
     allowed_hosts: tuple[str, ...],
     insecure: bool,
 ) -> None:
-    import uvicorn
-
-    from metaflow_stack.errors import StackError
-    from metaflow_stack.http_guard import WILDCARDS, Guard, check_exposure, configured_key
+    from metaflow_stack.http_guard import Guard, check_exposure, configured_key
     from metaflow_stack.ui.app import OPEN_PATHS, SIGN_IN, create_app
 
     key = configured_key("METAFLOW_STACK_UI_AUTH_KEY")
     check_exposure(host, key, insecure)
     source, where = _source(datastore_roots, service_url)
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    try:
-        listener.bind((host, port))
-    except OSError as exc:
-        listener.close()
-        raise StackError(
-            f"cannot listen on {host}:{port}: {exc.strerror}", fix="pick another --port (0: any free one)"
-        ) from None
-    # On every interface (in a container, say), the link to print is the one this machine opens.
-    shown_host = "127.0.0.1" if host in WILDCARDS else host
-    url = f"http://{shown_host if ':' not in shown_host else f'[{shown_host}]'}:{listener.getsockname()[1]}/"
+    listener, url = listening(host, port)
     click.echo(f"Metaflow Stack UI on {url} ({where})", err=True)
     if key:
         # The key is shown only to a person at a terminal: a container's or a service's output is collected
@@ -86,8 +72,7 @@ def ui(
     guard = Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS, cookie=True)
     # No access log: it would print the sign-in link's query, the key, at --log-level info.
     app = create_app(source, guard=guard)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, access_log=False)
-    uvicorn.Server(config).run(sockets=[listener])
+    serve_on(listener, host, app, log_level=log_level, timeout_graceful_shutdown=2, access_log=False)
 
 
 def _source(datastore_roots: tuple[str, ...], service_url: str | None) -> tuple[object, str]:
