@@ -147,52 +147,62 @@ def test_an_open_input_takes_json_values_only_and_no_avro(open_client) -> None:
     assert msgpack.unpackb(fine.content) == {"a": [1, "x"]}
 
 
-def test_a_streamed_body_over_the_limit_is_refused_before_it_is_read_whole(train_task) -> None:
-    """A chunked body declares no length: the server stops reading it at the limit (1 MiB here), so a
-    client cannot make it hold more, and answers 413 as JSON. (The app as its server runs it, fed one
-    MiB per ``receive``: an HTTP client would send it all before reading the answer.)"""
+def _fed(app, content_type: bytes) -> tuple[int, dict, int, str]:
+    """POST /invoke to ``app`` as its server runs it, fed a chunked body of 64 MiB one MiB per ``receive`` (an
+    HTTP client would send it all before reading the answer): the status, the JSON answer, how many MiB the
+    app read, and its /metrics after."""
     import asyncio
 
-    import iris_functions
-    from metaflow import JsonFunction
-
-    from metaflow_stack.serving.app import ServeOptions, create_app
-
-    app = create_app(JsonFunction(iris_functions.echo, task=train_task).reference, ServeOptions(max_body_bytes=1 << 20))
-    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", content_type), (b"transfer-encoding", b"chunked")]
     scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/invoke"}
     scope |= {"raw_path": b"/invoke", "query_string": b"", "root_path": "", "headers": headers}
     scope |= {"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 40000)}
-    received, sent = 0, []
+    received, sent, metrics = 0, [], []
 
     async def receive() -> dict:
         nonlocal received
         received += 1
-        return {"type": "http.request", "body": b" " * (1 << 20), "more_body": received < 64}  # 64 MiB in all
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    metrics: list[dict] = []
-
-    async def metrics_sent(message: dict) -> None:
-        metrics.append(message)
+        return {"type": "http.request", "body": b" " * (1 << 20), "more_body": received < 64}
 
     async def no_body() -> dict:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def post() -> None:
         async with app.router.lifespan_context(app):
-            await app(scope, receive, send)
+            await app(scope, receive, lambda message: asyncio.sleep(0, sent.append(message)))
             read = {**scope, "method": "GET", "path": "/metrics", "raw_path": b"/metrics", "headers": headers[:1]}
-            await app(read, no_body, metrics_sent)
+            await app(read, no_body, lambda message: asyncio.sleep(0, metrics.append(message)))
 
     asyncio.run(post())
-    assert sent[0]["status"] == 413 and received <= 2, (sent[0], received)
     answer = json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+    return sent[0]["status"], answer, received, b"".join(m.get("body", b"") for m in metrics[1:]).decode()
+
+
+def test_a_streamed_body_over_the_limit_is_refused_before_it_is_read_whole(train_task) -> None:
+    """A chunked body declares no length: the server stops reading it at the limit (1 MiB here), so a
+    client cannot make it hold more, and answers 413 as JSON."""
+    import iris_functions
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import ServeOptions, create_app
+
+    app = create_app(JsonFunction(iris_functions.echo, task=train_task).reference, ServeOptions(max_body_bytes=1 << 20))
+    status, answer, received, counted = _fed(app, b"application/json")
+    assert status == 413 and received <= 2, (status, received)
     assert answer["code"] == "payload_too_large" and answer["details"] == {"parameter": "body"}
-    counted = b"".join(message.get("body", b"") for message in metrics[1:]).decode()
     assert 'function_requests_total{route="/invoke",status="413"} 1.0' in counted, counted  # (not as a 500)
+
+
+def test_an_avro_body_a_function_cannot_take_is_refused_before_it_is_read(train_task) -> None:
+    import iris_functions
+    from metaflow import JsonFunction
+
+    from metaflow_stack.serving.app import create_app
+
+    status, answer, received, _ = _fed(
+        create_app(JsonFunction(iris_functions.echo, task=train_task).reference), b"application/avro"
+    )
+    assert status == 415 and answer["details"]["field"] == "content-type" and received == 0, (status, received)
 
 
 def test_past_twice_max_concurrency_a_request_is_answered_503_before_its_body_is_read(train_task) -> None:

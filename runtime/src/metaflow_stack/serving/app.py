@@ -169,8 +169,8 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
             {"field": header, "supported": sorted(CONTENT_TYPES)},
         )
 
-    def decoded(decoder: codecs.Codec, media: str, data: bytes, batch: bool) -> Any:
-        """The body's value: JSON values only, whatever the codec could carry."""
+    def readable(decoder: codecs.Codec, media: str) -> None:
+        """Refuse a codec that cannot bound this function's input, before its body is read."""
         if getattr(decoder, "open_schema", False):  # (Avro of values that may nest without end)
             raise ApiError(
                 415,
@@ -179,6 +179,9 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
                 "send application/json or application/msgpack",
                 {"field": "content-type", "supported": ["application/json", "application/msgpack"]},
             )
+
+    def decoded(decoder: codecs.Codec, media: str, data: bytes, batch: bool) -> Any:
+        """The body's value: JSON values only, whatever the codec could carry."""
         try:
             value = decoder.decode_batch(data) if batch else decoder.decode(data)
         except Exception as exc:  # each codec raises its own parse errors
@@ -206,6 +209,7 @@ def create_app(reference: Any, options: ServeOptions | None = None, guard: Guard
             answer_media = codec_for(request, "accept", default=media)
             decoder = state["codecs"][CONTENT_TYPES[media]][0]
             encoder = state["codecs"][CONTENT_TYPES[answer_media]][1]
+            readable(decoder, media)
             value = decoded(decoder, media, await request.body(), batch)
             if batch and not isinstance(value, list):
                 raise ApiError(422, "invalid_input", "a batch body must be an array", {"field": "input"})
