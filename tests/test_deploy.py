@@ -71,7 +71,7 @@ def test_kubernetes_target_renders_a_validated_release(reference_file: Path, tmp
     }
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     env = {e["name"]: e.get("value") or e["valueFrom"] for e in container["env"]}
-    assert env["METAFLOW_STACK_SERVE_MAX_BATCH_SIZE"] == "32" and env["METAFLOW_STACK_SERVE_CALL_TIMEOUT"] == "60"
+    assert env["METAFLOW_STACK_SERVE_MAX_BATCH_SIZE"] == "32"
     assert env["METAFLOW_STACK_SERVE_AUTH_KEY"] == {"secretKeyRef": {"name": "function-key", "key": "auth-key"}}
     values = yaml.safe_load((tmp_path / "values.yaml").read_text())
     assert values["image"] == {"repository": IMAGE.rsplit(":", 1)[0], "tag": IMAGE.rsplit(":", 1)[1]}
@@ -174,16 +174,13 @@ def test_a_bad_kubernetes_deploy_writes_nothing(reference_file: Path, tmp_path: 
 def test_nomad_target_renders_a_checked_job(reference_file: Path, tmp_path: Path) -> None:
     import hcl2
 
-    placed = ("--output", str(tmp_path), "--cpu", "2", "--call-timeout", "5")
-    result = _deploy(reference_file, "--target", "nomad", "--image", IMAGE, *placed)
+    result = _deploy(reference_file, "--target", "nomad", "--image", IMAGE, "--output", str(tmp_path), "--cpu", "2")
     assert result.returncode == 0, result.stderr
     job_file = Path(last_line(result))
     job = hcl2.loads(job_file.read_text())
     assert list(job["job"][0]) == ['"function-predict-typed"']  # the job ID is the deployment's name
     variables = hcl2.loads((tmp_path / "function-server.vars.hcl").read_text())
-    assert variables["image"] == json.dumps(IMAGE) and variables["cpu"] == 2000 and variables["call_timeout"] == 5
-    (task,) = job["job"][0]['"function-predict-typed"']["group"][0]['"server"']["task"]
-    assert task['"server"']["env"][0]["METAFLOW_STACK_SERVE_CALL_TIMEOUT"] == "${var.call_timeout}"
+    assert variables["image"] == json.dumps(IMAGE) and variables["cpu"] == 2000
     assert f"-var-file={tmp_path / 'function-server.vars.hcl'}" in result.stderr
     # Its key comes from Nomad Variables, where the next step puts the stack's (never on the command line itself).
     said = " ".join(result.stderr.split())

@@ -57,12 +57,6 @@ variable "max_batch_size" {
   default = 32
 }
 
-variable "call_timeout" {
-  type        = number
-  default     = 60
-  description = "Seconds a call may take per input before its worker is stopped and the request answered 504; 0: none."
-}
-
 variable "insecure_no_auth" {
   type        = bool
   default     = false
@@ -140,7 +134,6 @@ job "function-server" {
 
       env {
         METAFLOW_STACK_SERVE_MAX_BATCH_SIZE = var.max_batch_size
-        METAFLOW_STACK_SERVE_CALL_TIMEOUT   = var.call_timeout
       }
 
       # uvicorn drains in-flight requests on SIGTERM.

@@ -29,8 +29,6 @@ class FunctionServerArgs:
     cpu: float = 0.5
     memory_mb: int = 1024
     max_batch_size: int = 32
-    #: Seconds a call may take per input before its worker is stopped and the request answered 504; 0: no bound.
-    call_timeout: float = 60
     #: A Secret holding ``auth-key``; callers then send it as x-api-key. The chart needs it or ``insecure_no_auth``.
     auth_secret: str = ""
     #: Serve without a key: anyone who reaches the server may call the function.
@@ -47,7 +45,6 @@ class FunctionServer(pulumi.ComponentResource):
             cpu=args.cpu,
             memory_mb=args.memory_mb,
             max_batch_size=args.max_batch_size,
-            call_timeout=args.call_timeout,
             auth_secret=args.auth_secret or None,
             insecure_no_auth=args.insecure_no_auth,
         )

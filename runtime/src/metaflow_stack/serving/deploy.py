@@ -56,8 +56,6 @@ class DeployOptions:
     cpu: float = 0.5
     memory_mb: int = 1024
     max_batch_size: int = 32
-    #: Seconds a call may take per input before its worker is stopped and the request answered 504; 0: no bound.
-    call_timeout: float = 60
     #: Host port of the docker target (on 127.0.0.1).
     port: int = 8000
     #: Where rendered files go; ``<state dir>/deploy/<name>`` by default.
@@ -119,11 +117,7 @@ def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptio
             image=image,
             command=[],
             # The stack's key: calls carry it as x-api-key (the container listens beyond its loopback).
-            env={
-                "METAFLOW_STACK_SERVE_MAX_BATCH_SIZE": str(options.max_batch_size),
-                "METAFLOW_STACK_SERVE_CALL_TIMEOUT": str(options.call_timeout),
-                "METAFLOW_STACK_AUTH_KEY": key,
-            },
+            env={"METAFLOW_STACK_SERVE_MAX_BATCH_SIZE": str(options.max_batch_size), "METAFLOW_STACK_AUTH_KEY": key},
             name=name,
             ports={8000: options.port},
             cpu=options.cpu,
@@ -162,7 +156,7 @@ def chart_values(function: str, image: str, options: DeployOptions) -> dict[str,
             "requests": {"cpu": f"{int(options.cpu * 1000)}m", "memory": f"{options.memory_mb}Mi"},
             "limits": {"memory": f"{options.memory_mb}Mi"},
         },
-        "server": {"maxBatchSize": options.max_batch_size, "callTimeout": options.call_timeout},
+        "server": {"maxBatchSize": options.max_batch_size},
         "auth": {"existingSecret": options.auth_secret or "", "insecureNoAuth": options.insecure_no_auth},
     }
 
@@ -194,7 +188,6 @@ def _nomad(
         "cpu": int(options.cpu * 1000),
         "memory": options.memory_mb,
         "max_batch_size": options.max_batch_size,
-        "call_timeout": options.call_timeout,
         "insecure_no_auth": options.insecure_no_auth,
     }
     job = nomad.render(NOMAD_JOB, variables)

@@ -122,13 +122,6 @@ def build_image(ref: str, kind: str, push: bool) -> None:
 @click.option("--cpu", default=0.5, show_default=True, type=FiniteRange(0.01), help="CPUs per replica.")
 @click.option("--memory", default=1024, show_default=True, type=click.IntRange(64), help="MiB per replica.")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option(
-    "--call-timeout",
-    default=60.0,
-    show_default=True,
-    type=FiniteRange(0, MAX_CALL_TIMEOUT),
-    help="Seconds a call may take per input before its worker is stopped and the request answered 504; 0: none.",
-)
 @click.option("--port", default=8000, show_default=True, type=FIXED_PORT, help="docker: host port, on 127.0.0.1.")
 @click.option("--output", type=click.Path(file_okay=False), help="kubernetes, nomad: where the rendered files go.")
 @click.option("--apply", is_flag=True, help="kubernetes: kubectl apply; nomad: register with NOMAD_ADDR.")
@@ -149,7 +142,6 @@ def deploy(
     cpu: float,
     memory: int,
     max_batch_size: int,
-    call_timeout: float,
     port: int,
     output: str | None,
     apply: bool,
@@ -173,7 +165,6 @@ def deploy(
         cpu,
         memory,
         max_batch_size,
-        call_timeout,
         port,
         where,
         apply,
