@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -228,16 +229,24 @@ def nats_server(folder: Path, max_payload: int | None = None) -> Iterator[NatsSe
 
 @contextlib.contextmanager
 def redis_server(folder: Path) -> Iterator[str]:
-    """A started redis-server on 127.0.0.1 (no persistence, its files under ``folder``); yields its URL."""
+    """A started redis-server on 127.0.0.1 with a password, as the pools ask (no persistence, its files under
+    ``folder``); yields its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ToolMissingError("redis-server is not installed", fix="apt-get install redis-server")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    password = secrets.token_hex(16)
+    config = folder / "redis.conf"  # (the password on no command line)
+    config.write_text(f"requirepass {password}\n")
+    config.chmod(0o600)
     command += ["--dir", str(folder), "--daemonize", "no"]
-    with (folder / "redis.log").open("ab") as log, _serving(command, port, stdout=log, stderr=log):
-        yield f"redis://127.0.0.1:{port}/0"
+    with (
+        (folder / "redis.log").open("ab") as log,
+        _serving([binary, str(config), *command[1:]], port, stdout=log, stderr=log),
+    ):
+        yield f"redis://:{password}@127.0.0.1:{port}/0"
 
 
 @contextlib.contextmanager

@@ -816,6 +816,12 @@ def test_a_workers_fork_server_killed_mid_item_comes_back(
         ("redis", URL_VARIABLE, "redis://:sekrit@{}/0", ["no Redis at redis://:(hidden)@127.0.0.1:", "just up --with"]),
         ("redis", URL_VARIABLE, ":sekrit@{}/0", [f"{URL_VARIABLE}) is not one redis-py", "redis://[:password@]"]),
         ("redis", URL_VARIABLE, "redis://:sekrit#x@{}/0", ["is not one redis-py can read", "%23"]),
+        (
+            "redis",
+            URL_VARIABLE,
+            "redis://{}/0",
+            ["Redis URL has no password", "METAFLOW_STACK_POOL_REDIS_NO_PASSWORD=1"],
+        ),
         ("ray", "RAY_ADDRESS", "{}", ["no Ray at 127.0.0.1:", "ray start --head"]),
     ],
 )
@@ -829,6 +835,21 @@ def test_a_pool_with_nothing_to_reach_fails_in_one_line(
     assert "sekrit" not in done.stdout + done.stderr  # a password in the URL is never shown
     assert "Traceback" not in done.stderr
     assert not none_left()
+
+
+def test_a_redis_pool_takes_the_stacks_redis_when_none_is_named(tmp_path: Path) -> None:
+    """No URL named: the stack's Redis (``just up --with redis``: its password in the state folder), else one
+    line naming the ways to have one; never a Redis without a password, which any local user could reach."""
+    state = tmp_path / "state"
+    env = {URL_VARIABLE: "", "METAFLOW_STACK_STATE_DIR": str(state), "METAFLOW_STACK_REDIS_PORT": str(free_port())}
+    done = run_flow(tmp_path, backend="redis", env=env)
+    assert done.returncode != 0 and "the redis worker pool has no Redis: none is named" in done.stderr
+    assert "just up --with redis" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (state / "redis").mkdir(parents=True)
+    (state / "redis" / "password").write_text("sekrit")
+    done = run_flow(tmp_path, backend="redis", env=env)
+    assert f"no Redis at redis://:(hidden)@127.0.0.1:{env['METAFLOW_STACK_REDIS_PORT']}/0" in done.stderr
+    assert "sekrit" not in done.stdout + done.stderr and not none_left()
 
 
 def test_a_kubernetes_pool_without_kubectl_fails_in_one_line(tmp_path: Path, redis_url: str) -> None:
@@ -1107,7 +1128,7 @@ def test_a_redis_that_stops_answering_fails_the_task_in_seconds(tmp_path: Path) 
     from metaflow_stack.pool.redis_queue import TIMEOUT_S, connect
 
     with redis_server(tmp_path / "redis") as url:
-        address = url.removeprefix("redis://").split("/")[0]  # (redis-server names itself by it: its title)
+        address = url.split("@")[1].split("/")[0]  # (redis-server names itself by it: its title)
         titled = [(p, " ".join(p.info["cmdline"] or "").split()) for p in psutil.process_iter(["cmdline"])]
         (server,) = [p for p, words in titled if address in words]
 

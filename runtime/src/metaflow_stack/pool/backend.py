@@ -54,7 +54,8 @@ def open_pool(
     interpreter: Interpreter | None = None,
 ) -> Pool:
     """The pool for ``step`` of run ``run_id`` (not started). ``redis_url``: for ``redis``, ``kubernetes`` and
-    ``nomad``, where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then a Redis on this machine);
+    ``nomad``, where the queue is (default: ``METAFLOW_STACK_POOL_REDIS_URL``, then the stack's Redis; one
+    with a password: ``redis_queue.private``);
     ``resources``: the step's ``@resources`` (``cpu``, ``gpu``, ``memory`` in MB), for each Ray actor or
     pod; for ``kubernetes``: ``image``, the pods' (default: the stack's base image), ``namespace`` (default:
     ``METAFLOW_KUBERNETES_NAMESPACE``, then ``default``) and chart ``values`` the step sets (a node selector,
@@ -77,10 +78,18 @@ def open_pool(
         from metaflow_stack.pool.ray_pool import RayPool
 
         return RayPool(flow_file, size, name, resources, interpreter)
-    from metaflow_stack.pool.redis_pool import DEFAULT_URL, RedisPool
-    from metaflow_stack.pool.redis_queue import URL_VARIABLE, readable
+    from metaflow_stack.errors import StackError
+    from metaflow_stack.pool.local_redis import stack_url
+    from metaflow_stack.pool.redis_pool import RedisPool
+    from metaflow_stack.pool.redis_queue import URL_VARIABLE, private, readable
 
-    url = readable(redis_url or os.environ.get(URL_VARIABLE) or DEFAULT_URL)
+    named = redis_url or os.environ.get(URL_VARIABLE) or stack_url()
+    if named is None:
+        raise StackError(
+            f"the {backend} worker pool has no Redis: none is named, and the stack's has not been started here",
+            fix=f"start the stack's (just up --with redis), or set {URL_VARIABLE}=redis://:PASSWORD@host:port/db",
+        )
+    url = private(readable(named))
     prefix = f"mf-pool:{run_id}:{step}:"
     if backend == "kubernetes":
         from metaflow_stack.pool.kubernetes_pool import open_kubernetes_pool

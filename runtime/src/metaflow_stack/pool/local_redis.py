@@ -25,6 +25,15 @@ DEFAULT_PORT = 6379
 START_TIMEOUT_S = 20.0
 
 
+def stack_url() -> str | None:
+    """The URL of the stack's Redis, once ``just up --with redis`` has made its password here (on its port:
+    ``METAFLOW_STACK_REDIS_PORT``, as ``up`` reads it); None before."""
+    local = LocalRedis(port=int(os.environ.get("METAFLOW_STACK_REDIS_PORT") or DEFAULT_PORT))
+    if not local.password_file.is_file():
+        return None
+    return local.url(secret(local.password_file)[0])
+
+
 class LocalRedis:
     """Starts and stops the local stack's Redis."""
 

@@ -24,8 +24,6 @@ from metaflow_stack.pool.redis_queue import URL_VARIABLE, connect
 WORKER = "from metaflow_stack.pool.redis_worker import main; main()"
 #: How every pool's workers elsewhere are named (``workers_name``).
 WORKERS_PREFIX = "mf-pool-"
-#: Where the pool looks for Redis when neither ``redis_url=`` nor the variable says.
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
 class RedisPool(DispatchedPool):

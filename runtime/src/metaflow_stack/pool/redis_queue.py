@@ -23,6 +23,7 @@ without a lease for long lost its worker too.
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -45,6 +46,30 @@ RELAYED_KEPT = 256
 #: end (older redis-py releases wait without limit). Not tried again: a command such as XADD or BLMOVE may
 #: have been carried out, and again would write a line twice or strand a task.
 TIMEOUT_S = 5.0
+
+
+#: ``1``: take a Redis URL with no password (a Redis only this user can reach, on a private network).
+NO_PASSWORD_VARIABLE = "METAFLOW_STACK_POOL_REDIS_NO_PASSWORD"
+
+
+def private(url: str) -> str:
+    """``url`` (readable), when it asks Redis for a password or is a Unix socket (its file's mode says who may
+    connect); else ``StackError``: every task on the queue carries its environment, credentials and all, and
+    the workers run what the queue holds, so a Redis any local user reaches lets them read those and run code
+    as the run's user. ``NO_PASSWORD_VARIABLE=1`` takes it anyway."""
+    from redis.connection import parse_url
+
+    from metaflow_stack.errors import StackError
+
+    found = parse_url(url)
+    if found.get("password") or "path" in found or os.environ.get(NO_PASSWORD_VARIABLE) == "1":
+        return url
+    raise StackError(
+        "the pool's Redis URL has no password: whoever reaches that Redis could read the tasks' environment "
+        "(credentials included) and run code as you through the queue",
+        fix=f"put its password in the URL (redis://:PASSWORD@host:port/db), use the stack's (just up --with "
+        f"redis), or set {NO_PASSWORD_VARIABLE}=1 for a Redis only you can reach",
+    )
 
 
 def readable(url: str) -> str:
