@@ -784,6 +784,38 @@ def one_item_retried(runtime: subprocess.Popen, root: Path, said: str) -> None:
     assert said in retried[0]["first_stderr"]
 
 
+def test_a_fork_server_out_of_descriptors_waits_rather_than_spins(tmp_path: Path) -> None:
+    """A fork server that cannot accept (no descriptor left) found its listener readable again at once and
+    spun a core, a log line each turn: it now pauses, says so once, and takes the task once it can."""
+    import socket
+
+    runtime = start_busy_run(tmp_path)
+    try:
+        (server,) = [p for p in pool_processes(POOL_MARKS[:1]) if p.ppid() == runtime.pid]
+        (listening,) = {c.laddr for c in server.net_connections(kind="unix") if c.laddr}  # (accepted ones too)
+        limits = server.rlimit(psutil.RLIMIT_NOFILE)
+        server.rlimit(psutil.RLIMIT_NOFILE, (server.num_fds(), limits[1]))  # (not one more)
+        with open(f"/proc/{server.pid}/fd/2", "rb") as log:  # (its log, read from where it is now)
+            log.seek(0, os.SEEK_END)
+            caller = socket.socket(socket.AF_UNIX)
+            caller.connect(listening)
+            used = sum(server.cpu_times()[:2])
+            time.sleep(3)
+            spent = sum(server.cpu_times()[:2]) - used
+            server.rlimit(psutil.RLIMIT_NOFILE, limits)
+            caller.close()
+            said = log.read().decode(errors="replace")
+        assert spent < 0.6, f"the fork server spent {spent:.1f} s of CPU in 3 s waiting for a descriptor"
+        assert said.count("cannot accept now") == 1, said[-2000:]
+    except BaseException:
+        runtime.kill()
+        raise
+    (tmp_path / "release").touch()
+    rest = runtime.stdout.read()
+    assert runtime.wait(timeout=300) == 0, rest[-3000:]
+    assert facts(tmp_path)["squares"] == [0, 1, 4, 9, 16, 25]
+
+
 def test_a_workers_fork_server_killed_mid_item_comes_back(
     tmp_path: Path, step_python: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -87,13 +87,17 @@ class Dispatcher:
 
     async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
             try:
                 connection, _ = await loop.sock_accept(self.listener)
             except OSError as exc:  # out of descriptors, say: the trampoline waits in the backlog meanwhile
-                print(f"worker pool: could not accept a task: {exc}", file=sys.stderr, flush=True)
+                if not failing:  # (once while it lasts: ten lines a second would fill the pool's log)
+                    print(f"worker pool: could not accept a task: {exc}", file=sys.stderr, flush=True)
+                failing = True
                 await asyncio.sleep(0.1)
                 continue
+            failing = False
             job = asyncio.ensure_future(self._handle(connection))
             self.in_flight.add(job)
             job.add_done_callback(self.in_flight.discard)

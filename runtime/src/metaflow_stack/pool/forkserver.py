@@ -84,6 +84,8 @@ class ForkServer:
         self.counts = Counts()
         self.counts_file = CountsFile(counts_file)
         self.stopping = False
+        #: Whether accepting fails now (out of descriptors, say): said once while it lasts.
+        self.cannot_accept = False
         # SIGCHLD wakes the selector through this pair (portable, unlike pidfds).
         self.wakeup, wakeup_writer = socket.socketpair()
         self.wakeup.setblocking(False)
@@ -116,11 +118,16 @@ class ForkServer:
         try:
             connection, _ = self.listener.accept()
         except OSError as exc:  # out of descriptors, say: the trampoline waits in the backlog
-            print(f"worker pool {self.name}: cannot accept now: {exc}", file=sys.stderr, flush=True)
+            if not self.cannot_accept:
+                print(f"worker pool {self.name}: cannot accept now: {exc}", file=sys.stderr, flush=True)
+            self.cannot_accept = True
+            time.sleep(0.1)  # (the listener stays readable meanwhile: without a pause this loop would spin)
             return
+        self.cannot_accept = False
+        fds: tuple[int, ...] = ()
+        scratch = None
         try:
             task, fds = handover.receive(connection)
-            scratch = None
             if self.flow_file is not None:  # contained: the sandbox's terms, a folder of the task's own
                 scratch = tempfile.mkdtemp(prefix="mf-task-")
                 passed = task.env.get(PASSED_VARIABLE, "").split(",")
@@ -128,6 +135,10 @@ class ForkServer:
             request = Request(connection, task, fds, scratch=scratch)
         except (OSError, ValueError) as exc:
             print(f"worker pool {self.name}: refused a request: {exc}", file=sys.stderr, flush=True)
+            for fd in fds:  # (the task's stdout and stderr, received before what failed)
+                os.close(fd)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             connection.close()
             return
         self.waiting.append(request)
