@@ -22,7 +22,7 @@ import psutil
 import pytest
 import redis
 import redis.asyncio
-from conftest import PROJECT, VENV_BIN, need
+from conftest import PROJECT, VENV_BIN, gone, need
 from devservers import free_port, redis_server
 from nomad_jobs import jobs_left
 
@@ -1151,6 +1151,31 @@ def test_a_redis_task_given_up_on_an_error_is_cancelled_for_its_worker(redis_url
         return marks
 
     assert len(asyncio.run(scenario())) == 1
+
+
+def test_redis_workers_outlive_a_redis_that_stops_answering(tmp_path: Path) -> None:
+    """Redis stopped mid-run for longer than the pool's commands wait: the items in flight fail as lost and
+    run again, by the same workers, once Redis answers (an error from Redis ended each worker, and the
+    pool ran on without them)."""
+    with redis_server(tmp_path / "redis") as url:
+        address = url.split("@")[1].split("/")[0]  # (redis-server names itself by it: its title)
+        runtime = start_busy_run(tmp_path, "redis", {URL_VARIABLE: url})
+        try:
+            (server,) = [p for p in psutil.process_iter(["cmdline"]) if address in " ".join(p.info["cmdline"] or [])]
+            workers = {p.pid for p in pool_processes(POOL_MARKS[2:]) if p.ppid() == runtime.pid}
+            server.suspend()
+            time.sleep(12)  # (past the 5 s a command waits, and the leases' 10 s)
+            server.resume()
+            time.sleep(3)
+            assert len(workers) == 2 and not any(gone(pid, within=0) for pid in workers)
+            (tmp_path / "release").touch()
+            rest = runtime.stdout.read()
+            assert runtime.wait(timeout=300) == 0, rest[-3000:]
+        finally:
+            runtime.kill()
+    run = facts(tmp_path)
+    assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+    assert [item["attempt"] for item in run["items"]].count(1) >= 2  # (the two in flight, lost and run again)
 
 
 def test_a_redis_that_stops_answering_fails_the_task_in_seconds(tmp_path: Path) -> None:

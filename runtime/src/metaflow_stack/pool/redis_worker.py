@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
+
 from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.processes import say_ready
@@ -76,8 +78,37 @@ class Lifeline:
         return False
 
 
+class Relay:
+    """A claimed task's line to the queue: its output, and its lease. A Redis that stops answering ends the
+    line for good, and with it the task: its lease lapses, and the dispatcher fails the attempt as lost
+    (``@retry``'s to run again), where the error ended the whole worker."""
+
+    def __init__(self, queue: RedisQueue, task_id: str, name: str, lifeline: Lifeline) -> None:
+        self.queue, self.task_id, self.name, self.lifeline = queue, task_id, name, lifeline
+        self.away = False
+
+    def output(self, fd: int, data: bytes) -> None:
+        if not self.away:
+            try:
+                self.queue.output(self.task_id, fd, data)
+            except redis.RedisError:
+                self.away = True
+
+    def ended(self) -> bool:
+        """Whether the task is to stop (the worker stops, it was cancelled, or Redis is away); renews its lease."""
+        if self.lifeline.ended() or self.away:
+            return True
+        try:
+            return self.queue.renew(self.task_id, self.name)
+        except redis.RedisError:
+            self.away = True
+            return True
+
+
 def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Lifeline) -> int:
-    """Run one claimed task in a forked child, relaying its output; returns its exit status."""
+    """Run one claimed task in a forked child, relaying its output; returns its exit status (``POOL_LOST`` if
+    Redis went away meanwhile)."""
+    relay = Relay(queue, task_id, name, lifeline)
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     pid = fork_task(task, (out_write, err_write), name)
@@ -90,7 +121,7 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Li
         for fd in ready:
             data = os.read(fd, 65536)
             if data:
-                queue.output(task_id, open_fds[fd], data)
+                relay.output(open_fds[fd], data)
             else:
                 os.close(fd)
                 del open_fds[fd]
@@ -107,17 +138,18 @@ def run_one(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Li
         now = time.monotonic()
         if now - renewed >= RENEW_S:
             renewed = now
-            if (lifeline.ended() or queue.renew(task_id, name)) and killed_at is None:
+            if relay.ended() and killed_at is None:
                 killed_at = now
                 with_group(pid, signal.SIGTERM)
         if killed_at is not None and now - killed_at > KILL_GRACE_S:
             with_group(pid, signal.SIGKILL)
-    return status
+    return POOL_LOST if relay.away else status
 
 
 def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline: Lifeline, slot: Slot) -> int:
     """Run one claimed task on the worker's fork server of one slot, relaying its output; returns its exit
-    status (``POOL_LOST`` if the fork server died under it, or the task was cancelled)."""
+    status (``POOL_LOST`` if the fork server died under it, the task was cancelled or Redis went away)."""
+    relay = Relay(queue, task_id, name, lifeline)
     try:
         running = slot.submit(task, task.env)
     except OSError as exc:  # (it died since the claim)
@@ -127,18 +159,18 @@ def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline
     try:
         while not running.ended:
             for fd, data in running.read(RENEW_S):
-                queue.output(task_id, fd, data)
+                relay.output(fd, data)
             now = time.monotonic()
             if now - renewed >= RENEW_S:
                 renewed = now
-                if not cancelled and (lifeline.ended() or queue.renew(task_id, name)):
+                if not cancelled and relay.ended():
                     cancelled = True
                     running.cancel()  # the fork server kills it (SIGTERM, SIGKILL after its grace)
     finally:
         running.close()
     if running.status is None and not cancelled:  # (killed outright, out of memory say)
-        queue.output(task_id, 2, b"worker pool: this worker's fork server ended before the task did\n")
-    return POOL_LOST if running.status is None else running.status
+        relay.output(2, b"worker pool: this worker's fork server ended before the task did\n")
+    return POOL_LOST if running.status is None or relay.away else running.status
 
 
 def revive(slot: Slot, queue: RedisQueue) -> str | None:
@@ -194,19 +226,36 @@ def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot
     say_ready()
     if lifeline.detached:
         ready_file.touch()
+    away = False  # (Redis stopped answering: said once while it lasts)
     while not lifeline.ended():
-        if slot is not None and (error := revive(slot, queue)):  # (before a claim: a slow start holds no lease)
-            sys.exit(f"worker pool: this worker's fork server could not start again: {error}")
-        queue.live()
-        claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
-        if claimed is not None:
-            task_id, task = claimed
-            if lifeline.detached:
-                task = on_this_machine(task, flow_file)
-            if slot is not None:
-                code = run_in_slot(queue, task_id, task, name, lifeline, slot)
-            else:
-                code = run_one(queue, task_id, task, name, lifeline)
-            if lifeline.ended():  # killed because this worker stops (a pod deleted): the worker was lost
-                code = POOL_LOST
-            queue.finish(task_id, name, code)  # (a purged pool's stream is not made again)
+        try:
+            serve_one(queue, flow_file, name, lifeline, slot)
+        except redis.RedisError as exc:
+            if not away:
+                print(f"worker pool: Redis does not answer ({exc}); trying every second", file=sys.stderr, flush=True)
+            away = True
+            time.sleep(RENEW_S)
+            continue
+        if away:
+            print("worker pool: Redis answers again", file=sys.stderr, flush=True)
+        away = False
+
+
+def serve_one(queue: RedisQueue, flow_file: str, name: str, lifeline: Lifeline, slot: Slot | None) -> None:
+    """Claim a task (waiting a moment for one) and run it; ``redis.RedisError`` when Redis does not answer,
+    which the worker outlives."""
+    if slot is not None and (error := revive(slot, queue)):  # (before a claim: a slow start holds no lease)
+        sys.exit(f"worker pool: this worker's fork server could not start again: {error}")
+    queue.live()
+    claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
+    if claimed is not None:
+        task_id, task = claimed
+        if lifeline.detached:
+            task = on_this_machine(task, flow_file)
+        if slot is not None:
+            code = run_in_slot(queue, task_id, task, name, lifeline, slot)
+        else:
+            code = run_one(queue, task_id, task, name, lifeline)
+        if lifeline.ended():  # killed because this worker stops (a pod deleted): the worker was lost
+            code = POOL_LOST
+        queue.finish(task_id, name, code)  # (a purged pool's stream is not made again)
