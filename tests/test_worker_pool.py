@@ -768,9 +768,9 @@ def test_a_worker_lost_mid_item_fails_only_that_attempt(
     assert not none_left()
 
 
-def one_item_retried(runtime: subprocess.Popen, root: Path, said: str) -> None:
-    """Release ``start_busy_run``'s items and see the run succeed with one item retried, its first attempt's
-    stderr saying ``said`` (the runtime is killed if it does not end)."""
+def released(runtime: subprocess.Popen, root: Path) -> dict:
+    """Release ``start_busy_run``'s items, see the run succeed with every item's square (the runtime is killed
+    if it does not end), and return its ``facts``."""
     try:
         (root / "release").touch()
         rest = runtime.stdout.read()
@@ -779,6 +779,13 @@ def one_item_retried(runtime: subprocess.Popen, root: Path, said: str) -> None:
         runtime.kill()
     run = facts(root)
     assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+    return run
+
+
+def one_item_retried(runtime: subprocess.Popen, root: Path, said: str) -> None:
+    """Release ``start_busy_run``'s items and see the run succeed with one item retried, its first attempt's
+    stderr saying ``said``."""
+    run = released(runtime, root)
     retried = [item for item in run["items"] if item["attempt"] == 1]
     assert len(retried) == 1, [item["attempt"] for item in run["items"]]
     assert said in retried[0]["first_stderr"]
@@ -810,10 +817,7 @@ def test_a_fork_server_out_of_descriptors_waits_rather_than_spins(tmp_path: Path
     except BaseException:
         runtime.kill()
         raise
-    (tmp_path / "release").touch()
-    rest = runtime.stdout.read()
-    assert runtime.wait(timeout=300) == 0, rest[-3000:]
-    assert facts(tmp_path)["squares"] == [0, 1, 4, 9, 16, 25]
+    released(runtime, tmp_path)
 
 
 def test_a_workers_fork_server_killed_mid_item_comes_back(
@@ -1168,13 +1172,10 @@ def test_redis_workers_outlive_a_redis_that_stops_answering(tmp_path: Path) -> N
             server.resume()
             time.sleep(3)
             assert len(workers) == 2 and not any(gone(pid, within=0) for pid in workers)
-            (tmp_path / "release").touch()
-            rest = runtime.stdout.read()
-            assert runtime.wait(timeout=300) == 0, rest[-3000:]
-        finally:
+        except BaseException:
             runtime.kill()
-    run = facts(tmp_path)
-    assert run["successful"] and run["squares"] == [0, 1, 4, 9, 16, 25]
+            raise
+        run = released(runtime, tmp_path)
     assert [item["attempt"] for item in run["items"]].count(1) >= 2  # (the two in flight, lost and run again)
 
 
