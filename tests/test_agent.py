@@ -212,9 +212,10 @@ def test_the_mcp_server_answers_the_same_over_stdio(runs: Runs) -> None:
             tools = {tool.name for tool in (await client.list_tools()).tools}
             found = await client.call_tool("failures", {"run": runs.failed})
             missing = await client.call_tool("run_summary", {"run": "FanFlow/999999"})
-            return tools, found.structured_content, missing
+            bad_id = await client.call_tool("run_summary", {"run": "1flow/1"})  # (a check's error, not the agent's)
+            return tools, found.structured_content, missing, bad_id
 
-    tools, found, missing = asyncio.run(session())
+    tools, found, missing, bad_id = asyncio.run(session())
     assert tools == {
         "list_flows",
         "list_runs",
@@ -229,6 +230,8 @@ def test_the_mcp_server_answers_the_same_over_stdio(runs: Runs) -> None:
     assert missing.is_error
     text = missing.content[0].text  # the SDK prefixes the tool's error with "Error executing tool ...: "
     assert json.loads(text[text.index("{") :])["error"]["code"] == "not_found"
+    text = bad_id.content[0].text
+    assert bad_id.is_error and json.loads(text[text.index("{") :])["error"]["code"] == "bad_parameter", text
 
 
 @pytest.fixture(scope="module")

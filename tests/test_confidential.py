@@ -582,6 +582,18 @@ def test_collateral_is_taken_from_a_file_a_cache_or_a_pccs(samples: Path, tmp_pa
     assert verify(quote, cached, parse_policy(SGX_POLICY), _report_data(quote), now=PINNED).tee == "sgx"
 
 
+def test_a_quote_whose_certificates_do_not_parse_is_refused_before_its_collateral_is_sought(
+    samples: Path, tmp_path: Path
+) -> None:
+    """Five bytes of its certificates changed: the quote still parses, its platform (FMSPC) is read from them
+    to find its collateral, and that read's ValueError was the key-release service's 500."""
+    damaged = bytearray((samples / "sgx_quote").read_bytes())
+    for at in (516, 768, 965, 3109, 3682):
+        damaged[at] ^= 0xA5
+    with pytest.raises(AttestationRefused, match=r"^quote: names no platform: Failed to get FMSPC"):
+        collateral_for(bytes(damaged), pccs_url="http://127.0.0.1:9", cache=tmp_path)
+
+
 def test_a_sealed_value_opens_only_with_its_data_key_at_its_place() -> None:
     key, where = new_data_key(), "ScoreFlow/12/score/3/predictions"
     value = b"\x80\x04patients and their scores" * 1000

@@ -4,6 +4,7 @@ status tracking, and every kind of bad input."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterator
@@ -106,6 +107,10 @@ def test_creation_conflicts_and_missing_parents(client: TestClient) -> None:
     assert client.get("/flows/F/runs/12345/steps").json() == []  # as the reference service answers
 
 
+def _cursor_of(content: bytes) -> str:
+    return base64.urlsafe_b64encode(content).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "parameter"),
     [
@@ -139,6 +144,14 @@ def test_creation_conflicts_and_missing_parents(client: TestClient) -> None:
         ("post", "/flows/F/runs/1/steps/start/tasks/1/metadata", [{"value": "v" * (1 << 20) + "v"}], "0.value"),
         ("post", "/flows/F/runs/1/steps/start/tasks/1/artifact", [{"name": "a"}] * 10_001, "body"),
         ("post", "/flows/F/runs/1/steps/start/tasks/1/artifact", [{"name": "a", "location": "s" * 4097}], "0.location"),
+        # Query parameters that were 500s (or a 503 saying the database was away) until each was checked.
+        ("get", f"/flows/F/runs?_cursor={_cursor_of(b'[' * 1000)}", None, "_cursor"),
+        ("get", f"/flows/F/runs?_cursor={_cursor_of(b'[99999999999999999999999,1]')}", None, "_cursor"),
+        ("get", f"/flows/F/runs?_cursor={'A' * 4097}", None, "_cursor"),
+        ("get", "/flows/F/runs?ts_epoch:ge=--5", None, "ts_epoch:ge"),
+        ("get", "/flows/F/runs?ts_epoch:ge=99999999999999999999999", None, "ts_epoch:ge"),
+        ("get", "/flows/F/runs?_tags:all=" + ",".join(f"t{n}" for n in range(101)), None, "_tags:all"),
+        ("get", "/flows/F/runs/abc%0A", None, "run_number"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(

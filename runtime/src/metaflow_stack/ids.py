@@ -14,7 +14,7 @@ import re
 
 from metaflow_stack.errors import InvalidInput
 
-_ID = re.compile(r"^[^\s/\x00-\x1f\x7f]{1,255}$")
+_ID = re.compile(r"[^\s/\x00-\x1f\x7f]{1,255}\Z")  # (\Z: ``$`` would take a line's end, a newline after it)
 _IDENTIFIERS = {"flow_id", "step_name"}
 #: The kind of each part of a pathspec, in order.
 PATHSPEC_KINDS = ("flow_id", "run_number", "step_name", "task_id")

@@ -21,7 +21,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from metaflow_stack.agent.queries import Queries, connect
-from metaflow_stack.agent.source import AgentError
+from metaflow_stack.errors import StackError
 
 INSTRUCTIONS = """Query Metaflow runs recorded by the Metaflow Stack metadata service.
 Pathspecs: a flow is "Flow", a run "Flow/123", a task "Flow/123/step/456".
@@ -49,7 +49,7 @@ def build(service_url: str | None = None) -> MCPServer:
                 if not connected:
                     connected.append(connect(service_url))
                 return method(connected[0], *args, **kwargs)
-            except AgentError as exc:
+            except StackError as exc:  # (an AgentError, or a check's InvalidInput: a bad id, a bad pattern)
                 raise ToolError(json.dumps(exc.to_dict())) from None
 
         # The tool's parameters are the method's, less ``self``, with their annotations resolved.

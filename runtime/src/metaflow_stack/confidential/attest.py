@@ -146,7 +146,11 @@ def pccs_url_of(given: str | None) -> str:
 def cache_name(quote: bytes, pccs_url: str) -> str:
     """Where collateral for ``quote`` from ``pccs_url`` is cached: per PCCS, TEE kind and platform (FMSPC)."""
     parsed = _parsed(quote)
-    return f"{hashlib.sha256(pccs_url.encode()).hexdigest()[:12]}-{parsed.quote_type()}-{parsed.fmspc()}.json"
+    try:
+        platform = parsed.fmspc()  # (read from the quote's certificates, which parsing the quote did not check)
+    except ValueError as exc:
+        raise AttestationRefused("quote", f"names no platform: {_first_line(exc)}") from None
+    return f"{hashlib.sha256(pccs_url.encode()).hexdigest()[:12]}-{parsed.quote_type()}-{platform}.json"
 
 
 def quote_kind(quote: bytes) -> str:

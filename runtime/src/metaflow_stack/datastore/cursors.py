@@ -9,6 +9,12 @@ from typing import Any
 
 from metaflow_stack.errors import InvalidInput
 
+#: The longest cursor taken: far above any this code issues (a few sort keys), far below what costs.
+MAX_CURSOR = 4096
+#: The values of a cursor: integers a database's 64 bits hold, strings no longer than an id.
+_INT64 = range(-(2**63), 2**63)
+_MAX_TEXT = 1024
+
 
 def encode_cursor(values: list[Any]) -> str:
     """An opaque cursor over a row's sort key (or a log's offsets): URL-safe, no padding."""
@@ -18,13 +24,22 @@ def encode_cursor(values: list[Any]) -> str:
 def decode_cursor(text: str) -> list[Any]:
     """The values of a cursor ``encode_cursor`` made; ``InvalidInput`` for anything else."""
     refused = InvalidInput("_cursor", "not a cursor this service issued", "drop it to start from the first page")
+    if len(text) > MAX_CURSOR:
+        raise refused
     try:
         values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: a list nested a thousand deep)
         raise refused from None
-    if not isinstance(values, list) or not all(isinstance(v, int | str) for v in values):
+    if not isinstance(values, list) or not all(_fits(v) for v in values):
         raise refused
     return values
+
+
+def _fits(value: Any) -> bool:
+    """Whether ``value`` can be a sort key's: an integer of 64 bits (no bool), or a string of an id's length."""
+    if type(value) is int:
+        return value in _INT64
+    return isinstance(value, str) and len(value) <= _MAX_TEXT
 
 
 def decode_offset(text: str | None) -> int:

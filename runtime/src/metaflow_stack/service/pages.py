@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ from metaflow_stack.service.store import Store
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
+#: Values one filter takes (``_tags=a,b,...``): each is a clause of the query, and a thousand made SQLite
+#: refuse it (an expression tree too large); Metaflow itself allows a run 50 user tags.
+MAX_FILTER_VALUES = 100
+#: An integer filter's value: what a 64-bit column holds.
+_INTEGER = re.compile(r"-?[0-9]{1,19}\Z")
 _RANGE_OPS = {"ge": "__ge__", "gt": "__gt__", "le": "__le__", "lt": "__lt__", "eq": "__eq__"}
 
 
@@ -62,6 +68,8 @@ class Params:
                 params.filters[name] = [v for v in value.split(",") if v != ""]
                 if not params.filters[name]:
                     raise bad_parameter(name, "needs at least one value")
+                if len(params.filters[name]) > MAX_FILTER_VALUES:
+                    raise bad_parameter(name, f"takes at most {MAX_FILTER_VALUES} values")
             else:
                 known = ", ".join(sorted(accepted | {"_limit", "_cursor"}))
                 raise bad_parameter(name, f"unknown parameter here; this route accepts {known}")
@@ -69,8 +77,8 @@ class Params:
 
     def integers(self, name: str) -> list[int]:
         values = self.filters.get(name, [])
-        if not all(is_number(v.lstrip("-")) for v in values):
-            raise bad_parameter(name, "must be integers (epoch milliseconds for ts_epoch)")
+        if not all(_INTEGER.match(v) and -(2**63) <= int(v) < 2**63 for v in values):
+            raise bad_parameter(name, "must be integers of 64 bits (epoch milliseconds for ts_epoch)")
         return [int(v) for v in values]
 
 
