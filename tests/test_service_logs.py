@@ -330,3 +330,33 @@ def test_a_line_longer_than_the_budget_is_cut_not_endless(tmp_path: Path) -> Non
         LogQuery(lines=2, from_end=True, max_bytes=1000),
     )
     assert [line.text.decode() for line in tail.lines] == ["b"] and tail.truncated
+
+
+def test_a_header_that_does_not_close_and_a_line_without_end_cost_their_length_once(tmp_path: Path) -> None:
+    """A header of ``Z|`` that never closes made Metaflow's mflog regex backtrack (a 3 KB line held the service
+    10 s), and a log with no newline was held and copied whole at each range read (64 MiB: 13 s, 320 MB)."""
+    import time
+
+    from metaflow.mflog.mflog import LINE_PARSER, decorate
+
+    from metaflow_stack.datastore.log_windows import MAX_LINE, mflog_line
+
+    for raw in (decorate(b"task", b"a [x] | Z| b"), b"[!" + decorate(b"runtime", b""), b"[MFLOG|0|2021Z||s|i]t", b"x"):
+        parsed = LINE_PARSER.match(raw)
+        assert mflog_line(raw) == ((parsed.group(3), parsed.group(6)) if parsed else (None, raw))
+    folder = tmp_path / "F" / "1" / "s" / "2"
+    folder.mkdir(parents=True)
+    broken = b"[MFLOG|0|" + b"Z|" * 1500
+    (folder / "0.runtime_stderr.log").write_bytes(broken + b"\n" + b"n" * (3 * MAX_LINE + 5))
+    files = LogFiles((str(tmp_path),))
+
+    def window(**kwargs):
+        opened = files.open("local", str(tmp_path), ("F", "1", "s", "2"), 0, "stderr", ReadMeter())
+        return read_window(opened, LogQuery(max_bytes=16 * 1024 * 1024, **kwargs))
+
+    started = time.perf_counter()
+    head = [line.text for line in window(lines=10).lines]
+    tail = [line.text for line in window(lines=10, from_end=True).lines]
+    assert time.perf_counter() - started < 5  # (the regex alone took 10 s on the first line)
+    assert head[0] == broken and b"".join(head[1:]) == b"n" * (3 * MAX_LINE + 5) == b"".join(tail[-4:])
+    assert all(len(text) <= MAX_LINE + 64 * 1024 for text in head[1:] + tail)
