@@ -247,6 +247,32 @@ def test_runs_page_newest_first_and_filter_on_the_server(client: TestClient) -> 
     assert all(r["status"] == "running" for r in window)
 
 
+def test_stored_values_no_reader_can_parse_do_not_break_a_runs_reads(client: TestClient) -> None:
+    """Any client may store values: one nested past the parser's limit made every read of its run a 500,
+    and a MiB of foreach stack cost 500 MB and seconds per read."""
+    number = new_run(client)["run_number"]
+    deep, flat = new_task(client, "F", number, "fan"), new_task(client, "F", number, "fan")
+    attempt(client, deep, 0, False)
+    path = "/flows/F/runs/{}/steps/fan/tasks/{}/metadata"
+    nested = "[" * 5000 + "]" * 5000
+    written = client.post(
+        path.format(number, deep["task_id"]),
+        json=[
+            {"field_name": "foreach-stack", "value": "[" + "-" * 5000 + "1]", "type": "foreach-stack"},
+            {"field_name": "confidential-verification", "value": '{"a":' + nested + "}", "type": "x"},
+            {"field_name": "exception", "value": nested, "type": "exception", "tags": ["attempt_id:0"]},
+        ],
+    )
+    assert written.status_code == 200, written.text
+    flat_stack = {"field_name": "foreach-stack", "value": "[" + "0," * 500_000 + "]", "type": "foreach-stack"}
+    assert client.post(path.format(number, flat["task_id"]), json=[flat_stack]).status_code == 200
+    tasks = client.get(f"/flows/F/runs/{number}/tasks")
+    assert tasks.status_code == 200 and [t["foreach"] for t in tasks.json()] == [[], []], tasks.text[:500]
+    assert client.get(f"/flows/F/runs/{number}/summary").status_code == 200
+    (failure,) = client.get(f"/flows/F/runs/{number}/failures").json()
+    assert failure["exception"] == {"type": None, "message": nested}
+
+
 def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
     run = new_run(client)
     number = run["run_number"]

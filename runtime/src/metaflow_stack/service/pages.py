@@ -378,24 +378,31 @@ def _task_with_status(row: Any) -> dict[str, Any]:
     return rows.task(row, _run_tags(row)) | extra | recorded
 
 
+#: The longest stored value a read parses (a verification, a foreach stack): each is a few hundred bytes as
+#: Metaflow and ``@confidential`` write them; a client may store up to a MiB, whose parse cost every read.
+_PARSED_MAX = 64 * 1024
+#: What a stored value that nests past the parser's limit raises, besides its own parse errors.
+_UNREADABLE = (ValueError, SyntaxError, RecursionError, MemoryError)
+
+
 def _object(value: str | None) -> dict[str, Any] | None:
     """A stored JSON object (a ``@confidential`` task's verification), or None when the value is not one."""
-    if not value or len(value) > 64 * 1024 or not value.startswith("{"):
+    if not value or len(value) > _PARSED_MAX or not value.startswith("{"):
         return None
     try:
         found = json.loads(value)
-    except ValueError:
+    except _UNREADABLE:
         return None
     return found if isinstance(found, dict) else None
 
 
 def _foreach(value: str | None) -> list[str]:
     """A stored ``foreach-stack`` value (the repr of a list of ``var=item``) as that list."""
-    if not value or not value.startswith("["):
+    if not value or len(value) > _PARSED_MAX or not value.startswith("["):
         return []
     try:
         stack = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
+    except _UNREADABLE:
         return []
     return [str(item) for item in stack] if isinstance(stack, list) else []
 
@@ -409,7 +416,7 @@ def _failure(row: Any, flow_id: str, run_row: Any) -> dict[str, Any]:
     if row["exception"]:
         try:
             exception = json.loads(row["exception"])
-        except ValueError:
+        except _UNREADABLE:  # (RecursionError: a value nested a thousand deep)
             exception = {"type": None, "message": row["exception"]}
     task = rows.task_key(row)
     return {
