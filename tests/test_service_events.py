@@ -405,6 +405,42 @@ def test_a_stream_too_slow_for_its_buffer_is_told_where_to_resume(tmp_path) -> N
     assert frames == [b'event: resume\ndata: {"since": 0, "reason": "more than 10000 events unread"}\n\n']
 
 
+def test_past_its_most_streams_a_server_answers_503_and_a_large_replay_goes_out_in_bounded_writes(
+    tmp_path, monkeypatch
+) -> None:
+    """Streams are held without bound no more (2,000 clients that read nothing took 4.7 GB), and a page of
+    large events is sent in writes of a MiB or so, not joined whole."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from metaflow_stack.api_errors import ApiError
+    from metaflow_stack.service import streams
+    from metaflow_stack.service.database import connect, migrate
+    from metaflow_stack.service.event_bus import Logged
+    from metaflow_stack.service.events import EventHub
+
+    monkeypatch.setattr(streams, "MAX_STREAMS", 2)
+
+    async def scenario() -> int:
+        database = connect(str(tmp_path / "m.db"))
+        migrate(database)
+        hub = EventHub(database, None)
+        for _ in range(2):
+            await hub.subscribe(Request({"type": "http", "query_string": b"", "headers": []}))
+        try:
+            await hub.subscribe(Request({"type": "http", "query_string": b"", "headers": []}))
+        except ApiError as refused:
+            return refused.status
+        return 200
+
+    assert asyncio.run(scenario()) == 503
+    page = [Logged(seq, "x", "F", 1, "d" * 300_000) for seq in range(1, 11)]
+    writes = list(streams._writes(page))
+    assert len(writes) == 3 and all(len(w) <= streams.WRITE_BYTES + 300_100 for w in writes)
+    assert b"".join(writes).count(b"\nid: ") == 10
+
+
 def test_replaying_a_million_events_streams_in_bounded_memory(service_factory, tmp_path) -> None:
     import psutil
     from sqlalchemy import insert, update

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,11 @@ REPLAY_PAGE = 1000
 STREAM_BUFFER = 10_000
 #: Queued live events sent in one write to the client, at most.
 WRITE_EVENTS = 2000
+#: Bytes of replayed events joined into one write, at most (a page of large events is sent in several).
+WRITE_BYTES = 1024 * 1024
+#: Streams one server holds open; one more is answered 503 (each holds a buffer and, replaying, a page:
+#: 2,000 clients that read nothing took 4.7 GB).
+MAX_STREAMS = 256
 
 
 @dataclass
@@ -93,6 +98,13 @@ class Streams(Bus):
         since = query.get("since") or request.headers.get("last-event-id")
         if since is not None and not (is_number(since) and len(since) <= 18):
             raise bad_parameter("since", "must be a sequence number")
+        if len(self._subscribers) >= MAX_STREAMS:
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"{MAX_STREAMS} event streams are open, the most this server holds; "
+                "try again shortly (resume with Last-Event-ID)",
+            )
         if self.nats_url:
             try:
                 await self._connect()
@@ -117,7 +129,8 @@ class Streams(Bus):
                 # Only what is settled: past the watermark a number may still be filled in by an open write.
                 upto = await asyncio.to_thread(self._watermark)
                 async for page in self._pages(scope, last, upto):
-                    yield b"".join(sse_frame(event.seq, event.kind, event.data) for event in page)
+                    for written in _writes(page):
+                        yield written
                 last = max(last, upto)
             while not await request.is_disconnected():
                 try:
@@ -138,9 +151,12 @@ class Streams(Bus):
                     if last is not None and event["seq"] <= last:
                         continue  # already sent, or a duplicate publish
                     if last is not None and event["seq"] > last + 1:
-                        async for page in self._pages(scope, last, event["seq"] - 1):
-                            yield b"".join(chunk + [sse_frame(m.seq, m.kind, m.data) for m in page])
+                        if chunk:
+                            yield b"".join(chunk)
                             chunk = []
+                        async for page in self._pages(scope, last, event["seq"] - 1):
+                            for written in _writes(page):
+                                yield written
                     last = event["seq"]
                     if _in_scope(event, scope):
                         chunk.append(frame)
@@ -181,6 +197,20 @@ class Streams(Bus):
         query = the_log(self.db.dialect, after, REPLAY_PAGE, upto=upto, flow=flow, run=run)
         with self.db.reader.connect() as conn:
             return [Logged(*row) for row in conn.execute(query)]
+
+
+def _writes(page: list[Logged]) -> Iterator[bytes]:
+    """``page``'s frames, joined into writes of about ``WRITE_BYTES`` at most."""
+    frames, size = [], 0
+    for event in page:
+        frame = sse_frame(event.seq, event.kind, event.data)
+        frames.append(frame)
+        size += len(frame)
+        if size >= WRITE_BYTES:
+            yield b"".join(frames)
+            frames, size = [], 0
+    if frames:
+        yield b"".join(frames)
 
 
 def _in_scope(event: dict[str, Any], scope: tuple[str | None, int | None]) -> bool:
