@@ -118,3 +118,50 @@ def test_another_programs_malformed_cookie_does_not_hide_the_session() -> None:
     guard = Guard(key="k3y", cookie=True)
     cookies = f'theirs={{"x": 1}}; {SESSION_COOKIE}=k3y'
     assert guard.refusal("/api/flows", Headers({"host": "127.0.0.1:8324", "cookie": cookies})) is None
+
+
+def test_past_its_limit_a_busy_route_is_answered_503_before_its_body_is_read() -> None:
+    """The key release's releases waited for a slot with their bodies read (300 on a PCCS that never answered
+    held 540 MB): past the limit one more is turned away unread; other routes pass."""
+    import asyncio
+    import json
+
+    from metaflow_stack.http_guard import BusyLimitMiddleware
+
+    release = asyncio.Event()
+
+    async def app(scope: dict, receive, send) -> None:
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = BusyLimitMiddleware(app, limit=2, paths=frozenset({"/v1/releases"}))
+
+    async def call(path: str) -> tuple[int, bytes, int]:
+        reads, sent = 0, []
+
+        async def receive() -> dict:
+            nonlocal reads
+            reads += 1
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
+        await limited(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), reads
+
+    async def scenario() -> list[tuple[int, bytes, int]]:
+        waiting = [asyncio.ensure_future(call("/v1/releases")) for _ in range(2)]
+        other = asyncio.ensure_future(call("/v1/nonces"))
+        await asyncio.sleep(0.1)
+        turned_away = await call("/v1/releases")
+        release.set()
+        return [turned_away, *await asyncio.gather(*waiting, other), await call("/v1/releases")]
+
+    turned_away, *served = asyncio.run(scenario())
+    assert turned_away[0] == 503 and turned_away[2] == 0  # (its body never read)
+    assert json.loads(turned_away[1])["code"] == "busy"
+    assert [status for status, _, _ in served] == [200, 200, 200, 200]

@@ -184,6 +184,30 @@ class BodyLimitMiddleware:
             await too_large(scope, receive, send)
 
 
+class BusyLimitMiddleware:
+    """Answers a request to one of ``paths`` 503 (JSON) before its body is read while ``limit`` such requests
+    are in flight (reading, waiting or served): the bodies a server holds stay bounded however many clients
+    pile on, where each would otherwise be read whole, then wait."""
+
+    def __init__(self, app: Any, limit: int, paths: frozenset[str]) -> None:
+        self.app, self.limit, self.paths = app, limit, paths
+        self.active = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            busy = error_response(503, "busy", f"{self.limit} requests are in flight; try again shortly")
+            await busy(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class _TooLarge(HTTPException):
     """A streamed body went over the limit, raised from ``receive``: FastAPI lets an ``HTTPException`` from
     there through to the app's handler (its own 413), and ``BodyLimitMiddleware`` answers any that is not."""

@@ -39,7 +39,7 @@ from metaflow_stack.confidential.dstack_app import MAX_APP_COMPOSE_BYTES, MAX_EV
 from metaflow_stack.confidential.keyring import NONCE_TTL_S, KeeperKey, Keyring, Released, ReleaseRequest
 from metaflow_stack.confidential.policy import Policy, load_policy
 from metaflow_stack.errors import StackError
-from metaflow_stack.http_guard import BodyLimitMiddleware, Guard, GuardMiddleware
+from metaflow_stack.http_guard import BodyLimitMiddleware, BusyLimitMiddleware, Guard, GuardMiddleware
 
 #: Answered without the key: the orchestrator's probes.
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -48,6 +48,9 @@ OPEN_PATHS = frozenset({"/health", "/ready"})
 MAX_BODY_BYTES = 2 * MAX_QUOTE_BYTES + 2 * MAX_EVENT_LOG_BYTES + 2 * MAX_APP_COMPOSE_BYTES + 32 * 1024
 #: Seconds a release waits for a verification slot before it is answered 503 (the launcher asks again).
 SLOT_WAIT_S = 30.0
+#: Release requests in flight per verification slot, at most; one more is answered 503 before it is read.
+WAITING_PER_SLOT = 8
+RELEASES = frozenset({"/v1/releases"})
 _log = logging.getLogger("metaflow_stack.key_release")
 
 
@@ -124,6 +127,9 @@ def create_app(config: KeyReleaseConfig, guard: Guard | None = None) -> FastAPI:
     app = FastAPI(title="Metaflow Stack key release", description=__doc__.split("\n\n")[0], version="1")
     api_errors.install(app, "the key-release service")
     app.add_middleware(GuardMiddleware, guard=guard or Guard(open_paths=OPEN_PATHS))
+    # Releases waiting for a slot hold their bodies (a MiB each, at most): past these many, one more is turned
+    # away before it is read (300 waiting on a PCCS that never answered held 540 MB for 30 s).
+    app.add_middleware(BusyLimitMiddleware, limit=WAITING_PER_SLOT * config.max_concurrency, paths=RELEASES)
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # outermost: before anything reads the body
 
     @app.get("/health")
