@@ -143,6 +143,26 @@ def test_a_flows_decorator_settings_of_the_wrong_kind_are_one_line(tmp_path: Pat
     assert says in done.stderr and "fix: None" not in done.stderr, done.stderr[-2000:]
 
 
+def test_a_server_started_again_takes_its_port_while_the_last_ones_connections_wait_out_time_wait() -> None:
+    """uvicorn binds with SO_REUSEADDR; binding the port here first (to say it and a busy one in one line)
+    must too, or a restarted server fails for a minute (a pod's container, restarted)."""
+    import socket
+
+    from metaflow_extensions.stack.cmd.server_options import listening
+
+    listener, url = listening("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    listener.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # (the server's side closes first: its end of the connection waits in TIME_WAIT)
+    client.close()
+    listener.close()
+    again, url_again = listening("127.0.0.1", port)
+    again.close()
+    assert url == url_again == f"http://127.0.0.1:{port}/"
+
+
 def _service_answers(url: str) -> None:
     """Wait (a minute at most) until the metadata service at ``url`` records a flow."""
     deadline = time.monotonic() + 60

@@ -127,6 +127,14 @@ def test_a_call_timeout_out_of_range_is_refused(train_task, timeout: float) -> N
         function_from_json(reference, backend="local", call_timeout=timeout)
 
 
+def test_a_batchs_bound_stops_at_the_longest_the_kernel_waits() -> None:
+    from metaflow_stack.functions import MAX_CALL_TIMEOUT
+    from metaflow_stack.functions.backends import call_bound
+
+    assert call_bound(2.5, 4) == 10 and call_bound(2.5, 0) == 2.5 and call_bound(None, 9) is None
+    assert call_bound(MAX_CALL_TIMEOUT, 32) == MAX_CALL_TIMEOUT  # (poll refused 32 weeks: the call ran on)
+
+
 def test_the_inprocess_backend_takes_no_call_timeout(train_task) -> None:
     import iris_functions
     from metaflow import JsonFunction, function_from_json

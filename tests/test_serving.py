@@ -338,6 +338,7 @@ def test_metaflow_function_serve_answers_over_http(train_task, tmp_path: Path) -
     served = _served(JsonFunction(iris_functions.predict, task=train_task).reference, tmp_path, "--call-timeout", "0")
     with served as (url, log):
         assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S).json() == {"prediction": 2}
+        assert f"function server on {url}/" in log.read_text()  # (uvicorn says no address for a socket given)
     # uvicorn drains requests and runs the shutdown hook (closing the workers) before it exits
     assert "Application shutdown complete." in log.read_text()
 

@@ -906,7 +906,7 @@ def test_kubernetes_pods_that_cannot_start_fail_the_step_in_one_line(
     """Pods that crash (here: they cannot reach Redis at the pods' URL) fail the step at its first item
     with the pod's reason and its last line, not after minutes; nothing is left."""
     env = backend_env("kubernetes", request, tmp_path)
-    env["METAFLOW_STACK_POOL_POD_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    env["METAFLOW_STACK_POOL_POD_REDIS_URL"] = f"redis://:sekrit@127.0.0.1:{free_port()}/0"
     done = run_flow(tmp_path, backend="kubernetes", env=env)
     assert done.returncode != 0
     assert "the pool's pods did not become ready" in done.stderr and "CrashLoopBackOff" in done.stderr

@@ -34,7 +34,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
 from metaflow_stack.pool.processes import READY
 from metaflow_stack.pool.redis_pool import WORKER, WORKERS_PREFIX
-from metaflow_stack.pool.redis_queue import URL_VARIABLE
+from metaflow_stack.pool.redis_queue import URL_VARIABLE, private, readable
 
 #: Where the workers find Redis, when not where the runtime does (the Nomad clients' view of the server).
 WORKERS_URL_VARIABLE = "METAFLOW_STACK_POOL_NOMAD_REDIS_URL"
@@ -66,7 +66,7 @@ class NomadPool(ClusterPool):
         # Named for its allocation by the shell, from the variables Nomad gives every task.
         named = 'exec python -u -c "$0" "$@" "$NOMAD_JOB_ID/$NOMAD_ALLOC_INDEX" --detached'
         command = ["sh", "-c", named, WORKER, self.prefix, self.flow_file]
-        url = os.environ.get(WORKERS_URL_VARIABLE) or self.url
+        url = private(readable(os.environ.get(WORKERS_URL_VARIABLE) or self.url))
         env = {**metaflow_settings(), URL_VARIABLE: url}
         if self.placement.driver == "docker":
             env["HOME"] = "/tmp"  # (the image's user may have none; exec and raw_exec keep the client's)

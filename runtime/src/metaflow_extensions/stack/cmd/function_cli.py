@@ -87,7 +87,8 @@ def serve(
         max_batch_size=max_batch_size,
         call_timeout=ServeOptions.call_timeout if call_timeout is None else call_timeout or None,
     )
-    listener, _ = listening(host, port)  # (first: a port in use is said before the function loads)
+    listener, url = listening(host, port)  # (first: a port in use is said before the function loads)
+    click.echo(f"function server on {url}", err=True)
     app = create_app(ref, options, Guard(host, key, allowed_hosts, open_paths=OPEN_PATHS))
     # No access log: a line per request is work on every call of a hot path; /metrics counts them instead.
     serve_on(listener, host, app, log_level="info", timeout_graceful_shutdown=30, access_log=False)

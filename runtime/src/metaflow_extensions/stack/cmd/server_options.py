@@ -22,6 +22,9 @@ def listening(host: str, port: int) -> tuple[socket.socket, str]:
     from metaflow_stack.http_guard import WILDCARDS
 
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # (as uvicorn binds: a server started again takes its port while the last one's connections wait out
+    # TIME_WAIT; a port another process listens on is still refused)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
     except OSError as exc:
@@ -36,7 +39,7 @@ def listening(host: str, port: int) -> tuple[socket.socket, str]:
 
 def serve_on(listener: socket.socket, host: str, app: Any, server: type | None = None, **options: Any) -> None:
     """Run ``app`` under uvicorn (``server``, a ``uvicorn.Server`` class) on ``listener`` from ``listening``,
-    with uvicorn's ``options``; its log names the port the socket has, not the one asked for."""
+    with uvicorn's ``options`` (uvicorn says no address for a socket it is given: the command says its URL)."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=listener.getsockname()[1], **options)

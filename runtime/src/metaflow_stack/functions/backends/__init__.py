@@ -20,8 +20,9 @@ BACKENDS = ("inprocess", "local", "ray")
 
 
 def call_bound(call_timeout: float | None, inputs: int) -> float | None:
-    """The seconds a call on ``inputs`` inputs may take: ``call_timeout`` for each (one for an empty batch)."""
-    return None if call_timeout is None else call_timeout * max(inputs, 1)
+    """The seconds a call on ``inputs`` inputs may take: ``call_timeout`` for each (one for an empty batch),
+    ``MAX_CALL_TIMEOUT`` at most (past 24 days the kernel's wait overflows)."""
+    return None if call_timeout is None else min(call_timeout * max(inputs, 1), MAX_CALL_TIMEOUT)
 
 
 class Backend(Protocol):

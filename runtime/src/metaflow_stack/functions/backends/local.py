@@ -91,7 +91,14 @@ class _Worker:
         except BrokenPipeError:
             self._discard()
             raise WorkerCrashedError("the function's worker process was gone when the call was sent") from None
-        status, body = self._receive(timeout)
+        try:
+            status, body = self._receive(timeout)
+        except (CallTimeoutError, WorkerCrashedError):
+            raise
+        except BaseException:  # (the call may still run: its answer must never reach the next call)
+            if self._process is not None:
+                self._discard()
+            raise
         if status == protocol.RAISED:
             raise protocol.remote_error(body)
         return body

@@ -143,6 +143,8 @@ class RayBackend:
         queueing on the actors, Ray sending one while another runs (a fifth more echo calls/s at 4 threads)."""
         if self._timeout is None:
             with self._lock:
+                if not self._actors:
+                    raise FunctionError("the function was closed", fix="load it again (function_from_json)")
                 return self._actors[next(self._turns) % len(self._actors)]
         return self._idle.get()
 
@@ -152,34 +154,47 @@ class RayBackend:
         try:
             status, body = self._ray.get(getattr(actor, method).remote(payload), timeout=bound)
         except self._ray.exceptions.GetTimeoutError:
-            actor = self._replace(actor)
+            self._replace(actor)
             raise CallTimeoutError(bound, "Ray actor") from None
         except self._ray.exceptions.RayActorError as exc:
-            actor = self._replace(actor)
+            self._replace(actor)
             raise WorkerCrashedError(
                 f"the function's Ray actor died during the call: {exc}",
                 fix="the next call runs in a new actor; check the function for crashes (the actor's log says more)",
             ) from None
-        finally:
-            if self._timeout is not None:
-                self._idle.put(actor)
+        except BaseException:
+            self._give(actor)
+            raise
+        self._give(actor)
         if status == protocol.RAISED:
             raise protocol.remote_error(body)
         return body
 
-    def _replace(self, actor: Any) -> Any:
-        """A new actor in ``actor``'s place, started (within ``start_timeout``; one that does not start fails
-        its first call and is replaced in turn), and ``actor`` killed: Ray cannot stop a running call."""
-        self._ray.kill(actor)
-        new = self._new_actor()
-        with contextlib.suppress(self._ray.exceptions.GetTimeoutError, self._ray.exceptions.RayActorError):
-            self._ray.get(new.describe.remote(), timeout=self._start_timeout)
+    def _give(self, actor: Any) -> None:
+        """A bounded call's actor, idle again."""
+        if self._timeout is not None:
+            self._idle.put(actor)
+
+    def _replace(self, actor: Any) -> None:
+        """``actor`` killed (Ray cannot stop a running call) and a new one in its place, once: by the first
+        call that met it dead or hung (calls queued on it meet it dead too). Unbounded, calls queue on the
+        new actor as it starts; bounded, it takes calls once it has started, off this call's path, so its
+        start counts in no call's bound."""
         with self._lock:
-            if actor in self._actors:
-                self._actors[self._actors.index(actor)] = new
-                return new
-        self._ray.kill(new)  # (closed meanwhile, or, unbounded, replaced by another call that met it dead)
-        return new
+            if actor not in self._actors:  # (replaced already, or closed)
+                return
+            new = self._new_actor()
+            self._actors[self._actors.index(actor)] = new
+        self._ray.kill(actor)
+        if self._timeout is not None:
+            threading.Thread(target=self._idle_once_started, args=(new,), daemon=True).start()
+
+    def _idle_once_started(self, actor: Any) -> None:
+        """``actor`` idle once it answers (within ``start_timeout``; one that does not start fails its first
+        call and is replaced in turn)."""
+        with contextlib.suppress(self._ray.exceptions.GetTimeoutError, self._ray.exceptions.RayActorError):
+            self._ray.get(actor.describe.remote(), timeout=self._start_timeout)
+        self._idle.put(actor)
 
     def call(self, value: Any) -> Any:
         return self._out.decode(self._roundtrip("call", self._in.encode(value)))
