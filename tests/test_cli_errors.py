@@ -71,8 +71,9 @@ def test_a_number_that_is_not_finite_is_refused_naming_the_option(tmp_path: Path
 @pytest.mark.parametrize(
     ("setting", "option", "says"),
     [
-        ('datacenters="dc1"', "--cpu=-1", "Invalid value for '--cpu': -1.0 is smaller than the minimum"),
-        ('datacenters="dc1"', "--memory=0", "Invalid value for '--memory': 0 is smaller than the minimum"),
+        ('datacenters="dc1"', "--cpu=-1", "--cpu -1.0 and --memory 4096 must be above 0 (fix: --cpu 2 --memory"),
+        ('datacenters="dc1"', "--cpu=nan", "--cpu nan and --memory 4096 must be above 0"),
+        ('datacenters="dc1"', "--memory=0", "--cpu 1.0 and --memory 0 must be above 0"),
         ("datacenters=5", "--cpu=1", 'datacenters=5 names no datacenter (fix: datacenters=["dc1", "dc2"]'),
         ('cpu=float("inf")', "--cpu=1", "cpu=inf, memory=4096 and gpu=0 must be positive"),
     ],

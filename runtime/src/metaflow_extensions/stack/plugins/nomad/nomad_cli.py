@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,6 @@ from metaflow import parameters
 from metaflow._vendor import click
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY, MetaflowException
 
-from metaflow_extensions.stack.cmd.numbers import FiniteRange
 from metaflow_stack.trampolines import step_parameters
 
 #: Exit status when the node running the task was lost: a failed attempt, which ``@retry`` retries.
@@ -188,12 +188,10 @@ def _top_level_options(obj) -> list[str]:
     help="Deploy the flow as a Nomad job: each dispatch (`nomad trigger`, `nomad job dispatch`) runs it, or "
     "each tick of its @schedule. Its steps run inside the job."
 )
-@click.option(
-    "--cpu", default=1.0, show_default=True, type=FiniteRange(0.001), help="Cores of the job that runs the flow."
-)
-@click.option(
-    "--memory", default=4096, show_default=True, type=click.IntRange(1), help="MB of the job that runs the flow."
-)
+# (plain float and int, checked below: Metaflow's Deployer API maps each option's click type to a Python
+# type, and knows neither ranges nor a type of ours)
+@click.option("--cpu", default=1.0, show_default=True, type=float, help="Cores of the job that runs the flow.")
+@click.option("--memory", default=4096, show_default=True, type=int, help="MB of the job that runs the flow.")
 @click.option("--image", default=None, help="The job's image (default: the stack's base image).")
 @click.option(
     "--env-var",
@@ -216,6 +214,8 @@ def create(
     from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
 
+    if not 0 < cpu < math.inf or memory < 1:
+        raise NomadDeployException(f"--cpu {cpu} and --memory {memory} must be above 0 (fix: --cpu 2 --memory 4096)")
     flow, datastore = obj.flow.name, obj.flow_datastore
     required, optional, launchers = _deployable(obj)
     missing = [variable for variable in env_var if variable not in os.environ]
@@ -304,13 +304,7 @@ def create(
 
 @parameters.add_custom_parameters(deploy_mode=False)
 @nomad.command(help="Run the deployed flow once (a dispatch of its Nomad job, or a run of its schedule now).")
-@click.option(
-    "--start-timeout",
-    default=600,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Seconds to wait for the run to start.",
-)
+@click.option("--start-timeout", default=600, show_default=True, type=int, help="Seconds to wait for the run to start.")
 @click.option("--run-id-file", default=None, help="Write the run's id to this file.")
 @click.option("--deployer-attribute-file", default=None, hidden=True, help="For Metaflow's Deployer API.")
 @click.pass_obj
@@ -319,6 +313,10 @@ def trigger(obj, start_timeout: int, run_id_file: str | None, deployer_attribute
     from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
 
+    if start_timeout < 1:
+        raise NomadDeployException(
+            f"--start-timeout {start_timeout} must be 1 or more seconds (fix: --start-timeout 600)"
+        )
     meta, changed = {}, []
     for _, param in obj.flow._get_parameters():
         value = kwargs.get(param.name.replace("-", "_").lower())
