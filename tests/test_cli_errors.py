@@ -68,6 +68,22 @@ def test_a_number_that_is_not_finite_is_refused_naming_the_option(tmp_path: Path
     assert "Traceback" not in done.stderr
 
 
+def _decorated_flow(
+    root: Path, decorator: str, *command: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``command`` run on a two-step flow in ``root`` whose ``start`` has ``@decorator``."""
+    flow = root / "decorated_flow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, confidential, devcontainer, nomad, step\n"
+        "class DecoratedFlow(FlowSpec):\n"
+        f"    @{decorator}\n    @step\n    def start(self):\n        self.next(self.end)\n"
+        "    @step\n    def end(self):\n        pass\n"
+        "if __name__ == '__main__':\n    DecoratedFlow()\n"
+    )
+    line = [str(VENV_BIN / "python"), str(flow), "--no-pylint", *command]
+    return subprocess.run(line, capture_output=True, text=True, cwd=root, timeout=300, env=env)
+
+
 @pytest.mark.parametrize(
     ("setting", "option", "says"),
     [
@@ -82,22 +98,8 @@ def test_nomad_settings_that_cannot_be_are_one_line_naming_them(
     tmp_path: Path, setting: str, option: str, says: str
 ) -> None:
     """Each of these was answered with the fix of another (a decorator's for an option, numbers for a list)."""
-    flow = tmp_path / "placed_flow.py"
-    flow.write_text(
-        "from metaflow import FlowSpec, nomad, step\n"
-        "class PlacedFlow(FlowSpec):\n"
-        f"    @nomad({setting})\n    @step\n    def start(self):\n        self.next(self.end)\n"
-        "    @step\n    def end(self):\n        pass\n"
-        "if __name__ == '__main__':\n    PlacedFlow()\n"
-    )
-    done = subprocess.run(
-        [str(VENV_BIN / "python"), str(flow), "--no-pylint", "--datastore", "s3", "nomad", "create", option],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-        env={**os.environ, "USER": "tester", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://nowhere/flows"},
-    )
+    env = {**os.environ, "USER": "tester", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://nowhere/flows"}
+    done = _decorated_flow(tmp_path, f"nomad({setting})", "--datastore", "s3", "nomad", "create", option, env=env)
     assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
@@ -125,21 +127,7 @@ def test_a_database_url_sqlalchemy_cannot_use_is_one_line_without_its_password(u
 )
 def test_a_flows_decorator_settings_of_the_wrong_kind_are_one_line(tmp_path: Path, decorator: str, says: str) -> None:
     (tmp_path / "latin1.json").write_bytes('{"image": "caf\xe9"}'.encode("latin-1"))
-    flow = tmp_path / "settings_flow.py"
-    flow.write_text(
-        "from metaflow import FlowSpec, confidential, devcontainer, step\n"
-        "class SettingsFlow(FlowSpec):\n"
-        f"    @{decorator}\n    @step\n    def start(self):\n        self.next(self.end)\n"
-        "    @step\n    def end(self):\n        pass\n"
-        "if __name__ == '__main__':\n    SettingsFlow()\n"
-    )
-    done = subprocess.run(
-        [str(VENV_BIN / "python"), str(flow), "--no-pylint", "run"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    done = _decorated_flow(tmp_path, decorator, "run")
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert says in done.stderr and "fix: None" not in done.stderr, done.stderr[-2000:]
 
