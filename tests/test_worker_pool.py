@@ -26,7 +26,7 @@ from conftest import PROJECT, VENV_BIN, gone, need
 from devservers import free_port, redis_server
 from nomad_jobs import jobs_left
 
-from metaflow_stack.pool import redis_dispatch, trampoline
+from metaflow_stack.pool import redis_dispatch, redis_queue, trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.local import TRAMPOLINE_FOLDER, LocalPool, trampoline_command
 from metaflow_stack.pool.redis_pool import URL_VARIABLE
@@ -1130,6 +1130,69 @@ def test_a_chatty_task_loses_no_line_to_a_dispatcher_that_fell_behind(redis_url:
 
     code, written, _ = execute_one(redis_url, "test-chatty", chatty_worker)
     assert code == 0 and written.decode().splitlines() == [f"line {number}" for number in range(lines)]
+
+
+def test_a_redis_tasks_keys_outlive_their_expiry_while_the_dispatcher_waits_on_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every key of a task expires unless renewed: a task running several times its keys' time keeps them,
+    as its dispatcher renews them, and its output and status arrive (the stream made by the claim would
+    otherwise be gone, and its lines with it)."""
+    monkeypatch.setattr(redis_queue, "KEEP_S", 2)
+    monkeypatch.setattr(redis_dispatch, "KEEP_EVERY_S", 0.3)
+
+    def slow_worker(prefix: str) -> list[int]:
+        worker = RedisQueue(redis.Redis.from_url(redis_url), prefix)
+        claimed = worker.claim("w", 1)
+        assert claimed is not None
+        expiries = []
+        for _ in range(6):  # 6 s: three times the keys' time
+            time.sleep(1)
+            worker.renew(claimed[0], "w")
+            expiries += [worker.client.ttl(worker.key(kind, claimed[0])) for kind in ("task", "out")]
+        worker.output(claimed[0], 1, b"still here\n")
+        worker.finish(claimed[0], "w", 0)
+        worker.client.close()
+        return expiries
+
+    expiries = []
+
+    async def slowly(client: redis.asyncio.Redis, queue: RedisQueue) -> None:
+        expiries.extend(await asyncio.to_thread(slow_worker, queue.prefix))
+
+    code, written, _ = execute_one(redis_url, "test-kept", slowly)
+    assert (code, written) == (0, b"still here\n")
+    assert all(0 < seconds <= 2 for seconds in expiries), expiries
+    assert not pool_keys(redis_url)
+
+
+def test_a_redis_pool_killed_outright_leaves_only_keys_that_expire(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The runtime, its dispatcher and the workers all killed at once (a container or a machine lost): nothing
+    is left to remove the pool's keys, and the tasks' hashes hold their environments, credentials and all.
+    Every key the pool made expires within ``KEEP_S``."""
+    env = backend_env("redis", request, tmp_path)
+    runtime = start_busy_run(tmp_path, "redis", env)
+    try:
+        caught = [psutil.Process(runtime.pid), *pool_processes()]
+        for process in caught:  # (frozen first: none of them sees another go and cleans up)
+            process.suspend()
+        for process in caught:
+            process.kill()
+    finally:
+        runtime.kill()
+        runtime.wait()
+    assert not none_left()
+    client = redis.Redis.from_url(env[URL_VARIABLE])
+    try:
+        keys = {key.decode(): client.ttl(key) for key in client.scan_iter(match="mf-pool:*")}
+        for key in keys:
+            client.delete(key)
+    finally:
+        client.close()
+    assert sum(":task:" in key for key in keys) >= 2, keys  # (the two items that ran, at least)
+    assert all(0 < seconds <= redis_queue.KEEP_S for seconds in keys.values()), keys
 
 
 def test_a_redis_task_given_up_on_an_error_is_cancelled_for_its_worker(redis_url: str) -> None:

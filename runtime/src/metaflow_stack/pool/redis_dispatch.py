@@ -27,6 +27,7 @@ from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.dispatcher import Output
 from metaflow_stack.pool.redis_queue import (
+    KEEP_S,
     LEASE_S,
     RELAYED_KEPT,
     TIMEOUT_S,
@@ -44,6 +45,8 @@ UNSERVED_S = 30.0
 #: time, as a worker stalled between taking a task and taking its lease (a loaded machine) is no more lost
 #: than one stalled between renewals.
 TAKEN_S = float(LEASE_S)
+#: How often the executor renews the keys of a task it waits on (they expire ``KEEP_S`` after the last).
+KEEP_EVERY_S = KEEP_S / 6
 
 
 class RedisExecutor:
@@ -60,11 +63,15 @@ class RedisExecutor:
         try:
             await self.queue.submit(task_id, task)
             after, cancelled_at, taken_at, unserved_at, relayed = "0-0", None, None, None, []
+            kept_at = loop.time()
             while True:
                 # A cancel (the pool stopping) that landed as a command's send completed: redis-py sends under
                 # asyncio.wait_for, which on Python 3.11 then returns instead of raising (fixed in 3.12).
                 if asyncio.current_task().cancelling():
                     raise asyncio.CancelledError
+                if loop.time() - kept_at >= KEEP_EVERY_S:  # (its keys expire unless renewed)
+                    await self.queue.keep(task_id)
+                    kept_at = loop.time()
                 entries = await self.queue.read_output(task_id, after, POLL_MS)
                 for entry_id, fields in entries:
                     after = entry_id

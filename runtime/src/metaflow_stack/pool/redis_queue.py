@@ -18,6 +18,13 @@ whose trampoline went away is marked ``cancel:<id>`` and its worker kills it.
 The claim takes the lease and names the worker in one script right after
 the move (only if the task is still there), so a task out of ``pending``
 without a lease for long lost its worker too.
+
+Every key expires unless someone who needs it renews it (``KEEP_S``): the
+dispatcher keeps ``pending`` and each of its tasks' hash and stream, a
+worker its ``claimed`` list. When the runtime, its dispatcher and the
+workers are all killed at once (a container or a machine lost), nothing is
+left to purge the pool, and the task hashes hold the tasks' environments,
+credentials and all: they go by themselves ``KEEP_S`` later.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ RELAYED_KEPT = 256
 #: end (older redis-py releases wait without limit). Not tried again: a command such as XADD or BLMOVE may
 #: have been carried out, and again would write a line twice or strand a task.
 TIMEOUT_S = 5.0
+#: Seconds a key of the pool outlives the last renewal by whoever needs it (the dispatcher, every ``LEASE_S``;
+#: a worker, every ``RENEW_S``): a dispatcher's stall shorter than this loses nothing.
+KEEP_S = LEASE_S * 6
 
 
 #: ``1``: take a Redis URL with no password (a Redis only this user can reach, on a private network).
@@ -101,11 +111,14 @@ def connect(url: str, asynchronous: bool = False) -> Any:
 
 #: A worker takes the task it moved to its list: lease, owner and output stream in one step, and only if
 #: the task is still there (its dispatcher may have given it up meanwhile: nothing of it is made again).
+#: The stream and the worker's list (which the move made) expire as the task's hash does.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[1], 'worker', ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'claimed', ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
 return 1
 """
 
@@ -132,7 +145,16 @@ class RedisQueue:
         fields = {"python": task.python, "argv": json.dumps(task.argv), "env": json.dumps(task.env), "cwd": task.cwd}
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.key("task", task_id), mapping=fields)
+            pipe.expire(self.key("task", task_id), KEEP_S)
             pipe.lpush(self.key("pending"), task_id)
+            pipe.expire(self.key("pending"), KEEP_S)  # (a list emptied by the workers went: this one is new)
+            await pipe.execute()
+
+    async def keep(self, task_id: str) -> None:
+        """Renew ``task_id``'s keys and the queue's for ``KEEP_S`` more (the dispatcher, while it waits on it)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in (self.key("task", task_id), self.key("out", task_id), self.key("pending")):
+                pipe.expire(key, KEEP_S)
             await pipe.execute()
 
     async def read_output(self, task_id: str, after: str, block_ms: int) -> list[tuple[str, dict[bytes, bytes]]]:
@@ -188,8 +210,13 @@ class RedisQueue:
             return None
         task_id = task_id.decode()
         leased = self._claim(
-            keys=[self.key("task", task_id), self.key("lease", task_id), self.key("out", task_id)],
-            args=[worker, LEASE_S],
+            keys=[
+                self.key("task", task_id),
+                self.key("lease", task_id),
+                self.key("out", task_id),
+                self.key("claimed", worker),
+            ],
+            args=[worker, LEASE_S, KEEP_S],
             client=self.client,
         )
         fields = self.client.hgetall(self.key("task", task_id)) if leased else {}
@@ -211,6 +238,7 @@ class RedisQueue:
         pipe.set(self.key("lease", task_id), worker, ex=LEASE_S, xx=True)  # a purged pool's lease stays gone
         pipe.exists(self.key("cancel", task_id))
         pipe.set(self.key("served"), 1, ex=LEASE_S)
+        pipe.expire(self.key("claimed", worker), KEEP_S)
         return bool(pipe.execute()[1])
 
     def live(self) -> None:
