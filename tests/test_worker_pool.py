@@ -26,9 +26,10 @@ from conftest import PROJECT, VENV_BIN, gone, need
 from devservers import free_port, redis_server
 from nomad_jobs import jobs_left
 
-from metaflow_stack.pool import redis_dispatch, redis_queue, trampoline
+from metaflow_stack.pool import handover, redis_dispatch, redis_queue, trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.local import TRAMPOLINE_FOLDER, LocalPool, trampoline_command
+from metaflow_stack.pool.processes import OWNER_LOCK, PoolFolder
 from metaflow_stack.pool.redis_pool import URL_VARIABLE
 from metaflow_stack.pool.redis_queue import RedisQueue
 
@@ -710,6 +711,75 @@ def test_a_nested_foreachs_progress_counts_the_items_of_every_outer_item(tmp_pat
     assert done.returncode == 0, said[-3000:]
     assert "values [10, 11, 12, 20, 21, 22]" in said
     assert "worker pool mid: 2/2 done" in said and "worker pool each: 6/6 done" in said, said[-3000:]
+
+
+def test_a_request_sent_a_byte_at_a_time_is_dropped_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fork server reads a hand-over before it takes anything else: a peer sending its request a byte
+    now and then held it for as long as it kept sending (the time limit was per read). The whole request
+    now has the limit."""
+    import socket
+    import threading
+
+    monkeypatch.setattr(handover, "RECEIVE_TIMEOUT_S", 1.0)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    request = trampoline.encode(sys.executable, [sys.executable, "flow.py"], {}, "/")
+    sent = threading.Event()
+
+    def drip() -> None:
+        with open(os.devnull, "rb") as devnull:
+            socket.send_fds(theirs, [request[:8]], [devnull.fileno(), devnull.fileno()])
+        for byte in request[8:]:
+            if sent.wait(0.2):
+                return
+            with contextlib.suppress(OSError):
+                theirs.send(bytes([byte]))
+
+    dripping = threading.Thread(target=drip)
+    dripping.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match="not whole after 1s"):
+            handover.receive(ours)
+        assert time.monotonic() - started < 2.5
+    finally:
+        sent.set()
+        dripping.join()
+        ours.close()
+        theirs.close()
+
+
+def test_a_new_pool_removes_the_folders_of_pools_whose_runtime_is_gone(tmp_path: Path) -> None:
+    """A runtime killed outright with its pool leaves the pool's folder (its logs; a Ray pool's session): the
+    next pool's start removes it, and leaves a live pool's, one with no lock (being made, or an older
+    release's) and what a link points at."""
+    hold = "import sys, time; from metaflow_stack.pool.processes import PoolFolder; "
+    hold += "print(PoolFolder(sys.argv[1]).path, flush=True); time.sleep(600)"
+    owners = [
+        subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        folders = [Path(owner.stdout.readline().strip()) for owner in owners]
+        (folders[0] / "pool.log").write_text("what its fork server said\n")
+        owners[0].kill()
+        owners[0].wait()
+        unlocked = tmp_path / "mf-pool-older"
+        unlocked.mkdir()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / OWNER_LOCK).touch()
+        (tmp_path / "mf-pool-link").symlink_to(elsewhere)
+        new = PoolFolder(str(tmp_path))
+        assert not folders[0].exists()
+        assert folders[1].exists() and unlocked.exists() and (elsewhere / OWNER_LOCK).exists()
+    finally:
+        for owner in owners:
+            owner.kill()
+            owner.wait()
+    new.remove()
+    assert not new.path.exists()
+    PoolFolder(str(tmp_path)).remove()  # (its owner gone now)
+    assert not folders[1].exists()
 
 
 def test_a_pool_killed_mid_run_comes_back_and_its_items_run_again(tmp_path: Path) -> None:

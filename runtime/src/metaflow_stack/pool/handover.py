@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
 
 #: The largest request a trampoline may send (its environment holds the input paths of a join).
 MAX_REQUEST = 16 << 20
-#: A connection that sends nothing for this long is dropped: the trampoline sends at once.
+#: A request not whole this long after its connection was taken is dropped: the trampoline sends at once,
+#: and the fork server takes nothing else meanwhile (a peer sending a byte now and then held it for good).
 RECEIVE_TIMEOUT_S = 5.0
 
 
 def receive(connection: socket.socket) -> tuple[Task, tuple[int, int]]:
     """The task a trampoline hands over and its two file descriptors; ``ValueError`` for anything else
     (the descriptors closed)."""
+    deadline = time.monotonic() + RECEIVE_TIMEOUT_S
     connection.settimeout(RECEIVE_TIMEOUT_S)
     fds: list[int] = []
     try:
@@ -29,6 +32,10 @@ def receive(connection: socket.socket) -> tuple[Task, tuple[int, int]]:
             raise ValueError(f"request of {length} bytes over the {MAX_REQUEST} limit")
         body = bytearray(data[4:])
         while len(body) < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            connection.settimeout(left)
             chunk = connection.recv(min(1 << 20, length - len(body)))
             if not chunk:
                 raise ValueError("request cut short")
@@ -39,7 +46,8 @@ def receive(connection: socket.socket) -> tuple[Task, tuple[int, int]]:
     except (OSError, ValueError, UnicodeError, IndexError) as exc:
         for fd in fds:
             os.close(fd)
-        raise ValueError(f"unreadable request: {exc}") from None
+        why = f"not whole after {RECEIVE_TIMEOUT_S:g}s" if isinstance(exc, TimeoutError) else exc
+        raise ValueError(f"unreadable request: {why}") from None
     finally:
         connection.settimeout(None)
     return Task(python, argv, env, cwd), (fds[0], fds[1])

@@ -9,6 +9,7 @@ needs, and writes its errors to a log in the pool's folder.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import shutil
@@ -126,12 +127,28 @@ def stop_all(processes: list[PoolProcess], timeout_s: float = 30) -> None:
             process.wait()
 
 
+#: How a pool's folder is named, under its parent.
+FOLDER_PREFIX = "mf-pool-"
+#: The file in a pool's folder its runtime holds locked while the pool lives (the kernel lets go of the lock
+#: when the runtime ends, however it ends).
+OWNER_LOCK = "owner.lock"
+
+
 class PoolFolder:
     """A pool's folder: its socket (a short path: sockets take at most 107 bytes), counts and logs, in a
-    folder only this user can enter (under ``parent``, or the system's temporary folder)."""
+    folder only this user can enter (under ``parent``, or the system's temporary folder).
+
+    A runtime killed outright together with its pool (a container or a
+    cgroup killed) leaves the folder, with its logs and, for a Ray pool,
+    Ray's session. So the runtime holds ``OWNER_LOCK`` while the pool lives,
+    and each new pool first removes the folders beside its own whose lock
+    nobody holds (``sweep``).
+    """
 
     def __init__(self, parent: str | None = None) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="mf-pool-", dir=parent))
+        sweep(Path(parent or tempfile.gettempdir()))
+        self.path = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=parent))
+        self._owner = _hold(self.path)
         self.last = Counts()  # (what a read that finds none shows: a record caught mid-write, say)
 
     @property
@@ -145,3 +162,41 @@ class PoolFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._owner >= 0:
+            os.close(self._owner)
+            self._owner = -1
+
+
+def _hold(folder: Path) -> int:
+    """A descriptor holding ``folder``'s ``OWNER_LOCK`` locked: the lock taken on a file of another name, then
+    the file renamed (a sweep never finds the lock there and not yet held)."""
+    taking = folder / f".{OWNER_LOCK}"
+    fd = os.open(taking, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(taking, folder / OWNER_LOCK)
+    return fd
+
+
+def sweep(parent: Path) -> None:
+    """Remove this user's pool folders under ``parent`` whose runtime is gone (their lock free). A folder
+    with no lock (being made, or an older release's) is left."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.name.startswith(FOLDER_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+            fd = os.open(Path(entry.path) / OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except BlockingIOError:
+            pass  # its runtime lives
+        finally:
+            os.close(fd)
