@@ -99,6 +99,32 @@ def test_an_unsafe_or_wrong_manifest_is_refused_naming_the_key(tmp_path: Path, c
     assert str(refused.value).startswith(f"{field}:"), str(refused.value)
 
 
+#: What Jinja would run or read (``gramine-manifest`` renders its input as a template again, the host's
+#: environment in reach): a value of the task's must reach the enclave as it is.
+JINJA = "{{ env.HOME }}{% if true %}x{% endif %}{# note #}{{"
+
+
+def test_a_value_that_looks_like_jinja_stays_a_value(tmp_path: Path) -> None:
+    """A file name, a variable's value, an argument or a path holding Jinja's markup: the manifest holds none
+    (its braces escaped in TOML), so ``gramine-manifest``'s second rendering leaves it as it is, and each
+    value reads back exactly; a manifest with markup is refused, since ``check`` runs before that rendering."""
+    import jinja2
+
+    (tmp_path / "code" / JINJA).mkdir(parents=True)
+    (tmp_path / "code" / JINJA / "f.py").write_text("X = 1\n")
+    inputs = _inputs(tmp_path, env={"METAFLOW_USER": f"ana{JINJA}"}, argv=[PYTHON, JINJA], sys_path=[f"/x/{JINJA}"])
+    text = render(inputs)
+    second = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    assert second.from_string(text).render() == text
+    manifest = check(text, "sgx")
+    assert manifest["loader"]["env"]["METAFLOW_USER"] == f"ana{JINJA}" and manifest["loader"]["argv"][1] == JINJA
+    assert {"path": f"/x/{JINJA}", "uri": f"file:/x/{JINJA}"} in manifest["fs"]["mounts"]
+    hashed = [f["uri"] for f in manifest["sgx"]["trusted_files"] if isinstance(f, dict)]
+    assert f"file:{tmp_path}/code/{JINJA}/f.py" in hashed
+    with pytest.raises(InvalidInput, match=r"^manifest: holds '\{\{', which gramine-manifest would expand"):
+        check(text.replace("sgx.debug = false", "sgx.debug = false\n# {{ env.HOME }}"), "sgx")
+
+
 def test_direct_mode_may_omit_attestation_and_bad_inputs_are_refused(tmp_path: Path) -> None:
     check(render(_inputs(tmp_path, remote_attestation="none")), "direct")
     with pytest.raises(InvalidInput, match=r"^env\.1BAD: is not a variable name"):
@@ -138,6 +164,7 @@ def test_a_python_program_runs_in_gramine_direct_under_the_tasks_manifest(tmp_pa
     inputs = _inputs(
         tmp_path,
         argv=[PYTHON, "-c", "import os, sys; print('inside', os.environ['METAFLOW_USER'], sys.argv[0])"],
+        env={"METAFLOW_USER": f"ana{JINJA}"},  # (gramine-manifest renders Jinja: it must find none)
         sys_path=STDLIB,  # what the program imports; a task's manifest trusts its environment's too
         trusted_dirs=[f"{path}/" for path in STDLIB],
         runtimedir=gramine.runtimedir(),
@@ -152,4 +179,5 @@ def test_a_python_program_runs_in_gramine_direct_under_the_tasks_manifest(tmp_pa
         gramine.command(prepared, "direct"), cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "inside ana -c" in done.stdout  # the manifest's command and environment, and nothing of the host's
+    # The manifest's command and environment, as they were, and nothing of the host's.
+    assert f"inside ana{JINJA} -c" in done.stdout

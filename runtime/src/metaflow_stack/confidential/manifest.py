@@ -34,6 +34,8 @@ _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
 HOST_CHOSEN = "METAFLOW_STACK_CONFIDENTIAL_TASK"
 #: Environment variable names Gramine accepts (and a shell would).
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: What Jinja reads as the start of an expression, a statement or a comment.
+_JINJA = re.compile(r"\{[{%#]")
 
 
 class CodeFile(BaseModel):
@@ -95,8 +97,11 @@ def template_path() -> Path:
 
 
 def _toml(value: Any) -> str:
-    """A TOML basic string (JSON's escapes are TOML's)."""
-    return json.dumps(str(value), ensure_ascii=False)
+    """A TOML basic string (JSON's escapes are TOML's), its braces escaped too (``\\u007B``, ``\\u007D``):
+    ``gramine-manifest`` renders its input as a Jinja template again, with the host's environment in reach,
+    so a ``{{ ... }}`` in a file name, a variable's value or a path would run on the host there, after
+    ``check`` had passed the text."""
+    return json.dumps(str(value), ensure_ascii=False).replace("{", "\\u007B").replace("}", "\\u007D")
 
 
 def render(inputs: ManifestInputs, template: Path | None = None) -> str:
@@ -149,6 +154,10 @@ def check(text: str, mode: str) -> dict[str, Any]:
     """The manifest ``text`` parsed, held to what a task's enclave must be in ``mode`` (``sgx`` or ``direct``):
     the task's own command and no host arguments or environment, no insecure or debug setting, a
     power-of-two size, DCAP attestation for SGX, and every code file trusted with its hash."""
+    if markup := _JINJA.search(text):
+        raise InvalidInput(
+            "manifest", f"holds {markup[0]!r}, which gramine-manifest would expand as Jinja after this check"
+        )
     try:
         manifest = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
