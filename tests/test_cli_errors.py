@@ -92,6 +92,11 @@ def _decorated_flow(
         ('datacenters="dc1"', "--memory=0", "--cpu 1.0 and --memory 0 must be above 0"),
         ("datacenters=5", "--cpu=1", 'datacenters=5 names no datacenter (fix: datacenters=["dc1", "dc2"]'),
         ('cpu=float("inf")', "--cpu=1", "cpu=inf, memory=4096 and gpu=0 must be positive"),
+        ('namespace="*"', "--cpu=1", "is not a Nomad namespace name (a wildcard is every namespace) (fix: use"),
+        ("namespace='a\" { x'", "--cpu=1", "is not a Nomad namespace name (fix: use letters, digits and '-'"),
+        ("gpu=2.7", "--cpu=1", "gpu=2.7 is not a whole number of GPUs (fix: @nomad(gpu=1))"),
+        ("gpu_model=5", "--cpu=1", 'gpu_model=5 must be a name (fix: @nomad(gpu_model="...") or leave it out'),
+        ("gpu=1, gpu_memory=-1", "--cpu=1", "gpu_memory=-1 must be 1 MB or more"),
     ],
 )
 def test_nomad_settings_that_cannot_be_are_one_line_naming_them(
@@ -100,6 +105,15 @@ def test_nomad_settings_that_cannot_be_are_one_line_naming_them(
     """Each of these was answered with the fix of another (a decorator's for an option, numbers for a list)."""
     env = {**os.environ, "USER": "tester", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://nowhere/flows"}
     done = _decorated_flow(tmp_path, f"nomad({setting})", "--datastore", "s3", "nomad", "create", option, env=env)
+    assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_nomad_trigger_waiting_past_a_week_is_one_line(tmp_path: Path) -> None:
+    """Past that, the wait's clock overflowed: a traceback, after the job had been dispatched."""
+    env = {**os.environ, "USER": "tester", "METAFLOW_DATASTORE_SYSROOT_S3": "s3://nowhere/flows"}
+    line = ["--datastore", "s3", "nomad", "trigger", "--start-timeout", "10000000000"]
+    done = _decorated_flow(tmp_path, 'nomad(datacenters="dc1")', *line, env=env)
+    says = "--start-timeout 10000000000 must be 1 to 604800 seconds (fix: --start-timeout 600)"
     assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 

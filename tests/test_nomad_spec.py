@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -273,6 +274,58 @@ def test_a_deployed_jobs_name_must_also_name_its_variable() -> None:
         with pytest.raises(StackError) as refused:
             check_name(wrong)
         assert "letters, digits" in refused.value.fix
+
+
+#: Values a user may give a run (a tag, an environment variable): quotes, a backslash, what a shell would run.
+AWKWARD = ["bob's run", 'a\\"b', "x'$(touch pwned)'y", 'say "hi"']
+
+
+def _split_by_bash(script: str, command: str, cwd: Path) -> list[str]:
+    """The words bash makes of ``command`` where ``script`` (the job's ``bash -c`` script) holds it, and
+    nothing it ran."""
+    assert command in script  # (the line as the shell reads it: what bash runs in the job)
+    done = subprocess.run(["bash", "-c", f"printf '%s\\n' {command}"], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0 and not list(cwd.iterdir()), done.stderr
+    return done.stdout.splitlines()
+
+
+def test_values_with_quotes_reach_a_task_elsewhere_as_they_are(tmp_path: Path) -> None:
+    """A task's command elsewhere (``@nomad``, Phala) and a deployed flow's job go through ``bash -c "..."``,
+    which Metaflow's commands are written for: a value whose shell quoting held a ``"`` (any ``'``) closed
+    those quotes, and the task failed to start or ran part of the value as shell."""
+    from metaflow import util
+    from metaflow.metaflow_environment import MetaflowEnvironment
+
+    from metaflow_stack.elsewhere import task_command
+    from metaflow_stack.nomad.deployment import job_command
+
+    class Flow:
+        name = "F"
+
+    environment = MetaflowEnvironment(Flow())
+    step_cli = " ".join(["python", "flow.py", "step", "a", *util.dict_to_cli_options({"tag": AWKWARD})])
+    ids = {"flow": "F", "run_id": "1", "step": "a", "task_id": "2", "attempt": 0}
+    line = task_command(environment, ("s3", "s3://b/k"), ids, ("{}", "s3://b/k"), step_cli, workdir="/w", logs="/l")
+    assert line[:2] == ["bash", "-c"] and len(line) == 3
+    words = _split_by_bash(line[2], step_cli, tmp_path)
+    assert words[5::2] == AWKWARD and set(words[4::2]) == {"--tag"}
+    run = ["python", "-m", "metaflow_stack.nomad.dispatched", "flow.py", *AWKWARD]
+    line = job_command(environment, "s3", ("{}", "s3://b/k"), run, False, False, False)
+    assert line[:2] == ["bash", "-c"] and len(line) == 3
+    assert _split_by_bash(line[2], shlex.join(run), tmp_path) == run
+
+
+@pytest.mark.parametrize("namespace", ["*", 'b" {}\nagent { policy = "write" }\nnamespace "c', "it's", ""])
+def test_a_deployed_flows_policy_names_only_namespaces(namespace: str) -> None:
+    """Its steps' namespaces go into the deployed job's ACL policy (HCL) and into the line an operator is given
+    to run: a ``*`` granted every namespace, a quote wrote rules of its own (an ``agent`` write, say)."""
+    from metaflow_stack.nomad.deployment import steps_policy
+
+    assert steps_policy("F", "default", ["default", "batch-2"])[1].count("namespace ") == 2
+    with pytest.raises(StackError, match="is not a Nomad namespace name"):
+        steps_policy("F", "default", ["default", namespace])
+    with pytest.raises(StackError, match="is not a Nomad namespace name|must be a name"):
+        Placement(namespace=namespace)
 
 
 def test_a_deployed_jobs_script_reads_its_credentials_before_it_fetches_its_package() -> None:

@@ -195,10 +195,11 @@ def task_command(
 ) -> list[str]:
     """A task's command elsewhere, as Metaflow's ``@kubernetes`` builds it: capture logs (in ``logs``), fetch
     and unpack the code package (``package``: its metadata and URL) in ``workdir``, bootstrap the step's
-    environment, run ``step_cli``, save the logs, run ``after`` (bash, the step's exit code in ``$c``),
-    exit with the step's code; ``before_extracting`` (bash) runs on the fetched package (``job.tar``, in the
-    working folder) before anything of it is unpacked; one ``bash -c`` line, quoted as Metaflow's commands
-    expect (they are written to go through ``shlex`` inside double quotes)."""
+    environment, run ``step_cli`` (a shell command line, each value quoted), save the logs, run ``after``
+    (bash, the step's exit code in ``$c``), exit with the step's code; ``before_extracting`` (bash) runs on
+    the fetched package (``job.tar``, in the working folder) before anything of it is unpacked; one ``bash
+    -c`` line, quoted as Metaflow's commands expect (they are written to go through ``shlex`` inside double
+    quotes: ``step_cli`` is escaped for them, ``in_double_quotes``)."""
     from metaflow.mflog import BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
 
     datastore_type, datastore_root = datastore  # (the root: where the logs are saved, as the run's CLI named it)
@@ -224,13 +225,22 @@ def task_command(
             raise StackError("Metaflow's package commands do not unpack job.tar as expected", fix="report this")
         commands = [*commands[:at], before_extracting, *commands[at:]]
     init = " && ".join(commands)
-    step = bash_capture_logs(" && ".join([*environment.bootstrap_commands(ids["step"], datastore_type), step_cli]))
+    bootstrap = environment.bootstrap_commands(ids["step"], datastore_type)
+    step = bash_capture_logs(" && ".join([*bootstrap, in_double_quotes(step_cli)]))
     then = f"; {after}" if after else ""
     script = (
         f"mkdir -p {logs} {workdir} && cd {workdir} && {mflog} && {init} && {step}; c=$?; {BASH_SAVE_LOGS}{then}; "
         "exit $c"
     )
     return shlex.split(f'bash -c "{script}"')
+
+
+def in_double_quotes(command: str) -> str:
+    """``command``, a shell command line, escaped for the ``bash -c "..."`` Metaflow's commands are written
+    for (``shlex`` splits it, reading a backslash and a double quote inside the double quotes as escaped): a
+    value whose shell quoting holds a ``"`` (Metaflow quotes ``bob's`` as ``'bob'"'"'s'``) closed the double
+    quotes, and the task failed to start, or read part of the value as shell."""
+    return command.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def bring_back_metadata(obj: Any, run_id: str, step_name: str, task_id: str) -> str | None:

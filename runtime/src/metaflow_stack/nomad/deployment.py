@@ -31,8 +31,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from metaflow_stack.elsewhere import in_double_quotes
 from metaflow_stack.engines.nomad.client import NomadClient, Refused
-from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+from metaflow_stack.engines.nomad.jobspec import Placement, namespace_name, task_job
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
 
@@ -176,6 +177,8 @@ def steps_policy(job: str, namespace: str, reaches: Iterable[str]) -> tuple[str,
     """The ACL policy that lets ``job`` (in ``namespace``) run its steps as Nomad jobs in the namespaces it
     ``reaches``: its name (Nomad's policy name characters, and a hash of the job's namespace and ID: jobs
     whose IDs differ only in characters a policy name cannot hold get a policy each) and HCL rules."""
+    for each in reaches:  # (pasted into HCL, and into the shell line an operator may be given to run)
+        namespace_name(each)
     digest = hashlib.sha256(f"{namespace}/{job}".encode()).hexdigest()[:10]
     name = f"{re.sub(r'[^A-Za-z0-9-]', '-', job)[:100]}-{digest}"
     capabilities = ", ".join(f'"{c}"' for c in STEP_CAPABILITIES)
@@ -243,7 +246,7 @@ def job_command(
             '{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || { sleep 2; exit 1; }; } && eval \\"$secrets\\"'
         )
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *prelude, *commands])
-    script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {shlex.join(run)}"
+    script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {in_double_quotes(shlex.join(run))}"
     return shlex.split(f'bash -c "{script}"')
 
 

@@ -14,7 +14,6 @@ twice changes nothing.
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import time
@@ -26,6 +25,7 @@ from metaflow_stack import settings
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.deploy import infra_root
 from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
+from metaflow_stack.engines.nomad.jobspec import namespace_name
 from metaflow_stack.errors import StackError, ToolMissingError
 from metaflow_stack.local_secrets import keep
 
@@ -38,8 +38,6 @@ START_TIMEOUT_S = NODE_TIMEOUT_S = 60.0
 BOOTSTRAP_S = 15.0
 #: Seconds a stopping agent has to stop its tasks before it is killed.
 STOP_GRACE_S = 30.0
-#: Nomad's rule for a namespace name.
-_NAMESPACE_NAME = re.compile(r"[a-zA-Z0-9-]{1,128}")
 INSTALL_FIX = (
     "install Nomad (https://developer.hashicorp.com/nomad/install) so that `nomad` is on PATH, then run `just nomad-up`"
 )
@@ -66,8 +64,7 @@ def dev_folder() -> Path:
 
 def policy_rules(namespace: str = NAMESPACE) -> str:
     """The rules of ``metaflow.policy.hcl``, for ``namespace``: one file says what a run may do, wherever."""
-    if not _NAMESPACE_NAME.fullmatch(namespace):
-        raise StackError(f"{namespace!r} is not a Nomad namespace name", fix="use letters, digits and '-'")
+    namespace_name(namespace)
     rules = (dev_folder() / "metaflow.policy.hcl").read_text(encoding="utf-8")
     label = f'namespace "{NAMESPACE}"'
     if rules.count(label) != 1:

@@ -39,6 +39,25 @@ OPERATORS = frozenset(
 )
 
 
+#: Nomad's rule for a namespace name (no ``*``: in an ACL policy that is every namespace).
+_NAMESPACE_NAME = re.compile(r"[a-zA-Z0-9-]{1,128}")
+
+
+def namespace_name(name: str) -> str:
+    """``name``, if Nomad takes it for a namespace; else ``StackError``. A name goes into ACL policies (HCL)
+    and the shell lines given to operators: a ``*`` there is every namespace, a quote writes more rules."""
+    if not isinstance(name, str) or not _NAMESPACE_NAME.fullmatch(name):
+        wildcard = " (a wildcard is every namespace)" if "*" in str(name) else ""  # (Metaflow shows no "*")
+        raise StackError(
+            f"{name!r} is not a Nomad namespace name{wildcard}", fix="use letters, digits and '-' (128 at most)"
+        )
+    return name
+
+
+#: The settings that name something: a string each, or not given.
+_NAMES = ("gpu_model", "image", "namespace", "region", "node_pool")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and with what a task runs: the ``@nomad`` decorator's settings, checked."""
@@ -64,6 +83,13 @@ class Placement:
                 f"cpu={self.cpu}, memory={self.memory} and gpu={self.gpu} must be positive (gpu may be 0)",
                 fix="@nomad(cpu=2, memory=4096)",
             )
+        if self.gpu_memory is not None and self.gpu_memory < 1:
+            raise StackError(f"gpu_memory={self.gpu_memory} must be 1 MB or more", fix="@nomad(gpu_memory=16384)")
+        for name in _NAMES:
+            if (value := getattr(self, name)) is not None and (not isinstance(value, str) or not value.strip()):
+                raise StackError(f"{name}={value!r} must be a name", fix=f'@nomad({name}="...") or leave it out')
+        if self.namespace is not None:
+            namespace_name(self.namespace)
         for attribute, operator, _ in self.constraints:
             if operator not in OPERATORS:
                 raise StackError(

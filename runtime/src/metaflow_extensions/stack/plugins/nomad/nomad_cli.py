@@ -302,6 +302,10 @@ def create(
             json.dump({"name": name, "flow_name": flow, "metadata": obj.metadata.metadata_str()}, out)
 
 
+#: The longest ``trigger`` waits for its run to start: a week.
+MAX_START_TIMEOUT_S = 7 * 24 * 3600
+
+
 @parameters.add_custom_parameters(deploy_mode=False)
 @nomad.command(help="Run the deployed flow once (a dispatch of its Nomad job, or a run of its schedule now).")
 @click.option("--start-timeout", default=600, show_default=True, type=int, help="Seconds to wait for the run to start.")
@@ -313,9 +317,9 @@ def trigger(obj, start_timeout: int, run_id_file: str | None, deployer_attribute
     from metaflow_stack.errors import StackError
     from metaflow_stack.nomad import deployment
 
-    if start_timeout < 1:
+    if not 1 <= start_timeout <= MAX_START_TIMEOUT_S:  # (past that, the wait's clock overflows)
         raise NomadDeployException(
-            f"--start-timeout {start_timeout} must be 1 or more seconds (fix: --start-timeout 600)"
+            f"--start-timeout {start_timeout} must be 1 to {MAX_START_TIMEOUT_S} seconds (fix: --start-timeout 600)"
         )
     meta, changed = {}, []
     for _, param in obj.flow._get_parameters():

@@ -82,10 +82,13 @@ class NomadDecorator(Trampolined, StepDecorator):
         resources = next((d.attributes for d in decos if d.name == "resources"), {})
         a = self.attributes
         try:
+            gpu = float(a["gpu"] or resources.get("gpu") or 0)
+            if not gpu.is_integer():  # (int() would take 2.7 for 2)
+                raise StackError(f"gpu={gpu:g} is not a whole number of GPUs", fix="@nomad(gpu=1)")
             self.placement = Placement(
                 cpu=float(a["cpu"] or resources.get("cpu") or 1),
                 memory=int(float(a["memory"] or resources.get("memory") or 4096)),
-                gpu=int(a["gpu"] or resources.get("gpu") or 0),
+                gpu=int(gpu),
                 gpu_model=a["gpu_model"],
                 gpu_memory=int(a["gpu_memory"]) if a["gpu_memory"] else None,
                 image=a["image"],
