@@ -324,8 +324,52 @@ def test_a_deployed_flows_policy_names_only_namespaces(namespace: str) -> None:
     assert steps_policy("F", "default", ["default", "batch-2"])[1].count("namespace ") == 2
     with pytest.raises(StackError, match="is not a Nomad namespace name"):
         steps_policy("F", "default", ["default", namespace])
-    with pytest.raises(StackError, match="is not a Nomad namespace name|must be a name"):
+    with pytest.raises(StackError, match=r"is not a Nomad namespace name|must be a name"):
         Placement(namespace=namespace)
+
+
+#: What ``nomad create`` writes in a deployed job's Meta for a flow with a parameter of each kind.
+CREATED = {
+    "metaflow.flow": "ScoreFlow",
+    "metaflow.project_name": "fraud",
+    "metaflow.parameters": json.dumps(
+        {
+            "alpha": {"python_var_name": "alpha", "name": "alpha", "type": "float", "description": "a '''",
+                      "is_required": False},
+            "data": {"python_var_name": "data", "name": "data", "type": "FilePath", "description": None,
+                     "is_required": True, "is_text": True, "encoding": "utf-8"},
+        }
+    ),
+}  # fmt: skip
+#: Meta whoever may submit a job could write: each would have been Python in the file Metaflow makes to trigger.
+FORGED = [
+    {"metaflow.flow": "F(FlowSpec):\n    import os"},
+    {"metaflow.project_name": "x')\nimport os#"},
+    {"metaflow.parameters": '{"a": {"python_var_name": "a", "name": "a", "type": "id(1)", "is_required": false}}'},
+    {"metaflow.parameters": '{"a": {"python_var_name": "a", "name": "a\')", "type": "str", "is_required": false}}'},
+    {"metaflow.parameters": '{"a": {"python_var_name": "a=1;b", "name": "a", "type": "str", "is_required": false}}'},
+    {"metaflow.parameters": '{"a": {"python_var_name": "a", "name": "a", "type": "str", "is_required": "1 or 2"}}'},
+    {"metaflow.parameters": '{"a": {"python_var_name": "a", "name": "a", "type": "FilePath", "is_required": false, '
+                            '"encoding": "u\', x=1"}}'},
+    {"metaflow.parameters": "[1]"},
+]  # fmt: skip
+
+
+def test_a_deployed_flows_meta_is_read_back_as_create_wrote_it_and_nothing_else() -> None:
+    """``DeployedFlow.from_nomad`` makes a flow file from a job's Meta and imports it, and anyone who may submit
+    a job in the namespace writes Meta: each value is held to what ``create`` writes, a parameter's help
+    (pasted in triple quotes) left out."""
+    from metaflow.runner.deployer import generate_fake_flow_file_contents
+
+    from metaflow_stack.nomad.deployment import deployment_facts
+
+    flow, info, project = deployment_facts(CREATED)
+    assert (flow, project, sorted(info)) == ("ScoreFlow", "fraud", ["alpha", "data"])
+    assert info["alpha"]["description"] == "" and info["data"]["encoding"] == "utf-8"
+    compile(generate_fake_flow_file_contents(flow, info, project), "flow.py", "exec")  # (help's ''' gone)
+    for forged in FORGED:
+        with pytest.raises(StackError, match=r"metaflow\.(flow|project_name|parameters)"):
+            deployment_facts({**CREATED, **forged})
 
 
 def test_a_deployed_jobs_script_reads_its_credentials_before_it_fetches_its_package() -> None:

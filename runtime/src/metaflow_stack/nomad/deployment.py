@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
+import keyword
 import queue
 import re
 import shlex
@@ -104,6 +106,42 @@ def parameter_info(flow: Any) -> dict[str, dict[str, Any]]:
             **extra,
         }
     return info
+
+
+#: What a parameter's type may be in ``parameter_info``.
+_PARAMETER_TYPES = frozenset({"str", "int", "float", "bool", "JSON", "FilePath"})
+#: A parameter's name, and an encoding's: no quote, no space.
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def deployment_facts(meta: dict[str, str]) -> tuple[str, dict[str, dict[str, Any]], str | None]:
+    """The flow's name, its ``parameter_info`` and its project's name as a deployed job's ``Meta`` keeps them,
+    held to what ``create`` writes: Metaflow pastes each into the Python file it makes to trigger the job
+    (``generate_fake_flow_file_contents``), which is then imported, and whoever may submit a job in the
+    namespace writes ``Meta``. A parameter's help, pasted in triple quotes, is left out: triggering needs none.
+    ``StackError`` naming the key otherwise."""
+    flow, project = meta.get("metaflow.flow", ""), meta.get("metaflow.project_name") or None
+    if not flow.isidentifier() or keyword.iskeyword(flow):
+        raise StackError(f"its metaflow.flow {flow[:80]!r} is not a flow's name", fix="deploy it again with create")
+    if project is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,128}", project):
+        raise StackError(f"its metaflow.project_name {project[:80]!r} is not a project's", fix="deploy it again")
+    try:
+        given = json.loads(meta.get("metaflow.parameters") or "{}")
+        info = {}
+        for key, each in given.items():
+            var, kind = each["python_var_name"], each["type"]
+            plain = [each["name"], *([each.get("encoding", "utf-8")] if kind == "FilePath" else [])]
+            if not (var.isidentifier() and not keyword.iskeyword(var) and kind in _PARAMETER_TYPES):
+                raise ValueError(key)
+            if not all(isinstance(v, str) and _PLAIN.fullmatch(v) for v in plain) or key != each["name"]:
+                raise ValueError(key)
+            if not isinstance(each["is_required"], bool) or not isinstance(each.get("is_text", True), bool):
+                raise ValueError(key)
+            info[key] = {**{k: each[k] for k in ("python_var_name", "name", "type", "is_required")}, "description": ""}
+            info[key] |= {"is_text": each.get("is_text", True), "encoding": plain[-1]} if kind == "FilePath" else {}
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise StackError("its metaflow.parameters are not those create writes", fix="deploy it again") from None
+    return flow, info, project
 
 
 def deployed_job(

@@ -5,10 +5,13 @@ Apart from ``nomad_deployer``: Metaflow's deployer module, which this one needs,
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 from metaflow.runner.deployer import DeployedFlow, TriggeredRun
@@ -50,7 +53,7 @@ class NomadDeployedFlow(DeployedFlow):
 
         from metaflow_stack.engines.nomad.client import NomadClient
         from metaflow_stack.errors import StackError
-        from metaflow_stack.nomad.deployment import DEPLOYED
+        from metaflow_stack.nomad.deployment import DEPLOYED, deployment_facts
 
         try:
             with NomadClient() as client:
@@ -59,25 +62,28 @@ class NomadDeployedFlow(DeployedFlow):
             raise MetaflowException(f"no deployed flow {identifier}: {exc}") from None
         if meta.get(DEPLOYED) != "true":
             raise MetaflowException(f"the Nomad job {identifier} is not a deployed flow (`nomad create` makes those)")
-        flow_name, branch = meta["metaflow.flow"], meta.get("metaflow.branch_name")
+        try:
+            flow_name, param_info, project_name = deployment_facts(meta)
+        except StackError as exc:
+            raise MetaflowException(f"the Nomad job {identifier}: {exc}") from None
+        branch = meta.get("metaflow.branch_name")
         project_kwargs: dict[str, Any] = {}
         if branch is not None:  # Metaflow's branch names: prod, prod.<name>, test.<name>
             prefix, _, given = branch.partition(".")
             project_kwargs = {"production": True} if prefix == "prod" else {}
             if given:
                 project_kwargs["branch"] = given
-        contents = generate_fake_flow_file_contents(
-            flow_name=flow_name,
-            param_info=json.loads(meta.get("metaflow.parameters") or "{}"),
-            project_name=meta.get("metaflow.project_name"),
-        )
+        contents = generate_fake_flow_file_contents(flow_name, param_info, project_name)
         with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as flow_file:
             flow_file.write(contents)
         owner = {"METAFLOW_USER": meta["metaflow.owner"]} if meta.get("metaflow.owner") else {}
         deployer = Deployer(flow_file.name, env=owner, **project_kwargs).nomad(name=identifier)
         deployer.name, deployer.flow_name = identifier, flow_name
         deployer.metadata = metadata or _metadata()
-        return cls(deployer=deployer)
+        deployed = cls(deployer=deployer)
+        # (Its commands run the file: it goes with the deployer, or when this interpreter ends.)
+        weakref.finalize(deployer, functools.partial(Path(flow_file.name).unlink, missing_ok=True))
+        return deployed
 
     @classmethod
     def list_deployed_flows(cls, flow_name: str | None = None) -> Iterator[NomadDeployedFlow]:
