@@ -7,7 +7,9 @@ only where its API key is configured (the GitHub workflow's ``phala`` job)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.server
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ import pytest
 from conftest import ended_launcher, need
 from devservers import phala_double
 
+from metaflow_stack.confidential import phala as phala_module
 from metaflow_stack.confidential.phala import PhalaCloud, PhalaError, compose_for, encrypt_env
 from metaflow_stack.errors import InvalidInput, StackError
 
@@ -453,3 +457,51 @@ def test_a_cvm_exports_only_metaflows_settings_and_refuses_a_package_that_is_not
                               capture_output=True, text=True, timeout=30)  # fmt: skip
         assert ("extracting" in done.stdout) is unpacked and (done.returncode == 0) is unpacked, done.stdout
     assert "is not the one the compose fixes" in done.stdout
+
+
+class _Awkward(http.server.BaseHTTPRequestHandler):
+    """Answers Phala Cloud's API as a broken proxy or server might: a page, a list, a trickle, a flood."""
+
+    def do_GET(self) -> None:
+        kind = self.path.split("/")[-2]
+        body = {"page": b"<html>down for maintenance</html>", "list": b"[1]", "flood": b"x" * 4096}.get(kind, b"{}")
+        self.send_response(200)
+        self.send_header("Content-Length", str(100 if kind == "trickle" else len(body)))
+        self.end_headers()
+        if kind != "trickle":
+            self.wfile.write(body)
+            return
+        with contextlib.suppress(OSError):
+            for _ in range(100):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [("page", "not JSON"), ("list", "the answer has no status"), ("trickle", "not whole in time"), ("flood", "over")],
+)
+def test_an_answer_phala_cloud_would_not_give_is_one_failed_call(
+    kind: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy's HTML page, an answer of another shape, one sent a byte at a time (the client's timeout is per
+    read) or one without end: each a ``PhalaError`` (what a watch counts as one failed look), not a traceback
+    or a wait without end."""
+    monkeypatch.setattr(phala_module, "ANSWER_S", 1.0)
+    monkeypatch.setattr(phala_module, "MAX_ANSWER", 1024)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Awkward)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cloud = PhalaCloud(api_key="k", base_url=f"http://127.0.0.1:{server.server_port}/api/v1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(PhalaError, match=says):
+            cloud.state(kind)
+        assert time.monotonic() - started < 5
+    finally:
+        cloud.close()
+        server.shutdown()
+        server.server_close()

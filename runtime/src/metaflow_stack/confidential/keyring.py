@@ -61,6 +61,7 @@ from metaflow_stack.confidential.dstack_app import MAX_APP_COMPOSE_BYTES, MAX_EV
 from metaflow_stack.confidential.keyrelease import envelope_for, public_hex
 from metaflow_stack.confidential.policy import Policy
 from metaflow_stack.errors import InvalidInput, StackError
+from metaflow_stack.http_answers import AnswerTooLarge, AnswerTooSlow, whole
 from metaflow_stack.local_secrets import made_once
 
 #: Seconds a keeper's nonce is accepted: an enclave starts and quotes well within it.
@@ -315,10 +316,11 @@ class RemoteKeeper:
         for attempt in range(self.TRIES):
             if attempt:
                 time.sleep(2**attempt)
-            try:
-                answer = self._client.request(method, path, json=body)
-            except httpx.HTTPError as exc:
-                why = f"cannot be reached: {exc}"
+            request = self._client.build_request(method, path, json=body)
+            try:  # (its answers are small: a key, a nonce, an envelope)
+                answer = whole(self._client.send(request, stream=True), 1 << 20, time.monotonic() + self.TIMEOUT_S)
+            except (httpx.HTTPError, AnswerTooLarge, AnswerTooSlow) as exc:
+                why = f"cannot be reached: {exc}" if isinstance(exc, httpx.HTTPError) else f"answered {exc}"
                 continue
             try:
                 found = answer.json()

@@ -33,11 +33,16 @@ from dstack_sdk.verify_env_encrypt_public_key import verify_env_encrypt_public_k
 
 from metaflow_stack import settings
 from metaflow_stack.errors import InvalidInput, StackError
+from metaflow_stack.http_answers import AnswerTooLarge, AnswerTooSlow, whole
 
 #: Phala Cloud's API, and the version of it these requests are written to.
 API = "https://cloud-api.phala.com/api/v1"
 VERSION = "2026-05-22"  # the SDK's default version of the API
 KEY_FIX = "create an API key in Phala Cloud's dashboard and export PHALA_CLOUD_API_KEY"
+#: The most of one answer read: a CVM's attestation, its quote and event log, is well under it.
+MAX_ANSWER = 32 << 20
+#: Seconds one answer has to arrive whole (the client's own timeout is per read).
+ANSWER_S = 120.0
 #: Names a dstack app's variables may have (what dstack accepts inside the CVM).
 _NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 #: A secp256k1 public key, compressed, as dstack's SDK recovers a KMS signer.
@@ -134,20 +139,35 @@ class PhalaCloud:
         return PhalaCloud(self._http.headers["X-API-Key"], self.base, signer=self._signer)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, missing_ok: bool = False) -> Any:
-        """The API's answer (JSON, or None when it has no body); with ``missing_ok``, ``MISSING`` for a 404."""
+        """The API's answer (JSON, or None when it has no body); with ``missing_ok``, ``MISSING`` for a 404.
+        Read to ``MAX_ANSWER`` and a deadline; an answer that is not JSON (a proxy's page) is a
+        ``PhalaError`` like any other failed call."""
+        unreachable = "check the network, or PHALA_CLOUD_API_PREFIX"
+        deadline = time.monotonic() + ANSWER_S
         try:
-            response = self._http.request(method, path, json=body)
+            response = whole(self._http.send(self._http.build_request(method, path, json=body), stream=True),
+                             MAX_ANSWER, deadline)  # fmt: skip
         except httpx.HTTPError as exc:
-            raise PhalaError(
-                f"Phala Cloud is unreachable: {exc}", fix="check the network, or PHALA_CLOUD_API_PREFIX"
-            ) from None
+            raise PhalaError(f"Phala Cloud is unreachable: {exc}", fix=unreachable) from None
+        except (AnswerTooLarge, AnswerTooSlow) as exc:
+            raise PhalaError(f"{method} {path}: Phala Cloud's answer is {exc}", fix=unreachable) from None
         if response.status_code in (401, 403):
             raise PhalaError("Phala Cloud refused the API key", fix=KEY_FIX)
         if response.status_code == 404 and missing_ok:
             return MISSING
         if response.status_code >= 400:
             raise PhalaError(f"{method} {path}: {response.status_code} {_detail(response)}")
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError:
+            raise PhalaError(f"{method} {path}: answered {response.text[:80]!r}, not JSON", fix=unreachable) from None
+
+    def _field(self, method: str, path: str, name: str, body: dict[str, Any] | None = None) -> Any:
+        """Field ``name`` of the API's answer, a ``PhalaError`` if the answer has none."""
+        found = self._call(method, path, body)
+        if not isinstance(found, dict) or found.get(name) is None:
+            raise PhalaError(f"{method} {path}: the answer has no {name}", fix="check PHALA_CLOUD_API_PREFIX")
+        return found[name]
 
     def provision(
         self, name: str, compose: str, env_keys: list[str], instance_type: str = "tdx.small", app: str | None = None
@@ -160,6 +180,9 @@ class PhalaCloud:
         }  # fmt: skip
         body = {"name": name, "instance_type": instance_type, "compose_file": compose_file}
         found = self._call("POST", "/cvms/provision", body)
+        wanted = ("app_id", "compose_hash", "app_env_encrypt_pubkey")
+        if not isinstance(found, dict) or any(not isinstance(found.get(name), str) for name in wanted):
+            raise PhalaError(f"POST /cvms/provision: the answer has no {', '.join(wanted)}")
         kms = found.get("kms_info") if isinstance(found.get("kms_info"), dict) else {}
         named_kms = str(found.get("kms_id") or kms.get("slug") or kms.get("id") or DEFAULT_KMS)
         return Provisioned(
@@ -218,10 +241,10 @@ class PhalaCloud:
             "encrypted_env": encrypt_env(env, key or self.checked_env_key(provisioned)),
             "env_keys": list(env),
         }
-        return str(self._call("POST", "/cvms", body)["id"])
+        return str(self._field("POST", "/cvms", "id", body))
 
     def state(self, cvm: str) -> str:
-        return str(self._call("GET", f"/cvms/{cvm}/state")["status"])
+        return str(self._field("GET", f"/cvms/{cvm}/state", "status"))
 
     def wait(self, cvm: str, statuses: set[str], timeout_s: float, every_s: float = 2.0) -> str:
         """The CVM's status once it is one of ``statuses``; ``PhalaError`` after ``timeout_s``."""
@@ -235,7 +258,10 @@ class PhalaCloud:
             time.sleep(every_s)
 
     def attestation(self, cvm: str) -> dict[str, Any]:
-        return self._call("GET", f"/cvms/{cvm}/attestation")
+        found = self._call("GET", f"/cvms/{cvm}/attestation")
+        if not isinstance(found, dict):
+            raise PhalaError(f"GET /cvms/{cvm}/attestation: the answer is no object")
+        return found
 
     @staticmethod
     def by_app(app_id: str) -> str:

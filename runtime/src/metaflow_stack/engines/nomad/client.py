@@ -31,6 +31,7 @@ from urllib.parse import quote
 import httpx
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.http_answers import AnswerTooLarge, whole
 
 #: Where a dev agent listens (``nomad agent -dev``).
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"
@@ -152,23 +153,20 @@ class NomadClient:
             response = self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
+        read = self._whole(response, method, path)
+        _raise_for(read, method, path)
+        return read
+
+    def _whole(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
+        """A streamed answer read (decoded: Nomad compresses what it sends), up to ``MAX_ANSWER``."""
         try:
-            body = bytearray()
-            for chunk in response.iter_bytes():  # (decoded: Nomad compresses what it sends)
-                body += chunk
-                if len(body) > MAX_ANSWER:
-                    raise StackError(
-                        f"Nomad's answer to {method} {path} is over {MAX_ANSWER >> 20} MB",
-                        fix="check that NOMAD_ADDR is a Nomad agent",
-                    )
+            return whole(response, MAX_ANSWER)
+        except AnswerTooLarge as exc:
+            raise StackError(
+                f"Nomad's answer to {method} {path} is {exc}", fix="check that NOMAD_ADDR is a Nomad agent"
+            ) from None
         except httpx.TransportError as exc:
             raise self._unreachable(exc, answered=True) from None
-        finally:
-            response.close()
-        headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _ENCODING]
-        whole = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=request)
-        _raise_for(whole, method, path)
-        return whole
 
     def _unreachable(self, exc: Exception, answered: bool = False) -> StackError:
         """Why the agent could not be asked (``answered``: the failure came after its answer began)."""
@@ -367,9 +365,8 @@ class NomadClient:
         try:
             with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:
                 answered = True
-                if response.is_error:
-                    response.read()
-                _raise_for(response, "GET", "/v1/client/fs/logs")
+                if response.is_error:  # (what it says is read up to a limit: it is retried in a loop)
+                    _raise_for(self._whole(response, "GET", "/v1/client/fs/logs"), "GET", "/v1/client/fs/logs")
                 yield response.iter_bytes()  # (decoded: Nomad compresses what it sends)
         except httpx.TransportError as exc:
             raise self._unreachable(exc, answered) from None
@@ -385,10 +382,6 @@ class Refused(StackError):
 
 class Unavailable(StackError):
     """Nomad does not answer, or answers that it cannot now (5xx): worth asking again."""
-
-
-#: Headers of the answer as sent, which its decoded body no longer matches.
-_ENCODING = ("content-encoding", "content-length")
 
 
 def _escaped(job: str) -> str:
