@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from metaflow_stack import builders, settings
-from metaflow_stack.devcontainer.spec import FILE_NAMES, DevcontainerConfig, substitute
+from metaflow_stack.devcontainer.spec import FILE_NAMES, DevcontainerConfig, recorded_settings, substitute
 from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import ImageBuildError, StackError, ToolMissingError
 
@@ -166,8 +166,7 @@ def build(
         tag = substitute(config.image, workspace)
         _present(tag, config_path)
     labels = require_engine().image.inspect(tag).config.labels or {}
-    metadata = json.loads(labels.get(METADATA_LABEL, "[]"))
-    metadata = metadata if isinstance(metadata, list) else [metadata]
+    metadata = recorded_settings(labels.get(METADATA_LABEL, "[]"), f"image {tag}")
     if built_by_cli and metadata and "id" not in metadata[-1]:
         metadata = metadata[:-1]  # the CLI records the file's own settings last; they are read from the file
     return tag, metadata

@@ -64,8 +64,10 @@ def job_spec(
     mount) and what a devcontainer.json adds (``container``): a step's task, or a ``@worker_pool``'s
     fork server (``labels``: its ``POOL_FOLDER``).
 
-    The decorator's own limits win over the file's ``runArgs``; the step's Metaflow variables win
-    over the file's environment."""
+    The decorator's own limits win over the file's ``runArgs``: its ``cpu`` and ``memory`` when given, its
+    ``pids`` (always given) as a ceiling the file may only lower. The step's Metaflow variables win over
+    the file's environment, and the stack's labels over the file's (which cannot be in the stack's
+    namespace: ``task_container``)."""
     container = container or TaskContainer()
     return JobSpec(
         image=image,
@@ -80,12 +82,12 @@ def job_spec(
         user=container.user or host_user(),
         cpu=policy.cpu or container.cpu,
         memory=policy.memory or container.memory,
-        labels={**_own(container.labels), **(labels or {}), LABEL: pathspec, OWNER: Launcher.this().label},
+        labels={**container.labels, **(labels or {}), LABEL: pathspec, OWNER: Launcher.this().label},
         owner="devcontainer",
         network=policy.network,
         read_only=policy.read_only,
         tmpfs=("/tmp",),
-        pids_limit=container.pids or policy.pids,
+        pids_limit=min(policy.pids, container.pids or policy.pids),
         shm_size=container.shm_size,
         hostname=container.hostname,
         init=container.init,
@@ -145,8 +147,3 @@ def pool_folder(label: str | None, mounts: list[Any]) -> str | None:
     except OSError:
         return None
     return label if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() else None
-
-
-def _own(labels: dict[str, str]) -> dict[str, str]:
-    """A devcontainer.json's labels, less those only the stack sets."""
-    return {name: value for name, value in labels.items() if name != POOL_FOLDER}

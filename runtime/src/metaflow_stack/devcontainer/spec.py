@@ -12,13 +12,14 @@ error names the file, the field and the rule it breaks.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import json5
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
 from metaflow_stack.errors import StackError
 
@@ -148,6 +149,8 @@ def load(path: str | os.PathLike[str]) -> tuple[DevcontainerConfig, str]:
     except ValueError as exc:
         where = str(exc).replace("<string>:", "line ")
         raise StackError(f"{path}: not valid JSON with comments: {where}", fix="correct the syntax there") from None
+    except RecursionError:  # json5's parser recurses per level, and gives up some 70 levels down
+        raise StackError(f"{path}: nested too deeply to read", fix="flatten the deepest objects or lists") from None
     if not isinstance(data, dict):
         raise StackError(f"{path}: the top level must be an object", fix="wrap the settings in { }")
     try:
@@ -167,6 +170,39 @@ def load(path: str | os.PathLike[str]) -> tuple[DevcontainerConfig, str]:
                 )
             load_feature(folder)
     return config, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: A lifecycle command as an image's label records it: checked for its form only (the tool that wrote it
+#: checked the rest, and an empty one is skipped).
+RecordedCommand = str | list[str] | dict[str, str | list[str]]
+
+
+class RecordedSettings(_Strict):
+    """One entry of an image's ``devcontainer.metadata`` label (a feature's settings, or a configuration's,
+    as the Dev Containers CLI recorded them): the fields a step acts on."""
+
+    remoteEnv: dict[str, str | None] | None = None
+    onCreateCommand: RecordedCommand | None = None
+    updateContentCommand: RecordedCommand | None = None
+    postCreateCommand: RecordedCommand | None = None
+    postStartCommand: RecordedCommand | None = None
+
+
+def recorded_settings(label: str, where: str) -> list[dict[str, Any]]:
+    """The entries of a ``devcontainer.metadata`` label (a JSON list of objects, or one object), checked: a
+    label written wrong by whatever built the image is one line naming ``where`` (the image), not a
+    traceback in every task."""
+    try:
+        entries = json.loads(label)
+        entries = entries if isinstance(entries, list) else [entries]
+        TypeAdapter(list[RecordedSettings]).validate_python(entries)
+    except (ValueError, RecursionError) as exc:  # (pydantic's ValidationError is a ValueError)
+        detail = _explain(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise StackError(
+            f"{where}: its devcontainer.metadata label is not a list of settings: {detail}",
+            fix="rebuild the image with the Dev Containers CLI, or build it without that label",
+        ) from None
+    return entries
 
 
 class FeatureOption(_Strict):

@@ -2,7 +2,7 @@
 
 * A local datastore is mounted at its own path (see ``launch``): no network needed.
 * An S3 datastore is reached over the network (``network="bridge"``) with the host's S3 settings
-  and AWS credentials (the variables, or ``~/.aws`` mounted read-only).
+  and AWS credentials (the variables, and the AWS SDK's files mounted read-only: ``aws_files``).
 * Local metadata beside an S3 datastore is the host's ``.metaflow`` folder, mounted at its path.
 * A metadata service is reached at its URL, which must be an address a container can reach: a
   service on the host's loopback is not (it binds 127.0.0.1 by default, for safety).
@@ -38,6 +38,8 @@ AWS_VARIABLES = (
 S3_SETTINGS = ("S3_ENDPOINT_URL", "S3_VERIFY_CERTIFICATE", "DATASTORE_SYSROOT_S3", "DATATOOLS_S3ROOT")
 SERVICE_SETTINGS = ("SERVICE_URL", "SERVICE_AUTH_KEY", "SERVICE_HEADERS")
 AWS_DIR = "/mf/aws"
+#: The variables naming the AWS SDK's files, and each file's name in ``~/.aws`` and in ``AWS_DIR``.
+AWS_FILES = {"AWS_CONFIG_FILE": "config", "AWS_SHARED_CREDENTIALS_FILE": "credentials"}
 
 
 def check(datastore: str, network: str, metadata: str | None = None) -> None:
@@ -98,20 +100,36 @@ def environment(datastore: str, metadata: str) -> dict[str, str]:
             env[f"METAFLOW_{name}"] = json.dumps(value) if isinstance(value, dict) else str(value)
     if datastore == "s3":
         env.update({name: os.environ[name] for name in AWS_VARIABLES if name in os.environ})
-        if aws_dir().is_dir():
-            env.update(AWS_CONFIG_FILE=f"{AWS_DIR}/config", AWS_SHARED_CREDENTIALS_FILE=f"{AWS_DIR}/credentials")
+        env.update(aws_files()[1])
     return env
 
 
-def aws_dir() -> Path:
-    return Path(os.environ.get("AWS_CONFIG_FILE", Path.home() / ".aws" / "config")).parent
+def aws_files() -> tuple[list[Mount], dict[str, str]]:
+    """The AWS SDK's files as the host's SDK reads them, mounted read-only at ``AWS_DIR``, and the variables
+    that name them there.
+
+    With neither ``AWS_CONFIG_FILE`` nor ``AWS_SHARED_CREDENTIALS_FILE`` set, the ``~/.aws`` folder they
+    default to. With either set, exactly the two files (the one not named at its default), each alone:
+    the folder a named file sits in may hold anything (``AWS_CONFIG_FILE=~/aws.conf``: the whole home)."""
+    default = Path.home() / ".aws"
+    if not any(os.environ.get(name) for name in AWS_FILES):
+        if not default.is_dir():
+            return [], {}
+        return [Mount(str(default), AWS_DIR, read_only=True)], {name: f"{AWS_DIR}/{f}" for name, f in AWS_FILES.items()}
+    found, env = [], {}
+    for name, file in AWS_FILES.items():
+        source = Path(os.path.expanduser(os.environ.get(name) or default / file)).absolute()
+        if source.is_file():
+            found.append(Mount(str(source), f"{AWS_DIR}/{file}", read_only=True))
+            env[name] = f"{AWS_DIR}/{file}"
+    return found, env
 
 
 def mounts(datastore: str, metadata: str, local_root: str | None) -> list[Mount]:
-    """Host folders the step inside needs: AWS's settings (read-only), local metadata's root."""
+    """Host paths the step inside needs: AWS's files (read-only), local metadata's root."""
     found = []
-    if datastore == "s3" and aws_dir().is_dir():
-        found.append(Mount(str(aws_dir()), AWS_DIR, read_only=True))
+    if datastore == "s3":
+        found += aws_files()[0]
     if metadata == "local" and local_root:
         found.append(Mount(local_root, local_root, read_only=False))
     return found

@@ -4,7 +4,9 @@ Worked out once per run on the host (``from_config``) and handed to every task's
 JSON, so a task pays no parsing. ``runArgs`` are Docker CLI flags: the ones that size or describe
 a container are honoured; any that would widen the sandbox (``--privileged``, ``--cap-add``,
 ``--network``, ``--volume``, ...) are refused by name, since ``network=`` and ``mounts`` say the
-same things where the sandbox can see them.
+same things where the sandbox can see them. So are the values of allowed flags that would loosen it
+(no limit on processes, a ``--ulimit`` raising scheduling priority) or mark the container as the
+stack's own (a label in its namespace, which cleanup goes by).
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from metaflow_stack.devcontainer.lifecycle import shell_lines
 from metaflow_stack.devcontainer.spec import IN_CONTAINER_COMMANDS, DevcontainerConfig, MountSpec, substitute
-from metaflow_stack.engines import Mount
+from metaflow_stack.engines import Mount, one_line
 from metaflow_stack.errors import StackError
 
 #: The ``runArgs`` a sandboxed step may carry.
@@ -37,7 +38,28 @@ ALLOWED_RUN_ARGS = (
     "--init",
     "--ulimit",
 )
-_ROOT_USERS = ("root", "0", "0:0")
+#: The ``--ulimit`` resources a file may set: not ``nice``, ``rtprio`` or ``rttime``, which would let the
+#: step raise its scheduling priority (real-time scheduling, or a nice value below 0) without a capability.
+ALLOWED_ULIMITS = (
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nofile",
+    "nproc",
+    "rss",
+    "sigpending",
+    "stack",
+)
+#: The prefix of the labels the stack sets (``engines.JOB_LABEL``, ``launch.LABEL``, ...): its cleanup and
+#: sweeps find containers by them, so a file's labels stay out of it.
+STACK_LABELS = "io.metaflow-stack."
+#: The names ``remoteEnv``'s values travel under in the container's environment, numbered (``_remote_env``).
+CARRIER = "METAFLOW_STACK_REMOTE_ENV_"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class TaskContainer(BaseModel):
@@ -47,7 +69,7 @@ class TaskContainer(BaseModel):
     mounts: list[Mount] = Field(default_factory=list)
     #: The user inside, when the configuration pins one (``updateRemoteUserUID: false``); else the host's.
     user: str | None = None
-    #: Shell statements setting ``remoteEnv`` (which may refer to the container's own variables).
+    #: Shell statements setting ``remoteEnv`` from the ``CARRIER`` variables in ``env`` (and the container's own).
     exports: list[str] = Field(default_factory=list)
     #: Shell commands run before the step: the lifecycle commands of the image's features, then the file's.
     setup: list[str] = Field(default_factory=list)
@@ -69,17 +91,34 @@ class TaskContainer(BaseModel):
 _CONTAINER_ENV = re.compile(r"\$\{containerEnv:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _export(name: str, value: str | None) -> str:
-    """``remoteEnv``'s ``NAME: value`` as a shell statement; ``${containerEnv:X}`` reads the container's ``X``."""
-    if value is None:
-        return f"unset {name}"
-    parts, last = [], 0
-    for match in _CONTAINER_ENV.finditer(value):
-        parts += [shlex.quote(value[last : match.start()]), f'"${{{match.group(1)}}}"']
-        last = match.end()
-    parts.append(shlex.quote(value[last:]))
-    empty = shlex.quote("")
-    return f"export {name}=" + ("".join(p for p in parts if p != empty) or empty)
+def _remote_env(entries: list[dict], where: str, workspace: Path) -> tuple[list[str], dict[str, str]]:
+    """``remoteEnv`` of ``entries`` (the features', then the file's) as shell statements, and the variables
+    they read.
+
+    The statements hold names only: the container's command line is visible to every user of the machine
+    (``ps``, ``docker inspect``), and a value may be a secret (``${localEnv:TOKEN}``). The values' text
+    travels in the container's environment under ``CARRIER`` names, as ``containerEnv`` does, and is
+    unset again before the lifecycle commands and the step; ``${containerEnv:X}`` stays a reference to
+    the container's ``X``, read when its statement runs."""
+    statements, carried = [], {}
+    for entry in entries:
+        for name, value in (entry.get("remoteEnv") or {}).items():
+            if not _NAME.fullmatch(name):
+                raise StackError(f"{where}: remoteEnv: {name!r} is not a variable name", fix="use letters, digits, _")
+            if value is None:
+                statements.append(f"unset {name}")
+                continue
+            names = []
+            for i, part in enumerate(_CONTAINER_ENV.split(substitute(value, workspace))):
+                if i % 2:  # a ${containerEnv:X}'s X
+                    names.append(part)
+                elif part:
+                    names.append(f"{CARRIER}{len(carried)}")
+                    carried[names[-1]] = one_line(f"{where}: remoteEnv.{name}", part)
+            statements.append(f'export {name}="' + "".join(f"${{{n}}}" for n in names) + '"')
+    if carried:
+        statements.append(f"unset {' '.join(carried)}")
+    return statements, carried
 
 
 def _run_args_parser() -> argparse.ArgumentParser:
@@ -96,9 +135,54 @@ def _run_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _key_values(items: list[str]) -> dict[str, str]:
-    """``NAME=value`` flags; a bare ``NAME`` takes the host's value, as Docker's ``--env NAME`` does."""
+def _environment(items: list[str]) -> dict[str, str]:
+    """``--env NAME=value`` flags; a bare ``NAME`` takes the host's value, as Docker's ``--env NAME`` does."""
     return dict(item.split("=", 1) if "=" in item else (item, os.environ.get(item, "")) for item in items)
+
+
+def _labels(items: list[str], where: str) -> dict[str, str]:
+    """``--label NAME=value`` flags; a bare ``NAME`` is an empty label, as Docker's ``--label NAME`` is (not
+    the host's variable of that name, which could be a secret)."""
+    for item in items:
+        if item.startswith(STACK_LABELS):
+            raise StackError(
+                f"{where}: runArgs: --label {item} is in the stack's own namespace ({STACK_LABELS}...),"
+                " which says which containers its cleanup removes",
+                fix="name the label outside it",
+            )
+    return dict(item.split("=", 1) if "=" in item else (item, "") for item in items)
+
+
+def _is_root(user: str) -> bool:
+    """Whether ``user`` (Docker's ``name|uid[:group|gid]``) is root by its name or uid. A named user whose
+    uid is 0 in the image cannot be told from here, without the image."""
+    name = user.split(":", 1)[0]
+    return name == "root" or (name.isdigit() and int(name) == 0)
+
+
+def _run_args(run_args: list[str], where: str) -> argparse.Namespace:
+    """The allowed ``runArgs``, refusing a flag not allowed and a value that would loosen the sandbox."""
+    try:
+        args, unknown = _run_args_parser().parse_known_args(run_args)
+    except argparse.ArgumentError as exc:
+        raise StackError(f"{where}: runArgs: {exc}", fix="correct the flag's value") from None
+    if unknown:
+        raise StackError(
+            f"{where}: runArgs: {unknown[0]} is not allowed in a @devcontainer sandbox",
+            fix=f"remove it; allowed: {', '.join(ALLOWED_RUN_ARGS)} (the network is set by @devcontainer(network=...))",
+        )
+    if args.pids_limit is not None and args.pids_limit < 1:
+        raise StackError(
+            f"{where}: runArgs: --pids-limit {args.pids_limit} lifts the limit on processes",
+            fix="give a positive number, or leave it to @devcontainer(pids=...)",
+        )
+    for item in args.ulimit:
+        if item.split("=", 1)[0] not in ALLOWED_ULIMITS:
+            raise StackError(
+                f"{where}: runArgs: --ulimit {item} is not allowed in a @devcontainer sandbox",
+                fix=f"remove it; allowed: {', '.join(ALLOWED_ULIMITS)} (not a scheduling priority)",
+            )
+    return args
 
 
 def _mount(entry: str | MountSpec, where: str, workspace: Path) -> Mount:
@@ -127,40 +211,30 @@ def from_config(
 ) -> TaskContainer:
     """The task settings of ``config``, with what the image's features added (``image_metadata``)."""
     where = str(config_path)
-    try:
-        args, unknown = _run_args_parser().parse_known_args(config.runArgs)
-    except argparse.ArgumentError as exc:
-        raise StackError(f"{where}: runArgs: {exc}", fix="correct the flag's value") from None
-    if unknown:
-        raise StackError(
-            f"{where}: runArgs: {unknown[0]} is not allowed in a @devcontainer sandbox",
-            fix=f"remove it; allowed: {', '.join(ALLOWED_RUN_ARGS)} (the network is set by @devcontainer(network=...))",
-        )
+    args = _run_args(config.runArgs, where)
     user = None
     if not config.updateRemoteUserUID:
         user = config.remoteUser or config.containerUser
-        if user in _ROOT_USERS:
+        if user is not None and _is_root(user):
             raise StackError(
                 f"{where}: remoteUser {user!r} is root, and a @devcontainer sandbox runs as a non-root user",
                 fix="name a non-root user, or drop updateRemoteUserUID so the step runs as you",
             )
     # The features' containerEnv is in the image already (the CLI bakes it in as ENV); the file's is set here.
-    env = {name: substitute(value, workspace) for name, value in config.containerEnv.items()}
-    env.update({k: substitute(v, workspace) for k, v in _key_values(args.env).items()})
-    exports = [
-        _export(name, None if value is None else substitute(value, workspace))
-        for entry in [*image_metadata, config.model_dump()]
-        for name, value in (entry.get("remoteEnv") or {}).items()
-    ]
+    env = {}
+    for field, variables in (("containerEnv.", config.containerEnv), ("runArgs: --env ", _environment(args.env))):
+        env.update({k: one_line(f"{where}: {field}{k}", substitute(v, workspace)) for k, v in variables.items()})
+    entries = [*image_metadata, config.model_dump()]
+    exports, carried = _remote_env(entries, where, workspace)
     setup = [
         line
-        for entry in [*image_metadata, config.model_dump()]
+        for entry in entries
         for name in IN_CONTAINER_COMMANDS
         if entry.get(name)
         for line in shell_lines(entry[name])
     ]
     return TaskContainer(
-        env=env,
+        env={**env, **carried},
         mounts=[_mount(m, f"{where}: mounts[{i}]", workspace) for i, m in enumerate(config.mounts)],
         user=user,
         exports=exports,
@@ -172,5 +246,5 @@ def from_config(
         hostname=args.hostname,
         init=args.init,
         ulimits=args.ulimit,
-        labels=_key_values(args.label),
+        labels=_labels(args.label, where),
     )

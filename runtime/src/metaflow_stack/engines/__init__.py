@@ -23,6 +23,18 @@ OWNER_LABEL = "io.metaflow-stack.owner"
 STACK_UP = "stack-up"
 
 
+def one_line(name: str, value: str) -> str:
+    """``value``, refused when it spans lines: Docker's env file holds one line a variable, and the only
+    other way in, ``docker run``'s command line, shows the value to every user of the machine."""
+    if "\n" in value or "\r" in value:
+        raise StackError(
+            f"{name}: its value spans lines, which a container's environment cannot be given without showing it"
+            " on a command line",
+            fix="give it on one line (base64-encode it, say), or put it in a file the container mounts",
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Mount:
     """A host path (or a named volume of the engine) made visible to a job at ``target``."""

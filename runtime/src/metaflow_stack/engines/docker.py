@@ -14,7 +14,7 @@ from python_on_whales.client_config import ClientNotFoundError
 from python_on_whales.exceptions import DockerException, NoSuchContainer
 
 from metaflow_stack import settings
-from metaflow_stack.engines import JOB_LABEL, OWNER_LABEL, JobSpec
+from metaflow_stack.engines import JOB_LABEL, OWNER_LABEL, JobSpec, one_line
 from metaflow_stack.errors import DockerUnavailableError, StackError
 
 #: The message (and fix) every caller shows when no engine answers.
@@ -97,16 +97,16 @@ def _lines(chunks: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _env_file(env: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+def _env_file(env: dict[str, str]) -> Iterator[str]:
     """The job's environment in a file only this user can read, removed once the container is created:
-    values on ``docker run``'s command line would be visible to every user of the machine (``ps``).
-    Docker's env files hold one line a variable; the rare multi-line value stays on the command line."""
-    single = {k: v for k, v in env.items() if "\n" not in v}
+    values on ``docker run``'s command line would be visible to every user of the machine (``ps``), so a
+    value the file cannot hold (``one_line``) is refused rather than put there."""
+    lines = "".join(f"{name}={one_line(f'variable {name}', value)}\n" for name, value in env.items())
     with tempfile.NamedTemporaryFile("w", prefix="stack-env-", suffix=".list") as handle:
         os.chmod(handle.name, 0o600)
-        handle.write("".join(f"{k}={v}\n" for k, v in single.items()))
+        handle.write(lines)
         handle.flush()
-        yield handle.name, {k: v for k, v in env.items() if k not in single}
+        yield handle.name
 
 
 class DockerJob:
@@ -168,18 +168,18 @@ class DockerEngine:
 
     def launch(self, spec: JobSpec) -> DockerJob:
         """Start a detached container for ``spec``."""
-        with _env_file(spec.env) as (env_file, rest):
-            return self._launch(spec, env_file, rest)
+        with _env_file(spec.env) as env_file:
+            return self._launch(spec, env_file)
 
-    def _launch(self, spec: JobSpec, env_file: str, env: dict[str, str]) -> DockerJob:
-        labels = {JOB_LABEL: "true", OWNER_LABEL: spec.owner, **spec.labels}
+    def _launch(self, spec: JobSpec, env_file: str) -> DockerJob:
+        # The engine's own labels last: a job's labels cannot hide it from cleanup or pass it off as another owner's.
+        labels = {**spec.labels, JOB_LABEL: "true", OWNER_LABEL: spec.owner}
         try:
             container = self._docker.run(
                 spec.image,
                 spec.command,
                 detach=True,
                 env_files=[env_file],
-                envs=env,
                 volumes=[(m.source, m.target, "ro" if m.read_only else "rw") for m in spec.mounts],
                 workdir=spec.workdir,
                 user=spec.user,
