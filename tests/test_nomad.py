@@ -311,12 +311,22 @@ print(json.dumps(found))
 def _deploy(
     tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service, name: str | None = None, **top: str
 ) -> tuple[str, list[dict]]:
-    from service_servers import KEYED
-
     tmp_path.mkdir(exist_ok=True)
     shutil.copy(FLOWS / flow, tmp_path)
     name = name or f"metaflow-test-{uuid.uuid4().hex[:8]}"
-    env = {
+    root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
+    line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs), json.dumps(top)]
+    done = subprocess.run(line, cwd=tmp_path, env=_deploying(nomad_agent, s3, service), capture_output=True, text=True,
+                          timeout=800)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return name, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _deploying(nomad_agent, s3: str, service) -> dict[str, str]:
+    """The environment a deployment is made in: the S3 double, the metadata service, the Nomad agent."""
+    from service_servers import KEYED
+
+    return {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
         "METAFLOW_S3_ENDPOINT_URL": s3,
@@ -330,11 +340,36 @@ def _deploy(
         "METAFLOW_NOMAD_ADDR": nomad_agent.address,  # (this machine's: the job reaches its own agent instead)
         **({"NOMAD_TOKEN": nomad_agent.token} if nomad_agent.token else {}),
     }
-    root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
-    line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs), json.dumps(top)]
-    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    return name, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_job_nomad_refuses_leaves_the_deployment_it_would_replace(
+    tmp_path: Path, nomad_agent, bridge_s3: str, bridge_address: str
+) -> None:
+    """Nomad turns no job periodic, so a create that makes a dispatched deployment scheduled removes the old job
+    first: when Nomad then refused the new one (here a size under its minimum) no deployment was left. The
+    job is now validated before anything changes."""
+    from service_servers import KEYED, start_service
+
+    from metaflow_stack.engines.nomad.client import NomadClient
+
+    service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
+    env, name = _deploying(nomad_agent, bridge_s3, service), f"metaflow-test-{uuid.uuid4().hex[:8]}"
+    try:
+        for flow in ("deployed_flow.py", "scheduled_flow.py"):
+            shutil.copy(FLOWS / flow, tmp_path)
+        top = ["--datastore", "s3", "--datastore-root", f"s3://sandbox/refused-{name}", "--metadata", "service"]
+        for flow, memory, code in (("deployed_flow.py", "1024", 0), ("scheduled_flow.py", "5", 1)):
+            line = [sys.executable, flow, *top, "nomad", "--name", name, "create", "--cpu", "0.5", "--memory", memory]
+            done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == code, (done.stdout + done.stderr)[-3000:]
+        assert f"Nomad refuses the job {name}:" in done.stderr and "(the deployment is unchanged)" in done.stderr
+        assert "Traceback" not in done.stderr
+        with NomadClient(nomad_agent) as client:
+            job = client.job(name)
+        assert job["ParameterizedJob"] and not job.get("Periodic")  # the dispatched deployment, as it was
+    finally:
+        _remove_deployments(nomad_agent)
+        service.stop()
 
 
 def _remove_deployments(nomad_agent) -> None:

@@ -160,6 +160,7 @@ NEEDS = (
     ("PUT", r"/v1/jobs", "submit-job"),
     ("POST", r"/v1/jobs", "submit-job"),
     ("GET", r"/v1/jobs", "list-jobs"),
+    ("POST", r"/v1/validate/job", "read-job"),
     ("GET", r"/v1/evaluation/.+", "read-job"),
     ("GET", r"/v1/job/.+", "read-job"),
     ("DELETE", r"/v1/job/.+", "submit-job"),
@@ -1116,6 +1117,17 @@ def app(token: str | None, acl_bootstrap: bool = False) -> FastAPI:
         if namespace not in cluster.namespaces:  # (Nomad answers 500 with its validator's words)
             return PlainTextResponse(f'job "{body["Job"]["ID"]}" is in nonexistent namespace "{namespace}"', 500)
         return cluster.register(body["Job"])
+
+    @api.post("/v1/validate/job")
+    async def validate(request: Request):
+        """As Nomad's validate endpoint answers: 200, with the errors (none: the job would be taken)."""
+        try:
+            jsonschema.validate(await request.json(), SCHEMA)
+            errors = []
+        except jsonschema.ValidationError as exc:
+            errors = [exc.message]
+        said = f"{len(errors)} error occurred:\n\t* {errors[0]}\n\n" if errors else ""
+        return {"DriverConfigValidated": True, "ValidationErrors": errors, "Error": said, "Warnings": ""}
 
     @api.get("/v1/jobs")
     def jobs(prefix: str = "", namespace: str = "default") -> list:

@@ -322,6 +322,13 @@ class NomadClient:
         """The jobs whose IDs start with ``prefix``, with their ``Meta``."""
         return _json(self._request("GET", "/v1/jobs", params={"prefix": prefix, "meta": "true"}), "/v1/jobs")
 
+    def validate(self, job: dict[str, Any]) -> list[str]:
+        """What Nomad finds wrong with ``job``, without registering it (``/v1/validate/job``); none: it would take
+        it. A job Nomad cannot even read (a number past its range) is a ``StackError`` with Nomad's words."""
+        answer = _json(self._request("POST", "/v1/validate/job", json={"Job": job}), "/v1/validate/job")
+        found = answer.get("ValidationErrors") if isinstance(answer, dict) else None
+        return [str(error) for error in found] if isinstance(found, list) else []
+
     def deregister(self, job: str) -> None:
         """Stop ``job`` and forget it (``purge``); one already gone is no error."""
         with contextlib.suppress(NotFound):

@@ -270,6 +270,10 @@ def create(
             except NotFound:
                 existing = None
             before = (existing or {}).get("Meta") or {}
+            # (Before anything changes: a job Nomad refuses leaves the deployment it would replace as it was.)
+            refused = client.validate(job)
+            if refused:
+                raise NomadDeployException(f"Nomad refuses the job {name}: {refused[0]} (the deployment is unchanged)")
             # (before the job: its first run reads them; an earlier deployment's, when it has none, removed)
             left = deployment.keep_secrets(client, name, secrets, deployment.VARIABLE_META in before)
             if existing is not None and bool(existing.get("Periodic")) != bool(job.get("Periodic")):
