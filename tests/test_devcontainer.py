@@ -217,6 +217,43 @@ def test_containers_of_a_killed_trampoline_are_removed_by_the_next_run(docker_en
             job.remove()
 
 
+def test_a_container_that_cannot_start_is_removed(docker_engine, base_image: str, tmp_path: Path) -> None:
+    """``docker run`` makes the container, then cannot start it (a user the image lacks): nothing is left of
+    it, so the task's one line does not hide a container left behind."""
+    from metaflow_stack.devcontainer.launch import job_spec, run_step
+    from metaflow_stack.devcontainer.policy import SandboxPolicy
+    from metaflow_stack.devcontainer.task_container import TaskContainer
+    from metaflow_stack.errors import StackError
+
+    container = TaskContainer(user="no-such-user")
+    spec = job_spec(base_image, "-c pass", tmp_path, [], {}, SandboxPolicy(), "F/1/start/7", container)
+    with pytest.raises(StackError, match="unable to find user no-such-user"):
+        run_step(spec)
+    assert docker_engine.container.list(all=True, filters=[("label", f"{LABEL}=F/1/start/7")]) == []
+
+
+def test_a_task_stopped_as_its_container_is_made_leaves_none(
+    docker_engine, base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C that ends ``docker run`` once the engine has made the container: the trampoline then says its
+    container was removed, which must be so."""
+    from metaflow_stack.devcontainer.launch import job_spec, run_step
+    from metaflow_stack.devcontainer.policy import SandboxPolicy
+    from metaflow_stack.engines.docker import DockerEngine
+
+    made = DockerEngine.launch
+
+    def interrupted(engine: DockerEngine, spec: object) -> None:
+        made(engine, spec)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DockerEngine, "launch", interrupted)
+    spec = job_spec(base_image, "-c 'import time; time.sleep(300)'", tmp_path, [], {}, SandboxPolicy(), "F/1/start/8")
+    with pytest.raises(KeyboardInterrupt):
+        run_step(spec)
+    assert docker_engine.container.list(all=True, filters=[("label", f"{LABEL}=F/1/start/8")]) == []
+
+
 def test_the_sandbox_limits_are_in_docker_inspect(docker_engine, base_image: str, tmp_path: Path) -> None:
     import threading
 

@@ -254,14 +254,14 @@ def test_the_project_feature_installs_metaflow_and_the_runtime(
     monkeypatch.setenv("PATH", _env()["PATH"])  # the CLI, as a flow's run finds it
     config_file = folder / "devcontainer.json"
     loaded, digest = spec.load(config_file)
-    tag, _ = image.build(loaded, config_file, folder.parent, digest)  # through the CLI, as a step's is
+    built, _ = image.build(loaded, config_file, folder.parent, digest)  # through the CLI, as a step's is
     assert not (folder / "devcontainer-lock.json").exists()  # local features only: nothing to pin
     try:
         check = "import metaflow, metaflow_stack, tomli_w, stack_probe as p; print(metaflow_stack.__version__, p.WHERE)"
-        out = docker_engine.run(tag, ["python", "-c", check], remove=True)
+        out = docker_engine.run(built, ["python", "-c", check], remove=True)
         assert out.strip().splitlines()[-1] == f"{__import__('metaflow_stack').__version__} system"
     finally:
-        docker_engine.image.remove(tag, force=True)
+        docker_engine.image.remove(built, force=True)
 
 
 BAD_CONFIG_FLOW = ONE_STEP_FLOW.format(args='config="dc/devcontainer.json"')
@@ -302,6 +302,41 @@ def test_an_invalid_devcontainer_json_is_one_line_naming_file_field_and_rule(
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_a_task_runs_the_image_its_run_prepared_after_another_build_takes_the_tag(
+    docker_engine, base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Two projects' devcontainer.json of one text (the tag hashes it alone) over different Dockerfiles: the
+    second build moves the tag, and a task of the run prepared from the first still starts the first's image."""
+    from metaflow_extensions.stack.plugins.devcontainer.devcontainer_decorator import DevcontainerDecorator
+    from metaflow_stack.devcontainer import spec
+    from metaflow_stack.devcontainer.launch import job_spec, run_step
+    from metaflow_stack.devcontainer.policy import SandboxPolicy
+
+    monkeypatch.setenv("METAFLOW_STACK_DEVCONTAINER_BASE", base_image)
+    monkeypatch.setattr(DevcontainerDecorator, "prepared", {})
+    prepared = {}
+    for mark in ("a", "b"):
+        folder = tmp_path / mark / "project" / ".devcontainer"
+        folder.mkdir(parents=True)
+        (folder / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nENV STACK_TEST_MARK={mark}\n")
+        (folder / "devcontainer.json").write_text('{"build": {"dockerfile": "Dockerfile"}}')
+        config_file = folder / "devcontainer.json"
+        prepared[mark], _ = DevcontainerDecorator._prepare(config_file, *spec.load(config_file))
+    try:
+        (tag,) = docker_engine.image.inspect(prepared["b"]).repo_tags
+        assert tag.startswith("metaflow-stack-devcontainer/project:")  # the first's tag too: it moved
+        code = tmp_path / "code"
+        code.mkdir()
+        mark = '-c \'import os; print("mark", os.environ["STACK_TEST_MARK"])\''
+        assert run_step(job_spec(prepared["a"], mark, code, [], {}, SandboxPolicy(), "F/1/start/1")) == 0
+        assert "mark a" in capsys.readouterr().out
+    finally:
+        for image in prepared.values():
+            docker_engine.image.remove(image, force=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_a_failing_image_build_names_the_step_and_its_log(docker_engine, tmp_path: Path) -> None:
     (tmp_path / "dc").mkdir()
     (tmp_path / "dc" / "Dockerfile").write_text(
@@ -313,6 +348,88 @@ def test_a_failing_image_build_names_the_step_and_its_log(docker_engine, tmp_pat
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "failed at: [2/2] RUN echo about to fail && exit 3" in done.stderr
     assert "about to fail" in done.stderr.split("failed at:")[1]  # the log tail
+
+
+#: A build arg holding a credential, from the host's environment as a devcontainer.json names one.
+PRIVATE_INDEX = "https://user:s3cret-Token-42@pypi.invalid/simple"
+
+
+def _private_index_config(folder: Path, context: str) -> Path:
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(
+        'ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nARG PIP_INDEX_URL\nRUN echo "index: $PIP_INDEX_URL" && exit 3\n'
+    )
+    args = {"PIP_INDEX_URL": "${localEnv:STACK_TEST_INDEX}"}
+    config = {"build": {"dockerfile": "Dockerfile", "context": context, "args": args}}
+    (folder / "devcontainer.json").write_text(json.dumps(config))
+    return folder / "devcontainer.json"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("context", "said"),
+    [("../nope", 'unable to prepare context: path "'), (".", "index: ***")],
+    ids=["before-any-step", "echoed-by-a-step"],
+)
+def test_a_failed_build_shows_no_build_arg_value(
+    docker_engine, base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd, context: str, said: str
+) -> None:
+    """A build that fails before its first step used to say so with the whole ``docker build`` command line,
+    ``--build-arg PIP_INDEX_URL=...`` and all; one whose step prints the value kept it in its log tail."""
+    import io
+
+    from rich.console import Console
+
+    from metaflow_stack.devcontainer import image, spec
+    from metaflow_stack.errors import ImageBuildError
+
+    monkeypatch.setenv("STACK_TEST_INDEX", PRIVATE_INDEX)
+    monkeypatch.setenv(image.BASE_VARIABLE, base_image)
+    config_file = _private_index_config(tmp_path / "dc", context)
+    loaded, digest = spec.load(config_file)
+    printed = io.StringIO()
+    with pytest.raises(ImageBuildError) as error:
+        image.build(loaded, config_file, tmp_path, digest, Console(file=printed, width=200))
+    told = f"{error.value.message}\n{error.value.fix}\n{printed.getvalue()}\n{''.join(capfd.readouterr())}"
+    assert said in error.value.message
+    assert "s3cret-Token-42" not in told
+
+
+def test_the_dev_containers_clis_log_shows_no_build_arg_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """The CLI logs the docker commands it runs, ``--build-arg`` values and all: its tail says none."""
+    import io
+
+    from rich.console import Console
+
+    from metaflow_stack.devcontainer import image, spec
+    from metaflow_stack.errors import ImageBuildError
+
+    cli = tmp_path / "devcontainer"
+    cli.write_text(
+        "#!/bin/sh\n"
+        f"echo 'Start: Run: docker buildx build --build-arg PIP_INDEX_URL={PRIVATE_INDEX} --build-arg=A=b -t x .'\n"
+        f"echo 'index: {PRIVATE_INDEX}'\n"
+        'echo \'{"outcome": "error", "message": "Command failed: docker buildx build"}\'\n'
+        "exit 1\n"
+    )
+    cli.chmod(0o755)
+    monkeypatch.setenv("METAFLOW_STACK_DEVCONTAINER_CLI", str(cli))
+    monkeypatch.setattr(image, "_cli_docker", lambda: ([], {}))  # (no engine needed: the CLI is a stand-in)
+    monkeypatch.setenv("STACK_TEST_INDEX", PRIVATE_INDEX)
+    config_file = _private_index_config(tmp_path / "dc", ".")
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "features": {"ghcr.io/devcontainers/features/git:1": {}}}))
+    loaded, digest = spec.load(config_file)
+    printed = io.StringIO()
+    with pytest.raises(ImageBuildError) as error:
+        image.build(loaded, config_file, tmp_path, digest, Console(file=printed, width=200))
+    told = f"{error.value.message}\n{error.value.fix}\n{printed.getvalue()}\n{''.join(capfd.readouterr())}"
+    assert "--build-arg PIP_INDEX_URL=*** --build-arg=A=*** -t x ." in error.value.message
+    assert "index: ***" in error.value.message
+    assert "s3cret-Token-42" not in told
 
 
 def test_no_docker_engine_gives_the_doctor_message(tmp_path: Path) -> None:

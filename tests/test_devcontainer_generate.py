@@ -162,6 +162,25 @@ def test_settings_a_container_cannot_honour_are_refused_in_one_line(tmp_path: Pa
     assert not (tmp_path / ".devcontainer").exists()  # nothing written
 
 
+def test_a_value_from_the_hosts_variable_of_its_name_is_written_as_a_reference(tmp_path: Path) -> None:
+    """``@environment(vars={"HF_TOKEN": os.environ["HF_TOKEN"]})``: the folder is meant to be committed, so the
+    token is written as ``${localEnv:HF_TOKEN}`` (read again where the file is used), and the command says so;
+    a value the host has under no such name stays as written."""
+    from metaflow_stack.devcontainer import spec
+
+    start = '@environment(vars={"HF_TOKEN": __import__("os").environ["HF_TOKEN"], "MODEL_KIND": "tiny"})'
+    flow = CAPTURED_FLOW.format(name="Flow", flow="", start=start, end="")
+    (tmp_path / "flow.py").write_text(flow)
+    command = [str(VENV_BIN / "metaflow"), "devcontainer", "generate", "flow.py", "--step", "start", "--out", "env"]
+    env = {**_env(), "HF_TOKEN": "hf_SECRET_1234"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "hf_SECRET_1234" not in (tmp_path / "env" / "devcontainer.json").read_text() + done.stdout + done.stderr
+    config, _ = spec.load(tmp_path / "env" / "devcontainer.json")
+    assert config.containerEnv == {"HF_TOKEN": "${localEnv:HF_TOKEN}", "MODEL_KIND": "tiny"}
+    assert "Flow.start: HF_TOKEN written as ${localEnv:HF_TOKEN}, not this machine's value" in done.stderr
+
+
 def _conda_forge_answers() -> bool:
     try:
         request = urllib.request.Request("https://conda.anaconda.org/conda-forge/noarch/repodata.json", method="HEAD")

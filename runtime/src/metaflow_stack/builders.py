@@ -14,6 +14,12 @@ routes reach BuildKit:
 Either way the image is tagged only after the whole build succeeded, so a
 failed build leaves no half-tagged image behind.
 
+A build arg can hold a credential (a devcontainer.json's
+``${localEnv:PIP_INDEX_URL}``), so nothing a build prints or raises shows one:
+not its command line; a ``--build-arg`` some tool logged, by its name alone;
+the values of ``BuildRequest.private_args`` (any of 4 characters or more)
+nowhere (``redact``).
+
 A build that publishes (``push``) goes to the registry its tag names. Through
 buildx it is one manifest list for every platform asked for, with an SBOM and
 full provenance attached; the classic route makes this machine's platform
@@ -50,6 +56,19 @@ _STEP_ERROR = re.compile(r"^#(\d+) ERROR")
 _PUSHED = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: \d+")
 #: A build step's output line (``#12 0.512 ...``) in which the runtime said what is wrong, or its fix.
 _SAID = re.compile(r"^#(\d+) \d+(?:\.\d+)? (error|fix): (.+)$")
+#: ``--build-arg NAME=value`` (or ``--build-arg=NAME=value``) in a command line some tool logged.
+_BUILD_ARG = re.compile(r"(--build-arg[= ]+[\"']?[^\s=\"']+=)(?:\"[^\"]*\"|'[^']*'|\S*)")
+#: Private values shorter than this are shown: no credential is so short, and a flag or a digit hidden
+#: wherever it occurs would blot out the log.
+_SHORTEST_HIDDEN = 4
+
+
+def redact(text: str, private: Iterable[str] = ()) -> str:
+    """``text`` with each ``--build-arg``'s value, and each of the ``private`` values anywhere, as ``***``."""
+    text = _BUILD_ARG.sub(r"\1***", text)
+    for value in sorted({v for v in private if len(v) >= _SHORTEST_HIDDEN}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 @dataclass
@@ -70,6 +89,8 @@ class BuildRequest:
     #: More build secrets, id -> file (an enclave's signing key): mounted by the steps that name them,
     #: never in a layer.
     secrets: dict[str, Path] = field(default_factory=dict)
+    #: The ``build_args`` that may hold a credential (a user's): their values are shown nowhere (``redact``).
+    private_args: tuple[str, ...] = ()
 
     def secret_values(self) -> list[str]:
         """The ``--secret`` values: the CA bundle, when the environment names one, and ``secrets``."""
@@ -81,9 +102,10 @@ class BuildRequest:
 class _StepTracker:
     """Follows BuildKit's plain progress output to name the step that failed."""
 
-    def __init__(self, on_step: Callable[[str], None]) -> None:
+    def __init__(self, on_step: Callable[[str], None], private: Iterable[str] = ()) -> None:
         self._titles: dict[str, str] = {}
         self._on_step = on_step
+        self._private = tuple(private)
         self.failed: str | None = None
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self.failed_number: str | None = None
@@ -91,6 +113,7 @@ class _StepTracker:
         self.said: dict[str, dict[str, str]] = {}
 
     def feed(self, line: str) -> None:
+        line = redact(line, self._private)
         self.tail.append(line)
         if match := _SAID.match(line):
             self.said.setdefault(match.group(1), {})[match.group(2)] = match.group(3)
@@ -104,6 +127,7 @@ class _StepTracker:
             self.failed_number = match.group(1)
 
     def error(self, image: str, fallback: str) -> ImageBuildError:
+        fallback = redact(fallback, self._private)
         last = next(reversed(self._titles.values()), fallback) if self._titles else fallback
         lines = self.said.get(self.failed_number or "", {})
         said = (lines["error"], lines["fix"]) if {"error", "fix"} <= set(lines) else None
@@ -153,7 +177,10 @@ def route() -> str:
 
 def build(request: BuildRequest, console: Console) -> str | None:
     """Build and tag ``request.tag``, printing each build step as it starts; the pushed digest when it pushes."""
-    tracker = _StepTracker(lambda step: console.print(f"  {step}", markup=False, highlight=False, soft_wrap=True))
+    private = [request.build_args[name] for name in request.private_args if name in request.build_args]
+    tracker = _StepTracker(
+        lambda step: console.print(f"  {step}", markup=False, highlight=False, soft_wrap=True), private
+    )
     how = route()
     if how != "buildx" and request.platforms:
         raise ToolMissingError(
@@ -164,8 +191,13 @@ def build(request: BuildRequest, console: Console) -> str | None:
         if how == "buildx":
             return _build_buildx(request, tracker)
         _build_classic(request, tracker, how.split(":", 1)[1])
-    except (DockerException, subprocess.CalledProcessError) as exc:
-        raise tracker.error(request.tag, fallback=str(exc)) from None
+    except DockerException as exc:  # (not its text: the whole command line, build args and all)
+        said = (exc.stderr or "").strip().splitlines()
+        raise tracker.error(
+            request.tag, fallback=said[-1] if said else f"docker exited with {exc.return_code}"
+        ) from None
+    except subprocess.CalledProcessError as exc:  # (its output, the reason, is in the tail already)
+        raise tracker.error(request.tag, fallback=f"the start (docker build exited with {exc.returncode})") from None
     return _push_classic(request.tag) if request.push else None
 
 

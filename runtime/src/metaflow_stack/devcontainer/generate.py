@@ -16,7 +16,9 @@ builds it:
 
 The same file opens in VS Code, Codespaces, DevPod or Daytona, and runs the step with
 ``@devcontainer(config=...)``. Nothing is written unless everything was understood; an existing
-folder is replaced only with ``force``.
+folder is replaced only with ``force``. The folder is meant to be committed, so an ``@environment``
+value that is this machine's variable of the same name (``os.environ["HF_TOKEN"]``: often a secret)
+is written as ``${localEnv:NAME}``, read again wherever the file is used (``_from_host``).
 """
 
 from __future__ import annotations
@@ -244,6 +246,13 @@ def _feature(packages: dict[str, str], **options: object) -> dict[str, dict]:
     return {f"./{FEATURE.name}": {**options, "packages": requirements}}
 
 
+def _from_host(env: StepEnvironment) -> list[str]:
+    """The names of ``env``'s variables whose value is this machine's variable of the same name, which
+    ``render`` writes as ``${localEnv:NAME}``. Only the same name: a value that merely equals another
+    variable's (a ``1``, a path) is meant as written."""
+    return sorted(name for name, value in env.env.items() if value and os.environ.get(name) == value)
+
+
 def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:
     """The devcontainer.json of ``env`` and the other files it needs (name -> text)."""
     config: dict = {"name": f"{env.flow}.{env.step}".lower()}
@@ -260,7 +269,8 @@ def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:
         config["image"] = f"python:{python}-slim"
         config["features"] = _feature(env.packages)
     if env.env:
-        config["containerEnv"] = env.env
+        hosts = _from_host(env)
+        config["containerEnv"] = {k: f"${{localEnv:{k}}}" if k in hosts else v for k, v in env.env.items()}
     if env.run_args:
         config["runArgs"] = env.run_args
     config["customizations"] = {"metaflow": {"flow": env.flow, "step": env.step, "from": env.sources}}
@@ -268,7 +278,8 @@ def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:
 
 
 def write(env: StepEnvironment, out: Path, force: bool) -> Path:
-    """Write ``env``'s configuration folder at ``out`` whole (staged, then moved); the file's path."""
+    """Write ``env``'s configuration folder at ``out`` whole (staged, then moved); the file's path. Says on
+    stderr which variables it wrote as ``${localEnv:NAME}`` (``_from_host``): whoever uses the file sets them."""
     if out.exists() and not force:
         raise StackError(f"{out} exists", fix="pass --force to replace it, or --out another folder")
     config, files = render(env)
@@ -286,4 +297,7 @@ def write(env: StepEnvironment, out: Path, force: bool) -> Path:
         stage.rename(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    for name in _from_host(env):
+        reference = f"${{localEnv:{name}}}"
+        print(f"{env.flow}.{env.step}: {name} written as {reference}, not this machine's value", file=sys.stderr)
     return out / "devcontainer.json"

@@ -58,8 +58,13 @@ def _base_image(wanted: bool) -> None:
         os.environ[BASE_VARIABLE] = images.resolve("base")
 
 
+def _own_args(config: DevcontainerConfig, workspace: Path) -> dict[str, str]:
+    """The file's ``build.args``, resolved: private, as any may hold a credential (``${localEnv:TOKEN}``)."""
+    return {name: substitute(value, workspace) for name, value in (config.build.args if config.build else {}).items()}
+
+
 def _build_args(config: DevcontainerConfig, dockerfile: Path, workspace: Path) -> dict[str, str]:
-    args = {name: substitute(value, workspace) for name, value in config.build.args.items()}
+    args = _own_args(config, workspace)
     if "BASE_IMAGE" not in args and _BASE_ARG.search(dockerfile.read_text()):
         _base_image(True)
         args["BASE_IMAGE"] = os.environ[BASE_VARIABLE]
@@ -81,7 +86,8 @@ def _cli_docker() -> tuple[list[str], dict[str, str]]:
 
 
 def _cli_build(config: DevcontainerConfig, config_path: Path, workspace: Path, tag: str, console: Console) -> None:
-    """``devcontainer build``, its progress on one status line, its log tail on failure.
+    """``devcontainer build``, its progress on one status line, its log tail on failure, the file's build
+    args shown in neither (the CLI logs the docker commands it runs, ``--build-arg`` values and all).
 
     A lockfile pins published features; with local features only there is nothing to pin, and the
     CLI would still leave an empty ``devcontainer-lock.json`` in the user's folder, so it is told not to."""
@@ -108,6 +114,7 @@ def _cli_build(config: DevcontainerConfig, config_path: Path, workspace: Path, t
         "text",
         *(["--no-lockfile"] if all(ref.startswith(".") for ref in config.features) else []),
     ]
+    private = _own_args(config, workspace).values()
     tail: deque[str] = deque(maxlen=_TAIL)
     with console.status(f"building {tag} with the Dev Containers CLI") as status:
         env = {**os.environ, **docker_env}
@@ -115,8 +122,8 @@ def _cli_build(config: DevcontainerConfig, config_path: Path, workspace: Path, t
         assert process.stdout is not None
         for line in process.stdout:
             if line.strip():
-                tail.append(line.rstrip())
-                status.update(f"building {tag}: {line.strip()[:100]}")
+                tail.append(builders.redact(line.rstrip(), private))
+                status.update(f"building {tag}: {tail[-1].strip()[:100]}")
         code = process.wait()
     if code != 0:
         outcome = next((line for line in reversed(tail) if line.startswith('{"outcome"')), "")
@@ -141,7 +148,10 @@ def _present(ref: str, config_path: Path) -> None:
 def build(
     config: DevcontainerConfig, config_path: Path, workspace: Path, digest: str, console: Console | None = None
 ) -> tuple[str, list[dict]]:
-    """The image to run ``config``'s tasks in, and the settings its features recorded in it."""
+    """The image to run ``config``'s tasks in, by its immutable ID, and the settings its features recorded
+    in it. Not by its tag, which names the file's text alone (not the Dockerfile or the build context)
+    and is moved by the next build of another project's file of that text, or a pull: a long run's later
+    tasks would start another image. The tag stays for people (``docker images``)."""
     console = console or Console(stderr=True)
     tag = _tag(config, workspace, digest)
     _base_image(BASE_VARIABLE in config_path.read_text())
@@ -159,14 +169,15 @@ def build(
             build_args=_build_args(config, dockerfile, workspace),
             dockerfile=str(dockerfile),
             target=config.build.target,
+            private_args=tuple(config.build.args),
         )
         with console.status(f"building {tag}"):
             builders.build(request, console)
     else:
         tag = substitute(config.image, workspace)
         _present(tag, config_path)
-    labels = require_engine().image.inspect(tag).config.labels or {}
-    metadata = recorded_settings(labels.get(METADATA_LABEL, "[]"), f"image {tag}")
+    found = require_engine().image.inspect(tag)
+    metadata = recorded_settings((found.config.labels or {}).get(METADATA_LABEL, "[]"), f"image {tag}")
     if built_by_cli and metadata and "id" not in metadata[-1]:
         metadata = metadata[:-1]  # the CLI records the file's own settings last; they are read from the file
-    return tag, metadata
+    return found.id, metadata

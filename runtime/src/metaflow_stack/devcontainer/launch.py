@@ -2,8 +2,9 @@
 read-only, the local datastore bind-mounted at the same path (so metadata and artifacts land where
 Metaflow reads them, with no copy back), output relayed line by line, the exit code returned.
 
-The container is removed whatever happens: when the step ends, when it fails to start, and when
-the task is stopped (Ctrl-C, or Metaflow's runtime terminating it). A trampoline killed outright
+The container is removed whatever happens: when the step ends, when it fails to start (``docker
+run`` made it and could not start it), and when the task is stopped (Ctrl-C, or Metaflow's runtime
+terminating it), even while ``docker run`` is making it. A trampoline killed outright
 (SIGKILL: what Metaflow's runtime does to the tasks still running when another fails the run) cannot
 clean up: a child it forked first removes its container then (``trampolines.undone_if_killed``), and
 should that child be gone too, the container names the trampoline (``elsewhere.Launcher``), and the
@@ -11,6 +12,7 @@ next ``@devcontainer`` run started on this machine removes containers whose tram
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -19,13 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from python_on_whales.exceptions import DockerException
+
 from metaflow_stack.devcontainer.policy import SandboxPolicy
 from metaflow_stack.devcontainer.stores import WORKDIR
 from metaflow_stack.devcontainer.task_container import TaskContainer
 from metaflow_stack.elsewhere import Launcher, orphans
 from metaflow_stack.engines import JobSpec, Mount, get_engine, host_user
-from metaflow_stack.engines.docker import DockerEngine
-from metaflow_stack.trampolines import stopped_by_signals, undone_if_killed
+from metaflow_stack.engines.docker import DockerEngine, DockerJob
+from metaflow_stack.trampolines import stopped_by_signals, undone_if_killed, uninterrupted
 
 #: Where the unpacked code package is mounted (read-only); the task works in ``stores.WORKDIR``.
 CODE = "/mf/code"
@@ -95,12 +99,31 @@ def job_spec(
     )
 
 
+def launched(engine: DockerEngine, spec: JobSpec) -> DockerJob:
+    """Start ``spec``'s container (``job_spec``); should that fail or be interrupted, remove what the engine
+    made of it first, found by its labels: ``docker run`` leaves a container it could not start (a user the
+    image lacks) in place, and one stopped by Ctrl-C may be making it still. (An engine that does not answer
+    made nothing: its launch's own error is the one to tell.)"""
+    try:
+        return engine.launch(spec)
+    except BaseException:
+        with uninterrupted(), contextlib.suppress(DockerException):
+            _remove_left(engine, _own_labels(spec))
+        raise
+
+
+def _own_labels(spec: JobSpec) -> dict[str, str]:
+    """The labels that tell ``spec``'s container from every other: its task (a pool's: its folder) and the
+    process that launched it."""
+    return {name: spec.labels[name] for name in (LABEL, OWNER, POOL_FOLDER) if name in spec.labels}
+
+
 def run_step(spec: JobSpec) -> int:
     """Run a task's container (``job_spec``), relaying its output; its exit code."""
     engine = get_engine("docker", probe=False)  # the run's start probed it (and swept orphans)
-    mine = {LABEL: spec.labels[LABEL], OWNER: spec.labels[OWNER]}  # (this trampoline's container, by name)
+    mine = _own_labels(spec)
     with stopped_by_signals(), undone_if_killed(lambda: _remove_left(engine, mine)):
-        job = engine.launch(spec)
+        job = launched(engine, spec)
         try:
             for stream, line in job.streams(follow=True):
                 print(line, file=sys.stderr if stream == "stderr" else sys.stdout, flush=True)
@@ -109,13 +132,13 @@ def run_step(spec: JobSpec) -> int:
             job.remove()
 
 
-#: Seconds between the two looks for a killed trampoline's container.
+#: Seconds between the two looks for a container left behind.
 _LOOK_AGAIN_S = 3.0
 
 
 def _remove_left(engine: DockerEngine, labels: dict[str, str]) -> None:
-    """Remove what a trampoline killed outright left (``undone_if_killed``): its container, looked for
-    twice, as the ``docker run`` it was waiting on may still be making it."""
+    """Remove what a trampoline killed outright (``undone_if_killed``) or a launch that failed (``launched``)
+    left: its container, looked for twice, as the ``docker run`` it was waiting on may still be making it."""
     engine.remove(engine.containers(labels))
     time.sleep(_LOOK_AGAIN_S)
     engine.remove(engine.containers(labels))

@@ -116,7 +116,8 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
     }
     #: The default image's reference, resolved once per run (its tag hashes the image's sources).
     default_image: ClassVar[str | None] = None
-    #: Per devcontainer.json (path and digest): its image and task settings, prepared once per run.
+    #: Per devcontainer.json (path and digest): its image (by ID: ``image.build``) and task settings, prepared
+    #: once per run.
     prepared: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {}
     swept: ClassVar[bool] = False
 
@@ -274,7 +275,7 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         The policy's limits are the whole pool's. Called at ``runtime_init``, after this decorator's."""
         from metaflow_stack import code_package as code
         from metaflow_stack.devcontainer import stores
-        from metaflow_stack.devcontainer.launch import CODE, POOL_FOLDER, job_spec
+        from metaflow_stack.devcontainer.launch import CODE, POOL_FOLDER, job_spec, launched
         from metaflow_stack.devcontainer.task_container import TaskContainer
         from metaflow_stack.engines import Mount, get_engine
 
@@ -293,6 +294,6 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
             pool = Mount(str(folder), str(folder), read_only=False)
             command, labels = shlex.join(python_args), {POOL_FOLDER: str(folder)}
             spec = job_spec(image, command, unpacked, [*mounts, pool], env, policy, step, container, labels)
-            return get_engine("docker", probe=False).launch(spec)
+            return launched(get_engine("docker", probe=False), spec)
 
         return launch, f"{CODE}/{os.path.basename(flow_file)}"
