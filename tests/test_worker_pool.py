@@ -1146,9 +1146,12 @@ def test_a_pool_over_kubernetes_or_nomad_set_wrong_fails_in_one_line(
     assert "Traceback" not in done.stderr and "Task is starting" not in done.stdout + done.stderr
 
 
-def execute_one(redis_url: str, pool: str, meanwhile: Callable | None = None) -> tuple[int | None, bytes, float]:
+def execute_one(
+    redis_url: str, pool: str, meanwhile: Callable | None = None, relay_s: float = 0.0
+) -> tuple[int | None, bytes, float]:
     """One task through the dispatcher's Redis executor on a real Redis, with no worker; ``meanwhile(client,
-    queue)`` runs once the task is queued. Its status, what it wrote and how long it took."""
+    queue)`` runs once the task is queued; its first line's relay takes ``relay_s`` (a runtime that reads
+    none of the task's output meanwhile). Its status, what it wrote and how long it took."""
 
     async def scenario() -> tuple[int | None, bytes, float]:
         client = redis.asyncio.Redis.from_url(redis_url)
@@ -1156,6 +1159,8 @@ def execute_one(redis_url: str, pool: str, meanwhile: Callable | None = None) ->
         written = bytearray()
 
         async def output(fd: int, data: bytes) -> None:
+            if not written:
+                await asyncio.sleep(relay_s)
             written.extend(data)
 
         loop = asyncio.get_running_loop()
@@ -1206,8 +1211,9 @@ def test_a_redis_tasks_keys_outlive_their_expiry_while_the_dispatcher_waits_on_i
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every key of a task expires unless renewed: a task running several times its keys' time keeps them,
-    as its dispatcher renews them, and its output and status arrive (the stream made by the claim would
-    otherwise be gone, and its lines with it)."""
+    as its dispatcher renews them, even while relaying its first line takes longer than that (a runtime busy
+    starting another pool reads no task's output), and its output and status arrive (the stream made by the
+    claim would otherwise be gone, and its lines with it)."""
     monkeypatch.setattr(redis_queue, "KEEP_S", 2)
     monkeypatch.setattr(redis_dispatch, "KEEP_EVERY_S", 0.3)
 
@@ -1215,6 +1221,7 @@ def test_a_redis_tasks_keys_outlive_their_expiry_while_the_dispatcher_waits_on_i
         worker = RedisQueue(redis.Redis.from_url(redis_url), prefix)
         claimed = worker.claim("w", 1)
         assert claimed is not None
+        worker.output(claimed[0], 1, b"first\n")  # (its relay takes 5 s)
         expiries = []
         for _ in range(6):  # 6 s: three times the keys' time
             time.sleep(1)
@@ -1230,8 +1237,8 @@ def test_a_redis_tasks_keys_outlive_their_expiry_while_the_dispatcher_waits_on_i
     async def slowly(client: redis.asyncio.Redis, queue: RedisQueue) -> None:
         expiries.extend(await asyncio.to_thread(slow_worker, queue.prefix))
 
-    code, written, _ = execute_one(redis_url, "test-kept", slowly)
-    assert (code, written) == (0, b"still here\n")
+    code, written, _ = execute_one(redis_url, "test-kept", slowly, relay_s=5)
+    assert (code, written) == (0, b"first\nstill here\n")
     assert all(0 < seconds <= 2 for seconds in expiries), expiries
     assert not pool_keys(redis_url)
 

@@ -148,7 +148,10 @@ class PoolFolder:
     def __init__(self, parent: str | None = None) -> None:
         sweep(Path(parent or tempfile.gettempdir()))
         self.path = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=parent))
-        self._owner = _hold(self.path)
+        try:
+            self._owner = _hold(self.path)
+        except OSError:  # (a file system with no flock: the folder is never swept, as before)
+            self._owner = -1
         self.last = Counts()  # (what a read that finds none shows: a record caught mid-write, say)
 
     @property
@@ -172,8 +175,12 @@ def _hold(folder: Path) -> int:
     the file renamed (a sweep never finds the lock there and not yet held)."""
     taking = folder / f".{OWNER_LOCK}"
     fd = os.open(taking, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.rename(taking, folder / OWNER_LOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(taking, folder / OWNER_LOCK)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -196,7 +203,7 @@ def sweep(parent: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(entry.path, ignore_errors=True)
-        except BlockingIOError:
-            pass  # its runtime lives
+        except OSError:  # its runtime lives (or, on NFS, flock is emulated per process: nothing is judged)
+            pass
         finally:
             os.close(fd)

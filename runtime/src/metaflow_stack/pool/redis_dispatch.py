@@ -59,19 +59,16 @@ class RedisExecutor:
 
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
         loop = asyncio.get_running_loop()
-        task_id, given_up = uuid.uuid4().hex, False
+        task_id, given_up, keeper = uuid.uuid4().hex, False, None
         try:
             await self.queue.submit(task_id, task)
+            keeper = asyncio.ensure_future(self._keep(task_id))
             after, cancelled_at, taken_at, unserved_at, relayed = "0-0", None, None, None, []
-            kept_at = loop.time()
             while True:
                 # A cancel (the pool stopping) that landed as a command's send completed: redis-py sends under
                 # asyncio.wait_for, which on Python 3.11 then returns instead of raising (fixed in 3.12).
                 if asyncio.current_task().cancelling():
                     raise asyncio.CancelledError
-                if loop.time() - kept_at >= KEEP_EVERY_S:  # (its keys expire unless renewed)
-                    await self.queue.keep(task_id)
-                    kept_at = loop.time()
                 entries = await self.queue.read_output(task_id, after, POLL_MS)
                 for entry_id, fields in entries:
                     after = entry_id
@@ -109,8 +106,19 @@ class RedisExecutor:
                 await asyncio.wait_for(self._give_up(task_id), TIMEOUT_S)
             raise
         finally:  # (stopping: the purge removes it anyway)
+            if keeper is not None:
+                keeper.cancel()
             if not given_up:
                 await asyncio.shield(self.queue.forget(task_id))
+
+    async def _keep(self, task_id: str) -> None:
+        """Renew ``task_id``'s keys every ``KEEP_EVERY_S`` while it runs: apart from the relay, which waits on
+        the task's own output (a runtime busy elsewhere reads none for minutes), so no key expires meanwhile.
+        A renewal Redis fails is tried again at the next round (the relay meets the failure too)."""
+        while True:
+            await asyncio.sleep(KEEP_EVERY_S)
+            with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+                await self.queue.keep(task_id)
 
     async def _give_up(self, task_id: str) -> None:
         await self.queue.cancel(task_id)
