@@ -146,6 +146,15 @@ def test_a_flows_decorator_settings_of_the_wrong_kind_are_one_line(tmp_path: Pat
     assert says in done.stderr and "fix: None" not in done.stderr, done.stderr[-2000:]
 
 
+def test_a_devcontainer_json_asking_more_processes_than_the_decorator_allows_is_one_line(tmp_path: Path) -> None:
+    """The decorator's ``pids`` is a ceiling the file may only lower: a file's higher ``--pids-limit`` was taken
+    silently down to it, and the step then failed to fork, far from the cause."""
+    (tmp_path / "dc.json").write_text('{"image": "python:3.12-slim", "runArgs": ["--pids-limit", "4096"]}')
+    done = _decorated_flow(tmp_path, 'devcontainer(config="dc.json", pids=64)', "run")
+    says = "runArgs: --pids-limit 4096 is above @devcontainer(pids=64) (fix: @devcontainer(pids=4096)"
+    assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_a_server_started_again_takes_its_port_while_the_last_ones_connections_wait_out_time_wait() -> None:
     """uvicorn binds with SO_REUSEADDR; binding the port here first (to say it and a busy one in one line)
     must too, or a restarted server fails for a minute (a pod's container, restarted)."""

@@ -168,16 +168,16 @@ def test_a_value_from_the_hosts_variable_of_its_name_is_written_as_a_reference(t
     a value the host has under no such name stays as written."""
     from metaflow_stack.devcontainer import spec
 
-    start = '@environment(vars={"HF_TOKEN": __import__("os").environ["HF_TOKEN"], "MODEL_KIND": "tiny"})'
+    start = '@environment(vars={"HF_TOKEN": __import__("os").environ["HF_TOKEN"], "MODEL_KIND": "tiny", "TZ": "UTC"})'
     flow = CAPTURED_FLOW.format(name="Flow", flow="", start=start, end="")
     (tmp_path / "flow.py").write_text(flow)
     command = [str(VENV_BIN / "metaflow"), "devcontainer", "generate", "flow.py", "--step", "start", "--out", "env"]
-    env = {**_env(), "HF_TOKEN": "hf_SECRET_1234"}
+    env = {**_env(), "HF_TOKEN": "hf_SECRET_1234", "TZ": "UTC"}  # (TZ: this machine's too, and no secret)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "hf_SECRET_1234" not in (tmp_path / "env" / "devcontainer.json").read_text() + done.stdout + done.stderr
     config, _ = spec.load(tmp_path / "env" / "devcontainer.json")
-    assert config.containerEnv == {"HF_TOKEN": "${localEnv:HF_TOKEN}", "MODEL_KIND": "tiny"}
+    assert config.containerEnv == {"HF_TOKEN": "${localEnv:HF_TOKEN}", "MODEL_KIND": "tiny", "TZ": "UTC"}
     assert "Flow.start: HF_TOKEN written as ${localEnv:HF_TOKEN}, not this machine's value" in done.stderr
 
 

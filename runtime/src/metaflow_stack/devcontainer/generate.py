@@ -246,11 +246,17 @@ def _feature(packages: dict[str, str], **options: object) -> dict[str, dict]:
     return {f"./{FEATURE.name}": {**options, "packages": requirements}}
 
 
+#: Names of the variables that hold secrets, by the words they are named with.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_KEY|PRIVATE_KEY|AUTH", re.I)
+
+
 def _from_host(env: StepEnvironment) -> list[str]:
-    """The names of ``env``'s variables whose value is this machine's variable of the same name, which
-    ``render`` writes as ``${localEnv:NAME}``. Only the same name: a value that merely equals another
-    variable's (a ``1``, a path) is meant as written."""
-    return sorted(name for name, value in env.env.items() if value and os.environ.get(name) == value)
+    """The names of ``env``'s secrets (by name: ``_SECRET_NAME``) whose value is this machine's variable of the
+    same name, which ``render`` writes as ``${localEnv:NAME}``. Only those: ``TZ=UTC`` that happens to be this
+    machine's too is meant as written, and would read as empty wherever the variable is not set."""
+    return sorted(
+        name for name, value in env.env.items() if value and os.environ.get(name) == value and _SECRET_NAME.search(name)
+    )
 
 
 def render(env: StepEnvironment) -> tuple[dict, dict[str, str]]:

@@ -199,7 +199,12 @@ class DevcontainerDecorator(Trampolined, StepDecorator):
         else:
             path = flow_dir / self.attributes["config"]
         config, digest = spec.load(path)
-        task_container.from_config(config, path, spec.workspace_folder(path), [])  # runArgs and mounts
+        container = task_container.from_config(config, path, spec.workspace_folder(path), [])  # runArgs, mounts
+        if container.pids and container.pids > self.policy.pids:  # (the decorator's limit is a ceiling)
+            raise StackError(
+                f"{path}: runArgs: --pids-limit {container.pids} is above @devcontainer(pids={self.policy.pids})",
+                fix=f"@devcontainer(pids={container.pids}) to allow that many processes",
+            )
         return path, config, digest
 
     def runtime_init(self, flow, graph, package, run_id) -> None:
