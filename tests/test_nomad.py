@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -358,15 +359,21 @@ def test_a_job_nomad_refuses_leaves_the_deployment_it_would_replace(
         for flow in ("deployed_flow.py", "scheduled_flow.py"):
             shutil.copy(FLOWS / flow, tmp_path)
         top = ["--datastore", "s3", "--datastore-root", f"s3://sandbox/refused-{name}", "--metadata", "service"]
+        spec = 'environment:vars={"NOTE": "it\'s \\"quoted\\""}'
         for flow, memory, code in (("deployed_flow.py", "1024", 0), ("scheduled_flow.py", "5", 1)):
-            line = [sys.executable, flow, *top, "nomad", "--name", name, "create", "--cpu", "0.5", "--memory", memory]
-            done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            line = [sys.executable, flow, *top, "--with", spec, "nomad", "--name", name, "create", "--cpu", "0.5"]
+            done = subprocess.run([*line, "--memory", memory], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=300)  # fmt: skip
             assert done.returncode == code, (done.stdout + done.stderr)[-3000:]
         assert f"Nomad refuses the job {name}:" in done.stderr and "(the deployment is unchanged)" in done.stderr
         assert "Traceback" not in done.stderr
         with NomadClient(nomad_agent) as client:
             job = client.job(name)
         assert job["ParameterizedJob"] and not job.get("Periodic")  # the dispatched deployment, as it was
+        # Its runs get the decorator it was created --with as it was given (once quoted for the shell, not twice).
+        script = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"][-1]
+        words = shlex.split(script.rsplit(" && exec ", 1)[1])
+        assert words[words.index("--with") + 1].startswith("environment:vars="), words
     finally:
         _remove_deployments(nomad_agent)
         service.stop()

@@ -316,9 +316,9 @@ class RemoteKeeper:
         for attempt in range(self.TRIES):
             if attempt:
                 time.sleep(2**attempt)
-            request = self._client.build_request(method, path, json=body)
+            request, deadline = self._client.build_request(method, path, json=body), time.monotonic() + self.TIMEOUT_S
             try:  # (its answers are small: a key, a nonce, an envelope)
-                answer = whole(self._client.send(request, stream=True), 1 << 20, time.monotonic() + self.TIMEOUT_S)
+                answer = whole(self._client.send(request, stream=True), 1 << 20, deadline)
             except (httpx.HTTPError, AnswerTooLarge, AnswerTooSlow) as exc:
                 why = f"cannot be reached: {exc}" if isinstance(exc, httpx.HTTPError) else f"answered {exc}"
                 continue

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -178,7 +179,7 @@ def _top_level_options(obj) -> list[str]:
         options.update(deco.get_top_level_options())
     store = obj.flow_datastore
     return [
-        *dict_to_cli_options(options),
+        *shlex.split(" ".join(dict_to_cli_options(options))),  # (words: Metaflow quotes each for a shell)
         *("--datastore", store.TYPE, "--datastore-root", store.datastore_root, "--metadata", "service"),
         *("--event-logger", obj.event_logger.TYPE, "--monitor", obj.monitor.TYPE),
     ]

@@ -9,6 +9,7 @@ import functools
 import json
 import sys
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,8 @@ class NomadDeployedFlow(DeployedFlow):
     @classmethod
     def list_deployed_flows(cls, flow_name: str | None = None) -> Iterator[NomadDeployedFlow]:
         """The flows deployed at ``NOMAD_ADDR`` (in its namespace), or those of ``flow_name``."""
+        from metaflow.exception import MetaflowException
+
         from metaflow_stack.engines.nomad.client import NomadClient
         from metaflow_stack.nomad.deployment import DEPLOYED
 
@@ -97,7 +100,10 @@ class NomadDeployedFlow(DeployedFlow):
             meta = job.get("Meta") or {}
             ours = flow_name is None or meta.get("metaflow.flow") == flow_name
             if meta.get(DEPLOYED) == "true" and not job.get("ParentID") and ours:  # (not a dispatch of one)
-                yield cls.from_deployment(job["ID"])
+                try:
+                    yield cls.from_deployment(job["ID"])
+                except MetaflowException as exc:  # (one job anyone may submit stops no one's listing)
+                    warnings.warn(f"skipped: {exc}", stacklevel=2)
 
     @classmethod
     def get_triggered_run(cls, identifier: str, run_id: str, metadata: str | None = None) -> TriggeredRun:
