@@ -472,14 +472,16 @@ class Quiet(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("route", ["jobs", "logs"])
+def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     """Something other than Nomad at NOMAD_ADDR (or a broken proxy) may answer without end: the client stops
-    reading at its limit."""
+    reading at its limit. A log's error answer too, which was read whole (its reader asks again in a loop:
+    150 MB took 600 MB)."""
     from metaflow_stack.engines.nomad import client as nomad_client
 
     class Endless(Quiet):
         def do_GET(self) -> None:
-            self.send_response(200)
+            self.send_response(500 if route == "logs" else 200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
             try:
@@ -490,7 +492,11 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
 
     monkeypatch.setattr(nomad_client, "MAX_ANSWER", 1 << 20)
     with answering(Endless) as settings, NomadClient(settings) as client, pytest.raises(StackError) as refused:
-        client.jobs("mf-")
+        if route == "jobs":
+            client.jobs("mf-")
+        else:
+            with client.logs("alloc", "metaflow", "stdout", follow=False):
+                pass
     assert "is over 1 MB" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
 
 
