@@ -17,17 +17,8 @@ from metaflow_stack.devcontainer import spec, stores
 from metaflow_stack.devcontainer.launch import job_spec
 from metaflow_stack.devcontainer.policy import SandboxPolicy
 from metaflow_stack.devcontainer.task_container import CARRIER, TaskContainer, from_config
-from metaflow_stack.engines import JOB_LABEL, OWNER_LABEL, JobSpec, Mount
-from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.engines import JobSpec, Mount
 from metaflow_stack.errors import StackError
-
-#: Records a ``container run``'s arguments, one a line, and answers as ``docker run --detach`` does; has
-#: every image and container it is asked about.
-FAKE_DOCKER = """#!/bin/sh
-[ "$2" != run ] && echo '[{"Id": "0123456789ab"}]' && exit 0
-printf '%s\\n' "$@" > "$0.argv"
-echo 0123456789ab
-"""
 
 
 def settings_of(tmp_path: Path, **fields: object) -> TaskContainer:
@@ -37,15 +28,6 @@ def settings_of(tmp_path: Path, **fields: object) -> TaskContainer:
 
 def spec_of(tmp_path: Path, container: TaskContainer, policy: SandboxPolicy | None = None) -> JobSpec:
     return job_spec("x", "flow.py step start", tmp_path, [], {}, policy or SandboxPolicy(), "F/1/start/2", container)
-
-
-@pytest.fixture
-def docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    fake = tmp_path / "docker"
-    fake.write_text(FAKE_DOCKER)
-    fake.chmod(0o755)
-    monkeypatch.setenv("METAFLOW_STACK_DOCKER_CLIENT", str(fake))
-    return fake
 
 
 def test_remote_env_reaches_the_step_through_its_environment_not_its_command_line(
@@ -77,22 +59,6 @@ def test_a_multi_line_value_from_the_file_is_refused_naming_its_field(
     monkeypatch.setenv("PEM", "-----BEGIN-----\nabc\n-----END-----")
     with pytest.raises(StackError, match=r"devcontainer\.json: remoteEnv\.CERT: its value spans lines"):
         settings_of(tmp_path, remoteEnv={"CERT": "${localEnv:PEM}"})
-
-
-def test_the_engine_refuses_a_multi_line_variable_rather_than_put_it_on_the_command_line(
-    tmp_path: Path, docker: Path
-) -> None:
-    with pytest.raises(StackError, match="variable PEM: its value spans lines"):
-        DockerEngine(probe=False).launch(JobSpec(image="x", command=["true"], env={"PEM": "a\nb", "ONE": "c"}))
-    assert not Path(f"{docker}.argv").exists()  # docker was never run
-
-
-def test_a_jobs_labels_cannot_replace_the_engines_own(tmp_path: Path, docker: Path) -> None:
-    labels = {JOB_LABEL: "false", OWNER_LABEL: "stack-up", "team": "ml"}
-    DockerEngine(probe=False).launch(JobSpec(image="x", command=["true"], labels=labels, owner="devcontainer"))
-    argv = Path(f"{docker}.argv").read_text().splitlines()
-    given = {argv[i + 1] for i, arg in enumerate(argv) if arg == "--label"}
-    assert given == {f"{JOB_LABEL}=true", f"{OWNER_LABEL}=devcontainer", "team=ml"}
 
 
 @pytest.mark.parametrize("label", ["io.metaflow-stack.job=false", "io.metaflow-stack.owner=stack-up"])

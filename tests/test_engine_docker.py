@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import TEST_LABELS
 
 from metaflow_stack.demo import FLOW_FILE
-from metaflow_stack.engines import JobSpec, Mount, get_engine
+from metaflow_stack.engines import JOB_LABEL, OWNER_LABEL, JobSpec, Mount, get_engine
+from metaflow_stack.engines.docker import DockerEngine
+from metaflow_stack.errors import StackError
 
 pytestmark = pytest.mark.docker
 
@@ -160,3 +163,22 @@ def test_the_host_address_is_the_bridge_gateway_however_docker_reports_it(docker
         remove=True,
     )
     assert seen.split()[0] == host_address(docker_engine)
+
+
+def test_the_engine_refuses_a_multi_line_variable_rather_than_put_it_on_the_command_line(
+    docker_engine, base_image: str
+) -> None:
+    mark = {**TEST_LABELS, "sandbox-test": uuid.uuid4().hex}
+    with pytest.raises(StackError, match="variable PEM: its value spans lines"):
+        DockerEngine().launch(JobSpec(image=base_image, command=["true"], env={"PEM": "a\nb"}, labels=mark))
+    assert docker_engine.container.list(all=True, filters=[("label", f"sandbox-test={mark['sandbox-test']}")]) == []
+
+
+def test_a_jobs_labels_cannot_replace_the_engines_own(docker_engine, base_image: str) -> None:
+    labels = {**TEST_LABELS, JOB_LABEL: "false", OWNER_LABEL: "stack-up", "team": "ml"}
+    job = DockerEngine().launch(JobSpec(image=base_image, command=["true"], labels=labels, owner="devcontainer"))
+    try:
+        given = docker_engine.container.inspect(job.id).config.labels
+    finally:
+        job.remove()
+    assert (given[JOB_LABEL], given[OWNER_LABEL], given["team"]) == ("true", "devcontainer", "ml")
