@@ -327,6 +327,46 @@ def test_the_service_refuses_to_serve_beyond_loopback_without_a_key_and_checks_i
         RemoteKeeper(url, None).nonce()
 
 
+@pytest.mark.parametrize("answer", ["endless", "dribbled"])
+def test_a_keeper_that_answers_without_end_is_one_line_in_bounded_memory(answer: str) -> None:
+    """Something other than the key-release service at its URL (or a broken proxy) may answer without end,
+    or a byte now and then: the launcher stops at 1 MiB, or at its deadline, and says so in one retryable
+    line, instead of reading on (a launcher holds no key, so this is all such a peer can do to it)."""
+    import http.server
+    import threading
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"nonce": "')
+            try:
+                while True:  # until the launcher hangs up
+                    self.wfile.write(b"a" * (1 << 16) if answer == "endless" else b"a")
+                    time.sleep(0 if answer == "endless" else 0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    keeper = RemoteKeeper(f"http://127.0.0.1:{server.server_address[1]}", None)
+    keeper.TRIES, keeper.TIMEOUT_S = 1, 1.0  # one try, and a deadline the dribble passes (each read answers)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeeperUnavailable, match="over 1 MB" if answer == "endless" else "not whole in time"):
+            keeper.nonce()
+        assert time.monotonic() - started < 10
+    finally:
+        keeper.close()
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error(service: tuple[str, Path], tmp_path: Path) -> None:
     report = fuzz_finds_nothing(service[0], tmp_path, examples=30)

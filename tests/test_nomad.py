@@ -285,10 +285,15 @@ deployed = deployer.nomad(name=name).create(
 triggered, found = [], []
 for index, given in enumerate(runs):  # each triggered at once: they run side by side, as dispatches do
     if index == len(runs) - 1:  # the last through the deployment as another process finds it: by its name alone
+        import os, warnings
         from metaflow.runner.deployer import DeployedFlow
 
-        listed = [d.deployer.name for d in DeployedFlow.list_nomad(deployed.flow_name)]
-        assert listed == [name], listed
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            listed = [d.deployer.name for d in DeployedFlow.list_nomad(deployed.flow_name)]
+        assert listed == [name], listed  # (a forged job of the same flow's name is skipped, and said so)
+        forged = os.environ.get("FORGED_JOB")
+        assert not forged or any(f"the Nomad job {forged}: its metaflow.parameters" in str(w.message) for w in seen)
         deployed = DeployedFlow.from_nomad(name)
     triggered.append(deployed.trigger(**given))
 for each in triggered:
@@ -310,15 +315,16 @@ print(json.dumps(found))
 
 
 def _deploy(
-    tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service, name: str | None = None, **top: str
-) -> tuple[str, list[dict]]:
+    tmp_path: Path, flow: str, runs: list[dict], nomad_agent, s3: str, service, name: str | None = None,
+    forged: str | None = None, **top: str,
+) -> tuple[str, list[dict]]:  # fmt: skip
     tmp_path.mkdir(exist_ok=True)
     shutil.copy(FLOWS / flow, tmp_path)
     name = name or f"metaflow-test-{uuid.uuid4().hex[:8]}"
     root = f"s3://sandbox/deployed-{uuid.uuid4().hex[:8]}"
     line = [sys.executable, "-c", DEPLOY, flow, root, name, json.dumps(runs), json.dumps(top)]
-    done = subprocess.run(line, cwd=tmp_path, env=_deploying(nomad_agent, s3, service), capture_output=True, text=True,
-                          timeout=800)  # fmt: skip
+    env = _deploying(nomad_agent, s3, service) | ({"FORGED_JOB": forged} if forged else {})
+    done = subprocess.run(line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return name, json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -379,6 +385,23 @@ def test_a_job_nomad_refuses_leaves_the_deployment_it_would_replace(
         service.stop()
 
 
+def _forged_deployment(nomad_agent, flow: str) -> str:
+    """A job that says it is a deployment of ``flow`` but whose ``Meta`` ``create`` would not write (a parameter
+    type that is Python code), registered as parameterized so that nothing runs; its ID."""
+    from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.jobspec import Placement, task_job
+    from metaflow_stack.nomad.deployment import DEPLOYED
+
+    name = f"metaflow-test-forged-{uuid.uuid4().hex[:8]}"
+    parameters = {"a": {"python_var_name": "a", "name": "a", "type": "__import__('os')", "is_required": False}}
+    meta = {DEPLOYED: "true", "metaflow.flow": flow, "metaflow.parameters": json.dumps(parameters)}
+    job = task_job(name, ["true"], {}, Placement(cpu=0.1, memory=64, image="busybox"), meta)
+    job["ParameterizedJob"] = {}
+    with NomadClient(nomad_agent) as client:
+        client.register(job)
+    return name
+
+
 def _remove_deployments(nomad_agent) -> None:
     """The tests' deployed jobs purged, with the variables their credentials were kept in."""
     from metaflow_stack.engines.nomad.client import NomadClient
@@ -401,11 +424,11 @@ def test_a_deployed_flow_runs_once_per_trigger_with_its_parameters(
 
     service = start_service(str(tmp_path / "metadata.db"), tmp_path / "service.log", host=bridge_address, env=KEYED)
     try:
+        forged = _forged_deployment(nomad_agent, "DeployedFlow")  # anyone who may submit a job can write its Meta
         runs = [{"alpha": 21, "greeting_word": "hi"}, {}]
         with ThreadPoolExecutor(2) as both:  # the two deployments side by side, each in its own folder
-            dispatched = both.submit(
-                _deploy, tmp_path / "dispatched", "deployed_flow.py", runs, nomad_agent, bridge_s3, service, branch="ci"
-            )
+            dispatched = both.submit(_deploy, tmp_path / "dispatched", "deployed_flow.py", runs, nomad_agent,
+                                     bridge_s3, service, forged=forged, branch="ci")  # fmt: skip
             periodic = both.submit(_deploy, tmp_path / "periodic", "scheduled_flow.py", [{}], nomad_agent, bridge_s3,
                                    service)  # fmt: skip
             (name, (given, defaults)), (_, (scheduled,)) = dispatched.result(), periodic.result()
