@@ -102,13 +102,14 @@ def job_spec(
 def launched(engine: DockerEngine, spec: JobSpec) -> DockerJob:
     """Start ``spec``'s container (``job_spec``); should that fail or be interrupted, remove what the engine
     made of it first, found by its labels: ``docker run`` leaves a container it could not start (a user the
-    image lacks) in place, and one stopped by Ctrl-C may be making it still. (An engine that does not answer
-    made nothing: its launch's own error is the one to tell.)"""
+    image lacks) in place, and one stopped by Ctrl-C may be making it still, so only then is it looked for
+    twice (a launch that failed has its answer: waiting for a second look only delays the task's one line).
+    (An engine that does not answer made nothing: its launch's own error is the one to tell.)"""
     try:
         return engine.launch(spec)
-    except BaseException:
+    except BaseException as exc:
         with uninterrupted(), contextlib.suppress(DockerException):
-            _remove_left(engine, _own_labels(spec))
+            _remove_left(engine, _own_labels(spec), again=not isinstance(exc, Exception))
         raise
 
 
@@ -136,12 +137,14 @@ def run_step(spec: JobSpec) -> int:
 _LOOK_AGAIN_S = 3.0
 
 
-def _remove_left(engine: DockerEngine, labels: dict[str, str]) -> None:
+def _remove_left(engine: DockerEngine, labels: dict[str, str], again: bool = True) -> None:
     """Remove what a trampoline killed outright (``undone_if_killed``) or a launch that failed (``launched``)
-    left: its container, looked for twice, as the ``docker run`` it was waiting on may still be making it."""
+    left: its container, looked for ``again`` after a while where the ``docker run`` it was waiting on may
+    still be making it."""
     engine.remove(engine.containers(labels))
-    time.sleep(_LOOK_AGAIN_S)
-    engine.remove(engine.containers(labels))
+    if again:
+        time.sleep(_LOOK_AGAIN_S)
+        engine.remove(engine.containers(labels))
 
 
 def remove_orphans(engine: DockerEngine) -> int:
