@@ -377,3 +377,39 @@ def test_kind_cluster_runs_the_deployed_server(docker_engine, reference_file: Pa
             forward.terminate()
     finally:
         subprocess.run(["kubectl", "delete", "-f", str(tmp_path / "kubernetes.yaml")], check=False)
+
+
+#: Each chart's smallest values that render (its Secrets named, as a real release has them).
+SMALLEST = {
+    "function-server": {"function": "x", "auth": {"existingSecret": "s"}},
+    "key-release": {"auth": {"existingSecret": "s"}, "masterKey": {"existingSecret": "m"},
+                    "policies": {"existingConfigMap": "p"}},
+    "metadata-service": {"replicaCount": 1, "auth": {"existingSecret": "s"}},
+    "ui": {"auth": {"existingSecret": "s"}, "metadataService": {"url": "http://metadata:8080"}},
+    "worker-pool": {"pool": {"prefix": "mf-pool:1:s:", "flowFile": "/f.py", "size": 1},
+                    "redis": {"existingSecret": "s"}, "resources": {}},
+}  # fmt: skip
+#: A value that, pasted into a template unquoted, closes its string and adds keys to the pod.
+ESCAPE = '"\n      hostPID: true\n      automountServiceAccountToken: true\n      x: "'
+
+
+@pytest.mark.parametrize("chart", SMALLEST)
+def test_no_value_writes_yaml_into_a_chart(chart: str) -> None:
+    """An image reference comes from a flow (``@kubernetes(image=...)``, ``@worker_pool(image=...)``) and went
+    into the pod spec unquoted: a ``"`` and a newline in it gave the pod ``hostPID`` and the service
+    account's token. Image references and variable names now have their grammar in each chart's schema,
+    and every string is quoted where it is written (a Secret's name too, which Kubernetes judges itself)."""
+    smallest = {**SMALLEST[chart], "image": {"repository": "registry.example:5000/metaflow-stack/x", "tag": "t-1.0"}}
+    release = helm.render(chart, smallest, "x")  # (a registry's port, a path, a tag of dots and dashes: fine)
+    bad = [{"image": {"repository": "r/x", "tag": "t" + ESCAPE}}, {"image": {"repository": "r/x" + ESCAPE, "tag": "t"}},
+           {"image": {"repository": "R/X", "tag": "t"}}, {"env": {"A" + ESCAPE: "v"}}]  # fmt: skip
+    for values in bad:
+        with pytest.raises(StackError, match="refused the values"):
+            helm.render(chart, {**smallest, **values}, "x")
+    holder = "redis" if chart == "worker-pool" else "auth"
+    release = helm.render(chart, {**smallest, holder: {**smallest[holder], "existingSecret": "s" + ESCAPE}}, "x")
+    (deployment,) = (m for m in release.manifests if m["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert "hostPID" not in pod and pod.get("automountServiceAccountToken") is not True
+    given = [e["valueFrom"].get("secretKeyRef", {}) for e in pod["containers"][0]["env"] if "valueFrom" in e]
+    assert "s" + ESCAPE in [ref.get("name") for ref in given]

@@ -1679,10 +1679,21 @@ if __name__ == "__main__":
         ('@worker_pool(backend="elsewhere")', "", "backend='elsewhere' is not one of"),
         ("", "@worker_pool", "join is not the body of"),
         ('@worker_pool\n    @resources(memory="16Gi")', "", "@resources(memory='16Gi') is not a number"),
+        ('@worker_pool\n    @resources(cpu="nan")', "", "@resources(cpu='nan') is not a number of 0 or more"),
+        ("@worker_pool\n    @resources(gpu=0.5)", "", "@resources(gpu=0.5) is not a whole number of 0 or more"),
         ("@devcontainer\n    @worker_pool", "", "write @worker_pool above @devcontainer"),
         ('@worker_pool(backend="redis")\n    @devcontainer', "", "with @devcontainer the pool's workers are"),
     ],
-    ids=["size", "backend", "not-a-foreach-body", "resources", "devcontainer-order", "devcontainer-backend"],
+    ids=[
+        "size",
+        "backend",
+        "not-a-foreach-body",
+        "resources",
+        "resources-nan",
+        "resources-half-gpu",
+        "devcontainer-order",
+        "devcontainer-backend",
+    ],
 )
 def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:
     _fails_at_start(tmp_path, each, join, words)

@@ -78,7 +78,14 @@ def render(
         if path.endswith("NOTES.txt"):
             result.notes = text.strip()
             continue
-        for manifest in yaml.safe_load_all(text):
+        try:
+            manifests = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:  # (every value is quoted or checked by the schema: a template's own fault)
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise StackError(f"chart {chart} rendered {path} as YAML that does not parse{where}",
+                             fix="correct the template or the values it writes there") from None  # fmt: skip
+        for manifest in manifests:
             if not manifest:
                 continue
             validate_manifest(manifest, f"{path}: ", kubernetes_version)

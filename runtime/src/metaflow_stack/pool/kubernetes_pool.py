@@ -17,6 +17,7 @@ and a datastore both sides share.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -226,7 +227,7 @@ def kubernetes_resources(cpu: Any, gpu: Any, memory_mb: Any) -> dict[str, Any]:
     if cpu:
         requests["cpu"] = str(cpu)
     if memory_mb:
-        requests["memory"] = limits["memory"] = f"{int(float(memory_mb))}Mi"
+        requests["memory"] = limits["memory"] = f"{math.ceil(float(memory_mb))}Mi"  # (half a MB is not none)
     if gpu:
         limits["nvidia.com/gpu"] = str(int(float(gpu)))
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}

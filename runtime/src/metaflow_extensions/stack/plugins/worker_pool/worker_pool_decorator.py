@@ -12,6 +12,7 @@ Metaflow's own compute decorators.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -111,14 +112,16 @@ class WorkerPoolDecorator(StepDecorator):
                 f"step {step}: a Nomad job's workers read and write the run's datastore from another machine, and "
                 "this run's is a folder here (fix: run with --datastore s3)"
             )
-        for key, value in self.resources.items():
-            try:
-                float(value or 0)
+        for key, value in self.resources.items():  # (what pods, allocations and actors are given: Kubernetes
+            try:  # takes "nan" as far as its admission, and a half GPU was rounded down to none)
+                number = float(value or 0)
             except (TypeError, ValueError):
+                number = math.nan
+            if not (math.isfinite(number) and number >= 0 and (key != "gpu" or number.is_integer())):
                 raise WorkerPoolException(
-                    f"step {step}: @resources({key}={value!r}) is not a number, which a pool's workers need "
-                    f"(fix: {key}=2{', in MB' if key == 'memory' else ''})"
-                ) from None
+                    f"step {step}: @resources({key}={value!r}) is not a {'whole ' if key == 'gpu' else ''}number "
+                    f"of 0 or more, which a pool's workers need (fix: {key}=2{', in MB' if key == 'memory' else ''})"
+                )
         self.environment, self.own_environment = environment, has_own(environment, decos)
         if self.own_environment:
             self._environment_here(environment.TYPE)
