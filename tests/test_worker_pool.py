@@ -549,6 +549,26 @@ def test_stopping_the_run_leaves_no_worker_behind(
         assert not pool_keys(env[URL_VARIABLE])
 
 
+def test_a_pools_pods_are_deleted_where_they_run_when_the_user_switches_clusters(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """kubectl's current context is pinned as the pool starts: switched to another cluster while the items
+    ran, the pods were deleted there (finding none) and kept running, on GPUs it may be, where they were."""
+    env = backend_env("kubernetes", request, tmp_path)
+    runtime = start_busy_run(tmp_path, "kubernetes", env)
+    try:
+        assert len(pods_left(env)) == 1
+        kubectl = [str(KUBECTL_DOUBLE / "kubectl"), "config", "use-context", "another-cluster"]
+        subprocess.run(kubectl, env={**os.environ, **env}, check=True, capture_output=True, timeout=30)
+        (tmp_path / "release").touch()
+        output, _ = runtime.communicate(timeout=300)
+    finally:
+        runtime.kill()
+    assert runtime.returncode == 0, output[-3000:]
+    assert not pods_left(env)  # (the cluster the pool started on)
+    assert not none_left()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED is Linux's")
 def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -> None:
     """Another process listening on the pool's socket (a task of a sandboxed pool can write its folder)

@@ -123,16 +123,17 @@ def apply(manifests: Path, namespace: str) -> str:
     return kubectl("apply", "--namespace", namespace, "-f", str(manifests)).strip()
 
 
-def kubectl(*args: str, stdin: str | None = None, timeout_s: float = KUBECTL_TIMEOUT_S) -> str:
-    """Run ``kubectl`` on the current context and return what it printed; ``StackError`` with its last
-    line if it fails (a Secret's manifest goes on ``stdin``: on no command line)."""
+def kubectl(
+    *args: str, stdin: str | None = None, timeout_s: float = KUBECTL_TIMEOUT_S, context: str | None = None
+) -> str:
+    """Run ``kubectl`` on ``context`` (default: the current one) and return what it printed; ``StackError``
+    with its last line if it fails (a Secret's manifest goes on ``stdin``: on no command line)."""
     binary = shutil.which("kubectl")
     if binary is None:
         raise ToolMissingError("kubectl is not on PATH", fix="install kubectl and point it at the cluster")
+    line = [binary, *(["--context", context] if context else []), *args]
     try:
-        done = subprocess.run(
-            [binary, *args], input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        done = subprocess.run(line, input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         raise StackError(f"kubectl {args[0]} did not end in {timeout_s:.0f}s", fix="check the cluster") from None
     if done.returncode != 0:

@@ -12,8 +12,9 @@ from metaflow_stack.pool.redis_dispatch import RedisExecutor
 
 
 async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
-    """``args``: the pool's key prefix, the pods' namespace and their release's name."""
-    prefix, namespace, release = args
+    """``args``: the pool's key prefix, the pods' namespace, their release's name and kubectl's context (empty:
+    the current one)."""
+    prefix, namespace, release, context = args
     executor = await redis_dispatch.open_executor(folder, [prefix])
-    executor.remove_workers = functools.partial(delete_pods, namespace, release)
+    executor.remove_workers = functools.partial(delete_pods, namespace, release, context or None)
     return executor

@@ -8,7 +8,9 @@ reached Redis) and waits for the pods to be ready (warm) before the first
 item, failing at once, with the reason, for a pod that cannot start. The
 dispatcher deletes them, and waits for them to go, when it stops, which it
 does when the run ends however it ends (its pipe from the runtime closes
-even when the runtime is killed outright). The pods
+even when the runtime is killed outright). Every call after the first goes
+to the context that was kubectl's current one when the pool started: a user
+who switches clusters while a run goes on leaves no pods behind. The pods
 must see the flow's file at the run's path (built into the image, or
 mounted through ``hostPaths`` on a dev cluster), reach Redis at the pod URL
 and a datastore both sides share.
@@ -27,7 +29,7 @@ from typing import Any
 from metaflow_stack.deploy import helm
 from metaflow_stack.deploy.helm import kubectl
 from metaflow_stack.elsewhere import metaflow_settings
-from metaflow_stack.errors import StackError
+from metaflow_stack.errors import StackError, ToolMissingError
 from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
 from metaflow_stack.pool.redis_queue import private, readable
 
@@ -69,8 +71,14 @@ class KubernetesPool(ClusterPool):
         namespace: str,
     ) -> None:
         super().__init__(flow_file, size, name, url, prefix)
-        self.args += [namespace, self.workers_name]  # the dispatcher's: which pods to delete
         self.image, self.resources, self.extra_values, self.namespace = image, resources, values, namespace
+        self.context: str | None = None  # kubectl's, pinned as the pool starts
+        self.args += [namespace, self.workers_name, ""]  # the dispatcher's: which pods to delete, and where
+
+    def start(self) -> None:
+        self.context = current_context()
+        self.args[-1] = self.context or ""
+        super().start()
 
     def values(self) -> dict[str, Any]:
         redis = {"url": private(readable(os.environ.get(POD_URL_VARIABLE) or self.url))}
@@ -85,13 +93,15 @@ class KubernetesPool(ClusterPool):
 
     def place(self, rendered: str) -> None:
         # Server-side: kubectl keeps no copy of the Secret (the URL) in an annotation.
-        kubectl("apply", "--server-side", "--namespace", self.namespace, "-f", "-", stdin=rendered)
+        kubectl(
+            "apply", "--server-side", "--namespace", self.namespace, "-f", "-", stdin=rendered, context=self.context
+        )
 
     def wait_workers(self) -> None:
-        wait_for_pods(self.namespace, self.workers_name, self.size)
+        wait_for_pods(self.namespace, self.workers_name, self.size, self.context)
 
     def remove(self) -> None:
-        delete_pods(self.namespace, self.workers_name)
+        delete_pods(self.namespace, self.workers_name, self.context)
 
     def advice(self) -> str:
         # (the pods are deleted by then: their events stay a while)
@@ -101,31 +111,42 @@ class KubernetesPool(ClusterPool):
         )
 
 
-def delete_pods(namespace: str, release: str) -> None:
+def current_context() -> str | None:
+    """kubectl's current context, or None where it has none (in a pod: its own cluster's credentials)."""
+    try:
+        return kubectl("config", "current-context").strip() or None
+    except StackError as exc:
+        if isinstance(exc, ToolMissingError):
+            raise
+        return None
+
+
+def delete_pods(namespace: str, release: str, context: str | None = None) -> None:
     """Delete a pool's objects by their label (whatever of them was applied) and wait until its pods are
     gone (foreground: the pods first, then their Deployment); if kubectl cannot, say what is left and how
     to remove it (stopping goes on)."""
     delete = ["delete", "deployment,secret", "--namespace", namespace, "-l", f"{INSTANCE}={release}"]
     delete += ["--ignore-not-found", "--cascade=foreground", "--wait=true", f"--timeout={DELETE_TIMEOUT_S}s"]
     try:
-        kubectl(*delete, timeout_s=DELETE_TIMEOUT_S + 30)
+        kubectl(*delete, timeout_s=DELETE_TIMEOUT_S + 30, context=context)
     except StackError as exc:
         print(
             f"worker pool: the pods may be left: {exc.message} "
-            f"(fix: kubectl --namespace {namespace} delete deployment,secret -l {INSTANCE}={release})",
+            f"(fix: kubectl{f' --context {context}' if context else ''} --namespace {namespace} delete "
+            f"deployment,secret -l {INSTANCE}={release})",
             file=sys.stderr,
             flush=True,
         )
 
 
-def wait_for_pods(namespace: str, release: str, size: int) -> None:
+def wait_for_pods(namespace: str, release: str, size: int, context: str | None = None) -> None:
     """Until ``size`` pods of ``release`` are ready (warm); ``StackError`` at once for a pod that cannot
     start (its image, its Secret, a crash: with the crash's last line), or after ``READY_TIMEOUT_S``."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     ready = 0
     while time.monotonic() < deadline:
         listing = ["get", "pods", "--namespace", namespace, "-l", f"{INSTANCE}={release}", "-o", "json"]
-        pods = json.loads(kubectl(*listing))["items"]
+        pods = json.loads(kubectl(*listing, context=context))["items"]
         ready = 0
         for pod in pods:
             statuses = pod.get("status", {}).get("containerStatuses") or []
@@ -135,17 +156,18 @@ def wait_for_pods(namespace: str, release: str, size: int) -> None:
                 if waiting.get("reason") in CANNOT_START:
                     name = pod["metadata"]["name"]
                     said = f"pod {name}: {waiting['reason']}: {waiting.get('message', '').strip()}"
-                    raise StackError(said + _last_words(namespace, name))
+                    raise StackError(said + _last_words(namespace, name, context))
         if ready >= size:
             return
         time.sleep(POLL_S)
     raise StackError(f"{ready} of {size} ready after {READY_TIMEOUT_S}s")
 
 
-def _last_words(namespace: str, pod: str) -> str:
+def _last_words(namespace: str, pod: str, context: str | None) -> str:
     """The last line a crashed pod's worker wrote, if kubectl can read it."""
     try:
-        lines = kubectl("logs", pod, "--namespace", namespace, "--previous", "--tail=1").strip().splitlines()
+        lines = kubectl("logs", pod, "--namespace", namespace, "--previous", "--tail=1", context=context)
+        lines = lines.strip().splitlines()
     except StackError:
         return ""
     return f" (its last line: {lines[-1]})" if lines else ""
