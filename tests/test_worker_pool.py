@@ -1005,6 +1005,25 @@ def test_kubernetes_pods_that_cannot_start_fail_the_step_in_one_line(
     assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
 
+def test_kubernetes_pods_the_cluster_refuses_to_make_fail_the_step_at_once_with_its_reason(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A namespace's quota refuses the pods (no pod appears to say why): the step fails with the quota's words
+    at once, not after the 300 s the pods have to become ready, and nothing is left."""
+    env = backend_env("kubernetes", request, tmp_path)
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "team-quota"},
+             "spec": {"hard": {"requests.cpu": "1"}}}  # fmt: skip
+    kubectl = [str(KUBECTL_DOUBLE / "kubectl"), "apply", "--namespace", "default", "-f", "-"]
+    subprocess.run(kubectl, input=json.dumps(quota), text=True, env={**os.environ, **env}, check=True, timeout=30)
+    started = time.monotonic()
+    done = run_flow(tmp_path, "--with", "resources:cpu=2", backend="kubernetes", env=env)
+    assert done.returncode != 0 and time.monotonic() - started < 120
+    assert "the pool's pods did not become ready: the cluster refuses to make them: FailedCreate" in done.stderr
+    assert "exceeded quota: team-quota" in done.stderr and "fix: ask for less (@resources)" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
+
+
 def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     tmp_path: Path, request: pytest.FixtureRequest, s3_bucket: str
 ) -> None:

@@ -159,8 +159,24 @@ def wait_for_pods(namespace: str, release: str, size: int, context: str | None =
                     raise StackError(said + _last_words(namespace, name, context))
         if ready >= size:
             return
+        if len(pods) < size:  # (pods the cluster will not make: waiting longer makes none)
+            _refused(namespace, release, context)
         time.sleep(POLL_S)
     raise StackError(f"{ready} of {size} ready after {READY_TIMEOUT_S}s")
+
+
+def _refused(namespace: str, release: str, context: str | None) -> None:
+    """``StackError`` with the cluster's reason where it refuses to make the pods (a namespace's quota, a
+    Pod Security admission): their Deployment's ``ReplicaFailure`` condition says so, and no pod ever
+    appears to tell it."""
+    listing = ["get", "deployments", "--namespace", namespace, "-l", f"{INSTANCE}={release}", "-o", "json"]
+    for deployment in json.loads(kubectl(*listing, context=context))["items"]:
+        for condition in deployment.get("status", {}).get("conditions") or []:
+            if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+                raise StackError(
+                    f"the cluster refuses to make them: {condition.get('reason')}: {condition.get('message', '')}",
+                    fix="ask for less (@resources) or have the namespace's quota or policy changed",
+                )
 
 
 def _last_words(namespace: str, pod: str, context: str | None) -> str:
