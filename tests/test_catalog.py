@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,72 @@ def test_tag_changes_when_a_runtime_source_changes(tmp_path: Path, monkeypatch: 
     with (checkout / "runtime/src/metaflow_stack/catalog.py").open("a") as source:
         source.write("\n# changed\n")
     assert _tag(entry) != before
+
+
+def test_staging_copies_a_link_as_a_link_and_never_its_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Docker sends a context: a link to a private file or a folder outside the tree stays a link."""
+    checkout = _copy_of_the_tree(tmp_path, monkeypatch)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("kept-out-of-the-image")
+    secret.chmod(0o600)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "key.pem").write_text("kept-out-of-the-image")
+    package = checkout / "runtime/src/metaflow_stack"
+    (package / "leak.txt").symlink_to(secret)
+    (package / "linked").symlink_to(outside)
+    with catalog.staged_context(catalog.get("base")) as context:
+        staged = context / "runtime/src/metaflow_stack"
+        assert os.readlink(staged / "leak.txt") == str(secret)
+        assert os.readlink(staged / "linked") == str(outside)
+        copied = [p for p in context.rglob("*") if p.is_file() and not p.is_symlink()]
+        assert not [p for p in copied if b"kept-out-of-the-image" in p.read_bytes()]
+
+
+def test_a_link_moved_to_another_target_of_the_same_bytes_changes_the_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image holds the link, not its target's bytes: the tag follows where it points."""
+    package = _copy_of_the_tree(tmp_path, monkeypatch) / "runtime/src/metaflow_stack"
+    for name in ("one.txt", "two.txt"):
+        (package / name).write_text("the same bytes")
+    link = package / "linked.txt"
+    link.symlink_to("one.txt")
+    before = _tag(catalog.get("base"))
+    link.unlink()
+    link.symlink_to("two.txt")
+    assert _tag(catalog.get("base")) != before
+
+
+def test_staged_files_get_the_modes_the_tag_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """COPY keeps every mode bit and the tag hashes the executable one: staging leaves no other bit to differ.
+    A private source (0600), or an entrypoint made under a umask of 077 (0700), stages as 0644 or 0755."""
+    checkout = _copy_of_the_tree(tmp_path, monkeypatch)
+    source = checkout / "runtime/src/metaflow_stack/catalog.py"
+    script = checkout / "runtime/src/metaflow_stack/entrypoint.sh"
+    script.write_text("#!/bin/sh\n")
+    source.chmod(0o644)
+    script.chmod(0o755)
+    readable = _tag(catalog.get("base"))
+    source.chmod(0o600)
+    script.chmod(0o700)
+    (checkout / "runtime/src/metaflow_stack").chmod(0o700)
+    with catalog.staged_context(catalog.get("base")) as context:
+        staged = context / "runtime/src/metaflow_stack"
+        modes = {
+            p.name: stat.S_IMODE(p.stat().st_mode) for p in (staged, staged / "catalog.py", staged / "entrypoint.sh")
+        }
+        assert catalog.tag_for(context, "python:3.11-slim") == readable
+    assert modes == {"metaflow_stack": 0o755, "catalog.py": 0o644, "entrypoint.sh": 0o755}
+
+
+def test_a_type_checkers_cache_leaves_the_tag_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = _copy_of_the_tree(tmp_path, monkeypatch)
+    before = _tag(catalog.get("base"))
+    cache = checkout / "runtime/src/.mypy_cache/3.11"
+    cache.mkdir(parents=True)
+    (cache / "catalog.meta.json").write_text("{}")
+    assert _tag(catalog.get("base")) == before
 
 
 def test_images_dir_without_a_base_image_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

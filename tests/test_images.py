@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import uuid
 from pathlib import Path
 
@@ -71,6 +72,40 @@ def test_ca_bundle_reaches_the_build_and_never_lands_in_the_image(
         for image in (tag, base_image):
             env = docker_engine.image.inspect(image).config.env
             assert not [e for e in env if e.startswith(("PIP_CERT", "SSL_CERT_FILE"))]
+    finally:
+        docker_engine.image.remove(tag, force=True)
+
+
+def test_a_private_build_arg_reaches_the_build_but_never_the_clients_command_line(
+    docker_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any local user reads a running client's ``/proc/<pid>/cmdline``: a private arg's value goes in its
+    environment, never there. The client is the real one, behind a wrapper that logs that file and execs it."""
+    how = builders.route()
+    real = (
+        how.removeprefix("classic:")
+        if how.startswith("classic:")
+        else shutil.which(settings.load().docker_client or "docker")
+    )
+    seen = tmp_path / "cmdlines"
+    wrapper = tmp_path / "docker"
+    wrapper.write_text(f"#!/bin/sh\ntr '\\0' '\\n' < /proc/$$/cmdline >> {seen}\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("METAFLOW_STACK_DOCKER_CLIENT", str(wrapper))
+    secret = f"https://alice:{uuid.uuid4().hex}@pypi.example/simple"
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\nARG PIP_INDEX_URL\nLABEL seen=${PIP_INDEX_URL}\n")
+    tag = f"metaflow-stack/test-private-arg:{uuid.uuid4().hex[:8]}"
+    request = builders.BuildRequest(
+        context=context, tag=tag, build_args={"PIP_INDEX_URL": secret}, private_args=("PIP_INDEX_URL",)
+    )
+    builders.build(request, Console(quiet=True))
+    try:
+        assert docker_engine.image.inspect(tag).config.labels["seen"] == secret, "the build got the value"
+        argv = seen.read_text().splitlines()
+        assert not [arg for arg in argv if secret in arg]
+        assert "PIP_INDEX_URL" in argv  # by its name alone
     finally:
         docker_engine.image.remove(tag, force=True)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from sigstore_signing import Fulcio, sign, signature_tag
 
 from metaflow_stack import builders, image_lock, images
 from metaflow_stack.ci.plugin import required
+from metaflow_stack.deploy import write_atomically
 from metaflow_stack.errors import RegistryError
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -223,6 +225,26 @@ def test_a_lock_for_other_sources_is_not_used(
     stale = image_lock.LockedImage(ref=f"{base_image.rsplit(':', 1)[0]}:0000000000000000", digest="sha256:" + "0" * 64)
     image_lock.write(image_lock.ImageLock(registry=local_registry, images={"base": stale}), lock_path)
     assert images.resolve("base") == base_image  # the sources here hash to another tag: the lock does not apply
+
+
+def test_a_lock_is_written_with_the_mode_any_new_file_gets(tmp_path: Path) -> None:
+    """0666 less the umask, as ``open`` gives: not a temporary file's 0600, which keeps it from everyone else."""
+    lock = image_lock.ImageLock(registry="registry.example", images={})
+    previous = os.umask(0o027)
+    try:
+        written = image_lock.write(lock, tmp_path / "images.lock.json")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["images.lock.json"]
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_other(tmp_path: Path) -> None:
+    kept = write_atomically(tmp_path / "images.lock.json", "the released lock\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_atomically(kept, "a lone surrogate: \ud800")
+    assert kept.read_text() == "the released lock\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["images.lock.json"]
 
 
 def test_a_broken_lock_is_one_line_naming_the_field(lock_path: Path) -> None:

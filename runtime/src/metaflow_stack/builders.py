@@ -4,12 +4,14 @@ BuildKit is required: Dockerfiles mount the CA bundle as a build secret
 (``RUN --mount=type=secret,id=pipca``), so it never lands in a layer. Two
 routes reach BuildKit:
 
-* the buildx plugin (Docker Desktop, CI runners), driven through
-  python-on-whales;
+* the buildx plugin (Docker Desktop, CI runners): ``docker buildx build``;
 * a classic client whose ``docker build`` talks to the engine's built-in
   BuildKit when ``DOCKER_BUILDKIT=1`` (Docker 20.10 to 22.x, Debian's
-  ``docker.io``); python-on-whales' ``legacy_build`` cannot pass ``--secret``,
-  so that route calls the client directly.
+  ``docker.io``).
+
+Both run the client here rather than through python-on-whales, which puts
+every build arg's value in the client's ``argv`` (and cannot pass
+``--secret`` to a classic build).
 
 Either way the image is tagged only after the whole build succeeded, so a
 failed build leaves no half-tagged image behind.
@@ -18,7 +20,13 @@ A build arg can hold a credential (a devcontainer.json's
 ``${localEnv:PIP_INDEX_URL}``), so nothing a build prints or raises shows one:
 not its command line; a ``--build-arg`` some tool logged, by its name alone;
 the values of ``BuildRequest.private_args`` (any of 4 characters or more)
-nowhere (``redact``).
+nowhere (``redact``). Nor does the client's own command line, which every
+local user can read (``ps``, ``/proc/<pid>/cmdline``) while the build runs: a
+private arg is passed by its name alone, its value in the client's
+environment, where docker reads it. What no route can hide is BuildKit's own
+record: an arg a ``RUN`` step uses is kept, in plain text, in the image's
+history (``docker history``), so a credential belongs in a build secret
+(``secrets``), never in an arg.
 
 A build that publishes (``push``) goes to the registry its tag names. Through
 buildx it is one manifest list for every platform asked for, with an SBOM and
@@ -201,9 +209,40 @@ def build(request: BuildRequest, console: Console) -> str | None:
     return _push_classic(request.tag) if request.push else None
 
 
-def _feed(tracker: _StepTracker, lines: Iterable[str]) -> None:
-    for line in lines:
-        tracker.feed(line.rstrip("\n"))
+def _common_flags(request: BuildRequest) -> tuple[list[str], dict[str, str]]:
+    """The flags both routes pass, and the environment the client runs in.
+
+    A private arg goes as ``--build-arg NAME``, which docker completes from
+    its own environment: its value is never in the client's ``argv``, which
+    any local user can read while the build runs.
+    """
+    flags = ["--file", str(request.context / request.dockerfile)]
+    if request.target:
+        flags += ["--target", request.target]
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    for key, value in request.build_args.items():
+        if key in request.private_args:
+            flags += ["--build-arg", key]
+            env[key] = value
+        else:
+            flags += ["--build-arg", f"{key}={value}"]
+    for key, value in request.labels.items():
+        flags += ["--label", f"{key}={value}"]
+    for secret in request.secret_values():
+        flags += ["--secret", secret]
+    return flags, env
+
+
+def _run(command: list[str], env: dict[str, str], tracker: _StepTracker) -> None:
+    """Run a build client, its output (both streams) fed to ``tracker``; ``CalledProcessError`` when it fails."""
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            tracker.feed(line.rstrip("\n"))
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
 
 
 def _attestations(request: BuildRequest) -> bool:
@@ -234,26 +273,16 @@ def _build_buildx(request: BuildRequest, tracker: _StepTracker) -> str | None:
             fix="docker buildx use default (the engine's own builder)",
         )
     attest = _attestations(request)
+    flags, env = _common_flags(request)
     with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
         metadata = Path(tmp) / "metadata.json"
-        logs = client().buildx.build(
-            request.context,
-            file=request.context / request.dockerfile,
-            build_args=request.build_args,
-            labels=request.labels,
-            secrets=request.secret_values(),
-            tags=[request.tag],
-            target=request.target,
-            load=not request.push,
-            push=request.push,
-            platforms=list(request.platforms) or None,
-            sbom=True if attest else None,
-            provenance={"mode": "max"} if attest else None,
-            metadata_file=metadata,
-            progress="plain",
-            stream_logs=True,
-        )
-        _feed(tracker, logs)
+        command = [*client().client_config.docker_cmd, "buildx", "build", "--progress=plain", *flags]
+        command += ["--tag", request.tag, "--metadata-file", str(metadata), "--push" if request.push else "--load"]
+        if request.platforms:
+            command += ["--platform", ",".join(request.platforms)]
+        if attest:
+            command += ["--sbom=true", "--provenance=mode=max"]
+        _run([*command, str(request.context)], env, tracker)
         if not request.push:
             return None
         try:
@@ -280,25 +309,10 @@ def _push_classic(tag: str) -> str:
 
 
 def _build_classic(request: BuildRequest, tracker: _StepTracker, binary: str) -> None:
+    flags, env = _common_flags(request)
     with tempfile.TemporaryDirectory(prefix="stack-build-") as tmp:
         iidfile = Path(tmp) / "iid"
-        command = [binary, "build", "--progress=plain", "--iidfile", str(iidfile)]
-        command += ["--file", str(request.context / request.dockerfile)]
-        if request.target:
-            command += ["--target", request.target]
-        for key, value in request.build_args.items():
-            command += ["--build-arg", f"{key}={value}"]
-        for key, value in request.labels.items():
-            command += ["--label", f"{key}={value}"]
-        for secret in request.secret_values():
-            command += ["--secret", secret]
-        command.append(str(request.context))
-        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-        with subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        ) as process:
-            assert process.stdout is not None
-            _feed(tracker, process.stdout)
-        if process.returncode != 0:
-            raise subprocess.CalledProcessError(process.returncode, command)
+        _run(
+            [binary, "build", "--progress=plain", "--iidfile", str(iidfile), *flags, str(request.context)], env, tracker
+        )
         client().image.tag(iidfile.read_text().strip(), request.tag)

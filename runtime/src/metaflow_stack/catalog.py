@@ -11,11 +11,18 @@ sources it copies in, the lock file among them) and the base image it builds
 from, whose reference carries the base's own tag. The same sources on any
 machine give the same tag, so a published image can be found by computing the
 tag locally, and a change to the base gives every image above it a new tag.
+
+Staging keeps what Docker would send of the same tree: a symbolic link stays
+a link (its target, in or out of the tree, is never read or copied), and a
+file's mode is 0755 when it is executable, else 0644, so the tag, which
+hashes links by their target's name and files by their bytes and executable
+bit, covers everything the image gets from them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +34,7 @@ from metaflow_stack import settings
 from metaflow_stack.errors import StackError, UnknownImageError
 
 #: Files under an included source tree that never belong in a build context.
-_IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache", "node_modules"}
+_IGNORED_PARTS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", "node_modules"}
 #: Files of the runtime's tree that are not part of its images: the image lock names the images, so it
 #: cannot be in them (a release writes it after building them, and every tag would move with it).
 _IGNORED_NAMES = {"images.lock.json"}
@@ -185,18 +192,37 @@ def _wanted(path: Path) -> bool:
 
 
 def _copy(source: Path, dest: Path) -> None:
-    if source.is_dir():
-        for item in sorted(source.rglob("*")):
+    if source.is_dir() and not source.is_symlink():
+        for item in sorted(source.rglob("*")):  # (never into a linked folder: the link itself is copied)
             relative = item.relative_to(source)
-            if item.is_file() and _wanted(relative):
-                target = dest / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, target)
-    elif source.is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, dest)
+            if (item.is_symlink() or item.is_file()) and _wanted(relative):
+                _copy_entry(item, dest / relative)
+    elif source.is_symlink() or source.is_file():
+        _copy_entry(source, dest)
     else:
         raise StackError(f"the build context of an image needs {source}, which is missing")
+
+
+def _copy_entry(source: Path, dest: Path) -> None:
+    """A file by its bytes, a link as a link: a link's target, maybe outside the tree, is never read."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, dest, follow_symlinks=False)
+
+
+def normalise_modes(tree: Path) -> None:
+    """Make ``tree``'s folders 0755 and its files 0644, or 0755 when executable, as an image should get them.
+
+    ``COPY`` keeps every mode bit: a file staged under a umask of 077, or one
+    its owner made private, would be unreadable to an image's non-root user.
+    Links are left alone (a mode change would reach their targets).
+    """
+    for path in (tree, *tree.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            path.chmod(0o755 if path.stat().st_mode & 0o111 else 0o644)
 
 
 @contextmanager
@@ -208,15 +234,20 @@ def staged_context(entry: ImageEntry) -> Iterator[Path]:
         _copy(entry.context_dir(), staged)
         for source, dest in entry.includes:
             _copy(root / source, staged / dest)
+        normalise_modes(staged)
         yield staged
 
 
 def context_hash(context: Path, base_image: str) -> str:
-    """A digest of a staged context's files (paths, modes and bytes) and the base image."""
+    """A digest of a context's files (paths, executable bits and bytes), its links (paths and targets' names)
+    and the base image."""
     digest = hashlib.sha256()
     digest.update(f"base={base_image}\n".encode())
-    for item in sorted(p for p in context.rglob("*") if p.is_file()):
+    for item in sorted(p for p in context.rglob("*") if p.is_symlink() or p.is_file()):
         relative = item.relative_to(context).as_posix()
+        if item.is_symlink():
+            digest.update(f"{relative}\0link\0{os.readlink(item)}\0".encode())
+            continue
         executable = item.stat().st_mode & 0o111 != 0
         digest.update(f"{relative}\0{int(executable)}\0".encode())
         digest.update(hashlib.sha256(item.read_bytes()).digest())

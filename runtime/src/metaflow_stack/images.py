@@ -13,6 +13,8 @@ taken from that push, and the lock written from those digests.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from python_on_whales import DockerClient
-from python_on_whales.exceptions import DockerException
+from python_on_whales.exceptions import DockerException, NoSuchImage
 from rich.console import Console
 
 from metaflow_stack import __version__, base_images, builders, catalog, image_lock, settings
@@ -53,8 +55,12 @@ def _plan(name: str, docker: DockerClient, *, probe_registry: bool = True) -> tu
     else:
         base = _plan(entry.base, docker, probe_registry=probe_registry)[2]
     with catalog.staged_context(entry) as context:
-        tag = catalog.tag_for(context, base)
-    return entry, base, f"{catalog.repository(entry, registry='')}:{tag}"
+        return entry, base, _local_ref(entry, context, base)
+
+
+def _local_ref(entry: catalog.ImageEntry, context: Path, base: str) -> str:
+    """The local reference of ``entry`` built from the staged ``context`` on ``base``."""
+    return f"{catalog.repository(entry, registry='')}:{catalog.tag_for(context, base)}"
 
 
 #: An engine's architecture (``engines.docker.machine``) as a build platform.
@@ -89,29 +95,39 @@ def build(name: str, *, push: bool = False, force: bool = False, console: Consol
         if entry.base is None:
             base_images.ensure(base, docker, console)
         else:
-            resolve(entry.base, console=console)  # the stack base: here, published or built first
-        with _staged_request(entry, base, ref) as request, console.status(f"building {ref}"):
+            base = resolve(entry.base, console=console)  # the stack base: here, published or built first
+        with _staged_request(entry, base) as (ref, request), console.status(f"building {ref}"):
             builders.build(request, console)
         console.print(f"built {ref}")
     else:
         console.print(f"{ref} is up to date")
     if push:
-        push_image(name, console=console)
+        push_reference(ref, console=console)
     return ref
 
 
 @contextmanager
 def _staged_request(
-    entry: catalog.ImageEntry, base: str, tag: str, from_image: str | None = None, **options: Any
-) -> Iterator[builders.BuildRequest]:
-    """The build of ``entry`` on ``base`` (pulled as ``from_image`` when that names it elsewhere) as ``tag``."""
+    entry: catalog.ImageEntry, base: str, *, registry: str = "", from_image: str | None = None, **options: Any
+) -> Iterator[tuple[str, builders.BuildRequest]]:
+    """The build of ``entry`` on ``base`` (pulled as ``from_image`` when that names it elsewhere), and its local
+    reference; tagged under ``registry`` when one is named.
+
+    The sources are staged once, and the tag hashes that staging: sources
+    edited while the build waits (for its base, minutes) build under their own
+    tag, never under the tag of what was there before.
+    """
     with catalog.staged_context(entry) as context:
-        yield builders.BuildRequest(
-            context=context,
-            tag=tag,
-            build_args={"BASE_IMAGE": from_image or base},
-            labels={"org.opencontainers.image.version": __version__, "org.opencontainers.image.base.name": base},
-            **options,
+        ref = _local_ref(entry, context, base)
+        yield (
+            ref,
+            builders.BuildRequest(
+                context=context,
+                tag=f"{registry}/{ref}" if registry else ref,
+                build_args={"BASE_IMAGE": from_image or base},
+                labels={"org.opencontainers.image.version": __version__, "org.opencontainers.image.base.name": base},
+                **options,
+            ),
         )
 
 
@@ -147,12 +163,13 @@ def publish(
     built. An image above the stack base builds from the base just published.
     """
     console = console or _stderr
+    registry = _checked_registry(registry, "--registry (or METAFLOW_STACK_REGISTRY)")
     docker = require_engine()
     released: dict[str, image_lock.LockedImage] = {}
     wanted = tuple(platforms)
     skipped: set[str] = set()
     for name in _bases_first(names):
-        entry, base, ref = _plan(name, docker)
+        entry, base, _ = _plan(name, docker)
         chosen = platforms_for(entry, wanted)
         if (wanted and not chosen) or (not wanted and not builds_here(name, docker)) or entry.base in skipped:
             console.print(f"skipped {entry.name}: it or its base builds for other platforms only")
@@ -162,11 +179,14 @@ def publish(
             base_images.ensure(base, docker, console)
         # An image above the base builds from the base just pushed, by its digest: a tag could move between.
         below = released.get(entry.base) if entry.base is not None else None
-        from_image = base if below is None else f"{registry}/{below.repository}@{below.digest}"
-        remote = f"{registry}/{ref}"
-        staged = _staged_request(entry, base, remote, from_image, push=True, platforms=chosen)
-        with staged as request, console.status(f"publishing {remote}"):
+        if below is not None:
+            base, from_image = below.ref, f"{registry}/{below.repository}@{below.digest}"
+        else:
+            from_image = base
+        staged = _staged_request(entry, base, registry=registry, from_image=from_image, push=True, platforms=chosen)
+        with staged as (ref, request), console.status(f"publishing {request.tag}"):
             digest = builders.build(request, console)
+        remote = f"{registry}/{ref}"
         if digest is None:
             raise RegistryError(f"{remote} was built without being pushed", fix="publish it again")
         released[entry.name] = image_lock.LockedImage(ref=ref, digest=digest)
@@ -216,21 +236,63 @@ def _pull_released(lock: image_lock.ImageLock, entry: image_lock.LockedImage, co
     return entry.ref
 
 
-def _transfer(console: Console, doing: str, call: Callable[[], object], failure: str, fix: str) -> None:
-    """One push or pull under a status line; the engine's refusal becomes a ``RegistryError`` in its words."""
+@contextmanager
+def _refused_as(failure: str, fix: str) -> Iterator[None]:
+    """The engine's refusal of what runs within (a push, a pull, a name given or taken off: another process may
+    have removed the image meanwhile) as a ``RegistryError`` in its words, never a traceback."""
     try:
-        with console.status(doing):
-            call()
+        yield
     except DockerException as exc:
         raise RegistryError(f"{failure}: {(exc.stderr or '').strip()}", fix=fix) from exc
+
+
+def _transfer(console: Console, doing: str, call: Callable[[], object], failure: str, fix: str) -> None:
+    """One push or pull under a status line; the engine's refusal becomes a ``RegistryError`` in its words."""
+    with _refused_as(failure, fix), console.status(doing):
+        call()
 
 
 def _pull_as(remote: str, ref: str, console: Console, failure: str, fix: str) -> None:
     """Pull ``remote`` and keep it under the local name ``ref`` alone (a digest reference goes too)."""
     docker = require_engine()
     _transfer(console, f"pulling {remote}", lambda: docker.image.pull(remote, quiet=True), failure, fix)
-    docker.image.tag(remote, ref)
-    docker.image.remove(remote)
+    _retag(docker, remote, ref)
+    _untag(docker, remote)
+
+
+def _retag(docker: DockerClient, image: str, name: str) -> None:
+    """Give ``image`` the name ``name`` too."""
+    with _refused_as(f"naming {image} {name} failed", fix="run the command again"):
+        docker.image.tag(image, name)
+
+
+def _untag(docker: DockerClient, name: str) -> None:
+    """Take the name ``name`` off its image (the layers stay). Gone already is done: another process pushing
+    or pulling the same image takes it off too, and that must not replace this one's outcome."""
+    with (
+        _refused_as(f"removing the name {name} failed", fix=f"docker image rm {name}"),
+        contextlib.suppress(NoSuchImage),
+    ):
+        docker.image.remove(name)
+
+
+#: What Docker takes as the front of an image reference: a host (a name, an IPv4 address or a bracketed IPv6
+#: one) with an optional port, then repository path components, which must be lowercase.
+_REGISTRY = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)"
+    r"(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
+
+
+def _checked_registry(registry: str, setting: str) -> str:
+    """``registry`` when Docker can put it in front of an image's name; else one line naming ``setting``."""
+    if not _REGISTRY.fullmatch(registry):
+        raise RegistryError(
+            f"{setting} is {registry!r}, which is not a registry Docker can name: host[:port][/path], "
+            "the path in lowercase",
+            fix=f"set {setting} to an address such as 127.0.0.1:5000 or registry.example.com/team",
+        )
+    return registry
 
 
 def _registry_ref(local_ref: str) -> str:
@@ -240,7 +302,7 @@ def _registry_ref(local_ref: str) -> str:
             "no image registry is configured",
             fix="set METAFLOW_STACK_REGISTRY (for example 127.0.0.1:5000 after `just registry`)",
         )
-    return f"{registry}/{local_ref}"
+    return f"{_checked_registry(registry, 'METAFLOW_STACK_REGISTRY')}/{local_ref}"
 
 
 def push_image(name: str, *, console: Console | None = None) -> str:
@@ -259,7 +321,7 @@ def push_reference(ref: str, *, console: Console | None = None, by_digest: bool 
     console = console or _stderr
     docker = require_engine()
     remote = _registry_ref(ref)
-    docker.image.tag(ref, remote)
+    _retag(docker, ref, remote)
     try:
         _transfer(
             console,
@@ -268,10 +330,14 @@ def push_reference(ref: str, *, console: Console | None = None, by_digest: bool 
             f"pushing {remote} failed",
             fix="check that the registry answers (`metaflow stack doctor`)",
         )
+        # Read before the name goes (the engine forgets the digest with its repository's last name); read by
+        # the local name, which no other push of the same image takes off.
         repository = remote.rsplit(":", 1)[0]
-        pinned = next((d for d in docker.image.inspect(remote).repo_digests if d.startswith(f"{repository}@")), None)
+        with _refused_as(f"reading the digest of {ref} failed", fix="push it again"):
+            digests = docker.image.inspect(ref).repo_digests
+        pinned = next((d for d in digests if d.startswith(f"{repository}@")), None)
     finally:
-        docker.image.remove(remote)  # keep only the local name; the layers stay
+        _untag(docker, remote)  # keep only the local name; the layers stay
     console.print(f"pushed {remote}")
     if by_digest:
         if pinned is None:

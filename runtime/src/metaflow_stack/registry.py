@@ -80,9 +80,29 @@ class LocalRegistry:
         return Daemon(self.home, "registry")
 
     def start(self, wait_seconds: float = 15.0) -> str:
-        """Start the registry unless it already answers; return its address."""
-        if ping(self.address, timeout=1.0):
+        """Start the registry unless it runs already; return its address.
+
+        A registry answering on the port counts as this one only when this
+        folder's process serves it (it runs, started with this address):
+        anything else there (another user's registry, say) would be handed
+        every image pushed, and serve every pull.
+        """
+        config = self.home / "config.yml"
+        text = _CONFIG.format(storage=self.home / "storage", host=self.host, port=self.port)
+        running = self.daemon.pid() is not None
+        here = running and config.is_file() and config.read_text() == text
+        if here and ping(self.address, timeout=1.0):
             return self.address
+        if running and not here:
+            raise RegistryError(
+                f"the registry of {self.home} runs on another address than {self.address}",
+                fix="stop it first (`metaflow stack registry down`)",
+            )
+        if ping(self.address, timeout=1.0):
+            raise RegistryError(
+                f"port {self.port} is in use by something else (a registry this stack did not start)",
+                fix=f"choose another port (`metaflow stack registry up --port N`), or stop what serves {self.address}",
+            )
         binary = next((b for b in map(shutil.which, _BINARIES) if b), None)
         if binary is None:
             raise ToolMissingError(
@@ -90,10 +110,8 @@ class LocalRegistry:
                 fix="install it (`sudo apt-get install docker-registry` on Debian), "
                 "or point METAFLOW_STACK_REGISTRY at an existing registry",
             )
-        storage = self.home / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        config = self.home / "config.yml"
-        config.write_text(_CONFIG.format(storage=storage, host=self.host, port=self.port))
+        (self.home / "storage").mkdir(parents=True, exist_ok=True)
+        config.write_text(text)
         if self.daemon.start([binary, "serve", str(config)], lambda: ping(self.address, timeout=0.5), wait_seconds):
             return self.address
         raise RegistryError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -31,9 +31,23 @@ def require(module: str, extra: str = "deploy") -> ModuleType:
 
 
 def write_atomically(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` whole or not at all."""
+    """Write ``text`` to ``path`` whole or not at all, on disk before it replaces what was there.
+
+    The file gets the mode any new file of this process gets (0666 less the
+    umask), as ``open`` would give it: a ``tempfile`` is 0600, which would keep
+    a lock or a manifest meant to be shared from everyone else. No caller
+    writes a secret here (deployments name Kubernetes Secrets and Nomad
+    Variables, never their values).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as out:
-        out.write(text)
-    os.replace(out.name, path)
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    try:
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path
