@@ -8,18 +8,23 @@ every request against githubkit's models of GitHub's OpenAPI description.
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import run_cli
 from devservers import github_double
+from markdown_it import MarkdownIt
 
-from metaflow_stack.ci import check_runs, results
+from metaflow_stack.ci import check_runs, report, results
 from metaflow_stack.ci.results import Outcome
-from metaflow_stack.errors import InvalidInput
+from metaflow_stack.errors import InvalidInput, StackError
 
 _SHA = "a" * 40
 _TESTS = """
@@ -141,7 +146,7 @@ def test_a_check_run_of_many_failures_is_posted_fifty_annotations_a_request(tmp_
 def test_requests_follow_githubs_description_and_limits() -> None:
     many = [Outcome(test=f"t{n}" * 400, backend="local", status="passed") for n in range(300)]
     run = check_runs.check_run(many, name="flow tests", head_sha=_SHA)
-    assert len(run.create["output"]["summary"]) <= check_runs.MAX_TEXT
+    assert len(run.create["output"]["summary"].encode()) <= check_runs.MAX_TEXT
     assert run.create["output"]["summary"].endswith("the whole report is in the workflow run's summary)")
     assert run.create["conclusion"] == "success"
 
@@ -169,4 +174,208 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         result = run_cli("stack", "ci", "report", *args, env=env)
         assert result.returncode == 1, result.stdout
         assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def _cases_file(folder: Path, name: str, cases: str) -> Path:
+    """A JUnit file of ``cases`` (testcase elements), as another test runner may write one."""
+    path = folder / name
+    path.write_text(
+        f'<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite name="s">{cases}</testsuite></testsuites>'
+    )
+    return path
+
+
+def test_a_junit_file_declaring_a_doctype_is_refused_before_its_entities_are_read(tmp_path: Path) -> None:
+    """Python's XML parser expands the entities a DOCTYPE declares: a few MB of references would be GBs."""
+    declared = tmp_path / "declared.xml"
+    declared.write_text(
+        '<?xml version="1.0"?>\n<!-- written by a tool -->\n'
+        f'<!DOCTYPE testsuite [<!ENTITY big "{"A" * 1000}">]>\n'
+        '<testsuite name="s"><testcase classname="t" name="test_a">'
+        '<failure message="&big;&big;"/></testcase></testsuite>'
+    )
+    result = run_cli("stack", "ci", "report", str(declared))
+    assert result.returncode == 1, result.stdout
+    assert "declared.xml: declares a document type (<!DOCTYPE>), which JUnit XML never has" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_case_without_a_class_name_is_reported_by_its_name(tmp_path: Path) -> None:
+    failing = '<failure message="boom">trace</failure>'
+    cases = _cases_file(
+        tmp_path,
+        "cases.xml",
+        f'<testcase name="test_a">{failing}</testcase><testcase classname="." name="test_b">{failing}</testcase>'
+        f'<testcase classname="/" name="test_c">{failing}</testcase>',
+    )
+    result = run_cli("stack", "ci", "report", str(cases), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("test_a", "test_b", "/.test_c"):
+        assert f"| {name} | ❌ |" in result.stdout
+        assert f"### ❌ `{name}` on cases\n" in result.stdout
+    assert "None" not in result.stdout
+
+
+def _markdown_outline(text: str) -> tuple[list[str], list[str], list[list[str]]]:
+    """What a CommonMark reader with GitHub's tables shows of ``text``: its headings' text, its code blocks,
+    its table rows' cells; it fails on any raw HTML (a comment hides what follows it)."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    assert not [t for t in tokens if t.type in ("html_block", "html_inline")], text
+    for token in tokens:
+        assert not [c for c in token.children or [] if c.type == "html_inline"], token.content
+    headings = [tokens[i + 1] for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h3"]
+    shown = [html.unescape("".join(c.content for c in h.children)) for h in headings]
+    blocks = [t.content for t in tokens if t.type == "fence"]
+    rows, row = [], None
+    for token in tokens:
+        if token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_close":
+            rows.append(row)
+            row = None
+    return shown, blocks, rows
+
+
+def test_names_and_errors_from_junit_show_as_they_are_and_hide_no_failure() -> None:
+    nasty = [
+        Outcome("x`\n<!--", "local", "failed", message="m"),
+        Outcome("test_f[<lambda>]", "a|b\r<!--", "failed", message="closes?\n   ```  \n<!--", path="t`.py", line=3),
+        Outcome("test_g", "local", "failed", message="````` five\n~~~\n<script>", run="F/1"),
+        Outcome("test_h", "local", "failed", message="the last one"),
+    ]
+    text = report.markdown(nasty, ui_url="http://ui/")
+    headings, blocks, rows = _markdown_outline(text)
+    assert headings == [
+        "❌ x` <!-- on local",
+        "❌ test_f[<lambda>] on a|b <!-- (t`.py:3)",
+        "❌ test_g on local",
+        "❌ test_h on local",
+    ]
+    assert blocks == [
+        "m\n",
+        "closes?\n   ```  \n<!--\n",
+        "````` five\n~~~\n<script>\n",
+        "the last one\n",
+    ]
+    assert len(rows) == 5 and all(len(cells) == 3 for cells in rows)  # the header and a row per test, 3 columns
+    assert [html.unescape(cells[0]) for cells in rows[1:3]] == ["x` <!--", "test_f[<lambda>]"]
+    assert "- `metaflow agent failures F/1`" in text
+
+
+def test_a_report_stays_within_githubs_summary_limit_keeping_the_table(tmp_path: Path) -> None:
+    """GitHub drops a step summary over 1 MiB whole: failures past the limit are counted, not shown."""
+    line = "assert {'a': " + "x" * 2_000 + "} == {}"  # each failure: 6 such lines, 12 kB
+    traceback = "&#10;".join([line] * 6)
+    failing = "".join(
+        f'<testcase classname="tests.test_x" name="test_{n}"><failure message="m">{traceback}</failure></testcase>'
+        for n in range(600)
+    )
+    junit = _cases_file(tmp_path, "local.xml", failing)
+    summary = tmp_path / "summary.md"
+    result = run_cli("stack", "ci", "report", str(junit), env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert result.returncode == 0, result.stderr
+    text = summary.read_text()
+    assert len(text.encode()) <= report.MAX_REPORT_BYTES
+    assert all(f"| tests.test_x.test_{n} | ❌ |" in text for n in range(600))
+    shown = text.count("### ❌")
+    assert 0 < shown < 600
+    assert f"{600 - shown} more failure(s) left out: the report is cut at 1000000 bytes" in text
+    assert max(len(line) for line in text.splitlines()) < report.MAX_LINE + 50
+
+
+@pytest.fixture
+def github(tmp_path: Path) -> Iterator[str]:
+    """The GitHub double's address; it records requests to ``requests.jsonl`` in the test's folder."""
+    with github_double("ghs_test", tmp_path / "requests.jsonl") as api:
+        yield api
+
+
+def _statuses(tmp_path: Path) -> list[int]:
+    """The statuses the double answered, in order."""
+    return [json.loads(line)["status"] for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+
+
+def _answers(api: str, *answers: dict) -> None:
+    """Have the double give ``answers`` to the next requests, in order, before answering as GitHub does."""
+    httpx.post(f"{api}/_double/answers", json=list(answers)).raise_for_status()
+
+
+def _post(api: str, waits: list[float]) -> int:
+    """Post a one-test check run to ``api``; each wait before a retry is recorded in ``waits``, not slept."""
+    run = check_runs.check_run([Outcome("test_a", "local", "passed")], name="flow tests", head_sha=_SHA)
+    return check_runs.post(run, repository="example/repo", token="ghs_test", api_url=api, wait=waits.append)
+
+
+_SECONDARY = {"message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."}
+
+
+def test_texts_are_cut_to_githubs_limit_in_bytes_not_characters(github: str) -> None:
+    wide = [Outcome(f"тест_{n}_" + "ж" * 200, "local", "failed", message="ошибка " * 100) for n in range(400)]
+    run = check_runs.check_run(wide, name="flow tests", head_sha=_SHA)
+    output = run.create["output"]
+    assert len(output["summary"].encode()) <= check_runs.MAX_TEXT
+    assert len(output["text"].encode()) <= check_runs.MAX_TEXT
+    assert check_runs.post(run, repository="example/repo", token="ghs_test", api_url=github) == 1
+
+
+def test_githubs_reasons_for_a_refusal_are_shown_and_only_a_sha_error_blames_the_sha(github: str) -> None:
+    too_big = {"field": "summary", "code": "custom", "message": "summary exceeds a maximum bytesize of 65535"}
+    _answers(github, {"status": 422, "body": json.dumps({"message": "Validation Failed", "errors": [too_big]})})
+    with pytest.raises(StackError) as refused:
+        _post(github, [])
+    assert "GitHub answered 422 Validation Failed: summary exceeds a maximum bytesize of 65535" in refused.value.message
+    assert "--sha" not in str(refused.value.fix)
+    _answers(github, {"status": 422, "body": json.dumps({"message": f"No commit found for SHA: {_SHA}"})})
+    with pytest.raises(StackError) as no_commit:
+        _post(github, [])
+    assert str(no_commit.value.fix).startswith("check --sha")
+
+
+def test_a_5xx_or_a_rate_limit_is_sent_again_after_the_wait_github_asks_for(tmp_path: Path, github: str) -> None:
+    _answers(
+        github,
+        {"status": 502, "body": "<html>Bad gateway</html>", "headers": {"content-type": "text/html"}},
+        {"status": 503, "body": ""},
+        {"status": 403, "body": json.dumps(_SECONDARY), "headers": {"retry-after": "7"}},
+    )
+    waits: list[float] = []
+    assert _post(github, waits) == 1
+    assert waits == [1.0, 2.0, 7.0]
+    assert _statuses(tmp_path) == [502, 503, 403, 201]
+
+
+def test_a_rate_limit_that_outlasts_the_retries_says_to_wait_and_rerun(github: str) -> None:
+    _answers(github, *[{"status": 403, "body": json.dumps(_SECONDARY)}] * (check_runs.RETRIES + 1))
+    waits: list[float] = []
+    with pytest.raises(StackError) as secondary:
+        _post(github, waits)
+    assert waits == [60.0] * check_runs.RETRIES
+    assert "wait until it resets" in str(secondary.value.fix) and "checks: write" not in str(secondary.value.fix)
+
+    in_an_hour = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(time.time()) + 3600)}
+    _answers(github, {"status": 403, "body": '{"message": "API rate limit exceeded"}', "headers": in_an_hour})
+    waits.clear()
+    with pytest.raises(StackError) as primary:
+        _post(github, waits)
+    assert waits == [] and "then rerun the job" in str(primary.value.fix)
+
+
+def test_an_answer_that_is_not_githubs_is_one_line_naming_github_api_url(tmp_path: Path, github: str) -> None:
+    junit = _junit(tmp_path, "local")
+    env = {
+        "GITHUB_TOKEN": "ghs_test",
+        "GITHUB_REPOSITORY": "example/repo",
+        "GITHUB_SHA": _SHA,
+        "GITHUB_API_URL": github,
+    }
+    page = {"status": 200, "body": "<html>sign in</html>", "headers": {"content-type": "text/html"}}
+    no_id = {"status": 201, "body": '{"ok": true}', "headers": {"content-type": "application/json"}}
+    for answer, expected in ((page, "with text/html, not GitHub's JSON"), (no_id, "answered without the run's id")):
+        _answers(github, answer)
+        result = run_cli("stack", "ci", "report", str(junit), "--check-run", "flow tests", env=env)
+        assert result.returncode == 1, result.stderr
+        assert expected in result.stderr and "fix: check GITHUB_API_URL" in result.stderr
         assert "Traceback" not in result.stderr

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -36,15 +37,20 @@ RESULTS_VARIABLE = "STACK_FLOW_SUITE_RESULTS"
 
 
 def suite(
-    tmp_path: Path, backends: str, *args: str, env: dict[str, str] | None = None, reported: bool = False
+    tmp_path: Path,
+    backends: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    reported: bool = False,
+    folder: Path = SUITE,
 ) -> tuple[int, str, Path]:
-    """Run the flow suite on ``backends``; its exit code, its output and its JUnit file: where CI keeps
-    results (``STACK_FLOW_SUITE_RESULTS``) for a run it should report (``reported``: not the runs made to
-    fail or skip on purpose), else in ``tmp_path``."""
+    """Run the flow suite (or another suite's ``folder``, with its ``pytest.ini``) on ``backends``; its exit
+    code, its output and its JUnit file: where CI keeps results (``STACK_FLOW_SUITE_RESULTS``) for a run it
+    should report (``reported``: not the runs made to fail or skip on purpose), else in ``tmp_path``."""
     kept = os.environ.get(RESULTS_VARIABLE) if reported else None
     junit = Path(kept or tmp_path) / f"{backends.replace(',', '-')}.xml"
     junit.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pytest", "-c", str(SUITE / "pytest.ini"), str(SUITE), "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "-c", str(folder / "pytest.ini"), str(folder), "-p", "no:cacheprovider"]
     command += [f"--backend={backends}", f"--junit-xml={junit}", f"--basetemp={tmp_path / 'runs'}", "-q", *args]
     environment = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **(env or {})}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=1500)
@@ -123,3 +129,125 @@ def test_an_unknown_backend_is_one_line_naming_the_choices(tmp_path: Path) -> No
     assert code == 4
     assert "--backend lambda: choose from local, devcontainer, nomad, kubernetes, argo" in output
     assert "Traceback" not in output
+
+
+_TRAIN_FLOW = """
+from metaflow import FlowSpec, step
+
+
+class TrainFlow(FlowSpec):
+    @step
+    def start(self):
+        self.version = {version!r}
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    TrainFlow()
+"""
+
+_IMPORTING_FLOW = """
+from metaflow import FlowSpec, step
+
+from helper import GREETING
+
+
+class ImportingFlow(FlowSpec):
+    @step
+    def start(self):
+        self.greeting = GREETING
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    ImportingFlow()
+"""
+
+_STUCK_FLOW = """
+import os
+import time
+
+from metaflow import FlowSpec, step
+
+
+class StuckFlow(FlowSpec):
+    @step
+    def start(self):
+        with open(os.environ["STUCK_PID_FILE"], "w") as out:
+            out.write(str(os.getpid()))
+        time.sleep(300)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    StuckFlow()
+"""
+
+_STAGED_TESTS = """
+def test_flows_of_one_name_in_two_folders_each_run_their_own(flow_runner):
+    assert flow_runner.run("v1/train.py").data.version == "v1"
+    assert flow_runner.run("v2/train.py").data.version == "v2"
+
+
+def test_a_flow_imports_a_module_beside_it(flow_runner):
+    run = flow_runner.run("importing/importing_flow.py")
+    assert run.successful, flow_runner.output
+    assert run.data.greeting == "hello from beside the flow"
+
+
+def test_a_stuck_run_is_stopped(flow_runner):
+    flow_runner.run("stuck/stuck_flow.py")
+"""
+
+
+def _flows_suite(folder: Path) -> Path:
+    """A suite of its own for the plugin's staging and its timeout: flows in folders, one name twice."""
+    files = {
+        "pytest.ini": "[pytest]\naddopts = -ra\n",
+        "test_staged.py": _STAGED_TESTS,
+        "v1/train.py": _TRAIN_FLOW.format(version="v1"),
+        "v2/train.py": _TRAIN_FLOW.format(version="v2"),
+        "importing/importing_flow.py": _IMPORTING_FLOW,
+        "importing/helper.py": 'GREETING = "hello from beside the flow"\n',
+        "stuck/stuck_flow.py": _STUCK_FLOW,
+    }
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_each_flow_runs_from_its_own_folder_with_the_modules_beside_it(tmp_path: Path) -> None:
+    folder = _flows_suite(tmp_path / "suite")
+    code, output, junit = suite(tmp_path, "local", "-k", "not stuck", folder=folder)
+    assert code == 0, output[-4000:]
+    outcomes = results.read([junit])
+    assert [o.status for o in outcomes] == ["passed", "passed"], output[-4000:]
+    assert {o.path for o in outcomes} == {str(folder / "v2/train.py"), str(folder / "importing/importing_flow.py")}
+
+
+def test_a_run_past_the_flow_timeout_is_stopped_and_its_test_fails_naming_it(tmp_path: Path) -> None:
+    folder, pid_file = _flows_suite(tmp_path / "suite"), tmp_path / "step.pid"
+    started = time.monotonic()
+    code, output, junit = suite(
+        tmp_path, "local", "-k", "stuck", "--flow-timeout=20", folder=folder, env={"STUCK_PID_FILE": str(pid_file)}
+    )
+    assert time.monotonic() - started < 150, output[-3000:]
+    assert code == 1, output[-3000:]
+    (failed,) = results.read([junit])
+    assert failed.status == "failed"
+    assert "stuck/stuck_flow.py: the run did not finish within 20 s (--flow-timeout): stopped" in failed.message
+    step = Path(f"/proc/{pid_file.read_text()}/status")  # the step that slept is gone (or a zombie left to reap)
+    assert not step.exists() or "State:\tZ" in step.read_text()

@@ -4,8 +4,14 @@ It speaks the documented protocol ("Create a check run", "Update a check
 run", REST API version 2022-11-28): a bearer token, GitHub's media type and
 version headers, bodies that must validate against githubkit's models of
 those endpoints (generated from GitHub's OpenAPI description) with no field
-the description does not name, annotations appended by updates. Every request
-it accepts or refuses is recorded, one JSON line each, for the test to read.
+the description does not name, a summary and a text of at most 65,535 UTF-8
+bytes, annotations appended by updates. Every request it accepts or refuses
+is recorded, one JSON line each, for the test to read.
+
+What GitHub (or a proxy in front of it) answers now and then is set up with
+``POST /_double/answers``, outside GitHub's API: a list of answers (status,
+body, headers) given, in order, to the next requests instead of theirs: a
+502 page, a secondary rate limit, a 200 that is not JSON.
 
     python server.py --port P --token T --record requests.jsonl
 """
@@ -19,7 +25,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from githubkit_schemas.v2022_11_28 import models
 from pydantic import BaseModel, ValidationError
 
@@ -55,12 +61,39 @@ def _valid(body: Any, choices: tuple[type[BaseModel], ...]) -> str | None:
     return "; ".join(reasons)
 
 
+def _over_limits(body: Any) -> list[dict[str, str]]:
+    """GitHub's errors for an output text over its limit, which it counts in UTF-8 bytes."""
+    output = body.get("output") if isinstance(body, dict) else None
+    return [
+        {
+            "resource": "CheckRun",
+            "code": "custom",
+            "field": name,
+            "message": f"{name} exceeds a maximum bytesize of 65535",
+        }
+        for name in ("summary", "text")
+        if isinstance(output, dict) and len(str(output.get(name, "")).encode()) > 65_535
+    ]
+
+
 def app(token: str, record: Path) -> FastAPI:
     api = FastAPI()
     runs: dict[int, dict[str, Any]] = {}
+    canned: list[dict[str, Any]] = []
 
-    async def answer(request: Request, choices: tuple[type[BaseModel], ...], check_id: int | None) -> JSONResponse:
+    @api.post("/_double/answers")
+    async def set_answers(request: Request) -> JSONResponse:
+        canned[:] = await request.json()
+        return JSONResponse({"answers": len(canned)})
+
+    async def answer(request: Request, choices: tuple[type[BaseModel], ...], check_id: int | None) -> Response:
         body = await request.json()
+        if canned:
+            given = canned.pop(0)
+            with record.open("a") as out:
+                entry = {"method": request.method, "path": request.url.path, "body": body, "status": given["status"]}
+                out.write(json.dumps({**entry, "problems": ["canned"]}) + "\n")
+            return Response(given.get("body", ""), given["status"], headers=given.get("headers", {}))
         problems = []
         if request.headers.get("authorization") != f"Bearer {token}":
             status, message = 401, "Bad credentials"
@@ -71,7 +104,8 @@ def app(token: str, record: Path) -> FastAPI:
                 problems.append("x-github-api-version")
             if why := _valid(body, choices):
                 problems.append(why)
-            status, message = (422, "Invalid request.") if problems else (201 if check_id is None else 200, "")
+            problems += _over_limits(body)
+            status, message = (422, "Validation Failed") if problems else (201 if check_id is None else 200, "")
             if not problems and check_id is not None and check_id not in runs:
                 status, message = 404, "Not Found"
         with record.open("a") as out:
@@ -93,11 +127,11 @@ def app(token: str, record: Path) -> FastAPI:
         return JSONResponse({"id": check_id, "output": {"annotations_count": len(runs[check_id]["annotations"])}})
 
     @api.post("/repos/{owner}/{repo}/check-runs")
-    async def create(owner: str, repo: str, request: Request) -> JSONResponse:
+    async def create(owner: str, repo: str, request: Request) -> Response:
         return await answer(request, _CREATE, None)
 
     @api.patch("/repos/{owner}/{repo}/check-runs/{check_id}")
-    async def update(owner: str, repo: str, check_id: int, request: Request) -> JSONResponse:
+    async def update(owner: str, repo: str, check_id: int, request: Request) -> Response:
         return await answer(request, _UPDATE, check_id)
 
     return api

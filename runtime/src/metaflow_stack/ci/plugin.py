@@ -19,17 +19,25 @@ pathspec, the flow file and, when the run failed, its failed step's line.
 
 Runs go through Metaflow's own ``Runner``, with the backend's decorator
 ``--with``; scheduler backends (``argo``) deploy with ``Deployer``, trigger,
-wait, and delete the deployment after. Registered as a pytest plugin by the
-runtime's ``pytest11`` entry point.
+wait, and delete the deployment after. A run that outlasts
+``--flow-timeout`` is stopped (Metaflow's ``Runner`` kills its process and
+the processes it started) and its test fails naming the timeout; a deployed
+flow's triggered run is waited for as long. Each flow runs from a copy of
+its folder, so the modules beside it import and two flow files of one name
+in two folders stay apart. Registered as a pytest plugin by the runtime's
+``pytest11`` entry point.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +47,10 @@ from metaflow_stack.ci import results
 from metaflow_stack.ci.backends import BACKENDS, Backend
 
 _DEFAULT = "local"
-#: How long a run (or a deployed flow's triggered run) may take before the test fails.
+#: How long a run (or a deployed flow's triggered run) may take before it is stopped and the test fails.
 RUN_TIMEOUT_S = 1800
+#: What a flow's folder is copied without: Metaflow's local datastore, caches, hidden folders.
+_NOT_COPIED = shutil.ignore_patterns(".*", "__pycache__")
 
 
 def required() -> set[str]:
@@ -74,6 +84,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="A decorator every step of every flow run gets, as `run --with` takes it (repeat). It travels in "
         "command lines and job specs: give workers secrets through the backend instead "
         "(METAFLOW_KUBERNETES_SECRETS, Nomad Variables), test credentials only here.",
+    )
+    group.addoption(
+        "--flow-timeout",
+        type=float,
+        default=RUN_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"How long one flow run may take before it is stopped and its test fails (default {RUN_TIMEOUT_S}).",
     )
 
 
@@ -148,12 +165,13 @@ def flow_runner(
     record(results.PROPERTY_TEST, request.node.nodeid.removesuffix(f"[{flow_backend.name}]"))
     harness = FlowHarness(flow_backend, flow_env, tmp_path, Path(request.node.path).parent, record)
     harness.decospecs += request.config.getoption("--flow-with")
+    harness.timeout = request.config.getoption("--flow-timeout")
     yield harness
     harness.close()
 
 
 class FlowHarness:
-    """A test's runs on one backend: each flow copied into the test's own folder and run from there."""
+    """A test's runs on one backend: each flow's folder copied into the test's own folder and run from there."""
 
     def __init__(self, backend: Backend, env: dict[str, str], folder: Path, tests: Path, record: Any) -> None:
         self.backend = backend
@@ -167,41 +185,68 @@ class FlowHarness:
         self.decospecs = list(backend.decospecs)
         #: What the last run printed (stdout, then stderr), to show when a test's assertion fails.
         self.output = ""
+        #: Seconds one run may take (``--flow-timeout``).
+        self.timeout: float = RUN_TIMEOUT_S
 
     def _stage(self, flow_file: str) -> tuple[Path, Path]:
+        """The flow file, and its copy: its whole folder (the modules it imports) copied once per test, into a
+        folder named for the source folder, so ``v1/train.py`` and ``v2/train.py`` each run their own."""
         source = (self._tests / flow_file).resolve()
-        staged = self.folder / source.name
-        if not staged.exists():
-            shutil.copy(source, staged)
-        return source, staged
+        digest = hashlib.sha256(str(source.parent).encode()).hexdigest()[:12]
+        copy = self.folder / "flows" / f"{source.parent.name}-{digest}"
+        if not copy.exists():
+            shutil.copytree(source.parent, copy, ignore=_NOT_COPIED)
+        return source, copy / source.name
 
     def _environment(self, extra: dict[str, str]) -> dict[str, str]:
         return {"USER": os.environ.get("USER") or "flowtest", **self._env, **extra}
 
-    @contextlib.contextmanager
-    def _runner(self, flow_file: str, env: dict[str, str] | None) -> Iterator[tuple[Path, Any]]:
+    def _finished(self, flow_file: str, env: dict[str, str] | None, start: Callable[[Any], Awaitable[Any]]) -> Any:
+        """The run that ``start`` begins with a ``Runner`` of ``flow_file``, recorded once it ended; a run
+        still going after ``timeout`` seconds is stopped and the test fails."""
         from metaflow import Runner
 
         source, staged = self._stage(flow_file)
+        deadline = time.monotonic() + self.timeout
         options = {"env": self._environment(env or {}), "cwd": str(self.folder), "decospecs": self.decospecs}
-        with Runner(str(staged), show_output=False, **options) as runner:
-            yield source, runner
+
+        async def until_done(runner: Any) -> Any:
+            try:
+                executing = await start(runner)  # back once the run has its id (or file_read_timeout passed)
+                await executing.wait(timeout=max(deadline - time.monotonic(), 0.001))  # Metaflow kills it after
+                return executing
+            finally:  # what outlived that (Metaflow's kill leaves a run with no child process) is killed here
+                for command in runner.spm.commands.values():
+                    if command.process is not None and command.process.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            command.process.kill()
+                        await command.process.wait()
+
+        runner = Runner(str(staged), show_output=False, file_read_timeout=int(self.timeout) + 1, **options)
+        with runner:
+            try:
+                executing = asyncio.run(until_done(runner))
+            except RuntimeError:  # no run id: Metaflow's error, with the run's output, unless time ran out
+                if time.monotonic() < deadline:
+                    raise
+                executing = None
+            if executing is None or executing.status == "timeout":
+                pytest.fail(f"{flow_file}: the run did not finish within {self.timeout:g} s (--flow-timeout): stopped")
+            return self._recorded(executing.run, source, executing.stdout + executing.stderr)
 
     def run(self, flow_file: str, *, env: dict[str, str] | None = None, **parameters: Any) -> Any:
         """Run ``flow_file`` (relative to the test's file) with ``parameters``; the run, through the Client."""
         if self.backend.scheduler:
             return self._deployed_run(flow_file, env or {}, parameters)
-        with self._runner(flow_file, env) as (source, runner):
-            executing = runner.run(**parameters)
-            return self._recorded(executing.run, source, executing.stdout + executing.stderr)
+        return self._finished(flow_file, env, lambda runner: runner.async_run(**parameters))
 
     def resume(self, flow_file: str, *, origin_run_id: str, env: dict[str, str] | None = None, **options: Any) -> Any:
         """Resume a run of ``flow_file`` made by this test (``Runner.resume``); the new run."""
         if self.backend.scheduler:
             pytest.skip(f"resume runs here, not on {self.backend.name}")
-        with self._runner(flow_file, env) as (source, runner):
-            executing = runner.resume(origin_run_id=origin_run_id, **options)
-            return self._recorded(executing.run, source, executing.stdout + executing.stderr)
+        return self._finished(
+            flow_file, env, lambda runner: runner.async_resume(origin_run_id=origin_run_id, **options)
+        )
 
     def _deployed_run(self, flow_file: str, env: dict[str, str], parameters: dict[str, Any]) -> Any:
         from metaflow import Deployer
@@ -215,9 +260,9 @@ class FlowHarness:
         deployed = scheduler.create()
         self._deployed.append(deployed)
         triggered = deployed.trigger(**parameters)
-        run = triggered.wait_for_run(timeout=RUN_TIMEOUT_S)
+        run = triggered.wait_for_run(timeout=self.timeout)
         # The scheduler's own word on the run: a run that fails before its end step never "finishes".
-        triggered.wait_for_completion(timeout=RUN_TIMEOUT_S)
+        triggered.wait_for_completion(timeout=self.timeout)
         return self._recorded(run, source, "")
 
     @property
