@@ -188,12 +188,12 @@ def _build(
 ) -> None:  # fmt: skip
     """Stage the context (the code, ``staged``'s files, the wheels Metaflow downloaded or built for the run:
     the build downloads none) and build ``request``."""
-    shutil.copytree(code, context / "code", symlinks=False)
+    # A link as a link, as the tag hashes it (by its target's name) and as Metaflow unpacks a code package.
+    shutil.copytree(code, context / "code", symlinks=True)
     for name, text in staged.items():
         (context / name).write_text(text)
     (context / WHEELS).mkdir()
-    for path in context.rglob("*"):  # copied into the image as they are: its users read everything
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    catalog.normalise_modes(context)  # copied into the image as they are: its users read everything
     for wheel in wheels:
         _stage(wheel, context / WHEELS / wheel.name)
     with console.status(f"building {request.tag}"):

@@ -129,8 +129,7 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
             (context / LOCK).write_text(lock)
             shutil.copytree(runtime, context / "runtime")
             export(ref, str(context / "bundle"), include_artifacts=True, base=base)
-            for path in context.rglob("*"):  # the image's non-root user reads everything; staging files are private
-                path.chmod(0o755 if path.is_dir() else 0o644)
+            catalog.normalise_modes(context)  # the image's non-root user reads everything; staged files are private
             request = builders.BuildRequest(
                 context=context,
                 tag=image,
