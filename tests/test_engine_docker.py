@@ -182,3 +182,17 @@ def test_a_jobs_labels_cannot_replace_the_engines_own(docker_engine, base_image:
     finally:
         job.remove()
     assert (given[JOB_LABEL], given[OWNER_LABEL], given["team"]) == ("true", "devcontainer", "ml")
+
+
+def test_a_port_another_process_holds_is_named_in_the_fix(engine, base_image: str) -> None:
+    """``docker run`` cannot publish a port something else listens on: the fix names the port, not the image
+    (a local stack's service on a port another program took said to check the image's name)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(StackError) as refused:
+            engine.launch(_spec(base_image, "sleep 30", ports={8080: port}))
+    assert f"another process holds port {port}: choose another" in str(refused.value.fix)

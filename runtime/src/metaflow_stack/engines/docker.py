@@ -156,6 +156,10 @@ def _security_options(spec: JobSpec) -> list[str]:
     return options + ([f"seccomp={spec.seccomp}"] if spec.seccomp else [])
 
 
+#: What the engine says when a port to publish is another process's.
+_PORT_TAKEN = ("port is already allocated", "address already in use")
+
+
 class DockerEngine:
     """Runs ``JobSpec``s as containers."""
 
@@ -202,9 +206,13 @@ class DockerEngine:
                 groups_add=list(spec.groups),
             )
         except DockerException as exc:
+            said = str(exc.stderr or exc)
+            taken = spec.ports and any(words in said for words in _PORT_TAKEN)
             raise StackError(
-                f"could not start a container from {spec.image}: {exc.stderr or exc}".strip(),
-                fix="check the image name with `metaflow stack images list` and the job's limits",
+                f"could not start a container from {spec.image}: {said}".strip(),
+                fix=f"another process holds port {', '.join(map(str, spec.ports.values()))}: choose another"
+                if taken
+                else "check the image name with `metaflow stack images list` and the job's limits",
             ) from exc
         return DockerJob(self._docker, container.id)
 
