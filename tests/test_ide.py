@@ -5,7 +5,9 @@ included, and nothing else on its stdout."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 from conftest import PROJECT, json_stdout, run_cli
 
 from metaflow_stack.errors import InvalidInput
+from metaflow_stack.ide import serve as serve_module
 from metaflow_stack.ide.graph import flow_graph
 
 FLOWS = sorted((PROJECT / "tests" / "flow_suite" / "flows").glob("*_flow.py"))
@@ -173,3 +176,51 @@ def test_the_helper_process_answers_json_lines_and_nothing_else(tmp_path: Path) 
     assert answers[2]["error"]["message"].startswith("method: ")
     assert answers[3]["error"]["code"] == "bad_parameter" and "line 1" in answers[3]["error"]["message"]
     assert "longer than" in answers[4]["error"]["message"]
+
+
+def _foreach(value: str) -> str:
+    return BRANCHING.replace('foreach="items"', f"foreach={value}")
+
+
+@pytest.mark.parametrize("written", ['b"items"', "...", "1e999", "1j", "1"])
+def test_a_foreach_that_is_not_a_name_draws_no_artifact(written: str) -> None:
+    """Metaflow's parser keeps whatever constant ``foreach=`` was given; only a name is drawn (and is JSON)."""
+    drawn = flow_graph(_foreach(written), "shape_flow.py")["steps"]["b"]
+    assert drawn["type"] == "split-foreach" and drawn["foreach_artifact"] is None
+    assert json.loads(json.dumps(drawn, allow_nan=False)) == drawn
+
+
+def test_the_helper_serves_on_past_odd_constants_and_numbers_too_long_to_read() -> None:
+    requests = [
+        json.dumps({"id": 1, "method": "graph", "params": {"path": "f.py", "source": _foreach('b"x"')}}),
+        json.dumps({"id": 2, "method": "graph", "params": {"path": "f.py", "source": _foreach("...")}}),
+        json.dumps({"id": 3, "method": "graph", "params": {"path": "f.py", "source": _foreach("1e999")}}),
+        '{"id": 4, "method": "graph", "params": {"limit": ' + "9" * 5000 + "}}",  # (ended the helper)
+        json.dumps({"id": 5, "method": "graph", "params": {"path": "shape_flow.py", "source": BRANCHING}}),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "metaflow_stack.ide", "serve"],
+        input="".join(line + "\n" for line in requests),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    strict = {"NaN": None, "Infinity": None, "-Infinity": None}
+    answers = [json.loads(line, parse_constant=lambda word: strict[word]) for line in done.stdout.splitlines()]
+    assert [a["id"] for a in answers] == [1, 2, 3, None, 5]
+    assert [a["result"]["steps"]["b"]["foreach_artifact"] for a in answers[:3]] == [None, None, None]
+    assert "number too long" in answers[3]["error"]["message"]
+    assert answers[4]["result"]["steps"]["b"]["foreach_artifact"] == "items"
+
+
+def test_an_answer_that_is_not_json_is_an_internal_error_and_the_helper_serves_on(monkeypatch) -> None:
+    """Whatever a method returns, each answer is one line of strict JSON: never ``NaN``, never a crash."""
+    monkeypatch.setitem(serve_module.METHODS, "backends", (serve_module.Nothing, lambda _, __: {"x": math.nan}))
+    requests = io.BytesIO(b'{"id": 1, "method": "backends"}\n{"id": 2, "method": "backends"}\n')
+    answers = io.StringIO()
+    serve_module.serve(requests, answers)
+    replies = [
+        json.loads(line, parse_constant=lambda word: pytest.fail(word)) for line in answers.getvalue().splitlines()
+    ]
+    assert [(r["id"], r["error"]["code"]) for r in replies] == [(1, "internal_error"), (2, "internal_error")]

@@ -284,6 +284,7 @@ def test_a_hand_written_flow_imports_keeps_its_comments_and_strings_and_runs_the
     [
         (('Parameter("rows", default=3)', 'Parameter("rows", default=3, help="how many")'), "parameter rows has help="),
         (('Parameter("rows", default=3)', 'Parameter("rows", default=10**6)'), "default 10 ** 6 is not a literal"),
+        (('Parameter("rows", default=3)', 'Parameter("rows", default={[1]: 2})'), "default {[1]: 2} is not a literal"),
         (("def join(self, inputs):", "def join(self, inp):"), "step join takes (self, inp)"),
         (("class HandFlow(FlowSpec):", "class HandFlow(FlowSpec, dict):"), "has other bases or keywords"),
         (('if __name__ == "__main__":', 'print("after")\nif __name__ == "__main__":'), "module code below class"),
@@ -296,3 +297,44 @@ def test_what_a_notebook_cannot_declare_is_refused_in_one_line(tmp_path: Path, c
     refused = run_cli("notebook", "import", str(flow), "-o", str(tmp_path / "hand.ipynb"))
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert says in refused.stderr, refused.stderr
+
+
+def test_a_value_that_is_no_literal_and_a_home_relative_export_in_a_kernel(tmp_path: Path, monkeypatch) -> None:
+    """``{[1]: 2}`` parses but builds no value (``TypeError``): a default or a run's value is then text, and
+    what fails is one line; ``~`` in ``%mf_export`` is the home folder, as in a shell."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    notebook = nbformat.v4.new_notebook()
+    sources = [
+        "%load_ext metaflow_stack.notebook",
+        "%%flow OddFlow --param 'x={[1]: 2}'\nimport os",
+        "%%step start --next end\nself.y = 1",
+        "%step end",
+        "%mf_run nope={[1]:2}",  # (no such parameter: Metaflow refuses it before any run)
+        "%mf_export ~/flows/odd_flow.py",
+    ]
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    where = {"metadata": {"path": str(tmp_path)}}
+    NotebookClient(notebook, timeout=600, kernel_name="python3", allow_errors=True, resources=where).execute()
+    out = [_outputs(cell) for cell in notebook.cells]
+    assert not any(o.output_type == "error" for cell in notebook.cells for o in cell.outputs), out  # no traceback
+    assert "flow OddFlow (parameters: x)" in out[1]
+    assert "UsageError" in out[4] and "nope" in out[4], out[4]
+    assert 'x = Parameter("x", default="{[1]: 2}")' in (home / "flows" / "odd_flow.py").read_text()
+    assert not (tmp_path / "~").exists()
+
+
+def test_export_and_import_refuse_to_write_over_the_file_they_read(tmp_path: Path) -> None:
+    notebook, flow = tmp_path / "train.ipynb", tmp_path / "train_flow.py"
+    nbformat.write(_notebook(FLOW_CELLS), notebook)
+    assert run_cli("notebook", "export", str(notebook), "-o", str(flow)).returncode == 0
+    kept = notebook.read_bytes(), flow.read_bytes()
+    (tmp_path / "link.py").symlink_to(flow)
+    for refused in (
+        run_cli("notebook", "export", str(notebook), "-o", str(tmp_path / "." / "train.ipynb")),
+        run_cli("notebook", "import", str(flow), "-o", str(tmp_path / "link.py")),
+    ):
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert "is the file being read" in refused.stderr and "name another file to write" in refused.stderr
+    assert (notebook.read_bytes(), flow.read_bytes()) == kept

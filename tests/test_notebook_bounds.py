@@ -5,9 +5,11 @@ prints, and never breaks the stream it reads."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import sys
 import time
+import types
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,25 @@ def _nested() -> list:
     return nested
 
 
+def _shared_tuples() -> tuple:
+    """One tuple referenced 100 times a level, 4 levels: 10^8 leaves in an 857-byte pickle."""
+    shared: tuple = (0,) * 100
+    for _ in range(3):
+        shared = (shared,) * 100
+    return shared
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    value: object
+
+
+def _object_array() -> np.ndarray:
+    held = np.empty(3, dtype=object)
+    held[:] = [_shared_tuples(), types.SimpleNamespace(value=_shared_tuples()), "text"]
+    return held
+
+
 #: (name, how to build it): each cheap to build or to hold, each able to stall a naive renderer (built in the
 #: test, so none outlives it).
 HOSTILE = [
@@ -37,6 +58,12 @@ HOSTILE = [
     ("keys", lambda: dict.fromkeys(range(2_000_000)).keys()),
     ("huge int", lambda: 7**200_000),
     ("a class", lambda: type("Model", (), {"fit": lambda self: None, "get_params": lambda self: {}})),
+    ("namespace", lambda: types.SimpleNamespace(value=_shared_tuples())),
+    ("dataclass", lambda: Held(_shared_tuples())),
+    ("set of shared", lambda: {_shared_tuples(), 1}),
+    ("object array", _object_array),
+    ("long key", lambda: {"k" * 5_000_000: 1}),
+    ("long column", lambda: pd.DataFrame({"c" * 5_000_000: [1], (_shared_tuples(),): [2]})),
 ]
 
 

@@ -3,9 +3,14 @@ each line of the file traced back to its cell and line, the code of a cell kept 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import nbformat
 import pytest
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.notebook import export
 from metaflow_stack.notebook.assembler import NotebookFlow, assemble
 from metaflow_stack.notebook.cells import Cell, from_magic
 
@@ -77,3 +82,44 @@ def test_defaults_are_values_and_a_step_declared_again_replaces_it() -> None:
     assert "x = 2" in source and "x = 1" not in source
     flow.forget(flow.steps["start"])
     assert "start" not in flow.steps
+
+
+def _code(source: object, tags: object = None) -> dict:
+    cell = {"cell_type": "code", "metadata": {} if tags is None else {"tags": tags}, "outputs": []}
+    return {**cell, "source": source} if source is not None else cell
+
+
+GOOD = [_code("%%flow F\nimport os"), _code("%%step start --next end\nself.x = 1"), _code("%step end")]
+
+
+@pytest.mark.parametrize(
+    ("first", "says"),
+    [
+        (_code("x", tags=[1]), r"cell 1 tags: are not a list of text"),
+        (_code("x", tags="flow:F"), r"cell 1 tags: are not a list of text"),
+        (_code(None), r"cell 1 source: is missing"),
+        (_code(5), r"cell 1 source: is int, not text"),
+        ({"cell_type": "code", "source": "x", "outputs": []}, r"is not a notebook: .*metadata"),
+        (_code("%%flow F --decorator '" + "-" * 100_000 + "x'"), r"cell 1 decorator: '-{80}'\.\.\. is not a decor"),
+    ],
+    ids=["number tag", "tags as text", "no source", "number source", "no metadata", "decorator past the parser"],
+)
+def test_a_malformed_notebook_is_one_error_naming_its_cell(tmp_path: Path, first: dict, says: str) -> None:
+    path = tmp_path / "odd.ipynb"
+    cells = [first, *GOOD[1:]] if "%%flow" in str(first.get("source")) else [first, *GOOD]
+    path.write_text(json.dumps({"nbformat": 4, "nbformat_minor": 4, "metadata": {}, "cells": cells}))
+    with pytest.raises(StackError, match=says):
+        export.from_notebook(path)
+
+
+def test_a_default_that_parses_but_builds_no_value_is_text() -> None:
+    flow = NotebookFlow()
+    _declare(flow, "In [1]", "flow", "F --param 'x={[1]: 2}'")
+    assert flow.flow is not None and flow.flow.parameters == (("x", "'{[1]: 2}'"),)
+
+
+def test_cells_whose_source_is_a_list_of_lines_declare_as_text_does() -> None:
+    """nbformat stores a cell's source as one string or as its lines: a front end may hand either over."""
+    lines = [{**cell, "source": cell["source"].splitlines(keepends=True)} for cell in GOOD]
+    notebook = nbformat.from_dict({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": lines})
+    assert export.from_cells(notebook).source == export.from_cells(nbformat.from_dict({"cells": GOOD})).source

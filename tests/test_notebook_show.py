@@ -68,6 +68,11 @@ CELLS = [
     "import metaflow_stack.notebook.show as show\nshow.MAX_LOAD_BYTES = 1_000\n%mf_show frame",
     "%mf_show frame --full",
     "%mf_show frame --page 0",
+    "import glob\nfrom metaflow_stack.datastore.cards import MAX_CARD_BYTES\n"  # every card past the UI's bound
+    "for card in glob.glob(f'.metaflow/mf.cards/ShowFlow/runs/{run.id}/steps/start/tasks/*/cards/*.html'):\n"
+    "    with open(card, 'ab') as grown:\n"
+    "        grown.write(b' ' * MAX_CARD_BYTES)",
+    "%mf_show {task}",  # 25
 ]
 
 
@@ -135,6 +140,8 @@ def test_by_pathspec_its_cards_and_an_agent_querys_answers(shown) -> None:
     assert "DataFrame, 1,000 x 2" in _data(shown[16])["text/plain"]
     cards = _data(shown[17])["text/html"]
     assert '<iframe sandbox="allow-scripts"' in cards and "default card" in cards and "srcdoc=" in cards
+    # the UI's policy inside the frame: the card's own inline scripts, no network
+    assert "Content-Security-Policy&quot; content=&quot;default-src &#x27;none&#x27;; script-src" in cards
     runs = _data(shown[19])["application/json"]
     assert runs["runs"][0]["pathspec"].startswith("ShowFlow/") and runs["runs"][0]["status"] == "completed"
     assert _data(shown[20])["application/json"]["params"]["alpha"] == 0.5  # the artifact the answer names
@@ -166,3 +173,8 @@ def test_a_torch_module_shows_its_structure_parameter_count_and_shapes() -> None
         in (shown.bundle["text/html"])
     )
     assert "(1): ReLU()" in shown.bundle["text/plain"]
+
+
+def test_a_card_past_the_uis_bound_is_named_not_embedded(shown) -> None:
+    cards = _data(shown[25])["text/html"]
+    assert "not shown: card default-" in cards and "is larger than 32 MiB" in cards and "srcdoc=" not in cards

@@ -148,7 +148,9 @@ def _flow_graph(source: str, path: str) -> dict[str, Any]:
             "line": step.lineno,
             "doc": node.doc or None,
             "decorators": [_decorator_name(d) for d in step.decorator_list if _decorator_name(d) != "step"],
-            "foreach_artifact": node.foreach_param,
+            # Metaflow's parser keeps whatever constant was written (``foreach=b"x"``, ``...``, ``1e999``);
+            # only a name is an artifact, and only a name is sure to be JSON.
+            "foreach_artifact": node.foreach_param if isinstance(node.foreach_param, str) else None,
             "matching_join": node.matching_join,
             "inside_foreach": node.is_inside_foreach,
             "reachable": step_name in graph.sorted_nodes,

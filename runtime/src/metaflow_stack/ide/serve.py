@@ -179,6 +179,11 @@ def answer(line: str, browser: Browser | None = None) -> dict[str, Any]:
             "id": None,
             **InvalidInput("request", f"is not JSON ({exc.msg})", fix="send one JSON object a line").to_dict(),
         }
+    except ValueError:  # (an integer past Python's 4,300 digits: read as JSON, refused as a number)
+        return {
+            "id": None,
+            **InvalidInput("request", "holds a number too long to read", fix="send it as a string").to_dict(),
+        }
     except RecursionError:  # (nested past the parser's depth: it would end the helper)
         return {"id": None, **InvalidInput("request", "is nested too deeply", fix="send the request flat").to_dict()}
     try:
@@ -199,8 +204,15 @@ def answer(line: str, browser: Browser | None = None) -> dict[str, Any]:
     except StackError as exc:
         return {"id": request.id, **exc.to_dict()}
     except Exception as exc:  # what went wrong reading the runs is the answer: the helper serves on
-        failed = StackError(f"{request.method} failed: {type(exc).__name__}: {exc}", fix="look at the datastore named")
-        return {"id": request.id, "error": {**failed.to_dict()["error"], "code": "internal_error"}}
+        return _internal(
+            request.id, f"{request.method} failed: {type(exc).__name__}: {exc}", "look at the datastore named"
+        )
+
+
+def _internal(ident: int | str | None, message: str, fix: str) -> dict[str, Any]:
+    """An ``internal_error`` answer: what failed on this side, never the request's fault."""
+    failed = StackError(message, fix=fix)
+    return {"id": ident, "error": {**failed.to_dict()["error"], "code": "internal_error"}}
 
 
 def serve(requests: IO[bytes] | None = None, answers: IO[str] | None = None) -> None:
@@ -218,5 +230,15 @@ def serve(requests: IO[bytes] | None = None, answers: IO[str] | None = None) -> 
             reply = {"id": None, **InvalidInput("request", f"is longer than {MAX_LINE:,} bytes").to_dict()}
         else:
             reply = answer(line.decode("utf-8", errors="replace"), browser)
-        answers.write(json.dumps(reply) + "\n")
+        answers.write(_line(reply) + "\n")
         answers.flush()
+
+
+def _line(reply: dict[str, Any]) -> str:
+    """The reply as one line of strict JSON; a result that is not (NaN, bytes) is an ``internal_error`` answer
+    instead, so the editor hears why and the helper serves on."""
+    try:
+        return json.dumps(reply, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        message = f"the answer is not JSON: {type(exc).__name__}: {exc}"
+        return json.dumps(_internal(reply.get("id"), message, "report it with the request"))

@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from metaflow_stack.errors import InvalidInput
+from metaflow_stack.notebook.literals import NotLiteral, literal
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _STEP = re.compile(r"[a-z][a-z0-9_]*")
@@ -70,9 +71,16 @@ class HelpersDecl:
 Decl = FlowDecl | StepDecl | HelpersDecl
 
 
+def _quoted(value: str) -> str:
+    """``value`` quoted for an error, cut: the message stays one line whatever the cell holds."""
+    return repr(value) if len(value) <= 80 else repr(value[:80]) + "..."
+
+
 def _identifier(value: str, what: str, cell: Cell) -> str:
     if not _NAME.fullmatch(value) or keyword.iskeyword(value):
-        raise InvalidInput(f"{cell.label} {what}", f"{value!r} is not a Python name", fix="use letters, digits and _")
+        raise InvalidInput(
+            f"{cell.label} {what}", f"{_quoted(value)} is not a Python name", fix="use letters, digits and _"
+        )
     return value
 
 
@@ -82,7 +90,7 @@ def _step_name(value: str, what: str, cell: Cell) -> str:
     if not _STEP.fullmatch(value) or value in _RESERVED_STEPS:
         raise InvalidInput(
             f"{cell.label} {what}",
-            f"{value!r} cannot name a step",
+            f"{_quoted(value)} cannot name a step",
             fix="lowercase letters, digits and _, not a FlowSpec name",
         )
     return value
@@ -94,11 +102,11 @@ def _decorator(value: str, cell: Cell) -> str:
     fix = 'write one as after @, on one line, e.g. "retry(times=2)"'
     try:
         tree = ast.parse(f"@{value}\ndef f(): pass")
-    except SyntaxError:
-        raise InvalidInput(f"{cell.label} decorator", f"{value!r} is not a decorator", fix=fix) from None
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # (a null byte; nesting past the parser's)
+        raise InvalidInput(f"{cell.label} decorator", f"{_quoted(value)} is not a decorator", fix=fix) from None
     node = tree.body[0]
     if "\n" in value or len(tree.body) != 1 or not isinstance(node, ast.FunctionDef) or len(node.decorator_list) != 1:
-        raise InvalidInput(f"{cell.label} decorator", f"{value!r} is not one decorator", fix=fix)
+        raise InvalidInput(f"{cell.label} decorator", f"{_quoted(value)} is not one decorator", fix=fix)
     return ast.unparse(node.decorator_list[0])
 
 
@@ -106,12 +114,12 @@ def _parameter(value: str, cell: Cell) -> tuple[str, str]:
     """``name=default``: the default as a Python literal (``0.5``, ``'text'``), else as a string."""
     name, sep, default = value.partition("=")
     if not sep:
-        raise InvalidInput(f"{cell.label} --param", f"{value!r} has no default", fix="write NAME=DEFAULT")
+        raise InvalidInput(f"{cell.label} --param", f"{_quoted(value)} has no default", fix="write NAME=DEFAULT")
     try:
-        literal = repr(ast.literal_eval(default))  # the value, written back by Python (no comment rides along)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        literal = repr(default)
-    return _identifier(name, "--param", cell), literal
+        written = repr(literal(default))  # the value, written back by Python (no comment rides along)
+    except NotLiteral:
+        written = repr(default)
+    return _identifier(name, "--param", cell), written
 
 
 def _options(words: list[str], cell: Cell, allowed: set[str]) -> tuple[list[str], dict[str, list[str]]]:

@@ -26,7 +26,8 @@ def from_notebook(path: Path) -> Assembled:
     nbformat = require("nbformat", extra="notebook")
     try:
         notebook = nbformat.read(str(path), as_version=4)
-    except (OSError, ValueError, AttributeError, TypeError) as exc:  # (AttributeError: a JSON list)
+    # (AttributeError: a JSON list; ValidationError: what nbformat cannot read as version 4, a cell with no metadata)
+    except (OSError, ValueError, AttributeError, TypeError, nbformat.ValidationError) as exc:
         said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidInput(str(path), f"is not a notebook: {said}", fix="name an .ipynb file") from None
     # nbformat reads past what its schema refuses (and so does Jupyter): only what the export reads must hold.
@@ -40,12 +41,34 @@ def from_cells(notebook: Any) -> Assembled:
     """The flow a notebook's (nbformat's) cells declare."""
     flow = NotebookFlow()
     for index, cell in enumerate(notebook.cells, start=1):
-        if cell.cell_type != "code":
+        if cell.get("cell_type") != "code":
             continue
-        found = cells.from_source(cell.source, cells.Cell(f"cell {index}", cell.source), cell.metadata.get("tags", []))
+        label = f"cell {index}"
+        source = _source(cell, label)
+        found = cells.from_source(source, cells.Cell(label, source), _tags(cell, label))
         if found is not None:
             flow.declare(found)
     return assemble(flow)
+
+
+def _source(cell: dict[str, Any], label: str) -> str:
+    """A code cell's text: nbformat stores it as one string or as a list of lines."""
+    source = cell.get("source")
+    if isinstance(source, list) and all(isinstance(line, str) for line in source):
+        return "".join(source)
+    if not isinstance(source, str):
+        what = "is missing" if source is None else f"is {type(source).__name__}, not text"
+        raise InvalidInput(f"{label} source", what, fix="save the notebook again from Jupyter")
+    return source
+
+
+def _tags(cell: dict[str, Any], label: str) -> list[str]:
+    """A code cell's tags: a list of text (none when the cell has no metadata or no tags)."""
+    metadata = cell.get("metadata") or {}
+    tags = metadata.get("tags", []) if isinstance(metadata, dict) else None
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise InvalidInput(f"{label} tags", "are not a list of text", fix='write them as ["step:train", "next:end"]')
+    return tags
 
 
 def formatted(source: str) -> str:

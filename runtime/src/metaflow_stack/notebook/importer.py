@@ -23,6 +23,7 @@ from typing import Any
 from metaflow_stack.deploy import require, write_atomically
 from metaflow_stack.errors import InvalidInput
 from metaflow_stack.notebook.assembler import string_continuations
+from metaflow_stack.notebook.literals import NotLiteral, literal
 
 #: What the exported file imports from metaflow by itself (besides the decorators it uses).
 _WRITTEN = {"FlowSpec", "step", "Parameter", "current"}
@@ -106,8 +107,8 @@ def _parameter(path: Path, node: ast.stmt) -> tuple[str, str] | None:
     if default is None or not (isinstance(named, ast.Constant) and named.value == name):
         raise _refused(path, node, f"parameter {name} has no default, or a name other than {name!r}", fix=fix)
     try:
-        ast.literal_eval(default)
-    except (ValueError, SyntaxError):
+        literal(default)
+    except NotLiteral:
         raise _refused(
             path, node, f"parameter {name}'s default {ast.unparse(default)} is not a literal", fix=fix
         ) from None

@@ -15,7 +15,6 @@ never a traceback.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import os
 import pickle
@@ -35,7 +34,10 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.ids import is_number
 from metaflow_stack.notebook import cells, export
 from metaflow_stack.notebook.assembler import Assembled, NotebookFlow, assemble
+from metaflow_stack.notebook.literals import NotLiteral, literal
 
+#: Bytes read from the end of each of a failed run's output streams to find the cells it failed in.
+MAX_FAILED_OUTPUT = 1024 * 1024
 #: A traceback's frame, or Metaflow's validity checker pointing at a line of the flow file.
 _FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+)|found an issue on line (?P<checked>\d+)')
 
@@ -259,7 +261,7 @@ class FlowMagics(Magics):
         if not target:
             raise UsageError("name the file to write: %mf_export flow.py")
         try:
-            written = export.write(self._assembled(), Path(target))
+            written = export.write(self._assembled(), Path(target).expanduser())  # (~ as a shell reads it)
         except OSError as exc:
             raise UsageError(f"{target} cannot be written: {exc.strerror}") from None
         print(f"wrote {written}")
@@ -304,9 +306,9 @@ def _executed(
     assembled: Assembled,
     live: bool,
 ) -> tuple[Any, str, Any]:
-    """What ``act`` ran on ``path`` with Metaflow's Runner (a run, a resume, a spin), what it printed, and
-    its live DAG (``live`` and the widget built, else None); a run Metaflow will not start (its checks, a
-    decorator it does not know) is one line naming the cell."""
+    """What ``act`` ran on ``path`` with Metaflow's Runner (a run, a resume, a spin), the end of what it
+    printed when it failed, and its live DAG (``live`` and the widget built, else None); a run Metaflow will
+    not start (its checks, a decorator it does not know) is one line naming the cell."""
     from metaflow import Runner
 
     # JPY_PARENT_PID empty: the run is a plain process, not one of this kernel's (as NBRunner does).
@@ -331,7 +333,24 @@ def _executed(
                 dag.progress.settle("killed")
                 dag.stopped("interrupted")
             raise
-        return executing, executing.stdout + executing.stderr, dag
+        return executing, _failed_output(executing), dag
+
+
+def _failed_output(executing: Any) -> str:
+    """The end of what a failed run printed (stdout, then stderr: where its tracebacks are), read before the
+    Runner removes its log files; nothing for a run that did not fail (its output already streamed into
+    the cell, and a run may print gigabytes)."""
+    if executing.status == "successful":
+        return ""
+    logs = executing.command_obj.log_files  # (the files Metaflow's ``ExecutingRun.stdout`` reads whole)
+    return "".join(_tail(Path(logs[stream])) for stream in ("stdout", "stderr") if logs.get(stream))
+
+
+def _tail(path: Path) -> str:
+    """The last ``MAX_FAILED_OUTPUT`` bytes of ``path``, as text."""
+    with path.open("rb") as log:
+        log.seek(max(0, log.seek(0, os.SEEK_END) - MAX_FAILED_OUTPUT))
+        return log.read().decode("utf-8", errors="replace")
 
 
 def _live_dag(flow: str, path: Path) -> Any:
@@ -418,8 +437,8 @@ def _show_options(line: str) -> tuple[list[str], int, bool]:
 def _literal(value: str) -> Any:
     """A parameter's value as the Python literal it reads as (``2``, ``0.5``, ``[1, 2]``), else as text."""
     try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
+        return literal(value)
+    except NotLiteral:
         return value
 
 

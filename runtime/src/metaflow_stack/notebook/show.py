@@ -21,12 +21,14 @@ from __future__ import annotations
 import array
 import base64
 import collections
+import dataclasses
 import html
 import io
 import itertools
 import json
 import math
 import sys
+import types
 from collections.abc import ItemsView, KeysView, ValuesView
 from typing import Any
 
@@ -51,6 +53,8 @@ MAX_LOAD_BYTES = 256 * 1024 * 1024
 MAX_PARAMETERS = 50
 #: Characters of one table cell.
 MAX_CELL = 200
+#: Levels of a value written from its fields (a dataclass in a dataclass) before one is shown as ``Name(...)``.
+MAX_FIELD_DEPTH = 3
 
 
 class Shown:
@@ -133,7 +137,9 @@ def value(data: Any, name: str, page: int = 1, how: str | None = None) -> Shown:
         return Shown({"text/plain": _cut(data)})
     if isinstance(data, int | collections.deque | array.array | KeysView | ValuesView | ItemsView):
         return Shown({"text/plain": render(data, MAX_REPR)})  # bounded by reprlib, never copied whole
-    return Shown({"text/plain": _cut(repr(data))})
+    if _fields(data) is not None:
+        return Shown({"text/plain": _text(data, MAX_REPR)})
+    return Shown({"text/plain": _cut(repr(data))})  # its class's own repr: what it says of itself
 
 
 def _has(data: Any, *methods: str) -> bool:
@@ -150,12 +156,30 @@ def cards(task: Any) -> Shown:
     frames = []
     for card in found:
         label = html.escape(f"{card.type} card" + (f" {card.id}" if card.id else ""))
-        frames.append(
-            f"<p><b>{label}</b> of {html.escape(task.pathspec)}</p>"
-            f'<iframe sandbox="allow-scripts" style="width:100%;height:600px;border:1px solid #ccc" '
-            f'srcdoc="{html.escape(card.get(), quote=True)}"></iframe>'
-        )
+        frames.append(f"<p><b>{label}</b> of {html.escape(task.pathspec)}</p>{_card_frame(task, card)}")
     return Shown({"text/plain": f"{len(found)} card(s) of {task.pathspec}", "text/html": "".join(frames)})
+
+
+def _card_frame(task: Any, card: Any) -> str:
+    """The card's page in a sandboxed frame, read as the UI reads it (``datastore.cards``: at most
+    ``MAX_CARD_BYTES``) from the datastore the task ran on (a cloned task's: its origin's), under the UI's
+    policy (its own inline scripts and styles, inline images; no network); why not, when it cannot be read."""
+    from metaflow_stack.datastore.blobs import Blobs
+    from metaflow_stack.datastore.cards import CARD_POLICY, Cards
+    from metaflow_stack.errors import StackError
+
+    owner = task_of(card.origin_pathspec) if card.origin_pathspec else task
+    root = owner.metadata_dict.get("ds-root")
+    try:
+        body = Cards(Blobs((root,) if root else ())).read(*owner.pathspec.split("/"), card.path.rsplit("/", 1)[-1])
+    except StackError as exc:
+        return f"<p>(not shown: {html.escape(exc.message)})</p>"
+    policy = "; ".join(part for part in CARD_POLICY.split("; ") if not part.startswith("sandbox"))  # (a header's)
+    page = f'<meta http-equiv="Content-Security-Policy" content="{policy}">' + body.decode("utf-8", errors="replace")
+    return (
+        '<iframe sandbox="allow-scripts" style="width:100%;height:600px;border:1px solid #ccc" '
+        f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
+    )
 
 
 def kinds(data: Any) -> set[str]:
@@ -176,12 +200,45 @@ def _bytes(count: float) -> str:
     return ""
 
 
+def _fields(data: Any) -> list[tuple[str, Any]] | None:
+    """The fields a value's repr is written from, when its class writes it so (a ``SimpleNamespace``, a
+    dataclass); None for any other value."""
+    if isinstance(data, types.SimpleNamespace):
+        return list(vars(data).items())
+    if dataclasses.is_dataclass(data) and not isinstance(data, type) and data.__dataclass_params__.repr:
+        return [(field.name, getattr(data, field.name, None)) for field in dataclasses.fields(data) if field.repr]
+    return None
+
+
+def _text(data: Any, limit: int, depth: int = 0) -> str:
+    """``data`` as text of at most ``limit`` characters, made without writing it whole: the bounded renderer,
+    and a value written from its fields by the same renderer field by field (their built-in repr writes each
+    shared, nested value in full: an 857-byte pickle took 6 s and 600 MiB), until ``limit`` is reached."""
+    fields = _fields(data)
+    if fields is None:
+        return render(data, limit)
+    if depth >= MAX_FIELD_DEPTH:
+        return f"{type(data).__qualname__}(...)"
+    text = f"{type(data).__qualname__}("
+    for index, (key, item) in enumerate(fields):
+        if len(text) >= limit:
+            break
+        text += f"{', ' if index else ''}{key}={_text(item, MAX_CELL, depth + 1)}"
+    text += ")"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _label(key: Any) -> str:
+    """A dict key or a column name as a label: text as it is, anything else rendered; both cut."""
+    return key[:MAX_CELL] if isinstance(key, str) else _text(key, MAX_CELL)
+
+
 def _cell(item: Any) -> str:
-    return html.escape(render(item, MAX_CELL))
+    return html.escape(_text(item, MAX_CELL))
 
 
 def _table(
-    name: str, how: str, title: str, columns: list[str], rows: list[tuple], total: int, page: int, index: int = 0
+    name: str, how: str, title: str, columns: list[Any], rows: list[tuple], total: int, page: int, index: int = 0
 ) -> Shown:
     """A page of rows as an HTML table, with where it is in the whole and how to see the next page (``how``:
     the words that show it again); the first ``MAX_COLUMNS`` columns (``index`` of them the row labels)."""
@@ -192,10 +249,10 @@ def _table(
         where += f", the first {MAX_COLUMNS - index} of {len(columns) - index:,} columns"
         columns, rows = columns[:MAX_COLUMNS], [row[:MAX_COLUMNS] for row in rows]
     more = f"; next: %mf_show {how} --page {page + 1}" if page < pages else ""
-    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    head = "".join(f"<th>{html.escape(_label(column))}</th>" for column in columns)
     body = "".join("<tr>" + "".join(f"<td>{_cell(item)}</td>" for item in row) + "</tr>" for row in rows)
     caption = f"{name}: {title}" + (f" ({where}{more})" if where else " (no rows on this page)")
-    text = caption + "\n" + "\n".join("  ".join(render(item, 40) for item in row) for row in rows[:10])
+    text = caption + "\n" + "\n".join("  ".join(_text(item, 40) for item in row) for row in rows[:10])
     return Shown(
         {
             "text/plain": text,
@@ -215,7 +272,7 @@ def _pandas(data: Any, name: str, page: int, how: str) -> Shown:
     frame = data.to_frame() if data.ndim == 1 else data
     start, stop = _page_bounds(len(frame), page)
     window = frame.iloc[start:stop, :MAX_COLUMNS]
-    columns = [str(frame.index.name or "")] + [str(column) for column in frame.columns]
+    columns = [frame.index.name or "", *frame.columns]  # (labelled by the table: only those it shows)
     rows = [tuple(row) for row in window.itertuples(index=True, name=None)]
     title = f"{type(data).__name__}, {' x '.join(f'{n:,}' for n in data.shape)}"
     return _table(name, how, title, columns, rows, len(frame), page, index=1)
@@ -241,7 +298,9 @@ def _numpy(data: Any, name: str, page: int, how: str) -> Shown:
         data = data[tuple(slice(0, side) for _ in data.shape)]
         title += f", its first {side} along each axis"
     # and numpy summarises counts, not characters: wide rows or long strings are cut too
-    body = _cut(numpy.array2string(data, threshold=200, edgeitems=EDGE, max_line_width=120))
+    # an object array's items by the bounded renderer (numpy writes each one's repr whole)
+    bounded = {"object": lambda item: _text(item, MAX_CELL)}
+    body = _cut(numpy.array2string(data, threshold=200, edgeitems=EDGE, max_line_width=120, formatter=bounded))
     page_html = f"<p><b>{html.escape(title)}</b></p><pre>{html.escape(body)}</pre>"
     return Shown({"text/plain": f"{title}\n{body}", "text/html": page_html})
 
@@ -317,7 +376,7 @@ def _parameters_table(title: str, text: str, rows: list[tuple[str, ...]], column
 def _estimator(data: Any, name: str) -> Shown:
     """A scikit-learn-style model: its ``repr``, its parameters, and what fitting learnt (names ending in _)."""
     params = sorted(data.get_params(deep=False).items())
-    rows = [(key, render(param, MAX_CELL)) for key, param in params[:MAX_PARAMETERS]]
+    rows = [(key, _text(param, MAX_CELL)) for key, param in params[:MAX_PARAMETERS]]
     learnt = sorted(key for key in getattr(data, "__dict__", {}) if key.endswith("_") and not key.startswith("_"))
     fitted = f"fitted: {', '.join(learnt[:MAX_PARAMETERS])}" if learnt else "not fitted"
     title = f"{name}: {type(data).__module__.split('.')[0]} {type(data).__name__} ({fitted})"
@@ -356,19 +415,24 @@ def _bounded(data: Any, budget: list[int], depth: int = 0) -> Any:
     if depth >= MAX_DEPTH or budget[0] <= 0:
         return f"({type(data).__name__}, not expanded)"
     if isinstance(data, dict):
-        shown = {str(key): _bounded(item, budget, depth + 1) for key, item in itertools.islice(data.items(), MAX_ITEMS)}
+        items = itertools.islice(data.items(), MAX_ITEMS)
+        shown = {_label(key): _bounded(item, budget, depth + 1) for key, item in items}
         if len(data) > MAX_ITEMS:
             shown["..."] = f"{len(data) - MAX_ITEMS:,} more"
         return shown
     if isinstance(data, list | tuple | set | frozenset):
-        ordered = sorted(data, key=repr) if isinstance(data, set | frozenset) and len(data) <= MAX_ITEMS else data
+        # A small set of text or numbers in order, as written (anything else in the set's own order: ordering
+        # it would render every item, and a render costs up to a fifth of a second)
+        plain = isinstance(data, set | frozenset) and len(data) <= MAX_ITEMS
+        plain = plain and all(isinstance(item, str | int | float) for item in data)
+        ordered = sorted(data, key=_label) if plain else data
         shown_list = [_bounded(item, budget, depth + 1) for item in itertools.islice(ordered, MAX_ITEMS)]
         if len(data) > MAX_ITEMS:
             shown_list.append(f"... {len(data) - MAX_ITEMS:,} more")
         return shown_list
     if _is_model_dump(data):
         return _bounded(_dumped(data), budget, depth)
-    return render(data, MAX_CELL)
+    return _text(data, MAX_CELL)
 
 
 def _dumped(data: Any) -> Any:
@@ -376,7 +440,7 @@ def _dumped(data: Any) -> Any:
     try:
         return data.model_dump(mode="json")
     except Exception:  # a field type pydantic cannot write as JSON
-        return render(data, MAX_CELL)
+        return _text(data, MAX_CELL)
 
 
 def _details(data: Any, label: str, open_: bool = False) -> str:

@@ -12,12 +12,19 @@ from pathlib import Path
 from metaflow._vendor import click
 
 from metaflow_extensions.stack.cmd.cli_errors import friendly as _friendly
-from metaflow_stack.errors import StackError
+from metaflow_stack.errors import InvalidInput, StackError
 
 
 @click.group()
 def cli() -> None:
     pass
+
+
+def _elsewhere(source: str, output: str) -> Path:
+    """``output``, refused when it is ``source`` itself (the file would be replaced by what it was read into)."""
+    if Path(output).exists() and Path(output).samefile(source):  # (through a link, or another spelling)
+        raise InvalidInput("--output", f"{output} is the file being read", fix="name another file to write (-o)")
+    return Path(output)
 
 
 @cli.group(help="Metaflow flows written across a notebook's cells.")
@@ -33,7 +40,8 @@ def notebook() -> None:
 def export(notebook_file: str, output: str, check: bool) -> None:
     from metaflow_stack.notebook import export as exporting
 
-    written = exporting.write(exporting.from_notebook(Path(notebook_file)), Path(output))
+    target = _elsewhere(notebook_file, output)
+    written = exporting.write(exporting.from_notebook(Path(notebook_file)), target)
     click.echo(str(written))
     if check:
         from metaflow import Runner
@@ -57,4 +65,4 @@ def export(notebook_file: str, output: str, check: bool) -> None:
 def import_(flow_file: str, output: str) -> None:
     from metaflow_stack.notebook import importer
 
-    click.echo(str(importer.write(Path(flow_file), Path(output))))
+    click.echo(str(importer.write(Path(flow_file), _elsewhere(flow_file, output))))
