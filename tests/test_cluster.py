@@ -26,7 +26,12 @@ SERVICE_IMAGE = "metaflow-stack/metadata-service:0123456789abcdef"
 UI_IMAGE = "metaflow-stack/ui:0123456789abcdef"
 TASK_IMAGE = "metaflow-stack/base:0123456789abcdef"
 #: The core Kubernetes kinds the component declares itself (third-party charts render in the cluster).
-_CORE = ("kubernetes:core/v1:Namespace", "kubernetes:core/v1:Secret", "kubernetes:core/v1:Service")
+_CORE = (
+    "kubernetes:core/v1:Namespace",
+    "kubernetes:core/v1:Secret",
+    "kubernetes:core/v1:Service",
+    "kubernetes:networking.k8s.io/v1:NetworkPolicy",
+)
 
 
 def _revealed(value):
@@ -55,6 +60,7 @@ def _dev_stack():
             task_image=TASK_IMAGE,
             db_password="pw",
             s3_secret_key="sk",
+            s3_task_secret_key="tsk",
             auth_key="ak",
         ),
     )
@@ -108,7 +114,103 @@ def test_the_dev_stack_declares_each_service_pinned_and_valid(pulumi_offline: li
     declared = [manifest for typ in _CORE for manifest in by_type.get(typ, [])]
     for manifest in declared:
         helm.validate_manifest(manifest)
-    assert len(declared) == 1 + len(secrets) + len(node_ports)
+    policies = by_type["kubernetes:networking.k8s.io/v1:NetworkPolicy"]
+    assert len(declared) == 1 + len(secrets) + len(node_ports) + len(policies)
+
+
+def test_tasks_reach_s3_as_a_user_kept_to_the_bucket_not_as_minios_root(pulumi_offline: list) -> None:
+    """The task Secret holds the tasks' own MinIO user, made by MinIO's chart (its ``users``, the password read
+    from that same Secret) with a policy (its ``policies``) on the bucket's objects alone; MinIO's root account
+    stays in ``minio-root``, and the chart's default admin (``console``, a published password) is not made."""
+    from components import dev_stack
+
+    _dev_stack()
+    by_type: dict[str, list] = {}
+    for resource in pulumi_offline:
+        by_type.setdefault(resource.typ, []).append(_revealed(resource.inputs))
+    secrets = {r["metadata"]["name"]: r["stringData"] for r in by_type["kubernetes:core/v1:Secret"]}
+    task = secrets[dev_stack.TASK_SECRET]
+    assert task["AWS_ACCESS_KEY_ID"] == "metaflow-task" and task["AWS_SECRET_ACCESS_KEY"] == "tsk"
+    assert secrets["minio-root"]["rootUser"] not in task.values() and "sk" not in task.values()
+
+    minio = {r["name"]: r for r in by_type["kubernetes:helm.sh/v3:Release"]}["minio"]["values"]
+    (user,) = minio["users"]
+    assert user == {
+        "accessKey": "metaflow-task",
+        "existingSecret": dev_stack.TASK_SECRET,
+        "existingSecretKey": "AWS_SECRET_ACCESS_KEY",
+        "policy": dev_stack.TASK_S3_POLICY,
+    }
+    (policy,) = [p for p in minio["policies"] if p["name"] == user["policy"]]
+    resources = {resource for statement in policy["statements"] for resource in statement["resources"]}
+    assert resources == {"arn:aws:s3:::metaflow", "arn:aws:s3:::metaflow/*"}
+    actions = {action for statement in policy["statements"] for action in statement["actions"]}
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions
+    assert all(action.startswith("s3:") and "*" not in action for action in actions)
+    assert not actions & {"s3:CreateBucket", "s3:DeleteBucket", "s3:PutBucketPolicy"}
+
+
+def test_nats_takes_clients_from_the_metadata_service_pods_alone(pulumi_offline: list) -> None:
+    """A NetworkPolicy isolates NATS's pods (the chart's selector labels for the release ``nats``): its client
+    port takes connections from the pods of the metadata-service chart as rendered here, and from nothing else
+    (a task's pod among them), so no task reads the runs' events or publishes forged ones."""
+    _dev_stack()
+    policies = [_revealed(r.inputs) for r in pulumi_offline if r.typ.endswith("networking.k8s.io/v1:NetworkPolicy")]
+    (policy,) = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "nats"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "nats",
+        "app.kubernetes.io/instance": "nats",
+    }
+    assert spec["policyTypes"] == ["Ingress"] and policy["metadata"]["namespace"] == "metaflow"
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": 4222}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # (no namespaceSelector, no ipBlock: pods of this namespace only)
+    service = {r.inputs["name"]: r.inputs for r in pulumi_offline if r.typ.endswith("helm.sh/v3:Release")}
+    rendered = helm.render("metadata-service", _revealed(service["metadata-service"]["values"]), "metadata-service")
+    (deployment,) = [m for m in rendered.manifests if m["kind"] == "Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert peer["podSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_the_programs_outputs_have_one_name_each_whatever_is_configured(pulumi_offline: list, monkeypatch) -> None:
+    """With the dev stack and the separate service, UI and function server all configured, no output is
+    exported twice: `cluster config` writes the dev stack's own ``service_url`` and ``ui_url`` into the profile,
+    never a function server's or another UI's URL that a later export put in their place."""
+    import pulumi
+    import stack_program
+
+    exported: list[tuple[str, object]] = []
+    monkeypatch.setattr(pulumi, "export", lambda name, value: exported.append((name, value)))
+    settings = {
+        "dev-stack:serviceImage": SERVICE_IMAGE,
+        "dev-stack:uiImage": UI_IMAGE,
+        "dev-stack:taskImage": TASK_IMAGE,
+        "metadata-service:image": SERVICE_IMAGE,
+        "metadata-service:authSecret": "service-auth",
+        "metadata-service:replicas": "1",
+        "metadata-service:namespace": "served",
+        "ui:image": UI_IMAGE,
+        "ui:authSecret": "ui-auth",
+        "function:image": "registry.example/metaflow-stack/function-fastapi-predict:0123456789abcdef",
+        "function:name": "predict",
+        "function:authSecret": "fn-auth",
+        "function:namespace": "served",
+    }
+    secrets = {"dbPassword": "pw", "s3SecretKey": "sk", "s3TaskSecretKey": "tsk", "authKey": "ak"}
+    config = {**settings, **{f"dev-stack:{key}": value for key, value in secrets.items()}}
+    pulumi.runtime.set_all_config(config, [f"dev-stack:{key}" for key in secrets])
+    try:
+        pulumi.runtime.test(stack_program.main)()
+    finally:
+        pulumi.runtime.set_all_config({}, [])
+    names = [name for name, _ in exported]
+    assert len(names) == len(set(names)), sorted(names)
+    outputs = dict(exported)
+    assert outputs["service_url"] == f"http://127.0.0.1:{kind.NODE_PORTS['metadata-service']}"
+    assert outputs["ui_url"] == f"http://127.0.0.1:{kind.NODE_PORTS['ui']}"
+    assert {"metadata_service_url", "metaflow_ui_url", "function_service_url"} <= set(outputs)
 
 
 def test_pulumi_up_in_the_program_folder_reads_a_project_pulumi_accepts_and_runs_the_dev_stack(
@@ -144,7 +246,7 @@ def test_pulumi_up_in_the_program_folder_reads_a_project_pulumi_accepts_and_runs
     import stack_program
 
     settings = {"serviceImage": SERVICE_IMAGE, "uiImage": UI_IMAGE, "taskImage": TASK_IMAGE}
-    secrets = {"dbPassword": "pw", "s3SecretKey": "sk", "authKey": "ak"}
+    secrets = {"dbPassword": "pw", "s3SecretKey": "sk", "s3TaskSecretKey": "tsk", "authKey": "ak"}
     config = {f"dev-stack:{key}": value for key, value in {**settings, **secrets}.items()}
     pulumi.runtime.set_all_config(config, [f"dev-stack:{key}" for key in secrets])
     try:
@@ -167,8 +269,9 @@ def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offlin
     CloudNativePG, NATS): each rendered by Helm from its repository at its pinned version, with the values the
     program gives it, and every object of the Kubernetes API's own kinds valid by its schema, strictly
     (custom resources are the charts' own, their definitions among the objects checked); and the PostgreSQL
-    cluster the program declares, valid by CloudNativePG's definition of it. Neither Helm nor the
-    charts' repositories are reachable here: the GitHub k8s-integration job runs it."""
+    cluster the program declares, valid by CloudNativePG's definition of it. MinIO's chart makes the tasks' user
+    with its policy, from the task Secret; NATS's pods carry the labels the NetworkPolicy isolates. Neither Helm
+    nor the charts' repositories are reachable here: the GitHub k8s-integration job runs it."""
     import jsonschema
     import yaml
     from components import dev_stack
@@ -180,6 +283,7 @@ def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offlin
     releases = [_revealed(r.inputs) for r in pulumi_offline if r.typ == "kubernetes:helm.sh/v3:Release"]
     third_party = [r for r in releases if r["chart"] in pinned]
     assert {r["chart"] for r in third_party} == set(pinned)
+    (nats_clients,) = [_revealed(r.inputs) for r in pulumi_offline if r.typ.endswith(":NetworkPolicy")]
     definitions: dict[tuple[str, str], dict] = {}  # (the custom resources' definitions the charts bring)
     for release in third_party:
         repo, version = pinned[release["chart"]]
@@ -196,6 +300,19 @@ def test_the_dev_stacks_third_party_charts_render_to_valid_objects(pulumi_offlin
             helm.validate_manifest(manifest, where=f"{release['chart']} {version}: ")
         crds = [o["spec"] for o in objects if o["kind"] == "CustomResourceDefinition"]
         definitions.update({(crd["group"], crd["names"]["kind"]): crd for crd in crds})
+        if release["chart"] == "nats":
+            (server,) = [o for o in objects if o["kind"] == "StatefulSet"]
+            isolated = nats_clients["spec"]["podSelector"]["matchLabels"]
+            assert isolated.items() <= server["spec"]["template"]["metadata"]["labels"].items()
+        if release["chart"] == "minio":
+            (scripts,) = [o for o in objects if o["kind"] == "ConfigMap" and "add-user" in o.get("data", {})]
+            assert "/config/secrets/metaflow-task/AWS_SECRET_ACCESS_KEY" in scripts["data"]["add-user"]
+            assert "console" not in scripts["data"]["add-user"].split("# Create the users")[1]
+            policy = json.loads(scripts["data"]["policy_0.json"])
+            assert {r for st in policy["Statement"] for r in st["Resource"]} == {
+                "arn:aws:s3:::metaflow",
+                "arn:aws:s3:::metaflow/*",
+            }
     # The PostgreSQL cluster the program declares itself, against CloudNativePG's own definition of it.
     (database,) = [r for r in pulumi_offline if r.typ == "kubernetes:postgresql.cnpg.io/v1:Cluster"]
     (served,) = [v for v in definitions["postgresql.cnpg.io", "Cluster"]["versions"] if v["name"] == "v1"]
@@ -209,21 +326,24 @@ def test_kind_publishes_the_node_ports_on_loopback_only() -> None:
     assert published == {(port, port, "127.0.0.1") for port in kind.NODE_PORTS.values()}
 
 
+#: The dev stack's outputs, as `cluster up` gets them.
+_OUTPUTS = {
+    "namespace": "metaflow",
+    "service_url": "http://127.0.0.1:30080",
+    "service_internal_url": "http://metadata-service.metaflow.svc.cluster.local:8080",
+    "ui_url": "http://127.0.0.1:30324",
+    "s3_endpoint": "http://127.0.0.1:30900",
+    "datastore_root": "s3://metaflow/metaflow",
+    "task_secret": "metaflow-task",
+    "service_account": "argo-workflow",
+    "task_image": TASK_IMAGE,
+    "s3_access_key": "metaflow",
+}
+
+
 def test_the_profile_reaches_the_stack_and_keeps_its_secrets_private(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "home"))
-    outputs = {
-        "namespace": "metaflow",
-        "service_url": "http://127.0.0.1:30080",
-        "service_internal_url": "http://metadata-service.metaflow.svc.cluster.local:8080",
-        "ui_url": "http://127.0.0.1:30324",
-        "s3_endpoint": "http://127.0.0.1:30900",
-        "datastore_root": "s3://metaflow/metaflow",
-        "task_secret": "metaflow-task",
-        "service_account": "argo-workflow",
-        "task_image": TASK_IMAGE,
-        "s3_access_key": "metaflow",
-    }
-    exports = profile.write(outputs, "key", "secret", tmp_path / "state", "stack-cluster")
+    exports = profile.write(_OUTPUTS, "key", "secret", tmp_path / "state", "stack-cluster")
     written = tmp_path / "home" / "config_stack-cluster.json"
     settings = json.loads(written.read_text())
     assert settings["METAFLOW_DATATOOLS_CLIENT_PARAMS"] == {"endpoint_url": "http://127.0.0.1:30900"}
@@ -240,6 +360,31 @@ def test_the_profile_reaches_the_stack_and_keeps_its_secrets_private(tmp_path: P
     for path in (written, Path(exports["AWS_CONFIG_FILE"])):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert exports["METAFLOW_PROFILE"] == "stack-cluster"
+
+
+def test_cluster_down_removes_every_profile_and_the_aws_config_that_reached_the_cluster(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The profiles ``up`` wrote (the default and one of ``--profile``) hold the service's key and the AWS config
+    file holds S3's: ``down`` deletes them with the cluster, says so, and leaves the user's other profiles."""
+    from metaflow_stack.cluster import dev
+
+    home, state = tmp_path / "home", tmp_path / "state"
+    monkeypatch.setenv("METAFLOW_HOME", str(home))
+    monkeypatch.setenv("METAFLOW_STACK_STATE_DIR", str(state))
+    monkeypatch.setattr(kind, "delete", lambda: True)
+    monkeypatch.setattr(stack, "forget", lambda: None)
+    written = [profile.write(_OUTPUTS, "key", "secret", state / "cluster", name) for name in (profile.PROFILE, "other")]
+    aws = Path(written[0]["AWS_CONFIG_FILE"])
+    mine = home / "config_mine.json"
+    mine.write_text("{}")
+    said: list[str] = []
+    dev.down(said.append)
+    assert sorted(home.iterdir()) == [mine]
+    assert not aws.exists()
+    assert said[0] == f"deleted the kind cluster {kind.CLUSTER}"
+    removed = {home / f"config_{profile.PROFILE}.json", home / "config_other.json", aws}
+    assert set(said[1:]) == {f"removed {path}" for path in removed}
 
 
 def test_cluster_commands_name_what_is_missing_or_wrong() -> None:

@@ -13,6 +13,11 @@ Secret holding its own key (``metadata-service:authSecret``, ``ui:authSecret``,
 ``function:authSecret``) or that namespace's ``insecureNoAuth`` set to true.
 The UI sends the service's key from ``ui:serviceAuthSecret``, or from
 ``metadata-service:authSecret`` when this program deploys the service too.
+
+Each output has one name whatever else is configured: the dev stack's are the
+profile's (``service_url``, ``ui_url``, ...), and the separately configured
+servers' are named for them (``metadata_service_url``, ``metaflow_ui_url``,
+``function_service_url``), so that one never silently replaces another.
 """
 
 import pulumi
@@ -36,6 +41,7 @@ def main() -> None:
                 task_image=dev_config.require("taskImage"),
                 db_password=dev_config.require_secret("dbPassword"),
                 s3_secret_key=dev_config.require_secret("s3SecretKey"),
+                s3_task_secret_key=dev_config.require_secret("s3TaskSecretKey"),
                 auth_key=dev_config.require_secret("authKey"),
                 namespace=dev_config.get("namespace") or "metaflow",
                 s3_access_key=dev_config.get("s3AccessKey") or "metaflow",
@@ -77,7 +83,7 @@ def main() -> None:
                 namespace=ui_config.get("namespace") or service_config.get("namespace") or "default",
             ),
         )
-        pulumi.export("ui_url", ui.url)
+        pulumi.export("metaflow_ui_url", ui.url)
 
     function_config = pulumi.Config("function")
     if function_config.get("image"):
@@ -92,7 +98,7 @@ def main() -> None:
                 insecure_no_auth=function_config.get_bool("insecureNoAuth") or False,
             ),
         )
-        pulumi.export("service_url", server.service_url)
+        pulumi.export("function_service_url", server.service_url)
 
     pool_config = pulumi.Config("worker-pool")
     if pool_config.get("image"):

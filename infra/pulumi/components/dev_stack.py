@@ -15,7 +15,20 @@ own dev stack: the laptop through the published port (the profile's
 ``METAFLOW_KUBERNETES_SECRETS``). Metaflow would give pods its own
 ``METAFLOW_S3_ENDPOINT_URL`` verbatim, so the profile sets none.
 
-Secrets (the database password, the S3 key, the service's key) come in as
+Tasks reach S3 as a MinIO user of their own (``metaflow-task``), whose policy
+(the chart's ``policies``) allows the objects of the stack's bucket and nothing
+else: not MinIO's root account, which stays with the chart's jobs and this
+machine's profile. The chart's default ``users`` (an admin ``console`` with a
+published password) are replaced by that one user.
+
+NATS takes clients from the metadata service's pods alone (a NetworkPolicy on
+its client port; kind enforces NetworkPolicies since v0.24): a task cannot read
+the runs' events or publish forged ones. The policy trusts pod labels, which a
+flow can set on its own pods (``@kubernetes(labels=...)``): NATS credentials
+would close that, and wait on the metadata-service chart reading its NATS URL
+from a Secret (its values put it in the pod spec, which tasks may read).
+
+Secrets (the database password, the S3 keys, the service's key) come in as
 Pulumi secrets and reach the cluster as Kubernetes Secrets; a deployed flow's
 WorkflowTemplate leaves the service's key out (the task Secret carries it),
 but ``--with kubernetes`` puts Metaflow's headers, the key among them, in its
@@ -41,6 +54,11 @@ NATS = ("nats", "https://nats-io.github.io/k8s/helm/charts/", "2.14.2")
 BUCKET = "metaflow"
 #: The Secret every task gets: S3's credentials and endpoint, the service's headers.
 TASK_SECRET = "metaflow-task"
+#: The MinIO user tasks are, and the policy that keeps it to the bucket's objects.
+TASK_S3_USER = "metaflow-task"
+TASK_S3_POLICY = "metaflow-bucket"
+#: The metadata service's pods (its chart's selector labels): NATS's only clients.
+SERVICE_PODS = {"app.kubernetes.io/name": "metadata-service", "app.kubernetes.io/instance": "metadata-service"}
 #: The service account Argo's workflows (and so Metaflow's tasks on Argo) run as, with the RBAC they need.
 WORKFLOW_SERVICE_ACCOUNT = "argo-workflow"
 #: What every dev server may use: enough on a laptop, little enough for several.
@@ -56,7 +74,10 @@ class DevStackArgs:
     #: The image tasks run in (the stack's base), given back as an output for the profile.
     task_image: str
     db_password: pulumi.Input[str]
+    #: MinIO's root password (its chart's jobs, this machine's profile).
     s3_secret_key: pulumi.Input[str]
+    #: The password of the tasks' MinIO user (``TASK_S3_USER``).
+    s3_task_secret_key: pulumi.Input[str]
     auth_key: pulumi.Input[str]
     namespace: str = "metaflow"
     s3_access_key: str = "metaflow"
@@ -81,13 +102,14 @@ class DevStack(pulumi.ComponentResource):
 
         self.secrets = [
             secret("minio-root", {"rootUser": args.s3_access_key, "rootPassword": args.s3_secret_key}),
-            # What every task gets (METAFLOW_KUBERNETES_SECRETS): S3 credentials and the in-cluster endpoint,
+            # What every task gets (METAFLOW_KUBERNETES_SECRETS): its own S3 user and the in-cluster endpoint,
             # and the service's key as Metaflow's headers (a deployed flow's template skips its own copy).
+            # MinIO's chart makes the user with the password read from here.
             secret(
                 TASK_SECRET,
                 {
-                    "AWS_ACCESS_KEY_ID": args.s3_access_key,
-                    "AWS_SECRET_ACCESS_KEY": args.s3_secret_key,
+                    "AWS_ACCESS_KEY_ID": TASK_S3_USER,
+                    "AWS_SECRET_ACCESS_KEY": args.s3_task_secret_key,
                     "AWS_ENDPOINT_URL_S3": s3_internal,
                     "AWS_DEFAULT_REGION": "us-east-1",
                     "METAFLOW_SERVICE_HEADERS": pulumi.Output.json_dumps({"x-api-key": args.auth_key}),
@@ -156,6 +178,35 @@ class DevStack(pulumi.ComponentResource):
                 "replicas": 1,
                 "existingSecret": "minio-root",
                 "buckets": [{"name": BUCKET, "policy": "none", "purge": False}],
+                "policies": [
+                    {
+                        "name": TASK_S3_POLICY,
+                        "statements": [
+                            {
+                                "resources": [f"arn:aws:s3:::{BUCKET}"],
+                                "actions": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
+                            },
+                            {
+                                "resources": [f"arn:aws:s3:::{BUCKET}/*"],
+                                "actions": [
+                                    "s3:GetObject",
+                                    "s3:PutObject",
+                                    "s3:DeleteObject",
+                                    "s3:AbortMultipartUpload",
+                                    "s3:ListMultipartUploadParts",
+                                ],
+                            },
+                        ],
+                    }
+                ],
+                "users": [
+                    {
+                        "accessKey": TASK_S3_USER,
+                        "existingSecret": TASK_SECRET,
+                        "existingSecretKey": "AWS_SECRET_ACCESS_KEY",
+                        "policy": TASK_S3_POLICY,
+                    }
+                ],
                 "persistence": {"enabled": True, "size": "5Gi"},
                 "resources": {"requests": {"memory": "256Mi", "cpu": "50m"}},
                 "service": {"type": "NodePort", "port": "9000", "nodePort": NODE_PORTS["s3"]},
@@ -192,6 +243,18 @@ class DevStack(pulumi.ComponentResource):
                 },
                 "natsBox": {"enabled": False},
             },
+        )
+        self.nats_clients = kubernetes.networking.v1.NetworkPolicy(
+            f"{name}-nats-clients",
+            metadata={"name": "nats-clients", "namespace": ns},
+            spec={
+                "podSelector": {
+                    "matchLabels": {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "nats"}
+                },
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": SERVICE_PODS}}], "ports": [{"port": 4222}]}],
+            },
+            opts=child,
         )
         self.service = MetadataService(
             "metadata-service",

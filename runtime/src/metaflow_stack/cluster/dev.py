@@ -5,9 +5,10 @@ stack's base image (what tasks run in), the service's and the UI's, and
 loads them into the cluster, brings the
 Pulumi stack up on it (the program's ``dev-stack`` configuration), and
 writes the Metaflow profile that reaches it. Its secrets (the database
-password, the S3 key, the service's key) are made once and kept in the state
+password, MinIO's root password and the tasks' S3 password, the service's key) are made once and kept in the state
 folder (mode 0600), so running ``up`` again on the same cluster changes nothing. ``down``
-deletes the cluster, which holds all the stack made, and forgets the stack.
+deletes the cluster, which holds all the stack made, forgets the stack, and removes the profiles and
+the AWS config file ``up`` wrote: they hold the service's key and S3's, for a cluster that is gone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def _state() -> Path:
 def _secrets() -> dict[str, str]:
     """The stack's secrets, made on first use and kept (mode 0600)."""
     state = _state()
-    return {name: local_secrets.secret(state / name)[0] for name in ("dbPassword", "s3SecretKey", "authKey")}
+    return {
+        name: local_secrets.secret(state / name)[0]
+        for name in ("dbPassword", "s3SecretKey", "s3TaskSecretKey", "authKey")
+    }
 
 
 def check_namespace(namespace: str) -> str:
@@ -93,9 +97,12 @@ def config(name: str = profile.PROFILE) -> dict[str, str]:
 
 
 def down(say: Callable[[str], Any]) -> None:
-    """Delete the cluster, and with it everything the stack made there; then forget the stack's state."""
+    """Delete the cluster, and with it everything the stack made there; then forget the stack's state and
+    remove the profiles that reached it."""
     if kind.delete():
         say(f"deleted the kind cluster {kind.CLUSTER}")
     else:
         say(f"no kind cluster {kind.CLUSTER} here")
     stack.forget()
+    for path in profile.remove(_state()):
+        say(f"removed {path}")

@@ -7,7 +7,9 @@ metadata service (here at its published port, in the cluster at its own
 name) with its key, the namespace, service account and Secret Metaflow's
 Kubernetes and Argo Workflows tasks run with. The S3 credentials go to an
 AWS config file of their own (``AWS_CONFIG_FILE``), as boto reads them. Both
-files hold secrets: mode 0600.
+files hold secrets: mode 0600. Each profile written is recorded in the state
+folder, so that ``remove`` (at ``cluster down``) deletes every one of them with
+the AWS config file: none is left holding the key of a cluster that is gone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any
 from metaflow_stack.local_secrets import keep
 
 PROFILE = "stack-cluster"
+#: The state folder's record of the profiles written (one path a line): ``--profile`` may name any.
+_WRITTEN = "profiles"
+_AWS_CONFIG = "aws_config"
 
 
 def settings(outputs: dict[str, Any], auth_key: str) -> dict[str, Any]:
@@ -68,12 +73,31 @@ def write(outputs: dict[str, Any], auth_key: str, secret_key: str, state: Path, 
     credentials file): where they are exported, S3 is the stack's.
     """
     access_key = outputs["s3_access_key"]
-    profile = metaflow_home() / f"config_{name}.json"
+    profile = (metaflow_home() / f"config_{name}.json").absolute()
+    written = _written(state)
+    if profile not in written:  # recorded first: a profile is never there unrecorded
+        keep(state / _WRITTEN, "".join(f"{path}\n" for path in [*written, profile]))
     keep(profile, json.dumps(settings(outputs, auth_key), indent=2) + "\n")
-    aws = state / "aws_config"
+    aws = state / _AWS_CONFIG
     config = configparser.ConfigParser()
     config["default"] = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key, "region": "us-east-1"}
     text = io.StringIO()
     config.write(text)
     keep(aws, text.getvalue())
     return {"METAFLOW_PROFILE": name, "AWS_CONFIG_FILE": str(aws), "AWS_SHARED_CREDENTIALS_FILE": ""}
+
+
+def _written(state: Path) -> list[Path]:
+    record = state / _WRITTEN
+    return [Path(line) for line in record.read_text().splitlines() if line] if record.exists() else []
+
+
+def remove(state: Path) -> list[Path]:
+    """Delete every profile written for the stack, the default one, and the AWS config file (they hold its
+    key and S3's); the files that were there."""
+    candidates = dict.fromkeys([*_written(state), metaflow_home() / f"config_{PROFILE}.json", state / _AWS_CONFIG])
+    removed = [path for path in candidates if path.exists()]
+    for path in removed:
+        path.unlink()
+    (state / _WRITTEN).unlink(missing_ok=True)
+    return removed
