@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import VENV_BIN, free_port, json_stdout, run_cli
 
@@ -27,9 +28,11 @@ def test_a_pid_file_naming_no_single_process_is_no_process(tmp_path: Path, held:
     """``os.kill(0, ...)`` signals the caller's whole process group, ``-1`` every process it may: a damaged
     pid file must never reach it (``stack down``, the local service's stop)."""
     pidfile = tmp_path / "service.pid"
-    pidfile.write_text(held)
-    assert running_pid(pidfile) is None
-    pidfile.write_text(str(os.getpid()))
+    started = psutil.Process().create_time()
+    for pid in (held, json.dumps({"pid": held, "started": started, "run": ""})):
+        pidfile.write_text(pid)
+        assert running_pid(pidfile) is None
+    pidfile.write_text(json.dumps({"pid": os.getpid(), "started": started, "run": ""}))
     assert running_pid(pidfile) == os.getpid()
     assert running_pid(tmp_path / "missing.pid") is None
 
@@ -41,7 +44,7 @@ def test_a_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     done = run_cli("stack", "ci", "report", str(results), "--junit-out", str(tmp_path / "a-file" / "x.xml"))
     one_line(done, "a-file")
     state = run_cli("stack", "registry", "down", env={"METAFLOW_STACK_STATE_DIR": str(tmp_path / "a-file")})
-    one_line(state, "Not a directory")
+    one_line(state, str(tmp_path / "a-file"))
 
 
 def test_a_call_timeout_an_in_process_server_cannot_keep_is_one_line(tmp_path: Path) -> None:

@@ -1,11 +1,21 @@
 """`metaflow stack up` starts the metadata service and runs the hello flow
 recorded by it: in the base image beside PostgreSQL and NATS containers, or on
-the embedded defaults (a local process, SQLite, in-process events)."""
+the embedded defaults (a local process, SQLite, in-process events).
+
+It takes only its own processes and containers for its services: whatever else
+answers on a port is refused in one line and sent none of the stack's secrets;
+one state folder's `down` leaves another folder's containers alone; and the
+state folder is its owner's alone."""
 
 from __future__ import annotations
 
+import http.server
+import os
 import shutil
+import stat
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,10 +23,17 @@ import psutil
 import pytest
 import redis
 from conftest import DEAD_ENGINE_ENV, TEST_LABELS, free_port, need, run_cli
+from devservers import nomad_double
+from rich.console import Console
 
-from metaflow_stack.engines import STACK_UP, JobSpec
+from metaflow_stack.confidential.local_service import LocalKeyRelease
+from metaflow_stack.engines import JOB_LABEL, OWNER_LABEL, STACK_UP, JobSpec
 from metaflow_stack.engines.docker import DockerEngine
-from metaflow_stack.local_secrets import stack_key_path
+from metaflow_stack.errors import StackError
+from metaflow_stack.local_secrets import stack_key, stack_key_path
+from metaflow_stack.nomad.dev_cluster import LocalNomad
+from metaflow_stack.pool.local_redis import stack_url
+from metaflow_stack.service.local import FOLDER_LABEL, LocalService
 
 
 def _ok_line(stdout: str) -> str:
@@ -89,7 +106,8 @@ def test_up_runs_postgres_nats_and_the_service_in_containers(base_image: str, st
         # A step of another run and a leftover of `up`'s own, both running when `down` comes.
         engine = DockerEngine()
         step = engine.launch(JobSpec(base_image, ["sleep", "300"], owner="devcontainer", labels=TEST_LABELS))
-        leftover = engine.launch(JobSpec(base_image, ["sleep", "300"], owner=STACK_UP, labels=TEST_LABELS))
+        this_folder = {**TEST_LABELS, FOLDER_LABEL: LocalService().folder}
+        leftover = engine.launch(JobSpec(base_image, ["sleep", "300"], owner=STACK_UP, labels=this_folder))
     finally:
         down = run_cli("stack", "down", "--purge", env=env)
     assert "its data deleted" in down.stderr
@@ -129,3 +147,152 @@ def test_up_with_redis_starts_the_pools_redis_behind_a_password(
         for _ in range(50):  # (it ends within a moment of SIGTERM)
             redis.Redis(port=port, password=password, socket_connect_timeout=1).ping()
             time.sleep(0.1)
+
+
+class _Stranger(http.server.ThreadingHTTPServer):
+    """Another program on a port of the stack's: answers every health and readiness check, keeps what it
+    was sent."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str | None]] = []
+        stranger = self
+
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                stranger.seen.append({"path": self.path, "x-api-key": self.headers.get("x-api-key")})
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_PUT = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Answer)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def stranger() -> Iterator[_Stranger]:
+    server = _Stranger()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_up_refuses_a_port_something_else_answers_on_and_hands_it_no_key(stranger: _Stranger, tmp_path: Path) -> None:
+    env = {
+        **DEAD_ENGINE_ENV,
+        "METAFLOW_STACK_STATE_DIR": str(tmp_path),
+        "METAFLOW_STACK_SERVICE_PORT": str(stranger.port),
+    }
+    up = run_cli("stack", "up", env=env)
+    assert up.returncode == 1 and "Traceback" not in up.stderr
+    assert f"error: port {stranger.port} is in use by something else" in up.stderr
+    assert "--service-port" in up.stderr and "METAFLOW_SERVICE_URL" not in up.stdout
+    assert all(request["x-api-key"] is None for request in stranger.seen), stranger.seen
+
+
+@pytest.mark.docker
+def test_the_containers_flavour_refuses_a_port_something_else_answers_on(
+    docker_engine, stranger: _Stranger, tmp_path: Path
+) -> None:
+    service = LocalService(home=tmp_path, port=stranger.port, auth_key="k" * 32)
+    with pytest.raises(StackError) as refused:
+        service.start(Console(quiet=True), use_docker=True)
+    assert refused.value.message == f"port {stranger.port} is in use by something else"
+    assert stranger.seen == [] and not docker_engine.container.exists(service.containers[2])
+
+
+def test_the_key_release_service_refuses_a_port_something_else_answers_on(
+    stranger: _Stranger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METAFLOW_STACK_STATE_DIR", str(tmp_path))
+    with pytest.raises(StackError) as refused:
+        LocalKeyRelease(home=tmp_path / "key-release", port=stranger.port).start()
+    assert refused.value.message == f"port {stranger.port} is in use by something else"
+    assert "METAFLOW_STACK_KEY_RELEASE_PORT" in (refused.value.fix or "") and stranger.seen == []
+
+
+def test_nomad_up_refuses_an_agent_it_did_not_start_and_hands_it_no_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another agent with its ACLs not yet bootstrapped: set up as ours, its management token would be
+    someone else's to use. (``nomad`` here only has to be on PATH: nothing is started.)"""
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "nomad").write_text("#!/bin/sh\nexit 1\n")
+    (bin_folder / "nomad").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_folder}:{os.environ['PATH']}")
+    with nomad_double("--acl-bootstrap") as address:
+        port = int(address.rsplit(":", 1)[1])
+        with pytest.raises(StackError) as refused:
+            LocalNomad(home=tmp_path / "nomad", port=port).start()
+        assert httpx.post(f"{address}/v1/acl/bootstrap").status_code == 200, "its ACLs are still its own to set up"
+    assert refused.value.message == f"port {port} is in use by something else"
+    assert not (tmp_path / "nomad" / "management-token").exists()
+
+
+def test_a_state_folder_made_readable_before_is_made_its_owners_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder made by hand (or by an older release) with the usual 0755: the service's database and log
+    under it hold every run's metadata."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    monkeypatch.setenv("METAFLOW_STACK_STATE_DIR", str(state))
+    key, _ = stack_key()
+    service = LocalService(port=free_port(), auth_key=key)
+    service.start(Console(quiet=True), use_docker=False)
+    try:
+        assert httpx.post(f"{service.url}/flows/PermFlow", headers={"x-api-key": key}, json={}).is_success
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        for name in ("metadata.db", "service.log"):
+            assert stat.S_IMODE((state / "service" / name).stat().st_mode) == 0o600, name
+    finally:
+        assert service.stop()
+
+
+def test_a_redis_port_that_is_no_number_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METAFLOW_STACK_REDIS_PORT", "63 79")
+    with pytest.raises(StackError) as refused:
+        stack_url()
+    assert "METAFLOW_STACK_REDIS_PORT" in refused.value.message and "METAFLOW_STACK_REDIS_PORT" in refused.value.fix
+
+
+@pytest.fixture
+def empty_image(docker_engine, tmp_path: Path) -> Iterator[str]:
+    """An image of no layers: enough to make containers that never run."""
+    archive = tmp_path / "empty.tar"
+    archive.write_bytes(b"\0" * 1024)  # (an archive of no members)
+    tag = f"stack-test/empty:{tmp_path.name[-20:].lower().replace('_', '-')}"
+    docker_engine.image.import_(archive, tag=tag)
+    yield tag
+    docker_engine.image.remove(tag, force=True)
+
+
+def _container_of(docker_engine, image: str, service: LocalService) -> str:
+    """A container as `up` of ``service``'s state folder labels them."""
+    labels = {**service.labels, JOB_LABEL: "true", OWNER_LABEL: STACK_UP, **TEST_LABELS}
+    return docker_engine.container.create(image, ["none"], labels=labels).id
+
+
+@pytest.mark.docker
+def test_down_removes_its_own_folders_containers_and_no_other_folders(
+    docker_engine, empty_image: str, tmp_path: Path
+) -> None:
+    ours, theirs = (LocalService(home=tmp_path / name / "service") for name in ("ours", "theirs"))
+    assert ours.containers != theirs.containers and ours.network != theirs.network
+    mine, other = _container_of(docker_engine, empty_image, ours), _container_of(docker_engine, empty_image, theirs)
+    assert ours.stop()
+    assert not docker_engine.container.exists(mine) and docker_engine.container.exists(other)
+    left = _container_of(docker_engine, empty_image, ours)  # what the CLI's cleanup sweeps: `up`'s leftovers
+    down = run_cli("stack", "down", env={"METAFLOW_STACK_STATE_DIR": str(tmp_path / "ours")})
+    assert down.returncode == 0, down.stderr
+    assert not docker_engine.container.exists(left) and docker_engine.container.exists(other)
+    assert docker_engine.container.inspect(other).config.labels[FOLDER_LABEL] == theirs.folder
+    assert theirs.stop() and not docker_engine.container.exists(other)

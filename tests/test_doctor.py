@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import DEAD_ENGINE_ENV, json_stdout, run_cli
 
+from metaflow_stack import registry
 from metaflow_stack.engines.docker import NO_ENGINE_FIX
 
 
@@ -67,3 +68,14 @@ def test_require_rejects_unknown_check_names() -> None:
     result = run_cli("stack", "doctor", "--require", "Docker engin")
     assert result.returncode == 1
     assert "unknown check(s): Docker engin" in result.stderr
+
+
+@pytest.mark.parametrize("setting", ["localhost:500O", "[::1", "http://127.0.0.1:5000"])
+def test_a_malformed_registry_setting_is_a_row_naming_it_not_a_crash(setting: str) -> None:
+    """`just up` runs the doctor first: a typo in METAFLOW_STACK_REGISTRY must not end it with a traceback."""
+    assert registry.ping(setting) is False
+    result = run_cli("stack", "doctor", "--json", env={"METAFLOW_STACK_REGISTRY": setting})
+    assert result.returncode == 0, result.stderr
+    check = {c["name"]: c for c in json_stdout(result)}["Image registry"]
+    assert check["ok"] is False and check["detail"].startswith(f"METAFLOW_STACK_REGISTRY is {setting!r}")
+    assert "METAFLOW_STACK_REGISTRY" in check["fix"]

@@ -14,7 +14,7 @@ from conftest import json_stdout, run_cli
 from rich.console import Console
 
 from metaflow_stack import builders, images, registry, settings
-from metaflow_stack.errors import RegistryError
+from metaflow_stack.errors import RegistryError, StackError
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def test_a_port_another_server_answers_on_is_refused_not_taken_for_ours(tmp_path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
-        with pytest.raises(RegistryError) as error:
+        with pytest.raises(StackError) as error:
             registry.LocalRegistry(home=tmp_path, port=port).start()
     finally:
         server.shutdown()

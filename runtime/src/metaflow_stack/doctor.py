@@ -103,6 +103,10 @@ def _registry() -> Check:
     fix = "run `just registry` and export METAFLOW_STACK_REGISTRY=127.0.0.1:5000 (or name your registry)"
     if not registry:
         return Check("Image registry", False, "not configured (images are built locally)", "publishing images", fix)
+    try:
+        settings.checked_registry(registry, "METAFLOW_STACK_REGISTRY")
+    except StackError as exc:  # (malformed: no address to ask)
+        return Check("Image registry", False, exc.message, "publishing images", exc.fix or fix)
     if ping(registry):
         return Check("Image registry", True, f"{registry} answers", "publishing images")
     return Check("Image registry", False, f"{registry} does not answer", "publishing images", fix)

@@ -14,7 +14,6 @@ taken from that push, and the lock written from those digests.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,7 +162,7 @@ def publish(
     built. An image above the stack base builds from the base just published.
     """
     console = console or _stderr
-    registry = _checked_registry(registry, "--registry (or METAFLOW_STACK_REGISTRY)")
+    registry = settings.checked_registry(registry, "--registry (or METAFLOW_STACK_REGISTRY)")
     docker = require_engine()
     released: dict[str, image_lock.LockedImage] = {}
     wanted = tuple(platforms)
@@ -276,25 +275,6 @@ def _untag(docker: DockerClient, name: str) -> None:
         docker.image.remove(name)
 
 
-#: What Docker takes as the front of an image reference: a host (a name, an IPv4 address or a bracketed IPv6
-#: one) with an optional port, then repository path components, which must be lowercase.
-_REGISTRY = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)"
-    r"(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-)
-
-
-def _checked_registry(registry: str, setting: str) -> str:
-    """``registry`` when Docker can put it in front of an image's name; else one line naming ``setting``."""
-    if not _REGISTRY.fullmatch(registry):
-        raise RegistryError(
-            f"{setting} is {registry!r}, which is not a registry Docker can name: host[:port][/path], "
-            "the path in lowercase",
-            fix=f"set {setting} to an address such as 127.0.0.1:5000 or registry.example.com/team",
-        )
-    return registry
-
-
 def _registry_ref(local_ref: str) -> str:
     registry = settings.load().registry
     if not registry:
@@ -302,7 +282,7 @@ def _registry_ref(local_ref: str) -> str:
             "no image registry is configured",
             fix="set METAFLOW_STACK_REGISTRY (for example 127.0.0.1:5000 after `just registry`)",
         )
-    return f"{_checked_registry(registry, 'METAFLOW_STACK_REGISTRY')}/{local_ref}"
+    return f"{settings.checked_registry(registry, 'METAFLOW_STACK_REGISTRY')}/{local_ref}"
 
 
 def push_image(name: str, *, console: Console | None = None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,8 +66,19 @@ def _written(path: Path, data: bytes) -> Path:
     return partial
 
 
+def state_dir() -> Path:
+    """The state folder (``settings``), readable by its owner alone: made 0700, or tightened to 0700 when it
+    was there before (made by hand, or by an older release, with the usual 0755), since what the stack keeps
+    under it (databases, logs, a registry's images) is made with modes of their own programs' choosing."""
+    path = settings.load().state_dir
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        path.chmod(0o700)
+    return path
+
+
 def stack_key_path() -> Path:
-    return settings.load().state_dir / "auth-key"
+    return state_dir() / "auth-key"
 
 
 def stack_key() -> tuple[str, bool]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from metaflow_stack import settings
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import RegistryError, ToolMissingError
+from metaflow_stack.local_secrets import state_dir
 
 _BINARIES = ("registry", "docker-registry")
 _LOOPBACK_HOSTS = ("127.", "localhost", "[::1]")
@@ -44,7 +44,7 @@ def ping(registry: str, timeout: float = 3.0) -> bool:
     """Whether a registry answers the Distribution API at ``registry`` (host:port)."""
     try:
         response = httpx.get(f"{_base_url(registry)}/v2/", timeout=timeout)
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.InvalidURL):  # (a malformed setting is no registry either)
         return False
     return response.status_code in (200, 401)
 
@@ -69,7 +69,7 @@ class LocalRegistry:
     @classmethod
     def default(cls) -> LocalRegistry:
         """The registry ``just registry`` starts: 127.0.0.1:5000 under the state directory."""
-        return cls(home=settings.load().state_dir / "registry")
+        return cls(home=state_dir() / "registry")
 
     @property
     def address(self) -> str:
@@ -80,29 +80,12 @@ class LocalRegistry:
         return Daemon(self.home, "registry")
 
     def start(self, wait_seconds: float = 15.0) -> str:
-        """Start the registry unless it runs already; return its address.
+        """Start the registry unless this folder's runs already, on this address; return its address.
 
-        A registry answering on the port counts as this one only when this
-        folder's process serves it (it runs, started with this address):
-        anything else there (another user's registry, say) would be handed
-        every image pushed, and serve every pull.
+        A registry answering on the port counts as this one only when this folder's process serves it
+        (``daemon``): anything else there (another user's registry, say) would be handed every image
+        pushed, and serve every pull; the port is refused instead.
         """
-        config = self.home / "config.yml"
-        text = _CONFIG.format(storage=self.home / "storage", host=self.host, port=self.port)
-        running = self.daemon.pid() is not None
-        here = running and config.is_file() and config.read_text() == text
-        if here and ping(self.address, timeout=1.0):
-            return self.address
-        if running and not here:
-            raise RegistryError(
-                f"the registry of {self.home} runs on another address than {self.address}",
-                fix="stop it first (`metaflow stack registry down`)",
-            )
-        if ping(self.address, timeout=1.0):
-            raise RegistryError(
-                f"port {self.port} is in use by something else (a registry this stack did not start)",
-                fix=f"choose another port (`metaflow stack registry up --port N`), or stop what serves {self.address}",
-            )
         binary = next((b for b in map(shutil.which, _BINARIES) if b), None)
         if binary is None:
             raise ToolMissingError(
@@ -110,9 +93,18 @@ class LocalRegistry:
                 fix="install it (`sudo apt-get install docker-registry` on Debian), "
                 "or point METAFLOW_STACK_REGISTRY at an existing registry",
             )
-        (self.home / "storage").mkdir(parents=True, exist_ok=True)
-        config.write_text(text)
-        if self.daemon.start([binary, "serve", str(config)], lambda: ping(self.address, timeout=0.5), wait_seconds):
+        (self.home / "storage").mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = self.home / "config.yml"
+        text = _CONFIG.format(storage=self.home / "storage", host=self.host, port=self.port)
+        if self.daemon.start(
+            [binary, "serve", str(config)],
+            lambda: ping(self.address, timeout=0.5),
+            wait_seconds,
+            ports=(self.port,),
+            port_fix=f"choose another port (`metaflow stack registry up --port N`), or stop what serves {self.address}",
+            stop_fix="stop it first (`metaflow stack registry down`)",
+            config=(config, text),
+        ):
             return self.address
         raise RegistryError(
             f"the registry did not start on {self.address}; see {self.home / 'registry.log'}",

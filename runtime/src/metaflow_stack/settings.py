@@ -9,10 +9,11 @@ import, so a long-lived process (a server, a test session) sees changes.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaflow_stack.errors import StackError
+from metaflow_stack.errors import RegistryError, StackError
 
 #: The public Python base image, used whenever a registry can serve it: Debian bookworm, the release of the
 #: local base made without a registry, so both give every image the same system (glibc 2.36, which function
@@ -20,6 +21,13 @@ from metaflow_stack.errors import StackError
 PUBLIC_BASE_IMAGE = "python:3.11-slim-bookworm"
 #: The Python (major.minor) of every stack image, the one above and the local base alike (Debian bookworm's).
 IMAGE_PYTHON = "3.11"
+
+#: What Docker takes as the front of an image reference: a host (a name, an IPv4 address or a bracketed IPv6
+#: one) with an optional port, then repository path components, which must be lowercase.
+_REGISTRY = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)"
+    r"(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
 
 #: Environment variables that may name a CA bundle, in order of preference.
 CA_BUNDLE_VARIABLES = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
@@ -112,3 +120,23 @@ def at_least_one(name: str, value: str) -> int:
     raise StackError(
         f"METAFLOW_{name} is {value!r}, not a whole number of at least one", fix=f"set METAFLOW_{name} to 1 or more"
     )
+
+
+def port_number(name: str, value: str) -> int:
+    """Setting ``name``'s ``value`` as a TCP port (1 to 65535), else a ``StackError`` naming it: read inside a
+    flow, a bad one must not end it with a traceback."""
+    text = value.strip()
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    raise StackError(f"METAFLOW_{name} is {value!r}, not a port number", fix=f"set METAFLOW_{name} to 1 to 65535")
+
+
+def checked_registry(registry: str, setting: str) -> str:
+    """``registry`` when Docker can put it in front of an image's name; else one line naming ``setting``."""
+    if not _REGISTRY.fullmatch(registry):
+        raise RegistryError(
+            f"{setting} is {registry!r}, which is not a registry Docker can name: host[:port][/path], "
+            "the path in lowercase",
+            fix=f"set {setting} to an address such as 127.0.0.1:5000 or registry.example.com/team",
+        )
+    return registry

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import httpx
 
-from metaflow_stack import settings
 from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY, master_secret
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import StackError
-from metaflow_stack.local_secrets import stack_key
+from metaflow_stack.local_secrets import stack_key, state_dir
 
 DEFAULT_PORT = 8325
 #: Seconds the service has to answer once started.
@@ -30,7 +29,7 @@ class LocalKeyRelease:
     """Starts and stops the local stack's key-release service."""
 
     def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
-        self.home = home or settings.load().state_dir / "key-release"
+        self.home = home or state_dir() / "key-release"
         self.port = port
         self.daemon = Daemon(self.home, "key-release")
 
@@ -49,16 +48,24 @@ class LocalKeyRelease:
             return False
 
     def start(self) -> None:
-        """Start the service (or find it running) on 127.0.0.1, keyed with the stack's key."""
-        if self.answers():
-            return
+        """Start the service (or find this folder's running) on 127.0.0.1, keyed with the stack's key; never
+        taking whatever else answers on the port for it."""
         self.policies.mkdir(parents=True, exist_ok=True)
         master_secret(self.home / "master.key", make=True)  # made once here; the service only reads it
         key, _ = stack_key()
         command = [sys.executable, "-m", "metaflow.cmd.main_cli", "confidential", "key-release",
                    "--port", str(self.port), "--policies", str(self.policies),
                    "--master-key-file", str(self.home / "master.key"), "--allow-direct"]  # fmt: skip
-        if self.daemon.start(command, self.answers, START_TIMEOUT_S, env={KEY_RELEASE_KEY: key}):
+        if self.daemon.start(
+            command,
+            self.answers,
+            START_TIMEOUT_S,
+            ports=(self.port,),
+            port_fix="choose another with --key-release-port (METAFLOW_STACK_KEY_RELEASE_PORT), or stop what "
+            "listens there",
+            stop_fix="stop it first (`metaflow stack down`)",
+            env={KEY_RELEASE_KEY: key},
+        ):
             return
         raise StackError(
             f"the key-release service did not answer on {self.url}",

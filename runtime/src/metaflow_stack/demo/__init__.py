@@ -21,6 +21,7 @@ from rich.console import Console
 from metaflow_stack import images, settings
 from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine, host_user
 from metaflow_stack.errors import DockerUnavailableError, StackError
+from metaflow_stack.service.local import FOLDER_LABEL, LocalService
 
 FLOW_FILE = Path(__file__).with_name("hello_flow.py")
 _IN_IMAGE_DIR = "/opt/stack-demo"
@@ -77,7 +78,8 @@ def _run_in_image(datastore: Path, service_url: str | None, auth_key: str | None
             # The host user's ids keep the datastore's files theirs; the job
             # holds no capabilities either way (JobSpec's defaults).
             user=host_user(),
-            labels={"io.metaflow-stack.demo": "hello"},
+            # (this state folder's: an interrupted demo's container is what its `down` sweeps, no other's)
+            labels={"io.metaflow-stack.demo": "hello", FOLDER_LABEL: LocalService().folder},
             owner=STACK_UP,
             # The service answers on the host's loopback only.
             network="host" if service_url else None,

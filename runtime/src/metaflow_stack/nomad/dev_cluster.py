@@ -7,9 +7,9 @@ policy in ``infra/nomad/dev/metaflow.policy.hcl``, and creates a client token
 holding that policy alone: flows run with the least a ``@nomad`` run needs,
 so the dev cluster proves the policy every production cluster is given.
 Both tokens are kept in the state folder (mode 0600) and never printed; the
-line to export reads the flows' token from its file. Run against an agent
-that already answers, ``up`` keeps the tokens it still accepts: running it
-twice changes nothing.
+line to export reads the flows' token from its file. Run against the agent
+it started before, ``up`` keeps the tokens it still accepts: running it twice
+changes nothing; an agent it did not start is refused, never handed a token.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaflow_stack import settings
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.deploy import infra_root
 from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
 from metaflow_stack.engines.nomad.jobspec import namespace_name
 from metaflow_stack.errors import StackError, ToolMissingError
-from metaflow_stack.local_secrets import keep
+from metaflow_stack.local_secrets import keep, state_dir
 
 #: The namespace flows run in, and the policy that lets them (named alike).
 NAMESPACE = POLICY = "metaflow"
@@ -77,7 +76,7 @@ class LocalNomad:
     in a folder of that port's."""
 
     def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
-        self.home = home or settings.load().state_dir / "nomad" / str(port)
+        self.home = home or state_dir() / "nomad" / str(port)
         self.port = port
         self.daemon = Daemon(self.home, "nomad")
 
@@ -94,22 +93,31 @@ class LocalNomad:
             return False
 
     def start(self) -> DevCluster:
-        """Start the agent unless one answers, then set it up (``configure``)."""
-        if not self.answers():
-            binary = shutil.which("nomad")
-            if binary is None:
-                raise ToolMissingError("nomad is not installed", fix=INSTALL_FIX)
-            ports = self.home / "ports.hcl"
-            ports.parent.mkdir(parents=True, exist_ok=True)
-            http, rpc, serf = self.port, self.port + 1, self.port + 2
-            ports.write_text(f"ports {{\n  http = {http}\n  rpc  = {rpc}\n  serf = {serf}\n}}\n")
-            command = [binary, "agent", "-dev", "-config", str(dev_folder() / "agent.hcl"), "-config", str(ports)]
-            if not self.daemon.start(command, self.answers, START_TIMEOUT_S):
-                raise StackError(
-                    f"the Nomad agent did not answer on {self.address}",
-                    fix=f"see {self.daemon.log}; are ports {self.port}-{self.port + 2} taken? "
-                    "set METAFLOW_STACK_NOMAD_PORT",
-                )
+        """Start the agent unless this folder's runs already, then set it up (``configure``). An agent of
+        anyone else's on these ports is refused, never handed our tokens."""
+        binary = shutil.which("nomad")
+        if binary is None:
+            raise ToolMissingError("nomad is not installed", fix=INSTALL_FIX)
+        ports = self.home / "ports.hcl"
+        http, rpc, serf = self.port, self.port + 1, self.port + 2
+        text = f"ports {{\n  http = {http}\n  rpc  = {rpc}\n  serf = {serf}\n}}\n"
+        command = [binary, "agent", "-dev", "-config", str(dev_folder() / "agent.hcl"), "-config", str(ports)]
+        if not self.daemon.start(
+            command,
+            self.answers,
+            START_TIMEOUT_S,
+            ports=(http, rpc, serf),
+            port_fix="choose other ports with --port (METAFLOW_STACK_NOMAD_PORT; the two after it are taken too), "
+            "or stop what listens there",
+            stop_fix=f"stop it first (`metaflow stack nomad down --port {self.port}`)",
+            config=(ports, text),
+            umask=0o022,  # its tasks' containers read the alloc dirs it makes (hashicorp/nomad#2723)
+        ):
+            raise StackError(
+                f"the Nomad agent did not answer on {self.address}",
+                fix=f"see {self.daemon.log}; are ports {self.port}-{self.port + 2} taken? "
+                "set METAFLOW_STACK_NOMAD_PORT",
+            )
         return configure(self.address, self.home)
 
     def stop(self) -> bool:

@@ -18,7 +18,7 @@ import redis
 from metaflow_stack import settings
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import StackError, ToolMissingError
-from metaflow_stack.local_secrets import secret
+from metaflow_stack.local_secrets import secret, state_dir
 
 DEFAULT_PORT = 6379
 #: Seconds Redis has to answer once started.
@@ -28,7 +28,8 @@ START_TIMEOUT_S = 20.0
 def stack_url() -> str | None:
     """The URL of the stack's Redis, once ``just up --with redis`` has made its password here (on its port:
     ``METAFLOW_STACK_REDIS_PORT``, as ``up`` reads it); None before."""
-    local = LocalRedis(port=int(os.environ.get("METAFLOW_STACK_REDIS_PORT") or DEFAULT_PORT))
+    port = settings.port_number("STACK_REDIS_PORT", os.environ.get("METAFLOW_STACK_REDIS_PORT") or str(DEFAULT_PORT))
+    local = LocalRedis(port=port)
     if not local.password_file.is_file():
         return None
     return local.url(secret(local.password_file)[0])
@@ -38,7 +39,7 @@ class LocalRedis:
     """Starts and stops the local stack's Redis."""
 
     def __init__(self, home: Path | None = None, port: int = DEFAULT_PORT) -> None:
-        self.home = home or settings.load().state_dir / "redis"
+        self.home = home or state_dir() / "redis"
         self.port = port
         self.daemon = Daemon(self.home, "redis")
 
@@ -63,21 +64,26 @@ class LocalRedis:
             client.close()
 
     def start(self) -> None:
-        """Start Redis (or find it running) on 127.0.0.1 with the stack's Redis password."""
+        """Start Redis (or find this folder's running) on 127.0.0.1 with the stack's Redis password: asked
+        with it only once it is ours, never whatever else listens on the port."""
         password, _ = secret(self.password_file)
-        if self.answers(password):
-            return
         binary = shutil.which("redis-server")
         if binary is None:
             raise ToolMissingError("redis-server is not installed", fix="apt-get install redis-server")
         config = self.home / "redis.conf"
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(
-                f"bind 127.0.0.1\nport {self.port}\nrequirepass {password}\nprotected-mode yes\n"
-                f'save ""\nappendonly no\ndir {self.home}\ndaemonize no\n'
-            )
-        if self.daemon.start([binary, str(config)], lambda: self.answers(password), START_TIMEOUT_S):
+        text = (
+            f"bind 127.0.0.1\nport {self.port}\nrequirepass {password}\nprotected-mode yes\n"
+            f'save ""\nappendonly no\ndir {self.home}\ndaemonize no\n'
+        )
+        if self.daemon.start(
+            [binary, str(config)],
+            lambda: self.answers(password),
+            START_TIMEOUT_S,
+            ports=(self.port,),
+            port_fix="choose another with --redis-port (METAFLOW_STACK_REDIS_PORT), or stop what listens there",
+            stop_fix="stop it first (`metaflow stack down`)",
+            config=(config, text),
+        ):
             return
         raise StackError(
             f"Redis did not answer on 127.0.0.1:{self.port}",

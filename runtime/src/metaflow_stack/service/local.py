@@ -8,36 +8,43 @@ network; only the service is published, on 127.0.0.1. Either way the service
 reads task logs under the given datastore roots (the container gets local ones
 mounted read-only and runs as the host user, so it reads what that user can). Data lives in named
 volumes belonging to the state folder, so ``down`` then ``up`` keeps it and
-``down --purge`` drops it. The database password is generated once, kept in
+``down --purge`` drops it. Containers and their network are named after the
+state folder too, and carry its label: one folder's ``up`` and ``down`` never
+touch another's. Only this folder's process (``daemon``) or container counts
+as the service: whatever else answers on the port is refused, never sent the
+stack's key. The database password is generated once, kept in
 the state folder (mode 0600) beside the volumes it opens, and handed over as
 an environment variable at run time: it is in no image and no log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
 
-from metaflow_stack import settings
-from metaflow_stack.daemon import running_pid
+from metaflow_stack.daemon import Daemon, locked, port_taken
 from metaflow_stack.errors import DockerUnavailableError, StackError
-from metaflow_stack.local_secrets import secret
+from metaflow_stack.local_secrets import secret, state_dir
+
+if TYPE_CHECKING:
+    from python_on_whales import DockerClient
 
 DEFAULT_PORT = 8080
-NETWORK = "metaflow-stack"
-#: Containers of the Docker flavour, in start order; ``down`` removes them (volumes stay).
-CONTAINERS = ("metaflow-stack-postgres", "metaflow-stack-nats", "metaflow-stack-metadata-service")
-_LABEL = {"io.metaflow-stack.service": "local"}
+#: The containers of the Docker flavour, in start order (each named ``metaflow-stack-FOLDER-ROLE``); ``down``
+#: removes them (volumes stay).
+ROLES = ("postgres", "nats", "metadata-service")
+#: The label naming the state folder (its digest, ``LocalService.folder``) a container of ``up`` belongs to.
+FOLDER_LABEL = "io.metaflow-stack.folder"
+_SERVICE_LABEL = {"io.metaflow-stack.service": "local"}
+_PORT_FIX = "choose another with --service-port (METAFLOW_STACK_SERVICE_PORT), or stop what listens there"
+_STOP_FIX = "stop it first (`metaflow stack down`)"
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class LocalService:
         log_roots: tuple[str, ...] = (),
         auth_key: str | None = None,
     ) -> None:
-        self.home = home or settings.load().state_dir / "service"
+        self.home = home or state_dir() / "service"
         self.port = port
         #: Datastore roots whose task logs the service may read (local folders are mounted read-only).
         self.log_roots = log_roots
@@ -74,14 +81,33 @@ class LocalService:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def volumes(self) -> dict[str, str]:
-        """The named volumes of this state folder's PostgreSQL and NATS data."""
-        suffix = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
-        return {"postgres": f"metaflow-stack-pgdata-{suffix}", "nats": f"metaflow-stack-natsdata-{suffix}"}
+    def folder(self) -> str:
+        """The digest that names this state folder's volumes, containers and network, and labels them."""
+        return hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
 
     @property
-    def _pidfile(self) -> Path:
-        return self.home / "service.pid"
+    def volumes(self) -> dict[str, str]:
+        """The named volumes of this state folder's PostgreSQL and NATS data."""
+        return {"postgres": f"metaflow-stack-pgdata-{self.folder}", "nats": f"metaflow-stack-natsdata-{self.folder}"}
+
+    @property
+    def containers(self) -> tuple[str, ...]:
+        """This state folder's containers of the Docker flavour, in ``ROLES`` order."""
+        return tuple(f"metaflow-stack-{self.folder}-{role}" for role in ROLES)
+
+    @property
+    def network(self) -> str:
+        return f"metaflow-stack-{self.folder}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels of this state folder's containers: what ``down`` finds them by."""
+        return {**_SERVICE_LABEL, FOLDER_LABEL: self.folder}
+
+    @property
+    def daemon(self) -> Daemon:
+        """The service's process on SQLite."""
+        return Daemon(self.home, "service")
 
     def healthy(self) -> bool:
         try:
@@ -90,8 +116,8 @@ class LocalService:
             return False
 
     def start(self, console: Console, *, use_docker: bool = True) -> RunningService:
-        """Start the service (or find it running); Docker gives it PostgreSQL and NATS."""
-        if use_docker:
+        """Start the service (or find this folder's running); Docker gives it PostgreSQL and NATS."""
+        if use_docker and self.daemon.pid() is None:  # (this folder's service on SQLite runs: that one)
             try:
                 return self._start_containers(console)
             except DockerUnavailableError as exc:
@@ -102,10 +128,6 @@ class LocalService:
 
     def _start_process(self, console: Console) -> RunningService:
         database = self.home / "metadata.db"
-        running = RunningService(self.url, f"SQLite ({database})", "in-process")
-        if self.healthy():
-            return running
-        self.home.mkdir(parents=True, exist_ok=True)
         command = [
             str(Path(sys.executable).with_name("metaflow")),
             "service",
@@ -116,18 +138,14 @@ class LocalService:
             str(self.port),
             *[arg for root in self.log_roots for arg in ("--log-root", root)],
         ]
-        with (self.home / "service.log").open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, **self._key_env()},
-            )
-        self._pidfile.write_text(str(process.pid))
-        self._wait(console, lambda: process.poll() is None)
-        return running
+        with console.status(f"waiting for the metadata service on {self.url}"):
+            started = self.daemon.start(
+                command, self.healthy, 60, ports=(self.port,), port_fix=_PORT_FIX, stop_fix=_STOP_FIX,
+                env=self._key_env(),
+            )  # fmt: skip
+        if not started:
+            raise self._silent()
+        return RunningService(self.url, f"SQLite ({database})", "in-process")
 
     # -- Docker: PostgreSQL and NATS beside the service -----------------------
 
@@ -135,8 +153,6 @@ class LocalService:
         return secret(self.home / "postgres-password")[0]
 
     def _start_containers(self, console: Console) -> RunningService:
-        from metaflow_stack import images
-        from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine, host_user
         from metaflow_stack.engines.docker import require_engine
 
         for root in self.log_roots:
@@ -144,45 +160,62 @@ class LocalService:
                 Path(root).mkdir(parents=True, exist_ok=True)
 
         docker = require_engine()
-        running = RunningService(self.url, "PostgreSQL (container metaflow-stack-postgres)", "NATS JetStream")
-        if self.healthy():
-            return running
-        refs = {name: images.build(name, console=console) for name in ("postgres", "nats", "metadata-service")}
-        if not docker.network.exists(NETWORK):
-            docker.network.create(NETWORK)
-        for name in CONTAINERS:
-            if docker.container.exists(name):
-                docker.container.remove(name, force=True)
+        running = RunningService(self.url, f"PostgreSQL (container {self.containers[0]})", "NATS JetStream")
+        with locked(self.daemon.lock):  # (the process's lock too: one `up` of this folder's service at a time)
+            if self._serving(docker):
+                return running
+            if port_taken(self.port):
+                raise StackError(f"port {self.port} is in use by something else", fix=_PORT_FIX)
+            self._launch(docker, console)
+        return running
+
+    def _serving(self, docker: DockerClient) -> bool:
+        """Whether this folder's service container runs (its name and its folder label both this folder's)."""
+        name = self.containers[2]
+        if not docker.container.exists(name):
+            return False
+        container = docker.container.inspect(name)
+        return container.state.running and container.config.labels.get(FOLDER_LABEL) == self.folder
+
+    def _launch(self, docker: DockerClient, console: Console) -> None:
+        from metaflow_stack import images
+        from metaflow_stack.engines import STACK_UP, JobSpec, Mount, get_engine, host_user
+
+        postgres, nats, service = self.containers
+        refs = {role: images.build(role, console=console) for role in ROLES}
+        if not docker.network.exists(self.network):
+            docker.network.create(self.network, labels=self.labels)
+        self._remove_containers(docker)
         password = self._password()
         engine = get_engine("docker")
         specs = [
             JobSpec(
                 image=refs["postgres"],
                 command=[],
-                name=CONTAINERS[0],
-                network=NETWORK,
+                name=postgres,
+                network=self.network,
                 env={"POSTGRES_PASSWORD": password},
                 mounts=[Mount(self.volumes["postgres"], "/var/lib/postgresql/data", read_only=False)],
-                labels=_LABEL,
+                labels=self.labels,
                 owner=STACK_UP,
             ),
             JobSpec(
                 image=refs["nats"],
                 command=[],
-                name=CONTAINERS[1],
-                network=NETWORK,
+                name=nats,
+                network=self.network,
                 mounts=[Mount(self.volumes["nats"], "/data", read_only=False)],
-                labels=_LABEL,
+                labels=self.labels,
                 owner=STACK_UP,
             ),
             JobSpec(
                 image=refs["metadata-service"],
                 command=[],
-                name=CONTAINERS[2],
-                network=NETWORK,
+                name=service,
+                network=self.network,
                 env={
-                    "METAFLOW_STACK_SERVICE_DATABASE": f"postgresql://metaflow:{password}@{CONTAINERS[0]}:5432/metaflow",
-                    "METAFLOW_STACK_SERVICE_NATS_URL": f"nats://{CONTAINERS[1]}:4222",
+                    "METAFLOW_STACK_SERVICE_DATABASE": f"postgresql://metaflow:{password}@{postgres}:5432/metaflow",
+                    "METAFLOW_STACK_SERVICE_NATS_URL": f"nats://{nats}:4222",
                     "METAFLOW_STACK_SERVICE_LOG_ROOTS": " ".join(self.log_roots),
                     **self._key_env(),
                 },
@@ -190,17 +223,16 @@ class LocalService:
                 # Local datastores at their own paths, read-only, read as their owner (no capabilities).
                 mounts=[Mount(root, root) for root in self.log_roots if not root.startswith("s3://")],
                 user=host_user(),
-                labels=_LABEL,
+                labels=self.labels,
                 owner=STACK_UP,
             ),
         ]
         for spec in specs[:2]:
             engine.launch(spec)
         # The service migrates at start and exits if PostgreSQL is still creating its cluster.
-        self._wait_healthy(docker, CONTAINERS[0], console)
+        self._wait_healthy(docker, postgres, console)
         engine.launch(specs[2])
-        self._wait(console, lambda: docker.container.inspect(CONTAINERS[2]).state.running, seconds=180)
-        return running
+        self._wait(console, lambda: docker.container.inspect(service).state.running, seconds=180)
 
     def _wait_healthy(self, docker, name: str, console: Console, seconds: float = 120) -> None:
         deadline = time.monotonic() + seconds
@@ -223,37 +255,41 @@ class LocalService:
                 if not alive():
                     break
                 time.sleep(0.3)
-        raise StackError(
+        raise self._silent()
+
+    def _silent(self) -> StackError:
+        return StackError(
             f"the metadata service did not answer on {self.url}",
-            fix=f"see {self.home / 'service.log'} (or `docker logs {CONTAINERS[2]}`); "
+            fix=f"see {self.home / 'service.log'} (or `docker logs {self.containers[2]}`); "
             f"is port {self.port} taken? set METAFLOW_STACK_SERVICE_PORT",
         )
 
     # -- stopping -----------------------------------------------------------
 
+    def _remove_containers(self, docker: DockerClient) -> int:
+        """Remove this folder's containers (found by its label), running or not; how many."""
+        present = docker.container.list(all=True, filters=[("label", f"{k}={v}") for k, v in self.labels.items()])
+        if present:
+            docker.container.remove(present, force=True)
+        return len(present)
+
     def stop(self, purge: bool = False) -> bool:
-        """Stop what ``start`` started (the process, or the containers); ``purge`` also drops the data."""
-        stopped = False
-        if self._pidfile.exists():
-            pid = running_pid(self._pidfile)
-            with contextlib.suppress(ProcessLookupError):  # (ended since)
-                if pid is not None:
-                    os.kill(pid, signal.SIGTERM)
-                    stopped = True
-            self._pidfile.unlink()
+        """Stop what ``start`` started (the process, or this folder's containers); ``purge`` also drops the
+        data."""
+        stopped = self.daemon.stop()
         try:
             from metaflow_stack.engines.docker import require_engine
 
             docker = require_engine()
         except DockerUnavailableError:
             return stopped
-        present = [name for name in CONTAINERS if docker.container.exists(name)]
-        if present:
-            docker.container.remove(present, force=True)
+        removed = self._remove_containers(docker)
+        if docker.network.exists(self.network):
+            docker.network.remove(self.network)
         if purge:
             volumes = [v for v in self.volumes.values() if docker.volume.exists(v)]
             if volumes:
                 docker.volume.remove(volumes)
             (self.home / "metadata.db").unlink(missing_ok=True)
             (self.home / "postgres-password").unlink(missing_ok=True)
-        return stopped or bool(present)
+        return stopped or bool(removed)

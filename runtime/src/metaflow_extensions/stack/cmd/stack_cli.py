@@ -436,13 +436,14 @@ def down(purge: bool, everything: bool, yes: bool) -> None:
     from metaflow_stack.errors import DockerUnavailableError
     from metaflow_stack.pool.local_redis import LocalRedis
     from metaflow_stack.registry import LocalRegistry
-    from metaflow_stack.service.local import LocalService
+    from metaflow_stack.service.local import FOLDER_LABEL, LocalService
 
     if everything and not yes:
         click.confirm(
             "Remove every container the stack launched, including running steps and deployed servers?", abort=True
         )
-    if LocalService().stop(purge=purge):
+    service = LocalService()
+    if service.stop(purge=purge):
         _err.print("metadata service stopped" + (" and its data deleted" if purge else " (its data is kept)"))
     if LocalRegistry.default().stop():
         _err.print("registry stopped")
@@ -451,7 +452,10 @@ def down(purge: bool, everything: bool, yes: bool) -> None:
     if LocalKeyRelease().stop():
         _err.print("key release stopped (its master key is kept)")
     try:
-        removed = get_engine("docker").cleanup(None if everything else {OWNER_LABEL: STACK_UP})
+        # (what `up` of this state folder left: another folder's stack is another user's, or another checkout's)
+        removed = get_engine("docker").cleanup(
+            None if everything else {OWNER_LABEL: STACK_UP, FOLDER_LABEL: service.folder}
+        )
     except DockerUnavailableError:
         removed = 0
     _err.print(f"removed {removed} container(s) " + ("the stack launched" if everything else "`up` left behind"))
