@@ -1,12 +1,14 @@
 """Hostile values and hostile output, no kernel: ``%mf_show``'s renderers stay bounded in time and size on
-values built to blow them up, and the live DAG reads only the runtime's own task messages, never a task's
-prints, and never breaks the stream it reads."""
+values built to blow them up; the live DAG reads only the runtime's own task messages, never a task's
+prints, never breaks the stream it reads, and sends a foreach of thousands as a bounded sample with true
+counts."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 import io
+import json
 import sys
 import time
 import types
@@ -16,7 +18,8 @@ import pandas as pd
 import pytest
 
 from metaflow_stack.notebook import show
-from metaflow_stack.notebook.progress import Progress
+from metaflow_stack.notebook.progress import SHOWN_PER_STEP, Changed, Progress
+from metaflow_stack.notebook.widget import DagWidget
 
 
 def _nested() -> list:
@@ -97,7 +100,7 @@ GRAPH = {
 
 def test_only_the_runtimes_own_messages_move_a_task() -> None:
     told: list[list[dict]] = []
-    progress = Progress("LiveFlow", GRAPH, told.append)
+    progress = Progress("LiveFlow", GRAPH, lambda tasks, counts: told.append(tasks))
     lines = [
         "2026-12-03 01:00:00.000 [7/start/1 (pid 10)] Task is starting.",
         "2026-12-03 01:00:00.100 [7/start/1 (pid 10)] Task failed to fetch the data, retrying",  # a print
@@ -127,7 +130,7 @@ def test_only_the_runtimes_own_messages_move_a_task() -> None:
 
 
 def test_following_a_run_never_breaks_its_output() -> None:
-    def broken(tasks: list[dict]) -> None:
+    def broken(tasks: list[dict], counts: dict) -> None:
         raise RuntimeError("the front end went away")
 
     progress = Progress("LiveFlow", GRAPH, broken)
@@ -142,3 +145,45 @@ def test_following_a_run_never_breaks_its_output() -> None:
         sys.stdout = real
     assert shown.getvalue().count("\n") == 3  # every line still reached the cell
     assert [t["status"] for t in progress.tasks()] == ["completed"]
+
+
+def _big_foreach(changed: Changed) -> Progress:
+    """A foreach of 5,000 items as the runtime announces it: 4,990 done (12 on a second attempt), then 7 failed
+    and 3 still running, all past the first 400."""
+    progress = Progress("BigFlow", GRAPH, changed)
+    progress.feed("[7/start/1 (pid 10)] Task is starting.")
+    progress.feed("[7/start/1 (pid 10)] Task finished successfully.")
+    for i in range(2, 5002):
+        progress.feed(f"[7/each/{i} (pid {i})] Task is starting.")
+    for i in range(2, 14):
+        progress.feed(f"[7/each/{i} (pid {i})] Task is starting (retry).")
+    for i in range(2, 4992):
+        progress.feed(f"[7/each/{i} (pid {i})] Task finished successfully.")
+    for i in range(4992, 4999):
+        progress.feed(f"[7/each/{i} (pid {i})] Task failed.")
+    progress.flush()
+    return progress
+
+
+def test_a_foreach_of_thousands_reaches_the_front_end_as_a_bounded_sample_with_true_counts() -> None:
+    told: list[tuple[list[dict], dict]] = []
+    _big_foreach(lambda tasks, counts: told.append((tasks, counts)))
+    ((tasks, counts),) = told
+    assert len(json.dumps([tasks, counts])) < 200_000  # the whole list is over 800 KB, sent on every update
+    assert counts["each"] == {"total": 5000, "running": 3, "completed": 4990, "failed": 7, "killed": 0, "retried": 12}
+    assert counts["start"] == {"total": 1, "running": 0, "completed": 1, "failed": 0, "killed": 0, "retried": 0}
+    each = [task for task in tasks if task["step_name"] == "each"]
+    assert len(each) == SHOWN_PER_STEP
+    # every failure (to click) and every running task is drawn, the rest from the first done; in their order
+    assert collections.Counter(task["status"] for task in each) == {"completed": 390, "failed": 7, "running": 3}
+    ids = [int(task["pathspec"].rsplit("/", 1)[1]) for task in each]
+    assert ids == sorted(ids) and ids[:390] == list(range(2, 392))
+
+
+def test_a_saved_notebook_counts_every_task_of_a_foreach_of_thousands() -> None:
+    dag = DagWidget(GRAPH)
+    _big_foreach(dag.show)
+    assert len(dag.tasks) == 1 + SHOWN_PER_STEP
+    static = dag.static_html()
+    assert '<tr data-step="each" data-status="running">' in static
+    assert "<td>4990/5000 done, 7 failed, 12 retried</td>" in static

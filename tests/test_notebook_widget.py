@@ -1,7 +1,7 @@
 """The live DAG under ``%mf_run``, in a real JupyterLab and a real Notebook 7 driven by Chromium: a foreach's
 items drawn running while a held step waits, then completed with the retried item counted, a click on an
-item showing that task's artifacts and log; and, headless (nbclient), the static table a saved notebook
-keeps and the states the metadata recorded."""
+item showing that task's artifacts and log; a foreach of thousands drawn from a sample with its true totals;
+and, headless (nbclient), the static table a saved notebook keeps and the states the metadata recorded."""
 
 from __future__ import annotations
 
@@ -47,9 +47,32 @@ CELLS = [
 ]
 
 
-def _write(folder: Path, name: str) -> Path:
+#: A widget told of a foreach of 5,000 items as the runtime announces them (no flow runs): 4,990 done (12 on a
+#: second attempt), then 7 failed and 3 still running.
+BIG_FOREACH = [
+    "from metaflow_stack.notebook.progress import Progress\n"
+    "from metaflow_stack.notebook.widget import DagWidget\n"
+    "graph = {'steps': {'start': {'type': 'split-foreach', 'next': ['each'], 'inside_foreach': False},\n"
+    "                   'each': {'type': 'linear', 'next': ['end'], 'inside_foreach': True},\n"
+    "                   'end': {'type': 'end', 'next': [], 'inside_foreach': False}}}\n"
+    "dag = DagWidget(graph, run='BigFlow/7', state='running')\n"
+    "progress = Progress('BigFlow', graph, dag.show)\n"
+    "for i in range(2, 5002):\n"
+    "    progress.feed(f'[7/each/{i}] Task is starting.')\n"
+    "for i in range(2, 14):\n"
+    "    progress.feed(f'[7/each/{i}] Task is starting (retry).')\n"
+    "for i in range(2, 4992):\n"
+    "    progress.feed(f'[7/each/{i}] Task finished successfully.')\n"
+    "for i in range(4992, 4999):\n"
+    "    progress.feed(f'[7/each/{i}] Task failed.')\n"
+    "progress.flush()\n"
+    "dag",
+]
+
+
+def _write(folder: Path, name: str, cells: list[str] = CELLS) -> Path:
     notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in cells]
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = folder / name
     nbformat.write(notebook, path)
@@ -116,19 +139,26 @@ def _run_all(page: object) -> None:
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
 
+def _open_and_run_all(jupyter: Jupyter, chromium, front_end: str, folder: Path, cells: list[str]) -> object:
+    """A page of ``front_end`` ("lab/tree" or "notebooks") on a notebook of ``cells`` in ``folder``, every cell
+    run as a user would; ``?reset``: a fresh workspace, so no tab an earlier test left open comes back."""
+    folder.mkdir()
+    notebook = _write(folder, f"{folder.name}.ipynb", cells)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{jupyter.url}/{front_end}/{folder.name}/{notebook.name}?reset&token={jupyter.token}")
+    expect(page.locator(".jp-Notebook")).to_be_visible(timeout=60_000)
+    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=60_000)
+    _accept_kernel(page)
+    _run_all(page)
+    return page
+
+
 @pytest.mark.parametrize("front_end", ["lab/tree", "notebooks"])
 def test_the_dag_follows_a_run_live_and_shows_a_clicked_tasks_artifacts_and_log(
     jupyter: Jupyter, chromium, front_end: str
 ) -> None:
     folder = jupyter.root / front_end.replace("/", "-")
-    folder.mkdir()
-    notebook = _write(folder, "live.ipynb")
-    page = chromium.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(f"{jupyter.url}/{front_end}/{folder.name}/{notebook.name}?token={jupyter.token}")
-    expect(page.locator(".jp-Notebook")).to_be_visible(timeout=60_000)
-    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=60_000)
-    _accept_kernel(page)
-    _run_all(page)
+    page = _open_and_run_all(jupyter, chromium, front_end, folder, CELLS)
 
     dag = page.locator(".mf-dag")
     # While the items wait for the release file: started, drawn running, three items in the foreach.
@@ -156,6 +186,24 @@ def test_the_dag_follows_a_run_live_and_shows_a_clicked_tasks_artifacts_and_log(
     run_id = dag.locator(".title").inner_text().split(":")[0].removeprefix("LiveFlow/")
     page.close()
     assert (folder / ".metaflow" / "LiveFlow" / run_id / "end").is_dir()
+
+
+def test_a_foreach_of_thousands_is_drawn_from_a_sample_with_its_true_totals(jupyter: Jupyter, chromium) -> None:
+    """The kernel sends 400 of the step's 5,000 tasks (failed and running first) and its counts of all of
+    them: the front end draws the 400 and says the totals."""
+    page = _open_and_run_all(jupyter, chromium, "lab/tree", jupyter.root / "big", BIG_FOREACH)
+
+    each = page.locator(".mf-dag [data-step='each']")
+    expect(each).to_have_attribute("data-status", "running", timeout=60_000)
+    expect(each.locator(".step-meta[data-counts]")).to_have_text(
+        "linear · 4990/5000 done · 7 failed · 3 running · 12 retried"
+    )
+    expect(each.locator("[data-items='5000']")).to_be_visible()
+    expect(each.locator("rect.item")).to_have_count(400)
+    expect(each.locator("rect.item.status-failed")).to_have_count(7)
+    expect(each.locator("rect.item.status-running")).to_have_count(3)
+    page.screenshot(path=SCREENSHOTS / "notebook" / "big-foreach.png", full_page=True)
+    page.close()
 
 
 def test_a_saved_notebook_keeps_the_runs_final_states(tmp_path: Path) -> None:

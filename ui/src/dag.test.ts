@@ -40,6 +40,17 @@ describe("step states", () => {
     expect(states.b.status).toBe("pending");
     expect(states.start.inForeach).toBe(false);
   });
+
+  it("takes a step's totals from the counts it is given, its tasks being only those to draw", () => {
+    const drawn = [task("each", 1, "failed", ["items=0"]), task("each", 2, "running", ["items=1"])];
+    const counted = { each: { running: 3, completed: 4990, failed: 7, killed: 0, total: 5000, retried: 12 } };
+    const states = Object.fromEntries(stepStates(graph, drawn, counted).map((s) => [s.name, s]));
+    expect(states.each.counts).toEqual({ running: 3, completed: 4990, failed: 7, killed: 0 });
+    expect([states.each.total, states.each.retried, states.each.tasks.length]).toEqual([5000, 12, 2]);
+    expect(states.each.status).toBe("running");
+    expect(states.each.inForeach).toBe(true);
+    expect([states.b.total, states.b.status]).toEqual([0, "pending"]);
+  });
 });
 
 describe("layout", () => {

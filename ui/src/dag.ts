@@ -10,11 +10,20 @@ export interface DagShape {
   steps: Record<string, Pick<GraphStep, "type" | "next">>;
 }
 
+/** A step's tasks counted by status, with their total and retries: what the notebook's widget is sent beside
+ * at most 400 of a step's tasks (metaflow_stack.notebook.progress.shown), so its totals count them all. */
+export type StepCounts = Record<Status | "total" | "retried", number>;
+
 export interface StepState {
   name: string;
   type: string;
   status: StepStatus;
   counts: Record<Status, number>;
+  /** All the step's tasks, drawn or not. */
+  total: number;
+  /** Attempts after the first, over all the step's tasks. */
+  retried: number;
+  /** Those to draw (all of them, unless the step's counts were given). */
   tasks: TaskInfo[];
   /** Inside a foreach: its tasks are the items (with their foreach stacks). */
   inForeach: boolean;
@@ -51,7 +60,8 @@ export function aggregate(counts: Record<Status, number>): StepStatus {
   return "pending";
 }
 
-export function stepStates(graph: DagShape, tasks: TaskInfo[]): StepState[] {
+/** Each step's state from its tasks, or from its `counted` tasks where given (then `tasks` holds some of them). */
+export function stepStates(graph: DagShape, tasks: TaskInfo[], counted: Record<string, StepCounts> = {}): StepState[] {
   const byStep = new Map<string, TaskInfo[]>();
   for (const task of tasks) {
     const list = byStep.get(task.step_name) ?? [];
@@ -60,17 +70,27 @@ export function stepStates(graph: DagShape, tasks: TaskInfo[]): StepState[] {
   }
   return Object.entries(graph.steps).map(([name, step]) => {
     const own = byStep.get(name) ?? [];
-    const counts: Record<Status, number> = { running: 0, completed: 0, failed: 0, killed: 0 };
-    for (const task of own) counts[task.status] += 1;
+    const { total, retried, ...counts } = counted[name] ?? count(own);
     return {
       name,
       type: step.type,
       status: aggregate(counts),
       counts,
+      total,
+      retried,
       tasks: own,
       inForeach: own.some((task) => task.foreach.length > 0),
     };
   });
+}
+
+function count(tasks: TaskInfo[]): StepCounts {
+  const counts: StepCounts = { running: 0, completed: 0, failed: 0, killed: 0, total: tasks.length, retried: 0 };
+  for (const task of tasks) {
+    counts[task.status] += 1;
+    counts.retried += task.attempt;
+  }
+  return counts;
 }
 
 const NODE_WIDTH = 190;

@@ -2,7 +2,7 @@
 // draw, laid out by dag.ts as the UI's page is. Steps coloured by status, foreach items as cells, a step's
 // badges (its decorators) beside its type.
 import type { TaskInfo } from "./api";
-import { type DagShape, ITEM_CELL, ITEMS_PER_ROW, layout, MAX_ITEM_CELLS, stepStates } from "./dag";
+import { type DagShape, ITEM_CELL, ITEMS_PER_ROW, layout, MAX_ITEM_CELLS, type StepCounts, stepStates } from "./dag";
 
 export interface DrawOptions {
   /** The arrow marker's id: one per view, as several views can share a page. */
@@ -11,6 +11,8 @@ export interface DrawOptions {
   onTask?: (step: string, task: TaskInfo) => void;
   /** Words drawn after a step's type, such as its decorators. */
   badges?: Record<string, string[]>;
+  /** Each step's counts of all its tasks, where `tasks` holds only those to draw (the notebook's widget). */
+  counts?: Record<string, StepCounts>;
 }
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -29,7 +31,7 @@ export function element<K extends keyof HTMLElementTagNameMap>(tag: K, text?: st
 }
 
 export function drawDag(graph: DagShape, tasks: TaskInfo[], options: DrawOptions): SVGSVGElement {
-  const placed = layout(graph, stepStates(graph, tasks));
+  const placed = layout(graph, stepStates(graph, tasks, options.counts));
   const root = svg("svg", { class: "dag", width: placed.width, height: placed.height, viewBox: `0 0 ${placed.width} ${placed.height}` });
   const marker = svg("marker", { id: options.arrowId, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" });
   marker.append(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "arrow-head" }));
@@ -45,21 +47,20 @@ export function drawDag(graph: DagShape, tasks: TaskInfo[], options: DrawOptions
     group.append(svg("rect", { class: "step-box", width: node.width, height: node.height, rx: 8 }));
     const name = svg("text", { class: "step-name", x: 12, y: 22 });
     name.textContent = node.name;
-    const retries = node.tasks.reduce((sum, task) => sum + task.attempt, 0);
-    const meta = svg("text", { class: "step-meta", x: 12, y: 42, "data-counts": `${node.counts.completed}/${node.tasks.length}` });
+    const meta = svg("text", { class: "step-meta", x: 12, y: 42, "data-counts": `${node.counts.completed}/${node.total}` });
     meta.textContent = [
       node.type.replace("split-", ""),
       ...(options.badges?.[node.name] ?? []).map((badge) => `@${badge}`),
-      node.tasks.length > 0 ? `${node.counts.completed}/${node.tasks.length} done` : "",
+      node.total > 0 ? `${node.counts.completed}/${node.total} done` : "",
       node.counts.failed > 0 ? `${node.counts.failed} failed` : "",
       node.counts.running > 0 ? `${node.counts.running} running` : "",
-      retries > 0 ? `${retries} retried` : "",
+      node.retried > 0 ? `${node.retried} retried` : "",
     ].filter(Boolean).join(" · ");
     group.append(name, meta);
     const onStep = options.onStep;
     if (onStep) group.addEventListener("click", () => onStep(node.name));
     if (node.inForeach) {
-      const items = svg("g", { class: "items", transform: "translate(12,54)", "data-items": node.tasks.length });
+      const items = svg("g", { class: "items", transform: "translate(12,54)", "data-items": node.total });
       node.tasks.slice(0, MAX_ITEM_CELLS).forEach((task, i) => {
         const cell = svg("rect", {
           class: `item status-${task.status}`,

@@ -2,13 +2,14 @@
 // own layout, redrawn whenever the kernel sends new task states; a click asks the kernel for a task's
 // artifacts and log tail.
 import type { Status, TaskInfo } from "../api";
-import type { DagShape } from "../dag";
+import type { DagShape, StepCounts } from "../dag";
 import { DAG_CSS, drawDag, element } from "../dagSvg";
 
 /** The part of anywidget's model this widget uses (its documented front-end API). */
 interface Model {
   get(name: "graph"): DagShape;
   get(name: "tasks"): TaskInfo[];
+  get(name: "counts"): Record<string, StepCounts>;
   get(name: "run" | "state"): string;
   get(name: "detail"): Detail;
   on(event: string, callback: () => void): void;
@@ -103,6 +104,7 @@ function render({ model, el }: { model: Model; el: HTMLElement }): () => void {
     title.dataset.state = state;
     const drawn = drawDag(model.get("graph"), model.get("tasks"), {
       arrowId: arrow,
+      counts: model.get("counts"),
       onStep: (step) => select({ type: "select", step }),
       onTask: (step, task) => select({ type: "select", step, task: task.pathspec }),
     });
@@ -111,7 +113,7 @@ function render({ model, el }: { model: Model; el: HTMLElement }): () => void {
   const drawDetail = () => detail.replaceChildren(detailPanel(model.get("detail")));
   drawRun();
   drawDetail();
-  const runEvents = ["change:tasks", "change:state", "change:run", "change:graph"];
+  const runEvents = ["change:tasks", "change:counts", "change:state", "change:run", "change:graph"];
   for (const event of runEvents) model.on(event, drawRun);
   model.on("change:detail", drawDetail);
   return () => {

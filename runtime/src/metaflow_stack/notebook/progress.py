@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +36,38 @@ _STATES = {
 
 #: Seconds between two updates of the front end at most (a foreach of thousands moves it a few times a second).
 FLUSH_SECONDS = 0.25
+#: A step's tasks the front end is sent at most: the widget draws 400 items a step (``ui/src/dag.ts``'s
+#: ``MAX_ITEM_CELLS``), and a foreach of 50,000 sent whole would be megabytes of JSON on every update.
+SHOWN_PER_STEP = 400
+#: Which of a bigger step's tasks are shown: a failure first (a click shows its error), then what runs now,
+#: then what ended.
+_SHOWN_FIRST = {"failed": 0, "running": 1, "killed": 2, "completed": 3}
+#: What a step's counts say: its tasks by status, all of them, and their retries.
+COUNTED = ("total", "running", "completed", "failed", "killed", "retried")
+
+
+def shown(tasks: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """What the front end is sent of a run's ``tasks`` (in the order they began): at most ``SHOWN_PER_STEP``
+    of each step's, copied, and each step's counts of all its tasks, so its "n/N done" stays right. The tasks
+    shown keep their order, so an item keeps its place in the grid while it stays shown."""
+    by_step: dict[str, list[dict[str, Any]]] = {}
+    for task in tasks:
+        by_step.setdefault(task["step_name"], []).append(task)
+    sent: list[dict[str, Any]] = []
+    counts: dict[str, dict[str, int]] = {}
+    for step, own in by_step.items():
+        count = dict.fromkeys(COUNTED, 0)
+        for task in own:
+            count[task["status"]] += 1
+            count["retried"] += task["attempt"]
+        count["total"] = len(own)
+        counts[step] = count
+        if len(own) > SHOWN_PER_STEP:
+            # sorted is stable: the tasks of one status stay in their order
+            ranked = sorted(range(len(own)), key=lambda i: _SHOWN_FIRST[own[i]["status"]])
+            own = [own[i] for i in sorted(ranked[:SHOWN_PER_STEP])]
+        sent += [dict(task) for task in own]
+    return sent, counts
 
 
 def graph_of(flow_file: str) -> dict[str, Any]:
@@ -58,11 +90,16 @@ def graph_of(flow_file: str) -> dict[str, Any]:
     }
 
 
-class Progress:
-    """The tasks of the run being watched, as the runtime announces them; ``changed`` is told with the tasks in
-    the agent's ``TaskInfo`` shape: at once after a quiet spell, then at most every ``FLUSH_SECONDS``."""
+#: Told what the front end is to show: ``shown``'s tasks and counts.
+Changed = Callable[[list[dict[str, Any]], dict[str, dict[str, int]]], None]
 
-    def __init__(self, flow: str, graph: dict[str, Any], changed: Callable[[list[dict[str, Any]]], None]) -> None:
+
+class Progress:
+    """The tasks of the run being watched, as the runtime announces them; ``changed`` is told what of them
+    to show (``shown``: tasks in the agent's ``TaskInfo`` shape, and each step's counts): at once after a
+    quiet spell, then at most every ``FLUSH_SECONDS``."""
+
+    def __init__(self, flow: str, graph: dict[str, Any], changed: Changed) -> None:
         self.flow = flow
         self.graph = graph
         self.run_id: str | None = None
@@ -126,11 +163,9 @@ class Progress:
         self.flush()
 
     def tasks(self) -> list[dict[str, Any]]:
+        """Every task announced so far (copies), in the order they began."""
         with self._lock:
-            return self._snapshot()
-
-    def _snapshot(self) -> list[dict[str, Any]]:
-        return [dict(task) for task in self._tasks.values()]
+            return [dict(task) for task in self._tasks.values()]
 
     def flush(self) -> None:
         """Tell ``changed`` if anything changed since the last time."""
@@ -139,8 +174,8 @@ class Progress:
                 return
             self._dirty = False
             self._flushed = time.monotonic()
-            tasks = self._snapshot()
-        self._changed(tasks)
+            tasks, counts = shown(self._tasks.values())
+        self._changed(tasks, counts)
 
     @contextmanager
     def watching(self) -> Iterator[None]:

@@ -4,9 +4,11 @@ The front end (``ui/src/widget``, built into ``static/dag_widget.js``) lays
 the graph out with the UI's own code and colours each step and foreach item
 by its tasks' states. The kernel sends those states as the runtime
 announces them (``progress``), then what the metadata recorded once the
-run ends. A click on a step or an item asks the kernel for that task's
-artifacts (names, types, sizes: nothing loaded) and the last lines of its
-logs, through the agent's queries. Saved notebooks and nbconvert get a
+run ends: at most the tasks a step draws, beside each step's counts of all
+its tasks (``progress.shown``), so a foreach of thousands stays a few
+kilobytes an update. A click on a step or an item asks the kernel for that
+task's artifacts (names, types, sizes: nothing loaded) and the last lines
+of its logs, through the agent's queries. Saved notebooks and nbconvert get a
 static table of the same states (``text/html``).
 """
 
@@ -21,6 +23,7 @@ import anywidget
 import traitlets
 
 from metaflow_stack.agent.source import AgentError
+from metaflow_stack.notebook.progress import COUNTED, Progress, graph_of, shown
 
 #: The built front end (``just ui`` builds it with the UI).
 ESM = Path(__file__).parent / "static" / "dag_widget.js"
@@ -28,7 +31,7 @@ ESM = Path(__file__).parent / "static" / "dag_widget.js"
 MAX_ARTIFACTS, LOG_LINES = 200, 20
 #: A task id as Metaflow's datastores write them (digits locally; letters, - and _ elsewhere).
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-#: Tasks the widget keeps once the run is over (it draws 400 items a step).
+#: Tasks read from the metadata once the run is over (their counts are what the widget says of them).
 MAX_RECORDED = 10_000
 
 
@@ -44,7 +47,10 @@ class DagWidget(anywidget.AnyWidget):
     # (``available()`` keeps it from being used)
     _esm = ESM if ESM.exists() else "export default {};"
     graph = traitlets.Dict().tag(sync=True)
+    #: At most ``progress.SHOWN_PER_STEP`` tasks of each step: what it draws.
     tasks = traitlets.List().tag(sync=True)
+    #: Each step's counts of all its tasks by status, with their total and retries (``progress.COUNTED``).
+    counts = traitlets.Dict().tag(sync=True)
     run = traitlets.Unicode("").tag(sync=True)
     state = traitlets.Unicode("starting").tag(sync=True)
     detail = traitlets.Dict().tag(sync=True)
@@ -93,6 +99,11 @@ class DagWidget(anywidget.AnyWidget):
             "show": f"%mf_show {task} NAME",
         }
 
+    def show(self, tasks: list[dict[str, Any]], counts: dict[str, dict[str, int]]) -> None:
+        """Show ``progress.shown``'s tasks and counts: sent together, so no view draws one without the other."""
+        with self.hold_sync():
+            self.tasks, self.counts = tasks, counts
+
     def recorded(self) -> None:
         """Replace the announced states with what the metadata recorded for the run (the last word)."""
         from metaflow_stack.agent.queries import connect
@@ -108,7 +119,7 @@ class DagWidget(anywidget.AnyWidget):
                 if not page.next_cursor:
                     break
                 cursor = page.next_cursor
-        self.tasks = found
+        self.show(*shown(found))
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         bundle = super()._repr_mimebundle_(**kwargs)
@@ -121,15 +132,11 @@ class DagWidget(anywidget.AnyWidget):
         """The graph's steps and their tasks' states as a table (no script): what a saved notebook keeps."""
         rows = []
         for name, step in self.graph.get("steps", {}).items():
-            counts = {"completed": 0, "failed": 0, "running": 0, "killed": 0}
-            own = [task for task in self.tasks if task.get("step_name") == name]
-            for task in own:
-                counts[task.get("status", "running")] = counts.get(task.get("status", "running"), 0) + 1
+            counts = self.counts.get(name) or dict.fromkeys(COUNTED, 0)
             state = next((s for s in ("running", "failed", "killed", "completed") if counts[s]), "pending")
-            retried = sum(task.get("attempt", 0) for task in own)
-            done = f"{counts['completed']}/{len(own)} done" if own else ""
+            done = f"{counts['completed']}/{counts['total']} done" if counts["total"] else ""
             failed = f", {counts['failed']} failed" if counts["failed"] else ""
-            failed += f", {retried} retried" if retried else ""
+            failed += f", {counts['retried']} retried" if counts["retried"] else ""
             rows.append(
                 f'<tr data-step="{html.escape(name)}" data-status="{state}"><td><b>{html.escape(name)}</b></td>'
                 f"<td>{html.escape(step.get('type', ''))}</td><td>{html.escape(', '.join(step.get('next', [])))}</td>"
@@ -154,19 +161,17 @@ class LiveDag:
     def __init__(self, flow: str, flow_file: str) -> None:
         from IPython.display import display
 
-        from metaflow_stack.notebook.progress import Progress, graph_of
-
         graph = graph_of(flow_file)
         self.flow = flow
         self.widget = DagWidget(graph)
         self.progress = Progress(flow, graph, self._announced)
         self.handle = display(self.widget, display_id=True)
 
-    def _announced(self, tasks: list[dict[str, Any]]) -> None:
+    def _announced(self, tasks: list[dict[str, Any]], counts: dict[str, dict[str, int]]) -> None:
         if self.progress.run_id and not self.widget.run:
             self.widget.run = f"{self.flow}/{self.progress.run_id}"
             self.widget.state = "running"
-        self.widget.tasks = tasks
+        self.widget.show(tasks, counts)
 
     def finished(self, run: Any) -> None:
         """The run is over: its recorded states, and the saved output (static table) brought up to date."""
