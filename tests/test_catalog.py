@@ -145,6 +145,30 @@ def test_images_dir_without_a_base_image_is_refused(tmp_path: Path, monkeypatch:
         catalog.images_root()
 
 
+def test_a_runtime_installed_outside_a_checkout_is_told_the_ways_to_have_images(tmp_path: Path) -> None:
+    """An installed runtime with no image sources (and no lock entry for the image asked for) cannot build it,
+    and a registry setting does not help (the tag is computed from the sources): the fix names what does."""
+    import subprocess
+    import sys
+
+    shutil.copytree(PROJECT / "runtime" / "src" / "metaflow_stack", tmp_path / "site" / "metaflow_stack")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "METAFLOW_STACK_REGISTRY": "127.0.0.1:5000"}
+    env.pop("METAFLOW_STACK_IMAGES_DIR", None)
+    script = "\n".join(
+        [
+            "from metaflow_stack import catalog",
+            "try:",
+            " catalog.images_root()",
+            "except Exception as e:",
+            " print(e.fix)",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "install a released runtime" in done.stdout and "METAFLOW_STACK_IMAGES_DIR" in done.stdout
+    assert "METAFLOW_STACK_REGISTRY" not in done.stdout
+
+
 def _dockerfiles() -> dict[str, str]:
     """Every image's Dockerfile but the local stand-in for the public Python base."""
     return {

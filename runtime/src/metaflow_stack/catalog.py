@@ -154,8 +154,8 @@ def images_root() -> Path:
             return parent / "images"
     raise StackError(
         "no image build contexts found: this runtime was not installed from a Metaflow Stack checkout",
-        fix="set METAFLOW_STACK_REGISTRY to pull published images, "
-        "or METAFLOW_STACK_IMAGES_DIR to a checkout's images/ folder to build them",
+        fix="install a released runtime (its image lock pulls the published images by digest), "
+        "or set METAFLOW_STACK_IMAGES_DIR to a checkout's images/ folder to build them",
     )
 
 
