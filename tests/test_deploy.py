@@ -401,8 +401,14 @@ def test_no_value_writes_yaml_into_a_chart(chart: str) -> None:
     and every string is quoted where it is written (a Secret's name too, which Kubernetes judges itself)."""
     smallest = {**SMALLEST[chart], "image": {"repository": "registry.example:5000/metaflow-stack/x", "tag": "t-1.0"}}
     release = helm.render(chart, smallest, "x")  # (a registry's port, a path, a tag of dots and dashes: fine)
+    pinned = f"[::1]:5000/metaflow-stack/x@sha256:{'c' * 64}"  # (by digest alone, as docs/cluster.md deploys)
+    digested = helm.render(chart, {**SMALLEST[chart], "image": helm.image_values(pinned)}, "x")
+    (deployment,) = (m for m in digested.manifests if m["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == pinned
     bad = [{"image": {"repository": "r/x", "tag": "t" + ESCAPE}}, {"image": {"repository": "r/x" + ESCAPE, "tag": "t"}},
-           {"image": {"repository": "R/X", "tag": "t"}}, {"env": {"A" + ESCAPE: "v"}}]  # fmt: skip
+           {"image": {"repository": "R/X", "tag": "t"}}, {"env": {"A" + ESCAPE: "v"}},
+           {"image": {"repository": "r/x", "tag": ""}},
+           {"image": {"repository": "r/x", "digest": "sha256:" + ESCAPE}}]  # fmt: skip
     for values in bad:
         with pytest.raises(StackError, match="refused the values"):
             helm.render(chart, {**smallest, **values}, "x")

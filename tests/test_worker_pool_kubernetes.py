@@ -133,6 +133,11 @@ def test_the_chart_lints_clean() -> None:
     [
         ("metaflow-stack/base:abc", {"repository": "metaflow-stack/base", "tag": "abc"}),
         ("127.0.0.1:5000/metaflow-stack/base:abc", {"repository": "127.0.0.1:5000/metaflow-stack/base", "tag": "abc"}),
+        (f"r.example/base@sha256:{'a' * 64}", {"repository": "r.example/base", "digest": f"sha256:{'a' * 64}"}),
+        (
+            f"[::1]:5000/base:t@sha256:{'b' * 64}",
+            {"repository": "[::1]:5000/base", "tag": "t", "digest": f"sha256:{'b' * 64}"},
+        ),
     ],
 )
 def test_an_image_reference_splits_at_its_tag_not_a_registrys_port(image: str, parts: dict) -> None:

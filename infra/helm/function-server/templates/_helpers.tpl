@@ -15,3 +15,10 @@ app.kubernetes.io/part-of: metaflow-stack
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 metaflow-stack.io/function: {{ .Values.function | quote }}
 {{- end -}}
+
+{{/* The image's reference: its repository with its tag, its digest, or both (a pull pinned by digest). */}}
+{{- define "function-server.image" -}}
+{{- .Values.image.repository -}}
+{{- with .Values.image.tag }}:{{ . }}{{ end -}}
+{{- with .Values.image.digest }}@{{ . }}{{ end -}}
+{{- end -}}

@@ -18,3 +18,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "key-release.policies" -}}
 {{- .Values.policies.existingConfigMap | default (printf "%s-policies" (include "key-release.fullname" .)) -}}
 {{- end -}}
+
+{{/* The image's reference: its repository with its tag, its digest, or both (a pull pinned by digest). */}}
+{{- define "key-release.image" -}}
+{{- .Values.image.repository -}}
+{{- with .Values.image.tag }}:{{ . }}{{ end -}}
+{{- with .Values.image.digest }}@{{ . }}{{ end -}}
+{{- end -}}

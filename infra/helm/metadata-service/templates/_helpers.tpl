@@ -19,3 +19,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "metadata-service.sqlite" -}}
 {{- if not .Values.database.existingSecret -}}true{{- end -}}
 {{- end -}}
+
+{{/* The image's reference: its repository with its tag, its digest, or both (a pull pinned by digest). */}}
+{{- define "metadata-service.image" -}}
+{{- .Values.image.repository -}}
+{{- with .Values.image.tag }}:{{ . }}{{ end -}}
+{{- with .Values.image.digest }}@{{ . }}{{ end -}}
+{{- end -}}

@@ -18,3 +18,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "worker-pool.redisSecret" -}}
 {{- .Values.redis.existingSecret | default (printf "%s-redis" (include "worker-pool.fullname" .)) -}}
 {{- end -}}
+
+{{/* The image's reference: its repository with its tag, its digest, or both (a pull pinned by digest). */}}
+{{- define "worker-pool.image" -}}
+{{- .Values.image.repository -}}
+{{- with .Values.image.tag }}:{{ . }}{{ end -}}
+{{- with .Values.image.digest }}@{{ . }}{{ end -}}
+{{- end -}}

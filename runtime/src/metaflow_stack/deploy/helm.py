@@ -143,9 +143,14 @@ def kubectl(
 
 
 def image_values(image: str) -> dict[str, str]:
-    """A chart's ``image`` values from a reference (a registry's port is not a tag); ``StackError`` for a
-    reference without a tag (every image the stack builds has one)."""
-    repository, _, tag = image.rpartition(":")
+    """A chart's ``image`` values from a reference: its repository and its tag, its digest (a pull pinned to
+    its content), or both (a registry's port is not a tag); ``StackError`` for a reference with neither."""
+    named, _, digest = image.partition("@")
+    repository, _, tag = named.rpartition(":")
     if not repository or "/" in tag:
-        raise StackError(f"{image!r} names no tag", fix="give the image as REPOSITORY:TAG, as build-image prints it")
-    return {"repository": repository, "tag": tag}
+        repository, tag = named, ""
+    if not tag and not digest:
+        raise StackError(
+            f"{image!r} names no tag", fix="give the image as REPOSITORY:TAG (as build-image prints it) or @sha256:..."
+        )
+    return {"repository": repository, **({"tag": tag} if tag else {}), **({"digest": digest} if digest else {})}

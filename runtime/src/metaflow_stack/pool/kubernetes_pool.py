@@ -41,6 +41,9 @@ IMAGE_VARIABLE = "METAFLOW_STACK_POOL_IMAGE"
 VALUES_VARIABLE = "METAFLOW_STACK_POOL_VALUES"
 #: Seconds the pods have to end when they are deleted (their grace period is 15 s).
 DELETE_TIMEOUT_S = 90
+#: Seconds the cluster must go on refusing to make the pods before the step fails (a quota may be full only
+#: while other pods end).
+REFUSED_FOR_S = 20
 #: What a pool's objects are found by.
 INSTANCE = "app.kubernetes.io/instance"
 #: Why a pod's container waits that will not pass by waiting longer.
@@ -72,12 +75,14 @@ class KubernetesPool(ClusterPool):
     ) -> None:
         super().__init__(flow_file, size, name, url, prefix)
         self.image, self.resources, self.extra_values, self.namespace = image, resources, values, namespace
-        self.context: str | None = None  # kubectl's, pinned as the pool starts
+        self.context: str | None = None  # kubectl's, pinned as the pool first starts
+        self.pinned = False
         self.args += [namespace, self.workers_name, ""]  # the dispatcher's: which pods to delete, and where
 
     def start(self) -> None:
-        self.context = current_context()
-        self.args[-1] = self.context or ""
+        if not self.pinned:  # (a pool started again after it died goes back to the same cluster)
+            self.context, self.pinned = current_context(), True
+            self.args[-1] = self.context or ""
         super().start()
 
     def values(self) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def wait_for_pods(namespace: str, release: str, size: int, context: str | None =
     """Until ``size`` pods of ``release`` are ready (warm); ``StackError`` at once for a pod that cannot
     start (its image, its Secret, a crash: with the crash's last line), or after ``READY_TIMEOUT_S``."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    ready = 0
+    ready, refused_since = 0, None
     while time.monotonic() < deadline:
         listing = ["get", "pods", "--namespace", namespace, "-l", f"{INSTANCE}={release}", "-o", "json"]
         pods = json.loads(kubectl(*listing, context=context))["items"]
@@ -159,24 +164,26 @@ def wait_for_pods(namespace: str, release: str, size: int, context: str | None =
                     raise StackError(said + _last_words(namespace, name, context))
         if ready >= size:
             return
-        if len(pods) < size:  # (pods the cluster will not make: waiting longer makes none)
-            _refused(namespace, release, context)
+        refusal = _refusal(namespace, release, context) if len(pods) < size else None
+        refused_since = (refused_since or time.monotonic()) if refusal else None
+        if refusal and time.monotonic() - refused_since >= REFUSED_FOR_S:  # (not a quota full for a moment)
+            raise StackError(
+                f"the cluster refuses to make them: {refusal}",
+                fix="ask for less (@resources) or have the namespace's quota or policy changed",
+            )
         time.sleep(POLL_S)
     raise StackError(f"{ready} of {size} ready after {READY_TIMEOUT_S}s")
 
 
-def _refused(namespace: str, release: str, context: str | None) -> None:
-    """``StackError`` with the cluster's reason where it refuses to make the pods (a namespace's quota, a
-    Pod Security admission): their Deployment's ``ReplicaFailure`` condition says so, and no pod ever
-    appears to tell it."""
+def _refusal(namespace: str, release: str, context: str | None) -> str | None:
+    """The cluster's reason where it refuses to make the pods (a namespace's quota, a Pod Security
+    admission): their Deployment's ``ReplicaFailure`` condition says so, and no pod ever appears to tell it."""
     listing = ["get", "deployments", "--namespace", namespace, "-l", f"{INSTANCE}={release}", "-o", "json"]
     for deployment in json.loads(kubectl(*listing, context=context))["items"]:
         for condition in deployment.get("status", {}).get("conditions") or []:
             if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
-                raise StackError(
-                    f"the cluster refuses to make them: {condition.get('reason')}: {condition.get('message', '')}",
-                    fix="ask for less (@resources) or have the namespace's quota or policy changed",
-                )
+                return f"{condition.get('reason')}: {condition.get('message', '')}"
+    return None
 
 
 def _last_words(namespace: str, pod: str, context: str | None) -> str:

@@ -117,9 +117,10 @@ class WorkerPoolDecorator(StepDecorator):
                 number = float(value or 0)
             except (TypeError, ValueError):
                 number = math.nan
-            if not (math.isfinite(number) and number >= 0 and (key != "gpu" or number.is_integer())):
+            whole = key == "gpu" and self.attributes["backend"] != "ray"  # (Ray's actors may share a GPU)
+            if not (math.isfinite(number) and number >= 0 and (not whole or number.is_integer())):
                 raise WorkerPoolException(
-                    f"step {step}: @resources({key}={value!r}) is not a {'whole ' if key == 'gpu' else ''}number "
+                    f"step {step}: @resources({key}={value!r}) is not a {'whole ' if whole else ''}number "
                     f"of 0 or more, which a pool's workers need (fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 )
         self.environment, self.own_environment = environment, has_own(environment, decos)
