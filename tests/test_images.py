@@ -12,7 +12,7 @@ from conftest import json_stdout, last_line, run_cli
 from rich.console import Console
 
 from metaflow_stack import builders, settings
-from metaflow_stack.errors import ImageBuildError
+from metaflow_stack.errors import ImageBuildError, StackError
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -74,6 +74,17 @@ def test_ca_bundle_reaches_the_build_and_never_lands_in_the_image(
             assert not [e for e in env if e.startswith(("PIP_CERT", "SSL_CERT_FILE"))]
     finally:
         docker_engine.image.remove(tag, force=True)
+
+
+@pytest.mark.parametrize("name", ["DOCKER_HOST", "buildx_config", "HOME", "PATH"])
+def test_a_private_build_arg_named_as_the_clients_own_variable_is_refused(name: str, tmp_path: Path) -> None:
+    """A private arg reaches the build through the client's environment, so one named ``DOCKER_HOST`` would
+    also send the build to another engine: refused, naming it, before any client runs."""
+    (tmp_path / "Dockerfile").write_text(f"FROM scratch\nARG {name}\n")
+    request = builders.BuildRequest(context=tmp_path, tag="metaflow-stack/test-refused:x", build_args={name: "v"},
+                                    private_args=(name,))  # fmt: skip
+    with pytest.raises(StackError, match=f"the build arg {name} would also set the docker client's own {name}"):
+        builders.build(request, Console(quiet=True))
 
 
 def test_a_private_build_arg_reaches_the_build_but_never_the_clients_command_line(

@@ -209,6 +209,10 @@ def build(request: BuildRequest, console: Console) -> str | None:
     return _push_classic(request.tag) if request.push else None
 
 
+#: Variables the docker client reads for itself: a private arg of such a name would change how it runs.
+_CLIENTS_OWN = re.compile(r"(DOCKER|BUILDX|BUILDKIT|LD|XDG|SSL_CERT)_\w*|HOME|PATH|TMPDIR", re.IGNORECASE)
+
+
 def _common_flags(request: BuildRequest) -> tuple[list[str], dict[str, str]]:
     """The flags both routes pass, and the environment the client runs in.
 
@@ -222,6 +226,12 @@ def _common_flags(request: BuildRequest) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     for key, value in request.build_args.items():
         if key in request.private_args:
+            if _CLIENTS_OWN.fullmatch(key):
+                raise StackError(
+                    f"the build arg {key} would also set the docker client's own {key} (a private arg reaches the "
+                    "build through the client's environment)",
+                    fix=f"rename the arg {key} in the Dockerfile and the devcontainer.json",
+                )
             flags += ["--build-arg", key]
             env[key] = value
         else:
