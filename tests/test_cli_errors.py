@@ -27,12 +27,14 @@ def one_line(done: subprocess.CompletedProcess[str], says: str) -> None:
 def test_a_pid_file_naming_no_single_process_is_no_process(tmp_path: Path, held: str) -> None:
     """``os.kill(0, ...)`` signals the caller's whole process group, ``-1`` every process it may: a damaged
     pid file must never reach it (``stack down``, the local service's stop)."""
+    from metaflow_stack.daemon import _start
+
     pidfile = tmp_path / "service.pid"
-    started = psutil.Process().create_time()
-    for pid in (held, json.dumps({"pid": held, "started": started, "run": ""})):
+    started = _start(psutil.Process())  # (this process's own start: only the pid is damaged)
+    for pid in (held, json.dumps({"pid": held, "start": started, "run": ""})):
         pidfile.write_text(pid)
         assert running_pid(pidfile) is None
-    pidfile.write_text(json.dumps({"pid": os.getpid(), "started": started, "run": ""}))
+    pidfile.write_text(json.dumps({"pid": os.getpid(), "start": started, "run": ""}))
     assert running_pid(pidfile) == os.getpid()
     assert running_pid(tmp_path / "missing.pid") is None
 

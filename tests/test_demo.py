@@ -5,7 +5,8 @@ the embedded defaults (a local process, SQLite, in-process events).
 It takes only its own processes and containers for its services: whatever else
 answers on a port is refused in one line and sent none of the stack's secrets;
 one state folder's `down` leaves another folder's containers alone; and the
-state folder is its owner's alone."""
+state folder is its owner's alone. What an older release left is named (a
+process, with its PID) or removed by `down` (its containers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import http.server
 import os
 import shutil
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +35,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.local_secrets import stack_key, stack_key_path
 from metaflow_stack.nomad.dev_cluster import LocalNomad
 from metaflow_stack.pool.local_redis import stack_url
-from metaflow_stack.service.local import FOLDER_LABEL, LocalService
+from metaflow_stack.service.local import FOLDER_LABEL, OLDER_CONTAINERS, LocalService
 
 
 def _ok_line(stdout: str) -> str:
@@ -296,3 +298,88 @@ def test_down_removes_its_own_folders_containers_and_no_other_folders(
     assert not docker_engine.container.exists(left) and docker_engine.container.exists(other)
     assert docker_engine.container.inspect(other).config.labels[FOLDER_LABEL] == theirs.folder
     assert theirs.stop() and not docker_engine.container.exists(other)
+
+
+def test_down_names_the_service_an_older_release_started_and_keeps_its_pid_file(tmp_path: Path) -> None:
+    """Its pid file holds a bare PID: `down` neither signals it (unverified) nor deletes the only record of
+    it (the next `up` would find the port taken by something it could not name)."""
+    older = subprocess.Popen(["sleep", "300"])
+    pidfile = tmp_path / "service" / "service.pid"
+    pidfile.parent.mkdir()
+    pidfile.write_text(str(older.pid))
+    try:
+        down = run_cli("stack", "down", env={**DEAD_ENGINE_ENV, "METAFLOW_STACK_STATE_DIR": str(tmp_path)})
+        said = " ".join(down.stderr.split())
+        assert down.returncode == 0 and "Traceback" not in down.stderr, down.stderr
+        assert f"perhaps the service an older release started (pid {older.pid}, sleep)" in said
+        assert f"stop it (kill {older.pid})" in said
+        assert older.poll() is None and pidfile.read_text() == str(older.pid)
+    finally:
+        older.kill()
+        older.wait()
+
+
+def _run(docker_engine, image: str, **options: object) -> str:
+    """A running container of ``image`` (removed with this session's test containers, whatever happens)."""
+    labels = {**TEST_LABELS, **options.pop("labels", {})}
+    return docker_engine.run(image, ["sleep", "300"], detach=True, labels=labels, **options).id
+
+
+@pytest.mark.docker
+def test_up_refuses_while_an_older_releases_containers_run_and_down_removes_them(
+    docker_engine, base_image: str, tmp_path: Path
+) -> None:
+    """Named for no folder, labelled as the service: a second PostgreSQL on the same volume would corrupt it."""
+    older = [
+        _run(docker_engine, base_image, name=name, labels={"io.metaflow-stack.service": "local"})
+        for name in OLDER_CONTAINERS
+    ]
+    service = LocalService(home=tmp_path / "service", port=free_port(), auth_key="k" * 32)
+    try:
+        with pytest.raises(StackError) as refused:
+            service.start(Console(quiet=True), use_docker=True)
+        assert all(name in refused.value.message for name in OLDER_CONTAINERS), refused.value.message
+        assert "metaflow stack down" in (refused.value.fix or "")
+        assert not docker_engine.container.exists(service.containers[0])
+        down = run_cli("stack", "down", env={"METAFLOW_STACK_STATE_DIR": str(tmp_path)})
+        assert down.returncode == 0, down.stderr
+        assert not any(docker_engine.container.exists(container) for container in older)
+    finally:
+        service.stop()  # (what a start taken for granted would have launched)
+
+
+@pytest.mark.docker
+def test_up_on_another_port_than_this_folders_container_publishes_is_refused(
+    docker_engine, base_image: str, tmp_path: Path
+) -> None:
+    """The URL `up` prints (and the demo uses) would name a port no one serves."""
+    running_on = free_port()
+    service = LocalService(home=tmp_path / "service", port=free_port(), auth_key="k" * 32)
+    _run(docker_engine, base_image, name=service.containers[2], labels=service.labels, publish=[(running_on, 8080)])
+    try:
+        with pytest.raises(StackError) as refused:
+            service.start(Console(quiet=True), use_docker=True)
+        assert refused.value.message.endswith(f"runs already, on port {running_on}")
+        assert "metaflow stack down" in (refused.value.fix or "")
+    finally:
+        assert service.stop()
+
+
+@pytest.mark.docker
+def test_down_leaves_a_network_something_else_is_attached_to_in_one_line(
+    docker_engine, base_image: str, tmp_path: Path
+) -> None:
+    service = LocalService(home=tmp_path / "service")
+    docker_engine.network.create(service.network, labels=service.labels)
+    name = f"attached-{service.folder}"
+    attached = _run(docker_engine, base_image, name=name, networks=[service.network])
+    try:
+        down = run_cli("stack", "down", env={"METAFLOW_STACK_STATE_DIR": str(tmp_path)})
+        said = " ".join(down.stderr.split())
+        assert down.returncode == 0 and "Traceback" not in down.stderr, down.stderr
+        assert f"the network {service.network} stays: {name} is attached to it" in said
+        assert f"docker network disconnect {service.network}" in said
+        assert docker_engine.container.exists(attached)
+    finally:
+        docker_engine.container.remove(attached, force=True)
+        docker_engine.network.remove(service.network)

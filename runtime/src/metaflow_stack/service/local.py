@@ -12,7 +12,9 @@ volumes belonging to the state folder, so ``down`` then ``up`` keeps it and
 state folder too, and carry its label: one folder's ``up`` and ``down`` never
 touch another's. Only this folder's process (``daemon``) or container counts
 as the service: whatever else answers on the port is refused, never sent the
-stack's key. The database password is generated once, kept in
+stack's key. An older release named its containers for no folder: ``up``
+refuses while they run (its postgres would share this folder's volume with
+a second one), ``down`` removes them. The database password is generated once, kept in
 the state folder (mode 0600) beside the volumes it opens, and handed over as
 an environment variable at run time: it is in no image and no log.
 """
@@ -34,7 +36,7 @@ from metaflow_stack.errors import DockerUnavailableError, StackError
 from metaflow_stack.local_secrets import secret, state_dir
 
 if TYPE_CHECKING:
-    from python_on_whales import DockerClient
+    from python_on_whales import Container, DockerClient
 
 DEFAULT_PORT = 8080
 #: The containers of the Docker flavour, in start order (each named ``metaflow-stack-FOLDER-ROLE``); ``down``
@@ -43,6 +45,9 @@ ROLES = ("postgres", "nats", "metadata-service")
 #: The label naming the state folder (its digest, ``LocalService.folder``) a container of ``up`` belongs to.
 FOLDER_LABEL = "io.metaflow-stack.folder"
 _SERVICE_LABEL = {"io.metaflow-stack.service": "local"}
+#: The containers of an older release's Docker flavour: one set per machine, labelled ``_SERVICE_LABEL`` alone
+#: (no folder), their data in the same volumes as now.
+OLDER_CONTAINERS = ("metaflow-stack-postgres", "metaflow-stack-nats", "metaflow-stack-metadata-service")
 _PORT_FIX = "choose another with --service-port (METAFLOW_STACK_SERVICE_PORT), or stop what listens there"
 _STOP_FIX = "stop it first (`metaflow stack down`)"
 
@@ -162,6 +167,10 @@ class LocalService:
         docker = require_engine()
         running = RunningService(self.url, f"PostgreSQL (container {self.containers[0]})", "NATS JetStream")
         with locked(self.daemon.lock):  # (the process's lock too: one `up` of this folder's service at a time)
+            self.daemon.refuse_an_older_release(then=", then run up again")
+            older = [c.name for c in self._older_containers(docker) if c.state.running]
+            if older:
+                raise StackError(f"an older release's containers run: {', '.join(older)}", fix=_STOP_FIX)
             if self._serving(docker):
                 return running
             if port_taken(self.port):
@@ -170,12 +179,22 @@ class LocalService:
         return running
 
     def _serving(self, docker: DockerClient) -> bool:
-        """Whether this folder's service container runs (its name and its folder label both this folder's)."""
+        """Whether this folder's service container runs (its name and its folder label both this folder's) on
+        this port; on another, it is refused in one line (the URL ``up`` prints would name this port)."""
         name = self.containers[2]
         if not docker.container.exists(name):
             return False
         container = docker.container.inspect(name)
-        return container.state.running and container.config.labels.get(FOLDER_LABEL) == self.folder
+        if not container.state.running or container.config.labels.get(FOLDER_LABEL) != self.folder:
+            return False
+        bindings = (container.host_config.port_bindings or {}).get("8080/tcp") or []
+        published = sorted({binding.host_port for binding in bindings if binding.host_port})
+        if str(self.port) not in published:
+            raise StackError(
+                f"the metadata service of {self.home} runs already, on port {', '.join(published) or 'none'}",
+                fix=_STOP_FIX,
+            )
+        return True
 
     def _launch(self, docker: DockerClient, console: Console) -> None:
         from metaflow_stack import images
@@ -273,23 +292,45 @@ class LocalService:
             docker.container.remove(present, force=True)
         return len(present)
 
+    def _older_containers(self, docker: DockerClient) -> list[Container]:
+        """An older release's containers (``OLDER_CONTAINERS``), running or not: its names, its label, no
+        folder's."""
+        labelled = docker.container.list(all=True, filters=[("label", f"{k}={v}") for k, v in _SERVICE_LABEL.items()])
+        return [c for c in labelled if c.name in OLDER_CONTAINERS and FOLDER_LABEL not in c.config.labels]
+
     def stop(self, purge: bool = False) -> bool:
-        """Stop what ``start`` started (the process, or this folder's containers); ``purge`` also drops the
-        data."""
+        """Stop what ``start`` started (the process, or this folder's containers), and an older release's
+        containers as its ``down`` did; ``purge`` also drops the data. A network something else is attached
+        to stays, refused in one line naming what (once the rest is done)."""
+        from python_on_whales.exceptions import DockerException
+
+        from metaflow_stack.engines.docker import require_engine
+
         stopped = self.daemon.stop()
         try:
-            from metaflow_stack.engines.docker import require_engine
-
             docker = require_engine()
         except DockerUnavailableError:
             return stopped
-        removed = self._remove_containers(docker)
-        if docker.network.exists(self.network):
-            docker.network.remove(self.network)
+        older = self._older_containers(docker)
+        if older:
+            docker.container.remove(older, force=True)
+        removed = self._remove_containers(docker) + len(older)
         if purge:
             volumes = [v for v in self.volumes.values() if docker.volume.exists(v)]
             if volumes:
                 docker.volume.remove(volumes)
             (self.home / "metadata.db").unlink(missing_ok=True)
             (self.home / "postgres-password").unlink(missing_ok=True)
+        if docker.network.exists(self.network):
+            try:
+                docker.network.remove(self.network)
+            except DockerException as exc:
+                attached = sorted(
+                    c.name or key for key, c in (docker.network.inspect(self.network).containers or {}).items()
+                )
+                raise StackError(
+                    f"the network {self.network} stays: {', '.join(attached) or 'something'} is attached to it",
+                    fix=f"disconnect it (`docker network disconnect {self.network} NAME`), then run "
+                    "`metaflow stack down` again",
+                ) from exc
         return stopped or bool(removed)

@@ -443,14 +443,20 @@ def down(purge: bool, everything: bool, yes: bool) -> None:
             "Remove every container the stack launched, including running steps and deployed servers?", abort=True
         )
     service = LocalService()
-    if service.stop(purge=purge):
-        _err.print("metadata service stopped" + (" and its data deleted" if purge else " (its data is kept)"))
-    if LocalRegistry.default().stop():
-        _err.print("registry stopped")
-    if LocalRedis().stop():
-        _err.print("redis stopped")
-    if LocalKeyRelease().stop():
-        _err.print("key release stopped (its master key is kept)")
+    stops = {
+        "metadata service stopped" + (" and its data deleted" if purge else " (its data is kept)"): (
+            lambda: service.stop(purge=purge)
+        ),
+        "registry stopped": LocalRegistry.default().stop,
+        "redis stopped": LocalRedis().stop,
+        "key release stopped (its master key is kept)": LocalKeyRelease().stop,
+    }
+    for stopped, stop in stops.items():
+        try:
+            if stop():
+                _err.print(stopped)
+        except StackError as left:  # (what stays, named with its fix: down goes on with the rest)
+            _err.print(f"[yellow]note:[/] {escape(str(left))}", highlight=False)
     try:
         # (what `up` of this state folder left: another folder's stack is another user's, or another checkout's)
         removed = get_engine("docker").cleanup(
