@@ -891,7 +891,11 @@ def test_a_fork_server_out_of_descriptors_waits_rather_than_spins(tmp_path: Path
         (server,) = [p for p in pool_processes(POOL_MARKS[:1]) if p.ppid() == runtime.pid]
         (listening,) = {c.laddr for c in server.net_connections(kind="unix") if c.laddr}  # (accepted ones too)
         limits = server.rlimit(psutil.RLIMIT_NOFILE)
-        server.rlimit(psutil.RLIMIT_NOFILE, (server.num_fds(), limits[1]))  # (not one more)
+        taken = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
+        lowest_free = next(n for n in range(len(taken) + 1) if n not in taken)
+        # (not one more: a new descriptor takes the lowest free number, so a limit at the count would still
+        # let one in where the server's descriptors leave a gap below it)
+        server.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
         with open(f"/proc/{server.pid}/fd/2", "rb") as log:  # (its log, read from where it is now)
             log.seek(0, os.SEEK_END)
             caller = socket.socket(socket.AF_UNIX)
