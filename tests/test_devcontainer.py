@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +166,10 @@ def test_a_pools_container_ends_when_its_runtime_is_killed_outright(docker_engin
     """SIGKILL to the run's runtime alone (no cleanup runs): the pool's server sees its lifeline close,
     kills its tasks and ends, so its container stops; the next run's sweep removes it."""
     command, env = flow_command(tmp_path, "--sleep", "300", "--with", "worker_pool:size=3")
+    # The pool's folder in a temporary folder of this test's own: any pool another test starts on this machine
+    # removes the folders of ended runtimes in its own temporary folder (``PoolFolder``'s sweep), which would
+    # take this one's before this test looks. (Short: the pool's socket path must fit in 107 bytes.)
+    env["TMPDIR"] = private = tempfile.mkdtemp(prefix="mf-test-")
     flow = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -191,6 +196,7 @@ def test_a_pools_container_ends_when_its_runtime_is_killed_outright(docker_engin
     remove_orphans(DockerEngine())
     assert step_containers(docker_engine) == []
     assert not folders[0].exists()
+    shutil.rmtree(private)
 
 
 def test_containers_of_a_killed_trampoline_are_removed_by_the_next_run(docker_engine, base_image: str) -> None:
