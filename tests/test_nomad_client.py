@@ -500,6 +500,35 @@ def test_an_answer_that_never_ends_is_one_line_in_bounded_memory(monkeypatch: py
     assert "is over 1 MB" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
 
 
+def test_an_answer_that_trickles_is_given_up_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server (or a proxy) that sends a byte now and then never trips httpx's timeouts, which are per read:
+    the answer must be whole within its read timeout and the slack, or the call fails as unavailable (it
+    held the call for as long as the server liked)."""
+    from metaflow_stack.engines.nomad import client as nomad_client
+    from metaflow_stack.engines.nomad.client import Unavailable
+
+    class Trickle(Quiet):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                for _ in range(600):  # a minute at most: the client must stop long before
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    monkeypatch.setattr(nomad_client, "CONNECT_S", 0.5)
+    monkeypatch.setattr(nomad_client, "SLACK_S", 0.5)
+    started = time.monotonic()
+    with answering(Trickle) as settings, NomadClient(settings) as client, pytest.raises(Unavailable) as refused:
+        client.jobs("mf-")
+    assert "not whole in time" in refused.value.message and "NOMAD_ADDR" in refused.value.fix
+    assert time.monotonic() - started < 10
+
+
 def test_a_followed_log_gone_silent_is_given_up_for_its_reader_to_resume(monkeypatch: pytest.MonkeyPatch) -> None:
     """A followed log stream that stops carrying even Nomad's heartbeats went half-open (a partition, a proxy's
     idle cut): reading it fails as unavailable, which its reader resumes from where it was, rather than

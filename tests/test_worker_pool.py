@@ -1415,6 +1415,24 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
     assert not pool_keys(redis_url)
 
 
+def test_a_redis_worker_killed_between_its_move_and_its_claim_leaves_a_list_that_expires(redis_url: str) -> None:
+    """A claim is a move of the task's id into the worker's list, then the claim's script, which gives the list
+    an expiry. A worker killed between the two left a list that never expired; the list now exists, with an
+    expiry, before the move (the worker keeps it so while it lives)."""
+    client = redis.Redis.from_url(redis_url)
+    queue = RedisQueue(client, "mf-pool:test-moved:each:")
+    claimed = queue.key("claimed", "w")
+    try:
+        client.lpush(queue.key("pending"), "0123abcd")
+        queue.live("w")
+        assert client.blmove(queue.key("pending"), claimed, 1, "RIGHT", "LEFT") == b"0123abcd"  # (then killed)
+        assert 0 < client.ttl(claimed) <= redis_queue.KEEP_S
+        assert client.lrange(claimed, 0, -1) == [b"0123abcd", redis_queue.HELD.encode()]
+    finally:
+        client.delete(*client.keys("mf-pool:test-moved:*"))
+        client.close()
+
+
 def test_a_redis_task_whose_cancel_was_swallowed_ends_at_its_next_round(redis_url: str) -> None:
     """The pool stopping cancels each task in flight. redis-py sends each command under ``asyncio.wait_for``,
     which on Python 3.11 returns instead of raising when the cancel lands as the send completes: the task

@@ -123,6 +123,19 @@ return 1
 """
 
 
+#: A worker says it lives, and keeps its ``claimed`` list in being with an expiry: the list holds ``HELD`` when
+#: it holds no task, so the ``BLMOVE`` of a claim moves into a list that expires, never makes one that does not
+#: (a worker killed between the move and the claim's script would leave it for good).
+LIVE = """
+redis.call('SET', KEYS[1], 1, 'EX', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+#: What a worker's ``claimed`` list holds besides the id of the task it runs (no task's id: those are hex).
+HELD = "-"
+
+
 def redacted(url: str) -> str:
     """``url`` without its password, for messages."""
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:(hidden)@", url)
@@ -135,6 +148,7 @@ class RedisQueue:
     def __init__(self, client: Any, prefix: str) -> None:
         self.client, self.prefix = client, prefix
         self._claim = client.register_script(CLAIM)
+        self._live = client.register_script(LIVE)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -241,9 +255,11 @@ class RedisQueue:
         pipe.expire(self.key("claimed", worker), KEEP_S)
         return bool(pipe.execute()[1])
 
-    def live(self) -> None:
-        """Between claims: say a worker of the pool lives (``served``, for ``LEASE_S``)."""
-        self.client.set(self.key("served"), 1, ex=LEASE_S)
+    def live(self, worker: str) -> None:
+        """Between claims: say a worker of the pool lives (``served``, for ``LEASE_S``), and keep ``worker``'s
+        list for the next claim (``LIVE``)."""
+        keys = [self.key("served"), self.key("claimed", worker)]
+        self._live(keys=keys, args=[LEASE_S, KEEP_S, HELD], client=self.client)
 
     def output(self, task_id: str, fd: int, data: bytes) -> None:
         stream = self.key("out", task_id)

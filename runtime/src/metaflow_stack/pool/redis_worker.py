@@ -173,7 +173,7 @@ def run_in_slot(queue: RedisQueue, task_id: str, task: Task, name: str, lifeline
     return POOL_LOST if running.status is None or relay.away else running.status
 
 
-def revive(slot: Slot, queue: RedisQueue) -> str | None:
+def revive(slot: Slot, queue: RedisQueue, name: str) -> str | None:
     """``slot.revive()``, saying every second meanwhile that this worker lives: a fork server slow to import
     the flow would otherwise read as a queue no worker serves, and fail what waits in it. (A thread: this
     worker forks nothing itself when it has a slot.)"""
@@ -182,7 +182,7 @@ def revive(slot: Slot, queue: RedisQueue) -> str | None:
     with concurrent.futures.ThreadPoolExecutor(1) as thread:
         reviving = thread.submit(slot.revive)
         while True:
-            queue.live()
+            queue.live(name)
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 return reviving.result(timeout=RENEW_S)
 
@@ -244,9 +244,9 @@ def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot
 def serve_one(queue: RedisQueue, flow_file: str, name: str, lifeline: Lifeline, slot: Slot | None) -> None:
     """Claim a task (waiting a moment for one) and run it; ``redis.RedisError`` when Redis does not answer,
     which the worker outlives."""
-    if slot is not None and (error := revive(slot, queue)):  # (before a claim: a slow start holds no lease)
+    if slot is not None and (error := revive(slot, queue, name)):  # (before a claim: a slow start holds no lease)
         sys.exit(f"worker pool: this worker's fork server could not start again: {error}")
-    queue.live()
+    queue.live(name)
     claimed = queue.claim(name, timeout_s=0.25)  # between claims: whether to stop
     if claimed is not None:
         task_id, task = claimed

@@ -31,7 +31,7 @@ from urllib.parse import quote
 import httpx
 
 from metaflow_stack.errors import StackError
-from metaflow_stack.http_answers import AnswerTooLarge, whole
+from metaflow_stack.http_answers import AnswerTooLarge, AnswerTooSlow, whole
 
 #: Where a dev agent listens (``nomad agent -dev``).
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"
@@ -149,21 +149,31 @@ class NomadClient:
         self, method: str, path: str, *, params: dict[str, Any] | None = None, **kwargs: Any
     ) -> httpx.Response:
         request = self._http.build_request(method, path, params=self._params(params), **kwargs)
+        # The answer whole within its read timeout (a blocking query's wait with its slack) and the slack again:
+        # httpx's timeouts are per read, and a server that sends a byte now and then would hold the call forever.
+        read_s = (kwargs.get("timeout") or self._http.timeout).read or CONNECT_S + SLACK_S
+        deadline = time.monotonic() + read_s + SLACK_S
         try:
             response = self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
-        read = self._whole(response, method, path)
+        read = self._whole(response, method, path, deadline)
         _raise_for(read, method, path)
         return read
 
-    def _whole(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
-        """A streamed answer read (decoded: Nomad compresses what it sends), up to ``MAX_ANSWER``."""
+    def _whole(self, response: httpx.Response, method: str, path: str, deadline: float | None = None) -> httpx.Response:
+        """A streamed answer read (decoded: Nomad compresses what it sends), up to ``MAX_ANSWER`` and by
+        ``deadline`` (``Unavailable`` after it: worth asking again, as a watch does)."""
         try:
-            return whole(response, MAX_ANSWER)
+            return whole(response, MAX_ANSWER, deadline)
         except AnswerTooLarge as exc:
             raise StackError(
                 f"Nomad's answer to {method} {path} is {exc}", fix="check that NOMAD_ADDR is a Nomad agent"
+            ) from None
+        except AnswerTooSlow:
+            raise Unavailable(
+                f"Nomad's answer to {method} {path} was not whole in time (it came a little at a time)",
+                fix="check that NOMAD_ADDR is a Nomad agent, and the network or proxy between",
             ) from None
         except httpx.TransportError as exc:
             raise self._unreachable(exc, answered=True) from None
@@ -373,7 +383,10 @@ class NomadClient:
             with self._http.stream("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, timeout=timeout) as response:
                 answered = True
                 if response.is_error:  # (what it says is read up to a limit: it is retried in a loop)
-                    _raise_for(self._whole(response, "GET", "/v1/client/fs/logs"), "GET", "/v1/client/fs/logs")
+                    error = self._whole(
+                        response, "GET", "/v1/client/fs/logs", time.monotonic() + timeout.read + SLACK_S
+                    )
+                    _raise_for(error, "GET", "/v1/client/fs/logs")
                 yield response.iter_bytes()  # (decoded: Nomad compresses what it sends)
         except httpx.TransportError as exc:
             raise self._unreachable(exc, answered) from None
