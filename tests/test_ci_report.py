@@ -265,6 +265,22 @@ def test_names_and_errors_from_junit_show_as_they_are_and_hide_no_failure() -> N
     assert "- `metaflow agent failures F/1`" in text
 
 
+def test_a_name_or_a_title_shows_as_text_never_as_a_link_or_markup() -> None:
+    """A test's name, a backend's and the report's ``--title`` come from whoever wrote the tests or the workflow:
+    a ``[text](url)`` in one showed as a link to where its author chose, and a title could open an HTML
+    comment that hid the whole report."""
+    named = [Outcome("test_x[[docs](https://example.invalid/a)]", "local", "failed", message="m")]
+    text = report.markdown(named, title="Flow tests <!-- [here](https://example.invalid/b)")
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    inline = [c for t in tokens for c in t.children or []]
+    assert not [c for c in inline if c.type in ("link_open", "html_inline")], text
+    assert not [t for t in tokens if t.type == "html_block"], text
+    heading = next(tokens[i + 1] for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h2")
+    assert html.unescape(heading.content).startswith("Flow tests <!-- [here](https://example.invalid/b): ")
+    _, _, rows = _markdown_outline(text)
+    assert html.unescape(rows[1][0]) == "test_x[[docs](https://example.invalid/a)]"
+
+
 def test_a_report_stays_within_githubs_summary_limit_keeping_the_table(tmp_path: Path) -> None:
     """GitHub drops a step summary over 1 MiB whole: failures past the limit are counted, not shown."""
     line = "assert {'a': " + "x" * 2_000 + "} == {}"  # each failure: 6 such lines, 12 kB
@@ -294,8 +310,9 @@ def github(tmp_path: Path) -> Iterator[str]:
 
 
 def _statuses(tmp_path: Path) -> list[int]:
-    """The statuses the double answered, in order."""
-    return [json.loads(line)["status"] for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    """The statuses the double answered to creates and updates, in order."""
+    sent = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    return [r["status"] for r in sent if r["method"] != "GET"]
 
 
 def _answers(api: str, *answers: dict) -> None:
@@ -345,6 +362,37 @@ def test_a_5xx_or_a_rate_limit_is_sent_again_after_the_wait_github_asks_for(tmp_
     assert _post(github, waits) == 1
     assert waits == [1.0, 2.0, 7.0]
     assert _statuses(tmp_path) == [502, 503, 403, 201]
+
+
+def test_a_create_github_did_behind_a_5xx_is_found_not_made_again(tmp_path: Path, github: str) -> None:
+    """A proxy's 502 after GitHub made the check run: the client finds the run by the report's ``external_id``
+    before sending the create again (sent again, the commit showed the check run twice)."""
+    _answers(github, {"status": 502, "body": "<html>Bad gateway</html>", "done": True})
+    waits: list[float] = []
+    assert _post(github, waits) == 1 and waits == [1.0]
+    sent = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["status"]) for r in sent] == [("POST", 502), ("GET", 200)]
+    listed = httpx.get(
+        f"{github}/repos/example/repo/commits/{_SHA}/check-runs",
+        params={"check_name": "flow tests", "filter": "all"},
+        headers={"Authorization": "Bearer ghs_test"},
+    ).json()
+    assert listed["total_count"] == 1
+
+
+def test_an_update_github_did_behind_a_5xx_is_not_sent_again(tmp_path: Path, github: str) -> None:
+    """An update appends its annotations: sent again after GitHub did it behind a 502, they showed twice. The
+    client sends it again only if the run's annotation count says it was not done."""
+    _answers(github, {"method": "PATCH", "status": 502, "body": "", "done": True})
+    failures = [Outcome(f"test_{n}", "local", "failed", message="m", path="f.py", line=1) for n in range(120)]
+    run = check_runs.check_run(failures, name="flow tests", head_sha=_SHA)
+    waits: list[float] = []
+    check_id = check_runs.post(run, repository="example/repo", token="ghs_test", api_url=github, wait=waits.append)
+    assert _statuses(tmp_path) == [201, 502, 200] and waits == [1.0]
+    shown = httpx.get(
+        f"{github}/repos/example/repo/check-runs/{check_id}", headers={"Authorization": "Bearer ghs_test"}
+    )
+    assert shown.json()["output"]["annotations_count"] == 120
 
 
 def test_a_rate_limit_that_outlasts_the_retries_says_to_wait_and_rerun(github: str) -> None:

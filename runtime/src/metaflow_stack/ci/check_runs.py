@@ -18,16 +18,21 @@ A request GitHub answers with a 5xx or a rate limit is sent again, up to
 ``RETRIES`` times, after the wait GitHub asks for (``Retry-After``, else
 until ``x-ratelimit-reset``) or a short backoff, never longer than
 ``MAX_WAIT_S``; a longer wait fails at once, saying to wait and rerun. A
-request sent again may have been done the first time (a proxy's 502 after
-GitHub took it): then the check run, or an update's annotations, appear
-twice.
+request answered with a 5xx may have been done all the same (a proxy's 502
+after GitHub took it), so before sending it again the client looks: a create
+for a check run of this commit with the report's ``external_id`` (a fresh
+one per report), an update for the run's annotation count having reached
+what the update makes it. Sending again what was done would show the check
+run, or an update's annotations, twice.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +126,7 @@ def check_run(
     create: dict[str, Any] = {
         "name": name,
         "head_sha": head_sha,
+        "external_id": uuid.uuid4().hex,  # (how a create that GitHub did behind a 5xx is found again)
         "status": "completed",
         "conclusion": conclusion,
         "completed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -167,16 +173,21 @@ def post(
         "Accept": "application/vnd.github+json",
         "X-GitHub-Api-Version": API_VERSION,
     }
-    base = f"{api_url.rstrip('/')}/repos/{repository}/check-runs"
+    repo = f"{api_url.rstrip('/')}/repos/{repository}"
+    base, create = f"{repo}/check-runs", run.create
     try:
         with httpx.Client(headers=headers, timeout=30) as client:
-            created = _send(client, "POST", base, run.create, "creating the check run", wait)
+            made = functools.partial(_made, client, repo, create)
+            created = _send(client, "POST", base, create, "creating the check run", wait, made)
             check_id = created.get("id")
             if not isinstance(check_id, int):
                 raise StackError(f"creating the check run: {api_url} answered without the run's id", fix=_NOT_GITHUB)
+            noted = len(create["output"].get("annotations", ()))
             for body in run.updates:
+                noted += len(body["output"]["annotations"])
                 doing = f"adding annotations to check run {check_id}"
-                _send(client, "PATCH", f"{base}/{check_id}", body, doing, wait)
+                done = functools.partial(_annotated, client, f"{base}/{check_id}", noted)
+                _send(client, "PATCH", f"{base}/{check_id}", body, doing, wait, done)
     except httpx.HTTPError as exc:
         raise StackError(
             f"GitHub's API at {api_url} did not answer: {exc}", fix="check GITHUB_API_URL and the network"
@@ -185,16 +196,58 @@ def post(
 
 
 def _send(
-    client: httpx.Client, method: str, url: str, body: dict[str, Any], doing: str, wait: Callable[[float], None]
+    client: httpx.Client,
+    method: str,
+    url: str,
+    body: dict[str, Any],
+    doing: str,
+    wait: Callable[[float], None],
+    done: Callable[[], dict[str, Any] | None],
 ) -> dict[str, Any]:
-    """``body`` sent, and sent again while GitHub answers that it may take it later; its answer."""
+    """``body`` sent, and sent again while GitHub answers that it may take it later; its answer. After a 5xx,
+    ``done`` first looks for what the request would have made, and gives it (not sent again) where found."""
     for attempt in range(RETRIES + 1):
         response = client.request(method, url, json=body)
         delay = _retry_delay(response, attempt)
         if delay is None or attempt == RETRIES:
             break
         wait(delay)
+        if response.status_code >= 500 and (made := done()) is not None:
+            return made
     return _answer(response, doing)
+
+
+def _found(client: httpx.Client, url: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """GitHub's JSON object at ``url``; ``None`` where it gives none (a failed look is no answer: the request
+    is sent again, as it was before any look)."""
+    try:
+        response = client.get(url, params=params)
+        data = response.json() if response.is_success else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _made(client: httpx.Client, repo: str, create: dict[str, Any]) -> dict[str, Any] | None:
+    """The check run ``create`` made, if GitHub made it: one of its commit's runs of its name with its
+    ``external_id`` ("List check runs for a Git reference")."""
+    if not create.get("external_id"):
+        return None
+    params = {"check_name": create["name"], "filter": "all", "per_page": 100}
+    listed = _found(client, f"{repo}/commits/{create['head_sha']}/check-runs", params) or {}
+    runs = listed.get("check_runs")
+    for found in runs if isinstance(runs, list) else []:
+        if isinstance(found, dict) and found.get("external_id") == create["external_id"]:
+            return found
+    return None
+
+
+def _annotated(client: httpx.Client, url: str, count: int) -> dict[str, Any] | None:
+    """The check run at ``url`` if it holds ``count`` annotations already (the update was done)."""
+    found = _found(client, url) or {}
+    output = found.get("output")
+    noted = output.get("annotations_count") if isinstance(output, dict) else None
+    return found if isinstance(noted, int) and noted >= count else None
 
 
 def _message(response: httpx.Response) -> tuple[str, dict[str, Any] | None]:

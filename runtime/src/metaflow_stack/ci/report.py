@@ -36,6 +36,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: What would start a tag, comment, entity, code span, escape or table cell, as the character references
 #: that show it (Markdown reads them as text in a table cell too).
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "&#124;", "`": "&#96;", "\\": "&#92;"})
+#: The ``]`` that would end a link's text (``[docs](https://...)``, ``[docs][ref]``): a test so named showed as
+#: a link to wherever its author chose. A bracket alone (``test_f[0]``) stays as it is.
+_LINK_END = re.compile(r"\](?=[(\[])")
 
 
 def backends(outcomes: Iterable[Outcome]) -> list[str]:
@@ -65,7 +68,7 @@ def run_links(outcome: Outcome, ui_url: str | None) -> list[str]:
 
 def plain(text: str) -> str:
     """``text`` as one line of Markdown that shows it as it is (in a table cell too)."""
-    return _CONTROL.sub(" ", text).translate(_ESCAPES)
+    return _LINK_END.sub("&#93;", _CONTROL.sub(" ", text).translate(_ESCAPES))
 
 
 def code(text: str) -> str:
@@ -136,7 +139,7 @@ def markdown(
 ) -> str:
     """The whole report, within ``limit`` UTF-8 bytes: the table first, then as many failures as fit."""
     failed = [o for o in outcomes if o.status == "failed"]
-    heading = f"## {title}: {counts(outcomes)} on {len(backends(outcomes))} backend(s)"
+    heading = f"## {plain(title)}: {counts(outcomes)} on {len(backends(outcomes))} backend(s)"
     budget = limit - _NOTE_ROOM - len(heading.encode())
     lines = table(outcomes).split("\n")
     rows = _fitting(lines, budget, "\n")
