@@ -160,15 +160,22 @@ def test_a_steps_own_environment_its_tee_would_not_have_is_refused_before_the_ru
     assert f"fix: {fix}" in _refused(tmp_path, decorator, says, "--environment", "pypi")
 
 
-def _refused(tmp_path: Path, decorator: str, says: str, *options: str) -> str:
-    """What ``tiny_flow`` under ``decorator``, run with the top-level ``options``, said when it stopped before its
-    start step, saying ``says``."""
+def test_with_worker_pool_leaves_a_confidential_step_that_runs_no_foreachs_items_alone(tmp_path: Path) -> None:
+    """``--with worker_pool`` pools the foreach bodies only: a confidential step that is none is checked as any
+    (here its mistake is found), not refused as combined with a pool (every such flow was)."""
+    said = _refused(tmp_path, "@confidential(threads=0)", "threads: 0 is not a number", after=("--with", "worker_pool"))
+    assert "combined" not in said
+
+
+def _refused(tmp_path: Path, decorator: str, says: str, *options: str, after: tuple[str, ...] = ()) -> str:
+    """What ``tiny_flow`` under ``decorator``, run with the top-level ``options`` (and ``after``: ``run``'s own),
+    said when it stopped before its start step, saying ``says``."""
     (tmp_path / ".metaflow").mkdir()
     (tmp_path / "bad.toml").write_text("[sgx]\nmr_enclave = ['nope']\n")
     (tmp_path / "tdx.toml").write_text(f"[tdx]\nmr_td = ['{'91' * 48}']\nrt_mr3 = ['{'00' * 48}']\n")
     tiny_flow(tmp_path, decorator)
-    done = subprocess.run([sys.executable, "tiny_flow.py", *options, "run"], cwd=tmp_path, env=flow_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    line = [sys.executable, "tiny_flow.py", *options, "run", *after]
+    done = subprocess.run(line, cwd=tmp_path, env=flow_env(tmp_path), capture_output=True, text=True, timeout=300)
     said = done.stderr + done.stdout
     assert done.returncode != 0 and says in said, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not list((tmp_path / ".metaflow").glob("TinyFlow/*/start"))

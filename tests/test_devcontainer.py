@@ -45,7 +45,7 @@ metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow("DevcontainerFlow").latest_run
 names = ("in_container", "hostname", "uid", "memory_limit", "network", "root_writable", "host_variable_seen",
-         "folder_writable")
+         "folder_writable", "step_setting")
 items = [
     {"index": t.index, "successful": t.successful, "attempt": t.current_attempt, "stdout": t.stdout,
      "stderr": t.stderr, **({n: getattr(t.data, n) for n in names} if t.successful else {})}
@@ -76,6 +76,7 @@ def test_items_run_sandboxed_in_containers_and_a_failed_attempt_is_retried(docke
         assert task["memory_limit"] == str(512 * 1024 * 1024)
         assert task["network"] == "none" and task["root_writable"] is False
         assert task["host_variable_seen"] is False and task["folder_writable"] is True
+        assert task["step_setting"] == "set by @environment"  # (the step's @environment reaches its container)
     retried = next(t for t in items if t["index"] == 1)  # item 2
     assert retried["attempt"] == 1 and "item 2 in" in retried["stdout"]
     assert step_containers(docker_engine) == []
@@ -97,6 +98,7 @@ def test_a_pooled_step_runs_its_items_in_one_sandboxed_container(docker_engine, 
         assert task["memory_limit"] == str(512 * 1024 * 1024)
         assert task["network"] == "none" and task["root_writable"] is False
         assert task["host_variable_seen"] is False and task["folder_writable"] is True
+        assert task["step_setting"] == "set by @environment"
     retried = next(t for t in items if t["index"] == 1)  # item 2
     assert retried["attempt"] == 1 and "item 2 in" in retried["stdout"]
     assert step_containers(docker_engine) == []

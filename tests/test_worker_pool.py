@@ -606,6 +606,43 @@ def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -
                 assert b"SECRET=s" in received[0]
 
 
+def test_a_trampoline_hands_a_sandboxed_or_remote_pool_only_the_variables_it_names(tmp_path: Path) -> None:
+    """Where ``PASSED_VARIABLE`` names what a task takes (a ``@devcontainer`` pool, workers on Kubernetes or
+    Nomad), the trampoline sends only those: the whole environment reached the sandbox's fork server, whose
+    forked tasks hold its heap (the host's credentials could be read from a task's memory), and the queue
+    and other machines."""
+    import socket
+    import threading
+
+    from metaflow_stack.pool.contained import PASSED_VARIABLE
+
+    address = tmp_path / "pool.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(address))
+        listener.listen()
+        received: list[bytes] = []
+
+        def answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                body = b""
+                while len(body) < 4 or len(body) < 4 + int.from_bytes(body[:4], "big"):
+                    body += connection.recv(1 << 16)
+                received.append(body[4:])
+                connection.sendall(trampoline.reply(0))
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        env = {"SECRET": "host's", "METAFLOW_INPUT_PATHS_0": "p", PASSED_VARIABLE: "METAFLOW_INPUT_PATHS_0,GONE"}
+        line = trampoline_command(address, os.getpid(), [sys.executable, "f.py"])
+        done = subprocess.run(line, capture_output=True, text=True, timeout=30, env=env)
+        server.join(timeout=10)
+    assert done.returncode == 0, done.stderr
+    _, _, sent, _ = trampoline.decode(received[0])
+    assert sent == {"METAFLOW_INPUT_PATHS_0": "p", PASSED_VARIABLE: "METAFLOW_INPUT_PATHS_0,GONE"}
+    assert trampoline.PASSED.decode() == PASSED_VARIABLE
+
+
 def test_the_trampolines_folder_shadows_no_module_of_pythons_own() -> None:
     """The trampoline runs with its folder, this package's, first on its path (``local.trampoline_command``): a
     module there named as one of Python's own would replace it, in the trampoline and in what Python itself
@@ -1032,12 +1069,15 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     tmp_path: Path, request: pytest.FixtureRequest, s3_bucket: str
 ) -> None:
     """The seed's example, ``@worker_pool(size=2)`` over ``@kubernetes(cpu=2, memory=4096, ...)``: no pod
-    per task, but a Deployment of two worker pods with those resources, image, namespace, node selector
-    and tolerations, which run every item; the run reads as any other."""
-    env = backend_env("kubernetes", request, tmp_path)
+    per task, but a Deployment of two worker pods with those resources, image, namespace, node selector,
+    tolerations and service account, which run every item; the run reads as any other. What this machine's
+    Metaflow configuration gives @kubernetes that the pods do not take (labels, here) is said, not dropped
+    unsaid."""
+    env = {**backend_env("kubernetes", request, tmp_path), "METAFLOW_KUBERNETES_LABELS": "team=ml"}
     s3_root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
     done = run_flow(tmp_path, pooled=False, env=env, flow="kubernetes_pool_flow.py", s3_root=s3_root)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "the pool's pods do not take @kubernetes's labels, which this" in done.stdout + done.stderr
     run = facts(tmp_path, "KubernetesPoolFlow")
     assert run["successful"] and run["squares"] == [0, 1, 4, 9]
     assert all(item["worker"] and item["worker"].startswith("mf-pool-each-") for item in run["items"]), run["items"]
@@ -1048,6 +1088,7 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     assert deployment["spec"]["replicas"] == 2 and pod["nodeSelector"] == {"disk": "ssd"}
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "4096Mi"}
     assert pod["containers"][0]["image"] == "registry.example/team/pool:1"
+    assert pod["serviceAccountName"] == "pool-runner" and pod["automountServiceAccountToken"] is False
     assert pod["tolerations"] == [{"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}]
     assert not none_left() and not pods_left(env) and not pool_keys(env[URL_VARIABLE])
 
@@ -1169,7 +1210,7 @@ def test_nomad_workers_that_say_only_the_older_ready_are_named_when_the_wait_end
     [
         ("@kubernetes\n    @worker_pool", "write @worker_pool above @kubernetes"),
         ('@worker_pool(backend="redis")\n    @kubernetes', "with @kubernetes the pool's workers are pods"),
-        ('@worker_pool\n    @kubernetes(secrets=["s3"], service_account="sa")', "not secrets, service_account"),
+        ('@worker_pool\n    @kubernetes(secrets=["s3"], port=8080)', "not port, secrets"),
         ("@nomad\n    @worker_pool", "write @worker_pool above @nomad"),
         (
             '@worker_pool(backend="ray")\n    @nomad',

@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from metaflow import FlowSpec, Parameter, current, devcontainer, retry, step
+from metaflow import FlowSpec, Parameter, current, devcontainer, environment, retry, step
 
 
 def _memory_limit() -> str:
@@ -35,6 +35,7 @@ class DevcontainerFlow(FlowSpec):
         self.items = [1, 2, 3]
         self.next(self.each, foreach="items")
 
+    @environment(vars={"STEP_SETTING": "set by @environment"})
     @retry(times=1)
     @devcontainer(cpu=1, memory="512m")
     @step
@@ -46,6 +47,7 @@ class DevcontainerFlow(FlowSpec):
         self.network = _network()
         self.root_writable = os.access("/", os.W_OK)
         self.host_variable_seen = "STACK_TEST_HOST_SECRET" in os.environ  # the run's, not the step's
+        self.step_setting = os.environ.get("STEP_SETTING")  # the step's own
         self.folder_writable = os.access(os.getcwd(), os.W_OK)
         time.sleep(0 if self.input == self.fail_item else self.sleep)
         print(f"item {self.input} in {self.hostname}")

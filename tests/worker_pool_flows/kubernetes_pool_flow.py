@@ -1,9 +1,14 @@
 """The seed's example: a pool over ``@kubernetes``, whose workers are long-running pods with its settings.
-``POOL_FLOW_FAIL`` (an item) makes that item fail."""
+``POOL_FLOW_FAIL`` (an item) makes that item fail.
+
+A pod gets what ``@kubernetes`` would send it (the run's Metaflow settings), not the run's environment: the
+item's setting and the test S3's credentials reach it as a user gives them, through ``@environment``."""
 
 import os
 
-from metaflow import FlowSpec, kubernetes, step, worker_pool
+from metaflow import FlowSpec, environment, kubernetes, step, worker_pool
+
+PASSED_ON = ("POOL_FLOW_FAIL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 class KubernetesPoolFlow(FlowSpec):
@@ -12,6 +17,7 @@ class KubernetesPoolFlow(FlowSpec):
         self.items = list(range(4))
         self.next(self.each, foreach="items")
 
+    @environment(vars={name: os.environ[name] for name in PASSED_ON if name in os.environ})
     @worker_pool(size=2)
     @kubernetes(
         cpu=2,
@@ -19,6 +25,7 @@ class KubernetesPoolFlow(FlowSpec):
         namespace="pools",
         node_selector="disk=ssd",
         image="registry.example/team/pool:1",
+        service_account="pool-runner",
         tolerations=[{"key": "spot", "operator": "Exists", "effect": "NoExecute", "toleration_seconds": 60}],
     )
     @step

@@ -1,10 +1,15 @@
 """A pool over ``@nomad``: its workers are the allocations of one Nomad job with its settings (here the
 ``raw_exec`` driver: processes of the client's, which see the flow's file where the run has it).
-``POOL_FLOW_FLAKY`` (an item) makes that item fail on its first attempt."""
+``POOL_FLOW_FLAKY`` (an item) makes that item fail on its first attempt.
+
+A worker gets what ``@nomad`` would send a task (the run's Metaflow settings), not the run's environment:
+the item's setting and the test S3's credentials reach it as a user gives them, through ``@environment``."""
 
 import os
 
-from metaflow import FlowSpec, current, nomad, retry, step, worker_pool
+from metaflow import FlowSpec, current, environment, nomad, retry, step, worker_pool
+
+PASSED_ON = ("POOL_FLOW_FLAKY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 class NomadPoolFlow(FlowSpec):
@@ -13,6 +18,7 @@ class NomadPoolFlow(FlowSpec):
         self.items = list(range(4))
         self.next(self.each, foreach="items")
 
+    @environment(vars={name: os.environ[name] for name in PASSED_ON if name in os.environ})
     @retry(times=1, minutes_between_retries=0)
     @worker_pool(size=2)
     @nomad(driver="raw_exec", cpu=0.5, memory=512)

@@ -10,6 +10,9 @@ no one reads (as a subprocess that ignores its input leaves it), and leaves
 an ``atexit`` callback, a thread and an executor's work unfinished, each of
 which writes a file there as the item's process ends; and the flow imports
 ``pool_flow_tracker`` (beside it), whose own callback notes each task's end.
+The items get these settings through ``@environment``, as a user gives them
+to a task on another machine: a pool's pods get what ``@kubernetes`` would
+send, not the run's environment.
 """
 
 import atexit
@@ -21,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from metaflow import FlowSpec, Parameter, current, retry, step
+from metaflow import FlowSpec, Parameter, current, environment, retry, step
 
 if os.environ.get("POOL_FLOW_EXITS"):
     import pool_flow_tracker  # noqa: F401 (what it does as it is imported)
@@ -53,6 +56,7 @@ class PoolFlow(FlowSpec):
         self.items = [f"item-{i}" for i in range(self.n)]
         self.next(self.each, foreach="items")
 
+    @environment(vars={name: value for name, value in os.environ.items() if name.startswith("POOL_FLOW_")})
     @retry(times=1)
     @step
     def each(self):

@@ -151,6 +151,12 @@ def metaflow_settings() -> dict[str, str]:
     }
 
 
+def foreach_body(graph: Any, step: str) -> bool:
+    """Whether ``step`` of Metaflow's ``graph`` runs a foreach's items: the steps ``--with worker_pool`` sends
+    to a pool elsewhere (it leaves the others alone)."""
+    return any(graph[parent].type == "foreach" for parent in graph[step].in_funcs)
+
+
 def step_environment(obj: Any, step_name: str) -> dict[str, str]:
     """The step's ``@environment`` variables (``obj``: a trampoline's click ``obj``)."""
     node = obj.graph[step_name]

@@ -69,9 +69,25 @@ def peer_pid(connection: _socket.socket) -> int | None:
     return int.from_bytes(credentials[:4], sys.byteorder)
 
 
+#: ``forkserver.PASSED_VARIABLE`` (no imports from this package): where set, the names of the only variables a
+#: task takes to its pool (a sandbox's, or one on other machines), with itself.
+PASSED = b"METAFLOW_STACK_POOL_PASSED"
+
+
+def passed(env: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """What of ``env`` goes to the pool: all of it, or where ``PASSED`` names some, only those. Left to the
+    pool, the rest (this machine's credentials, say) would reach a sandbox's memory (a forked task holds its
+    server's heap, the whole request among it) or another machine, which filters it there."""
+    names = env.get(PASSED)
+    if names is None:
+        return env
+    kept = {PASSED, *names.split(b",")}
+    return {name: value for name, value in env.items() if name in kept}
+
+
 def main(argv: list[str]) -> int:
     address, peer, command = argv[0], int(argv[1]), argv[2:]
-    request = encode(sys.executable, command, posix.environ, posix.getcwdb())
+    request = encode(sys.executable, command, passed(posix.environ), posix.getcwdb())
     fds = (1).to_bytes(4, sys.byteorder) + (2).to_bytes(4, sys.byteorder)
     connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     reply = b""

@@ -105,10 +105,16 @@ class ConfidentialDecorator(Trampolined, StepDecorator):
             return
         from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
 
+        from metaflow_stack.elsewhere import foreach_body
         from metaflow_stack.errors import StackError
 
         self.run_time_limit = get_run_time_limit_for_task(decos)  # a CVM's, once booted (as a pod's deadline)
-        others = [d.name for d in decos if d.name in ELSEWHERE]
+        others = [
+            d.name
+            for d in decos
+            if d.name in ELSEWHERE  # (--with worker_pool leaves a step that runs no foreach's items alone)
+            and not (d.name == "worker_pool" and not d.statically_defined and not foreach_body(graph, step))
+        ]
         if others:
             raise ConfidentialException(f"step {step}: @confidential cannot be combined with @{others[0]}")
         try:

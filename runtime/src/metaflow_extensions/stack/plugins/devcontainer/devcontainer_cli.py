@@ -62,12 +62,14 @@ def step(
     from metaflow_stack.devcontainer.launch import CODE, job_spec, run_step
     from metaflow_stack.devcontainer.policy import SandboxPolicy
     from metaflow_stack.devcontainer.task_container import TaskContainer
+    from metaflow_stack.elsewhere import step_environment
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     from .devcontainer_decorator import TASK_CONTAINER_VARIABLE, container_env
 
     datastore, metadata = ctx.obj.flow_datastore.TYPE, ctx.obj.metadata.TYPE
     step_args, env = step_command(ctx, step_name, kwargs)
+    env.update(step_environment(ctx.obj, step_name))  # (set for this process by Metaflow: the sandbox gets it too)
     env.update(container_env(code_package_metadata, code_package_sha, code_package_url, datastore))
     pathspec = f"{ctx.obj.flow.name}/{kwargs['run_id']}/{step_name}/{kwargs['task_id']}"
     with exits_in_one_line(f"{pathspec}: stopped; its container was removed"):

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 #: describe where the pool's workers run: pods, a Nomad job's allocations, a container.)
 ELSEWHERE = ("batch", "confidential", "parallel")
 #: What of ``@kubernetes`` the pool's pods take; a setting beyond these is refused, not dropped.
-KUBERNETES_APPLIED = frozenset({"cpu", "memory", "gpu", "image", "namespace", "node_selector", "tolerations"})
+KUBERNETES_APPLIED = frozenset(
+    {"cpu", "memory", "gpu", "image", "namespace", "node_selector", "tolerations", "service_account"}
+)
 #: A Kubernetes toleration's fields as Metaflow's ``@kubernetes`` takes them, in the manifest's words.
 TOLERATION_FIELDS = {"toleration_seconds": "tolerationSeconds"}
 
@@ -87,7 +89,9 @@ class WorkerPoolDecorator(StepDecorator):
             raise WorkerPoolException(
                 f'step {step}: backend={backend!r} is not one of {", ".join(BACKENDS)} (fix: backend="local")'
             )
-        if not any(graph[parent].type == "foreach" for parent in graph[step].in_funcs):
+        from metaflow_stack.elsewhere import foreach_body
+
+        if not foreach_body(graph, step):
             if not self.statically_defined:  # --with worker_pool: the foreach bodies only
                 self.active = False
                 return
@@ -124,6 +128,9 @@ class WorkerPoolDecorator(StepDecorator):
                     f"of 0 or more, which a pool's workers need (fix: {key}=2{', in MB' if key == 'memory' else ''})"
                 )
         self.environment, self.own_environment = environment, has_own(environment, decos)
+        # (read here: an @environment written above this decorator, or added by --with, sets its variables
+        # after this one's runtime_step_cli has named what a task takes to its pool)
+        self.step_variables = [str(n) for d in decos if d.name == "environment" for n in d.attributes["vars"]]
         if self.own_environment:
             self._environment_here(environment.TYPE)
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
@@ -168,6 +175,13 @@ class WorkerPoolDecorator(StepDecorator):
                 f"not {', '.join(ignored)} (fix: set those for the pods in the chart values file "
                 f"METAFLOW_STACK_POOL_VALUES names, and remove them from @kubernetes)"
             )
+        if configured := self._configured_only(kubernetes):
+            self.logger(
+                f"step {self.step}: the pool's pods do not take @kubernetes's {', '.join(configured)}, which this "
+                "machine's Metaflow configuration gives it (set them for the pods in the chart values file "
+                "METAFLOW_STACK_POOL_VALUES names)",
+                system_msg=True,
+            )
         self.resources = {key: settings.get(key) for key in ("cpu", "gpu", "memory")}
         if self.attributes["image"] is None and "image" in kubernetes._user_defined_attributes:
             self.attributes["image"] = settings["image"]
@@ -177,6 +191,27 @@ class WorkerPoolDecorator(StepDecorator):
             for toleration in settings.get("tolerations") or []
         ]
         self.placement = {"nodeSelector": settings.get("node_selector") or {}, "tolerations": tolerations}
+        if settings.get("service_account"):  # (its workload identity: how a pod gets credentials, as @kubernetes's)
+            self.placement["serviceAccountName"] = settings["service_account"]
+
+    @staticmethod
+    def _configured_only(kubernetes: StepDecorator) -> list[str]:
+        """The settings of ``@kubernetes`` the pool's pods do not take that Metaflow's configuration gave it (not
+        the flow: those are refused): its ``METAFLOW_KUBERNETES_*`` volume claims, labels, annotations and
+        secrets, which its own pods would have had."""
+        from metaflow import metaflow_config
+
+        given = [
+            key
+            for key, value in kubernetes.attributes.items()  # (labels and annotations: from their variables)
+            if key not in KUBERNETES_APPLIED | kubernetes._user_defined_attributes
+            and value
+            and value != kubernetes.defaults.get(key)
+            and key != "gpu_vendor"
+        ]
+        if getattr(metaflow_config, "KUBERNETES_SECRETS", None):  # (read as its pods start, not an attribute)
+            given.append("secrets (METAFLOW_KUBERNETES_SECRETS)")
+        return given
 
     def _container_of(self, devcontainer: StepDecorator, decos: list[StepDecorator]) -> None:
         """``@devcontainer`` under ``@worker_pool``: the pool's fork server runs in one container of the
@@ -287,10 +322,10 @@ class WorkerPoolDecorator(StepDecorator):
         if not self.active or retry_count > max_user_code_retries:
             return  # not a foreach body (--with), or a @catch fallback attempt: a plain task
         pool = self.pools[self.step]
-        if self.devcontainer is not None:  # the sandbox passes the task what was set for it, none of the host's
+        if (names := self._passed(cli_args.env)) is not None:
             from metaflow_stack.pool.contained import PASSED_VARIABLE
 
-            cli_args.env[PASSED_VARIABLE] = ",".join(sorted({*cli_args.env, "METAFLOW_RUN_ID"}))  # (the runtime's)
+            cli_args.env[PASSED_VARIABLE] = ",".join(sorted(names))
         try:
             if not pool.alive():  # a pool that died (killed, out of memory) comes back for the next attempt
                 if self.step in type(self).carried:
@@ -300,6 +335,24 @@ class WorkerPoolDecorator(StepDecorator):
             cli_args.entrypoint = pool.command(list(cli_args.entrypoint))
         except StackError as exc:
             raise WorkerPoolException(f"step {self.step}: {exc}") from None
+
+    def _passed(self, env: dict[str, str]) -> set[str] | None:
+        """The names of the only variables a task takes to its pool, where that is not this machine's own
+        process (None: all of them, as Metaflow's runtime gives a task): in a sandbox, what Metaflow and the
+        step's decorators set for it; to workers on other machines, that and the run's Metaflow settings,
+        what ``@kubernetes`` and ``@nomad`` send a task; never the rest of this machine's environment (its
+        credentials: those a pod needs come as ``@kubernetes`` tasks' do, from ``@environment``, a Secret
+        or the pod's identity)."""
+        if self.devcontainer is None and self.attributes["backend"] not in ("kubernetes", "nomad"):
+            return None
+        names = {*env, *self.step_variables, "METAFLOW_RUN_ID", "PYTHONUNBUFFERED"}  # (the runtime's own two)
+        if self.devcontainer is None:
+            from metaflow_stack.elsewhere import metaflow_settings
+
+            # (and who runs it: a pod has no USER, and its warm workers read Metaflow's settings, METAFLOW_USER
+            # among them, before any task came; Metaflow then asks these, as each task starts)
+            names |= {*metaflow_settings(), "SUDO_USER", "USERNAME", "USER"}
+        return names
 
     def runtime_finished(self, exception) -> None:
         cls = type(self)
