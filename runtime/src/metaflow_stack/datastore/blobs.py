@@ -8,25 +8,90 @@ only the configured one by the editor's helper (local
 folders, or ``s3://bucket/prefix`` through boto3). Reads stop at
 ``MAX_PICKLE_BYTES`` decompressed, so a small blob cannot inflate without
 bound.
+
+A task writes the files under a local root, so it could plant links there:
+below the root (the operator's, links and all) no link is followed, and only
+regular files are listed or read (``open_local``, ``list_local``), never a
+FIFO or a device. Otherwise a link to the UI's own key or a file of the
+machine would be served as a value or a card.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
-from pathlib import Path
-from typing import Any
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 from metaflow_stack.datastore.log_files import s3_client
 from metaflow_stack.datastore.previews import MAX_PICKLE_BYTES, MAX_PREVIEW_BYTES, NotPlainData, plain_loads, render
 from metaflow_stack.errors import DatastoreError
+
+#: A value's ``_meta`` file is a few dozen bytes of JSON; more is not read.
+_META_BYTES = 64 * 1024
+#: Opens each folder below a root, and then the file, without following a link (nor waiting on a FIFO).
+_BELOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FOLDER = _BELOW | os.O_DIRECTORY
+#: What opening a path that is missing, or is a link where a folder or file should be, fails with.
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 def s3_location(root: str, *parts: str) -> tuple[str, str]:
     """The bucket and key of ``parts`` under an ``s3://bucket/prefix`` root."""
     bucket, _, prefix = root.removeprefix("s3://").partition("/")
     return bucket, "/".join(p for p in (prefix.strip("/"), *parts) if p)
+
+
+def _open_below(root: str, parts: tuple[str, ...], last: int) -> int | None:
+    """A descriptor of ``parts`` under ``root``, the last opened with ``last``: each part is opened in the
+    folder opened before it, never through a link, so there is no check that a swapped folder could race;
+    None when a part is missing or is a link."""
+    if any(part in ("", ".", "..") or "/" in part for part in parts):
+        raise DatastoreError("bad_parameter", f"{'/'.join(parts)} is not a path below a datastore root")
+    try:
+        folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for index, part in enumerate(parts):
+            try:
+                opened = os.open(part, last if index == len(parts) - 1 else _FOLDER, dir_fd=folder)
+            finally:
+                os.close(folder)
+            folder = opened
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise DatastoreError("datastore_unavailable", f"cannot read {root}/{'/'.join(parts)}: {exc.strerror}") from None
+    return folder
+
+
+@contextmanager
+def open_local(root: str, *parts: str) -> Iterator[BinaryIO | None]:
+    """The regular file at ``parts`` under the local ``root``, read-only; None when there is none (or a
+    link, a FIFO, a device or a folder is there instead)."""
+    found = _open_below(root, parts, _BELOW)
+    if found is None:
+        yield None
+        return
+    with os.fdopen(found, "rb") as stream:
+        yield stream if stat.S_ISREG(os.fstat(found).st_mode) else None
+
+
+def list_local(root: str, *parts: str) -> list[str]:
+    """The names of the regular files (not links) in the folder at ``parts`` under the local ``root``, sorted;
+    none when there is no such folder."""
+    found = _open_below(root, parts, _FOLDER)
+    if found is None:
+        return []
+    try:
+        with os.scandir(found) as entries:
+            return sorted(entry.name for entry in entries if entry.is_file(follow_symlinks=False))
+    finally:
+        os.close(found)
 
 
 class Blobs:
@@ -37,12 +102,16 @@ class Blobs:
         self.reads = 0
         self._s3: Any = None
 
-    def read(self, flow: str, sha: str) -> bytes:
-        """The pickle of ``sha`` in ``flow``'s store under the first root that has it."""
+    def read(self, flow: str, sha: str, limit: int = MAX_PICKLE_BYTES) -> bytes:
+        """The pickle of ``sha`` in ``flow``'s store under the first root that has it; past ``limit`` bytes
+        decompressed, ``limit + 1`` of them (more is never read)."""
         if not sha.isalnum() or "/" in flow or flow.startswith("."):
             raise DatastoreError("bad_parameter", f"artifact {flow}/{sha} is not a flow and a content hash")
         for root in self.roots:
-            found = self._s3_read(root, flow, sha) if root.startswith("s3://") else self._local_read(root, flow, sha)
+            if root.startswith("s3://"):
+                found = self._s3_read(root, flow, sha, limit)
+            else:
+                found = self._local_read(root, flow, sha, limit)
             if found is not None:
                 self.reads += 1
                 return found
@@ -65,18 +134,22 @@ class Blobs:
             return f"(not previewed: needs {exc})"
 
     @staticmethod
-    def _local_read(root: str, flow: str, sha: str) -> bytes | None:
-        path = Path(root, flow, "data", sha[:2], sha)
-        if not path.is_file():
-            return None
-        meta = path.with_name(f"{sha}_meta")
+    def _local_read(root: str, flow: str, sha: str, limit: int) -> bytes | None:
+        folder = (flow, "data", sha[:2])
         try:
-            described = json.loads(meta.read_text()) if meta.is_file() else {}
-            raw = isinstance(described, dict) and bool(described.get("cas_raw"))
-            with path.open("rb") if raw else gzip.open(path) as stream:
-                return stream.read(MAX_PICKLE_BYTES + 1)
-        except (OSError, EOFError, ValueError) as exc:  # a damaged value: gzip, JSON and reads each say why
-            raise DatastoreError("bad_artifact", f"the value {sha} of {flow} cannot be read: {exc}") from None
+            with open_local(root, *folder, sha) as stream:
+                if stream is None:
+                    return None
+                with open_local(root, *folder, f"{sha}_meta") as meta:
+                    described = json.loads(meta.read(_META_BYTES)) if meta else {}
+                raw = isinstance(described, dict) and bool(described.get("cas_raw"))
+                with stream if raw else gzip.GzipFile(fileobj=stream) as value:
+                    return value.read(limit + 1)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:  # a damaged value: gzip, JSON and reads say why
+            # Named by its kind only: gzip's own message quotes the bytes it could not read.
+            kind = type(exc)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{kind.__module__}.{kind.__name__}"
+            raise DatastoreError("bad_artifact", f"the value {sha} of {flow} cannot be read: {reason}") from None
 
     def s3(self) -> Any:
         """The S3 client for ``s3://`` roots, made on first use."""
@@ -84,10 +157,10 @@ class Blobs:
             self._s3 = s3_client()
         return self._s3
 
-    def _s3_read(self, root: str, flow: str, sha: str) -> bytes | None:
+    def _s3_read(self, root: str, flow: str, sha: str, limit: int) -> bytes | None:
         bucket, key = s3_location(root, flow, "data", sha[:2], sha)
         try:  # never more than the cap: a compressed value is no bigger than its pickle
-            ranged = self.s3().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_PICKLE_BYTES}")
+            ranged = self.s3().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
             body = ranged["Body"].read()
         except self.s3().exceptions.NoSuchKey:
             return None
@@ -97,6 +170,6 @@ class Blobs:
             return body
         try:
             with gzip.GzipFile(fileobj=io.BytesIO(body)) as stream:
-                return stream.read(MAX_PICKLE_BYTES + 1)
-        except EOFError:  # the range cut a value bigger than any preview
-            return b"\0" * (MAX_PICKLE_BYTES + 1)
+                return stream.read(limit + 1)
+        except EOFError:  # the range cut a value bigger than the limit
+            return b"\0" * (limit + 1)

@@ -3,20 +3,21 @@
 Metaflow writes them under the datastore root, apart from the artifacts:
 ``<root>/mf.cards/<flow>/runs/<run>/steps/<step>/tasks/<task>/cards/<type>[-<id>]-<hash>.html``
 (cards from Metaflow before steps were in the path lack ``steps/<step>``).
-They are read only from the roots a reader may read, as files: nothing here
-ever renders one. A card is a page with its own scripts, written by the
-flow, so the UI serves it under a Content-Security-Policy sandbox (an
-opaque origin: it cannot call the UI's API or read its storage) with no
-network access, and the front end frames it sandboxed too.
+They are read only from the roots a reader may read, as regular files and
+never through a link (``blobs.open_local``: a task could plant one to the
+UI's own files), and nothing here ever renders one. A card is a page with
+its own scripts, written by the flow, so the UI serves it under a
+Content-Security-Policy sandbox (an opaque origin: it cannot call the UI's
+API or read its storage) with no network access, and the front end frames
+it sandboxed too.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-from metaflow_stack.datastore.blobs import Blobs, s3_location
+from metaflow_stack.datastore.blobs import Blobs, list_local, open_local, s3_location
 from metaflow_stack.errors import DatastoreError
 
 #: Cards bigger than this are not served (Metaflow's default card is about 1 MiB with its scripts).
@@ -49,8 +50,7 @@ class Cards:
 
     def _names(self, root: str, folder: str) -> list[str]:
         if not root.startswith("s3://"):
-            path = Path(root, folder)
-            return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+            return list_local(root, *folder.split("/"))
         bucket, key = s3_location(root, folder + "/")
         try:
             listed = self.blobs.s3().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1000)
@@ -84,7 +84,9 @@ class Cards:
 
     def _read(self, root: str, key: str) -> bytes:
         if not root.startswith("s3://"):
-            with Path(root, key).open("rb") as stream:
+            with open_local(root, *key.split("/")) as stream:
+                if stream is None:  # replaced by a link, or gone, since it was listed
+                    raise DatastoreError("not_found", f"card {key} is not a file")
                 return stream.read(MAX_CARD_BYTES + 1)
         bucket, full = s3_location(root, key)
         try:

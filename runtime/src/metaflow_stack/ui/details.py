@@ -6,15 +6,24 @@ artifact of the run's ``_parameters`` task, written as plain data, so it is
 read with ``plain_loads`` like any preview; the parameters are that task's
 other artifacts. A source says where that task's artifacts are
 (``parameters_artifacts``) and how values are read (``blobs``).
+
+The run page, compare and lineage each read the graph, and a task writes
+it: it is read within a preview's bound (``MAX_PREVIEW_BYTES``, checked
+against the size recorded and then against the bytes read, since a task
+records its own sizes), and answered only up to ``MAX_GRAPH_CHARACTERS`` of
+text (a pickle can share one long docstring between every step: gigabytes
+of JSON from a 1 MiB graph). A graph is stored by its content hash, so what
+is made of it is kept for the next request.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from metaflow_stack.agent.source import AgentError
 from metaflow_stack.datastore.blobs import Blobs
-from metaflow_stack.datastore.previews import NotPlainData, plain_loads
+from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES, NotPlainData, plain_loads
 
 
 class Details:
@@ -32,37 +41,82 @@ class Details:
         artifacts = self.parameters_artifacts(flow, run)
         if "_graph_info" not in artifacts:
             raise AgentError("not_found", f"run {flow}/{run} has no recorded graph")
-        try:
-            info = plain_loads(self.blobs.read(flow, artifacts["_graph_info"][0]))
-        except NotPlainData as exc:
-            raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not plain data ({exc})") from None
-        steps = info.get("steps") if isinstance(info, dict) else None
-        if not isinstance(steps or {}, dict) or not all(isinstance(step, dict) for step in (steps or {}).values()):
-            raise AgentError("bad_artifact", f"the graph of {flow}/{run} is not the shape Metaflow records")
+        sha, size = artifacts["_graph_info"]
+        try:  # a size that is not a number (a task writes it) is not one to trust: the bytes read still bound it
+            shape = _shape(self.blobs, flow, sha, size if isinstance(size, int) else None)
+        except _Refused as exc:
+            raise AgentError(exc.code, f"the graph of {flow}/{run} {exc}") from None
         parameters = {}
-        names = [_text(p.get("name")) for p in _list(info.get("parameters")) if isinstance(p, dict)]
-        for name in filter(None, names):
+        for name in shape["parameters"]:
             found = artifacts.get(name)
             parameters[name] = self.blobs.preview(flow, *found) if found else "(not recorded)"
-        # Only text and lists of text leave here: a recorded graph is data from the flow, answered as JSON.
-        return {
-            "start_step": _text(info.get("start_step")) or "start",
-            "end_step": _text(info.get("end_step")) or "end",
-            "file": _text(info.get("file")),
-            "doc": _text(info.get("doc")),
-            "parameters": parameters,
-            "steps": {
-                str(name): {
-                    "type": _text(step.get("type")),
-                    "next": _texts(step.get("next")),
-                    "foreach_artifact": _text(step.get("foreach_artifact")),
-                    "matching_join": _text(step.get("matching_join")),
-                    "doc": _text(step.get("doc")),
-                    "decorators": _texts([d.get("name") for d in _list(step.get("decorators")) if isinstance(d, dict)]),
-                }
-                for name, step in (steps or {}).items()
-            },
-        }
+        return {**shape, "parameters": parameters}
+
+
+#: Characters of text a graph is answered with at most: its pickle's bound, four times over for the short
+#: strings (step types, decorator names) Metaflow's graphs share between steps.
+MAX_GRAPH_CHARACTERS = 4 * MAX_PREVIEW_BYTES
+
+
+class _Refused(Exception):
+    """Why a recorded graph is not shown, and the error code that says so."""
+
+    def __init__(self, code: str, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+@lru_cache(maxsize=64)
+def _shape(blobs: Blobs, flow: str, sha: str, size: int | None) -> dict[str, Any]:
+    """The recorded graph's text, its parameters by name only (their values are previewed per request).
+    Keyed by content hash, so a stored graph is read and parsed once; a refusal is not kept."""
+    too_large = _Refused("too_large", f"is larger than {MAX_PREVIEW_BYTES // 2**20} MiB")
+    if size is not None and size > MAX_PREVIEW_BYTES:
+        raise too_large
+    data = blobs.read(flow, sha, limit=MAX_PREVIEW_BYTES)
+    if len(data) > MAX_PREVIEW_BYTES:
+        raise too_large
+    try:
+        info = plain_loads(data)
+    except NotPlainData as exc:
+        raise _Refused("bad_artifact", f"is not plain data ({exc})") from None
+    steps = info.get("steps") if isinstance(info, dict) else None
+    steps = steps or {}
+    if not isinstance(steps, dict) or not all(isinstance(n, str) and isinstance(s, dict) for n, s in steps.items()):
+        raise _Refused("bad_artifact", "is not the shape Metaflow records")
+    names = [_text(p.get("name")) for p in _list(info.get("parameters")) if isinstance(p, dict)]
+    # Only text and lists of text leave here: a recorded graph is data from the flow, answered as JSON.
+    shape = {
+        "start_step": _text(info.get("start_step")) or "start",
+        "end_step": _text(info.get("end_step")) or "end",
+        "file": _text(info.get("file")),
+        "doc": _text(info.get("doc")),
+        "parameters": list(filter(None, names)),
+        "steps": {
+            name: {
+                "type": _text(step.get("type")),
+                "next": _texts(step.get("next")),
+                "foreach_artifact": _text(step.get("foreach_artifact")),
+                "matching_join": _text(step.get("matching_join")),
+                "doc": _text(step.get("doc")),
+                "decorators": _texts([d.get("name") for d in _list(step.get("decorators")) if isinstance(d, dict)]),
+            }
+            for name, step in steps.items()
+        },
+    }
+    if _characters(shape) > MAX_GRAPH_CHARACTERS:
+        raise _Refused("too_large", f"is more than {MAX_GRAPH_CHARACTERS:,} characters of text")
+    return shape
+
+
+def _characters(value: Any) -> int:
+    """The characters of the text in ``value``, a shape of dicts, lists and text, counted as JSON would
+    repeat it: a string shared by every step counts once for each."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(key) + _characters(item) for key, item in value.items())
+    return sum(map(_characters, value)) if isinstance(value, list) else 0
 
 
 def _text(value: Any) -> str | None:
