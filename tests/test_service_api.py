@@ -15,6 +15,7 @@ import pytest
 from conftest import LOOPBACK, fuzz_finds_nothing
 from fastapi.testclient import TestClient
 
+from metaflow_stack.datastore.task_metadata import FOREACH_CHARS, FOREACH_ITEMS, MESSAGE_CHARS
 from metaflow_stack.service.app import CAPABILITIES, SERVICE_VERSION, ServiceConfig, create_app
 
 SYSTEM_TAGS = ["metaflow_version:2.19.39", "runtime:dev", "user:ana"]
@@ -270,7 +271,67 @@ def test_stored_values_no_reader_can_parse_do_not_break_a_runs_reads(client: Tes
     assert tasks.status_code == 200 and [t["foreach"] for t in tasks.json()] == [[], []], tasks.text[:500]
     assert client.get(f"/flows/F/runs/{number}/summary").status_code == 200
     (failure,) = client.get(f"/flows/F/runs/{number}/failures").json()
-    assert failure["exception"] == {"type": None, "message": nested}
+    assert failure["exception"] == {"type": None, "message": nested[:MESSAGE_CHARS], "traceback": []}
+
+
+def _metadata_path(task: dict) -> str:
+    return f"/flows/F/runs/{task['run_number']}/steps/{task['step_name']}/tasks/{task['task_id']}/metadata"
+
+
+def test_a_verification_the_step_posted_beside_its_launchers_is_conflicting_never_attested(
+    client: TestClient,
+) -> None:
+    """The launcher records one verification per attempt before the step's code runs; the step may POST
+    metadata too, and its record, the newest, was shown as "attested". Unsigned, neither is shown then."""
+    number = new_run(client)["run_number"]
+    task = new_task(client, "F", number, "score")
+    attempt(client, task, 0, None)
+
+    def record(value: dict, attempt_id: int) -> None:
+        datum = {"field_name": "confidential-verification", "value": json.dumps(value),
+                 "type": "confidential-verification", "tags": [f"attempt_id:{attempt_id}"]}  # fmt: skip
+        assert client.post(_metadata_path(task), json=[datum]).status_code == 200
+
+    record({"attested": False, "mode": "direct"}, 0)
+    record({"attested": True, "mode": "sgx", "policy": "prod"}, 3)  # another attempt's: not this one's
+    (alone,) = client.get(f"/flows/F/runs/{number}/tasks").json()
+    assert alone["confidential"] == {"attested": False, "mode": "direct"}
+    record({"attested": True, "mode": "sgx", "policy": "prod"}, 0)
+    (shown,) = client.get(f"/flows/F/runs/{number}/tasks").json()
+    assert shown["confidential"]["conflicting"] is True and shown["confidential"]["attested"] is False
+    assert "policy" not in shown["confidential"]
+
+
+def test_foreach_items_are_bounded_and_a_long_stack_is_not_parsed(client: TestClient) -> None:
+    """A stack is what led to the task (Metaflow records 256 characters of it); a client may store a 64 KiB
+    literal of 32,000 items, each parsed and sent on every read of the run's tasks."""
+    number = new_run(client)["run_number"]
+    many, long, huge = (new_task(client, "F", number, "fan") for _ in range(3))
+    stacks = {
+        many["task_id"]: str([f"i={n}" for n in range(40)]),
+        long["task_id"]: str(["i=" + "x" * 400]),
+        huge["task_id"]: "[" + "0," * 32_000 + "]",
+    }
+    for task in (many, long, huge):
+        datum = {"field_name": "foreach-stack", "value": stacks[task["task_id"]], "type": "foreach-stack"}
+        assert client.post(_metadata_path(task), json=[datum]).status_code == 200
+    shown = {t["task_id"]: t["foreach"] for t in client.get(f"/flows/F/runs/{number}/tasks").json()}
+    assert shown[many["task_id"]] == [f"i={n}" for n in range(FOREACH_ITEMS)]
+    assert shown[long["task_id"]] == [("i=" + "x" * 400)[:FOREACH_CHARS]]
+    assert shown[huge["task_id"]] == []
+
+
+def test_a_recorded_exception_of_another_shape_reads_as_a_note_not_as_recorded(client: TestClient) -> None:
+    """Any client may record a task's exception: a JSON list went out as the exception, and a reader that
+    took it for an object raised for the whole run."""
+    number = new_run(client)["run_number"]
+    task = new_task(client, "F", number, "fan")
+    attempt(client, task, 0, False)
+    datum = {"field_name": "exception", "value": "[1, 2]", "type": "exception", "tags": ["attempt_id:0"]}
+    assert client.post(_metadata_path(task), json=[datum]).status_code == 200
+    (failure,) = client.get(f"/flows/F/runs/{number}/failures").json()
+    assert failure["exception"]["type"] is None and failure["exception"]["traceback"] == []
+    assert "a JSON list" in failure["exception"]["message"]
 
 
 def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
@@ -291,7 +352,7 @@ def test_status_summary_failures_and_run_tasks(client: TestClient) -> None:
     assert list(steps) == ["start", "fan"]
     assert steps["fan"] == {"step_name": "fan", "total": 4, "completed": 2, "failed": 1, "running": 1, "killed": 0}
     assert summary["first_failure"]["task_id"] == work[2]["task_id"]
-    assert summary["first_failure"]["exception"] == {"type": "ValueError", "message": "bad item"}
+    assert summary["first_failure"]["exception"] == {"type": "ValueError", "message": "bad item", "traceback": []}
     failures = client.get(f"/flows/F/runs/{number}/failures").json()
     assert [(f["task_id"], f["attempt"]) for f in failures] == [(work[2]["task_id"], 0)]
     failed = client.get(f"/flows/F/runs/{number}/tasks", params={"status:eq": "failed"}).json()

@@ -5,8 +5,11 @@ live updates of a running flow, dark mode, bad paths. Screenshots land in
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -168,6 +172,116 @@ def test_a_value_the_ui_may_not_read_is_an_error_on_that_artifact_only(ui: Ui) -
     assert task.status_code == 200
     items = {a["name"]: a for a in task.json()["artifacts"]}["items"]
     assert items["preview"].startswith("(not readable: ") and items["size"] > 0
+
+
+def _stored(root: Path, flow: str, data: bytes) -> str:
+    """``data`` stored as Metaflow stores a value (gzip, under its content hash) under the local ``root``."""
+    sha = hashlib.sha1(data).hexdigest()
+    path = root / flow / "data" / sha[:2] / sha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data))
+    return sha
+
+
+def test_a_value_linked_out_of_the_datastore_is_not_read(tmp_path: Path) -> None:
+    """A task writes the datastore: a link it planted there, to a file or a folder, is not followed."""
+    from metaflow_stack.datastore.blobs import Blobs
+    from metaflow_stack.errors import DatastoreError
+
+    outside, root = tmp_path / "outside", tmp_path / "root"
+    linked_file = _stored(outside, "F", pickle.dumps("the UI's own key"))
+    (root / "F" / "data" / linked_file[:2]).mkdir(parents=True)
+    (root / "F" / "data" / linked_file[:2] / linked_file).symlink_to(
+        outside / "F" / "data" / linked_file[:2] / linked_file
+    )
+    in_linked_folder = _stored(outside, "G", pickle.dumps("a file of the machine"))
+    (root / "G").mkdir()
+    (root / "G" / "data").symlink_to(outside / "G" / "data")
+    blobs = Blobs((str(root),))
+    for flow, sha in (("F", linked_file), ("G", in_linked_folder)):
+        with pytest.raises(DatastoreError) as refused:
+            blobs.read(flow, sha)
+        assert refused.value.code == "not_found"
+    assert Blobs((str(outside),)).read("F", linked_file) == pickle.dumps("the UI's own key")  # (a real value)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [b"top secret", b"\x1f\x8b\x08\x00" + bytes(6) + b"\xff" * 20],
+    ids=["not gzip", "a broken deflate stream"],
+)
+def test_a_damaged_value_is_an_error_that_quotes_none_of_its_bytes(tmp_path: Path, stored: bytes) -> None:
+    from metaflow_stack.datastore.blobs import Blobs
+    from metaflow_stack.errors import DatastoreError
+
+    sha = "ab" * 20
+    (tmp_path / "F" / "data" / "ab").mkdir(parents=True)
+    (tmp_path / "F" / "data" / "ab" / sha).write_bytes(stored)
+    with pytest.raises(DatastoreError) as damaged:
+        Blobs((str(tmp_path),)).read("F", sha)
+    assert damaged.value.code == "bad_artifact" and "b'" not in damaged.value.message, damaged.value.message
+    assert damaged.value.message.startswith(f"the value {sha} of F cannot be read: ")
+
+
+def _recorded_graph(root: Path, sha: str, size: int | None) -> Any:
+    """A source whose runs all record ``_graph_info`` as ``sha``, of ``size`` bytes as the task said."""
+    from metaflow_stack.datastore.blobs import Blobs
+    from metaflow_stack.ui.details import Details
+
+    class RecordedGraph(Details):
+        def parameters_artifacts(self, flow: str, run: str) -> dict[str, tuple[str, int | None]]:
+            return {"_graph_info": (sha, size)}
+
+    source = RecordedGraph()
+    source.blobs = Blobs((str(root),))
+    return source
+
+
+def _graph(steps: dict[str, dict]) -> bytes:
+    """A ``_graph_info`` pickle as Metaflow records it."""
+    return pickle.dumps({"steps": steps, "start_step": "start", "end_step": "end", "parameters": []})
+
+
+def test_a_graph_recorded_larger_than_a_preview_is_not_read(tmp_path: Path) -> None:
+    from metaflow_stack.agent.source import AgentError
+
+    source = _recorded_graph(tmp_path, _stored(tmp_path, "F", _graph({"start": {"next": ["end"]}})), 2 * 2**20)
+    with pytest.raises(AgentError) as refused:
+        source.graph("F", "1")
+    assert refused.value.code == "too_large" and source.blobs.reads == 0
+
+
+def test_a_graph_that_understates_its_size_is_read_no_further_than_a_preview(tmp_path: Path) -> None:
+    from metaflow_stack.agent.source import AgentError
+    from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
+
+    big = _graph({"start": {"doc": "x" * 2 * 2**20}})  # 2 MiB, a few KB stored, said to be 100 bytes
+    source = _recorded_graph(tmp_path, _stored(tmp_path, "F", big), 100)
+    read, sizes = source.blobs.read, []
+    source.blobs.read = lambda *args, **kwargs: sizes.append(len(data := read(*args, **kwargs))) or data
+    with pytest.raises(AgentError) as refused:
+        source.graph("F", "1")
+    assert refused.value.code == "too_large" and sizes == [MAX_PREVIEW_BYTES + 1]
+
+
+def test_a_graph_sharing_one_long_docstring_between_its_steps_is_refused(tmp_path: Path) -> None:
+    """One 100 KB docstring on each of 2,000 steps: a 130 KB pickle, 200 MB of JSON."""
+    from metaflow_stack.agent.source import AgentError
+
+    doc = "x" * 100_000
+    shared = _graph({f"step{i}": {"doc": doc} for i in range(2_000)})
+    source = _recorded_graph(tmp_path, _stored(tmp_path, "F", shared), len(shared))
+    with pytest.raises(AgentError) as refused:
+        source.graph("F", "1")
+    assert refused.value.code == "too_large"
+
+
+def test_a_graph_is_read_once_for_every_run_that_records_it(tmp_path: Path) -> None:
+    recorded = _graph({"start": {"type": "start", "next": ["end"]}, "end": {"type": "end"}})
+    source = _recorded_graph(tmp_path, _stored(tmp_path, "F", recorded), len(recorded))
+    first, again = source.graph("F", "1"), source.graph("F", "2")
+    assert first == again and first["steps"]["start"]["next"] == ["end"]
+    assert source.blobs.reads == 1
 
 
 def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -> None:
@@ -359,6 +473,69 @@ def test_a_tasks_card_is_listed_and_shown_sandboxed(ui: Ui, chromium) -> None:
     expect(page.locator("iframe[title='card summary']")).to_have_attribute("sandbox", "allow-scripts")
     page.screenshot(path=SHOTS / "task-card.png", full_page=True)
     page.close()
+
+
+def test_a_card_that_is_a_link_or_not_a_file_is_neither_listed_nor_served(tmp_path: Path) -> None:
+    """A task writes its cards: one linked to the UI's own files, or in a linked folder, or a FIFO (which
+    would hold the reader forever), is not a card."""
+    from metaflow_stack.datastore.blobs import Blobs
+    from metaflow_stack.datastore.cards import Cards
+    from metaflow_stack.errors import DatastoreError
+
+    root, secret = tmp_path / "root", tmp_path / "secret.txt"
+    secret.write_text("the UI's own key")
+    cards = root / "mf.cards/F/runs/1/steps/s/tasks/2/cards"
+    cards.mkdir(parents=True)
+    (cards / "default-abc-111.html").write_text("<html>a card</html>")
+    (cards / "default-abc-123.html").symlink_to(secret)
+    os.mkfifo(cards / "default-abc-456.html")
+    (tmp_path / "elsewhere/cards").mkdir(parents=True)
+    (tmp_path / "elsewhere/cards/default-abc-789.html").write_text("the UI's own page")
+    (root / "mf.cards/F/runs/1/steps/s/tasks/3").symlink_to(tmp_path / "elsewhere")
+    reader = Cards(Blobs((str(root),)))
+    assert [card["file"] for card in reader.list("F", "1", "s", "2")] == ["default-abc-111.html"]
+    assert reader.read("F", "1", "s", "2", "default-abc-111.html") == b"<html>a card</html>"
+    assert reader.list("F", "1", "s", "3") == []
+    for task, file in (("2", "default-abc-123.html"), ("2", "default-abc-456.html"), ("3", "default-abc-789.html")):
+        with pytest.raises(DatastoreError) as refused:
+            reader.read("F", "1", "s", task, file)
+        assert refused.value.code == "not_found"
+
+
+def _verification(value: dict, attempt: int) -> dict:
+    """A ``confidential-verification`` record as the service lists a task's metadata."""
+    return {"field_name": "confidential-verification", "value": json.dumps(value), "type": "confidential-verification",
+            "tags": [f"attempt_id:{attempt}"], "ts_epoch": 5_000 + attempt}  # fmt: skip
+
+
+def test_a_task_page_shows_verification_records_that_conflict_as_such_never_attested() -> None:
+    """The launcher records one verification per attempt before the step's code runs; the step may record
+    more, and the newest was shown as "attested". Unsigned, neither is shown then; and a record tagged with an
+    attempt that never started makes no attempt whose one record would be shown."""
+    from metaflow_stack.ui.local_runs import task_detail
+
+    started = [{"field_name": "attempt", "value": "0", "type": "attempt", "tags": ["attempt_id:0"], "ts_epoch": 1}]
+    launchers = _verification({"attested": False, "mode": "direct"}, 0)
+    forged = _verification({"attested": True, "mode": "sgx", "policy": "prod"}, 0)
+    ahead = _verification({"attested": True, "mode": "sgx", "policy": "prod"}, 9)
+    assert task_detail("F/1/s/2", {}, [*started, launchers, ahead])["confidential"]["mode"] == "direct"
+    shown = task_detail("F/1/s/2", {}, [*started, launchers, forged])["confidential"]
+    assert shown["conflicting"] is True and shown["attested"] is False and shown["policy"] is None
+
+
+def test_a_task_pages_files_and_tags_without_an_attempt_number_are_no_attempts(tmp_path: Path) -> None:
+    """``x.attempt.json`` or an ``attempt_id:x`` tag, which a step can write, made its task page a 500."""
+    from local_metadata import local_task, metadatum
+
+    from metaflow_stack.ui.local_runs import LocalRuns
+
+    task = local_task(tmp_path)
+    (task / "x.attempt.json").write_text('{"time": 3}')
+    metadatum(task, "note", "hello", "x")
+    (task / "_meta" / "sysmeta_deep_1.json").write_text("[" * 200_000)
+    detail = LocalRuns(tmp_path).task_detail(["F", "1", "s", "2"])
+    assert [a["attempt"] for a in detail["attempts"]] == [0] and detail["attempts"][0]["ok"] is True
+    assert {(row["field"], row["attempt"]) for row in detail["metadata"]} >= {("note", 0)}
 
 
 def test_on_every_interface_the_ui_prints_a_link_this_machine_opens_and_no_key(tmp_path: Path) -> None:

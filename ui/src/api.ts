@@ -120,6 +120,8 @@ export interface Confidential {
   image: string | null;
   verified_at: number | null;
   why: string | null;
+  /** More than one record for the latest attempt: the step wrote the others, so none is shown. */
+  conflicting: boolean;
 }
 
 export interface TaskPage {

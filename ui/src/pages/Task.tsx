@@ -110,8 +110,35 @@ const MODES: Record<string, string> = {
   direct: "direct (gramine-direct: development, no TEE)",
 };
 
-function Verification({ verification }: { verification: Confidential }) {
-  const v = verification;
+/** What the page says of a verification. It shows the record the run's launcher wrote, as the run claims it
+ * (unsigned: the page checks no signature), and more than one record for the attempt as a conflict, never attested. */
+function verdict(v: Confidential): { state: string; label: string; badge: string; sentence: string } {
+  if (v.conflicting)
+    return {
+      state: "conflicting",
+      label: "conflicting records",
+      badge: "failed",
+      sentence:
+        "Its latest attempt has more than one verification record: its launcher writes one before the step's code runs, so the step wrote the others. Records are unsigned, so none is shown and nothing vouches for where this task ran.",
+    };
+  if (v.attested)
+    return {
+      state: "attested",
+      label: "attested",
+      badge: "completed",
+      sentence:
+        "The run's launcher recorded that its quote passed the policy before the step's code ran; its sealed values open only in attested enclaves. This is the run's own record, unsigned: this page checked no signature.",
+    };
+  return {
+    state: "unattested",
+    label: "unattested",
+    badge: "running",
+    sentence: "No quote: nothing vouches for where this task ran. Its sealed values are for development only.",
+  };
+}
+
+/** The record's fields, as the run's launcher wrote them. */
+function recordedRows(v: Confidential): [string, string][] {
   const rows: [string, string][] = [["Mode", MODES[v.mode] ?? v.mode]];
   if (v.image) rows.push(["Image", v.image]);
   if (v.attested) {
@@ -123,18 +150,18 @@ function Verification({ verification }: { verification: Confidential }) {
   } else if (v.why) {
     rows.push(["Why", v.why]);
   }
+  return rows;
+}
+
+function Verification({ verification }: { verification: Confidential }) {
+  const shown = verdict(verification);
   return (
-    <section data-confidential={v.attested ? "attested" : "unattested"}>
+    <section data-confidential={shown.state}>
       <h2>
-        Confidential computing{" "}
-        <span className={`badge status-${v.attested ? "completed" : "running"}`}>{v.attested ? "attested" : "unattested"}</span>
+        Confidential computing <span className={`badge status-${shown.badge}`}>{shown.label}</span>
       </h2>
-      <p className="muted">
-        {v.attested
-          ? "Its quote passed the policy before the step's code ran; its sealed values open only in attested enclaves."
-          : "No quote: nothing vouches for where this task ran. Its sealed values are for development only."}
-      </p>
-      <KeyValues rows={rows} />
+      <p className="muted">{shown.sentence}</p>
+      {!verification.conflicting && <KeyValues rows={recordedRows(verification)} />}
     </section>
   );
 }

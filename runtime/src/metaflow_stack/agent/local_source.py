@@ -14,6 +14,14 @@ task) but stay bounded by what is read: ``files_read`` counts them. Parsed
 files are remembered by path and modification time (Metaflow writes each
 once, but for a run's ``_self.json`` when its tags change), so pages that
 ask again, as a live UI does, pay for listings and new files only.
+
+Any file there may have been written by a step's own code rather than by
+Metaflow, so each is read as a regular file below the root, never through a
+link nor waited on as a FIFO (``blobs.open_local``), and at most
+``MAX_JSON_BYTES`` of it; one that cannot be read or parsed (nested past the
+parser's limit), or is not the shape Metaflow writes, is skipped as absent,
+never an error for the whole listing, and the values shown are bounded as
+every reader bounds them (``datastore.task_metadata``).
 """
 
 from __future__ import annotations
@@ -41,10 +49,13 @@ from metaflow_stack.agent.models import (
 from metaflow_stack.agent.source import STATUSES, AgentError, ArtifactScope
 from metaflow_stack.datastore import CONFIDENTIAL_FIELD
 from metaflow_stack.datastore.attempts import attempt_of
+from metaflow_stack.datastore.blobs import open_local
 from metaflow_stack.datastore.cursors import decode_offset, encode_cursor
 from metaflow_stack.datastore.log_files import LogFiles, ReadMeter
 from metaflow_stack.datastore.log_windows import LogQuery, log_cursor, read_window, rendered
+from metaflow_stack.datastore.task_metadata import exception_fields, foreach_items
 from metaflow_stack.datastore.type_names import type_name
+from metaflow_stack.errors import DatastoreError
 from metaflow_stack.ids import is_number
 from metaflow_stack.patterns import compile_pattern
 
@@ -52,6 +63,8 @@ from metaflow_stack.patterns import compile_pattern
 _TRACEBACK_WINDOW = 80
 #: Parsed small files remembered (about a kilobyte each): a few thousand-task runs' worth.
 _PARSED_FILES = 100_000
+#: The largest file parsed: Metaflow's own (``_self.json``, ``sysmeta_*``, ``<attempt>.data.json``) are kilobytes.
+MAX_JSON_BYTES = 1024 * 1024
 
 
 def _page(items: list[Any], offset: int, limit: int) -> tuple[list[Any], str | None]:
@@ -60,11 +73,12 @@ def _page(items: list[Any], offset: int, limit: int) -> tuple[list[Any], str | N
     return items[offset : offset + limit], encode_cursor([offset + limit]) if more else None
 
 
-def _exception(lines: list[str]) -> tuple[str | None, str | None, list[str]]:
-    """Type, message and traceback from the last traceback in ``lines`` (Python's own format)."""
+def _exception(lines: list[str]) -> dict[str, Any]:
+    """Type, message and traceback from the last traceback in ``lines`` (Python's own format), bounded as every
+    reader bounds a recorded exception."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
     if not starts:
-        return None, None, []
+        return exception_fields(None)
     block: list[str] = []
     for line in lines[starts[-1] :]:
         if block and not line.strip():
@@ -72,15 +86,24 @@ def _exception(lines: list[str]) -> tuple[str | None, str | None, list[str]]:
         block.append(line)
     last = next((line for line in reversed(block) if line and not line.startswith(" ")), "")
     kind, _, message = last.partition(": ")
-    return kind or None, message or None, [line[:300] for line in block[-20:]]
+    return exception_fields({"type": kind or None, "message": message or None, "traceback": block})
+
+
+def numbered(names: list[str], suffix: str) -> list[int]:
+    """The attempts of the files among ``names`` named ``<attempt><suffix>`` (``0.attempt.json``); another
+    name ending so (``x.attempt.json``) is none of Metaflow's."""
+    return [
+        int(name.removesuffix(suffix)) for name in names if name.endswith(suffix) and is_number(name[: -len(suffix)])
+    ]
 
 
 @dataclass(frozen=True)
 class _Row:
-    """One task of a scanned run: its latest attempt, outcome (None: none yet), end time and status."""
+    """One task of a scanned run: its start, latest attempt, outcome (None: none yet), end time and status."""
 
     step: str
     folder: Path
+    started: int
     attempt: int
     ok: bool | None
     finished: int | None
@@ -106,17 +129,47 @@ class LocalSource:
 
     # -- files --------------------------------------------------------------
 
-    def _json(self, path: Path | str) -> Any:
+    def _json(self, path: Path) -> Any:
+        """The JSON value of the file at ``path`` (below the root); None where there is none to read."""
         key = str(path)
-        stamp = os.stat(key).st_mtime_ns
+        try:
+            stamp = os.lstat(key).st_mtime_ns
+        except OSError:
+            return None
         known = self._parsed.get(key)
         if known is not None and known[0] == stamp:
             return known[1]
         self.files_read += 1
-        with open(key, encoding="utf-8") as stream:
-            value = json.load(stream)
+        try:
+            with open_local(str(self.root), *path.relative_to(self.root).parts) as stream:
+                data = stream.read(MAX_JSON_BYTES + 1) if stream is not None else None
+            value = json.loads(data) if data is not None and len(data) <= MAX_JSON_BYTES else None
+        except (DatastoreError, OSError, ValueError, RecursionError, MemoryError):
+            value = None  # unreadable, or not JSON this parser reads: as if absent
         _remember(self._parsed, key, (stamp, value))
         return value
+
+    def _object(self, path: Path) -> dict[str, Any]:
+        """The file's JSON object; empty where it holds none."""
+        value = self._json(path)
+        return value if isinstance(value, dict) else {}
+
+    def metadatum(self, path: Path) -> dict[str, Any] | None:
+        """A ``sysmeta_*`` file's record as Metaflow writes it (``field_name``, ``value``, ``type``, ``tags``,
+        ``ts_epoch``: an int or None) and its ``attempt`` (None without an ``attempt_id`` tag); None when the
+        file holds none."""
+        datum = self._object(path)
+        if not isinstance(datum.get("field_name"), str):
+            return None
+        tags = _texts(datum.get("tags"))
+        stamp = datum.get("ts_epoch")
+        return datum | {"tags": tags, "attempt": attempt_of(tags), "ts_epoch": stamp if type(stamp) is int else None}
+
+    def _stamp(self, folder: Path) -> int | None:
+        """When Metaflow recorded the flow, run, step or task at ``folder`` (its ``_meta/_self.json``); None
+        while it has no readable record (Metaflow writes it after making the folder)."""
+        stamp = self._object(folder / "_meta" / "_self.json").get("ts_epoch")
+        return stamp if type(stamp) is int else None
 
     @staticmethod
     def _names(folder: Path) -> list[str]:
@@ -127,7 +180,7 @@ class LocalSource:
 
     def _folder(self, *parts: str, what: str) -> Path:
         folder = self.root.joinpath(*parts)
-        if ".." in parts or not (folder / "_meta" / "_self.json").is_file():
+        if ".." in parts or self._stamp(folder) is None:
             raise AgentError("not_found", f"{what} does not exist in {self.root}", "check the pathspec")
         return folder
 
@@ -148,11 +201,10 @@ class LocalSource:
         for name in self._names(meta):
             if not (name.startswith("sysmeta_attempt_ok_") and name.endswith(".json")):
                 continue
-            datum = self._json(meta / name)
-            attempt = attempt_of(datum.get("tags")) or 0
-            if attempt >= latest[0]:
-                latest = (attempt, datum["value"] == "True", datum["ts_epoch"])
-        started = [int(name.split(".")[0]) for name in self._names(task) if name.endswith(".attempt.json")]
+            datum = self.metadatum(meta / name)
+            if datum is not None and (datum["attempt"] or 0) >= latest[0]:
+                latest = (datum["attempt"] or 0, datum.get("value") == "True", datum["ts_epoch"])
+        started = numbered(self._names(task), ".attempt.json")
         if started and max(started) > latest[0]:
             return max(started), None, None  # a newer attempt has not reported yet
         if latest[1]:
@@ -164,29 +216,25 @@ class LocalSource:
             return "completed" if ok else "failed"
         return "running" if self.liveness.task_alive(task) else "killed"
 
-    def _tasks(self, run: Path) -> list[tuple[str, Path]]:
-        """Every task of the run, steps in the order they started (as the service lists them). A step or task
-        whose folder Metaflow is still making (it writes ``_self.json`` after the folder) is not there yet."""
-        steps = []
-        for step in self._children(run):
-            try:
-                steps.append((self._json(step / "_meta" / "_self.json")["ts_epoch"], step))
-            except FileNotFoundError:
-                continue
-        steps.sort(key=lambda started: started[0])
+    def _tasks(self, run: Path) -> list[tuple[str, Path, int]]:
+        """Every task of the run and when it started, steps in the order they started (as the service lists
+        them). A step or task whose folder Metaflow is still making (it writes ``_self.json`` after the
+        folder) is not there yet."""
+        steps = [(started, step) for step in self._children(run) if (started := self._stamp(step)) is not None]
+        steps.sort(key=lambda found: found[0])
         return [
-            (step.name, task)
+            (step.name, task, started)
             for _, step in steps
             for task in self._children(step)
-            if (task / "_meta" / "_self.json").is_file()
+            if (started := self._stamp(task)) is not None
         ]
 
     def _scan(self, run: Path) -> list[_Row]:
         """Every task of the run, with its status."""
         rows = []
-        for step, task in self._tasks(run):
+        for step, task, started in self._tasks(run):
             attempt, ok, finished = self._state(task)
-            rows.append(_Row(step, task, attempt, ok, finished, self._status(task, ok)))
+            rows.append(_Row(step, task, started, attempt, ok, finished, self._status(task, ok)))
         return rows
 
     def _run_status(self, run: Path, scan: list[_Row]) -> str:
@@ -224,12 +272,8 @@ class LocalSource:
         offset = decode_offset(cursor)
         found = []
         for name in self._names(self.root):
-            try:
-                row = self._json(self.root / name / "_meta" / "_self.json")
-            except (OSError, ValueError):  # not a flow (Metaflow's own folders, stray files), or half-written
-                continue
-            stamp = row.get("ts_epoch") if isinstance(row, dict) else None
-            if isinstance(stamp, int):
+            stamp = self._stamp(self.root / name)  # None: not a flow (Metaflow's own folders, stray files)
+            if stamp is not None:
                 found.append(FlowInfo(name=name, created_at=stamp))
         found.sort(key=lambda flow: (-flow.created_at, flow.name))
         return _page(found, offset, limit)
@@ -248,27 +292,28 @@ class LocalSource:
         offset = decode_offset(cursor)
         candidates = []
         for folder in self._children(self._folder(flow, what=f"flow {flow}")):
-            try:
-                row = self._json(folder / "_meta" / "_self.json")
-            except FileNotFoundError:  # a run folder Metaflow is still creating
+            started = self._stamp(folder)
+            if started is None:  # a run folder Metaflow is still creating
                 continue
-            every_tag = set(row.get("tags") or []) | set(row.get("system_tags") or [])
-            outside = (low is not None and row["ts_epoch"] < low) or (high is not None and row["ts_epoch"] > high)
-            if not outside and set(tags) <= every_tag and user in (None, row.get("user_name")):
-                candidates.append((row, folder))
-        candidates.sort(key=lambda item: item[0]["ts_epoch"], reverse=True)
+            row = self._object(folder / "_meta" / "_self.json")
+            every_tag = set(_texts(row.get("tags"))) | set(_texts(row.get("system_tags")))
+            outside = (low is not None and started < low) or (high is not None and started > high)
+            user_name = row.get("user_name") if isinstance(row.get("user_name"), str) else None
+            if not outside and set(tags) <= every_tag and user in (None, user_name):
+                candidates.append((started, folder, row, user_name))
+        candidates.sort(key=lambda item: item[0], reverse=True)
         found = []
-        for row, folder in candidates:  # statuses cost a scan of the run: only as many as the page needs
+        for started, folder, row, user_name in candidates:  # statuses cost a scan of the run: only as many as needed
             state, finished_at = self._run_outcome(folder)
             if status is None or state == status:
                 found.append(
                     RunInfo(
-                        pathspec=f"{row['flow_id']}/{row['run_number']}",
+                        pathspec=f"{flow}/{folder.name}",
                         status=state,
-                        user=row.get("user_name"),
-                        tags=row.get("tags") or [],
-                        system_tags=row.get("system_tags") or [],
-                        started_at=row["ts_epoch"],
+                        user=user_name,
+                        tags=_texts(row.get("tags")),
+                        system_tags=_texts(row.get("system_tags")),
+                        started_at=started,
                         finished_at=finished_at,
                     )
                 )
@@ -280,20 +325,17 @@ class LocalSource:
         meter = ReadMeter()
         files = self._logs.open("local", str(self.root), parts, attempt, "stderr", meter)
         window = read_window(files, LogQuery(lines=_TRACEBACK_WINDOW, from_end=True, max_bytes=64 * 1024))
-        kind, message, traceback = _exception([line.text.decode(errors="replace") for line in window.lines])
         return Failure(
             pathspec="/".join(parts),
             step_name=parts[2],
             attempt=attempt,
             finished_at=finished,
-            type=kind,
-            message=message,
-            traceback=traceback,
+            **_exception([line.text.decode(errors="replace") for line in window.lines]),
         )
 
     def summary(self, flow: str, run: str) -> RunSummary:
         folder = self._folder(flow, run, what=f"run {flow}/{run}")
-        started = self._json(folder / "_meta" / "_self.json")["ts_epoch"]
+        started = self._stamp(folder) or 0  # (``_folder`` found it)
         scan = self._scan(folder)
         steps: dict[str, dict[str, int]] = {}
         for row in scan:
@@ -335,27 +377,28 @@ class LocalSource:
         stack = self._foreach_stacks.get(str(row.folder))
         if stack is None:
             found = sorted(meta / n for n in names if n.startswith("sysmeta_foreach-stack_"))
-            stack = self._json(found[-1])["value"] if found else []
+            stack = foreach_items(self._object(found[-1]).get("value")) if found else []
             if row.ok is not None:  # recorded when the task started: final once it has an outcome
                 _remember(self._foreach_stacks, str(row.folder), stack)
-        verified = sorted(n for n in names if n.startswith(f"sysmeta_{CONFIDENTIAL_FIELD}_"))  # ms: one width
+        data = [self.metadatum(meta / n) for n in names if n.startswith(f"sysmeta_{CONFIDENTIAL_FIELD}_")]
+        records = [datum.get("value") for datum in data if datum is not None and datum["attempt"] == row.attempt]
         return TaskInfo(
             pathspec=f"{flow}/{run}/{row.step}/{row.folder.name}",
             step_name=row.step,
             attempt=row.attempt,
             status=row.status,
-            started_at=self._json(meta / "_self.json")["ts_epoch"],
+            started_at=row.started,
             finished_at=row.finished,
             foreach=stack,
-            confidential=ConfidentialInfo.recorded(self._json(meta / verified[-1])["value"]) if verified else None,
+            confidential=ConfidentialInfo.of_attempt(records),
         )
 
     def _described(self, run: str, step: str, task: Path) -> list[ArtifactInfo]:
         """The artifacts of the task's latest finished attempt, from its ``data.json`` (no value is read)."""
-        attempts = sorted((int(p.name.split(".")[0]) for p in task.glob("*.data.json")), reverse=True)
+        attempts = sorted(numbered(self._names(task), ".data.json"), reverse=True)
         if not attempts:
             return []
-        data = self._json(task / f"{attempts[0]}.data.json")
+        data = self._object(task / f"{attempts[0]}.data.json")
         info = data.get("info") or {}
         return [
             ArtifactInfo(
@@ -381,7 +424,7 @@ class LocalSource:
         runs = [self._folder(flow, run, what=f"run {flow}/{run}")] if run else self._children(flow_folder)
         found: list[ArtifactInfo] = []
         for folder in runs:
-            for step_name, task_folder in self._tasks(folder):
+            for step_name, task_folder, _ in self._tasks(folder):
                 if step is None or step_name == step:
                     described = self._described(f"{flow}/{folder.name}", step_name, task_folder)
                     found += [artifact for artifact in described if _keep(artifact, filters)]
@@ -424,6 +467,11 @@ def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
     if len(cache) >= _PARSED_FILES:
         del cache[next(iter(cache))]
     cache[key] = value
+
+
+def _texts(value: Any) -> list[str]:
+    """The text items of a recorded list (tags); [] for anything else."""
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def _keep(artifact: ArtifactInfo, filters: dict[str, Any]) -> bool:

@@ -23,6 +23,7 @@ from metaflow_stack.agent.models import (
     TaskInfo,
 )
 from metaflow_stack.agent.source import AgentError, ArtifactScope
+from metaflow_stack.datastore.task_metadata import exception_fields, foreach_items
 
 #: What the service must advertise on ``/ping`` for these answers.
 NEEDED = ("pagination", "filters", "summary", "failures", "artifact-search", "logs")
@@ -38,15 +39,14 @@ _FILTERS = {
 
 
 def _failure(row: dict[str, Any]) -> Failure:
-    exception = row.get("exception") or {}
+    """A failed task as the service lists it; its exception, recorded by the run, read by the same bounded rule
+    as the service applies (a service of another version may send it as stored)."""
     return Failure(
         pathspec=row["pathspec"],
         step_name=row["step_name"],
         attempt=row["attempt"],
         finished_at=row["finished_at"],
-        type=exception.get("type"),
-        message=exception.get("message"),
-        traceback=exception.get("traceback") or [],
+        **exception_fields(row.get("exception")),
     )
 
 
@@ -173,7 +173,7 @@ class ServiceSource:
                 status=row["status"],
                 started_at=row["ts_epoch"],
                 finished_at=row["finished_at"],
-                foreach=row.get("foreach") or [],
+                foreach=foreach_items(row.get("foreach")),
                 confidential=ConfidentialInfo.recorded(row.get("confidential")),
             )
             for row in response.json()

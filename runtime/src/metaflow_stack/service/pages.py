@@ -14,7 +14,6 @@ key and every listing's index ends in that key.
 from __future__ import annotations
 
 import ast
-import json
 import re
 import time
 from collections.abc import Callable
@@ -29,6 +28,14 @@ from sqlalchemy.dialects.postgresql import JSONB, array
 from metaflow_stack.api_errors import bad_parameter
 from metaflow_stack.datastore import CONFIDENTIAL_FIELD
 from metaflow_stack.datastore.cursors import decode_cursor, encode_cursor
+from metaflow_stack.datastore.task_metadata import (
+    MESSAGE_CHARS,
+    UNREADABLE,
+    exception_fields,
+    foreach_items,
+    parsed,
+    verification,
+)
 from metaflow_stack.ids import check_id, is_number
 from metaflow_stack.service import rows
 from metaflow_stack.service import schema as s
@@ -223,6 +230,12 @@ class Queries:
             query = select(m.value).where(m.task_id == t.task_id, m.field_name == field)
             return query.order_by(m.id.desc()).limit(1).scalar_subquery()
 
+        def record(n: int) -> Any:  # the nth verification record of the task's latest attempt: two tell many
+            query = select(m.value).where(
+                m.task_id == t.task_id, m.field_name == CONFIDENTIAL_FIELD, m.attempt_id == t.attempt
+            )
+            return query.order_by(m.id).offset(n).limit(1).scalar_subquery()
+
         query = (
             select(
                 s.tasks,
@@ -230,7 +243,8 @@ class Queries:
                 s.runs.c.tags.label("run_tags"),
                 s.runs.c.system_tags.label("run_system_tags"),
                 latest("foreach-stack").label("foreach_stack"),
-                latest(CONFIDENTIAL_FIELD).label("confidential"),
+                record(0).label("verification"),
+                record(1).label("other_verification"),
             )
             .join(s.runs, s.runs.c.run_number == t.run_number)
             .where(t.run_number == run_row["run_number"], *_ranges(params, t.ts_epoch, "ts_epoch"))
@@ -374,37 +388,24 @@ def _run_tags(row: Any) -> dict[str, Any]:
 
 def _task_with_status(row: Any) -> dict[str, Any]:
     extra = {k: row[k] for k in ("status", "attempt", "finished_at")}
-    recorded = {"foreach": _foreach(row["foreach_stack"]), "confidential": _object(row["confidential"])}
+    records = [value for value in (row["verification"], row["other_verification"]) if value is not None]
+    recorded = {"foreach": _foreach(row["foreach_stack"]), "confidential": verification(records)}
     return rows.task(row, _run_tags(row)) | extra | recorded
 
 
-#: The longest stored value a read parses (a verification, a foreach stack): each is a few hundred bytes as
-#: Metaflow and ``@confidential`` write them; a client may store up to a MiB, whose parse cost every read.
-_PARSED_MAX = 64 * 1024
-#: What a stored value that nests past the parser's limit raises, besides its own parse errors.
-_UNREADABLE = (ValueError, SyntaxError, RecursionError, MemoryError)
-
-
-def _object(value: str | None) -> dict[str, Any] | None:
-    """A stored JSON object (a ``@confidential`` task's verification), or None when the value is not one."""
-    if not value or len(value) > _PARSED_MAX or not value.startswith("{"):
-        return None
-    try:
-        found = json.loads(value)
-    except _UNREADABLE:
-        return None
-    return found if isinstance(found, dict) else None
+#: The longest stored foreach stack parsed: Metaflow records at most 256 characters of items, a few hundred as
+#: their repr, while each item of a literal costs its parse (a 64 KiB list of 32,000 cost 0.1 s, every read).
+_FOREACH_MAX = 1024
 
 
 def _foreach(value: str | None) -> list[str]:
-    """A stored ``foreach-stack`` value (the repr of a list of ``var=item``) as that list."""
-    if not value or len(value) > _PARSED_MAX or not value.startswith("["):
+    """A stored ``foreach-stack`` value (the repr of a list of ``var=item``) as that list, bounded."""
+    if not value or len(value) > _FOREACH_MAX or not value.startswith("["):
         return []
     try:
-        stack = ast.literal_eval(value)
-    except _UNREADABLE:
+        return foreach_items(ast.literal_eval(value))
+    except UNREADABLE:
         return []
-    return [str(item) for item in stack] if isinstance(stack, list) else []
 
 
 def _artifact_with_details(row: Any) -> dict[str, Any]:
@@ -412,12 +413,10 @@ def _artifact_with_details(row: Any) -> dict[str, Any]:
 
 
 def _failure(row: Any, flow_id: str, run_row: Any) -> dict[str, Any]:
-    exception = None
-    if row["exception"]:
-        try:
-            exception = json.loads(row["exception"])
-        except _UNREADABLE:  # (RecursionError: a value nested a thousand deep)
-            exception = {"type": None, "message": row["exception"]}
+    stored = row["exception"]
+    found = parsed(stored) if stored else None
+    if stored and found is None:  # not JSON (or too long or deep to parse): the text itself, cut
+        found = {"type": None, "message": stored[:MESSAGE_CHARS]}
     task = rows.task_key(row)
     return {
         "pathspec": f"{flow_id}/{rows.run_key(run_row)}/{row['step_name']}/{task}",
@@ -425,5 +424,5 @@ def _failure(row: Any, flow_id: str, run_row: Any) -> dict[str, Any]:
         "task_id": task,
         "attempt": row["attempt"],
         "finished_at": row["finished_at"],
-        "exception": exception,
+        "exception": exception_fields(found) if stored else None,
     }

@@ -8,10 +8,11 @@ import asyncio
 from typing import Any
 
 from metaflow_stack.agent.liveness import Liveness
-from metaflow_stack.agent.local_source import LocalSource
+from metaflow_stack.agent.local_source import LocalSource, numbered
 from metaflow_stack.agent.models import ConfidentialInfo
 from metaflow_stack.agent.source import AgentError
 from metaflow_stack.datastore import CONFIDENTIAL_FIELD
+from metaflow_stack.datastore.attempts import attempt_of
 from metaflow_stack.datastore.blobs import Blobs
 from metaflow_stack.ui.changes import Changes, watch
 from metaflow_stack.ui.details import Details
@@ -36,41 +37,52 @@ class LocalRuns(Details, LocalSource):
         found = sorted(folder.glob("*/*.data.json"))
         if not found:
             raise AgentError("not_found", f"run {flow}/{run} has no recorded graph yet")
-        data = self._json(found[-1])
+        data = self._object(found[-1])
         info = data.get("info") or {}
         return {name: (sha, (info.get(name) or {}).get("size")) for name, sha in (data.get("objects") or {}).items()}
 
     def task_detail(self, parts: list[str]) -> dict[str, Any]:
-        """A task's attempts (start, end, outcome) and its metadata, from its ``_meta`` files."""
+        """A task's attempts (start, end, outcome) and its metadata, from its ``_meta`` files (one that holds no
+        record, or no start time, is left out)."""
         folder = self._folder(*parts, what=f"task {'/'.join(parts)}")
-        starts = {int(p.name.split(".")[0]): int(self._json(p)["time"] * 1000) for p in folder.glob("*.attempt.json")}
-        metadata = [self._json(path) for path in sorted(folder.glob("_meta/sysmeta_*.json"))]
-        return task_detail("/".join(parts), starts, metadata)
-
-
-def attempt_of(tags: list[str]) -> int:
-    return next((int(tag.split(":")[1]) for tag in tags if tag.startswith("attempt_id:")), 0)
+        starts = {}
+        for attempt in numbered(self._names(folder), ".attempt.json"):
+            started = self._object(folder / f"{attempt}.attempt.json").get("time")
+            if type(started) in (int, float):
+                starts[attempt] = int(started * 1000)
+        found = [self.metadatum(path) for path in sorted(folder.glob("_meta/sysmeta_*.json"))]
+        return task_detail("/".join(parts), starts, [datum for datum in found if datum is not None])
 
 
 def task_detail(pathspec: str, starts: dict[int, int], metadata: list[dict[str, Any]]) -> dict[str, Any]:
     """Attempts (newest first, with start, end and outcome), metadata rows and a ``@confidential`` task's
-    latest verification, from Metaflow's metadata records (``field_name``, ``value``, ``type``, ``tags``,
-    ``ts_epoch``) and known attempt start times."""
+    verification (its latest attempt's records, ``ConfidentialInfo.of_attempt``), from Metaflow's metadata
+    records (``field_name``, ``value``, ``type``, ``tags``, ``ts_epoch``) and known attempt start times."""
     attempts = {n: {"attempt": n, "started_at": ts, "finished_at": None, "ok": None} for n, ts in starts.items()}
     rows = []
     for datum in metadata:
-        attempt = attempt_of(datum.get("tags") or [])
-        rows.append({"field": datum["field_name"], "value": datum["value"], "type": datum["type"], "attempt": attempt})
+        attempt = attempt_of(datum.get("tags")) or 0
+        rows.append(
+            {"field": datum["field_name"], "value": datum.get("value"), "type": datum.get("type"), "attempt": attempt}
+        )
         entry = attempts.setdefault(attempt, {"attempt": attempt, "started_at": None, "finished_at": None, "ok": None})
         if datum["field_name"] == "attempt" and entry["started_at"] is None:
-            entry["started_at"] = datum["ts_epoch"]
+            entry["started_at"] = datum.get("ts_epoch")
         if datum["field_name"] == "attempt_ok":
-            entry.update(ok=str(datum["value"]) == "True", finished_at=datum["ts_epoch"])
-    verified = [d for d in metadata if d["field_name"] == CONFIDENTIAL_FIELD]
-    latest = ConfidentialInfo.recorded(max(verified, key=lambda d: d["ts_epoch"])["value"]) if verified else None
+            entry.update(ok=str(datum.get("value")) == "True", finished_at=datum.get("ts_epoch"))
+    # The latest attempt that started or ended, as the other readers find it: a record tagged with another
+    # attempt makes no attempt of its own.
+    known = [n for n, entry in attempts.items() if entry["started_at"] is not None or entry["ok"] is not None]
+    latest = max(known, default=0)
+    records = [
+        d.get("value")
+        for d in metadata
+        if d["field_name"] == CONFIDENTIAL_FIELD and attempt_of(d.get("tags")) == latest
+    ]
+    verification = ConfidentialInfo.of_attempt(records)
     return {
         "pathspec": pathspec,
         "attempts": [attempts[n] for n in sorted(attempts, reverse=True)],
         "metadata": rows,
-        "confidential": latest.model_dump() if latest else None,
+        "confidential": verification.model_dump() if verification else None,
     }
