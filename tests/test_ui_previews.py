@@ -97,6 +97,48 @@ def test_a_list_of_a_hundred_thousand_values_is_within_the_budget() -> None:
         assert plain_loads(pickle.dumps(value, protocol=protocol)) == value
 
 
+def _shared(depth: int) -> tuple:
+    """A tuple holding the one before it twice, ``depth`` times over: 2**depth tuples for its hash to visit."""
+    shared: tuple = ()
+    for _ in range(depth):
+        shared = (shared, shared)
+    return shared
+
+
+def _as_dict(pairs: list) -> bytes:
+    """A protocol 2 pickle of the dict of ``pairs`` (key, value, key, value...), made without the dict: made
+    here, it would hash the keys, which is what the test is about (fewer than 1,000 items: one batch)."""
+    listed = pickle.dumps(pairs, protocol=2)
+    assert listed.startswith(b"\x80\x02]q\x00(") and listed.endswith(b"e.") and len(pairs) < 1000
+    return b"\x80\x02}q\x00(" + listed[6:-2] + b"u."
+
+
+@pytest.mark.parametrize(
+    ("pairs", "refusal"),
+    [
+        ([_shared(40), 1], "a tuple of more than"),  # 150 bytes: one hash visits 2**40 tuples
+        ([x for n in range(400) for x in ((_shared(17), n), n)], "keys that take more than"),  # each under it
+    ],
+    ids=["one-key", "many-keys"],
+)
+def test_keys_that_take_hours_to_hash_are_refused_within_the_budget(pairs: list, refusal: str) -> None:
+    """A dict's key (or a set's item) is hashed in one C call, which no opcode budget interrupts, and Python
+    caches no tuple's hash: a key of tuples sharing tuples took hours to hash, and many keys each a little
+    under a bound as long together."""
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(NotPlainData, match=refusal):
+        plain_loads(_as_dict(pairs))
+    assert time.monotonic() - started < 5
+
+
+def test_tuples_as_keys_are_within_the_budget() -> None:
+    value = {(n, (n, f"k{n}")): n for n in range(20_000)} | {frozenset({(1, 2), (3, 4)}): "set"}
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        assert plain_loads(pickle.dumps(value, protocol=protocol)) == value
+
+
 def test_a_slow_codec_cannot_rebuild_a_bytearray() -> None:
     data = pickle.dumps(_Allocates((bytearray, ("x" * 1000, "punycode"))), protocol=2)
     with pytest.raises(NotPlainData, match="punycode"):

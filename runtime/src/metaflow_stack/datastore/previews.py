@@ -142,15 +142,85 @@ def _budgeted(handler: Callable[[Any], None]) -> Callable[[_BudgetedUnpickler], 
     return step
 
 
-class _BudgetedUnpickler(PlainUnpickler):
-    """The plain-data unpickler, stopped at ``MAX_PICKLE_OPS`` opcodes or ``MAX_PICKLE_MEMO`` memo entries:
-    what a preview needs, not what an enclave reading a step's whole inputs does."""
+def _sized(handler: Callable[[Any], None]) -> Callable[[_BudgetedUnpickler], None]:
+    """``handler``, which makes a tuple, then the tuple's size counted as its hash walks it (every item, a
+    tuple shared twice counted twice: Python caches no tuple's hash), refused past ``MAX_PICKLE_OPS``: forty
+    tuples each holding the one before twice are 150 bytes of pickle, and as a dict's key (or a set's item)
+    hashing it once visits 2**40 tuples, in one C call no opcode budget interrupts. Each hash is charged
+    (``_hashing``), so many keys each under the bound are bounded too."""
 
-    dispatch = {code: _budgeted(handler) for code, handler in PlainUnpickler.dispatch.items()}
+    def step(self: _BudgetedUnpickler) -> None:
+        handler(self)
+        made = self.stack[-1]
+        size = 1 + sum(self.sizes.get(id(item), 1) if type(item) is tuple else 1 for item in made)
+        if size > MAX_PICKLE_OPS:
+            raise NotPlainData(f"a tuple of more than {MAX_PICKLE_OPS:,} values, shared ones counted each time")
+        self.sizes[id(made)] = size
+        self.made.append(made)  # (alive while its id is a key: an id is reused only once its object is gone)
+
+    return step
+
+
+#: What a preview's keys may cost to hash, all together, in values visited (``_sized``): a dict of 100,000 keys
+#: each a tuple of 400,000 values (one shared tuple and a number) is a few MB of pickle and would take minutes.
+MAX_HASHED = 4 * MAX_PICKLE_OPS
+
+
+def _hashing(keys: Callable[[Any], Any]) -> Callable[[Callable[[Any], None]], Callable[[_BudgetedUnpickler], None]]:
+    """A handler that hashes the values ``keys`` finds on the unpickler's stack (a dict's keys, a set's items),
+    charged to ``MAX_HASHED`` before it runs."""
+
+    def wrap(handler: Callable[[Any], None]) -> Callable[[_BudgetedUnpickler], None]:
+        def step(self: _BudgetedUnpickler) -> None:
+            self.hashed += sum(self.sizes.get(id(key), 1) if type(key) is tuple else 1 for key in keys(self))
+            if self.hashed > MAX_HASHED:
+                raise NotPlainData(f"keys that take more than {MAX_HASHED:,} values to hash")
+            handler(self)
+
+        return step
+
+    return wrap
+
+
+def _reduced_items(self: _BudgetedUnpickler) -> Any:
+    """The items a ``REDUCE`` of ``set``/``frozenset`` (protocols 0-3) hashes; none for another call."""
+    func, args = self.stack[-2], self.stack[-1]
+    builds = func in (_GUARDED["builtins", "set"], _GUARDED["builtins", "frozenset"])
+    return args[0] if builds and isinstance(args, tuple) and args and isinstance(args[0], list | tuple) else ()
+
+
+#: The opcodes that make a tuple from what the pickle holds, and those that hash values (and where those are).
+_TUPLES = (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3)
+_HASHING = {
+    pickle.DICT: lambda self: self.stack[0::2],  # (the items since the mark: key, value, ...)
+    pickle.SETITEMS: lambda self: self.stack[0::2],
+    pickle.SETITEM: lambda self: self.stack[-2:-1],
+    pickle.ADDITEMS: lambda self: self.stack,
+    pickle.FROZENSET: lambda self: self.stack,
+    pickle.REDUCE: _reduced_items,
+}
+
+
+def _budgeted_dispatch(plain: dict[int, Callable[[Any], None]]) -> dict[int, Callable[[Any], None]]:
+    """``plain``'s handlers, each within the opcode budget, those making tuples sized, those hashing charged."""
+    table = dict(plain)
+    table.update({code[0]: _sized(table[code[0]]) for code in _TUPLES})
+    table.update({code[0]: _hashing(keys)(table[code[0]]) for code, keys in _HASHING.items()})
+    return {code: _budgeted(handler) for code, handler in table.items()}
+
+
+class _BudgetedUnpickler(PlainUnpickler):
+    """The plain-data unpickler, stopped at ``MAX_PICKLE_OPS`` opcodes or ``MAX_PICKLE_MEMO`` memo entries, at
+    a tuple that size or at keys that cost ``MAX_HASHED`` to hash (``_sized``): what a preview needs, not what
+    an enclave reading a step's whole inputs does."""
+
+    dispatch = _budgeted_dispatch(PlainUnpickler.dispatch)
 
     def __init__(self, data: bytes) -> None:
         super().__init__(data)
-        self.ops = 0
+        self.ops = self.hashed = 0
+        self.sizes: dict[int, int] = {}
+        self.made: list[tuple] = []
 
 
 def plain_loads(data: bytes) -> Any:
