@@ -242,6 +242,27 @@ def _graph(steps: dict[str, dict]) -> bytes:
     return pickle.dumps({"steps": steps, "start_step": "start", "end_step": "end", "parameters": []})
 
 
+def test_a_recorded_graph_whose_hashes_or_sizes_are_not_text_and_numbers_is_not_recorded(tmp_path: Path) -> None:
+    """A run's ``_parameters`` file is written by its task: a hash that is not text made every graph request a
+    500 (a traceback), a size that is not a number was passed on as one."""
+    from local_metadata import local_task
+
+    from metaflow_stack.agent.source import AgentError
+    from metaflow_stack.ui.local_runs import LocalRuns
+
+    local_task(tmp_path)
+    parameters = tmp_path / "F" / "1" / "_parameters" / "0"
+    parameters.mkdir(parents=True)
+    objects = {"_graph_info": 5, "alpha": "ab12", "beta": "cd34", "gamma": "ef56"}
+    info = {"alpha": {"size": "big"}, "beta": "not an object", "gamma": {"size": 7}}
+    (parameters / "0.data.json").write_text(json.dumps({"objects": objects, "info": info}))
+    runs = LocalRuns(tmp_path)
+    assert runs.parameters_artifacts("F", "1") == {"alpha": ("ab12", None), "gamma": ("ef56", 7)}
+    with pytest.raises(AgentError) as missing:
+        runs.graph("F", "1")
+    assert missing.value.code == "not_found"
+
+
 def test_a_graph_recorded_larger_than_a_preview_is_not_read(tmp_path: Path) -> None:
     from metaflow_stack.agent.source import AgentError
 

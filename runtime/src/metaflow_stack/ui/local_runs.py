@@ -38,8 +38,13 @@ class LocalRuns(Details, LocalSource):
         if not found:
             raise AgentError("not_found", f"run {flow}/{run} has no recorded graph yet")
         data = self._object(found[-1])
-        info = data.get("info") or {}
-        return {name: (sha, (info.get(name) or {}).get("size")) for name, sha in (data.get("objects") or {}).items()}
+        info, objects = data.get("info"), data.get("objects")
+        info, objects = info if isinstance(info, dict) else {}, objects if isinstance(objects, dict) else {}
+        return {  # (a task writes the file: only names and hashes that are text, sizes that are numbers)
+            name: (sha, size if isinstance(size := (info.get(name) or {}).get("size"), int) else None)
+            for name, sha in objects.items()
+            if isinstance(name, str) and isinstance(sha, str) and isinstance(info.get(name) or {}, dict)
+        }
 
     def task_detail(self, parts: list[str]) -> dict[str, Any]:
         """A task's attempts (start, end, outcome) and its metadata, from its ``_meta`` files (one that holds no
