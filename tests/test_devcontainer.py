@@ -193,12 +193,14 @@ def test_a_pools_container_ends_when_its_runtime_is_killed_outright(docker_engin
     from metaflow_stack.devcontainer.launch import POOL_FOLDER, remove_orphans
     from metaflow_stack.engines.docker import DockerEngine
 
-    folders = [Path(f) for c in step_containers(docker_engine) if (f := c.config.labels.get(POOL_FOLDER))]
-    assert len(folders) == 1 and folders[0].is_dir()  # (the runtime that would have removed it is gone)
-    remove_orphans(DockerEngine())
-    assert step_containers(docker_engine) == []
-    assert not folders[0].exists()
-    shutil.rmtree(private)
+    try:
+        folders = [Path(f) for c in step_containers(docker_engine) if (f := c.config.labels.get(POOL_FOLDER))]
+        assert len(folders) == 1 and folders[0].is_dir()  # (the runtime that would have removed it is gone)
+        remove_orphans(DockerEngine())
+        assert step_containers(docker_engine) == []
+        assert not folders[0].exists()
+    finally:
+        shutil.rmtree(private)
 
 
 def test_containers_of_a_killed_trampoline_are_removed_by_the_next_run(docker_engine, base_image: str) -> None:

@@ -91,9 +91,17 @@ def test_millions_of_one_byte_opcodes_are_refused_within_the_budget(opcode: byte
         tracemalloc.stop()
 
 
-def test_a_list_of_a_hundred_thousand_values_is_within_the_budget() -> None:
-    value = [float(n) for n in range(50_000)] + [f"item {n}" for n in range(50_000)]
-    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+@pytest.mark.parametrize(
+    "value",
+    [
+        [float(n) for n in range(50_000)] + [f"item {n}" for n in range(50_000)],
+        list(range(600_000)),  # (under a MB of pickle: a preview's)
+        {f"user{n}": f"label{n % 10}" for n in range(150_000)},  # (protocol 4 memoizes each string)
+    ],
+    ids=["mixed", "numbers", "strings"],
+)
+def test_what_a_previews_megabyte_of_pickle_holds_is_within_the_budget(value: object) -> None:
+    for protocol in (2, 4):
         assert plain_loads(pickle.dumps(value, protocol=protocol)) == value
 
 

@@ -52,7 +52,7 @@ from metaflow import Flow, Task, metadata, namespace
 metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow(sys.argv[2]).latest_run
-USER = ("input", "square", "label", "alloc")
+USER = ("input", "square", "label", "alloc", "host_only")
 items = []
 for task in sorted(run["each"], key=lambda t: t.index):
     first = Task(task.pathspec, attempt=0)
@@ -1074,13 +1074,16 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     Metaflow configuration gives @kubernetes that the pods do not take (labels, here) is said, not dropped
     unsaid."""
     env = {**backend_env("kubernetes", request, tmp_path), "METAFLOW_KUBERNETES_LABELS": "team=ml"}
+    env["STACK_TEST_HOST_ONLY"] = "this machine's"  # (as its credentials: never a pod's)
     s3_root = f"{s3_bucket}/pools-{uuid.uuid4().hex[:8]}"
     done = run_flow(tmp_path, pooled=False, env=env, flow="kubernetes_pool_flow.py", s3_root=s3_root)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "the pool's pods do not take @kubernetes's labels, which this" in done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert "the pool's pods do not take @kubernetes's labels (METAFLOW_KUBERNETES_LABELS), which this" in said
     run = facts(tmp_path, "KubernetesPoolFlow")
     assert run["successful"] and run["squares"] == [0, 1, 4, 9]
     assert all(item["worker"] and item["worker"].startswith("mf-pool-each-") for item in run["items"]), run["items"]
+    assert all(item["values"]["host_only"] == "None" for item in run["items"]), run["items"]
     applied = [json.loads(line) for line in (tmp_path / "cluster" / "applied.jsonl").read_text().splitlines()]
     assert [entry["namespace"] for entry in applied] == ["pools"]
     deployment = applied[0]["deployment"]

@@ -33,6 +33,7 @@ class KubernetesPoolFlow(FlowSpec):
         if str(self.input) == os.environ.get("POOL_FLOW_FAIL"):
             raise RuntimeError(f"item {self.input} fails")
         self.square = self.input * self.input
+        self.host_only = os.environ.get("STACK_TEST_HOST_ONLY")  # (the run's, which no pod gets)
         self.next(self.join)
 
     @step

@@ -124,10 +124,10 @@ function verdict(v: Confidential): { state: string; label: string; badge: string
   if (v.attested)
     return {
       state: "attested",
-      label: "attested",
-      badge: "completed",
+      label: "attested, as recorded",
+      badge: "running",
       sentence:
-        "The run's launcher recorded that its quote passed the policy before the step's code ran; its sealed values open only in attested enclaves. This is the run's own record, unsigned: this page checked no signature.",
+        "The run recorded that its quote passed the policy before the step's code ran; its sealed values open only in attested enclaves. This is the run's own record, unsigned (its step's code could have written it): this page checked no signature.",
     };
   return {
     state: "unattested",

@@ -142,7 +142,9 @@ class LocalSource:
         self.files_read += 1
         try:
             with open_local(str(self.root), *path.relative_to(self.root).parts) as stream:
-                data = stream.read(MAX_JSON_BYTES + 1) if stream is not None else None
+                # (as large as the file says it is, not a MiB for every few hundred bytes)
+                size = min(os.fstat(stream.fileno()).st_size, MAX_JSON_BYTES) if stream is not None else 0
+                data = stream.read(size + 1) if stream is not None else None
             value = json.loads(data) if data is not None and len(data) <= MAX_JSON_BYTES else None
         except (DatastoreError, OSError, ValueError, RecursionError, MemoryError):
             value = None  # unreadable, or not JSON this parser reads: as if absent

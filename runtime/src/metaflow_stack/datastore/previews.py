@@ -123,9 +123,11 @@ class PlainUnpickler(pickle._Unpickler):
 
 
 #: Opcodes and memo entries a preview reads at most: 8 million one-byte ``MEMOIZE`` opcodes (an 8 KiB gzip
-#: blob) took 3 s and 685 MB to read; a list of 100,000 numbers, or of 50,000 strings, is 100,000 opcodes.
-MAX_PICKLE_OPS = 500_000
-MAX_PICKLE_MEMO = 200_000
+#: blob) took 3 s and 685 MB to read, 500,000 memo entries about 43 MB. What a preview's megabyte of pickle
+#: holds is within both: a list of 600,000 numbers (600,000 opcodes), a dict of 150,000 short strings to
+#: strings (Metaflow's protocol 4 memoizes every string: 300,000 memo entries).
+MAX_PICKLE_OPS = 2_000_000
+MAX_PICKLE_MEMO = 500_000
 
 
 def _budgeted(handler: Callable[[Any], None]) -> Callable[[_BudgetedUnpickler], None]:
@@ -162,7 +164,7 @@ def _sized(handler: Callable[[Any], None]) -> Callable[[_BudgetedUnpickler], Non
 
 
 #: What a preview's keys may cost to hash, all together, in values visited (``_sized``): a dict of 100,000 keys
-#: each a tuple of 400,000 values (one shared tuple and a number) is a few MB of pickle and would take minutes.
+#: each a tuple of 2,000,000 values (one shared tuple and a number) is a few MB of pickle and would take hours.
 MAX_HASHED = 4 * MAX_PICKLE_OPS
 
 

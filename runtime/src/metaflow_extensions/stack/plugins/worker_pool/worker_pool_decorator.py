@@ -196,22 +196,23 @@ class WorkerPoolDecorator(StepDecorator):
 
     @staticmethod
     def _configured_only(kubernetes: StepDecorator) -> list[str]:
-        """The settings of ``@kubernetes`` the pool's pods do not take that Metaflow's configuration gave it (not
-        the flow: those are refused): its ``METAFLOW_KUBERNETES_*`` volume claims, labels, annotations and
-        secrets, which its own pods would have had."""
+        """The settings of ``@kubernetes`` the pool's pods do not take that Metaflow's configuration gives it
+        (``METAFLOW_KUBERNETES_*``; the flow's own are refused), which its own pods would have had. Read from
+        the configuration itself: Metaflow rewrites some attributes (``disk`` from ``@resources``, say)."""
         from metaflow import metaflow_config
 
-        given = [
-            key
-            for key, value in kubernetes.attributes.items()  # (labels and annotations: from their variables)
-            if key not in KUBERNETES_APPLIED | kubernetes._user_defined_attributes
-            and value
-            and value != kubernetes.defaults.get(key)
-            and key != "gpu_vendor"
+        configured = {
+            "labels": "KUBERNETES_LABELS",
+            "annotations": "KUBERNETES_ANNOTATIONS",
+            "persistent_volume_claims": "KUBERNETES_PERSISTENT_VOLUME_CLAIMS",
+            "secrets": "KUBERNETES_SECRETS",
+            "image_pull_secrets": "KUBERNETES_IMAGE_PULL_SECRETS",
+        }
+        return [
+            f"{key} (METAFLOW_{name})"
+            for key, name in configured.items()
+            if getattr(metaflow_config, name, None) and key not in kubernetes._user_defined_attributes
         ]
-        if getattr(metaflow_config, "KUBERNETES_SECRETS", None):  # (read as its pods start, not an attribute)
-            given.append("secrets (METAFLOW_KUBERNETES_SECRETS)")
-        return given
 
     def _container_of(self, devcontainer: StepDecorator, decos: list[StepDecorator]) -> None:
         """``@devcontainer`` under ``@worker_pool``: the pool's fork server runs in one container of the
