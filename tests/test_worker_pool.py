@@ -1406,6 +1406,52 @@ def test_redis_workers_outlive_a_redis_that_stops_answering(tmp_path: Path) -> N
     assert [item["attempt"] for item in run["items"]].count(1) >= 2  # (the two in flight, lost and run again)
 
 
+def test_a_task_that_comes_while_redis_does_not_answer_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that comes while Redis is away (the retry of an attempt the outage failed) goes onto the queue once
+    Redis answers again, rather than failing at once on a connection the outage broke and spending its own
+    attempt too (the runs that failed when a Redis came back); after ``UNSERVED_S`` it fails."""
+    from metaflow_stack.pool.redis_queue import TIMEOUT_S, connect
+
+    monkeypatch.setattr(redis_dispatch, "UNSERVED_S", TIMEOUT_S + 3)
+    with redis_server(tmp_path / "redis") as url:
+        address = url.split("@")[1].split("/")[0]  # (redis-server names itself by it: its title)
+        titled = [(p, " ".join(p.info["cmdline"] or "").split()) for p in psutil.process_iter(["cmdline"])]
+        (server,) = [p for p, words in titled if address in words]
+
+        async def scenario(away_s: float) -> tuple[BaseException | None, int]:
+            client = connect(url, asynchronous=True)
+            queue = RedisQueue(client, f"mf-pool:test-away-{away_s:.0f}:each:")
+            await client.ping()  # (a connection made before the outage, as the dispatcher's are)
+            server.suspend()
+            never = asyncio.get_running_loop().create_future()
+            running = asyncio.ensure_future(
+                redis_dispatch.RedisExecutor(queue).run(Task(sys.executable, ["f.py"], {}, "/"), print, never)
+            )
+            try:
+                await asyncio.sleep(away_s)
+                server.resume()
+                for _ in range(100):  # queued once Redis answers (no worker serves it: cancelled below)
+                    if running.done() or await client.llen(queue.key("pending")):
+                        break
+                    await asyncio.sleep(0.1)
+                if running.done():
+                    return running.exception(), 0
+                return None, await client.llen(queue.key("pending"))
+            finally:
+                server.resume()
+                running.cancel()
+                with contextlib.suppress(BaseException):
+                    await running
+                await client.aclose()
+
+        failed, queued = asyncio.run(scenario(TIMEOUT_S + 1.5))  # (past the time a command waits)
+        assert failed is None and queued == 1
+        failed, _ = asyncio.run(scenario(20.0))
+        assert isinstance(failed, redis.RedisError), failed
+
+
 def test_a_redis_that_stops_answering_fails_the_task_in_seconds(tmp_path: Path) -> None:
     """A Redis that stops answering mid-task (stopped, its network gone) fails the dispatcher's commands once
     their time is up, so the attempt ends as lost (``@retry``'s to run again) rather than waiting for as long

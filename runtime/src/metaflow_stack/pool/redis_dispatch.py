@@ -7,7 +7,10 @@ renewing the claim, and also when the task left the queue but no worker
 holds it for ``TAKEN_S`` (a worker that died between taking it and
 taking its lease), and a task still queued when no worker of the pool
 has said it lives for ``UNSERVED_S`` (its pods crash, say). A task whose
-trampoline went away is cancelled: its worker kills it.
+trampoline went away is cancelled: its worker kills it. A task that comes
+while Redis does not answer (a restart, a stall) waits up to ``UNSERVED_S``
+for it before it goes onto the queue, rather than failing at once: its
+attempt is not spent on the outage that failed the one before it.
 """
 
 from __future__ import annotations
@@ -57,10 +60,26 @@ class RedisExecutor:
         self.queue, self.python = queue, python
         self.remove_workers: Callable[[], None] | None = None
 
+    async def _answering(self) -> None:
+        """Return once Redis answers a ``PING`` (which changes nothing, so asking again is safe, unlike the
+        submit itself); its last error after ``UNSERVED_S``. A connection the outage broke fails the first
+        ask, and the next takes a new one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNSERVED_S
+        while True:
+            try:
+                await self.queue.client.ping()
+                return
+            except redis.RedisError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
     async def run(self, task: Task, output: Output, abandoned: asyncio.Future) -> int | None:
         loop = asyncio.get_running_loop()
         task_id, given_up, keeper = uuid.uuid4().hex, False, None
         try:
+            await self._answering()
             await self.queue.submit(task_id, task)
             keeper = asyncio.ensure_future(self._keep(task_id))
             after, cancelled_at, taken_at, unserved_at, relayed = "0-0", None, None, None, []
