@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -569,30 +570,41 @@ def test_a_pools_pods_are_deleted_where_they_run_when_the_user_switches_clusters
     assert not none_left()
 
 
+def _answer_once(listener: Any, received: list[bytes]) -> Any:
+    """A thread in the pool's place: it takes one trampoline's request on ``listener`` (what it sent, whole, into
+    ``received``: nothing where it sent nothing) and answers exit status 0."""
+    import threading
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            body = b""
+            while chunk := connection.recv(1 << 16):
+                body += chunk
+                if len(body) >= 4 and len(body) >= 4 + int.from_bytes(body[:4], "big"):  # (the whole request)
+                    break
+            received.append(body)
+            with contextlib.suppress(BrokenPipeError):  # (a refusing trampoline is gone already)
+                connection.sendall(trampoline.reply(0))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED is Linux's")
 def test_a_trampoline_hands_its_task_to_the_pools_process_only(tmp_path: Path) -> None:
     """Another process listening on the pool's socket (a task of a sandboxed pool can write its folder)
     gets neither the task's environment nor its output: the trampoline checks who answers."""
-    import contextlib
     import socket
-    import threading
 
     address = tmp_path / "pool.sock"
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(address))
         listener.listen()
         received: list[bytes] = []
-
-        def answer() -> None:
-            connection, _ = listener.accept()
-            with connection:
-                received.append(connection.recv(1 << 16))
-                with contextlib.suppress(BrokenPipeError):  # (a refusing trampoline is gone already)
-                    connection.sendall(trampoline.reply(0))
-
         for peer, code in ((1, 1), (os.getpid(), 0)):  # pid 1 is not this test: refused; this test: served
-            server = threading.Thread(target=answer, daemon=True)
-            server.start()
+            server = _answer_once(listener, received)
             line = trampoline_command(address, peer, [sys.executable, "f.py"])
             done = subprocess.run(line, capture_output=True, text=True, timeout=30, env={"SECRET": "s"})
             assert done.returncode == code, done.stderr
@@ -612,7 +624,6 @@ def test_a_trampoline_hands_a_sandboxed_or_remote_pool_only_the_variables_it_nam
     forked tasks hold its heap (the host's credentials could be read from a task's memory), and the queue
     and other machines."""
     import socket
-    import threading
 
     from metaflow_stack.pool.contained import PASSED_VARIABLE
 
@@ -621,24 +632,13 @@ def test_a_trampoline_hands_a_sandboxed_or_remote_pool_only_the_variables_it_nam
         listener.bind(str(address))
         listener.listen()
         received: list[bytes] = []
-
-        def answer() -> None:
-            connection, _ = listener.accept()
-            with connection:
-                body = b""
-                while len(body) < 4 or len(body) < 4 + int.from_bytes(body[:4], "big"):
-                    body += connection.recv(1 << 16)
-                received.append(body[4:])
-                connection.sendall(trampoline.reply(0))
-
-        server = threading.Thread(target=answer, daemon=True)
-        server.start()
+        server = _answer_once(listener, received)
         env = {"SECRET": "host's", "METAFLOW_INPUT_PATHS_0": "p", PASSED_VARIABLE: "METAFLOW_INPUT_PATHS_0,GONE"}
         line = trampoline_command(address, os.getpid(), [sys.executable, "f.py"])
         done = subprocess.run(line, capture_output=True, text=True, timeout=30, env=env)
         server.join(timeout=10)
     assert done.returncode == 0, done.stderr
-    _, _, sent, _ = trampoline.decode(received[0])
+    _, _, sent, _ = trampoline.decode(received[0][4:])
     assert sent == {"METAFLOW_INPUT_PATHS_0": "p", PASSED_VARIABLE: "METAFLOW_INPUT_PATHS_0,GONE"}
     assert trampoline.PASSED.decode() == PASSED_VARIABLE
 
