@@ -7,10 +7,11 @@ renewing the claim, and also when the task left the queue but no worker
 holds it for ``TAKEN_S`` (a worker that died between taking it and
 taking its lease), and a task still queued when no worker of the pool
 has said it lives for ``UNSERVED_S`` (its pods crash, say). A task whose
-trampoline went away is cancelled: its worker kills it. A task that comes
-while Redis does not answer (a restart, a stall) waits up to ``UNSERVED_S``
-for it before it goes onto the queue, rather than failing at once: its
-attempt is not spent on the outage that failed the one before it.
+trampoline went away is cancelled: its worker kills it. The first task, and
+each one after a command of Redis's failed (a restart, a stall), waits up to
+``UNSERVED_S`` for Redis to answer before it goes onto the queue, rather
+than failing at once: a retry is not spent on the outage that failed the
+attempt before it. Otherwise no task pays for the look.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class RedisExecutor:
     def __init__(self, queue: RedisQueue, python: str = sys.executable) -> None:
         self.queue, self.python = queue, python
         self.remove_workers: Callable[[], None] | None = None
+        self.unsure = True  # (whether Redis may not answer: before the first task, and after any failure)
 
     async def _answering(self) -> None:
         """Return once Redis answers a ``PING`` (which changes nothing, so asking again is safe, unlike the
@@ -79,7 +81,9 @@ class RedisExecutor:
         loop = asyncio.get_running_loop()
         task_id, given_up, keeper = uuid.uuid4().hex, False, None
         try:
-            await self._answering()
+            if self.unsure:
+                await self._answering()
+                self.unsure = False
             await self.queue.submit(task_id, task)
             keeper = asyncio.ensure_future(self._keep(task_id))
             after, cancelled_at, taken_at, unserved_at, relayed = "0-0", None, None, None, []
@@ -120,7 +124,7 @@ class RedisExecutor:
                     await output(2, f"worker pool: the worker running this task {why}\n".encode())
                     return trampoline.POOL_LOST
         except Exception:  # given up (Redis failed a command, say): a worker holding it must not go on beside
-            given_up = True  # the retry, if Redis can still be told at all (else the pool's purge clears it)
+            given_up = self.unsure = True  # the retry, if Redis can still be told at all (else the purge clears it)
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 await asyncio.wait_for(self._give_up(task_id), TIMEOUT_S)
             raise

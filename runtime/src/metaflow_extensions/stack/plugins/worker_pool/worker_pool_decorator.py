@@ -131,6 +131,7 @@ class WorkerPoolDecorator(StepDecorator):
         # (read here: an @environment written above this decorator, or added by --with, sets its variables
         # after this one's runtime_step_cli has named what a task takes to its pool)
         self.step_variables = [str(n) for d in decos if d.name == "environment" for n in d.attributes["vars"]]
+        self.settings_names: set[str] | None = None  # (``_passed``'s, read with the first task)
         if self.own_environment:
             self._environment_here(environment.TYPE)
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
@@ -346,14 +347,14 @@ class WorkerPoolDecorator(StepDecorator):
         or the pod's identity)."""
         if self.devcontainer is None and self.attributes["backend"] not in ("kubernetes", "nomad"):
             return None
-        names = {*env, *self.step_variables, "METAFLOW_RUN_ID", "PYTHONUNBUFFERED"}  # (the runtime's own two)
-        if self.devcontainer is None:
+        if self.settings_names is None:  # (once per step: every task's are the same)
             from metaflow_stack.elsewhere import metaflow_settings
 
             # (and who runs it: a pod has no USER, and its warm workers read Metaflow's settings, METAFLOW_USER
             # among them, before any task came; Metaflow then asks these, as each task starts)
-            names |= {*metaflow_settings(), "SUDO_USER", "USERNAME", "USER"}
-        return names
+            remote = self.devcontainer is None
+            self.settings_names = {*metaflow_settings(), "SUDO_USER", "USERNAME", "USER"} if remote else set()
+        return {*env, *self.step_variables, "METAFLOW_RUN_ID", "PYTHONUNBUFFERED", *self.settings_names}
 
     def runtime_finished(self, exception) -> None:
         cls = type(self)
