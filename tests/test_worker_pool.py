@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -322,6 +323,48 @@ def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, reque
     assert not pods_left(env)
     if URL_VARIABLE in env:
         assert not pool_keys(env[URL_VARIABLE])
+
+
+#: A Ray cluster of its own (as ``ray start --head`` makes one, without its fixed-port services), its address
+#: printed once it answers; SIGTERM stops it.
+RAY_CLUSTER = """
+import signal, sys, ray
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1])
+print(ray.get_runtime_context().gcs_address, flush=True)
+try:
+    signal.pause()
+finally:
+    ray.shutdown()
+"""
+
+
+def test_a_ray_clusters_actors_get_the_runs_metaflow_settings_not_its_environment(tmp_path: Path) -> None:
+    """With ``RAY_ADDRESS``, the actors are a cluster's, as a ``@kubernetes`` pod is: each task gets what
+    ``@kubernetes`` would send (what Metaflow and the step's decorators set, the run's Metaflow settings) over
+    the actor's own environment (its node's, as Ray's own tasks), never the rest of the runtime's (its
+    credentials), which went through Ray to every actor."""
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # (a cluster as it should be set up)
+    quiet = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    folder = tempfile.mkdtemp(prefix="mf-ray-")  # (a short path: Ray's sockets are in it)
+    line = [sys.executable, "-c", RAY_CLUSTER, folder]
+    cluster = subprocess.Popen(line, env={**quiet, **auth}, stdout=subprocess.PIPE, text=True)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address, "the test's Ray cluster did not start"
+        env = {**auth, "RAY_ADDRESS": address, "STACK_TEST_HOST_ONLY": "this machine's", "POOL_FLOW_FLAKY": "1"}
+        done = run_flow(tmp_path, "--n", "3", env=env, backend="ray")
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = facts(tmp_path)
+        assert run["squares"] == [0, 1, 4] and [item["attempt"] for item in run["items"]] == [0, 1, 0]
+        assert all(item["values"]["host_only"] == "None" for item in run["items"]), run["items"]
+        assert all(item["worker"] and item["worker"].startswith("each@") for item in run["items"]), run["items"]
+    finally:
+        cluster.terminate()
+        cluster.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert not none_left()
 
 
 @pytest.mark.parametrize("backend", ["local", "redis", "ray"])

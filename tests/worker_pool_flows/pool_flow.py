@@ -78,6 +78,7 @@ class PoolFlow(FlowSpec):
             raise RuntimeError(f"{self.input} failed on attempt {current.retry_count}")
         self.square = index * index
         self.label = self.input.upper()
+        self.host_only = os.environ.get("STACK_TEST_HOST_ONLY")  # (the run's own: never a cluster's worker's)
         self.next(self.join)
 
     @step

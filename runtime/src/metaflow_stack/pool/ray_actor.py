@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from metaflow_stack.pool import trampoline
-from metaflow_stack.pool.child import Task
+from metaflow_stack.pool.child import Task, on_this_machine
 from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.slot import Running, Slot
 
@@ -59,6 +59,8 @@ class PoolActor:
         if token in self.cancelled:  # cancelled before it started
             self.cancelled.discard(token)
             return
+        if self.slot.parent is None:  # a cluster's node: its own environment (as Ray's tasks), the task's over it
+            task = on_this_machine(task, self.slot.flow_file)
         env = {**task.env, **{name: os.environ[name] for name in RAY_ASSIGNED if name in os.environ}}
         running = self.slot.submit(task, env)
         self.running[token] = running

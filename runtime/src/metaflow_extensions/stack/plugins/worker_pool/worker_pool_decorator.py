@@ -132,6 +132,9 @@ class WorkerPoolDecorator(StepDecorator):
         # after this one's runtime_step_cli has named what a task takes to its pool)
         self.step_variables = [str(n) for d in decos if d.name == "environment" for n in d.attributes["vars"]]
         self.settings_names: set[str] | None = None  # (``_passed``'s, read with the first task)
+        # (whether the workers run on other machines, which the run's own environment does not reach)
+        remote_backends = ("kubernetes", "nomad", "ray") if os.environ.get("RAY_ADDRESS") else ("kubernetes", "nomad")
+        self.remote = self.attributes["backend"] in remote_backends
         if self.own_environment:
             self._environment_here(environment.TYPE)
         elsewhere = [d.name for d in decos if d.name in ELSEWHERE]
@@ -344,8 +347,8 @@ class WorkerPoolDecorator(StepDecorator):
         step's decorators set for it; to workers on other machines, that and the run's Metaflow settings,
         what ``@kubernetes`` and ``@nomad`` send a task; never the rest of this machine's environment (its
         credentials: those a pod needs come as ``@kubernetes`` tasks' do, from ``@environment``, a Secret
-        or the pod's identity)."""
-        if self.devcontainer is None and self.attributes["backend"] not in ("kubernetes", "nomad"):
+        or the pod's identity; a Ray cluster's actors, as Ray's own tasks, have their node's)."""
+        if self.devcontainer is None and not self.remote:
             return None
         if self.settings_names is None:  # (once per step: every task's are the same)
             from metaflow_stack.elsewhere import metaflow_settings
