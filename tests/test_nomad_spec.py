@@ -55,7 +55,8 @@ def test_a_shells_braces_reach_the_task_as_written_not_as_nomads_templates() -> 
 
 def test_a_pools_workers_are_a_service_job_of_count_allocations_stopped_by_sigterm() -> None:
     """Nomad keeps a pool's workers running (a service job, its restart defaults) and stops them with the
-    signal they stop on, not exec's and raw_exec's default SIGINT, which a worker ignores."""
+    signal they stop on, not exec's and raw_exec's default SIGINT, which a worker ignores; each holds its
+    workload identity."""
     placement = Placement(cpu=2, memory=1024, driver="raw_exec", namespace="ml")
     job = registered(workers_job("mf-pool-each-1", COMMAND, {"A": "1"}, placement, {"k": "v"}, 3))
     (group,) = job["TaskGroups"]
@@ -63,6 +64,7 @@ def test_a_pools_workers_are_a_service_job_of_count_allocations_stopped_by_sigte
     assert "RestartPolicy" not in group and "ReschedulePolicy" not in group
     (task,) = group["Tasks"]
     assert task["KillSignal"] == "SIGTERM" and task["Driver"] == "raw_exec" and task["Env"] == {"A": "1"}
+    assert task["Identity"] == {"Env": True}  # (it reads its job's variable with it)
     assert task["Config"] == {"command": "sh", "args": ["-c", "python flow.py step train"]}
     assert task["Resources"] == {"MemoryMB": 1024, "Cores": 2}
 

@@ -28,6 +28,8 @@ from conftest import PROJECT, VENV_BIN, gone, need
 from devservers import free_port, redis_server
 from nomad_jobs import jobs_left
 
+from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Settings
+from metaflow_stack.engines.nomad.job_variable import variable_path
 from metaflow_stack.pool import handover, redis_dispatch, redis_queue, trampoline
 from metaflow_stack.pool.child import Task
 from metaflow_stack.pool.local import TRAMPOLINE_FOLDER, LocalPool, trampoline_command
@@ -1168,6 +1170,55 @@ def test_a_pool_over_nomad_runs_its_items_on_one_jobs_allocations(
     assert len(allocations) <= 2 and "None" not in allocations, allocations  # (items ran in the job's allocations)
     assert "Nomad job" not in done.stdout + done.stderr  # (no job per task: nothing said of one)
     assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
+    with NomadClient(nomad_agent) as client, pytest.raises(NotFound):  # (the queue's URL went with the job)
+        client.variable(variable_path(workers[0].rsplit("/", 1)[0]))
+
+
+def test_a_nomad_worker_that_cannot_read_its_jobs_variable_says_why_in_one_line(tmp_path: Path) -> None:
+    """Its last line is what the runtime reports for a worker that ended before it was ready."""
+    from metaflow_stack.pool.redis_pool import WORKER
+
+    env = {**os.environ, "NOMAD_JOB_ID": "mf-pool-each-1", "NOMAD_SECRETS_DIR": str(tmp_path), "NOMAD_TOKEN": "t"}
+    line = [
+        sys.executable,
+        "-c",
+        WORKER,
+        "mf-pool:1:each",
+        "flow.py",
+        "mf-pool-each-1/0",
+        "--detached",
+        "--job-variable",
+    ]
+    done = subprocess.run(line, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "worker pool: the queue's URL in the Nomad variable nomad/jobs/mf-pool-each-1 could not be read: its agent's "
+        "Task API does not answer at $NOMAD_SECRETS_DIR/api.sock (fix: Nomad 1.5 or later, with a data_dir short "
+        "enough for a socket's path)"
+    )
+
+
+def test_a_nomad_pools_job_holds_none_of_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever may read a Nomad job sees its spec: the queue's URL (its password) and the metadata service's
+    key and headers go into the job's own variable, which only its workers read, and the rest of the run's
+    Metaflow settings into the spec."""
+    from metaflow_stack.engines.nomad.jobspec import Placement
+    from metaflow_stack.pool.nomad_pool import NomadPool
+
+    monkeypatch.setenv("METAFLOW_SERVICE_HEADERS", '{"x-api-key": "header-secret"}')
+    monkeypatch.setenv("METAFLOW_SERVICE_AUTH_KEY", "key-secret")
+    monkeypatch.setenv("METAFLOW_SERVICE_URL", "http://service.example:8080")
+    url = "redis://:url-secret@redis.example:6379/0"
+    placement = Placement(driver="raw_exec")
+    pool = NomadPool("flow.py", 2, "each", url, "mf-pool:1:each", placement, Settings(address="http://n:4646"))
+    job = json.dumps(pool.render())
+    assert not [word for word in ("url-secret", "header-secret", "key-secret") if word in job]
+    assert "http://service.example:8080" in job and "--job-variable" in job
+    assert pool.secrets == {
+        "METAFLOW_SERVICE_HEADERS": '{"x-api-key": "header-secret"}',
+        "METAFLOW_SERVICE_AUTH_KEY": "key-secret",
+        URL_VARIABLE: url,
+    }
 
 
 def test_a_pool_over_nomad_that_nomad_cannot_place_fails_the_step_in_one_line(
@@ -1221,7 +1272,6 @@ def test_nomad_workers_that_say_only_the_older_ready_are_named_when_the_wait_end
     the Nomad double (raw_exec jobs, their output read through the allocations' logs), the wait cut short."""
     from devservers import nomad_double
 
-    from metaflow_stack.engines.nomad.client import NomadClient, Settings
     from metaflow_stack.engines.nomad.jobspec import Placement, workers_job
     from metaflow_stack.errors import StackError
     from metaflow_stack.pool import nomad_pool

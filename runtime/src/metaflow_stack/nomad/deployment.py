@@ -35,6 +35,7 @@ from typing import Any
 
 from metaflow_stack.elsewhere import in_double_quotes
 from metaflow_stack.engines.nomad.client import NomadClient, Refused
+from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, variable_path
 from metaflow_stack.engines.nomad.jobspec import Placement, namespace_name, task_job
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
@@ -54,8 +55,6 @@ STEP_IMAGE_VARIABLE = "METAFLOW_STACK_NOMAD_STEP_IMAGE"
 #: endpoint's "ACL Required" in Nomad's API docs (register and purge, read evaluations and allocations,
 #: follow logs, list the jobs a killed run left to purge them).
 STEP_CAPABILITIES = ("submit-job", "read-job", "read-logs", "list-jobs")
-#: The run's settings that are credentials: kept in the job's variable, with what ``--env-var`` passes.
-SECRET_SETTINGS = ("METAFLOW_SERVICE_AUTH_KEY", "METAFLOW_SERVICE_HEADERS")
 #: What a shell takes as a variable's name (the job exports its credentials by these names).
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: ``Meta`` keys naming what ``create`` made beside the job (its credentials' variable, its steps' policy), so
@@ -174,11 +173,6 @@ def deployed_job(
         if timezone:
             job["Periodic"]["TimeZone"] = timezone
     return job
-
-
-def variable_path(job: str) -> str:
-    """Where the job's credentials are kept: the Nomad Variable that, of all workloads, only its own read."""
-    return f"nomad/jobs/{job}"
 
 
 def secrets_of(env: dict[str, str], passed: Iterable[str]) -> dict[str, str]:

@@ -12,9 +12,10 @@ import os
 import shlex
 import sys
 
-from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Refused, Settings, Unavailable
+from metaflow_stack.engines.nomad.client import NotFound, Refused, Unavailable
+from metaflow_stack.engines.nomad.job_variable import NO_TASK_API, read_own, variable_path
 from metaflow_stack.errors import StackError
-from metaflow_stack.nomad.deployment import VARIABLE_NAME, variable_path
+from metaflow_stack.nomad.deployment import VARIABLE_NAME
 
 
 def exports(items: dict[str, str]) -> str:
@@ -30,17 +31,13 @@ def main() -> int:
     job = os.environ.get("NOMAD_JOB_PARENT_ID") or os.environ.get("NOMAD_JOB_ID", "")
     path = variable_path(job)
     try:
-        with NomadClient(Settings.from_env()) as client:
-            sys.stdout.write(exports(client.variable(path)))
+        sys.stdout.write(exports(read_own(job)))
     except NotFound:
         said = "it is gone (fix: deploy the flow again: `nomad create` writes it)"
     except Refused:
         said = "the job's identity may not read it (fix: deploy the flow again with `nomad create`, which gives it one)"
-    except Unavailable:  # (Nomad opens no socket, and says nothing, where its path is too long)
-        said = (
-            "its agent's Task API does not answer at $NOMAD_SECRETS_DIR/api.sock (fix: Nomad 1.5 or later, "
-            "with a data_dir short enough for a socket's path)"
-        )
+    except Unavailable:
+        said = NO_TASK_API
     except StackError as exc:
         said = str(exc)
     else:

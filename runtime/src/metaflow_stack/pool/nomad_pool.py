@@ -14,7 +14,11 @@ workers (SIGTERM: a worker kills the item it runs, whose attempt is then
 lost and retried), when it stops, which it does however the run ends. The
 workers must see the flow's file at the run's path (in their image, or on
 the client for ``exec`` and ``raw_exec``), reach Redis at the workers' URL
-and a datastore both sides share.
+and a datastore both sides share. What the workers need that is a credential
+(the queue's URL, with its password; the metadata service's key and headers)
+is kept out of the job's spec, which whoever may read the job sees: in the
+job's own Nomad Variable, which the workers read as they start with their
+workload identity, and which goes with the job.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from dataclasses import replace
 from typing import Any
 
 from metaflow_stack.elsewhere import Launcher, metaflow_settings
-from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
+from metaflow_stack.engines.nomad.client import NomadClient, Refused, Settings, Unavailable
+from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, variable_path
 from metaflow_stack.engines.nomad.jobspec import KILL_TIMEOUT_NS, TASK, Placement, workers_job
 from metaflow_stack.engines.nomad.orphans import OWNER, sweep
 from metaflow_stack.engines.nomad.watch import ENDED, NOT_STARTED, ending, last_lines, wait_placed
@@ -59,23 +64,36 @@ class NomadPool(ClusterPool):
         # The dispatcher's: which job to purge, where.
         self.args += [self.workers_name, self.agent.namespace or "", self.agent.region or ""]
         self.eval_id: str | None = None
+        self.secrets: dict[str, str] = {}  # (the job's variable: ``render`` fills it, ``place`` writes it)
 
     def render(self) -> dict[str, Any]:
         """The workers' job: the Redis worker, detached (it stops on SIGTERM, not when a pipe closes), named
-        for its allocation; the run's Metaflow settings and the queue's URL in its environment."""
+        for its allocation; the run's Metaflow settings in its environment, but for the credentials among
+        them and the queue's URL (``secrets``: the job's variable, which ``place`` writes)."""
         # Named for its allocation by the shell, from the variables Nomad gives every task.
-        named = 'exec python -u -c "$0" "$@" "$NOMAD_JOB_ID/$NOMAD_ALLOC_INDEX" --detached'
+        named = 'exec python -u -c "$0" "$@" "$NOMAD_JOB_ID/$NOMAD_ALLOC_INDEX" --detached --job-variable'
         command = ["sh", "-c", named, WORKER, self.prefix, self.flow_file]
-        url = private(readable(os.environ.get(WORKERS_URL_VARIABLE) or self.url))
-        env = {**metaflow_settings(), URL_VARIABLE: url}
+        env = metaflow_settings()
+        self.secrets = {name: env.pop(name) for name in SECRET_SETTINGS if name in env}
+        self.secrets[URL_VARIABLE] = private(readable(os.environ.get(WORKERS_URL_VARIABLE) or self.url))
         if self.placement.driver == "docker":
             env["HOME"] = "/tmp"  # (the image's user may have none; exec and raw_exec keep the client's)
         meta = {"metaflow-stack.pool": self.prefix, OWNER: Launcher.this().label}  # (a killed run's: swept)
         return workers_job(self.workers_name, command, env, self.placement, meta, self.size)
 
     def place(self, rendered: dict[str, Any]) -> None:
+        path = variable_path(self.workers_name)
         with NomadClient(self.agent) as client:
             sweep(client, WORKERS_PREFIX)  # the pools of runs killed outright, which could not purge their own
+            try:
+                client.put_variable(path, self.secrets)
+            except Refused:
+                raise StackError(
+                    f"your Nomad token may not write the variable {path}, where the pool's workers find the "
+                    "queue's URL",
+                    fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", '
+                    f'"destroy"] }} }}` in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
+                ) from None
             self.eval_id = client.register(rendered)
 
     def wait_workers(self) -> None:
@@ -96,13 +114,14 @@ class NomadPool(ClusterPool):
 
 
 def purge(agent: Settings, job: str) -> None:
-    """Stop and forget the workers' job, and wait (``STOP_S`` at most) until its allocations have stopped
-    (Nomad stops them after it answers); say what may be left, and how to remove it, if Nomad cannot or
-    they outlast the wait (stopping goes on)."""
+    """Stop and forget the workers' job and its variable, and wait (``STOP_S`` at most) until its
+    allocations have stopped (Nomad stops them after it answers); say what may be left, and how to remove
+    it, if Nomad cannot or they outlast the wait (stopping goes on)."""
     deadline, index, running = time.monotonic() + STOP_S, 0, []
     try:
         with NomadClient(agent) as client:
             client.deregister(job)
+            forget_variable(client, job)
             while time.monotonic() < deadline:
                 allocations, index = client.allocations(job, index, wait_s=POLL_S, outage_s=0)
                 running = [a["ID"] for a in allocations if a.get("ClientStatus") not in ENDED]
@@ -113,6 +132,16 @@ def purge(agent: Settings, job: str) -> None:
     except StackError as exc:
         said, fix = f"the Nomad job {job} may be left: {exc.message}", f"nomad job stop -purge {job}"
     print(f"worker pool: {said} (fix: {fix})", file=sys.stderr, flush=True)
+
+
+def forget_variable(client: NomadClient, job: str) -> None:
+    """Remove ``job``'s variable (the queue's URL); say it, and how to remove it, where Nomad cannot."""
+    path = variable_path(job)
+    try:
+        client.delete_variable(path)
+    except StackError as exc:
+        fix = f"nomad var purge -namespace {client.namespace} {path}"
+        print(f"worker pool: the Nomad variable {path} may be left: {exc.message} (fix: {fix})", file=sys.stderr)
 
 
 def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:

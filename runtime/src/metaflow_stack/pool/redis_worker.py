@@ -25,7 +25,10 @@ run ends), says it is ready in ``READY_FILE`` too (the pod's readiness
 probe), and runs each task on its own machine's terms: this interpreter,
 this machine's environment with the task's variables over it (those that
 name the runtime's machine left out), the flow's folder when the task's
-folder is not here.
+folder is not here. With ``--job-variable`` (a Nomad job's worker) it first
+reads what its job keeps out of its spec (the queue's URL, the metadata
+service's credentials) from the job's own Nomad Variable, with its workload
+identity, into its environment, before Metaflow reads its settings.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import redis
 
+from metaflow_stack.errors import StackError
 from metaflow_stack.pool.child import DRAIN_S, Task, fork_task, on_this_machine, warm, with_group
 from metaflow_stack.pool.local import Interpreter
 from metaflow_stack.pool.processes import say_ready
@@ -195,13 +199,37 @@ def options(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--detached", action="store_true")
     parser.add_argument("--interpreter", help="the step's own environment's Interpreter, as JSON")
     parser.add_argument("--folder", help="where that environment's fork server keeps its folder")
+    parser.add_argument("--job-variable", action="store_true", help="read the Nomad job's variable first")
     return parser.parse_args(argv)
+
+
+def read_job_variable() -> None:
+    """The Nomad job's own variable (``job_variable``) into this worker's environment; exits with one line
+    (the last its job's allocation shows, which the runtime reports) where it cannot be read."""
+    from metaflow_stack.engines.nomad.client import NotFound, Refused, Unavailable
+    from metaflow_stack.engines.nomad.job_variable import NO_TASK_API, read_own, variable_path
+
+    job = os.environ.get("NOMAD_JOB_ID", "")
+    try:
+        os.environ.update(read_own(job))
+        return
+    except NotFound:
+        said = "it is gone: the run that started this pool has ended"
+    except Refused:
+        said = "this worker's identity may not read it (fix: Nomad 1.4 or later, whose jobs read their own)"
+    except Unavailable:
+        said = NO_TASK_API
+    except StackError as exc:
+        said = str(exc)
+    sys.exit(f"worker pool: the queue's URL in the Nomad variable {variable_path(job)} could not be read: {said}")
 
 
 def main() -> None:
     args = options(sys.argv[1:])
     flow_file, name = args.flow_file, args.name
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
+    if args.job_variable:
+        read_job_variable()
     lifeline = Lifeline(detached=args.detached)
     if lifeline.detached:
         Path(tempfile.gettempdir(), READY_FILE).unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)

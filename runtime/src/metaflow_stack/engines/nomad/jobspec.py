@@ -184,8 +184,10 @@ def workers_job(
 ) -> dict[str, Any]:
     """A service job of ``count`` long-running workers (a worker pool's): Nomad keeps them running,
     restarting one that dies as its defaults say, until the job is purged. They stop on SIGTERM, which
-    is asked for: Nomad's default for ``exec`` and ``raw_exec`` is SIGINT."""
-    return _job(job, "service", {"Count": count}, command, env, placement, meta, {"KillSignal": "SIGTERM"})
+    is asked for: Nomad's default for ``exec`` and ``raw_exec`` is SIGINT. Each holds its workload identity
+    (``NOMAD_TOKEN``), with which it reads the job's credentials from the job's own variable (``job_variable``)."""
+    task = {"KillSignal": "SIGTERM", "Identity": {"Env": True}}
+    return _job(job, "service", {"Count": count}, command, env, placement, meta, task)
 
 
 def _job(

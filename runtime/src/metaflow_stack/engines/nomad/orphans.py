@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines.nomad.client import NomadClient
+from metaflow_stack.engines.nomad.job_variable import variable_path
 from metaflow_stack.errors import StackError
 
 #: ``Meta`` key naming what waits for the job (``elsewhere.Launcher.label``).
@@ -14,7 +15,8 @@ OWNER = "metaflow-stack.owner"
 
 
 def sweep(client: NomadClient, prefix: str = "mf-") -> int:
-    """Purge the jobs whose launcher on this host is gone (killed outright, it could not); how many."""
+    """Purge the jobs whose launcher on this host is gone (killed outright, it could not), and their
+    variables; how many."""
     gone = 0
     try:
         jobs = client.jobs(prefix)
@@ -25,6 +27,7 @@ def sweep(client: NomadClient, prefix: str = "mf-") -> int:
         if launcher is not None and launcher.gone():
             try:
                 client.deregister(job["ID"])
+                client.delete_variable(variable_path(job["ID"]))  # (a pool's keeps its queue's URL: none is no error)
             except StackError:  # (another's to purge, or a refusal: the sweep is a courtesy, not the run's work)
                 continue
             gone += 1
