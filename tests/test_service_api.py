@@ -306,18 +306,20 @@ def test_foreach_items_are_bounded_and_a_long_stack_is_not_parsed(client: TestCl
     """A stack is what led to the task (Metaflow records 256 characters of it); a client may store a 64 KiB
     literal of 32,000 items, each parsed and sent on every read of the run's tasks."""
     number = new_run(client)["run_number"]
-    many, long, huge = (new_task(client, "F", number, "fan") for _ in range(3))
+    many, long, escaped, huge = (new_task(client, "F", number, "fan") for _ in range(4))
     stacks = {
         many["task_id"]: str([f"i={n}" for n in range(40)]),
         long["task_id"]: str(["i=" + "x" * 400]),
+        escaped["task_id"]: str(["i=" + "\U000e0001" * 200]),  # (as Metaflow may write it: 2 KiB as a repr)
         huge["task_id"]: "[" + "0," * 32_000 + "]",
     }
-    for task in (many, long, huge):
+    for task in (many, long, escaped, huge):
         datum = {"field_name": "foreach-stack", "value": stacks[task["task_id"]], "type": "foreach-stack"}
         assert client.post(_metadata_path(task), json=[datum]).status_code == 200
     shown = {t["task_id"]: t["foreach"] for t in client.get(f"/flows/F/runs/{number}/tasks").json()}
     assert shown[many["task_id"]] == [f"i={n}" for n in range(FOREACH_ITEMS)]
     assert shown[long["task_id"]] == [("i=" + "x" * 400)[:FOREACH_CHARS]]
+    assert shown[escaped["task_id"]] == [("i=" + "\U000e0001" * 200)[:FOREACH_CHARS]]
     assert shown[huge["task_id"]] == []
 
 

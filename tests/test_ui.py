@@ -275,6 +275,7 @@ def test_a_graph_recorded_larger_than_a_preview_is_not_read(tmp_path: Path) -> N
 def test_a_graph_that_understates_its_size_is_read_no_further_than_a_preview(tmp_path: Path) -> None:
     from metaflow_stack.agent.source import AgentError
     from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
+    from metaflow_stack.ui.details import CACHED_GRAPH_BYTES
 
     big = _graph({"start": {"doc": "x" * 2 * 2**20}})  # 2 MiB, a few KB stored, said to be 100 bytes
     source = _recorded_graph(tmp_path, _stored(tmp_path, "F", big), 100)
@@ -282,7 +283,8 @@ def test_a_graph_that_understates_its_size_is_read_no_further_than_a_preview(tmp
     source.blobs.read = lambda *args, **kwargs: sizes.append(len(data := read(*args, **kwargs))) or data
     with pytest.raises(AgentError) as refused:
         source.graph("F", "1")
-    assert refused.value.code == "too_large" and sizes == [MAX_PREVIEW_BYTES + 1]
+    # (first as a graph small enough to keep might be: no further than that)
+    assert refused.value.code == "too_large" and sizes == [CACHED_GRAPH_BYTES + 1, MAX_PREVIEW_BYTES + 1]
 
 
 def test_a_graph_sharing_one_long_docstring_between_its_steps_is_refused(tmp_path: Path) -> None:
@@ -303,6 +305,21 @@ def test_a_graph_is_read_once_for_every_run_that_records_it(tmp_path: Path) -> N
     first, again = source.graph("F", "1"), source.graph("F", "2")
     assert first == again and first["steps"]["start"]["next"] == ["end"]
     assert source.blobs.reads == 1
+
+
+def test_a_graph_too_large_to_keep_is_read_for_each_request(tmp_path: Path) -> None:
+    """A run may record a graph of up to a preview's megabyte, whose parse holds tens of MB: the UI keeps
+    parsed only graphs the size Metaflow's are, so 64 runs cannot make it hold gigabytes."""
+    from metaflow_stack.datastore.previews import MAX_PREVIEW_BYTES
+    from metaflow_stack.ui.details import CACHED_GRAPH_BYTES
+
+    recorded = _graph({f"step{i}": {"type": "linear", "doc": f"{i}" * 50} for i in range(3_000)})
+    assert CACHED_GRAPH_BYTES < len(recorded) < MAX_PREVIEW_BYTES
+    for said in (len(recorded), 100):  # (its size as recorded, or understated: a task writes it)
+        source = _recorded_graph(tmp_path / str(said), _stored(tmp_path / str(said), "F", recorded), said)
+        first, again = source.graph("F", "1"), source.graph("F", "1")
+        assert first == again and len(first["steps"]) == 3_000
+        assert source.blobs.reads == (2 if said == len(recorded) else 3)  # (understated: the small read, once)
 
 
 def test_the_run_page_draws_every_step_edge_and_foreach_item(ui: Ui, chromium) -> None:

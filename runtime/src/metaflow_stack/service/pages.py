@@ -393,9 +393,10 @@ def _task_with_status(row: Any) -> dict[str, Any]:
     return rows.task(row, _run_tags(row)) | extra | recorded
 
 
-#: The longest stored foreach stack parsed: Metaflow records at most 256 characters of items, a few hundred as
-#: their repr, while each item of a literal costs its parse (a 64 KiB list of 32,000 cost 0.1 s, every read).
-_FOREACH_MAX = 1024
+#: The longest stored foreach stack parsed: Metaflow records at most 256 characters of items, whose repr is under
+#: 3 KiB even with every character escaped (``\U0001f600``: 10 each) and each item's quotes and comma, while each
+#: item of a literal costs its parse (a 64 KiB list of 32,000 cost 0.1 s, every read).
+_FOREACH_MAX = 4096
 
 
 def _foreach(value: str | None) -> list[str]:

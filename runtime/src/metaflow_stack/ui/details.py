@@ -56,6 +56,9 @@ class Details:
 #: Characters of text a graph is answered with at most: its pickle's bound, four times over for the short
 #: strings (step types, decorator names) Metaflow's graphs share between steps.
 MAX_GRAPH_CHARACTERS = 4 * MAX_PREVIEW_BYTES
+#: The largest graph pickle kept parsed between requests (64 of them at most): a 1 MiB one parses into tens of
+#: MB of small objects, which 64 runs could make the UI hold.
+CACHED_GRAPH_BYTES = 64 * 1024
 
 
 class _Refused(Exception):
@@ -66,16 +69,33 @@ class _Refused(Exception):
         self.code = code
 
 
-@lru_cache(maxsize=64)
 def _shape(blobs: Blobs, flow: str, sha: str, size: int | None) -> dict[str, Any]:
-    """The recorded graph's text, its parameters by name only (their values are previewed per request).
-    Keyed by content hash, so a stored graph is read and parsed once; a refusal is not kept."""
+    """The recorded graph's text, its parameters by name only (their values are previewed per request). A
+    graph of ``CACHED_GRAPH_BYTES`` or less (Metaflow's are a few KB) is read and parsed once; a larger one
+    (a run wrote it) on every request, so what the cache holds stays bounded. A refusal is not kept."""
     too_large = _Refused("too_large", f"is larger than {MAX_PREVIEW_BYTES // 2**20} MiB")
     if size is not None and size > MAX_PREVIEW_BYTES:
         raise too_large
+    shape = _small_shape(blobs, flow, sha) if size is None or size <= CACHED_GRAPH_BYTES else None
+    if shape is not None:
+        return shape
     data = blobs.read(flow, sha, limit=MAX_PREVIEW_BYTES)
     if len(data) > MAX_PREVIEW_BYTES:
         raise too_large
+    return _parsed(data)
+
+
+@lru_cache(maxsize=64)
+def _small_shape(blobs: Blobs, flow: str, sha: str) -> dict[str, Any] | None:
+    """``_parsed`` of the graph of ``sha`` (a content hash: one graph for ever) if its pickle is of
+    ``CACHED_GRAPH_BYTES`` or less; None (kept too: it is known to be larger) if not."""
+    data = blobs.read(flow, sha, limit=CACHED_GRAPH_BYTES)
+    return _parsed(data) if len(data) <= CACHED_GRAPH_BYTES else None
+
+
+def _parsed(data: bytes) -> dict[str, Any]:
+    """A graph's pickle as the shape answered, only text and lists of text; ``_Refused`` for one of another
+    shape or too much text."""
     try:
         info = plain_loads(data)
     except NotPlainData as exc:
