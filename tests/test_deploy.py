@@ -21,7 +21,8 @@ from conftest import FIRST_CALL_S, free_port, last_line, need, need_kind_cluster
 
 from metaflow_stack.deploy import helm, nomad
 from metaflow_stack.errors import StackError
-from metaflow_stack.local_secrets import stack_key_path
+from metaflow_stack.local_secrets import stack_key
+from metaflow_stack.serving.deploy import function_key_path
 
 IMAGE = "registry.example/metaflow-stack/function-fastapi-predict:0123456789abcdef"
 #: The server's key from a Secret, or the explicit opt-out: the chart refuses neither.
@@ -182,9 +183,13 @@ def test_nomad_target_renders_a_checked_job(reference_file: Path, tmp_path: Path
     variables = hcl2.loads((tmp_path / "function-server.vars.hcl").read_text())
     assert variables["image"] == json.dumps(IMAGE) and variables["cpu"] == 2000
     assert f"-var-file={tmp_path / 'function-server.vars.hcl'}" in result.stderr
-    # Its key comes from Nomad Variables, where the next step puts the stack's (never on the command line itself).
+    # Its key comes from Nomad Variables, where the next step puts a key of its own (never the stack's, which
+    # guards this machine's services), kept here for its callers.
     said = " ".join(result.stderr.split())
-    assert 'nomad var put nomad/jobs/function-predict-typed auth_key="$(cat ' in said
+    key_file = function_key_path("function-predict-typed")
+    assert f'nomad var put nomad/jobs/function-predict-typed auth_key="$(cat {key_file})"' in said
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_text()) >= 32
+    assert key_file.read_text().strip() != stack_key()[0]
     assert variables["insecure_no_auth"] is False
 
 
@@ -333,8 +338,8 @@ def test_nomad_agent_runs_the_deployed_server(docker_engine, reference_file: Pat
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        assert httpx.post(f"{url}/invoke", json=FLOWER).status_code == 401  # deploy gave it the stack's key
-        keyed = {"x-api-key": stack_key_path().read_text()}
+        assert httpx.post(f"{url}/invoke", json=FLOWER).status_code == 401  # deploy gave it a key of its own
+        keyed = {"x-api-key": function_key_path("function-it").read_text()}
         assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S, headers=keyed).json() == {"prediction": 2}
     finally:
         client.job.deregister_job("function-it", purge=True)

@@ -32,7 +32,7 @@ from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import StackError
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.reference import FunctionReference
-from metaflow_stack.local_secrets import stack_key, stack_key_path
+from metaflow_stack.local_secrets import secret, stack_key, stack_key_path, state_dir
 from metaflow_stack.serving.image import build_image
 
 TARGETS = ("docker", "kubernetes", "nomad")
@@ -176,6 +176,18 @@ def _kubernetes(
     return deployment
 
 
+def function_key_path(name: str) -> Path:
+    """Where this machine keeps the key of the function server ``name`` deployed to a cluster."""
+    return state_dir() / "functions" / f"{name}.key"
+
+
+def function_key(name: str) -> str:
+    """The key of the function server ``name`` deployed to a cluster, made once (0600): a key of its own, never
+    the stack's, which guards this machine's services (the metadata service, the UI, the key-release
+    service) and so must not reach a cluster, its operators, nor the function's code."""
+    return secret(function_key_path(name))[0]
+
+
 def _nomad(
     ref: FunctionReference, name: str, image: str, output: Path, options: DeployOptions, console: Console
 ) -> Deployment:
@@ -194,13 +206,16 @@ def _nomad(
     files = nomad.write(job, output)
     console.print(f"rendered and checked the Nomad job into {output}")
     run = f"nomad job run -var-file={files[1]} {files[0]}"
-    if not options.insecure_no_auth:  # the job reads its key from Nomad Variables
-        run = f'nomad var put nomad/jobs/{name} auth_key="$(cat {stack_key_path()})" && {run}'
+    if not options.insecure_no_auth:  # the job reads its key from Nomad Variables: a key of its own, made here
+        function_key(name)
+        run = f'nomad var put nomad/jobs/{name} auth_key="$(cat {function_key_path(name)})" && {run}'
     deployment = Deployment("nomad", name, image, None, files, run)
     if options.apply:
         if not options.insecure_no_auth:
-            nomad.put_variables(f"nomad/jobs/{name}", {"auth_key": stack_key()[0]}, options.namespace)
+            nomad.put_variables(f"nomad/jobs/{name}", {"auth_key": function_key(name)}, options.namespace)
         evaluation = nomad.submit(job)
         console.print(f"registered with Nomad (evaluation {evaluation})")
         deployment.next_step = f"nomad job status {name}"
+        if not options.insecure_no_auth:
+            deployment.next_step += f'; calls carry -H "x-api-key: $(cat {function_key_path(name)})"'
     return deployment
