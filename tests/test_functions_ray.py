@@ -63,6 +63,31 @@ def test_a_ray_whose_node_missed_its_startup_window_is_started_again(echo_refere
         assert fn({"a": 1}) == {"a": 1} and len(tries) in (2, 3)
 
 
+#: A Ray started as the stack starts one, in a process of its own, asked for work; then what it left.
+OWN_RAY = """
+import os, pathlib, ray
+from metaflow_stack import ray_start
+ray_start.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+assert ray.get(ray.remote(lambda: 2).remote()) == 2
+ray.shutdown()
+print(len(os.environ["RAY_AUTH_TOKEN"]), (pathlib.Path.home() / ".ray" / "auth_token").exists())
+"""
+
+
+def test_a_ray_the_stack_starts_has_a_token_of_its_own_in_no_file(tmp_path) -> None:
+    """Ray keeps a new cluster's token in ~/.ray/auth_token, written with the user's umask (readable by every
+    user, as a rule), and every later Ray on the machine takes it: the token is all that keeps another user
+    from running code on a Ray the stack starts, which listens on every interface."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", OWN_RAY], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["64", "False"]
+
+
 def test_ray_actors_hold_the_resources_asked_for(echo_reference: str) -> None:
     from metaflow import function_from_json
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 from typing import Any
 
@@ -40,6 +41,11 @@ def init(**options: Any) -> None:
     address = options.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
         _probe(address)
+    elif not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        # A Ray of this process's own asks its clients for a token (Ray's default for a new cluster): one of
+        # its own, in its processes' environment. Ray would keep one in ~/.ray/auth_token, written with the
+        # user's umask (as a rule readable by every user), and give it to every later Ray on this machine.
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     tries = settings.at_least_one("STACK_RAY_START_TRIES", settings.load().ray_start_tries)
     for tries_left in reversed(range(tries)):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
