@@ -1927,6 +1927,12 @@ if __name__ == "__main__":
         ("@worker_pool\n    @resources(gpu=0.5)", "", "@resources(gpu=0.5) is not a whole number of 0 or more"),
         ("@devcontainer\n    @worker_pool", "", "write @worker_pool above @devcontainer"),
         ('@worker_pool(backend="redis")\n    @devcontainer', "", "with @devcontainer the pool's workers are"),
+        (
+            '@worker_pool(backend="redis", redis_url="redis://:pw@127.0.0.1:1/0")',
+            "",
+            "redis_url= holds a password, which Metaflow saves with the run (its graph, in the datastore) "
+            "(fix: give the whole URL in METAFLOW_STACK_POOL_REDIS_URL and remove redis_url=)",
+        ),
     ],
     ids=[
         "size",
@@ -1937,6 +1943,7 @@ if __name__ == "__main__":
         "resources-half-gpu",
         "devcontainer-order",
         "devcontainer-backend",
+        "password-in-redis-url",
     ],
 )
 def test_bad_settings_fail_at_start_in_one_line(tmp_path: Path, each: str, join: str, words: str) -> None:

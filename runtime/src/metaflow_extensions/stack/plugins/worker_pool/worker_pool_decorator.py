@@ -89,6 +89,13 @@ class WorkerPoolDecorator(StepDecorator):
             raise WorkerPoolException(
                 f'step {step}: backend={backend!r} is not one of {", ".join(BACKENDS)} (fix: backend="local")'
             )
+        if self.attributes["redis_url"] and _has_password(str(self.attributes["redis_url"])):
+            from metaflow_stack.pool.redis_queue import URL_VARIABLE
+
+            raise WorkerPoolException(
+                f"step {step}: redis_url= holds a password, which Metaflow saves with the run (its graph, in the "
+                f"datastore) (fix: give the whole URL in {URL_VARIABLE} and remove redis_url=)"
+            )
         from metaflow_stack.elsewhere import foreach_body
 
         if not foreach_body(graph, step):
@@ -396,6 +403,17 @@ class WorkerPoolDecorator(StepDecorator):
                 task_id,
                 [MetaDatum(field="worker-pool", value=worker, type="worker-pool", tags=[f"attempt_id:{retry_count}"])],
             )
+
+
+def _has_password(url: str) -> bool:
+    """Whether a Redis URL holds a password (in its user part or its query, as redis-py reads it); a URL
+    redis-py cannot read is the pool's to refuse, as it starts."""
+    from redis.connection import parse_url
+
+    try:
+        return bool(parse_url(url).get("password"))
+    except ValueError:
+        return False
 
 
 def _variables_only(runtime_step_cli: Callable[..., Any]) -> Callable[..., Any]:
