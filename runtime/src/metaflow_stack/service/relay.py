@@ -115,12 +115,13 @@ class Relay(Bus):
                 if asyncio.current_task().cancelling():
                     # nats-py turns a cancellation inside publish_async into its own error.
                     raise asyncio.CancelledError from exc
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                # (the open /healthcheck says only its kind: a driver's text may name the database's host and user)
+                self.last_error = type(exc).__name__
                 # Declared again on the next try: a broker restarted without its storage, or whose stream was
                 # deleted, answers "no stream" to every publish on the connection that outlived it.
                 self._jetstream = None
                 await asyncio.to_thread(self.close_connection)
-                log.warning("event relay paused: %s (retrying in %.1fs)", self.last_error, backoff)
+                log.warning("event relay paused: %s: %s (retrying in %.1fs)", self.last_error, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 self._wakeup.set()
