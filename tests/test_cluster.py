@@ -21,6 +21,7 @@ from conftest import PULUMI_PROGRAM, VENV_BIN, need, run_cli
 
 from metaflow_stack.cluster import kind, profile, stack
 from metaflow_stack.deploy import helm
+from metaflow_stack.errors import StackError
 
 SERVICE_IMAGE = "metaflow-stack/metadata-service:0123456789abcdef"
 UI_IMAGE = "metaflow-stack/ui:0123456789abcdef"
@@ -416,6 +417,40 @@ SESSION_S3 = frozenset(
         "AWS_DEFAULT_REGION",
     }
 )
+
+
+#: A double of Pulumi's CLI for ``config set``: what it was given on its command line, and on its standard input
+#: (which the CLI reads for the value when it is not a terminal: ``pkg/cmd/pulumi/config/config_set.go``).
+PULUMI_CONFIG_SET = """#!/bin/sh
+printf '%s\n' "$*" > "$PULUMI_DOUBLE_SAID/argv"
+cat > "$PULUMI_DOUBLE_SAID/stdin"
+"""
+
+
+def test_the_stacks_secrets_reach_pulumi_on_its_input_never_its_command_line(tmp_path: Path) -> None:
+    """Pulumi's Automation API passes every config value on the CLI's command line, which any user of the
+    machine reads (``ps``); the dev stack's passwords and key go on its standard input instead."""
+    from types import SimpleNamespace
+
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "pulumi").write_text(PULUMI_CONFIG_SET)
+    (bin_folder / "pulumi").chmod(0o755)
+    env = {"PATH": f"{bin_folder}:{os.environ['PATH']}", "PULUMI_DOUBLE_SAID": str(tmp_path)}
+    workspace = SimpleNamespace(env_vars=env, work_dir=str(tmp_path))
+    stack._set_secret(workspace, "dev-stack:dbPassword", "s3cret-value")
+    assert (tmp_path / "argv").read_text().split() == [
+        "config",
+        "set",
+        "--secret",
+        "--stack",
+        "dev",
+        "dev-stack:dbPassword",
+    ]
+    assert (tmp_path / "stdin").read_text() == "s3cret-value"
+    (bin_folder / "pulumi").write_text("#!/bin/sh\necho 'error: passphrase must be set' >&2\nexit 255\n")
+    with pytest.raises(StackError, match="pulumi could not keep the stack's secret dev-stack:dbPassword: error: pass"):
+        stack._set_secret(workspace, "dev-stack:dbPassword", "s3cret-value")
 
 
 def test_up_says_what_it_did_to_the_stacks_resources_in_one_line() -> None:

@@ -9,7 +9,9 @@ CLI, so the CLI must be installed; nothing else of Pulumi's is asked for.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,9 +66,9 @@ def up(config: Mapping[str, str], secrets: Mapping[str, str], say: Callable[[str
     """Set the stack's configuration (``secrets`` encrypted) and bring it up; its outputs."""
     auto = require()
     stack = _stack()
-    values = {key: auto.ConfigValue(value=value) for key, value in config.items()}
-    values |= {key: auto.ConfigValue(value=value, secret=True) for key, value in secrets.items()}
-    stack.set_all_config(values)
+    stack.set_all_config({key: auto.ConfigValue(value=value) for key, value in config.items()})
+    for key, value in secrets.items():
+        _set_secret(stack.workspace, key, value)
     try:
         result = stack.up(on_output=say, color="never")
     except auto.CommandError as exc:
@@ -76,6 +78,20 @@ def up(config: Mapping[str, str], secrets: Mapping[str, str], say: Callable[[str
         ) from None
     say(changes(result.summary.resource_changes or {}))
     return {name: output.value for name, output in result.outputs.items()}
+
+
+def _set_secret(workspace: Any, key: str, value: str) -> None:
+    """``pulumi config set --secret KEY`` with the value on its standard input, which Pulumi's CLI reads when
+    it is not a terminal: the Automation API's own calls put every value on the CLI's command line, which any
+    user of this machine can read (``ps``)."""
+    line = ["pulumi", "config", "set", "--secret", "--stack", STACK, key]
+    env = {**os.environ, **workspace.env_vars}
+    done = subprocess.run(line, input=value, text=True, capture_output=True, cwd=workspace.work_dir, env=env)
+    if done.returncode != 0:
+        raise StackError(
+            f"pulumi could not keep the stack's secret {key}: {_last_error(done.stderr)}",
+            fix="read Pulumi's message; `metaflow stack cluster up` again sets it",
+        )
 
 
 #: Pulumi's names for what an update did to a resource (its ``OpType``), in words; the rarer ones
