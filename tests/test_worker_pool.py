@@ -327,6 +327,20 @@ def test_a_pooled_run_reads_like_a_plain_one(tmp_path: Path, backend: str, reque
         assert not pool_keys(env[URL_VARIABLE])
 
 
+def test_a_task_for_workers_elsewhere_keeps_the_runs_trace_and_not_the_shell() -> None:
+    """Metaflow's tracing adds the trace's variables to a task after every decorator has seen it: the names a
+    pool elsewhere lets through include its propagator's (a pooled task stays in the run's trace), and never a
+    variable of this shell's own."""
+    from metaflow.plugins import STEP_DECORATORS
+
+    (pool,) = [d for d in STEP_DECORATORS if d.name == "worker_pool"]
+    deco = pool(attributes={"backend": "kubernetes"})
+    deco.devcontainer, deco.remote, deco.step_variables, deco.settings_names = None, True, ["GIVEN"], None
+    passed = deco._passed({"METAFLOW_INPUT_PATHS_0": "p"})
+    assert {"traceparent", "tracestate", "METAFLOW_INPUT_PATHS_0", "GIVEN", "METAFLOW_RUN_ID"} <= passed
+    assert not {"HOME", "PATH", "AWS_SECRET_ACCESS_KEY"} & passed
+
+
 #: A Ray cluster of its own (as ``ray start --head`` makes one, without its fixed-port services), its address
 #: printed once it answers; SIGTERM stops it.
 RAY_CLUSTER = """

@@ -364,6 +364,7 @@ class WorkerPoolDecorator(StepDecorator):
             # among them, before any task came; Metaflow then asks these, as each task starts)
             remote = self.devcontainer is None
             self.settings_names = {*metaflow_settings(), "SUDO_USER", "USERNAME", "USER"} if remote else set()
+            self.settings_names |= _trace_fields()  # (Metaflow adds them to each task's variables after this)
         return {*env, *self.step_variables, "METAFLOW_RUN_ID", "PYTHONUNBUFFERED", *self.settings_names}
 
     def runtime_finished(self, exception) -> None:
@@ -403,6 +404,16 @@ class WorkerPoolDecorator(StepDecorator):
                 task_id,
                 [MetaDatum(field="worker-pool", value=worker, type="worker-pool", tags=[f"attempt_id:{retry_count}"])],
             )
+
+
+def _trace_fields() -> set[str]:
+    """The variables Metaflow's tracing sets for a task as it starts (its OpenTelemetry propagator's fields:
+    ``traceparent``...), so a pooled task stays in the run's trace; none without OpenTelemetry."""
+    try:
+        from opentelemetry.propagate import get_global_textmap
+    except ImportError:
+        return set()
+    return set(get_global_textmap().fields)
 
 
 def _has_password(url: str) -> bool:
