@@ -63,29 +63,38 @@ def test_a_ray_whose_node_missed_its_startup_window_is_started_again(echo_refere
         assert fn({"a": 1}) == {"a": 1} and len(tries) in (2, 3)
 
 
-#: A Ray started as the stack starts one, in a process of its own, asked for work; then what it left.
+#: A Ray started as the stack starts one, in a process of its own, asked for work; then the mode of Ray's token
+#: file for the user's local Rays.
 OWN_RAY = """
 import os, pathlib, ray
 from metaflow_stack import ray_start
 ray_start.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 assert ray.get(ray.remote(lambda: 2).remote()) == 2
 ray.shutdown()
-print(len(os.environ["RAY_AUTH_TOKEN"]), (pathlib.Path.home() / ".ray" / "auth_token").exists())
+print(oct((pathlib.Path.home() / ".ray" / "auth_token").stat().st_mode & 0o777))
 """
 
 
-def test_a_ray_the_stack_starts_has_a_token_of_its_own_in_no_file(tmp_path) -> None:
-    """Ray keeps a new cluster's token in ~/.ray/auth_token, written with the user's umask (readable by every
-    user, as a rule), and every later Ray on the machine takes it: the token is all that keeps another user
-    from running code on a Ray the stack starts, which listens on every interface."""
+@pytest.mark.parametrize("before", [None, 0o644])
+def test_the_token_of_a_ray_the_stack_starts_is_the_users_alone(tmp_path, before: int | None) -> None:
+    """A new Ray asks every client for the token in ~/.ray/auth_token, which Ray writes with the user's umask
+    (as a rule readable by every user) and every later local Ray takes: the token is all that keeps another
+    user of the machine off a Ray the stack starts, which listens on every interface. It is made 0600, or
+    tightened to it."""
     import os
     import subprocess
     import sys
 
+    if before is not None:
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("f" * 64)
+        (tmp_path / ".ray" / "auth_token").chmod(before)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", OWN_RAY], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == ["64", "False"]
+    assert done.stdout.split()[-1] == "0o600"
+    if before is not None:
+        assert (tmp_path / ".ray" / "auth_token").read_text() == "f" * 64  # (the user's own, kept)
 
 
 def test_ray_actors_hold_the_resources_asked_for(echo_reference: str) -> None:

@@ -17,11 +17,14 @@ import contextlib
 import os
 import secrets
 import socket
+import stat
+from pathlib import Path
 from typing import Any
 
 from metaflow_stack import settings
 from metaflow_stack.errors import StackError
 from metaflow_stack.ids import is_number
+from metaflow_stack.local_secrets import made_once
 
 #: What Ray says when its node missed its startup window.
 _NODE_TIMED_OUT = "timed out during startup"
@@ -42,10 +45,7 @@ def init(**options: Any) -> None:
     if address:
         _probe(address)
     elif not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        # A Ray of this process's own asks its clients for a token (Ray's default for a new cluster): one of
-        # its own, in its processes' environment. Ray would keep one in ~/.ray/auth_token, written with the
-        # user's umask (as a rule readable by every user), and give it to every later Ray on this machine.
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        _private_token()
     tries = settings.at_least_one("STACK_RAY_START_TRIES", settings.load().ray_start_tries)
     for tries_left in reversed(range(tries)):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
@@ -66,6 +66,17 @@ def init(**options: Any) -> None:
                     fix="try again when it is less busy, set METAFLOW_STACK_RAY_START_TRIES higher, or start Ray "
                     "(ray start --head) and set RAY_ADDRESS=auto",
                 ) from None
+
+
+def _private_token() -> None:
+    """Ray's token for the user's local Rays (``~/.ray/auth_token``, which a new cluster asks every client
+    for), readable by the user alone: made here, 0600, where there is none (Ray writes it with the user's
+    umask, as a rule readable by every user), tightened to 0600 where it is readable by others. The token
+    is all that keeps another user of the machine off a Ray listening on every interface."""
+    token = Path.home() / ".ray" / "auth_token"
+    made_once(token, lambda: secrets.token_hex(32).encode())
+    if stat.S_IMODE(token.stat(follow_symlinks=False).st_mode) & 0o077 and not token.is_symlink():
+        token.chmod(0o600)
 
 
 def _probe(address: str) -> None:
