@@ -56,7 +56,7 @@ from metaflow import Flow, Task, metadata, namespace
 metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow(sys.argv[2]).latest_run
-USER = ("input", "square", "label", "alloc", "host_only")
+USER = ("input", "square", "label", "alloc", "host_only", "node_only", "metadata_setting")
 items = []
 for task in sorted(run["each"], key=lambda t: t.index):
     first = Task(task.pathspec, attempt=0)
@@ -357,15 +357,16 @@ finally:
 
 def test_a_ray_clusters_actors_get_the_runs_metaflow_settings_not_its_environment(tmp_path: Path) -> None:
     """With ``RAY_ADDRESS``, the actors are a cluster's, as a ``@kubernetes`` pod is: each task gets what
-    ``@kubernetes`` would send (what Metaflow and the step's decorators set, the run's Metaflow settings) over
-    the actor's own environment (its node's, as Ray's own tasks), never the rest of the runtime's (its
-    credentials), which went through Ray to every actor."""
+    ``@kubernetes`` would send (what Metaflow and the step's decorators set, the run's Metaflow settings, which
+    the actor has before it imports Metaflow) over the actor's own environment (its node's, as Ray's own
+    tasks), never the rest of the runtime's (its credentials), which went through Ray to every actor."""
     token = uuid.uuid4().hex + uuid.uuid4().hex
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # (a cluster as it should be set up)
     quiet = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     folder = tempfile.mkdtemp(prefix="mf-ray-")  # (a short path: Ray's sockets are in it)
     line = [sys.executable, "-c", RAY_CLUSTER, folder]
-    cluster = subprocess.Popen(line, env={**quiet, **auth}, stdout=subprocess.PIPE, text=True)
+    node = {"STACK_TEST_NODE_ONLY": "the node's", "METAFLOW_DEFAULT_METADATA": "service"}  # (the run's: local)
+    cluster = subprocess.Popen(line, env={**quiet, **auth, **node}, stdout=subprocess.PIPE, text=True)
     try:
         address = cluster.stdout.readline().strip()
         assert address, "the test's Ray cluster did not start"
@@ -374,7 +375,9 @@ def test_a_ray_clusters_actors_get_the_runs_metaflow_settings_not_its_environmen
         assert done.returncode == 0, done.stderr[-3000:]
         run = facts(tmp_path)
         assert run["squares"] == [0, 1, 4] and [item["attempt"] for item in run["items"]] == [0, 1, 0]
-        assert all(item["values"]["host_only"] == "None" for item in run["items"]), run["items"]
+        values = [item["values"] for item in run["items"]]
+        assert all(v["host_only"] == "None" and v["node_only"] == repr("the node's") for v in values), values
+        assert all(v["metadata_setting"] == repr("local") for v in values), values  # (the run's settings, at import)
         assert all(item["worker"] and item["worker"].startswith("each@") for item in run["items"]), run["items"]
     finally:
         cluster.terminate()

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from metaflow import FlowSpec, Parameter, current, environment, retry, step
+from metaflow import FlowSpec, Parameter, current, environment, metaflow_config, retry, step
 
 if os.environ.get("POOL_FLOW_EXITS"):
     import pool_flow_tracker  # noqa: F401 (what it does as it is imported)
@@ -79,6 +79,8 @@ class PoolFlow(FlowSpec):
         self.square = index * index
         self.label = self.input.upper()
         self.host_only = os.environ.get("STACK_TEST_HOST_ONLY")  # (the run's own: never a cluster's worker's)
+        self.node_only = os.environ.get("STACK_TEST_NODE_ONLY")  # (a cluster node's own)
+        self.metadata_setting = metaflow_config.DEFAULT_METADATA  # (read as Metaflow was imported)
         self.next(self.join)
 
     @step

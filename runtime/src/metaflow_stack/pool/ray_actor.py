@@ -35,9 +35,18 @@ FLUSH_BYTES = 32 << 10
 
 class PoolActor:
     """One worker of a Ray pool (made a Ray actor by ``ray_dispatch``); its fork server runs ``interpreter``
-    where the step has an environment of its own."""
+    where the step has an environment of its own. On a cluster (no ``parent``), ``settings`` are the run's
+    Metaflow settings, set before the fork server imports Metaflow, which reads them once, at import."""
 
-    def __init__(self, flow_file: str, name: str, parent: str | None, interpreter: Interpreter | None = None) -> None:
+    def __init__(
+        self,
+        flow_file: str,
+        name: str,
+        parent: str | None,
+        interpreter: Interpreter | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        os.environ.update(settings or {})
         self.slot = Slot(flow_file, name, parent, interpreter)
         self.running: dict[str, Running] = {}  # by the dispatcher's token
         self.cancelled: set[str] = set()

@@ -27,6 +27,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from metaflow_stack import ray_start
+from metaflow_stack.elsewhere import metaflow_settings
 from metaflow_stack.errors import StackError
 from metaflow_stack.pool import trampoline
 from metaflow_stack.pool.child import Task
@@ -178,7 +179,8 @@ async def open_executor(folder: Path, args: list[str]) -> RayExecutor:
         raise StackError(f"could not reach {where}: {exc}") from None
     actor_class = ray.remote(PoolActor).options(max_restarts=-1, max_concurrency=2, **resources)
     parent = None if address else str(folder)  # (a cluster's nodes have folders of their own)
-    actors = [actor_class.remote(flow_file, f"{name}/{slot}", parent, interpreter) for slot in range(size)]
+    settings = metaflow_settings() if address else None  # (a Ray of the pool's own: the runtime's environment)
+    actors = [actor_class.remote(flow_file, f"{name}/{slot}", parent, interpreter, settings) for slot in range(size)]
     remaining = max(START_TIMEOUT_S - (time.monotonic() - started), 1)
     try:
         reasons = await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in actors)), remaining)
