@@ -20,7 +20,7 @@ from devservers import free_port
 from nomad_jobs import run_job
 
 from metaflow_stack.deploy import nomad as deploy
-from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.engines.nomad.client import NomadClient, NotFound, Settings
 from metaflow_stack.engines.nomad.jobspec import Placement, constraints_of, task_job
 from metaflow_stack.engines.nomad.watch import LOST_FILES, Unplaced
 from metaflow_stack.errors import StackError
@@ -244,12 +244,15 @@ def test_a_job_read_back_from_the_agent_holds_every_field_the_spec_wrote(nomad_a
     assert _lost(written, stored) == []
 
 
-def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Settings) -> None:
+@pytest.mark.parametrize("variables", [False, True], ids=["steps", "pools"])
+def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Settings, variables: bool) -> None:
     """A trampoline killed outright leaves its job registered; the next run's start purges it, and only it:
-    a live trampoline's job and a job that names none (another tool's) stay."""
+    a live trampoline's job and a job that names none (another tool's) stay. A pool's sweep removes the
+    purged job's variable too (its queue's URL); a step's sweep asks nothing of variables."""
     from conftest import ended_launcher
 
     from metaflow_stack.elsewhere import Launcher
+    from metaflow_stack.engines.nomad.job_variable import variable_path
     from metaflow_stack.engines.nomad.orphans import OWNER, sweep
 
     prefix = f"mf-sweep-{uuid.uuid4().hex[:8]}-"
@@ -258,12 +261,21 @@ def test_the_sweep_purges_only_the_jobs_whose_trampoline_is_gone(nomad_agent: Se
     with NomadClient(nomad_agent) as client:
         for name, owner in owners.items():
             client.register(task_job(prefix + name, ["sleep", "60"], {}, placement, {OWNER: owner}))
+            client.put_variable(variable_path(prefix + name), {"url": "redis://:pw@h:6379/0"})
         try:
-            assert sweep(client, prefix) == 1
+            assert sweep(client, prefix, variables=variables) == 1
             assert sorted(job["ID"] for job in client.jobs(prefix)) == [prefix + "alive", prefix + "foreign"]
+            for name in ("alive", "foreign"):
+                assert client.variable(variable_path(prefix + name))
+            if variables:
+                with pytest.raises(NotFound):
+                    client.variable(variable_path(prefix + "gone"))
+            else:
+                assert client.variable(variable_path(prefix + "gone"))
         finally:
-            for job in client.jobs(prefix):
-                client.deregister(job["ID"])
+            for name in owners:
+                client.deregister(prefix + name)
+                client.delete_variable(variable_path(prefix + name))
 
 
 def test_a_runs_start_sweeps_the_namespace_of_each_nomad_step(

@@ -1316,6 +1316,11 @@ def test_nomad_workers_that_say_only_the_older_ready_are_named_when_the_wait_end
         both = 'if [ "$NOMAD_ALLOC_INDEX" = 0 ]; then echo ready; sleep 1; echo "metaflow-stack pool: ready"; fi'
         said = waited("mf-pool-slow", both + "; exec sleep 600", 2)
         assert said.message == "1 of 2 ready after 8s" and "older" not in str(said.fix)
+        # An older worker refuses the option this runtime gives it (its argparse's last line), at once.
+        refused = "echo 'redis_worker: error: unrecognized arguments: --job-variable' >&2; exit 2"
+        said = waited("mf-pool-refused", refused, 1)
+        assert said.message == "worker mf-pool-refused.step[0] runs an older metaflow-stack than this run"
+        assert "leave image= out" in said.fix
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,8 @@ from metaflow_stack.pool.redis_queue import URL_VARIABLE, private, readable
 WORKERS_URL_VARIABLE = "METAFLOW_STACK_POOL_NOMAD_REDIS_URL"
 #: How long stopping waits for the workers to end: their kill timeout, and some.
 STOP_S = KILL_TIMEOUT_NS / 1e9 + 15
+#: How to give the workers this run's metaflow-stack, where their image holds an older one.
+OLDER_FIX = "build the image= it runs on the stack's current base image, or leave image= out"
 #: What a worker's output says, on a line of its own, once it is warm (``redis_worker``).
 READY_LINE = READY.decode().strip()
 
@@ -84,7 +86,7 @@ class NomadPool(ClusterPool):
     def place(self, rendered: dict[str, Any]) -> None:
         path = variable_path(self.workers_name)
         with NomadClient(self.agent) as client:
-            sweep(client, WORKERS_PREFIX)  # the pools of runs killed outright, which could not purge their own
+            sweep(client, WORKERS_PREFIX, variables=True)  # the pools of runs killed outright, with their URLs
             try:
                 client.put_variable(path, self.secrets)
             except Refused:
@@ -120,8 +122,10 @@ def purge(agent: Settings, job: str) -> None:
     deadline, index, running = time.monotonic() + STOP_S, 0, []
     try:
         with NomadClient(agent) as client:
-            client.deregister(job)
-            forget_variable(client, job)
+            try:
+                client.deregister(job)
+            finally:  # (the queue's URL goes whatever became of the job)
+                forget_variable(client, job)
             while time.monotonic() < deadline:
                 allocations, index = client.allocations(job, index, wait_s=POLL_S, outage_s=0)
                 running = [a["ID"] for a in allocations if a.get("ClientStatus") not in ENDED]
@@ -130,7 +134,7 @@ def purge(agent: Settings, job: str) -> None:
         said = f"the Nomad job {job} is purged, and {len(running)} of its workers still ran after {STOP_S:.0f}s"
         fix = "nomad alloc stop " + " ".join(running)
     except StackError as exc:
-        said, fix = f"the Nomad job {job} may be left: {exc.message}", f"nomad job stop -purge {job}"
+        said, fix = f"the Nomad job {job} may be left: {exc.message}", f"nomad job stop {_where(agent)}-purge {job}"
     print(f"worker pool: {said} (fix: {fix})", file=sys.stderr, flush=True)
 
 
@@ -140,8 +144,14 @@ def forget_variable(client: NomadClient, job: str) -> None:
     try:
         client.delete_variable(path)
     except StackError as exc:
-        fix = f"nomad var purge -namespace {client.namespace} {path}"
-        print(f"worker pool: the Nomad variable {path} may be left: {exc.message} (fix: {fix})", file=sys.stderr)
+        fix = f"nomad var purge {_where(client.settings)}{path}"
+        said = f"the Nomad variable {path}, if it was written, could not be removed: {exc.message}"
+        print(f"worker pool: {said} (fix: {fix})", file=sys.stderr, flush=True)
+
+
+def _where(agent: Settings) -> str:
+    """The options of Nomad's CLI that name the job's namespace and region, as its commands take them."""
+    return f"-namespace {agent.namespace or 'default'} " + (f"-region {agent.region} " if agent.region else "")
 
 
 def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:
@@ -163,7 +173,10 @@ def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> 
             if failed or allocation.get("ClientStatus") in ENDED:
                 said = [line for line in _read(client, allocation["ID"], "stderr") if line.strip()]
                 why = said[-1] if said else _why(allocation, failed)
-                raise StackError(f"worker {allocation.get('Name', allocation['ID'])} ended: {why}")
+                name = allocation.get("Name", allocation["ID"])
+                if "unrecognized arguments: --job-variable" in why:  # (an image= of an older metaflow-stack)
+                    raise StackError(f"worker {name} runs an older metaflow-stack than this run", fix=OLDER_FIX)
+                raise StackError(f"worker {name} ended: {why}")
             said = _read(client, allocation["ID"], "stdout") if state.get("State") == "running" else []
             if READY_LINE in said:
                 ready.add(allocation["ID"])
@@ -177,7 +190,7 @@ def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> 
         raise StackError(
             f"{waited}: worker {next(iter(older.values()))} said 'ready', not '{READY_LINE}': it runs an older "
             "metaflow-stack than this run",
-            fix="build the image= it runs on the stack's current base image, or leave image= out",
+            fix=OLDER_FIX,
         )
     raise StackError(waited)
 

@@ -216,7 +216,10 @@ def read_job_variable() -> None:
     except NotFound:
         said = "it is gone: the run that started this pool has ended"
     except Refused:
-        said = "this worker's identity may not read it (fix: Nomad 1.4 or later, whose jobs read their own)"
+        said = (
+            "this worker's identity may not read it (fix: check the ACL policies bound to the job: a job's "
+            "workload reads its own variables unless a policy says otherwise)"
+        )
     except Unavailable:
         said = NO_TASK_API
     except StackError as exc:

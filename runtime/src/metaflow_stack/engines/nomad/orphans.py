@@ -5,6 +5,8 @@ job) killed outright could not purge its own. Each job names its launcher in its
 
 from __future__ import annotations
 
+import contextlib
+
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines.nomad.client import NomadClient
 from metaflow_stack.engines.nomad.job_variable import variable_path
@@ -14,9 +16,9 @@ from metaflow_stack.errors import StackError
 OWNER = "metaflow-stack.owner"
 
 
-def sweep(client: NomadClient, prefix: str = "mf-") -> int:
-    """Purge the jobs whose launcher on this host is gone (killed outright, it could not), and their
-    variables; how many."""
+def sweep(client: NomadClient, prefix: str = "mf-", variables: bool = False) -> int:
+    """Purge the jobs whose launcher on this host is gone (killed outright, it could not), and, given
+    ``variables``, their variables (a worker pool's job keeps its queue's URL in its own); how many."""
     gone = 0
     try:
         jobs = client.jobs(prefix)
@@ -27,8 +29,10 @@ def sweep(client: NomadClient, prefix: str = "mf-") -> int:
         if launcher is not None and launcher.gone():
             try:
                 client.deregister(job["ID"])
-                client.delete_variable(variable_path(job["ID"]))  # (a pool's keeps its queue's URL: none is no error)
             except StackError:  # (another's to purge, or a refusal: the sweep is a courtesy, not the run's work)
                 continue
             gone += 1
+            if variables:
+                with contextlib.suppress(StackError):
+                    client.delete_variable(variable_path(job["ID"]))
     return gone
