@@ -453,6 +453,32 @@ def test_the_stacks_secrets_reach_pulumi_on_its_input_never_its_command_line(tmp
         stack._set_secret(workspace, "dev-stack:dbPassword", "s3cret-value")
 
 
+def test_up_gives_pulumi_the_secrets_through_its_input_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``up`` sets the plain values through the Automation API and every secret through ``_set_secret``."""
+    from types import SimpleNamespace
+
+    import pulumi.automation as auto
+
+    configured, kept = {}, {}
+
+    class Stack:
+        workspace = SimpleNamespace(env_vars={}, work_dir=".")
+
+        def set_all_config(self, values):
+            configured.update(values)
+
+        def up(self, **options):
+            return SimpleNamespace(summary=SimpleNamespace(resource_changes={"same": 3}), outputs={})
+
+    monkeypatch.setattr(stack, "require", lambda: auto)
+    monkeypatch.setattr(stack, "_stack", Stack)
+    monkeypatch.setattr(stack, "_set_secret", lambda workspace, key, value: kept.update({key: value}))
+    said = []
+    assert stack.up({"dev-stack:namespace": "metaflow"}, {"dev-stack:authKey": "k3y"}, said.append) == {}
+    assert list(configured) == ["dev-stack:namespace"] and kept == {"dev-stack:authKey": "k3y"}
+    assert said == ["the stack's resources: 3 unchanged"]
+
+
 def test_up_says_what_it_did_to_the_stacks_resources_in_one_line() -> None:
     """Pulumi's counts by operation, in words (its rarer operations in its own names), nothing said for
     none: the line the kind test reads to hold that a second ``up`` changes nothing."""
