@@ -38,7 +38,8 @@ run = Flow(sys.argv[2]).latest_run
 items = [
     {"index": t.index, "successful": t.successful, "attempt": t.current_attempt, "stdout": t.stdout,
      "stderr": t.stderr, "hostname": t.data.hostname if t.successful else None,
-     "in_job": t.data.in_job if t.successful else None, "job": t.metadata_dict.get("nomad-job-id")}
+     "in_job": t.data.in_job if t.successful else None, "job": t.metadata_dict.get("nomad-job-id"),
+     "auth_key": t.data.auth_key if t.successful else None}
     for t in run["each"]
 ] if "each" in run else []
 values = run["join"].task.data.values if run.successful else None
@@ -115,6 +116,36 @@ def test_items_run_as_nomad_jobs_and_a_failed_attempt_is_retried(
     assert "item 2 in" in done.stdout + done.stderr  # the jobs' output reached the console as it ran
     assert "upload_failure" not in done.stdout + done.stderr  # the logs saved as the tasks ran
     assert jobs_left(nomad_agent, "mf-nomadflow-") == []
+
+
+def test_the_runs_credentials_reach_each_job_through_its_variable_not_its_spec(
+    tmp_path: Path, nomad_agent, bridge_s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may read a job sees its spec: the metadata service's key goes into each task's job's own
+    variable, which the job reads first with its workload identity, and goes with the job."""
+    from metaflow_stack.engines.nomad.client import NomadClient, NotFound
+    from metaflow_stack.engines.nomad.job_variable import variable_path
+
+    key = f"k-{uuid.uuid4().hex}"
+    monkeypatch.setenv("METAFLOW_SERVICE_AUTH_KEY", key)
+    flow, jobs = running(tmp_path, nomad_agent, bridge_s3, 8, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with NomadClient(nomad_agent) as client:
+            for job in jobs:
+                (task,) = client.job(job)["TaskGroups"][0]["Tasks"]
+                assert task["Identity"] == {"Env": True} and key not in json.dumps(task)
+                assert client.variable(variable_path(job)) == {"METAFLOW_SERVICE_AUTH_KEY": key}
+        said = flow.communicate(timeout=600)[0]
+        assert flow.returncode == 0, said[-6000:]
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    run = facts(tmp_path, "NomadFlow", bridge_s3)
+    assert run["successful"] and all(item["auth_key"] == key for item in run["items"] if item["successful"])
+    with NomadClient(nomad_agent) as client:
+        for job in jobs:
+            with pytest.raises(NotFound):
+                client.variable(variable_path(job))
 
 
 def test_an_item_that_always_fails_fails_the_run_after_its_retry_with_its_traceback(

@@ -27,6 +27,7 @@ class NomadFlow(FlowSpec):
     def each(self):
         self.hostname = socket.gethostname()
         self.in_job = os.environ.get("METAFLOW_NOMAD_WORKLOAD") == "1"
+        self.auth_key = os.environ.get("METAFLOW_SERVICE_AUTH_KEY")  # (from the job's variable, not its spec)
         time.sleep(0 if self.input == self.fail_item else self.sleep)  # (the failing item fails the run at once)
         print(f"item {self.input} in {self.hostname}")
         if self.input == 2 and current.retry_count == 0:

@@ -198,12 +198,14 @@ def task_command(
     logs: str,
     after: str = "",
     before_extracting: str = "",
+    before_step: str = "",
 ) -> list[str]:
     """A task's command elsewhere, as Metaflow's ``@kubernetes`` builds it: capture logs (in ``logs``), fetch
     and unpack the code package (``package``: its metadata and URL) in ``workdir``, bootstrap the step's
     environment, run ``step_cli`` (a shell command line, each value quoted), save the logs, run ``after``
     (bash, the step's exit code in ``$c``), exit with the step's code; ``before_extracting`` (bash) runs on
-    the fetched package (``job.tar``, in the working folder) before anything of it is unpacked; one ``bash
+    the fetched package (``job.tar``, in the working folder) before anything of it is unpacked,
+    ``before_step`` (bash) once it is unpacked, before the environment's bootstrap; one ``bash
     -c`` line, quoted as Metaflow's commands expect (they are written to go through ``shlex`` inside double
     quotes: ``step_cli`` is escaped for them, ``in_double_quotes``)."""
     from metaflow.mflog import BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
@@ -230,7 +232,7 @@ def task_command(
         if at is None:  # Metaflow fetches its package otherwise than this runtime knows: never skip the check
             raise StackError("Metaflow's package commands do not unpack job.tar as expected", fix="report this")
         commands = [*commands[:at], before_extracting, *commands[at:]]
-    init = " && ".join(commands)
+    init = " && ".join([*commands, *([before_step] if before_step else [])])
     bootstrap = environment.bootstrap_commands(ids["step"], datastore_type)
     step = bash_capture_logs(" && ".join([*bootstrap, in_double_quotes(step_cli)]))
     then = f"; {after}" if after else ""

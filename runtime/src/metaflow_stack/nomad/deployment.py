@@ -55,6 +55,8 @@ STEP_IMAGE_VARIABLE = "METAFLOW_STACK_NOMAD_STEP_IMAGE"
 #: endpoint's "ACL Required" in Nomad's API docs (register and purge, read evaluations and allocations,
 #: follow logs, list the jobs a killed run left to purge them).
 STEP_CAPABILITIES = ("submit-job", "read-job", "read-logs", "list-jobs")
+#: The variables of the steps' jobs (``jobspec.job_id``: ``mf-...``), where each keeps the run's credentials.
+STEP_VARIABLES = "nomad/jobs/mf-*"
 #: What a shell takes as a variable's name (the job exports its credentials by these names).
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: ``Meta`` keys naming what ``create`` made beside the job (its credentials' variable, its steps' policy), so
@@ -214,8 +216,12 @@ def steps_policy(job: str, namespace: str, reaches: Iterable[str]) -> tuple[str,
     digest = hashlib.sha256(f"{namespace}/{job}".encode()).hexdigest()[:10]
     name = f"{re.sub(r'[^A-Za-z0-9-]', '-', job)[:100]}-{digest}"
     capabilities = ", ".join(f'"{c}"' for c in STEP_CAPABILITIES)
-    blocks = (f'namespace "{each}" {{ capabilities = [{capabilities}] }}' for each in sorted(set(reaches)))
-    return name, "\n".join(blocks) + "\n"
+    # (each step's job keeps the run's credentials in its own variable, which the deployed job writes first;
+    # a block of more than one argument takes a line each)
+    path = f'    path "{STEP_VARIABLES}" {{\n      capabilities = ["write", "destroy"]\n    }}'
+    variables = f"  variables {{\n{path}\n  }}"
+    block = 'namespace "{}" {{\n  capabilities = [{}]\n{}\n}}\n'
+    return name, "".join(block.format(each, capabilities, variables) for each in sorted(set(reaches)))
 
 
 def grant_steps(client: NomadClient, job: str, reaches: list[str], granted_before: bool) -> str | None:
@@ -234,8 +240,8 @@ def grant_steps(client: NomadClient, job: str, reaches: list[str], granted_befor
     except Refused:
         if not reaches:
             return f"nomad acl policy delete {name}"
-        escaped = rules.replace("\n", " ").strip()
-        return f"echo '{escaped}' | nomad acl policy apply -namespace {client.namespace} -job {job} {name} -"
+        escaped = rules.replace("\n", "\\n")  # (its lines kept: printf makes them again)
+        return f"printf '{escaped}' | nomad acl policy apply -namespace {client.namespace} -job {job} {name} -"
     return None
 
 
@@ -271,12 +277,10 @@ def job_command(
     ]
     prelude = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
     prelude += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
-    # (A failure ends the job, naming why, before anything needs them: the chain has `;`s. It waits 2 s first:
-    # Nomad's docker log collector stops with the container and would miss the why.)
-    if secrets:
-        prelude.append(
-            '{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || { sleep 2; exit 1; }; } && eval \\"$secrets\\"'
-        )
+    if secrets:  # (a failure ends the job, naming why, before anything needs them)
+        from metaflow_stack.nomad.job_secrets import FIRST  # (which reads ``VARIABLE_NAME`` here)
+
+        prelude.append(in_double_quotes(FIRST))
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *prelude, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {in_double_quotes(shlex.join(run))}"
     return shlex.split(f'bash -c "{script}"')

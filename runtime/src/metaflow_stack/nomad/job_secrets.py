@@ -17,6 +17,10 @@ from metaflow_stack.engines.nomad.job_variable import NO_TASK_API, read_own, var
 from metaflow_stack.errors import StackError
 from metaflow_stack.nomad.deployment import VARIABLE_NAME
 
+#: The shell line a job runs first to take its credentials (then ``eval``'d): or it ends at once, naming why
+#: (after 2 s: Nomad's docker log collector stops with the container and would miss it).
+FIRST = '{ secrets=$(python -m metaflow_stack.nomad.job_secrets) || { sleep 2; exit 1; }; } && eval "$secrets"'
+
 
 def exports(items: dict[str, str]) -> str:
     """``items`` as shell ``export`` lines, each value quoted whole; a name a shell would not take as a

@@ -8,14 +8,21 @@ trampoline purges the job; so does a child of the trampoline when the trampoline
 runtime does that to the tasks still running when another fails the run: ``trampolines.undone_if_killed``).
 A job still there when both died is purged by the next run's start (``engines.nomad.orphans.sweep``: its
 ``Meta`` names the trampoline, ``elsewhere.Launcher``).
+
+The run's credentials among its Metaflow settings (the metadata service's key and headers) are kept out of
+the job's spec, which whoever may read the job sees (and, in a deployed flow, out of each step's job, where
+its own job keeps them out of its spec too): in the job's own Nomad Variable, which the job reads first
+with its workload identity (``job_secrets.FIRST``), removed with the job.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines.nomad.client import NomadClient, Refused, Settings
+from metaflow_stack.engines.nomad.job_variable import variable_path
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
 from metaflow_stack.engines.nomad.orphans import OWNER
 from metaflow_stack.engines.nomad.watch import Ending, follow
@@ -37,19 +44,25 @@ def run(
     env: dict[str, str],
     placement: Placement,
     meta: dict[str, str],
+    secrets: dict[str, str] | None = None,
 ) -> Ending:
-    """Register the job, pass its output on, purge it however this ends; how it ended."""
+    """Register the job (``secrets`` in its variable first: its command reads them first: ``job_secrets.FIRST``), pass
+    its output on, purge it and its variable however this ends; how it ended."""
 
     def relay(kind: str, line: str) -> None:
         print(line, file=sys.stderr if kind == "stderr" else sys.stdout, flush=True)
 
     body = task_job(job, command, env, placement, {**meta, OWNER: Launcher.this().label})
+    if secrets:
+        body["TaskGroups"][0]["Tasks"][0]["Identity"] = {"Env": True}  # (what reads its variable)
     # The purge on a kill is in place before the job is registered and while the trampoline purges it itself
     # (forked before follow starts its threads; a job that was never registered is purged as no error).
     refused = False  # (the token may not register jobs: then none was, and its purge is refused the same way)
     with stopped_by_signals(), undone_if_killed(lambda: _purge(client.settings, job)):
         try:
             try:
+                if secrets:
+                    _keep(client, job, secrets)
                 eval_id = client.register(body)
             except Refused:
                 refused = True
@@ -62,9 +75,37 @@ def run(
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
                     if not (refused and isinstance(exc, Refused)):  # (that refusal is said once, by the register)
                         relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
+                if secrets:
+                    _forget(client, job, relay)
+
+
+def _keep(client: NomadClient, job: str, secrets: dict[str, str]) -> None:
+    """``secrets`` in ``job``'s variable; ``StackError`` naming the policy a token needs when it may not."""
+    path = variable_path(job)
+    try:
+        client.put_variable(path, secrets)
+    except Refused:
+        raise StackError(
+            f"your Nomad token may not write the variable {path}, where the task's job finds the run's "
+            "credentials (the metadata service's key and headers)",
+            fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", "destroy"] }} }}` '
+            f'in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
+        ) from None
+
+
+def _forget(client: NomadClient, job: str, relay: Callable[[str, str], None]) -> None:
+    path = variable_path(job)
+    try:
+        client.delete_variable(path)
+    except StackError as exc:
+        relay("stderr", f"could not remove the Nomad variable {path} ({exc.message}): nomad var purge {path}")
 
 
 def _purge(settings: Settings, job: str) -> None:
-    """Purge ``job`` for a trampoline killed outright (``undone_if_killed``), on a connection of its own."""
+    """Purge ``job`` and its variable for a trampoline killed outright (``undone_if_killed``), on a
+    connection of its own."""
     with NomadClient(settings) as client:
-        client.deregister(job)
+        try:
+            client.deregister(job)
+        finally:
+            client.delete_variable(variable_path(job))

@@ -24,15 +24,19 @@ def variable_path(job: str) -> str:
     return f"nomad/jobs/{job}"
 
 
-def read_own(job: str) -> dict[str, str]:
-    """The items of ``job``'s variable, read from inside one of its allocations with the task's workload
-    identity (``Identity {"Env": true}``: ``NOMAD_TOKEN``) through its agent's Task API; the client's
-    ``NotFound``, ``Refused`` or ``Unavailable`` (Nomad opens no socket, and says nothing, where its path is too
-    long: ``NO_TASK_API``) for the caller to say in its words."""
-    task_api = Settings(
+def task_api() -> Settings:
+    """Inside an allocation: its agent's Task API, asked with the task's workload identity (``Identity {"Env":
+    true}``: ``NOMAD_TOKEN``), in the job's namespace."""
+    return Settings(
         address=f"unix://{os.environ.get('NOMAD_SECRETS_DIR', 'secrets')}/api.sock",
         token=os.environ.get("NOMAD_TOKEN") or None,
         namespace=os.environ.get("NOMAD_NAMESPACE") or None,
     )
-    with NomadClient(task_api) as client:
+
+
+def read_own(job: str) -> dict[str, str]:
+    """The items of ``job``'s variable, read from inside one of its allocations through the Task API
+    (``task_api``); the client's ``NotFound``, ``Refused`` or ``Unavailable`` (Nomad opens no socket, and
+    says nothing, where its path is too long: ``NO_TASK_API``) for the caller to say in its words."""
+    with NomadClient(task_api()) as client:
         return client.variable(variable_path(job))

@@ -47,10 +47,12 @@ def nomad(obj, name: str | None) -> None:
 def step(
     ctx, step_name: str, code_package_metadata: str, code_package_sha: str, code_package_url: str, **kwargs
 ) -> None:
-    from metaflow_stack.elsewhere import bring_back_metadata, task_command, task_variables
+    from metaflow_stack.elsewhere import bring_back_metadata, in_double_quotes, task_command, task_variables
     from metaflow_stack.engines.nomad.client import NomadClient, Settings
+    from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS
     from metaflow_stack.engines.nomad.jobspec import Placement, job_id
     from metaflow_stack.nomad import task
+    from metaflow_stack.nomad.job_secrets import FIRST
     from metaflow_stack.trampolines import exits_in_one_line, step_command
 
     from .nomad_decorator import PLACEMENT_VARIABLE
@@ -67,6 +69,8 @@ def step(
     env = task_variables(obj, step_name, package, {**env, task.WORKLOAD_VARIABLE: "1"})
     if settings["stack_image"]:
         env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"  # the stack's image has what fetching the package needs
+    # (the credentials among the run's settings: in the job's variable, read first, never in its spec)
+    secrets = {name: env.pop(name) for name in SECRET_SETTINGS if name in env}
     command = task_command(
         obj.environment,
         (datastore, obj.flow_datastore.datastore_root),
@@ -75,6 +79,7 @@ def step(
         f"{python} -u {step_cli}",
         workdir=task.WORKDIR,
         logs=task.LOGS,
+        before_step=in_double_quotes(FIRST) if secrets else "",
     )
     meta = {"metaflow.flow": flow, "metaflow.run_id": str(run_id), "metaflow.step": step_name}
     meta |= {"metaflow.task_id": str(task_id), "metaflow.attempt": str(attempt)}
@@ -83,7 +88,7 @@ def step(
     agent = Settings.from_env().at(placement.namespace, placement.region)  # asked of on every call
     try:
         with exits_in_one_line(f"{pathspec}: stopped; its Nomad job {name} was purged"), NomadClient(agent) as client:
-            ending = task.run(client, name, command, env, placement, meta)
+            ending = task.run(client, name, command, env, placement, meta, secrets)
     finally:
         missing = bring_back_metadata(obj, run_id, step_name, task_id)
         if missing:

@@ -125,7 +125,7 @@ class NomadDecorator(Trampolined, StepDecorator):
 
         if (namespace, region) not in cls.swept:
             with NomadClient(Settings.from_env().at(namespace, region)) as client:
-                sweep(client)
+                sweep(client, variables=True)  # (a task's job may keep the run's credentials in its own)
             cls.swept.add((namespace, region))
 
     @classmethod
