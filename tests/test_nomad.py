@@ -556,6 +556,30 @@ def test_a_token_that_cannot_bind_the_steps_policy_or_keep_the_secrets_is_told_h
             client.variable("nomad/jobs/metaflow-some-flow")
 
 
+def test_a_task_whose_token_cannot_keep_its_credentials_is_told_once_and_leaves_nothing(
+    nomad_agent, capsys: pytest.CaptureFixture
+) -> None:
+    """A token that may submit jobs but not write their variables: the task stops before its job is
+    registered, in one line naming the rule, with no word of a variable to remove (none was written)."""
+    from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.jobspec import Placement
+    from metaflow_stack.nomad import task
+
+    with NomadClient(nomad_agent) as client:
+        if not client.acls_enabled():
+            pytest.skip("the agent has no ACLs (the GitHub job's dev agent): every token may write variables")
+        rules = 'namespace "default" { capabilities = ["submit-job", "read-job", "list-jobs", "read-logs"] }'
+        client.put_policy("jobs-only", rules, "A token's")
+        weak = client.create_token("jobs-only", ["jobs-only"])["SecretID"]
+    job = f"mf-unkept-{uuid.uuid4().hex[:8]}"
+    with NomadClient(replace(nomad_agent, token=weak)) as client, pytest.raises(task.NotKept) as refused:
+        secrets = {"METAFLOW_SERVICE_AUTH_KEY": "k"}
+        task.run(client, job, ["true"], {}, Placement(driver="raw_exec", cpu=0.1, memory=32), {}, secrets)
+    assert f"may not write the variable nomad/jobs/{job}" in refused.value.message
+    assert "variable" not in capsys.readouterr().err  # (nothing said of one to remove)
+    assert jobs_left(nomad_agent, job) == []
+
+
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     """A Nomad job runs on another machine: the run's datastore must be one it reaches."""
     shutil.copy(FLOWS / "nomad_flow.py", tmp_path)

@@ -8,6 +8,7 @@ import base64
 import json
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -259,13 +260,23 @@ def test_the_run_id_is_read_whole_wherever_it_lands_in_the_runs_own_output() -> 
 def test_a_deployed_jobs_credentials_are_exported_quoted_and_only_under_variable_names() -> None:
     from metaflow_stack.nomad.job_secrets import exports
 
-    said = exports({"B": "it's $(rm -rf /)", "A_1": "plain"})
+    said = exports({"B": "it's $(rm -rf /)", "A_1": "plain"}, "deploy again")
     assert said == "export A_1=plain\nexport B='it'\"'\"'s $(rm -rf /)'\n"
     line = ["bash", "-c", 'eval "$EXPORTS" && printf %s "$B"']  # (as the job's shell takes them)
     done = subprocess.run(line, env={"EXPORTS": said, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert done.stdout == "it's $(rm -rf /)"
     with pytest.raises(StackError):
-        exports({"X; rm -rf /": "1"})
+        exports({"X; rm -rf /": "1"}, "deploy again")
+
+
+def test_the_credentials_reader_runs_on_the_standard_library_alone() -> None:
+    """It runs first in every job that keeps credentials in its variable, with the image's Python (a user's
+    image, an exec or raw_exec client's: Metaflow's needs only; the runtime itself comes in the code
+    package), so it may import nothing else."""
+    others = "{'httpx', 'metaflow', 'redis', 'click', 'rich', 'pydantic'}"
+    code = f"import sys, metaflow_stack.nomad.job_secrets; print(sorted(set(sys.modules) & {others}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_a_deployed_jobs_name_must_also_name_its_variable() -> None:

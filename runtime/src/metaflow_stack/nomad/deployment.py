@@ -39,6 +39,7 @@ from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, variable_
 from metaflow_stack.engines.nomad.jobspec import Placement, namespace_name, task_job
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
+from metaflow_stack.nomad.job_secrets import FIRST, VARIABLE_NAME
 
 #: The line a deployed run prints first: this, then its run id.
 RUN_ID_MARKER = "metaflow-stack-run-id: "
@@ -57,8 +58,6 @@ STEP_IMAGE_VARIABLE = "METAFLOW_STACK_NOMAD_STEP_IMAGE"
 STEP_CAPABILITIES = ("submit-job", "read-job", "read-logs", "list-jobs")
 #: The variables of the steps' jobs (``jobspec.job_id``: ``mf-...``), where each keeps the run's credentials.
 STEP_VARIABLES = "nomad/jobs/mf-*"
-#: What a shell takes as a variable's name (the job exports its credentials by these names).
-VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: ``Meta`` keys naming what ``create`` made beside the job (its credentials' variable, its steps' policy), so
 #: that a later ``create`` without them removes them.
 VARIABLE_META, POLICY_META = "metaflow.credentials", "metaflow.steps-policy"
@@ -278,8 +277,6 @@ def job_command(
     prelude = ["METAFLOW_SKIP_INSTALL_DEPENDENCIES=1"] if ready else []
     prelude += ["export NOMAD_ADDR=unix://$NOMAD_SECRETS_DIR/api.sock"] if task_api or secrets else []
     if secrets:  # (a failure ends the job, naming why, before anything needs them)
-        from metaflow_stack.nomad.job_secrets import FIRST  # (which reads ``VARIABLE_NAME`` here)
-
         prelude.append(in_double_quotes(FIRST))
     init = " && ".join(['mflog() { echo \\"$1\\"; }', *prelude, *commands])
     script = f"mkdir -p {WORKDIR} && cd {WORKDIR} && {init} && exec {in_double_quotes(shlex.join(run))}"

@@ -58,11 +58,17 @@ def run(
     # The purge on a kill is in place before the job is registered and while the trampoline purges it itself
     # (forked before follow starts its threads; a job that was never registered is purged as no error).
     refused = False  # (the token may not register jobs: then none was, and its purge is refused the same way)
+    kept = False  # (whether its variable may have been written: a refused write left none to remove)
     with stopped_by_signals(), undone_if_killed(lambda: _purge(client.settings, job)):
         try:
             try:
                 if secrets:
-                    _keep(client, job, secrets)
+                    kept = True  # (a write that failed midway may have landed)
+                    try:
+                        _keep(client, job, secrets)
+                    except NotKept:
+                        kept = False
+                        raise
                 eval_id = client.register(body)
             except Refused:
                 refused = True
@@ -75,17 +81,22 @@ def run(
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
                     if not (refused and isinstance(exc, Refused)):  # (that refusal is said once, by the register)
                         relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
-                if secrets:
-                    _forget(client, job, relay)
+                finally:
+                    if kept:
+                        _forget(client, job, relay)
+
+
+class NotKept(StackError):
+    """The token may not write the job's variable: none was written."""
 
 
 def _keep(client: NomadClient, job: str, secrets: dict[str, str]) -> None:
-    """``secrets`` in ``job``'s variable; ``StackError`` naming the policy a token needs when it may not."""
+    """``secrets`` in ``job``'s variable; ``NotKept`` naming the policy a token needs when it may not."""
     path = variable_path(job)
     try:
         client.put_variable(path, secrets)
     except Refused:
-        raise StackError(
+        raise NotKept(
             f"your Nomad token may not write the variable {path}, where the task's job finds the run's "
             "credentials (the metadata service's key and headers)",
             fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", "destroy"] }} }}` '

@@ -206,23 +206,20 @@ def options(argv: list[str]) -> argparse.Namespace:
 def read_job_variable() -> None:
     """The Nomad job's own variable (``job_variable``) into this worker's environment; exits with one line
     (the last its job's allocation shows, which the runtime reports) where it cannot be read."""
-    from metaflow_stack.engines.nomad.client import NotFound, Refused, Unavailable
-    from metaflow_stack.engines.nomad.job_variable import NO_TASK_API, read_own, variable_path
+    from metaflow_stack.engines.nomad.job_variable import VariableGone, VariableRefused, read_own, variable_path
 
     job = os.environ.get("NOMAD_JOB_ID", "")
     try:
         os.environ.update(read_own(job))
         return
-    except NotFound:
+    except VariableGone:
         said = "it is gone: the run that started this pool has ended"
-    except Refused:
+    except VariableRefused:
         said = (
             "this worker's identity may not read it (fix: check the ACL policies bound to the job: a job's "
             "workload reads its own variables unless a policy says otherwise)"
         )
-    except Unavailable:
-        said = NO_TASK_API
-    except StackError as exc:
+    except StackError as exc:  # (the Task API not answering says its fix)
         said = str(exc)
     sys.exit(f"worker pool: the queue's URL in the Nomad variable {variable_path(job)} could not be read: {said}")
 

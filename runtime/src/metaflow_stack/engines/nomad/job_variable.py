@@ -1,14 +1,23 @@
 """A Nomad job's own Variable (``nomad/jobs/<job>``): where a job's credentials are kept out of its spec,
 which anyone who may read the job sees, and out of its version history. Of all workloads only the job's own
 may read it (its workload identity's implicit policy), from inside an allocation through its agent's Task
-API. A deployed flow's job (``nomad create``) and a worker pool's job keep theirs there.
+API. A deployed flow's job (``nomad create``), a ``@nomad`` task's job and a worker pool's job keep theirs
+there.
+
+Read inside the job with the standard library alone (``read_own``): a task's image, or an ``exec`` or
+``raw_exec`` client's Python, holds Metaflow's needs and nothing of this runtime's (its HTTP client
+included), and the runtime itself arrives in the code package.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import socket
+from urllib.parse import quote
 
-from metaflow_stack.engines.nomad.client import NomadClient, Settings
+from metaflow_stack.errors import StackError
 
 #: The run's Metaflow settings that are credentials: kept in the job's variable, never in its spec.
 SECRET_SETTINGS = ("METAFLOW_SERVICE_AUTH_KEY", "METAFLOW_SERVICE_HEADERS")
@@ -17,6 +26,21 @@ NO_TASK_API = (
     "its agent's Task API does not answer at $NOMAD_SECRETS_DIR/api.sock (fix: Nomad 1.5 or later, with a "
     "data_dir short enough for a socket's path)"
 )
+#: Seconds the Task API has to answer; the most of its answer read (a variable holds a few settings).
+TIMEOUT_S = 30.0
+MAX_ANSWER_BYTES = 1 << 20
+
+
+class VariableGone(StackError):
+    """The job's variable is not there (removed, or never written)."""
+
+
+class VariableRefused(StackError):
+    """The job's workload identity may not read its variable."""
+
+
+class TaskApiUnavailable(StackError):
+    """The agent's Task API does not answer inside the allocation."""
 
 
 def variable_path(job: str) -> str:
@@ -24,19 +48,45 @@ def variable_path(job: str) -> str:
     return f"nomad/jobs/{job}"
 
 
-def task_api() -> Settings:
-    """Inside an allocation: its agent's Task API, asked with the task's workload identity (``Identity {"Env":
-    true}``: ``NOMAD_TOKEN``), in the job's namespace."""
-    return Settings(
-        address=f"unix://{os.environ.get('NOMAD_SECRETS_DIR', 'secrets')}/api.sock",
-        token=os.environ.get("NOMAD_TOKEN") or None,
-        namespace=os.environ.get("NOMAD_NAMESPACE") or None,
-    )
+class _TaskApi(http.client.HTTPConnection):
+    """HTTP to the agent's Task API, a Unix socket in the task's secrets folder."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=TIMEOUT_S)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
 def read_own(job: str) -> dict[str, str]:
-    """The items of ``job``'s variable, read from inside one of its allocations through the Task API
-    (``task_api``); the client's ``NotFound``, ``Refused`` or ``Unavailable`` (Nomad opens no socket, and
-    says nothing, where its path is too long: ``NO_TASK_API``) for the caller to say in its words."""
-    with NomadClient(task_api()) as client:
-        return client.variable(variable_path(job))
+    """The items of ``job``'s variable, read from inside one of its allocations with the task's workload
+    identity (``Identity {"Env": true}``: ``NOMAD_TOKEN``) through its agent's Task API, in the job's
+    namespace; ``VariableGone``, ``VariableRefused`` or ``TaskApiUnavailable`` (Nomad opens no socket, and
+    says nothing, where its path is too long) for the caller to say in its words."""
+    path = variable_path(job)
+    namespace = os.environ.get("NOMAD_NAMESPACE")
+    target = f"/v1/var/{quote(path, safe='/')}" + (f"?namespace={quote(namespace)}" if namespace else "")
+    token = os.environ.get("NOMAD_TOKEN")
+    connection = _TaskApi(os.path.join(os.environ.get("NOMAD_SECRETS_DIR", "secrets"), "api.sock"))
+    try:
+        connection.request("GET", target, headers={"X-Nomad-Token": token} if token else {})
+        answer = connection.getresponse()
+        body = answer.read(MAX_ANSWER_BYTES + 1)
+    except (OSError, http.client.HTTPException):
+        raise TaskApiUnavailable(NO_TASK_API) from None
+    finally:
+        connection.close()
+    if answer.status == 404:
+        raise VariableGone(f"the variable {path} is not there")
+    if answer.status in (401, 403):
+        raise VariableRefused(f"this job's identity may not read the variable {path}")
+    try:
+        items = json.loads(body)["Items"] if answer.status == 200 and len(body) <= MAX_ANSWER_BYTES else None
+    except (ValueError, KeyError, TypeError):
+        items = None
+    if not isinstance(items, dict):
+        raise StackError(f"Nomad's Task API answered {answer.status} for the variable {path}, with no items")
+    return {str(name): str(value) for name, value in items.items()}

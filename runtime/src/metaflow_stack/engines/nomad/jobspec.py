@@ -26,8 +26,9 @@ from metaflow_stack.errors import StackError
 DRIVERS = ("docker", "exec", "raw_exec")
 #: The job's one group and task.
 GROUP, TASK = "step", "metaflow"
-#: Nomad's limit on a job ID's length.
-MAX_JOB_ID = 128
+#: The longest job ID made: Nomad's limit (128), less ``nomad/jobs/``, since a job's credentials are kept in a
+#: variable named for it, and a variable's path is 128 characters at most (``job_variable``).
+MAX_JOB_ID = 117
 #: What a fractional ``cpu`` becomes: Nomad shares CPU in MHz.
 MHZ_PER_CORE = 1000
 #: How long a stopped task has between its signal and SIGKILL.
@@ -125,8 +126,9 @@ def constraints_of(given: Any) -> tuple[tuple[str, str, str], ...]:
 
 def job_id(flow: str, run_id: str, step: str, task_id: str, attempt: int) -> str:
     """The job of one task attempt, named for it (``mf-<flow>-<run>-<step>-<task>-<attempt>``, lowercase,
-    Nomad's safe characters); a name over Nomad's limit keeps its start and gains a hash of the whole."""
-    name = re.sub(r"[^a-z0-9_.-]+", "-", f"mf-{flow}-{run_id}-{step}-{task_id}-{attempt}".lower())
+    the characters both a job ID and a variable's path take); a name over ``MAX_JOB_ID`` keeps its start and
+    gains a hash of the whole."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", f"mf-{flow}-{run_id}-{step}-{task_id}-{attempt}".lower())
     if len(name) <= MAX_JOB_ID:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
