@@ -35,7 +35,7 @@ from typing import Any
 
 from metaflow_stack.elsewhere import in_double_quotes
 from metaflow_stack.engines.nomad.client import NomadClient, Refused
-from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, variable_path
+from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, keep, variable_path
 from metaflow_stack.engines.nomad.jobspec import Placement, namespace_name, task_job
 from metaflow_stack.engines.nomad.watch import Ending, follow
 from metaflow_stack.errors import StackError
@@ -190,14 +190,7 @@ def keep_secrets(client: NomadClient, job: str, secrets: dict[str, str], kept_be
     (``kept_before``); the command left for an operator, if the token may not remove it."""
     path = variable_path(job)
     if secrets:
-        try:
-            client.put_variable(path, secrets)
-        except Refused:
-            raise StackError(
-                f"your Nomad token may not write the variable {path}, where the deployed flow's credentials are kept",
-                fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", "destroy"] }} }}` '
-                f'in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
-            ) from None
+        keep(client, job, secrets, "the deployed flow's credentials are kept")
     elif kept_before:
         try:
             client.delete_variable(path)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines.nomad.client import NomadClient, Refused, Settings
-from metaflow_stack.engines.nomad.job_variable import variable_path
+from metaflow_stack.engines.nomad.job_variable import NotKept, keep, variable_path
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
 from metaflow_stack.engines.nomad.orphans import OWNER
 from metaflow_stack.engines.nomad.watch import Ending, follow
@@ -65,7 +65,7 @@ def run(
                 if secrets:
                     kept = True  # (a write that failed midway may have landed)
                     try:
-                        _keep(client, job, secrets)
+                        keep(client, job, secrets, "the task's job finds the run's credentials")
                     except NotKept:
                         kept = False
                         raise
@@ -84,24 +84,6 @@ def run(
                 finally:
                     if kept:
                         _forget(client, job, relay)
-
-
-class NotKept(StackError):
-    """The token may not write the job's variable: none was written."""
-
-
-def _keep(client: NomadClient, job: str, secrets: dict[str, str]) -> None:
-    """``secrets`` in ``job``'s variable; ``NotKept`` naming the policy a token needs when it may not."""
-    path = variable_path(job)
-    try:
-        client.put_variable(path, secrets)
-    except Refused:
-        raise NotKept(
-            f"your Nomad token may not write the variable {path}, where the task's job finds the run's "
-            "credentials (the metadata service's key and headers)",
-            fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", "destroy"] }} }}` '
-            f'in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
-        ) from None
 
 
 def _forget(client: NomadClient, job: str, relay: Callable[[str, str], None]) -> None:

@@ -30,8 +30,8 @@ from dataclasses import replace
 from typing import Any
 
 from metaflow_stack.elsewhere import Launcher, metaflow_settings
-from metaflow_stack.engines.nomad.client import NomadClient, Refused, Settings, Unavailable
-from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, variable_path
+from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
+from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, keep, variable_path
 from metaflow_stack.engines.nomad.jobspec import KILL_TIMEOUT_NS, TASK, Placement, workers_job
 from metaflow_stack.engines.nomad.orphans import OWNER, sweep
 from metaflow_stack.engines.nomad.watch import ENDED, NOT_STARTED, ending, last_lines, wait_placed
@@ -84,18 +84,9 @@ class NomadPool(ClusterPool):
         return workers_job(self.workers_name, command, env, self.placement, meta, self.size)
 
     def place(self, rendered: dict[str, Any]) -> None:
-        path = variable_path(self.workers_name)
         with NomadClient(self.agent) as client:
             sweep(client, WORKERS_PREFIX, variables=True)  # the pools of runs killed outright, with their URLs
-            try:
-                client.put_variable(path, self.secrets)
-            except Refused:
-                raise StackError(
-                    f"your Nomad token may not write the variable {path}, where the pool's workers find the "
-                    "queue's URL",
-                    fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", '
-                    f'"destroy"] }} }}` in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
-                ) from None
+            keep(client, self.workers_name, self.secrets, "the pool's workers find the queue's URL")
             self.eval_id = client.register(rendered)
 
     def wait_workers(self) -> None:

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import socket
+from typing import Any
 from urllib.parse import quote
 
 from metaflow_stack.errors import StackError
@@ -29,6 +30,27 @@ NO_TASK_API = (
 #: Seconds the Task API has to answer; the most of its answer read (a variable holds a few settings).
 TIMEOUT_S = 30.0
 MAX_ANSWER_BYTES = 1 << 20
+
+
+class NotKept(StackError):
+    """The token may not write the job's variable: none was written."""
+
+
+def keep(client: Any, job: str, items: dict[str, str], what: str) -> None:
+    """``items`` in ``job``'s variable, written with ``client`` (an ``engines.nomad.client.NomadClient``);
+    ``NotKept``, naming the policy rule a token needs, where the token may not (``what``: whose credentials,
+    in the message)."""
+    from metaflow_stack.engines.nomad.client import Refused  # (its HTTP client: not for ``read_own``'s side)
+
+    path = variable_path(job)
+    try:
+        client.put_variable(path, items)
+    except Refused:
+        raise NotKept(
+            f"your Nomad token may not write the variable {path}, where {what}",
+            fix=f'give its policy `variables {{ path "nomad/jobs/*" {{ capabilities = ["write", "destroy"] }} }}` '
+            f'in namespace "{client.namespace}" (the dev cluster\'s policy has it)',
+        ) from None
 
 
 class VariableGone(StackError):
