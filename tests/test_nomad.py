@@ -580,6 +580,34 @@ def test_a_task_whose_token_cannot_keep_its_credentials_is_told_once_and_leaves_
     assert jobs_left(nomad_agent, job) == []
 
 
+def test_a_variable_the_token_cannot_remove_is_named_with_the_command_for_its_namespace(nomad_agent) -> None:
+    """The Nomad pool, a task's job and its trampoline's kill all remove a job's variable one way: where
+    the token may not, one line says what may be left and the command, in the job's namespace and region
+    (an operator's ``nomad var purge`` without them looks in ``default``)."""
+    from metaflow_stack.engines.nomad.client import NomadClient
+    from metaflow_stack.engines.nomad.job_variable import forget, variable_path
+
+    job, namespace = f"mf-kept-{uuid.uuid4().hex[:8]}", f"mf-ns-{uuid.uuid4().hex[:8]}"
+    with NomadClient(nomad_agent) as client:
+        if not client.acls_enabled():
+            pytest.skip("the agent has no ACLs (the GitHub job's dev agent): every token may remove variables")
+        client.put_namespace(namespace, "a pool's own")
+        client.put_policy("reads-only", f'namespace "{namespace}" {{ capabilities = ["read-job"] }}', "A token's")
+        weak = client.create_token("reads-only", ["reads-only"])["SecretID"]
+    there = nomad_agent.at(namespace, None)
+    with NomadClient(there) as client:
+        client.put_variable(variable_path(job), {"METAFLOW_SERVICE_AUTH_KEY": "k"})
+        try:
+            with NomadClient(replace(there, token=weak)) as weakly:
+                left = forget(weakly, job)
+            assert client.variable(variable_path(job))  # (still there: said so)
+            assert forget(client, job) is None and forget(client, job) is None  # (gone, and gone again)
+        finally:
+            client.delete_variable(variable_path(job))
+    assert left is not None and left.startswith(f"the Nomad variable nomad/jobs/{job} may be left")
+    assert left.endswith(f": nomad var purge -namespace {namespace} nomad/jobs/{job}")
+
+
 def test_a_local_datastore_is_refused_in_one_line(tmp_path: Path) -> None:
     """A Nomad job runs on another machine: the run's datastore must be one it reaches."""
     shutil.copy(FLOWS / "nomad_flow.py", tmp_path)

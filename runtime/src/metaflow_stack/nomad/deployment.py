@@ -195,7 +195,7 @@ def keep_secrets(client: NomadClient, job: str, secrets: dict[str, str], kept_be
         try:
             client.delete_variable(path)
         except Refused:
-            return f"nomad var purge -namespace {client.namespace} {path}"
+            return f"nomad var purge {client.settings.cli_options()}{path}"
     return None
 
 

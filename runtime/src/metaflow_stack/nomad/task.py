@@ -18,11 +18,10 @@ with its workload identity (``job_secrets.FIRST``), removed with the job.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.engines.nomad.client import NomadClient, Refused, Settings
-from metaflow_stack.engines.nomad.job_variable import NotKept, keep, variable_path
+from metaflow_stack.engines.nomad.job_variable import NotKept, forget, keep, variable_path
 from metaflow_stack.engines.nomad.jobspec import Placement, task_job
 from metaflow_stack.engines.nomad.orphans import OWNER
 from metaflow_stack.engines.nomad.watch import Ending, follow
@@ -80,18 +79,11 @@ def run(
                     client.deregister(job)  # (also when registering failed: Nomad may have taken it nonetheless)
                 except StackError as exc:  # the task's ending is what matters; the next run's sweep retries
                     if not (refused and isinstance(exc, Refused)):  # (that refusal is said once, by the register)
-                        relay("stderr", f"could not purge Nomad job {job} ({exc.message}): nomad job stop -purge {job}")
+                        fix = f"nomad job stop {client.settings.cli_options()}-purge {job}"
+                        relay("stderr", f"could not purge Nomad job {job} ({exc.message}): {fix}")
                 finally:
-                    if kept:
-                        _forget(client, job, relay)
-
-
-def _forget(client: NomadClient, job: str, relay: Callable[[str, str], None]) -> None:
-    path = variable_path(job)
-    try:
-        client.delete_variable(path)
-    except StackError as exc:
-        relay("stderr", f"could not remove the Nomad variable {path} ({exc.message}): nomad var purge {path}")
+                    if kept and (left := forget(client, job)):
+                        relay("stderr", left)
 
 
 def _purge(settings: Settings, job: str) -> None:

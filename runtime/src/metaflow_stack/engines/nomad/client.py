@@ -74,6 +74,11 @@ class Settings:
             verify=env.get("NOMAD_SKIP_VERIFY", "").lower() not in ("1", "true", "yes"),
         )
 
+    def cli_options(self) -> str:
+        """The options of Nomad's CLI that name these settings' namespace and region, as a command an
+        operator is told to run about a job must."""
+        return f"-namespace {self.namespace or 'default'} " + (f"-region {self.region} " if self.region else "")
+
     def at(self, namespace: str | None, region: str | None) -> Settings:
         """These settings for a job in ``namespace`` and ``region`` where given (a decorator's), which every
         call about that job must name."""

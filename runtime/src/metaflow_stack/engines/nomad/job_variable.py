@@ -53,6 +53,18 @@ def keep(client: Any, job: str, items: dict[str, str], what: str) -> None:
         ) from None
 
 
+def forget(client: Any, job: str) -> str | None:
+    """Remove ``job``'s variable with ``client``; ``None`` once it is gone (or never was), else what an
+    operator is told: that it may be left, and the command that removes it."""
+    path = variable_path(job)
+    try:
+        client.delete_variable(path)
+    except StackError as exc:
+        where = client.settings.cli_options()
+        return f"the Nomad variable {path} may be left ({exc.message}): nomad var purge {where}{path}"
+    return None
+
+
 class VariableGone(StackError):
     """The job's variable is not there (removed, or never written)."""
 
