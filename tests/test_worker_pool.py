@@ -56,7 +56,7 @@ from metaflow import Flow, Task, metadata, namespace
 metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow(sys.argv[2]).latest_run
-USER = ("input", "square", "label", "alloc", "host_only", "node_only", "metadata_setting")
+USER = ("input", "square", "label", "alloc", "host_only", "node_only", "metadata_setting", "pool_secrets")
 items = []
 for task in sorted(run["each"], key=lambda t: t.index):
     first = Task(task.pathspec, attempt=0)
@@ -1146,6 +1146,7 @@ def test_a_pool_over_kubernetes_runs_its_items_on_pods_with_its_settings(
     assert run["successful"] and run["squares"] == [0, 1, 4, 9]
     assert all(item["worker"] and item["worker"].startswith("mf-pool-each-") for item in run["items"]), run["items"]
     assert all(item["values"]["host_only"] == "None" for item in run["items"]), run["items"]
+    assert all(item["values"]["pool_secrets"] == "''" for item in run["items"]), run["items"]
     applied = [json.loads(line) for line in (tmp_path / "cluster" / "applied.jsonl").read_text().splitlines()]
     assert [entry["namespace"] for entry in applied] == ["pools"]
     deployment = applied[0]["deployment"]
@@ -1185,6 +1186,7 @@ def test_a_pool_over_nomad_runs_its_items_on_one_jobs_allocations(
     assert all(w and w.startswith("mf-pool-each-") and w.rsplit("/", 1)[1] in ("0", "1") for w in workers), workers
     allocations = {item["values"]["alloc"] for item in run["items"]}
     assert len(allocations) <= 2 and "None" not in allocations, allocations  # (items ran in the job's allocations)
+    assert all(item["values"]["pool_secrets"] == "''" for item in run["items"]), run["items"]
     assert "Nomad job" not in done.stdout + done.stderr  # (no job per task: nothing said of one)
     assert not jobs_left(nomad_agent, "mf-pool-") and not none_left() and not pool_keys(redis_url)
     with NomadClient(nomad_agent) as client, pytest.raises(NotFound):  # (the queue's URL went with the job)
@@ -1231,10 +1233,10 @@ def test_a_nomad_pools_job_holds_none_of_its_credentials(monkeypatch: pytest.Mon
     job = json.dumps(pool.render())
     assert not [word for word in ("url-secret", "header-secret", "key-secret") if word in job]
     assert "http://service.example:8080" in job and "--job-variable" in job
-    assert pool.secrets == {
+    assert pool.user is not None and pool.secrets == {
         "METAFLOW_SERVICE_HEADERS": '{"x-api-key": "header-secret"}',
         "METAFLOW_SERVICE_AUTH_KEY": "key-secret",
-        URL_VARIABLE: url,
+        URL_VARIABLE: pool.user.url(url),  # (the pool's own Redis user: redis_user)
     }
 
 
@@ -1618,6 +1620,81 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
     assert code == trampoline.POOL_LOST and b"took it, then vanished" in written
     assert redis_dispatch.TAKEN_S <= elapsed < redis_dispatch.TAKEN_S + 4
     assert not pool_keys(redis_url)
+
+
+def test_a_cluster_pools_workers_reach_only_their_own_pools_keys(redis_url: str) -> None:
+    """An item's code can read its worker's URL (its memory, its environment): as the pool's own Redis user,
+    a worker does all it does with its pool's keys (Redis checks its scripts' commands too; a lost script is
+    loaded again), and nothing with another pool's, which hold their tasks' environments, credentials and
+    all: no reading, no queueing, no listing, no emptying. Removed with the pool, the user connects no more."""
+    import redis
+
+    from metaflow_stack.pool.redis_queue import RedisQueue, connect
+    from metaflow_stack.pool.redis_user import PoolUser, remove
+
+    ours, theirs = f"mf-pool:{uuid.uuid4().hex[:8]}:each:", f"mf-pool:{uuid.uuid4().hex[:8]}:each:"
+    user = PoolUser(f"mf-pool-each-{uuid.uuid4().hex[:10]}", ours)
+    admin = connect(redis_url)
+    try:
+        assert user.make(redis_url) is None and user.make(redis_url) is None  # (made again: the same)
+        for prefix in (ours, theirs):
+            admin.hset(f"{prefix}task:1", mapping={"python": "p", "argv": "[]", "env": '{"AWS": "k"}', "cwd": "/"})
+            admin.lpush(f"{prefix}pending", "1")
+        admin.script_flush()
+        worker = RedisQueue(connect(user.url(redis_url)), ours)
+        worker.client.ping()
+        worker.live("w")
+        task_id, task = worker.claim("w", timeout_s=1)
+        assert (task_id, task.env) == ("1", {"AWS": "k"})
+        worker.output(task_id, 1, b"line")
+        assert not worker.renew(task_id, "w")
+        worker.finish(task_id, "w", 0)
+        other = RedisQueue(worker.client, theirs)
+        attempts = {
+            "claim": lambda: other.claim("w", timeout_s=0.1),
+            "read": lambda: worker.client.hgetall(f"{theirs}task:1"),
+            "queue": lambda: worker.client.lpush(f"{theirs}pending", "2"),
+            "list": lambda: worker.client.keys("*"),
+            "scan": lambda: worker.client.scan(0),
+            "empty": lambda: worker.client.flushall(),
+            "make users": lambda: worker.client.execute_command("ACL", "SETUSER", "me", "on", ">x", "+@all", "~*"),
+        }
+        refused = []
+        for what, attempt in attempts.items():
+            try:
+                attempt()
+            except redis.exceptions.NoPermissionError:
+                refused.append(what)
+        assert refused == list(attempts)
+        assert admin.hgetall(f"{theirs}task:1")[b"env"] == b'{"AWS": "k"}' and admin.llen(f"{theirs}pending") == 1
+        worker.client.close()
+        remove(redis_url, user.name)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            connect(user.url(redis_url)).ping()
+    finally:
+        for prefix in (ours, theirs):
+            for key in admin.scan_iter(match=prefix + "*"):
+                admin.delete(key)
+        remove(redis_url, user.name)
+        admin.close()
+
+
+def test_a_redis_that_takes_no_pool_user_is_named_so_the_run_can_say_it(redis_url: str) -> None:
+    """A URL whose own user may not make users (a managed Redis's, say): the pool is told why, in Redis's
+    words, and its workers connect with the run's URL (``cluster_pool`` says so once)."""
+    from metaflow_stack.pool.redis_queue import connect
+    from metaflow_stack.pool.redis_user import PoolUser, remove
+
+    runner = f"runner-{uuid.uuid4().hex[:8]}"
+    admin = connect(redis_url)
+    try:
+        admin.execute_command("ACL", "SETUSER", runner, "on", ">pw", "~*", "+@all", "-@admin")
+        runners_url = PoolUser(runner, "", password="pw").url(redis_url)  # (the same Redis, as that user)
+        refused = PoolUser(f"mf-pool-each-{uuid.uuid4().hex[:10]}", "mf-pool:1:each:").make(runners_url)
+    finally:
+        remove(redis_url, runner)
+        admin.close()
+    assert refused == "this user has no permissions to run the 'acl|setuser' command"
 
 
 def test_a_redis_worker_killed_between_its_move_and_its_claim_leaves_a_list_that_expires(redis_url: str) -> None:

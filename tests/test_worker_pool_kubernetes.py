@@ -77,7 +77,10 @@ def test_the_pods_run_warm_redis_workers_with_the_steps_resources() -> None:
         == manifests["Secret"]["metadata"]["name"]
     )
     assert "s3cret" not in yaml.safe_dump(deployment)
-    assert manifests["Secret"]["stringData"] == {"url": URL}
+    # The same Redis, as the pool's own user (redis_user): never the run's password.
+    (url,) = manifests["Secret"]["stringData"].values()
+    assert url.startswith(f"redis://{release.name}:") and url.endswith("@redis.pools.svc:6379/0")
+    assert "s3cret" not in url
 
 
 def test_the_release_name_is_kubernetes_alphabet_and_one_per_run_and_step() -> None:

@@ -34,6 +34,8 @@ class KubernetesPoolFlow(FlowSpec):
             raise RuntimeError(f"item {self.input} fails")
         self.square = self.input * self.input
         self.host_only = os.environ.get("STACK_TEST_HOST_ONLY")  # (the run's, which no pod gets)
+        # (the worker's own, never its items': the queue's URL, the identity it read its credentials with)
+        self.pool_secrets = ",".join(n for n in ("METAFLOW_STACK_POOL_REDIS_URL", "NOMAD_TOKEN") if n in os.environ)
         self.next(self.join)
 
     @step

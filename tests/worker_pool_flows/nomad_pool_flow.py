@@ -28,6 +28,8 @@ class NomadPoolFlow(FlowSpec):
             raise RuntimeError(f"item {self.input} fails on attempt 0")
         self.square = self.input * self.input
         self.alloc = os.environ.get("NOMAD_ALLOC_ID")
+        # (the worker's own, never its items': the queue's URL, the identity it read its credentials with)
+        self.pool_secrets = ",".join(n for n in ("METAFLOW_STACK_POOL_REDIS_URL", "NOMAD_TOKEN") if n in os.environ)
         self.next(self.join)
 
     @step

@@ -14,12 +14,17 @@ could not (``remove``: finding none is no error).
 
 from __future__ import annotations
 
+import os
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from metaflow_stack.errors import StackError
+from metaflow_stack.pool import redis_user
 from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_pool import RedisPool
+from metaflow_stack.pool.redis_queue import private, readable
+from metaflow_stack.pool.redis_user import PoolUser
 
 #: Seconds a cluster's workers have to be placed, pull their image, start and import the flow before the
 #: step fails.
@@ -38,6 +43,7 @@ class ClusterPool(RedisPool, ABC):
         super().__init__(flow_file, size, name, url, prefix)
         self.placed = False
         self.warm = False
+        self.user: PoolUser | None = PoolUser(self.workers_name, prefix)  # (None: a Redis that takes none)
 
     @abstractmethod
     def render(self) -> Any:
@@ -59,15 +65,30 @@ class ClusterPool(RedisPool, ABC):
     def advice(self) -> str:
         """How to see why the workers did not start."""
 
+    def workers_url(self, variable: str) -> str:
+        """The queue's URL for the workers: the Redis at ``variable`` where they reach it at another
+        address, else the run's, as the pool's own user (``redis_user``) where Redis takes one."""
+        url = private(readable(os.environ.get(variable) or self.url))
+        return self.user.url(url) if self.user is not None else url
+
     def start(self) -> None:
-        """Render the workers, start the dispatcher, and place them once it answers (Redis must, before
-        anything reaches the cluster): a bad setting or no Redis fails the run here."""
+        """Render the workers, start the dispatcher, make the pool's Redis user and place the workers once
+        it answers (Redis must, before anything reaches the cluster): a bad setting or no Redis fails the
+        run here."""
         rendered = self.render()
         super().start()
         try:
             self.wait_dispatcher()
             self.placed = True  # (from here on, stopping removes whatever of it reached the cluster)
-            self.place(rendered)
+            if self.user is not None and (refused := self.user.make(self.url)):
+                self.user, rendered = None, None
+                print(
+                    f"worker pool: this Redis takes no user of the pool's own ({refused}): the {self.workers_kind} "
+                    "connect with the run's URL, which reaches every pool's keys there",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.place(rendered or self.render())
         except StackError:
             self.stop()
             raise
@@ -95,3 +116,5 @@ class ClusterPool(RedisPool, ABC):
         if self.placed:
             self.placed = False
             self.remove()
+            if self.user is not None:
+                redis_user.remove(self.url, self.user.name)

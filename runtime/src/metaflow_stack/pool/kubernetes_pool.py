@@ -31,7 +31,6 @@ from metaflow_stack.deploy.helm import kubectl
 from metaflow_stack.elsewhere import metaflow_settings
 from metaflow_stack.errors import StackError, ToolMissingError
 from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
-from metaflow_stack.pool.redis_queue import private, readable
 
 #: Where the pods find Redis, when not where the runtime does (a cluster's view of the same server).
 POD_URL_VARIABLE = "METAFLOW_STACK_POOL_POD_REDIS_URL"
@@ -86,7 +85,7 @@ class KubernetesPool(ClusterPool):
         super().start()
 
     def values(self) -> dict[str, Any]:
-        redis = {"url": private(readable(os.environ.get(POD_URL_VARIABLE) or self.url))}
+        redis = {"url": self.workers_url(POD_URL_VARIABLE)}
         values = chart_values(self.prefix, self.flow_file, self.size, self.image, redis, self.resources)
         return merge({**values, "metaflow": metaflow_settings()}, self.extra_values)
 

@@ -23,7 +23,6 @@ workload identity, and which goes with the job.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import replace
@@ -31,7 +30,7 @@ from typing import Any
 
 from metaflow_stack.elsewhere import Launcher, metaflow_settings
 from metaflow_stack.engines.nomad.client import NomadClient, Settings, Unavailable
-from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, keep, variable_path
+from metaflow_stack.engines.nomad.job_variable import SECRET_SETTINGS, forget, keep
 from metaflow_stack.engines.nomad.jobspec import KILL_TIMEOUT_NS, TASK, Placement, workers_job
 from metaflow_stack.engines.nomad.orphans import OWNER, sweep
 from metaflow_stack.engines.nomad.watch import ENDED, NOT_STARTED, ending, last_lines, wait_placed
@@ -39,7 +38,7 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.pool.cluster_pool import POLL_S, READY_TIMEOUT_S, ClusterPool
 from metaflow_stack.pool.processes import READY
 from metaflow_stack.pool.redis_pool import WORKER, WORKERS_PREFIX
-from metaflow_stack.pool.redis_queue import URL_VARIABLE, private, readable
+from metaflow_stack.pool.redis_queue import URL_VARIABLE
 
 #: Where the workers find Redis, when not where the runtime does (the Nomad clients' view of the server).
 WORKERS_URL_VARIABLE = "METAFLOW_STACK_POOL_NOMAD_REDIS_URL"
@@ -77,7 +76,7 @@ class NomadPool(ClusterPool):
         command = ["sh", "-c", named, WORKER, self.prefix, self.flow_file]
         env = metaflow_settings()
         self.secrets = {name: env.pop(name) for name in SECRET_SETTINGS if name in env}
-        self.secrets[URL_VARIABLE] = private(readable(os.environ.get(WORKERS_URL_VARIABLE) or self.url))
+        self.secrets[URL_VARIABLE] = self.workers_url(WORKERS_URL_VARIABLE)
         if self.placement.driver == "docker":
             env["HOME"] = "/tmp"  # (the image's user may have none; exec and raw_exec keep the client's)
         meta = {"metaflow-stack.pool": self.prefix, OWNER: Launcher.this().label}  # (a killed run's: swept)
@@ -116,7 +115,8 @@ def purge(agent: Settings, job: str) -> None:
             try:
                 client.deregister(job)
             finally:  # (the queue's URL goes whatever became of the job)
-                forget_variable(client, job)
+                if left := forget(client, job):
+                    print(f"worker pool: {left}", file=sys.stderr, flush=True)
             while time.monotonic() < deadline:
                 allocations, index = client.allocations(job, index, wait_s=POLL_S, outage_s=0)
                 running = [a["ID"] for a in allocations if a.get("ClientStatus") not in ENDED]
@@ -125,24 +125,9 @@ def purge(agent: Settings, job: str) -> None:
         said = f"the Nomad job {job} is purged, and {len(running)} of its workers still ran after {STOP_S:.0f}s"
         fix = "nomad alloc stop " + " ".join(running)
     except StackError as exc:
-        said, fix = f"the Nomad job {job} may be left: {exc.message}", f"nomad job stop {_where(agent)}-purge {job}"
+        said = f"the Nomad job {job} may be left: {exc.message}"
+        fix = f"nomad job stop {agent.cli_options()}-purge {job}"
     print(f"worker pool: {said} (fix: {fix})", file=sys.stderr, flush=True)
-
-
-def forget_variable(client: NomadClient, job: str) -> None:
-    """Remove ``job``'s variable (the queue's URL); say it, and how to remove it, where Nomad cannot."""
-    path = variable_path(job)
-    try:
-        client.delete_variable(path)
-    except StackError as exc:
-        fix = f"nomad var purge {_where(client.settings)}{path}"
-        said = f"the Nomad variable {path}, if it was written, could not be removed: {exc.message}"
-        print(f"worker pool: {said} (fix: {fix})", file=sys.stderr, flush=True)
-
-
-def _where(agent: Settings) -> str:
-    """The options of Nomad's CLI that name the job's namespace and region, as its commands take them."""
-    return f"-namespace {agent.namespace or 'default'} " + (f"-region {agent.region} " if agent.region else "")
 
 
 def wait_for_workers(client: NomadClient, eval_id: str, job: str, size: int) -> None:

@@ -55,11 +55,13 @@ KEEP_EVERY_S = KEEP_S / 6
 
 class RedisExecutor:
     """Tasks through the queue; a cluster backend sets ``remove_workers``, how its workers are removed when
-    the dispatcher closes (before the keys: they kill what they run)."""
+    the dispatcher closes (before the keys: they kill what they run), and ``user``, the pool's Redis user
+    they connect as (``redis_user``), removed after the keys."""
 
     def __init__(self, queue: RedisQueue, python: str = sys.executable) -> None:
         self.queue, self.python = queue, python
         self.remove_workers: Callable[[], None] | None = None
+        self.user: str | None = None
         self.unsure = True  # (whether Redis may not answer: before the first task, and after any failure)
 
     async def _answering(self) -> None:
@@ -156,6 +158,9 @@ class RedisExecutor:
                 await asyncio.to_thread(self.remove_workers)
         finally:
             await self.queue.purge()
+            if self.user is not None:  # (none there, where Redis took none: nothing to say)
+                with contextlib.suppress(redis.RedisError):
+                    await self.queue.client.acl_deluser(self.user)
             await self.queue.client.aclose()
 
 

@@ -230,6 +230,14 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the runtime, which stops the pool
     if args.job_variable:
         read_job_variable()
+    # Out of the environment its tasks (on a cluster: this machine's, with theirs over it), its fork servers
+    # and their logs see: the queue's URL and the workload identity it was read with (``redis_user`` says
+    # why a task that finds them anyway reaches only its own pool's keys).
+    url = os.environ.pop(URL_VARIABLE, "")
+    if not url:
+        sys.exit(f"worker pool: no queue to serve: {URL_VARIABLE} is not set (only the pool starts its workers)")
+    if args.job_variable:
+        os.environ.pop("NOMAD_TOKEN", None)
     lifeline = Lifeline(detached=args.detached)
     if lifeline.detached:
         Path(tempfile.gettempdir(), READY_FILE).unlink(missing_ok=True)  # (a pod's /tmp outlives a restarted worker)
@@ -240,16 +248,16 @@ def main() -> None:
     elif error := slot.start():
         sys.exit(error)  # (the last line of its log, which the runtime shows)
     try:
-        serve(args.prefix, flow_file, name, lifeline, slot)
+        serve(url, args.prefix, flow_file, name, lifeline, slot)
     finally:  # (its fork server would see this process end too)
         if slot is not None:
             slot.stop()
 
 
-def serve(prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot | None) -> None:
-    """Claim and run tasks until the worker is to stop."""
+def serve(url: str, prefix: str, flow_file: str, name: str, lifeline: Lifeline, slot: Slot | None) -> None:
+    """Claim and run tasks from the queue at ``url`` until the worker is to stop."""
     ready_file = Path(tempfile.gettempdir(), READY_FILE)
-    queue = RedisQueue(connect(os.environ[URL_VARIABLE]), prefix)
+    queue = RedisQueue(connect(url), prefix)
     queue.client.ping()  # ready means reaching the queue too
     say_ready()
     if lifeline.detached:
