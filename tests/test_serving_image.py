@@ -13,6 +13,7 @@ from conftest import FIRST_CALL_S, TEST_LABELS, bind_in, free_port, last_line, r
 
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.local_secrets import stack_key_path
+from metaflow_stack.serving.deploy import function_key_path
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -150,12 +151,15 @@ def test_deploy_to_docker_runs_the_server_here_and_a_redeploy_replaces_it(
             assert result.returncode == 0, result.stderr[-3000:]
             url = last_line(result)
             assert url == f"http://127.0.0.1:{port}"
-            keyed = {"x-api-key": stack_key_path().read_text()}  # the stack's key, which deploy gave the server
+            keyed = {"x-api-key": function_key_path(name).read_text()}  # its own: never the stack's
             assert httpx.post(f"{url}/invoke", json=FLOWER, timeout=FIRST_CALL_S, headers=keyed).json() == {
                 "prediction": 2
             }
         (container,) = docker_engine.container.list(filters=[("name", name)])
         assert container.config.image == image
         assert container.host_config.cap_drop == ["ALL"]
+        env = dict(variable.split("=", 1) for variable in container.config.env)
+        assert env["METAFLOW_STACK_AUTH_KEY"] == keyed["x-api-key"]  # (the function's code reads it)
+        assert not stack_key_path().exists() or stack_key_path().read_text() not in env.values()
     finally:
         docker_engine.container.remove(name, force=True)

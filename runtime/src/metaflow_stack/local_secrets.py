@@ -1,9 +1,9 @@
 """Secrets the local stack makes once and keeps in its state folder, readable by their owner alone.
 
 The stack's key (``auth-key``) is the one ``metaflow stack up`` gives the
-metadata service and the demo, and ``metaflow function deploy --target
-docker`` gives a function server: one key for this machine's stack, shown
-once when it is made, then read from the file (mode 0600), never logged.
+metadata service and the demo: one key for this machine's stack, shown
+once when it is made, then read from the file (mode 0600), never logged. A
+function server gets a key of its own (``serving.deploy.function_key``).
 Secrets a server hands out (the dev Nomad cluster's tokens) are kept the
 same way, and so are ``@confidential``'s keys (the enclave signing key, a
 run's data key): ``made_once`` for bytes made here.

@@ -32,7 +32,7 @@ from metaflow_stack.engines.docker import require_engine
 from metaflow_stack.errors import StackError
 from metaflow_stack.functions.bundle import resolve_reference
 from metaflow_stack.functions.reference import FunctionReference
-from metaflow_stack.local_secrets import secret, stack_key, stack_key_path, state_dir
+from metaflow_stack.local_secrets import secret, state_dir
 from metaflow_stack.serving.image import build_image
 
 TARGETS = ("docker", "kubernetes", "nomad")
@@ -109,14 +109,14 @@ def deploy(source: Any, options: DeployOptions, console: Console | None = None) 
 def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptions, console: Console) -> Deployment:
     docker = require_engine()
     image = options.image or build_image(source, "fastapi", console=console)
-    key = stack_key()[0]
+    key = function_key(name)
     with contextlib.suppress(NoSuchContainer):  # a redeploy replaces the previous server
         docker.container.remove(name, force=True)
     job = get_engine("docker").launch(
         JobSpec(
             image=image,
             command=[],
-            # The stack's key: calls carry it as x-api-key (the container listens beyond its loopback).
+            # Its own key: calls carry it as x-api-key (the container listens beyond its loopback).
             env={"METAFLOW_STACK_SERVE_MAX_BATCH_SIZE": str(options.max_batch_size), "METAFLOW_STACK_AUTH_KEY": key},
             name=name,
             ports={8000: options.port},
@@ -135,7 +135,7 @@ def _docker(source: Any, ref: FunctionReference, name: str, options: DeployOptio
                 job.kill()
                 raise StackError(f"{name} never became ready; its last output:\n{logs}", fix="correct the error above")
             time.sleep(0.25)
-    calls = f'curl -H "x-api-key: $(cat {stack_key_path()})" {url}/invoke -d @input.json'
+    calls = f'curl -H "x-api-key: $(cat {function_key_path(name)})" {url}/invoke -d @input.json'
     return Deployment("docker", name, image, url, [], f"{calls}; remove it with docker rm -f {name}")
 
 
@@ -177,14 +177,14 @@ def _kubernetes(
 
 
 def function_key_path(name: str) -> Path:
-    """Where this machine keeps the key of the function server ``name`` deployed to a cluster."""
+    """Where this machine keeps the key of the function server ``name`` (deployed to Docker or a cluster)."""
     return state_dir() / "functions" / f"{name}.key"
 
 
 def function_key(name: str) -> str:
-    """The key of the function server ``name`` deployed to a cluster, made once (0600): a key of its own, never
-    the stack's, which guards this machine's services (the metadata service, the UI, the key-release
-    service) and so must not reach a cluster, its operators, nor the function's code."""
+    """The key of the function server ``name``, made once (0600): a key of its own, never the stack's, which
+    guards this machine's services (the metadata service, the UI, the key-release service) and so must not
+    reach a cluster, its operators, nor the function's code (which reads its server's environment)."""
     return secret(function_key_path(name))[0]
 
 
