@@ -83,3 +83,23 @@ def test_pruning_spares_a_package_a_live_process_holds_until_it_ends(tmp_path: P
     unpack(cache, "last")
     assert "held" not in present(cache) and not (cache / "held.lock").exists()
     assert len(present(cache)) == KEEP
+
+
+def test_a_package_changed_in_the_datastore_since_the_run_saved_it_is_refused(tmp_path: Path) -> None:
+    """The datastore names a package by its content's hash, but neither Metaflow nor the datastore checks it
+    as the package is read: a task of any flow sharing the datastore (a sandboxed step among them) could
+    have rewritten it, and a later task would unpack and run that as the run's code."""
+    import pytest
+    from metaflow.datastore import FlowDataStore
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+
+    from metaflow_stack.errors import StackError
+
+    store = FlowDataStore("PackagedFlow", None, storage_impl=LocalStorage, ds_root=str(tmp_path))
+    blob = b"the run's package"  # (read as bytes: what they hold is the unpacking's business)
+    [(url, sha)] = store.save_data([blob], len_hint=1)
+    assert code_package.package_bytes(store, url, sha) == blob
+    Path(url).write_bytes(b"someone else's code")
+    with pytest.raises(StackError) as refused:
+        code_package.package_bytes(store, url, sha)
+    assert refused.value.message == f"the code package {url} is not the one the run saved: its content changed since"

@@ -45,7 +45,7 @@ metadata("local@" + sys.argv[1])
 namespace(None)
 run = Flow("DevcontainerFlow").latest_run
 names = ("in_container", "hostname", "uid", "memory_limit", "network", "root_writable", "host_variable_seen",
-         "folder_writable", "step_setting")
+         "folder_writable", "step_setting", "stores_written")
 items = [
     {"index": t.index, "successful": t.successful, "attempt": t.current_attempt, "stdout": t.stdout,
      "stderr": t.stderr, **({n: getattr(t.data, n) for n in names} if t.successful else {})}
@@ -77,6 +77,8 @@ def test_items_run_sandboxed_in_containers_and_a_failed_attempt_is_retried(docke
         assert task["network"] == "none" and task["root_writable"] is False
         assert task["host_variable_seen"] is False and task["folder_writable"] is True
         assert task["step_setting"] == "set by @environment"  # (the step's @environment reaches its container)
+        assert task["stores_written"] == {"own": True, "other": False}  # (its flow's folder only: flow_mounts)
+    assert not (tmp_path / ".metaflow" / "OtherFlow").exists()
     retried = next(t for t in items if t["index"] == 1)  # item 2
     assert retried["attempt"] == 1 and "item 2 in" in retried["stdout"]
     assert step_containers(docker_engine) == []

@@ -113,7 +113,7 @@ def test_a_named_aws_config_file_is_mounted_alone_not_the_folder_it_sits_in(
 ) -> None:
     (home / "aws.conf").write_text("[default]\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "aws.conf"))
-    assert stores.mounts("s3", "service", None) == [
+    assert stores.mounts("s3", "service", None, "AnyFlow") == [
         Mount(str(home / "aws.conf"), "/mf/aws/config", read_only=True),
         Mount(str(home / ".aws" / "credentials"), "/mf/aws/credentials", read_only=True),  # the SDK's default
     ]
@@ -125,7 +125,9 @@ def test_a_named_credentials_file_is_mounted_where_its_variable_points(
     (home / ".aws" / "config").unlink()
     (home / "creds").write_text("[default]\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "creds"))
-    assert stores.mounts("s3", "service", None) == [Mount(str(home / "creds"), "/mf/aws/credentials", read_only=True)]
+    assert stores.mounts("s3", "service", None, "AnyFlow") == [
+        Mount(str(home / "creds"), "/mf/aws/credentials", read_only=True)
+    ]
     env = stores.environment("s3", "local")
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/mf/aws/credentials" and "AWS_CONFIG_FILE" not in env
 

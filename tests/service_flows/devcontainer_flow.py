@@ -26,6 +26,17 @@ def _network() -> str:
     return "routed"
 
 
+def _writes(root, flow):
+    """Whether a file can be made in ``flow``'s folder of the datastore at ``root``."""
+    try:
+        folder = os.path.join(root, flow, "probes")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{current.task_id}-{current.retry_count}"), "w"):
+            return True
+    except OSError:
+        return False
+
+
 class DevcontainerFlow(FlowSpec):
     fail_item = Parameter("fail-item", default=0, type=int)
     sleep = Parameter("sleep", default=0.0, type=float)
@@ -49,6 +60,9 @@ class DevcontainerFlow(FlowSpec):
         self.host_variable_seen = "STACK_TEST_HOST_SECRET" in os.environ  # the run's, not the step's
         self.step_setting = os.environ.get("STEP_SETTING")  # the step's own
         self.folder_writable = os.access(os.getcwd(), os.W_OK)
+        # The local datastore (local metadata's root: the same here): its own flow's folder, not another's.
+        stores = os.path.join(os.environ.get("METAFLOW_DATASTORE_SYSROOT_LOCAL", "/nowhere"), ".metaflow")
+        self.stores_written = {"own": _writes(stores, current.flow_name), "other": _writes(stores, "OtherFlow")}
         time.sleep(0 if self.input == self.fail_item else self.sleep)
         print(f"item {self.input} in {self.hostname}")
         if self.input == 2 and current.retry_count == 0:

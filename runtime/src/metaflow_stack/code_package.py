@@ -28,6 +28,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from metaflow_stack.errors import StackError
+
 #: Unpacked packages kept per machine; the least recently used beyond this, that no process holds, are removed.
 KEEP = 16
 
@@ -36,10 +38,19 @@ _held: dict[Path, int] = {}
 
 
 def package_bytes(flow_datastore, url: str, sha: str) -> bytes:
-    """The code package's archive, from the local datastore's file or fetched from the datastore."""
+    """The code package's archive, from the local datastore's file or fetched from the datastore, once its
+    content is the one the run saved (``sha``: the datastore names it by its content's SHA-1). Metaflow
+    neither rewrites a blob that exists nor checks one it loads, and a datastore is written by the tasks of
+    every flow that shares it: an archive changed since would be unpacked, and run, as the run's code."""
     if flow_datastore.TYPE == "local":
-        return Path(url).read_bytes()
-    [(_, blob)] = list(flow_datastore.load_data([sha]))
+        blob = Path(url).read_bytes()
+    else:
+        [(_, blob)] = list(flow_datastore.load_data([sha]))
+    if hashlib.sha1(blob).hexdigest() != sha:
+        raise StackError(
+            f"the code package {url} is not the one the run saved: its content changed since",
+            fix="run the flow again (and find what writes into the datastore's data folders)",
+        )
     return blob
 
 

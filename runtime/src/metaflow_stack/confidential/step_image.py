@@ -62,7 +62,7 @@ from metaflow_stack.confidential.step_enclave import (
 )
 from metaflow_stack.elsewhere import Launcher
 from metaflow_stack.elsewhere import remove_orphans as elsewhere_orphans
-from metaflow_stack.engines import JobSpec, Mount, host_user
+from metaflow_stack.engines import JobSpec, Mount, flow_mounts, host_user
 from metaflow_stack.engines.docker import DockerEngine, require_engine
 from metaflow_stack.errors import StackError
 from metaflow_stack.solved_environment import SolvedEnvironment
@@ -255,10 +255,11 @@ class _Container:
         self._end_watchdog()
 
 
-def in_container(image: StepImage, mode: str, datastore: str) -> Callable[[str], Started]:
-    """How a task is started as a container of the step's ``image``, given its exchange's name: a folder
-    under ``image.exchanges``, mounted alone where the manifest expects exchanges."""
-    mounts = [Mount(datastore, datastore, read_only=False)]
+def in_container(image: StepImage, mode: str, datastore: str, flow: str) -> Callable[[str], Started]:
+    """How a task of ``flow`` is started as a container of the step's ``image``, given its exchange's name: a
+    folder under ``image.exchanges``, mounted alone where the manifest expects exchanges; the datastore
+    writable in the flow's own folder only (``flow_mounts``)."""
+    mounts = flow_mounts(datastore, flow)
     devices: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     if mode == "sgx" and os.path.exists(SGX_DEVICE):

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from metaflow_stack.engines import Mount
+from metaflow_stack.engines import Mount, flow_mounts
 from metaflow_stack.errors import StackError
 
 #: The task's working folder in a container (a fresh one on the container's ``/tmp``).
@@ -125,13 +125,14 @@ def aws_files() -> tuple[list[Mount], dict[str, str]]:
     return found, env
 
 
-def mounts(datastore: str, metadata: str, local_root: str | None) -> list[Mount]:
-    """Host paths the step inside needs: AWS's files (read-only), local metadata's root."""
+def mounts(datastore: str, metadata: str, local_root: str | None, flow: str) -> list[Mount]:
+    """Host paths the step inside needs: AWS's files (read-only), local metadata's root (``flow``'s folder
+    writable: ``flow_mounts``)."""
     found = []
     if datastore == "s3":
         found += aws_files()[0]
     if metadata == "local" and local_root:
-        found.append(Mount(local_root, local_root, read_only=False))
+        found += flow_mounts(local_root, flow)
     return found
 
 
@@ -149,18 +150,17 @@ def container_stores(flow_datastore, metadata: str, env: dict[str, str]) -> list
     from metaflow.plugins.cards.card_datastore import CardDatastore
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
-    datastore, local_root = flow_datastore.TYPE, None
+    datastore, local_root, flow = flow_datastore.TYPE, None, flow_datastore.flow_name
     found = []
     if datastore == "local":
         root = flow_datastore.datastore_root
-        found.append(Mount(root, root, read_only=False))
+        found += flow_mounts(root, flow)
         cards = CardDatastore.get_storage_root("local")  # where this machine's client reads them
         if cards is not None:
-            os.makedirs(cards, exist_ok=True)
-            found.append(Mount(cards, f"{WORKDIR}/.metaflow/{os.path.basename(cards)}", read_only=False))
+            found += flow_mounts(cards, flow, f"{WORKDIR}/.metaflow/{os.path.basename(cards)}")
     if metadata == "local":
         local_root = LocalStorage.get_datastore_root_from_config(lambda *_: None, create_on_absent=True)
         env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = os.path.dirname(local_root)  # Metaflow adds ".metaflow"
         if any(mount.source == local_root for mount in found):
             local_root = None  # mounted already, as the datastore
-    return found + mounts(datastore, metadata, local_root)
+    return found + mounts(datastore, metadata, local_root, flow)

@@ -44,6 +44,18 @@ class Mount:
     read_only: bool = True
 
 
+def flow_mounts(root: str, flow: str, target: str | None = None) -> list[Mount]:
+    """``root`` (a local datastore's, local metadata's or local cards' root: at ``target``, else at its
+    own path) read-only, and ``flow``'s own folder in it writable over it (made first: an engine binds only
+    what exists). A task writes only below its flow's folder (artifacts, logs, metadata, cards) and may read
+    any flow's (the Client API). A sandboxed step that could write every flow's folder could change what
+    their tasks load next, unchecked: their pickled artifacts, so code that runs wherever those load."""
+    own = os.path.join(root, flow)
+    os.makedirs(own, exist_ok=True)
+    inside = target or root
+    return [Mount(root, inside, read_only=True), Mount(own, os.path.join(inside, flow), read_only=False)]
+
+
 @dataclass
 class JobSpec:
     """What to run and with which limits; engines map it to their own terms."""

@@ -150,7 +150,7 @@ def _in_gramine(
         environment = solved(ctx.obj.environment, identity.step, PLATFORM)
         image = step_image.build(code, datastore, chosen, state_dir, code_env, keeper_key, below, environment)
         facts["mr_enclave"], facts["image"], evidence = image.mr_enclave, image.reference, image.exchanges
-        start = step_image.in_container(image, chosen.mode, datastore)
+        start = step_image.in_container(image, chosen.mode, datastore, flow_datastore.flow_name)
     else:
         prepared = launcher.enclave(code, datastore, chosen, state_dir, code_env, keeper_key)
         facts["mr_enclave"], evidence = prepared.mr_enclave, prepared.folder / "evidence"
