@@ -140,16 +140,22 @@ def test_exec_runs_where_the_agent_offers_it_and_is_filtered_where_not(nomad_age
 
 
 def test_the_default_image_is_the_stack_base_where_the_nomad_clients_can_pull_it(
-    base_image: str, local_registry: str, monkeypatch: pytest.MonkeyPatch
+    docker_engine, base_image: str, local_registry: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a registry configured, the stack's base image is pushed there and named by it; with none, a dev
+    """With a registry configured, the stack's base image is pushed there and named by what was pushed (its
+    digest: a later push to its tag, anyone's, does not change what the jobs run); with none, a dev
     agent on this machine (it shares this Docker engine) takes the local image, and one elsewhere is refused
     in one line naming both fixes."""
     from metaflow_stack.engines.nomad.image import stack_image
 
     remote = Settings(address="http://10.20.30.40:4646")
     pushed = stack_image(remote, "@nomad(image=...)")
-    assert pushed.startswith(f"{local_registry}/") and pushed.endswith(base_image.rsplit("/", 1)[-1])
+    repository = base_image.rsplit(":", 1)[0]
+    assert pushed.startswith(f"{local_registry}/{repository}@sha256:"), pushed
+    assert docker_engine.image.pull(pushed, quiet=True).id == docker_engine.image.inspect(base_image).id
+    from metaflow_stack.pool import kubernetes_pool
+
+    assert kubernetes_pool.stack_image() == pushed  # (a pool's pods, the same way)
     monkeypatch.delenv("METAFLOW_STACK_REGISTRY")
     assert stack_image(Settings(address="http://127.0.0.1:4646"), "@nomad(image=...)") == base_image
     with pytest.raises(StackError) as refused:

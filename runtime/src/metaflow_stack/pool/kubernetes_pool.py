@@ -244,7 +244,7 @@ def stack_image() -> str:
     from metaflow_stack import images, settings
 
     reference = images.resolve("base")
-    return images.push_reference(reference) if settings.load().registry else reference
+    return images.push_reference(reference, by_digest=True) if settings.load().registry else reference
 
 
 def extra_values() -> dict[str, Any]:

@@ -144,4 +144,4 @@ def build_image(source: Any, kind: str = "fastapi", push: bool = False, console:
             with console.status(f"building {image}"):
                 builders.build(request, console)
         console.print(f"built {image}")
-    return images.push_reference(image, console=console) if push else image
+    return images.push_reference(image, console=console, by_digest=True) if push else image

@@ -16,7 +16,7 @@ def stack_image(agent: Settings, named_by: str) -> str:
     user names another image instead (``@nomad(image=...)``, ``--image``)."""
     reference = images.resolve("base")
     if settings.load().registry:
-        return images.push_reference(reference)
+        return images.push_reference(reference, by_digest=True)  # (what runs is what was pushed: a tag can move)
     if not on_this_machine(agent.address):
         raise StackError(
             f"the stack's base image {reference} is only on this machine, which the Nomad clients cannot pull from",
