@@ -395,9 +395,13 @@ def test_up_with_key_release_keeps_the_keys_a_flows_launcher_no_longer_holds(tmp
         assert up.returncode == 0, up.stderr
         export = next(line for line in up.stdout.splitlines() if "METAFLOW_STACK_KEY_RELEASE_URL" in line)
         url = export.split("METAFLOW_STACK_KEY_RELEASE_URL=")[1].split()[0]
-        key = (stack / "auth-key").read_text()
-        assert f'METAFLOW_STACK_KEY_RELEASE_AUTH_KEY="$(cat {stack / "auth-key"})"' in export and key not in up.stdout
-        assert httpx.post(f"{url}/v1/nonces").status_code == 401  # keyed with the stack's key
+        key = (stack / "key-release" / "auth-key").read_text()
+        assert f'METAFLOW_STACK_KEY_RELEASE_AUTH_KEY="$(cat {stack / "key-release" / "auth-key"})"' in export
+        assert key not in up.stdout and oct((stack / "key-release" / "auth-key").stat().st_mode & 0o777) == "0o600"
+        assert httpx.post(f"{url}/v1/nonces").status_code == 401  # keyed
+        # with a key of its own: not the stack's, which every task of a run on the stack's service holds
+        stacks = {"x-api-key": (stack / "auth-key").read_text()}
+        assert httpx.post(f"{url}/v1/nonces", headers=stacks).status_code == 401
         flows = tmp_path / "flows"
         (flows / ".metaflow").mkdir(parents=True)
         shutil.copy(PROJECT / "examples" / "confidential_inference.py", flows)

@@ -18,7 +18,7 @@ import httpx
 from metaflow_stack.confidential.keyring import KEY_RELEASE_KEY, master_secret
 from metaflow_stack.daemon import Daemon
 from metaflow_stack.errors import StackError
-from metaflow_stack.local_secrets import stack_key, state_dir
+from metaflow_stack.local_secrets import secret, state_dir
 
 DEFAULT_PORT = 8325
 #: Seconds the service has to answer once started.
@@ -41,6 +41,13 @@ class LocalKeyRelease:
     def policies(self) -> Path:
         return self.home / "policies"
 
+    @property
+    def key_path(self) -> Path:
+        """The service's own key (0600), made once: never the stack's, which every task of a run on the
+        stack's metadata service holds (on other machines too), and which would then open a service that
+        releases data keys without attestation (``--allow-direct``) to whoever sends it."""
+        return self.home / "auth-key"
+
     def answers(self) -> bool:
         try:
             return httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
@@ -48,11 +55,11 @@ class LocalKeyRelease:
             return False
 
     def start(self) -> None:
-        """Start the service (or find this folder's running) on 127.0.0.1, keyed with the stack's key; never
-        taking whatever else answers on the port for it."""
+        """Start the service (or find this folder's running) on 127.0.0.1, keyed with its own key
+        (``key_path``); never taking whatever else answers on the port for it."""
         self.policies.mkdir(parents=True, exist_ok=True)
         master_secret(self.home / "master.key", make=True)  # made once here; the service only reads it
-        key, _ = stack_key()
+        key, _ = secret(self.key_path)
         command = [sys.executable, "-m", "metaflow.cmd.main_cli", "confidential", "key-release",
                    "--port", str(self.port), "--policies", str(self.policies),
                    "--master-key-file", str(self.home / "master.key"), "--allow-direct"]  # fmt: skip

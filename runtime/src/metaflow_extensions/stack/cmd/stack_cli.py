@@ -408,7 +408,7 @@ def up(
         _err.print(f"key release on {key_release.url}; policies: {key_release.policies}/NAME.toml", highlight=False)
         _out.print(
             f'for @confidential: export METAFLOW_STACK_KEY_RELEASE_URL={key_release.url} {KEY_RELEASE_KEY}="$(cat '
-            f'{stack_key_path()})"',
+            f'{key_release.key_path})"',
             highlight=False,
             soft_wrap=True,
         )
