@@ -1624,9 +1624,11 @@ def test_a_redis_task_taken_by_a_worker_that_died_before_its_lease_is_lost(
 
 def test_a_cluster_pools_workers_reach_only_their_own_pools_keys(redis_url: str) -> None:
     """An item's code can read its worker's URL (its memory, its environment): as the pool's own Redis user,
-    a worker does all it does with its pool's keys (Redis checks its scripts' commands too; a lost script is
-    loaded again), and nothing with another pool's, which hold their tasks' environments, credentials and
-    all: no reading, no queueing, no listing, no emptying. Removed with the pool, the user connects no more."""
+    a worker does all it does with its pool's keys (Redis checks its scripts' commands too; the scripts are
+    loaded by whoever makes the user, again where Redis lost them), and nothing with another pool's, which
+    hold their tasks' environments, credentials and all: no reading, no queueing, no listing, no emptying,
+    no script of its own (which would hold every pool on that Redis while it ran). Removed with the pool,
+    the user connects no more."""
     import redis
 
     from metaflow_stack.pool.redis_queue import RedisQueue, connect
@@ -1640,9 +1642,12 @@ def test_a_cluster_pools_workers_reach_only_their_own_pools_keys(redis_url: str)
         for prefix in (ours, theirs):
             admin.hset(f"{prefix}task:1", mapping={"python": "p", "argv": "[]", "env": '{"AWS": "k"}', "cwd": "/"})
             admin.lpush(f"{prefix}pending", "1")
-        admin.script_flush()
+        admin.script_flush()  # (as a restart does)
         worker = RedisQueue(connect(user.url(redis_url)), ours)
         worker.client.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            worker.live("w")  # (its script lost, and the user may not load it)
+        assert user.make(redis_url) is None
         worker.live("w")
         task_id, task = worker.claim("w", timeout_s=1)
         assert (task_id, task.env) == ("1", {"AWS": "k"})
@@ -1658,6 +1663,8 @@ def test_a_cluster_pools_workers_reach_only_their_own_pools_keys(redis_url: str)
             "scan": lambda: worker.client.scan(0),
             "empty": lambda: worker.client.flushall(),
             "make users": lambda: worker.client.execute_command("ACL", "SETUSER", "me", "on", ">x", "+@all", "~*"),
+            "load a script": lambda: worker.client.script_load("while true do end"),
+            "run a script": lambda: worker.client.eval("while true do end", 0),
         }
         refused = []
         for what, attempt in attempts.items():
@@ -1675,6 +1682,57 @@ def test_a_cluster_pools_workers_reach_only_their_own_pools_keys(redis_url: str)
         for prefix in (ours, theirs):
             for key in admin.scan_iter(match=prefix + "*"):
                 admin.delete(key)
+        remove(redis_url, user.name)
+        admin.close()
+
+
+@pytest.mark.parametrize("noticed", ["a failed command", "no worker serving"])
+def test_the_dispatcher_makes_the_pool_user_again_where_redis_lost_it(redis_url: str, noticed: str) -> None:
+    """Redis saves and replicates neither the pool's user nor its scripts: after a restart (here: both
+    removed, as a restart does) the workers cannot log in, and try again every second. The dispatcher makes
+    both again as it sees why: a command of its failed (Redis may have restarted), or no worker said it
+    lives while a task waits (a restart between its commands); the task then runs."""
+    import threading
+
+    from metaflow_stack.pool.redis_queue import connect
+    from metaflow_stack.pool.redis_user import PoolUser, remove
+
+    prefix = f"mf-pool:{uuid.uuid4().hex[:8]}:each:"
+    user = PoolUser(f"mf-pool-each-{uuid.uuid4().hex[:10]}", prefix)
+    assert user.make(redis_url) is None
+    admin = connect(redis_url)
+    admin.execute_command("ACL", "DELUSER", user.name)
+    admin.script_flush()
+    served: list[str] = []
+
+    def worker() -> None:  # (as redis_worker does: a failure is tried again a second later)
+        for _ in range(60):
+            try:
+                queue = RedisQueue(connect(user.url(redis_url)), prefix)
+                queue.live("w")
+                claimed = queue.claim("w", timeout_s=0.5)
+                if claimed is not None:
+                    served.append(claimed[0])
+                    queue.finish(claimed[0], "w", 0)
+                    return
+            except redis.RedisError:
+                time.sleep(0.5)
+
+    async def dispatched() -> int | None:
+        executor = redis_dispatch.RedisExecutor(RedisQueue(connect(redis_url, asynchronous=True), prefix), user=user)
+        executor.unsure = noticed == "a failed command"
+        never = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(executor.run(Task(sys.executable, ["f.py"], {}, "/"), print, never), 20)
+        finally:
+            await executor.queue.client.aclose()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        assert asyncio.run(dispatched()) == 0 and len(served) == 1
+    finally:
+        thread.join(timeout=40)
         remove(redis_url, user.name)
         admin.close()
 

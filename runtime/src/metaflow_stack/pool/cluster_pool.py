@@ -24,7 +24,7 @@ from metaflow_stack.pool import redis_user
 from metaflow_stack.pool.processes import PoolProcess
 from metaflow_stack.pool.redis_pool import RedisPool
 from metaflow_stack.pool.redis_queue import private, readable
-from metaflow_stack.pool.redis_user import PoolUser
+from metaflow_stack.pool.redis_user import USER_VARIABLE, PoolUser
 
 #: Seconds a cluster's workers have to be placed, pull their image, start and import the flow before the
 #: step fails.
@@ -44,6 +44,7 @@ class ClusterPool(RedisPool, ABC):
         self.placed = False
         self.warm = False
         self.user: PoolUser | None = PoolUser(self.workers_name, prefix)  # (None: a Redis that takes none)
+        self.env[USER_VARIABLE] = self.user.to_json()  # (the dispatcher's: it makes the user again, removes it)
 
     @abstractmethod
     def render(self) -> Any:

@@ -17,5 +17,4 @@ async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     prefix, namespace, release, context = args
     executor = await redis_dispatch.open_executor(folder, [prefix])
     executor.remove_workers = functools.partial(delete_pods, namespace, release, context or None)
-    executor.user = release  # (the pool's Redis user is named as its workers)
     return executor

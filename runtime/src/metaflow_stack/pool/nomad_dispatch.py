@@ -18,5 +18,4 @@ async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     prefix, job, namespace, region = args
     executor = await redis_dispatch.open_executor(folder, [prefix])
     executor.remove_workers = functools.partial(purge, Settings.from_env().at(namespace or None, region or None), job)
-    executor.user = job  # (the pool's Redis user is named as its workers)
     return executor

@@ -40,6 +40,7 @@ from metaflow_stack.pool.redis_queue import (
     connect,
     redacted,
 )
+from metaflow_stack.pool.redis_user import USER_VARIABLE, PoolUser
 
 #: How long one read of a task's output waits before the executor checks on the task.
 POLL_MS = 1000
@@ -55,13 +56,13 @@ KEEP_EVERY_S = KEEP_S / 6
 
 class RedisExecutor:
     """Tasks through the queue; a cluster backend sets ``remove_workers``, how its workers are removed when
-    the dispatcher closes (before the keys: they kill what they run), and ``user``, the pool's Redis user
-    they connect as (``redis_user``), removed after the keys."""
+    the dispatcher closes (before the keys: they kill what they run); a cluster pool's Redis user, which
+    its workers connect as (``redis_user``), is made again where Redis may have lost it and removed after
+    the keys."""
 
-    def __init__(self, queue: RedisQueue, python: str = sys.executable) -> None:
-        self.queue, self.python = queue, python
+    def __init__(self, queue: RedisQueue, python: str = sys.executable, user: PoolUser | None = None) -> None:
+        self.queue, self.python, self.user = queue, python, user
         self.remove_workers: Callable[[], None] | None = None
-        self.user: str | None = None
         self.unsure = True  # (whether Redis may not answer: before the first task, and after any failure)
 
     async def _answering(self) -> None:
@@ -73,6 +74,8 @@ class RedisExecutor:
         while True:
             try:
                 await self.queue.client.ping()
+                if self.user is not None:  # (a Redis that restarted forgot it)
+                    await self.user.make_again(self.queue.client)
                 return
             except redis.RedisError:
                 if loop.time() > deadline:
@@ -114,9 +117,10 @@ class RedisExecutor:
                     continue  # it is being served: where it is needs no look
                 state = await self.queue.state(task_id)
                 taken_at = (taken_at or loop.time()) if state == "taken" else None
-                unserved_at = (
-                    (unserved_at or loop.time()) if state == "queued" and not await self.queue.served() else None
-                )
+                unserved = state == "queued" and not await self.queue.served()
+                if unserved and unserved_at is None and self.user is not None:  # (one the workers cannot log in as)
+                    await self.user.make_again(self.queue.client)
+                unserved_at = (unserved_at or loop.time()) if unserved else None
                 if unserved_at is not None and loop.time() - unserved_at > UNSERVED_S:
                     await output(2, f"worker pool: no worker of this pool answered for {UNSERVED_S:.0f}s\n".encode())
                     return trampoline.POOL_LOST
@@ -160,17 +164,19 @@ class RedisExecutor:
             await self.queue.purge()
             if self.user is not None:  # (none there, where Redis took none: nothing to say)
                 with contextlib.suppress(redis.RedisError):
-                    await self.queue.client.acl_deluser(self.user)
+                    await self.queue.client.acl_deluser(self.user.name)
             await self.queue.client.aclose()
 
 
 async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     """``args``: the pool's key prefix and, for a step with an environment of its own, the interpreter its
-    workers run the tasks under (else the runtime's); the Redis URL is in the environment (``URL_VARIABLE``)."""
+    workers run the tasks under (else the runtime's); the Redis URL is in the environment (``URL_VARIABLE``),
+    and so is a cluster pool's Redis user (``USER_VARIABLE``)."""
     url, (prefix, *python) = os.environ[URL_VARIABLE], args
     client = connect(url, asynchronous=True)
     try:
         await client.ping()
     except (redis.RedisError, OSError) as exc:
         raise StackError(f"no Redis at {redacted(url)}: {exc}") from None
-    return RedisExecutor(RedisQueue(client, prefix), *python)
+    user = os.environ.get(USER_VARIABLE)  # (a cluster pool's)
+    return RedisExecutor(RedisQueue(client, prefix), *python, user=PoolUser.from_json(user) if user else None)
