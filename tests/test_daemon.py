@@ -246,6 +246,27 @@ def test_a_daemons_files_are_its_owners_alone_even_where_a_file_was_readable(tmp
 
 
 @pytest.mark.usefixtures("redis_server")
+def test_ours_running_with_another_key_is_named_not_taken_for_the_one_asked(tmp_path: Path) -> None:
+    """A service this folder runs with one key (its environment: an older release's, say), asked for with
+    another: the key callers are told to send would be refused by it, which reads as an outage."""
+    daemon = Daemon(tmp_path, "sleeper")
+    port = free_port()
+    server = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+
+    def start(key: str) -> bool:
+        return daemon.start(server, lambda: port_taken(port), 30, ports=(port,), port_fix="another port",
+                            stop_fix="stop it first", env={"SOME_KEY": key})  # fmt: skip
+
+    assert start("one") and start("one")  # (ours, running with it: taken)
+    try:
+        with pytest.raises(StackError) as refused:
+            start("two")
+        assert "runs already, with other settings" in refused.value.message and refused.value.fix == "stop it first"
+        assert "one" not in (tmp_path / "sleeper.pid").read_text()  # (hashed: the pid file keeps no secret)
+    finally:
+        assert daemon.stop()
+
+
 def test_ours_running_with_other_settings_is_named_not_taken_for_the_one_asked(tmp_path: Path) -> None:
     """`up --redis-port` B while this folder's Redis runs on A: the export line would name B, which no one
     serves."""

@@ -168,10 +168,13 @@ class Daemon:
 
         ``config`` is a file the command reads (path, text), written whole before the start; ``env`` is
         added to this process's variables (a key never on a command line). Refused in one line when ours
-        runs with another command or configuration (``stop_fix`` says how to stop it), or when something
+        runs with another command, configuration or environment (``stop_fix`` says how to stop it), or when something
         else accepts connections on one of ``ports`` (``port_fix`` names the setting that moves them).
         """
-        run = hashlib.sha256(json.dumps([command, config[1] if config else None]).encode()).hexdigest()
+        # What it runs with: its command, its configuration and its environment (a key: one the service does not
+        # hold would be refused by it), hashed (the pid file keeps no secret).
+        settings = [command, config[1] if config else None] + ([sorted(env.items())] if env else [])
+        run = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
         with locked(self.lock):
             recorded = _recorded(self.pidfile)
             if recorded is not None:

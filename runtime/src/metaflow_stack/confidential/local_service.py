@@ -1,7 +1,8 @@
 """The local stack's key-release service, as ``just up --with key-release`` starts it.
 
 ``metaflow confidential key-release`` as a background process on 127.0.0.1,
-keyed with the stack's key (given in its environment, on no command line),
+keyed with a key of its own, never the stack's (``key_path``; given in its
+environment, on no command line),
 its master key made once in the state folder (mode 0600), its policies the
 ``NAME.toml`` files of the state folder's ``key-release/policies`` (empty at
 first: add the policies the flows name), and unattested ``gramine-direct``
@@ -21,6 +22,8 @@ from metaflow_stack.errors import StackError
 from metaflow_stack.local_secrets import secret, state_dir
 
 DEFAULT_PORT = 8325
+#: Where ``stack up`` is told another port (``--key-release-port``).
+PORT_VARIABLE = "METAFLOW_STACK_KEY_RELEASE_PORT"
 #: Seconds the service has to answer once started.
 START_TIMEOUT_S = 30.0
 
@@ -68,15 +71,14 @@ class LocalKeyRelease:
             self.answers,
             START_TIMEOUT_S,
             ports=(self.port,),
-            port_fix="choose another with --key-release-port (METAFLOW_STACK_KEY_RELEASE_PORT), or stop what "
-            "listens there",
+            port_fix=f"choose another with --key-release-port ({PORT_VARIABLE}), or stop what listens there",
             stop_fix="stop it first (`metaflow stack down`)",
             env={KEY_RELEASE_KEY: key},
         ):
             return
         raise StackError(
             f"the key-release service did not answer on {self.url}",
-            fix=f"see {self.home / 'key-release.log'}; is port {self.port} taken? set METAFLOW_STACK_KEY_RELEASE_PORT",
+            fix=f"see {self.home / 'key-release.log'}; is port {self.port} taken? set {PORT_VARIABLE}",
         )
 
     def stop(self) -> bool:
