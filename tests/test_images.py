@@ -170,3 +170,16 @@ def test_unknown_image_is_one_line_naming_the_known_ones() -> None:
     assert "Traceback" not in result.stderr
     assert "error: unknown image or capability 'nope'" in result.stderr
     assert "images: base" in result.stderr
+
+
+def test_a_pushed_images_digest_is_found_in_the_short_form_docker_records_for_docker_hub() -> None:
+    """A push to Docker Hub names the repository in full (``docker.io/org/name``); the engine records its
+    digest as ``org/name@sha256:...`` (``library/`` dropped too): the pushed image is named by its digest
+    there as anywhere, and a digest of another registry or repository is never taken for it."""
+    from metaflow_stack.images import _same_repository
+
+    assert _same_repository("org/metaflow-stack/base@sha256:ab", "docker.io/org/metaflow-stack/base")
+    assert _same_repository("python@sha256:ab", "docker.io/library/python")
+    assert _same_repository("127.0.0.1:5000/metaflow-stack/base@sha256:ab", "127.0.0.1:5000/metaflow-stack/base")
+    assert not _same_repository("127.0.0.1:5000/metaflow-stack/base@sha256:ab", "127.0.0.1:5001/metaflow-stack/base")
+    assert not _same_repository("org/base@sha256:ab", "docker.io/org/base-other")

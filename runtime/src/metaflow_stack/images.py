@@ -294,6 +294,18 @@ def push_image(name: str, *, console: Console | None = None) -> str:
     return push_reference(ref, console=console)
 
 
+def _same_repository(digest: str, repository: str) -> bool:
+    """Whether ``digest`` (an engine's ``repository@sha256:...``) is of ``repository``: Docker records Docker
+    Hub's in their short form (no ``docker.io/``, no ``library/``), where the push named them in full."""
+
+    def short(name: str) -> str:
+        for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
+            name = name.removeprefix(prefix)
+        return name.removeprefix("library/")
+
+    return short(digest.partition("@")[0]) == short(repository)
+
+
 def push_reference(ref: str, *, console: Console | None = None, by_digest: bool = False) -> str:
     """Push the local image ``ref`` to the configured registry under the same name; return the remote reference:
     by its tag, or ``by_digest`` (``registry/repository@sha256:...``: what the push stored, which no later push
@@ -315,7 +327,7 @@ def push_reference(ref: str, *, console: Console | None = None, by_digest: bool 
         repository = remote.rsplit(":", 1)[0]
         with _refused_as(f"reading the digest of {ref} failed", fix="push it again"):
             digests = docker.image.inspect(ref).repo_digests
-        pinned = next((d for d in digests if d.startswith(f"{repository}@")), None)
+        pinned = next((f"{repository}@{d.partition('@')[2]}" for d in digests if _same_repository(d, repository)), None)
     finally:
         _untag(docker, remote)  # keep only the local name; the layers stay
     console.print(f"pushed {remote}")
