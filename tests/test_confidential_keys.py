@@ -447,23 +447,30 @@ def test_a_service_that_allows_no_direct_enclave_stops_the_task_before_its_code_
 def test_a_launcher_sends_the_stacks_key_release_its_own_key_and_no_other_service(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without METAFLOW_STACK_KEY_RELEASE_AUTH_KEY, a launcher sends the stack's key-release service (this
-    machine, its port) the key `up` made for it; a service started by hand on another port the key it was
-    started with (METAFLOW_STACK_AUTH_KEY); a service elsewhere, nothing unless told."""
+    """Without METAFLOW_STACK_KEY_RELEASE_AUTH_KEY, a launcher sends the key `up` made for the stack's
+    key-release service only where that service runs and listens (whatever its port); anything else on
+    this machine (a service started by hand, or what took the port after `down`) gets the key it was
+    started with (METAFLOW_STACK_AUTH_KEY); a service elsewhere, nothing unless told; a URL whose port is
+    no port, no traceback."""
     from metaflow_stack.confidential.keyring import service_key
     from metaflow_stack.confidential.local_service import LocalKeyRelease
+    from metaflow_stack.daemon import port_taken
 
     monkeypatch.setenv("METAFLOW_STACK_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("METAFLOW_STACK_KEY_RELEASE_AUTH_KEY", raising=False)
-    monkeypatch.delenv("METAFLOW_STACK_KEY_RELEASE_PORT", raising=False)
     monkeypatch.setenv("METAFLOW_STACK_AUTH_KEY", "by-hand")
-    stacks = LocalKeyRelease().key_path
-    stacks.parent.mkdir(parents=True)
-    stacks.write_text("the-services-own\n")
-    assert service_key("http://127.0.0.1:8325") == "the-services-own"
-    assert service_key("http://127.0.0.1:9000") == "by-hand"
-    monkeypatch.setenv("METAFLOW_STACK_KEY_RELEASE_PORT", "9000")
-    assert service_key("http://127.0.0.1:9000") == "the-services-own"
+    stacks, port, other = LocalKeyRelease(), free_port(), free_port()
+    stacks.key_path.parent.mkdir(parents=True)
+    stacks.key_path.write_text("the-services-own\n")
+    listening = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]  # (its process, as up's)
+    assert stacks.daemon.start(listening, lambda: port_taken(port), 30, ports=(port,), port_fix="", stop_fix="")
+    try:
+        assert service_key(f"http://127.0.0.1:{port}") == "the-services-own"
+        assert service_key(f"http://127.0.0.1:{other}") == "by-hand"
+    finally:
+        assert stacks.daemon.stop()
+    assert service_key(f"http://127.0.0.1:{port}") == "by-hand"
+    assert service_key("http://127.0.0.1:99999") == "by-hand"
     assert service_key("http://keeper.example:8325") is None
     monkeypatch.setenv("METAFLOW_STACK_KEY_RELEASE_AUTH_KEY", "told")
-    assert service_key("http://keeper.example:8325") == service_key("http://127.0.0.1:9000") == "told"
+    assert service_key("http://keeper.example:8325") == service_key(f"http://127.0.0.1:{port}") == "told"

@@ -245,7 +245,6 @@ def test_a_daemons_files_are_its_owners_alone_even_where_a_file_was_readable(tmp
         assert local.stop()
 
 
-@pytest.mark.usefixtures("redis_server")
 def test_ours_running_with_another_key_is_named_not_taken_for_the_one_asked(tmp_path: Path) -> None:
     """A service this folder runs with one key (its environment: an older release's, say), asked for with
     another: the key callers are told to send would be refused by it, which reads as an outage."""
@@ -267,6 +266,7 @@ def test_ours_running_with_another_key_is_named_not_taken_for_the_one_asked(tmp_
         assert daemon.stop()
 
 
+@pytest.mark.usefixtures("redis_server")
 def test_ours_running_with_other_settings_is_named_not_taken_for_the_one_asked(tmp_path: Path) -> None:
     """`up --redis-port` B while this folder's Redis runs on A: the export line would name B, which no one
     serves."""

@@ -1737,22 +1737,34 @@ def test_the_dispatcher_makes_the_pool_user_again_where_redis_lost_it(redis_url:
         admin.close()
 
 
-def test_a_redis_that_takes_no_pool_user_is_named_so_the_run_can_say_it(redis_url: str) -> None:
-    """A URL whose own user may not make users (a managed Redis's, say): the pool is told why, in Redis's
-    words, and its workers connect with the run's URL (``cluster_pool`` says so once)."""
+@pytest.mark.parametrize(
+    ("lacks", "said"),
+    [
+        ("-@admin", "this user has no permissions to run the 'acl|setuser' command"),
+        ("-@scripting", "this user has no permissions to run the 'script|load' command"),
+    ],
+    ids=["users", "scripts"],
+)
+def test_a_redis_that_takes_no_pool_user_is_named_so_the_run_can_say_it(redis_url: str, lacks: str, said: str) -> None:
+    """A URL whose own user may not make users, or load the queue's scripts (a managed Redis's, say): the pool
+    is told why, in Redis's words, and its workers connect with the run's URL (``cluster_pool`` says so
+    once); a user made before its scripts were refused is not left behind."""
     from metaflow_stack.pool.redis_queue import connect
     from metaflow_stack.pool.redis_user import PoolUser, remove
 
     runner = f"runner-{uuid.uuid4().hex[:8]}"
+    pool = PoolUser(f"mf-pool-each-{uuid.uuid4().hex[:10]}", "mf-pool:1:each:")
     admin = connect(redis_url)
     try:
-        admin.execute_command("ACL", "SETUSER", runner, "on", ">pw", "~*", "+@all", "-@admin")
+        admin.execute_command("ACL", "SETUSER", runner, "on", ">pw", "~*", "+@all", lacks)
         runners_url = PoolUser(runner, "", password="pw").url(redis_url)  # (the same Redis, as that user)
-        refused = PoolUser(f"mf-pool-each-{uuid.uuid4().hex[:10]}", "mf-pool:1:each:").make(runners_url)
+        refused = pool.make(runners_url)
+        left = admin.acl_getuser(pool.name)
     finally:
         remove(redis_url, runner)
+        remove(redis_url, pool.name)
         admin.close()
-    assert refused == "this user has no permissions to run the 'acl|setuser' command"
+    assert refused == said and left is None
 
 
 def test_a_redis_worker_killed_between_its_move_and_its_claim_leaves_a_list_that_expires(redis_url: str) -> None:

@@ -133,6 +133,15 @@ class Daemon:
         """Its PID, when it runs."""
         return running_pid(self.pidfile)
 
+    def listens_on(self, port: int) -> bool:
+        """Whether it runs and listens on ``port`` (it or a child): where what only it may have can go, never
+        to whatever else answers there."""
+        pid = self.pid()
+        try:
+            return pid is not None and port in _listening(psutil.Process(pid))
+        except psutil.Error:  # (ended meanwhile)
+            return False
+
     def refuse_an_older_release(self, then: str) -> None:
         """Refuse in one line, naming its PID, while a process an older release's pid file names runs: that
         may be this daemon as the release started it, holding its ports (and files), so it is not forgotten;

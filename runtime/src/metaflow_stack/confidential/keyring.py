@@ -279,21 +279,24 @@ class KeeperUnavailable(StackError):
 
 def service_key(url: str) -> str | None:
     """The key a launcher sends to the key-release service at ``url``: its own variable; else, for a
-    service on this machine (never sent to another host), the key of the stack's where ``url`` names its
-    port (``stack up --with key-release``: ``local_service``), or ``METAFLOW_STACK_AUTH_KEY`` (one
-    started by hand)."""
+    service on this machine (never sent to another host), the key of the stack's when the stack's runs and
+    listens on ``url``'s port (``stack up --with key-release``: ``local_service``), or
+    ``METAFLOW_STACK_AUTH_KEY`` (one started by hand)."""
     from urllib.parse import urlsplit
 
-    from metaflow_stack.confidential.local_service import DEFAULT_PORT, PORT_VARIABLE, LocalKeyRelease
+    from metaflow_stack.confidential.local_service import LocalKeyRelease
     from metaflow_stack.http_guard import KEY_VARIABLE, is_loopback
 
     own, where = os.environ.get(KEY_RELEASE_KEY), urlsplit(url)
     if own or not is_loopback(where.hostname or ""):
         return own or None
-    port = os.environ.get(PORT_VARIABLE, "")
-    stacks = LocalKeyRelease().key_path
-    if stacks.is_file() and where.port == (int(port) if port.isdigit() else DEFAULT_PORT):
-        return stacks.read_text().strip() or None
+    try:
+        port = where.port
+    except ValueError:  # (no port a service could listen on: the request says so in its own words)
+        port = None
+    stacks = LocalKeyRelease()
+    if port is not None and stacks.key_path.is_file() and stacks.daemon.listens_on(port):
+        return stacks.key_path.read_text().strip() or None
     return os.environ.get(KEY_VARIABLE) or None
 
 

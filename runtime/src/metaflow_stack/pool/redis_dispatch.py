@@ -172,11 +172,12 @@ async def open_executor(folder: Path, args: list[str]) -> RedisExecutor:
     """``args``: the pool's key prefix and, for a step with an environment of its own, the interpreter its
     workers run the tasks under (else the runtime's); the Redis URL is in the environment (``URL_VARIABLE``),
     and so is a cluster pool's Redis user (``USER_VARIABLE``)."""
-    url, (prefix, *python) = os.environ[URL_VARIABLE], args
+    # (out of the environment of what the dispatcher starts: kubectl, its credential plugins)
+    url, (prefix, *python) = os.environ.pop(URL_VARIABLE), args
     client = connect(url, asynchronous=True)
     try:
         await client.ping()
     except (redis.RedisError, OSError) as exc:
         raise StackError(f"no Redis at {redacted(url)}: {exc}") from None
-    user = os.environ.get(USER_VARIABLE)  # (a cluster pool's)
+    user = os.environ.pop(USER_VARIABLE, None)  # (a cluster pool's)
     return RedisExecutor(RedisQueue(client, prefix), *python, user=PoolUser.from_json(user) if user else None)

@@ -91,6 +91,8 @@ class PoolUser:
             for command in self.commands():
                 client.execute_command(*command)
         except redis.ResponseError as exc:
+            with contextlib.suppress(redis.RedisError):  # (made, its scripts refused: none is left half-made)
+                client.acl_deluser(self.name)
             return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         except redis.RedisError as exc:
             raise StackError(f"Redis did not answer as the pool's user was made: {exc}") from None
