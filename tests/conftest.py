@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from devservers import free_port
@@ -267,6 +268,27 @@ def local_registry(registry_server: str, monkeypatch: pytest.MonkeyPatch) -> str
     test configured for none must not push to it (and leave the engine knowing its images by digest)."""
     monkeypatch.setenv("METAFLOW_STACK_REGISTRY", registry_server)
     return registry_server
+
+
+#: Every manifest kind a registry may hold for an image (a multi-platform index among them).
+MANIFEST_TYPES = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+
+
+def registry_manifest(registry: str, repository: str, reference: str, method: str = "HEAD") -> Any:
+    """The registry's answer for ``repository``'s manifest at ``reference`` (a tag or a digest): its
+    ``Docker-Content-Digest`` is what a pull by that reference gets."""
+    import httpx
+
+    return httpx.request(
+        method, f"http://{registry}/v2/{repository}/manifests/{reference}", headers={"Accept": MANIFEST_TYPES}
+    )
 
 
 def refuse_unpickling(monkeypatch: pytest.MonkeyPatch, what: str = "the code under test") -> None:

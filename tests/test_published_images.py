@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEST_LABELS, VENV_BIN, need, run_cli
+from conftest import TEST_LABELS, VENV_BIN, need, registry_manifest, run_cli
 from sigstore_signing import Fulcio, sign, signature_tag
 
 from metaflow_stack import builders, image_lock, images
@@ -34,20 +34,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 _SIGNER = "https://github.com/example/metaflow-stack/.github/workflows/release.yml@refs/tags/v1.0.0"
 _FORK = "https://github.com/someone/metaflow-stack/.github/workflows/release.yml@refs/tags/v1.0.0"
 COSIGN_DOUBLE = Path(__file__).resolve().parent / "cosign_double"
-_MANIFEST_TYPES = ", ".join(
-    (
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
-)
-
-
-def _manifest(registry: str, repository: str, reference: str, method: str = "HEAD") -> httpx.Response:
-    return httpx.request(
-        method, f"http://{registry}/v2/{repository}/manifests/{reference}", headers={"Accept": _MANIFEST_TYPES}
-    )
 
 
 @pytest.fixture
@@ -106,7 +92,7 @@ def test_a_release_is_pulled_by_digest_and_a_moved_tag_is_refused(
     assert released.ref == base_image
     assert lock.signer == image_lock.Signer(identity=_SIGNER, issuer=image_lock.GITHUB_ACTIONS_ISSUER)
     assert result.stdout.strip().splitlines()[-1] == f"base\t{local_registry}/{repository}@{released.digest}"
-    assert _manifest(local_registry, repository, tag).headers["Docker-Content-Digest"] == released.digest
+    assert registry_manifest(local_registry, repository, tag).headers["Docker-Content-Digest"] == released.digest
     released_id = docker_engine.image.inspect(published).id
     docker_engine.image.remove(published)
 
@@ -114,8 +100,8 @@ def test_a_release_is_pulled_by_digest_and_a_moved_tag_is_refused(
     # pulled instead, and nothing is built in its place. (Before any pull of it: once pulled, the engine
     # keeps a released manifest by its digest, as it may: a digest names one content for good.)
     tampered_id = _move_tag(docker_engine, base_image, published)
-    assert _manifest(local_registry, repository, tag).headers["Docker-Content-Digest"] != released.digest
-    assert _manifest(local_registry, repository, released.digest, method="DELETE").status_code == 202
+    assert registry_manifest(local_registry, repository, tag).headers["Docker-Content-Digest"] != released.digest
+    assert registry_manifest(local_registry, repository, released.digest, method="DELETE").status_code == 202
     docker_engine.image.remove(base_image)
     with pytest.raises(RegistryError, match=f"the released image .*@{released.digest} cannot be pulled"):
         images.resolve("base")
@@ -193,7 +179,7 @@ def test_a_released_image_is_pulled_only_once_its_signers_signature_verifies(
         sign(fulcio, local_registry, released.repository, released.digest, _FORK, issuer)
         refused(f"is not signed by {_SIGNER}", "none of the expected identities matched", _FORK)
         sign(fulcio, local_registry, released.repository, other, _SIGNER, issuer)
-        replayed = _manifest(local_registry, released.repository, signature_tag(other), method="GET").json()
+        replayed = registry_manifest(local_registry, released.repository, signature_tag(other), method="GET").json()
         httpx.put(
             f"http://{local_registry}/v2/{released.repository}/manifests/{signature_tag(released.digest)}",
             content=json.dumps(replayed),
@@ -213,10 +199,10 @@ def test_a_released_image_is_pulled_only_once_its_signers_signature_verifies(
         assert docker_engine.image.inspect(base_image).id == released_id
     finally:  # (the registry is the session's: the next signing starts from no signature)
         for digest in (released.digest, other):
-            found = _manifest(local_registry, released.repository, signature_tag(digest))
+            found = registry_manifest(local_registry, released.repository, signature_tag(digest))
             if found.status_code == 200:
                 reference = found.headers["Docker-Content-Digest"]
-                _manifest(local_registry, released.repository, reference, method="DELETE")
+                registry_manifest(local_registry, released.repository, reference, method="DELETE")
 
 
 def test_a_lock_for_other_sources_is_not_used(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import FIRST_CALL_S, TEST_LABELS, bind_in, free_port, last_line, run_cli, wait_ready
+from conftest import FIRST_CALL_S, TEST_LABELS, bind_in, free_port, last_line, registry_manifest, run_cli, wait_ready
 
 from metaflow_stack.engines import JobSpec, Mount, get_engine
 from metaflow_stack.local_secrets import stack_key_path
@@ -98,11 +98,14 @@ def test_the_container_serves_the_function_to_key_holders(image: str) -> None:
 
 
 def test_push_publishes_the_image_under_the_same_name(local_registry: str, image: str, reference_file: Path) -> None:
+    """Under the same name and tag, and named by the digest the push stored: what a cluster given it runs,
+    which a later push to the tag does not change."""
     result = run_cli("function", "build-image", str(reference_file), "--push")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert last_line(result) == f"{local_registry}/{image}"
     name, tag = image.rsplit(":", 1)
-    assert tag in httpx.get(f"http://{local_registry}/v2/{name}/tags/list").json()["tags"]
+    pushed, _, digest = last_line(result).partition("@")
+    assert pushed == f"{local_registry}/{name}"
+    assert registry_manifest(local_registry, name, tag).headers["Docker-Content-Digest"] == digest  # (what it pushed)
 
 
 def test_the_ray_image_runs_a_batch_in_the_functions_environment(

@@ -990,21 +990,26 @@ def test_a_fork_server_out_of_descriptors_waits_rather_than_spins(tmp_path: Path
         (server,) = [p for p in pool_processes(POOL_MARKS[:1]) if p.ppid() == runtime.pid]
         (listening,) = {c.laddr for c in server.net_connections(kind="unix") if c.laddr}  # (accepted ones too)
         limits = server.rlimit(psutil.RLIMIT_NOFILE)
-        taken = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
-        lowest_free = next(n for n in range(len(taken) + 1) if n not in taken)
-        # (not one more: a new descriptor takes the lowest free number, so a limit at the count would still
-        # let one in where the server's descriptors leave a gap below it)
-        server.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
-        with open(f"/proc/{server.pid}/fd/2", "rb") as log:  # (its log, read from where it is now)
-            log.seek(0, os.SEEK_END)
-            caller = socket.socket(socket.AF_UNIX)
-            caller.connect(listening)
-            used = sum(server.cpu_times()[:2])
-            time.sleep(3)
-            spent = sum(server.cpu_times()[:2]) - used
-            server.rlimit(psutil.RLIMIT_NOFILE, limits)
-            caller.close()
-            said = log.read().decode(errors="replace")
+        for _ in range(3):
+            taken = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
+            lowest_free = next(n for n in range(len(taken) + 1) if n not in taken)
+            # (not one more: a new descriptor takes the lowest free number, so a limit at the count would still
+            # let one in where the server's descriptors leave a gap below it)
+            server.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
+            with open(f"/proc/{server.pid}/fd/2", "rb") as log:  # (its log, read from where it is now)
+                log.seek(0, os.SEEK_END)
+                caller = socket.socket(socket.AF_UNIX)
+                caller.connect(listening)
+                used = sum(server.cpu_times()[:2])
+                time.sleep(3)
+                spent = sum(server.cpu_times()[:2]) - used
+                server.rlimit(psutil.RLIMIT_NOFILE, limits)
+                caller.close()
+                said = log.read().decode(errors="replace")
+            # The busy run's tasks come and go: one that ended between the look and the limit freed a number
+            # below it, and the caller was let in (and, sending nothing, refused): the look is taken again.
+            if "unreadable request" not in said:
+                break
         assert spent < 0.6, f"the fork server spent {spent:.1f} s of CPU in 3 s waiting for a descriptor"
         assert said.count("cannot accept now") == 1, said[-2000:]
     except BaseException:
@@ -1734,6 +1739,8 @@ def test_the_dispatcher_makes_the_pool_user_again_where_redis_lost_it(redis_url:
     finally:
         thread.join(timeout=40)
         remove(redis_url, user.name)
+        for key in admin.scan_iter(match=prefix + "*"):  # (the worker's: this test stands in for the purge)
+            admin.delete(key)
         admin.close()
 
 
